@@ -1,0 +1,1 @@
+"""Model code (preprocessing, classifier, U-Net, registry) and shipped weights. Never imports node/."""
