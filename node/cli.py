@@ -1,0 +1,143 @@
+"""The `pacsnode` command: the only place that parses arguments and wires stages together.
+
+Subcommands: ``serve``, ``config check``, ``echo``, ``send``, and the training side's (``phantom``, ``train`` ...)
+registered by `training.cli` when it is importable. Exit codes: 0 success, 1 operation failed, 2 bad usage/config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from node.config import DEFAULT_CONFIG_PATH, NodeConfig, load_config
+from node.errors import ConfigError, SendError
+from node.logs import configure_logging
+
+
+def _config_path(args: argparse.Namespace) -> Path:
+    if args.config is not None:
+        return Path(args.config)
+    env = os.environ.get("PACSNODE_CONFIG")
+    return Path(env) if env else DEFAULT_CONFIG_PATH
+
+
+def _load(args: argparse.Namespace) -> NodeConfig:
+    return load_config(_config_path(args))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from node.service import Service
+
+    config = _load(args)
+    configure_logging(args.log_level)
+    service = Service(config)
+
+    def announce() -> None:
+        host, port = service.dimse.address
+        print(
+            f"pacsnode listening: DIMSE {config.node.ae_title}@{host}:{port} "
+            f"(data in {config.node.data_dir}); Ctrl-C to stop",
+            flush=True,
+        )
+
+    service.run_forever(on_started=announce)
+    return 0
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    config = _load(args)
+    print(json.dumps(config.redacted(), indent=2))
+    print(f"config OK: {config.source}", file=sys.stderr)
+    return 0
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    from node.scu import Peer, echo
+
+    status = echo(Peer(args.host, args.port, called_ae=args.aec, calling_ae=args.aet))
+    print(f"C-ECHO {args.aec}@{args.host}:{args.port}: status 0x{status:04X}")
+    return 0 if status == 0 else 1
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from node.scu import Peer, read_files, send_datasets
+
+    host, port = args.to
+    datasets = read_files([Path(p) for p in args.paths])
+    results = send_datasets(Peer(host, port, called_ae=args.aec, calling_ae=args.aet), datasets)
+    failed = [r for r in results if not r.ok]
+    for r in failed:
+        status = "no response" if r.status is None else f"0x{r.status:04X}"
+        print(f"failed {r.sop_uid}: {status}", file=sys.stderr)
+    print(f"sent {len(results) - len(failed)}/{len(datasets)} instances to {args.aec}@{host}:{port}")
+    return 0 if not failed and len(results) == len(datasets) else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pacsnode", description="pacs-ai-node: DICOM AI listener node")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", help=f"config file (default: $PACSNODE_CONFIG or {DEFAULT_CONFIG_PATH})")
+        return p
+
+    serve = with_config(sub.add_parser("serve", help="run the node"))
+    serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve.set_defaults(func=cmd_serve)
+
+    config = sub.add_parser("config", help="inspect the configuration")
+    config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    check = with_config(config_sub.add_parser("check", help="validate and print the effective config"))
+    check.set_defaults(func=cmd_config_check)
+
+    echo = sub.add_parser("echo", help="C-ECHO a DICOM peer")
+    echo.add_argument("host")
+    echo.add_argument("port", type=int)
+    echo.add_argument("--aec", default="ANY-SCP", help="called AE title")
+    echo.add_argument("--aet", default="PACSNODE-SCU", help="calling AE title")
+    echo.set_defaults(func=cmd_echo)
+
+    send = sub.add_parser("send", help="C-STORE files or folders to a DICOM peer")
+    send.add_argument("paths", nargs="+")
+    send.add_argument("--to", required=True, type=_host_port, metavar="HOST:PORT")
+    send.add_argument("--aec", default="PACSNODE", help="called AE title")
+    send.add_argument("--aet", default="PACSNODE-SCU", help="calling AE title")
+    send.set_defaults(func=cmd_send)
+
+    try:
+        from training import cli as training_cli
+    except ImportError:
+        training_cli = None  # type: ignore[assignment]
+    if training_cli is not None and hasattr(training_cli, "register"):
+        training_cli.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"pacsnode: config error: {exc}", file=sys.stderr)
+        return 2
+    except SendError as exc:
+        print(f"pacsnode: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

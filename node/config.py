@@ -1,0 +1,199 @@
+"""One frozen, typed configuration object, loaded from TOML with ``PACSNODE_SECTION__KEY`` environment overrides.
+
+`load_config(path, environ)` returns a `NodeConfig` or raises `ConfigError` naming the bad key. Nothing here reads
+the environment or the disk unless asked to; the object is passed explicitly to every stage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
+
+from node.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config" / "node.toml"
+ENV_PREFIX = "PACSNODE_"
+
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # default character repertoire, no backslash
+
+
+def _check_ae_title(value: str) -> str:
+    if not _AE_RE.match(value) or not value.strip():
+        raise ValueError(f"{value!r} is not a valid AE title (1-16 printable characters, no backslash, not blank)")
+    if value != value.strip():
+        raise ValueError(f"{value!r} has leading or trailing spaces; AE titles are compared without them")
+    return value
+
+
+AETitle = Annotated[str, AfterValidator(_check_ae_title)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class NodeSection(_Frozen):
+    ae_title: AETitle = "PACSNODE"
+    host: str = "0.0.0.0"
+    port: Port = 11112
+    allowed_calling_aes: tuple[AETitle, ...] = ()
+    data_dir: Path = Path("var")
+    http_port: Port = 8080
+    max_associations: Annotated[int, Field(ge=1, le=1000)] = 32
+    network_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+
+class CompletionSection(_Frozen):
+    stable_seconds: Annotated[float, Field(gt=0, le=86400)] = 30.0
+    sweep_seconds: Annotated[float, Field(gt=0, le=3600)] = 1.0
+
+
+class DatabaseSection(_Frozen):
+    url: str = ""  # empty: SQLite under data_dir
+
+
+class DestinationKind(StrEnum):
+    DIMSE = "dimse"
+    DICOMWEB = "dicomweb"
+
+
+class Destination(_Frozen):
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    kind: DestinationKind
+    ae_title: AETitle | None = None
+    host: str | None = None
+    port: Port | None = None
+    url: str | None = None
+    token: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _kind_needs(self) -> Destination:
+        if self.kind is DestinationKind.DIMSE:
+            missing = [k for k in ("ae_title", "host", "port") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"a 'dimse' destination needs {', '.join(missing)}")
+        elif self.url is None or not re.match(r"^https?://", self.url):
+            raise ValueError("a 'dicomweb' destination needs url = 'http(s)://...'")
+        return self
+
+
+class NodeConfig(_Frozen):
+    node: NodeSection = NodeSection()
+    completion: CompletionSection = CompletionSection()
+    database: DatabaseSection = DatabaseSection()
+    destinations: tuple[Destination, ...] = ()
+    source: str | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="after")
+    def _unique_destination_names(self) -> NodeConfig:
+        names = [d.name for d in self.destinations]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"destination names must be unique: {', '.join(dupes)}")
+        return self
+
+    @property
+    def database_url(self) -> str:
+        return self.database.url or f"sqlite:///{self.node.data_dir / 'node.db'}"
+
+    def redacted(self) -> dict[str, Any]:
+        """The effective config as plain data, secrets masked (for `pacsnode config check`)."""
+        data = self.model_dump(mode="json")
+        for dest in data["destinations"]:
+            if dest.get("token") is not None:
+                dest["token"] = "********"
+        data["database"]["effective_url"] = _mask_url_password(self.database_url)
+        return data
+
+
+def _mask_url_password(url: str) -> str:
+    return re.sub(r"(://[^:/@]+:)[^@]+@", r"\1********@", url)
+
+
+def _coerce_env_value(raw: str) -> Any:
+    text = raw.strip()
+    if text.startswith(("[", "{")):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"environment value {raw!r} looks like JSON but does not parse: {exc}") from exc
+    return raw
+
+
+def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
+    """Apply ``PACSNODE_SECTION__KEY=value`` overrides (``PACSNODE_DESTINATIONS`` takes a JSON list)."""
+    for name, raw in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or name == "PACSNODE_CONFIG":
+            continue
+        parts = name[len(ENV_PREFIX) :].lower().split("__")
+        if any(not p for p in parts):
+            raise ConfigError(f"environment override {name}: expected PACSNODE_SECTION__KEY")
+        target = data
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"environment override {name}: {part!r} is not a section")
+        target[parts[-1]] = _coerce_env_value(raw)
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{key}: {msg}")
+    return "; ".join(lines)
+
+
+def load_config(path: Path | None = None, environ: Mapping[str, str] | None = None) -> NodeConfig:
+    """Read ``path`` (default `DEFAULT_CONFIG_PATH`), apply environment overrides, validate.
+
+    Relative ``data_dir`` paths are taken relative to the config file's parent's parent when the file lives in a
+    ``config/`` folder (the repository layout), else relative to the file's folder. Raises `ConfigError`.
+    """
+    path = Path(path) if path is not None else DEFAULT_CONFIG_PATH
+    environ = os.environ if environ is None else environ
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    _apply_env(data, environ)
+    try:
+        config = NodeConfig.model_validate({**data, "source": str(path)})
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {_describe(exc)}") from exc
+    data_dir = config.node.data_dir
+    if not data_dir.is_absolute():
+        base = path.resolve().parent
+        if base.name == "config":
+            base = base.parent
+        node = config.node.model_copy(update={"data_dir": (base / data_dir).resolve()})
+        config = config.model_copy(update={"node": node})
+    return config

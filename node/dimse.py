@@ -1,0 +1,219 @@
+"""The DIMSE front door: a pynetdicom AE serving Verification (C-ECHO) and Storage (C-STORE).
+
+`DimseServer(config, ingestor, index).start()` listens on ``[node] host:port`` without blocking. Associations are
+refused when the called AE title is not ours or the calling AE is not on a non-empty allow-list. The C-STORE
+handler does one thing: hand the encoded dataset to the `Ingestor` and answer its status — Success only after the
+file is fsync'd and the index row committed; `ReceiveError.status` otherwise (0xA700/0xA701/0xA900/0xC000).
+Every accepted socket gets TCP_NODELAY (pynetdicom leaves Nagle on, which stalls each small C-STORE ~50 ms).
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import uuid
+import weakref
+from typing import Any
+
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
+from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+
+from node.config import NodeConfig
+from node.errors import ReceiveError, StoreStatus
+from node.index import Index
+from node.ingest import Ingestor, Origin
+from node.logs import get_logger
+from node.states import AssociationState
+
+# Transfer syntaxes whose pixel data the node can decode later (pydicom + pylibjpeg plugins); uncompressed first.
+ACCEPTED_TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+]
+assert set(ACCEPTED_TRANSFER_SYNTAXES) <= set(ALL_TRANSFER_SYNTAXES)
+
+# pynetdicom logs every PDU unless told not to; that costs more per image than the fsync (peers.md).
+_config.LOG_HANDLER_LEVEL = "none"
+
+
+def set_nodelay(sock: socket.socket | None) -> None:
+    """Disable Nagle's algorithm on a connected TCP socket (no-op for None or non-TCP sockets)."""
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def nodelay_handler(event: evt.Event) -> None:
+    """EVT_CONN_OPEN handler (both roles): set TCP_NODELAY on the association's socket."""
+    dul_socket = event.assoc.dul.socket
+    set_nodelay(getattr(dul_socket, "socket", None))
+
+
+def _peer(assoc: Association) -> str:
+    return f"{assoc.requestor.address}:{assoc.requestor.port}"
+
+
+class DimseServer:
+    """The node's Storage/Verification SCP; ``start()`` returns once it listens."""
+
+    def __init__(self, config: NodeConfig, ingestor: Ingestor, index: Index) -> None:
+        self._config = config
+        self._ingestor = ingestor
+        self._index = index
+        self._log = get_logger(component="dimse")
+        self._assoc_ids: weakref.WeakKeyDictionary[Association, str] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+        self._server: ThreadedAssociationServer | None = None
+        self._ae = self._make_ae(config)
+
+    def _make_ae(self, config: NodeConfig) -> AE:
+        ae = AE(ae_title=config.node.ae_title)
+        ae.maximum_pdu_size = 0  # unlimited: the sender's PDU size wins, fewer PDUs to reassemble
+        ae.maximum_associations = config.node.max_associations
+        ae.network_timeout = config.node.network_timeout_seconds
+        ae.acse_timeout = 30
+        ae.dimse_timeout = config.node.network_timeout_seconds
+        ae.require_called_aet = True
+        ae.require_calling_aet = list(config.node.allowed_calling_aes)
+        ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
+        return ae
+
+    @property
+    def address(self) -> tuple[str, int]:
+        if self._server is None:
+            raise RuntimeError("server not started")
+        host, port = self._server.server_address[:2]
+        return str(host), int(port)
+
+    def start(self) -> None:
+        handlers: list[Any] = [
+            (evt.EVT_CONN_OPEN, nodelay_handler),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_RELEASED, self._on_closed, [AssociationState.RELEASED]),
+            (evt.EVT_ABORTED, self._on_closed, [AssociationState.ABORTED]),
+            (evt.EVT_CONN_CLOSE, self._on_closed, [AssociationState.ABORTED]),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+        ]
+        self._server = self._ae.start_server(
+            (self._config.node.host, self._config.node.port), block=False, evt_handlers=handlers
+        )
+        host, port = self.address
+        self._log.info("dimse_listening", ae_title=self._config.node.ae_title, host=host, port=port)
+
+    def stop(self) -> None:
+        """Stop accepting; running associations are ended by the server's shutdown."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+            self._log.info("dimse_stopped")
+
+    def apply_config(self, config: NodeConfig) -> None:
+        """Swap in a new config: allow-list changes apply to the next association (hot reload)."""
+        self._ae.require_calling_aet = list(config.node.allowed_calling_aes)
+        self._config = config
+
+    # -- notification handlers (logging and association bookkeeping only) ---------------------------------
+    def _on_accepted(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        assoc_id = uuid.uuid4().hex
+        with self._lock:
+            self._assoc_ids[assoc] = assoc_id
+        calling = assoc.requestor.ae_title
+        self._index.association_opened(assoc_id, calling, assoc.acceptor.ae_title, _peer(assoc))
+        self._log.info("association_accepted", assoc_id=assoc_id, calling_ae=calling, peer=_peer(assoc))
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        self._log.warning(
+            "association_rejected",
+            calling_ae=assoc.requestor.ae_title,
+            called_ae=assoc.acceptor.ae_title,
+            peer=_peer(assoc),
+        )
+
+    def _on_closed(self, event: evt.Event, state: AssociationState) -> None:
+        with self._lock:
+            assoc_id = self._assoc_ids.pop(event.assoc, None)
+        if assoc_id is None:
+            return  # already closed (EVT_CONN_CLOSE follows a release) or never accepted
+        self._index.association_closed(assoc_id, state)
+        self._log.info("association_closed", assoc_id=assoc_id, state=str(state))
+
+    # -- intervention handlers ------------------------------------------------------------------------------
+    def _on_echo(self, event: evt.Event) -> int:
+        self._log.info("echo", calling_ae=event.assoc.requestor.ae_title)
+        return int(StoreStatus.SUCCESS)
+
+    def _on_store(self, event: evt.Event) -> int:
+        """Return 0x0000 once the instance is durable and indexed, else the failure's DIMSE status."""
+        assoc = event.assoc
+        request = event.request
+        calling = assoc.requestor.ae_title
+        assoc_id = self._assoc_ids.get(assoc)
+        context = event.context
+        data = request.DataSet.getvalue() if request.DataSet is not None else b""
+        try:
+            accepted = self._ingestor.accept(
+                data,
+                str(context.transfer_syntax),
+                Origin(calling_ae=calling, association_id=assoc_id),
+                sop_class_uid=str(request.AffectedSOPClassUID),
+                sop_instance_uid=str(request.AffectedSOPInstanceUID),
+            )
+        except ReceiveError as exc:
+            self._log.warning(
+                "instance_refused",
+                calling_ae=calling,
+                assoc_id=assoc_id,
+                status=f"0x{int(exc.status):04X}",
+                reason=str(exc),
+                size=len(data),
+            )
+            return int(exc.status)
+        except Exception:
+            # The boundary: an unexpected failure still answers a failure status, and the node keeps serving.
+            self._log.exception("instance_failed", calling_ae=calling, assoc_id=assoc_id, size=len(data))
+            return int(StoreStatus.OUT_OF_RESOURCES_STORE)
+        rec = accepted.record
+        self._log.info(
+            "instance_stored",
+            calling_ae=calling,
+            assoc_id=assoc_id,
+            study_uid=rec.study_uid,
+            series_uid=rec.series_uid,
+            sop_uid=rec.sop_uid,
+            transfer_syntax=rec.transfer_syntax_uid,
+            size=rec.size,
+            outcome=str(accepted.outcome),
+        )
+        return int(StoreStatus.SUCCESS)

@@ -1,0 +1,76 @@
+"""The node's one tree of errors; receive-side errors carry the DIMSE status they map to.
+
+    NodeError
+    ├── ConfigError                 invalid config file or override (names the bad key)
+    ├── ReceiveError                an instance could not be accepted; `.status` is the C-STORE status
+    │   ├── InvalidDatasetError     0xC000  cannot understand: the dataset does not parse
+    │   ├── InvalidUIDError         0xA900  a required UID is missing or not a UID (never used as a path)
+    │   ├── SOPClassMismatchError   0xA900  dataset SOP class/instance differs from the request
+    │   ├── SpoolFullError          0xA700  out of resources: disk full
+    │   └── StoreFailedError        0xA701  out of resources: the spool or the index could not be written
+    ├── IndexError_                 the database could not be read or written (outside a C-STORE)
+    └── SendError                   an SCU operation (echo, send, dispatch) failed
+
+Library exceptions (pydicom, SQLAlchemy, OSError) are converted where they are caught, with ``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class StoreStatus(IntEnum):
+    """C-STORE response statuses the node uses (PS3.4 B.2.3 and PS3.7 C)."""
+
+    SUCCESS = 0x0000
+    OUT_OF_RESOURCES = 0xA700
+    OUT_OF_RESOURCES_STORE = 0xA701
+    DATASET_MISMATCH = 0xA900
+    CANNOT_UNDERSTAND = 0xC000
+
+
+class NodeError(Exception):
+    """Base of every error the node raises on purpose."""
+
+
+class ConfigError(NodeError):
+    """The configuration is invalid; the message names the key and the reason."""
+
+
+class ReceiveError(NodeError):
+    """An incoming instance was refused; ``status`` is the DIMSE status to answer with."""
+
+    status: StoreStatus = StoreStatus.CANNOT_UNDERSTAND
+
+    def __init__(self, message: str, *, status: StoreStatus | None = None) -> None:
+        super().__init__(message)
+        if status is not None:
+            self.status = status
+
+
+class InvalidDatasetError(ReceiveError):
+    status = StoreStatus.CANNOT_UNDERSTAND
+
+
+class InvalidUIDError(ReceiveError):
+    status = StoreStatus.DATASET_MISMATCH
+
+
+class SOPClassMismatchError(ReceiveError):
+    status = StoreStatus.DATASET_MISMATCH
+
+
+class SpoolFullError(ReceiveError):
+    status = StoreStatus.OUT_OF_RESOURCES
+
+
+class StoreFailedError(ReceiveError):
+    status = StoreStatus.OUT_OF_RESOURCES_STORE
+
+
+class IndexError_(NodeError):  # noqa: N801 - trailing underscore keeps the builtin IndexError unshadowed
+    """The index database failed outside a receive."""
+
+
+class SendError(NodeError):
+    """An outgoing DIMSE operation failed (association refused, peer unreachable, failure status)."""

@@ -1,0 +1,270 @@
+"""The index: SQL rows for associations, series and instances (SQLAlchemy Core, SQLite or PostgreSQL).
+
+`Index.record_instance(rec)` commits one instance row and updates its series in a single transaction and tells
+whether the instance was new, an identical duplicate, or a conflicting re-send kept as the latest. The receive
+path calls it after the spool write and before answering Success. Series rows start (or re-open) here; the
+completion stage moves them on. Database errors become `StoreFailedError` (C-STORE 0xA701) or `IndexError_`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from node.db import metadata
+from node.errors import IndexError_, StoreFailedError
+from node.states import AssociationState, SeriesState
+
+associations = sa.Table(
+    "associations",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("calling_ae", sa.String(16), nullable=False),
+    sa.Column("called_ae", sa.String(16), nullable=False),
+    sa.Column("peer", sa.String(64), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("opened_at", sa.Float, nullable=False),
+    sa.Column("closed_at", sa.Float),
+)
+
+series = sa.Table(
+    "series",
+    metadata,
+    sa.Column("series_uid", sa.String(64), primary_key=True),
+    sa.Column("study_uid", sa.String(64), nullable=False, index=True),
+    sa.Column("modality", sa.String(16)),
+    sa.Column("state", sa.String(16), nullable=False, index=True),
+    sa.Column("instance_count", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("expected_count", sa.Integer),
+    sa.Column("first_received_at", sa.Float, nullable=False),
+    sa.Column("last_received_at", sa.Float, nullable=False),
+    sa.Column("calling_ae", sa.String(16)),
+    sa.Column("last_association_id", sa.String(32)),
+    sa.Column("version", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("state_changed_at", sa.Float, nullable=False),
+)
+
+instances = sa.Table(
+    "instances",
+    metadata,
+    sa.Column("sop_uid", sa.String(64), primary_key=True),
+    sa.Column("series_uid", sa.String(64), nullable=False, index=True),
+    sa.Column("study_uid", sa.String(64), nullable=False),
+    sa.Column("sop_class_uid", sa.String(64), nullable=False),
+    sa.Column("transfer_syntax_uid", sa.String(64), nullable=False),
+    sa.Column("modality", sa.String(16)),
+    sa.Column("path", sa.Text, nullable=False),
+    sa.Column("size", sa.Integer, nullable=False),
+    sa.Column("sha256", sa.String(64), nullable=False),
+    sa.Column("instance_number", sa.Integer),
+    sa.Column("image_position", sa.String(96)),
+    sa.Column("image_orientation", sa.String(160)),
+    sa.Column("frame_of_reference_uid", sa.String(64)),
+    sa.Column("number_of_frames", sa.Integer),
+    sa.Column("images_in_acquisition", sa.Integer),
+    sa.Column("received_at", sa.Float, nullable=False),
+    sa.Column("calling_ae", sa.String(16)),
+    sa.Column("association_id", sa.String(32)),
+)
+
+
+class RecordOutcome(StrEnum):
+    NEW = "new"
+    DUPLICATE = "duplicate"  # same SOP Instance UID, same bytes: idempotent
+    REPLACED = "replaced"  # same SOP Instance UID, different bytes: kept as the latest
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """What the index keeps of one received instance (UIDs and geometry only, never patient attributes)."""
+
+    sop_uid: str
+    series_uid: str
+    study_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    path: str
+    size: int
+    sha256: str
+    modality: str | None = None
+    instance_number: int | None = None
+    image_position: str | None = None
+    image_orientation: str | None = None
+    frame_of_reference_uid: str | None = None
+    number_of_frames: int | None = None
+    images_in_acquisition: int | None = None
+    calling_ae: str | None = None
+    association_id: str | None = None
+
+
+def _upsert(engine: Engine) -> Callable[..., Any]:
+    if engine.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert
+
+
+class Index:
+    """Index operations over one engine; ``clock`` returns epoch seconds (injected for tests)."""
+
+    def __init__(self, engine: Engine, clock: Callable[[], float] = time.time) -> None:
+        self.engine = engine
+        self.clock = clock
+        self._insert = _upsert(engine)
+
+    # -- associations ---------------------------------------------------------------------------------------
+    def association_opened(self, assoc_id: str, calling_ae: str, called_ae: str, peer: str) -> None:
+        self._write(
+            associations.insert().values(
+                id=assoc_id,
+                calling_ae=calling_ae,
+                called_ae=called_ae,
+                peer=peer,
+                state=AssociationState.OPEN,
+                opened_at=self.clock(),
+            )
+        )
+
+    def association_closed(self, assoc_id: str, state: AssociationState) -> None:
+        self._write(
+            associations.update()
+            .where(associations.c.id == assoc_id, associations.c.state == AssociationState.OPEN)
+            .values(state=state, closed_at=self.clock())
+        )
+
+    def close_dangling_associations(self) -> int:
+        """Mark associations left open by a previous process as aborted (run at start-up); returns how many."""
+        with self._begin() as conn:
+            result = conn.execute(
+                associations.update()
+                .where(associations.c.state == AssociationState.OPEN)
+                .values(state=AssociationState.ABORTED, closed_at=self.clock())
+            )
+            return int(result.rowcount or 0)
+
+    # -- instances ------------------------------------------------------------------------------------------
+    def record_instance(self, rec: InstanceRecord) -> RecordOutcome:
+        """Commit ``rec`` and its series' counters; raises `StoreFailedError` if the database fails."""
+        now = self.clock()
+        row = {k: v for k, v in rec.__dict__.items()} | {"received_at": now}
+        expected = rec.images_in_acquisition
+        try:
+            with self.engine.begin() as conn:
+                # The series upsert goes first so the transaction holds the write lock before it reads.
+                ins = self._insert(series).values(
+                    series_uid=rec.series_uid,
+                    study_uid=rec.study_uid,
+                    modality=rec.modality,
+                    state=SeriesState.RECEIVING,
+                    instance_count=0,
+                    expected_count=expected,
+                    first_received_at=now,
+                    last_received_at=now,
+                    calling_ae=rec.calling_ae,
+                    last_association_id=rec.association_id,
+                    state_changed_at=now,
+                )
+                conn.execute(
+                    ins.on_conflict_do_update(
+                        index_elements=[series.c.series_uid],
+                        set_={
+                            "last_received_at": now,
+                            "calling_ae": rec.calling_ae,
+                            "last_association_id": rec.association_id,
+                            "expected_count": sa.func.coalesce(expected, series.c.expected_count),
+                        },
+                    )
+                )
+                old = conn.execute(
+                    sa.select(instances.c.sha256, instances.c.series_uid).where(instances.c.sop_uid == rec.sop_uid)
+                ).first()
+                if old is None:
+                    conn.execute(instances.insert().values(**row))
+                    self._count_and_reopen(conn, rec.series_uid, +1, now)
+                    return RecordOutcome.NEW
+                conn.execute(instances.update().where(instances.c.sop_uid == rec.sop_uid).values(**row))
+                if old.series_uid != rec.series_uid:
+                    self._count_and_reopen(conn, old.series_uid, -1, now)
+                    self._count_and_reopen(conn, rec.series_uid, +1, now)
+                    return RecordOutcome.REPLACED
+                if old.sha256 == rec.sha256:
+                    return RecordOutcome.DUPLICATE
+                self._count_and_reopen(conn, rec.series_uid, 0, now)
+                return RecordOutcome.REPLACED
+        except SQLAlchemyError as exc:
+            raise StoreFailedError(f"index write failed for {rec.sop_uid}: {type(exc).__name__}") from exc
+
+    def _count_and_reopen(self, conn: sa.Connection, series_uid: str, delta: int, now: float) -> None:
+        """Changed content re-opens a completed series (a new result version will be made)."""
+        conn.execute(
+            series.update()
+            .where(series.c.series_uid == series_uid)
+            .values(
+                instance_count=series.c.instance_count + delta,
+                state=sa.case(
+                    (series.c.state == SeriesState.COMPLETE, SeriesState.REOPENED),
+                    else_=series.c.state,
+                ),
+                state_changed_at=sa.case(
+                    (series.c.state == SeriesState.COMPLETE, now),
+                    else_=series.c.state_changed_at,
+                ),
+            )
+        )
+
+    # -- reads ----------------------------------------------------------------------------------------------
+    def get_series(self, series_uid: str) -> sa.Row[Any] | None:
+        return self._read_one(sa.select(series).where(series.c.series_uid == series_uid))
+
+    def list_instances(self, series_uid: str) -> list[sa.Row[Any]]:
+        with self._connect() as conn:
+            stmt = sa.select(instances).where(instances.c.series_uid == series_uid).order_by(instances.c.sop_uid)
+            return list(conn.execute(stmt))
+
+    def get_instance(self, sop_uid: str) -> sa.Row[Any] | None:
+        return self._read_one(sa.select(instances).where(instances.c.sop_uid == sop_uid))
+
+    def get_association(self, assoc_id: str) -> sa.Row[Any] | None:
+        return self._read_one(sa.select(associations).where(associations.c.id == assoc_id))
+
+    def series_counts(self) -> dict[str, int]:
+        """Number of series per state."""
+        with self._connect() as conn:
+            rows = conn.execute(sa.select(series.c.state, sa.func.count()).group_by(series.c.state))
+            return {str(state): int(n) for state, n in rows}
+
+    # -- plumbing -------------------------------------------------------------------------------------------
+    def _read_one(self, stmt: sa.Select[Any]) -> sa.Row[Any] | None:
+        with self._connect() as conn:
+            return conn.execute(stmt).first()
+
+    def _write(self, stmt: sa.Executable) -> None:
+        with self._begin() as conn:
+            conn.execute(stmt)
+
+    @contextmanager
+    def _connect(self) -> Iterator[sa.Connection]:
+        try:
+            with self.engine.connect() as conn:
+                yield conn
+        except SQLAlchemyError as exc:
+            raise IndexError_(f"index read failed: {type(exc).__name__}: {exc}") from exc
+
+    @contextmanager
+    def _begin(self) -> Iterator[sa.Connection]:
+        try:
+            with self.engine.begin() as conn:
+                yield conn
+        except SQLAlchemyError as exc:
+            raise IndexError_(f"index write failed: {type(exc).__name__}: {exc}") from exc

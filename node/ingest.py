@@ -1,0 +1,174 @@
+"""Ingest: the one path every received instance takes into the node, whichever front door it came through.
+
+`Ingestor.accept(dataset_bytes, transfer_syntax_uid, ...)` parses only the attributes the index needs, validates
+the UIDs, writes the Part 10 file durably to the spool and commits the index row — in that order — and returns
+an `Accepted`. Any failure raises a `ReceiveError` whose ``status`` is the C-STORE status to answer with (STOW-RS
+maps the same errors to its failure reasons). Nothing is acknowledged before both writes are durable.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_file_meta_info
+from pydicom.tag import Tag
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+
+from node.errors import InvalidDatasetError, SOPClassMismatchError
+from node.index import Index, InstanceRecord, RecordOutcome
+from node.spool import Spool, check_uid
+
+IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1411.1.1"
+IMPLEMENTATION_VERSION = "PACSAINODE_010"
+
+# The only attributes the receive path reads (patient attributes are never read here).
+_INDEX_TAGS = [
+    Tag(t)
+    for t in (
+        "SOPClassUID",
+        "SOPInstanceUID",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "Modality",
+        "InstanceNumber",
+        "ImagePositionPatient",
+        "ImageOrientationPatient",
+        "FrameOfReferenceUID",
+        "NumberOfFrames",
+        "ImagesInAcquisition",
+        "SpecificCharacterSet",
+    )
+]
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where an instance came from: calling AE (or HTTP client label) and the association/request id."""
+
+    calling_ae: str
+    association_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Accepted:
+    record: InstanceRecord
+    outcome: RecordOutcome
+
+
+def _parse_header(data: bytes, ts: UID) -> Dataset:
+    """Read the index attributes from an encoded dataset (no file meta); walks the whole dataset so a truncated
+    or garbled one is refused rather than stored."""
+    try:
+        if ts == DeflatedExplicitVRLittleEndian:
+            data = zlib.decompress(data, -zlib.MAX_WBITS)
+        fp = DicomBytesIO(data)
+        fp.is_little_endian = ts.is_little_endian
+        fp.is_implicit_VR = ts.is_implicit_VR
+        ds = read_dataset(fp, ts.is_implicit_VR, ts.is_little_endian, specific_tags=_INDEX_TAGS)
+        # Values not asked for are seeked past, so a position beyond the end means a truncated value.
+        if fp.tell() > len(data):
+            raise InvalidDatasetError(f"dataset is truncated: an element runs {fp.tell() - len(data)} bytes past the end")
+        if fp.tell() < len(data):
+            raise InvalidDatasetError(f"dataset has {len(data) - fp.tell()} trailing bytes that do not parse")
+        for tag in _INDEX_TAGS:  # force conversion now, inside the error boundary
+            ds.get(tag)
+        return ds
+    except InvalidDatasetError:
+        raise
+    except Exception as exc:  # pydicom raises many types on bad input; all mean "cannot understand"
+        raise InvalidDatasetError(f"dataset does not parse: {type(exc).__name__}: {exc}") from exc
+
+
+def _text(ds: Dataset, keyword: str) -> str | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    if isinstance(value, list | tuple) or hasattr(value, "__iter__") and not isinstance(value, str):
+        return "\\".join(str(v) for v in value)
+    return str(value)
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    value: Any = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+class Ingestor:
+    """Accepts encoded datasets into ``spool`` and ``index``."""
+
+    def __init__(self, spool: Spool, index: Index) -> None:
+        self.spool = spool
+        self.index = index
+
+    def accept(
+        self,
+        dataset_bytes: bytes,
+        transfer_syntax_uid: str,
+        origin: Origin,
+        *,
+        sop_class_uid: str | None = None,
+        sop_instance_uid: str | None = None,
+    ) -> Accepted:
+        """Store one instance durably and index it. ``sop_class_uid``/``sop_instance_uid`` are what the request
+        announced (C-STORE Affected SOP Class/Instance UID); the dataset must agree with them."""
+        ts = UID(transfer_syntax_uid)
+        if not ts.is_transfer_syntax:
+            raise InvalidDatasetError(f"unknown transfer syntax {transfer_syntax_uid!r}")
+        ds = _parse_header(dataset_bytes, ts)
+        sop_class = check_uid(ds.get("SOPClassUID"), "SOPClassUID")
+        sop_uid = check_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
+        study_uid = check_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID")
+        series_uid = check_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
+        if sop_class_uid is not None and sop_class_uid != sop_class:
+            raise SOPClassMismatchError(f"dataset SOPClassUID {sop_class} differs from the request's {sop_class_uid}")
+        if sop_instance_uid is not None and sop_instance_uid != sop_uid:
+            raise SOPClassMismatchError(f"dataset SOPInstanceUID {sop_uid} differs from the request's")
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = sop_class
+        meta.MediaStorageSOPInstanceUID = sop_uid
+        meta.TransferSyntaxUID = ts
+        meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+        meta.ImplementationVersionName = IMPLEMENTATION_VERSION
+        meta.SourceApplicationEntityTitle = origin.calling_ae[:16] or "UNKNOWN"
+        header = DicomBytesIO()
+        header.write(b"\x00" * 128 + b"DICM")
+        write_file_meta_info(header, meta, enforce_standard=True)
+        spooled = self.spool.write(study_uid, series_uid, sop_uid, [header.getvalue(), dataset_bytes])
+        record = InstanceRecord(
+            sop_uid=sop_uid,
+            series_uid=series_uid,
+            study_uid=study_uid,
+            sop_class_uid=sop_class,
+            transfer_syntax_uid=str(ts),
+            path=str(spooled.path),
+            size=spooled.size,
+            sha256=spooled.sha256,
+            modality=(_text(ds, "Modality") or None),
+            instance_number=_int(ds, "InstanceNumber"),
+            image_position=_text(ds, "ImagePositionPatient"),
+            image_orientation=_text(ds, "ImageOrientationPatient"),
+            frame_of_reference_uid=_optional_uid(ds.get("FrameOfReferenceUID")),
+            number_of_frames=_int(ds, "NumberOfFrames"),
+            images_in_acquisition=_int(ds, "ImagesInAcquisition"),
+            calling_ae=origin.calling_ae,
+            association_id=origin.association_id,
+        )
+        outcome = self.index.record_instance(record)
+        return Accepted(record=record, outcome=outcome)
+
+
+def _optional_uid(value: object) -> str | None:
+    if value is None or value == "":
+        return None
+    text = str(value)
+    return text if len(text) <= 64 else None

@@ -1,0 +1,68 @@
+"""structlog JSON logging, PHI-free by construction.
+
+`configure_logging(level)` sets structlog to emit one JSON object per line on stderr and routes the stdlib
+loggers (pynetdicom, apscheduler, SQLAlchemy) through the same renderer. `get_logger(**context)` returns a bound
+logger. A processor drops any key that names a patient-identifying attribute, so a careless call site cannot leak
+one: events carry UIDs, AE titles and sizes, never patient name, ID or birth date.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import MutableMapping
+from typing import Any
+
+import structlog
+
+PHI_KEYS = frozenset(
+    {
+        "patient_name", "patientname", "patient_id", "patientid", "patient_birth_date", "patientbirthdate",
+        "birth_date", "birthdate", "other_patient_ids", "patient_address", "accession_number", "accessionnumber",
+        "referring_physician_name", "institution_name",
+    }
+)
+
+
+def _drop_phi(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    for key in [k for k in event_dict if k.lower() in PHI_KEYS]:
+        event_dict[key] = "[removed]"
+    return event_dict
+
+
+def configure_logging(level: str = "INFO", stream: Any = None) -> None:
+    """Configure structlog and stdlib logging for JSON lines on ``stream`` (stderr by default)."""
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _drop_phi,
+    ]
+    structlog.configure(
+        processors=[*shared, structlog.processors.format_exc_info, structlog.processors.JSONRenderer()],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                structlog.processors.JSONRenderer(),
+            ],
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # pynetdicom logs every PDU at DEBUG/INFO; only its warnings matter to an operator.
+    for noisy in ("pynetdicom", "apscheduler", "sqlalchemy", "h5py", "tensorflow", "absl"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def get_logger(**context: Any) -> Any:
+    """A structlog logger bound to ``context`` (UIDs, calling AE, job id ...)."""
+    return structlog.get_logger("pacsnode").bind(**context)

@@ -1,0 +1,137 @@
+"""A small DIMSE SCU: C-ECHO and C-STORE to a peer, used by `pacsnode echo/send` and by DIMSE dispatch.
+
+`echo(peer)` returns the C-ECHO status; `send_files(peer, paths)` / `send_datasets(peer, datasets)` store over one
+association and return one `StoreResult` per instance. Presentation contexts are proposed per SOP class with the
+instance's own transfer syntax (plus the uncompressed ones), so nothing is transcoded. Raises `SendError` when the
+association cannot be established. TCP_NODELAY is set on the outgoing socket.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
+from pynetdicom import AE, build_context, evt
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from node.dimse import nodelay_handler
+from node.errors import SendError
+
+_UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+
+
+@dataclass(frozen=True)
+class Peer:
+    host: str
+    port: int
+    called_ae: str = "ANY-SCP"
+    calling_ae: str = "PACSNODE"
+    timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    sop_uid: str
+    status: int | None  # None: no response (association lost)
+
+    @property
+    def ok(self) -> bool:
+        return self.status is not None and (self.status == 0 or 0xB000 <= self.status <= 0xBFFF)
+
+
+def _ae(peer: Peer) -> AE:
+    ae = AE(ae_title=peer.calling_ae)
+    ae.acse_timeout = peer.timeout
+    ae.dimse_timeout = peer.timeout
+    ae.network_timeout = peer.timeout
+    ae.connection_timeout = peer.timeout
+    ae.maximum_pdu_size = 0
+    return ae
+
+
+def echo(peer: Peer) -> int:
+    """C-ECHO ``peer``; return its status (0 = success). Raises `SendError` if no association."""
+    ae = _ae(peer)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.called_ae, evt_handlers=[(evt.EVT_CONN_OPEN, nodelay_handler)])
+    if not assoc.is_established:
+        raise SendError(f"association with {peer.called_ae}@{peer.host}:{peer.port} failed ({_why(assoc)})")
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    if "Status" not in status:
+        raise SendError(f"no C-ECHO response from {peer.called_ae}@{peer.host}:{peer.port}")
+    return int(status.Status)
+
+
+def _why(assoc: object) -> str:
+    if getattr(assoc, "is_rejected", False):
+        return "rejected"
+    if getattr(assoc, "is_aborted", False):
+        return "aborted"
+    return "no answer"
+
+
+def _contexts(datasets: Sequence[Dataset]) -> list[PresentationContext]:
+    by_class: dict[str, set[str]] = defaultdict(set)
+    for ds in datasets:
+        ts = ds.file_meta.TransferSyntaxUID if "TransferSyntaxUID" in getattr(ds, "file_meta", {}) else ExplicitVRLittleEndian
+        by_class[str(ds.SOPClassUID)].add(str(ts))
+    contexts = []
+    for sop_class, syntaxes in sorted(by_class.items()):
+        for ts in sorted(syntaxes):
+            if UID(ts).is_compressed:
+                contexts.append(build_context(sop_class, [ts]))
+        contexts.append(build_context(sop_class, list(_UNCOMPRESSED)))
+    if len(contexts) > 128:
+        raise SendError(f"{len(contexts)} presentation contexts needed; send fewer SOP classes per association")
+    return contexts
+
+
+def send_datasets(peer: Peer, datasets: Sequence[Dataset]) -> list[StoreResult]:
+    """C-STORE each dataset over one association; returns a result per dataset in order."""
+    if not datasets:
+        return []
+    ae = _ae(peer)
+    ae.requested_contexts = _contexts(datasets)
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.called_ae, evt_handlers=[(evt.EVT_CONN_OPEN, nodelay_handler)])
+    if not assoc.is_established:
+        raise SendError(f"association with {peer.called_ae}@{peer.host}:{peer.port} failed ({_why(assoc)})")
+    results = []
+    try:
+        for ds in datasets:
+            try:
+                status = assoc.send_c_store(ds)
+                code = int(status.Status) if "Status" in status else None
+            except (ValueError, RuntimeError) as exc:  # no accepted context for this instance, or assoc lost
+                if not assoc.is_established:
+                    raise SendError(f"association lost while sending {ds.SOPInstanceUID}") from exc
+                code = None
+            results.append(StoreResult(sop_uid=str(ds.SOPInstanceUID), status=code))
+            if not assoc.is_established:
+                break
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return results
+
+
+def read_files(paths: Iterable[Path]) -> list[Dataset]:
+    """Read DICOM files for sending (folders are walked); raises `SendError` naming an unreadable file."""
+    out = []
+    for path in paths:
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for f in files:
+            try:
+                out.append(dcmread(f))
+            except (InvalidDicomError, OSError) as exc:
+                raise SendError(f"{f}: not a readable DICOM file ({exc})") from exc
+    return out
