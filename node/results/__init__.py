@@ -1,0 +1,25 @@
+"""Result objects for the PACS: a TID 1500 SR (Comprehensive 3D SR) and a lungs/lesion SEG, built with highdicom.
+
+Public surface: `build_results`, `build_skipped_sr`, `result_uid`, their inputs (`AlgorithmIdentity`, `Findings`,
+`SkipReason`, `Superseded`), the output `ResultSet`, and `ResultsError` (the only exception raised).
+Modules, imported one way: codes → uids → content/geometry → seg → sr.
+"""
+
+from node.results.codes import ResultKind, SkipReason
+from node.results.content import AlgorithmIdentity, Findings, ResultSet
+from node.results.errors import ResultsError
+from node.results.sr import Superseded, build_results, build_skipped_sr
+from node.results.uids import result_uid
+
+__all__ = [
+    "AlgorithmIdentity",
+    "Findings",
+    "ResultKind",
+    "ResultSet",
+    "ResultsError",
+    "SkipReason",
+    "Superseded",
+    "build_results",
+    "build_skipped_sr",
+    "result_uid",
+]

@@ -1,0 +1,126 @@
+"""Coded concepts and closed sets used in the node's SR and SEG objects (leaf module: imports no other node code).
+
+Standard codes (SCT, DCM, UCUM) are used where one fits; everything else comes from the private coding scheme
+``99PACSAI``, which every object using it declares in its CodingSchemeIdentificationSequence
+(see `private_coding_scheme`).
+"""
+
+from __future__ import annotations
+
+import enum
+
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+
+PRIVATE_SCHEME_DESIGNATOR = "99PACSAI"
+
+
+def private_coding_scheme() -> CodingSchemeIdentificationItem:
+    """A fresh CodingSchemeIdentificationSequence item declaring the private scheme (one per object built)."""
+    return CodingSchemeIdentificationItem(
+        designator=PRIVATE_SCHEME_DESIGNATOR,
+        name="pacs-ai-node private codes",
+        version="1",
+        responsible_organization="pacs-ai-node",
+    )
+
+
+def _private(value: str, meaning: str) -> Code:
+    if len(value) > 16:  # Code Value is SH
+        raise ValueError(f"private code value {value!r} is longer than 16 characters")
+    return Code(value, PRIVATE_SCHEME_DESIGNATOR, meaning)
+
+
+# --- standard codes -------------------------------------------------------------------------------------------
+PNEUMONIA = Code("233604007", "SCT", "Pneumonia")
+PRESENT = codes.SCT.Present  # 52101004, CID 240/241
+ABSENT = codes.SCT.Absent  # 272519000, CID 240/241
+LUNG = codes.SCT.Lung  # 39607008
+LESION = codes.SCT.Lesion  # 52988006
+ANATOMICAL_STRUCTURE = codes.SCT.AnatomicalStructure  # 91723000
+MORPHOLOGICALLY_ABNORMAL_STRUCTURE = codes.SCT.MorphologicallyAbnormalStructure  # 49755003
+CT_OF_CHEST = Code("169069000", "SCT", "CT of chest")
+IMAGING_PROCEDURE = codes.SCT.ImagingProcedure  # for reports on series that are not CT
+VOLUME = codes.SCT.Volume  # 118565006
+AREA = codes.SCT.Area  # 42798000
+COMMENT = codes.DCM.Comment  # 121106
+ARTIFICIAL_INTELLIGENCE = codes.DCM.ArtificialIntelligence  # 123110, CID 7162 algorithm family
+DEVICE_OBSERVER = codes.DCM.Device  # 121007, CID 270 observer type
+
+UNIT_NONE = codes.UCUM.NoUnits  # "1"
+UNIT_MILLILITER = Code("ml", "UCUM", "milliliter")
+UNIT_SQUARE_MILLIMETER = codes.UCUM.SquareMillimeter  # mm2
+
+# --- private codes --------------------------------------------------------------------------------------------
+PNEUMONIA_PROBABILITY = _private("P-PNEUMONIA", "Probability of pneumonia")
+DECISION_THRESHOLD = _private("P-THRESHOLD", "Decision threshold for pneumonia")
+AI_ANALYSIS_STATUS = _private("AI-STATUS", "AI analysis status")
+NOT_PROCESSED = _private("NOT-PROCESSED", "Series not processed by AI")
+SKIP_REASON = _private("SKIP-REASON", "Reason series was not processed")
+SKIP_DETAIL = _private("SKIP-DETAIL", "Detail of reason series was not processed")
+SUPERSEDES = _private("SUPERSEDES", "Supersedes earlier AI result")
+
+NOT_FOR_CLINICAL_USE = (
+    "NOT FOR CLINICAL USE. Research software: the models were trained on synthetic phantoms only and have not "
+    "been validated on patient data. Do not use for diagnosis or treatment decisions."
+)
+
+
+class SkipReason(enum.Enum):
+    """Why the node did not run its models on a series; each member carries its coded concept (`code`)."""
+
+    NOT_CT = "NOT_CT"
+    MULTIPLE_FRAMES_OF_REFERENCE = "MULTIPLE_FRAMES_OF_REFERENCE"
+    MIXED_ORIENTATION = "MIXED_ORIENTATION"
+    UNEVEN_SPACING = "UNEVEN_SPACING"  # gaps or duplicate slice positions
+    TOO_FEW_SLICES = "TOO_FEW_SLICES"
+    UNDECODABLE_PIXELS = "UNDECODABLE_PIXELS"
+    PROCESSING_FAILED = "PROCESSING_FAILED"
+
+    @property
+    def code(self) -> Code:
+        """The coded concept for this reason (private scheme 99PACSAI: DICOM and SNOMED have no fitting codes)."""
+        return _SKIP_REASON_CODES[self]
+
+
+_SKIP_REASON_CODES: dict[SkipReason, Code] = {
+    SkipReason.NOT_CT: _private("SKIP-NOT-CT", "Series is not a CT image series"),
+    SkipReason.MULTIPLE_FRAMES_OF_REFERENCE: _private(
+        "SKIP-MULTI-FOR", "Series has several frames of reference"
+    ),
+    SkipReason.MIXED_ORIENTATION: _private("SKIP-ORIENTATION", "Series has mixed image orientations"),
+    SkipReason.UNEVEN_SPACING: _private("SKIP-SPACING", "Uneven slice spacing (gaps or duplicate slices)"),
+    SkipReason.TOO_FEW_SLICES: _private("SKIP-FEW-SLICES", "Too few slices for analysis"),
+    SkipReason.UNDECODABLE_PIXELS: _private("SKIP-UNDECODABLE", "Pixel data could not be decoded"),
+    SkipReason.PROCESSING_FAILED: _private("SKIP-FAILED", "AI processing failed"),
+}
+
+
+class ResultKind(enum.Enum):
+    """The objects and identifiers `result_uid` derives UIDs for (the ``kind`` argument)."""
+
+    SR = "sr"
+    SKIPPED_SR = "skipped-sr"
+    SEG = "seg"
+    SR_SERIES = "sr-series"
+    SEG_SERIES = "seg-series"
+    SEG_DIMENSION_ORGANIZATION = "seg-dimension-organization"
+    TRACKING_CLASSIFICATION = "tracking-classification"
+    TRACKING_LUNGS = "tracking-lungs"
+    TRACKING_LESION = "tracking-lesion"
+    TRACKING_LESION_OUTLINE = "tracking-lesion-outline"
+    TRACKING_SKIPPED = "tracking-skipped"
+
+
+class SegmentNumber(enum.IntEnum):
+    """Segment numbers in the node's SEG (the SR's volumetric group references LESION)."""
+
+    LUNGS = 1
+    LESION = 2
+
+
+SR_SERIES_NUMBER = 9901
+SEG_SERIES_NUMBER = 9902
+SR_SERIES_DESCRIPTION = "AI pneumonia report (NOT FOR CLINICAL USE)"
+SEG_SERIES_DESCRIPTION = "AI lung and lesion segmentation (NOT FOR CLINICAL USE)"

@@ -1,0 +1,242 @@
+"""Inputs of the result builders (algorithm identity, findings) and the highdicom content items shared by SR and SEG.
+
+Layering (highdicom `sr/` style): codes → content → seg → sr; nothing here imports the builders.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import highdicom as hd
+import numpy as np
+from pydicom import Dataset
+from pydicom.sr.coding import Code
+from pydicom.uid import UID, generate_uid
+
+from node.results import codes
+from node.results.errors import ResultsError
+from node.results.uids import UID_PREFIX
+
+_LO_MAX = 64
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class AlgorithmIdentity:
+    """Who produced a result: model name and version (LO, ≤ 64 characters), manufacturer, coded family.
+
+    Raises `ResultsError` naming the field for an empty or over-long value.
+    """
+
+    name: str
+    version: str
+    manufacturer: str = "pacs-ai-node"
+    family: Code = codes.ARTIFICIAL_INTELLIGENCE
+
+    def __post_init__(self) -> None:
+        for name in ("name", "version", "manufacturer"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip() or len(value) > _LO_MAX or "\\" in value:
+                raise ResultsError(
+                    f"AlgorithmIdentity.{name} must be 1-{_LO_MAX} characters without a backslash"
+                )
+        if not isinstance(self.family, Code):
+            raise ResultsError("AlgorithmIdentity.family must be a pydicom Code")
+
+    @property
+    def model_key(self) -> str:
+        """The model identity that result UIDs derive from: ``name@version`` (two models never share UIDs)."""
+        return f"{self.name}@{self.version}"
+
+    @property
+    def device_uid(self) -> str:
+        """A stable UID naming this algorithm as an SR device observer."""
+        return str(
+            generate_uid(
+                prefix=UID_PREFIX, entropy_srcs=[repr(("device", self.manufacturer, self.model_key))]
+            )
+        )
+
+
+def _mask(value: object, name: str) -> np.ndarray:
+    arr = np.asarray(value)
+    if arr.ndim != 3 or 0 in arr.shape:
+        raise ResultsError(
+            f"Findings.{name} must be a non-empty (slices, rows, columns) array, got shape {arr.shape}"
+        )
+    if arr.dtype != bool:
+        if not np.issubdtype(arr.dtype, np.integer) or not np.isin(arr, (0, 1)).all():
+            raise ResultsError(f"Findings.{name} must be boolean (or integers 0/1), got dtype {arr.dtype}")
+        arr = arr.astype(bool)
+    return arr
+
+
+@dataclass(frozen=True, eq=False)
+class Findings:
+    """Model outputs for one series, in the order of the source slices.
+
+    ``probability`` and ``threshold`` lie in [0, 1]; ``attention`` has one finite weight per slice; ``lungs`` and
+    ``lesion`` are boolean masks of shape (slices, rows, columns) on the source grid. Raises `ResultsError`
+    naming the field that breaks this.
+    """
+
+    probability: float
+    threshold: float
+    attention: np.ndarray
+    lungs: np.ndarray
+    lesion: np.ndarray = field(repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("probability", "threshold"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+                raise ResultsError(f"Findings.{name} must be a number, got {type(value).__name__}")
+            if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+                raise ResultsError(f"Findings.{name} must lie in [0, 1], got {value!r}")
+            object.__setattr__(self, name, float(value))
+        attention = np.asarray(self.attention, dtype=float)
+        if attention.ndim != 1 or not np.all(np.isfinite(attention)):
+            raise ResultsError("Findings.attention must be a 1-D array of finite weights")
+        lungs, lesion = _mask(self.lungs, "lungs"), _mask(self.lesion, "lesion")
+        if lungs.shape != lesion.shape:
+            raise ResultsError(
+                f"Findings.lesion shape {lesion.shape} differs from Findings.lungs {lungs.shape}"
+            )
+        if attention.shape[0] != lungs.shape[0]:
+            raise ResultsError(
+                f"Findings.attention has {attention.shape[0]} weights for {lungs.shape[0]} slices"
+            )
+        object.__setattr__(self, "attention", attention)
+        object.__setattr__(self, "lungs", lungs)
+        object.__setattr__(self, "lesion", lesion)
+
+    @property
+    def pneumonia(self) -> bool:
+        """The decision: probability at or above the threshold."""
+        return self.probability >= self.threshold
+
+    def key_slices(self, k: int = 3) -> list[int]:
+        """Indices of the ``k`` slices with the highest attention (ties: lower index first), highest first."""
+        order = np.lexsort((np.arange(self.attention.size), -self.attention))
+        return [int(i) for i in order[:k]]
+
+
+@dataclass(frozen=True)
+class ResultSet:
+    """The objects built for one processed series: the SR and, when segmentation ran, the SEG."""
+
+    sr: Dataset
+    seg: Dataset | None
+
+
+@contextmanager
+def converting(step: str) -> Iterator[None]:
+    """Turn highdicom/pydicom errors raised inside the block into `ResultsError` naming ``step``."""
+    try:
+        yield
+    except ResultsError:
+        raise
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
+        raise ResultsError(f"{step} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def call(step: str, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
+    """Call ``fn`` with errors converted as by `converting`."""
+    with converting(step):
+        return fn(*args, **kwargs)
+
+
+def check_sources(sources: Sequence[Dataset]) -> str:
+    """Check the sources are one series of single-frame instances; return its Series Instance UID."""
+    if len(sources) == 0:
+        raise ResultsError("sources is empty")
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
+        if any(keyword not in ds for ds in sources):
+            raise ResultsError(f"a source instance lacks {keyword}")
+    series_uid = str(sources[0].SeriesInstanceUID)
+    if any(ds.SeriesInstanceUID != series_uid for ds in sources):
+        raise ResultsError("sources belong to more than one series")
+    if not UID(series_uid).is_valid:
+        raise ResultsError("sources carry an invalid SeriesInstanceUID")
+    if len({ds.SOPInstanceUID for ds in sources}) != len(sources):
+        raise ResultsError("sources hold the same SOP instance more than once")
+    return series_uid
+
+
+def content_datetime_of(sources: Sequence[Dataset], content_datetime: dt.datetime | None) -> dt.datetime:
+    """The content date/time for a result: the one given, else the first source's Content, Acquisition, Series
+    or Study date and time (so the same inputs rebuild the same object). Raises `ResultsError` if none is set."""
+    if content_datetime is not None:
+        if not isinstance(content_datetime, dt.datetime):
+            raise ResultsError("content_datetime must be a datetime.datetime")
+        return content_datetime
+    first = sources[0]
+    for prefix in ("Content", "Acquisition", "Series", "Study"):
+        date, time = first.get(f"{prefix}Date"), first.get(f"{prefix}Time")
+        if date:
+            try:
+                day = dt.datetime.strptime(str(date), "%Y%m%d")
+                clock = str(time or "000000").split(".")[0].ljust(6, "0")
+                return day.replace(hour=int(clock[:2]), minute=int(clock[2:4]), second=int(clock[4:6]))
+            except ValueError as exc:
+                raise ResultsError(
+                    f"source {prefix}Date/{prefix}Time cannot be read; pass content_datetime"
+                ) from exc
+    raise ResultsError("sources carry no date; pass content_datetime")
+
+
+def algorithm_sequence(algorithm: AlgorithmIdentity) -> hd.AlgorithmIdentificationSequence:
+    """Algorithm Identification Sequence (SEG segment descriptions)."""
+    return call(
+        "algorithm identification",
+        hd.AlgorithmIdentificationSequence,
+        name=algorithm.name,
+        family=algorithm.family,
+        version=algorithm.version,
+        source=algorithm.manufacturer,
+    )
+
+
+def algorithm_template(algorithm: AlgorithmIdentity) -> hd.sr.AlgorithmIdentification:
+    """TID 4019 Algorithm Identification (SR measurements and groups)."""
+    return call(
+        "algorithm identification",
+        hd.sr.AlgorithmIdentification,
+        name=algorithm.name,
+        version=algorithm.version,
+        family=algorithm.family,
+        manufacturer=algorithm.manufacturer,
+    )
+
+
+def observation_context(algorithm: AlgorithmIdentity) -> hd.sr.ObservationContext:
+    """TID 1001 naming the algorithm as the device observer."""
+    with converting("observation context"):
+        device = hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=algorithm.device_uid,
+            name=algorithm.name,
+            manufacturer_name=algorithm.manufacturer,
+            model_name=f"{algorithm.name} {algorithm.version}"[:_LO_MAX],
+        )
+        return hd.sr.ObservationContext(
+            observer_device_context=hd.sr.ObserverContext(
+                observer_type=hd.sr.CodedConcept.from_code(codes.DEVICE_OBSERVER),
+                observer_identifying_attributes=device,
+            )
+        )
+
+
+def text_item(name: Code, text: str) -> hd.sr.TextContentItem:
+    """A TEXT content item CONTAINed by its parent."""
+    return call(
+        "text content item",
+        hd.sr.TextContentItem,
+        name=name,
+        value=text,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )

@@ -1,0 +1,122 @@
+"""Build the BINARY Segmentation (segment 1 lungs, segment 2 lesion) on the source slices with highdicom."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+
+import highdicom as hd
+import numpy as np
+from pydicom import Dataset
+
+from node.results import codes
+from node.results.codes import ResultKind, SegmentNumber
+from node.results.content import AlgorithmIdentity, Findings, algorithm_sequence, converting
+from node.results.errors import ResultsError
+from node.results.uids import result_uid
+
+LUNGS_RGB = (80, 160, 255)
+LESION_RGB = (255, 40, 40)
+
+
+def _segment(
+    number: SegmentNumber,
+    label: str,
+    category: hd.sr.CodedConcept,
+    kind: hd.sr.CodedConcept,
+    rgb: tuple[int, int, int],
+    algorithm: AlgorithmIdentity,
+    tracking_uid: str,
+    anatomic_regions: Sequence[hd.sr.CodedConcept] | None = None,
+) -> hd.seg.SegmentDescription:
+    return hd.seg.SegmentDescription(
+        segment_number=int(number),
+        segment_label=label,
+        segmented_property_category=category,
+        segmented_property_type=kind,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm_sequence(algorithm),
+        tracking_uid=tracking_uid,
+        tracking_id=label,
+        anatomic_regions=anatomic_regions,
+        display_color=hd.color.CIELabColor.from_rgb(*rgb),
+    )
+
+
+def build_seg(
+    sources: Sequence[Dataset],
+    findings: Findings,
+    algorithm: AlgorithmIdentity,
+    *,
+    series_uid: str,
+    series_version: int,
+    content_datetime: dt.datetime,
+) -> Dataset:
+    """Return the SEG for ``findings`` on ``sources`` (one frame per source slice and segment, none omitted).
+
+    UIDs (series, instance, tracking, dimension organization) derive from `result_uid`, so the same inputs give
+    the same object. Raises `ResultsError` if the masks do not fit the sources or highdicom rejects the input.
+    """
+    rows, columns = int(sources[0].Rows), int(sources[0].Columns)
+    expected = (len(sources), rows, columns)
+    if findings.lungs.shape != expected:
+        raise ResultsError(f"mask shape {findings.lungs.shape} does not match the sources {expected}")
+
+    def uid(kind: ResultKind) -> str:
+        return result_uid(series_uid, series_version, algorithm.model_key, kind)
+
+    with converting("building the SEG"):
+        lung = hd.sr.CodedConcept.from_code(codes.LUNG)
+        segments = [
+            _segment(
+                SegmentNumber.LUNGS,
+                "Lungs",
+                hd.sr.CodedConcept.from_code(codes.ANATOMICAL_STRUCTURE),
+                lung,
+                LUNGS_RGB,
+                algorithm,
+                uid(ResultKind.TRACKING_LUNGS),
+            ),
+            _segment(
+                SegmentNumber.LESION,
+                "Lesion",
+                hd.sr.CodedConcept.from_code(codes.MORPHOLOGICALLY_ABNORMAL_STRUCTURE),
+                hd.sr.CodedConcept.from_code(codes.LESION),
+                LESION_RGB,
+                algorithm,
+                uid(ResultKind.TRACKING_LESION),
+                anatomic_regions=[lung],
+            ),
+        ]
+        pixels = np.stack([findings.lungs, findings.lesion], axis=-1).astype(np.uint8)
+        seg = hd.seg.Segmentation(
+            source_images=list(sources),
+            pixel_array=pixels,
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=segments,
+            series_instance_uid=uid(ResultKind.SEG_SERIES),
+            series_number=codes.SEG_SERIES_NUMBER,
+            sop_instance_uid=uid(ResultKind.SEG),
+            instance_number=1,
+            manufacturer=algorithm.manufacturer,
+            manufacturer_model_name=algorithm.name,
+            software_versions=algorithm.version,
+            device_serial_number="none",
+            series_description=codes.SEG_SERIES_DESCRIPTION,
+            content_label="AI_LUNG_LESION",
+            content_description="AI lungs and lesion (NOT FOR CLINICAL USE)",
+            content_creator_name=None,
+            omit_empty_frames=False,
+            content_date=content_datetime.date(),
+            content_time=content_datetime.time(),
+            series_date=content_datetime.date(),
+            series_time=content_datetime.time(),
+            content_qualification=hd.ContentQualificationValues.RESEARCH,
+        )
+        # highdicom draws a random Dimension Organization UID; a fixed one keeps a rebuilt SEG identical.
+        dimension_uid = uid(ResultKind.SEG_DIMENSION_ORGANIZATION)
+        for item in seg.DimensionOrganizationSequence:
+            item.DimensionOrganizationUID = dimension_uid
+        for item in seg.DimensionIndexSequence:
+            item.DimensionOrganizationUID = dimension_uid
+    return seg
