@@ -16,11 +16,11 @@ import highdicom as hd
 import numpy as np
 from pydicom import Dataset
 from pydicom.sr.coding import Code
-from pydicom.uid import UID, generate_uid
+from pydicom.uid import generate_uid
 
 from node.results import codes
 from node.results.errors import ResultsError
-from node.results.uids import UID_PREFIX
+from node.results.uids import UID_PREFIX, is_valid_uid
 
 _LO_MAX = 64
 T = TypeVar("T")
@@ -161,7 +161,7 @@ def check_sources(sources: Sequence[Dataset]) -> str:
     series_uid = str(sources[0].SeriesInstanceUID)
     if any(ds.SeriesInstanceUID != series_uid for ds in sources):
         raise ResultsError("sources belong to more than one series")
-    if not UID(series_uid).is_valid:
+    if not is_valid_uid(series_uid):
         raise ResultsError("sources carry an invalid SeriesInstanceUID")
     if len({ds.SOPInstanceUID for ds in sources}) != len(sources):
         raise ResultsError("sources hold the same SOP instance more than once")

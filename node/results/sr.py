@@ -14,7 +14,6 @@ import highdicom as hd
 import numpy as np
 from pydicom import Dataset
 from pydicom.sr.coding import Code
-from pydicom.uid import UID
 
 from node.results import codes
 from node.results.codes import ResultKind, SegmentNumber, SkipReason
@@ -33,7 +32,7 @@ from node.results.content import (
 from node.results.errors import ResultsError
 from node.results.geometry import VoxelSize, largest_region, outline, polygon_area, voxel_size
 from node.results.seg import build_seg
-from node.results.uids import result_uid
+from node.results.uids import is_valid_uid, result_uid
 
 KEY_SLICE_COUNT = 3
 _SR_STORAGE_PREFIX = "1.2.840.10008.5.1.4.1.1.88."  # every SR Storage SOP class
@@ -56,7 +55,7 @@ def _superseded(items: Sequence[Sequence[str]]) -> list[Superseded]:
                 f"superseded[{n}] must be (study UID, series UID, SOP instance UID, SOP class UID), got {len(item)} values"
             )
         entry = Superseded(*(str(v) for v in item))
-        if not all(UID(v).is_valid for v in entry):
+        if not all(is_valid_uid(v) for v in entry):
             raise ResultsError(f"superseded[{n}] holds an invalid UID")
         checked.append(entry)
     return checked

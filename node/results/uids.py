@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import json
+import re
 
-from pydicom.uid import PYDICOM_ROOT_UID, UID, generate_uid
+from pydicom.uid import PYDICOM_ROOT_UID, generate_uid
 
 from node.results.codes import ResultKind
 from node.results.errors import ResultsError
 
 UID_PREFIX = PYDICOM_ROOT_UID
 _SCHEME = "pacs-ai-node/result-uid/1"  # bump only if UIDs must change for the same inputs
+_UID_GRAMMAR = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+
+
+def is_valid_uid(value: object) -> bool:
+    """True for a string in the DICOM UID grammar (digits and dots, no leading zeros) of at most 64 characters."""
+    return isinstance(value, str) and len(value) <= 64 and _UID_GRAMMAR.fullmatch(value) is not None
 
 
 def result_uid(
@@ -22,7 +29,7 @@ def result_uid(
     (≤ 64 characters); changing any one of them gives a different UID. ``kind`` is a `ResultKind` or its value
     (e.g. ``"sr"``, ``"seg-series"``). Raises `ResultsError` naming the bad parameter.
     """
-    if not isinstance(source_series_uid, str) or not UID(source_series_uid).is_valid:
+    if not is_valid_uid(source_series_uid):
         raise ResultsError("source_series_uid is not a valid UID")
     if isinstance(series_version, bool) or not isinstance(series_version, int) or series_version < 1:
         raise ResultsError(f"series_version must be an int >= 1, got {series_version!r}")

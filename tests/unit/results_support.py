@@ -1,0 +1,67 @@
+"""Helpers for tests/unit/test_results.py: a synthetic CT series with findings, SR tree queries, DICOM validators."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom import Dataset
+
+from tests.ctgen import write_ct_series
+
+SLICES = 8
+SIZE = 32
+SPACING_MM = 2.5
+
+
+def ct_sources(out_dir: Path, *, seed: int = 0) -> list[Dataset]:
+    """A ctgen CT series (8 slices of 32², 1 mm pixels, 2.5 mm apart) read back, in slice order."""
+    series = write_ct_series(out_dir, slices=SLICES, size=SIZE, seed=seed, spacing=SPACING_MM)
+    return [pydicom.dcmread(p) for p in series.paths]
+
+
+def synthetic_masks() -> tuple[np.ndarray, np.ndarray]:
+    """Lungs (two boxes per slice) and a lesion blob over slices 3-5, largest on slice 4."""
+    lungs = np.zeros((SLICES, SIZE, SIZE), dtype=bool)
+    lungs[:, 6:26, 4:14] = True
+    lungs[:, 6:26, 18:28] = True
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
+    lesion = np.zeros_like(lungs)
+    for index, radius in ((3, 2.5), (4, 4.2), (5, 3.1)):
+        lesion[index] = np.hypot(yy - 14, xx - 9) <= radius
+    lesion[4, 20, 22] = True  # a second, smaller component on the same slice: the outline must skip it
+    return lungs, lesion
+
+
+ATTENTION = np.array([0.01, 0.05, 0.10, 0.30, 0.20, 0.25, 0.02, 0.07])  # top 3: slices 3, 5, 4
+
+
+def walk(item: Dataset) -> Iterator[Dataset]:
+    """Every content item below ``item`` (depth first)."""
+    for child in item.get("ContentSequence", []):
+        yield child
+        yield from walk(child)
+
+
+def named(root: Dataset, value: str, scheme: str) -> list[Dataset]:
+    """Content items whose concept name is (value, scheme)."""
+    return [
+        item
+        for item in walk(root)
+        if "ConceptNameCodeSequence" in item
+        and item.ConceptNameCodeSequence[0].CodeValue == value
+        and item.ConceptNameCodeSequence[0].CodingSchemeDesignator == scheme
+    ]
+
+
+def dciodvfy_errors(path: Path) -> tuple[list[str], list[str]]:
+    """(error lines, warning lines) dciodvfy prints for ``path``."""
+    exe = shutil.which("dciodvfy")
+    assert exe is not None
+    run = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=60, check=False)
+    lines = (run.stdout + run.stderr).splitlines()
+    return [ln for ln in lines if ln.startswith("Error")], [ln for ln in lines if ln.startswith("Warning")]

@@ -1,0 +1,484 @@
+"""Tests for node.results: SR/SEG built from a ctgen series, written out, read back strictly and validated."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime as dt
+import shutil
+import subprocess
+from io import BytesIO
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom import Dataset
+from pydicom.uid import UID
+
+from node.results import (
+    AlgorithmIdentity,
+    Findings,
+    ResultKind,
+    ResultsError,
+    ResultSet,
+    SkipReason,
+    Superseded,
+    build_results,
+    build_skipped_sr,
+    result_uid,
+)
+from node.results.geometry import VoxelSize, largest_region, outline, polygon_area
+from tests.unit.results_support import (
+    ATTENTION,
+    SLICES,
+    SPACING_MM,
+    ct_sources,
+    dciodvfy_errors,
+    named,
+    synthetic_masks,
+)
+
+ALGORITHM = AlgorithmIdentity(name="pneumonia-attn", version="0.3.1")
+needs_dciodvfy = pytest.mark.skipif(
+    shutil.which("dciodvfy") is None, reason="dciodvfy (dicom3tools) not installed"
+)
+needs_dsrdump = pytest.mark.skipif(shutil.which("dsrdump") is None, reason="dsrdump (DCMTK) not installed")
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory: pytest.TempPathFactory) -> list[Dataset]:
+    return ct_sources(tmp_path_factory.mktemp("ct"))
+
+
+@pytest.fixture(scope="module")
+def findings() -> Findings:
+    lungs, lesion = synthetic_masks()
+    return Findings(probability=0.83, threshold=0.5, attention=ATTENTION, lungs=lungs, lesion=lesion)
+
+
+@pytest.fixture(scope="module")
+def results(sources: list[Dataset], findings: Findings) -> ResultSet:
+    return build_results(sources, findings, ALGORITHM)
+
+
+@pytest.fixture
+def strict_reading(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pydicom.config.settings, "reading_validation_mode", pydicom.config.RAISE)
+    monkeypatch.setattr(pydicom.config.settings, "writing_validation_mode", pydicom.config.RAISE)
+
+
+def _write(ds: Dataset, path: Path) -> Path:
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _bytes(ds: Dataset) -> bytes:
+    """The encoded object without the creation timestamps highdicom takes from the clock."""
+    ds = copy.deepcopy(ds)
+    del ds.InstanceCreationDate, ds.InstanceCreationTime
+    for item in ds.get("ContributingEquipmentSequence", []):
+        item.ContributionDateTime = ""
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory: pytest.TempPathFactory, results: ResultSet) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("results")
+    assert results.seg is not None
+    return {"sr": _write(results.sr, out / "sr.dcm"), "seg": _write(results.seg, out / "seg.dcm")}
+
+
+def _skipped(sources: list[Dataset], reason: SkipReason) -> Dataset:
+    return build_skipped_sr(sources, reason, f"test detail for {reason.name}", ALGORITHM)
+
+
+# --- files: strict read-back, highdicom read-back, dciodvfy, dsrdump --------------------------------------------
+
+
+def test_sr_and_seg_read_back_strictly(written: dict[str, Path], strict_reading: None) -> None:
+    sr = pydicom.dcmread(written["sr"])
+    seg = pydicom.dcmread(written["seg"])
+    assert sr.SOPClassUID == pydicom.uid.Comprehensive3DSRStorage
+    assert seg.SOPClassUID == pydicom.uid.SegmentationStorage
+    assert isinstance(hd.sr.srread(written["sr"]), hd.sr.Comprehensive3DSR)
+    assert hd.seg.segread(written["seg"]).number_of_segments == 2
+
+
+@pytest.mark.parametrize("reason", list(SkipReason))
+def test_skipped_sr_reads_back_strictly(
+    sources: list[Dataset], reason: SkipReason, tmp_path: Path, strict_reading: None
+) -> None:
+    path = _write(_skipped(sources, reason), tmp_path / "skipped.dcm")
+    pydicom.dcmread(path)
+    assert isinstance(hd.sr.srread(path), hd.sr.Comprehensive3DSR)
+
+
+@needs_dciodvfy
+@pytest.mark.parametrize("kind", ["sr", "seg"])
+def test_dciodvfy_reports_no_errors(written: dict[str, Path], kind: str) -> None:
+    errors, warnings = dciodvfy_errors(written[kind])
+    assert errors == []
+    # The only warning expected: dciodvfy does not know our (declared) private coding scheme designator.
+    assert all("99PACSAI" in w for w in warnings), warnings
+
+
+@needs_dciodvfy
+@pytest.mark.parametrize("reason", list(SkipReason))
+def test_dciodvfy_accepts_skipped_sr(sources: list[Dataset], reason: SkipReason, tmp_path: Path) -> None:
+    errors, warnings = dciodvfy_errors(_write(_skipped(sources, reason), tmp_path / "skipped.dcm"))
+    assert errors == []
+    assert all("99PACSAI" in w for w in warnings), warnings
+
+
+@needs_dsrdump
+def test_dsrdump_reads_the_sr(written: dict[str, Path]) -> None:
+    run = subprocess.run(
+        ["dsrdump", str(written["sr"])], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert run.returncode == 0, run.stderr
+    assert "E:" not in run.stderr and "W:" not in run.stderr, run.stderr
+    assert "Comprehensive 3D SR" in run.stdout
+    assert (
+        '(233604007,SCT,"Pneumonia")' in run.stdout or '"Pneumonia")=(52101004,SCT,"Present")' in run.stdout
+    )
+
+
+# --- SR content -----------------------------------------------------------------------------------------------
+
+
+def _report(path: Path) -> hd.sr.MeasurementReport:
+    """The TID 1500 content tree of the SR file, as highdicom parses it."""
+    content = hd.sr.srread(path).content
+    assert isinstance(content, hd.sr.MeasurementReport)
+    return content
+
+
+def test_sr_codes_the_finding_and_probability(written: dict[str, Path], findings: Findings) -> None:
+    sr = pydicom.dcmread(written["sr"])
+    (evaluation,) = named(sr, "233604007", "SCT")
+    assert evaluation.ValueType == "CODE"
+    assert evaluation.ConceptCodeSequence[0].CodeValue == "52101004"  # Present: 0.83 >= 0.5
+    (probability,) = named(sr, "P-PNEUMONIA", "99PACSAI")
+    value = probability.MeasuredValueSequence[0]
+    assert float(value.NumericValue) == pytest.approx(findings.probability)
+    assert value.MeasurementUnitsCodeSequence[0].CodeValue == "1"
+    (threshold,) = named(sr, "P-THRESHOLD", "99PACSAI")
+    assert float(threshold.MeasuredValueSequence[0].NumericValue) == pytest.approx(0.5)
+    assert sr.SeriesNumber == 9901 and "NOT FOR CLINICAL USE" in sr.SeriesDescription
+
+
+def test_finding_is_absent_below_threshold(sources: list[Dataset], findings: Findings) -> None:
+    below = dataclasses.replace(findings, probability=0.49)
+    sr = build_results(sources, below, ALGORITHM).sr
+    (evaluation,) = named(sr, "233604007", "SCT")
+    assert evaluation.ConceptCodeSequence[0].CodeValue == "272519000"  # Absent
+
+
+def test_sr_names_the_algorithm(written: dict[str, Path]) -> None:
+    (context,) = _report(written["sr"]).get_observer_contexts()
+    assert context.observer_type == hd.sr.CodedConcept("121007", "DCM", "Device")
+    attributes = context.observer_identifying_attributes
+    assert isinstance(attributes, hd.sr.DeviceObserverIdentifyingAttributes)
+    assert attributes.name == ALGORITHM.name
+    assert attributes.manufacturer_name == ALGORITHM.manufacturer
+    sr = pydicom.dcmread(written["sr"])
+    names = {item.TextValue for item in named(sr, "111001", "DCM")}  # Algorithm Name
+    versions = {item.TextValue for item in named(sr, "111003", "DCM")}  # Algorithm Version
+    assert names == {ALGORITHM.name} and versions == {ALGORITHM.version}
+    assert sr.ManufacturerModelName == ALGORITHM.name and sr.SoftwareVersions == ALGORITHM.version
+
+
+def test_key_slices_are_the_top_attention_slices(written: dict[str, Path], sources: list[Dataset]) -> None:
+    sr = pydicom.dcmread(written["sr"])
+    expected = [sources[i].SOPInstanceUID for i in np.argsort(-ATTENTION)[:3]]
+    (probability,) = named(sr, "P-PNEUMONIA", "99PACSAI")
+    refs = [
+        item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        for item in probability.ContentSequence
+        if item.ValueType == "IMAGE"
+    ]
+    assert refs == expected
+    library = named(sr, "111028", "DCM")[0]  # Image Library
+    library_uids = {
+        item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        for item in named(library, "260753009", "SCT")  # Source
+    }
+    assert set(expected) <= library_uids
+
+
+def test_lesion_volume_matches_independent_computation(
+    written: dict[str, Path], sources: list[Dataset], findings: Findings
+) -> None:
+    (group,) = _report(written["sr"]).get_volumetric_roi_measurement_groups()
+    (volume,) = group.get_measurements(name=hd.sr.CodedConcept("118565006", "SCT", "Volume"))
+    row_mm, col_mm = (float(v) for v in sources[0].PixelSpacing)
+    expected_ml = findings.lesion.sum() * row_mm * col_mm * float(sources[0].SpacingBetweenSlices) / 1000.0
+    assert expected_ml == pytest.approx(findings.lesion.sum() * SPACING_MM / 1000.0)
+    assert volume.value == pytest.approx(expected_ml)
+    assert volume.unit == hd.sr.CodedConcept("ml", "UCUM", "milliliter")
+    segment = group.referenced_segment
+    assert segment is not None
+    assert segment.referenced_segment_numbers == [2]
+    assert segment.referenced_sop_instance_uid == pydicom.dcmread(written["seg"]).SOPInstanceUID
+
+
+def test_lesion_outline_on_the_key_slice_with_most_lesion(
+    written: dict[str, Path], sources: list[Dataset], findings: Findings
+) -> None:
+    (group,) = _report(written["sr"]).get_planar_roi_measurement_groups()
+    region = group.roi
+    assert region is not None and region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+    assert (
+        region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        == sources[4].SOPInstanceUID
+    )
+    points = region.value
+    assert np.array_equal(points[0], points[-1])  # closed
+    assert points.min() >= 0 and points.max() <= 32
+    (area,) = group.get_measurements(name=hd.sr.CodedConcept("42798000", "SCT", "Area"))
+    main_blob = findings.lesion[4].copy()
+    main_blob[20, 22] = False  # the separate one-pixel component is not part of the largest region
+    assert area.value == pytest.approx(main_blob.sum() * 1.0 * 1.0)
+    assert area.unit.value == "mm2"
+
+
+def test_sr_carries_the_not_for_clinical_use_note(written: dict[str, Path]) -> None:
+    sr = pydicom.dcmread(written["sr"])
+    notes = [item.TextValue for item in named(sr, "121106", "DCM")]
+    assert any("NOT FOR CLINICAL USE" in note and "synthetic phantoms" in note for note in notes)
+    schemes = [item.CodingSchemeDesignator for item in sr.CodingSchemeIdentificationSequence]
+    assert "99PACSAI" in schemes
+
+
+def test_sr_copies_patient_and_study_from_the_source(results: ResultSet, sources: list[Dataset]) -> None:
+    for ds in (results.sr, results.seg):
+        assert ds is not None
+        for keyword in ("PatientName", "PatientID", "StudyInstanceUID", "AccessionNumber", "StudyDate"):
+            assert ds[keyword].value == sources[0][keyword].value
+        assert ds.SeriesInstanceUID != sources[0].SeriesInstanceUID
+
+
+def test_no_lesion_means_no_outline_and_zero_volume(sources: list[Dataset], findings: Findings) -> None:
+    clear = dataclasses.replace(findings, probability=0.1, lesion=np.zeros_like(findings.lesion))
+    result = build_results(sources, clear, ALGORITHM)
+    assert named(result.sr, "111030", "DCM") == []  # no Image Region
+    (volume,) = named(result.sr, "118565006", "SCT")
+    assert float(volume.MeasuredValueSequence[0].NumericValue) == 0.0
+
+
+def test_superseded_objects_are_referenced(sources: list[Dataset], findings: Findings) -> None:
+    old_sr = result_uid(sources[0].SeriesInstanceUID, 1, ALGORITHM.model_key, "sr")
+    old_sr_series = result_uid(sources[0].SeriesInstanceUID, 1, ALGORITHM.model_key, "sr-series")
+    old_seg = result_uid(sources[0].SeriesInstanceUID, 1, ALGORITHM.model_key, "seg")
+    old_seg_series = result_uid(sources[0].SeriesInstanceUID, 1, ALGORITHM.model_key, "seg-series")
+    study = sources[0].StudyInstanceUID
+    superseded = [
+        Superseded(study, old_sr_series, old_sr, pydicom.uid.Comprehensive3DSRStorage),
+        Superseded(study, old_seg_series, old_seg, pydicom.uid.SegmentationStorage),
+    ]
+    sr = build_results(sources, findings, ALGORITHM, series_version=2, superseded=superseded).sr
+    (study_item,) = sr.PredecessorDocumentsSequence
+    (series_item,) = study_item.ReferencedSeriesSequence
+    assert series_item.SeriesInstanceUID == old_sr_series
+    assert [i.ReferencedSOPInstanceUID for i in series_item.ReferencedSOPSequence] == [old_sr]
+    notes = " ".join(item.TextValue for item in named(sr, "SUPERSEDES", "99PACSAI"))
+    assert old_sr in notes and old_seg in notes
+    assert sr.SOPInstanceUID != old_sr
+
+
+def test_superseded_needs_the_sop_class(sources: list[Dataset], findings: Findings) -> None:
+    with pytest.raises(ResultsError, match="superseded"):
+        build_results(sources, findings, ALGORITHM, superseded=[("1.2.3", "1.2.4", "1.2.5")])
+
+
+# --- SEG content ----------------------------------------------------------------------------------------------
+
+
+def test_seg_segments_frames_and_masks(
+    written: dict[str, Path], sources: list[Dataset], findings: Findings
+) -> None:
+    seg = hd.seg.segread(written["seg"])
+    assert seg.SeriesNumber == 9902 and seg.SegmentationType == "BINARY"
+    lungs, lesion = seg.SegmentSequence
+    assert lungs.SegmentedPropertyTypeCodeSequence[0].CodeValue == "39607008"
+    assert lungs.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "91723000"
+    assert lesion.SegmentedPropertyTypeCodeSequence[0].CodeValue == "52988006"
+    assert lesion.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "49755003"
+    for segment in (lungs, lesion):
+        assert segment.SegmentAlgorithmType == "AUTOMATIC"
+        assert segment.SegmentAlgorithmName == ALGORITHM.name
+        assert segment.AlgorithmVersion if "AlgorithmVersion" in segment else True
+        assert len(segment.RecommendedDisplayCIELabValue) == 3
+    assert seg.NumberOfFrames == 2 * SLICES  # empty frames kept
+    referenced = {
+        frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        for frame in seg.PerFrameFunctionalGroupsSequence
+    }
+    assert referenced == {ds.SOPInstanceUID for ds in sources}
+    pixels = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=[ds.SOPInstanceUID for ds in sources], segment_numbers=[1, 2]
+    )
+    assert pixels.shape == (SLICES, 32, 32, 2)
+    assert np.array_equal(pixels[..., 0].astype(bool), findings.lungs)
+    assert np.array_equal(pixels[..., 1].astype(bool), findings.lesion)
+    assert seg.ContentQualification == "RESEARCH"
+
+
+# --- UIDs and determinism -------------------------------------------------------------------------------------
+
+
+def test_same_inputs_give_identical_objects(
+    sources: list[Dataset], findings: Findings, results: ResultSet
+) -> None:
+    again = build_results(sources, findings, ALGORITHM)
+    assert again.seg is not None and results.seg is not None
+    assert _bytes(again.sr) == _bytes(results.sr)
+    assert _bytes(again.seg) == _bytes(results.seg)
+    skipped = _skipped(sources, SkipReason.TOO_FEW_SLICES)
+    assert _bytes(skipped) == _bytes(_skipped(sources, SkipReason.TOO_FEW_SLICES))
+
+
+def test_uids_change_with_version_and_model(
+    sources: list[Dataset], findings: Findings, results: ResultSet
+) -> None:
+    assert results.seg is not None
+    newer = build_results(sources, findings, ALGORITHM, series_version=2)
+    other_model = build_results(sources, findings, dataclasses.replace(ALGORITHM, version="0.4.0"))
+    other_name = build_results(sources, findings, dataclasses.replace(ALGORITHM, name="other-net"))
+    seen = {results.sr.SOPInstanceUID, results.seg.SOPInstanceUID, results.sr.SeriesInstanceUID}
+    for variant in (newer, other_model, other_name):
+        assert variant.seg is not None
+        uids = {variant.sr.SOPInstanceUID, variant.seg.SOPInstanceUID, variant.sr.SeriesInstanceUID}
+        assert len(uids) == 3 and not (uids & seen)
+        seen |= uids
+
+
+def test_result_uid_is_valid_deterministic_and_distinct() -> None:
+    series = "1.2.826.0.1.3680043.10.1411.12345678901234567890123456789012345"
+    uids = {kind: result_uid(series, 1, "m@1", kind) for kind in ResultKind}
+    assert len(set(uids.values())) == len(ResultKind)
+    for uid in uids.values():
+        assert len(uid) <= 64 and UID(uid).is_valid
+    assert result_uid(series, 1, "m@1", "sr") == uids[ResultKind.SR]
+    assert result_uid(series, 2, "m@1", "sr") != uids[ResultKind.SR]
+    assert result_uid(series, 1, "m@2", "sr") != uids[ResultKind.SR]
+    assert result_uid(series + "1", 1, "m@1", "sr") != uids[ResultKind.SR]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("1.2.3", 1, "m", "report"), "kind"),
+        (("not a uid", 1, "m", "sr"), "source_series_uid"),
+        (("1.2.3", 0, "m", "sr"), "series_version"),
+        (("1.2.3", 1, " ", "sr"), "model_version"),
+    ],
+)
+def test_result_uid_rejects_bad_input(args: tuple[str, int, str, str], message: str) -> None:
+    with pytest.raises(ResultsError, match=message):
+        result_uid(*args)
+
+
+def test_sr_and_seg_uids_come_from_result_uid(results: ResultSet, sources: list[Dataset]) -> None:
+    assert results.seg is not None
+    series = sources[0].SeriesInstanceUID
+    assert results.sr.SOPInstanceUID == result_uid(series, 1, ALGORITHM.model_key, "sr")
+    assert results.sr.SeriesInstanceUID == result_uid(series, 1, ALGORITHM.model_key, "sr-series")
+    assert results.seg.SOPInstanceUID == result_uid(series, 1, ALGORITHM.model_key, "seg")
+    assert results.seg.SeriesInstanceUID == result_uid(series, 1, ALGORITHM.model_key, "seg-series")
+
+
+def test_content_datetime_defaults_to_the_source_and_can_be_given(
+    sources: list[Dataset], findings: Findings, results: ResultSet
+) -> None:
+    assert (str(results.sr.ContentDate), str(results.sr.ContentTime)) == ("20260102", "030405")
+    when = dt.datetime(2027, 5, 6, 7, 8, 9)
+    given = build_results(sources, findings, ALGORITHM, content_datetime=when)
+    assert given.seg is not None
+    assert str(given.sr.ContentDate) == str(given.seg.ContentDate) == "20270506"
+
+
+# --- skipped SR -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reason", list(SkipReason))
+def test_skipped_sr_codes_the_reason(sources: list[Dataset], reason: SkipReason) -> None:
+    sr = _skipped(sources, reason)
+    (status,) = named(sr, "AI-STATUS", "99PACSAI")
+    assert status.ConceptCodeSequence[0].CodeValue == "NOT-PROCESSED"
+    (coded,) = named(sr, "SKIP-REASON", "99PACSAI")
+    assert coded.ConceptCodeSequence[0].CodeValue == reason.code.value
+    (detail,) = named(sr, "SKIP-DETAIL", "99PACSAI")
+    assert detail.TextValue == f"test detail for {reason.name}"
+    assert any("NOT FOR CLINICAL USE" in item.TextValue for item in named(sr, "121106", "DCM"))
+    assert sr.SOPInstanceUID == result_uid(sources[0].SeriesInstanceUID, 1, ALGORITHM.model_key, "skipped-sr")
+
+
+def test_skip_reason_codes_are_distinct() -> None:
+    values = [reason.code.value for reason in SkipReason]
+    assert len(set(values)) == len(values) and all(len(v) <= 16 for v in values)
+
+
+def test_skipped_sr_rejects_empty_detail(sources: list[Dataset]) -> None:
+    with pytest.raises(ResultsError, match="detail"):
+        build_skipped_sr(sources, SkipReason.NOT_CT, "  ", ALGORITHM)
+
+
+# --- input checks and error conversion ------------------------------------------------------------------------
+
+
+def test_findings_validate_their_fields(findings: Findings) -> None:
+    with pytest.raises(ResultsError, match="probability"):
+        dataclasses.replace(findings, probability=1.5)
+    with pytest.raises(ResultsError, match="attention"):
+        dataclasses.replace(findings, attention=ATTENTION[:-1])
+    with pytest.raises(ResultsError, match="lesion"):
+        dataclasses.replace(findings, lesion=findings.lesion[:, :-1])
+    with pytest.raises(ResultsError, match="lungs"):
+        dataclasses.replace(findings, lungs=findings.lungs.astype(float))
+
+
+def test_findings_must_match_the_sources(sources: list[Dataset], findings: Findings) -> None:
+    with pytest.raises(ResultsError, match="slices"):
+        build_results(sources[:-1], findings, ALGORITHM)
+
+
+def test_sources_from_two_series_are_refused(sources: list[Dataset], findings: Findings) -> None:
+    mixed = [*sources[:-1], copy.deepcopy(sources[-1])]
+    mixed[-1].SeriesInstanceUID = "1.2.3.4"
+    with pytest.raises(ResultsError, match="more than one series"):
+        build_results(mixed, findings, ALGORITHM)
+
+
+def test_highdicom_errors_are_converted(sources: list[Dataset]) -> None:
+    broken = copy.deepcopy(sources)
+    del broken[0].PatientID  # highdicom reads it from the first evidence instance
+    with pytest.raises(ResultsError, match="SR document") as caught:
+        build_skipped_sr(broken, SkipReason.NOT_CT, "detail", ALGORITHM)
+    assert isinstance(caught.value.__cause__, AttributeError)
+
+
+def test_algorithm_identity_validates() -> None:
+    with pytest.raises(ResultsError, match="name"):
+        AlgorithmIdentity(name="", version="1")
+    with pytest.raises(ResultsError, match="version"):
+        AlgorithmIdentity(name="x", version="v" * 65)
+
+
+# --- geometry -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_outline_encloses_exactly_the_largest_region(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    mask = rng.random((24, 24)) < 0.45
+    region = largest_region(mask)
+    points = outline(region)
+    assert np.array_equal(points[0], points[-1])
+    assert polygon_area(points, VoxelSize(1.0, 1.0, 1.0)) == pytest.approx(region.sum())
+    assert polygon_area(points, VoxelSize(0.5, 2.0, 1.0)) == pytest.approx(region.sum())
+    assert points.min() >= 0 and points.max() <= 24
