@@ -134,15 +134,61 @@ class ResultSet:
     seg: Dataset | None
 
 
+# Patient/study values a library message may echo (e.g. "'X' is not a valid PatientSexValues"): scrubbed from
+# ResultsError messages, which end up in logs.
+_IDENTIFYING = (
+    "PatientName",
+    "PatientID",
+    "OtherPatientIDs",
+    "PatientBirthDate",
+    "PatientSex",
+    "PatientAge",
+    "PatientAddress",
+    "AccessionNumber",
+    "StudyID",
+    "ReferringPhysicianName",
+    "InstitutionName",
+)
+# Type 2 attributes highdicom copies from the first source with plain attribute access.
+_TYPE2_COPIED = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
+
+
+def scrub(message: str, sources: Sequence[Dataset]) -> str:
+    """``message`` with every patient/study identifying value found in ``sources`` replaced by ``[removed]``."""
+    values: set[str] = set()
+    for ds in sources:
+        for keyword in _IDENTIFYING:
+            value = ds.get(keyword)
+            if value is not None and str(value).strip():
+                values.add(str(value).strip())
+    for value in sorted(values, key=len, reverse=True):
+        quoted = [f"'{value}'", f'"{value}"'] + ([value] if len(value) >= 3 else [])
+        for form in quoted:
+            message = message.replace(form, "[removed]")
+    return message
+
+
 @contextmanager
-def converting(step: str) -> Iterator[None]:
-    """Turn highdicom/pydicom errors raised inside the block into `ResultsError` naming ``step``."""
+def converting(step: str, sources: Sequence[Dataset] = ()) -> Iterator[None]:
+    """Turn highdicom/pydicom errors raised inside the block into `ResultsError` naming ``step``; the library
+    message is kept with any identifying value of ``sources`` scrubbed from it (see `scrub`)."""
     try:
         yield
     except ResultsError:
         raise
     except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
-        raise ResultsError(f"{step} failed: {type(exc).__name__}: {exc}") from exc
+        detail = scrub(str(exc), sources)
+        raise ResultsError(f"{step} failed: {type(exc).__name__}: {detail}") from exc
 
 
 def call(step: str, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
@@ -151,10 +197,28 @@ def call(step: str, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
         return fn(*args, **kwargs)
 
 
+def with_type2_attributes(sources: Sequence[Dataset]) -> list[Dataset]:
+    """``sources`` with the first instance replaced, if needed, by a header-only copy whose absent Type 2
+    patient/study attributes are present and empty (their meaning when absent); the inputs are not modified."""
+    first = sources[0]
+    missing = [keyword for keyword in _TYPE2_COPIED if keyword not in first]
+    if not missing:
+        return list(sources)
+    header = Dataset()
+    for element in first:
+        if element.keyword != "PixelData":
+            header.add(element)
+    if hasattr(first, "file_meta"):
+        header.file_meta = first.file_meta
+    for keyword in missing:
+        setattr(header, keyword, "")
+    return [header, *sources[1:]]
+
+
 def check_sources(sources: Sequence[Dataset]) -> str:
     """Check the sources are one series of single-frame instances; return its Series Instance UID."""
-    if len(sources) == 0:
-        raise ResultsError("sources is empty")
+    if isinstance(sources, Dataset) or len(sources) == 0:
+        raise ResultsError("sources must be a non-empty sequence of datasets")
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
         if any(keyword not in ds for ds in sources):
             raise ResultsError(f"a source instance lacks {keyword}")

@@ -65,7 +65,7 @@ def build_seg(
     def uid(kind: ResultKind) -> str:
         return result_uid(series_uid, series_version, algorithm.model_key, kind)
 
-    with converting("building the SEG"):
+    with converting("building the SEG", sources):
         lung = hd.sr.CodedConcept.from_code(codes.LUNG)
         segments = [
             _segment(

@@ -28,6 +28,7 @@ from node.results.content import (
     converting,
     observation_context,
     text_item,
+    with_type2_attributes,
 )
 from node.results.errors import ResultsError
 from node.results.geometry import VoxelSize, largest_region, outline, polygon_area, voxel_size
@@ -89,7 +90,7 @@ def _classification_group(
     sources: Sequence[Dataset], findings: Findings, algorithm: AlgorithmIdentity, key: Sequence[int], uid: str
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     alg = algorithm_template(algorithm)
-    with converting("building the classification group"):
+    with converting("building the classification group", sources):
         key_images = [hd.sr.SourceImageForMeasurement.from_source_image(sources[i]) for i in key]
         group = hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=_tracking(uid, "Pneumonia classification"),
@@ -184,7 +185,7 @@ def _document(
     predecessors: Sequence[Superseded] = (),
 ) -> hd.sr.Comprehensive3DSR:
     previous = [_predecessor(p) for p in predecessors if p.sop_class_uid.startswith(_SR_STORAGE_PREFIX)]
-    with converting("building the SR document"):
+    with converting("building the SR document", sources):
         return hd.sr.Comprehensive3DSR(
             evidence=list(evidence),
             content=report,
@@ -224,6 +225,9 @@ def build_results(
     Raises `ResultsError` naming the problem.
     """
     series_uid = check_sources(sources)
+    if any(int(ds.get("NumberOfFrames") or 1) > 1 for ds in sources):
+        raise ResultsError("sources must be single-frame instances (multi-frame CT is not supported)")
+    sources = with_type2_attributes(sources)
     if findings.lungs.shape[0] != len(sources):
         raise ResultsError(
             f"findings cover {findings.lungs.shape[0]} slices but there are {len(sources)} sources"
@@ -271,7 +275,7 @@ def build_results(
         )
         if roi not in library:
             library.append(roi)
-    with converting("building the measurement report"):
+    with converting("building the measurement report", sources):
         report = hd.sr.MeasurementReport(
             observation_context=observation_context(algorithm),
             procedure_reported=_coded(codes.CT_OF_CHEST),
@@ -309,6 +313,7 @@ def build_skipped_sr(
     if not isinstance(detail, str) or not detail.strip():
         raise ResultsError("detail must be a non-empty string")
     series_uid = check_sources(sources)
+    sources = with_type2_attributes(sources)
     when = content_datetime_of(sources, content_datetime)
 
     def uid(kind: ResultKind) -> str:

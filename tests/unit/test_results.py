@@ -85,11 +85,38 @@ def _bytes(ds: Dataset) -> bytes:
     return buffer.getvalue()
 
 
+def _superseded_v1(sources: list[Dataset]) -> list[Superseded]:
+    series, model, study = sources[0].SeriesInstanceUID, ALGORITHM.model_key, sources[0].StudyInstanceUID
+    return [
+        Superseded(
+            study,
+            result_uid(series, 1, model, "sr-series"),
+            result_uid(series, 1, model, "sr"),
+            pydicom.uid.Comprehensive3DSRStorage,
+        ),
+        Superseded(
+            study,
+            result_uid(series, 1, model, "seg-series"),
+            result_uid(series, 1, model, "seg"),
+            pydicom.uid.SegmentationStorage,
+        ),
+    ]
+
+
 @pytest.fixture(scope="module")
-def written(tmp_path_factory: pytest.TempPathFactory, results: ResultSet) -> dict[str, Path]:
+def written(
+    tmp_path_factory: pytest.TempPathFactory, results: ResultSet, sources: list[Dataset], findings: Findings
+) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("results")
     assert results.seg is not None
-    return {"sr": _write(results.sr, out / "sr.dcm"), "seg": _write(results.seg, out / "seg.dcm")}
+    v2 = build_results(sources, findings, ALGORITHM, series_version=2, superseded=_superseded_v1(sources))
+    clear = dataclasses.replace(findings, probability=0.1, lesion=np.zeros_like(findings.lesion))
+    return {
+        "sr": _write(results.sr, out / "sr.dcm"),
+        "seg": _write(results.seg, out / "seg.dcm"),
+        "sr-v2": _write(v2.sr, out / "sr-v2.dcm"),
+        "sr-no-lesion": _write(build_results(sources, clear, ALGORITHM).sr, out / "sr-no-lesion.dcm"),
+    }
 
 
 def _skipped(sources: list[Dataset], reason: SkipReason) -> Dataset:
@@ -118,7 +145,7 @@ def test_skipped_sr_reads_back_strictly(
 
 
 @needs_dciodvfy
-@pytest.mark.parametrize("kind", ["sr", "seg"])
+@pytest.mark.parametrize("kind", ["sr", "seg", "sr-v2", "sr-no-lesion"])
 def test_dciodvfy_reports_no_errors(written: dict[str, Path], kind: str) -> None:
     errors, warnings = dciodvfy_errors(written[kind])
     assert errors == []
@@ -142,9 +169,8 @@ def test_dsrdump_reads_the_sr(written: dict[str, Path]) -> None:
     assert run.returncode == 0, run.stderr
     assert "E:" not in run.stderr and "W:" not in run.stderr, run.stderr
     assert "Comprehensive 3D SR" in run.stdout
-    assert (
-        '(233604007,SCT,"Pneumonia")' in run.stdout or '"Pneumonia")=(52101004,SCT,"Present")' in run.stdout
-    )
+    assert 'CODE:(,,"Pneumonia")=(52101004,SCT,"Present")' in run.stdout
+    assert 'NUM:(,,"Volume")=' in run.stdout and 'SCOORD:(,,"Image Region")=(POLYLINE' in run.stdout
 
 
 # --- SR content -----------------------------------------------------------------------------------------------
@@ -270,24 +296,19 @@ def test_no_lesion_means_no_outline_and_zero_volume(sources: list[Dataset], find
     assert float(volume.MeasuredValueSequence[0].NumericValue) == 0.0
 
 
-def test_superseded_objects_are_referenced(sources: list[Dataset], findings: Findings) -> None:
-    old_sr = result_uid(sources[0].SeriesInstanceUID, 1, ALGORITHM.model_key, "sr")
-    old_sr_series = result_uid(sources[0].SeriesInstanceUID, 1, ALGORITHM.model_key, "sr-series")
-    old_seg = result_uid(sources[0].SeriesInstanceUID, 1, ALGORITHM.model_key, "seg")
-    old_seg_series = result_uid(sources[0].SeriesInstanceUID, 1, ALGORITHM.model_key, "seg-series")
-    study = sources[0].StudyInstanceUID
-    superseded = [
-        Superseded(study, old_sr_series, old_sr, pydicom.uid.Comprehensive3DSRStorage),
-        Superseded(study, old_seg_series, old_seg, pydicom.uid.SegmentationStorage),
-    ]
-    sr = build_results(sources, findings, ALGORITHM, series_version=2, superseded=superseded).sr
+def test_superseded_objects_are_referenced(written: dict[str, Path], sources: list[Dataset]) -> None:
+    old_sr, old_seg = _superseded_v1(sources)
+    sr = pydicom.dcmread(written["sr-v2"])
     (study_item,) = sr.PredecessorDocumentsSequence
     (series_item,) = study_item.ReferencedSeriesSequence
-    assert series_item.SeriesInstanceUID == old_sr_series
-    assert [i.ReferencedSOPInstanceUID for i in series_item.ReferencedSOPSequence] == [old_sr]
+    assert series_item.SeriesInstanceUID == old_sr.series_uid
+    assert [i.ReferencedSOPInstanceUID for i in series_item.ReferencedSOPSequence] == [
+        old_sr.sop_instance_uid
+    ]
     notes = " ".join(item.TextValue for item in named(sr, "SUPERSEDES", "99PACSAI"))
-    assert old_sr in notes and old_seg in notes
-    assert sr.SOPInstanceUID != old_sr
+    assert old_sr.sop_instance_uid in notes and old_seg.sop_instance_uid in notes
+    assert sr.SOPInstanceUID != old_sr.sop_instance_uid
+    assert sr.SeriesInstanceUID != old_sr.series_uid
 
 
 def test_superseded_needs_the_sop_class(sources: list[Dataset], findings: Findings) -> None:
@@ -311,8 +332,13 @@ def test_seg_segments_frames_and_masks(
     for segment in (lungs, lesion):
         assert segment.SegmentAlgorithmType == "AUTOMATIC"
         assert segment.SegmentAlgorithmName == ALGORITHM.name
-        assert segment.AlgorithmVersion if "AlgorithmVersion" in segment else True
-        assert len(segment.RecommendedDisplayCIELabValue) == 3
+        (identification,) = segment.SegmentationAlgorithmIdentificationSequence
+        assert identification.AlgorithmVersion == ALGORITHM.version
+        assert identification.AlgorithmFamilyCodeSequence[0].CodeValue == "123110"  # Artificial Intelligence
+    lungs_rgb = hd.color.CIELabColor.from_dicom_value(lungs.RecommendedDisplayCIELabValue).to_rgb()
+    lesion_rgb = hd.color.CIELabColor.from_dicom_value(lesion.RecommendedDisplayCIELabValue).to_rgb()
+    assert lungs_rgb[2] > max(lungs_rgb[:2])  # blue-ish
+    assert lesion_rgb[0] > 200 and max(lesion_rgb[1:]) < 100  # red
     assert seg.NumberOfFrames == 2 * SLICES  # empty frames kept
     referenced = {
         frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
@@ -454,12 +480,35 @@ def test_sources_from_two_series_are_refused(sources: list[Dataset], findings: F
         build_results(mixed, findings, ALGORITHM)
 
 
-def test_highdicom_errors_are_converted(sources: list[Dataset]) -> None:
+def test_highdicom_errors_are_converted_without_patient_data(sources: list[Dataset]) -> None:
     broken = copy.deepcopy(sources)
-    del broken[0].PatientID  # highdicom reads it from the first evidence instance
+    for ds in broken:
+        ds.PatientSex = "Q"  # not an enumerated value: highdicom refuses it and echoes the value
     with pytest.raises(ResultsError, match="SR document") as caught:
         build_skipped_sr(broken, SkipReason.NOT_CT, "detail", ALGORITHM)
-    assert isinstance(caught.value.__cause__, AttributeError)
+    assert isinstance(caught.value.__cause__, ValueError)
+    assert "'Q'" in str(caught.value.__cause__) and "'Q'" not in str(caught.value)
+
+
+def test_absent_type2_patient_attributes_still_give_a_skipped_sr(
+    sources: list[Dataset], tmp_path: Path
+) -> None:
+    sparse = copy.deepcopy(sources)
+    for ds in sparse:
+        for keyword in (
+            "PatientBirthDate",
+            "PatientSex",
+            "AccessionNumber",
+            "StudyID",
+            "ReferringPhysicianName",
+        ):
+            delattr(ds, keyword)
+    sr = build_skipped_sr(sparse, SkipReason.NOT_CT, "no CT", ALGORITHM)
+    assert sr.PatientBirthDate == "" and sr.AccessionNumber == ""
+    assert all("AccessionNumber" not in ds for ds in sparse)  # inputs untouched
+    if shutil.which("dciodvfy"):
+        errors, _ = dciodvfy_errors(_write(sr, tmp_path / "sparse.dcm"))
+        assert errors == []
 
 
 def test_algorithm_identity_validates() -> None:
