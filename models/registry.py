@@ -1,0 +1,239 @@
+"""Model registry: loads shipped models by name and version from ``models/weights/<name>/<version>/``.
+
+Each version folder holds ``model.keras`` (Keras 3) and ``model_card.json`` (data, training settings, metrics,
+intended use, preprocessing, and the sha256 of the weights, checked on load). A model is loaded once per process
+and shared by every :class:`Registry` over the same folder. ``Registry.classifier()`` / ``.segmenter()`` return
+wrappers whose ``predict`` takes a :class:`models.preprocess.Volume` and answers on the source grid. Raises
+:class:`RegistryError` for a missing or unreadable model and :class:`InferenceError` when a model fails on input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.errors import ModelError
+from models.preprocess import PreprocessConfig, PreprocessError, Volume, masks_to_source, volume_grid, window
+
+DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+CLASSIFIER = "classifier"
+SEGMENTER = "segmenter"
+MODEL_FILE = "model.keras"
+CARD_FILE = "model_card.json"
+_REQUIRED_CARD_KEYS = ("name", "version", "kind", "intended_use", "preprocessing", "files")
+
+
+class RegistryError(ModelError):
+    """No such model or version, or its weights or card are missing, corrupt or inconsistent."""
+
+
+class InferenceError(ModelError):
+    """A loaded model failed on a (preprocessed) input."""
+
+
+@dataclass(frozen=True)
+class ClassifierOutput:
+    """P(pneumonia), one attention weight per source slice (Volume order, sums to 1), decision threshold."""
+
+    probability: float
+    attention: np.ndarray
+    threshold: float
+
+    @property
+    def positive(self) -> bool:
+        return self.probability >= self.threshold
+
+
+@dataclass(frozen=True)
+class SegmenterOutput:
+    """Boolean masks shaped exactly like ``volume.hu`` (the lesion mask lies inside the lung mask)."""
+
+    lungs: np.ndarray
+    lesion: np.ndarray
+
+
+def version_key(version: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key: numeric parts compare as numbers ("1.10.0" > "1.9.2")."""
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"[.\-+]", version))
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class _LoadedModel:
+    """A Keras model with its card and preprocessing, loaded from one version folder."""
+
+    def __init__(self, folder: Path, kind: str):
+        card_path = folder / CARD_FILE
+        model_path = folder / MODEL_FILE
+        try:
+            card = json.loads(card_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise RegistryError(f"cannot read model card {card_path}: {exc}") from exc
+        missing = [k for k in _REQUIRED_CARD_KEYS if k not in card]
+        if missing:
+            raise RegistryError(f"model card {card_path} lacks {missing}")
+        if card["kind"] != kind:
+            raise RegistryError(f"{folder} holds a {card['kind']!r} model, expected {kind!r}")
+        expected = card["files"].get(MODEL_FILE, {}).get("sha256")
+        if not model_path.is_file():
+            raise RegistryError(f"missing weights file {model_path}")
+        if expected and sha256_file(model_path) != expected:
+            raise RegistryError(f"{model_path} does not match the sha256 in its model card")
+        try:
+            self.preprocess = PreprocessConfig.from_dict(card["preprocessing"])
+        except PreprocessError as exc:
+            raise RegistryError(f"model card {card_path}: {exc}") from exc
+        import keras
+
+        import models.classifier  # noqa: F401  (registers the custom layers used by saved classifiers)
+
+        try:
+            self.model = keras.saving.load_model(model_path, compile=False)
+        except Exception as exc:  # Keras raises ValueError, OSError, TypeError, zipfile errors …
+            raise RegistryError(f"cannot load {model_path}: {exc}") from exc
+        self.card: dict[str, Any] = card
+        self.name: str = str(card["name"])
+        self.version: str = str(card["version"])
+
+
+class Classifier:
+    """Series-level pneumonia classifier; ``predict`` is one batched forward pass over all slices."""
+
+    def __init__(self, loaded: _LoadedModel):
+        import tensorflow as tf
+
+        self._m = loaded
+        self.name, self.version, self.card = loaded.name, loaded.version, loaded.card
+        self.threshold = float(loaded.card.get("threshold", 0.5))
+        g, c = loaded.preprocess.grid, loaded.preprocess.channels
+        model = loaded.model
+        self._fn = tf.function(
+            lambda s, k: model({"slices": s, "clinical": k}, training=False),
+            input_signature=[tf.TensorSpec((1, None, g, g, c), tf.float32), tf.TensorSpec((1, 4), tf.float32)],
+        )
+
+    @property
+    def preprocess(self) -> PreprocessConfig:
+        return self._m.preprocess
+
+    def predict(self, volume: Volume, *, age: float | None = None, sex: str | None = None) -> ClassifierOutput:
+        """P(pneumonia) for the series and per-slice attention. ``age``/``sex`` feed the late fusion (None =
+        unknown; pass ``volume.patient_age`` / ``volume.patient_sex`` to use the header). Raises InferenceError."""
+        from models.classifier import clinical_vector
+
+        cfg = self._m.preprocess
+        x = window(volume_grid(volume, cfg.grid), cfg)[None]
+        clin = clinical_vector(age, sex)[None]
+        try:
+            out = self._fn(x, clin)
+            prob = float(np.asarray(out["probability"]).reshape(-1)[0])
+            att = np.asarray(out["attention"], dtype=np.float32).reshape(-1)
+        except Exception as exc:  # TensorFlow errors must not leak past the model boundary
+            raise InferenceError(f"{self.name} {self.version} failed on a {x.shape} input: {exc}") from exc
+        if att.shape[0] != volume.shape[0] or not np.isfinite(prob):
+            raise InferenceError(f"{self.name} {self.version} returned an invalid output")
+        return ClassifierOutput(probability=prob, attention=att, threshold=self.threshold)
+
+
+class Segmenter:
+    """Slice-wise U-Net; ``predict`` runs batches of slices on the model grid and resamples masks back."""
+
+    batch_size = 32
+
+    def __init__(self, loaded: _LoadedModel):
+        import tensorflow as tf
+
+        self._m = loaded
+        self.name, self.version, self.card = loaded.name, loaded.version, loaded.card
+        g, c = loaded.preprocess.grid, loaded.preprocess.channels
+        model = loaded.model
+        self._fn = tf.function(
+            lambda s: model(s, training=False), input_signature=[tf.TensorSpec((None, g, g, c), tf.float32)]
+        )
+
+    @property
+    def preprocess(self) -> PreprocessConfig:
+        return self._m.preprocess
+
+    def probabilities(self, volume: Volume) -> np.ndarray:
+        """Softmax (slices, grid, grid, 3) over {background, lung, lesion} on the model grid."""
+        cfg = self._m.preprocess
+        x = window(volume_grid(volume, cfg.grid), cfg)
+        try:
+            parts = [np.asarray(self._fn(x[a : a + self.batch_size])) for a in range(0, len(x), self.batch_size)]
+        except Exception as exc:  # TensorFlow errors must not leak past the model boundary
+            raise InferenceError(f"{self.name} {self.version} failed on a {x.shape} input: {exc}") from exc
+        return np.concatenate(parts, axis=0)
+
+    def predict(self, volume: Volume) -> SegmenterOutput:
+        """Lung and lesion masks on the source grid (same shape as ``volume.hu``). Raises InferenceError."""
+        p = self.probabilities(volume)
+        shape = volume.shape[1:]
+        lungs = masks_to_source(p[..., 1] + p[..., 2], shape)
+        lesion = masks_to_source(p[..., 2], shape) & lungs
+        return SegmenterOutput(lungs=lungs, lesion=lesion)
+
+
+class Registry:
+    """Finds model versions under ``weights_dir`` (default: the weights shipped in this package)."""
+
+    def __init__(self, weights_dir: Path | None = None):
+        self.weights_dir = Path(weights_dir) if weights_dir is not None else DEFAULT_WEIGHTS_DIR
+
+    def versions(self, name: str) -> list[str]:
+        """Versions of model ``name`` that have a model card, oldest first."""
+        folder = self.weights_dir / name
+        if not folder.is_dir():
+            return []
+        found = [p.name for p in folder.iterdir() if (p / CARD_FILE).is_file()]
+        return sorted(found, key=version_key)
+
+    def folder(self, name: str, version: str | None = None) -> Path:
+        """The version folder of ``name`` (latest when ``version`` is None). Raises RegistryError."""
+        versions = self.versions(name)
+        if not versions:
+            raise RegistryError(f"no versions of model {name!r} under {self.weights_dir}")
+        if version is None:
+            version = versions[-1]
+        if version not in versions:
+            raise RegistryError(f"model {name!r} has no version {version!r} (have {versions})")
+        return self.weights_dir / name / version
+
+    def classifier(self, version: str | None = None) -> Classifier:
+        """The classifier ``version`` (latest when None), loaded once per process. Raises RegistryError."""
+        model = _load_cached(self.folder(CLASSIFIER, version), CLASSIFIER)
+        assert isinstance(model, Classifier)
+        return model
+
+    def segmenter(self, version: str | None = None) -> Segmenter:
+        """The segmenter ``version`` (latest when None), loaded once per process. Raises RegistryError."""
+        model = _load_cached(self.folder(SEGMENTER, version), SEGMENTER)
+        assert isinstance(model, Segmenter)
+        return model
+
+
+_CACHE: dict[tuple[Path, str], Classifier | Segmenter] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def _load_cached(folder: Path, kind: str) -> Classifier | Segmenter:
+    """One wrapper (model + compiled tf.function) per version folder and process."""
+    key = (folder.resolve(), kind)
+    with _CACHE_LOCK:
+        if key not in _CACHE:
+            loaded = _LoadedModel(folder, kind)
+            _CACHE[key] = Classifier(loaded) if kind == CLASSIFIER else Segmenter(loaded)
+        return _CACHE[key]

@@ -1,0 +1,837 @@
+"""Synthetic chest-CT phantoms written as real DICOM series, with ground-truth masks and a clinical table.
+
+Contract: ``generate_dataset(out, cases=N, seed=S)`` writes, for each case ``CASE0001`` …
+
+- ``out/CASE0001/dicom/IM0001.dcm`` … — one CT Image Storage instance per slice (Explicit VR Little Endian),
+  instance 1 the most cranial slice;
+- ``out/CASE0001/masks.npz`` — ``lungs`` (bool), ``lesion`` (bool), ``lesion_id`` (uint8, 0 = none),
+  ``tissue`` (uint8, see :class:`Tissue`), all shaped (slices, rows, cols) in ascending order of position along
+  the slice normal (feet → head), which is the order ``models.preprocess.load_series`` returns;
+- ``out/CASE0001/case.json`` — the case's parameters and its lesions;
+- ``out/clinical.csv`` — one row per case (see :data:`CLINICAL_COLUMNS`).
+
+Same arguments → same bytes (UIDs derive from the seed, dates are fixed, no wall clock). Everything is
+synthetic and labelled so: patient names ``PHANTOM^CASE0001``, "not for clinical use" in SeriesDescription and
+ImageComments. Raises :class:`PhantomError` for bad arguments or an unwritable output folder.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import enum
+import io
+import json
+import math
+import zipfile
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from scipy import ndimage
+
+NOT_FOR_CLINICAL_USE = "SYNTHETIC PHANTOM - NOT FOR CLINICAL USE"
+GENERATOR_VERSION = "1"
+CLINICAL_COLUMNS = (
+    "case_id", "study_instance_uid", "series_instance_uid", "dicom_dir", "masks", "age", "sex",
+    "fever", "cough", "dyspnoea", "label", "diagnosis", "reader_label", "n_lesions", "lesion_volume_ml",
+    "subtle", "rows", "slices", "pixel_spacing_mm", "slice_spacing_mm", "noise_hu",
+)
+_BASE_DATE = _dt.date(2024, 1, 1)
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+
+class PhantomError(Exception):
+    """Bad phantom arguments, or the dataset could not be written."""
+
+
+class Tissue(enum.IntEnum):
+    """Labels of the ``tissue`` map saved with each case (the anatomy before lesions are painted)."""
+
+    AIR = 0
+    FAT = 1
+    SOFT = 2  # muscle, mediastinum, spinal canal
+    LUNG = 3  # lung parenchyma
+    VESSEL = 4  # blood: heart, aorta, pulmonary vessels
+    BONE = 5  # cortical bone: ribs, sternum, vertebral shells
+    MARROW = 6  # cancellous bone inside vertebral bodies
+    AIRWAY = 7  # trachea, main bronchi, stomach gas
+    LIVER = 8
+    NODULE = 9  # small benign solid nodules (confounders, not pneumonia)
+
+
+@dataclass(frozen=True)
+class Lesion:
+    """One pneumonia lesion: a blob of sub-ellipsoids, clipped to the lungs."""
+
+    kind: str  # "ggo" | "consolidation"
+    hu: float
+    centre_mm: tuple[float, float, float]  # body frame (x, y, z)
+    radius_mm: float
+    subtle: bool
+    blobs: tuple[tuple[float, float, float, float, float, float], ...]  # (cx, cy, cz, rx, ry, rz) in mm
+
+
+@dataclass
+class CaseSpec:
+    """Every random choice of one case, drawn up front so the rendering is a pure function of it."""
+
+    case_id: str
+    index: int
+    label: int
+    rows: int
+    slices: int
+    pixel_spacing: float
+    slice_spacing: float
+    z_start: float
+    rotation_deg: float
+    offset_mm: tuple[float, float]
+    body_a: float
+    body_b: float
+    fat_mm: float
+    muscle_mm: float
+    lung_cx: float
+    lung_cy: float
+    lung_ax: float
+    lung_ay: float
+    t_dia: tuple[float, float]
+    dome: float
+    t_apex: float
+    t_carina: float
+    heart: tuple[float, float, float, float, float, float]  # cx, cy, ct, ax, ay, at (t in 0..1)
+    spine_r: float
+    disc_pitch: float
+    rib_pitch: float
+    rib_phase: float
+    rib_slope: float
+    aorta_r: float
+    trachea_r: float
+    stomach_gas: bool
+    lut: dict[int, float]
+    lung_gradient: float
+    noise_hu: float
+    blur_px: float
+    signed: bool
+    age: int
+    sex: str
+    symptoms: dict[str, int]
+    reader_label: int
+    lesions: list[Lesion] = field(default_factory=list)
+    nodules: list[tuple[float, float, float, float]] = field(default_factory=list)  # x, y, z, r (mm)
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    """What one generated case produced (arrays in ascending slice-position order)."""
+
+    spec: CaseSpec
+    hu: np.ndarray  # int16, HU after noise and quantisation
+    tissue: np.ndarray  # uint8
+    lungs: np.ndarray  # bool
+    lesion_id: np.ndarray  # uint8
+
+    @property
+    def lesion(self) -> np.ndarray:
+        return self.lesion_id > 0
+
+
+def parse_range(text: str | int | tuple[int, int], name: str) -> tuple[int, int]:
+    """``"64"`` → (64, 64), ``"40-160"`` → (40, 160); raises PhantomError naming ``name``."""
+    if isinstance(text, tuple):
+        lo, hi = text
+    elif isinstance(text, int):
+        lo = hi = text
+    else:
+        parts = str(text).split("-")
+        try:
+            lo, hi = (int(parts[0]), int(parts[-1])) if len(parts) in (1, 2) else (0, -1)
+        except ValueError:
+            raise PhantomError(f"{name}: expected N or MIN-MAX, got {text!r}") from None
+    if lo < 1 or hi < lo:
+        raise PhantomError(f"{name}: expected N or MIN-MAX with 1 <= MIN <= MAX, got {text!r}")
+    return int(lo), int(hi)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Drawing the case parameters
+# ---------------------------------------------------------------------------------------------------------
+
+_SIZES = (128, 160, 192, 224, 256, 320, 384, 448, 512)
+
+
+def _draw_size(rng: np.random.Generator, size: tuple[int, int]) -> int:
+    lo, hi = size
+    choices = [s for s in _SIZES if lo <= s <= hi]
+    if lo == hi or not choices:
+        return int(rng.integers(lo, hi + 1))
+    return int(rng.choice(choices))
+
+
+def draw_case(seed: int, index: int, label: int, size: tuple[int, int], slices: tuple[int, int]) -> CaseSpec:
+    """All random parameters of case ``index`` of the dataset with ``seed``."""
+    rng = np.random.default_rng([seed, index, 0x9E3779B9])
+    u = rng.uniform
+    rows = _draw_size(rng, size)
+    n_slices = int(rng.integers(slices[0], slices[1] + 1))
+    body_a = u(130.0, 178.0)
+    body_b = body_a * u(0.66, 0.80)
+    fov = 2 * body_a + u(40.0, 110.0)
+    length = u(250.0, 320.0)  # cranio-caudal coverage, mm
+    slice_spacing = round(length / n_slices, 3)
+    pixel_spacing = round(fov / rows, 4)
+    age = int(np.clip(rng.normal(56 + 7 * label, 16), 18, 95))
+    sex = "M" if rng.random() < 0.5 else "F"
+    p = {"fever": (0.18, 0.65), "cough": (0.30, 0.80), "dyspnoea": (0.15, 0.55)}
+    symptoms = {k: int(rng.random() < v[label]) for k, v in p.items()}
+    lut = {
+        Tissue.AIR: -1000.0,
+        Tissue.FAT: u(-120.0, -80.0),
+        Tissue.SOFT: u(35.0, 55.0),
+        Tissue.LUNG: u(-880.0, -835.0),
+        Tissue.VESSEL: u(35.0, 50.0),
+        Tissue.BONE: u(900.0, 1300.0),
+        Tissue.MARROW: u(180.0, 300.0),
+        Tissue.AIRWAY: u(-1000.0, -970.0),
+        Tissue.LIVER: u(50.0, 70.0),
+        Tissue.NODULE: u(20.0, 70.0),
+    }
+    spec = CaseSpec(
+        case_id=f"CASE{index + 1:04d}",
+        index=index,
+        label=label,
+        rows=rows,
+        slices=n_slices,
+        pixel_spacing=pixel_spacing,
+        slice_spacing=slice_spacing,
+        z_start=round(-u(200.0, 500.0), 2),
+        rotation_deg=u(-6.0, 6.0),
+        offset_mm=(u(-12.0, 12.0), u(-15.0, 15.0)),
+        body_a=body_a,
+        body_b=body_b,
+        fat_mm=u(6.0, 30.0),
+        muscle_mm=u(8.0, 18.0),
+        lung_cx=u(0.44, 0.52),
+        lung_cy=u(-0.08, 0.04),
+        lung_ax=u(0.34, 0.42),
+        lung_ay=u(0.70, 0.82),
+        t_dia=(u(0.14, 0.24), u(0.10, 0.20)),  # right hemidiaphragm usually higher
+        dome=u(0.06, 0.12),
+        t_apex=u(0.90, 0.99),
+        t_carina=u(0.58, 0.68),
+        heart=(u(0.06, 0.18), u(-0.45, -0.25), u(0.30, 0.40), u(0.32, 0.42), u(0.36, 0.48), u(0.16, 0.22)),
+        spine_r=u(13.0, 20.0),
+        disc_pitch=u(24.0, 30.0),
+        rib_pitch=u(24.0, 32.0),
+        rib_phase=u(0.0, 30.0),
+        rib_slope=u(25.0, 55.0),
+        aorta_r=u(10.0, 15.0),
+        trachea_r=u(7.0, 11.0),
+        stomach_gas=bool(rng.random() < 0.5),
+        lut={int(k): float(v) for k, v in lut.items()},
+        lung_gradient=u(0.0, 45.0),
+        noise_hu=u(8.0, 30.0),
+        blur_px=u(0.4, 0.9),
+        signed=bool(rng.random() < 0.5),
+        age=age,
+        sex=sex,
+        symptoms=symptoms,
+        reader_label=0,
+    )
+    return spec
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Geometry (vectorised; X, Y in mm in the body frame, t in 0..1 feet → head)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _superellipse(
+    x: np.ndarray, y: np.ndarray, a: float | np.ndarray, b: float | np.ndarray, p: float,
+    cx: float = 0.0, cy: float = 0.0, g: _Grid | None = None,
+) -> np.ndarray:
+    """|(x-cx)/a|^p + |(y-cy)/b|^p; with a grid, the t-invariant powers come from its cache (fractional
+    powers dominate the rendering time otherwise)."""
+    if g is not None:
+        return g.abs_pow("X", cx, p) * np.float32(float(a) ** -p) + g.abs_pow("Y", cy, p) * np.float32(float(b) ** -p)
+    return np.abs((x - cx) / a) ** p + np.abs((y - cy) / b) ** p
+
+
+def _body_axes(s: CaseSpec, t: float) -> tuple[float, float]:
+    taper = 1.0 - 0.16 * max(0.0, t - 0.72) / 0.28
+    return s.body_a * taper, s.body_b * (1.0 - 0.05 * max(0.0, t - 0.72) / 0.28)
+
+
+def _lung_scale(s: CaseSpec, t: np.ndarray | float) -> np.ndarray:
+    t_mid = 0.5
+    frac = np.clip((np.asarray(t) - t_mid) / (s.t_apex - t_mid), 0.0, None)
+    return np.sqrt(np.clip(1.0 - frac**2, 0.0, 1.0))
+
+
+def _heart(s: CaseSpec, x: np.ndarray, y: np.ndarray, t: np.ndarray | float) -> np.ndarray:
+    hx, hy, ht, hax, hay, hat = s.heart
+    return (
+        ((x - hx * s.body_a) / (hax * s.body_a)) ** 2
+        + ((y - hy * s.body_b) / (hay * s.body_b)) ** 2
+        + ((np.asarray(t) - ht) / hat) ** 2
+    ) < 1.0
+
+
+def _lung_field(
+    s: CaseSpec, x: np.ndarray, y: np.ndarray, t: np.ndarray | float, g: _Grid | None = None
+) -> np.ndarray:
+    """Lung fields (parenchyma + intrapulmonary vessels) at body-frame points (``g``: x, y are its pixels)."""
+    t_arr = np.asarray(t, dtype=np.float32)
+    a, b = s.body_a, s.body_b
+    inner_a = a - s.fat_mm - s.muscle_mm - 4.0
+    inner_b = b - s.fat_mm - s.muscle_mm - 4.0
+    inside_cage = _superellipse(x, y, inner_a, inner_b, 2.3, g=g) < 1.0
+    sc = np.maximum(_lung_scale(s, t_arr), 1e-3)
+    out = np.zeros(np.broadcast(x, y, t_arr).shape, dtype=bool)
+    mediastinum = 0.10 * a + 0.05 * a * (t_arr < s.t_carina)
+    for side, t_dia in ((-1.0, s.t_dia[0]), (1.0, s.t_dia[1])):
+        cx, cy = side * s.lung_cx * a, s.lung_cy * b
+        ax, ay = s.lung_ax * a, s.lung_ay * b
+        r2 = ((x - cx) / ax) ** 2 + ((y - cy) / ay) ** 2
+        above_diaphragm = t_arr > t_dia - s.dome * np.clip(r2, 0.0, 1.5)
+        shape = _superellipse(x, y, ax * sc, ay * sc, 2.4, cx, cy, g=g) < 1.0
+        out |= shape & above_diaphragm & (side * x > mediastinum)
+    out &= inside_cage & ~_heart(s, x, y, t_arr)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rendering
+# ---------------------------------------------------------------------------------------------------------
+
+
+class _Grid:
+    """Pixel ↔ body-frame transform of one case (rotation + offset of the patient in the field of view)."""
+
+    def __init__(self, s: CaseSpec):
+        n = s.rows
+        self.ps = s.pixel_spacing
+        self.origin = -(n - 1) / 2.0 * self.ps  # x and y of pixel (0, 0) in patient coordinates
+        coords = (self.origin + np.arange(n, dtype=np.float32) * self.ps).astype(np.float32)
+        px, py = np.meshgrid(coords, coords)  # px varies along columns, py along rows
+        th = math.radians(s.rotation_deg)
+        self.c, self.sn = math.cos(th), math.sin(th)
+        self.ox, self.oy = s.offset_mm
+        dx, dy = px - self.ox, py - self.oy
+        self.X = (self.c * dx + self.sn * dy).astype(np.float32)
+        self.Y = (-self.sn * dx + self.c * dy).astype(np.float32)
+        self.z = s.z_start + np.arange(s.slices) * s.slice_spacing
+        self.length = s.slices * s.slice_spacing
+        self.t = (self.z - self.z[0] + 0.5 * s.slice_spacing) / self.length
+
+        self._pow: dict[tuple[str, float, float], np.ndarray] = {}
+
+    def abs_pow(self, axis: str, shift: float, p: float) -> np.ndarray:
+        """|X - shift|^p (or Y), cached."""
+        key = (axis, shift, p)
+        if key not in self._pow:
+            base = self.X if axis == "X" else self.Y
+            self._pow[key] = np.abs(base - np.float32(shift)) ** np.float32(p)
+        return self._pow[key]
+
+    def to_pixel(self, x: float, y: float) -> tuple[float, float]:
+        """Body-frame mm → (row, col) in pixels (float)."""
+        px = self.c * x - self.sn * y + self.ox
+        py = self.sn * x + self.c * y + self.oy
+        return (py - self.origin) / self.ps, (px - self.origin) / self.ps
+
+    def z_of_t(self, t: float) -> float:
+        return float(self.z[0] - 0.5 * (self.z[1] - self.z[0] if len(self.z) > 1 else 0.0) + t * self.length)
+
+
+def _render_slice(s: CaseSpec, g: _Grid, t: float, z: float) -> np.ndarray:
+    x, y = g.x, g.y
+    a_t, b_t = _body_axes(s, t)
+    lab = np.zeros(x.shape, dtype=np.uint8)
+    body = _superellipse(x, y, a_t, b_t, 2.2, g=g) < 1.0
+    lab[body] = Tissue.FAT
+    ma, mb = a_t - s.fat_mm, b_t - s.fat_mm
+    lab[_superellipse(x, y, ma, mb, 2.2, g=g) < 1.0] = Tissue.SOFT
+    ca, cb = ma - s.muscle_mm, mb - s.muscle_mm
+    cavity = _superellipse(x, y, ca, cb, 2.3, g=g) < 1.0
+    lab[cavity] = Tissue.FAT
+    # Below the diaphragm: liver on the right, soft tissue (spleen, stomach) on the left.
+    dia = max(s.t_dia) + 0.02
+    if t < dia:
+        abdomen = cavity  # the lungs, drawn next, take the part above the domes
+        lab[abdomen & (x < 0.25 * s.body_a)] = Tissue.LIVER
+        lab[abdomen & (x >= 0.25 * s.body_a)] = Tissue.SOFT
+        if s.stomach_gas:
+            gas = ((x - 0.45 * s.body_a) / 35.0) ** 2 + ((y + 0.35 * s.body_b) / 20.0) ** 2 + (
+                (t - (s.t_dia[1] - 0.08)) / 0.04
+            ) ** 2 < 1.0
+            lab[gas & cavity] = Tissue.AIRWAY
+    # Mediastinal soft tissue band in front of the spine.
+    lab[cavity & (np.abs(x) < 0.14 * s.body_a) & (y > -0.5 * s.body_b)] = Tissue.SOFT
+    lungs = _lung_field(s, x, y, t, g)
+    lab[lungs] = Tissue.LUNG
+    lab[_heart(s, x, y, t) & cavity] = Tissue.VESSEL
+    # Aorta: descending left of the spine, ascending anterior, the arch joining them.
+    spine_y = cb - 0.5 * s.spine_r  # vertebral body bulges into the posterior chest wall
+    t_arch = s.t_carina + 0.08
+    desc = ((x - 0.22 * s.body_a) ** 2 + (y - spine_y + 0.5 * s.spine_r) ** 2) < s.aorta_r**2
+    if t < t_arch:
+        lab[desc] = Tissue.VESSEL
+    if s.heart[2] < t < t_arch:
+        lab[((x + 0.02 * s.body_a) ** 2 + (y + 0.18 * s.body_b) ** 2) < (s.aorta_r * 1.15) ** 2] = Tissue.VESSEL
+    if abs(t - t_arch) < 0.025:
+        arch = (np.abs(y - 0.5 * (spine_y - 0.18 * s.body_b)) < 0.5 * (spine_y + 0.18 * s.body_b)) & (
+            np.abs(x - 0.1 * s.body_a) < s.aorta_r
+        )
+        lab[arch & cavity] = Tissue.VESSEL
+    # Trachea above the carina, main bronchi below it (walls are soft tissue).
+    ty = spine_y - s.spine_r - s.trachea_r - 12.0
+    centres: list[tuple[float, float, float]] = []
+    if t >= s.t_carina:
+        centres.append((0.0, ty, s.trachea_r))
+    elif t > s.t_carina - 0.12:
+        f = (s.t_carina - t) / 0.12
+        for side in (-1.0, 1.0):
+            centres.append((side * (0.06 + 0.22 * f) * s.body_a, ty + 4.0 * f, s.trachea_r * 0.72))
+    for cx, cy, r in centres:
+        d2 = (x - cx) ** 2 + (y - cy) ** 2
+        lab[(d2 < (r + 2.0) ** 2) & cavity] = Tissue.SOFT
+        lab[(d2 < r**2) & cavity] = Tissue.AIRWAY
+    # Spine: vertebral body (cortical shell, marrow; discs between bodies), canal, posterior elements.
+    r_v = s.spine_r
+    d_v = np.sqrt(x**2 + (y - spine_y) ** 2)
+    in_disc = ((z - s.rib_phase) % s.disc_pitch) < 5.0
+    if in_disc:
+        lab[d_v < r_v] = Tissue.SOFT
+    else:
+        lab[d_v < r_v] = Tissue.BONE
+        lab[d_v < r_v - 2.5] = Tissue.MARROW
+    canal_y = spine_y + r_v + 9.0
+    d_c = np.sqrt(x**2 + (y - canal_y) ** 2)
+    lab[(d_c < 13.0) & (d_c >= 8.0) & body] = Tissue.BONE
+    lab[d_c < 8.0] = Tissue.SOFT
+    lab[(np.abs(x) < 3.5) & (y > canal_y + 12.0) & (y < canal_y + 32.0) & body] = Tissue.BONE
+    # Ribs: a ring just inside the muscle, present in oblique bands (posterior end higher than anterior).
+    ra, rb = ca + 3.0, cb + 3.0
+    rho = np.sqrt((x / ra) ** 2 + (y / rb) ** 2)
+    ring = np.abs(rho - 1.0) * 0.5 * (ra + rb) < 4.5
+    phase = (z + s.rib_slope * (y / rb) - s.rib_phase) % s.rib_pitch
+    ribs = ring & (phase < 11.0) & ~((y < -0.55 * rb) & (np.abs(x) < 0.35 * ra)) & (t > 0.05)
+    lab[ribs] = Tissue.BONE
+    # Sternum: anterior midline.
+    if s.heart[2] - 0.1 < t < 0.9:
+        sternum = ((x / 16.0) ** 2 + ((y + cb - 2.0) / 7.0) ** 2) < 1.0
+        lab[sternum] = Tissue.BONE
+        lab[((x / 12.0) ** 2 + ((y + cb - 2.0) / 4.0) ** 2) < 1.0] = Tissue.MARROW
+    return lab
+
+
+def _segments_to_lung(s: CaseSpec, rng: np.random.Generator, g: _Grid) -> list[tuple[np.ndarray, np.ndarray, float, float]]:
+    """A branching pulmonary vessel tree per lung: (start, end, r_start, r_end) in body-frame mm."""
+    segs: list[tuple[np.ndarray, np.ndarray, float, float]] = []
+    z_of_t = g.z_of_t
+    t_hilum = s.t_carina - 0.1
+    # Candidate points inside the lungs for branch targets.
+    n_cand = 3000
+    cx = rng.uniform(-s.body_a, s.body_a, n_cand).astype(np.float32)
+    cy = rng.uniform(-s.body_b, s.body_b, n_cand).astype(np.float32)
+    ct = rng.uniform(0.0, 1.0, n_cand).astype(np.float32)
+    inside = _lung_field(s, cx, cy, ct)
+    pts = np.stack([cx[inside], cy[inside], np.array([z_of_t(float(v)) for v in ct[inside]])], axis=1)
+    if len(pts) < 10:
+        return segs
+    for side in (-1.0, 1.0):
+        side_pts = pts[np.sign(pts[:, 0]) == side]
+        if len(side_pts) < 5:
+            continue
+        hilum = np.array([side * 0.2 * s.body_a, 0.08 * s.body_b, z_of_t(t_hilum)])
+
+        def grow(start: np.ndarray, direction: np.ndarray, radius: float, depth: int, pool: np.ndarray) -> None:
+            vecs = pool - start
+            dist = np.linalg.norm(vecs, axis=1) + 1e-6
+            score = (vecs @ direction) / dist
+            ok = np.flatnonzero((score > 0.55) & (dist > 15.0))
+            if len(ok) == 0:
+                return
+            target = pool[rng.choice(ok)]
+            frac = 0.45 if depth > 0 else 1.0
+            end = start + frac * (target - start)
+            r_end = radius * 0.7
+            segs.append((start, end, radius, r_end))
+            if depth > 0:
+                d = (end - start) / (np.linalg.norm(end - start) + 1e-6)
+                for _ in range(2):
+                    jitter = rng.normal(0.0, 0.45, 3)
+                    nd = d + jitter
+                    grow(end, nd / np.linalg.norm(nd), r_end, depth - 1, pool)
+
+        for direction in ((side * 0.3, 0.0, 1.0), (side * 1.0, -0.2, 0.0), (side * 0.5, 0.3, -1.0), (side, 0.6, -0.4)):
+            dv = np.asarray(direction, dtype=float)
+            grow(hilum, dv / np.linalg.norm(dv), rng.uniform(4.0, 6.0), 3, side_pts)
+    return segs
+
+
+def _paint_capsules(
+    tissue: np.ndarray, lungs: np.ndarray, g: _Grid, segs: Iterable[tuple[np.ndarray, np.ndarray, float, float]]
+) -> None:
+    """Paint vessel segments (capsules) as VESSEL where they run inside the lung fields."""
+    n = tissue.shape[1]
+    dz = g.z[1] - g.z[0] if len(g.z) > 1 else 1.0
+    for a, b, ra, rb in segs:
+        rmax = max(ra, rb)
+        zlo, zhi = min(a[2], b[2]) - rmax, max(a[2], b[2]) + rmax
+        k0 = max(0, int(math.floor((zlo - g.z[0]) / dz)))
+        k1 = min(len(g.z) - 1, int(math.ceil((zhi - g.z[0]) / dz)))
+        if k1 < k0:
+            continue
+        (r0, c0), (r1, c1) = g.to_pixel(a[0], a[1]), g.to_pixel(b[0], b[1])
+        pad = rmax / g.ps + 2
+        i0, i1 = max(0, int(min(r0, r1) - pad)), min(n, int(max(r0, r1) + pad) + 1)
+        j0, j1 = max(0, int(min(c0, c1) - pad)), min(n, int(max(c0, c1) + pad) + 1)
+        if i1 <= i0 or j1 <= j0:
+            continue
+        X = g.X[i0:i1, j0:j1]
+        Y = g.Y[i0:i1, j0:j1]
+        ab = b - a
+        denom = float(ab @ ab) + 1e-9
+        for k in range(k0, k1 + 1):
+            z = g.z[k]
+            u = np.clip(((X - a[0]) * ab[0] + (Y - a[1]) * ab[1] + (z - a[2]) * ab[2]) / denom, 0.0, 1.0)
+            d2 = (X - a[0] - u * ab[0]) ** 2 + (Y - a[1] - u * ab[1]) ** 2 + (z - a[2] - u * ab[2]) ** 2
+            r = ra + (rb - ra) * u
+            hit = (d2 < r * r) & lungs[k, i0:i1, j0:j1]
+            tissue[k, i0:i1, j0:j1][hit] = Tissue.VESSEL
+
+
+def _draw_lesions(s: CaseSpec, rng: np.random.Generator, g: _Grid, lungs: np.ndarray) -> list[Lesion]:
+    idx = np.flatnonzero(lungs)
+    if len(idx) == 0:
+        return []
+    subtle_case = rng.random() < 0.2
+    n = 1 if subtle_case else int(min(6, 1 + rng.poisson(1.3)))
+    lesions = []
+    for _ in range(n):
+        # Pneumonia favours dependent (posterior) lung: take the most posterior of a few candidates half the time.
+        cand = rng.choice(idx, size=4)
+        k, i, j = np.unravel_index(cand, lungs.shape)
+        pick = int(np.argmax(g.Y[i, j])) if rng.random() < 0.5 else 0
+        k, i, j = int(k[pick]), int(i[pick]), int(j[pick])
+        centre = (float(g.X[i, j]), float(g.Y[i, j]), float(g.z[k]))
+        if subtle_case:
+            kind, hu, radius, subtle = "ggo", rng.uniform(-700.0, -600.0), rng.uniform(7.0, 13.0), True
+        else:
+            kind = "ggo" if rng.random() < 0.55 else "consolidation"
+            hu = rng.uniform(-700.0, -300.0) if kind == "ggo" else rng.uniform(-100.0, 50.0)
+            radius = float(np.exp(rng.uniform(math.log(8.0), math.log(45.0))))
+            subtle = kind == "ggo" and hu < -600.0 and radius < 15.0
+        blobs = []
+        for b in range(int(rng.integers(1, 5))):
+            off = np.zeros(3) if b == 0 else rng.normal(0.0, 0.55 * radius, 3)
+            rad = radius * (rng.uniform(0.7, 1.2, 3) if b == 0 else rng.uniform(0.35, 0.7, 3))
+            blobs.append((centre[0] + off[0], centre[1] + off[1], centre[2] + off[2], *rad))
+        lesions.append(
+            Lesion(
+                kind=kind,
+                hu=float(hu),
+                centre_mm=centre,
+                radius_mm=float(radius),
+                subtle=bool(subtle),
+                blobs=tuple(tuple(float(v) for v in bl) for bl in blobs),  # type: ignore[misc]
+            )
+        )
+    return lesions
+
+
+def _paint_lesions(
+    hu: np.ndarray, tissue: np.ndarray, lungs: np.ndarray, lesion_id: np.ndarray, g: _Grid, lesions: list[Lesion]
+) -> None:
+    n = hu.shape[1]
+    for li, les in enumerate(lesions, start=1):
+        b = np.asarray(les.blobs)
+        zlo = (b[:, 2] - b[:, 5]).min()
+        zhi = (b[:, 2] + b[:, 5]).max()
+        rad_xy = float(np.max(np.abs(b[:, :2] - b[0, :2]).max(axis=1) + b[:, 3:5].max(axis=1))) * 1.5
+        k0 = max(0, int(np.searchsorted(g.z, zlo)) - 1)
+        k1 = min(len(g.z), int(np.searchsorted(g.z, zhi)) + 1)
+        rc, cc = g.to_pixel(b[0, 0], b[0, 1])
+        pad = rad_xy / g.ps + 2
+        i0, i1 = max(0, int(rc - pad)), min(n, int(rc + pad) + 1)
+        j0, j1 = max(0, int(cc - pad)), min(n, int(cc + pad) + 1)
+        if k1 <= k0 or i1 <= i0 or j1 <= j0:
+            continue
+        X = g.X[i0:i1, j0:j1][None]
+        Y = g.Y[i0:i1, j0:j1][None]
+        Z = g.z[k0:k1, None, None].astype(np.float32)
+        d = np.full((k1 - k0, i1 - i0, j1 - j0), np.inf, dtype=np.float32)
+        for cx, cy, cz, rx, ry, rz in les.blobs:
+            d = np.minimum(d, np.sqrt(((X - cx) / rx) ** 2 + ((Y - cy) / ry) ** 2 + ((Z - cz) / rz) ** 2))
+        # Soft edge: full density inside 0.8, fading out to 1.2; the mask is where the weight passes one half.
+        w = np.clip((1.2 - d) / 0.4, 0.0, 1.0)
+        sl = (slice(k0, k1), slice(i0, i1), slice(j0, j1))
+        in_lung = lungs[sl]
+        t = tissue[sl]
+        target = np.float32(les.hu)
+        # Vessels stay visible through ground glass; consolidation swallows them.
+        paintable = in_lung & (t == Tissue.LUNG) if les.kind == "ggo" else in_lung
+        h = hu[sl]
+        h[paintable] += (w * (target - h))[paintable]
+        lesion_id[sl][(w >= 0.5) & in_lung] = li
+
+
+def render_case(spec: CaseSpec, seed: int) -> CaseResult:
+    """Render one case: anatomy, vessels, lesions, blur, correlated noise, quantisation."""
+    rng = np.random.default_rng([seed, spec.index, 0x5EED])
+    g = _Grid(spec)
+    tissue = np.empty((spec.slices, spec.rows, spec.rows), dtype=np.uint8)
+    for k in range(spec.slices):
+        tissue[k] = _render_slice(spec, g, float(g.t[k]), float(g.z[k]))
+    lungs = (tissue == Tissue.LUNG).copy()
+    _paint_capsules(tissue, lungs, g, _segments_to_lung(spec, rng, g))
+    # Benign nodules in a fifth of all cases (confounders, not labelled as lesion).
+    if rng.random() < 0.2:
+        idx = np.flatnonzero(tissue == Tissue.LUNG)
+        for c in rng.choice(idx, size=int(rng.integers(1, 4))):
+            k, i, j = np.unravel_index(c, tissue.shape)
+            spec.nodules.append((float(g.X[i, j]), float(g.Y[i, j]), float(g.z[k]), float(rng.uniform(2.0, 4.5))))
+        for x, y, z, r in spec.nodules:
+            for k in np.flatnonzero(np.abs(g.z - z) < r):
+                rk2 = r * r - (g.z[k] - z) ** 2
+                tissue[k][(((g.X - x) ** 2 + (g.Y - y) ** 2) < rk2) & lungs[k]] = Tissue.NODULE
+    lut = np.zeros(len(Tissue), dtype=np.float32)
+    for k_, v in spec.lut.items():
+        lut[k_] = v
+    hu = lut[tissue]
+    # Gravity-dependent lung density: posterior lung slightly denser.
+    grad = (spec.lung_gradient * np.clip((g.Y / spec.body_b + 1.0) / 2.0, 0.0, 1.0)).astype(np.float32)
+    lung_now = tissue == Tissue.LUNG
+    hu += np.where(lung_now, grad[None], np.float32(0.0))
+    lesion_id = np.zeros(tissue.shape, dtype=np.uint8)
+    if spec.label:
+        spec.lesions = _draw_lesions(spec, rng, g, lung_now)
+        _paint_lesions(hu, tissue, lungs, lesion_id, g, spec.lesions)
+    # Scanner: in-plane blur (point-spread), then spatially correlated Gaussian noise of the case's sigma.
+    noise_scale = spec.noise_hu / (0.5 / (math.sqrt(math.pi) * 0.6))  # sigma after a 0.6 px Gaussian filter
+    out = np.empty(tissue.shape, dtype=np.int16)
+    for k in range(spec.slices):
+        img = ndimage.gaussian_filter(hu[k], spec.blur_px, mode="nearest")
+        noise = ndimage.gaussian_filter(rng.standard_normal(img.shape, dtype=np.float32), 0.6) * noise_scale
+        img += noise
+        np.clip(np.rint(img), -1024, 3071, out=img)
+        out[k] = img.astype(np.int16)
+    return CaseResult(spec=spec, hu=out, tissue=tissue, lungs=lungs, lesion_id=lesion_id)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _uid(seed: int, *parts: object) -> str:
+    return str(generate_uid(prefix=None, entropy_srcs=["pacs-ai-node-phantom", str(seed), *map(str, parts)]))
+
+
+def _ds_value(x: float) -> str:
+    """A DS string (≤ 16 characters) for x."""
+    s = f"{x:.6g}"
+    return s if len(s) <= 16 else f"{x:.4e}"
+
+
+def write_series(result: CaseResult, seed: int, out_dir: Path) -> tuple[str, str]:
+    """Write one case's slices as CT Image Storage files; return (StudyInstanceUID, SeriesInstanceUID)."""
+    s = result.spec
+    study_uid = _uid(seed, s.index, "study")
+    series_uid = _uid(seed, s.index, "series")
+    for_uid = _uid(seed, s.index, "frame-of-reference")
+    date = _BASE_DATE + _dt.timedelta(days=(s.index * 7 + seed) % 365)
+    da = date.strftime("%Y%m%d")
+    birth = _dt.date(date.year - s.age, 1 + (s.index % 12), 1 + (s.index % 28)).strftime("%Y%m%d")
+    tm = f"{8 + s.index % 10:02d}{(s.index * 7) % 60:02d}00"
+    g = _Grid(s)
+    intercept = 0.0 if s.signed else -1024.0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n = s.slices
+    for k in range(n):
+        inst = n - k  # instance 1 is the most cranial slice, as scanners acquiring head → feet number them
+        sop_uid = _uid(seed, s.index, "sop", inst)
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = sop_uid
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
+        meta.ImplementationVersionName = "PACSNODE_PHANTOM"
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.SOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = sop_uid
+        ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = da
+        ds.StudyTime = ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = tm
+        ds.AccessionNumber = f"PH{seed % 10000:04d}{s.index + 1:04d}"
+        ds.Modality = "CT"
+        ds.Manufacturer = "pacs-ai-node synthetic phantom"
+        ds.ReferringPhysicianName = ""
+        ds.StationName = "PHANTOM"
+        ds.StudyDescription = "SYNTHETIC CHEST CT - NOT FOR CLINICAL USE"
+        ds.SeriesDescription = NOT_FOR_CLINICAL_USE
+        ds.ManufacturerModelName = "training.phantom"
+        ds.PatientName = f"PHANTOM^{s.case_id}"
+        ds.PatientID = f"PHANTOM-{seed}-{s.case_id}"
+        ds.PatientBirthDate = birth
+        ds.PatientSex = s.sex
+        ds.PatientAge = f"{s.age:03d}Y"
+        ds.BodyPartExamined = "CHEST"
+        ds.SliceThickness = _ds_value(s.slice_spacing)
+        ds.KVP = "120"
+        ds.SoftwareVersions = f"training.phantom {GENERATOR_VERSION}"
+        ds.ReconstructionDiameter = _ds_value(s.rows * s.pixel_spacing)
+        ds.GantryDetectorTilt = "0"
+        ds.ConvolutionKernel = "STANDARD"
+        ds.PatientPosition = "HFS"
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.StudyID = f"{s.index + 1}"
+        ds.SeriesNumber = 2
+        ds.AcquisitionNumber = 1
+        ds.InstanceNumber = inst
+        ds.ImagePositionPatient = [_ds_value(g.origin), _ds_value(g.origin), _ds_value(float(g.z[k]))]
+        ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
+        ds.FrameOfReferenceUID = for_uid
+        ds.PositionReferenceIndicator = ""
+        ds.SliceLocation = _ds_value(float(g.z[k]))
+        ds.ImagesInAcquisition = n
+        ds.ImageComments = f"{NOT_FOR_CLINICAL_USE}: generated by pacs-ai-node training.phantom"
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.Rows = s.rows
+        ds.Columns = s.rows
+        ds.PixelSpacing = [_ds_value(s.pixel_spacing), _ds_value(s.pixel_spacing)]
+        ds.BitsAllocated = 16
+        ds.BitsStored = 16 if s.signed else 12
+        ds.HighBit = ds.BitsStored - 1
+        ds.PixelRepresentation = 1 if s.signed else 0
+        ds.WindowCenter = ["-600", "40"]
+        ds.WindowWidth = ["1500", "400"]
+        ds.WindowCenterWidthExplanation = ["LUNG", "MEDIASTINUM"]
+        ds.RescaleIntercept = _ds_value(intercept)
+        ds.RescaleSlope = "1"
+        ds.RescaleType = "HU"
+        ds.SpacingBetweenSlices = _ds_value(s.slice_spacing)
+        stored = result.hu[k].astype(np.int32) - int(intercept)
+        pix = stored.astype("<i2") if s.signed else stored.astype("<u2")
+        ds.PixelData = pix.tobytes()
+        ds["PixelData"].VR = "OW"
+        pydicom.dcmwrite(out_dir / f"IM{inst:04d}.dcm", ds, enforce_file_format=True)
+    return study_uid, series_uid
+
+
+def write_masks(result: CaseResult, path: Path) -> None:
+    """Write the masks as a compressed .npz with fixed zip timestamps (so the bytes are reproducible)."""
+    arrays = {"lungs": result.lungs, "lesion": result.lesion, "lesion_id": result.lesion_id, "tissue": result.tissue}
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, arr in arrays.items():
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, np.ascontiguousarray(arr), allow_pickle=False)
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_EPOCH)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            zf.writestr(info, buf.getvalue())
+
+
+def load_masks(path: str | Path) -> dict[str, np.ndarray]:
+    """Read a case's masks.npz into a dict of arrays."""
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _reader_label(rng: np.random.Generator, spec: CaseSpec) -> int:
+    """Simulated radiologist: sensitivity ~0.85 (~0.55 for subtle cases), specificity ~0.92."""
+    if spec.label:
+        sens = 0.55 if all(les.subtle for les in spec.lesions) else 0.88
+        return int(rng.random() < sens)
+    return int(rng.random() < 0.08)
+
+
+def generate_case(seed: int, index: int, label: int, out: Path, size: tuple[int, int], slices: tuple[int, int]) -> dict[str, object]:
+    """Generate, render and write case ``index``; return its clinical.csv row."""
+    spec = draw_case(seed, index, label, size, slices)
+    result = render_case(spec, seed)
+    case_dir = out / spec.case_id
+    study_uid, series_uid = write_series(result, seed, case_dir / "dicom")
+    write_masks(result, case_dir / "masks.npz")
+    spec.reader_label = _reader_label(np.random.default_rng([seed, index, 0xBEAD]), spec)
+    voxel_ml = spec.pixel_spacing**2 * spec.slice_spacing / 1000.0
+    info = asdict(spec)
+    info["generator_version"] = GENERATOR_VERSION
+    info["seed"] = seed
+    (case_dir / "case.json").write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
+    return {
+        "case_id": spec.case_id,
+        "study_instance_uid": study_uid,
+        "series_instance_uid": series_uid,
+        "dicom_dir": f"{spec.case_id}/dicom",
+        "masks": f"{spec.case_id}/masks.npz",
+        "age": spec.age,
+        "sex": spec.sex,
+        **spec.symptoms,
+        "label": spec.label,
+        "diagnosis": "pneumonia" if spec.label else "normal",
+        "reader_label": spec.reader_label,
+        "n_lesions": len(spec.lesions),
+        "lesion_volume_ml": round(float(result.lesion.sum()) * voxel_ml, 3),
+        "subtle": int(bool(spec.lesions) and all(les.subtle for les in spec.lesions)),
+        "rows": spec.rows,
+        "slices": spec.slices,
+        "pixel_spacing_mm": spec.pixel_spacing,
+        "slice_spacing_mm": spec.slice_spacing,
+        "noise_hu": round(spec.noise_hu, 2),
+    }
+
+
+def generate_dataset(
+    out: str | Path,
+    cases: int,
+    seed: int,
+    *,
+    prevalence: float = 0.5,
+    size: str | int | tuple[int, int] = (256, 512),
+    slices: str | int | tuple[int, int] = (40, 160),
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Write ``cases`` phantom series under ``out`` and return the clinical table (also written as clinical.csv).
+
+    Exactly ``round(prevalence * cases)`` cases are pneumonia, in an order drawn from the seed.
+    """
+    if cases < 1:
+        raise PhantomError(f"cases must be >= 1, got {cases}")
+    if not 0.0 <= prevalence <= 1.0:
+        raise PhantomError(f"prevalence must be in [0, 1], got {prevalence}")
+    size_r = parse_range(size, "size")
+    slices_r = parse_range(slices, "slices")
+    if size_r[0] < 32:
+        raise PhantomError(f"size must be >= 32 px, got {size}")
+    if slices_r[0] < 2:
+        raise PhantomError(f"slices must be >= 2, got {slices}")
+    out = Path(out)
+    n_pos = int(round(prevalence * cases))
+    labels = np.zeros(cases, dtype=int)
+    labels[:n_pos] = 1
+    labels = np.random.default_rng([seed, 0x1ABE1]).permutation(labels)
+    rows = []
+    it: Iterable[int] = range(cases)
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(it, desc="phantoms", unit="case")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for i in it:
+            rows.append(generate_case(seed, i, int(labels[i]), out, size_r, slices_r))
+        table = pd.DataFrame(rows, columns=list(CLINICAL_COLUMNS))
+        table.to_csv(out / "clinical.csv", index=False, lineterminator="\n")
+    except OSError as exc:
+        raise PhantomError(f"cannot write phantom dataset to {out}: {exc.strerror or exc}") from exc
+    return table
