@@ -348,7 +348,7 @@ class _Grid:
 
 
 def _render_slice(s: CaseSpec, g: _Grid, t: float, z: float) -> np.ndarray:
-    x, y = g.x, g.y
+    x, y = g.X, g.Y
     a_t, b_t = _body_axes(s, t)
     lab = np.zeros(x.shape, dtype=np.uint8)
     body = _superellipse(x, y, a_t, b_t, 2.2, g=g) < 1.0
