@@ -126,7 +126,17 @@ def _skipped(sources: list[Dataset], reason: SkipReason) -> Dataset:
 # --- files: strict read-back, highdicom read-back, dciodvfy, dsrdump --------------------------------------------
 
 
+def _read_strictly(path: Path) -> Dataset:
+    """Read ``path`` and decode every element (values are validated as they are decoded)."""
+    ds = pydicom.dcmread(path)
+    for element in ds.iterall():
+        _ = element.value
+    return ds
+
+
 def test_sr_and_seg_read_back_strictly(written: dict[str, Path], strict_reading: None) -> None:
+    for path in written.values():
+        _read_strictly(path)
     sr = pydicom.dcmread(written["sr"])
     seg = pydicom.dcmread(written["seg"])
     assert sr.SOPClassUID == pydicom.uid.Comprehensive3DSRStorage
@@ -140,7 +150,7 @@ def test_skipped_sr_reads_back_strictly(
     sources: list[Dataset], reason: SkipReason, tmp_path: Path, strict_reading: None
 ) -> None:
     path = _write(_skipped(sources, reason), tmp_path / "skipped.dcm")
-    pydicom.dcmread(path)
+    _read_strictly(path)
     assert isinstance(hd.sr.srread(path), hd.sr.Comprehensive3DSR)
 
 
