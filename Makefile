@@ -1,0 +1,44 @@
+# pacs-ai-node: `make serve` runs the node, `make test` runs every check. Both bootstrap .venv themselves.
+PY ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+RUNTIME := $(VENV)/.installed-runtime
+TESTDEPS := $(VENV)/.installed-test
+PYTEST_ARGS ?=
+
+.PHONY: serve test lint typecheck sysdeps bench bench-e2e venv clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(RUNTIME): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(TESTDEPS): pyproject.toml $(RUNTIME)
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+venv: $(TESTDEPS)
+
+serve: $(RUNTIME)
+	$(BIN)/pacsnode serve $(if $(CONFIG),--config $(CONFIG))
+
+sysdeps:
+	@scripts/sysdeps.sh
+
+lint: $(TESTDEPS)
+	$(BIN)/ruff check node models training tests benchmarks
+
+typecheck: $(TESTDEPS)
+	$(BIN)/mypy node models
+
+test: $(TESTDEPS) sysdeps lint typecheck
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+bench: $(TESTDEPS) sysdeps
+	$(BIN)/python benchmarks/ingest.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Install the Debian packages the tests talk to (DCMTK, Orthanc + DICOMweb plugin, dicom3tools) when missing.
+# Needs root for apt-get; otherwise says what is missing and leaves it to the tests to skip those peers.
+set -euo pipefail
+need=()
+command -v storescu >/dev/null 2>&1 || need+=(dcmtk)
+command -v Orthanc >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ] || need+=(orthanc)
+[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=(orthanc-dicomweb)
+command -v dciodvfy >/dev/null 2>&1 || need+=(dicom3tools)
+if [ ${#need[@]} -eq 0 ]; then exit 0; fi
+if [ "$(id -u)" != 0 ]; then
+  echo "sysdeps: missing ${need[*]} (run as root, or: sudo apt-get install ${need[*]}); tests needing them will skip" >&2
+  exit 0
+fi
+echo "sysdeps: installing ${need[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null

@@ -1,0 +1,128 @@
+"""Shared fixtures: free ports, a real node started as a subprocess, and peer-tool discovery.
+
+Peers (DCMTK, Orthanc, dicom3tools) are found on PATH. A missing peer skips the test locally, but under CI
+(``CI=true``) it fails, so a broken install step cannot hide behind skips.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def require_tool(name: str) -> str:
+    """Return the path of an executable peer tool, or skip (fail under CI) when it is missing."""
+    path = shutil.which(name) or (f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists() else None)
+    if path is None:
+        message = f"{name} is not installed (make test installs it when run as root)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 60.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on port {port} after {timeout} s")
+
+
+def peer_env() -> dict[str, str]:
+    """Environment for DCMTK/Orthanc peers: TCP_NODELAY=1 (peers.md: Nagle stalls every small C-STORE)."""
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
+@dataclass
+class RunningNode:
+    port: int
+    ae_title: str
+    data_dir: Path
+    config_path: Path
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def spool(self) -> Path:
+        return self.data_dir / "spool"
+
+    @property
+    def db_url(self) -> str:
+        return f"sqlite:///{self.data_dir / 'node.db'}"
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def _toml_list(values: list[str]) -> str:
+    return "[" + ", ".join(f'"{v}"' for v in values) + "]"
+
+
+@pytest.fixture
+def start_node(tmp_path: Path) -> Iterator[Callable[..., RunningNode]]:
+    """Factory: start `pacsnode serve` on a free port with a temporary config; stopped by PID at teardown."""
+    started: list[RunningNode] = []
+
+    def _start(*, allowed: list[str] | None = None, extra_toml: str = "", ae_title: str = "PACSNODE") -> RunningNode:
+        port = free_port()
+        data_dir = tmp_path / f"node-{len(started)}"
+        config_path = tmp_path / f"node-{len(started)}.toml"
+        config_path.write_text(
+            f"""
+[node]
+ae_title = "{ae_title}"
+host = "127.0.0.1"
+port = {port}
+allowed_calling_aes = {_toml_list(allowed or [])}
+data_dir = "{data_dir}"
+http_port = {free_port()}
+{extra_toml}
+"""
+        )
+        log_path = tmp_path / f"node-{len(started)}.log"
+        log = log_path.open("wb")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PACSNODE_")}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "node.cli", "serve", "--config", str(config_path)],
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        node = RunningNode(port, ae_title, data_dir, config_path, proc, log_path)
+        started.append(node)
+        wait_for_port(port, proc=proc)
+        return node
+
+    yield _start
+    for node in started:
+        if node.proc.poll() is None:
+            node.proc.terminate()
+            try:
+                node.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                node.proc.kill()
+                node.proc.wait()
