@@ -12,6 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from node.config import DEFAULT_CONFIG_PATH, NodeConfig, load_config
 from node.errors import ConfigError, SendError
@@ -115,13 +116,21 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--aet", default="PACSNODE-SCU", help="calling AE title")
     send.set_defaults(func=cmd_send)
 
-    try:
-        from training import cli as training_cli
-    except ImportError:
-        training_cli = None  # type: ignore[assignment]
-    if training_cli is not None and hasattr(training_cli, "register"):
-        training_cli.register(sub)
+    _register_training(sub)
     return parser
+
+
+def _register_training(sub: Any) -> None:
+    """Add the training side's subcommands (phantom, train, ...), which live in `training.cli`."""
+    import importlib
+
+    try:
+        training_cli = importlib.import_module("training.cli")
+    except ModuleNotFoundError as exc:
+        if exc.name != "training.cli":
+            raise
+        return
+    training_cli.register(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

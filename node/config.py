@@ -123,6 +123,7 @@ class NodeConfig(_Frozen):
         for dest in data["destinations"]:
             if dest.get("token") is not None:
                 dest["token"] = "********"
+        data["database"]["url"] = _mask_url_password(self.database.url)
         data["database"]["effective_url"] = _mask_url_password(self.database_url)
         return data
 

@@ -13,17 +13,13 @@ import socket
 import threading
 import uuid
 import weakref
-from typing import Any
+from typing import Any, cast
 
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
-from pynetdicom.association import Association
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
 from pydicom.uid import (
+    JPEG2000,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -33,6 +29,11 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
+from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
 
 from node.config import NodeConfig
 from node.errors import ReceiveError, StoreStatus
@@ -103,7 +104,7 @@ class DimseServer:
         ae.require_calling_aet = list(config.node.allowed_calling_aes)
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
+            ae.add_supported_context(cast(str, cx.abstract_syntax), ACCEPTED_TRANSFER_SYNTAXES)
         return ae
 
     @property
@@ -177,7 +178,7 @@ class DimseServer:
     def _on_store(self, event: evt.Event) -> int:
         """Return 0x0000 once the instance is durable and indexed, else the failure's DIMSE status."""
         assoc = event.assoc
-        request = event.request
+        request = cast(C_STORE, event.request)
         calling = assoc.requestor.ae_title
         assoc_id = self._assoc_ids.get(assoc)
         context = event.context

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_file_meta_info
-from pydicom.tag import Tag
+from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from node.errors import InvalidDatasetError, SOPClassMismatchError
@@ -27,7 +27,7 @@ IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1411.1.1"
 IMPLEMENTATION_VERSION = "PACSAINODE_010"
 
 # The only attributes the receive path reads (patient attributes are never read here).
-_INDEX_TAGS = [
+_INDEX_TAGS: list[BaseTag | int] = [
     Tag(t)
     for t in (
         "SOPClassUID",
@@ -44,6 +44,8 @@ _INDEX_TAGS = [
         "SpecificCharacterSet",
     )
 ]
+# Present-or-not is all the receive path needs of these; large values are seeked past, never read (defer_size).
+_PIXEL_TAGS: list[BaseTag | int] = [Tag("PixelData"), Tag("FloatPixelData"), Tag("DoubleFloatPixelData")]
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,13 @@ def _parse_header(data: bytes, ts: UID) -> Dataset:
         fp = DicomBytesIO(data)
         fp.is_little_endian = ts.is_little_endian
         fp.is_implicit_VR = ts.is_implicit_VR
-        ds = read_dataset(fp, ts.is_implicit_VR, ts.is_little_endian, specific_tags=_INDEX_TAGS)
+        ds = read_dataset(
+            cast(BinaryIO, fp),
+            ts.is_implicit_VR,
+            ts.is_little_endian,
+            specific_tags=[*_INDEX_TAGS, *_PIXEL_TAGS],
+            defer_size=256,
+        )
         # Values not asked for are seeked past, so a position beyond the end means a truncated value.
         if fp.tell() > len(data):
             raise InvalidDatasetError(f"dataset is truncated: an element runs {fp.tell() - len(data)} bytes past the end")
@@ -129,15 +137,17 @@ class Ingestor:
         sop_uid = check_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
         study_uid = check_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID")
         series_uid = check_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
+        if UID(sop_class).name.endswith("Image Storage") and not any(t in ds for t in _PIXEL_TAGS):
+            raise SOPClassMismatchError(f"{UID(sop_class).name} instance {sop_uid} has no pixel data")
         if sop_class_uid is not None and sop_class_uid != sop_class:
             raise SOPClassMismatchError(f"dataset SOPClassUID {sop_class} differs from the request's {sop_class_uid}")
         if sop_instance_uid is not None and sop_instance_uid != sop_uid:
             raise SOPClassMismatchError(f"dataset SOPInstanceUID {sop_uid} differs from the request's")
         meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = sop_class
-        meta.MediaStorageSOPInstanceUID = sop_uid
+        meta.MediaStorageSOPClassUID = UID(sop_class)
+        meta.MediaStorageSOPInstanceUID = UID(sop_uid)
         meta.TransferSyntaxUID = ts
-        meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+        meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
         meta.ImplementationVersionName = IMPLEMENTATION_VERSION
         meta.SourceApplicationEntityTitle = origin.calling_ae[:16] or "UNKNOWN"
         header = DicomBytesIO()

@@ -16,7 +16,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_context, evt
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -83,8 +83,9 @@ def _why(assoc: object) -> str:
 def _contexts(datasets: Sequence[Dataset]) -> list[PresentationContext]:
     by_class: dict[str, set[str]] = defaultdict(set)
     for ds in datasets:
-        ts = ds.file_meta.TransferSyntaxUID if "TransferSyntaxUID" in getattr(ds, "file_meta", {}) else ExplicitVRLittleEndian
-        by_class[str(ds.SOPClassUID)].add(str(ts))
+        meta = getattr(ds, "file_meta", None)
+        ts = str(meta.TransferSyntaxUID) if meta is not None and "TransferSyntaxUID" in meta else ExplicitVRLittleEndian
+        by_class[str(ds.SOPClassUID)].add(ts)
     contexts = []
     for sop_class, syntaxes in sorted(by_class.items()):
         for ts in sorted(syntaxes):
@@ -126,7 +127,7 @@ def send_datasets(peer: Peer, datasets: Sequence[Dataset]) -> list[StoreResult]:
 
 def read_files(paths: Iterable[Path]) -> list[Dataset]:
     """Read DICOM files for sending (folders are walked); raises `SendError` naming an unreadable file."""
-    out = []
+    out: list[Dataset] = []
     for path in paths:
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         for f in files:

@@ -8,6 +8,7 @@ it lives. Errors: `InvalidUIDError` (a UID that is not digits and dots, ≤ 64 c
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -107,7 +108,5 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _unlink_quietly(path: Path) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass

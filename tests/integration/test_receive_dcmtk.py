@@ -17,9 +17,9 @@ import pydicom
 import pytest
 import sqlalchemy as sa
 from pydicom.data import get_testdata_file
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE, build_context
 from pynetdicom.dimse_primitives import C_STORE
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from tests.conftest import peer_env, require_tool
 from tests.ctgen import write_ct_series

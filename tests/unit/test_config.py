@@ -1,0 +1,115 @@
+"""Config: defaults, validation messages naming the bad key, environment overrides, `pacsnode config check`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from node.config import DEFAULT_CONFIG_PATH, DestinationKind, load_config
+from node.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "node.toml"
+    path.write_text(text)
+    return path
+
+
+def test_default_config_loads_with_documented_defaults():
+    config = load_config(DEFAULT_CONFIG_PATH, environ={})
+    assert config.node.ae_title == "PACSNODE"
+    assert config.node.port == 11112
+    assert config.node.allowed_calling_aes == ()
+    assert config.node.data_dir == REPO / "var"
+    assert config.database_url == f"sqlite:///{REPO / 'var' / 'node.db'}"
+    assert config.destinations == ()
+
+
+def test_config_is_frozen():
+    config = load_config(DEFAULT_CONFIG_PATH, environ={})
+    with pytest.raises(Exception):  # noqa: B017 - pydantic raises ValidationError for frozen models
+        config.node.port = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("toml", "named"),
+    [
+        ("[node]\nport = 70000\n", "node.port"),
+        ("[node]\nae_title = 'THIS-TITLE-IS-TOO-LONG'\n", "node.ae_title"),
+        ("[node]\nallowed_calling_aes = ['OK', 'BAD\\\\AE']\n", "node.allowed_calling_aes.1"),
+        ("[node]\nportt = 1\n", "node.portt: unknown key"),
+        ("[completion]\nstable_seconds = -1\n", "completion.stable_seconds"),
+        ("[[destinations]]\nname = 'p'\nkind = 'dimse'\nhost = 'h'\n", "ae_title, port"),
+        ("[[destinations]]\nname = 'p'\nkind = 'smtp'\n", "destinations.0.kind"),
+        ("[[destinations]]\nname = 'w'\nkind = 'dicomweb'\nurl = 'ftp://x'\n", "needs url"),
+    ],
+)
+def test_invalid_values_name_the_key(tmp_path, toml, named):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, toml), environ={})
+    assert named in str(err.value)
+
+
+def test_invalid_toml_and_missing_file_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(write(tmp_path, "[node\n"), environ={})
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml", environ={})
+
+
+def test_environment_overrides(tmp_path):
+    path = write(tmp_path, "[node]\nport = 104\n")
+    config = load_config(
+        path,
+        environ={
+            "PACSNODE_NODE__PORT": "11113",
+            "PACSNODE_NODE__ALLOWED_CALLING_AES": '["CT1", "CT2"]',
+            "PACSNODE_COMPLETION__STABLE_SECONDS": "5",
+            "PACSNODE_DESTINATIONS": '[{"name": "pacs", "kind": "dimse", "ae_title": "O", "host": "h", "port": 4242}]',
+            "OTHER": "ignored",
+        },
+    )
+    assert config.node.port == 11113
+    assert config.node.allowed_calling_aes == ("CT1", "CT2")
+    assert config.completion.stable_seconds == 5
+    assert config.destinations[0].kind is DestinationKind.DIMSE
+    assert config.node.data_dir == (tmp_path / "var").resolve()
+
+
+def test_bad_environment_override_names_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="node.port"):
+        load_config(write(tmp_path, ""), environ={"PACSNODE_NODE__PORT": "eleven"})
+
+
+def test_duplicate_destination_names_refused(tmp_path):
+    toml = "".join(
+        f"[[destinations]]\nname = 'pacs'\nkind = 'dicomweb'\nurl = 'http://h/{i}'\n" for i in range(2)
+    )
+    with pytest.raises(ConfigError, match="unique"):
+        load_config(write(tmp_path, toml), environ={})
+
+
+def test_config_check_prints_effective_config_without_secrets(tmp_path):
+    path = write(
+        tmp_path,
+        "[[destinations]]\nname = 'web'\nkind = 'dicomweb'\nurl = 'http://127.0.0.1:8042/dicom-web'\n"
+        "token = 's3cr3t-token'\n[database]\nurl = 'postgresql://user:hunter2@db/pacs'\n",
+    )
+    ok = subprocess.run(
+        [sys.executable, "-m", "node.cli", "config", "check", "--config", str(path)],
+        capture_output=True, text=True, cwd=REPO, timeout=60,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert '"name": "web"' in ok.stdout
+    assert "s3cr3t-token" not in ok.stdout and "hunter2" not in ok.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "node.cli", "config", "check", "--config", str(write(tmp_path, "[node]\nport = 0\n"))],
+        capture_output=True, text=True, cwd=REPO, timeout=60,
+    )
+    assert bad.returncode == 2
+    assert "node.port" in bad.stderr

@@ -1,0 +1,97 @@
+"""Index: new/duplicate/replaced instances, series counters and re-opening, association bookkeeping."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import sqlalchemy as sa
+
+from node.db import create_engine_for, init_schema
+from node.index import Index, InstanceRecord, RecordOutcome
+from node.states import AssociationState, SeriesState
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def index(tmp_path):
+    engine = create_engine_for(f"sqlite:///{tmp_path / 'node.db'}")
+    init_schema(engine)
+    yield Index(engine, clock=Clock())
+    engine.dispose()
+
+
+def rec(sop: str, series: str = "1.2.3", sha: str = "a" * 64, **kw) -> InstanceRecord:
+    return InstanceRecord(
+        sop_uid=sop, series_uid=series, study_uid="1.2", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        transfer_syntax_uid="1.2.840.10008.1.2.1", path=f"/x/{sop}.dcm", size=10, sha256=sha, modality="CT", **kw,
+    )
+
+
+def test_new_duplicate_and_replaced(index):
+    assert index.record_instance(rec("1.1")) is RecordOutcome.NEW
+    assert index.record_instance(rec("1.1")) is RecordOutcome.DUPLICATE
+    assert index.record_instance(rec("1.1", sha="b" * 64)) is RecordOutcome.REPLACED
+    assert index.record_instance(rec("1.2")) is RecordOutcome.NEW
+    series = index.get_series("1.2.3")
+    assert series.instance_count == 2
+    assert index.get_instance("1.1").sha256 == "b" * 64
+
+
+def test_series_times_and_expected_count(index):
+    index.clock.now = 10.0
+    index.record_instance(rec("1.1", images_in_acquisition=3))
+    index.clock.now = 12.5
+    index.record_instance(rec("1.2"))
+    series = index.get_series("1.2.3")
+    assert (series.first_received_at, series.last_received_at) == (10.0, 12.5)
+    assert series.expected_count == 3  # kept when a later instance lacks it
+    assert series.state == SeriesState.RECEIVING
+
+
+def test_changed_content_reopens_a_complete_series_but_a_duplicate_does_not(index):
+    index.record_instance(rec("1.1"))
+    with index.engine.begin() as conn:
+        conn.execute(sa.text("update series set state = 'complete'"))
+    index.record_instance(rec("1.1"))
+    assert index.get_series("1.2.3").state == SeriesState.COMPLETE
+    index.record_instance(rec("1.2"))
+    assert index.get_series("1.2.3").state == SeriesState.REOPENED
+
+
+def test_instance_moving_series_moves_the_count(index):
+    index.record_instance(rec("1.1", series="9.1"))
+    assert index.record_instance(rec("1.1", series="9.2")) is RecordOutcome.REPLACED
+    assert index.get_series("9.1").instance_count == 0
+    assert index.get_series("9.2").instance_count == 1
+
+
+def test_concurrent_writers_lose_nothing(index):
+    def worker(n: int) -> None:
+        for i in range(25):
+            index.record_instance(rec(f"{n}.{i}", series=f"7.{n % 2}"))
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(1, 5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert index.get_series("7.0").instance_count + index.get_series("7.1").instance_count == 100
+    assert index.series_counts() == {"receiving": 2}
+
+
+def test_association_lifecycle_and_dangling_cleanup(index):
+    index.association_opened("a1", "CT1", "PACSNODE", "127.0.0.1:1")
+    index.association_opened("a2", "CT2", "PACSNODE", "127.0.0.1:2")
+    index.association_closed("a1", AssociationState.RELEASED)
+    index.association_closed("a1", AssociationState.ABORTED)  # a later close does not overwrite
+    assert index.get_association("a1").state == AssociationState.RELEASED
+    assert index.close_dangling_associations() == 1
+    assert index.get_association("a2").state == AssociationState.ABORTED

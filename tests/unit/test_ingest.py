@@ -1,0 +1,100 @@
+"""Ingest: header-only parse, UID checks, request/dataset agreement, durable spool + index, bad input refused."""
+
+from __future__ import annotations
+
+import zlib
+
+import pydicom
+import pytest
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+
+from node.db import create_engine_for, init_schema
+from node.errors import InvalidDatasetError, InvalidUIDError, SOPClassMismatchError, StoreStatus
+from node.index import Index, RecordOutcome
+from node.ingest import Ingestor, Origin
+from node.spool import Spool
+from tests.ctgen import write_ct_series
+from tests.dicomfiles import dataset_bytes
+
+
+@pytest.fixture
+def ingestor(tmp_path):
+    engine = create_engine_for(f"sqlite:///{tmp_path / 'node.db'}")
+    init_schema(engine)
+    yield Ingestor(Spool(tmp_path / "spool"), Index(engine))
+    engine.dispose()
+
+
+@pytest.fixture
+def series(tmp_path):
+    return write_ct_series(tmp_path / "in", slices=3, size=16, seed=1, images_in_acquisition=True)
+
+
+ORIGIN = Origin(calling_ae="CT1", association_id="assoc-1")
+
+
+def test_accepts_and_indexes_geometry_without_patient_attributes(ingestor, series):
+    body = dataset_bytes(series.paths[1])
+    accepted = ingestor.accept(body, ExplicitVRLittleEndian, ORIGIN)
+    assert accepted.outcome is RecordOutcome.NEW
+    rec = accepted.record
+    assert (rec.study_uid, rec.series_uid, rec.sop_uid) == (series.study_uid, series.series_uid, series.sop_uids[1])
+    assert rec.modality == "CT" and rec.instance_number == 2 and rec.images_in_acquisition == 3
+    assert rec.image_position.split("\\")[2] == "-2.5"
+    assert rec.frame_of_reference_uid == series.frame_of_reference_uid
+    stored = pydicom.dcmread(rec.path)
+    assert stored.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert stored.file_meta.SourceApplicationEntityTitle == "CT1"
+    assert dataset_bytes(rec.path) == body
+    assert not hasattr(rec, "patient_name")
+
+
+def test_deflated_dataset(ingestor, series):
+    body = dataset_bytes(series.paths[0])
+    compressor = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    deflated = compressor.compress(body) + compressor.flush()
+    rec = ingestor.accept(deflated, DeflatedExplicitVRLittleEndian, ORIGIN).record
+    assert rec.sop_uid == series.sop_uids[0]
+    assert pydicom.dcmread(rec.path).pixel_array.shape == (16, 16)
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.99, 0.1])
+def test_truncated_dataset_is_refused(ingestor, series, cut):
+    body = dataset_bytes(series.paths[0])
+    with pytest.raises((InvalidDatasetError, InvalidUIDError, SOPClassMismatchError)) as err:
+        ingestor.accept(body[: int(len(body) * cut)], ExplicitVRLittleEndian, ORIGIN)
+    assert err.value.status in (StoreStatus.CANNOT_UNDERSTAND, StoreStatus.DATASET_MISMATCH)
+    assert not list(ingestor.spool.root.rglob("*.dcm"))
+
+
+def test_garbage_is_refused_with_c000(ingestor):
+    with pytest.raises(InvalidDatasetError) as err:
+        ingestor.accept(bytes(range(256)) * 4, ExplicitVRLittleEndian, ORIGIN)
+    assert err.value.status == StoreStatus.CANNOT_UNDERSTAND
+
+
+def test_request_and_dataset_must_agree(ingestor, series):
+    body = dataset_bytes(series.paths[0])
+    with pytest.raises(SOPClassMismatchError):
+        ingestor.accept(body, ExplicitVRLittleEndian, ORIGIN, sop_class_uid="1.2.840.10008.5.1.4.1.1.4")
+    with pytest.raises(SOPClassMismatchError):
+        ingestor.accept(body, ExplicitVRLittleEndian, ORIGIN, sop_instance_uid="1.2.3.4")
+
+
+def test_image_without_pixel_data_is_refused(ingestor, series, tmp_path):
+    ds = pydicom.dcmread(series.paths[0])
+    del ds.PixelData
+    path = tmp_path / "nopixels.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(SOPClassMismatchError, match="no pixel data") as err:
+        ingestor.accept(dataset_bytes(path), ExplicitVRLittleEndian, ORIGIN)
+    assert err.value.status == StoreStatus.DATASET_MISMATCH
+
+
+def test_missing_uid_is_refused(ingestor, series, tmp_path):
+    ds = pydicom.dcmread(series.paths[0])
+    del ds.SeriesInstanceUID
+    path = tmp_path / "nouid.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(InvalidUIDError, match="SeriesInstanceUID is missing"):
+        ingestor.accept(dataset_bytes(path), ExplicitVRLittleEndian, ORIGIN)
