@@ -47,8 +47,8 @@ class UnfoldSlices(layers.Layer):
         ref = ops.shape(reference)
         return ops.reshape(x, (ref[0], ref[1], ops.shape(x)[-1]))
 
-    def compute_output_shape(self, input_shape: tuple[Any, ...], reference_shape: tuple[Any, ...]) -> tuple[Any, ...]:
-        return (reference_shape[0], reference_shape[1], input_shape[-1])
+    def compute_output_shape(self, x_shape: tuple[Any, ...], reference_shape: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (reference_shape[0], reference_shape[1], x_shape[-1])
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)

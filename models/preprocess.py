@@ -372,7 +372,7 @@ def masks_to_source(prob: np.ndarray, shape: tuple[int, int], *, threshold: floa
 
 def masks_to_grid(mask: np.ndarray, grid: int) -> np.ndarray:
     """Boolean/label masks (slices, rows, cols) → float32 area fractions on the model grid (training targets)."""
-    return _resize_square(mask.astype(np.float32), grid, 0.0)
+    return np.clip(_resize_square(mask.astype(np.float32), grid, 0.0), 0.0, 1.0)
 
 
 # ---------------------------------------------------------------------------------------------------------

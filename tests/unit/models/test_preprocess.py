@@ -1,0 +1,172 @@
+"""models.preprocess: series loading (sorting, rescale, geometry checks), model grid, resampling, augmentation."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from models.preprocess import (
+    PreprocessConfig,
+    PreprocessError,
+    augment,
+    dice,
+    load_series,
+    masks_to_grid,
+    masks_to_source,
+    resize_slices,
+    to_model_input,
+)
+from training.phantom import Tissue
+
+from .util import case_files, case_masks
+
+
+def test_load_series_sorts_along_normal_and_rescales(tiny_phantom: Path) -> None:
+    files = case_files(tiny_phantom)
+    shuffled = [files[i] for i in np.random.default_rng(0).permutation(len(files))]
+    vol = load_series(shuffled)
+    assert vol.hu.shape == (12, 64, 64) and vol.hu.dtype == np.float32
+    z = vol.positions[:, 2]
+    assert np.all(np.diff(z) > 0), "slices must ascend along the normal (+z for axial HFS)"
+    for k in (0, 5, 11):
+        ds = pydicom.dcmread(next(f for f in files if pydicom.dcmread(f).SOPInstanceUID == vol.sop_instance_uids[k]))
+        expected = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+        np.testing.assert_array_equal(vol.hu[k], expected.astype(np.float32))
+        assert float(ds.ImagePositionPatient[2]) == pytest.approx(z[k])
+    assert vol.spacing[0] == pytest.approx(float(ds.SpacingBetweenSlices), abs=1e-3)
+    assert vol.spacing[1] == pytest.approx(float(ds.PixelSpacing[0]))
+    assert [d.SOPInstanceUID for d in vol.datasets] == list(vol.sop_instance_uids)
+    assert all("PixelData" not in d for d in vol.datasets)
+    assert vol.frame_numbers == (None,) * 12
+    assert vol.series_instance_uid == ds.SeriesInstanceUID
+    assert vol.patient_sex in ("M", "F") and vol.patient_age is not None
+
+
+def test_volume_order_matches_ground_truth_masks(small_phantom: Path) -> None:
+    # The masks are saved in load_series order; lungs must be dark and lesions denser than lung in that order.
+    for i in range(2):
+        vol = load_series(case_files(small_phantom, i))
+        m = case_masks(small_phantom, i)
+        assert m["lungs"].shape == vol.hu.shape
+        assert vol.hu[m["tissue"] == Tissue.LUNG].mean() < -750
+        assert vol.hu[m["lesion"]].mean() > vol.hu[m["tissue"] == Tissue.LUNG].mean() + 100
+
+
+def _write(ds: pydicom.Dataset, path: Path) -> Path:
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _copies(tiny_phantom: Path, tmp_path: Path) -> list[Path]:
+    out = []
+    for f in case_files(tiny_phantom):
+        shutil.copy(f, tmp_path / f.name)
+        out.append(tmp_path / f.name)
+    return out
+
+
+def test_not_dicom_raises(tmp_path: Path) -> None:
+    bad = tmp_path / "x.dcm"
+    bad.write_bytes(b"not a dicom file at all")
+    with pytest.raises(PreprocessError, match="file 0"):
+        load_series([bad])
+
+
+def test_empty_list_raises() -> None:
+    with pytest.raises(PreprocessError):
+        load_series([])
+
+
+def test_truncated_pixel_data_raises(tiny_phantom: Path, tmp_path: Path) -> None:
+    files = _copies(tiny_phantom, tmp_path)
+    ds = pydicom.dcmread(files[3])
+    ds.PixelData = ds.PixelData[:100]
+    _write(ds, files[3])
+    with pytest.raises(PreprocessError, match="cannot decode pixel data"):
+        load_series(files)
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda ds: setattr(ds, "ImageOrientationPatient", [0, 1, 0, 0, 0, -1]), "ImageOrientationPatient"),
+        (lambda ds: setattr(ds, "PixelSpacing", [0.5, 0.5]), "PixelSpacing"),
+        (lambda ds: setattr(ds, "SeriesInstanceUID", "1.2.3.4"), "different series"),
+        (lambda ds: setattr(ds, "ImagePositionPatient", [0, 0]), "must have 3"),
+        (lambda ds: delattr(ds, "ImagePositionPatient"), "missing ImagePositionPatient"),
+    ],
+)
+def test_inconsistent_geometry_raises(tiny_phantom: Path, tmp_path: Path, mutate, message: str) -> None:
+    files = _copies(tiny_phantom, tmp_path)
+    ds = pydicom.dcmread(files[4])
+    mutate(ds)
+    _write(ds, files[4])
+    with pytest.raises(PreprocessError, match=message):
+        load_series(files)
+
+
+def test_duplicate_position_and_gap_raise(tiny_phantom: Path, tmp_path: Path) -> None:
+    files = _copies(tiny_phantom, tmp_path)
+    dup = pydicom.dcmread(files[2])
+    dup.SOPInstanceUID = dup.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.8.498.99"
+    with pytest.raises(PreprocessError, match="share one position"):
+        load_series([*files, _write(dup, tmp_path / "dup.dcm")])
+    with pytest.raises(PreprocessError, match="not uniform"):
+        load_series(files[:5] + files[6:])
+
+
+def test_to_model_input_shape_and_range(tiny_phantom: Path) -> None:
+    vol = load_series(case_files(tiny_phantom))
+    cfg = PreprocessConfig(grid=32)
+    x = to_model_input(vol.hu, cfg)
+    assert x.shape == (12, 32, 32, 2) and x.dtype == np.float32
+    assert x.min() >= 0.0 and x.max() <= 1.0
+    # Lung window: air is 0; soft-tissue window: bone saturates at 1.
+    assert x[..., 0].min() == 0.0 and x[..., 1].max() == 1.0
+    with pytest.raises(PreprocessError):
+        to_model_input(vol.hu[0], cfg)
+    assert PreprocessConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="grid"):
+        PreprocessConfig(grid=4)
+
+
+def test_resize_pads_non_square_and_masks_round_trip() -> None:
+    rows, cols = 90, 120
+    yy, xx = np.mgrid[:rows, :cols]
+    disk = ((yy - 45) ** 2 + (xx - 70) ** 2) < 25**2
+    hu = np.where(disk, 40.0, -1000.0).astype(np.float32)[None].repeat(3, axis=0)
+    small = resize_slices(hu, 32)
+    assert small.shape == (3, 32, 32)
+    assert small[0, 0, 0] == pytest.approx(-1024.0, abs=1.0)  # padding is air
+    frac = masks_to_grid(disk[None].repeat(3, axis=0), 32)
+    assert frac.shape == (3, 32, 32) and frac.min() >= 0.0 and frac.max() <= 1.0
+    assert frac.sum(axis=(1, 2))[0] == pytest.approx(disk.sum() * (32 / 120) ** 2, rel=0.05)
+    back = masks_to_source(frac, (rows, cols))
+    assert back.shape == (3, rows, cols) and back.dtype == bool
+    assert dice(back[0], disk) > 0.95
+
+
+def test_augment_keeps_shapes_and_moves_masks_with_image() -> None:
+    img = np.full((4, 32, 32), -1000.0, dtype=np.float32)
+    img[:, 5:10, 2:6] = 500.0
+    mask = (img > 0).astype(np.uint8)
+    a1, (m1,) = augment(img, np.random.default_rng(3), [mask])
+    a2, (m2,) = augment(img, np.random.default_rng(3), [mask])
+    np.testing.assert_array_equal(a1, a2)  # deterministic for a seed
+    assert a1.shape == img.shape and m1.shape == mask.shape
+    assert set(np.unique(m1)) <= {0, 1}
+    # The bright block and its mask still coincide after the transform.
+    assert a1[m1 == 1].mean() > 300 and a1[m1 == 0].mean() < -800
+    assert not np.array_equal(a1, img)
+
+
+def test_dice() -> None:
+    a = np.zeros((4, 4), bool)
+    assert dice(a, a) == 1.0
+    b = a.copy()
+    b[:2] = True
+    assert dice(b, b) == 1.0 and dice(b, a) == 0.0

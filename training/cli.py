@@ -1,0 +1,142 @@
+"""``pacsnode`` subcommands for phantoms, training and model evaluation (``register`` adds them to a parser).
+
+- ``phantom --out DIR --cases N --seed S [--prevalence P] [--size PX|MIN-MAX] [--slices N|MIN-MAX]``
+- ``train classifier|segmenter --data DIR --out DIR [--val-data DIR] [--epochs N] [--seed S] [--version V]``
+- ``model-eval --data DIR [--weights-dir DIR] [--classifier-version V] [--segmenter-version V] [--json F]
+  [--write-card]``
+
+Each subcommand sets ``func(args) -> int`` (exit code: 0 ok, 1 failed, 2 bad arguments). Runnable alone as
+``python -m training.cli ...`` until the node's CLI wires it in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from models.errors import ModelError
+
+
+def _err(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+
+
+def _quiet_tf() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def cmd_phantom(args: argparse.Namespace) -> int:
+    from training.phantom import PhantomError, generate_dataset
+
+    try:
+        table = generate_dataset(
+            args.out, cases=args.cases, seed=args.seed, prevalence=args.prevalence, size=args.size,
+            slices=args.slices, progress=not args.quiet,
+        )
+    except PhantomError as exc:
+        _err(str(exc))
+        return 2 if "must" in str(exc) or "expected" in str(exc) else 1
+    print(f"wrote {len(table)} phantom series ({int(table.label.sum())} pneumonia) to {args.out}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    _quiet_tf()
+    from training import train
+
+    common: dict[str, Any] = {"val_data": args.val_data, "version": args.version, "progress": not args.quiet,
+                              "limit": args.limit}
+    try:
+        if args.model == "classifier":
+            s = train.ClassifierSettings(**{k: v for k, v in (("epochs", args.epochs), ("seed", args.seed)) if v is not None})
+            card = train.train_classifier(Path(args.data), Path(args.out), settings=s, **common)
+        else:
+            g = train.SegmenterSettings(**{k: v for k, v in (("epochs", args.epochs), ("seed", args.seed),
+                                                              ("steps_per_epoch", args.steps)) if v is not None})
+            card = train.train_segmenter(Path(args.data), Path(args.out), settings=g, **common)
+    except (train.TrainingError, ModelError) as exc:
+        _err(str(exc))
+        return 1
+    t = card["training"]
+    print(f"wrote {card['name']} {card['version']} to {args.out} "
+          f"(load {t['load_seconds']:.0f} s, training {t['train_seconds']:.0f} s, best epoch {t['best_epoch']})")
+    if card["metrics"].get("validation"):
+        v = {k: v for k, v in card["metrics"]["validation"].items() if isinstance(v, float)}
+        print("validation: " + ", ".join(f"{k} {x:.3f}" for k, x in v.items()))
+    return 0
+
+
+def cmd_model_eval(args: argparse.Namespace) -> int:
+    _quiet_tf()
+    from models.registry import Registry
+    from training.evaluate import evaluate, format_table, record_in_cards
+    from training.train import TrainingError
+
+    reg = Registry(Path(args.weights_dir) if args.weights_dir else None)
+    try:
+        res = evaluate(Path(args.data), reg, classifier_version=args.classifier_version,
+                       segmenter_version=args.segmenter_version, limit=args.limit, progress=not args.quiet)
+    except (TrainingError, ModelError) as exc:
+        _err(str(exc))
+        return 1
+    print(format_table(res))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1, default=float) + "\n")
+    if args.write_card:
+        command = "pacsnode model-eval " + " ".join(sys.argv[2:] if len(sys.argv) > 2 else [])
+        for p in record_in_cards(res, reg, command.strip()):
+            print(f"recorded test metrics in {p}")
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add ``phantom``, ``train`` and ``model-eval`` to an argparse subparsers object."""
+    p = subparsers.add_parser("phantom", help="write synthetic chest-CT phantom series (DICOM + masks + clinical.csv)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--cases", type=int, required=True, help="number of series")
+    p.add_argument("--seed", type=int, required=True, help="seed (same seed, same bytes)")
+    p.add_argument("--prevalence", type=float, default=0.5, help="share of pneumonia cases (default 0.5)")
+    p.add_argument("--size", default="256-512", help="matrix size N or MIN-MAX (default 256-512)")
+    p.add_argument("--slices", default="40-160", help="slices per series N or MIN-MAX (default 40-160)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_phantom)
+
+    t = subparsers.add_parser("train", help="train the classifier or the U-Net on a phantom dataset")
+    t.add_argument("model", choices=("classifier", "segmenter"))
+    t.add_argument("--data", required=True, help="training dataset (from the phantom command)")
+    t.add_argument("--val-data", help="validation dataset (best epoch, threshold, validation metrics)")
+    t.add_argument("--out", required=True, help="output folder (model.keras, model_card.json, curves.png)")
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--steps", type=int, help="segmenter: steps per epoch")
+    t.add_argument("--version", default="0.0.0-dev", help="version recorded in the model card")
+    t.add_argument("--limit", type=int, help="use only the first N training cases")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.set_defaults(func=cmd_train)
+
+    e = subparsers.add_parser("model-eval", help="ROC AUC and Dice of the shipped models on a phantom dataset")
+    e.add_argument("--data", required=True, help="phantom dataset (use a seed never used in training)")
+    e.add_argument("--weights-dir", help="weights folder (default: the shipped weights)")
+    e.add_argument("--classifier-version")
+    e.add_argument("--segmenter-version")
+    e.add_argument("--limit", type=int, help="only the first N cases")
+    e.add_argument("--json", help="also write all metrics and per-case rows as JSON")
+    e.add_argument("--write-card", action="store_true", help="record the test metrics in both model cards")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=cmd_model_eval)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.cli", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    register(sub)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

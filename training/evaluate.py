@@ -1,0 +1,220 @@
+"""Evaluation of the registry's models on a phantom dataset, through the node's path (load_series → predict).
+
+``evaluate(data, registry)`` returns classifier metrics (ROC AUC with a bootstrap 95 % CI, sensitivity and
+specificity at the card's threshold with Wilson CIs, the simulated reader's for comparison, how often the
+top-attention slice holds lesion) and segmenter metrics on the source grid (per-case lung Dice, per-case lesion
+Dice over pneumonia cases, pooled lesion Dice, false-positive lesion volume in normal cases), plus timings.
+``format_table`` renders them; ``record_in_cards`` stores them under ``metrics.test`` of both model cards.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.preprocess import PreprocessError, dice, load_series
+from models.registry import CARD_FILE, CLASSIFIER, SEGMENTER, Registry
+from training.phantom import load_masks
+from training.train import TrainingError, describe_data, read_table, series_files
+
+
+def bootstrap_ci(values: Any, stat: Callable[..., float], *, n: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """Percentile 95 % CI of ``stat`` over case-level resamples of ``values`` (arrays sharing axis 0)."""
+    rng = np.random.default_rng(seed)
+    arrays = values if isinstance(values, tuple) else (values,)
+    m = len(arrays[0])
+    out = []
+    for _ in range(n):
+        idx = rng.integers(0, m, m)
+        v = stat(*(a[idx] for a in arrays))
+        if np.isfinite(v):
+            out.append(v)
+    if not out:
+        return float("nan"), float("nan")
+    lo, hi = np.percentile(out, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def wilson(k: int, n: int) -> tuple[float, float]:
+    """Wilson 95 % interval of a proportion k/n."""
+    if n == 0:
+        return float("nan"), float("nan")
+    z = 1.96
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def _auc(y: np.ndarray, p: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan")
+
+
+def evaluate(
+    data: Path,
+    registry: Registry | None = None,
+    *,
+    classifier_version: str | None = None,
+    segmenter_version: str | None = None,
+    limit: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run both models on every case of a phantom dataset and compute the metrics (see module docstring)."""
+    from tqdm import tqdm
+
+    reg = registry or Registry()
+    clf = reg.classifier(classifier_version)
+    seg = reg.segmenter(segmenter_version)
+    table = read_table(data)
+    if limit is not None:
+        table = table.iloc[:limit]
+    rows = []
+    for row in tqdm(table.itertuples(), total=len(table), desc="evaluate", disable=not progress):
+        t0 = time.perf_counter()
+        try:
+            vol = load_series(series_files(data, str(row.dicom_dir)))
+        except PreprocessError as exc:
+            raise TrainingError(f"case {row.case_id}: {exc}") from exc
+        t1 = time.perf_counter()
+        c = clf.predict(vol, age=vol.patient_age, sex=vol.patient_sex)
+        t2 = time.perf_counter()
+        s = seg.predict(vol)
+        t3 = time.perf_counter()
+        m = load_masks(Path(data) / str(row.masks))
+        les_per_slice = m["lesion"].sum(axis=(1, 2))
+        voxel_ml = float(np.prod(vol.spacing)) / 1000.0
+        rows.append(
+            {
+                "case_id": row.case_id,
+                "label": int(row.label),
+                "reader": int(getattr(row, "reader_label", -1)),
+                "subtle": int(getattr(row, "subtle", 0)),
+                "probability": c.probability,
+                "attention_hit": bool(les_per_slice[int(np.argmax(c.attention))] > 0) if les_per_slice.any() else None,
+                "lung_dice": dice(s.lungs, m["lungs"]),
+                "lesion_dice": dice(s.lesion, m["lesion"]) if m["lesion"].any() else None,
+                "lesion_tp": int(np.logical_and(s.lesion, m["lesion"]).sum()),
+                "lesion_pred": int(s.lesion.sum()),
+                "lesion_true": int(m["lesion"].sum()),
+                "fp_lesion_ml": float(s.lesion.sum()) * voxel_ml if not m["lesion"].any() else None,
+                "slices": vol.shape[0],
+                "rows": vol.shape[1],
+                "load_s": t1 - t0,
+                "classifier_s": t2 - t1,
+                "segmenter_s": t3 - t2,
+            }
+        )
+    return summarise(rows, clf.threshold, data, {CLASSIFIER: clf.version, SEGMENTER: seg.version})
+
+
+def summarise(rows: list[dict[str, Any]], threshold: float, data: Path, versions: dict[str, str]) -> dict[str, Any]:
+    y = np.array([r["label"] for r in rows])
+    p = np.array([r["probability"] for r in rows])
+    reader = np.array([r["reader"] for r in rows])
+    pred = p >= threshold
+    pos, neg = y == 1, y == 0
+    tp, tn = int((pred & pos).sum()), int((~pred & neg).sum())
+    r_tp, r_tn = int(((reader == 1) & pos).sum()), int(((reader == 0) & neg).sum())
+    subtle = np.array([r["subtle"] for r in rows]) == 1
+    lung = np.array([r["lung_dice"] for r in rows])
+    les = np.array([r["lesion_dice"] for r in rows if r["lesion_dice"] is not None])
+    fp_ml = np.array([r["fp_lesion_ml"] for r in rows if r["fp_lesion_ml"] is not None])
+    hits = [r["attention_hit"] for r in rows if r["attention_hit"] is not None]
+    tp_sum = sum(r["lesion_tp"] for r in rows)
+    pooled = 2 * tp_sum / max(1, sum(r["lesion_pred"] + r["lesion_true"] for r in rows))
+    slices = sum(r["slices"] for r in rows)
+    sub_mask = subtle | neg
+    return {
+        "dataset": describe_data(data),
+        "versions": versions,
+        "cases": len(rows),
+        "classifier": {
+            "roc_auc": _auc(y, p),
+            "roc_auc_ci95": bootstrap_ci((y, p), _auc),
+            "threshold": threshold,
+            "sensitivity": tp / max(1, int(pos.sum())),
+            "sensitivity_ci95": wilson(tp, int(pos.sum())),
+            "specificity": tn / max(1, int(neg.sum())),
+            "specificity_ci95": wilson(tn, int(neg.sum())),
+            "roc_auc_subtle_vs_normal": _auc(y[sub_mask], p[sub_mask]) if subtle.any() else None,
+            "subtle_cases": int(subtle.sum()),
+            "reader_sensitivity": r_tp / max(1, int(pos.sum())),
+            "reader_specificity": r_tn / max(1, int(neg.sum())),
+            "attention_top_slice_has_lesion": float(np.mean(hits)) if hits else None,
+        },
+        "segmenter": {
+            "lung_dice_mean": float(lung.mean()),
+            "lung_dice_ci95": bootstrap_ci(lung, np.mean),
+            "lesion_dice_mean": float(les.mean()) if len(les) else None,
+            "lesion_dice_ci95": bootstrap_ci(les, np.mean) if len(les) else None,
+            "lesion_dice_median": float(np.median(les)) if len(les) else None,
+            "lesion_dice_pooled": pooled,
+            "false_positive_lesion_ml_in_normals_mean": float(fp_ml.mean()) if len(fp_ml) else None,
+            "grid": "source grid (masks resampled back from the model grid)",
+        },
+        "timing": {
+            "load_s_per_case": float(np.mean([r["load_s"] for r in rows])),
+            "classifier_slices_per_s": slices / max(1e-9, sum(r["classifier_s"] for r in rows)),
+            "segmenter_slices_per_s": slices / max(1e-9, sum(r["segmenter_s"] for r in rows)),
+        },
+        "per_case": rows,
+    }
+
+
+def _ci(ci: Any) -> str:
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+
+
+def format_table(res: dict[str, Any]) -> str:
+    """A plain-text table of the headline metrics."""
+    c, s, t, d = res["classifier"], res["segmenter"], res["timing"], res["dataset"]
+    lines = [
+        f"dataset {d['path']} (seed {d['seed']}, {res['cases']} cases, {d['pneumonia_cases']} pneumonia, "
+        f"{d['rows_range'][0]}-{d['rows_range'][1]} px, {d['slices_range'][0]}-{d['slices_range'][1]} slices)",
+        f"classifier {res['versions'][CLASSIFIER]}, segmenter {res['versions'][SEGMENTER]}",
+        "",
+        f"{'metric':<44}{'value':>8}  95% CI",
+        f"{'-' * 44}{'-' * 8}  {'-' * 16}",
+    ]
+
+    def add(name: str, value: Any, ci: Any = None) -> None:
+        v = "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+        lines.append(f"{name:<44}{v:>8}  {_ci(ci)}")
+
+    add("classifier ROC AUC", c["roc_auc"], c["roc_auc_ci95"])
+    add(f"classifier sensitivity @ {c['threshold']:.3f}", c["sensitivity"], c["sensitivity_ci95"])
+    add(f"classifier specificity @ {c['threshold']:.3f}", c["specificity"], c["specificity_ci95"])
+    add(f"classifier ROC AUC, subtle only (n={c['subtle_cases']})", c["roc_auc_subtle_vs_normal"])
+    add("simulated reader sensitivity", c["reader_sensitivity"])
+    add("simulated reader specificity", c["reader_specificity"])
+    add("top-attention slice holds lesion", c["attention_top_slice_has_lesion"])
+    add("U-Net lung Dice (mean per case)", s["lung_dice_mean"], s["lung_dice_ci95"])
+    add("U-Net lesion Dice (mean per pneumonia case)", s["lesion_dice_mean"], s["lesion_dice_ci95"])
+    add("U-Net lesion Dice (median per case)", s["lesion_dice_median"])
+    add("U-Net lesion Dice (pooled voxels)", s["lesion_dice_pooled"])
+    add("false-positive lesion ml in normals (mean)", s["false_positive_lesion_ml_in_normals_mean"])
+    add("load_series s/case", t["load_s_per_case"])
+    lines.append(f"{'classifier slices/s':<44}{t['classifier_slices_per_s']:>8.0f}")
+    lines.append(f"{'segmenter slices/s (incl. resampling)':<44}{t['segmenter_slices_per_s']:>8.0f}")
+    return "\n".join(lines)
+
+
+def record_in_cards(res: dict[str, Any], registry: Registry, command: str) -> list[Path]:
+    """Store the test metrics (not the per-case rows) under ``metrics.test`` of the evaluated model cards."""
+    written = []
+    common = {"dataset": res["dataset"], "cases": res["cases"], "command": command, "timing": res["timing"]}
+    for kind, key in ((CLASSIFIER, "classifier"), (SEGMENTER, SEGMENTER)):
+        path = registry.folder(kind, res["versions"][kind]) / CARD_FILE
+        card = json.loads(path.read_text())
+        card.setdefault("metrics", {})["test"] = {**common, **res[key]}
+        path.write_text(json.dumps(card, indent=2) + "\n")
+        written.append(path)
+    return written

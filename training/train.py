@@ -1,0 +1,619 @@
+"""Training of the classifier and the U-Net on a phantom dataset, through the node's own preprocessing.
+
+``train_classifier(data, out, ...)`` / ``train_segmenter(data, out, ...)`` read a dataset written by
+:mod:`training.phantom` with :func:`models.preprocess.load_series` (exactly what the node runs), train with a
+tqdm bar per epoch, keep the weights of the best validation epoch, and write ``out/model.keras``,
+``out/model_card.json`` (data, settings, validation metrics, timing, intended use, sha256),
+``out/history.json`` and ``out/curves.png``. Raise :class:`TrainingError` for a missing or unusable dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from models.preprocess import (
+    PreprocessConfig,
+    PreprocessError,
+    augment,
+    load_series,
+    masks_to_grid,
+    resize_slices,
+    window,
+)
+
+NOT_FOR_CLINICAL_USE = "Not for clinical use: trained and evaluated on synthetic phantoms only."
+
+
+class TrainingError(Exception):
+    """The dataset is missing or unusable, or training could not write its outputs."""
+
+
+@dataclass
+class GridCase:
+    """One phantom case on the model grid (float16 HU; segmentation targets when asked for)."""
+
+    case_id: str
+    label: int
+    hu: np.ndarray  # (S, g, g) float16
+    slice_lesion: np.ndarray  # (S,) lesion area on the grid, in grid pixels
+    age: float | None
+    sex: str | None
+    target: np.ndarray | None = None  # (S, g, g) uint8 classes {0, 1 lung, 2 lesion}
+
+
+def read_table(data: Path) -> pd.DataFrame:
+    path = Path(data) / "clinical.csv"
+    try:
+        table = pd.read_csv(path)
+    except (OSError, ValueError) as exc:
+        raise TrainingError(f"cannot read {path}: {exc}") from exc
+    missing = {"case_id", "dicom_dir", "masks", "label"} - set(table.columns)
+    if missing:
+        raise TrainingError(f"{path} lacks columns {sorted(missing)}")
+    return table
+
+
+def series_files(data: Path, dicom_dir: str) -> list[Path]:
+    files = sorted((Path(data) / dicom_dir).glob("*.dcm"))
+    if not files:
+        raise TrainingError(f"no .dcm files in {Path(data) / dicom_dir}")
+    return files
+
+
+def load_grid_cases(
+    data: Path, grid: int, *, with_targets: bool, limit: int | None = None, progress: bool = True
+) -> list[GridCase]:
+    """Load every case of a phantom dataset through load_series and resize to the model grid."""
+    from tqdm import tqdm
+
+    from training.phantom import load_masks
+
+    table = read_table(data)
+    if limit is not None:
+        table = table.iloc[:limit]
+    cases: list[GridCase] = []
+    for row in tqdm(table.itertuples(), total=len(table), desc=f"load {Path(data).name}", disable=not progress, leave=False):
+        try:
+            vol = load_series(series_files(data, str(row.dicom_dir)))
+        except PreprocessError as exc:
+            raise TrainingError(f"case {row.case_id}: {exc}") from exc
+        masks = load_masks(Path(data) / str(row.masks))
+        if masks["lesion"].shape != vol.hu.shape:
+            raise TrainingError(f"case {row.case_id}: masks {masks['lesion'].shape} do not match the series {vol.hu.shape}")
+        lesion_frac = masks_to_grid(masks["lesion"], grid)
+        target = None
+        if with_targets:
+            from models.unet import targets_from_fractions
+
+            target = targets_from_fractions(masks_to_grid(masks["lungs"], grid), lesion_frac).astype(np.uint8)
+        cases.append(
+            GridCase(
+                case_id=str(row.case_id),
+                label=int(row.label),
+                hu=resize_slices(vol.hu, grid).astype(np.float16),
+                slice_lesion=lesion_frac.sum(axis=(1, 2)).astype(np.float32),
+                age=vol.patient_age,
+                sex=vol.patient_sex,
+                target=target,
+            )
+        )
+    if not cases:
+        raise TrainingError(f"dataset {data} has no cases")
+    return cases
+
+
+def describe_data(data: Path) -> dict[str, Any]:
+    """Summary of a phantom dataset for the model card (seed, size, prevalence, matrix and slice ranges)."""
+    table = read_table(data)
+    first = json.loads((Path(data) / str(table.case_id.iloc[0]) / "case.json").read_text())
+    return {
+        "path": str(data),
+        "generator": "training.phantom",
+        "generator_version": first.get("generator_version"),
+        "seed": first.get("seed"),
+        "cases": int(len(table)),
+        "pneumonia_cases": int(table.label.sum()),
+        "rows_range": [int(table.rows.min()), int(table.rows.max())] if "rows" in table else None,
+        "slices_range": [int(table.slices.min()), int(table.slices.max())] if "slices" in table else None,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shared helpers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _auc(y: Sequence[int], p: Sequence[float]) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, p)) if len(set(y)) == 2 else float("nan")
+
+
+def youden_threshold(y: Sequence[int], p: Sequence[float]) -> float:
+    """The threshold maximising sensitivity + specificity on (y, p)."""
+    from sklearn.metrics import roc_curve
+
+    if len(set(y)) < 2:
+        return 0.5
+    fpr, tpr, thr = roc_curve(y, p)
+    best = int(np.argmax(tpr - fpr))
+    return float(np.clip(thr[best], 1e-4, 1.0 - 1e-4))
+
+
+def plot_curves(history: dict[str, list[float]], path: Path, title: str) -> None:
+    """Loss and accuracy/metric curves per epoch as a PNG (matplotlib Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    epochs = range(1, len(history.get("loss", [])) + 1)
+    for key in history:
+        ax = axes[0] if "loss" in key else axes[1]
+        ax.plot(list(epochs)[: len(history[key])], history[key], marker="o", label=key)
+    axes[0].set_title(f"{title}: loss")
+    axes[1].set_title(f"{title}: accuracy / AUC / Dice")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def write_model(model: Any, out: Path, card: dict[str, Any]) -> None:
+    """Save model.keras and model_card.json (with the weights' sha256) into ``out``."""
+    from models.registry import CARD_FILE, MODEL_FILE, sha256_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        model.save(out / MODEL_FILE)
+    except (OSError, ValueError) as exc:
+        raise TrainingError(f"cannot save the model to {out}: {exc}") from exc
+    card["files"] = {MODEL_FILE: {"sha256": sha256_file(out / MODEL_FILE), "bytes": (out / MODEL_FILE).stat().st_size}}
+    (out / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+
+
+def _environment() -> dict[str, Any]:
+    import keras
+    import tensorflow as tf
+
+    return {
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "device": "CPU",
+    }
+
+
+def _epoch_bar(total: int, epoch: int, epochs: int, progress: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=f"epoch {epoch}/{epochs}", unit="step", disable=not progress, leave=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Classifier
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClassifierSettings:
+    epochs: int = 12
+    seed: int = 0
+    grid: int = 128
+    max_slices: int = 48
+    series_per_step: int = 2
+    learning_rate: float = 1e-3
+    slice_loss_weight: float = 0.5
+    loss: str = "weighted_bce"  # or "focal"
+    min_lesion_px: float = 2.0  # a slice is "lesion" when the lesion covers this many grid pixels
+    clinical_dropout: float = 0.3
+    widths: tuple[int, ...] = (16, 32, 48, 64)
+    features: int = 64
+
+
+def _classifier_batches(
+    cases: list[GridCase], s: ClassifierSettings, cfg: PreprocessConfig, rng: np.random.Generator
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """Augmented training batches: (slices (B,K,g,g,C), clinical (B,4), label (B,), slice labels (B,K))."""
+    from models.classifier import clinical_vector
+
+    order = rng.permutation(len(cases))
+    for a in range(0, len(order) - s.series_per_step + 1, s.series_per_step):
+        batch = [cases[i] for i in order[a : a + s.series_per_step]]
+        # Thicker slices now and then: every second slice.
+        strides = [2 if (len(c.hu) >= 2 * 24 and rng.random() < 0.3) else 1 for c in batch]
+        k = min(s.max_slices, *[len(c.hu[::st]) for c, st in zip(batch, strides, strict=True)])
+        xs, clin, ys, sl = [], [], [], []
+        for c, st in zip(batch, strides, strict=True):
+            hu, les = c.hu[::st].astype(np.float32), c.slice_lesion[::st]
+            start = int(rng.integers(0, len(hu) - k + 1))
+            hu, les = hu[start : start + k], les[start : start + k]
+            hu, _ = augment(hu, rng)
+            xs.append(window(hu, cfg))
+            slice_y = (les >= s.min_lesion_px).astype(np.float32) * c.label
+            sl.append(slice_y)
+            ys.append(float(slice_y.max()))
+            drop = rng.random() < s.clinical_dropout
+            clin.append(clinical_vector(None if drop else c.age, None if drop else c.sex))
+        yield np.stack(xs), np.stack(clin), np.array(ys, np.float32), np.stack(sl)
+
+
+def predict_classifier(model: Any, cases: list[GridCase], cfg: PreprocessConfig) -> np.ndarray:
+    """P(pneumonia) of whole series (no augmentation), the node's way (one series per call)."""
+    import tensorflow as tf
+
+    from models.classifier import clinical_vector
+
+    fn = tf.function(
+        lambda x, c: model({"slices": x, "clinical": c}, training=False)["probability"],
+        input_signature=[
+            tf.TensorSpec((1, None, cfg.grid, cfg.grid, cfg.channels), tf.float32),
+            tf.TensorSpec((1, 4), tf.float32),
+        ],
+    )
+    out = []
+    for c in cases:
+        x = window(c.hu.astype(np.float32), cfg)[None]
+        out.append(float(np.asarray(fn(x, clinical_vector(c.age, c.sex)[None])).reshape(-1)[0]))
+    return np.array(out)
+
+
+def train_classifier(
+    data: Path,
+    out: Path,
+    *,
+    val_data: Path | None = None,
+    settings: ClassifierSettings | None = None,
+    version: str = "0.0.0-dev",
+    progress: bool = True,
+    limit: int | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train the series classifier; returns the model card (also written to ``out``)."""
+    import keras
+    import tensorflow as tf
+
+    from models.classifier import build_classifier, focal_bce
+
+    s = settings or ClassifierSettings()
+    t0 = time.perf_counter()
+    keras.utils.set_random_seed(s.seed)
+    rng = np.random.default_rng(s.seed)
+    cfg = PreprocessConfig(grid=s.grid)
+    train = load_grid_cases(data, s.grid, with_targets=False, limit=limit, progress=progress)
+    val = load_grid_cases(val_data, s.grid, with_targets=False, progress=progress) if val_data else []
+    t_loaded = time.perf_counter()
+    log(f"loaded {len(train)} training and {len(val)} validation cases in {t_loaded - t0:.0f} s")
+
+    model = build_classifier(grid=s.grid, channels=cfg.channels, widths=s.widths, features=s.features)
+    steps = max(1, len(train) // s.series_per_step)
+    schedule = keras.optimizers.schedules.CosineDecay(s.learning_rate, decay_steps=max(1, steps * s.epochs), alpha=0.05)
+    opt = keras.optimizers.Adam(schedule)
+    # Class weight from the share of positive windows the sampler produces (close to the case prevalence).
+    pos_rate = float(np.mean([c.label for c in train])) if train else 0.5
+    pos_rate = float(np.clip(pos_rate, 0.05, 0.95))
+    w_pos, w_neg = 0.5 / pos_rate, 0.5 / (1.0 - pos_rate)
+
+    def losses(x: Any, clin: Any, y: Any, sl: Any, training: bool) -> tuple[Any, Any, Any]:
+        out_ = model({"slices": x, "clinical": clin}, training=training)
+        p = tf.reshape(out_["probability"], (-1,))
+        if s.loss == "focal":
+            series = focal_bce(y, p, gamma=2.0, alpha=1.0 - pos_rate)
+        else:
+            pc = tf.clip_by_value(p, 1e-6, 1 - 1e-6)
+            series = tf.reduce_mean(-(w_pos * y * tf.math.log(pc) + w_neg * (1 - y) * tf.math.log(1 - pc)))
+        slice_l = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=sl, logits=out_["slice_logit"]))
+        return series + s.slice_loss_weight * slice_l, series, p
+
+    @tf.function(reduce_retracing=True)
+    def train_step(x: Any, clin: Any, y: Any, sl: Any) -> tuple[Any, Any]:
+        with tf.GradientTape() as tape:
+            total, _, p = losses(x, clin, y, sl, True)
+        grads = tape.gradient(total, model.trainable_variables)
+        opt.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+        return total, p
+
+    history: dict[str, list[float]] = {"loss": [], "accuracy": [], "val_loss": [], "val_accuracy": [], "val_auc": []}
+    best: tuple[float, float] = (-1.0, -math.inf)
+    best_weights = model.get_weights()
+    best_epoch = 0
+    for epoch in range(1, s.epochs + 1):
+        tot, correct, n = 0.0, 0, 0
+        with _epoch_bar(steps, epoch, s.epochs, progress) as bar:
+            for x, clin, y, sl in _classifier_batches(train, s, cfg, rng):
+                loss, p = train_step(x, clin, y, sl)
+                tot += float(loss) * len(y)
+                correct += int(np.sum((np.asarray(p) >= 0.5) == (y >= 0.5)))
+                n += len(y)
+                bar.update(1)
+                bar.set_postfix(loss=f"{tot / n:.3f}", acc=f"{correct / n:.3f}")
+        history["loss"].append(tot / max(n, 1))
+        history["accuracy"].append(correct / max(n, 1))
+        if val:
+            yv = np.array([c.label for c in val])
+            pv = predict_classifier(model, val, cfg)
+            pc = np.clip(pv, 1e-6, 1 - 1e-6)
+            history["val_loss"].append(float(np.mean(-(yv * np.log(pc) + (1 - yv) * np.log(1 - pc)))))
+            history["val_accuracy"].append(float(np.mean((pv >= 0.5) == yv)))
+            history["val_auc"].append(_auc(yv.tolist(), pv.tolist()))
+            score = (history["val_auc"][-1], -history["val_loss"][-1])
+            log(f"epoch {epoch}: loss {history['loss'][-1]:.3f} acc {history['accuracy'][-1]:.3f} "
+                f"val_loss {history['val_loss'][-1]:.3f} val_auc {history['val_auc'][-1]:.3f}")
+            if score > best:
+                best, best_weights, best_epoch = score, model.get_weights(), epoch
+        else:
+            best_weights, best_epoch = model.get_weights(), epoch
+    model.set_weights(best_weights)
+    t_trained = time.perf_counter()
+
+    threshold, val_metrics = 0.5, {}
+    if val:
+        yv = np.array([c.label for c in val])
+        pv = predict_classifier(model, val, cfg)
+        threshold = youden_threshold(yv.tolist(), pv.tolist())
+        pred = pv >= threshold
+        val_metrics = {
+            "dataset": describe_data(Path(val_data)) if val_data else None,
+            "roc_auc": _auc(yv.tolist(), pv.tolist()),
+            "sensitivity": float(pred[yv == 1].mean()) if (yv == 1).any() else None,
+            "specificity": float((~pred[yv == 0]).mean()) if (yv == 0).any() else None,
+            "threshold_rule": "Youden J on the validation set",
+        }
+    history = {k: v for k, v in history.items() if v}
+    card = {
+        "name": "pacsnode-pneumonia-classifier",
+        "version": version,
+        "kind": "classifier",
+        "task": "series-level pneumonia vs normal on chest CT, with per-slice attention",
+        "intended_use": "Demonstration and testing of the pacs-ai-node pipeline. " + NOT_FOR_CLINICAL_USE,
+        "not_for_clinical_use": True,
+        "limitations": [
+            "Trained only on synthetic phantoms from training.phantom; says nothing about real patients.",
+            "The phantoms' lesions are blobs of ground glass or consolidation; real pneumonia, other diseases, "
+            "contrast, artefacts and other anatomy are absent.",
+            "Age/sex fusion learnt from simulated correlations.",
+        ],
+        "architecture": {
+            "slice_encoder": f"CNN, widths {list(s.widths)}, stride-2 blocks, GAP+GMP, {s.features} features",
+            "pooling": "gated attention over slices (Ilse et al. 2018)",
+            "fusion": "late fusion of age/sex (missing-aware)",
+            "auxiliary": "per-slice lesion head (deep supervision from phantom masks)",
+            "parameters": int(model.count_params()),
+        },
+        "preprocessing": cfg.to_dict(),
+        "threshold": threshold,
+        "training": {
+            "data": describe_data(Path(data)),
+            "settings": {**s.__dict__, "widths": list(s.widths)},
+            "loss": "class-weighted BCE" if s.loss != "focal" else "focal loss (gamma 2)",
+            "augmentation": "left-right flip, rotation ±12°, Gaussian noise ≤25 HU, HU shift ±30, slice windows, "
+            "every-second-slice subsampling",
+            "best_epoch": best_epoch,
+            "load_seconds": round(t_loaded - t0, 1),
+            "train_seconds": round(t_trained - t_loaded, 1),
+            "environment": _environment(),
+        },
+        "metrics": {"validation": val_metrics},
+    }
+    out = Path(out)
+    write_model(model, out, card)
+    (out / "history.json").write_text(json.dumps(history, indent=1) + "\n")
+    plot_curves(history, out / "curves.png", "classifier")
+    return card
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Segmenter
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SegmenterSettings:
+    epochs: int = 14
+    seed: int = 0
+    grid: int = 128
+    base: int = 12
+    depth: int = 3
+    batch_size: int = 24
+    steps_per_epoch: int = 120
+    lesion_fraction: float = 0.5  # share of sampled slices that contain lesion
+    learning_rate: float = 2e-3
+    dice_weight: float = 1.0
+
+
+def _slice_index(cases: list[GridCase]) -> tuple[np.ndarray, np.ndarray]:
+    """(case, slice) pairs of slices with lung, split into those with and without lesion."""
+    with_les, without = [], []
+    for ci, c in enumerate(cases):
+        assert c.target is not None
+        lung_px = (c.target > 0).sum(axis=(1, 2))
+        les_px = (c.target == 2).sum(axis=(1, 2))
+        for k in range(len(c.target)):
+            if les_px[k] > 0:
+                with_les.append((ci, k))
+            elif lung_px[k] > 0 or k % 4 == 0:  # a few lung-free slices so the net learns "nothing here"
+                without.append((ci, k))
+    return np.array(with_les, dtype=np.int64).reshape(-1, 2), np.array(without, dtype=np.int64).reshape(-1, 2)
+
+
+def _seg_batch(
+    cases: list[GridCase], picks: np.ndarray, cfg: PreprocessConfig, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    xs, ys = [], []
+    for ci, k in picks:
+        c = cases[int(ci)]
+        assert c.target is not None
+        hu, (t,) = augment(c.hu[k : k + 1].astype(np.float32), rng, [c.target[k : k + 1]])
+        xs.append(window(hu[0], cfg))
+        ys.append(t[0])
+    return np.stack(xs), np.stack(ys).astype(np.int32)
+
+
+def predict_segmenter_grid(model: Any, cases: list[GridCase], cfg: PreprocessConfig, batch: int = 32) -> list[np.ndarray]:
+    """Softmax maps on the grid for each case (no augmentation)."""
+    import tensorflow as tf
+
+    fn = tf.function(lambda x: model(x, training=False),
+                     input_signature=[tf.TensorSpec((None, cfg.grid, cfg.grid, cfg.channels), tf.float32)])
+    outs = []
+    for c in cases:
+        x = window(c.hu.astype(np.float32), cfg)
+        outs.append(np.concatenate([np.asarray(fn(x[a : a + batch])) for a in range(0, len(x), batch)]))
+    return outs
+
+
+def grid_dice(cases: list[GridCase], probs: list[np.ndarray]) -> dict[str, float]:
+    """Mean per-case lung Dice, mean lesion Dice over cases with lesion, on the model grid."""
+    from models.preprocess import dice
+
+    lung, les = [], []
+    for c, p in zip(cases, probs, strict=True):
+        assert c.target is not None
+        cls = p.argmax(-1)
+        lung.append(dice(cls > 0, c.target > 0))
+        if (c.target == 2).any():
+            les.append(dice(cls == 2, c.target == 2))
+    return {"lung_dice": float(np.mean(lung)), "lesion_dice": float(np.mean(les)) if les else float("nan")}
+
+
+def train_segmenter(
+    data: Path,
+    out: Path,
+    *,
+    val_data: Path | None = None,
+    settings: SegmenterSettings | None = None,
+    version: str = "0.0.0-dev",
+    progress: bool = True,
+    limit: int | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train the lung/lesion U-Net; returns the model card (also written to ``out``)."""
+    import keras
+    import tensorflow as tf
+
+    from models.unet import build_unet, seg_loss
+
+    s = settings or SegmenterSettings()
+    t0 = time.perf_counter()
+    keras.utils.set_random_seed(s.seed)
+    rng = np.random.default_rng(s.seed)
+    cfg = PreprocessConfig(grid=s.grid)
+    train = load_grid_cases(data, s.grid, with_targets=True, limit=limit, progress=progress)
+    val = load_grid_cases(val_data, s.grid, with_targets=True, progress=progress) if val_data else []
+    t_loaded = time.perf_counter()
+    log(f"loaded {len(train)} training and {len(val)} validation cases in {t_loaded - t0:.0f} s")
+    with_les, without = _slice_index(train)
+    if len(with_les) + len(without) == 0:
+        raise TrainingError(f"dataset {data} has no slices with lung")
+
+    model = build_unet(grid=s.grid, channels=cfg.channels, base=s.base, depth=s.depth)
+    schedule = keras.optimizers.schedules.CosineDecay(
+        s.learning_rate, decay_steps=max(1, s.steps_per_epoch * s.epochs), alpha=0.05
+    )
+    opt = keras.optimizers.Adam(schedule)
+
+    @tf.function(reduce_retracing=True)
+    def train_step(x: Any, y: Any) -> tuple[Any, Any]:
+        with tf.GradientTape() as tape:
+            probs = model(x, training=True)
+            loss = seg_loss(y, probs, dice_weight=s.dice_weight)
+        grads = tape.gradient(loss, model.trainable_variables)
+        opt.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+        acc = tf.reduce_mean(tf.cast(tf.equal(tf.argmax(probs, -1, output_type=tf.int32), y), tf.float32))
+        return loss, acc
+
+    history: dict[str, list[float]] = {"loss": [], "pixel_accuracy": [], "val_lung_dice": [], "val_lesion_dice": []}
+    best_score, best_weights, best_epoch = -1.0, model.get_weights(), 0
+    n_les = int(round(s.batch_size * s.lesion_fraction)) if len(with_les) else 0
+    for epoch in range(1, s.epochs + 1):
+        tot, acc_sum = 0.0, 0.0
+        with _epoch_bar(s.steps_per_epoch, epoch, s.epochs, progress) as bar:
+            for step in range(s.steps_per_epoch):
+                picks = []
+                if n_les:
+                    picks.append(with_les[rng.integers(0, len(with_les), n_les)])
+                if len(without):
+                    picks.append(without[rng.integers(0, len(without), s.batch_size - n_les)])
+                x, y = _seg_batch(train, np.concatenate(picks), cfg, rng)
+                loss, acc = train_step(x, y)
+                tot += float(loss)
+                acc_sum += float(acc)
+                bar.update(1)
+                bar.set_postfix(loss=f"{tot / (step + 1):.3f}", acc=f"{acc_sum / (step + 1):.3f}")
+        history["loss"].append(tot / s.steps_per_epoch)
+        history["pixel_accuracy"].append(acc_sum / s.steps_per_epoch)
+        if val:
+            d = grid_dice(val, predict_segmenter_grid(model, val, cfg))
+            history["val_lung_dice"].append(d["lung_dice"])
+            history["val_lesion_dice"].append(d["lesion_dice"])
+            log(f"epoch {epoch}: loss {history['loss'][-1]:.3f} val lung Dice {d['lung_dice']:.3f} "
+                f"val lesion Dice {d['lesion_dice']:.3f}")
+            score = d["lung_dice"] + d["lesion_dice"]
+            if score > best_score:
+                best_score, best_weights, best_epoch = score, model.get_weights(), epoch
+        else:
+            best_weights, best_epoch = model.get_weights(), epoch
+    model.set_weights(best_weights)
+    t_trained = time.perf_counter()
+    val_metrics: dict[str, Any] = {}
+    if val:
+        val_metrics = {
+            "dataset": describe_data(Path(val_data)) if val_data else None,
+            **grid_dice(val, predict_segmenter_grid(model, val, cfg)),
+            "grid": "model grid (the test metrics in 'test' are on the source grid)",
+        }
+    history = {k: v for k, v in history.items() if v}
+    card = {
+        "name": "pacsnode-lung-lesion-unet",
+        "version": version,
+        "kind": "segmenter",
+        "task": "slice-wise segmentation of lungs and pneumonia lesions on chest CT",
+        "intended_use": "Demonstration and testing of the pacs-ai-node pipeline. " + NOT_FOR_CLINICAL_USE,
+        "not_for_clinical_use": True,
+        "limitations": [
+            "Trained only on synthetic phantoms from training.phantom; says nothing about real patients.",
+            f"Runs on a {s.grid}² grid; masks are resampled to the source grid, so lesions of a few source "
+            "pixels are lost.",
+        ],
+        "architecture": {
+            "type": "2-D U-Net",
+            "base_filters": s.base,
+            "depth": s.depth,
+            "classes": ["background", "lung", "lesion"],
+            "parameters": int(model.count_params()),
+        },
+        "preprocessing": cfg.to_dict(),
+        "training": {
+            "data": describe_data(Path(data)),
+            "settings": s.__dict__,
+            "loss": "pixel cross-entropy + soft Dice (lungs, lesion)",
+            "augmentation": "left-right flip, rotation ±12°, Gaussian noise ≤25 HU, HU shift ±30; "
+            f"{int(s.lesion_fraction * 100)} % of sampled slices contain lesion",
+            "best_epoch": best_epoch,
+            "load_seconds": round(t_loaded - t0, 1),
+            "train_seconds": round(t_trained - t_loaded, 1),
+            "environment": _environment(),
+        },
+        "metrics": {"validation": val_metrics},
+    }
+    out = Path(out)
+    write_model(model, out, card)
+    (out / "history.json").write_text(json.dumps(history, indent=1) + "\n")
+    plot_curves(history, out / "curves.png", "segmenter")
+    return card
