@@ -69,6 +69,57 @@ class CompletionSection(_Frozen):
     sweep_seconds: Annotated[float, Field(gt=0, le=3600)] = 1.0
 
 
+class Priority(StrEnum):
+    STAT = "stat"
+    ROUTINE = "routine"
+
+
+class PriorityRule(_Frozen):
+    """A series matches when every given condition holds: the calling AE, and/or a header keyword's value."""
+
+    priority: Priority = Priority.STAT
+    calling_ae: AETitle | None = None
+    keyword: str | None = None
+    equals: str | None = None
+
+    @model_validator(mode="after")
+    def _has_condition(self) -> PriorityRule:
+        if self.calling_ae is None and self.keyword is None:
+            raise ValueError("a priority rule needs calling_ae and/or keyword")
+        if (self.keyword is None) != (self.equals is None):
+            raise ValueError("keyword and equals go together")
+        if self.keyword is not None:
+            from pydicom.datadict import tag_for_keyword
+
+            if tag_for_keyword(self.keyword) is None:
+                raise ValueError(f"{self.keyword!r} is not a DICOM keyword")
+        return self
+
+
+class QueueSection(_Frozen):
+    lease_seconds: Annotated[float, Field(gt=0, le=86400)] = 300.0
+    heartbeat_seconds: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    max_attempts: Annotated[int, Field(ge=1, le=100)] = 3
+    retry_delay_seconds: Annotated[float, Field(ge=0, le=86400)] = 10.0
+    priority_rules: tuple[PriorityRule, ...] = ()
+
+
+class WorkerSection(_Frozen):
+    enabled: bool = True
+    classifier_version: str | None = None  # None: the newest shipped version
+    segmenter_version: str | None = None
+    min_slices: Annotated[int, Field(ge=1)] = 16
+    spacing_tolerance_mm: Annotated[float, Field(gt=0)] = 0.05
+
+
+class DispatchSection(_Frozen):
+    initial_backoff_seconds: Annotated[float, Field(gt=0, le=3600)] = 2.0
+    max_backoff_seconds: Annotated[float, Field(gt=0, le=86400)] = 300.0
+    give_up_after_seconds: Annotated[float, Field(gt=0)] = 86400.0
+    poll_seconds: Annotated[float, Field(gt=0, le=60)] = 0.5
+    timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 30.0
+
+
 class DatabaseSection(_Frozen):
     url: str = ""  # empty: SQLite under data_dir
 
@@ -102,6 +153,9 @@ class NodeConfig(_Frozen):
     node: NodeSection = NodeSection()
     completion: CompletionSection = CompletionSection()
     database: DatabaseSection = DatabaseSection()
+    queue: QueueSection = QueueSection()
+    worker: WorkerSection = WorkerSection()
+    dispatch: DispatchSection = DispatchSection()
     destinations: tuple[Destination, ...] = ()
     source: str | None = Field(default=None, exclude=True)
 

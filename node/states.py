@@ -15,3 +15,18 @@ class AssociationState(StrEnum):
     OPEN = "open"
     RELEASED = "released"
     ABORTED = "aborted"
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"        # waiting to be claimed (or to be retried after a failure)
+    RUNNING = "running"      # claimed by a worker holding a lease
+    DONE = "done"            # results built and handed to dispatch
+    SKIPPED = "skipped"      # the validity gate refused the series; a "not processed" SR was made
+    DEAD = "dead"            # failed max_attempts times; error kept
+
+
+class DeliveryState(StrEnum):
+    PENDING = "pending"      # due at next_attempt_at
+    SENDING = "sending"      # a sender is working on it
+    DELIVERED = "delivered"
+    DEAD = "dead"            # gave up after give_up_after_seconds; replay with `pacsnode retry`
