@@ -22,6 +22,7 @@ import enum
 import io
 import json
 import math
+import uuid
 import zipfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -31,7 +32,7 @@ import numpy as np
 import pandas as pd
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from scipy import ndimage
 
 NOT_FOR_CLINICAL_USE = "SYNTHETIC PHANTOM - NOT FOR CLINICAL USE"
@@ -630,7 +631,9 @@ def render_case(spec: CaseSpec, seed: int) -> CaseResult:
 
 
 def _uid(seed: int, *parts: object) -> str:
-    return str(generate_uid(prefix=None, entropy_srcs=["pacs-ai-node-phantom", str(seed), *map(str, parts)]))
+    """A 2.25 UID from a name-based (SHA-1, version 5) UUID of the seed and ``parts``: same inputs, same UID."""
+    name = "/".join(["pacs-ai-node-phantom", str(seed), *map(str, parts)])
+    return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, name).int}"
 
 
 def _ds_value(x: float) -> str:
