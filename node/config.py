@@ -67,6 +67,14 @@ class NodeSection(_Frozen):
 class CompletionSection(_Frozen):
     stable_seconds: Annotated[float, Field(gt=0, le=86400)] = 30.0
     sweep_seconds: Annotated[float, Field(gt=0, le=3600)] = 1.0
+    early: bool = True  # complete before the quiet timer when the series shows it is whole
+    release_grace_seconds: Annotated[float, Field(ge=0, le=600)] = 1.0
+
+
+class GateSection(_Frozen):
+    modalities: tuple[str, ...] = ("CT",)
+    min_slices: Annotated[int, Field(ge=2)] = 16
+    spacing_tolerance_mm: Annotated[float, Field(gt=0)] = 0.05
 
 
 class Priority(StrEnum):
@@ -108,8 +116,6 @@ class WorkerSection(_Frozen):
     enabled: bool = True
     classifier_version: str | None = None  # None: the newest shipped version
     segmenter_version: str | None = None
-    min_slices: Annotated[int, Field(ge=1)] = 16
-    spacing_tolerance_mm: Annotated[float, Field(gt=0)] = 0.05
 
 
 class DispatchSection(_Frozen):
@@ -152,6 +158,7 @@ class Destination(_Frozen):
 class NodeConfig(_Frozen):
     node: NodeSection = NodeSection()
     completion: CompletionSection = CompletionSection()
+    gate: GateSection = GateSection()
     database: DatabaseSection = DatabaseSection()
     queue: QueueSection = QueueSection()
     worker: WorkerSection = WorkerSection()

@@ -1,0 +1,220 @@
+"""Completion: decide, in the database, when a series is whole, and queue its inference job.
+
+`decide(...)` is the pure rule. A series is complete when
+  * its expected count is known (ImagesInAcquisition) and reached;
+  * or it is one multi-frame instance (all frames arrive together);
+  * or its slice positions form an evenly spaced stack, every association that sent it is closed, the last one
+    was released normally after sending ≥ 2 of its instances, and ``release_grace_seconds`` have passed
+    (a sender that opens one association per image never completes early: it waits for the timer);
+  * or nothing arrived for ``stable_seconds`` (the quiet timer; the validity gate judges what came).
+`CompletionSweeper.sweep()` applies it to every receiving/re-opened series and, in one transaction per series,
+marks it complete, bumps its result version and queues a job with its priority. State lives only in the
+database, so a restarted node re-times series from their last_received_at. An apscheduler job runs the sweep
+every ``sweep_seconds``; `nudge()` runs one at once (the DIMSE server calls it when an association is released).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import sqlalchemy as sa
+from apscheduler.schedulers.background import BackgroundScheduler
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from node.config import CompletionSection, NodeConfig, Priority, PriorityRule
+from node.index import associations, instances, series
+from node.logs import get_logger
+from node.queue import JobQueue
+from node.stack import analyse_stack
+from node.states import AssociationState, SeriesState
+
+
+class CompletionReason(StrEnum):
+    EXPECTED_COUNT = "expected_count"
+    MULTIFRAME = "multiframe"
+    CONTIGUOUS_RELEASED = "contiguous_released"
+    QUIET_TIMER = "quiet_timer"
+
+
+@dataclass(frozen=True)
+class Senders:
+    """What the associations that sent a series say: all closed?, the last one's state, time and share."""
+
+    all_closed: bool
+    last_state: AssociationState | None
+    last_closed_at: float | None
+    last_sent: int  # instances of this series sent by the last association
+
+
+def decide(
+    series_row: Any,
+    instance_rows: Sequence[Any],
+    senders: Senders,
+    now: float,
+    settings: CompletionSection,
+    spacing_tolerance_mm: float,
+) -> CompletionReason | None:
+    """The completion rule (see the module docstring); None means keep waiting."""
+    if settings.early:
+        expected = series_row.expected_count
+        if expected and series_row.instance_count >= expected:
+            return CompletionReason.EXPECTED_COUNT
+        if len(instance_rows) == 1 and (instance_rows[0].number_of_frames or 1) > 1:
+            return CompletionReason.MULTIFRAME
+        if (
+            senders.all_closed
+            and senders.last_state == AssociationState.RELEASED
+            and senders.last_sent >= 2
+            and senders.last_closed_at is not None
+            and now - max(senders.last_closed_at, series_row.last_received_at) >= settings.release_grace_seconds
+            and analyse_stack(instance_rows).even(spacing_tolerance_mm)
+        ):
+            return CompletionReason.CONTIGUOUS_RELEASED
+    if now - series_row.last_received_at >= settings.stable_seconds:
+        return CompletionReason.QUIET_TIMER
+    return None
+
+
+class CompletionSweeper:
+    """Applies `decide` to open series and queues jobs; ``on_complete`` is called after each commit."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        engine: Engine,
+        queue: JobQueue,
+        *,
+        clock: Callable[[], float] = time.time,
+        on_complete: Callable[[str, int], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.engine = engine
+        self.queue = queue
+        self.clock = clock
+        self.on_complete = on_complete
+        self.log = get_logger(component="completion")
+        self._scheduler: BackgroundScheduler | None = None
+
+    def apply_config(self, config: NodeConfig) -> None:
+        self.config = config
+
+    # -- scheduling ----------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._scheduler = BackgroundScheduler(timezone="UTC")
+        self._scheduler.add_job(
+            self._sweep_logged, "interval", seconds=self.config.completion.sweep_seconds, id="sweep",
+            max_instances=1, coalesce=True, next_run_time=None,
+        )
+        self._scheduler.start()
+        self.nudge()
+
+    def nudge(self) -> None:
+        """Run a sweep now (in the scheduler's thread); harmless if one is running."""
+        if self._scheduler is not None and self._scheduler.running:
+            self._scheduler.modify_job("sweep", next_run_time=_utcnow())
+
+    def stop(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=True)
+            self._scheduler = None
+
+    def _sweep_logged(self) -> None:
+        try:
+            self.sweep()
+        except SQLAlchemyError:
+            self.log.exception("completion_sweep_failed")
+
+    # -- the sweep -----------------------------------------------------------------------------------------
+    def sweep(self) -> list[tuple[str, int, CompletionReason]]:
+        """Complete every series the rule says is whole; returns (series_uid, version, reason) for each."""
+        now = self.clock()
+        done = []
+        with self.engine.connect() as conn:
+            open_series = list(
+                conn.execute(sa.select(series).where(series.c.state.in_([SeriesState.RECEIVING, SeriesState.REOPENED])))
+            )
+        for row in open_series:
+            with self.engine.connect() as conn:
+                rows = list(conn.execute(sa.select(instances).where(instances.c.series_uid == row.series_uid)))
+                senders = self._senders(conn, row, rows)
+            reason = decide(row, rows, senders, now, self.config.completion, self.config.gate.spacing_tolerance_mm)
+            if reason is None:
+                continue
+            version = self._complete(row, rows, reason)
+            if version is not None:
+                done.append((row.series_uid, version, reason))
+        return done
+
+    def _senders(self, conn: sa.Connection, row: Any, rows: Sequence[Any]) -> Senders:
+        ids = {r.association_id for r in rows if r.association_id}
+        if not ids:
+            return Senders(all_closed=False, last_state=None, last_closed_at=None, last_sent=0)
+        assocs = {a.id: a for a in conn.execute(sa.select(associations).where(associations.c.id.in_(ids)))}
+        last = assocs.get(row.last_association_id)
+        return Senders(
+            all_closed=all(a.state != AssociationState.OPEN for a in assocs.values()) and len(assocs) == len(ids),
+            last_state=AssociationState(last.state) if last is not None else None,
+            last_closed_at=last.closed_at if last is not None else None,
+            last_sent=sum(1 for r in rows if r.association_id == row.last_association_id),
+        )
+
+    def _complete(self, row: Any, rows: Sequence[Any], reason: CompletionReason) -> int | None:
+        """Mark complete + queue the job in one transaction, guarded against an instance arriving meanwhile."""
+        priority = self._priority(row, rows)
+        version = int(row.version) + 1
+        with self.engine.begin() as conn:
+            updated = conn.execute(
+                series.update()
+                .where(
+                    series.c.series_uid == row.series_uid,
+                    series.c.state == row.state,
+                    series.c.last_received_at == row.last_received_at,
+                    series.c.instance_count == row.instance_count,
+                )
+                .values(state=SeriesState.COMPLETE, version=version, state_changed_at=self.clock())
+            )
+            if updated.rowcount != 1:
+                return None  # something arrived: judge it again next sweep
+            job_id = self.queue.enqueue(conn, row.series_uid, version, priority)
+        self.log.info(
+            "series_complete", series_uid=row.series_uid, study_uid=row.study_uid, version=version,
+            reason=str(reason), instances=row.instance_count, priority=str(priority), job_id=job_id,
+            waited_seconds=round(self.clock() - row.last_received_at, 3),
+        )
+        if self.on_complete is not None:
+            self.on_complete(row.series_uid, version)
+        return version
+
+    def _priority(self, row: Any, rows: Sequence[Any]) -> Priority:
+        for rule in self.config.queue.priority_rules:
+            if _matches(rule, row, rows):
+                return rule.priority
+        return Priority.ROUTINE
+
+
+def _matches(rule: PriorityRule, row: Any, rows: Sequence[Any]) -> bool:
+    if rule.calling_ae is not None and rule.calling_ae != row.calling_ae:
+        return False
+    if rule.keyword is not None:
+        if not rows:
+            return False
+        try:
+            ds = dcmread(rows[0].path, stop_before_pixels=True, specific_tags=[rule.keyword])
+        except (InvalidDicomError, OSError, ValueError):
+            return False
+        value = ds.get(rule.keyword)
+        return value is not None and str(value).strip().upper() == str(rule.equals).strip().upper()
+    return True
+
+
+def _utcnow() -> Any:
+    import datetime as dt
+
+    return dt.datetime.now(dt.UTC)

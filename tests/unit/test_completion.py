@@ -1,0 +1,181 @@
+"""Completion: the rule (expected count, contiguous stack + released association, quiet timer) and the sweep
+that marks series complete, bumps the version and queues prioritised jobs — on a real index database."""
+
+from __future__ import annotations
+
+import pydicom
+import pytest
+
+from node.completion import CompletionReason, CompletionSweeper
+from node.config import NodeConfig, PriorityRule
+from node.db import create_engine_for, init_schema
+from node.index import Index, InstanceRecord
+from node.queue import JobQueue, jobs
+from node.states import AssociationState, SeriesState
+from tests.ctgen import write_ct_series
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def env(tmp_path):
+    engine = create_engine_for(f"sqlite:///{tmp_path / 'c.db'}")
+    init_schema(engine)
+    clock = Clock()
+    yield engine, clock
+    engine.dispose()
+
+
+def make(env, **completion) -> tuple[Index, CompletionSweeper, list]:
+    engine, clock = env
+    config = NodeConfig.model_validate(
+        {"completion": {"stable_seconds": 30, "release_grace_seconds": 1, **completion},
+         "queue": {"priority_rules": [{"calling_ae": "ER-CT"}]}}
+    )
+    index = Index(engine, clock=clock)
+    completed: list = []
+    sweeper = CompletionSweeper(config, engine, JobQueue(engine, config.queue, clock=clock), clock=clock,
+                                on_complete=lambda uid, v: completed.append((uid, v)))
+    return index, sweeper, completed
+
+
+def send(index: Index, series: str, zs, *, assoc: str = "a1", calling: str = "CT1", expected=None, path="/x"):
+    for i, z in enumerate(zs):
+        index.record_instance(InstanceRecord(
+            sop_uid=f"{series}.{i + 1}", series_uid=series, study_uid="1.2", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+            transfer_syntax_uid="1.2.840.10008.1.2.1", path=path, size=1, sha256=f"{i:064d}", modality="CT",
+            image_position=f"0\\0\\{z}", image_orientation="1\\0\\0\\0\\1\\0", frame_of_reference_uid="1.9",
+            images_in_acquisition=expected, calling_ae=calling, association_id=assoc,
+        ))
+
+
+def test_expected_count_completes_as_soon_as_reached(env):
+    index, sweeper, completed = make(env)
+    index.association_opened("a1", "CT1", "PACSNODE", "p")
+    send(index, "5.1", [0, 2.5, 5.0], expected=4)
+    assert sweeper.sweep() == []
+    send(index, "5.1", [0, 2.5, 5.0, 7.5], expected=4)
+    assert sweeper.sweep() == [("5.1", 1, CompletionReason.EXPECTED_COUNT)]
+    assert completed == [("5.1", 1)]
+    assert index.get_series("5.1").state == SeriesState.COMPLETE
+
+
+def test_contiguous_stack_completes_after_release_and_grace_not_before(env):
+    index, sweeper, _ = make(env)
+    engine, clock = env
+    index.association_opened("a1", "CT1", "PACSNODE", "p")
+    send(index, "5.2", [i * 2.5 for i in range(20)])
+    clock.now += 5
+    assert sweeper.sweep() == []  # association still open
+    index.association_closed("a1", AssociationState.RELEASED)
+    clock.now += 0.5
+    assert sweeper.sweep() == []  # within the grace period
+    clock.now += 0.6
+    assert sweeper.sweep() == [("5.2", 1, CompletionReason.CONTIGUOUS_RELEASED)]
+
+
+def test_missing_slice_waits_for_the_quiet_timer(env):
+    index, sweeper, _ = make(env)
+    engine, clock = env
+    index.association_opened("a1", "CT1", "PACSNODE", "p")
+    send(index, "5.3", [i * 2.5 for i in range(20) if i != 7])
+    index.association_closed("a1", AssociationState.RELEASED)
+    clock.now += 29
+    assert sweeper.sweep() == []
+    clock.now += 1
+    assert sweeper.sweep() == [("5.3", 1, CompletionReason.QUIET_TIMER)]
+
+
+@pytest.mark.parametrize("state", [AssociationState.ABORTED])
+def test_aborted_association_waits_for_the_timer(env, state):
+    index, sweeper, _ = make(env)
+    _, clock = env
+    index.association_opened("a1", "CT1", "PACSNODE", "p")
+    send(index, "5.4", [i * 2.5 for i in range(20)])
+    index.association_closed("a1", state)
+    clock.now += 10
+    assert sweeper.sweep() == []
+
+
+def test_one_association_per_image_never_completes_early(env):
+    index, sweeper, _ = make(env)
+    _, clock = env
+    for i in range(20):
+        index.association_opened(f"a{i}", "CT1", "PACSNODE", "p")
+        index.record_instance(InstanceRecord(
+            sop_uid=f"5.5.{i}", series_uid="5.5", study_uid="1.2", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+            transfer_syntax_uid="1.2.840.10008.1.2.1", path="/x", size=1, sha256="0" * 64, modality="CT",
+            image_position=f"0\\0\\{i * 2.5}", image_orientation="1\\0\\0\\0\\1\\0", association_id=f"a{i}",
+        ))
+        index.association_closed(f"a{i}", AssociationState.RELEASED)
+    clock.now += 10
+    assert sweeper.sweep() == []
+    clock.now += 20
+    assert [r for _, _, r in sweeper.sweep()] == [CompletionReason.QUIET_TIMER]
+
+
+def test_early_completion_can_be_switched_off(env):
+    index, sweeper, _ = make(env, early=False)
+    _, clock = env
+    index.association_opened("a1", "CT1", "PACSNODE", "p")
+    send(index, "5.6", [0, 2.5, 5.0], expected=3)
+    index.association_closed("a1", AssociationState.RELEASED)
+    clock.now += 10
+    assert sweeper.sweep() == []
+
+
+def test_reopened_series_is_completed_again_as_a_new_version(env):
+    index, sweeper, _ = make(env)
+    engine, clock = env
+    index.association_opened("a1", "CT1", "PACSNODE", "p")
+    send(index, "5.7", [0, 2.5, 5.0], expected=3)
+    assert sweeper.sweep()[0][1] == 1
+    index.association_opened("a2", "CT1", "PACSNODE", "p")
+    send(index, "5.7", [0, 2.5, 5.0, 7.5], assoc="a2", expected=4)
+    assert index.get_series("5.7").state == SeriesState.REOPENED
+    assert sweeper.sweep() == [("5.7", 2, CompletionReason.EXPECTED_COUNT)]
+    with engine.connect() as conn:
+        versions = sorted(r.version for r in conn.execute(jobs.select().where(jobs.c.series_uid == "5.7")))
+    assert versions == [1, 2]
+
+
+def test_priority_by_calling_ae_and_by_header_keyword(env, tmp_path):
+    index, sweeper, _ = make(env)
+    engine, _ = env
+    index.association_opened("a1", "ER-CT", "PACSNODE", "p")
+    send(index, "5.8", [0, 2.5], calling="ER-CT", expected=2)
+    written = write_ct_series(tmp_path / "s", slices=1, size=8)
+    ds = pydicom.dcmread(written.paths[0])
+    ds.RequestedProcedurePriority = "STAT"
+    ds.save_as(written.paths[0])
+    sweeper.config = sweeper.config.model_copy(update={"queue": sweeper.config.queue.model_copy(update={
+        "priority_rules": (PriorityRule(calling_ae="ER-CT"),
+                           PriorityRule(keyword="RequestedProcedurePriority", equals="stat"))})})
+    send(index, "5.9", [0, 2.5], calling="CT1", expected=2, path=str(written.paths[0]))
+    send(index, "5.10", [0, 2.5], calling="CT1", expected=2)
+    sweeper.sweep()
+    with engine.connect() as conn:
+        prio = {r.series_uid: r.priority for r in conn.execute(jobs.select())}
+    assert prio == {"5.8": 0, "5.9": 0, "5.10": 1}
+
+
+def test_an_instance_arriving_mid_decision_keeps_the_series_open(env):
+    index, sweeper, _ = make(env)
+    _, clock = env
+    index.association_opened("a1", "CT1", "PACSNODE", "p")
+    send(index, "5.11", [0, 2.5, 5.0], expected=3)
+    original = sweeper._complete
+
+    def racing_complete(row, rows, reason):
+        send(index, "5.11", [0, 2.5, 5.0, 7.5], expected=4)  # arrives between decision and commit
+        return original(row, rows, reason)
+
+    sweeper._complete = racing_complete
+    assert sweeper.sweep() == []
+    assert index.get_series("5.11").state == SeriesState.RECEIVING
