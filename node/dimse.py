@@ -13,6 +13,7 @@ import socket
 import threading
 import uuid
 import weakref
+from collections.abc import Callable
 from typing import Any, cast
 
 from pydicom.uid import (
@@ -83,8 +84,15 @@ def _peer(assoc: Association) -> str:
 class DimseServer:
     """The node's Storage/Verification SCP; ``start()`` returns once it listens."""
 
-    def __init__(self, config: NodeConfig, ingestor: Ingestor, index: Index) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        ingestor: Ingestor,
+        index: Index,
+        on_released: Callable[[], None] | None = None,
+    ) -> None:
         self._config = config
+        self._on_released = on_released
         self._ingestor = ingestor
         self._index = index
         self._log = get_logger(component="dimse")
@@ -169,6 +177,8 @@ class DimseServer:
             return  # already closed (EVT_CONN_CLOSE follows a release) or never accepted
         self._index.association_closed(assoc_id, state)
         self._log.info("association_closed", assoc_id=assoc_id, state=str(state))
+        if state is AssociationState.RELEASED and self._on_released is not None:
+            self._on_released()  # lets completion judge the series now instead of at the next sweep
 
     # -- intervention handlers ------------------------------------------------------------------------------
     def _on_echo(self, event: evt.Event) -> int:

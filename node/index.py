@@ -153,6 +153,21 @@ class Index:
             )
             return int(result.rowcount or 0)
 
+    def retime_open_series(self) -> int:
+        """At start-up, restart the quiet timer of series still receiving: a sender may resume where it was cut
+        off, and the time the node was down says nothing about whether the series is whole."""
+        now = self.clock()
+        with self._begin() as conn:
+            result = conn.execute(
+                series.update()
+                .where(
+                    series.c.state.in_([SeriesState.RECEIVING, SeriesState.REOPENED]),
+                    series.c.last_received_at < now,
+                )
+                .values(last_received_at=now)
+            )
+            return int(result.rowcount or 0)
+
     # -- instances ------------------------------------------------------------------------------------------
     def record_instance(self, rec: InstanceRecord) -> RecordOutcome:
         """Commit ``rec`` and its series' counters; raises `StoreFailedError` if the database fails."""

@@ -1,27 +1,34 @@
 """The node's lifecycle: build every stage from one `NodeConfig`, run until a signal, shut down in two stages.
 
-`Service(config)` wires database → spool → index → ingest → DIMSE server. `start()` returns once the node
-listens; `run_forever()` blocks until SIGINT/SIGTERM: the first stops accepting and drains, a second forces exit.
+`Service(config)` wires the data path in order — DIMSE server → ingest (spool + index) → completion sweep → job
+queue → worker (models) → dispatch. `start()` returns once the node listens; `run_forever()` blocks until
+SIGINT/SIGTERM: the first stops accepting associations, lets the worker and dispatcher finish what they hold
+and exits; a second signal forces exit. Everything that matters is in the database, so a restart resumes.
 """
 
 from __future__ import annotations
 
 import signal
 import threading
+import time
 from collections.abc import Callable
 from types import FrameType
 
-from node.config import NodeConfig
+from node.completion import CompletionSweeper
+from node.config import DestinationKind, NodeConfig
 from node.db import create_engine_for, init_schema
 from node.dimse import DimseServer
+from node.dispatch import Dispatcher, DimseSender
 from node.index import Index
 from node.ingest import Ingestor
 from node.logs import get_logger
+from node.queue import JobQueue
 from node.spool import Spool
+from node.worker import ModelRunner, RegistryRunner, Worker
 
 
 class Service:
-    def __init__(self, config: NodeConfig) -> None:
+    def __init__(self, config: NodeConfig, runner_factory: Callable[[], ModelRunner] | None = None) -> None:
         self.config = config
         self.log = get_logger(component="service")
         config.node.data_dir.mkdir(parents=True, exist_ok=True)
@@ -30,18 +37,39 @@ class Service:
         self.spool = Spool(config.node.spool_dir)
         self.index = Index(self.engine)
         self.ingestor = Ingestor(self.spool, self.index)
-        self.dimse = DimseServer(config, self.ingestor, self.index)
+        self.queue = JobQueue(self.engine, config.queue)
+        self.dispatcher = Dispatcher(
+            config,
+            self.engine,
+            {DestinationKind.DIMSE: DimseSender(config.node.ae_title, config.dispatch.timeout_seconds)},
+        )
+        factory = runner_factory or (
+            lambda: RegistryRunner(config.worker.classifier_version, config.worker.segmenter_version)
+        )
+        self.worker = Worker(config, self.engine, self.queue, self.dispatcher, factory)
+        self.sweeper = CompletionSweeper(config, self.engine, self.queue, on_complete=self.worker.wake)
+        self.dimse = DimseServer(config, self.ingestor, self.index, on_released=self.sweeper.nudge)
         self._stop = threading.Event()
         self._signals = 0
 
     def start(self) -> None:
         dangling = self.index.close_dangling_associations()
-        if dangling:
-            self.log.warning("associations_left_open_by_previous_run", count=dangling)
+        retimed = self.index.retime_open_series()
+        if dangling or retimed:
+            self.log.warning("resuming_previous_run", open_associations_closed=dangling, series_retimed=retimed)
+        self.dispatcher.recover()
+        self.dispatcher.start()
+        if self.config.worker.enabled:
+            self.worker.start()
+        self.sweeper.start()
         self.dimse.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 60.0) -> None:
+        t0 = time.monotonic()
         self.dimse.stop()
+        self.sweeper.stop()
+        self.worker.stop(timeout)
+        self.dispatcher.stop(max(1.0, timeout - (time.monotonic() - t0)))
         self.engine.dispose()
         self.log.info("node_stopped")
 
