@@ -353,13 +353,14 @@ class Dispatcher:
                     .values(**row)
                     .on_conflict_do_nothing(index_elements=["series_uid", "version", "destination"])
                 )
-            found = dict(
-                c.execute(
+            found = {
+                r.destination: r.id
+                for r in c.execute(
                     sa.select(d.destination, d.id).where(
                         d.series_uid == series_uid, d.version == version, d.destination.in_(names)
                     )
-                ).tuples()
-            )
+                )
+            }
         ids = [int(found[name]) for name in names]
         log.info("delivery_queued", delivery_ids=ids, destinations=names)
         if conn is None:
