@@ -64,6 +64,58 @@ def cmd_echo(args: argparse.Namespace) -> int:
     return 0 if status == 0 else 1
 
 
+def _open_db(args: argparse.Namespace) -> tuple[NodeConfig, Any]:
+    from node.db import create_engine_for, init_schema
+    from node.dispatch import Dispatcher
+    from node.index import Index
+    from node.queue import JobQueue
+
+    config = _load(args)
+    engine = create_engine_for(config.database_url)
+    init_schema(engine)
+    return config, (Index(engine), JobQueue(engine, config.queue), Dispatcher(config, engine, {}))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    config, (index, queue, dispatcher) = _open_db(args)
+    deliveries: dict[str, dict[str, int]] = {}
+    for (destination, state), n in sorted(dispatcher.counts().items()):
+        deliveries.setdefault(destination, {})[state] = n
+    report = {
+        "series": index.series_counts(),
+        "jobs": queue.counts(),
+        "deliveries": deliveries,
+        "job_errors": [dict(r._mapping) for r in queue.last_errors(args.errors)],
+        "delivery_errors": [dict(r._mapping) for r in dispatcher.last_errors(args.errors)],
+    }
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+        return 0
+    print(f"node {config.node.ae_title}  database {config.redacted()['database']['effective_url']}")
+    print("series:     " + (", ".join(f"{k} {v}" for k, v in sorted(report["series"].items())) or "none"))
+    print("jobs:       " + (", ".join(f"{k} {v}" for k, v in sorted(report["jobs"].items())) or "none"))
+    if not deliveries:
+        print("deliveries: none")
+    for destination, states in deliveries.items():
+        print(f"deliveries to {destination}: " + ", ".join(f"{k} {v}" for k, v in sorted(states.items())))
+    for row in report["job_errors"]:
+        print(f"job {row['id']} {row['state']} series {row['series_uid']} v{row['version']}: "
+              f"{row['skip_reason'] or ''} {row['last_error']}")
+    for row in report["delivery_errors"]:
+        print(f"delivery {row['id']} {row['state']} to {row['destination']} series {row['series_uid']}: "
+              f"{row['last_error']}")
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    _, (_, queue, dispatcher) = _open_db(args)
+    n = dispatcher.retry(args.delivery or None, destination=args.destination)
+    print(f"{n} deliveries queued again")
+    if args.jobs:
+        print(f"{queue.retry()} dead jobs queued again")
+    return 0
+
+
 def _host_port(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit():
@@ -115,6 +167,17 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--aec", default="PACSNODE", help="called AE title")
     send.add_argument("--aet", default="PACSNODE-SCU", help="calling AE title")
     send.set_defaults(func=cmd_send)
+
+    status = with_config(sub.add_parser("status", help="series, jobs and deliveries by state; last errors"))
+    status.add_argument("--json", action="store_true")
+    status.add_argument("--errors", type=int, default=10, help="how many recent errors to show")
+    status.set_defaults(func=cmd_status)
+
+    retry = with_config(sub.add_parser("retry", help="replay dead-lettered deliveries (and jobs with --jobs)"))
+    retry.add_argument("--delivery", type=int, nargs="*", help="delivery ids (default: all dead)")
+    retry.add_argument("--destination", help="only deliveries to this destination")
+    retry.add_argument("--jobs", action="store_true", help="also re-queue dead jobs")
+    retry.set_defaults(func=cmd_retry)
 
     _register_training(sub)
     return parser

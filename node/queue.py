@@ -81,7 +81,9 @@ class JobQueue:
                 created_at=now,
             )
         )
-        return int(result.inserted_primary_key[0])
+        key = result.inserted_primary_key
+        assert key is not None
+        return int(key[0])
 
     def claim(self, worker_id: str) -> Job | None:
         """Lease the most urgent due job (or one whose lease expired); None when there is nothing to do."""

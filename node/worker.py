@@ -270,7 +270,7 @@ class Worker:
     def _store_and_enqueue(self, job: Job, objects: Sequence[tuple[str, Dataset]],
                            end_job: Callable[[sa.Connection], bool]) -> None:
         """Write the objects durably, then in one transaction: record them, end the job, queue deliveries."""
-        written = []
+        written: list[dict[str, Any]] = []
         for kind, ds in objects:
             buffer = io.BytesIO()
             dcmwrite(buffer, ds, enforce_file_format=True)

@@ -1,0 +1,179 @@
+"""Worker: one job end to end on a real index, queue, results builder and dispatcher, with the model runner and the
+PACS sender replaced at their seams (a fixed-output runner; a sender that records what it was given)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+
+from node.config import DestinationKind, NodeConfig, Priority
+from node.db import create_engine_for, init_schema
+from node.dispatch import Dispatcher, Sender
+from node.index import Index
+from node.ingest import Ingestor, Origin
+from node.queue import JobQueue, jobs
+from node.results import AlgorithmIdentity, Findings, SkipReason
+from node.spool import Spool
+from node.states import JobState
+from node.worker import ModelRunner, Worker, results
+from tests.ctgen import write_ct_series
+from tests.dicomfiles import dataset_bytes
+
+
+class FixedRunner(ModelRunner):
+    """Returns a fixed probability and a lesion blob on the middle slices; can be told to fail."""
+
+    algorithm = AlgorithmIdentity(name="test-model", version="0.0.1")
+
+    def __init__(self, probability: float = 0.9, fail: bool = False) -> None:
+        self.probability = probability
+        self.fail = fail
+        self.calls = 0
+
+    def run(self, volume):
+        self.calls += 1
+        if self.fail:
+            raise RuntimeError("model exploded")
+        n, rows, cols = volume.shape
+        lungs = np.zeros(volume.shape, bool)
+        lungs[:, rows // 4 : 3 * rows // 4, cols // 4 : 3 * cols // 4] = True
+        lesion = np.zeros(volume.shape, bool)
+        lesion[n // 2 - 1 : n // 2 + 2, rows // 3 : rows // 2, cols // 3 : cols // 2] = True
+        attention = np.linspace(0, 1, n)
+        return Findings(probability=self.probability, threshold=0.5, attention=attention / attention.sum(),
+                        lungs=lungs, lesion=lesion)
+
+
+class RecordingSender(Sender):
+    def __init__(self) -> None:
+        self.sent: list[list[Path]] = []
+
+    def send(self, destination, files):
+        self.sent.append([Path(f) for f in files])
+
+
+@pytest.fixture
+def node(tmp_path):
+    config = NodeConfig.model_validate({
+        "node": {"data_dir": str(tmp_path / "data")},
+        "queue": {"max_attempts": 2, "retry_delay_seconds": 0},
+        "gate": {"min_slices": 8},
+        "destinations": [{"name": "pacs", "kind": "dimse", "ae_title": "PACS", "host": "127.0.0.1", "port": 104}],
+    })
+    engine = create_engine_for(f"sqlite:///{tmp_path / 'node.db'}")
+    init_schema(engine)
+    index = Index(engine)
+    ingestor = Ingestor(Spool(config.node.spool_dir), index)
+    queue = JobQueue(engine, config.queue)
+    sender = RecordingSender()
+    dispatcher = Dispatcher(config, engine, {DestinationKind.DIMSE: sender})
+    yield config, engine, ingestor, queue, dispatcher, sender
+    engine.dispose()
+
+
+def receive(ingestor, tmp_path, name, **kw):
+    series = write_ct_series(tmp_path / name, size=32, **kw)
+    for path in series.paths:
+        ingestor.accept(dataset_bytes(path), "1.2.840.10008.1.2.1", Origin("CT1", "a1"))
+    return series
+
+
+def queue_job(queue, series_uid, version=1):
+    with queue.engine.begin() as conn:
+        return queue.enqueue(conn, series_uid, version, Priority.ROUTINE)
+
+
+def test_series_becomes_sr_and_seg_delivered(node, tmp_path):
+    config, engine, ingestor, queue, dispatcher, sender = node
+    series = receive(ingestor, tmp_path, "s1", slices=12, seed=1)
+    job_id = queue_job(queue, series.series_uid)
+    runner = FixedRunner(0.9)
+    worker = Worker(config, engine, queue, dispatcher, lambda: runner)
+    assert worker.run_pending() == 1
+    job = queue.get(job_id)
+    assert job.state == JobState.DONE and job.inference_seconds is not None and job.queue_seconds is not None
+    assert dispatcher.run_once() == 1
+    (files,) = sender.sent
+    sr, seg = (pydicom.dcmread(f) for f in files)
+    assert sr.Modality == "SR" and seg.Modality == "SEG"
+    assert sr.StudyInstanceUID == seg.StudyInstanceUID == series.study_uid
+    report = hd.sr.srread(files[0])
+    assert "233604007" in str(report.ContentSequence)  # pneumonia, coded
+    seg_read = hd.seg.segread(files[1])
+    assert seg_read.number_of_segments == 2
+    assert {ref.SeriesInstanceUID for ref in seg.ReferencedSeriesSequence} == {series.series_uid}
+
+
+def test_refused_series_gets_a_coded_not_processed_sr(node, tmp_path):
+    config, engine, ingestor, queue, dispatcher, sender = node
+    series = receive(ingestor, tmp_path, "gap", slices=12, seed=2, skip=(5,))
+    job_id = queue_job(queue, series.series_uid)
+    runner = FixedRunner()
+    worker = Worker(config, engine, queue, dispatcher, lambda: runner)
+    worker.run_pending()
+    job = queue.get(job_id)
+    assert job.state == JobState.SKIPPED and job.skip_reason == SkipReason.UNEVEN_SPACING.value
+    assert runner.calls == 0
+    dispatcher.run_once()
+    (files,) = sender.sent
+    (sr_path,) = files
+    sr = pydicom.dcmread(sr_path)
+    assert sr.Modality == "SR" and "SKIP-SPACING" in str(sr.ContentSequence)
+
+
+def test_failing_model_retries_then_dead_letters_and_reports(node, tmp_path):
+    config, engine, ingestor, queue, dispatcher, sender = node
+    series = receive(ingestor, tmp_path, "s3", slices=10, seed=3)
+    job_id = queue_job(queue, series.series_uid)
+    runner = FixedRunner(fail=True)
+    worker = Worker(config, engine, queue, dispatcher, lambda: runner)
+    worker.run_pending()
+    job = queue.get(job_id)
+    assert job.state == JobState.DEAD and "model exploded" in job.last_error and job.attempts == 2
+    assert runner.calls == 2
+    dispatcher.run_once()
+    (files,) = sender.sent
+    assert "SKIP-FAILED" in str(pydicom.dcmread(files[0]).ContentSequence)
+
+
+def test_new_version_supersedes_the_old_results(node, tmp_path):
+    config, engine, ingestor, queue, dispatcher, sender = node
+    series = receive(ingestor, tmp_path, "s4", slices=10, seed=4)
+    worker = Worker(config, engine, queue, dispatcher, lambda: FixedRunner(0.2))
+    queue_job(queue, series.series_uid, 1)
+    worker.run_pending()
+    queue_job(queue, series.series_uid, 2)
+    worker.run_pending()
+    with engine.connect() as conn:
+        rows = {(r.version, r.kind): r for r in conn.execute(results.select())}
+    assert set(rows) == {(1, "sr"), (1, "seg"), (2, "sr"), (2, "seg")}
+    assert rows[(1, "sr")].sop_uid != rows[(2, "sr")].sop_uid
+    assert rows[(1, "sr")].result_series_uid != rows[(2, "sr")].result_series_uid
+    new_sr = pydicom.dcmread(rows[(2, "sr")].path)
+    predecessors = [
+        sop.ReferencedSOPInstanceUID
+        for study in new_sr.PredecessorDocumentsSequence
+        for ser in study.ReferencedSeriesSequence
+        for sop in ser.ReferencedSOPSequence
+    ]
+    assert predecessors == [rows[(1, "sr")].sop_uid]
+
+
+def test_results_are_deterministic_across_a_rerun(node, tmp_path):
+    config, engine, ingestor, queue, dispatcher, sender = node
+    series = receive(ingestor, tmp_path, "s5", slices=10, seed=5)
+    worker = Worker(config, engine, queue, dispatcher, lambda: FixedRunner(0.7))
+    job_id = queue_job(queue, series.series_uid)
+    worker.run_pending()
+    with engine.connect() as conn:
+        first = {r.kind: r.sop_uid for r in conn.execute(results.select())}
+    with engine.begin() as conn:  # as if the node crashed after writing results: the same job runs again
+        conn.execute(jobs.update().where(jobs.c.id == job_id).values(state="queued"))
+    worker.run_pending()
+    with engine.connect() as conn:
+        again = {r.kind: r.sop_uid for r in conn.execute(results.select())}
+    assert again == first
