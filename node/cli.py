@@ -56,6 +56,26 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config_reload(args: argparse.Namespace) -> int:
+    """Validate the file first (refuse with the reason), then SIGHUP the running node named by its pid file."""
+    import signal
+
+    config = _load(args)
+    pid_file = config.node.data_dir / "pacsnode.pid"
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        print(f"pacsnode: no running node found ({pid_file} missing or unreadable)", file=sys.stderr)
+        return 1
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except ProcessLookupError:
+        print(f"pacsnode: node pid {pid} from {pid_file} is not running", file=sys.stderr)
+        return 1
+    print(f"config OK; reload signalled to pid {pid} (see its log for config_reloaded)")
+    return 0
+
+
 def cmd_echo(args: argparse.Namespace) -> int:
     from node.scu import Peer, echo
 
@@ -153,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     check = with_config(config_sub.add_parser("check", help="validate and print the effective config"))
     check.set_defaults(func=cmd_config_check)
+    reload = with_config(config_sub.add_parser("reload", help="validate, then make the running node reload"))
+    reload.set_defaults(func=cmd_config_reload)
 
     echo = sub.add_parser("echo", help="C-ECHO a DICOM peer")
     echo.add_argument("host")

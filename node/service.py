@@ -8,17 +8,21 @@ and exits; a second signal forces exit. Everything that matters is in the databa
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
 
 from node.completion import CompletionSweeper
-from node.config import DestinationKind, NodeConfig
+from node.config import DestinationKind, NodeConfig, load_config
 from node.db import create_engine_for, init_schema
 from node.dimse import DimseServer
-from node.dispatch import Dispatcher, DimseSender
+from node.dispatch import DimseSender, Dispatcher
+from node.errors import ConfigError
 from node.index import Index
 from node.ingest import Ingestor
 from node.logs import get_logger
@@ -51,6 +55,39 @@ class Service:
         self.dimse = DimseServer(config, self.ingestor, self.index, on_released=self.sweeper.nudge)
         self._stop = threading.Event()
         self._signals = 0
+        self._reload_lock = threading.Lock()
+        self.pid_file = config.node.data_dir / "pacsnode.pid"
+
+    # Settings bound at start-up (sockets, files, database); a reload that changes them is applied only after a restart.
+    RESTART_ONLY = ("ae_title", "host", "port", "data_dir", "http_port", "max_associations")
+
+    def reload(self, path: Path | None = None) -> bool:
+        """Re-read the config file (SIGHUP, `pacsnode config reload`) and swap it in atomically: allow-list,
+        destinations, completion window, queue and dispatch settings change without dropping associations.
+        An invalid file is refused with the reason and the running config kept. Returns whether it applied."""
+        source = path or (Path(self.config.source) if self.config.source else None)
+        with self._reload_lock:
+            try:
+                new = load_config(source)
+            except ConfigError as exc:
+                self.log.error("config_reload_refused", reason=str(exc))
+                return False
+            kept = [k for k in self.RESTART_ONLY if getattr(new.node, k) != getattr(self.config.node, k)]
+            if new.database_url != self.config.database_url:
+                kept.append("database.url")
+            node = new.node.model_copy(update={k: getattr(self.config.node, k) for k in self.RESTART_ONLY})
+            new = new.model_copy(update={"node": node, "database": self.config.database})
+            self.dimse.apply_config(new)
+            self.sweeper.apply_config(new)
+            self.dispatcher.apply_config(new)
+            self.worker.apply_config(new)
+            self.queue.settings = new.queue
+            self.config = new
+            self.log.info(
+                "config_reloaded", source=str(source), allowed_calling_aes=list(new.node.allowed_calling_aes),
+                destinations=[d.name for d in new.destinations], needs_restart=kept,
+            )
+            return True
 
     def start(self) -> None:
         dangling = self.index.close_dangling_associations()
@@ -63,6 +100,7 @@ class Service:
             self.worker.start()
         self.sweeper.start()
         self.dimse.start()
+        self.pid_file.write_text(f"{os.getpid()}\n")
 
     def stop(self, timeout: float = 60.0) -> None:
         t0 = time.monotonic()
@@ -71,6 +109,8 @@ class Service:
         self.worker.stop(timeout)
         self.dispatcher.stop(max(1.0, timeout - (time.monotonic() - t0)))
         self.engine.dispose()
+        with contextlib.suppress(FileNotFoundError):
+            self.pid_file.unlink()
         self.log.info("node_stopped")
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
@@ -81,9 +121,14 @@ class Service:
         self.log.info("shutting_down", signal=signal.Signals(signum).name)
         self._stop.set()
 
+    def _on_hup(self, _signum: int, _frame: FrameType | None) -> None:
+        # Not in the signal handler itself: reload takes locks that the interrupted thread may hold.
+        threading.Thread(target=self.reload, name="config-reload", daemon=True).start()
+
     def run_forever(self, on_started: Callable[[], None] | None = None) -> None:
         signal.signal(signal.SIGINT, self._on_signal)
         signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGHUP, self._on_hup)
         self.start()
         if on_started is not None:
             on_started()

@@ -142,6 +142,10 @@ class Worker:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def apply_config(self, config: NodeConfig) -> None:
+        """Hot reload: gate and heartbeat settings apply to the next job (model versions need a restart)."""
+        self.config = config
+
     def warm_up(self) -> ModelRunner:
         if self.runner is None:
             t0 = time.perf_counter()
