@@ -14,6 +14,7 @@ from typing import Any
 import pydicom
 import pytest
 import sqlalchemy as sa
+from pydicom.uid import UID
 
 from node.config import Destination, DestinationKind, DispatchSection, NodeConfig
 from node.db import create_engine_for, init_schema
@@ -26,7 +27,7 @@ from tests.unit.results_support import ATTENTION, ct_sources, synthetic_masks
 pytestmark = pytest.mark.integration
 
 ALGORITHM = AlgorithmIdentity(name="pneumonia-attn", version="0.3.1")
-PRIVATE_SOP_CLASS = "1.2.826.0.1.3680043.10.1411.99.1"  # no PACS knows it: refused at negotiation
+PRIVATE_SOP_CLASS = UID("1.2.826.0.1.3680043.10.1411.99.1")  # no PACS knows it: refused at negotiation
 
 
 @dataclass(frozen=True)
@@ -200,7 +201,7 @@ def test_refused_sop_class_is_dead_at_once(
     v1 = results[1]
     odd = pydicom.dcmread(v1.paths[0])
     odd.SOPClassUID = odd.file_meta.MediaStorageSOPClassUID = PRIVATE_SOP_CLASS
-    odd.SOPInstanceUID = odd.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.10.1411.99.2"
+    odd.SOPInstanceUID = odd.file_meta.MediaStorageSOPInstanceUID = UID("1.2.826.0.1.3680043.10.1411.99.2")
     odd_path = tmp_path / "odd.dcm"
     odd.save_as(odd_path, enforce_file_format=True)
 

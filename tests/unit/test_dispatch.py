@@ -116,7 +116,7 @@ def sender() -> FakeSender:
 
 
 @pytest.fixture
-def make(engine: sa.Engine, clock: FakeClock, sender: FakeSender) -> Callable[..., Dispatcher]:
+def make(engine: sa.Engine, clock: FakeClock, sender: FakeSender) -> Iterator[Callable[..., Dispatcher]]:
     made: list[Dispatcher] = []
 
     def _make(
@@ -127,7 +127,7 @@ def make(engine: sa.Engine, clock: FakeClock, sender: FakeSender) -> Callable[..
         made.append(d)
         return d
 
-    yield _make  # type: ignore[misc]
+    yield _make
     for d in made:
         d.stop(5)
 
@@ -318,7 +318,7 @@ def test_a_failure_past_the_deadline_is_dead_with_its_error(make: Callable[..., 
         clock.advance(25)  # the attempt itself runs past the deadline
         raise TransientSendError("timed out")
 
-    sender.send = slow_failure  # type: ignore[method-assign]
+    sender.send = slow_failure  # type: ignore[method-assign,assignment]
     d.run_once()
     assert row(d, delivery_id).last_error == "gave up after 20 s; last error: timed out"
 
