@@ -264,14 +264,9 @@ class Dispatcher:
     ) -> None:
         if not isinstance(config, NodeConfig):
             raise TypeError(f"config must be a NodeConfig, got {type(config).__name__}")
-        for kind, sender in senders.items():
-            if not isinstance(kind, DestinationKind):
-                raise TypeError(f"senders keys must be DestinationKind values, got {kind!r}")
-            if not isinstance(sender, Sender):
-                raise TypeError(f"senders[{kind.value!r}] must be a Sender, got {type(sender).__name__}")
         self._config = config
         self._engine = engine
-        self._senders = dict(senders)
+        self._senders = self._checked(senders)
         self._clock = clock
         self._rng = rng
         self._token = f"{socket.gethostname()[:40]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -291,6 +286,15 @@ class Dispatcher:
             from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
             self._insert = sqlite_insert
+
+    @staticmethod
+    def _checked(senders: Mapping[DestinationKind, Sender]) -> dict[DestinationKind, Sender]:
+        for kind, sender in senders.items():
+            if not isinstance(kind, DestinationKind):
+                raise TypeError(f"senders keys must be DestinationKind values, got {kind!r}")
+            if not isinstance(sender, Sender):
+                raise TypeError(f"senders[{kind.value!r}] must be a Sender, got {type(sender).__name__}")
+        return dict(senders)
 
     @property
     def config(self) -> NodeConfig:
@@ -674,14 +678,17 @@ class Dispatcher:
         with self._reading() as conn:
             return list(conn.execute(sa.select(deliveries).where(d.series_uid == series_uid).order_by(d.id)))
 
-    def apply_config(self, config: NodeConfig) -> None:
-        """Swap destinations and backoff settings atomically (config hot reload). Rows of a removed destination
-        stay pending (a later reload may bring it back) until their give-up time."""
+    def apply_config(self, config: NodeConfig, senders: Mapping[DestinationKind, Sender] | None = None) -> None:
+        """Swap destinations and backoff settings atomically (config hot reload), and the senders when given (a
+        sender's own settings, e.g. `DimseSender`'s calling AE and timeout, are fixed at its construction). Rows of
+        a removed destination stay pending (a later reload may bring it back) until their give-up time."""
         if not isinstance(config, NodeConfig):
             raise TypeError(f"config must be a NodeConfig, got {type(config).__name__}")
+        new_senders = self._senders if senders is None else self._checked(senders)
         with self._lock:
             old = {x.name: x for x in self._config.destinations}
             self._config = config
+            self._senders = new_senders
             with self._pause_lock:
                 for dest in config.destinations:
                     if old.get(dest.name) != dest:  # new or changed: don't keep waiting on the old address

@@ -527,6 +527,11 @@ def test_apply_config_swaps_destinations_and_backoff(make: Callable[..., Dispatc
     clock.advance(100)
     d.run_once()
     assert row(d, old_id).last_error == "gave up after 100 s; last error: destination not configured"
+    other = FakeSender()
+    d.apply_config(make_config(dimse("new")), senders={DestinationKind.DIMSE: other})
+    d.enqueue("1.2.5", 1, files(tag="c"), uids(tag="3"))
+    d.run_once()
+    assert other.sent_to("new") == 1 and sender.sent_to("new") == 1
 
 
 def test_background_loop_sends_on_wake_and_stops_gracefully(engine: sa.Engine) -> None:
