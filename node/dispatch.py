@@ -5,8 +5,10 @@ connection). `run_once` — or the background loop, one thread per destination (
 rows atomically (pending → sending, with a lease) and hands their files to the `Sender` registered for the
 destination's kind. A `TransientSendError` (peer down or busy, association refused or lost) retries after a capped
 exponential backoff with full jitter until ``give_up_after_seconds``; a `PermanentSendError` (the peer refuses the
-objects themselves) dead-letters at once with the reason; `retry` replays dead rows. Result files are only read.
-This module is the only writer of delivery state.
+objects themselves) dead-letters at once with the reason; `retry` replays dead rows. After a transient failure the
+destination backs off as a whole (in this process): until the failed row is due again only rows queued since are
+tried, and the first success makes its backed-off rows due at once. Result files are only read. This module is
+the only writer of delivery state.
 
 Errors it adds to the tree in node/errors.py::
 
