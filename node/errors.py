@@ -9,7 +9,10 @@
     │   ├── SpoolFullError          0xA700  out of resources: disk full
     │   └── StoreFailedError        0xA701  out of resources: the spool or the index could not be written
     ├── IndexError_                 the database could not be read or written (outside a C-STORE)
-    └── SendError                   an SCU operation (echo, send, dispatch) failed
+    ├── SendError                   an SCU operation (echo, send, dispatch) failed
+    │   ├── TransientSendError      (node.dispatch) retry later: peer down, busy, refused association
+    │   └── PermanentSendError      (node.dispatch) dead-letter now: the PACS refuses these objects
+    └── ResultsError                (node.results) an SR/SEG could not be built from the inputs
 
 Library exceptions (pydicom, SQLAlchemy, OSError) are converted where they are caught, with ``raise ... from exc``.
 """

@@ -94,7 +94,8 @@ class Service:
         retimed = self.index.retime_open_series()
         if dangling or retimed:
             self.log.warning("resuming_previous_run", open_associations_closed=dangling, series_retimed=retimed)
-        self.dispatcher.recover()
+        # With the embedded SQLite database this process is the only dispatcher: claims left by a crash are ours.
+        self.dispatcher.recover(all_claims=self.engine.dialect.name == "sqlite")
         self.dispatcher.start()
         if self.config.worker.enabled:
             self.worker.start()

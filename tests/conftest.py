@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["tests.orthanc"]
+
 REPO = Path(__file__).resolve().parent.parent
 
 
