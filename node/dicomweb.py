@@ -1,0 +1,728 @@
+"""The DICOMweb front door: STOW-RS ingest, a minimal QIDO-RS over the index, health, readiness and metrics.
+
+`create_app(...)` returns the Starlette app; `HttpServer(config, app)` runs it with uvicorn in a thread.
+
+STOW-RS (``POST /dicomweb/studies[/{study}]``, ``multipart/related; type="application/dicom"``) streams the body
+through python-multipart into one temporary file (spilled to disk past 1 MiB) and only then stores the parts,
+one at a time, so memory holds at most one part and a request refused as a whole stores nothing. Each part is a
+Part 10 file; the dataset after its file meta goes to `Ingestor.accept` — Success only after the spool fsync and
+the index commit, as for C-STORE. HTTP statuses: 200 all stored, 202 some failed, 409 none stored (FailedSOPSequence
+carries each FailureReason: the `ReceiveError` DIMSE status, 0xA900 for a study other than the URL's, 0xC122 for a
+transfer syntax the node cannot decode, 0x0122 for a non-storage SOP class); 400 malformed request or body, 401
+missing/wrong bearer token, 413 body over the limit, 415 not ``multipart/related`` of ``application/dicom``.
+
+A STOW request is recorded in the index like an association (calling AE "STOW-RS", released when the request is
+answered) so completion can judge a series sent in one request as it does one sent in one association.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import io
+import json
+import os
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from enum import IntEnum
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, BinaryIO, cast
+
+import sqlalchemy as sa
+import uvicorn
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.filereader import _read_file_meta_info, read_preamble
+from pynetdicom import AllStoragePresentationContexts
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from node.config import NodeConfig
+from node.dimse import ACCEPTED_TRANSFER_SYNTAXES
+from node.errors import IndexError_, InvalidDatasetError, ReceiveError, StoreStatus
+from node.index import Index, series
+from node.ingest import Ingestor, Origin
+from node.logs import get_logger
+from node.metrics import Metrics
+from node.spool import check_uid
+from node.states import AssociationState
+
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks
+
+STOW_CALLING_AE = "STOW-RS"  # the "calling AE" of instances that came in over STOW-RS (index, file meta)
+DICOM_JSON = "application/dicom+json"
+IN_MEMORY_BODY_BYTES = 1 << 20  # request bodies beyond this go to a temp file on the data disk
+QIDO_MAX_RESULTS = 1000
+
+_STORAGE_SOP_CLASSES = frozenset(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
+_ACCEPTED_TS = frozenset(str(ts) for ts in ACCEPTED_TRANSFER_SYNTAXES)
+
+
+class StowFailure(IntEnum):
+    """PS3.18 Table I.2-2 failure reasons that have no C-STORE twin in `StoreStatus`."""
+
+    PROCESSING_FAILURE = 0x0110
+    SOP_CLASS_NOT_SUPPORTED = 0x0122
+    TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
+
+
+class _Refused(Exception):
+    """A STOW request refused as a whole (nothing stored); caught in the handler and answered with
+    ``http_status``. Never leaves this module."""
+
+    def __init__(self, http_status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.http_status = http_status
+        self.reason = reason
+
+
+class _PartFailed(Exception):
+    """One part refused with a STOW-only failure reason (see `StowFailure`)."""
+
+    def __init__(self, status: StowFailure, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# -- readiness ------------------------------------------------------------------------------------------------
+class HealthProbe:
+    """Readiness checks for ``GET /readyz``: the database answers, the spool is writable, the models are loaded.
+
+    ``models_ready`` is called at each check (e.g. ``worker.ready.is_set``; ``lambda: True`` when the worker is
+    disabled). `check()` returns ``{name: "ok" | reason}`` for every check; blocking, run it off the event loop.
+    """
+
+    def __init__(self, engine: Engine, spool_dir: Path, models_ready: Callable[[], bool]) -> None:
+        if not callable(models_ready):
+            raise TypeError(f"models_ready must be callable, not {type(models_ready).__name__}")
+        self.engine = engine
+        self.spool_dir = Path(spool_dir)
+        self.models_ready = models_ready
+
+    def check(self) -> dict[str, str]:
+        return {"database": self._database(), "spool": self._spool(), "models": self._models()}
+
+    def _database(self) -> str:
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(sa.text("SELECT 1"))
+        except SQLAlchemyError as exc:
+            return f"database does not answer: {type(exc).__name__}"
+        return "ok"
+
+    def _spool(self) -> str:
+        try:
+            fd, name = tempfile.mkstemp(prefix=".readyz-", dir=self.spool_dir)
+            os.close(fd)
+            os.unlink(name)
+        except OSError as exc:
+            return f"spool is not writable: {exc.strerror or type(exc).__name__}"
+        return "ok"
+
+    def _models(self) -> str:
+        try:
+            return "ok" if self.models_ready() else "models are not loaded"
+        except Exception as exc:  # a readiness probe answers; it does not raise
+            return f"models readiness check failed: {type(exc).__name__}"
+
+
+# -- STOW-RS: request body → parts --------------------------------------------------------------------------
+@dataclass
+class _Part:
+    offset: int
+    length: int = 0
+
+
+@dataclass
+class _Outcome:
+    """One part's result, for the response and the log."""
+
+    sop_class_uid: str = ""
+    sop_uid: str = ""
+    stored: bool = False
+    failure: int | None = None
+    reason: str = ""
+
+
+def _media_type(value: str) -> tuple[str, dict[str, str]]:
+    mtype, params = parse_options_header(value)
+    return mtype.decode("latin-1").strip().lower(), {
+        k.decode("latin-1").lower(): v.decode("latin-1") for k, v in params.items()
+    }
+
+
+def _stow_boundary(content_type: str | None) -> str:
+    """The multipart boundary of a STOW-RS request; raises `_Refused` (415 wrong type, 400 no boundary)."""
+    if not content_type:
+        raise _Refused(415, "Content-Type is missing; expected multipart/related; type=\"application/dicom\"")
+    mtype, params = _media_type(content_type)
+    if mtype != "multipart/related":
+        raise _Refused(415, f"Content-Type {mtype!r} is not multipart/related")
+    part_type = _media_type(params.get("type", ""))[0]
+    if part_type != "application/dicom":
+        raise _Refused(415, f"multipart/related type {part_type or '(missing)'!r} is not application/dicom")
+    boundary = params.get("boundary", "")
+    if not boundary:
+        raise _Refused(400, "multipart/related Content-Type has no boundary")
+    if len(boundary) > 70:  # RFC 2046 §5.1.1
+        raise _Refused(400, "multipart boundary is longer than 70 characters")
+    return boundary
+
+
+class _BodyReader:
+    """Feeds a streamed body to python-multipart's `MultipartParser`, appending part payloads to ``sink`` and
+    remembering where each part lies; refuses non-DICOM parts (415) and malformed framing (400)."""
+
+    def __init__(self, boundary: str, sink: IO[bytes]) -> None:
+        self.sink = sink
+        self.parts: list[_Part] = []
+        self.ended = False
+        self._field = bytearray()
+        self._value = bytearray()
+        self._headers: dict[str, str] = {}
+        callbacks: MultipartCallbacks = {
+            "on_part_begin": self._on_part_begin,
+            "on_header_field": self._on_header_field,
+            "on_header_value": self._on_header_value,
+            "on_header_end": self._on_header_end,
+            "on_headers_finished": self._on_headers_finished,
+            "on_part_data": self._on_part_data,
+            "on_end": self._on_end,
+        }
+        self._parser = MultipartParser(boundary.encode("latin-1"), callbacks)
+
+    def write(self, chunk: bytes) -> None:
+        try:
+            self._parser.write(chunk)
+        except MultipartParseError as exc:
+            raise _Refused(400, f"multipart body does not parse: {exc}") from exc
+
+    def finish(self) -> list[_Part]:
+        try:
+            self._parser.finalize()
+        except MultipartParseError as exc:
+            raise _Refused(400, f"multipart body does not parse: {exc}") from exc
+        if not self.ended:
+            raise _Refused(400, "multipart body is truncated: the closing boundary is missing")
+        if not self.parts:
+            raise _Refused(400, "multipart body has no parts")
+        return self.parts
+
+    def _on_part_begin(self) -> None:
+        self.parts.append(_Part(offset=self.sink.tell()))
+        self._headers.clear()
+
+    def _on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._field += data[start:end]
+
+    def _on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._value += data[start:end]
+
+    def _on_header_end(self) -> None:
+        self._headers[self._field.decode("latin-1").strip().lower()] = self._value.decode("latin-1").strip()
+        self._field.clear()
+        self._value.clear()
+
+    def _on_headers_finished(self) -> None:
+        # A part without Content-Type takes the root type named by the request's type parameter (RFC 2387).
+        declared = self._headers.get("content-type")
+        if declared is not None and _media_type(declared)[0] != "application/dicom":
+            raise _Refused(415, f"part {len(self.parts)} has Content-Type {_media_type(declared)[0]!r}, not application/dicom")
+
+    def _on_part_data(self, data: bytes, start: int, end: int) -> None:
+        self.sink.write(data[start:end])
+        self.parts[-1].length += end - start
+
+    def _on_end(self) -> None:
+        self.ended = True
+
+
+# -- STOW-RS: one part → the ingestor -----------------------------------------------------------------------
+def _split_part10(data: bytes) -> tuple[Dataset, int]:
+    """The file meta of a Part 10 file and the offset where its dataset starts; `InvalidDatasetError` if the
+    bytes are not a Part 10 file."""
+    fp = io.BytesIO(data)
+    try:
+        read_preamble(cast(BinaryIO, fp), False)
+        # pydicom's file meta reader (private but unchanged since pydicom 1.x; pinned <4 in pyproject.toml)
+        # leaves fp at the first dataset element, which is the offset we need.
+        meta = _read_file_meta_info(cast(BinaryIO, fp))
+        for keyword in ("TransferSyntaxUID", "MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID"):
+            meta.get(keyword)  # convert inside the boundary
+    except Exception as exc:  # pydicom raises many types on bad input; all mean "cannot understand"
+        raise InvalidDatasetError(f"part is not a DICOM Part 10 file: {type(exc).__name__}: {exc}") from exc
+    missing = [k for k in ("TransferSyntaxUID", "MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID") if not meta.get(k)]
+    if missing:
+        raise InvalidDatasetError(f"part's file meta lacks {', '.join(missing)}")
+    return meta, fp.tell()
+
+
+def _dataset_study_uid(data: bytes) -> str | None:
+    """StudyInstanceUID of a Part 10 file (header-only read)."""
+    try:
+        ds = dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
+        value = ds.get("StudyInstanceUID")
+    except Exception as exc:  # pydicom raises many types on bad input
+        raise InvalidDatasetError(f"dataset does not parse: {type(exc).__name__}") from exc
+    return str(value) if value else None
+
+
+class _DicomWeb:
+    """Request handlers; `create_app` turns the bound methods into routes."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        ingestor: Ingestor,
+        index: Index,
+        health: HealthProbe,
+        metrics: Metrics,
+        token: str | None,
+        on_released: Callable[[], None] | None,
+        max_request_bytes: int | None,
+    ) -> None:
+        if token is not None and not token.strip():
+            raise ValueError("token must be a non-empty string or None (no authentication)")
+        if max_request_bytes is not None and max_request_bytes < 1:
+            raise ValueError(f"max_request_bytes must be >= 1 or None, not {max_request_bytes}")
+        self.config = config
+        self.ingestor = ingestor
+        self.index = index
+        self.health = health
+        self.metrics = metrics
+        self.token = token
+        self.on_released = on_released
+        self.max_request_bytes = max_request_bytes
+        self.tmp_dir = config.node.data_dir / "incoming"
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self.log = get_logger(component="dicomweb")
+
+    # -- auth -------------------------------------------------------------------------------------------------
+    def _unauthorized(self, request: Request) -> Response | None:
+        """None when the request may proceed, else the 401 answer."""
+        if self.token is None:
+            return None
+        scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(presented.strip().encode(), self.token.encode()):
+            return None
+        self.log.warning("http_unauthorized", path=request.url.path, client=_client(request))
+        return JSONResponse(
+            {"error": "a valid bearer token is required"},
+            status_code=401,
+            headers={"WWW-Authenticate": 'Bearer realm="pacsnode"'},
+        )
+
+    # -- STOW-RS ----------------------------------------------------------------------------------------------
+    async def stow(self, request: Request) -> Response:
+        denied = self._unauthorized(request)
+        if denied is not None:
+            self.metrics.stow_request(denied.status_code)
+            return denied
+        request_id = uuid.uuid4().hex
+        study = request.path_params.get("study")
+        log = self.log.bind(request_id=request_id, client=_client(request), url_study_uid=study)
+        t0 = time.monotonic()
+        with tempfile.SpooledTemporaryFile(max_size=IN_MEMORY_BODY_BYTES, mode="w+b", dir=str(self.tmp_dir)) as body:
+            try:
+                if study is not None:
+                    try:
+                        study = check_uid(study, "StudyInstanceUID")
+                    except ReceiveError as exc:
+                        raise _Refused(400, f"the URL's study is not a UID: {exc}") from exc
+                reader = _BodyReader(_stow_boundary(request.headers.get("content-type")), body)
+                received = 0
+                async for chunk in request.stream():
+                    received += len(chunk)
+                    if self.max_request_bytes is not None and received > self.max_request_bytes:
+                        raise _Refused(413, f"request body exceeds {self.max_request_bytes} bytes")
+                    reader.write(chunk)
+                parts = reader.finish()
+            except _Refused as exc:
+                log.warning("stow_refused", http_status=exc.http_status, reason=exc.reason)
+                self.metrics.stow_request(exc.http_status)
+                return JSONResponse({"error": exc.reason}, status_code=exc.http_status)
+            except ClientDisconnect:
+                log.warning("stow_client_disconnected")
+                self.metrics.stow_request(400)
+                return JSONResponse({"error": "client disconnected"}, status_code=400)
+            log.info("stow_received", parts=len(parts), bytes=received)
+            try:
+                outcomes = await run_in_threadpool(self._store_parts, body, parts, request_id, study, _client(request))
+            except IndexError_ as exc:
+                log.error("stow_index_unavailable", error=str(exc))
+                self.metrics.stow_request(503)
+                return JSONResponse({"error": "the index database is unavailable"}, status_code=503)
+        stored = sum(1 for o in outcomes if o.stored)
+        status = 200 if stored == len(outcomes) else 202 if stored else 409
+        self.metrics.stow_request(status)
+        log.info(
+            "stow_answered", http_status=status, stored=stored, failed=len(outcomes) - stored, bytes=received,
+            seconds=round(time.monotonic() - t0, 3),
+        )
+        return Response(json.dumps(_store_response(outcomes).to_json_dict()), status_code=status, media_type=DICOM_JSON)
+
+    def _store_parts(
+        self, body: IO[bytes], parts: list[_Part], request_id: str, study: str | None, client: str
+    ) -> list[_Outcome]:
+        """Store each part in turn (one in memory at a time); the request is the "association" of its parts."""
+        self.index.association_opened(request_id, STOW_CALLING_AE, self.config.node.ae_title, client[:64])
+        state = AssociationState.ABORTED
+        try:
+            origin = Origin(calling_ae=STOW_CALLING_AE, association_id=request_id)
+            outcomes = []
+            for n, part in enumerate(parts):
+                body.seek(part.offset)
+                outcomes.append(self._store_one(body.read(part.length), n, origin, study))
+            state = AssociationState.RELEASED
+            return outcomes
+        finally:
+            with contextlib.suppress(IndexError_):  # bookkeeping only; the instances' rows are already committed
+                self.index.association_closed(request_id, state)
+            if state is AssociationState.RELEASED and self.on_released is not None:
+                self.on_released()
+
+    def _store_one(self, data: bytes, n: int, origin: Origin, study: str | None) -> _Outcome:
+        out = _Outcome()
+        log = self.log.bind(request_id=origin.association_id, part=n, size=len(data))
+        try:
+            meta, offset = _split_part10(data)
+            ts = str(meta.TransferSyntaxUID)
+            out.sop_class_uid = str(meta.MediaStorageSOPClassUID)
+            out.sop_uid = str(meta.MediaStorageSOPInstanceUID)
+            if ts not in _ACCEPTED_TS:
+                raise _PartFailed(StowFailure.TRANSFER_SYNTAX_NOT_SUPPORTED, f"transfer syntax {ts} is not accepted")
+            if out.sop_class_uid not in _STORAGE_SOP_CLASSES:
+                raise _PartFailed(StowFailure.SOP_CLASS_NOT_SUPPORTED, f"SOP class {out.sop_class_uid} is not a storage class")
+            if study is not None:
+                found = _dataset_study_uid(data)
+                if found != study:
+                    raise ReceiveError(
+                        f"StudyInstanceUID {found} differs from the request's study {study}",
+                        status=StoreStatus.DATASET_MISMATCH,
+                    )
+            accepted = self.ingestor.accept(
+                data[offset:], ts, origin, sop_class_uid=out.sop_class_uid, sop_instance_uid=out.sop_uid
+            )
+        except (ReceiveError, _PartFailed) as exc:
+            out.failure, out.reason = int(exc.status), str(exc)
+            self.metrics.rejected(type(exc).__name__ if isinstance(exc, ReceiveError) else exc.status.name, "stow")
+            log.warning("instance_refused", sop_uid=out.sop_uid or None, status=f"0x{out.failure:04X}", reason=out.reason)
+            return out
+        except IndexError_:
+            raise  # the index is down: the whole request fails (503), as later parts would
+        except Exception:
+            # The boundary: an unexpected failure fails this part, and the request goes on.
+            out.failure, out.reason = int(StowFailure.PROCESSING_FAILURE), "processing failure"
+            self.metrics.rejected("ProcessingFailure", "stow")
+            log.exception("instance_failed", sop_uid=out.sop_uid or None)
+            return out
+        rec = accepted.record
+        out.stored = True
+        self.metrics.instance_received(rec.sop_class_uid, rec.transfer_syntax_uid, len(data), "stow")
+        log.info(
+            "instance_stored", study_uid=rec.study_uid, series_uid=rec.series_uid, sop_uid=rec.sop_uid,
+            transfer_syntax=rec.transfer_syntax_uid, outcome=str(accepted.outcome),
+        )
+        return out
+
+    # -- QIDO-RS ----------------------------------------------------------------------------------------------
+    async def search_studies(self, request: Request) -> Response:
+        denied = self._unauthorized(request)
+        if denied is not None:
+            return denied
+        try:
+            query = _Query(request.query_params, {"StudyInstanceUID": "0020000D", "ModalitiesInStudy": "00080061"})
+        except ValueError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        return await self._answer(query, self._find_studies)
+
+    async def search_series(self, request: Request) -> Response:
+        denied = self._unauthorized(request)
+        if denied is not None:
+            return denied
+        try:
+            study = check_uid(request.path_params["study"], "StudyInstanceUID")
+            query = _Query(request.query_params, {"SeriesInstanceUID": "0020000E", "Modality": "00080060"})
+        except (ReceiveError, ValueError) as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        return await self._answer(query, lambda q: self._find_series(study, q))
+
+    async def _answer(self, query: _Query, find: Callable[[_Query], list[Dataset]]) -> Response:
+        try:
+            found = await run_in_threadpool(find, query)
+        except SQLAlchemyError as exc:
+            self.log.error("qido_index_unavailable", error=type(exc).__name__)
+            return JSONResponse({"error": "the index database is unavailable"}, status_code=503)
+        headers = {}
+        if query.ignored:
+            headers["Warning"] = f'299 pacsnode "query keys not supported, ignored: {", ".join(sorted(query.ignored))}"'
+        body = json.dumps([ds.to_json_dict() for ds in found])
+        return Response(body, media_type=DICOM_JSON, headers=headers)
+
+    def _find_studies(self, q: _Query) -> list[Dataset]:
+        s = series.c
+        stmt = (
+            sa.select(s.study_uid, sa.func.count(s.series_uid), sa.func.sum(s.instance_count))
+            .where(s.instance_count > 0)
+            .group_by(s.study_uid)
+            .order_by(s.study_uid)
+            .limit(q.limit)
+            .offset(q.offset)
+        )
+        if uids := q.values("StudyInstanceUID"):
+            stmt = stmt.where(s.study_uid.in_(uids))
+        if modalities := q.values("ModalitiesInStudy"):
+            having = sa.select(s.study_uid).where(s.modality.in_(modalities), s.instance_count > 0)
+            stmt = stmt.where(s.study_uid.in_(having))
+        with self.index.engine.connect() as conn:
+            rows = list(conn.execute(stmt))
+            mods: dict[str, set[str]] = {}
+            if rows:
+                pairs = conn.execute(
+                    sa.select(s.study_uid, s.modality)
+                    .where(s.study_uid.in_([r[0] for r in rows]), s.instance_count > 0, s.modality.is_not(None))
+                    .distinct()
+                )
+                for study_uid, modality in pairs:
+                    mods.setdefault(study_uid, set()).add(modality)
+        out = []
+        for study_uid, n_series, n_instances in rows:
+            ds = Dataset()
+            ds.StudyInstanceUID = study_uid
+            ds.ModalitiesInStudy = sorted(mods.get(study_uid, ()))
+            ds.NumberOfStudyRelatedSeries = int(n_series)
+            ds.NumberOfStudyRelatedInstances = int(n_instances or 0)
+            out.append(ds)
+        return out
+
+    def _find_series(self, study: str, q: _Query) -> list[Dataset]:
+        s = series.c
+        stmt = (
+            sa.select(s.series_uid, s.modality, s.instance_count)
+            .where(s.study_uid == study, s.instance_count > 0)
+            .order_by(s.series_uid)
+            .limit(q.limit)
+            .offset(q.offset)
+        )
+        if uids := q.values("SeriesInstanceUID"):
+            stmt = stmt.where(s.series_uid.in_(uids))
+        if modalities := q.values("Modality"):
+            stmt = stmt.where(s.modality.in_(modalities))
+        with self.index.engine.connect() as conn:
+            rows = list(conn.execute(stmt))
+        out = []
+        for series_uid, modality, count in rows:
+            ds = Dataset()
+            ds.StudyInstanceUID = study
+            ds.SeriesInstanceUID = series_uid
+            ds.Modality = modality or ""
+            ds.NumberOfSeriesRelatedInstances = int(count)
+            out.append(ds)
+        return out
+
+    # -- health and metrics -----------------------------------------------------------------------------------
+    async def healthz(self, request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    async def readyz(self, request: Request) -> Response:
+        checks = await run_in_threadpool(self.health.check)
+        ready = all(v == "ok" for v in checks.values())
+        if not ready:
+            self.log.warning("not_ready", **{k: v for k, v in checks.items() if v != "ok"})
+        return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+
+    async def metrics_endpoint(self, request: Request) -> Response:
+        body, content_type = await run_in_threadpool(self.metrics.render)
+        return Response(body, headers={"Content-Type": content_type})
+
+
+class _Query:
+    """QIDO-RS query parameters: the given attribute keys (keyword or tag), ``limit``/``offset``; ``includefield``
+    and ``fuzzymatching`` are accepted and ignored; other keys are ignored and named in a Warning header.
+    Raises ValueError (→ 400) for a bad limit/offset or a malformed UID."""
+
+    def __init__(self, params: Mapping[str, str], keys: dict[str, str]) -> None:
+        by_tag = {tag: kw for kw, tag in keys.items()}
+        self._values: dict[str, list[str]] = {}
+        self.ignored: set[str] = set()
+        self.limit = QIDO_MAX_RESULTS
+        self.offset = 0
+        for name, raw in cast(Any, params).multi_items():
+            if name == "limit":
+                self.limit = min(_non_negative(name, raw), QIDO_MAX_RESULTS)
+            elif name == "offset":
+                self.offset = _non_negative(name, raw)
+            elif name in ("includefield", "fuzzymatching"):
+                continue
+            elif (kw := name if name in keys else by_tag.get(name.upper())) is not None:
+                values = [v.strip() for v in raw.replace("\\", ",").split(",") if v.strip()]
+                if kw.endswith("UID"):
+                    values = [check_uid_value(v, kw) for v in values]
+                self._values.setdefault(kw, []).extend(values)
+            else:
+                self.ignored.add(name[:64])
+
+    def values(self, keyword: str) -> list[str]:
+        return self._values.get(keyword, [])
+
+
+def check_uid_value(value: str, keyword: str) -> str:
+    try:
+        return check_uid(value, keyword)
+    except ReceiveError as exc:
+        raise ValueError(str(exc)) from exc
+
+
+def _non_negative(name: str, raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, not {raw[:32]!r}") from None
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, not {value}")
+    return value
+
+
+def _store_response(outcomes: list[_Outcome]) -> Dataset:
+    """The PS3.18 Store Instances Response (Table I.1-1). RetrieveURLs are present but empty (Type 2): this node
+    serves no WADO-RS, so it names no URL it cannot answer."""
+    resp = Dataset()
+    resp.RetrieveURL = ""
+    referenced, failed = [], []
+    for o in outcomes:
+        item = Dataset()
+        item.ReferencedSOPClassUID = o.sop_class_uid
+        item.ReferencedSOPInstanceUID = o.sop_uid
+        if o.stored:
+            item.RetrieveURL = ""
+            referenced.append(item)
+        else:
+            item.FailureReason = o.failure
+            failed.append(item)
+    if referenced:
+        resp.ReferencedSOPSequence = referenced
+    if failed:
+        resp.FailedSOPSequence = failed
+    return resp
+
+
+def _client(request: Request) -> str:
+    return f"{request.client.host}:{request.client.port}" if request.client else "unknown"
+
+
+def create_app(
+    config: NodeConfig,
+    ingestor: Ingestor,
+    index: Index,
+    *,
+    health: HealthProbe,
+    metrics: Metrics,
+    token: str | None,
+    on_released: Callable[[], None] | None = None,
+    max_request_bytes: int | None = None,
+) -> Starlette:
+    """The node's HTTP app. ``token``: bearer token required for ``/dicomweb/*`` (None: open).
+    ``on_released``: called after each STOW request that was processed (e.g. the completion sweeper's nudge).
+    ``max_request_bytes``: STOW bodies over this are refused with 413 (None: no limit). Raises ValueError for
+    an empty token or a limit < 1."""
+    web = _DicomWeb(config, ingestor, index, health, metrics, token, on_released, max_request_bytes)
+    routes = [
+        Route("/dicomweb/studies", web.stow, methods=["POST"]),
+        Route("/dicomweb/studies/{study}", web.stow, methods=["POST"]),
+        Route("/dicomweb/studies", web.search_studies, methods=["GET"]),
+        Route("/dicomweb/studies/{study}/series", web.search_series, methods=["GET"]),
+        Route("/healthz", web.healthz, methods=["GET"]),
+        Route("/readyz", web.readyz, methods=["GET"]),
+        Route("/metrics", web.metrics_endpoint, methods=["GET"]),
+    ]
+    return Starlette(routes=routes)
+
+
+# -- the server ------------------------------------------------------------------------------------------------
+class _UvicornServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, started: threading.Event) -> None:
+        super().__init__(config)
+        self._started_event = started
+
+    async def startup(self, sockets: list[Any] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started:
+            self._started_event.set()
+
+
+class HttpServer:
+    """Runs ``app`` with uvicorn in a background thread on ``[node] host:http_port``.
+
+    `start()` binds the socket itself (so a port in use raises `OSError` here, not inside a thread) and returns
+    once uvicorn serves; `port` is the bound port. `stop(timeout)` stops accepting, lets running requests finish
+    for up to ``timeout`` seconds, then cancels them."""
+
+    def __init__(self, config: NodeConfig, app: Starlette, *, graceful_seconds: float = 10.0) -> None:
+        if graceful_seconds <= 0:
+            raise ValueError(f"graceful_seconds must be > 0, not {graceful_seconds}")
+        self._host = config.node.host
+        self._port = config.node.http_port
+        self._app = app
+        self._graceful = graceful_seconds
+        self._server: _UvicornServer | None = None
+        self._thread: threading.Thread | None = None
+        self._sock: Any = None
+        self._log = get_logger(component="http")
+
+    @property
+    def port(self) -> int:
+        if self._sock is None:
+            raise RuntimeError("server not started")
+        return int(self._sock.getsockname()[1])
+
+    def start(self, timeout: float = 30.0) -> None:
+        if self._thread is not None:
+            raise RuntimeError("server already started")
+        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
+        self._sock = socket.create_server((self._host, self._port), family=family, backlog=128)
+        config = uvicorn.Config(
+            self._app,
+            lifespan="off",
+            log_config=None,  # keep the node's structlog setup
+            access_log=False,  # the app logs its own events, with UIDs and sizes only
+            timeout_graceful_shutdown=int(self._graceful) or 1,
+        )
+        started = threading.Event()
+        self._server = _UvicornServer(config, started)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]}, name="http", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not started.wait(0.05):
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self._sock.close()
+                raise RuntimeError(f"HTTP server did not start on {self._host}:{self._port}")
+        self._log.info("http_listening", host=self._host, port=self.port)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Graceful stop; a second stage forces the connections shut when ``timeout`` passes."""
+        if self._server is None or self._thread is None:
+            return
+        self._server.should_exit = True
+        self._thread.join(timeout if timeout is not None else self._graceful + 5)
+        if self._thread.is_alive():
+            self._server.force_exit = True
+            self._thread.join(5)
+        self._sock.close()
+        self._server = self._thread = None
+        self._log.info("http_stopped")
+
+
+__all__ = ["HealthProbe", "HttpServer", "StowFailure", "create_app"]
