@@ -129,11 +129,12 @@ class Metrics:
             buckets=END_TO_END_BUCKETS,
             registry=r,
         )
+        self._gauges = _ScrapeTimeCollector(self._source_failed)
+        r.register(self._gauges)
+        # Registered after the gauges, so a scrape that hits a failing source already reports it.
         self._scrape_errors = Counter(
             "pacsnode_metrics_source_errors", "Scrape-time gauge sources that failed, by source.", ["source"], registry=r
         )
-        self._gauges = _ScrapeTimeCollector(self._source_failed)
-        r.register(self._gauges)
 
     # -- bindings (the service calls this once stages exist) ------------------------------------------------
     def bind(
