@@ -10,18 +10,12 @@ destination backs off as a whole (in this process): until the failed row is due 
 tried, and the first success makes its backed-off rows due at once. Result files are only read. This module is
 the only writer of delivery state.
 
-Errors it adds to the tree in node/errors.py::
-
-    SendError
-    ├── TransientSendError   the destination cannot take the objects now: retry later
-    └── PermanentSendError   the destination refuses the objects, or they cannot be read: dead-letter now
+The senders (the destination seam, keyed by the config's ``kind``) live in `node.senders` and are re-exported here.
 """
 
 from __future__ import annotations
 
-import abc
 import json
-import math
 import os
 import random
 import socket
@@ -32,20 +26,22 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from enum import Enum, StrEnum
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from pydantic import TypeAdapter, ValidationError
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from node.config import AETitle, Destination, DestinationKind, DispatchSection, NodeConfig
+from node.config import DestinationKind, DispatchSection, NodeConfig
 from node.db import metadata
 from node.errors import IndexError_, SendError
 from node.logs import get_logger
-from node.scu import Peer, StoreResult, read_files, send_datasets
+from node.senders import (
+    PermanentSendError,
+    Sender,
+)
 from node.states import DeliveryState
 
 deliveries = sa.Table(
@@ -73,139 +69,6 @@ deliveries = sa.Table(
 )
 
 _MAX_ERROR_CHARS = 2000
-
-
-class TransientSendError(SendError):
-    """The destination cannot take the objects now (down, busy, association refused or lost): retry later."""
-
-
-class PermanentSendError(SendError):
-    """The destination refuses the objects themselves, or they cannot be read: retrying the same bytes won't help."""
-
-
-# -- C-STORE status classes (PS3.4 B.2.3, PS3.7 C) ---------------------------------------------------------------
-
-
-class StoreOutcome(StrEnum):
-    STORED = "stored"
-    TRANSIENT = "transient"
-    PERMANENT = "permanent"
-
-
-_SUCCESS = 0x0000
-_WARNING = 0x0001  # general warning (PS3.7 C.4)
-_WARNINGS = range(0xB000, 0xC000)  # coercion of data elements, elements discarded, dataset mismatch: stored
-_REFUSED_DATASET_MISMATCH = range(0xA900, 0xAA00)  # dataset does not match SOP class
-_CANNOT_UNDERSTAND = range(0xC000, 0xD000)
-_SOP_CLASS_NOT_SUPPORTED = 0x0122
-_INVALID_OBJECT_INSTANCE = 0x0117
-
-
-def classify_store_status(status: int) -> StoreOutcome:
-    """What a C-STORE response status means for a delivery.
-
-    Stored: 0x0000, 0x0001 and warnings 0xB000-0xBFFF. Permanent (the objects are refused; resending the same bytes
-    cannot help): 0xA9xx, 0xCxxx, 0x0122 SOP class not supported, 0x0117 invalid object instance. Everything else is
-    transient: 0xA7xx out of resources, 0x0213 resource limitation, 0x0110 processing failure, unknown codes.
-    """
-    if status in (_SUCCESS, _WARNING) or status in _WARNINGS:
-        return StoreOutcome.STORED
-    if (
-        status in _REFUSED_DATASET_MISMATCH
-        or status in _CANNOT_UNDERSTAND
-        or status in (_SOP_CLASS_NOT_SUPPORTED, _INVALID_OBJECT_INSTANCE)
-    ):
-        return StoreOutcome.PERMANENT
-    return StoreOutcome.TRANSIENT
-
-
-def check_store_results(results: Sequence[StoreResult], expected: int, peer: str) -> None:
-    """Raise unless all ``expected`` instances were stored; `PermanentSendError` if any was refused for good.
-
-    `node.scu.send_datasets` reports ``status=None`` both when the peer accepted no presentation context for an
-    instance (the association stays up and the next instance is sent: permanent, like 0x0122) and when no response
-    came (the association ended: transient). A ``None`` followed by another result can only be the former; a
-    ``None`` in last place is taken as the latter.
-    """
-    permanent: list[str] = []
-    transient: list[str] = []
-    for i, result in enumerate(results):
-        if result.status is None:
-            if i < len(results) - 1:
-                permanent.append(f"{result.sop_uid}: not accepted (no presentation context for its class)")
-            else:
-                transient.append(f"{result.sop_uid}: no C-STORE response")
-            continue
-        outcome = classify_store_status(result.status)
-        if outcome is StoreOutcome.PERMANENT:
-            permanent.append(f"{result.sop_uid}: status 0x{result.status:04X}")
-        elif outcome is StoreOutcome.TRANSIENT:
-            transient.append(f"{result.sop_uid}: status 0x{result.status:04X}")
-    if len(results) < expected:
-        transient.append(f"association ended after {len(results)} of {expected} instances")
-    if permanent:
-        raise PermanentSendError(f"{peer} refused " + "; ".join(permanent + transient))
-    if transient:
-        raise TransientSendError(f"{peer} did not store " + "; ".join(transient))
-
-
-# -- senders ------------------------------------------------------------------------------------------------------
-
-
-class Sender(abc.ABC):
-    """Stores one result set at one destination: the seam between dispatch and the network (fakes in unit tests)."""
-
-    @abc.abstractmethod
-    def send(self, destination: Destination, files: Sequence[Path]) -> None:
-        """Store every file at ``destination``; return only when all are stored.
-
-        Raises `TransientSendError` when a later attempt may succeed, `PermanentSendError` when it cannot. Any other
-        `SendError` counts as transient.
-        """
-
-
-_AE_TITLE = TypeAdapter(AETitle)
-
-
-class DimseSender(Sender):
-    """C-STORE SCU over `node.scu`: one association per delivery, each file with its own SOP class and transfer
-    syntax. Association refused, rejected, aborted or timed out → transient; status classes as in
-    `classify_store_status`; a missing or unreadable result file → permanent."""
-
-    def __init__(self, calling_ae: str, timeout: float) -> None:
-        try:
-            self.calling_ae = _AE_TITLE.validate_python(calling_ae)
-        except ValidationError as exc:
-            raise ValueError(f"calling_ae: {exc.errors()[0]['msg']}") from None
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < math.inf:
-            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-        self.timeout = float(timeout)
-
-    def send(self, destination: Destination, files: Sequence[Path]) -> None:
-        if destination.kind is not DestinationKind.DIMSE:
-            raise PermanentSendError(f"DimseSender cannot send to a {destination.kind.value!r} destination")
-        assert destination.ae_title and destination.host and destination.port  # config validates dimse ones
-        paths = [Path(f) for f in files]
-        missing = [str(p) for p in paths if not p.is_file()]
-        if missing:
-            raise PermanentSendError(f"result file missing: {', '.join(missing)}")
-        try:
-            datasets = read_files(paths)
-        except SendError as exc:
-            raise PermanentSendError(str(exc)) from exc
-        peer = Peer(
-            destination.host,
-            destination.port,
-            called_ae=destination.ae_title,
-            calling_ae=self.calling_ae,
-            timeout=self.timeout,
-        )
-        try:
-            results = send_datasets(peer, datasets)
-        except SendError as exc:
-            raise TransientSendError(str(exc)) from exc
-        where = f"{destination.ae_title}@{destination.host}:{destination.port}"
-        check_store_results(results, len(datasets), where)
 
 
 # -- the dispatcher -----------------------------------------------------------------------------------------------

@@ -21,12 +21,13 @@ from node.completion import CompletionSweeper
 from node.config import DestinationKind, NodeConfig, load_config
 from node.db import create_engine_for, init_schema
 from node.dimse import DimseServer
-from node.dispatch import DimseSender, Dispatcher
+from node.dispatch import Dispatcher
 from node.errors import ConfigError
 from node.index import Index
 from node.ingest import Ingestor
 from node.logs import get_logger
 from node.queue import JobQueue
+from node.senders import DimseSender, StowSender
 from node.spool import Spool
 from node.worker import ModelRunner, RegistryRunner, Worker
 
@@ -45,7 +46,10 @@ class Service:
         self.dispatcher = Dispatcher(
             config,
             self.engine,
-            {DestinationKind.DIMSE: DimseSender(config.node.ae_title, config.dispatch.timeout_seconds)},
+            {
+                DestinationKind.DIMSE: DimseSender(config.node.ae_title, config.dispatch.timeout_seconds),
+                DestinationKind.DICOMWEB: StowSender(config.dispatch.timeout_seconds),
+            },
         )
         factory = runner_factory or (
             lambda: RegistryRunner(config.worker.classifier_version, config.worker.segmenter_version)

@@ -18,8 +18,9 @@ from pydicom.uid import UID
 
 from node.config import Destination, DestinationKind, DispatchSection, NodeConfig
 from node.db import create_engine_for, init_schema
-from node.dispatch import DimseSender, Dispatcher, deliveries
+from node.dispatch import Dispatcher, deliveries
 from node.results import AlgorithmIdentity, Findings, build_results
+from node.senders import DimseSender
 from node.states import DeliveryState
 from tests.orthanc import OrthancServer
 from tests.unit.results_support import ATTENTION, ct_sources, synthetic_masks

@@ -12,24 +12,22 @@ import pytest
 import sqlalchemy as sa
 from structlog.testing import capture_logs
 
-from node import dispatch as dispatch_module
+from node import senders as dispatch_module
 from node.config import Destination, DestinationKind, DispatchSection, NodeConfig
 from node.db import create_engine_for, init_schema
-from node.dispatch import (
+from node.dispatch import Dispatcher, backoff_delay, deliveries
+from node.errors import SendError
+from node.logs import PHI_KEYS
+from node.scu import StoreResult
+from node.senders import (
     DimseSender,
-    Dispatcher,
     PermanentSendError,
     Sender,
     StoreOutcome,
     TransientSendError,
-    backoff_delay,
     check_store_results,
     classify_store_status,
-    deliveries,
 )
-from node.errors import SendError
-from node.logs import PHI_KEYS
-from node.scu import StoreResult
 from node.states import DeliveryState
 
 T0 = 1_000_000.0

@@ -12,11 +12,12 @@ import pytest
 
 from node.config import DestinationKind, NodeConfig, Priority
 from node.db import create_engine_for, init_schema
-from node.dispatch import Dispatcher, Sender
+from node.dispatch import Dispatcher
 from node.index import Index
 from node.ingest import Ingestor, Origin
 from node.queue import JobQueue, jobs
 from node.results import AlgorithmIdentity, Findings, SkipReason
+from node.senders import Sender
 from node.spool import Spool
 from node.states import JobState
 from node.worker import ModelRunner, Worker, results
