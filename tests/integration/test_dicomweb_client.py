@@ -1,0 +1,118 @@
+"""The node's DICOMweb front door against dicomweb-client (a client nothing here wrote): STOW-RS stores a CT series
+through the real uvicorn server, QIDO-RS finds it again, a bearer token is enforced, refusals store nothing."""
+
+from __future__ import annotations
+
+import threading
+
+import pydicom
+import pytest
+import requests
+from dicomweb_client.api import DICOMwebClient
+
+from node.config import NodeConfig
+from node.db import create_engine_for, init_schema
+from node.dicomweb import HealthProbe, HttpServer, create_app
+from node.index import Index
+from node.ingest import Ingestor
+from node.metrics import Metrics
+from node.spool import Spool
+from tests.conftest import free_port
+from tests.ctgen import write_ct_series
+from tests.dicomfiles import dataset_bytes
+
+pytestmark = pytest.mark.integration
+
+TOKEN = "integration-token"
+
+
+@pytest.fixture
+def server(tmp_path):
+    """The node's HTTP app on a real uvicorn server (free port, bearer token required)."""
+    config = NodeConfig.model_validate(
+        {"node": {"data_dir": str(tmp_path / "data"), "host": "127.0.0.1", "http_port": free_port()}}
+    )
+    engine = create_engine_for(config.database_url)
+    init_schema(engine)
+    spool = Spool(config.node.spool_dir)
+    index = Index(engine)
+    ready = threading.Event()
+    ready.set()
+    app = create_app(
+        config,
+        Ingestor(spool, index),
+        index,
+        health=HealthProbe(engine, spool.root, ready.is_set),
+        metrics=Metrics(),
+        token=TOKEN,
+    )
+    http = HttpServer(config, app)
+    http.start()
+    # readiness is waited on through the endpoint, not assumed
+    assert requests.get(f"http://127.0.0.1:{http.port}/readyz", timeout=5).status_code == 200
+    yield http, index, spool
+    http.stop()
+    engine.dispose()
+
+
+def client(port: int, token: str | None = TOKEN) -> DICOMwebClient:
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    return DICOMwebClient(url=f"http://127.0.0.1:{port}/dicomweb", headers=headers)
+
+
+def test_store_and_search_with_dicomweb_client(server, tmp_path):
+    http, index, spool = server
+    ct = write_ct_series(tmp_path / "ct", slices=12, size=64, seed=3)
+    second = write_ct_series(tmp_path / "ct2", slices=4, size=64, seed=4, study_uid=ct.study_uid)
+    web = client(http.port)
+
+    response = web.store_instances([pydicom.dcmread(p) for p in ct.paths])
+    assert sorted(item.ReferencedSOPInstanceUID for item in response.ReferencedSOPSequence) == sorted(ct.sop_uids)
+    assert "FailedSOPSequence" not in response
+    web.store_instances([pydicom.dcmread(p) for p in second.paths], study_instance_uid=ct.study_uid)
+
+    for path, sop_uid in zip(ct.paths, ct.sop_uids, strict=True):
+        row = index.get_instance(sop_uid)
+        assert row is not None and dataset_bytes(row.path) == dataset_bytes(path)
+    assert len(list(spool.root.rglob("*.dcm"))) == 16
+
+    studies = [pydicom.Dataset.from_json(d) for d in web.search_for_studies()]
+    assert [s.StudyInstanceUID for s in studies] == [ct.study_uid]
+    assert (studies[0].NumberOfStudyRelatedSeries, studies[0].NumberOfStudyRelatedInstances) == (2, 16)
+    assert studies[0].ModalitiesInStudy == "CT"
+    assert web.search_for_studies(search_filters={"StudyInstanceUID": "1.2.3"}) == []
+
+    found = {
+        s.SeriesInstanceUID: s
+        for s in (pydicom.Dataset.from_json(d) for d in web.search_for_series(study_instance_uid=ct.study_uid))
+    }
+    assert {uid: s.NumberOfSeriesRelatedInstances for uid, s in found.items()} == {
+        ct.series_uid: 12,
+        second.series_uid: 4,
+    }
+    assert found[ct.series_uid].Modality == "CT"
+    page = web.search_for_series(study_instance_uid=ct.study_uid, limit=1, offset=1)
+    assert len(page) == 1
+
+
+def test_token_is_enforced_and_refusals_store_nothing(server, tmp_path):
+    http, index, spool = server
+    ct = write_ct_series(tmp_path / "ct", slices=3, size=32, seed=5)
+    datasets = [pydicom.dcmread(p) for p in ct.paths]
+
+    with pytest.raises(requests.HTTPError) as err:
+        client(http.port, token=None).store_instances(datasets)
+    assert err.value.response.status_code == 401
+    with pytest.raises(requests.HTTPError) as err:
+        client(http.port, token="wrong").search_for_studies()
+    assert err.value.response.status_code == 401
+
+    other_study = write_ct_series(tmp_path / "other", slices=1, size=32, seed=6).study_uid
+    with pytest.raises(requests.HTTPError) as err:
+        client(http.port).store_instances(datasets, study_instance_uid=other_study)
+    assert err.value.response.status_code == 409
+    failed = pydicom.Dataset.from_json(err.value.response.json()).FailedSOPSequence
+    assert sorted(f.ReferencedSOPInstanceUID for f in failed) == sorted(ct.sop_uids)
+    assert {f.FailureReason for f in failed} == {0xA900}
+    assert list(spool.root.rglob("*.dcm")) == []
+    assert client(http.port).search_for_studies() == []
