@@ -88,8 +88,10 @@ def start_node(tmp_path: Path) -> Iterator[Callable[..., RunningNode]]:
     """Factory: start `pacsnode serve` on a free port with a temporary config; stopped by PID at teardown."""
     started: list[RunningNode] = []
 
-    def _start(*, allowed: list[str] | None = None, extra_toml: str = "", ae_title: str = "PACSNODE") -> RunningNode:
-        port = free_port()
+    def _start(
+        *, allowed: list[str] | None = None, extra_toml: str = "", ae_title: str = "PACSNODE", port: int | None = None
+    ) -> RunningNode:
+        port = port or free_port()
         data_dir = tmp_path / f"node-{len(started)}"
         config_path = tmp_path / f"node-{len(started)}.toml"
         config_path.write_text(
