@@ -40,5 +40,8 @@ test: $(TESTDEPS) sysdeps lint typecheck
 bench: $(TESTDEPS) sysdeps
 	$(BIN)/python benchmarks/ingest.py
 
+bench-e2e: $(TESTDEPS) sysdeps
+	$(BIN)/python benchmarks/e2e_latency.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
