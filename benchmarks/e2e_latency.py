@@ -84,7 +84,7 @@ def main() -> int:
                 acked = time.monotonic()
                 study = str(case["study_instance_uid"])
 
-                def stored() -> bool:
+                def stored(study: str = study) -> bool:
                     found = orthanc.find("Series", {"StudyInstanceUID": study}, expand=True)
                     modalities = {s["MainDicomTags"].get("Modality") for s in found}
                     return {"SR", "SEG"} <= modalities
