@@ -116,6 +116,7 @@ class WorkerSection(_Frozen):
     enabled: bool = True
     classifier_version: str | None = None  # None: the newest shipped version
     segmenter_version: str | None = None
+    weights_dir: Path | None = None  # None: the weights shipped in models/weights
 
 
 class DispatchSection(_Frozen):

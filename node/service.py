@@ -52,7 +52,9 @@ class Service:
             },
         )
         factory = runner_factory or (
-            lambda: RegistryRunner(config.worker.classifier_version, config.worker.segmenter_version)
+            lambda: RegistryRunner(
+                config.worker.classifier_version, config.worker.segmenter_version, config.worker.weights_dir
+            )
         )
         self.worker = Worker(config, self.engine, self.queue, self.dispatcher, factory)
         self.sweeper = CompletionSweeper(config, self.engine, self.queue, on_complete=self.worker.wake)

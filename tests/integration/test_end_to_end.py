@@ -7,6 +7,7 @@ after it is back."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -24,14 +25,17 @@ pytestmark = pytest.mark.integration
 PNEUMONIA = "233604007"
 PRESENT, ABSENT = "52101004", "272519000"
 STABLE_SECONDS = 15
+# Another weights folder (<name>/<version>/ like models/weights) to run this test against, e.g. a fresh training run.
+WEIGHTS_DIR = os.environ.get("PACSNODE_TEST_WEIGHTS_DIR")
 
 
 def _weights_or_skip() -> None:
     from models.registry import Registry, RegistryError
 
     try:
-        Registry().classifier()
-        Registry().segmenter()
+        registry = Registry(Path(WEIGHTS_DIR) if WEIGHTS_DIR else None)
+        registry.classifier()
+        registry.segmenter()
     except RegistryError as exc:
         pytest.skip(f"shipped weights are not available: {exc}")
 
@@ -64,7 +68,8 @@ def storescu(port: int, *dirs: Path) -> None:
 
 
 def node_toml(orthanc) -> str:
-    return f"""
+    weights = f'[worker]\nweights_dir = "{WEIGHTS_DIR}"\n' if WEIGHTS_DIR else ""
+    return weights + f"""
 [completion]
 stable_seconds = {STABLE_SECONDS}
 sweep_seconds = 0.5
