@@ -27,7 +27,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
@@ -45,6 +45,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import QueryParams
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
@@ -395,7 +396,10 @@ class _DicomWeb:
             with contextlib.suppress(IndexError_):  # bookkeeping only; the instances' rows are already committed
                 self.index.association_closed(request_id, state)
             if state is AssociationState.RELEASED and self.on_released is not None:
-                self.on_released()
+                try:
+                    self.on_released()  # lets completion judge the series now instead of at the next sweep
+                except Exception:  # a hook's failure must not turn stored instances into a failed request
+                    self.log.exception("on_released_failed", request_id=request_id)
 
     def _store_one(self, data: bytes, n: int, origin: Origin, study: str | None) -> _Outcome:
         out = _Outcome()
@@ -557,13 +561,13 @@ class _Query:
     and ``fuzzymatching`` are accepted and ignored; other keys are ignored and named in a Warning header.
     Raises ValueError (→ 400) for a bad limit/offset or a malformed UID."""
 
-    def __init__(self, params: Mapping[str, str], keys: dict[str, str]) -> None:
+    def __init__(self, params: QueryParams, keys: dict[str, str]) -> None:
         by_tag = {tag: kw for kw, tag in keys.items()}
         self._values: dict[str, list[str]] = {}
         self.ignored: set[str] = set()
         self.limit = QIDO_MAX_RESULTS
         self.offset = 0
-        for name, raw in cast(Any, params).multi_items():
+        for name, raw in params.multi_items():
             if name == "limit":
                 self.limit = min(_non_negative(name, raw), QIDO_MAX_RESULTS)
             elif name == "offset":
@@ -573,7 +577,7 @@ class _Query:
             elif (kw := name if name in keys else by_tag.get(name.upper())) is not None:
                 values = [v.strip() for v in raw.replace("\\", ",").split(",") if v.strip()]
                 if kw.endswith("UID"):
-                    values = [check_uid_value(v, kw) for v in values]
+                    values = [_check_uid_value(v, kw) for v in values]
                 self._values.setdefault(kw, []).extend(values)
             else:
                 self.ignored.add(name[:64])
@@ -582,7 +586,7 @@ class _Query:
         return self._values.get(keyword, [])
 
 
-def check_uid_value(value: str, keyword: str) -> str:
+def _check_uid_value(value: str, keyword: str) -> str:
     try:
         return check_uid(value, keyword)
     except ReceiveError as exc:
@@ -710,7 +714,9 @@ class HttpServer:
         deadline = time.monotonic() + timeout
         while not started.wait(0.05):
             if not self._thread.is_alive() or time.monotonic() > deadline:
+                self._server.should_exit = True
                 self._sock.close()
+                self._server = self._thread = self._sock = None
                 raise RuntimeError(f"HTTP server did not start on {self._host}:{self._port}")
         self._log.info("http_listening", host=self._host, port=self.port)
 
@@ -724,7 +730,7 @@ class HttpServer:
             self._server.force_exit = True
             self._thread.join(5)
         self._sock.close()
-        self._server = self._thread = None
+        self._server = self._thread = self._sock = None
         self._log.info("http_stopped")
 
 

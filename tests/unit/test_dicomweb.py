@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from pydicom.uid import CTImageStorage, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
 with warnings.catch_warnings():
     # starlette 1.x prefers the httpx2 package for its TestClient; httpx still works and is what we install.
@@ -171,6 +171,34 @@ def test_body_larger_than_the_in_memory_buffer_spills_and_stores(node, ct, monke
     monkeypatch.setattr(dicomweb, "IN_MEMORY_BODY_BYTES", 1024)  # every part goes through the disk file
     r = node.stow(files(ct))
     assert r.status_code == 200 and len(node.spooled()) == 3
+
+
+def test_deflated_part_is_stored(node, ct):
+    ds = pydicom.dcmread(ct.paths[0])
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    assert node.stow([buf.getvalue()], study=ct.study_uid).status_code == 200
+    row = node.index.get_instance(ct.sop_uids[0])
+    assert row.transfer_syntax_uid == DeflatedExplicitVRLittleEndian
+    assert pydicom.dcmread(row.path).pixel_array.shape == (16, 16)
+
+
+def test_a_failing_release_hook_does_not_fail_the_request(tmp_path, ct):
+    n = Node(tmp_path)
+    try:
+        def broken() -> None:
+            raise RuntimeError("sweeper is down")
+
+        n.app = create_app(
+            n.config, Ingestor(n.spool, n.index), n.index, health=n.health, metrics=n.metrics, token=None,
+            on_released=broken,
+        )
+        with TestClient(n.app) as client:
+            r = client.post("/dicomweb/studies", content=multipart(files(ct)), headers={"Content-Type": STOW_TYPE})
+        assert r.status_code == 200 and n.instance_rows() == 3
+    finally:
+        n.engine.dispose()
 
 
 @pytest.mark.parametrize(
