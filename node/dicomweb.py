@@ -336,16 +336,19 @@ class _DicomWeb:
             self.metrics.stow_request(denied.status_code)
             return denied
         request_id = uuid.uuid4().hex
-        study = request.path_params.get("study")
-        log = self.log.bind(request_id=request_id, client=_client(request), url_study_uid=study)
+        log = self.log.bind(request_id=request_id, client=_client(request))
+        study: str | None = None
+        if "study" in request.path_params:
+            try:
+                study = check_uid(request.path_params["study"], "StudyInstanceUID")
+            except ReceiveError as exc:  # the message shows at most 80 escaped characters of the value
+                log.warning("stow_refused", http_status=400, reason=str(exc))
+                self.metrics.stow_request(400)
+                return JSONResponse({"error": f"the URL's study is not a UID: {exc}"}, status_code=400)
+            log = log.bind(url_study_uid=study)
         t0 = time.monotonic()
         with tempfile.SpooledTemporaryFile(max_size=IN_MEMORY_BODY_BYTES, mode="w+b", dir=str(self.tmp_dir)) as body:
             try:
-                if study is not None:
-                    try:
-                        study = check_uid(study, "StudyInstanceUID")
-                    except ReceiveError as exc:
-                        raise _Refused(400, f"the URL's study is not a UID: {exc}") from exc
                 reader = _BodyReader(_stow_boundary(request.headers.get("content-type")), body)
                 received = 0
                 async for chunk in request.stream():
