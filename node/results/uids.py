@@ -12,11 +12,13 @@ from node.results.errors import ResultsError
 
 UID_PREFIX = PYDICOM_ROOT_UID
 _SCHEME = "pacs-ai-node/result-uid/1"  # bump only if UIDs must change for the same inputs
-_UID_GRAMMAR = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+# The receive path's grammar (node.spool.check_uid): digits and dots. Components with leading zeros break PS3.5 but
+# do arrive from real modalities; the node stores such series, so its results must be able to reference them.
+_UID_GRAMMAR = re.compile(r"[0-9]+(\.[0-9]+)*")
 
 
 def is_valid_uid(value: object) -> bool:
-    """True for a string in the DICOM UID grammar (digits and dots, no leading zeros) of at most 64 characters."""
+    """True for a string of digits and dots (no empty component) of at most 64 characters."""
     return isinstance(value, str) and len(value) <= 64 and _UID_GRAMMAR.fullmatch(value) is not None
 
 

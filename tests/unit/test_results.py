@@ -541,3 +541,12 @@ def test_outline_encloses_exactly_the_largest_region(seed: int) -> None:
     assert polygon_area(points, VoxelSize(1.0, 1.0, 1.0)) == pytest.approx(region.sum())
     assert polygon_area(points, VoxelSize(0.5, 2.0, 1.0)) == pytest.approx(region.sum())
     assert points.min() >= 0 and points.max() <= 24
+
+
+def test_result_uid_accepts_source_uids_with_leading_zero_components():
+    """Real modalities send such UIDs; the receive path stores them, so results must be able to reference them."""
+    uid = result_uid("1.2.0840.10008.01", 1, "m@1", "sr")
+    assert uid == result_uid("1.2.0840.10008.01", 1, "m@1", "sr")
+    assert len(uid) <= 64 and uid.replace(".", "").isdigit()
+    with pytest.raises(ResultsError):
+        result_uid("1.2.x", 1, "m@1", "sr")
