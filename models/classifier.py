@@ -80,9 +80,22 @@ class GatedAttentionPooling(layers.Layer):
         return {**super().get_config(), "units": self.units}
 
 
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class WeightedSum(layers.Layer):
+    """Σ_s attention[b, s] · values[b, s] → (B, 1): the attention-pooled slice evidence."""
+
+    def call(self, values: Any, attention: Any) -> Any:
+        return ops.sum(values * attention, axis=-1, keepdims=True)
+
+    def compute_output_shape(self, values_shape: tuple[Any, ...], attention_shape: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (values_shape[0], 1)
+
+
 def _conv_block(x: Any, filters: int, stride: int, name: str) -> Any:
     x = layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False, name=f"{name}_conv")(x)
-    x = layers.BatchNormalization(name=f"{name}_bn")(x)
+    # Group norm, not batch norm: a training batch holds the slices of one or two series, so batch statistics
+    # would carry series-level information and differ between training and inference.
+    x = layers.GroupNormalization(groups=max(1, min(8, filters // 4)), name=f"{name}_gn")(x)
     return layers.ReLU(name=f"{name}_relu")(x)
 
 
@@ -115,10 +128,15 @@ def build_classifier(
     h = UnfoldSlices(name="unfold")(encoder(FoldSlices(name="fold")(slices)), slices)  # (B, S, F)
     slice_logit = layers.Reshape((-1,), name="slice_logit")(layers.Dense(1, name="slice_head")(h))
     pooled, attention = GatedAttentionPooling(attention_units, name="attention_pool")(h)
+    # The series score rests on the attention-weighted slice evidence (so the slices the attention names are the
+    # ones whose lesion score drove the decision), adjusted by the pooled features and the clinical data.
+    evidence = WeightedSum(name="evidence")(slice_logit, attention)
     c = layers.Dense(8, activation="relu", name="clinical_dense")(clinical)
     z = layers.Concatenate(name="fusion")([layers.Dropout(dropout, name="pool_dropout")(pooled), c])
-    z = layers.Dense(32, activation="relu", name="head_dense")(z)
-    probability = layers.Dense(1, activation="sigmoid", name="probability")(z)
+    z = layers.Dense(16, activation="relu", name="head_dense")(z)
+    adjust = layers.Dense(1, kernel_initializer="zeros", name="adjust")(z)
+    series_logit = layers.Add(name="series_logit")([evidence, adjust])
+    probability = layers.Activation("sigmoid", name="probability")(series_logit)
     attention = layers.Activation("linear", name="attention")(attention)
     return keras.Model(
         {"slices": slices, "clinical": clinical},

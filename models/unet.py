@@ -20,7 +20,9 @@ CLASSES = ("background", "lung", "lesion")
 def _double_conv(x: Any, filters: int, name: str) -> Any:
     for i in range(2):
         x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv{i}")(x)
-        x = layers.BatchNormalization(name=f"{name}_bn{i}")(x)
+        # Group norm: per-slice statistics, so a slice's mask does not depend on the rest of its batch and
+        # training (lesion-enriched batches) and inference (whole series) normalise alike.
+        x = layers.GroupNormalization(groups=max(1, min(8, filters // 4)), name=f"{name}_gn{i}")(x)
         x = layers.ReLU(name=f"{name}_relu{i}")(x)
     return x
 

@@ -47,6 +47,7 @@ class GridCase:
     label: int
     hu: np.ndarray  # (S, g, g) float16
     slice_lesion: np.ndarray  # (S,) lesion area on the grid, in grid pixels
+    slice_lung: np.ndarray  # (S,) lung area on the grid, in grid pixels
     age: float | None
     sex: str | None
     target: np.ndarray | None = None  # (S, g, g) uint8 classes {0, 1 lung, 2 lesion}
@@ -92,17 +93,19 @@ def load_grid_cases(
         if masks["lesion"].shape != vol.hu.shape:
             raise TrainingError(f"case {row.case_id}: masks {masks['lesion'].shape} do not match the series {vol.hu.shape}")
         lesion_frac = masks_to_grid(masks["lesion"], grid)
+        lung_frac = masks_to_grid(masks["lungs"], grid)
         target = None
         if with_targets:
             from models.unet import targets_from_fractions
 
-            target = targets_from_fractions(masks_to_grid(masks["lungs"], grid), lesion_frac).astype(np.uint8)
+            target = targets_from_fractions(lung_frac, lesion_frac).astype(np.uint8)
         cases.append(
             GridCase(
                 case_id=str(row.case_id),
                 label=int(row.label),
                 hu=resize_slices(vol.hu, grid).astype(np.float16),
                 slice_lesion=lesion_frac.sum(axis=(1, 2)).astype(np.float32),
+                slice_lung=lung_frac.sum(axis=(1, 2)).astype(np.float32),
                 age=vol.patient_age,
                 sex=vol.patient_sex,
                 target=target,
@@ -213,15 +216,18 @@ def _epoch_bar(total: int, epoch: int, epochs: int, progress: bool) -> Any:
 
 @dataclass(frozen=True)
 class ClassifierSettings:
-    epochs: int = 12
+    epochs: int = 8
     seed: int = 0
     grid: int = 128
     max_slices: int = 48
     series_per_step: int = 2
-    learning_rate: float = 1e-3
+    learning_rate: float = 1e-3  # slice warm-up
+    mil_learning_rate: float = 3e-4  # series (attention) stage: gentler, so it refines the warmed-up encoder
     slice_loss_weight: float = 0.5
     loss: str = "weighted_bce"  # or "focal"
     min_lesion_px: float = 2.0  # a slice is "lesion" when the lesion covers this many grid pixels
+    pretrain_steps: int = 1000  # slice-level warm-up of the encoder on balanced random slices
+    pretrain_batch: int = 32
     clinical_dropout: float = 0.3
     widths: tuple[int, ...] = (16, 32, 48, 64)
     features: int = 64
@@ -252,6 +258,30 @@ def _classifier_batches(
             drop = rng.random() < s.clinical_dropout
             clin.append(clinical_vector(None if drop else c.age, None if drop else c.sex))
         yield np.stack(xs), np.stack(clin), np.array(ys, np.float32), np.stack(sl)
+
+
+def _pretrain_batches(
+    cases: list[GridCase], s: ClassifierSettings, cfg: PreprocessConfig, rng: np.random.Generator
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Balanced random slices (half with lesion), each augmented on its own.
+
+    Negatives come from slices with as much lung as the lesion slices have, so "lesion" cannot be learnt as
+    "a slice through the middle of the lungs" (a shortcut that does not survive max-pooling over a series).
+    """
+    pos = [(ci, k) for ci, c in enumerate(cases) for k in np.flatnonzero(c.slice_lesion >= s.min_lesion_px)]
+    if not pos:
+        return
+    min_lung = float(np.percentile([cases[ci].slice_lung[k] for ci, k in pos], 10))
+    neg = [
+        (ci, k) for ci, c in enumerate(cases) for k in np.flatnonzero((c.slice_lesion == 0) & (c.slice_lung >= min_lung))
+    ]
+    if not pos or not neg:
+        return
+    half = s.pretrain_batch // 2
+    for _ in range(s.pretrain_steps):
+        picks = [pos[i] for i in rng.integers(0, len(pos), half)] + [neg[i] for i in rng.integers(0, len(neg), half)]
+        xs = [window(augment(cases[ci].hu[k : k + 1].astype(np.float32), rng)[0][0], cfg) for ci, k in picks]
+        yield np.stack(xs), np.array([1.0] * half + [0.0] * half, np.float32)
 
 
 def predict_classifier(model: Any, cases: list[GridCase], cfg: PreprocessConfig) -> np.ndarray:
@@ -303,12 +333,17 @@ def train_classifier(
 
     model = build_classifier(grid=s.grid, channels=cfg.channels, widths=s.widths, features=s.features)
     steps = max(1, len(train) // s.series_per_step)
-    schedule = keras.optimizers.schedules.CosineDecay(s.learning_rate, decay_steps=max(1, steps * s.epochs), alpha=0.05)
+    schedule = keras.optimizers.schedules.CosineDecay(
+        s.mil_learning_rate, decay_steps=max(1, steps * s.epochs), alpha=0.05
+    )
     opt = keras.optimizers.Adam(schedule)
     # Class weight from the share of positive windows the sampler produces (close to the case prevalence).
     pos_rate = float(np.mean([c.label for c in train])) if train else 0.5
     pos_rate = float(np.clip(pos_rate, 0.05, 0.95))
     w_pos, w_neg = 0.5 / pos_rate, 0.5 / (1.0 - pos_rate)
+    # Lesion slices are rare (~10 %): weight them so the slice head keeps the balanced calibration of the warm-up.
+    slice_rate = float(np.mean(np.concatenate([c.slice_lesion >= s.min_lesion_px for c in train])))
+    slice_pos_weight = float(np.clip((1.0 - slice_rate) / max(slice_rate, 1e-3), 1.0, 20.0))
 
     def losses(x: Any, clin: Any, y: Any, sl: Any, training: bool) -> tuple[Any, Any, Any]:
         out_ = model({"slices": x, "clinical": clin}, training=training)
@@ -318,7 +353,9 @@ def train_classifier(
         else:
             pc = tf.clip_by_value(p, 1e-6, 1 - 1e-6)
             series = tf.reduce_mean(-(w_pos * y * tf.math.log(pc) + w_neg * (1 - y) * tf.math.log(1 - pc)))
-        slice_l = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=sl, logits=out_["slice_logit"]))
+        slice_l = tf.reduce_mean(
+            tf.nn.weighted_cross_entropy_with_logits(labels=sl, logits=out_["slice_logit"], pos_weight=slice_pos_weight)
+        ) / (0.5 * (1.0 + slice_pos_weight))
         return series + s.slice_loss_weight * slice_l, series, p
 
     @tf.function(reduce_retracing=True)
@@ -329,10 +366,44 @@ def train_classifier(
         opt.apply_gradients(zip(grads, model.trainable_variables, strict=True))
         return total, p
 
+    # Stage 1: the slice encoder and the slice head learn "lesion in this slice" on balanced slices, so the
+    # attention-pooled (multiple-instance) stage starts from informative features; from series batches alone
+    # (one or two patients per step, ~10 % lesion slices) it learns very slowly.
+    slice_model = keras.Model(
+        model.get_layer("slice_encoder").input,
+        model.get_layer("slice_head")(model.get_layer("slice_encoder").output),
+    )
+    pre_opt = keras.optimizers.Adam(s.learning_rate)
+
+    @tf.function(reduce_retracing=True)
+    def pretrain_step(x: Any, y: Any) -> Any:
+        with tf.GradientTape() as tape:
+            logit = tf.reshape(slice_model(x, training=True), (-1,))
+            loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=y, logits=logit))
+        grads = tape.gradient(loss, slice_model.trainable_variables)
+        pre_opt.apply_gradients(zip(grads, slice_model.trainable_variables, strict=True))
+        return loss
+
+    pre_losses: list[float] = []
+    with _epoch_bar(s.pretrain_steps, 0, s.epochs, progress) as bar:
+        bar.set_description("slice warm-up")
+        for x, y in _pretrain_batches(train, s, cfg, rng):
+            pre_losses.append(float(pretrain_step(x, y)))
+            bar.update(1)
+            bar.set_postfix(loss=f"{np.mean(pre_losses[-50:]):.3f}")
+    if pre_losses:
+        log(f"slice warm-up: {len(pre_losses)} steps, loss {np.mean(pre_losses[:20]):.3f} → {np.mean(pre_losses[-20:]):.3f}")
+
     history: dict[str, list[float]] = {"loss": [], "accuracy": [], "val_loss": [], "val_accuracy": [], "val_auc": []}
     best: tuple[float, float] = (-1.0, -math.inf)
     best_weights = model.get_weights()
     best_epoch = 0
+    if val:  # the warmed-up model (series score = attention over slice evidence) is epoch 0's candidate
+        yv = np.array([c.label for c in val])
+        pv = predict_classifier(model, val, cfg)
+        pc = np.clip(pv, 1e-6, 1 - 1e-6)
+        best = (_auc(yv.tolist(), pv.tolist()), -float(np.mean(-(yv * np.log(pc) + (1 - yv) * np.log(1 - pc)))))
+        log(f"after warm-up: val_auc {best[0]:.3f}")
     for epoch in range(1, s.epochs + 1):
         tot, correct, n = 0.0, 0, 0
         with _epoch_bar(steps, epoch, s.epochs, progress) as bar:
@@ -405,6 +476,8 @@ def train_classifier(
             "augmentation": "left-right flip, rotation ±12°, Gaussian noise ≤25 HU, HU shift ±30, slice windows, "
             "every-second-slice subsampling",
             "best_epoch": best_epoch,
+            "slice_warmup_loss": [round(float(np.mean(pre_losses[:20])), 4), round(float(np.mean(pre_losses[-20:])), 4)]
+            if pre_losses else None,
             "load_seconds": round(t_loaded - t0, 1),
             "train_seconds": round(t_trained - t_loaded, 1),
             "environment": _environment(),

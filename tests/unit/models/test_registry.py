@@ -1,0 +1,124 @@
+"""models.registry: shipped weights load (once), predict on the source grid, version selection, integrity checks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from models.preprocess import dice, load_series
+from models.registry import (
+    CARD_FILE,
+    DEFAULT_WEIGHTS_DIR,
+    MODEL_FILE,
+    Classifier,
+    Registry,
+    RegistryError,
+    Segmenter,
+    version_key,
+)
+
+from .util import case_files, case_masks
+
+
+def test_shipped_cards_say_synthetic_and_not_for_clinical_use() -> None:
+    reg = Registry()
+    for name in ("classifier", "segmenter"):
+        versions = reg.versions(name)
+        assert versions, f"no shipped {name} weights under {DEFAULT_WEIGHTS_DIR}"
+        card = json.loads((reg.folder(name) / CARD_FILE).read_text())
+        assert card["not_for_clinical_use"] is True
+        assert "not for clinical use" in card["intended_use"].lower()
+        assert "synthetic" in card["intended_use"].lower()
+        assert card["training"]["data"]["generator"] == "training.phantom"
+        assert "test" in card["metrics"], "the model-eval results must be recorded in the card"
+        size = (reg.folder(name) / MODEL_FILE).stat().st_size
+        assert size < 4_000_000, f"{name} weights are {size} bytes"
+
+
+def test_classifier_predicts_on_a_small_phantom(tiny_phantom: Path) -> None:
+    reg = Registry()
+    clf = reg.classifier()
+    assert isinstance(clf, Classifier) and clf.name and clf.version == reg.versions("classifier")[-1]
+    vol = load_series(case_files(tiny_phantom, 0))
+    out = clf.predict(vol, age=vol.patient_age, sex=vol.patient_sex)
+    assert 0.0 <= out.probability <= 1.0 and 0.0 < out.threshold < 1.0
+    assert out.attention.shape == (vol.shape[0],)
+    assert out.attention.sum() == pytest.approx(1.0, abs=1e-4) and (out.attention >= 0).all()
+    # Without age and sex the model still answers (missing-aware fusion).
+    assert 0.0 <= clf.predict(vol).probability <= 1.0
+
+
+def test_segmenter_masks_are_on_the_source_grid(small_phantom: Path) -> None:
+    seg = Registry().segmenter()
+    assert isinstance(seg, Segmenter)
+    vol = load_series(case_files(small_phantom, 0))
+    out = seg.predict(vol)
+    assert out.lungs.shape == vol.hu.shape == out.lesion.shape
+    assert out.lungs.dtype == bool and out.lesion.dtype == bool
+    assert not (out.lesion & ~out.lungs).any()
+    truth = case_masks(small_phantom, 0)
+    assert dice(out.lungs, truth["lungs"]) > 0.8
+    assert vol.hu[out.lungs].mean() < -500
+
+
+def test_models_load_once_per_process() -> None:
+    a, b = Registry(), Registry(DEFAULT_WEIGHTS_DIR)
+    assert a.classifier() is b.classifier() and a.segmenter() is b.segmenter()
+
+
+def _copy_version(src_kind: str, dst: Path, version: str) -> Path:
+    src = Registry().folder(src_kind)
+    folder = dst / src_kind / version
+    shutil.copytree(src, folder)
+    card = json.loads((folder / CARD_FILE).read_text())
+    card["version"] = version
+    (folder / CARD_FILE).write_text(json.dumps(card))
+    return folder
+
+
+def test_latest_version_and_explicit_versions(tmp_path: Path) -> None:
+    for v in ("1.2.0", "1.10.0", "1.9.3"):
+        _copy_version("classifier", tmp_path, v)
+    reg = Registry(tmp_path)
+    assert reg.versions("classifier") == ["1.2.0", "1.9.3", "1.10.0"]
+    assert reg.classifier().version == "1.10.0"
+    assert reg.classifier("1.2.0").version == "1.2.0"
+    with pytest.raises(RegistryError, match="no version"):
+        reg.classifier("2.0.0")
+    with pytest.raises(RegistryError, match="no versions"):
+        reg.segmenter()
+
+
+def test_corrupt_or_mismatched_weights_are_refused(tmp_path: Path) -> None:
+    folder = _copy_version("classifier", tmp_path, "3.0.0")
+    (folder / MODEL_FILE).write_bytes((folder / MODEL_FILE).read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(RegistryError, match="sha256"):
+        Registry(tmp_path).classifier()
+    seg_as_clf = _copy_version("segmenter", tmp_path / "x", "1.0.0")
+    seg_as_clf.parent.rename(tmp_path / "x" / "classifier")
+    with pytest.raises(RegistryError, match="expected 'classifier'"):
+        Registry(tmp_path / "x").classifier()
+    bad = tmp_path / "y" / "classifier" / "1.0.0"
+    bad.mkdir(parents=True)
+    (bad / CARD_FILE).write_text("{not json")
+    with pytest.raises(RegistryError, match="cannot read model card"):
+        Registry(tmp_path / "y").classifier()
+
+
+def test_version_key_orders_numerically() -> None:
+    assert sorted(["1.10.0", "1.2.0", "0.9"], key=version_key) == ["0.9", "1.2.0", "1.10.0"]
+
+
+def test_attention_follows_the_lesion(small_phantom: Path) -> None:
+    # On a pneumonia phantom the classifier should put more attention on lesion slices than on the rest.
+    clf = Registry().classifier()
+    hits = 0
+    for i in range(4):
+        vol = load_series(case_files(small_phantom, i))
+        les = case_masks(small_phantom, i)["lesion"].any(axis=(1, 2))
+        att = clf.predict(vol).attention
+        hits += int(att[les].mean() > att[~les].mean()) if les.any() and (~les).any() else 0
+    assert hits >= 3

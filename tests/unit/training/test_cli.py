@@ -1,0 +1,82 @@
+"""training.cli: the subcommands registered on an argparse parser, run end to end on tiny phantoms."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from models.registry import CARD_FILE, Registry
+from training import cli
+
+
+def _run(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command", required=True)
+    cli.register(sub)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+def test_register_adds_the_subcommands() -> None:
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    cli.register(sub)
+    assert {"phantom", "train", "model-eval"} <= set(sub.choices)
+    args = parser.parse_args(["phantom", "--out", "x", "--cases", "2", "--seed", "1"])
+    assert callable(args.func) and args.size == "256-512" and args.slices == "40-160"
+
+
+def test_phantom_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = _run(["phantom", "--out", str(tmp_path / "p"), "--cases", "2", "--seed", "4", "--size", "48",
+               "--slices", "5-6", "--prevalence", "0.5", "--quiet"])
+    assert rc == 0
+    assert "wrote 2 phantom series (1 pneumonia)" in capsys.readouterr().out
+    assert len(list((tmp_path / "p").glob("CASE000*/dicom/*.dcm"))) >= 10
+    assert _run(["phantom", "--out", str(tmp_path / "q"), "--cases", "2", "--seed", "4", "--size", "big",
+                 "--quiet"]) == 2
+
+
+def test_train_classifier_writes_a_loadable_model(tiny_set: Path, tmp_path: Path) -> None:
+    out = tmp_path / "weights" / "classifier" / "0.0.1"
+    rc = _run(["train", "classifier", "--data", str(tiny_set), "--val-data", str(tiny_set), "--out", str(out),
+               "--epochs", "1", "--version", "0.0.1", "--quiet"])
+    assert rc == 0
+    for f in ("model.keras", CARD_FILE, "curves.png", "history.json"):
+        assert (out / f).is_file(), f
+    card = json.loads((out / CARD_FILE).read_text())
+    assert card["version"] == "0.0.1" and card["training"]["train_seconds"] >= 0
+    assert card["metrics"]["validation"]["roc_auc"] is not None
+    clf = Registry(tmp_path / "weights").classifier()
+    assert clf.version == "0.0.1"
+
+
+def test_train_segmenter_writes_a_loadable_model(tiny_set: Path, tmp_path: Path) -> None:
+    out = tmp_path / "weights" / "segmenter" / "0.0.1"
+    rc = _run(["train", "segmenter", "--data", str(tiny_set), "--out", str(out), "--epochs", "1", "--steps", "2",
+               "--version", "0.0.1", "--quiet"])
+    assert rc == 0
+    assert Registry(tmp_path / "weights").segmenter().version == "0.0.1"
+
+
+def test_train_on_missing_data_fails_cleanly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = _run(["train", "classifier", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--quiet"])
+    assert rc == 1 and "clinical.csv" in capsys.readouterr().err
+
+
+def test_model_eval_prints_auc_and_dice(tiny_set: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    weights = tmp_path / "weights"
+    shutil.copytree(Registry().weights_dir, weights)
+    rc = _run(["model-eval", "--data", str(tiny_set), "--weights-dir", str(weights), "--json",
+               str(tmp_path / "r.json"), "--write-card", "--quiet"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "classifier ROC AUC" in out and "U-Net lesion Dice" in out and "U-Net lung Dice" in out
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["cases"] == 4 and 0.0 <= res["classifier"]["roc_auc"] <= 1.0
+    assert len(res["per_case"]) == 4
+    card = json.loads((Registry(weights).folder("classifier") / CARD_FILE).read_text())
+    assert card["metrics"]["test"]["cases"] == 4

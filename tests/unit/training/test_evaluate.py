@@ -1,0 +1,45 @@
+"""training.evaluate: confidence intervals and the summary on hand-made rows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training.evaluate import bootstrap_ci, format_table, summarise, wilson
+
+
+def test_wilson_interval() -> None:
+    lo, hi = wilson(45, 50)
+    assert 0.78 < lo < 0.9 < hi < 0.97
+    assert wilson(0, 10)[0] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_bootstrap_ci_brackets_the_mean() -> None:
+    x = np.random.default_rng(0).normal(0.7, 0.1, 200)
+    lo, hi = bootstrap_ci(x, np.mean)
+    assert lo < x.mean() < hi and hi - lo < 0.05
+
+
+def _row(label: int, p: float, lung: float, les: float | None) -> dict:
+    return {"case_id": "C", "label": label, "reader": label, "subtle": 0, "probability": p,
+            "attention_hit": True if label else None, "lung_dice": lung, "lesion_dice": les,
+            "lesion_tp": 8 if label else 0, "lesion_pred": 10 if label else 2, "lesion_true": 10 if label else 0,
+            "fp_lesion_ml": None if label else 0.5, "slices": 10, "rows": 64,
+            "load_s": 0.1, "classifier_s": 0.1, "segmenter_s": 0.2}
+
+
+def test_summarise_and_table(tmp_path: Path) -> None:
+    (tmp_path / "C").mkdir()
+    (tmp_path / "C" / "case.json").write_text('{"seed": 5, "generator_version": "1"}')
+    (tmp_path / "clinical.csv").write_text("case_id,dicom_dir,masks,label,rows,slices\nC,C,C,1,64,10\n")
+    rows = [_row(1, 0.9, 0.95, 0.8), _row(1, 0.4, 0.93, 0.6), _row(0, 0.3, 0.97, None), _row(0, 0.1, 0.96, None)]
+    res = summarise(rows, 0.5, tmp_path, {"classifier": "1", "segmenter": "1"})
+    c, s = res["classifier"], res["segmenter"]
+    assert c["roc_auc"] == 1.0 and c["sensitivity"] == 0.5 and c["specificity"] == 1.0
+    assert s["lesion_dice_mean"] == pytest.approx(0.7) and s["lung_dice_mean"] == pytest.approx(0.9525)
+    assert s["lesion_dice_pooled"] == pytest.approx(2 * 16 / (24 + 20))
+    assert s["false_positive_lesion_ml_in_normals_mean"] == 0.5
+    text = format_table(res)
+    assert "classifier ROC AUC" in text and "1.000" in text
