@@ -39,7 +39,8 @@ class Peer:
 @dataclass(frozen=True)
 class StoreResult:
     sop_uid: str
-    status: int | None  # None: no response (association lost)
+    status: int | None  # None: not sent (see ``not_accepted``) or no response (association lost)
+    not_accepted: bool = False  # the peer accepted no presentation context for this instance: never sent
 
     @property
     def ok(self) -> bool:
@@ -109,14 +110,15 @@ def send_datasets(peer: Peer, datasets: Sequence[Dataset]) -> list[StoreResult]:
     results = []
     try:
         for ds in datasets:
+            not_accepted = False
             try:
                 status = assoc.send_c_store(ds)
                 code = int(status.Status) if "Status" in status else None
-            except (ValueError, RuntimeError) as exc:  # no accepted context for this instance, or assoc lost
-                if not assoc.is_established:
-                    raise SendError(f"association lost while sending {ds.SOPInstanceUID}") from exc
-                code = None
-            results.append(StoreResult(sop_uid=str(ds.SOPInstanceUID), status=code))
+            except ValueError:  # pynetdicom: no accepted presentation context for this SOP class / syntax
+                code, not_accepted = None, True
+            except RuntimeError as exc:
+                raise SendError(f"association lost while sending {ds.SOPInstanceUID}") from exc
+            results.append(StoreResult(sop_uid=str(ds.SOPInstanceUID), status=code, not_accepted=not_accepted))
             if not assoc.is_established:
                 break
     finally:

@@ -73,21 +73,16 @@ def classify_store_status(status: int) -> StoreOutcome:
 
 
 def check_store_results(results: Sequence[StoreResult], expected: int, peer: str) -> None:
-    """Raise unless all ``expected`` instances were stored; `PermanentSendError` if any was refused for good.
-
-    `node.scu.send_datasets` reports ``status=None`` both when the peer accepted no presentation context for an
-    instance (the association stays up and the next instance is sent: permanent, like 0x0122) and when no response
-    came (the association ended: transient). A ``None`` followed by another result can only be the former; a
-    ``None`` in last place is taken as the latter.
-    """
+    """Raise unless all ``expected`` instances were stored; `PermanentSendError` if any was refused for good (a failure
+    status of the permanent class, or no presentation context accepted for its SOP class/transfer syntax)."""
     permanent: list[str] = []
     transient: list[str] = []
-    for i, result in enumerate(results):
+    for result in results:
+        if result.not_accepted:
+            permanent.append(f"{result.sop_uid}: not accepted (no presentation context for its class)")
+            continue
         if result.status is None:
-            if i < len(results) - 1:
-                permanent.append(f"{result.sop_uid}: not accepted (no presentation context for its class)")
-            else:
-                transient.append(f"{result.sop_uid}: no C-STORE response")
+            transient.append(f"{result.sop_uid}: no C-STORE response")
             continue
         outcome = classify_store_status(result.status)
         if outcome is StoreOutcome.PERMANENT:

@@ -600,10 +600,12 @@ def test_store_results_checks() -> None:
         check_store_results([ok, StoreResult("1.2", 0xA700)], 2, "P")
     with pytest.raises(PermanentSendError, match=r"1\.2: status 0xC000"):
         check_store_results([StoreResult("1.2", 0xC000), StoreResult("1.3", 0xA700)], 2, "P")
-    # None then another result: the association stayed up, so no context was accepted for it
+    # no presentation context accepted for the instance, wherever it stands: permanent
     with pytest.raises(PermanentSendError, match=r"1\.2: not accepted"):
-        check_store_results([StoreResult("1.2", None), ok], 2, "P")
-    # None last: no response, or the association ended
+        check_store_results([StoreResult("1.2", None, not_accepted=True), ok], 2, "P")
+    with pytest.raises(PermanentSendError, match=r"1\.2: not accepted"):
+        check_store_results([ok, StoreResult("1.2", None, not_accepted=True)], 2, "P")
+    # no response: transient
     with pytest.raises(TransientSendError, match="no C-STORE response"):
         check_store_results([ok, StoreResult("1.2", None)], 2, "P")
     with pytest.raises(TransientSendError, match="association ended after 1 of 2"):
