@@ -177,7 +177,7 @@ def mcnemar(correct_a: Any, correct_b: Any, *, exact_below: int = MCNEMAR_EXACT_
     }
 
 
-def paired_ttest(a: Any, b: Any) -> dict[str, float]:
+def paired_ttest(a: Any, b: Any) -> dict[str, Any]:
     """Student's paired t-test of a − b (e.g. per-fold accuracies): mean difference, its 95 % CI, t, df, p."""
     x, z = np.asarray(a, dtype=np.float64).reshape(-1), np.asarray(b, dtype=np.float64).reshape(-1)
     _same_length(a=x, b=z)

@@ -1,0 +1,534 @@
+"""A labelled dataset: DICOM series found by their headers in any folder layout, joined to a label table.
+
+:func:`load_dataset` walks every file under the root, reads headers only (``stop_before_pixels``), groups the
+instances by SeriesInstanceUID, and joins a CSV whose rows name a series (``series_instance_uid``), a study
+(``study_instance_uid``; its CT series with the most instances) or a case (``case_id`` with a ``dicom_dir``
+folder, or a top-level folder of that name) to a ``label`` (0/1 or normal/pneumonia), an optional
+``reader_label`` (the reader's diagnosis), an optional ``patient_id`` (else the header's PatientID) and optional
+clinical columns (age, sex, fever, cough, dyspnoea, ...). A ``masks`` column (the phantom generator's
+``masks.npz``) adds per-slice lesion labels for deep supervision; without it training uses the series labels alone.
+
+It raises :class:`DatasetError` listing every problem at once: CSV rows whose series are missing, series without a
+label row (unless ``allow_unlabelled``), duplicate UIDs (in the CSV or two files with one SOPInstanceUID),
+conflicting labels, unparseable labels, or no readable DICOM file at all. Unreadable files are listed in
+``Dataset.unreadable`` and are not fatal on their own.
+
+:func:`prepare` turns the cases into :class:`training.train.GridCase` arrays on the model grid, once: the result
+is cached as one ``.npz`` keyed by the dataset's files and the grid, so cross-validation folds and reruns never
+re-read DICOM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from training.train import GridCase, TrainingError
+
+CACHE_VERSION = 1
+HEADER_TAGS = ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "PatientID", "Modality", "SOPClassUID")
+IMAGE_MODALITIES = frozenset({"CT"})
+# Files that are never DICOM in a dataset folder: skipped without being listed as unreadable.
+NON_DICOM_SUFFIXES = frozenset({
+    ".csv", ".tsv", ".json", ".npz", ".npy", ".txt", ".md", ".png", ".jpg", ".jpeg", ".html", ".xml", ".zip",
+    ".gz", ".py", ".log", ".xlsx", ".pdf", ".nii", ".mha", ".nrrd",
+})
+TABLE_NAMES = ("clinical.csv", "labels.csv")
+CLINICAL_COLUMNS = ("age", "sex", "fever", "cough", "dyspnoea")
+MAX_LISTED = 20  # problems named one by one in an error message before "... and N more"
+HIST_EDGES = np.arange(-1024.0, 504.0, 8.0)  # HU histogram bins (within the body) for the report
+
+_ALIASES = {
+    "series_instance_uid": ("series_instance_uid", "seriesinstanceuid", "series_uid"),
+    "study_instance_uid": ("study_instance_uid", "studyinstanceuid", "study_uid"),
+    "case_id": ("case_id", "case", "caseid"),
+    "dicom_dir": ("dicom_dir", "dicom_folder", "folder", "path"),
+    "label": ("label", "target", "y"),
+    "reader_label": ("reader_label", "reader", "reader_diagnosis", "physician_label"),
+    "patient_id": ("patient_id", "patientid"),
+    "masks": ("masks", "mask", "masks_path"),
+    "dyspnoea": ("dyspnoea", "dyspnea"),
+}
+_LABEL_WORDS = {
+    "1": 1, "0": 0, "1.0": 1, "0.0": 0, "pneumonia": 1, "normal": 0, "positive": 1, "negative": 0,
+    "yes": 1, "no": 0, "true": 1, "false": 0, "abnormal": 1,
+}
+
+
+class DatasetError(TrainingError):
+    """The dataset cannot be used as given; ``problems`` lists each reason (the message names them too)."""
+
+    def __init__(self, summary: str, problems: Sequence[str] = ()):
+        self.problems = list(problems)
+        shown = [f"  - {p}" for p in self.problems[:MAX_LISTED]]
+        if len(self.problems) > MAX_LISTED:
+            shown.append(f"  ... and {len(self.problems) - MAX_LISTED} more")
+        super().__init__("\n".join([summary, *shown]))
+
+
+@dataclass(frozen=True)
+class SeriesFiles:
+    """One series found on disk: its UIDs, the PatientID and modality of its headers, its files (sorted)."""
+
+    series_uid: str
+    study_uid: str
+    patient_id: str
+    modality: str
+    files: tuple[Path, ...]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One labelled series. ``reader_label`` is None where the table has no reader diagnosis for it."""
+
+    case_id: str
+    series_uid: str
+    study_uid: str
+    patient_id: str
+    label: int
+    reader_label: int | None
+    files: tuple[Path, ...]
+    masks: Path | None
+    clinical: dict[str, Any] = field(default_factory=dict)
+    row: dict[str, Any] = field(default_factory=dict)  # the whole table row (subgroup columns, e.g. "subtle")
+
+
+@dataclass
+class Dataset:
+    """Cases in table order, with what was skipped on the way (unreadable files, unlabelled series, notes)."""
+
+    root: Path
+    table_path: Path
+    cases: list[Case]
+    unreadable: list[tuple[str, str]]
+    unlabelled: list[str]
+    notes: list[str]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([c.label for c in self.cases], dtype=np.int64)
+
+    @property
+    def groups(self) -> np.ndarray:
+        return np.array([c.patient_id for c in self.cases])
+
+    @property
+    def has_reader(self) -> bool:
+        return any(c.reader_label is not None for c in self.cases)
+
+    @property
+    def has_masks(self) -> bool:
+        return bool(self.cases) and all(c.masks is not None for c in self.cases)
+
+    def summary(self) -> dict[str, Any]:
+        """Counts for reports and model cards (no paths inside the dataset, no patient data)."""
+        y = self.labels
+        return {
+            "root": str(self.root),
+            "table": self.table_path.name,
+            "cases": len(self.cases),
+            "pneumonia_cases": int(y.sum()),
+            "normal_cases": int(len(y) - y.sum()),
+            "patients": len(set(self.groups.tolist())),
+            "instances": int(sum(len(c.files) for c in self.cases)),
+            "reader_labels": int(sum(c.reader_label is not None for c in self.cases)),
+            "slice_labels": "lesion masks" if self.has_masks else "none (series labels only)",
+            "unreadable_files": len(self.unreadable),
+            "unlabelled_series": len(self.unlabelled),
+        }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Finding series
+# ---------------------------------------------------------------------------------------------------------
+
+
+def scan_series(root: Path, *, progress: bool = False) -> tuple[dict[str, SeriesFiles], list[tuple[str, str]]]:
+    """Every series under ``root`` by SeriesInstanceUID, and the unreadable files as (relative path, reason).
+
+    Raises DatasetError when two files carry the same SOPInstanceUID.
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from tqdm import tqdm
+
+    root = Path(root)
+    paths = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            p = Path(dirpath) / name
+            if p.suffix.lower() in NON_DICOM_SUFFIXES or name.startswith(".") or name == "DICOMDIR":
+                continue
+            paths.append(p)
+    unreadable: list[tuple[str, str]] = []
+    groups: dict[str, list[tuple[str, Path]]] = defaultdict(list)
+    meta: dict[str, tuple[str, str, str]] = {}
+    seen_sop: dict[str, Path] = {}
+    duplicates: list[str] = []
+    for p in tqdm(paths, desc="read headers", unit="file", disable=not progress, leave=False):
+        rel = str(p.relative_to(root))
+        try:
+            ds = pydicom.dcmread(p, stop_before_pixels=True, specific_tags=list(HEADER_TAGS))
+        except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            unreadable.append((rel, f"not a readable DICOM file ({type(exc).__name__}: {exc})"[:200]))
+            continue
+        series = str(getattr(ds, "SeriesInstanceUID", "") or "")
+        sop = str(getattr(ds, "SOPInstanceUID", "") or "")
+        if not series:
+            unreadable.append((rel, "no SeriesInstanceUID"))
+            continue
+        if sop and sop in seen_sop:
+            duplicates.append(f"SOPInstanceUID {sop} is in both {seen_sop[sop].relative_to(root)} and {rel}")
+            continue
+        if sop:
+            seen_sop[sop] = p
+        groups[series].append((rel, p))
+        meta.setdefault(
+            series,
+            (str(getattr(ds, "StudyInstanceUID", "") or ""), str(getattr(ds, "PatientID", "") or ""),
+             str(getattr(ds, "Modality", "") or "").upper()),
+        )
+    if duplicates:
+        raise DatasetError(f"{root}: {len(duplicates)} duplicate instance UIDs", duplicates)
+    found = {
+        uid: SeriesFiles(uid, meta[uid][0], meta[uid][1], meta[uid][2], tuple(p for _, p in sorted(files)))
+        for uid, files in groups.items()
+    }
+    return found, unreadable
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The label table
+# ---------------------------------------------------------------------------------------------------------
+
+
+def find_table(root: Path) -> Path:
+    """``clinical.csv`` or ``labels.csv`` in ``root``, else its only CSV file. Raises DatasetError."""
+    for name in TABLE_NAMES:
+        if (Path(root) / name).is_file():
+            return Path(root) / name
+    csvs = sorted(Path(root).glob("*.csv"))
+    if len(csvs) == 1:
+        return csvs[0]
+    raise DatasetError(f"{root}: no label table (clinical.csv or labels.csv); pass one explicitly",
+                       [f"found {len(csvs)} CSV files at the top level"])
+
+
+def read_labels(path: Path) -> pd.DataFrame:
+    """The label table with canonical column names (see the module docstring). Raises DatasetError."""
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"cannot read label table {path}: {exc}") from exc
+    rename = {}
+    lower = {c: c.strip().lower().replace(" ", "_") for c in table.columns}
+    for canonical, aliases in _ALIASES.items():
+        hits = [c for c, low in lower.items() if low in aliases]
+        if len(hits) > 1:
+            raise DatasetError(f"{path}: columns {hits} all mean {canonical!r}; keep one")
+        if hits:
+            rename[hits[0]] = canonical
+    table = table.rename(columns={**{c: lower[c] for c in table.columns}, **rename})
+    if "label" not in table.columns:
+        raise DatasetError(f"{path}: no 'label' column (0/1 or normal/pneumonia)", [f"columns: {list(table.columns)}"])
+    if not {"series_instance_uid", "study_instance_uid", "case_id"} & set(table.columns):
+        raise DatasetError(f"{path}: no column naming the series: series_instance_uid, study_instance_uid or case_id")
+    return table
+
+
+def parse_label(value: Any) -> int | None:
+    """0/1 from 0, 1, normal/pneumonia, negative/positive, no/yes, false/true; None when empty; else ValueError."""
+    text = str(value).strip().lower()
+    if text in ("", "nan", "na", "none"):
+        return None
+    if text not in _LABEL_WORDS:
+        raise ValueError(f"cannot read {value!r} as a label (0/1, normal/pneumonia, negative/positive)")
+    return _LABEL_WORDS[text]
+
+
+def _pick_series(candidates: list[SeriesFiles]) -> SeriesFiles:
+    """The CT series with the most instances (then the smallest UID), else any with the most instances."""
+    ct = [s for s in candidates if s.modality in IMAGE_MODALITIES] or candidates
+    return sorted(ct, key=lambda s: (-len(s.files), s.series_uid))[0]
+
+
+def _clinical(row: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for col in CLINICAL_COLUMNS:
+        v = row.get(col, "")
+        if v == "":
+            continue
+        if col == "sex":
+            out[col] = v.strip().upper()[:1] or None
+        else:
+            try:
+                out[col] = float(v)
+            except ValueError:
+                out[col] = v
+    return out
+
+
+def load_dataset(
+    root: str | Path,
+    table: str | Path | None = None,
+    *,
+    allow_unlabelled: bool = False,
+    progress: bool = False,
+) -> Dataset:
+    """Find the series under ``root`` and join them to the label table (default: :func:`find_table`).
+
+    Raises DatasetError naming every problem (see the module docstring).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"dataset folder {root} does not exist")
+    table_path = Path(table) if table is not None else find_table(root)
+    df = read_labels(table_path)
+    series, unreadable = scan_series(root, progress=progress)
+    if not series:
+        raise DatasetError(f"{root}: no readable DICOM series", [f"{p}: {why}" for p, why in unreadable])
+    by_study: dict[str, list[SeriesFiles]] = defaultdict(list)
+    for s in series.values():
+        by_study[s.study_uid].append(s)
+
+    problems: list[str] = []
+    notes: list[str] = []
+    rows = df.to_dict("records")
+    # Duplicate keys in the table: a conflict when their labels differ, a duplicate otherwise.
+    for key in ("series_instance_uid", "study_instance_uid", "case_id"):
+        if key not in df.columns:
+            continue
+        values = [str(r[key]).strip() for r in rows]
+        for value, n in Counter(v for v in values if v).items():
+            if n < 2:
+                continue
+            labels = {str(r["label"]).strip().lower() for r in rows if str(r[key]).strip() == value}
+            kind = "conflicting labels" if len(labels) > 1 else "duplicate"
+            problems.append(f"{kind}: {key} {value} is on {n} rows (labels {sorted(labels)})")
+
+    cases: list[Case] = []
+    used: dict[str, int] = {}
+    used_studies: set[str] = set()
+    for i, r in enumerate(rows):
+        where = f"row {i + 2} of {table_path.name}"  # 1-based, after the header line
+        try:
+            label = parse_label(r["label"])
+            reader = parse_label(r.get("reader_label", ""))
+        except ValueError as exc:
+            problems.append(f"{where}: {exc}")
+            continue
+        if label is None:
+            problems.append(f"{where}: no label")
+            continue
+        sid, stid, cid = (str(r.get(k, "")).strip() for k in ("series_instance_uid", "study_instance_uid", "case_id"))
+        found: SeriesFiles | None = None
+        if sid:
+            found = series.get(sid)
+            if found is None:
+                problems.append(f"{where}: missing series {sid} (no DICOM file under {root} has it)")
+                continue
+            if stid and found.study_uid != stid:
+                problems.append(f"{where}: series {sid} belongs to study {found.study_uid}, not {stid}")
+                continue
+        elif stid:
+            if stid not in by_study:
+                problems.append(f"{where}: missing study {stid} (no DICOM file under {root} has it)")
+                continue
+            found = _pick_series(by_study[stid])
+            if len(by_study[stid]) > 1:
+                notes.append(f"{where}: study {stid} has {len(by_study[stid])} series; used {found.series_uid} "
+                             f"({len(found.files)} instances)")
+        elif cid:
+            folder = (root / str(r.get("dicom_dir", "") or cid)).resolve()
+            inside = [s for s in series.values() if s.files[0].resolve().is_relative_to(folder)]
+            if not inside:
+                problems.append(f"{where}: missing series for case {cid} (no DICOM series under {folder})")
+                continue
+            found = _pick_series(inside)
+        else:
+            problems.append(f"{where}: names no series, study or case")
+            continue
+        if found.series_uid in used:
+            problems.append(f"{where}: series {found.series_uid} is already labelled by row {used[found.series_uid] + 2}")
+            continue
+        used[found.series_uid] = i
+        used_studies.add(found.study_uid)
+        masks = None
+        if str(r.get("masks", "")).strip():
+            masks = root / str(r["masks"]).strip()
+            if not masks.is_file():
+                problems.append(f"{where}: masks file {r['masks']} does not exist")
+                continue
+        patient = str(r.get("patient_id", "")).strip() or found.patient_id
+        case_id = cid or sid or found.series_uid
+        if not patient:
+            patient = case_id
+            notes.append(f"{where}: no patient id in the table or headers; the case is its own group")
+        cases.append(Case(case_id=case_id, series_uid=found.series_uid, study_uid=found.study_uid,
+                          patient_id=patient, label=label, reader_label=reader, files=found.files, masks=masks,
+                          clinical=_clinical(r), row=dict(r)))
+
+    unlabelled = []
+    for s in sorted(series.values(), key=lambda s: s.series_uid):
+        if s.series_uid in used:
+            continue
+        if s.study_uid in used_studies or s.modality not in IMAGE_MODALITIES:
+            notes.append(f"series {s.series_uid} ({s.modality or 'no modality'}, {len(s.files)} files) not used")
+            continue
+        unlabelled.append(s.series_uid)
+    if unlabelled and not allow_unlabelled:
+        problems.extend(f"unlabelled series {u} ({len(series[u].files)} files, e.g. {series[u].files[0].relative_to(root)})"
+                        for u in unlabelled)
+    if problems:
+        raise DatasetError(f"dataset {root} with {table_path.name}: {len(problems)} problems", problems)
+    if not cases:
+        raise DatasetError(f"dataset {root}: the table labels no series")
+    if len(set(c.label for c in cases)) < 2:
+        notes.append("only one class is labelled")
+    return Dataset(root=root, table_path=table_path, cases=cases, unreadable=unreadable, unlabelled=unlabelled,
+                   notes=notes)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Arrays on the model grid, cached
+# ---------------------------------------------------------------------------------------------------------
+
+# Slice "lesion area" for cases without masks: every slice of a pneumonia series counts as lesion (series
+# label only), so the trainer's series target is the label; crossval turns slice supervision off for these.
+NO_MASK_LESION = 1e6
+
+
+@dataclass
+class Prepared:
+    """The dataset's cases on the model grid, with per-case HU histograms (within the body) for the report."""
+
+    cases: list[GridCase]
+    hist_edges: np.ndarray
+    hist_counts: np.ndarray  # (cases, bins) voxel counts
+    key: str
+    path: Path
+    from_cache: bool
+    seconds: float
+
+
+def cache_key(dataset: Dataset, grid: int) -> str:
+    """sha256 over the grid, the cache format and every case's series, files (path, size, mtime) and masks."""
+    h = hashlib.sha256(json.dumps({"v": CACHE_VERSION, "grid": grid, "hist": HIST_EDGES.tolist()}).encode())
+    for c in dataset.cases:
+        h.update(f"\n{c.case_id}|{c.series_uid}|{c.label}".encode())
+        for p in [*c.files, *([c.masks] if c.masks else [])]:
+            st = p.stat()
+            h.update(f"|{p.relative_to(dataset.root)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def body_mask(hu: np.ndarray, threshold: float = -500.0) -> np.ndarray:
+    """Voxels inside the body: above ``threshold`` HU with in-plane holes (the lungs, airways) filled."""
+    from scipy import ndimage
+
+    structure = np.zeros((3, 3, 3), dtype=bool)
+    structure[1] = ndimage.generate_binary_structure(2, 1)  # fill slice by slice, never across slices
+    return np.asarray(ndimage.binary_fill_holes(hu > threshold, structure=structure))
+
+
+def _grid_case(case: Case, grid: int) -> tuple[GridCase, np.ndarray]:
+    from models.preprocess import PreprocessError, load_series, masks_to_grid, resize_slices
+    from training.phantom import load_masks
+
+    try:
+        vol = load_series(list(case.files))
+    except PreprocessError as exc:
+        raise DatasetError(f"case {case.case_id}: {exc}") from exc
+    hu_grid = resize_slices(vol.hu, grid)
+    if case.masks is not None:
+        m = load_masks(case.masks)
+        if m["lesion"].shape != vol.hu.shape:
+            raise DatasetError(f"case {case.case_id}: masks {m['lesion'].shape} do not match the series {vol.hu.shape}")
+        lesion = masks_to_grid(m["lesion"], grid).sum(axis=(1, 2)).astype(np.float32)
+        lung = masks_to_grid(m["lungs"], grid).sum(axis=(1, 2)).astype(np.float32)
+    else:
+        lesion = np.full(len(hu_grid), NO_MASK_LESION if case.label else 0.0, np.float32)
+        lung = np.ones(len(hu_grid), np.float32)
+    age = vol.patient_age if vol.patient_age is not None else case.clinical.get("age")
+    sex = vol.patient_sex or case.clinical.get("sex")
+    counts = np.histogram(vol.hu[body_mask(vol.hu)], bins=HIST_EDGES)[0]
+    gc = GridCase(case_id=case.case_id, label=case.label, hu=hu_grid.astype(np.float16), slice_lesion=lesion,
+                  slice_lung=lung, age=None if age is None or not math.isfinite(float(age)) else float(age),
+                  sex=sex if sex in ("M", "F", "O") else None)
+    return gc, counts
+
+
+def prepare(dataset: Dataset, grid: int, cache_dir: str | Path, *, progress: bool = False) -> Prepared:
+    """The cases on a ``grid``² model grid, read from the cache or computed once and cached (atomically).
+
+    Raises DatasetError when a series cannot be read (load_series' reason, named by case id).
+    """
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    key = cache_key(dataset, grid)
+    cache_dir = Path(cache_dir)
+    path = cache_dir / f"grid{grid}-{key[:20]}.npz"
+    if path.is_file():
+        try:
+            cases, counts = _read_cache(path, dataset)
+            return Prepared(cases, HIST_EDGES.copy(), counts, key, path, True, time.perf_counter() - t0)
+        except (OSError, ValueError, KeyError) as exc:
+            if progress:
+                tqdm.write(f"cache {path.name} unusable ({exc}); rebuilding")
+    cases, hists = [], []
+    for c in tqdm(dataset.cases, desc="preprocess", unit="series", disable=not progress):
+        gc, counts = _grid_case(c, grid)
+        cases.append(gc)
+        hists.append(counts)
+    counts_arr = np.stack(hists).astype(np.int64)
+    _write_cache(path, cases, counts_arr)
+    return Prepared(cases, HIST_EDGES.copy(), counts_arr, key, path, False, time.perf_counter() - t0)
+
+
+def _write_cache(path: Path, cases: list[GridCase], counts: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lengths = np.array([len(c.hu) for c in cases], np.int64)
+    tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
+    np.savez(
+        tmp,
+        case_ids=np.array([c.case_id for c in cases]),
+        lengths=lengths,
+        hu=np.concatenate([c.hu for c in cases]),
+        slice_lesion=np.concatenate([c.slice_lesion for c in cases]),
+        slice_lung=np.concatenate([c.slice_lung for c in cases]),
+        age=np.array([np.nan if c.age is None else c.age for c in cases], np.float64),
+        sex=np.array([c.sex or "" for c in cases]),
+        hist_counts=counts,
+    )
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _read_cache(path: Path, dataset: Dataset) -> tuple[list[GridCase], np.ndarray]:
+    with np.load(path, allow_pickle=False) as z:
+        ids = [str(x) for x in z["case_ids"]]
+        if ids != [c.case_id for c in dataset.cases]:
+            raise ValueError("case ids differ from the dataset's")
+        bounds = np.r_[0, np.cumsum(z["lengths"])]
+        hu, les, lung = z["hu"], z["slice_lesion"], z["slice_lung"]
+        ages, sexes, counts = z["age"], z["sex"], z["hist_counts"]
+    cases = [
+        GridCase(case_id=c.case_id, label=c.label, hu=hu[a:b], slice_lesion=les[a:b], slice_lung=lung[a:b],
+                 age=None if np.isnan(ages[i]) else float(ages[i]), sex=str(sexes[i]) or None)
+        for i, (c, a, b) in enumerate(zip(dataset.cases, bounds[:-1], bounds[1:], strict=True))
+    ]
+    return cases, counts
