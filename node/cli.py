@@ -40,8 +40,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def announce() -> None:
         host, port = service.dimse.address
         print(
-            f"pacsnode listening: DIMSE {config.node.ae_title}@{host}:{port} "
-            f"(data in {config.node.data_dir}); Ctrl-C to stop",
+            f"pacsnode listening: DIMSE {config.node.ae_title}@{host}:{port}, "
+            f"HTTP http://{host}:{service.http.port} (/dicomweb, /healthz, /readyz, /metrics); "
+            f"data in {config.node.data_dir}; Ctrl-C to stop",
             flush=True,
         )
 

@@ -58,6 +58,8 @@ class NodeSection(_Frozen):
     http_port: Port = 8080
     max_associations: Annotated[int, Field(ge=1, le=1000)] = 32
     network_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
+    dicomweb_token: SecretStr | None = None  # bearer token required by STOW-RS/QIDO-RS when set
+    stow_max_request_bytes: Annotated[int, Field(ge=1)] | None = None
 
     @property
     def spool_dir(self) -> Path:
@@ -182,6 +184,8 @@ class NodeConfig(_Frozen):
     def redacted(self) -> dict[str, Any]:
         """The effective config as plain data, secrets masked (for `pacsnode config check`)."""
         data = self.model_dump(mode="json")
+        if self.node.dicomweb_token is not None:
+            data["node"]["dicomweb_token"] = "********"
         for dest in data["destinations"]:
             if dest.get("token") is not None:
                 dest["token"] = "********"

@@ -41,6 +41,7 @@ from node.errors import ReceiveError, StoreStatus
 from node.index import Index
 from node.ingest import Ingestor, Origin
 from node.logs import get_logger
+from node.metrics import Metrics
 from node.states import AssociationState
 
 # Transfer syntaxes whose pixel data the node can decode later (pydicom + pylibjpeg plugins); uncompressed first.
@@ -90,8 +91,10 @@ class DimseServer:
         ingestor: Ingestor,
         index: Index,
         on_released: Callable[[], None] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._config = config
+        self._metrics = metrics or Metrics()
         self._on_released = on_released
         self._ingestor = ingestor
         self._index = index
@@ -158,11 +161,13 @@ class DimseServer:
         with self._lock:
             self._assoc_ids[assoc] = assoc_id
         calling = assoc.requestor.ae_title
+        self._metrics.association("accepted")
         self._index.association_opened(assoc_id, calling, assoc.acceptor.ae_title, _peer(assoc))
         self._log.info("association_accepted", assoc_id=assoc_id, calling_ae=calling, peer=_peer(assoc))
 
     def _on_rejected(self, event: evt.Event) -> None:
         assoc = event.assoc
+        self._metrics.association("rejected")
         self._log.warning(
             "association_rejected",
             calling_ae=assoc.requestor.ae_title,
@@ -175,6 +180,7 @@ class DimseServer:
             assoc_id = self._assoc_ids.pop(event.assoc, None)
         if assoc_id is None:
             return  # already closed (EVT_CONN_CLOSE follows a release) or never accepted
+        self._metrics.association(str(state))
         self._index.association_closed(assoc_id, state)
         self._log.info("association_closed", assoc_id=assoc_id, state=str(state))
         if state is AssociationState.RELEASED and self._on_released is not None:
@@ -210,12 +216,15 @@ class DimseServer:
                 reason=str(exc),
                 size=len(data),
             )
+            self._metrics.rejected(type(exc).__name__, "dimse")
             return int(exc.status)
         except Exception:
             # The boundary: an unexpected failure still answers a failure status, and the node keeps serving.
             self._log.exception("instance_failed", calling_ae=calling, assoc_id=assoc_id, size=len(data))
+            self._metrics.rejected("ProcessingFailure", "dimse")
             return int(StoreStatus.OUT_OF_RESOURCES_STORE)
         rec = accepted.record
+        self._metrics.instance_received(rec.sop_class_uid, rec.transfer_syntax_uid, len(data), "dimse")
         self._log.info(
             "instance_stored",
             calling_ae=calling,

@@ -126,6 +126,7 @@ class Dispatcher:
         *,
         clock: Callable[[], float] = time.time,
         rng: Callable[[], float] = random.random,
+        on_delivered: Callable[[str, int, str], None] | None = None,
     ) -> None:
         if not isinstance(config, NodeConfig):
             raise TypeError(f"config must be a NodeConfig, got {type(config).__name__}")
@@ -134,6 +135,7 @@ class Dispatcher:
         self._senders = self._checked(senders)
         self._clock = clock
         self._rng = rng
+        self._on_delivered = on_delivered  # (series_uid, version, destination): metrics only, never raises through
         self._token = f"{socket.gethostname()[:40]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._log = get_logger(component="dispatch")
         self._lock = threading.Lock()  # start/stop/apply_config and the worker set
@@ -355,6 +357,11 @@ class Dispatcher:
         now = self._clock()
         self._finish(claimed, log, state=DeliveryState.DELIVERED, delivered_at=now, last_attempt_at=now)
         log.info("delivery_sent", seconds=round(time.monotonic() - started, 3))
+        if self._on_delivered is not None:
+            try:
+                self._on_delivered(claimed.series_uid, claimed.version, claimed.destination)
+            except Exception:  # an observer's failure must not turn a delivered row into a failed one
+                log.exception("delivery_observer_failed")
         self._resume(claimed.destination, now, log)
         return _Next.CONTINUE
 

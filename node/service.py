@@ -1,6 +1,6 @@
 """The node's lifecycle: build every stage from one `NodeConfig`, run until a signal, shut down in two stages.
 
-`Service(config)` wires the data path in order — DIMSE server → ingest (spool + index) → completion sweep → job
+`Service(config)` wires the data path in order — DIMSE server and HTTP (STOW-RS, QIDO-RS, health, metrics) → ingest (spool + index) → completion sweep → job
 queue → worker (models) → dispatch. `start()` returns once the node listens; `run_forever()` blocks until
 SIGINT/SIGTERM: the first stops accepting associations, lets the worker and dispatcher finish what they hold
 and exits; a second signal forces exit. Everything that matters is in the database, so a restart resumes.
@@ -20,12 +20,14 @@ from types import FrameType
 from node.completion import CompletionSweeper
 from node.config import DestinationKind, NodeConfig, load_config
 from node.db import create_engine_for, init_schema
+from node.dicomweb import HealthProbe, HttpServer, create_app
 from node.dimse import DimseServer
 from node.dispatch import Dispatcher
 from node.errors import ConfigError
 from node.index import Index
 from node.ingest import Ingestor
 from node.logs import get_logger
+from node.metrics import Metrics
 from node.queue import JobQueue
 from node.senders import DimseSender, StowSender
 from node.spool import Spool
@@ -43,6 +45,7 @@ class Service:
         self.index = Index(self.engine)
         self.ingestor = Ingestor(self.spool, self.index)
         self.queue = JobQueue(self.engine, config.queue)
+        self.metrics = Metrics()
         self.dispatcher = Dispatcher(
             config,
             self.engine,
@@ -50,22 +53,41 @@ class Service:
                 DestinationKind.DIMSE: DimseSender(config.node.ae_title, config.dispatch.timeout_seconds),
                 DestinationKind.DICOMWEB: StowSender(config.dispatch.timeout_seconds),
             },
+            on_delivered=self._observe_end_to_end,
         )
         factory = runner_factory or (
             lambda: RegistryRunner(
                 config.worker.classifier_version, config.worker.segmenter_version, config.worker.weights_dir
             )
         )
-        self.worker = Worker(config, self.engine, self.queue, self.dispatcher, factory)
+        self.worker = Worker(config, self.engine, self.queue, self.dispatcher, factory, metrics=self.metrics)
         self.sweeper = CompletionSweeper(config, self.engine, self.queue, on_complete=self.worker.wake)
-        self.dimse = DimseServer(config, self.ingestor, self.index, on_released=self.sweeper.nudge)
+        self.dimse = DimseServer(
+            config, self.ingestor, self.index, on_released=self.sweeper.nudge, metrics=self.metrics
+        )
+        self.metrics.bind(
+            queue_depth=self.queue.depth, jobs=self.queue.counts, series=self.index.series_counts,
+            deliveries=self.dispatcher.counts,
+        )
+        models_ready = self.worker.ready.is_set if config.worker.enabled else (lambda: True)
+        token = config.node.dicomweb_token.get_secret_value() if config.node.dicomweb_token else None
+        app = create_app(
+            config, self.ingestor, self.index,
+            health=HealthProbe(self.engine, config.node.spool_dir, models_ready),
+            metrics=self.metrics, token=token, on_released=self.sweeper.nudge,
+            max_request_bytes=config.node.stow_max_request_bytes,
+        )
+        self.http = HttpServer(config, app)
         self._stop = threading.Event()
         self._signals = 0
         self._reload_lock = threading.Lock()
         self.pid_file = config.node.data_dir / "pacsnode.pid"
 
     # Settings bound at start-up (sockets, files, database); a reload that changes them is applied only after a restart.
-    RESTART_ONLY = ("ae_title", "host", "port", "data_dir", "http_port", "max_associations")
+    RESTART_ONLY = (
+        "ae_title", "host", "port", "data_dir", "http_port", "max_associations", "dicomweb_token",
+        "stow_max_request_bytes",
+    )
 
     def reload(self, path: Path | None = None) -> bool:
         """Re-read the config file (SIGHUP, `pacsnode config reload`) and swap it in atomically: allow-list,
@@ -106,12 +128,14 @@ class Service:
         if self.config.worker.enabled:
             self.worker.start()
         self.sweeper.start()
+        self.http.start()
         self.dimse.start()
         self.pid_file.write_text(f"{os.getpid()}\n")
 
     def stop(self, timeout: float = 60.0) -> None:
         t0 = time.monotonic()
         self.dimse.stop()
+        self.http.stop()
         self.sweeper.stop()
         self.worker.stop(timeout)
         self.dispatcher.stop(max(1.0, timeout - (time.monotonic() - t0)))
@@ -119,6 +143,12 @@ class Service:
         with contextlib.suppress(FileNotFoundError):
             self.pid_file.unlink()
         self.log.info("node_stopped")
+
+    def _observe_end_to_end(self, series_uid: str, _version: int, _destination: str) -> None:
+        """Latency metric: last instance of the series received → its results stored at a destination."""
+        row = self.index.get_series(series_uid)
+        if row is not None:
+            self.metrics.end_to_end(time.time() - row.last_received_at)
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         self._signals += 1

@@ -34,6 +34,7 @@ from node.dispatch import Dispatcher
 from node.gate import GateRefusal, check_series
 from node.index import instances
 from node.logs import get_logger
+from node.metrics import Metrics
 from node.queue import Job, JobQueue
 from node.results import (
     AlgorithmIdentity,
@@ -111,6 +112,7 @@ class Worker:
         *,
         clock: Callable[[], float] = time.time,
         poll_seconds: float = 1.0,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
         self.engine = engine
@@ -120,6 +122,7 @@ class Worker:
         self.runner: ModelRunner | None = None
         self.clock = clock
         self.poll_seconds = poll_seconds
+        self.metrics = metrics or Metrics()
         self.worker_id = f"worker-{uuid.uuid4().hex[:12]}"
         self.results_store = Spool(config.node.data_dir / "results")
         self.log = get_logger(component="worker", worker_id=self.worker_id)
@@ -200,6 +203,7 @@ class Worker:
             with self._heartbeat(job):
                 findings = runner.run(volume)
             inference_seconds = time.perf_counter() - t0
+            self.metrics.inference(inference_seconds)
             built = build_results(
                 volume.datasets, findings, runner.algorithm, series_version=job.version,
                 superseded=self._superseded(job),

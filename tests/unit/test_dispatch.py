@@ -372,6 +372,9 @@ def test_a_slow_destination_never_delays_another(make: Callable[..., Dispatcher]
     runner.start()
     try:
         deadline = time.monotonic() + 10
+        while row(d, ids[0]).state != DeliveryState.SENDING:  # the slow send has started and now hangs
+            assert time.monotonic() < deadline, "the slow destination never started sending"
+            time.sleep(0.01)
         while d.counts().get(("fast", "delivered"), 0) < 2:
             assert time.monotonic() < deadline, "the fast destination waited for the slow one"
             time.sleep(0.01)
