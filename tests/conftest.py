@@ -66,6 +66,7 @@ class RunningNode:
     config_path: Path
     proc: subprocess.Popen[bytes]
     log_path: Path
+    http_port: int = 0
 
     @property
     def spool(self) -> Path:
@@ -92,6 +93,7 @@ def start_node(tmp_path: Path) -> Iterator[Callable[..., RunningNode]]:
         *, allowed: list[str] | None = None, extra_toml: str = "", ae_title: str = "PACSNODE", port: int | None = None
     ) -> RunningNode:
         port = port or free_port()
+        http_port = free_port()
         data_dir = tmp_path / f"node-{len(started)}"
         config_path = tmp_path / f"node-{len(started)}.toml"
         config_path.write_text(
@@ -102,7 +104,7 @@ host = "127.0.0.1"
 port = {port}
 allowed_calling_aes = {_toml_list(allowed or [])}
 data_dir = "{data_dir}"
-http_port = {free_port()}
+http_port = {http_port}
 {extra_toml}
 """
         )
@@ -116,7 +118,7 @@ http_port = {free_port()}
             stderr=subprocess.STDOUT,
             env=env,
         )
-        node = RunningNode(port, ae_title, data_dir, config_path, proc, log_path)
+        node = RunningNode(port, ae_title, data_dir, config_path, proc, log_path, http_port)
         started.append(node)
         wait_for_port(port, proc=proc)
         return node

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import shutil
 import subprocess
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE, build_context
 from pynetdicom.dimse_primitives import C_STORE
 
-from tests.conftest import peer_env, require_tool
+from tests.conftest import peer_env, require_tool, wait_for_port
 from tests.ctgen import write_ct_series
 from tests.dicomfiles import content, dataset_bytes, pixels
 
@@ -94,6 +95,12 @@ def test_120_slice_series_is_spooled_byte_for_byte_and_indexed(start_node, tmp_p
     row = series_row(node, series.series_uid)
     assert row is not None and row.instance_count == 120 and row.modality == "CT"
     assert not list(node.spool.rglob("*.tmp")), "temp files left behind"
+    wait_for_port(node.http_port)
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{node.http_port}/metrics", timeout=10).read().decode()
+    counted = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                  if line.startswith("pacsnode_instances_received_total{") and 'source="dimse"' in line)
+    assert counted == 120
+    assert 'pacsnode_associations_total{event="released"} 1.0' in metrics
     log = node.log_text()
     assert "TEST^CTGEN" not in log and "CTGEN-0001" not in log and "19700101" not in log
 
