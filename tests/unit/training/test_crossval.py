@@ -1,0 +1,179 @@
+"""training.crossval end to end on a 12-case phantom set (3 folds, quick): metrics against scikit-learn, folds
+that keep patients whole, valid PNG figures, the report files, determinism, the final model and the CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn import metrics as skm
+
+from training import crossval, report
+from training.phantom import generate_dataset
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cv12")
+    generate_dataset(out, cases=12, seed=41, size=48, slices=(12, 12))
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The same quick evaluation twice, through the CLI: the second reads the first one's array cache."""
+    base = tmp_path_factory.mktemp("cv-out")
+    cache = base / "cache"
+    for name in ("a", "b"):
+        rc = crossval.main(["evaluate", "--data", str(data), "--folds", "3", "--out", str(base / name), "--seed", "7",
+                            "--quick", "--quiet", "--bootstrap", "200", "--cache-dir", str(cache)])
+        assert rc == 0
+    return base / "a", base / "b"
+
+
+def _metrics(out: Path) -> dict:
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_pooled_and_fold_metrics_match_sklearn(runs: tuple[Path, Path]) -> None:
+    out = runs[0]
+    m = _metrics(out)
+    pred = pd.read_csv(out / "predictions.csv")
+    y, p, d, r = pred.label.to_numpy(), pred.probability.to_numpy(), pred.prediction.to_numpy(), pred.reader_label.to_numpy()
+    assert (d == (p >= pred.threshold.to_numpy())).all()
+    pm = m["pooled"]["model"]
+    assert pm["accuracy"] == pytest.approx(skm.accuracy_score(y, d))
+    assert pm["sensitivity"] == pytest.approx(skm.recall_score(y, d, zero_division=np.nan), nan_ok=True)
+    assert pm["specificity"] == pytest.approx(skm.recall_score(y, d, pos_label=0))
+    assert pm["f1"] == pytest.approx(skm.f1_score(y, d, zero_division=0.0))
+    assert pm["roc_auc"] == pytest.approx(skm.roc_auc_score(y, p), abs=1e-6)
+    assert pm["brier"] == pytest.approx(skm.brier_score_loss(y, p), abs=1e-6)
+    pr = m["pooled"]["reader"]
+    assert pr["accuracy"] == pytest.approx(skm.accuracy_score(y, r))
+    assert pr["precision"] == pytest.approx(skm.precision_score(y, r))
+    c = m["comparison"]
+    assert c["kappa_model_reader"] == pytest.approx(skm.cohen_kappa_score(d, r), nan_ok=True)
+    assert c["mcnemar"]["discordant"] == int(((d == y) != (r == y)).sum())
+    accs = []
+    for f in m["folds"]:
+        sel = pred.fold == f["fold"]
+        assert f["accuracy"] == pytest.approx(skm.accuracy_score(y[sel], d[sel]))
+        assert f["reader"]["accuracy"] == pytest.approx(skm.accuracy_score(y[sel], r[sel]))
+        accs.append(f["accuracy"])
+    assert m["summary"]["model"]["accuracy"]["mean"] == pytest.approx(np.mean(accs))
+    assert m["summary"]["model"]["accuracy"]["sd"] == pytest.approx(np.std(accs, ddof=1))
+    lo, hi = pm["ci95"]["accuracy"]
+    assert lo <= pm["accuracy"] <= hi
+
+
+def test_folds_are_stratified_and_keep_patients_whole(runs: tuple[Path, Path]) -> None:
+    pred = pd.read_csv(runs[0] / "predictions.csv")
+    assert sorted(pred.fold.unique()) == [1, 2, 3] and len(pred) == 12
+    assert pred.groupby("patient_id").fold.nunique().max() == 1
+    assert (pred.groupby("fold").label.sum() >= 1).all() and (pred.groupby("fold").label.count() == 4).all()
+
+
+def test_outer_folds_group_patients_and_refuse_too_few() -> None:
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1, 0, 1, 0, 1])
+    groups = np.array(["a", "a", "b", "c", "d", "d", "e", "f", "g", "h", "i", "j"])
+    for train, test in crossval.outer_folds(y, groups, 3, seed=1):
+        assert not set(groups[train]) & set(groups[test])
+        fit, val = crossval.inner_split(y, groups, train, 0.5, seed=1)
+        assert not set(groups[fit]) & set(groups[val]) and len(fit) + len(val) == len(train)
+    with pytest.raises(crossval.DatasetError, match="at least 7 patients of each class"):
+        crossval.outer_folds(y, groups, 7, seed=1)
+
+
+def test_every_figure_is_a_readable_png(runs: tuple[Path, Path]) -> None:
+    import matplotlib.image as mpimg
+
+    figs = sorted((runs[0] / "figures").glob("*.png"))
+    names = {f.stem for f in figs}
+    assert {"hu_histograms", "training_curves", "roc", "confusion", "reliability", "fold_accuracy", "examples"} <= names
+    for f in figs:
+        raw = f.read_bytes()
+        assert raw[:8] == PNG_SIGNATURE and len(raw) > 5000, f
+        img = mpimg.imread(f)
+        assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 200 and img.std() > 0
+
+
+def test_report_files_hold_the_numbers(runs: tuple[Path, Path]) -> None:
+    out = runs[0]
+    m = _metrics(out)
+    md = (out / "report.md").read_text()
+    html = (out / "report.html").read_text()
+    acc = report.fmt(m["pooled"]["model"]["accuracy"], "accuracy")
+    auc = report.fmt(m["pooled"]["model"]["roc_auc"])
+    mean_acc = f"{100 * m['summary']['model']['accuracy']['mean']:.1f} %"
+    for text in (md, html):
+        assert "not for clinical use" in text and "synthetic phantom" in text
+        assert acc in text and auc in text and mean_acc in text
+        assert "McNemar" in text and "kappa" in text and "paired t-test" in text.lower()
+    assert md.count("](figures/") == 7
+    assert html.count('src="data:image/png;base64,') == 7
+    assert report.headline_table(m).splitlines()[2].startswith("| Metric |")
+    run = json.loads((out / "run.json").read_text())
+    assert run["wall_seconds"] > 0 and len(run["fold_train_seconds"]) == 3
+    assert m["protocol"]["folds"] == 3 and m["protocol"]["fold_seeds"] == [8, 9, 10]
+    assert (out / "folds" / "fold-01" / "model.keras").is_file()
+
+
+def test_same_seed_same_metrics(runs: tuple[Path, Path]) -> None:
+    a, b = runs
+    assert json.loads((a / "run.json").read_text())["prepare_from_cache"] is False
+    assert json.loads((b / "run.json").read_text())["prepare_from_cache"] is True
+    assert (a / "metrics.json").read_bytes() == (b / "metrics.json").read_bytes()
+    assert (a / "predictions.csv").read_bytes() == (b / "predictions.csv").read_bytes()
+
+
+def test_train_final_without_masks_loads_in_the_registry(data: Path, runs: tuple[Path, Path], tmp_path: Path) -> None:
+    """Series labels only (no masks column): the model trains, ships through the registry, records the CV."""
+    from models.preprocess import load_series
+    from models.registry import CARD_FILE, Registry
+
+    table = pd.read_csv(data / "clinical.csv").drop(columns=["masks", "dicom_dir", "case_id"])
+    table.to_csv(tmp_path / "labels.csv", index=False)
+    out = tmp_path / "weights" / "classifier" / "0.0.1"
+    card = crossval.train_final(data, out, labels=tmp_path / "labels.csv", seed=3, quick=True, version="0.0.1",
+                                cache_dir=tmp_path / "cache", cv_metrics=runs[0] / "metrics.json", progress=False)
+    assert card["training"]["settings"]["slice_loss_weight"] == 0.0
+    assert card["training"]["settings"]["pretrain_steps"] == 0
+    saved = json.loads((out / CARD_FILE).read_text())
+    assert saved["metrics"]["cross_validation"]["folds"] == 3
+    assert saved["metrics"]["cross_validation"]["pooled"]["accuracy"] == _metrics(runs[0])["pooled"]["model"]["accuracy"]
+    clf = Registry(tmp_path / "weights").classifier("0.0.1")
+    vol = load_series(sorted((data / "CASE0001" / "dicom").glob("*.dcm")))
+    res = clf.predict(vol, age=vol.patient_age, sex=vol.patient_sex)
+    assert 0.0 <= res.probability <= 1.0 and res.attention.shape == (12,)
+
+
+def test_loader_swap_is_undone_even_on_error() -> None:
+    import training.train as trainer
+
+    before = trainer.load_grid_cases
+    with pytest.raises(RuntimeError), crossval._cases_as_data({}):
+        assert trainer.load_grid_cases is not before
+        raise RuntimeError("boom")
+    assert trainer.load_grid_cases is before
+
+
+def test_register_adds_both_subcommands() -> None:
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    crossval.register(sub)
+    args = parser.parse_args(["evaluate", "--data", "d", "--folds", "10", "--out", "r", "--seed", "3", "--quick",
+                              "--epochs", "2"])
+    assert (args.folds, args.seed, args.quick, args.epochs, args.func) == (10, 3, True, 2, crossval.cmd_evaluate)
+    args = parser.parse_args(["train-final", "--data", "d", "--out", "m", "--version", "1.2.0"])
+    assert args.func is crossval.cmd_train_final and args.version == "1.2.0"
+
+
+def test_cli_reports_dataset_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert crossval.main(["evaluate", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "r"), "--quiet"]) == 1
+    assert "does not exist" in capsys.readouterr().err
