@@ -122,6 +122,7 @@ class Classifier:
         model = loaded.model
         self._fn = tf.function(
             lambda s, k: model({"slices": s, "clinical": k}, training=False),
+            autograph=False,
             input_signature=[tf.TensorSpec((1, None, g, g, c), tf.float32), tf.TensorSpec((1, 4), tf.float32)],
         )
 
@@ -161,7 +162,7 @@ class Segmenter:
         g, c = loaded.preprocess.grid, loaded.preprocess.channels
         model = loaded.model
         self._fn = tf.function(
-            lambda s: model(s, training=False), input_signature=[tf.TensorSpec((None, g, g, c), tf.float32)]
+            lambda s: model(s, training=False), autograph=False, input_signature=[tf.TensorSpec((None, g, g, c), tf.float32)]
         )
 
     @property

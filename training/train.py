@@ -292,6 +292,7 @@ def predict_classifier(model: Any, cases: list[GridCase], cfg: PreprocessConfig)
 
     fn = tf.function(
         lambda x, c: model({"slices": x, "clinical": c}, training=False)["probability"],
+        autograph=False,
         input_signature=[
             tf.TensorSpec((1, None, cfg.grid, cfg.grid, cfg.channels), tf.float32),
             tf.TensorSpec((1, 4), tf.float32),
@@ -315,21 +316,51 @@ def train_classifier(
     limit: int | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Train the series classifier; returns the model card (also written to ``out``)."""
+    """Train the series classifier on phantom folders; returns the model card (also written to ``out``)."""
+    s = settings or ClassifierSettings()
+    t0 = time.perf_counter()
+    train = load_grid_cases(data, s.grid, with_targets=False, limit=limit, progress=progress)
+    val = load_grid_cases(val_data, s.grid, with_targets=False, progress=progress) if val_data else []
+    load_seconds = time.perf_counter() - t0
+    log(f"loaded {len(train)} training and {len(val)} validation cases in {load_seconds:.0f} s")
+    return train_classifier_cases(
+        train, val, out, settings=s, version=version, progress=progress, log=log,
+        train_description=describe_data(Path(data)),
+        val_description=describe_data(Path(val_data)) if val_data else None,
+        load_seconds=load_seconds,
+    )
+
+
+def train_classifier_cases(
+    train: list[GridCase],
+    val: list[GridCase],
+    out: Path,
+    *,
+    settings: ClassifierSettings | None = None,
+    version: str = "0.0.0-dev",
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    train_description: dict[str, Any] | None = None,
+    val_description: dict[str, Any] | None = None,
+    load_seconds: float = 0.0,
+) -> dict[str, Any]:
+    """Train the series classifier on cases already on the grid (``settings.grid``); returns the model card.
+
+    ``train_description`` / ``val_description`` describe the data in the card. ``val`` may be empty (then the
+    last epoch is kept and the threshold is 0.5).
+    """
     import keras
     import tensorflow as tf
 
     from models.classifier import build_classifier, focal_bce
 
     s = settings or ClassifierSettings()
-    t0 = time.perf_counter()
+    if not train:
+        raise TrainingError("no training cases")
     keras.utils.set_random_seed(s.seed)
     rng = np.random.default_rng(s.seed)
     cfg = PreprocessConfig(grid=s.grid)
-    train = load_grid_cases(data, s.grid, with_targets=False, limit=limit, progress=progress)
-    val = load_grid_cases(val_data, s.grid, with_targets=False, progress=progress) if val_data else []
     t_loaded = time.perf_counter()
-    log(f"loaded {len(train)} training and {len(val)} validation cases in {t_loaded - t0:.0f} s")
 
     model = build_classifier(grid=s.grid, channels=cfg.channels, widths=s.widths, features=s.features)
     steps = max(1, len(train) // s.series_per_step)
@@ -358,7 +389,7 @@ def train_classifier(
         ) / (0.5 * (1.0 + slice_pos_weight))
         return series + s.slice_loss_weight * slice_l, series, p
 
-    @tf.function(reduce_retracing=True)
+    @tf.function(reduce_retracing=True, autograph=False)
     def train_step(x: Any, clin: Any, y: Any, sl: Any) -> tuple[Any, Any]:
         with tf.GradientTape() as tape:
             total, _, p = losses(x, clin, y, sl, True)
@@ -375,7 +406,7 @@ def train_classifier(
     )
     pre_opt = keras.optimizers.Adam(s.learning_rate)
 
-    @tf.function(reduce_retracing=True)
+    @tf.function(reduce_retracing=True, autograph=False)
     def pretrain_step(x: Any, y: Any) -> Any:
         with tf.GradientTape() as tape:
             logit = tf.reshape(slice_model(x, training=True), (-1,))
@@ -440,7 +471,7 @@ def train_classifier(
         threshold = youden_threshold(yv.tolist(), pv.tolist())
         pred = pv >= threshold
         val_metrics = {
-            "dataset": describe_data(Path(val_data)) if val_data else None,
+            "dataset": val_description,
             "roc_auc": _auc(yv.tolist(), pv.tolist()),
             "sensitivity": float(pred[yv == 1].mean()) if (yv == 1).any() else None,
             "specificity": float((~pred[yv == 0]).mean()) if (yv == 0).any() else None,
@@ -463,22 +494,27 @@ def train_classifier(
         "architecture": {
             "slice_encoder": f"CNN, widths {list(s.widths)}, stride-2 blocks, GAP+GMP, {s.features} features",
             "pooling": "gated attention over slices (Ilse et al. 2018)",
+            "series_score": "sigmoid(attention-weighted sum of per-slice lesion logits + a correction from the "
+            "attention-pooled features and age/sex)",
             "fusion": "late fusion of age/sex (missing-aware)",
-            "auxiliary": "per-slice lesion head (deep supervision from phantom masks)",
+            "slice_head": "per-slice lesion logit, supervised by the phantom masks (slice warm-up, then jointly)",
             "parameters": int(model.count_params()),
         },
         "preprocessing": cfg.to_dict(),
         "threshold": threshold,
         "training": {
-            "data": describe_data(Path(data)),
+            "data": train_description,
             "settings": {**s.__dict__, "widths": list(s.widths)},
-            "loss": "class-weighted BCE" if s.loss != "focal" else "focal loss (gamma 2)",
+            "loss": ("class-weighted BCE" if s.loss != "focal" else "focal loss (gamma 2)")
+            + " on the series + positive-weighted BCE on slices",
+            "schedule": f"{s.pretrain_steps} slice warm-up steps (balanced, lung-matched negatives), then "
+            f"{s.epochs} epochs of series batches; best epoch by validation ROC AUC",
             "augmentation": "left-right flip, rotation ±12°, Gaussian noise ≤25 HU, HU shift ±30, slice windows, "
             "every-second-slice subsampling",
             "best_epoch": best_epoch,
             "slice_warmup_loss": [round(float(np.mean(pre_losses[:20])), 4), round(float(np.mean(pre_losses[-20:])), 4)]
             if pre_losses else None,
-            "load_seconds": round(t_loaded - t0, 1),
+            "load_seconds": round(load_seconds, 1),
             "train_seconds": round(t_trained - t_loaded, 1),
             "environment": _environment(),
         },
@@ -542,7 +578,7 @@ def predict_segmenter_grid(model: Any, cases: list[GridCase], cfg: PreprocessCon
     """Softmax maps on the grid for each case (no augmentation)."""
     import tensorflow as tf
 
-    fn = tf.function(lambda x: model(x, training=False),
+    fn = tf.function(lambda x: model(x, training=False), autograph=False,
                      input_signature=[tf.TensorSpec((None, cfg.grid, cfg.grid, cfg.channels), tf.float32)])
     outs = []
     for c in cases:
@@ -601,7 +637,7 @@ def train_segmenter(
     )
     opt = keras.optimizers.Adam(schedule)
 
-    @tf.function(reduce_retracing=True)
+    @tf.function(reduce_retracing=True, autograph=False)
     def train_step(x: Any, y: Any) -> tuple[Any, Any]:
         with tf.GradientTape() as tape:
             probs = model(x, training=True)
