@@ -22,6 +22,7 @@ import json
 import os
 import sys
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -181,6 +182,29 @@ def fit(
     model = keras.saving.load_model(out / MODEL_FILE, compile=False)
     history = json.loads((out / "history.json").read_text())
     return Fitted(model, card, history, time.perf_counter() - t0)
+
+
+FOLD_MANIFEST = "fold.json"
+
+
+def _resume(fold_dir: Path, manifest: dict[str, Any]) -> Fitted | None:
+    """The fold's finished model when its manifest matches (same cache key, settings and case split), else None."""
+    import keras
+
+    import models.classifier  # noqa: F401  (registers the custom layers for loading)
+    from models.registry import CARD_FILE, MODEL_FILE
+
+    try:
+        saved = json.loads((fold_dir / FOLD_MANIFEST).read_text())
+        seconds = float(saved.pop("train_seconds"))
+        if saved != json.loads(json.dumps(manifest)):
+            return None
+        card = json.loads((fold_dir / CARD_FILE).read_text())
+        history = json.loads((fold_dir / "history.json").read_text())
+        model = keras.saving.load_model(fold_dir / MODEL_FILE, compile=False)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return None
+    return Fitted(model, card, history, seconds)
 
 
 def predict(model: Any, cases: list[GridCase], cfg: PreprocessConfig) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -368,11 +392,13 @@ def evaluate(
     bootstrap: int = BOOTSTRAP,
     allow_unlabelled: bool = False,
     progress: bool = True,
+    resume: bool = True,
     command: str | None = None,
 ) -> dict[str, Any]:
     """Cross-validate the classifier on ``data`` and write the report to ``out`` (see the module docstring).
 
-    Returns the metrics (as written to metrics.json). Raises DatasetError / TrainingError.
+    With ``resume``, a fold whose model an earlier run finished in ``out`` for the same cases, split and
+    settings is loaded instead of retrained (each fold reseeds, so the numbers are the same). Returns the metrics (as written to metrics.json). Raises DatasetError / TrainingError.
     """
     from tqdm import tqdm
 
@@ -403,15 +429,26 @@ def evaluate(
     fold_of = np.zeros(len(y), dtype=np.int64)
     attention: list[np.ndarray | None] = [None] * len(y)
     histories, fold_info, fold_seconds, n_train = [], [], [], []
+    resumed: list[int] = []
     for k, (train_idx, test_idx) in enumerate(tqdm(splits, desc="folds", unit="fold", disable=not progress), 1):
         fit_idx, val_idx = inner_split(y, groups, train_idx, val_fraction, seed + k)
         s = replace(s0, seed=seed + k)
         fold_dir = out / "folds" / f"fold-{k:02d}"
         log(f"fold {k}/{folds}: {len(fit_idx)} training, {len(val_idx)} validation, {len(test_idx)} test cases")
-        fitted = fit([prep.cases[i] for i in fit_idx], [prep.cases[i] for i in val_idx], s, fold_dir,
-                     describe_train=_describe(ds, fit_idx, f"fold {k} training"),
-                     describe_val=_describe(ds, val_idx, f"fold {k} validation"),
-                     version=f"cv-fold-{k}", progress=progress, log=log)
+        manifest = {"cache_key": prep.key, "settings": _settings_dict(s), "val_fraction": val_fraction,
+                    **{name: [ds.cases[i].case_id for i in idx]
+                       for name, idx in (("fit", fit_idx), ("validation", val_idx), ("test", test_idx))}}
+        fitted = _resume(fold_dir, manifest) if resume else None
+        if fitted is not None:
+            resumed.append(k)
+            log(f"fold {k}: reusing the model trained earlier in {fold_dir}")
+        else:
+            (fold_dir / FOLD_MANIFEST).unlink(missing_ok=True)
+            fitted = fit([prep.cases[i] for i in fit_idx], [prep.cases[i] for i in val_idx], s, fold_dir,
+                         describe_train=_describe(ds, fit_idx, f"fold {k} training"),
+                         describe_val=_describe(ds, val_idx, f"fold {k} validation"),
+                         version=f"cv-fold-{k}", progress=progress, log=log)
+            _write_json(fold_dir / FOLD_MANIFEST, {**manifest, "train_seconds": round(fitted.seconds, 1)})
         probs, atts = predict(fitted.model, [prep.cases[i] for i in test_idx], cfg)
         p[test_idx], thr[test_idx], fold_of[test_idx] = probs, float(fitted.card["threshold"]), k
         for i, a in zip(test_idx, atts, strict=True):
@@ -466,8 +503,10 @@ def evaluate(
         "prepare_seconds": round(prep.seconds, 1),
         "prepare_from_cache": prep.from_cache,
         "fold_train_seconds": fold_seconds,
+        "resumed_folds": resumed,
         "command": command or f"evaluate --data {data} --folds {folds} --out {out} --seed {seed}"
-        + (" --quick" if quick else "") + (f" --epochs {epochs}" if epochs else ""),
+        + (f" --labels {labels}" if labels else "") + (" --quick" if quick else "")
+        + (f" --epochs {epochs}" if epochs else "") + (f" --val-fraction {val_fraction}" if val_fraction != VAL_FRACTION else ""),
         "environment": _environment(),
         "dataset_notes": ds.notes,
         "unreadable_files": ds.unreadable,
@@ -577,7 +616,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         m = evaluate(args.data, folds=args.folds, out=args.out, seed=args.seed, quick=args.quick, labels=args.labels,
                      epochs=args.epochs, cache_dir=args.cache_dir, val_fraction=args.val_fraction,
                      bootstrap=args.bootstrap, allow_unlabelled=args.allow_unlabelled, progress=not args.quiet,
-                     command="evaluate " + " ".join(sys.argv[2:]))
+                     resume=args.resume)
     except (TrainingError, ModelError, ValueError) as exc:
         _err(str(exc))
         return 1
@@ -625,6 +664,8 @@ def register(subparsers: Any) -> None:
     e.add_argument("--folds", type=int, default=10, help="number of folds (default 10)")
     e.add_argument("--out", default=str(REPORT_DIR), help=f"report folder (default {REPORT_DIR})")
     e.add_argument("--bootstrap", type=int, default=BOOTSTRAP, help=f"bootstrap resamples (default {BOOTSTRAP})")
+    e.add_argument("--no-resume", dest="resume", action="store_false",
+                   help="retrain every fold even where --out holds a finished fold with the same split and settings")
     e.set_defaults(func=cmd_evaluate)
 
     t = subparsers.add_parser("train-final", help="train the classifier to ship on all cases (CV settings)")

@@ -132,6 +132,22 @@ def test_same_seed_same_metrics(runs: tuple[Path, Path]) -> None:
     assert (a / "predictions.csv").read_bytes() == (b / "predictions.csv").read_bytes()
 
 
+def test_resume_reuses_finished_folds_with_the_same_numbers(runs: tuple[Path, Path], tmp_path: Path) -> None:
+    """A rerun into a report folder retrains only the fold without a finished manifest; each fold reseeds, so
+    a fold trained after loaded ones gives the numbers of a fresh run."""
+    import shutil
+
+    a = runs[0]
+    c = tmp_path / "c"
+    shutil.copytree(a, c, ignore=shutil.ignore_patterns("figures", "report.*", "metrics.json"))
+    (c / "folds" / "fold-02" / "fold.json").unlink()
+    data = _metrics(a)["dataset"]["root"]
+    crossval.evaluate(data, folds=3, out=c, seed=7, quick=True, bootstrap=200, cache_dir=a.parent / "cache",
+                      progress=False)
+    assert json.loads((c / "run.json").read_text())["resumed_folds"] == [1, 3]
+    assert (c / "metrics.json").read_bytes() == (a / "metrics.json").read_bytes()
+
+
 def test_train_final_without_masks_loads_in_the_registry(data: Path, runs: tuple[Path, Path], tmp_path: Path) -> None:
     """Series labels only (no masks column): the model trains, ships through the registry, records the CV."""
     from models.preprocess import load_series
