@@ -224,8 +224,10 @@ def load_series(paths: Sequence[str | Path], *, spacing_tolerance: float = 0.1) 
         where = f"file {i} ({Path(p).name})"
         try:
             ds = pydicom.dcmread(str(p))
-        except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError) as exc:
+        except (InvalidDicomError, OSError, EOFError) as exc:
             raise PreprocessError(f"{where}: not a readable DICOM file: {exc}") from exc
+        except Exception as exc:  # corrupt files make pydicom raise ValueError, KeyError, struct.error, …
+            raise PreprocessError(f"{where}: cannot parse the DICOM file: {type(exc).__name__}: {exc}") from exc
         slices.extend(_slices_of(ds, i, where))
         if "PixelData" in ds:
             del ds.PixelData  # keep headers only; the pixels live on in the volume
@@ -365,7 +367,10 @@ def masks_to_source(prob: np.ndarray, shape: tuple[int, int], *, threshold: floa
     for a in range(0, s, chunk):
         p = prob[a : a + chunk, ..., None].astype(np.float32)
         if p.shape[1] != side or p.shape[2] != side:
-            p = tf.image.resize(p, (side, side), method="bilinear").numpy()
+            try:
+                p = tf.image.resize(p, (side, side), method="bilinear").numpy()
+            except (tf.errors.OpError, ValueError) as exc:
+                raise PreprocessError(f"cannot resample masks of shape {prob.shape} to {shape}: {exc}") from exc
         out[a : a + chunk] = p[:, top : top + rows, left : left + cols, 0] >= threshold
     return out
 

@@ -170,3 +170,57 @@ def test_dice() -> None:
     b = a.copy()
     b[:2] = True
     assert dice(b, b) == 1.0 and dice(b, a) == 0.0
+
+
+def _multiframe_from(files: list[Path], path: Path, *, reverse: bool = True) -> Path:
+    """An Enhanced-CT-like multi-frame file built from single-frame phantom slices (frames in reverse order)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    dss = sorted((pydicom.dcmread(f) for f in files), key=lambda d: float(d.ImagePositionPatient[2]))
+    if reverse:
+        dss = dss[::-1]
+    first = dss[0]
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"
+    ds.file_meta.MediaStorageSOPInstanceUID = uid = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.2.1", uid
+    ds.SeriesInstanceUID, ds.StudyInstanceUID = first.SeriesInstanceUID, first.StudyInstanceUID
+    ds.FrameOfReferenceUID = first.FrameOfReferenceUID
+    ds.Rows, ds.Columns, ds.NumberOfFrames = first.Rows, first.Columns, len(dss)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    shared = Dataset()
+    shared.PlaneOrientationSequence = Sequence([Dataset()])
+    shared.PlaneOrientationSequence[0].ImageOrientationPatient = first.ImageOrientationPatient
+    shared.PixelMeasuresSequence = Sequence([Dataset()])
+    shared.PixelMeasuresSequence[0].PixelSpacing = first.PixelSpacing
+    shared.PixelValueTransformationSequence = Sequence([Dataset()])
+    shared.PixelValueTransformationSequence[0].RescaleIntercept = "-1024"
+    shared.PixelValueTransformationSequence[0].RescaleSlope = "1"
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    frames = []
+    for d in dss:
+        item = Dataset()
+        item.PlanePositionSequence = Sequence([Dataset()])
+        item.PlanePositionSequence[0].ImagePositionPatient = d.ImagePositionPatient
+        frames.append(item)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(frames)
+    hu = np.stack([d.pixel_array * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in dss])
+    ds.PixelData = (hu + 1024).astype("<i2").tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_multiframe_series_is_unpacked_and_sorted(tiny_phantom: Path, tmp_path: Path) -> None:
+    files = case_files(tiny_phantom)
+    single = load_series(files)
+    multi = load_series([_multiframe_from(files, tmp_path / "mf.dcm")])
+    np.testing.assert_array_equal(multi.hu, single.hu)
+    np.testing.assert_allclose(multi.positions, single.positions)
+    assert multi.frame_numbers == tuple(range(12, 0, -1))  # frames were stored head → feet
+    assert len(set(multi.sop_instance_uids)) == 1 and len(multi.datasets) == 1
+    assert multi.spacing == pytest.approx(single.spacing)
