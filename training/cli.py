@@ -1,7 +1,8 @@
 """``pacsnode`` subcommands for phantoms, training and model evaluation (``register`` adds them to a parser).
 
 - ``phantom --out DIR --cases N --seed S [--prevalence P] [--size PX|MIN-MAX] [--slices N|MIN-MAX]``
-- ``train classifier|segmenter --data DIR --out DIR [--val-data DIR] [--epochs N] [--seed S] [--version V]``
+- ``train classifier|segmenter --data DIR --out DIR [--val-data DIR] [--epochs N] [--seed S] [--version V]
+  [--warmup-steps N (classifier)] [--steps N (segmenter)]``
 - ``model-eval --data DIR [--weights-dir DIR] [--classifier-version V] [--segmenter-version V] [--json F]
   [--write-card]``
 
@@ -52,7 +53,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                               "limit": args.limit}
     try:
         if args.model == "classifier":
-            s = train.ClassifierSettings(**{k: v for k, v in (("epochs", args.epochs), ("seed", args.seed)) if v is not None})
+            s = train.ClassifierSettings(**{k: v for k, v in (("epochs", args.epochs), ("seed", args.seed),
+                                                              ("pretrain_steps", args.warmup_steps)) if v is not None})
             card = train.train_classifier(Path(args.data), Path(args.out), settings=s, **common)
         else:
             g = train.SegmenterSettings(**{k: v for k, v in (("epochs", args.epochs), ("seed", args.seed),
@@ -113,6 +115,7 @@ def register(subparsers: Any) -> None:
     t.add_argument("--epochs", type=int)
     t.add_argument("--seed", type=int)
     t.add_argument("--steps", type=int, help="segmenter: steps per epoch")
+    t.add_argument("--warmup-steps", type=int, help="classifier: slice warm-up steps before the series epochs")
     t.add_argument("--version", default="0.0.0-dev", help="version recorded in the model card")
     t.add_argument("--limit", type=int, help="use only the first N training cases")
     t.add_argument("--quiet", action="store_true", help="no progress bars")

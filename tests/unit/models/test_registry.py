@@ -122,3 +122,37 @@ def test_attention_follows_the_lesion(small_phantom: Path) -> None:
         att = clf.predict(vol).attention
         hits += int(att[les].mean() > att[~les].mean()) if les.any() and (~les).any() else 0
     assert hits >= 3
+
+
+@pytest.mark.slow
+def test_shipped_models_on_fresh_phantoms(tmp_path: Path) -> None:
+    # A seed never used in training; the documented 100-case evaluation is `pacsnode model-eval` (see the cards).
+    from training.evaluate import evaluate
+    from training.phantom import generate_dataset
+
+    generate_dataset(tmp_path, cases=30, seed=777, prevalence=0.5, size=256, slices="40-60")
+    res = evaluate(tmp_path, Registry(), progress=False)
+    assert res["classifier"]["roc_auc"] >= 0.85
+    assert res["segmenter"]["lung_dice_mean"] >= 0.9
+    assert res["segmenter"]["lesion_dice_mean"] >= 0.5
+
+
+@pytest.mark.slow
+def test_512px_120_slice_series_in_a_few_seconds(tmp_path: Path) -> None:
+    import time
+
+    from training.phantom import generate_dataset
+
+    generate_dataset(tmp_path, cases=1, seed=778, prevalence=1.0, size=512, slices=120)
+    vol = load_series(sorted(tmp_path.glob("CASE0001/dicom/*.dcm")))
+    reg = Registry()
+    clf, seg = reg.classifier(), reg.segmenter()
+    clf.predict(vol)  # warm-up (tracing)
+    seg.predict(vol)
+    vol = load_series(sorted(tmp_path.glob("CASE0001/dicom/*.dcm")))  # fresh volume: no cached grid
+    t = time.perf_counter()
+    c = clf.predict(vol)
+    s = seg.predict(vol)
+    elapsed = time.perf_counter() - t
+    assert c.attention.shape == (120,) and s.lesion.shape == (120, 512, 512)
+    assert elapsed < 10.0, f"classifier + U-Net took {elapsed:.1f} s"

@@ -43,7 +43,7 @@ def test_phantom_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 def test_train_classifier_writes_a_loadable_model(tiny_set: Path, tmp_path: Path) -> None:
     out = tmp_path / "weights" / "classifier" / "0.0.1"
     rc = _run(["train", "classifier", "--data", str(tiny_set), "--val-data", str(tiny_set), "--out", str(out),
-               "--epochs", "1", "--version", "0.0.1", "--quiet"])
+               "--epochs", "1", "--warmup-steps", "5", "--version", "0.0.1", "--quiet"])
     assert rc == 0
     for f in ("model.keras", CARD_FILE, "curves.png", "history.json"):
         assert (out / f).is_file(), f
