@@ -393,12 +393,14 @@ def evaluate(
     allow_unlabelled: bool = False,
     progress: bool = True,
     resume: bool = True,
+    weights_dir: str | Path | None = None,
     command: str | None = None,
 ) -> dict[str, Any]:
     """Cross-validate the classifier on ``data`` and write the report to ``out`` (see the module docstring).
 
     With ``resume``, a fold whose model an earlier run finished in ``out`` for the same cases, split and
-    settings is loaded instead of retrained (each fold reseeds, so the numbers are the same). Returns the metrics (as written to metrics.json). Raises DatasetError / TrainingError.
+    settings is loaded instead of retrained (each fold reseeds, so the numbers are the same). The example-slice
+    figure overlays the latest segmenter under ``weights_dir`` (default: the shipped weights). Returns the metrics (as written to metrics.json). Raises DatasetError / TrainingError.
     """
     from tqdm import tqdm
 
@@ -496,7 +498,8 @@ def evaluate(
     _write_predictions(out / "predictions.csv", ds, p, thr, fold_of, attention)
 
     figures = plots.make_figures(out / "figures", ds=ds, prep=prep, p=p, thr=thr, fold_of=fold_of, reader=reader,
-                                 attention=attention, histories=histories, metrics=metrics, log=log)
+                                 attention=attention, histories=histories, metrics=metrics,
+                                 weights_dir=Path(weights_dir) if weights_dir else None, log=log)
     run = {
         "started_utc": started,
         "wall_seconds": round(time.perf_counter() - t_start, 1),
@@ -616,7 +619,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         m = evaluate(args.data, folds=args.folds, out=args.out, seed=args.seed, quick=args.quick, labels=args.labels,
                      epochs=args.epochs, cache_dir=args.cache_dir, val_fraction=args.val_fraction,
                      bootstrap=args.bootstrap, allow_unlabelled=args.allow_unlabelled, progress=not args.quiet,
-                     resume=args.resume)
+                     resume=args.resume, weights_dir=args.weights_dir)
     except (TrainingError, ModelError, ValueError) as exc:
         _err(str(exc))
         return 1
@@ -666,6 +669,7 @@ def register(subparsers: Any) -> None:
     e.add_argument("--bootstrap", type=int, default=BOOTSTRAP, help=f"bootstrap resamples (default {BOOTSTRAP})")
     e.add_argument("--no-resume", dest="resume", action="store_false",
                    help="retrain every fold even where --out holds a finished fold with the same split and settings")
+    e.add_argument("--weights-dir", help="weights folder whose segmenter draws the example overlays (default: shipped)")
     e.set_defaults(func=cmd_evaluate)
 
     t = subparsers.add_parser("train-final", help="train the classifier to ship on all cases (CV settings)")

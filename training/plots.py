@@ -242,7 +242,10 @@ def plot_examples(examples: list[dict[str, Any]], path: Path, *, note: str | Non
         if seg is not None:
             lungs, lesion = seg[k] >= 1, seg[k] == 2
             ax.contour(lungs, levels=[0.5], colors=["#00d0ff"], linewidths=0.8)
-            ax.imshow(np.ma.masked_where(~lesion, lesion.astype(float)), cmap="autumn", alpha=0.55, vmin=0, vmax=1)
+            from matplotlib.colors import ListedColormap
+
+            ax.imshow(np.ma.masked_where(~lesion, lesion.astype(float)), cmap=ListedColormap(["#ff7f00"]), alpha=0.6,
+                      vmin=0, vmax=1)
         ax.set_title(f"{ex['case_id']}: {ex['kind']}\ntruth {ex['truth']}, P={ex['probability']:.2f}, slice {k}",
                      fontsize=9)
         ax.axis("off")
@@ -282,12 +285,12 @@ def _pick_examples(y: np.ndarray, p: np.ndarray, thr: np.ndarray) -> list[tuple[
     return picks
 
 
-def _segmenter(log: Callable[[str], None]) -> tuple[Any, str | None]:
+def _segmenter(weights_dir: Path | None) -> tuple[Any, str | None]:
     from models.errors import ModelError
     from models.registry import Registry
 
     try:
-        seg = Registry().segmenter()
+        seg = Registry(weights_dir).segmenter()
     except ModelError as exc:
         return None, f"U-Net overlay skipped: no shipped segmenter ({str(exc).splitlines()[0]})"
     return seg, None
@@ -305,10 +308,12 @@ def make_figures(
     attention: list[np.ndarray | None],
     histories: list[dict[str, list[float]]],
     metrics: dict[str, Any],
+    weights_dir: Path | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, dict[str, str]]:
     """Draw every figure of the report into ``fig_dir``; returns name → {file (relative to the report), caption}
-    or {skipped: reason}."""
+    or {skipped: reason}. The example slices use the latest segmenter under ``weights_dir`` (default: the
+    shipped weights) for the U-Net overlay, and show the attention alone, with a note, when there is none."""
     y = ds.labels
     pred = (p >= thr).astype(np.int64)
     figs: dict[str, dict[str, str]] = {}
@@ -334,7 +339,7 @@ def make_figures(
     figs["fold_accuracy"] = {"file": rel(plot_fold_accuracy(metrics, fig_dir / "fold_accuracy.png")),
                              "caption": "Accuracy per test fold, model and reader on the same cases."}
 
-    seg, note = _segmenter(log)
+    seg, note = _segmenter(weights_dir)
     examples = []
     for i, kind in _pick_examples(y, p, thr):
         c, gc, a = ds.cases[i], prep.cases[i], attention[i]
@@ -354,12 +359,12 @@ def make_figures(
         examples.append(ex)
     if examples:
         if seg is not None:
-            note = (f"U-Net: shipped {seg.name} {seg.version} (contour: lungs, orange: lesion); attention: the "
+            note = (f"U-Net: {seg.name} {seg.version} from the registry (contour: lungs, orange: lesion); attention: the "
                     "out-of-fold classifier of each case's fold.")
         figs["examples"] = {"file": rel(plot_examples(examples, fig_dir / "examples.png", note=note)),
                             "caption": "Example cases at the slice the classifier attended to most; below, its "
                             "attention over the slices (shaded: slices with lesion in the ground truth)."
-                            + (f" {note}" if seg is None and note else "")}
+                            + (f" {note}" if note else "")}
     else:
         figs["examples"] = {"skipped": "no out-of-fold attention to show"}
     if note and seg is None:

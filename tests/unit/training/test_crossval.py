@@ -28,11 +28,17 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def runs(data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """The same quick evaluation twice, through the CLI: the second reads the first one's array cache."""
+    from training.train import SegmenterSettings, train_segmenter
+
     base = tmp_path_factory.mktemp("cv-out")
     cache = base / "cache"
+    tiny = SegmenterSettings(epochs=1, steps_per_epoch=2, grid=32, base=4, depth=2, batch_size=4)
+    train_segmenter(data, base / "weights" / "segmenter" / "0.0.1", settings=tiny, version="0.0.1", progress=False,
+                    log=lambda _: None)
     for name in ("a", "b"):
         rc = crossval.main(["evaluate", "--data", str(data), "--folds", "3", "--out", str(base / name), "--seed", "7",
-                            "--quick", "--quiet", "--bootstrap", "200", "--cache-dir", str(cache)])
+                            "--quick", "--quiet", "--bootstrap", "200", "--cache-dir", str(cache),
+                            "--weights-dir", str(base / "weights")])
         assert rc == 0
     return base / "a", base / "b"
 
@@ -116,6 +122,7 @@ def test_report_files_hold_the_numbers(runs: tuple[Path, Path]) -> None:
         assert acc in text and auc in text and mean_acc in text
         assert "McNemar" in text and "kappa" in text and "paired t-test" in text.lower()
     assert md.count("](figures/") == 7
+    assert "U-Net: pacsnode-lung-lesion-unet 0.0.1 from the registry" in md  # the overlay came from --weights-dir
     assert html.count('src="data:image/png;base64,') == 7
     assert report.headline_table(m).splitlines()[2].startswith("| Metric |")
     run = json.loads((out / "run.json").read_text())
