@@ -20,10 +20,10 @@ _BASE_DATE = _dt.date(2024, 1, 1)
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
 
-def _uid(seed: int, *parts: object) -> str:
+def _uid(seed: int, *parts: object) -> pydicom.uid.UID:
     """A 2.25 UID from a name-based (SHA-1, version 5) UUID of the seed and ``parts``: same inputs, same UID."""
     name = "/".join(["pacs-ai-node-phantom", str(seed), *map(str, parts)])
-    return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, name).int}"
+    return pydicom.uid.UID(f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, name).int}")
 
 
 def _ds_value(x: float) -> str:

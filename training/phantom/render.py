@@ -283,9 +283,9 @@ def _draw_lesions(s: CaseSpec, rng: np.random.Generator, g: _Grid, lungs: np.nda
     for _ in range(n):
         # Pneumonia favours dependent (posterior) lung: take the most posterior of a few candidates half the time.
         cand = rng.choice(idx, size=4)
-        k, i, j = np.unravel_index(cand, lungs.shape)
-        pick = int(np.argmax(g.Y[i, j])) if rng.random() < 0.5 else 0
-        k, i, j = int(k[pick]), int(i[pick]), int(j[pick])
+        ks, is_, js = np.unravel_index(cand, lungs.shape)
+        pick = int(np.argmax(g.Y[is_, js])) if rng.random() < 0.5 else 0
+        k, i, j = int(ks[pick]), int(is_[pick]), int(js[pick])
         centre = (float(g.X[i, j]), float(g.Y[i, j]), float(g.z[k]))
         if subtle_case:
             kind, hu, radius, subtle = "ggo", rng.uniform(-700.0, -600.0), rng.uniform(7.0, 13.0), True
@@ -364,9 +364,9 @@ def render_case(spec: CaseSpec, seed: int) -> CaseResult:
             k, i, j = np.unravel_index(c, tissue.shape)
             spec.nodules.append((float(g.X[i, j]), float(g.Y[i, j]), float(g.z[k]), float(rng.uniform(2.0, 4.5))))
         for x, y, z, r in spec.nodules:
-            for k in np.flatnonzero(np.abs(g.z - z) < r):
-                rk2 = r * r - (g.z[k] - z) ** 2
-                tissue[k][(((g.X - x) ** 2 + (g.Y - y) ** 2) < rk2) & lungs[k]] = Tissue.NODULE
+            for kk in np.flatnonzero(np.abs(g.z - z) < r):
+                rk2 = r * r - (g.z[kk] - z) ** 2
+                tissue[kk][(((g.X - x) ** 2 + (g.Y - y) ** 2) < rk2) & lungs[kk]] = Tissue.NODULE
     lut = np.zeros(len(Tissue), dtype=np.float32)
     for k_, v in spec.lut.items():
         lut[k_] = v
