@@ -400,7 +400,8 @@ def evaluate(
 
     With ``resume``, a fold whose model an earlier run finished in ``out`` for the same cases, split and
     settings is loaded instead of retrained (each fold reseeds, so the numbers are the same). The example-slice
-    figure overlays the latest segmenter under ``weights_dir`` (default: the shipped weights). Returns the metrics (as written to metrics.json). Raises DatasetError / TrainingError.
+    figure overlays the latest segmenter under ``weights_dir`` (default: the shipped weights). Returns the
+    metrics (as written to metrics.json). Raises DatasetError / TrainingError.
     """
     from tqdm import tqdm
 

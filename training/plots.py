@@ -84,8 +84,11 @@ def plot_training_curves(histories: list[dict[str, list[float]]], path: Path) ->
                               label=f"fold {k + 1}" if key in ("loss", "accuracy") else None)
     axes[0].set_title("loss per epoch (— training, -- inner validation)")
     axes[1].set_title("accuracy (— training, -- validation), validation AUC (···)")
+    from matplotlib.ticker import MaxNLocator
+
     for ax in axes:
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     if histories:
         axes[0].legend(fontsize=7, ncol=2)
