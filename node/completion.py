@@ -142,6 +142,8 @@ class CompletionSweeper:
             )
         for row in open_series:
             with self.engine.connect() as conn:
+                if not self._worth_a_look(conn, row, now):
+                    continue
                 rows = list(conn.execute(sa.select(instances).where(instances.c.series_uid == row.series_uid)))
                 senders = self._senders(conn, row, rows)
             reason = decide(row, rows, senders, now, self.config.completion, self.config.gate.spacing_tolerance_mm)
@@ -151,6 +153,21 @@ class CompletionSweeper:
             if version is not None:
                 done.append((row.series_uid, version, reason))
         return done
+
+    def _worth_a_look(self, conn: sa.Connection, row: Any, now: float) -> bool:
+        """Cheap pre-check so a series still streaming in costs one row read per sweep, not all its instances:
+        only the timer, a known expected count, or a closed last association can complete it."""
+        settings = self.config.completion
+        if now - row.last_received_at >= settings.stable_seconds:
+            return True
+        if not settings.early:
+            return False
+        if row.expected_count or row.instance_count == 1:
+            return True
+        state = conn.execute(
+            sa.select(associations.c.state).where(associations.c.id == row.last_association_id)
+        ).scalar()
+        return state is not None and state != AssociationState.OPEN
 
     def _senders(self, conn: sa.Connection, row: Any, rows: Sequence[Any]) -> Senders:
         ids = {r.association_id for r in rows if r.association_id}
