@@ -2,16 +2,22 @@
 
 `create_engine_for(url)` returns an engine tuned for the backend (SQLite: WAL, synchronous=FULL so a committed
 row survives power loss, busy timeout for concurrent association threads). `init_schema(engine)` creates any
-missing tables. PostgreSQL URLs are passed through unchanged.
+missing tables. PostgreSQL URLs are passed through unchanged. `insert_for(engine)` gives the dialect's INSERT with
+ON CONFLICT support; `reading`/`transaction` wrap a connection so SQLAlchemy errors surface as `IndexError_`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from node.errors import IndexError_
 
 metadata = sa.MetaData()
 
@@ -46,3 +52,37 @@ def init_schema(engine: Engine) -> None:
     """Create every table registered on `metadata` that does not exist yet (the modules that define tables must
     have been imported; `node.index` and the later stages register theirs at import)."""
     metadata.create_all(engine)
+
+
+def insert_for(engine: Engine) -> Callable[..., Any]:
+    """The dialect's ``insert`` construct (it has ``on_conflict_do_update``/``_do_nothing``) for ``engine``."""
+    if engine.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert
+
+
+@contextmanager
+def reading(engine: Engine, what: str) -> Iterator[sa.Connection]:
+    """A connection for reads; database failures become `IndexError_` naming ``what``."""
+    try:
+        with engine.connect() as conn:
+            yield conn
+    except SQLAlchemyError as exc:
+        raise IndexError_(f"{what}: {type(exc).__name__}: {exc}") from exc
+
+
+@contextmanager
+def transaction(engine: Engine, what: str, conn: sa.Connection | None = None) -> Iterator[sa.Connection]:
+    """``conn`` (the caller's transaction) or a new one committed on exit; failures become `IndexError_`."""
+    try:
+        if conn is not None:
+            yield conn
+        else:
+            with engine.begin() as own:
+                yield own
+    except SQLAlchemyError as exc:
+        raise IndexError_(f"{what}: {type(exc).__name__}: {exc}") from exc

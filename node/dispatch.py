@@ -22,9 +22,9 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -35,7 +35,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from node.config import DestinationKind, DispatchSection, NodeConfig
-from node.db import metadata
+from node.db import insert_for, metadata, reading, transaction
 from node.errors import IndexError_, SendError
 from node.logs import get_logger
 from node.senders import (
@@ -145,14 +145,7 @@ class Dispatcher:
         self._sweeper: threading.Thread | None = None
         self._running = False
         self._stopping = threading.Event()
-        if engine.dialect.name == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-            self._insert: Callable[..., Any] = pg_insert
-        else:
-            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-            self._insert = sqlite_insert
+        self._insert = insert_for(engine)
 
     @staticmethod
     def _checked(senders: Mapping[DestinationKind, Sender]) -> dict[DestinationKind, Sender]:
@@ -652,21 +645,8 @@ class Dispatcher:
             self._stopping.wait(max(1.0, self._config.dispatch.poll_seconds))
 
     # -- plumbing -------------------------------------------------------------------------------------------------
-    @contextmanager
-    def _reading(self) -> Iterator[sa.Connection]:
-        try:
-            with self._engine.connect() as conn:
-                yield conn
-        except SQLAlchemyError as exc:
-            raise IndexError_(f"deliveries: {type(exc).__name__}: {exc}") from exc
+    def _reading(self) -> AbstractContextManager[sa.Connection]:
+        return reading(self._engine, "deliveries")
 
-    @contextmanager
-    def _transaction(self, conn: sa.Connection | None) -> Iterator[sa.Connection]:
-        try:
-            if conn is not None:
-                yield conn
-            else:
-                with self._engine.begin() as own:
-                    yield own
-        except SQLAlchemyError as exc:
-            raise IndexError_(f"deliveries: {type(exc).__name__}: {exc}") from exc
+    def _transaction(self, conn: sa.Connection | None) -> AbstractContextManager[sa.Connection]:
+        return transaction(self._engine, "deliveries", conn)

@@ -9,8 +9,8 @@ completion stage moves them on. Database errors become `StoreFailedError` (C-STO
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -19,8 +19,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from node.db import metadata
-from node.errors import IndexError_, StoreFailedError
+from node.db import insert_for, metadata, reading, transaction
+from node.errors import StoreFailedError
 from node.states import AssociationState, SeriesState
 
 associations = sa.Table(
@@ -105,23 +105,13 @@ class InstanceRecord:
     association_id: str | None = None
 
 
-def _upsert(engine: Engine) -> Callable[..., Any]:
-    if engine.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-        return pg_insert
-    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-    return sqlite_insert
-
-
 class Index:
     """Index operations over one engine; ``clock`` returns epoch seconds (injected for tests)."""
 
     def __init__(self, engine: Engine, clock: Callable[[], float] = time.time) -> None:
         self.engine = engine
         self.clock = clock
-        self._insert = _upsert(engine)
+        self._insert = insert_for(engine)
 
     # -- associations ---------------------------------------------------------------------------------------
     def association_opened(self, assoc_id: str, calling_ae: str, called_ae: str, peer: str) -> None:
@@ -268,18 +258,8 @@ class Index:
         with self._begin() as conn:
             conn.execute(stmt)
 
-    @contextmanager
-    def _connect(self) -> Iterator[sa.Connection]:
-        try:
-            with self.engine.connect() as conn:
-                yield conn
-        except SQLAlchemyError as exc:
-            raise IndexError_(f"index read failed: {type(exc).__name__}: {exc}") from exc
+    def _connect(self) -> AbstractContextManager[sa.Connection]:
+        return reading(self.engine, "index read failed")
 
-    @contextmanager
-    def _begin(self) -> Iterator[sa.Connection]:
-        try:
-            with self.engine.begin() as conn:
-                yield conn
-        except SQLAlchemyError as exc:
-            raise IndexError_(f"index write failed: {type(exc).__name__}: {exc}") from exc
+    def _begin(self) -> AbstractContextManager[sa.Connection]:
+        return transaction(self.engine, "index write failed")

@@ -22,6 +22,7 @@ from typing import Any
 import requests
 from dicomweb_client.api import DICOMwebClient
 from pydantic import TypeAdapter, ValidationError
+from pydicom import Dataset
 
 from node.config import AETitle, Destination, DestinationKind
 from node.errors import SendError
@@ -112,6 +113,18 @@ class Sender(abc.ABC):
         """
 
 
+def _read_results(files: Sequence[Path]) -> list[Dataset]:
+    """Read the result files to send; a missing or unreadable one is a `PermanentSendError` (resending can't help)."""
+    paths = [Path(f) for f in files]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise PermanentSendError(f"result file missing: {', '.join(missing)}")
+    try:
+        return read_files(paths)
+    except SendError as exc:
+        raise PermanentSendError(str(exc)) from exc
+
+
 _AE_TITLE = TypeAdapter(AETitle)
 
 
@@ -133,14 +146,7 @@ class DimseSender(Sender):
         if destination.kind is not DestinationKind.DIMSE:
             raise PermanentSendError(f"DimseSender cannot send to a {destination.kind.value!r} destination")
         assert destination.ae_title and destination.host and destination.port  # config validates dimse ones
-        paths = [Path(f) for f in files]
-        missing = [str(p) for p in paths if not p.is_file()]
-        if missing:
-            raise PermanentSendError(f"result file missing: {', '.join(missing)}")
-        try:
-            datasets = read_files(paths)
-        except SendError as exc:
-            raise PermanentSendError(str(exc)) from exc
+        datasets = _read_results(files)
         peer = Peer(
             destination.host,
             destination.port,
@@ -182,14 +188,7 @@ class StowSender(Sender):
     def send(self, destination: Destination, files: Sequence[Path]) -> None:
         if destination.kind is not DestinationKind.DICOMWEB or destination.url is None:
             raise PermanentSendError(f"StowSender cannot send to a {destination.kind.value!r} destination")
-        paths = [Path(f) for f in files]
-        missing = [str(p) for p in paths if not p.is_file()]
-        if missing:
-            raise PermanentSendError(f"result file missing: {', '.join(missing)}")
-        try:
-            datasets = read_files(paths)
-        except SendError as exc:
-            raise PermanentSendError(str(exc)) from exc
+        datasets = _read_results(files)
         headers = {}
         if destination.token is not None:
             headers["Authorization"] = f"Bearer {destination.token.get_secret_value()}"

@@ -13,21 +13,14 @@ from node.index import Index, InstanceRecord
 from node.queue import JobQueue, jobs
 from node.states import AssociationState, SeriesState
 from tests.ctgen import write_ct_series
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.fakeclock import FakeClock
 
 
 @pytest.fixture
 def env(tmp_path):
     engine = create_engine_for(f"sqlite:///{tmp_path / 'c.db'}")
     init_schema(engine)
-    clock = Clock()
+    clock = FakeClock()
     yield engine, clock
     engine.dispose()
 

@@ -29,19 +29,11 @@ from node.senders import (
     classify_store_status,
 )
 from node.states import DeliveryState
+from tests.fakeclock import FakeClock
 
 T0 = 1_000_000.0
 
 
-class FakeClock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class Crash(BaseException):
@@ -105,7 +97,7 @@ def engine(tmp_path: Path) -> Iterator[sa.Engine]:
 
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(T0)
 
 
 @pytest.fixture

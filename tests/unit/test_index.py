@@ -10,21 +10,14 @@ import sqlalchemy as sa
 from node.db import create_engine_for, init_schema
 from node.index import Index, InstanceRecord, RecordOutcome
 from node.states import AssociationState, SeriesState
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.fakeclock import FakeClock
 
 
 @pytest.fixture
 def index(tmp_path):
     engine = create_engine_for(f"sqlite:///{tmp_path / 'node.db'}")
     init_schema(engine)
-    yield Index(engine, clock=Clock())
+    yield Index(engine, clock=FakeClock())
     engine.dispose()
 
 

@@ -10,21 +10,14 @@ from node.config import Priority, QueueSection
 from node.db import create_engine_for, init_schema
 from node.queue import JobQueue
 from node.states import JobState
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.fakeclock import FakeClock
 
 
 @pytest.fixture
 def queue(tmp_path):
     engine = create_engine_for(f"sqlite:///{tmp_path / 'q.db'}")
     init_schema(engine)
-    q = JobQueue(engine, QueueSection(lease_seconds=60, max_attempts=3, retry_delay_seconds=10), clock=Clock())
+    q = JobQueue(engine, QueueSection(lease_seconds=60, max_attempts=3, retry_delay_seconds=10), clock=FakeClock())
     yield q
     engine.dispose()
 
