@@ -1,0 +1,163 @@
+"""The AI results in a real viewer: `pacsnode demo` (Orthanc + node + OHIF 3.13.2 behind the same-origin viewer
+server) processes one clear pneumonia and one normal phantom; Debian's headless chromium, driven by playwright-core
+(demo/viewer-check.mjs), then checks what a person would see: the study list lists both studies with CT, SEG and
+SR; on the slice the SR outlines, the CT alone has no lesion-coloured pixels and the CT with the SEG loaded has
+many; the SR viewport draws the lesion outline with its area; the normal phantom's slices show the lung overlay
+and no lesion. Screenshots land in the test's tmp dir (``PACSNODE_UPDATE_DOCS=1`` copies the SEG view to
+docs/viewer-seg.png). Ctrl-C (SIGINT) stops the demo and everything it started.
+
+The lesion checks need trained weights (the shipped ones, or ``PACSNODE_TEST_WEIGHTS_DIR``); without any weights
+the test skips.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import REPO, require_tool
+
+pytestmark = [pytest.mark.integration, pytest.mark.browser]
+
+WEIGHTS_DIR = os.environ.get("PACSNODE_TEST_WEIGHTS_DIR")
+DEMO = REPO / "demo"
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+MIN_LESION_PIXELS = 500  # canvas pixels; a clear phantom lesion covers thousands at 1280x800
+
+
+def _weights_or_skip() -> None:
+    from models.registry import Registry, RegistryError
+
+    try:
+        registry = Registry(Path(WEIGHTS_DIR) if WEIGHTS_DIR else None)
+        registry.classifier()
+        registry.segmenter()
+    except RegistryError as exc:
+        pytest.skip(f"model weights are not available: {exc}")
+
+
+def _require_file(path: Path, package: str) -> None:
+    if not path.exists():
+        message = f"{path} is missing (apt-get install {package})"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def _playwright_core() -> None:
+    """Install demo/'s pinned playwright-core (npm ci, lockfile) unless it is there at the pinned version."""
+    npm = require_tool("npm")
+    pinned = json.loads((DEMO / "package.json").read_text())["dependencies"]["playwright-core"]
+    installed = DEMO / "node_modules" / "playwright-core" / "package.json"
+    if installed.exists() and json.loads(installed.read_text())["version"] == pinned:
+        return
+    subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=DEMO, check=True, capture_output=True, timeout=300)
+
+
+def _wait_for_file(path: Path, proc: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            pytest.fail(f"pacsnode demo exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"pacsnode demo not ready after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> int:
+    """Ctrl-C as a person would; a second one forces (the demo then SIGKILLs what it started)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            return proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGINT)
+            return proc.wait(timeout=30)
+    return proc.returncode
+
+
+def _plan(summary: dict[str, Any], out: Path) -> dict[str, Any]:
+    studies = [
+        {
+            "name": s["label"], "label": s["label"], "caseId": s["case_id"], "studyUid": s["study_uid"],
+            "ctSeriesUid": s["series_uid"], "segSeriesUid": s["seg_series_uid"], "srSeriesUid": s["sr_series_uid"],
+            "outlineSopUid": s["outline_sop_uid"],
+        }
+        for s in summary["studies"]
+    ]
+    return {"baseUrl": summary["viewer"].rstrip("/"), "outDir": str(out), "timeoutMs": 60000, "studies": studies}
+
+
+def _problems(results: dict[str, Any]) -> list[str]:
+    """Everything the viewer showed wrong, so one run reports all of it."""
+    problems = [f"browser: {e}" for e in results["errors"]]
+    for name in ("pneumonia", "normal"):
+        row = results["studyList"].get(name, "")
+        if "CT\\SEG\\SR" not in row:
+            problems.append(f"study list row of the {name} study lacks CT\\SEG\\SR: {row!r}")
+    pneumonia = results["studies"].get("pneumonia", {})
+    normal = results["studies"].get("normal", {})
+    for name, study in (("pneumonia", pneumonia), ("normal", normal)):
+        if not {"Lungs", "Lesion"} <= set(study.get("segments", [])):
+            problems.append(f"{name}: OHIF did not load the SEG's Lungs and Lesion segments: {study.get('segments')}")
+    ct, seg = pneumonia.get("ctOnly", {}), pneumonia.get("withSeg", {})
+    if ct.get("timedOut", True) or ct.get("red") != 0:
+        problems.append(f"pneumonia, CT alone on the outlined slice: expected a rendered image without lesion colour: {ct}")
+    if seg.get("timedOut", True) or seg.get("red", 0) < MIN_LESION_PIXELS:
+        problems.append(f"pneumonia, SEG loaded on the outlined slice: expected >= {MIN_LESION_PIXELS} lesion pixels "
+                        f"beside the lung overlay: {seg}")
+    outline = pneumonia.get("srOutline", {})
+    if outline.get("points", 0) < 4 or "Area" not in outline.get("text", ""):
+        problems.append(f"pneumonia, SR viewport: expected the lesion outline with its area: {outline}")
+    for sample in normal.get("samples", []) or [{"timedOut": True}]:
+        if sample.get("timedOut", True) or sample.get("red") != 0:
+            problems.append(f"normal, SEG loaded: expected the lung overlay and no lesion colour: {sample}")
+    return problems
+
+
+def test_ohif_shows_the_seg_overlay_and_sr_outline_of_a_pneumonia_phantom_and_none_on_a_normal_one(tmp_path):
+    _weights_or_skip()
+    require_tool("Orthanc")
+    _require_file(DICOMWEB_PLUGIN, "orthanc-dicomweb")
+    chromium = require_tool("chromium")
+    node = require_tool("node")
+    _playwright_core()
+
+    summary_path, log = tmp_path / "summary.json", tmp_path / "demo.log"
+    command = [sys.executable, "-m", "node.demo", "--pneumonia", "1", "--normal", "1", "--workdir",
+               str(tmp_path / "demo"), "--summary", str(summary_path)]
+    if WEIGHTS_DIR:
+        command += ["--weights-dir", WEIGHTS_DIR]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PACSNODE_")}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+    try:
+        _wait_for_file(summary_path, proc, log, timeout=240)
+        summary = json.loads(summary_path.read_text())
+        assert [s["label"] for s in summary["studies"]] == ["pneumonia", "normal"]
+        plan_path = tmp_path / "plan.json"
+        plan_path.write_text(json.dumps(_plan(summary, tmp_path / "viewer")))
+        run = subprocess.run([node, str(DEMO / "viewer-check.mjs"), str(plan_path)], cwd=DEMO,
+                             capture_output=True, text=True, timeout=300, env={**os.environ, "CHROMIUM": chromium})
+        results_path = tmp_path / "viewer" / "results.json"
+        assert results_path.exists(), f"viewer-check.mjs wrote no results ({run.returncode}):\n{run.stderr[-3000:]}"
+        results = json.loads(results_path.read_text())
+    finally:
+        status = _stop(proc)
+    assert status == 0, f"pacsnode demo did not stop cleanly on Ctrl-C ({status}):\n{log.read_text()[-3000:]}"
+
+    seg_view = results["studies"].get("pneumonia", {}).get("withSeg", {}).get("screenshot")
+    if os.environ.get("PACSNODE_UPDATE_DOCS") == "1" and seg_view:
+        shutil.copyfile(seg_view, REPO / "docs" / "viewer-seg.png")
+    problems = _problems(results)
+    assert not problems, "\n".join(problems) + f"\n(screenshots and results.json in {tmp_path / 'viewer'})"
