@@ -141,13 +141,15 @@ class _IsolationHeaders:
         await self.app(scope, receive, send_isolated)
 
 
-def create_viewer_app(dist: Path, orthanc_url: str, config_js: str) -> Starlette:
+def create_viewer_app(dist: Path, orthanc_url: str, config_js: str, *,
+                      transport: httpx.AsyncBaseTransport | None = None) -> Starlette:
     """Starlette app serving OHIF from ``dist`` on one origin with Orthanc behind it.
 
     ``/app-config.js`` → ``config_js``; ``/dicom-web/...`` and ``/wado`` → proxied to ``orthanc_url`` with the
     browser's Host header kept (Orthanc builds bulk-data URLs from it, so they point back at this server);
     502 when Orthanc does not answer. Existing files under ``dist`` are served as they are; other page routes
-    (``/viewer``, ``/``) get ``index.html``; a missing file with an extension is a 404.
+    (``/viewer``, ``/``) get ``index.html``; a missing file with an extension is a 404. ``transport`` replaces
+    the HTTP transport to Orthanc (tests).
     """
     import httpx
     from starlette.applications import Starlette
@@ -164,7 +166,8 @@ def create_viewer_app(dist: Path, orthanc_url: str, config_js: str) -> Starlette
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
-        async with httpx.AsyncClient(base_url=orthanc_url, timeout=httpx.Timeout(120.0, connect=5.0)) as client:
+        async with httpx.AsyncClient(base_url=orthanc_url, timeout=httpx.Timeout(120.0, connect=5.0),
+                                     transport=transport) as client:
             del client.headers["accept-encoding"]  # pass the browser's own choice through, add none
             state["client"] = client
             yield

@@ -161,3 +161,61 @@ def test_ohif_shows_the_seg_overlay_and_sr_outline_of_a_pneumonia_phantom_and_no
         shutil.copyfile(seg_view, REPO / "docs" / "viewer-seg.png")
     problems = _problems(results)
     assert not problems, "\n".join(problems) + f"\n(screenshots and results.json in {tmp_path / 'viewer'})"
+
+
+def test_viewer_server_isolation_headers_proxy_host_and_page_routes(tmp_path):
+    """The same-origin server alone (no browser, Orthanc faked by an httpx transport): COOP/COEP on every answer,
+    DICOMweb proxied with the browser's Host kept and the body streamed back as is, 502 when Orthanc is down,
+    index.html for page routes, 404 for missing assets, nothing served from outside the build."""
+    import warnings
+
+    import httpx
+
+    with warnings.catch_warnings():
+        # starlette 1.x prefers the httpx2 package for its TestClient; httpx still works and is what we install.
+        warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient` is deprecated")
+        from starlette.testclient import TestClient
+
+    from node.demo import app_config_js, create_viewer_app
+
+    class Streamed(httpx.AsyncByteStream):  # as a real transport answers: not read yet
+        def __init__(self, data: bytes) -> None:
+            self.data = data
+
+        async def __aiter__(self):  # type: ignore[override]
+            yield self.data
+
+    dist = tmp_path / "dist"
+    dist.mkdir()
+    (dist / "index.html").write_text("<html>ohif</html>")
+    (dist / "app.bundle.js").write_text("console.log(1)")
+    (tmp_path / "secret.txt").write_text("secret")
+    seen: list[httpx.Request] = []
+
+    def orthanc(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if request.url.path == "/wado":
+            raise httpx.ConnectError("down", request=request)
+        return httpx.Response(200, stream=Streamed(b"--b\r\n" + request.content + b"--b--"),
+                              headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=b'})
+
+    app = create_viewer_app(dist, "http://orthanc:8042", app_config_js(), transport=httpx.MockTransport(orthanc))
+    with TestClient(app, base_url="http://127.0.0.1:3000") as client:
+        page = client.get("/viewer?StudyInstanceUIDs=1.2.3")
+        assert page.status_code == 200 and page.text == "<html>ohif</html>"
+        assert page.headers["cross-origin-opener-policy"] == "same-origin"
+        assert page.headers["cross-origin-embedder-policy"] == "require-corp"
+        config = client.get("/app-config.js")
+        assert "qidoRoot: origin + '/dicom-web'" in config.text and "wadoUriRoot: origin + '/wado'" in config.text
+        assert client.get("/app.bundle.js").text == "console.log(1)"
+        assert client.get("/missing.bundle.js").status_code == 404
+        assert "secret" not in client.get("/../secret.txt").text
+        assert "secret" not in client.get("/%2e%2e/secret.txt").text
+
+        stored = client.post("/dicom-web/studies?x=1", content=b"DICM", headers={"Host": "viewer.local:3000"})
+        assert stored.status_code == 200 and stored.content == b"--b\r\nDICM--b--"
+        assert stored.headers["content-type"].startswith("multipart/related")
+        assert stored.headers["cross-origin-embedder-policy"] == "require-corp"
+        assert seen[-1].headers["host"] == "viewer.local:3000"  # Orthanc builds bulk-data URLs from it
+        assert (seen[-1].url.path, seen[-1].url.query) == ("/dicom-web/studies", b"x=1")
+        assert client.get("/wado?requestType=WADO").status_code == 502
