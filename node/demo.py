@@ -648,12 +648,15 @@ class Demo:
 
 
 # -- the command --------------------------------------------------------------------------------------------------
+DESCRIPTION = ("Start Orthanc, the node and the OHIF viewer on loopback, send synthetic phantom CT studies through "
+               "the node and print the viewer URL of each study with its AI results. Ctrl-C stops everything. "
+               "Not for clinical use.")
+
+
 def register(subparsers: Any) -> None:
     """Add ``demo`` to an argparse subparsers object (``args.func`` runs it and returns the exit code)."""
     p = subparsers.add_parser("demo", help="Orthanc + node + OHIF viewer on loopback, fed with phantom studies",
-                              description="Start Orthanc, the node and the OHIF viewer on loopback, send synthetic "
-                              "phantom CT studies through the node and print the viewer URL of each study with its "
-                              "AI results. Ctrl-C stops everything. Not for clinical use.")
+                              description=DESCRIPTION)
     add_arguments(p)
     p.set_defaults(func=run)
 
@@ -747,7 +750,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m node.demo", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(prog="python -m node.demo", description=DESCRIPTION)
     add_arguments(parser)
     return run(parser.parse_args(argv))
 
