@@ -264,7 +264,8 @@ class ViewerServer:
 # -- Orthanc ------------------------------------------------------------------------------------------------------
 class Orthanc:
     """One Orthanc process over a temporary storage folder: DICOM and HTTP on the given ports, DICOMweb plugin on,
-    HTTP limited to local clients. `start()` returns once ``GET /system`` and the DICOM port answer."""
+    HTTP for local clients, DICOM for the listed modalities from their hosts only. `start()` returns once
+    ``GET /system`` and the DICOM port answer."""
 
     def __init__(self, workdir: Path, *, dicom_port: int, http_port: int, modalities: Mapping[str, Sequence[Any]]) -> None:
         exe = shutil.which("Orthanc") or ("/usr/sbin/Orthanc" if Path("/usr/sbin/Orthanc").exists() else None)
@@ -279,8 +280,11 @@ class Orthanc:
         settings = {
             "Name": "PACSNODE-DEMO", "StorageDirectory": str(workdir / "db"), "IndexDirectory": str(workdir / "db"),
             "DicomServerEnabled": True, "DicomAet": ORTHANC_AET, "DicomPort": dicom_port, "DicomCheckCalledAet": True,
+            # Orthanc 1.10 cannot bind to loopback: local clients only for HTTP, and for DICOM only the modalities
+            # listed here, from their own host.
             "HttpServerEnabled": True, "HttpPort": http_port, "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False, "DicomAlwaysAllowStore": True, "DicomAlwaysAllowEcho": True,
+            "AuthenticationEnabled": False, "DicomAlwaysAllowStore": False, "DicomAlwaysAllowEcho": False,
+            "DicomCheckModalityHost": True,
             "DicomModalities": {name: list(entry) for name, entry in modalities.items()},
             "Plugins": [str(DICOMWEB_PLUGIN)],
             "DicomWeb": {"Enable": True, "Root": DICOMWEB_PATH + "/"},  # Host unset: URLs follow the request's Host
@@ -575,7 +579,8 @@ class Demo:
         try:
             self.orthanc = Orthanc(s.workdir / "orthanc", dicom_port=s.orthanc_dicom_port or free_port(),
                                    http_port=s.orthanc_http_port or free_port(),
-                                   modalities={"node": (NODE_AET, "127.0.0.1", node_port)})
+                                   modalities={"node": (NODE_AET, "127.0.0.1", node_port),
+                                               "scanner": (MODALITY_AET, "127.0.0.1", 104)})
             self._stack.append(self.orthanc.stop)
             self.orthanc.start()
             log(f"Orthanc: DICOM {ORTHANC_AET}@127.0.0.1:{self.orthanc.dicom_port}, HTTP {self.orthanc.url}")
