@@ -51,10 +51,9 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from node.config import NodeConfig
-from node.dimse import ACCEPTED_TRANSFER_SYNTAXES
 from node.errors import IndexError_, InvalidDatasetError, ReceiveError, StoreStatus
 from node.index import Index, series
-from node.ingest import Ingestor, Origin
+from node.ingest import ACCEPTED_TRANSFER_SYNTAXES, Ingestor, Origin
 from node.logs import get_logger
 from node.metrics import Metrics
 from node.spool import check_uid

@@ -16,20 +16,6 @@ import weakref
 from collections.abc import Callable
 from typing import Any, cast
 
-from pydicom.uid import (
-    JPEG2000,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    JPEG2000Lossless,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    RLELossless,
-)
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
@@ -39,26 +25,11 @@ from pynetdicom.transport import ThreadedAssociationServer
 from node.config import NodeConfig
 from node.errors import ReceiveError, StoreStatus
 from node.index import Index
-from node.ingest import Ingestor, Origin
+from node.ingest import ACCEPTED_TRANSFER_SYNTAXES, Ingestor, Origin
 from node.logs import get_logger
 from node.metrics import Metrics
 from node.states import AssociationState
 
-# Transfer syntaxes whose pixel data the node can decode later (pydicom + pylibjpeg plugins); uncompressed first.
-ACCEPTED_TRANSFER_SYNTAXES = [
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    DeflatedExplicitVRLittleEndian,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    JPEG2000Lossless,
-    JPEG2000,
-    RLELossless,
-]
 assert set(ACCEPTED_TRANSFER_SYNTAXES) <= set(ALL_TRANSFER_SYNTAXES)
 
 # pynetdicom logs every PDU unless told not to; that costs more per image than the fsync (peers.md).

@@ -17,12 +17,42 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.tag import BaseTag, Tag
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pydicom.uid import (
+    JPEG2000,
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
 
 from node.errors import InvalidDatasetError, SOPClassMismatchError
 from node.index import Index, InstanceRecord, RecordOutcome
 from node.spool import Spool, check_uid
 
+# Transfer syntaxes both front doors accept: those whose pixel data the node can decode later (pydicom +
+# pylibjpeg plugins); uncompressed first.
+ACCEPTED_TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+]
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1411.1.1"
 IMPLEMENTATION_VERSION = "PACSAINODE_010"
 
