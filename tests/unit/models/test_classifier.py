@@ -14,6 +14,8 @@ from models.preprocess import PreprocessConfig, load_series, to_model_input
 
 from .util import case_files, case_masks
 
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # Keras saving TF variables under numpy 2
+
 
 def _tiny() -> keras.Model:
     return build_classifier(grid=32, channels=2, widths=(8, 16), features=16, attention_units=8)

@@ -12,6 +12,8 @@ import pytest
 from models.registry import CARD_FILE, Registry
 from training import cli
 
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # Keras saving TF variables under numpy 2
+
 
 def _run(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
