@@ -18,8 +18,9 @@ const CHROMIUM_FLAGS = [
   '--disable-background-networking', '--disable-component-update', '--disable-sync', '--enable-unsafe-swiftshader',
 ];
 // Installed in every page as window.__pacsnodePixels(): counts pixels of the viewport canvas. The node's SEG
-// recommends red for the lesion and blue for the lungs; OHIF blends the fill over the grey CT, so "red" is red clearly
-// above green and blue, "blue" is blue clearly above red, "lit" is anything not black.
+// recommends red (255,40,40) for the lesion and blue (80,160,255) for the lungs; OHIF blends each fill over what is
+// below (grey CT, and the lungs under a lesion: about (167,115,151) measured), so "lesion" is red above blue and
+// well above green, "lungs" is blue well above red, "lit" is anything not black.
 const INSTALL_PIXEL_COUNTER = () => {
   window.__pacsnodePixels = () => {
     const viewport = window.cornerstone?.getRenderingEngines().flatMap(e => e.getViewports()).find(v => v.getImageIds);
@@ -30,7 +31,7 @@ const INSTALL_PIXEL_COUNTER = () => {
     for (let i = 0; i < data.length; i += 4) {
       const r = data[i], g = data[i + 1], b = data[i + 2];
       if (r + g + b > 60) lit++;
-      if (r > 120 && r - Math.max(g, b) > 50) red++;
+      if (r > 120 && r - g > 40 && r > b) red++;
       if (b > 120 && b - r > 50) blue++;
     }
     return { red, blue, lit, total: canvas.width * canvas.height, index: viewport.getCurrentImageIdIndex(),
@@ -79,12 +80,32 @@ async function waitForViewport() {
   return handle.jsonValue();
 }
 
-/** Show image `index` of the stack; resolves once the viewport reports that index. */
-async function showImage(index) {
-  await page.evaluate(async (i) => {
-    const v = window.cornerstone.getRenderingEngines().flatMap(e => e.getViewports()).find(v => v.getImageIds);
-    await v.setImageIdIndex(i);
-  }, index);
+/** Show image `index` of the stack and wait for its render: with a segmentation loaded, for cornerstone's
+ *  SEGMENTATION_RENDERED of this viewport (the labelmap is drawn after the image), else for IMAGE_RENDERED.
+ *  Returns which event came, or 'timeout'. */
+async function showImage(index, withSegmentation) {
+  return page.evaluate(async ([i, withSeg]) => {
+    const cs = window.cornerstone;
+    const v = cs.getRenderingEngines().flatMap(e => e.getViewports()).find(v => v.getImageIds);
+    const rendered = new Promise((resolve) => {
+      const timer = setTimeout(() => resolve('timeout'), 15000);
+      if (withSeg) {
+        const name = window.cornerstoneTools.Enums.Events.SEGMENTATION_RENDERED;
+        const listener = (evt) => {
+          if (evt.detail.viewportId !== v.id || v.getCurrentImageIdIndex() !== i) return;
+          cs.eventTarget.removeEventListener(name, listener);
+          clearTimeout(timer);
+          resolve('segmentation');
+        };
+        cs.eventTarget.addEventListener(name, listener);
+      } else {
+        v.element.addEventListener(cs.Enums.Events.IMAGE_RENDERED, () => { clearTimeout(timer); resolve('image'); },
+                                   { once: true });
+      }
+    });
+    if (v.getCurrentImageIdIndex() === i) v.render(); else await v.setImageIdIndex(i);
+    return rendered;
+  }, [index, withSegmentation]);
 }
 
 /** Index in the stack of the image whose SOP Instance UID is `sop` (-1 if absent). */
@@ -146,15 +167,15 @@ try {
       await page.goto(viewerUrl(study, study.ctSeriesUid));
       out.images = await waitForViewport();
       out.keyIndex = study.outlineSopUid ? await indexOfSop(study.outlineSopUid) : Math.floor(out.images / 2);
-      await showImage(out.keyIndex);
-      out.ctOnly = await waitForPixels(out.keyIndex, LIT_IMAGE);
+      const ctRendered = await showImage(out.keyIndex, false);
+      out.ctOnly = { ...await waitForPixels(out.keyIndex, LIT_IMAGE), rendered: ctRendered };
       out.ctOnly.screenshot = await shot(`${study.name}-ct`);
       lap(`${study.name}-ct`);
       // 2b. The SEG loaded on the CT: the lesion overlay on the same slice.
       out.segments = await openSegmentation(study);
       await waitForViewport();
-      await showImage(out.keyIndex);
-      out.withSeg = await waitForPixels(out.keyIndex, LESION_SHOWN, 30000);
+      const segRendered = await showImage(out.keyIndex, true);
+      out.withSeg = { ...await waitForPixels(out.keyIndex, LESION_SHOWN, 30000), rendered: segRendered };
       out.withSeg.screenshot = await shot(`${study.name}-seg`);
       lap(`${study.name}-seg`);
       // 2c. The SR in OHIF's SR viewport: the lesion outline (an SVG polyline) with its area.
@@ -178,8 +199,8 @@ try {
       out.samples = [];
       for (const fraction of [0.35, 0.5, 0.65]) {
         const index = Math.round((out.images - 1) * fraction);
-        await showImage(index);
-        out.samples.push(await waitForPixels(index, LUNGS_SHOWN, 30000));
+        const rendered = await showImage(index, true);
+        out.samples.push({ ...await waitForPixels(index, LUNGS_SHOWN, 30000), rendered });
       }
       out.screenshot = await shot(`${study.name}-seg`);
       lap(`${study.name}-seg`);

@@ -3,8 +3,8 @@ server) processes one clear pneumonia and one normal phantom; Debian's headless 
 (demo/viewer-check.mjs), then checks what a person would see: the study list lists both studies with CT, SEG and
 SR; on the slice the SR outlines, the CT alone has no lesion-coloured pixels and the CT with the SEG loaded has
 many; the SR viewport draws the lesion outline with its area; the normal phantom's slices show the lung overlay
-and no lesion. Screenshots land in the test's tmp dir (``PACSNODE_UPDATE_DOCS=1`` copies the SEG view to
-docs/viewer-seg.png). Ctrl-C (SIGINT) stops the demo and everything it started.
+and no lesion. Screenshots land in the test's tmp dir (``PACSNODE_UPDATE_DOCS=1`` copies the SEG and SR views to
+docs/viewer-seg.png and docs/viewer-sr.png). Ctrl-C (SIGINT) stops the demo and everything it started.
 
 The lesion checks need trained weights (the shipped ones, or ``PACSNODE_TEST_WEIGHTS_DIR``); without any weights
 the test skips.
@@ -156,9 +156,11 @@ def test_ohif_shows_the_seg_overlay_and_sr_outline_of_a_pneumonia_phantom_and_no
         status = _stop(proc)
     assert status == 0, f"pacsnode demo did not stop cleanly on Ctrl-C ({status}):\n{log.read_text()[-3000:]}"
 
-    seg_view = results["studies"].get("pneumonia", {}).get("withSeg", {}).get("screenshot")
-    if os.environ.get("PACSNODE_UPDATE_DOCS") == "1" and seg_view:
-        shutil.copyfile(seg_view, REPO / "docs" / "viewer-seg.png")
+    if os.environ.get("PACSNODE_UPDATE_DOCS") == "1":
+        pneumonia = results["studies"].get("pneumonia", {})
+        for view, name in (("withSeg", "viewer-seg.png"), ("srOutline", "viewer-sr.png")):
+            if pneumonia.get(view, {}).get("screenshot"):
+                shutil.copyfile(pneumonia[view]["screenshot"], REPO / "docs" / name)
     problems = _problems(results)
     assert not problems, "\n".join(problems) + f"\n(screenshots and results.json in {tmp_path / 'viewer'})"
 
