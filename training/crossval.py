@@ -185,6 +185,43 @@ def fit(
 
 
 FOLD_MANIFEST = "fold.json"
+CLAIM = "claim"  # a fold being trained: holds the training process's pid
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _claimed_by_other(fold_dir: Path) -> bool:
+    try:
+        pid = int((fold_dir / CLAIM).read_text().strip() or 0)
+    except (OSError, ValueError):
+        return False
+    return pid != os.getpid() and pid > 0 and _pid_alive(pid)
+
+
+def _claim(fold_dir: Path) -> bool:
+    """Claim a fold for this process (False when a live process holds it; a dead holder's claim is taken over)."""
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    path = fold_dir / CLAIM
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            if _claimed_by_other(fold_dir):
+                return False
+            path.unlink(missing_ok=True)  # left by a process that died
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
 
 
 def _resume(fold_dir: Path, manifest: dict[str, Any]) -> Fitted | None:
@@ -393,6 +430,7 @@ def evaluate(
     allow_unlabelled: bool = False,
     progress: bool = True,
     resume: bool = True,
+    only_folds: list[int] | None = None,
     weights_dir: str | Path | None = None,
     command: str | None = None,
 ) -> dict[str, Any]:
@@ -401,7 +439,10 @@ def evaluate(
     With ``resume``, a fold whose model an earlier run finished in ``out`` for the same cases, split and
     settings is loaded instead of retrained (each fold reseeds, so the numbers are the same). The example-slice
     figure overlays the latest segmenter under ``weights_dir`` (default: the shipped weights). Returns the
-    metrics (as written to metrics.json). Raises DatasetError / TrainingError.
+    metrics (as written to metrics.json). With ``only_folds`` it trains just those folds (in that order, skipping
+    any another process has claimed) and writes no report: several processes or machines sharing ``out`` can
+    split the folds, and a final run without it waits for claimed folds and assembles the report. Raises
+    DatasetError / TrainingError / ValueError.
     """
     from tqdm import tqdm
 
@@ -433,7 +474,14 @@ def evaluate(
     attention: list[np.ndarray | None] = [None] * len(y)
     histories, fold_info, fold_seconds, n_train = [], [], [], []
     resumed: list[int] = []
-    for k, (train_idx, test_idx) in enumerate(tqdm(splits, desc="folds", unit="fold", disable=not progress), 1):
+    order = list(range(1, folds + 1))
+    if only_folds is not None:
+        bad = [k for k in only_folds if not 1 <= k <= folds]
+        if bad:
+            raise ValueError(f"only_folds must be fold numbers 1..{folds}, got {bad}")
+        order = list(dict.fromkeys(only_folds))
+    for k in tqdm(order, desc="folds", unit="fold", disable=not progress):
+        train_idx, test_idx = splits[k - 1]
         fit_idx, val_idx = inner_split(y, groups, train_idx, val_fraction, seed + k)
         s = replace(s0, seed=seed + k)
         fold_dir = out / "folds" / f"fold-{k:02d}"
@@ -441,17 +489,32 @@ def evaluate(
         manifest = {"cache_key": prep.key, "settings": _settings_dict(s), "val_fraction": val_fraction,
                     **{name: [ds.cases[i].case_id for i in idx]
                        for name, idx in (("fit", fit_idx), ("validation", val_idx), ("test", test_idx))}}
-        fitted = _resume(fold_dir, manifest) if resume else None
+        fitted = None
+        while resume and fitted is None:
+            fitted = _resume(fold_dir, manifest)
+            if fitted is None and _claimed_by_other(fold_dir) and only_folds is None:
+                time.sleep(30)  # another process (--only-folds) is training this fold: wait for its model
+                continue
+            break
         if fitted is not None:
             resumed.append(k)
             log(f"fold {k}: reusing the model trained earlier in {fold_dir}")
         else:
-            (fold_dir / FOLD_MANIFEST).unlink(missing_ok=True)
-            fitted = fit([prep.cases[i] for i in fit_idx], [prep.cases[i] for i in val_idx], s, fold_dir,
-                         describe_train=_describe(ds, fit_idx, f"fold {k} training"),
-                         describe_val=_describe(ds, val_idx, f"fold {k} validation"),
-                         version=f"cv-fold-{k}", progress=progress, log=log)
-            _write_json(fold_dir / FOLD_MANIFEST, {**manifest, "train_seconds": round(fitted.seconds, 1)})
+            if not _claim(fold_dir):
+                log(f"fold {k}: another process is training it; skipped")
+                continue
+            try:
+                (fold_dir / FOLD_MANIFEST).unlink(missing_ok=True)
+                fitted = fit([prep.cases[i] for i in fit_idx], [prep.cases[i] for i in val_idx], s, fold_dir,
+                             describe_train=_describe(ds, fit_idx, f"fold {k} training"),
+                             describe_val=_describe(ds, val_idx, f"fold {k} validation"),
+                             version=f"cv-fold-{k}", progress=progress, log=log)
+                _write_json(fold_dir / FOLD_MANIFEST, {**manifest, "train_seconds": round(fitted.seconds, 1)})
+            finally:
+                (fold_dir / CLAIM).unlink(missing_ok=True)
+        if only_folds is not None:
+            log(f"fold {k}: finished in {fitted.seconds:.0f} s")
+            continue
         probs, atts = predict(fitted.model, [prep.cases[i] for i in test_idx], cfg)
         p[test_idx], thr[test_idx], fold_of[test_idx] = probs, float(fitted.card["threshold"]), k
         for i, a in zip(test_idx, atts, strict=True):
@@ -469,6 +532,8 @@ def evaluate(
 
         keras.backend.clear_session()  # fold models are independent; keep memory flat
 
+    if only_folds is not None:
+        return {"only_folds": order, "reused": resumed}
     res = summarise(y, p, thr, fold_of, reader, bootstrap=bootstrap, seed=seed, n_train=n_train)
     for f, info in zip(res["folds"], fold_info, strict=True):
         f.update(info)
@@ -620,10 +685,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         m = evaluate(args.data, folds=args.folds, out=args.out, seed=args.seed, quick=args.quick, labels=args.labels,
                      epochs=args.epochs, cache_dir=args.cache_dir, val_fraction=args.val_fraction,
                      bootstrap=args.bootstrap, allow_unlabelled=args.allow_unlabelled, progress=not args.quiet,
-                     resume=args.resume, weights_dir=args.weights_dir)
+                     resume=args.resume, only_folds=args.only_folds, weights_dir=args.weights_dir)
     except (TrainingError, ModelError, ValueError) as exc:
         _err(str(exc))
         return 1
+    if args.only_folds is not None:
+        print(f"folds {m['only_folds']} done (reused {m['reused']}); run without --only-folds for the report")
+        return 0
     print(headline_table(m))
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0
@@ -645,6 +713,13 @@ def cmd_train_final(args: argparse.Namespace) -> int:
     print(f"wrote {card['name']} {card['version']} to {args.out} (training {t['train_seconds']:.0f} s, "
           f"best epoch {t['best_epoch']}, threshold {card['threshold']:.3f})")
     return 0
+
+
+def _fold_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected fold numbers like 7,8,9, got {text!r}") from exc
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -670,6 +745,8 @@ def register(subparsers: Any) -> None:
     e.add_argument("--bootstrap", type=int, default=BOOTSTRAP, help=f"bootstrap resamples (default {BOOTSTRAP})")
     e.add_argument("--no-resume", dest="resume", action="store_false",
                    help="retrain every fold even where --out holds a finished fold with the same split and settings")
+    e.add_argument("--only-folds", type=_fold_list, metavar="K[,K...]",
+                   help="train only these folds (no report); a later run without it assembles the report")
     e.add_argument("--weights-dir", help="weights folder whose segmenter draws the example overlays (default: shipped)")
     e.set_defaults(func=cmd_evaluate)
 

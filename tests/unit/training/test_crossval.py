@@ -155,6 +155,27 @@ def test_resume_reuses_finished_folds_with_the_same_numbers(runs: tuple[Path, Pa
     assert (c / "metrics.json").read_bytes() == (a / "metrics.json").read_bytes()
 
 
+def test_only_folds_split_the_work_and_claims_are_respected(runs: tuple[Path, Path], tmp_path: Path) -> None:
+    import os
+
+    a = runs[0]
+    data, d = _metrics(a)["dataset"]["root"], tmp_path / "d"
+    common = {"folds": 3, "out": d, "seed": 7, "quick": True, "bootstrap": 200, "cache_dir": a.parent / "cache",
+              "progress": False}
+    (d / "folds" / "fold-02").mkdir(parents=True)
+    (d / "folds" / "fold-02" / "claim").write_text(str(os.getppid()))  # a live process holds fold 2
+    assert crossval.evaluate(data, only_folds=[3, 2, 1], **common) == {"only_folds": [3, 2, 1], "reused": []}
+    assert not (d / "metrics.json").exists() and not (d / "folds" / "fold-02" / "fold.json").exists()
+    assert {p.parent.name for p in d.glob("folds/*/fold.json")} == {"fold-01", "fold-03"}
+    assert not list(d.glob("folds/fold-0[13]/claim"))
+    (d / "folds" / "fold-02" / "claim").write_text("999999999")  # its holder died: the claim is taken over
+    crossval.evaluate(data, **common)
+    assert json.loads((d / "run.json").read_text())["resumed_folds"] == [1, 3]
+    assert (d / "metrics.json").read_bytes() == (a / "metrics.json").read_bytes()
+    with pytest.raises(ValueError, match="fold numbers 1..3"):
+        crossval.evaluate(data, only_folds=[4], **common)
+
+
 def test_train_final_without_masks_loads_in_the_registry(data: Path, runs: tuple[Path, Path], tmp_path: Path) -> None:
     """Series labels only (no masks column): the model trains, ships through the registry, records the CV."""
     from models.preprocess import load_series
