@@ -132,11 +132,11 @@ def _blocks(m: dict[str, Any], run: dict[str, Any], figures: dict[str, dict[str,
           ("table", ["", "Study", "This run"], [
               ["Cases", STUDY["cases"], f"{d['cases']} synthetic phantom series ({d['pneumonia_cases']} pneumonia)"],
               ["Protocol", STUDY["protocol"], f"{proto['folds']}-fold {proto['split']}"],
-              ["Model selection", "not reported", proto["inner_validation"]],
+              ["Model selection", "not stated in the summary we follow", proto["inner_validation"]],
               ["Headline", STUDY["headline"], f"mean accuracy {_mean_sd(m['summary']['model']['accuracy'], 'accuracy')}"],
               ["Comparison", STUDY["comparison"], "simulated reader on the same cases: McNemar, Cohen's kappa, "
                "paired t-test (and its corrected form)"],
-              ["Uncertainty", "not reported", "mean ± SD over folds, bootstrap 95 % CIs, calibration"],
+              ["Uncertainty", "not stated in the summary we follow", "mean ± SD over folds, bootstrap 95 % CIs, calibration"],
           ]),
           ("p", f"Slice supervision: {d['slice_labels']}. Preprocessing: grid {proto['preprocessing']['grid']}, "
                 f"HU windows {proto['preprocessing']['windows']}. Fold seeds {proto['fold_seeds']}.")]
