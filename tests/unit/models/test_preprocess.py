@@ -224,3 +224,15 @@ def test_multiframe_series_is_unpacked_and_sorted(tiny_phantom: Path, tmp_path: 
     assert multi.frame_numbers == tuple(range(12, 0, -1))  # frames were stored head → feet
     assert len(set(multi.sop_instance_uids)) == 1 and len(multi.datasets) == 1
     assert multi.spacing == pytest.approx(single.spacing)
+
+
+def test_real_ct_file_from_pydicom_test_data() -> None:
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file("CT_small.dcm")
+    vol = load_series([path])
+    ds = pydicom.dcmread(path)
+    assert vol.hu.shape == (1, ds.Rows, ds.Columns)
+    expected = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    np.testing.assert_array_equal(vol.hu[0], np.clip(expected, -1024, 3071).astype(np.float32))
+    assert vol.spacing[0] == pytest.approx(float(ds.SliceThickness))

@@ -156,3 +156,14 @@ def test_512px_120_slice_series_in_a_few_seconds(tmp_path: Path) -> None:
     elapsed = time.perf_counter() - t
     assert c.attention.shape == (120,) and s.lesion.shape == (120, 512, 512)
     assert elapsed < 10.0, f"classifier + U-Net took {elapsed:.1f} s"
+
+
+def test_predict_on_a_real_single_slice_ct() -> None:
+    from pydicom.data import get_testdata_file
+
+    vol = load_series([get_testdata_file("CT_small.dcm")])
+    reg = Registry()
+    out = reg.classifier().predict(vol, age=vol.patient_age, sex=vol.patient_sex)
+    assert out.attention.shape == (1,) and out.attention[0] == pytest.approx(1.0)
+    seg = reg.segmenter().predict(vol)
+    assert seg.lungs.shape == vol.hu.shape == seg.lesion.shape
