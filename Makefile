@@ -5,8 +5,9 @@ BIN := $(VENV)/bin
 RUNTIME := $(VENV)/.installed-runtime
 TESTDEPS := $(VENV)/.installed-test
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
-.PHONY: serve test lint typecheck sysdeps bench bench-e2e venv clean
+.PHONY: serve test demo lint typecheck sysdeps bench bench-e2e venv clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -27,6 +28,9 @@ serve: $(RUNTIME)
 
 sysdeps:
 	@scripts/sysdeps.sh
+
+demo: $(RUNTIME) sysdeps
+	$(BIN)/pacsnode demo $(DEMO_ARGS)
 
 lint: $(TESTDEPS)
 	$(BIN)/ruff check node models training tests benchmarks

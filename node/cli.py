@@ -1,6 +1,6 @@
 """The `pacsnode` command: the only place that parses arguments and wires stages together.
 
-Subcommands: ``serve``, ``config check``, ``echo``, ``send``, and the training side's (``phantom``, ``train`` ...)
+Subcommands: ``serve``, ``config check|reload``, ``echo``, ``send``, ``status``, ``retry``, ``demo``, and the training side's (``phantom``, ``train`` ...)
 registered by `training.cli` when it is importable. Exit codes: 0 success, 1 operation failed, 2 bad usage/config.
 """
 
@@ -202,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("--jobs", action="store_true", help="also re-queue dead jobs")
     retry.set_defaults(func=cmd_retry)
 
+    from node import demo
+
+    demo.register(sub)
     _register_training(sub)
     return parser
 

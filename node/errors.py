@@ -12,7 +12,8 @@
     ├── SendError                   an SCU operation (echo, send, dispatch) failed
     │   ├── TransientSendError      (node.dispatch) retry later: peer down, busy, refused association
     │   └── PermanentSendError      (node.dispatch) dead-letter now: the PACS refuses these objects
-    └── ResultsError                (node.results) an SR/SEG could not be built from the inputs
+    ├── ResultsError                (node.results) an SR/SEG could not be built from the inputs
+    └── DemoError                   (node.demo) a demo piece could not start, or results did not arrive in time
 
 Library exceptions (pydicom, SQLAlchemy, OSError) are converted where they are caught, with ``raise ... from exc``.
 """

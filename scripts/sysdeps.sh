@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install the Debian packages the tests talk to (DCMTK, Orthanc + DICOMweb plugin, dicom3tools) when missing.
+# Install the Debian packages the tests talk to (DCMTK, Orthanc + DICOMweb plugin, dicom3tools; chromium, node and
+# npm for the OHIF viewer test) when missing.
 # Needs root for apt-get; otherwise says what is missing and leaves it to the tests to skip those peers.
 set -euo pipefail
 need=()
@@ -7,6 +8,9 @@ command -v storescu >/dev/null 2>&1 || need+=(dcmtk)
 command -v Orthanc >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ] || need+=(orthanc)
 [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=(orthanc-dicomweb)
 command -v dciodvfy >/dev/null 2>&1 || need+=(dicom3tools)
+command -v node >/dev/null 2>&1 || need+=(nodejs)
+command -v npm >/dev/null 2>&1 || need+=(npm)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
 if [ ${#need[@]} -eq 0 ]; then exit 0; fi
 if [ "$(id -u)" != 0 ]; then
   echo "sysdeps: missing ${need[*]} (run as root, or: sudo apt-get install ${need[*]}); tests needing them will skip" >&2

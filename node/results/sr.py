@@ -268,10 +268,13 @@ def build_results(
     library = list(key)
     if findings.lesion.any():
         roi = _roi_slice(findings, key)
-        groups.append(
+        # The outline group goes first: OHIF's SR viewport (3.13) opens on the first measurement group and draws
+        # nothing when that group has no image region.
+        groups.insert(
+            0,
             _lesion_outline_group(
                 sources[roi], findings.lesion[roi], algorithm, voxel, uid(ResultKind.TRACKING_LESION_OUTLINE)
-            )
+            ),
         )
         if roi not in library:
             library.append(roi)
