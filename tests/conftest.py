@@ -34,6 +34,25 @@ def require_tool(name: str) -> str:
     return path
 
 
+# Another weights folder (<name>/<version>/ like models/weights) for the tests that run the real models.
+TEST_WEIGHTS_DIR = os.environ.get("PACSNODE_TEST_WEIGHTS_DIR")
+
+
+def require_weights() -> None:
+    """Skip (fail under CI) unless the classifier and U-Net load from the shipped weights or TEST_WEIGHTS_DIR."""
+    from models.registry import Registry, RegistryError
+
+    try:
+        registry = Registry(Path(TEST_WEIGHTS_DIR) if TEST_WEIGHTS_DIR else None)
+        registry.classifier()
+        registry.segmenter()
+    except RegistryError as exc:
+        message = f"model weights are not available: {exc}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

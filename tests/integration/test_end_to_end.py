@@ -7,7 +7,6 @@ after it is back."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ import pydicom
 import pytest
 import sqlalchemy as sa
 
-from tests.conftest import free_port, peer_env, require_tool
+from tests.conftest import TEST_WEIGHTS_DIR, free_port, peer_env, require_tool, require_weights
 from tests.ctgen import write_ct_series
 
 pytestmark = pytest.mark.integration
@@ -25,19 +24,6 @@ pytestmark = pytest.mark.integration
 PNEUMONIA = "233604007"
 PRESENT, ABSENT = "52101004", "272519000"
 STABLE_SECONDS = 15
-# Another weights folder (<name>/<version>/ like models/weights) to run this test against, e.g. a fresh training run.
-WEIGHTS_DIR = os.environ.get("PACSNODE_TEST_WEIGHTS_DIR")
-
-
-def _weights_or_skip() -> None:
-    from models.registry import Registry, RegistryError
-
-    try:
-        registry = Registry(Path(WEIGHTS_DIR) if WEIGHTS_DIR else None)
-        registry.classifier()
-        registry.segmenter()
-    except RegistryError as exc:
-        pytest.skip(f"shipped weights are not available: {exc}")
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +54,7 @@ def storescu(port: int, *dirs: Path) -> None:
 
 
 def node_toml(orthanc) -> str:
-    weights = f'[worker]\nweights_dir = "{WEIGHTS_DIR}"\n' if WEIGHTS_DIR else ""
+    weights = f'[worker]\nweights_dir = "{TEST_WEIGHTS_DIR}"\n' if TEST_WEIGHTS_DIR else ""
     return weights + f"""
 [completion]
 stable_seconds = {STABLE_SECONDS}
@@ -130,7 +116,7 @@ def node_db(node) -> sa.Engine:
 
 
 def test_phantoms_become_one_sr_and_one_seg_per_study_in_orthanc(start_node, orthanc_factory, phantoms, tmp_path):
-    _weights_or_skip()
+    require_weights()
     node_port = free_port()
     orthanc = orthanc_factory(modalities={"node": ("PACSNODE", "127.0.0.1", node_port)})
     node = start_node(port=node_port, extra_toml=node_toml(orthanc))
@@ -184,7 +170,7 @@ def test_phantoms_become_one_sr_and_one_seg_per_study_in_orthanc(start_node, ort
 
 
 def test_pacs_down_then_back_gets_exactly_one_sr_and_seg(start_node, orthanc_factory, tmp_path):
-    _weights_or_skip()
+    require_weights()
     node_port = free_port()
     orthanc = orthanc_factory(modalities={"node": ("PACSNODE", "127.0.0.1", node_port)})
     node = start_node(port=node_port, extra_toml=node_toml(orthanc))

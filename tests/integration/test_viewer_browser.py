@@ -24,25 +24,13 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO, require_tool
+from tests.conftest import REPO, TEST_WEIGHTS_DIR, require_tool, require_weights
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser]
 
-WEIGHTS_DIR = os.environ.get("PACSNODE_TEST_WEIGHTS_DIR")
 DEMO = REPO / "demo"
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 MIN_LESION_PIXELS = 500  # canvas pixels; a clear phantom lesion covers thousands at 1280x800
-
-
-def _weights_or_skip() -> None:
-    from models.registry import Registry, RegistryError
-
-    try:
-        registry = Registry(Path(WEIGHTS_DIR) if WEIGHTS_DIR else None)
-        registry.classifier()
-        registry.segmenter()
-    except RegistryError as exc:
-        pytest.skip(f"model weights are not available: {exc}")
 
 
 def _require_file(path: Path, package: str) -> None:
@@ -125,7 +113,7 @@ def _problems(results: dict[str, Any]) -> list[str]:
 
 
 def test_ohif_shows_the_seg_overlay_and_sr_outline_of_a_pneumonia_phantom_and_none_on_a_normal_one(tmp_path):
-    _weights_or_skip()
+    require_weights()
     require_tool("Orthanc")
     _require_file(DICOMWEB_PLUGIN, "orthanc-dicomweb")
     chromium = require_tool("chromium")
@@ -135,8 +123,8 @@ def test_ohif_shows_the_seg_overlay_and_sr_outline_of_a_pneumonia_phantom_and_no
     summary_path, log = tmp_path / "summary.json", tmp_path / "demo.log"
     command = [sys.executable, "-m", "node.demo", "--pneumonia", "1", "--normal", "1", "--workdir",
                str(tmp_path / "demo"), "--summary", str(summary_path)]
-    if WEIGHTS_DIR:
-        command += ["--weights-dir", WEIGHTS_DIR]
+    if TEST_WEIGHTS_DIR:
+        command += ["--weights-dir", TEST_WEIGHTS_DIR]
     env = {k: v for k, v in os.environ.items() if not k.startswith("PACSNODE_")}
     with log.open("wb") as out:
         proc = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env,
