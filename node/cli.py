@@ -210,16 +210,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _register_training(sub: Any) -> None:
-    """Add the training side's subcommands (phantom, train, ...), which live in `training.cli`."""
+    """Add the training side's subcommands: phantom, train, model-eval (`training.cli`) and the cross-validated
+    evaluate / train-final (`training.crossval`)."""
     import importlib
 
-    try:
-        training_cli = importlib.import_module("training.cli")
-    except ModuleNotFoundError as exc:
-        if exc.name != "training.cli":
-            raise
-        return
-    training_cli.register(sub)
+    for module in ("training.cli", "training.crossval"):
+        try:
+            training_module = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            continue
+        training_module.register(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
