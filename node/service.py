@@ -154,6 +154,8 @@ class Service:
         self._signals += 1
         if self._signals > 1:
             self.log.warning("forced_exit", signal=signal.Signals(signum).name)
+            with contextlib.suppress(FileNotFoundError):
+                self.pid_file.unlink()
             raise SystemExit(130)
         self.log.info("shutting_down", signal=signal.Signals(signum).name)
         self._stop.set()

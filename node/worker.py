@@ -12,6 +12,7 @@ from the receive threads; `wake()` lets completion start it without waiting for 
 from __future__ import annotations
 
 import io
+import os
 import threading
 import time
 import uuid
@@ -80,6 +81,7 @@ class RegistryRunner(ModelRunner):
 
     def __init__(self, classifier_version: str | None = None, segmenter_version: str | None = None,
                  weights_dir: Path | None = None) -> None:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ banners are not operator logs
         from models.registry import Registry
 
         registry = Registry(weights_dir)
