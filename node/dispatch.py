@@ -173,8 +173,9 @@ class Dispatcher:
         destination and return their ids, in the config's destination order.
 
         With ``conn`` the rows are written in the caller's transaction (call `wake` after it commits); without, they
-        are committed here and the loop is woken. Queueing the same (series, version) again returns the existing
-        rows unchanged. Raises `ValueError` for bad arguments, `IndexError_` if the database fails.
+        are committed here and the loop is woken. Queueing the same (series, version) with the same files again
+        returns the existing rows unchanged; with other files it replaces their payload and makes them pending.
+        Raises `ValueError` for bad arguments, `IndexError_` if the database fails.
         """
         if not isinstance(series_uid, str) or not 0 < len(series_uid) <= 64:
             raise ValueError(f"series_uid must be a UID string of 1-64 characters, got {series_uid!r}")
@@ -212,10 +213,25 @@ class Dispatcher:
         d = deliveries.c
         with self._transaction(conn) as c:
             for row in rows:
+                ins = self._insert(deliveries).values(**row)
+                # Same files again (a crash re-run: deterministic UIDs) leaves the row as it is; other files for the
+                # same version (e.g. real results after a "processing failed" report, on a replayed job) replace
+                # the row's payload and send it afresh.
                 c.execute(
-                    self._insert(deliveries)
-                    .values(**row)
-                    .on_conflict_do_nothing(index_elements=["series_uid", "version", "destination"])
+                    ins.on_conflict_do_update(
+                        index_elements=["series_uid", "version", "destination"],
+                        set_={
+                            "files": ins.excluded.files,
+                            "sop_uids": ins.excluded.sop_uids,
+                            "state": DeliveryState.PENDING.value,
+                            "attempts": 0,
+                            "queued_at": now,
+                            "next_attempt_at": now,
+                            "last_error": None,
+                            "delivered_at": None,
+                        },
+                        where=deliveries.c.files != ins.excluded.files,
+                    )
                 )
             found = {
                 r.destination: r.id

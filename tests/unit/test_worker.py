@@ -178,3 +178,23 @@ def test_results_are_deterministic_across_a_rerun(node, tmp_path):
     with engine.connect() as conn:
         again = {r.kind: r.sop_uid for r in conn.execute(results.select())}
     assert again == first
+
+
+def test_replayed_dead_job_delivers_its_real_results(node, tmp_path):
+    """A dead job sends a "processing failed" SR; replayed with `pacsnode retry --jobs` and then succeeding, its
+    SR and SEG must still go out (same series version, different files)."""
+    config, engine, ingestor, queue, dispatcher, sender = node
+    series = receive(ingestor, tmp_path, "s6", slices=10, seed=6)
+    job_id = queue_job(queue, series.series_uid)
+    runner = FixedRunner(fail=True)
+    worker = Worker(config, engine, queue, dispatcher, lambda: runner)
+    worker.run_pending()
+    dispatcher.run_once()
+    assert queue.get(job_id).state == JobState.DEAD and len(sender.sent[-1]) == 1
+    runner.fail = False
+    assert queue.retry([job_id]) == 1
+    worker.run_pending()
+    assert queue.get(job_id).state == JobState.DONE
+    assert dispatcher.run_once() == 1
+    modalities = sorted(pydicom.dcmread(f).Modality for f in sender.sent[-1])
+    assert modalities == ["SEG", "SR"]
