@@ -42,10 +42,17 @@ METRICS = ("accuracy", "sensitivity", "specificity", "precision", "f1")
 
 
 def classifier_settings(
-    *, seed: int = 0, quick: bool = False, epochs: int | None = None, slice_labels: bool = True
+    *,
+    seed: int = 0,
+    quick: bool = False,
+    epochs: int | None = None,
+    warmup_steps: int | None = None,
+    max_slices: int | None = None,
+    slice_labels: bool = True,
 ) -> ClassifierSettings:
-    """The trainer's default settings; ``quick`` shrinks everything for tests; without slice labels (no lesion
-    masks) the slice warm-up and the slice loss are off, so the series label alone supervises."""
+    """The trainer's default settings; ``quick`` shrinks everything for tests; ``epochs``, ``warmup_steps`` (slice
+    warm-up steps) and ``max_slices`` (slices per series per step) set the training budget; without slice labels
+    (no lesion masks) the slice warm-up and the slice loss are off, so the series label alone supervises."""
     s = ClassifierSettings(seed=seed)
     if quick:
         s = replace(s, grid=32, epochs=2, max_slices=8, pretrain_steps=4, pretrain_batch=8, widths=(8, 16),
@@ -54,6 +61,14 @@ def classifier_settings(
         if epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {epochs}")
         s = replace(s, epochs=epochs)
+    if warmup_steps is not None:
+        if warmup_steps < 0:
+            raise ValueError(f"warm-up steps must be >= 0, got {warmup_steps}")
+        s = replace(s, pretrain_steps=warmup_steps)
+    if max_slices is not None:
+        if max_slices < 1:
+            raise ValueError(f"max slices must be >= 1, got {max_slices}")
+        s = replace(s, max_slices=max_slices)
     if not slice_labels:
         s = replace(s, pretrain_steps=0, slice_loss_weight=0.0)
     return s
@@ -424,6 +439,8 @@ def evaluate(
     *,
     labels: str | Path | None = None,
     epochs: int | None = None,
+    warmup_steps: int | None = None,
+    max_slices: int | None = None,
     cache_dir: str | Path | None = None,
     val_fraction: float = VAL_FRACTION,
     bootstrap: int = BOOTSTRAP,
@@ -459,7 +476,8 @@ def evaluate(
         log(f"note: {note}")
     for rel, why in ds.unreadable[:20]:
         log(f"unreadable: {rel}: {why}")
-    s0 = classifier_settings(seed=seed, quick=quick, epochs=epochs, slice_labels=ds.has_masks)
+    s0 = classifier_settings(seed=seed, quick=quick, epochs=epochs, warmup_steps=warmup_steps,
+                             max_slices=max_slices, slice_labels=ds.has_masks)
     cfg = PreprocessConfig(grid=s0.grid)
     prep = prepare(ds, s0.grid, Path(cache_dir) if cache_dir else out / "cache", progress=progress)
     log(f"{len(prep.cases)} cases on a {s0.grid}² grid {'from the cache' if prep.from_cache else 'preprocessed'} "
@@ -575,7 +593,10 @@ def evaluate(
         "resumed_folds": resumed,
         "command": command or f"evaluate --data {data} --folds {folds} --out {out} --seed {seed}"
         + (f" --labels {labels}" if labels else "") + (" --quick" if quick else "")
-        + (f" --epochs {epochs}" if epochs else "") + (f" --val-fraction {val_fraction}" if val_fraction != VAL_FRACTION else ""),
+        + (f" --epochs {epochs}" if epochs else "")
+        + (f" --warmup-steps {warmup_steps}" if warmup_steps is not None else "")
+        + (f" --max-slices {max_slices}" if max_slices is not None else "")
+        + (f" --val-fraction {val_fraction}" if val_fraction != VAL_FRACTION else ""),
         "environment": _environment(),
         "dataset_notes": ds.notes,
         "unreadable_files": ds.unreadable,
@@ -636,6 +657,8 @@ def train_final(
     seed: int = 0,
     quick: bool = False,
     epochs: int | None = None,
+    warmup_steps: int | None = None,
+    max_slices: int | None = None,
     version: str = "0.0.0-dev",
     val_fraction: float = VAL_FRACTION,
     cache_dir: str | Path | None = None,
@@ -652,7 +675,8 @@ def train_final(
     out = Path(out)
     set_determinism(seed)
     ds = load_dataset(data, labels, allow_unlabelled=allow_unlabelled, progress=progress)
-    s = classifier_settings(seed=seed, quick=quick, epochs=epochs, slice_labels=ds.has_masks)
+    s = classifier_settings(seed=seed, quick=quick, epochs=epochs, warmup_steps=warmup_steps,
+                             max_slices=max_slices, slice_labels=ds.has_masks)
     prep = prepare(ds, s.grid, Path(cache_dir) if cache_dir else REPORT_DIR / "cache", progress=progress)
     y, groups = ds.labels, ds.groups
     fit_idx, val_idx = inner_split(y, groups, np.arange(len(y)), val_fraction, seed)
@@ -683,7 +707,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     try:
         m = evaluate(args.data, folds=args.folds, out=args.out, seed=args.seed, quick=args.quick, labels=args.labels,
-                     epochs=args.epochs, cache_dir=args.cache_dir, val_fraction=args.val_fraction,
+                     epochs=args.epochs, warmup_steps=args.warmup_steps, max_slices=args.max_slices,
+                     cache_dir=args.cache_dir, val_fraction=args.val_fraction,
                      bootstrap=args.bootstrap, allow_unlabelled=args.allow_unlabelled, progress=not args.quiet,
                      resume=args.resume, only_folds=args.only_folds, weights_dir=args.weights_dir)
     except (TrainingError, ModelError, ValueError) as exc:
@@ -703,7 +728,8 @@ def cmd_train_final(args: argparse.Namespace) -> int:
 
     try:
         card = train_final(args.data, args.out, labels=args.labels, seed=args.seed, quick=args.quick,
-                           epochs=args.epochs, version=args.version, val_fraction=args.val_fraction,
+                           epochs=args.epochs, warmup_steps=args.warmup_steps, max_slices=args.max_slices,
+                           version=args.version, val_fraction=args.val_fraction,
                            cache_dir=args.cache_dir, cv_metrics=args.cv_metrics,
                            allow_unlabelled=args.allow_unlabelled, progress=not args.quiet)
     except (TrainingError, ModelError, ValueError, OSError) as exc:
@@ -728,6 +754,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for splits, training and bootstrap (default 0)")
     p.add_argument("--quick", action="store_true", help="tiny model and epochs (tests, smoke runs)")
     p.add_argument("--epochs", type=int, help="epochs per model (default: the trainer's)")
+    p.add_argument("--warmup-steps", type=int, help="slice warm-up steps per model (default: the trainer's)")
+    p.add_argument("--max-slices", type=int, help="slices per series in a training step (default: the trainer's)")
     p.add_argument("--val-fraction", type=float, default=VAL_FRACTION,
                    help=f"inner validation share for best epoch and threshold (default {VAL_FRACTION})")
     p.add_argument("--cache-dir", help="preprocessed-array cache (default: evaluate: OUT/cache, "

@@ -221,3 +221,20 @@ def test_register_adds_both_subcommands() -> None:
 def test_cli_reports_dataset_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert crossval.main(["evaluate", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "r"), "--quiet"]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_budget_options_reach_the_settings_and_bad_values_are_refused() -> None:
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    crossval.register(sub)
+    args = parser.parse_args(["evaluate", "--data", "d", "--warmup-steps", "300", "--max-slices", "32", "--epochs", "3"])
+    s = crossval.classifier_settings(epochs=args.epochs, warmup_steps=args.warmup_steps, max_slices=args.max_slices)
+    assert (s.epochs, s.pretrain_steps, s.max_slices) == (3, 300, 32)
+    default = crossval.classifier_settings()
+    assert (default.pretrain_steps, default.max_slices) != (300, 32)
+    # without lesion masks there is nothing to warm up on, whatever was asked
+    assert crossval.classifier_settings(warmup_steps=300, slice_labels=False).pretrain_steps == 0
+    with pytest.raises(ValueError, match="warm-up"):
+        crossval.classifier_settings(warmup_steps=-1)
+    with pytest.raises(ValueError, match="max slices"):
+        crossval.classifier_settings(max_slices=0)
