@@ -29,7 +29,7 @@ def check_series(instances: Sequence[Any], settings: GateSection) -> GateRefusal
         return GateRefusal(SkipReason.NOT_CT, f"modality {'/'.join(modalities) or 'none'}; the models judge "
                                               f"{'/'.join(settings.modalities)} only")
     if any((r.number_of_frames or 1) > 1 for r in instances):
-        return GateRefusal(SkipReason.TOO_FEW_SLICES, "multi-frame (enhanced) images are not supported yet")
+        return GateRefusal(SkipReason.MULTI_FRAME, "multi-frame (enhanced) images are not supported yet")
     stack = analyse_stack(instances)
     if stack.frames_of_reference > 1:
         return GateRefusal(SkipReason.MULTIPLE_FRAMES_OF_REFERENCE,

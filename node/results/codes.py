@@ -75,6 +75,7 @@ class SkipReason(enum.Enum):
     MIXED_ORIENTATION = "MIXED_ORIENTATION"
     UNEVEN_SPACING = "UNEVEN_SPACING"  # gaps or duplicate slice positions
     TOO_FEW_SLICES = "TOO_FEW_SLICES"
+    MULTI_FRAME = "MULTI_FRAME"  # enhanced (multi-frame) images: the models read single-frame stacks
     UNDECODABLE_PIXELS = "UNDECODABLE_PIXELS"
     PROCESSING_FAILED = "PROCESSING_FAILED"
 
@@ -92,6 +93,7 @@ _SKIP_REASON_CODES: dict[SkipReason, Code] = {
     SkipReason.MIXED_ORIENTATION: _private("SKIP-ORIENTATION", "Series has mixed image orientations"),
     SkipReason.UNEVEN_SPACING: _private("SKIP-SPACING", "Uneven slice spacing (gaps or duplicate slices)"),
     SkipReason.TOO_FEW_SLICES: _private("SKIP-FEW-SLICES", "Too few slices for analysis"),
+    SkipReason.MULTI_FRAME: _private("SKIP-MULTIFRAME", "Multi-frame images are not supported"),
     SkipReason.UNDECODABLE_PIXELS: _private("SKIP-UNDECODABLE", "Pixel data could not be decoded"),
     SkipReason.PROCESSING_FAILED: _private("SKIP-FAILED", "AI processing failed"),
 }

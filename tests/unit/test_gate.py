@@ -20,7 +20,7 @@ def rows(n=20, spacing=2.5, skip=(), modality="CT", orientation="1\\0\\0\\0\\1\\
             continue
         out.append(SimpleNamespace(
             modality=modality, image_position=f"-10\\-10\\{i * spacing}", image_orientation=orientation,
-            frame_of_reference_uid=for_uid, number_of_frames=None, **over,
+            frame_of_reference_uid=for_uid, **{"number_of_frames": None, **over},
         ))
     return out
 
@@ -44,6 +44,7 @@ def test_oblique_but_even_stack_passes():
         (rows()[:10] + rows(for_uid="1.8")[10:], SkipReason.MULTIPLE_FRAMES_OF_REFERENCE, "2 frames"),
         (rows()[:10] + rows(orientation="0\\1\\0\\0\\0\\-1")[10:], SkipReason.MIXED_ORIENTATION, "2 image"),
         ([], SkipReason.NOT_CT, "none"),
+        (rows(number_of_frames=120)[:1], SkipReason.MULTI_FRAME, "multi-frame"),
     ],
 )
 def test_refusals_name_their_reason(series, reason, says):
