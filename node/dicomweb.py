@@ -1,6 +1,7 @@
 """The DICOMweb front door: STOW-RS ingest, a minimal QIDO-RS over the index, health, readiness and metrics.
 
-`create_app(...)` returns the Starlette app; `HttpServer(config, app)` runs it with uvicorn in a thread.
+`create_app(...)` returns the Starlette app (STOW-RS here; QIDO-RS queries in `node.qido`); `node.http.HttpServer`
+runs it with uvicorn in a thread and `node.http.HealthProbe` answers ``/readyz``.
 
 STOW-RS (``POST /dicomweb/studies[/{study}]``, ``multipart/related; type="application/dicom"``) streams the body
 through python-multipart into one temporary file (spilled to disk past 1 MiB) and only then stores the parts,
@@ -21,41 +22,35 @@ import contextlib
 import hmac
 import io
 import json
-import os
-import socket
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
-from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, BinaryIO, cast
+from typing import IO, TYPE_CHECKING, BinaryIO, cast
 
-import sqlalchemy as sa
-import uvicorn
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pynetdicom import AllStoragePresentationContexts
 from python_multipart.exceptions import FormParserError, MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
-from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import QueryParams
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from node.config import NodeConfig
 from node.errors import IndexError_, InvalidDatasetError, ReceiveError, StoreStatus
-from node.index import Index, series
+from node.http import HealthProbe
+from node.index import Index
 from node.ingest import ACCEPTED_TRANSFER_SYNTAXES, Ingestor, Origin
 from node.logs import get_logger
 from node.metrics import Metrics
+from node.qido import SERIES_KEYS, STUDY_KEYS, Query, find_series, find_studies
 from node.spool import check_uid
 from node.states import AssociationState
 
@@ -65,7 +60,6 @@ if TYPE_CHECKING:
 STOW_CALLING_AE = "STOW-RS"  # the "calling AE" of instances that came in over STOW-RS (index, file meta)
 DICOM_JSON = "application/dicom+json"
 IN_MEMORY_BODY_BYTES = 1 << 20  # request bodies beyond this go to a temp file on the data disk
-QIDO_MAX_RESULTS = 1000
 
 _STORAGE_SOP_CLASSES = frozenset(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
 _ACCEPTED_TS = frozenset(str(ts) for ts in ACCEPTED_TRANSFER_SYNTAXES)
@@ -95,48 +89,6 @@ class _PartFailed(Exception):
     def __init__(self, status: StowFailure, message: str) -> None:
         super().__init__(message)
         self.status = status
-
-
-# -- readiness ------------------------------------------------------------------------------------------------
-class HealthProbe:
-    """Readiness checks for ``GET /readyz``: the database answers, the spool is writable, the models are loaded.
-
-    ``models_ready`` is called at each check (e.g. ``worker.ready.is_set``; ``lambda: True`` when the worker is
-    disabled). `check()` returns ``{name: "ok" | reason}`` for every check; blocking, run it off the event loop.
-    """
-
-    def __init__(self, engine: Engine, spool_dir: Path, models_ready: Callable[[], bool]) -> None:
-        if not callable(models_ready):
-            raise TypeError(f"models_ready must be callable, not {type(models_ready).__name__}")
-        self.engine = engine
-        self.spool_dir = Path(spool_dir)
-        self.models_ready = models_ready
-
-    def check(self) -> dict[str, str]:
-        return {"database": self._database(), "spool": self._spool(), "models": self._models()}
-
-    def _database(self) -> str:
-        try:
-            with self.engine.connect() as conn:
-                conn.execute(sa.text("SELECT 1"))
-        except SQLAlchemyError as exc:
-            return f"database does not answer: {type(exc).__name__}"
-        return "ok"
-
-    def _spool(self) -> str:
-        try:
-            fd, name = tempfile.mkstemp(prefix=".readyz-", dir=self.spool_dir)
-            os.close(fd)
-            os.unlink(name)
-        except OSError as exc:
-            return f"spool is not writable: {exc.strerror or type(exc).__name__}"
-        return "ok"
-
-    def _models(self) -> str:
-        try:
-            return "ok" if self.models_ready() else "models are not loaded"
-        except Exception as exc:  # a readiness probe answers; it does not raise
-            return f"models readiness check failed: {type(exc).__name__}"
 
 
 # -- STOW-RS: request body → parts --------------------------------------------------------------------------
@@ -453,10 +405,10 @@ class _DicomWeb:
         if denied is not None:
             return denied
         try:
-            query = _Query(request.query_params, {"StudyInstanceUID": "0020000D", "ModalitiesInStudy": "00080061"})
+            query = Query(request.query_params, STUDY_KEYS)
         except ValueError as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
-        return await self._answer(query, self._find_studies)
+        return await self._answer(query, lambda q: find_studies(self.index.engine, q))
 
     async def search_series(self, request: Request) -> Response:
         denied = self._unauthorized(request)
@@ -464,12 +416,12 @@ class _DicomWeb:
             return denied
         try:
             study = check_uid(request.path_params["study"], "StudyInstanceUID")
-            query = _Query(request.query_params, {"SeriesInstanceUID": "0020000E", "Modality": "00080060"})
+            query = Query(request.query_params, SERIES_KEYS)
         except (ReceiveError, ValueError) as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
-        return await self._answer(query, lambda q: self._find_series(study, q))
+        return await self._answer(query, lambda q: find_series(self.index.engine, study, q))
 
-    async def _answer(self, query: _Query, find: Callable[[_Query], list[Dataset]]) -> Response:
+    async def _answer(self, query: Query, find: Callable[[Query], list[Dataset]]) -> Response:
         try:
             found = await run_in_threadpool(find, query)
         except SQLAlchemyError as exc:
@@ -480,67 +432,6 @@ class _DicomWeb:
             headers["Warning"] = f'299 pacsnode "query keys not supported, ignored: {", ".join(sorted(query.ignored))}"'
         body = json.dumps([ds.to_json_dict() for ds in found])
         return Response(body, media_type=DICOM_JSON, headers=headers)
-
-    def _find_studies(self, q: _Query) -> list[Dataset]:
-        s = series.c
-        stmt = (
-            sa.select(s.study_uid, sa.func.count(s.series_uid), sa.func.sum(s.instance_count))
-            .where(s.instance_count > 0)
-            .group_by(s.study_uid)
-            .order_by(s.study_uid)
-            .limit(q.limit)
-            .offset(q.offset)
-        )
-        if uids := q.values("StudyInstanceUID"):
-            stmt = stmt.where(s.study_uid.in_(uids))
-        if modalities := q.values("ModalitiesInStudy"):
-            having = sa.select(s.study_uid).where(s.modality.in_(modalities), s.instance_count > 0)
-            stmt = stmt.where(s.study_uid.in_(having))
-        with self.index.engine.connect() as conn:
-            rows = list(conn.execute(stmt))
-            mods: dict[str, set[str]] = {}
-            if rows:
-                pairs = conn.execute(
-                    sa.select(s.study_uid, s.modality)
-                    .where(s.study_uid.in_([r[0] for r in rows]), s.instance_count > 0, s.modality.is_not(None))
-                    .distinct()
-                )
-                for study_uid, modality in pairs:
-                    mods.setdefault(study_uid, set()).add(modality)
-        out = []
-        for study_uid, n_series, n_instances in rows:
-            ds = Dataset()
-            ds.StudyInstanceUID = study_uid
-            ds.ModalitiesInStudy = sorted(mods.get(study_uid, ()))
-            ds.NumberOfStudyRelatedSeries = int(n_series)
-            ds.NumberOfStudyRelatedInstances = int(n_instances or 0)
-            out.append(ds)
-        return out
-
-    def _find_series(self, study: str, q: _Query) -> list[Dataset]:
-        s = series.c
-        stmt = (
-            sa.select(s.series_uid, s.modality, s.instance_count)
-            .where(s.study_uid == study, s.instance_count > 0)
-            .order_by(s.series_uid)
-            .limit(q.limit)
-            .offset(q.offset)
-        )
-        if uids := q.values("SeriesInstanceUID"):
-            stmt = stmt.where(s.series_uid.in_(uids))
-        if modalities := q.values("Modality"):
-            stmt = stmt.where(s.modality.in_(modalities))
-        with self.index.engine.connect() as conn:
-            rows = list(conn.execute(stmt))
-        out = []
-        for series_uid, modality, count in rows:
-            ds = Dataset()
-            ds.StudyInstanceUID = study
-            ds.SeriesInstanceUID = series_uid
-            ds.Modality = modality or ""
-            ds.NumberOfSeriesRelatedInstances = int(count)
-            out.append(ds)
-        return out
 
     # -- health and metrics -----------------------------------------------------------------------------------
     async def healthz(self, request: Request) -> Response:
@@ -556,53 +447,6 @@ class _DicomWeb:
     async def metrics_endpoint(self, request: Request) -> Response:
         body, content_type = await run_in_threadpool(self.metrics.render)
         return Response(body, headers={"Content-Type": content_type})
-
-
-class _Query:
-    """QIDO-RS query parameters: the given attribute keys (keyword or tag), ``limit``/``offset``; ``includefield``
-    and ``fuzzymatching`` are accepted and ignored; other keys are ignored and named in a Warning header.
-    Raises ValueError (→ 400) for a bad limit/offset or a malformed UID."""
-
-    def __init__(self, params: QueryParams, keys: dict[str, str]) -> None:
-        by_tag = {tag: kw for kw, tag in keys.items()}
-        self._values: dict[str, list[str]] = {}
-        self.ignored: set[str] = set()
-        self.limit = QIDO_MAX_RESULTS
-        self.offset = 0
-        for name, raw in params.multi_items():
-            if name == "limit":
-                self.limit = min(_non_negative(name, raw), QIDO_MAX_RESULTS)
-            elif name == "offset":
-                self.offset = _non_negative(name, raw)
-            elif name in ("includefield", "fuzzymatching"):
-                continue
-            elif (kw := name if name in keys else by_tag.get(name.upper())) is not None:
-                values = [v.strip() for v in raw.replace("\\", ",").split(",") if v.strip()]
-                if kw.endswith("UID"):
-                    values = [_check_uid_value(v, kw) for v in values]
-                self._values.setdefault(kw, []).extend(values)
-            else:
-                self.ignored.add(name[:64])
-
-    def values(self, keyword: str) -> list[str]:
-        return self._values.get(keyword, [])
-
-
-def _check_uid_value(value: str, keyword: str) -> str:
-    try:
-        return check_uid(value, keyword)
-    except ReceiveError as exc:
-        raise ValueError(str(exc)) from exc
-
-
-def _non_negative(name: str, raw: str) -> int:
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be an integer, not {raw[:32]!r}") from None
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, not {value}")
-    return value
 
 
 def _store_response(outcomes: list[_Outcome]) -> Dataset:
@@ -660,80 +504,5 @@ def create_app(
     return Starlette(routes=routes)
 
 
-# -- the server ------------------------------------------------------------------------------------------------
-class _UvicornServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, started: threading.Event) -> None:
-        super().__init__(config)
-        self._started_event = started
 
-    async def startup(self, sockets: list[Any] | None = None) -> None:
-        await super().startup(sockets=sockets)
-        if self.started:
-            self._started_event.set()
-
-
-class HttpServer:
-    """Runs ``app`` with uvicorn in a background thread on ``[node] host:http_port``.
-
-    `start()` binds the socket itself (so a port in use raises `OSError` here, not inside a thread) and returns
-    once uvicorn serves; `port` is the bound port. `stop(timeout)` stops accepting, lets running requests finish
-    for up to ``timeout`` seconds, then cancels them."""
-
-    def __init__(self, config: NodeConfig, app: Starlette, *, graceful_seconds: float = 10.0) -> None:
-        if graceful_seconds <= 0:
-            raise ValueError(f"graceful_seconds must be > 0, not {graceful_seconds}")
-        self._host = config.node.host
-        self._port = config.node.http_port
-        self._app = app
-        self._graceful = graceful_seconds
-        self._server: _UvicornServer | None = None
-        self._thread: threading.Thread | None = None
-        self._sock: Any = None
-        self._log = get_logger(component="http")
-
-    @property
-    def port(self) -> int:
-        if self._sock is None:
-            raise RuntimeError("server not started")
-        return int(self._sock.getsockname()[1])
-
-    def start(self, timeout: float = 30.0) -> None:
-        if self._thread is not None:
-            raise RuntimeError("server already started")
-        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
-        self._sock = socket.create_server((self._host, self._port), family=family, backlog=128)
-        config = uvicorn.Config(
-            self._app,
-            lifespan="off",
-            log_config=None,  # keep the node's structlog setup
-            access_log=False,  # the app logs its own events, with UIDs and sizes only
-            timeout_graceful_shutdown=int(self._graceful) or 1,
-        )
-        started = threading.Event()
-        self._server = _UvicornServer(config, started)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]}, name="http", daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + timeout
-        while not started.wait(0.05):
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                self._server.should_exit = True
-                self._sock.close()
-                self._server = self._thread = self._sock = None
-                raise RuntimeError(f"HTTP server did not start on {self._host}:{self._port}")
-        self._log.info("http_listening", host=self._host, port=self.port)
-
-    def stop(self, timeout: float | None = None) -> None:
-        """Graceful stop; a second stage forces the connections shut when ``timeout`` passes."""
-        if self._server is None or self._thread is None:
-            return
-        self._server.should_exit = True
-        self._thread.join(timeout if timeout is not None else self._graceful + 5)
-        if self._thread.is_alive():
-            self._server.force_exit = True
-            self._thread.join(5)
-        self._sock.close()
-        self._server = self._thread = self._sock = None
-        self._log.info("http_stopped")
-
-
-__all__ = ["HealthProbe", "HttpServer", "StowFailure", "create_app"]
+__all__ = ["StowFailure", "create_app"]

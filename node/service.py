@@ -20,10 +20,11 @@ from types import FrameType
 from node.completion import CompletionSweeper
 from node.config import DestinationKind, NodeConfig, load_config
 from node.db import create_engine_for, init_schema
-from node.dicomweb import HealthProbe, HttpServer, create_app
+from node.dicomweb import create_app
 from node.dimse import DimseServer
 from node.dispatch import Dispatcher
 from node.errors import ConfigError
+from node.http import HealthProbe, HttpServer
 from node.index import Index
 from node.ingest import Ingestor
 from node.logs import get_logger

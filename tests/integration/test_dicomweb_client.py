@@ -15,7 +15,8 @@ from dicomweb_client.api import DICOMwebClient
 
 from node.config import NodeConfig
 from node.db import create_engine_for, init_schema
-from node.dicomweb import HealthProbe, HttpServer, create_app
+from node.dicomweb import create_app
+from node.http import HealthProbe, HttpServer
 from node.index import Index
 from node.ingest import Ingestor
 from node.metrics import Metrics

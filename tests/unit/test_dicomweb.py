@@ -25,7 +25,8 @@ with warnings.catch_warnings():
 from node import dicomweb
 from node.config import NodeConfig
 from node.db import create_engine_for, init_schema
-from node.dicomweb import STOW_CALLING_AE, HealthProbe, HttpServer, create_app
+from node.dicomweb import STOW_CALLING_AE, create_app
+from node.http import HealthProbe, HttpServer
 from node.index import Index, associations
 from node.ingest import Ingestor
 from node.metrics import Metrics

@@ -1,0 +1,131 @@
+"""Minimal QIDO-RS over the index: `Query` parses the request's parameters, `find_studies` and `find_series`
+answer from the ``series`` table (only series holding at least one instance), as DICOM JSON-ready datasets."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from pydicom.dataset import Dataset
+from sqlalchemy.engine import Engine
+from starlette.datastructures import QueryParams
+
+from node.errors import ReceiveError
+from node.index import series
+from node.spool import check_uid
+
+QIDO_MAX_RESULTS = 1000
+STUDY_KEYS = {"StudyInstanceUID": "0020000D", "ModalitiesInStudy": "00080061"}
+SERIES_KEYS = {"SeriesInstanceUID": "0020000E", "Modality": "00080060"}
+
+
+class Query:
+    """QIDO-RS query parameters: the given attribute keys (keyword or tag), ``limit``/``offset``; ``includefield``
+    and ``fuzzymatching`` are accepted and ignored; other keys are ignored and named in a Warning header.
+    Raises ValueError (→ 400) for a bad limit/offset or a malformed UID."""
+
+    def __init__(self, params: QueryParams, keys: dict[str, str]) -> None:
+        by_tag = {tag: kw for kw, tag in keys.items()}
+        self._values: dict[str, list[str]] = {}
+        self.ignored: set[str] = set()
+        self.limit = QIDO_MAX_RESULTS
+        self.offset = 0
+        for name, raw in params.multi_items():
+            if name == "limit":
+                self.limit = min(_non_negative(name, raw), QIDO_MAX_RESULTS)
+            elif name == "offset":
+                self.offset = _non_negative(name, raw)
+            elif name in ("includefield", "fuzzymatching"):
+                continue
+            elif (kw := name if name in keys else by_tag.get(name.upper())) is not None:
+                values = [v.strip() for v in raw.replace("\\", ",").split(",") if v.strip()]
+                if kw.endswith("UID"):
+                    values = [_check_uid_value(v, kw) for v in values]
+                self._values.setdefault(kw, []).extend(values)
+            else:
+                self.ignored.add(name[:64])
+
+    def values(self, keyword: str) -> list[str]:
+        return self._values.get(keyword, [])
+
+
+def _check_uid_value(value: str, keyword: str) -> str:
+    try:
+        return check_uid(value, keyword)
+    except ReceiveError as exc:
+        raise ValueError(str(exc)) from exc
+
+
+def _non_negative(name: str, raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, not {raw[:32]!r}") from None
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, not {value}")
+    return value
+
+
+def find_studies(engine: Engine, q: Query) -> list[Dataset]:
+    """Studies the node holds (series with at least one instance), as QIDO-RS study results."""
+    s = series.c
+    stmt = (
+        sa.select(s.study_uid, sa.func.count(s.series_uid), sa.func.sum(s.instance_count))
+        .where(s.instance_count > 0)
+        .group_by(s.study_uid)
+        .order_by(s.study_uid)
+        .limit(q.limit)
+        .offset(q.offset)
+    )
+    if uids := q.values("StudyInstanceUID"):
+        stmt = stmt.where(s.study_uid.in_(uids))
+    if modalities := q.values("ModalitiesInStudy"):
+        having = sa.select(s.study_uid).where(s.modality.in_(modalities), s.instance_count > 0)
+        stmt = stmt.where(s.study_uid.in_(having))
+    with engine.connect() as conn:
+        rows = list(conn.execute(stmt))
+        mods: dict[str, set[str]] = {}
+        if rows:
+            pairs = conn.execute(
+                sa.select(s.study_uid, s.modality)
+                .where(s.study_uid.in_([r[0] for r in rows]), s.instance_count > 0, s.modality.is_not(None))
+                .distinct()
+            )
+            for study_uid, modality in pairs:
+                mods.setdefault(study_uid, set()).add(modality)
+    out = []
+    for study_uid, n_series, n_instances in rows:
+        ds = Dataset()
+        ds.StudyInstanceUID = study_uid
+        ds.ModalitiesInStudy = sorted(mods.get(study_uid, ()))
+        ds.NumberOfStudyRelatedSeries = int(n_series)
+        ds.NumberOfStudyRelatedInstances = int(n_instances or 0)
+        out.append(ds)
+    return out
+
+def find_series(engine: Engine, study: str, q: Query) -> list[Dataset]:
+    """The series of ``study`` the node holds, as QIDO-RS series results."""
+    s = series.c
+    stmt = (
+        sa.select(s.series_uid, s.modality, s.instance_count)
+        .where(s.study_uid == study, s.instance_count > 0)
+        .order_by(s.series_uid)
+        .limit(q.limit)
+        .offset(q.offset)
+    )
+    if uids := q.values("SeriesInstanceUID"):
+        stmt = stmt.where(s.series_uid.in_(uids))
+    if modalities := q.values("Modality"):
+        stmt = stmt.where(s.modality.in_(modalities))
+    with engine.connect() as conn:
+        rows = list(conn.execute(stmt))
+    out = []
+    for series_uid, modality, count in rows:
+        ds = Dataset()
+        ds.StudyInstanceUID = study
+        ds.SeriesInstanceUID = series_uid
+        ds.Modality = modality or ""
+        ds.NumberOfSeriesRelatedInstances = int(count)
+        out.append(ds)
+    return out
+
+
+__all__ = ["QIDO_MAX_RESULTS", "SERIES_KEYS", "STUDY_KEYS", "Query", "find_series", "find_studies"]
