@@ -101,6 +101,7 @@ def find_studies(engine: Engine, q: Query) -> list[Dataset]:
         out.append(ds)
     return out
 
+
 def find_series(engine: Engine, study: str, q: Query) -> list[Dataset]:
     """The series of ``study`` the node holds, as QIDO-RS series results."""
     s = series.c
