@@ -42,6 +42,22 @@ def _check_ae_title(value: str) -> str:
 
 
 AETitle = Annotated[str, AfterValidator(_check_ae_title)]
+
+UID_ROOT_MAX_LENGTH = 32  # node.results.uids.MAX_ROOT_LENGTH: leaves >= 32 hash digits in a 64-character UID
+_UID_ROOT_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\.?$")  # PS3.5 9.1: no leading zeros
+
+
+def _check_uid_root(value: str) -> str:
+    """'' (pydicom's root) or an organisation's UID root, returned with its trailing dot."""
+    if not value:
+        return value
+    root = value if value.endswith(".") else value + "."
+    if not _UID_ROOT_RE.match(value) or len(root) > UID_ROOT_MAX_LENGTH:
+        raise ValueError(
+            f"{value[:80]!r} is not a UID root: digits and dots, no component with a leading zero, at most "
+            f"{UID_ROOT_MAX_LENGTH} characters with the trailing dot (e.g. '1.2.826.0.1.3680043.10.999.')"
+        )
+    return root
 Port = Annotated[int, Field(ge=1, le=65535)]
 
 
@@ -60,6 +76,8 @@ class NodeSection(_Frozen):
     network_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
     dicomweb_token: SecretStr | None = None  # bearer token required by STOW-RS/QIDO-RS when set
     stow_max_request_bytes: Annotated[int, Field(ge=1)] | None = None
+    # The organisation's UID root for the SR/SEG the node creates ('' = pydicom's); result UIDs depend on it.
+    uid_root: Annotated[str, AfterValidator(_check_uid_root)] = ""
 
     @property
     def spool_dir(self) -> Path:

@@ -87,7 +87,7 @@ class Service:
     # Settings bound at start-up (sockets, files, database); a reload that changes them is applied only after a restart.
     RESTART_ONLY = (
         "ae_title", "host", "port", "data_dir", "http_port", "max_associations", "dicomweb_token",
-        "stow_max_request_bytes",
+        "stow_max_request_bytes", "uid_root",
     )
 
     def reload(self, path: Path | None = None) -> bool:

@@ -19,6 +19,7 @@ import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +161,11 @@ class Worker:
         self.ready.set()
         return self.runner
 
+    def _algorithm(self, runner: ModelRunner) -> AlgorithmIdentity:
+        """The runner's identity under the configured UID root (``[node] uid_root``), which result UIDs derive from."""
+        root = self.config.node.uid_root
+        return replace(runner.algorithm, uid_root=root) if root else runner.algorithm
+
     def _loop(self) -> None:
         try:
             self.warm_up()
@@ -207,7 +213,7 @@ class Worker:
             inference_seconds = time.perf_counter() - t0
             self.metrics.inference(inference_seconds)
             built = build_results(
-                volume.datasets, findings, runner.algorithm, series_version=job.version,
+                volume.datasets, findings, self._algorithm(runner), series_version=job.version,
                 superseded=self._superseded(job),
             )
             objects = [("sr", built.sr)] + ([("seg", built.seg)] if built.seg is not None else [])
@@ -251,7 +257,8 @@ class Worker:
     def _skip(self, job: Job, rows: Sequence[Any], refusal: GateRefusal, log: Any) -> JobState:
         sources = [dcmread(r.path, stop_before_pixels=True) for r in _by_position(rows)]
         runner = self.warm_up()
-        sr = build_skipped_sr(sources, refusal.reason, refusal.detail, runner.algorithm, series_version=job.version)
+        sr = build_skipped_sr(sources, refusal.reason, refusal.detail, self._algorithm(runner),
+                              series_version=job.version)
         self._commit(job, [("skipped-sr", sr)], inference_seconds=0.0, skipped=refusal)
         log.info("job_skipped", reason=refusal.reason.value, detail=refusal.detail, sr_uid=str(sr.SOPInstanceUID))
         return JobState.SKIPPED
@@ -261,7 +268,7 @@ class Worker:
         try:
             rows = self._instances(job.series_uid)
             sources = [dcmread(r.path, stop_before_pixels=True) for r in _by_position(rows)]
-            sr = build_skipped_sr(sources, SkipReason.PROCESSING_FAILED, error[:200], self.warm_up().algorithm,
+            sr = build_skipped_sr(sources, SkipReason.PROCESSING_FAILED, error[:200], self._algorithm(self.warm_up()),
                                   series_version=job.version)
             self._store_and_enqueue(job, [("skipped-sr", sr)], lambda conn: True)
         except Exception:  # the job is already dead-lettered with its error; this report is extra

@@ -20,7 +20,7 @@ from pydicom.uid import generate_uid
 
 from node.results import codes
 from node.results.errors import ResultsError
-from node.results.uids import UID_PREFIX, is_valid_uid
+from node.results.uids import UID_PREFIX, check_root, is_valid_uid
 
 _LO_MAX = 64
 T = TypeVar("T")
@@ -28,7 +28,8 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class AlgorithmIdentity:
-    """Who produced a result: model name and version (LO, ≤ 64 characters), manufacturer, coded family.
+    """Who produced a result: model name and version (LO, ≤ 64 characters), manufacturer, coded family, and the
+    UID root its result UIDs and device UID are made under (the site's, or pydicom's by default).
 
     Raises `ResultsError` naming the field for an empty or over-long value.
     """
@@ -37,6 +38,7 @@ class AlgorithmIdentity:
     version: str
     manufacturer: str = "pacs-ai-node"
     family: Code = codes.ARTIFICIAL_INTELLIGENCE
+    uid_root: str = UID_PREFIX
 
     def __post_init__(self) -> None:
         for name in ("name", "version", "manufacturer"):
@@ -47,6 +49,7 @@ class AlgorithmIdentity:
                 )
         if not isinstance(self.family, Code):
             raise ResultsError("AlgorithmIdentity.family must be a pydicom Code")
+        check_root(self.uid_root, "AlgorithmIdentity.uid_root")
 
     @property
     def model_key(self) -> str:
@@ -58,7 +61,7 @@ class AlgorithmIdentity:
         """A stable UID naming this algorithm as an SR device observer."""
         return str(
             generate_uid(
-                prefix=UID_PREFIX, entropy_srcs=[repr(("device", self.manufacturer, self.model_key))]
+                prefix=self.uid_root, entropy_srcs=[repr(("device", self.manufacturer, self.model_key))]
             )
         )
 

@@ -63,7 +63,7 @@ def build_seg(
         raise ResultsError(f"mask shape {findings.lungs.shape} does not match the sources {expected}")
 
     def uid(kind: ResultKind) -> str:
-        return result_uid(series_uid, series_version, algorithm.model_key, kind)
+        return result_uid(series_uid, series_version, algorithm.model_key, kind, algorithm.uid_root)
 
     with converting("building the SEG", sources):
         lung = hd.sr.CodedConcept.from_code(codes.LUNG)

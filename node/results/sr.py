@@ -237,7 +237,7 @@ def build_results(
     voxel = voxel_size(sources)
 
     def uid(kind: ResultKind) -> str:
-        return result_uid(series_uid, series_version, algorithm.model_key, kind)
+        return result_uid(series_uid, series_version, algorithm.model_key, kind, algorithm.uid_root)
 
     seg = build_seg(
         sources,
@@ -320,7 +320,7 @@ def build_skipped_sr(
     when = content_datetime_of(sources, content_datetime)
 
     def uid(kind: ResultKind) -> str:
-        return result_uid(series_uid, series_version, algorithm.model_key, kind)
+        return result_uid(series_uid, series_version, algorithm.model_key, kind, algorithm.uid_root)
 
     with converting("building the skipped-series report"):
         group = hd.sr.MeasurementsAndQualitativeEvaluations(

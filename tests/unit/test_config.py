@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from node.config import DEFAULT_CONFIG_PATH, DestinationKind, load_config
+from node.config import DEFAULT_CONFIG_PATH, UID_ROOT_MAX_LENGTH, DestinationKind, load_config
 from node.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -47,6 +47,9 @@ def test_config_is_frozen():
         ("[[destinations]]\nname = 'p'\nkind = 'dimse'\nhost = 'h'\n", "ae_title, port"),
         ("[[destinations]]\nname = 'p'\nkind = 'smtp'\n", "destinations.0.kind"),
         ("[[destinations]]\nname = 'w'\nkind = 'dicomweb'\nurl = 'ftp://x'\n", "needs url"),
+        ("[node]\nuid_root = '1.2.03.4'\n", "node.uid_root"),
+        ("[node]\nuid_root = '1.2.826.0.1.3680043.10.999.123456789'\n", "at most 32"),
+        ("[node]\nuid_root = 'org.example'\n", "node.uid_root"),
     ],
 )
 def test_invalid_values_name_the_key(tmp_path, toml, named):
@@ -113,3 +116,12 @@ def test_config_check_prints_effective_config_without_secrets(tmp_path):
     )
     assert bad.returncode == 2
     assert "node.port" in bad.stderr
+
+
+def test_uid_root_gets_its_trailing_dot_and_matches_the_results_limit(tmp_path):
+    from node.results.uids import MAX_ROOT_LENGTH
+
+    assert UID_ROOT_MAX_LENGTH == MAX_ROOT_LENGTH
+    config = load_config(write(tmp_path, "[node]\nuid_root = '1.2.826.0.1.3680043.10.999'\n"), environ={})
+    assert config.node.uid_root == "1.2.826.0.1.3680043.10.999."
+    assert load_config(write(tmp_path, ""), environ={}).node.uid_root == ""

@@ -550,3 +550,50 @@ def test_result_uid_accepts_source_uids_with_leading_zero_components():
     assert len(uid) <= 64 and uid.replace(".", "").isdigit()
     with pytest.raises(ResultsError):
         result_uid("1.2.x", 1, "m@1", "sr")
+
+
+SITE_ROOT = "1.2.826.0.1.3680043.10.999."
+
+
+def _uids(ds: Dataset) -> dict[str, str]:
+    """Every UI-valued element anywhere in ``ds`` (keyword → value; multi-valued ones flattened)."""
+    found: dict[str, str] = {}
+
+    def visit(d: Dataset, _elem: pydicom.DataElement) -> None:
+        if _elem.VR == "UI" and _elem.value:
+            for v in (_elem.value if _elem.VM > 1 else [_elem.value]):
+                found[f"{_elem.keyword}={v}"] = str(v)
+
+    ds.walk(visit)
+    if hasattr(ds, "file_meta"):
+        ds.file_meta.walk(visit)
+    return found
+
+
+def test_a_site_uid_root_heads_every_uid_the_node_creates(sources: list[Dataset], findings: Findings) -> None:
+    site = dataclasses.replace(ALGORITHM, uid_root=SITE_ROOT)
+    built = build_results(sources, findings, site)
+    skipped = build_skipped_sr(sources, SkipReason.TOO_FEW_SLICES, "3 slices", site)
+    assert built.seg is not None
+    from_sources = {str(v) for s in sources for v in _uids(s).values()}
+    created = {}
+    for obj in (built.sr, built.seg, skipped):
+        for key, uid in _uids(obj).items():
+            # ImplementationClassUID names the writing software (highdicom), not an object
+            if uid not in from_sources and not uid.startswith("1.2.840.10008.") and "ImplementationClass" not in key:
+                created[key] = uid
+    assert any(k.startswith("SOPInstanceUID=") for k in created), created  # the check sees created UIDs
+    assert {k: v for k, v in created.items() if not v.startswith(SITE_ROOT)} == {}
+    series = sources[0].SeriesInstanceUID
+    assert built.sr.SOPInstanceUID == result_uid(series, 1, ALGORITHM.model_key, "sr", SITE_ROOT)
+    default = build_results(sources, findings, ALGORITHM)
+    assert default.sr.SOPInstanceUID != built.sr.SOPInstanceUID
+    assert not str(default.sr.SOPInstanceUID).startswith(SITE_ROOT)
+
+
+@pytest.mark.parametrize("root", ["1.2.3", "1.2.x.", "1." * 20, ""])
+def test_a_bad_uid_root_is_refused(root: str) -> None:
+    with pytest.raises(ResultsError, match="uid_root"):
+        dataclasses.replace(ALGORITHM, uid_root=root)
+    with pytest.raises(ResultsError, match="root"):
+        result_uid("1.2.3", 1, "m", "sr", root)

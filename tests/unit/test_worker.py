@@ -198,3 +198,20 @@ def test_replayed_dead_job_delivers_its_real_results(node, tmp_path):
     assert dispatcher.run_once() == 1
     modalities = sorted(pydicom.dcmread(f).Modality for f in sender.sent[-1])
     assert modalities == ["SEG", "SR"]
+
+
+def test_configured_uid_root_heads_the_result_uids(node, tmp_path):
+    config, engine, ingestor, queue, dispatcher, sender = node
+    root = "1.2.826.0.1.3680043.10.999."
+    config = config.model_copy(update={"node": config.node.model_copy(update={"uid_root": root})})
+    series = receive(ingestor, tmp_path, "s1", slices=12, seed=1)
+    gap = receive(ingestor, tmp_path, "gap", slices=12, seed=2, skip=(5,))
+    for s in (series, gap):
+        queue_job(queue, s.series_uid)
+    worker = Worker(config, engine, queue, dispatcher, FixedRunner)
+    assert worker.run_pending() == 2
+    dispatcher.run_once()
+    objects = [pydicom.dcmread(f) for files in sender.sent for f in files]
+    assert sorted(o.Modality for o in objects) == ["SEG", "SR", "SR"]  # results, and the skipped series' SR
+    for o in objects:
+        assert o.SOPInstanceUID.startswith(root) and o.SeriesInstanceUID.startswith(root)
