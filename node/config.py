@@ -42,6 +42,7 @@ def _check_ae_title(value: str) -> str:
 
 
 AETitle = Annotated[str, AfterValidator(_check_ae_title)]
+Port = Annotated[int, Field(ge=1, le=65535)]
 
 UID_ROOT_MAX_LENGTH = 32  # node.results.uids.MAX_ROOT_LENGTH: leaves >= 32 hash digits in a 64-character UID
 _UID_ROOT_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\.?$")  # PS3.5 9.1: no leading zeros
@@ -58,7 +59,6 @@ def _check_uid_root(value: str) -> str:
             f"{UID_ROOT_MAX_LENGTH} characters with the trailing dot (e.g. '1.2.826.0.1.3680043.10.999.')"
         )
     return root
-Port = Annotated[int, Field(ge=1, le=65535)]
 
 
 class _Frozen(BaseModel):
