@@ -559,10 +559,10 @@ def _uids(ds: Dataset) -> dict[str, str]:
     """Every UI-valued element anywhere in ``ds`` (keyword → value; multi-valued ones flattened)."""
     found: dict[str, str] = {}
 
-    def visit(d: Dataset, _elem: pydicom.DataElement) -> None:
-        if _elem.VR == "UI" and _elem.value:
-            for v in (_elem.value if _elem.VM > 1 else [_elem.value]):
-                found[f"{_elem.keyword}={v}"] = str(v)
+    def visit(_ds: Dataset, elem: pydicom.DataElement) -> None:
+        if elem.VR == "UI" and elem.value:
+            for v in (elem.value if elem.VM > 1 else [elem.value]):
+                found[f"{elem.keyword}={v}"] = str(v)
 
     ds.walk(visit)
     if hasattr(ds, "file_meta"):
