@@ -47,6 +47,8 @@ AREA = codes.SCT.Area  # 42798000
 COMMENT = codes.DCM.Comment  # 121106
 ARTIFICIAL_INTELLIGENCE = codes.DCM.ArtificialIntelligence  # 123110, CID 7162 algorithm family
 DEVICE_OBSERVER = codes.DCM.Device  # 121007, CID 270 observer type
+REJECTED_FOR_QUALITY_REASONS = codes.DCM.RejectedForQualityReasons  # 113001, IOCM rejection note title (CID 7011)
+LUNG_VOLUME = codes.SCT.Volume  # measured over the lung segment
 
 UNIT_NONE = codes.UCUM.NoUnits  # "1"
 UNIT_MILLILITER = Code("ml", "UCUM", "milliliter")
@@ -78,6 +80,11 @@ class SkipReason(enum.Enum):
     MULTI_FRAME = "MULTI_FRAME"  # enhanced (multi-frame) images: the models read single-frame stacks
     UNDECODABLE_PIXELS = "UNDECODABLE_PIXELS"
     PROCESSING_FAILED = "PROCESSING_FAILED"
+    OUT_OF_SCOPE = "OUT_OF_SCOPE"  # the image is not what the model can judge (e.g. not a chest CT)
+    MISSING_GEOMETRY = "MISSING_GEOMETRY"  # no frame of reference, orientation, position or pixel spacing
+    GANTRY_TILT = "GANTRY_TILT"  # slices are not stacked along their normal (tilted gantry)
+    INCOMPLETE_SERIES = "INCOMPLETE_SERIES"  # fewer instances than the series says it has
+    NOT_ORIGINAL_AXIAL = "NOT_ORIGINAL_AXIAL"  # SOP class or image type the pipeline does not read
 
     @property
     def code(self) -> Code:
@@ -96,6 +103,11 @@ _SKIP_REASON_CODES: dict[SkipReason, Code] = {
     SkipReason.MULTI_FRAME: _private("SKIP-MULTIFRAME", "Multi-frame images are not supported"),
     SkipReason.UNDECODABLE_PIXELS: _private("SKIP-UNDECODABLE", "Pixel data could not be decoded"),
     SkipReason.PROCESSING_FAILED: _private("SKIP-FAILED", "AI processing failed"),
+    SkipReason.OUT_OF_SCOPE: _private("SKIP-SCOPE", "Outside the model's scope"),
+    SkipReason.MISSING_GEOMETRY: _private("SKIP-GEOMETRY", "Image geometry attributes missing"),
+    SkipReason.GANTRY_TILT: _private("SKIP-TILT", "Gantry tilt: slices not stacked along their normal"),
+    SkipReason.INCOMPLETE_SERIES: _private("SKIP-INCOMPLETE", "Series incomplete"),
+    SkipReason.NOT_ORIGINAL_AXIAL: _private("SKIP-IMAGE-TYPE", "Image type or SOP class not supported"),
 }
 
 
@@ -113,6 +125,9 @@ class ResultKind(enum.Enum):
     TRACKING_LESION = "tracking-lesion"
     TRACKING_LESION_OUTLINE = "tracking-lesion-outline"
     TRACKING_SKIPPED = "tracking-skipped"
+    TRACKING_LUNG_VOLUME = "tracking-lung-volume"
+    KOS = "kos"  # the IOCM rejection note withdrawing a superseded version
+    KOS_SERIES = "kos-series"
 
 
 class SegmentNumber(enum.IntEnum):
@@ -124,5 +139,13 @@ class SegmentNumber(enum.IntEnum):
 
 SR_SERIES_NUMBER = 9901
 SEG_SERIES_NUMBER = 9902
+KOS_SERIES_NUMBER = 9903
 SR_SERIES_DESCRIPTION = "AI pneumonia report (NOT FOR CLINICAL USE)"
 SEG_SERIES_DESCRIPTION = "AI lung and lesion segmentation (NOT FOR CLINICAL USE)"
+KOS_SERIES_DESCRIPTION = "AI result withdrawn (superseded by a newer version)"
+
+
+def versioned_number(base: int, version: int) -> int:
+    """The series number of result ``version``: 9901, 9911, 9921… for the SR, so a newer version never shares
+    series numbers with the one it replaces (viewers sort and label by them)."""
+    return base + 10 * (max(int(version), 1) - 1)
