@@ -8,6 +8,7 @@ Modules, imported one way: codes → uids → content/geometry → seg → sr.
 from node.results.codes import ResultKind, SkipReason
 from node.results.content import AlgorithmIdentity, Findings, ResultSet
 from node.results.errors import ResultsError
+from node.results.kos import build_rejection_kos
 from node.results.sr import Superseded, build_results, build_skipped_sr
 from node.results.uids import result_uid
 
@@ -19,6 +20,7 @@ __all__ = [
     "ResultsError",
     "SkipReason",
     "Superseded",
+    "build_rejection_kos",
     "build_results",
     "build_skipped_sr",
     "result_uid",
