@@ -1,14 +1,18 @@
-"""Completion: decide, in the database, when a series is whole, and queue its inference job.
+"""Completion: decide, in the database, when a series is whole, route it, and queue its pipeline's job.
 
-`decide(...)` is the pure rule. A series is complete when
+`decide(...)` is the pure rule, with the sender's profile (``[completion]`` mode, or the ``[[completion.senders]]``
+entry for its calling AE). A series is complete when
   * its expected count is known (ImagesInAcquisition) and reached;
   * or it is one multi-frame instance (all frames arrive together);
-  * or its slice positions form an evenly spaced stack, every association that sent it is closed, the last one
-    was released normally after sending ≥ 2 of its instances, and ``release_grace_seconds`` have passed
-    (a sender that opens one association per image never completes early: it waits for the timer);
-  * or nothing arrived for ``stable_seconds`` (the quiet timer; the validity gate judges what came).
+  * or, for a sender whose mode is ``release``, its slice positions form an evenly spaced stack, every association
+    that sent it is closed, the last one was released normally after sending ≥ 2 of its instances, and the
+    profile's ``release_grace_seconds`` have passed (one association per image never completes this way);
+  * or nothing arrived for the profile's ``stable_seconds`` (the quiet timer; the default for unknown senders, so a
+    series sent in several associations a few seconds apart gives one result version) — unless a known expected
+    count is not reached: that holds completion back for ``expected_count_timeout_seconds``.
 `CompletionSweeper.sweep()` applies it to every receiving/re-opened series and, in one transaction per series,
-marks it complete, bumps its result version and queues a job with its priority. State lives only in the
+routes it (`node.routing`): a series a route sends to a pipeline is marked complete, gets its next result version
+and a job with its priority; any other series is marked ignored and gets nothing. State lives only in the
 database, so a restarted node re-times series from their last_received_at. An apscheduler job runs the sweep
 every ``sweep_seconds``; `nudge()` runs one at once (the DIMSE server calls it when an association is released).
 """
@@ -28,12 +32,14 @@ from pydicom.errors import InvalidDicomError
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from node.config import CompletionSection, NodeConfig, Priority, PriorityRule
+from node.config import CompletionMode, CompletionSection, NodeConfig, Priority, PriorityRule
 from node.index import associations, instances, series
 from node.logs import get_logger
+from node.metrics import Metrics
 from node.queue import JobQueue
+from node.routing import Decision, read_header, route
 from node.stack import analyse_stack
-from node.states import AssociationState, SeriesState
+from node.states import NODE_MANUFACTURER, AssociationState, SeriesState
 
 
 class CompletionReason(StrEnum):
@@ -41,6 +47,7 @@ class CompletionReason(StrEnum):
     MULTIFRAME = "multiframe"
     CONTIGUOUS_RELEASED = "contiguous_released"
     QUIET_TIMER = "quiet_timer"
+    EXPECTED_COUNT_TIMEOUT = "expected_count_timeout"  # the expected count never came: the gate will refuse
 
 
 @dataclass(frozen=True)
@@ -62,22 +69,28 @@ def decide(
     spacing_tolerance_mm: float,
 ) -> CompletionReason | None:
     """The completion rule (see the module docstring); None means keep waiting."""
+    mode, stable_seconds, grace_seconds = settings.profile(series_row.calling_ae)
+    quiet = now - series_row.last_received_at
+    expected = series_row.expected_count
+    if expected and series_row.instance_count < expected:
+        # A sender that says how many instances the series has is believed until it has been silent for long.
+        return CompletionReason.EXPECTED_COUNT_TIMEOUT if quiet >= settings.expected_count_timeout_seconds else None
     if settings.early:
-        expected = series_row.expected_count
         if expected and series_row.instance_count >= expected:
             return CompletionReason.EXPECTED_COUNT
         if len(instance_rows) == 1 and (instance_rows[0].number_of_frames or 1) > 1:
             return CompletionReason.MULTIFRAME
         if (
-            senders.all_closed
+            mode is CompletionMode.RELEASE
+            and senders.all_closed
             and senders.last_state == AssociationState.RELEASED
             and senders.last_sent >= 2
             and senders.last_closed_at is not None
-            and now - max(senders.last_closed_at, series_row.last_received_at) >= settings.release_grace_seconds
+            and now - max(senders.last_closed_at, series_row.last_received_at) >= grace_seconds
             and analyse_stack(instance_rows).even(spacing_tolerance_mm)
         ):
             return CompletionReason.CONTIGUOUS_RELEASED
-    if now - series_row.last_received_at >= settings.stable_seconds:
+    if quiet >= stable_seconds:
         return CompletionReason.QUIET_TIMER
     return None
 
@@ -93,12 +106,14 @@ class CompletionSweeper:
         *,
         clock: Callable[[], float] = time.time,
         on_complete: Callable[[str, int], None] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
         self.engine = engine
         self.queue = queue
         self.clock = clock
         self.on_complete = on_complete
+        self.metrics = metrics or Metrics()
         self.log = get_logger(component="completion")
         self._scheduler: BackgroundScheduler | None = None
 
@@ -158,12 +173,15 @@ class CompletionSweeper:
         """Cheap pre-check so a series still streaming in costs one row read per sweep, not all its instances:
         only the timer, a known expected count, or a closed last association can complete it."""
         settings = self.config.completion
-        if now - row.last_received_at >= settings.stable_seconds:
+        mode, stable_seconds, _ = settings.profile(row.calling_ae)
+        if now - row.last_received_at >= min(stable_seconds, settings.expected_count_timeout_seconds):
             return True
         if not settings.early:
             return False
         if row.expected_count or row.instance_count == 1:
             return True
+        if mode is not CompletionMode.RELEASE:
+            return False
         state = conn.execute(
             sa.select(associations.c.state).where(associations.c.id == row.last_association_id)
         ).scalar()
@@ -183,31 +201,56 @@ class CompletionSweeper:
         )
 
     def _complete(self, row: Any, rows: Sequence[Any], reason: CompletionReason) -> int | None:
-        """Mark complete + queue the job in one transaction, guarded against an instance arriving meanwhile."""
+        """Route, then mark complete + queue the job (or mark ignored) in one transaction, guarded against an
+        instance arriving meanwhile. Returns the new result version, or None (ignored, or judged again later)."""
+        decision = self._route(row, rows)
+        guard = (
+            series.c.series_uid == row.series_uid,
+            series.c.state == row.state,
+            series.c.last_received_at == row.last_received_at,
+            series.c.instance_count == row.instance_count,
+        )
+        if decision.pipeline is None:
+            with self.engine.begin() as conn:
+                updated = conn.execute(
+                    series.update().where(*guard)
+                    .values(state=SeriesState.IGNORED, route=decision.label, state_changed_at=self.clock())
+                )
+            if updated.rowcount == 1:
+                self.metrics.series_routed(decision.label, decision.metric_pipeline)
+                self.log.info("series_ignored", series_uid=row.series_uid, route=decision.label,
+                              reason=str(reason), instances=row.instance_count)
+            return None
         priority = self._priority(row, rows)
         version = int(row.version) + 1
         with self.engine.begin() as conn:
             updated = conn.execute(
-                series.update()
-                .where(
-                    series.c.series_uid == row.series_uid,
-                    series.c.state == row.state,
-                    series.c.last_received_at == row.last_received_at,
-                    series.c.instance_count == row.instance_count,
-                )
-                .values(state=SeriesState.COMPLETE, version=version, state_changed_at=self.clock())
+                series.update().where(*guard)
+                .values(state=SeriesState.COMPLETE, version=version, route=decision.label,
+                        state_changed_at=self.clock())
             )
             if updated.rowcount != 1:
                 return None  # something arrived: judge it again next sweep
-            job_id = self.queue.enqueue(conn, row.series_uid, version, priority)
+            job_id = self.queue.enqueue(conn, row.series_uid, version, priority, decision.pipeline)
+        self.metrics.series_routed(decision.label, decision.metric_pipeline)
         self.log.info(
             "series_complete", series_uid=row.series_uid, study_uid=row.study_uid, version=version,
             reason=str(reason), instances=row.instance_count, priority=str(priority), job_id=job_id,
+            route=decision.label, pipeline=decision.metric_pipeline,
             waited_seconds=round(self.clock() - row.last_received_at, 3),
         )
         if self.on_complete is not None:
             self.on_complete(row.series_uid, version)
         return version
+
+    def _route(self, row: Any, rows: Sequence[Any]) -> Decision:
+        """The routing decision from the header of the series' first instance (by instance number)."""
+        first = min(rows, key=lambda r: (r.instance_number is None, r.instance_number or 0, r.sop_uid), default=None)
+        header = (
+            read_header(first.path, calling_ae=row.calling_ae, slices=row.instance_count)
+            if first is not None else None
+        )
+        return route(header, self.config.routes, NODE_MANUFACTURER)
 
     def _priority(self, row: Any, rows: Sequence[Any]) -> Priority:
         for rule in self.config.queue.priority_rules:

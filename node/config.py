@@ -13,7 +13,7 @@ import tomllib
 from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -84,17 +84,128 @@ class NodeSection(_Frozen):
         return self.data_dir / "spool"
 
 
+class CompletionMode(StrEnum):
+    """How the node decides that a sender has finished a series."""
+
+    QUIET = "quiet"  # no new instance for stable_seconds (or the expected count reached)
+    RELEASE = "release"  # also: the association that sent an evenly spaced stack was released normally
+
+
+class SenderProfile(_Frozen):
+    """Completion settings for one calling AE (a scanner, a PACS forwarding studies)."""
+
+    calling_ae: AETitle
+    mode: CompletionMode = CompletionMode.QUIET
+    stable_seconds: Annotated[float, Field(gt=0, le=86400)] | None = None  # None: [completion] stable_seconds
+    release_grace_seconds: Annotated[float, Field(ge=0, le=600)] | None = None
+
+
 class CompletionSection(_Frozen):
     stable_seconds: Annotated[float, Field(gt=0, le=86400)] = 30.0
     sweep_seconds: Annotated[float, Field(gt=0, le=3600)] = 1.0
-    early: bool = True  # complete before the quiet timer when the series shows it is whole
+    early: bool = True  # complete before the quiet timer when the series shows it is whole (expected count, etc.)
+    mode: CompletionMode = CompletionMode.QUIET  # for calling AEs without a profile in `senders`
     release_grace_seconds: Annotated[float, Field(ge=0, le=600)] = 1.0
+    # A known expected count (ImagesInAcquisition) not yet reached holds completion back this long after the last
+    # instance; then the series completes and the gate refuses it as incomplete.
+    expected_count_timeout_seconds: Annotated[float, Field(gt=0, le=86400)] = 600.0
+    senders: tuple[SenderProfile, ...] = ()
+
+    @model_validator(mode="after")
+    def _unique_senders(self) -> CompletionSection:
+        aes = [s.calling_ae for s in self.senders]
+        dupes = sorted({a for a in aes if aes.count(a) > 1})
+        if dupes:
+            raise ValueError(f"one sender profile per calling AE: {', '.join(dupes)}")
+        return self
+
+    def profile(self, calling_ae: str | None) -> tuple[CompletionMode, float, float]:
+        """(mode, stable_seconds, release_grace_seconds) for series from ``calling_ae``."""
+        for sender in self.senders:
+            if sender.calling_ae == calling_ae:
+                return (
+                    sender.mode,
+                    sender.stable_seconds if sender.stable_seconds is not None else self.stable_seconds,
+                    sender.release_grace_seconds
+                    if sender.release_grace_seconds is not None
+                    else self.release_grace_seconds,
+                )
+        return self.mode, self.stable_seconds, self.release_grace_seconds
 
 
 class GateSection(_Frozen):
     modalities: tuple[str, ...] = ("CT",)
     min_slices: Annotated[int, Field(ge=2)] = 16
     spacing_tolerance_mm: Annotated[float, Field(gt=0)] = 0.05
+    max_tilt_degrees: Annotated[float, Field(ge=0, le=45)] = 0.5  # slices sheared more than this are refused
+    scope_check: bool = True  # image-based "is this a chest CT the model can judge?" before any verdict
+
+
+class PipelineName(StrEnum):
+    """The model pipelines a route can name (`node.pipelines` implements each)."""
+
+    PNEUMONIA = "pneumonia"  # classifier + U-Net: pneumonia verdict, lung/lesion SEG
+    LUNG_VOLUME = "lung-volume"  # U-Net only: lung and lesion volumes, SEG
+
+
+IGNORE = "ignore"  # a route's pipeline value that drops the series without any result
+
+# SOP classes by keyword or UID; resolved to UIDs when the config is validated.
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def _sop_class(value: str) -> str:
+    if re.fullmatch(r"[0-9.]+", value):
+        return value
+    from pydicom.uid import UID_dictionary
+
+    for uid, entry in UID_dictionary.items():
+        if entry[4] == value:
+            return str(uid)
+    raise ValueError(f"{value!r} is neither a UID nor a SOP class keyword (e.g. 'CTImageStorage')")
+
+
+def _regex(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"{value!r} is not a regular expression: {exc}") from exc
+    return value
+
+
+class Route(_Frozen):
+    """One routing rule: every condition given must hold (lists: any of; `image_type`: all of); the first route
+    that matches a completed series names its pipeline, or `ignore`. Text is compared case-insensitively;
+    regular expressions are searched (not anchored); "" in `body_part` matches a missing BodyPartExamined."""
+
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    pipeline: PipelineName | Literal["ignore"]
+    modality: tuple[str, ...] = ()
+    sop_class: tuple[Annotated[str, AfterValidator(_sop_class)], ...] = ()
+    image_type: tuple[str, ...] = ()  # values that must all be present in ImageType
+    image_type_not: tuple[str, ...] = ()  # values that must all be absent
+    body_part: tuple[str, ...] = ()
+    series_description: Annotated[str, AfterValidator(_regex)] | None = None
+    protocol_name: Annotated[str, AfterValidator(_regex)] | None = None
+    calling_ae: tuple[AETitle, ...] = ()
+    min_slices: Annotated[int, Field(ge=1)] | None = None
+    max_slices: Annotated[int, Field(ge=1)] | None = None
+    min_slice_thickness_mm: Annotated[float, Field(ge=0)] | None = None
+    max_slice_thickness_mm: Annotated[float, Field(gt=0)] | None = None
+
+
+_CHEST_CT: dict[str, Any] = dict(
+    pipeline=PipelineName.PNEUMONIA, modality=("CT",), sop_class=(CT_IMAGE_STORAGE,),
+    image_type=("ORIGINAL", "AXIAL"), image_type_not=("LOCALIZER",),
+)
+# The default: axial CT image series of the chest go to the pneumonia pipeline (by BodyPartExamined, or by the
+# series description when the body part is missing); everything else is ignored. config/node.toml spells it out.
+DEFAULT_ROUTES = (
+    Route(name="chest-ct", body_part=("CHEST", "THORAX", "LUNG", "LUNGS"), **_CHEST_CT),
+    Route(name="chest-ct-by-description", body_part=("",),
+          series_description=r"chest|thorax|thoracic|lung|pulmo", **_CHEST_CT),
+    Route(name="everything-else", pipeline="ignore"),
+)
 
 
 class Priority(StrEnum):
@@ -185,6 +296,7 @@ class NodeConfig(_Frozen):
     worker: WorkerSection = WorkerSection()
     dispatch: DispatchSection = DispatchSection()
     destinations: tuple[Destination, ...] = ()
+    routes: tuple[Route, ...] = DEFAULT_ROUTES
     source: str | None = Field(default=None, exclude=True)
 
     @model_validator(mode="after")
@@ -193,6 +305,10 @@ class NodeConfig(_Frozen):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"destination names must be unique: {', '.join(dupes)}")
+        routes = [r.name for r in self.routes]
+        dupes = sorted({n for n in routes if routes.count(n) > 1})
+        if dupes:
+            raise ValueError(f"route names must be unique: {', '.join(dupes)}")
         return self
 
     @property

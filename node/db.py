@@ -50,8 +50,21 @@ def create_engine_for(url: str) -> Engine:
 
 def init_schema(engine: Engine) -> None:
     """Create every table registered on `metadata` that does not exist yet (the modules that define tables must
-    have been imported; `node.index` and the later stages register theirs at import)."""
+    have been imported; `node.index` and the later stages register theirs at import), and add the nullable
+    columns a newer release registered to tables an older one created (the only schema change made so far;
+    real migrations are the scale-out issue's Alembic work)."""
     metadata.create_all(engine)
+    inspector = sa.inspect(engine)
+    with engine.begin() as conn:
+        for table in metadata.sorted_tables:
+            present = {c["name"] for c in inspector.get_columns(table.name)}
+            for column in table.columns:
+                if column.name in present:
+                    continue
+                if not column.nullable:
+                    raise IndexError_(f"table {table.name} lacks the required column {column.name}")
+                kind = column.type.compile(dialect=engine.dialect)
+                conn.execute(sa.text(f'ALTER TABLE "{table.name}" ADD COLUMN "{column.name}" {kind}'))
 
 
 def insert_for(engine: Engine) -> Callable[..., Any]:

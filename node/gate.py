@@ -1,8 +1,10 @@
-"""The validity gate: refuse, with a coded reason, series the models cannot judge — before any pixel is read.
+"""The validity gate: refuse, with a coded reason, series a pipeline cannot judge — before any pixel is read.
 
-`check_series(instances, settings)` returns None when the series may go to inference, else a `GateRefusal`
-naming the `SkipReason` and a one-line detail. Pixel decodability is the last check and happens when the worker
-loads the series (a `PreprocessError` there is also a refusal).
+`check_series(instances, settings, expected_count=...)` looks at index rows (modality, SOP class, frames, frame of
+reference, geometry, spacing, tilt, count) and `check_header(ds)` at one instance's header (image type, pixel
+spacing); each returns None when the series may go on, else a `GateRefusal` naming the `SkipReason` and a
+one-line detail that never quotes a header value. Pixel decodability is the last check and happens when the
+worker loads the series (a `PreprocessError` there is also a refusal); the image-based scope check follows it.
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from node.config import GateSection
+from node.config import CT_IMAGE_STORAGE, GateSection
 from node.results import SkipReason
 from node.stack import analyse_stack
+
+SUPPORTED_SOP_CLASSES = frozenset({CT_IMAGE_STORAGE})  # single-frame CT: what models.preprocess stacks
 
 
 @dataclass(frozen=True)
@@ -22,15 +26,29 @@ class GateRefusal:
     detail: str
 
 
-def check_series(instances: Sequence[Any], settings: GateSection) -> GateRefusal | None:
-    """Check modality, frame of reference, orientation, spacing and slice count from index rows."""
+def check_series(
+    instances: Sequence[Any], settings: GateSection, *, expected_count: int | None = None
+) -> GateRefusal | None:
+    """Check modality, SOP class, frames, geometry, spacing, tilt and slice count from index rows."""
     modalities = sorted({str(r.modality or "?") for r in instances})
     if not instances or any(m not in settings.modalities for m in modalities):
         return GateRefusal(SkipReason.NOT_CT, f"modality {'/'.join(modalities) or 'none'}; the models judge "
                                               f"{'/'.join(settings.modalities)} only")
     if any((r.number_of_frames or 1) > 1 for r in instances):
         return GateRefusal(SkipReason.MULTI_FRAME, "multi-frame (enhanced) images are not supported yet")
+    if any(r.sop_class_uid not in SUPPORTED_SOP_CLASSES for r in instances):
+        return GateRefusal(SkipReason.NOT_ORIGINAL_AXIAL, "only CT Image Storage instances can be analysed "
+                                                          "(secondary capture or other SOP classes found)")
+    if expected_count and len(instances) < expected_count:
+        return GateRefusal(SkipReason.INCOMPLETE_SERIES,
+                           f"{len(instances)} of the {expected_count} instances the series announces arrived")
     stack = analyse_stack(instances)
+    missing_for = sum(1 for r in instances if not r.frame_of_reference_uid)
+    if missing_for:
+        return GateRefusal(SkipReason.MISSING_GEOMETRY, f"{missing_for} instances lack FrameOfReferenceUID")
+    if stack.missing_geometry:
+        return GateRefusal(SkipReason.MISSING_GEOMETRY,
+                           f"{stack.missing_geometry} instances lack ImagePositionPatient/ImageOrientationPatient")
     if stack.frames_of_reference > 1:
         return GateRefusal(SkipReason.MULTIPLE_FRAMES_OF_REFERENCE,
                            f"{stack.frames_of_reference} frames of reference in one series")
@@ -38,9 +56,6 @@ def check_series(instances: Sequence[Any], settings: GateSection) -> GateRefusal
         return GateRefusal(SkipReason.MIXED_ORIENTATION, f"{stack.orientations} image orientations in one series")
     if stack.count < settings.min_slices:
         return GateRefusal(SkipReason.TOO_FEW_SLICES, f"{stack.count} slices; at least {settings.min_slices} needed")
-    if stack.missing_geometry:
-        return GateRefusal(SkipReason.UNEVEN_SPACING,
-                           f"{stack.missing_geometry} instances lack ImagePositionPatient/ImageOrientationPatient")
     if stack.duplicates:
         return GateRefusal(SkipReason.UNEVEN_SPACING, f"{stack.duplicates} duplicate slice positions")
     if not stack.even(settings.spacing_tolerance_mm):
@@ -49,4 +64,30 @@ def check_series(instances: Sequence[Any], settings: GateSection) -> GateRefusal
             f"slice gaps vary by up to {stack.worst_deviation_mm:.2f} mm around {stack.spacing_mm:.2f} mm "
             f"(a missing slice or uneven spacing)",
         )
+    if stack.tilt_degrees > settings.max_tilt_degrees:
+        return GateRefusal(
+            SkipReason.GANTRY_TILT,
+            f"slices are sheared by {stack.tilt_degrees:.1f} degrees (gantry tilt); the models need an orthogonal "
+            f"stack (at most {settings.max_tilt_degrees:g} degrees)",
+        )
+    return None
+
+
+def check_header(ds: Any) -> GateRefusal | None:
+    """Check one instance's header (``ds``: a pydicom Dataset read without pixels) for what the models need."""
+    image_type = ds.get("ImageType")
+    values = {str(v).strip().upper() for v in ([image_type] if isinstance(image_type, str) else image_type or [])}
+    if "LOCALIZER" in values:
+        return GateRefusal(SkipReason.NOT_ORIGINAL_AXIAL, "the series is a localizer (scout)")
+    spacing = ds.get("PixelSpacing")
+    try:
+        ok = spacing is not None and len(spacing) == 2 and all(float(v) > 0 for v in spacing)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        return GateRefusal(SkipReason.MISSING_GEOMETRY, "PixelSpacing is missing or not two positive numbers")
+    for keyword in ("Rows", "Columns"):
+        value = ds.get(keyword)
+        if not isinstance(value, int) or value < 16:
+            return GateRefusal(SkipReason.NOT_ORIGINAL_AXIAL, f"{keyword} is missing or below 16")
     return None

@@ -50,6 +50,7 @@ series = sa.Table(
     sa.Column("last_association_id", sa.String(32)),
     sa.Column("version", sa.Integer, nullable=False, server_default="0"),
     sa.Column("state_changed_at", sa.Float, nullable=False),
+    sa.Column("route", sa.String(64)),  # the route (or built-in rule) that decided at the last completion
 )
 
 instances = sa.Table(
@@ -74,6 +75,9 @@ instances = sa.Table(
     sa.Column("calling_ae", sa.String(16)),
     sa.Column("association_id", sa.String(32)),
 )
+
+
+_CLOSED = (SeriesState.COMPLETE, SeriesState.IGNORED)
 
 
 class RecordOutcome(StrEnum):
@@ -211,18 +215,19 @@ class Index:
             raise StoreFailedError(f"index write failed for {rec.sop_uid}: {type(exc).__name__}") from exc
 
     def _count_and_reopen(self, conn: sa.Connection, series_uid: str, delta: int, now: float) -> None:
-        """Changed content re-opens a completed series (a new result version will be made)."""
+        """Changed content re-opens a completed or ignored series (it is routed again; a result made for it
+        gets a new version)."""
         conn.execute(
             series.update()
             .where(series.c.series_uid == series_uid)
             .values(
                 instance_count=series.c.instance_count + delta,
                 state=sa.case(
-                    (series.c.state == SeriesState.COMPLETE, SeriesState.REOPENED),
+                    (series.c.state.in_(_CLOSED), SeriesState.REOPENED),
                     else_=series.c.state,
                 ),
                 state_changed_at=sa.case(
-                    (series.c.state == SeriesState.COMPLETE, now),
+                    (series.c.state.in_(_CLOSED), now),
                     else_=series.c.state_changed_at,
                 ),
             )
@@ -248,6 +253,14 @@ class Index:
         with self._connect() as conn:
             rows = conn.execute(sa.select(series.c.state, sa.func.count()).group_by(series.c.state))
             return {str(state): int(n) for state, n in rows}
+
+    def route_counts(self) -> dict[str, int]:
+        """Number of completed or ignored series per deciding route (built-in rules in brackets)."""
+        with self._connect() as conn:
+            rows = conn.execute(
+                sa.select(series.c.route, sa.func.count()).where(series.c.route.is_not(None)).group_by(series.c.route)
+            )
+            return {str(route): int(n) for route, n in rows}
 
     # -- plumbing -------------------------------------------------------------------------------------------
     def _read_one(self, stmt: sa.Select[Any]) -> sa.Row[Any] | None:

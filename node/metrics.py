@@ -28,6 +28,9 @@ INFERENCE_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 6
 END_TO_END_BUCKETS = (5.0, 10.0, 20.0, 30.0, 45.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, float("inf"))
 
 
+JOB_OUTCOMES = frozenset({"result", "not_processed", "failed", "unreported"})
+
+
 def uid_label(uid: str) -> str:
     """A bounded label for a SOP class or transfer syntax UID: its DICOM keyword when pydicom knows it, else
     "other" (private UIDs would otherwise create one series per UID a sender invents)."""
@@ -129,6 +132,20 @@ class Metrics:
             buckets=END_TO_END_BUCKETS,
             registry=r,
         )
+        self._routed = Counter(
+            "pacsnode_series_routed",
+            "Completed series by deciding route (config route name, or a built-in rule in brackets such as "
+            "[own-result], [non-image], [unrouted]) and pipeline ('none' when nothing is made).",
+            ["route", "pipeline"],
+            registry=r,
+        )
+        self._outcomes = Counter(
+            "pacsnode_jobs_ended",
+            "Pipeline jobs ended, by pipeline and outcome (result, not_processed, failed, unreported: a dead job "
+            "whose 'processing failed' report could not be built either; alert on it).",
+            ["pipeline", "outcome"],
+            registry=r,
+        )
         self._gauges = _ScrapeTimeCollector(self._source_failed)
         r.register(self._gauges)
         # Registered after the gauges, so a scrape that hits a failing source already reports it.
@@ -180,6 +197,14 @@ class Metrics:
         if not 100 <= status <= 599:
             raise ValueError(f"status must be an HTTP status code, not {status}")
         self._stow_requests.labels(str(status)).inc()
+
+    def series_routed(self, route: str, pipeline: str) -> None:
+        """One completed series decided by ``route`` (a config route name or a built-in label)."""
+        self._routed.labels(route, pipeline).inc()
+
+    def job_ended(self, pipeline: str, outcome: str) -> None:
+        """One job ended; ``outcome`` is one of `JOB_OUTCOMES`."""
+        self._outcomes.labels(pipeline, _check(outcome, JOB_OUTCOMES, "outcome")).inc()
 
     def inference(self, seconds: float) -> None:
         """Model inference time for one series."""

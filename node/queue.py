@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 
-from node.config import Priority, QueueSection
+from node.config import PipelineName, Priority, QueueSection
 from node.db import metadata
 from node.states import JobState
 
@@ -44,6 +44,7 @@ jobs = sa.Table(
     sa.Column("inference_seconds", sa.Float),
     sa.Column("skip_reason", sa.String(64)),
     sa.Column("last_error", sa.Text),
+    sa.Column("pipeline", sa.String(32)),  # the routed pipeline (PipelineName); NULL in rows from before routes
     sa.UniqueConstraint("series_uid", "version", name="uq_jobs_series_version"),
 )
 
@@ -57,6 +58,7 @@ class Job:
     attempts: int
     created_at: float
     started_at: float
+    pipeline: PipelineName = PipelineName.PNEUMONIA
 
 
 class JobQueue:
@@ -67,13 +69,16 @@ class JobQueue:
         self.settings = settings
         self.clock = clock
 
-    def enqueue(self, conn: sa.Connection, series_uid: str, version: int, priority: Priority) -> int:
-        """Add a job inside the caller's transaction (so a series' state and its job commit together)."""
+    def enqueue(self, conn: sa.Connection, series_uid: str, version: int, priority: Priority,
+                pipeline: PipelineName = PipelineName.PNEUMONIA) -> int:
+        """Add a job for ``pipeline`` inside the caller's transaction (so a series' state and its job commit
+        together)."""
         now = self.clock()
         result = conn.execute(
             jobs.insert().values(
                 series_uid=series_uid,
                 version=version,
+                pipeline=PipelineName(pipeline).value,
                 priority=PRIORITY_RANK[priority],
                 state=JobState.QUEUED,
                 attempts=0,
@@ -127,7 +132,8 @@ class JobQueue:
                 )
             )
             if claimed.rowcount == 1:
-                return Job(row.id, row.series_uid, row.version, row.priority, row.attempts + 1, row.created_at, now)
+                return Job(row.id, row.series_uid, row.version, row.priority, row.attempts + 1, row.created_at, now,
+                           PipelineName(row.pipeline or PipelineName.PNEUMONIA))
             return _RETRY
 
     def heartbeat(self, job: Job, worker_id: str) -> bool:

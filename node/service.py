@@ -29,10 +29,11 @@ from node.index import Index
 from node.ingest import Ingestor
 from node.logs import get_logger
 from node.metrics import Metrics
+from node.pipelines import ModelRunner, RegistryRunner
 from node.queue import JobQueue
 from node.senders import DimseSender, StowSender
 from node.spool import Spool
-from node.worker import ModelRunner, RegistryRunner, Worker
+from node.worker import Worker
 
 
 class Service:
@@ -62,7 +63,8 @@ class Service:
             )
         )
         self.worker = Worker(config, self.engine, self.queue, self.dispatcher, factory, metrics=self.metrics)
-        self.sweeper = CompletionSweeper(config, self.engine, self.queue, on_complete=self.worker.wake)
+        self.sweeper = CompletionSweeper(config, self.engine, self.queue, on_complete=self.worker.wake,
+                                         metrics=self.metrics)
         self.dimse = DimseServer(
             config, self.ingestor, self.index, on_released=self.sweeper.nudge, metrics=self.metrics
         )

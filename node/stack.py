@@ -23,6 +23,7 @@ class Stack:
     duplicates: int  # slices sharing a position along the normal
     spacing_mm: float | None  # median gap
     worst_deviation_mm: float | None  # largest |gap - median|
+    tilt_degrees: float = 0.0  # angle between the slice normal and the line the slice origins lie on (gantry tilt)
 
     def even(self, tolerance_mm: float) -> bool:
         """One orientation, full geometry, no duplicates, every gap within ``tolerance_mm`` of the median."""
@@ -76,4 +77,18 @@ def analyse_stack(rows: Sequence[Any]) -> Stack:
         return Stack(**base, duplicates=duplicates, spacing_mm=None, worst_deviation_mm=None)
     median = float(np.median(real))
     worst = float(np.max(np.abs(real - median)))
-    return Stack(**base, duplicates=duplicates, spacing_mm=median, worst_deviation_mm=worst)
+    return Stack(**base, duplicates=duplicates, spacing_mm=median, worst_deviation_mm=worst,
+                 tilt_degrees=_tilt_degrees(np.array(positions), normal))
+
+
+def _tilt_degrees(positions: np.ndarray, normal: np.ndarray) -> float:
+    """How far the slice origins drift in-plane per mm along the normal, as an angle: 0 for an orthogonal stack,
+    the gantry tilt for a tilted acquisition whose images were not resampled."""
+    order = np.argsort(positions @ normal)
+    first, last = positions[order[0]], positions[order[-1]]
+    step = last - first
+    along = float(step @ normal)
+    if abs(along) < 1e-6:
+        return 0.0
+    in_plane = float(np.linalg.norm(step - along * normal))
+    return float(np.degrees(np.arctan2(in_plane, abs(along))))

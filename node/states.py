@@ -9,6 +9,7 @@ class SeriesState(StrEnum):
     RECEIVING = "receiving"    # instances may still arrive
     COMPLETE = "complete"      # judged whole; a job was queued
     REOPENED = "reopened"      # an instance arrived after completion; a new result version will follow
+    IGNORED = "ignored"        # judged whole, but no route chose a pipeline (or a built-in rule excluded it)
 
 
 class AssociationState(StrEnum):
@@ -30,3 +31,8 @@ class DeliveryState(StrEnum):
     SENDING = "sending"      # a sender is working on it
     DELIVERED = "delivered"
     DEAD = "dead"            # gave up after give_up_after_seconds; replay with `pacsnode retry`
+
+
+# The Manufacturer the node writes into every object it makes (SR, SEG, KOS): routing recognises its own output
+# by it and never processes it again.
+NODE_MANUFACTURER = "pacs-ai-node"

@@ -1,22 +1,24 @@
-"""The worker: claims jobs, gates, runs the models (loaded once, warm), builds SR/SEG, hands them to dispatch.
+"""The worker: claims jobs, gates, runs the job's pipeline (models loaded once, warm), hands results to dispatch.
 
-`Worker.process(job)` is one job end to end: validity gate on the index rows → load the series from the spool
-through `models.preprocess` (undecodable pixels are a refusal too) → `ModelRunner.run` with the lease kept alive
-by heartbeats → `node.results` objects → files written atomically under ``data_dir/results`` → one transaction
-that records the results, finishes the job and queues one delivery per destination. A refused series gets a
-coded "not processed" SR instead; a job that dies after its last attempt gets one saying processing failed.
-Queue time and inference time are recorded separately on the job. The loop runs in its own thread, apart
-from the receive threads; `wake()` lets completion start it without waiting for the poll.
+`Worker.process(job)` is one job end to end: validity gate on the index rows and one header → load the series
+from the spool through `models.preprocess` (undecodable pixels are a refusal too) → the routed pipeline's
+`analyse` (models + scope check) with the lease kept alive by heartbeats → its `build` → files written
+atomically under ``data_dir/results`` → one transaction that records the results, finishes the job and queues
+one delivery per destination. A refused series gets a coded "not processed" SR instead; a job that dies after
+its last attempt gets one saying processing failed (and if even that cannot be built, the job is counted as
+unreported in `/metrics` and listed under alerts in `pacsnode status`). When a newer version replaces results
+already made for the series, an IOCM rejection note (KOS) withdrawing them goes out with the new objects. Queue
+time and inference time are recorded separately on the job. The loop runs in its own thread, apart from the
+receive threads; `wake()` lets completion start it without waiting for the poll.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import io
-import os
 import threading
 import time
 import uuid
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
@@ -29,22 +31,22 @@ from pydicom.filewriter import dcmwrite
 from sqlalchemy.engine import Engine
 
 from models.errors import ModelError
-from models.preprocess import PreprocessError, Volume, load_series
+from models.preprocess import PreprocessError, load_series
 from node.config import NodeConfig
 from node.db import metadata
 from node.dispatch import Dispatcher
-from node.gate import GateRefusal, check_series
-from node.index import instances
+from node.gate import GateRefusal, check_header, check_series
+from node.index import instances, series
 from node.logs import get_logger
 from node.metrics import Metrics
+from node.pipelines import PIPELINES, ModelRunner, Pipeline, RegistryRunner  # noqa: F401 - re-exported
 from node.queue import Job, JobQueue
 from node.results import (
     AlgorithmIdentity,
-    Findings,
     ResultsError,
     SkipReason,
     Superseded,
-    build_results,
+    build_rejection_kos,
     build_skipped_sr,
 )
 from node.spool import Spool
@@ -57,7 +59,7 @@ results = sa.Table(
     sa.Column("series_uid", sa.String(64), nullable=False, index=True),  # the source series
     sa.Column("version", sa.Integer, nullable=False),
     sa.Column("job_id", sa.Integer, nullable=False),
-    sa.Column("kind", sa.String(16), nullable=False),  # sr | seg | skipped-sr
+    sa.Column("kind", sa.String(16), nullable=False),  # sr | seg | skipped-sr | kos
     sa.Column("study_uid", sa.String(64), nullable=False),
     sa.Column("result_series_uid", sa.String(64), nullable=False),
     sa.Column("sop_uid", sa.String(64), nullable=False),
@@ -66,40 +68,6 @@ results = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
     sa.UniqueConstraint("series_uid", "version", "kind", name="uq_results_series_version_kind"),
 )
-
-
-class ModelRunner(ABC):
-    """The inference seam: a warm model pair turning a `Volume` into `Findings`."""
-
-    algorithm: AlgorithmIdentity
-
-    @abstractmethod
-    def run(self, volume: Volume) -> Findings: ...
-
-
-class RegistryRunner(ModelRunner):
-    """The shipped TensorFlow classifier + U-Net from `models.registry`, loaded once per process."""
-
-    def __init__(self, classifier_version: str | None = None, segmenter_version: str | None = None,
-                 weights_dir: Path | None = None) -> None:
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ banners are not operator logs
-        from models.registry import Registry
-
-        registry = Registry(weights_dir)
-        self.classifier = registry.classifier(classifier_version)
-        self.segmenter = registry.segmenter(segmenter_version)
-        self.algorithm = AlgorithmIdentity(
-            name="pacs-ai-node pneumonia CT",
-            version=f"cls-{self.classifier.version}+seg-{self.segmenter.version}",
-        )
-
-    def run(self, volume: Volume) -> Findings:
-        cls = self.classifier.predict(volume, age=volume.patient_age, sex=volume.patient_sex)
-        seg = self.segmenter.predict(volume)
-        return Findings(
-            probability=float(cls.probability), threshold=float(cls.threshold), attention=cls.attention,
-            lungs=seg.lungs, lesion=seg.lesion,
-        )
 
 
 class Worker:
@@ -161,10 +129,12 @@ class Worker:
         self.ready.set()
         return self.runner
 
-    def _algorithm(self, runner: ModelRunner) -> AlgorithmIdentity:
-        """The runner's identity under the configured UID root (``[node] uid_root``), which result UIDs derive from."""
+    def _algorithm(self, runner: ModelRunner, pipeline: Pipeline) -> AlgorithmIdentity:
+        """The pipeline's identity under the configured UID root (``[node] uid_root``), which result UIDs derive
+        from."""
+        algorithm = pipeline.algorithm(runner)
         root = self.config.node.uid_root
-        return replace(runner.algorithm, uid_root=root) if root else runner.algorithm
+        return replace(algorithm, uid_root=root) if root else algorithm
 
     def _loop(self) -> None:
         try:
@@ -195,52 +165,78 @@ class Worker:
 
     # -- one job -------------------------------------------------------------------------------------------
     def process(self, job: Job) -> JobState:
-        log = self.log.bind(job_id=job.id, series_uid=job.series_uid, version=job.version, attempt=job.attempts)
+        log = self.log.bind(job_id=job.id, series_uid=job.series_uid, version=job.version, attempt=job.attempts,
+                            pipeline=job.pipeline.value)
         log.info("job_started", queue_seconds=round(job.started_at - job.created_at, 3))
+        pipeline = PIPELINES[job.pipeline]
         try:
             rows = self._instances(job.series_uid)
-            refusal = check_series(rows, self.config.gate)
+            refusal = check_series(rows, self.config.gate, expected_count=self._expected_count(job.series_uid))
+            if refusal is None:
+                refusal = check_header(_header(_by_position(rows)[0].path))
             if refusal is not None:
-                return self._skip(job, rows, refusal, log)
+                return self._skip(job, pipeline, rows, refusal, log)
             try:
                 volume = load_series([r.path for r in rows])
             except PreprocessError as exc:
-                return self._skip(job, rows, GateRefusal(SkipReason.UNDECODABLE_PIXELS, str(exc)[:200]), log)
+                return self._skip(job, pipeline, rows, GateRefusal(SkipReason.UNDECODABLE_PIXELS, str(exc)[:200]),
+                                  log)
             runner = self.warm_up()
             t0 = time.perf_counter()
             with self._heartbeat(job):
-                findings = runner.run(volume)
+                outcome = pipeline.analyse(volume, runner, self.config.gate)
             inference_seconds = time.perf_counter() - t0
             self.metrics.inference(inference_seconds)
-            built = build_results(
-                volume.datasets, findings, self._algorithm(runner), series_version=job.version,
-                superseded=self._superseded(job),
+            if isinstance(outcome, GateRefusal):
+                return self._skip(job, pipeline, rows, outcome, log)
+            algorithm = self._algorithm(runner, pipeline)
+            objects = pipeline.build(
+                volume.datasets, outcome, algorithm, series_version=job.version,
+                superseded=self._superseded(job), fallback_datetime=self._fallback_datetime(job.series_uid),
             )
-            objects = [("sr", built.sr)] + ([("seg", built.seg)] if built.seg is not None else [])
+            objects += self._withdrawal(job, algorithm)
             self._commit(job, objects, inference_seconds=inference_seconds, skipped=None)
+            self.metrics.job_ended(job.pipeline.value, "result")
             log.info(
-                "job_done", inference_seconds=round(inference_seconds, 3), probability=round(findings.probability, 4),
-                pneumonia=findings.probability >= findings.threshold, slices=volume.shape[0],
-                sr_uid=str(built.sr.SOPInstanceUID),
+                "job_done", inference_seconds=round(inference_seconds, 3),
+                probability=None if outcome.probability is None else round(outcome.probability, 4),
+                pneumonia=outcome.pneumonia if outcome.classified else None, slices=volume.shape[0],
+                sr_uid=str(objects[0][1].SOPInstanceUID),
             )
             return JobState.DONE
         except LeaseLost:
             log.warning("job_lease_lost")
             return JobState.RUNNING
-        except (ModelError, ResultsError, OSError, sa.exc.SQLAlchemyError, ValueError, RuntimeError) as exc:
-            error = f"{type(exc).__name__}: {exc}"[:1000]
+        except Exception as exc:  # noqa: BLE001 - one bad series must fail its job, never the worker thread
+            error = f"{type(exc).__name__}: {_safe_message(exc)}"[:1000]
             state = self.queue.fail(job, self.worker_id, error)
             log.error("job_failed", error=error, next_state=str(state))
             if state is JobState.DEAD:
-                self._report_failure(job, error, log)
+                self.metrics.job_ended(job.pipeline.value, "failed")
+                self._report_failure(job, pipeline, error, log)
             return state
 
     def _instances(self, series_uid: str) -> list[Any]:
         with self.engine.connect() as conn:
             return list(conn.execute(sa.select(instances).where(instances.c.series_uid == series_uid)))
 
-    def _superseded(self, job: Job) -> list[Superseded]:
-        """The SR/SEG of the newest earlier version of this series, which the new SR names as superseded."""
+    def _series_row(self, series_uid: str) -> Any:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(series).where(series.c.series_uid == series_uid)).first()
+
+    def _expected_count(self, series_uid: str) -> int | None:
+        row = self._series_row(series_uid)
+        return int(row.expected_count) if row is not None and row.expected_count else None
+
+    def _fallback_datetime(self, series_uid: str) -> dt.datetime:
+        """When the sources carry no usable date: the series' first receive time (stored, so a retry rebuilds
+        the same object)."""
+        row = self._series_row(series_uid)
+        when = row.first_received_at if row is not None else self.clock()
+        return dt.datetime.fromtimestamp(when, dt.UTC).replace(tzinfo=None)
+
+    def _previous(self, job: Job) -> list[Any]:
+        """The result rows of the newest earlier version of this series (empty for a first version)."""
         with self.engine.connect() as conn:
             prev = conn.execute(
                 sa.select(sa.func.max(results.c.version)).where(
@@ -249,30 +245,49 @@ class Worker:
             ).scalar()
             if prev is None:
                 return []
-            rows = conn.execute(
-                sa.select(results).where(results.c.series_uid == job.series_uid, results.c.version == prev)
-            )
-            return [Superseded(r.study_uid, r.result_series_uid, r.sop_uid, r.sop_class_uid) for r in rows]
+            return list(conn.execute(
+                sa.select(results).where(results.c.series_uid == job.series_uid, results.c.version == prev,
+                                         results.c.kind != "kos")
+            ))
 
-    def _skip(self, job: Job, rows: Sequence[Any], refusal: GateRefusal, log: Any) -> JobState:
-        sources = [dcmread(r.path, stop_before_pixels=True) for r in _by_position(rows)]
-        runner = self.warm_up()
-        sr = build_skipped_sr(sources, refusal.reason, refusal.detail, self._algorithm(runner),
-                              series_version=job.version)
-        self._commit(job, [("skipped-sr", sr)], inference_seconds=0.0, skipped=refusal)
+    def _superseded(self, job: Job) -> list[Superseded]:
+        """The SR/SEG of the newest earlier version of this series, which the new SR names as superseded."""
+        return [Superseded(r.study_uid, r.result_series_uid, r.sop_uid, r.sop_class_uid) for r in self._previous(job)]
+
+    def _withdrawal(self, job: Job, algorithm: AlgorithmIdentity) -> list[tuple[str, Dataset]]:
+        """An IOCM rejection note (KOS) withdrawing the previous version's objects, sent with the new ones."""
+        previous = [dcmread(r.path) for r in self._previous(job) if Path(r.path).exists()]
+        if not previous:
+            return []
+        kos = build_rejection_kos(previous, algorithm, source_series_uid=job.series_uid, series_version=job.version)
+        return [("kos", kos)]
+
+    def _skip(self, job: Job, pipeline: Pipeline, rows: Sequence[Any], refusal: GateRefusal, log: Any) -> JobState:
+        sources = [_header(r.path) for r in _by_position(rows)]
+        algorithm = self._algorithm(self.warm_up(), pipeline)
+        sr = build_skipped_sr(sources, refusal.reason, refusal.detail, algorithm, series_version=job.version,
+                              fallback_datetime=self._fallback_datetime(job.series_uid))
+        objects: list[tuple[str, Dataset]] = [("skipped-sr", sr), *self._withdrawal(job, algorithm)]
+        self._commit(job, objects, inference_seconds=0.0, skipped=refusal)
+        self.metrics.job_ended(job.pipeline.value, "not_processed")
         log.info("job_skipped", reason=refusal.reason.value, detail=refusal.detail, sr_uid=str(sr.SOPInstanceUID))
         return JobState.SKIPPED
 
-    def _report_failure(self, job: Job, error: str, log: Any) -> None:
-        """A dead job still tells the PACS, with a coded "processing failed" SR (best effort)."""
+    def _report_failure(self, job: Job, pipeline: Pipeline, error: str, log: Any) -> None:
+        """A dead job still tells the PACS, with a coded "processing failed" SR; if even that fails, the job is
+        counted as unreported (metrics) and stays listed as an alert in `pacsnode status`."""
         try:
             rows = self._instances(job.series_uid)
-            sources = [dcmread(r.path, stop_before_pixels=True) for r in _by_position(rows)]
-            sr = build_skipped_sr(sources, SkipReason.PROCESSING_FAILED, error[:200], self._algorithm(self.warm_up()),
-                                  series_version=job.version)
-            self._store_and_enqueue(job, [("skipped-sr", sr)], lambda conn: True)
-        except Exception:  # the job is already dead-lettered with its error; this report is extra
-            log.exception("failure_report_failed")
+            sources = [_header(r.path) for r in _by_position(rows)]
+            algorithm = self._algorithm(self.warm_up(), pipeline)
+            sr = build_skipped_sr(sources, SkipReason.PROCESSING_FAILED, error[:200], algorithm,
+                                  series_version=job.version,
+                                  fallback_datetime=self._fallback_datetime(job.series_uid))
+            objects: list[tuple[str, Dataset]] = [("skipped-sr", sr), *self._withdrawal(job, algorithm)]
+            self._store_and_enqueue(job, objects, lambda conn: True)
+        except Exception as exc:  # noqa: BLE001 - the job is already dead-lettered with its error
+            self.metrics.job_ended(job.pipeline.value, "unreported")
+            log.error("failure_report_failed", error=f"{type(exc).__name__}: {_safe_message(exc)}"[:500])
 
     # -- writing and committing ----------------------------------------------------------------------------
     def _commit(self, job: Job, objects: Sequence[tuple[str, Dataset]], *, inference_seconds: float,
@@ -341,6 +356,20 @@ class Worker:
 
 class LeaseLost(Exception):
     """The job's lease expired and another worker may hold it: drop this attempt's outcome."""
+
+
+def _header(path: str) -> Dataset:
+    return dcmread(path, stop_before_pixels=True)
+
+
+def _safe_message(exc: BaseException) -> str:
+    """An exception's message for logs and the jobs table: our own errors' messages are PHI-free by contract;
+    other libraries' messages may quote header values, so only their type is kept."""
+    from node.errors import NodeError
+
+    if isinstance(exc, (ResultsError, ModelError, PreprocessError, NodeError, LeaseLost)):
+        return str(exc)
+    return "(message withheld: it may quote header values)"
 
 
 def _by_position(rows: Sequence[Any]) -> list[Any]:

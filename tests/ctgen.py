@@ -88,6 +88,7 @@ def write_ct_series(
         ds.Manufacturer = "pacs-ai-node tests"
         ds.SeriesDescription = "ctgen test series"
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.BodyPartExamined = "CHEST"  # the default routes send axial chest CT to the pneumonia pipeline
         ds.PatientPosition = "HFS"
         ds.PositionReferenceIndicator = ""
         ds.ImagePositionPatient = [-c, -c, round(-i * spacing, 3)]

@@ -47,7 +47,7 @@ AREA = codes.SCT.Area  # 42798000
 COMMENT = codes.DCM.Comment  # 121106
 ARTIFICIAL_INTELLIGENCE = codes.DCM.ArtificialIntelligence  # 123110, CID 7162 algorithm family
 DEVICE_OBSERVER = codes.DCM.Device  # 121007, CID 270 observer type
-REJECTED_FOR_QUALITY_REASONS = codes.DCM.RejectedForQualityReasons  # 113001, IOCM rejection note title (CID 7011)
+REJECTED_FOR_QUALITY_REASONS = codes.DCM.RejectedForQualityReasons  # 113001, IOCM rejection note title (CID 7010)
 LUNG_VOLUME = codes.SCT.Volume  # measured over the lung segment
 
 UNIT_NONE = codes.UCUM.NoUnits  # "1"
@@ -141,6 +141,7 @@ SR_SERIES_NUMBER = 9901
 SEG_SERIES_NUMBER = 9902
 KOS_SERIES_NUMBER = 9903
 SR_SERIES_DESCRIPTION = "AI pneumonia report (NOT FOR CLINICAL USE)"
+LUNG_VOLUME_SR_SERIES_DESCRIPTION = "AI lung volume report (NOT FOR CLINICAL USE)"
 SEG_SERIES_DESCRIPTION = "AI lung and lesion segmentation (NOT FOR CLINICAL USE)"
 KOS_SERIES_DESCRIPTION = "AI result withdrawn (superseded by a newer version)"
 

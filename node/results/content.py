@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from pydicom.uid import generate_uid
 from node.results import codes
 from node.results.errors import ResultsError
 from node.results.uids import UID_PREFIX, check_root, is_valid_uid
+from node.states import NODE_MANUFACTURER
 
 _LO_MAX = 64
 T = TypeVar("T")
@@ -36,7 +38,7 @@ class AlgorithmIdentity:
 
     name: str
     version: str
-    manufacturer: str = "pacs-ai-node"
+    manufacturer: str = NODE_MANUFACTURER
     family: Code = codes.ARTIFICIAL_INTELLIGENCE
     uid_root: str = UID_PREFIX
 
@@ -83,33 +85,42 @@ def _mask(value: object, name: str) -> np.ndarray:
 class Findings:
     """Model outputs for one series, in the order of the source slices.
 
-    ``probability`` and ``threshold`` lie in [0, 1]; ``attention`` has one finite weight per slice; ``lungs`` and
-    ``lesion`` are boolean masks of shape (slices, rows, columns) on the source grid. Raises `ResultsError`
-    naming the field that breaks this.
+    ``probability`` and ``threshold`` lie in [0, 1], or are both None when no classifier ran (a measurement-only
+    pipeline); ``attention`` has one finite weight per slice (None: each slice's share of the lung mask);
+    ``lungs`` and ``lesion`` are boolean masks of shape (slices, rows, columns) on the source grid. Raises
+    `ResultsError` naming the field that breaks this.
     """
 
-    probability: float
-    threshold: float
-    attention: np.ndarray
+    probability: float | None
+    threshold: float | None
+    attention: np.ndarray | None
     lungs: np.ndarray
     lesion: np.ndarray = field(repr=False)
 
     def __post_init__(self) -> None:
+        if (self.probability is None) != (self.threshold is None):
+            raise ResultsError("Findings.probability and Findings.threshold are given together or not at all")
         for name in ("probability", "threshold"):
             value = getattr(self, name)
+            if value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
                 raise ResultsError(f"Findings.{name} must be a number, got {type(value).__name__}")
             if not (math.isfinite(value) and 0.0 <= value <= 1.0):
                 raise ResultsError(f"Findings.{name} must lie in [0, 1], got {value!r}")
             object.__setattr__(self, name, float(value))
-        attention = np.asarray(self.attention, dtype=float)
-        if attention.ndim != 1 or not np.all(np.isfinite(attention)):
-            raise ResultsError("Findings.attention must be a 1-D array of finite weights")
         lungs, lesion = _mask(self.lungs, "lungs"), _mask(self.lesion, "lesion")
         if lungs.shape != lesion.shape:
             raise ResultsError(
                 f"Findings.lesion shape {lesion.shape} differs from Findings.lungs {lungs.shape}"
             )
+        if self.attention is None:
+            area = lungs.sum(axis=(1, 2)).astype(float)
+            attention = area / area.sum() if area.sum() > 0 else np.full(lungs.shape[0], 1.0 / lungs.shape[0])
+        else:
+            attention = np.asarray(self.attention, dtype=float)
+        if attention.ndim != 1 or not np.all(np.isfinite(attention)):
+            raise ResultsError("Findings.attention must be a 1-D array of finite weights")
         if attention.shape[0] != lungs.shape[0]:
             raise ResultsError(
                 f"Findings.attention has {attention.shape[0]} weights for {lungs.shape[0]} slices"
@@ -119,13 +130,19 @@ class Findings:
         object.__setattr__(self, "lesion", lesion)
 
     @property
+    def classified(self) -> bool:
+        """Whether a classifier gave a probability (False for measurement-only findings)."""
+        return self.probability is not None
+
+    @property
     def pneumonia(self) -> bool:
-        """The decision: probability at or above the threshold."""
-        return self.probability >= self.threshold
+        """The decision: probability at or above the threshold (False when no classifier ran)."""
+        return self.probability is not None and self.threshold is not None and self.probability >= self.threshold
 
     def key_slices(self, k: int = 3) -> list[int]:
         """Indices of the ``k`` slices with the highest attention (ties: lower index first), highest first."""
-        order = np.lexsort((np.arange(self.attention.size), -self.attention))
+        attention = np.asarray(self.attention)
+        order = np.lexsort((np.arange(attention.size), -attention))
         return [int(i) for i in order[:k]]
 
 
@@ -200,12 +217,66 @@ def call(step: str, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
         return fn(*args, **kwargs)
 
 
+_DATE_RE = re.compile(r"^\d{8}$")
+_TIME_RE = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
+_AGE_RE = re.compile(r"^\d{3}[DWMY]$")
+
+
+def _valid_date(value: object) -> bool:
+    text = str(value).strip()
+    if not _DATE_RE.match(text):
+        return False
+    try:
+        dt.datetime.strptime(text, "%Y%m%d")
+    except ValueError:
+        return False
+    return True
+
+
+def _valid_time(value: object) -> bool:
+    text = str(value).strip()
+    if not _TIME_RE.match(text):
+        return False
+    hh, mm, ss = int(text[:2]), int(text[2:4] or 0), int(text[4:6] or 0)
+    return hh < 24 and mm < 60 and ss < 61
+
+
+def _valid_copied(keyword: str, value: object) -> bool:
+    """Whether a value highdicom copies from the sources into the result is valid for its VR (else it is
+    replaced by an empty value: a result is never lost because a source attribute is malformed)."""
+    if value is None or value == "":
+        return True
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return False  # these attributes are single-valued
+    text = str(value)
+    if keyword.endswith("Date"):
+        return _valid_date(text)
+    if keyword.endswith("Time"):
+        return _valid_time(text)
+    if keyword == "PatientSex":
+        return text.strip() in ("M", "F", "O")
+    if keyword == "PatientAge":
+        return bool(_AGE_RE.match(text.strip()))
+    limits = {"PatientID": 64, "AccessionNumber": 16, "StudyID": 16}
+    if keyword in limits:
+        return len(text) <= limits[keyword] and "\\" not in text
+    if keyword.endswith("Name"):
+        return len(text) <= 64 * 5 and text.count("=") <= 2 and all(len(p) <= 64 for p in text.split("="))
+    return True
+
+
 def with_type2_attributes(sources: Sequence[Dataset]) -> list[Dataset]:
-    """``sources`` with the first instance replaced, if needed, by a header-only copy whose absent Type 2
-    patient/study attributes are present and empty (their meaning when absent); the inputs are not modified."""
+    """``sources`` with the first instance replaced, if needed, by a header-only copy in which the patient/study
+    attributes highdicom copies are present (Type 2: empty when absent) and valid for their VR (a malformed value
+    — a date like ``19950000``, a two-valued sex — becomes empty); the inputs are not modified."""
     first = sources[0]
     missing = [keyword for keyword in _TYPE2_COPIED if keyword not in first]
-    if not missing:
+    invalid = [
+        keyword
+        for keyword in (*_TYPE2_COPIED, "PatientAge")
+        if keyword in first and not _valid_copied(keyword, _raw_value(first, keyword))
+    ]
+    if not missing and not invalid:
         return list(sources)
     header = Dataset()
     for element in first:
@@ -213,9 +284,20 @@ def with_type2_attributes(sources: Sequence[Dataset]) -> list[Dataset]:
             header.add(element)
     if hasattr(first, "file_meta"):
         header.file_meta = first.file_meta
-    for keyword in missing:
-        setattr(header, keyword, "")
+    for keyword in missing + invalid:
+        if keyword == "PatientAge":
+            del header[keyword]
+        else:
+            setattr(header, keyword, "")
     return [header, *sources[1:]]
+
+
+def _raw_value(ds: Dataset, keyword: str) -> object:
+    """The attribute's value as text, without pydicom's VR conversion raising on malformed bytes."""
+    try:
+        return ds[keyword].value
+    except (ValueError, TypeError, OverflowError):
+        return "\x00invalid"
 
 
 def check_sources(sources: Sequence[Dataset]) -> str:
@@ -235,26 +317,34 @@ def check_sources(sources: Sequence[Dataset]) -> str:
     return series_uid
 
 
-def content_datetime_of(sources: Sequence[Dataset], content_datetime: dt.datetime | None) -> dt.datetime:
-    """The content date/time for a result: the one given, else the first source's Content, Acquisition, Series
-    or Study date and time (so the same inputs rebuild the same object). Raises `ResultsError` if none is set."""
+def content_datetime_of(
+    sources: Sequence[Dataset], content_datetime: dt.datetime | None, fallback: dt.datetime | None = None
+) -> dt.datetime:
+    """The content date/time for a result: the one given, else the first valid Content, Acquisition, Series or
+    Study date (and its time, when valid) of the first source, so the same inputs rebuild the same object; else
+    ``fallback`` (the worker passes the series' first receive time, which is stored and so stable across
+    retries). Malformed dates and times are passed over, never an error. Raises `ResultsError` only when
+    nothing usable is there and no fallback is given."""
     if content_datetime is not None:
         if not isinstance(content_datetime, dt.datetime):
             raise ResultsError("content_datetime must be a datetime.datetime")
         return content_datetime
     first = sources[0]
     for prefix in ("Content", "Acquisition", "Series", "Study"):
-        date, time = first.get(f"{prefix}Date"), first.get(f"{prefix}Time")
-        if date:
-            try:
-                day = dt.datetime.strptime(str(date), "%Y%m%d")
-                clock = str(time or "000000").split(".")[0].ljust(6, "0")
-                return day.replace(hour=int(clock[:2]), minute=int(clock[2:4]), second=int(clock[4:6]))
-            except ValueError as exc:
-                raise ResultsError(
-                    f"source {prefix}Date/{prefix}Time cannot be read; pass content_datetime"
-                ) from exc
-    raise ResultsError("sources carry no date; pass content_datetime")
+        date = _raw_value(first, f"{prefix}Date") if f"{prefix}Date" in first else None
+        if not date or not _valid_date(date):
+            continue
+        day = dt.datetime.strptime(str(date).strip(), "%Y%m%d")
+        time = _raw_value(first, f"{prefix}Time") if f"{prefix}Time" in first else None
+        if time and _valid_time(time):
+            clock = str(time).strip().split(".")[0].ljust(6, "0")
+            return day.replace(hour=int(clock[:2]), minute=int(clock[2:4]), second=min(int(clock[4:6]), 59))
+        return day
+    if fallback is not None:
+        if not isinstance(fallback, dt.datetime):
+            raise ResultsError("fallback must be a datetime.datetime")
+        return fallback.replace(microsecond=0)
+    raise ResultsError("sources carry no valid date; pass content_datetime or fallback")
 
 
 def algorithm_sequence(algorithm: AlgorithmIdentity) -> hd.AlgorithmIdentificationSequence:

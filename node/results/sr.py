@@ -90,6 +90,8 @@ def _classification_group(
     sources: Sequence[Dataset], findings: Findings, algorithm: AlgorithmIdentity, key: Sequence[int], uid: str
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     alg = algorithm_template(algorithm)
+    if findings.probability is None or findings.threshold is None:
+        raise ResultsError("a classification group needs a probability and a threshold")
     with converting("building the classification group", sources):
         key_images = [hd.sr.SourceImageForMeasurement.from_source_image(sources[i]) for i in key]
         group = hd.sr.MeasurementsAndQualitativeEvaluations(
@@ -144,6 +146,30 @@ def _lesion_volume_group(
         )
 
 
+def _lung_volume_group(
+    seg: Dataset, findings: Findings, algorithm: AlgorithmIdentity, voxel: VoxelSize, uid: str
+) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+    alg = algorithm_template(algorithm)
+    volume_ml = float(findings.lungs.sum()) * voxel.volume_ml
+    with converting("building the lung volume group"):
+        return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=_tracking(uid, "Lungs"),
+            referenced_segment=hd.sr.ReferencedSegment.from_segmentation(seg, int(SegmentNumber.LUNGS)),
+            finding_type=_coded(codes.LUNG),
+            finding_category=_coded(codes.ANATOMICAL_STRUCTURE),
+            finding_sites=[hd.sr.FindingSite(anatomic_location=_coded(codes.LUNG))],
+            algorithm_id=alg,
+            measurements=[
+                hd.sr.Measurement(
+                    name=_coded(codes.VOLUME),
+                    value=volume_ml,
+                    unit=_coded(codes.UNIT_MILLILITER),
+                    algorithm_id=alg,
+                )
+            ],
+        )
+
+
 def _lesion_outline_group(
     source: Dataset, mask: np.ndarray, algorithm: AlgorithmIdentity, voxel: VoxelSize, uid: str
 ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
@@ -182,7 +208,9 @@ def _document(
     series_uid: str,
     sop_uid: str,
     when: dt.datetime,
+    series_version: int,
     predecessors: Sequence[Superseded] = (),
+    series_description: str = codes.SR_SERIES_DESCRIPTION,
 ) -> hd.sr.Comprehensive3DSR:
     previous = [_predecessor(p) for p in predecessors if p.sop_class_uid.startswith(_SR_STORAGE_PREFIX)]
     with converting("building the SR document", sources):
@@ -190,13 +218,13 @@ def _document(
             evidence=list(evidence),
             content=report,
             series_instance_uid=series_uid,
-            series_number=codes.SR_SERIES_NUMBER,
+            series_number=codes.versioned_number(codes.SR_SERIES_NUMBER, series_version),
             sop_instance_uid=sop_uid,
-            instance_number=1,
+            instance_number=max(int(series_version), 1),
             manufacturer=algorithm.manufacturer,
             is_complete=True,
             previous_versions=previous or None,
-            series_description=codes.SR_SERIES_DESCRIPTION,
+            series_description=series_description,
             manufacturer_model_name=algorithm.name,
             software_versions=algorithm.version,
             coding_schemes=[codes.private_coding_scheme()],
@@ -215,13 +243,16 @@ def build_results(
     series_version: int = 1,
     superseded: Sequence[Sequence[str]] = (),
     content_datetime: dt.datetime | None = None,
+    fallback_datetime: dt.datetime | None = None,
 ) -> ResultSet:
     """Return the SR (TID 1500) and SEG (lungs, lesion) for one processed series.
 
     ``sources`` are the series' single-frame CT instances in slice order, the order of the ``findings`` arrays.
-    ``superseded`` lists earlier result objects this version replaces as `Superseded` 4-tuples; SRs among them
-    become the SR's Predecessor Documents, and all are named in a note. The content date/time is
-    ``content_datetime``, else taken from the sources, so the same inputs give the same objects (and UIDs).
+    With a classifier's findings the SR states the pneumonia verdict and probability; measurement-only findings
+    (no probability) give an SR with the lung volume instead and no verdict. ``superseded`` lists earlier result
+    objects this version replaces as `Superseded` 4-tuples; SRs among them become the SR's Predecessor Documents,
+    and all are named in a note. The content date/time is ``content_datetime``, else taken from the sources, else
+    ``fallback_datetime`` (see `content_datetime_of`), so the same inputs give the same objects (and UIDs).
     Raises `ResultsError` naming the problem.
     """
     series_uid = check_sources(sources)
@@ -233,7 +264,7 @@ def build_results(
             f"findings cover {findings.lungs.shape[0]} slices but there are {len(sources)} sources"
         )
     predecessors = _superseded(superseded)
-    when = content_datetime_of(sources, content_datetime)
+    when = content_datetime_of(sources, content_datetime, fallback_datetime)
     voxel = voxel_size(sources)
 
     def uid(kind: ResultKind) -> str:
@@ -248,23 +279,24 @@ def build_results(
         content_datetime=when,
     )
     key = findings.key_slices(KEY_SLICE_COUNT)
-    classification = _classification_group(
-        sources, findings, algorithm, key, uid(ResultKind.TRACKING_CLASSIFICATION)
-    )
     notes = [text_item(codes.COMMENT, codes.NOT_FOR_CLINICAL_USE)]
     notes += [
         text_item(codes.SUPERSEDES, f"SOP Instance {p.sop_instance_uid} (SOP Class {p.sop_class_uid})")
         for p in predecessors
     ]
-    classification[0].ContentSequence.extend(notes)
     groups: list[
         hd.sr.MeasurementsAndQualitativeEvaluations
         | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
         | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
-    ] = [
-        classification,
-        _lesion_volume_group(seg, findings, algorithm, voxel, uid(ResultKind.TRACKING_LESION)),
     ]
+    first: hd.sr.MeasurementsAndQualitativeEvaluations | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+    if findings.classified:
+        first = _classification_group(sources, findings, algorithm, key, uid(ResultKind.TRACKING_CLASSIFICATION))
+    else:
+        first = _lung_volume_group(seg, findings, algorithm, voxel, uid(ResultKind.TRACKING_LUNG_VOLUME))
+    first[0].ContentSequence.extend(notes)
+    groups = [first]
+    groups.append(_lesion_volume_group(seg, findings, algorithm, voxel, uid(ResultKind.TRACKING_LESION)))
     library = list(key)
     if findings.lesion.any():
         roi = _roi_slice(findings, key)
@@ -293,7 +325,11 @@ def build_results(
         series_uid=uid(ResultKind.SR_SERIES),
         sop_uid=uid(ResultKind.SR),
         when=when,
+        series_version=series_version,
         predecessors=predecessors,
+        series_description=(
+            codes.SR_SERIES_DESCRIPTION if findings.classified else codes.LUNG_VOLUME_SR_SERIES_DESCRIPTION
+        ),
     )
     return ResultSet(sr=sr, seg=seg)
 
@@ -306,6 +342,7 @@ def build_skipped_sr(
     *,
     series_version: int = 1,
     content_datetime: dt.datetime | None = None,
+    fallback_datetime: dt.datetime | None = None,
 ) -> Dataset:
     """Return a TID 1500 SR saying, coded, that the AI did not process the series: ``reason`` as a coded value,
     ``detail`` as text, plus the not-for-clinical-use note. Lives in the same SR series as `build_results`' SR,
@@ -317,7 +354,7 @@ def build_skipped_sr(
         raise ResultsError("detail must be a non-empty string")
     series_uid = check_sources(sources)
     sources = with_type2_attributes(sources)
-    when = content_datetime_of(sources, content_datetime)
+    when = content_datetime_of(sources, content_datetime, fallback_datetime)
 
     def uid(kind: ResultKind) -> str:
         return result_uid(series_uid, series_version, algorithm.model_key, kind, algorithm.uid_root)
@@ -336,7 +373,9 @@ def build_skipped_sr(
         group[0].ContentSequence.extend(
             [text_item(codes.SKIP_DETAIL, detail), text_item(codes.COMMENT, codes.NOT_FOR_CLINICAL_USE)]
         )
-        procedure = codes.IMAGING_PROCEDURE if reason is SkipReason.NOT_CT else codes.CT_OF_CHEST
+        # Only a series the node could see is a chest CT is reported as one.
+        chest = reason not in (SkipReason.NOT_CT, SkipReason.OUT_OF_SCOPE, SkipReason.NOT_ORIGINAL_AXIAL)
+        procedure = codes.CT_OF_CHEST if chest else codes.IMAGING_PROCEDURE
         report = hd.sr.MeasurementReport(
             observation_context=observation_context(algorithm),
             procedure_reported=_coded(procedure),
@@ -350,4 +389,5 @@ def build_skipped_sr(
         series_uid=uid(ResultKind.SR_SERIES),
         sop_uid=uid(ResultKind.SKIPPED_SR),
         when=when,
+        series_version=series_version,
     )

@@ -25,10 +25,19 @@ def env(tmp_path):
     engine.dispose()
 
 
+CHEST_CT: list[str] = []  # the path of one real chest CT file, which routing reads the header of
+
+
+@pytest.fixture(autouse=True)
+def chest_header(tmp_path):
+    CHEST_CT[:] = [str(write_ct_series(tmp_path / "header", slices=1, size=16).paths[0])]
+
+
 def make(env, **completion) -> tuple[Index, CompletionSweeper, list]:
+    """A sweeper whose senders complete on release unless ``completion`` says otherwise."""
     engine, clock = env
     config = NodeConfig.model_validate(
-        {"completion": {"stable_seconds": 30, "release_grace_seconds": 1, **completion},
+        {"completion": {"stable_seconds": 30, "release_grace_seconds": 1, "mode": "release", **completion},
          "queue": {"priority_rules": [{"calling_ae": "ER-CT"}]}}
     )
     index = Index(engine, clock=clock)
@@ -38,7 +47,8 @@ def make(env, **completion) -> tuple[Index, CompletionSweeper, list]:
     return index, sweeper, completed
 
 
-def send(index: Index, series: str, zs, *, assoc: str = "a1", calling: str = "CT1", expected=None, path="/x"):
+def send(index: Index, series: str, zs, *, assoc: str = "a1", calling: str = "CT1", expected=None, path=None):
+    path = path or CHEST_CT[0]
     for i, z in enumerate(zs):
         index.record_instance(InstanceRecord(
             sop_uid=f"{series}.{i + 1}", series_uid=series, study_uid="1.2", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
@@ -103,7 +113,7 @@ def test_one_association_per_image_never_completes_early(env):
         index.association_opened(f"a{i}", "CT1", "PACSNODE", "p")
         index.record_instance(InstanceRecord(
             sop_uid=f"5.5.{i}", series_uid="5.5", study_uid="1.2", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-            transfer_syntax_uid="1.2.840.10008.1.2.1", path="/x", size=1, sha256="0" * 64, modality="CT",
+            transfer_syntax_uid="1.2.840.10008.1.2.1", path=CHEST_CT[0], size=1, sha256="0" * 64, modality="CT",
             image_position=f"0\\0\\{i * 2.5}", image_orientation="1\\0\\0\\0\\1\\0", association_id=f"a{i}",
         ))
         index.association_closed(f"a{i}", AssociationState.RELEASED)

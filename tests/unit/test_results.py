@@ -490,14 +490,38 @@ def test_sources_from_two_series_are_refused(sources: list[Dataset], findings: F
         build_results(mixed, findings, ALGORITHM)
 
 
-def test_highdicom_errors_are_converted_without_patient_data(sources: list[Dataset]) -> None:
+@pytest.mark.parametrize(
+    ("keyword", "value"),
+    [
+        ("PatientSex", "Q"),  # not an enumerated value (highdicom refused it and echoed it)
+        ("PatientSex", ["M", "F"]),
+        ("PatientBirthDate", "19950000"),
+        ("PatientBirthDate", "1995"),
+        ("PatientBirthDate", "1995-01-01"),
+        ("PatientBirthDate", "garbage!"),
+        ("StudyDate", "20251399"),
+        ("StudyTime", "256199"),
+        ("PatientAge", "forty"),
+        ("AccessionNumber", "X" * 40),
+    ],
+)
+def test_a_malformed_source_attribute_never_loses_the_result(
+    sources: list[Dataset], findings: Findings, keyword: str, value: object, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(pydicom.config.settings, "writing_validation_mode", pydicom.config.IGNORE)
     broken = copy.deepcopy(sources)
     for ds in broken:
-        ds.PatientSex = "Q"  # not an enumerated value: highdicom refuses it and echoes the value
-    with pytest.raises(ResultsError, match="SR document") as caught:
-        build_skipped_sr(broken, SkipReason.NOT_CT, "detail", ALGORITHM)
-    assert isinstance(caught.value.__cause__, ValueError)
-    assert "'Q'" in str(caught.value.__cause__) and "'Q'" not in str(caught.value)
+        setattr(ds, keyword, value)
+    built_objects = [build_skipped_sr(broken, SkipReason.NOT_CT, "detail", ALGORITHM),
+                     build_results(broken, findings, ALGORITHM).sr, build_results(broken, findings, ALGORITHM).seg]
+    monkeypatch.setattr(pydicom.config.settings, "reading_validation_mode", pydicom.config.RAISE)
+    monkeypatch.setattr(pydicom.config.settings, "writing_validation_mode", pydicom.config.RAISE)
+    for built in built_objects:
+        assert str(built.get(keyword, "")) in ("", str(sources[0].get(keyword, "")))  # blanked, never copied bad
+        path = tmp_path / f"{keyword}.dcm"
+        built.save_as(path, enforce_file_format=True)
+        pydicom.dcmread(path)  # strict reading: every value valid for its VR
 
 
 def test_absent_type2_patient_attributes_still_give_a_skipped_sr(

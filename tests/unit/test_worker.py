@@ -3,6 +3,7 @@ PACS sender replaced at their seams (a fixed-output runner; a sender that record
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import highdicom as hd
@@ -10,17 +11,19 @@ import numpy as np
 import pydicom
 import pytest
 
+from models.errors import ModelError
 from node.config import DestinationKind, NodeConfig, Priority
 from node.db import create_engine_for, init_schema
 from node.dispatch import Dispatcher
 from node.index import Index
 from node.ingest import Ingestor, Origin
+from node.pipelines import Classification, ModelRunner, Segmentation
 from node.queue import JobQueue, jobs
-from node.results import AlgorithmIdentity, Findings, SkipReason
+from node.results import AlgorithmIdentity, SkipReason
 from node.senders import Sender
 from node.spool import Spool
 from node.states import JobState
-from node.worker import ModelRunner, Worker, results
+from node.worker import Worker, results
 from tests.ctgen import write_ct_series
 from tests.dicomfiles import dataset_bytes
 
@@ -35,18 +38,21 @@ class FixedRunner(ModelRunner):
         self.fail = fail
         self.calls = 0
 
-    def run(self, volume):
+    def segment(self, volume):
         self.calls += 1
         if self.fail:
-            raise RuntimeError("model exploded")
+            raise ModelError("model exploded")
         n, rows, cols = volume.shape
         lungs = np.zeros(volume.shape, bool)
         lungs[:, rows // 4 : 3 * rows // 4, cols // 4 : 3 * cols // 4] = True
         lesion = np.zeros(volume.shape, bool)
         lesion[n // 2 - 1 : n // 2 + 2, rows // 3 : rows // 2, cols // 3 : cols // 2] = True
+        return Segmentation(lungs=lungs, lesion=lesion)
+
+    def classify(self, volume):
+        n = volume.shape[0]
         attention = np.linspace(0, 1, n)
-        return Findings(probability=self.probability, threshold=0.5, attention=attention / attention.sum(),
-                        lungs=lungs, lesion=lesion)
+        return Classification(probability=self.probability, threshold=0.5, attention=attention / attention.sum())
 
 
 class RecordingSender(Sender):
@@ -62,7 +68,7 @@ def node(tmp_path):
     config = NodeConfig.model_validate({
         "node": {"data_dir": str(tmp_path / "data")},
         "queue": {"max_attempts": 2, "retry_delay_seconds": 0},
-        "gate": {"min_slices": 8},
+        "gate": {"min_slices": 8, "scope_check": False},  # the fixed runner's masks are no real lungs
         "destinations": [{"name": "pacs", "kind": "dimse", "ae_title": "PACS", "host": "127.0.0.1", "port": 104}],
     })
     engine = create_engine_for(f"sqlite:///{tmp_path / 'node.db'}")
@@ -151,10 +157,24 @@ def test_new_version_supersedes_the_old_results(node, tmp_path):
     worker.run_pending()
     with engine.connect() as conn:
         rows = {(r.version, r.kind): r for r in conn.execute(results.select())}
-    assert set(rows) == {(1, "sr"), (1, "seg"), (2, "sr"), (2, "seg")}
+    assert set(rows) == {(1, "sr"), (1, "seg"), (2, "sr"), (2, "seg"), (2, "kos")}
     assert rows[(1, "sr")].sop_uid != rows[(2, "sr")].sop_uid
     assert rows[(1, "sr")].result_series_uid != rows[(2, "sr")].result_series_uid
     new_sr = pydicom.dcmread(rows[(2, "sr")].path)
+    old_sr = pydicom.dcmread(rows[(1, "sr")].path)
+    assert (new_sr.SeriesNumber, new_sr.InstanceNumber) == (old_sr.SeriesNumber + 10, 2)
+    # the IOCM rejection note withdraws exactly the version-1 objects, and goes out with version 2
+    kos = pydicom.dcmread(rows[(2, "kos")].path)
+    assert kos.ConceptNameCodeSequence[0].CodeValue == "113001"
+    rejected = {
+        sop.ReferencedSOPInstanceUID
+        for study in kos.CurrentRequestedProcedureEvidenceSequence
+        for ser in study.ReferencedSeriesSequence
+        for sop in ser.ReferencedSOPSequence
+    }
+    assert rejected == {rows[(1, "sr")].sop_uid, rows[(1, "seg")].sop_uid}
+    delivery = [d for d in dispatcher.for_series(series.series_uid) if d.version == 2][0]
+    assert json.loads(delivery.files) == [rows[(2, k)].path for k in ("sr", "seg", "kos")]
     predecessors = [
         sop.ReferencedSOPInstanceUID
         for study in new_sr.PredecessorDocumentsSequence

@@ -1,0 +1,54 @@
+"""The pipeline contract and the scope check the chest pipelines share."""
+
+from __future__ import annotations
+
+import datetime as dt
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import numpy as np
+from pydicom import Dataset
+
+from models.preprocess import Volume
+from node.config import GateSection, PipelineName
+from node.gate import GateRefusal
+from node.pipelines.runner import ModelRunner
+from node.results import AlgorithmIdentity, Findings, SkipReason
+
+
+class Pipeline(ABC):
+    """A named model pipeline. `analyse` runs the models and returns `Findings` or a `GateRefusal` (never a
+    verdict on a volume outside the model's scope); `build` returns the result objects as (kind, dataset)."""
+
+    name: PipelineName
+
+    @abstractmethod
+    def algorithm(self, runner: ModelRunner) -> AlgorithmIdentity:
+        """Who made this pipeline's results (result UIDs derive from it, so pipelines never share UIDs)."""
+
+    @abstractmethod
+    def analyse(self, volume: Volume, runner: ModelRunner, settings: GateSection) -> Findings | GateRefusal: ...
+
+    @abstractmethod
+    def build(
+        self,
+        sources: Sequence[Dataset],
+        findings: Findings,
+        algorithm: AlgorithmIdentity,
+        *,
+        series_version: int,
+        superseded: Sequence[Sequence[str]],
+        fallback_datetime: dt.datetime,
+    ) -> list[tuple[str, Dataset]]: ...
+
+
+def chest_scope_refusal(volume: Volume, lungs: np.ndarray, settings: GateSection) -> GateRefusal | None:
+    """A refusal when the image is not a chest CT the models can judge (`models.scope`), else None."""
+    if not settings.scope_check:
+        return None
+    from models.scope import assess_chest_scope
+
+    verdict = assess_chest_scope(volume, lungs)
+    if verdict.in_scope:
+        return None
+    return GateRefusal(SkipReason.OUT_OF_SCOPE, f"outside the model's scope: {verdict.reason}"[:200])

@@ -1,0 +1,38 @@
+"""The pneumonia pipeline: U-Net → chest-scope check → classifier; a TID 1500 SR with the verdict and a SEG."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+
+from pydicom import Dataset
+
+from models.preprocess import Volume
+from node.config import GateSection, PipelineName
+from node.gate import GateRefusal
+from node.pipelines.base import Pipeline, chest_scope_refusal
+from node.pipelines.runner import ModelRunner
+from node.results import AlgorithmIdentity, Findings, build_results
+
+
+class PneumoniaPipeline(Pipeline):
+    name = PipelineName.PNEUMONIA
+
+    def algorithm(self, runner: ModelRunner) -> AlgorithmIdentity:
+        return runner.algorithm
+
+    def analyse(self, volume: Volume, runner: ModelRunner, settings: GateSection) -> Findings | GateRefusal:
+        seg = runner.segment(volume)
+        refusal = chest_scope_refusal(volume, seg.lungs, settings)
+        if refusal is not None:
+            return refusal  # no classifier call: a volume outside the scope never gets a probability
+        cls = runner.classify(volume)
+        return Findings(probability=cls.probability, threshold=cls.threshold, attention=cls.attention,
+                        lungs=seg.lungs, lesion=seg.lesion)
+
+    def build(self, sources: Sequence[Dataset], findings: Findings, algorithm: AlgorithmIdentity, *,
+              series_version: int, superseded: Sequence[Sequence[str]],
+              fallback_datetime: dt.datetime) -> list[tuple[str, Dataset]]:
+        built = build_results(sources, findings, algorithm, series_version=series_version, superseded=superseded,
+                              fallback_datetime=fallback_datetime)
+        return [("sr", built.sr)] + ([("seg", built.seg)] if built.seg is not None else [])
