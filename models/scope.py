@@ -1,0 +1,246 @@
+"""Is this volume a chest CT the models can judge? Decided from the image and the U-Net's lung mask, never headers.
+
+:func:`assess_chest_scope` returns a :class:`ScopeVerdict`; it reads only ``volume.hu``, ``volume.spacing`` and
+``volume.orientation`` (geometry is needed to measure in mm), so a missing or lying BodyPartExamined changes
+nothing. The ``reason`` is a short sentence of measured numbers for a "not processed" report: it never quotes a
+DICOM attribute value, so it carries no PHI.
+
+How it measures (on a working grid of ~2 mm pixels, block means of the source pixels):
+
+- *coherence*: the Pearson correlation of horizontally neighbouring pixels. Anatomy is smooth at 2 mm, so CT
+  gives 0.95–1.0; white noise gives ~0.
+- *body*: voxels above -500 HU, opened with a 3×3 square per slice (drops speckle), connected in 3-D; every
+  component at least 5 % of the largest is kept (two legs, arms beside a chest), holes are filled per slice, so
+  the lungs, being enclosed by the chest wall, are part of the body. ``body_border_fraction`` is the share of the
+  image border covered by body: a field of view that cuts through the trunk (a small reconstruction circle, a
+  crop) or noise covers most of it.
+- *head*: a slice is head-like when a closed ring of bone (>300 HU) encloses at least 20 % of the body's
+  cross-section and the enclosed region is ≥60 % 0…80 HU (brain, CSF) with <5 % air.
+- *lungs*: only the part of the U-Net lung mask inside the body counts (it also marks table foam and air around
+  limbs); its volume, the share of it aerated (below -500 HU; the median is reported too), its cranio-caudal
+  extent (slices holding ≥1 cm² of lung × slice spacing), the smaller side's share of it (left/right of the
+  body's centre on each slice), and its share of the body's volume on the slices that hold lung.
+
+Thresholds (:class:`ScopeSettings`; the node config may expose them), measured with
+``benchmarks/scope_corpus.py`` on 60 chest phantoms from ``training.phantom.generate_dataset`` (128–384 px,
+24–96 slices, half pneumonia, subtle single faint lesions among them), 40 non-chest phantoms of each region
+from ``training.phantom.anatomy`` (head, abdomen with and without lung bases, pelvis, knee, noise) and real
+pydicom/pydicom-data CT slices restacked into volumes (a chest crop around the spine, two heads, a neck/upper
+abdomen crop). Numbers below are (chest phantoms) vs. (non-chest), the threshold sits between with margin:
+
+- pixel correlation ≥ 0.5: chest 0.95–0.99; uniform and Gaussian noise -0.01–0.01.
+- body ≥ 1000 mL and ≤ 50 % of the image border: chest 11–22 L, border 0 %; smoothed noise ~70 %, the real
+  restacked crops (CT_small 85 mm field of view, bad_sequence 147 mm) 63–66 %.
+- head-like slices ≤ 30 %: chest 0 %; head phantoms 70–80 %, the real restacked head 100 %.
+- lungs inside the body 1000–12000 mL: chest 2.2–5.8 L; non-chest ≤ 0.3 L (mastoid air cells and sinuses of
+  a real head, lung bases of an abdominal phantom). Adults' lungs hold 3–7 L at CT, so small children, whom the
+  model was never trained on, are outside the scope.
+- aerated share ≥ 0.5 (median below -500 HU): chest ≥ 0.93 with pneumonia; a real chest crop's "lungs" 0.14.
+- lung extent ≥ 100 mm on ≥ 3 slices: chest ≥ 220 mm. A series covering only part of the chest (the lung
+  bases above an abdomen: 20–60 mm, ≤ 0.3 L) is outside the scope: pneumonia elsewhere in the lungs could not
+  be seen, so a "no pneumonia" verdict would mislead. A series holding ≥ 1 L of lung over ≥ 100 mm (e.g. upper
+  half of a chest) is judged.
+- smaller side ≥ 5 % of the lung: chest 45–50 %. Kept low so a lung mostly consolidated on one side still
+  passes; a single air pocket on one side does not.
+- lung ≥ 5 % of the body on lung-bearing slices: chest 0.20–0.33; catches a large body with small air pockets.
+- slice normal within ~37° of the body axis (|cos| ≥ 0.8): the models read axial slices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+from models.preprocess import Volume
+
+WORK_MM = 2.0  # working grid pixel size; the measures need anatomy, not detail
+BODY_HU = -500.0  # above: tissue; below: air and lung
+BONE_HU = 300.0
+BRAIN_HU = (0.0, 80.0)
+AIR_HU = -500.0
+LUNG_SLICE_MIN_MM2 = 100.0  # a slice "holds lung" from 1 cm² on
+HEAD_SLICE_MIN_MM2 = 2000.0  # slices with less body than 20 cm² are not judged head-like or not
+
+
+@dataclass(frozen=True)
+class ScopeSettings:
+    """The thresholds of :func:`assess_chest_scope` (see the module docstring for how they were measured)."""
+
+    min_pixel_correlation: float = 0.5
+    min_body_ml: float = 1000.0
+    max_body_border_fraction: float = 0.5
+    max_head_slice_fraction: float = 0.3
+    min_lung_ml: float = 1000.0
+    max_lung_ml: float = 12000.0
+    min_aerated_fraction: float = 0.5
+    min_lung_extent_mm: float = 100.0
+    min_lung_slices: int = 3
+    min_side_share: float = 0.05
+    min_lung_body_ratio: float = 0.05
+    min_axial_cosine: float = 0.8
+
+    def __post_init__(self) -> None:
+        for name in ("min_pixel_correlation", "max_body_border_fraction", "max_head_slice_fraction",
+                     "min_aerated_fraction", "min_side_share", "min_lung_body_ratio", "min_axial_cosine"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"ScopeSettings.{name} must be in [0, 1], got {v}")
+        for name in ("min_body_ml", "min_lung_ml", "min_lung_extent_mm"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"ScopeSettings.{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_lung_ml <= self.min_lung_ml:
+            raise ValueError(f"ScopeSettings.max_lung_ml ({self.max_lung_ml}) must exceed min_lung_ml ({self.min_lung_ml})")
+        if self.min_lung_slices < 1:
+            raise ValueError(f"ScopeSettings.min_lung_slices must be >= 1, got {self.min_lung_slices}")
+
+
+@dataclass(frozen=True)
+class ScopeVerdict:
+    """``in_scope``; ``reason``: one sentence, why not (or what was found); ``measures``: the numbers behind it."""
+
+    in_scope: bool
+    reason: str
+    measures: dict[str, float] = field(default_factory=dict)
+
+
+def _block_mean(a: np.ndarray, fy: int, fx: int) -> np.ndarray:
+    """(s, r, c) → (s, r // fy, c // fx) block means in float32 (the remainder rows/columns are dropped)."""
+    s, r, c = a.shape
+    r2, c2 = r // fy * fy, c // fx * fx
+    if (fy, fx) == (1, 1):
+        return a.astype(np.float32, copy=False)
+    out = np.empty((s, r2 // fy, c2 // fx), dtype=np.float32)
+    for k in range(s):  # slice by slice: bounded memory on large series
+        out[k] = a[k, :r2, :c2].reshape(r2 // fy, fy, c2 // fx, fx).mean(axis=(1, 3), dtype=np.float32)
+    return out
+
+
+def _pixel_correlation(h: np.ndarray) -> float:
+    a, b = h[:, :, :-1].astype(np.float64), h[:, :, 1:].astype(np.float64)
+    a -= a.mean()
+    b -= b.mean()
+    denom = float(np.sqrt((a * a).sum() * (b * b).sum()))
+    return 1.0 if denom == 0.0 else float((a * b).sum() / denom)  # a constant image is perfectly coherent
+
+
+def _body(h: np.ndarray) -> np.ndarray:
+    tissue = ndimage.binary_opening(h > BODY_HU, structure=np.ones((1, 3, 3), bool))
+    labels, n = ndimage.label(tissue)
+    if n == 0:
+        return tissue
+    sizes = np.bincount(labels.ravel())[1:]
+    body = np.isin(labels, np.flatnonzero(sizes >= 0.05 * sizes.max()) + 1)
+    return np.stack([ndimage.binary_fill_holes(s) for s in body])
+
+
+def _head_like(h: np.ndarray, body: np.ndarray, px_mm2: float) -> tuple[int, int]:
+    """(head-like slices, slices with enough body to judge)."""
+    judged = head = 0
+    for k in range(h.shape[0]):
+        area = int(body[k].sum())
+        if area * px_mm2 < HEAD_SLICE_MIN_MM2:
+            continue
+        judged += 1
+        bone = h[k] > BONE_HU
+        enclosed = ndimage.binary_fill_holes(bone) & ~bone
+        if enclosed.sum() < 0.2 * area:
+            continue
+        v = h[k][enclosed]
+        if ((v >= BRAIN_HU[0]) & (v <= BRAIN_HU[1])).mean() >= 0.6 and (v < AIR_HU).mean() < 0.05:
+            head += 1
+    return head, judged
+
+
+def measure(volume: Volume, lungs: np.ndarray) -> dict[str, float]:
+    """The measures :func:`assess_chest_scope` decides on (see the module docstring). Raises ValueError when
+    ``lungs`` is not a mask shaped like ``volume.hu``."""
+    if lungs.shape != volume.hu.shape:
+        raise ValueError(f"lungs must be shaped like volume.hu {volume.hu.shape}, got {lungs.shape}")
+    dz, dy, dx = (float(v) for v in volume.spacing)
+    ori = np.asarray(volume.orientation, dtype=float)
+    row_dir, col_dir = ori[:3], ori[3:]
+    normal = np.cross(row_dir, col_dir)
+    fy, fx = max(1, round(WORK_MM / dy)), max(1, round(WORK_MM / dx))
+    h = _block_mean(volume.hu, fy, fx)
+    lung = _block_mean(lungs.astype(np.uint8), fy, fx) >= 0.5
+    px_mm2 = dy * fy * dx * fx
+    vox_ml = px_mm2 * dz / 1000.0
+
+    m: dict[str, float] = {"axial_cosine": float(abs(normal[2]))}
+    m["pixel_correlation"] = _pixel_correlation(h)
+    body = _body(h)
+    m["body_ml"] = float(body.sum()) * vox_ml
+    edges = np.concatenate([body[:, 0, :], body[:, -1, :], body[:, :, 0], body[:, :, -1]], axis=1)
+    m["body_border_fraction"] = float(edges.mean())
+    head, judged = _head_like(h, body, px_mm2)
+    m["head_slice_fraction"] = head / judged if judged else 0.0
+
+    inside = lung & body
+    m["lung_segmented_ml"] = float(lung.sum()) * vox_ml
+    m["lung_ml"] = float(inside.sum()) * vox_ml
+    values = h[inside]
+    m["lung_median_hu"] = float(np.median(values)) if values.size else 0.0
+    m["lung_aerated_fraction"] = float((values < AIR_HU).mean()) if values.size else 0.0
+    per_slice = inside.sum(axis=(1, 2))
+    holds = per_slice * px_mm2 >= LUNG_SLICE_MIN_MM2
+    m["lung_slices"] = float(holds.sum())
+    m["lung_extent_mm"] = float(holds.sum()) * dz
+    m["lung_body_ratio"] = float(inside[holds].sum() / max(1, body[holds].sum()))
+    # Lateral = the in-plane image axis closest to the patient's left-right axis.
+    lateral_axis = 2 if abs(row_dir[0]) >= abs(col_dir[0]) else 1
+    n_lat = h.shape[lateral_axis]
+    coord = np.arange(n_lat, dtype=np.float64)
+    sides = np.zeros(2)
+    across = 2 - lateral_axis  # the slice's other in-plane axis, summed over for a lateral profile
+    for k in np.flatnonzero(holds):
+        b_prof = body[k].sum(axis=across)
+        centre = float((b_prof * coord).sum() / max(1, b_prof.sum()))
+        l_prof = inside[k].sum(axis=across)
+        sides += (l_prof[coord < centre].sum(), l_prof[coord >= centre].sum())
+    m["lung_side_share"] = float(sides.min() / sides.sum()) if sides.sum() else 0.0
+    return m
+
+
+def assess_chest_scope(volume: Volume, lungs: np.ndarray, settings: ScopeSettings | None = None) -> ScopeVerdict:
+    """Whether ``volume`` is a chest CT the models can judge, given the U-Net's boolean lung mask ``lungs`` (shaped
+    like ``volume.hu``). The first failing check names the reason. Raises ValueError for a mis-shaped mask."""
+    s = settings or ScopeSettings()
+    m = measure(volume, lungs)
+
+    def out(reason: str) -> ScopeVerdict:
+        return ScopeVerdict(False, reason, m)
+
+    if m["axial_cosine"] < s.min_axial_cosine:
+        return out(f"not an axial series: slices lie {np.degrees(np.arccos(m['axial_cosine'])):.0f}° off axial, "
+                   f"the models read axial slices")
+    if m["pixel_correlation"] < s.min_pixel_correlation:
+        return out(f"no coherent image, like random noise: neighbouring pixels correlate {m['pixel_correlation']:.2f}, "
+                   f"at least {s.min_pixel_correlation:.2f} expected")
+    if m["body_border_fraction"] > s.max_body_border_fraction:
+        return out(f"no whole body cross-section: tissue covers {100 * m['body_border_fraction']:.0f}% of the image "
+                   f"border, at most {100 * s.max_body_border_fraction:.0f}% expected, as in a cropped field of view or noise")
+    if m["body_ml"] < s.min_body_ml:
+        return out(f"no body found: {m['body_ml']:.0f} mL above {BODY_HU:.0f} HU, at least {s.min_body_ml:.0f} mL expected")
+    if m["head_slice_fraction"] > s.max_head_slice_fraction:
+        return out(f"looks like a head: a skull ring around brain-density tissue on "
+                   f"{100 * m['head_slice_fraction']:.0f}% of slices")
+    if m["lung_ml"] < s.min_lung_ml:
+        return out(f"no lungs found: {m['lung_ml']:.0f} mL segmented inside the body, at least {s.min_lung_ml:.0f} mL expected")
+    if m["lung_aerated_fraction"] < s.min_aerated_fraction:
+        return out(f"the segmented lungs are not air-filled: median {m['lung_median_hu']:.0f} HU, "
+                   f"{100 * m['lung_aerated_fraction']:.0f}% below {AIR_HU:.0f} HU "
+                   f"(at least {100 * s.min_aerated_fraction:.0f}% expected)")
+    if m["lung_ml"] > s.max_lung_ml:
+        return out(f"implausible lungs: {m['lung_ml']:.0f} mL segmented, at most {s.max_lung_ml:.0f} mL expected")
+    if m["lung_extent_mm"] < s.min_lung_extent_mm or m["lung_slices"] < s.min_lung_slices:
+        return out(f"only part of the chest: lungs on {m['lung_slices']:.0f} slices over {m['lung_extent_mm']:.0f} mm, "
+                   f"at least {s.min_lung_slices} slices and {s.min_lung_extent_mm:.0f} mm expected")
+    if m["lung_side_share"] < s.min_side_share:
+        return out(f"lungs on one side only: the other side holds {100 * m['lung_side_share']:.1f}% of them, "
+                   f"at least {100 * s.min_side_share:.0f}% expected")
+    if m["lung_body_ratio"] < s.min_lung_body_ratio:
+        return out(f"too little lung for a chest: {100 * m['lung_body_ratio']:.1f}% of the body on lung slices, "
+                   f"at least {100 * s.min_lung_body_ratio:.0f}% expected")
+    return ScopeVerdict(True, f"chest CT: {m['lung_ml']:.0f} mL of aerated lung over {m['lung_extent_mm']:.0f} mm", m)
