@@ -7,7 +7,7 @@ import pydicom
 import pytest
 
 from node.completion import CompletionReason, CompletionSweeper
-from node.config import NodeConfig, PriorityRule
+from node.config import NodeConfig, PipelineName, PriorityRule, Route
 from node.db import create_engine_for, init_schema
 from node.index import Index, InstanceRecord
 from node.queue import JobQueue, jobs
@@ -182,3 +182,114 @@ def test_an_instance_arriving_mid_decision_keeps_the_series_open(env):
     sweeper._complete = racing_complete
     assert sweeper.sweep() == []
     assert index.get_series("5.11").state == SeriesState.RECEIVING
+
+
+def batches(index: Index, clock, series: str, chunks, pause: float, *, calling: str = "CT1", first: int = 0) -> None:
+    """Send ``series`` as several associations (``chunks`` of z positions), ``pause`` seconds apart."""
+    for n, zs in enumerate(chunks, start=first):
+        index.association_opened(f"{series}-a{n}", calling, "PACSNODE", "p")
+        for z in zs:
+            index.record_instance(InstanceRecord(
+                sop_uid=f"{series}.{int(z * 10)}", series_uid=series, study_uid="1.2",
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.2", transfer_syntax_uid="1.2.840.10008.1.2.1",
+                path=CHEST_CT[0], size=1, sha256=f"{int(z * 10):064d}", modality="CT", image_position=f"0\\0\\{z}",
+                image_orientation="1\\0\\0\\0\\1\\0", frame_of_reference_uid="1.9", calling_ae=calling,
+                association_id=f"{series}-a{n}",
+            ))
+        index.association_closed(f"{series}-a{n}", AssociationState.RELEASED)
+        clock.now += pause
+
+
+def test_by_default_a_series_sent_in_three_associations_gives_one_version(env):
+    index, sweeper, completed = make(env, mode="quiet")
+    _, clock = env
+    zs = [i * 2.5 for i in range(54)]
+    for n in range(3):
+        batches(index, clock, "6.1", [zs[n * 18:(n + 1) * 18]], 0, first=n)
+        clock.now += 5  # a few seconds between the chunks: every sweep in between completes nothing
+        assert sweeper.sweep() == []
+    clock.now += 25
+    assert sweeper.sweep() == [("6.1", 1, CompletionReason.QUIET_TIMER)]
+    assert completed == [("6.1", 1)] and index.get_series("6.1").instance_count == 54
+
+
+def test_a_release_profile_completes_its_sender_early_and_only_its_sender(env):
+    index, sweeper, _ = make(env, mode="quiet", senders=[{"calling_ae": "CT-FAST", "mode": "release",
+                                                          "release_grace_seconds": 2}])
+    _, clock = env
+    batches(index, clock, "6.2", [[i * 2.5 for i in range(20)]], 0, calling="CT-FAST")
+    batches(index, clock, "6.3", [[i * 2.5 for i in range(20)]], 0, calling="CT-OTHER")
+    clock.now += 1
+    assert sweeper.sweep() == []  # within CT-FAST's grace
+    clock.now += 1
+    assert sweeper.sweep() == [("6.2", 1, CompletionReason.CONTIGUOUS_RELEASED)]
+    clock.now += 28
+    assert sweeper.sweep() == [("6.3", 1, CompletionReason.QUIET_TIMER)]
+
+
+def test_a_sender_profile_can_set_its_own_quiet_timer(env):
+    index, sweeper, _ = make(env, mode="quiet", senders=[{"calling_ae": "SLOW-PACS", "stable_seconds": 120}])
+    _, clock = env
+    batches(index, clock, "6.4", [[0, 2.5, 5.0]], 0, calling="SLOW-PACS")
+    clock.now += 60
+    assert sweeper.sweep() == []
+    clock.now += 60
+    assert [r for _, _, r in sweeper.sweep()] == [CompletionReason.QUIET_TIMER]
+
+
+def test_a_known_expected_count_not_reached_holds_completion_back(env):
+    index, sweeper, _ = make(env, expected_count_timeout_seconds=600)
+    _, clock = env
+    index.association_opened("a1", "CT1", "PACSNODE", "p")
+    send(index, "6.5", [i * 2.5 for i in range(150)], expected=200)
+    index.association_closed("a1", AssociationState.RELEASED)
+    clock.now += 120  # released, evenly spaced, quiet for 4 × stable_seconds: still 150 of 200
+    assert sweeper.sweep() == []
+    index.association_opened("a2", "CT1", "PACSNODE", "p")
+    send(index, "6.5", [i * 2.5 for i in range(200)], expected=200, assoc="a2")
+    assert sweeper.sweep() == [("6.5", 1, CompletionReason.EXPECTED_COUNT)]  # one version, all 200
+
+
+def test_an_expected_count_that_never_comes_completes_after_its_timeout(env):
+    index, sweeper, _ = make(env, expected_count_timeout_seconds=600)
+    _, clock = env
+    index.association_opened("a1", "CT1", "PACSNODE", "p")
+    send(index, "6.6", [i * 2.5 for i in range(150)], expected=200)
+    clock.now += 599
+    assert sweeper.sweep() == []
+    clock.now += 1
+    assert sweeper.sweep() == [("6.6", 1, CompletionReason.EXPECTED_COUNT_TIMEOUT)]
+
+
+def test_an_ignored_series_gets_no_job_and_is_routed_again_when_it_grows(env, tmp_path):
+    index, sweeper, completed = make(env)
+    engine, clock = env
+    head = pydicom.dcmread(CHEST_CT[0])
+    head.BodyPartExamined = "HEAD"
+    head_path = tmp_path / "head.dcm"
+    head.save_as(head_path, enforce_file_format=True)
+    index.association_opened("a1", "CT1", "PACSNODE", "p")
+    send(index, "6.7", [i * 2.5 for i in range(5)], path=str(head_path))
+    clock.now += 30
+    assert sweeper.sweep() == [] and completed == []
+    row = index.get_series("6.7")
+    assert (row.state, row.route, row.version) == (SeriesState.IGNORED, "everything-else", 0)
+    with engine.connect() as conn:
+        assert conn.execute(jobs.select()).first() is None
+    send(index, "6.7", [i * 2.5 for i in range(6)], path=str(head_path))
+    assert index.get_series("6.7").state == SeriesState.REOPENED
+    clock.now += 30
+    sweeper.sweep()
+    assert index.get_series("6.7").state == SeriesState.IGNORED and index.route_counts() == {"everything-else": 1}
+
+
+def test_the_routed_pipeline_is_queued_with_the_job(env):
+    index, sweeper, _ = make(env, early=True)
+    engine, clock = env
+    sweeper.apply_config(sweeper.config.model_copy(update={"routes": (
+        Route(name="volumes", pipeline=PipelineName.LUNG_VOLUME),
+    )}))
+    send(index, "6.8", [0, 2.5, 5.0], expected=3)
+    assert [v for _, v, _ in sweeper.sweep()] == [1]
+    job = JobQueue(engine, sweeper.config.queue, clock=clock).claim("w")
+    assert job.pipeline is PipelineName.LUNG_VOLUME and index.get_series("6.8").route == "volumes"
