@@ -13,6 +13,10 @@ Contract: ``generate_dataset(out, cases=N, seed=S)`` writes, for each case ``CAS
 Same arguments → same bytes (UIDs derive from the seed, dates are fixed, no wall clock). Everything is
 synthetic and labelled so: patient names ``PHANTOM^CASE0001``, "not for clinical use" in SeriesDescription and
 ImageComments. Raises :class:`PhantomError` for bad arguments or an unwritable output folder.
+
+Series the chest models must refuse: :mod:`training.phantom.anatomy` renders head, abdomen, pelvis, knee and noise
+volumes (``generate_region``), :mod:`training.phantom.restack` turns one real CT slice into a series
+(``restack_slice``).
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from training.phantom.anatomy import REGIONS, RegionCase, generate_region, render_region, write_region
 from training.phantom.dicom import load_masks, write_masks, write_series
 from training.phantom.render import render_case
+from training.phantom.restack import restack_slice
 from training.phantom.spec import (
     GENERATOR_VERSION,
     NOT_FOR_CLINICAL_USE,
@@ -47,14 +53,20 @@ __all__ = [
     "CaseSpec",
     "Lesion",
     "PhantomError",
+    "REGIONS",
+    "RegionCase",
     "Tissue",
     "draw_case",
     "generate_case",
     "generate_dataset",
+    "generate_region",
     "load_masks",
     "parse_range",
     "render_case",
+    "render_region",
+    "restack_slice",
     "write_masks",
+    "write_region",
     "write_series",
 ]
 
