@@ -104,21 +104,27 @@ def cmd_status(args: argparse.Namespace) -> int:
         deliveries.setdefault(destination, {})[state] = n
     report = {
         "series": index.series_counts(),
+        "routes": index.route_counts(),
         "jobs": queue.counts(),
         "deliveries": deliveries,
         "job_errors": [dict(r._mapping) for r in queue.last_errors(args.errors)],
         "delivery_errors": [dict(r._mapping) for r in dispatcher.last_errors(args.errors)],
+        "alerts": [dict(r._mapping) for r in queue.unreported(args.errors)],
     }
     if args.json:
         print(json.dumps(report, indent=2, default=str))
         return 0
     print(f"node {config.node.ae_title}  database {config.redacted()['database']['effective_url']}")
     print("series:     " + (", ".join(f"{k} {v}" for k, v in sorted(report["series"].items())) or "none"))
+    print("routes:     " + (", ".join(f"{k} {v}" for k, v in sorted(report["routes"].items())) or "none"))
     print("jobs:       " + (", ".join(f"{k} {v}" for k, v in sorted(report["jobs"].items())) or "none"))
     if not deliveries:
         print("deliveries: none")
     for destination, states in deliveries.items():
         print(f"deliveries to {destination}: " + ", ".join(f"{k} {v}" for k, v in sorted(states.items())))
+    for row in report["alerts"]:
+        print(f"ALERT job {row['id']} dead, series {row['series_uid']} v{row['version']}: no result and no "
+              f"'processing failed' report reached the PACS queue ({row['last_error']})")
     for row in report["job_errors"]:
         print(f"job {row['id']} {row['state']} series {row['series_uid']} v{row['version']}: "
               f"{row['skip_reason'] or ''} {row['last_error']}")

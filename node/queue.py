@@ -215,6 +215,25 @@ class JobQueue:
             )
             return list(conn.execute(stmt))
 
+    def unreported(self, limit: int = 10) -> list[sa.Row[Any]]:
+        """Dead jobs for which no result object at all was recorded (not even a "processing failed" report):
+        the PACS was told nothing, so an admin must look (shown as alerts by `pacsnode status`)."""
+        stmt = sa.select(jobs.c.id, jobs.c.series_uid, jobs.c.version, jobs.c.pipeline, jobs.c.last_error).where(
+            jobs.c.state == JobState.DEAD
+        )
+        if sa.inspect(self.engine).has_table("results"):  # node.worker's table; absent until a worker ran
+            stored = sa.table("results", sa.column("series_uid"), sa.column("version"))
+            stmt = stmt.where(
+                ~sa.exists().where(stored.c.series_uid == jobs.c.series_uid, stored.c.version == jobs.c.version)
+            )
+        with self.engine.connect() as conn:
+            stmt = (
+                stmt
+                .order_by(jobs.c.id.desc())
+                .limit(limit)
+            )
+            return list(conn.execute(stmt))
+
     # -- plumbing -------------------------------------------------------------------------------------------
     def _held(self, job: Job, worker_id: str) -> sa.Update:
         return jobs.update().where(

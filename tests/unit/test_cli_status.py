@@ -56,9 +56,22 @@ def test_status_and_retry(tmp_path):
     assert report["jobs"] == {"dead": 1}
     assert report["deliveries"] == {"pacs": {"dead": 1}}
     assert "model exploded" in report["job_errors"][0]["last_error"]
+    # the dead job left no object for the PACS (no result, no failure report): an alert an admin sees
+    assert [(a["series_uid"], a["version"]) for a in report["alerts"]] == [("1.2.3", 1)]
+    assert report["routes"] == {}
     assert "0xA900" in report["delivery_errors"][0]["last_error"]
     text = run("status", "--config", str(config_path))
     assert "deliveries to pacs: dead 1" in text.stdout
+    assert "ALERT job" in text.stdout
+    from node.worker import results  # a recorded result (e.g. the failure report) clears the alert
+
+    init_schema(engine)
+    with engine.begin() as conn:
+        conn.execute(results.insert().values(
+            series_uid="1.2.3", version=1, job_id=1, kind="skipped-sr", study_uid="1.2", result_series_uid="1.2.4",
+            sop_uid="1.2.5", sop_class_uid="1.2.840.10008.5.1.4.1.1.88.34", path="/x", created_at=0.0,
+        ))
+    assert json.loads(run("status", "--config", str(config_path), "--json").stdout)["alerts"] == []
 
     retried = run("retry", "--config", str(config_path), "--jobs")
     assert retried.returncode == 0, retried.stderr

@@ -12,11 +12,12 @@ import pydicom
 import pytest
 
 from models.errors import ModelError
-from node.config import DestinationKind, NodeConfig, Priority
+from node.config import DestinationKind, NodeConfig, PipelineName, Priority
 from node.db import create_engine_for, init_schema
 from node.dispatch import Dispatcher
 from node.index import Index
 from node.ingest import Ingestor, Origin
+from node.metrics import Metrics
 from node.pipelines import Classification, ModelRunner, Segmentation
 from node.queue import JobQueue, jobs
 from node.results import AlgorithmIdentity, SkipReason
@@ -235,3 +236,104 @@ def test_configured_uid_root_heads_the_result_uids(node, tmp_path):
     assert sorted(o.Modality for o in objects) == ["SEG", "SR", "SR"]  # results, and the skipped series' SR
     for o in objects:
         assert o.SOPInstanceUID.startswith(root) and o.SeriesInstanceUID.startswith(root)
+
+
+def receive_edited(ingestor, tmp_path, name, edit, **kw):
+    """Receive a ctgen series whose files were changed by ``edit(dataset)`` first (a sender's odd headers)."""
+    series = write_ct_series(tmp_path / name, size=32, **kw)
+    for path in series.paths:
+        ds = pydicom.dcmread(path)
+        edit(ds)
+        ds.save_as(path, enforce_file_format=True)
+        ingestor.accept(dataset_bytes(path), "1.2.840.10008.1.2.1", Origin("CT1", "a1"))
+    return series
+
+
+def _drop(*keywords):
+    def edit(ds):
+        for keyword in keywords:
+            if keyword in ds:
+                delattr(ds, keyword)
+    return edit
+
+
+def test_a_series_without_any_date_still_gets_its_result(node, tmp_path):
+    config, engine, ingestor, queue, dispatcher, sender = node
+    dates = [f"{p}{k}" for p in ("Study", "Series", "Content", "Acquisition") for k in ("Date", "Time")]
+    series = receive_edited(ingestor, tmp_path, "nodates", _drop(*dates), slices=10, seed=7)
+    job_id = queue_job(queue, series.series_uid)
+    Worker(config, engine, queue, dispatcher, lambda: FixedRunner(0.9)).run_pending()
+    assert queue.get(job_id).state == JobState.DONE
+    dispatcher.run_once()
+    (files,) = sender.sent
+    sr = pydicom.dcmread(files[0])
+    assert sr.ContentDate and sr.SeriesDate  # from the series' receive time, stored in the index
+
+
+def test_a_series_without_frame_of_reference_gets_one_coded_sr_and_no_inference(node, tmp_path):
+    config, engine, ingestor, queue, dispatcher, sender = node
+    series = receive_edited(ingestor, tmp_path, "nofor", _drop("FrameOfReferenceUID"), slices=10, seed=8)
+    job_id = queue_job(queue, series.series_uid)
+    runner = FixedRunner()
+    Worker(config, engine, queue, dispatcher, lambda: runner).run_pending()
+    job = queue.get(job_id)
+    assert job.state == JobState.SKIPPED and job.skip_reason == SkipReason.MISSING_GEOMETRY.value
+    assert runner.calls == 0
+    dispatcher.run_once()
+    ((sr_path,),) = sender.sent
+    assert "SKIP-GEOMETRY" in str(pydicom.dcmread(sr_path).ContentSequence)
+
+
+def test_out_of_scope_volume_gets_a_not_processed_sr_and_never_a_probability(node, tmp_path):
+    """The scope check is on and reads the fixed runner's masks on a tiny non-chest volume: out of scope."""
+    config, engine, ingestor, queue, dispatcher, sender = node
+    config = config.model_copy(update={"gate": config.gate.model_copy(update={"scope_check": True})})
+    series = receive(ingestor, tmp_path, "scope", slices=10, seed=9)
+    job_id = queue_job(queue, series.series_uid)
+    runner = FixedRunner(0.99)
+    classified = []
+    runner.classify = lambda volume: classified.append(volume)  # must never be reached
+    Worker(config, engine, queue, dispatcher, lambda: runner).run_pending()
+    job = queue.get(job_id)
+    assert job.state == JobState.SKIPPED and job.skip_reason == SkipReason.OUT_OF_SCOPE.value
+    assert classified == []
+    dispatcher.run_once()
+    ((sr_path,),) = sender.sent
+    values = {str(e.value) for e in pydicom.dcmread(sr_path).iterall() if e.keyword == "CodeValue"}
+    assert "SKIP-SCOPE" in values and "P-PNEUMONIA" not in values and "233604007" not in values
+
+
+def test_the_lung_volume_pipeline_measures_without_a_verdict(node, tmp_path):
+    config, engine, ingestor, queue, dispatcher, sender = node
+    series = receive(ingestor, tmp_path, "vol", slices=10, seed=10)
+    with engine.begin() as conn:
+        job_id = queue.enqueue(conn, series.series_uid, 1, Priority.ROUTINE, PipelineName.LUNG_VOLUME)
+    runner = FixedRunner(0.99)
+    runner.classify = lambda volume: pytest.fail("the lung-volume pipeline must not classify")
+    Worker(config, engine, queue, dispatcher, lambda: runner).run_pending()
+    assert queue.get(job_id).state == JobState.DONE
+    dispatcher.run_once()
+    ((sr_path, seg_path),) = sender.sent
+    sr = pydicom.dcmread(sr_path)
+    values = {str(e.value) for e in sr.iterall() if e.keyword in ("CodeValue", "TextValue")}
+    assert "233604007" not in values and "P-PNEUMONIA" not in values  # no verdict, no probability
+    assert {"Lungs", "118565006", "39607008"} <= values  # the lungs' tracking group with a volume measurement
+    assert "lung volume" in sr.SeriesDescription.lower()
+    assert pydicom.dcmread(seg_path).Modality == "SEG"
+    # its own algorithm identity, so its result UIDs never collide with the pneumonia pipeline's
+    assert sr.ManufacturerModelName == "pacs-ai-node lung volume CT"
+
+
+def test_a_dead_job_whose_failure_report_fails_too_is_an_alert(node, tmp_path):
+    config, engine, ingestor, queue, dispatcher, sender = node
+    series = receive(ingestor, tmp_path, "gone", slices=10, seed=11)
+    job_id = queue_job(queue, series.series_uid)
+    for path in (config.node.spool_dir).rglob("*.dcm"):
+        path.unlink()  # the spooled files vanished (a disk fault): neither a result nor a report can be built
+    metrics = Metrics()
+    worker = Worker(config, engine, queue, dispatcher, lambda: FixedRunner(), metrics=metrics)
+    worker.run_pending()
+    assert queue.get(job_id).state == JobState.DEAD
+    assert [r.id for r in queue.unreported()] == [job_id]
+    text = metrics.render()[0].decode()
+    assert 'pacsnode_jobs_ended_total{outcome="unreported",pipeline="pneumonia"} 1.0' in text
