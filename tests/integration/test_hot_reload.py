@@ -3,6 +3,7 @@ one in flight finishes; an invalid file is refused and the running config kept."
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -84,3 +85,51 @@ def test_invalid_config_is_refused_and_the_old_one_kept(start_node):
     assoc = associate(node, "SCANNER-Z")
     assert assoc.is_established
     assoc.release()
+
+
+def send_series(node, calling: str, out_dir, seed: int) -> str:
+    series = write_ct_series(out_dir, slices=3, size=16, seed=seed)
+    assoc = associate(node, calling)
+    assert assoc.is_established
+    for path in series.paths:
+        assert assoc.send_c_store(pydicom.dcmread(path)).Status == 0
+    assoc.release()
+    return series.series_uid
+
+
+def events(node, name: str) -> list[dict]:
+    out = []
+    for line in node.log_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("event") == name:
+            out.append(record)
+    return out
+
+
+def wait_for_event(node, name: str, series_uid: str, timeout: float = 30.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for record in events(node, name):
+            if record.get("series_uid") == series_uid:
+                return record
+        time.sleep(0.05)
+    raise AssertionError(f"no {name} for {series_uid} after {timeout} s:\n{node.log_text()[-2000:]}")
+
+
+def test_sighup_swaps_the_routes(start_node, tmp_path):
+    node = start_node(extra_toml="[completion]\nstable_seconds = 1\nsweep_seconds = 0.2\n[worker]\nenabled = false\n")
+    first = send_series(node, "SCANNER-A", tmp_path / "a", seed=1)
+    # the default routes send an axial chest CT to the pneumonia pipeline
+    assert wait_for_event(node, "series_complete", first)["route"] == "chest-ct"
+
+    node.config_path.write_text(
+        node.config_path.read_text() + '\n[[routes]]\nname = "maintenance"\npipeline = "ignore"\n'
+    )
+    node.proc.send_signal(signal.SIGHUP)
+    wait_for_log(node, "config_reloaded")
+    second = send_series(node, "SCANNER-A", tmp_path / "b", seed=2)
+    assert wait_for_event(node, "series_ignored", second)["route"] == "maintenance"
+    assert [e["series_uid"] for e in events(node, "series_complete")] == [first]
