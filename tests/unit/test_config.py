@@ -125,3 +125,56 @@ def test_uid_root_gets_its_trailing_dot_and_matches_the_results_limit(tmp_path):
     config = load_config(write(tmp_path, "[node]\nuid_root = '1.2.826.0.1.3680043.10.999'\n"), environ={})
     assert config.node.uid_root == "1.2.826.0.1.3680043.10.999."
     assert load_config(write(tmp_path, ""), environ={}).node.uid_root == ""
+
+
+def test_the_shipped_config_spells_out_the_built_in_routes():
+    from node.config import NodeConfig
+
+    assert load_config(DEFAULT_CONFIG_PATH, environ={}).routes == NodeConfig().routes
+
+
+def test_routes_and_sender_profiles_load(tmp_path):
+    from node.config import CompletionMode, PipelineName
+
+    config = load_config(write(tmp_path, """
+[completion]
+stable_seconds = 20
+[[completion.senders]]
+calling_ae = "CT-ER-1"
+mode = "release"
+release_grace_seconds = 3
+[[routes]]
+name = "er-volumes"
+pipeline = "lung-volume"
+calling_ae = ["CT-ER-1"]
+sop_class = ["CTImageStorage", "1.2.840.10008.5.1.4.1.1.2.1"]
+series_description = "(?i)lung"
+[[routes]]
+name = "rest"
+pipeline = "ignore"
+"""), environ={})
+    assert [r.name for r in config.routes] == ["er-volumes", "rest"]
+    assert config.routes[0].pipeline is PipelineName.LUNG_VOLUME
+    assert config.routes[0].sop_class == ("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1")
+    assert config.completion.profile("CT-ER-1") == (CompletionMode.RELEASE, 20, 3)
+    assert config.completion.profile("OTHER") == (CompletionMode.QUIET, 20, 1)
+
+
+@pytest.mark.parametrize(
+    ("toml", "named"),
+    [
+        ("[[routes]]\nname = 'r'\npipeline = 'brain-bleed'\n", "routes.0.pipeline"),
+        ("[[routes]]\nname = 'r'\npipeline = 'ignore'\nseries_description = '(unclosed'\n", "not a regular expression"),
+        ("[[routes]]\nname = 'r'\npipeline = 'ignore'\nsop_class = ['CTImageStorrage']\n", "SOP class keyword"),
+        ("[[routes]]\nname = 'r'\npipeline = 'ignore'\nbody_parts = ['CHEST']\n", "routes.0.body_parts: unknown key"),
+        ("[[routes]]\nname = 'r'\npipeline = 'ignore'\n[[routes]]\nname = 'r'\npipeline = 'ignore'\n", "unique: r"),
+        ("[[routes]]\nname = 'bad name'\npipeline = 'ignore'\n", "routes.0.name"),
+        ("[[completion.senders]]\ncalling_ae = 'A'\nmode = 'sometimes'\n", "completion.senders.0.mode"),
+        ("[[completion.senders]]\ncalling_ae = 'A'\n[[completion.senders]]\ncalling_ae = 'A'\n", "one sender profile"),
+        ("[gate]\nmax_tilt_degrees = 90\n", "gate.max_tilt_degrees"),
+    ],
+)
+def test_invalid_routes_and_profiles_name_the_key(tmp_path, toml, named):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, toml), environ={})
+    assert named in str(err.value)
