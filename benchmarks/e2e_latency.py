@@ -38,6 +38,8 @@ def start_node(work: Path, port: int, orthanc: OrthancServer) -> tuple[subproces
     config.write_text(
         f'[node]\nae_title = "PACSNODE"\nhost = "127.0.0.1"\nport = {port}\ndata_dir = "{data}"\n'
         f"http_port = {free_port()}\n[completion]\nstable_seconds = 30\nsweep_seconds = 0.5\n"
+        # storescu sends each series in one association: its profile completes on release
+        '[[completion.senders]]\ncalling_ae = "BENCH"\nmode = "release"\n'
         f'[[destinations]]\nname = "pacs"\nkind = "dimse"\nae_title = "{orthanc.aet}"\nhost = "127.0.0.1"\n'
         f"port = {orthanc.dicom_port}\n"
     )

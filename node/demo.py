@@ -389,6 +389,10 @@ http_port = {http_port}
 stable_seconds = 10
 sweep_seconds = 0.5
 
+[[completion.senders]]  # the demo's modality sends each series in one association
+calling_ae = "{MODALITY_AET}"
+mode = "release"
+
 [dispatch]
 initial_backoff_seconds = 0.5
 max_backoff_seconds = 5
