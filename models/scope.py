@@ -60,7 +60,9 @@ BODY_HU = -500.0  # above: tissue; below: air and lung
 BONE_HU = 300.0
 BRAIN_HU = (0.0, 80.0)
 AIR_HU = -500.0
-LUNG_SLICE_MIN_MM2 = 100.0  # a slice "holds lung" from 1 cm² on
+LUNG_SLICE_MIN_MM2 = 100.0  # a slice "holds lung" from 1 cm² on …
+LUNG_SLICE_MIN_BODY_SHARE = 0.05  # … and from 5 % of the body's cross-section (bowel gas in an abdomen does not)
+NO_LUNGS_ML = 100.0  # below this the reason says "no lungs", above it "only part of the lungs" (wording only)
 HEAD_SLICE_MIN_MM2 = 2000.0  # slices with less body than 20 cm² are not judged head-like or not
 
 
@@ -75,7 +77,7 @@ class ScopeSettings:
     min_lung_ml: float = 1000.0
     max_lung_ml: float = 12000.0
     min_aerated_fraction: float = 0.5
-    min_lung_extent_mm: float = 100.0
+    min_lung_extent_mm: float = 150.0
     min_lung_slices: int = 3
     min_side_share: float = 0.05
     min_lung_body_ratio: float = 0.05
@@ -117,7 +119,9 @@ def _block_mean(a: np.ndarray, fy: int, fx: int) -> np.ndarray:
     return out
 
 
-def _pixel_correlation(h: np.ndarray) -> float:
+def _pixel_correlation(h: np.ndarray, max_slices: int = 32) -> float:
+    """Pearson correlation of horizontally neighbouring pixels, on at most ``max_slices`` evenly spaced slices."""
+    h = h[np.unique(np.linspace(0, h.shape[0] - 1, min(max_slices, h.shape[0])).astype(int))]
     a, b = h[:, :, :-1].astype(np.float64), h[:, :, 1:].astype(np.float64)
     a -= a.mean()
     b -= b.mean()
@@ -164,7 +168,7 @@ def measure(volume: Volume, lungs: np.ndarray) -> dict[str, float]:
     normal = np.cross(row_dir, col_dir)
     fy, fx = max(1, round(WORK_MM / dy)), max(1, round(WORK_MM / dx))
     h = _block_mean(volume.hu, fy, fx)
-    lung = _block_mean(lungs.astype(np.uint8), fy, fx) >= 0.5
+    lung = _block_mean(lungs.view(np.uint8) if lungs.dtype == np.bool_ else (lungs > 0).view(np.uint8), fy, fx) >= 0.5
     px_mm2 = dy * fy * dx * fx
     vox_ml = px_mm2 * dz / 1000.0
 
@@ -184,7 +188,7 @@ def measure(volume: Volume, lungs: np.ndarray) -> dict[str, float]:
     m["lung_median_hu"] = float(np.median(values)) if values.size else 0.0
     m["lung_aerated_fraction"] = float((values < AIR_HU).mean()) if values.size else 0.0
     per_slice = inside.sum(axis=(1, 2))
-    holds = per_slice * px_mm2 >= LUNG_SLICE_MIN_MM2
+    holds = (per_slice * px_mm2 >= LUNG_SLICE_MIN_MM2) & (per_slice >= LUNG_SLICE_MIN_BODY_SHARE * body.sum(axis=(1, 2)))
     m["lung_slices"] = float(holds.sum())
     m["lung_extent_mm"] = float(holds.sum()) * dz
     m["lung_body_ratio"] = float(inside[holds].sum() / max(1, body[holds].sum()))
@@ -226,7 +230,7 @@ def assess_chest_scope(volume: Volume, lungs: np.ndarray, settings: ScopeSetting
     if m["head_slice_fraction"] > s.max_head_slice_fraction:
         return out(f"looks like a head: a skull ring around brain-density tissue on "
                    f"{100 * m['head_slice_fraction']:.0f}% of slices")
-    if m["lung_ml"] < s.min_lung_ml:
+    if m["lung_ml"] < NO_LUNGS_ML:
         return out(f"no lungs found: {m['lung_ml']:.0f} mL segmented inside the body, at least {s.min_lung_ml:.0f} mL expected")
     if m["lung_aerated_fraction"] < s.min_aerated_fraction:
         return out(f"the segmented lungs are not air-filled: median {m['lung_median_hu']:.0f} HU, "
@@ -234,9 +238,11 @@ def assess_chest_scope(volume: Volume, lungs: np.ndarray, settings: ScopeSetting
                    f"(at least {100 * s.min_aerated_fraction:.0f}% expected)")
     if m["lung_ml"] > s.max_lung_ml:
         return out(f"implausible lungs: {m['lung_ml']:.0f} mL segmented, at most {s.max_lung_ml:.0f} mL expected")
-    if m["lung_extent_mm"] < s.min_lung_extent_mm or m["lung_slices"] < s.min_lung_slices:
-        return out(f"only part of the chest: lungs on {m['lung_slices']:.0f} slices over {m['lung_extent_mm']:.0f} mm, "
-                   f"at least {s.min_lung_slices} slices and {s.min_lung_extent_mm:.0f} mm expected")
+    if (m["lung_ml"] < s.min_lung_ml or m["lung_extent_mm"] < s.min_lung_extent_mm
+            or m["lung_slices"] < s.min_lung_slices):
+        return out(f"only part of the lungs: {m['lung_ml']:.0f} mL over {m['lung_extent_mm']:.0f} mm on "
+                   f"{m['lung_slices']:.0f} slices; at least {s.min_lung_ml:.0f} mL over {s.min_lung_extent_mm:.0f} mm "
+                   f"on {s.min_lung_slices} slices expected")
     if m["lung_side_share"] < s.min_side_share:
         return out(f"lungs on one side only: the other side holds {100 * m['lung_side_share']:.1f}% of them, "
                    f"at least {100 * s.min_side_share:.0f}% expected")

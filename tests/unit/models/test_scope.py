@@ -49,7 +49,7 @@ def _cases(data: Path) -> Iterator[tuple[pd.Series, list[Path]]]:
 def _judge(segmenter: Segmenter, files: list[Path]) -> tuple[Volume, ScopeVerdict]:
     volume = load_series(files)
     verdict = assess_chest_scope(volume, segmenter.predict(volume).lungs)
-    assert verdict.reason and len(verdict.reason) < 180
+    assert verdict.reason and len(verdict.reason) <= 170  # the node prefixes it and keeps 200 characters
     assert not any(marker.lower() in verdict.reason.lower() for marker in PHI_MARKERS), verdict.reason
     assert all(isinstance(v, float) and np.isfinite(v) for v in verdict.measures.values()), verdict.measures
     return volume, verdict
@@ -109,7 +109,7 @@ def test_lung_bases_above_an_abdomen_are_a_partial_chest(segmenter: Segmenter, c
     full, verdict = _judge(segmenter, ordered)
     assert verdict.in_scope, verdict
     _, partial = _judge(segmenter, ordered[: SLICES // 4])
-    assert not partial.in_scope, partial
+    assert not partial.in_scope and "only part of the lungs" in partial.reason, partial
     assert partial.measures["lung_ml"] < 0.5 * verdict.measures["lung_ml"]
 
 
@@ -168,6 +168,14 @@ def test_one_sided_lungs_are_refused(chest_truth: tuple[Volume, np.ndarray]) -> 
     assert not verdict.in_scope and "one side" in verdict.reason, verdict.reason
 
 
+def test_the_lowest_slices_alone_are_part_of_the_lungs(chest_truth: tuple[Volume, np.ndarray]) -> None:
+    volume, lungs = chest_truth
+    n = volume.shape[0] // 3  # diaphragm and lung bases, as at the top of an abdominal CT
+    low = dataclasses.replace(volume, hu=volume.hu[:n], positions=volume.positions[:n], _cache={})
+    verdict = assess_chest_scope(low, lungs[:n])
+    assert not verdict.in_scope and "only part of the lungs" in verdict.reason, verdict.reason
+
+
 def test_lungs_outside_the_body_do_not_count(chest_truth: tuple[Volume, np.ndarray]) -> None:
     volume, lungs = chest_truth
     outside = np.zeros_like(lungs)
@@ -188,7 +196,9 @@ def test_settings_decide(chest_truth: tuple[Volume, np.ndarray]) -> None:
     volume, lungs = chest_truth
     measured = assess_chest_scope(volume, lungs).measures["lung_ml"]
     verdict = assess_chest_scope(volume, lungs, ScopeSettings(min_lung_ml=measured + 1, max_lung_ml=measured + 2))
-    assert not verdict.in_scope and "no lungs" in verdict.reason
+    assert not verdict.in_scope and "only part of the lungs" in verdict.reason, verdict.reason
+    verdict = assess_chest_scope(volume, lungs, ScopeSettings(min_lung_extent_mm=1000.0))
+    assert not verdict.in_scope and "1000 mm" in verdict.reason, verdict.reason
 
 
 def test_bad_arguments_fail_fast(chest_truth: tuple[Volume, np.ndarray]) -> None:
