@@ -16,34 +16,41 @@ How it measures (on a working grid of ~2 mm pixels, block means of the source pi
   crop) or noise covers most of it.
 - *head*: a slice is head-like when a closed ring of bone (>300 HU) encloses at least 20 % of the body's
   cross-section and the enclosed region is ≥60 % 0…80 HU (brain, CSF) with <5 % air.
-- *lungs*: only the part of the U-Net lung mask inside the body counts (it also marks table foam and air around
-  limbs); its volume, the share of it aerated (below -500 HU; the median is reported too), its cranio-caudal
-  extent (slices holding ≥1 cm² of lung × slice spacing), the smaller side's share of it (left/right of the
-  body's centre on each slice), and its share of the body's volume on the slices that hold lung.
+- *lungs*: only the part of the U-Net lung mask inside the body counts (the U-Net also marks table foam and the
+  air around limbs); its volume, the share of it aerated (below -500 HU; the median is reported too), its
+  cranio-caudal extent (slices where lung covers ≥1 cm² and ≥5 % of the body's cross-section, × slice spacing;
+  the 5 % keeps bowel gas from stretching it), the smaller side's share of it (left/right of the body's centre on
+  each slice) and its share of the body on those slices.
 
-Thresholds (:class:`ScopeSettings`; the node config may expose them), measured with
-``benchmarks/scope_corpus.py`` on 60 chest phantoms from ``training.phantom.generate_dataset`` (128–384 px,
-24–96 slices, half pneumonia, subtle single faint lesions among them), 40 non-chest phantoms of each region
-from ``training.phantom.anatomy`` (head, abdomen with and without lung bases, pelvis, knee, noise) and real
-pydicom/pydicom-data CT slices restacked into volumes (a chest crop around the spine, two heads, a neck/upper
-abdomen crop). Numbers below are (chest phantoms) vs. (non-chest), the threshold sits between with margin:
+Thresholds (:class:`ScopeSettings`, so the node config can expose them) were chosen by measurement with
+``benchmarks/scope_corpus.py --seed 2024`` (392 series): 60 chest phantoms from ``training.phantom.generate_dataset``
+(128–384 px, 24–96 slices; 27 pneumonia, 9 subtle single faint lesions, 24 normal), the same 60 cut to their
+lowest quarter and to their upper half, 40 non-chest phantoms per region from ``training.phantom.anatomy`` (head;
+abdomen, 23 of them with lung bases; pelvis; knee; noise: uniform, Gaussian, smoothed blobs) and six real
+pydicom/pydicom-data CT slices restacked 20 and 60 times (CT_small: an 85 mm crop around a thoracic spine; three
+copies of one head slice, 693_*; a skull base, J2K_pixelrep_mismatch; a 147 mm neck/abdomen crop, bad_sequence).
+Measured (whole chests) vs. (the rest), with the threshold between:
 
-- pixel correlation ≥ 0.5: chest 0.95–0.99; uniform and Gaussian noise -0.01–0.01.
-- body ≥ 1000 mL and ≤ 50 % of the image border: chest 11–22 L, border 0 %; smoothed noise ~70 %, the real
-  restacked crops (CT_small 85 mm field of view, bad_sequence 147 mm) 63–66 %.
-- head-like slices ≤ 30 %: chest 0 %; head phantoms 70–80 %, the real restacked head 100 %.
-- lungs inside the body 1000–12000 mL: chest 2.2–5.8 L; non-chest ≤ 0.3 L (mastoid air cells and sinuses of
-  a real head, lung bases of an abdominal phantom). Adults' lungs hold 3–7 L at CT, so small children, whom the
-  model was never trained on, are outside the scope.
-- aerated share ≥ 0.5 (median below -500 HU): chest ≥ 0.93 with pneumonia; a real chest crop's "lungs" 0.14.
-- lung extent ≥ 100 mm on ≥ 3 slices: chest ≥ 220 mm. A series covering only part of the chest (the lung
-  bases above an abdomen: 20–60 mm, ≤ 0.3 L) is outside the scope: pneumonia elsewhere in the lungs could not
-  be seen, so a "no pneumonia" verdict would mislead. A series holding ≥ 1 L of lung over ≥ 100 mm (e.g. upper
-  half of a chest) is judged.
-- smaller side ≥ 5 % of the lung: chest 45–50 %. Kept low so a lung mostly consolidated on one side still
-  passes; a single air pocket on one side does not.
-- lung ≥ 5 % of the body on lung-bearing slices: chest 0.20–0.33; catches a large body with small air pockets.
+- pixel correlation ≥ 0.5: chest ≥ 0.96; uniform and Gaussian noise ≤ 0.003.
+- ≤ 50 % of the image border covered by body: chest 0 %; smoothed-blob noise 53–99 %, the two real crops 63–66 %.
+  Then body ≥ 1000 mL (chest ≥ 9.9 L): an empty or near-empty image.
+- head-like slices ≤ 30 %: chest 0 %; head phantoms 70–83 %, the real head slice 100 %.
+- lungs inside the body ≥ 100 mL, or the reason is "no lungs" (pelvis, knee ≤ 14 mL; abdomen without lung bases
+  ≤ 158 mL, head ≤ 51 mL).
+- aerated share ≥ 0.5, i.e. median below -500 HU: chest ≥ 0.85 (pneumonia included; median ≤ -808 HU); the skull
+  base's sinus and mastoid air 0.31, blob noise ≤ 0.34.
+- 1000–12000 mL over ≥ 150 mm on ≥ 3 slices: whole chests 1.6–7.1 L over 198–287 mm. A series that covers only
+  part of the lungs is outside the scope, because pneumonia in the part not imaged cannot be seen and a
+  "no pneumonia" verdict would mislead: lung bases above an abdomen (≤ 865 mL, ≤ 96 mm), a chest's lowest
+  quarter (≤ 1.3 L, ≤ 65 mm) and its upper half (105–146 mm) are all refused. Adult lungs span 200–300 mm and
+  hold 3–7 L at CT; small children, whom the model never saw, fall outside too.
+- smaller side ≥ 5 % of the lung: chest ≥ 43 %. Kept low so one lung mostly consolidated still passes.
+- lung ≥ 5 % of the body on the lung slices: chest ≥ 0.17, lung-base abdomens ≥ 0.10; a backstop for a large
+  body holding a few air pockets.
 - slice normal within ~37° of the body axis (|cos| ≥ 0.8): the models read axial slices.
+
+Limits: no real chest CT was available offline, so the chest side of every threshold is measured on phantoms
+only; on real chests the U-Net's lung mask decides most of it. The check takes ~0.1–0.2 s per series here.
 """
 
 from __future__ import annotations
@@ -158,7 +165,10 @@ def _head_like(h: np.ndarray, body: np.ndarray, px_mm2: float) -> tuple[int, int
 
 
 def measure(volume: Volume, lungs: np.ndarray) -> dict[str, float]:
-    """The measures :func:`assess_chest_scope` decides on (see the module docstring). Raises ValueError when
+    """The measures :func:`assess_chest_scope` decides on (see the module docstring): ``axial_cosine``,
+    ``pixel_correlation``, ``body_ml``, ``body_border_fraction``, ``head_slice_fraction``, ``lung_segmented_ml``
+    (all of the mask), ``lung_ml`` (inside the body), ``lung_median_hu``, ``lung_aerated_fraction``,
+    ``lung_slices``, ``lung_extent_mm``, ``lung_body_ratio``, ``lung_side_share``. Raises ValueError when
     ``lungs`` is not a mask shaped like ``volume.hu``."""
     if lungs.shape != volume.hu.shape:
         raise ValueError(f"lungs must be shaped like volume.hu {volume.hu.shape}, got {lungs.shape}")
