@@ -53,7 +53,7 @@ def storescu(port: int, *dirs: Path) -> None:
     )
 
 
-def node_toml(orthanc) -> str:
+def node_toml(orthanc, *, scope_check: bool = True) -> str:
     weights = f'[worker]\nweights_dir = "{TEST_WEIGHTS_DIR}"\n' if TEST_WEIGHTS_DIR else ""
     return weights + f"""
 [completion]
@@ -61,6 +61,7 @@ stable_seconds = {STABLE_SECONDS}
 sweep_seconds = 0.5
 [gate]
 min_slices = 16
+scope_check = {str(scope_check).lower()}
 [dispatch]
 initial_backoff_seconds = 0.5
 max_backoff_seconds = 2
@@ -173,7 +174,8 @@ def test_pacs_down_then_back_gets_exactly_one_sr_and_seg(start_node, orthanc_fac
     require_weights()
     node_port = free_port()
     orthanc = orthanc_factory(modalities={"node": ("PACSNODE", "127.0.0.1", node_port)})
-    node = start_node(port=node_port, extra_toml=node_toml(orthanc))
+    # a ctgen disc phantom is no chest the scope check would pass: this test is about delivery, not the verdict
+    node = start_node(port=node_port, extra_toml=node_toml(orthanc, scope_check=False))
     series = write_ct_series(tmp_path / "s", slices=20, size=64, seed=33)
     orthanc.stop()
     storescu(node.port, tmp_path / "s")
@@ -196,3 +198,41 @@ def test_pacs_down_then_back_gets_exactly_one_sr_and_seg(start_node, orthanc_fac
     wait_until(delivered, 30, "the node to record the delivery")  # no send still in flight when we count
     result = results_by_study(orthanc)[series.study_uid]
     assert len(result["SR"]) == 1 and len(result["SEG"]) == 1
+
+
+def test_non_chest_ct_with_a_lying_header_never_gets_a_verdict(start_node, orthanc_factory, tmp_path):
+    """Head, abdomen and knee phantoms and a real CT slice restacked (pydicom's CT_small, a crop through the
+    trunk), all labelled BodyPartExamined CHEST so the routes send them to the pneumonia pipeline: the image-based
+    scope check must answer each with one coded "outside the model's scope" SR — no SEG, no probability."""
+    require_weights()
+    from pydicom.data import get_testdata_file
+
+    from training.phantom.anatomy import generate_region
+    from training.phantom.restack import restack_slice
+
+    node_port = free_port()
+    orthanc = orthanc_factory(modalities={"node": ("PACSNODE", "127.0.0.1", node_port)})
+    node = start_node(port=node_port, extra_toml=node_toml(orthanc))
+    dirs = [tmp_path / region for region in ("head", "abdomen", "knee")]
+    for n, folder in enumerate(dirs):
+        generate_region(folder, folder.name, seed=9100 + n, size=128, slices=32, body_part="CHEST")
+    real = tmp_path / "ct-small"
+    for path in restack_slice(get_testdata_file("CT_small.dcm"), real, slices=20, seed=9200):
+        ds = pydicom.dcmread(path)
+        ds.BodyPartExamined = "CHEST"
+        ds.save_as(path, enforce_file_format=True)
+    dirs.append(real)
+    studies = {pydicom.dcmread(next(d.glob("*.dcm")), stop_before_pixels=True).StudyInstanceUID for d in dirs}
+    storescu(node.port, *dirs)
+
+    wait_until(lambda: studies <= set(results_by_study(orthanc)), STABLE_SECONDS + 180, "an SR for each study")
+    by_study = results_by_study(orthanc)
+    for study in studies:
+        assert len(by_study[study]["SR"]) == 1 and by_study[study]["SEG"] == [], by_study[study]
+        path = tmp_path / f"{study}.dcm"
+        path.write_bytes(orthanc.get_file(by_study[study]["SR"][0]["ID"]))
+        sr = pydicom.dcmread(path)
+        codes = {str(e.value) for e in sr.iterall() if e.keyword == "CodeValue"}
+        assert "SKIP-SCOPE" in codes and PNEUMONIA not in codes and "P-PNEUMONIA" not in codes
+        assert finding(sr) is None
+        assert dciodvfy_errors(path) == []
