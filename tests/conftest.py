@@ -103,20 +103,19 @@ def _toml_list(values: list[str]) -> str:
     return "[" + ", ".join(f'"{v}"' for v in values) + "]"
 
 
-@pytest.fixture
-def start_node(tmp_path: Path) -> Iterator[Callable[..., RunningNode]]:
-    """Factory: start `pacsnode serve` on a free port with a temporary config; stopped by PID at teardown."""
-    started: list[RunningNode] = []
-
-    def _start(
-        *, allowed: list[str] | None = None, extra_toml: str = "", ae_title: str = "PACSNODE", port: int | None = None
-    ) -> RunningNode:
-        port = port or free_port()
-        http_port = free_port()
-        data_dir = tmp_path / f"node-{len(started)}"
-        config_path = tmp_path / f"node-{len(started)}.toml"
-        config_path.write_text(
-            f"""
+def launch_node(
+    workdir: Path, *, port: int | None = None, allowed: list[str] | None = None, extra_toml: str = "",
+    ae_title: str = "PACSNODE",
+) -> RunningNode:
+    """Start `pacsnode serve` on a free (or the given) port with a temporary config under ``workdir`` and wait
+    until it listens; stop it with `stop_node`. For one node per test use the `start_node` fixture."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    http_port = free_port()
+    data_dir = workdir / "data"
+    config_path = workdir / "node.toml"
+    config_path.write_text(
+        f"""
 [node]
 ae_title = "{ae_title}"
 host = "127.0.0.1"
@@ -126,28 +125,47 @@ data_dir = "{data_dir}"
 http_port = {http_port}
 {extra_toml}
 """
-        )
-        log_path = tmp_path / f"node-{len(started)}.log"
-        log = log_path.open("wb")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PACSNODE_")}
+    )
+    log_path = workdir / "node.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PACSNODE_")}
+    with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "node.cli", "serve", "--config", str(config_path)],
-            cwd=REPO,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env,
         )
-        node = RunningNode(port, ae_title, data_dir, config_path, proc, log_path, http_port)
-        started.append(node)
+    node = RunningNode(port, ae_title, data_dir, config_path, proc, log_path, http_port)
+    try:
         wait_for_port(port, proc=proc)
+    except Exception:
+        stop_node(node)
+        raise
+    return node
+
+
+def stop_node(node: RunningNode) -> None:
+    """Stop a node by its PID: SIGTERM, then SIGKILL after 20 s."""
+    if node.proc.poll() is None:
+        node.proc.terminate()
+        try:
+            node.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            node.proc.kill()
+            node.proc.wait()
+
+
+@pytest.fixture
+def start_node(tmp_path: Path) -> Iterator[Callable[..., RunningNode]]:
+    """Factory: start `pacsnode serve` on a free port with a temporary config; stopped by PID at teardown."""
+    started: list[RunningNode] = []
+
+    def _start(
+        *, allowed: list[str] | None = None, extra_toml: str = "", ae_title: str = "PACSNODE", port: int | None = None
+    ) -> RunningNode:
+        node = launch_node(tmp_path / f"node-{len(started)}", port=port, allowed=allowed, extra_toml=extra_toml,
+                           ae_title=ae_title)
+        started.append(node)
         return node
 
     yield _start
     for node in started:
-        if node.proc.poll() is None:
-            node.proc.terminate()
-            try:
-                node.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                node.proc.kill()
-                node.proc.wait()
+        stop_node(node)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import subprocess
 import sys
 import time
@@ -44,10 +43,11 @@ from tests.conftest import (
     TEST_WEIGHTS_DIR,
     RunningNode,
     free_port,
+    launch_node,
     peer_env,
     require_tool,
     require_weights,
-    wait_for_port,
+    stop_node,
 )
 from tests.ctgen import CtSeries, write_ct_series
 from tests.orthanc import OrthancServer
@@ -91,48 +91,6 @@ port = {orthanc.dicom_port}
 """
 
 
-def launch_node(workdir: Path, port: int, extra_toml: str) -> RunningNode:
-    """`pacsnode serve` on ``port`` like conftest's ``start_node`` (which is function-scoped); stop with
-    `stop_node`."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    http_port = free_port()
-    data_dir = workdir / "data"
-    config_path = workdir / "node.toml"
-    config_path.write_text(f"""
-[node]
-ae_title = "PACSNODE"
-host = "127.0.0.1"
-port = {port}
-data_dir = "{data_dir}"
-http_port = {http_port}
-{extra_toml}
-""")
-    log_path = workdir / "node.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PACSNODE_")}
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "node.cli", "serve", "--config", str(config_path)],
-            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env,
-        )
-    node = RunningNode(port, "PACSNODE", data_dir, config_path, proc, log_path, http_port)
-    try:
-        wait_for_port(port, proc=proc)
-    except Exception:
-        stop_node(node)
-        raise
-    return node
-
-
-def stop_node(node: RunningNode) -> None:
-    if node.proc.poll() is None:
-        node.proc.terminate()
-        try:
-            node.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            node.proc.kill()
-            node.proc.wait()
-
-
 @dataclass
 class Site:
     """A node whose results go to ``orthanc``; Orthanc knows the node as modality ``node``."""
@@ -153,7 +111,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     workdir = tmp_path_factory.mktemp("site")
     node_port = free_port()
     with OrthancServer(workdir / "orthanc", modalities={"node": ("PACSNODE", "127.0.0.1", node_port)}) as orthanc:
-        node = launch_node(workdir / "node", node_port, node_toml(orthanc))
+        node = launch_node(workdir / "node", port=node_port, extra_toml=node_toml(orthanc))
         engine = sa.create_engine(node.db_url)
         try:
             yield Site(node, orthanc, engine)
