@@ -293,3 +293,24 @@ def test_the_routed_pipeline_is_queued_with_the_job(env):
     assert [v for _, v, _ in sweeper.sweep()] == [1]
     job = JobQueue(engine, sweeper.config.queue, clock=clock).claim("w")
     assert job.pipeline is PipelineName.LUNG_VOLUME and index.get_series("6.8").route == "volumes"
+
+
+def test_routing_decisions_are_counted_in_metrics(env, tmp_path):
+    from node.metrics import Metrics
+
+    engine, clock = env
+    metrics = Metrics()
+    config = NodeConfig.model_validate({"completion": {"stable_seconds": 30}})
+    index = Index(engine, clock=clock)
+    sweeper = CompletionSweeper(config, engine, JobQueue(engine, config.queue, clock=clock), clock=clock,
+                                metrics=metrics)
+    head = pydicom.dcmread(CHEST_CT[0])
+    head.BodyPartExamined = "HEAD"
+    head.save_as(tmp_path / "head.dcm", enforce_file_format=True)
+    send(index, "7.1", [0, 2.5], path=str(tmp_path / "head.dcm"))
+    send(index, "7.2", [0, 2.5])
+    clock.now += 30
+    sweeper.sweep()
+    text = metrics.render()[0].decode()
+    assert 'pacsnode_series_routed_total{pipeline="none",route="everything-else"} 1.0' in text
+    assert 'pacsnode_series_routed_total{pipeline="pneumonia",route="chest-ct"} 1.0' in text
