@@ -13,7 +13,7 @@ from models.preprocess import Volume
 from node.config import GateSection, PipelineName
 from node.gate import GateRefusal
 from node.pipelines.runner import ModelRunner
-from node.results import AlgorithmIdentity, Findings, SkipReason
+from node.results import AlgorithmIdentity, Findings, SkipReason, build_results
 
 
 class Pipeline(ABC):
@@ -29,7 +29,6 @@ class Pipeline(ABC):
     @abstractmethod
     def analyse(self, volume: Volume, runner: ModelRunner, settings: GateSection) -> Findings | GateRefusal: ...
 
-    @abstractmethod
     def build(
         self,
         sources: Sequence[Dataset],
@@ -39,7 +38,11 @@ class Pipeline(ABC):
         series_version: int,
         superseded: Sequence[Sequence[str]],
         fallback_datetime: dt.datetime,
-    ) -> list[tuple[str, Dataset]]: ...
+    ) -> list[tuple[str, Dataset]]:
+        """The TID 1500 SR (a verdict when ``findings`` carry a probability, measurements otherwise) and the SEG."""
+        built = build_results(sources, findings, algorithm, series_version=series_version, superseded=superseded,
+                              fallback_datetime=fallback_datetime)
+        return [("sr", built.sr)] + ([("seg", built.seg)] if built.seg is not None else [])
 
 
 def chest_scope_refusal(volume: Volume, lungs: np.ndarray, settings: GateSection) -> GateRefusal | None:

@@ -6,17 +6,12 @@ measure without diagnosing.
 
 from __future__ import annotations
 
-import datetime as dt
-from collections.abc import Sequence
-
-from pydicom import Dataset
-
 from models.preprocess import Volume
 from node.config import GateSection, PipelineName
 from node.gate import GateRefusal
 from node.pipelines.base import Pipeline, chest_scope_refusal
 from node.pipelines.runner import ModelRunner
-from node.results import AlgorithmIdentity, Findings, build_results
+from node.results import AlgorithmIdentity, Findings
 
 
 class LungVolumePipeline(Pipeline):
@@ -32,10 +27,3 @@ class LungVolumePipeline(Pipeline):
         if refusal is not None:
             return refusal
         return Findings(probability=None, threshold=None, attention=None, lungs=seg.lungs, lesion=seg.lesion)
-
-    def build(self, sources: Sequence[Dataset], findings: Findings, algorithm: AlgorithmIdentity, *,
-              series_version: int, superseded: Sequence[Sequence[str]],
-              fallback_datetime: dt.datetime) -> list[tuple[str, Dataset]]:
-        built = build_results(sources, findings, algorithm, series_version=series_version, superseded=superseded,
-                              fallback_datetime=fallback_datetime)
-        return [("sr", built.sr)] + ([("seg", built.seg)] if built.seg is not None else [])

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import datetime as dt
-from collections.abc import Sequence
-
-from pydicom import Dataset
-
 from models.preprocess import Volume
 from node.config import GateSection, PipelineName
 from node.gate import GateRefusal
 from node.pipelines.base import Pipeline, chest_scope_refusal
 from node.pipelines.runner import ModelRunner
-from node.results import AlgorithmIdentity, Findings, build_results
+from node.results import AlgorithmIdentity, Findings
 
 
 class PneumoniaPipeline(Pipeline):
@@ -29,10 +24,3 @@ class PneumoniaPipeline(Pipeline):
         cls = runner.classify(volume)
         return Findings(probability=cls.probability, threshold=cls.threshold, attention=cls.attention,
                         lungs=seg.lungs, lesion=seg.lesion)
-
-    def build(self, sources: Sequence[Dataset], findings: Findings, algorithm: AlgorithmIdentity, *,
-              series_version: int, superseded: Sequence[Sequence[str]],
-              fallback_datetime: dt.datetime) -> list[tuple[str, Dataset]]:
-        built = build_results(sources, findings, algorithm, series_version=series_version, superseded=superseded,
-                              fallback_datetime=fallback_datetime)
-        return [("sr", built.sr)] + ([("seg", built.seg)] if built.seg is not None else [])

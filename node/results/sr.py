@@ -122,41 +122,21 @@ def _classification_group(
     return group
 
 
-def _lesion_volume_group(
-    seg: Dataset, findings: Findings, algorithm: AlgorithmIdentity, voxel: VoxelSize, uid: str
+def _volume_group(
+    seg: Dataset, mask: np.ndarray, segment: SegmentNumber, algorithm: AlgorithmIdentity, voxel: VoxelSize, uid: str
 ) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+    """A TID 1411 group measuring the volume of ``mask``, the SEG's ``segment`` (lungs or lesion)."""
+    lesion = segment is SegmentNumber.LESION
     alg = algorithm_template(algorithm)
-    volume_ml = float(findings.lesion.sum()) * voxel.volume_ml
-    with converting("building the lesion volume group"):
+    volume_ml = float(mask.sum()) * voxel.volume_ml
+    with converting(f"building the {'lesion' if lesion else 'lung'} volume group"):
         return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=_tracking(uid, "Lesion"),
-            referenced_segment=hd.sr.ReferencedSegment.from_segmentation(seg, int(SegmentNumber.LESION)),
-            finding_type=_coded(codes.LESION),
-            finding_category=_coded(codes.MORPHOLOGICALLY_ABNORMAL_STRUCTURE),
-            finding_sites=[hd.sr.FindingSite(anatomic_location=_coded(codes.LUNG))],
-            algorithm_id=alg,
-            measurements=[
-                hd.sr.Measurement(
-                    name=_coded(codes.VOLUME),
-                    value=volume_ml,
-                    unit=_coded(codes.UNIT_MILLILITER),
-                    algorithm_id=alg,
-                )
-            ],
-        )
-
-
-def _lung_volume_group(
-    seg: Dataset, findings: Findings, algorithm: AlgorithmIdentity, voxel: VoxelSize, uid: str
-) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
-    alg = algorithm_template(algorithm)
-    volume_ml = float(findings.lungs.sum()) * voxel.volume_ml
-    with converting("building the lung volume group"):
-        return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=_tracking(uid, "Lungs"),
-            referenced_segment=hd.sr.ReferencedSegment.from_segmentation(seg, int(SegmentNumber.LUNGS)),
-            finding_type=_coded(codes.LUNG),
-            finding_category=_coded(codes.ANATOMICAL_STRUCTURE),
+            tracking_identifier=_tracking(uid, "Lesion" if lesion else "Lungs"),
+            referenced_segment=hd.sr.ReferencedSegment.from_segmentation(seg, int(segment)),
+            finding_type=_coded(codes.LESION if lesion else codes.LUNG),
+            finding_category=_coded(
+                codes.MORPHOLOGICALLY_ABNORMAL_STRUCTURE if lesion else codes.ANATOMICAL_STRUCTURE
+            ),
             finding_sites=[hd.sr.FindingSite(anatomic_location=_coded(codes.LUNG))],
             algorithm_id=alg,
             measurements=[
@@ -293,10 +273,13 @@ def build_results(
     if findings.classified:
         first = _classification_group(sources, findings, algorithm, key, uid(ResultKind.TRACKING_CLASSIFICATION))
     else:
-        first = _lung_volume_group(seg, findings, algorithm, voxel, uid(ResultKind.TRACKING_LUNG_VOLUME))
+        first = _volume_group(seg, findings.lungs, SegmentNumber.LUNGS, algorithm, voxel,
+                              uid(ResultKind.TRACKING_LUNG_VOLUME))
     first[0].ContentSequence.extend(notes)
     groups = [first]
-    groups.append(_lesion_volume_group(seg, findings, algorithm, voxel, uid(ResultKind.TRACKING_LESION)))
+    groups.append(
+        _volume_group(seg, findings.lesion, SegmentNumber.LESION, algorithm, voxel, uid(ResultKind.TRACKING_LESION))
+    )
     library = list(key)
     if findings.lesion.any():
         roi = _roi_slice(findings, key)
