@@ -255,10 +255,16 @@ class Worker:
         return [Superseded(r.study_uid, r.result_series_uid, r.sop_uid, r.sop_class_uid) for r in self._previous(job)]
 
     def _withdrawal(self, job: Job, algorithm: AlgorithmIdentity) -> list[tuple[str, Dataset]]:
-        """An IOCM rejection note (KOS) withdrawing the previous version's objects, sent with the new ones."""
-        previous = [dcmread(r.path) for r in self._previous(job) if Path(r.path).exists()]
-        if not previous:
+        """An IOCM rejection note (KOS) withdrawing the previous version's objects, sent with the new ones. Objects
+        whose files retention already deleted are referenced by the UIDs their result rows keep."""
+        rows = self._previous(job)
+        if not rows:
             return []
+        kept = [r for r in rows if Path(r.path).exists()]
+        previous = [dcmread(r.path) for r in kept]
+        if len(kept) < len(rows):
+            header = _header(_by_position(self._instances(job.series_uid))[0].path)
+            previous += [_stub(r, header) for r in rows if r not in kept]
         kos = build_rejection_kos(previous, algorithm, source_series_uid=job.series_uid, series_version=job.version)
         return [("kos", kos)]
 
@@ -356,6 +362,26 @@ class Worker:
 
 class LeaseLost(Exception):
     """The job's lease expired and another worker may hold it: drop this attempt's outcome."""
+
+
+_STUDY_KEYWORDS = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate", "StudyTime",
+    "AccessionNumber", "ReferringPhysicianName", "StudyID",
+)
+
+
+def _stub(row: Any, header: Dataset) -> Dataset:
+    """A stand-in for a result object whose file is gone: its UIDs from the results row, the patient and study
+    from the source series (the same study), enough for a rejection note to reference it."""
+    ds = Dataset()
+    for keyword in _STUDY_KEYWORDS:
+        if keyword in header:
+            ds[keyword] = header[keyword]
+    ds.StudyInstanceUID = row.study_uid
+    ds.SeriesInstanceUID = row.result_series_uid
+    ds.SOPInstanceUID = row.sop_uid
+    ds.SOPClassUID = row.sop_class_uid
+    return ds
 
 
 def _header(path: str) -> Dataset:

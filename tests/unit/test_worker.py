@@ -337,3 +337,28 @@ def test_a_dead_job_whose_failure_report_fails_too_is_an_alert(node, tmp_path):
     assert [r.id for r in queue.unreported()] == [job_id]
     text = metrics.render()[0].decode()
     assert 'pacsnode_jobs_ended_total{outcome="unreported",pipeline="pneumonia"} 1.0' in text
+
+
+def test_a_superseded_version_whose_files_were_purged_is_still_withdrawn(node, tmp_path):
+    config, engine, ingestor, queue, dispatcher, sender = node
+    series = receive(ingestor, tmp_path, "purged", slices=10, seed=12)
+    worker = Worker(config, engine, queue, dispatcher, lambda: FixedRunner(0.2))
+    queue_job(queue, series.series_uid, 1)
+    worker.run_pending()
+    with engine.connect() as conn:
+        v1 = {r.kind: r for r in conn.execute(results.select())}
+    for row in v1.values():
+        Path(row.path).unlink()  # retention deleted the delivered v1 files
+    queue_job(queue, series.series_uid, 2)
+    worker.run_pending()
+    with engine.connect() as conn:
+        kos_path = conn.execute(results.select().where(results.c.kind == "kos")).one().path
+    kos = pydicom.dcmread(kos_path)
+    rejected = {
+        (ser.SeriesInstanceUID, sop.ReferencedSOPInstanceUID, sop.ReferencedSOPClassUID)
+        for study in kos.CurrentRequestedProcedureEvidenceSequence
+        for ser in study.ReferencedSeriesSequence
+        for sop in ser.ReferencedSOPSequence
+    }
+    assert rejected == {(r.result_series_uid, r.sop_uid, r.sop_class_uid) for r in v1.values()}
+    assert kos.StudyInstanceUID == series.study_uid and kos.PatientID == "CTGEN-0001"
