@@ -1,6 +1,6 @@
 """The `pacsnode` command: the only place that parses arguments and wires stages together.
 
-Subcommands: ``serve``, ``config check|reload``, ``echo``, ``send``, ``status``, ``retry``, ``demo``, and the training side's (``phantom``, ``train`` ...)
+Subcommands: ``serve``, ``config check|reload``, ``echo``, ``send``, ``status``, ``purge``, ``retry``, ``demo``, and the training side's (``phantom``, ``train`` ...)
 registered by `training.cli` when it is importable. Exit codes: 0 success, 1 operation failed, 2 bad usage/config.
 """
 
@@ -134,6 +134,23 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_purge(args: argparse.Namespace) -> int:
+    from node.retention import Retention
+
+    configure_logging("WARNING")  # the report goes to stdout; log lines stay off it
+    config, (index, _, _) = _open_db(args)
+    report = Retention(config, index.engine).purge(dry_run=args.dry_run)
+    data = report.as_dict()
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    verb = "would delete" if args.dry_run else "deleted"
+    print(f"{verb}: {data['instance_files']} received instances of {data['series']} series, "
+          f"{data['result_files']} result files, {data['bytes_freed'] / 1e6:.1f} MB; disk "
+          f"{data['disk_percent_before']} % → {data['disk_percent_after']} %")
+    return 0
+
+
 def cmd_retry(args: argparse.Namespace) -> int:
     _, (_, queue, dispatcher) = _open_db(args)
     n = dispatcher.retry(args.delivery or None, destination=args.destination)
@@ -201,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     status.add_argument("--errors", type=int, default=10, help="how many recent errors to show")
     status.set_defaults(func=cmd_status)
+
+    purge = with_config(sub.add_parser("purge", help="delete settled data as [retention] allows"))
+    purge.add_argument("--dry-run", action="store_true", help="only report what would be deleted")
+    purge.add_argument("--json", action="store_true")
+    purge.set_defaults(func=cmd_purge)
 
     retry = with_config(sub.add_parser("retry", help="replay dead-lettered deliveries (and jobs with --jobs)"))
     retry.add_argument("--delivery", type=int, nargs="*", help="delivery ids (default: all dead)")

@@ -258,6 +258,16 @@ class DispatchSection(_Frozen):
     timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 30.0
 
 
+class RetentionSection(_Frozen):
+    """How long files stay after they have served their purpose (0 = forever); see `node.retention`."""
+
+    instances_days: Annotated[float, Field(ge=0)] = 7.0  # received instances, after the series settled
+    results_days: Annotated[float, Field(ge=0)] = 30.0  # SR/SEG/KOS files, after delivery
+    dead_letter_days: Annotated[float, Field(ge=0)] = 30.0  # series with a dead job or delivery
+    max_disk_percent: Annotated[float, Field(gt=0, le=100)] | None = 90.0  # then oldest settled first
+    interval_minutes: Annotated[float, Field(gt=0, le=1440)] = 60.0  # how often the node purges
+
+
 class DatabaseSection(_Frozen):
     url: str = ""  # empty: SQLite under data_dir
 
@@ -295,6 +305,7 @@ class NodeConfig(_Frozen):
     queue: QueueSection = QueueSection()
     worker: WorkerSection = WorkerSection()
     dispatch: DispatchSection = DispatchSection()
+    retention: RetentionSection = RetentionSection()
     destinations: tuple[Destination, ...] = ()
     routes: tuple[Route, ...] = DEFAULT_ROUTES
     source: str | None = Field(default=None, exclude=True)

@@ -51,6 +51,7 @@ series = sa.Table(
     sa.Column("version", sa.Integer, nullable=False, server_default="0"),
     sa.Column("state_changed_at", sa.Float, nullable=False),
     sa.Column("route", sa.String(64)),  # the route (or built-in rule) that decided at the last completion
+    sa.Column("purged_at", sa.Float),  # when retention deleted its instances (the row stays: version, route)
 )
 
 instances = sa.Table(

@@ -261,7 +261,7 @@ class Worker:
         if not rows:
             return []
         kept = [r for r in rows if Path(r.path).exists()]
-        previous = [dcmread(r.path) for r in kept]
+        previous: list[Dataset] = [dcmread(r.path) for r in kept]
         if len(kept) < len(rows):
             header = _header(_by_position(self._instances(job.series_uid))[0].path)
             previous += [_stub(r, header) for r in rows if r not in kept]

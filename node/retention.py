@@ -1,0 +1,218 @@
+"""Retention: delete what has served its purpose, never what a job or a delivery may still need.
+
+`Retention.purge(dry_run=...)` returns a `PurgeReport` after deleting, per series:
+  * **received instances** (spool files and their index rows) of a series that is *settled* — ignored, or complete
+    with no job waiting or running and every delivery of it delivered — ``[retention] instances_days`` after it
+    settled (its last delivery, or the time it was ignored);
+  * **result files** (SR, SEG, KOS under ``data_dir/results``) of a settled series ``results_days`` after it;
+  * **dead letters** — a series whose job or a delivery is dead — are kept ``dead_letter_days`` (so an admin can
+    `pacsnode retry` them), then their instances and result files go the same way;
+  * and, while the data directory's file system is fuller than ``max_disk_percent``, the instances and results of
+    settled series regardless of age, the oldest settled first (dead letters are never deleted early).
+A purged series keeps its row (route, version, ``purged_at``), and result rows keep their UIDs, so a re-sent series
+becomes a new version and its new results withdraw the old ones by UID. Empty spool folders are removed. ``0`` days
+keeps a kind forever.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from node.config import NodeConfig
+from node.dispatch import deliveries
+from node.index import instances, series
+from node.logs import get_logger
+from node.queue import jobs
+from node.states import DeliveryState, JobState, SeriesState
+
+_DAY = 86400.0
+
+
+@dataclass
+class PurgeReport:
+    """What a purge deleted (or, dry run, would delete)."""
+
+    dry_run: bool
+    series: list[str] = field(default_factory=list)  # series whose instances were purged
+    purged_results: list[Path] = field(default_factory=list, repr=False)
+    instance_files: int = 0
+    result_files: int = 0
+    bytes_freed: int = 0
+    disk_percent_before: float = 0.0
+    disk_percent_after: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "dry_run": self.dry_run, "series": len(self.series), "instance_files": self.instance_files,
+            "result_files": self.result_files, "bytes_freed": self.bytes_freed,
+            "disk_percent_before": round(self.disk_percent_before, 1),
+            "disk_percent_after": round(self.disk_percent_after, 1),
+        }
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    series_uid: str
+    settled_at: float  # when it stopped needing its files (last delivery, ignore, or dead letter)
+    dead: bool
+
+
+def disk_usage(path: Path) -> tuple[int, int]:
+    """(used, total) bytes of the file system holding ``path`` (used as an unprivileged writer sees it)."""
+    usage = shutil.disk_usage(path)
+    return usage.total - usage.free, usage.total
+
+
+def _percent(used: int, total: int) -> float:
+    return 100.0 * max(used, 0) / total if total else 0.0
+
+
+class Retention:
+    """Purges over one engine and the data directory; ``clock`` returns epoch seconds (injected in tests)."""
+
+    def __init__(self, config: NodeConfig, engine: Engine, *, clock: Callable[[], float] = time.time,
+                 disk_usage: Callable[[Path], tuple[int, int]] = disk_usage) -> None:
+        self.config = config
+        self.engine = engine
+        self.clock = clock
+        self.disk_usage = disk_usage
+        self.log = get_logger(component="retention")
+
+    def apply_config(self, config: NodeConfig) -> None:
+        self.config = config
+
+    def purge(self, *, dry_run: bool = False) -> PurgeReport:
+        """Delete what the retention settings allow (nothing with ``dry_run``: report what would go)."""
+        settings = self.config.retention
+        data_dir = self.config.node.data_dir
+        used, total = self.disk_usage(data_dir)
+        report = PurgeReport(dry_run=dry_run, disk_percent_before=_percent(used, total))
+        now = self.clock()
+        candidates = sorted(self._candidates(), key=lambda c: c.settled_at)  # oldest settled first
+        for c in candidates:
+            keep = settings.dead_letter_days if c.dead else settings.instances_days
+            if keep and now - c.settled_at >= keep * _DAY:
+                self._purge_instances(c.series_uid, report, dry_run)
+            keep = settings.dead_letter_days if c.dead else settings.results_days
+            if keep and now - c.settled_at >= keep * _DAY:
+                self._purge_results(c.series_uid, report, dry_run)
+        ceiling = settings.max_disk_percent
+        for c in candidates:
+            if ceiling is None or c.dead:  # dead letters wait for an admin, whatever the disk
+                continue
+            if dry_run:
+                used_now, total_now = used - report.bytes_freed, total  # what the deletions so far would free
+            else:
+                used_now, total_now = self.disk_usage(data_dir)
+            if _percent(used_now, total_now) <= ceiling:
+                break
+            self._purge_instances(c.series_uid, report, dry_run)
+            self._purge_results(c.series_uid, report, dry_run)
+        used_after, total_after = self.disk_usage(data_dir)
+        if dry_run:
+            used_after -= report.bytes_freed
+        report.disk_percent_after = _percent(used_after, total_after)
+        self.log.info("retention_purged", **report.as_dict())
+        return report
+
+    # -- what may go -------------------------------------------------------------------------------------------
+    def _candidates(self) -> Iterable[_Candidate]:
+        """Settled series with files left: ignored ones, complete ones whose jobs ended and deliveries are all
+        delivered, and dead letters (a dead job or delivery, nothing still pending)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(series.c.series_uid, series.c.state, series.c.state_changed_at).where(
+                    series.c.state.in_([SeriesState.COMPLETE, SeriesState.IGNORED])
+                )
+            ).all()
+            for row in rows:
+                job_states = [r.state for r in conn.execute(
+                    sa.select(jobs.c.state, jobs.c.finished_at).where(jobs.c.series_uid == row.series_uid))]
+                sends = conn.execute(
+                    sa.select(deliveries.c.state, deliveries.c.delivered_at, deliveries.c.last_attempt_at)
+                    .where(deliveries.c.series_uid == row.series_uid)
+                ).all()
+                if any(s in (JobState.QUEUED, JobState.RUNNING) for s in job_states):
+                    continue
+                if any(d.state in (DeliveryState.PENDING, DeliveryState.SENDING) for d in sends):
+                    continue
+                dead = JobState.DEAD in job_states or any(d.state == DeliveryState.DEAD for d in sends)
+                times = [row.state_changed_at] + [d.delivered_at or d.last_attempt_at or 0.0 for d in sends]
+                yield _Candidate(row.series_uid, max(t for t in times if t is not None), dead)
+
+    # -- deleting ----------------------------------------------------------------------------------------------
+    def _purge_instances(self, series_uid: str, report: PurgeReport, dry_run: bool) -> None:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(instances.c.sop_uid, instances.c.path).where(instances.c.series_uid == series_uid)
+            ).all()
+        if not rows or series_uid in report.series:
+            return
+        report.series.append(series_uid)
+        report.instance_files += len(rows)
+        report.bytes_freed += sum(_size(r.path) for r in rows)
+        if dry_run:
+            return
+        # Rows first: a crash between the two leaves orphan files (harmless, swept by the next purge of the
+        # folder), never rows pointing at deleted files.
+        with self.engine.begin() as conn:
+            conn.execute(instances.delete().where(instances.c.series_uid == series_uid))
+            conn.execute(
+                series.update().where(series.c.series_uid == series_uid)
+                .values(instance_count=0, purged_at=self.clock())
+            )
+        folders = set()
+        for r in rows:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(r.path)
+            folders.add(Path(r.path).parent)
+        _remove_empty(folders, self.config.node.spool_dir)
+
+    def _purge_results(self, series_uid: str, report: PurgeReport, dry_run: bool) -> None:
+        from node.worker import results  # the worker's table; imported here so status-only tools stay light
+
+        with self.engine.connect() as conn:
+            paths = [Path(r.path) for r in conn.execute(
+                sa.select(results.c.path).where(results.c.series_uid == series_uid))]
+            for d in conn.execute(sa.select(deliveries.c.files).where(deliveries.c.series_uid == series_uid)):
+                paths += [Path(p) for p in json.loads(d.files)]
+        present = sorted({p for p in paths if p.exists()} - set(report.purged_results))
+        report.purged_results.extend(present)
+        report.result_files += len(present)
+        report.bytes_freed += sum(_size(p) for p in present)
+        if dry_run:
+            return
+        for path in present:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        _remove_empty({p.parent for p in present}, self.config.node.data_dir / "results")
+
+
+def _size(path: str | Path) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
+
+
+def _remove_empty(folders: Iterable[Path], root: Path) -> None:
+    """Remove ``folders`` and their parents up to (not including) ``root`` while they are empty."""
+    for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+        current = folder
+        while current != root and root in current.parents:
+            try:
+                current.rmdir()
+            except OSError:
+                break
+            current = current.parent

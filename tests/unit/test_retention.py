@@ -1,0 +1,193 @@
+"""Retention on a real index, queue, worker and dispatcher (the model runner and PACS sender at their seams): only
+settled series lose files, each kind after its own days, dead letters last, and under a disk ceiling the oldest
+settled first; the index stays consistent with the spool."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydicom
+import pytest
+import sqlalchemy as sa
+
+from node.config import DestinationKind, NodeConfig
+from node.db import create_engine_for, init_schema
+from node.dispatch import Dispatcher, deliveries
+from node.index import Index, instances, series
+from node.ingest import Ingestor, Origin
+from node.queue import JobQueue
+from node.retention import Retention
+from node.spool import Spool
+from node.states import DeliveryState
+from node.worker import Worker, results
+from tests.ctgen import write_ct_series
+from tests.dicomfiles import dataset_bytes
+from tests.fakeclock import FakeClock
+from tests.unit.test_worker import FixedRunner, RecordingSender, queue_job
+
+DAY = 86400.0
+
+
+class Site:
+    def __init__(self, tmp_path: Path, retention: dict | None = None) -> None:
+        self.tmp_path = tmp_path
+        self.clock = FakeClock()
+        self.config = NodeConfig.model_validate({
+            "node": {"data_dir": str(tmp_path / "data")},
+            "queue": {"max_attempts": 1, "retry_delay_seconds": 0},
+            "gate": {"min_slices": 8, "scope_check": False},
+            "retention": {"max_disk_percent": None, **(retention or {})},
+            "destinations": [{"name": "pacs", "kind": "dimse", "ae_title": "PACS", "host": "127.0.0.1",
+                              "port": 104}],
+        })
+        self.engine = create_engine_for(f"sqlite:///{tmp_path / 'node.db'}")
+        init_schema(self.engine)
+        self.index = Index(self.engine, clock=self.clock)
+        self.ingestor = Ingestor(Spool(self.config.node.spool_dir), self.index)
+        self.queue = JobQueue(self.engine, self.config.queue, clock=self.clock)
+        self.sender = RecordingSender()
+        self.dispatcher = Dispatcher(self.config, self.engine, {DestinationKind.DIMSE: self.sender},
+                                     clock=self.clock)
+        self.used = 0
+        self.retention = Retention(self.config, self.engine, clock=self.clock, disk_usage=self._disk)
+
+    def _disk(self, _: Path) -> tuple[int, int]:
+        """A 1 MB 'disk' whose use is what the data directory really holds plus ``used``."""
+        files = sum(p.stat().st_size for p in (self.tmp_path / "data").rglob("*.dcm"))
+        return files + self.used, 1_000_000
+
+    def series(self, name: str, seed: int, *, runner: FixedRunner | None = None, deliver: bool = True) -> str:
+        made = write_ct_series(self.tmp_path / name, size=32, slices=10, seed=seed)
+        for path in made.paths:
+            self.ingestor.accept(dataset_bytes(path), "1.2.840.10008.1.2.1", Origin("CT1", "a1"))
+        with self.engine.begin() as conn:
+            conn.execute(series.update().where(series.c.series_uid == made.series_uid).values(state="complete",
+                                                                                              version=1))
+        queue_job(self.queue, made.series_uid)
+        Worker(self.config, self.engine, self.queue, self.dispatcher, lambda: runner or FixedRunner(0.9),
+               clock=self.clock).run_pending()
+        if deliver:
+            self.dispatcher.run_once()
+        return made.series_uid
+
+    def spool_files(self, series_uid: str) -> list[Path]:
+        return [p for p in self.config.node.spool_dir.rglob("*.dcm") if p.parent.name == series_uid]
+
+    def result_files(self, series_uid: str) -> list[Path]:
+        with self.engine.connect() as conn:
+            return [Path(r.path) for r in conn.execute(results.select().where(results.c.series_uid == series_uid))
+                    if Path(r.path).exists()]
+
+    def consistent(self) -> bool:
+        """Every indexed instance has its file, and every spooled file its row (what a restart relies on)."""
+        with self.engine.connect() as conn:
+            rows = {Path(r.path) for r in conn.execute(sa.select(instances.c.path))}
+        files = set(self.config.node.spool_dir.rglob("*.dcm"))
+        return rows == files
+
+
+@pytest.fixture
+def site(tmp_path):
+    s = Site(tmp_path)
+    yield s
+    s.engine.dispose()
+
+
+def test_delivered_series_lose_instances_then_results_each_after_their_days(site):
+    uid = site.series("a", seed=1)
+    assert len(site.spool_files(uid)) == 10 and len(site.result_files(uid)) == 2
+    site.clock.now += 6 * DAY
+    assert site.retention.purge().instance_files == 0
+    site.clock.now += 1 * DAY
+    report = site.retention.purge()
+    assert (report.instance_files, report.result_files) == (10, 0)
+    assert site.spool_files(uid) == [] and len(site.result_files(uid)) == 2 and site.consistent()
+    row = site.index.get_series(uid)
+    assert (row.state, row.instance_count, row.version) == ("complete", 0, 1) and row.purged_at
+    site.clock.now += 23 * DAY
+    assert site.retention.purge().result_files == 2
+    assert site.result_files(uid) == []
+    assert not any((site.config.node.data_dir / "results").iterdir())  # empty folders removed too
+
+
+def test_a_dry_run_deletes_nothing(site):
+    uid = site.series("a", seed=2)
+    site.clock.now += 40 * DAY
+    report = site.retention.purge(dry_run=True)
+    assert (report.instance_files, report.result_files) == (10, 2) and report.bytes_freed > 0
+    assert len(site.spool_files(uid)) == 10 and len(site.result_files(uid)) == 2
+
+
+def test_nothing_undelivered_or_unprocessed_is_deleted(site):
+    pending = site.series("pending", seed=3, deliver=False)  # results made, not yet at the PACS
+    receiving = write_ct_series(site.tmp_path / "recv", size=32, slices=4, seed=4)
+    for path in receiving.paths:  # still arriving: no job yet
+        site.ingestor.accept(dataset_bytes(path), "1.2.840.10008.1.2.1", Origin("CT1", "a2"))
+    site.clock.now += 400 * DAY
+    report = site.retention.purge()
+    assert report.instance_files == 0 and report.result_files == 0
+    assert len(site.spool_files(pending)) == 10 and len(site.spool_files(receiving.series_uid)) == 4
+
+
+def test_dead_letters_are_kept_for_their_own_days(site):
+    failed = site.series("dead", seed=5, runner=FixedRunner(fail=True))  # dead job, a failure SR delivered
+    with site.engine.begin() as conn:  # and a dead delivery elsewhere
+        conn.execute(deliveries.update().values(state=DeliveryState.DEAD, last_attempt_at=site.clock()))
+    site.clock.now += 29 * DAY
+    assert site.retention.purge().instance_files == 0
+    site.clock.now += 1 * DAY
+    assert site.retention.purge().instance_files == 10 and site.spool_files(failed) == [] and site.consistent()
+
+
+def test_above_the_disk_ceiling_the_oldest_settled_series_go_first(tmp_path):
+    site = Site(tmp_path, {"max_disk_percent": 50, "instances_days": 0, "results_days": 0})
+    old = site.series("old", seed=6)
+    site.clock.now += DAY
+    new = site.series("new", seed=7)
+    dead = site.series("dead", seed=8, runner=FixedRunner(fail=True))
+    used = site._disk(tmp_path)[0]
+    # make the disk just over the ceiling: freeing the oldest series is enough
+    site.used = 500_000 - used + sum(p.stat().st_size for p in site.spool_files(old) + site.result_files(old)) // 2
+    report = site.retention.purge()
+    assert report.series == [old] and report.disk_percent_after <= 50 < report.disk_percent_before
+    assert site.spool_files(old) == [] and len(site.spool_files(new)) == 10 and len(site.spool_files(dead)) == 10
+    site.used = 10_000_000  # far over: every settled series goes, dead letters still wait
+    report = site.retention.purge()
+    assert report.series == [new] and len(site.spool_files(dead)) == 10 and site.consistent()
+    site.engine.dispose()
+
+
+def test_a_resent_purged_series_becomes_a_new_version(site):
+    uid = site.series("a", seed=9)
+    site.clock.now += 8 * DAY
+    site.retention.purge()
+    made = write_ct_series(site.tmp_path / "a2", size=32, slices=10, seed=9)  # the same series, sent again
+    for path in made.paths:
+        site.ingestor.accept(dataset_bytes(path), "1.2.840.10008.1.2.1", Origin("CT1", "a3"))
+    row = site.index.get_series(uid)
+    assert (row.state, row.instance_count, row.version) == ("reopened", 10, 1)
+    assert pydicom.dcmread(site.spool_files(uid)[0]).SeriesInstanceUID == uid
+
+
+def test_pacsnode_purge_dry_run_then_real(site, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    uid = site.series("cli", seed=10)
+    with site.engine.begin() as conn:  # settled 8 days ago by the wall clock the CLI uses
+        conn.execute(deliveries.update().values(delivered_at=site.clock() - 8 * DAY))
+        conn.execute(series.update().values(state_changed_at=site.clock() - 8 * DAY))
+    config_path = tmp_path / "node.toml"
+    config_path.write_text(f'[node]\ndata_dir = "{tmp_path / "data"}"\n[database]\nurl = "sqlite:///{tmp_path / "node.db"}"\n')
+
+    def purge(*flags: str) -> dict:
+        done = subprocess.run([sys.executable, "-m", "node.cli", "purge", "--config", str(config_path), "--json",
+                               *flags], capture_output=True, text=True, cwd=REPO, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    assert purge("--dry-run")["instance_files"] == 10 and len(site.spool_files(uid)) == 10
+    assert purge()["instance_files"] == 10 and site.spool_files(uid) == [] and site.consistent()
