@@ -55,6 +55,7 @@ class _ScrapeTimeCollector:
         self.jobs: Callable[[], Mapping[str, int]] | None = None
         self.series: Callable[[], Mapping[str, int]] | None = None
         self.deliveries: Callable[[], Mapping[tuple[str, str], int]] | None = None
+        self.disk: Callable[[], tuple[int, int]] | None = None
 
     def describe(self) -> Iterable[Metric]:
         return []  # names are not reserved up front: the callables may not be bound yet
@@ -62,6 +63,7 @@ class _ScrapeTimeCollector:
     def collect(self) -> Iterable[Metric]:
         with self._lock:
             queue_depth, jobs, series, deliveries = self.queue_depth, self.jobs, self.series, self.deliveries
+            disk = self.disk
         if queue_depth is not None:
             value = self._read("queue_depth", queue_depth)
             if value is not None:
@@ -89,6 +91,15 @@ class _ScrapeTimeCollector:
                 for (dest, state), n in sorted(by_dest.items()):
                     family.add_metric([str(dest), str(state)], n)
                 yield family
+
+        if disk is not None:
+            usage = self._read("disk", disk)
+            if usage is not None:
+                used, total = usage
+                yield GaugeMetricFamily("pacsnode_disk_used_bytes", "Bytes used on the data directory's file system.",
+                                        value=used)
+                yield GaugeMetricFamily("pacsnode_disk_total_bytes", "Size of the data directory's file system.",
+                                        value=total)
 
     def _read(self, name: str, fn: Callable[[], Any]) -> Any:
         try:
@@ -161,11 +172,14 @@ class Metrics:
         jobs: Callable[[], Mapping[str, int]] | None = None,
         series: Callable[[], Mapping[str, int]] | None = None,
         deliveries: Callable[[], Mapping[tuple[str, str], int]] | None = None,
+        disk: Callable[[], tuple[int, int]] | None = None,
     ) -> None:
         """Set the callables read at scrape time (e.g. ``JobQueue.depth``, ``JobQueue.counts``,
-        ``Index.series_counts``, ``Dispatcher.counts``); arguments left out keep their current binding."""
+        ``Index.series_counts``, ``Dispatcher.counts``, ``(used, total)`` bytes of the data disk); arguments left out
+        keep their current binding."""
         with self._gauges._lock:
-            for name, fn in (("queue_depth", queue_depth), ("jobs", jobs), ("series", series), ("deliveries", deliveries)):
+            for name, fn in (("queue_depth", queue_depth), ("jobs", jobs), ("series", series), ("deliveries", deliveries),
+                             ("disk", disk)):
                 if fn is not None:
                     if not callable(fn):
                         raise TypeError(f"{name} must be callable, not {type(fn).__name__}")

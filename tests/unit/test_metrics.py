@@ -88,6 +88,8 @@ def test_gauges_are_read_at_scrape_time():
     m.bind(series=lambda: {"receiving": 4})  # later bindings add, earlier ones stay
     assert value(m, "pacsnode_series", state="receiving") == 4
     assert value(m, "pacsnode_queue_depth") == 7
+    m.bind(disk=lambda: (900, 1000))
+    assert (value(m, "pacsnode_disk_used_bytes"), value(m, "pacsnode_disk_total_bytes")) == (900, 1000)
 
 
 def test_a_failing_gauge_source_leaves_the_rest_and_is_counted():
