@@ -268,6 +268,16 @@ class RetentionSection(_Frozen):
     interval_minutes: Annotated[float, Field(gt=0, le=1440)] = 60.0  # how often the node purges
 
 
+class SuperviseSection(_Frozen):
+    """Supervised loops (`node.supervise`): when one counts as stuck, how often a dead one is restarted."""
+
+    stuck_after_periods: Annotated[float, Field(ge=2, le=1000)] = 10.0  # no heartbeat for this many periods: stuck
+    item_seconds: Annotated[float, Field(gt=0, le=86400)] = 1800.0  # one job (models) may hold the worker this long
+    max_restarts: Annotated[int, Field(ge=0, le=100)] = 5  # per loop within the window; one more death: exit 70
+    restart_window_seconds: Annotated[float, Field(gt=0, le=86400)] = 600.0
+    restart_backoff_seconds: Annotated[float, Field(gt=0, le=60)] = 1.0  # doubles with each restart in the window
+
+
 class DatabaseSection(_Frozen):
     url: str = ""  # empty: SQLite under data_dir
 
@@ -306,6 +316,7 @@ class NodeConfig(_Frozen):
     worker: WorkerSection = WorkerSection()
     dispatch: DispatchSection = DispatchSection()
     retention: RetentionSection = RetentionSection()
+    supervise: SuperviseSection = SuperviseSection()
     destinations: tuple[Destination, ...] = ()
     routes: tuple[Route, ...] = DEFAULT_ROUTES
     source: str | None = Field(default=None, exclude=True)
