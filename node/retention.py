@@ -123,7 +123,10 @@ class Retention:
         if dry_run:
             used_after -= report.bytes_freed
         report.disk_percent_after = _percent(used_after, total_after)
-        self.log.info("retention_purged", **report.as_dict())
+        if dry_run:
+            self.log.debug("retention_dry_run", **report.as_dict())  # the status page asks often
+        else:
+            self.log.info("retention_purged", **report.as_dict())
         return report
 
     # -- what may go -------------------------------------------------------------------------------------------
