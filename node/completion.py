@@ -15,6 +15,8 @@ routes it (`node.routing`): a series a route sends to a pipeline is marked compl
 and a job with its priority; any other series is marked ignored and gets nothing. State lives only in the
 database, so a restarted node re-times series from their last_received_at. An apscheduler job runs the sweep
 every ``sweep_seconds``; `nudge()` runs one at once (the DIMSE server calls it when an association is released).
+No failure stops the schedule: a series that makes the rule or routing raise is logged and judged again next sweep
+while the others go on; the sweep beats the heartbeat registry (`node.supervise`) as loop ``completion``.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ from node.queue import JobQueue
 from node.routing import Decision, read_header, route
 from node.stack import analyse_stack
 from node.states import NODE_MANUFACTURER, AssociationState, SeriesState
+from node.supervise import Heartbeats, failure
+
+LOOP = "completion"  # the sweep's name in the heartbeat registry
 
 
 class CompletionReason(StrEnum):
@@ -107,6 +112,7 @@ class CompletionSweeper:
         clock: Callable[[], float] = time.time,
         on_complete: Callable[[str, int], None] | None = None,
         metrics: Metrics | None = None,
+        heartbeats: Heartbeats | None = None,
     ) -> None:
         self.config = config
         self.engine = engine
@@ -116,12 +122,20 @@ class CompletionSweeper:
         self.metrics = metrics or Metrics()
         self.log = get_logger(component="completion")
         self._scheduler: BackgroundScheduler | None = None
+        self.heartbeats = heartbeats or Heartbeats()
+        self._failures: dict[str, int] = {}  # series_uid -> sweeps in a row that failed on it
 
     def apply_config(self, config: NodeConfig) -> None:
         self.config = config
 
     # -- scheduling ----------------------------------------------------------------------------------------
     def start(self) -> None:
+        """Sweep every ``sweep_seconds`` in apscheduler's thread, supervised as loop ``completion``."""
+        self.heartbeats.register(LOOP, self.config.completion.sweep_seconds, alive=self._running,
+                                 restart=self._restart)
+        self._launch()
+
+    def _launch(self) -> None:
         self._scheduler = BackgroundScheduler(timezone="UTC")
         self._scheduler.add_job(
             self._sweep_logged, "interval", seconds=self.config.completion.sweep_seconds, id="sweep",
@@ -130,21 +144,35 @@ class CompletionSweeper:
         self._scheduler.start()
         self.nudge()
 
+    def _running(self) -> bool:
+        scheduler = self._scheduler
+        return scheduler is not None and scheduler.running
+
+    def _restart(self) -> None:
+        """The supervisor's restart: a fresh scheduler in place of one that stopped."""
+        if self._scheduler is not None and self._scheduler.running:
+            return
+        self._launch()
+
     def nudge(self) -> None:
         """Run a sweep now (in the scheduler's thread); harmless if one is running."""
         if self._scheduler is not None and self._scheduler.running:
             self._scheduler.modify_job("sweep", next_run_time=_utcnow())
 
     def stop(self) -> None:
+        self.heartbeats.unregister(LOOP)
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=True)
             self._scheduler = None
 
     def _sweep_logged(self) -> None:
+        """One scheduled sweep; it never raises (the next one runs on time whatever this one met)."""
+        self.heartbeats.beat(LOOP, busy_for=self.config.supervise.item_seconds)
         try:
             self.sweep()
-        except SQLAlchemyError:
-            self.log.exception("completion_sweep_failed")
+        except Exception as exc:  # noqa: BLE001 - a failed sweep is logged; the schedule goes on
+            self.log.error("completion_sweep_failed", error=failure(exc))
+        self.heartbeats.beat(LOOP)
 
     # -- the sweep -----------------------------------------------------------------------------------------
     def sweep(self) -> list[tuple[str, int, CompletionReason]]:
@@ -156,18 +184,33 @@ class CompletionSweeper:
                 conn.execute(sa.select(series).where(series.c.state.in_([SeriesState.RECEIVING, SeriesState.REOPENED])))
             )
         for row in open_series:
-            with self.engine.connect() as conn:
-                if not self._worth_a_look(conn, row, now):
+            try:
+                with self.engine.connect() as conn:
+                    if not self._worth_a_look(conn, row, now):
+                        continue
+                    rows = list(conn.execute(sa.select(instances).where(instances.c.series_uid == row.series_uid)))
+                    senders = self._senders(conn, row, rows)
+                reason = decide(row, rows, senders, now, self.config.completion, self.config.gate.spacing_tolerance_mm)
+                if reason is None:
                     continue
-                rows = list(conn.execute(sa.select(instances).where(instances.c.series_uid == row.series_uid)))
-                senders = self._senders(conn, row, rows)
-            reason = decide(row, rows, senders, now, self.config.completion, self.config.gate.spacing_tolerance_mm)
-            if reason is None:
+                version = self._complete(row, rows, reason)
+            except SQLAlchemyError:
+                raise  # the database itself failed: this sweep ends, the next one tries again
+            except Exception as exc:  # noqa: BLE001 - one series that breaks the rule or routing must not hold up the rest
+                self._series_failed(row.series_uid, exc)
                 continue
-            version = self._complete(row, rows, reason)
+            self._failures.pop(row.series_uid, None)
             if version is not None:
                 done.append((row.series_uid, version, reason))
         return done
+
+    def _series_failed(self, series_uid: str, exc: Exception) -> None:
+        """Log a series the sweep could not judge (it is judged again next sweep): at its 1st, 2nd, 4th, 8th ...
+        failure in a row, so a series that keeps failing does not flood the log."""
+        n = self._failures.get(series_uid, 0) + 1
+        self._failures[series_uid] = n
+        if n & (n - 1) == 0:
+            self.log.error("series_sweep_failed", series_uid=series_uid, error=failure(exc), failures_in_a_row=n)
 
     def _worth_a_look(self, conn: sa.Connection, row: Any, now: float) -> bool:
         """Cheap pre-check so a series still streaming in costs one row read per sweep, not all its instances:

@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from enum import Enum
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ from node.senders import (
     Sender,
 )
 from node.states import DeliveryState
+from node.supervise import Heartbeats, failure
 
 deliveries = sa.Table(
     "deliveries",
@@ -69,6 +71,12 @@ deliveries = sa.Table(
 )
 
 _MAX_ERROR_CHARS = 2000
+_MAX_ERROR_BACKOFF = 30.0  # seconds between a loop's turns while every turn fails (e.g. the database is down)
+SWEEP_LOOP = "dispatch-sweep"  # loop names in the heartbeat registry; a destination's is "dispatch:<name>"
+
+
+def _loop_name(destination: str) -> str:
+    return f"dispatch:{destination}"
 
 
 # -- the dispatcher -----------------------------------------------------------------------------------------------
@@ -106,6 +114,10 @@ class _Worker:
     stop: threading.Event = field(default_factory=threading.Event)
 
 
+def _running(worker: _Worker) -> bool:
+    return worker.thread is not None and worker.thread.is_alive()
+
+
 def _message(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return text[:_MAX_ERROR_CHARS]
@@ -127,6 +139,7 @@ class Dispatcher:
         clock: Callable[[], float] = time.time,
         rng: Callable[[], float] = random.random,
         on_delivered: Callable[[str, int, str], None] | None = None,
+        heartbeats: Heartbeats | None = None,
     ) -> None:
         if not isinstance(config, NodeConfig):
             raise TypeError(f"config must be a NodeConfig, got {type(config).__name__}")
@@ -146,6 +159,7 @@ class Dispatcher:
         self._running = False
         self._stopping = threading.Event()
         self._insert = insert_for(engine)
+        self._heartbeats = heartbeats or Heartbeats()
 
     @staticmethod
     def _checked(senders: Mapping[DestinationKind, Sender]) -> dict[DestinationKind, Sender]:
@@ -258,14 +272,17 @@ class Dispatcher:
         with ThreadPoolExecutor(max_workers=len(names), thread_name_prefix="pacsnode-dispatch") as pool:
             return sum(pool.map(lambda name: self._drain(name, self._stopping), names))
 
-    def _drain(self, name: str, stop: threading.Event) -> int:
-        """Send ``name``'s due deliveries in order until none is due or one fails transiently."""
+    def _drain(self, name: str, stop: threading.Event, beat: Callable[[float], None] | None = None) -> int:
+        """Send ``name``'s due deliveries in order until none is due or one fails transiently; ``beat(seconds)``
+        is called before each send with the longest it may take (its lease)."""
         handled = 0
         while not (stop.is_set() or self._stopping.is_set()):
             claimed = self._claim(name)
             if claimed is None:
                 break
             handled += 1
+            if beat is not None:
+                beat(self._lease_seconds(len(claimed.files)))
             if self._attempt(claimed) is _Next.BACK_OFF:
                 break
         return handled
@@ -583,18 +600,40 @@ class Dispatcher:
 
     # -- background loop ------------------------------------------------------------------------------------------
     def start(self) -> None:
-        """Start one sending thread per destination and a sweeper; returns at once."""
+        """Start one sending thread per destination and a sweeper; returns at once. Each is a supervised loop
+        (``dispatch:<destination>``, ``dispatch-sweep``) that beats the heartbeat registry."""
         with self._lock:
             if self._running:
                 raise RuntimeError("the dispatcher is already running")
             self._running = True
             self._stopping.clear()
             self._sync_workers()
-            self._sweeper = threading.Thread(
-                target=self._sweep_loop, name="pacsnode-dispatch-sweep", daemon=True
-            )
-            self._sweeper.start()
+            self._heartbeats.register(SWEEP_LOOP, self._sweep_period(), alive=self._sweeper_alive,
+                                      restart=self._revive_sweeper)
+            self._start_sweeper()
         self._log.info("dispatch_started", destinations=sorted(self._workers))
+
+    def _start_sweeper(self) -> None:
+        """(Caller holds ``_lock``.)"""
+        self._sweeper = threading.Thread(target=self._sweep_loop, name="pacsnode-dispatch-sweep", daemon=True)
+        self._sweeper.start()
+
+    def _sweeper_alive(self) -> bool:
+        sweeper = self._sweeper
+        return sweeper is not None and sweeper.is_alive()
+
+    def _revive_sweeper(self) -> None:
+        """The supervisor's restart: a new sweep thread if the dispatcher runs and the old one ended."""
+        with self._lock:
+            if self._running and not self._sweeper_alive():
+                self._start_sweeper()
+
+    def _revive(self, name: str) -> None:
+        """The supervisor's restart: a new thread for destination ``name`` if its old one ended."""
+        with self._lock:
+            worker = self._workers.get(name)
+            if self._running and worker is not None and not _running(worker):
+                self._start_worker(worker)
 
     def wake(self) -> None:
         """Look for due work now instead of at the next poll (call after committing new deliveries)."""
@@ -612,6 +651,8 @@ class Dispatcher:
             self._running = False
             self._stopping.set()
             workers = list(self._workers.values())
+            for name in [*self._workers, None]:
+                self._heartbeats.unregister(SWEEP_LOOP if name is None else _loop_name(name))
             self._workers.clear()
             threads = [w.thread for w in workers if w.thread is not None]
             if self._sweeper is not None:
@@ -631,34 +672,69 @@ class Dispatcher:
         """Threads for the configured destinations (caller holds ``_lock``)."""
         wanted = [x.name for x in self._config.destinations]
         for name in set(self._workers) - set(wanted):
+            self._heartbeats.unregister(_loop_name(name))
             worker = self._workers.pop(name)
             worker.stop.set()
             worker.wake.set()
         for name in wanted:
             if name not in self._workers:
                 worker = _Worker(name)
-                worker.thread = threading.Thread(
-                    target=self._worker_loop, args=(worker,), name=f"pacsnode-dispatch-{name}", daemon=True
-                )
                 self._workers[name] = worker
-                worker.thread.start()
+                self._heartbeats.register(
+                    _loop_name(name), self._config.dispatch.poll_seconds,
+                    alive=partial(_running, worker), restart=partial(self._revive, name),
+                )
+                self._start_worker(worker)
+
+    def _start_worker(self, worker: _Worker) -> None:
+        """(Caller holds ``_lock``.)"""
+        worker.thread = threading.Thread(
+            target=self._worker_loop, args=(worker,), name=f"pacsnode-dispatch-{worker.name}", daemon=True
+        )
+        worker.thread.start()
 
     def _worker_loop(self, worker: _Worker) -> None:
+        """Drain the destination, wait for a wake-up or the poll; no exception ends it (a failed send is the row's
+        outcome, see `_attempt`; a database failure is logged and retried with a growing pause, a row it held is
+        reclaimed when its lease expires)."""
+        loop = _loop_name(worker.name)
+        errors = 0
         while not (worker.stop.is_set() or self._stopping.is_set()):
+            self._heartbeats.beat(loop)
             worker.wake.clear()
             try:
-                self._drain(worker.name, worker.stop)
-            except Exception:  # the database may be briefly unavailable: log, keep the thread, try again
-                self._log.exception("dispatch_loop_error", destination=worker.name)
-            worker.wake.wait(self._config.dispatch.poll_seconds)
+                self._drain(worker.name, worker.stop, lambda seconds: self._heartbeats.beat(loop, busy_for=seconds))
+                errors = 0
+            except Exception as exc:  # noqa: BLE001 - the loop outlives any one failure, see the docstring
+                errors += 1
+                self._log.error("dispatch_loop_error", destination=worker.name, error=failure(exc),
+                                consecutive_errors=errors)
+            wait = self._pause(self._config.dispatch.poll_seconds, errors)
+            self._heartbeats.beat(loop, busy_for=wait)
+            worker.wake.wait(wait)
 
     def _sweep_loop(self) -> None:
+        """Dead-letter expired rows every poll; no exception ends it."""
+        errors = 0
         while not self._stopping.is_set():
+            self._heartbeats.beat(SWEEP_LOOP)
             try:
                 self._sweep()
-            except Exception:
-                self._log.exception("dispatch_sweep_error")
-            self._stopping.wait(max(1.0, self._config.dispatch.poll_seconds))
+                errors = 0
+            except Exception as exc:  # noqa: BLE001 - the loop outlives any one failure
+                errors += 1
+                self._log.error("dispatch_sweep_error", error=failure(exc), consecutive_errors=errors)
+            wait = self._pause(self._sweep_period(), errors)
+            self._heartbeats.beat(SWEEP_LOOP, busy_for=wait)
+            self._stopping.wait(wait)
+
+    def _sweep_period(self) -> float:
+        return max(1.0, self._config.dispatch.poll_seconds)
+
+    @staticmethod
+    def _pause(period: float, errors: int) -> float:
+        """The wait before a loop's next turn: its period, doubling with each further failed turn (at most 30 s)."""
+        return min(_MAX_ERROR_BACKOFF, period * 2.0 ** max(0, errors - 1))
 
     # -- plumbing -------------------------------------------------------------------------------------------------
     def _reading(self) -> AbstractContextManager[sa.Connection]:

@@ -1,5 +1,9 @@
 """The node's HTTP server and readiness probe: `HttpServer(config, app)` runs the Starlette app from
-`node.dicomweb.create_app` with uvicorn in a background thread; `HealthProbe` answers ``GET /readyz``."""
+`node.dicomweb.create_app` with uvicorn in a background thread; `HealthProbe` answers ``GET /readyz``.
+
+Given the probe, `HttpServer` answers ``GET /readyz`` itself with `HealthProbe.report` — the checks plus each
+supervised loop's heartbeat (`node.supervise`) — 200 when ready, 503 when not; ``/healthz`` stays the app's
+liveness answer. The server's own event loop is supervised as loop ``http`` (it beats every uvicorn tick)."""
 
 from __future__ import annotations
 
@@ -17,27 +21,50 @@ import uvicorn
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import JSONResponse
+from starlette.types import Receive, Scope, Send
 
 from node.config import NodeConfig
 from node.logs import get_logger
+from node.supervise import Heartbeats
+
+LOOP = "http"  # the server's name in the heartbeat registry
 
 
 class HealthProbe:
-    """Readiness checks for ``GET /readyz``: the database answers, the spool is writable, the models are loaded.
+    """Readiness checks for ``GET /readyz``: the database answers, the spool is writable, the models are loaded,
+    and (given ``heartbeats``) no supervised loop is dead or stuck.
 
     ``models_ready`` is called at each check (e.g. ``worker.ready.is_set``; ``lambda: True`` when the worker is
-    disabled). `check()` returns ``{name: "ok" | reason}`` for every check; blocking, run it off the event loop.
+    disabled). `check()` returns ``{name: "ok" | reason}`` for every check; `report()` adds each loop's heartbeat.
+    Both are blocking: run them off the event loop.
     """
 
-    def __init__(self, engine: Engine, spool_dir: Path, models_ready: Callable[[], bool]) -> None:
+    def __init__(self, engine: Engine, spool_dir: Path, models_ready: Callable[[], bool],
+                 heartbeats: Heartbeats | None = None) -> None:
         if not callable(models_ready):
             raise TypeError(f"models_ready must be callable, not {type(models_ready).__name__}")
         self.engine = engine
         self.spool_dir = Path(spool_dir)
         self.models_ready = models_ready
+        self.heartbeats = heartbeats
 
     def check(self) -> dict[str, str]:
-        return {"database": self._database(), "spool": self._spool(), "models": self._models()}
+        checks = {"database": self._database(), "spool": self._spool(), "models": self._models()}
+        if self.heartbeats is not None:
+            checks["loops"] = "; ".join(self.heartbeats.problems()) or "ok"
+        return checks
+
+    def report(self) -> dict[str, Any]:
+        """``{"ready": bool, "checks": check(), "loops": {name: heartbeat age, limit, alive, stuck, restarts}}``."""
+        checks = self.check()
+        loops = self.heartbeats.snapshot() if self.heartbeats is not None else {}
+        return {
+            "ready": all(v == "ok" for v in checks.values()),
+            "checks": checks,
+            "loops": {name: status.as_dict() for name, status in sorted(loops.items())},
+        }
 
     def _database(self) -> str:
         try:
@@ -63,15 +90,38 @@ class HealthProbe:
             return f"models readiness check failed: {type(exc).__name__}"
 
 
+class _Readiness:
+    """ASGI app: ``GET /readyz`` from `HealthProbe.report`; every other request goes to ``app``."""
+
+    def __init__(self, app: Any, probe: HealthProbe) -> None:
+        self._app = app
+        self._probe = probe
+        self._log = get_logger(component="http")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == "/readyz" and scope["method"] in ("GET", "HEAD"):
+            report = await run_in_threadpool(self._probe.report)
+            if not report["ready"]:
+                self._log.warning("not_ready", **{k: v for k, v in report["checks"].items() if v != "ok"})
+            await JSONResponse(report, status_code=200 if report["ready"] else 503)(scope, receive, send)
+            return
+        await self._app(scope, receive, send)
+
+
 class _UvicornServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, started: threading.Event) -> None:
+    def __init__(self, config: uvicorn.Config, started: threading.Event, beat: Callable[[], None]) -> None:
         super().__init__(config)
         self._started_event = started
+        self._beat = beat
 
     async def startup(self, sockets: list[Any] | None = None) -> None:
         await super().startup(sockets=sockets)
         if self.started:
             self._started_event.set()
+
+    async def on_tick(self, counter: int) -> bool:
+        self._beat()  # every 0.1 s while the event loop turns
+        return await super().on_tick(counter)
 
 
 class HttpServer:
@@ -79,18 +129,22 @@ class HttpServer:
 
     `start()` binds the socket itself (so a port in use raises `OSError` here, not inside a thread) and returns
     once uvicorn serves; `port` is the bound port. `stop(timeout)` stops accepting, lets running requests finish
-    for up to ``timeout`` seconds, then cancels them."""
+    for up to ``timeout`` seconds, then cancels them. With ``health``, ``GET /readyz`` is answered by
+    `HealthProbe.report`; with ``heartbeats``, the server is a supervised loop (restarted on the same port)."""
 
-    def __init__(self, config: NodeConfig, app: Starlette, *, graceful_seconds: float = 10.0) -> None:
+    def __init__(self, config: NodeConfig, app: Starlette, *, graceful_seconds: float = 10.0,
+                 health: HealthProbe | None = None, heartbeats: Heartbeats | None = None) -> None:
         if graceful_seconds <= 0:
             raise ValueError(f"graceful_seconds must be > 0, not {graceful_seconds}")
         self._host = config.node.host
         self._port = config.node.http_port
-        self._app = app
+        self._app: Any = app if health is None else _Readiness(app, health)
         self._graceful = graceful_seconds
+        self._heartbeats = heartbeats or Heartbeats()
         self._server: _UvicornServer | None = None
         self._thread: threading.Thread | None = None
         self._sock: Any = None
+        self._bound_port: int | None = None  # the port served last (a restart serves it again)
         self._log = get_logger(component="http")
 
     @property
@@ -102,8 +156,27 @@ class HttpServer:
     def start(self, timeout: float = 30.0) -> None:
         if self._thread is not None:
             raise RuntimeError("server already started")
+        self._launch(self._port, timeout)
+        self._heartbeats.register(LOOP, 1.0, alive=self._alive, restart=self._restart)
+        self._log.info("http_listening", host=self._host, port=self.port)
+
+    def _alive(self) -> bool:
+        thread = self._thread
+        return thread is not None and thread.is_alive()
+
+    def _restart(self) -> None:
+        """The supervisor's restart: clear away the ended server, serve again on the port it had."""
+        if self._alive():
+            return
+        port = self._bound_port if self._bound_port is not None else self._port
+        self._shutdown(1.0)
+        self._launch(port, 30.0)
+        self._log.warning("http_restarted", host=self._host, port=self.port)
+
+    def _launch(self, port: int, timeout: float) -> None:
         family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
-        self._sock = socket.create_server((self._host, self._port), family=family, backlog=128)
+        self._sock = socket.create_server((self._host, port), family=family, backlog=128)
+        self._bound_port = self.port
         config = uvicorn.Config(
             self._app,
             lifespan="off",
@@ -112,7 +185,7 @@ class HttpServer:
             timeout_graceful_shutdown=int(self._graceful) or 1,
         )
         started = threading.Event()
-        self._server = _UvicornServer(config, started)
+        self._server = _UvicornServer(config, started, lambda: self._heartbeats.beat(LOOP))
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]}, name="http", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + timeout
@@ -121,13 +194,17 @@ class HttpServer:
                 self._server.should_exit = True
                 self._sock.close()
                 self._server = self._thread = self._sock = None
-                raise RuntimeError(f"HTTP server did not start on {self._host}:{self._port}")
-        self._log.info("http_listening", host=self._host, port=self.port)
+                raise RuntimeError(f"HTTP server did not start on {self._host}:{port}")
 
     def stop(self, timeout: float | None = None) -> None:
         """Graceful stop; a second stage forces the connections shut when ``timeout`` passes."""
+        self._heartbeats.unregister(LOOP)
+        if self._shutdown(timeout):
+            self._log.info("http_stopped")
+
+    def _shutdown(self, timeout: float | None) -> bool:
         if self._server is None or self._thread is None:
-            return
+            return False
         self._server.should_exit = True
         self._thread.join(timeout if timeout is not None else self._graceful + 5)
         if self._thread.is_alive():
@@ -135,7 +212,7 @@ class HttpServer:
             self._thread.join(5)
         self._sock.close()
         self._server = self._thread = self._sock = None
-        self._log.info("http_stopped")
+        return True
 
 
 __all__ = ["HealthProbe", "HttpServer"]

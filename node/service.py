@@ -4,6 +4,11 @@
 queue → worker (models) → dispatch. `start()` returns once the node listens; `run_forever()` blocks until
 SIGINT/SIGTERM: the first stops accepting associations, lets the worker and dispatcher finish what they hold
 and exits; a second signal forces exit. Everything that matters is in the database, so a restart resumes.
+
+Every long-running loop — worker, dispatch (one per destination, and its sweep), completion sweep, HTTP server,
+DIMSE acceptor — beats one `Heartbeats` registry (`/readyz` reports it); the main thread runs the `Supervisor`
+every 0.5 s, which restarts a loop whose thread ended (bounded, with back-off) or stops the node with exit status
+`EXIT_LOOP_FAILED` (70) so a process supervisor (systemd ``Restart=on-failure``, Kubernetes) starts it afresh.
 """
 
 from __future__ import annotations
@@ -33,7 +38,10 @@ from node.pipelines import ModelRunner, RegistryRunner
 from node.queue import JobQueue
 from node.senders import DimseSender, StowSender
 from node.spool import Spool
+from node.supervise import EXIT_LOOP_FAILED, Heartbeats, Supervisor, beat_socketserver
 from node.worker import Worker
+
+DIMSE_LOOP = "dimse"  # the DIMSE acceptor's name in the heartbeat registry
 
 
 class Service:
@@ -48,6 +56,9 @@ class Service:
         self.ingestor = Ingestor(self.spool, self.index)
         self.queue = JobQueue(self.engine, config.queue)
         self.metrics = Metrics()
+        self.heartbeats = Heartbeats(stuck_after_periods=config.supervise.stuck_after_periods)
+        self.supervisor = Supervisor(self.heartbeats, config.supervise, on_fatal=self._fatal)
+        self.exit_code = 0
         self.dispatcher = Dispatcher(
             config,
             self.engine,
@@ -56,15 +67,17 @@ class Service:
                 DestinationKind.DICOMWEB: StowSender(config.dispatch.timeout_seconds),
             },
             on_delivered=self._observe_end_to_end,
+            heartbeats=self.heartbeats,
         )
         factory = runner_factory or (
             lambda: RegistryRunner(
                 config.worker.classifier_version, config.worker.segmenter_version, config.worker.weights_dir
             )
         )
-        self.worker = Worker(config, self.engine, self.queue, self.dispatcher, factory, metrics=self.metrics)
+        self.worker = Worker(config, self.engine, self.queue, self.dispatcher, factory, metrics=self.metrics,
+                             heartbeats=self.heartbeats)
         self.sweeper = CompletionSweeper(config, self.engine, self.queue, on_complete=self.worker.wake,
-                                         metrics=self.metrics)
+                                         metrics=self.metrics, heartbeats=self.heartbeats)
         self.dimse = DimseServer(
             config, self.ingestor, self.index, on_released=self.sweeper.nudge, metrics=self.metrics
         )
@@ -74,13 +87,15 @@ class Service:
         )
         models_ready = self.worker.ready.is_set if config.worker.enabled else (lambda: True)
         token = config.node.dicomweb_token.get_secret_value() if config.node.dicomweb_token else None
+        health = HealthProbe(self.engine, config.node.spool_dir, models_ready, self.heartbeats)
         app = create_app(
             config, self.ingestor, self.index,
-            health=HealthProbe(self.engine, config.node.spool_dir, models_ready),
+            health=health,
             metrics=self.metrics, token=token, on_released=self.sweeper.nudge,
             max_request_bytes=config.node.stow_max_request_bytes,
         )
-        self.http = HttpServer(config, app)
+        self.http = HttpServer(config, app, health=health, heartbeats=self.heartbeats)
+        self._dimse_thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._signals = 0
         self._reload_lock = threading.Lock()
@@ -113,6 +128,8 @@ class Service:
             self.dispatcher.apply_config(new)
             self.worker.apply_config(new)
             self.queue.settings = new.queue
+            self.heartbeats.configure(new.supervise.stuck_after_periods)
+            self.supervisor.settings = new.supervise
             self.config = new
             self.log.info(
                 "config_reloaded", source=str(source), allowed_calling_aes=list(new.node.allowed_calling_aes),
@@ -132,11 +149,40 @@ class Service:
             self.worker.start()
         self.sweeper.start()
         self.http.start()
-        self.dimse.start()
+        self._start_dimse()
+        self.heartbeats.register(DIMSE_LOOP, 1.0, alive=self._dimse_alive, restart=self._restart_dimse)
         self.pid_file.write_text(f"{os.getpid()}\n")
+
+    def _start_dimse(self) -> None:
+        """Start the DIMSE server and hook its acceptor loop up to the heartbeats: the new ``AcceptorServer@…``
+        thread pynetdicom starts tells whether it runs; its ``serve_forever`` beats every turn."""
+        before = set(threading.enumerate())
+        self.dimse.start()
+        self._dimse_thread = next(
+            (t for t in threading.enumerate() if t not in before and t.name.startswith("AcceptorServer")), None
+        )
+        server = getattr(self.dimse, "_server", None)  # DimseServer offers no public handle on pynetdicom's server
+        if server is not None:
+            beat_socketserver(server, lambda: self.heartbeats.beat(DIMSE_LOOP))
+
+    def _dimse_alive(self) -> bool:
+        thread = self._dimse_thread
+        return thread is None or thread.is_alive()  # not found: its heartbeat alone tells
+
+    def _restart_dimse(self) -> None:
+        """The supervisor's restart: close the ended acceptor, listen again on the same port."""
+        self.dimse.stop()
+        self._start_dimse()
+
+    def _fatal(self, reason: str) -> None:
+        """A loop exhausted its restarts: stop the node, exit non-zero (`run_forever` returns the status)."""
+        self.log.critical("node_failing", reason=reason, exit_code=EXIT_LOOP_FAILED)
+        self.exit_code = EXIT_LOOP_FAILED
+        self._stop.set()
 
     def stop(self, timeout: float = 60.0) -> None:
         t0 = time.monotonic()
+        self.heartbeats.unregister(DIMSE_LOOP)
         self.dimse.stop()
         self.http.stop()
         self.sweeper.stop()
@@ -167,7 +213,9 @@ class Service:
         # Not in the signal handler itself: reload takes locks that the interrupted thread may hold.
         threading.Thread(target=self.reload, name="config-reload", daemon=True).start()
 
-    def run_forever(self, on_started: Callable[[], None] | None = None) -> None:
+    def run_forever(self, on_started: Callable[[], None] | None = None) -> int:
+        """Start, supervise the loops until a signal (or a loop that keeps dying), stop; returns the exit status:
+        0, or `EXIT_LOOP_FAILED`."""
         signal.signal(signal.SIGINT, self._on_signal)
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGHUP, self._on_hup)
@@ -176,6 +224,7 @@ class Service:
             on_started()
         try:
             while not self._stop.wait(0.5):
-                pass
+                self.supervisor.check()
         finally:
             self.stop()
+        return self.exit_code

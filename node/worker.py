@@ -9,7 +9,9 @@ its last attempt gets one saying processing failed (and if even that cannot be b
 unreported in `/metrics` and listed under alerts in `pacsnode status`). When a newer version replaces results
 already made for the series, an IOCM rejection note (KOS) withdrawing them goes out with the new objects. Queue
 time and inference time are recorded separately on the job. The loop runs in its own thread, apart from the
-receive threads; `wake()` lets completion start it without waiting for the poll.
+receive threads; `wake()` lets completion start it without waiting for the poll. No exception ends the loop: it
+beats the heartbeat registry (`node.supervise`) as loop ``worker``, and when idle it sends the "processing failed"
+SR of dead jobs nobody reported (a worker killed mid-job, a report that failed on a full disk).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from sqlalchemy.engine import Engine
 
 from models.errors import ModelError
 from models.preprocess import PreprocessError, load_series
-from node.config import NodeConfig
+from node.config import NodeConfig, PipelineName
 from node.db import metadata
 from node.dispatch import Dispatcher
 from node.gate import GateRefusal, check_header, check_series
@@ -51,6 +53,7 @@ from node.results import (
 )
 from node.spool import Spool
 from node.states import JobState
+from node.supervise import Heartbeats, failure
 
 results = sa.Table(
     "results",
@@ -70,6 +73,11 @@ results = sa.Table(
 )
 
 
+LOOP = "worker"  # the worker loop's name in the heartbeat registry
+_MAX_ERROR_BACKOFF = 30.0  # seconds between turns while every turn fails (e.g. the database is down)
+_LOST_CHECK_SECONDS = 30.0  # how often an idle worker looks for dead jobs nobody reported
+
+
 class Worker:
     """Runs jobs from ``queue`` until stopped; ``runner_factory`` is called once, in the worker thread."""
 
@@ -84,6 +92,7 @@ class Worker:
         clock: Callable[[], float] = time.time,
         poll_seconds: float = 1.0,
         metrics: Metrics | None = None,
+        heartbeats: Heartbeats | None = None,
     ) -> None:
         self.config = config
         self.engine = engine
@@ -101,16 +110,33 @@ class Worker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.ready = threading.Event()  # set once the models are loaded
+        self.heartbeats = heartbeats or Heartbeats()
+        self._reported: set[int] = set()  # dead jobs whose failure report this worker attempted
+        self._next_lost_check = 0.0
 
     # -- lifecycle -----------------------------------------------------------------------------------------
     def start(self) -> None:
+        """Run the loop in its own thread, supervised as loop ``worker`` (a dead thread is started again)."""
+        if self._thread is not None and self._thread.is_alive():
+            raise RuntimeError("the worker is already running")
+        self._stop.clear()
+        self.heartbeats.register(LOOP, self.poll_seconds, alive=self._alive, restart=self._spawn)
+        self._spawn()
+
+    def _spawn(self) -> None:
+        if self._alive() or self._stop.is_set():
+            return
         self._thread = threading.Thread(target=self._loop, name=self.worker_id, daemon=True)
         self._thread.start()
+
+    def _alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     def wake(self, *_: Any) -> None:
         self._wake.set()
 
     def stop(self, timeout: float = 60.0) -> None:
+        self.heartbeats.unregister(LOOP)
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
@@ -137,22 +163,55 @@ class Worker:
         return replace(algorithm, uid_root=root) if root else algorithm
 
     def _loop(self) -> None:
+        """Claim and process jobs until stopped. No exception ends it: a job's own failure is recorded by
+        `process`; anything else (the database gone, a bug between jobs) is logged and the loop backs off and goes
+        on — a job it held is claimed again when its lease expires, its attempt counted. Only a model load that
+        fails ends the thread, so the supervisor restarts it (or takes the process down)."""
+        beats = self.heartbeats
+        beats.beat(LOOP, busy_for=self.config.supervise.item_seconds)  # loading the models
         try:
             self.warm_up()
-        except Exception:
-            self.log.exception("models_failed_to_load")
+        except Exception as exc:  # noqa: BLE001 - ends the thread on purpose: see the docstring
+            self.log.error("models_failed_to_load", error=failure(exc))
             return
+        errors = 0
         while not self._stop.is_set():
+            beats.beat(LOOP)
             try:
                 job = self.queue.claim(self.worker_id)
-            except sa.exc.SQLAlchemyError:
-                self.log.exception("claim_failed")
+                if job is None:
+                    self._report_lost()
+                else:
+                    beats.beat(LOOP, busy_for=self.config.supervise.item_seconds)
+                    self.process(job)
+                errors = 0
+            except Exception as exc:  # noqa: BLE001 - the loop outlives any one failure, see the docstring
+                errors += 1
                 job = None
+                self.log.error("worker_loop_error", error=failure(exc), consecutive_errors=errors)
             if job is None:
-                self._wake.wait(self.poll_seconds)
+                wait = min(_MAX_ERROR_BACKOFF, self.poll_seconds * 2.0 ** max(0, errors - 1))
+                beats.beat(LOOP, busy_for=wait)
+                self._wake.wait(wait)
                 self._wake.clear()
+
+    def _report_lost(self) -> None:
+        """Dead jobs that no object was ever recorded for get their "processing failed" SR here, once per job per
+        process: jobs whose worker died mid-attempt (killed, out of memory) until the queue dead-lettered them at
+        claim time, and jobs whose report failed before (e.g. on a full disk) in an earlier process."""
+        now = time.monotonic()
+        if now < self._next_lost_check:
+            return
+        self._next_lost_check = now + _LOST_CHECK_SECONDS
+        for row in self.queue.unreported(limit=100):
+            if row.id in self._reported or self._stop.is_set():
                 continue
-            self.process(job)
+            job = Job(int(row.id), row.series_uid, int(row.version), 0, 0, 0.0, 0.0,
+                      PipelineName(row.pipeline or PipelineName.PNEUMONIA))
+            log = self.log.bind(job_id=job.id, series_uid=job.series_uid, version=job.version,
+                                pipeline=job.pipeline.value)
+            log.warning("dead_job_reporting", error=row.last_error)
+            self._report_failure(job, PIPELINES[job.pipeline], str(row.last_error or "worker lost"), log)
 
     def run_pending(self) -> int:
         """Process every due job now, in the caller's thread (tests, one-shot runs); returns how many."""
@@ -282,6 +341,7 @@ class Worker:
     def _report_failure(self, job: Job, pipeline: Pipeline, error: str, log: Any) -> None:
         """A dead job still tells the PACS, with a coded "processing failed" SR; if even that fails, the job is
         counted as unreported (metrics) and stays listed as an alert in `pacsnode status`."""
+        self._reported.add(job.id)
         try:
             rows = self._instances(job.series_uid)
             sources = [_header(r.path) for r in _by_position(rows)]
