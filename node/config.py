@@ -74,6 +74,14 @@ class NodeSection(_Frozen):
     http_port: Port = 8080
     max_associations: Annotated[int, Field(ge=1, le=1000)] = 32
     network_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
+    # Hostile-peer bounds (node.guard). A connection must complete association negotiation within this (ARTIM).
+    association_timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 10.0
+    # Largest PDU accepted, and the Maximum Length the node announces; a larger declared length is aborted unread.
+    max_pdu_bytes: Annotated[int, Field(ge=16384, le=0xFFFFFFFF)] = 1 << 20
+    # Largest data set per C-STORE and per STOW-RS part (0xA700 / 413); also the memory one association may hold.
+    max_instance_bytes: Annotated[int, Field(ge=1 << 16)] = 1 << 30
+    # Largest Deflated (1.2.840.10008.1.2.1.99) data set once inflated for the header parse (0xA700).
+    max_inflated_bytes: Annotated[int, Field(ge=1 << 16)] = 1 << 30
     dicomweb_token: SecretStr | None = None  # bearer token required by STOW-RS/QIDO-RS when set
     stow_max_request_bytes: Annotated[int, Field(ge=1)] | None = None
     # The organisation's UID root for the SR/SEG the node creates ('' = pydicom's); result UIDs depend on it.

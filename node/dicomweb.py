@@ -9,8 +9,10 @@ one at a time, so memory holds at most one part and a request refused as a whole
 Part 10 file; the dataset after its file meta goes to `Ingestor.accept` — Success only after the spool fsync and
 the index commit, as for C-STORE. HTTP statuses: 200 all stored, 202 some failed, 409 none stored (FailedSOPSequence
 carries each FailureReason: the `ReceiveError` DIMSE status, 0xA900 for a study other than the URL's, 0xC122 for a
-transfer syntax the node cannot decode, 0x0122 for a non-storage SOP class); 400 malformed request or body, 401
-missing/wrong bearer token, 413 body over the limit, 415 not ``multipart/related`` of ``application/dicom``.
+transfer syntax the node cannot decode, 0x0122 for a non-storage SOP class, 0xA700 for a Deflated data set that
+inflates past ``[node] max_inflated_bytes``); 400 malformed request or body, 401 missing/wrong bearer token, 413
+body over ``stow_max_request_bytes``, a part over ``max_instance_bytes`` or more than `MAX_PARTS` parts (refused as
+soon as the body shows it, before the rest is read), 415 not ``multipart/related`` of ``application/dicom``.
 
 A STOW request is recorded in the index like an association (calling AE "STOW-RS", released when the request is
 answered) so completion can judge a series sent in one request as it does one sent in one association.
@@ -30,7 +32,6 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import IO, TYPE_CHECKING, BinaryIO, cast
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pynetdicom import AllStoragePresentationContexts
@@ -44,7 +45,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from node.config import NodeConfig
-from node.errors import IndexError_, InvalidDatasetError, ReceiveError, StoreStatus
+from node.errors import IndexError_, InvalidDatasetError, ReceiveError
 from node.http import HealthProbe
 from node.index import Index
 from node.ingest import ACCEPTED_TRANSFER_SYNTAXES, Ingestor, Origin
@@ -60,6 +61,8 @@ if TYPE_CHECKING:
 STOW_CALLING_AE = "STOW-RS"  # the "calling AE" of instances that came in over STOW-RS (index, file meta)
 DICOM_JSON = "application/dicom+json"
 IN_MEMORY_BODY_BYTES = 1 << 20  # request bodies beyond this go to a temp file on the data disk
+MAX_PARTS = 100_000  # parts per request; each costs a small record in memory while the body is read
+MAX_PART_HEADER_BYTES = 16 << 10  # a part's header block (names and values); real ones are ~100 bytes
 
 _STORAGE_SOP_CLASSES = frozenset(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
 _ACCEPTED_TS = frozenset(str(ts) for ts in ACCEPTED_TRANSFER_SYNTAXES)
@@ -138,13 +141,15 @@ class _BodyReader:
     """Feeds a streamed body to python-multipart's `MultipartParser`, appending part payloads to ``sink`` and
     remembering where each part lies; refuses non-DICOM parts (415) and malformed framing (400)."""
 
-    def __init__(self, boundary: str, sink: IO[bytes]) -> None:
+    def __init__(self, boundary: str, sink: IO[bytes], max_part_bytes: int) -> None:
         self.sink = sink
+        self.max_part_bytes = max_part_bytes
         self.parts: list[_Part] = []
         self.ended = False
         self._field = bytearray()
         self._value = bytearray()
         self._headers: dict[str, str] = {}
+        self._header_bytes = 0
         callbacks: MultipartCallbacks = {
             "on_part_begin": self._on_part_begin,
             "on_header_field": self._on_header_field,
@@ -177,13 +182,23 @@ class _BodyReader:
         return self.parts
 
     def _on_part_begin(self) -> None:
+        if len(self.parts) >= MAX_PARTS:
+            raise _Refused(413, f"multipart body has more than {MAX_PARTS} parts")
         self.parts.append(_Part(offset=self.sink.tell()))
         self._headers.clear()
+        self._header_bytes = 0
+
+    def _count_header(self, n: int) -> None:
+        self._header_bytes += n
+        if self._header_bytes > MAX_PART_HEADER_BYTES:
+            raise _Refused(400, f"part {len(self.parts)} has more than {MAX_PART_HEADER_BYTES} bytes of headers")
 
     def _on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._count_header(end - start)
         self._field += data[start:end]
 
     def _on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._count_header(end - start)
         self._value += data[start:end]
 
     def _on_header_end(self) -> None:
@@ -198,8 +213,11 @@ class _BodyReader:
             raise _Refused(415, f"part {len(self.parts)} has Content-Type {_media_type(declared)[0]!r}, not application/dicom")
 
     def _on_part_data(self, data: bytes, start: int, end: int) -> None:
+        part = self.parts[-1]
+        if part.length + (end - start) > self.max_part_bytes:
+            raise _Refused(413, f"part {len(self.parts)} exceeds the node's limit of {self.max_part_bytes} bytes")
         self.sink.write(data[start:end])
-        self.parts[-1].length += end - start
+        part.length += end - start
 
     def _on_end(self) -> None:
         self.ended = True
@@ -223,16 +241,6 @@ def _split_part10(data: bytes) -> tuple[Dataset, int]:
     if missing:
         raise InvalidDatasetError(f"part's file meta lacks {', '.join(missing)}")
     return meta, fp.tell()
-
-
-def _dataset_study_uid(data: bytes) -> str | None:
-    """StudyInstanceUID of a Part 10 file (header-only read)."""
-    try:
-        ds = dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
-        value = ds.get("StudyInstanceUID")
-    except Exception as exc:  # pydicom raises many types on bad input
-        raise InvalidDatasetError(f"dataset does not parse: {type(exc).__name__}") from exc
-    return str(value) if value else None
 
 
 class _DicomWeb:
@@ -300,7 +308,9 @@ class _DicomWeb:
         t0 = time.monotonic()
         with tempfile.SpooledTemporaryFile(max_size=IN_MEMORY_BODY_BYTES, mode="w+b", dir=str(self.tmp_dir)) as body:
             try:
-                reader = _BodyReader(_stow_boundary(request.headers.get("content-type")), body)
+                reader = _BodyReader(
+                    _stow_boundary(request.headers.get("content-type")), body, self.config.node.max_instance_bytes
+                )
                 received = 0
                 async for chunk in request.stream():
                     received += len(chunk)
@@ -367,15 +377,9 @@ class _DicomWeb:
                 raise _PartFailed(StowFailure.TRANSFER_SYNTAX_NOT_SUPPORTED, f"transfer syntax {ts} is not accepted")
             if out.sop_class_uid not in _STORAGE_SOP_CLASSES:
                 raise _PartFailed(StowFailure.SOP_CLASS_NOT_SUPPORTED, f"SOP class {out.sop_class_uid} is not a storage class")
-            if study is not None:
-                found = _dataset_study_uid(data)
-                if found != study:
-                    raise ReceiveError(
-                        f"StudyInstanceUID {found} differs from the request's study {study}",
-                        status=StoreStatus.DATASET_MISMATCH,
-                    )
             accepted = self.ingestor.accept(
-                data[offset:], ts, origin, sop_class_uid=out.sop_class_uid, sop_instance_uid=out.sop_uid
+                data[offset:], ts, origin, sop_class_uid=out.sop_class_uid, sop_instance_uid=out.sop_uid,
+                study_uid=study, max_inflated_bytes=self.config.node.max_inflated_bytes,
             )
         except (ReceiveError, _PartFailed) as exc:
             out.failure, out.reason = int(exc.status), str(exc)

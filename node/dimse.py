@@ -5,6 +5,9 @@ refused when the called AE title is not ours or the calling AE is not on a non-e
 handler does one thing: hand the encoded dataset to the `Ingestor` and answer its status — Success only after the
 file is fsync'd and the index row committed; `ReceiveError.status` otherwise (0xA700/0xA701/0xA900/0xC000).
 Every accepted socket gets TCP_NODELAY (pynetdicom leaves Nagle on, which stalls each small C-STORE ~50 ms).
+Associations run under `node.guard`: PDUs over ``[node] max_pdu_bytes`` and malformed requests are aborted unread,
+every read has a deadline (``association_timeout_seconds`` until negotiated, ``network_timeout_seconds`` after),
+and a data set over ``max_instance_bytes`` is dropped as it arrives and answered 0xA700.
 """
 
 from __future__ import annotations
@@ -20,10 +23,10 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
 
 from node.config import NodeConfig
 from node.errors import ReceiveError, StoreStatus
+from node.guard import GuardedServer, ReceiveLimits, start_guarded_server, store_request_bytes
 from node.index import Index
 from node.ingest import ACCEPTED_TRANSFER_SYNTAXES, Ingestor, Origin
 from node.logs import get_logger
@@ -72,22 +75,27 @@ class DimseServer:
         self._log = get_logger(component="dimse")
         self._assoc_ids: weakref.WeakKeyDictionary[Association, str] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
-        self._server: ThreadedAssociationServer | None = None
+        self._server: GuardedServer | None = None
         self._ae = self._make_ae(config)
 
     def _make_ae(self, config: NodeConfig) -> AE:
         ae = AE(ae_title=config.node.ae_title)
-        ae.maximum_pdu_size = 0  # unlimited: the sender's PDU size wins, fewer PDUs to reassemble
         ae.maximum_associations = config.node.max_associations
-        ae.network_timeout = config.node.network_timeout_seconds
-        ae.acse_timeout = 30
-        ae.dimse_timeout = config.node.network_timeout_seconds
+        self._apply_limits(ae, config)
         ae.require_called_aet = True
         ae.require_calling_aet = list(config.node.allowed_calling_aes)
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cast(str, cx.abstract_syntax), ACCEPTED_TRANSFER_SYNTAXES)
         return ae
+
+    @staticmethod
+    def _apply_limits(ae: AE, config: NodeConfig) -> None:
+        node = config.node
+        ae.maximum_pdu_size = node.max_pdu_bytes  # announced as our Maximum Length; node.guard enforces it
+        ae.network_timeout = node.network_timeout_seconds
+        ae.acse_timeout = node.association_timeout_seconds  # also pynetdicom's ARTIM timer
+        ae.dimse_timeout = node.network_timeout_seconds
 
     @property
     def address(self) -> tuple[str, int]:
@@ -107,8 +115,9 @@ class DimseServer:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
-        self._server = self._ae.start_server(
-            (self._config.node.host, self._config.node.port), block=False, evt_handlers=handlers
+        self._server = start_guarded_server(
+            self._ae, (self._config.node.host, self._config.node.port), handlers,
+            ReceiveLimits.from_config(self._config.node),
         )
         host, port = self.address
         self._log.info("dimse_listening", ae_title=self._config.node.ae_title, host=host, port=port)
@@ -121,8 +130,11 @@ class DimseServer:
             self._log.info("dimse_stopped")
 
     def apply_config(self, config: NodeConfig) -> None:
-        """Swap in a new config: allow-list changes apply to the next association (hot reload)."""
+        """Swap in a new config: allow-list, limits and timeouts apply to the next association (hot reload)."""
         self._ae.require_calling_aet = list(config.node.allowed_calling_aes)
+        self._apply_limits(self._ae, config)
+        if self._server is not None:
+            self._server.limits = ReceiveLimits.from_config(config.node)
         self._config = config
 
     # -- notification handlers (logging and association bookkeeping only) ---------------------------------
@@ -169,14 +181,16 @@ class DimseServer:
         calling = assoc.requestor.ae_title
         assoc_id = self._assoc_ids.get(assoc)
         context = event.context
-        data = request.DataSet.getvalue() if request.DataSet is not None else b""
+        data = b""
         try:
+            data = store_request_bytes(request)
             accepted = self._ingestor.accept(
                 data,
                 str(context.transfer_syntax),
                 Origin(calling_ae=calling, association_id=assoc_id),
                 sop_class_uid=str(request.AffectedSOPClassUID),
                 sop_instance_uid=str(request.AffectedSOPInstanceUID),
+                max_inflated_bytes=self._config.node.max_inflated_bytes,
             )
         except ReceiveError as exc:
             self._log.warning(

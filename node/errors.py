@@ -7,6 +7,7 @@
     │   ├── InvalidUIDError         0xA900  a required UID is missing or not a UID (never used as a path)
     │   ├── SOPClassMismatchError   0xA900  dataset SOP class/instance differs from the request
     │   ├── SpoolFullError          0xA700  out of resources: disk full
+    │   ├── InstanceTooLargeError   0xA700  out of resources: the data set (or its inflated form) is over the limit
     │   └── StoreFailedError        0xA701  out of resources: the spool or the index could not be written
     ├── IndexError_                 the database could not be read or written (outside a C-STORE)
     ├── SendError                   an SCU operation (echo, send, dispatch) failed
@@ -65,6 +66,12 @@ class SOPClassMismatchError(ReceiveError):
 
 
 class SpoolFullError(ReceiveError):
+    status = StoreStatus.OUT_OF_RESOURCES
+
+
+class InstanceTooLargeError(ReceiveError):
+    """The data set, or a Deflated one once inflated, exceeds the node's configured limit; nothing was kept."""
+
     status = StoreStatus.OUT_OF_RESOURCES
 
 

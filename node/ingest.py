@@ -4,16 +4,23 @@
 the UIDs, writes the Part 10 file durably to the spool and commits the index row — in that order — and returns
 an `Accepted`. Any failure raises a `ReceiveError` whose ``status`` is the C-STORE status to answer with (STOW-RS
 maps the same errors to its failure reasons). Nothing is acknowledged before both writes are durable.
+
+The parse walks the whole data set in the negotiated transfer syntax and refuses (0xC000) what would be stored as
+an unreadable file: a value or element header cut short, trailing bytes, Implicit VR bytes sent on an Explicit VR
+context (pydicom would silently switch). A Deflated data set is inflated at most ``max_inflated_bytes`` far
+(0xA700 beyond), so a deflate bomb costs no more memory than that.
 """
 
 from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
+from io import BytesIO
 from typing import Any, BinaryIO, cast
 
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.filebase import DicomBytesIO
+from pydicom.filebase import DicomBytesIO, DicomIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.tag import BaseTag, Tag
@@ -33,7 +40,13 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from node.errors import InvalidDatasetError, SOPClassMismatchError
+from node.errors import (
+    InstanceTooLargeError,
+    InvalidDatasetError,
+    ReceiveError,
+    SOPClassMismatchError,
+    StoreStatus,
+)
 from node.index import Index, InstanceRecord, RecordOutcome
 from node.spool import Spool, check_uid
 
@@ -54,6 +67,7 @@ ACCEPTED_TRANSFER_SYNTAXES = [
     RLELossless,
 ]
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1411.1.1"
+DEFAULT_MAX_INFLATED_BYTES = 1 << 30  # [node] max_inflated_bytes
 IMPLEMENTATION_VERSION = "PACSAINODE_010"
 
 # The only attributes the receive path reads (patient attributes are never read here).
@@ -76,6 +90,7 @@ _INDEX_TAGS: list[BaseTag | int] = [
 ]
 # Present-or-not is all the receive path needs of these; large values are seeked past, never read (defer_size).
 _PIXEL_TAGS: list[BaseTag | int] = [Tag("PixelData"), Tag("FloatPixelData"), Tag("DoubleFloatPixelData")]
+_UNDEFINED_LENGTH = 0xFFFFFFFF
 
 
 @dataclass(frozen=True)
@@ -92,13 +107,38 @@ class Accepted:
     outcome: RecordOutcome
 
 
-def _parse_header(data: bytes, ts: UID) -> Dataset:
+class _StrictBuffer(BytesIO):
+    """A buffer that raises instead of returning a short read: pydicom takes a short read at the end of the data
+    for a complete (shorter) value, which would let a truncated data set through."""
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        data = super().read(size)
+        if size is not None and size > 0 and 0 < len(data) < size:
+            raise InvalidDatasetError(f"dataset is truncated: {size - len(data)} bytes missing at the end")
+        return data
+
+
+def _inflate(data: bytes, limit: int) -> bytes:
+    """Inflate a Deflated Explicit VR data set (raw deflate, PS3.5 A.5) to at most ``limit`` bytes."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        out = inflater.decompress(data, limit)
+    except zlib.error as exc:
+        raise InvalidDatasetError(f"Deflated data set does not inflate: {exc}") from exc
+    if inflater.unconsumed_tail:
+        raise InstanceTooLargeError(f"Deflated data set inflates beyond the node's limit of {limit} bytes")
+    if not inflater.eof:
+        raise InvalidDatasetError("Deflated data set is truncated: the deflate stream does not end")
+    return out
+
+
+def _parse_header(data: bytes, ts: UID, max_inflated_bytes: int) -> Dataset:
     """Read the index attributes from an encoded dataset (no file meta); walks the whole dataset so a truncated
     or garbled one is refused rather than stored."""
+    if ts == DeflatedExplicitVRLittleEndian:
+        data = _inflate(data, max_inflated_bytes)
     try:
-        if ts == DeflatedExplicitVRLittleEndian:
-            data = zlib.decompress(data, -zlib.MAX_WBITS)
-        fp = DicomBytesIO(data)
+        fp = DicomIO(_StrictBuffer(data))
         fp.is_little_endian = ts.is_little_endian
         fp.is_implicit_VR = ts.is_implicit_VR
         ds = read_dataset(
@@ -108,12 +148,23 @@ def _parse_header(data: bytes, ts: UID) -> Dataset:
             specific_tags=[*_INDEX_TAGS, *_PIXEL_TAGS],
             defer_size=256,
         )
+        if ds.original_encoding[0] != ts.is_implicit_VR:
+            found, expected = ("Implicit", "Explicit") if ds.original_encoding[0] else ("Explicit", "Implicit")
+            raise InvalidDatasetError(f"dataset is encoded in {found} VR, but its transfer syntax {ts} is {expected} VR")
         # Values not asked for are seeked past, so a position beyond the end means a truncated value.
         if fp.tell() > len(data):
             raise InvalidDatasetError(f"dataset is truncated: an element runs {fp.tell() - len(data)} bytes past the end")
         if fp.tell() < len(data):
             raise InvalidDatasetError(f"dataset has {len(data) - fp.tell()} trailing bytes that do not parse")
         for tag in _INDEX_TAGS:  # force conversion now, inside the error boundary
+            raw = ds.get_item(tag)
+            if (
+                isinstance(raw, RawDataElement)
+                and raw.value is not None
+                and raw.length != _UNDEFINED_LENGTH
+                and len(raw.value) != raw.length
+            ):
+                raise InvalidDatasetError(f"dataset is truncated inside {Tag(tag)}")
             ds.get(tag)
         return ds
     except InvalidDatasetError:
@@ -156,16 +207,26 @@ class Ingestor:
         *,
         sop_class_uid: str | None = None,
         sop_instance_uid: str | None = None,
+        study_uid: str | None = None,
+        max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES,
     ) -> Accepted:
         """Store one instance durably and index it. ``sop_class_uid``/``sop_instance_uid`` are what the request
-        announced (C-STORE Affected SOP Class/Instance UID); the dataset must agree with them."""
+        announced (C-STORE Affected SOP Class/Instance UID), ``study_uid`` the study a STOW-RS URL named; the
+        dataset must agree with them (0xA900). A Deflated data set inflating past ``max_inflated_bytes`` raises
+        `InstanceTooLargeError` (0xA700)."""
         ts = UID(transfer_syntax_uid)
         if not ts.is_transfer_syntax:
             raise InvalidDatasetError(f"unknown transfer syntax {transfer_syntax_uid!r}")
-        ds = _parse_header(dataset_bytes, ts)
+        ds = _parse_header(dataset_bytes, ts, max_inflated_bytes)
         sop_class = check_uid(ds.get("SOPClassUID"), "SOPClassUID")
         sop_uid = check_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
-        study_uid = check_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID")
+        found_study = ds.get("StudyInstanceUID")
+        if study_uid is not None and str(found_study or "") != study_uid:
+            raise ReceiveError(
+                f"StudyInstanceUID {found_study} differs from the request's study {study_uid}",
+                status=StoreStatus.DATASET_MISMATCH,
+            )
+        study_uid = check_uid(found_study, "StudyInstanceUID")
         series_uid = check_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
         if UID(sop_class).name.endswith("Image Storage") and not any(t in ds for t in _PIXEL_TAGS):
             raise SOPClassMismatchError(f"{UID(sop_class).name} instance {sop_uid} has no pixel data")

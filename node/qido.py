@@ -3,6 +3,8 @@ answer from the ``series`` table (only series holding at least one instance), as
 
 from __future__ import annotations
 
+import re
+
 import sqlalchemy as sa
 from pydicom.dataset import Dataset
 from sqlalchemy.engine import Engine
@@ -13,6 +15,8 @@ from node.index import series
 from node.spool import check_uid
 
 QIDO_MAX_RESULTS = 1000
+QIDO_MAX_OFFSET = 1_000_000_000  # far beyond any index this node holds; keeps SQL integers in range
+_DIGITS = re.compile(r"[0-9]{1,12}")
 STUDY_KEYS = {"StudyInstanceUID": "0020000D", "ModalitiesInStudy": "00080061"}
 SERIES_KEYS = {"SeriesInstanceUID": "0020000E", "Modality": "00080060"}
 
@@ -20,7 +24,8 @@ SERIES_KEYS = {"SeriesInstanceUID": "0020000E", "Modality": "00080060"}
 class Query:
     """QIDO-RS query parameters: the given attribute keys (keyword or tag), ``limit``/``offset``; ``includefield``
     and ``fuzzymatching`` are accepted and ignored; other keys are ignored and named in a Warning header.
-    Raises ValueError (→ 400) for a bad limit/offset or a malformed UID."""
+    Raises ValueError (→ 400) for a limit/offset that is not plain digits or is over `QIDO_MAX_OFFSET`, or a
+    malformed UID."""
 
     def __init__(self, params: QueryParams, keys: dict[str, str]) -> None:
         by_tag = {tag: kw for kw, tag in keys.items()}
@@ -55,12 +60,13 @@ def _check_uid_value(value: str, keyword: str) -> str:
 
 
 def _non_negative(name: str, raw: str) -> int:
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be an integer, not {raw[:32]!r}") from None
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, not {value}")
+    """ASCII digits only, at most `QIDO_MAX_OFFSET`: Python's int() also takes '1_000', ' 7', '+7' and
+    non-ASCII digits, and an offset past 2**63 makes the database driver overflow (a 500, not a 400)."""
+    if not _DIGITS.fullmatch(raw):
+        raise ValueError(f"{name} must be a non-negative integer, not {raw[:32]!r}")
+    value = int(raw)
+    if value > QIDO_MAX_OFFSET:
+        raise ValueError(f"{name} must be <= {QIDO_MAX_OFFSET}, not {raw[:32]}")
     return value
 
 
@@ -129,4 +135,4 @@ def find_series(engine: Engine, study: str, q: Query) -> list[Dataset]:
     return out
 
 
-__all__ = ["QIDO_MAX_RESULTS", "SERIES_KEYS", "STUDY_KEYS", "Query", "find_series", "find_studies"]
+__all__ = ["QIDO_MAX_OFFSET", "QIDO_MAX_RESULTS", "SERIES_KEYS", "STUDY_KEYS", "Query", "find_series", "find_studies"]

@@ -1,0 +1,340 @@
+"""Receive-side guards for the DIMSE listener: bounded PDUs, bounded instances, deadlines on every read.
+
+pynetdicom (pinned at 3.0.4 in pyproject.toml) reads a whole PDU of whatever length the peer declares before any
+check, gives accepted sockets no receive timeout, buffers a whole C-STORE data set in memory however long it is,
+and lets a malformed A-ASSOCIATE-RQ (presentation context ID 0) or DIMSE command raise inside its reactor thread.
+`GuardedServer` is pynetdicom's own `ThreadedAssociationServer` with a request handler that, for each accepted
+connection, swaps in two subclasses before the association starts:
+
+- `GuardedSocket` (an `AssociationSocket`): every read has a deadline — until the association is established,
+  ``association_timeout`` from the moment the connection was accepted (ARTIM-like); afterwards
+  ``network_timeout`` per read — and a PDU whose declared length exceeds ``max_pdu_bytes`` is answered with an
+  A-ABORT before a byte of its body is read. An A-ASSOCIATE-RQ is decoded once with pynetdicom's own decoder
+  before the state machine sees it; one that does not decode (context ID 0, truncated items) is aborted the same
+  way. A failing read raises `OSError`, which pynetdicom's DUL turns into "transport closed" (Evt17).
+- `GuardedDimse` (a `DIMSEServiceProvider`): each incoming data set is collected in a `BoundedDataset`, which
+  keeps at most ``max_instance_bytes`` and past that drops what it holds and only counts, so the C-STORE handler
+  can answer 0xA700 once the (discarded) rest has arrived; a command set over `MAX_COMMAND_SET_BYTES` or a
+  message pynetdicom cannot decode aborts the association (Evt19) instead of killing the reactor thread.
+
+What this costs per association at most: one PDU (``max_pdu_bytes``, ~3 copies while it is decoded) plus one data
+set (``max_instance_bytes``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socketserver
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from io import BytesIO
+from typing import TYPE_CHECKING, Any, cast
+
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_messages import DIMSEMessage
+from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RQ
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+
+from node.errors import InstanceTooLargeError
+from node.logs import get_logger
+
+if TYPE_CHECKING:
+    from ssl import SSLContext
+
+    from _typeshed import ReadableBuffer
+    from pynetdicom import AE
+    from pynetdicom.association import Association
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.pdu_primitives import P_DATA
+    from pynetdicom.presentation import PresentationContext
+
+    from node.config import NodeSection
+
+# PS3.8 9.3.1: every PDU starts with type (1 byte), reserved (1 byte), length (4 bytes, big endian).
+_PDU_HEADER = struct.Struct(">BBL")
+_PDU_TYPES = frozenset(range(0x01, 0x08))
+_A_ASSOCIATE_RQ = 0x01
+# A-ABORT source 2 = service provider; reason 6 = invalid PDU parameter value (PS3.8 Table 9-26).
+_ABORT_SOURCE_PROVIDER = 0x02
+_ABORT_INVALID_PARAMETER = 0x06
+_RECV_CHUNK = 1 << 16  # pynetdicom reads 4 KiB at a time; 64 KiB costs fewer calls for the same memory bound
+# A command set is a handful of elements (~100-300 bytes); anything near this is not a DIMSE command.
+MAX_COMMAND_SET_BYTES = 1 << 16
+
+_log = get_logger(component="dimse_guard")
+
+
+@dataclass(frozen=True)
+class ReceiveLimits:
+    """The bounds one DIMSE association works within (see the module docstring)."""
+
+    max_pdu_bytes: int
+    max_instance_bytes: int
+    association_timeout: float
+    network_timeout: float
+
+    def __post_init__(self) -> None:
+        if self.max_pdu_bytes < 1 or self.max_instance_bytes < 1:
+            raise ValueError(
+                f"max_pdu_bytes and max_instance_bytes must be >= 1, not {self.max_pdu_bytes}, "
+                f"{self.max_instance_bytes}"
+            )
+        if self.association_timeout <= 0 or self.network_timeout <= 0:
+            raise ValueError(
+                f"association_timeout and network_timeout must be > 0, not {self.association_timeout}, "
+                f"{self.network_timeout}"
+            )
+
+    @classmethod
+    def from_config(cls, node: NodeSection) -> ReceiveLimits:
+        return cls(
+            max_pdu_bytes=node.max_pdu_bytes,
+            max_instance_bytes=node.max_instance_bytes,
+            association_timeout=node.association_timeout_seconds,
+            network_timeout=node.network_timeout_seconds,
+        )
+
+
+class BoundedDataset(BytesIO):
+    """A C-STORE data set buffer holding at most ``limit`` bytes. Past the limit it frees what it holds and only
+    counts what arrives (``received``), so memory stays bounded while the peer finishes sending."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self.received = 0
+
+    @property
+    def exceeded(self) -> bool:
+        return self.received > self.limit
+
+    def write(self, data: ReadableBuffer, /) -> int:
+        n = memoryview(data).nbytes
+        self.received += n
+        if self.received <= self.limit:
+            return super().write(data)
+        if self.tell():
+            self.seek(0)
+            self.truncate()  # frees the buffer
+        return n
+
+
+def store_request_bytes(request: C_STORE) -> bytes:
+    """The encoded data set of a C-STORE request; `InstanceTooLargeError` (0xA700) when `GuardedDimse` had to
+    drop it for exceeding ``max_instance_bytes``."""
+    dataset = request.DataSet
+    if isinstance(dataset, BoundedDataset) and dataset.exceeded:
+        raise InstanceTooLargeError(
+            f"data set of {dataset.received} bytes exceeds the node's limit of {dataset.limit} bytes"
+        )
+    return dataset.getvalue() if dataset is not None else b""
+
+
+def _peer(assoc: Association) -> str:
+    return f"{assoc.requestor.address}:{assoc.requestor.port}"
+
+
+class GuardedSocket(AssociationSocket):
+    """An `AssociationSocket` whose reads have deadlines and whose PDUs have a maximum declared length."""
+
+    limits: ReceiveLimits
+    _opened: float
+    _header: bytes | None  # the header of the PDU whose body is read next
+
+    @classmethod
+    def adopt(cls, sock: AssociationSocket, limits: ReceiveLimits) -> GuardedSocket:
+        """Turn pynetdicom's freshly made acceptor socket into a `GuardedSocket` in place (its constructor has
+        already queued the connection event, so a second instance cannot be made instead)."""
+        sock.__class__ = cls
+        guarded = cast(GuardedSocket, sock)
+        guarded.limits = limits
+        guarded._opened = time.monotonic()
+        guarded._header = None
+        if guarded.socket is not None:
+            guarded.socket.settimeout(limits.network_timeout)  # also bounds sends to a peer that stops reading
+        return guarded
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        """Read ``nr_bytes`` (fewer only if the peer closed). Raises `TimeoutError` past the deadline and
+        `ConnectionAbortedError` (after sending an A-ABORT) for a PDU over ``max_pdu_bytes`` or an
+        A-ASSOCIATE-RQ that does not decode; pynetdicom's DUL treats either as a closed connection."""
+        header, self._header = self._header, None
+        data = self._read(nr_bytes)
+        if header is None:
+            if len(data) == _PDU_HEADER.size:
+                pdu_type, _, length = _PDU_HEADER.unpack(bytes(data))
+                if pdu_type in _PDU_TYPES:  # pynetdicom reads the body next (otherwise it aborts: Evt19)
+                    if length > self.limits.max_pdu_bytes:
+                        self._refuse(
+                            "pdu_too_large", pdu_type=pdu_type, declared=length, limit=self.limits.max_pdu_bytes
+                        )
+                    self._header = bytes(data)
+        elif header[0] == _A_ASSOCIATE_RQ and len(data) == nr_bytes:
+            self._check_associate_rq(header + bytes(data))
+        return data
+
+    def _read(self, nr_bytes: int) -> bytearray:
+        sock = self.socket
+        buf = bytearray()
+        if sock is None:
+            return buf
+        negotiating = self._negotiating()
+        if negotiating:  # ARTIM-like: the whole negotiation, counted from the accept
+            timeout = self.limits.association_timeout
+            deadline = self._opened + timeout
+        else:
+            timeout = self.limits.network_timeout
+            deadline = time.monotonic() + timeout
+        try:
+            while len(buf) < nr_bytes:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    _log.warning(
+                        "peer_stalled", peer=_peer(self.assoc), received=len(buf), expected=nr_bytes,
+                        timeout=timeout, negotiating=negotiating,
+                    )
+                    self._wake_acceptor()
+                    raise TimeoutError(f"peer sent {len(buf)} of {nr_bytes} bytes within {timeout} s")
+                sock.settimeout(remaining)
+                try:
+                    chunk = sock.recv(min(nr_bytes - len(buf), _RECV_CHUNK))
+                except TimeoutError:
+                    continue  # the deadline check above decides
+                if not chunk:
+                    break
+                buf += chunk
+        finally:
+            if self.socket is not None:
+                self.socket.settimeout(self.limits.network_timeout)
+        return buf
+
+    def _negotiating(self) -> bool:
+        """Whether the association is not yet established. The DUL's own state, not ``assoc.is_established``:
+        the acceptor thread sets that only after the A-ASSOCIATE-AC has gone out, and the peer's first P-DATA
+        may be read before then. Sta1 counts: the DUL may read the first PDU before it has processed the
+        connection event (Evt5); after the association no reads happen in Sta1."""
+        return self.assoc.dul.state_machine.current_state in ("Sta1", "Sta2", "Sta3")
+
+    def _check_associate_rq(self, pdu_bytes: bytes) -> None:
+        """Decode the request the way pynetdicom's state machine will (AE-6), where an exception would kill the
+        reactor thread and leave the peer unanswered."""
+        try:
+            pdu = A_ASSOCIATE_RQ()
+            pdu.decode(pdu_bytes)
+            pdu.to_primitive()
+            return
+        except Exception as exc:  # pynetdicom raises ValueError, struct.error, KeyError ... on malformed items
+            error = f"{type(exc).__name__}: {exc}"[:200]
+        self._refuse("associate_rq_malformed", error=error)
+
+    def _refuse(self, event: str, **context: Any) -> None:
+        """A-ABORT the peer, close the transport (via pynetdicom's Evt17) and wake the acceptor thread."""
+        _log.warning(event, peer=_peer(self.assoc), **context)
+        abort = A_ABORT_RQ()
+        abort.source = _ABORT_SOURCE_PROVIDER
+        abort.reason_diagnostic = _ABORT_INVALID_PARAMETER
+        if self.socket is not None:
+            with contextlib.suppress(OSError):  # not self.send(): that would queue a second Evt17
+                self.socket.sendall(abort.encode())
+        self._wake_acceptor()
+        raise ConnectionAbortedError(event)
+
+    def _wake_acceptor(self) -> None:
+        """Before association, pynetdicom's acceptor thread waits ``acse_timeout`` for the A-ASSOCIATE-RQ and
+        holds an association slot meanwhile; an empty item makes it give up now, as if that wait had expired."""
+        assoc = self.assoc
+        waiting = assoc.requestor.primitive is None and assoc.dul.state_machine.current_state in ("Sta1", "Sta2")
+        if waiting:
+            assoc.dul.to_user_queue.put(cast(Any, None))
+
+
+class GuardedDimse(DIMSEServiceProvider):
+    """pynetdicom's DIMSE provider with each data set collected in a `BoundedDataset` and decoding failures
+    turned into an A-ABORT instead of an exception in the reactor thread."""
+
+    def __init__(self, assoc: Association, limits: ReceiveLimits) -> None:
+        super().__init__(assoc)
+        self.limits = limits
+
+    def receive_primitive(self, primitive: P_DATA) -> None:
+        if self.message is None:
+            self.message = DIMSEMessage()
+            self.message.data_set = BoundedDataset(self.limits.max_instance_bytes)
+        command = self.message.encoded_command_set
+        incoming = sum(len(pdv) - 1 for _, pdv in primitive.presentation_data_value_list if pdv and pdv[0] & 1)
+        if command.tell() + incoming > MAX_COMMAND_SET_BYTES:
+            self._abort("command_set_too_large", size=command.tell() + incoming, limit=MAX_COMMAND_SET_BYTES)
+            return
+        try:
+            super().receive_primitive(primitive)
+        except Exception as exc:  # pynetdicom raises KeyError, IndexError, ValueError ... on malformed messages
+            self._abort("dimse_message_malformed", error=f"{type(exc).__name__}: {exc}"[:200])
+
+    def _abort(self, event: str, **context: Any) -> None:
+        _log.warning(event, peer=_peer(self.assoc), **context)
+        self.message = None
+        self.dul.event_queue.put("Evt19")  # invalid PDU: A-ABORT to the peer, A-P-ABORT to us (AA-8)
+
+
+class GuardedRequestHandler(RequestHandler):
+    """pynetdicom's request handler, fitting each new acceptor association with the guards above."""
+
+    server: GuardedServer
+
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        limits = self.server.limits
+        GuardedSocket.adopt(cast(AssociationSocket, assoc.dul.socket), limits)
+        assoc.dimse = GuardedDimse(assoc, limits)
+        return assoc
+
+
+class GuardedServer(ThreadedAssociationServer):
+    """A `ThreadedAssociationServer` whose associations run guarded; ``limits`` may be swapped while it runs
+    (new associations use the new value)."""
+
+    def __init__(
+        self,
+        ae: AE,
+        address: tuple[str, int],
+        ae_title: str,
+        contexts: list[PresentationContext],
+        ssl_context: SSLContext | None = None,
+        evt_handlers: list[Any] | None = None,
+        *,
+        limits: ReceiveLimits,
+    ) -> None:
+        self.limits = limits
+        super().__init__(
+            ae, address, ae_title, contexts, ssl_context, evt_handlers=evt_handlers,
+            request_handler=GuardedRequestHandler,
+        )
+
+    def shutdown(self) -> None:
+        """Stop serving and close the listening socket (this server is not in the AE's own server list)."""
+        socketserver.BaseServer.shutdown(self)
+        self.server_close()
+
+
+def start_guarded_server(
+    ae: AE, address: tuple[str, int], evt_handlers: list[Any], limits: ReceiveLimits
+) -> GuardedServer:
+    """Like ``ae.start_server(address, block=False, evt_handlers=...)`` but guarded; returns once listening."""
+    server = cast(
+        GuardedServer,
+        ae.make_server(address, evt_handlers=evt_handlers, server_class=GuardedServer, limits=limits),
+    )
+    threading.Thread(target=server.serve_forever, name="AcceptorServer@pacsnode", daemon=True).start()
+    return server
+
+
+__all__ = [
+    "MAX_COMMAND_SET_BYTES",
+    "BoundedDataset",
+    "GuardedServer",
+    "ReceiveLimits",
+    "start_guarded_server",
+    "store_request_bytes",
+]
