@@ -1,7 +1,8 @@
 """The `pacsnode` command: the only place that parses arguments and wires stages together.
 
 Subcommands: ``serve``, ``config check|reload``, ``echo``, ``send``, ``status``, ``purge``, ``retry``, ``demo``, and the training side's (``phantom``, ``train`` ...)
-registered by `training.cli` when it is importable. Exit codes: 0 success, 1 operation failed, 2 bad usage/config.
+registered by `training.cli` when it is importable. Exit codes: 0 success, 1 operation failed, 2 bad usage/config,
+70 ``serve`` stopped because a supervised loop kept dying (let the process supervisor restart it).
 """
 
 from __future__ import annotations
@@ -46,8 +47,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    service.run_forever(on_started=announce)
-    return 0
+    return service.run_forever(on_started=announce)  # 70 when a supervised loop kept dying
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
