@@ -405,7 +405,12 @@ class Worker:
 
         def beat() -> None:
             while not stop.wait(self.config.queue.heartbeat_seconds):
-                if not self.queue.heartbeat(job, self.worker_id):
+                try:
+                    held = self.queue.heartbeat(job, self.worker_id)
+                except Exception as exc:  # noqa: BLE001 - a database hiccup must not end the lease's heartbeat
+                    self.log.warning("lease_heartbeat_failed", job_id=job.id, error=failure(exc))
+                    continue
+                if not held:
                     lost.set()
                     return
 

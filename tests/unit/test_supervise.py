@@ -671,3 +671,31 @@ def test_a_loop_that_keeps_dying_makes_run_forever_return_70(tmp_path):
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     assert started.is_set() and not service.pid_file.exists()
+
+
+def test_the_lease_heartbeat_outlives_a_failing_database_call(node, tmp_path):
+    config, engine, ingestor, queue, dispatcher, sender = node
+    config = config.model_copy(update={"queue": config.queue.model_copy(update={"heartbeat_seconds": 0.02})})
+    series = receive(ingestor, tmp_path / "s", 12)
+    job_id = queue_job(queue, series.series_uid)
+    real_heartbeat = queue.heartbeat
+    beats: list[bool] = []
+
+    def heartbeat(job, worker_id):
+        if not beats:
+            beats.append(False)
+            raise sa.exc.OperationalError("UPDATE jobs", {}, Exception("database is locked"))
+        beats.append(real_heartbeat(job, worker_id))
+        return beats[-1]
+
+    queue.heartbeat = heartbeat  # type: ignore[method-assign]
+    runner = FixedRunner(0.9)
+    real_segment = runner.segment
+
+    def slow_segment(volume):
+        wait_for(lambda: len(beats) >= 3, what="heartbeats after the failed one")
+        return real_segment(volume)
+
+    runner.segment = slow_segment
+    Worker(config, engine, queue, dispatcher, lambda: runner).run_pending()
+    assert queue.get(job_id).state == JobState.DONE and beats[1:3] == [True, True]
