@@ -1,0 +1,209 @@
+"""STOW-RS and QIDO-RS against hostile clients (issue "Hostile networks"): oversized and deflate-bomb parts,
+endless part headers, too many parts, absurd paging numbers. The app runs over a real ingest stack; the
+"stops reading" test goes through the real uvicorn server on loopback with a raw socket as the client."""
+
+from __future__ import annotations
+
+import socket
+import time
+import warnings
+import zlib
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pydicom
+import pytest
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient` is deprecated")
+    from starlette.testclient import TestClient
+
+from node import dicomweb
+from node.config import NodeConfig
+from node.db import create_engine_for, init_schema
+from node.dicomweb import create_app
+from node.errors import StoreStatus
+from node.http import HealthProbe, HttpServer
+from node.index import Index
+from node.ingest import Ingestor
+from node.metrics import Metrics
+from node.spool import Spool
+from tests.conftest import free_port
+from tests.ctgen import write_ct_series
+from tests.dicomfiles import dataset_bytes
+
+BOUNDARY = "hostile-boundary"
+STOW_TYPE = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
+FAILED_SEQ, FAILURE_REASON = "00081198", "00081197"
+MAX_INSTANCE = 256 << 10
+MAX_INFLATED = 1 << 20
+
+
+class Node:
+    def __init__(self, tmp_path: Path, **node: Any) -> None:
+        settings = {"data_dir": str(tmp_path / "data"), "host": "127.0.0.1", "http_port": free_port(),
+                    "max_instance_bytes": MAX_INSTANCE, "max_inflated_bytes": MAX_INFLATED, **node}
+        self.config = NodeConfig.model_validate({"node": settings})
+        self.engine = create_engine_for(f"sqlite:///{tmp_path / 'node.db'}")
+        init_schema(self.engine)
+        self.spool = Spool(self.config.node.spool_dir)
+        index = Index(self.engine)
+        self.app = create_app(
+            self.config, Ingestor(self.spool, index), index,
+            health=HealthProbe(self.engine, self.spool.root, lambda: True), metrics=Metrics(), token=None,
+        )
+        self.client = TestClient(self.app)
+
+    def stow(self, body: bytes) -> httpx.Response:
+        return self.client.post("/dicomweb/studies", content=body, headers={"Content-Type": STOW_TYPE})
+
+    def spooled(self) -> list[Path]:
+        return sorted(self.spool.root.rglob("*.dcm"))
+
+    def close(self) -> None:
+        self.client.close()
+        self.engine.dispose()
+
+
+@pytest.fixture
+def node(tmp_path):
+    n = Node(tmp_path)
+    yield n
+    n.close()
+
+
+def part(data: bytes, headers: str = "Content-Type: application/dicom\r\n") -> bytes:
+    return f"--{BOUNDARY}\r\n{headers}\r\n".encode() + data + b"\r\n"
+
+
+def body(*parts: bytes) -> bytes:
+    return b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
+
+
+def part10(ds: pydicom.Dataset, dataset: bytes, transfer_syntax: str) -> bytes:
+    meta = pydicom.dataset.FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = transfer_syntax
+    meta.ImplementationClassUID = "1.2.826.0.1.3680043.10.1411.99"
+    out = DicomBytesIO()
+    out.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(out, meta, enforce_standard=True)
+    return out.getvalue() + dataset
+
+
+def test_a_part_over_the_instance_limit_is_413(node, tmp_path):
+    big = write_ct_series(tmp_path / "big", slices=1, size=400).paths[0].read_bytes()  # 320 KB > 256 KiB
+    small = write_ct_series(tmp_path / "small", slices=1, size=16).paths[0].read_bytes()
+    r = node.stow(body(part(small), part(big)))
+    assert r.status_code == 413 and "limit" in r.json()["error"]
+    assert node.spooled() == []  # refused as a whole: the small part before it is not kept either
+
+
+def test_a_deflate_bomb_part_fails_with_a700_and_is_not_inflated_whole(node, tmp_path):
+    path = write_ct_series(tmp_path / "bomb", slices=1, size=16).paths[0]
+    ds = pydicom.dcmread(path)
+    ds.Rows = ds.Columns = 2048
+    ds.PixelData = bytes(2048 * 2048 * 2)  # 8 MiB of zeros
+    plain = DicomBytesIO()
+    plain.is_little_endian, plain.is_implicit_VR = True, False
+    pydicom.filewriter.write_dataset(plain, ds)
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    bomb = deflater.compress(plain.getvalue()) + deflater.flush()
+    assert len(bomb) < MAX_INSTANCE
+    r = node.stow(body(part(part10(ds, bomb, DeflatedExplicitVRLittleEndian))))
+    assert r.status_code == 409
+    assert r.json()[FAILED_SEQ]["Value"][0][FAILURE_REASON]["Value"] == [StoreStatus.OUT_OF_RESOURCES]
+    assert node.spooled() == []
+    # the same instance, deflated but small, is stored: the limit is on the inflated size, not on Deflated
+    small = pydicom.dcmread(path)
+    plain = DicomBytesIO()
+    plain.is_little_endian, plain.is_implicit_VR = True, False
+    pydicom.filewriter.write_dataset(plain, small)
+    deflater = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    ok = deflater.compress(plain.getvalue()) + deflater.flush()
+    assert node.stow(body(part(part10(small, ok, DeflatedExplicitVRLittleEndian)))).status_code == 200
+
+
+def test_endless_part_headers_are_400(node):
+    # six 3 KB headers: each under python-multipart's own per-line cap, together over the node's per-part cap
+    headers = "".join(f"X-Junk-{n}: {'a' * 3000}\r\n" for n in range(6))
+    r = node.stow(body(part(b"x", headers=headers)))
+    assert r.status_code == 400 and "bytes of headers" in r.json()["error"]
+    r = node.stow(body(part(b"x", headers="X-Junk: " + "a" * (1 << 20) + "\r\n")))
+    assert r.status_code == 400
+
+
+def test_too_many_parts_are_413(node, monkeypatch):
+    monkeypatch.setattr(dicomweb, "MAX_PARTS", 3)
+    r = node.stow(body(*[part(b"x")] * 4))
+    assert r.status_code == 413 and "parts" in r.json()["error"]
+
+
+def test_the_study_in_the_url_is_checked_on_the_capped_parse(node, tmp_path):
+    series = write_ct_series(tmp_path / "s", slices=1, size=16)
+    r = node.client.post(
+        "/dicomweb/studies/1.2.3.4", content=body(part(series.paths[0].read_bytes())),
+        headers={"Content-Type": STOW_TYPE},
+    )
+    assert r.status_code == 409
+    assert r.json()[FAILED_SEQ]["Value"][0][FAILURE_REASON]["Value"] == [StoreStatus.DATASET_MISMATCH]
+    assert dataset_bytes(series.paths[0])  # (the file itself is fine)
+
+
+def test_an_oversized_part_is_refused_before_the_rest_of_the_body_is_read(tmp_path):
+    """Through uvicorn: a client announcing a 1 GiB body gets its 413 while still sending, after at most a few
+    MB (socket buffers), and the node held nothing of it."""
+    n = Node(tmp_path)
+    server = HttpServer(n.config, n.app)
+    server.start()
+    try:
+        head = (
+            f"POST /dicomweb/studies HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {STOW_TYPE}\r\n"
+            f"Content-Length: {1 << 30}\r\n\r\n"
+        ).encode() + part(b"")[:-2]
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        sock.sendall(head)
+        sock.settimeout(0.05)
+        chunk, sent, answer = bytes(64 << 10), 0, b""
+        deadline = time.monotonic() + 20
+        while not answer.endswith(b"}") and time.monotonic() < deadline:
+            try:
+                answer += sock.recv(65536)
+                continue
+            except TimeoutError:
+                pass
+            try:
+                sent += sock.send(chunk)
+            except TimeoutError:
+                pass
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        sock.close()
+        assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+        assert sent < 32 << 20, f"the node read {sent} bytes of an oversized part before refusing it"
+        assert n.spooled() == []
+        print(f"413 after {sent >> 10} KiB sent of a 1 GiB body")
+    finally:
+        server.stop()
+        n.close()
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{"offset": "1e23"}, {"offset": str(10**23)}, {"offset": "1_000"}, {"offset": " 5"}, {"offset": "+5"},
+     {"offset": "\u0663"}, {"limit": str(2**64)}, {"limit": ""}, {"offset": str(10**9 + 1)}],
+    ids=["1e23", "10^23", "underscore", "space", "plus", "arabic-digit", "limit-2^64", "empty", "just-over"],
+)
+def test_absurd_paging_numbers_are_400(node, params):
+    r = node.client.get("/dicomweb/studies", params=params)
+    assert r.status_code == 400, r.text
+
+
+def test_plain_paging_numbers_still_work(node):
+    for params in ({"offset": "0"}, {"offset": str(10**9)}, {"limit": "5", "offset": "7"}):
+        assert node.client.get("/dicomweb/studies", params=params).status_code == 200
