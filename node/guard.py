@@ -17,6 +17,9 @@ connection, swaps in two subclasses before the association starts:
   can answer 0xA700 once the (discarded) rest has arrived; a command set over `MAX_COMMAND_SET_BYTES` or a
   message pynetdicom cannot decode aborts the association (Evt19) instead of killing the reactor thread.
 
+The server itself closes a new connection at once while `CONNECTIONS_PER_ASSOCIATION` × ``max_associations`` are
+open (pynetdicom would give each two threads and only count it at A-ASSOCIATE-RQ time).
+
 What this costs per association at most: one PDU (``max_pdu_bytes``, ~3 copies while it is decoded) plus one data
 set (``max_instance_bytes``).
 """
@@ -60,6 +63,7 @@ _A_ASSOCIATE_RQ = 0x01
 _ABORT_SOURCE_PROVIDER = 0x02
 _ABORT_INVALID_PARAMETER = 0x06
 _RECV_CHUNK = 1 << 16  # pynetdicom reads 4 KiB at a time; 64 KiB costs fewer calls for the same memory bound
+CONNECTIONS_PER_ASSOCIATION = 2  # open TCP connections allowed per association slot (see ReceiveLimits)
 # A command set is a handful of elements (~100-300 bytes); anything near this is not a DIMSE command.
 MAX_COMMAND_SET_BYTES = 1 << 16
 
@@ -74,8 +78,11 @@ class ReceiveLimits:
     max_instance_bytes: int
     association_timeout: float
     network_timeout: float
+    max_connections: int  # open connections (negotiating or associated); more are closed at accept
 
     def __post_init__(self) -> None:
+        if self.max_connections < 1:
+            raise ValueError(f"max_connections must be >= 1, not {self.max_connections}")
         if self.max_pdu_bytes < 1 or self.max_instance_bytes < 1:
             raise ValueError(
                 f"max_pdu_bytes and max_instance_bytes must be >= 1, not {self.max_pdu_bytes}, "
@@ -94,6 +101,9 @@ class ReceiveLimits:
             max_instance_bytes=node.max_instance_bytes,
             association_timeout=node.association_timeout_seconds,
             network_timeout=node.network_timeout_seconds,
+            # pynetdicom refuses associations over max_associations at A-ASSOCIATE-RQ time with an
+            # A-ASSOCIATE-RJ; this bounds the connections (two threads each) that get that far.
+            max_connections=CONNECTIONS_PER_ASSOCIATION * node.max_associations,
         )
 
 
@@ -312,6 +322,16 @@ class GuardedServer(ThreadedAssociationServer):
             request_handler=GuardedRequestHandler,
         )
 
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """socketserver's admission check: close the connection at once when ``max_connections`` are open, so
+        a connection flood costs neither threads nor memory (a refused peer sees the connection closed)."""
+        open_now = len(self.active_associations)
+        if open_now >= self.limits.max_connections:
+            _log.warning("connection_refused", peer=f"{client_address[0]}:{client_address[1]}", open=open_now,
+                         limit=self.limits.max_connections)
+            return False
+        return True
+
     def shutdown(self) -> None:
         """Stop serving and close the listening socket (this server is not in the AE's own server list)."""
         socketserver.BaseServer.shutdown(self)
@@ -331,6 +351,7 @@ def start_guarded_server(
 
 
 __all__ = [
+    "CONNECTIONS_PER_ASSOCIATION",
     "MAX_COMMAND_SET_BYTES",
     "BoundedDataset",
     "GuardedServer",

@@ -439,6 +439,19 @@ def test_stalled_and_idle_peers_lose_their_slots_within_the_association_timeout(
     assert not thread_errors
 
 
+def test_a_connection_flood_is_closed_at_accept(make_node, peers):
+    node = make_node(max_associations=1)  # two open connections at most
+    held = [peers(node.address), peers(node.address)]
+    time.sleep(0.2)
+    flood = [peers(node.address) for _ in range(5)]
+    for peer in flood:
+        assert peer.closed_within(1.0) is not None
+    assert all(peer.closed_within(0.1) is None for peer in held)  # until their association timeout
+    for peer in held:
+        assert peer.closed_within(ASSOCIATION_TIMEOUT + 1.0) is not None
+    assert node.echo() == 0x0000
+
+
 def test_a_peer_stalling_mid_pdu_after_association_is_cut_off_after_the_network_timeout(make_node, peers):
     node = make_node()
     peer = peers(node.address)
