@@ -172,7 +172,7 @@ class Worker:
         try:
             self.warm_up()
         except Exception as exc:  # noqa: BLE001 - ends the thread on purpose: see the docstring
-            self.log.error("models_failed_to_load", error=failure(exc))
+            self.log.exception("models_failed_to_load", error=failure(exc))  # no header values at load time
             return
         errors = 0
         while not self._stop.is_set():
