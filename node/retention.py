@@ -20,6 +20,7 @@ import contextlib
 import json
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -219,3 +220,47 @@ def _remove_empty(folders: Iterable[Path], root: Path) -> None:
             except OSError:
                 break
             current = current.parent
+
+
+class RetentionLoop:
+    """Runs `Retention.purge` every ``[retention] interval_minutes`` in its own thread, supervised like the other
+    loops: it beats ``heartbeats`` while it waits, declares the purge's allowance while it works, and survives any
+    error of one purge (logged; the next interval tries again)."""
+
+    LOOP = "retention"
+    TICK_SECONDS = 5.0
+
+    def __init__(self, retention: Retention, heartbeats: Any) -> None:
+        self.retention = retention
+        self.heartbeats = heartbeats
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="retention", daemon=True)
+        self._thread.start()
+        self.heartbeats.register(self.LOOP, self.TICK_SECONDS, alive=self._alive, restart=self.start)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.heartbeats.unregister(self.LOOP)
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _run(self) -> None:
+        next_at = time.monotonic()  # a purge right after start: a node that was down may be over its ceiling
+        while not self._stop.is_set():
+            self.heartbeats.beat(self.LOOP)
+            if time.monotonic() >= next_at:
+                self.heartbeats.beat(self.LOOP, busy_for=3600.0)  # a purge of a large backlog may take long
+                try:
+                    self.retention.purge()
+                except Exception as exc:  # noqa: BLE001 - one failed purge must not end the loop
+                    self.retention.log.error("retention_failed", error=type(exc).__name__)
+                next_at = time.monotonic() + self.retention.config.retention.interval_minutes * 60.0
+                self.heartbeats.beat(self.LOOP)
+            self._stop.wait(self.TICK_SECONDS)

@@ -5,8 +5,8 @@ queue → worker (models) → dispatch. `start()` returns once the node listens;
 SIGINT/SIGTERM: the first stops accepting associations, lets the worker and dispatcher finish what they hold
 and exits; a second signal forces exit. Everything that matters is in the database, so a restart resumes.
 
-Every long-running loop — worker, dispatch (one per destination, and its sweep), completion sweep, HTTP server,
-DIMSE acceptor — beats one `Heartbeats` registry (`/readyz` reports it); the main thread runs the `Supervisor`
+Every long-running loop — worker, dispatch (one per destination, and its sweep), completion sweep, retention, HTTP
+server, DIMSE acceptor — beats one `Heartbeats` registry (`/readyz` reports it); the main thread runs the `Supervisor`
 every 0.5 s, which restarts a loop whose thread ended (bounded, with back-off) or stops the node with exit status
 `EXIT_LOOP_FAILED` (70) so a process supervisor (systemd ``Restart=on-failure``, Kubernetes) starts it afresh.
 """
@@ -22,6 +22,9 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
+from starlette.routing import Mount
+
+from node.admin import admin_routes
 from node.completion import CompletionSweeper
 from node.config import DestinationKind, NodeConfig, load_config
 from node.db import create_engine_for, init_schema
@@ -36,6 +39,7 @@ from node.logs import get_logger
 from node.metrics import Metrics
 from node.pipelines import ModelRunner, RegistryRunner
 from node.queue import JobQueue
+from node.retention import Retention, RetentionLoop, disk_usage
 from node.senders import DimseSender, StowSender
 from node.spool import Spool
 from node.supervise import EXIT_LOOP_FAILED, Heartbeats, Supervisor, beat_socketserver
@@ -81,9 +85,11 @@ class Service:
         self.dimse = DimseServer(
             config, self.ingestor, self.index, on_released=self.sweeper.nudge, metrics=self.metrics
         )
+        self.retention = Retention(config, self.engine)
+        self.retention_loop = RetentionLoop(self.retention, self.heartbeats)
         self.metrics.bind(
             queue_depth=self.queue.depth, jobs=self.queue.counts, series=self.index.series_counts,
-            deliveries=self.dispatcher.counts,
+            deliveries=self.dispatcher.counts, disk=lambda: disk_usage(config.node.data_dir),
         )
         models_ready = self.worker.ready.is_set if config.worker.enabled else (lambda: True)
         token = config.node.dicomweb_token.get_secret_value() if config.node.dicomweb_token else None
@@ -94,6 +100,11 @@ class Service:
             metrics=self.metrics, token=token, on_released=self.sweeper.nudge,
             max_request_bytes=config.node.stow_max_request_bytes,
         )
+        # The status page reads the live config, so a hot reload shows; its actions need the DICOMweb token.
+        app.router.routes.append(Mount("/admin", routes=admin_routes(
+            lambda: self.config, self.engine, token=token, dispatcher=self.dispatcher, queue=self.queue,
+            index=self.index,
+        )))
         self.http = HttpServer(config, app, health=health, heartbeats=self.heartbeats)
         self._dimse_thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -127,6 +138,7 @@ class Service:
             self.sweeper.apply_config(new)
             self.dispatcher.apply_config(new)
             self.worker.apply_config(new)
+            self.retention.apply_config(new)
             self.queue.settings = new.queue
             self.heartbeats.configure(new.supervise.stuck_after_periods)
             self.supervisor.settings = new.supervise
@@ -148,6 +160,7 @@ class Service:
         if self.config.worker.enabled:
             self.worker.start()
         self.sweeper.start()
+        self.retention_loop.start()
         self.http.start()
         self._start_dimse()
         self.heartbeats.register(DIMSE_LOOP, 1.0, alive=self._dimse_alive, restart=self._restart_dimse)
@@ -186,6 +199,7 @@ class Service:
         self.dimse.stop()
         self.http.stop()
         self.sweeper.stop()
+        self.retention_loop.stop()
         self.worker.stop(timeout)
         self.dispatcher.stop(max(1.0, timeout - (time.monotonic() - t0)))
         self.engine.dispose()

@@ -191,3 +191,39 @@ def test_pacsnode_purge_dry_run_then_real(site, tmp_path):
 
     assert purge("--dry-run")["instance_files"] == 10 and len(site.spool_files(uid)) == 10
     assert purge()["instance_files"] == 10 and site.spool_files(uid) == [] and site.consistent()
+
+
+def test_the_retention_loop_purges_survives_a_failed_purge_and_is_supervised(site, monkeypatch):
+    import threading
+
+    from node.retention import RetentionLoop
+    from node.supervise import Heartbeats
+
+    uid = site.series("loop", seed=11)
+    site.clock.now += 8 * DAY
+    calls: list[str] = []
+    purged = threading.Event()
+    real_purge = site.retention.purge
+
+    def flaky(**kw):
+        calls.append("purge")
+        if len(calls) == 1:
+            raise OSError("disk went away for a moment")
+        report = real_purge(**kw)
+        purged.set()
+        return report
+
+    monkeypatch.setattr(site.retention, "purge", flaky)
+    monkeypatch.setattr(RetentionLoop, "TICK_SECONDS", 0.05)
+    site.retention.config = site.config.model_copy(update={"retention": site.config.retention.model_copy(
+        update={"interval_minutes": 0.001})})  # 60 ms between purges
+    heartbeats = Heartbeats()
+    loop = RetentionLoop(site.retention, heartbeats)
+    loop.start()
+    try:
+        assert purged.wait(10), calls
+        assert site.spool_files(uid) == []
+        assert heartbeats.snapshot()["retention"].alive
+    finally:
+        loop.stop()
+    assert "retention" not in heartbeats.snapshot()
