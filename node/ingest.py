@@ -7,8 +7,8 @@ maps the same errors to its failure reasons). Nothing is acknowledged before bot
 
 The parse walks the whole data set in the negotiated transfer syntax and refuses (0xC000) what would be stored as
 an unreadable file: a value or element header cut short, trailing bytes, Implicit VR bytes sent on an Explicit VR
-context (pydicom would silently switch). A Deflated data set is inflated at most ``max_inflated_bytes`` far
-(0xA700 beyond), so a deflate bomb costs no more memory than that.
+context (pydicom would silently switch). A Deflated data set is inflated as it is parsed, keeping a 64 KiB window,
+and refused with 0xA700 past ``max_inflated_bytes``: a deflate bomb costs CPU up to that limit, not memory.
 """
 
 from __future__ import annotations
@@ -107,38 +107,119 @@ class Accepted:
     outcome: RecordOutcome
 
 
+# pydicom's scan for the delimiter of an undefined-length value reads this much at a time and takes a short read
+# as the end of the data; every other read it makes is a header or a value of known length.
+_SCAN_READ = 8192
+
+
+def _check_read(size: int | None, got: int) -> None:
+    """pydicom takes a short read at the end of the data for a complete (shorter) value or silently stops at a
+    cut element header, which would let a truncated data set through; a short read is truncation."""
+    if size is not None and 0 < got < size < _SCAN_READ:
+        raise InvalidDatasetError(f"dataset is truncated: {size - got} bytes missing at the end")
+
+
 class _StrictBuffer(BytesIO):
-    """A buffer that raises instead of returning a short read: pydicom takes a short read at the end of the data
-    for a complete (shorter) value, which would let a truncated data set through."""
+    """The encoded data set, read strictly (`_check_read`)."""
 
     def read(self, size: int | None = -1, /) -> bytes:
         data = super().read(size)
-        if size is not None and size > 0 and 0 < len(data) < size:
-            raise InvalidDatasetError(f"dataset is truncated: {size - len(data)} bytes missing at the end")
+        _check_read(size, len(data))
         return data
 
 
-def _inflate(data: bytes, limit: int) -> bytes:
-    """Inflate a Deflated Explicit VR data set (raw deflate, PS3.5 A.5) to at most ``limit`` bytes."""
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    try:
-        out = inflater.decompress(data, limit)
-    except zlib.error as exc:
-        raise InvalidDatasetError(f"Deflated data set does not inflate: {exc}") from exc
-    if inflater.unconsumed_tail:
-        raise InstanceTooLargeError(f"Deflated data set inflates beyond the node's limit of {limit} bytes")
-    if not inflater.eof:
-        raise InvalidDatasetError("Deflated data set is truncated: the deflate stream does not end")
-    return out
+class _InflatingBuffer:
+    """A Deflated data set (raw deflate, PS3.5 A.5) inflated as pydicom reads it: forward reads and seeks, and
+    seeks back within `WINDOW` bytes (all pydicom needs), so memory stays at the window whatever the data set
+    inflates to. Inflating past ``limit`` raises `InstanceTooLargeError` (0xA700); a broken or cut deflate
+    stream `InvalidDatasetError`."""
+
+    WINDOW = 1 << 16
+    CHUNK = 1 << 16
+
+    def __init__(self, data: bytes, limit: int) -> None:
+        self._inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        self._input = memoryview(data)
+        self._consumed = 0
+        self._buf = bytearray()
+        self._buf_start = 0  # stream offset of _buf[0]
+        self._pos = 0
+        self._limit = limit
+        self._ended = False
+
+    @property
+    def _end(self) -> int:
+        return self._buf_start + len(self._buf)
+
+    def _fill(self, upto: int, keep_from: int | None) -> None:
+        """Inflate until the stream offset ``upto`` is buffered or the stream ends, dropping what lies before
+        ``keep_from`` (None: all but the last `WINDOW` bytes inflated)."""
+        while self._end < upto and not self._ended:
+            want = min(upto - self._end, self.CHUNK)
+            try:
+                if self._inflater.unconsumed_tail:
+                    out = self._inflater.decompress(self._inflater.unconsumed_tail, want)
+                elif self._consumed < len(self._input):
+                    chunk = self._input[self._consumed : self._consumed + self.CHUNK]
+                    self._consumed += len(chunk)
+                    out = self._inflater.decompress(chunk, want)
+                else:
+                    out = self._inflater.flush()
+                    if not self._inflater.eof:
+                        raise InvalidDatasetError("Deflated data set is truncated: the deflate stream does not end")
+            except zlib.error as exc:
+                raise InvalidDatasetError(f"Deflated data set does not inflate: {exc}") from exc
+            self._ended = self._inflater.eof
+            self._buf += out
+            if self._end > self._limit:
+                raise InstanceTooLargeError(f"Deflated data set inflates beyond the node's limit of {self._limit} bytes")
+            keep = keep_from if keep_from is not None else self._end - self.WINDOW
+            drop = min(keep - self._buf_start, len(self._buf))
+            if drop > self.CHUNK:
+                del self._buf[:drop]
+                self._buf_start += drop
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        keep_from = self._pos - self.WINDOW
+        if size is None or size < 0:
+            self._fill(self._limit + 1, keep_from)
+            size = max(self._end - self._pos, 0)
+        self._fill(self._pos + size, keep_from)
+        start = self._pos - self._buf_start
+        data = bytes(self._buf[start : start + size]) if start >= 0 else b""
+        self._pos += len(data)
+        _check_read(size, len(data))
+        return data
+
+    def seek(self, offset: int, whence: int = 0, /) -> int:
+        target = {0: offset, 1: self._pos + offset}.get(whence)
+        if target is None:
+            target = self.total() + offset
+        if target < self._buf_start:
+            raise InvalidDatasetError(f"Deflated data set: a seek back past the {self.WINDOW}-byte window")
+        self._fill(target, target - self.WINDOW)  # forward: inflate, dropping what is passed over
+        self._pos = target
+        return target
+
+    def tell(self) -> int:
+        return self._pos
+
+    def total(self) -> int:
+        """The inflated length (inflating the rest and dropping it)."""
+        self._fill(self._limit + 1, None)
+        return self._end
 
 
 def _parse_header(data: bytes, ts: UID, max_inflated_bytes: int) -> Dataset:
     """Read the index attributes from an encoded dataset (no file meta); walks the whole dataset so a truncated
     or garbled one is refused rather than stored."""
-    if ts == DeflatedExplicitVRLittleEndian:
-        data = _inflate(data, max_inflated_bytes)
     try:
-        fp = DicomIO(_StrictBuffer(data))
+        buffer: _StrictBuffer | _InflatingBuffer
+        if ts == DeflatedExplicitVRLittleEndian:
+            buffer = _InflatingBuffer(data, max_inflated_bytes)
+        else:
+            buffer = _StrictBuffer(data)
+        fp = DicomIO(buffer)
         fp.is_little_endian = ts.is_little_endian
         fp.is_implicit_VR = ts.is_implicit_VR
         ds = read_dataset(
@@ -152,10 +233,11 @@ def _parse_header(data: bytes, ts: UID, max_inflated_bytes: int) -> Dataset:
             found, expected = ("Implicit", "Explicit") if ds.original_encoding[0] else ("Explicit", "Implicit")
             raise InvalidDatasetError(f"dataset is encoded in {found} VR, but its transfer syntax {ts} is {expected} VR")
         # Values not asked for are seeked past, so a position beyond the end means a truncated value.
-        if fp.tell() > len(data):
-            raise InvalidDatasetError(f"dataset is truncated: an element runs {fp.tell() - len(data)} bytes past the end")
-        if fp.tell() < len(data):
-            raise InvalidDatasetError(f"dataset has {len(data) - fp.tell()} trailing bytes that do not parse")
+        end = buffer.total() if isinstance(buffer, _InflatingBuffer) else len(data)
+        if fp.tell() > end:
+            raise InvalidDatasetError(f"dataset is truncated: an element runs {fp.tell() - end} bytes past the end")
+        if fp.tell() < end:
+            raise InvalidDatasetError(f"dataset has {end - fp.tell()} trailing bytes that do not parse")
         for tag in _INDEX_TAGS:  # force conversion now, inside the error boundary
             raw = ds.get_item(tag)
             if (
@@ -167,7 +249,7 @@ def _parse_header(data: bytes, ts: UID, max_inflated_bytes: int) -> Dataset:
                 raise InvalidDatasetError(f"dataset is truncated inside {Tag(tag)}")
             ds.get(tag)
         return ds
-    except InvalidDatasetError:
+    except ReceiveError:
         raise
     except Exception as exc:  # pydicom raises many types on bad input; all mean "cannot understand"
         raise InvalidDatasetError(f"dataset does not parse: {type(exc).__name__}: {exc}") from exc
