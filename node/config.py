@@ -80,7 +80,8 @@ class NodeSection(_Frozen):
     max_pdu_bytes: Annotated[int, Field(ge=16384, le=0xFFFFFFFF)] = 1 << 20
     # Largest data set per C-STORE and per STOW-RS part (0xA700 / 413); also the memory one association may hold.
     max_instance_bytes: Annotated[int, Field(ge=1 << 16)] = 1 << 30
-    # Largest Deflated (1.2.840.10008.1.2.1.99) data set once inflated for the header parse (0xA700).
+    # Largest Deflated (1.2.840.10008.1.2.1.99) data set once inflated (0xA700); inflated as it is parsed, in a
+    # small window, so this bounds a deflate bomb's CPU time, not memory.
     max_inflated_bytes: Annotated[int, Field(ge=1 << 16)] = 1 << 30
     dicomweb_token: SecretStr | None = None  # bearer token required by STOW-RS/QIDO-RS when set
     stow_max_request_bytes: Annotated[int, Field(ge=1)] | None = None

@@ -48,7 +48,7 @@ from node.config import NodeConfig
 from node.errors import IndexError_, InvalidDatasetError, ReceiveError
 from node.http import HealthProbe
 from node.index import Index
-from node.ingest import ACCEPTED_TRANSFER_SYNTAXES, Ingestor, Origin
+from node.ingest import ACCEPTED_TRANSFER_SYNTAXES, EncodedDataset, FileSpan, Ingestor, Origin
 from node.logs import get_logger
 from node.metrics import Metrics
 from node.qido import SERIES_KEYS, STUDY_KEYS, Query, find_series, find_studies
@@ -61,6 +61,7 @@ if TYPE_CHECKING:
 STOW_CALLING_AE = "STOW-RS"  # the "calling AE" of instances that came in over STOW-RS (index, file meta)
 DICOM_JSON = "application/dicom+json"
 IN_MEMORY_BODY_BYTES = 1 << 20  # request bodies beyond this go to a temp file on the data disk
+IN_MEMORY_PART_BYTES = 16 << 20  # a larger part is parsed and spooled from the body's temp file, not memory
 MAX_PARTS = 100_000  # parts per request; each costs a small record in memory while the body is read
 MAX_PART_HEADER_BYTES = 16 << 10  # a part's header block (names and values); real ones are ~100 bytes
 
@@ -224,10 +225,10 @@ class _BodyReader:
 
 
 # -- STOW-RS: one part → the ingestor -----------------------------------------------------------------------
-def _split_part10(data: bytes) -> tuple[Dataset, int]:
+def _split_part10(data: EncodedDataset) -> tuple[Dataset, int]:
     """The file meta of a Part 10 file and the offset where its dataset starts; `InvalidDatasetError` if the
     bytes are not a Part 10 file."""
-    fp = io.BytesIO(data)
+    fp = io.BytesIO(data) if isinstance(data, bytes) else data.sub(0)
     try:
         read_preamble(cast(BinaryIO, fp), False)
         # pydicom's file meta reader (private but unchanged since pydicom 1.x; pinned <4 in pyproject.toml)
@@ -241,6 +242,14 @@ def _split_part10(data: bytes) -> tuple[Dataset, int]:
     if missing:
         raise InvalidDatasetError(f"part's file meta lacks {', '.join(missing)}")
     return meta, fp.tell()
+
+
+def _part_data(body: IO[bytes], part: _Part) -> EncodedDataset:
+    """A part's bytes; a part over `IN_MEMORY_PART_BYTES` is read in place from the body's temp file."""
+    if part.length > IN_MEMORY_PART_BYTES:
+        return FileSpan(body, part.offset, part.length)
+    body.seek(part.offset)
+    return body.read(part.length)
 
 
 class _DicomWeb:
@@ -345,15 +354,15 @@ class _DicomWeb:
     def _store_parts(
         self, body: IO[bytes], parts: list[_Part], request_id: str, study: str | None, client: str
     ) -> list[_Outcome]:
-        """Store each part in turn (one in memory at a time); the request is the "association" of its parts."""
+        """Store each part in turn (one in memory at a time, a large one not at all); the request is the
+        "association" of its parts."""
         self.index.association_opened(request_id, STOW_CALLING_AE, self.config.node.ae_title, client[:64])
         state = AssociationState.ABORTED
         try:
             origin = Origin(calling_ae=STOW_CALLING_AE, association_id=request_id)
             outcomes = []
             for n, part in enumerate(parts):
-                body.seek(part.offset)
-                outcomes.append(self._store_one(body.read(part.length), n, origin, study))
+                outcomes.append(self._store_one(_part_data(body, part), n, origin, study))
             state = AssociationState.RELEASED
             return outcomes
         finally:
@@ -365,7 +374,7 @@ class _DicomWeb:
                 except Exception:  # a hook's failure must not turn stored instances into a failed request
                     self.log.exception("on_released_failed", request_id=request_id)
 
-    def _store_one(self, data: bytes, n: int, origin: Origin, study: str | None) -> _Outcome:
+    def _store_one(self, data: EncodedDataset, n: int, origin: Origin, study: str | None) -> _Outcome:
         out = _Outcome()
         log = self.log.bind(request_id=origin.association_id, part=n, size=len(data))
         try:
@@ -378,7 +387,8 @@ class _DicomWeb:
             if out.sop_class_uid not in _STORAGE_SOP_CLASSES:
                 raise _PartFailed(StowFailure.SOP_CLASS_NOT_SUPPORTED, f"SOP class {out.sop_class_uid} is not a storage class")
             accepted = self.ingestor.accept(
-                data[offset:], ts, origin, sop_class_uid=out.sop_class_uid, sop_instance_uid=out.sop_uid,
+                data[offset:] if isinstance(data, bytes) else data.sub(offset), ts, origin,
+                sop_class_uid=out.sop_class_uid, sop_instance_uid=out.sop_uid,
                 study_uid=study, max_inflated_bytes=self.config.node.max_inflated_bytes,
             )
         except (ReceiveError, _PartFailed) as exc:

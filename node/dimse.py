@@ -26,9 +26,15 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from node.config import NodeConfig
 from node.errors import ReceiveError, StoreStatus
-from node.guard import GuardedServer, ReceiveLimits, start_guarded_server, store_request_bytes
+from node.guard import (
+    GuardedServer,
+    ReceiveLimits,
+    discard_request_dataset,
+    start_guarded_server,
+    store_request_dataset,
+)
 from node.index import Index
-from node.ingest import ACCEPTED_TRANSFER_SYNTAXES, Ingestor, Origin
+from node.ingest import ACCEPTED_TRANSFER_SYNTAXES, EncodedDataset, Ingestor, Origin
 from node.logs import get_logger
 from node.metrics import Metrics
 from node.states import AssociationState
@@ -105,6 +111,7 @@ class DimseServer:
         return str(host), int(port)
 
     def start(self) -> None:
+        (self._config.node.data_dir / "incoming").mkdir(parents=True, exist_ok=True)  # node.guard's spill dir
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, nodelay_handler),
             (evt.EVT_ACCEPTED, self._on_accepted),
@@ -181,9 +188,9 @@ class DimseServer:
         calling = assoc.requestor.ae_title
         assoc_id = self._assoc_ids.get(assoc)
         context = event.context
-        data = b""
+        data: EncodedDataset = b""
         try:
-            data = store_request_bytes(request)
+            data = store_request_dataset(request)
             accepted = self._ingestor.accept(
                 data,
                 str(context.transfer_syntax),
@@ -208,6 +215,8 @@ class DimseServer:
             self._log.exception("instance_failed", calling_ae=calling, assoc_id=assoc_id, size=len(data))
             self._metrics.rejected("ProcessingFailure", "dimse")
             return int(StoreStatus.OUT_OF_RESOURCES_STORE)
+        finally:
+            discard_request_dataset(request)  # a large one's temporary file goes now, not when collected
         rec = accepted.record
         self._metrics.instance_received(rec.sop_class_uid, rec.transfer_syntax_uid, len(data), "dimse")
         self._log.info(

@@ -12,16 +12,17 @@ connection, swaps in two subclasses before the association starts:
   A-ABORT before a byte of its body is read. An A-ASSOCIATE-RQ is decoded once with pynetdicom's own decoder
   before the state machine sees it; one that does not decode (context ID 0, truncated items) is aborted the same
   way. A failing read raises `OSError`, which pynetdicom's DUL turns into "transport closed" (Evt17).
-- `GuardedDimse` (a `DIMSEServiceProvider`): each incoming data set is collected in a `BoundedDataset`, which
-  keeps at most ``max_instance_bytes`` and past that drops what it holds and only counts, so the C-STORE handler
-  can answer 0xA700 once the (discarded) rest has arrived; a command set over `MAX_COMMAND_SET_BYTES` or a
-  message pynetdicom cannot decode aborts the association (Evt19) instead of killing the reactor thread.
+- `GuardedDimse` (a `DIMSEServiceProvider`): each incoming data set is collected in a `BoundedDataset` — in
+  memory up to `SPILL_BYTES`, then in an anonymous temporary file beside the spool — which keeps at most
+  ``max_instance_bytes`` and past that drops what it holds and only counts, so the C-STORE handler can answer
+  0xA700 once the (discarded) rest has arrived; a command set over `MAX_COMMAND_SET_BYTES` or a message
+  pynetdicom cannot decode aborts the association (Evt19) instead of killing the reactor thread.
 
 The server itself closes a new connection at once while `CONNECTIONS_PER_ASSOCIATION` × ``max_associations`` are
 open (pynetdicom would give each two threads and only count it at A-ASSOCIATE-RQ time).
 
-What this costs per association at most: one PDU (``max_pdu_bytes``, ~3 copies while it is decoded) plus one data
-set (``max_instance_bytes``).
+What this costs per association at most: in memory one PDU (``max_pdu_bytes``, ~3 copies while it is decoded)
+plus `SPILL_BYTES`; on disk one data set (``max_instance_bytes``).
 """
 
 from __future__ import annotations
@@ -29,18 +30,21 @@ from __future__ import annotations
 import contextlib
 import socketserver
 import struct
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from io import BytesIO
-from typing import TYPE_CHECKING, Any, cast
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, cast
 
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RQ
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
-from node.errors import InstanceTooLargeError
+from node.errors import InstanceTooLargeError, SpoolFullError
+from node.ingest import EncodedDataset, FileSpan
 from node.logs import get_logger
 
 if TYPE_CHECKING:
@@ -62,7 +66,8 @@ _A_ASSOCIATE_RQ = 0x01
 # A-ABORT source 2 = service provider; reason 6 = invalid PDU parameter value (PS3.8 Table 9-26).
 _ABORT_SOURCE_PROVIDER = 0x02
 _ABORT_INVALID_PARAMETER = 0x06
-_RECV_CHUNK = 1 << 16  # pynetdicom reads 4 KiB at a time; 64 KiB costs fewer calls for the same memory bound
+_RECV_CHUNK = 1 << 16
+SPILL_BYTES = 16 << 20  # a C-STORE data set larger than this goes to a temporary file (CT slices stay in memory)  # pynetdicom reads 4 KiB at a time; 64 KiB costs fewer calls for the same memory bound
 CONNECTIONS_PER_ASSOCIATION = 2  # open TCP connections allowed per association slot (see ReceiveLimits)
 # A command set is a handful of elements (~100-300 bytes); anything near this is not a DIMSE command.
 MAX_COMMAND_SET_BYTES = 1 << 16
@@ -79,6 +84,7 @@ class ReceiveLimits:
     association_timeout: float
     network_timeout: float
     max_connections: int  # open connections (negotiating or associated); more are closed at accept
+    spill_dir: Path | None = None  # where data sets over SPILL_BYTES go (None: they stay in memory)
 
     def __post_init__(self) -> None:
         if self.max_connections < 1:
@@ -104,17 +110,22 @@ class ReceiveLimits:
             # pynetdicom refuses associations over max_associations at A-ASSOCIATE-RQ time with an
             # A-ASSOCIATE-RJ; this bounds the connections (two threads each) that get that far.
             max_connections=CONNECTIONS_PER_ASSOCIATION * node.max_associations,
+            spill_dir=node.data_dir / "incoming",  # beside the spool: same disk, cleaned by the system
         )
 
 
 class BoundedDataset(BytesIO):
-    """A C-STORE data set buffer holding at most ``limit`` bytes. Past the limit it frees what it holds and only
-    counts what arrives (``received``), so memory stays bounded while the peer finishes sending."""
+    """A C-STORE data set buffer: in memory up to `SPILL_BYTES`, then in an anonymous temporary file under
+    ``spill_dir`` (freed by the system when closed, even after a crash); past ``limit`` it drops what it holds and
+    only counts what arrives (``received``), so neither memory nor disk grow while the peer finishes sending."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, spill_dir: Path | None) -> None:
         super().__init__()
         self.limit = limit
+        self.spill_dir = spill_dir
         self.received = 0
+        self.spilled: IO[bytes] | None = None
+        self.failure: OSError | None = None  # the temporary file could not be written (disk full)
 
     @property
     def exceeded(self) -> bool:
@@ -123,23 +134,62 @@ class BoundedDataset(BytesIO):
     def write(self, data: ReadableBuffer, /) -> int:
         n = memoryview(data).nbytes
         self.received += n
-        if self.received <= self.limit:
-            return super().write(data)
+        if self.exceeded or self.failure is not None:
+            self.discard()
+            return n
+        try:
+            if self.spilled is None and self.spill_dir is not None and self.tell() + n > SPILL_BYTES:
+                self.spilled = tempfile.TemporaryFile(dir=self.spill_dir)  # noqa: SIM115 - closed in discard()
+                self.spilled.write(self.getvalue())
+                self.seek(0)
+                self.truncate()
+            if self.spilled is not None:
+                self.spilled.write(data)
+                return n
+        except OSError as exc:  # the DUL thread must not raise: the handler answers 0xA700 instead
+            self.failure = exc
+            self.discard()
+            return n
+        return super().write(data)
+
+    def encoded(self) -> EncodedDataset:
+        """What was received, for `Ingestor.accept`; `InstanceTooLargeError` / `SpoolFullError` (0xA700) when it
+        was dropped."""
+        if self.exceeded:
+            raise InstanceTooLargeError(
+                f"data set of {self.received} bytes exceeds the node's limit of {self.limit} bytes"
+            )
+        if self.failure is not None:
+            raise SpoolFullError(f"no room to receive a data set of {self.received} bytes: {self.failure}")
+        if self.spilled is not None:
+            self.spilled.flush()
+            return FileSpan(self.spilled, 0, self.received)
+        return self.getvalue()
+
+    def discard(self) -> None:
+        """Free the memory and the temporary file (idempotent)."""
         if self.tell():
             self.seek(0)
-            self.truncate()  # frees the buffer
-        return n
+            self.truncate()
+        if self.spilled is not None:
+            self.spilled.close()
+            self.spilled = None
 
 
-def store_request_bytes(request: C_STORE) -> bytes:
-    """The encoded data set of a C-STORE request; `InstanceTooLargeError` (0xA700) when `GuardedDimse` had to
-    drop it for exceeding ``max_instance_bytes``."""
+def store_request_dataset(request: C_STORE) -> EncodedDataset:
+    """The encoded data set of a C-STORE request: bytes, or a `FileSpan` over the temporary file a large one was
+    spilled to. Raises `InstanceTooLargeError` (over ``max_instance_bytes``) or `SpoolFullError` (no room for
+    the temporary file), both 0xA700, when `GuardedDimse` had to drop it."""
     dataset = request.DataSet
-    if isinstance(dataset, BoundedDataset) and dataset.exceeded:
-        raise InstanceTooLargeError(
-            f"data set of {dataset.received} bytes exceeds the node's limit of {dataset.limit} bytes"
-        )
+    if isinstance(dataset, BoundedDataset):
+        return dataset.encoded()
     return dataset.getvalue() if dataset is not None else b""
+
+
+def discard_request_dataset(request: C_STORE) -> None:
+    """Free a C-STORE request's data set now (memory and temporary file) rather than when it is collected."""
+    if isinstance(request.DataSet, BoundedDataset):
+        request.DataSet.discard()
 
 
 def _peer(assoc: Association) -> str:
@@ -271,7 +321,7 @@ class GuardedDimse(DIMSEServiceProvider):
     def receive_primitive(self, primitive: P_DATA) -> None:
         if self.message is None:
             self.message = DIMSEMessage()
-            self.message.data_set = BoundedDataset(self.limits.max_instance_bytes)
+            self.message.data_set = BoundedDataset(self.limits.max_instance_bytes, self.limits.spill_dir)
         command = self.message.encoded_command_set
         incoming = sum(len(pdv) - 1 for _, pdv in primitive.presentation_data_value_list if pdv and pdv[0] & 1)
         if command.tell() + incoming > MAX_COMMAND_SET_BYTES:
@@ -356,6 +406,8 @@ __all__ = [
     "BoundedDataset",
     "GuardedServer",
     "ReceiveLimits",
+    "SPILL_BYTES",
+    "discard_request_dataset",
     "start_guarded_server",
-    "store_request_bytes",
+    "store_request_dataset",
 ]

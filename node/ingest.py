@@ -1,6 +1,6 @@
 """Ingest: the one path every received instance takes into the node, whichever front door it came through.
 
-`Ingestor.accept(dataset_bytes, transfer_syntax_uid, ...)` parses only the attributes the index needs, validates
+`Ingestor.accept(dataset, transfer_syntax_uid, ...)` parses only the attributes the index needs, validates
 the UIDs, writes the Part 10 file durably to the spool and commits the index row — in that order — and returns
 an `Accepted`. Any failure raises a `ReceiveError` whose ``status`` is the C-STORE status to answer with (STOW-RS
 maps the same errors to its failure reasons). Nothing is acknowledged before both writes are durable.
@@ -13,10 +13,12 @@ and refused with 0xA700 past ``max_inflated_bytes``: a deflate bomb costs CPU up
 
 from __future__ import annotations
 
+import itertools
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from io import BytesIO
-from typing import Any, BinaryIO, cast
+from typing import IO, Any, BinaryIO, cast
 
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -45,6 +47,7 @@ from node.errors import (
     InvalidDatasetError,
     ReceiveError,
     SOPClassMismatchError,
+    StoreFailedError,
     StoreStatus,
 )
 from node.index import Index, InstanceRecord, RecordOutcome
@@ -119,13 +122,76 @@ def _check_read(size: int | None, got: int) -> None:
         raise InvalidDatasetError(f"dataset is truncated: {size - got} bytes missing at the end")
 
 
-class _StrictBuffer(BytesIO):
-    """The encoded data set, read strictly (`_check_read`)."""
+class FileSpan:
+    """``length`` bytes of ``file`` from ``offset``: an encoded data set too large to hold in memory, read in place
+    (a C-STORE data set spilled to disk, a STOW-RS part inside the request's temp file). A readable, seekable view;
+    the file is shared, so every read seeks first."""
+
+    def __init__(self, file: IO[bytes], offset: int, length: int) -> None:
+        if offset < 0 or length < 0:
+            raise ValueError(f"offset and length must be >= 0, not {offset}, {length}")
+        self.file = file
+        self.offset = offset
+        self.length = length
+        self._pos = 0
+
+    def __len__(self) -> int:
+        return self.length
 
     def read(self, size: int | None = -1, /) -> bytes:
-        data = super().read(size)
+        left = self.length - self._pos
+        n = left if size is None or size < 0 else min(size, left)
+        if n <= 0:
+            return b""
+        self.file.seek(self.offset + self._pos)
+        data = self.file.read(n)
+        self._pos += len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = 0, /) -> int:
+        base = {0: 0, 1: self._pos, 2: self.length}[whence]
+        self._pos = max(base + offset, 0)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def sub(self, start: int) -> FileSpan:
+        """The part of this span from ``start`` on."""
+        start = min(max(start, 0), self.length)
+        return FileSpan(self.file, self.offset + start, self.length - start)
+
+    def chunks(self, size: int = 1 << 20) -> Iterator[bytes]:
+        """The whole span, ``size`` bytes at a time."""
+        done = 0
+        while done < self.length:
+            self.file.seek(self.offset + done)
+            chunk = self.file.read(min(size, self.length - done))
+            if not chunk:
+                raise StoreFailedError(f"temporary data set file ended {self.length - done} bytes early")
+            done += len(chunk)
+            yield chunk
+
+
+EncodedDataset = bytes | FileSpan  # what the front doors hand to `Ingestor.accept`
+
+
+class _StrictReader:
+    """The encoded data set (bytes or a `FileSpan`), read strictly (`_check_read`)."""
+
+    def __init__(self, source: EncodedDataset) -> None:
+        self._raw: BytesIO | FileSpan = BytesIO(source) if isinstance(source, bytes) else source
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        data = self._raw.read(size)
         _check_read(size, len(data))
         return data
+
+    def seek(self, offset: int, whence: int = 0, /) -> int:
+        return self._raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._raw.tell()
 
 
 class _InflatingBuffer:
@@ -137,10 +203,9 @@ class _InflatingBuffer:
     WINDOW = 1 << 16
     CHUNK = 1 << 16
 
-    def __init__(self, data: bytes, limit: int) -> None:
+    def __init__(self, source: EncodedDataset, limit: int) -> None:
         self._inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-        self._input = memoryview(data)
-        self._consumed = 0
+        self._input = BytesIO(source) if isinstance(source, bytes) else source.sub(0)
         self._buf = bytearray()
         self._buf_start = 0  # stream offset of _buf[0]
         self._pos = 0
@@ -159,9 +224,7 @@ class _InflatingBuffer:
             try:
                 if self._inflater.unconsumed_tail:
                     out = self._inflater.decompress(self._inflater.unconsumed_tail, want)
-                elif self._consumed < len(self._input):
-                    chunk = self._input[self._consumed : self._consumed + self.CHUNK]
-                    self._consumed += len(chunk)
+                elif chunk := self._input.read(self.CHUNK):
                     out = self._inflater.decompress(chunk, want)
                 else:
                     out = self._inflater.flush()
@@ -210,15 +273,15 @@ class _InflatingBuffer:
         return self._end
 
 
-def _parse_header(data: bytes, ts: UID, max_inflated_bytes: int) -> Dataset:
+def _parse_header(data: EncodedDataset, ts: UID, max_inflated_bytes: int) -> Dataset:
     """Read the index attributes from an encoded dataset (no file meta); walks the whole dataset so a truncated
     or garbled one is refused rather than stored."""
     try:
-        buffer: _StrictBuffer | _InflatingBuffer
+        buffer: _StrictReader | _InflatingBuffer
         if ts == DeflatedExplicitVRLittleEndian:
             buffer = _InflatingBuffer(data, max_inflated_bytes)
         else:
-            buffer = _StrictBuffer(data)
+            buffer = _StrictReader(data)
         fp = DicomIO(buffer)
         fp.is_little_endian = ts.is_little_endian
         fp.is_implicit_VR = ts.is_implicit_VR
@@ -283,7 +346,7 @@ class Ingestor:
 
     def accept(
         self,
-        dataset_bytes: bytes,
+        dataset: EncodedDataset,
         transfer_syntax_uid: str,
         origin: Origin,
         *,
@@ -292,14 +355,15 @@ class Ingestor:
         study_uid: str | None = None,
         max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES,
     ) -> Accepted:
-        """Store one instance durably and index it. ``sop_class_uid``/``sop_instance_uid`` are what the request
+        """Store one instance durably and index it. ``dataset`` is the encoded data set: bytes, or a `FileSpan` for
+        one too large to hold in memory (read in place). ``sop_class_uid``/``sop_instance_uid`` are what the request
         announced (C-STORE Affected SOP Class/Instance UID), ``study_uid`` the study a STOW-RS URL named; the
         dataset must agree with them (0xA900). A Deflated data set inflating past ``max_inflated_bytes`` raises
         `InstanceTooLargeError` (0xA700)."""
         ts = UID(transfer_syntax_uid)
         if not ts.is_transfer_syntax:
             raise InvalidDatasetError(f"unknown transfer syntax {transfer_syntax_uid!r}")
-        ds = _parse_header(dataset_bytes, ts, max_inflated_bytes)
+        ds = _parse_header(dataset, ts, max_inflated_bytes)
         sop_class = check_uid(ds.get("SOPClassUID"), "SOPClassUID")
         sop_uid = check_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
         found_study = ds.get("StudyInstanceUID")
@@ -326,7 +390,8 @@ class Ingestor:
         header = DicomBytesIO()
         header.write(b"\x00" * 128 + b"DICM")
         write_file_meta_info(header, meta, enforce_standard=True)
-        spooled = self.spool.write(study_uid, series_uid, sop_uid, [header.getvalue(), dataset_bytes])
+        body = [dataset] if isinstance(dataset, bytes) else dataset.chunks()
+        spooled = self.spool.write(study_uid, series_uid, sop_uid, itertools.chain([header.getvalue()], body))
         record = InstanceRecord(
             sop_uid=sop_uid,
             series_uid=series_uid,

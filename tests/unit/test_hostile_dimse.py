@@ -9,6 +9,7 @@ which measures a `pacsnode serve` subprocess's peak RSS. DCMTK's echoscu/storesc
 from __future__ import annotations
 
 import contextlib
+import errno
 import socket
 import struct
 import subprocess
@@ -46,6 +47,7 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from node import guard
 from node.config import NodeConfig, NodeSection
 from node.db import create_engine_for, init_schema
 from node.dimse import DimseServer
@@ -333,6 +335,34 @@ def test_an_instance_over_the_limit_gets_a700_nothing_is_kept_and_the_associatio
     assert [p.stem for p in node.spooled()] == [small_uid]
 
 
+def test_a_large_instance_is_received_through_a_temporary_file(make_node, peers, tmp_path, monkeypatch):
+    monkeypatch.setattr(guard, "SPILL_BYTES", 64 << 10)
+    node = make_node(max_instance_bytes=1 << 20)
+    peer = peers(node.address)
+    associate(peer)
+    sop_uid, data = ct_dataset(tmp_path, size=400)  # 320 KB: spilled past 64 KiB
+    assert peer.store(CX_CT, sop_uid, data) == StoreStatus.SUCCESS
+    assert [dataset_bytes(p) for p in node.spooled()] == [data]
+    big_uid, big = ct_dataset(tmp_path, size=800)  # 1.28 MB: spilled, then dropped past 1 MiB
+    assert peer.store(CX_CT, big_uid, big) == StoreStatus.OUT_OF_RESOURCES
+    assert len(node.spooled()) == 1
+
+
+def test_no_room_for_the_temporary_file_gets_a700(make_node, peers, tmp_path, monkeypatch):
+    def full(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(guard, "SPILL_BYTES", 64 << 10)
+    monkeypatch.setattr(guard.tempfile, "TemporaryFile", full)
+    node = make_node()
+    peer = peers(node.address)
+    associate(peer)
+    sop_uid, data = ct_dataset(tmp_path, size=200)  # 80 KB
+    assert peer.store(CX_CT, sop_uid, data) == StoreStatus.OUT_OF_RESOURCES
+    small_uid, small = ct_dataset(tmp_path, size=16)
+    assert peer.store(CX_CT, small_uid, small) == StoreStatus.SUCCESS  # the association goes on
+
+
 def test_a_deflate_bomb_gets_a700_without_inflating_it_all(make_node, peers, tmp_path):
     node = make_node()
     peer = peers(node.address)
@@ -349,13 +379,14 @@ def test_a_deflate_bomb_gets_a700_without_inflating_it_all(make_node, peers, tmp
     assert not node.spooled()
 
 
-def test_peak_rss_of_a_node_process_stays_flat_under_oversized_input(tmp_path):
-    """A `pacsnode serve` subprocess: a P-DATA declaring 1 GiB (64 MiB actually streamed at it) and a 64 MiB
-    C-STORE with an 8 MiB instance limit must not raise its peak RSS (VmHWM) by more than a few MB."""
+def test_peak_rss_of_a_node_process_stays_flat_under_large_and_oversized_input(tmp_path):
+    """A `pacsnode serve` subprocess with a 64 MiB instance limit: a P-DATA declaring 1 GiB (64 MiB actually
+    streamed at it), a valid 48 MiB C-STORE (stored through a temporary file) and a 96 MiB one (0xA700) must not
+    raise its peak RSS (VmHWM) by more than the in-memory part of one data set (16 MiB) and a few PDUs."""
     t0 = time.monotonic()
     node = launch_node(
         tmp_path / "proc",
-        extra_toml=f"association_timeout_seconds = 2\nmax_instance_bytes = {8 << 20}\n[worker]\nenabled = false\n",
+        extra_toml=f"association_timeout_seconds = 2\nmax_instance_bytes = {64 << 20}\n[worker]\nenabled = false\n",
     )
     try:
         print(f"node started in {time.monotonic() - t0:.1f} s")
@@ -373,26 +404,36 @@ def test_peak_rss_of_a_node_process_stays_flat_under_oversized_input(tmp_path):
         sent = _stream(flood, pdu_header(P_DATA_TF_TYPE, 1 << 30), 64 << 20)
         print(f"the node stopped reading after {sent} bytes, {time.monotonic() - t1:.2f} s")
         assert sent < 64 << 20, "the node kept reading a PDU over its limit"
+        flood.close()
 
-        big = RawPeer(address)
-        associate(big)
+        peer = RawPeer(address)
+        associate(peer)
+        ds = pydicom.dcmread(write_ct_series(tmp_path / "large", slices=1, size=16).paths[0])
+        ds.Rows, ds.Columns = 4096, 6144
+        ds.PixelData = bytes(4096 * 6144 * 2)  # 48 MiB
+        large = encode(ds, False, True)
+        assert large is not None
+        t1 = time.monotonic()
+        assert peer.store(CX_CT, str(ds.SOPInstanceUID), large) == StoreStatus.SUCCESS
+        print(f"48 MiB C-STORE stored in {time.monotonic() - t1:.2f} s")
+        stored = next(node.spool.rglob(f"{ds.SOPInstanceUID}.dcm"))
+        assert dataset_bytes(stored) == large
+        del large
+
         huge = Dataset()
         huge.SOPClassUID, huge.SOPInstanceUID = CTImageStorage, generate_uid()
-        huge.add_new(0x7FE00010, "OB", bytes(64 << 20))  # PixelData
+        huge.add_new(0x7FE00010, "OB", bytes(96 << 20))  # PixelData
         encoded = encode(huge, False, True)
         assert encoded is not None
         t1 = time.monotonic()
-        assert big.store(CX_CT, str(huge.SOPInstanceUID), encoded) == StoreStatus.OUT_OF_RESOURCES
-        print(f"64 MiB C-STORE answered 0xA700 in {time.monotonic() - t1:.2f} s")
+        assert peer.store(CX_CT, str(huge.SOPInstanceUID), encoded) == StoreStatus.OUT_OF_RESOURCES
+        print(f"96 MiB C-STORE answered 0xA700 in {time.monotonic() - t1:.2f} s")
+        peer.close()
         after = _peak_rss(node.proc.pid)
         print(f"node peak RSS: {before / 2**20:.0f} MiB before, {after / 2**20:.0f} MiB after")
-        assert after - before < 24 << 20, f"peak RSS grew from {before >> 20} to {after >> 20} MiB"
-        flood.close()
-        big.close()
+        assert after - before < 40 << 20, f"peak RSS grew from {before >> 20} to {after >> 20} MiB"
     finally:
-        t1 = time.monotonic()
         stop_node(node)
-        print(f"stopped in {time.monotonic() - t1:.1f} s")
 
 
 def _peak_rss(pid: int) -> int:

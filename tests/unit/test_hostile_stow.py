@@ -129,6 +129,23 @@ def test_a_deflate_bomb_part_fails_with_a700_and_is_not_inflated_whole(node, tmp
     assert node.stow(body(part(part10(small, ok, DeflatedExplicitVRLittleEndian)))).status_code == 200
 
 
+def test_large_parts_are_parsed_and_spooled_from_the_body_file(node, tmp_path, monkeypatch):
+    monkeypatch.setattr(dicomweb, "IN_MEMORY_PART_BYTES", 1024)  # every part takes the large-part path
+    series = write_ct_series(tmp_path / "s", slices=3, size=64)
+    plain = pydicom.dcmread(series.paths[2])
+    plain_bytes = DicomBytesIO()
+    plain_bytes.is_little_endian, plain_bytes.is_implicit_VR = True, False
+    pydicom.filewriter.write_dataset(plain_bytes, plain)
+    deflater = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    deflated = part10(plain, deflater.compress(plain_bytes.getvalue()) + deflater.flush(), DeflatedExplicitVRLittleEndian)
+    r = node.stow(body(*(part(p.read_bytes()) for p in series.paths[:2]), part(deflated)))
+    assert r.status_code == 200, r.text
+    stored = {p.stem: p for p in node.spooled()}
+    for path in series.paths[:2]:
+        assert dataset_bytes(stored[pydicom.dcmread(path).SOPInstanceUID]) == dataset_bytes(path)
+    assert pydicom.dcmread(stored[plain.SOPInstanceUID]).PixelData == plain.PixelData
+
+
 def test_endless_part_headers_are_400(node):
     # six 3 KB headers: each under python-multipart's own per-line cap, together over the node's per-part cap
     headers = "".join(f"X-Junk-{n}: {'a' * 3000}\r\n" for n in range(6))
