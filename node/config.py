@@ -78,11 +78,12 @@ class NodeSection(_Frozen):
     association_timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 10.0
     # Largest PDU accepted, and the Maximum Length the node announces; a larger declared length is aborted unread.
     max_pdu_bytes: Annotated[int, Field(ge=16384, le=0xFFFFFFFF)] = 1 << 20
-    # Largest data set per C-STORE and per STOW-RS part (0xA700 / 413); also the memory one association may hold.
+    # Largest data set per C-STORE and per STOW-RS part (0xA700 / 413); one over 16 MiB is held on disk beside the
+    # spool while it is received, so this bounds disk per association, memory stays ~16 MiB + one PDU.
     max_instance_bytes: Annotated[int, Field(ge=1 << 16)] = 1 << 30
     # Largest Deflated (1.2.840.10008.1.2.1.99) data set once inflated (0xA700); inflated as it is parsed, in a
     # small window, so this bounds a deflate bomb's CPU time, not memory.
-    max_inflated_bytes: Annotated[int, Field(ge=1 << 16)] = 1 << 30
+    max_inflated_bytes: Annotated[int, Field(ge=1 << 16)] = 256 << 20
     dicomweb_token: SecretStr | None = None  # bearer token required by STOW-RS/QIDO-RS when set
     stow_max_request_bytes: Annotated[int, Field(ge=1)] | None = None
     # The organisation's UID root for the SR/SEG the node creates ('' = pydicom's); result UIDs depend on it.

@@ -367,6 +367,9 @@ class GuardedServer(ThreadedAssociationServer):
         limits: ReceiveLimits,
     ) -> None:
         self.limits = limits
+        # socketserver listens with a backlog of 5: a burst of connections (several modalities, or an attacker's
+        # idle ones) then has the kernel drop SYNs and senders wait a 1 s retransmission each.
+        self.request_queue_size = max(limits.max_connections, 5)
         super().__init__(
             ae, address, ae_title, contexts, ssl_context, evt_handlers=evt_handlers,
             request_handler=GuardedRequestHandler,

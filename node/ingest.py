@@ -70,7 +70,7 @@ ACCEPTED_TRANSFER_SYNTAXES = [
     RLELossless,
 ]
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1411.1.1"
-DEFAULT_MAX_INFLATED_BYTES = 1 << 30  # [node] max_inflated_bytes
+DEFAULT_MAX_INFLATED_BYTES = 256 << 20  # [node] max_inflated_bytes
 IMPLEMENTATION_VERSION = "PACSAINODE_010"
 
 # The only attributes the receive path reads (patient attributes are never read here).

@@ -496,6 +496,15 @@ def test_a_connection_flood_is_closed_at_accept(make_node, peers):
         time.sleep(0.05)
 
 
+def test_a_burst_of_connections_is_not_held_up_by_the_listen_backlog(make_node, peers):
+    node = make_node(max_associations=24)
+    t0 = time.monotonic()
+    for _ in range(20):  # with socketserver's backlog of 5, every 6th waited a 1 s SYN retransmission
+        peers(node.address)
+    assert time.monotonic() - t0 < 0.9
+    assert node.echo() == 0x0000
+
+
 def test_a_peer_stalling_mid_pdu_after_association_is_cut_off_after_the_network_timeout(make_node, peers):
     node = make_node()
     peer = peers(node.address)
