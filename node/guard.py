@@ -19,7 +19,14 @@ connection, swaps in two subclasses before the association starts:
   pynetdicom cannot decode aborts the association (Evt19) instead of killing the reactor thread.
 
 The server itself closes a new connection at once while `CONNECTIONS_PER_ASSOCIATION` × ``max_associations`` are
-open (pynetdicom would give each two threads and only count it at A-ASSOCIATE-RQ time).
+open (pynetdicom would give each two threads and only count it at A-ASSOCIATE-RQ time), and listens with a
+backlog of that size rather than socketserver's 5.
+
+pynetdicom internals this relies on (tests/unit/test_hostile_dimse.py fails if one changes): the DUL reads a PDU
+as ``socket.recv(6)`` then ``socket.recv(length)`` and maps `OSError` to Evt17; the acceptor thread waits on
+``dul.to_user_queue`` for the A-ASSOCIATE primitive and treats None as its timeout; ``assoc.dimse`` and the
+socket's class can be replaced before ``assoc.start()``; `DIMSEMessage.decode_msg` only calls ``write`` on
+``data_set``; the FSM's state names (Sta1-Sta3 before association).
 
 What this costs per association at most: in memory one PDU (``max_pdu_bytes``, ~3 copies while it is decoded)
 plus `SPILL_BYTES`; on disk one data set (``max_instance_bytes``).
@@ -66,8 +73,8 @@ _A_ASSOCIATE_RQ = 0x01
 # A-ABORT source 2 = service provider; reason 6 = invalid PDU parameter value (PS3.8 Table 9-26).
 _ABORT_SOURCE_PROVIDER = 0x02
 _ABORT_INVALID_PARAMETER = 0x06
-_RECV_CHUNK = 1 << 16
-SPILL_BYTES = 16 << 20  # a C-STORE data set larger than this goes to a temporary file (CT slices stay in memory)  # pynetdicom reads 4 KiB at a time; 64 KiB costs fewer calls for the same memory bound
+_RECV_CHUNK = 1 << 16  # pynetdicom reads 4 KiB at a time; 64 KiB costs fewer calls for the same memory bound
+SPILL_BYTES = 16 << 20  # a C-STORE data set larger than this goes to a temporary file (CT slices stay in memory)
 CONNECTIONS_PER_ASSOCIATION = 2  # open TCP connections allowed per association slot (see ReceiveLimits)
 # A command set is a handful of elements (~100-300 bytes); anything near this is not a DIMSE command.
 MAX_COMMAND_SET_BYTES = 1 << 16
@@ -267,7 +274,8 @@ class GuardedSocket(AssociationSocket):
                 buf += chunk
         finally:
             if self.socket is not None:
-                self.socket.settimeout(self.limits.network_timeout)
+                with contextlib.suppress(OSError):  # closed meanwhile: the read's own error is what matters
+                    self.socket.settimeout(self.limits.network_timeout)
         return buf
 
     def _negotiating(self) -> bool:
