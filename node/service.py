@@ -115,7 +115,8 @@ class Service:
     # Settings bound at start-up (sockets, files, database); a reload that changes them is applied only after a restart.
     RESTART_ONLY = (
         "ae_title", "host", "port", "data_dir", "http_port", "max_associations", "dicomweb_token",
-        "stow_max_request_bytes", "uid_root",
+        "stow_max_request_bytes", "uid_root", "max_pdu_bytes", "max_instance_bytes", "max_inflated_bytes",
+        "association_timeout_seconds",  # receive limits: both front doors take them at start, so one value holds
     )
 
     def reload(self, path: Path | None = None) -> bool:
