@@ -85,6 +85,11 @@ class OrthancServer:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def destination_toml(self, name: str = "orthanc") -> str:
+        """This Orthanc as a node's DIMSE result destination, a ``[[destinations]]`` TOML table (put it last)."""
+        return (f'[[destinations]]\nname = "{name}"\nkind = "dimse"\nae_title = "{self.aet}"\n'
+                f'host = "127.0.0.1"\nport = {self.dicom_port}\n')
+
     def start(self, timeout: float = 60.0) -> OrthancServer:
         """Start Orthanc (``TCP_NODELAY=1``) and return once both its HTTP API and its DICOM port answer."""
         if self.running:

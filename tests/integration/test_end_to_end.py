@@ -65,13 +65,7 @@ scope_check = {str(scope_check).lower()}
 [dispatch]
 initial_backoff_seconds = 0.5
 max_backoff_seconds = 2
-[[destinations]]
-name = "orthanc"
-kind = "dimse"
-ae_title = "{orthanc.aet}"
-host = "127.0.0.1"
-port = {orthanc.dicom_port}
-"""
+{orthanc.destination_toml()}"""
 
 
 def wait_until(predicate, timeout: float, what: str):

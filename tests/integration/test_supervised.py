@@ -41,13 +41,7 @@ retry_delay_seconds = 0
 [dispatch]
 initial_backoff_seconds = 0.5
 max_backoff_seconds = 2
-[[destinations]]
-name = "orthanc"
-kind = "dimse"
-ae_title = "{orthanc.aet}"
-host = "127.0.0.1"
-port = {orthanc.dicom_port}
-"""
+{orthanc.destination_toml()}"""
 
 
 def edit_series(paths, edit) -> None:
