@@ -19,11 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from scipy import ndimage
 
-from training.phantom.dicom import _BASE_DATE, _ds_value, _uid
+from training.phantom.dicom import _BASE_DATE, _ds_value, _uid, phantom_header
 from training.phantom.spec import GENERATOR_VERSION, NOT_FOR_CLINICAL_USE, PhantomError
 
 REGIONS = ("head", "abdomen", "pelvis", "knee", "noise")
@@ -438,30 +436,11 @@ def write_region(case: RegionCase, seed: int, out_dir: str | Path, *, body_part:
             inst = n - k
             z = case.z_start + k * case.slice_spacing
             sop_uid = _uid(*tag, "sop", inst)
-            meta = FileMetaDataset()
-            meta.MediaStorageSOPClassUID = CTImageStorage
-            meta.MediaStorageSOPInstanceUID = sop_uid
-            meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
-            meta.ImplementationVersionName = "PACSNODE_PHANTOM"
-            ds = Dataset()
-            ds.file_meta = meta
-            ds.SpecificCharacterSet = "ISO_IR 100"
-            ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-            ds.SOPClassUID = CTImageStorage
-            ds.SOPInstanceUID = sop_uid
-            ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = da
-            ds.StudyTime = ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = "100000"
-            ds.AccessionNumber = f"PA{seed % 10000:04d}{case.index + 1:04d}"
-            ds.Modality = "CT"
-            ds.Manufacturer = "pacs-ai-node synthetic phantom"
-            ds.ReferringPhysicianName = ""
-            ds.StationName = "PHANTOM"
-            ds.StudyDescription = "SYNTHETIC CT PHANTOM - NOT FOR CLINICAL USE"
-            ds.SeriesDescription = NOT_FOR_CLINICAL_USE
-            ds.ManufacturerModelName = "training.phantom.anatomy"
-            ds.PatientName = f"PHANTOM^{name}"
-            ds.PatientID = f"PHANTOM-{seed}-{name}"
+            ds = phantom_header(
+                sop_uid, date=da, time="100000", accession=f"PA{seed % 10000:04d}{case.index + 1:04d}",
+                study_description="SYNTHETIC CT PHANTOM - NOT FOR CLINICAL USE",
+                model_name="training.phantom.anatomy", case_name=name, seed=seed,
+            )
             ds.PatientBirthDate = ""
             ds.PatientSex = "O"
             ds.BodyPartExamined = part

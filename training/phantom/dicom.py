@@ -32,6 +32,37 @@ def _ds_value(x: float) -> str:
     return s if len(s) <= 16 else f"{x:.4e}"
 
 
+def phantom_header(sop_uid: str, *, date: str, time: str, accession: str, study_description: str, model_name: str,
+                   case_name: str, seed: int) -> Dataset:
+    """The file meta and the header every phantom slice shares (CT Image Storage, Explicit VR LE, labelled
+    synthetic and not for clinical use); the writers add patient, geometry and pixel attributes."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = "PACSNODE_PHANTOM"
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = date
+    ds.StudyTime = ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = time
+    ds.AccessionNumber = accession
+    ds.Modality = "CT"
+    ds.Manufacturer = "pacs-ai-node synthetic phantom"
+    ds.ReferringPhysicianName = ""
+    ds.StationName = "PHANTOM"
+    ds.StudyDescription = study_description
+    ds.SeriesDescription = NOT_FOR_CLINICAL_USE
+    ds.ManufacturerModelName = model_name
+    ds.PatientName = f"PHANTOM^{case_name}"
+    ds.PatientID = f"PHANTOM-{seed}-{case_name}"
+    return ds
+
+
 def write_series(result: CaseResult, seed: int, out_dir: Path) -> tuple[str, str]:
     """Write one case's slices as CT Image Storage files; return (StudyInstanceUID, SeriesInstanceUID)."""
     s = result.spec
@@ -49,30 +80,11 @@ def write_series(result: CaseResult, seed: int, out_dir: Path) -> tuple[str, str
     for k in range(n):
         inst = n - k  # instance 1 is the most cranial slice, as scanners acquiring head → feet number them
         sop_uid = _uid(seed, s.index, "sop", inst)
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = sop_uid
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
-        meta.ImplementationVersionName = "PACSNODE_PHANTOM"
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SpecificCharacterSet = "ISO_IR 100"
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = sop_uid
-        ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = da
-        ds.StudyTime = ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = tm
-        ds.AccessionNumber = f"PH{seed % 10000:04d}{s.index + 1:04d}"
-        ds.Modality = "CT"
-        ds.Manufacturer = "pacs-ai-node synthetic phantom"
-        ds.ReferringPhysicianName = ""
-        ds.StationName = "PHANTOM"
-        ds.StudyDescription = "SYNTHETIC CHEST CT - NOT FOR CLINICAL USE"
-        ds.SeriesDescription = NOT_FOR_CLINICAL_USE
-        ds.ManufacturerModelName = "training.phantom"
-        ds.PatientName = f"PHANTOM^{s.case_id}"
-        ds.PatientID = f"PHANTOM-{seed}-{s.case_id}"
+        ds = phantom_header(
+            sop_uid, date=da, time=tm, accession=f"PH{seed % 10000:04d}{s.index + 1:04d}",
+            study_description="SYNTHETIC CHEST CT - NOT FOR CLINICAL USE", model_name="training.phantom",
+            case_name=s.case_id, seed=seed,
+        )
         ds.PatientBirthDate = birth
         ds.PatientSex = s.sex
         ds.PatientAge = f"{s.age:03d}Y"
