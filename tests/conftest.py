@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -70,6 +71,18 @@ def wait_for_port(port: int, timeout: float = 60.0, proc: subprocess.Popen[bytes
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"nothing listens on port {port} after {timeout} s")
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str, diagnostics: Callable[[], str] = str) -> Any:
+    """Poll ``predicate`` every 0.25 s until it returns something truthy (returned); else fail naming ``what``,
+    followed by ``diagnostics()`` (e.g. a node's log tail)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}{diagnostics()}")
 
 
 def peer_env() -> dict[str, str]:

@@ -16,7 +16,7 @@ import pydicom
 import pytest
 import sqlalchemy as sa
 
-from tests.conftest import TEST_WEIGHTS_DIR, free_port, peer_env, require_tool, require_weights
+from tests.conftest import TEST_WEIGHTS_DIR, free_port, peer_env, require_tool, require_weights, wait_until
 from tests.ctgen import write_ct_series
 
 pytestmark = pytest.mark.integration
@@ -66,16 +66,6 @@ scope_check = {str(scope_check).lower()}
 initial_backoff_seconds = 0.5
 max_backoff_seconds = 2
 {orthanc.destination_toml()}"""
-
-
-def wait_until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def results_by_study(orthanc) -> dict[str, dict[str, list[dict]]]:

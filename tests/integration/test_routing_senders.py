@@ -48,6 +48,7 @@ from tests.conftest import (
     require_tool,
     require_weights,
     stop_node,
+    wait_until,
 )
 from tests.ctgen import CtSeries, write_ct_series
 from tests.orthanc import OrthancServer
@@ -153,16 +154,6 @@ def _head(ds: pydicom.Dataset) -> None:
 
 
 # -- looking at Orthanc and at the node ----------------------------------------------------------------------------
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, diagnostics: Callable[[], str] = str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}{diagnostics()}")
-
-
 def study_series(orthanc: OrthancServer, study_uid: str) -> dict[str, list[dict[str, Any]]]:
     """The series Orthanc holds in ``study_uid``, by modality (expanded: MainDicomTags, Instances)."""
     out: dict[str, list[dict[str, Any]]] = {}
