@@ -32,7 +32,7 @@ def _ds_value(x: float) -> str:
     return s if len(s) <= 16 else f"{x:.4e}"
 
 
-def phantom_header(sop_uid: str, *, date: str, time: str, accession: str, study_description: str, model_name: str,
+def phantom_header(sop_uid: pydicom.uid.UID, *, date: str, time: str, accession: str, study_description: str, model_name: str,
                    case_name: str, seed: int) -> Dataset:
     """The file meta and the header every phantom slice shares (CT Image Storage, Explicit VR LE, labelled
     synthetic and not for clinical use); the writers add patient, geometry and pixel attributes."""
