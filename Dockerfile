@@ -17,7 +17,6 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY node ./node
 COPY models ./models
-COPY training ./training
 COPY config ./config
 RUN pip install . && python -c "import node.service, models.registry"
 

@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 RUNTIME := $(VENV)/.installed-runtime
 TESTDEPS := $(VENV)/.installed-test
+DEMODEPS := $(VENV)/.installed-demo
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
@@ -21,6 +22,10 @@ $(TESTDEPS): pyproject.toml $(RUNTIME)
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
+$(DEMODEPS): pyproject.toml $(RUNTIME)
+	$(BIN)/pip install -q -e '.[demo]'
+	touch $@
+
 venv: $(TESTDEPS)
 
 serve: $(RUNTIME)
@@ -29,14 +34,14 @@ serve: $(RUNTIME)
 sysdeps:
 	@scripts/sysdeps.sh
 
-demo: $(RUNTIME) sysdeps
+demo: $(DEMODEPS) sysdeps
 	$(BIN)/pacsnode demo $(DEMO_ARGS)
 
 lint: $(TESTDEPS)
-	$(BIN)/ruff check node models training tests benchmarks
+	$(BIN)/ruff check node models training demo tests benchmarks
 
 typecheck: $(TESTDEPS)
-	$(BIN)/mypy node models
+	$(BIN)/mypy node models training demo
 
 test: $(TESTDEPS) sysdeps lint typecheck
 	$(BIN)/pytest $(PYTEST_ARGS)

@@ -1,7 +1,8 @@
-"""The `pacsnode` command: the only place that parses arguments and wires stages together.
+"""The `pacsnode` command: parses the node's arguments and wires the stages together (entry point `main`).
 
-Subcommands: ``serve``, ``config check|reload``, ``echo``, ``send``, ``status``, ``purge``, ``retry``, ``demo``, and the training side's (``phantom``, ``train`` ...)
-registered by `training.cli` when it is importable. Exit codes: 0 success, 1 operation failed, 2 bad usage/config,
+Subcommands: ``serve``, ``config check|reload``, ``echo``, ``send``, ``status``, ``purge``, ``retry``; ``demo`` and the
+training side's (``phantom``, ``train``, ``evaluate`` ...) come from the ``pacsnode.commands`` entry points when their
+packages and extras are installed. Exit codes: 0 success, 1 operation failed, 2 bad usage/config,
 70 ``serve`` stopped because a supervised loop kept dying (let the process supervisor restart it).
 """
 
@@ -230,26 +231,34 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("--jobs", action="store_true", help="also re-queue dead jobs")
     retry.set_defaults(func=cmd_retry)
 
-    from node import demo
-
-    demo.register(sub)
-    _register_training(sub)
+    _register_plugins(sub)
     return parser
 
 
-def _register_training(sub: Any) -> None:
-    """Add the training side's subcommands: phantom, train, model-eval (`training.cli`) and the cross-validated
-    evaluate / train-final (`training.crossval`)."""
-    import importlib
+PLUGIN_GROUP = "pacsnode.commands"  # entry points: callables taking the subparsers object (demo, training)
+_OWN_PACKAGES = ("node", "models", "training", "demo")
+_PLUGIN_ORDER = ("demo", "training", "crossval")  # the order `pacsnode --help` lists them in
 
-    for module in ("training.cli", "training.crossval"):
+
+def _register_plugins(sub: Any) -> None:
+    """Add the subcommands that live outside the node — ``demo`` (`demo.cli`) and the training side's (`training.cli`,
+    `training.crossval`) — through the ``pacsnode.commands`` entry points, so ``node/`` never imports them. A plugin
+    whose package or optional dependencies are not installed (the node-only image, ``pip install .`` without the
+    ``training`` extra) is left out; an import error inside our own code is raised."""
+    from importlib.metadata import entry_points
+
+    def order(name: str) -> tuple[int, str]:
+        return (_PLUGIN_ORDER.index(name) if name in _PLUGIN_ORDER else len(_PLUGIN_ORDER), name)
+
+    for entry in sorted(entry_points(group=PLUGIN_GROUP), key=lambda e: order(e.name)):
         try:
-            training_module = importlib.import_module(module)
+            register = entry.load()
         except ModuleNotFoundError as exc:
-            if exc.name != module:
+            missing = (exc.name or "").split(".")[0]
+            if missing in _OWN_PACKAGES and exc.name != entry.module.split(".")[0] and exc.name != entry.module:
                 raise
             continue
-        training_module.register(sub)
+        register(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

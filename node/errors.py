@@ -11,10 +11,9 @@
     │   └── StoreFailedError        0xA701  out of resources: the spool or the index could not be written
     ├── IndexError_                 the database could not be read or written (outside a C-STORE)
     ├── SendError                   an SCU operation (echo, send, dispatch) failed
-    │   ├── TransientSendError      (node.dispatch) retry later: peer down, busy, refused association
-    │   └── PermanentSendError      (node.dispatch) dead-letter now: the PACS refuses these objects
-    ├── ResultsError                (node.results) an SR/SEG could not be built from the inputs
-    └── DemoError                   (node.demo) a demo piece could not start, or results did not arrive in time
+    │   ├── TransientSendError      (node.senders) retry later: peer down, busy, refused association
+    │   └── PermanentSendError      (node.senders) dead-letter now: the PACS refuses these objects
+    └── ResultsError                (node.results) an SR/SEG could not be built from the inputs
 
 Library exceptions (pydicom, SQLAlchemy, OSError) are converted where they are caught, with ``raise ... from exc``.
 """

@@ -121,7 +121,7 @@ def test_ohif_shows_the_seg_overlay_and_sr_outline_of_a_pneumonia_phantom_and_no
     _playwright_core()
 
     summary_path, log = tmp_path / "summary.json", tmp_path / "demo.log"
-    command = [sys.executable, "-m", "node.demo", "--pneumonia", "1", "--normal", "1", "--workdir",
+    command = [sys.executable, "-m", "demo", "--pneumonia", "1", "--normal", "1", "--workdir",
                str(tmp_path / "demo"), "--summary", str(summary_path)]
     if TEST_WEIGHTS_DIR:
         command += ["--weights-dir", TEST_WEIGHTS_DIR]
@@ -166,7 +166,7 @@ def test_viewer_server_isolation_headers_proxy_host_and_page_routes(tmp_path):
         warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient` is deprecated")
         from starlette.testclient import TestClient
 
-    from node.demo import app_config_js, create_viewer_app
+    from demo.viewer import app_config_js, create_viewer_app
 
     class Streamed(httpx.AsyncByteStream):  # as a real transport answers: not read yet
         def __init__(self, data: bytes) -> None:

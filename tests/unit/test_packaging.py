@@ -67,3 +67,71 @@ def test_compose_file_node_settings_validate(tmp_path):
     modalities = json.loads(services["orthanc"]["environment"]["ORTHANC__DICOM_MODALITIES"])
     assert modalities["pacsnode"] == [config.node.ae_title, "pacsnode", 11112]
     assert any(v.endswith(":/data") for v in node["volumes"])
+
+
+# -- what the node imports, and what a node-only install brings ---------------------------------------------------
+def _imports(package: str) -> dict[str, set[str]]:
+    """Top-level module names each file of ``package`` imports (absolute imports, anywhere in the file)."""
+    import ast
+
+    found: dict[str, set[str]] = {}
+    for path in sorted((REPO / package).rglob("*.py")):
+        names: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+        found[str(path.relative_to(REPO))] = names
+    return found
+
+
+def test_the_node_never_imports_training_or_demo():
+    offenders = {f: sorted(n & {"training", "demo", "tests", "benchmarks"}) for f, n in _imports("node").items()}
+    offenders.update({f: sorted(n & {"node", "training", "demo", "tests"}) for f, n in _imports("models").items()})
+    assert {f: n for f, n in offenders.items() if n} == {}
+
+
+def _runtime_requirements() -> set[str]:
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    return {Requirement(r).name.lower().replace("_", "-") for r in project["dependencies"]}
+
+
+def test_every_third_party_import_of_the_node_is_a_runtime_dependency():
+    import sys
+    from importlib.metadata import packages_distributions
+
+    dists = packages_distributions()
+    runtime = _runtime_requirements()
+    ours = {"node", "models"}
+    missing = {}
+    for file, names in {**_imports("node"), **_imports("models")}.items():
+        for name in names - ours - set(sys.stdlib_module_names) - {"__future__"}:
+            provided = {d.lower().replace("_", "-") for d in dists.get(name, [])}
+            if not provided & runtime:
+                missing.setdefault(name, []).append(file)
+    missing.pop("keras", None)  # comes with tensorflow-cpu (Keras 3 is its API)
+    missing.pop("_typeshed", None)  # type-checking only
+    assert missing == {}, f"imported by the node but not a runtime dependency: {missing}"
+
+
+def test_a_node_only_install_does_not_pull_the_training_libraries():
+    runtime = _runtime_requirements()
+    assert not runtime & {"pandas", "matplotlib", "scikit-learn", "tqdm"}
+    import tomllib
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert {"pandas", "matplotlib", "scikit-learn", "tqdm"} <= {r.split(">")[0].split("=")[0] for r in extras["training"]}
+
+
+def test_subcommands_outside_the_node_come_from_entry_points():
+    """`pacsnode --help` lists demo and the training commands through the entry points (the editable install)."""
+    from node.cli import build_parser
+
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"]
+    assert {"serve", "demo", "phantom", "train", "evaluate"} <= set(sub.choices)
