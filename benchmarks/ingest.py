@@ -4,7 +4,7 @@
 
 Writes N small CT files (default 1,000 × ~34 KB), then for each receiver runs one `storescu` association with all
 files, and four concurrent `storescu` processes with a quarter each; prints images/s, MB/s and the node's ratio to
-each peer. Every peer runs with TCP_NODELAY=1 (see shared/peers.md). Receivers are started on free loopback ports
+each peer. Every peer runs with TCP_NODELAY=1 (see docs/peers.md). Receivers are started on free loopback ports
 with temporary storage and stopped by PID. storescp does no fsync; Orthanc fdatasyncs each file; the node fsyncs
 the file and its folder and commits an index row before answering.
 """

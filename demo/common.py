@@ -61,6 +61,6 @@ def stop_process(proc: subprocess.Popen[bytes] | None, timeout: float) -> None:
 
 
 def peer_env() -> dict[str, str]:
-    # TCP_NODELAY=1: DCMTK-based peers (storescu, Orthanc) stall every small C-STORE otherwise (see peers.md).
+    # TCP_NODELAY=1: DCMTK-based peers (storescu, Orthanc) stall every small C-STORE otherwise (see docs/peers.md).
     return {**os.environ, "TCP_NODELAY": "1"}
 

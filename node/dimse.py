@@ -41,7 +41,7 @@ from node.states import AssociationState
 
 assert set(ACCEPTED_TRANSFER_SYNTAXES) <= set(ALL_TRANSFER_SYNTAXES)
 
-# pynetdicom logs every PDU unless told not to; that costs more per image than the fsync (peers.md).
+# pynetdicom logs every PDU unless told not to; that costs more per image than the fsync (docs/peers.md).
 _config.LOG_HANDLER_LEVEL = "none"
 
 

@@ -86,7 +86,7 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, diagnost
 
 
 def peer_env() -> dict[str, str]:
-    """Environment for DCMTK/Orthanc peers: TCP_NODELAY=1 (peers.md: Nagle stalls every small C-STORE)."""
+    """Environment for DCMTK/Orthanc peers: TCP_NODELAY=1 (docs/peers.md: Nagle stalls every small C-STORE)."""
     return {**os.environ, "TCP_NODELAY": "1"}
 
 

@@ -1,6 +1,6 @@
 """A real Orthanc as the test PACS: temporary storage, free ports, readiness by polling ``GET /system``, stop by PID.
 
-`OrthancServer(workdir, ...)` writes a config like peers.md's and can `start()`, `stop()` and `start()` again on the
+`OrthancServer(workdir, ...)` writes a config like docs/peers.md's and can `start()`, `stop()` and `start()` again on the
 same ports and storage (PACS-down tests). REST helpers: `find`, `instances_of_modality`, `get_file`,
 `sop_instance_uids`, `clear`. `orthanc_factory` is a pytest fixture returning a factory; every server it made is stopped at
 teardown. To use the fixture from a test module, register this module (``pytest_plugins = ["tests.orthanc"]`` in
