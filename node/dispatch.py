@@ -118,6 +118,18 @@ def _running(worker: _Worker) -> bool:
     return worker.thread is not None and worker.thread.is_alive()
 
 
+def _payload(files: str, sop_uids: str) -> tuple[tuple[Path, ...], tuple[str, ...]] | None:
+    """A row's files and SOP instance UIDs, or None when they are not two equally long JSON lists of strings."""
+    try:
+        paths, uids = json.loads(files), json.loads(sop_uids)
+    except (TypeError, ValueError):
+        return None
+    lists = isinstance(paths, list) and isinstance(uids, list) and len(paths) == len(uids) > 0
+    if not lists or not all(isinstance(v, str) for v in [*paths, *uids]):
+        return None
+    return tuple(Path(p) for p in paths), tuple(uids)
+
+
 def _message(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return text[:_MAX_ERROR_CHARS]
@@ -330,7 +342,16 @@ class Dispatcher:
                 ).first()
                 if row is None:
                     return None
-                files = tuple(Path(p) for p in json.loads(row.files))
+                payload = _payload(row.files, row.sop_uids)
+                if payload is None:
+                    # Dead at once, never re-claimed on every poll: nothing can be sent from this row.
+                    reason = "delivery row unreadable: files/sop_uids are not matching JSON lists of strings"
+                    conn.execute(deliveries.update().where(d.id == row.id).values(
+                        state=DeliveryState.DEAD.value, claimed_by=None, lease_until=None, last_error=reason))
+                    self._log.error("delivery_unreadable", delivery_id=int(row.id), series_uid=row.series_uid,
+                                    destination=name)
+                    return None
+                files, sop_uids = payload
                 conn.execute(
                     deliveries.update()
                     .where(d.id == row.id)
@@ -344,7 +365,7 @@ class Dispatcher:
             version=int(row.version),
             destination=name,
             files=files,
-            sop_uids=tuple(json.loads(row.sop_uids)),
+            sop_uids=sop_uids,
             attempts=int(row.attempts),
             queued_at=float(row.queued_at),
         )

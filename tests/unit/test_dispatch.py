@@ -235,6 +235,25 @@ def test_delivered(make: Callable[..., Dispatcher], sender: FakeSender, clock: F
     assert d.run_once() == 0  # nothing left
 
 
+@pytest.mark.parametrize("column, value", [("files", "not json"), ("sop_uids", "{}"), ("files", "[1, 2]")])
+def test_an_unreadable_row_is_dead_lettered_once_and_the_next_row_still_goes(
+    make: Callable[..., Dispatcher], sender: FakeSender, engine: sa.Engine, column: str, value: str
+) -> None:
+    d = make()
+    [bad] = d.enqueue("1.2.3", 1, files(tag="a"), uids(tag="1"))
+    [good] = d.enqueue("1.2.4", 1, files(tag="b"), uids(tag="2"))
+    force_state(engine, bad, **{column: value})
+    with capture_logs() as logs:
+        for _ in range(3):
+            d.run_once()
+    r = row(d, bad)
+    assert r.state == DeliveryState.DEAD and r.attempts == 1 and "unreadable" in r.last_error
+    assert r.claimed_by is None and r.lease_until is None
+    assert row(d, good).state == DeliveryState.DELIVERED
+    assert sender.calls == [("pacs", tuple(files(tag="b")))]
+    assert [e["event"] for e in logs].count("delivery_unreadable") == 1
+
+
 def test_transient_failure_goes_back_to_pending(make: Callable[..., Dispatcher], sender: FakeSender,
                                                 clock: FakeClock) -> None:
     d = make(rng=lambda: 0.5)
