@@ -231,7 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("--jobs", action="store_true", help="also re-queue dead jobs")
     retry.set_defaults(func=cmd_retry)
 
-    _register_plugins(sub)
+    left_out = _register_plugins(sub)
+    if left_out:
+        parser.epilog = (f"Not installed here: {', '.join(left_out)} (pip install 'pacs-ai-node[training]' from a "
+                         "clone of the repository adds the training and demo commands).")
     return parser
 
 
@@ -240,25 +243,54 @@ _OWN_PACKAGES = ("node", "models", "training", "demo")
 _PLUGIN_ORDER = ("demo", "training", "crossval")  # the order `pacsnode --help` lists them in
 
 
-def _register_plugins(sub: Any) -> None:
+def _register_plugins(sub: Any) -> list[str]:
     """Add the subcommands that live outside the node — ``demo`` (`demo.cli`) and the training side's (`training.cli`,
     `training.crossval`) — through the ``pacsnode.commands`` entry points, so ``node/`` never imports them. A plugin
-    whose package or optional dependencies are not installed (the node-only image, ``pip install .`` without the
-    ``training`` extra) is left out; an import error inside our own code is raised."""
+    whose package or extra (``[training]`` in the entry point) is not installed — the node-only image, ``pip
+    install .`` — is left out and named in the list returned; an import error inside our own code is raised."""
     from importlib.metadata import entry_points
 
     def order(name: str) -> tuple[int, str]:
         return (_PLUGIN_ORDER.index(name) if name in _PLUGIN_ORDER else len(_PLUGIN_ORDER), name)
 
+    left_out = []
     for entry in sorted(entry_points(group=PLUGIN_GROUP), key=lambda e: order(e.name)):
+        if not _extras_installed(entry.dist.name if entry.dist else None, entry.extras):
+            left_out.append(entry.name)
+            continue
         try:
             register = entry.load()
         except ModuleNotFoundError as exc:
             missing = (exc.name or "").split(".")[0]
             if missing in _OWN_PACKAGES and exc.name != entry.module.split(".")[0] and exc.name != entry.module:
                 raise
+            left_out.append(entry.name)
             continue
         register(sub)
+    return left_out
+
+
+def _extras_installed(dist_name: str | None, extras: Sequence[str]) -> bool:
+    """Whether every requirement of ``dist_name``'s ``extras`` is installed (no extras: True)."""
+    if not extras or dist_name is None:
+        return True
+    from importlib.metadata import PackageNotFoundError, distribution, version
+
+    from packaging.requirements import Requirement
+
+    for line in distribution(dist_name).requires or ():
+        req = Requirement(line)
+        if req.marker is None or not any(req.marker.evaluate({"extra": extra}) for extra in extras):
+            continue
+        if req.name == dist_name:  # an extra naming other extras of this distribution
+            if not _extras_installed(dist_name, sorted(req.extras)):
+                return False
+            continue
+        try:
+            version(req.name)
+        except PackageNotFoundError:
+            return False
+    return True
 
 
 def main(argv: Sequence[str] | None = None) -> int:

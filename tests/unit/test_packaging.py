@@ -135,3 +135,16 @@ def test_subcommands_outside_the_node_come_from_entry_points():
     parser = build_parser()
     (sub,) = [a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"]
     assert {"serve", "demo", "phantom", "train", "evaluate"} <= set(sub.choices)
+
+
+def test_a_plugin_whose_extra_is_missing_is_left_out():
+    """The check `pacsnode` makes before loading a plugin: installed extras pass, one with a missing requirement
+    (httpx's http2 extra needs h2, which the node does not install) does not."""
+    import importlib.util
+
+    from node.cli import _extras_installed
+
+    assert _extras_installed("pacs-ai-node", ["training"]) and _extras_installed("pacs-ai-node", ["demo"])
+    assert _extras_installed("pacs-ai-node", [])
+    assert importlib.util.find_spec("h2") is None
+    assert not _extras_installed("httpx", ["http2"])
