@@ -62,7 +62,7 @@ results = sa.Table(
     sa.Column("series_uid", sa.String(64), nullable=False, index=True),  # the source series
     sa.Column("version", sa.Integer, nullable=False),
     sa.Column("job_id", sa.Integer, nullable=False),
-    sa.Column("kind", sa.String(16), nullable=False),  # sr | seg | skipped-sr | kos
+    sa.Column("kind", sa.String(16), nullable=False),  # sr | seg | key-images | skipped-sr | kos
     sa.Column("study_uid", sa.String(64), nullable=False),
     sa.Column("result_series_uid", sa.String(64), nullable=False),
     sa.Column("sop_uid", sa.String(64), nullable=False),

@@ -39,10 +39,12 @@ class Pipeline(ABC):
         superseded: Sequence[Sequence[str]],
         fallback_datetime: dt.datetime,
     ) -> list[tuple[str, Dataset]]:
-        """The TID 1500 SR (a verdict when ``findings`` carry a probability, measurements otherwise) and the SEG."""
+        """The TID 1500 SR (a verdict when ``findings`` carry a probability, measurements otherwise), the SEG, and
+        with a verdict the key-images KOS."""
         built = build_results(sources, findings, algorithm, series_version=series_version, superseded=superseded,
                               fallback_datetime=fallback_datetime)
-        return [("sr", built.sr)] + ([("seg", built.seg)] if built.seg is not None else [])
+        objects = [("sr", built.sr)] + ([("seg", built.seg)] if built.seg is not None else [])
+        return objects + ([("key-images", built.key_images)] if built.key_images is not None else [])
 
 
 def chest_scope_refusal(volume: Volume, lungs: np.ndarray, settings: GateSection) -> GateRefusal | None:

@@ -1,14 +1,15 @@
-"""Result objects for the PACS: a TID 1500 SR (Comprehensive 3D SR) and a lungs/lesion SEG, built with highdicom.
+"""Result objects for the PACS: a TID 1500 SR (Comprehensive 3D SR), a lungs/lesion SEG and a key-images KOS, built
+with highdicom.
 
 Public surface: `build_results`, `build_skipped_sr`, `result_uid`, their inputs (`AlgorithmIdentity`, `Findings`,
 `SkipReason`, `Superseded`), the output `ResultSet`, and `ResultsError` (the only exception raised).
-Modules, imported one way: codes → uids → content/geometry → seg → sr.
+Modules, imported one way: codes → uids → content/geometry → seg → kos → sr.
 """
 
 from node.results.codes import ResultKind, SkipReason
 from node.results.content import AlgorithmIdentity, Findings, ResultSet
 from node.results.errors import ResultsError
-from node.results.kos import build_rejection_kos
+from node.results.kos import build_key_images_kos, build_rejection_kos
 from node.results.sr import Superseded, build_results, build_skipped_sr
 from node.results.uids import result_uid
 
@@ -20,6 +21,7 @@ __all__ = [
     "ResultsError",
     "SkipReason",
     "Superseded",
+    "build_key_images_kos",
     "build_rejection_kos",
     "build_results",
     "build_skipped_sr",

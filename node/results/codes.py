@@ -48,6 +48,7 @@ COMMENT = codes.DCM.Comment  # 121106
 ARTIFICIAL_INTELLIGENCE = codes.DCM.ArtificialIntelligence  # 123110, CID 7162 algorithm family
 DEVICE_OBSERVER = codes.DCM.Device  # 121007, CID 270 observer type
 REJECTED_FOR_QUALITY_REASONS = codes.DCM.RejectedForQualityReasons  # 113001, IOCM rejection note title (CID 7010)
+FOR_REFERRING_PROVIDER = codes.DCM.ForReferringProvider  # 113002, the key-images document's title (CID 7010)
 LUNG_VOLUME = codes.SCT.Volume  # measured over the lung segment
 
 UNIT_NONE = codes.UCUM.NoUnits  # "1"
@@ -128,6 +129,8 @@ class ResultKind(enum.Enum):
     TRACKING_LUNG_VOLUME = "tracking-lung-volume"
     KOS = "kos"  # the IOCM rejection note withdrawing a superseded version
     KOS_SERIES = "kos-series"
+    KEY_IMAGES = "key-images"  # the Key Object Selection naming the slices that drove the verdict
+    KEY_IMAGES_SERIES = "key-images-series"
 
 
 class SegmentNumber(enum.IntEnum):
@@ -140,10 +143,13 @@ class SegmentNumber(enum.IntEnum):
 SR_SERIES_NUMBER = 9901
 SEG_SERIES_NUMBER = 9902
 KOS_SERIES_NUMBER = 9903
+KEY_IMAGES_SERIES_NUMBER = 9904
 SR_SERIES_DESCRIPTION = "AI pneumonia report (NOT FOR CLINICAL USE)"
 LUNG_VOLUME_SR_SERIES_DESCRIPTION = "AI lung volume report (NOT FOR CLINICAL USE)"
 SEG_SERIES_DESCRIPTION = "AI lung and lesion segmentation (NOT FOR CLINICAL USE)"
 KOS_SERIES_DESCRIPTION = "AI result withdrawn (superseded by a newer version)"
+KEY_IMAGES_SERIES_DESCRIPTION = "AI key images (NOT FOR CLINICAL USE)"
+KOS_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.88.59"  # Key Object Selection Document Storage
 
 
 def versioned_number(base: int, version: int) -> int:

@@ -148,10 +148,12 @@ class Findings:
 
 @dataclass(frozen=True)
 class ResultSet:
-    """The objects built for one processed series: the SR and, when segmentation ran, the SEG."""
+    """The objects built for one processed series: the SR, the SEG when segmentation ran, and with a verdict the
+    key-images KOS naming the slices that drove it."""
 
     sr: Dataset
     seg: Dataset | None
+    key_images: Dataset | None = None
 
 
 # Patient/study values a library message may echo (e.g. "'X' is not a valid PatientSexValues"): scrubbed from

@@ -1,4 +1,9 @@
-"""Build the IHE IOCM rejection note that withdraws superseded result objects (a Key Object Selection document).
+"""Build the node's Key Object Selection documents: the key-images note sent with a verdict, and the IHE IOCM
+rejection note that withdraws superseded result objects.
+
+`build_key_images_kos` names the slices that drove the classifier's verdict (titled "For Referring Provider",
+113002) and the SR stating it; the SR names the note in turn (a note and its evidence), so a viewer or a person
+reading either finds the other. The rest of these notes is about the rejection note (`build_rejection_kos`).
 
 When a late instance forces a new result version, the SR and SEG of the version it replaces are withdrawn with an
 IOCM "Rejection Note" (IHE RAD TF Imaging Object Change Management, transaction RAD-66 Rejection Note Stored) sent
@@ -184,9 +189,62 @@ def build_rejection_kos(
             series_date=when.date(),
             series_time=when.time(),
         )
-    # Type 3 attributes highdicom takes from the clock: dropped so a rebuild is byte-identical (see module notes).
+    return _without_clock_attributes(kos)
+
+
+def _without_clock_attributes(kos: Dataset) -> Dataset:
+    """Drop the Type 3 attributes highdicom takes from the clock, so a rebuild is byte-identical."""
     del kos.InstanceCreationDate, kos.InstanceCreationTime
     for item in kos.get("ContributingEquipmentSequence", []):
         if "ContributionDateTime" in item:
             del item.ContributionDateTime
     return kos
+
+
+def build_key_images_kos(
+    sources: Sequence[Dataset],
+    key: Sequence[int],
+    sr: Dataset,
+    algorithm: AlgorithmIdentity,
+    *,
+    series_uid: str,
+    sop_uid: str,
+    series_version: int,
+    when: dt.datetime,
+) -> Dataset:
+    """Return the key-images note for a radiologist: a KOS titled "For Referring Provider" (113002) in the source
+    study, naming the slices ``sources[i] for i in key`` (the classifier's highest attention, highest first) and
+    the ``sr`` that states the verdict, with a description saying why they were chosen and that the AI is not for
+    clinical use. UIDs, series number and content date/time come from the caller (the SR's), so the same inputs
+    give the same bytes. Raises `ResultsError`; its message never carries patient values."""
+    if not key or len(set(key)) != len(key) or not all(0 <= i < len(sources) for i in key):
+        raise ResultsError(f"key must name distinct slices of the {len(sources)} sources")
+    objects = [sources[i] for i in key] + [sr]
+    description = (
+        f"Key images: the {len(key)} slices that weighed most in the AI's pneumonia assessment (highest attention "
+        f"first), with its report. {algorithm.name} {algorithm.version}. Not for clinical use."
+    )
+    with converting("building the key-images note", sources):
+        content = hd.ko.KeyObjectSelection(
+            document_title=hd.sr.CodedConcept.from_code(codes.FOR_REFERRING_PROVIDER),
+            referenced_objects=objects,
+            observer_device_context=_observer(algorithm),
+            description=description,
+        )
+        kos = hd.ko.KeyObjectSelectionDocument(
+            evidence=[*with_type2_attributes([sources[i] for i in key]), sr],
+            content=content,
+            series_instance_uid=series_uid,
+            series_number=codes.versioned_number(codes.KEY_IMAGES_SERIES_NUMBER, series_version),
+            sop_instance_uid=sop_uid,
+            instance_number=max(int(series_version), 1),
+            manufacturer=algorithm.manufacturer,
+            series_description=codes.KEY_IMAGES_SERIES_DESCRIPTION,
+            manufacturer_model_name=algorithm.name,
+            software_versions=algorithm.version,
+            content_date=when.date(),
+            content_time=when.time(),
+            series_date=when.date(),
+            series_time=when.time(),
+        )
+    return _without_clock_attributes(kos)

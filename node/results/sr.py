@@ -32,6 +32,7 @@ from node.results.content import (
 )
 from node.results.errors import ResultsError
 from node.results.geometry import VoxelSize, largest_region, outline, polygon_area, voxel_size
+from node.results.kos import build_key_images_kos
 from node.results.seg import build_seg
 from node.results.uids import is_valid_uid, result_uid
 
@@ -192,7 +193,8 @@ def _document(
     predecessors: Sequence[Superseded] = (),
     series_description: str = codes.SR_SERIES_DESCRIPTION,
 ) -> hd.sr.Comprehensive3DSR:
-    previous = [_predecessor(p) for p in predecessors if p.sop_class_uid.startswith(_SR_STORAGE_PREFIX)]
+    previous = [_predecessor(p) for p in predecessors
+                if p.sop_class_uid.startswith(_SR_STORAGE_PREFIX) and p.sop_class_uid != codes.KOS_SOP_CLASS_UID]
     with converting("building the SR document", sources):
         return hd.sr.Comprehensive3DSR(
             evidence=list(evidence),
@@ -260,6 +262,14 @@ def build_results(
     )
     key = findings.key_slices(KEY_SLICE_COUNT)
     notes = [text_item(codes.COMMENT, codes.NOT_FOR_CLINICAL_USE)]
+    # With a verdict, a key-images KOS names the slices that drove it and this SR; the SR names the KOS back (a
+    # note, and the KOS in its evidence). Both UIDs are deterministic, so each can name the other before it exists.
+    key_images = None
+    if findings.classified:
+        key_images = _key_images_reference(sources[0], uid(ResultKind.KEY_IMAGES_SERIES), uid(ResultKind.KEY_IMAGES))
+        notes.append(text_item(codes.COMMENT, (
+            f"Key images: Key Object Selection {key_images.SOPInstanceUID} ('{codes.KEY_IMAGES_SERIES_DESCRIPTION}', "
+            f"series {key_images.SeriesInstanceUID}) names the {len(key)} slices that weighed most in this verdict.")))
     notes += [
         text_item(codes.SUPERSEDES, f"SOP Instance {p.sop_instance_uid} (SOP Class {p.sop_class_uid})")
         for p in predecessors
@@ -302,7 +312,7 @@ def build_results(
         )
     sr = _document(
         sources,
-        [*sources, seg],
+        [*sources, seg, *([key_images] if key_images is not None else [])],
         report,
         algorithm,
         series_uid=uid(ResultKind.SR_SERIES),
@@ -314,7 +324,21 @@ def build_results(
             codes.SR_SERIES_DESCRIPTION if findings.classified else codes.LUNG_VOLUME_SR_SERIES_DESCRIPTION
         ),
     )
-    return ResultSet(sr=sr, seg=seg)
+    kos = None
+    if key_images is not None:
+        kos = build_key_images_kos(sources, key, sr, algorithm, series_uid=str(key_images.SeriesInstanceUID),
+                                   sop_uid=str(key_images.SOPInstanceUID), series_version=series_version, when=when)
+    return ResultSet(sr=sr, seg=seg, key_images=kos)
+
+
+def _key_images_reference(source: Dataset, series_uid: str, sop_uid: str) -> Dataset:
+    """The four UIDs by which the SR's evidence names its key-images KOS (built after the SR, which it references)."""
+    ds = Dataset()
+    ds.StudyInstanceUID = source.StudyInstanceUID
+    ds.SeriesInstanceUID = series_uid
+    ds.SOPInstanceUID = sop_uid
+    ds.SOPClassUID = codes.KOS_SOP_CLASS_UID
+    return ds
 
 
 def build_skipped_sr(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -90,8 +91,9 @@ def _problems(results: dict[str, Any]) -> list[str]:
     problems = [f"browser: {e}" for e in results["errors"]]
     for name in ("pneumonia", "normal"):
         row = results["studyList"].get(name, "")
-        if "CT\\SEG\\SR" not in row:
-            problems.append(f"study list row of the {name} study lacks CT\\SEG\\SR: {row!r}")
+        shown = {m for group in re.findall(r"[A-Z]{2,3}(?:\\[A-Z]{2,3})+", row) for m in group.split("\\")}
+        if not {"CT", "SEG", "SR", "KO"} <= shown:  # KO: the key-images note
+            problems.append(f"study list row of the {name} study lacks CT, KO, SEG and SR: {row!r}")
     pneumonia = results["studies"].get("pneumonia", {})
     normal = results["studies"].get("normal", {})
     for name, study in (("pneumonia", pneumonia), ("normal", normal)):

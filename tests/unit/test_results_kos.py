@@ -365,3 +365,86 @@ def test_library_errors_are_converted_without_patient_data(
         _build(superseded, source_series)
     assert isinstance(caught.value.__cause__, ValueError)
     assert patient_id in str(caught.value.__cause__) and patient_id not in str(caught.value)
+
+
+# --- the key-images note sent with a verdict ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def verdict(sources: list[Dataset]):
+    lungs, lesion = synthetic_masks()
+    findings = Findings(probability=0.83, threshold=0.5, attention=ATTENTION, lungs=lungs, lesion=lesion)
+    return findings, build_results(sources, findings, ALGORITHM)
+
+
+def _references(kos: Dataset) -> list[str]:
+    return [sop.ReferencedSOPInstanceUID for study in kos.CurrentRequestedProcedureEvidenceSequence
+            for ser in study.ReferencedSeriesSequence for sop in ser.ReferencedSOPSequence]
+
+
+def test_key_images_name_the_top_attention_slices_and_the_sr(verdict, sources: list[Dataset], tmp_path: Path,
+                                                              strict_reading: None) -> None:
+    findings, built = verdict
+    kos = built.key_images
+    assert kos is not None
+    path = tmp_path / "key.dcm"
+    kos.save_as(path, enforce_file_format=True)
+    ds = pydicom.dcmread(path)
+    for element in ds.iterall():
+        _ = element.value
+    assert (ds.Modality, ds.SOPClassUID) == ("KO", pydicom.uid.KeyObjectSelectionDocumentStorage)
+    assert ds.ConceptNameCodeSequence[0].CodeValue == result_codes.FOR_REFERRING_PROVIDER.value  # 113002
+    key = findings.key_slices(3)
+    expected = {str(sources[i].SOPInstanceUID) for i in key} | {str(built.sr.SOPInstanceUID)}
+    assert set(_references(ds)) == expected
+    # in the content tree too: IMAGE items for the slices (highest attention first), COMPOSITE for the SR
+    items = [i for i in ds.ContentSequence if i.ValueType in ("IMAGE", "COMPOSITE")]
+    assert [i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in items if i.ValueType == "IMAGE"] == [
+        str(sources[i].SOPInstanceUID) for i in key]
+    assert [i.ValueType for i in items].count("COMPOSITE") == 1
+    assert ds.StudyInstanceUID == sources[0].StudyInstanceUID and ds.PatientID == sources[0].PatientID
+    assert ds.SeriesInstanceUID not in {sources[0].SeriesInstanceUID, built.sr.SeriesInstanceUID}
+    text = " ".join(str(i.TextValue) for i in walk(ds) if i.get("ValueType") == "TEXT")
+    assert "Not for clinical use" in text
+
+
+def test_the_sr_names_its_key_images_note(verdict) -> None:
+    _, built = verdict
+    kos, sr = built.key_images, built.sr
+    assert str(kos.SOPInstanceUID) in _references(sr)  # the SR's evidence lists the note
+    texts = [str(i.TextValue) for i in walk(sr) if i.get("ValueType") == "TEXT"]
+    assert any(str(kos.SOPInstanceUID) in t for t in texts)
+    assert "PredecessorDocumentsSequence" not in sr
+
+
+def test_key_images_note_is_dciodvfy_clean_and_deterministic(verdict, sources: list[Dataset], tmp_path: Path) -> None:
+    require_tool("dciodvfy")
+    findings, built = verdict
+    path = tmp_path / "key.dcm"
+    built.key_images.save_as(path, enforce_file_format=True)
+    errors, warnings = dciodvfy_errors(path)
+    assert errors == [] and warnings == []
+    again = build_results(sources, findings, ALGORITHM).key_images
+    assert _bytes(again) == _bytes(built.key_images)
+
+
+def test_measurement_only_findings_make_no_key_images(sources: list[Dataset]) -> None:
+    lungs, lesion = synthetic_masks()
+    built = build_results(sources, Findings(probability=None, threshold=None, attention=None, lungs=lungs,
+                                            lesion=lesion), ALGORITHM)
+    assert built.key_images is None
+    texts = [str(i.TextValue) for i in walk(built.sr) if i.get("ValueType") == "TEXT"]
+    assert not any("Key Object Selection" in t for t in texts)
+
+
+def test_a_new_versions_sr_does_not_take_the_key_images_note_for_a_predecessor(verdict, sources: list[Dataset],
+                                                                                 source_series: str) -> None:
+    findings, v1 = verdict
+    previous = [(str(o.StudyInstanceUID), str(o.SeriesInstanceUID), str(o.SOPInstanceUID), str(o.SOPClassUID))
+                for o in (v1.sr, v1.seg, v1.key_images)]
+    v2 = build_results(sources, findings, ALGORITHM, series_version=2, superseded=previous)
+    predecessors = [sop.ReferencedSOPInstanceUID for study in v2.sr.PredecessorDocumentsSequence
+                    for ser in study.ReferencedSeriesSequence for sop in ser.ReferencedSOPSequence]
+    assert predecessors == [str(v1.sr.SOPInstanceUID)]
+    assert v2.key_images.SOPInstanceUID != v1.key_images.SOPInstanceUID
+    assert v2.key_images.SeriesNumber == v1.key_images.SeriesNumber + 10

@@ -93,19 +93,22 @@ def site(tmp_path):
     s.engine.dispose()
 
 
+RESULTS = 3  # files a pneumonia verdict makes: SR, SEG and the key-images KOS
+
+
 def test_delivered_series_lose_instances_then_results_each_after_their_days(site):
     uid = site.series("a", seed=1)
-    assert len(site.spool_files(uid)) == 10 and len(site.result_files(uid)) == 2
+    assert len(site.spool_files(uid)) == 10 and len(site.result_files(uid)) == RESULTS
     site.clock.now += 6 * DAY
     assert site.retention.purge().instance_files == 0
     site.clock.now += 1 * DAY
     report = site.retention.purge()
     assert (report.instance_files, report.result_files) == (10, 0)
-    assert site.spool_files(uid) == [] and len(site.result_files(uid)) == 2 and site.consistent()
+    assert site.spool_files(uid) == [] and len(site.result_files(uid)) == RESULTS and site.consistent()
     row = site.index.get_series(uid)
     assert (row.state, row.instance_count, row.version) == ("complete", 0, 1) and row.purged_at
     site.clock.now += 23 * DAY
-    assert site.retention.purge().result_files == 2
+    assert site.retention.purge().result_files == RESULTS
     assert site.result_files(uid) == []
     assert not any((site.config.node.data_dir / "results").iterdir())  # empty folders removed too
 
@@ -114,8 +117,8 @@ def test_a_dry_run_deletes_nothing(site):
     uid = site.series("a", seed=2)
     site.clock.now += 40 * DAY
     report = site.retention.purge(dry_run=True)
-    assert (report.instance_files, report.result_files) == (10, 2) and report.bytes_freed > 0
-    assert len(site.spool_files(uid)) == 10 and len(site.result_files(uid)) == 2
+    assert (report.instance_files, report.result_files) == (10, RESULTS) and report.bytes_freed > 0
+    assert len(site.spool_files(uid)) == 10 and len(site.result_files(uid)) == RESULTS
 
 
 def test_nothing_undelivered_or_unprocessed_is_deleted(site):

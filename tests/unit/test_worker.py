@@ -106,14 +106,30 @@ def test_series_becomes_sr_and_seg_delivered(node, tmp_path):
     assert job.state == JobState.DONE and job.inference_seconds is not None and job.queue_seconds is not None
     assert dispatcher.run_once() == 1
     (files,) = sender.sent
-    sr, seg = (pydicom.dcmread(f) for f in files)
-    assert sr.Modality == "SR" and seg.Modality == "SEG"
-    assert sr.StudyInstanceUID == seg.StudyInstanceUID == series.study_uid
+    sr, seg, key = (pydicom.dcmread(f) for f in files)
+    assert (sr.Modality, seg.Modality, key.Modality) == ("SR", "SEG", "KO")
+    assert sr.StudyInstanceUID == seg.StudyInstanceUID == key.StudyInstanceUID == series.study_uid
+    # the key-images note names three source slices and the SR; the SR names the note back
+    assert key.ConceptNameCodeSequence[0].CodeValue == "113002"
+    named = {sop.ReferencedSOPInstanceUID for study in key.CurrentRequestedProcedureEvidenceSequence
+             for ser in study.ReferencedSeriesSequence for sop in ser.ReferencedSOPSequence}
+    assert sr.SOPInstanceUID in named and len(named - {sr.SOPInstanceUID}) == 3
+    assert named - {sr.SOPInstanceUID} <= set(series.sop_uids)
+    assert any(key.SOPInstanceUID in text for text in _texts(sr))
+
     report = hd.sr.srread(files[0])
     assert "233604007" in str(report.ContentSequence)  # pneumonia, coded
     seg_read = hd.seg.segread(files[1])
     assert seg_read.number_of_segments == 2
     assert {ref.SeriesInstanceUID for ref in seg.ReferencedSeriesSequence} == {series.series_uid}
+
+
+def _texts(ds):
+    """Every TEXT value in an SR content tree."""
+    for item in ds.get("ContentSequence", []):
+        if item.get("ValueType") == "TEXT":
+            yield str(item.TextValue)
+        yield from _texts(item)
 
 
 def test_refused_series_gets_a_coded_not_processed_sr(node, tmp_path):
@@ -158,7 +174,8 @@ def test_new_version_supersedes_the_old_results(node, tmp_path):
     worker.run_pending()
     with engine.connect() as conn:
         rows = {(r.version, r.kind): r for r in conn.execute(results.select())}
-    assert set(rows) == {(1, "sr"), (1, "seg"), (2, "sr"), (2, "seg"), (2, "kos")}
+    assert set(rows) == {(1, "sr"), (1, "seg"), (1, "key-images"), (2, "sr"), (2, "seg"), (2, "key-images"),
+                         (2, "kos")}
     assert rows[(1, "sr")].sop_uid != rows[(2, "sr")].sop_uid
     assert rows[(1, "sr")].result_series_uid != rows[(2, "sr")].result_series_uid
     new_sr = pydicom.dcmread(rows[(2, "sr")].path)
@@ -173,9 +190,9 @@ def test_new_version_supersedes_the_old_results(node, tmp_path):
         for ser in study.ReferencedSeriesSequence
         for sop in ser.ReferencedSOPSequence
     }
-    assert rejected == {rows[(1, "sr")].sop_uid, rows[(1, "seg")].sop_uid}
+    assert rejected == {rows[(1, "sr")].sop_uid, rows[(1, "seg")].sop_uid, rows[(1, "key-images")].sop_uid}
     delivery = [d for d in dispatcher.for_series(series.series_uid) if d.version == 2][0]
-    assert json.loads(delivery.files) == [rows[(2, k)].path for k in ("sr", "seg", "kos")]
+    assert json.loads(delivery.files) == [rows[(2, k)].path for k in ("sr", "seg", "key-images", "kos")]
     predecessors = [
         sop.ReferencedSOPInstanceUID
         for study in new_sr.PredecessorDocumentsSequence
@@ -218,7 +235,7 @@ def test_replayed_dead_job_delivers_its_real_results(node, tmp_path):
     assert queue.get(job_id).state == JobState.DONE
     assert dispatcher.run_once() == 1
     modalities = sorted(pydicom.dcmread(f).Modality for f in sender.sent[-1])
-    assert modalities == ["SEG", "SR"]
+    assert modalities == ["KO", "SEG", "SR"]
 
 
 def test_configured_uid_root_heads_the_result_uids(node, tmp_path):
@@ -233,7 +250,7 @@ def test_configured_uid_root_heads_the_result_uids(node, tmp_path):
     assert worker.run_pending() == 2
     dispatcher.run_once()
     objects = [pydicom.dcmread(f) for files in sender.sent for f in files]
-    assert sorted(o.Modality for o in objects) == ["SEG", "SR", "SR"]  # results, and the skipped series' SR
+    assert sorted(o.Modality for o in objects) == ["KO", "SEG", "SR", "SR"]  # results, and the skipped series' SR
     for o in objects:
         assert o.SOPInstanceUID.startswith(root) and o.SeriesInstanceUID.startswith(root)
 
