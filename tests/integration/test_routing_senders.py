@@ -38,6 +38,7 @@ import pydicom
 import pytest
 import sqlalchemy as sa
 
+from node.results.codes import KEY_IMAGES_SERIES_DESCRIPTION, KOS_SERIES_DESCRIPTION
 from tests.conftest import (
     REPO,
     TEST_WEIGHTS_DIR,
@@ -232,16 +233,19 @@ def dciodvfy_errors(path: Path) -> list[str]:
 
 
 def assert_one_version(site: Site, series: CtSeries) -> dict[str, list[dict[str, Any]]]:
-    """Wait for the series' SR and SEG at Orthanc and for the node to settle; assert exactly one version."""
-    wait_until(has_results(site.orthanc, series.study_uid, "SR", "SEG"), RESULT_TIMEOUT,
-               "SR and SEG at Orthanc", site.diagnostics)
+    """Wait for the series' SR, SEG and key images at Orthanc and for the node to settle; assert exactly one
+    version."""
+    wait_until(has_results(site.orthanc, series.study_uid, "SR", "SEG", "KO"), RESULT_TIMEOUT,
+               "SR, SEG and key-images KO at Orthanc", site.diagnostics)
     wait_until(lambda: settled(site.engine, series.series_uid), 60, "the node to settle", site.diagnostics)
     row = series_row(site.engine, series.series_uid)
     assert (row.state, row.version, row.instance_count) == ("complete", 1, len(series.paths)), site.diagnostics()
     found = study_series(site.orthanc, series.study_uid)
     assert len(found["SR"]) == 1 and len(found["SR"][0]["Instances"]) == 1, found
     assert len(found["SEG"]) == 1 and len(found["SEG"][0]["Instances"]) == 1, found
-    assert "KO" not in found, found
+    # one KO: the key-images note, no rejection note (that would mean a second version)
+    assert len(found["KO"]) == 1 and len(found["KO"][0]["Instances"]) == 1, found
+    assert found["KO"][0]["MainDicomTags"].get("SeriesDescription") == KEY_IMAGES_SERIES_DESCRIPTION, found
     return found
 
 
@@ -358,10 +362,10 @@ def test_forwarding_pacs_reaches_a_fixed_point(start_node, orthanc_factory, tmp_
     try:
         series = chest_series(tmp_path / "ct")
         storescu(orthanc.dicom_port, *series.paths, aec=orthanc.aet)  # the modality sends to the PACS only
-        wait_until(has_results(orthanc, series.study_uid, "SR", "SEG"), RESULT_TIMEOUT,
-                   "SR and SEG at the forwarding Orthanc", site.diagnostics)
+        wait_until(has_results(orthanc, series.study_uid, "SR", "SEG", "KO"), RESULT_TIMEOUT,
+                   "SR, SEG and key-images KO at the forwarding Orthanc", site.diagnostics)
         found = study_series(orthanc, series.study_uid)
-        result_series = {s["MainDicomTags"]["SeriesInstanceUID"] for m in ("SR", "SEG") for s in found[m]}
+        result_series = {s["MainDicomTags"]["SeriesInstanceUID"] for m in ("SR", "SEG", "KO") for s in found[m]}
 
         def forwarded_results_decided() -> bool:
             rows = [series_row(engine, uid) for uid in result_series]
@@ -373,7 +377,7 @@ def test_forwarding_pacs_reaches_a_fixed_point(start_node, orthanc_factory, tmp_
         assert {(series_row(engine, u).state, series_row(engine, u).route) for u in result_series} == {
             ("ignored", "[own-result]")}
         before, results_before = instance_count(orthanc), results_rows(engine)
-        assert before == len(series.paths) + 2, study_series(orthanc, series.study_uid)
+        assert before == len(series.paths) + 3, study_series(orthanc, series.study_uid)  # + SR, SEG, KO
         deadline = time.monotonic() + window
         while time.monotonic() < deadline:  # the subject is time passing: sample the count through the window
             assert instance_count(orthanc) == before, site.diagnostics()
@@ -452,28 +456,29 @@ def test_late_instance_gives_v2_and_a_kos_withdrawing_v1(site: Site, tmp_path: P
     series = chest_series(tmp_path / "ct", slices=SLICES + 1)
     storescu(site.node.port, *series.paths[:-1])
     v1 = assert_one_version(site, replace(series, sop_uids=series.sop_uids[:-1], paths=series.paths[:-1]))
-    v1_series = {s["MainDicomTags"]["SeriesInstanceUID"] for m in ("SR", "SEG") for s in v1[m]}
+    v1_series = {s["MainDicomTags"]["SeriesInstanceUID"] for m in ("SR", "SEG", "KO") for s in v1[m]}
     v1_sops = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
-               for m in ("SR", "SEG") for p in fetch(site.orthanc, v1[m][0], tmp_path / "v1")}
+               for m in ("SR", "SEG", "KO") for p in fetch(site.orthanc, v1[m][0], tmp_path / "v1")}
 
     storescu(site.node.port, series.paths[-1])  # the late slice continues the stack evenly
 
     wait_until(lambda: len(study_series(site.orthanc, series.study_uid).get("SR", [])) >= 2
                and len(study_series(site.orthanc, series.study_uid).get("SEG", [])) >= 2
-               and study_series(site.orthanc, series.study_uid).get("KO"), RESULT_TIMEOUT,
-               "v2 SR, SEG and the KOS at Orthanc", site.diagnostics)
+               and len(study_series(site.orthanc, series.study_uid).get("KO", [])) >= 3, RESULT_TIMEOUT,
+               "v2 SR, SEG, key images and the rejection KOS at Orthanc", site.diagnostics)
     wait_until(lambda: settled(site.engine, series.series_uid), 60, "the node to settle", site.diagnostics)
     row = series_row(site.engine, series.series_uid)
     assert (row.state, row.version, row.instance_count) == ("complete", 2, len(series.paths))
 
     found = study_series(site.orthanc, series.study_uid)
-    assert len(found["SR"]) == 2 and len(found["SEG"]) == 2 and len(found["KO"]) == 1, found
+    assert len(found["SR"]) == 2 and len(found["SEG"]) == 2 and len(found["KO"]) == 3, found  # KO: 2 key images + 1
     for modality in ("SR", "SEG"):
         (old,) = [s for s in found[modality] if s["MainDicomTags"]["SeriesInstanceUID"] in v1_series]
         (new,) = [s for s in found[modality] if s["MainDicomTags"]["SeriesInstanceUID"] not in v1_series]
         # v2 never shares a series number with v1
         assert old["MainDicomTags"]["SeriesNumber"] != new["MainDicomTags"]["SeriesNumber"], modality
-    kos_path = fetch(site.orthanc, found["KO"][0], tmp_path / "kos")
+    (rejection,) = [s for s in found["KO"] if s["MainDicomTags"].get("SeriesDescription") == KOS_SERIES_DESCRIPTION]
+    kos_path = fetch(site.orthanc, rejection, tmp_path / "kos")
     assert len(kos_path) == 1
     kos = pydicom.dcmread(kos_path[0])
     assert kos.ConceptNameCodeSequence[0].CodeValue == KOS_TITLE
