@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install the Debian packages the tests talk to (DCMTK, Orthanc + DICOMweb plugin, dicom3tools; chromium, node and
-# npm for the OHIF viewer test; prometheus for promtool) when missing.
+# npm for the OHIF viewer test; prometheus for promtool; postgresql for the database tests) when missing.
 # Needs root for apt-get; otherwise says what is missing and leaves it to the tests to skip those peers.
 set -euo pipefail
 need=()
@@ -12,6 +12,7 @@ command -v node >/dev/null 2>&1 || need+=(nodejs)
 command -v npm >/dev/null 2>&1 || need+=(npm)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)  # promtool checks deploy/prometheus-alerts.yml
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need+=(postgresql)  # the shared-database tests
 if [ ${#need[@]} -eq 0 ]; then exit 0; fi
 if [ "$(id -u)" != 0 ]; then
   echo "sysdeps: missing ${need[*]} (run as root, or: sudo apt-get install ${need[*]}); tests needing them will skip" >&2

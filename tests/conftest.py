@@ -182,3 +182,29 @@ def start_node(tmp_path: Path) -> Iterator[Callable[..., RunningNode]]:
     yield _start
     for node in started:
         stop_node(node)
+
+
+# -- the database backends: the same tests on SQLite (embedded default) and a real PostgreSQL server ---------------
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Any]:
+    """One PostgreSQL cluster for the whole run (tests/pg.py), started on first use, stopped by PID at the end.
+    Its folder is outside pytest's tmp tree, which only root may enter (the server runs as ``postgres``)."""
+    import tempfile
+
+    from tests.pg import PostgresServer
+
+    workdir = Path(tempfile.mkdtemp(prefix="pacsnode-pg-"))
+    server = PostgresServer(workdir).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty database of each backend: a SQLite file in tmp_path, or a new PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'node.db'}"
+    return str(request.getfixturevalue("postgres_server").create_database())

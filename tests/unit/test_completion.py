@@ -17,8 +17,8 @@ from tests.fakeclock import FakeClock
 
 
 @pytest.fixture
-def env(tmp_path):
-    engine = create_engine_for(f"sqlite:///{tmp_path / 'c.db'}")
+def env(db_url):
+    engine = create_engine_for(db_url)
     init_schema(engine)
     clock = FakeClock()
     yield engine, clock

@@ -88,8 +88,8 @@ def make_config(*destinations: Destination, **dispatch: float) -> NodeConfig:
 
 
 @pytest.fixture
-def engine(tmp_path: Path) -> Iterator[sa.Engine]:
-    eng = create_engine_for(f"sqlite:///{tmp_path / 'node.db'}")
+def engine(db_url: str) -> Iterator[sa.Engine]:
+    eng = create_engine_for(db_url)
     init_schema(eng)
     yield eng
     eng.dispose()
@@ -471,9 +471,8 @@ def test_an_expired_lease_is_reclaimed(make: Callable[..., Dispatcher], sender: 
     assert row(d, delivery_id).state == DeliveryState.DELIVERED
 
 
-def test_two_dispatchers_never_send_one_row(tmp_path: Path, clock: FakeClock) -> None:
-    url = f"sqlite:///{tmp_path / 'shared.db'}"
-    engines = [create_engine_for(url), create_engine_for(url)]
+def test_two_dispatchers_never_send_one_row(db_url: str, clock: FakeClock) -> None:
+    engines = [create_engine_for(db_url), create_engine_for(db_url)]  # two processes' engines on one database
     init_schema(engines[0])
     sender = FakeSender(delay=0.005)
     config = make_config(dimse("pacs"))

@@ -14,8 +14,8 @@ from tests.fakeclock import FakeClock
 
 
 @pytest.fixture
-def index(tmp_path):
-    engine = create_engine_for(f"sqlite:///{tmp_path / 'node.db'}")
+def index(db_url):
+    engine = create_engine_for(db_url)
     init_schema(engine)
     yield Index(engine, clock=FakeClock())
     engine.dispose()

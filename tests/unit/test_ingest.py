@@ -18,8 +18,8 @@ from tests.dicomfiles import dataset_bytes
 
 
 @pytest.fixture
-def ingestor(tmp_path):
-    engine = create_engine_for(f"sqlite:///{tmp_path / 'node.db'}")
+def ingestor(tmp_path, db_url):
+    engine = create_engine_for(db_url)
     init_schema(engine)
     yield Ingestor(Spool(tmp_path / "spool"), Index(engine))
     engine.dispose()

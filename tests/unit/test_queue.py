@@ -14,8 +14,8 @@ from tests.fakeclock import FakeClock
 
 
 @pytest.fixture
-def queue(tmp_path):
-    engine = create_engine_for(f"sqlite:///{tmp_path / 'q.db'}")
+def queue(db_url):
+    engine = create_engine_for(db_url)
     init_schema(engine)
     q = JobQueue(engine, QueueSection(lease_seconds=60, max_attempts=3, retry_delay_seconds=10), clock=FakeClock())
     yield q
