@@ -12,7 +12,8 @@
     ├── IndexError_                 the database could not be read or written (outside a C-STORE)
     ├── SendError                   an SCU operation (echo, send, dispatch) failed
     │   ├── TransientSendError      (node.dispatch) retry later: peer down, busy, refused association
-    │   └── PermanentSendError      (node.dispatch) dead-letter now: the PACS refuses these objects
+    │   ├── PermanentSendError      (node.dispatch) dead-letter now: the PACS refuses these objects
+    │   └── CommitmentUnsupported   (node.commitment) the destination has no Storage Commitment: no proof will come
     ├── ResultsError                (node.results) an SR/SEG could not be built from the inputs
     └── DemoError                   (node.demo) a demo piece could not start, or results did not arrive in time
 
