@@ -49,11 +49,11 @@ from starlette.routing import BaseRoute, Route
 from node.config import NodeConfig
 from node.db import reading
 from node.dispatch import Dispatcher, deliveries
-from node.reachability import destination_report
 from node.errors import NodeError
 from node.index import Index, series
 from node.logs import get_logger
 from node.queue import JobQueue, jobs
+from node.reachability import destination_report
 from node.retention import Retention, disk_usage
 from node.states import DeliveryState, JobState
 

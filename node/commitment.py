@@ -429,14 +429,10 @@ class Commitments:
         return _STATUS_SUCCESS
 
     # -- reading ------------------------------------------------------------------------------------------------
-    def counts(self) -> dict[tuple[str, str], int]:
-        """(destination, commitment state) → number of result sets still delivered."""
-        return commit_counts(self.engine)
-
     def uncommitted(self) -> dict[str, int]:
         """Destination → delivered result sets not (yet) committed, for every commitment destination."""
         out = {d.name: 0 for d in self.config.destinations if d.commitment}
-        for (dest, state), n in self.counts().items():
+        for (dest, state), n in commit_counts(self.engine).items():
             if state in UNCOMMITTED_STATES:
                 out[dest] = out.get(dest, 0) + n
         return out

@@ -5,8 +5,8 @@ queue → worker (models) → dispatch. `start()` returns once the node listens;
 SIGINT/SIGTERM: the first stops accepting associations, lets the worker and dispatcher finish what they hold
 and exits; a second signal forces exit. Everything that matters is in the database, so a restart resumes.
 
-Every long-running loop — worker, dispatch (one per destination, and its sweep), completion sweep, retention, HTTP
-server, DIMSE acceptor — beats one `Heartbeats` registry (`/readyz` reports it); the main thread runs the `Supervisor`
+Every long-running loop — worker, dispatch (one per destination, and its sweep), completion sweep, retention,
+commitment (proof of delivery), reachability (destination checks), HTTP server, DIMSE acceptor — beats one `Heartbeats` registry (`/readyz` reports it); the main thread runs the `Supervisor`
 every 0.5 s, which restarts a loop whose thread ended (bounded, with back-off) or stops the node with exit status
 `EXIT_LOOP_FAILED` (70) so a process supervisor (systemd ``Restart=on-failure``, Kubernetes) starts it afresh.
 """
