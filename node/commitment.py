@@ -34,20 +34,16 @@ import requests
 import sqlalchemy as sa
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, evt
-from pynetdicom.sop_class import (  # type: ignore[attr-defined]
-    StorageCommitmentPushModel,
-    StorageCommitmentPushModelInstance,
-)
+from pydicom.uid import generate_uid
+from pynetdicom import evt
 from sqlalchemy.engine import Engine
 
 from node.config import Destination, DestinationKind, NodeConfig
 from node.db import insert_for, metadata, reading, transaction
-from node.dimse import nodelay_handler
 from node.dispatch import deliveries
 from node.errors import SendError
 from node.logs import get_logger
+from node.scu import CommitmentUnsupported, Peer, request_storage_commitment
 from node.states import CommitState, DeliveryState
 from node.supervise import Heartbeats, failure
 
@@ -79,13 +75,8 @@ _MAX_RETRY_SECONDS = 60.0
 _STATUS_SUCCESS = 0x0000
 _STATUS_PROCESSING_FAILURE = 0x0110
 _STATUS_NO_SUCH_EVENT_TYPE = 0x0113
-_TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
 
 Ref = tuple[str, str]  # (SOP Class UID, SOP Instance UID)
-
-
-class CommitmentUnsupported(SendError):
-    """The destination does not accept the Storage Commitment Push Model SOP class: no proof will ever come."""
 
 
 @dataclass(frozen=True)
@@ -103,45 +94,11 @@ class Report:
 
 def request_commitment(destination: Destination, calling_ae: str, transaction_uid: str, refs: Sequence[Ref],
                        timeout: float, on_report: Callable[[evt.Event], Any]) -> None:
-    """Send one Storage Commitment N-ACTION to a DIMSE ``destination`` as ``calling_ae``, then release.
-
-    An N-EVENT-REPORT the PACS sends on this association before the release goes to ``on_report``. Raises
-    `CommitmentUnsupported` when the destination does not accept the SOP class, `SendError` when the association
-    fails or the N-ACTION gets no or a failure response.
-    """
+    """`node.scu.request_storage_commitment` to a DIMSE ``destination`` as ``calling_ae``."""
     assert destination.host and destination.port and destination.ae_title  # config validates dimse ones
-    ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
-    ae.add_requested_context(StorageCommitmentPushModel, _TRANSFER_SYNTAXES)
-    where = f"{destination.ae_title}@{destination.host}:{destination.port}"
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, nodelay_handler), (evt.EVT_N_EVENT_REPORT, on_report)])
-    unsupported = CommitmentUnsupported(f"{where} does not accept Storage Commitment Push Model")
-    if not assoc.is_established:
-        # A peer without the SOP class accepts the association with every context rejected; pynetdicom aborts it.
-        if any(cx.abstract_syntax == StorageCommitmentPushModel for cx in assoc.rejected_contexts):
-            raise unsupported
-        raise SendError(f"association with {where} for storage commitment failed")
-    try:
-        if not any(cx.abstract_syntax == StorageCommitmentPushModel for cx in assoc.accepted_contexts):
-            raise unsupported
-        request = Dataset()
-        request.TransactionUID = transaction_uid
-        request.ReferencedSOPSequence = [_ref_item(cls, uid) for cls, uid in refs]
-        status, _ = assoc.send_n_action(request, 1, StorageCommitmentPushModel, StorageCommitmentPushModelInstance)
-    finally:
-        assoc.release()
-    if "Status" not in status:
-        raise SendError(f"no N-ACTION response from {where}")
-    if int(status.Status) != _STATUS_SUCCESS:
-        raise SendError(f"{where} answered N-ACTION with status 0x{int(status.Status):04X}")
-
-
-def _ref_item(sop_class: str, sop_instance: str) -> Dataset:
-    item = Dataset()
-    item.ReferencedSOPClassUID = sop_class
-    item.ReferencedSOPInstanceUID = sop_instance
-    return item
+    peer = Peer(destination.host, destination.port, called_ae=destination.ae_title, calling_ae=calling_ae,
+                timeout=timeout)
+    request_storage_commitment(peer, transaction_uid, refs, on_report)
 
 
 def qido_instances(destination: Destination, study_uid: str, timeout: float) -> set[str]:
@@ -268,6 +225,24 @@ class Commitments:
         self.log.info("commitment_pending", delivery_id=int(row.id), series_uid=series_uid, destination=name,
                       instances=len(refs), state=state.value)
         self._wake.set()
+
+    def adopt(self) -> int:
+        """Start the proof of deliveries stored within their destination's commitment timeout that have no
+        commitment row (the process stopped between marking them delivered and `delivered`); returns how many.
+        Older ones are left alone, so turning ``commitment`` on does not question the whole history."""
+        now = self.clock()
+        c, d = commitments.c, deliveries.c
+        found = []
+        with reading(self.engine, "commitments") as conn:
+            for dest in (x for x in self.config.destinations if x.commitment):
+                found += [(r.series_uid, r.version, dest.name) for r in conn.execute(
+                    sa.select(d.series_uid, d.version).where(
+                        d.destination == dest.name, d.state == DeliveryState.DELIVERED.value,
+                        d.delivered_at >= now - dest.commit_timeout_seconds,
+                        ~sa.exists().where(c.delivery_id == d.id)))]
+        for series_uid, version, name in found:
+            self._delivered(series_uid, int(version), name)
+        return len(found)
 
     # -- the loop's work ------------------------------------------------------------------------------------------
     def run_once(self) -> int:
@@ -439,6 +414,10 @@ class Commitments:
 
     # -- the loop -----------------------------------------------------------------------------------------------
     def start(self) -> None:
+        try:
+            self.adopt()
+        except Exception as exc:  # noqa: BLE001 - a failed look-back must not keep the node from starting
+            self.log.error("commitment_adopt_failed", error=failure(exc))
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="pacsnode-commitment", daemon=True)
         self._thread.start()

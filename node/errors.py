@@ -13,7 +13,7 @@
     ├── SendError                   an SCU operation (echo, send, dispatch) failed
     │   ├── TransientSendError      (node.dispatch) retry later: peer down, busy, refused association
     │   ├── PermanentSendError      (node.dispatch) dead-letter now: the PACS refuses these objects
-    │   └── CommitmentUnsupported   (node.commitment) the destination has no Storage Commitment: no proof will come
+    │   └── CommitmentUnsupported   (node.scu) the destination has no Storage Commitment: no proof will come
     ├── ResultsError                (node.results) an SR/SEG could not be built from the inputs
     └── DemoError                   (node.demo) a demo piece could not start, or results did not arrive in time
 

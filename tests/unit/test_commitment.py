@@ -207,3 +207,26 @@ def test_unreadable_result_files_fail_the_proof_not_the_delivery(tmp_path, files
     tracker.delivered(files[1], 1, "a")
     r = row(tracker, "a")
     assert r.state == CommitState.FAILED and "unreadable" in r.last_error
+
+
+def test_deliveries_stored_just_before_a_crash_are_adopted_older_ones_are_not(tmp_path, files):
+    _, series, paths, uids = files
+    config = NodeConfig(destinations=(dimse("a"),))
+    engine = create_engine_for(f"sqlite:///{tmp_path / 'node.db'}")
+    init_schema(engine)
+    clock = FakeClock(10_000.0)
+    dispatcher = Dispatcher(config, engine, {}, clock=clock)
+    dispatcher.enqueue(series, 1, paths, uids)
+    dispatcher.enqueue(series, 2, paths, uids)
+    with engine.begin() as conn:  # delivered, but the process died before `delivered` recorded the commitment
+        conn.execute(deliveries.update().where(deliveries.c.version == 1)
+                     .values(state=DeliveryState.DELIVERED.value, delivered_at=clock() - TIMEOUT - 1))
+        conn.execute(deliveries.update().where(deliveries.c.version == 2)
+                     .values(state=DeliveryState.DELIVERED.value, delivered_at=clock() - 5))
+    tracker = Commitments(config, engine, clock=clock, requester=Requester())
+    assert tracker.adopt() == 1
+    assert tracker.adopt() == 0
+    with engine.connect() as conn:
+        (adopted,) = conn.execute(sa.select(commitments.c.delivery_id, deliveries.c.version).select_from(
+            commitments.join(deliveries, deliveries.c.id == commitments.c.delivery_id))).all()
+    assert adopted.version == 2
