@@ -24,6 +24,7 @@ from pydicom.uid import generate_uid
 from node.config import load_config
 from node.db import create_engine_for, init_schema
 from node.dispatch import Dispatcher
+from node.reachability import destination_report
 from tests.conftest import REPO, free_port, peer_env, require_tool, wait_for_port, wait_until
 
 pytestmark = pytest.mark.integration
@@ -50,17 +51,12 @@ def _results(out: Path, n: int = 2) -> tuple[str, list[Path], list[str]]:
     return series, paths, uids
 
 
-def _status(node) -> dict:
+def _cli_status(node) -> dict:
+    """`pacsnode status --json`, the separate process an admin runs."""
     done = subprocess.run([sys.executable, "-m", "node.cli", "status", "--json", "--config", str(node.config_path)],
                           cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    return {d["destination"]: d for d in json.loads(done.stdout)["destinations"]}
-
-
-def _problems(node) -> list[dict]:
-    done = subprocess.run([sys.executable, "-m", "node.cli", "status", "--json", "--config", str(node.config_path)],
-                          cwd=REPO, capture_output=True, text=True, timeout=60)
-    return list(json.loads(done.stdout)["commitment_problems"])
+    return dict(json.loads(done.stdout))
 
 
 def _metrics(node) -> str:
@@ -127,6 +123,13 @@ host = "127.0.0.1"
 port = {closed}
 """
     node = start_node(port=node_port, extra_toml=toml)
+    config = load_config(node.config_path)
+    engine = create_engine_for(config.database_url)
+    init_schema(engine)
+
+    def _status(_node: object) -> dict:  # what `pacsnode status` reports, read in-process while polling (cheaper)
+        return {d["destination"]: d for d in destination_report(config, engine)}
+
     diagnostics = lambda: "\n" + node.log_text()[-4000:] + "\n" + pacs.log_text()[-2000:]  # noqa: E731
 
     # (c) reachability, before anything is sent: the Orthancs answer C-ECHO / HTTP, the closed port does not.
@@ -139,9 +142,6 @@ port = {closed}
 
     # A result set queued in the node's database, as its worker does: the node's dispatcher sends it everywhere.
     series, paths, uids = _results(tmp_path / "results")
-    config = load_config(node.config_path)
-    engine = create_engine_for(config.database_url)
-    init_schema(engine)
     Dispatcher(config, engine, {}).enqueue(series, 1, paths, uids)
 
     # (a) Orthanc answers the N-ACTION, then reports on a new association to the node's DIMSE port: committed.
@@ -162,7 +162,11 @@ port = {closed}
     # ... and a destination without Storage Commitment at all: stored, commitment failed at once.
     assert status["plain"]["delivered"] == 1 and status["plain"]["commit_states"] == {"failed": 1}
     assert len(list(plain_dir.iterdir())) == 2
-    problems = {p["destination"]: p for p in _problems(node)}
+    cli = _cli_status(node)
+    stable = ("reachable", "backlog", "dead", "delivered", "committed", "uncommitted", "commit_states")
+    assert {d["destination"]: [d[k] for k in stable] for d in cli["destinations"]} == {
+        name: [d[k] for k in stable] for name, d in status.items()}
+    problems = {p["destination"]: p for p in cli["commitment_problems"]}
     assert problems["forgetful"]["state"] == "timed_out"
     assert f"no N-EVENT-REPORT within {FORGETFUL_TIMEOUT} s" in problems["forgetful"]["last_error"]
     assert "does not accept Storage Commitment" in problems["plain"]["last_error"]
