@@ -53,6 +53,7 @@ from node.errors import NodeError
 from node.index import Index, series
 from node.logs import get_logger
 from node.queue import JobQueue, jobs
+from node.reachability import destination_report
 from node.retention import Retention, disk_usage
 from node.states import DeliveryState, JobState
 
@@ -216,6 +217,7 @@ class _Admin:
             "delivery_states": [s.value for s in DeliveryState],
             "destinations": destinations,
             "configured": {d.name for d in config.destinations},
+            "checks": {d["destination"]: d for d in destination_report(config, self.engine)},
             "dead_deliveries": dead_deliveries,
             "dead_delivery_total": sum(n for (_, s), n in delivery_counts.items() if s == DeliveryState.DEAD.value),
             "dead_jobs": dead_jobs,

@@ -91,6 +91,7 @@ def _open_db(args: argparse.Namespace) -> tuple[NodeConfig, Any]:
     from node.dispatch import Dispatcher
     from node.index import Index
     from node.queue import JobQueue
+    from node.reachability import destination_checks  # noqa: F401 - registers its tables (and commitments')
 
     config = _load(args)
     engine = create_engine_for(config.database_url)
@@ -111,6 +112,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         "job_errors": [dict(r._mapping) for r in queue.last_errors(args.errors)],
         "delivery_errors": [dict(r._mapping) for r in dispatcher.last_errors(args.errors)],
         "alerts": [dict(r._mapping) for r in queue.unreported(args.errors)],
+        "destinations": _destination_report(config, index.engine),
+        "commitment_problems": _commit_problems(index.engine, args.errors),
     }
     if args.json:
         print(json.dumps(report, indent=2, default=str))
@@ -123,6 +126,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("deliveries: none")
     for destination, states in deliveries.items():
         print(f"deliveries to {destination}: " + ", ".join(f"{k} {v}" for k, v in sorted(states.items())))
+    for line in _destination_lines(report["destinations"]):
+        print(line)
     for row in report["alerts"]:
         print(f"ALERT job {row['id']} dead, series {row['series_uid']} v{row['version']}: no result and no "
               f"'processing failed' report reached the PACS queue ({row['last_error']})")
@@ -132,7 +137,45 @@ def cmd_status(args: argparse.Namespace) -> int:
     for row in report["delivery_errors"]:
         print(f"delivery {row['id']} {row['state']} to {row['destination']} series {row['series_uid']}: "
               f"{row['last_error']}")
+    for row in report["commitment_problems"]:
+        print(f"delivery {row['delivery_id']} to {row['destination']} series {row['series_uid']} "
+              f"NOT COMMITTED ({row['state']}): {row['last_error']}")
     return 0
+
+
+def _destination_report(config: NodeConfig, engine: Any) -> list[dict[str, Any]]:
+    from node.reachability import destination_report
+
+    return destination_report(config, engine)
+
+
+def _commit_problems(engine: Any, limit: int) -> list[dict[str, Any]]:
+    from node.commitment import commit_problems
+
+    return commit_problems(engine, limit)
+
+
+def _destination_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per destination: reachability (last check, last success, why not), backlog, dead, commitment."""
+    import time
+
+    def ago(ts: float | None) -> str:
+        return "never" if ts is None else f"{max(0.0, time.time() - ts):.0f} s ago"
+
+    lines = []
+    for d in rows:
+        if d["reachable"] is None:
+            reach = "not checked yet"
+        elif d["reachable"]:
+            reach = f"reachable (checked {ago(d['checked_at'])})"
+        else:
+            reach = f"UNREACHABLE: {d['reason']} (checked {ago(d['checked_at'])}, last success {ago(d['last_success_at'])})"
+        commit = (f", committed {d['committed']}, uncommitted {d['uncommitted']}"
+                  + "".join(f" ({s} {n})" for s, n in sorted(d["commit_states"].items()) if s != "committed")
+                  if d["commitment"] else "")
+        lines.append(f"destination {d['destination']} ({d['kind']}): {reach}; backlog {d['backlog']}, "
+                     f"dead {d['dead']}, delivered {d['delivered']}{commit}")
+    return lines
 
 
 def cmd_purge(args: argparse.Namespace) -> int:

@@ -288,6 +288,13 @@ class SuperviseSection(_Frozen):
     restart_backoff_seconds: Annotated[float, Field(gt=0, le=60)] = 1.0  # doubles with each restart in the window
 
 
+class ReachabilitySection(_Frozen):
+    """Destination checks (`node.reachability`): C-ECHO / HTTP GET at start, at reload and every interval."""
+
+    interval_seconds: Annotated[float, Field(gt=0, le=86400)] = 60.0
+    timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 10.0
+
+
 class DatabaseSection(_Frozen):
     url: str = ""  # empty: SQLite under data_dir
 
@@ -305,6 +312,10 @@ class Destination(_Frozen):
     port: Port | None = None
     url: str | None = None
     token: SecretStr | None = None
+    # Proof of delivery (node.commitment): DIMSE → Storage Commitment (N-ACTION, then the PACS's N-EVENT-REPORT);
+    # DICOMweb → QIDO-RS finds every stored instance. No proof within commit_timeout_seconds: reported uncommitted.
+    commitment: bool = False
+    commit_timeout_seconds: Annotated[float, Field(gt=0, le=7 * 86400)] = 300.0
 
     @model_validator(mode="after")
     def _kind_needs(self) -> Destination:
@@ -327,6 +338,7 @@ class NodeConfig(_Frozen):
     dispatch: DispatchSection = DispatchSection()
     retention: RetentionSection = RetentionSection()
     supervise: SuperviseSection = SuperviseSection()
+    reachability: ReachabilitySection = ReachabilitySection()
     destinations: tuple[Destination, ...] = ()
     routes: tuple[Route, ...] = DEFAULT_ROUTES
     source: str | None = Field(default=None, exclude=True)

@@ -19,10 +19,11 @@ import weakref
 from collections.abc import Callable
 from typing import Any, cast
 
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import StorageCommitmentPushModel, Verification  # type: ignore[attr-defined]
 
 from node.config import NodeConfig
 from node.errors import ReceiveError, StoreStatus
@@ -72,7 +73,9 @@ class DimseServer:
         index: Index,
         on_released: Callable[[], None] | None = None,
         metrics: Metrics | None = None,
+        on_commitment_report: Callable[[evt.Event], tuple[int, Any]] | None = None,
     ) -> None:
+        self._on_commitment_report = on_commitment_report  # node.commitment: the PACS's N-EVENT-REPORT
         self._config = config
         self._metrics = metrics or Metrics()
         self._on_released = on_released
@@ -93,6 +96,10 @@ class DimseServer:
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cast(str, cx.abstract_syntax), ACCEPTED_TRANSFER_SYNTAXES)
+        # Storage Commitment reports: the PACS opens the association as the SCP of the SOP class (role selection)
+        # and sends N-EVENT-REPORT; the node takes the SCU role.
+        ae.add_supported_context(StorageCommitmentPushModel, [ExplicitVRLittleEndian, ImplicitVRLittleEndian],
+                                 scu_role=False, scp_role=True)
         return ae
 
     @staticmethod
@@ -121,6 +128,7 @@ class DimseServer:
             (evt.EVT_CONN_CLOSE, self._on_closed, [AssociationState.ABORTED]),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_N_EVENT_REPORT, self._on_event_report),
         ]
         self._server = start_guarded_server(
             self._ae, (self._config.node.host, self._config.node.port), handlers,
@@ -180,6 +188,12 @@ class DimseServer:
     def _on_echo(self, event: evt.Event) -> int:
         self._log.info("echo", calling_ae=event.assoc.requestor.ae_title)
         return int(StoreStatus.SUCCESS)
+
+    def _on_event_report(self, event: evt.Event) -> tuple[int, Any]:
+        """A Storage Commitment result from a PACS: handed to node.commitment (0x0110 when nothing takes it)."""
+        if self._on_commitment_report is None:
+            return 0x0110, None
+        return self._on_commitment_report(event)
 
     def _on_store(self, event: evt.Event) -> int:
         """Return 0x0000 once the instance is durable and indexed, else the failure's DIMSE status."""

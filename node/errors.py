@@ -12,7 +12,8 @@
     ├── IndexError_                 the database could not be read or written (outside a C-STORE)
     ├── SendError                   an SCU operation (echo, send, dispatch) failed
     │   ├── TransientSendError      (node.senders) retry later: peer down, busy, refused association
-    │   └── PermanentSendError      (node.senders) dead-letter now: the PACS refuses these objects
+    │   ├── PermanentSendError      (node.senders) dead-letter now: the PACS refuses these objects
+    │   └── CommitmentUnsupported   (node.scu) the destination has no Storage Commitment: no proof will come
     └── ResultsError                (node.results) an SR/SEG could not be built from the inputs
 
 Library exceptions (pydicom, SQLAlchemy, OSError) are converted where they are caught, with ``raise ... from exc``.

@@ -56,6 +56,8 @@ class _ScrapeTimeCollector:
         self.series: Callable[[], Mapping[str, int]] | None = None
         self.deliveries: Callable[[], Mapping[tuple[str, str], int]] | None = None
         self.disk: Callable[[], tuple[int, int]] | None = None
+        self.destination_up: Callable[[], Mapping[str, bool]] | None = None
+        self.uncommitted: Callable[[], Mapping[str, int]] | None = None
 
     def describe(self) -> Iterable[Metric]:
         return []  # names are not reserved up front: the callables may not be bound yet
@@ -64,6 +66,7 @@ class _ScrapeTimeCollector:
         with self._lock:
             queue_depth, jobs, series, deliveries = self.queue_depth, self.jobs, self.series, self.deliveries
             disk = self.disk
+            destination_up, uncommitted = self.destination_up, self.uncommitted
         if queue_depth is not None:
             value = self._read("queue_depth", queue_depth)
             if value is not None:
@@ -100,6 +103,21 @@ class _ScrapeTimeCollector:
                                         value=used)
                 yield GaugeMetricFamily("pacsnode_disk_total_bytes", "Size of the data directory's file system.",
                                         value=total)
+        yield from self._per_destination("destination_up", destination_up, "pacsnode_destination_up",
+                                         "1 when the destination answered its last check (C-ECHO / HTTP), else 0.")
+        yield from self._per_destination("uncommitted", uncommitted, "pacsnode_deliveries_uncommitted",
+                                         "Delivered result sets the destination has not (yet) committed to holding.")
+
+    def _per_destination(self, name: str, fn: Callable[[], Mapping[str, Any]] | None, metric: str,
+                         doc: str) -> Iterable[Metric]:
+        if fn is None:
+            return
+        values = self._read(name, fn)
+        if values is not None:
+            family = GaugeMetricFamily(metric, doc, labels=["destination"])
+            for dest, value in sorted(values.items()):
+                family.add_metric([str(dest)], float(value))
+            yield family
 
     def _read(self, name: str, fn: Callable[[], Any]) -> Any:
         try:
@@ -173,13 +191,15 @@ class Metrics:
         series: Callable[[], Mapping[str, int]] | None = None,
         deliveries: Callable[[], Mapping[tuple[str, str], int]] | None = None,
         disk: Callable[[], tuple[int, int]] | None = None,
+        destination_up: Callable[[], Mapping[str, bool]] | None = None,
+        uncommitted: Callable[[], Mapping[str, int]] | None = None,
     ) -> None:
         """Set the callables read at scrape time (e.g. ``JobQueue.depth``, ``JobQueue.counts``,
         ``Index.series_counts``, ``Dispatcher.counts``, ``(used, total)`` bytes of the data disk); arguments left out
         keep their current binding."""
         with self._gauges._lock:
             for name, fn in (("queue_depth", queue_depth), ("jobs", jobs), ("series", series), ("deliveries", deliveries),
-                             ("disk", disk)):
+                             ("disk", disk), ("destination_up", destination_up), ("uncommitted", uncommitted)):
                 if fn is not None:
                     if not callable(fn):
                         raise TypeError(f"{name} must be callable, not {type(fn).__name__}")

@@ -1,4 +1,5 @@
-"""A small DIMSE SCU: C-ECHO and C-STORE to a peer, used by `pacsnode echo/send` and by DIMSE dispatch.
+"""A small DIMSE SCU: C-ECHO, C-STORE and the Storage Commitment N-ACTION to a peer, used by `pacsnode echo/send`,
+DIMSE dispatch, destination checks and proof of delivery.
 
 `echo(peer)` returns the C-ECHO status; `send_files(peer, paths)` / `send_datasets(peer, datasets)` store over one
 association and return one `StoreResult` per instance. Presentation contexts are proposed per SOP class with the
@@ -9,9 +10,10 @@ association cannot be established. TCP_NODELAY is set on the outgoing socket.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -19,10 +21,18 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_context, evt
 from pynetdicom.presentation import PresentationContext
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StorageCommitmentPushModel,
+    StorageCommitmentPushModelInstance,
+    Verification,
+)
 
 from node.dimse import nodelay_handler
 from node.errors import SendError
+
+
+class CommitmentUnsupported(SendError):
+    """The peer does not accept the Storage Commitment Push Model SOP class: no proof of storage will ever come."""
 
 _UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
 
@@ -125,6 +135,49 @@ def send_datasets(peer: Peer, datasets: Sequence[Dataset]) -> list[StoreResult]:
         if assoc.is_established:
             assoc.release()
     return results
+
+
+def request_storage_commitment(peer: Peer, transaction_uid: str, refs: Sequence[tuple[str, str]],
+                               on_report: Callable[[evt.Event], Any]) -> None:
+    """Send one Storage Commitment Push Model N-ACTION (Action Type 1: ``transaction_uid`` and a
+    ReferencedSOPSequence of ``refs``, (SOP Class UID, SOP Instance UID) pairs), then release.
+
+    An N-EVENT-REPORT the peer sends on this association before the release goes to ``on_report`` (an
+    ``EVT_N_EVENT_REPORT`` handler). Raises `CommitmentUnsupported` when the peer does not accept the SOP class,
+    `SendError` when the association fails or the N-ACTION gets no or a failure response.
+    """
+    ae = _ae(peer)
+    ae.add_requested_context(StorageCommitmentPushModel, _UNCOMPRESSED)
+    where = f"{peer.called_ae}@{peer.host}:{peer.port}"
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.called_ae,
+                         evt_handlers=[(evt.EVT_CONN_OPEN, nodelay_handler), (evt.EVT_N_EVENT_REPORT, on_report)])
+    unsupported = CommitmentUnsupported(f"{where} does not accept Storage Commitment Push Model")
+    if not assoc.is_established:
+        # A peer without the SOP class accepts the association with every context rejected; pynetdicom aborts it.
+        if any(cx.abstract_syntax == StorageCommitmentPushModel for cx in assoc.rejected_contexts):
+            raise unsupported
+        raise SendError(f"association with {where} for storage commitment failed ({_why(assoc)})")
+    try:
+        if not any(cx.abstract_syntax == StorageCommitmentPushModel for cx in assoc.accepted_contexts):
+            raise unsupported
+        request = Dataset()
+        request.TransactionUID = transaction_uid
+        request.ReferencedSOPSequence = [_ref_item(cls, uid) for cls, uid in refs]
+        status, _ = assoc.send_n_action(request, 1, StorageCommitmentPushModel, StorageCommitmentPushModelInstance)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    if "Status" not in status:
+        raise SendError(f"no N-ACTION response from {where}")
+    if int(status.Status) != 0:
+        raise SendError(f"{where} answered N-ACTION with status 0x{int(status.Status):04X}")
+
+
+def _ref_item(sop_class: str, sop_instance: str) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = sop_class
+    item.ReferencedSOPInstanceUID = sop_instance
+    return item
 
 
 def read_files(paths: Iterable[Path]) -> list[Dataset]:

@@ -5,8 +5,8 @@ queue → worker (models) → dispatch. `start()` returns once the node listens;
 SIGINT/SIGTERM: the first stops accepting associations, lets the worker and dispatcher finish what they hold
 and exits; a second signal forces exit. Everything that matters is in the database, so a restart resumes.
 
-Every long-running loop — worker, dispatch (one per destination, and its sweep), completion sweep, retention, HTTP
-server, DIMSE acceptor — beats one `Heartbeats` registry (`/readyz` reports it); the main thread runs the `Supervisor`
+Every long-running loop — worker, dispatch (one per destination, and its sweep), completion sweep, retention,
+commitment (proof of delivery), reachability (destination checks), HTTP server, DIMSE acceptor — beats one `Heartbeats` registry (`/readyz` reports it); the main thread runs the `Supervisor`
 every 0.5 s, which restarts a loop whose thread ended (bounded, with back-off) or stops the node with exit status
 `EXIT_LOOP_FAILED` (70) so a process supervisor (systemd ``Restart=on-failure``, Kubernetes) starts it afresh.
 """
@@ -25,6 +25,7 @@ from types import FrameType
 from starlette.routing import Mount
 
 from node.admin import admin_routes
+from node.commitment import Commitments
 from node.completion import CompletionSweeper
 from node.config import DestinationKind, NodeConfig, load_config
 from node.db import create_engine_for, init_schema
@@ -39,6 +40,7 @@ from node.logs import get_logger
 from node.metrics import Metrics
 from node.pipelines import ModelRunner, RegistryRunner
 from node.queue import JobQueue
+from node.reachability import Reachability, ReachabilityLoop
 from node.retention import Retention, RetentionLoop, disk_usage
 from node.senders import DimseSender, StowSender
 from node.spool import Spool
@@ -63,6 +65,8 @@ class Service:
         self.heartbeats = Heartbeats(stuck_after_periods=config.supervise.stuck_after_periods)
         self.supervisor = Supervisor(self.heartbeats, config.supervise, on_fatal=self._fatal)
         self.exit_code = 0
+        self.commitments = Commitments(config, self.engine, heartbeats=self.heartbeats)
+        self.reachability = ReachabilityLoop(Reachability(config, self.engine), self.heartbeats)
         self.dispatcher = Dispatcher(
             config,
             self.engine,
@@ -70,7 +74,7 @@ class Service:
                 DestinationKind.DIMSE: DimseSender(config.node.ae_title, config.dispatch.timeout_seconds),
                 DestinationKind.DICOMWEB: StowSender(config.dispatch.timeout_seconds),
             },
-            on_delivered=self._observe_end_to_end,
+            on_delivered=self._on_delivered,
             heartbeats=self.heartbeats,
         )
         factory = runner_factory or (
@@ -83,13 +87,15 @@ class Service:
         self.sweeper = CompletionSweeper(config, self.engine, self.queue, on_complete=self.worker.wake,
                                          metrics=self.metrics, heartbeats=self.heartbeats)
         self.dimse = DimseServer(
-            config, self.ingestor, self.index, on_released=self.sweeper.nudge, metrics=self.metrics
+            config, self.ingestor, self.index, on_released=self.sweeper.nudge, metrics=self.metrics,
+            on_commitment_report=self.commitments.handle_report,
         )
         self.retention = Retention(config, self.engine)
         self.retention_loop = RetentionLoop(self.retention, self.heartbeats)
         self.metrics.bind(
             queue_depth=self.queue.depth, jobs=self.queue.counts, series=self.index.series_counts,
             deliveries=self.dispatcher.counts, disk=lambda: disk_usage(config.node.data_dir),
+            destination_up=self.reachability.reachability.up, uncommitted=self.commitments.uncommitted,
         )
         models_ready = self.worker.ready.is_set if config.worker.enabled else (lambda: True)
         token = config.node.dicomweb_token.get_secret_value() if config.node.dicomweb_token else None
@@ -140,6 +146,8 @@ class Service:
             self.dispatcher.apply_config(new)
             self.worker.apply_config(new)
             self.retention.apply_config(new)
+            self.commitments.apply_config(new)
+            self.reachability.apply_config(new)  # and checks the destinations again now
             self.queue.settings = new.queue
             self.heartbeats.configure(new.supervise.stuck_after_periods)
             self.supervisor.settings = new.supervise
@@ -162,6 +170,8 @@ class Service:
             self.worker.start()
         self.sweeper.start()
         self.retention_loop.start()
+        self.commitments.start()
+        self.reachability.start()
         self.http.start()
         self._start_dimse()
         self.heartbeats.register(DIMSE_LOOP, 1.0, alive=self._dimse_alive, restart=self._restart_dimse)
@@ -201,12 +211,19 @@ class Service:
         self.http.stop()
         self.sweeper.stop()
         self.retention_loop.stop()
+        self.reachability.stop()
         self.worker.stop(timeout)
         self.dispatcher.stop(max(1.0, timeout - (time.monotonic() - t0)))
+        self.commitments.stop()
         self.engine.dispose()
         with contextlib.suppress(FileNotFoundError):
             self.pid_file.unlink()
         self.log.info("node_stopped")
+
+    def _on_delivered(self, series_uid: str, version: int, destination: str) -> None:
+        """A result set reached a destination: start its proof of delivery (node.commitment), then the metric."""
+        self.commitments.delivered(series_uid, version, destination)
+        self._observe_end_to_end(series_uid, version, destination)
 
     def _observe_end_to_end(self, series_uid: str, _version: int, _destination: str) -> None:
         """Latency metric: last instance of the series received → its results stored at a destination."""

@@ -33,6 +33,16 @@ class DeliveryState(StrEnum):
     DEAD = "dead"            # gave up after give_up_after_seconds; replay with `pacsnode retry`
 
 
+class CommitState(StrEnum):
+    """Proof of delivery of a delivered result set (node.commitment); only for destinations with commitment on."""
+
+    PENDING = "pending"        # stored; the commitment request (N-ACTION) or the QIDO-RS check is due
+    REQUESTED = "requested"    # N-ACTION accepted; waiting for the PACS's N-EVENT-REPORT
+    COMMITTED = "committed"    # the PACS reported (or QIDO-RS showed) that it holds every object
+    FAILED = "failed"          # the PACS reported failures, or QIDO-RS still missed objects at the deadline
+    TIMED_OUT = "timed_out"    # no report (no successful request) within commit_timeout_seconds
+
+
 # The Manufacturer the node writes into every object it makes (SR, SEG, KOS): routing recognises its own output
 # by it and never processes it again.
 NODE_MANUFACTURER = "pacs-ai-node"

@@ -19,9 +19,11 @@ from node.completion import CompletionSweeper
 from node.config import DestinationKind, NodeConfig
 from node.db import create_engine_for, init_schema, metadata
 from node.dispatch import Dispatcher
+from node.errors import SendError
 from node.index import Index
 from node.ingest import Ingestor, Origin
 from node.queue import JobQueue
+from node.reachability import Reachability
 from node.senders import PermanentSendError, Sender
 from node.spool import Spool
 from node.states import DeliveryState, JobState, SeriesState
@@ -314,3 +316,18 @@ def test_the_templates_ship_with_the_package():
     assert "templates/*" in project["tool"]["setuptools"]["package-data"]["node"]
     assert any(d.startswith("jinja2") for d in project["project"]["dependencies"])
     assert (REPO / "node" / "templates" / "admin.html").exists()
+
+
+def test_the_page_shows_each_destinations_reachability_and_uncommitted_deliveries(site):
+    def check(dest, calling_ae, timeout):
+        if dest.name == "archive":
+            raise SendError("HTTP 503")
+
+    Reachability(site.config, site.engine, check=check, clock=site.clock).check_all()
+    with site.client() as client:
+        page = client.get("/admin/").text
+    pacs = page.split('id="destination-pacs"')[1].split("</tr>")[0]
+    archive = page.split('id="destination-archive"')[1].split("</tr>")[0]
+    assert ">yes<" in pacs and "NO" not in pacs
+    assert ">NO<" in archive and "HTTP 503" in archive
+    assert ">off<" in pacs  # commitment is off for both: no uncommitted count to show

@@ -30,6 +30,17 @@ def test_default_config_loads_with_documented_defaults():
     assert config.destinations == ()
 
 
+def test_commitment_is_off_by_default_and_checks_run_every_minute(tmp_path):
+    config = load_config(write(tmp_path, "[[destinations]]\nname = 'p'\nkind = 'dimse'\nae_title = 'P'\n"
+                                          "host = 'h'\nport = 1\n[[destinations]]\nname = 'q'\nkind = 'dimse'\n"
+                                          "ae_title = 'Q'\nhost = 'h'\nport = 2\ncommitment = true\n"),
+                         environ={})
+    assert [(d.commitment, d.commit_timeout_seconds) for d in config.destinations] == [(False, 300.0), (True, 300.0)]
+    assert (config.reachability.interval_seconds, config.reachability.timeout_seconds) == (60.0, 10.0)
+    shipped = load_config(DEFAULT_CONFIG_PATH, environ={})
+    assert shipped.reachability == config.reachability
+
+
 def test_config_is_frozen():
     config = load_config(DEFAULT_CONFIG_PATH, environ={})
     with pytest.raises(Exception):  # noqa: B017 - pydantic raises ValidationError for frozen models
@@ -50,6 +61,10 @@ def test_config_is_frozen():
         ("[node]\nuid_root = '1.2.03.4'\n", "node.uid_root"),
         ("[node]\nuid_root = '1.2.826.0.1.3680043.10.999.123456789'\n", "at most 32"),
         ("[node]\nuid_root = 'org.example'\n", "node.uid_root"),
+        ("[[destinations]]\nname = 'p'\nkind = 'dimse'\nae_title = 'P'\nhost = 'h'\nport = 1\n"
+         "commit_timeout_seconds = 0\n", "destinations.0.commit_timeout_seconds"),
+        ("[reachability]\ninterval_seconds = 0\n", "reachability.interval_seconds"),
+        ("[reachability]\ntimeout = 5\n", "reachability.timeout: unknown key"),
     ],
 )
 def test_invalid_values_name_the_key(tmp_path, toml, named):

@@ -90,6 +90,13 @@ def test_gauges_are_read_at_scrape_time():
     assert value(m, "pacsnode_queue_depth") == 7
     m.bind(disk=lambda: (900, 1000))
     assert (value(m, "pacsnode_disk_used_bytes"), value(m, "pacsnode_disk_total_bytes")) == (900, 1000)
+    up = {"pacs": True, "archive": False}
+    m.bind(destination_up=lambda: up, uncommitted=lambda: {"pacs": 2})
+    assert value(m, "pacsnode_destination_up", destination="pacs") == 1
+    assert value(m, "pacsnode_destination_up", destination="archive") == 0
+    assert value(m, "pacsnode_deliveries_uncommitted", destination="pacs") == 2
+    up["pacs"] = False
+    assert value(m, "pacsnode_destination_up", destination="pacs") == 0
 
 
 def test_a_failing_gauge_source_leaves_the_rest_and_is_counted():
