@@ -3,7 +3,9 @@
 `echo(peer)` returns the C-ECHO status; `send_files(peer, paths)` / `send_datasets(peer, datasets)` store over one
 association and return one `StoreResult` per instance. Presentation contexts are proposed per SOP class with the
 instance's own transfer syntax (plus the uncompressed ones), so nothing is transcoded. Raises `SendError` when the
-association cannot be established. TCP_NODELAY is set on the outgoing socket.
+association cannot be established. TCP_NODELAY is set on the outgoing socket. With ``Peer.tls_args`` (from
+`node.tls.destination_tls_args`) the association runs over DICOM TLS; a failed handshake's reason is in the
+`SendError`.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from ssl import SSLContext
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -34,6 +37,7 @@ class Peer:
     called_ae: str = "ANY-SCP"
     calling_ae: str = "PACSNODE"
     timeout: float = 30.0
+    tls_args: tuple[SSLContext, str] | None = None  # (context, server hostname): DICOM TLS
 
 
 @dataclass(frozen=True)
@@ -61,9 +65,10 @@ def echo(peer: Peer) -> int:
     """C-ECHO ``peer``; return its status (0 = success). Raises `SendError` if no association."""
     ae = _ae(peer)
     ae.add_requested_context(Verification)
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.called_ae, evt_handlers=[(evt.EVT_CONN_OPEN, nodelay_handler)])
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.called_ae, evt_handlers=[(evt.EVT_CONN_OPEN, nodelay_handler)],
+                         tls_args=peer.tls_args)
     if not assoc.is_established:
-        raise SendError(f"association with {peer.called_ae}@{peer.host}:{peer.port} failed ({_why(assoc)})")
+        raise SendError(f"association with {peer.called_ae}@{peer.host}:{peer.port} failed ({_why(assoc, peer)})")
     try:
         status = assoc.send_c_echo()
     finally:
@@ -73,7 +78,10 @@ def echo(peer: Peer) -> int:
     return int(status.Status)
 
 
-def _why(assoc: object) -> str:
+def _why(assoc: object, peer: Peer) -> str:
+    handshake_error = getattr(peer.tls_args[0], "handshake_error", None) if peer.tls_args else None
+    if handshake_error:
+        return f"TLS handshake failed: {handshake_error}"
     if getattr(assoc, "is_rejected", False):
         return "rejected"
     if getattr(assoc, "is_aborted", False):
@@ -104,9 +112,10 @@ def send_datasets(peer: Peer, datasets: Sequence[Dataset]) -> list[StoreResult]:
         return []
     ae = _ae(peer)
     ae.requested_contexts = _contexts(datasets)
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.called_ae, evt_handlers=[(evt.EVT_CONN_OPEN, nodelay_handler)])
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.called_ae, evt_handlers=[(evt.EVT_CONN_OPEN, nodelay_handler)],
+                         tls_args=peer.tls_args)
     if not assoc.is_established:
-        raise SendError(f"association with {peer.called_ae}@{peer.host}:{peer.port} failed ({_why(assoc)})")
+        raise SendError(f"association with {peer.called_ae}@{peer.host}:{peer.port} failed ({_why(assoc, peer)})")
     results = []
     try:
         for ds in datasets:
