@@ -186,6 +186,10 @@ class _TimeoutSession(requests.Session):
 
     def request(self, *args: Any, **kwargs: Any) -> requests.Response:  # type: ignore[override]
         kwargs.setdefault("timeout", self._timeout)
+        # Per request, not only on the session: requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE in the
+        # environment replace a session's `verify` (psf/requests#3829), and the destination's CA must win.
+        kwargs.setdefault("verify", self.verify)
+        kwargs.setdefault("cert", self.cert)
         return super().request(*args, **kwargs)
 
 
@@ -225,6 +229,8 @@ class StowSender(Sender):
             raise TransientSendError(f"{where} TLS handshake failed: {_ssl_reason(exc)}") from exc
         except requests.RequestException as exc:
             raise TransientSendError(f"{where} unreachable: {type(exc).__name__}") from exc
+        finally:
+            session.close()  # a pooled keep-alive connection would otherwise linger until collected
         failed = response.get("FailedSOPSequence") or []
         if failed:
             results = [StoreResult(str(item.ReferencedSOPInstanceUID), int(item.get("FailureReason", 0x0110)))
