@@ -7,8 +7,12 @@ HTTPS STOW-RS destination here is the node's own HTTPS front door (uvicorn), che
 
 from __future__ import annotations
 
+import contextlib
+import json
+import signal
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -97,7 +101,27 @@ def test_node_over_dicom_tls_and_https(start_node, pki: Pki, tmp_path: Path) -> 
     assert series.sop_uids[3] in _spooled(node)
     with pytest.raises(TransientSendError, match="TLS handshake failed: certificate verify failed"):
         StowSender(20).send(dest.model_copy(update={"ca_file": pki.other_ca}), [series.paths[3]])
+    # TLS settings are restart-only: a reload that drops the client-certificate requirement is noted, not applied
+    node.config_path.write_text(node.config_path.read_text().replace('client_certificates = "required"',
+                                                                     'client_certificates = "none"'))
+    node.proc.send_signal(signal.SIGHUP)
+    reloaded = wait_until(lambda: [e for e in _events(node) if e.get("event") == "config_reloaded"], 20,
+                          "the node to reload its config")
+    assert "tls" in reloaded[0]["needs_restart"]
+    no_cert = subprocess.run([require_tool("echoscu"), "-aec", node.ae_title, "+tla", "+cf", str(pki.ca),
+                              "127.0.0.1", str(tls_port)], capture_output=True, text=True, env=peer_env(), timeout=60)
+    assert no_cert.returncode != 0, no_cert.stderr
     assert "Traceback" not in node.log_text()
+
+
+def _events(node: RunningNode) -> list[dict[str, Any]]:
+    events = []
+    for line in node.log_text().splitlines():
+        with contextlib.suppress(ValueError):
+            event = json.loads(line)
+            if isinstance(event, dict):
+                events.append(event)
+    return events
 
 
 def test_dimse_destination_over_tls_at_orthanc(orthanc_factory, pki: Pki) -> None:

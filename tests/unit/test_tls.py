@@ -21,6 +21,7 @@ import pytest
 from pydicom.data import get_testdata_file
 from structlog.testing import capture_logs
 
+from node.cli import main as cli_main
 from node.config import Destination, NodeConfig, NodeSection, TlsSection, load_config
 from node.db import create_engine_for, init_schema
 from node.dimse import DimseServer
@@ -179,6 +180,15 @@ def test_certificates_that_do_not_load_name_the_key(tmp_path: Path, pki: Pki) ->
     dest = Destination(name="pacs", kind="dimse", ae_title="PACS", host="h", port=104, tls=True, ca_file=garbage)
     with pytest.raises(ConfigError, match=r"destinations \(pacs\)\.ca_file"):
         check_config(NodeConfig(destinations=(dest,)))
+
+
+def test_config_check_loads_the_certificates(tmp_path: Path, pki: Pki, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _write_config(tmp_path, f'[tls]\ncertificate = "{pki.server_cert}"\nprivate_key = "{pki.client_key}"\n'
+                                   'https = true\n')
+    assert cli_main(["config", "check", "--config", str(path)]) == 2
+    assert "tls.certificate / tls.private_key" in capsys.readouterr().err
+    path.write_text(path.read_text().replace(str(pki.client_key), str(pki.server_key)))
+    assert cli_main(["config", "check", "--config", str(path)]) == 0
 
 
 # -- the DICOM TLS listener against DCMTK ---------------------------------------------------------------------------
