@@ -326,6 +326,17 @@ def test_outdated_tls_is_refused(make_node: Callable[..., TlsNode], pki: Pki, ca
         ctx.wrap_socket(raw, server_hostname="127.0.0.1").close()
 
 
+def test_tls_1_2_with_forward_secrecy_is_accepted(make_node: Callable[..., TlsNode], pki: Pki) -> None:
+    """Peers without TLS 1.3 (older modalities) still connect with an ECDHE AEAD suite."""
+    node = make_node()
+    ctx = client_context(pki.ca, pki.client_cert, pki.client_key)
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers("ECDHE-RSA-AES128-GCM-SHA256")
+    with socket.create_connection(("127.0.0.1", node.tls_port), timeout=10) as raw, \
+            ctx.wrap_socket(raw, server_hostname="localhost") as sock:
+        assert (sock.version(), sock.cipher()[0]) == ("TLSv1.2", "ECDHE-RSA-AES128-GCM-SHA256")
+
+
 # -- the node as a DICOM TLS client (DimseSender) ------------------------------------------------------------------
 def test_dimse_sender_over_tls(make_node: Callable[..., TlsNode], pki: Pki) -> None:
     node = make_node()
