@@ -41,9 +41,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     def announce() -> None:
         host, port = service.dimse.address
+        tls = service.dimse.tls_address
+        dimse = f"DIMSE {config.node.ae_title}@{host}:{port}" if config.tls.plaintext_dimse else "DIMSE"
+        dimse += f" (DICOM TLS on {tls[1]})" if tls else ""
+        scheme = "https" if config.tls.https else "http"
         print(
-            f"pacsnode listening: DIMSE {config.node.ae_title}@{host}:{port}, "
-            f"HTTP http://{host}:{service.http.port} (/dicomweb, /healthz, /readyz, /metrics); "
+            f"pacsnode listening: {dimse}, "
+            f"HTTP {scheme}://{host}:{service.http.port} (/dicomweb, /healthz, /readyz, /metrics); "
             f"data in {config.node.data_dir}; Ctrl-C to stop",
             flush=True,
         )
@@ -52,7 +56,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
+    from node.tls import check_config
+
     config = _load(args)
+    check_config(config)  # certificates and keys load (ConfigError naming the key otherwise)
     print(json.dumps(config.redacted(), indent=2))
     print(f"config OK: {config.source}", file=sys.stderr)
     return 0

@@ -41,11 +41,12 @@ from sqlalchemy.engine import Engine
 from node.config import Destination, DestinationKind, NodeConfig
 from node.db import insert_for, metadata, reading, transaction
 from node.dispatch import deliveries
-from node.errors import SendError
+from node.errors import ConfigError, SendError
 from node.logs import get_logger
 from node.scu import CommitmentUnsupported, Peer, request_storage_commitment
 from node.states import CommitState, DeliveryState
 from node.supervise import Heartbeats, failure
+from node.tls import destination_tls_args, requests_tls
 
 commitments = sa.Table(
     "commitments",
@@ -97,8 +98,16 @@ def request_commitment(destination: Destination, calling_ae: str, transaction_ui
     """`node.scu.request_storage_commitment` to a DIMSE ``destination`` as ``calling_ae``."""
     assert destination.host and destination.port and destination.ae_title  # config validates dimse ones
     peer = Peer(destination.host, destination.port, called_ae=destination.ae_title, calling_ae=calling_ae,
-                timeout=timeout)
+                timeout=timeout, tls_args=_tls_args(destination))
     request_storage_commitment(peer, transaction_uid, refs, on_report)
+
+
+def _tls_args(destination: Destination) -> Any:
+    """The destination's DIMSE TLS arguments; a CA or key file that no longer loads is a `SendError` (retried)."""
+    try:
+        return destination_tls_args(destination)
+    except ConfigError as exc:
+        raise SendError(str(exc)) from exc
 
 
 def qido_instances(destination: Destination, study_uid: str, timeout: float) -> set[str]:
@@ -109,7 +118,9 @@ def qido_instances(destination: Destination, study_uid: str, timeout: float) -> 
         headers["Authorization"] = f"Bearer {destination.token.get_secret_value()}"
     url = f"{destination.url.rstrip('/')}/studies/{study_uid}/instances"
     try:
-        response = requests.get(url, headers=headers, params={"includefield": "00080018"}, timeout=timeout)
+        verify, cert = requests_tls(destination)
+        response = requests.get(url, headers=headers, params={"includefield": "00080018"}, timeout=timeout,
+                                verify=verify, cert=cert)
     except requests.RequestException as exc:
         raise SendError(f"QIDO-RS {destination.url} unreachable: {type(exc).__name__}") from exc
     if response.status_code == 204 or (response.status_code == 200 and not response.content.strip()):

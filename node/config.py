@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from node.errors import ConfigError
+from node.states import ClientCertificates
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config" / "node.toml"
 ENV_PREFIX = "PACSNODE_"
@@ -316,6 +317,12 @@ class Destination(_Frozen):
     # DICOMweb → QIDO-RS finds every stored instance. No proof within commit_timeout_seconds: reported uncommitted.
     commitment: bool = False
     commit_timeout_seconds: Annotated[float, Field(gt=0, le=7 * 86400)] = 300.0
+    # TLS to this destination (node.tls): DIMSE with `tls = true`, DICOMweb with an https:// url. The peer's
+    # certificate must chain to `ca_file` (None: the system's CAs) and name `host` (or the url's host).
+    tls: bool = False
+    ca_file: Path | None = None
+    client_certificate: Path | None = None  # PEM, for peers that require a client certificate
+    client_private_key: Path | None = None  # PEM, unencrypted
 
     @model_validator(mode="after")
     def _kind_needs(self) -> Destination:
@@ -325,6 +332,50 @@ class Destination(_Frozen):
                 raise ValueError(f"a 'dimse' destination needs {', '.join(missing)}")
         elif self.url is None or not re.match(r"^https?://", self.url):
             raise ValueError("a 'dicomweb' destination needs url = 'http(s)://...'")
+        return self
+
+    @property
+    def uses_tls(self) -> bool:
+        """DIMSE with ``tls = true``, or DICOMweb with an https:// url."""
+        if self.kind is DestinationKind.DIMSE:
+            return self.tls
+        return self.url is not None and self.url.lower().startswith("https://")
+
+    @model_validator(mode="after")
+    def _tls_needs(self) -> Destination:
+        if self.kind is DestinationKind.DICOMWEB and self.tls and not self.uses_tls:
+            raise ValueError("tls = true on a 'dicomweb' destination needs an https:// url")
+        if not self.uses_tls:
+            given = [k for k in ("ca_file", "client_certificate", "client_private_key") if getattr(self, k)]
+            if given:
+                need = "tls = true" if self.kind is DestinationKind.DIMSE else "an https:// url"
+                raise ValueError(f"{', '.join(given)} apply only with {need}")
+        if (self.client_certificate is None) != (self.client_private_key is None):
+            raise ValueError("client_certificate and client_private_key go together")
+        return self
+
+
+class TlsSection(_Frozen):
+    """The node's own TLS (node.tls): DICOM TLS on a DIMSE port of its own, HTTPS on ``http_port``."""
+
+    certificate: Path | None = None  # PEM: the node's certificate (then any intermediates)
+    private_key: Path | None = None  # PEM, unencrypted
+    ca_file: Path | None = None  # PEM bundle: the CAs whose client certificates are accepted
+    client_certificates: ClientCertificates = ClientCertificates.NONE
+    dimse_port: Port | None = None  # DICOM TLS listener (conventionally 2762); None: none
+    plaintext_dimse: bool = True  # false: TLS only, nothing listens on [node] port
+    https: bool = False  # serve [node] http_port over HTTPS
+
+    @model_validator(mode="after")
+    def _needs(self) -> TlsSection:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("certificate and private_key go together")
+        if (self.dimse_port is not None or self.https) and self.certificate is None:
+            raise ValueError("dimse_port and https need certificate and private_key")
+        if self.client_certificates is not ClientCertificates.NONE and self.ca_file is None:
+            raise ValueError(f"client_certificates = {self.client_certificates.value!r} needs ca_file")
+        if not self.plaintext_dimse and self.dimse_port is None:
+            raise ValueError("plaintext_dimse = false (TLS only) needs dimse_port")
         return self
 
 
@@ -341,6 +392,7 @@ class NodeConfig(_Frozen):
     reachability: ReachabilitySection = ReachabilitySection()
     destinations: tuple[Destination, ...] = ()
     routes: tuple[Route, ...] = DEFAULT_ROUTES
+    tls: TlsSection = TlsSection()
     source: str | None = Field(default=None, exclude=True)
 
     @model_validator(mode="after")
@@ -353,6 +405,10 @@ class NodeConfig(_Frozen):
         dupes = sorted({n for n in routes if routes.count(n) > 1})
         if dupes:
             raise ValueError(f"route names must be unique: {', '.join(dupes)}")
+        if self.tls.dimse_port is not None and self.tls.dimse_port in (
+            self.node.http_port, self.node.port if self.tls.plaintext_dimse else None
+        ):
+            raise ValueError(f"tls.dimse_port {self.tls.dimse_port} is already [node] port or http_port")
         return self
 
     @property
@@ -441,4 +497,37 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
             base = base.parent
         node = config.node.model_copy(update={"data_dir": (base / data_dir).resolve()})
         config = config.model_copy(update={"node": node})
-    return config
+    return _check_tls_files(config, _config_base(path))
+
+
+def _config_base(path: Path) -> Path:
+    base = path.resolve().parent
+    return base.parent if base.name == "config" else base
+
+
+_TLS_FILE_KEYS = ("certificate", "private_key", "ca_file")
+_DESTINATION_FILE_KEYS = ("ca_file", "client_certificate", "client_private_key")
+
+
+def _readable(key: str, path: Path, base: Path) -> Path:
+    """``path`` made absolute (relative to ``base``, like data_dir); `ConfigError` naming ``key`` if it cannot
+    be read."""
+    full = path if path.is_absolute() else (base / path).resolve()
+    try:
+        with full.open("rb") as f:
+            f.read(1)
+    except OSError as exc:
+        raise ConfigError(f"{key}: {full} cannot be read ({exc.strerror or type(exc).__name__})") from exc
+    return full
+
+
+def _check_tls_files(config: NodeConfig, base: Path) -> NodeConfig:
+    """Fail fast on a TLS file that is missing or unreadable; relative paths become absolute."""
+    tls = config.tls
+    update = {k: _readable(f"tls.{k}", getattr(tls, k), base) for k in _TLS_FILE_KEYS if getattr(tls, k)}
+    destinations = []
+    for i, dest in enumerate(config.destinations):
+        files = {k: _readable(f"destinations[{i}] ({dest.name}).{k}", getattr(dest, k), base)
+                 for k in _DESTINATION_FILE_KEYS if getattr(dest, k)}
+        destinations.append(dest.model_copy(update=files) if files else dest)
+    return config.model_copy(update={"tls": tls.model_copy(update=update), "destinations": tuple(destinations)})

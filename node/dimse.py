@@ -8,6 +8,8 @@ Every accepted socket gets TCP_NODELAY (pynetdicom leaves Nagle on, which stalls
 Associations run under `node.guard`: PDUs over ``[node] max_pdu_bytes`` and malformed requests are aborted unread,
 every read has a deadline (``association_timeout_seconds`` until negotiated, ``network_timeout_seconds`` after),
 and a data set over ``max_instance_bytes`` is dropped as it arrives and answered 0xA700.
+With ``[tls] dimse_port`` a second listener there speaks DICOM TLS (same AE, handlers and guards; context from
+`node.tls`); ``[tls] plaintext_dimse = false`` leaves only that one.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from node.ingest import ACCEPTED_TRANSFER_SYNTAXES, EncodedDataset, Ingestor, Or
 from node.logs import get_logger
 from node.metrics import Metrics
 from node.states import AssociationState
+from node.tls import server_context
 
 assert set(ACCEPTED_TRANSFER_SYNTAXES) <= set(ALL_TRANSFER_SYNTAXES)
 
@@ -85,6 +88,9 @@ class DimseServer:
         self._assoc_ids: weakref.WeakKeyDictionary[Association, str] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
         self._server: GuardedServer | None = None
+        self._tls_server: GuardedServer | None = None
+        # Built now, so a certificate that does not load stops the node before anything listens (ConfigError).
+        self._ssl_context = server_context(config.tls) if config.tls.dimse_port is not None else None
         self._ae = self._make_ae(config)
 
     def _make_ae(self, config: NodeConfig) -> AE:
@@ -112,10 +118,25 @@ class DimseServer:
 
     @property
     def address(self) -> tuple[str, int]:
-        if self._server is None:
+        """The plaintext listener's address (the TLS one's in TLS-only mode)."""
+        server = self._server or self._tls_server
+        if server is None:
             raise RuntimeError("server not started")
-        host, port = self._server.server_address[:2]
+        host, port = server.server_address[:2]
         return str(host), int(port)
+
+    @property
+    def tls_address(self) -> tuple[str, int] | None:
+        """The DICOM TLS listener's address, None without one."""
+        if self._tls_server is None:
+            return None
+        host, port = self._tls_server.server_address[:2]
+        return str(host), int(port)
+
+    @property
+    def servers(self) -> list[GuardedServer]:
+        """The running listeners (plaintext and/or TLS)."""
+        return [s for s in (self._server, self._tls_server) if s is not None]
 
     def start(self) -> None:
         (self._config.node.data_dir / "incoming").mkdir(parents=True, exist_ok=True)  # node.guard's spill dir
@@ -130,26 +151,34 @@ class DimseServer:
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_N_EVENT_REPORT, self._on_event_report),
         ]
-        self._server = start_guarded_server(
-            self._ae, (self._config.node.host, self._config.node.port), handlers,
-            ReceiveLimits.from_config(self._config.node),
-        )
-        host, port = self.address
-        self._log.info("dimse_listening", ae_title=self._config.node.ae_title, host=host, port=port)
+        limits = ReceiveLimits.from_config(self._config.node)
+        host = self._config.node.host
+        tls = self._config.tls
+        if tls.plaintext_dimse:
+            self._server = start_guarded_server(self._ae, (host, self._config.node.port), handlers, limits)
+            self._log.info("dimse_listening", ae_title=self._config.node.ae_title, host=host, port=self.address[1])
+        if tls.dimse_port is not None:
+            self._tls_server = start_guarded_server(self._ae, (host, tls.dimse_port), handlers, limits,
+                                                    ssl_context=self._ssl_context)
+            address = self.tls_address
+            assert address is not None
+            self._log.info("dimse_tls_listening", ae_title=self._config.node.ae_title, host=host, port=address[1],
+                           client_certificates=str(tls.client_certificates))
 
     def stop(self) -> None:
         """Stop accepting; running associations are ended by the server's shutdown."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+        if self.servers:
+            for server in self.servers:
+                server.shutdown()
+            self._server = self._tls_server = None
             self._log.info("dimse_stopped")
 
     def apply_config(self, config: NodeConfig) -> None:
         """Swap in a new config: allow-list, limits and timeouts apply to the next association (hot reload)."""
         self._ae.require_calling_aet = list(config.node.allowed_calling_aes)
         self._apply_limits(self._ae, config)
-        if self._server is not None:
-            self._server.limits = ReceiveLimits.from_config(config.node)
+        for server in self.servers:
+            server.limits = ReceiveLimits.from_config(config.node)
         self._config = config
 
     # -- notification handlers (logging and association bookkeeping only) ---------------------------------

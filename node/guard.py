@@ -18,6 +18,13 @@ connection, swaps in two subclasses before the association starts:
   0xA700 once the (discarded) rest has arrived; a command set over `MAX_COMMAND_SET_BYTES` or a message
   pynetdicom cannot decode aborts the association (Evt19) instead of killing the reactor thread.
 
+With an ``ssl_context`` (DICOM TLS), `GuardedServer.get_request` wraps each accepted socket without the
+handshake, which pynetdicom would do right there in the acceptor thread, so a peer that connects and never sends
+a ClientHello would hold off every other connection; `GuardedRequestHandler` does it in the connection's own
+thread within ``association_timeout`` of the accept (the same deadline then runs on until the association is
+negotiated), and the handshakes under way count against the connection cap. The reads above then go through
+the TLS socket unchanged.
+
 The server itself closes a new connection at once while `CONNECTIONS_PER_ASSOCIATION` × ``max_associations`` are
 open (pynetdicom would give each two threads and only count it at A-ASSOCIATE-RQ time), and listens with a
 backlog of that size rather than socketserver's 5.
@@ -35,7 +42,9 @@ plus `SPILL_BYTES`; on disk one data set (``max_instance_bytes``).
 from __future__ import annotations
 
 import contextlib
+import socket
 import socketserver
+import ssl
 import struct
 import tempfile
 import threading
@@ -45,6 +54,7 @@ from io import BytesIO
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, cast
 
+import structlog
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RQ
@@ -52,11 +62,9 @@ from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAsso
 
 from node.errors import InstanceTooLargeError, SpoolFullError
 from node.ingest import EncodedDataset, FileSpan
-from node.logs import get_logger
+from node.tls import describe_tls_error
 
 if TYPE_CHECKING:
-    from ssl import SSLContext
-
     from _typeshed import ReadableBuffer
     from pynetdicom import AE
     from pynetdicom.association import Association
@@ -79,7 +87,9 @@ CONNECTIONS_PER_ASSOCIATION = 2  # open TCP connections allowed per association 
 # A command set is a handful of elements (~100-300 bytes); anything near this is not a DIMSE command.
 MAX_COMMAND_SET_BYTES = 1 << 16
 
-_log = get_logger(component="dimse_guard")
+# Lazy (not get_logger(), which binds now): this module is imported before the CLI configures logging, and an
+# early-bound logger would keep structlog's console defaults instead of the node's JSON lines.
+_log = structlog.get_logger("pacsnode", component="dimse_guard")
 
 
 @dataclass(frozen=True)
@@ -347,14 +357,46 @@ class GuardedDimse(DIMSEServiceProvider):
 
 
 class GuardedRequestHandler(RequestHandler):
-    """pynetdicom's request handler, fitting each new acceptor association with the guards above."""
+    """pynetdicom's request handler, fitting each new acceptor association with the guards above; on a TLS
+    server it first completes the handshake, in this connection's own thread, under the association deadline."""
 
     server: GuardedServer
+    _accepted_at: float
+
+    def setup(self) -> None:
+        self._accepted_at = time.monotonic()
+
+    def handle(self) -> None:
+        if isinstance(self.request, ssl.SSLSocket):
+            try:
+                shaken = self._handshake(self.request)
+            finally:
+                self.server.handshake_finished()
+            if not shaken:
+                return
+        super().handle()
+
+    def _handshake(self, sock: ssl.SSLSocket) -> bool:
+        """Complete the TLS handshake within ``association_timeout``; on failure log why, close, return False."""
+        timeout = self.server.limits.association_timeout
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # the handshake's flights go out at once
+            sock.settimeout(timeout)  # CPython applies it to the whole do_handshake() call, not per read
+            sock.do_handshake()
+        except (OSError, ValueError) as exc:  # ssl.SSLError, TimeoutError, ConnectionResetError ...
+            reason = "timed out" if isinstance(exc, TimeoutError) else describe_tls_error(exc)
+            _log.warning("tls_handshake_failed", peer=f"{self.client_address[0]}:{self.client_address[1]}",
+                         reason=reason, timeout=timeout)
+            with contextlib.suppress(OSError):
+                sock.close()
+            return False
+        return True
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
         limits = self.server.limits
-        GuardedSocket.adopt(cast(AssociationSocket, assoc.dul.socket), limits)
+        guarded = GuardedSocket.adopt(cast(AssociationSocket, assoc.dul.socket), limits)
+        guarded._opened = self._accepted_at  # the handshake counts against the negotiation deadline
         assoc.dimse = GuardedDimse(assoc, limits)
         return assoc
 
@@ -369,12 +411,14 @@ class GuardedServer(ThreadedAssociationServer):
         address: tuple[str, int],
         ae_title: str,
         contexts: list[PresentationContext],
-        ssl_context: SSLContext | None = None,
+        ssl_context: ssl.SSLContext | None = None,
         evt_handlers: list[Any] | None = None,
         *,
         limits: ReceiveLimits,
     ) -> None:
         self.limits = limits
+        self._handshaking = 0  # TLS connections accepted whose handshake is not over (no association yet)
+        self._handshaking_lock = threading.Lock()
         # socketserver listens with a backlog of 5: a burst of connections (several modalities, or an attacker's
         # idle ones) then has the kernel drop SYNs and senders wait a 1 s retransmission each.
         self.request_queue_size = max(limits.max_connections, 5)
@@ -386,12 +430,33 @@ class GuardedServer(ThreadedAssociationServer):
     def verify_request(self, request: Any, client_address: Any) -> bool:
         """socketserver's admission check: close the connection at once when ``max_connections`` are open, so
         a connection flood costs neither threads nor memory (a refused peer sees the connection closed)."""
-        open_now = len(self.active_associations)
+        open_now = len(self.active_associations) + self._handshaking
         if open_now >= self.limits.max_connections:
             _log.warning("connection_refused", peer=f"{client_address[0]}:{client_address[1]}", open=open_now,
                          limit=self.limits.max_connections)
             return False
+        if self.ssl_context is not None:
+            with self._handshaking_lock:
+                self._handshaking += 1  # until its handler's handshake_finished()
         return True
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        """Accept; on a TLS server wrap the socket but leave the handshake to the connection's own thread
+        (pynetdicom's ``get_request`` does it here, where one silent peer would block every accept)."""
+        assert self.socket is not None
+        client, address = self.socket.accept()
+        if self.ssl_context is not None:
+            client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
+        return client, address
+
+    def handshake_finished(self) -> None:
+        with self._handshaking_lock:
+            self._handshaking -= 1
+
+    @property
+    def handshaking(self) -> int:
+        """TLS connections accepted whose handshake is still under way."""
+        return self._handshaking
 
     def shutdown(self) -> None:
         """Stop serving and close the listening socket (this server is not in the AE's own server list)."""
@@ -400,12 +465,15 @@ class GuardedServer(ThreadedAssociationServer):
 
 
 def start_guarded_server(
-    ae: AE, address: tuple[str, int], evt_handlers: list[Any], limits: ReceiveLimits
+    ae: AE, address: tuple[str, int], evt_handlers: list[Any], limits: ReceiveLimits,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> GuardedServer:
-    """Like ``ae.start_server(address, block=False, evt_handlers=...)`` but guarded; returns once listening."""
+    """Like ``ae.start_server(address, block=False, evt_handlers=..., ssl_context=...)`` but guarded (DICOM TLS
+    when ``ssl_context`` is given); returns once listening."""
     server = cast(
         GuardedServer,
-        ae.make_server(address, evt_handlers=evt_handlers, server_class=GuardedServer, limits=limits),
+        ae.make_server(address, evt_handlers=evt_handlers, ssl_context=ssl_context, server_class=GuardedServer,
+                       limits=limits),
     )
     threading.Thread(target=server.serve_forever, name="AcceptorServer@pacsnode", daemon=True).start()
     return server

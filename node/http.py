@@ -3,7 +3,8 @@
 
 Given the probe, `HttpServer` answers ``GET /readyz`` itself with `HealthProbe.report` — the checks plus each
 supervised loop's heartbeat (`node.supervise`) — 200 when ready, 503 when not; ``/healthz`` stays the app's
-liveness answer. The server's own event loop is supervised as loop ``http`` (it beats every uvicorn tick)."""
+liveness answer. The server's own event loop is supervised as loop ``http`` (it beats every uvicorn tick).
+With ``[tls] https = true`` it serves HTTPS with `node.tls.server_context` (client certificates as configured)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from starlette.types import Receive, Scope, Send
 from node.config import NodeConfig
 from node.logs import get_logger
 from node.supervise import Heartbeats
+from node.tls import server_context
 
 LOOP = "http"  # the server's name in the heartbeat registry
 
@@ -145,6 +147,8 @@ class HttpServer:
         self._thread: threading.Thread | None = None
         self._sock: Any = None
         self._bound_port: int | None = None  # the port served last (a restart serves it again)
+        # Built now: a certificate that does not load is a ConfigError before anything listens.
+        self._ssl = server_context(config.tls) if config.tls.https else None
         self._log = get_logger(component="http")
 
     @property
@@ -158,7 +162,7 @@ class HttpServer:
             raise RuntimeError("server already started")
         self._launch(self._port, timeout)
         self._heartbeats.register(LOOP, 1.0, alive=self._alive, restart=self._restart)
-        self._log.info("http_listening", host=self._host, port=self.port)
+        self._log.info("http_listening", host=self._host, port=self.port, https=self._ssl is not None)
 
     def _alive(self) -> bool:
         thread = self._thread
@@ -184,6 +188,9 @@ class HttpServer:
             access_log=False,  # the app logs its own events, with UIDs and sizes only
             timeout_graceful_shutdown=int(self._graceful) or 1,
         )
+        if self._ssl is not None:
+            config.load()  # then serve() keeps this context rather than building uvicorn's own
+            config.ssl = self._ssl
         started = threading.Event()
         self._server = _UvicornServer(config, started, lambda: self._heartbeats.beat(LOOP))
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]}, name="http", daemon=True)

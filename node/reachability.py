@@ -25,11 +25,12 @@ from node.commitment import UNCOMMITTED_STATES, commit_counts
 from node.config import Destination, DestinationKind, NodeConfig
 from node.db import insert_for, metadata, reading, transaction
 from node.dispatch import deliveries
-from node.errors import SendError
+from node.errors import ConfigError, SendError
 from node.logs import get_logger
 from node.scu import Peer, echo
 from node.states import DeliveryState
 from node.supervise import Heartbeats, failure
+from node.tls import destination_tls_args, requests_tls
 
 destination_checks = sa.Table(
     "destination_checks",
@@ -54,8 +55,12 @@ def check_destination(destination: Destination, calling_ae: str, timeout: float)
     (DICOMweb). Raises `SendError` naming why not."""
     if destination.kind is DestinationKind.DIMSE:
         assert destination.host and destination.port and destination.ae_title
+        try:
+            tls_args = destination_tls_args(destination)
+        except ConfigError as exc:
+            raise SendError(str(exc)) from exc
         status = echo(Peer(destination.host, destination.port, called_ae=destination.ae_title,
-                           calling_ae=calling_ae, timeout=timeout))
+                           calling_ae=calling_ae, timeout=timeout, tls_args=tls_args))
         if status != 0:
             raise SendError(f"C-ECHO status 0x{status:04X}")
         return
@@ -64,8 +69,9 @@ def check_destination(destination: Destination, calling_ae: str, timeout: float)
     if destination.token is not None:
         headers["Authorization"] = f"Bearer {destination.token.get_secret_value()}"
     try:
+        verify, cert = requests_tls(destination)
         response = requests.get(f"{destination.url.rstrip('/')}/studies", params={"limit": "1"}, headers=headers,
-                                timeout=timeout)
+                                timeout=timeout, verify=verify, cert=cert)
     except requests.RequestException as exc:
         raise SendError(f"unreachable: {type(exc).__name__}") from exc
     if not 200 <= response.status_code < 300:

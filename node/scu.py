@@ -4,7 +4,9 @@ DIMSE dispatch, destination checks and proof of delivery.
 `echo(peer)` returns the C-ECHO status; `send_files(peer, paths)` / `send_datasets(peer, datasets)` store over one
 association and return one `StoreResult` per instance. Presentation contexts are proposed per SOP class with the
 instance's own transfer syntax (plus the uncompressed ones), so nothing is transcoded. Raises `SendError` when the
-association cannot be established. TCP_NODELAY is set on the outgoing socket.
+association cannot be established. TCP_NODELAY is set on the outgoing socket. With ``Peer.tls_args`` (from
+`node.tls.destination_tls_args`) the association runs over DICOM TLS; a failed handshake's reason is in the
+`SendError`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from ssl import SSLContext
 from typing import Any
 
 from pydicom import dcmread
@@ -44,6 +47,7 @@ class Peer:
     called_ae: str = "ANY-SCP"
     calling_ae: str = "PACSNODE"
     timeout: float = 30.0
+    tls_args: tuple[SSLContext, str] | None = None  # (context, server hostname): DICOM TLS
 
 
 @dataclass(frozen=True)
@@ -71,9 +75,10 @@ def echo(peer: Peer) -> int:
     """C-ECHO ``peer``; return its status (0 = success). Raises `SendError` if no association."""
     ae = _ae(peer)
     ae.add_requested_context(Verification)
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.called_ae, evt_handlers=[(evt.EVT_CONN_OPEN, nodelay_handler)])
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.called_ae, evt_handlers=[(evt.EVT_CONN_OPEN, nodelay_handler)],
+                         tls_args=peer.tls_args)
     if not assoc.is_established:
-        raise SendError(f"association with {peer.called_ae}@{peer.host}:{peer.port} failed ({_why(assoc)})")
+        raise SendError(f"association with {peer.called_ae}@{peer.host}:{peer.port} failed ({_why(assoc, peer)})")
     try:
         status = assoc.send_c_echo()
     finally:
@@ -83,7 +88,10 @@ def echo(peer: Peer) -> int:
     return int(status.Status)
 
 
-def _why(assoc: object) -> str:
+def _why(assoc: object, peer: Peer) -> str:
+    handshake_error = getattr(peer.tls_args[0], "handshake_error", None) if peer.tls_args else None
+    if handshake_error:
+        return f"TLS handshake failed: {handshake_error}"
     if getattr(assoc, "is_rejected", False):
         return "rejected"
     if getattr(assoc, "is_aborted", False):
@@ -114,9 +122,10 @@ def send_datasets(peer: Peer, datasets: Sequence[Dataset]) -> list[StoreResult]:
         return []
     ae = _ae(peer)
     ae.requested_contexts = _contexts(datasets)
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.called_ae, evt_handlers=[(evt.EVT_CONN_OPEN, nodelay_handler)])
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.called_ae, evt_handlers=[(evt.EVT_CONN_OPEN, nodelay_handler)],
+                         tls_args=peer.tls_args)
     if not assoc.is_established:
-        raise SendError(f"association with {peer.called_ae}@{peer.host}:{peer.port} failed ({_why(assoc)})")
+        raise SendError(f"association with {peer.called_ae}@{peer.host}:{peer.port} failed ({_why(assoc, peer)})")
     results = []
     try:
         for ds in datasets:
@@ -150,13 +159,14 @@ def request_storage_commitment(peer: Peer, transaction_uid: str, refs: Sequence[
     ae.add_requested_context(StorageCommitmentPushModel, _UNCOMPRESSED)
     where = f"{peer.called_ae}@{peer.host}:{peer.port}"
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.called_ae,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, nodelay_handler), (evt.EVT_N_EVENT_REPORT, on_report)])
+                         evt_handlers=[(evt.EVT_CONN_OPEN, nodelay_handler), (evt.EVT_N_EVENT_REPORT, on_report)],
+                         tls_args=peer.tls_args)
     unsupported = CommitmentUnsupported(f"{where} does not accept Storage Commitment Push Model")
     if not assoc.is_established:
         # A peer without the SOP class accepts the association with every context rejected; pynetdicom aborts it.
         if any(cx.abstract_syntax == StorageCommitmentPushModel for cx in assoc.rejected_contexts):
             raise unsupported
-        raise SendError(f"association with {where} for storage commitment failed ({_why(assoc)})")
+        raise SendError(f"association with {where} for storage commitment failed ({_why(assoc, peer)})")
     try:
         if not any(cx.abstract_syntax == StorageCommitmentPushModel for cx in assoc.accepted_contexts):
             raise unsupported

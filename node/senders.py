@@ -3,7 +3,9 @@
 `Sender.send(destination, files)` returns once every file is stored, or raises `TransientSendError` (retry later:
 peer down or busy, association refused or lost, HTTP 5xx/429, network errors) or `PermanentSendError` (the peer
 refuses these objects: retrying the same bytes cannot help). `DimseSender` is a C-STORE SCU over `node.scu`;
-`StowSender` stores with STOW-RS through dicomweb-client. Errors added to the tree in node/errors.py::
+`StowSender` stores with STOW-RS through dicomweb-client. TLS (DICOM TLS with ``tls = true``, an https:// url) is
+verified against the destination's ``ca_file`` with `node.tls`; a failed handshake is transient and its reason is
+in the error. Errors added to the tree in node/errors.py::
 
     SendError
     ├── TransientSendError   the destination cannot take the objects now: retry later
@@ -14,9 +16,11 @@ from __future__ import annotations
 
 import abc
 import math
+import re
 from collections.abc import Sequence
 from enum import StrEnum
 from pathlib import Path
+from ssl import SSLContext
 from typing import Any
 
 import requests
@@ -25,8 +29,9 @@ from pydantic import TypeAdapter, ValidationError
 from pydicom import Dataset
 
 from node.config import AETitle, Destination, DestinationKind
-from node.errors import SendError
+from node.errors import ConfigError, SendError
 from node.scu import Peer, StoreResult, read_files, send_datasets
+from node.tls import destination_tls_args, requests_tls
 
 
 class TransientSendError(SendError):
@@ -153,6 +158,7 @@ class DimseSender(Sender):
             called_ae=destination.ae_title,
             calling_ae=self.calling_ae,
             timeout=self.timeout,
+            tls_args=self._tls_args(destination),
         )
         try:
             results = send_datasets(peer, datasets)
@@ -160,6 +166,15 @@ class DimseSender(Sender):
             raise TransientSendError(str(exc)) from exc
         where = f"{destination.ae_title}@{destination.host}:{destination.port}"
         check_store_results(results, len(datasets), where)
+
+    @staticmethod
+    def _tls_args(destination: Destination) -> tuple[SSLContext, str] | None:
+        """Built per delivery, so a renewed CA file is read anew; one that no longer loads is transient (someone
+        fixes the file, the delivery goes on)."""
+        try:
+            return destination_tls_args(destination)
+        except ConfigError as exc:
+            raise TransientSendError(str(exc)) from exc
 
 
 class _TimeoutSession(requests.Session):
@@ -171,6 +186,10 @@ class _TimeoutSession(requests.Session):
 
     def request(self, *args: Any, **kwargs: Any) -> requests.Response:  # type: ignore[override]
         kwargs.setdefault("timeout", self._timeout)
+        # Per request, not only on the session: requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE in the
+        # environment replace a session's `verify` (psf/requests#3829), and the destination's CA must win.
+        kwargs.setdefault("verify", self.verify)
+        kwargs.setdefault("cert", self.cert)
         return super().request(*args, **kwargs)
 
 
@@ -192,8 +211,10 @@ class StowSender(Sender):
         headers = {}
         if destination.token is not None:
             headers["Authorization"] = f"Bearer {destination.token.get_secret_value()}"
-        client = DICOMwebClient(url=destination.url.rstrip("/"), headers=headers,
-                                session=_TimeoutSession(self.timeout))
+        session = _TimeoutSession(self.timeout)
+        if destination.uses_tls:
+            session.verify, session.cert = requests_tls(destination)
+        client = DICOMwebClient(url=destination.url.rstrip("/"), headers=headers, session=session)
         client.set_http_retry_params(retry=False)  # the dispatcher owns retries (backoff, give-up, dead-letter)
         where = destination.url
         try:
@@ -204,10 +225,21 @@ class StowSender(Sender):
             if code >= 500 or code in (401, 403, 404, 408, 429):
                 raise TransientSendError(message) from exc
             raise PermanentSendError(message) from exc
+        except requests.exceptions.SSLError as exc:
+            raise TransientSendError(f"{where} TLS handshake failed: {_ssl_reason(exc)}") from exc
         except requests.RequestException as exc:
             raise TransientSendError(f"{where} unreachable: {type(exc).__name__}") from exc
+        finally:
+            session.close()  # a pooled keep-alive connection would otherwise linger until collected
         failed = response.get("FailedSOPSequence") or []
         if failed:
             results = [StoreResult(str(item.ReferencedSOPInstanceUID), int(item.get("FailureReason", 0x0110)))
                        for item in failed]
             check_store_results(results, len(results), where)
+
+
+def _ssl_reason(exc: BaseException) -> str:
+    """The OpenSSL reason inside a requests `SSLError` (e.g. ``certificate verify failed: self-signed certificate
+    in certificate chain``), which urllib3 buries in a long retry message."""
+    found = re.search(r"\[SSL: [A-Z_]+\] ([^(']+)", str(exc))
+    return found.group(1).strip() if found else type(exc).__name__

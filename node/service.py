@@ -112,7 +112,7 @@ class Service:
             index=self.index,
         )))
         self.http = HttpServer(config, app, health=health, heartbeats=self.heartbeats)
-        self._dimse_thread: threading.Thread | None = None
+        self._dimse_threads: list[threading.Thread] = []
         self._stop = threading.Event()
         self._signals = 0
         self._reload_lock = threading.Lock()
@@ -139,8 +139,10 @@ class Service:
             kept = [k for k in self.RESTART_ONLY if getattr(new.node, k) != getattr(self.config.node, k)]
             if new.database_url != self.config.database_url:
                 kept.append("database.url")
+            if new.tls != self.config.tls:
+                kept.append("tls")  # listeners and their certificates are bound at start
             node = new.node.model_copy(update={k: getattr(self.config.node, k) for k in self.RESTART_ONLY})
-            new = new.model_copy(update={"node": node, "database": self.config.database})
+            new = new.model_copy(update={"node": node, "database": self.config.database, "tls": self.config.tls})
             self.dimse.apply_config(new)
             self.sweeper.apply_config(new)
             self.dispatcher.apply_config(new)
@@ -182,16 +184,14 @@ class Service:
         thread pynetdicom starts tells whether it runs; its ``serve_forever`` beats every turn."""
         before = set(threading.enumerate())
         self.dimse.start()
-        self._dimse_thread = next(
-            (t for t in threading.enumerate() if t not in before and t.name.startswith("AcceptorServer")), None
-        )
-        server = getattr(self.dimse, "_server", None)  # DimseServer offers no public handle on pynetdicom's server
-        if server is not None:
+        self._dimse_threads = [
+            t for t in threading.enumerate() if t not in before and t.name.startswith("AcceptorServer")
+        ]
+        for server in self.dimse.servers:  # plaintext and/or DICOM TLS
             beat_socketserver(server, lambda: self.heartbeats.beat(DIMSE_LOOP))
 
     def _dimse_alive(self) -> bool:
-        thread = self._dimse_thread
-        return thread is None or thread.is_alive()  # not found: its heartbeat alone tells
+        return all(t.is_alive() for t in self._dimse_threads)  # none found: its heartbeat alone tells
 
     def _restart_dimse(self) -> None:
         """The supervisor's restart: close the ended acceptor, listen again on the same port."""

@@ -46,3 +46,11 @@ class CommitState(StrEnum):
 # The Manufacturer the node writes into every object it makes (SR, SEG, KOS): routing recognises its own output
 # by it and never processes it again.
 NODE_MANUFACTURER = "pacs-ai-node"
+
+
+class ClientCertificates(StrEnum):
+    """Whether the node's TLS listeners (DIMSE and HTTPS) ask peers for a certificate signed by ``[tls] ca_file``."""
+
+    REQUIRED = "required"  # no valid client certificate: the handshake fails
+    OPTIONAL = "optional"  # asked for; one that is sent must verify, none is accepted too
+    NONE = "none"          # not asked for

@@ -2,7 +2,8 @@
 
 `OrthancServer(workdir, ...)` writes a config like docs/peers.md's and can `start()`, `stop()` and `start()` again on the
 same ports and storage (PACS-down tests). REST helpers: `find`, `instances_of_modality`, `get_file`,
-`sop_instance_uids`, `clear`. `orthanc_factory` is a pytest fixture returning a factory; every server it made is stopped at
+`sop_instance_uids`, `clear`. With ``tls=OrthancTls(...)`` it speaks DICOM TLS on its DICOM port and/or HTTPS on
+its HTTP port (the REST helpers then verify it against the same CA). `orthanc_factory` is a pytest fixture returning a factory; every server it made is stopped at
 teardown. To use the fixture from a test module, register this module (``pytest_plugins = ["tests.orthanc"]`` in
 the root conftest.py) or wrap `OrthancServer` in a local fixture. Orthanc 1.10 listens on all interfaces (no bind
 address option); ``RemoteAccessAllowed: false`` keeps its HTTP API local.
@@ -11,11 +12,13 @@ address option); ``RemoteAccessAllowed: false`` keeps its HTTP API local.
 from __future__ import annotations
 
 import json
+import ssl
 import subprocess
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,31 @@ import pytest
 from tests.conftest import free_port, peer_env, require_tool, wait_for_port
 
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+@dataclass(frozen=True)
+class OrthancTls:
+    """Orthanc's own certificate and key (PEM) and the CA that signed it, which it also trusts for its peers'
+    client certificates (Orthanc 1.9+: ``DicomTls*``; ``SslEnabled`` for HTTPS)."""
+
+    certificate: Path
+    private_key: Path
+    ca: Path
+    dicom: bool = True  # DICOM TLS on the DICOM port (then TLS only)
+    https: bool = False  # HTTPS on the HTTP port
+    client_certificate_required: bool = True  # DICOM TLS peers must present a certificate signed by ``ca``
+
+    def settings(self, workdir: Path) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.dicom:
+            out.update(DicomTlsEnabled=True, DicomTlsCertificate=str(self.certificate),
+                       DicomTlsPrivateKey=str(self.private_key), DicomTlsTrustedCertificates=str(self.ca),
+                       DicomTlsRemoteCertificateRequired=self.client_certificate_required)
+        if self.https:
+            combined = workdir / "https.pem"  # Orthanc wants the key and the certificate in one file
+            combined.write_bytes(self.private_key.read_bytes() + self.certificate.read_bytes())
+            out.update(SslEnabled=True, SslCertificate=str(combined))
+        return out
 
 
 class OrthancServer:
@@ -41,6 +69,7 @@ class OrthancServer:
         modalities: Mapping[str, tuple[str, str, int]] | None = None,
         config: Mapping[str, Any] | None = None,
         executable: str | None = None,
+        tls: OrthancTls | None = None,
     ) -> None:
         self.executable = executable or require_tool("Orthanc")
         self.workdir = Path(workdir)
@@ -70,6 +99,9 @@ class OrthancServer:
         if DICOMWEB_PLUGIN.exists():
             settings["Plugins"] = [str(DICOMWEB_PLUGIN)]
             settings["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}  # Host unset: keep ports in URLs
+        self.tls = tls
+        if tls is not None:
+            settings.update(tls.settings(self.workdir))
         settings.update(config or {})
         self.settings = settings
         self.config_path = self.workdir / "orthanc.json"
@@ -79,7 +111,13 @@ class OrthancServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        scheme = "https" if self.tls is not None and self.tls.https else "http"
+        return f"{scheme}://127.0.0.1:{self.http_port}"
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        if self.tls is None or not self.tls.https:
+            return None
+        return ssl.create_default_context(cafile=str(self.tls.ca))
 
     @property
     def running(self) -> bool:
@@ -143,7 +181,7 @@ class OrthancServer:
         """Raw HTTP call to the REST API; ``body`` is JSON-encoded unless it is bytes."""
         data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
         req = urllib.request.Request(self.url + path, data=data, method=method)
-        with urllib.request.urlopen(req, timeout=timeout) as response:
+        with urllib.request.urlopen(req, timeout=timeout, context=self._ssl_context()) as response:
             payload: bytes = response.read()
             return payload
 

@@ -1,0 +1,174 @@
+"""TLS contexts for every listener and sender: built here only, TLS 1.2 or newer with BCP 195 ciphers.
+
+`server_context(tls)` is the node's own context (DICOM TLS listener and HTTPS), asking for client certificates as
+``[tls] client_certificates`` says; `destination_tls_args(destination)` gives pynetdicom's ``tls_args`` for a DIMSE
+destination with ``tls = true`` (hostname checked against ``host``); `requests_tls(destination)` gives the
+``verify``/``cert`` for an https:// STOW-RS destination. `check_config` builds them all once, so a certificate
+that does not load, or a key that does not match its certificate, is a `ConfigError` naming the key at start-up
+(files that are missing or unreadable are refused earlier, by `node.config.load_config`).
+
+A failed client handshake is remembered on its `ClientContext` (`handshake_error`): pynetdicom swallows it and
+only reports that the association failed, which would leave a wrong CA indistinguishable from a peer that is down.
+"""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+from typing import Any
+
+from node.config import Destination, DestinationKind, NodeConfig, TlsSection
+from node.errors import ConfigError
+from node.states import ClientCertificates
+
+# BCP 195 (RFC 9325 4.2): TLS 1.2 with forward secrecy and AEAD only; TLS 1.3's suites are all acceptable and are
+# configured apart from this list by OpenSSL.
+CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!eNULL:!MD5:!DSS"
+MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
+
+_VERIFY_MODE = {
+    ClientCertificates.REQUIRED: ssl.CERT_REQUIRED,
+    ClientCertificates.OPTIONAL: ssl.CERT_OPTIONAL,
+    ClientCertificates.NONE: ssl.CERT_NONE,
+}
+
+
+def _harden(ctx: ssl.SSLContext) -> None:
+    ctx.minimum_version = MINIMUM_VERSION
+    ctx.set_ciphers(CIPHERS)
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+
+
+def _no_password(*_: Any) -> bytes:
+    raise ConfigError("encrypted private keys are not supported (the node cannot be asked for a password)")
+
+
+def _load_chain(ctx: ssl.SSLContext, certificate: Path, private_key: Path, cert_key: str, key_key: str) -> None:
+    try:
+        ctx.load_cert_chain(certificate, private_key, password=_no_password)
+    except ConfigError as exc:
+        raise ConfigError(f"{key_key}: {exc}") from exc
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(
+            f"{cert_key} / {key_key}: {certificate} and {private_key} do not load as a PEM certificate and its "
+            f"private key ({_reason(exc)})"
+        ) from exc
+
+
+def _load_cas(ctx: ssl.SSLContext, ca_file: Path, key: str) -> None:
+    try:
+        ctx.load_verify_locations(cafile=ca_file)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(f"{key}: {ca_file} is not a PEM CA bundle ({_reason(exc)})") from exc
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return str(exc.reason)
+    return getattr(exc, "strerror", None) or type(exc).__name__
+
+
+def server_context(tls: TlsSection) -> ssl.SSLContext:
+    """The node's server-side context from ``[tls]``; raises `ConfigError` naming the key that does not load."""
+    if tls.certificate is None or tls.private_key is None:
+        raise ConfigError("tls.certificate and tls.private_key are needed for a TLS listener")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    _harden(ctx)
+    ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+    _load_chain(ctx, tls.certificate, tls.private_key, "tls.certificate", "tls.private_key")
+    if tls.ca_file is not None:
+        _load_cas(ctx, tls.ca_file, "tls.ca_file")
+    ctx.verify_mode = _VERIFY_MODE[tls.client_certificates]
+    return ctx
+
+
+class _RecordingSocket(ssl.SSLSocket):
+    """An `ssl.SSLSocket` that leaves the reason of a failed handshake on its `ClientContext`."""
+
+    def do_handshake(self, block: bool = False) -> None:
+        try:
+            super().do_handshake(block)
+        except (ssl.SSLError, OSError) as exc:
+            if isinstance(self.context, ClientContext):
+                self.context.handshake_error = describe_tls_error(exc)
+            raise
+
+
+class ClientContext(ssl.SSLContext):
+    """A client context that remembers why its last handshake failed (``handshake_error``, else None)."""
+
+    handshake_error: str | None = None
+    sslsocket_class = _RecordingSocket
+
+
+def describe_tls_error(exc: BaseException) -> str:
+    """A short reason for a TLS failure, e.g. ``certificate verify failed: unable to get local issuer
+    certificate`` (no peer data in it)."""
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return f"certificate verify failed: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError):
+        return str(exc.reason or exc.strerror or type(exc).__name__).replace("_", " ").lower()
+    return f"{type(exc).__name__}: {exc}"
+
+
+def client_context(
+    ca_file: Path | None, certificate: Path | None = None, private_key: Path | None = None, *, key: str = "tls"
+) -> ClientContext:
+    """A context that verifies the peer against ``ca_file`` (None: the system's CAs) and its hostname, and offers
+    ``certificate`` when given; `ConfigError` names ``key``'s file that does not load."""
+    ctx = ClientContext(ssl.PROTOCOL_TLS_CLIENT)  # check_hostname and CERT_REQUIRED are its defaults
+    _harden(ctx)
+    if ca_file is not None:
+        _load_cas(ctx, ca_file, f"{key}.ca_file")
+    else:
+        ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
+    if certificate is not None and private_key is not None:
+        _load_chain(ctx, certificate, private_key, f"{key}.client_certificate", f"{key}.client_private_key")
+    return ctx
+
+
+def _destination_key(destination: Destination) -> str:
+    return f"destinations ({destination.name})"
+
+
+def destination_tls_args(destination: Destination) -> tuple[ClientContext, str] | None:
+    """pynetdicom's ``tls_args`` — (context, server hostname) — for a DIMSE destination, None without TLS."""
+    if destination.kind is not DestinationKind.DIMSE or not destination.tls:
+        return None
+    assert destination.host is not None  # config validates dimse destinations
+    ctx = client_context(destination.ca_file, destination.client_certificate, destination.client_private_key,
+                         key=_destination_key(destination))
+    return ctx, destination.host
+
+
+def requests_tls(destination: Destination) -> tuple[str | bool, tuple[str, str] | None]:
+    """``(verify, cert)`` for requests: the CA bundle path (True: the system's) and the client certificate."""
+    verify: str | bool = str(destination.ca_file) if destination.ca_file is not None else True
+    cert = None
+    if destination.client_certificate is not None and destination.client_private_key is not None:
+        cert = (str(destination.client_certificate), str(destination.client_private_key))
+    return verify, cert
+
+
+def check_config(config: NodeConfig) -> None:
+    """Build every context the config asks for; `ConfigError` naming the key of the first that fails."""
+    tls = config.tls
+    if tls.dimse_port is not None or tls.https:
+        server_context(tls)
+    for destination in config.destinations:
+        if destination.uses_tls:
+            client_context(destination.ca_file, destination.client_certificate, destination.client_private_key,
+                           key=_destination_key(destination))
+
+
+__all__ = [
+    "CIPHERS",
+    "ClientContext",
+    "MINIMUM_VERSION",
+    "check_config",
+    "client_context",
+    "describe_tls_error",
+    "destination_tls_args",
+    "requests_tls",
+    "server_context",
+]
