@@ -24,6 +24,8 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from node.audit import AuditTrail
+from node.auditdb import audit_association_closed
 from node.config import NodeConfig
 from node.errors import ReceiveError, StoreStatus
 from node.guard import (
@@ -72,8 +74,10 @@ class DimseServer:
         index: Index,
         on_released: Callable[[], None] | None = None,
         metrics: Metrics | None = None,
+        audit: AuditTrail | None = None,
     ) -> None:
         self._config = config
+        self._audit = audit  # association start/stop and what each stored (node.audit); None: no audit
         self._metrics = metrics or Metrics()
         self._on_released = on_released
         self._ingestor = ingestor
@@ -154,6 +158,9 @@ class DimseServer:
         self._metrics.association("accepted")
         self._index.association_opened(assoc_id, calling, assoc.acceptor.ae_title, _peer(assoc))
         self._log.info("association_accepted", assoc_id=assoc_id, calling_ae=calling, peer=_peer(assoc))
+        if self._audit is not None:
+            self._audit.association_started(assoc_id=assoc_id, calling_ae=calling, called_ae=assoc.acceptor.ae_title,
+                                            peer=_peer(assoc))
 
     def _on_rejected(self, event: evt.Event) -> None:
         assoc = event.assoc
@@ -164,6 +171,9 @@ class DimseServer:
             called_ae=assoc.acceptor.ae_title,
             peer=_peer(assoc),
         )
+        if self._audit is not None:
+            self._audit.association_rejected(calling_ae=assoc.requestor.ae_title, called_ae=assoc.acceptor.ae_title,
+                                             peer=_peer(assoc))
 
     def _on_closed(self, event: evt.Event, state: AssociationState) -> None:
         with self._lock:
@@ -173,6 +183,9 @@ class DimseServer:
         self._metrics.association(str(state))
         self._index.association_closed(assoc_id, state)
         self._log.info("association_closed", assoc_id=assoc_id, state=str(state))
+        assoc = event.assoc
+        audit_association_closed(self._audit, self._index.engine, assoc_id, calling_ae=assoc.requestor.ae_title,
+                                 called_ae=assoc.acceptor.ae_title, peer=_peer(assoc), state=str(state))
         if state is AssociationState.RELEASED and self._on_released is not None:
             self._on_released()  # lets completion judge the series now instead of at the next sweep
 

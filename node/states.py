@@ -36,3 +36,11 @@ class DeliveryState(StrEnum):
 # The Manufacturer the node writes into every object it makes (SR, SEG, KOS): routing recognises its own output
 # by it and never processes it again.
 NODE_MANUFACTURER = "pacs-ai-node"
+
+
+class AuthFailure(StrEnum):
+    """Why an HTTP request was refused 401 (node.auth): metric label, log and audit text; never the value shown."""
+
+    MISSING = "missing"            # no Authorization header (nor a form token)
+    WRONG_SCHEME = "wrong_scheme"  # an Authorization header that is not Bearer
+    MISMATCH = "mismatch"          # a token that is not the node's
