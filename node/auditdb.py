@@ -47,7 +47,8 @@ def received_studies(engine: Engine, association_id: str) -> list[StudySummary]:
 def delivered_studies(engine: Engine, series_uid: str, version: int, destination: str) -> tuple[list[StudySummary], int]:
     """The studies (with SOP class counts and patients) of the result objects one delivery sent, and the number of
     files it sent. Each file's header is read (never its pixel data)."""
-    from node.dispatch import deliveries  # here: node.dispatch imports node.dimse (via the senders), which imports us
+    # Imported here: node.dispatch imports node.dimse (through the senders), which imports this module.
+    from node.dispatch import deliveries
 
     d = deliveries.c
     with reading(engine, "audit summary") as conn:
