@@ -64,6 +64,12 @@ def _peer(assoc: Association) -> str:
     return f"{assoc.requestor.address}:{assoc.requestor.port}"
 
 
+def _called(assoc: Association) -> str:
+    """The called AE title the peer asked for (``acceptor.ae_title`` is always ours, even on a rejection)."""
+    request = getattr(assoc.requestor, "primitive", None)
+    return str(getattr(request, "called_ae_title", None) or assoc.acceptor.ae_title)
+
+
 class DimseServer:
     """The node's Storage/Verification SCP; ``start()`` returns once it listens."""
 
@@ -172,7 +178,7 @@ class DimseServer:
             peer=_peer(assoc),
         )
         if self._audit is not None:
-            self._audit.association_rejected(calling_ae=assoc.requestor.ae_title, called_ae=assoc.acceptor.ae_title,
+            self._audit.association_rejected(calling_ae=assoc.requestor.ae_title, called_ae=_called(assoc),
                                              peer=_peer(assoc))
 
     def _on_closed(self, event: evt.Event, state: AssociationState) -> None:
