@@ -2,7 +2,7 @@
 shipped models and a DICOMweb token), echoscu tries a wrong called AE, a QIDO-RS query comes without and then with
 the token, the results go to Orthanc — and ``pacsnode audit --since`` must show that run's association start/stop,
 the rejected association, the study received (with its counts and patient ID), the failed and the good query and
-the export to Orthanc, while the node's own log never carries the patient ID."""
+the export to Orthanc and a config reload, while the node's own log never carries the patient ID."""
 
 from __future__ import annotations
 
@@ -63,6 +63,8 @@ def test_a_full_run_is_in_the_audit_trail(start_node, orthanc_factory, tmp_path)
     assert qido(node.http_port, series.study_uid, None) == (401, 'Bearer realm="pacsnode"')
     status, found = qido(node.http_port, series.study_uid, TOKEN)
     assert status == 200 and len(found) == 1
+    subprocess.run([sys.executable, "-m", "node.cli", "config", "reload", "--config", str(node.config_path)],
+                   cwd=REPO, check=True, capture_output=True, timeout=60)
 
     wait_until(lambda: (results_by_study(orthanc).get(series.study_uid) or {}).get("SEG"), 120,
                "SR and SEG at Orthanc", diagnostics=lambda: node.log_text()[-3000:])
@@ -100,6 +102,10 @@ def test_a_full_run_is_in_the_audit_trail(start_node, orthanc_factory, tmp_path)
     assert query["ActiveParticipant"][0]["UserID"] == "dicomweb-token"
     assert {"type": "NumberOfMatches", "value": "1"} in \
         query["ParticipantObjectIdentification"][0]["ParticipantObjectDetail"]
+    # the reload (SIGHUP through `pacsnode config reload`)
+    (reloaded,) = by_event["config_reloaded"]
+    assert reloaded["ParticipantObjectIdentification"][0]["ParticipantObjectID"] == str(node.config_path)
+    assert reloaded["EventIdentification"]["EventTypeCode"][0]["csd-code"] == "110131"
     # the results: SR and SEG to Orthanc, for that study and patient
     (export,) = exported
     assert export["ActiveParticipant"][1]["UserID"] == orthanc.aet
