@@ -27,7 +27,6 @@ Every answer forbids framing and scripts (Content-Security-Policy) and caching.
 from __future__ import annotations
 
 import datetime as dt
-import hmac
 import json
 import threading
 import time
@@ -46,6 +45,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from node.auth import Authenticator, bearer, token_matches
 from node.config import NodeConfig
 from node.db import reading
 from node.dispatch import Dispatcher, deliveries
@@ -55,7 +55,7 @@ from node.logs import get_logger
 from node.queue import JobQueue, jobs
 from node.reachability import destination_report
 from node.retention import Retention, disk_usage
-from node.states import DeliveryState, JobState
+from node.states import AuthFailure, DeliveryState, JobState
 
 RECENT_SERIES = 50  # rows in "recent series"
 DEAD_LETTERS_SHOWN = 100  # rows per dead-letter table (the total is shown too)
@@ -149,10 +149,12 @@ class _Selection:
 
 class _Admin:
     def __init__(self, config_getter: Callable[[], NodeConfig], engine: Engine, token: str | None,
-                 dispatcher: Dispatcher, queue: JobQueue, index: Index, clock: Callable[[], float]) -> None:
+                 dispatcher: Dispatcher, queue: JobQueue, index: Index, clock: Callable[[], float],
+                 authenticator: Authenticator | None = None) -> None:
         self.config_getter = config_getter
         self.engine = engine
         self.token = token
+        self.auth = authenticator or Authenticator(token)  # counts, logs and audits failures (node.auth)
         self.dispatcher = dispatcher
         self.queue = queue
         self.index = index
@@ -289,14 +291,15 @@ class _Admin:
     async def retry(self, request: Request) -> Response:
         """Replay dead letters. 303 back to the page (form) or 200 JSON (bearer); 400 bad ids, 401 no or wrong
         token, 403 actions off (no token configured), 413 body too large, 415 not a urlencoded form."""
-        api = _bearer(request) is not None
+        api = bearer(request) is not None
         client = request.client.host if request.client else None
         try:
             if self.token is None:
                 raise _Refused(403, "actions are off: this node has no [node] dicomweb_token")
             form = await _read_form(request)
-            if not self._authorized(request, form):
-                self.log.warning("admin_unauthorized", client=client)
+            failure = self._authorized(request, form)
+            if failure is not None:
+                self.auth.failed(request, "admin", failure)
                 raise _Refused(401, "a valid token is required")
             selection = _selection(form)
         except _Refused as refused:
@@ -316,15 +319,17 @@ class _Admin:
         return RedirectResponse(f"{base}/?deliveries_retried={n_deliveries}&jobs_retried={n_jobs}#dead-letters",
                                 status_code=303, headers=SECURITY_HEADERS)
 
-    def _authorized(self, request: Request, form: dict[str, list[str]]) -> bool:
+    def _authorized(self, request: Request, form: dict[str, list[str]]) -> AuthFailure | None:
+        """None when the bearer header or the form's token is the node's, else why not."""
         assert self.token is not None
-        expected = self.token.encode()
-        presented = _bearer(request)
+        presented = bearer(request)
         if presented is not None:
-            return hmac.compare_digest(presented.encode(), expected)
+            return None if token_matches(presented, self.token) else AuthFailure.MISMATCH
         # Not a bearer client: a browser, which may carry a proxy's Basic credentials; the form's token decides.
         values = form.get("token", [])
-        return len(values) == 1 and hmac.compare_digest(values[0].strip().encode(), expected)
+        if not values or not values[0].strip():
+            return AuthFailure.MISSING
+        return None if len(values) == 1 and token_matches(values[0].strip(), self.token) else AuthFailure.MISMATCH
 
     def _replay(self, selection: _Selection) -> tuple[int, int]:
         """Call the stages' own retry; never with an empty id list (`JobQueue.retry` reads that as "all")."""
@@ -352,12 +357,6 @@ class _Admin:
         html = _templates.get_template("admin_refused.html").render(
             status=refused.status, reason=refused.reason, base=request.scope.get("root_path", ""))
         return HTMLResponse(html, status_code=refused.status, headers=headers)
-
-
-def _bearer(request: Request) -> str | None:
-    """The token of an ``Authorization: Bearer`` header (None for no header or another scheme)."""
-    scheme, _, presented = request.headers.get("authorization", "").partition(" ")
-    return presented.strip() if scheme.lower() == "bearer" else None
 
 
 def _refresh(value: str | None) -> int | None:
@@ -432,12 +431,14 @@ def admin_routes(
     queue: JobQueue,
     index: Index,
     clock: Callable[[], float] = time.time,
+    authenticator: Authenticator | None = None,
 ) -> list[BaseRoute]:
     """The admin page's routes, to mount at ``/admin`` (``Mount("/admin", routes=admin_routes(...))``).
 
     ``config_getter`` returns the running config at each request (so a hot reload shows); ``token`` is the node's
     ``[node] dicomweb_token`` (None: read-only page, actions refused with 403). ``dispatcher``, ``queue`` and
-    ``index`` are the node's own, so a retry wakes its dispatcher at once. Raises TypeError/ValueError for a bad
+    ``index`` are the node's own, so a retry wakes its dispatcher at once. ``authenticator`` (the node's
+    `node.auth.Authenticator`) counts, logs and audits a wrong token. Raises TypeError/ValueError for a bad
     argument (an empty token, a getter that is not callable).
     """
     if not callable(config_getter):
@@ -450,7 +451,8 @@ def admin_routes(
                               ("index", index, Index)):
         if not isinstance(value, kind):
             raise TypeError(f"{name} must be a {kind.__name__}, not {type(value).__name__}")
-    admin = _Admin(config_getter, engine, token.strip() if token else None, dispatcher, queue, index, clock)
+    admin = _Admin(config_getter, engine, token.strip() if token else None, dispatcher, queue, index, clock,
+                   authenticator)
     return [
         Route("/", admin.page, methods=["GET"], name="admin_page"),
         Route("/retry", admin.retry, methods=["POST"], name="admin_retry"),

@@ -1,6 +1,6 @@
 """The `pacsnode` command: parses the node's arguments and wires the stages together (entry point `main`).
 
-Subcommands: ``serve``, ``config check|reload``, ``echo``, ``send``, ``status``, ``purge``, ``retry``; ``demo`` and the
+Subcommands: ``serve``, ``config check|reload``, ``audit``, ``echo``, ``send``, ``status``, ``purge``, ``retry``; ``demo`` and the
 training side's (``phantom``, ``train``, ``evaluate`` ...) come from the ``pacsnode.commands`` entry points when their
 packages and extras are installed. Exit codes: 0 success, 1 operation failed, 2 bad usage/config,
 70 ``serve`` stopped because a supervised loop kept dying (let the process supervisor restart it).
@@ -47,7 +47,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         scheme = "https" if config.tls.https else "http"
         print(
             f"pacsnode listening: {dimse}, "
-            f"HTTP {scheme}://{host}:{service.http.port} (/dicomweb, /healthz, /readyz, /metrics); "
+            f"HTTP {scheme}://{config.node.http_host}:{service.http.port} (/dicomweb, /healthz, /readyz, /metrics); "
             f"data in {config.node.data_dir}; Ctrl-C to stop",
             flush=True,
         )
@@ -56,12 +56,39 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
+    """Print the effective config; warn on stderr about an open, plaintext setup (exit 1 with ``--strict``)."""
+    from node.auth import open_setup_warnings
     from node.tls import check_config
 
     config = _load(args)
     check_config(config)  # certificates and keys load (ConfigError naming the key otherwise)
     print(json.dumps(config.redacted(), indent=2))
-    print(f"config OK: {config.source}", file=sys.stderr)
+    warnings = open_setup_warnings(config)
+    for warning in warnings:
+        print(f"pacsnode: warning: {warning}", file=sys.stderr)
+    print(f"config OK: {config.source}" + (f" ({len(warnings)} warnings)" if warnings else ""), file=sys.stderr)
+    return 1 if warnings and args.strict else 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """Print the audit records since ``--since`` (one line each, or the records as JSON lines)."""
+    from node.audit import AuditTrail, parse_since, read_records, summary_line
+
+    config = _load(args)
+    try:
+        since = parse_since(args.since) if args.since else None
+    except ValueError:
+        print(f"pacsnode: --since {args.since!r}: expected 90s, 15m, 1h, 2d or an ISO date/time", file=sys.stderr)
+        return 2
+    path = AuditTrail.file_for(config.audit, config.node.data_dir)
+    n = 0
+    for record in read_records(path, since):
+        if args.event and record.get("event") not in args.event:
+            continue
+        print(json.dumps(record, ensure_ascii=False) if args.json else summary_line(record))
+        n += 1
+    if not args.json:
+        print(f"{n} records from {path}", file=sys.stderr)
     return 0
 
 
@@ -247,9 +274,16 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="inspect the configuration")
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     check = with_config(config_sub.add_parser("check", help="validate and print the effective config"))
+    check.add_argument("--strict", action="store_true", help="exit 1 when there are warnings (open or plaintext)")
     check.set_defaults(func=cmd_config_check)
     reload = with_config(config_sub.add_parser("reload", help="validate, then make the running node reload"))
     reload.set_defaults(func=cmd_config_reload)
+
+    audit = with_config(sub.add_parser("audit", help="print the audit trail (who sent, queried, exported what)"))
+    audit.add_argument("--since", help="90s, 15m, 1h, 2d, or an ISO date/time such as 2026-12-03T10:00 (UTC)")
+    audit.add_argument("--event", action="append", help="only these events (instances_received, query, exported, ...)")
+    audit.add_argument("--json", action="store_true", help="the records themselves, one JSON object per line")
+    audit.set_defaults(func=cmd_audit)
 
     echo = sub.add_parser("echo", help="C-ECHO a DICOM peer")
     echo.add_argument("host")

@@ -6,6 +6,7 @@ the environment or the disk unless asked to; the object is passed explicitly to 
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -68,11 +69,14 @@ class _Frozen(BaseModel):
 
 class NodeSection(_Frozen):
     ae_title: AETitle = "PACSNODE"
-    host: str = "0.0.0.0"
+    host: str = "0.0.0.0"  # DIMSE listen address
     port: Port = 11112
     allowed_calling_aes: tuple[AETitle, ...] = ()
     data_dir: Path = Path("var")
     http_port: Port = 8080
+    # HTTP listen address (DICOMweb, /admin, /metrics): loopback unless the HTTP side authenticates (see below).
+    http_host: str = "127.0.0.1"
+    metrics_require_token: bool = False  # /metrics answers 401 without the dicomweb_token when true
     max_associations: Annotated[int, Field(ge=1, le=1000)] = 32
     network_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
     # Hostile-peer bounds (node.guard). A connection must complete association negotiation within this (ARTIM).
@@ -93,6 +97,28 @@ class NodeSection(_Frozen):
     @property
     def spool_dir(self) -> Path:
         return self.data_dir / "spool"
+
+    def http_authenticates(self) -> bool:
+        """Whether HTTP clients must show the DICOMweb token (see `NodeConfig.http_authenticates` for certificates)."""
+        return self.dicomweb_token is not None
+
+    @model_validator(mode="after")
+    def _token_settings(self) -> NodeSection:
+        if self.metrics_require_token and self.dicomweb_token is None:
+            raise ValueError("metrics_require_token = true needs node.dicomweb_token")
+        if self.dicomweb_token is not None and not self.dicomweb_token.get_secret_value().strip():
+            raise ValueError("dicomweb_token must not be empty")
+        return self
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listen address is reachable only from this machine ("localhost", 127.0.0.0/8, ::1)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False  # wildcards ("", "0.0.0.0", "::") and names other than localhost may be reachable
 
 
 class CompletionMode(StrEnum):
@@ -296,6 +322,25 @@ class ReachabilitySection(_Frozen):
     timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 10.0
 
 
+class SyslogProtocol(StrEnum):
+    UDP = "udp"  # RFC 5426: one message per datagram
+    TCP = "tcp"  # RFC 6587 octet counting
+
+
+class AuditSection(_Frozen):
+    """The audit trail (`node.audit`): IHE ATNA-style records, JSON lines in their own file, optionally syslog."""
+
+    enabled: bool = True
+    path: Path | None = None  # None: <data_dir>/audit/audit.jsonl
+    rotate_bytes: Annotated[int, Field(ge=0)] = 64 << 20  # 0: never by size
+    rotate_daily: bool = True  # start a new file on the first record of each UTC day
+    syslog_host: str | None = None  # RFC 5424 copy of each record
+    syslog_port: Port = 514
+    syslog_protocol: SyslogProtocol = SyslogProtocol.UDP
+    syslog_facility: Annotated[int, Field(ge=0, le=23)] = 10  # 10 = authpriv (security/authorization)
+    site_id: Annotated[str, Field(max_length=64)] = ""  # AuditEnterpriseSiteID (e.g. the hospital's name)
+
+
 class DatabaseSection(_Frozen):
     url: str = ""  # empty: SQLite under data_dir
 
@@ -390,6 +435,7 @@ class NodeConfig(_Frozen):
     retention: RetentionSection = RetentionSection()
     supervise: SuperviseSection = SuperviseSection()
     reachability: ReachabilitySection = ReachabilitySection()
+    audit: AuditSection = AuditSection()
     destinations: tuple[Destination, ...] = ()
     routes: tuple[Route, ...] = DEFAULT_ROUTES
     tls: TlsSection = TlsSection()
@@ -409,6 +455,24 @@ class NodeConfig(_Frozen):
             self.node.http_port, self.node.port if self.tls.plaintext_dimse else None
         ):
             raise ValueError(f"tls.dimse_port {self.tls.dimse_port} is already [node] port or http_port")
+        return self
+
+    def http_authenticates(self) -> bool:
+        """Whether HTTP clients must prove who they are: the DICOMweb token is set, or HTTPS requires client
+        certificates signed by ``[tls] ca_file``."""
+        certificates = self.tls.https and self.tls.client_certificates is ClientCertificates.REQUIRED
+        return self.node.http_authenticates() or certificates
+
+    @model_validator(mode="after")
+    def _secure_http_bind(self) -> NodeConfig:
+        # Secure by default: an HTTP bind reachable from other machines needs authentication; refused, never
+        # silently narrowed to loopback (the admin asked for the address and must learn why it cannot be had).
+        if not is_loopback(self.node.http_host) and not self.http_authenticates():
+            raise ValueError(
+                f"node.http_host = {self.node.http_host!r} is reachable from other machines but neither "
+                "node.dicomweb_token nor HTTPS with tls.client_certificates = 'required' is set; set "
+                "node.dicomweb_token (env PACSNODE_NODE__DICOMWEB_TOKEN) or bind node.http_host to 127.0.0.1"
+            )
         return self
 
     @property

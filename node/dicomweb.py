@@ -21,7 +21,6 @@ answered) so completion can judge a series sent in one request as it does one se
 from __future__ import annotations
 
 import contextlib
-import hmac
 import io
 import json
 import tempfile
@@ -44,6 +43,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from node.audit import AuditTrail, Outcome
+from node.auditdb import audit_received
+from node.auth import Authenticator, client_host
 from node.config import NodeConfig
 from node.errors import IndexError_, InvalidDatasetError, ReceiveError
 from node.http import HealthProbe
@@ -265,9 +267,11 @@ class _DicomWeb:
         token: str | None,
         on_released: Callable[[], None] | None,
         max_request_bytes: int | None,
+        authenticator: Authenticator | None = None,
+        audit: AuditTrail | None = None,
     ) -> None:
-        if token is not None and not token.strip():
-            raise ValueError("token must be a non-empty string or None (no authentication)")
+        self.auth = authenticator or Authenticator(token, metrics=metrics, audit=audit)  # ValueError: empty token
+        self.audit = audit
         if max_request_bytes is not None and max_request_bytes < 1:
             raise ValueError(f"max_request_bytes must be >= 1 or None, not {max_request_bytes}")
         self.config = config
@@ -282,20 +286,10 @@ class _DicomWeb:
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self.log = get_logger(component="dicomweb")
 
-    # -- auth -------------------------------------------------------------------------------------------------
+    # -- auth (node.auth) -----------------------------------------------------------------------------------
     def _unauthorized(self, request: Request) -> Response | None:
-        """None when the request may proceed, else the 401 answer."""
-        if self.token is None:
-            return None
-        scheme, _, presented = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(presented.strip().encode(), self.token.encode()):
-            return None
-        self.log.warning("http_unauthorized", path=request.url.path, client=_client(request))
-        return JSONResponse(
-            {"error": "a valid bearer token is required"},
-            status_code=401,
-            headers={"WWW-Authenticate": 'Bearer realm="pacsnode"'},
-        )
+        """None when the request may proceed, else the 401 answer (counted, logged, audited)."""
+        return self.auth.check(request, "dicomweb")
 
     # -- STOW-RS ----------------------------------------------------------------------------------------------
     async def stow(self, request: Request) -> Response:
@@ -368,6 +362,8 @@ class _DicomWeb:
         finally:
             with contextlib.suppress(IndexError_):  # bookkeeping only; the instances' rows are already committed
                 self.index.association_closed(request_id, state)
+            audit_received(self.audit, self.index.engine, request_id, source_user=self.auth.user, peer=client,
+                           context={"request_id": request_id, "front_door": "STOW-RS"})
             if state is AssociationState.RELEASED and self.on_released is not None:
                 try:
                     self.on_released()  # lets completion judge the series now instead of at the next sweep
@@ -421,8 +417,9 @@ class _DicomWeb:
         try:
             query = Query(request.query_params, STUDY_KEYS)
         except ValueError as exc:
+            self._audit_query(request, None, Outcome.MINOR_FAILURE)
             return JSONResponse({"error": str(exc)}, status_code=400)
-        return await self._answer(query, lambda q: find_studies(self.index.engine, q))
+        return await self._answer(request, query, lambda q: find_studies(self.index.engine, q))
 
     async def search_series(self, request: Request) -> Response:
         denied = self._unauthorized(request)
@@ -432,20 +429,28 @@ class _DicomWeb:
             study = check_uid(request.path_params["study"], "StudyInstanceUID")
             query = Query(request.query_params, SERIES_KEYS)
         except (ReceiveError, ValueError) as exc:
+            self._audit_query(request, None, Outcome.MINOR_FAILURE)
             return JSONResponse({"error": str(exc)}, status_code=400)
-        return await self._answer(query, lambda q: find_series(self.index.engine, study, q))
+        return await self._answer(request, query, lambda q: find_series(self.index.engine, study, q))
 
-    async def _answer(self, query: Query, find: Callable[[Query], list[Dataset]]) -> Response:
+    async def _answer(self, request: Request, query: Query, find: Callable[[Query], list[Dataset]]) -> Response:
         try:
             found = await run_in_threadpool(find, query)
         except SQLAlchemyError as exc:
             self.log.error("qido_index_unavailable", error=type(exc).__name__)
+            self._audit_query(request, None, Outcome.SERIOUS_FAILURE)
             return JSONResponse({"error": "the index database is unavailable"}, status_code=503)
+        self._audit_query(request, len(found), Outcome.SUCCESS)
         headers = {}
         if query.ignored:
             headers["Warning"] = f'299 pacsnode "query keys not supported, ignored: {", ".join(sorted(query.ignored))}"'
         body = json.dumps([ds.to_json_dict() for ds in found])
         return Response(body, media_type=DICOM_JSON, headers=headers)
+
+    def _audit_query(self, request: Request, matches: int | None, outcome: int) -> None:
+        if self.audit is not None:
+            self.audit.query(user=self.auth.user, peer=client_host(request), path=request.url.path,
+                             query_string=request.url.query, matches=matches, outcome=outcome)
 
     # -- health and metrics -----------------------------------------------------------------------------------
     async def healthz(self, request: Request) -> Response:
@@ -459,6 +464,10 @@ class _DicomWeb:
         return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 
     async def metrics_endpoint(self, request: Request) -> Response:
+        if self.config.node.metrics_require_token:
+            denied = self.auth.check(request, "metrics")
+            if denied is not None:
+                return denied
         body, content_type = await run_in_threadpool(self.metrics.render)
         return Response(body, headers={"Content-Type": content_type})
 
@@ -500,12 +509,17 @@ def create_app(
     token: str | None,
     on_released: Callable[[], None] | None = None,
     max_request_bytes: int | None = None,
+    authenticator: Authenticator | None = None,
+    audit: AuditTrail | None = None,
 ) -> Starlette:
     """The node's HTTP app. ``token``: bearer token required for ``/dicomweb/*`` (None: open).
     ``on_released``: called after each STOW request that was processed (e.g. the completion sweeper's nudge).
-    ``max_request_bytes``: STOW bodies over this are refused with 413 (None: no limit). Raises ValueError for
-    an empty token or a limit < 1."""
-    web = _DicomWeb(config, ingestor, index, health, metrics, token, on_released, max_request_bytes)
+    ``max_request_bytes``: STOW bodies over this are refused with 413 (None: no limit). ``authenticator``: the
+    node's one `node.auth.Authenticator` (default: one for ``token``); it also guards ``/metrics`` when ``[node]
+    metrics_require_token``. ``audit``: STOW-RS receipts and QIDO-RS queries go to this trail. Raises ValueError
+    for an empty token or a limit < 1."""
+    web = _DicomWeb(config, ingestor, index, health, metrics, token, on_released, max_request_bytes,
+                    authenticator, audit)
     routes = [
         Route("/dicomweb/studies", web.stow, methods=["POST"]),
         Route("/dicomweb/studies/{study}", web.stow, methods=["POST"]),

@@ -27,6 +27,8 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import StorageCommitmentPushModel, Verification  # type: ignore[attr-defined]
 
+from node.audit import AuditTrail
+from node.auditdb import audit_association_closed
 from node.config import NodeConfig
 from node.errors import ReceiveError, StoreStatus
 from node.guard import (
@@ -66,6 +68,12 @@ def _peer(assoc: Association) -> str:
     return f"{assoc.requestor.address}:{assoc.requestor.port}"
 
 
+def _called(assoc: Association) -> str:
+    """The called AE title the peer asked for (``acceptor.ae_title`` is always ours, even on a rejection)."""
+    request = getattr(assoc.requestor, "primitive", None)
+    return str(getattr(request, "called_ae_title", None) or assoc.acceptor.ae_title)
+
+
 class DimseServer:
     """The node's Storage/Verification SCP; ``start()`` returns once it listens."""
 
@@ -77,9 +85,11 @@ class DimseServer:
         on_released: Callable[[], None] | None = None,
         metrics: Metrics | None = None,
         on_commitment_report: Callable[[evt.Event], tuple[int, Any]] | None = None,
+        audit: AuditTrail | None = None,
     ) -> None:
         self._on_commitment_report = on_commitment_report  # node.commitment: the PACS's N-EVENT-REPORT
         self._config = config
+        self._audit = audit  # association start/stop and what each stored (node.audit); None: no audit
         self._metrics = metrics or Metrics()
         self._on_released = on_released
         self._ingestor = ingestor
@@ -191,6 +201,9 @@ class DimseServer:
         self._metrics.association("accepted")
         self._index.association_opened(assoc_id, calling, assoc.acceptor.ae_title, _peer(assoc))
         self._log.info("association_accepted", assoc_id=assoc_id, calling_ae=calling, peer=_peer(assoc))
+        if self._audit is not None:
+            self._audit.association_started(assoc_id=assoc_id, calling_ae=calling, called_ae=assoc.acceptor.ae_title,
+                                            peer=_peer(assoc))
 
     def _on_rejected(self, event: evt.Event) -> None:
         assoc = event.assoc
@@ -201,6 +214,9 @@ class DimseServer:
             called_ae=assoc.acceptor.ae_title,
             peer=_peer(assoc),
         )
+        if self._audit is not None:
+            self._audit.association_rejected(calling_ae=assoc.requestor.ae_title, called_ae=_called(assoc),
+                                             peer=_peer(assoc))
 
     def _on_closed(self, event: evt.Event, state: AssociationState) -> None:
         with self._lock:
@@ -210,6 +226,9 @@ class DimseServer:
         self._metrics.association(str(state))
         self._index.association_closed(assoc_id, state)
         self._log.info("association_closed", assoc_id=assoc_id, state=str(state))
+        assoc = event.assoc
+        audit_association_closed(self._audit, self._index.engine, assoc_id, calling_ae=assoc.requestor.ae_title,
+                                 called_ae=assoc.acceptor.ae_title, peer=_peer(assoc), state=str(state))
         if state is AssociationState.RELEASED and self._on_released is not None:
             self._on_released()  # lets completion judge the series now instead of at the next sweep
 

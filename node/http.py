@@ -127,7 +127,7 @@ class _UvicornServer(uvicorn.Server):
 
 
 class HttpServer:
-    """Runs ``app`` with uvicorn in a background thread on ``[node] host:http_port``.
+    """Runs ``app`` with uvicorn in a background thread on ``[node] http_host:http_port``.
 
     `start()` binds the socket itself (so a port in use raises `OSError` here, not inside a thread) and returns
     once uvicorn serves; `port` is the bound port. `stop(timeout)` stops accepting, lets running requests finish
@@ -138,7 +138,7 @@ class HttpServer:
                  health: HealthProbe | None = None, heartbeats: Heartbeats | None = None) -> None:
         if graceful_seconds <= 0:
             raise ValueError(f"graceful_seconds must be > 0, not {graceful_seconds}")
-        self._host = config.node.host
+        self._host = config.node.http_host
         self._port = config.node.http_port
         self._app: Any = app if health is None else _Readiness(app, health)
         self._graceful = graceful_seconds

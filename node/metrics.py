@@ -28,6 +28,7 @@ INFERENCE_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 6
 END_TO_END_BUCKETS = (5.0, 10.0, 20.0, 30.0, 45.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, float("inf"))
 
 
+AUDIT_SINKS = frozenset({"file", "syslog"})
 JOB_OUTCOMES = frozenset({"result", "not_processed", "failed", "unreported"})
 
 
@@ -175,6 +176,14 @@ class Metrics:
             ["pipeline", "outcome"],
             registry=r,
         )
+        self._auth_failures = Counter(
+            "pacsnode_auth_failures", "HTTP requests refused 401, by surface (dicomweb, admin, metrics) and reason.",
+            ["surface", "reason"], registry=r,
+        )
+        self._audit_failures = Counter(
+            "pacsnode_audit_failures", "Audit records that could not be written, by sink (file, syslog).",
+            ["sink"], registry=r,
+        )
         self._gauges = _ScrapeTimeCollector(self._source_failed)
         r.register(self._gauges)
         # Registered after the gauges, so a scrape that hits a failing source already reports it.
@@ -249,6 +258,14 @@ class Metrics:
         self._end_to_end.observe(_seconds(seconds))
 
     observe_end_to_end = end_to_end
+
+    def auth_failure(self, surface: str, reason: str) -> None:
+        """One HTTP request refused 401; both labels come from closed sets (node.auth)."""
+        self._auth_failures.labels(surface, reason).inc()
+
+    def audit_failure(self, sink: str) -> None:
+        """One audit record lost by ``sink`` ("file" or "syslog")."""
+        self._audit_failures.labels(_check(sink, AUDIT_SINKS, "sink")).inc()
 
     # -- exposition -----------------------------------------------------------------------------------------
     def render(self) -> tuple[bytes, str]:

@@ -25,6 +25,9 @@ from types import FrameType
 from starlette.routing import Mount
 
 from node.admin import admin_routes
+from node.audit import AuditTrail
+from node.auditdb import audit_export
+from node.auth import Authenticator
 from node.commitment import Commitments
 from node.completion import CompletionSweeper
 from node.config import DestinationKind, NodeConfig, load_config
@@ -62,6 +65,8 @@ class Service:
         self.ingestor = Ingestor(self.spool, self.index)
         self.queue = JobQueue(self.engine, config.queue)
         self.metrics = Metrics()
+        self.audit = AuditTrail(config.audit, config.node.data_dir, ae_title=config.node.ae_title,
+                                on_failure=self.metrics.audit_failure)
         self.heartbeats = Heartbeats(stuck_after_periods=config.supervise.stuck_after_periods)
         self.supervisor = Supervisor(self.heartbeats, config.supervise, on_fatal=self._fatal)
         self.exit_code = 0
@@ -89,6 +94,7 @@ class Service:
         self.dimse = DimseServer(
             config, self.ingestor, self.index, on_released=self.sweeper.nudge, metrics=self.metrics,
             on_commitment_report=self.commitments.handle_report,
+            audit=self.audit,
         )
         self.retention = Retention(config, self.engine)
         self.retention_loop = RetentionLoop(self.retention, self.heartbeats)
@@ -100,16 +106,17 @@ class Service:
         models_ready = self.worker.ready.is_set if config.worker.enabled else (lambda: True)
         token = config.node.dicomweb_token.get_secret_value() if config.node.dicomweb_token else None
         health = HealthProbe(self.engine, config.node.spool_dir, models_ready, self.heartbeats)
+        auth = Authenticator(token, metrics=self.metrics, audit=self.audit)  # one check for every HTTP surface
         app = create_app(
             config, self.ingestor, self.index,
             health=health,
             metrics=self.metrics, token=token, on_released=self.sweeper.nudge,
-            max_request_bytes=config.node.stow_max_request_bytes,
+            max_request_bytes=config.node.stow_max_request_bytes, authenticator=auth, audit=self.audit,
         )
         # The status page reads the live config, so a hot reload shows; its actions need the DICOMweb token.
         app.router.routes.append(Mount("/admin", routes=admin_routes(
             lambda: self.config, self.engine, token=token, dispatcher=self.dispatcher, queue=self.queue,
-            index=self.index,
+            index=self.index, authenticator=auth,
         )))
         self.http = HttpServer(config, app, health=health, heartbeats=self.heartbeats)
         self._dimse_threads: list[threading.Thread] = []
@@ -123,6 +130,7 @@ class Service:
         "ae_title", "host", "port", "data_dir", "http_port", "max_associations", "dicomweb_token",
         "stow_max_request_bytes", "uid_root", "max_pdu_bytes", "max_instance_bytes", "max_inflated_bytes",
         "association_timeout_seconds",  # receive limits: both front doors take them at start, so one value holds
+        "http_host", "metrics_require_token",
     )
 
     def reload(self, path: Path | None = None) -> bool:
@@ -135,6 +143,7 @@ class Service:
                 new = load_config(source)
             except ConfigError as exc:
                 self.log.error("config_reload_refused", reason=str(exc))
+                self.audit.config_changed(source=str(source) if source else None, applied=False, reason=str(exc))
                 return False
             kept = [k for k in self.RESTART_ONLY if getattr(new.node, k) != getattr(self.config.node, k)]
             if new.database_url != self.config.database_url:
@@ -158,6 +167,8 @@ class Service:
                 "config_reloaded", source=str(source), allowed_calling_aes=list(new.node.allowed_calling_aes),
                 destinations=[d.name for d in new.destinations], needs_restart=kept,
             )
+            self.audit.config_changed(source=str(source) if source else None, applied=True,
+                                      reason="config reloaded", needs_restart=kept)
             return True
 
     def start(self) -> None:
@@ -178,6 +189,7 @@ class Service:
         self._start_dimse()
         self.heartbeats.register(DIMSE_LOOP, 1.0, alive=self._dimse_alive, restart=self._restart_dimse)
         self.pid_file.write_text(f"{os.getpid()}\n")
+        self.audit.application(started=True)
 
     def _start_dimse(self) -> None:
         """Start the DIMSE server and hook its acceptor loop up to the heartbeats: the new ``AcceptorServer@…``
@@ -215,13 +227,17 @@ class Service:
         self.worker.stop(timeout)
         self.dispatcher.stop(max(1.0, timeout - (time.monotonic() - t0)))
         self.commitments.stop()
+        self.audit.application(started=False)
         self.engine.dispose()
+        self.audit.close()
         with contextlib.suppress(FileNotFoundError):
             self.pid_file.unlink()
         self.log.info("node_stopped")
 
     def _on_delivered(self, series_uid: str, version: int, destination: str) -> None:
-        """A result set reached a destination: start its proof of delivery (node.commitment), then the metric."""
+        """A result set reached a destination: its 110106 Export audit record, its proof of delivery
+        (node.commitment), then the latency metric."""
+        audit_export(self.audit, self.engine, self.config, series_uid, version, destination)
         self.commitments.delivered(series_uid, version, destination)
         self._observe_end_to_end(series_uid, version, destination)
 

@@ -54,3 +54,11 @@ class ClientCertificates(StrEnum):
     REQUIRED = "required"  # no valid client certificate: the handshake fails
     OPTIONAL = "optional"  # asked for; one that is sent must verify, none is accepted too
     NONE = "none"          # not asked for
+
+
+class AuthFailure(StrEnum):
+    """Why an HTTP request was refused 401 (node.auth): metric label, log and audit text; never the value shown."""
+
+    MISSING = "missing"            # no Authorization header (nor a form token)
+    WRONG_SCHEME = "wrong_scheme"  # an Authorization header that is not Bearer
+    MISMATCH = "mismatch"          # a token that is not the node's

@@ -1,0 +1,479 @@
+"""The audit trail: who sent, queried, exported and reconfigured what, as IHE ATNA-style records (the DICOM
+PS3.15 A.5 audit message, written as JSON), appended to their own file and optionally sent to syslog (RFC 5424).
+
+`AuditTrail(settings, data_dir, ae_title=...)` appends one JSON object per line to ``[audit] path`` (default
+``<data_dir>/audit/audit.jsonl``), flushed per record under a lock (safe from any thread), rotated by size and by
+UTC day to ``audit-<UTC time>.jsonl`` beside it. Its event methods build the records:
+
+  ==========================  =========================================  ===========================================
+  method                      EventID (EventTypeCode)                    when
+  ==========================  =========================================  ===========================================
+  `application`               110100 Application Activity (start/stop)   node start and stop
+  `association_started` ...   110114 User Authentication (login/logout)  DIMSE association accepted, rejected, closed
+  `instances_received`        110104 DICOM Instances Transferred         per study, at association close / per STOW
+  `query`                     110112 Query                               each QIDO-RS request
+  `exported`                  110106 Export                              results delivered to a destination
+  `config_changed`            110113 Security Alert (110131 Software     config reload, applied or refused
+                              Configuration)
+  `auth_failed`               110114 User Authentication (login, 4)      HTTP request refused 401
+  ==========================  =========================================  ===========================================
+
+`emit` never raises: a failing write logs ``audit_write_failed`` and counts ``pacsnode_audit_failures``, and the
+data path goes on. This file and its syslog copy are the only places patient identifiers appear (the patient
+participant object, as ATNA requires); counts and UIDs are recorded, never pixel data. `read_records(path,
+since)` reads the file and its rotated predecessors back (``pacsnode audit``).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import datetime as dt
+import getpass
+import hashlib
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from node.config import AuditSection
+from node.logs import get_logger
+from node.syslog import Severity, SyslogSender, format_message
+
+DEFAULT_FILE = Path("audit") / "audit.jsonl"  # under data_dir
+PATIENT_ID_MAX = 64
+
+
+def code(value: str, system: str, text: str) -> dict[str, str]:
+    """A coded value as the DICOM audit schema spells it (csd-code, codeSystemName, originalText)."""
+    return {"csd-code": value, "codeSystemName": system, "originalText": text}
+
+
+class Ev:
+    """Event IDs and type codes (PS3.16 CID 400-403)."""
+
+    APPLICATION_ACTIVITY = code("110100", "DCM", "Application Activity")
+    INSTANCES_TRANSFERRED = code("110104", "DCM", "DICOM Instances Transferred")
+    EXPORT = code("110106", "DCM", "Export")
+    QUERY = code("110112", "DCM", "Query")
+    SECURITY_ALERT = code("110113", "DCM", "Security Alert")
+    USER_AUTHENTICATION = code("110114", "DCM", "User Authentication")
+    APPLICATION_START = code("110120", "DCM", "Application Start")
+    APPLICATION_STOP = code("110121", "DCM", "Application Stop")
+    LOGIN = code("110122", "DCM", "Login")
+    LOGOUT = code("110123", "DCM", "Logout")
+    SOFTWARE_CONFIGURATION = code("110131", "DCM", "Software Configuration")
+
+
+class Role:
+    APPLICATION = code("110150", "DCM", "Application")
+    LAUNCHER = code("110151", "DCM", "Application Launcher")
+    DESTINATION = code("110152", "DCM", "Destination Role ID")
+    SOURCE = code("110153", "DCM", "Source Role ID")
+
+
+STUDY_UID = code("110180", "DCM", "Study Instance UID")
+PATIENT_NUMBER = code("2", "RFC-3881", "Patient Number")
+URI = code("12", "RFC-3881", "URI")
+
+
+class Outcome:
+    SUCCESS = 0
+    MINOR_FAILURE = 4
+    SERIOUS_FAILURE = 8
+
+
+@dataclass
+class StudySummary:
+    """What one sender sent of one study: instance counts by SOP class, and the patient it belongs to."""
+
+    study_uid: str
+    counts: dict[str, int] = field(default_factory=dict)  # SOP class UID -> instances
+    patient_ids: set[str] = field(default_factory=set)
+
+    @property
+    def instances(self) -> int:
+        return sum(self.counts.values())
+
+
+def patient_id_of(path: str | Path) -> str | None:
+    """The PatientID of a stored Part 10 file (header only); None when absent or unreadable."""
+    from pydicom import dcmread
+
+    try:
+        ds = dcmread(str(path), stop_before_pixels=True, specific_tags=["PatientID"])
+        value = str(ds.get("PatientID", "") or "").strip()
+    except Exception:  # an unreadable file costs the audit record its patient object, nothing else
+        return None
+    return value[:PATIENT_ID_MAX] or None
+
+
+def _participant(user: str, *, role: dict[str, str], requestor: bool, address: str | None = None,
+                 alternative: str | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"UserID": user, "UserIsRequestor": requestor, "RoleIDCode": [role]}
+    if alternative:
+        out["AlternativeUserID"] = alternative
+    if address:
+        host = address.rsplit(":", 1)[0] if address.count(":") == 1 else address
+        out["NetworkAccessPointTypeCode"] = "2" if _is_ip(host) else "1"
+        out["NetworkAccessPointID"] = host
+    return out
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+    except OSError:
+        return False
+    return True
+
+
+def _study_objects(studies: Sequence[StudySummary]) -> list[dict[str, Any]]:
+    objects: list[dict[str, Any]] = []
+    patients: list[str] = []
+    for study in studies:
+        objects.append({
+            "ParticipantObjectTypeCode": "2", "ParticipantObjectTypeCodeRole": "3",
+            "ParticipantObjectIDTypeCode": STUDY_UID, "ParticipantObjectID": study.study_uid,
+            "ParticipantObjectDescription": {"SOPClass": [
+                {"UID": uid, "NumberOfInstances": n} for uid, n in sorted(study.counts.items())]},
+        })
+        patients += [p for p in sorted(study.patient_ids) if p not in patients]
+    for patient in patients:
+        objects.append({
+            "ParticipantObjectTypeCode": "1", "ParticipantObjectTypeCodeRole": "1",
+            "ParticipantObjectIDTypeCode": PATIENT_NUMBER, "ParticipantObjectID": patient,
+        })
+    return objects
+
+
+class AuditTrail:
+    """The node's audit writer. ``on_failure(sink)`` is told of each lost record (e.g. `Metrics.audit_failure`);
+    ``clock`` returns epoch seconds. With ``settings.enabled`` false every method is a no-op."""
+
+    def __init__(self, settings: AuditSection, data_dir: Path, *, ae_title: str,
+                 on_failure: Callable[[str], None] | None = None, clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.path = self.file_for(settings, data_dir)
+        self.ae_title = ae_title
+        self.hostname = socket.gethostname()
+        self._on_failure = on_failure
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._file: IO[str] | None = None
+        self._day: dt.date | None = None
+        self._log = get_logger(component="audit")
+        self._syslog: SyslogSender | None = None
+        if settings.enabled and settings.syslog_host:
+            self._syslog = SyslogSender(settings.syslog_host, settings.syslog_port, settings.syslog_protocol,
+                                        on_error=lambda reason: self._failed("syslog", reason))
+
+    @staticmethod
+    def file_for(settings: AuditSection, data_dir: Path) -> Path:
+        """The audit file: ``[audit] path`` (relative to ``data_dir``), default ``<data_dir>/audit/audit.jsonl``."""
+        path = settings.path or DEFAULT_FILE
+        return path if path.is_absolute() else Path(data_dir) / path
+
+    # -- writing ------------------------------------------------------------------------------------------------
+    def emit(self, event: str, ident: dict[str, Any], participants: list[dict[str, Any]],
+             objects: list[dict[str, Any]] | None = None, context: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """Build, append and (if configured) send one record; returns it (None when disabled). Never raises."""
+        if not self.settings.enabled:
+            return None
+        try:
+            now = dt.datetime.fromtimestamp(self._clock(), dt.UTC)
+            record: dict[str, Any] = {
+                "event": event,
+                "EventIdentification": {"EventDateTime": now.isoformat(timespec="microseconds"), **ident},
+                "ActiveParticipant": participants,
+                "AuditSourceIdentification": [{
+                    "AuditSourceID": f"{self.ae_title}@{self.hostname}",
+                    **({"AuditEnterpriseSiteID": self.settings.site_id} if self.settings.site_id else {}),
+                    "AuditSourceTypeCode": [code("4", "DCM", "Application Server")],
+                }],
+            }
+            if objects:
+                record["ParticipantObjectIdentification"] = objects
+            if context:
+                record["pacsnode"] = context  # ids that join the record to the node's log (no PHI)
+            line = json.dumps(record, ensure_ascii=False, separators=(",", ":"), default=str)
+        except Exception as exc:  # a bad value in a record must not reach the caller
+            self._failed("file", f"record not built: {type(exc).__name__}")
+            return None
+        self._write(line, now)
+        if self._syslog is not None:
+            outcome = int(ident.get("EventOutcomeIndicator", 0))
+            try:
+                self._syslog.send(format_message(
+                    line, facility=self.settings.syslog_facility,
+                    severity=Severity.NOTICE if outcome == 0 else Severity.WARNING, timestamp=now,
+                    hostname=self.hostname, msgid=event,
+                    params={"eventID": ident["EventID"]["csd-code"], "outcome": str(outcome)},
+                ))
+            except Exception as exc:
+                self._failed("syslog", type(exc).__name__)
+        return record
+
+    def _write(self, line: str, now: dt.datetime) -> None:
+        with self._lock:
+            try:
+                self._rotate_if_due(now, len(line) + 1)
+                if self._file is None:
+                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                    self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open between records
+                    self._day = _file_day(self.path) or now.date()
+                self._file.write(line + "\n")
+                self._file.flush()
+            except OSError as exc:
+                self._close_file()
+                self._failed("file", exc.strerror or type(exc).__name__)
+
+    def _rotate_if_due(self, now: dt.datetime, adding: int) -> None:
+        if not self.path.exists():
+            self._close_file()
+            return
+        size = self.path.stat().st_size
+        if size == 0:
+            return
+        day = self._day or _file_day(self.path)
+        by_size = self.settings.rotate_bytes and size + adding > self.settings.rotate_bytes
+        by_day = self.settings.rotate_daily and day is not None and day != now.date()
+        if not (by_size or by_day):
+            return
+        self._close_file()
+        stamp = now.strftime("%Y%m%dT%H%M%S%fZ")
+        target = self.path.with_name(f"{self.path.stem}-{stamp}{self.path.suffix}")
+        n = 0
+        while target.exists():
+            n += 1
+            target = self.path.with_name(f"{self.path.stem}-{stamp}-{n}{self.path.suffix}")
+        os.replace(self.path, target)
+
+    def _close_file(self) -> None:
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
+            self._day = None
+
+    def _failed(self, sink: str, reason: str) -> None:
+        self._log.error("audit_write_failed", sink=sink, reason=reason)
+        if self._on_failure is not None:
+            try:
+                self._on_failure(sink)
+            except Exception:
+                self._log.exception("audit_failure_counter_failed")
+
+    def emit_failed(self, sink: str, reason: str) -> None:
+        """A record that could not even be built (its inputs failed): logged and counted like a lost write."""
+        self._failed(sink, reason)
+
+    def close(self) -> None:
+        with self._lock:
+            self._close_file()
+        if self._syslog is not None:
+            self._syslog.close()
+
+    # -- the events -----------------------------------------------------------------------------------------------
+    def _node(self, role: dict[str, str], requestor: bool = False) -> dict[str, Any]:
+        return _participant(self.ae_title, role=role, requestor=requestor, alternative=str(os.getpid()))
+
+    def application(self, started: bool) -> None:
+        """110100 Application Activity: the node started or stopped."""
+        try:
+            launcher = getpass.getuser()
+        except Exception:  # no name for this uid (containers)
+            launcher = str(os.getuid())
+        self.emit(
+            "application_started" if started else "application_stopped",
+            {"EventID": Ev.APPLICATION_ACTIVITY, "EventActionCode": "E", "EventOutcomeIndicator": Outcome.SUCCESS,
+             "EventTypeCode": [Ev.APPLICATION_START if started else Ev.APPLICATION_STOP]},
+            [self._node(Role.APPLICATION), _participant(launcher, role=Role.LAUNCHER, requestor=True)],
+        )
+
+    def association_started(self, *, assoc_id: str, calling_ae: str, called_ae: str, peer: str) -> None:
+        """110114 User Authentication / Login: a DIMSE association was accepted (the AE is the user)."""
+        self._association("association_started", Ev.LOGIN, Outcome.SUCCESS, "association accepted",
+                          assoc_id, calling_ae, called_ae, peer)
+
+    def association_rejected(self, *, calling_ae: str, called_ae: str, peer: str) -> None:
+        """110114 User Authentication / Login, minor failure: an association was refused (AE not allowed)."""
+        self._association("association_rejected", Ev.LOGIN, Outcome.MINOR_FAILURE,
+                          "association rejected (calling or called AE title not accepted)", None, calling_ae,
+                          called_ae, peer)
+
+    def association_ended(self, *, assoc_id: str, calling_ae: str, called_ae: str, peer: str, state: str) -> None:
+        """110114 User Authentication / Logout: an association was released or aborted."""
+        self._association("association_ended", Ev.LOGOUT, Outcome.SUCCESS, f"association {state}",
+                          assoc_id, calling_ae, called_ae, peer)
+
+    def _association(self, event: str, kind: dict[str, str], outcome: int, text: str, assoc_id: str | None,
+                     calling_ae: str, called_ae: str, peer: str) -> None:
+        self.emit(
+            event,
+            {"EventID": Ev.USER_AUTHENTICATION, "EventActionCode": "E", "EventOutcomeIndicator": outcome,
+             "EventOutcomeDescription": text, "EventTypeCode": [kind]},
+            [_participant(calling_ae, role=Role.SOURCE, requestor=True, address=peer),
+             _participant(called_ae, role=Role.DESTINATION, requestor=False)],
+            context={"association_id": assoc_id} if assoc_id else None,
+        )
+
+    def instances_received(self, *, studies: Sequence[StudySummary], source_user: str, peer: str,
+                           context: dict[str, Any], outcome: int = Outcome.SUCCESS) -> None:
+        """110104 DICOM Instances Transferred (action C): one record per study a sender stored."""
+        for study in studies:
+            self.emit(
+                "instances_received",
+                {"EventID": Ev.INSTANCES_TRANSFERRED, "EventActionCode": "C", "EventOutcomeIndicator": outcome},
+                [_participant(source_user, role=Role.SOURCE, requestor=True, address=peer),
+                 self._node(Role.DESTINATION)],
+                _study_objects([study]),
+                context={**context, "instances": study.instances},
+            )
+
+    def query(self, *, user: str, peer: str, path: str, query_string: str, matches: int | None,
+              outcome: int) -> None:
+        """110112 Query (action E): a QIDO-RS request, its query string kept base64 as the schema asks."""
+        detail = [{"type": "QueryEncoding", "value": "UTF-8"}]
+        if matches is not None:
+            detail.append({"type": "NumberOfMatches", "value": str(matches)})
+        self.emit(
+            "query",
+            {"EventID": Ev.QUERY, "EventActionCode": "E", "EventOutcomeIndicator": outcome},
+            [_participant(user, role=Role.SOURCE, requestor=True, address=peer), self._node(Role.DESTINATION)],
+            [{"ParticipantObjectTypeCode": "2", "ParticipantObjectTypeCodeRole": "24",
+              "ParticipantObjectIDTypeCode": URI, "ParticipantObjectID": path[:256],
+              "ParticipantObjectQuery": base64.b64encode(query_string.encode("utf-8")).decode("ascii"),
+              "ParticipantObjectDetail": detail}],
+        )
+
+    def exported(self, *, destination: str, destination_user: str, destination_address: str | None,
+                 studies: Sequence[StudySummary], context: dict[str, Any]) -> None:
+        """110106 Export (action R): result objects delivered to a destination."""
+        self.emit(
+            "exported",
+            {"EventID": Ev.EXPORT, "EventActionCode": "R", "EventOutcomeIndicator": Outcome.SUCCESS},
+            [self._node(Role.SOURCE, requestor=True),
+             _participant(destination_user, role=Role.DESTINATION, requestor=False, address=destination_address,
+                          alternative=destination)],
+            _study_objects(studies),
+            context=context,
+        )
+
+    def config_changed(self, *, source: str | None, applied: bool, reason: str, needs_restart: Sequence[str] = ()) -> None:
+        """110113 Security Alert / Software Configuration: a config reload, applied (0) or refused (4)."""
+        detail = [{"type": "NeedsRestart", "value": ",".join(needs_restart)}] if needs_restart else []
+        digest = _sha256(source)
+        if digest:
+            detail.append({"type": "SHA256", "value": digest})
+        try:
+            user = getpass.getuser()
+        except Exception:
+            user = str(os.getuid())
+        self.emit(
+            "config_reloaded" if applied else "config_reload_refused",
+            {"EventID": Ev.SECURITY_ALERT, "EventActionCode": "E",
+             "EventOutcomeIndicator": Outcome.SUCCESS if applied else Outcome.MINOR_FAILURE,
+             "EventOutcomeDescription": reason[:500], "EventTypeCode": [Ev.SOFTWARE_CONFIGURATION]},
+            [self._node(Role.APPLICATION), _participant(user, role=Role.LAUNCHER, requestor=True)],
+            [{"ParticipantObjectTypeCode": "2", "ParticipantObjectTypeCodeRole": "13",
+              "ParticipantObjectIDTypeCode": URI, "ParticipantObjectID": source or "(unknown)",
+              "ParticipantObjectDetail": detail}],
+        )
+
+    def auth_failed(self, *, surface: str, reason: str, peer: str, path: str) -> None:
+        """110114 User Authentication / Login, minor failure: an HTTP request without the right token."""
+        self.emit(
+            "auth_failed",
+            {"EventID": Ev.USER_AUTHENTICATION, "EventActionCode": "E", "EventOutcomeIndicator": Outcome.MINOR_FAILURE,
+             "EventOutcomeDescription": f"{surface}: bearer token {reason}", "EventTypeCode": [Ev.LOGIN]},
+            [_participant("unknown", role=Role.SOURCE, requestor=True, address=peer), self._node(Role.DESTINATION)],
+            [{"ParticipantObjectTypeCode": "2", "ParticipantObjectTypeCodeRole": "13",
+              "ParticipantObjectIDTypeCode": URI, "ParticipantObjectID": path[:256]}],
+        )
+
+
+def _sha256(path: str | None) -> str | None:
+    if not path:
+        return None
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def _file_day(path: Path) -> dt.date | None:
+    try:
+        return dt.datetime.fromtimestamp(path.stat().st_mtime, dt.UTC).date()
+    except OSError:
+        return None
+
+
+# -- reading back ----------------------------------------------------------------------------------------------------
+def record_time(record: dict[str, Any]) -> dt.datetime | None:
+    try:
+        return dt.datetime.fromisoformat(record["EventIdentification"]["EventDateTime"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def audit_files(path: Path) -> list[Path]:
+    """The current audit file and its rotated predecessors, oldest first."""
+    rotated = sorted(path.parent.glob(f"{path.stem}-*{path.suffix}")) if path.parent.is_dir() else []
+    return [*rotated, *([path] if path.exists() else [])]
+
+
+def read_records(path: Path, since: dt.datetime | None = None) -> Iterator[dict[str, Any]]:
+    """Records at or after ``since`` (aware datetime), oldest first; lines that do not parse are skipped."""
+    for file in audit_files(path):
+        if since is not None and file != path:
+            mtime = dt.datetime.fromtimestamp(file.stat().st_mtime, dt.UTC)
+            if mtime < since:
+                continue  # last written before the window
+        with file.open(encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                when = record_time(record)
+                if since is None or (when is not None and when >= since):
+                    yield record
+
+
+def parse_since(text: str, now: dt.datetime | None = None) -> dt.datetime:
+    """``--since``: a span back from now (``90s``, ``15m``, ``1h``, ``2d``) or an ISO date/time (UTC unless it
+    says otherwise). Raises ValueError."""
+    now = now or dt.datetime.now(dt.UTC)
+    text = text.strip()
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text[-1:] in units and text[:-1].replace(".", "", 1).isdigit():
+        return now - dt.timedelta(seconds=float(text[:-1]) * units[text[-1]])
+    when = dt.datetime.fromisoformat(text)
+    return when if when.tzinfo is not None else when.replace(tzinfo=dt.UTC)
+
+
+def summary_line(record: dict[str, Any]) -> str:
+    """One human line per record for ``pacsnode audit``."""
+    ident = record.get("EventIdentification", {})
+    who = [f"{p.get('UserID')}@{p.get('NetworkAccessPointID')}" if p.get("NetworkAccessPointID") else p.get("UserID")
+           for p in record.get("ActiveParticipant", [])]
+    objects = [
+        f"{'patient' if o.get('ParticipantObjectTypeCode') == '1' else 'object'} {o.get('ParticipantObjectID')}"
+        + (f" ({sum(c.get('NumberOfInstances', 0) for c in o['ParticipantObjectDescription'].get('SOPClass', []))} instances)"
+           if "ParticipantObjectDescription" in o else "")
+        for o in record.get("ParticipantObjectIdentification", [])
+    ]
+    return (f"{ident.get('EventDateTime', '?')}  {record.get('event', '?'):<22} "
+            f"{ident.get('EventID', {}).get('csd-code', '?')} outcome={ident.get('EventOutcomeIndicator', '?')} "
+            f"{' -> '.join(str(w) for w in who)}"
+            + (f"  [{ident['EventOutcomeDescription']}]" if ident.get("EventOutcomeDescription") else "")
+            + (f"  {'; '.join(objects)}" if objects else ""))
+
+
+__all__ = ["AuditTrail", "StudySummary", "parse_since", "read_records"]

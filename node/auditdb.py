@@ -1,0 +1,138 @@
+"""What the audit trail reads from the node's tables: the studies an association or STOW request stored, and the
+objects a delivery sent — as `StudySummary` (instance counts by SOP class, the patient ID read from one stored
+file per study). Read after the fact, off the acknowledgement path; a failure yields no summary, never an error.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import sqlalchemy as sa
+from pydicom import dcmread
+from sqlalchemy.engine import Engine
+
+from node.audit import AuditTrail, StudySummary, patient_id_of
+from node.config import DestinationKind, NodeConfig
+from node.db import reading
+from node.index import instances
+from node.logs import get_logger
+
+log = get_logger(component="audit")
+
+
+def received_studies(engine: Engine, association_id: str) -> list[StudySummary]:
+    """The studies whose instances were last stored by ``association_id`` (an association or STOW request id)."""
+    i = instances.c
+    with reading(engine, "audit summary") as conn:
+        rows = list(conn.execute(
+            sa.select(i.study_uid, i.sop_class_uid, sa.func.count(), sa.func.min(i.path))
+            .where(i.association_id == association_id)
+            .group_by(i.study_uid, i.sop_class_uid)
+            .order_by(i.study_uid, i.sop_class_uid)
+        ))
+    studies: dict[str, StudySummary] = {}
+    for study_uid, sop_class_uid, n, path in rows:
+        study = studies.setdefault(study_uid, StudySummary(study_uid))
+        study.counts[sop_class_uid] = int(n)
+        if not study.patient_ids and path:
+            patient = patient_id_of(path)
+            if patient:
+                study.patient_ids.add(patient)
+    return list(studies.values())
+
+
+def delivered_studies(engine: Engine, series_uid: str, version: int, destination: str) -> tuple[list[StudySummary], int]:
+    """The studies (with SOP class counts and patients) of the result objects one delivery sent, and the number of
+    files it sent. Each file's header is read (never its pixel data)."""
+    # Imported here: node.dispatch imports node.dimse (through the senders), which imports this module.
+    from node.dispatch import deliveries
+
+    d = deliveries.c
+    with reading(engine, "audit summary") as conn:
+        row = conn.execute(
+            sa.select(d.files).where(d.series_uid == series_uid, d.version == version, d.destination == destination)
+        ).first()
+    if row is None:
+        return [], 0
+    files = [Path(p) for p in json.loads(row.files)]
+    studies: dict[str, StudySummary] = {}
+    for path in files:
+        try:
+            ds = dcmread(str(path), stop_before_pixels=True,
+                         specific_tags=["SOPClassUID", "StudyInstanceUID", "PatientID"])
+        except Exception:  # a result purged or unreadable: counted under an unknown study
+            unknown = studies.setdefault("", StudySummary(""))
+            unknown.counts["unknown"] = unknown.counts.get("unknown", 0) + 1
+            continue
+        study_uid = str(ds.get("StudyInstanceUID", ""))
+        study = studies.setdefault(study_uid, StudySummary(study_uid))
+        sop_class = str(ds.get("SOPClassUID", "unknown"))
+        study.counts[sop_class] = study.counts.get(sop_class, 0) + 1
+        patient = str(ds.get("PatientID", "") or "").strip()[:64]
+        if patient:
+            study.patient_ids.add(patient)
+    return list(studies.values()), len(files)
+
+
+
+
+def audit_received(audit: AuditTrail | None, engine: Engine, association_id: str, *, source_user: str, peer: str,
+                   context: dict[str, Any]) -> None:
+    """Write the 110104 records of what ``association_id`` stored (one per study); never raises."""
+    if audit is None or not audit.settings.enabled:
+        return
+    try:
+        studies = received_studies(engine, association_id)
+    except Exception:
+        log.exception("audit_summary_failed", association_id=association_id)
+        audit.emit_failed("file", "received studies not read")
+        return
+    audit.instances_received(studies=studies, source_user=source_user, peer=peer, context=context)
+
+
+def audit_association_closed(audit: AuditTrail | None, engine: Engine, association_id: str, *, calling_ae: str,
+                             called_ae: str, peer: str, state: str) -> None:
+    """At a DIMSE association's end: what it stored (110104 per study), then its logout (110114); never raises."""
+    if audit is None:
+        return
+    audit_received(audit, engine, association_id, source_user=calling_ae, peer=peer,
+                   context={"association_id": association_id, "called_ae": called_ae})
+    audit.association_ended(assoc_id=association_id, calling_ae=calling_ae, called_ae=called_ae, peer=peer,
+                            state=state)
+
+
+def audit_export(audit: AuditTrail | None, engine: Engine, config: NodeConfig, series_uid: str, version: int,
+                 destination: str) -> None:
+    """The 110106 record of one delivered result set (`Dispatcher`'s ``on_delivered``); never raises."""
+    if audit is None or not audit.settings.enabled:
+        return
+    try:
+        studies, files = delivered_studies(engine, series_uid, version, destination)
+    except Exception:
+        log.exception("audit_summary_failed", series_uid=series_uid, destination=destination)
+        audit.emit_failed("file", "delivered objects not read")
+        return
+    dest = next((d for d in config.destinations if d.name == destination), None)
+    address: str | None
+    if dest is not None and dest.kind is DestinationKind.DIMSE:
+        user, address = str(dest.ae_title), dest.host
+    elif dest is not None:
+        user, address = _strip_credentials(str(dest.url)), urlsplit(str(dest.url)).hostname
+    else:
+        user, address = destination, None
+    audit.exported(destination=destination, destination_user=user, destination_address=address, studies=studies,
+                   context={"series_uid": series_uid, "version": version, "objects": files})
+
+
+def _strip_credentials(url: str) -> str:
+    parts = urlsplit(url)
+    netloc = parts.hostname or ""
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+__all__ = ["audit_association_closed", "audit_export", "audit_received", "delivered_studies", "received_studies"]

@@ -1,0 +1,123 @@
+"""Who may use the HTTP side: one bearer-token check for STOW-RS/QIDO-RS, the /admin actions and /metrics, and
+the warnings `pacsnode config check` gives about an open, plaintext setup.
+
+`Authenticator(token, metrics=..., audit=...)`: `check(request, surface)` returns None when the request may
+proceed, else the 401 answer (``WWW-Authenticate: Bearer``); `failed(...)` records a failure found elsewhere (the
+admin form's token). Each failure is counted (``pacsnode_auth_failures``), logged as ``auth_failed`` without the
+presented value, and audited (DCM 110114 User Authentication). `token_matches` is the one constant-time comparison.
+`open_setup_warnings(config)` lists what a peer on the network could use: an HTTP bind beyond loopback without
+authentication, no calling-AE allow-list, no TLS, an open ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import TYPE_CHECKING
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from node.config import NodeConfig, is_loopback
+from node.logs import get_logger
+from node.states import AuthFailure
+
+if TYPE_CHECKING:
+    from node.audit import AuditTrail
+    from node.metrics import Metrics
+
+SURFACES = frozenset({"dicomweb", "admin", "metrics"})  # where a token is asked for (metric label, audit text)
+CHALLENGE = {"WWW-Authenticate": 'Bearer realm="pacsnode"'}
+TOKEN_USER = "dicomweb-token"  # the audit trail's user for a request that showed the node's token
+ANONYMOUS_USER = "anonymous"  # ... and for one on a node without a token
+
+
+def bearer(request: Request) -> str | None:
+    """The token of an ``Authorization: Bearer`` header (None for no header or another scheme)."""
+    scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+    return presented.strip() if scheme.lower() == "bearer" else None
+
+
+def token_matches(presented: str, token: str) -> bool:
+    """Constant-time comparison of a presented token with the configured one (any text; never raises)."""
+    return hmac.compare_digest(presented.encode("utf-8", "surrogateescape"), token.encode("utf-8"))
+
+
+def client_host(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+class Authenticator:
+    """The node's HTTP authentication. ``token`` None means open: every request passes (HTTP is then bound to
+    loopback, `NodeConfig.http_authenticates`). Raises ValueError for an empty token."""
+
+    def __init__(self, token: str | None, *, metrics: Metrics | None = None, audit: AuditTrail | None = None) -> None:
+        if token is not None and not token.strip():
+            raise ValueError("token must be a non-empty string or None (no authentication)")
+        self.token = token.strip() if token is not None else None
+        self.metrics = metrics
+        self.audit = audit
+        self._log = get_logger(component="auth")
+
+    @property
+    def user(self) -> str:
+        """Who an admitted request is, for the audit trail (one shared token: its holder)."""
+        return TOKEN_USER if self.token is not None else ANONYMOUS_USER
+
+    def check(self, request: Request, surface: str) -> Response | None:
+        """None when ``request`` may proceed; else the 401 answer, after counting, logging and auditing."""
+        if self.token is None:
+            return None
+        presented = bearer(request)
+        if presented is not None and token_matches(presented, self.token):
+            return None
+        if presented is None:
+            reason = AuthFailure.WRONG_SCHEME if request.headers.get("authorization") else AuthFailure.MISSING
+        else:
+            reason = AuthFailure.MISMATCH
+        self.failed(request, surface, reason)
+        return JSONResponse({"error": "a valid bearer token is required"}, status_code=401, headers=CHALLENGE)
+
+    def failed(self, request: Request, surface: str, reason: AuthFailure) -> None:
+        """Record one authentication failure on ``surface``; never raises, never sees the presented value."""
+        if surface not in SURFACES:
+            raise ValueError(f"surface must be one of {sorted(SURFACES)}, not {surface!r}")
+        host = client_host(request)
+        self._log.warning("auth_failed", surface=surface, reason=str(reason), path=request.url.path[:200],
+                          client=host)
+        if self.metrics is not None:
+            self.metrics.auth_failure(surface, str(reason))
+        if self.audit is not None:
+            self.audit.auth_failed(surface=surface, reason=str(reason), peer=host, path=request.url.path)
+
+
+def open_setup_warnings(config: NodeConfig) -> list[str]:
+    """What `pacsnode config check` warns about: ways in that need no credential, and plaintext transport."""
+    node = config.node
+    warnings = []
+    if not is_loopback(node.http_host) and not config.http_authenticates():  # refused by the config; kept for safety
+        warnings.append(f"node.http_host = {node.http_host!r} without node.dicomweb_token: DICOMweb is open to the network")
+    if not is_loopback(node.host) and not node.allowed_calling_aes:
+        warnings.append(
+            f"node.host = {node.host!r} with an empty node.allowed_calling_aes: any DICOM peer that knows the AE "
+            f"title {node.ae_title!r} may store here"
+        )
+    if not is_loopback(node.host) and config.tls.plaintext_dimse:
+        warnings.append(
+            f"DIMSE on {node.host!r} is plaintext (tls.plaintext_dimse = true): patient data crosses the network "
+            "unencrypted; offer DICOM TLS (tls.dimse_port) and close the plaintext port when the senders can"
+        )
+    if not is_loopback(node.http_host) and not config.tls.https:
+        warnings.append(
+            f"HTTP on {node.http_host!r} is plaintext: patient data and the token cross the network unencrypted "
+            "(set tls.https = true)"
+        )
+    if not is_loopback(node.http_host) and not node.metrics_require_token:
+        warnings.append(
+            f"/metrics is open on {node.http_host!r} (set node.metrics_require_token = true to require the token)"
+        )
+    if not config.audit.enabled:
+        warnings.append("audit.enabled = false: no audit trail of who sent, queried or exported what")
+    return warnings
+
+
+__all__ = ["Authenticator", "bearer", "open_setup_warnings", "token_matches"]
