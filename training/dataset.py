@@ -296,7 +296,7 @@ def _duplicate_keys(df: pd.DataFrame, rows: list[dict[str, Any]]) -> list[str]:
     return problems
 
 
-class _RowProblem(Exception):
+class _RowError(Exception):
     """Why one table row gives no case (the message follows the row's position in the problem list)."""
 
 
@@ -324,7 +324,7 @@ class _Join:
         where = f"row {i + 2} of {self.table_name}"  # 1-based, after the header line
         try:
             return self._case(i, r, where)
-        except _RowProblem as exc:
+        except _RowError as exc:
             self.problems.append(f"{where}: {exc}")
             return None
 
@@ -333,7 +333,7 @@ class _Join:
         sid, stid, cid = (str(r.get(k, "")).strip() for k in ("series_instance_uid", "study_instance_uid", "case_id"))
         found = self._find(r, where, sid, stid, cid)
         if found.series_uid in self.used:
-            raise _RowProblem(f"series {found.series_uid} is already labelled by row {self.used[found.series_uid] + 2}")
+            raise _RowError(f"series {found.series_uid} is already labelled by row {self.used[found.series_uid] + 2}")
         self.used[found.series_uid] = i
         self.used_studies.add(found.study_uid)
         masks = self._masks(r)
@@ -354,19 +354,19 @@ class _Join:
             return self._by_study(where, stid)
         if cid:
             return self._by_case(r, cid)
-        raise _RowProblem("names no series, study or case")
+        raise _RowError("names no series, study or case")
 
     def _by_series(self, sid: str, stid: str) -> SeriesFiles:
         found = self.series.get(sid)
         if found is None:
-            raise _RowProblem(f"missing series {sid} (no DICOM file under {self.root} has it)")
+            raise _RowError(f"missing series {sid} (no DICOM file under {self.root} has it)")
         if stid and found.study_uid != stid:
-            raise _RowProblem(f"series {sid} belongs to study {found.study_uid}, not {stid}")
+            raise _RowError(f"series {sid} belongs to study {found.study_uid}, not {stid}")
         return found
 
     def _by_study(self, where: str, stid: str) -> SeriesFiles:
         if stid not in self.by_study:
-            raise _RowProblem(f"missing study {stid} (no DICOM file under {self.root} has it)")
+            raise _RowError(f"missing study {stid} (no DICOM file under {self.root} has it)")
         found = _pick_series(self.by_study[stid])
         if len(self.by_study[stid]) > 1:
             self.notes.append(f"{where}: study {stid} has {len(self.by_study[stid])} series; used {found.series_uid} "
@@ -377,7 +377,7 @@ class _Join:
         folder = (self.root / str(r.get("dicom_dir", "") or cid)).resolve()
         inside = [s for s in self.series.values() if s.files[0].resolve().is_relative_to(folder)]
         if not inside:
-            raise _RowProblem(f"missing series for case {cid} (no DICOM series under {folder})")
+            raise _RowError(f"missing series for case {cid} (no DICOM series under {folder})")
         return _pick_series(inside)
 
     def _masks(self, r: dict[str, Any]) -> Path | None:
@@ -385,7 +385,7 @@ class _Join:
             return None
         masks = self.root / str(r["masks"]).strip()
         if not masks.is_file():
-            raise _RowProblem(f"masks file {r['masks']} does not exist")
+            raise _RowError(f"masks file {r['masks']} does not exist")
         return masks
 
     def unlabelled(self) -> list[str]:
@@ -402,14 +402,14 @@ class _Join:
 
 
 def _row_labels(r: dict[str, Any]) -> tuple[int, int | None]:
-    """The row's label and reader label. Raises _RowProblem (unreadable or missing label)."""
+    """The row's label and reader label. Raises _RowError (unreadable or missing label)."""
     try:
         label = parse_label(r["label"])
         reader = parse_label(r.get("reader_label", ""))
     except ValueError as exc:
-        raise _RowProblem(str(exc)) from exc
+        raise _RowError(str(exc)) from exc
     if label is None:
-        raise _RowProblem("no label")
+        raise _RowError("no label")
     return label, reader
 
 
