@@ -280,6 +280,139 @@ def _clinical(row: dict[str, str]) -> dict[str, Any]:
     return out
 
 
+def _duplicate_keys(df: pd.DataFrame, rows: list[dict[str, Any]]) -> list[str]:
+    """Keys on several table rows: a conflict when their labels differ, a duplicate otherwise."""
+    problems = []
+    for key in ("series_instance_uid", "study_instance_uid", "case_id"):
+        if key not in df.columns:
+            continue
+        values = [str(r[key]).strip() for r in rows]
+        for value, n in Counter(v for v in values if v).items():
+            if n < 2:
+                continue
+            labels = {str(r["label"]).strip().lower() for r in rows if str(r[key]).strip() == value}
+            kind = "conflicting labels" if len(labels) > 1 else "duplicate"
+            problems.append(f"{kind}: {key} {value} is on {n} rows (labels {sorted(labels)})")
+    return problems
+
+
+class _RowError(Exception):
+    """Why one table row gives no case (the message follows the row's position in the problem list)."""
+
+
+@dataclass
+class _Join:
+    """Table rows joined to the series found, one row at a time, collecting problems and notes in table order."""
+
+    root: Path
+    table_name: str
+    series: dict[str, SeriesFiles]
+    problems: list[str]
+    notes: list[str] = field(default_factory=list)
+    used: dict[str, int] = field(default_factory=dict)  # series UID -> the row index that labels it
+    used_studies: set[str] = field(default_factory=set)
+    by_study: dict[str, list[SeriesFiles]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        by_study: dict[str, list[SeriesFiles]] = defaultdict(list)
+        for s in self.series.values():
+            by_study[s.study_uid].append(s)
+        self.by_study = dict(by_study)
+
+    def row(self, i: int, r: dict[str, Any]) -> Case | None:
+        """Row ``i``'s case, or None with the reason added to ``problems``."""
+        where = f"row {i + 2} of {self.table_name}"  # 1-based, after the header line
+        try:
+            return self._case(i, r, where)
+        except _RowError as exc:
+            self.problems.append(f"{where}: {exc}")
+            return None
+
+    def _case(self, i: int, r: dict[str, Any], where: str) -> Case:
+        label, reader = _row_labels(r)
+        sid, stid, cid = (str(r.get(k, "")).strip() for k in ("series_instance_uid", "study_instance_uid", "case_id"))
+        found = self._find(r, where, sid, stid, cid)
+        if found.series_uid in self.used:
+            raise _RowError(f"series {found.series_uid} is already labelled by row {self.used[found.series_uid] + 2}")
+        self.used[found.series_uid] = i
+        self.used_studies.add(found.study_uid)
+        masks = self._masks(r)
+        patient = str(r.get("patient_id", "")).strip() or found.patient_id
+        case_id = cid or sid or found.series_uid
+        if not patient:
+            patient = case_id
+            self.notes.append(f"{where}: no patient id in the table or headers; the case is its own group")
+        return Case(case_id=case_id, series_uid=found.series_uid, study_uid=found.study_uid, patient_id=patient,
+                    label=label, reader_label=reader, files=found.files, masks=masks, clinical=_clinical(r),
+                    row=dict(r))
+
+    def _find(self, r: dict[str, Any], where: str, sid: str, stid: str, cid: str) -> SeriesFiles:
+        """The series a row names: by series UID, else by study UID, else by case folder."""
+        if sid:
+            return self._by_series(sid, stid)
+        if stid:
+            return self._by_study(where, stid)
+        if cid:
+            return self._by_case(r, cid)
+        raise _RowError("names no series, study or case")
+
+    def _by_series(self, sid: str, stid: str) -> SeriesFiles:
+        found = self.series.get(sid)
+        if found is None:
+            raise _RowError(f"missing series {sid} (no DICOM file under {self.root} has it)")
+        if stid and found.study_uid != stid:
+            raise _RowError(f"series {sid} belongs to study {found.study_uid}, not {stid}")
+        return found
+
+    def _by_study(self, where: str, stid: str) -> SeriesFiles:
+        if stid not in self.by_study:
+            raise _RowError(f"missing study {stid} (no DICOM file under {self.root} has it)")
+        found = _pick_series(self.by_study[stid])
+        if len(self.by_study[stid]) > 1:
+            self.notes.append(f"{where}: study {stid} has {len(self.by_study[stid])} series; used {found.series_uid} "
+                              f"({len(found.files)} instances)")
+        return found
+
+    def _by_case(self, r: dict[str, Any], cid: str) -> SeriesFiles:
+        folder = (self.root / str(r.get("dicom_dir", "") or cid)).resolve()
+        inside = [s for s in self.series.values() if s.files[0].resolve().is_relative_to(folder)]
+        if not inside:
+            raise _RowError(f"missing series for case {cid} (no DICOM series under {folder})")
+        return _pick_series(inside)
+
+    def _masks(self, r: dict[str, Any]) -> Path | None:
+        if not str(r.get("masks", "")).strip():
+            return None
+        masks = self.root / str(r["masks"]).strip()
+        if not masks.is_file():
+            raise _RowError(f"masks file {r['masks']} does not exist")
+        return masks
+
+    def unlabelled(self) -> list[str]:
+        """CT series no row labels, outside the labelled studies (the others are noted as not used)."""
+        out = []
+        for s in sorted(self.series.values(), key=lambda s: s.series_uid):
+            if s.series_uid in self.used:
+                continue
+            if s.study_uid in self.used_studies or s.modality not in IMAGE_MODALITIES:
+                self.notes.append(f"series {s.series_uid} ({s.modality or 'no modality'}, {len(s.files)} files) not used")
+                continue
+            out.append(s.series_uid)
+        return out
+
+
+def _row_labels(r: dict[str, Any]) -> tuple[int, int | None]:
+    """The row's label and reader label. Raises _RowError (unreadable or missing label)."""
+    try:
+        label = parse_label(r["label"])
+        reader = parse_label(r.get("reader_label", ""))
+    except ValueError as exc:
+        raise _RowError(str(exc)) from exc
+    if label is None:
+        raise _RowError("no label")
+    return label, reader
+
+
 def load_dataset(
     root: str | Path,
     table: str | Path | None = None,
@@ -299,106 +432,22 @@ def load_dataset(
     series, unreadable = scan_series(root, progress=progress)
     if not series:
         raise DatasetError(f"{root}: no readable DICOM series", [f"{p}: {why}" for p, why in unreadable])
-    by_study: dict[str, list[SeriesFiles]] = defaultdict(list)
-    for s in series.values():
-        by_study[s.study_uid].append(s)
-
-    problems: list[str] = []
-    notes: list[str] = []
     rows = df.to_dict("records")
-    # Duplicate keys in the table: a conflict when their labels differ, a duplicate otherwise.
-    for key in ("series_instance_uid", "study_instance_uid", "case_id"):
-        if key not in df.columns:
-            continue
-        values = [str(r[key]).strip() for r in rows]
-        for value, n in Counter(v for v in values if v).items():
-            if n < 2:
-                continue
-            labels = {str(r["label"]).strip().lower() for r in rows if str(r[key]).strip() == value}
-            kind = "conflicting labels" if len(labels) > 1 else "duplicate"
-            problems.append(f"{kind}: {key} {value} is on {n} rows (labels {sorted(labels)})")
-
-    cases: list[Case] = []
-    used: dict[str, int] = {}
-    used_studies: set[str] = set()
-    for i, r in enumerate(rows):
-        where = f"row {i + 2} of {table_path.name}"  # 1-based, after the header line
-        try:
-            label = parse_label(r["label"])
-            reader = parse_label(r.get("reader_label", ""))
-        except ValueError as exc:
-            problems.append(f"{where}: {exc}")
-            continue
-        if label is None:
-            problems.append(f"{where}: no label")
-            continue
-        sid, stid, cid = (str(r.get(k, "")).strip() for k in ("series_instance_uid", "study_instance_uid", "case_id"))
-        found: SeriesFiles | None = None
-        if sid:
-            found = series.get(sid)
-            if found is None:
-                problems.append(f"{where}: missing series {sid} (no DICOM file under {root} has it)")
-                continue
-            if stid and found.study_uid != stid:
-                problems.append(f"{where}: series {sid} belongs to study {found.study_uid}, not {stid}")
-                continue
-        elif stid:
-            if stid not in by_study:
-                problems.append(f"{where}: missing study {stid} (no DICOM file under {root} has it)")
-                continue
-            found = _pick_series(by_study[stid])
-            if len(by_study[stid]) > 1:
-                notes.append(f"{where}: study {stid} has {len(by_study[stid])} series; used {found.series_uid} "
-                             f"({len(found.files)} instances)")
-        elif cid:
-            folder = (root / str(r.get("dicom_dir", "") or cid)).resolve()
-            inside = [s for s in series.values() if s.files[0].resolve().is_relative_to(folder)]
-            if not inside:
-                problems.append(f"{where}: missing series for case {cid} (no DICOM series under {folder})")
-                continue
-            found = _pick_series(inside)
-        else:
-            problems.append(f"{where}: names no series, study or case")
-            continue
-        if found.series_uid in used:
-            problems.append(f"{where}: series {found.series_uid} is already labelled by row {used[found.series_uid] + 2}")
-            continue
-        used[found.series_uid] = i
-        used_studies.add(found.study_uid)
-        masks = None
-        if str(r.get("masks", "")).strip():
-            masks = root / str(r["masks"]).strip()
-            if not masks.is_file():
-                problems.append(f"{where}: masks file {r['masks']} does not exist")
-                continue
-        patient = str(r.get("patient_id", "")).strip() or found.patient_id
-        case_id = cid or sid or found.series_uid
-        if not patient:
-            patient = case_id
-            notes.append(f"{where}: no patient id in the table or headers; the case is its own group")
-        cases.append(Case(case_id=case_id, series_uid=found.series_uid, study_uid=found.study_uid,
-                          patient_id=patient, label=label, reader_label=reader, files=found.files, masks=masks,
-                          clinical=_clinical(r), row=dict(r)))
-
-    unlabelled = []
-    for s in sorted(series.values(), key=lambda s: s.series_uid):
-        if s.series_uid in used:
-            continue
-        if s.study_uid in used_studies or s.modality not in IMAGE_MODALITIES:
-            notes.append(f"series {s.series_uid} ({s.modality or 'no modality'}, {len(s.files)} files) not used")
-            continue
-        unlabelled.append(s.series_uid)
+    join = _Join(root, table_path.name, series, problems=_duplicate_keys(df, rows))
+    cases = [c for c in (join.row(i, r) for i, r in enumerate(rows)) if c is not None]
+    unlabelled = join.unlabelled()
     if unlabelled and not allow_unlabelled:
-        problems.extend(f"unlabelled series {u} ({len(series[u].files)} files, e.g. {series[u].files[0].relative_to(root)})"
-                        for u in unlabelled)
-    if problems:
-        raise DatasetError(f"dataset {root} with {table_path.name}: {len(problems)} problems", problems)
+        join.problems.extend(
+            f"unlabelled series {u} ({len(series[u].files)} files, e.g. {series[u].files[0].relative_to(root)})"
+            for u in unlabelled)
+    if join.problems:
+        raise DatasetError(f"dataset {root} with {table_path.name}: {len(join.problems)} problems", join.problems)
     if not cases:
         raise DatasetError(f"dataset {root}: the table labels no series")
     if len(set(c.label for c in cases)) < 2:
-        notes.append("only one class is labelled")
+        join.notes.append("only one class is labelled")
     return Dataset(root=root, table_path=table_path, cases=cases, unreadable=unreadable, unlabelled=unlabelled,
-                   notes=notes)
+                   notes=join.notes)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from training import crossval, report
 from training.phantom import generate_dataset
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
 @pytest.fixture(scope="module")
@@ -197,14 +198,26 @@ def test_train_final_without_masks_loads_in_the_registry(data: Path, runs: tuple
     assert 0.0 <= res.probability <= 1.0 and res.attention.shape == (12,)
 
 
-def test_loader_swap_is_undone_even_on_error() -> None:
-    import training.train as trainer
+def test_fit_refuses_cases_on_another_grid(tmp_path: Path) -> None:
+    """fit hands prepared cases straight to train_classifier_cases; cases on another grid are refused first."""
+    from training.train import GridCase
 
-    before = trainer.load_grid_cases
-    with pytest.raises(RuntimeError), crossval._cases_as_data({}):
-        assert trainer.load_grid_cases is not before
-        raise RuntimeError("boom")
-    assert trainer.load_grid_cases is before
+    s = crossval.classifier_settings(quick=True)  # grid 32
+    case = GridCase(case_id="c1", label=1, hu=np.zeros((4, 16, 16), np.float16), slice_lesion=np.zeros(4, np.float32),
+                    slice_lung=np.ones(4, np.float32), age=None, sex=None)
+    with pytest.raises(crossval.TrainingError, match="on a 16 grid, the settings want 32"):
+        crossval.fit([case], [], s, tmp_path / "m", describe_train={})
+    assert not (tmp_path / "m").exists()
+
+
+def test_metrics_match_the_run_before_the_split(runs: tuple[Path, Path]) -> None:
+    """The quick run writes the metrics.json and predictions.csv that crossval.py wrote before it became a package
+    (fixtures/README.md); only the dataset folder, a temporary path, is masked."""
+    a = runs[0]
+    root = _metrics(a)["dataset"]["root"]
+    written = (a / "metrics.json").read_text().replace(json.dumps(root)[1:-1], "<data>")
+    assert written == (FIXTURES / "crossval-quick-metrics.json").read_text()
+    assert (a / "predictions.csv").read_bytes() == (FIXTURES / "crossval-quick-predictions.csv").read_bytes()
 
 
 def test_register_adds_both_subcommands() -> None:
