@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 
-from node.config import PipelineName, Priority, QueueSection
+from node.config import NodeConfig, PipelineName, Priority, QueueSection
 from node.db import metadata
 from node.states import JobState
 
@@ -68,6 +68,10 @@ class JobQueue:
         self.engine = engine
         self.settings = settings
         self.clock = clock
+
+    def apply_config(self, config: NodeConfig) -> None:
+        """Swap in a reloaded config's ``[queue]`` (lease, attempts, retry delay; next claim on)."""
+        self.settings = config.queue
 
     def enqueue(self, conn: sa.Connection, series_uid: str, version: int, priority: Priority,
                 pipeline: PipelineName = PipelineName.PNEUMONIA) -> int:

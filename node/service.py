@@ -159,9 +159,8 @@ class Service:
             self.retention.apply_config(new)
             self.commitments.apply_config(new)
             self.reachability.apply_config(new)  # and checks the destinations again now
-            self.queue.settings = new.queue
-            self.heartbeats.configure(new.supervise.stuck_after_periods)
-            self.supervisor.settings = new.supervise
+            self.queue.apply_config(new)
+            self.supervisor.apply_config(new)
             self.config = new
             self.log.info(
                 "config_reloaded", source=str(source), allowed_calling_aes=list(new.node.allowed_calling_aes),

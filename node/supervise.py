@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from node.config import SuperviseSection
+from node.config import NodeConfig, SuperviseSection
 from node.logs import get_logger
 
 EXIT_LOOP_FAILED = 70  # EX_SOFTWARE: a loop kept dying; restart the process
@@ -175,6 +175,11 @@ class Supervisor:
         self._history: dict[str, _History] = {}
         self._fatal: str | None = None
         self._log = get_logger(component="supervise")
+
+    def apply_config(self, config: NodeConfig) -> None:
+        """Swap in a reloaded config's ``[supervise]``: restart limits here, the stuck threshold in the heartbeats."""
+        self.settings = config.supervise
+        self.heartbeats.configure(config.supervise.stuck_after_periods)
 
     @property
     def fatal(self) -> str | None:

@@ -65,6 +65,17 @@ def wait_for(predicate: Callable[[], object], timeout: float = 20.0, what: str =
 # -- the registry and the policy ------------------------------------------------------------------------------
 
 
+def test_a_reload_reaches_the_supervisor_and_the_stuck_threshold_through_apply_config():
+    clock = Clock()
+    beats = Heartbeats(stuck_after_periods=5, clock=clock)
+    supervisor = Supervisor(beats, SuperviseSection(), on_fatal=lambda reason: None)
+    beats.register("w", 2.0, alive=lambda: True)
+    new = NodeConfig(supervise=SuperviseSection(stuck_after_periods=20, max_restarts=1))
+    supervisor.apply_config(new)
+    assert supervisor.settings.max_restarts == 1
+    clock.now += 30  # stuck after 10 s before the reload, after 40 s now
+    assert beats.snapshot()["w"].ok and beats.snapshot()["w"].limit_seconds == 40.0
+
 def test_a_loop_is_stuck_after_n_periods_without_a_beat_unless_busy_and_dead_when_its_thread_ended():
     clock = Clock()
     beats = Heartbeats(stuck_after_periods=5, clock=clock)
