@@ -309,7 +309,7 @@ def test_the_worker_loop_outlives_a_poison_series_and_the_next_one_gets_its_resu
         good = receive(ingestor, tmp_path / "good", 2)
         good_job = queue_job(queue, good.series_uid)
         assert wait_for(lambda: ended(queue, good_job), what="the good job").state == JobState.DONE
-        assert delivered_modalities(dispatcher, good.series_uid) == ["SEG", "SR"]
+        assert delivered_modalities(dispatcher, good.series_uid) == ["KO", "SEG", "SR"]  # KO: the key images
     finally:
         worker.stop(10)
     assert "worker" not in beats.snapshot()  # stopped on purpose: no longer supervised
@@ -342,7 +342,7 @@ def test_a_database_error_inside_enqueue_during_the_commit_fails_only_that_attem
         row = wait_for(lambda: ended(queue, job_id), what="the job to end")
         assert isinstance(errors[0], IndexError_) and isinstance(errors[0].__cause__, sa.exc.IntegrityError)
         assert row.state == JobState.DONE and row.attempts == 2  # the failed attempt counted, the retry made it
-        assert delivered_modalities(dispatcher, series.series_uid) == ["SEG", "SR"]
+        assert delivered_modalities(dispatcher, series.series_uid) == ["KO", "SEG", "SR"]
         later = receive(ingestor, tmp_path / "later", 4)
         later_job = queue_job(queue, later.series_uid)
         assert wait_for(lambda: ended(queue, later_job), what="the later job").state == JobState.DONE
