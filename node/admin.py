@@ -147,6 +147,8 @@ class _Selection:
 
 
 class _Admin:
+    admission: Callable[[], dict[str, Any]] | None = None  # `Admission.report`; None: not shown
+
     def __init__(self, config_getter: Callable[[], NodeConfig], engine: Engine, token: str | None,
                  dispatcher: Dispatcher, queue: JobQueue, index: Index, clock: Callable[[], float]) -> None:
         self.config_getter = config_getter
@@ -223,6 +225,7 @@ class _Admin:
             "alerts": self.queue.unreported(ALERTS_SHOWN),
             "disk": self._disk(config),
             "retention": self._retention_view(config),
+            "admission": self._admission(),
             "config_json": json.dumps(config.redacted(), indent=2),
         }
 
@@ -265,6 +268,14 @@ class _Admin:
         percent = 100.0 * used / total if total else 0.0
         return {"used": used, "total": total, "percent": percent, "ceiling": ceiling, "error": None,
                 "over": ceiling is not None and percent > ceiling}
+
+    def _admission(self) -> dict[str, Any] | None:
+        if self.admission is None:
+            return None
+        try:
+            return self.admission()
+        except Exception as exc:  # the page still renders
+            return {"error": type(exc).__name__}
 
     def _retention_view(self, config: NodeConfig) -> _RetentionView:
         """What a purge would delete now: a dry run, reused for RETENTION_CACHE_SECONDS (it walks every settled
@@ -430,13 +441,15 @@ def admin_routes(
     queue: JobQueue,
     index: Index,
     clock: Callable[[], float] = time.time,
+    admission: Callable[[], dict[str, Any]] | None = None,
 ) -> list[BaseRoute]:
     """The admin page's routes, to mount at ``/admin`` (``Mount("/admin", routes=admin_routes(...))``).
 
     ``config_getter`` returns the running config at each request (so a hot reload shows); ``token`` is the node's
     ``[node] dicomweb_token`` (None: read-only page, actions refused with 403). ``dispatcher``, ``queue`` and
     ``index`` are the node's own, so a retry wakes its dispatcher at once. Raises TypeError/ValueError for a bad
-    argument (an empty token, a getter that is not callable).
+    argument (an empty token, a getter that is not callable). ``admission`` (e.g. `Admission.report`) adds what
+    admission control accepts now to the page.
     """
     if not callable(config_getter):
         raise TypeError(f"config_getter must be callable, not {type(config_getter).__name__}")
@@ -449,6 +462,7 @@ def admin_routes(
         if not isinstance(value, kind):
             raise TypeError(f"{name} must be a {kind.__name__}, not {type(value).__name__}")
     admin = _Admin(config_getter, engine, token.strip() if token else None, dispatcher, queue, index, clock)
+    admin.admission = admission
     return [
         Route("/", admin.page, methods=["GET"], name="admin_page"),
         Route("/retry", admin.retry, methods=["POST"], name="admin_retry"),

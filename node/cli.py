@@ -110,6 +110,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         "job_errors": [dict(r._mapping) for r in queue.last_errors(args.errors)],
         "delivery_errors": [dict(r._mapping) for r in dispatcher.last_errors(args.errors)],
         "alerts": [dict(r._mapping) for r in queue.unreported(args.errors)],
+        "admission": _admission_report(config, queue),
     }
     if args.json:
         print(json.dumps(report, indent=2, default=str))
@@ -122,6 +123,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("deliveries: none")
     for destination, states in deliveries.items():
         print(f"deliveries to {destination}: " + ", ".join(f"{k} {v}" for k, v in sorted(states.items())))
+    print("admission:  " + _admission_line(report["admission"]))
     for row in report["alerts"]:
         print(f"ALERT job {row['id']} dead, series {row['series_uid']} v{row['version']}: no result and no "
               f"'processing failed' report reached the PACS queue ({row['last_error']})")
@@ -132,6 +134,33 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"delivery {row['id']} {row['state']} to {row['destination']} series {row['series_uid']}: "
               f"{row['last_error']}")
     return 0
+
+
+def _admission_report(config: NodeConfig, queue: Any) -> dict[str, Any]:
+    """What admission control decides now, from the free space and queue depth the node reads."""
+    from node.admission import evaluate
+
+    try:
+        return evaluate(config.admission, config.node.data_dir, queue.depth).as_dict()
+    except OSError as exc:
+        return {"enabled": config.admission.enabled, "error": f"data directory unreadable: {exc.strerror or exc}"}
+
+
+def _admission_line(a: dict[str, Any]) -> str:
+    def gb(n: int | None) -> str:
+        return "?" if n is None else f"{n / 1e9:.1f} GB"
+
+    if a.get("error"):
+        return str(a["error"])
+    if not a["enabled"]:
+        head = "off"
+    elif a["paused"]:
+        head = f"PAUSED ({', '.join(a['paused'])}): accepting {a['accepting']}"
+    else:
+        head = "accepting all"
+    ceiling = a["max_queue_depth"] or "no ceiling"
+    return (f"{head}; free {gb(a['free_bytes'])} of {gb(a['total_bytes'])} (floor {gb(a['floor_bytes'])}, "
+            f"reserve {gb(a['reserve_bytes'])}); queue {a['queue_depth']} (ceiling {ceiling})")
 
 
 def cmd_purge(args: argparse.Namespace) -> int:

@@ -25,6 +25,7 @@ from types import FrameType
 from starlette.routing import Mount
 
 from node.admin import admin_routes
+from node.admission import Admission, index_activity
 from node.completion import CompletionSweeper
 from node.config import DestinationKind, NodeConfig, load_config
 from node.db import create_engine_for, init_schema
@@ -60,6 +61,11 @@ class Service:
         self.ingestor = Ingestor(self.spool, self.index)
         self.queue = JobQueue(self.engine, config.queue)
         self.metrics = Metrics()
+        # Admission control sits in the ingestor, the one boundary both front doors pass (node.admission).
+        self.admission = Admission(config.admission, config.node.data_dir, queue_depth=self.queue.depth,
+                                   series_activity=index_activity(self.index))
+        self.ingestor.admission = self.admission
+        self.metrics.bind_admission(self.admission.paused_by_reason)
         self.heartbeats = Heartbeats(stuck_after_periods=config.supervise.stuck_after_periods)
         self.supervisor = Supervisor(self.heartbeats, config.supervise, on_fatal=self._fatal)
         self.exit_code = 0
@@ -93,7 +99,8 @@ class Service:
         )
         models_ready = self.worker.ready.is_set if config.worker.enabled else (lambda: True)
         token = config.node.dicomweb_token.get_secret_value() if config.node.dicomweb_token else None
-        health = HealthProbe(self.engine, config.node.spool_dir, models_ready, self.heartbeats)
+        health = HealthProbe(self.engine, config.node.spool_dir, models_ready, self.heartbeats,
+                             admission=self.admission.report)
         app = create_app(
             config, self.ingestor, self.index,
             health=health,
@@ -103,7 +110,7 @@ class Service:
         # The status page reads the live config, so a hot reload shows; its actions need the DICOMweb token.
         app.router.routes.append(Mount("/admin", routes=admin_routes(
             lambda: self.config, self.engine, token=token, dispatcher=self.dispatcher, queue=self.queue,
-            index=self.index,
+            index=self.index, admission=self.admission.report,
         )))
         self.http = HttpServer(config, app, health=health, heartbeats=self.heartbeats)
         self._dimse_thread: threading.Thread | None = None
@@ -140,6 +147,7 @@ class Service:
             self.dispatcher.apply_config(new)
             self.worker.apply_config(new)
             self.retention.apply_config(new)
+            self.admission.apply_config(new.admission)
             self.queue.settings = new.queue
             self.heartbeats.configure(new.supervise.stuck_after_periods)
             self.supervisor.settings = new.supervise
@@ -240,6 +248,7 @@ class Service:
         try:
             while not self._stop.wait(0.5):
                 self.supervisor.check()
+                self.admission.state()  # re-evaluated without traffic too, so a pause ends (and is logged) on time
         finally:
             self.stop()
         return self.exit_code
