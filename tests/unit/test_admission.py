@@ -423,3 +423,27 @@ def test_status_shows_admission(tmp_path):
     assert report["paused"] == ["disk_floor"] and report["queue_depth"] == 0 and report["max_queue_depth"] == 500
     direct = evaluate(AdmissionSection(), tmp_path, lambda: 0)
     assert direct.free_bytes is not None and direct.total_bytes is not None and direct.total_bytes >= direct.free_bytes
+
+
+# -- the status page ------------------------------------------------------------------------------------------------
+def test_status_page_shows_admission(tmp_path, clock, wall):
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from node.admin import admin_routes
+    from tests.unit.test_admin import Site
+
+    site = Site(tmp_path)
+    disk = FakeDisk(FLOOR - 1)
+    admission = make(disk, clock=clock, wall=wall)
+    routes = admin_routes(lambda: site.config, site.engine, token=None, dispatcher=site.dispatcher,
+                          queue=site.queue, index=site.index, admission=admission.report)
+    with TestClient(Starlette(routes=[Mount("/admin", routes=routes)])) as client:
+        paused = client.get("/admin/").text
+        disk.free = 500 * MB
+        clock.advance(0.5)
+        open_again = client.get("/admin/").text
+    site.engine.dispose()
+    assert "<b>paused</b>disk_floor: accepting series in progress" in paused
+    assert "paused\n  (disk_floor)</span>, accepting series in progress;\n  free 100.0 MB, floor 100.0 MB" in paused
+    assert "<b>open</b>accepting all" in open_again and "Admission control: accepting all;" in open_again

@@ -24,6 +24,7 @@ def test_the_rules_use_only_metrics_the_node_exports():
     m.bind(queue_depth=lambda: 0, jobs=lambda: {"dead": 1}, series=lambda: {"complete": 1},
            deliveries=lambda: {("pacs", "dead"): 1}, disk=lambda: (1, 2))
     m.job_ended("pneumonia", "unreported")
+    m.bind_admission(lambda: {"disk_floor": True})
     exported = set(re.findall(r"^# TYPE (\w+)", m.render()[0].decode(), re.MULTILINE))
     exported |= {f"{name}_total" for name in exported}  # counters are exposed with the _total suffix
     used = set(re.findall(r"\b(pacsnode_\w+)", RULES.read_text()))
