@@ -447,3 +447,26 @@ def test_status_page_shows_admission(tmp_path, clock, wall):
     assert "<b>paused</b>disk_floor: accepting series in progress" in paused
     assert "paused\n  (disk_floor)</span>, accepting series in progress;\n  free 100.0 MB, floor 100.0 MB" in paused
     assert "<b>open</b>accepting all" in open_again and "Admission control: accepting all;" in open_again
+
+
+# -- wiring: the service shares one Admission between both front doors and hot-reloads it --------------------------
+def test_the_service_wires_admission_and_reloads_it(tmp_path):
+    from node.config import load_config
+    from node.service import Service
+
+    path = tmp_path / "node.toml"
+    base = f'[node]\ndata_dir = "{tmp_path / "data"}"\nhost = "127.0.0.1"\n[worker]\nenabled = false\n'
+    path.write_text(base)
+    service = Service(load_config(path, environ={}))
+    try:
+        assert service.ingestor.admission is service.admission
+        assert service.admission.report()["accepting"] == "all"
+        path.write_text(base + "[admission]\nmin_free_percent = 99.99\nreserve_free_percent = 0\n"
+                               "reserve_free_bytes = 0\nretry_after_seconds = 9\n")
+        assert service.reload(path)
+        report = service.admission.report()
+        assert report["paused"] == ["disk_floor"] and report["retry_after_seconds"] == 9
+        text = service.metrics.render()[0].decode()
+        assert 'pacsnode_admission_paused{reason="disk_floor"} 1.0' in text
+    finally:
+        service.engine.dispose()
