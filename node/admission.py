@@ -208,23 +208,17 @@ class Admission:
         if not state.paused:
             return
         if state.refuses_all:
-            self._refuse(AdmissionReason.DISK_RESERVE, series_uid, state)
+            raise self._refusal(AdmissionReason.DISK_RESERVE, series_uid, state)
         if self._in_progress(series_uid, state.settings):
             return
         reason = AdmissionReason.DISK_FLOOR if AdmissionReason.DISK_FLOOR in state.paused else AdmissionReason.QUEUE_CEILING
-        self._refuse(reason, series_uid, state)
+        raise self._refusal(reason, series_uid, state)
 
     def refuses_all(self) -> AdmissionRefusedError | None:
         """The refusal a whole request gets before its body is read (free space below the hard reserve), or
-        None. Counted and logged like an instance's refusal."""
+        None. Logged like an instance's refusal; the front door counts it."""
         state = self.state()
-        if not state.refuses_all:
-            return None
-        try:
-            self._refuse(AdmissionReason.DISK_RESERVE, None, state)
-        except AdmissionRefusedError as exc:
-            return exc
-        return None  # pragma: no cover - _refuse always raises
+        return self._refusal(AdmissionReason.DISK_RESERVE, None, state) if state.refuses_all else None
 
     def written(self, nbytes: int) -> None:
         """``nbytes`` were just stored: the free-space estimate goes down by as much until the next disk read."""
@@ -339,7 +333,8 @@ class Admission:
         self._seen[series_uid] = (now + settings.check_interval_seconds, answer)
         return answer
 
-    def _refuse(self, reason: AdmissionReason, series_uid: str | None, state: AdmissionState) -> None:
+    def _refusal(self, reason: AdmissionReason, series_uid: str | None, state: AdmissionState) -> AdmissionRefusedError:
+        """Note one refusal (logged at most every `REFUSAL_LOG_SECONDS` per reason) and return its error."""
         now = self._clock()
         since = total = 0
         with self._lock:
@@ -354,7 +349,7 @@ class Admission:
         if log_now:
             self._log.warning("admission_refused", reason=reason.value, series_uid=series_uid, refused=since,
                               refused_in_pause=total, **state.numbers())
-        raise AdmissionRefusedError(
+        return AdmissionRefusedError(
             f"admission paused ({reason.value}): the node refuses {what} until "
             f"{'free space recovers' if reason is not AdmissionReason.QUEUE_CEILING else 'the job queue drains'}",
             reason=reason.value, retry_after=state.settings.retry_after_seconds,
