@@ -148,6 +148,8 @@ class _Selection:
 
 
 class _Admin:
+    admission: Callable[[], dict[str, Any]] | None = None  # `Admission.report`; None: not shown
+
     def __init__(self, config_getter: Callable[[], NodeConfig], engine: Engine, token: str | None,
                  dispatcher: Dispatcher, queue: JobQueue, index: Index, clock: Callable[[], float],
                  authenticator: Authenticator | None = None) -> None:
@@ -227,6 +229,7 @@ class _Admin:
             "alerts": self.queue.unreported(ALERTS_SHOWN),
             "disk": self._disk(config),
             "retention": self._retention_view(config),
+            "admission": self._admission(),
             "config_json": json.dumps(config.redacted(), indent=2),
         }
 
@@ -269,6 +272,14 @@ class _Admin:
         percent = 100.0 * used / total if total else 0.0
         return {"used": used, "total": total, "percent": percent, "ceiling": ceiling, "error": None,
                 "over": ceiling is not None and percent > ceiling}
+
+    def _admission(self) -> dict[str, Any] | None:
+        if self.admission is None:
+            return None
+        try:
+            return self.admission()
+        except Exception as exc:  # the page still renders
+            return {"error": type(exc).__name__}
 
     def _retention_view(self, config: NodeConfig) -> _RetentionView:
         """What a purge would delete now: a dry run, reused for RETENTION_CACHE_SECONDS (it walks every settled
@@ -432,6 +443,7 @@ def admin_routes(
     index: Index,
     clock: Callable[[], float] = time.time,
     authenticator: Authenticator | None = None,
+    admission: Callable[[], dict[str, Any]] | None = None,
 ) -> list[BaseRoute]:
     """The admin page's routes, to mount at ``/admin`` (``Mount("/admin", routes=admin_routes(...))``).
 
@@ -439,7 +451,8 @@ def admin_routes(
     ``[node] dicomweb_token`` (None: read-only page, actions refused with 403). ``dispatcher``, ``queue`` and
     ``index`` are the node's own, so a retry wakes its dispatcher at once. ``authenticator`` (the node's
     `node.auth.Authenticator`) counts, logs and audits a wrong token. Raises TypeError/ValueError for a bad
-    argument (an empty token, a getter that is not callable).
+    argument (an empty token, a getter that is not callable). ``admission`` (e.g. `Admission.report`) adds what
+    admission control accepts now to the page.
     """
     if not callable(config_getter):
         raise TypeError(f"config_getter must be callable, not {type(config_getter).__name__}")
@@ -453,6 +466,7 @@ def admin_routes(
             raise TypeError(f"{name} must be a {kind.__name__}, not {type(value).__name__}")
     admin = _Admin(config_getter, engine, token.strip() if token else None, dispatcher, queue, index, clock,
                    authenticator)
+    admin.admission = admission
     return [
         Route("/", admin.page, methods=["GET"], name="admin_page"),
         Route("/retry", admin.retry, methods=["POST"], name="admin_retry"),

@@ -148,6 +148,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         "alerts": [dict(r._mapping) for r in queue.unreported(args.errors)],
         "destinations": _destination_report(config, index.engine),
         "commitment_problems": _commit_problems(index.engine, args.errors),
+        "admission": _admission_report(config, queue),
     }
     if args.json:
         print(json.dumps(report, indent=2, default=str))
@@ -160,6 +161,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("deliveries: none")
     for destination, states in deliveries.items():
         print(f"deliveries to {destination}: " + ", ".join(f"{k} {v}" for k, v in sorted(states.items())))
+    print("admission:  " + _admission_line(report["admission"]))
     for line in _destination_lines(report["destinations"]):
         print(line)
     for row in report["alerts"]:
@@ -210,6 +212,33 @@ def _destination_lines(rows: list[dict[str, Any]]) -> list[str]:
         lines.append(f"destination {d['destination']} ({d['kind']}): {reach}; backlog {d['backlog']}, "
                      f"dead {d['dead']}, delivered {d['delivered']}{commit}")
     return lines
+
+
+def _admission_report(config: NodeConfig, queue: Any) -> dict[str, Any]:
+    """What admission control decides now, from the free space and queue depth the node reads."""
+    from node.admission import evaluate
+
+    try:
+        return evaluate(config.admission, config.node.data_dir, queue.depth).as_dict()
+    except OSError as exc:
+        return {"enabled": config.admission.enabled, "error": f"data directory unreadable: {exc.strerror or exc}"}
+
+
+def _admission_line(a: dict[str, Any]) -> str:
+    def gb(n: int | None) -> str:
+        return "?" if n is None else f"{n / 1e9:.1f} GB"
+
+    if a.get("error"):
+        return str(a["error"])
+    if not a["enabled"]:
+        head = "off"
+    elif a["paused"]:
+        head = f"PAUSED ({', '.join(a['paused'])}): accepting {a['accepting']}"
+    else:
+        head = "accepting all"
+    ceiling = a["max_queue_depth"] or "no ceiling"
+    return (f"{head}; free {gb(a['free_bytes'])} of {gb(a['total_bytes'])} (floor {gb(a['floor_bytes'])}, "
+            f"reserve {gb(a['reserve_bytes'])}); queue {a['queue_depth']} (ceiling {ceiling})")
 
 
 def cmd_purge(args: argparse.Namespace) -> int:

@@ -341,6 +341,32 @@ class AuditSection(_Frozen):
     site_id: Annotated[str, Field(max_length=64)] = ""  # AuditEnterpriseSiteID (e.g. the hospital's name)
 
 
+class AdmissionSection(_Frozen):
+    """Admission control (`node.admission`): refuse new data before the disk is full or the queue runs away.
+
+    The floor is the larger of ``min_free_bytes`` and ``min_free_percent`` of the data directory's file system,
+    the hard reserve likewise; below the floor (or with ``max_queue_depth`` jobs waiting) new series are refused
+    and series already being received may finish; below the reserve everything is refused."""
+
+    enabled: bool = True
+    min_free_bytes: Annotated[int, Field(ge=0)] = 2 << 30  # floor: keep at least 2 GiB ...
+    min_free_percent: Annotated[float, Field(ge=0, lt=100)] = 5.0  # ... or 5 % free, whichever is larger
+    reserve_free_bytes: Annotated[int, Field(ge=0)] = 512 << 20  # hard reserve: 512 MiB ...
+    reserve_free_percent: Annotated[float, Field(ge=0, lt=100)] = 1.0  # ... or 1 %, whichever is larger
+    max_queue_depth: Annotated[int, Field(ge=0)] = 500  # jobs queued or running; 0 = no ceiling
+    active_series_seconds: Annotated[float, Field(gt=0, le=86400)] = 300.0  # "being received": an instance this recent
+    retry_after_seconds: Annotated[int, Field(ge=1, le=86400)] = 60  # STOW-RS 503 Retry-After
+    check_interval_seconds: Annotated[float, Field(gt=0, le=60)] = 0.5  # free space and queue depth re-read this often
+
+    @model_validator(mode="after")
+    def _reserve_below_floor(self) -> AdmissionSection:
+        if self.reserve_free_bytes > self.min_free_bytes:
+            raise ValueError("reserve_free_bytes must not exceed min_free_bytes (the reserve lies below the floor)")
+        if self.reserve_free_percent > self.min_free_percent:
+            raise ValueError("reserve_free_percent must not exceed min_free_percent (the reserve lies below the floor)")
+        return self
+
+
 class DatabaseSection(_Frozen):
     url: str = ""  # empty: SQLite under data_dir
 
@@ -436,6 +462,7 @@ class NodeConfig(_Frozen):
     supervise: SuperviseSection = SuperviseSection()
     reachability: ReachabilitySection = ReachabilitySection()
     audit: AuditSection = AuditSection()
+    admission: AdmissionSection = AdmissionSection()
     destinations: tuple[Destination, ...] = ()
     routes: tuple[Route, ...] = DEFAULT_ROUTES
     tls: TlsSection = TlsSection()

@@ -13,6 +13,10 @@ transfer syntax the node cannot decode, 0x0122 for a non-storage SOP class, 0xA7
 inflates past ``[node] max_inflated_bytes``); 400 malformed request or body, 401 missing/wrong bearer token, 413
 body over ``stow_max_request_bytes``, a part over ``max_instance_bytes`` or more than `MAX_PARTS` parts (refused as
 soon as the body shows it, before the rest is read), 415 not ``multipart/related`` of ``application/dicom``.
+Admission control (`node.admission`, through the `Ingestor`): 503 with ``Retry-After`` before the body is read
+while free space is below the hard reserve; otherwise each part of a new series is refused with 0xA700 while the
+node is paused, and a request whose every part was so refused is answered 503 with ``Retry-After`` (the header
+also comes with a 202/409 that contains such refusals).
 
 A STOW request is recorded in the index like an association (calling AE "STOW-RS", released when the request is
 answered) so completion can judge a series sent in one request as it does one sent in one association.
@@ -47,7 +51,7 @@ from node.audit import AuditTrail, Outcome
 from node.auditdb import audit_received
 from node.auth import Authenticator, client_host
 from node.config import NodeConfig
-from node.errors import IndexError_, InvalidDatasetError, ReceiveError
+from node.errors import AdmissionRefusedError, IndexError_, InvalidDatasetError, ReceiveError
 from node.http import HealthProbe
 from node.index import Index
 from node.ingest import ACCEPTED_TRANSFER_SYNTAXES, EncodedDataset, FileSpan, Ingestor, Origin
@@ -113,6 +117,7 @@ class _Outcome:
     stored: bool = False
     failure: int | None = None
     reason: str = ""
+    retry_after: int | None = None  # refused by admission control: the client may retry after this many seconds
 
 
 def _media_type(value: str) -> tuple[str, dict[str, str]]:
@@ -308,6 +313,13 @@ class _DicomWeb:
                 self.metrics.stow_request(400)
                 return JSONResponse({"error": f"the URL's study is not a UID: {exc}"}, status_code=400)
             log = log.bind(url_study_uid=study)
+        admission = self.ingestor.admission
+        refusal = await run_in_threadpool(admission.refuses_all) if admission is not None else None
+        if refusal is not None:  # node.admission logs it, rate-limited; the body is never read
+            self.metrics.admission_refused(refusal.reason, "stow")
+            self.metrics.stow_request(503)
+            return JSONResponse({"error": str(refusal), "reason": refusal.reason}, status_code=503,
+                                headers={"Retry-After": str(refusal.retry_after)})
         t0 = time.monotonic()
         with tempfile.SpooledTemporaryFile(max_size=IN_MEMORY_BODY_BYTES, mode="w+b", dir=str(self.tmp_dir)) as body:
             try:
@@ -337,13 +349,16 @@ class _DicomWeb:
                 self.metrics.stow_request(503)
                 return JSONResponse({"error": "the index database is unavailable"}, status_code=503)
         stored = sum(1 for o in outcomes if o.stored)
-        status = 200 if stored == len(outcomes) else 202 if stored else 409
+        paused = [o.retry_after for o in outcomes if o.retry_after is not None]
+        status = 200 if stored == len(outcomes) else 202 if stored else 503 if len(paused) == len(outcomes) else 409
+        headers = {"Retry-After": str(max(paused))} if paused else None
         self.metrics.stow_request(status)
         log.info(
             "stow_answered", http_status=status, stored=stored, failed=len(outcomes) - stored, bytes=received,
             seconds=round(time.monotonic() - t0, 3),
         )
-        return Response(json.dumps(_store_response(outcomes).to_json_dict()), status_code=status, media_type=DICOM_JSON)
+        return Response(json.dumps(_store_response(outcomes).to_json_dict()), status_code=status, media_type=DICOM_JSON,
+                        headers=headers)
 
     def _store_parts(
         self, body: IO[bytes], parts: list[_Part], request_id: str, study: str | None, client: str
@@ -387,6 +402,11 @@ class _DicomWeb:
                 sop_class_uid=out.sop_class_uid, sop_instance_uid=out.sop_uid,
                 study_uid=study, max_inflated_bytes=self.config.node.max_inflated_bytes,
             )
+        except AdmissionRefusedError as exc:  # node.admission logs these, rate-limited: not one line per part
+            out.failure, out.reason, out.retry_after = int(exc.status), str(exc), exc.retry_after
+            self.metrics.admission_refused(exc.reason, "stow")
+            self.metrics.rejected(type(exc).__name__, "stow")
+            return out
         except (ReceiveError, _PartFailed) as exc:
             out.failure, out.reason = int(exc.status), str(exc)
             self.metrics.rejected(type(exc).__name__ if isinstance(exc, ReceiveError) else exc.status.name, "stow")

@@ -3,7 +3,8 @@
 `DimseServer(config, ingestor, index).start()` listens on ``[node] host:port`` without blocking. Associations are
 refused when the called AE title is not ours or the calling AE is not on a non-empty allow-list. The C-STORE
 handler does one thing: hand the encoded dataset to the `Ingestor` and answer its status — Success only after the
-file is fsync'd and the index row committed; `ReceiveError.status` otherwise (0xA700/0xA701/0xA900/0xC000).
+file is fsync'd and the index row committed; `ReceiveError.status` otherwise (0xA700/0xA701/0xA900/0xC000;
+0xA700 also when admission control refuses the series, see `node.admission`).
 Every accepted socket gets TCP_NODELAY (pynetdicom leaves Nagle on, which stalls each small C-STORE ~50 ms).
 Associations run under `node.guard`: PDUs over ``[node] max_pdu_bytes`` and malformed requests are aborted unread,
 every read has a deadline (``association_timeout_seconds`` until negotiated, ``network_timeout_seconds`` after),
@@ -30,7 +31,7 @@ from pynetdicom.sop_class import StorageCommitmentPushModel, Verification  # typ
 from node.audit import AuditTrail
 from node.auditdb import audit_association_closed
 from node.config import NodeConfig
-from node.errors import ReceiveError, StoreStatus
+from node.errors import AdmissionRefusedError, ReceiveError, StoreStatus
 from node.guard import (
     GuardedServer,
     ReceiveLimits,
@@ -261,6 +262,10 @@ class DimseServer:
                 sop_instance_uid=str(request.AffectedSOPInstanceUID),
                 max_inflated_bytes=self._config.node.max_inflated_bytes,
             )
+        except AdmissionRefusedError as exc:  # node.admission logs these, rate-limited: not one line per instance
+            self._metrics.admission_refused(exc.reason, "dimse")
+            self._metrics.rejected(type(exc).__name__, "dimse")
+            return int(exc.status)
         except ReceiveError as exc:
             self._log.warning(
                 "instance_refused",

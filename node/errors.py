@@ -8,6 +8,7 @@
     │   ├── SOPClassMismatchError   0xA900  dataset SOP class/instance differs from the request
     │   ├── SpoolFullError          0xA700  out of resources: disk full
     │   ├── InstanceTooLargeError   0xA700  out of resources: the data set (or its inflated form) is over the limit
+    │   ├── AdmissionRefusedError   0xA700  out of resources: admission control paused (disk floor, queue ceiling)
     │   └── StoreFailedError        0xA701  out of resources: the spool or the index could not be written
     ├── IndexError_                 the database could not be read or written (outside a C-STORE)
     ├── SendError                   an SCU operation (echo, send, dispatch) failed
@@ -73,6 +74,19 @@ class InstanceTooLargeError(ReceiveError):
     """The data set, or a Deflated one once inflated, exceeds the node's configured limit; nothing was kept."""
 
     status = StoreStatus.OUT_OF_RESOURCES
+
+
+class AdmissionRefusedError(ReceiveError):
+    """Admission control refused the instance before it was read into the spool (`node.admission`): free space
+    below the floor or the hard reserve, or the job queue at its ceiling. ``reason`` is an `AdmissionReason`;
+    ``retry_after`` the seconds a client is told to wait (STOW-RS ``Retry-After``)."""
+
+    status = StoreStatus.OUT_OF_RESOURCES
+
+    def __init__(self, message: str, *, reason: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.retry_after = retry_after
 
 
 class StoreFailedError(ReceiveError):

@@ -44,13 +44,14 @@ class HealthProbe:
     """
 
     def __init__(self, engine: Engine, spool_dir: Path, models_ready: Callable[[], bool],
-                 heartbeats: Heartbeats | None = None) -> None:
+                 heartbeats: Heartbeats | None = None, admission: Callable[[], dict[str, Any]] | None = None) -> None:
         if not callable(models_ready):
             raise TypeError(f"models_ready must be callable, not {type(models_ready).__name__}")
         self.engine = engine
         self.spool_dir = Path(spool_dir)
         self.models_ready = models_ready
         self.heartbeats = heartbeats
+        self.admission = admission  # e.g. `Admission.report`: shown in the report, never makes the node not ready
 
     def check(self) -> dict[str, str]:
         checks = {"database": self._database(), "spool": self._spool(), "models": self._models()}
@@ -59,14 +60,22 @@ class HealthProbe:
         return checks
 
     def report(self) -> dict[str, Any]:
-        """``{"ready": bool, "checks": check(), "loops": {name: heartbeat age, limit, alive, stuck, restarts}}``."""
+        """``{"ready": bool, "checks": check(), "loops": {name: heartbeat age, limit, alive, stuck, restarts}}``,
+        plus ``"admission"`` (what admission control accepts now) when given: a paused node is still alive and
+        ready — it refuses new data with 0xA700 / 503 and resumes by itself."""
         checks = self.check()
         loops = self.heartbeats.snapshot() if self.heartbeats is not None else {}
-        return {
+        report: dict[str, Any] = {
             "ready": all(v == "ok" for v in checks.values()),
             "checks": checks,
             "loops": {name: status.as_dict() for name, status in sorted(loops.items())},
         }
+        if self.admission is not None:
+            try:
+                report["admission"] = self.admission()
+            except Exception as exc:  # a readiness probe answers; it does not raise
+                report["admission"] = {"error": type(exc).__name__}
+        return report
 
     def _database(self) -> str:
         try:

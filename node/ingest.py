@@ -2,7 +2,8 @@
 
 `Ingestor.accept(dataset, transfer_syntax_uid, ...)` parses only the attributes the index needs, validates
 the UIDs, writes the Part 10 file durably to the spool and commits the index row — in that order — and returns
-an `Accepted`. Any failure raises a `ReceiveError` whose ``status`` is the C-STORE status to answer with (STOW-RS
+an `Accepted`; given an `Admission` (`node.admission`), the instance's series must pass admission control before
+anything is written. Any failure raises a `ReceiveError` whose ``status`` is the C-STORE status to answer with (STOW-RS
 maps the same errors to its failure reasons). Nothing is acknowledged before both writes are durable.
 
 The parse walks the whole data set in the negotiated transfer syntax and refuses (0xC000) what would be stored as
@@ -18,7 +19,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from io import BytesIO
-from typing import IO, Any, BinaryIO, cast
+from typing import IO, TYPE_CHECKING, Any, BinaryIO, cast
 
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -52,6 +53,9 @@ from node.errors import (
 )
 from node.index import Index, InstanceRecord, RecordOutcome
 from node.spool import Spool, check_uid
+
+if TYPE_CHECKING:
+    from node.admission import Admission
 
 # Transfer syntaxes both front doors accept: those whose pixel data the node can decode later (pydicom +
 # pylibjpeg plugins); uncompressed first.
@@ -338,11 +342,13 @@ def _int(ds: Dataset, keyword: str) -> int | None:
 
 
 class Ingestor:
-    """Accepts encoded datasets into ``spool`` and ``index``."""
+    """Accepts encoded datasets into ``spool`` and ``index``; with ``admission`` (`node.admission`), only while
+    admission control lets the instance's series in (else `AdmissionRefusedError`, 0xA700, nothing written)."""
 
-    def __init__(self, spool: Spool, index: Index) -> None:
+    def __init__(self, spool: Spool, index: Index, admission: Admission | None = None) -> None:
         self.spool = spool
         self.index = index
+        self.admission = admission
 
     def accept(
         self,
@@ -359,7 +365,7 @@ class Ingestor:
         one too large to hold in memory (read in place). ``sop_class_uid``/``sop_instance_uid`` are what the request
         announced (C-STORE Affected SOP Class/Instance UID), ``study_uid`` the study a STOW-RS URL named; the
         dataset must agree with them (0xA900). A Deflated data set inflating past ``max_inflated_bytes`` raises
-        `InstanceTooLargeError` (0xA700)."""
+        `InstanceTooLargeError` (0xA700); admission control refusing the series `AdmissionRefusedError` (0xA700)."""
         ts = UID(transfer_syntax_uid)
         if not ts.is_transfer_syntax:
             raise InvalidDatasetError(f"unknown transfer syntax {transfer_syntax_uid!r}")
@@ -380,6 +386,8 @@ class Ingestor:
             raise SOPClassMismatchError(f"dataset SOPClassUID {sop_class} differs from the request's {sop_class_uid}")
         if sop_instance_uid is not None and sop_instance_uid != sop_uid:
             raise SOPClassMismatchError(f"dataset SOPInstanceUID {sop_uid} differs from the request's")
+        if self.admission is not None:
+            self.admission.check(series_uid)  # the one admission boundary both front doors pass
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = UID(sop_class)
         meta.MediaStorageSOPInstanceUID = UID(sop_uid)
@@ -392,6 +400,8 @@ class Ingestor:
         write_file_meta_info(header, meta, enforce_standard=True)
         body = [dataset] if isinstance(dataset, bytes) else dataset.chunks()
         spooled = self.spool.write(study_uid, series_uid, sop_uid, itertools.chain([header.getvalue()], body))
+        if self.admission is not None:
+            self.admission.written(spooled.size)
         record = InstanceRecord(
             sop_uid=sop_uid,
             series_uid=series_uid,

@@ -19,6 +19,7 @@ from prometheus_client.metrics_core import Metric
 from pydicom.uid import UID
 
 from node.logs import get_logger
+from node.states import AdmissionReason
 
 SOURCES = frozenset({"dimse", "stow"})
 ASSOCIATION_EVENTS = frozenset({"accepted", "rejected", "released", "aborted"})
@@ -128,6 +129,29 @@ class _ScrapeTimeCollector:
             return None
 
 
+class _AdmissionCollector:
+    """``pacsnode_admission_paused{reason}`` read at scrape time; a failing source is left out and counted."""
+
+    def __init__(self, paused: Callable[[], Mapping[str, bool]], on_error: Callable[[str, Exception], None]) -> None:
+        self._paused = paused
+        self._on_error = on_error
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        try:
+            paused = self._paused()
+        except Exception as exc:  # a scrape must still answer
+            self._on_error("admission", exc)
+            return
+        family = GaugeMetricFamily("pacsnode_admission_paused",
+                                   "1 while admission control refuses data for this reason.", labels=["reason"])
+        for reason, on in sorted(paused.items()):
+            family.add_metric([reason], 1 if on else 0)
+        yield family
+
+
 class Metrics:
     """The node's metrics; thread-safe (prometheus_client's metric objects lock internally)."""
 
@@ -184,6 +208,13 @@ class Metrics:
             "pacsnode_audit_failures", "Audit records that could not be written, by sink (file, syslog).",
             ["sink"], registry=r,
         )
+        self._admission_refused = Counter(
+            "pacsnode_admission_refused",
+            "Refused by admission control, by reason (disk_floor, queue_ceiling, disk_reserve) and front door: "
+            "instances, and STOW-RS requests refused whole before their body was read.",
+            ["reason", "front_door"],
+            registry=r,
+        )
         self._gauges = _ScrapeTimeCollector(self._source_failed)
         r.register(self._gauges)
         # Registered after the gauges, so a scrape that hits a failing source already reports it.
@@ -214,6 +245,13 @@ class Metrics:
                         raise TypeError(f"{name} must be callable, not {type(fn).__name__}")
                     setattr(self._gauges, name, fn)
 
+    def bind_admission(self, paused: Callable[[], Mapping[str, bool]]) -> None:
+        """Serve ``pacsnode_admission_paused{reason}`` (1 while that reason pauses admission) from ``paused``,
+        read at scrape time (`Admission.paused_by_reason`)."""
+        if not callable(paused):
+            raise TypeError(f"paused must be callable, not {type(paused).__name__}")
+        self.registry.register(_AdmissionCollector(paused, self._source_failed))
+
     # -- events ---------------------------------------------------------------------------------------------
     def instance_received(self, sop_class: str, transfer_syntax: str, size: int, source: str) -> None:
         """One instance stored durably. ``source`` is "dimse" or "stow"; ``size`` in bytes as received."""
@@ -230,6 +268,11 @@ class Metrics:
         if not reason:
             raise ValueError("reason must not be empty")
         self._rejections.labels(reason, source).inc()
+
+    def admission_refused(self, reason: str, front_door: str) -> None:
+        """One instance (or a whole STOW-RS request) refused by admission control; ``reason`` an
+        `AdmissionReason` value, ``front_door`` "dimse" or "stow"."""
+        self._admission_refused.labels(AdmissionReason(reason).value, _check(front_door, SOURCES, "front_door")).inc()
 
     def association(self, event: str) -> None:
         """A DIMSE association was accepted, rejected, released or aborted."""

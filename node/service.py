@@ -25,6 +25,7 @@ from types import FrameType
 from starlette.routing import Mount
 
 from node.admin import admin_routes
+from node.admission import Admission, index_activity
 from node.audit import AuditTrail
 from node.auditdb import audit_export
 from node.auth import Authenticator
@@ -67,6 +68,11 @@ class Service:
         self.metrics = Metrics()
         self.audit = AuditTrail(config.audit, config.node.data_dir, ae_title=config.node.ae_title,
                                 on_failure=self.metrics.audit_failure)
+        # Admission control sits in the ingestor, the one boundary both front doors pass (node.admission).
+        self.admission = Admission(config.admission, config.node.data_dir, queue_depth=self.queue.depth,
+                                   series_activity=index_activity(self.index))
+        self.ingestor.admission = self.admission
+        self.metrics.bind_admission(self.admission.paused_by_reason)
         self.heartbeats = Heartbeats(stuck_after_periods=config.supervise.stuck_after_periods)
         self.supervisor = Supervisor(self.heartbeats, config.supervise, on_fatal=self._fatal)
         self.exit_code = 0
@@ -105,8 +111,9 @@ class Service:
         )
         models_ready = self.worker.ready.is_set if config.worker.enabled else (lambda: True)
         token = config.node.dicomweb_token.get_secret_value() if config.node.dicomweb_token else None
-        health = HealthProbe(self.engine, config.node.spool_dir, models_ready, self.heartbeats)
         auth = Authenticator(token, metrics=self.metrics, audit=self.audit)  # one check for every HTTP surface
+        health = HealthProbe(self.engine, config.node.spool_dir, models_ready, self.heartbeats,
+                             admission=self.admission.report)
         app = create_app(
             config, self.ingestor, self.index,
             health=health,
@@ -116,7 +123,7 @@ class Service:
         # The status page reads the live config, so a hot reload shows; its actions need the DICOMweb token.
         app.router.routes.append(Mount("/admin", routes=admin_routes(
             lambda: self.config, self.engine, token=token, dispatcher=self.dispatcher, queue=self.queue,
-            index=self.index, authenticator=auth,
+            index=self.index, authenticator=auth, admission=self.admission.report,
         )))
         self.http = HttpServer(config, app, health=health, heartbeats=self.heartbeats)
         self._dimse_threads: list[threading.Thread] = []
@@ -161,6 +168,7 @@ class Service:
             self.reachability.apply_config(new)  # and checks the destinations again now
             self.queue.apply_config(new)
             self.supervisor.apply_config(new)
+            self.admission.apply_config(new.admission)
             self.config = new
             self.log.info(
                 "config_reloaded", source=str(source), allowed_calling_aes=list(new.node.allowed_calling_aes),
@@ -272,6 +280,7 @@ class Service:
         try:
             while not self._stop.wait(0.5):
                 self.supervisor.check()
+                self.admission.state()  # re-evaluated without traffic too, so a pause ends (and is logged) on time
         finally:
             self.stop()
         return self.exit_code

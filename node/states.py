@@ -43,6 +43,14 @@ class CommitState(StrEnum):
     TIMED_OUT = "timed_out"    # no report (no successful request) within commit_timeout_seconds
 
 
+class AdmissionReason(StrEnum):
+    """Why admission control refuses data (`node.admission`)."""
+
+    DISK_FLOOR = "disk_floor"          # free space below the floor: new series refused, series in progress go on
+    QUEUE_CEILING = "queue_ceiling"    # jobs waiting at the ceiling: new series refused, series in progress go on
+    DISK_RESERVE = "disk_reserve"      # free space below the hard reserve: everything refused
+
+
 # The Manufacturer the node writes into every object it makes (SR, SEG, KOS): routing recognises its own output
 # by it and never processes it again.
 NODE_MANUFACTURER = "pacs-ai-node"

@@ -25,6 +25,7 @@ def test_the_rules_use_only_metrics_the_node_exports():
            deliveries=lambda: {("pacs", "dead"): 1}, disk=lambda: (1, 2),
            destination_up=lambda: {"pacs": False}, uncommitted=lambda: {"pacs": 1})
     m.job_ended("pneumonia", "unreported")
+    m.bind_admission(lambda: {"disk_floor": True})
     exported = set(re.findall(r"^# TYPE (\w+)", m.render()[0].decode(), re.MULTILINE))
     exported |= {f"{name}_total" for name in exported}  # counters are exposed with the _total suffix
     used = set(re.findall(r"\b(pacsnode_\w+)", RULES.read_text()))
