@@ -37,6 +37,7 @@ from node.index import Index
 from node.ingest import ACCEPTED_TRANSFER_SYNTAXES, EncodedDataset, Ingestor, Origin
 from node.logs import get_logger
 from node.metrics import Metrics
+from node.refusals import Refusals
 from node.states import AssociationState
 
 assert set(ACCEPTED_TRANSFER_SYNTAXES) <= set(ALL_TRANSFER_SYNTAXES)
@@ -124,7 +125,7 @@ class DimseServer:
         ]
         self._server = start_guarded_server(
             self._ae, (self._config.node.host, self._config.node.port), handlers,
-            ReceiveLimits.from_config(self._config.node),
+            ReceiveLimits.from_config(self._config.node), Refusals("dimse", self._metrics),
         )
         host, port = self.address
         self._log.info("dimse_listening", ae_title=self._config.node.ae_title, host=host, port=port)

@@ -19,8 +19,12 @@ connection, swaps in two subclasses before the association starts:
   pynetdicom cannot decode aborts the association (Evt19) instead of killing the reactor thread.
 
 The server itself closes a new connection at once while `CONNECTIONS_PER_ASSOCIATION` × ``max_associations`` are
-open (pynetdicom would give each two threads and only count it at A-ASSOCIATE-RQ time), and listens with a
-backlog of that size rather than socketserver's 5.
+open, or while ``max_associations_per_peer`` are open from the same address (pynetdicom would give each two
+threads and only count it at A-ASSOCIATE-RQ time), and listens with a backlog of that size rather than
+socketserver's 5. Closing at accept rather than answering A-ASSOCIATE-RJ (transient, local-limit-exceeded) is
+deliberate: an RJ answers an RQ, so the node would first have to read and decode up to ``max_pdu_bytes`` from
+the peer on a thread of its own — the very cost a flood is after. Every refusal and abort goes through
+`node.refusals.Refusals`: counted in the metrics, logged at most a few times per peer address and minute.
 
 pynetdicom internals this relies on (tests/unit/test_hostile_dimse.py fails if one changes): the DUL reads a PDU
 as ``socket.recv(6)`` then ``socket.recv(length)`` and maps `OSError` to Evt17; the acceptor thread waits on
@@ -52,7 +56,8 @@ from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAsso
 
 from node.errors import InstanceTooLargeError, SpoolFullError
 from node.ingest import EncodedDataset, FileSpan
-from node.logs import get_logger
+from node.refusals import Refusals
+from node.states import PeerRefusal
 
 if TYPE_CHECKING:
     from ssl import SSLContext
@@ -79,7 +84,6 @@ CONNECTIONS_PER_ASSOCIATION = 2  # open TCP connections allowed per association 
 # A command set is a handful of elements (~100-300 bytes); anything near this is not a DIMSE command.
 MAX_COMMAND_SET_BYTES = 1 << 16
 
-_log = get_logger(component="dimse_guard")
 
 
 @dataclass(frozen=True)
@@ -91,11 +95,14 @@ class ReceiveLimits:
     association_timeout: float
     network_timeout: float
     max_connections: int  # open connections (negotiating or associated); more are closed at accept
+    max_per_peer: int | None = None  # open connections from one address; more are closed at accept
     spill_dir: Path | None = None  # where data sets over SPILL_BYTES go (None: they stay in memory)
 
     def __post_init__(self) -> None:
         if self.max_connections < 1:
             raise ValueError(f"max_connections must be >= 1, not {self.max_connections}")
+        if self.max_per_peer is not None and self.max_per_peer < 1:
+            raise ValueError(f"max_per_peer must be >= 1 or None, not {self.max_per_peer}")
         if self.max_pdu_bytes < 1 or self.max_instance_bytes < 1:
             raise ValueError(
                 f"max_pdu_bytes and max_instance_bytes must be >= 1, not {self.max_pdu_bytes}, "
@@ -117,6 +124,7 @@ class ReceiveLimits:
             # pynetdicom refuses associations over max_associations at A-ASSOCIATE-RQ time with an
             # A-ASSOCIATE-RJ; this bounds the connections (two threads each) that get that far.
             max_connections=CONNECTIONS_PER_ASSOCIATION * node.max_associations,
+            max_per_peer=node.max_associations_per_peer,
             spill_dir=node.data_dir / "incoming",  # beside the spool: same disk, cleaned by the system
         )
 
@@ -199,24 +207,26 @@ def discard_request_dataset(request: C_STORE) -> None:
         request.DataSet.discard()
 
 
-def _peer(assoc: Association) -> str:
-    return f"{assoc.requestor.address}:{assoc.requestor.port}"
+def _record(refusals: Refusals, reason: PeerRefusal, assoc: Association, **context: Any) -> None:
+    refusals.record(reason, assoc.requestor.address, assoc.requestor.port, **context)
 
 
 class GuardedSocket(AssociationSocket):
     """An `AssociationSocket` whose reads have deadlines and whose PDUs have a maximum declared length."""
 
     limits: ReceiveLimits
+    refusals: Refusals
     _opened: float
     _header: bytes | None  # the header of the PDU whose body is read next
 
     @classmethod
-    def adopt(cls, sock: AssociationSocket, limits: ReceiveLimits) -> GuardedSocket:
+    def adopt(cls, sock: AssociationSocket, limits: ReceiveLimits, refusals: Refusals) -> GuardedSocket:
         """Turn pynetdicom's freshly made acceptor socket into a `GuardedSocket` in place (its constructor has
         already queued the connection event, so a second instance cannot be made instead)."""
         sock.__class__ = cls
         guarded = cast(GuardedSocket, sock)
         guarded.limits = limits
+        guarded.refusals = refusals
         guarded._opened = time.monotonic()
         guarded._header = None
         if guarded.socket is not None:
@@ -235,7 +245,7 @@ class GuardedSocket(AssociationSocket):
                 if pdu_type in _PDU_TYPES:  # pynetdicom reads the body next (otherwise it aborts: Evt19)
                     if length > self.limits.max_pdu_bytes:
                         self._refuse(
-                            "pdu_too_large", pdu_type=pdu_type, declared=length, limit=self.limits.max_pdu_bytes
+                            PeerRefusal.PDU_TOO_LARGE, pdu_type=pdu_type, declared=length, limit=self.limits.max_pdu_bytes
                         )
                     self._header = bytes(data)
         elif header[0] == _A_ASSOCIATE_RQ and len(data) == nr_bytes:
@@ -258,8 +268,8 @@ class GuardedSocket(AssociationSocket):
             while len(buf) < nr_bytes:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    _log.warning(
-                        "peer_stalled", peer=_peer(self.assoc), received=len(buf), expected=nr_bytes,
+                    _record(
+                        self.refusals, PeerRefusal.PEER_STALLED, self.assoc, received=len(buf), expected=nr_bytes,
                         timeout=timeout, negotiating=negotiating,
                     )
                     self._wake_acceptor()
@@ -295,11 +305,11 @@ class GuardedSocket(AssociationSocket):
             return
         except Exception as exc:  # pynetdicom raises ValueError, struct.error, KeyError ... on malformed items
             error = f"{type(exc).__name__}: {exc}"[:200]
-        self._refuse("associate_rq_malformed", error=error)
+        self._refuse(PeerRefusal.ASSOCIATE_RQ_MALFORMED, error=error)
 
-    def _refuse(self, event: str, **context: Any) -> None:
+    def _refuse(self, event: PeerRefusal, **context: Any) -> None:
         """A-ABORT the peer, close the transport (via pynetdicom's Evt17) and wake the acceptor thread."""
-        _log.warning(event, peer=_peer(self.assoc), **context)
+        _record(self.refusals, event, self.assoc, **context)
         abort = A_ABORT_RQ()
         abort.source = _ABORT_SOURCE_PROVIDER
         abort.reason_diagnostic = _ABORT_INVALID_PARAMETER
@@ -322,9 +332,10 @@ class GuardedDimse(DIMSEServiceProvider):
     """pynetdicom's DIMSE provider with each data set collected in a `BoundedDataset` and decoding failures
     turned into an A-ABORT instead of an exception in the reactor thread."""
 
-    def __init__(self, assoc: Association, limits: ReceiveLimits) -> None:
+    def __init__(self, assoc: Association, limits: ReceiveLimits, refusals: Refusals) -> None:
         super().__init__(assoc)
         self.limits = limits
+        self.refusals = refusals
 
     def receive_primitive(self, primitive: P_DATA) -> None:
         if self.message is None:
@@ -333,15 +344,15 @@ class GuardedDimse(DIMSEServiceProvider):
         command = self.message.encoded_command_set
         incoming = sum(len(pdv) - 1 for _, pdv in primitive.presentation_data_value_list if pdv and pdv[0] & 1)
         if command.tell() + incoming > MAX_COMMAND_SET_BYTES:
-            self._abort("command_set_too_large", size=command.tell() + incoming, limit=MAX_COMMAND_SET_BYTES)
+            self._abort(PeerRefusal.COMMAND_SET_TOO_LARGE, size=command.tell() + incoming, limit=MAX_COMMAND_SET_BYTES)
             return
         try:
             super().receive_primitive(primitive)
         except Exception as exc:  # pynetdicom raises KeyError, IndexError, ValueError ... on malformed messages
-            self._abort("dimse_message_malformed", error=f"{type(exc).__name__}: {exc}"[:200])
+            self._abort(PeerRefusal.DIMSE_MESSAGE_MALFORMED, error=f"{type(exc).__name__}: {exc}"[:200])
 
-    def _abort(self, event: str, **context: Any) -> None:
-        _log.warning(event, peer=_peer(self.assoc), **context)
+    def _abort(self, event: PeerRefusal, **context: Any) -> None:
+        _record(self.refusals, event, self.assoc, **context)
         self.message = None
         self.dul.event_queue.put("Evt19")  # invalid PDU: A-ABORT to the peer, A-P-ABORT to us (AA-8)
 
@@ -350,12 +361,31 @@ class GuardedRequestHandler(RequestHandler):
     """pynetdicom's request handler, fitting each new acceptor association with the guards above."""
 
     server: GuardedServer
+    _slot_handed_over = False  # the association thread owns (and releases) this connection's per-peer slot
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        finally:
+            if not self._slot_handed_over:  # the association never started: nobody else will release the slot
+                self.server.release_peer(self.client_address[0])
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
-        limits = self.server.limits
-        GuardedSocket.adopt(cast(AssociationSocket, assoc.dul.socket), limits)
-        assoc.dimse = GuardedDimse(assoc, limits)
+        server = self.server
+        limits = server.limits
+        GuardedSocket.adopt(cast(AssociationSocket, assoc.dul.socket), limits, server.refusals)
+        assoc.dimse = GuardedDimse(assoc, limits, server.refusals)
+        run, address = assoc.run, self.client_address[0]
+
+        def run_then_release() -> None:  # the slot is held exactly as long as the association's thread runs
+            try:
+                run()
+            finally:
+                server.release_peer(address)
+
+        assoc.run = run_then_release  # type: ignore[method-assign]
+        self._slot_handed_over = True
         return assoc
 
 
@@ -373,8 +403,12 @@ class GuardedServer(ThreadedAssociationServer):
         evt_handlers: list[Any] | None = None,
         *,
         limits: ReceiveLimits,
+        refusals: Refusals | None = None,
     ) -> None:
         self.limits = limits
+        self.refusals = refusals or Refusals("dimse")
+        self._per_peer: dict[str, int] = {}  # open connections by peer address (admitted, thread not yet ended)
+        self._per_peer_lock = threading.Lock()
         # socketserver listens with a backlog of 5: a burst of connections (several modalities, or an attacker's
         # idle ones) then has the kernel drop SYNs and senders wait a 1 s retransmission each.
         self.request_queue_size = max(limits.max_connections, 5)
@@ -386,12 +420,38 @@ class GuardedServer(ThreadedAssociationServer):
     def verify_request(self, request: Any, client_address: Any) -> bool:
         """socketserver's admission check: close the connection at once when ``max_connections`` are open, so
         a connection flood costs neither threads nor memory (a refused peer sees the connection closed)."""
+        limits = self.limits
+        address, port = str(client_address[0]), int(client_address[1])
         open_now = len(self.active_associations)
-        if open_now >= self.limits.max_connections:
-            _log.warning("connection_refused", peer=f"{client_address[0]}:{client_address[1]}", open=open_now,
-                         limit=self.limits.max_connections)
+        if open_now >= limits.max_connections:
+            self.refusals.record(
+                PeerRefusal.CONNECTION_REFUSED, address, port, open=open_now, limit=limits.max_connections
+            )
             return False
-        return True
+        with self._per_peer_lock:
+            from_peer = self._per_peer.get(address, 0)
+            admitted = limits.max_per_peer is None or from_peer < limits.max_per_peer
+            if admitted:
+                self._per_peer[address] = from_peer + 1
+        if not admitted:
+            self.refusals.record(
+                PeerRefusal.PEER_LIMIT_REACHED, address, port, open=from_peer, limit=limits.max_per_peer
+            )
+        return admitted
+
+    def release_peer(self, address: str) -> None:
+        """One connection from ``address`` has ended (its association thread finished, or never started)."""
+        with self._per_peer_lock:
+            left = self._per_peer.get(address, 0) - 1
+            if left > 0:
+                self._per_peer[address] = left
+            else:
+                self._per_peer.pop(address, None)
+
+    def open_from(self, address: str) -> int:
+        """Connections from ``address`` admitted and not yet ended."""
+        with self._per_peer_lock:
+            return self._per_peer.get(address, 0)
 
     def shutdown(self) -> None:
         """Stop serving and close the listening socket (this server is not in the AE's own server list)."""
@@ -400,12 +460,15 @@ class GuardedServer(ThreadedAssociationServer):
 
 
 def start_guarded_server(
-    ae: AE, address: tuple[str, int], evt_handlers: list[Any], limits: ReceiveLimits
+    ae: AE, address: tuple[str, int], evt_handlers: list[Any], limits: ReceiveLimits,
+    refusals: Refusals | None = None,
 ) -> GuardedServer:
     """Like ``ae.start_server(address, block=False, evt_handlers=...)`` but guarded; returns once listening."""
     server = cast(
         GuardedServer,
-        ae.make_server(address, evt_handlers=evt_handlers, server_class=GuardedServer, limits=limits),
+        ae.make_server(
+            address, evt_handlers=evt_handlers, server_class=GuardedServer, limits=limits, refusals=refusals
+        ),
     )
     threading.Thread(target=server.serve_forever, name="AcceptorServer@pacsnode", daemon=True).start()
     return server

@@ -3,7 +3,8 @@
 
 Given the probe, `HttpServer` answers ``GET /readyz`` itself with `HealthProbe.report` — the checks plus each
 supervised loop's heartbeat (`node.supervise`) — 200 when ready, 503 when not; ``/healthz`` stays the app's
-liveness answer. The server's own event loop is supervised as loop ``http`` (it beats every uvicorn tick)."""
+liveness answer. The server's own event loop is supervised as loop ``http`` (it beats every uvicorn tick).
+Connections run under `node.httpguard` (header deadline, body read timeout, per-address and total caps)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,10 @@ from starlette.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
 from node.config import NodeConfig
+from node.httpguard import HttpLimits, guarded_protocol
 from node.logs import get_logger
+from node.metrics import Metrics
+from node.refusals import Refusals
 from node.supervise import Heartbeats
 
 LOOP = "http"  # the server's name in the heartbeat registry
@@ -133,13 +137,16 @@ class HttpServer:
     `HealthProbe.report`; with ``heartbeats``, the server is a supervised loop (restarted on the same port)."""
 
     def __init__(self, config: NodeConfig, app: Starlette, *, graceful_seconds: float = 10.0,
-                 health: HealthProbe | None = None, heartbeats: Heartbeats | None = None) -> None:
+                 health: HealthProbe | None = None, heartbeats: Heartbeats | None = None,
+                 metrics: Metrics | None = None) -> None:
         if graceful_seconds <= 0:
             raise ValueError(f"graceful_seconds must be > 0, not {graceful_seconds}")
         self._host = config.node.host
         self._port = config.node.http_port
         self._app: Any = app if health is None else _Readiness(app, health)
         self._graceful = graceful_seconds
+        self._limits = HttpLimits.from_config(config.node)
+        self._refusals = Refusals("http", metrics)
         self._heartbeats = heartbeats or Heartbeats()
         self._server: _UvicornServer | None = None
         self._thread: threading.Thread | None = None
@@ -183,6 +190,8 @@ class HttpServer:
             log_config=None,  # keep the node's structlog setup
             access_log=False,  # the app logs its own events, with UIDs and sizes only
             timeout_graceful_shutdown=int(self._graceful) or 1,
+            http=guarded_protocol(self._limits, self._refusals),
+            **self._limits.uvicorn_settings(),
         )
         started = threading.Event()
         self._server = _UvicornServer(config, started, lambda: self._heartbeats.beat(LOOP))

@@ -105,7 +105,7 @@ class Service:
             lambda: self.config, self.engine, token=token, dispatcher=self.dispatcher, queue=self.queue,
             index=self.index,
         )))
-        self.http = HttpServer(config, app, health=health, heartbeats=self.heartbeats)
+        self.http = HttpServer(config, app, health=health, heartbeats=self.heartbeats, metrics=self.metrics)
         self._dimse_thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._signals = 0
@@ -116,6 +116,8 @@ class Service:
     RESTART_ONLY = (
         "ae_title", "host", "port", "data_dir", "http_port", "max_associations", "dicomweb_token",
         "stow_max_request_bytes", "uid_root", "max_pdu_bytes", "max_instance_bytes", "max_inflated_bytes",
+        "http_header_timeout_seconds", "http_body_timeout_seconds", "http_max_connections",
+        "http_max_connections_per_peer", "http_max_header_bytes",
         "association_timeout_seconds",  # receive limits: both front doors take them at start, so one value holds
     )
 

@@ -36,3 +36,18 @@ class DeliveryState(StrEnum):
 # The Manufacturer the node writes into every object it makes (SR, SEG, KOS): routing recognises its own output
 # by it and never processes it again.
 NODE_MANUFACTURER = "pacs-ai-node"
+
+
+class PeerRefusal(StrEnum):
+    """Why a peer's connection was refused or cut off by a front door's guard (also the log event's name)."""
+
+    CONNECTION_REFUSED = "connection_refused"          # DIMSE: max_associations worth of connections open
+    PEER_LIMIT_REACHED = "peer_connection_refused"     # DIMSE: max_associations_per_peer open from this address
+    PDU_TOO_LARGE = "pdu_too_large"                    # DIMSE: declared PDU length over max_pdu_bytes
+    ASSOCIATE_RQ_MALFORMED = "associate_rq_malformed"  # DIMSE: an A-ASSOCIATE-RQ pynetdicom cannot decode
+    PEER_STALLED = "peer_stalled"                      # DIMSE: a read missed its deadline
+    COMMAND_SET_TOO_LARGE = "command_set_too_large"    # DIMSE
+    DIMSE_MESSAGE_MALFORMED = "dimse_message_malformed"  # DIMSE
+    HTTP_HEADER_TIMEOUT = "http_header_timeout"        # HTTP: request head not complete within its deadline
+    HTTP_BODY_TIMEOUT = "http_body_timeout"            # HTTP: no body bytes within the read timeout
+    HTTP_HEADER_TOO_LARGE = "http_header_too_large"    # HTTP: request head over http_max_header_bytes (431)
