@@ -134,7 +134,7 @@ def _fuzz(ingestor: Ingestor, data: st.DataObject) -> None:
     check_accept(ingestor, ts, encoded, None)
 
 
-test_mutated_data_sets_are_stored_readable_or_refused_with_a_status = settings(QUICK, max_examples=1000)(
+test_mutated_data_sets_are_stored_readable_or_refused_with_a_status = settings(QUICK, max_examples=1500)(
     given(data=st.data())(_fuzz)
 )
 test_mutated_data_sets_long = pytest.mark.slow(settings(LONG, max_examples=5000)(given(data=st.data())(_fuzz)))

@@ -78,5 +78,5 @@ def _fuzz(node: Node, content_type: str | None, body: bytes) -> None:
 _given = given(content_type=content_types(), body=bodies())
 test_garbled_stow_requests_get_a_documented_status = example(
     content_type=f'multipart/related; type="application/dicom"; boundary={BOUNDARY}', body=b""
-)(settings(QUICK, max_examples=300)(_given(_fuzz)))
+)(settings(QUICK, max_examples=600)(_given(_fuzz)))
 test_garbled_stow_requests_long = pytest.mark.slow(settings(LONG, max_examples=5000)(_given(_fuzz)))
