@@ -217,6 +217,8 @@ class GuardedSocket(AssociationSocket):
     limits: ReceiveLimits
     refusals: Refusals
     _opened: float
+    recorded: bool  # a refusal of this connection has been recorded already
+    peer_closed: bool  # the peer closed its end (a read ended early)
     _header: bytes | None  # the header of the PDU whose body is read next
 
     @classmethod
@@ -228,6 +230,7 @@ class GuardedSocket(AssociationSocket):
         guarded.limits = limits
         guarded.refusals = refusals
         guarded._opened = time.monotonic()
+        guarded.recorded = guarded.peer_closed = False
         guarded._header = None
         if guarded.socket is not None:
             guarded.socket.settimeout(limits.network_timeout)  # also bounds sends to a peer that stops reading
@@ -268,6 +271,7 @@ class GuardedSocket(AssociationSocket):
             while len(buf) < nr_bytes:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
+                    self.recorded = True
                     _record(
                         self.refusals, PeerRefusal.PEER_STALLED, self.assoc, received=len(buf), expected=nr_bytes,
                         timeout=timeout, negotiating=negotiating,
@@ -280,6 +284,7 @@ class GuardedSocket(AssociationSocket):
                 except TimeoutError:
                     continue  # the deadline check above decides
                 if not chunk:
+                    self.peer_closed = True
                     break
                 buf += chunk
         finally:
@@ -309,6 +314,7 @@ class GuardedSocket(AssociationSocket):
 
     def _refuse(self, event: PeerRefusal, **context: Any) -> None:
         """A-ABORT the peer, close the transport (via pynetdicom's Evt17) and wake the acceptor thread."""
+        self.recorded = True
         _record(self.refusals, event, self.assoc, **context)
         abort = A_ABORT_RQ()
         abort.source = _ABORT_SOURCE_PROVIDER
@@ -383,10 +389,24 @@ class GuardedRequestHandler(RequestHandler):
                 run()
             finally:
                 server.release_peer(address)
+                _record_unfinished_negotiation(assoc, server.refusals, limits)
 
         assoc.run = run_then_release  # type: ignore[method-assign]
         self._slot_handed_over = True
         return assoc
+
+
+def _record_unfinished_negotiation(assoc: Association, refusals: Refusals, limits: ReceiveLimits) -> None:
+    """A connection that sent no A-ASSOCIATE-RQ within the association timeout is usually closed by pynetdicom's
+    own ACSE timer (silently) before this module's read deadline fires: record it here, once."""
+    sock = assoc.dul.socket
+    if not isinstance(sock, GuardedSocket) or sock.recorded or sock.peer_closed or assoc.requestor.primitive is not None:
+        return
+    waited = time.monotonic() - sock._opened
+    if waited >= limits.association_timeout * 0.9:  # not a peer that connected and went away (a port check)
+        sock.recorded = True
+        _record(refusals, PeerRefusal.PEER_STALLED, assoc, negotiating=True, timeout=limits.association_timeout,
+                waited=round(waited, 2))
 
 
 class GuardedServer(ThreadedAssociationServer):

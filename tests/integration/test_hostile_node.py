@@ -144,9 +144,15 @@ def test_legitimate_peers_get_through_a_burst_of_hostile_ones_and_memory_stays_f
         print(f"node peak RSS {before / 2**20:.1f} MiB before the burst, {after / 2**20:.1f} MiB after")
         assert after - before < RSS_GROWTH_BOUND
 
-        metrics = subprocess.run([curl, "-s", f"{http}/metrics"], capture_output=True, text=True, timeout=30).stdout
-        counted = {m.group(1): float(m.group(2)) for m in re.finditer(
-            r'pacsnode_peers_refused_total\{reason="peer_connection_refused",source="(\w+)"\} (\S+)', metrics)}
+        def refused(reason: str) -> dict[str, float]:
+            metrics = subprocess.run([curl, "-s", f"{http}/metrics"], capture_output=True, text=True, timeout=30)
+            return {m.group(1): float(m.group(2)) for m in re.finditer(
+                rf'pacsnode_peers_refused_total\{{reason="{reason}",source="(\w+)"\}} (\S+)', metrics.stdout)}
+
+        # the held ones are counted too: idle DIMSE past the association timeout, idle/slow HTTP heads
+        wait_until(lambda: refused("peer_stalled").get("dimse") == PER_PEER, 10, "the stalled DIMSE peers counted")
+        assert refused("http_header_timeout").get("http") == len(idle_http) + len(loris)
+        counted = refused("peer_connection_refused")
         assert counted.get("dimse", 0) >= len(dimse) - PER_PEER and counted.get("http", 0) >= refused_http
         logged = node.log_text().count('"event": "peer_connection_refused"')
         print(f"refusals counted {counted}, logged {logged} times")
