@@ -38,7 +38,7 @@ from node.ingest import ACCEPTED_TRANSFER_SYNTAXES, EncodedDataset, Ingestor, Or
 from node.logs import get_logger
 from node.metrics import Metrics
 from node.refusals import Refusals
-from node.states import AssociationState
+from node.states import AssociationState, PeerRefusal
 
 assert set(ACCEPTED_TRANSFER_SYNTAXES) <= set(ALL_TRANSFER_SYNTAXES)
 
@@ -76,6 +76,7 @@ class DimseServer:
     ) -> None:
         self._config = config
         self._metrics = metrics or Metrics()
+        self._refusals = Refusals("dimse", self._metrics)  # refusal logs rate-limited per peer address
         self._on_released = on_released
         self._ingestor = ingestor
         self._index = index
@@ -125,7 +126,7 @@ class DimseServer:
         ]
         self._server = start_guarded_server(
             self._ae, (self._config.node.host, self._config.node.port), handlers,
-            ReceiveLimits.from_config(self._config.node), Refusals("dimse", self._metrics),
+            ReceiveLimits.from_config(self._config.node), self._refusals,
         )
         host, port = self.address
         self._log.info("dimse_listening", ae_title=self._config.node.ae_title, host=host, port=port)
@@ -159,11 +160,9 @@ class DimseServer:
     def _on_rejected(self, event: evt.Event) -> None:
         assoc = event.assoc
         self._metrics.association("rejected")
-        self._log.warning(
-            "association_rejected",
-            calling_ae=assoc.requestor.ae_title,
-            called_ae=assoc.acceptor.ae_title,
-            peer=_peer(assoc),
+        self._refusals.record(
+            PeerRefusal.ASSOCIATION_REJECTED, assoc.requestor.address, assoc.requestor.port,
+            calling_ae=assoc.requestor.ae_title, called_ae=assoc.acceptor.ae_title,
         )
 
     def _on_closed(self, event: evt.Event, state: AssociationState) -> None:

@@ -43,6 +43,7 @@ class PeerRefusal(StrEnum):
 
     CONNECTION_REFUSED = "connection_refused"          # DIMSE: max_associations worth of connections open
     PEER_LIMIT_REACHED = "peer_connection_refused"     # DIMSE: max_associations_per_peer open from this address
+    ASSOCIATION_REJECTED = "association_rejected"      # DIMSE: A-ASSOCIATE-RJ (calling/called AE, slots)
     PDU_TOO_LARGE = "pdu_too_large"                    # DIMSE: declared PDU length over max_pdu_bytes
     ASSOCIATE_RQ_MALFORMED = "associate_rq_malformed"  # DIMSE: an A-ASSOCIATE-RQ pynetdicom cannot decode
     PEER_STALLED = "peer_stalled"                      # DIMSE: a read missed its deadline

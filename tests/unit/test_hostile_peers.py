@@ -12,6 +12,8 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from structlog.testing import capture_logs
 
 from node.metrics import Metrics
@@ -126,3 +128,17 @@ def test_refusals_remember_a_bounded_number_of_peers():
     for i in range(1000):
         refusals.record(PeerRefusal.HTTP_HEADER_TIMEOUT, f"10.0.{i // 256}.{i % 256}")
     assert len(refusals._windows) == 100
+
+
+def test_rejected_associations_are_counted_each_time_and_logged_a_few_times(make_node):
+    node = make_node()
+    ae = AE(ae_title="WRONG")
+    ae.acse_timeout = ae.network_timeout = 5
+    ae.add_requested_context(Verification)
+    with capture_logs() as logs:
+        for _ in range(12):
+            assoc = ae.associate(*node.address, ae_title="NOT-THE-NODE")
+            assert assoc.is_rejected
+    assert refused(node.server._metrics, "association_rejected") == 12
+    assert len([e for e in logs if e["event"] == "association_rejected"]) == 5
+    assert node.echo() == 0x0000
