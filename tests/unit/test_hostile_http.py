@@ -154,6 +154,23 @@ def test_a_slowloris_head_is_dropped_at_the_header_deadline_although_bytes_keep_
     assert s.healthz() == 200
 
 
+def test_a_slowloris_head_after_a_kept_alive_response_is_dropped_too(serve):
+    """uvicorn's keep-alive timer is cancelled by the first byte of the next request; the head deadline is not."""
+    s = serve()
+    sock = s.connect()
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    sock.settimeout(3)
+    assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+    t0 = time.monotonic()
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        for byte in b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"X-a: b\r\n" * 100:
+            sock.send(bytes([byte]))
+            if closed_within(sock, 0.05) is not None:
+                break
+    assert HEADER_TIMEOUT * 0.8 <= time.monotonic() - t0 <= HEADER_TIMEOUT + 1.0
+    assert s.refused("http_header_timeout") == 1
+
+
 def test_a_body_that_stalls_is_dropped_after_the_body_timeout_and_nothing_is_stored(serve, tmp_path):
     s = serve()
     data = write_ct_series(tmp_path / "ct", slices=1, size=16).paths[0].read_bytes()
