@@ -78,6 +78,9 @@ class NodeSection(_Frozen):
     http_host: str = "127.0.0.1"
     metrics_require_token: bool = False  # /metrics answers 401 without the dicomweb_token when true
     max_associations: Annotated[int, Field(ge=1, le=1000)] = 32
+    # Open DIMSE connections from one peer address; more are closed at accept (node.guard), so one host cannot hold
+    # every association slot. Counts connections still negotiating too.
+    max_associations_per_peer: Annotated[int, Field(ge=1, le=1000)] = 16
     network_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
     # Hostile-peer bounds (node.guard). A connection must complete association negotiation within this (ARTIM).
     association_timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 10.0
@@ -90,7 +93,20 @@ class NodeSection(_Frozen):
     # small window, so this bounds a deflate bomb's CPU time, not memory.
     max_inflated_bytes: Annotated[int, Field(ge=1 << 16)] = 256 << 20
     dicomweb_token: SecretStr | None = None  # bearer token required by STOW-RS/QIDO-RS when set
-    stow_max_request_bytes: Annotated[int, Field(ge=1)] | None = None
+    # Largest STOW-RS request body (413 beyond, before more is read); None: no limit. 2 GiB by default: a large
+    # CT study (~2,000 slices of 512 KiB is 1 GiB) fits in one request with room to spare, while a single request
+    # cannot fill the data disk unnoticed; senders with bigger studies split them or raise this.
+    stow_max_request_bytes: Annotated[int, Field(ge=1)] | None = 2 << 30
+    # HTTP side (node.httpguard): a request head must be complete this long after its first byte (slowloris);
+    http_header_timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 10.0
+    # a request body that sends nothing for this long is dropped;
+    http_body_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 60.0
+    # requests beyond this many open connections get 503 (uvicorn limit_concurrency);
+    http_max_connections: Annotated[int, Field(ge=1, le=100_000)] = 256
+    # connections from one address beyond this are closed at once;
+    http_max_connections_per_peer: Annotated[int, Field(ge=1, le=100_000)] = 32
+    # request line plus headers larger than this are answered 400 (h11's incomplete-event limit).
+    http_max_header_bytes: Annotated[int, Field(ge=1024, le=1 << 24)] = 16 << 10
     # The organisation's UID root for the SR/SEG the node creates ('' = pydicom's); result UIDs depend on it.
     uid_root: Annotated[str, AfterValidator(_check_uid_root)] = ""
 

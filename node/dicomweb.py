@@ -313,6 +313,11 @@ class _DicomWeb:
                 self.metrics.stow_request(400)
                 return JSONResponse({"error": f"the URL's study is not a UID: {exc}"}, status_code=400)
             log = log.bind(url_study_uid=study)
+        too_large = self._declared_too_large(request)
+        if too_large is not None:  # refused before a byte of the body is read
+            log.warning("stow_refused", http_status=413, reason=too_large)
+            self.metrics.stow_request(413)
+            return JSONResponse({"error": too_large}, status_code=413)
         admission = self.ingestor.admission
         refusal = await run_in_threadpool(admission.refuses_all) if admission is not None else None
         if refusal is not None:  # node.admission logs it, rate-limited; the body is never read
@@ -359,6 +364,13 @@ class _DicomWeb:
         )
         return Response(json.dumps(_store_response(outcomes).to_json_dict()), status_code=status, media_type=DICOM_JSON,
                         headers=headers)
+
+    def _declared_too_large(self, request: Request) -> str | None:
+        """Why the request's Content-Length is over ``max_request_bytes`` (None when it is not, or not given)."""
+        declared = request.headers.get("content-length", "")
+        if self.max_request_bytes is None or not declared.isdigit() or int(declared) <= self.max_request_bytes:
+            return None
+        return f"request body of {declared[:20]} bytes exceeds {self.max_request_bytes} bytes"
 
     def _store_parts(
         self, body: IO[bytes], parts: list[_Part], request_id: str, study: str | None, client: str

@@ -43,7 +43,8 @@ from node.index import Index
 from node.ingest import ACCEPTED_TRANSFER_SYNTAXES, EncodedDataset, Ingestor, Origin
 from node.logs import get_logger
 from node.metrics import Metrics
-from node.states import AssociationState
+from node.refusals import Refusals
+from node.states import AssociationState, PeerRefusal
 from node.tls import server_context
 
 assert set(ACCEPTED_TRANSFER_SYNTAXES) <= set(ALL_TRANSFER_SYNTAXES)
@@ -92,6 +93,7 @@ class DimseServer:
         self._config = config
         self._audit = audit  # association start/stop and what each stored (node.audit); None: no audit
         self._metrics = metrics or Metrics()
+        self._refusals = Refusals("dimse", self._metrics)  # refusal logs rate-limited per peer address
         self._on_released = on_released
         self._ingestor = ingestor
         self._index = index
@@ -166,11 +168,12 @@ class DimseServer:
         host = self._config.node.host
         tls = self._config.tls
         if tls.plaintext_dimse:
-            self._server = start_guarded_server(self._ae, (host, self._config.node.port), handlers, limits)
+            self._server = start_guarded_server(self._ae, (host, self._config.node.port), handlers, limits,
+                                                refusals=self._refusals)
             self._log.info("dimse_listening", ae_title=self._config.node.ae_title, host=host, port=self.address[1])
         if tls.dimse_port is not None:
             self._tls_server = start_guarded_server(self._ae, (host, tls.dimse_port), handlers, limits,
-                                                    ssl_context=self._ssl_context)
+                                                    ssl_context=self._ssl_context, refusals=self._refusals)
             address = self.tls_address
             assert address is not None
             self._log.info("dimse_tls_listening", ae_title=self._config.node.ae_title, host=host, port=address[1],
@@ -209,11 +212,9 @@ class DimseServer:
     def _on_rejected(self, event: evt.Event) -> None:
         assoc = event.assoc
         self._metrics.association("rejected")
-        self._log.warning(
-            "association_rejected",
-            calling_ae=assoc.requestor.ae_title,
-            called_ae=assoc.acceptor.ae_title,
-            peer=_peer(assoc),
+        self._refusals.record(
+            PeerRefusal.ASSOCIATION_REJECTED, assoc.requestor.address, assoc.requestor.port,
+            calling_ae=assoc.requestor.ae_title, called_ae=assoc.acceptor.ae_title,
         )
         if self._audit is not None:
             self._audit.association_rejected(calling_ae=assoc.requestor.ae_title, called_ae=_called(assoc),

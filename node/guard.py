@@ -26,8 +26,12 @@ negotiated), and the handshakes under way count against the connection cap. The 
 the TLS socket unchanged.
 
 The server itself closes a new connection at once while `CONNECTIONS_PER_ASSOCIATION` × ``max_associations`` are
-open (pynetdicom would give each two threads and only count it at A-ASSOCIATE-RQ time), and listens with a
-backlog of that size rather than socketserver's 5.
+open, or while ``max_associations_per_peer`` are open from the same address (pynetdicom would give each two
+threads and only count it at A-ASSOCIATE-RQ time), and listens with a backlog of that size rather than
+socketserver's 5. Closing at accept rather than answering A-ASSOCIATE-RJ (transient, local-limit-exceeded) is
+deliberate: an RJ answers an RQ, so the node would first have to read and decode up to ``max_pdu_bytes`` from
+the peer on a thread of its own — the very cost a flood is after. Every refusal and abort goes through
+`node.refusals.Refusals`: counted in the metrics, logged at most a few times per peer address and minute.
 
 pynetdicom internals this relies on (tests/unit/test_hostile_dimse.py fails if one changes): the DUL reads a PDU
 as ``socket.recv(6)`` then ``socket.recv(length)`` and maps `OSError` to Evt17; the acceptor thread waits on
@@ -54,7 +58,6 @@ from io import BytesIO
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, cast
 
-import structlog
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RQ
@@ -62,6 +65,8 @@ from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAsso
 
 from node.errors import InstanceTooLargeError, SpoolFullError
 from node.ingest import EncodedDataset, FileSpan
+from node.refusals import Refusals
+from node.states import PeerRefusal
 from node.tls import describe_tls_error
 
 if TYPE_CHECKING:
@@ -87,9 +92,6 @@ CONNECTIONS_PER_ASSOCIATION = 2  # open TCP connections allowed per association 
 # A command set is a handful of elements (~100-300 bytes); anything near this is not a DIMSE command.
 MAX_COMMAND_SET_BYTES = 1 << 16
 
-# Lazy (not get_logger(), which binds now): this module is imported before the CLI configures logging, and an
-# early-bound logger would keep structlog's console defaults instead of the node's JSON lines.
-_log = structlog.get_logger("pacsnode", component="dimse_guard")
 
 
 @dataclass(frozen=True)
@@ -101,11 +103,14 @@ class ReceiveLimits:
     association_timeout: float
     network_timeout: float
     max_connections: int  # open connections (negotiating or associated); more are closed at accept
+    max_per_peer: int | None = None  # open connections from one address; more are closed at accept
     spill_dir: Path | None = None  # where data sets over SPILL_BYTES go (None: they stay in memory)
 
     def __post_init__(self) -> None:
         if self.max_connections < 1:
             raise ValueError(f"max_connections must be >= 1, not {self.max_connections}")
+        if self.max_per_peer is not None and self.max_per_peer < 1:
+            raise ValueError(f"max_per_peer must be >= 1 or None, not {self.max_per_peer}")
         if self.max_pdu_bytes < 1 or self.max_instance_bytes < 1:
             raise ValueError(
                 f"max_pdu_bytes and max_instance_bytes must be >= 1, not {self.max_pdu_bytes}, "
@@ -127,6 +132,7 @@ class ReceiveLimits:
             # pynetdicom refuses associations over max_associations at A-ASSOCIATE-RQ time with an
             # A-ASSOCIATE-RJ; this bounds the connections (two threads each) that get that far.
             max_connections=CONNECTIONS_PER_ASSOCIATION * node.max_associations,
+            max_per_peer=node.max_associations_per_peer,
             spill_dir=node.data_dir / "incoming",  # beside the spool: same disk, cleaned by the system
         )
 
@@ -209,25 +215,30 @@ def discard_request_dataset(request: C_STORE) -> None:
         request.DataSet.discard()
 
 
-def _peer(assoc: Association) -> str:
-    return f"{assoc.requestor.address}:{assoc.requestor.port}"
+def _record(refusals: Refusals, reason: PeerRefusal, assoc: Association, **context: Any) -> None:
+    refusals.record(reason, assoc.requestor.address, assoc.requestor.port, **context)
 
 
 class GuardedSocket(AssociationSocket):
     """An `AssociationSocket` whose reads have deadlines and whose PDUs have a maximum declared length."""
 
     limits: ReceiveLimits
+    refusals: Refusals
     _opened: float
+    recorded: bool  # a refusal of this connection has been recorded already
+    peer_closed: bool  # the peer closed its end (a read ended early)
     _header: bytes | None  # the header of the PDU whose body is read next
 
     @classmethod
-    def adopt(cls, sock: AssociationSocket, limits: ReceiveLimits) -> GuardedSocket:
+    def adopt(cls, sock: AssociationSocket, limits: ReceiveLimits, refusals: Refusals) -> GuardedSocket:
         """Turn pynetdicom's freshly made acceptor socket into a `GuardedSocket` in place (its constructor has
         already queued the connection event, so a second instance cannot be made instead)."""
         sock.__class__ = cls
         guarded = cast(GuardedSocket, sock)
         guarded.limits = limits
+        guarded.refusals = refusals
         guarded._opened = time.monotonic()
+        guarded.recorded = guarded.peer_closed = False
         guarded._header = None
         if guarded.socket is not None:
             guarded.socket.settimeout(limits.network_timeout)  # also bounds sends to a peer that stops reading
@@ -245,7 +256,7 @@ class GuardedSocket(AssociationSocket):
                 if pdu_type in _PDU_TYPES:  # pynetdicom reads the body next (otherwise it aborts: Evt19)
                     if length > self.limits.max_pdu_bytes:
                         self._refuse(
-                            "pdu_too_large", pdu_type=pdu_type, declared=length, limit=self.limits.max_pdu_bytes
+                            PeerRefusal.PDU_TOO_LARGE, pdu_type=pdu_type, declared=length, limit=self.limits.max_pdu_bytes
                         )
                     self._header = bytes(data)
         elif header[0] == _A_ASSOCIATE_RQ and len(data) == nr_bytes:
@@ -268,8 +279,9 @@ class GuardedSocket(AssociationSocket):
             while len(buf) < nr_bytes:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    _log.warning(
-                        "peer_stalled", peer=_peer(self.assoc), received=len(buf), expected=nr_bytes,
+                    self.recorded = True
+                    _record(
+                        self.refusals, PeerRefusal.PEER_STALLED, self.assoc, received=len(buf), expected=nr_bytes,
                         timeout=timeout, negotiating=negotiating,
                     )
                     self._wake_acceptor()
@@ -280,6 +292,7 @@ class GuardedSocket(AssociationSocket):
                 except TimeoutError:
                     continue  # the deadline check above decides
                 if not chunk:
+                    self.peer_closed = True
                     break
                 buf += chunk
         finally:
@@ -305,11 +318,12 @@ class GuardedSocket(AssociationSocket):
             return
         except Exception as exc:  # pynetdicom raises ValueError, struct.error, KeyError ... on malformed items
             error = f"{type(exc).__name__}: {exc}"[:200]
-        self._refuse("associate_rq_malformed", error=error)
+        self._refuse(PeerRefusal.ASSOCIATE_RQ_MALFORMED, error=error)
 
-    def _refuse(self, event: str, **context: Any) -> None:
+    def _refuse(self, event: PeerRefusal, **context: Any) -> None:
         """A-ABORT the peer, close the transport (via pynetdicom's Evt17) and wake the acceptor thread."""
-        _log.warning(event, peer=_peer(self.assoc), **context)
+        self.recorded = True
+        _record(self.refusals, event, self.assoc, **context)
         abort = A_ABORT_RQ()
         abort.source = _ABORT_SOURCE_PROVIDER
         abort.reason_diagnostic = _ABORT_INVALID_PARAMETER
@@ -332,9 +346,10 @@ class GuardedDimse(DIMSEServiceProvider):
     """pynetdicom's DIMSE provider with each data set collected in a `BoundedDataset` and decoding failures
     turned into an A-ABORT instead of an exception in the reactor thread."""
 
-    def __init__(self, assoc: Association, limits: ReceiveLimits) -> None:
+    def __init__(self, assoc: Association, limits: ReceiveLimits, refusals: Refusals) -> None:
         super().__init__(assoc)
         self.limits = limits
+        self.refusals = refusals
 
     def receive_primitive(self, primitive: P_DATA) -> None:
         if self.message is None:
@@ -343,15 +358,15 @@ class GuardedDimse(DIMSEServiceProvider):
         command = self.message.encoded_command_set
         incoming = sum(len(pdv) - 1 for _, pdv in primitive.presentation_data_value_list if pdv and pdv[0] & 1)
         if command.tell() + incoming > MAX_COMMAND_SET_BYTES:
-            self._abort("command_set_too_large", size=command.tell() + incoming, limit=MAX_COMMAND_SET_BYTES)
+            self._abort(PeerRefusal.COMMAND_SET_TOO_LARGE, size=command.tell() + incoming, limit=MAX_COMMAND_SET_BYTES)
             return
         try:
             super().receive_primitive(primitive)
         except Exception as exc:  # pynetdicom raises KeyError, IndexError, ValueError ... on malformed messages
-            self._abort("dimse_message_malformed", error=f"{type(exc).__name__}: {exc}"[:200])
+            self._abort(PeerRefusal.DIMSE_MESSAGE_MALFORMED, error=f"{type(exc).__name__}: {exc}"[:200])
 
-    def _abort(self, event: str, **context: Any) -> None:
-        _log.warning(event, peer=_peer(self.assoc), **context)
+    def _abort(self, event: PeerRefusal, **context: Any) -> None:
+        _record(self.refusals, event, self.assoc, **context)
         self.message = None
         self.dul.event_queue.put("Evt19")  # invalid PDU: A-ABORT to the peer, A-P-ABORT to us (AA-8)
 
@@ -362,22 +377,27 @@ class GuardedRequestHandler(RequestHandler):
 
     server: GuardedServer
     _accepted_at: float
+    _slot_handed_over = False  # the association thread owns (and releases) this connection's per-peer slot
 
     def setup(self) -> None:
         self._accepted_at = time.monotonic()
 
     def handle(self) -> None:
-        if isinstance(self.request, ssl.SSLSocket):
-            try:
-                shaken = self._handshake(self.request)
-            finally:
-                self.server.handshake_finished()
-            if not shaken:
-                return
-        super().handle()
+        try:
+            if isinstance(self.request, ssl.SSLSocket):
+                try:
+                    shaken = self._handshake(self.request)
+                finally:
+                    self.server.handshake_finished()
+                if not shaken:
+                    return
+            super().handle()
+        finally:
+            if not self._slot_handed_over:  # the association never started: nobody else will release the slot
+                self.server.release_peer(self.client_address[0])
 
     def _handshake(self, sock: ssl.SSLSocket) -> bool:
-        """Complete the TLS handshake within ``association_timeout``; on failure log why, close, return False."""
+        """Complete the TLS handshake within ``association_timeout``; on failure record why, close, return False."""
         timeout = self.server.limits.association_timeout
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # the handshake's flights go out at once
@@ -385,8 +405,8 @@ class GuardedRequestHandler(RequestHandler):
             sock.do_handshake()
         except (OSError, ValueError) as exc:  # ssl.SSLError, TimeoutError, ConnectionResetError ...
             reason = "timed out" if isinstance(exc, TimeoutError) else describe_tls_error(exc)
-            _log.warning("tls_handshake_failed", peer=f"{self.client_address[0]}:{self.client_address[1]}",
-                         reason=reason, timeout=timeout)
+            self.server.refusals.record(PeerRefusal.TLS_HANDSHAKE_FAILED, str(self.client_address[0]),
+                                        int(self.client_address[1]), why=reason, timeout=timeout)
             with contextlib.suppress(OSError):
                 sock.close()
             return False
@@ -394,11 +414,36 @@ class GuardedRequestHandler(RequestHandler):
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
-        limits = self.server.limits
-        guarded = GuardedSocket.adopt(cast(AssociationSocket, assoc.dul.socket), limits)
+        server = self.server
+        limits = server.limits
+        guarded = GuardedSocket.adopt(cast(AssociationSocket, assoc.dul.socket), limits, server.refusals)
         guarded._opened = self._accepted_at  # the handshake counts against the negotiation deadline
-        assoc.dimse = GuardedDimse(assoc, limits)
+        assoc.dimse = GuardedDimse(assoc, limits, server.refusals)
+        run, address = assoc.run, self.client_address[0]
+
+        def run_then_release() -> None:  # the slot is held exactly as long as the association's thread runs
+            try:
+                run()
+            finally:
+                server.release_peer(address)
+                _record_unfinished_negotiation(assoc, server.refusals, limits)
+
+        assoc.run = run_then_release  # type: ignore[method-assign]
+        self._slot_handed_over = True
         return assoc
+
+
+def _record_unfinished_negotiation(assoc: Association, refusals: Refusals, limits: ReceiveLimits) -> None:
+    """A connection that sent no A-ASSOCIATE-RQ within the association timeout is usually closed by pynetdicom's
+    own ACSE timer (silently) before this module's read deadline fires: record it here, once."""
+    sock = assoc.dul.socket
+    if not isinstance(sock, GuardedSocket) or sock.recorded or sock.peer_closed or assoc.requestor.primitive is not None:
+        return
+    waited = time.monotonic() - sock._opened
+    if waited >= limits.association_timeout * 0.9:  # not a peer that connected and went away (a port check)
+        sock.recorded = True
+        _record(refusals, PeerRefusal.PEER_STALLED, assoc, negotiating=True, timeout=limits.association_timeout,
+                waited=round(waited, 2))
 
 
 class GuardedServer(ThreadedAssociationServer):
@@ -415,10 +460,14 @@ class GuardedServer(ThreadedAssociationServer):
         evt_handlers: list[Any] | None = None,
         *,
         limits: ReceiveLimits,
+        refusals: Refusals | None = None,
     ) -> None:
         self.limits = limits
         self._handshaking = 0  # TLS connections accepted whose handshake is not over (no association yet)
         self._handshaking_lock = threading.Lock()
+        self.refusals = refusals or Refusals("dimse")
+        self._per_peer: dict[str, int] = {}  # open connections by peer address (admitted, thread not yet ended)
+        self._per_peer_lock = threading.Lock()
         # socketserver listens with a backlog of 5: a burst of connections (several modalities, or an attacker's
         # idle ones) then has the kernel drop SYNs and senders wait a 1 s retransmission each.
         self.request_queue_size = max(limits.max_connections, 5)
@@ -430,15 +479,42 @@ class GuardedServer(ThreadedAssociationServer):
     def verify_request(self, request: Any, client_address: Any) -> bool:
         """socketserver's admission check: close the connection at once when ``max_connections`` are open, so
         a connection flood costs neither threads nor memory (a refused peer sees the connection closed)."""
+        limits = self.limits
+        address, port = str(client_address[0]), int(client_address[1])
         open_now = len(self.active_associations) + self._handshaking
-        if open_now >= self.limits.max_connections:
-            _log.warning("connection_refused", peer=f"{client_address[0]}:{client_address[1]}", open=open_now,
-                         limit=self.limits.max_connections)
+        if open_now >= limits.max_connections:
+            self.refusals.record(
+                PeerRefusal.CONNECTION_REFUSED, address, port, open=open_now, limit=limits.max_connections
+            )
+            return False
+        with self._per_peer_lock:
+            from_peer = self._per_peer.get(address, 0)
+            admitted = limits.max_per_peer is None or from_peer < limits.max_per_peer
+            if admitted:
+                self._per_peer[address] = from_peer + 1
+        if not admitted:
+            self.refusals.record(
+                PeerRefusal.PEER_LIMIT_REACHED, address, port, open=from_peer, limit=limits.max_per_peer
+            )
             return False
         if self.ssl_context is not None:
             with self._handshaking_lock:
                 self._handshaking += 1  # until its handler's handshake_finished()
         return True
+
+    def release_peer(self, address: str) -> None:
+        """One connection from ``address`` has ended (its association thread finished, or never started)."""
+        with self._per_peer_lock:
+            left = self._per_peer.get(address, 0) - 1
+            if left > 0:
+                self._per_peer[address] = left
+            else:
+                self._per_peer.pop(address, None)
+
+    def open_from(self, address: str) -> int:
+        """Connections from ``address`` admitted and not yet ended."""
+        with self._per_peer_lock:
+            return self._per_peer.get(address, 0)
 
     def get_request(self) -> tuple[socket.socket, Any]:
         """Accept; on a TLS server wrap the socket but leave the handshake to the connection's own thread
@@ -467,13 +543,14 @@ class GuardedServer(ThreadedAssociationServer):
 def start_guarded_server(
     ae: AE, address: tuple[str, int], evt_handlers: list[Any], limits: ReceiveLimits,
     ssl_context: ssl.SSLContext | None = None,
+    refusals: Refusals | None = None,
 ) -> GuardedServer:
     """Like ``ae.start_server(address, block=False, evt_handlers=..., ssl_context=...)`` but guarded (DICOM TLS
     when ``ssl_context`` is given); returns once listening."""
     server = cast(
         GuardedServer,
         ae.make_server(address, evt_handlers=evt_handlers, ssl_context=ssl_context, server_class=GuardedServer,
-                       limits=limits),
+                       limits=limits, refusals=refusals),
     )
     threading.Thread(target=server.serve_forever, name="AcceptorServer@pacsnode", daemon=True).start()
     return server

@@ -4,7 +4,8 @@
 Given the probe, `HttpServer` answers ``GET /readyz`` itself with `HealthProbe.report` — the checks plus each
 supervised loop's heartbeat (`node.supervise`) — 200 when ready, 503 when not; ``/healthz`` stays the app's
 liveness answer. The server's own event loop is supervised as loop ``http`` (it beats every uvicorn tick).
-With ``[tls] https = true`` it serves HTTPS with `node.tls.server_context` (client certificates as configured)."""
+With ``[tls] https = true`` it serves HTTPS with `node.tls.server_context` (client certificates as configured).
+Connections run under `node.httpguard` (header deadline, body read timeout, per-address and total caps)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,10 @@ from starlette.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
 from node.config import NodeConfig
+from node.httpguard import HttpLimits, guarded_protocol
 from node.logs import get_logger
+from node.metrics import Metrics
+from node.refusals import Refusals
 from node.supervise import Heartbeats
 from node.tls import server_context
 
@@ -144,13 +148,16 @@ class HttpServer:
     `HealthProbe.report`; with ``heartbeats``, the server is a supervised loop (restarted on the same port)."""
 
     def __init__(self, config: NodeConfig, app: Starlette, *, graceful_seconds: float = 10.0,
-                 health: HealthProbe | None = None, heartbeats: Heartbeats | None = None) -> None:
+                 health: HealthProbe | None = None, heartbeats: Heartbeats | None = None,
+                 metrics: Metrics | None = None) -> None:
         if graceful_seconds <= 0:
             raise ValueError(f"graceful_seconds must be > 0, not {graceful_seconds}")
         self._host = config.node.http_host
         self._port = config.node.http_port
         self._app: Any = app if health is None else _Readiness(app, health)
         self._graceful = graceful_seconds
+        self._limits = HttpLimits.from_config(config.node)
+        self._refusals = Refusals("http", metrics)
         self._heartbeats = heartbeats or Heartbeats()
         self._server: _UvicornServer | None = None
         self._thread: threading.Thread | None = None
@@ -196,6 +203,8 @@ class HttpServer:
             log_config=None,  # keep the node's structlog setup
             access_log=False,  # the app logs its own events, with UIDs and sizes only
             timeout_graceful_shutdown=int(self._graceful) or 1,
+            http=guarded_protocol(self._limits, self._refusals),
+            **self._limits.uvicorn_settings(),
         )
         if self._ssl is not None:
             config.load()  # then serve() keeps this context rather than building uvicorn's own

@@ -19,10 +19,11 @@ from prometheus_client.metrics_core import Metric
 from pydicom.uid import UID
 
 from node.logs import get_logger
-from node.states import AdmissionReason
+from node.states import AdmissionReason, PeerRefusal
 
 SOURCES = frozenset({"dimse", "stow"})
 ASSOCIATION_EVENTS = frozenset({"accepted", "rejected", "released", "aborted"})
+GUARD_SOURCES = frozenset({"dimse", "http"})
 
 # Inference on 2 CPU cores takes seconds to minutes per series; end-to-end adds the completion wait and delivery.
 INFERENCE_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, float("inf"))
@@ -177,6 +178,12 @@ class Metrics:
         self._stow_requests = Counter(
             "pacsnode_stow_requests", "STOW-RS requests by HTTP status.", ["status"], registry=r
         )
+        self._peers_refused = Counter(
+            "pacsnode_peers_refused",
+            "Connections refused or cut off by a front door's guard, by reason (node.states.PeerRefusal) and source.",
+            ["reason", "source"],
+            registry=r,
+        )
         self._inference = Histogram(
             "pacsnode_inference_seconds", "Model inference time per series.", buckets=INFERENCE_BUCKETS, registry=r
         )
@@ -283,6 +290,10 @@ class Metrics:
         if not 100 <= status <= 599:
             raise ValueError(f"status must be an HTTP status code, not {status}")
         self._stow_requests.labels(str(status)).inc()
+
+    def peer_refused(self, reason: str, source: str) -> None:
+        """One connection refused or cut off (``reason`` a `node.states.PeerRefusal` value; "dimse" or "http")."""
+        self._peers_refused.labels(str(PeerRefusal(reason)), _check(source, GUARD_SOURCES, "source")).inc()
 
     def series_routed(self, route: str, pipeline: str) -> None:
         """One completed series decided by ``route`` (a config route name or a built-in label)."""

@@ -125,7 +125,7 @@ class Service:
             lambda: self.config, self.engine, token=token, dispatcher=self.dispatcher, queue=self.queue,
             index=self.index, authenticator=auth, admission=self.admission.report,
         )))
-        self.http = HttpServer(config, app, health=health, heartbeats=self.heartbeats)
+        self.http = HttpServer(config, app, health=health, heartbeats=self.heartbeats, metrics=self.metrics)
         self._dimse_threads: list[threading.Thread] = []
         self._stop = threading.Event()
         self._signals = 0
@@ -136,6 +136,8 @@ class Service:
     RESTART_ONLY = (
         "ae_title", "host", "port", "data_dir", "http_port", "max_associations", "dicomweb_token",
         "stow_max_request_bytes", "uid_root", "max_pdu_bytes", "max_instance_bytes", "max_inflated_bytes",
+        "http_header_timeout_seconds", "http_body_timeout_seconds", "http_max_connections",
+        "http_max_connections_per_peer", "http_max_header_bytes",
         "association_timeout_seconds",  # receive limits: both front doors take them at start, so one value holds
         "http_host", "metrics_require_token",
     )

@@ -70,3 +70,20 @@ class AuthFailure(StrEnum):
     MISSING = "missing"            # no Authorization header (nor a form token)
     WRONG_SCHEME = "wrong_scheme"  # an Authorization header that is not Bearer
     MISMATCH = "mismatch"          # a token that is not the node's
+
+
+class PeerRefusal(StrEnum):
+    """Why a peer's connection was refused or cut off by a front door's guard (also the log event's name)."""
+
+    CONNECTION_REFUSED = "connection_refused"          # DIMSE: max_associations worth of connections open
+    PEER_LIMIT_REACHED = "peer_connection_refused"     # DIMSE: max_associations_per_peer open from this address
+    ASSOCIATION_REJECTED = "association_rejected"      # DIMSE: A-ASSOCIATE-RJ (calling/called AE, slots)
+    PDU_TOO_LARGE = "pdu_too_large"                    # DIMSE: declared PDU length over max_pdu_bytes
+    ASSOCIATE_RQ_MALFORMED = "associate_rq_malformed"  # DIMSE: an A-ASSOCIATE-RQ pynetdicom cannot decode
+    PEER_STALLED = "peer_stalled"                      # DIMSE: a read missed its deadline
+    COMMAND_SET_TOO_LARGE = "command_set_too_large"    # DIMSE
+    DIMSE_MESSAGE_MALFORMED = "dimse_message_malformed"  # DIMSE
+    HTTP_HEADER_TIMEOUT = "http_header_timeout"        # HTTP: request head not complete within its deadline
+    HTTP_BODY_TIMEOUT = "http_body_timeout"            # HTTP: no body bytes within the read timeout
+    HTTP_HEADER_TOO_LARGE = "http_header_too_large"    # HTTP: request head over http_max_header_bytes (431)
+    TLS_HANDSHAKE_FAILED = "tls_handshake_failed"      # DICOM TLS: no, a wrong or a timed-out handshake

@@ -20,6 +20,7 @@ from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
 from node.results import codes
+from node.results.attributes import malformed_copied
 from node.results.errors import ResultsError
 from node.results.uids import UID_PREFIX, check_root, is_valid_uid
 from node.states import NODE_MANUFACTURER
@@ -273,24 +274,22 @@ def with_type2_attributes(sources: Sequence[Dataset]) -> list[Dataset]:
     — a date like ``19950000``, a two-valued sex — becomes empty); the inputs are not modified."""
     first = sources[0]
     missing = [keyword for keyword in _TYPE2_COPIED if keyword not in first]
-    invalid = [
-        keyword
-        for keyword in (*_TYPE2_COPIED, "PatientAge")
-        if keyword in first and not _valid_copied(keyword, _raw_value(first, keyword))
-    ]
+    invalid = malformed_copied(first, _valid_copied)  # every attribute highdicom copies (node.results.attributes)
     if not missing and not invalid:
         return list(sources)
     header = Dataset()
-    for element in first:
-        if element.keyword != "PixelData":
-            header.add(element)
+    for tag in first.keys():  # noqa: SIM118 - raw elements as read: converting a malformed one would raise
+        if tag != 0x7FE00010:  # PixelData
+            header[tag] = first.get_item(tag)
     if hasattr(first, "file_meta"):
         header.file_meta = first.file_meta
     for keyword in missing + invalid:
-        if keyword == "PatientAge":
-            del header[keyword]
-        else:
+        if keyword in _TYPE2_COPIED:
+            if keyword in header:
+                del header[keyword]  # the malformed element first: setattr would keep its (maybe wrong) VR
             setattr(header, keyword, "")
+        elif keyword in header:
+            del header[keyword]
     return [header, *sources[1:]]
 
 

@@ -441,6 +441,40 @@ def test_chest_ct_without_frame_of_reference_gets_a_not_processed_sr(
         ("skipped", "MISSING_GEOMETRY")]
 
 
+# -- 5b. malformed birth dates (issue "Hostile networks"): the result is never lost ---------------------------------
+BAD_BIRTH_DATES = ("19950000", "1995", "1995-01-01", "garbage!")
+
+
+@pytest.fixture(scope="module")
+def bad_birth_dates(site: Site, tmp_path_factory: pytest.TempPathFactory) -> dict[str, CtSeries]:
+    """One chest series per malformed PatientBirthDate (written as is, no validation), sent in one association."""
+    base = tmp_path_factory.mktemp("bad-birth-dates")
+    made = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pydicom.config.settings, "writing_validation_mode", pydicom.config.IGNORE)
+        for n, value in enumerate(BAD_BIRTH_DATES):
+            made[value] = rewrite(chest_series(base / str(n)), lambda ds, v=value: setattr(ds, "PatientBirthDate", v))
+    storescu(site.node.port, *(base / str(n) for n in range(len(BAD_BIRTH_DATES))))
+    return made
+
+
+@pytest.mark.parametrize("value", BAD_BIRTH_DATES)
+def test_a_malformed_birth_date_still_gets_its_sr_and_seg(
+    site: Site, bad_birth_dates: dict[str, CtSeries], value: str, tmp_path: Path
+) -> None:
+    series = bad_birth_dates[value]
+    assert pydicom.dcmread(series.paths[0]).PatientBirthDate == value  # what was sent
+    found = assert_one_version(site, series)
+    for modality in ("SR", "SEG"):
+        path = fetch(site.orthanc, found[modality][0], tmp_path / modality)[0]
+        result = pydicom.dcmread(path)
+        assert result.PatientBirthDate == "", modality  # emptied (Type 2), never copied malformed
+        assert dciodvfy_errors(path) == [], modality
+    if len(value) > 4:  # the value never reaches the log or the jobs table ("1995" is too common to look for)
+        assert value not in site.node.log_text()
+        assert all(value not in str(tuple(job)) for job in jobs_for(site.engine, series.series_uid))
+
+
 # -- 6. a late instance: a second version and a rejection note for the first --------------------------------------
 def referenced_sop_uids(kos: pydicom.Dataset) -> tuple[set[str], set[str]]:
     """(evidence, content tree) SOP Instance UIDs a KOS references."""

@@ -227,7 +227,7 @@ def test_dcmtk_refused_without_the_right_certificates(
         assert "Association Request Failed" in store.stderr, store.stderr  # refused by TLS, not a usage error
         failed = wait_until(lambda: [e for e in logs if e["event"] == "tls_handshake_failed"], 5,
                             "the node to log the failed handshake")
-    assert node_says in failed[0]["reason"]
+    assert node_says in failed[0]["why"]
     assert node.spooled() == []
     assert dcmtk("echoscu", pki, node.tls_port).returncode == 0  # the listener serves the next peer
 

@@ -1,0 +1,210 @@
+"""Read deadlines and connection caps for the HTTP side: uvicorn's h11 protocol with a header deadline, a body
+read timeout and a per-address connection cap.
+
+What uvicorn 0.55 (h11 0.16, no httptools installed) does by itself, and the gaps this module closes:
+
+- ``timeout_keep_alive`` is armed only *after a response* (``on_response_complete``) and cancelled by the first
+  byte of the next request. A fresh connection that sends nothing, or a head dribbled a byte at a time
+  (slowloris), has no timer at all; neither has a request body that stalls halfway (the app's ``receive()``
+  waits forever). Here a request head must be complete within ``header_timeout`` of its first byte (of the
+  connection's opening, for the first request), and while a body is being received and the app is ready for
+  more (reading not paused by flow control), some of it must arrive every ``body_timeout`` — nginx's
+  ``client_header_timeout`` / ``client_body_timeout``. A client past either is disconnected (the app sees
+  ``http.disconnect``; a STOW request then stores nothing).
+- ``h11_max_incomplete_event_size`` (16 KiB by default) bounds the request line plus headers only while they
+  are *incomplete*: a head that arrives whole in one read (asyncio reads up to 256 KiB) is parsed whatever its
+  size (measured: a 5 KiB head passes a 4 KiB limit). So the head's size is also counted here as it arrives,
+  and one over ``max_header_bytes`` is answered 431 and closed before h11 parses it. Bodies are not bounded by
+  either (h11 hands them out as they arrive; the STOW handler counts them).
+- ``limit_concurrency`` answers *requests* with 503 while that many connections or tasks exist; connections are
+  still accepted. So one address is also capped here at ``max_connections_per_peer`` open connections, closed
+  at once beyond it, which keeps one slowloris client from holding every slot of ``limit_concurrency``.
+
+Drops and refusals go through `node.refusals.Refusals` (counted, logged a few times per address and minute).
+
+uvicorn internals this relies on (pyproject allows any uvicorn >= 0.29; tests/unit/test_hostile_http.py fails if
+one changes): `H11Protocol`'s ``conn`` (the h11 connection), ``flow.read_paused``, ``cycle.response_started``,
+``client``, ``loop`` and ``transport``, and ``Config(http=<protocol class>)`` being used as given (so installing
+httptools does not swap the protocol out).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from node.refusals import Refusals
+from node.states import PeerRefusal
+
+if TYPE_CHECKING:
+    from node.config import NodeSection
+
+_MIN_TICK, _MAX_TICK = 0.05, 1.0
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    """The bounds each HTTP connection works within (see the module docstring)."""
+
+    header_timeout: float
+    body_timeout: float
+    max_connections: int  # uvicorn's limit_concurrency: requests beyond it get 503
+    max_connections_per_peer: int
+    max_header_bytes: int  # h11_max_incomplete_event_size
+
+    def __post_init__(self) -> None:
+        if self.header_timeout <= 0 or self.body_timeout <= 0:
+            raise ValueError(
+                f"header_timeout and body_timeout must be > 0, not {self.header_timeout}, {self.body_timeout}"
+            )
+        if self.max_connections < 1 or self.max_connections_per_peer < 1 or self.max_header_bytes < 1024:
+            raise ValueError(
+                "max_connections and max_connections_per_peer must be >= 1 and max_header_bytes >= 1024, not "
+                f"{self.max_connections}, {self.max_connections_per_peer}, {self.max_header_bytes}"
+            )
+
+    @classmethod
+    def from_config(cls, node: NodeSection) -> HttpLimits:
+        return cls(
+            header_timeout=node.http_header_timeout_seconds,
+            body_timeout=node.http_body_timeout_seconds,
+            max_connections=node.http_max_connections,
+            max_connections_per_peer=node.http_max_connections_per_peer,
+            max_header_bytes=node.http_max_header_bytes,
+        )
+
+    @property
+    def tick(self) -> float:
+        """How often each connection's deadlines are checked."""
+        return min(max(min(self.header_timeout, self.body_timeout) / 4, _MIN_TICK), _MAX_TICK)
+
+    def uvicorn_settings(self) -> dict[str, Any]:
+        """The `uvicorn.Config` keywords for these limits."""
+        return {"limit_concurrency": self.max_connections, "h11_max_incomplete_event_size": self.max_header_bytes}
+
+
+class _PeerCount:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.open: dict[str, int] = {}
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's `H11Protocol` with read deadlines and a per-address connection cap; made per server by
+    `guarded_protocol`, which sets the class attributes."""
+
+    limits: ClassVar[HttpLimits]
+    refusals: ClassVar[Refusals]
+    peers: ClassVar[_PeerCount]
+
+    _head_started: float | None = None  # when the current request head began (None: not waiting for one)
+    _last_read: float = 0.0
+    _timer: asyncio.TimerHandle | None = None
+    _counted: str | None = None  # the address this connection is counted under
+    _head_seen = 0  # bytes of the current request head received so far
+    _head_tail = b""  # its last 3 bytes (a CRLFCRLF may straddle two reads)
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        address = self.client[0] if self.client else "unknown"
+        with self.peers.lock:
+            open_now = self.peers.open.get(address, 0)
+            admitted = open_now < self.limits.max_connections_per_peer
+            if admitted:
+                self.peers.open[address] = open_now + 1
+                self._counted = address
+        if not admitted:
+            self.refusals.record(
+                PeerRefusal.PEER_LIMIT_REACHED, address, self.client[1] if self.client else None,
+                open=open_now, limit=self.limits.max_connections_per_peer,
+            )
+            transport.abort()
+            return
+        self._head_started = self._last_read = self.loop.time()
+        self._timer = self.loop.call_later(self.limits.tick, self._check_deadlines)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._counted is not None:
+            with self.peers.lock:
+                left = self.peers.open.get(self._counted, 0) - 1
+                if left > 0:
+                    self.peers.open[self._counted] = left
+                else:
+                    self.peers.open.pop(self._counted, None)
+            self._counted = None
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        now = self.loop.time()
+        self._last_read = now
+        if self.conn.their_state is h11.IDLE:
+            if self._head_started is None:
+                self._head_started = now  # the first byte of a further request on a kept-alive connection
+            if self._head_too_large(data):
+                return
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE:
+            self._head_started = None
+            self._head_seen, self._head_tail = 0, b""
+
+    def _head_too_large(self, data: bytes) -> bool:
+        """Count ``data`` into the request head; answer 431 and close when the head passes ``max_header_bytes``."""
+        window = self._head_tail + data
+        end = window.find(b"\r\n\r\n")
+        size = self._head_seen + len(data) if end < 0 else self._head_seen - len(self._head_tail) + end + 4
+        self._head_seen += len(data)
+        self._head_tail = window[-3:]
+        if size <= self.limits.max_header_bytes:
+            return False
+        client = self.client or ("unknown", None)
+        self.refusals.record(PeerRefusal.HTTP_HEADER_TOO_LARGE, str(client[0]), client[1], size=size,
+                             limit=self.limits.max_header_bytes)
+        message = b"request header fields too large"
+        # h11 cannot answer before it has parsed a request, so the refusal is written as it stands.
+        self.transport.write(
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain; charset=utf-8\r\n"
+            b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(message), message)
+        )
+        self.transport.close()
+        return True
+
+    def _check_deadlines(self) -> None:
+        self._timer = None
+        if self.transport.is_closing():
+            return
+        now = self.loop.time()
+        state = self.conn.their_state
+        if state is h11.IDLE and self._head_started is not None:
+            if now - self._head_started > self.limits.header_timeout:
+                self._drop(PeerRefusal.HTTP_HEADER_TIMEOUT, self.limits.header_timeout)
+                return
+        elif state is h11.SEND_BODY and not self.flow.read_paused and self.cycle is not None:
+            if not self.cycle.response_started and now - self._last_read > self.limits.body_timeout:
+                self._drop(PeerRefusal.HTTP_BODY_TIMEOUT, self.limits.body_timeout)
+                return
+        else:
+            self._last_read = max(self._last_read, now - self.limits.tick)  # paused or answering: no stall yet
+        self._timer = self.loop.call_later(self.limits.tick, self._check_deadlines)
+
+    def _drop(self, reason: PeerRefusal, timeout: float) -> None:
+        client = self.client or ("unknown", None)
+        self.refusals.record(reason, str(client[0]), client[1], timeout=timeout)
+        self.transport.close()
+
+
+def guarded_protocol(limits: HttpLimits, refusals: Refusals) -> type[GuardedH11Protocol]:
+    """A `GuardedH11Protocol` class for one server (its own per-address counts), for ``uvicorn.Config(http=...)``."""
+    return type(
+        "GuardedH11Protocol", (GuardedH11Protocol,), {"limits": limits, "refusals": refusals, "peers": _PeerCount()}
+    )
+
+
+__all__ = ["GuardedH11Protocol", "HttpLimits", "guarded_protocol"]

@@ -1,0 +1,287 @@
+"""The HTTP side against slow and greedy clients (node.httpguard): idle connections, slowloris heads, stalled
+bodies, connection floods from one address, oversized headers and declared-oversized STOW bodies. Each test runs
+the real app (`create_app` over a real ingest stack) in the real uvicorn server (`HttpServer`) on loopback, with
+raw sockets as the attackers and httpx as the legitimate client; the attackers connect from 127.0.0.2 so that
+per-address caps leave 127.0.0.1 alone."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from structlog.testing import capture_logs
+
+from node.config import NodeSection
+from node.dicomweb import create_app
+from node.http import HealthProbe, HttpServer
+from node.index import Index
+from node.ingest import Ingestor
+from node.metrics import Metrics
+from node.refusals import LOG_BURST
+from tests.ctgen import write_ct_series
+from tests.unit.test_hostile_stow import STOW_TYPE, Node, body, part
+
+HEADER_TIMEOUT = 0.6
+BODY_TIMEOUT = 0.8
+ATTACKER = "127.0.0.2"
+
+
+class Served:
+    """A node's app behind the real uvicorn server with short HTTP deadlines."""
+
+    def __init__(self, tmp_path: Path, **node: Any) -> None:
+        settings = dict(http_header_timeout_seconds=HEADER_TIMEOUT, http_body_timeout_seconds=BODY_TIMEOUT)
+        settings.update(node)
+        self.node = Node(tmp_path, **settings)
+        self.metrics = Metrics()
+        self.server = HttpServer(self.node.config, self.node.app, metrics=self.metrics)
+        self.server.start()
+        self.url = f"http://127.0.0.1:{self.server.port}"
+
+    def healthz(self) -> int:
+        with httpx.Client(timeout=3) as client:
+            return client.get(f"{self.url}/healthz").status_code
+
+    def connect(self, source: str = ATTACKER) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", self.server.port), timeout=5, source_address=(source, 0))
+        self.opened.append(sock)
+        return sock
+
+    opened: list[socket.socket]
+
+    def refused(self, reason: str) -> float:
+        text = self.metrics.render()[0].decode()
+        for line in text.splitlines():
+            if line.startswith("pacsnode_peers_refused_total{") and f'reason="{reason}"' in line:
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    def close(self) -> None:
+        for sock in self.opened:
+            with contextlib.suppress(OSError):
+                sock.close()
+        self.server.stop(2.0)
+        self.node.close()
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Callable[..., Served]]:
+    made: list[Served] = []
+
+    def _serve(**node: Any) -> Served:
+        s = Served(tmp_path / f"s{len(made)}", **node)
+        s.opened = []
+        made.append(s)
+        return s
+
+    yield _serve
+    for s in made:
+        s.close()
+
+
+def closed_within(sock: socket.socket, seconds: float) -> float | None:
+    """Seconds until the server closed ``sock`` (anything it sent is read and dropped), or None."""
+    t0 = time.monotonic()
+    sock.settimeout(0.05)
+    while time.monotonic() - t0 < seconds:
+        try:
+            if not sock.recv(65536):
+                return time.monotonic() - t0
+        except TimeoutError:
+            continue
+        except (ConnectionResetError, BrokenPipeError):
+            return time.monotonic() - t0
+    return None
+
+
+def test_what_uvicorn_alone_does_with_an_idle_connection(tmp_path):
+    """The gap this module closes: plain uvicorn (timeout_keep_alive=5) keeps a connection that never sends a
+    byte open past its keep-alive timeout — the timer is armed only after a response."""
+    import threading
+
+    import uvicorn
+
+    node = Node(tmp_path)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    server = uvicorn.Server(uvicorn.Config(node.app, lifespan="off", log_config=None, timeout_keep_alive=1))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.02)
+        idle = socket.create_connection(sock.getsockname(), timeout=5)
+        assert closed_within(idle, 2.5) is None  # 2.5 s > timeout_keep_alive: still open
+        idle.close()
+    finally:
+        server.should_exit = True
+        thread.join(5)
+        sock.close()
+        node.close()
+
+
+def test_an_idle_connection_is_dropped_after_the_header_timeout_and_others_are_served(serve):
+    s = serve()
+    idle = [s.connect() for _ in range(5)]
+    assert s.healthz() == 200  # meanwhile
+    for sock in idle:
+        waited = closed_within(sock, HEADER_TIMEOUT + 1.5)
+        assert waited is not None, "an idle connection was kept past the header timeout"
+    assert s.refused("http_header_timeout") == 5
+    assert s.healthz() == 200
+
+
+def test_a_slowloris_head_is_dropped_at_the_header_deadline_although_bytes_keep_coming(serve):
+    s = serve()
+    sock = s.connect()
+    t0 = time.monotonic()
+    head = b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"X-Padding: a\r\n" * 100
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        for byte in head:
+            sock.send(bytes([byte]))
+            if closed_within(sock, 0.05) is not None:
+                break
+    elapsed = time.monotonic() - t0
+    assert HEADER_TIMEOUT * 0.8 <= elapsed <= HEADER_TIMEOUT + 1.0, elapsed
+    assert s.refused("http_header_timeout") == 1
+    assert s.healthz() == 200
+
+
+def test_a_slowloris_head_after_a_kept_alive_response_is_dropped_too(serve):
+    """uvicorn's keep-alive timer is cancelled by the first byte of the next request; the head deadline is not."""
+    s = serve()
+    sock = s.connect()
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    sock.settimeout(3)
+    assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+    t0 = time.monotonic()
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        for byte in b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"X-a: b\r\n" * 100:
+            sock.send(bytes([byte]))
+            if closed_within(sock, 0.05) is not None:
+                break
+    assert HEADER_TIMEOUT * 0.8 <= time.monotonic() - t0 <= HEADER_TIMEOUT + 1.0
+    assert s.refused("http_header_timeout") == 1
+
+
+def test_a_body_that_stalls_is_dropped_after_the_body_timeout_and_nothing_is_stored(serve, tmp_path):
+    s = serve()
+    data = write_ct_series(tmp_path / "ct", slices=1, size=16).paths[0].read_bytes()
+    payload = body(part(data))
+    sock = s.connect()
+    sock.sendall(
+        f"POST /dicomweb/studies HTTP/1.1\r\nHost: x\r\nContent-Type: {STOW_TYPE}\r\n"
+        f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload[: len(payload) // 2]
+    )
+    t0 = time.monotonic()
+    waited = closed_within(sock, BODY_TIMEOUT + 2.0)
+    assert waited is not None, "a stalled body was kept past the body timeout"
+    assert time.monotonic() - t0 >= BODY_TIMEOUT * 0.8
+    assert s.refused("http_body_timeout") == 1
+    assert s.node.spooled() == []
+    assert s.healthz() == 200
+
+
+def test_a_slow_body_that_keeps_coming_is_not_cut_off(serve, tmp_path):
+    s = serve()
+    data = write_ct_series(tmp_path / "ct", slices=1, size=16).paths[0].read_bytes()
+    payload = body(part(data))
+    sock = s.connect(source="127.0.0.1")
+    sock.sendall(
+        f"POST /dicomweb/studies HTTP/1.1\r\nHost: x\r\nContent-Type: {STOW_TYPE}\r\n"
+        f"Content-Length: {len(payload)}\r\n\r\n".encode()
+    )
+    pieces = 4
+    step = -(-len(payload) // pieces)
+    t0 = time.monotonic()
+    for i in range(pieces):  # whole request takes ~2 body timeouts, each gap half of one
+        time.sleep(BODY_TIMEOUT / 2)
+        sock.sendall(payload[i * step : (i + 1) * step])
+    sock.settimeout(5)
+    answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    assert time.monotonic() - t0 > BODY_TIMEOUT
+    assert len(s.node.spooled()) == 1
+
+
+def test_connections_from_one_address_over_its_cap_are_closed_and_logged_a_few_times(serve):
+    s = serve(http_max_connections_per_peer=4)
+    held = [s.connect() for _ in range(4)]
+    with capture_logs() as logs:
+        flood = [s.connect() for _ in range(30)]
+        for sock in flood:
+            assert closed_within(sock, 1.0) is not None
+    assert all(closed_within(sock, 0.05) is None for sock in held)
+    assert s.healthz() == 200  # another address still gets in
+    assert s.refused("peer_connection_refused") == 30
+    logged = [e for e in logs if e["event"] == "peer_connection_refused"]
+    assert len(logged) == LOG_BURST, f"{len(logged)} log events for 30 refusals"
+    assert all(ATTACKER in e["peer"] for e in logged)
+
+
+def test_requests_over_the_connection_limit_get_503(serve):
+    s = serve(http_max_connections=3)
+    held = [s.connect(source="127.0.0.1") for _ in range(3)]
+    assert s.healthz() == 503
+    for sock in held:
+        sock.close()
+    deadline = time.monotonic() + 3
+    while s.healthz() != 200:
+        assert time.monotonic() < deadline
+
+
+@pytest.mark.parametrize("limit", [4096, None])
+def test_headers_over_the_header_limit_get_431_whether_they_come_at_once_or_in_pieces(serve, limit):
+    s = serve(**({"http_max_header_bytes": limit} if limit else {}))
+    size = (limit or NodeSection().http_max_header_bytes) + 1024
+    head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * size + b"\r\n\r\n"
+    for pieces in (1, 7):  # one read (h11's own limit misses it) or several
+        sock = s.connect()
+        step = -(-len(head) // pieces)
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            for i in range(pieces):
+                sock.sendall(head[i * step : (i + 1) * step])
+        sock.settimeout(3)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 431")
+    assert s.refused("http_header_too_large") == 2
+    ok = s.connect(source="127.0.0.1")
+    ok.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Fine: " + b"a" * (size // 2 - 1024) + b"\r\n\r\n")
+    ok.settimeout(3)
+    assert ok.recv(65536).startswith(b"HTTP/1.1 200")
+
+
+def test_stow_requests_have_a_size_limit_by_default():
+    assert NodeSection().stow_max_request_bytes == 2 << 30
+
+
+def test_a_stow_body_declared_over_the_limit_is_413_before_any_of_it_is_sent(tmp_path):
+    n = Node(tmp_path)
+    index = Index(n.engine)
+    app = create_app(
+        n.config, Ingestor(n.spool, index), index, health=HealthProbe(n.engine, n.spool.root, lambda: True),
+        metrics=Metrics(), token=None, max_request_bytes=1 << 20,
+    )
+    server = HttpServer(n.config, app)
+    server.start()
+    try:
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        sock.sendall(
+            f"POST /dicomweb/studies HTTP/1.1\r\nHost: x\r\nContent-Type: {STOW_TYPE}\r\n"
+            f"Content-Length: {2 << 20}\r\n\r\n".encode()
+        )  # the head only: the answer must not wait for the body
+        answer = b""
+        while chunk := sock.recv(65536):  # the node closes after its answer
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+        assert b"exceeds 1048576 bytes" in answer
+        sock.close()
+    finally:
+        server.stop(2.0)
+        n.close()
