@@ -301,7 +301,7 @@ class _DicomWeb:
         denied = self._unauthorized(request)
         if denied is not None:
             self.metrics.stow_request(denied.status_code)
-            return denied
+            return _closing(denied)
         request_id = uuid.uuid4().hex
         log = self.log.bind(request_id=request_id, client=_client(request))
         study: str | None = None
@@ -311,20 +311,20 @@ class _DicomWeb:
             except ReceiveError as exc:  # the message shows at most 80 escaped characters of the value
                 log.warning("stow_refused", http_status=400, reason=str(exc))
                 self.metrics.stow_request(400)
-                return JSONResponse({"error": f"the URL's study is not a UID: {exc}"}, status_code=400)
+                return _closing(JSONResponse({"error": f"the URL's study is not a UID: {exc}"}, status_code=400))
             log = log.bind(url_study_uid=study)
         too_large = self._declared_too_large(request)
         if too_large is not None:  # refused before a byte of the body is read
             log.warning("stow_refused", http_status=413, reason=too_large)
             self.metrics.stow_request(413)
-            return JSONResponse({"error": too_large}, status_code=413)
+            return _closing(JSONResponse({"error": too_large}, status_code=413))
         admission = self.ingestor.admission
         refusal = await run_in_threadpool(admission.refuses_all) if admission is not None else None
         if refusal is not None:  # node.admission logs it, rate-limited; the body is never read
             self.metrics.admission_refused(refusal.reason, "stow")
             self.metrics.stow_request(503)
-            return JSONResponse({"error": str(refusal), "reason": refusal.reason}, status_code=503,
-                                headers={"Retry-After": str(refusal.retry_after)})
+            return _closing(JSONResponse({"error": str(refusal), "reason": refusal.reason}, status_code=503,
+                                         headers={"Retry-After": str(refusal.retry_after)}))
         t0 = time.monotonic()
         with tempfile.SpooledTemporaryFile(max_size=IN_MEMORY_BODY_BYTES, mode="w+b", dir=str(self.tmp_dir)) as body:
             try:
@@ -525,6 +525,13 @@ def _store_response(outcomes: list[_Outcome]) -> Dataset:
     if failed:
         resp.FailedSOPSequence = failed
     return resp
+
+
+def _closing(response: Response) -> Response:
+    """``response`` with ``Connection: close``: for a STOW-RS request answered before its body was read, so the
+    server closes the connection at once instead of holding it (with the unread body) until keep-alive ends."""
+    response.headers["Connection"] = "close"
+    return response
 
 
 def _client(request: Request) -> str:

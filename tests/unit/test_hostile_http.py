@@ -281,6 +281,7 @@ def test_a_stow_body_declared_over_the_limit_is_413_before_any_of_it_is_sent(tmp
             answer += chunk
         assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
         assert b"exceeds 1048576 bytes" in answer
+        assert b"connection: close" in answer.lower()  # closed at once, not held until keep-alive ends
         sock.close()
     finally:
         server.stop(2.0)
