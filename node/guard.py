@@ -39,6 +39,9 @@ as ``socket.recv(6)`` then ``socket.recv(length)`` and maps `OSError` to Evt17; 
 socket's class can be replaced before ``assoc.start()``; `DIMSEMessage.decode_msg` only calls ``write`` on
 ``data_set``; the FSM's state names (Sta1-Sta3 before association).
 
+Each of these problems, with a reproduction and the fix we offer upstream, is written up in
+docs/upstream-pynetdicom.md (the text of the pynetdicom issue).
+
 What this costs per association at most: in memory one PDU (``max_pdu_bytes``, ~3 copies while it is decoded)
 plus `SPILL_BYTES`; on disk one data set (``max_instance_bytes``).
 """
