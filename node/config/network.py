@@ -1,0 +1,159 @@
+"""The config of the node's network faces: its listeners (`NodeSection`), its TLS, and its destinations."""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import (
+    AfterValidator,
+    Field,
+    SecretStr,
+    model_validator,
+)
+
+from node.config.base import AETitle, Port, _check_uid_root, _Frozen
+from node.states import ClientCertificates
+
+
+class NodeSection(_Frozen):
+    ae_title: AETitle = "PACSNODE"
+    host: str = "0.0.0.0"  # DIMSE listen address
+    port: Port = 11112
+    allowed_calling_aes: tuple[AETitle, ...] = ()
+    data_dir: Path = Path("var")
+    http_port: Port = 8080
+    # HTTP listen address (DICOMweb, /admin, /metrics): loopback unless the HTTP side authenticates (see below).
+    http_host: str = "127.0.0.1"
+    metrics_require_token: bool = False  # /metrics answers 401 without the dicomweb_token when true
+    max_associations: Annotated[int, Field(ge=1, le=1000)] = 32
+    # Open DIMSE connections from one peer address; more are closed at accept (node.guard), so one host cannot hold
+    # every association slot. Counts connections still negotiating too.
+    max_associations_per_peer: Annotated[int, Field(ge=1, le=1000)] = 16
+    network_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
+    # Hostile-peer bounds (node.guard). A connection must complete association negotiation within this (ARTIM).
+    association_timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 10.0
+    # Largest PDU accepted, and the Maximum Length the node announces; a larger declared length is aborted unread.
+    max_pdu_bytes: Annotated[int, Field(ge=16384, le=0xFFFFFFFF)] = 1 << 20
+    # Largest data set per C-STORE and per STOW-RS part (0xA700 / 413); one over 16 MiB is held on disk beside the
+    # spool while it is received, so this bounds disk per association, memory stays ~16 MiB + one PDU.
+    max_instance_bytes: Annotated[int, Field(ge=1 << 16)] = 1 << 30
+    # Largest Deflated (1.2.840.10008.1.2.1.99) data set once inflated (0xA700); inflated as it is parsed, in a
+    # small window, so this bounds a deflate bomb's CPU time, not memory.
+    max_inflated_bytes: Annotated[int, Field(ge=1 << 16)] = 256 << 20
+    dicomweb_token: SecretStr | None = None  # bearer token required by STOW-RS/QIDO-RS when set
+    # Largest STOW-RS request body (413 beyond, before more is read); None: no limit. 2 GiB by default: a large
+    # CT study (~2,000 slices of 512 KiB is 1 GiB) fits in one request with room to spare, while a single request
+    # cannot fill the data disk unnoticed; senders with bigger studies split them or raise this.
+    stow_max_request_bytes: Annotated[int, Field(ge=1)] | None = 2 << 30
+    # HTTP side (node.httpguard): a request head must be complete this long after its first byte (slowloris);
+    http_header_timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 10.0
+    # a request body that sends nothing for this long is dropped;
+    http_body_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 60.0
+    # requests beyond this many open connections get 503 (uvicorn limit_concurrency);
+    http_max_connections: Annotated[int, Field(ge=1, le=100_000)] = 256
+    # connections from one address beyond this are closed at once;
+    http_max_connections_per_peer: Annotated[int, Field(ge=1, le=100_000)] = 32
+    # request line plus headers larger than this are answered 400 (h11's incomplete-event limit).
+    http_max_header_bytes: Annotated[int, Field(ge=1024, le=1 << 24)] = 16 << 10
+    # The organisation's UID root for the SR/SEG the node creates ('' = pydicom's); result UIDs depend on it.
+    uid_root: Annotated[str, AfterValidator(_check_uid_root)] = ""
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+    def http_authenticates(self) -> bool:
+        """Whether HTTP clients must show the DICOMweb token (see `NodeConfig.http_authenticates` for certificates)."""
+        return self.dicomweb_token is not None
+
+    @model_validator(mode="after")
+    def _token_settings(self) -> NodeSection:
+        if self.metrics_require_token and self.dicomweb_token is None:
+            raise ValueError("metrics_require_token = true needs node.dicomweb_token")
+        if self.dicomweb_token is not None and not self.dicomweb_token.get_secret_value().strip():
+            raise ValueError("dicomweb_token must not be empty")
+        return self
+
+
+class DestinationKind(StrEnum):
+    DIMSE = "dimse"
+    DICOMWEB = "dicomweb"
+
+
+class Destination(_Frozen):
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    kind: DestinationKind
+    ae_title: AETitle | None = None
+    host: str | None = None
+    port: Port | None = None
+    url: str | None = None
+    token: SecretStr | None = None
+    # Proof of delivery (node.commitment): DIMSE → Storage Commitment (N-ACTION, then the PACS's N-EVENT-REPORT);
+    # DICOMweb → QIDO-RS finds every stored instance. No proof within commit_timeout_seconds: reported uncommitted.
+    commitment: bool = False
+    commit_timeout_seconds: Annotated[float, Field(gt=0, le=7 * 86400)] = 300.0
+    # TLS to this destination (node.tls): DIMSE with `tls = true`, DICOMweb with an https:// url. The peer's
+    # certificate must chain to `ca_file` (None: the system's CAs) and name `host` (or the url's host).
+    tls: bool = False
+    ca_file: Path | None = None
+    client_certificate: Path | None = None  # PEM, for peers that require a client certificate
+    client_private_key: Path | None = None  # PEM, unencrypted
+
+    @model_validator(mode="after")
+    def _kind_needs(self) -> Destination:
+        if self.kind is DestinationKind.DIMSE:
+            missing = [k for k in ("ae_title", "host", "port") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"a 'dimse' destination needs {', '.join(missing)}")
+        elif self.url is None or not re.match(r"^https?://", self.url):
+            raise ValueError("a 'dicomweb' destination needs url = 'http(s)://...'")
+        return self
+
+    @property
+    def uses_tls(self) -> bool:
+        """DIMSE with ``tls = true``, or DICOMweb with an https:// url."""
+        if self.kind is DestinationKind.DIMSE:
+            return self.tls
+        return self.url is not None and self.url.lower().startswith("https://")
+
+    @model_validator(mode="after")
+    def _tls_needs(self) -> Destination:
+        if self.kind is DestinationKind.DICOMWEB and self.tls and not self.uses_tls:
+            raise ValueError("tls = true on a 'dicomweb' destination needs an https:// url")
+        if not self.uses_tls:
+            given = [k for k in ("ca_file", "client_certificate", "client_private_key") if getattr(self, k)]
+            if given:
+                need = "tls = true" if self.kind is DestinationKind.DIMSE else "an https:// url"
+                raise ValueError(f"{', '.join(given)} apply only with {need}")
+        if (self.client_certificate is None) != (self.client_private_key is None):
+            raise ValueError("client_certificate and client_private_key go together")
+        return self
+
+
+class TlsSection(_Frozen):
+    """The node's own TLS (node.tls): DICOM TLS on a DIMSE port of its own, HTTPS on ``http_port``."""
+
+    certificate: Path | None = None  # PEM: the node's certificate (then any intermediates)
+    private_key: Path | None = None  # PEM, unencrypted
+    ca_file: Path | None = None  # PEM bundle: the CAs whose client certificates are accepted
+    client_certificates: ClientCertificates = ClientCertificates.NONE
+    dimse_port: Port | None = None  # DICOM TLS listener (conventionally 2762); None: none
+    plaintext_dimse: bool = True  # false: TLS only, nothing listens on [node] port
+    https: bool = False  # serve [node] http_port over HTTPS
+
+    @model_validator(mode="after")
+    def _needs(self) -> TlsSection:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("certificate and private_key go together")
+        if (self.dimse_port is not None or self.https) and self.certificate is None:
+            raise ValueError("dimse_port and https need certificate and private_key")
+        if self.client_certificates is not ClientCertificates.NONE and self.ca_file is None:
+            raise ValueError(f"client_certificates = {self.client_certificates.value!r} needs ca_file")
+        if not self.plaintext_dimse and self.dimse_port is None:
+            raise ValueError("plaintext_dimse = false (TLS only) needs dimse_port")
+        return self
+
+

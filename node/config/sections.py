@@ -1,0 +1,174 @@
+"""The config sections of the stages and loops: completion, gate, queue, worker, dispatch, retention, supervision,
+destination checks, audit, admission, database."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import (
+    Field,
+    model_validator,
+)
+
+from node.config.base import AETitle, Port, _Frozen
+from node.config.routes import PriorityRule
+
+
+class CompletionMode(StrEnum):
+    """How the node decides that a sender has finished a series."""
+
+    QUIET = "quiet"  # no new instance for stable_seconds (or the expected count reached)
+    RELEASE = "release"  # also: the association that sent an evenly spaced stack was released normally
+
+
+class SenderProfile(_Frozen):
+    """Completion settings for one calling AE (a scanner, a PACS forwarding studies)."""
+
+    calling_ae: AETitle
+    mode: CompletionMode = CompletionMode.QUIET
+    stable_seconds: Annotated[float, Field(gt=0, le=86400)] | None = None  # None: [completion] stable_seconds
+    release_grace_seconds: Annotated[float, Field(ge=0, le=600)] | None = None
+
+
+class CompletionSection(_Frozen):
+    stable_seconds: Annotated[float, Field(gt=0, le=86400)] = 30.0
+    sweep_seconds: Annotated[float, Field(gt=0, le=3600)] = 1.0
+    early: bool = True  # complete before the quiet timer when the series shows it is whole (expected count, etc.)
+    mode: CompletionMode = CompletionMode.QUIET  # for calling AEs without a profile in `senders`
+    release_grace_seconds: Annotated[float, Field(ge=0, le=600)] = 1.0
+    # A known expected count (ImagesInAcquisition) not yet reached holds completion back this long after the last
+    # instance; then the series completes and the gate refuses it as incomplete.
+    expected_count_timeout_seconds: Annotated[float, Field(gt=0, le=86400)] = 600.0
+    senders: tuple[SenderProfile, ...] = ()
+
+    @model_validator(mode="after")
+    def _unique_senders(self) -> CompletionSection:
+        aes = [s.calling_ae for s in self.senders]
+        dupes = sorted({a for a in aes if aes.count(a) > 1})
+        if dupes:
+            raise ValueError(f"one sender profile per calling AE: {', '.join(dupes)}")
+        return self
+
+    def profile(self, calling_ae: str | None) -> tuple[CompletionMode, float, float]:
+        """(mode, stable_seconds, release_grace_seconds) for series from ``calling_ae``."""
+        for sender in self.senders:
+            if sender.calling_ae == calling_ae:
+                return (
+                    sender.mode,
+                    sender.stable_seconds if sender.stable_seconds is not None else self.stable_seconds,
+                    sender.release_grace_seconds
+                    if sender.release_grace_seconds is not None
+                    else self.release_grace_seconds,
+                )
+        return self.mode, self.stable_seconds, self.release_grace_seconds
+
+
+class GateSection(_Frozen):
+    modalities: tuple[str, ...] = ("CT",)
+    min_slices: Annotated[int, Field(ge=2)] = 16
+    spacing_tolerance_mm: Annotated[float, Field(gt=0)] = 0.05
+    max_tilt_degrees: Annotated[float, Field(ge=0, le=45)] = 0.5  # slices sheared more than this are refused
+    scope_check: bool = True  # image-based "is this a chest CT the model can judge?" before any verdict
+
+
+class QueueSection(_Frozen):
+    lease_seconds: Annotated[float, Field(gt=0, le=86400)] = 300.0
+    heartbeat_seconds: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    max_attempts: Annotated[int, Field(ge=1, le=100)] = 3
+    retry_delay_seconds: Annotated[float, Field(ge=0, le=86400)] = 10.0
+    priority_rules: tuple[PriorityRule, ...] = ()
+
+
+class WorkerSection(_Frozen):
+    enabled: bool = True
+    classifier_version: str | None = None  # None: the newest shipped version
+    segmenter_version: str | None = None
+    weights_dir: Path | None = None  # None: the weights shipped in models/weights
+
+
+class DispatchSection(_Frozen):
+    initial_backoff_seconds: Annotated[float, Field(gt=0, le=3600)] = 2.0
+    max_backoff_seconds: Annotated[float, Field(gt=0, le=86400)] = 300.0
+    give_up_after_seconds: Annotated[float, Field(gt=0)] = 86400.0
+    poll_seconds: Annotated[float, Field(gt=0, le=60)] = 0.5
+    timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 30.0
+
+
+class RetentionSection(_Frozen):
+    """How long files stay after they have served their purpose (0 = forever); see `node.retention`."""
+
+    instances_days: Annotated[float, Field(ge=0)] = 7.0  # received instances, after the series settled
+    results_days: Annotated[float, Field(ge=0)] = 30.0  # SR/SEG/KOS files, after delivery
+    dead_letter_days: Annotated[float, Field(ge=0)] = 30.0  # series with a dead job or delivery
+    max_disk_percent: Annotated[float, Field(gt=0, le=100)] | None = 90.0  # then oldest settled first
+    interval_minutes: Annotated[float, Field(gt=0, le=1440)] = 60.0  # how often the node purges
+
+
+class SuperviseSection(_Frozen):
+    """Supervised loops (`node.supervise`): when one counts as stuck, how often a dead one is restarted."""
+
+    stuck_after_periods: Annotated[float, Field(ge=2, le=1000)] = 10.0  # no heartbeat for this many periods: stuck
+    item_seconds: Annotated[float, Field(gt=0, le=86400)] = 1800.0  # one job (models) may hold the worker this long
+    max_restarts: Annotated[int, Field(ge=0, le=100)] = 5  # per loop within the window; one more death: exit 70
+    restart_window_seconds: Annotated[float, Field(gt=0, le=86400)] = 600.0
+    restart_backoff_seconds: Annotated[float, Field(gt=0, le=60)] = 1.0  # doubles with each restart in the window
+
+
+class ReachabilitySection(_Frozen):
+    """Destination checks (`node.reachability`): C-ECHO / HTTP GET at start, at reload and every interval."""
+
+    interval_seconds: Annotated[float, Field(gt=0, le=86400)] = 60.0
+    timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 10.0
+
+
+class SyslogProtocol(StrEnum):
+    UDP = "udp"  # RFC 5426: one message per datagram
+    TCP = "tcp"  # RFC 6587 octet counting
+
+
+class AuditSection(_Frozen):
+    """The audit trail (`node.audit`): IHE ATNA-style records, JSON lines in their own file, optionally syslog."""
+
+    enabled: bool = True
+    path: Path | None = None  # None: <data_dir>/audit/audit.jsonl
+    rotate_bytes: Annotated[int, Field(ge=0)] = 64 << 20  # 0: never by size
+    rotate_daily: bool = True  # start a new file on the first record of each UTC day
+    syslog_host: str | None = None  # RFC 5424 copy of each record
+    syslog_port: Port = 514
+    syslog_protocol: SyslogProtocol = SyslogProtocol.UDP
+    syslog_facility: Annotated[int, Field(ge=0, le=23)] = 10  # 10 = authpriv (security/authorization)
+    site_id: Annotated[str, Field(max_length=64)] = ""  # AuditEnterpriseSiteID (e.g. the hospital's name)
+
+
+class AdmissionSection(_Frozen):
+    """Admission control (`node.admission`): refuse new data before the disk is full or the queue runs away.
+
+    The floor is the larger of ``min_free_bytes`` and ``min_free_percent`` of the data directory's file system,
+    the hard reserve likewise; below the floor (or with ``max_queue_depth`` jobs waiting) new series are refused
+    and series already being received may finish; below the reserve everything is refused."""
+
+    enabled: bool = True
+    min_free_bytes: Annotated[int, Field(ge=0)] = 2 << 30  # floor: keep at least 2 GiB ...
+    min_free_percent: Annotated[float, Field(ge=0, lt=100)] = 5.0  # ... or 5 % free, whichever is larger
+    reserve_free_bytes: Annotated[int, Field(ge=0)] = 512 << 20  # hard reserve: 512 MiB ...
+    reserve_free_percent: Annotated[float, Field(ge=0, lt=100)] = 1.0  # ... or 1 %, whichever is larger
+    max_queue_depth: Annotated[int, Field(ge=0)] = 500  # jobs queued or running; 0 = no ceiling
+    active_series_seconds: Annotated[float, Field(gt=0, le=86400)] = 300.0  # "being received": an instance this recent
+    retry_after_seconds: Annotated[int, Field(ge=1, le=86400)] = 60  # STOW-RS 503 Retry-After
+    check_interval_seconds: Annotated[float, Field(gt=0, le=60)] = 0.5  # free space and queue depth re-read this often
+
+    @model_validator(mode="after")
+    def _reserve_below_floor(self) -> AdmissionSection:
+        if self.reserve_free_bytes > self.min_free_bytes:
+            raise ValueError("reserve_free_bytes must not exceed min_free_bytes (the reserve lies below the floor)")
+        if self.reserve_free_percent > self.min_free_percent:
+            raise ValueError("reserve_free_percent must not exceed min_free_percent (the reserve lies below the floor)")
+        return self
+
+
+class DatabaseSection(_Frozen):
+    url: str = ""  # empty: SQLite under data_dir
+
+
