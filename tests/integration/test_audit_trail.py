@@ -106,13 +106,14 @@ def test_a_full_run_is_in_the_audit_trail(start_node, orthanc_factory, tmp_path)
     (reloaded,) = by_event["config_reloaded"]
     assert reloaded["ParticipantObjectIdentification"][0]["ParticipantObjectID"] == str(node.config_path)
     assert reloaded["EventIdentification"]["EventTypeCode"][0]["csd-code"] == "110131"
-    # the results: SR and SEG to Orthanc, for that study and patient
+    # the results: SR, SEG and key images to Orthanc, for that study and patient
     (export,) = exported
     assert export["ActiveParticipant"][1]["UserID"] == orthanc.aet
     assert export["ActiveParticipant"][1]["AlternativeUserID"] == "orthanc"
     objects = export["ParticipantObjectIdentification"]
     assert objects[0]["ParticipantObjectID"] == series.study_uid
-    assert sum(c["NumberOfInstances"] for c in objects[0]["ParticipantObjectDescription"]["SOPClass"]) == 2
+    # SR, SEG and the key-images KOS
+    assert sum(c["NumberOfInstances"] for c in objects[0]["ParticipantObjectDescription"]["SOPClass"]) == 3
     assert objects[1]["ParticipantObjectID"] == PATIENT
     assert export["pacsnode"]["series_uid"] == series.series_uid
     # the records are in time order, and the patient ID stayed out of the node's log
