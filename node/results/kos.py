@@ -36,6 +36,7 @@ from collections.abc import Sequence
 
 import highdicom as hd
 from pydicom import Dataset
+from pydicom.sr.coding import Code
 
 from node.results import codes
 from node.results.codes import ResultKind
@@ -166,22 +167,37 @@ def build_rejection_kos(
         f"AI results withdrawn: superseded by version {series_version} of the results for this series "
         f"({algorithm.model_key})"
     )
-    with converting("building the rejection note", objects):
+    return _document(
+        "building the rejection note", codes.REJECTED_FOR_QUALITY_REASONS, objects, with_type2_attributes(objects),
+        algorithm, description=description, series_uid=series_uid, sop_uid=sop_uid,
+        series_number=codes.versioned_number(codes.KOS_SERIES_NUMBER, series_version), instance_number=1,
+        series_description=codes.KOS_SERIES_DESCRIPTION, when=when,
+    )
+
+
+def _document(
+    what: str, title: Code, objects: Sequence[Dataset], evidence: Sequence[Dataset], algorithm: AlgorithmIdentity,
+    *, description: str, series_uid: str, sop_uid: str, series_number: int, instance_number: int,
+    series_description: str, when: dt.datetime,
+) -> Dataset:
+    """A KOS titled ``title`` referencing ``objects`` (TID 2010, the algorithm as device observer), without the
+    clock-based Type 3 attributes highdicom adds, so the same inputs give the same bytes."""
+    with converting(what, objects):
         content = hd.ko.KeyObjectSelection(
-            document_title=hd.sr.CodedConcept.from_code(codes.REJECTED_FOR_QUALITY_REASONS),
-            referenced_objects=objects,
+            document_title=hd.sr.CodedConcept.from_code(title),
+            referenced_objects=list(objects),
             observer_device_context=_observer(algorithm),
             description=description,
         )
         kos = hd.ko.KeyObjectSelectionDocument(
-            evidence=with_type2_attributes(objects),
+            evidence=list(evidence),
             content=content,
             series_instance_uid=series_uid,
-            series_number=codes.versioned_number(codes.KOS_SERIES_NUMBER, series_version),
+            series_number=series_number,
             sop_instance_uid=sop_uid,
-            instance_number=1,
+            instance_number=instance_number,
             manufacturer=algorithm.manufacturer,
-            series_description=codes.KOS_SERIES_DESCRIPTION,
+            series_description=series_description,
             manufacturer_model_name=algorithm.name,
             software_versions=algorithm.version,
             content_date=when.date(),
@@ -224,27 +240,11 @@ def build_key_images_kos(
         f"Key images: the {len(key)} slices that weighed most in the AI's pneumonia assessment (highest attention "
         f"first), with its report. {algorithm.name} {algorithm.version}. Not for clinical use."
     )
-    with converting("building the key-images note", sources):
-        content = hd.ko.KeyObjectSelection(
-            document_title=hd.sr.CodedConcept.from_code(codes.FOR_REFERRING_PROVIDER),
-            referenced_objects=objects,
-            observer_device_context=_observer(algorithm),
-            description=description,
-        )
-        kos = hd.ko.KeyObjectSelectionDocument(
-            evidence=[*with_type2_attributes([sources[i] for i in key]), sr],
-            content=content,
-            series_instance_uid=series_uid,
-            series_number=codes.versioned_number(codes.KEY_IMAGES_SERIES_NUMBER, series_version),
-            sop_instance_uid=sop_uid,
-            instance_number=max(int(series_version), 1),
-            manufacturer=algorithm.manufacturer,
-            series_description=codes.KEY_IMAGES_SERIES_DESCRIPTION,
-            manufacturer_model_name=algorithm.name,
-            software_versions=algorithm.version,
-            content_date=when.date(),
-            content_time=when.time(),
-            series_date=when.date(),
-            series_time=when.time(),
-        )
-    return _without_clock_attributes(kos)
+    return _document(
+        "building the key-images note", codes.FOR_REFERRING_PROVIDER, objects,
+        [*with_type2_attributes([sources[i] for i in key]), sr], algorithm, description=description,
+        series_uid=series_uid, sop_uid=sop_uid,
+        series_number=codes.versioned_number(codes.KEY_IMAGES_SERIES_NUMBER, series_version),
+        instance_number=max(int(series_version), 1), series_description=codes.KEY_IMAGES_SERIES_DESCRIPTION,
+        when=when,
+    )
