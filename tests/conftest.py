@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
@@ -24,14 +24,19 @@ pytest_plugins = ["tests.orthanc"]
 REPO = Path(__file__).resolve().parent.parent
 
 
+def missing_peer(message: str) -> NoReturn:
+    """A peer, tool or data set a test needs is not here: skip locally, fail under CI (where `make test` installs
+    everything, so a missing one is a missing install step). The one place this policy lives."""
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 def require_tool(name: str) -> str:
     """Return the path of an executable peer tool, or skip (fail under CI) when it is missing."""
     path = shutil.which(name) or (f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists() else None)
     if path is None:
-        message = f"{name} is not installed (make test installs it when run as root)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        missing_peer(f"{name} is not installed (make test installs it when run as root)")
     return path
 
 
@@ -48,10 +53,7 @@ def require_weights() -> None:
         registry.classifier()
         registry.segmenter()
     except RegistryError as exc:
-        message = f"model weights are not available: {exc}"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        missing_peer(f"model weights are not available: {exc}")
 
 
 def free_port() -> int:

@@ -22,7 +22,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE, build_context
 from pynetdicom.dimse_primitives import C_STORE
 
-from tests.conftest import peer_env, require_tool, wait_for_port
+from tests.conftest import missing_peer, peer_env, require_tool, wait_for_port
 from tests.ctgen import write_ct_series
 from tests.dicomfiles import content, dataset_bytes, pixels
 
@@ -171,7 +171,7 @@ def test_series_compressed_by_dcmtk(start_node, tmp_path, label, flag):
 def test_real_files_from_pydicom_data(start_node, tmp_path, name, flag):
     source = get_testdata_file(name)
     if source is None:
-        pytest.skip(f"{name} needs pydicom-data (installed by make test)")
+        missing_peer(f"{name} needs pydicom-data (installed by make test)")
     node = start_node()
     src = tmp_path / name
     shutil.copy(source, src)
@@ -190,7 +190,7 @@ def test_real_file_whose_uids_are_not_uids_is_refused(start_node, tmp_path):
     """pydicom-data's bad_sequence.dcm (a real JPEG-lossless CT) carries hex strings where UIDs belong."""
     source = get_testdata_file("bad_sequence.dcm")
     if source is None:
-        pytest.skip("needs pydicom-data (installed by make test)")
+        missing_peer("needs pydicom-data (installed by make test)")
     node = start_node()
     src = tmp_path / "bad_sequence.dcm"
     shutil.copy(source, src)

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
@@ -13,6 +12,7 @@ from node.db import create_engine_for, init_schema
 from node.dispatch import Dispatcher
 from node.senders import StowSender
 from node.states import DeliveryState
+from tests.conftest import missing_peer
 from tests.ctgen import write_ct_series
 from tests.orthanc import DICOMWEB_PLUGIN
 
@@ -22,8 +22,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def orthanc(orthanc_factory):
     if not DICOMWEB_PLUGIN.exists():
-        message = "orthanc-dicomweb is not installed (make test installs it when run as root)"
-        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+        missing_peer("orthanc-dicomweb is not installed (make test installs it when run as root)")
     return orthanc_factory()
 
 

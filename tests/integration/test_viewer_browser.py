@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO, TEST_WEIGHTS_DIR, require_tool, require_weights
+from tests.conftest import REPO, TEST_WEIGHTS_DIR, missing_peer, require_tool, require_weights
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser]
 
@@ -36,10 +36,7 @@ MIN_LESION_PIXELS = 500  # canvas pixels; a clear phantom lesion covers thousand
 
 def _require_file(path: Path, package: str) -> None:
     if not path.exists():
-        message = f"{path} is missing (apt-get install {package})"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        missing_peer(f"{path} is missing (apt-get install {package})")
 
 
 def _playwright_core() -> None:

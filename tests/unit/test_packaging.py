@@ -148,3 +148,19 @@ def test_a_plugin_whose_extra_is_missing_is_left_out():
     assert _extras_installed("pacs-ai-node", [])
     assert importlib.util.find_spec("h2") is None
     assert not _extras_installed("httpx", ["http2"])
+
+
+def test_missing_peers_are_decided_in_one_place():
+    """A test that lacks a peer, tool or data set skips locally and fails under CI through `missing_peer` only:
+    no other `pytest.skip` or `skipif` in the tests (one left behind would hide a missing install step in CI)."""
+    import re
+
+    offenders = []
+    for path in sorted((REPO / "tests").rglob("*.py")):
+        text = path.read_text()
+        for pattern in (r"pytest\.skip\(", r"skipif\(", r"importorskip\("):
+            for match in re.finditer(pattern, text):
+                where = f"{path.relative_to(REPO)}:{text.count(chr(10), 0, match.start()) + 1}"
+                if not (path.name == "conftest.py" and path.parent == REPO / "tests"):
+                    offenders.append(where)
+    assert offenders == []

@@ -30,6 +30,7 @@ from node.results import (
     result_uid,
 )
 from node.results.geometry import VoxelSize, largest_region, outline, polygon_area
+from tests.conftest import require_tool
 from tests.unit.results_support import (
     ATTENTION,
     SLICES,
@@ -41,10 +42,16 @@ from tests.unit.results_support import (
 )
 
 ALGORITHM = AlgorithmIdentity(name="pneumonia-attn", version="0.3.1")
-needs_dciodvfy = pytest.mark.skipif(
-    shutil.which("dciodvfy") is None, reason="dciodvfy (dicom3tools) not installed"
-)
-needs_dsrdump = pytest.mark.skipif(shutil.which("dsrdump") is None, reason="dsrdump (DCMTK) not installed")
+
+
+@pytest.fixture
+def needs_dciodvfy() -> None:
+    require_tool("dciodvfy")  # skips locally, fails under CI
+
+
+@pytest.fixture
+def needs_dsrdump() -> None:
+    require_tool("dsrdump")
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +161,7 @@ def test_skipped_sr_reads_back_strictly(
     assert isinstance(hd.sr.srread(path), hd.sr.Comprehensive3DSR)
 
 
-@needs_dciodvfy
+@pytest.mark.usefixtures("needs_dciodvfy")
 @pytest.mark.parametrize("kind", ["sr", "seg", "sr-v2", "sr-no-lesion"])
 def test_dciodvfy_reports_no_errors(written: dict[str, Path], kind: str) -> None:
     errors, warnings = dciodvfy_errors(written[kind])
@@ -163,7 +170,7 @@ def test_dciodvfy_reports_no_errors(written: dict[str, Path], kind: str) -> None
     assert all("99PACSAI" in w for w in warnings), warnings
 
 
-@needs_dciodvfy
+@pytest.mark.usefixtures("needs_dciodvfy")
 @pytest.mark.parametrize("reason", list(SkipReason))
 def test_dciodvfy_accepts_skipped_sr(sources: list[Dataset], reason: SkipReason, tmp_path: Path) -> None:
     errors, warnings = dciodvfy_errors(_write(_skipped(sources, reason), tmp_path / "skipped.dcm"))
@@ -171,7 +178,7 @@ def test_dciodvfy_accepts_skipped_sr(sources: list[Dataset], reason: SkipReason,
     assert all("99PACSAI" in w for w in warnings), warnings
 
 
-@needs_dsrdump
+@pytest.mark.usefixtures("needs_dsrdump")
 def test_dsrdump_reads_the_sr(written: dict[str, Path]) -> None:
     run = subprocess.run(
         ["dsrdump", str(written["sr"])], capture_output=True, text=True, timeout=60, check=False

@@ -16,7 +16,7 @@ from pydicom.data import get_testdata_file
 from models.preprocess import Volume, load_series
 from models.registry import Registry, Segmenter
 from models.scope import ScopeSettings, ScopeVerdict, assess_chest_scope
-from tests.conftest import TEST_WEIGHTS_DIR, require_weights
+from tests.conftest import TEST_WEIGHTS_DIR, missing_peer, require_weights
 from training.phantom import generate_dataset, load_masks
 from training.phantom.anatomy import NOISE_MODES, generate_region
 from training.phantom.restack import restack_slice
@@ -122,7 +122,7 @@ def test_real_ct_slices_restacked_are_out_of_scope(segmenter: Segmenter, tmp_pat
     """pydicom's real CT (a chest crop around the spine, heads, a neck crop), 20 copies 5 mm apart."""
     source = get_testdata_file(name)
     if source is None:
-        pytest.skip(f"{name} needs pydicom-data (the test extra installs it)")
+        missing_peer(f"{name} needs pydicom-data (the test extra installs it)")
     files = restack_slice(source, tmp_path, slices=20, seed=1, spacing_mm=5.0)
     _, verdict = _judge(segmenter, files)
     assert not verdict.in_scope, verdict

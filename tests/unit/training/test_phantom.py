@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 from pydicom.uid import UID, CTImageStorage
 from scipy import ndimage
 
+from tests.conftest import require_tool
 from training.phantom import (
     CLINICAL_COLUMNS,
     NOT_FOR_CLINICAL_USE,
@@ -70,8 +70,7 @@ def test_series_are_ct_image_storage_with_consistent_geometry(phantom_set: Path)
 
 
 def test_dcmdump_reads_every_file(phantom_set: Path) -> None:
-    if shutil.which("dcmdump") is None:
-        pytest.skip("DCMTK dcmdump is not installed")
+    require_tool("dcmdump")
     files = sorted(phantom_set.glob("CASE000*/dicom/*.dcm"))[:10]
     res = subprocess.run(["dcmdump", "-q", *map(str, files)], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
@@ -80,8 +79,7 @@ def test_dcmdump_reads_every_file(phantom_set: Path) -> None:
 
 
 def test_dciodvfy_reports_no_errors(phantom_set: Path) -> None:
-    if shutil.which("dciodvfy") is None:
-        pytest.skip("dicom3tools dciodvfy is not installed")
+    require_tool("dciodvfy")
     table = pd.read_csv(phantom_set / "clinical.csv")
     for i in range(len(table)):
         f = sorted((phantom_set / table.dicom_dir.iloc[i]).glob("*.dcm"))[5]
