@@ -10,7 +10,8 @@ destination backs off as a whole (in this process): until the failed row is due 
 tried, and the first success makes its backed-off rows due at once. Result files are only read. This module is
 the only writer of delivery state.
 
-The senders (the destination seam, keyed by the config's ``kind``) live in `node.senders` and are re-exported here.
+The senders (the destination seam, keyed by the config's ``kind``) and their errors (`TransientSendError`,
+`PermanentSendError`) live in `node.senders`; import them from there.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from node.config import DestinationKind, DispatchSection, NodeConfig
 from node.db import insert_for, metadata, reading, transaction
-from node.errors import IndexError_, SendError
+from node.errors import DatabaseError, SendError
 from node.logs import get_logger
 from node.senders import (
     PermanentSendError,
@@ -107,14 +108,16 @@ class _Next(Enum):
 
 
 @dataclass
-class _Worker:
+class _DestinationThread:
+    """One destination's delivery thread and the events that wake and stop it (not a `node.worker.Worker`)."""
+
     name: str
     thread: threading.Thread | None = None
     wake: threading.Event = field(default_factory=threading.Event)
     stop: threading.Event = field(default_factory=threading.Event)
 
 
-def _running(worker: _Worker) -> bool:
+def _running(worker: _DestinationThread) -> bool:
     return worker.thread is not None and worker.thread.is_alive()
 
 
@@ -139,7 +142,7 @@ class Dispatcher:
     """Delivery of result sets to the configured destinations; see the module docstring.
 
     ``clock`` returns epoch seconds (all timestamps and due times), ``rng`` a float in [0, 1) (backoff jitter);
-    both are injected for tests. Database failures raise `IndexError_`.
+    both are injected for tests. Database failures raise `DatabaseError`.
     """
 
     def __init__(
@@ -166,7 +169,7 @@ class Dispatcher:
         self._lock = threading.Lock()  # start/stop/apply_config and the worker set
         self._pause_lock = threading.Lock()
         self._paused: dict[str, tuple[float, float]] = {}  # destination -> (failed_at, until)
-        self._workers: dict[str, _Worker] = {}
+        self._workers: dict[str, _DestinationThread] = {}
         self._sweeper: threading.Thread | None = None
         self._running = False
         self._stopping = threading.Event()
@@ -201,7 +204,7 @@ class Dispatcher:
         With ``conn`` the rows are written in the caller's transaction (call `wake` after it commits); without, they
         are committed here and the loop is woken. Queueing the same (series, version) with the same files again
         returns the existing rows unchanged; with other files it replaces their payload and makes them pending.
-        Raises `ValueError` for bad arguments, `IndexError_` if the database fails.
+        Raises `ValueError` for bad arguments, `DatabaseError` if the database fails.
         """
         if not isinstance(series_uid, str) or not 0 < len(series_uid) <= 64:
             raise ValueError(f"series_uid must be a UID string of 1-64 characters, got {series_uid!r}")
@@ -358,7 +361,7 @@ class Dispatcher:
                     .values(lease_until=now + self._lease_seconds(len(files)))
                 )
         except SQLAlchemyError as exc:
-            raise IndexError_(f"deliveries: claim failed: {type(exc).__name__}: {exc}") from exc
+            raise DatabaseError(f"deliveries: claim failed: {type(exc).__name__}: {exc}") from exc
         return _Claimed(
             id=int(row.id),
             series_uid=row.series_uid,
@@ -699,7 +702,7 @@ class Dispatcher:
             worker.wake.set()
         for name in wanted:
             if name not in self._workers:
-                worker = _Worker(name)
+                worker = _DestinationThread(name)
                 self._workers[name] = worker
                 self._heartbeats.register(
                     _loop_name(name), self._config.dispatch.poll_seconds,
@@ -707,14 +710,14 @@ class Dispatcher:
                 )
                 self._start_worker(worker)
 
-    def _start_worker(self, worker: _Worker) -> None:
+    def _start_worker(self, worker: _DestinationThread) -> None:
         """(Caller holds ``_lock``.)"""
         worker.thread = threading.Thread(
             target=self._worker_loop, args=(worker,), name=f"pacsnode-dispatch-{worker.name}", daemon=True
         )
         worker.thread.start()
 
-    def _worker_loop(self, worker: _Worker) -> None:
+    def _worker_loop(self, worker: _DestinationThread) -> None:
         """Drain the destination, wait for a wake-up or the poll; no exception ends it (a failed send is the row's
         outcome, see `_attempt`; a database failure is logged and retried with a growing pause, a row it held is
         reclaimed when its lease expires)."""
