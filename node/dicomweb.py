@@ -83,7 +83,7 @@ class StowFailure(IntEnum):
     TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
 
 
-class _Refused(Exception):
+class _Refused(Exception):  # noqa: N818 - a control-flow signal answered in this module, not an error
     """A STOW request refused as a whole (nothing stored); caught in the handler and answered with
     ``http_status``. Never leaves this module."""
 
@@ -93,7 +93,7 @@ class _Refused(Exception):
         self.reason = reason
 
 
-class _PartFailed(Exception):
+class _PartFailed(Exception):  # noqa: N818 - a control-flow signal answered in this module, not an error
     """One part refused with a STOW-only failure reason (see `StowFailure`)."""
 
     def __init__(self, status: StowFailure, message: str) -> None:

@@ -121,6 +121,24 @@ def _running(worker: _DestinationThread) -> bool:
     return worker.thread is not None and worker.thread.is_alive()
 
 
+def _checked_payload(
+    series_uid: object, version: object, files: Sequence[Path], sop_uids: Sequence[str]
+) -> tuple[list[str], list[str]]:
+    """`Dispatcher.enqueue`'s arguments checked: the files as path strings and their SOP Instance UIDs; raises
+    `ValueError` naming the bad argument."""
+    if not isinstance(series_uid, str) or not 0 < len(series_uid) <= 64:
+        raise ValueError(f"series_uid must be a UID string of 1-64 characters, got {series_uid!r}")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise ValueError(f"version must be a non-negative int, got {version!r}")
+    paths = [str(Path(f)) for f in files]
+    uids = [str(u) for u in sop_uids]
+    if not paths:
+        raise ValueError("files must name at least one result file")
+    if len(uids) != len(paths) or not all(uids):
+        raise ValueError(f"sop_uids must name one SOP Instance UID per file ({len(paths)}), got {uids!r}")
+    return paths, uids
+
+
 def _payload(files: str, sop_uids: str) -> tuple[tuple[Path, ...], tuple[str, ...]] | None:
     """A row's files and SOP instance UIDs, or None when they are not two equally long JSON lists of strings."""
     try:
@@ -206,16 +224,7 @@ class Dispatcher:
         returns the existing rows unchanged; with other files it replaces their payload and makes them pending.
         Raises `ValueError` for bad arguments, `DatabaseError` if the database fails.
         """
-        if not isinstance(series_uid, str) or not 0 < len(series_uid) <= 64:
-            raise ValueError(f"series_uid must be a UID string of 1-64 characters, got {series_uid!r}")
-        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
-            raise ValueError(f"version must be a non-negative int, got {version!r}")
-        paths = [str(Path(f)) for f in files]
-        uids = [str(u) for u in sop_uids]
-        if not paths:
-            raise ValueError("files must name at least one result file")
-        if len(uids) != len(paths) or not all(uids):
-            raise ValueError(f"sop_uids must name one SOP Instance UID per file ({len(paths)}), got {uids!r}")
+        paths, uids = _checked_payload(series_uid, version, files, sop_uids)
         config = self._config
         log = self._log.bind(series_uid=series_uid, version=version, sop_uids=uids)
         if not config.destinations:
@@ -242,26 +251,7 @@ class Dispatcher:
         d = deliveries.c
         with self._transaction(conn) as c:
             for row in rows:
-                ins = self._insert(deliveries).values(**row)
-                # Same files again (a crash re-run: deterministic UIDs) leaves the row as it is; other files for the
-                # same version (e.g. real results after a "processing failed" report, on a replayed job) replace
-                # the row's payload and send it afresh.
-                c.execute(
-                    ins.on_conflict_do_update(
-                        index_elements=["series_uid", "version", "destination"],
-                        set_={
-                            "files": ins.excluded.files,
-                            "sop_uids": ins.excluded.sop_uids,
-                            "state": DeliveryState.PENDING.value,
-                            "attempts": 0,
-                            "queued_at": now,
-                            "next_attempt_at": now,
-                            "last_error": None,
-                            "delivered_at": None,
-                        },
-                        where=deliveries.c.files != ins.excluded.files,
-                    )
-                )
+                self._upsert(c, row, now)
             found = {
                 r.destination: r.id
                 for r in c.execute(
@@ -275,6 +265,28 @@ class Dispatcher:
         if conn is None:
             self.wake()
         return ids
+
+    def _upsert(self, c: sa.Connection, row: dict[str, Any], now: float) -> None:
+        """Insert one pending delivery row. Same files again (a crash re-run: deterministic UIDs) leave an existing
+        row as it is; other files for the same version (e.g. real results after a "processing failed" report, on a
+        replayed job) replace the row's payload and send it afresh."""
+        ins = self._insert(deliveries).values(**row)
+        c.execute(
+            ins.on_conflict_do_update(
+                index_elements=["series_uid", "version", "destination"],
+                set_={
+                    "files": ins.excluded.files,
+                    "sop_uids": ins.excluded.sop_uids,
+                    "state": DeliveryState.PENDING.value,
+                    "attempts": 0,
+                    "queued_at": now,
+                    "next_attempt_at": now,
+                    "last_error": None,
+                    "delivered_at": None,
+                },
+                where=deliveries.c.files != ins.excluded.files,
+            )
+        )
 
     # -- sending --------------------------------------------------------------------------------------------------
     def run_once(self) -> int:

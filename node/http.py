@@ -81,7 +81,7 @@ class HealthProbe:
         if self.admission is not None:
             try:
                 report["admission"] = self.admission()
-            except Exception as exc:  # a readiness probe answers; it does not raise
+            except Exception as exc:  # noqa: BLE001 - a readiness probe answers; it does not raise
                 report["admission"] = {"error": type(exc).__name__}
         return report
 
@@ -105,7 +105,7 @@ class HealthProbe:
     def _models(self) -> str:
         try:
             return "ok" if self.models_ready() else "models are not loaded"
-        except Exception as exc:  # a readiness probe answers; it does not raise
+        except Exception as exc:  # noqa: BLE001 - a readiness probe answers; it does not raise
             return f"models readiness check failed: {type(exc).__name__}"
 
 
