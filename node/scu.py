@@ -3,9 +3,9 @@ DIMSE dispatch, destination checks and proof of delivery.
 
 `echo(peer)` returns the C-ECHO status; `send_datasets(peer, datasets)` stores over one association and returns
 one `StoreResult` per instance (`read_files(paths)` reads files and folders for it); `request_storage_commitment`
-sends the N-ACTION (`CommitmentUnsupportedError` when the peer has no Storage Commitment). Presentation contexts are proposed per SOP class with the
-instance's own transfer syntax (plus the uncompressed ones), so nothing is transcoded. Raises `SendError` when the
-association cannot be established. TCP_NODELAY is set on the outgoing socket. With ``Peer.tls_args`` (from
+sends the N-ACTION (`CommitmentUnsupportedError` when the peer has no Storage Commitment). Presentation contexts
+are proposed per SOP class with the instance's own transfer syntax (plus the uncompressed ones), so nothing is
+transcoded. Raises `SendError` when the association cannot be established. TCP_NODELAY is set on the outgoing socket. With ``Peer.tls_args`` (from
 `node.tls.destination_tls_args`) the association runs over DICOM TLS; a failed handshake's reason is in the
 `SendError`.
 """

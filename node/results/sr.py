@@ -1,7 +1,7 @@
 """Build the node's SR documents (TID 1500 measurement report in a Comprehensive 3D SR) and the SR + SEG pair.
 
-`build_results` returns the SR and SEG for a processed series; `build_skipped_sr` returns a short SR saying,
-coded, that the series was not processed and why. All UIDs come from `result_uid`.
+`build_results` returns the SR and SEG for a processed series (and, with a verdict, the key-images KOS);
+`build_skipped_sr` returns a short SR saying, coded, that the series was not processed and why. All UIDs come from `result_uid`.
 """
 
 from __future__ import annotations
