@@ -213,64 +213,11 @@ def load_series(paths: Sequence[str | Path], *, spacing_tolerance: float = 0.1) 
     orientation or pixel spacing, two slices at one position, or slice gaps differing from the median by more
     than ``spacing_tolerance`` (relative). Error messages name files by their index, never by patient data.
     """
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
     if len(paths) == 0:
         raise PreprocessError("no files given")
-    datasets: list[Any] = []
-    slices: list[_Slice] = []
-    for i, p in enumerate(paths):
-        where = f"file {i} ({Path(p).name})"
-        try:
-            ds = pydicom.dcmread(str(p))
-        except (InvalidDicomError, OSError, EOFError) as exc:
-            raise PreprocessError(f"{where}: not a readable DICOM file: {exc}") from exc
-        except Exception as exc:  # corrupt files make pydicom raise ValueError, KeyError, struct.error, …
-            raise PreprocessError(f"{where}: cannot parse the DICOM file: {type(exc).__name__}: {exc}") from exc
-        slices.extend(_slices_of(ds, i, where))
-        if "PixelData" in ds:
-            del ds.PixelData  # keep headers only; the pixels live on in the volume
-        datasets.append(ds)
-
-    series = {str(getattr(d, "SeriesInstanceUID", "")) for d in datasets}
-    if len(series) > 1:
-        raise PreprocessError(f"files belong to {len(series)} different series")
-    fors = {str(getattr(d, "FrameOfReferenceUID", "")) for d in datasets}
-    if len(fors) > 1:
-        raise PreprocessError(f"files have {len(fors)} different frames of reference")
-    shapes = {s.pixels.shape for s in slices}
-    if len(shapes) > 1:
-        raise PreprocessError(f"slices have different matrix sizes: {sorted(shapes)}")
-    ori = slices[0].orientation
-    if any(np.abs(s.orientation - ori).max() > 1e-3 for s in slices):
-        raise PreprocessError("slices have different ImageOrientationPatient")
-    row, col = ori[:3], ori[3:]
-    normal = np.cross(row, col)
-    if abs(np.linalg.norm(normal) - 1.0) > 1e-2 or abs(float(row @ col)) > 1e-2:
-        raise PreprocessError(f"ImageOrientationPatient is not two orthonormal vectors: {ori.tolist()}")
-    px = slices[0].pixel_spacing
-    if any(np.abs(s.pixel_spacing - px).max() > 1e-3 * max(1.0, float(px.max())) for s in slices):
-        raise PreprocessError("slices have different PixelSpacing")
-    if np.any(px <= 0):
-        raise PreprocessError(f"PixelSpacing must be positive, got {px.tolist()}")
-
-    along = np.array([float(s.position @ normal) for s in slices])
-    order = np.argsort(along, kind="stable")
-    along = along[order]
-    gaps = np.diff(along)
-    if len(gaps) and gaps.min() < 1e-3:
-        raise PreprocessError("two slices share one position along the slice normal")
-    if len(gaps):
-        dz = float(np.median(gaps))
-        worst = float(np.abs(gaps - dz).max())
-        if worst > spacing_tolerance * dz:
-            raise PreprocessError(
-                f"slice spacing is not uniform: median {dz:.3f} mm, a gap differs by {worst:.3f} mm"
-            )
-    else:
-        first = datasets[0]
-        dz = float(getattr(first, "SpacingBetweenSlices", 0) or getattr(first, "SliceThickness", 0) or 1.0)
+    datasets, slices = _read_files(paths)
+    series, fors, ori, normal, px = _common_geometry(datasets, slices)
+    order, dz = _slice_order(datasets, slices, normal, spacing_tolerance)
 
     sorted_slices = [slices[i] for i in order]
     hu = np.stack([s.pixels for s in sorted_slices]).astype(np.float32, copy=False)
@@ -294,6 +241,81 @@ def load_series(paths: Sequence[str | Path], *, spacing_tolerance: float = 0.1) 
         patient_age=_parse_age(first),
         patient_sex=sex if sex in ("M", "F", "O") else None,
     )
+
+
+def _read_files(paths: Sequence[str | Path]) -> tuple[list[Any], list[_Slice]]:
+    """Each file's header (pixels dropped) and its slices, in the order given."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    datasets: list[Any] = []
+    slices: list[_Slice] = []
+    for i, p in enumerate(paths):
+        where = f"file {i} ({Path(p).name})"
+        try:
+            ds = pydicom.dcmread(str(p))
+        except (InvalidDicomError, OSError, EOFError) as exc:
+            raise PreprocessError(f"{where}: not a readable DICOM file: {exc}") from exc
+        except Exception as exc:  # corrupt files make pydicom raise ValueError, KeyError, struct.error, …
+            raise PreprocessError(f"{where}: cannot parse the DICOM file: {type(exc).__name__}: {exc}") from exc
+        slices.extend(_slices_of(ds, i, where))
+        if "PixelData" in ds:
+            del ds.PixelData  # keep headers only; the pixels live on in the volume
+        datasets.append(ds)
+    return datasets, slices
+
+
+def _common_geometry(
+    datasets: Sequence[Any], slices: Sequence[_Slice]
+) -> tuple[set[str], set[str], np.ndarray, np.ndarray, np.ndarray]:
+    """(series UIDs, frame-of-reference UIDs, orientation, slice normal, pixel spacing) shared by every slice;
+    raises PreprocessError when the slices disagree or the orientation is not orthonormal."""
+    series = {str(getattr(d, "SeriesInstanceUID", "")) for d in datasets}
+    if len(series) > 1:
+        raise PreprocessError(f"files belong to {len(series)} different series")
+    fors = {str(getattr(d, "FrameOfReferenceUID", "")) for d in datasets}
+    if len(fors) > 1:
+        raise PreprocessError(f"files have {len(fors)} different frames of reference")
+    shapes = {s.pixels.shape for s in slices}
+    if len(shapes) > 1:
+        raise PreprocessError(f"slices have different matrix sizes: {sorted(shapes)}")
+    ori = slices[0].orientation
+    if any(np.abs(s.orientation - ori).max() > 1e-3 for s in slices):
+        raise PreprocessError("slices have different ImageOrientationPatient")
+    row, col = ori[:3], ori[3:]
+    normal = np.cross(row, col)
+    if abs(np.linalg.norm(normal) - 1.0) > 1e-2 or abs(float(row @ col)) > 1e-2:
+        raise PreprocessError(f"ImageOrientationPatient is not two orthonormal vectors: {ori.tolist()}")
+    px = slices[0].pixel_spacing
+    if any(np.abs(s.pixel_spacing - px).max() > 1e-3 * max(1.0, float(px.max())) for s in slices):
+        raise PreprocessError("slices have different PixelSpacing")
+    if np.any(px <= 0):
+        raise PreprocessError(f"PixelSpacing must be positive, got {px.tolist()}")
+    return series, fors, ori, normal, px
+
+
+def _slice_order(
+    datasets: Sequence[Any], slices: Sequence[_Slice], normal: np.ndarray, spacing_tolerance: float
+) -> tuple[np.ndarray, float]:
+    """The slices' order along ``normal`` and the slice spacing in mm; raises PreprocessError for two slices at
+    one position or gaps that differ from the median by more than ``spacing_tolerance`` (relative)."""
+    along = np.array([float(s.position @ normal) for s in slices])
+    order = np.argsort(along, kind="stable")
+    along = along[order]
+    gaps = np.diff(along)
+    if len(gaps) and gaps.min() < 1e-3:
+        raise PreprocessError("two slices share one position along the slice normal")
+    if len(gaps):
+        dz = float(np.median(gaps))
+        worst = float(np.abs(gaps - dz).max())
+        if worst > spacing_tolerance * dz:
+            raise PreprocessError(
+                f"slice spacing is not uniform: median {dz:.3f} mm, a gap differs by {worst:.3f} mm"
+            )
+    else:
+        first = datasets[0]
+        dz = float(getattr(first, "SpacingBetweenSlices", 0) or getattr(first, "SliceThickness", 0) or 1.0)
+    return order, dz
 
 
 # ---------------------------------------------------------------------------------------------------------

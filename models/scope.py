@@ -223,40 +223,50 @@ def assess_chest_scope(volume: Volume, lungs: np.ndarray, settings: ScopeSetting
     s = settings or ScopeSettings()
     m = measure(volume, lungs)
 
-    def out(reason: str) -> ScopeVerdict:
+    reason = _image_problem(m, s) or _lung_problem(m, s)
+    if reason is not None:
         return ScopeVerdict(False, reason, m)
+    return ScopeVerdict(True, f"chest CT: {m['lung_ml']:.0f} mL of aerated lung over {m['lung_extent_mm']:.0f} mm", m)
 
+
+def _image_problem(m: dict[str, float], s: ScopeSettings) -> str | None:
+    """The first reason the images are not an axial body CT (noise, a cropped field of view, a head), or None."""
     if m["axial_cosine"] < s.min_axial_cosine:
-        return out(f"not an axial series: slices lie {np.degrees(np.arccos(m['axial_cosine'])):.0f}° off axial, "
+        return (f"not an axial series: slices lie {np.degrees(np.arccos(m['axial_cosine'])):.0f}° off axial, "
                    f"the models read axial slices")
     if m["pixel_correlation"] < s.min_pixel_correlation:
-        return out(f"no coherent image, like random noise: neighbouring pixels correlate {m['pixel_correlation']:.2f}, "
+        return (f"no coherent image, like random noise: neighbouring pixels correlate {m['pixel_correlation']:.2f}, "
                    f"at least {s.min_pixel_correlation:.2f} expected")
     if m["body_border_fraction"] > s.max_body_border_fraction:
-        return out(f"no whole body cross-section: tissue covers {100 * m['body_border_fraction']:.0f}% of the image "
+        return (f"no whole body cross-section: tissue covers {100 * m['body_border_fraction']:.0f}% of the image "
                    f"border, at most {100 * s.max_body_border_fraction:.0f}% expected, as in a cropped field of view or noise")
     if m["body_ml"] < s.min_body_ml:
-        return out(f"no body found: {m['body_ml']:.0f} mL above {BODY_HU:.0f} HU, at least {s.min_body_ml:.0f} mL expected")
+        return (f"no body found: {m['body_ml']:.0f} mL above {BODY_HU:.0f} HU, at least {s.min_body_ml:.0f} mL expected")
     if m["head_slice_fraction"] > s.max_head_slice_fraction:
-        return out(f"looks like a head: a skull ring around brain-density tissue on "
+        return (f"looks like a head: a skull ring around brain-density tissue on "
                    f"{100 * m['head_slice_fraction']:.0f}% of slices")
+    return None
+
+
+def _lung_problem(m: dict[str, float], s: ScopeSettings) -> str | None:
+    """The first reason the segmented lungs are not a whole, aerated pair of a chest, or None."""
     if m["lung_ml"] < NO_LUNGS_ML:
-        return out(f"no lungs found: {m['lung_ml']:.0f} mL segmented inside the body, at least {s.min_lung_ml:.0f} mL expected")
+        return (f"no lungs found: {m['lung_ml']:.0f} mL segmented inside the body, at least {s.min_lung_ml:.0f} mL expected")
     if m["lung_aerated_fraction"] < s.min_aerated_fraction:
-        return out(f"the segmented lungs are not air-filled: median {m['lung_median_hu']:.0f} HU, "
+        return (f"the segmented lungs are not air-filled: median {m['lung_median_hu']:.0f} HU, "
                    f"{100 * m['lung_aerated_fraction']:.0f}% below {AIR_HU:.0f} HU "
                    f"(at least {100 * s.min_aerated_fraction:.0f}% expected)")
     if m["lung_ml"] > s.max_lung_ml:
-        return out(f"implausible lungs: {m['lung_ml']:.0f} mL segmented, at most {s.max_lung_ml:.0f} mL expected")
+        return (f"implausible lungs: {m['lung_ml']:.0f} mL segmented, at most {s.max_lung_ml:.0f} mL expected")
     if (m["lung_ml"] < s.min_lung_ml or m["lung_extent_mm"] < s.min_lung_extent_mm
             or m["lung_slices"] < s.min_lung_slices):
-        return out(f"only part of the lungs: {m['lung_ml']:.0f} mL over {m['lung_extent_mm']:.0f} mm on "
+        return (f"only part of the lungs: {m['lung_ml']:.0f} mL over {m['lung_extent_mm']:.0f} mm on "
                    f"{m['lung_slices']:.0f} slices; at least {s.min_lung_ml:.0f} mL over {s.min_lung_extent_mm:.0f} mm "
                    f"on {s.min_lung_slices} slices expected")
     if m["lung_side_share"] < s.min_side_share:
-        return out(f"lungs on one side only: the other side holds {100 * m['lung_side_share']:.1f}% of them, "
+        return (f"lungs on one side only: the other side holds {100 * m['lung_side_share']:.1f}% of them, "
                    f"at least {100 * s.min_side_share:.0f}% expected")
     if m["lung_body_ratio"] < s.min_lung_body_ratio:
-        return out(f"too little lung for a chest: {100 * m['lung_body_ratio']:.1f}% of the body on lung slices, "
+        return (f"too little lung for a chest: {100 * m['lung_body_ratio']:.1f}% of the body on lung slices, "
                    f"at least {100 * s.min_lung_body_ratio:.0f}% expected")
-    return ScopeVerdict(True, f"chest CT: {m['lung_ml']:.0f} mL of aerated lung over {m['lung_extent_mm']:.0f} mm", m)
+    return None

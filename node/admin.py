@@ -119,7 +119,7 @@ def _size(n: int | float | None) -> str:
 _templates.filters.update(when=_when, age=_age, size=_size)
 
 
-class _Refused(Exception):
+class _Refused(Exception):  # noqa: N818 - a control-flow signal answered in this module, not an error
     """An action refused before anything changed; answered with ``status`` (never leaves this module)."""
 
     def __init__(self, status: int, reason: str) -> None:
@@ -278,7 +278,7 @@ class _Admin:
             return None
         try:
             return self.admission()
-        except Exception as exc:  # the page still renders
+        except Exception as exc:  # noqa: BLE001 - the page still renders
             return {"error": type(exc).__name__}
 
     def _retention_view(self, config: NodeConfig) -> _RetentionView:

@@ -291,7 +291,7 @@ class Admission:
     def _read_disk(self) -> tuple[int | None, int | None]:
         try:
             free, total = self._disk_usage(self.data_dir)
-        except Exception as exc:  # OSError from statvfs; whatever a substitute raises
+        except Exception as exc:  # noqa: BLE001 - OSError from statvfs; whatever a substitute raises
             self._read_failed("disk", exc)
             return None, None
         self._read_errors.discard("disk")
@@ -300,7 +300,7 @@ class Admission:
     def _read_depth(self) -> int | None:
         try:
             depth = int(self._queue_depth())
-        except Exception as exc:  # the database may be down; the receive path reports that itself
+        except Exception as exc:  # noqa: BLE001 - the database may be down; the receive path reports that itself
             self._read_failed("queue_depth", exc)
             return None
         self._read_errors.discard("queue_depth")
@@ -324,7 +324,7 @@ class Admission:
             return cached[1]
         try:
             last = self._activity(series_uid)
-        except Exception as exc:  # cannot tell: the series counts as new
+        except Exception as exc:  # noqa: BLE001 - cannot tell: the series counts as new
             self._read_failed("series_activity", exc)
             return False
         answer = last is not None and self._wall() - last <= settings.active_series_seconds

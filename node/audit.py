@@ -108,7 +108,7 @@ def patient_id_of(path: str | Path) -> str | None:
     try:
         ds = dcmread(str(path), stop_before_pixels=True, specific_tags=["PatientID"])
         value = str(ds.get("PatientID", "") or "").strip()
-    except Exception:  # an unreadable file costs the audit record its patient object, nothing else
+    except Exception:  # noqa: BLE001 - an unreadable file costs the audit record its patient object, nothing else
         return None
     return value[:PATIENT_ID_MAX] or None
 
@@ -202,7 +202,7 @@ class AuditTrail:
             if context:
                 record["pacsnode"] = context  # ids that join the record to the node's log (no PHI)
             line = json.dumps(record, ensure_ascii=False, separators=(",", ":"), default=str)
-        except Exception as exc:  # a bad value in a record must not reach the caller
+        except Exception as exc:  # noqa: BLE001 - a bad value in a record must not reach the caller
             self._failed("file", f"record not built: {type(exc).__name__}")
             return None
         self._write(line, now)
@@ -215,7 +215,7 @@ class AuditTrail:
                     hostname=self.hostname, msgid=event,
                     params={"eventID": ident["EventID"]["csd-code"], "outcome": str(outcome)},
                 ))
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - a syslog failure is counted, never raised to the audited action
                 self._failed("syslog", type(exc).__name__)
         return record
 
@@ -266,7 +266,7 @@ class AuditTrail:
         if self._on_failure is not None:
             try:
                 self._on_failure(sink)
-            except Exception:
+            except Exception:  # noqa: BLE001 - the failure counter must not break auditing
                 self._log.exception("audit_failure_counter_failed")
 
     def emit_failed(self, sink: str, reason: str) -> None:
@@ -287,7 +287,7 @@ class AuditTrail:
         """110100 Application Activity: the node started or stopped."""
         try:
             launcher = getpass.getuser()
-        except Exception:  # no name for this uid (containers)
+        except Exception:  # noqa: BLE001 - no name for this uid (containers)
             launcher = str(os.getuid())
         self.emit(
             "application_started" if started else "application_stopped",
@@ -373,7 +373,7 @@ class AuditTrail:
             detail.append({"type": "SHA256", "value": digest})
         try:
             user = getpass.getuser()
-        except Exception:
+        except Exception:  # noqa: BLE001 - no name for this uid (containers)
             user = str(os.getuid())
         self.emit(
             "config_reloaded" if applied else "config_reload_refused",

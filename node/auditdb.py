@@ -63,7 +63,7 @@ def delivered_studies(engine: Engine, series_uid: str, version: int, destination
         try:
             ds = dcmread(str(path), stop_before_pixels=True,
                          specific_tags=["SOPClassUID", "StudyInstanceUID", "PatientID"])
-        except Exception:  # a result purged or unreadable: counted under an unknown study
+        except Exception:  # noqa: BLE001 - a result purged or unreadable: counted under an unknown study
             unknown = studies.setdefault("", StudySummary(""))
             unknown.counts["unknown"] = unknown.counts.get("unknown", 0) + 1
             continue

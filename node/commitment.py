@@ -43,7 +43,7 @@ from node.db import insert_for, metadata, reading, transaction
 from node.dispatch import deliveries
 from node.errors import ConfigError, SendError
 from node.logs import get_logger
-from node.scu import CommitmentUnsupported, Peer, request_storage_commitment
+from node.scu import CommitmentUnsupportedError, Peer, request_storage_commitment
 from node.states import CommitState, DeliveryState
 from node.supervise import Heartbeats, failure
 from node.tls import destination_tls_args, requests_tls
@@ -169,7 +169,7 @@ class Commitments:
     """Commitment bookkeeping and its supervised loop (``commitment``); see the module docstring.
 
     ``clock`` returns epoch seconds; ``requester`` / ``verifier`` are `request_commitment` / `qido_instances`
-    (fakes in unit tests). Database failures raise `IndexError_`.
+    (fakes in unit tests). Database failures raise `DatabaseError`.
     """
 
     def __init__(self, config: NodeConfig, engine: Engine, *, heartbeats: Heartbeats | None = None,
@@ -297,7 +297,7 @@ class Commitments:
         try:
             self.requester(dest, self.config.node.ae_title, uid, refs, self.config.dispatch.timeout_seconds,
                            self.handle_report)
-        except CommitmentUnsupported as exc:
+        except CommitmentUnsupportedError as exc:
             self._set(row.delivery_id, CommitState.REQUESTED, state=CommitState.FAILED.value,
                       last_error=str(exc)[:_MAX_ERROR_CHARS])
             log.error("commitment_unsupported", error=str(exc))

@@ -56,7 +56,7 @@ class CompletionReason(StrEnum):
 
 
 @dataclass(frozen=True)
-class Senders:
+class SendingAssociations:
     """What the associations that sent a series say: all closed?, the last one's state, time and share."""
 
     all_closed: bool
@@ -68,7 +68,7 @@ class Senders:
 def decide(
     series_row: Any,
     instance_rows: Sequence[Any],
-    senders: Senders,
+    sending: SendingAssociations,
     now: float,
     settings: CompletionSection,
     spacing_tolerance_mm: float,
@@ -87,11 +87,11 @@ def decide(
             return CompletionReason.MULTIFRAME
         if (
             mode is CompletionMode.RELEASE
-            and senders.all_closed
-            and senders.last_state == AssociationState.RELEASED
-            and senders.last_sent >= 2
-            and senders.last_closed_at is not None
-            and now - max(senders.last_closed_at, series_row.last_received_at) >= grace_seconds
+            and sending.all_closed
+            and sending.last_state == AssociationState.RELEASED
+            and sending.last_sent >= 2
+            and sending.last_closed_at is not None
+            and now - max(sending.last_closed_at, series_row.last_received_at) >= grace_seconds
             and analyse_stack(instance_rows).even(spacing_tolerance_mm)
         ):
             return CompletionReason.CONTIGUOUS_RELEASED
@@ -189,8 +189,8 @@ class CompletionSweeper:
                     if not self._worth_a_look(conn, row, now):
                         continue
                     rows = list(conn.execute(sa.select(instances).where(instances.c.series_uid == row.series_uid)))
-                    senders = self._senders(conn, row, rows)
-                reason = decide(row, rows, senders, now, self.config.completion, self.config.gate.spacing_tolerance_mm)
+                    sending = self._sending_associations(conn, row, rows)
+                reason = decide(row, rows, sending, now, self.config.completion, self.config.gate.spacing_tolerance_mm)
                 if reason is None:
                     continue
                 version = self._complete(row, rows, reason)
@@ -230,13 +230,13 @@ class CompletionSweeper:
         ).scalar()
         return state is not None and state != AssociationState.OPEN
 
-    def _senders(self, conn: sa.Connection, row: Any, rows: Sequence[Any]) -> Senders:
+    def _sending_associations(self, conn: sa.Connection, row: Any, rows: Sequence[Any]) -> SendingAssociations:
         ids = {r.association_id for r in rows if r.association_id}
         if not ids:
-            return Senders(all_closed=False, last_state=None, last_closed_at=None, last_sent=0)
+            return SendingAssociations(all_closed=False, last_state=None, last_closed_at=None, last_sent=0)
         assocs = {a.id: a for a in conn.execute(sa.select(associations).where(associations.c.id.in_(ids)))}
         last = assocs.get(row.last_association_id)
-        return Senders(
+        return SendingAssociations(
             all_closed=all(a.state != AssociationState.OPEN for a in assocs.values()) and len(assocs) == len(ids),
             last_state=AssociationState(last.state) if last is not None else None,
             last_closed_at=last.closed_at if last is not None else None,

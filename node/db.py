@@ -3,7 +3,7 @@
 `create_engine_for(url)` returns an engine tuned for the backend (SQLite: WAL, synchronous=FULL so a committed
 row survives power loss, busy timeout for concurrent association threads). `init_schema(engine)` creates any
 missing tables. PostgreSQL URLs are passed through unchanged. `insert_for(engine)` gives the dialect's INSERT with
-ON CONFLICT support; `reading`/`transaction` wrap a connection so SQLAlchemy errors surface as `IndexError_`.
+ON CONFLICT support; `reading`/`transaction` wrap a connection so SQLAlchemy errors surface as `DatabaseError`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from node.errors import IndexError_
+from node.errors import DatabaseError
 
 metadata = sa.MetaData()
 
@@ -62,7 +62,7 @@ def init_schema(engine: Engine) -> None:
                 if column.name in present:
                     continue
                 if not column.nullable:
-                    raise IndexError_(f"table {table.name} lacks the required column {column.name}")
+                    raise DatabaseError(f"table {table.name} lacks the required column {column.name}")
                 kind = column.type.compile(dialect=engine.dialect)
                 conn.execute(sa.text(f'ALTER TABLE "{table.name}" ADD COLUMN "{column.name}" {kind}'))
 
@@ -80,17 +80,17 @@ def insert_for(engine: Engine) -> Callable[..., Any]:
 
 @contextmanager
 def reading(engine: Engine, what: str) -> Iterator[sa.Connection]:
-    """A connection for reads; database failures become `IndexError_` naming ``what``."""
+    """A connection for reads; database failures become `DatabaseError` naming ``what``."""
     try:
         with engine.connect() as conn:
             yield conn
     except SQLAlchemyError as exc:
-        raise IndexError_(f"{what}: {type(exc).__name__}: {exc}") from exc
+        raise DatabaseError(f"{what}: {type(exc).__name__}: {exc}") from exc
 
 
 @contextmanager
 def transaction(engine: Engine, what: str, conn: sa.Connection | None = None) -> Iterator[sa.Connection]:
-    """``conn`` (the caller's transaction) or a new one committed on exit; failures become `IndexError_`."""
+    """``conn`` (the caller's transaction) or a new one committed on exit; failures become `DatabaseError`."""
     try:
         if conn is not None:
             yield conn
@@ -98,4 +98,4 @@ def transaction(engine: Engine, what: str, conn: sa.Connection | None = None) ->
             with engine.begin() as own:
                 yield own
     except SQLAlchemyError as exc:
-        raise IndexError_(f"{what}: {type(exc).__name__}: {exc}") from exc
+        raise DatabaseError(f"{what}: {type(exc).__name__}: {exc}") from exc

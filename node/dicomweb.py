@@ -1,7 +1,7 @@
-"""The DICOMweb front door: STOW-RS ingest, a minimal QIDO-RS over the index, health, readiness and metrics.
+"""The DICOMweb front door: STOW-RS ingest and a minimal QIDO-RS over the index, in the node's one HTTP app.
 
-`create_app(...)` returns the Starlette app (STOW-RS here; QIDO-RS queries in `node.qido`); `node.http.HttpServer`
-runs it with uvicorn in a thread and `node.http.HealthProbe` answers ``/readyz``.
+`create_app(...)` returns the Starlette app: STOW-RS here, QIDO-RS queries in `node.qido`, and ``/healthz``,
+``/readyz`` and ``/metrics`` from `node.http.probe_routes`; `node.http.HttpServer` runs it with uvicorn in a thread.
 
 STOW-RS (``POST /dicomweb/studies[/{study}]``, ``multipart/related; type="application/dicom"``) streams the body
 through python-multipart into one temporary file (spilled to disk past 1 MiB) and only then stores the parts,
@@ -44,22 +44,22 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from node.audit import AuditTrail, Outcome
 from node.auditdb import audit_received
 from node.auth import Authenticator, client_host
 from node.config import NodeConfig
-from node.errors import AdmissionRefusedError, IndexError_, InvalidDatasetError, ReceiveError
-from node.http import HealthProbe
+from node.errors import AdmissionRefusedError, DatabaseError, InvalidDatasetError, ReceiveError
+from node.http import HealthProbe, probe_routes
 from node.index import Index
 from node.ingest import ACCEPTED_TRANSFER_SYNTAXES, EncodedDataset, FileSpan, Ingestor, Origin
 from node.logs import get_logger
 from node.metrics import Metrics
 from node.qido import SERIES_KEYS, STUDY_KEYS, Query, find_series, find_studies
-from node.spool import check_uid
 from node.states import AssociationState
+from node.uids import check_uid
 
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks
@@ -83,7 +83,7 @@ class StowFailure(IntEnum):
     TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
 
 
-class _Refused(Exception):
+class _Refused(Exception):  # noqa: N818 - a control-flow signal answered in this module, not an error
     """A STOW request refused as a whole (nothing stored); caught in the handler and answered with
     ``http_status``. Never leaves this module."""
 
@@ -93,7 +93,7 @@ class _Refused(Exception):
         self.reason = reason
 
 
-class _PartFailed(Exception):
+class _PartFailed(Exception):  # noqa: N818 - a control-flow signal answered in this module, not an error
     """One part refused with a STOW-only failure reason (see `StowFailure`)."""
 
     def __init__(self, status: StowFailure, message: str) -> None:
@@ -282,7 +282,6 @@ class _DicomWeb:
         self.config = config
         self.ingestor = ingestor
         self.index = index
-        self.health = health
         self.metrics = metrics
         self.token = token
         self.on_released = on_released
@@ -349,7 +348,7 @@ class _DicomWeb:
             log.info("stow_received", parts=len(parts), bytes=received)
             try:
                 outcomes = await run_in_threadpool(self._store_parts, body, parts, request_id, study, _client(request))
-            except IndexError_ as exc:
+            except DatabaseError as exc:
                 log.error("stow_index_unavailable", error=str(exc))
                 self.metrics.stow_request(503)
                 return JSONResponse({"error": "the index database is unavailable"}, status_code=503)
@@ -387,7 +386,7 @@ class _DicomWeb:
             state = AssociationState.RELEASED
             return outcomes
         finally:
-            with contextlib.suppress(IndexError_):  # bookkeeping only; the instances' rows are already committed
+            with contextlib.suppress(DatabaseError):  # bookkeeping only; the instances' rows are already committed
                 self.index.association_closed(request_id, state)
             audit_received(self.audit, self.index.engine, request_id, source_user=self.auth.user, peer=client,
                            context={"request_id": request_id, "front_door": "STOW-RS"})
@@ -424,7 +423,7 @@ class _DicomWeb:
             self.metrics.rejected(type(exc).__name__ if isinstance(exc, ReceiveError) else exc.status.name, "stow")
             log.warning("instance_refused", sop_uid=out.sop_uid or None, status=f"0x{out.failure:04X}", reason=out.reason)
             return out
-        except IndexError_:
+        except DatabaseError:
             raise  # the index is down: the whole request fails (503), as later parts would
         except Exception:
             # The boundary: an unexpected failure fails this part, and the request goes on.
@@ -483,25 +482,6 @@ class _DicomWeb:
         if self.audit is not None:
             self.audit.query(user=self.auth.user, peer=client_host(request), path=request.url.path,
                              query_string=request.url.query, matches=matches, outcome=outcome)
-
-    # -- health and metrics -----------------------------------------------------------------------------------
-    async def healthz(self, request: Request) -> Response:
-        return PlainTextResponse("ok")
-
-    async def readyz(self, request: Request) -> Response:
-        checks = await run_in_threadpool(self.health.check)
-        ready = all(v == "ok" for v in checks.values())
-        if not ready:
-            self.log.warning("not_ready", **{k: v for k, v in checks.items() if v != "ok"})
-        return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
-
-    async def metrics_endpoint(self, request: Request) -> Response:
-        if self.config.node.metrics_require_token:
-            denied = self.auth.check(request, "metrics")
-            if denied is not None:
-                return denied
-        body, content_type = await run_in_threadpool(self.metrics.render)
-        return Response(body, headers={"Content-Type": content_type})
 
 
 def _store_response(outcomes: list[_Outcome]) -> Dataset:
@@ -564,9 +544,7 @@ def create_app(
         Route("/dicomweb/studies/{study}", web.stow, methods=["POST"]),
         Route("/dicomweb/studies", web.search_studies, methods=["GET"]),
         Route("/dicomweb/studies/{study}/series", web.search_series, methods=["GET"]),
-        Route("/healthz", web.healthz, methods=["GET"]),
-        Route("/readyz", web.readyz, methods=["GET"]),
-        Route("/metrics", web.metrics_endpoint, methods=["GET"]),
+        *probe_routes(health, metrics, web.auth, metrics_require_token=config.node.metrics_require_token),
     ]
     return Starlette(routes=routes)
 

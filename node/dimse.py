@@ -278,7 +278,7 @@ class DimseServer:
             )
             self._metrics.rejected(type(exc).__name__, "dimse")
             return int(exc.status)
-        except Exception:
+        except Exception:  # noqa: BLE001 - the C-STORE boundary answers a status, whatever failed
             # The boundary: an unexpected failure still answers a failure status, and the node keeps serving.
             self._log.exception("instance_failed", calling_ae=calling, assoc_id=assoc_id, size=len(data))
             self._metrics.rejected("ProcessingFailure", "dimse")

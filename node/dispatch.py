@@ -10,7 +10,8 @@ destination backs off as a whole (in this process): until the failed row is due 
 tried, and the first success makes its backed-off rows due at once. Result files are only read. This module is
 the only writer of delivery state.
 
-The senders (the destination seam, keyed by the config's ``kind``) live in `node.senders` and are re-exported here.
+The senders (the destination seam, keyed by the config's ``kind``) and their errors (`TransientSendError`,
+`PermanentSendError`) live in `node.senders`; import them from there.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from node.config import DestinationKind, DispatchSection, NodeConfig
 from node.db import insert_for, metadata, reading, transaction
-from node.errors import IndexError_, SendError
+from node.errors import DatabaseError, SendError
 from node.logs import get_logger
 from node.senders import (
     PermanentSendError,
@@ -107,15 +108,35 @@ class _Next(Enum):
 
 
 @dataclass
-class _Worker:
+class _DestinationThread:
+    """One destination's delivery thread and the events that wake and stop it (not a `node.worker.Worker`)."""
+
     name: str
     thread: threading.Thread | None = None
     wake: threading.Event = field(default_factory=threading.Event)
     stop: threading.Event = field(default_factory=threading.Event)
 
 
-def _running(worker: _Worker) -> bool:
+def _running(worker: _DestinationThread) -> bool:
     return worker.thread is not None and worker.thread.is_alive()
+
+
+def _checked_payload(
+    series_uid: object, version: object, files: Sequence[Path], sop_uids: Sequence[str]
+) -> tuple[list[str], list[str]]:
+    """`Dispatcher.enqueue`'s arguments checked: the files as path strings and their SOP Instance UIDs; raises
+    `ValueError` naming the bad argument."""
+    if not isinstance(series_uid, str) or not 0 < len(series_uid) <= 64:
+        raise ValueError(f"series_uid must be a UID string of 1-64 characters, got {series_uid!r}")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise ValueError(f"version must be a non-negative int, got {version!r}")
+    paths = [str(Path(f)) for f in files]
+    uids = [str(u) for u in sop_uids]
+    if not paths:
+        raise ValueError("files must name at least one result file")
+    if len(uids) != len(paths) or not all(uids):
+        raise ValueError(f"sop_uids must name one SOP Instance UID per file ({len(paths)}), got {uids!r}")
+    return paths, uids
 
 
 def _payload(files: str, sop_uids: str) -> tuple[tuple[Path, ...], tuple[str, ...]] | None:
@@ -139,7 +160,7 @@ class Dispatcher:
     """Delivery of result sets to the configured destinations; see the module docstring.
 
     ``clock`` returns epoch seconds (all timestamps and due times), ``rng`` a float in [0, 1) (backoff jitter);
-    both are injected for tests. Database failures raise `IndexError_`.
+    both are injected for tests. Database failures raise `DatabaseError`.
     """
 
     def __init__(
@@ -166,7 +187,7 @@ class Dispatcher:
         self._lock = threading.Lock()  # start/stop/apply_config and the worker set
         self._pause_lock = threading.Lock()
         self._paused: dict[str, tuple[float, float]] = {}  # destination -> (failed_at, until)
-        self._workers: dict[str, _Worker] = {}
+        self._workers: dict[str, _DestinationThread] = {}
         self._sweeper: threading.Thread | None = None
         self._running = False
         self._stopping = threading.Event()
@@ -201,18 +222,9 @@ class Dispatcher:
         With ``conn`` the rows are written in the caller's transaction (call `wake` after it commits); without, they
         are committed here and the loop is woken. Queueing the same (series, version) with the same files again
         returns the existing rows unchanged; with other files it replaces their payload and makes them pending.
-        Raises `ValueError` for bad arguments, `IndexError_` if the database fails.
+        Raises `ValueError` for bad arguments, `DatabaseError` if the database fails.
         """
-        if not isinstance(series_uid, str) or not 0 < len(series_uid) <= 64:
-            raise ValueError(f"series_uid must be a UID string of 1-64 characters, got {series_uid!r}")
-        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
-            raise ValueError(f"version must be a non-negative int, got {version!r}")
-        paths = [str(Path(f)) for f in files]
-        uids = [str(u) for u in sop_uids]
-        if not paths:
-            raise ValueError("files must name at least one result file")
-        if len(uids) != len(paths) or not all(uids):
-            raise ValueError(f"sop_uids must name one SOP Instance UID per file ({len(paths)}), got {uids!r}")
+        paths, uids = _checked_payload(series_uid, version, files, sop_uids)
         config = self._config
         log = self._log.bind(series_uid=series_uid, version=version, sop_uids=uids)
         if not config.destinations:
@@ -239,26 +251,7 @@ class Dispatcher:
         d = deliveries.c
         with self._transaction(conn) as c:
             for row in rows:
-                ins = self._insert(deliveries).values(**row)
-                # Same files again (a crash re-run: deterministic UIDs) leaves the row as it is; other files for the
-                # same version (e.g. real results after a "processing failed" report, on a replayed job) replace
-                # the row's payload and send it afresh.
-                c.execute(
-                    ins.on_conflict_do_update(
-                        index_elements=["series_uid", "version", "destination"],
-                        set_={
-                            "files": ins.excluded.files,
-                            "sop_uids": ins.excluded.sop_uids,
-                            "state": DeliveryState.PENDING.value,
-                            "attempts": 0,
-                            "queued_at": now,
-                            "next_attempt_at": now,
-                            "last_error": None,
-                            "delivered_at": None,
-                        },
-                        where=deliveries.c.files != ins.excluded.files,
-                    )
-                )
+                self._upsert(c, row, now)
             found = {
                 r.destination: r.id
                 for r in c.execute(
@@ -272,6 +265,28 @@ class Dispatcher:
         if conn is None:
             self.wake()
         return ids
+
+    def _upsert(self, c: sa.Connection, row: dict[str, Any], now: float) -> None:
+        """Insert one pending delivery row. Same files again (a crash re-run: deterministic UIDs) leave an existing
+        row as it is; other files for the same version (e.g. real results after a "processing failed" report, on a
+        replayed job) replace the row's payload and send it afresh."""
+        ins = self._insert(deliveries).values(**row)
+        c.execute(
+            ins.on_conflict_do_update(
+                index_elements=["series_uid", "version", "destination"],
+                set_={
+                    "files": ins.excluded.files,
+                    "sop_uids": ins.excluded.sop_uids,
+                    "state": DeliveryState.PENDING.value,
+                    "attempts": 0,
+                    "queued_at": now,
+                    "next_attempt_at": now,
+                    "last_error": None,
+                    "delivered_at": None,
+                },
+                where=deliveries.c.files != ins.excluded.files,
+            )
+        )
 
     # -- sending --------------------------------------------------------------------------------------------------
     def run_once(self) -> int:
@@ -358,7 +373,7 @@ class Dispatcher:
                     .values(lease_until=now + self._lease_seconds(len(files)))
                 )
         except SQLAlchemyError as exc:
-            raise IndexError_(f"deliveries: claim failed: {type(exc).__name__}: {exc}") from exc
+            raise DatabaseError(f"deliveries: claim failed: {type(exc).__name__}: {exc}") from exc
         return _Claimed(
             id=int(row.id),
             series_uid=row.series_uid,
@@ -699,7 +714,7 @@ class Dispatcher:
             worker.wake.set()
         for name in wanted:
             if name not in self._workers:
-                worker = _Worker(name)
+                worker = _DestinationThread(name)
                 self._workers[name] = worker
                 self._heartbeats.register(
                     _loop_name(name), self._config.dispatch.poll_seconds,
@@ -707,14 +722,14 @@ class Dispatcher:
                 )
                 self._start_worker(worker)
 
-    def _start_worker(self, worker: _Worker) -> None:
+    def _start_worker(self, worker: _DestinationThread) -> None:
         """(Caller holds ``_lock``.)"""
         worker.thread = threading.Thread(
             target=self._worker_loop, args=(worker,), name=f"pacsnode-dispatch-{worker.name}", daemon=True
         )
         worker.thread.start()
 
-    def _worker_loop(self, worker: _Worker) -> None:
+    def _worker_loop(self, worker: _DestinationThread) -> None:
         """Drain the destination, wait for a wake-up or the poll; no exception ends it (a failed send is the row's
         outcome, see `_attempt`; a database failure is logged and retried with a growing pause, a row it held is
         reclaimed when its lease expires)."""

@@ -1,21 +1,26 @@
 """The node's one tree of errors; receive-side errors carry the DIMSE status they map to.
 
     NodeError
-    ├── ConfigError                 invalid config file or override (names the bad key)
-    ├── ReceiveError                an instance could not be accepted; `.status` is the C-STORE status
-    │   ├── InvalidDatasetError     0xC000  cannot understand: the dataset does not parse
-    │   ├── InvalidUIDError         0xA900  a required UID is missing or not a UID (never used as a path)
-    │   ├── SOPClassMismatchError   0xA900  dataset SOP class/instance differs from the request
-    │   ├── SpoolFullError          0xA700  out of resources: disk full
-    │   ├── InstanceTooLargeError   0xA700  out of resources: the data set (or its inflated form) is over the limit
-    │   ├── AdmissionRefusedError   0xA700  out of resources: admission control paused (disk floor, queue ceiling)
-    │   └── StoreFailedError        0xA701  out of resources: the spool or the index could not be written
-    ├── IndexError_                 the database could not be read or written (outside a C-STORE)
-    ├── SendError                   an SCU operation (echo, send, dispatch) failed
-    │   ├── TransientSendError      (node.senders) retry later: peer down, busy, refused association
-    │   ├── PermanentSendError      (node.senders) dead-letter now: the PACS refuses these objects
-    │   └── CommitmentUnsupported   (node.scu) the destination has no Storage Commitment: no proof will come
-    └── ResultsError                (node.results) an SR/SEG could not be built from the inputs
+    ├── ConfigError                     invalid config file or override (names the bad key)
+    ├── ReceiveError                    an instance could not be accepted; `.status` is the C-STORE status
+    │   ├── InvalidDatasetError         0xC000  cannot understand: the dataset does not parse
+    │   ├── InvalidUIDError             0xA900  a required UID is missing or not a UID (never used as a path)
+    │   ├── SOPClassMismatchError       0xA900  dataset SOP class/instance differs from the request
+    │   ├── SpoolFullError              0xA700  out of resources: disk full
+    │   ├── InstanceTooLargeError       0xA700  out of resources: the data set (or its inflated form) is over the limit
+    │   ├── AdmissionRefusedError       0xA700  out of resources: admission control paused (disk floor, queue ceiling)
+    │   └── StoreFailedError            0xA701  out of resources: the spool or the index could not be written
+    ├── DatabaseError                   the database could not be read or written (outside a C-STORE)
+    ├── SendError                       an SCU operation (echo, send, dispatch, commitment, checks) failed
+    │   ├── TransientSendError          (node.senders) retry later: peer down, busy, refused association
+    │   ├── PermanentSendError          (node.senders) dead-letter now: the PACS refuses these objects
+    │   └── CommitmentUnsupportedError  (node.scu) the destination has no Storage Commitment: no proof will come
+    └── ResultsError                    (node.results.errors) an SR/SEG could not be built from the inputs
+
+Every class without a module named lives here. Outside the tree: `models.errors.ModelError` and its subclasses
+(``models/`` never imports ``node/``; the worker turns them into job failures), and private control-flow signals
+that never leave their module (`node.worker.LeaseLost`, ``_Refused``/``_PartFailed`` in `node.dicomweb`,
+``_Refused`` in `node.admin`).
 
 Library exceptions (pydicom, SQLAlchemy, OSError) are converted where they are caught, with ``raise ... from exc``.
 """
@@ -93,8 +98,9 @@ class StoreFailedError(ReceiveError):
     status = StoreStatus.OUT_OF_RESOURCES_STORE
 
 
-class IndexError_(NodeError):  # noqa: N801 - trailing underscore keeps the builtin IndexError unshadowed
-    """The index database failed outside a receive."""
+class DatabaseError(NodeError):
+    """The node's database (index, jobs, deliveries, audit) failed outside a receive; SQLAlchemy's error is the
+    ``__cause__``."""
 
 
 class SendError(NodeError):

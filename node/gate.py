@@ -30,6 +30,11 @@ def check_series(
     instances: Sequence[Any], settings: GateSection, *, expected_count: int | None = None
 ) -> GateRefusal | None:
     """Check modality, SOP class, frames, geometry, spacing, tilt and slice count from index rows."""
+    return _check_instances(instances, settings, expected_count) or _check_stack(instances, settings)
+
+
+def _check_instances(instances: Sequence[Any], settings: GateSection, expected_count: int | None) -> GateRefusal | None:
+    """What each row says on its own: modality, frames, SOP class; and whether the announced count arrived."""
     modalities = sorted({str(r.modality or "?") for r in instances})
     if not instances or any(m not in settings.modalities for m in modalities):
         return GateRefusal(SkipReason.NOT_CT, f"modality {'/'.join(modalities) or 'none'}; the models judge "
@@ -42,6 +47,11 @@ def check_series(
     if expected_count and len(instances) < expected_count:
         return GateRefusal(SkipReason.INCOMPLETE_SERIES,
                            f"{len(instances)} of the {expected_count} instances the series announces arrived")
+    return None
+
+
+def _check_stack(instances: Sequence[Any], settings: GateSection) -> GateRefusal | None:
+    """What the rows say together: one frame of reference and orientation, enough evenly spaced, untilted slices."""
     stack = analyse_stack(instances)
     missing_for = sum(1 for r in instances if not r.frame_of_reference_uid)
     if missing_for:

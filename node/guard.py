@@ -319,7 +319,7 @@ class GuardedSocket(AssociationSocket):
             pdu.decode(pdu_bytes)
             pdu.to_primitive()
             return
-        except Exception as exc:  # pynetdicom raises ValueError, struct.error, KeyError ... on malformed items
+        except Exception as exc:  # noqa: BLE001 - pynetdicom raises ValueError, struct.error, KeyError ... on malformed items
             error = f"{type(exc).__name__}: {exc}"[:200]
         self._refuse(PeerRefusal.ASSOCIATE_RQ_MALFORMED, error=error)
 
@@ -365,7 +365,7 @@ class GuardedDimse(DIMSEServiceProvider):
             return
         try:
             super().receive_primitive(primitive)
-        except Exception as exc:  # pynetdicom raises KeyError, IndexError, ValueError ... on malformed messages
+        except Exception as exc:  # noqa: BLE001 - pynetdicom raises KeyError, IndexError, ValueError ... on malformed messages
             self._abort(PeerRefusal.DIMSE_MESSAGE_MALFORMED, error=f"{type(exc).__name__}: {exc}"[:200])
 
     def _abort(self, event: PeerRefusal, **context: Any) -> None:

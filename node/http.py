@@ -1,5 +1,6 @@
-"""The node's HTTP server and readiness probe: `HttpServer(config, app)` runs the Starlette app from
-`node.dicomweb.create_app` with uvicorn in a background thread; `HealthProbe` answers ``GET /readyz``.
+"""The node's HTTP server and its probes: `HttpServer(config, app)` runs the Starlette app from
+`node.dicomweb.create_app` with uvicorn in a background thread; `HealthProbe` answers ``GET /readyz``;
+`probe_routes(...)` gives the app its ``/healthz``, ``/readyz`` and ``/metrics`` routes.
 
 Given the probe, `HttpServer` answers ``GET /readyz`` itself with `HealthProbe.report` — the checks plus each
 supervised loop's heartbeat (`node.supervise`) — 200 when ready, 503 when not; ``/healthz`` stays the app's
@@ -24,9 +25,12 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.responses import JSONResponse
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from node.auth import Authenticator
 from node.config import NodeConfig
 from node.httpguard import HttpLimits, guarded_protocol
 from node.logs import get_logger
@@ -77,7 +81,7 @@ class HealthProbe:
         if self.admission is not None:
             try:
                 report["admission"] = self.admission()
-            except Exception as exc:  # a readiness probe answers; it does not raise
+            except Exception as exc:  # noqa: BLE001 - a readiness probe answers; it does not raise
                 report["admission"] = {"error": type(exc).__name__}
         return report
 
@@ -101,8 +105,50 @@ class HealthProbe:
     def _models(self) -> str:
         try:
             return "ok" if self.models_ready() else "models are not loaded"
-        except Exception as exc:  # a readiness probe answers; it does not raise
+        except Exception as exc:  # noqa: BLE001 - a readiness probe answers; it does not raise
             return f"models readiness check failed: {type(exc).__name__}"
+
+
+class _Probes:
+    """The app's own probe endpoints; `probe_routes` turns the bound methods into routes."""
+
+    def __init__(self, health: HealthProbe, metrics: Metrics, auth: Authenticator, metrics_require_token: bool) -> None:
+        self.health = health
+        self.metrics = metrics
+        self.auth = auth
+        self.metrics_require_token = metrics_require_token
+        self.log = get_logger(component="http")
+
+    async def healthz(self, request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    async def readyz(self, request: Request) -> Response:
+        checks = await run_in_threadpool(self.health.check)
+        ready = all(v == "ok" for v in checks.values())
+        if not ready:
+            self.log.warning("not_ready", **{k: v for k, v in checks.items() if v != "ok"})
+        return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+
+    async def metrics_endpoint(self, request: Request) -> Response:
+        if self.metrics_require_token:
+            denied = self.auth.check(request, "metrics")
+            if denied is not None:
+                return denied
+        body, content_type = await run_in_threadpool(self.metrics.render)
+        return Response(body, headers={"Content-Type": content_type})
+
+
+def probe_routes(health: HealthProbe, metrics: Metrics, auth: Authenticator, *,
+                 metrics_require_token: bool) -> list[Route]:
+    """``GET /healthz`` (liveness: always 200 "ok"), ``GET /readyz`` (`HealthProbe.check`: 200 or 503; an
+    `HttpServer` given the probe answers it first with the fuller `HealthProbe.report`) and ``GET /metrics``
+    (Prometheus text; behind ``auth`` when ``metrics_require_token``)."""
+    probes = _Probes(health, metrics, auth, metrics_require_token)
+    return [
+        Route("/healthz", probes.healthz, methods=["GET"]),
+        Route("/readyz", probes.readyz, methods=["GET"]),
+        Route("/metrics", probes.metrics_endpoint, methods=["GET"]),
+    ]
 
 
 class _Readiness:

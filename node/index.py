@@ -3,7 +3,7 @@
 `Index.record_instance(rec)` commits one instance row and updates its series in a single transaction and tells
 whether the instance was new, an identical duplicate, or a conflicting re-send kept as the latest. The receive
 path calls it after the spool write and before answering Success. Series rows start (or re-open) here; the
-completion stage moves them on. Database errors become `StoreFailedError` (C-STORE 0xA701) or `IndexError_`.
+completion stage moves them on. Database errors become `StoreFailedError` (C-STORE 0xA701) or `DatabaseError`.
 """
 
 from __future__ import annotations

@@ -54,7 +54,8 @@ from node.errors import (
     StoreStatus,
 )
 from node.index import Index, InstanceRecord, RecordOutcome
-from node.spool import Spool, check_uid
+from node.spool import Spool
+from node.uids import check_uid
 
 if TYPE_CHECKING:
     from node.admission import Admission

@@ -74,20 +74,8 @@ class _ScrapeTimeCollector:
             value = self._read("queue_depth", queue_depth)
             if value is not None:
                 yield GaugeMetricFamily("pacsnode_queue_depth", "Inference jobs queued or running.", value=value)
-        if jobs is not None:
-            counts = self._read("jobs", jobs)
-            if counts is not None:
-                family = GaugeMetricFamily("pacsnode_jobs", "Inference jobs by state.", labels=["state"])
-                for state, n in sorted(counts.items()):
-                    family.add_metric([str(state)], n)
-                yield family
-        if series is not None:
-            counts = self._read("series", series)
-            if counts is not None:
-                family = GaugeMetricFamily("pacsnode_series", "Received series by state.", labels=["state"])
-                for state, n in sorted(counts.items()):
-                    family.add_metric([str(state)], n)
-                yield family
+        yield from self._by_state("jobs", jobs, "pacsnode_jobs", "Inference jobs by state.")
+        yield from self._by_state("series", series, "pacsnode_series", "Received series by state.")
         if deliveries is not None:
             by_dest = self._read("deliveries", deliveries)
             if by_dest is not None:
@@ -111,6 +99,17 @@ class _ScrapeTimeCollector:
         yield from self._per_destination("uncommitted", uncommitted, "pacsnode_deliveries_uncommitted",
                                          "Delivered result sets the destination has not (yet) committed to holding.")
 
+    def _by_state(self, name: str, fn: Callable[[], Mapping[Any, int]] | None, metric: str,
+                  doc: str) -> Iterable[Metric]:
+        if fn is None:
+            return
+        counts = self._read(name, fn)
+        if counts is not None:
+            family = GaugeMetricFamily(metric, doc, labels=["state"])
+            for state, n in sorted(counts.items()):
+                family.add_metric([str(state)], n)
+            yield family
+
     def _per_destination(self, name: str, fn: Callable[[], Mapping[str, Any]] | None, metric: str,
                          doc: str) -> Iterable[Metric]:
         if fn is None:
@@ -125,7 +124,7 @@ class _ScrapeTimeCollector:
     def _read(self, name: str, fn: Callable[[], Any]) -> Any:
         try:
             return fn()
-        except Exception as exc:  # a scrape must still answer; the failure is logged and counted
+        except Exception as exc:  # noqa: BLE001 - a scrape must still answer; the failure is logged and counted
             self._on_error(name, exc)
             return None
 
@@ -143,7 +142,7 @@ class _AdmissionCollector:
     def collect(self) -> Iterable[Metric]:
         try:
             paused = self._paused()
-        except Exception as exc:  # a scrape must still answer
+        except Exception as exc:  # noqa: BLE001 - a scrape must still answer
             self._on_error("admission", exc)
             return
         family = GaugeMetricFamily("pacsnode_admission_paused",

@@ -12,7 +12,7 @@ from starlette.datastructures import QueryParams
 
 from node.errors import ReceiveError
 from node.index import series
-from node.spool import check_uid
+from node.uids import check_uid
 
 QIDO_MAX_RESULTS = 1000
 QIDO_MAX_OFFSET = 1_000_000_000  # far beyond any index this node holds; keeps SQL integers in range

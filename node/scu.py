@@ -1,10 +1,11 @@
 """A small DIMSE SCU: C-ECHO, C-STORE and the Storage Commitment N-ACTION to a peer, used by `pacsnode echo/send`,
 DIMSE dispatch, destination checks and proof of delivery.
 
-`echo(peer)` returns the C-ECHO status; `send_files(peer, paths)` / `send_datasets(peer, datasets)` store over one
-association and return one `StoreResult` per instance. Presentation contexts are proposed per SOP class with the
-instance's own transfer syntax (plus the uncompressed ones), so nothing is transcoded. Raises `SendError` when the
-association cannot be established. TCP_NODELAY is set on the outgoing socket. With ``Peer.tls_args`` (from
+`echo(peer)` returns the C-ECHO status; `send_datasets(peer, datasets)` stores over one association and returns
+one `StoreResult` per instance (`read_files(paths)` reads files and folders for it); `request_storage_commitment`
+sends the N-ACTION (`CommitmentUnsupportedError` when the peer has no Storage Commitment). Presentation contexts
+are proposed per SOP class with the instance's own transfer syntax (plus the uncompressed ones), so nothing is
+transcoded. Raises `SendError` when the association cannot be established. TCP_NODELAY is set on the outgoing socket. With ``Peer.tls_args`` (from
 `node.tls.destination_tls_args`) the association runs over DICOM TLS; a failed handshake's reason is in the
 `SendError`.
 """
@@ -34,7 +35,7 @@ from node.dimse import nodelay_handler
 from node.errors import SendError
 
 
-class CommitmentUnsupported(SendError):
+class CommitmentUnsupportedError(SendError):
     """The peer does not accept the Storage Commitment Push Model SOP class: no proof of storage will ever come."""
 
 _UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
@@ -152,7 +153,7 @@ def request_storage_commitment(peer: Peer, transaction_uid: str, refs: Sequence[
     ReferencedSOPSequence of ``refs``, (SOP Class UID, SOP Instance UID) pairs), then release.
 
     An N-EVENT-REPORT the peer sends on this association before the release goes to ``on_report`` (an
-    ``EVT_N_EVENT_REPORT`` handler). Raises `CommitmentUnsupported` when the peer does not accept the SOP class,
+    ``EVT_N_EVENT_REPORT`` handler). Raises `CommitmentUnsupportedError` when the peer does not accept the SOP class,
     `SendError` when the association fails or the N-ACTION gets no or a failure response.
     """
     ae = _ae(peer)
@@ -161,7 +162,7 @@ def request_storage_commitment(peer: Peer, transaction_uid: str, refs: Sequence[
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.called_ae,
                          evt_handlers=[(evt.EVT_CONN_OPEN, nodelay_handler), (evt.EVT_N_EVENT_REPORT, on_report)],
                          tls_args=peer.tls_args)
-    unsupported = CommitmentUnsupported(f"{where} does not accept Storage Commitment Push Model")
+    unsupported = CommitmentUnsupportedError(f"{where} does not accept Storage Commitment Push Model")
     if not assoc.is_established:
         # A peer without the SOP class accepts the association with every context rejected; pynetdicom aborts it.
         if any(cx.abstract_syntax == StorageCommitmentPushModel for cx in assoc.rejected_contexts):

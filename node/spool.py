@@ -2,8 +2,8 @@
 
 `Spool.write(study_uid, series_uid, sop_uid, chunks)` writes a DICOM Part 10 file atomically — temp name in the
 destination folder, fsync, ``os.replace``, fsync of the folder (and of a newly created parent) — and returns where
-it lives. Errors: `InvalidUIDError` (a UID that is not digits and dots, ≤ 64 chars — never used as a path),
-`SpoolFullError` (ENOSPC/EDQUOT → C-STORE 0xA700), `StoreFailedError` (any other OS error → 0xA701).
+it lives. Errors: `InvalidUIDError` (`node.uids.check_uid`: a UID that is not digits and dots, ≤ 64 chars — never
+used as a path), `SpoolFullError` (ENOSPC/EDQUOT → C-STORE 0xA700), `StoreFailedError` (any other OS error → 0xA701).
 """
 
 from __future__ import annotations
@@ -12,26 +12,13 @@ import contextlib
 import errno
 import hashlib
 import os
-import re
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from node.errors import InvalidUIDError, SpoolFullError, StoreFailedError
-
-_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-
-
-def check_uid(value: object, name: str) -> str:
-    """Return ``value`` as a UID string, or raise `InvalidUIDError` naming the attribute."""
-    if value is None or value == "":
-        raise InvalidUIDError(f"{name} is missing")
-    text = str(value).rstrip("\x00 ")
-    if len(text) > 64 or not _UID_RE.match(text):
-        shown = text[:80].encode("ascii", "backslashreplace").decode()
-        raise InvalidUIDError(f"{name} is not a valid UID: {shown!r}")
-    return text
+from node.errors import SpoolFullError, StoreFailedError
+from node.uids import check_uid
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Closed sets of states, a leaf module: series, job and delivery states."""
+"""Closed sets, a leaf module: series, association, job, delivery and commitment states; admission reasons, client
+certificate modes, authentication failures and peer refusals; the node's Manufacturer value."""
 
 from __future__ import annotations
 

@@ -425,7 +425,7 @@ class Worker:
             raise LeaseLost()
 
 
-class LeaseLost(Exception):
+class LeaseLost(Exception):  # noqa: N818 - a control-flow signal (drop this attempt), not an error
     """The job's lease expired and another worker may hold it: drop this attempt's outcome."""
 
 

@@ -331,7 +331,7 @@ def train_classifier(
     )
 
 
-def train_classifier_cases(
+def train_classifier_cases(  # noqa: C901 - one run read top to bottom (data, model, fit, threshold, card); training/, not the node
     train: list[GridCase],
     val: list[GridCase],
     out: Path,

@@ -3,7 +3,7 @@ with highdicom.
 
 Public surface: `build_results`, `build_skipped_sr`, `result_uid`, their inputs (`AlgorithmIdentity`, `Findings`,
 `SkipReason`, `Superseded`), the output `ResultSet`, and `ResultsError` (the only exception raised).
-Modules, imported one way: codes → uids → content/geometry → seg → kos → sr.
+Modules, imported one way: codes → uids → attributes → content/geometry → seg → kos → sr.
 """
 
 from node.results.codes import ResultKind, SkipReason

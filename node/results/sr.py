@@ -1,13 +1,13 @@
 """Build the node's SR documents (TID 1500 measurement report in a Comprehensive 3D SR) and the SR + SEG pair.
 
-`build_results` returns the SR and SEG for a processed series; `build_skipped_sr` returns a short SR saying,
-coded, that the series was not processed and why. All UIDs come from `result_uid`.
+`build_results` returns the SR and SEG for a processed series (and, with a verdict, the key-images KOS);
+`build_skipped_sr` returns a short SR saying, coded, that the series was not processed and why. All UIDs come from `result_uid`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import highdicom as hd
@@ -261,48 +261,13 @@ def build_results(
         content_datetime=when,
     )
     key = findings.key_slices(KEY_SLICE_COUNT)
-    notes = [text_item(codes.COMMENT, codes.NOT_FOR_CLINICAL_USE)]
     # With a verdict, a key-images KOS names the slices that drove it and this SR; the SR names the KOS back (a
     # note, and the KOS in its evidence). Both UIDs are deterministic, so each can name the other before it exists.
     key_images = None
     if findings.classified:
         key_images = _key_images_reference(sources[0], uid(ResultKind.KEY_IMAGES_SERIES), uid(ResultKind.KEY_IMAGES))
-        notes.append(text_item(codes.COMMENT, (
-            f"Key images: Key Object Selection {key_images.SOPInstanceUID} ('{codes.KEY_IMAGES_SERIES_DESCRIPTION}', "
-            f"series {key_images.SeriesInstanceUID}) names the {len(key)} slices that weighed most in this verdict.")))
-    notes += [
-        text_item(codes.SUPERSEDES, f"SOP Instance {p.sop_instance_uid} (SOP Class {p.sop_class_uid})")
-        for p in predecessors
-    ]
-    groups: list[
-        hd.sr.MeasurementsAndQualitativeEvaluations
-        | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
-        | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
-    ]
-    first: hd.sr.MeasurementsAndQualitativeEvaluations | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
-    if findings.classified:
-        first = _classification_group(sources, findings, algorithm, key, uid(ResultKind.TRACKING_CLASSIFICATION))
-    else:
-        first = _volume_group(seg, findings.lungs, SegmentNumber.LUNGS, algorithm, voxel,
-                              uid(ResultKind.TRACKING_LUNG_VOLUME))
-    first[0].ContentSequence.extend(notes)
-    groups = [first]
-    groups.append(
-        _volume_group(seg, findings.lesion, SegmentNumber.LESION, algorithm, voxel, uid(ResultKind.TRACKING_LESION))
-    )
-    library = list(key)
-    if findings.lesion.any():
-        roi = _roi_slice(findings, key)
-        # The outline group goes first: OHIF's SR viewport (3.13) opens on the first measurement group and draws
-        # nothing when that group has no image region.
-        groups.insert(
-            0,
-            _lesion_outline_group(
-                sources[roi], findings.lesion[roi], algorithm, voxel, uid(ResultKind.TRACKING_LESION_OUTLINE)
-            ),
-        )
-        if roi not in library:
-            library.append(roi)
+    notes = _notes(key_images, len(key), predecessors)
+    groups, library = _measurement_groups(sources, findings, algorithm, seg, voxel, key, notes, uid)
     with converting("building the measurement report", sources):
         report = hd.sr.MeasurementReport(
             observation_context=observation_context(algorithm),
@@ -329,6 +294,66 @@ def build_results(
         kos = build_key_images_kos(sources, key, sr, algorithm, series_uid=str(key_images.SeriesInstanceUID),
                                    sop_uid=str(key_images.SOPInstanceUID), series_version=series_version, when=when)
     return ResultSet(sr=sr, seg=seg, key_images=kos)
+
+
+_Group = (
+    hd.sr.MeasurementsAndQualitativeEvaluations
+    | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+    | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+)
+
+
+def _notes(key_images: Dataset | None, key_count: int, predecessors: Sequence[Superseded]) -> list[hd.sr.TextContentItem]:
+    """The SR's comments: not for clinical use, where the key-images KOS is, and each object this one supersedes."""
+    notes = [text_item(codes.COMMENT, codes.NOT_FOR_CLINICAL_USE)]
+    if key_images is not None:
+        notes.append(text_item(codes.COMMENT, (
+            f"Key images: Key Object Selection {key_images.SOPInstanceUID} ('{codes.KEY_IMAGES_SERIES_DESCRIPTION}', "
+            f"series {key_images.SeriesInstanceUID}) names the {key_count} slices that weighed most in this verdict.")))
+    notes += [
+        text_item(codes.SUPERSEDES, f"SOP Instance {p.sop_instance_uid} (SOP Class {p.sop_class_uid})")
+        for p in predecessors
+    ]
+    return notes
+
+
+def _measurement_groups(
+    sources: Sequence[Dataset],
+    findings: Findings,
+    algorithm: AlgorithmIdentity,
+    seg: Dataset,
+    voxel: VoxelSize,
+    key: Sequence[int],
+    notes: Sequence[hd.sr.TextContentItem],
+    uid: Callable[[ResultKind], str],
+) -> tuple[list[_Group], list[int]]:
+    """The report's measurement groups (the verdict or the lung volume, carrying ``notes``; the lesion volume; the
+    lesion outline first when there is a lesion) and the slices its image library lists."""
+    first: hd.sr.MeasurementsAndQualitativeEvaluations | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+    if findings.classified:
+        first = _classification_group(sources, findings, algorithm, key, uid(ResultKind.TRACKING_CLASSIFICATION))
+    else:
+        first = _volume_group(seg, findings.lungs, SegmentNumber.LUNGS, algorithm, voxel,
+                              uid(ResultKind.TRACKING_LUNG_VOLUME))
+    first[0].ContentSequence.extend(notes)
+    groups: list[_Group] = [first]
+    groups.append(
+        _volume_group(seg, findings.lesion, SegmentNumber.LESION, algorithm, voxel, uid(ResultKind.TRACKING_LESION))
+    )
+    library = list(key)
+    if findings.lesion.any():
+        roi = _roi_slice(findings, key)
+        # The outline group goes first: OHIF's SR viewport (3.13) opens on the first measurement group and draws
+        # nothing when that group has no image region.
+        groups.insert(
+            0,
+            _lesion_outline_group(
+                sources[roi], findings.lesion[roi], algorithm, voxel, uid(ResultKind.TRACKING_LESION_OUTLINE)
+            ),
+        )
+        if roi not in library:
+            library.append(roi)
+    return groups, library
 
 
 def _key_images_reference(source: Dataset, series_uid: str, sop_uid: str) -> Dataset:

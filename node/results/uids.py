@@ -13,7 +13,7 @@ from node.results.errors import ResultsError
 UID_PREFIX = PYDICOM_ROOT_UID  # the default root; a site sets its own (`AlgorithmIdentity.uid_root`)
 MAX_ROOT_LENGTH = 32  # a longer root leaves too few hash digits in a 64-character UID
 _SCHEME = "pacs-ai-node/result-uid/1"  # bump only if UIDs must change for the same inputs
-# The receive path's grammar (node.spool.check_uid): digits and dots. Components with leading zeros break PS3.5 but
+# The receive path's grammar (node.uids.check_uid): digits and dots. Components with leading zeros break PS3.5 but
 # do arrive from real modalities; the node stores such series, so its results must be able to reference them.
 _UID_GRAMMAR = re.compile(r"[0-9]+(\.[0-9]+)*")
 

@@ -16,7 +16,7 @@ from pydicom.uid import generate_uid
 
 from node.commitment import (
     Commitments,
-    CommitmentUnsupported,
+    CommitmentUnsupportedError,
     Report,
     commit_problems,
     commitments,
@@ -155,7 +155,7 @@ def test_failed_requests_retry_then_time_out_and_a_late_report_still_commits(tmp
 
 def test_a_destination_without_storage_commitment_fails_at_once(tmp_path, files):
     tracker, requester, _, _ = setup(tmp_path, files, dimse("a"))
-    requester.errors = [CommitmentUnsupported("PACS does not accept Storage Commitment Push Model")]
+    requester.errors = [CommitmentUnsupportedError("PACS does not accept Storage Commitment Push Model")]
     tracker.run_once()
     assert row(tracker, "a").state == CommitState.FAILED
     assert tracker.run_once() == 0

@@ -27,7 +27,7 @@ from node.completion import CompletionSweeper
 from node.config import DestinationKind, NodeConfig, Priority, SuperviseSection
 from node.db import create_engine_for, init_schema
 from node.dispatch import Dispatcher
-from node.errors import IndexError_
+from node.errors import DatabaseError
 from node.http import HealthProbe, HttpServer
 from node.index import Index
 from node.ingest import Ingestor, Origin
@@ -191,7 +191,7 @@ def test_failure_names_type_and_place_but_quotes_only_the_nodes_own_messages():
     except ValueError as exc:
         text = failure(exc)
     assert text.startswith("ValueError at test_supervise.py:") and "DOE" not in text
-    assert failure(IndexError_("deliveries: insert failed")).endswith(": deliveries: insert failed")
+    assert failure(DatabaseError("deliveries: insert failed")).endswith(": deliveries: insert failed")
 
 
 # -- the worker loop ------------------------------------------------------------------------------------------
@@ -340,7 +340,7 @@ def test_a_database_error_inside_enqueue_during_the_commit_fails_only_that_attem
         with engine.begin() as conn:  # the database recovers before the retry
             conn.execute(sa.text("DROP TRIGGER no_deliveries"))
         row = wait_for(lambda: ended(queue, job_id), what="the job to end")
-        assert isinstance(errors[0], IndexError_) and isinstance(errors[0].__cause__, sa.exc.IntegrityError)
+        assert isinstance(errors[0], DatabaseError) and isinstance(errors[0].__cause__, sa.exc.IntegrityError)
         assert row.state == JobState.DONE and row.attempts == 2  # the failed attempt counted, the retry made it
         assert delivered_modalities(dispatcher, series.series_uid) == ["KO", "SEG", "SR"]
         later = receive(ingestor, tmp_path / "later", 4)

@@ -176,7 +176,7 @@ def _head(rng: np.random.Generator) -> _Region:
     return fov, length, paint, "head"
 
 
-def _abdomen(rng: np.random.Generator, lung_bases: bool | None) -> _Region:
+def _abdomen(rng: np.random.Generator, lung_bases: bool | None) -> _Region:  # noqa: C901 - its painter, below
     u = rng.uniform
     a = u(135.0, 180.0)
     b = a * u(0.68, 0.82)
@@ -200,7 +200,7 @@ def _abdomen(rng: np.random.Generator, lung_bases: bool | None) -> _Region:
     hu_lung = u(-880.0, -830.0)
     u_stomach, u_bone, u_marrow = u(10.0, 30.0), u(900.0, 1300.0), u(180.0, 300.0)
 
-    def paint(f: _Frame, t: float, z: float) -> np.ndarray:
+    def paint(f: _Frame, t: float, z: float) -> np.ndarray:  # noqa: C901 - organ layers painted in order, each behind its own condition
         x, y = f.X, f.Y
         hu = np.full(x.shape, -1000.0, dtype=np.float32)
         _table(hu, f, b + 8.0, 250.0)
