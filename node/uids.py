@@ -10,7 +10,7 @@ import re
 
 from node.errors import InvalidUIDError
 
-_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")  # used with fullmatch: "$" would let a trailing "\n" through
 
 
 def check_uid(value: object, name: str) -> str:
@@ -19,7 +19,7 @@ def check_uid(value: object, name: str) -> str:
     if value is None or value == "":
         raise InvalidUIDError(f"{name} is missing")
     text = str(value).rstrip("\x00 ")
-    if len(text) > 64 or not _UID_RE.match(text):
+    if len(text) > 64 or not _UID_RE.fullmatch(text):
         shown = text[:80].encode("ascii", "backslashreplace").decode()
         raise InvalidUIDError(f"{name} is not a valid UID: {shown!r}")
     return text

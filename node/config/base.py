@@ -13,7 +13,7 @@ from pydantic import (
     Field,
 )
 
-_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # default character repertoire, no backslash
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}\Z")  # default character repertoire, no backslash
 
 
 def _check_ae_title(value: str) -> str:
@@ -28,7 +28,7 @@ AETitle = Annotated[str, AfterValidator(_check_ae_title)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 
 UID_ROOT_MAX_LENGTH = 32  # node.results.uids.MAX_ROOT_LENGTH: leaves >= 32 hash digits in a 64-character UID
-_UID_ROOT_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\.?$")  # PS3.5 9.1: no leading zeros
+_UID_ROOT_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\.?\Z")  # PS3.5 9.1: no leading zeros
 
 
 def _check_uid_root(value: str) -> str:

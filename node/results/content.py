@@ -220,9 +220,9 @@ def call(step: str, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
         return fn(*args, **kwargs)
 
 
-_DATE_RE = re.compile(r"^\d{8}$")
-_TIME_RE = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
-_AGE_RE = re.compile(r"^\d{3}[DWMY]$")
+_DATE_RE = re.compile(r"^\d{8}\Z")
+_TIME_RE = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?\Z")
+_AGE_RE = re.compile(r"^\d{3}[DWMY]\Z")
 
 
 def _valid_date(value: object) -> bool:

@@ -14,7 +14,8 @@ def test_valid_uids(uid):
 
 
 @pytest.mark.parametrize(
-    "uid", ["", None, "1.2/3", "../1.2", "1..2", ".1", "1.", "1.2.a", "9" * 65, "1.2 3", "1.2\\3", "/etc/passwd"]
+    "uid", ["", None, "1.2/3", "../1.2", "1..2", ".1", "1.", "1.2.a", "9" * 65, "1.2 3", "1.2\\3", "/etc/passwd",
+            "1.2.3\n", "1.2.3\n\x00"]  # a trailing newline: "$" in a regex would have let it through into a path
 )
 def test_invalid_uids_refused_with_a900(uid):
     with pytest.raises(InvalidUIDError) as err:
