@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO, free_port, peer_env, require_tool, require_weights, stop_node, wait_until
+from tests.conftest import REPO, free_port, peer_env, require_tool, require_weights, wait_until
 from tests.ctgen import write_ct_series
 from tests.integration.test_end_to_end import node_toml, results_by_study, storescu
 
@@ -71,7 +71,7 @@ def test_a_full_run_is_in_the_audit_trail(start_node, orthanc_factory, tmp_path)
     exported = wait_until(
         lambda: [r for r in audit_records(node.config_path, since) if r["event"] == "exported"], 30,
         "the export in the audit trail")
-    stop_node(node)
+    node.stop()
     records = audit_records(node.config_path, since)
     by_event: dict[str, list[dict[str, Any]]] = {}
     for record in records:
