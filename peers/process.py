@@ -116,13 +116,13 @@ class PeerProcess:
     def _spawn(self, args: Sequence[str], *, cwd: Path | None, env: dict[str, str]) -> subprocess.Popen[bytes]:
         if self.running:
             raise PeerError(f"{args[0]} is already running")
-        if self.log_path is None:
-            self.proc = subprocess.Popen(list(args), cwd=cwd, env=env, stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.DEVNULL, start_new_session=True)
-        else:
-            with self.log_path.open("ab" if self.append_log else "wb") as log:
-                self.proc = subprocess.Popen(list(args), cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                             start_new_session=True)
+        log = self.log_path.open("ab" if self.append_log else "wb") if self.log_path else None
+        try:
+            self.proc = subprocess.Popen(list(args), cwd=cwd, env=env, stdout=log or subprocess.DEVNULL,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        finally:
+            if log is not None:
+                log.close()
         return self.proc
 
     def start(self, timeout: float = 60.0) -> Self:
