@@ -59,9 +59,5 @@ class StoreScp(PeerProcess):
         self.out_dir.mkdir(parents=True, exist_ok=True)
         proc = self._spawn([self.executable, "-aet", self.aet, "-od", str(self.out_dir), *self.options,
                             str(self.port)], cwd=None, env=peer_env())
-        try:
-            wait_for_port(self.port, timeout, proc, "storescp", self.log_tail)
-        except BaseException:
-            self.stop()
-            raise
+        self._ready_or_stop(lambda: wait_for_port(self.port, timeout, proc, "storescp", self.log_tail))
         return self

@@ -146,14 +146,14 @@ class OrthancServer(PeerProcess):
         `PeerError` (stopping it) when it exits or does not answer within ``timeout`` seconds."""
         proc = self._spawn([self.executable, str(self.config_path)], cwd=self.workdir, env=peer_env())
         deadline = time.monotonic() + timeout
-        try:
+
+        def ready() -> None:
             wait_until(self._answers, timeout, f"Orthanc's HTTP API on port {self.http_port}", self.log_tail,
                        process=proc)
             wait_for_port(self.dicom_port, max(1.0, deadline - time.monotonic()), proc, "Orthanc's DICOM port",
                           self.log_tail)
-        except BaseException:
-            self.stop()
-            raise
+
+        self._ready_or_stop(ready)
         return self
 
     def _answers(self) -> bool:

@@ -44,11 +44,7 @@ class NodeProcess(PeerProcess):
         first or does not listen within ``timeout`` seconds."""
         proc = self._spawn([sys.executable, "-m", "node.cli", "serve", "--config", str(self.config_path), *self.args],
                            cwd=REPO, env=node_env())
-        try:
-            wait_for_port(self.port, timeout, proc, "the node", self.log_tail)
-        except BaseException:
-            self.stop()
-            raise
+        self._ready_or_stop(lambda: wait_for_port(self.port, timeout, proc, "the node", self.log_tail))
         return self
 
     def stop(self, timeout: float = 30.0) -> None:

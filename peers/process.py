@@ -125,6 +125,14 @@ class PeerProcess:
                 log.close()
         return self.proc
 
+    def _ready_or_stop(self, wait: Callable[[], object]) -> None:
+        """Run ``wait`` (raising until the peer answers); if it raises, stop the peer and re-raise."""
+        try:
+            wait()
+        except BaseException:
+            self.stop()
+            raise
+
     def start(self, timeout: float = 60.0) -> Self:
         raise NotImplementedError
 

@@ -10,6 +10,7 @@ The harness helpers the tests use are importable from here as well as from `peer
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from collections.abc import Callable, Generator, Iterator
@@ -48,22 +49,27 @@ def require_tool(name: str) -> str:
         missing_peer(str(exc))
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
-    """A `PeerMissing` from the harness in a fixture: skip locally, fail under CI (`missing_peer`)."""
+@contextlib.contextmanager
+def _peer_missing_policy() -> Iterator[None]:
+    """A `PeerMissing` from the harness (a tool or file not installed): skip locally, fail under CI."""
     try:
-        return (yield)
+        yield
     except PeerMissing as exc:
         missing_peer(str(exc))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
+    """Fixtures: a `PeerMissing` goes through `missing_peer`."""
+    with _peer_missing_policy():
+        return (yield)
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
-    """A `PeerMissing` from the harness in a test body: skip locally, fail under CI (`missing_peer`)."""
-    try:
+    """Test bodies: a `PeerMissing` goes through `missing_peer`."""
+    with _peer_missing_policy():
         return (yield)
-    except PeerMissing as exc:
-        missing_peer(str(exc))
 
 
 # Another weights folder (<name>/<version>/ like models/weights) for the tests that run the real models.
