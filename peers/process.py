@@ -141,9 +141,10 @@ class PeerProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self, timeout: float = 20.0) -> None:
-        """Stop by PID (SIGTERM, SIGKILL after ``timeout`` seconds); a later `start()` runs it again."""
-        proc, self.proc = self.proc, None
-        stop_process(proc, timeout)
+        """Stop by PID (SIGTERM, SIGKILL after ``timeout`` seconds); a later `start()` runs it again. ``proc`` stays
+        set while it stops, so `kill()` (from a second Ctrl-C's handler) can still reach it."""
+        stop_process(self.proc, timeout)
+        self.proc = None
 
     def kill(self) -> None:
         """SIGKILL at once (a second Ctrl-C); `stop()` still cleans up."""
