@@ -1,5 +1,5 @@
 """The node on PostgreSQL, end to end: `pacsnode serve` with ``[database] url`` pointing at a real PostgreSQL server
-(tests/pg.py), DCMTK storescu as the modality, Orthanc as the PACS. The series must end as one SR, one SEG and one
+(peers/postgres.py), DCMTK storescu as the modality, Orthanc as the PACS. The series must end as one SR, one SEG and one
 key-images KO at Orthanc, with every acknowledged instance, the job and the delivery in PostgreSQL's tables, and
 `pacsnode status` reading them from there; a restart of the node on the same database finds nothing to redo."""
 
