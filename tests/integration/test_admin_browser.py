@@ -33,12 +33,12 @@ from node.dispatch import Dispatcher, deliveries
 from node.http import HttpServer
 from node.index import Index
 from node.queue import JobQueue
+from peers import dcmtk
 from peers.orthanc import OrthancServer
 from tests.conftest import (
     REPO,
     TEST_WEIGHTS_DIR,
     free_port,
-    peer_env,
     require_tool,
     require_weights,
     wait_for_port,
@@ -166,7 +166,6 @@ port = {pacs.dicom_port}
 @pytest.mark.browser
 def test_the_admin_page_in_chromium_shows_a_dead_letter_that_its_retry_button_brings_back(start_node, tmp_path):
     require_weights()  # the node's worker loads its models before it takes any job
-    storescu = require_tool("storescu")
     chromium = require_tool("chromium")
     node_js = require_tool("node")
     _playwright_core()
@@ -175,8 +174,7 @@ def test_the_admin_page_in_chromium_shows_a_dead_letter_that_its_retry_button_br
     pacs = OrthancServer(tmp_path / "orthanc")  # its ports are chosen now; it starts only after the click
     node = start_node(extra_toml=_node_toml(pacs))
     made = write_ct_series(tmp_path / "ct", slices=8, size=32, seed=4711)  # < min_slices: refused, "not processed" SR
-    subprocess.run([storescu, "-aet", "CT-SCANNER", "-aec", node.ae_title, "+sd", "+r", "127.0.0.1", str(node.port),
-                    str(tmp_path / "ct")], check=True, capture_output=True, env=peer_env(), timeout=60)
+    dcmtk.storescu(node.port, tmp_path / "ct", called_ae=node.ae_title, calling_ae="CT-SCANNER", check=True, timeout=60)
 
     config = load_config(node.config_path, environ={})
     engine = create_engine_for(config.database_url)
