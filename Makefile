@@ -38,19 +38,19 @@ demo: $(DEMODEPS) sysdeps
 	$(BIN)/pacsnode demo $(DEMO_ARGS)
 
 lint: $(TESTDEPS)
-	$(BIN)/ruff check node models training demo tests benchmarks
+	$(BIN)/ruff check node models training demo peers tests benchmarks
 
 typecheck: $(TESTDEPS)
-	$(BIN)/mypy node models training demo
+	$(BIN)/mypy node models training demo peers
 
 test: $(TESTDEPS) sysdeps lint typecheck
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 bench: $(TESTDEPS) sysdeps
-	$(BIN)/python benchmarks/ingest.py
+	$(BIN)/python -m benchmarks.ingest
 
 bench-e2e: $(TESTDEPS) sysdeps
-	$(BIN)/python benchmarks/e2e_latency.py
+	$(BIN)/python -m benchmarks.e2e_latency
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,7 +1,7 @@
 """What admission control costs per received instance, measured on the real pieces (os.statvfs, SQLite job queue
 and index), not on fakes.
 
-    .venv/bin/python benchmarks/admission.py [--checks 200000] [--jobs 2000] [--rate 200]
+    .venv/bin/python -m benchmarks.admission [--checks 200000] [--jobs 2000] [--rate 200]
 
 Prints: the per-instance cost of `Admission.check` + `written` while the node accepts (the decision in force is
 reused; the disk and the queue are re-read at most every ``check_interval_seconds``), the cost of one such re-read
@@ -16,20 +16,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from node.admission import Admission, index_activity  # noqa: E402
-from node.config import AdmissionSection, Priority, QueueSection  # noqa: E402
-from node.db import create_engine_for, init_schema  # noqa: E402
-from node.errors import AdmissionRefusedError  # noqa: E402
-from node.index import Index, InstanceRecord  # noqa: E402
-from node.queue import JobQueue  # noqa: E402
+from node.admission import Admission, index_activity
+from node.config import AdmissionSection, Priority, QueueSection
+from node.db import create_engine_for, init_schema
+from node.errors import AdmissionRefusedError
+from node.index import Index, InstanceRecord
+from node.queue import JobQueue
 
 
 def per_call_us(fn, n: int) -> float:  # type: ignore[no-untyped-def]

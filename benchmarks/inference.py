@@ -1,6 +1,6 @@
 """CPU inference benchmark: load the shipped models once, then time load_series, classifier and U-Net on phantoms.
 
-Usage: ``.venv/bin/python benchmarks/inference.py [--sizes 512 256] [--slices 120] [--repeats 3] [--weights-dir DIR]``.
+Usage: ``.venv/bin/python -m benchmarks.inference [--sizes 512 256] [--slices 120] [--repeats 3] [--weights-dir DIR]``.
 Prints one table row per matrix size: median seconds per stage over the repeats (after one warm-up run) and
 slices/s for the whole model path (classifier + U-Net, including resampling to the model grid and back).
 """
@@ -14,9 +14,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 
 def _bench(size: int, slices: int, repeats: int, weights_dir: Path | None) -> dict[str, float]:

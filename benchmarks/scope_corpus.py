@@ -1,7 +1,7 @@
 """Scope-check corpus: how often `models.scope.assess_chest_scope` lets each kind of series through, and what it costs
 the shipped pneumonia classifier.
 
-Usage: ``.venv/bin/python benchmarks/scope_corpus.py [--chest 60] [--per-region 40] [--seed 2024] [--csv FILE]``.
+Usage: ``.venv/bin/python -m benchmarks.scope_corpus [--chest 60] [--per-region 40] [--seed 2024] [--csv FILE]``.
 Generates chest phantoms (``training.phantom.generate_dataset``: normal, pneumonia, subtle single faint lesions),
 the same chest series cut to their lowest quarter (lung bases only) and to their upper half, non-chest phantoms of
 every region (``training.phantom.anatomy``), and real pydicom/pydicom-data CT slices restacked into volumes; runs the
@@ -21,9 +21,6 @@ import time
 import warnings
 from pathlib import Path
 from typing import Any
-
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 REAL_CT = ("CT_small.dcm", "J2K_pixelrep_mismatch.dcm", "693_UNCI.dcm", "693_J2KR.dcm", "693_UNCR.dcm",
            "bad_sequence.dcm")

@@ -1,33 +1,39 @@
-"""The demo's node process, phantom studies, SR reading, and `Demo`, which runs Orthanc + node + viewer."""
+"""The demo's node config, phantom studies, SR reading, and `Demo`, which runs Orthanc + node + viewer (the
+processes through `peers`)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
-from demo.common import (
-    MODALITY_AET,
-    NODE_AET,
-    OHIF_VERSION,
-    ORTHANC_AET,
-    PHANTOM_SEED,
-    REPO,
-    DemoError,
-    free_port,
-    peer_env,
-    stop_process,
-    wait_for_port,
-)
-from demo.pacs import Orthanc
+from demo.common import MODALITY_AET, NODE_AET, OHIF_VERSION, ORTHANC_AET, PHANTOM_SEED, DemoError
+from demo.pacs import demo_orthanc
 from demo.viewer import ViewerServer, app_config_js, create_viewer_app, ohif_dist
+from peers import (
+    NodeProcess,
+    OrthancServer,
+    PeerError,
+    PeerMissing,
+    PeerTimeout,
+    free_port,
+    storescu,
+    wait_until,
+)
+
+
+@contextlib.contextmanager
+def _as_demo_error() -> Iterator[None]:
+    """The harness's `PeerError` (a peer missing, not starting, not answering) as the demo's `DemoError`."""
+    try:
+        yield
+    except PeerError as exc:
+        raise DemoError(str(exc)) from exc
 
 
 def node_toml(*, port: int, http_port: int, data_dir: Path, orthanc_dicom_port: int, weights_dir: Path | None) -> str:
@@ -61,27 +67,6 @@ ae_title = "{ORTHANC_AET}"
 host = "127.0.0.1"
 port = {orthanc_dicom_port}
 """
-
-
-class NodeProcess:
-    """`pacsnode serve` as a child process (own session, log file); `start()` returns once its DIMSE port answers."""
-
-    def __init__(self, config_path: Path, port: int, log_path: Path) -> None:
-        self.config_path, self.port, self.log_path = config_path, port, log_path
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 120.0) -> None:
-        # The demo's config is complete: drop PACSNODE_<SECTION>__<KEY> overrides meant for another node.
-        env = {k: v for k, v in peer_env().items() if not (k.startswith("PACSNODE_") and "__" in k)}
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "node.cli", "serve", "--config", str(self.config_path)],
-                cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-            )
-        wait_for_port(self.port, time.monotonic() + timeout, self.proc, f"the node (log: {self.log_path})")
-
-    def stop(self, timeout: float = 30.0) -> None:
-        stop_process(self.proc, timeout)
 
 
 # -- phantoms and results -----------------------------------------------------------------------------------------
@@ -176,12 +161,11 @@ def make_phantoms(out: Path, *, pneumonia: int, normal: int, size: int = 256, sl
 def send_series(dirs: Sequence[Path], port: int, called_ae: str, host: str = "127.0.0.1") -> str:
     """C-STORE the folders to ``called_ae@host:port`` over one association: DCMTK ``storescu`` when installed,
     else the node's own SCU. Returns which sender was used; raises `DemoError` when an instance is refused."""
-    storescu = shutil.which("storescu")
-    if storescu:
-        result = subprocess.run(
-            [storescu, "-aet", MODALITY_AET, "-aec", called_ae, "+sd", "+r", host, str(port), *map(str, dirs)],
-            env=peer_env(), capture_output=True, text=True, timeout=600, check=False,
-        )
+    try:
+        result = storescu(port, *dirs, called_ae=called_ae, calling_ae=MODALITY_AET, host=host, timeout=600)
+    except PeerMissing:
+        result = None
+    if result is not None:
         if result.returncode != 0:
             raise DemoError(f"storescu failed ({result.returncode}): {result.stderr.strip()[-500:]}")
         return "storescu"
@@ -214,7 +198,7 @@ class Demo:
     fails); `stop()` stops them newest first; `kill()` SIGKILLs the child processes (second Ctrl-C)."""
 
     settings: DemoSettings
-    orthanc: Orthanc | None = None
+    orthanc: OrthancServer | None = None
     node: NodeProcess | None = None
     viewer: ViewerServer | None = None
     _stack: list[Callable[[], None]] = field(default_factory=list)
@@ -237,19 +221,20 @@ class Demo:
         dist = s.ohif_dist or ohif_dist()
         node_port = s.node_port or free_port()
         try:
-            self.orthanc = Orthanc(s.workdir / "orthanc", dicom_port=s.orthanc_dicom_port or free_port(),
-                                   http_port=s.orthanc_http_port or free_port(),
-                                   modalities={"node": (NODE_AET, "127.0.0.1", node_port),
-                                               "scanner": (MODALITY_AET, "127.0.0.1", 104)})
-            self._stack.append(self.orthanc.stop)
-            self.orthanc.start()
-            log(f"Orthanc: DICOM {ORTHANC_AET}@127.0.0.1:{self.orthanc.dicom_port}, HTTP {self.orthanc.url}")
-            config_path = s.workdir / "node.toml"
-            config_path.write_text(node_toml(port=node_port, http_port=free_port(), data_dir=s.workdir / "node",
-                                             orthanc_dicom_port=self.orthanc.dicom_port, weights_dir=s.weights_dir))
-            self.node = NodeProcess(config_path, node_port, s.workdir / "node.log")
-            self._stack.append(self.node.stop)
-            self.node.start()
+            with _as_demo_error():
+                self.orthanc = demo_orthanc(s.workdir / "orthanc", dicom_port=s.orthanc_dicom_port,
+                                            http_port=s.orthanc_http_port, node_port=node_port)
+                self._stack.append(self.orthanc.stop)
+                self.orthanc.start()
+                log(f"Orthanc: DICOM {ORTHANC_AET}@127.0.0.1:{self.orthanc.dicom_port}, HTTP {self.orthanc.url}")
+                config_path = s.workdir / "node.toml"
+                http_port = free_port()
+                config_path.write_text(node_toml(port=node_port, http_port=http_port, data_dir=s.workdir / "node",
+                                                 orthanc_dicom_port=self.orthanc.dicom_port, weights_dir=s.weights_dir))
+                self.node = NodeProcess(config_path, node_port, s.workdir / "node.log", NODE_AET, s.workdir / "node",
+                                        http_port)
+                self._stack.append(self.node.stop)
+                self.node.start()
             log(f"node: DICOM {NODE_AET}@127.0.0.1:{node_port} (log: {self.node.log_path})")
             self.viewer = ViewerServer(create_viewer_app(dist, self.orthanc.url, app_config_js()), s.host, s.viewer_port)
             self._stack.append(self.viewer.stop)
@@ -265,8 +250,8 @@ class Demo:
 
     def kill(self) -> None:
         for piece in (self.node, self.orthanc):
-            if piece is not None and piece.proc is not None and piece.proc.poll() is None:
-                piece.proc.kill()
+            if piece is not None:
+                piece.kill()
 
     def __enter__(self) -> Demo:
         self.start()
@@ -281,7 +266,8 @@ class Demo:
         if self.orthanc is None:
             raise RuntimeError("demo not started")
         sender = send_series([p.dicom_dir for p in phantoms], self.orthanc.dicom_port, ORTHANC_AET)
-        self.orthanc.push_studies([p.study_uid for p in phantoms], "node")
+        with _as_demo_error():
+            self.orthanc.push_studies([p.study_uid for p in phantoms], "node")
         return sender
 
     def wait_for_results(self, phantoms: Sequence[Phantom], timeout: float = 300.0,
@@ -290,24 +276,29 @@ class Demo:
         Raises `DemoError` naming the studies still missing after ``timeout`` seconds."""
         if self.orthanc is None:
             raise RuntimeError("demo not started")
+        orthanc = self.orthanc
         done: dict[str, StudyResult] = {}
-        deadline = time.monotonic() + timeout
-        while len(done) < len(phantoms):
-            stored = self.orthanc.series_by_study()
+
+        def collect() -> bool:
+            stored = orthanc.series_by_study()
             for p in phantoms:
                 series = stored.get(p.study_uid, {})
                 if p.study_uid in done or not series.get("SR") or not series.get("SEG"):
                     continue
                 result = StudyResult(p, series["SR"][0], series["SEG"][0])
-                result.sr = read_sr(self.orthanc.file(result.sr_series_uid))
+                result.sr = read_sr(orthanc.series_file(result.sr_series_uid))
                 result.viewer_url = self.study_url(p.study_uid, result.seg_series_uid)
                 done[p.study_uid] = result
                 on_result(result)
-            if len(done) < len(phantoms):
-                if time.monotonic() > deadline:
-                    missing = [p.case_id for p in phantoms if p.study_uid not in done]
-                    log = self.node.log_path if self.node else "?"
-                    raise DemoError(f"no SR+SEG after {timeout:.0f} s for {', '.join(missing)} (node log: {log})")
-                time.sleep(0.5)
-        return [done[p.study_uid] for p in phantoms]
+            return len(done) == len(phantoms)
 
+        try:
+            with _as_demo_error():
+                wait_until(collect, timeout, "the SR and SEG of every phantom at Orthanc", interval=0.5)
+        except DemoError as exc:
+            if not isinstance(exc.__cause__, PeerTimeout):
+                raise
+            missing = [p.case_id for p in phantoms if p.study_uid not in done]
+            log = self.node.log_path if self.node else "?"
+            raise DemoError(f"no SR+SEG after {timeout:.0f} s for {', '.join(missing)} (node log: {log})") from None
+        return [done[p.study_uid] for p in phantoms]

@@ -19,7 +19,6 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -34,18 +33,19 @@ from node.dispatch import Dispatcher, deliveries
 from node.http import HttpServer
 from node.index import Index
 from node.queue import JobQueue
+from peers import dcmtk
+from peers.orthanc import OrthancServer
 from tests.conftest import (
     REPO,
     TEST_WEIGHTS_DIR,
     free_port,
-    peer_env,
     require_tool,
     require_weights,
     wait_for_port,
+    wait_until,
 )
 from tests.ctgen import write_ct_series
 from tests.integration.test_viewer_browser import _playwright_core
-from tests.orthanc import OrthancServer
 
 pytestmark = pytest.mark.integration
 
@@ -136,19 +136,6 @@ const done = () => fs.writeFileSync(path.join(plan.outDir, 'results.json'), JSON
 """
 
 
-def _wait_until(condition: Callable[[], Any], what: str, timeout: float, proc: Any = None) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"gave up waiting for {what}: the process exited with {proc.returncode}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.1)
-
-
 def _node_toml(pacs: OrthancServer) -> str:
     weights = f'[worker]\nweights_dir = "{TEST_WEIGHTS_DIR}"\n' if TEST_WEIGHTS_DIR else ""
     # The first line continues the launcher's [node] table.
@@ -179,7 +166,6 @@ port = {pacs.dicom_port}
 @pytest.mark.browser
 def test_the_admin_page_in_chromium_shows_a_dead_letter_that_its_retry_button_brings_back(start_node, tmp_path):
     require_weights()  # the node's worker loads its models before it takes any job
-    storescu = require_tool("storescu")
     chromium = require_tool("chromium")
     node_js = require_tool("node")
     _playwright_core()
@@ -188,8 +174,7 @@ def test_the_admin_page_in_chromium_shows_a_dead_letter_that_its_retry_button_br
     pacs = OrthancServer(tmp_path / "orthanc")  # its ports are chosen now; it starts only after the click
     node = start_node(extra_toml=_node_toml(pacs))
     made = write_ct_series(tmp_path / "ct", slices=8, size=32, seed=4711)  # < min_slices: refused, "not processed" SR
-    subprocess.run([storescu, "-aet", "CT-SCANNER", "-aec", node.ae_title, "+sd", "+r", "127.0.0.1", str(node.port),
-                    str(tmp_path / "ct")], check=True, capture_output=True, env=peer_env(), timeout=60)
+    dcmtk.storescu(node.port, tmp_path / "ct", called_ae=node.ae_title, calling_ae="CT-SCANNER", check=True, timeout=60)
 
     config = load_config(node.config_path, environ={})
     engine = create_engine_for(config.database_url)
@@ -200,8 +185,8 @@ def test_the_admin_page_in_chromium_shows_a_dead_letter_that_its_retry_button_br
 
     server = None
     try:
-        dead = _wait_until(lambda: (row := delivery()) is not None and row.state == "dead" and row,
-                           "the delivery to the down PACS to be dead-lettered", 60, node.proc)
+        dead = wait_until(lambda: (row := delivery()) is not None and row.state == "dead" and row, 60,
+                          "the delivery to the down PACS to be dead-lettered", process=node.proc)
         assert dead.destination == "pacs" and "gave up after" in dead.last_error
 
         routes = admin_routes(lambda: config, engine, token=TOKEN, dispatcher=Dispatcher(config, engine, {}),
@@ -223,7 +208,7 @@ def test_the_admin_page_in_chromium_shows_a_dead_letter_that_its_retry_button_br
             browser = subprocess.Popen([node_js, str(script), str(plan_path)], stdout=log, stderr=subprocess.STDOUT,
                                        env=env)
         try:
-            _wait_until(lambda: (out / "clicked.json").exists(), "the retry click", 60, browser)
+            wait_until(lambda: (out / "clicked.json").exists(), 60, "the retry click", process=browser)
             assert delivery().state in ("pending", "sending")  # back in the queue; the PACS is still down
             pacs.start()
             browser.wait(timeout=60)
@@ -260,7 +245,7 @@ def test_the_node_itself_serves_the_admin_page_once_it_mounts_it(start_node):
     """The node's own HTTP port: skipped while its app does not mount ``/admin`` yet (then 404)."""
     node = start_node(extra_toml=f'dicomweb_token = "{TOKEN}"\n[worker]\nenabled = false\n')
     base = f"http://127.0.0.1:{node.http_port}/admin"
-    wait_for_port(node.http_port, proc=node.proc)
+    wait_for_port(node.http_port, process=node.proc)
 
     def call(path: str, data: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, str]:
         request = urllib.request.Request(base + path, data=data, headers=headers or {})

@@ -23,12 +23,11 @@ import pytest
 import sqlalchemy as sa
 
 from tests.conftest import (
-    RunningNode,
+    NodeProcess,
     launch_node,
     missing_peer,
     peer_env,
     require_tool,
-    stop_node,
     wait_until,
 )
 from tests.ctgen import CtSeries, write_ct_series
@@ -54,7 +53,7 @@ def tmpfs_node(tmp_path):
                              capture_output=True, text=True)
     if mounted.returncode != 0:
         missing_peer(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    node: RunningNode | None = None
+    node: NodeProcess | None = None
     try:
         node = launch_node(workdir, extra_toml=f"""
 [worker]
@@ -73,7 +72,7 @@ check_interval_seconds = 0.25
         yield node
     finally:
         if node is not None:
-            stop_node(node)
+            node.stop()
         if subprocess.run(["umount", str(mount)], capture_output=True).returncode != 0:
             subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
@@ -92,7 +91,7 @@ def fill(path: Path, nbytes: int) -> None:
         os.fsync(f.fileno())
 
 
-def send(node: RunningNode, series: CtSeries) -> dict[str, str]:
+def send(node: NodeProcess, series: CtSeries) -> dict[str, str]:
     """storescu -nh (go on after a failure) → {file: store response}, e.g. "Success" or "Refused: OutOfResources"."""
     result = subprocess.run(
         [require_tool("storescu"), "-v", "-nh", "-aet", "MODALITY", "-aec", node.ae_title, "+sd", "+r",
@@ -116,11 +115,11 @@ def acked(answers: dict[str, str]) -> list[Path]:
     return sorted(Path(f) for f, status in answers.items() if status == "Success")
 
 
-def status(node: RunningNode) -> dict:
+def status(node: NodeProcess) -> dict:
     return httpx.get(f"http://127.0.0.1:{node.http_port}/readyz", timeout=10).json()
 
 
-def metric(node: RunningNode, name: str, **labels: str) -> float:
+def metric(node: NodeProcess, name: str, **labels: str) -> float:
     text = httpx.get(f"http://127.0.0.1:{node.http_port}/metrics", timeout=10).text
     total = 0.0
     for line in text.splitlines():
@@ -129,13 +128,13 @@ def metric(node: RunningNode, name: str, **labels: str) -> float:
     return total
 
 
-def stow(node: RunningNode, series: CtSeries) -> httpx.Response:
+def stow(node: NodeProcess, series: CtSeries) -> httpx.Response:
     return httpx.post(f"http://127.0.0.1:{node.http_port}/dicomweb/studies",
                       content=multipart([p.read_bytes() for p in series.paths]),
                       headers={"Content-Type": STOW_TYPE}, timeout=30)
 
 
-def wait_paused(node: RunningNode, paused: list[str]) -> dict:
+def wait_paused(node: NodeProcess, paused: list[str]) -> dict:
     return wait_until(lambda: (a := status(node)["admission"])["paused"] == paused and a, 10,
                       f"admission paused by {paused}", lambda: f"\n{status(node)['admission']}")
 

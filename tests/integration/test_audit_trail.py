@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO, free_port, peer_env, require_tool, require_weights, stop_node, wait_until
+from peers import dcmtk
+from tests.conftest import REPO, free_port, require_weights, wait_until
 from tests.ctgen import write_ct_series
 from tests.integration.test_end_to_end import node_toml, results_by_study, storescu
 
@@ -47,7 +48,6 @@ def qido(port: int, study: str, token: str | None) -> tuple[int, Any]:
 
 def test_a_full_run_is_in_the_audit_trail(start_node, orthanc_factory, tmp_path):
     require_weights()
-    echoscu = require_tool("echoscu")
     since = dt.datetime.now(dt.UTC).replace(microsecond=0, tzinfo=None).isoformat()  # what an admin would type
     node_port = free_port()
     orthanc = orthanc_factory(modalities={"node": ("PACSNODE", "127.0.0.1", node_port)})
@@ -56,8 +56,7 @@ def test_a_full_run_is_in_the_audit_trail(start_node, orthanc_factory, tmp_path)
     series = write_ct_series(tmp_path / "s", slices=20, size=64, seed=33, images_in_acquisition=True,
                              patient_id=PATIENT)
     storescu(node.port, tmp_path / "s")
-    rejected = subprocess.run([echoscu, "-aet", "PROBE", "-aec", "NOT-THE-NODE", "127.0.0.1", str(node.port)],
-                              capture_output=True, env=peer_env(), timeout=30)
+    rejected = dcmtk.echoscu(node.port, called_ae="NOT-THE-NODE", calling_ae="PROBE", timeout=30)
     assert rejected.returncode != 0
 
     assert qido(node.http_port, series.study_uid, None) == (401, 'Bearer realm="pacsnode"')
@@ -71,7 +70,7 @@ def test_a_full_run_is_in_the_audit_trail(start_node, orthanc_factory, tmp_path)
     exported = wait_until(
         lambda: [r for r in audit_records(node.config_path, since) if r["event"] == "exported"], 30,
         "the export in the audit trail")
-    stop_node(node)
+    node.stop()
     records = audit_records(node.config_path, since)
     by_event: dict[str, list[dict[str, Any]]] = {}
     for record in records:

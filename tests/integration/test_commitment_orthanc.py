@@ -14,6 +14,7 @@ import json
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
@@ -25,7 +26,8 @@ from node.config import load_config
 from node.db import create_engine_for, init_schema
 from node.dispatch import Dispatcher
 from node.reachability import destination_report
-from tests.conftest import REPO, free_port, peer_env, require_tool, wait_for_port, wait_until
+from peers.dcmtk import StoreScp
+from tests.conftest import REPO, free_port, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -65,20 +67,10 @@ def _metrics(node) -> str:
 
 
 @pytest.fixture
-def storescp(tmp_path):
+def storescp(tmp_path) -> Iterator[StoreScp]:
     """DCMTK storescp on a free port (stores anything, knows nothing of Storage Commitment); stopped by PID."""
-    exe = require_tool("storescp")
-    port = free_port()
-    out = tmp_path / "storescp"
-    out.mkdir()
-    proc = subprocess.Popen([exe, "-aet", "PLAIN", "-od", str(out), str(port)], env=peer_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_port(port, proc=proc)
-        yield port, out
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    with StoreScp(tmp_path / "storescp", aet="PLAIN") as scp:
+        yield scp
 
 
 def test_commitment_and_reachability_against_orthanc(start_node, orthanc_factory, storescp, tmp_path):
@@ -87,7 +79,6 @@ def test_commitment_and_reachability_against_orthanc(start_node, orthanc_factory
     pacs = orthanc_factory(modalities={"node": ("PACSNODE", "127.0.0.1", node_port)})
     # Knows the node's AE title (so it takes the N-ACTION) but at an address where nothing listens.
     forgetful = orthanc_factory(modalities={"node": ("PACSNODE", "127.0.0.1", closed)})
-    plain_port, plain_dir = storescp
     toml = f"""
 [worker]
 enabled = false
@@ -113,7 +104,7 @@ name = "plain"
 kind = "dimse"
 ae_title = "PLAIN"
 host = "127.0.0.1"
-port = {plain_port}
+port = {storescp.port}
 commitment = true
 [[destinations]]
 name = "gone"
@@ -161,7 +152,7 @@ port = {closed}
     assert sorted(forgetful.sop_instance_uids()) == sorted(uids)  # it does hold them: only the proof is missing
     # ... and a destination without Storage Commitment at all: stored, commitment failed at once.
     assert status["plain"]["delivered"] == 1 and status["plain"]["commit_states"] == {"failed": 1}
-    assert len(list(plain_dir.iterdir())) == 2
+    assert len(list(storescp.out_dir.iterdir())) == 2
     cli = _cli_status(node)
     stable = ("reachable", "backlog", "dead", "delivered", "committed", "uncommitted", "commit_states")
     assert {d["destination"]: [d[k] for k in stable] for d in cli["destinations"]} == {

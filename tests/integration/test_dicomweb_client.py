@@ -20,10 +20,10 @@ from node.index import Index
 from node.ingest import Ingestor
 from node.metrics import Metrics
 from node.spool import Spool
+from peers.orthanc import DICOMWEB_PLUGIN
 from tests.conftest import free_port, missing_peer
 from tests.ctgen import write_ct_series
 from tests.dicomfiles import dataset_bytes
-from tests.orthanc import DICOMWEB_PLUGIN
 
 pytestmark = pytest.mark.integration
 

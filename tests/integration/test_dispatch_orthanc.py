@@ -4,9 +4,8 @@ title (transient), a refused SOP class (permanent). Waits poll a condition with 
 from __future__ import annotations
 
 import io
-import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,8 @@ from node.dispatch import Dispatcher, deliveries
 from node.results import AlgorithmIdentity, Findings, build_results
 from node.senders import DimseSender
 from node.states import DeliveryState
-from tests.orthanc import OrthancServer
+from peers.orthanc import OrthancServer
+from tests.conftest import wait_until
 from tests.unit.results_support import ATTENTION, ct_sources, synthetic_masks
 
 pytestmark = pytest.mark.integration
@@ -100,17 +100,6 @@ def config_for(orthanc: OrthancServer, *, ae_title: str | None = None) -> NodeCo
     return NodeConfig(destinations=(pacs,), dispatch=fast)
 
 
-def wait_until(condition: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
-
-
 def state_of(dispatcher: Dispatcher, delivery_id: int) -> sa.Row[Any]:
     row = dispatcher.get(delivery_id)
     assert row is not None
@@ -126,7 +115,7 @@ def test_delivers_survives_pacs_down_and_never_duplicates(
     try:
         v1, v2 = results[1], results[2]
         [first] = dispatcher.enqueue(v1.series_uid, v1.version, v1.paths, v1.sop_uids)
-        wait_until(lambda: state_of(dispatcher, first).state == DeliveryState.DELIVERED, "the first delivery")
+        wait_until(lambda: state_of(dispatcher, first).state == DeliveryState.DELIVERED, 30, "the first delivery")
         assert sorted(orthanc.sop_instance_uids()) == sorted(v1.sop_uids)
         [sr] = orthanc.instances_of_modality("SR")
         stored = pydicom.dcmread(io.BytesIO(orthanc.get_file(sr["ID"])))
@@ -137,13 +126,14 @@ def test_delivers_survives_pacs_down_and_never_duplicates(
         failing = wait_until(
             lambda: (row := state_of(dispatcher, second)).attempts >= 2 and row.state == DeliveryState.PENDING
             and row,
+            30,
             "retries while the PACS is down",
         )
         assert "failed" in failing.last_error  # the association could not be established
         assert failing.next_attempt_at >= failing.last_attempt_at
 
         orthanc.start()
-        wait_until(lambda: state_of(dispatcher, second).state == DeliveryState.DELIVERED, "delivery after restart")
+        wait_until(lambda: state_of(dispatcher, second).state == DeliveryState.DELIVERED, 30, "delivery after restart")
 
         # A node that died after the PACS stored v1 but before recording it sends v1 again on restart: the
         # deterministic UIDs make that an overwrite at the PACS, never a second copy.
@@ -155,7 +145,7 @@ def test_delivers_survives_pacs_down_and_never_duplicates(
             )
         assert dispatcher.recover() == 1
         dispatcher.wake()
-        wait_until(lambda: state_of(dispatcher, first).state == DeliveryState.DELIVERED, "the resend")
+        wait_until(lambda: state_of(dispatcher, first).state == DeliveryState.DELIVERED, 30, "the resend")
         assert state_of(dispatcher, first).attempts == 2
     finally:
         assert dispatcher.stop(10)
@@ -185,7 +175,7 @@ def test_rejected_called_ae_is_transient_until_the_config_is_fixed(
             row = state_of(dispatcher, delivery)
             return row.attempts >= 2 and "NOT-ORTHANC" in (row.last_error or "") and "rejected" in row.last_error
 
-        wait_until(retried_and_rejected, "retries of the rejected association, reported as rejected")
+        wait_until(retried_and_rejected, 30, "retries of the rejected association, reported as rejected")
         row = state_of(dispatcher, delivery)
         assert row.state in (DeliveryState.PENDING, DeliveryState.SENDING)
         [error] = dispatcher.last_errors()
@@ -194,7 +184,7 @@ def test_rejected_called_ae_is_transient_until_the_config_is_fixed(
         assert "bad called AET" in orthanc.log_text()
 
         dispatcher.apply_config(config_for(orthanc))
-        wait_until(lambda: state_of(dispatcher, delivery).state == DeliveryState.DELIVERED, "delivery after the fix")
+        wait_until(lambda: state_of(dispatcher, delivery).state == DeliveryState.DELIVERED, 30, "delivery after the fix")
     finally:
         assert dispatcher.stop(10)
     assert sorted(orthanc.sop_instance_uids()) == sorted(results[3].sop_uids)

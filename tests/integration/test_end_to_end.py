@@ -16,7 +16,8 @@ import pydicom
 import pytest
 import sqlalchemy as sa
 
-from tests.conftest import TEST_WEIGHTS_DIR, free_port, peer_env, require_tool, require_weights, wait_until
+from peers import dcmtk
+from tests.conftest import TEST_WEIGHTS_DIR, free_port, require_tool, require_weights, wait_until
 from tests.ctgen import write_ct_series
 
 pytestmark = pytest.mark.integration
@@ -46,11 +47,7 @@ def phantoms(tmp_path_factory) -> dict[str, Path]:
 
 
 def storescu(port: int, *dirs: Path) -> None:
-    exe = require_tool("storescu")
-    subprocess.run(
-        [exe, "-aet", "CT-SCANNER", "-aec", "PACSNODE", "+sd", "+r", "127.0.0.1", str(port), *map(str, dirs)],
-        check=True, capture_output=True, env=peer_env(), timeout=300,
-    )
+    dcmtk.storescu(port, *dirs, calling_ae="CT-SCANNER", check=True)
 
 
 def node_toml(orthanc, *, scope_check: bool = True) -> str:

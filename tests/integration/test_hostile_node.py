@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import launch_node, peer_env, require_tool, stop_node, wait_until
+from tests.conftest import launch_node, peer_env, require_tool, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -162,4 +162,4 @@ def test_legitimate_peers_get_through_a_burst_of_hostile_ones_and_memory_stays_f
         for s in opened:
             with contextlib.suppress(OSError):
                 s.close()
-        stop_node(node)
+        node.stop()

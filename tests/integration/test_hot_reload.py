@@ -7,26 +7,20 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import pydicom
 import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
-from tests.conftest import REPO
+from tests.conftest import REPO, wait_until
 from tests.ctgen import write_ct_series
 
 pytestmark = pytest.mark.integration
 
 
 def wait_for_log(node, text: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if text in node.log_text():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{text!r} not in the node's log after {timeout} s:\n{node.log_text()[-2000:]}")
+    wait_until(lambda: text in node.log_text(), timeout, f"{text!r} in the node's log", lambda: node.log_text()[-2000:])
 
 
 def associate(node, calling: str):
@@ -110,13 +104,10 @@ def events(node, name: str) -> list[dict]:
 
 
 def wait_for_event(node, name: str, series_uid: str, timeout: float = 30.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for record in events(node, name):
-            if record.get("series_uid") == series_uid:
-                return record
-        time.sleep(0.05)
-    raise AssertionError(f"no {name} for {series_uid} after {timeout} s:\n{node.log_text()[-2000:]}")
+    def found() -> dict | None:
+        return next((r for r in events(node, name) if r.get("series_uid") == series_uid), None)
+
+    return wait_until(found, timeout, f"{name} for {series_uid}", lambda: node.log_text()[-2000:])
 
 
 def test_sighup_swaps_the_routes(start_node, tmp_path):

@@ -1,5 +1,5 @@
 """The node on PostgreSQL, end to end: `pacsnode serve` with ``[database] url`` pointing at a real PostgreSQL server
-(tests/pg.py), DCMTK storescu as the modality, Orthanc as the PACS. The series must end as one SR, one SEG and one
+(peers/postgres.py), DCMTK storescu as the modality, Orthanc as the PACS. The series must end as one SR, one SEG and one
 key-images KO at Orthanc, with every acknowledged instance, the job and the delivery in PostgreSQL's tables, and
 `pacsnode status` reading them from there; a restart of the node on the same database finds nothing to redo."""
 
@@ -12,14 +12,12 @@ import sys
 import pytest
 import sqlalchemy as sa
 
+from peers import dcmtk
 from tests.conftest import (
     REPO,
     free_port,
     launch_node,
-    peer_env,
-    require_tool,
     require_weights,
-    stop_node,
     wait_until,
 )
 from tests.ctgen import write_ct_series
@@ -47,8 +45,7 @@ initial_backoff_seconds = 0.5
     engine = sa.create_engine(url)
     try:
         series = write_ct_series(tmp_path / "ct", slices=20, size=64, seed=5)
-        subprocess.run([require_tool("storescu"), "-aet", "CT-PG", "-aec", "PACSNODE", "127.0.0.1", str(node.port),
-                        *map(str, series.paths)], check=True, capture_output=True, env=peer_env(), timeout=120)
+        dcmtk.storescu(node.port, *series.paths, calling_ae="CT-PG", check=True, timeout=120)
 
         wait_until(lambda: {"SR", "SEG", "KO"} <= {
             s["MainDicomTags"]["Modality"] for s in orthanc.find("Series", {"StudyInstanceUID": series.study_uid})
@@ -66,7 +63,7 @@ initial_backoff_seconds = 0.5
         report = json.loads(status.stdout)
         assert report["series"].get("complete") == 1 and report["jobs"].get("done") == 1, report
     finally:
-        stop_node(node)
+        node.stop()
     # a restart on the same database resumes from it and finds nothing left to do
     node = launch_node(tmp_path / "node", port=node_port, extra_toml=toml)
     try:
@@ -75,5 +72,5 @@ initial_backoff_seconds = 0.5
         assert again == 1
         assert len(orthanc.find("Instance", {"StudyInstanceUID": series.study_uid, "Modality": "SR"})) == 1
     finally:
-        stop_node(node)
+        node.stop()
         engine.dispose()

@@ -22,7 +22,8 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE, build_context
 from pynetdicom.dimse_primitives import C_STORE
 
-from tests.conftest import missing_peer, peer_env, require_tool, wait_for_port
+from peers import dcmtk
+from tests.conftest import missing_peer, require_tool, wait_for_port
 from tests.ctgen import write_ct_series
 from tests.dicomfiles import content, dataset_bytes, pixels
 
@@ -30,9 +31,7 @@ pytestmark = pytest.mark.integration
 
 
 def storescu(node, paths: list[Path], *extra: str, aet: str = "MODALITY") -> subprocess.CompletedProcess[str]:
-    exe = require_tool("storescu")
-    cmd = [exe, "-aet", aet, "-aec", node.ae_title, *extra, "+sd", "+r", "127.0.0.1", str(node.port)]
-    return subprocess.run([*cmd, *map(str, paths)], capture_output=True, text=True, env=peer_env(), timeout=300)
+    return dcmtk.storescu(node.port, *paths, called_ae=node.ae_title, calling_ae=aet, options=extra)
 
 
 def indexed(node) -> dict[str, sa.Row]:
@@ -59,21 +58,13 @@ def spooled_path(node, ds: pydicom.Dataset) -> Path:
 
 def test_echo(start_node):
     node = start_node()
-    exe = require_tool("echoscu")
-    result = subprocess.run(
-        [exe, "-aet", "MODALITY", "-aec", node.ae_title, "127.0.0.1", str(node.port)],
-        capture_output=True, text=True, env=peer_env(), timeout=60,
-    )
+    result = dcmtk.echoscu(node.port, called_ae=node.ae_title, calling_ae="MODALITY")
     assert result.returncode == 0, result.stderr
 
 
 def test_wrong_called_ae_is_rejected(start_node):
     node = start_node()
-    exe = require_tool("echoscu")
-    result = subprocess.run(
-        [exe, "-aet", "MODALITY", "-aec", "NOT-THE-NODE", "127.0.0.1", str(node.port)],
-        capture_output=True, text=True, env=peer_env(), timeout=60,
-    )
+    result = dcmtk.echoscu(node.port, called_ae="NOT-THE-NODE", calling_ae="MODALITY")
     assert result.returncode != 0
     assert "Called AE Title Not Recognized" in result.stderr
 
@@ -203,17 +194,10 @@ def test_real_file_whose_uids_are_not_uids_is_refused(start_node, tmp_path):
 
 def test_unlisted_calling_ae_is_refused(start_node):
     node = start_node(allowed=["CT-SCANNER-1"])
-    exe = require_tool("echoscu")
-    refused = subprocess.run(
-        [exe, "-aet", "INTRUDER", "-aec", node.ae_title, "127.0.0.1", str(node.port)],
-        capture_output=True, text=True, env=peer_env(), timeout=60,
-    )
+    refused = dcmtk.echoscu(node.port, called_ae=node.ae_title, calling_ae="INTRUDER")
     assert refused.returncode != 0
     assert "Calling AE Title Not Recognized" in refused.stderr
-    allowed = subprocess.run(
-        [exe, "-aet", "CT-SCANNER-1", "-aec", node.ae_title, "127.0.0.1", str(node.port)],
-        capture_output=True, text=True, env=peer_env(), timeout=60,
-    )
+    allowed = dcmtk.echoscu(node.port, called_ae=node.ae_title, calling_ae="CT-SCANNER-1")
     assert allowed.returncode == 0, allowed.stderr
     assert "association_rejected" in node.log_text()
 

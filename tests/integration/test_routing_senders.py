@@ -39,20 +39,19 @@ import pytest
 import sqlalchemy as sa
 
 from node.results.codes import KEY_IMAGES_SERIES_DESCRIPTION, KOS_SERIES_DESCRIPTION
+from peers import dcmtk
+from peers.orthanc import OrthancServer
 from tests.conftest import (
     REPO,
     TEST_WEIGHTS_DIR,
-    RunningNode,
+    NodeProcess,
     free_port,
     launch_node,
-    peer_env,
     require_tool,
     require_weights,
-    stop_node,
     wait_until,
 )
 from tests.ctgen import CtSeries, write_ct_series
-from tests.orthanc import OrthancServer
 
 pytestmark = pytest.mark.integration
 
@@ -91,7 +90,7 @@ max_backoff_seconds = 2
 class Site:
     """A node whose results go to ``orthanc``; Orthanc knows the node as modality ``node``."""
 
-    node: RunningNode
+    node: NodeProcess
     orthanc: OrthancServer
     engine: sa.Engine
 
@@ -113,17 +112,13 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
             yield Site(node, orthanc, engine)
         finally:
             engine.dispose()
-            stop_node(node)
+            node.stop()
 
 
 # -- senders -------------------------------------------------------------------------------------------------------
 def storescu(port: int, *paths: Path, aec: str = "PACSNODE", options: tuple[str, ...] = ()) -> None:
     """One storescu call (one association) sending ``paths`` (files or folders) with TCP_NODELAY."""
-    exe = require_tool("storescu")
-    subprocess.run(
-        [exe, "-aet", CALLING_AE, "-aec", aec, *options, "+sd", "+r", "127.0.0.1", str(port), *map(str, paths)],
-        check=True, capture_output=True, env=peer_env(), timeout=120,
-    )
+    dcmtk.storescu(port, *paths, called_ae=aec, calling_ae=CALLING_AE, options=options, check=True, timeout=120)
 
 
 def chest_series(out: Path, *, slices: int = SLICES) -> CtSeries:

@@ -12,9 +12,9 @@ from node.db import create_engine_for, init_schema
 from node.dispatch import Dispatcher
 from node.senders import StowSender
 from node.states import DeliveryState
+from peers.orthanc import DICOMWEB_PLUGIN
 from tests.conftest import missing_peer
 from tests.ctgen import write_ct_series
-from tests.orthanc import DICOMWEB_PLUGIN
 
 pytestmark = pytest.mark.integration
 

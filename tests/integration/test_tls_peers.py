@@ -19,9 +19,9 @@ import pytest
 
 from node.config import Destination
 from node.senders import DimseSender, StowSender, TransientSendError
-from tests.conftest import RunningNode, free_port, peer_env, require_tool, wait_until
+from peers.orthanc import OrthancServer, OrthancTls
+from tests.conftest import NodeProcess, free_port, peer_env, require_tool, wait_until
 from tests.ctgen import write_ct_series
-from tests.orthanc import OrthancServer, OrthancTls
 from tests.tlscerts import Pki, make_pki
 
 pytestmark = pytest.mark.integration
@@ -44,7 +44,7 @@ def _node_toml(pki: Pki, tls_port: int) -> str:
     )
 
 
-def _dcmtk(tool: str, pki: Pki, node: RunningNode, port: int, *files: str) -> subprocess.CompletedProcess[str]:
+def _dcmtk(tool: str, pki: Pki, node: NodeProcess, port: int, *files: str) -> subprocess.CompletedProcess[str]:
     cmd = [require_tool(tool), "-aet", "MODALITY", "-aec", node.ae_title, "+tls", str(pki.client_key),
            str(pki.client_cert), "-pw", "+cf", str(pki.ca), "127.0.0.1", str(port), *files]
     return subprocess.run(cmd, capture_output=True, text=True, env=peer_env(), timeout=60)
@@ -64,7 +64,7 @@ def _curl(url: str, *args: str) -> tuple[int, str]:
     return done.returncode, done.stdout.strip()
 
 
-def _spooled(node: RunningNode) -> set[str]:
+def _spooled(node: NodeProcess) -> set[str]:
     return {p.stem for p in node.spool.rglob("*.dcm")}
 
 
@@ -114,7 +114,7 @@ def test_node_over_dicom_tls_and_https(start_node, pki: Pki, tmp_path: Path) -> 
     assert "Traceback" not in node.log_text()
 
 
-def _events(node: RunningNode) -> list[dict[str, Any]]:
+def _events(node: NodeProcess) -> list[dict[str, Any]]:
     events = []
     for line in node.log_text().splitlines():
         with contextlib.suppress(ValueError):

@@ -19,18 +19,17 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import REPO, TEST_WEIGHTS_DIR, missing_peer, require_tool, require_weights
+from peers.orthanc import DICOMWEB_PLUGIN
+from tests.conftest import REPO, TEST_WEIGHTS_DIR, missing_peer, require_tool, require_weights, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser]
 
 DEMO = REPO / "demo"
-DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 MIN_LESION_PIXELS = 500  # canvas pixels; a clear phantom lesion covers thousands at 1280x800
 
 
@@ -47,16 +46,6 @@ def _playwright_core() -> None:
     if installed.exists() and json.loads(installed.read_text())["version"] == pinned:
         return
     subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=DEMO, check=True, capture_output=True, timeout=300)
-
-
-def _wait_for_file(path: Path, proc: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if proc.poll() is not None:
-            pytest.fail(f"pacsnode demo exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"pacsnode demo not ready after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> int:
@@ -129,7 +118,7 @@ def test_ohif_shows_the_seg_overlay_and_sr_outline_of_a_pneumonia_phantom_and_no
         proc = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
     try:
-        _wait_for_file(summary_path, proc, log, timeout=240)
+        wait_until(summary_path.exists, 240, "pacsnode demo's summary", lambda: log.read_text()[-3000:], process=proc)
         summary = json.loads(summary_path.read_text())
         assert [s["label"] for s in summary["studies"]] == ["pneumonia", "normal"]
         plan_path = tmp_path / "plan.json"

@@ -55,7 +55,7 @@ from node.errors import StoreStatus
 from node.index import Index
 from node.ingest import Ingestor
 from node.spool import Spool
-from tests.conftest import free_port, launch_node, peer_env, require_tool, stop_node
+from tests.conftest import free_port, launch_node, peer_env, require_tool
 from tests.ctgen import write_ct_series
 from tests.dicomfiles import dataset_bytes
 
@@ -433,7 +433,7 @@ def test_peak_rss_of_a_node_process_stays_flat_under_large_and_oversized_input(t
         print(f"node peak RSS: {before / 2**20:.0f} MiB before, {after / 2**20:.0f} MiB after")
         assert after - before < 40 << 20, f"peak RSS grew from {before >> 20} to {after >> 20} MiB"
     finally:
-        stop_node(node)
+        node.stop()
 
 
 def _peak_rss(pid: int) -> int:

@@ -87,9 +87,19 @@ def _imports(package: str) -> dict[str, set[str]]:
 
 
 def test_the_node_never_imports_training_or_demo():
-    offenders = {f: sorted(n & {"training", "demo", "tests", "benchmarks"}) for f, n in _imports("node").items()}
-    offenders.update({f: sorted(n & {"node", "training", "demo", "tests"}) for f, n in _imports("models").items()})
+    offenders = {f: sorted(n & {"training", "demo", "tests", "benchmarks", "peers"})
+                 for f, n in _imports("node").items()}
+    offenders.update({f: sorted(n & {"node", "training", "demo", "tests", "peers"})
+                      for f, n in _imports("models").items()})
     assert {f: n for f, n in offenders.items() if n} == {}
+
+
+def test_the_peer_harness_stands_alone():
+    """peers/ (used by the tests, the demo and the benchmarks) imports none of them, nor the node it runs."""
+    offenders = {f: sorted(n & {"tests", "demo", "benchmarks", "training", "node", "models"})
+                 for f, n in _imports("peers").items()}
+    assert {f: n for f, n in offenders.items() if n} == {}
+    assert not [f for f, n in {**_imports("demo"), **_imports("benchmarks")}.items() if "tests" in n]
 
 
 def _runtime_requirements() -> set[str]:

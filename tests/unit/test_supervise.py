@@ -38,7 +38,7 @@ from node.spool import Spool
 from node.states import JobState
 from node.supervise import EXIT_LOOP_FAILED, Heartbeats, Supervisor, failure
 from node.worker import Worker
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_until
 from tests.ctgen import write_ct_series
 from tests.dicomfiles import dataset_bytes
 from tests.unit.test_worker import FixedRunner, RecordingSender
@@ -53,13 +53,8 @@ class Clock:
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 20.0, what: str = "the condition") -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    """`wait_until` with this module's defaults (threads in this process: poll often)."""
+    return wait_until(predicate, timeout, what, interval=0.02)
 
 
 # -- the registry and the policy ------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""A real PostgreSQL server for the tests: Debian's `postgresql` binaries, a throwaway cluster in a temp dir.
+"""A real PostgreSQL server for the tests (the `postgres_server` fixture): Debian's `postgresql` binaries, a throwaway cluster in a temp dir.
 
 `PostgresServer(workdir).start()` runs ``initdb`` (as the ``postgres`` user when the tests run as root: PostgreSQL
 refuses to run as root) and ``pg_ctl start`` on a free loopback port with trust authentication, and `stop()` stops
@@ -12,28 +12,23 @@ from __future__ import annotations
 import glob
 import os
 import pwd
-import shutil
 import subprocess
 import uuid
 from pathlib import Path
 
 import sqlalchemy as sa
 
-from tests.conftest import free_port, require_tool
+from peers.process import PeerError, find_tool, free_port
 
 PG_GLOB = "/usr/lib/postgresql/*/bin"
 
 
 def pg_bin_dir() -> Path:
-    """The newest installed PostgreSQL's bin folder (Debian keeps them off PATH); fails under CI when missing."""
+    """The newest installed PostgreSQL's bin folder (Debian keeps them off PATH); raises `PeerMissing`."""
     found = sorted(glob.glob(PG_GLOB), key=lambda p: int(Path(p).parent.name) if Path(p).parent.name.isdigit() else 0)
     if found:
         return Path(found[-1])
-    initdb = shutil.which("initdb")
-    if initdb:
-        return Path(initdb).parent
-    require_tool("initdb")  # skips locally, fails under CI
-    raise AssertionError("unreachable")
+    return Path(find_tool("initdb")).parent
 
 
 class PostgresServer:
@@ -61,14 +56,14 @@ class PostgresServer:
         done = self._run(str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres",
                          "--no-sync", "-E", "UTF8")
         if done.returncode != 0:
-            raise RuntimeError(f"initdb failed: {done.stderr[-2000:]}")
+            raise PeerError(f"initdb failed: {done.stderr[-2000:]}")
         options = (f"-p {self.port} -k {self.workdir} -c listen_addresses=127.0.0.1 -c fsync=off "
                    "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
         done = self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-o", options, "-l", str(self.log),
                          "start", "-w", "-t", "60")
         if done.returncode != 0:
             log = self.log.read_text() if self.log.exists() else ""
-            raise RuntimeError(f"pg_ctl start failed: {done.stderr[-1000:]} {log[-2000:]}")
+            raise PeerError(f"pg_ctl start failed: {done.stderr[-1000:]} {log[-2000:]}")
         return self
 
     @property

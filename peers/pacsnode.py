@@ -1,0 +1,96 @@
+"""The node as a peer: `pacsnode serve` run as a child process from this checkout, stopped by PID.
+
+`NodeProcess(config_path, port=...)` runs a node on a complete config file; `launch_node(workdir, ...)` writes a
+small config (loopback, free ports, data under ``workdir``, plus ``extra_toml``) and starts it. Both return once
+the node's DIMSE port answers. The child runs ``python -m node.cli`` with this checkout as its working folder, so
+it runs the checkout's code whatever is installed, and without ``PACSNODE_*`` variables (its config is complete;
+overrides meant for another node, or a test's own settings, must not reach it).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from peers.process import PeerProcess, free_port, peer_env, wait_for_port
+
+REPO = Path(__file__).resolve().parent.parent  # the checkout whose node/ the child runs
+
+
+def node_env() -> dict[str, str]:
+    """The peers' environment (`peer_env`) without any ``PACSNODE_*`` variable."""
+    return {k: v for k, v in peer_env().items() if not k.startswith("PACSNODE_")}
+
+
+@dataclass(eq=False)
+class NodeProcess(PeerProcess):
+    """`pacsnode serve --config config_path` listening for DIMSE on ``port``; its output goes to ``log_path``
+    (a fresh file each start; None: discarded). ``args`` go after the config (e.g. ``--log-level WARNING``).
+    ``data_dir`` and ``http_port`` are what the config says, for the helpers below."""
+
+    config_path: Path
+    port: int
+    log_path: Path | None = None
+    ae_title: str = "PACSNODE"
+    data_dir: Path | None = None
+    http_port: int = 0
+    args: tuple[str, ...] = ()
+    append_log = False
+
+    def start(self, timeout: float = 120.0) -> NodeProcess:
+        """Start the node and return once its DIMSE port answers; raises `PeerError` (stopping it) when it exits
+        first or does not listen within ``timeout`` seconds."""
+        proc = self._spawn([sys.executable, "-m", "node.cli", "serve", "--config", str(self.config_path), *self.args],
+                           cwd=REPO, env=node_env())
+        self._ready_or_stop(lambda: wait_for_port(self.port, timeout, proc, "the node", self.log_tail))
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        super().stop(timeout)
+
+    @property
+    def spool(self) -> Path:
+        return self._data / "spool"
+
+    @property
+    def db_url(self) -> str:
+        """The SQLite index of a node on the default database."""
+        return f"sqlite:///{self._data / 'node.db'}"
+
+    @property
+    def _data(self) -> Path:
+        if self.data_dir is None:
+            raise ValueError("data_dir: not given for this node")
+        return self.data_dir
+
+
+def launch_node(
+    workdir: Path, *, port: int | None = None, allowed: list[str] | None = None, extra_toml: str = "",
+    ae_title: str = "PACSNODE", http_port: int | None = None, args: tuple[str, ...] = (), timeout: float = 120.0,
+) -> NodeProcess:
+    """Write ``workdir/node.toml`` (``[node]`` on 127.0.0.1, the given or a free DIMSE and HTTP port, data in
+    ``workdir/data``, ``allowed`` calling AE titles; ``extra_toml`` continues the ``[node]`` table or adds
+    sections) and start the node on it, logging to ``workdir/node.log``. Stop it with ``.stop()``."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    http_port = http_port or free_port()
+    data_dir = workdir / "data"
+    config_path = workdir / "node.toml"
+    config_path.write_text(
+        f"""
+[node]
+ae_title = "{ae_title}"
+host = "127.0.0.1"
+port = {port}
+allowed_calling_aes = {json.dumps(allowed or [])}
+data_dir = {json.dumps(str(data_dir))}
+http_port = {http_port}
+{extra_toml}
+"""
+    )
+    node = NodeProcess(config_path, port, workdir / "node.log", ae_title, data_dir, http_port, args)
+    return node.start(timeout)
+
+
