@@ -22,7 +22,7 @@ from pathlib import Path
 
 from peers import (
     OrthancServer,
-    PeerMissing,
+    PeerMissingError,
     PeerProcess,
     StoreScp,
     find_tool,
@@ -84,7 +84,7 @@ def main() -> int:
     for tool in ("storescu", "storescp", "Orthanc"):
         try:
             find_tool(tool)
-        except PeerMissing:
+        except PeerMissingError:
             print(f"{tool} is missing: run `make sysdeps` as root", file=sys.stderr)
             return 2
     with tempfile.TemporaryDirectory(prefix="pacsnode-bench-") as tmp:

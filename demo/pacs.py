@@ -11,7 +11,7 @@ from peers.orthanc import OrthancServer
 def demo_orthanc(workdir: Path, *, dicom_port: int, http_port: int, node_port: int) -> OrthancServer:
     """Orthanc over ``workdir`` on the given ports (0: free ones), not started: its DICOMweb plugin required,
     HTTP for local clients, and — since Orthanc 1.10 cannot bind to loopback — DICOM only from the node and the
-    demo's scanner, from their own host. Raises `peers.PeerMissing` when Orthanc or the plugin is missing."""
+    demo's scanner, from their own host. Raises `peers.PeerMissingError` when Orthanc or the plugin is missing."""
     return OrthancServer(
         workdir, aet=ORTHANC_AET, name="PACSNODE-DEMO", dicom_port=dicom_port, http_port=http_port, dicomweb=True,
         modalities={"node": (NODE_AET, "127.0.0.1", node_port), "scanner": (MODALITY_AET, "127.0.0.1", 104)},

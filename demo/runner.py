@@ -19,8 +19,8 @@ from peers import (
     NodeProcess,
     OrthancServer,
     PeerError,
-    PeerMissing,
-    PeerTimeout,
+    PeerMissingError,
+    PeerTimeoutError,
     free_port,
     storescu,
     wait_until,
@@ -163,7 +163,7 @@ def send_series(dirs: Sequence[Path], port: int, called_ae: str, host: str = "12
     else the node's own SCU. Returns which sender was used; raises `DemoError` when an instance is refused."""
     try:
         result = storescu(port, *dirs, called_ae=called_ae, calling_ae=MODALITY_AET, host=host, timeout=600)
-    except PeerMissing:
+    except PeerMissingError:
         result = None
     if result is not None:
         if result.returncode != 0:
@@ -296,7 +296,7 @@ class Demo:
             with _as_demo_error():
                 wait_until(collect, timeout, "the SR and SEG of every phantom at Orthanc", interval=0.5)
         except DemoError as exc:
-            if not isinstance(exc.__cause__, PeerTimeout):
+            if not isinstance(exc.__cause__, PeerTimeoutError):
                 raise
             missing = [p.case_id for p in phantoms if p.study_uid not in done]
             log = self.node.log_path if self.node else "?"

@@ -1,6 +1,6 @@
 """DCMTK as the modality and as a plain receiver: `storescu`, `echoscu` (one association each) and `StoreScp`.
 
-Every call runs with ``TCP_NODELAY=1`` (docs/peers.md) and raises `PeerMissing` when the tool is not installed.
+Every call runs with ``TCP_NODELAY=1`` (docs/peers.md) and raises `PeerMissingError` when the tool is not installed.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from typing import Any
 
 from peers.process import (
     PeerError,
-    PeerMissing,
+    PeerMissingError,
     PeerProcess,
     find_tool,
     free_port,
@@ -65,8 +65,8 @@ class OrthancServer(PeerProcess):
 
     ``dicom_port``/``http_port`` 0 pick free ports. ``modalities`` maps a name to (AE title, host, port) for
     ``DicomModalities``. ``dicomweb``: None turns the DICOMweb plugin on when it is installed, True requires it
-    (`PeerMissing` otherwise), False leaves it off. ``config`` entries override or extend the generated
-    configuration (e.g. ``{"DicomCheckCalledAet": False}``). A missing ``Orthanc`` raises `PeerMissing`.
+    (`PeerMissingError` otherwise), False leaves it off. ``config`` entries override or extend the generated
+    configuration (e.g. ``{"DicomCheckCalledAet": False}``). A missing ``Orthanc`` raises `PeerMissingError`.
     """
 
     def __init__(
@@ -85,7 +85,7 @@ class OrthancServer(PeerProcess):
     ) -> None:
         self.executable = executable or find_tool("Orthanc")
         if dicomweb and not DICOMWEB_PLUGIN.exists():
-            raise PeerMissing(f"Orthanc's DICOMweb plugin is missing ({DICOMWEB_PLUGIN}: apt-get install orthanc-dicomweb)")
+            raise PeerMissingError(f"Orthanc's DICOMweb plugin is missing ({DICOMWEB_PLUGIN}: apt-get install orthanc-dicomweb)")
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.aet = aet

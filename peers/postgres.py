@@ -24,7 +24,7 @@ PG_GLOB = "/usr/lib/postgresql/*/bin"
 
 
 def pg_bin_dir() -> Path:
-    """The newest installed PostgreSQL's bin folder (Debian keeps them off PATH); raises `PeerMissing`."""
+    """The newest installed PostgreSQL's bin folder (Debian keeps them off PATH); raises `PeerMissingError`."""
     found = sorted(glob.glob(PG_GLOB), key=lambda p: int(Path(p).parent.name) if Path(p).parent.name.isdigit() else 0)
     if found:
         return Path(found[-1])

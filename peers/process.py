@@ -18,19 +18,19 @@ class PeerError(RuntimeError):
     """A peer could not start, answer or stop as asked."""
 
 
-class PeerMissing(PeerError):
+class PeerMissingError(PeerError):
     """A peer tool or file is not installed (the tests skip locally and fail under CI on it)."""
 
 
-class PeerTimeout(PeerError, TimeoutError):
+class PeerTimeoutError(PeerError, TimeoutError):
     """A condition did not come true before its deadline."""
 
 
 def find_tool(name: str) -> str:
-    """The path of an executable on PATH or in /usr/sbin (Debian's Orthanc); raises `PeerMissing`."""
+    """The path of an executable on PATH or in /usr/sbin (Debian's Orthanc); raises `PeerMissingError`."""
     path = shutil.which(name) or (f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists() else None)
     if path is None:
-        raise PeerMissing(f"{name} is not installed (make sysdeps installs it when run as root)")
+        raise PeerMissingError(f"{name} is not installed (make sysdeps installs it when run as root)")
     return path
 
 
@@ -57,7 +57,7 @@ def wait_until(
 ) -> T:
     """Call ``condition`` every ``interval`` seconds until it returns something truthy, and return that.
 
-    Raises `PeerTimeout` naming ``what`` after ``timeout`` seconds, or `PeerError` as soon as ``process`` (when
+    Raises `PeerTimeoutError` naming ``what`` after ``timeout`` seconds, or `PeerError` as soon as ``process`` (when
     given) has exited; either message ends with ``diagnostics()`` (e.g. a log's tail) when given."""
     deadline = time.monotonic() + timeout
     while True:
@@ -68,7 +68,7 @@ def wait_until(
             raise PeerError(f"gave up waiting for {what}: the process exited with {process.returncode}"
                             + _tail(diagnostics))
         if time.monotonic() > deadline:
-            raise PeerTimeout(f"timed out after {timeout:g} s waiting for {what}" + _tail(diagnostics))
+            raise PeerTimeoutError(f"timed out after {timeout:g} s waiting for {what}" + _tail(diagnostics))
         time.sleep(interval)
 
 

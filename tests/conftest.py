@@ -3,7 +3,7 @@ for a missing peer.
 
 Peers (DCMTK, Orthanc, dicom3tools, PostgreSQL) are found on PATH. A missing peer skips the test locally, but under
 CI (``CI=true``) it fails, so a broken install step cannot hide behind skips: `missing_peer` decides, and a
-`PeerMissing` raised by the harness anywhere in a test or its fixtures goes through it. The fixtures return named
+`PeerMissingError` raised by the harness anywhere in a test or its fixtures goes through it. The fixtures return named
 objects: `start_node` → `NodeProcess`, `orthanc_factory` → `OrthancServer`, `postgres_server` → `PostgresServer`.
 The harness helpers the tests use are importable from here as well as from `peers`.
 """
@@ -22,7 +22,7 @@ import pytest
 from peers import (  # noqa: F401  (re-exported: the tests import these from here)
     REPO,
     NodeProcess,
-    PeerMissing,
+    PeerMissingError,
     find_tool,
     free_port,
     launch_node,
@@ -45,29 +45,29 @@ def require_tool(name: str) -> str:
     """Return the path of an executable peer tool, or skip (fail under CI) when it is missing."""
     try:
         return find_tool(name)
-    except PeerMissing as exc:
+    except PeerMissingError as exc:
         missing_peer(str(exc))
 
 
 @contextlib.contextmanager
 def _peer_missing_policy() -> Iterator[None]:
-    """A `PeerMissing` from the harness (a tool or file not installed): skip locally, fail under CI."""
+    """A `PeerMissingError` from the harness (a tool or file not installed): skip locally, fail under CI."""
     try:
         yield
-    except PeerMissing as exc:
+    except PeerMissingError as exc:
         missing_peer(str(exc))
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
-    """Fixtures: a `PeerMissing` goes through `missing_peer`."""
+    """Fixtures: a `PeerMissingError` goes through `missing_peer`."""
     with _peer_missing_policy():
         return (yield)
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
-    """Test bodies: a `PeerMissing` goes through `missing_peer`."""
+    """Test bodies: a `PeerMissingError` goes through `missing_peer`."""
     with _peer_missing_policy():
         return (yield)
 

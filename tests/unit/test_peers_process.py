@@ -11,8 +11,8 @@ import pytest
 
 from peers.process import (
     PeerError,
-    PeerMissing,
-    PeerTimeout,
+    PeerMissingError,
+    PeerTimeoutError,
     find_tool,
     free_port,
     port_open,
@@ -35,10 +35,10 @@ def test_wait_until_returns_the_first_truthy_value():
 
 def test_wait_until_times_out_naming_what_and_the_diagnostics():
     t0 = time.monotonic()
-    with pytest.raises(PeerTimeout, match=r"(?s)waiting for the moon.*log tail here"):
+    with pytest.raises(PeerTimeoutError, match=r"(?s)waiting for the moon.*log tail here"):
         wait_until(lambda: False, 0.2, "the moon", lambda: "log tail here", interval=0.01)
     assert 0.2 <= time.monotonic() - t0 < 5
-    assert issubclass(PeerTimeout, TimeoutError) and issubclass(PeerTimeout, PeerError)
+    assert issubclass(PeerTimeoutError, TimeoutError) and issubclass(PeerTimeoutError, PeerError)
 
 
 def test_wait_until_gives_up_at_once_when_the_process_exits():
@@ -46,7 +46,7 @@ def test_wait_until_gives_up_at_once_when_the_process_exits():
     t0 = time.monotonic()
     with pytest.raises(PeerError, match="exited with 3") as err:
         wait_until(lambda: False, 60, "a port", process=proc)
-    assert not isinstance(err.value, PeerTimeout)
+    assert not isinstance(err.value, PeerTimeoutError)
     assert time.monotonic() - t0 < 30
 
 
@@ -56,7 +56,7 @@ def test_free_port_and_wait_for_port_on_a_real_listener():
     with socket.create_server(("127.0.0.1", port)):
         wait_for_port(port, timeout=5)
         assert port_open(port)
-    with pytest.raises(PeerTimeout, match=f"port {port}"):
+    with pytest.raises(PeerTimeoutError, match=f"port {port}"):
         wait_for_port(port, timeout=0.2)
 
 
@@ -69,5 +69,5 @@ def test_stop_process_terminates_by_pid():
 
 def test_a_missing_tool_is_peer_missing(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("PATH", "/nonexistent")
-    with pytest.raises(PeerMissing, match="no-such-peer-tool is not installed"):
+    with pytest.raises(PeerMissingError, match="no-such-peer-tool is not installed"):
         find_tool("no-such-peer-tool")
