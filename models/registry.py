@@ -5,6 +5,7 @@ intended use, preprocessing, and the sha256 of the weights, checked on load). A 
 and shared by every :class:`Registry` over the same folder. ``Registry.classifier()`` / ``.segmenter()`` return
 wrappers whose ``predict`` takes a :class:`models.preprocess.Volume` and answers on the source grid. Raises
 :class:`RegistryError` for a missing or unreadable model and :class:`InferenceError` when a model fails on input.
+``Registry(mixed_precision=True)`` gives float16-compute copies of the models (for GPUs; see `models.device`).
 """
 
 from __future__ import annotations
@@ -191,8 +192,9 @@ class Segmenter:
 class Registry:
     """Finds model versions under ``weights_dir`` (default: the weights shipped in this package)."""
 
-    def __init__(self, weights_dir: Path | None = None):
+    def __init__(self, weights_dir: Path | None = None, *, mixed_precision: bool = False):
         self.weights_dir = Path(weights_dir) if weights_dir is not None else DEFAULT_WEIGHTS_DIR
+        self.mixed_precision = mixed_precision  # float16 compute (models.device.mixed_precision_copy): GPUs only
 
     def versions(self, name: str) -> list[str]:
         """Versions of model ``name`` that have a model card, oldest first."""
@@ -215,26 +217,30 @@ class Registry:
 
     def classifier(self, version: str | None = None) -> Classifier:
         """The classifier ``version`` (latest when None), loaded once per process. Raises RegistryError."""
-        model = _load_cached(self.folder(CLASSIFIER, version), CLASSIFIER)
+        model = _load_cached(self.folder(CLASSIFIER, version), CLASSIFIER, self.mixed_precision)
         assert isinstance(model, Classifier)
         return model
 
     def segmenter(self, version: str | None = None) -> Segmenter:
         """The segmenter ``version`` (latest when None), loaded once per process. Raises RegistryError."""
-        model = _load_cached(self.folder(SEGMENTER, version), SEGMENTER)
+        model = _load_cached(self.folder(SEGMENTER, version), SEGMENTER, self.mixed_precision)
         assert isinstance(model, Segmenter)
         return model
 
 
-_CACHE: dict[tuple[Path, str], Classifier | Segmenter] = {}
+_CACHE: dict[tuple[Path, str, bool], Classifier | Segmenter] = {}
 _CACHE_LOCK = threading.Lock()
 
 
-def _load_cached(folder: Path, kind: str) -> Classifier | Segmenter:
-    """One wrapper (model + compiled tf.function) per version folder and process."""
-    key = (folder.resolve(), kind)
+def _load_cached(folder: Path, kind: str, mixed_precision: bool = False) -> Classifier | Segmenter:
+    """One wrapper (model + compiled tf.function) per version folder, precision and process."""
+    key = (folder.resolve(), kind, mixed_precision)
     with _CACHE_LOCK:
         if key not in _CACHE:
             loaded = _LoadedModel(folder, kind)
+            if mixed_precision:
+                from models.device import mixed_precision_copy
+
+                loaded.model = mixed_precision_copy(loaded.model)
             _CACHE[key] = Classifier(loaded) if kind == CLASSIFIER else Segmenter(loaded)
         return _CACHE[key]

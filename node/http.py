@@ -52,7 +52,8 @@ class HealthProbe:
     """
 
     def __init__(self, engine: Engine, spool_dir: Path, models_ready: Callable[[], bool],
-                 heartbeats: Heartbeats | None = None, admission: Callable[[], dict[str, Any]] | None = None) -> None:
+                 heartbeats: Heartbeats | None = None, admission: Callable[[], dict[str, Any]] | None = None,
+                 device: Callable[[], dict[str, Any]] | None = None) -> None:
         if not callable(models_ready):
             raise TypeError(f"models_ready must be callable, not {type(models_ready).__name__}")
         self.engine = engine
@@ -60,6 +61,7 @@ class HealthProbe:
         self.models_ready = models_ready
         self.heartbeats = heartbeats
         self.admission = admission  # e.g. `Admission.report`: shown in the report, never makes the node not ready
+        self.device = device  # e.g. `Worker.device_report`: what the models run on (a CPU fallback is still ready)
 
     def check(self) -> dict[str, str]:
         checks = {"database": self._database(), "spool": self._spool(), "models": self._models()}
@@ -70,7 +72,8 @@ class HealthProbe:
     def report(self) -> dict[str, Any]:
         """``{"ready": bool, "checks": check(), "loops": {name: heartbeat age, limit, alive, stuck, restarts}}``,
         plus ``"admission"`` (what admission control accepts now) when given: a paused node is still alive and
-        ready — it refuses new data with 0xA700 / 503 and resumes by itself."""
+        ready — it refuses new data with 0xA700 / 503 and resumes by itself; and ``"device"`` (node.device) when
+        given."""
         checks = self.check()
         loops = self.heartbeats.snapshot() if self.heartbeats is not None else {}
         report: dict[str, Any] = {
@@ -83,6 +86,8 @@ class HealthProbe:
                 report["admission"] = self.admission()
             except Exception as exc:  # noqa: BLE001 - a readiness probe answers; it does not raise
                 report["admission"] = {"error": type(exc).__name__}
+        if self.device is not None:
+            report["device"] = self.device()
         return report
 
     def _database(self) -> str:

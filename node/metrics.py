@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from pydicom.uid import UID
@@ -32,6 +32,8 @@ END_TO_END_BUCKETS = (5.0, 10.0, 20.0, 30.0, 45.0, 60.0, 120.0, 300.0, 600.0, 12
 
 AUDIT_SINKS = frozenset({"file", "syslog"})
 JOB_OUTCOMES = frozenset({"result", "not_processed", "failed", "unreported"})
+INFERENCE_DEVICES = frozenset({"cpu", "gpu"})
+DEVICE_REQUESTS = frozenset({"auto", "cpu", "gpu"})
 
 
 def uid_label(uid: str) -> str:
@@ -221,6 +223,16 @@ class Metrics:
             ["reason", "front_door"],
             registry=r,
         )
+        self._device = Gauge(
+            "pacsnode_inference_device", "1 for the device the models run on (device: cpu|gpu; requested: "
+            "[worker] device; mixed_precision: true|false); set once the worker has loaded them.",
+            ["device", "requested", "mixed_precision"], registry=r,
+        )
+        self._gpu_fallback = Gauge(
+            "pacsnode_inference_gpu_fallback",
+            "1 when [worker] device = 'gpu' but no GPU could be used, so the models run on the CPU; alert on it.",
+            registry=r,
+        )
         self._gauges = _ScrapeTimeCollector(self._source_failed)
         r.register(self._gauges)
         # Registered after the gauges, so a scrape that hits a failing source already reports it.
@@ -305,6 +317,13 @@ class Metrics:
     def inference(self, seconds: float) -> None:
         """Model inference time for one series."""
         self._inference.observe(_seconds(seconds))
+
+    def inference_device(self, device: str, requested: str, mixed_precision: bool, fell_back: bool) -> None:
+        """The device the models run on (node.device.announce), replacing what was set before."""
+        self._device.clear()
+        self._device.labels(_check(device, INFERENCE_DEVICES, "device"), _check(requested, DEVICE_REQUESTS, "requested"),
+                            str(mixed_precision).lower()).set(1)
+        self._gpu_fallback.set(1 if fell_back else 0)
 
     def end_to_end(self, seconds: float) -> None:
         """Last instance of a series received → its results delivered."""

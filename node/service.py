@@ -90,7 +90,9 @@ class Service:
         )
         factory = runner_factory or (
             lambda: RegistryRunner(
-                config.worker.classifier_version, config.worker.segmenter_version, config.worker.weights_dir
+                config.worker.classifier_version, config.worker.segmenter_version, config.worker.weights_dir,
+                device=config.worker.device.value, gpu_index=config.worker.gpu_index,
+                mixed_precision=config.worker.mixed_precision,
             )
         )
         self.worker = Worker(config, self.engine, self.queue, self.dispatcher, factory, metrics=self.metrics,
@@ -113,7 +115,8 @@ class Service:
         token = config.node.dicomweb_token.get_secret_value() if config.node.dicomweb_token else None
         auth = Authenticator(token, metrics=self.metrics, audit=self.audit)  # one check for every HTTP surface
         health = HealthProbe(self.engine, config.node.spool_dir, models_ready, self.heartbeats,
-                             admission=self.admission.report)
+                             admission=self.admission.report,
+                             device=self.worker.device_report if config.worker.enabled else None)
         app = create_app(
             config, self.ingestor, self.index,
             health=health,

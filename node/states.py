@@ -1,5 +1,5 @@
 """Closed sets, a leaf module: series, association, job, delivery and commitment states; admission reasons, client
-certificate modes, authentication failures and peer refusals; the node's Manufacturer value."""
+certificate modes, authentication failures and peer refusals; the inference device; the node's Manufacturer value."""
 
 from __future__ import annotations
 
@@ -88,3 +88,11 @@ class PeerRefusal(StrEnum):
     HTTP_BODY_TIMEOUT = "http_body_timeout"            # HTTP: no body bytes within the read timeout
     HTTP_HEADER_TOO_LARGE = "http_header_too_large"    # HTTP: request head over http_max_header_bytes (431)
     TLS_HANDSHAKE_FAILED = "tls_handshake_failed"      # DICOM TLS: no, a wrong or a timed-out handshake
+
+
+class InferenceDevice(StrEnum):
+    """``[worker] device``: where the models run (models.device.select_device)."""
+
+    AUTO = "auto"  # the GPU when TensorFlow sees one, else the CPU
+    CPU = "cpu"    # the CPU; GPUs are hidden from TensorFlow
+    GPU = "gpu"    # the GPU; none visible: the CPU, with the gpu_unavailable_falling_back warning (never a refusal)

@@ -36,6 +36,8 @@ from models.errors import ModelError
 from models.preprocess import PreprocessError, load_series
 from node.config import NodeConfig, PipelineName
 from node.db import metadata
+from node.device import announce as announce_device
+from node.device import report as device_report
 from node.dispatch import Dispatcher
 from node.gate import GateRefusal, check_header, check_series
 from node.index import instances, series
@@ -152,8 +154,13 @@ class Worker:
             self.runner = self.runner_factory()
             self.log.info("models_loaded", algorithm=self.runner.algorithm.model_key,
                           seconds=round(time.perf_counter() - t0, 2))
+            announce_device(self.runner.device, self.log, self.metrics)
         self.ready.set()
         return self.runner
+
+    def device_report(self) -> dict[str, Any]:
+        """What the models run on, for ``/readyz`` (node.device)."""
+        return device_report(self.runner.device if self.runner else None, self.config.worker.device.value)
 
     def _algorithm(self, runner: ModelRunner, pipeline: Pipeline) -> AlgorithmIdentity:
         """The pipeline's identity under the configured UID root (``[node] uid_root``), which result UIDs derive

@@ -14,6 +14,7 @@ from pydantic import (
 
 from node.config.base import AETitle, Port, _Frozen
 from node.config.routes import PriorityRule
+from node.states import InferenceDevice
 
 
 class CompletionMode(StrEnum):
@@ -86,6 +87,9 @@ class WorkerSection(_Frozen):
     classifier_version: str | None = None  # None: the newest shipped version
     segmenter_version: str | None = None
     weights_dir: Path | None = None  # None: the weights shipped in models/weights
+    device: InferenceDevice = InferenceDevice.AUTO  # where the models run (models.device; restart to change)
+    gpu_index: Annotated[int, Field(ge=0, le=64)] | None = None  # which visible GPU; None: the first
+    mixed_precision: bool = False  # float16 compute on a GPU (within models.device.Tolerance); ignored on a CPU
 
 
 class DispatchSection(_Frozen):

@@ -1,7 +1,8 @@
 """The inference seam: a warm model pair (classifier + U-Net) that pipelines call, loaded once per process.
 
 `ModelRunner` is the abstract seam (tests plug in fakes); `RegistryRunner` loads the shipped TensorFlow models
-from `models.registry`. Each call takes a `models.preprocess.Volume` and returns plain arrays.
+from `models.registry`, after choosing the device they run on (`models.device.select_device`; its `DeviceChoice` is
+the runner's ``device``). Each call takes a `models.preprocess.Volume` and returns plain arrays.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from models.device import DeviceChoice
 from models.preprocess import Volume
 from node.results import AlgorithmIdentity
 
@@ -35,10 +37,12 @@ class Classification:
 
 
 class ModelRunner(ABC):
-    """Warm models. ``algorithm`` names the classifier + U-Net pair, ``segmenter_version`` the U-Net alone."""
+    """Warm models. ``algorithm`` names the classifier + U-Net pair, ``segmenter_version`` the U-Net alone,
+    ``device`` what they run on (None: not known, e.g. a fake)."""
 
     algorithm: AlgorithmIdentity
     segmenter_version: str = "unknown"
+    device: DeviceChoice | None = None
 
     @abstractmethod
     def segment(self, volume: Volume) -> Segmentation: ...
@@ -51,11 +55,14 @@ class RegistryRunner(ModelRunner):
     """The shipped TensorFlow classifier + U-Net from `models.registry`, loaded once per process."""
 
     def __init__(self, classifier_version: str | None = None, segmenter_version: str | None = None,
-                 weights_dir: Path | None = None) -> None:
+                 weights_dir: Path | None = None, *, device: str = "auto", gpu_index: int | None = None,
+                 mixed_precision: bool = False) -> None:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ banners are not operator logs
+        from models.device import select_device
         from models.registry import Registry
 
-        registry = Registry(weights_dir)
+        self.device = select_device(device, gpu_index, mixed_precision)  # before TensorFlow starts its runtime
+        registry = Registry(weights_dir, mixed_precision=self.device.mixed_precision)
         self.classifier = registry.classifier(classifier_version)
         self.segmenter = registry.segmenter(segmenter_version)
         self.segmenter_version = self.segmenter.version
