@@ -15,6 +15,7 @@ On a GPU only the chosen GPU is made visible and its memory grows on demand (Ten
 nearly all of it at start). ``mixed_precision`` takes effect on a GPU only (float16 kernels on a CPU are slower
 than float32); `mixed_precision_copy` makes the float16-compute copy of a loaded model. `compare` measures two
 `InferenceOutputs` against `Tolerance`. Raises ValueError for a bad ``requested`` or ``gpu_index``.
+``python -m models.device [auto|cpu|gpu]`` prints the choice this machine would make.
 """
 
 from __future__ import annotations
@@ -196,3 +197,12 @@ def exceeded(measured: dict[str, float], tolerance: Tolerance | None = None) -> 
     if measured["label_agreement"] < tol.label_agreement:
         problems.append(f"label_agreement {measured['label_agreement']:.5f} < {tol.label_agreement}")
     return problems
+
+
+if __name__ == "__main__":  # python -m models.device [auto|cpu|gpu]: what the worker would run on here
+    import json
+    import os
+    import sys
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    print(json.dumps(select_device(sys.argv[1] if len(sys.argv) > 1 else "auto").as_dict(), indent=2))
