@@ -1,7 +1,7 @@
 """GPU benchmark: slices/s of the classifier and the U-Net on the CPU and on the GPU side by side, and whether the
 GPU's outputs agree with the CPU's float32 outputs within `models.device.Tolerance`.
 
-    benchmarks/gpu.sh [--slices 48] [--size 512] [--repeats 3] [--phantom auto|chest|disc] [--no-mixed]
+    benchmarks/gpu.sh [--slices 48] [--size 512] [--repeats 3] [--phantom auto|chest|disc] [--no-mixed] [--cpu-mixed]
     # or: .venv/bin/python -m benchmarks.gpu ...
 
 One phantom series is written once (the chest phantom of `training.phantom`, with lesions, when the [training]
@@ -12,6 +12,8 @@ model's ``predict``: resize to the model grid on the device, forward pass, masks
 configuration warms up once (tf.function tracing) and reports the median of ``--repeats`` timed runs.
 
 Without a usable GPU only the CPU column is measured and the GPU columns say "GPU: none visible" with the reason.
+``--cpu-mixed`` adds a CPU ``mixed_float16`` column (float16 kernels on a CPU: slow, for checking the precision and
+this script's agreement check on a machine without a GPU).
 Exit status: 0 when every GPU configuration agrees with the CPU (or there is no GPU), 1 when one does not, 2 when a
 configuration fails to run.
 """
@@ -71,7 +73,7 @@ def run_child(device: str, mixed: bool, series: Path, out: Path, repeats: int, u
     from models.preprocess import load_series
     from models.registry import Registry
 
-    registry = Registry(mixed_precision=choice.mixed_precision)
+    registry = Registry(mixed_precision=choice.mixed_precision or (device == "cpu" and mixed))  # --cpu-mixed
     classifier, segmenter = registry.classifier(), registry.segmenter()
     segmenter.batch_size = unet_batch
     volume = load_series(sorted(series.glob("*.dcm")))
@@ -156,23 +158,23 @@ def report(columns: list[Column], phantom: str, args: argparse.Namespace) -> int
         print(f"CPU run failed: {cpu.error}")
         return 2
     assert cpu.result is not None
-    gpu_columns = [c for c in columns[1:] if c.measured]
+    others = [c for c in columns[1:] if c.measured]
     missing = next((c for c in columns[1:] if c.result is not None and not c.measured), None)
     failed = [c for c in columns[1:] if c.error is not None]
     rows, cols = cpu.result["matrix"]
     print(f"inference slices/s: {cpu.result['slices']} slices of {rows}x{cols} ({phantom} phantom), median of "
           f"{args.repeats} runs after one warm-up; U-Net batch {args.unet_batch}; {os.cpu_count()} logical CPUs")
-    names = [f"CPU ({os.cpu_count()} CPUs)"]
-    for c in gpu_columns:
+    names = [f"CPU float32 ({os.cpu_count()} CPUs)"]
+    for c in others:
         assert c.result is not None
         names.append(f"{c.label} ({c.result['choice']['name']})")
     print(f"{'model':<12}" + "".join(f"{n:>32}" for n in names))
     for model, title in (("classifier", "classifier"), ("unet", "U-Net")):
-        print(f"{title:<12}" + "".join(f"{c.slices_per_s(model):>32.1f}" for c in [cpu, *gpu_columns]))
+        print(f"{title:<12}" + "".join(f"{c.slices_per_s(model):>32.1f}" for c in [cpu, *others]))
     if missing is not None:
         print(_gpu_missing(missing))
     status = 0
-    for c in gpu_columns:
+    for c in others:
         line, ok = _agreement(cpu, c)
         print(line)
         status = status if ok else 1
@@ -189,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--phantom", choices=("auto", "chest", "disc"), default="auto")
     p.add_argument("--no-mixed", action="store_true", help="skip the GPU mixed_float16 column")
+    p.add_argument("--cpu-mixed", action="store_true", help="add a CPU mixed_float16 column (checks the precision)")
     p.add_argument("--unet-batch", type=int, default=32, help="slices per U-Net call (the node uses 32)")
     p.add_argument("--child", choices=("cpu", "gpu"), help=argparse.SUPPRESS)
     p.add_argument("--mixed", action="store_true", help=argparse.SUPPRESS)
@@ -203,8 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         phantom, files = write_phantom(Path(tmp) / "series", args.phantom, args.size, args.slices)
         series = files[0].parent
         columns: list[Column] = []
-        for device, mixed in CONFIGS:
-            if mixed and args.no_mixed:
+        for device, mixed in CONFIGS + ((("cpu", True),) if args.cpu_mixed else ()):
+            if device == "gpu" and mixed and args.no_mixed:
                 continue
             if device == "gpu" and columns and columns[-1].result is not None and not columns[-1].measured:
                 continue  # the float32 GPU run found no GPU: the mixed one would not either

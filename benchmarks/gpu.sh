@@ -3,6 +3,7 @@
 # outputs (float32 and mixed_float16) agree with the CPU's within models.device.Tolerance (exit 1 if not).
 # Without a usable GPU it prints the CPU column and "GPU: none visible (why)".
 #   benchmarks/gpu.sh [--slices 48] [--size 512] [--repeats 3] [--phantom auto|chest|disc] [--no-mixed] [--unet-batch 32]
+#   --cpu-mixed adds a CPU mixed_float16 column: checks the precision (and this check) without a GPU.
 # Needs the [gpu] extra for the GPU columns (pip install -e '.[gpu]', see README "GPU"); PYTHON picks the interpreter.
 set -euo pipefail
 cd "$(dirname "$0")/.."
