@@ -230,16 +230,7 @@ class Metrics:
             ["reason", "front_door"],
             registry=r,
         )
-        self._device = Gauge(
-            "pacsnode_inference_device", "1 for the device the models run on (device: cpu|gpu; requested: "
-            "[worker] device; mixed_precision: true|false); set once the worker has loaded them.",
-            ["device", "requested", "mixed_precision"], registry=r,
-        )
-        self._gpu_fallback = Gauge(
-            "pacsnode_inference_gpu_fallback",
-            "1 when [worker] device = 'gpu' but no GPU could be used, so the models run on the CPU; alert on it.",
-            registry=r,
-        )
+        self._device, self._gpu_fallback = _device_gauges(r)
         self._gauges = _ScrapeTimeCollector(self._source_failed)
         r.register(self._gauges)
         # Registered after the gauges, so a scrape that hits a failing source already reports it.
@@ -354,6 +345,21 @@ class Metrics:
     def _source_failed(self, name: str, exc: Exception) -> None:
         self._scrape_errors.labels(name).inc()
         self._log.warning("metrics_source_failed", source=name, error=type(exc).__name__)
+
+
+def _device_gauges(r: CollectorRegistry) -> tuple[Gauge, Gauge]:
+    """The inference device gauges (node.device): which device, and whether a requested GPU fell back to the CPU."""
+    device = Gauge(
+        "pacsnode_inference_device", "1 for the device the models run on (device: cpu|gpu; requested: "
+        "[worker] device; mixed_precision: true|false); set once the worker has loaded them.",
+        ["device", "requested", "mixed_precision"], registry=r,
+    )
+    fallback = Gauge(
+        "pacsnode_inference_gpu_fallback",
+        "1 when [worker] device = 'gpu' but no GPU could be used, so the models run on the CPU; alert on it.",
+        registry=r,
+    )
+    return device, fallback
 
 
 def _seconds(value: float) -> float:

@@ -1,4 +1,4 @@
-"""node.device: a worker whose config asks for a GPU loads the real models; without a usable GPU (this project's
+"""node.device and `[worker] device`: the keys validate; a worker whose config asks for a GPU loads the real models;
 machines) it runs them on the CPU and says so — the ``gpu_unavailable_falling_back`` warning, the
 ``pacsnode_inference_gpu_fallback`` metric and the ``device`` entry of ``/readyz`` — and still processes a series.
 On a machine with a GPU the same test checks that the GPU is used and nothing warns."""
@@ -8,9 +8,10 @@ from __future__ import annotations
 import pytest
 from structlog.testing import capture_logs
 
-from node.config import NodeConfig, Priority
+from node.config import DEFAULT_CONFIG_PATH, NodeConfig, Priority, load_config
 from node.db import create_engine_for, init_schema
 from node.dispatch import Dispatcher
+from node.errors import ConfigError
 from node.http import HealthProbe
 from node.index import Index
 from node.ingest import Ingestor, Origin
@@ -18,10 +19,25 @@ from node.metrics import Metrics
 from node.pipelines import RegistryRunner
 from node.queue import JobQueue
 from node.spool import Spool
-from node.states import JobState
+from node.states import InferenceDevice, JobState
 from node.worker import Worker
 from tests.ctgen import write_ct_series
 from tests.dicomfiles import dataset_bytes
+
+
+def test_worker_device_keys_default_validate_and_override(tmp_path):
+    config = load_config(DEFAULT_CONFIG_PATH, environ={})
+    assert (config.worker.device, config.worker.gpu_index, config.worker.mixed_precision) == (
+        InferenceDevice.AUTO, None, False)
+    config = load_config(DEFAULT_CONFIG_PATH, environ={"PACSNODE_WORKER__DEVICE": "gpu",
+                                                       "PACSNODE_WORKER__GPU_INDEX": "1",
+                                                       "PACSNODE_WORKER__MIXED_PRECISION": "true"})
+    assert (config.worker.device, config.worker.gpu_index, config.worker.mixed_precision) == (
+        InferenceDevice.GPU, 1, True)
+    with pytest.raises(ConfigError, match="worker.device"):
+        load_config(DEFAULT_CONFIG_PATH, environ={"PACSNODE_WORKER__DEVICE": "tpu"})
+    with pytest.raises(ConfigError, match="worker.gpu_index"):
+        load_config(DEFAULT_CONFIG_PATH, environ={"PACSNODE_WORKER__GPU_INDEX": "-1"})
 
 
 def _gpu_usable() -> bool:
