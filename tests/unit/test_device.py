@@ -1,7 +1,8 @@
-"""node.device and `[worker] device`: the keys validate; a worker whose config asks for a GPU loads the real models,
-and without a usable GPU (this project's machines) it runs them on the CPU and says so — the ``gpu_unavailable_falling_back`` warning, the
-``pacsnode_inference_gpu_fallback`` metric and the ``device`` entry of ``/readyz`` — and still processes a series.
-On a machine with a GPU the same test checks that the GPU is used and nothing warns."""
+"""node.device and `[worker] device`: the keys validate; a worker whose config asks for a GPU loads the real
+models, and without a usable GPU (this project's machines) it runs them on the CPU and says so — the
+``gpu_unavailable_falling_back`` warning, the ``pacsnode_inference_gpu_fallback`` metric and the ``device`` entry
+of ``/readyz`` — and still processes a series. On a machine with a GPU the same test checks that the GPU is used
+and nothing warns."""
 
 from __future__ import annotations
 
