@@ -1,4 +1,4 @@
-"""models.device: the device choice in a fresh TensorFlow process (CPU hides GPUs; "gpu" without one falls back
+"""models.device: the device choice ("cpu" hides GPUs, in a fresh TensorFlow process; "gpu" without one falls back
 to the CPU with a reason), the mixed_float16 copies of the shipped models agreeing with float32 within `Tolerance`
 on a chest phantom with lesions, and the tolerance check catching outputs that do not agree.
 
