@@ -37,7 +37,7 @@ from models.preprocess import PreprocessError, load_series
 from node.config import NodeConfig, PipelineName
 from node.db import metadata
 from node.device import announce as announce_device
-from node.device import report as device_report
+from node.device import report as device_entry
 from node.dispatch import Dispatcher
 from node.gate import GateRefusal, check_header, check_series
 from node.index import instances, series
@@ -160,7 +160,7 @@ class Worker:
 
     def device_report(self) -> dict[str, Any]:
         """What the models run on, for ``/readyz`` (node.device)."""
-        return device_report(self.runner.device if self.runner else None, self.config.worker.device.value)
+        return device_entry(self.runner.device if self.runner else None, self.config.worker.device.value)
 
     def _algorithm(self, runner: ModelRunner, pipeline: Pipeline) -> AlgorithmIdentity:
         """The pipeline's identity under the configured UID root (``[node] uid_root``), which result UIDs derive
