@@ -125,6 +125,21 @@ def _participant(user: str, *, role: dict[str, str], requestor: bool, address: s
     return out
 
 
+def _uri_object(role: str, uri: str, **more: Any) -> dict[str, Any]:
+    """A participant object that is a URI (an HTTP path, a config file) in ``role`` (RFC 3881 object role code);
+    ``more``: further fields, after the four."""
+    return {"ParticipantObjectTypeCode": "2", "ParticipantObjectTypeCodeRole": role,
+            "ParticipantObjectIDTypeCode": URI, "ParticipantObjectID": uri, **more}
+
+
+def _local_user() -> str:
+    """The OS user this process runs as: its name, or its uid where it has none (containers)."""
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - no name for this uid (containers)
+        return str(os.getuid())
+
+
 def _is_ip(host: str) -> bool:
     try:
         socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
@@ -283,17 +298,23 @@ class AuditTrail:
     def _node(self, role: dict[str, str], requestor: bool = False) -> dict[str, Any]:
         return _participant(self.ae_title, role=role, requestor=requestor, alternative=str(os.getpid()))
 
+    def _from_peer(self, user: str, peer: str) -> list[dict[str, Any]]:
+        """The active participants of a request a peer made of the node: ``user`` at ``peer`` (the requesting
+        source), then the node (the destination)."""
+        return [_participant(user, role=Role.SOURCE, requestor=True, address=peer), self._node(Role.DESTINATION)]
+
+    def _launched_locally(self) -> list[dict[str, Any]]:
+        """The active participants of something done to the node itself: the node (the application), then the
+        local user this process runs as (the launcher, the requestor)."""
+        return [self._node(Role.APPLICATION), _participant(_local_user(), role=Role.LAUNCHER, requestor=True)]
+
     def application(self, started: bool) -> None:
         """110100 Application Activity: the node started or stopped."""
-        try:
-            launcher = getpass.getuser()
-        except Exception:  # noqa: BLE001 - no name for this uid (containers)
-            launcher = str(os.getuid())
         self.emit(
             "application_started" if started else "application_stopped",
             {"EventID": Ev.APPLICATION_ACTIVITY, "EventActionCode": "E", "EventOutcomeIndicator": Outcome.SUCCESS,
              "EventTypeCode": [Ev.APPLICATION_START if started else Ev.APPLICATION_STOP]},
-            [self._node(Role.APPLICATION), _participant(launcher, role=Role.LAUNCHER, requestor=True)],
+            self._launched_locally(),
         )
 
     def association_started(self, *, assoc_id: str, calling_ae: str, called_ae: str, peer: str) -> None:
@@ -330,8 +351,7 @@ class AuditTrail:
             self.emit(
                 "instances_received",
                 {"EventID": Ev.INSTANCES_TRANSFERRED, "EventActionCode": "C", "EventOutcomeIndicator": outcome},
-                [_participant(source_user, role=Role.SOURCE, requestor=True, address=peer),
-                 self._node(Role.DESTINATION)],
+                self._from_peer(source_user, peer),
                 _study_objects([study]),
                 context={**context, "instances": study.instances},
             )
@@ -345,11 +365,10 @@ class AuditTrail:
         self.emit(
             "query",
             {"EventID": Ev.QUERY, "EventActionCode": "E", "EventOutcomeIndicator": outcome},
-            [_participant(user, role=Role.SOURCE, requestor=True, address=peer), self._node(Role.DESTINATION)],
-            [{"ParticipantObjectTypeCode": "2", "ParticipantObjectTypeCodeRole": "24",
-              "ParticipantObjectIDTypeCode": URI, "ParticipantObjectID": path[:256],
-              "ParticipantObjectQuery": base64.b64encode(query_string.encode("utf-8")).decode("ascii"),
-              "ParticipantObjectDetail": detail}],
+            self._from_peer(user, peer),
+            [_uri_object("24", path[:256],
+                         ParticipantObjectQuery=base64.b64encode(query_string.encode("utf-8")).decode("ascii"),
+                         ParticipantObjectDetail=detail)],
         )
 
     def exported(self, *, destination: str, destination_user: str, destination_address: str | None,
@@ -371,19 +390,13 @@ class AuditTrail:
         digest = _sha256(source)
         if digest:
             detail.append({"type": "SHA256", "value": digest})
-        try:
-            user = getpass.getuser()
-        except Exception:  # noqa: BLE001 - no name for this uid (containers)
-            user = str(os.getuid())
         self.emit(
             "config_reloaded" if applied else "config_reload_refused",
             {"EventID": Ev.SECURITY_ALERT, "EventActionCode": "E",
              "EventOutcomeIndicator": Outcome.SUCCESS if applied else Outcome.MINOR_FAILURE,
              "EventOutcomeDescription": reason[:500], "EventTypeCode": [Ev.SOFTWARE_CONFIGURATION]},
-            [self._node(Role.APPLICATION), _participant(user, role=Role.LAUNCHER, requestor=True)],
-            [{"ParticipantObjectTypeCode": "2", "ParticipantObjectTypeCodeRole": "13",
-              "ParticipantObjectIDTypeCode": URI, "ParticipantObjectID": source or "(unknown)",
-              "ParticipantObjectDetail": detail}],
+            self._launched_locally(),
+            [_uri_object("13", source or "(unknown)", ParticipantObjectDetail=detail)],
         )
 
     def auth_failed(self, *, surface: str, reason: str, peer: str, path: str) -> None:
@@ -392,9 +405,8 @@ class AuditTrail:
             "auth_failed",
             {"EventID": Ev.USER_AUTHENTICATION, "EventActionCode": "E", "EventOutcomeIndicator": Outcome.MINOR_FAILURE,
              "EventOutcomeDescription": f"{surface}: bearer token {reason}", "EventTypeCode": [Ev.LOGIN]},
-            [_participant("unknown", role=Role.SOURCE, requestor=True, address=peer), self._node(Role.DESTINATION)],
-            [{"ParticipantObjectTypeCode": "2", "ParticipantObjectTypeCodeRole": "13",
-              "ParticipantObjectIDTypeCode": URI, "ParticipantObjectID": path[:256]}],
+            self._from_peer("unknown", peer),
+            [_uri_object("13", path[:256])],
         )
 
 

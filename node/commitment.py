@@ -22,7 +22,6 @@ module is the only writer of ``commitments``; delivery states (node.dispatch) ar
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -43,6 +42,7 @@ from node.db import insert_for, metadata, reading, transaction
 from node.dispatch import deliveries
 from node.errors import ConfigError, SendError
 from node.logs import get_logger
+from node.loops import LoopThread, backoff_seconds
 from node.scu import CommitmentUnsupportedError, Peer, request_storage_commitment
 from node.states import CommitState, DeliveryState
 from node.supervise import Heartbeats, failure
@@ -186,13 +186,11 @@ class Commitments:
         self.verifier = verifier
         self.log = get_logger(component="commitment")
         self._insert = insert_for(engine)
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop_thread = LoopThread(self.heartbeats, LOOP, "pacsnode-commitment", self._run)
 
     def apply_config(self, config: NodeConfig) -> None:
         self.config = config
-        self._wake.set()
+        self._loop_thread.wake.set()
 
     def _destination(self, name: str) -> Destination | None:
         return next((d for d in self.config.destinations if d.name == name), None)
@@ -235,7 +233,7 @@ class Commitments:
             conn.execute(ins.on_conflict_do_update(index_elements=["delivery_id"], set_=values))
         self.log.info("commitment_pending", delivery_id=int(row.id), series_uid=series_uid, destination=name,
                       instances=len(refs), state=state.value)
-        self._wake.set()
+        self._loop_thread.wake.set()
 
     def adopt(self) -> int:
         """Start the proof of deliveries stored within their destination's commitment timeout that have no
@@ -429,40 +427,31 @@ class Commitments:
             self.adopt()
         except Exception as exc:  # noqa: BLE001 - a failed look-back must not keep the node from starting
             self.log.error("commitment_adopt_failed", error=failure(exc))
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="pacsnode-commitment", daemon=True)
-        self._thread.start()
-        self.heartbeats.register(LOOP, self._period(), alive=self._alive, restart=self.start)
+        self._loop_thread.start(self._period(), restart=self.start)
 
     def stop(self, timeout: float = 10.0) -> None:
-        self.heartbeats.unregister(LOOP)
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def _alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        self._loop_thread.stop(timeout)
 
     def _period(self) -> float:
         return max(1.0, self.config.dispatch.poll_seconds)
 
     def _run(self) -> None:
+        loop = self._loop_thread
         errors = 0
-        while not self._stop.is_set():
-            self.heartbeats.beat(LOOP)
-            self._wake.clear()
+        while not loop.stopping.is_set():
+            loop.beat()
+            loop.wake.clear()
             # N-ACTIONs run in parallel, each bounded by the DIMSE timeout (association + one exchange + release).
-            self.heartbeats.beat(LOOP, busy_for=4 * self.config.dispatch.timeout_seconds + self._period())
+            loop.beat(busy_for=4 * self.config.dispatch.timeout_seconds + self._period())
             try:
                 self.run_once()
                 errors = 0
             except Exception as exc:  # noqa: BLE001 - the loop outlives any one failure (e.g. database down)
                 errors += 1
                 self.log.error("commitment_loop_error", error=failure(exc), consecutive_errors=errors)
-            wait = min(30.0, self._period() * 2.0 ** max(0, errors - 1))
-            self.heartbeats.beat(LOOP, busy_for=wait)
-            self._wake.wait(wait)
+            wait = backoff_seconds(self._period(), errors, cap=30.0)
+            loop.beat(busy_for=wait)
+            loop.wake.wait(wait)
 
 
 def commit_counts(engine: Engine) -> dict[tuple[str, str], int]:

@@ -4,19 +4,19 @@
 ``/readyz`` and ``/metrics`` from `node.http.probe_routes`; `node.http.HttpServer` runs it with uvicorn in a thread.
 
 STOW-RS (``POST /dicomweb/studies[/{study}]``, ``multipart/related; type="application/dicom"``) streams the body
-through python-multipart into one temporary file (spilled to disk past 1 MiB) and only then stores the parts,
-one at a time, so memory holds at most one part and a request refused as a whole stores nothing. Each part is a
-Part 10 file; the dataset after its file meta goes to `Ingestor.accept` — Success only after the spool fsync and
-the index commit, as for C-STORE. HTTP statuses: 200 all stored, 202 some failed, 409 none stored (FailedSOPSequence
-carries each FailureReason: the `ReceiveError` DIMSE status, 0xA900 for a study other than the URL's, 0xC122 for a
-transfer syntax the node cannot decode, 0x0122 for a non-storage SOP class, 0xA700 for a Deflated data set that
-inflates past ``[node] max_inflated_bytes``); 400 malformed request or body, 401 missing/wrong bearer token, 413
-body over ``stow_max_request_bytes``, a part over ``max_instance_bytes`` or more than `MAX_PARTS` parts (refused as
-soon as the body shows it, before the rest is read), 415 not ``multipart/related`` of ``application/dicom``.
-Admission control (`node.admission`, through the `Ingestor`): 503 with ``Retry-After`` before the body is read
-while free space is below the hard reserve; otherwise each part of a new series is refused with 0xA700 while the
-node is paused, and a request whose every part was so refused is answered 503 with ``Retry-After`` (the header
-also comes with a 202/409 that contains such refusals).
+through python-multipart (`node.stow`, which also builds the answer) into one temporary file (spilled to disk past
+1 MiB) and only then stores the parts, one at a time, so memory holds at most one part and a request refused as a
+whole stores nothing. Each part is a Part 10 file; the dataset after its file meta goes to `Ingestor.accept` —
+Success only after the spool fsync and the index commit, as for C-STORE. HTTP statuses: 200 all stored, 202 some
+failed, 409 none stored (FailedSOPSequence carries each FailureReason: the `ReceiveError` DIMSE status, 0xA900 for a
+study other than the URL's, 0xC122 for a transfer syntax the node cannot decode, 0x0122 for a non-storage SOP class,
+0xA700 for a Deflated data set that inflates past ``[node] max_inflated_bytes``); 400 malformed request or body, 401
+missing/wrong bearer token, 413 body over ``stow_max_request_bytes``, a part over ``max_instance_bytes`` or more
+than `node.stow.MAX_PARTS` parts (refused as soon as the body shows it, before the rest is read), 415 not
+``multipart/related`` of ``application/dicom``. Admission control (`node.admission`, through the `Ingestor`): 503
+with ``Retry-After`` before the body is read while free space is below the hard reserve; otherwise each part of a
+new series is refused with 0xA700 while the node is paused, and a request whose every part was so refused is
+answered 503 with ``Retry-After`` (the header also comes with a 202/409 that contains such refusals).
 
 A STOW request is recorded in the index like an association (calling AE "STOW-RS", released when the request is
 answered) so completion can judge a series sent in one request as it does one sent in one association.
@@ -25,21 +25,15 @@ answered) so completion can judge a series sent in one request as it does one se
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
-from enum import IntEnum
-from typing import IO, TYPE_CHECKING, BinaryIO, cast
+from typing import IO
 
 from pydicom.dataset import Dataset
-from pydicom.filereader import _read_file_meta_info, read_preamble
 from pynetdicom import AllStoragePresentationContexts
-from python_multipart.exceptions import FormParserError, MultipartParseError
-from python_multipart.multipart import MultipartParser, parse_options_header
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -51,212 +45,34 @@ from node.audit import AuditTrail, Outcome
 from node.auditdb import audit_received
 from node.auth import Authenticator, client_host
 from node.config import NodeConfig
-from node.errors import AdmissionRefusedError, DatabaseError, InvalidDatasetError, ReceiveError
+from node.errors import AdmissionRefusedError, DatabaseError, ReceiveError
 from node.http import HealthProbe, probe_routes
 from node.index import Index
-from node.ingest import ACCEPTED_TRANSFER_SYNTAXES, EncodedDataset, FileSpan, Ingestor, Origin
+from node.ingest import ACCEPTED_TRANSFER_SYNTAXES, EncodedDataset, Ingestor, Origin
 from node.logs import get_logger
 from node.metrics import Metrics
 from node.qido import SERIES_KEYS, STUDY_KEYS, Query, find_series, find_studies
 from node.states import AssociationState
+from node.stow import (
+    BodyReader,
+    Part,
+    PartFailed,
+    PartOutcome,
+    Refused,
+    StowFailure,
+    part_data,
+    split_part10,
+    store_response,
+    stow_boundary,
+)
 from node.uids import check_uid
-
-if TYPE_CHECKING:
-    from python_multipart.multipart import MultipartCallbacks
 
 STOW_CALLING_AE = "STOW-RS"  # the "calling AE" of instances that came in over STOW-RS (index, file meta)
 DICOM_JSON = "application/dicom+json"
 IN_MEMORY_BODY_BYTES = 1 << 20  # request bodies beyond this go to a temp file on the data disk
-IN_MEMORY_PART_BYTES = 16 << 20  # a larger part is parsed and spooled from the body's temp file, not memory
-MAX_PARTS = 100_000  # parts per request; each costs a small record in memory while the body is read
-MAX_PART_HEADER_BYTES = 16 << 10  # a part's header block (names and values); real ones are ~100 bytes
 
 _STORAGE_SOP_CLASSES = frozenset(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
 _ACCEPTED_TS = frozenset(str(ts) for ts in ACCEPTED_TRANSFER_SYNTAXES)
-
-
-class StowFailure(IntEnum):
-    """PS3.18 Table I.2-2 failure reasons that have no C-STORE twin in `StoreStatus`."""
-
-    PROCESSING_FAILURE = 0x0110
-    SOP_CLASS_NOT_SUPPORTED = 0x0122
-    TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
-
-
-class _Refused(Exception):  # noqa: N818 - a control-flow signal answered in this module, not an error
-    """A STOW request refused as a whole (nothing stored); caught in the handler and answered with
-    ``http_status``. Never leaves this module."""
-
-    def __init__(self, http_status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.http_status = http_status
-        self.reason = reason
-
-
-class _PartFailed(Exception):  # noqa: N818 - a control-flow signal answered in this module, not an error
-    """One part refused with a STOW-only failure reason (see `StowFailure`)."""
-
-    def __init__(self, status: StowFailure, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-# -- STOW-RS: request body → parts --------------------------------------------------------------------------
-@dataclass
-class _Part:
-    offset: int
-    length: int = 0
-
-
-@dataclass
-class _Outcome:
-    """One part's result, for the response and the log."""
-
-    sop_class_uid: str = ""
-    sop_uid: str = ""
-    stored: bool = False
-    failure: int | None = None
-    reason: str = ""
-    retry_after: int | None = None  # refused by admission control: the client may retry after this many seconds
-
-
-def _media_type(value: str) -> tuple[str, dict[str, str]]:
-    mtype, params = parse_options_header(value)
-    return mtype.decode("latin-1").strip().lower(), {
-        k.decode("latin-1").lower(): v.decode("latin-1") for k, v in params.items()
-    }
-
-
-def _stow_boundary(content_type: str | None) -> str:
-    """The multipart boundary of a STOW-RS request; raises `_Refused` (415 wrong type, 400 no boundary)."""
-    if not content_type:
-        raise _Refused(415, "Content-Type is missing; expected multipart/related; type=\"application/dicom\"")
-    mtype, params = _media_type(content_type)
-    if mtype != "multipart/related":
-        raise _Refused(415, f"Content-Type {mtype!r} is not multipart/related")
-    part_type = _media_type(params.get("type", ""))[0]
-    if part_type != "application/dicom":
-        raise _Refused(415, f"multipart/related type {part_type or '(missing)'!r} is not application/dicom")
-    boundary = params.get("boundary", "")
-    if not boundary:
-        raise _Refused(400, "multipart/related Content-Type has no boundary")
-    # RFC 2046 caps boundaries at 70 characters, but real clients exceed it (Orthanc's DICOMweb plugin sends
-    # longer ones); the parser's own cap (256) is the limit, checked in `_BodyReader`.
-    return boundary
-
-
-class _BodyReader:
-    """Feeds a streamed body to python-multipart's `MultipartParser`, appending part payloads to ``sink`` and
-    remembering where each part lies; refuses non-DICOM parts (415) and malformed framing (400)."""
-
-    def __init__(self, boundary: str, sink: IO[bytes], max_part_bytes: int) -> None:
-        self.sink = sink
-        self.max_part_bytes = max_part_bytes
-        self.parts: list[_Part] = []
-        self.ended = False
-        self._field = bytearray()
-        self._value = bytearray()
-        self._headers: dict[str, str] = {}
-        self._header_bytes = 0
-        callbacks: MultipartCallbacks = {
-            "on_part_begin": self._on_part_begin,
-            "on_header_field": self._on_header_field,
-            "on_header_value": self._on_header_value,
-            "on_header_end": self._on_header_end,
-            "on_headers_finished": self._on_headers_finished,
-            "on_part_data": self._on_part_data,
-            "on_end": self._on_end,
-        }
-        try:
-            self._parser = MultipartParser(boundary.encode("latin-1"), callbacks)
-        except (FormParserError, UnicodeEncodeError) as exc:
-            raise _Refused(400, f"unusable multipart boundary: {exc}") from exc
-
-    def write(self, chunk: bytes) -> None:
-        try:
-            self._parser.write(chunk)
-        except MultipartParseError as exc:
-            raise _Refused(400, f"multipart body does not parse: {exc}") from exc
-
-    def finish(self) -> list[_Part]:
-        try:
-            self._parser.finalize()
-        except MultipartParseError as exc:
-            raise _Refused(400, f"multipart body does not parse: {exc}") from exc
-        if not self.ended:
-            raise _Refused(400, "multipart body is truncated: the closing boundary is missing")
-        if not self.parts:
-            raise _Refused(400, "multipart body has no parts")
-        return self.parts
-
-    def _on_part_begin(self) -> None:
-        if len(self.parts) >= MAX_PARTS:
-            raise _Refused(413, f"multipart body has more than {MAX_PARTS} parts")
-        self.parts.append(_Part(offset=self.sink.tell()))
-        self._headers.clear()
-        self._header_bytes = 0
-
-    def _count_header(self, n: int) -> None:
-        self._header_bytes += n
-        if self._header_bytes > MAX_PART_HEADER_BYTES:
-            raise _Refused(400, f"part {len(self.parts)} has more than {MAX_PART_HEADER_BYTES} bytes of headers")
-
-    def _on_header_field(self, data: bytes, start: int, end: int) -> None:
-        self._count_header(end - start)
-        self._field += data[start:end]
-
-    def _on_header_value(self, data: bytes, start: int, end: int) -> None:
-        self._count_header(end - start)
-        self._value += data[start:end]
-
-    def _on_header_end(self) -> None:
-        self._headers[self._field.decode("latin-1").strip().lower()] = self._value.decode("latin-1").strip()
-        self._field.clear()
-        self._value.clear()
-
-    def _on_headers_finished(self) -> None:
-        # A part without Content-Type takes the root type named by the request's type parameter (RFC 2387).
-        declared = self._headers.get("content-type")
-        if declared is not None and _media_type(declared)[0] != "application/dicom":
-            raise _Refused(415, f"part {len(self.parts)} has Content-Type {_media_type(declared)[0]!r}, not application/dicom")
-
-    def _on_part_data(self, data: bytes, start: int, end: int) -> None:
-        part = self.parts[-1]
-        if part.length + (end - start) > self.max_part_bytes:
-            raise _Refused(413, f"part {len(self.parts)} exceeds the node's limit of {self.max_part_bytes} bytes")
-        self.sink.write(data[start:end])
-        part.length += end - start
-
-    def _on_end(self) -> None:
-        self.ended = True
-
-
-# -- STOW-RS: one part → the ingestor -----------------------------------------------------------------------
-def _split_part10(data: EncodedDataset) -> tuple[Dataset, int]:
-    """The file meta of a Part 10 file and the offset where its dataset starts; `InvalidDatasetError` if the
-    bytes are not a Part 10 file."""
-    fp = io.BytesIO(data) if isinstance(data, bytes) else data.sub(0)
-    try:
-        read_preamble(cast(BinaryIO, fp), False)
-        # pydicom's file meta reader (private but unchanged since pydicom 1.x; pinned <4 in pyproject.toml)
-        # leaves fp at the first dataset element, which is the offset we need.
-        meta = _read_file_meta_info(cast(BinaryIO, fp))
-        for keyword in ("TransferSyntaxUID", "MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID"):
-            meta.get(keyword)  # convert inside the boundary
-    except Exception as exc:  # pydicom raises many types on bad input; all mean "cannot understand"
-        raise InvalidDatasetError(f"part is not a DICOM Part 10 file: {type(exc).__name__}: {exc}") from exc
-    missing = [k for k in ("TransferSyntaxUID", "MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID") if not meta.get(k)]
-    if missing:
-        raise InvalidDatasetError(f"part's file meta lacks {', '.join(missing)}")
-    return meta, fp.tell()
-
-
-def _part_data(body: IO[bytes], part: _Part) -> EncodedDataset:
-    """A part's bytes; a part over `IN_MEMORY_PART_BYTES` is read in place from the body's temp file."""
-    if part.length > IN_MEMORY_PART_BYTES:
-        return FileSpan(body, part.offset, part.length)
-    body.seek(part.offset)
-    return body.read(part.length)
 
 
 class _DicomWeb:
@@ -327,17 +143,17 @@ class _DicomWeb:
         t0 = time.monotonic()
         with tempfile.SpooledTemporaryFile(max_size=IN_MEMORY_BODY_BYTES, mode="w+b", dir=str(self.tmp_dir)) as body:
             try:
-                reader = _BodyReader(
-                    _stow_boundary(request.headers.get("content-type")), body, self.config.node.max_instance_bytes
+                reader = BodyReader(
+                    stow_boundary(request.headers.get("content-type")), body, self.config.node.max_instance_bytes
                 )
                 received = 0
                 async for chunk in request.stream():
                     received += len(chunk)
                     if self.max_request_bytes is not None and received > self.max_request_bytes:
-                        raise _Refused(413, f"request body exceeds {self.max_request_bytes} bytes")
+                        raise Refused(413, f"request body exceeds {self.max_request_bytes} bytes")
                     reader.write(chunk)
                 parts = reader.finish()
-            except _Refused as exc:
+            except Refused as exc:
                 log.warning("stow_refused", http_status=exc.http_status, reason=exc.reason)
                 self.metrics.stow_request(exc.http_status)
                 return JSONResponse({"error": exc.reason}, status_code=exc.http_status)
@@ -361,7 +177,7 @@ class _DicomWeb:
             "stow_answered", http_status=status, stored=stored, failed=len(outcomes) - stored, bytes=received,
             seconds=round(time.monotonic() - t0, 3),
         )
-        return Response(json.dumps(_store_response(outcomes).to_json_dict()), status_code=status, media_type=DICOM_JSON,
+        return Response(json.dumps(store_response(outcomes).to_json_dict()), status_code=status, media_type=DICOM_JSON,
                         headers=headers)
 
     def _declared_too_large(self, request: Request) -> str | None:
@@ -372,8 +188,8 @@ class _DicomWeb:
         return f"request body of {declared[:20]} bytes exceeds {self.max_request_bytes} bytes"
 
     def _store_parts(
-        self, body: IO[bytes], parts: list[_Part], request_id: str, study: str | None, client: str
-    ) -> list[_Outcome]:
+        self, body: IO[bytes], parts: list[Part], request_id: str, study: str | None, client: str
+    ) -> list[PartOutcome]:
         """Store each part in turn (one in memory at a time, a large one not at all); the request is the
         "association" of its parts."""
         self.index.association_opened(request_id, STOW_CALLING_AE, self.config.node.ae_title, client[:64])
@@ -382,7 +198,7 @@ class _DicomWeb:
             origin = Origin(calling_ae=STOW_CALLING_AE, association_id=request_id)
             outcomes = []
             for n, part in enumerate(parts):
-                outcomes.append(self._store_one(_part_data(body, part), n, origin, study))
+                outcomes.append(self._store_one(part_data(body, part), n, origin, study))
             state = AssociationState.RELEASED
             return outcomes
         finally:
@@ -396,18 +212,18 @@ class _DicomWeb:
                 except Exception:  # a hook's failure must not turn stored instances into a failed request
                     self.log.exception("on_released_failed", request_id=request_id)
 
-    def _store_one(self, data: EncodedDataset, n: int, origin: Origin, study: str | None) -> _Outcome:
-        out = _Outcome()
+    def _store_one(self, data: EncodedDataset, n: int, origin: Origin, study: str | None) -> PartOutcome:
+        out = PartOutcome()
         log = self.log.bind(request_id=origin.association_id, part=n, size=len(data))
         try:
-            meta, offset = _split_part10(data)
+            meta, offset = split_part10(data)
             ts = str(meta.TransferSyntaxUID)
             out.sop_class_uid = str(meta.MediaStorageSOPClassUID)
             out.sop_uid = str(meta.MediaStorageSOPInstanceUID)
             if ts not in _ACCEPTED_TS:
-                raise _PartFailed(StowFailure.TRANSFER_SYNTAX_NOT_SUPPORTED, f"transfer syntax {ts} is not accepted")
+                raise PartFailed(StowFailure.TRANSFER_SYNTAX_NOT_SUPPORTED, f"transfer syntax {ts} is not accepted")
             if out.sop_class_uid not in _STORAGE_SOP_CLASSES:
-                raise _PartFailed(StowFailure.SOP_CLASS_NOT_SUPPORTED, f"SOP class {out.sop_class_uid} is not a storage class")
+                raise PartFailed(StowFailure.SOP_CLASS_NOT_SUPPORTED, f"SOP class {out.sop_class_uid} is not a storage class")
             accepted = self.ingestor.accept(
                 data[offset:] if isinstance(data, bytes) else data.sub(offset), ts, origin,
                 sop_class_uid=out.sop_class_uid, sop_instance_uid=out.sop_uid,
@@ -418,7 +234,7 @@ class _DicomWeb:
             self.metrics.admission_refused(exc.reason, "stow")
             self.metrics.rejected(type(exc).__name__, "stow")
             return out
-        except (ReceiveError, _PartFailed) as exc:
+        except (ReceiveError, PartFailed) as exc:
             out.failure, out.reason = int(exc.status), str(exc)
             self.metrics.rejected(type(exc).__name__ if isinstance(exc, ReceiveError) else exc.status.name, "stow")
             log.warning("instance_refused", sop_uid=out.sop_uid or None, status=f"0x{out.failure:04X}", reason=out.reason)
@@ -484,28 +300,6 @@ class _DicomWeb:
                              query_string=request.url.query, matches=matches, outcome=outcome)
 
 
-def _store_response(outcomes: list[_Outcome]) -> Dataset:
-    """The PS3.18 Store Instances Response (Table I.1-1). RetrieveURLs are present but empty (Type 2): this node
-    serves no WADO-RS, so it names no URL it cannot answer."""
-    resp = Dataset()
-    resp.RetrieveURL = ""
-    referenced, failed = [], []
-    for o in outcomes:
-        item = Dataset()
-        item.ReferencedSOPClassUID = o.sop_class_uid
-        item.ReferencedSOPInstanceUID = o.sop_uid
-        if o.stored:
-            item.RetrieveURL = ""
-            referenced.append(item)
-        else:
-            item.FailureReason = o.failure
-            failed.append(item)
-    if referenced:
-        resp.ReferencedSOPSequence = referenced
-    if failed:
-        resp.FailedSOPSequence = failed
-    return resp
-
 
 def _closing(response: Response) -> Response:
     """``response`` with ``Connection: close``: for a STOW-RS request answered before its body was read, so the
@@ -547,7 +341,6 @@ def create_app(
         *probe_routes(health, metrics, web.auth, metrics_require_token=config.node.metrics_require_token),
     ]
     return Starlette(routes=routes)
-
 
 
 __all__ = ["StowFailure", "create_app"]

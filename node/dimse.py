@@ -28,17 +28,12 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import StorageCommitmentPushModel, Verification  # type: ignore[attr-defined]
 
+from node.acceptor import GuardedServer, start_guarded_server
 from node.audit import AuditTrail
 from node.auditdb import audit_association_closed
 from node.config import NodeConfig
 from node.errors import AdmissionRefusedError, ReceiveError, StoreStatus
-from node.guard import (
-    GuardedServer,
-    ReceiveLimits,
-    discard_request_dataset,
-    start_guarded_server,
-    store_request_dataset,
-)
+from node.guard import ReceiveLimits, discard_request_dataset, store_request_dataset
 from node.index import Index
 from node.ingest import ACCEPTED_TRANSFER_SYNTAXES, EncodedDataset, Ingestor, Origin
 from node.logs import get_logger

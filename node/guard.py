@@ -3,8 +3,9 @@
 pynetdicom (pinned at 3.0.4 in pyproject.toml) reads a whole PDU of whatever length the peer declares before any
 check, gives accepted sockets no receive timeout, buffers a whole C-STORE data set in memory however long it is,
 and lets a malformed A-ASSOCIATE-RQ (presentation context ID 0) or DIMSE command raise inside its reactor thread.
-`GuardedServer` is pynetdicom's own `ThreadedAssociationServer` with a request handler that, for each accepted
-connection, swaps in two subclasses before the association starts:
+`node.acceptor.GuardedServer` (the listener: connection caps, the DICOM TLS handshake) is pynetdicom's own
+`ThreadedAssociationServer` with a request handler that, for each accepted connection, swaps in the two subclasses
+defined here before the association starts:
 
 - `GuardedSocket` (an `AssociationSocket`): every read has a deadline — until the association is established,
   ``association_timeout`` from the moment the connection was accepted (ARTIM-like); afterwards
@@ -18,26 +19,17 @@ connection, swaps in two subclasses before the association starts:
   0xA700 once the (discarded) rest has arrived; a command set over `MAX_COMMAND_SET_BYTES` or a message
   pynetdicom cannot decode aborts the association (Evt19) instead of killing the reactor thread.
 
-With an ``ssl_context`` (DICOM TLS), `GuardedServer.get_request` wraps each accepted socket without the
-handshake, which pynetdicom would do right there in the acceptor thread, so a peer that connects and never sends
-a ClientHello would hold off every other connection; `GuardedRequestHandler` does it in the connection's own
-thread within ``association_timeout`` of the accept (the same deadline then runs on until the association is
-negotiated), and the handshakes under way count against the connection cap. The reads above then go through
-the TLS socket unchanged.
-
-The server itself closes a new connection at once while `CONNECTIONS_PER_ASSOCIATION` × ``max_associations`` are
-open, or while ``max_associations_per_peer`` are open from the same address (pynetdicom would give each two
-threads and only count it at A-ASSOCIATE-RQ time), and listens with a backlog of that size rather than
-socketserver's 5. Closing at accept rather than answering A-ASSOCIATE-RJ (transient, local-limit-exceeded) is
-deliberate: an RJ answers an RQ, so the node would first have to read and decode up to ``max_pdu_bytes`` from
-the peer on a thread of its own — the very cost a flood is after. Every refusal and abort goes through
+With DICOM TLS the reads above go through the TLS socket unchanged; `node.acceptor` completes the handshake
+within the same ``association_timeout`` from the accept. Every refusal and abort goes through
 `node.refusals.Refusals`: counted in the metrics, logged at most a few times per peer address and minute.
 
-pynetdicom internals this relies on (tests/unit/test_hostile_dimse.py fails if one changes): the DUL reads a PDU
-as ``socket.recv(6)`` then ``socket.recv(length)`` and maps `OSError` to Evt17; the acceptor thread waits on
-``dul.to_user_queue`` for the A-ASSOCIATE primitive and treats None as its timeout; ``assoc.dimse`` and the
-socket's class can be replaced before ``assoc.start()``; `DIMSEMessage.decode_msg` only calls ``write`` on
-``data_set``; the FSM's state names (Sta1-Sta3 before association).
+pynetdicom internals this module and `node.acceptor` rely on (tests/unit/test_hostile_dimse.py fails if one
+changes): the DUL reads a PDU as ``socket.recv(6)`` then ``socket.recv(length)`` and maps `OSError` to Evt17; the
+acceptor thread waits on ``dul.to_user_queue`` for the A-ASSOCIATE primitive and treats None as its timeout;
+``assoc.dimse`` and the socket's class can be replaced before ``assoc.start()``; `DIMSEMessage.decode_msg` only
+calls ``write`` on ``data_set``; the FSM's state names (Sta1-Sta3 before association); in `node.acceptor`, the
+request handler's ``_create_association`` returns the association before its thread starts, whose ``run`` can be
+wrapped.
 
 Each of these problems, with a reproduction and the fix we offer upstream, is written up in
 docs/upstream-pynetdicom.md (the text of the pynetdicom issue).
@@ -49,12 +41,8 @@ plus `SPILL_BYTES`; on disk one data set (``max_instance_bytes``).
 from __future__ import annotations
 
 import contextlib
-import socket
-import socketserver
-import ssl
 import struct
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from io import BytesIO
@@ -64,21 +52,18 @@ from typing import IO, TYPE_CHECKING, Any, cast
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RQ
-from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket
 
 from node.errors import InstanceTooLargeError, SpoolFullError
 from node.ingest import EncodedDataset, FileSpan
 from node.refusals import Refusals
 from node.states import PeerRefusal
-from node.tls import describe_tls_error
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
-    from pynetdicom import AE
     from pynetdicom.association import Association
     from pynetdicom.dimse_primitives import C_STORE
     from pynetdicom.pdu_primitives import P_DATA
-    from pynetdicom.presentation import PresentationContext
 
     from node.config import NodeSection
 
@@ -233,14 +218,17 @@ class GuardedSocket(AssociationSocket):
     _header: bytes | None  # the header of the PDU whose body is read next
 
     @classmethod
-    def adopt(cls, sock: AssociationSocket, limits: ReceiveLimits, refusals: Refusals) -> GuardedSocket:
+    def adopt(
+        cls, sock: AssociationSocket, limits: ReceiveLimits, refusals: Refusals, opened: float | None = None
+    ) -> GuardedSocket:
         """Turn pynetdicom's freshly made acceptor socket into a `GuardedSocket` in place (its constructor has
-        already queued the connection event, so a second instance cannot be made instead)."""
+        already queued the connection event, so a second instance cannot be made instead). ``opened``: when the
+        connection was accepted (`time.monotonic`; default now), where the negotiation deadline counts from."""
         sock.__class__ = cls
         guarded = cast(GuardedSocket, sock)
         guarded.limits = limits
         guarded.refusals = refusals
-        guarded._opened = time.monotonic()
+        guarded._opened = time.monotonic() if opened is None else opened
         guarded.recorded = guarded.peer_closed = False
         guarded._header = None
         if guarded.socket is not None:
@@ -374,69 +362,7 @@ class GuardedDimse(DIMSEServiceProvider):
         self.dul.event_queue.put("Evt19")  # invalid PDU: A-ABORT to the peer, A-P-ABORT to us (AA-8)
 
 
-class GuardedRequestHandler(RequestHandler):
-    """pynetdicom's request handler, fitting each new acceptor association with the guards above; on a TLS
-    server it first completes the handshake, in this connection's own thread, under the association deadline."""
-
-    server: GuardedServer
-    _accepted_at: float
-    _slot_handed_over = False  # the association thread owns (and releases) this connection's per-peer slot
-
-    def setup(self) -> None:
-        self._accepted_at = time.monotonic()
-
-    def handle(self) -> None:
-        try:
-            if isinstance(self.request, ssl.SSLSocket):
-                try:
-                    shaken = self._handshake(self.request)
-                finally:
-                    self.server.handshake_finished()
-                if not shaken:
-                    return
-            super().handle()
-        finally:
-            if not self._slot_handed_over:  # the association never started: nobody else will release the slot
-                self.server.release_peer(self.client_address[0])
-
-    def _handshake(self, sock: ssl.SSLSocket) -> bool:
-        """Complete the TLS handshake within ``association_timeout``; on failure record why, close, return False."""
-        timeout = self.server.limits.association_timeout
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # the handshake's flights go out at once
-            sock.settimeout(timeout)  # CPython applies it to the whole do_handshake() call, not per read
-            sock.do_handshake()
-        except (OSError, ValueError) as exc:  # ssl.SSLError, TimeoutError, ConnectionResetError ...
-            reason = "timed out" if isinstance(exc, TimeoutError) else describe_tls_error(exc)
-            self.server.refusals.record(PeerRefusal.TLS_HANDSHAKE_FAILED, str(self.client_address[0]),
-                                        int(self.client_address[1]), why=reason, timeout=timeout)
-            with contextlib.suppress(OSError):
-                sock.close()
-            return False
-        return True
-
-    def _create_association(self) -> Association:
-        assoc = super()._create_association()
-        server = self.server
-        limits = server.limits
-        guarded = GuardedSocket.adopt(cast(AssociationSocket, assoc.dul.socket), limits, server.refusals)
-        guarded._opened = self._accepted_at  # the handshake counts against the negotiation deadline
-        assoc.dimse = GuardedDimse(assoc, limits, server.refusals)
-        run, address = assoc.run, self.client_address[0]
-
-        def run_then_release() -> None:  # the slot is held exactly as long as the association's thread runs
-            try:
-                run()
-            finally:
-                server.release_peer(address)
-                _record_unfinished_negotiation(assoc, server.refusals, limits)
-
-        assoc.run = run_then_release  # type: ignore[method-assign]
-        self._slot_handed_over = True
-        return assoc
-
-
-def _record_unfinished_negotiation(assoc: Association, refusals: Refusals, limits: ReceiveLimits) -> None:
+def record_unfinished_negotiation(assoc: Association, refusals: Refusals, limits: ReceiveLimits) -> None:
     """A connection that sent no A-ASSOCIATE-RQ within the association timeout is usually closed by pynetdicom's
     own ACSE timer (silently) before this module's read deadline fires: record it here, once."""
     sock = assoc.dul.socket
@@ -449,124 +375,15 @@ def _record_unfinished_negotiation(assoc: Association, refusals: Refusals, limit
                 waited=round(waited, 2))
 
 
-class GuardedServer(ThreadedAssociationServer):
-    """A `ThreadedAssociationServer` whose associations run guarded; ``limits`` may be swapped while it runs
-    (new associations use the new value)."""
-
-    def __init__(
-        self,
-        ae: AE,
-        address: tuple[str, int],
-        ae_title: str,
-        contexts: list[PresentationContext],
-        ssl_context: ssl.SSLContext | None = None,
-        evt_handlers: list[Any] | None = None,
-        *,
-        limits: ReceiveLimits,
-        refusals: Refusals | None = None,
-    ) -> None:
-        self.limits = limits
-        self._handshaking = 0  # TLS connections accepted whose handshake is not over (no association yet)
-        self._handshaking_lock = threading.Lock()
-        self.refusals = refusals or Refusals("dimse")
-        self._per_peer: dict[str, int] = {}  # open connections by peer address (admitted, thread not yet ended)
-        self._per_peer_lock = threading.Lock()
-        # socketserver listens with a backlog of 5: a burst of connections (several modalities, or an attacker's
-        # idle ones) then has the kernel drop SYNs and senders wait a 1 s retransmission each.
-        self.request_queue_size = max(limits.max_connections, 5)
-        super().__init__(
-            ae, address, ae_title, contexts, ssl_context, evt_handlers=evt_handlers,
-            request_handler=GuardedRequestHandler,
-        )
-
-    def verify_request(self, request: Any, client_address: Any) -> bool:
-        """socketserver's admission check: close the connection at once when ``max_connections`` are open, so
-        a connection flood costs neither threads nor memory (a refused peer sees the connection closed)."""
-        limits = self.limits
-        address, port = str(client_address[0]), int(client_address[1])
-        open_now = len(self.active_associations) + self._handshaking
-        if open_now >= limits.max_connections:
-            self.refusals.record(
-                PeerRefusal.CONNECTION_REFUSED, address, port, open=open_now, limit=limits.max_connections
-            )
-            return False
-        with self._per_peer_lock:
-            from_peer = self._per_peer.get(address, 0)
-            admitted = limits.max_per_peer is None or from_peer < limits.max_per_peer
-            if admitted:
-                self._per_peer[address] = from_peer + 1
-        if not admitted:
-            self.refusals.record(
-                PeerRefusal.PEER_LIMIT_REACHED, address, port, open=from_peer, limit=limits.max_per_peer
-            )
-            return False
-        if self.ssl_context is not None:
-            with self._handshaking_lock:
-                self._handshaking += 1  # until its handler's handshake_finished()
-        return True
-
-    def release_peer(self, address: str) -> None:
-        """One connection from ``address`` has ended (its association thread finished, or never started)."""
-        with self._per_peer_lock:
-            left = self._per_peer.get(address, 0) - 1
-            if left > 0:
-                self._per_peer[address] = left
-            else:
-                self._per_peer.pop(address, None)
-
-    def open_from(self, address: str) -> int:
-        """Connections from ``address`` admitted and not yet ended."""
-        with self._per_peer_lock:
-            return self._per_peer.get(address, 0)
-
-    def get_request(self) -> tuple[socket.socket, Any]:
-        """Accept; on a TLS server wrap the socket but leave the handshake to the connection's own thread
-        (pynetdicom's ``get_request`` does it here, where one silent peer would block every accept)."""
-        assert self.socket is not None
-        client, address = self.socket.accept()
-        if self.ssl_context is not None:
-            client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
-        return client, address
-
-    def handshake_finished(self) -> None:
-        with self._handshaking_lock:
-            self._handshaking -= 1
-
-    @property
-    def handshaking(self) -> int:
-        """TLS connections accepted whose handshake is still under way."""
-        return self._handshaking
-
-    def shutdown(self) -> None:
-        """Stop serving and close the listening socket (this server is not in the AE's own server list)."""
-        socketserver.BaseServer.shutdown(self)
-        self.server_close()
-
-
-def start_guarded_server(
-    ae: AE, address: tuple[str, int], evt_handlers: list[Any], limits: ReceiveLimits,
-    ssl_context: ssl.SSLContext | None = None,
-    refusals: Refusals | None = None,
-) -> GuardedServer:
-    """Like ``ae.start_server(address, block=False, evt_handlers=..., ssl_context=...)`` but guarded (DICOM TLS
-    when ``ssl_context`` is given); returns once listening."""
-    server = cast(
-        GuardedServer,
-        ae.make_server(address, evt_handlers=evt_handlers, ssl_context=ssl_context, server_class=GuardedServer,
-                       limits=limits, refusals=refusals),
-    )
-    threading.Thread(target=server.serve_forever, name="AcceptorServer@pacsnode", daemon=True).start()
-    return server
-
-
 __all__ = [
     "CONNECTIONS_PER_ASSOCIATION",
     "MAX_COMMAND_SET_BYTES",
     "BoundedDataset",
-    "GuardedServer",
+    "GuardedDimse",
+    "GuardedSocket",
     "ReceiveLimits",
     "SPILL_BYTES",
     "discard_request_dataset",
-    "start_guarded_server",
+    "record_unfinished_negotiation",
     "store_request_dataset",
 ]

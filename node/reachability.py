@@ -11,7 +11,6 @@ destination its reachability, backlog (pending + sending), dead letters and unco
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +26,7 @@ from node.db import insert_for, metadata, reading, transaction
 from node.dispatch import deliveries
 from node.errors import ConfigError, SendError
 from node.logs import get_logger
+from node.loops import LoopThread
 from node.scu import Peer, echo
 from node.states import DeliveryState
 from node.supervise import Heartbeats, failure
@@ -147,47 +147,36 @@ class ReachabilityLoop:
     def __init__(self, reachability: Reachability, heartbeats: Heartbeats) -> None:
         self.reachability = reachability
         self.heartbeats = heartbeats
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop_thread = LoopThread(heartbeats, LOOP, "pacsnode-reachability", self._run)
 
     def start(self) -> None:
-        self._stop.clear()
-        self._wake.set()  # check at once
-        self._thread = threading.Thread(target=self._run, name="pacsnode-reachability", daemon=True)
-        self._thread.start()
-        self.heartbeats.register(LOOP, TICK_SECONDS, alive=self._alive, restart=self.start)
+        self._loop_thread.wake.set()  # check at once
+        self._loop_thread.start(TICK_SECONDS, restart=self.start)
 
     def stop(self, timeout: float = 10.0) -> None:
-        self.heartbeats.unregister(LOOP)
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        self._loop_thread.stop(timeout)
 
     def apply_config(self, config: NodeConfig) -> None:
         """Swap the config (hot reload) and check the destinations again now."""
         self.reachability.config = config
-        self._wake.set()
-
-    def _alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        self._loop_thread.wake.set()
 
     def _run(self) -> None:
+        loop = self._loop_thread
         next_at = time.monotonic()
-        while not self._stop.is_set():
-            self.heartbeats.beat(LOOP)
-            if self._wake.is_set() or time.monotonic() >= next_at:
-                self._wake.clear()
+        while not loop.stopping.is_set():
+            loop.beat()
+            if loop.wake.is_set() or time.monotonic() >= next_at:
+                loop.wake.clear()
                 # Checks run in parallel, each bounded by the timeout (a C-ECHO: connect, associate, echo, release).
-                self.heartbeats.beat(LOOP, busy_for=4 * self.reachability.config.reachability.timeout_seconds + 5)
+                loop.beat(busy_for=4 * self.reachability.config.reachability.timeout_seconds + 5)
                 try:
                     self.reachability.check_all()
                 except Exception as exc:  # noqa: BLE001 - one failed round must not end the loop
                     self.reachability.log.error("reachability_failed", error=failure(exc))
                 next_at = time.monotonic() + self.reachability.config.reachability.interval_seconds
-                self.heartbeats.beat(LOOP)
-            self._wake.wait(TICK_SECONDS)
+                loop.beat()
+            loop.wake.wait(TICK_SECONDS)
 
 
 def destination_report(config: NodeConfig, engine: Engine) -> list[dict[str, Any]]:

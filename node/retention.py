@@ -20,7 +20,6 @@ import contextlib
 import json
 import os
 import shutil
-import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from node.config import NodeConfig
 from node.dispatch import deliveries
 from node.index import instances, series
 from node.logs import get_logger
+from node.loops import LoopThread
 from node.queue import jobs
 from node.states import DeliveryState, JobState, SeriesState
 
@@ -233,34 +233,25 @@ class RetentionLoop:
     def __init__(self, retention: Retention, heartbeats: Any) -> None:
         self.retention = retention
         self.heartbeats = heartbeats
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop_thread = LoopThread(heartbeats, self.LOOP, "retention", self._run)
 
     def start(self) -> None:
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="retention", daemon=True)
-        self._thread.start()
-        self.heartbeats.register(self.LOOP, self.TICK_SECONDS, alive=self._alive, restart=self.start)
+        self._loop_thread.start(self.TICK_SECONDS, restart=self.start)
 
     def stop(self, timeout: float = 30.0) -> None:
-        self.heartbeats.unregister(self.LOOP)
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def _alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        self._loop_thread.stop(timeout)
 
     def _run(self) -> None:
+        loop = self._loop_thread
         next_at = time.monotonic()  # a purge right after start: a node that was down may be over its ceiling
-        while not self._stop.is_set():
-            self.heartbeats.beat(self.LOOP)
+        while not loop.stopping.is_set():
+            loop.beat()
             if time.monotonic() >= next_at:
-                self.heartbeats.beat(self.LOOP, busy_for=3600.0)  # a purge of a large backlog may take long
+                loop.beat(busy_for=3600.0)  # a purge of a large backlog may take long
                 try:
                     self.retention.purge()
                 except Exception as exc:  # noqa: BLE001 - one failed purge must not end the loop
                     self.retention.log.error("retention_failed", error=type(exc).__name__)
                 next_at = time.monotonic() + self.retention.config.retention.interval_minutes * 60.0
-                self.heartbeats.beat(self.LOOP)
-            self._stop.wait(self.TICK_SECONDS)
+                loop.beat()
+            loop.sleep(self.TICK_SECONDS)

@@ -42,6 +42,7 @@ from node.dispatch import Dispatcher
 from node.gate import GateRefusal, check_header, check_series
 from node.index import instances, series
 from node.logs import get_logger
+from node.loops import LoopThread, backoff_seconds
 from node.metrics import Metrics
 from node.pipelines import PIPELINES, ModelRunner, Pipeline, RegistryRunner  # noqa: F401 - re-exported
 from node.queue import Job, JobQueue
@@ -108,41 +109,30 @@ class Worker:
         self.worker_id = f"worker-{uuid.uuid4().hex[:12]}"
         self.results_store = Spool(config.node.data_dir / "results")
         self.log = get_logger(component="worker", worker_id=self.worker_id)
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self.ready = threading.Event()  # set once the models are loaded
         self.heartbeats = heartbeats or Heartbeats()
+        self._loop_thread = LoopThread(self.heartbeats, LOOP, self.worker_id, self._loop)
         self._reported: set[int] = set()  # dead jobs whose failure report this worker attempted
         self._next_lost_check = 0.0
 
     # -- lifecycle -----------------------------------------------------------------------------------------
     def start(self) -> None:
         """Run the loop in its own thread, supervised as loop ``worker`` (a dead thread is started again)."""
-        if self._thread is not None and self._thread.is_alive():
+        thread = self._loop_thread
+        if thread.alive():
             raise RuntimeError("the worker is already running")
-        self._stop.clear()
-        self.heartbeats.register(LOOP, self.poll_seconds, alive=self._alive, restart=self._spawn)
-        self._spawn()
-
-    def _spawn(self) -> None:
-        if self._alive() or self._stop.is_set():
-            return
-        self._thread = threading.Thread(target=self._loop, name=self.worker_id, daemon=True)
-        self._thread.start()
+        thread.stopping.clear()
+        thread.supervise(self.poll_seconds, restart=thread.respawn)
+        thread.respawn()
 
     def _alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._loop_thread.alive()
 
     def wake(self, *_: Any) -> None:
-        self._wake.set()
+        self._loop_thread.wake.set()
 
     def stop(self, timeout: float = 60.0) -> None:
-        self.heartbeats.unregister(LOOP)
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        self._loop_thread.stop(timeout)
 
     def apply_config(self, config: NodeConfig) -> None:
         """Hot reload: gate and heartbeat settings apply to the next job (model versions need a restart)."""
@@ -174,22 +164,22 @@ class Worker:
         `process`; anything else (the database gone, a bug between jobs) is logged and the loop backs off and goes
         on — a job it held is claimed again when its lease expires, its attempt counted. Only a model load that
         fails ends the thread, so the supervisor restarts it (or takes the process down)."""
-        beats = self.heartbeats
-        beats.beat(LOOP, busy_for=self.config.supervise.item_seconds)  # loading the models
+        loop = self._loop_thread
+        loop.beat(busy_for=self.config.supervise.item_seconds)  # loading the models
         try:
             self.warm_up()
         except Exception as exc:  # noqa: BLE001 - ends the thread on purpose: see the docstring
             self.log.exception("models_failed_to_load", error=failure(exc))  # no header values at load time
             return
         errors = 0
-        while not self._stop.is_set():
-            beats.beat(LOOP)
+        while not loop.stopping.is_set():
+            loop.beat()
             try:
                 job = self.queue.claim(self.worker_id)
                 if job is None:
                     self._report_lost()
                 else:
-                    beats.beat(LOOP, busy_for=self.config.supervise.item_seconds)
+                    loop.beat(busy_for=self.config.supervise.item_seconds)
                     self.process(job)
                 errors = 0
             except Exception as exc:  # noqa: BLE001 - the loop outlives any one failure, see the docstring
@@ -197,10 +187,10 @@ class Worker:
                 job = None
                 self.log.error("worker_loop_error", error=failure(exc), consecutive_errors=errors)
             if job is None:
-                wait = min(_MAX_ERROR_BACKOFF, self.poll_seconds * 2.0 ** max(0, errors - 1))
-                beats.beat(LOOP, busy_for=wait)
-                self._wake.wait(wait)
-                self._wake.clear()
+                wait = backoff_seconds(self.poll_seconds, errors, cap=_MAX_ERROR_BACKOFF)
+                loop.beat(busy_for=wait)
+                loop.wake.wait(wait)
+                loop.wake.clear()
 
     def _report_lost(self) -> None:
         """Dead jobs that no object was ever recorded for get their "processing failed" SR here, once per job per
@@ -211,7 +201,7 @@ class Worker:
             return
         self._next_lost_check = now + _LOST_CHECK_SECONDS
         for row in self.queue.unreported(limit=100):
-            if row.id in self._reported or self._stop.is_set():
+            if row.id in self._reported or self._loop_thread.stopping.is_set():
                 continue
             job = Job(int(row.id), row.series_uid, int(row.version), 0, 0, 0.0, 0.0,
                       PipelineName(row.pipeline or PipelineName.PNEUMONIA))

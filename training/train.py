@@ -331,7 +331,7 @@ def train_classifier(
     )
 
 
-def train_classifier_cases(  # noqa: C901 - one run read top to bottom (data, model, fit, threshold, card); training/, not the node
+def train_classifier_cases(
     train: list[GridCase],
     val: list[GridCase],
     out: Path,
@@ -350,9 +350,8 @@ def train_classifier_cases(  # noqa: C901 - one run read top to bottom (data, mo
     last epoch is kept and the threshold is 0.5).
     """
     import keras
-    import tensorflow as tf
 
-    from models.classifier import build_classifier, focal_bce
+    from models.classifier import build_classifier
 
     s = settings or ClassifierSettings()
     if not train:
@@ -364,6 +363,29 @@ def train_classifier_cases(  # noqa: C901 - one run read top to bottom (data, mo
 
     model = build_classifier(grid=s.grid, channels=cfg.channels, widths=s.widths, features=s.features)
     steps = max(1, len(train) // s.series_per_step)
+    train_step = _classifier_train_step(model, train, s, steps)
+    pre_losses = _slice_warmup(model, train, s, cfg, rng, progress, log)
+    history, best_epoch = _fit_classifier(model, train_step, train, val, s, cfg, rng, steps, progress, log)
+    t_trained = time.perf_counter()
+
+    threshold, val_metrics = _classifier_validation(model, val, cfg, val_description)
+    history = {k: v for k, v in history.items() if v}
+    card = _classifier_card(
+        model, s, cfg, version=version, threshold=threshold, val_metrics=val_metrics,
+        train_description=train_description, best_epoch=best_epoch, pre_losses=pre_losses,
+        load_seconds=load_seconds, train_seconds=t_trained - t_loaded,
+    )
+    _save_run(model, Path(out), card, history, "classifier")
+    return card
+
+
+def _classifier_train_step(model: Any, train: list[GridCase], s: ClassifierSettings, steps: int) -> Any:
+    """The series stage's optimiser, losses and compiled training step ``(x, clin, y, sl) -> (loss, p)``."""
+    import keras
+    import tensorflow as tf
+
+    from models.classifier import focal_bce
+
     schedule = keras.optimizers.schedules.CosineDecay(
         s.mil_learning_rate, decay_steps=max(1, steps * s.epochs), alpha=0.05
     )
@@ -397,9 +419,19 @@ def train_classifier_cases(  # noqa: C901 - one run read top to bottom (data, mo
         opt.apply_gradients(zip(grads, model.trainable_variables, strict=True))
         return total, p
 
-    # Stage 1: the slice encoder and the slice head learn "lesion in this slice" on balanced slices, so the
-    # attention-pooled (multiple-instance) stage starts from informative features; from series batches alone
-    # (one or two patients per step, ~10 % lesion slices) it learns very slowly.
+    return train_step
+
+
+def _slice_warmup(
+    model: Any, train: list[GridCase], s: ClassifierSettings, cfg: PreprocessConfig, rng: np.random.Generator,
+    progress: bool, log: Callable[[str], None],
+) -> list[float]:
+    """Stage 1: the slice encoder and the slice head learn "lesion in this slice" on balanced slices, so the
+    attention-pooled (multiple-instance) stage starts from informative features; from series batches alone
+    (one or two patients per step, ~10 % lesion slices) it learns very slowly. Returns the step losses."""
+    import keras
+    import tensorflow as tf
+
     slice_model = keras.Model(
         model.get_layer("slice_encoder").input,
         model.get_layer("slice_head")(model.get_layer("slice_encoder").output),
@@ -424,7 +456,22 @@ def train_classifier_cases(  # noqa: C901 - one run read top to bottom (data, mo
             bar.set_postfix(loss=f"{np.mean(pre_losses[-50:]):.3f}")
     if pre_losses:
         log(f"slice warm-up: {len(pre_losses)} steps, loss {np.mean(pre_losses[:20]):.3f} → {np.mean(pre_losses[-20:]):.3f}")
+    return pre_losses
 
+
+def _val_loss(yv: np.ndarray, pv: np.ndarray) -> float:
+    """Mean binary cross-entropy of series probabilities ``pv`` against labels ``yv``."""
+    pc = np.clip(pv, 1e-6, 1 - 1e-6)
+    return float(np.mean(-(yv * np.log(pc) + (1 - yv) * np.log(1 - pc))))
+
+
+def _fit_classifier(
+    model: Any, train_step: Any, train: list[GridCase], val: list[GridCase], s: ClassifierSettings,
+    cfg: PreprocessConfig, rng: np.random.Generator, steps: int, progress: bool, log: Callable[[str], None],
+) -> tuple[dict[str, list[float]], int]:
+    """Stage 2: ``s.epochs`` epochs of series batches; leaves the model with the best epoch's weights (by
+    validation ROC AUC, then loss; the warmed-up model is epoch 0's candidate) and returns the history and that
+    epoch (the last one without ``val``)."""
     history: dict[str, list[float]] = {"loss": [], "accuracy": [], "val_loss": [], "val_accuracy": [], "val_auc": []}
     best: tuple[float, float] = (-1.0, -math.inf)
     best_weights = model.get_weights()
@@ -432,8 +479,7 @@ def train_classifier_cases(  # noqa: C901 - one run read top to bottom (data, mo
     if val:  # the warmed-up model (series score = attention over slice evidence) is epoch 0's candidate
         yv = np.array([c.label for c in val])
         pv = predict_classifier(model, val, cfg)
-        pc = np.clip(pv, 1e-6, 1 - 1e-6)
-        best = (_auc(yv.tolist(), pv.tolist()), -float(np.mean(-(yv * np.log(pc) + (1 - yv) * np.log(1 - pc)))))
+        best = (_auc(yv.tolist(), pv.tolist()), -_val_loss(yv, pv))
         log(f"after warm-up: val_auc {best[0]:.3f}")
     for epoch in range(1, s.epochs + 1):
         tot, correct, n = 0.0, 0, 0
@@ -450,8 +496,7 @@ def train_classifier_cases(  # noqa: C901 - one run read top to bottom (data, mo
         if val:
             yv = np.array([c.label for c in val])
             pv = predict_classifier(model, val, cfg)
-            pc = np.clip(pv, 1e-6, 1 - 1e-6)
-            history["val_loss"].append(float(np.mean(-(yv * np.log(pc) + (1 - yv) * np.log(1 - pc)))))
+            history["val_loss"].append(_val_loss(yv, pv))
             history["val_accuracy"].append(float(np.mean((pv >= 0.5) == yv)))
             history["val_auc"].append(_auc(yv.tolist(), pv.tolist()))
             score = (history["val_auc"][-1], -history["val_loss"][-1])
@@ -462,8 +507,13 @@ def train_classifier_cases(  # noqa: C901 - one run read top to bottom (data, mo
         else:
             best_weights, best_epoch = model.get_weights(), epoch
     model.set_weights(best_weights)
-    t_trained = time.perf_counter()
+    return history, best_epoch
 
+
+def _classifier_validation(
+    model: Any, val: list[GridCase], cfg: PreprocessConfig, val_description: dict[str, Any] | None
+) -> tuple[float, dict[str, Any]]:
+    """The operating threshold (Youden J on ``val``; 0.5 without) and the validation metrics for the card."""
     threshold, val_metrics = 0.5, {}
     if val:
         yv = np.array([c.label for c in val])
@@ -477,8 +527,16 @@ def train_classifier_cases(  # noqa: C901 - one run read top to bottom (data, mo
             "specificity": float((~pred[yv == 0]).mean()) if (yv == 0).any() else None,
             "threshold_rule": "Youden J on the validation set",
         }
-    history = {k: v for k, v in history.items() if v}
-    card = {
+    return threshold, val_metrics
+
+
+def _classifier_card(
+    model: Any, s: ClassifierSettings, cfg: PreprocessConfig, *, version: str, threshold: float,
+    val_metrics: dict[str, Any], train_description: dict[str, Any] | None, best_epoch: int, pre_losses: list[float],
+    load_seconds: float, train_seconds: float,
+) -> dict[str, Any]:
+    """The classifier's model card (`write_model` adds the weights' checksum)."""
+    return {
         "name": "pacsnode-pneumonia-classifier",
         "version": version,
         "kind": "classifier",
@@ -515,16 +573,18 @@ def train_classifier_cases(  # noqa: C901 - one run read top to bottom (data, mo
             "slice_warmup_loss": [round(float(np.mean(pre_losses[:20])), 4), round(float(np.mean(pre_losses[-20:])), 4)]
             if pre_losses else None,
             "load_seconds": round(load_seconds, 1),
-            "train_seconds": round(t_trained - t_loaded, 1),
+            "train_seconds": round(train_seconds, 1),
             "environment": _environment(),
         },
         "metrics": {"validation": val_metrics},
     }
-    out = Path(out)
+
+
+def _save_run(model: Any, out: Path, card: dict[str, Any], history: dict[str, list[float]], title: str) -> None:
+    """Write a training run into ``out``: the model and its card, ``history.json`` and ``curves.png``."""
     write_model(model, out, card)
     (out / "history.json").write_text(json.dumps(history, indent=1) + "\n")
-    plot_curves(history, out / "curves.png", "classifier")
-    return card
+    plot_curves(history, out / "curves.png", title)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -614,9 +674,8 @@ def train_segmenter(
 ) -> dict[str, Any]:
     """Train the lung/lesion U-Net; returns the model card (also written to ``out``)."""
     import keras
-    import tensorflow as tf
 
-    from models.unet import build_unet, seg_loss
+    from models.unet import build_unet
 
     s = settings or SegmenterSettings()
     t0 = time.perf_counter()
@@ -632,6 +691,30 @@ def train_segmenter(
         raise TrainingError(f"dataset {data} has no slices with lung")
 
     model = build_unet(grid=s.grid, channels=cfg.channels, base=s.base, depth=s.depth)
+    train_step = _segmenter_train_step(model, s)
+    history, best_epoch = _fit_segmenter(model, train_step, train, val, with_les, without, s, cfg, rng, progress, log)
+    t_trained = time.perf_counter()
+    val_metrics: dict[str, Any] = {}
+    if val:
+        val_metrics = {
+            "dataset": describe_data(Path(val_data)) if val_data else None,
+            **grid_dice(val, predict_segmenter_grid(model, val, cfg)),
+            "grid": "model grid (the test metrics in 'test' are on the source grid)",
+        }
+    history = {k: v for k, v in history.items() if v}
+    card = _segmenter_card(model, s, cfg, version=version, val_metrics=val_metrics, data=data, best_epoch=best_epoch,
+                           load_seconds=t_loaded - t0, train_seconds=t_trained - t_loaded)
+    _save_run(model, Path(out), card, history, "segmenter")
+    return card
+
+
+def _segmenter_train_step(model: Any, s: SegmenterSettings) -> Any:
+    """The U-Net's optimiser and compiled training step ``(x, y) -> (loss, pixel accuracy)``."""
+    import keras
+    import tensorflow as tf
+
+    from models.unet import seg_loss
+
     schedule = keras.optimizers.schedules.CosineDecay(
         s.learning_rate, decay_steps=max(1, s.steps_per_epoch * s.epochs), alpha=0.05
     )
@@ -647,6 +730,17 @@ def train_segmenter(
         acc = tf.reduce_mean(tf.cast(tf.equal(tf.argmax(probs, -1, output_type=tf.int32), y), tf.float32))
         return loss, acc
 
+    return train_step
+
+
+def _fit_segmenter(
+    model: Any, train_step: Any, train: list[GridCase], val: list[GridCase], with_les: np.ndarray,
+    without: np.ndarray, s: SegmenterSettings, cfg: PreprocessConfig, rng: np.random.Generator, progress: bool,
+    log: Callable[[str], None],
+) -> tuple[dict[str, list[float]], int]:
+    """``s.epochs`` epochs of sampled slices (``s.lesion_fraction`` of them from ``with_les``); leaves the model with
+    the best epoch's weights (by validation lung + lesion Dice) and returns the history and that epoch (the last
+    one without ``val``)."""
     history: dict[str, list[float]] = {"loss": [], "pixel_accuracy": [], "val_lung_dice": [], "val_lesion_dice": []}
     best_score, best_weights, best_epoch = -1.0, model.get_weights(), 0
     n_les = int(round(s.batch_size * s.lesion_fraction)) if len(with_les) else 0
@@ -679,16 +773,15 @@ def train_segmenter(
         else:
             best_weights, best_epoch = model.get_weights(), epoch
     model.set_weights(best_weights)
-    t_trained = time.perf_counter()
-    val_metrics: dict[str, Any] = {}
-    if val:
-        val_metrics = {
-            "dataset": describe_data(Path(val_data)) if val_data else None,
-            **grid_dice(val, predict_segmenter_grid(model, val, cfg)),
-            "grid": "model grid (the test metrics in 'test' are on the source grid)",
-        }
-    history = {k: v for k, v in history.items() if v}
-    card = {
+    return history, best_epoch
+
+
+def _segmenter_card(
+    model: Any, s: SegmenterSettings, cfg: PreprocessConfig, *, version: str, val_metrics: dict[str, Any],
+    data: Path, best_epoch: int, load_seconds: float, train_seconds: float,
+) -> dict[str, Any]:
+    """The U-Net's model card (`write_model` adds the weights' checksum)."""
+    return {
         "name": "pacsnode-lung-lesion-unet",
         "version": version,
         "kind": "segmenter",
@@ -715,14 +808,9 @@ def train_segmenter(
             "augmentation": "left-right flip, rotation ±12°, Gaussian noise ≤25 HU, HU shift ±30; "
             f"{int(s.lesion_fraction * 100)} % of sampled slices contain lesion",
             "best_epoch": best_epoch,
-            "load_seconds": round(t_loaded - t0, 1),
-            "train_seconds": round(t_trained - t_loaded, 1),
+            "load_seconds": round(load_seconds, 1),
+            "train_seconds": round(train_seconds, 1),
             "environment": _environment(),
         },
         "metrics": {"validation": val_metrics},
     }
-    out = Path(out)
-    write_model(model, out, card)
-    (out / "history.json").write_text(json.dumps(history, indent=1) + "\n")
-    plot_curves(history, out / "curves.png", "segmenter")
-    return card

@@ -22,7 +22,7 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient` is deprecated")
     from starlette.testclient import TestClient
 
-from node import dicomweb
+from node import dicomweb, stow
 from node.config import NodeConfig
 from node.db import create_engine_for, init_schema
 from node.dicomweb import STOW_CALLING_AE, create_app
@@ -449,6 +449,6 @@ def test_http_server_starts_serves_and_stops(tmp_path):
 
 def test_ingest_accepts_exactly_the_bytes_after_the_meta(ct):
     data = ct.paths[0].read_bytes()
-    meta, offset = dicomweb._split_part10(data)
+    meta, offset = stow.split_part10(data)
     assert data[offset:] == dataset_bytes(ct.paths[0])
     assert meta.TransferSyntaxUID == ExplicitVRLittleEndian

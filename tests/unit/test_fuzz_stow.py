@@ -1,7 +1,7 @@
-"""Fuzzing the STOW-RS multipart reader (node.dicomweb) with garbled bodies, boundaries, part headers and request
-content types, built from real Part 10 files (a tests/ctgen CT slice, pydicom's CT_small.dcm). The app runs over
-a real ingest stack; every request must get one of the documented statuses (200, 202, 400, 409, 413, 415) — never
-a 500 or an exception."""
+"""Fuzzing the STOW-RS multipart reader (node.stow, behind node.dicomweb) with garbled bodies, boundaries, part
+headers and request content types, built from real Part 10 files (a tests/ctgen CT slice, pydicom's
+CT_small.dcm). The app runs over a real ingest stack; every request must get one of the documented statuses (200,
+202, 400, 409, 413, 415) — never a 500 or an exception."""
 
 from __future__ import annotations
 

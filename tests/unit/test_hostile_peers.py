@@ -1,4 +1,4 @@
-"""Per-address limits on the DIMSE listener and the rate-limited refusal log (node.guard, node.refusals).
+"""Per-address limits on the DIMSE listener and the rate-limited refusal log (node.acceptor, node.refusals).
 
 The flooding peer connects from 127.0.0.2 (any 127/8 address is loopback on Linux), the legitimate ones from
 127.0.0.1: DCMTK's echoscu and pynetdicom. The node runs in-process over a real spool and index (the `Node` of

@@ -22,7 +22,7 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient` is deprecated")
     from starlette.testclient import TestClient
 
-from node import dicomweb
+from node import stow
 from node.config import NodeConfig
 from node.db import create_engine_for, init_schema
 from node.dicomweb import create_app
@@ -130,7 +130,7 @@ def test_a_deflate_bomb_part_fails_with_a700_and_is_not_inflated_whole(node, tmp
 
 
 def test_large_parts_are_parsed_and_spooled_from_the_body_file(node, tmp_path, monkeypatch):
-    monkeypatch.setattr(dicomweb, "IN_MEMORY_PART_BYTES", 1024)  # every part takes the large-part path
+    monkeypatch.setattr(stow, "IN_MEMORY_PART_BYTES", 1024)  # every part takes the large-part path
     series = write_ct_series(tmp_path / "s", slices=3, size=64)
     plain = pydicom.dcmread(series.paths[2])
     plain_bytes = DicomBytesIO()
@@ -156,7 +156,7 @@ def test_endless_part_headers_are_400(node):
 
 
 def test_too_many_parts_are_413(node, monkeypatch):
-    monkeypatch.setattr(dicomweb, "MAX_PARTS", 3)
+    monkeypatch.setattr(stow, "MAX_PARTS", 3)
     r = node.stow(body(*[part(b"x")] * 4))
     assert r.status_code == 413 and "parts" in r.json()["error"]
 

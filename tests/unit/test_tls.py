@@ -1,4 +1,4 @@
-"""TLS (node/tls.py, the [tls] config, DICOM TLS in node/guard.py and node/dimse.py, DIMSE TLS in node/scu.py).
+"""TLS (node/tls.py, the [tls] config, DICOM TLS in node/acceptor.py and node/dimse.py, DIMSE TLS in node/scu.py).
 
 Certificates are made per module with the ``openssl`` command (tests/tlscerts.py). The node's DIMSE server runs
 in-process (`DimseServer` over a real spool and index, like tests/unit/test_hostile_dimse.py) with DCMTK's
@@ -21,12 +21,12 @@ import pytest
 from pydicom.data import get_testdata_file
 from structlog.testing import capture_logs
 
+from node.acceptor import GuardedServer
 from node.cli import main as cli_main
 from node.config import Destination, NodeConfig, NodeSection, TlsSection, load_config
 from node.db import create_engine_for, init_schema
 from node.dimse import DimseServer
 from node.errors import ConfigError
-from node.guard import GuardedServer
 from node.index import Index
 from node.ingest import Ingestor
 from node.senders import DimseSender, TransientSendError

@@ -1,0 +1,223 @@
+"""The DIMSE listener's accepting side: connection caps, per-peer caps, and the DICOM TLS handshake in each
+connection's own thread; each accepted association is then fitted with `node.guard`'s socket and DIMSE guards.
+
+`GuardedServer` is pynetdicom's own `ThreadedAssociationServer` with `GuardedRequestHandler`, which for each
+accepted connection swaps in `node.guard.GuardedSocket` (read deadlines, PDU size cap) and `node.guard.GuardedDimse`
+(bounded data sets) before the association starts; `start_guarded_server` starts it in the ``AcceptorServer@pacsnode``
+thread.
+
+With an ``ssl_context`` (DICOM TLS), `GuardedServer.get_request` wraps each accepted socket without the
+handshake, which pynetdicom would do right there in the acceptor thread, so a peer that connects and never sends
+a ClientHello would hold off every other connection; `GuardedRequestHandler` does it in the connection's own
+thread within ``association_timeout`` of the accept (the same deadline then runs on until the association is
+negotiated), and the handshakes under way count against the connection cap. The reads then go through the TLS
+socket unchanged.
+
+The server itself closes a new connection at once while `node.guard.CONNECTIONS_PER_ASSOCIATION` ×
+``max_associations`` are open, or while ``max_associations_per_peer`` are open from the same address (pynetdicom
+would give each two threads and only count it at A-ASSOCIATE-RQ time), and listens with a backlog of that size
+rather than socketserver's 5. Closing at accept rather than answering A-ASSOCIATE-RJ (transient,
+local-limit-exceeded) is deliberate: an RJ answers an RQ, so the node would first have to read and decode up to
+``max_pdu_bytes`` from the peer on a thread of its own — the very cost a flood is after. Every refusal goes
+through `node.refusals.Refusals`: counted in the metrics, logged at most a few times per peer address and minute.
+
+The pynetdicom 3.0.4 internals this relies on are listed, with `node.guard`'s, in `node.guard`'s docstring.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import socketserver
+import ssl
+import threading
+import time
+from typing import TYPE_CHECKING, Any, cast
+
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+
+from node.guard import GuardedDimse, GuardedSocket, ReceiveLimits, record_unfinished_negotiation
+from node.refusals import Refusals
+from node.states import PeerRefusal
+from node.tls import describe_tls_error
+
+if TYPE_CHECKING:
+    from pynetdicom import AE
+    from pynetdicom.association import Association
+    from pynetdicom.presentation import PresentationContext
+
+
+class GuardedRequestHandler(RequestHandler):
+    """pynetdicom's request handler, fitting each new acceptor association with `node.guard`'s guards; on a TLS
+    server it first completes the handshake, in this connection's own thread, under the association deadline."""
+
+    server: GuardedServer
+    _accepted_at: float
+    _slot_handed_over = False  # the association thread owns (and releases) this connection's per-peer slot
+
+    def setup(self) -> None:
+        self._accepted_at = time.monotonic()
+
+    def handle(self) -> None:
+        try:
+            if isinstance(self.request, ssl.SSLSocket):
+                try:
+                    shaken = self._handshake(self.request)
+                finally:
+                    self.server.handshake_finished()
+                if not shaken:
+                    return
+            super().handle()
+        finally:
+            if not self._slot_handed_over:  # the association never started: nobody else will release the slot
+                self.server.release_peer(self.client_address[0])
+
+    def _handshake(self, sock: ssl.SSLSocket) -> bool:
+        """Complete the TLS handshake within ``association_timeout``; on failure record why, close, return False."""
+        timeout = self.server.limits.association_timeout
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # the handshake's flights go out at once
+            sock.settimeout(timeout)  # CPython applies it to the whole do_handshake() call, not per read
+            sock.do_handshake()
+        except (OSError, ValueError) as exc:  # ssl.SSLError, TimeoutError, ConnectionResetError ...
+            reason = "timed out" if isinstance(exc, TimeoutError) else describe_tls_error(exc)
+            self.server.refusals.record(PeerRefusal.TLS_HANDSHAKE_FAILED, str(self.client_address[0]),
+                                        int(self.client_address[1]), why=reason, timeout=timeout)
+            with contextlib.suppress(OSError):
+                sock.close()
+            return False
+        return True
+
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        server = self.server
+        limits = server.limits
+        # opened at the accept: the TLS handshake counts against the negotiation deadline
+        GuardedSocket.adopt(cast(AssociationSocket, assoc.dul.socket), limits, server.refusals, self._accepted_at)
+        assoc.dimse = GuardedDimse(assoc, limits, server.refusals)
+        run, address = assoc.run, self.client_address[0]
+
+        def run_then_release() -> None:  # the slot is held exactly as long as the association's thread runs
+            try:
+                run()
+            finally:
+                server.release_peer(address)
+                record_unfinished_negotiation(assoc, server.refusals, limits)
+
+        assoc.run = run_then_release  # type: ignore[method-assign]
+        self._slot_handed_over = True
+        return assoc
+
+
+
+class GuardedServer(ThreadedAssociationServer):
+    """A `ThreadedAssociationServer` whose associations run guarded; ``limits`` may be swapped while it runs
+    (new associations use the new value)."""
+
+    def __init__(
+        self,
+        ae: AE,
+        address: tuple[str, int],
+        ae_title: str,
+        contexts: list[PresentationContext],
+        ssl_context: ssl.SSLContext | None = None,
+        evt_handlers: list[Any] | None = None,
+        *,
+        limits: ReceiveLimits,
+        refusals: Refusals | None = None,
+    ) -> None:
+        self.limits = limits
+        self._handshaking = 0  # TLS connections accepted whose handshake is not over (no association yet)
+        self._handshaking_lock = threading.Lock()
+        self.refusals = refusals or Refusals("dimse")
+        self._per_peer: dict[str, int] = {}  # open connections by peer address (admitted, thread not yet ended)
+        self._per_peer_lock = threading.Lock()
+        # socketserver listens with a backlog of 5: a burst of connections (several modalities, or an attacker's
+        # idle ones) then has the kernel drop SYNs and senders wait a 1 s retransmission each.
+        self.request_queue_size = max(limits.max_connections, 5)
+        super().__init__(
+            ae, address, ae_title, contexts, ssl_context, evt_handlers=evt_handlers,
+            request_handler=GuardedRequestHandler,
+        )
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """socketserver's admission check: close the connection at once when ``max_connections`` are open, so
+        a connection flood costs neither threads nor memory (a refused peer sees the connection closed)."""
+        limits = self.limits
+        address, port = str(client_address[0]), int(client_address[1])
+        open_now = len(self.active_associations) + self._handshaking
+        if open_now >= limits.max_connections:
+            self.refusals.record(
+                PeerRefusal.CONNECTION_REFUSED, address, port, open=open_now, limit=limits.max_connections
+            )
+            return False
+        with self._per_peer_lock:
+            from_peer = self._per_peer.get(address, 0)
+            admitted = limits.max_per_peer is None or from_peer < limits.max_per_peer
+            if admitted:
+                self._per_peer[address] = from_peer + 1
+        if not admitted:
+            self.refusals.record(
+                PeerRefusal.PEER_LIMIT_REACHED, address, port, open=from_peer, limit=limits.max_per_peer
+            )
+            return False
+        if self.ssl_context is not None:
+            with self._handshaking_lock:
+                self._handshaking += 1  # until its handler's handshake_finished()
+        return True
+
+    def release_peer(self, address: str) -> None:
+        """One connection from ``address`` has ended (its association thread finished, or never started)."""
+        with self._per_peer_lock:
+            left = self._per_peer.get(address, 0) - 1
+            if left > 0:
+                self._per_peer[address] = left
+            else:
+                self._per_peer.pop(address, None)
+
+    def open_from(self, address: str) -> int:
+        """Connections from ``address`` admitted and not yet ended."""
+        with self._per_peer_lock:
+            return self._per_peer.get(address, 0)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        """Accept; on a TLS server wrap the socket but leave the handshake to the connection's own thread
+        (pynetdicom's ``get_request`` does it here, where one silent peer would block every accept)."""
+        assert self.socket is not None
+        client, address = self.socket.accept()
+        if self.ssl_context is not None:
+            client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
+        return client, address
+
+    def handshake_finished(self) -> None:
+        with self._handshaking_lock:
+            self._handshaking -= 1
+
+    @property
+    def handshaking(self) -> int:
+        """TLS connections accepted whose handshake is still under way."""
+        return self._handshaking
+
+    def shutdown(self) -> None:
+        """Stop serving and close the listening socket (this server is not in the AE's own server list)."""
+        socketserver.BaseServer.shutdown(self)
+        self.server_close()
+
+
+def start_guarded_server(
+    ae: AE, address: tuple[str, int], evt_handlers: list[Any], limits: ReceiveLimits,
+    ssl_context: ssl.SSLContext | None = None,
+    refusals: Refusals | None = None,
+) -> GuardedServer:
+    """Like ``ae.start_server(address, block=False, evt_handlers=..., ssl_context=...)`` but guarded (DICOM TLS
+    when ``ssl_context`` is given); returns once listening."""
+    server = cast(
+        GuardedServer,
+        ae.make_server(address, evt_handlers=evt_handlers, ssl_context=ssl_context, server_class=GuardedServer,
+                       limits=limits, refusals=refusals),
+    )
+    threading.Thread(target=server.serve_forever, name="AcceptorServer@pacsnode", daemon=True).start()
+    return server
+
+
+__all__ = ["GuardedRequestHandler", "GuardedServer", "start_guarded_server"]

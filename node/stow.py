@@ -1,0 +1,256 @@
+"""STOW-RS request bodies and answers, for `node.dicomweb`: the ``multipart/related`` body read into parts under
+the size caps, each part's Part 10 file meta split from its data set, and the PS3.18 Store Instances Response.
+
+`stow_boundary` checks the request's Content-Type (415, 400); `BodyReader` feeds the streamed body to
+python-multipart's parser, appending part payloads to one file and remembering where each part lies, and raises
+`Refused` (400 malformed framing, 413 a part over ``max_instance_bytes`` or more than `MAX_PARTS` parts, 415 a part
+that is not ``application/dicom``) as soon as the body shows it; `part_data` gives one part's bytes back (a large
+one as a `FileSpan` over the body's file); `split_part10` finds its file meta; `store_response` builds the answer.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import IO, TYPE_CHECKING, BinaryIO, cast
+
+from pydicom.dataset import Dataset
+from pydicom.filereader import _read_file_meta_info, read_preamble
+from python_multipart.exceptions import FormParserError, MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from node.errors import InvalidDatasetError
+from node.ingest import EncodedDataset, FileSpan
+
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks
+
+IN_MEMORY_PART_BYTES = 16 << 20  # a larger part is parsed and spooled from the body's temp file, not memory
+MAX_PARTS = 100_000  # parts per request; each costs a small record in memory while the body is read
+MAX_PART_HEADER_BYTES = 16 << 10  # a part's header block (names and values); real ones are ~100 bytes
+
+
+class StowFailure(IntEnum):
+    """PS3.18 Table I.2-2 failure reasons that have no C-STORE twin in `StoreStatus`."""
+
+    PROCESSING_FAILURE = 0x0110
+    SOP_CLASS_NOT_SUPPORTED = 0x0122
+    TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
+
+
+class Refused(Exception):  # noqa: N818 - a control-flow signal answered in node.dicomweb, not an error
+    """A STOW request refused as a whole (nothing stored); caught in the handler and answered with
+    ``http_status``. Never leaves node.dicomweb."""
+
+    def __init__(self, http_status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.http_status = http_status
+        self.reason = reason
+
+
+class PartFailed(Exception):  # noqa: N818 - a control-flow signal answered in node.dicomweb, not an error
+    """One part refused with a STOW-only failure reason (see `StowFailure`)."""
+
+    def __init__(self, status: StowFailure, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# -- request body → parts --------------------------------------------------------------------------------
+@dataclass
+class Part:
+    """Where one part's payload lies in the body's file."""
+
+    offset: int
+    length: int = 0
+
+
+@dataclass
+class PartOutcome:
+    """One part's result, for the response and the log."""
+
+    sop_class_uid: str = ""
+    sop_uid: str = ""
+    stored: bool = False
+    failure: int | None = None
+    reason: str = ""
+    retry_after: int | None = None  # refused by admission control: the client may retry after this many seconds
+
+
+def _media_type(value: str) -> tuple[str, dict[str, str]]:
+    mtype, params = parse_options_header(value)
+    return mtype.decode("latin-1").strip().lower(), {
+        k.decode("latin-1").lower(): v.decode("latin-1") for k, v in params.items()
+    }
+
+
+def stow_boundary(content_type: str | None) -> str:
+    """The multipart boundary of a STOW-RS request; raises `Refused` (415 wrong type, 400 no boundary)."""
+    if not content_type:
+        raise Refused(415, "Content-Type is missing; expected multipart/related; type=\"application/dicom\"")
+    mtype, params = _media_type(content_type)
+    if mtype != "multipart/related":
+        raise Refused(415, f"Content-Type {mtype!r} is not multipart/related")
+    part_type = _media_type(params.get("type", ""))[0]
+    if part_type != "application/dicom":
+        raise Refused(415, f"multipart/related type {part_type or '(missing)'!r} is not application/dicom")
+    boundary = params.get("boundary", "")
+    if not boundary:
+        raise Refused(400, "multipart/related Content-Type has no boundary")
+    # RFC 2046 caps boundaries at 70 characters, but real clients exceed it (Orthanc's DICOMweb plugin sends
+    # longer ones); the parser's own cap (256) is the limit, checked in `BodyReader`.
+    return boundary
+
+
+class BodyReader:
+    """Feeds a streamed body to python-multipart's `MultipartParser`, appending part payloads to ``sink`` and
+    remembering where each part lies; refuses non-DICOM parts (415) and malformed framing (400)."""
+
+    def __init__(self, boundary: str, sink: IO[bytes], max_part_bytes: int) -> None:
+        self.sink = sink
+        self.max_part_bytes = max_part_bytes
+        self.parts: list[Part] = []
+        self.ended = False
+        self._field = bytearray()
+        self._value = bytearray()
+        self._headers: dict[str, str] = {}
+        self._header_bytes = 0
+        callbacks: MultipartCallbacks = {
+            "on_part_begin": self._on_part_begin,
+            "on_header_field": self._on_header_field,
+            "on_header_value": self._on_header_value,
+            "on_header_end": self._on_header_end,
+            "on_headers_finished": self._on_headers_finished,
+            "on_part_data": self._on_part_data,
+            "on_end": self._on_end,
+        }
+        try:
+            self._parser = MultipartParser(boundary.encode("latin-1"), callbacks)
+        except (FormParserError, UnicodeEncodeError) as exc:
+            raise Refused(400, f"unusable multipart boundary: {exc}") from exc
+
+    def write(self, chunk: bytes) -> None:
+        try:
+            self._parser.write(chunk)
+        except MultipartParseError as exc:
+            raise Refused(400, f"multipart body does not parse: {exc}") from exc
+
+    def finish(self) -> list[Part]:
+        try:
+            self._parser.finalize()
+        except MultipartParseError as exc:
+            raise Refused(400, f"multipart body does not parse: {exc}") from exc
+        if not self.ended:
+            raise Refused(400, "multipart body is truncated: the closing boundary is missing")
+        if not self.parts:
+            raise Refused(400, "multipart body has no parts")
+        return self.parts
+
+    def _on_part_begin(self) -> None:
+        if len(self.parts) >= MAX_PARTS:
+            raise Refused(413, f"multipart body has more than {MAX_PARTS} parts")
+        self.parts.append(Part(offset=self.sink.tell()))
+        self._headers.clear()
+        self._header_bytes = 0
+
+    def _count_header(self, n: int) -> None:
+        self._header_bytes += n
+        if self._header_bytes > MAX_PART_HEADER_BYTES:
+            raise Refused(400, f"part {len(self.parts)} has more than {MAX_PART_HEADER_BYTES} bytes of headers")
+
+    def _on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._count_header(end - start)
+        self._field += data[start:end]
+
+    def _on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._count_header(end - start)
+        self._value += data[start:end]
+
+    def _on_header_end(self) -> None:
+        self._headers[self._field.decode("latin-1").strip().lower()] = self._value.decode("latin-1").strip()
+        self._field.clear()
+        self._value.clear()
+
+    def _on_headers_finished(self) -> None:
+        # A part without Content-Type takes the root type named by the request's type parameter (RFC 2387).
+        declared = self._headers.get("content-type")
+        if declared is not None and _media_type(declared)[0] != "application/dicom":
+            raise Refused(415, f"part {len(self.parts)} has Content-Type {_media_type(declared)[0]!r}, not application/dicom")
+
+    def _on_part_data(self, data: bytes, start: int, end: int) -> None:
+        part = self.parts[-1]
+        if part.length + (end - start) > self.max_part_bytes:
+            raise Refused(413, f"part {len(self.parts)} exceeds the node's limit of {self.max_part_bytes} bytes")
+        self.sink.write(data[start:end])
+        part.length += end - start
+
+    def _on_end(self) -> None:
+        self.ended = True
+
+
+# -- one part → its data set ------------------------------------------------------------------------------
+def split_part10(data: EncodedDataset) -> tuple[Dataset, int]:
+    """The file meta of a Part 10 file and the offset where its dataset starts; `InvalidDatasetError` if the
+    bytes are not a Part 10 file."""
+    fp = io.BytesIO(data) if isinstance(data, bytes) else data.sub(0)
+    try:
+        read_preamble(cast(BinaryIO, fp), False)
+        # pydicom's file meta reader (private but unchanged since pydicom 1.x; pinned <4 in pyproject.toml)
+        # leaves fp at the first dataset element, which is the offset we need.
+        meta = _read_file_meta_info(cast(BinaryIO, fp))
+        for keyword in ("TransferSyntaxUID", "MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID"):
+            meta.get(keyword)  # convert inside the boundary
+    except Exception as exc:  # pydicom raises many types on bad input; all mean "cannot understand"
+        raise InvalidDatasetError(f"part is not a DICOM Part 10 file: {type(exc).__name__}: {exc}") from exc
+    missing = [k for k in ("TransferSyntaxUID", "MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID") if not meta.get(k)]
+    if missing:
+        raise InvalidDatasetError(f"part's file meta lacks {', '.join(missing)}")
+    return meta, fp.tell()
+
+
+def part_data(body: IO[bytes], part: Part) -> EncodedDataset:
+    """A part's bytes; a part over `IN_MEMORY_PART_BYTES` is read in place from the body's temp file."""
+    if part.length > IN_MEMORY_PART_BYTES:
+        return FileSpan(body, part.offset, part.length)
+    body.seek(part.offset)
+    return body.read(part.length)
+
+
+
+def store_response(outcomes: list[PartOutcome]) -> Dataset:
+    """The PS3.18 Store Instances Response (Table I.1-1). RetrieveURLs are present but empty (Type 2): this node
+    serves no WADO-RS, so it names no URL it cannot answer."""
+    resp = Dataset()
+    resp.RetrieveURL = ""
+    referenced, failed = [], []
+    for o in outcomes:
+        item = Dataset()
+        item.ReferencedSOPClassUID = o.sop_class_uid
+        item.ReferencedSOPInstanceUID = o.sop_uid
+        if o.stored:
+            item.RetrieveURL = ""
+            referenced.append(item)
+        else:
+            item.FailureReason = o.failure
+            failed.append(item)
+    if referenced:
+        resp.ReferencedSOPSequence = referenced
+    if failed:
+        resp.FailedSOPSequence = failed
+    return resp
+
+
+__all__ = [
+    "MAX_PARTS",
+    "BodyReader",
+    "Part",
+    "PartFailed",
+    "PartOutcome",
+    "Refused",
+    "StowFailure",
+    "part_data",
+    "split_part10",
+    "store_response",
+    "stow_boundary",
+]
