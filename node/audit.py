@@ -240,8 +240,9 @@ class AuditTrail:
                 self._rotate_if_due(now, len(line) + 1)
                 if self._file is None:
                     self.path.parent.mkdir(parents=True, exist_ok=True)
+                    existing = _file_day(self.path)  # a file left by an earlier run keeps its day; a new one: now's
                     self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open between records
-                    self._day = _file_day(self.path) or now.date()
+                    self._day = existing or now.date()
                 self._file.write(line + "\n")
                 self._file.flush()
             except OSError as exc:
