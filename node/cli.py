@@ -125,7 +125,6 @@ def _open_db(args: argparse.Namespace) -> tuple[NodeConfig, Any]:
     from node.dispatch import Dispatcher
     from node.index import Index
     from node.queue import JobQueue
-    from node.reachability import destination_checks  # noqa: F401 - registers its tables (and commitments')
 
     config = _load(args)
     engine = create_engine_for(config.database_url)

@@ -1,5 +1,5 @@
 """Closed sets, a leaf module: series, association, job, delivery and commitment states; admission reasons, client
-certificate modes, authentication failures and peer refusals; the node's Manufacturer value."""
+certificate modes, authentication failures and peer refusals; schema states; the node's Manufacturer value."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ class JobState(StrEnum):
 
 
 class DeliveryState(StrEnum):
-    PENDING = "pending"      # due at next_attempt_at
+    PENDING = "pending"      # due at due_at
     SENDING = "sending"      # a sender is working on it
     DELIVERED = "delivered"
     DEAD = "dead"            # gave up after give_up_after_seconds; replay with `pacsnode retry`
@@ -88,3 +88,13 @@ class PeerRefusal(StrEnum):
     HTTP_BODY_TIMEOUT = "http_body_timeout"            # HTTP: no body bytes within the read timeout
     HTTP_HEADER_TOO_LARGE = "http_header_too_large"    # HTTP: request head over http_max_header_bytes (431)
     TLS_HANDSHAKE_FAILED = "tls_handshake_failed"      # DICOM TLS: no, a wrong or a timed-out handshake
+
+
+class SchemaState(StrEnum):
+    """Where a database's schema stands against this release's migrations (node.migrate)."""
+
+    EMPTY = "empty"                # no tables: created at the newest revision
+    CURRENT = "current"            # at this release's newest revision
+    BEHIND = "behind"              # at an older revision this release knows: `pacsnode db upgrade`
+    UNVERSIONED = "unversioned"    # tables from a release before migrations (no alembic_version): adopted by upgrade
+    UNKNOWN = "unknown"            # at a revision this release does not know (a newer release wrote it): refused

@@ -389,8 +389,8 @@ def test_a_job_whose_worker_died_mid_attempt_is_dead_lettered_and_reported_by_th
     job_id = queue_job(queue, series.series_uid)
     with engine.begin() as conn:
         conn.execute(jobs.update().where(jobs.c.id == job_id).values(
-            state=JobState.RUNNING, worker_id="worker-killed", attempts=config.queue.max_attempts,
-            lease_expires_at=time.time() - 1))
+            state=JobState.RUNNING, holder="worker-killed", attempts=config.queue.max_attempts,
+            lease_until=time.time() - 1))
     runner = FixedRunner(0.9)
     worker = run_worker(config, engine, queue, dispatcher, runner)
     try:
