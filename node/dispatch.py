@@ -118,8 +118,8 @@ class Dispatcher:
         self._paused: dict[str, tuple[float, float]] = {}  # destination -> (failed_at, until)
         self._stopping = threading.Event()
         self._insert = insert_for(engine)
-        self._threads = DispatchThreads(self._drain, self._sweep, heartbeats or Heartbeats(), self._stopping,
-                                        self._log)
+        self._threads = DispatchThreads(lambda *args: self._drain(*args), lambda: self._sweep(),
+                                        heartbeats or Heartbeats(), self._stopping, self._log)
 
     @staticmethod
     def _checked(senders: Mapping[DestinationKind, Sender]) -> dict[DestinationKind, Sender]:

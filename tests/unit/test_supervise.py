@@ -497,7 +497,7 @@ def test_a_dead_dispatch_thread_is_revived_by_its_restart(node, tmp_path):
     dispatcher = Dispatcher(config, engine, {DestinationKind.DIMSE: sender}, heartbeats=beats)
     dispatcher.start()
     try:
-        worker = dispatcher._workers["pacs"]
+        worker = dispatcher._threads._workers["pacs"]
         worker.stop.set()  # the thread ends although nobody stopped the dispatcher
         worker.wake.set()
         wait_for(lambda: not beats.snapshot()["dispatch:pacs"].alive, what="the thread to end")
