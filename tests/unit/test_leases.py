@@ -151,12 +151,11 @@ def test_postgresql_claims_skip_a_row_locked_by_another_transaction(postgres_ser
     init_schema(engine)
     first, second = fill(engine, 2)
     queue = JobQueue(engine, QueueSection())
-    with engine.connect() as locker:
-        with locker.begin():
-            locker.execute(sa.select(jobs.c.id).where(jobs.c.id == first).with_for_update())
-            t0 = time.monotonic()
-            job = queue.claim("w")
-            assert job is not None and job.id == second and time.monotonic() - t0 < 2.0
-            assert queue.claim("w") is None  # the locked one is skipped, not waited for
+    with engine.connect() as locker, locker.begin():
+        locker.execute(sa.select(jobs.c.id).where(jobs.c.id == first).with_for_update())
+        t0 = time.monotonic()
+        job = queue.claim("w")
+        assert job is not None and job.id == second and time.monotonic() - t0 < 2.0
+        assert queue.claim("w") is None  # the locked one is skipped, not waited for
     assert queue.claim("w").id == first  # free once the other transaction ended
     engine.dispose()
