@@ -20,7 +20,6 @@ import datetime as dt
 import io
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
@@ -37,6 +36,7 @@ from models.preprocess import PreprocessError, load_series
 from node.config import NodeConfig, PipelineName
 from node.dispatch import Dispatcher
 from node.gate import GateRefusal, check_header, check_series
+from node.leases import holder_id
 from node.logs import get_logger
 from node.metrics import Metrics
 from node.pipelines import PIPELINES, ModelRunner, Pipeline, RegistryRunner  # noqa: F401 - re-exported
@@ -84,7 +84,7 @@ class Worker:
         self.clock = clock
         self.poll_seconds = poll_seconds
         self.metrics = metrics or Metrics()
-        self.worker_id = f"worker-{uuid.uuid4().hex[:12]}"
+        self.worker_id = holder_id("worker")  # <host>:worker:<pid>:<random>, the lease holder (node.leases)
         self.results_store = Spool(config.node.data_dir / "results")
         self.log = get_logger(component="worker", worker_id=self.worker_id)
         self._wake = threading.Event()
