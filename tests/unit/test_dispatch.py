@@ -17,6 +17,7 @@ from node.config import Destination, DestinationKind, DispatchSection, NodeConfi
 from node.db import create_engine_for, init_schema
 from node.dispatch import Dispatcher, backoff_delay, deliveries
 from node.errors import SendError
+from node.leases import holder_id
 from node.logs import PHI_KEYS
 from node.scu import StoreResult
 from node.senders import (
@@ -469,6 +470,20 @@ def test_an_expired_lease_is_reclaimed(make: Callable[..., Dispatcher], sender: 
     clock.advance(61)
     assert d.run_once() == 1  # the loop reclaims it even without recover()
     assert row(d, delivery_id).state == DeliveryState.DELIVERED
+
+
+def test_start_up_recovery_takes_back_only_this_nodes_rows(make: Callable[..., Dispatcher], sender: FakeSender,
+                                                            clock: FakeClock, engine: sa.Engine) -> None:
+    d = make()
+    [mine] = d.enqueue("1.2.3", 1, files(), uids())
+    [theirs] = d.enqueue("1.2.4", 1, files(tag="b"), uids(tag="2"))
+    force_state(engine, mine, state="sending", holder=holder_id("dispatch"), lease_until=clock.now + 60)
+    force_state(engine, theirs, state="sending", holder=holder_id("dispatch", "other-node"),
+                lease_until=clock.now + 60)
+    assert make().recover(own=True) == 1  # what serve does at start: an earlier process of this node crashed
+    assert (row(d, mine).state, row(d, mine).holder) == (DeliveryState.PENDING, None)
+    assert row(d, theirs).state == DeliveryState.SENDING  # another node's live lease is left alone
+    assert d.run_once() == 1 and sender.sent_to("pacs") == 1
 
 
 def test_two_dispatchers_never_send_one_row(db_url: str, clock: FakeClock) -> None:
