@@ -362,40 +362,22 @@ class Dispatcher:
 
     def _sweep(self) -> int:
         """Dead-letter pending rows whose give-up time has passed; returns how many."""
-        config = self._config
-        give_up = config.dispatch.give_up_after_seconds
-        now = self._clock()
-        configured = {x.name for x in config.destinations}
+        give_up = self._config.dispatch.give_up_after_seconds
+        configured = {x.name for x in self._config.destinations}
         d = deliveries.c
-        expired = sa.and_(d.state == DeliveryState.PENDING.value, d.queued_at <= now - give_up)
-        dead = 0
-        with self._transaction(None) as conn:
-            rows = conn.execute(
-                sa.select(d.id, d.series_uid, d.version, d.destination, d.sop_uids, d.last_error)
-                .where(expired)
-                .order_by(d.id)
-            ).all()
-            for row in rows:
-                last = row.last_error or (
-                    "none (not attempted)" if row.destination in configured else "destination not configured"
-                )
-                reason = f"gave up after {give_up:g} s; last error: {last}"[:_MAX_ERROR_CHARS]
-                if conn.execute(
-                    deliveries.update()
-                    .where(d.id == row.id, expired)
-                    .values(state=DeliveryState.DEAD.value, last_error=reason)
-                ).rowcount:
-                    dead += 1
-                    self._log.error(
-                        "delivery_dead",
-                        delivery_id=row.id,
-                        series_uid=row.series_uid,
-                        version=row.version,
-                        destination=row.destination,
-                        sop_uids=json.loads(row.sop_uids),
-                        error=reason,
-                    )
-        return dead
+
+        def reason(row: sa.Row[Any]) -> str:
+            last = row.last_error or (
+                "none (not attempted)" if row.destination in configured else "destination not configured")
+            return f"gave up after {give_up:g} s; last error: {last}"
+
+        expired = sa.and_(d.state == DeliveryState.PENDING.value, d.queued_at <= self._clock() - give_up)
+        dead = self._leases.expire(expired, reason)
+        for row in dead:
+            self._log.error("delivery_dead", delivery_id=row.id, series_uid=row.series_uid, version=row.version,
+                            destination=row.destination, sop_uids=json.loads(row.sop_uids),
+                            error=reason(row)[:_MAX_ERROR_CHARS])
+        return len(dead)
 
     # -- operations -----------------------------------------------------------------------------------------------
     def recover(self, *, all_claims: bool = False, own: bool = False) -> int:

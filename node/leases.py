@@ -15,7 +15,8 @@ works on it until ``lease_until``) and *dead*. `Leases` is the only code that mo
   lease — same holder, same attempt — and say whether they did; a holder whose lease ran out and was taken over
   learns it there and drops its outcome.
 - `reap` dead-letters held rows whose lease ran out ``max_attempts`` times (a job that kills its worker each
-  time); `release` is crash cleanup: rows of the caller's own earlier process (``holder`` prefix) or with an
+  time), `expire` any rows past a caller's give-up condition (deliveries queued too long); `release` is crash
+  cleanup: rows of the caller's own earlier process (``holder`` prefix) or with an
   expired lease go back to waiting, never another live holder's.
 - `backoff` is the retry delay: capped exponential with full jitter.
 
@@ -136,21 +137,30 @@ class Leases:
              **values: Any) -> list[sa.Row[Any]]:
         """Dead-letter held rows whose lease expired with ``max_attempts`` attempts spent (the holder died each
         time); ``reason(row)`` is stored as ``last_error``. Returns the rows dead-lettered."""
-        now = self.clock()
         c = self.table.c
-        lost = sa.and_(c.state == self.held, c.lease_until <= now, c.attempts >= max_attempts)
-        with reading(self.engine, f"{self.table.name}: reap") as probe:
-            rows = list(probe.execute(sa.select(self.table).where(lost)))
-        reaped = []
-        with transaction(self.engine, f"{self.table.name}: reap") as conn:
+        lost = sa.and_(c.state == self.held, c.lease_until <= self.clock(), c.attempts >= max_attempts)
+        return self.expire(lost, reason, **values)
+
+    def expire(self, cond: sa.ColumnElement[bool], reason: Callable[[sa.Row[Any]], str],
+               **values: Any) -> list[sa.Row[Any]]:
+        """Dead-letter every row matching ``cond`` (a condition no live lease can meet: a held row is taken only
+        with an expired lease), each with ``reason(row)`` as ``last_error``, re-checking ``cond`` as it writes;
+        returns the rows dead-lettered, in id order. Nothing is written when no row matches (a read first)."""
+        t = self.table
+        with reading(self.engine, f"{t.name}: expire") as probe:
+            rows = list(probe.execute(sa.select(t).where(cond).order_by(t.c.id)))
+        if not rows:
+            return []
+        expired = []
+        with transaction(self.engine, f"{t.name}: expire") as conn:
             for row in rows:
                 done = conn.execute(
-                    self.table.update().where(c.id == row.id, c.attempts == row.attempts, lost)
+                    t.update().where(t.c.id == row.id, t.c.attempts == row.attempts, cond)
                     .values(state=self.dead, holder=None, lease_until=None, last_error=cut(reason(row)), **values)
                 ).rowcount
                 if done:
-                    reaped.append(row)
-        return reaped
+                    expired.append(row)
+        return expired
 
     # -- while held -------------------------------------------------------------------------------------------
     def extend(self, lease: Lease, seconds: float, conn: sa.Connection | None = None) -> bool:
