@@ -48,6 +48,7 @@ test: $(TESTDEPS) sysdeps lint typecheck
 
 bench: $(TESTDEPS) sysdeps
 	$(BIN)/python -m benchmarks.ingest
+	$(BIN)/python -m benchmarks.claims
 
 bench-e2e: $(TESTDEPS) sysdeps
 	$(BIN)/python -m benchmarks.e2e_latency

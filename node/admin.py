@@ -48,13 +48,14 @@ from starlette.routing import BaseRoute, Route
 from node.auth import Authenticator, bearer, token_matches
 from node.config import NodeConfig
 from node.db import reading
-from node.dispatch import Dispatcher, deliveries
+from node.dispatch import Dispatcher
 from node.errors import NodeError
-from node.index import Index, series
+from node.index import Index
 from node.logs import get_logger
-from node.queue import JobQueue, jobs
+from node.queue import JobQueue
 from node.reachability import destination_report
 from node.retention import Retention, disk_usage
+from node.schema import deliveries, jobs, series
 from node.states import AuthFailure, DeliveryState, JobState
 
 RECENT_SERIES = 50  # rows in "recent series"

@@ -17,8 +17,8 @@ from sqlalchemy.engine import Engine
 from node.audit import AuditTrail, StudySummary, patient_id_of
 from node.config import DestinationKind, NodeConfig
 from node.db import reading
-from node.index import instances
 from node.logs import get_logger
+from node.schema import instances
 
 log = get_logger(component="audit")
 
@@ -48,7 +48,7 @@ def delivered_studies(engine: Engine, series_uid: str, version: int, destination
     """The studies (with SOP class counts and patients) of the result objects one delivery sent, and the number of
     files it sent. Each file's header is read (never its pixel data)."""
     # Imported here: node.dispatch imports node.dimse (through the senders), which imports this module.
-    from node.dispatch import deliveries
+    from node.schema import deliveries
 
     d = deliveries.c
     with reading(engine, "audit summary") as conn:

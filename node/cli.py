@@ -1,6 +1,7 @@
 """The `pacsnode` command: parses the node's arguments and wires the stages together (entry point `main`).
 
-Subcommands: ``serve``, ``config check|reload``, ``audit``, ``echo``, ``send``, ``status``, ``purge``, ``retry``; ``demo`` and the
+Subcommands: ``serve``, ``config check|reload``, ``audit``, ``echo``, ``send``, ``status``, ``purge``, ``retry``,
+``db upgrade|current``; ``demo`` and the
 training side's (``phantom``, ``train``, ``evaluate`` ...) come from the ``pacsnode.commands`` entry points when their
 packages and extras are installed. Exit codes: 0 success, 1 operation failed, 2 bad usage/config,
 70 ``serve`` stopped because a supervised loop kept dying (let the process supervisor restart it).
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from node.config import DEFAULT_CONFIG_PATH, NodeConfig, load_config
-from node.errors import ConfigError, SendError
+from node.errors import ConfigError, DatabaseError, SendError
 from node.logs import configure_logging
 
 
@@ -125,7 +126,6 @@ def _open_db(args: argparse.Namespace) -> tuple[NodeConfig, Any]:
     from node.dispatch import Dispatcher
     from node.index import Index
     from node.queue import JobQueue
-    from node.reachability import destination_checks  # noqa: F401 - registers its tables (and commitments')
 
     config = _load(args)
     engine = create_engine_for(config.database_url)
@@ -288,6 +288,23 @@ def cmd_send(args: argparse.Namespace) -> int:
     return 0 if not failed and len(results) == len(datasets) else 1
 
 
+def cmd_db(args: argparse.Namespace) -> int:
+    """``db upgrade``: migrate the database to this release's schema (`node.migrate.upgrade`); ``db current``:
+    print its revision and where it stands."""
+    from node import migrate
+    from node.db import create_engine_for
+
+    engine = create_engine_for(_load(args).database_url)
+    if args.db_command == "current":
+        print(migrate.inspect(engine).describe())
+        return 0
+    before = migrate.upgrade(engine)
+    after = migrate.inspect(engine)
+    print(f"schema {before.revision or before.state.value} -> {after.revision}" if before.revision != after.revision
+          else f"schema already at {after.revision} (head)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pacsnode", description="pacs-ai-node: DICOM AI listener node")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -343,6 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("--destination", help="only deliveries to this destination")
     retry.add_argument("--jobs", action="store_true", help="also re-queue dead jobs")
     retry.set_defaults(func=cmd_retry)
+
+    db = sub.add_parser("db", help="the database schema: migrate it to this release, show its revision")
+    db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    with_config(db_sub.add_parser("upgrade", help="run the migrations up to this release's schema")).set_defaults(
+        func=cmd_db)
+    with_config(db_sub.add_parser("current", help="print the schema revision and its state")).set_defaults(func=cmd_db)
 
     left_out = _register_plugins(sub)
     if left_out:
@@ -414,7 +437,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"pacsnode: config error: {exc}", file=sys.stderr)
         return 2
-    except SendError as exc:
+    except (SendError, DatabaseError) as exc:  # a schema refusal names the revision and the command to run
         print(f"pacsnode: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

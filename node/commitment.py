@@ -38,35 +38,15 @@ from pynetdicom import evt
 from sqlalchemy.engine import Engine
 
 from node.config import Destination, DestinationKind, NodeConfig
-from node.db import insert_for, metadata, reading, transaction
-from node.dispatch import deliveries
+from node.db import insert_for, reading, transaction
 from node.errors import ConfigError, SendError
 from node.logs import get_logger
 from node.loops import LoopThread, backoff_seconds
+from node.schema import commitments, deliveries
 from node.scu import CommitmentUnsupportedError, Peer, request_storage_commitment
 from node.states import CommitState, DeliveryState
 from node.supervise import Heartbeats, failure
 from node.tls import destination_tls_args, requests_tls
-
-commitments = sa.Table(
-    "commitments",
-    metadata,
-    sa.Column("delivery_id", sa.Integer, primary_key=True, autoincrement=False),  # deliveries.id
-    sa.Column("destination", sa.String(64), nullable=False, index=True),
-    sa.Column("kind", sa.String(16), nullable=False),
-    sa.Column("study_uid", sa.String(64)),
-    sa.Column("refs", sa.Text, nullable=False),  # JSON [[sop_class_uid, sop_instance_uid], ...]
-    sa.Column("state", sa.String(16), nullable=False, index=True),
-    sa.Column("transaction_uid", sa.String(64), unique=True),
-    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
-    sa.Column("stored_at", sa.Float, nullable=False),
-    sa.Column("deadline", sa.Float, nullable=False),
-    sa.Column("next_attempt_at", sa.Float, nullable=False),
-    sa.Column("requested_at", sa.Float),
-    sa.Column("reported_at", sa.Float),
-    sa.Column("failed", sa.Text),  # JSON [[sop_instance_uid, reason], ...] the PACS reported or QIDO-RS missed
-    sa.Column("last_error", sa.Text),
-)
 
 LOOP = "commitment"
 OPEN_STATES = (CommitState.PENDING.value, CommitState.REQUESTED.value)

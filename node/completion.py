@@ -35,11 +35,11 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from node.config import CompletionMode, CompletionSection, NodeConfig, Priority, PriorityRule
-from node.index import associations, instances, series
 from node.logs import get_logger
 from node.metrics import Metrics
 from node.queue import JobQueue
 from node.routing import Decision, read_header, route
+from node.schema import associations, instances, series
 from node.stack import analyse_stack
 from node.states import NODE_MANUFACTURER, AssociationState, SeriesState
 from node.supervise import Heartbeats, failure

@@ -1,8 +1,10 @@
-"""The database seam: one SQLAlchemy Core `MetaData` all stages add their tables to, and engine creation.
+"""The database seam: engine creation and connection helpers; the schema itself is `node.schema` (re-exported here
+as `metadata`), its migrations `node.migrate`.
 
 `create_engine_for(url)` returns an engine tuned for the backend (SQLite: WAL, synchronous=FULL so a committed
-row survives power loss, busy timeout for concurrent association threads). `init_schema(engine)` creates any
-missing tables. PostgreSQL URLs are passed through unchanged. `insert_for(engine)` gives the dialect's INSERT with
+row survives power loss, busy timeout for concurrent association threads). `init_schema(engine)` brings the
+database to the schema this release runs on (`node.migrate.prepare`: creates it when empty, refuses a revision it
+does not know). PostgreSQL URLs are passed through unchanged. `insert_for(engine)` gives the dialect's INSERT with
 ON CONFLICT support; `reading`/`transaction` wrap a connection so SQLAlchemy errors surface as `DatabaseError`.
 """
 
@@ -18,8 +20,10 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from node.errors import DatabaseError
+from node.schema import metadata
 
-metadata = sa.MetaData()
+__all__ = ["create_engine_for", "init_schema", "insert_for", "metadata", "reading", "transaction"]
+
 
 
 def create_engine_for(url: str) -> Engine:
@@ -49,22 +53,12 @@ def create_engine_for(url: str) -> Engine:
 
 
 def init_schema(engine: Engine) -> None:
-    """Create every table registered on `metadata` that does not exist yet (the modules that define tables must
-    have been imported; `node.index` and the later stages register theirs at import), and add the nullable
-    columns a newer release registered to tables an older one created (the only schema change made so far;
-    real migrations are the scale-out issue's Alembic work)."""
-    metadata.create_all(engine)
-    inspector = sa.inspect(engine)
-    with engine.begin() as conn:
-        for table in metadata.sorted_tables:
-            present = {c["name"] for c in inspector.get_columns(table.name)}
-            for column in table.columns:
-                if column.name in present:
-                    continue
-                if not column.nullable:
-                    raise DatabaseError(f"table {table.name} lacks the required column {column.name}")
-                kind = column.type.compile(dialect=engine.dialect)
-                conn.execute(sa.text(f'ALTER TABLE "{table.name}" ADD COLUMN "{column.name}" {kind}'))
+    """Bring the database to this release's schema before anything uses it (`node.migrate.prepare`): an empty
+    database gets the schema at the newest revision; an older one is upgraded on SQLite and refused on PostgreSQL
+    (run ``pacsnode db upgrade``); a revision this release does not know is refused (`SchemaError`)."""
+    from node.migrate import prepare  # alembic is imported only by what touches the schema
+
+    prepare(engine)
 
 
 def insert_for(engine: Engine) -> Callable[..., Any]:

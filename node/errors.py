@@ -11,6 +11,7 @@
     │   ├── AdmissionRefusedError       0xA700  out of resources: admission control paused (disk floor, queue ceiling)
     │   └── StoreFailedError            0xA701  out of resources: the spool or the index could not be written
     ├── DatabaseError                   the database could not be read or written (outside a C-STORE)
+    │   └── SchemaError                 its schema is one this release cannot run on (unknown or older revision)
     ├── SendError                       an SCU operation (echo, send, dispatch, commitment, checks) failed
     │   ├── TransientSendError          (node.senders) retry later: peer down, busy, refused association
     │   ├── PermanentSendError          (node.senders) dead-letter now: the PACS refuses these objects
@@ -101,6 +102,11 @@ class StoreFailedError(ReceiveError):
 class DatabaseError(NodeError):
     """The node's database (index, jobs, deliveries, audit) failed outside a receive; SQLAlchemy's error is the
     ``__cause__``."""
+
+
+class SchemaError(DatabaseError):
+    """The database's schema revision is one this release does not know, or an older one it will not upgrade by
+    itself; the message names the revision and the command to run (`node.migrate`)."""
 
 
 class SendError(NodeError):

@@ -19,64 +19,10 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from node.db import insert_for, metadata, reading, transaction
+from node.db import insert_for, reading, transaction
 from node.errors import StoreFailedError
+from node.schema import associations, instances, series  # noqa: F401 - re-exported: the stages' old import path
 from node.states import AssociationState, SeriesState
-
-associations = sa.Table(
-    "associations",
-    metadata,
-    sa.Column("id", sa.String(32), primary_key=True),
-    sa.Column("calling_ae", sa.String(16), nullable=False),
-    sa.Column("called_ae", sa.String(16), nullable=False),
-    sa.Column("peer", sa.String(64), nullable=False),
-    sa.Column("state", sa.String(16), nullable=False),
-    sa.Column("opened_at", sa.Float, nullable=False),
-    sa.Column("closed_at", sa.Float),
-)
-
-series = sa.Table(
-    "series",
-    metadata,
-    sa.Column("series_uid", sa.String(64), primary_key=True),
-    sa.Column("study_uid", sa.String(64), nullable=False, index=True),
-    sa.Column("modality", sa.String(16)),
-    sa.Column("state", sa.String(16), nullable=False, index=True),
-    sa.Column("instance_count", sa.Integer, nullable=False, server_default="0"),
-    sa.Column("expected_count", sa.Integer),
-    sa.Column("first_received_at", sa.Float, nullable=False),
-    sa.Column("last_received_at", sa.Float, nullable=False),
-    sa.Column("calling_ae", sa.String(16)),
-    sa.Column("last_association_id", sa.String(32)),
-    sa.Column("version", sa.Integer, nullable=False, server_default="0"),
-    sa.Column("state_changed_at", sa.Float, nullable=False),
-    sa.Column("route", sa.String(64)),  # the route (or built-in rule) that decided at the last completion
-    sa.Column("purged_at", sa.Float),  # when retention deleted its instances (the row stays: version, route)
-)
-
-instances = sa.Table(
-    "instances",
-    metadata,
-    sa.Column("sop_uid", sa.String(64), primary_key=True),
-    sa.Column("series_uid", sa.String(64), nullable=False, index=True),
-    sa.Column("study_uid", sa.String(64), nullable=False),
-    sa.Column("sop_class_uid", sa.String(64), nullable=False),
-    sa.Column("transfer_syntax_uid", sa.String(64), nullable=False),
-    sa.Column("modality", sa.String(16)),
-    sa.Column("path", sa.Text, nullable=False),
-    sa.Column("size", sa.Integer, nullable=False),
-    sa.Column("sha256", sa.String(64), nullable=False),
-    sa.Column("instance_number", sa.Integer),
-    sa.Column("image_position", sa.String(96)),
-    sa.Column("image_orientation", sa.String(160)),
-    sa.Column("frame_of_reference_uid", sa.String(64)),
-    sa.Column("number_of_frames", sa.Integer),
-    sa.Column("images_in_acquisition", sa.Integer),
-    sa.Column("received_at", sa.Float, nullable=False),
-    sa.Column("calling_ae", sa.String(16)),
-    sa.Column("association_id", sa.String(32)),
-)
-
 
 _CLOSED = (SeriesState.COMPLETE, SeriesState.IGNORED)
 

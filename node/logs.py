@@ -59,7 +59,7 @@ def configure_logging(level: str = "INFO", stream: Any = None) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # pynetdicom logs every PDU at DEBUG/INFO; only its warnings matter to an operator.
-    for noisy in ("pynetdicom", "apscheduler", "sqlalchemy", "h5py", "tensorflow", "absl"):
+    for noisy in ("pynetdicom", "apscheduler", "sqlalchemy", "alembic", "h5py", "tensorflow", "absl"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

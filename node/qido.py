@@ -11,7 +11,7 @@ from sqlalchemy.engine import Engine
 from starlette.datastructures import QueryParams
 
 from node.errors import ReceiveError
-from node.index import series
+from node.schema import series
 from node.uids import check_uid
 
 QIDO_MAX_RESULTS = 1000

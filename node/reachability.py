@@ -22,27 +22,15 @@ from sqlalchemy.engine import Engine
 
 from node.commitment import UNCOMMITTED_STATES, commit_counts
 from node.config import Destination, DestinationKind, NodeConfig
-from node.db import insert_for, metadata, reading, transaction
-from node.dispatch import deliveries
+from node.db import insert_for, reading, transaction
 from node.errors import ConfigError, SendError
 from node.logs import get_logger
 from node.loops import LoopThread
+from node.schema import deliveries, destination_checks
 from node.scu import Peer, echo
 from node.states import DeliveryState
 from node.supervise import Heartbeats, failure
 from node.tls import destination_tls_args, requests_tls
-
-destination_checks = sa.Table(
-    "destination_checks",
-    metadata,
-    sa.Column("destination", sa.String(64), primary_key=True),
-    sa.Column("kind", sa.String(16), nullable=False),
-    sa.Column("reachable", sa.Boolean, nullable=False),
-    sa.Column("checked_at", sa.Float, nullable=False),
-    sa.Column("last_success_at", sa.Float),
-    sa.Column("seconds", sa.Float),  # how long the check took
-    sa.Column("reason", sa.Text),  # why not reachable (None when reachable)
-)
 
 LOOP = "reachability"
 TICK_SECONDS = 1.0

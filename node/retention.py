@@ -30,11 +30,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from node.config import NodeConfig
-from node.dispatch import deliveries
-from node.index import instances, series
 from node.logs import get_logger
 from node.loops import LoopThread
-from node.queue import jobs
+from node.schema import deliveries, instances, jobs, results, series
 from node.states import DeliveryState, JobState, SeriesState
 
 _DAY = 86400.0
@@ -184,8 +182,6 @@ class Retention:
         _remove_empty(folders, self.config.node.spool_dir)
 
     def _purge_results(self, series_uid: str, report: PurgeReport, dry_run: bool) -> None:
-        from node.worker import results  # the worker's table; imported here so status-only tools stay light
-
         with self.engine.connect() as conn:
             paths = [Path(r.path) for r in conn.execute(
                 sa.select(results.c.path).where(results.c.series_uid == series_uid))]

@@ -188,8 +188,8 @@ class Service:
         retimed = self.index.retime_open_series()
         if dangling or retimed:
             self.log.warning("resuming_previous_run", open_associations_closed=dangling, series_retimed=retimed)
-        # With the embedded SQLite database this process is the only dispatcher: claims left by a crash are ours.
-        self.dispatcher.recover(all_claims=self.engine.dialect.name == "sqlite")
+        # Crash cleanup touches only deliveries an earlier process of this node left sending, or expired leases.
+        self.dispatcher.recover(own=True)
         self.dispatcher.start()
         if self.config.worker.enabled:
             self.worker.start()

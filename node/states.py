@@ -1,5 +1,6 @@
 """Closed sets, a leaf module: series, association, job, delivery and commitment states; admission reasons, client
-certificate modes, authentication failures and peer refusals; the inference device; the node's Manufacturer value."""
+certificate modes, authentication failures and peer refusals; the inference device; schema states; the node's
+Manufacturer value."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ class JobState(StrEnum):
 
 
 class DeliveryState(StrEnum):
-    PENDING = "pending"      # due at next_attempt_at
+    PENDING = "pending"      # due at due_at
     SENDING = "sending"      # a sender is working on it
     DELIVERED = "delivered"
     DEAD = "dead"            # gave up after give_up_after_seconds; replay with `pacsnode retry`
@@ -96,3 +97,13 @@ class InferenceDevice(StrEnum):
     AUTO = "auto"  # the GPU when TensorFlow sees one, else the CPU
     CPU = "cpu"    # the CPU; GPUs are hidden from TensorFlow
     GPU = "gpu"    # the GPU; none visible: the CPU, with the gpu_unavailable_falling_back warning (never a refusal)
+
+
+class SchemaState(StrEnum):
+    """Where a database's schema stands against this release's migrations (node.migrate)."""
+
+    EMPTY = "empty"                # no tables: created at the newest revision
+    CURRENT = "current"            # at this release's newest revision
+    BEHIND = "behind"              # at an older revision this release knows: `pacsnode db upgrade`
+    UNVERSIONED = "unversioned"    # tables from a release before migrations (no alembic_version): adopted by upgrade
+    UNKNOWN = "unknown"            # at a revision this release does not know (a newer release wrote it): refused

@@ -20,7 +20,6 @@ import datetime as dt
 import io
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
@@ -35,12 +34,11 @@ from sqlalchemy.engine import Engine
 from models.errors import ModelError
 from models.preprocess import PreprocessError, load_series
 from node.config import NodeConfig, PipelineName
-from node.db import metadata
 from node.device import announce as announce_device
 from node.device import report as device_entry
 from node.dispatch import Dispatcher
 from node.gate import GateRefusal, check_header, check_series
-from node.index import instances, series
+from node.leases import holder_id
 from node.logs import get_logger
 from node.loops import LoopThread, backoff_seconds
 from node.metrics import Metrics
@@ -54,27 +52,10 @@ from node.results import (
     build_rejection_kos,
     build_skipped_sr,
 )
+from node.schema import instances, results, series
 from node.spool import Spool
 from node.states import JobState
 from node.supervise import Heartbeats, failure
-
-results = sa.Table(
-    "results",
-    metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("series_uid", sa.String(64), nullable=False, index=True),  # the source series
-    sa.Column("version", sa.Integer, nullable=False),
-    sa.Column("job_id", sa.Integer, nullable=False),
-    sa.Column("kind", sa.String(16), nullable=False),  # sr | seg | key-images | skipped-sr | kos
-    sa.Column("study_uid", sa.String(64), nullable=False),
-    sa.Column("result_series_uid", sa.String(64), nullable=False),
-    sa.Column("sop_uid", sa.String(64), nullable=False),
-    sa.Column("sop_class_uid", sa.String(64), nullable=False),
-    sa.Column("path", sa.Text, nullable=False),
-    sa.Column("created_at", sa.Float, nullable=False),
-    sa.UniqueConstraint("series_uid", "version", "kind", name="uq_results_series_version_kind"),
-)
-
 
 LOOP = "worker"  # the worker loop's name in the heartbeat registry
 _MAX_ERROR_BACKOFF = 30.0  # seconds between turns while every turn fails (e.g. the database is down)
@@ -106,7 +87,7 @@ class Worker:
         self.clock = clock
         self.poll_seconds = poll_seconds
         self.metrics = metrics or Metrics()
-        self.worker_id = f"worker-{uuid.uuid4().hex[:12]}"
+        self.worker_id = holder_id("worker")  # <host>:worker:<pid>:<random>, the lease holder (node.leases)
         self.results_store = Spool(config.node.data_dir / "results")
         self.log = get_logger(component="worker", worker_id=self.worker_id)
         self.ready = threading.Event()  # set once the models are loaded

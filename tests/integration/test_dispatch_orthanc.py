@@ -130,7 +130,7 @@ def test_delivers_survives_pacs_down_and_never_duplicates(
             "retries while the PACS is down",
         )
         assert "failed" in failing.last_error  # the association could not be established
-        assert failing.next_attempt_at >= failing.last_attempt_at
+        assert failing.due_at >= failing.last_attempt_at
 
         orthanc.start()
         wait_until(lambda: state_of(dispatcher, second).state == DeliveryState.DELIVERED, 30, "delivery after restart")
@@ -141,7 +141,7 @@ def test_delivers_survives_pacs_down_and_never_duplicates(
             conn.execute(
                 deliveries.update()
                 .where(deliveries.c.id == first)
-                .values(state="sending", claimed_by="crashed:1:x", lease_until=0.0, delivered_at=None)
+                .values(state="sending", holder="crashed:1:x", lease_until=0.0, delivered_at=None)
             )
         assert dispatcher.recover() == 1
         dispatcher.wake()

@@ -42,7 +42,7 @@ def test_status_and_retry(tmp_path):
     for _ in range(config.queue.max_attempts):
         queue.fail(job, "w", "model exploded")
         with engine.begin() as conn:
-            conn.execute(sa.text("update jobs set not_before = 0"))
+            conn.execute(sa.text("update jobs set due_at = 0"))
         job = queue.claim("w") or job
     dispatcher = Dispatcher(config, engine, {})
     (delivery_id,) = dispatcher.enqueue("1.2.3", 1, [tmp_path / "sr.dcm"], ["1.2.9"])

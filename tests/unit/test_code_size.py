@@ -1,4 +1,5 @@
-"""House rule (README, architecture): no function in node/ or models/ is over 80 lines, decorators included."""
+"""House rules (README, architecture): no file in node/ over 500 lines; no function in node/ or models/ over 80 lines,
+decorators included."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_FUNCTION_LINES = 80
+MAX_FILE_LINES = 500
 
 
 def long_functions(folder: Path) -> list[str]:
@@ -31,3 +33,24 @@ def test_the_check_finds_a_long_function(tmp_path):
     (tmp_path / "pkg").mkdir()
     (tmp_path / "pkg" / "m.py").write_text(f"def short():\n    pass\n\n\ndef long():\n{body}\n")
     assert long_functions(tmp_path / "pkg") == [f"pkg/m.py:5 long ({MAX_FUNCTION_LINES + 1} lines)"]
+
+
+def long_files(folder: Path) -> list[str]:
+    """``path (n lines)`` for every Python file under ``folder`` longer than `MAX_FILE_LINES`."""
+    found = []
+    for path in sorted(folder.rglob("*.py")):
+        lines = len(path.read_text().splitlines())
+        if lines > MAX_FILE_LINES:
+            found.append(f"{path.relative_to(folder.parent)} ({lines} lines)")
+    return found
+
+
+def test_no_file_in_the_node_is_over_500_lines():
+    assert long_files(ROOT / "node") == []
+
+
+def test_the_check_finds_a_long_file(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "short.py").write_text("x = 1\n")
+    (tmp_path / "pkg" / "long.py").write_text("x = 1\n" * (MAX_FILE_LINES + 1))
+    assert long_files(tmp_path / "pkg") == [f"pkg/long.py ({MAX_FILE_LINES + 1} lines)"]

@@ -17,6 +17,7 @@ from node.config import Destination, DestinationKind, DispatchSection, NodeConfi
 from node.db import create_engine_for, init_schema
 from node.dispatch import Dispatcher, backoff_delay, deliveries
 from node.errors import SendError
+from node.leases import holder_id
 from node.logs import PHI_KEYS
 from node.scu import StoreResult
 from node.senders import (
@@ -164,8 +165,8 @@ def test_backoff_grows_through_the_dispatcher(make: Callable[..., Dispatcher], s
         assert d.run_once() == 1
         r = row(d, delivery_id)
         assert r.state == DeliveryState.PENDING
-        waits.append(r.next_attempt_at - clock.now)
-        clock.now = r.next_attempt_at
+        waits.append(r.due_at - clock.now)
+        clock.now = r.due_at
     # windows 1, 2, 4, 8, 8 (cap), 8 scaled by the jitter 1, .5, 1, 1, .25, 1
     assert waits == [1.0, 1.0, 4.0, 8.0, 2.0, 8.0]
     assert row(d, delivery_id).attempts == 6
@@ -182,7 +183,7 @@ def test_enqueue_one_pending_row_per_destination(make: Callable[..., Dispatcher]
     assert [r.destination for r in rows] == ["a", "b"]
     for r in rows:
         assert (r.state, r.attempts, r.version, r.kind) == (DeliveryState.PENDING, 0, 2, "dimse")
-        assert r.created_at == r.next_attempt_at == clock.now
+        assert r.created_at == r.due_at == clock.now
         assert r.last_attempt_at is None and r.delivered_at is None and r.last_error is None
     assert d.enqueue("1.2.3", 2, files(), uids()) == ids  # the same result set again: the same rows
     assert d.counts() == {("a", "pending"): 1, ("b", "pending"): 1}
@@ -228,7 +229,7 @@ def test_delivered(make: Callable[..., Dispatcher], sender: FakeSender, clock: F
         assert d.run_once() == 1
     r = row(d, delivery_id)
     assert (r.state, r.attempts, r.delivered_at, r.last_attempt_at) == (DeliveryState.DELIVERED, 1, T0, T0)
-    assert r.claimed_by is None and r.lease_until is None
+    assert r.holder is None and r.lease_until is None
     assert sender.calls == [("pacs", tuple(files()))]
     [sent] = [e for e in logs if e["event"] == "delivery_sent"]
     assert (sent["series_uid"], sent["destination"], sent["sop_uids"]) == ("1.2.3", "pacs", uids())
@@ -248,7 +249,7 @@ def test_an_unreadable_row_is_dead_lettered_once_and_the_next_row_still_goes(
             d.run_once()
     r = row(d, bad)
     assert r.state == DeliveryState.DEAD and r.attempts == 1 and "unreadable" in r.last_error
-    assert r.claimed_by is None and r.lease_until is None
+    assert r.holder is None and r.lease_until is None
     assert row(d, good).state == DeliveryState.DELIVERED
     assert sender.calls == [("pacs", tuple(files(tag="b")))]
     assert [e["event"] for e in logs].count("delivery_unreadable") == 1
@@ -263,7 +264,7 @@ def test_transient_failure_goes_back_to_pending(make: Callable[..., Dispatcher],
         assert d.run_once() == 1
     r = row(d, delivery_id)
     assert (r.state, r.attempts, r.last_error) == (DeliveryState.PENDING, 1, "association rejected")
-    assert r.next_attempt_at == T0 + 0.5  # rng 0.5 x initial 1 s
+    assert r.due_at == T0 + 0.5  # rng 0.5 x initial 1 s
     [failed] = [e for e in logs if e["event"] == "delivery_failed"]
     assert failed["attempt"] == 1 and failed["next_attempt_in"] == 0.5 and failed["error"] == "association rejected"
     assert failed["sop_uids"] == uids() and not PHI_KEYS & {k.lower() for k in failed}
@@ -308,7 +309,7 @@ def test_gives_up_after_the_configured_time(make: Callable[..., Dispatcher], sen
     sender.errors["pacs"] = TransientSendError("connection refused")
     [delivery_id] = d.enqueue("1.2.3", 1, files(), uids())
     while row(d, delivery_id).state == DeliveryState.PENDING:
-        clock.now = max(clock.now, row(d, delivery_id).next_attempt_at)
+        clock.now = max(clock.now, row(d, delivery_id).due_at)
         d.run_once()
         assert clock.now - T0 <= 20.0 + 8.0
     r = row(d, delivery_id)
@@ -346,7 +347,7 @@ def test_retry_brings_dead_back_and_it_delivers(make: Callable[..., Dispatcher],
     assert d.retry([ids1[0]]) == 1
     assert d.retry(destination="b") == 2
     r = row(d, ids1[0])
-    assert (r.state, r.attempts, r.next_attempt_at, r.last_error) == (DeliveryState.PENDING, 0, clock.now, None)
+    assert (r.state, r.attempts, r.due_at, r.last_error) == (DeliveryState.PENDING, 0, clock.now, None)
     d.run_once()
     assert d.counts() == {("a", "delivered"): 1, ("a", "dead"): 1, ("b", "delivered"): 2}
     assert d.retry([]) == 0
@@ -451,7 +452,7 @@ def test_rows_left_sending_by_a_crash_are_recovered(make: Callable[..., Dispatch
     assert restarted.run_once() == 0
     assert restarted.recover(all_claims=True) == 1  # a lone node at start-up knows better
     r = row(restarted, delivery_id)
-    assert (r.state, r.next_attempt_at, r.claimed_by) == (DeliveryState.PENDING, clock.now, None)
+    assert (r.state, r.due_at, r.holder) == (DeliveryState.PENDING, clock.now, None)
     assert restarted.run_once() == 1
     assert row(restarted, delivery_id).state == DeliveryState.DELIVERED
     assert row(restarted, delivery_id).attempts == 2
@@ -461,14 +462,28 @@ def test_an_expired_lease_is_reclaimed(make: Callable[..., Dispatcher], sender: 
                                        engine: sa.Engine) -> None:
     d = make()
     [delivery_id] = d.enqueue("1.2.3", 1, files(), uids())
-    force_state(engine, delivery_id, state="sending", claimed_by="gone:1:x", lease_until=clock.now + 60)
+    force_state(engine, delivery_id, state="sending", holder="gone:1:x", lease_until=clock.now + 60)
     assert d.run_once() == 0
     clock.advance(61)
     assert d.recover() == 1
-    force_state(engine, delivery_id, state="sending", claimed_by="gone:1:x", lease_until=clock.now + 60)
+    force_state(engine, delivery_id, state="sending", holder="gone:1:x", lease_until=clock.now + 60)
     clock.advance(61)
     assert d.run_once() == 1  # the loop reclaims it even without recover()
     assert row(d, delivery_id).state == DeliveryState.DELIVERED
+
+
+def test_start_up_recovery_takes_back_only_this_nodes_rows(make: Callable[..., Dispatcher], sender: FakeSender,
+                                                            clock: FakeClock, engine: sa.Engine) -> None:
+    d = make()
+    [mine] = d.enqueue("1.2.3", 1, files(), uids())
+    [theirs] = d.enqueue("1.2.4", 1, files(tag="b"), uids(tag="2"))
+    force_state(engine, mine, state="sending", holder=holder_id("dispatch"), lease_until=clock.now + 60)
+    force_state(engine, theirs, state="sending", holder=holder_id("dispatch", "other-node"),
+                lease_until=clock.now + 60)
+    assert make().recover(own=True) == 1  # what serve does at start: an earlier process of this node crashed
+    assert (row(d, mine).state, row(d, mine).holder) == (DeliveryState.PENDING, None)
+    assert row(d, theirs).state == DeliveryState.SENDING  # another node's live lease is left alone
+    assert d.run_once() == 1 and sender.sent_to("pacs") == 1
 
 
 def test_two_dispatchers_never_send_one_row(db_url: str, clock: FakeClock) -> None:
@@ -532,7 +547,7 @@ def test_apply_config_swaps_destinations_and_backoff(make: Callable[..., Dispatc
     d.apply_config(make_config(dimse("new"), initial_backoff_seconds=5.0))
     [new_id] = d.enqueue("1.2.4", 1, files(tag="b"), uids(tag="2"))
     d.run_once()
-    assert row(d, new_id).next_attempt_at == clock.now + 5.0  # the new backoff applies
+    assert row(d, new_id).due_at == clock.now + 5.0  # the new backoff applies
     assert row(d, old_id).state == DeliveryState.PENDING  # a removed destination's rows wait (until give-up)
     assert sender.sent_to("old") == 0
     clock.advance(100)

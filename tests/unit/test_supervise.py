@@ -389,8 +389,8 @@ def test_a_job_whose_worker_died_mid_attempt_is_dead_lettered_and_reported_by_th
     job_id = queue_job(queue, series.series_uid)
     with engine.begin() as conn:
         conn.execute(jobs.update().where(jobs.c.id == job_id).values(
-            state=JobState.RUNNING, worker_id="worker-killed", attempts=config.queue.max_attempts,
-            lease_expires_at=time.time() - 1))
+            state=JobState.RUNNING, holder="worker-killed", attempts=config.queue.max_attempts,
+            lease_until=time.time() - 1))
     runner = FixedRunner(0.9)
     worker = run_worker(config, engine, queue, dispatcher, runner)
     try:
@@ -497,7 +497,7 @@ def test_a_dead_dispatch_thread_is_revived_by_its_restart(node, tmp_path):
     dispatcher = Dispatcher(config, engine, {DestinationKind.DIMSE: sender}, heartbeats=beats)
     dispatcher.start()
     try:
-        worker = dispatcher._workers["pacs"]
+        worker = dispatcher._threads._workers["pacs"]
         worker.stop.set()  # the thread ends although nobody stopped the dispatcher
         worker.wake.set()
         wait_for(lambda: not beats.snapshot()["dispatch:pacs"].alive, what="the thread to end")

@@ -1,0 +1,84 @@
+"""The deliveries table's rows seen from outside the state machine: the payload codec (result files and their SOP
+Instance UIDs as two JSON lists) and the read-only queries `node.dispatch.Dispatcher` answers for status, /admin
+and tests. Nothing here writes delivery state (`node.dispatch` does, through `node.leases`)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from node.db import reading
+from node.schema import deliveries
+from node.states import DeliveryState
+
+
+def checked_payload(
+    series_uid: object, version: object, files: Sequence[Path], sop_uids: Sequence[str]
+) -> tuple[list[str], list[str]]:
+    """`Dispatcher.enqueue`'s arguments checked: the files as path strings and their SOP Instance UIDs; raises
+    `ValueError` naming the bad argument."""
+    if not isinstance(series_uid, str) or not 0 < len(series_uid) <= 64:
+        raise ValueError(f"series_uid must be a UID string of 1-64 characters, got {series_uid!r}")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise ValueError(f"version must be a non-negative int, got {version!r}")
+    paths = [str(Path(f)) for f in files]
+    uids = [str(u) for u in sop_uids]
+    if not paths:
+        raise ValueError("files must name at least one result file")
+    if len(uids) != len(paths) or not all(uids):
+        raise ValueError(f"sop_uids must name one SOP Instance UID per file ({len(paths)}), got {uids!r}")
+    return paths, uids
+
+
+def decode_payload(files: str, sop_uids: str) -> tuple[tuple[Path, ...], tuple[str, ...]] | None:
+    """A row's files and SOP instance UIDs, or None when they are not two equally long JSON lists of strings."""
+    try:
+        paths, uids = json.loads(files), json.loads(sop_uids)
+    except (TypeError, ValueError):
+        return None
+    lists = isinstance(paths, list) and isinstance(uids, list) and len(paths) == len(uids) > 0
+    if not lists or not all(isinstance(v, str) for v in [*paths, *uids]):
+        return None
+    return tuple(Path(p) for p in paths), tuple(uids)
+
+
+
+def counts(engine: Engine) -> dict[tuple[str, str], int]:
+    """Number of deliveries per (destination, state)."""
+    d = deliveries.c
+    with reading(engine, "deliveries") as conn:
+        stmt = sa.select(d.destination, d.state, sa.func.count()).group_by(d.destination, d.state)
+        return {(str(dest), str(state)): int(n) for dest, state, n in conn.execute(stmt)}
+
+
+def last_errors(engine: Engine, limit: int) -> list[sa.Row[Any]]:
+    """Undelivered rows with an error, most recently attempted first."""
+    d = deliveries.c
+    stmt = (
+        sa.select(
+            d.id, d.series_uid, d.version, d.destination, d.state, d.attempts,
+            d.last_attempt_at, d.due_at, d.last_error,
+        )
+        .where(d.last_error.is_not(None), d.state != DeliveryState.DELIVERED.value)
+        .order_by(sa.func.coalesce(d.last_attempt_at, d.created_at).desc(), d.id.desc())
+        .limit(limit)
+    )
+    with reading(engine, "deliveries") as conn:
+        return list(conn.execute(stmt))
+
+
+def get(engine: Engine, delivery_id: int) -> sa.Row[Any] | None:
+    with reading(engine, "deliveries") as conn:
+        return conn.execute(sa.select(deliveries).where(deliveries.c.id == delivery_id)).first()
+
+
+def for_series(engine: Engine, series_uid: str) -> list[sa.Row[Any]]:
+    """Every delivery of every version of ``series_uid``, oldest first."""
+    d = deliveries.c
+    with reading(engine, "deliveries") as conn:
+        return list(conn.execute(sa.select(deliveries).where(d.series_uid == series_uid).order_by(d.id)))
