@@ -33,10 +33,17 @@ def _load(args: argparse.Namespace) -> NodeConfig:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from node.service import Service
+    from node.states import ProcessModel, Role
 
     config = _load(args)
     configure_logging(args.log_level)
+    role = Role(args.role)
+    if role is Role.ALL and config.node.process_model is ProcessModel.PROCESSES and args.supervisor_pid is None:
+        return _serve_processes(args, config)
+    if role is not Role.ALL:
+        return _serve_role(args, config, role)
+    from node.service import Service
+
     service = Service(config)
 
     def announce() -> None:
@@ -53,6 +60,39 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
 
     return service.run_forever(on_started=announce)  # 70 when a supervised loop kept dying
+
+
+def _serve_processes(args: argparse.Namespace, config: NodeConfig) -> int:
+    """Role all under ``process_model = "processes"``: the supervisor of role children (node.processes)."""
+    from node.processes import ProcessSupervisor
+
+    supervisor = ProcessSupervisor(config, _config_path(args), log_level=args.log_level)
+
+    def announce() -> None:
+        print(f"pacsnode supervising {', '.join(c.name for c in supervisor.children)}: DIMSE "
+              f"{config.node.ae_title}@{config.node.host}:{config.node.port}, HTTP {config.node.http_host}:"
+              f"{config.node.http_port}; data in {config.node.data_dir}; Ctrl-C to stop", flush=True)
+
+    return supervisor.run_forever(on_started=announce)
+
+
+def _serve_role(args: argparse.Namespace, config: NodeConfig, role: Any) -> int:
+    """``--role listener|worker|dispatcher``: that role's stages alone (a child of the supervisor, or on its own)."""
+    from node.processes import die_with_parent, read_table
+    from node.roles import Identity
+    from node.service import Service
+
+    supervised = args.supervisor_pid is not None
+    if supervised:
+        die_with_parent()
+    service = Service(config, role=role, identity=Identity.of(config, role, args.child_index),
+                      processes=(lambda: read_table(config.node.data_dir)) if supervised else None)
+    service.parent_pid = args.supervisor_pid
+
+    def announce() -> None:
+        print(f"pacsnode {service.identity.node_id} running (pid {os.getpid()})", flush=True)
+
+    return service.run_forever(on_started=announce)
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
@@ -149,6 +189,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         "destinations": _destination_report(config, index.engine),
         "commitment_problems": _commit_problems(index.engine, args.errors),
         "admission": _admission_report(config, queue),
+        "processes": _process_report(config),
     }
     if args.json:
         print(json.dumps(report, indent=2, default=str))
@@ -162,6 +203,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     for destination, states in deliveries.items():
         print(f"deliveries to {destination}: " + ", ".join(f"{k} {v}" for k, v in sorted(states.items())))
     print("admission:  " + _admission_line(report["admission"]))
+    for line in _process_lines(report["processes"]):
+        print(line)
     for line in _destination_lines(report["destinations"]):
         print(line)
     for row in report["alerts"]:
@@ -177,6 +220,20 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"delivery {row['delivery_id']} to {row['destination']} series {row['series_uid']} "
               f"NOT COMMITTED ({row['state']}): {row['last_error']}")
     return 0
+
+
+def _process_report(config: NodeConfig) -> dict[str, Any]:
+    from node.processes import read_table
+
+    return read_table(config.node.data_dir)
+
+
+def _process_lines(table: dict[str, Any]) -> list[str]:
+    """One line per role process of a supervisor (``process_model = "processes"``); none in the threads model."""
+    gone = " (supervisor not running)" if table.get("supervisor_gone") else ""
+    return [f"process {p['name']}: pid {p['pid']} {'alive' if p['alive'] else 'NOT RUNNING'}, restarts "
+            f"{p['restarts']}" + (f", last exit {p['last_exit']}" if p["last_exit"] is not None else "") + gone
+            for p in table.get("processes", [])]
 
 
 def _destination_report(config: NodeConfig, engine: Any) -> list[dict[str, Any]]:
@@ -298,6 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = with_config(sub.add_parser("serve", help="run the node"))
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve.add_argument("--role", default="all", choices=["all", "listener", "worker", "dispatcher"],
+                       help="run one role's stages (default all; see README 'Roles')")
+    serve.add_argument("--child-index", type=int, default=0, help=argparse.SUPPRESS)  # nth process of its role
+    serve.add_argument("--supervisor-pid", type=int, default=None, help=argparse.SUPPRESS)  # node.processes
     serve.set_defaults(func=cmd_serve)
 
     config = sub.add_parser("config", help="inspect the configuration")

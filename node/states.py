@@ -88,3 +88,19 @@ class PeerRefusal(StrEnum):
     HTTP_BODY_TIMEOUT = "http_body_timeout"            # HTTP: no body bytes within the read timeout
     HTTP_HEADER_TOO_LARGE = "http_header_too_large"    # HTTP: request head over http_max_header_bytes (431)
     TLS_HANDSHAKE_FAILED = "tls_handshake_failed"      # DICOM TLS: no, a wrong or a timed-out handshake
+
+
+class Role(StrEnum):
+    """What one node process runs (`pacsnode serve --role`; node.roles says which stages each one starts)."""
+
+    ALL = "all"                # every stage: threads in one process, or a supervisor of role processes
+    LISTENER = "listener"      # DIMSE + HTTP front doors, ingest, completion sweep
+    WORKER = "worker"          # job claiming, models, result building (enqueues deliveries)
+    DISPATCHER = "dispatcher"  # delivery threads, storage commitment, reachability, retention
+
+
+class ProcessModel(StrEnum):
+    """How ``pacsnode serve`` (role all) runs the roles: ``[node] process_model``."""
+
+    THREADS = "threads"      # one process, every stage a thread (the embedded default)
+    PROCESSES = "processes"  # a supervisor process and one child per role (listener_processes listeners)
