@@ -91,9 +91,6 @@ class ProcessSupervisor:
 
     def __init__(self, config: NodeConfig, config_path: Path | None, *, log_level: str = "INFO",
                  clock: Callable[[], float] = time.monotonic) -> None:
-        if config.node.port == 0 or config.node.http_port == 0:
-            raise ConfigError("process_model = \"processes\" needs fixed node.port and node.http_port "
-                              "(the listener processes share them)")
         self.config = config
         self.config_path = config_path
         self.log_level = log_level
