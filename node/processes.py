@@ -236,6 +236,8 @@ class ProcessSupervisor:
         if self._signals > 1:
             self._log.warning("forced_exit", signal=signal.Signals(signum).name)
             self.kill()
+            with contextlib.suppress(FileNotFoundError):
+                self.pid_file.unlink()
             raise SystemExit(130)
         self._log.info("shutting_down", signal=signal.Signals(signum).name)
         self._stop.set()

@@ -120,7 +120,19 @@ class Service:
             deliveries=self.dispatcher.counts, disk=lambda: disk_usage(config.node.data_dir),
             destination_up=self.reachability.reachability.up, uncommitted=self.commitments.uncommitted,
         )
-        models_ready = self.worker.ready.is_set if config.worker.enabled and runs(role, Stage.WORKER) else (
+        self.http = self._build_http(config, processes)
+        self._dimse_threads: list[threading.Thread] = []
+        self._stop = threading.Event()
+        self._signals = 0
+        self._reload_lock = threading.Lock()
+        self.parent_pid: int | None = None  # a role child of node.processes: stop when that process is gone
+        self.pid_file = config.node.data_dir / (
+            "pacsnode.pid" if role is Role.ALL else f"pacsnode-{role.value}-{self.identity.index}.pid")
+
+    def _build_http(self, config: NodeConfig, processes: Callable[[], dict[str, Any]] | None) -> HttpServer:
+        """The HTTP front door: STOW-RS/QIDO-RS, probes (``/readyz`` with the process table when supervised),
+        metrics and ``/admin``."""
+        models_ready = self.worker.ready.is_set if config.worker.enabled and runs(self.role, Stage.WORKER) else (
             lambda: True)  # a listener's models live in the worker process: `processes` reports it
         token = config.node.dicomweb_token.get_secret_value() if config.node.dicomweb_token else None
         auth = Authenticator(token, metrics=self.metrics, audit=self.audit)  # one check for every HTTP surface
@@ -137,15 +149,8 @@ class Service:
             lambda: self.config, self.engine, token=token, dispatcher=self.dispatcher, queue=self.queue,
             index=self.index, authenticator=auth, admission=self.admission.report,
         )))
-        self.http = HttpServer(config, app, health=health, heartbeats=self.heartbeats, metrics=self.metrics,
-                               reuse_port=role is Role.LISTENER)
-        self._dimse_threads: list[threading.Thread] = []
-        self._stop = threading.Event()
-        self._signals = 0
-        self._reload_lock = threading.Lock()
-        self.parent_pid: int | None = None  # a role child of node.processes: stop when that process is gone
-        self.pid_file = config.node.data_dir / (
-            "pacsnode.pid" if role is Role.ALL else f"pacsnode-{role.value}-{self.identity.index}.pid")
+        return HttpServer(config, app, health=health, heartbeats=self.heartbeats, metrics=self.metrics,
+                          reuse_port=self.role is Role.LISTENER)
 
     # Settings bound at start-up (sockets, files, database); a reload that changes them is applied only after a restart.
     RESTART_ONLY = (
@@ -201,7 +206,9 @@ class Service:
         last, so nothing is acknowledged before the stages behind it run."""
         self.log.info("node_starting", role=self.role.value, node_id=self.identity.node_id)
         if runs(self.role, Stage.FRONT_DOORS):
-            dangling = self.index.close_dangling_associations()  # only this process's own rows
+            # Only this process's own rows (role all in one process: every row of its instance).
+            prefix = self.identity.instance_prefix if self.role is Role.ALL else None
+            dangling = self.index.close_dangling_associations(prefix=prefix)
             retimed = self.index.retime_open_series()
             if dangling or retimed:
                 self.log.warning("resuming_previous_run", open_associations_closed=dangling, series_retimed=retimed)

@@ -70,6 +70,10 @@ def query(node: NodeProcess, sql: str) -> list[sa.Row]:
         engine.dispose()
 
 
+def events(node: NodeProcess) -> list[str]:
+    return [json.loads(line).get("event", "") for line in node.log_text().splitlines() if line.startswith("{")]
+
+
 def readyz(node: NodeProcess) -> dict:
     return httpx.get(f"http://127.0.0.1:{node.http_port}/readyz", timeout=10).json()
 
@@ -135,6 +139,11 @@ def _scenario(node: NodeProcess, tmp_path: Path) -> None:
     assert len(query(node, "select sop_uid from instances")) == SENDERS * SLICES
     counts = {r.series_uid: r.instance_count for r in query(node, "select series_uid, instance_count from series")}
     assert counts == {s.series_uid: SLICES for s in series}
+    # SIGHUP through `pacsnode config reload`: the supervisor validates the file and every child reloads it.
+    subprocess.run([sys.executable, "-m", "node.cli", "config", "reload", "--config", str(node.config_path)],
+                   cwd=REPO, env=node_env(), capture_output=True, text=True, timeout=60, check=True)
+    wait_until(lambda: events(node).count("config_reloaded") == 3, 30, "3 children reloaded", lambda: node.log_tail())
+
     # Both listeners took associations (the kernel spreads connections by address hash: echo until both did).
     def owners() -> set[str]:
         dcmtk.echoscu(node.port, called_ae=node.ae_title, check=True)
