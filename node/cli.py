@@ -78,7 +78,7 @@ def _serve_processes(args: argparse.Namespace, config: NodeConfig) -> int:
 
 def _serve_role(args: argparse.Namespace, config: NodeConfig, role: Any) -> int:
     """``--role listener|worker|dispatcher``: that role's stages alone (a child of the supervisor, or on its own)."""
-    from node.processes import die_with_parent, read_table
+    from node.processes import die_with_parent, read_table, write_report
     from node.roles import Identity
     from node.service import Service
 
@@ -88,6 +88,9 @@ def _serve_role(args: argparse.Namespace, config: NodeConfig, role: Any) -> int:
     service = Service(config, role=role, identity=Identity.of(config, role, args.child_index),
                       processes=(lambda: read_table(config.node.data_dir)) if supervised else None)
     service.parent_pid = args.supervisor_pid
+    if supervised:  # its health in the supervisor's process table, for /readyz and `pacsnode status`
+        name = f"{role.value}-{args.child_index}"
+        service.on_tick = lambda: write_report(config.node.data_dir, name, service.problems())
 
     def announce() -> None:
         print(f"pacsnode {service.identity.node_id} running (pid {os.getpid()})", flush=True)
@@ -233,6 +236,7 @@ def _process_lines(table: dict[str, Any]) -> list[str]:
     gone = " (supervisor not running)" if table.get("supervisor_gone") else ""
     return [f"process {p['name']}: pid {p['pid']} {'alive' if p['alive'] else 'NOT RUNNING'}, restarts "
             f"{p['restarts']}" + (f", last exit {p['last_exit']}" if p["last_exit"] is not None else "") + gone
+            + "".join(f"; {problem}" for problem in p.get("problems", []))
             for p in table.get("processes", [])]
 
 

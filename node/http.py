@@ -129,7 +129,8 @@ def _process_problems(read: Callable[[], dict[str, Any]]) -> str:
         return f"process table unreadable: {table['error']}"
     down = [f"{p['name']}: not running (restarts {p['restarts']})" for p in table.get("processes", [])
             if not p.get("alive")]
-    return "; ".join(down) or "ok"
+    unwell = [f"{p['name']}: {problem}" for p in table.get("processes", []) for problem in p.get("problems", [])]
+    return "; ".join(down + unwell) or "ok"
 
 
 class _Probes:

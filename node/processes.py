@@ -13,8 +13,9 @@ each a fresh interpreter running ``pacsnode serve --role R``, so TensorFlow load
 * forwards SIGTERM/SIGINT (stop: children get SIGTERM and their two-stage shutdown; a second signal kills them) and
   SIGHUP (the file is validated here first, then each child reloads it);
 * writes the process table — each child's name, role, pid, alive, restarts, last exit status — to
-  ``<data_dir>/processes.json`` (temp file + rename) whenever it changes; `read_table` reads it for ``/readyz`` and
-  ``pacsnode status``.
+  ``<data_dir>/processes.json`` (temp file + rename) whenever it changes; each child writes its own health — its
+  loops' problems (dead, stuck), models not loaded — to ``<data_dir>/processes/<name>.json`` every second
+  (`write_report`); `read_table` merges both for ``/readyz`` and ``pacsnode status``.
 
 A child asks the kernel for SIGTERM when the supervisor dies (``PR_SET_PDEATHSIG``, `die_with_parent`) and also
 stops when its parent pid changes, so a supervisor killed with SIGKILL leaves no orphan listening on the ports.
@@ -46,6 +47,8 @@ from node.states import Role
 from node.supervise import EXIT_LOOP_FAILED
 
 TABLE_FILE = "processes.json"
+REPORTS_DIR = "processes"  # one health report per child
+REPORT_STALE_SECONDS = 15.0  # a live child that has not reported for this long is reported as a problem
 _PR_SET_PDEATHSIG = 1
 _MAX_BACKOFF_SECONDS = 60.0
 
@@ -262,9 +265,10 @@ class ProcessSupervisor:
         return self.exit_code
 
 
-def read_table(data_dir: Path) -> dict[str, Any]:
-    """The process table the supervisor wrote in ``data_dir`` ({} when none runs); a table whose supervisor is
-    gone reports every process as not alive."""
+def read_table(data_dir: Path, *, stale_after: float = REPORT_STALE_SECONDS) -> dict[str, Any]:
+    """The process table the supervisor wrote in ``data_dir`` ({} when none runs), each entry with its child's
+    own ``problems`` (from its last report; a live child silent for ``stale_after`` seconds is a problem too). A
+    table whose supervisor is gone reports every process as not alive."""
     try:
         table: dict[str, Any] = json.loads((data_dir / TABLE_FILE).read_text())
     except FileNotFoundError:
@@ -272,9 +276,33 @@ def read_table(data_dir: Path) -> dict[str, Any]:
     pid = int(table.get("supervisor_pid") or 0)
     if not _running(pid):
         table["supervisor_gone"] = True
-        for entry in table.get("processes", []):
+    now = time.time()
+    for entry in table.get("processes", []):
+        if table.get("supervisor_gone"):
             entry["alive"] = False
+        entry["problems"] = _reported_problems(data_dir, entry, now, stale_after) if entry["alive"] else []
     return table
+
+
+def _reported_problems(data_dir: Path, entry: dict[str, Any], now: float, stale_after: float) -> list[str]:
+    try:
+        report = json.loads((data_dir / REPORTS_DIR / f"{entry['name']}.json").read_text())
+    except (FileNotFoundError, ValueError):
+        report = {}
+    if report.get("pid") != entry["pid"]:
+        return [] if now - float(entry.get("started_at") or 0) < stale_after else ["no health report yet"]
+    age = now - float(report.get("at", 0))
+    problems = [str(p) for p in report.get("problems", [])]
+    return problems + ([f"no health report for {age:.0f} s"] if age > stale_after else [])
+
+
+def write_report(data_dir: Path, name: str, problems: list[str]) -> None:
+    """A child's health for the process table: ``problems`` (empty when fine), its pid, the time."""
+    folder = data_dir / REPORTS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{name}.tmp"
+    tmp.write_text(json.dumps({"pid": os.getpid(), "at": time.time(), "problems": problems}))
+    os.replace(tmp, folder / f"{name}.json")
 
 
 def _running(pid: int) -> bool:
@@ -298,4 +326,5 @@ def die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
-__all__ = ["TABLE_FILE", "Child", "ProcessSupervisor", "children_for", "die_with_parent", "read_table"]
+__all__ = ["TABLE_FILE", "Child", "ProcessSupervisor", "children_for", "die_with_parent", "read_table",
+           "write_report"]

@@ -126,6 +126,7 @@ class Service:
         self._signals = 0
         self._reload_lock = threading.Lock()
         self.parent_pid: int | None = None  # a role child of node.processes: stop when that process is gone
+        self.on_tick: Callable[[], None] | None = None  # called every 0.5 s from the main loop (health reports)
         self.pid_file = config.node.data_dir / (
             "pacsnode.pid" if role is Role.ALL else f"pacsnode-{role.value}-{self.identity.index}.pid")
 
@@ -248,6 +249,14 @@ class Service:
         self.dimse.stop()
         self._start_dimse()
 
+    def problems(self) -> list[str]:
+        """What makes this process not ready besides the database and spool: dead or stuck loops, and in a
+        process that runs the worker, models not loaded yet."""
+        problems = self.heartbeats.problems()
+        if runs(self.role, Stage.WORKER) and self.config.worker.enabled and not self.worker.ready.is_set():
+            problems.append("models are not loaded")
+        return problems
+
     def _fatal(self, reason: str) -> None:
         """A loop exhausted its restarts: stop the node, exit non-zero (`run_forever` returns the status)."""
         self.log.critical("node_failing", reason=reason, exit_code=EXIT_LOOP_FAILED)
@@ -314,6 +323,8 @@ class Service:
                     self.log.error("supervisor_gone", parent_pid=self.parent_pid)  # a role child outlives no one
                     break
                 self.supervisor.check()
+                if self.on_tick is not None:
+                    self.on_tick()
                 self.admission.state()  # re-evaluated without traffic too, so a pause ends (and is logged) on time
         finally:
             self.stop()

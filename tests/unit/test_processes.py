@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from node.config import NodeConfig
-from node.processes import ProcessSupervisor, children_for, read_table
+from node.processes import ProcessSupervisor, children_for, read_table, write_report
 from node.states import Role
 from node.supervise import EXIT_LOOP_FAILED
 from peers.process import free_port, wait_until
@@ -69,3 +69,23 @@ def test_the_table_shows_a_restart_and_sigterm_reaches_every_child(tmp_path):
     assert all(p is not None and p.returncode == -15 for p in procs)  # SIGTERM, not the SIGKILL fallback
     assert time.monotonic() - t0 < 5
     assert read_table(sup.config.node.data_dir) == {}  # a clean stop removes the table
+
+
+def test_a_child_s_own_report_shows_in_the_table_and_goes_stale(tmp_path, monkeypatch):
+    sup = supervisor(tmp_path, ["sleep", "60"])
+    sup.start()
+    data = sup.config.node.data_dir
+    try:
+        listener = next(c for c in sup.children if c.name == "listener-0")
+        assert listener.proc is not None
+        monkeypatch.setattr("os.getpid", lambda: listener.proc.pid)  # written as that child would
+        write_report(data, "listener-0", ["worker: stuck (no heartbeat for 31.0 s, limit 30.0 s)"])
+        monkeypatch.undo()
+        entries = {p["name"]: p for p in read_table(data)["processes"]}
+        assert entries["listener-0"]["problems"] == ["worker: stuck (no heartbeat for 31.0 s, limit 30.0 s)"]
+        assert entries["listener-1"]["problems"] == []  # no report yet, but only just started
+        stale = {p["name"]: p for p in read_table(data, stale_after=-1)["processes"]}
+        assert stale["listener-1"]["problems"] == ["no health report yet"]
+        assert stale["listener-0"]["problems"][-1].startswith("no health report for")
+    finally:
+        sup.stop(10)
