@@ -2,7 +2,9 @@
 DIMSE port (SO_REUSEPORT) while four DCMTK storescu senders send concurrently; one listener child is killed with
 SIGKILL in the middle of a transfer. The supervisor restarts it, `/readyz` and `pacsnode status` show the restart,
 the restarted child closes only its own dead associations, and every instance acknowledged is on disk and indexed
-exactly once (a resend of every series afterwards leaves each series' count at its slice count)."""
+exactly once (a resend of every series afterwards leaves each series' count at its slice count). A slow test runs
+a series through listener, worker and dispatcher processes to Orthanc and checks that only the worker process
+maps TensorFlow."""
 
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from peers import dcmtk
 from peers.ctgen import CtSeries, write_ct_series
 from peers.pacsnode import REPO, NodeProcess, launch_node, node_env
 from peers.process import peer_env, wait_until
-from tests.conftest import require_tool
+from tests.conftest import free_port, require_tool, require_weights
 from tests.dicomfiles import content
 
 pytestmark = pytest.mark.integration
@@ -153,3 +155,33 @@ def _scenario(node: NodeProcess, tmp_path: Path) -> None:
         "listener-0", "listener-1"}
     print(f"\n{SENDERS} senders x {SLICES} slices, {name} killed mid-transfer: {len(acked)} acknowledged before, "
           f"all indexed; restarted as pid {restarted['pid']}; resend of all {SENDERS * SLICES} indexed once")
+
+
+def maps_tensorflow(pid: int) -> bool:
+    return "tensorflow" in Path(f"/proc/{pid}/maps").read_text()
+
+
+@pytest.mark.slow
+def test_a_series_crosses_listener_worker_and_dispatcher_processes_and_only_the_worker_loads_tensorflow(
+        start_node, orthanc_factory, tmp_path):
+    from tests.integration.test_end_to_end import node_toml, results_by_study
+
+    require_weights()
+    node_port = free_port()
+    orthanc = orthanc_factory(modalities={"node": ("PACSNODE", "127.0.0.1", node_port)})
+    release = '\n[[completion.senders]]\ncalling_ae = "CT-SCANNER"\nmode = "release"\nrelease_grace_seconds = 0.2\n'
+    node = start_node(port=node_port, extra_toml='process_model = "processes"\nlistener_processes = 2\n'
+                      + node_toml(orthanc, scope_check=False) + release)
+    report = wait_until(lambda: (r := readyz(node))["ready"] and r, 180, "the worker's models loaded",
+                        lambda: node.log_tail())
+    series = write_ct_series(tmp_path / "s", slices=20, size=64, seed=33)
+    dcmtk.storescu(node.port, tmp_path / "s", calling_ae="CT-SCANNER", check=True)
+    wait_until(lambda: (results_by_study(orthanc).get(series.study_uid) or {}).get("SEG"), 180,
+               "SR and SEG at Orthanc", lambda: node.log_tail())
+    result = results_by_study(orthanc)[series.study_uid]
+    assert len(result["SR"]) == 1 and len(result["SEG"]) == 1
+    pids = {p["name"]: p["pid"] for p in report["processes"]["processes"]}
+    assert maps_tensorflow(pids["worker-0"])
+    assert not any(maps_tensorflow(pids[name]) for name in ("listener-0", "listener-1", "dispatcher-0"))
+    job = query(node, "select queue_seconds from jobs")[0]
+    print(f"\njob claimed {job.queue_seconds:.3f} s after completion (worker in its own process)")
