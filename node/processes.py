@@ -4,8 +4,8 @@
 listeners sharing the DIMSE and HTTP ports (SO_REUSEPORT), a worker (when ``[worker] enabled``) and a dispatcher —
 each a fresh interpreter running ``pacsnode serve --role R``, so TensorFlow loads in the worker alone. It:
 
-* prepares the database once (tables, then closes the associations every earlier process of this instance left
-  open), then starts the children (dispatcher and worker first, the front doors last);
+* prepares the database once (tables; closes the associations every earlier process of this instance left open;
+  re-times series still receiving), then starts the children (dispatcher and worker first, the front doors last);
 * restarts a child that exits, after a back-off that doubles with each death (``[supervise]``
   restart_backoff_seconds, at most 60 s); a child that dies more than ``max_restarts`` times within
   ``restart_window_seconds`` stops everything and `run_forever` returns `EXIT_LOOP_FAILED` (70), as a dying loop
@@ -108,9 +108,10 @@ class ProcessSupervisor:
         self._log = get_logger(component="processes", instance_id=self.identity.instance_id)
 
     # -- lifecycle -----------------------------------------------------------------------------------------
-    def prepare(self) -> int:
-        """Create the tables and close what earlier processes of this instance left open; returns how many
-        associations were closed. Run once, before any child, so children never race to create tables."""
+    def prepare(self) -> tuple[int, int]:
+        """Create the tables, close the associations earlier processes of this instance left open and re-time the
+        series still receiving (the node was down); returns how many of each. Run once, before any child, so
+        children never race to create tables."""
         from node.db import create_engine_for, init_schema
         from node.index import Index
         from node.service import Service  # noqa: F401 - registers every stage's tables on the metadata
@@ -119,14 +120,15 @@ class ProcessSupervisor:
         engine = create_engine_for(self.config.database_url)
         try:
             init_schema(engine)
-            return Index(engine).close_dangling_associations(prefix=self.identity.instance_prefix)
+            index = Index(engine)
+            return index.close_dangling_associations(prefix=self.identity.instance_prefix), index.retime_open_series()
         finally:
             engine.dispose()
 
     def start(self) -> None:
-        closed = self.prepare()
-        if closed:
-            self._log.warning("resuming_previous_run", open_associations_closed=closed)
+        closed, retimed = self.prepare()
+        if closed or retimed:
+            self._log.warning("resuming_previous_run", open_associations_closed=closed, series_retimed=retimed)
         self.pid_file.write_text(f"{os.getpid()}\n")
         for child in self.children:
             self._spawn(child)

@@ -210,7 +210,9 @@ class Service:
             # Only this process's own rows (role all in one process: every row of its instance).
             prefix = self.identity.instance_prefix if self.role is Role.ALL else None
             dangling = self.index.close_dangling_associations(prefix=prefix)
-            retimed = self.index.retime_open_series()
+            # The whole node was down: nothing judged completion meanwhile. A lone listener's restart is no such
+            # gap (other listeners sweep on); under a supervisor, it re-timed them once before the children.
+            retimed = self.index.retime_open_series() if self.role is Role.ALL else 0
             if dangling or retimed:
                 self.log.warning("resuming_previous_run", open_associations_closed=dangling, series_retimed=retimed)
         if runs(self.role, Stage.DISPATCH):
