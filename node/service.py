@@ -161,7 +161,7 @@ class Service:
         "http_max_connections_per_peer", "http_max_header_bytes",
         "association_timeout_seconds",  # receive limits: both front doors take them at start, so one value holds
         "http_host", "metrics_require_token",
-        "instance_id", "process_model", "listener_processes",  # who this process is, how serve runs the roles
+        "instance_id", "process_model", "listener_processes", "wake_poll_seconds",  # who this process is, how it runs
     )
 
     def reload(self, path: Path | None = None) -> bool:
