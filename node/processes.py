@@ -143,7 +143,9 @@ class ProcessSupervisor:
         return cmd
 
     def _spawn(self, child: Child) -> None:
-        child.proc = subprocess.Popen(self._command(child))  # noqa: S603 - our own interpreter and arguments
+        # Its own process group: a terminal's Ctrl-C reaches the supervisor alone, which forwards one SIGTERM
+        # (a second signal straight from the terminal would force the children's exit).
+        child.proc = subprocess.Popen(self._command(child), process_group=0)  # noqa: S603 - our own arguments
         child.started_at = time.time()
         child.due_at = None
         self._log.info("process_started", process=child.name, pid=child.proc.pid)
