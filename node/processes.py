@@ -271,8 +271,9 @@ class ProcessSupervisor:
 
 def read_table(data_dir: Path, *, stale_after: float = REPORT_STALE_SECONDS) -> dict[str, Any]:
     """The process table the supervisor wrote in ``data_dir`` ({} when none runs), each entry with its child's
-    own ``problems`` (from its last report; a live child silent for ``stale_after`` seconds is a problem too). A
-    table whose supervisor is gone reports every process as not alive."""
+    own ``problems`` (from its last report; a live child that has not reported yet is starting, one silent for
+    ``stale_after`` seconds is a problem too). A table whose supervisor is gone reports every process as not
+    alive."""
     try:
         table: dict[str, Any] = json.loads((data_dir / TABLE_FILE).read_text())
     except FileNotFoundError:
@@ -294,7 +295,7 @@ def _reported_problems(data_dir: Path, entry: dict[str, Any], now: float, stale_
     except (FileNotFoundError, ValueError):
         report = {}
     if report.get("pid") != entry["pid"]:
-        return [] if now - float(entry.get("started_at") or 0) < stale_after else ["no health report yet"]
+        return ["starting (no health report yet)"]  # a child reports once it has started all its stages
     age = now - float(report.get("at", 0))
     problems = [str(p) for p in report.get("problems", [])]
     return problems + ([f"no health report for {age:.0f} s"] if age > stale_after else [])
