@@ -125,8 +125,10 @@ class GuardedServer(ThreadedAssociationServer):
         *,
         limits: ReceiveLimits,
         refusals: Refusals | None = None,
+        reuse_port: bool = False,
     ) -> None:
         self.limits = limits
+        self.reuse_port = reuse_port  # several listener processes share the port (node.roles)
         self._handshaking = 0  # TLS connections accepted whose handshake is not over (no association yet)
         self._handshaking_lock = threading.Lock()
         self.refusals = refusals or Refusals("dimse")
@@ -139,6 +141,13 @@ class GuardedServer(ThreadedAssociationServer):
             ae, address, ae_title, contexts, ssl_context, evt_handlers=evt_handlers,
             request_handler=GuardedRequestHandler,
         )
+
+    def server_bind(self) -> None:
+        """pynetdicom's bind, plus SO_REUSEPORT when asked (its own bind ignores socketserver's allow_reuse_port)."""
+        if self.reuse_port:
+            assert self.socket is not None
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         """socketserver's admission check: close the connection at once when ``max_connections`` are open, so
@@ -207,14 +216,14 @@ class GuardedServer(ThreadedAssociationServer):
 def start_guarded_server(
     ae: AE, address: tuple[str, int], evt_handlers: list[Any], limits: ReceiveLimits,
     ssl_context: ssl.SSLContext | None = None,
-    refusals: Refusals | None = None,
+    refusals: Refusals | None = None, reuse_port: bool = False,
 ) -> GuardedServer:
     """Like ``ae.start_server(address, block=False, evt_handlers=..., ssl_context=...)`` but guarded (DICOM TLS
     when ``ssl_context`` is given); returns once listening."""
     server = cast(
         GuardedServer,
         ae.make_server(address, evt_handlers=evt_handlers, ssl_context=ssl_context, server_class=GuardedServer,
-                       limits=limits, refusals=refusals),
+                       limits=limits, refusals=refusals, reuse_port=reuse_port),
     )
     threading.Thread(target=server.serve_forever, name="AcceptorServer@pacsnode", daemon=True).start()
     return server

@@ -34,10 +34,17 @@ def _load(args: argparse.Namespace) -> NodeConfig:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from node.service import Service
+    from node.states import ProcessModel, Role
 
     config = _load(args)
     configure_logging(args.log_level)
+    role = Role(args.role)
+    if role is Role.ALL and config.node.process_model is ProcessModel.PROCESSES and args.supervisor_pid is None:
+        return _serve_processes(args, config)
+    if role is not Role.ALL:
+        return _serve_role(args, config, role)
+    from node.service import Service
+
     service = Service(config)
 
     def announce() -> None:
@@ -54,6 +61,42 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
 
     return service.run_forever(on_started=announce)  # 70 when a supervised loop kept dying
+
+
+def _serve_processes(args: argparse.Namespace, config: NodeConfig) -> int:
+    """Role all under ``process_model = "processes"``: the supervisor of role children (node.processes)."""
+    from node.processes import ProcessSupervisor
+
+    supervisor = ProcessSupervisor(config, _config_path(args), log_level=args.log_level)
+
+    def announce() -> None:
+        print(f"pacsnode supervising {', '.join(c.name for c in supervisor.children)}: DIMSE "
+              f"{config.node.ae_title}@{config.node.host}:{config.node.port}, HTTP {config.node.http_host}:"
+              f"{config.node.http_port}; data in {config.node.data_dir}; Ctrl-C to stop", flush=True)
+
+    return supervisor.run_forever(on_started=announce)
+
+
+def _serve_role(args: argparse.Namespace, config: NodeConfig, role: Any) -> int:
+    """``--role listener|worker|dispatcher``: that role's stages alone (a child of the supervisor, or on its own)."""
+    from node.processes import die_with_parent, read_table, write_report
+    from node.roles import Identity
+    from node.service import Service
+
+    supervised = args.supervisor_pid is not None
+    if supervised:
+        die_with_parent()
+    service = Service(config, role=role, identity=Identity.of(config, role, args.child_index),
+                      processes=(lambda: read_table(config.node.data_dir)) if supervised else None)
+    service.parent_pid = args.supervisor_pid
+    if supervised:  # its health in the supervisor's process table, for /readyz and `pacsnode status`
+        name = f"{role.value}-{args.child_index}"
+        service.on_tick = lambda: write_report(config.node.data_dir, name, service.problems())
+
+    def announce() -> None:
+        print(f"pacsnode {service.identity.node_id} running (pid {os.getpid()})", flush=True)
+
+    return service.run_forever(on_started=announce)
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
@@ -122,123 +165,22 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 
 def _open_db(args: argparse.Namespace) -> tuple[NodeConfig, Any]:
-    from node.db import create_engine_for, init_schema
-    from node.dispatch import Dispatcher
-    from node.index import Index
-    from node.queue import JobQueue
+    from node.statusreport import open_stages
 
     config = _load(args)
-    engine = create_engine_for(config.database_url)
-    init_schema(engine)
-    return config, (Index(engine), JobQueue(engine, config.queue), Dispatcher(config, engine, {}))
+    return config, open_stages(config)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    config, (index, queue, dispatcher) = _open_db(args)
-    deliveries: dict[str, dict[str, int]] = {}
-    for (destination, state), n in sorted(dispatcher.counts().items()):
-        deliveries.setdefault(destination, {})[state] = n
-    report = {
-        "series": index.series_counts(),
-        "routes": index.route_counts(),
-        "jobs": queue.counts(),
-        "deliveries": deliveries,
-        "job_errors": [dict(r._mapping) for r in queue.last_errors(args.errors)],
-        "delivery_errors": [dict(r._mapping) for r in dispatcher.last_errors(args.errors)],
-        "alerts": [dict(r._mapping) for r in queue.unreported(args.errors)],
-        "destinations": _destination_report(config, index.engine),
-        "commitment_problems": _commit_problems(index.engine, args.errors),
-        "admission": _admission_report(config, queue),
-    }
+    from node.statusreport import build_report, print_report
+
+    config, stages = _open_db(args)
+    report = build_report(config, stages, args.errors)
     if args.json:
         print(json.dumps(report, indent=2, default=str))
-        return 0
-    print(f"node {config.node.ae_title}  database {config.redacted()['database']['effective_url']}")
-    print("series:     " + (", ".join(f"{k} {v}" for k, v in sorted(report["series"].items())) or "none"))
-    print("routes:     " + (", ".join(f"{k} {v}" for k, v in sorted(report["routes"].items())) or "none"))
-    print("jobs:       " + (", ".join(f"{k} {v}" for k, v in sorted(report["jobs"].items())) or "none"))
-    if not deliveries:
-        print("deliveries: none")
-    for destination, states in deliveries.items():
-        print(f"deliveries to {destination}: " + ", ".join(f"{k} {v}" for k, v in sorted(states.items())))
-    print("admission:  " + _admission_line(report["admission"]))
-    for line in _destination_lines(report["destinations"]):
-        print(line)
-    for row in report["alerts"]:
-        print(f"ALERT job {row['id']} dead, series {row['series_uid']} v{row['version']}: no result and no "
-              f"'processing failed' report reached the PACS queue ({row['last_error']})")
-    for row in report["job_errors"]:
-        print(f"job {row['id']} {row['state']} series {row['series_uid']} v{row['version']}: "
-              f"{row['skip_reason'] or ''} {row['last_error']}")
-    for row in report["delivery_errors"]:
-        print(f"delivery {row['id']} {row['state']} to {row['destination']} series {row['series_uid']}: "
-              f"{row['last_error']}")
-    for row in report["commitment_problems"]:
-        print(f"delivery {row['delivery_id']} to {row['destination']} series {row['series_uid']} "
-              f"NOT COMMITTED ({row['state']}): {row['last_error']}")
-    return 0
-
-
-def _destination_report(config: NodeConfig, engine: Any) -> list[dict[str, Any]]:
-    from node.reachability import destination_report
-
-    return destination_report(config, engine)
-
-
-def _commit_problems(engine: Any, limit: int) -> list[dict[str, Any]]:
-    from node.commitment import commit_problems
-
-    return commit_problems(engine, limit)
-
-
-def _destination_lines(rows: list[dict[str, Any]]) -> list[str]:
-    """One line per destination: reachability (last check, last success, why not), backlog, dead, commitment."""
-    import time
-
-    def ago(ts: float | None) -> str:
-        return "never" if ts is None else f"{max(0.0, time.time() - ts):.0f} s ago"
-
-    lines = []
-    for d in rows:
-        if d["reachable"] is None:
-            reach = "not checked yet"
-        elif d["reachable"]:
-            reach = f"reachable (checked {ago(d['checked_at'])})"
-        else:
-            reach = f"UNREACHABLE: {d['reason']} (checked {ago(d['checked_at'])}, last success {ago(d['last_success_at'])})"
-        commit = (f", committed {d['committed']}, uncommitted {d['uncommitted']}"
-                  + "".join(f" ({s} {n})" for s, n in sorted(d["commit_states"].items()) if s != "committed")
-                  if d["commitment"] else "")
-        lines.append(f"destination {d['destination']} ({d['kind']}): {reach}; backlog {d['backlog']}, "
-                     f"dead {d['dead']}, delivered {d['delivered']}{commit}")
-    return lines
-
-
-def _admission_report(config: NodeConfig, queue: Any) -> dict[str, Any]:
-    """What admission control decides now, from the free space and queue depth the node reads."""
-    from node.admission import evaluate
-
-    try:
-        return evaluate(config.admission, config.node.data_dir, queue.depth).as_dict()
-    except OSError as exc:
-        return {"enabled": config.admission.enabled, "error": f"data directory unreadable: {exc.strerror or exc}"}
-
-
-def _admission_line(a: dict[str, Any]) -> str:
-    def gb(n: int | None) -> str:
-        return "?" if n is None else f"{n / 1e9:.1f} GB"
-
-    if a.get("error"):
-        return str(a["error"])
-    if not a["enabled"]:
-        head = "off"
-    elif a["paused"]:
-        head = f"PAUSED ({', '.join(a['paused'])}): accepting {a['accepting']}"
     else:
-        head = "accepting all"
-    ceiling = a["max_queue_depth"] or "no ceiling"
-    return (f"{head}; free {gb(a['free_bytes'])} of {gb(a['total_bytes'])} (floor {gb(a['floor_bytes'])}, "
-            f"reserve {gb(a['reserve_bytes'])}); queue {a['queue_depth']} (ceiling {ceiling})")
+        print_report(config, report)
+    return 0
 
 
 def cmd_purge(args: argparse.Namespace) -> int:
@@ -315,6 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = with_config(sub.add_parser("serve", help="run the node"))
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve.add_argument("--role", default="all", choices=["all", "listener", "worker", "dispatcher"],
+                       help="run one role's stages (default all; see README 'Roles')")
+    serve.add_argument("--child-index", type=int, default=0, help=argparse.SUPPRESS)  # nth process of its role
+    serve.add_argument("--supervisor-pid", type=int, default=None, help=argparse.SUPPRESS)  # node.processes
     serve.set_defaults(func=cmd_serve)
 
     config = sub.add_parser("config", help="inspect the configuration")

@@ -83,8 +83,10 @@ class DimseServer:
         metrics: Metrics | None = None,
         on_commitment_report: Callable[[evt.Event], tuple[int, Any]] | None = None,
         audit: AuditTrail | None = None,
+        reuse_port: bool = False,
     ) -> None:
         self._on_commitment_report = on_commitment_report  # node.commitment: the PACS's N-EVENT-REPORT
+        self._reuse_port = reuse_port  # SO_REUSEPORT: listener processes share the port (node.roles)
         self._config = config
         self._audit = audit  # association start/stop and what each stored (node.audit); None: no audit
         self._metrics = metrics or Metrics()
@@ -164,11 +166,12 @@ class DimseServer:
         tls = self._config.tls
         if tls.plaintext_dimse:
             self._server = start_guarded_server(self._ae, (host, self._config.node.port), handlers, limits,
-                                                refusals=self._refusals)
+                                                refusals=self._refusals, reuse_port=self._reuse_port)
             self._log.info("dimse_listening", ae_title=self._config.node.ae_title, host=host, port=self.address[1])
         if tls.dimse_port is not None:
             self._tls_server = start_guarded_server(self._ae, (host, tls.dimse_port), handlers, limits,
-                                                    ssl_context=self._ssl_context, refusals=self._refusals)
+                                                    ssl_context=self._ssl_context, refusals=self._refusals,
+                                                    reuse_port=self._reuse_port)
             address = self.tls_address
             assert address is not None
             self._log.info("dimse_tls_listening", ae_title=self._config.node.ae_title, host=host, port=address[1],

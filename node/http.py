@@ -53,7 +53,8 @@ class HealthProbe:
 
     def __init__(self, engine: Engine, spool_dir: Path, models_ready: Callable[[], bool],
                  heartbeats: Heartbeats | None = None, admission: Callable[[], dict[str, Any]] | None = None,
-                 device: Callable[[], dict[str, Any]] | None = None) -> None:
+                 device: Callable[[], dict[str, Any]] | None = None,
+                 processes: Callable[[], dict[str, Any]] | None = None) -> None:
         if not callable(models_ready):
             raise TypeError(f"models_ready must be callable, not {type(models_ready).__name__}")
         self.engine = engine
@@ -62,11 +63,14 @@ class HealthProbe:
         self.heartbeats = heartbeats
         self.admission = admission  # e.g. `Admission.report`: shown in the report, never makes the node not ready
         self.device = device  # e.g. `Worker.device_report`: what the models run on (a CPU fallback is still ready)
+        self.processes = processes  # the supervisor's role processes (node.processes.read_table), when one runs
 
     def check(self) -> dict[str, str]:
         checks = {"database": self._database(), "spool": self._spool(), "models": self._models()}
         if self.heartbeats is not None:
             checks["loops"] = "; ".join(self.heartbeats.problems()) or "ok"
+        if self.processes is not None:
+            checks["processes"] = _process_problems(self.processes)
         return checks
 
     def report(self) -> dict[str, Any]:
@@ -81,6 +85,8 @@ class HealthProbe:
             "checks": checks,
             "loops": {name: status.as_dict() for name, status in sorted(loops.items())},
         }
+        if self.processes is not None:
+            report["processes"] = _process_table(self.processes)
         if self.admission is not None:
             try:
                 report["admission"] = self.admission()
@@ -112,6 +118,24 @@ class HealthProbe:
             return "ok" if self.models_ready() else "models are not loaded"
         except Exception as exc:  # noqa: BLE001 - a readiness probe answers; it does not raise
             return f"models readiness check failed: {type(exc).__name__}"
+
+
+def _process_table(read: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    try:
+        return read()
+    except Exception as exc:  # noqa: BLE001 - a readiness probe answers; it does not raise
+        return {"error": type(exc).__name__}
+
+
+def _process_problems(read: Callable[[], dict[str, Any]]) -> str:
+    """"ok" when the supervisor reports every role process alive, else what is not."""
+    table = _process_table(read)
+    if "error" in table:
+        return f"process table unreadable: {table['error']}"
+    down = [f"{p['name']}: not running (restarts {p['restarts']})" for p in table.get("processes", [])
+            if not p.get("alive")]
+    unwell = [f"{p['name']}: {problem}" for p in table.get("processes", []) for problem in p.get("problems", [])]
+    return "; ".join(down + unwell) or "ok"
 
 
 class _Probes:
@@ -200,11 +224,12 @@ class HttpServer:
 
     def __init__(self, config: NodeConfig, app: Starlette, *, graceful_seconds: float = 10.0,
                  health: HealthProbe | None = None, heartbeats: Heartbeats | None = None,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, reuse_port: bool = False) -> None:
         if graceful_seconds <= 0:
             raise ValueError(f"graceful_seconds must be > 0, not {graceful_seconds}")
         self._host = config.node.http_host
         self._port = config.node.http_port
+        self._reuse_port = reuse_port  # listener processes share the port (SO_REUSEPORT, node.roles)
         self._app: Any = app if health is None else _Readiness(app, health)
         self._graceful = graceful_seconds
         self._limits = HttpLimits.from_config(config.node)
@@ -246,7 +271,8 @@ class HttpServer:
 
     def _launch(self, port: int, timeout: float) -> None:
         family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
-        self._sock = socket.create_server((self._host, port), family=family, backlog=128)
+        self._sock = socket.create_server((self._host, port), family=family, backlog=128,
+                                          reuse_port=self._reuse_port)
         self._bound_port = self.port
         config = uvicorn.Config(
             self._app,

@@ -59,9 +59,10 @@ class InstanceRecord:
 class Index:
     """Index operations over one engine; ``clock`` returns epoch seconds (injected for tests)."""
 
-    def __init__(self, engine: Engine, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, engine: Engine, clock: Callable[[], float] = time.time, node_id: str | None = None) -> None:
         self.engine = engine
         self.clock = clock
+        self.node_id = node_id  # recorded on the associations this process opens; its crash cleanup's scope
         self._insert = insert_for(engine)
 
     # -- associations ---------------------------------------------------------------------------------------
@@ -74,6 +75,7 @@ class Index:
                 peer=peer,
                 state=AssociationState.OPEN,
                 opened_at=self.clock(),
+                node_id=self.node_id,
             )
         )
 
@@ -84,12 +86,17 @@ class Index:
             .values(state=state, closed_at=self.clock())
         )
 
-    def close_dangling_associations(self) -> int:
-        """Mark associations left open by a previous process as aborted (run at start-up); returns how many."""
+    def close_dangling_associations(self, *, prefix: str | None = None) -> int:
+        """Mark associations left open by a previous run of this process as aborted (run at start-up): those
+        whose ``node_id`` is this index's (or starts with ``prefix``: every process of one node instance), and
+        those without an owner (written before owners were recorded). Other nodes' rows on a shared database are
+        left alone. Returns how many."""
+        owner = associations.c.node_id
+        mine = owner.startswith(prefix, autoescape=True) if prefix is not None else owner == self.node_id
         with self._begin() as conn:
             result = conn.execute(
                 associations.update()
-                .where(associations.c.state == AssociationState.OPEN)
+                .where(associations.c.state == AssociationState.OPEN, sa.or_(mine, owner.is_(None)))
                 .values(state=AssociationState.ABORTED, closed_at=self.clock())
             )
             return int(result.rowcount or 0)

@@ -26,6 +26,7 @@ associations = sa.Table(
     sa.Column("state", sa.String(16), nullable=False),
     sa.Column("opened_at", sa.Float, nullable=False),
     sa.Column("closed_at", sa.Float),
+    sa.Column("node_id", sa.String(64)),  # the process that holds it (node.roles.Identity); NULL: older rows
 )
 
 series = sa.Table(

@@ -9,6 +9,9 @@ Every long-running loop — worker, dispatch (one per destination, and its sweep
 commitment (proof of delivery), reachability (destination checks), HTTP server, DIMSE acceptor — beats one `Heartbeats` registry (`/readyz` reports it); the main thread runs the `Supervisor`
 every 0.5 s, which restarts a loop whose thread ended (bounded, with back-off) or stops the node with exit status
 `EXIT_LOOP_FAILED` (70) so a process supervisor (systemd ``Restart=on-failure``, Kubernetes) starts it afresh.
+
+``Service(config, role=...)`` builds every stage but starts only its role's (node.roles: listener, worker,
+dispatcher, or all); ``identity`` names the process on the database (its rows, its crash cleanup).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from starlette.routing import Mount
 
@@ -46,8 +50,10 @@ from node.pipelines import ModelRunner, RegistryRunner
 from node.queue import JobQueue
 from node.reachability import Reachability, ReachabilityLoop
 from node.retention import Retention, RetentionLoop, disk_usage
+from node.roles import Identity, Stage, role_config, runs, worker_poll_seconds
 from node.senders import DimseSender, StowSender
 from node.spool import Spool
+from node.states import Role
 from node.supervise import EXIT_LOOP_FAILED, Heartbeats, Supervisor, beat_socketserver
 from node.worker import Worker
 
@@ -55,14 +61,19 @@ DIMSE_LOOP = "dimse"  # the DIMSE acceptor's name in the heartbeat registry
 
 
 class Service:
-    def __init__(self, config: NodeConfig, runner_factory: Callable[[], ModelRunner] | None = None) -> None:
+    def __init__(self, config: NodeConfig, runner_factory: Callable[[], ModelRunner] | None = None, *,
+                 role: Role = Role.ALL, identity: Identity | None = None,
+                 processes: Callable[[], dict[str, Any]] | None = None) -> None:
+        self.role = role
+        self.identity = identity or Identity.of(config, role)
+        config = role_config(config, role)
         self.config = config
         self.log = get_logger(component="service")
         config.node.data_dir.mkdir(parents=True, exist_ok=True)
         self.engine = create_engine_for(config.database_url)
         init_schema(self.engine)
         self.spool = Spool(config.node.spool_dir)
-        self.index = Index(self.engine)
+        self.index = Index(self.engine, node_id=self.identity.node_id)
         self.ingestor = Ingestor(self.spool, self.index)
         self.queue = JobQueue(self.engine, config.queue)
         self.metrics = Metrics()
@@ -87,6 +98,7 @@ class Service:
             },
             on_delivered=self._on_delivered,
             heartbeats=self.heartbeats,
+            identity=self.identity.instance_id,  # lease holders <instance>:dispatch:...: recover(own=True) scope
         )
         factory = runner_factory or (
             lambda: RegistryRunner(
@@ -96,13 +108,13 @@ class Service:
             )
         )
         self.worker = Worker(config, self.engine, self.queue, self.dispatcher, factory, metrics=self.metrics,
-                             heartbeats=self.heartbeats)
+                             heartbeats=self.heartbeats, poll_seconds=worker_poll_seconds(config, role))
         self.sweeper = CompletionSweeper(config, self.engine, self.queue, on_complete=self.worker.wake,
                                          metrics=self.metrics, heartbeats=self.heartbeats)
         self.dimse = DimseServer(
             config, self.ingestor, self.index, on_released=self.sweeper.nudge, metrics=self.metrics,
             on_commitment_report=self.commitments.handle_report,
-            audit=self.audit,
+            audit=self.audit, reuse_port=role is Role.LISTENER,
         )
         self.retention = Retention(config, self.engine)
         self.retention_loop = RetentionLoop(self.retention, self.heartbeats)
@@ -111,12 +123,27 @@ class Service:
             deliveries=self.dispatcher.counts, disk=lambda: disk_usage(config.node.data_dir),
             destination_up=self.reachability.reachability.up, uncommitted=self.commitments.uncommitted,
         )
-        models_ready = self.worker.ready.is_set if config.worker.enabled else (lambda: True)
+        self.http = self._build_http(config, processes)
+        self._dimse_threads: list[threading.Thread] = []
+        self._stop = threading.Event()
+        self._signals = 0
+        self._reload_lock = threading.Lock()
+        self.parent_pid: int | None = None  # a role child of node.processes: stop when that process is gone
+        self.on_tick: Callable[[], None] | None = None  # called every 0.5 s from the main loop (health reports)
+        self.pid_file = config.node.data_dir / (
+            "pacsnode.pid" if role is Role.ALL else f"pacsnode-{role.value}-{self.identity.index}.pid")
+
+    def _build_http(self, config: NodeConfig, processes: Callable[[], dict[str, Any]] | None) -> HttpServer:
+        """The HTTP front door: STOW-RS/QIDO-RS, probes (``/readyz`` with the process table when supervised),
+        metrics and ``/admin``."""
+        models_ready = self.worker.ready.is_set if config.worker.enabled and runs(self.role, Stage.WORKER) else (
+            lambda: True)  # a listener's models live in the worker process: `processes` reports it
         token = config.node.dicomweb_token.get_secret_value() if config.node.dicomweb_token else None
         auth = Authenticator(token, metrics=self.metrics, audit=self.audit)  # one check for every HTTP surface
         health = HealthProbe(self.engine, config.node.spool_dir, models_ready, self.heartbeats,
                              admission=self.admission.report,
-                             device=self.worker.device_report if config.worker.enabled else None)
+                             device=self.worker.device_report if config.worker.enabled else None,
+                             processes=processes)
         app = create_app(
             config, self.ingestor, self.index,
             health=health,
@@ -128,12 +155,8 @@ class Service:
             lambda: self.config, self.engine, token=token, dispatcher=self.dispatcher, queue=self.queue,
             index=self.index, authenticator=auth, admission=self.admission.report,
         )))
-        self.http = HttpServer(config, app, health=health, heartbeats=self.heartbeats, metrics=self.metrics)
-        self._dimse_threads: list[threading.Thread] = []
-        self._stop = threading.Event()
-        self._signals = 0
-        self._reload_lock = threading.Lock()
-        self.pid_file = config.node.data_dir / "pacsnode.pid"
+        return HttpServer(config, app, health=health, heartbeats=self.heartbeats, metrics=self.metrics,
+                          reuse_port=self.role is Role.LISTENER)
 
     # Settings bound at start-up (sockets, files, database); a reload that changes them is applied only after a restart.
     RESTART_ONLY = (
@@ -143,6 +166,7 @@ class Service:
         "http_max_connections_per_peer", "http_max_header_bytes",
         "association_timeout_seconds",  # receive limits: both front doors take them at start, so one value holds
         "http_host", "metrics_require_token",
+        "instance_id", "process_model", "listener_processes", "wake_poll_seconds",  # who this process is, how it runs
     )
 
     def reload(self, path: Path | None = None) -> bool:
@@ -152,7 +176,7 @@ class Service:
         source = path or (Path(self.config.source) if self.config.source else None)
         with self._reload_lock:
             try:
-                new = load_config(source)
+                new = role_config(load_config(source), self.role)
             except ConfigError as exc:
                 self.log.error("config_reload_refused", reason=str(exc))
                 self.audit.config_changed(source=str(source) if source else None, applied=False, reason=str(exc))
@@ -184,22 +208,32 @@ class Service:
             return True
 
     def start(self) -> None:
-        dangling = self.index.close_dangling_associations()
-        retimed = self.index.retime_open_series()
-        if dangling or retimed:
-            self.log.warning("resuming_previous_run", open_associations_closed=dangling, series_retimed=retimed)
-        # Crash cleanup touches only deliveries an earlier process of this node left sending, or expired leases.
-        self.dispatcher.recover(own=True)
-        self.dispatcher.start()
-        if self.config.worker.enabled:
+        """Start the role's stages (node.roles.STAGES), in data-path order from the back: a front door opens
+        last, so nothing is acknowledged before the stages behind it run."""
+        self.log.info("node_starting", role=self.role.value, node_id=self.identity.node_id)
+        if runs(self.role, Stage.FRONT_DOORS):
+            # Only this process's own rows (role all in one process: every row of its instance).
+            prefix = self.identity.instance_prefix if self.role is Role.ALL else None
+            dangling = self.index.close_dangling_associations(prefix=prefix)
+            # The whole node was down: nothing judged completion meanwhile. A lone listener's restart is no such
+            # gap (other listeners sweep on); under a supervisor, it re-timed them once before the children.
+            retimed = self.index.retime_open_series() if self.role is Role.ALL else 0
+            if dangling or retimed:
+                self.log.warning("resuming_previous_run", open_associations_closed=dangling, series_retimed=retimed)
+        if runs(self.role, Stage.DISPATCH):
+            # Crash cleanup touches only deliveries an earlier process of this instance left sending, or expired leases.
+            self.dispatcher.recover(own=True)
+            self.dispatcher.start()
+        if self.config.worker.enabled and runs(self.role, Stage.WORKER):
             self.worker.start()
-        self.sweeper.start()
-        self.retention_loop.start()
-        self.commitments.start()
-        self.reachability.start()
-        self.http.start()
-        self._start_dimse()
-        self.heartbeats.register(DIMSE_LOOP, 1.0, alive=self._dimse_alive, restart=self._restart_dimse)
+        for stage, loop in ((Stage.COMPLETION, self.sweeper), (Stage.RETENTION, self.retention_loop),
+                            (Stage.COMMITMENT, self.commitments), (Stage.REACHABILITY, self.reachability)):
+            if runs(self.role, stage):
+                loop.start()
+        if runs(self.role, Stage.FRONT_DOORS):
+            self.http.start()
+            self._start_dimse()
+            self.heartbeats.register(DIMSE_LOOP, 1.0, alive=self._dimse_alive, restart=self._restart_dimse)
         self.pid_file.write_text(f"{os.getpid()}\n")
         self.audit.application(started=True)
 
@@ -221,6 +255,14 @@ class Service:
         """The supervisor's restart: close the ended acceptor, listen again on the same port."""
         self.dimse.stop()
         self._start_dimse()
+
+    def problems(self) -> list[str]:
+        """What makes this process not ready besides the database and spool: dead or stuck loops, and in a
+        process that runs the worker, models not loaded yet."""
+        problems = self.heartbeats.problems()
+        if runs(self.role, Stage.WORKER) and self.config.worker.enabled and not self.worker.ready.is_set():
+            problems.append("models are not loaded")
+        return problems
 
     def _fatal(self, reason: str) -> None:
         """A loop exhausted its restarts: stop the node, exit non-zero (`run_forever` returns the status)."""
@@ -284,7 +326,12 @@ class Service:
             on_started()
         try:
             while not self._stop.wait(0.5):
+                if self.parent_pid is not None and os.getppid() != self.parent_pid:
+                    self.log.error("supervisor_gone", parent_pid=self.parent_pid)  # a role child outlives no one
+                    break
                 self.supervisor.check()
+                if self.on_tick is not None:
+                    self.on_tick()
                 self.admission.state()  # re-evaluated without traffic too, so a pause ends (and is logged) on time
         finally:
             self.stop()

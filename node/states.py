@@ -107,3 +107,19 @@ class SchemaState(StrEnum):
     BEHIND = "behind"              # at an older revision this release knows: `pacsnode db upgrade`
     UNVERSIONED = "unversioned"    # tables from a release before migrations (no alembic_version): adopted by upgrade
     UNKNOWN = "unknown"            # at a revision this release does not know (a newer release wrote it): refused
+
+
+class Role(StrEnum):
+    """What one node process runs (`pacsnode serve --role`; node.roles says which stages each one starts)."""
+
+    ALL = "all"                # every stage: threads in one process, or a supervisor of role processes
+    LISTENER = "listener"      # DIMSE + HTTP front doors, ingest, completion sweep
+    WORKER = "worker"          # job claiming, models, result building (enqueues deliveries)
+    DISPATCHER = "dispatcher"  # delivery threads, storage commitment, reachability, retention
+
+
+class ProcessModel(StrEnum):
+    """How ``pacsnode serve`` (role all) runs the roles: ``[node] process_model``."""
+
+    THREADS = "threads"      # one process, every stage a thread (the embedded default)
+    PROCESSES = "processes"  # a supervisor process and one child per role (listener_processes listeners)

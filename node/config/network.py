@@ -15,7 +15,7 @@ from pydantic import (
 )
 
 from node.config.base import AETitle, Port, _check_uid_root, _Frozen
-from node.states import ClientCertificates
+from node.states import ClientCertificates, ProcessModel
 
 
 class NodeSection(_Frozen):
@@ -60,6 +60,11 @@ class NodeSection(_Frozen):
     http_max_header_bytes: Annotated[int, Field(ge=1024, le=1 << 24)] = 16 << 10
     # The organisation's UID root for the SR/SEG the node creates ('' = pydicom's); result UIDs depend on it.
     uid_root: Annotated[str, AfterValidator(_check_uid_root)] = ""
+    # Process roles (node.roles, node.processes): who this node is on a shared database, how `serve` runs its roles.
+    instance_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,39}$")] | None = None  # None: hostname
+    process_model: ProcessModel = ProcessModel.THREADS
+    listener_processes: Annotated[int, Field(ge=1, le=64)] = 1  # listener children sharing the ports (processes)
+    wake_poll_seconds: Annotated[float, Field(gt=0, le=10)] = 0.1  # a role process polls the database this often
 
     @property
     def spool_dir(self) -> Path:

@@ -88,3 +88,26 @@ def test_association_lifecycle_and_dangling_cleanup(index):
     assert index.get_association("a1").state == AssociationState.RELEASED
     assert index.close_dangling_associations() == 1
     assert index.get_association("a2").state == AssociationState.ABORTED
+
+
+def test_dangling_cleanup_touches_only_this_node_s_rows(tmp_path):
+    """On a shared database a starting node closes what it (or a pre-identity release) left open, never the open
+    associations of another node; a supervisor closes every process of its own instance."""
+    engine = create_engine_for(f"sqlite:///{tmp_path / 'shared.db'}")
+    init_schema(engine)
+    mine = Index(engine, node_id="ct-a:listener-0")
+    sibling = Index(engine, node_id="ct-a:listener-1")
+    other = Index(engine, node_id="ct-b:listener-0")
+    legacy = Index(engine)
+    for i, index in enumerate((mine, sibling, other, legacy)):
+        index.association_opened(f"a{i}", "CT", "PACSNODE", "p")
+    assert mine.get_association("a0").node_id == "ct-a:listener-0"
+    assert mine.close_dangling_associations() == 2  # its own and the ownerless one
+    assert [mine.get_association(f"a{i}").state for i in range(4)] == [
+        AssociationState.ABORTED, AssociationState.OPEN, AssociationState.OPEN, AssociationState.ABORTED]
+    other_like = Index(engine, node_id="ct_a:listener-0")  # LIKE wildcards in an instance id match nothing else
+    other_like.association_opened("a4", "CT", "PACSNODE", "p")
+    assert Index(engine).close_dangling_associations(prefix="ct-a:") == 1  # the sibling
+    assert mine.get_association("a2").state == AssociationState.OPEN
+    assert mine.get_association("a4").state == AssociationState.OPEN
+    engine.dispose()

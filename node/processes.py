@@ -1,0 +1,335 @@
+"""The supervisor of role processes: ``pacsnode serve`` with ``[node] process_model = "processes"``.
+
+`ProcessSupervisor(config, config_path)` runs one child process per role (node.roles) — ``listener_processes``
+listeners sharing the DIMSE and HTTP ports (SO_REUSEPORT), a worker (when ``[worker] enabled``) and a dispatcher —
+each a fresh interpreter running ``pacsnode serve --role R``, so TensorFlow loads in the worker alone. It:
+
+* prepares the database once (tables; closes the associations every earlier process of this instance left open;
+  re-times series still receiving), then starts the children (dispatcher and worker first, the front doors last);
+* restarts a child that exits, after a back-off that doubles with each death (``[supervise]``
+  restart_backoff_seconds, at most 60 s); a child that dies more than ``max_restarts`` times within
+  ``restart_window_seconds`` stops everything and `run_forever` returns `EXIT_LOOP_FAILED` (70), as a dying loop
+  does in the threads model;
+* forwards SIGTERM/SIGINT (stop: children get SIGTERM and their two-stage shutdown; a second signal kills them) and
+  SIGHUP (the file is validated here first, then each child reloads it);
+* writes the process table — each child's name, role, pid, alive, restarts, last exit status — to
+  ``<data_dir>/processes.json`` (temp file + rename) whenever it changes; each child writes its own health — its
+  loops' problems (dead, stuck), models not loaded — to ``<data_dir>/processes/<name>.json`` every second
+  (`write_report`); `read_table` merges both for ``/readyz`` and ``pacsnode status``.
+
+A child asks the kernel for SIGTERM when the supervisor dies (``PR_SET_PDEATHSIG``, `die_with_parent`) and also
+stops when its parent pid changes, so a supervisor killed with SIGKILL leaves no orphan listening on the ports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from node.config import NodeConfig, load_config
+from node.errors import ConfigError
+from node.logs import get_logger
+from node.roles import Identity
+from node.states import Role
+from node.supervise import EXIT_LOOP_FAILED
+
+TABLE_FILE = "processes.json"
+REPORTS_DIR = "processes"  # one health report per child
+REPORT_STALE_SECONDS = 15.0  # a live child that has not reported for this long is reported as a problem
+_PR_SET_PDEATHSIG = 1
+_MAX_BACKOFF_SECONDS = 60.0
+
+
+@dataclass
+class Child:
+    """One role process and its restart history."""
+
+    role: Role
+    index: int
+    proc: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    deaths: deque[float] = field(default_factory=deque)  # monotonic times of deaths within the window
+    due_at: float | None = None  # when a pending restart may run
+    started_at: float = 0.0  # epoch seconds
+    last_exit: int | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.role.value}-{self.index}"
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "role": self.role.value, "index": self.index,
+                "pid": self.proc.pid if self.proc is not None else None, "alive": self.alive,
+                "restarts": self.restarts, "started_at": self.started_at, "last_exit": self.last_exit}
+
+
+def children_for(config: NodeConfig) -> list[Child]:
+    """The role processes ``config`` asks for: dispatcher, worker (when enabled), then the listeners."""
+    out = [Child(Role.DISPATCHER, 0)]
+    if config.worker.enabled:
+        out.append(Child(Role.WORKER, 0))
+    out += [Child(Role.LISTENER, i) for i in range(config.node.listener_processes)]
+    return out
+
+
+class ProcessSupervisor:
+    """Runs and restarts the role children of one node instance (see the module docstring)."""
+
+    def __init__(self, config: NodeConfig, config_path: Path | None, *, log_level: str = "INFO",
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.log_level = log_level
+        self.identity = Identity.of(config)
+        self.children = children_for(config)
+        self.exit_code = 0
+        self.table_file = config.node.data_dir / TABLE_FILE
+        self.pid_file = config.node.data_dir / "pacsnode.pid"
+        self._clock = clock
+        self._stop = threading.Event()
+        self._signals = 0
+        self._log = get_logger(component="processes", instance_id=self.identity.instance_id)
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+    def prepare(self) -> tuple[int, int]:
+        """Create the tables, close the associations earlier processes of this instance left open and re-time the
+        series still receiving (the node was down); returns how many of each. Run once, before any child, so
+        children never race to create tables."""
+        from node.db import create_engine_for, init_schema
+        from node.index import Index
+        from node.service import Service  # noqa: F401 - registers every stage's tables on the metadata
+
+        self.config.node.data_dir.mkdir(parents=True, exist_ok=True)
+        engine = create_engine_for(self.config.database_url)
+        try:
+            init_schema(engine)
+            index = Index(engine)
+            return index.close_dangling_associations(prefix=self.identity.instance_prefix), index.retime_open_series()
+        finally:
+            engine.dispose()
+
+    def start(self) -> None:
+        closed, retimed = self.prepare()
+        if closed or retimed:
+            self._log.warning("resuming_previous_run", open_associations_closed=closed, series_retimed=retimed)
+        self.pid_file.write_text(f"{os.getpid()}\n")
+        for child in self.children:
+            self._spawn(child)
+        self._write_table()
+        self._log.info("processes_started", processes=[c.name for c in self.children])
+
+    def _command(self, child: Child) -> list[str]:
+        cmd = [sys.executable, "-m", "node.cli", "serve", "--role", child.role.value,
+               "--child-index", str(child.index), "--supervisor-pid", str(os.getpid()), "--log-level", self.log_level]
+        if self.config_path is not None:
+            cmd += ["--config", str(self.config_path)]
+        return cmd
+
+    def _spawn(self, child: Child) -> None:
+        # Its own process group: a terminal's Ctrl-C reaches the supervisor alone, which forwards one SIGTERM
+        # (a second signal straight from the terminal would force the children's exit).
+        child.proc = subprocess.Popen(self._command(child), process_group=0)  # noqa: S603 - our own arguments
+        child.started_at = time.time()
+        child.due_at = None
+        self._log.info("process_started", process=child.name, pid=child.proc.pid)
+
+    def check(self) -> None:
+        """One round: note children that exited, restart those whose back-off is over; a child over its restart
+        budget stops the node (exit status `EXIT_LOOP_FAILED`)."""
+        changed = False
+        now = self._clock()
+        settings = self.config.supervise
+        for child in self.children:
+            if child.proc is None or child.alive:
+                continue
+            if child.due_at is None:  # a death not handled yet
+                child.last_exit = child.proc.returncode
+                while child.deaths and child.deaths[0] < now - settings.restart_window_seconds:
+                    child.deaths.popleft()
+                if len(child.deaths) >= settings.max_restarts:
+                    self._log.critical("process_failed", process=child.name, exit_status=child.last_exit,
+                                       deaths_in_window=len(child.deaths) + 1)
+                    self.exit_code = EXIT_LOOP_FAILED
+                    self._stop.set()
+                    return
+                delay = min(_MAX_BACKOFF_SECONDS, settings.restart_backoff_seconds * 2.0 ** len(child.deaths))
+                child.deaths.append(now)
+                child.due_at = now + delay
+                self._log.error("process_died", process=child.name, exit_status=child.last_exit,
+                                restart_in_seconds=round(delay, 3))
+                changed = True
+            if now >= child.due_at:
+                self._spawn(child)
+                child.restarts += 1
+                self._log.warning("process_restarted", process=child.name, restarts=child.restarts)
+                changed = True
+        if changed:
+            self._write_table()
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """SIGTERM every child (their own graceful stop), SIGKILL what still runs after ``timeout``."""
+        self._stop.set()
+        for child in self.children:
+            if child.alive:
+                assert child.proc is not None
+                child.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for child in self.children:
+            if child.proc is None:
+                continue
+            try:
+                child.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self._log.error("process_killed", process=child.name, pid=child.proc.pid)
+                child.proc.kill()
+                child.proc.wait()
+        with contextlib.suppress(FileNotFoundError):
+            self.pid_file.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            self.table_file.unlink()
+        self._log.info("node_stopped", exit_code=self.exit_code)
+
+    def kill(self) -> None:
+        for child in self.children:
+            if child.alive:
+                assert child.proc is not None
+                child.proc.kill()
+
+    def reload(self) -> bool:
+        """Validate the config file; then SIGHUP each child (each reloads it, `Service.reload`). A file that does
+        not load is refused here and no child is signalled."""
+        try:
+            load_config(self.config_path)
+        except ConfigError as exc:
+            self._log.error("config_reload_refused", reason=str(exc))
+            return False
+        for child in self.children:
+            if child.alive:
+                assert child.proc is not None
+                child.proc.send_signal(signal.SIGHUP)
+        self._log.info("config_reload_forwarded", processes=[c.name for c in self.children if c.alive])
+        return True
+
+    # -- the process table ---------------------------------------------------------------------------------
+    def table(self) -> dict[str, Any]:
+        return {"supervisor_pid": os.getpid(), "instance_id": self.identity.instance_id, "updated_at": time.time(),
+                "processes": [c.as_dict() for c in self.children]}
+
+    def _write_table(self) -> None:
+        tmp = self.table_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.table(), indent=1))
+        os.replace(tmp, self.table_file)
+
+    # -- the main loop -------------------------------------------------------------------------------------
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            self._log.warning("forced_exit", signal=signal.Signals(signum).name)
+            self.kill()
+            with contextlib.suppress(FileNotFoundError):
+                self.pid_file.unlink()
+            raise SystemExit(130)
+        self._log.info("shutting_down", signal=signal.Signals(signum).name)
+        self._stop.set()
+
+    def _on_hup(self, _signum: int, _frame: FrameType | None) -> None:
+        threading.Thread(target=self.reload, name="config-reload", daemon=True).start()
+
+    def run_forever(self, on_started: Callable[[], None] | None = None, *, period: float = 0.2) -> int:
+        """Start the children, supervise them until a signal (or a child that keeps dying), stop them; returns
+        0 or `EXIT_LOOP_FAILED`."""
+        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGHUP, self._on_hup)
+        self.start()
+        if on_started is not None:
+            on_started()
+        try:
+            while not self._stop.wait(period):
+                self.check()
+        finally:
+            self.stop()
+        return self.exit_code
+
+
+def read_table(data_dir: Path, *, stale_after: float = REPORT_STALE_SECONDS) -> dict[str, Any]:
+    """The process table the supervisor wrote in ``data_dir`` ({} when none runs), each entry with its child's
+    own ``problems`` (from its last report; a live child that has not reported yet is starting, one silent for
+    ``stale_after`` seconds is a problem too). A table whose supervisor is gone reports every process as not
+    alive."""
+    try:
+        table: dict[str, Any] = json.loads((data_dir / TABLE_FILE).read_text())
+    except FileNotFoundError:
+        return {}
+    pid = int(table.get("supervisor_pid") or 0)
+    if not _running(pid):
+        table["supervisor_gone"] = True
+    now = time.time()
+    for entry in table.get("processes", []):
+        if table.get("supervisor_gone"):
+            entry["alive"] = False
+        entry["problems"] = _reported_problems(data_dir, entry, now, stale_after) if entry["alive"] else []
+    return table
+
+
+def _reported_problems(data_dir: Path, entry: dict[str, Any], now: float, stale_after: float) -> list[str]:
+    try:
+        report = json.loads((data_dir / REPORTS_DIR / f"{entry['name']}.json").read_text())
+    except (FileNotFoundError, ValueError):
+        report = {}
+    if report.get("pid") != entry["pid"]:
+        return ["starting (no health report yet)"]  # a child reports once it has started all its stages
+    age = now - float(report.get("at", 0))
+    problems = [str(p) for p in report.get("problems", [])]
+    return problems + ([f"no health report for {age:.0f} s"] if age > stale_after else [])
+
+
+def write_report(data_dir: Path, name: str, problems: list[str]) -> None:
+    """A child's health for the process table: ``problems`` (empty when fine), its pid, the time."""
+    folder = data_dir / REPORTS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{name}.tmp"
+    tmp.write_text(json.dumps({"pid": os.getpid(), "at": time.time(), "problems": problems}))
+    os.replace(tmp, folder / f"{name}.json")
+
+
+def _running(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def die_with_parent() -> None:
+    """Ask Linux to send this process SIGTERM when its parent ends (a no-op elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+__all__ = ["TABLE_FILE", "Child", "ProcessSupervisor", "children_for", "die_with_parent", "read_table",
+           "write_report"]

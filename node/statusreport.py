@@ -1,0 +1,152 @@
+"""`pacsnode status`: the report read from the database and the node's data folder (no running node needed).
+
+`open_stages` opens the index, queue and dispatcher over the configured database; `build_report` gathers counts,
+recent errors, destinations (reachability, backlog, commitment), admission and the role processes; `print_report`
+writes it for a person (the CLI prints the dict as JSON with ``--json``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from node.config import NodeConfig
+from node.db import create_engine_for, init_schema
+from node.dispatch import Dispatcher
+from node.index import Index
+from node.queue import JobQueue
+
+
+def open_stages(config: NodeConfig) -> tuple[Any, Any, Any]:
+    """(Index, JobQueue, Dispatcher without senders) over ``config``'s database, its schema checked/created."""
+    engine = create_engine_for(config.database_url)
+    init_schema(engine)
+    return Index(engine), JobQueue(engine, config.queue), Dispatcher(config, engine, {})
+
+
+def build_report(config: NodeConfig, stages: tuple[Any, Any, Any], errors: int) -> dict[str, Any]:
+    """The report ``pacsnode status --json`` prints: counts, recent errors, destinations, admission, processes."""
+    index, queue, dispatcher = stages
+    deliveries: dict[str, dict[str, int]] = {}
+    for (destination, state), n in sorted(dispatcher.counts().items()):
+        deliveries.setdefault(destination, {})[state] = n
+    report = {
+        "series": index.series_counts(),
+        "routes": index.route_counts(),
+        "jobs": queue.counts(),
+        "deliveries": deliveries,
+        "job_errors": [dict(r._mapping) for r in queue.last_errors(errors)],
+        "delivery_errors": [dict(r._mapping) for r in dispatcher.last_errors(errors)],
+        "alerts": [dict(r._mapping) for r in queue.unreported(errors)],
+        "destinations": _destination_report(config, index.engine),
+        "commitment_problems": _commit_problems(index.engine, errors),
+        "admission": _admission_report(config, queue),
+        "processes": _process_report(config),
+    }
+    return report
+
+
+def print_report(config: NodeConfig, report: dict[str, Any]) -> None:
+    """The human-readable form of `build_report`'s report."""
+    deliveries = report["deliveries"]
+    print(f"node {config.node.ae_title}  database {config.redacted()['database']['effective_url']}")
+    print("series:     " + (", ".join(f"{k} {v}" for k, v in sorted(report["series"].items())) or "none"))
+    print("routes:     " + (", ".join(f"{k} {v}" for k, v in sorted(report["routes"].items())) or "none"))
+    print("jobs:       " + (", ".join(f"{k} {v}" for k, v in sorted(report["jobs"].items())) or "none"))
+    if not deliveries:
+        print("deliveries: none")
+    for destination, states in deliveries.items():
+        print(f"deliveries to {destination}: " + ", ".join(f"{k} {v}" for k, v in sorted(states.items())))
+    print("admission:  " + _admission_line(report["admission"]))
+    for line in _process_lines(report["processes"]):
+        print(line)
+    for line in _destination_lines(report["destinations"]):
+        print(line)
+    for row in report["alerts"]:
+        print(f"ALERT job {row['id']} dead, series {row['series_uid']} v{row['version']}: no result and no "
+              f"'processing failed' report reached the PACS queue ({row['last_error']})")
+    for row in report["job_errors"]:
+        print(f"job {row['id']} {row['state']} series {row['series_uid']} v{row['version']}: "
+              f"{row['skip_reason'] or ''} {row['last_error']}")
+    for row in report["delivery_errors"]:
+        print(f"delivery {row['id']} {row['state']} to {row['destination']} series {row['series_uid']}: "
+              f"{row['last_error']}")
+    for row in report["commitment_problems"]:
+        print(f"delivery {row['delivery_id']} to {row['destination']} series {row['series_uid']} "
+              f"NOT COMMITTED ({row['state']}): {row['last_error']}")
+
+
+def _process_report(config: NodeConfig) -> dict[str, Any]:
+    from node.processes import read_table
+
+    return read_table(config.node.data_dir)
+
+
+def _process_lines(table: dict[str, Any]) -> list[str]:
+    """One line per role process of a supervisor (``process_model = "processes"``); none in the threads model."""
+    gone = " (supervisor not running)" if table.get("supervisor_gone") else ""
+    return [f"process {p['name']}: pid {p['pid']} {'alive' if p['alive'] else 'NOT RUNNING'}, restarts "
+            f"{p['restarts']}" + (f", last exit {p['last_exit']}" if p["last_exit"] is not None else "") + gone
+            + "".join(f"; {problem}" for problem in p.get("problems", []))
+            for p in table.get("processes", [])]
+
+
+def _destination_report(config: NodeConfig, engine: Any) -> list[dict[str, Any]]:
+    from node.reachability import destination_report
+
+    return destination_report(config, engine)
+
+
+def _commit_problems(engine: Any, limit: int) -> list[dict[str, Any]]:
+    from node.commitment import commit_problems
+
+    return commit_problems(engine, limit)
+
+
+def _destination_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per destination: reachability (last check, last success, why not), backlog, dead, commitment."""
+    import time
+
+    def ago(ts: float | None) -> str:
+        return "never" if ts is None else f"{max(0.0, time.time() - ts):.0f} s ago"
+
+    lines = []
+    for d in rows:
+        if d["reachable"] is None:
+            reach = "not checked yet"
+        elif d["reachable"]:
+            reach = f"reachable (checked {ago(d['checked_at'])})"
+        else:
+            reach = f"UNREACHABLE: {d['reason']} (checked {ago(d['checked_at'])}, last success {ago(d['last_success_at'])})"
+        commit = (f", committed {d['committed']}, uncommitted {d['uncommitted']}"
+                  + "".join(f" ({s} {n})" for s, n in sorted(d["commit_states"].items()) if s != "committed")
+                  if d["commitment"] else "")
+        lines.append(f"destination {d['destination']} ({d['kind']}): {reach}; backlog {d['backlog']}, "
+                     f"dead {d['dead']}, delivered {d['delivered']}{commit}")
+    return lines
+
+
+def _admission_report(config: NodeConfig, queue: Any) -> dict[str, Any]:
+    """What admission control decides now, from the free space and queue depth the node reads."""
+    from node.admission import evaluate
+
+    try:
+        return evaluate(config.admission, config.node.data_dir, queue.depth).as_dict()
+    except OSError as exc:
+        return {"enabled": config.admission.enabled, "error": f"data directory unreadable: {exc.strerror or exc}"}
+
+
+def _admission_line(a: dict[str, Any]) -> str:
+    def gb(n: int | None) -> str:
+        return "?" if n is None else f"{n / 1e9:.1f} GB"
+
+    if a.get("error"):
+        return str(a["error"])
+    if not a["enabled"]:
+        head = "off"
+    elif a["paused"]:
+        head = f"PAUSED ({', '.join(a['paused'])}): accepting {a['accepting']}"
+    else:
+        head = "accepting all"
+    ceiling = a["max_queue_depth"] or "no ceiling"
+    return (f"{head}; free {gb(a['free_bytes'])} of {gb(a['total_bytes'])} (floor {gb(a['floor_bytes'])}, "
+            f"reserve {gb(a['reserve_bytes'])}); queue {a['queue_depth']} (ceiling {ceiling})")
