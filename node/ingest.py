@@ -46,6 +46,7 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import VR
 
+from node.durability import InstanceCommitter
 from node.errors import (
     InstanceTooLargeError,
     InvalidDatasetError,
@@ -54,7 +55,6 @@ from node.errors import (
     StoreFailedError,
     StoreStatus,
 )
-from node.durability import InstanceCommitter
 from node.groupcommit import DEFAULT_MAX_BATCH
 from node.index import Index, InstanceRecord, RecordOutcome
 from node.spool import Spool

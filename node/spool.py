@@ -36,6 +36,7 @@ class Spool:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self._synced: set[Path] = set()  # folders whose own entry (and their parent's) is known durable
 
     def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         """The final path for an instance; raises `InvalidUIDError` for anything that is not a UID."""
@@ -72,6 +73,10 @@ class Spool:
             os.replace(tmp, final)
             for d in [folder, *new_dirs] if sync_dir else new_dirs:
                 _fsync_dir(d)
+            if new_dirs:
+                if len(self._synced) >= self._SYNCED_MAX:
+                    self._synced.clear()
+                self._synced.add(folder)
         except OSError as exc:
             _unlink_quietly(tmp)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -92,16 +97,18 @@ class Spool:
                 raise StoreFailedError(f"spool folder sync failed: {exc.strerror or exc}") from exc
 
     def _make_dirs(self, folder: Path) -> list[Path]:
-        """Create missing folders below the root; return the parents whose entries changed (to fsync)."""
-        changed: list[Path] = []
+        """Create missing folders below the root; return the parents to fsync before a file in ``folder`` may be
+        acknowledged: on the first write into ``folder`` in this process, whoever created it (another thread may
+        have made it a moment ago and not yet synced its parent)."""
+        if folder in self._synced:
+            return []
         for d in (folder.parent, folder):
             if not d.is_dir():
-                try:
+                with contextlib.suppress(FileExistsError):
                     d.mkdir()
-                except FileExistsError:
-                    continue
-                changed.append(d.parent)
-        return changed
+        return [folder.parent.parent, folder.parent]
+
+    _SYNCED_MAX = 4096  # folders remembered as durable (one per series); forgetting one costs two fsyncs
 
 
 def _fsync_dir(path: Path) -> None:
