@@ -53,8 +53,12 @@ def orthanc(work: Path, port: int) -> PeerProcess:
                          config={"DicomCheckCalledAet": False, "ConcurrentJobs": 2}).start()
 
 
+LEAN = False  # --lean: the node without its worker (no TensorFlow in the process; the receive path alone)
+
+
 def node(work: Path, port: int) -> PeerProcess:
-    return launch_node(work / "node", port=port, extra_toml="[completion]\nstable_seconds = 3600\n",
+    worker = "[worker]\nenabled = false\n" if LEAN else ""
+    return launch_node(work / "node", port=port, extra_toml=f"[completion]\nstable_seconds = 3600\n{worker}",
                        args=("--log-level", "WARNING"))
 
 
@@ -127,7 +131,11 @@ def main() -> int:
     parser.add_argument("--files", type=int, default=1000)
     parser.add_argument("--size", type=int, default=128, help="image edge in pixels (128 → ~34 KB files)")
     parser.add_argument("--senders", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--lean", action="store_true", help="node without its worker (no TensorFlow loaded)")
+    parser.add_argument("--only", nargs="+", help="receivers to run (e.g. pacs-ai-node Orthanc)")
     args = parser.parse_args()
+    global LEAN  # noqa: PLW0603 - one flag for the node launcher; the benchmark is a script
+    LEAN = args.lean
     for tool in ("storescu", "storescp", "Orthanc"):
         try:
             find_tool(tool)
@@ -143,7 +151,7 @@ def main() -> int:
         results: dict[tuple[str, int], float] = {}
         rss: dict[int, float] = {}
         stored: dict[int, str] = {}
-        for receiver in RECEIVERS:
+        for receiver in [r for r in RECEIVERS if not args.only or r.name in args.only]:
             for senders in args.senders:
                 run_dir = work / f"{receiver.ae_title}-{senders}"
                 run_dir.mkdir()
@@ -163,10 +171,10 @@ def main() -> int:
         print("|---|---:|---:|---:|---:|")
         for (name, senders), seconds in results.items():
             ips = len(files) / seconds
-            ratio = seconds / results[(ours, senders)]
+            ratio = seconds / results[(ours, senders)] if (ours, senders) in results else float("nan")
             print(f"| {name} | {senders} | {ips:,.0f} | {megabytes / seconds:,.1f} | {ratio:.2f}× |")
         print("\nnode ratio = node images/s ÷ receiver images/s (1.00× = as fast; >1 = node faster).")
-        for senders in args.senders:
+        for senders in [n for n in args.senders if n in stored]:
             print(f"node, {senders} sender(s): acknowledged and checked: {stored[senders]}; "
                   f"peak RSS {rss[senders]:.0f} MB")
     return 0

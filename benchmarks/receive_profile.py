@@ -37,7 +37,8 @@ _HANDLER_STAGES: list[tuple[str, str]] = [
     ("spool: directory fsync", r"_fsync_dir \(node/spool\.py|sync_dirs"),
     ("spool: mkdir, rename, other", r"node/spool\.py"),
     ("index: SQLite COMMIT (WAL fsync)", r"\bcommit \(|_commit_impl|do_commit"),
-    ("index: SQL statements (SQLAlchemy + sqlite3)", r"node/index\.py|node/groupcommit\.py|node/indexbatch\.py"),
+    ("index: SQL statements (SQLAlchemy + sqlite3)", r"node/index\.py|node/durability\.py"),
+    ("group commit: waiting while another association's batch commits", r"submit \(node/groupcommit\.py"),
     ("parse + validate (pydicom)", r"_parse_header|_check_vrs|read_dataset"),
     ("file meta (pydicom)", r"write_file_meta_info|_file_meta"),
     ("admission", r"node/admission\.py"),
@@ -57,7 +58,7 @@ def classify(frames: list[str]) -> str:
                 for name, pattern in _HANDLER_STAGES:
                     if re.search(pattern, inner):
                         return f"handler: {name}"
-            return "handler: other (ingest glue, UID checks, waiting for the group commit)"
+            return "handler: other (ingest glue, UID checks)"
     text = ";".join(frames)
     if "send_msg" in text or "primitive_to_message" in text:
         return "pynetdicom: build + encode + send C-STORE-RSP"
@@ -71,8 +72,8 @@ def split(raw: Path) -> tuple[collections.Counter[str], int]:
     stacks: dict[str, list[tuple[list[str], int]]] = collections.defaultdict(list)
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
-        if stack and count.isdigit():
-            frames = stack.split(";")
+        frames = stack.split(";")
+        if len(frames) > 1 and count.isdigit():  # py-spy --nonblocking may catch a thread with no stack
             stacks[frames[0]].append((frames[1:], int(count)))
     stages: collections.Counter[str] = collections.Counter()
     dul_busy = 0
@@ -109,7 +110,7 @@ def main() -> int:
         try:
             assert node.proc is not None
             spy_proc = subprocess.Popen(
-                [spy, "record", "--idle", "--threads", "--rate", str(args.rate), "--format", "raw", "-o", str(raw),
+                [spy, "record", "--nonblocking", "--idle", "--threads", "--rate", str(args.rate), "--format", "raw", "-o", str(raw),
                  "--pid", str(node.proc.pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1.0)  # py-spy attaching: nothing observable to wait on from outside
             groups = [series.paths[i::args.senders] for i in range(args.senders)]
