@@ -1,6 +1,7 @@
 """Ingest throughput: the same `storescu` feed to DCMTK storescp, Orthanc and the node, in one run.
 
     make bench                      # or: .venv/bin/python -m benchmarks.ingest [--files 1000] [--size 128]
+    .venv/bin/python -m benchmarks.ingest --lean --only pacs-ai-node   # the node without its worker, alone
 
 Writes N small CT files (default 1,000 × ~34 KB), then for each receiver runs one `storescu` association with all
 files, and four concurrent `storescu` processes with a quarter each; prints images/s, MB/s and the node's ratio to
