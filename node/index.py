@@ -1,8 +1,9 @@
 """The index: SQL rows for associations, series and instances (SQLAlchemy Core, SQLite or PostgreSQL).
 
 `Index.record_instance(rec)` commits one instance row and updates its series in a single transaction and tells
-whether the instance was new, an identical duplicate, or a conflicting re-send kept as the latest. The receive
-path calls it after the spool write and before answering Success. Series rows start (or re-open) here; the
+whether the instance was new, an identical duplicate, or a conflicting re-send kept as the latest;
+`Index.record_instances(recs)` does the same for a batch in one transaction, as if one after another. The receive
+path calls it (through the group commit, `node.durability`) after the spool write and before answering Success. Series rows start (or re-open) here; the
 completion stage moves them on. Database errors become `StoreFailedError` (C-STORE 0xA701) or `DatabaseError`.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import StrEnum
 from typing import Any
 
@@ -172,7 +173,7 @@ class Index:
     def record_instances(self, recs: Sequence[InstanceRecord]) -> list[RecordOutcome]:
         """Commit ``recs`` (in order, as if recorded one after another) and their series' counters in one
         transaction; one outcome per record. Raises `StoreFailedError` if the database fails: then none is
-        committed. The group commit (`node.groupcommit`, via `node.ingest`) calls this with one batch of
+        committed. The group commit (`node.durability`, `node.groupcommit`) calls this with one batch of
         concurrent associations' instances; the statements are built once (`_Statements`)."""
         if not recs:
             return []
@@ -244,7 +245,9 @@ class Index:
         return transaction(self.engine, "index write failed")
 
 
-_INSTANCE_COLUMNS = [c.name for c in instances.columns]
+# What an instance row is written from: the record's fields and the receive time (a column added to the table
+# but not to `InstanceRecord` keeps its default).
+_ROW_FIELDS = [f.name for f in fields(InstanceRecord)] + ["received_at"]
 
 
 class _Statements:
@@ -269,7 +272,7 @@ class _Statements:
         self.update_instance = (
             instances.update()
             .where(instances.c.sop_uid == sa.bindparam("b_sop"))
-            .values({c: sa.bindparam(c) for c in _INSTANCE_COLUMNS if c != "sop_uid"})
+            .values({c: sa.bindparam(c) for c in _ROW_FIELDS if c != "sop_uid"})
         )
         # Changed content re-opens a completed or ignored series (it is routed again; a result made for it gets
         # a new version).
