@@ -1,17 +1,18 @@
 """The index: SQL rows for associations, series and instances (SQLAlchemy Core, SQLite or PostgreSQL).
 
 `Index.record_instance(rec)` commits one instance row and updates its series in a single transaction and tells
-whether the instance was new, an identical duplicate, or a conflicting re-send kept as the latest. The receive
-path calls it after the spool write and before answering Success. Series rows start (or re-open) here; the
+whether the instance was new, an identical duplicate, or a conflicting re-send kept as the latest;
+`Index.record_instances(recs)` does the same for a batch in one transaction, as if one after another. The receive
+path calls it (through the group commit, `node.durability`) after the spool write and before answering Success. Series rows start (or re-open) here; the
 completion stage moves them on. Database errors become `StoreFailedError` (C-STORE 0xA701) or `DatabaseError`.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import StrEnum
 from typing import Any
 
@@ -64,6 +65,7 @@ class Index:
         self.clock = clock
         self.node_id = node_id  # recorded on the associations this process opens; its crash cleanup's scope
         self._insert = insert_for(engine)
+        self._statements = _Statements(self._insert)
 
     # -- associations ---------------------------------------------------------------------------------------
     def association_opened(self, assoc_id: str, calling_ae: str, called_ae: str, peer: str) -> None:
@@ -119,73 +121,37 @@ class Index:
     # -- instances ------------------------------------------------------------------------------------------
     def record_instance(self, rec: InstanceRecord) -> RecordOutcome:
         """Commit ``rec`` and its series' counters; raises `StoreFailedError` if the database fails."""
+        return self.record_instances([rec])[0]
+
+    def record_instances(self, recs: Sequence[InstanceRecord]) -> list[RecordOutcome]:
+        """Commit ``recs`` (in order, as if recorded one after another) and their series' counters in one
+        transaction; one outcome per record. Raises `StoreFailedError` if the database fails: then none is
+        committed. The group commit (`node.durability`, `node.groupcommit`) calls this with one batch of
+        concurrent associations' instances; the statements are built once (`_Statements`)."""
+        if not recs:
+            return []
         now = self.clock()
-        row = {k: v for k, v in rec.__dict__.items()} | {"received_at": now}
-        expected = rec.images_in_acquisition
+        st = self._statements
         try:
             with self.engine.begin() as conn:
-                # The series upsert goes first so the transaction holds the write lock before it reads.
-                ins = self._insert(series).values(
-                    series_uid=rec.series_uid,
-                    study_uid=rec.study_uid,
-                    modality=rec.modality,
-                    state=SeriesState.RECEIVING,
-                    instance_count=0,
-                    expected_count=expected,
-                    first_received_at=now,
-                    last_received_at=now,
-                    calling_ae=rec.calling_ae,
-                    last_association_id=rec.association_id,
-                    state_changed_at=now,
-                )
-                conn.execute(
-                    ins.on_conflict_do_update(
-                        index_elements=[series.c.series_uid],
-                        set_={
-                            "last_received_at": now,
-                            "calling_ae": rec.calling_ae,
-                            "last_association_id": rec.association_id,
-                            "expected_count": sa.func.coalesce(expected, series.c.expected_count),
-                        },
-                    )
-                )
-                old = conn.execute(
-                    sa.select(instances.c.sha256, instances.c.series_uid).where(instances.c.sop_uid == rec.sop_uid)
-                ).first()
-                if old is None:
-                    conn.execute(instances.insert().values(**row))
-                    self._count_and_reopen(conn, rec.series_uid, +1, now)
-                    return RecordOutcome.NEW
-                conn.execute(instances.update().where(instances.c.sop_uid == rec.sop_uid).values(**row))
-                if old.series_uid != rec.series_uid:
-                    self._count_and_reopen(conn, old.series_uid, -1, now)
-                    self._count_and_reopen(conn, rec.series_uid, +1, now)
-                    return RecordOutcome.REPLACED
-                if old.sha256 == rec.sha256:
-                    return RecordOutcome.DUPLICATE
-                self._count_and_reopen(conn, rec.series_uid, 0, now)
-                return RecordOutcome.REPLACED
+                # The series upserts go first so the transaction holds the write lock before it reads; rows in
+                # key order, so concurrent batches (PostgreSQL, several listeners) lock in the same order.
+                conn.execute(st.upsert_series, _series_rows(recs, now))
+                sops = sorted({r.sop_uid for r in recs})
+                stored = {row.sop_uid: (row.sha256, row.series_uid)
+                          for row in conn.execute(st.select_existing, {"sops": sops})}
+                outcomes, deltas, rows = _walk(recs, dict(stored), now)
+                if new := [row for sop, row in rows.items() if sop not in stored]:
+                    conn.execute(st.insert_instance, new)
+                if old := [{"b_sop": sop, **row} for sop, row in rows.items() if sop in stored]:
+                    conn.execute(st.update_instance, old)
+                if deltas:
+                    conn.execute(st.count_and_reopen, [{"b_series": uid, "b_delta": delta, "b_now": now}
+                                                       for uid, delta in sorted(deltas.items())])
+            return outcomes
         except SQLAlchemyError as exc:
-            raise StoreFailedError(f"index write failed for {rec.sop_uid}: {type(exc).__name__}") from exc
-
-    def _count_and_reopen(self, conn: sa.Connection, series_uid: str, delta: int, now: float) -> None:
-        """Changed content re-opens a completed or ignored series (it is routed again; a result made for it
-        gets a new version)."""
-        conn.execute(
-            series.update()
-            .where(series.c.series_uid == series_uid)
-            .values(
-                instance_count=series.c.instance_count + delta,
-                state=sa.case(
-                    (series.c.state.in_(_CLOSED), SeriesState.REOPENED),
-                    else_=series.c.state,
-                ),
-                state_changed_at=sa.case(
-                    (series.c.state.in_(_CLOSED), now),
-                    else_=series.c.state_changed_at,
-                ),
-            )
-        )
+            first = recs[0].sop_uid if len(recs) == 1 else f"{len(recs)} instances"
+            raise StoreFailedError(f"index write failed for {first}: {type(exc).__name__}") from exc
 
     # -- reads ----------------------------------------------------------------------------------------------
     def get_series(self, series_uid: str) -> sa.Row[Any] | None:
@@ -230,3 +196,91 @@ class Index:
 
     def _begin(self) -> AbstractContextManager[sa.Connection]:
         return transaction(self.engine, "index write failed")
+
+
+# What an instance row is written from: the record's fields and the receive time (a column added to the table
+# but not to `InstanceRecord` keeps its default).
+_ROW_FIELDS = [f.name for f in fields(InstanceRecord)] + ["received_at"]
+
+
+class _Statements:
+    """The instance-recording statements, built once: executed with parameter lists (executemany), they skip
+    SQLAlchemy's per-call statement construction (~0.8 ms of the ~2.7 ms an instance's index write took)."""
+
+    def __init__(self, insert: Callable[..., Any]) -> None:
+        upsert = insert(series)
+        self.upsert_series = upsert.on_conflict_do_update(
+            index_elements=[series.c.series_uid],
+            set_={
+                "last_received_at": upsert.excluded.last_received_at,
+                "calling_ae": upsert.excluded.calling_ae,
+                "last_association_id": upsert.excluded.last_association_id,
+                "expected_count": sa.func.coalesce(upsert.excluded.expected_count, series.c.expected_count),
+            },
+        )
+        self.select_existing = sa.select(instances.c.sop_uid, instances.c.sha256, instances.c.series_uid).where(
+            instances.c.sop_uid.in_(sa.bindparam("sops", expanding=True))
+        )
+        self.insert_instance = instances.insert()
+        self.update_instance = (
+            instances.update()
+            .where(instances.c.sop_uid == sa.bindparam("b_sop"))
+            .values({c: sa.bindparam(c) for c in _ROW_FIELDS if c != "sop_uid"})
+        )
+        # Changed content re-opens a completed or ignored series (it is routed again; a result made for it gets
+        # a new version).
+        closed = sa.or_(*(series.c.state == state for state in _CLOSED))  # no IN: executemany can't expand it
+        self.count_and_reopen = (
+            series.update()
+            .where(series.c.series_uid == sa.bindparam("b_series"))
+            .values(
+                instance_count=series.c.instance_count + sa.bindparam("b_delta"),
+                state=sa.case((closed, SeriesState.REOPENED), else_=series.c.state),
+                state_changed_at=sa.case((closed, sa.bindparam("b_now")), else_=series.c.state_changed_at),
+            )
+        )
+
+
+def _series_rows(recs: Sequence[InstanceRecord], now: float) -> list[dict[str, Any]]:
+    """One upsert row per series, as the records in order would leave it: the last record's AE and association,
+    the last expected count given (an instance without one keeps the series' count)."""
+    rows: dict[str, dict[str, Any]] = {}
+    for rec in recs:
+        row = rows.setdefault(rec.series_uid, {
+            "series_uid": rec.series_uid, "study_uid": rec.study_uid, "modality": rec.modality,
+            "state": SeriesState.RECEIVING, "instance_count": 0, "expected_count": None,
+            "first_received_at": now, "last_received_at": now, "state_changed_at": now,
+        })
+        row["calling_ae"] = rec.calling_ae
+        row["last_association_id"] = rec.association_id
+        if rec.images_in_acquisition is not None:
+            row["expected_count"] = rec.images_in_acquisition
+    return [rows[uid] for uid in sorted(rows)]
+
+
+def _walk(
+    recs: Sequence[InstanceRecord], current: dict[str, tuple[str, str]], now: float
+) -> tuple[list[RecordOutcome], dict[str, int], dict[str, dict[str, Any]]]:
+    """Decide each record's outcome against ``current`` (sop → (sha256, series) stored so far, updated as the
+    records are walked); return the outcomes, the count change per series to re-open (0: content changed in
+    place), and the final row per SOP Instance UID."""
+    outcomes: list[RecordOutcome] = []
+    deltas: dict[str, int] = {}
+    rows: dict[str, dict[str, Any]] = {}
+    for rec in recs:
+        old = current.get(rec.sop_uid)
+        if old is None:
+            outcomes.append(RecordOutcome.NEW)
+            deltas[rec.series_uid] = deltas.get(rec.series_uid, 0) + 1
+        elif old[1] != rec.series_uid:
+            outcomes.append(RecordOutcome.REPLACED)
+            deltas[old[1]] = deltas.get(old[1], 0) - 1
+            deltas[rec.series_uid] = deltas.get(rec.series_uid, 0) + 1
+        elif old[0] == rec.sha256:
+            outcomes.append(RecordOutcome.DUPLICATE)
+        else:
+            outcomes.append(RecordOutcome.REPLACED)
+            deltas.setdefault(rec.series_uid, 0)
+        current[rec.sop_uid] = (rec.sha256, rec.series_uid)
+        rows[rec.sop_uid] = dict(rec.__dict__, received_at=now)
+    return outcomes, deltas, rows

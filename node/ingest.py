@@ -2,8 +2,9 @@
 
 `Ingestor.accept(dataset, transfer_syntax_uid, ...)` parses only the attributes the index needs, validates
 the UIDs, writes the Part 10 file durably to the spool and commits the index row — in that order — and returns
-an `Accepted`; given an `Admission` (`node.admission`), the instance's series must pass admission control before
-anything is written. Any failure raises a `ReceiveError` whose ``status`` is the C-STORE status to answer with (STOW-RS
+an `Accepted`; concurrent accepts (several associations, STOW-RS requests) share the last two steps' folder fsync
+and index commit (`node.durability`). Given an `Admission` (`node.admission`), the instance's series must pass
+admission control before anything is written. Any failure raises a `ReceiveError` whose ``status`` is the C-STORE status to answer with (STOW-RS
 maps the same errors to its failure reasons). Nothing is acknowledged before both writes are durable.
 
 The parse walks the whole data set in the negotiated transfer syntax and refuses (0xC000) what would be stored as
@@ -45,6 +46,7 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import VR
 
+from node.durability import InstanceCommitter
 from node.errors import (
     InstanceTooLargeError,
     InvalidDatasetError,
@@ -53,6 +55,7 @@ from node.errors import (
     StoreFailedError,
     StoreStatus,
 )
+from node.groupcommit import DEFAULT_MAX_BATCH
 from node.index import Index, InstanceRecord, RecordOutcome
 from node.spool import Spool
 from node.uids import check_uid
@@ -394,10 +397,12 @@ class Ingestor:
     """Accepts encoded datasets into ``spool`` and ``index``; with ``admission`` (`node.admission`), only while
     admission control lets the instance's series in (else `AdmissionRefusedError`, 0xA700, nothing written)."""
 
-    def __init__(self, spool: Spool, index: Index, admission: Admission | None = None) -> None:
+    def __init__(self, spool: Spool, index: Index, admission: Admission | None = None,
+                 max_batch: int = DEFAULT_MAX_BATCH) -> None:
         self.spool = spool
         self.index = index
         self.admission = admission
+        self.committer = InstanceCommitter(spool, index, max_batch)  # the group commit every accept ends in
 
     def accept(
         self,
@@ -448,7 +453,8 @@ class Ingestor:
         header.write(b"\x00" * 128 + b"DICM")
         write_file_meta_info(header, meta, enforce_standard=True)
         body = [dataset] if isinstance(dataset, bytes) else dataset.chunks()
-        spooled = self.spool.write(study_uid, series_uid, sop_uid, itertools.chain([header.getvalue()], body))
+        spooled = self.spool.write(study_uid, series_uid, sop_uid, itertools.chain([header.getvalue()], body),
+                                   sync_dir=False)  # the group commit syncs the folder (_commit_batch)
         if self.admission is not None:
             self.admission.written(spooled.size)
         record = InstanceRecord(
@@ -470,7 +476,7 @@ class Ingestor:
             calling_ae=origin.calling_ae,
             association_id=origin.association_id,
         )
-        outcome = self.index.record_instance(record)
+        outcome = self.committer.commit(record, spooled.path.parent)
         return Accepted(record=record, outcome=outcome)
 
 

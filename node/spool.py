@@ -1,8 +1,10 @@
 """The spool: durable files for received instances, at paths built only from validated UIDs.
 
 `Spool.write(study_uid, series_uid, sop_uid, chunks)` writes a DICOM Part 10 file atomically — temp name in the
-destination folder, fsync, ``os.replace``, fsync of the folder (and of a newly created parent) — and returns where
-it lives. Errors: `InvalidUIDError` (`node.uids.check_uid`: a UID that is not digits and dots, ≤ 64 chars — never
+destination folder, fdatasync, ``os.replace``, fsync of the folder (and of a newly created parent) — and returns
+where it lives. With ``sync_dir=False`` the caller takes over the folder's fsync (`Spool.sync_dirs`): the group
+commit (`node.ingest`) syncs each folder once for all the files a batch renamed into it, before anything in the
+batch is indexed or acknowledged. Errors: `InvalidUIDError` (`node.uids.check_uid`: a UID that is not digits and dots, ≤ 64 chars — never
 used as a path), `SpoolFullError` (ENOSPC/EDQUOT → C-STORE 0xA700), `StoreFailedError` (any other OS error → 0xA701).
 """
 
@@ -34,6 +36,7 @@ class Spool:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self._synced: set[Path] = set()  # folders whose own entry (and their parent's) is known durable
 
     def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         """The final path for an instance; raises `InvalidUIDError` for anything that is not a UID."""
@@ -42,8 +45,11 @@ class Spool:
         sop = check_uid(sop_uid, "SOPInstanceUID")
         return self.root / study / series / f"{sop}.dcm"
 
-    def write(self, study_uid: str, series_uid: str, sop_uid: str, chunks: Iterable[bytes]) -> SpooledFile:
-        """Write ``chunks`` durably as the instance's file, replacing an older copy atomically."""
+    def write(self, study_uid: str, series_uid: str, sop_uid: str, chunks: Iterable[bytes], *,
+              sync_dir: bool = True) -> SpooledFile:
+        """Write ``chunks`` durably as the instance's file, replacing an older copy atomically. With
+        ``sync_dir=False`` the rename is durable only once the caller has passed the file's folder to
+        `sync_dirs` (folders this call created are synced here either way)."""
         final = self.path_for(study_uid, series_uid, sop_uid)
         folder = final.parent
         digest = hashlib.sha256()
@@ -60,12 +66,17 @@ class Spool:
                         view = view[written:]
                     digest.update(chunk)
                     size += len(chunk)
-                os.fsync(fd)
+                # fdatasync: the data and what is needed to read it back (size, blocks), without the times.
+                os.fdatasync(fd)
             finally:
                 os.close(fd)
             os.replace(tmp, final)
-            for d in [folder, *new_dirs]:
+            for d in [folder, *new_dirs] if sync_dir else new_dirs:
                 _fsync_dir(d)
+            if new_dirs:
+                if len(self._synced) >= self._SYNCED_MAX:
+                    self._synced.clear()
+                self._synced.add(folder)
         except OSError as exc:
             _unlink_quietly(tmp)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -73,17 +84,31 @@ class Spool:
             raise StoreFailedError(f"spool write failed for {sop_uid}: {exc.strerror or exc}") from exc
         return SpooledFile(path=final, size=size, sha256=digest.hexdigest())
 
+    @staticmethod
+    def sync_dirs(folders: Iterable[Path]) -> None:
+        """fsync each folder once: every rename into it before this call is then durable. Raises `SpoolFullError`
+        or `StoreFailedError` like `write`."""
+        for folder in dict.fromkeys(folders):
+            try:
+                _fsync_dir(folder)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise SpoolFullError(f"spool is full syncing a folder: {exc.strerror}") from exc
+                raise StoreFailedError(f"spool folder sync failed: {exc.strerror or exc}") from exc
+
     def _make_dirs(self, folder: Path) -> list[Path]:
-        """Create missing folders below the root; return the parents whose entries changed (to fsync)."""
-        changed: list[Path] = []
+        """Create missing folders below the root; return the parents to fsync before a file in ``folder`` may be
+        acknowledged: on the first write into ``folder`` in this process, whoever created it (another thread may
+        have made it a moment ago and not yet synced its parent)."""
+        if folder in self._synced:
+            return []
         for d in (folder.parent, folder):
             if not d.is_dir():
-                try:
+                with contextlib.suppress(FileExistsError):
                     d.mkdir()
-                except FileExistsError:
-                    continue
-                changed.append(d.parent)
-        return changed
+        return [folder.parent.parent, folder.parent]
+
+    _SYNCED_MAX = 4096  # folders remembered as durable (one per series); forgetting one costs two fsyncs
 
 
 def _fsync_dir(path: Path) -> None:

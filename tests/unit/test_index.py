@@ -80,6 +80,37 @@ def test_concurrent_writers_lose_nothing(index):
     assert index.series_counts() == {"receiving": 2}
 
 
+def test_a_batch_leaves_what_the_same_records_one_by_one_leave(db_url, index, request, tmp_path):
+    """`record_instances` (the group commit's one transaction) against `record_instance` in a loop: same
+    outcomes, same rows, same series counters, states and expected counts."""
+    index.record_instance(rec("0.1", series="5.1"))
+    index.record_instance(rec("0.2", series="5.2"))
+    with index.engine.begin() as conn:
+        conn.execute(sa.text("update series set state = 'complete'"))
+    batch = [rec("1.1", images_in_acquisition=4), rec("1.1"), rec("1.1", sha="b" * 64), rec("0.1", series="5.1"),
+             rec("0.2", series="5.3"), rec("1.2", series="5.1", sha="c" * 64), rec("1.2", series="1.2.3")]
+    second = (f"sqlite:///{tmp_path / 'seq.db'}" if db_url.startswith("sqlite")
+              else str(request.getfixturevalue("postgres_server").create_database()))
+    engine = create_engine_for(second)
+    init_schema(engine)
+    one_by_one = Index(engine, clock=FakeClock())
+    one_by_one.record_instance(rec("0.1", series="5.1"))
+    one_by_one.record_instance(rec("0.2", series="5.2"))
+    with engine.begin() as conn:
+        conn.execute(sa.text("update series set state = 'complete'"))
+    try:
+        assert index.record_instances(batch) == [one_by_one.record_instance(r) for r in batch]
+
+        def snapshot(idx: Index) -> tuple[list, list]:
+            with idx.engine.connect() as conn:
+                return (list(conn.execute(sa.text("select sop_uid, series_uid, sha256 from instances order by 1"))),
+                        list(conn.execute(sa.text("select series_uid, instance_count, state, expected_count "
+                                                  "from series order by 1"))))
+        assert snapshot(index) == snapshot(one_by_one)
+    finally:
+        engine.dispose()
+
+
 def test_association_lifecycle_and_dangling_cleanup(index):
     index.association_opened("a1", "CT1", "PACSNODE", "127.0.0.1:1")
     index.association_opened("a2", "CT2", "PACSNODE", "127.0.0.1:2")
