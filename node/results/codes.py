@@ -63,6 +63,10 @@ NOT_PROCESSED = _private("NOT-PROCESSED", "Series not processed by AI")
 SKIP_REASON = _private("SKIP-REASON", "Reason series was not processed")
 SKIP_DETAIL = _private("SKIP-DETAIL", "Detail of reason series was not processed")
 SUPERSEDES = _private("SUPERSEDES", "Supersedes earlier AI result")
+FUSION_INPUT = _private("AI-FUSION-IN", "Clinical input fused with the image")
+FUSION_MISSING = _private("AI-FUSION-MISS", "Clinical input missing for fusion")
+CALIBRATION = _private("AI-CALIBRATION", "Probability calibration")
+OPERATING_POINT = _private("AI-OPERATING-PT", "Operating point of the decision")
 
 NOT_FOR_CLINICAL_USE = (
     "NOT FOR CLINICAL USE. Research software: the models were trained on synthetic phantoms only and have not "

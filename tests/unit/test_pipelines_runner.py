@@ -1,0 +1,41 @@
+"""node.pipelines.runner.model_notes: what the SR says about the fusion inputs, calibration and operating point."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from models.clinical import ClinicalInputs
+from models.registry import ClassifierOutput
+from node.pipelines.runner import model_notes
+
+CARD = {"name": "pacsnode-pneumonia-classifier", "version": "2.0.0",
+        "threshold_rule": "Youden J on the validation set, mapped to the calibrated scale",
+        "metrics": {"validation": {"sensitivity": 0.95, "specificity": 0.975}}}
+
+
+def _out(clinical: ClinicalInputs | None, used: tuple[str, ...], calibration: dict | None) -> ClassifierOutput:
+    return ClassifierOutput(probability=0.71, attention=np.ones(3) / 3, threshold=0.42, raw_probability=0.8,
+                            clinical=clinical, clinical_used=used, calibration=calibration)
+
+
+def test_fused_and_missing_inputs_calibration_and_operating_point() -> None:
+    used = ("age", "sex", "fever", "cough", "dyspnoea")
+    notes = model_notes(_out(ClinicalInputs(age=63.0, sex="M", cough=1.0), used,
+                             {"method": "temperature", "temperature": 1.5, "fitted_on": "the validation split"}), CARD)
+    assert notes.fusion_inputs == (("age", "63 years (from DICOM header)"), ("sex", "M (from DICOM header)"),
+                                   ("cough", "present (from request text in the DICOM header)"))
+    assert notes.missing_inputs == ("fever", "dyspnoea")
+    assert notes.calibration is not None and "T = 1.500" in notes.calibration and "0.800" in notes.calibration
+    assert notes.operating_point is not None and "0.420" in notes.operating_point
+    assert "sensitivity 95 %" in notes.operating_point and "calibrated scale" in notes.operating_point
+
+
+def test_an_uncalibrated_age_sex_version_says_so() -> None:
+    notes = model_notes(_out(ClinicalInputs(sex="F"), ("age", "sex"), None), {**CARD, "version": "1.0.0"})
+    assert notes.fusion_inputs == (("sex", "F (from DICOM header)"),) and notes.missing_inputs == ("age",)
+    assert notes.calibration is not None and "uncalibrated" in notes.calibration and "1.0.0" in notes.calibration
+
+
+def test_image_only_version_names_no_inputs() -> None:
+    notes = model_notes(_out(ClinicalInputs(age=50.0), (), None), CARD)
+    assert notes.fusion_inputs == () and notes.missing_inputs == ()
