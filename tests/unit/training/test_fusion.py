@@ -14,26 +14,20 @@ import pytest
 from models.clinical import AGE_SEX, ClinicalInputs, feature_count
 from models.preprocess import load_series
 from models.registry import Registry
-from training.train import ClassifierSettings, train_classifier
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
-TINY = ClassifierSettings(grid=32, max_slices=8, pretrain_steps=4, pretrain_batch=8, widths=(8, 16),
-                          features=16, seed=5, mil_learning_rate=3e-3, epochs=3)
 BASE = ClinicalInputs(age=60.0, sex="F", fever=0.0, cough=0.0, dyspnoea=0.0)
 
 
-def _train(data: Path, weights: Path, version: str, settings: ClassifierSettings) -> None:
-    train_classifier(data, weights / "classifier" / version, val_data=data, settings=settings, version=version,
-                     progress=False, log=lambda _: None)
+@pytest.fixture(scope="module")
+def weights(fusion_weights: Path) -> Path:
+    return fusion_weights
 
 
 @pytest.fixture(scope="module")
-def weights(tiny_set: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("fusion-weights")
-    _train(tiny_set, out, "2.0.0-test", TINY)
-    _train(tiny_set, out, "2.0.0-image-only", replace(TINY, clinical_inputs=()))
-    return out
+def tiny_set(fusion_sets: dict[str, Path]) -> Path:
+    return fusion_sets["test"]
 
 
 def _probabilities(weights: Path, version: str, data: Path, inputs: list[ClinicalInputs]) -> list[float]:
