@@ -183,11 +183,12 @@ def _lesion_outline_group(
             referenced_region=region,
             finding_type=_coded(codes.LESION),
             finding_category=_coded(codes.MORPHOLOGICALLY_ABNORMAL_STRUCTURE),
-            finding_sites=[hd.sr.FindingSite(anatomic_location=_coded(codes.LUNG))],
+            # No finding site here (TID 1410 makes it optional; the lesion-volume group names the lung): OHIF would
+            # show it as a second label line "363698007: Lung".
             algorithm_id=alg,
             measurements=[
                 hd.sr.Measurement(
-                    name=_coded(codes.AREA),
+                    name=_coded(codes.LESION_AREA),
                     value=polygon_area(points, voxel),
                     unit=_coded(codes.UNIT_SQUARE_MILLIMETER),
                     algorithm_id=alg,

@@ -39,3 +39,17 @@ def test_an_uncalibrated_age_sex_version_says_so() -> None:
 def test_image_only_version_names_no_inputs() -> None:
     notes = model_notes(_out(ClinicalInputs(age=50.0), (), None), CARD)
     assert notes.fusion_inputs == () and notes.missing_inputs == ()
+
+
+def test_the_configured_classifier_version_is_loaded() -> None:
+    """`worker.classifier_version` reaches the registry: an older version loads beside the newest."""
+    from tests.conftest import require_weights
+
+    require_weights()
+    from models.registry import Registry
+    from node.pipelines.runner import RegistryRunner
+
+    old = RegistryRunner(classifier_version="1.0.0")
+    assert old.classifier.version == "1.0.0" and old.algorithm.version.startswith("cls-1.0.0+")
+    newest = Registry().versions("classifier")[-1]
+    assert RegistryRunner().classifier.version == newest

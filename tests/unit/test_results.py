@@ -313,6 +313,8 @@ def test_lesion_outline_on_the_key_slice_with_most_lesion(
     main_blob[20, 22] = False  # the separate one-pixel component is not part of the largest region
     assert area.value == pytest.approx(main_blob.sum() * 1.0 * 1.0)
     assert area.unit.value == "mm2"
+    # What OHIF shows as the outline's label: "<NUM meaning>: <value> <unit>"; no finding-site line.
+    assert area.name.meaning == "Pneumonia lesion area" and group.finding_sites == []
 
 
 def test_sr_carries_the_not_for_clinical_use_note(written: dict[str, Path]) -> None:

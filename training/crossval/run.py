@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as _dt
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -67,9 +68,11 @@ def run_evaluation(st: EvaluateSettings) -> dict[str, Any]:
     set_determinism(st.seed)
     ds, s0, prep = load_prepared(st, out / "cache", log)
     res = run_folds(st, ds, prep, s0, log)
+    image_only = run_folds(st, ds, prep, replace(s0, clinical_inputs=()), log, variant="image-only") \
+        if st.ablation and s0.clinical_inputs else None
     if st.only_folds is not None:
         return {"only_folds": res.order, "reused": res.resumed}
-    metrics = build_metrics(st, ds, prep, s0, res)
+    metrics = build_metrics(st, ds, prep, s0, res, image_only)
     write_json(out / "metrics.json", metrics)
     write_predictions(out / "predictions.csv", ds, res.p, res.thr, res.fold_of, res.attention)
     figures = plots.make_figures(out / "figures", ds=ds, prep=prep, p=res.p, thr=res.thr, fold_of=res.fold_of,

@@ -167,3 +167,22 @@ def test_predict_on_a_real_single_slice_ct() -> None:
     assert out.attention.shape == (1,) and out.attention[0] == pytest.approx(1.0)
     seg = reg.segmenter().predict(vol)
     assert seg.lungs.shape == vol.hu.shape == seg.lesion.shape
+
+
+def test_older_classifier_versions_load_on_request(tiny_phantom: Path) -> None:
+    """1.0.0 fuses age and sex (4 features, no calibration); the newest fuses symptoms too and is calibrated."""
+    from models.clinical import AGE_SEX, AGE_SEX_SYMPTOMS, ClinicalInputs
+
+    reg = Registry()
+    old, new = reg.classifier("1.0.0"), reg.classifier()
+    assert (old.clinical_schema, old.clinical_used, old.temperature) == (AGE_SEX, ("age", "sex"), 1.0)
+    assert new.version != "1.0.0" and new.clinical_schema == AGE_SEX_SYMPTOMS
+    assert new.clinical_used == ("age", "sex", "fever", "cough", "dyspnoea")
+    assert new.calibration is not None and new.calibration["method"] == "temperature"
+    vol = load_series(case_files(tiny_phantom, 0))
+    given = ClinicalInputs(age=60.0, sex="F", fever=1.0)
+    out_old, out_new = old.predict(vol, clinical=given), new.predict(vol, clinical=given)
+    assert out_old.clinical is not None and out_old.clinical.fever is None  # 1.0.0 does not read symptoms
+    assert out_old.raw_probability == out_old.probability
+    assert out_new.clinical is not None and out_new.clinical.fever == 1.0
+    assert out_new.raw_probability is not None and 0.0 < out_new.probability < 1.0

@@ -102,7 +102,8 @@ def test_every_figure_is_a_readable_png(runs: tuple[Path, Path]) -> None:
 
     figs = sorted((runs[0] / "figures").glob("*.png"))
     names = {f.stem for f in figs}
-    assert {"hu_histograms", "training_curves", "roc", "confusion", "reliability", "fold_accuracy", "examples"} <= names
+    assert {"hu_histograms", "training_curves", "roc", "confusion", "reliability", "fold_accuracy", "examples",
+            "pr"} <= names
     for f in figs:
         raw = f.read_bytes()
         assert raw[:8] == PNG_SIGNATURE and len(raw) > 5000, f
@@ -122,9 +123,15 @@ def test_report_files_hold_the_numbers(runs: tuple[Path, Path]) -> None:
         assert "not for clinical use" in text and "synthetic phantom" in text
         assert acc in text and auc in text and mean_acc in text
         assert "McNemar" in text and "kappa" in text and "paired t-test" in text.lower()
-    assert md.count("](figures/") == 7
+    assert md.count("](figures/") == 8
     assert "U-Net: pacsnode-lung-lesion-unet 0.0.1 from the registry" in md  # the overlay came from --weights-dir
-    assert html.count('src="data:image/png;base64,') == 7
+    assert html.count('src="data:image/png;base64,') == 8
+    for title in ("Calibration before and after temperature scaling", "Class imbalance: evaluated at 10% prevalence",
+                  "Ablation: image only against image + clinical (same folds)"):
+        assert f"## {title}" in md and title in html
+    assert report.fmt(m["prevalence"]["pr_target"]["pr_auc"]) in md and "Class weighting in training: on" in md
+    assert report.fmt(m["ablation"]["auc_paired_bootstrap"]["difference"]) in md
+    assert report.fmt(m["calibration"]["before_after"]["ece_before"]) in md
     assert report.headline_table(m).splitlines()[2].startswith("| Metric |")
     run = json.loads((out / "run.json").read_text())
     assert run["wall_seconds"] > 0 and len(run["fold_train_seconds"]) == 3
@@ -167,7 +174,8 @@ def test_only_folds_split_the_work_and_claims_are_respected(runs: tuple[Path, Pa
     (d / "folds" / "fold-02" / "claim").write_text(str(os.getppid()))  # a live process holds fold 2
     assert crossval.evaluate(data, only_folds=[3, 2, 1], **common) == {"only_folds": [3, 2, 1], "reused": []}
     assert not (d / "metrics.json").exists() and not (d / "folds" / "fold-02" / "fold.json").exists()
-    assert {p.parent.name for p in d.glob("folds/*/fold.json")} == {"fold-01", "fold-03"}
+    assert {p.parent.name for p in d.glob("folds/*/fold.json")} == {
+        "fold-01", "fold-03", "fold-01-image-only", "fold-02-image-only", "fold-03-image-only"}
     assert not list(d.glob("folds/fold-0[13]/claim"))
     (d / "folds" / "fold-02" / "claim").write_text("999999999")  # its holder died: the claim is taken over
     crossval.evaluate(data, **common)
@@ -196,6 +204,29 @@ def test_train_final_without_masks_loads_in_the_registry(data: Path, runs: tuple
     vol = load_series(sorted((data / "CASE0001" / "dicom").glob("*.dcm")))
     res = clf.predict(vol, age=vol.patient_age, sex=vol.patient_sex)
     assert 0.0 <= res.probability <= 1.0 and res.attention.shape == (12,)
+
+
+def test_imbalance_and_ablation_numbers(runs: tuple[Path, Path]) -> None:
+    """The 10 % prevalence section against scikit-learn's weighted average precision, and the ablation's arms
+    against the image-only models' own predictions (they must ignore the clinical inputs)."""
+    out = runs[0]
+    m, pred = _metrics(out), pd.read_csv(out / "predictions.csv")
+    y, p = pred.label.to_numpy(), pred.probability.to_numpy()
+    w = 0.9 / 0.1 * y.sum() / (len(y) - y.sum())
+    pv = m["prevalence"]
+    assert pv["negative_weight"] == pytest.approx(w)
+    assert pv["pr_target"]["pr_auc"] == pytest.approx(skm.average_precision_score(y, p, sample_weight=np.where(y == 1, 1, w)))
+    assert pv["pr_observed"]["pr_auc"] == pytest.approx(skm.average_precision_score(y, p))
+    fpr, tpr, _ = skm.roc_curve(y, p)
+    assert pv["sensitivity_at_specificity"]["0.90"]["sensitivity"] == pytest.approx(tpr[fpr <= 0.1 + 1e-12].max())
+    arms = m["ablation"]["arms"]
+    assert arms["image_clinical"]["roc_auc"] == pytest.approx(skm.roc_auc_score(y, p))
+    assert arms["image_only"]["roc_auc"] != arms["image_clinical"]["roc_auc"]
+    card = json.loads((out / "folds" / "fold-01-image-only" / "model_card.json").read_text())
+    assert card["clinical_inputs"]["used"] == [] and card["calibration"]["method"] == "temperature"
+    assert m["calibration"]["before_after"]["fold_temperatures"] == [
+        json.loads((out / "folds" / f"fold-0{k}" / "model_card.json").read_text())["calibration"]["temperature"]
+        for k in (1, 2, 3)]
 
 
 def test_fit_refuses_cases_on_another_grid(tmp_path: Path) -> None:
