@@ -198,7 +198,9 @@ def _blocks(m: dict[str, Any], run: dict[str, Any], figures: dict[str, dict[str,
             b.append(("p", f"{name}: skipped — {f['skipped']}"))
     timing = [["Wall time", f"{run['wall_seconds']:.0f} s"],
               ["Preprocessing", f"{run['prepare_seconds']:.0f} s" + (" (from the cache)" if run["prepare_from_cache"] else "")],
-              ["Training per fold", ", ".join(f"{s:.0f}" for s in run["fold_train_seconds"]) + " s"],
+              ["Training per fold", ", ".join(f"{s:.0f}" for s in run["fold_train_seconds"]) + " s"
+               + (", image-only arm " + ", ".join(f"{s:.0f}" for s in run["image_only_fold_train_seconds"]) + " s"
+                  if run.get("image_only_fold_train_seconds") else "")],
               ["Environment", ", ".join(f"{k} {v}" for k, v in run["environment"].items())],
               ["Command", f"`{run['command']}`"]]
     b += [("h2", "Run"), ("table", ["", ""], timing)]

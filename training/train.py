@@ -517,8 +517,8 @@ def train_classifier_cases(  # noqa: C901 - one run read top to bottom (data, mo
             "threshold_rule": "Youden J on the validation set",
         }
         if s.calibration == "temperature":
-            calibration = calibration_block(yv, pv, threshold, fitted_on="the validation split (inner split in "
-                                            "cross-validation)")
+            calibration = calibration_block(yv, pv, threshold, fitted_on="the validation set (in cross-validation: the fold's "
+                                            "inner split)")
             threshold = calibration["threshold"]
             log(f"calibration: temperature {calibration['temperature']:.3f}, validation ECE "
                 f"{calibration['validation_ece_before']:.3f} → {calibration['validation_ece_after']:.3f}")

@@ -37,7 +37,7 @@ def load_prepared(st: RunSettings, cache_default: Path,
 
 
 def _run_record(st: EvaluateSettings, started: str, t_start: float, ds: Dataset, prep: Prepared,
-                res: FoldResults) -> dict[str, Any]:
+                res: FoldResults, image_only: FoldResults | None = None) -> dict[str, Any]:
     """``run.json``: when, how long, what was reused, the command, the machine, what the dataset skipped."""
     return {
         "started_utc": started,
@@ -46,6 +46,7 @@ def _run_record(st: EvaluateSettings, started: str, t_start: float, ds: Dataset,
         "prepare_from_cache": prep.from_cache,
         "fold_train_seconds": res.fold_seconds,
         "resumed_folds": res.resumed,
+        "image_only_fold_train_seconds": image_only.fold_seconds if image_only is not None else None,
         "command": st.command_line(),
         "environment": environment(),
         "dataset_notes": ds.notes,
@@ -79,7 +80,7 @@ def run_evaluation(st: EvaluateSettings) -> dict[str, Any]:
                                  reader=reader_labels(ds), attention=res.attention, histories=res.histories,
                                  metrics=metrics, weights_dir=Path(st.weights_dir) if st.weights_dir else None,
                                  log=log)
-    run = _run_record(st, started, t_start, ds, prep, res)
+    run = _run_record(st, started, t_start, ds, prep, res, image_only)
     write_json(out / "run.json", run)
     report.write_report(out, metrics, run, figures)
     log(f"wrote {out / 'report.md'} in {run['wall_seconds']:.0f} s")
