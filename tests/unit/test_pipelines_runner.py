@@ -53,3 +53,40 @@ def test_the_configured_classifier_version_is_loaded() -> None:
     assert old.classifier.version == "1.0.0" and old.algorithm.version.startswith("cls-1.0.0+")
     newest = Registry().versions("classifier")[-1]
     assert RegistryRunner().classifier.version == newest
+
+
+def test_the_pipeline_sr_names_what_the_header_offered(tmp_path) -> None:
+    """Shipped models on a phantom whose header asks "fever and cough": the SR names age, sex, fever and cough as
+    fused, dyspnoea as missing, and states the calibration and the operating point."""
+    import datetime as dt
+
+    import pydicom
+
+    from models.preprocess import load_series
+    from node.config import GateSection
+    from node.pipelines.pneumonia import PneumoniaPipeline
+    from node.pipelines.runner import RegistryRunner
+    from tests.conftest import require_weights
+    from tests.unit.results_support import named
+    from training.phantom import generate_dataset
+
+    require_weights()
+    generate_dataset(tmp_path, cases=1, seed=31, prevalence=1.0, size=64, slices=20)
+    files = sorted((tmp_path / "CASE0001" / "dicom").glob("*.dcm"))
+    for f in files:
+        ds = pydicom.dcmread(f)
+        ds.ReasonForStudy = "Fever and cough for 3 days"
+        ds.save_as(f)
+    vol = load_series(files)
+    runner, pipeline = RegistryRunner(), PneumoniaPipeline()
+    findings = pipeline.analyse(vol, runner, GateSection(scope_check=False))
+    objects = dict(pipeline.build(vol.datasets, findings, runner.algorithm, series_version=1, superseded=(),
+                                  fallback_datetime=dt.datetime(2026, 1, 1)))
+    sr = objects["sr"]
+    fused = [str(i.TextValue) for i in named(sr, "AI-FUSION-IN", "99PACSAI")]
+    assert [t.split(":")[0] for t in fused] == ["age", "sex", "fever", "cough"]
+    assert "fever: present (from request text in the DICOM header)" in fused
+    assert [str(i.TextValue) for i in named(sr, "AI-FUSION-MISS", "99PACSAI")] == ["dyspnoea"]
+    (cal,) = named(sr, "AI-CALIBRATION", "99PACSAI")
+    (op,) = named(sr, "AI-OPERATING-PT", "99PACSAI")
+    assert "temperature scaling" in str(cal.TextValue) and f"{runner.classifier.threshold:.3f}" in str(op.TextValue)
