@@ -1,7 +1,8 @@
-"""Series classifier: a small slice CNN, gated attention pooling over the slices, optional age/sex late fusion.
+"""Series classifier: a small slice CNN, gated attention pooling over the slices, clinical late fusion.
 
 :func:`build_classifier` returns a Keras 3 model with inputs ``slices`` (B, S, H, W, C) — model-grid slices from
-:func:`models.preprocess.to_model_input` — and ``clinical`` (B, 4) from :func:`clinical_vector`; its outputs are
+:func:`models.preprocess.to_model_input` — and ``clinical`` (B, F): F = 10 for the ``age-sex-symptoms`` schema
+of :mod:`models.clinical` (classifier 2.x), 4 for ``age-sex`` (1.x, :func:`clinical_vector`); its outputs are
 ``probability`` (B, 1) P(pneumonia), ``attention`` (B, S) (softmax over the slices: which slices drove the
 score) and ``slice_logit`` (B, S) (an auxiliary per-slice lesion score used as deep supervision in training).
 The custom layers are registered with Keras, so importing this module is enough to load a saved model.
@@ -15,15 +16,17 @@ import keras
 import numpy as np
 from keras import layers, ops
 
+from models.clinical import AGE_SEX, AGE_SEX_SYMPTOMS, ClinicalInputs, encode, feature_count
+
 PACKAGE = "pacsnode"
-CLINICAL_FEATURES = 4  # age (scaled), age missing, sex M, sex F
+CLINICAL_FEATURES = feature_count(AGE_SEX_SYMPTOMS)  # the current schema's width (1.x models: 4, age-sex)
 
 
 def clinical_vector(age: float | None, sex: str | None) -> np.ndarray:
-    """(4,) float32 late-fusion features; missing age or sex is encoded, never guessed."""
-    a = 0.0 if age is None else float(np.clip((age - 55.0) / 20.0, -3.0, 3.0))
+    """(4,) float32 ``age-sex`` features (the 1.x classifiers' input); missing age or sex is encoded, never
+    guessed."""
     s = (sex or "").upper()
-    return np.array([a, 1.0 if age is None else 0.0, float(s == "M"), float(s == "F")], dtype=np.float32)
+    return encode(ClinicalInputs(age=age, sex=s or None), AGE_SEX)
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -120,10 +123,11 @@ def build_classifier(
     features: int = 64,
     attention_units: int = 32,
     dropout: float = 0.2,
+    clinical_features: int = CLINICAL_FEATURES,
 ) -> keras.Model:
     """The series classifier (see the module docstring for inputs and outputs)."""
     slices = keras.Input((None, grid, grid, channels), name="slices")
-    clinical = keras.Input((CLINICAL_FEATURES,), name="clinical")
+    clinical = keras.Input((clinical_features,), name="clinical")
     encoder = build_slice_encoder(grid, channels, widths, features)
     h = UnfoldSlices(name="unfold")(encoder(FoldSlices(name="fold")(slices)), slices)  # (B, S, F)
     slice_logit = layers.Reshape((-1,), name="slice_logit")(layers.Dense(1, name="slice_head")(h))

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from models.clinical import AGE_SEX, ClinicalError, ClinicalInputs, encode, feature_count, schema_inputs
 from models.errors import ModelError
 from models.preprocess import PreprocessConfig, PreprocessError, Volume, masks_to_source, volume_grid, window
 
@@ -41,11 +42,18 @@ class InferenceError(ModelError):
 
 @dataclass(frozen=True)
 class ClassifierOutput:
-    """P(pneumonia), one attention weight per source slice (Volume order, sums to 1), decision threshold."""
+    """P(pneumonia) (calibrated when the card has a calibration, see ``raw_probability``), one attention weight
+    per source slice (Volume order, sums to 1), the decision threshold on the same scale as ``probability``, and
+    the clinical inputs fed to the fusion (``clinical_used``: the ones this version reads, each present or
+    missing in ``clinical``)."""
 
     probability: float
     attention: np.ndarray
     threshold: float
+    raw_probability: float | None = None
+    clinical: ClinicalInputs | None = None
+    clinical_used: tuple[str, ...] = ()
+    calibration: dict[str, Any] | None = None
 
     @property
     def positive(self) -> bool:
@@ -119,35 +127,80 @@ class Classifier:
         self._m = loaded
         self.name, self.version, self.card = loaded.name, loaded.version, loaded.card
         self.threshold = float(loaded.card.get("threshold", 0.5))
+        self.clinical_schema, self.clinical_used = clinical_spec(loaded.card)
+        self.calibration: dict[str, Any] | None = loaded.card.get("calibration")
+        self.temperature = temperature_of(loaded.card)
         g, c = loaded.preprocess.grid, loaded.preprocess.channels
         model = loaded.model
+        n = feature_count(self.clinical_schema)
         self._fn = tf.function(
             lambda s, k: model({"slices": s, "clinical": k}, training=False),
             autograph=False,
-            input_signature=[tf.TensorSpec((1, None, g, g, c), tf.float32), tf.TensorSpec((1, 4), tf.float32)],
+            input_signature=[tf.TensorSpec((1, None, g, g, c), tf.float32), tf.TensorSpec((1, n), tf.float32)],
         )
 
     @property
     def preprocess(self) -> PreprocessConfig:
         return self._m.preprocess
 
-    def predict(self, volume: Volume, *, age: float | None = None, sex: str | None = None) -> ClassifierOutput:
-        """P(pneumonia) for the series and per-slice attention. ``age``/``sex`` feed the late fusion (None =
-        unknown; pass ``volume.patient_age`` / ``volume.patient_sex`` to use the header). Raises InferenceError."""
-        from models.classifier import clinical_vector
-
+    def predict(self, volume: Volume, *, age: float | None = None, sex: str | None = None,
+                clinical: ClinicalInputs | None = None) -> ClassifierOutput:
+        """P(pneumonia) for the series and per-slice attention. ``clinical`` (else ``age``/``sex`` alone) feeds
+        the late fusion; None values are missing, and inputs this version does not read are dropped (use
+        :func:`models.clinical.from_header` for what a header offers). Raises InferenceError."""
         cfg = self._m.preprocess
         x = window(volume_grid(volume, cfg.grid), cfg)[None]
-        clin = clinical_vector(age, sex)[None]
+        given = (clinical or ClinicalInputs(age=age, sex=sex)).only(self.clinical_used)
+        clin = encode(given, self.clinical_schema)[None]
         try:
             out = self._fn(x, clin)
-            prob = float(np.asarray(out["probability"]).reshape(-1)[0])
+            raw = float(np.asarray(out["probability"]).reshape(-1)[0])
             att = np.asarray(out["attention"], dtype=np.float32).reshape(-1)
         except Exception as exc:  # TensorFlow errors must not leak past the model boundary
             raise InferenceError(f"{self.name} {self.version} failed on a {x.shape} input: {exc}") from exc
-        if att.shape[0] != volume.shape[0] or not np.isfinite(prob):
+        if att.shape[0] != volume.shape[0] or not np.isfinite(raw):
             raise InferenceError(f"{self.name} {self.version} returned an invalid output")
-        return ClassifierOutput(probability=prob, attention=att, threshold=self.threshold)
+        return ClassifierOutput(probability=apply_temperature(raw, self.temperature), attention=att,
+                                threshold=self.threshold, raw_probability=raw, clinical=given,
+                                clinical_used=self.clinical_used, calibration=self.calibration)
+
+
+def clinical_spec(card: dict[str, Any]) -> tuple[str, tuple[str, ...]]:
+    """(schema, inputs used) of a classifier card; cards without ``clinical_inputs`` are 1.x ``age-sex`` models.
+    Raises RegistryError for an unknown schema or input."""
+    spec = card.get("clinical_inputs") or {"schema": AGE_SEX}
+    try:
+        schema = str(spec["schema"])
+        names = schema_inputs(schema)
+        used = tuple(spec.get("used", names))
+        encode(ClinicalInputs(), schema, used)  # checks the names
+    except (ClinicalError, KeyError, TypeError) as exc:
+        raise RegistryError(f"model card {card.get('name')} {card.get('version')}: bad clinical_inputs: {exc}") from exc
+    return schema, used
+
+
+def temperature_of(card: dict[str, Any]) -> float:
+    """The card's temperature (``calibration.method == "temperature"``), else 1 (no calibration). Raises
+    RegistryError for a non-positive or unreadable temperature."""
+    cal = card.get("calibration") or {}
+    if cal.get("method") != "temperature":
+        return 1.0
+    try:
+        t = float(cal["temperature"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RegistryError(f"model card {card.get('name')}: unreadable calibration temperature") from exc
+    if not (np.isfinite(t) and t > 0):
+        raise RegistryError(f"model card {card.get('name')}: calibration temperature must be > 0, got {t}")
+    return t
+
+
+def apply_temperature(p: Any, temperature: float) -> Any:
+    """sigmoid(logit(p) / T): temperature scaling of probabilities (T = 1 leaves them as they are)."""
+    if temperature == 1.0:
+        return p
+    q = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
+    out = 1.0 / (1.0 + np.exp(-(np.log(q) - np.log1p(-q)) / temperature))
+    return float(out) if np.ndim(out) == 0 else out
 
 
 class Segmenter:
@@ -204,28 +257,44 @@ class Registry:
         found = [p.name for p in folder.iterdir() if (p / CARD_FILE).is_file()]
         return sorted(found, key=version_key)
 
+    def default_version(self, name: str) -> str:
+        """The version loaded when none is asked for: the newest whose card is not marked ``"candidate": true`` (a
+        release candidate that did not beat its predecessor is shipped for trials only), else the newest."""
+        versions = self.versions(name)
+        if not versions:
+            raise RegistryError(f"no versions of model {name!r} under {self.weights_dir}")
+        released = [v for v in versions if not _is_candidate(self.weights_dir / name / v / CARD_FILE)]
+        return (released or versions)[-1]
+
     def folder(self, name: str, version: str | None = None) -> Path:
-        """The version folder of ``name`` (latest when ``version`` is None). Raises RegistryError."""
+        """The version folder of ``name`` (`default_version` when ``version`` is None). Raises RegistryError."""
         versions = self.versions(name)
         if not versions:
             raise RegistryError(f"no versions of model {name!r} under {self.weights_dir}")
         if version is None:
-            version = versions[-1]
+            version = self.default_version(name)
         if version not in versions:
             raise RegistryError(f"model {name!r} has no version {version!r} (have {versions})")
         return self.weights_dir / name / version
 
     def classifier(self, version: str | None = None) -> Classifier:
-        """The classifier ``version`` (latest when None), loaded once per process. Raises RegistryError."""
+        """The classifier ``version`` (`default_version` when None), loaded once per process. Raises RegistryError."""
         model = _load_cached(self.folder(CLASSIFIER, version), CLASSIFIER, self.mixed_precision)
         assert isinstance(model, Classifier)
         return model
 
     def segmenter(self, version: str | None = None) -> Segmenter:
-        """The segmenter ``version`` (latest when None), loaded once per process. Raises RegistryError."""
+        """The segmenter ``version`` (`default_version` when None), loaded once per process. Raises RegistryError."""
         model = _load_cached(self.folder(SEGMENTER, version), SEGMENTER, self.mixed_precision)
         assert isinstance(model, Segmenter)
         return model
+
+
+def _is_candidate(card: Path) -> bool:
+    try:
+        return bool(json.loads(card.read_text()).get("candidate", False))
+    except (OSError, ValueError):
+        return False
 
 
 _CACHE: dict[tuple[Path, str, bool], Classifier | Segmenter] = {}

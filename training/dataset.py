@@ -515,8 +515,17 @@ def _grid_case(case: Case, grid: int) -> tuple[GridCase, np.ndarray]:
     counts = np.histogram(vol.hu[body_mask(vol.hu)], bins=HIST_EDGES)[0]
     gc = GridCase(case_id=case.case_id, label=case.label, hu=hu_grid.astype(np.float16), slice_lesion=lesion,
                   slice_lung=lung, age=None if age is None or not math.isfinite(float(age)) else float(age),
-                  sex=sex if sex in ("M", "F", "O") else None)
+                  sex=sex if sex in ("M", "F", "O") else None, symptoms=case_symptoms(case))
     return gc, counts
+
+
+def case_symptoms(case: Case) -> dict[str, float | None]:
+    """The table's fever, cough and dyspnoea for a case: 1/0, None where blank or unreadable (not cached: the
+    table is re-read on every run, so editing it needs no new cache)."""
+    from models.clinical import SYMPTOMS, ClinicalInputs
+
+    c = ClinicalInputs.from_mapping(case.clinical)
+    return {k: c.value(k) for k in SYMPTOMS}
 
 
 def prepare(dataset: Dataset, grid: int, cache_dir: str | Path, *, progress: bool = False) -> Prepared:
@@ -577,7 +586,8 @@ def _read_cache(path: Path, dataset: Dataset) -> tuple[list[GridCase], np.ndarra
         ages, sexes, counts = z["age"], z["sex"], z["hist_counts"]
     cases = [
         GridCase(case_id=c.case_id, label=c.label, hu=hu[a:b], slice_lesion=les[a:b], slice_lung=lung[a:b],
-                 age=None if np.isnan(ages[i]) else float(ages[i]), sex=str(sexes[i]) or None)
+                 age=None if np.isnan(ages[i]) else float(ages[i]), sex=str(sexes[i]) or None,
+                 symptoms=case_symptoms(c))
         for i, (c, a, b) in enumerate(zip(dataset.cases, bounds[:-1], bounds[1:], strict=True))
     ]
     return cases, counts

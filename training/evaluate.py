@@ -70,6 +70,8 @@ def evaluate(
     """Run both models on every case of a phantom dataset and compute the metrics (see module docstring)."""
     from tqdm import tqdm
 
+    from models.clinical import from_header
+
     reg = registry or Registry()
     clf = reg.classifier(classifier_version)
     seg = reg.segmenter(segmenter_version)
@@ -84,7 +86,9 @@ def evaluate(
         except PreprocessError as exc:
             raise TrainingError(f"case {row.case_id}: {exc}") from exc
         t1 = time.perf_counter()
-        c = clf.predict(vol, age=vol.patient_age, sex=vol.patient_sex)
+        # The node's input: age and sex from the header, symptoms from its request text (phantoms have none).
+        c = clf.predict(vol, clinical=from_header(vol.datasets[0] if vol.datasets else None, age=vol.patient_age,
+                                                  sex=vol.patient_sex))
         t2 = time.perf_counter()
         s = seg.predict(vol)
         t3 = time.perf_counter()
@@ -98,6 +102,7 @@ def evaluate(
                 "reader": int(getattr(row, "reader_label", -1)),
                 "subtle": int(getattr(row, "subtle", 0)),
                 "probability": c.probability,
+                "raw_probability": c.raw_probability if c.raw_probability is not None else c.probability,
                 "attention_hit": bool(les_per_slice[int(np.argmax(c.attention))] > 0) if les_per_slice.any() else None,
                 "lung_dice": dice(s.lungs, m["lungs"]),
                 "lesion_dice": dice(s.lesion, m["lesion"]) if m["lesion"].any() else None,
@@ -116,6 +121,8 @@ def evaluate(
 
 
 def summarise(rows: list[dict[str, Any]], threshold: float, data: Path, versions: dict[str, str]) -> dict[str, Any]:
+    from training.calibration import ece
+
     y = np.array([r["label"] for r in rows])
     p = np.array([r["probability"] for r in rows])
     reader = np.array([r["reader"] for r in rows])
@@ -149,6 +156,10 @@ def summarise(rows: list[dict[str, Any]], threshold: float, data: Path, versions
             "reader_sensitivity": r_tp / max(1, int(pos.sum())),
             "reader_specificity": r_tn / max(1, int(neg.sum())),
             "attention_top_slice_has_lesion": float(np.mean(hits)) if hits else None,
+            "ece": ece(y, p),
+            "ece_uncalibrated": ece(y, np.array([r.get("raw_probability", r["probability"]) for r in rows])),
+            "clinical_inputs": "from the DICOM header as the node reads it (age, sex; symptoms only from request "
+            "text, which phantoms do not carry)",
         },
         "segmenter": {
             "lung_dice_mean": float(lung.mean()),
@@ -196,6 +207,8 @@ def format_table(res: dict[str, Any]) -> str:
     add("simulated reader sensitivity", c["reader_sensitivity"])
     add("simulated reader specificity", c["reader_specificity"])
     add("top-attention slice holds lesion", c["attention_top_slice_has_lesion"])
+    add("classifier ECE (10 bins), uncalibrated", c.get("ece_uncalibrated"))
+    add("classifier ECE (10 bins), calibrated", c.get("ece"))
     add("U-Net lung Dice (mean per case)", s["lung_dice_mean"], s["lung_dice_ci95"])
     add("U-Net lesion Dice (mean per pneumonia case)", s["lesion_dice_mean"], s["lesion_dice_ci95"])
     add("U-Net lesion Dice (median per case)", s["lesion_dice_median"])

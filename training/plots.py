@@ -182,6 +182,30 @@ def plot_confusion(y: np.ndarray, pred: np.ndarray, reader: np.ndarray, path: Pa
     return _save(fig, path)
 
 
+def plot_pr(prevalence: dict[str, Any], path: Path) -> Path:
+    """PR curves of the pooled out-of-fold predictions at the data's prevalence and at the target prevalence
+    (negatives reweighted), with each one's chance level."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.2, 5.4))
+    for key, label, colour, base in (("pr_observed", f"data ({prevalence['observed_prevalence']:.0%} pneumonia)",
+                                      COLOURS["model"], prevalence["observed_prevalence"]),
+                                     ("pr_target", f"at {prevalence['target_prevalence']:.0%} prevalence",
+                                      COLOURS["reader"], prevalence["target_prevalence"])):
+        c = prevalence[key]
+        if c["recall"]:
+            ax.plot(c["recall"], c["precision"], color=colour, linewidth=2, label=f"{label}, PR AUC {c['pr_auc']:.3f}")
+            ax.axhline(base, color=colour, linestyle=":", linewidth=0.9)
+    ax.set_xlabel("recall (sensitivity)")
+    ax.set_ylabel("precision (PPV)")
+    ax.set_title("Precision–recall, out-of-fold")
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def plot_reliability(y: np.ndarray, p: np.ndarray, path: Path, bins: int = 10) -> Path:
     """Reliability diagram (observed share of pneumonia per predicted-probability bin) over the predictions'
     histogram per class; the Brier score and ECE in the title."""
@@ -339,6 +363,10 @@ def make_figures(
                          "caption": "Confusion matrices of the pooled out-of-fold decisions and the reader's."}
     figs["reliability"] = {"file": rel(plot_reliability(y, p, fig_dir / "reliability.png")),
                            "caption": "Calibration of the out-of-fold probabilities (numbers: cases per bin)."}
+    if metrics.get("prevalence"):
+        figs["pr"] = {"file": rel(plot_pr(metrics["prevalence"], fig_dir / "pr.png")),
+                      "caption": "Precision–recall curves of the pooled out-of-fold probabilities at the data's "
+                      "prevalence and with the negatives reweighted to the target prevalence (dotted: chance)."}
     figs["fold_accuracy"] = {"file": rel(plot_fold_accuracy(metrics, fig_dir / "fold_accuracy.png")),
                              "caption": "Accuracy per test fold, model and reader on the same cases."}
 

@@ -15,13 +15,14 @@ import os
 import platform
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from models.clinical import AGE_SEX_SYMPTOMS, INPUTS, ClinicalInputs, encode
 from models.preprocess import (
     PreprocessConfig,
     PreprocessError,
@@ -31,6 +32,7 @@ from models.preprocess import (
     resize_slices,
     window,
 )
+from training.calibration import calibration_block
 
 NOT_FOR_CLINICAL_USE = "Not for clinical use: trained and evaluated on synthetic phantoms only."
 
@@ -51,6 +53,12 @@ class GridCase:
     age: float | None
     sex: str | None
     target: np.ndarray | None = None  # (S, g, g) uint8 classes {0, 1 lung, 2 lesion}
+    symptoms: dict[str, float | None] = field(default_factory=dict)  # fever, cough, dyspnoea: 1/0, None missing
+
+    def clinical(self) -> ClinicalInputs:
+        """Age, sex and symptoms as the fusion reads them (missing stays missing)."""
+        return ClinicalInputs(age=self.age, sex=self.sex, **{k: self.symptoms.get(k) for k in ("fever", "cough",
+                                                                                                "dyspnoea")})
 
 
 def read_table(data: Path) -> pd.DataFrame:
@@ -109,11 +117,17 @@ def load_grid_cases(
                 age=vol.patient_age,
                 sex=vol.patient_sex,
                 target=target,
+                symptoms=_symptoms(row._asdict()),
             )
         )
     if not cases:
         raise TrainingError(f"dataset {data} has no cases")
     return cases
+
+
+def _symptoms(row: dict[str, Any]) -> dict[str, float | None]:
+    c = ClinicalInputs.from_mapping(row)
+    return {"fever": c.fever, "cough": c.cough, "dyspnoea": c.dyspnoea}
 
 
 def describe_data(data: Path) -> dict[str, Any]:
@@ -228,7 +242,11 @@ class ClassifierSettings:
     min_lesion_px: float = 2.0  # a slice is "lesion" when the lesion covers this many grid pixels
     pretrain_steps: int = 1000  # slice-level warm-up of the encoder on balanced random slices
     pretrain_batch: int = 32
-    clinical_dropout: float = 0.3
+    clinical_dropout: float = 0.3  # share of training series whose clinical inputs are all hidden (missing)
+    input_dropout: float = 0.15  # else each clinical input is hidden on its own with this probability
+    clinical_inputs: tuple[str, ...] = INPUTS  # fed to the fusion (age-sex-symptoms schema); () = image only
+    class_weighting: bool = True  # series loss weighted by the inverse class frequency of the training part
+    calibration: str = "temperature"  # post-hoc, fitted on the validation split; "none" to skip
     widths: tuple[int, ...] = (16, 32, 48, 64)
     features: int = 64
 
@@ -236,9 +254,7 @@ class ClassifierSettings:
 def _classifier_batches(
     cases: list[GridCase], s: ClassifierSettings, cfg: PreprocessConfig, rng: np.random.Generator
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-    """Augmented training batches: (slices (B,K,g,g,C), clinical (B,4), label (B,), slice labels (B,K))."""
-    from models.classifier import clinical_vector
-
+    """Augmented training batches: (slices (B,K,g,g,C), clinical (B,F), label (B,), slice labels (B,K))."""
     order = rng.permutation(len(cases))
     for a in range(0, len(order) - s.series_per_step + 1, s.series_per_step):
         batch = [cases[i] for i in order[a : a + s.series_per_step]]
@@ -255,9 +271,32 @@ def _classifier_batches(
             slice_y = (les >= s.min_lesion_px).astype(np.float32) * c.label
             sl.append(slice_y)
             ys.append(float(slice_y.max()))
-            drop = rng.random() < s.clinical_dropout
-            clin.append(clinical_vector(None if drop else c.age, None if drop else c.sex))
+            clin.append(_training_clinical(c, s, rng))
         yield np.stack(xs), np.stack(clin), np.array(ys, np.float32), np.stack(sl)
+
+
+def clinical_features(case: GridCase, used: tuple[str, ...] | list[str] = INPUTS) -> np.ndarray:
+    """The case's fusion input (``age-sex-symptoms`` schema), inputs outside ``used`` encoded as missing."""
+    return encode(case.clinical(), AGE_SEX_SYMPTOMS, tuple(used))
+
+
+def _training_clinical(case: GridCase, s: ClassifierSettings, rng: np.random.Generator) -> np.ndarray:
+    """The fusion input with dropout: all inputs hidden (``clinical_dropout``), else each on its own
+    (``input_dropout``), so the model learns to work with any of them missing, as in the node."""
+    if rng.random() < s.clinical_dropout:
+        return clinical_features(case, ())
+    keep = [n for n in s.clinical_inputs if rng.random() >= s.input_dropout]
+    return clinical_features(case, keep)
+
+
+def clinical_card(s: ClassifierSettings) -> dict[str, Any]:
+    """The card's ``clinical_inputs``: the schema (vector layout) this version expects and the inputs it reads."""
+    from models.clinical import FEATURE_NAMES
+
+    return {"schema": AGE_SEX_SYMPTOMS, "features": list(FEATURE_NAMES[AGE_SEX_SYMPTOMS]),
+            "used": list(s.clinical_inputs),
+            "missing_values": "value 0 + missing indicator 1; never imputed",
+            "training_dropout": {"all": s.clinical_dropout, "each": s.input_dropout}}
 
 
 def _pretrain_batches(
@@ -284,24 +323,24 @@ def _pretrain_batches(
         yield np.stack(xs), np.array([1.0] * half + [0.0] * half, np.float32)
 
 
-def predict_classifier(model: Any, cases: list[GridCase], cfg: PreprocessConfig) -> np.ndarray:
-    """P(pneumonia) of whole series (no augmentation), the node's way (one series per call)."""
+def predict_classifier(model: Any, cases: list[GridCase], cfg: PreprocessConfig,
+                       used: tuple[str, ...] = INPUTS) -> np.ndarray:
+    """P(pneumonia) of whole series (no augmentation, uncalibrated), the node's way (one series per call)."""
     import tensorflow as tf
 
-    from models.classifier import clinical_vector
-
+    n = int(model.input["clinical"].shape[-1]) if isinstance(model.input, dict) else len(clinical_features(cases[0]))
     fn = tf.function(
         lambda x, c: model({"slices": x, "clinical": c}, training=False)["probability"],
         autograph=False,
         input_signature=[
             tf.TensorSpec((1, None, cfg.grid, cfg.grid, cfg.channels), tf.float32),
-            tf.TensorSpec((1, 4), tf.float32),
+            tf.TensorSpec((1, n), tf.float32),
         ],
     )
     out = []
     for c in cases:
         x = window(c.hu.astype(np.float32), cfg)[None]
-        out.append(float(np.asarray(fn(x, clinical_vector(c.age, c.sex)[None])).reshape(-1)[0]))
+        out.append(float(np.asarray(fn(x, clinical_features(c, used)[None])).reshape(-1)[0]))
     return np.array(out)
 
 
@@ -368,10 +407,10 @@ def train_classifier_cases(
     history, best_epoch = _fit_classifier(model, train_step, train, val, s, cfg, rng, steps, progress, log)
     t_trained = time.perf_counter()
 
-    threshold, val_metrics = _classifier_validation(model, val, cfg, val_description)
+    threshold, val_metrics, calibration = _classifier_validation(model, val, cfg, val_description, s, log)
     history = {k: v for k, v in history.items() if v}
     card = _classifier_card(
-        model, s, cfg, version=version, threshold=threshold, val_metrics=val_metrics,
+        model, s, cfg, version=version, threshold=threshold, val_metrics=val_metrics, calibration=calibration,
         train_description=train_description, best_epoch=best_epoch, pre_losses=pre_losses,
         load_seconds=load_seconds, train_seconds=t_trained - t_loaded,
     )
@@ -393,7 +432,7 @@ def _classifier_train_step(model: Any, train: list[GridCase], s: ClassifierSetti
     # Class weight from the share of positive windows the sampler produces (close to the case prevalence).
     pos_rate = float(np.mean([c.label for c in train])) if train else 0.5
     pos_rate = float(np.clip(pos_rate, 0.05, 0.95))
-    w_pos, w_neg = 0.5 / pos_rate, 0.5 / (1.0 - pos_rate)
+    w_pos, w_neg = (0.5 / pos_rate, 0.5 / (1.0 - pos_rate)) if s.class_weighting else (1.0, 1.0)
     # Lesion slices are rare (~10 %): weight them so the slice head keeps the balanced calibration of the warm-up.
     slice_rate = float(np.mean(np.concatenate([c.slice_lesion >= s.min_lesion_px for c in train])))
     slice_pos_weight = float(np.clip((1.0 - slice_rate) / max(slice_rate, 1e-3), 1.0, 20.0))
@@ -402,7 +441,7 @@ def _classifier_train_step(model: Any, train: list[GridCase], s: ClassifierSetti
         out_ = model({"slices": x, "clinical": clin}, training=training)
         p = tf.reshape(out_["probability"], (-1,))
         if s.loss == "focal":
-            series = focal_bce(y, p, gamma=2.0, alpha=1.0 - pos_rate)
+            series = focal_bce(y, p, gamma=2.0, alpha=1.0 - pos_rate if s.class_weighting else 0.5)
         else:
             pc = tf.clip_by_value(p, 1e-6, 1 - 1e-6)
             series = tf.reduce_mean(-(w_pos * y * tf.math.log(pc) + w_neg * (1 - y) * tf.math.log(1 - pc)))
@@ -478,7 +517,7 @@ def _fit_classifier(
     best_epoch = 0
     if val:  # the warmed-up model (series score = attention over slice evidence) is epoch 0's candidate
         yv = np.array([c.label for c in val])
-        pv = predict_classifier(model, val, cfg)
+        pv = predict_classifier(model, val, cfg, s.clinical_inputs)
         best = (_auc(yv.tolist(), pv.tolist()), -_val_loss(yv, pv))
         log(f"after warm-up: val_auc {best[0]:.3f}")
     for epoch in range(1, s.epochs + 1):
@@ -495,7 +534,7 @@ def _fit_classifier(
         history["accuracy"].append(correct / max(n, 1))
         if val:
             yv = np.array([c.label for c in val])
-            pv = predict_classifier(model, val, cfg)
+            pv = predict_classifier(model, val, cfg, s.clinical_inputs)
             history["val_loss"].append(_val_loss(yv, pv))
             history["val_accuracy"].append(float(np.mean((pv >= 0.5) == yv)))
             history["val_auc"].append(_auc(yv.tolist(), pv.tolist()))
@@ -510,14 +549,18 @@ def _fit_classifier(
     return history, best_epoch
 
 
+
 def _classifier_validation(
-    model: Any, val: list[GridCase], cfg: PreprocessConfig, val_description: dict[str, Any] | None
-) -> tuple[float, dict[str, Any]]:
-    """The operating threshold (Youden J on ``val``; 0.5 without) and the validation metrics for the card."""
-    threshold, val_metrics = 0.5, {}
+    model: Any, val: list[GridCase], cfg: PreprocessConfig, val_description: dict[str, Any] | None,
+    s: ClassifierSettings, log: Callable[[str], None],
+) -> tuple[float, dict[str, Any], dict[str, Any] | None]:
+    """The operating threshold (Youden J on ``val``; 0.5 without), the validation metrics for the card and the
+    post-hoc calibration fitted on ``val`` (None without it or with ``s.calibration == "none"``); with calibration
+    the threshold is returned on the calibrated scale (same decisions)."""
+    threshold, val_metrics, calibration = 0.5, {}, None
     if val:
         yv = np.array([c.label for c in val])
-        pv = predict_classifier(model, val, cfg)
+        pv = predict_classifier(model, val, cfg, s.clinical_inputs)
         threshold = youden_threshold(yv.tolist(), pv.tolist())
         pred = pv >= threshold
         val_metrics = {
@@ -527,13 +570,19 @@ def _classifier_validation(
             "specificity": float((~pred[yv == 0]).mean()) if (yv == 0).any() else None,
             "threshold_rule": "Youden J on the validation set",
         }
-    return threshold, val_metrics
+        if s.calibration == "temperature":
+            calibration = calibration_block(yv, pv, threshold, fitted_on="the validation set (in cross-validation: "
+                                            "the fold's inner split)")
+            threshold = calibration["threshold"]
+            log(f"calibration: temperature {calibration['temperature']:.3f}, validation ECE "
+                f"{calibration['validation_ece_before']:.3f} → {calibration['validation_ece_after']:.3f}")
+    return threshold, val_metrics, calibration
 
 
 def _classifier_card(
     model: Any, s: ClassifierSettings, cfg: PreprocessConfig, *, version: str, threshold: float,
-    val_metrics: dict[str, Any], train_description: dict[str, Any] | None, best_epoch: int, pre_losses: list[float],
-    load_seconds: float, train_seconds: float,
+    val_metrics: dict[str, Any], calibration: dict[str, Any] | None, train_description: dict[str, Any] | None,
+    best_epoch: int, pre_losses: list[float], load_seconds: float, train_seconds: float,
 ) -> dict[str, Any]:
     """The classifier's model card (`write_model` adds the weights' checksum)."""
     return {
@@ -547,23 +596,28 @@ def _classifier_card(
             "Trained only on synthetic phantoms from training.phantom; says nothing about real patients.",
             "The phantoms' lesions are blobs of ground glass or consolidation; real pneumonia, other diseases, "
             "contrast, artefacts and other anatomy are absent.",
-            "Age/sex fusion learnt from simulated correlations.",
+            "Clinical fusion (age, sex, fever, cough, dyspnoea) learnt from simulated correlations; in the node "
+            "symptoms come only from request free text in the header and are usually missing.",
         ],
+        "clinical_inputs": clinical_card(s),
         "architecture": {
             "slice_encoder": f"CNN, widths {list(s.widths)}, stride-2 blocks, GAP+GMP, {s.features} features",
             "pooling": "gated attention over slices (Ilse et al. 2018)",
             "series_score": "sigmoid(attention-weighted sum of per-slice lesion logits + a correction from the "
-            "attention-pooled features and age/sex)",
-            "fusion": "late fusion of age/sex (missing-aware)",
+            "attention-pooled features and the clinical inputs)",
+            "fusion": "late fusion of the clinical inputs, value + missing indicator each (models.clinical)",
             "slice_head": "per-slice lesion logit, supervised by the phantom masks (slice warm-up, then jointly)",
             "parameters": int(model.count_params()),
         },
         "preprocessing": cfg.to_dict(),
         "threshold": threshold,
+        "threshold_rule": "Youden J on the validation set" + (", mapped to the calibrated scale" if calibration else ""),
+        "calibration": calibration,
         "training": {
             "data": train_description,
             "settings": {**s.__dict__, "widths": list(s.widths)},
-            "loss": ("class-weighted BCE" if s.loss != "focal" else "focal loss (gamma 2)")
+            "loss": ("BCE" if s.loss != "focal" else "focal loss (gamma 2)")
+            + (", class-weighted (inverse class frequency)" if s.class_weighting else ", no class weighting")
             + " on the series + positive-weighted BCE on slices",
             "schedule": f"{s.pretrain_steps} slice warm-up steps (balanced, lung-matched negatives), then "
             f"{s.epochs} epochs of series batches; best epoch by validation ROC AUC",

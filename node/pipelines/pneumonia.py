@@ -23,4 +23,4 @@ class PneumoniaPipeline(Pipeline):
             return refusal  # no classifier call: a volume outside the scope never gets a probability
         cls = runner.classify(volume)
         return Findings(probability=cls.probability, threshold=cls.threshold, attention=cls.attention,
-                        lungs=seg.lungs, lesion=seg.lesion)
+                        lungs=seg.lungs, lesion=seg.lesion, notes=cls.notes)

@@ -2,7 +2,10 @@
 
 `ModelRunner` is the abstract seam (tests plug in fakes); `RegistryRunner` loads the shipped TensorFlow models
 from `models.registry`, after choosing the device they run on (`models.device.select_device`; its `DeviceChoice` is
-the runner's ``device``). Each call takes a `models.preprocess.Volume` and returns plain arrays.
+the runner's ``device``). Each call takes a `models.preprocess.Volume` and returns plain arrays. The classifier's
+clinical inputs come from the series' header (`models.clinical.from_header`: age, sex, symptoms named in the
+request text); `model_notes` says for the SR which were fused, which were missing, the calibration and the
+operating point.
 """
 
 from __future__ import annotations
@@ -11,12 +14,16 @@ import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from models.device import DeviceChoice
 from models.preprocess import Volume
-from node.results import AlgorithmIdentity
+from node.results import AlgorithmIdentity, ModelNotes
+
+if TYPE_CHECKING:
+    from models.registry import ClassifierOutput
 
 
 @dataclass(frozen=True)
@@ -29,11 +36,13 @@ class Segmentation:
 
 @dataclass(frozen=True)
 class Classification:
-    """Pneumonia probability and decision threshold in [0, 1], one attention weight per slice."""
+    """Pneumonia probability and decision threshold in [0, 1], one attention weight per slice, and (optional)
+    what the SR should say about the clinical inputs, calibration and operating point."""
 
     probability: float
     threshold: float
     attention: np.ndarray
+    notes: ModelNotes | None = None
 
 
 class ModelRunner(ABC):
@@ -76,5 +85,39 @@ class RegistryRunner(ModelRunner):
         return Segmentation(lungs=seg.lungs, lesion=seg.lesion)
 
     def classify(self, volume: Volume) -> Classification:
-        cls = self.classifier.predict(volume, age=volume.patient_age, sex=volume.patient_sex)
-        return Classification(float(cls.probability), float(cls.threshold), np.asarray(cls.attention))
+        from models.clinical import from_header
+
+        header = volume.datasets[0] if volume.datasets else None
+        clinical = from_header(header, age=volume.patient_age, sex=volume.patient_sex)
+        cls = self.classifier.predict(volume, clinical=clinical)
+        return Classification(float(cls.probability), float(cls.threshold), np.asarray(cls.attention),
+                              notes=model_notes(cls, self.classifier.card))
+
+
+_SOURCES = {"age": "DICOM header", "sex": "DICOM header"}
+
+
+def model_notes(out: ClassifierOutput, card: dict[str, Any]) -> ModelNotes:
+    """The SR's account of one classification: each clinical input the version reads, present (with its value and
+    source) or missing; the calibration; the operating point (threshold and the rule that chose it)."""
+    clinical = out.clinical
+    fused = tuple(
+        (name, f"{clinical.describe(name)} (from {_SOURCES.get(name, 'request text in the DICOM header')})")
+        for name in out.clinical_used if clinical is not None and clinical.value(name) is not None
+    )
+    missing = tuple(n for n in out.clinical_used if clinical is None or clinical.value(n) is None)
+    version = f"{card.get('name', 'classifier')} {card.get('version', '')}".strip()
+    cal = out.calibration or {}
+    if cal.get("method") == "temperature":
+        calibration = (f"The probability is calibrated: temperature scaling (T = {float(cal['temperature']):.3f}) "
+                       f"fitted on {cal.get('fitted_on', 'the validation split')}; uncalibrated output "
+                       f"{out.raw_probability:.3f}.")
+    else:
+        calibration = f"The probability is the model's uncalibrated output ({version} has no calibration)."
+    val = (card.get("metrics") or {}).get("validation") or {}
+    perf = ""
+    if isinstance(val.get("sensitivity"), float) and isinstance(val.get("specificity"), float):
+        perf = f"; validation sensitivity {100 * val['sensitivity']:.0f} %, specificity {100 * val['specificity']:.0f} %"
+    operating = (f"Pneumonia reported when the probability is at or above {out.threshold:.3f} "
+                 f"({card.get('threshold_rule', 'Youden J on the validation set')}){perf}.")
+    return ModelNotes(fusion_inputs=fused, missing_inputs=missing, calibration=calibration, operating_point=operating)

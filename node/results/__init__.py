@@ -2,12 +2,12 @@
 with highdicom.
 
 Public surface: `build_results`, `build_skipped_sr`, `result_uid`, their inputs (`AlgorithmIdentity`, `Findings`,
-`SkipReason`, `Superseded`), the output `ResultSet`, and `ResultsError` (the only exception raised).
+`ModelNotes`, `SkipReason`, `Superseded`), the output `ResultSet`, and `ResultsError` (the only exception raised).
 Modules, imported one way: codes → uids → attributes → content/geometry → seg → kos → sr.
 """
 
 from node.results.codes import ResultKind, SkipReason
-from node.results.content import AlgorithmIdentity, Findings, ResultSet
+from node.results.content import AlgorithmIdentity, Findings, ModelNotes, ResultSet
 from node.results.errors import ResultsError
 from node.results.kos import build_key_images_kos, build_rejection_kos
 from node.results.sr import Superseded, build_results, build_skipped_sr
@@ -16,6 +16,7 @@ from node.results.uids import result_uid
 __all__ = [
     "AlgorithmIdentity",
     "Findings",
+    "ModelNotes",
     "ResultKind",
     "ResultSet",
     "ResultsError",

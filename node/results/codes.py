@@ -44,6 +44,10 @@ CT_OF_CHEST = Code("169069000", "SCT", "CT of chest")
 IMAGING_PROCEDURE = codes.SCT.ImagingProcedure  # for reports on series that are not CT
 VOLUME = codes.SCT.Volume  # 118565006
 AREA = codes.SCT.Area  # 42798000
+# The same concept (SCT Area) with a meaning naming the finding: OHIF 3.x labels an SR outline with its NUM items'
+# "CodeMeaning: value unit" lines (and "363698007: <meaning>" for a finding site), so this reads
+# "Pneumonia lesion area: 662.14 mm2" in the viewer.
+LESION_AREA = Code(AREA.value, AREA.scheme_designator, "Pneumonia lesion area")
 COMMENT = codes.DCM.Comment  # 121106
 ARTIFICIAL_INTELLIGENCE = codes.DCM.ArtificialIntelligence  # 123110, CID 7162 algorithm family
 DEVICE_OBSERVER = codes.DCM.Device  # 121007, CID 270 observer type
@@ -63,6 +67,10 @@ NOT_PROCESSED = _private("NOT-PROCESSED", "Series not processed by AI")
 SKIP_REASON = _private("SKIP-REASON", "Reason series was not processed")
 SKIP_DETAIL = _private("SKIP-DETAIL", "Detail of reason series was not processed")
 SUPERSEDES = _private("SUPERSEDES", "Supersedes earlier AI result")
+FUSION_INPUT = _private("AI-FUSION-IN", "Clinical input fused with the image")
+FUSION_MISSING = _private("AI-FUSION-MISS", "Clinical input missing for fusion")
+CALIBRATION = _private("AI-CALIBRATION", "Probability calibration")
+OPERATING_POINT = _private("AI-OPERATING-PT", "Operating point of the decision")
 
 NOT_FOR_CLINICAL_USE = (
     "NOT FOR CLINICAL USE. Research software: the models were trained on synthetic phantoms only and have not "

@@ -82,13 +82,37 @@ def _mask(value: object, name: str) -> np.ndarray:
     return arr
 
 
+@dataclass(frozen=True)
+class ModelNotes:
+    """How a verdict was reached, for the SR: the clinical inputs the model fused (name, value as text) and those
+    it reads but were missing, how the probability is calibrated, and the operating point (threshold rule).
+    Texts must not carry patient identifiers (age and sex are the inputs themselves, not identifiers)."""
+
+    fusion_inputs: tuple[tuple[str, str], ...] = ()
+    missing_inputs: tuple[str, ...] = ()
+    calibration: str | None = None
+    operating_point: str | None = None
+
+    def __post_init__(self) -> None:
+        for name, value in self.fusion_inputs:
+            if not (isinstance(name, str) and name.strip() and isinstance(value, str) and value.strip()):
+                raise ResultsError("ModelNotes.fusion_inputs must be (name, value) pairs of non-empty strings")
+        if not all(isinstance(n, str) and n.strip() for n in self.missing_inputs):
+            raise ResultsError("ModelNotes.missing_inputs must be non-empty strings")
+        for name in ("calibration", "operating_point"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ResultsError(f"ModelNotes.{name} must be a non-empty string or None")
+
+
 @dataclass(frozen=True, eq=False)
 class Findings:
     """Model outputs for one series, in the order of the source slices.
 
     ``probability`` and ``threshold`` lie in [0, 1], or are both None when no classifier ran (a measurement-only
     pipeline); ``attention`` has one finite weight per slice (None: each slice's share of the lung mask);
-    ``lungs`` and ``lesion`` are boolean masks of shape (slices, rows, columns) on the source grid. Raises
+    ``lungs`` and ``lesion`` are boolean masks of shape (slices, rows, columns) on the source grid; ``notes``
+    (optional) say which clinical inputs were fused, the calibration and the operating point. Raises
     `ResultsError` naming the field that breaks this.
     """
 
@@ -97,6 +121,7 @@ class Findings:
     attention: np.ndarray | None
     lungs: np.ndarray
     lesion: np.ndarray = field(repr=False)
+    notes: ModelNotes | None = None
 
     def __post_init__(self) -> None:
         if (self.probability is None) != (self.threshold is None):
@@ -126,6 +151,8 @@ class Findings:
             raise ResultsError(
                 f"Findings.attention has {attention.shape[0]} weights for {lungs.shape[0]} slices"
             )
+        if self.notes is not None and not isinstance(self.notes, ModelNotes):
+            raise ResultsError(f"Findings.notes must be ModelNotes or None, got {type(self.notes).__name__}")
         object.__setattr__(self, "attention", attention)
         object.__setattr__(self, "lungs", lungs)
         object.__setattr__(self, "lesion", lesion)

@@ -120,7 +120,23 @@ def _classification_group(
                 ),
             ],
         )
+        group[0].ContentSequence.extend(_model_note_items(findings))
     return group
+
+
+def _model_note_items(findings: Findings) -> list[hd.sr.TextContentItem]:
+    """TEXT items naming the clinical inputs fused (one each, "age: 63 years"), those missing, the calibration of
+    the probability and the operating point, as far as ``findings.notes`` give them."""
+    notes = findings.notes
+    if notes is None:
+        return []
+    items = [text_item(codes.FUSION_INPUT, f"{name}: {value}") for name, value in notes.fusion_inputs]
+    items += [text_item(codes.FUSION_MISSING, name) for name in notes.missing_inputs]
+    if notes.calibration:
+        items.append(text_item(codes.CALIBRATION, notes.calibration))
+    if notes.operating_point:
+        items.append(text_item(codes.OPERATING_POINT, notes.operating_point))
+    return items
 
 
 def _volume_group(
@@ -167,11 +183,12 @@ def _lesion_outline_group(
             referenced_region=region,
             finding_type=_coded(codes.LESION),
             finding_category=_coded(codes.MORPHOLOGICALLY_ABNORMAL_STRUCTURE),
-            finding_sites=[hd.sr.FindingSite(anatomic_location=_coded(codes.LUNG))],
+            # No finding site here (TID 1410 makes it optional; the lesion-volume group names the lung): OHIF would
+            # show it as a second label line "363698007: Lung".
             algorithm_id=alg,
             measurements=[
                 hd.sr.Measurement(
-                    name=_coded(codes.AREA),
+                    name=_coded(codes.LESION_AREA),
                     value=polygon_area(points, voxel),
                     unit=_coded(codes.UNIT_SQUARE_MILLIMETER),
                     algorithm_id=alg,

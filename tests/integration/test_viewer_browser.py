@@ -92,7 +92,8 @@ def _problems(results: dict[str, Any]) -> list[str]:
         problems.append(f"pneumonia, SEG loaded on the outlined slice: expected >= {MIN_LESION_PIXELS} lesion pixels "
                         f"beside the lung overlay: {seg}")
     outline = pneumonia.get("srOutline", {})
-    if outline.get("points", 0) < 4 or "Area" not in outline.get("text", ""):
+    text = outline.get("text", "")
+    if outline.get("points", 0) < 4 or "Pneumonia lesion area:" not in text or "363698007" in text:
         problems.append(f"pneumonia, SR viewport: expected the lesion outline with its area: {outline}")
     for sample in normal.get("samples", []) or [{"timedOut": True}]:
         if sample.get("timedOut", True) or sample.get("red") != 0:

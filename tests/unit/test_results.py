@@ -20,6 +20,7 @@ from pydicom.uid import UID
 from node.results import (
     AlgorithmIdentity,
     Findings,
+    ModelNotes,
     ResultKind,
     ResultsError,
     ResultSet,
@@ -62,7 +63,15 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> list[Dataset]:
 @pytest.fixture(scope="module")
 def findings() -> Findings:
     lungs, lesion = synthetic_masks()
-    return Findings(probability=0.83, threshold=0.5, attention=ATTENTION, lungs=lungs, lesion=lesion)
+    return Findings(probability=0.83, threshold=0.5, attention=ATTENTION, lungs=lungs, lesion=lesion, notes=NOTES)
+
+
+NOTES = ModelNotes(
+    fusion_inputs=(("age", "63 years (from DICOM header)"), ("fever", "present (from request text in the DICOM header)")),
+    missing_inputs=("sex", "cough", "dyspnoea"),
+    calibration="The probability is calibrated: temperature scaling (T = 1.300) fitted on the validation split.",
+    operating_point="Pneumonia reported when the probability is at or above 0.500 (Youden J on the validation set).",
+)
 
 
 @pytest.fixture(scope="module")
@@ -214,6 +223,23 @@ def test_sr_codes_the_finding_and_probability(written: dict[str, Path], findings
     assert sr.SeriesNumber == 9901 and "NOT FOR CLINICAL USE" in sr.SeriesDescription
 
 
+def test_sr_names_the_fusion_inputs_calibration_and_operating_point(written: dict[str, Path]) -> None:
+    sr = pydicom.dcmread(written["sr"])
+    texts = {code: [str(i.TextValue) for i in named(sr, code, "99PACSAI")]
+             for code in ("AI-FUSION-IN", "AI-FUSION-MISS", "AI-CALIBRATION", "AI-OPERATING-PT")}
+    assert texts["AI-FUSION-IN"] == ["age: 63 years (from DICOM header)",
+                                     "fever: present (from request text in the DICOM header)"]
+    assert texts["AI-FUSION-MISS"] == ["sex", "cough", "dyspnoea"]
+    assert texts["AI-CALIBRATION"] == [NOTES.calibration] and texts["AI-OPERATING-PT"] == [NOTES.operating_point]
+
+
+def test_model_notes_validate() -> None:
+    with pytest.raises(ResultsError, match="fusion_inputs"):
+        ModelNotes(fusion_inputs=(("age", ""),))
+    with pytest.raises(ResultsError, match="calibration"):
+        ModelNotes(calibration="  ")
+
+
 def test_finding_is_absent_below_threshold(sources: list[Dataset], findings: Findings) -> None:
     below = dataclasses.replace(findings, probability=0.49)
     sr = build_results(sources, below, ALGORITHM).sr
@@ -287,6 +313,8 @@ def test_lesion_outline_on_the_key_slice_with_most_lesion(
     main_blob[20, 22] = False  # the separate one-pixel component is not part of the largest region
     assert area.value == pytest.approx(main_blob.sum() * 1.0 * 1.0)
     assert area.unit.value == "mm2"
+    # What OHIF shows as the outline's label: "<NUM meaning>: <value> <unit>"; no finding-site line.
+    assert area.name.meaning == "Pneumonia lesion area" and group.finding_sites == []
 
 
 def test_sr_carries_the_not_for_clinical_use_note(written: dict[str, Path]) -> None:

@@ -22,7 +22,8 @@ def _run_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The fields both subcommands' settings take from the common arguments."""
     return {"data": args.data, "labels": args.labels, "seed": args.seed, "quick": args.quick, "epochs": args.epochs,
             "warmup_steps": args.warmup_steps, "max_slices": args.max_slices, "val_fraction": args.val_fraction,
-            "cache_dir": args.cache_dir, "allow_unlabelled": args.allow_unlabelled, "progress": not args.quiet}
+            "cache_dir": args.cache_dir, "allow_unlabelled": args.allow_unlabelled, "progress": not args.quiet,
+            "class_weighting": args.class_weighting}
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -31,7 +32,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from training.report import headline_table
 
     st = EvaluateSettings(**_run_settings(args), folds=args.folds, out=args.out, bootstrap=args.bootstrap,
-                          resume=args.resume, only_folds=args.only_folds, weights_dir=args.weights_dir)
+                          resume=args.resume, only_folds=args.only_folds, weights_dir=args.weights_dir,
+                          ablation=args.ablation, prevalence=args.prevalence)
     try:
         m = run_evaluation(st)
     except (TrainingError, ModelError, ValueError) as exc:
@@ -82,6 +84,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                    f"train-final: {REPORT_DIR / 'cache'})")
     p.add_argument("--allow-unlabelled", action="store_true", help="ignore series the table does not label")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--no-class-weights", dest="class_weighting", action="store_false",
+                   help="plain BCE instead of the inverse-class-frequency weighted series loss")
 
 
 def register(subparsers: Any) -> None:
@@ -95,6 +99,10 @@ def register(subparsers: Any) -> None:
                    help="retrain every fold even where --out holds a finished fold with the same split and settings")
     e.add_argument("--only-folds", type=_fold_list, metavar="K[,K...]",
                    help="train only these folds (no report); a later run without it assembles the report")
+    e.add_argument("--no-ablation", dest="ablation", action="store_false",
+                   help="skip the image-only arm (the ablation trains a second model per fold)")
+    e.add_argument("--prevalence", type=float, default=0.10,
+                   help="target prevalence of the imbalance section (default 0.10)")
     e.add_argument("--weights-dir", help="weights folder whose segmenter draws the example overlays (default: shipped)")
     e.set_defaults(func=cmd_evaluate)
 

@@ -13,13 +13,21 @@ from typing import Any
 
 import numpy as np
 
+from models.clinical import INPUTS
 from models.preprocess import PreprocessConfig
+from models.registry import apply_temperature, temperature_of
 from training.crossval import claims
 from training.crossval.outputs import write_json
 from training.crossval.settings import EvaluateSettings, settings_dict
 from training.crossval.splits import inner_split, outer_folds
 from training.dataset import Dataset, Prepared
-from training.train import ClassifierSettings, GridCase, TrainingError, train_classifier_cases
+from training.train import (
+    ClassifierSettings,
+    GridCase,
+    TrainingError,
+    clinical_features,
+    train_classifier_cases,
+)
 
 FOLD_MANIFEST = "fold.json"
 CLAIM_WAIT_SECONDS = 30  # how often a report run looks again at a fold another process is training
@@ -107,21 +115,23 @@ def load_finished(fold_dir: Path, manifest: dict[str, Any]) -> Fitted | None:
     return Fitted(model, card, history, seconds)
 
 
-def predict(model: Any, cases: list[GridCase], cfg: PreprocessConfig) -> tuple[np.ndarray, list[np.ndarray]]:
-    """P(pneumonia) and per-slice attention of whole series, one series per call (as the node runs them)."""
+def predict(model: Any, cases: list[GridCase], cfg: PreprocessConfig,
+            used: Sequence[str] = INPUTS) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Uncalibrated P(pneumonia) and per-slice attention of whole series, one series per call (as the node runs
+    them); the clinical inputs outside ``used`` are fed as missing."""
     import tensorflow as tf
 
-    from models.classifier import clinical_vector
     from models.preprocess import window
 
+    n = len(clinical_features(cases[0])) if cases else 0
     fn = tf.function(
         lambda x, c: model({"slices": x, "clinical": c}, training=False),
         input_signature=[tf.TensorSpec((1, None, cfg.grid, cfg.grid, cfg.channels), tf.float32),
-                         tf.TensorSpec((1, 4), tf.float32)],
+                         tf.TensorSpec((1, n), tf.float32)],
     )
     probs, atts = [], []
     for c in cases:
-        out = fn(window(c.hu.astype(np.float32), cfg)[None], clinical_vector(c.age, c.sex)[None])
+        out = fn(window(c.hu.astype(np.float32), cfg)[None], clinical_features(c, tuple(used))[None])
         probs.append(float(np.asarray(out["probability"]).reshape(-1)[0]))
         atts.append(np.asarray(out["attention"], dtype=np.float32).reshape(-1))
     return np.array(probs), atts
@@ -143,7 +153,8 @@ class FoldPlan:
 
 @dataclass
 class FoldResults:
-    """The out-of-fold results, filled fold by fold: per-case probability, threshold, fold and attention."""
+    """The out-of-fold results, filled fold by fold: per-case probability (calibrated with the fold's temperature;
+    ``p_raw`` before), threshold (on ``p``'s scale), fold and attention."""
 
     p: np.ndarray
     thr: np.ndarray
@@ -155,10 +166,13 @@ class FoldResults:
     fold_seconds: list[float] = field(default_factory=list)
     n_train: list[int] = field(default_factory=list)
     resumed: list[int] = field(default_factory=list)
+    p_raw: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    calibration: list[dict[str, Any] | None] = field(default_factory=list)
 
     @classmethod
     def empty(cls, n: int, order: list[int]) -> FoldResults:
-        return cls(np.full(n, np.nan), np.full(n, np.nan), np.zeros(n, dtype=np.int64), [None] * n, order)
+        return cls(np.full(n, np.nan), np.full(n, np.nan), np.zeros(n, dtype=np.int64), [None] * n, order,
+                   p_raw=np.full(n, np.nan))
 
 
 def fold_order(folds: int, only_folds: Sequence[int] | None) -> list[int]:
@@ -172,15 +186,17 @@ def fold_order(folds: int, only_folds: Sequence[int] | None) -> list[int]:
 
 
 def plan_fold(k: int, split: tuple[np.ndarray, np.ndarray], st: EvaluateSettings, ds: Dataset, prep: Prepared,
-              s0: ClassifierSettings) -> FoldPlan:
-    """Fold ``k``'s inner split (seed + k), settings (seed + k), folder and the manifest that identifies it."""
+              s0: ClassifierSettings, variant: str = "") -> FoldPlan:
+    """Fold ``k``'s inner split (seed + k), settings (seed + k), folder (``fold-NN`` or ``fold-NN-<variant>``) and
+    the manifest that identifies it. A variant (the ablation's image-only arm) shares the splits and seeds."""
     train_idx, test_idx = split
     fit_idx, val_idx = inner_split(ds.labels, ds.groups, train_idx, st.val_fraction, st.seed + k)
     s = replace(s0, seed=st.seed + k)
     manifest = {"cache_key": prep.key, "settings": settings_dict(s), "val_fraction": st.val_fraction,
                 **{name: [ds.cases[i].case_id for i in idx]
                    for name, idx in (("fit", fit_idx), ("validation", val_idx), ("test", test_idx))}}
-    return FoldPlan(k, train_idx, fit_idx, val_idx, test_idx, s, Path(st.out) / "folds" / f"fold-{k:02d}", manifest)
+    name = f"fold-{k:02d}" + (f"-{variant}" if variant else "")
+    return FoldPlan(k, train_idx, fit_idx, val_idx, test_idx, s, Path(st.out) / "folds" / name, manifest)
 
 
 def _reuse(plan: FoldPlan, *, wait: bool) -> Fitted | None:
@@ -227,8 +243,11 @@ def record(plan: FoldPlan, fitted: Fitted, ds: Dataset, prep: Prepared, res: Fol
     """Predict the fold's test cases and store the predictions, its history and its facts in ``res``."""
     k, test_idx, y = plan.k, plan.test_idx, ds.labels
     cfg = PreprocessConfig(grid=plan.settings.grid)
-    probs, atts = predict(fitted.model, [prep.cases[i] for i in test_idx], cfg)
+    probs, atts = predict(fitted.model, [prep.cases[i] for i in test_idx], cfg, plan.settings.clinical_inputs)
+    res.p_raw[test_idx] = probs
+    probs = np.asarray(apply_temperature(probs, temperature_of(fitted.card)), dtype=np.float64).reshape(-1)
     res.p[test_idx], res.thr[test_idx], res.fold_of[test_idx] = probs, float(fitted.card["threshold"]), k
+    res.calibration.append(fitted.card.get("calibration"))
     for i, a in zip(test_idx, atts, strict=True):
         res.attention[i] = a
     res.histories.append(fitted.history)
@@ -244,17 +263,18 @@ def record(plan: FoldPlan, fitted: Fitted, ds: Dataset, prep: Prepared, res: Fol
 
 
 def run_folds(st: EvaluateSettings, ds: Dataset, prep: Prepared, s0: ClassifierSettings,
-              log: Callable[[str], None]) -> FoldResults:
+              log: Callable[[str], None], variant: str = "") -> FoldResults:
     """Every fold in turn (or ``only_folds``): reuse or train its model, then (for a report) predict its test
-    cases. Raises DatasetError (too few patients for the folds) / TrainingError / ValueError."""
+    cases; ``variant`` names another arm on the same folds (see :func:`plan_fold`). Raises DatasetError (too few
+    patients for the folds) / TrainingError / ValueError."""
     import keras
     from tqdm import tqdm
 
     splits = outer_folds(ds.labels, ds.groups, st.folds, st.seed)
     res = FoldResults.empty(len(ds.cases), fold_order(st.folds, st.only_folds))
     for k in tqdm(res.order, desc="folds", unit="fold", disable=not st.progress):
-        plan = plan_fold(k, splits[k - 1], st, ds, prep, s0)
-        log(f"fold {k}/{st.folds}: {len(plan.fit_idx)} training, {len(plan.val_idx)} validation, "
+        plan = plan_fold(k, splits[k - 1], st, ds, prep, s0, variant)
+        log(f"fold {k}/{st.folds}{f' ({variant})' if variant else ''}: {len(plan.fit_idx)} training, {len(plan.val_idx)} validation, "
             f"{len(plan.test_idx)} test cases")
         fitted = obtain(plan, ds, prep, st, res, log)
         if fitted is None:

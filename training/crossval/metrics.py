@@ -12,6 +12,7 @@ import numpy as np
 from models.preprocess import PreprocessConfig
 from training import stats
 from training.crossval.folds import FoldResults
+from training.crossval.imbalance import ablation_block, calibration_comparison, prevalence_block
 from training.crossval.outputs import json_default
 from training.crossval.settings import BOOTSTRAP, EvaluateSettings, settings_dict
 from training.dataset import Dataset, Prepared
@@ -180,8 +181,9 @@ def protocol(st: EvaluateSettings, cfg: PreprocessConfig) -> dict[str, Any]:
 
 
 def build_metrics(st: EvaluateSettings, ds: Dataset, prep: Prepared, s0: ClassifierSettings,
-                  res: FoldResults) -> dict[str, Any]:
-    """``metrics.json``'s content (plain JSON values, deterministic for a seed) from the out-of-fold results."""
+                  res: FoldResults, image_only: FoldResults | None = None) -> dict[str, Any]:
+    """``metrics.json``'s content (plain JSON values, deterministic for a seed) from the out-of-fold results, with
+    the image-only arm's (``image_only``) for the ablation."""
     y, reader = ds.labels, reader_labels(ds)
     summary = summarise(y, res.p, res.thr, res.fold_of, reader, bootstrap=st.bootstrap, seed=st.seed,
                         n_train=res.n_train)
@@ -196,5 +198,13 @@ def build_metrics(st: EvaluateSettings, ds: Dataset, prep: Prepared, s0: Classif
         **summary,
         "subgroups": subgroups(ds, y, pred, reader),
         "attention": attention_hits(prep, res.attention, s0, ds),
+        "prevalence": prevalence_block(y, res.p, res.thr, prevalence=st.prevalence, bootstrap=st.bootstrap,
+                                       seed=st.seed),
+        "class_weighting": {"used": s0.class_weighting, "rule": "series loss weights 0.5/π_train for pneumonia and "
+                            "0.5/(1 − π_train) for normal (π_train: the fold's training prevalence)"
+                            if s0.class_weighting else "none (plain BCE)"},
+        "ablation": ablation_block(y, res.fold_of, (res.p, res.thr), (image_only.p, image_only.thr),
+                                   bootstrap=st.bootstrap, seed=st.seed) if image_only is not None else None,
     }
+    metrics["calibration"]["before_after"] = calibration_comparison(y, res.p_raw, res.p, res.calibration)
     return dict(json.loads(json.dumps(metrics, default=json_default)))  # plain floats, stable for comparisons

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as _dt
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ def load_prepared(st: RunSettings, cache_default: Path,
 
 
 def _run_record(st: EvaluateSettings, started: str, t_start: float, ds: Dataset, prep: Prepared,
-                res: FoldResults) -> dict[str, Any]:
+                res: FoldResults, image_only: FoldResults | None = None) -> dict[str, Any]:
     """``run.json``: when, how long, what was reused, the command, the machine, what the dataset skipped."""
     return {
         "started_utc": started,
@@ -45,6 +46,7 @@ def _run_record(st: EvaluateSettings, started: str, t_start: float, ds: Dataset,
         "prepare_from_cache": prep.from_cache,
         "fold_train_seconds": res.fold_seconds,
         "resumed_folds": res.resumed,
+        "image_only_fold_train_seconds": image_only.fold_seconds if image_only is not None else None,
         "command": st.command_line(),
         "environment": environment(),
         "dataset_notes": ds.notes,
@@ -67,16 +69,18 @@ def run_evaluation(st: EvaluateSettings) -> dict[str, Any]:
     set_determinism(st.seed)
     ds, s0, prep = load_prepared(st, out / "cache", log)
     res = run_folds(st, ds, prep, s0, log)
+    image_only = run_folds(st, ds, prep, replace(s0, clinical_inputs=()), log, variant="image-only") \
+        if st.ablation and s0.clinical_inputs else None
     if st.only_folds is not None:
         return {"only_folds": res.order, "reused": res.resumed}
-    metrics = build_metrics(st, ds, prep, s0, res)
+    metrics = build_metrics(st, ds, prep, s0, res, image_only)
     write_json(out / "metrics.json", metrics)
     write_predictions(out / "predictions.csv", ds, res.p, res.thr, res.fold_of, res.attention)
     figures = plots.make_figures(out / "figures", ds=ds, prep=prep, p=res.p, thr=res.thr, fold_of=res.fold_of,
                                  reader=reader_labels(ds), attention=res.attention, histories=res.histories,
                                  metrics=metrics, weights_dir=Path(st.weights_dir) if st.weights_dir else None,
                                  log=log)
-    run = _run_record(st, started, t_start, ds, prep, res)
+    run = _run_record(st, started, t_start, ds, prep, res, image_only)
     write_json(out / "run.json", run)
     report.write_report(out, metrics, run, figures)
     log(f"wrote {out / 'report.md'} in {run['wall_seconds']:.0f} s")

@@ -23,6 +23,7 @@ def classifier_settings(
     warmup_steps: int | None = None,
     max_slices: int | None = None,
     slice_labels: bool = True,
+    class_weighting: bool = True,
 ) -> ClassifierSettings:
     """The trainer's default settings; ``quick`` shrinks everything for tests; ``epochs``, ``warmup_steps`` (slice
     warm-up steps) and ``max_slices`` (slices per series per step) set the training budget; without slice labels
@@ -45,7 +46,7 @@ def classifier_settings(
         s = replace(s, max_slices=max_slices)
     if not slice_labels:
         s = replace(s, pretrain_steps=0, slice_loss_weight=0.0)
-    return s
+    return replace(s, class_weighting=class_weighting)
 
 
 def settings_dict(s: ClassifierSettings) -> dict[str, Any]:
@@ -73,12 +74,13 @@ class RunSettings:
     cache_dir: str | Path | None = None
     allow_unlabelled: bool = False
     progress: bool = True
+    class_weighting: bool = True  # the series loss weighted by inverse class frequency (--no-class-weights: off)
 
     def classifier(self, *, slice_labels: bool) -> ClassifierSettings:
         """The classifier settings for this run (see :func:`classifier_settings`). Raises ValueError."""
         return classifier_settings(seed=self.seed, quick=self.quick, epochs=self.epochs,
                                    warmup_steps=self.warmup_steps, max_slices=self.max_slices,
-                                   slice_labels=slice_labels)
+                                   slice_labels=slice_labels, class_weighting=self.class_weighting)
 
     def cache(self, default: Path) -> Path:
         """The preprocessed-array cache folder: ``cache_dir`` or ``default``."""
@@ -101,6 +103,8 @@ class EvaluateSettings(RunSettings):
     only_folds: Sequence[int] | None = None
     weights_dir: str | Path | None = None
     command: str | None = None
+    ablation: bool = True  # also train the image-only arm on the same folds (--no-ablation: skip)
+    prevalence: float = 0.10  # the target prevalence of the imbalance section
 
     def command_line(self) -> str:
         """``command``, else the ``evaluate`` command line that repeats this run."""
@@ -111,7 +115,9 @@ class EvaluateSettings(RunSettings):
                 + (f" --epochs {self.epochs}" if self.epochs else "")
                 + (f" --warmup-steps {self.warmup_steps}" if self.warmup_steps is not None else "")
                 + (f" --max-slices {self.max_slices}" if self.max_slices is not None else "")
-                + (f" --val-fraction {self.val_fraction}" if self.val_fraction != VAL_FRACTION else ""))
+                + (f" --val-fraction {self.val_fraction}" if self.val_fraction != VAL_FRACTION else "")
+                + ("" if self.class_weighting else " --no-class-weights") + ("" if self.ablation else " --no-ablation")
+                + (f" --prevalence {self.prevalence}" if self.prevalence != 0.10 else ""))
 
 
 @dataclass(frozen=True, kw_only=True)

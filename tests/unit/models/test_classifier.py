@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from models.classifier import build_classifier, clinical_vector, focal_bce
+from models.classifier import CLINICAL_FEATURES, build_classifier, clinical_vector, focal_bce
+from models.clinical import AGE_SEX_SYMPTOMS, ClinicalInputs, encode
 from models.preprocess import PreprocessConfig, load_series, to_model_input
 
 from .util import case_files, case_masks
@@ -25,14 +26,14 @@ def test_outputs_and_attention() -> None:
     keras.utils.set_random_seed(0)
     model = _tiny()
     x = np.random.default_rng(0).random((2, 5, 32, 32, 2), dtype=np.float32)
-    out = model({"slices": x, "clinical": np.zeros((2, 4), np.float32)}, training=False)
+    out = model({"slices": x, "clinical": np.zeros((2, CLINICAL_FEATURES), np.float32)}, training=False)
     assert tuple(out["probability"].shape) == (2, 1)
     assert tuple(out["attention"].shape) == (2, 5) and tuple(out["slice_logit"].shape) == (2, 5)
     p = np.asarray(out["probability"])
     assert ((p > 0) & (p < 1)).all()
     np.testing.assert_allclose(np.asarray(out["attention"]).sum(axis=1), 1.0, rtol=1e-5)
     # Any number of slices: the same model takes a 9-slice series.
-    out9 = model({"slices": x[:1, :3].repeat(3, axis=1), "clinical": np.zeros((1, 4), np.float32)}, training=False)
+    out9 = model({"slices": x[:1, :3].repeat(3, axis=1), "clinical": np.zeros((1, CLINICAL_FEATURES), np.float32)}, training=False)
     assert tuple(out9["attention"].shape) == (1, 9)
 
 
@@ -40,7 +41,7 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     keras.utils.set_random_seed(1)
     model = _tiny()
     x = np.random.default_rng(1).random((1, 4, 32, 32, 2), dtype=np.float32)
-    c = clinical_vector(60, "F")[None]
+    c = encode(ClinicalInputs(age=60, sex="F", cough=1.0), AGE_SEX_SYMPTOMS)[None]
     before = model({"slices": x, "clinical": c}, training=False)
     model.save(tmp_path / "m.keras")
     loaded = keras.saving.load_model(tmp_path / "m.keras", compile=False)
@@ -80,7 +81,7 @@ def test_tiny_classifier_loss_goes_down_on_phantoms(small_phantom: Path, tiny_ph
         ys.append(float(les.any()))
     assert ys == [1.0, 1.0, 0.0]
     x, sl, y = np.stack(xs), np.stack(slice_y), np.array(ys, np.float32)
-    clin = np.zeros((3, 4), np.float32)
+    clin = np.zeros((3, CLINICAL_FEATURES), np.float32)
     model = _tiny()
     opt = keras.optimizers.Adam(3e-3)
 

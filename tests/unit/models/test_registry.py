@@ -41,7 +41,7 @@ def test_shipped_cards_say_synthetic_and_not_for_clinical_use() -> None:
 def test_classifier_predicts_on_a_small_phantom(tiny_phantom: Path) -> None:
     reg = Registry()
     clf = reg.classifier()
-    assert isinstance(clf, Classifier) and clf.name and clf.version == reg.versions("classifier")[-1]
+    assert isinstance(clf, Classifier) and clf.name and clf.version == reg.default_version("classifier")
     vol = load_series(case_files(tiny_phantom, 0))
     out = clf.predict(vol, age=vol.patient_age, sex=vol.patient_sex)
     assert 0.0 <= out.probability <= 1.0 and 0.0 < out.threshold < 1.0
@@ -90,6 +90,26 @@ def test_latest_version_and_explicit_versions(tmp_path: Path) -> None:
         reg.classifier("2.0.0")
     with pytest.raises(RegistryError, match="no versions"):
         reg.segmenter()
+
+
+def test_a_release_candidate_is_loaded_only_on_request(tmp_path: Path) -> None:
+    _copy_version("classifier", tmp_path, "1.0.0")
+    rc = _copy_version("classifier", tmp_path, "2.0.0")
+    card = json.loads((rc / CARD_FILE).read_text())
+    (rc / CARD_FILE).write_text(json.dumps({**card, "candidate": True}))
+    reg = Registry(tmp_path)
+    assert reg.default_version("classifier") == "1.0.0"
+    assert reg.classifier().version == "1.0.0"
+    assert reg.classifier("2.0.0").version == "2.0.0"
+    (rc / CARD_FILE).write_text(json.dumps({**card, "candidate": False}))
+    assert Registry(tmp_path).default_version("classifier") == "2.0.0"
+
+
+def test_the_shipped_default_classifier_is_the_released_one() -> None:
+    """2.0.0 (clinical fusion with symptoms) scored below 1.0.0 on the test phantoms: shipped as a candidate."""
+    reg = Registry()
+    assert "2.0.0" in reg.versions("classifier")
+    assert reg.default_version("classifier") == "1.0.0"
 
 
 def test_corrupt_or_mismatched_weights_are_refused(tmp_path: Path) -> None:
@@ -167,3 +187,23 @@ def test_predict_on_a_real_single_slice_ct() -> None:
     assert out.attention.shape == (1,) and out.attention[0] == pytest.approx(1.0)
     seg = reg.segmenter().predict(vol)
     assert seg.lungs.shape == vol.hu.shape == seg.lesion.shape
+
+
+def test_older_classifier_versions_load_on_request(tiny_phantom: Path) -> None:
+    """1.0.0 (the default) fuses age and sex (4 features, no calibration); 2.0.0 fuses symptoms too and is
+    calibrated; each loads by version."""
+    from models.clinical import AGE_SEX, AGE_SEX_SYMPTOMS, ClinicalInputs
+
+    reg = Registry()
+    old, new = reg.classifier("1.0.0"), reg.classifier("2.0.0")
+    assert (old.clinical_schema, old.clinical_used, old.temperature) == (AGE_SEX, ("age", "sex"), 1.0)
+    assert new.version != "1.0.0" and new.clinical_schema == AGE_SEX_SYMPTOMS
+    assert new.clinical_used == ("age", "sex", "fever", "cough", "dyspnoea")
+    assert new.calibration is not None and new.calibration["method"] == "temperature"
+    vol = load_series(case_files(tiny_phantom, 0))
+    given = ClinicalInputs(age=60.0, sex="F", fever=1.0)
+    out_old, out_new = old.predict(vol, clinical=given), new.predict(vol, clinical=given)
+    assert out_old.clinical is not None and out_old.clinical.fever is None  # 1.0.0 does not read symptoms
+    assert out_old.raw_probability == out_old.probability
+    assert out_new.clinical is not None and out_new.clinical.fever == 1.0
+    assert out_new.raw_probability is not None and 0.0 < out_new.probability < 1.0

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+
 from tests.phantoms import phantom_fixture
+from training.phantom import generate_dataset
 
 phantom_set = phantom_fixture(
     "phantom_set", "4 cases (3 pneumonia) at 128 px, 24 slices.", cases=4, seed=21, prevalence=0.75, size=128, slices=24
@@ -11,3 +16,31 @@ tiny_set = phantom_fixture(
     "tiny_set", "4 cases (2 pneumonia) at 64 px, 12 slices, for CLI and training smoke tests.",
     cases=4, seed=22, prevalence=0.5, size=64, slices=12,
 )
+
+
+@pytest.fixture(scope="session")
+def fusion_sets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Separate training (16), validation (16) and held-out test (32) phantom sets at 48 px, 12 slices."""
+    out = {}
+    for name, cases, seed in (("train", 16, 71), ("val", 16, 72), ("test", 32, 73)):
+        out[name] = tmp_path_factory.mktemp(f"fusion_{name}")
+        generate_dataset(out[name], cases=cases, seed=seed, size=48, slices=(12, 12))
+    return out
+
+
+@pytest.fixture(scope="session")
+def fusion_weights(fusion_sets: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A weights folder with two tiny classifiers trained on ``fusion_sets["train"]`` (fixed seeds, the last epoch
+    kept: with a validation set this small the warmed-up epoch 0, whose fusion head is still zero, can win):
+    ``2.0.0-test`` fusing every clinical input and ``2.0.0-image-only`` fusing none."""
+    from dataclasses import replace
+
+    from training.train import ClassifierSettings, train_classifier
+
+    tiny = ClassifierSettings(grid=32, max_slices=8, pretrain_steps=20, pretrain_batch=8, widths=(8, 16),
+                              features=16, seed=5, mil_learning_rate=3e-3, epochs=2)
+    out = tmp_path_factory.mktemp("fusion-weights")
+    for version, s in (("2.0.0-test", tiny), ("2.0.0-image-only", replace(tiny, clinical_inputs=()))):
+        train_classifier(fusion_sets["train"], out / "classifier" / version, settings=s,
+                         version=version, progress=False, log=lambda _: None)
+    return out

@@ -28,7 +28,8 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """The same quick evaluation twice, through the CLI: the second reads the first one's array cache."""
+    """The same quick evaluation twice, through the CLI: the second reads the first one's array cache (and skips
+    the image-only ablation arm, to keep the suite short: its determinism is that of the main arm's code path)."""
     from training.train import SegmenterSettings, train_segmenter
 
     base = tmp_path_factory.mktemp("cv-out")
@@ -39,13 +40,17 @@ def runs(data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pa
     for name in ("a", "b"):
         rc = crossval.main(["evaluate", "--data", str(data), "--folds", "3", "--out", str(base / name), "--seed", "7",
                             "--quick", "--quiet", "--bootstrap", "200", "--cache-dir", str(cache),
-                            "--weights-dir", str(base / "weights")])
+                            "--weights-dir", str(base / "weights"), *(["--no-ablation"] if name == "b" else [])])
         assert rc == 0
     return base / "a", base / "b"
 
 
 def _metrics(out: Path) -> dict:
     return json.loads((out / "metrics.json").read_text())
+
+
+def _without_ablation(out: Path) -> dict:
+    return {k: v for k, v in _metrics(out).items() if k != "ablation"}
 
 
 def test_pooled_and_fold_metrics_match_sklearn(runs: tuple[Path, Path]) -> None:
@@ -102,7 +107,8 @@ def test_every_figure_is_a_readable_png(runs: tuple[Path, Path]) -> None:
 
     figs = sorted((runs[0] / "figures").glob("*.png"))
     names = {f.stem for f in figs}
-    assert {"hu_histograms", "training_curves", "roc", "confusion", "reliability", "fold_accuracy", "examples"} <= names
+    assert {"hu_histograms", "training_curves", "roc", "confusion", "reliability", "fold_accuracy", "examples",
+            "pr"} <= names
     for f in figs:
         raw = f.read_bytes()
         assert raw[:8] == PNG_SIGNATURE and len(raw) > 5000, f
@@ -122,9 +128,15 @@ def test_report_files_hold_the_numbers(runs: tuple[Path, Path]) -> None:
         assert "not for clinical use" in text and "synthetic phantom" in text
         assert acc in text and auc in text and mean_acc in text
         assert "McNemar" in text and "kappa" in text and "paired t-test" in text.lower()
-    assert md.count("](figures/") == 7
+    assert md.count("](figures/") == 8
     assert "U-Net: pacsnode-lung-lesion-unet 0.0.1 from the registry" in md  # the overlay came from --weights-dir
-    assert html.count('src="data:image/png;base64,') == 7
+    assert html.count('src="data:image/png;base64,') == 8
+    for title in ("Calibration before and after temperature scaling", "Class imbalance: evaluated at 10% prevalence",
+                  "Ablation: image only against image + clinical (same folds)"):
+        assert f"## {title}" in md and title in html
+    assert report.fmt(m["prevalence"]["pr_target"]["pr_auc"]) in md and "Class weighting in training: on" in md
+    assert report.fmt(m["ablation"]["auc_paired_bootstrap"]["difference"]) in md
+    assert report.fmt(m["calibration"]["before_after"]["ece_before"]) in md
     assert report.headline_table(m).splitlines()[2].startswith("| Metric |")
     run = json.loads((out / "run.json").read_text())
     assert run["wall_seconds"] > 0 and len(run["fold_train_seconds"]) == 3
@@ -136,7 +148,8 @@ def test_same_seed_same_metrics(runs: tuple[Path, Path]) -> None:
     a, b = runs
     assert json.loads((a / "run.json").read_text())["prepare_from_cache"] is False
     assert json.loads((b / "run.json").read_text())["prepare_from_cache"] is True
-    assert (a / "metrics.json").read_bytes() == (b / "metrics.json").read_bytes()
+    assert _metrics(a)["ablation"] is not None and _metrics(b)["ablation"] is None
+    assert _without_ablation(a) == _without_ablation(b)
     assert (a / "predictions.csv").read_bytes() == (b / "predictions.csv").read_bytes()
 
 
@@ -162,7 +175,7 @@ def test_only_folds_split_the_work_and_claims_are_respected(runs: tuple[Path, Pa
     a = runs[0]
     data, d = _metrics(a)["dataset"]["root"], tmp_path / "d"
     common = {"folds": 3, "out": d, "seed": 7, "quick": True, "bootstrap": 200, "cache_dir": a.parent / "cache",
-              "progress": False}
+              "progress": False, "ablation": False}
     (d / "folds" / "fold-02").mkdir(parents=True)
     (d / "folds" / "fold-02" / "claim").write_text(str(os.getppid()))  # a live process holds fold 2
     assert crossval.evaluate(data, only_folds=[3, 2, 1], **common) == {"only_folds": [3, 2, 1], "reused": []}
@@ -172,7 +185,7 @@ def test_only_folds_split_the_work_and_claims_are_respected(runs: tuple[Path, Pa
     (d / "folds" / "fold-02" / "claim").write_text("999999999")  # its holder died: the claim is taken over
     crossval.evaluate(data, **common)
     assert json.loads((d / "run.json").read_text())["resumed_folds"] == [1, 3]
-    assert (d / "metrics.json").read_bytes() == (a / "metrics.json").read_bytes()
+    assert _without_ablation(d) == _without_ablation(a)
     with pytest.raises(ValueError, match="fold numbers 1..3"):
         crossval.evaluate(data, only_folds=[4], **common)
 
@@ -196,6 +209,34 @@ def test_train_final_without_masks_loads_in_the_registry(data: Path, runs: tuple
     vol = load_series(sorted((data / "CASE0001" / "dicom").glob("*.dcm")))
     res = clf.predict(vol, age=vol.patient_age, sex=vol.patient_sex)
     assert 0.0 <= res.probability <= 1.0 and res.attention.shape == (12,)
+
+
+def test_imbalance_and_ablation_numbers(runs: tuple[Path, Path]) -> None:
+    """The 10 % prevalence section against scikit-learn's weighted average precision, and the ablation's arms
+    against the image-only models' own predictions (they must ignore the clinical inputs)."""
+    out = runs[0]
+    m, pred = _metrics(out), pd.read_csv(out / "predictions.csv")
+    y, p = pred.label.to_numpy(), pred.probability.to_numpy()
+    w = 0.9 / 0.1 * y.sum() / (len(y) - y.sum())
+    pv = m["prevalence"]
+    assert pv["negative_weight"] == pytest.approx(w)
+    assert pv["pr_target"]["pr_auc"] == pytest.approx(skm.average_precision_score(y, p, sample_weight=np.where(y == 1, 1, w)))
+    assert pv["pr_observed"]["pr_auc"] == pytest.approx(skm.average_precision_score(y, p))
+    fpr, tpr, _ = skm.roc_curve(y, p)
+    assert pv["sensitivity_at_specificity"]["0.90"]["sensitivity"] == pytest.approx(tpr[fpr <= 0.1 + 1e-12].max())
+    ab = m["ablation"]
+    arms, mc = ab["arms"], ab["mcnemar"]
+    assert arms["image_clinical"]["roc_auc"] == pytest.approx(skm.roc_auc_score(y, p))
+    assert ab["auc_paired_bootstrap"]["difference"] == pytest.approx(
+        arms["image_clinical"]["roc_auc"] - arms["image_only"]["roc_auc"])
+    # McNemar's discordant counts and the arms' accuracies describe the same decisions.
+    assert mc["a_only_correct"] - mc["b_only_correct"] == round(
+        len(y) * (arms["image_clinical"]["accuracy"] - arms["image_only"]["accuracy"]))
+    card = json.loads((out / "folds" / "fold-01-image-only" / "model_card.json").read_text())
+    assert card["clinical_inputs"]["used"] == [] and card["calibration"]["method"] == "temperature"
+    assert m["calibration"]["before_after"]["fold_temperatures"] == [
+        json.loads((out / "folds" / f"fold-0{k}" / "model_card.json").read_text())["calibration"]["temperature"]
+        for k in (1, 2, 3)]
 
 
 def test_fit_refuses_cases_on_another_grid(tmp_path: Path) -> None:

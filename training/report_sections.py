@@ -1,0 +1,94 @@
+"""The report's sections on calibration before/after, class imbalance at the target prevalence, class weighting and
+the image-only ablation, as blocks for :mod:`training.report` (absent from metrics → no section)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+Block = tuple[Any, ...]
+
+
+def _fmt(x: Any, pct: bool = False) -> str:
+    from training.report import fmt
+
+    return fmt(x, "accuracy" if pct else "")
+
+
+def _p(x: Any) -> str:
+    from training.report import _p as p_value
+
+    return p_value(x)
+
+
+def calibration_blocks(m: dict[str, Any]) -> list[Block]:
+    ba = (m.get("calibration") or {}).get("before_after")
+    if not ba:
+        return []
+    temps = ", ".join(f"{t:.2f}" for t in ba["fold_temperatures"]) or "—"
+    rows = [["Expected calibration error (10 bins)", _fmt(ba["ece_before"]), _fmt(ba["ece_after"])],
+            ["Brier score", _fmt(ba["brier_before"]), _fmt(ba["brier_after"])]]
+    return [("h2", "Calibration before and after temperature scaling"),
+            ("p", f"Method: {ba['method']}. Fold temperatures: {temps}. The decision threshold is mapped through the "
+                  "same temperature, so decisions do not change; the probabilities above and in the SR are the "
+                  "calibrated ones."),
+            ("table", ["Out-of-fold", "Before", "After"], rows)]
+
+
+def prevalence_blocks(m: dict[str, Any]) -> list[Block]:
+    pv, cw = m.get("prevalence"), m.get("class_weighting")
+    if not pv:
+        return []
+    tgt, obs = pv["target_prevalence"], pv["observed_prevalence"]
+    ci = pv["pr_target"].get("pr_auc_ci95") or []
+    ci_text = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if len(ci) == 2 and all(isinstance(v, float) for v in ci) else ""
+    op = pv["operating_point"]
+    rows = [["PR AUC (average precision)", _fmt(pv["pr_observed"]["pr_auc"]), _fmt(pv["pr_target"]["pr_auc"]) + ci_text],
+            ["Precision (PPV) at the operating point", _fmt(op["observed"]["ppv"], True), _fmt(op["target"]["ppv"], True)],
+            ["NPV at the operating point", _fmt(op["observed"]["npv"], True), _fmt(op["target"]["npv"], True)],
+            ["Sensitivity / specificity at the operating point",
+             f"{_fmt(op['sensitivity'], True)} / {_fmt(op['specificity'], True)}", "same (prevalence-free)"]]
+    for spec, v in pv["sensitivity_at_specificity"].items():
+        rows.append([f"Sensitivity at {float(spec):.0%} specificity", _fmt(v["sensitivity"], True),
+                     "same (prevalence-free)"])
+    out: list[Block] = [
+        ("h2", f"Class imbalance: evaluated at {tgt:.0%} prevalence"),
+        ("p", f"Method: {pv['method']}. Sensitivity at fixed specificity reads the pooled out-of-fold ROC curve "
+              "(its threshold is chosen on the test predictions, so it describes the curve, not a deployable "
+              "operating point)."),
+        ("table", ["", f"Data ({obs:.0%} pneumonia)", f"At {tgt:.0%} prevalence"], rows),
+    ]
+    if cw:
+        out.append(("p", f"Class weighting in training: {'on' if cw['used'] else 'off'} — {cw['rule']}. On a balanced "
+                         "training part the weights are 1 and it changes nothing; it matters when the training data "
+                         "are imbalanced (switch: --no-class-weights)."))
+    return out
+
+
+def ablation_blocks(m: dict[str, Any]) -> list[Block]:
+    ab = m.get("ablation")
+    if not ab:
+        return []
+    rows = []
+    for name, key in (("Image + clinical", "image_clinical"), ("Image only", "image_only")):
+        a = ab["arms"][key]
+        ms = a["accuracy_over_folds"]
+        rows.append([name, _fmt(a["roc_auc"]), _fmt(a["accuracy"], True),
+                     f"{_fmt(ms['mean'], True)} ± {100 * ms['sd']:.1f}" if isinstance(ms.get("sd"), float) else
+                     _fmt(ms["mean"], True), _fmt(a["sensitivity"], True), _fmt(a["specificity"], True)])
+    bs, mc = ab["auc_paired_bootstrap"], ab["mcnemar"]
+    ci = bs["ci95"]
+    return [("h2", "Ablation: image only against image + clinical (same folds)"),
+            ("table", ["Arm", "ROC AUC", "Accuracy (pooled)", "Accuracy, mean ± SD over folds", "Sensitivity",
+                       "Specificity"], rows),
+            ("table", ["Paired test", "Result"], [
+                ["AUC difference (image + clinical − image only), paired bootstrap",
+                 f"{_fmt(bs['difference'])} (95 % CI {_fmt(ci[0])} to {_fmt(ci[1])}), p = {_p(bs['p_value'])}, "
+                 f"{bs['resamples']} resamples"],
+                ["McNemar on the decisions", f"clinical-only correct {mc['a_only_correct']}, image-only correct "
+                 f"{mc['b_only_correct']}; {mc['method']}: p = {_p(mc['p_value'])}"]]),
+            ("p", ab["explanation"])]
+
+
+def extra_blocks(m: dict[str, Any]) -> list[Block]:
+    """Every section this module draws, in report order."""
+    return calibration_blocks(m) + prevalence_blocks(m) + ablation_blocks(m)
