@@ -14,7 +14,7 @@ each a fresh interpreter running ``pacsnode serve --role R``, so TensorFlow load
   SIGHUP (the file is validated here first, then each child reloads it);
 * writes the process table — each child's name, role, pid, alive, restarts, last exit status — to
   ``<data_dir>/processes.json`` (temp file + rename) whenever it changes; each child writes its own health — its
-  loops' problems (dead, stuck), models not loaded — to ``<data_dir>/processes/<name>.json`` every second
+  loops' problems (dead, stuck), models not loaded — to ``<data_dir>/processes/<name>.json`` every 0.5 s
   (`write_report`); `read_table` merges both for ``/readyz`` and ``pacsnode status``.
 
 A child asks the kernel for SIGTERM when the supervisor dies (``PR_SET_PDEATHSIG``, `die_with_parent`) and also

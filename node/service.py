@@ -1,17 +1,19 @@
 """The node's lifecycle: build every stage from one `NodeConfig`, run until a signal, shut down in two stages.
 
-`Service(config)` wires the data path in order — DIMSE server and HTTP (STOW-RS, QIDO-RS, health, metrics) → ingest (spool + index) → completion sweep → job
-queue → worker (models) → dispatch. `start()` returns once the node listens; `run_forever()` blocks until
+`Service(config)` wires the data path in order — DIMSE server and HTTP (STOW-RS, QIDO-RS, health, metrics) →
+ingest (spool + index) → completion sweep → job queue → worker (models) → dispatch — in one process. `start()` returns once the node listens; `run_forever()` blocks until
 SIGINT/SIGTERM: the first stops accepting associations, lets the worker and dispatcher finish what they hold
 and exits; a second signal forces exit. Everything that matters is in the database, so a restart resumes.
 
 Every long-running loop — worker, dispatch (one per destination, and its sweep), completion sweep, retention,
-commitment (proof of delivery), reachability (destination checks), HTTP server, DIMSE acceptor — beats one `Heartbeats` registry (`/readyz` reports it); the main thread runs the `Supervisor`
-every 0.5 s, which restarts a loop whose thread ended (bounded, with back-off) or stops the node with exit status
+commitment (proof of delivery), reachability (destination checks), HTTP server, DIMSE acceptor — beats one
+`Heartbeats` registry (`/readyz` reports it); the main thread runs the `Supervisor` every 0.5 s, which restarts a loop whose thread ended (bounded, with back-off) or stops the node with exit status
 `EXIT_LOOP_FAILED` (70) so a process supervisor (systemd ``Restart=on-failure``, Kubernetes) starts it afresh.
 
 ``Service(config, role=...)`` builds every stage but starts only its role's (node.roles: listener, worker,
-dispatcher, or all); ``identity`` names the process on the database (its rows, its crash cleanup).
+dispatcher, or all); ``identity`` names the process on the database (its rows, its crash cleanup). With
+``[node] process_model = "processes"`` each role child of `node.processes.ProcessSupervisor` is one such
+``Service``; the supervisor itself runs none.
 """
 
 from __future__ import annotations
