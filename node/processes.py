@@ -36,13 +36,13 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from node.config import NodeConfig, load_config
 from node.errors import ConfigError
 from node.logs import get_logger
 from node.roles import Identity
+from node.signals import StopSignals
 from node.states import Role
 from node.supervise import EXIT_LOOP_FAILED
 
@@ -104,7 +104,6 @@ class ProcessSupervisor:
         self.pid_file = config.node.data_dir / "pacsnode.pid"
         self._clock = clock
         self._stop = threading.Event()
-        self._signals = 0
         self._log = get_logger(component="processes", instance_id=self.identity.instance_id)
 
     # -- lifecycle -----------------------------------------------------------------------------------------
@@ -238,26 +237,10 @@ class ProcessSupervisor:
         os.replace(tmp, self.table_file)
 
     # -- the main loop -------------------------------------------------------------------------------------
-    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
-        self._signals += 1
-        if self._signals > 1:
-            self._log.warning("forced_exit", signal=signal.Signals(signum).name)
-            self.kill()
-            with contextlib.suppress(FileNotFoundError):
-                self.pid_file.unlink()
-            raise SystemExit(130)
-        self._log.info("shutting_down", signal=signal.Signals(signum).name)
-        self._stop.set()
-
-    def _on_hup(self, _signum: int, _frame: FrameType | None) -> None:
-        threading.Thread(target=self.reload, name="config-reload", daemon=True).start()
-
     def run_forever(self, on_started: Callable[[], None] | None = None, *, period: float = 0.2) -> int:
         """Start the children, supervise them until a signal (or a child that keeps dying), stop them; returns
         0 or `EXIT_LOOP_FAILED`."""
-        signal.signal(signal.SIGINT, self._on_signal)
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGHUP, self._on_hup)
+        StopSignals(self._log, self._stop, self.pid_file, self.reload, on_force=self.kill).install()
         self.start()
         if on_started is not None:
             on_started()
