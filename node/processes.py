@@ -44,13 +44,12 @@ from node.logs import get_logger
 from node.roles import Identity
 from node.signals import StopSignals
 from node.states import Role
-from node.supervise import EXIT_LOOP_FAILED
+from node.supervise import EXIT_LOOP_FAILED, restart_delay
 
 TABLE_FILE = "processes.json"
 REPORTS_DIR = "processes"  # one health report per child
 REPORT_STALE_SECONDS = 15.0  # a live child that has not reported for this long is reported as a problem
 _PR_SET_PDEATHSIG = 1
-_MAX_BACKOFF_SECONDS = 60.0
 
 
 @dataclass
@@ -168,7 +167,7 @@ class ProcessSupervisor:
                     self.exit_code = EXIT_LOOP_FAILED
                     self._stop.set()
                     return
-                delay = min(_MAX_BACKOFF_SECONDS, settings.restart_backoff_seconds * 2.0 ** len(child.deaths))
+                delay = restart_delay(settings, len(child.deaths))
                 child.deaths.append(now)
                 child.due_at = now + delay
                 self._log.error("process_died", process=child.name, exit_status=child.last_exit,
