@@ -90,14 +90,6 @@ def make_config(*destinations: Destination, **dispatch: float) -> NodeConfig:
 
 
 @pytest.fixture
-def engine(db_url: str) -> Iterator[sa.Engine]:
-    eng = create_engine_for(db_url)
-    init_schema(eng)
-    yield eng
-    eng.dispose()
-
-
-@pytest.fixture
 def clock() -> FakeClock:
     return FakeClock(T0)
 
