@@ -8,7 +8,6 @@ import os
 import socket
 import subprocess
 import threading
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +20,7 @@ from demo.common import (
     WADO_PATH,
     DemoError,
 )
+from peers.process import PeerTimeoutError, wait_until
 
 if TYPE_CHECKING:
     import httpx
@@ -171,12 +171,12 @@ class ViewerServer:
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},
                                         name="viewer-http", daemon=True)
         self._thread.start()
-        deadline = time.monotonic() + timeout
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                self.stop()
-                raise DemoError(f"the viewer server did not start on {self._host}:{self._port}")
-            time.sleep(0.05)
+        server, thread = self._server, self._thread
+        with contextlib.suppress(PeerTimeoutError):  # started, its thread ended, or the time is up
+            wait_until(lambda: server.started or not thread.is_alive(), timeout, "the viewer server")
+        if not server.started:
+            self.stop()
+            raise DemoError(f"the viewer server did not start on {self._host}:{self._port}")
 
     def stop(self, timeout: float = 5.0) -> None:
         if self._server is not None and self._thread is not None:

@@ -46,6 +46,8 @@ if TYPE_CHECKING:
     from pynetdicom.association import Association
     from pynetdicom.presentation import PresentationContext
 
+    from node.config import NodeConfig
+
 
 class GuardedRequestHandler(RequestHandler):
     """pynetdicom's request handler, fitting each new acceptor association with `node.guard`'s guards; on a TLS
@@ -111,8 +113,8 @@ class GuardedRequestHandler(RequestHandler):
 
 
 class GuardedServer(ThreadedAssociationServer):
-    """A `ThreadedAssociationServer` whose associations run guarded; ``limits`` may be swapped while it runs
-    (new associations use the new value)."""
+    """A `ThreadedAssociationServer` whose associations run guarded; `apply_config` swaps ``limits`` while it
+    runs (new associations use the new value)."""
 
     def __init__(
         self,
@@ -141,6 +143,10 @@ class GuardedServer(ThreadedAssociationServer):
             ae, address, ae_title, contexts, ssl_context, evt_handlers=evt_handlers,
             request_handler=GuardedRequestHandler,
         )
+
+    def apply_config(self, config: NodeConfig) -> None:
+        """Hot reload: new associations run under the limits and deadlines of ``config.node``."""
+        self.limits = ReceiveLimits.from_config(config.node)
 
     def server_bind(self) -> None:
         """pynetdicom's bind, plus SO_REUSEPORT when asked (its own bind ignores socketserver's allow_reuse_port)."""

@@ -1,8 +1,10 @@
-"""The `pacsnode` command: parses the node's arguments and wires the stages together (entry point `main`).
+"""The `pacsnode` command: parses the node's arguments and runs the subcommand (entry point `main`).
 
-Subcommands: ``serve``, ``config check|reload``, ``audit``, ``echo``, ``send``, ``status``, ``purge``, ``retry``,
-``db upgrade|current``; ``demo`` and the
-training side's (``phantom``, ``train``, ``evaluate`` ...) come from the ``pacsnode.commands`` entry points when their
+``serve`` runs a `node.service.Service` (the stages are wired there): every role in one process, one role's stages
+with ``--role listener|worker|dispatcher``, or, with ``[node] process_model = "processes"``, the
+`node.processes.ProcessSupervisor` of role children. Other subcommands: ``config check|reload``, ``audit``,
+``echo``, ``send``, ``status`` (its report in `node.statusreport`), ``purge``, ``retry``, ``db upgrade|current``;
+``demo`` and the training side's (``phantom``, ``train``, ``evaluate`` ...) come from the ``pacsnode.commands`` entry points when their
 packages and extras are installed. Exit codes: 0 success, 1 operation failed, 2 bad usage/config,
 70 ``serve`` stopped because a supervised loop kept dying (let the process supervisor restart it).
 """

@@ -190,7 +190,7 @@ class DimseServer:
         self._ae.require_calling_aet = list(config.node.allowed_calling_aes)
         self._apply_limits(self._ae, config)
         for server in self.servers:
-            server.limits = ReceiveLimits.from_config(config.node)
+            server.apply_config(config)
         self._config = config
 
     # -- notification handlers (logging and association bookkeeping only) ---------------------------------

@@ -20,8 +20,8 @@
 
 Every class without a module named lives here. Outside the tree: `models.errors.ModelError` and its subclasses
 (``models/`` never imports ``node/``; the worker turns them into job failures), and private control-flow signals
-that never leave their module (`node.worker.LeaseLost`, ``_Refused``/``_PartFailed`` in `node.dicomweb`,
-``_Refused`` in `node.admin`).
+that never leave the stage that raises them (`node.worker.LeaseLost`; `node.stow.Refused` and
+`node.stow.PartFailed`, answered in `node.dicomweb`; ``_Refused`` in `node.admin`).
 
 Library exceptions (pydicom, SQLAlchemy, OSError) are converted where they are caught, with ``raise ... from exc``.
 """

@@ -1,6 +1,7 @@
 """structlog JSON logging, PHI-free by construction.
 
-`configure_logging(level)` sets structlog to emit one JSON object per line on stderr and routes the stdlib
+`configure_logging(level)` sets structlog to emit one JSON object per line on stderr, each line in one write (so
+processes sharing stderr never interleave within a line), and routes the stdlib
 loggers (pynetdicom, apscheduler, SQLAlchemy) through the same renderer. `get_logger(**context)` returns a bound
 logger. A processor drops any key that names a patient-identifying attribute, so a careless call site cannot leak
 one: events carry UIDs, AE titles and sizes, never patient name, ID or birth date.
@@ -41,7 +42,9 @@ def configure_logging(level: str = "INFO", stream: Any = None) -> None:
     structlog.configure(
         processors=[*shared, structlog.processors.format_exc_info, structlog.processors.JSONRenderer()],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
+        # one write per line (print() writes the newline apart): with PYTHONUNBUFFERED (the Docker image) the
+        # role processes sharing stderr would otherwise glue each other's lines together
+        logger_factory=structlog.WriteLoggerFactory(stream or sys.stderr),
         cache_logger_on_first_use=False,
     )
     handler = logging.StreamHandler(stream or sys.stderr)

@@ -14,7 +14,7 @@ each a fresh interpreter running ``pacsnode serve --role R``, so TensorFlow load
   SIGHUP (the file is validated here first, then each child reloads it);
 * writes the process table — each child's name, role, pid, alive, restarts, last exit status — to
   ``<data_dir>/processes.json`` (temp file + rename) whenever it changes; each child writes its own health — its
-  loops' problems (dead, stuck), models not loaded — to ``<data_dir>/processes/<name>.json`` every second
+  loops' problems (dead, stuck), models not loaded — to ``<data_dir>/processes/<name>.json`` every 0.5 s
   (`write_report`); `read_table` merges both for ``/readyz`` and ``pacsnode status``.
 
 A child asks the kernel for SIGTERM when the supervisor dies (``PR_SET_PDEATHSIG``, `die_with_parent`) and also
@@ -36,21 +36,20 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from node.config import NodeConfig, load_config
 from node.errors import ConfigError
 from node.logs import get_logger
 from node.roles import Identity
+from node.signals import StopSignals
 from node.states import Role
-from node.supervise import EXIT_LOOP_FAILED
+from node.supervise import EXIT_LOOP_FAILED, restart_delay
 
 TABLE_FILE = "processes.json"
 REPORTS_DIR = "processes"  # one health report per child
 REPORT_STALE_SECONDS = 15.0  # a live child that has not reported for this long is reported as a problem
 _PR_SET_PDEATHSIG = 1
-_MAX_BACKOFF_SECONDS = 60.0
 
 
 @dataclass
@@ -104,7 +103,6 @@ class ProcessSupervisor:
         self.pid_file = config.node.data_dir / "pacsnode.pid"
         self._clock = clock
         self._stop = threading.Event()
-        self._signals = 0
         self._log = get_logger(component="processes", instance_id=self.identity.instance_id)
 
     # -- lifecycle -----------------------------------------------------------------------------------------
@@ -169,7 +167,7 @@ class ProcessSupervisor:
                     self.exit_code = EXIT_LOOP_FAILED
                     self._stop.set()
                     return
-                delay = min(_MAX_BACKOFF_SECONDS, settings.restart_backoff_seconds * 2.0 ** len(child.deaths))
+                delay = restart_delay(settings, len(child.deaths))
                 child.deaths.append(now)
                 child.due_at = now + delay
                 self._log.error("process_died", process=child.name, exit_status=child.last_exit,
@@ -238,26 +236,10 @@ class ProcessSupervisor:
         os.replace(tmp, self.table_file)
 
     # -- the main loop -------------------------------------------------------------------------------------
-    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
-        self._signals += 1
-        if self._signals > 1:
-            self._log.warning("forced_exit", signal=signal.Signals(signum).name)
-            self.kill()
-            with contextlib.suppress(FileNotFoundError):
-                self.pid_file.unlink()
-            raise SystemExit(130)
-        self._log.info("shutting_down", signal=signal.Signals(signum).name)
-        self._stop.set()
-
-    def _on_hup(self, _signum: int, _frame: FrameType | None) -> None:
-        threading.Thread(target=self.reload, name="config-reload", daemon=True).start()
-
     def run_forever(self, on_started: Callable[[], None] | None = None, *, period: float = 0.2) -> int:
         """Start the children, supervise them until a signal (or a child that keeps dying), stop them; returns
         0 or `EXIT_LOOP_FAILED`."""
-        signal.signal(signal.SIGINT, self._on_signal)
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGHUP, self._on_hup)
+        StopSignals(self._log, self._stop, self.pid_file, self.reload, on_force=self.kill).install()
         self.start()
         if on_started is not None:
             on_started()

@@ -80,6 +80,10 @@ class Reachability:
         self._insert = insert_for(engine)
         self._last: dict[str, bool] = {}  # last outcome per destination in this process: log changes only
 
+    def apply_config(self, config: NodeConfig) -> None:
+        """Swap the config (hot reload): the next `check_all` checks the destinations it lists."""
+        self.config = config
+
     def check_all(self) -> dict[str, bool]:
         """Check every configured destination now (in parallel); record and return name → reachable. Rows of
         destinations no longer configured are removed."""
@@ -146,7 +150,7 @@ class ReachabilityLoop:
 
     def apply_config(self, config: NodeConfig) -> None:
         """Swap the config (hot reload) and check the destinations again now."""
-        self.reachability.config = config
+        self.reachability.apply_config(config)
         self._loop_thread.wake.set()
 
     def _run(self) -> None:

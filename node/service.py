@@ -1,29 +1,29 @@
 """The node's lifecycle: build every stage from one `NodeConfig`, run until a signal, shut down in two stages.
 
-`Service(config)` wires the data path in order — DIMSE server and HTTP (STOW-RS, QIDO-RS, health, metrics) → ingest (spool + index) → completion sweep → job
-queue → worker (models) → dispatch. `start()` returns once the node listens; `run_forever()` blocks until
+`Service(config)` wires the data path in order — DIMSE server and HTTP (STOW-RS, QIDO-RS, health, metrics) →
+ingest (spool + index) → completion sweep → job queue → worker (models) → dispatch — in one process. `start()` returns once the node listens; `run_forever()` blocks until
 SIGINT/SIGTERM: the first stops accepting associations, lets the worker and dispatcher finish what they hold
 and exits; a second signal forces exit. Everything that matters is in the database, so a restart resumes.
 
 Every long-running loop — worker, dispatch (one per destination, and its sweep), completion sweep, retention,
-commitment (proof of delivery), reachability (destination checks), HTTP server, DIMSE acceptor — beats one `Heartbeats` registry (`/readyz` reports it); the main thread runs the `Supervisor`
-every 0.5 s, which restarts a loop whose thread ended (bounded, with back-off) or stops the node with exit status
+commitment (proof of delivery), reachability (destination checks), HTTP server, DIMSE acceptor — beats one
+`Heartbeats` registry (`/readyz` reports it); the main thread runs the `Supervisor` every 0.5 s, which restarts a loop whose thread ended (bounded, with back-off) or stops the node with exit status
 `EXIT_LOOP_FAILED` (70) so a process supervisor (systemd ``Restart=on-failure``, Kubernetes) starts it afresh.
 
 ``Service(config, role=...)`` builds every stage but starts only its role's (node.roles: listener, worker,
-dispatcher, or all); ``identity`` names the process on the database (its rows, its crash cleanup).
+dispatcher, or all); ``identity`` names the process on the database (its rows, its crash cleanup). With
+``[node] process_model = "processes"`` each role child of `node.processes.ProcessSupervisor` is one such
+``Service``; the supervisor itself runs none.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from starlette.routing import Mount
@@ -52,6 +52,7 @@ from node.reachability import Reachability, ReachabilityLoop
 from node.retention import Retention, RetentionLoop, disk_usage
 from node.roles import Identity, Stage, role_config, runs, worker_poll_seconds
 from node.senders import DimseSender, StowSender
+from node.signals import StopSignals
 from node.spool import Spool
 from node.states import Role
 from node.supervise import EXIT_LOOP_FAILED, Heartbeats, Supervisor, beat_socketserver
@@ -126,7 +127,6 @@ class Service:
         self.http = self._build_http(config, processes)
         self._dimse_threads: list[threading.Thread] = []
         self._stop = threading.Event()
-        self._signals = 0
         self._reload_lock = threading.Lock()
         self.parent_pid: int | None = None  # a role child of node.processes: stop when that process is gone
         self.on_tick: Callable[[], None] | None = None  # called every 0.5 s from the main loop (health reports)
@@ -301,26 +301,10 @@ class Service:
         if row is not None:
             self.metrics.end_to_end(time.time() - row.last_received_at)
 
-    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
-        self._signals += 1
-        if self._signals > 1:
-            self.log.warning("forced_exit", signal=signal.Signals(signum).name)
-            with contextlib.suppress(FileNotFoundError):
-                self.pid_file.unlink()
-            raise SystemExit(130)
-        self.log.info("shutting_down", signal=signal.Signals(signum).name)
-        self._stop.set()
-
-    def _on_hup(self, _signum: int, _frame: FrameType | None) -> None:
-        # Not in the signal handler itself: reload takes locks that the interrupted thread may hold.
-        threading.Thread(target=self.reload, name="config-reload", daemon=True).start()
-
     def run_forever(self, on_started: Callable[[], None] | None = None) -> int:
         """Start, supervise the loops until a signal (or a loop that keeps dying), stop; returns the exit status:
         0, or `EXIT_LOOP_FAILED`."""
-        signal.signal(signal.SIGINT, self._on_signal)
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGHUP, self._on_hup)
+        StopSignals(self.log, self._stop, self.pid_file, self.reload).install()
         self.start()
         if on_started is not None:
             on_started()

@@ -29,6 +29,14 @@ from node.config import NodeConfig, SuperviseSection
 from node.logs import get_logger
 
 EXIT_LOOP_FAILED = 70  # EX_SOFTWARE: a loop kept dying; restart the process
+MAX_RESTART_DELAY_SECONDS = 60.0
+
+
+def restart_delay(settings: SuperviseSection, deaths: int) -> float:
+    """The wait before restarting a loop (or, in `node.processes`, a child process) that has died ``deaths``
+    times within the restart window before this death: ``restart_backoff_seconds`` doubled per earlier death, at
+    most `MAX_RESTART_DELAY_SECONDS`."""
+    return min(MAX_RESTART_DELAY_SECONDS, settings.restart_backoff_seconds * 2.0 ** deaths)
 MIN_PERIOD_SECONDS = 1.0  # a loop that beats more often still counts its limit from one second
 
 
@@ -221,7 +229,7 @@ class Supervisor:
                 self._on_fatal(reason)
                 return
             if history.due_at is None:
-                delay = min(60.0, settings.restart_backoff_seconds * 2.0 ** len(history.deaths))
+                delay = restart_delay(settings, len(history.deaths))
                 history.due_at = now + delay
                 self._log.error("loop_died", loop=name, restart_in_seconds=round(delay, 3),
                                 restarts_in_window=len(history.deaths))
@@ -267,4 +275,5 @@ def failure(exc: BaseException) -> str:
     return text[:1000]
 
 
-__all__ = ["EXIT_LOOP_FAILED", "Heartbeats", "LoopStatus", "Supervisor", "beat_socketserver", "failure"]
+__all__ = ["EXIT_LOOP_FAILED", "MAX_RESTART_DELAY_SECONDS", "Heartbeats", "LoopStatus", "Supervisor",
+           "beat_socketserver", "failure", "restart_delay"]

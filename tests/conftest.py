@@ -4,7 +4,8 @@ for a missing peer.
 Peers (DCMTK, Orthanc, dicom3tools, PostgreSQL) are found on PATH. A missing peer skips the test locally, but under
 CI (``CI=true``) it fails, so a broken install step cannot hide behind skips: `missing_peer` decides, and a
 `PeerMissingError` raised by the harness anywhere in a test or its fixtures goes through it. The fixtures return named
-objects: `start_node` → `NodeProcess`, `orthanc_factory` → `OrthancServer`, `postgres_server` → `PostgresServer`.
+objects: `start_node` → `NodeProcess`, `orthanc_factory` → `OrthancServer`, `postgres_server` → `PostgresServer`;
+`db_url` gives a fresh database of each backend and `engine` an engine over it with the schema.
 The harness helpers the tests use are importable from here as well as from `peers`.
 """
 
@@ -146,3 +147,15 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'node.db'}"
     return str(request.getfixturevalue("postgres_server").create_database())
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Any]:
+    """An engine over `db_url` (each backend) with the node's schema, disposed afterwards. A test module with an
+    ``engine`` fixture of its own (one backend only, say) overrides it."""
+    from node.db import create_engine_for, init_schema
+
+    eng = create_engine_for(db_url)
+    init_schema(eng)
+    yield eng
+    eng.dispose()

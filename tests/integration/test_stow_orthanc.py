@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from node.config import DestinationKind, NodeConfig
@@ -13,6 +11,7 @@ from node.dispatch import Dispatcher
 from node.senders import StowSender
 from node.states import DeliveryState
 from peers.orthanc import DICOMWEB_PLUGIN
+from peers.process import wait_until
 from tests.conftest import missing_peer
 from tests.ctgen import write_ct_series
 
@@ -46,10 +45,13 @@ def test_stow_delivers_to_orthanc_dicomweb_and_retries_a_wrong_url(orthanc, tmp_
     row = dispatcher.get(delivery_id)
     assert row.state == DeliveryState.PENDING and "HTTP 404" in row.last_error
     dispatcher.apply_config(config_for(good, tmp_path))
-    deadline = time.monotonic() + 30
-    while dispatcher.get(delivery_id).state != DeliveryState.DELIVERED and time.monotonic() < deadline:
+
+    def delivered() -> bool:
+        if dispatcher.get(delivery_id).state == DeliveryState.DELIVERED:
+            return True
         dispatcher.run_once()
-        time.sleep(0.05)
-    assert dispatcher.get(delivery_id).state == DeliveryState.DELIVERED
+        return False
+
+    wait_until(delivered, 30, "the delivery to reach the corrected DICOMweb root")
     assert sorted(orthanc.sop_instance_uids()) == sorted(series.sop_uids)
     engine.dispose()

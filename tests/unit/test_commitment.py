@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pydicom
 import pytest
@@ -55,8 +55,17 @@ class Requester:
             raise self.errors.pop(0)
 
 
+class ResultFiles(NamedTuple):
+    """Two CT files of one series, as a delivery would carry them."""
+
+    study: str
+    series: str
+    paths: list[Path]
+    uids: list[str]
+
+
 @pytest.fixture
-def files(tmp_path: Path) -> tuple[str, str, list[Path], list[str]]:
+def files(tmp_path: Path) -> ResultFiles:
     template = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
     study, series = generate_uid(), generate_uid()
     paths, uids = [], []
@@ -67,7 +76,7 @@ def files(tmp_path: Path) -> tuple[str, str, list[Path], list[str]]:
         paths.append(tmp_path / f"{i}.dcm")
         ds.save_as(paths[-1], enforce_file_format=True)
         uids.append(str(ds.SOPInstanceUID))
-    return study, series, paths, uids
+    return ResultFiles(study, series, paths, uids)
 
 
 def setup(tmp_path: Path, files: Any, *dests: Destination, verifier: Any = None) -> tuple[Commitments, Requester,
@@ -203,8 +212,8 @@ def test_unreadable_result_files_fail_the_proof_not_the_delivery(tmp_path, files
     init_schema(engine)
     paths[0].write_bytes(b"not dicom")
     tracker = Commitments(config, engine, requester=Requester())
-    Dispatcher(config, engine, {}).enqueue(files[1], 1, paths, files[3])
-    tracker.delivered(files[1], 1, "a")
+    Dispatcher(config, engine, {}).enqueue(files.series, 1, paths, files.uids)
+    tracker.delivered(files.series, 1, "a")
     r = row(tracker, "a")
     assert r.state == CommitState.FAILED and "unreadable" in r.last_error
 

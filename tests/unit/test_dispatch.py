@@ -30,6 +30,7 @@ from node.senders import (
     classify_store_status,
 )
 from node.states import DeliveryState
+from peers.process import wait_until
 from tests.fakeclock import FakeClock
 
 T0 = 1_000_000.0
@@ -86,14 +87,6 @@ def make_config(*destinations: Destination, **dispatch: float) -> NodeConfig:
     )
     settings.update(dispatch)
     return NodeConfig(destinations=destinations, dispatch=DispatchSection(**settings))
-
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[sa.Engine]:
-    eng = create_engine_for(db_url)
-    init_schema(eng)
-    yield eng
-    eng.dispose()
 
 
 @pytest.fixture
@@ -383,13 +376,11 @@ def test_a_slow_destination_never_delays_another(make: Callable[..., Dispatcher]
     runner = threading.Thread(target=lambda: done.append(d.run_once()))
     runner.start()
     try:
-        deadline = time.monotonic() + 10
-        while row(d, ids[0]).state != DeliveryState.SENDING:  # the slow send has started and now hangs
-            assert time.monotonic() < deadline, "the slow destination never started sending"
-            time.sleep(0.01)
-        while d.counts().get(("fast", "delivered"), 0) < 2:
-            assert time.monotonic() < deadline, "the fast destination waited for the slow one"
-            time.sleep(0.01)
+        # the slow send has started and now hangs; the fast destination does not wait for it
+        wait_until(lambda: row(d, ids[0]).state == DeliveryState.SENDING, 10,
+                   "the slow destination to start sending", interval=0.01)
+        wait_until(lambda: d.counts().get(("fast", "delivered"), 0) >= 2, 10,
+                   "the fast destination's deliveries (did it wait for the slow one?)", interval=0.01)
         assert row(d, ids[0]).state == DeliveryState.SENDING  # still held by the slow send
     finally:
         gate.set()
@@ -569,21 +560,17 @@ def test_background_loop_sends_on_wake_and_stops_gracefully(engine: sa.Engine) -
         with pytest.raises(RuntimeError):
             d.start()
         ids = d.enqueue("1.2.3", 1, files(), uids())
-        deadline = time.monotonic() + 10
-        while any(row(d, i).state != DeliveryState.DELIVERED for i in ids):
-            assert time.monotonic() < deadline, "wake() did not trigger a send"
-            time.sleep(0.01)
+        wait_until(lambda: all(row(d, i).state == DeliveryState.DELIVERED for i in ids), 10,
+                   "wake() to trigger a send", interval=0.01)
         # a hot reload adds a destination: its thread starts; its first row goes out at once
         d.apply_config(make_config(dimse("a"), dimse("b"), dimse("c"), poll_seconds=30.0))
         ids = d.enqueue("1.2.4", 1, files(tag="x"), uids(tag="2"))
-        while any(row(d, i).state != DeliveryState.DELIVERED for i in ids):
-            assert time.monotonic() < deadline, "the new destination was not served"
-            time.sleep(0.01)
+        wait_until(lambda: all(row(d, i).state == DeliveryState.DELIVERED for i in ids), 10,
+                   "the new destination to be served", interval=0.01)
         sender.gates["a"] = gate = threading.Event()
         [held, *_] = d.enqueue("1.2.5", 1, files(tag="y"), uids(tag="3"))
-        while row(d, held).state != DeliveryState.SENDING:
-            assert time.monotonic() < deadline, "the held delivery was not claimed"
-            time.sleep(0.01)
+        wait_until(lambda: row(d, held).state == DeliveryState.SENDING, 10, "the held delivery to be claimed",
+                   interval=0.01)
         threading.Timer(0.2, gate.set).start()
     finally:
         t0 = time.monotonic()

@@ -7,11 +7,9 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
-import pytest
 import sqlalchemy as sa
 from pydicom.uid import ExplicitVRLittleEndian
 
-from node.db import create_engine_for, init_schema
 from node.durability import InstanceCommitter
 from node.errors import StoreFailedError
 from node.index import Index, InstanceRecord, RecordOutcome
@@ -20,14 +18,6 @@ from node.spool import Spool
 from peers.process import wait_until
 from tests.ctgen import write_ct_series
 from tests.dicomfiles import dataset_bytes
-
-
-@pytest.fixture
-def engine(db_url):
-    engine = create_engine_for(db_url)
-    init_schema(engine)
-    yield engine
-    engine.dispose()
 
 
 def committed_sops(url: str) -> set[str]:

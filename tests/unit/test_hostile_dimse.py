@@ -55,7 +55,7 @@ from node.errors import StoreStatus
 from node.index import Index
 from node.ingest import Ingestor
 from node.spool import Spool
-from tests.conftest import free_port, launch_node, peer_env, require_tool
+from tests.conftest import free_port, launch_node, peer_env, require_tool, wait_until
 from tests.ctgen import write_ct_series
 from tests.dicomfiles import dataset_bytes
 
@@ -469,9 +469,8 @@ def test_stalled_and_idle_peers_lose_their_slots_within_the_association_timeout(
     header_only.send(pdu_header(0x01, 300) + b"\x00\x01")  # promises 300 bytes, sends 2
     time.sleep(0.2)
     assert node.echo() is None  # every slot is taken: the association is rejected
-    while node.echo() != 0x0000:
-        assert time.monotonic() - t0 < ASSOCIATION_TIMEOUT + 2.0, "a stalled peer still holds a slot"
-        time.sleep(0.1)
+    wait_until(lambda: node.echo() == 0x0000, t0 + ASSOCIATION_TIMEOUT + 2.0 - time.monotonic(),
+               "the stalled peers' slots to be freed", interval=0.1)
     freed = time.monotonic() - t0
     print(f"slots freed after {freed:.2f} s (association timeout {ASSOCIATION_TIMEOUT} s)")
     assert freed >= ASSOCIATION_TIMEOUT * 0.8
@@ -490,10 +489,8 @@ def test_a_connection_flood_is_closed_at_accept(make_node, peers):
     assert all(peer.closed_within(0.1) is None for peer in held)  # until their association timeout
     for peer in held:
         assert peer.closed_within(ASSOCIATION_TIMEOUT + 1.0) is not None
-    deadline = time.monotonic() + 1.0  # their acceptor threads end a moment after the sockets close
-    while node.echo() != 0x0000:
-        assert time.monotonic() < deadline, "the held connections' slots were not freed"
-        time.sleep(0.05)
+    # their acceptor threads end a moment after the sockets close
+    wait_until(lambda: node.echo() == 0x0000, 1.0, "the held connections' slots to be freed")
 
 
 def test_a_burst_of_connections_is_not_held_up_by_the_listen_backlog(make_node, peers):
@@ -624,13 +621,16 @@ def test_dcmtk_echoscu_and_storescu_work_after_the_attacks(make_node, peers, tmp
     peers(node.address).send(_with_context_id(0))
     peers(node.address).send(b"\x01\x00")
     series = write_ct_series(tmp_path / "dcmtk", slices=3, size=64)
-    deadline = time.monotonic() + ASSOCIATION_TIMEOUT + 3.0
-    while True:  # the stalled peer may hold a slot until its association timeout
-        echo = subprocess.run([echoscu, "-aec", AE_TITLE, host, str(port)], env=peer_env(), capture_output=True)
-        if echo.returncode == 0 or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    assert echo.returncode == 0, echo.stderr.decode()
+    echoes: list[subprocess.CompletedProcess[bytes]] = []
+
+    def echo_ok() -> bool:
+        echoes.append(subprocess.run([echoscu, "-aec", AE_TITLE, host, str(port)], env=peer_env(),
+                                     capture_output=True))
+        return echoes[-1].returncode == 0
+
+    # the stalled peer may hold a slot until its association timeout
+    wait_until(echo_ok, ASSOCIATION_TIMEOUT + 3.0, "echoscu to be answered", lambda: echoes[-1].stderr.decode(),
+               interval=0.2)
     store = subprocess.run(
         [storescu, "-aec", AE_TITLE, host, str(port), *map(str, series.paths)], env=peer_env(), capture_output=True
     )

@@ -24,6 +24,7 @@ from node.index import Index
 from node.ingest import Ingestor
 from node.metrics import Metrics
 from node.refusals import LOG_BURST
+from peers.process import wait_until
 from tests.ctgen import write_ct_series
 from tests.unit.test_hostile_stow import STOW_TYPE, Node, body, part
 
@@ -115,8 +116,7 @@ def test_what_uvicorn_alone_does_with_an_idle_connection(tmp_path):
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
-        while not server.started:
-            time.sleep(0.02)
+        wait_until(lambda: server.started, 10, "uvicorn to start", interval=0.02)
         idle = socket.create_connection(sock.getsockname(), timeout=5)
         assert closed_within(idle, 2.5) is None  # 2.5 s > timeout_keep_alive: still open
         idle.close()
@@ -232,9 +232,7 @@ def test_requests_over_the_connection_limit_get_503(serve):
     assert s.healthz() == 503
     for sock in held:
         sock.close()
-    deadline = time.monotonic() + 3
-    while s.healthz() != 200:
-        assert time.monotonic() < deadline
+    wait_until(lambda: s.healthz() == 200, 3, "/healthz once the held connections closed")
 
 
 @pytest.mark.parametrize("limit", [4096, None])

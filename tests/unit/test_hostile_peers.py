@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -19,7 +18,7 @@ from structlog.testing import capture_logs
 from node.metrics import Metrics
 from node.refusals import Refusals
 from node.states import PeerRefusal
-from tests.conftest import peer_env, require_tool
+from tests.conftest import peer_env, require_tool, wait_until
 from tests.unit import test_hostile_dimse as hostile
 
 make_node = hostile.make_node  # fixtures shared with the other DIMSE hostile tests
@@ -74,31 +73,28 @@ def test_a_peer_over_its_limit_is_closed_at_accept_while_other_peers_get_in(make
     assert len(logged) == 5, f"{len(logged)} log events for 20 refusals"  # ... a few logged
     assert all(e["peer"].startswith(f"{ATTACKER}:") for e in logged)
     held[0].close()
-    deadline = time.monotonic() + 3.0  # the slot is free once its association thread has ended
-    while True:
-        again = from_peer(node.address)
-        if again.closed_within(0.2) is None:
-            break
-        assert time.monotonic() < deadline, "a closed connection's per-peer slot was not released"
+    # the slot is free once its association thread has ended
+    again = wait_until(lambda: _kept_open(from_peer, node.address, 0.2), 3.0,
+                       "a closed connection's per-peer slot to be released", interval=0)
     hostile.associate(again)
 
 
 def test_failed_negotiations_release_their_per_peer_slots(make_node, from_peer):
     node = make_node(max_associations=4, max_associations_per_peer=1)
     for _ in range(5):  # each is aborted (malformed request); the one slot must come back every time
-        deadline = time.monotonic() + 3.0
-        while True:
-            peer = from_peer(node.address)
-            if peer.closed_within(0.1) is None:
-                break
-            assert time.monotonic() < deadline, "the slot of an aborted connection was not released"
+        peer = wait_until(lambda: _kept_open(from_peer, node.address, 0.1), 3.0,
+                          "the slot of an aborted connection to be released", interval=0)
         peer.send(hostile._with_context_id(0))
         hostile.assert_aborted(peer)
-    assert node.server._server is not None
-    deadline = time.monotonic() + 3.0
-    while node.server._server.open_from(ATTACKER):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    server = node.server._server
+    assert server is not None
+    wait_until(lambda: not server.open_from(ATTACKER), 3.0, "the attacker's connections to be counted closed")
+
+
+def _kept_open(from_peer: type[FromPeer], address: tuple[str, int], wait: float) -> FromPeer | None:
+    """A new connection from the attacker's address if the node keeps it open for ``wait`` seconds, else None."""
+    peer = from_peer(address)
+    return peer if peer.closed_within(wait) is None else None
 
 
 class Clock:

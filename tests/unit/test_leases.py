@@ -8,7 +8,7 @@ import multiprocessing
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -21,14 +21,6 @@ from node.queue import JobQueue
 from node.schema import jobs, results
 from node.states import JobState
 from tests.fakeclock import FakeClock
-
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[sa.Engine]:
-    eng = create_engine_for(db_url)
-    init_schema(eng)
-    yield eng
-    eng.dispose()
 
 
 def fill(engine: sa.Engine, n: int, clock: Callable[[], float] = time.time) -> list[int]:

@@ -7,8 +7,8 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -18,7 +18,7 @@ from node.queue import jobs
 from node.roles import STAGES, Identity, Stage, role_config, runs, worker_poll_seconds
 from node.service import Service
 from node.states import Role
-from peers.process import free_port
+from peers.process import free_port, wait_until
 from tests.unit.test_worker import FixedRunner
 
 REPO = Path(__file__).resolve().parents[2]
@@ -94,6 +94,13 @@ def test_a_listener_process_never_imports_tensorflow(tmp_path):
     assert result == {"echo": 0, "loaded": []}
 
 
+def _finished(engine: sa.Engine, job_id: int) -> Any:
+    """The job's row once it has finished (read through ``engine``), else None."""
+    with engine.connect() as conn:
+        row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).one()
+    return row if row.finished_at is not None else None
+
+
 def test_a_worker_in_its_own_process_claims_a_new_job_within_the_wake_interval(tmp_path):
     """The job is written through another engine, as a listener process would; no event reaches the worker."""
     config = config_for(tmp_path, wake_poll_seconds=0.1)
@@ -106,13 +113,8 @@ def test_a_worker_in_its_own_process_claims_a_new_job_within_the_wake_interval(t
         for n in range(6):
             with other.begin() as conn:
                 job_id = worker.queue.enqueue(conn, f"1.2.3.{n}", 1, Priority.ROUTINE)
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                with other.connect() as conn:
-                    row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).one()
-                if row.finished_at is not None:
-                    break
-                time.sleep(0.02)
+            row = wait_until(lambda job_id=job_id: _finished(other, job_id), 10, f"job {job_id} to be claimed and finished",
+                             interval=0.02)
             assert row.queue_seconds is not None, f"job {job_id} never claimed"
             waits.append(row.queue_seconds)
     finally:
