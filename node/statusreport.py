@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from node.commitment import commit_problems
 from node.config import NodeConfig
 from node.db import create_engine_for, init_schema
 from node.dispatch import Dispatcher
 from node.index import Index
+from node.processes import read_table
 from node.queue import JobQueue
+from node.reachability import destination_report
 
 
 def open_stages(config: NodeConfig) -> tuple[Any, Any, Any]:
@@ -37,10 +40,10 @@ def build_report(config: NodeConfig, stages: tuple[Any, Any, Any], errors: int) 
         "job_errors": [dict(r._mapping) for r in queue.last_errors(errors)],
         "delivery_errors": [dict(r._mapping) for r in dispatcher.last_errors(errors)],
         "alerts": [dict(r._mapping) for r in queue.unreported(errors)],
-        "destinations": _destination_report(config, index.engine),
-        "commitment_problems": _commit_problems(index.engine, errors),
+        "destinations": destination_report(config, index.engine),
+        "commitment_problems": commit_problems(index.engine, errors),
         "admission": _admission_report(config, queue),
-        "processes": _process_report(config),
+        "processes": read_table(config.node.data_dir),
     }
     return report
 
@@ -75,12 +78,6 @@ def print_report(config: NodeConfig, report: dict[str, Any]) -> None:
               f"NOT COMMITTED ({row['state']}): {row['last_error']}")
 
 
-def _process_report(config: NodeConfig) -> dict[str, Any]:
-    from node.processes import read_table
-
-    return read_table(config.node.data_dir)
-
-
 def _process_lines(table: dict[str, Any]) -> list[str]:
     """One line per role process of a supervisor (``process_model = "processes"``); none in the threads model."""
     gone = " (supervisor not running)" if table.get("supervisor_gone") else ""
@@ -88,18 +85,6 @@ def _process_lines(table: dict[str, Any]) -> list[str]:
             f"{p['restarts']}" + (f", last exit {p['last_exit']}" if p["last_exit"] is not None else "") + gone
             + "".join(f"; {problem}" for problem in p.get("problems", []))
             for p in table.get("processes", [])]
-
-
-def _destination_report(config: NodeConfig, engine: Any) -> list[dict[str, Any]]:
-    from node.reachability import destination_report
-
-    return destination_report(config, engine)
-
-
-def _commit_problems(engine: Any, limit: int) -> list[dict[str, Any]]:
-    from node.commitment import commit_problems
-
-    return commit_problems(engine, limit)
 
 
 def _destination_lines(rows: list[dict[str, Any]]) -> list[str]:
