@@ -7,7 +7,9 @@ The full test (slow): 2 listeners, 2 workers, 1 dispatcher; 6 modalities send 6 
 listener. One listener is killed with SIGKILL after some of one modality's instances were acknowledged; it is
 restarted, and that modality resends its whole series to the *other* listener (the same SOP instances now on two
 spools). One worker is killed with SIGKILL while it holds a running job; the surviving worker takes the job over
-once its lease expires (``[queue] lease_seconds`` short). Afterwards Orthanc holds exactly one SR and one SEG per
+once its lease expires (``[queue] lease_seconds`` short). Series complete when their association is released
+(``mode = "release"``); the quiet timer is long, so a series cut short waits for its resend instead of completing
+partly (which would make it a second version: a second SR). Afterwards Orthanc holds exactly one SR and one SEG per
 series, and every acknowledged instance is indexed exactly once and readable byte for byte through its spool id.
 
 The default-suite variant: 1 listener, 2 workers, 1 dispatcher, 2 series, one worker killed mid-job.
@@ -37,7 +39,9 @@ from tests.integration.test_end_to_end import results_by_study
 
 pytestmark = pytest.mark.integration
 
-LEASE_SECONDS = 4.0
+# Short, so the takeover comes soon; not shorter: the worker beats its lease only around the models' run, and on a
+# loaded machine a first job's loading before it took over 4 s (the lease expired, another worker took it over).
+LEASE_SECONDS = 8.0
 
 
 @dataclass(eq=False)
@@ -120,7 +124,7 @@ lease_seconds = {LEASE_SECONDS}
 heartbeat_seconds = 1
 retry_delay_seconds = 0
 [completion]
-stable_seconds = 4
+stable_seconds = 30
 sweep_seconds = 0.3
 [[completion.senders]]
 calling_ae = "MOD0"
@@ -265,7 +269,7 @@ def test_two_workers_one_killed_mid_job(deployment, tmp_path):
         job_id, victim = kill_a_worker_mid_job(engine, deployment)
         check_results(engine, deployment.orthanc, series, deployment)  # type: ignore[attr-defined]
         (job,) = query(engine, "select attempts, state from jobs where id = :i", i=job_id)
-        assert job.state == "done" and job.attempts == 2  # the survivor took it over after the lease expired
+        assert job.state == "done" and job.attempts >= 2  # the survivor took it over after the lease expired
         check_indexed(engine, [p for a in answers for p in acknowledged(a)], deployment)
         print(f"\n1 listener, 2 workers ({victim.config_path.parent.name} killed mid-job {job_id}), 2 series: "
               f"{time.monotonic() - t0:.1f} s")
@@ -295,26 +299,29 @@ def test_two_listeners_two_workers_six_modalities_with_kills(deployment, tmp_pat
             answers = [f.result() for f in sending]
         acked = [p for a in answers for p in acknowledged(a)]
         assert 0 < len(acknowledged(answers[0])) < 120, "the kill cut no transfer short"
-        assert all(len(acknowledged(a)) == 24 for a in answers[1:])
+        cut_short = [i for i in range(6) if len(acknowledged(answers[i])) < len(series[i].sop_uids)]
+        assert all(i % 2 == 0 for i in cut_short)  # only listener a's modalities lost their association
         cut.proc.wait(10)  # type: ignore[union-attr]
         cut.start()  # restarted: it closes its own dangling associations
-        # The modality resends the whole series, to the other listener (its first choice was down).
-        again = send(other, series[0], "MOD0")
-        assert len(acknowledged(again)) == 120
-        acked += acknowledged(again)
+        # Each modality cut short resends its whole series, to the other listener (its first choice was down).
+        with ThreadPoolExecutor(len(cut_short)) as pool:
+            again = list(pool.map(lambda i: send(other, series[i], f"MOD{i}"), cut_short))
+        assert all(len(acknowledged(a)) == len(series[i].sop_uids) for i, a in zip(cut_short, again, strict=True))
+        acked += [p for a in again for p in acknowledged(a)]
 
         job_id, victim = kill_a_worker_mid_job(engine, deployment)
         check_results(engine, deployment.orthanc, series, deployment)  # type: ignore[attr-defined]
         (job,) = query(engine, "select attempts, state from jobs where id = :i", i=job_id)
-        assert job.state == "done" and job.attempts == 2
+        assert job.state == "done" and job.attempts >= 2
         check_indexed(engine, acked, deployment)
         counts = {r.series_uid: r.instance_count for r in query(engine, "select series_uid, instance_count from series")}
         assert counts == {s.series_uid: len(s.sop_uids) for s in series}  # each instance indexed once
         assert len(query(engine, "select sop_uid from instances")) == sum(len(s.sop_uids) for s in series)
         spools = {r.spool_id for r in query(engine, "select distinct spool_id from instances")}
-        assert spools == set(deployment.spool_ids())
+        # Listener b's spool holds its own series and every resend; a's, what it had whole before the kill.
+        assert "spool-listener-b" in spools and spools <= set(deployment.spool_ids())
         print(f"\n2 listeners ({cut.config_path.parent.name} killed after {len(acknowledged(answers[0]))}/120 "
-              f"acknowledged), 2 workers ({victim.config_path.parent.name} killed mid-job {job_id}), 6 series: "
+              f"acknowledged; modalities {cut_short} resent), 2 workers ({victim.config_path.parent.name} killed mid-job {job_id}), 6 series: "
               f"{time.monotonic() - t0:.1f} s")
     finally:
         engine.dispose()
