@@ -1,8 +1,9 @@
 """Spool ids: which spool holds each received file, and where a process finds that spool on its own host.
 
-A listener writes under its own spool root (``[node] data_dir``/spool) and records each instance as
-(``instances.spool_id``, ``instances.path``): its ``[node] spool_id`` and the file's path *relative to that root*
-(``<study>/<series>/<sop>.dcm``). Any process reading the file — a worker on a GPU host, the completion sweep of
+A listener writes under its own spool root (``[node] data_dir``/spool) and, once ``[node] spool_id`` is set,
+records each instance as (``instances.spool_id``, ``instances.path``): its spool id and the file's path *relative to
+that root* (``<study>/<series>/<sop>.dcm``). Without a spool id (one machine, the default) rows keep an absolute
+path and no spool id, as they did before spool ids. Any process reading the file — a worker on a GPU host, the completion sweep of
 another listener, retention on the dispatcher's host — resolves it with `Spools.resolve`: its own spool id maps to
 its own spool root, other ids to the mount points in ``[spools]`` (``<id> = "/mnt/..."``). An id it cannot map
 raises `UnknownSpoolError` (the worker fails the job with that message; nothing crashes). Rows written before
@@ -35,8 +36,6 @@ from typing import Any
 from node.config import NodeConfig
 from node.errors import NodeError
 
-LOCAL = "local"  # the default spool id: one machine, the spool under data_dir
-
 
 class UnknownSpoolError(NodeError):
     """An instance row names a spool this process has no mount point for (``[spools]``)."""
@@ -48,16 +47,14 @@ class Spools:
     def __init__(self, config: NodeConfig) -> None:
         self.own_id = config.node.spool_id
         self.own_root = config.node.spool_dir
-        self.roots: dict[str, Path] = {**{k: Path(v) for k, v in config.spools.items()}, self.own_id: self.own_root}
-
-    def relative(self, path: Path) -> str:
-        """What the index stores for a file this process wrote under its own root (POSIX separators)."""
-        return Path(path).relative_to(self.own_root).as_posix()
+        self.roots: dict[str, Path] = {k: Path(v) for k, v in config.spools.items()}
+        if self.own_id is not None:
+            self.roots[self.own_id] = self.own_root
 
     def resolve(self, spool_id: str | None, path: str) -> Path:
         """Where this process reads a file recorded as (``spool_id``, ``path``); raises `UnknownSpoolError`."""
         if spool_id is None:
-            return Path(path)  # written before spool ids: an absolute path on the writer's host
+            return Path(path)  # no spool id (one machine, or written before spool ids): an absolute path
         root = self.roots.get(spool_id)
         if root is None:
             raise UnknownSpoolError(
@@ -98,4 +95,4 @@ def resolve_all(config: NodeConfig, rows: Sequence[Any]) -> list[Any]:
     return Spools(config).rows(rows)
 
 
-__all__ = ["LOCAL", "ResolvedRow", "Spools", "UnknownSpoolError", "resolve_all"]
+__all__ = ["ResolvedRow", "Spools", "UnknownSpoolError", "resolve_all"]

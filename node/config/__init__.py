@@ -97,7 +97,7 @@ class NodeConfig(_Frozen):
     @model_validator(mode="after")
     def _spool_mounts(self) -> NodeConfig:
         for spool_id, root in self.spools.items():
-            if spool_id == self.node.spool_id:
+            if self.node.spool_id is not None and spool_id == self.node.spool_id:
                 raise ValueError(f"spools.{spool_id} names this node's own spool ([node] spool_id), which is "
                                  "always <data_dir>/spool")
             if not root.is_absolute():

@@ -26,7 +26,7 @@ from tests.unit.test_worker import FixedRunner, RecordingSender, queue_job, rece
 DEST = [{"name": "pacs", "kind": "dimse", "ae_title": "PACS", "host": "127.0.0.1", "port": 104}]
 
 
-def _config(data_dir: Path, spool_id: str = "local", spools: dict[str, str] | None = None) -> NodeConfig:
+def _config(data_dir: Path, spool_id: str | None = None, spools: dict[str, str] | None = None) -> NodeConfig:
     return NodeConfig.model_validate({
         "node": {"data_dir": str(data_dir), "spool_id": spool_id}, "spools": spools or {},
         "queue": {"max_attempts": 1, "retry_delay_seconds": 0},
@@ -84,7 +84,7 @@ def test_an_unmapped_spool_fails_the_job_with_a_clear_error(shared, tmp_path):
 
 
 def test_rows_from_before_spool_ids_keep_their_absolute_path(tmp_path):
-    spools = Spools(_config(tmp_path / "d"))
+    spools = Spools(_config(tmp_path / "d", "local"))
     assert spools.resolve(None, "/var/old/spool/1/2/3.dcm") == Path("/var/old/spool/1/2/3.dcm")
     assert spools.resolve("local", "1/2/3.dcm") == tmp_path / "d" / "spool" / "1/2/3.dcm"
     with pytest.raises(UnknownSpoolError):
@@ -104,3 +104,17 @@ def test_a_spool_without_an_id_writes_absolute_paths_as_before(tmp_path):
 def test_spool_mount_points_are_checked(tmp_path, spools, message):
     with pytest.raises((ValueError, ConfigError), match=message):
         _config(tmp_path, "local", spools)
+
+
+def test_without_a_spool_id_a_node_records_absolute_paths_as_before(tmp_path):
+    """The default (one machine): the node's own Spool has no id, rows keep absolute paths and a NULL spool id."""
+    config = _config(tmp_path / "d")
+    assert config.node.spool_id is None and Spools(config).roots == {}
+    engine = create_engine_for(f"sqlite:///{tmp_path / 'node.db'}")
+    init_schema(engine)
+    receive(Ingestor(Spool(config.node.spool_dir, spool_id=config.node.spool_id), Index(engine)), tmp_path, "s",
+            slices=4, seed=4)
+    with engine.connect() as conn:
+        rows = list(conn.execute(sa.select(instances.c.spool_id, instances.c.path)))
+    engine.dispose()
+    assert rows and all(r.spool_id is None and Path(r.path).is_absolute() and Path(r.path).is_file() for r in rows)
