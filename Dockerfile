@@ -22,7 +22,9 @@ COPY node ./node
 COPY models ./models
 COPY config ./config
 COPY deploy/docker-entrypoint.sh /usr/local/bin/pacsnode-entrypoint
-RUN pip install . && python -c "import node.service, models.registry"
+# Optional extras (e.g. --build-arg EXTRAS=postgres for the PostgreSQL driver; docker-compose.scale.yml sets it).
+ARG EXTRAS=""
+RUN pip install ".${EXTRAS:+[$EXTRAS]}" && python -c "import node.service, models.registry"
 
 USER pacsnode
 VOLUME ["/data"]

@@ -175,6 +175,7 @@ class AuditTrail:
                  on_failure: Callable[[str], None] | None = None, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self.path = self.file_for(settings, data_dir)
+        self.spool_root = Path(data_dir) / "spool"  # where this process's index paths are relative to (node.spools)
         self.ae_title = ae_title
         self.hostname = socket.gethostname()
         self._on_failure = on_failure

@@ -23,8 +23,10 @@ from node.schema import instances
 log = get_logger(component="audit")
 
 
-def received_studies(engine: Engine, association_id: str) -> list[StudySummary]:
-    """The studies whose instances were last stored by ``association_id`` (an association or STOW request id)."""
+def received_studies(engine: Engine, association_id: str, spool_root: Path | None = None) -> list[StudySummary]:
+    """The studies whose instances were last stored by ``association_id`` (an association or STOW request id);
+    ``spool_root``: the spool of the process that stored them, which relative index paths are under (node.spools;
+    an absolute path from before spool ids stays as it is)."""
     i = instances.c
     with reading(engine, "audit summary") as conn:
         rows = list(conn.execute(
@@ -38,7 +40,7 @@ def received_studies(engine: Engine, association_id: str) -> list[StudySummary]:
         study = studies.setdefault(study_uid, StudySummary(study_uid))
         study.counts[sop_class_uid] = int(n)
         if not study.patient_ids and path:
-            patient = patient_id_of(path)
+            patient = patient_id_of(spool_root / path if spool_root is not None else path)
             if patient:
                 study.patient_ids.add(patient)
     return list(studies.values())
@@ -85,7 +87,7 @@ def audit_received(audit: AuditTrail | None, engine: Engine, association_id: str
     if audit is None or not audit.settings.enabled:
         return
     try:
-        studies = received_studies(engine, association_id)
+        studies = received_studies(engine, association_id, getattr(audit, "spool_root", None))
     except Exception:
         log.exception("audit_summary_failed", association_id=association_id)
         audit.emit_failed("file", "received studies not read")

@@ -40,6 +40,7 @@ from node.metrics import Metrics
 from node.queue import JobQueue
 from node.routing import Decision, read_header, route
 from node.schema import associations, instances, series
+from node.spools import Spools
 from node.stack import analyse_stack
 from node.states import NODE_MANUFACTURER, AssociationState, SeriesState
 from node.supervise import Heartbeats, failure
@@ -193,7 +194,7 @@ class CompletionSweeper:
                 reason = decide(row, rows, sending, now, self.config.completion, self.config.gate.spacing_tolerance_mm)
                 if reason is None:
                     continue
-                version = self._complete(row, rows, reason)
+                version = self._complete(row, Spools(self.config).rows(rows), reason)  # paths as this host reads them
             except SQLAlchemyError:
                 raise  # the database itself failed: this sweep ends, the next one tries again
             except Exception as exc:  # noqa: BLE001 - one series that breaks the rule or routing must not hold up the rest

@@ -12,6 +12,7 @@
     │   └── StoreFailedError            0xA701  out of resources: the spool or the index could not be written
     ├── DatabaseError                   the database could not be read or written (outside a C-STORE)
     │   └── SchemaError                 its schema is one this release cannot run on (unknown or older revision)
+    ├── UnknownSpoolError               (node.spools) an instance is on a spool this process has no mount point for
     ├── SendError                       an SCU operation (echo, send, dispatch, commitment, checks) failed
     │   ├── TransientSendError          (node.senders) retry later: peer down, busy, refused association
     │   ├── PermanentSendError          (node.senders) dead-letter now: the PACS refuses these objects

@@ -55,6 +55,7 @@ class InstanceRecord:
     images_in_acquisition: int | None = None
     calling_ae: str | None = None
     association_id: str | None = None
+    spool_id: str | None = None  # the spool holding ``path`` (then relative to its root; node.spools)
 
 
 class Index:

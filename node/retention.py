@@ -33,6 +33,7 @@ from node.config import NodeConfig
 from node.logs import get_logger
 from node.loops import LoopThread
 from node.schema import deliveries, instances, jobs, results, series
+from node.spools import Spools
 from node.states import DeliveryState, JobState, SeriesState
 
 _DAY = 86400.0
@@ -157,8 +158,10 @@ class Retention:
     def _purge_instances(self, series_uid: str, report: PurgeReport, dry_run: bool) -> None:
         with self.engine.connect() as conn:
             rows = conn.execute(
-                sa.select(instances.c.sop_uid, instances.c.path).where(instances.c.series_uid == series_uid)
+                sa.select(instances.c.sop_uid, instances.c.path, instances.c.spool_id)
+                .where(instances.c.series_uid == series_uid)
             ).all()
+        rows = Spools(self.config).rows(rows)  # paths on this host; an unmapped spool fails this purge, rows kept
         if not rows or series_uid in report.series:
             return
         report.series.append(series_uid)
@@ -179,7 +182,8 @@ class Retention:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(r.path)
             folders.add(Path(r.path).parent)
-        _remove_empty(folders, self.config.node.spool_dir)
+        for root in Spools(self.config).roots.values():
+            _remove_empty([f for f in folders if root in f.parents], root)
 
     def _purge_results(self, series_uid: str, report: PurgeReport, dry_run: bool) -> None:
         with self.engine.connect() as conn:

@@ -69,6 +69,9 @@ instances = sa.Table(
     sa.Column("received_at", sa.Float, nullable=False),
     sa.Column("calling_ae", sa.String(16)),
     sa.Column("association_id", sa.String(32)),
+    # The spool holding the file (node.spools); ``path`` is then relative to that spool's root. NULL: an older row
+    # whose ``path`` is absolute.
+    sa.Column("spool_id", sa.String(40)),
 )
 
 jobs = sa.Table(

@@ -33,8 +33,9 @@ class SpooledFile:
 class Spool:
     """Files under ``root/<study>/<series>/<sop>.dcm``; the root must already be writable."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, spool_id: str | None = None) -> None:
         self.root = Path(root)
+        self.spool_id = spool_id  # set: the index records paths relative to root under this id (node.spools)
         self.root.mkdir(parents=True, exist_ok=True)
         self._synced: set[Path] = set()  # folders whose own entry (and their parent's) is known durable
 
@@ -57,7 +58,12 @@ class Spool:
         tmp = folder / f".{final.name}.{secrets.token_hex(6)}.tmp"
         try:
             new_dirs = self._make_dirs(folder)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            except FileNotFoundError:  # a folder remembered as made was removed since (retention, another host)
+                self._synced.discard(folder)
+                new_dirs = self._make_dirs(folder)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             try:
                 for chunk in chunks:
                     view = memoryview(chunk)
@@ -83,6 +89,11 @@ class Spool:
                 raise SpoolFullError(f"spool is full writing {sop_uid}: {exc.strerror}") from exc
             raise StoreFailedError(f"spool write failed for {sop_uid}: {exc.strerror or exc}") from exc
         return SpooledFile(path=final, size=size, sha256=digest.hexdigest())
+
+    def key(self, path: Path) -> str:
+        """What the index records as the file's path: relative to the root when this spool has an id (a reader
+        on another host resolves it through node.spools), else absolute."""
+        return Path(path).relative_to(self.root).as_posix() if self.spool_id is not None else str(path)
 
     @staticmethod
     def sync_dirs(folders: Iterable[Path]) -> None:

@@ -54,6 +54,7 @@ from node.results import (
 )
 from node.schema import instances, results, series
 from node.spool import Spool
+from node.spools import Spools
 from node.states import JobState
 from node.supervise import Heartbeats, failure
 
@@ -254,8 +255,11 @@ class Worker:
             return state
 
     def _instances(self, series_uid: str) -> list[Any]:
+        """The series' index rows, each ``path`` resolved to where this host reads the file (node.spools; a row on
+        a spool this host cannot reach raises `UnknownSpoolError`, which fails the job with that message)."""
         with self.engine.connect() as conn:
-            return list(conn.execute(sa.select(instances).where(instances.c.series_uid == series_uid)))
+            rows = list(conn.execute(sa.select(instances).where(instances.c.series_uid == series_uid)))
+        return Spools(self.config).rows(rows)
 
     def _series_row(self, series_uid: str) -> Any:
         with self.engine.connect() as conn:

@@ -14,7 +14,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import Field, ValidationError, model_validator
 
@@ -74,6 +74,8 @@ class NodeConfig(_Frozen):
     destinations: tuple[Destination, ...] = ()
     routes: tuple[Route, ...] = DEFAULT_ROUTES
     tls: TlsSection = TlsSection()
+    # Other hosts' spools by spool id → where this host mounts them (node.spools); absolute paths.
+    spools: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,39}$")], Path] = {}
     source: str | None = Field(default=None, exclude=True)
 
     @model_validator(mode="after")
@@ -90,6 +92,16 @@ class NodeConfig(_Frozen):
             self.node.http_port, self.node.port if self.tls.plaintext_dimse else None
         ):
             raise ValueError(f"tls.dimse_port {self.tls.dimse_port} is already [node] port or http_port")
+        return self
+
+    @model_validator(mode="after")
+    def _spool_mounts(self) -> NodeConfig:
+        for spool_id, root in self.spools.items():
+            if self.node.spool_id is not None and spool_id == self.node.spool_id:
+                raise ValueError(f"spools.{spool_id} names this node's own spool ([node] spool_id), which is "
+                                 "always <data_dir>/spool")
+            if not root.is_absolute():
+                raise ValueError(f"spools.{spool_id} must be an absolute path, not {str(root)!r}")
         return self
 
     def http_authenticates(self) -> bool:

@@ -65,6 +65,10 @@ class NodeSection(_Frozen):
     process_model: ProcessModel = ProcessModel.THREADS
     listener_processes: Annotated[int, Field(ge=1, le=64)] = 1  # listener children sharing the ports (processes)
     wake_poll_seconds: Annotated[float, Field(gt=0, le=10)] = 0.1  # a role process polls the database this often
+    # Which spool this process writes (node.spools): recorded on each instance row with the path relative to the
+    # spool root, so processes on other hosts find the file through their [spools] mount points. None: one machine,
+    # rows keep absolute paths and no spool id (as before spool ids).
+    spool_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,39}$")] | None = None
 
     @property
     def spool_dir(self) -> Path:
