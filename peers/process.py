@@ -34,11 +34,31 @@ def find_tool(name: str) -> str:
     return path
 
 
+_handed_out: set[int] = set()
+
+
+def _port_share() -> tuple[int, int]:
+    """(this test worker's index, the number of workers) under pytest-xdist; (0, 1) otherwise."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    return (int(worker[2:]) % count if worker.startswith("gw") and worker[2:].isdigit() else 0), max(count, 1)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A TCP port nothing listens on right now (the OS picks it) that this process has not handed out before.
+
+    Between this call and the peer's bind another process could be given the same port; under pytest-xdist each
+    worker therefore only takes ports of its own residue (``port % workers == index``), so two test workers never
+    race for one port."""
+    share, workers = _port_share()
+    for _ in range(10_000):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if port % workers == share and port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise PeerError("no free TCP port left for this test worker")
 
 
 def peer_env() -> dict[str, str]:

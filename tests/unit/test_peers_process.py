@@ -71,3 +71,14 @@ def test_a_missing_tool_is_peer_missing(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(PeerMissingError, match="no-such-peer-tool is not installed"):
         find_tool("no-such-peer-tool")
+
+
+def test_free_port_never_repeats_and_keeps_to_its_xdist_workers_share(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "3")
+    for index in range(3):
+        monkeypatch.setenv("PYTEST_XDIST_WORKER", f"gw{index}")
+        ports = [free_port() for _ in range(30)]
+        assert len(set(ports)) == len(ports)
+        assert {port % 3 for port in ports} == {index}
+        with socket.socket() as s:  # and each is really free
+            s.bind(("127.0.0.1", ports[-1]))
