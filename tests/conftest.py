@@ -8,7 +8,7 @@ objects: `start_node` → `NodeProcess`, `orthanc_factory` → `OrthancServer`, 
 The harness helpers the tests use are importable from here as well as from `peers`.
 
 The database every test node runs on is chosen in one place, `node_database` (``--node-db=sqlite|postgres``, default
-from ``PACSNODE_TEST_DB``, else SQLite): on PostgreSQL each node gets a fresh database on the session's one cluster
+from ``TEST_NODE_DB`` (not ``PACSNODE_*``: the config loader would take that for an override), else SQLite): on PostgreSQL each node gets a fresh database on the session's one cluster
 (`postgres_server`). `start_node` uses it; a test that launches a node itself, or builds the node's components in
 process, asks it for a URL.
 """
@@ -40,8 +40,8 @@ from peers.orthanc import OrthancServer
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
-        "--node-db", choices=("sqlite", "postgres"), default=os.environ.get("PACSNODE_TEST_DB") or "sqlite",
-        help="the database the integration tests' nodes run on (default: $PACSNODE_TEST_DB, else sqlite)",
+        "--node-db", choices=("sqlite", "postgres"), default=os.environ.get("TEST_NODE_DB") or "sqlite",
+        help="the database the integration tests' nodes run on (default: $TEST_NODE_DB, else sqlite)",
     )
 
 
