@@ -8,7 +8,7 @@ DEMODEPS := $(VENV)/.installed-demo
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: serve test demo lint typecheck sysdeps bench bench-e2e venv clean
+.PHONY: serve test test-pg demo lint typecheck sysdeps bench bench-e2e venv clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -45,6 +45,11 @@ typecheck: $(TESTDEPS)
 
 test: $(TESTDEPS) sysdeps lint typecheck
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The integration suite again with every node on a fresh database of one throwaway PostgreSQL cluster
+# (tests/conftest.py `node_database`; the same as TEST_NODE_DB=postgres). Not part of `make test`: see README "Tests".
+test-pg: $(TESTDEPS) sysdeps
+	$(BIN)/pytest --node-db=postgres tests/integration $(PYTEST_ARGS)
 
 bench: $(TESTDEPS) sysdeps
 	$(BIN)/python -m benchmarks.ingest

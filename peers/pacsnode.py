@@ -1,7 +1,8 @@
 """The node as a peer: `pacsnode serve` run as a child process from this checkout, stopped by PID.
 
 `NodeProcess(config_path, port=...)` runs a node on a complete config file; `launch_node(workdir, ...)` writes a
-small config (loopback, free ports, data under ``workdir``, plus ``extra_toml``) and starts it. Both return once
+small config (loopback, free ports, data under ``workdir``, plus ``extra_toml``; ``database_url`` adds a
+``[database]`` table, e.g. a PostgreSQL database, instead of the default SQLite file) and starts it. Both return once
 the node's DIMSE port answers. The child runs ``python -m node.cli`` with this checkout as its working folder, so
 it runs the checkout's code whatever is installed, and without ``PACSNODE_*`` variables (its config is complete;
 overrides meant for another node, or a test's own settings, must not reach it).
@@ -28,7 +29,8 @@ def node_env() -> dict[str, str]:
 class NodeProcess(PeerProcess):
     """`pacsnode serve --config config_path` listening for DIMSE on ``port``; its output goes to ``log_path``
     (a fresh file each start; None: discarded). ``args`` go after the config (e.g. ``--log-level WARNING``).
-    ``data_dir`` and ``http_port`` are what the config says, for the helpers below."""
+    ``data_dir``, ``http_port`` and ``database_url`` (None: the default SQLite file in ``data_dir``) are what the
+    config says, for the helpers below."""
 
     config_path: Path
     port: int
@@ -37,6 +39,7 @@ class NodeProcess(PeerProcess):
     data_dir: Path | None = None
     http_port: int = 0
     args: tuple[str, ...] = ()
+    database_url: str | None = None
     append_log = False
 
     def start(self, timeout: float = 120.0) -> NodeProcess:
@@ -56,8 +59,8 @@ class NodeProcess(PeerProcess):
 
     @property
     def db_url(self) -> str:
-        """The SQLite index of a node on the default database."""
-        return f"sqlite:///{self._data / 'node.db'}"
+        """The node's database: its ``[database] url``, or the default SQLite file in its data_dir."""
+        return self.database_url or f"sqlite:///{self._data / 'node.db'}"
 
     @property
     def _data(self) -> Path:
@@ -69,10 +72,12 @@ class NodeProcess(PeerProcess):
 def launch_node(
     workdir: Path, *, port: int | None = None, allowed: list[str] | None = None, extra_toml: str = "",
     ae_title: str = "PACSNODE", http_port: int | None = None, args: tuple[str, ...] = (), timeout: float = 120.0,
+    database_url: str | None = None,
 ) -> NodeProcess:
     """Write ``workdir/node.toml`` (``[node]`` on 127.0.0.1, the given or a free DIMSE and HTTP port, data in
     ``workdir/data``, ``allowed`` calling AE titles; ``extra_toml`` continues the ``[node]`` table or adds
-    sections) and start the node on it, logging to ``workdir/node.log``. Stop it with ``.stop()``."""
+    sections; ``database_url``, when given, is written as ``[database] url`` after it) and start the node on it,
+    logging to ``workdir/node.log``. Stop it with ``.stop()``."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     http_port = http_port or free_port()
@@ -89,8 +94,9 @@ data_dir = {json.dumps(str(data_dir))}
 http_port = {http_port}
 {extra_toml}
 """
+        + (f"\n[database]\nurl = {json.dumps(database_url)}\n" if database_url else "")
     )
-    node = NodeProcess(config_path, port, workdir / "node.log", ae_title, data_dir, http_port, args)
+    node = NodeProcess(config_path, port, workdir / "node.log", ae_title, data_dir, http_port, args, database_url)
     return node.start(timeout)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -34,11 +35,48 @@ def find_tool(name: str) -> str:
     return path
 
 
+_handed_out: set[int] = set()
+
+
+def _port_share() -> tuple[int, int]:
+    """(this test worker's index, the number of workers) under pytest-xdist; (0, 1) otherwise."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    return (int(worker[2:]) % count if worker.startswith("gw") and worker[2:].isdigit() else 0), max(count, 1)
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A TCP port nothing listens on right now that this process has not handed out before.
+
+    Between this call and the peer's bind another process could be given the same port. Alone, the OS picks it
+    (bind to port 0). Under pytest-xdist each worker tries random ports of its own residue (``port % workers ==
+    index``) in the ephemeral range, so two test workers never race for one port (the kernel's own pick is no use
+    there: Linux hands out even ports to bind(0))."""
+    share, workers = _port_share()
+    low, high = _ephemeral_range()
+    for _ in range(10_000):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            if workers == 1:
+                s.bind((host, 0))
+            else:
+                candidate = random.randrange(low, high + 1 - workers)
+                try:
+                    s.bind((host, candidate - candidate % workers + share))
+                except OSError:
+                    continue
+            port = int(s.getsockname()[1])
+        if port % workers == share and port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise PeerError("no free TCP port left for this test worker")
 
 
 def peer_env() -> dict[str, str]:

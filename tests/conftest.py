@@ -7,6 +7,11 @@ CI (``CI=true``) it fails, so a broken install step cannot hide behind skips: `m
 objects: `start_node` → `NodeProcess`, `orthanc_factory` → `OrthancServer`, `postgres_server` → `PostgresServer`;
 `db_url` gives a fresh database of each backend and `engine` an engine over it with the schema.
 The harness helpers the tests use are importable from here as well as from `peers`.
+
+The database every test node runs on is chosen in one place, `node_database` (``--node-db=sqlite|postgres``, default
+from ``TEST_NODE_DB`` (not ``PACSNODE_*``: the config loader would take that for an override), else SQLite): on PostgreSQL each node gets a fresh database on the session's one cluster
+(`postgres_server`). `start_node` uses it; a test that launches a node itself, or builds the node's components in
+process, asks it for a URL.
 """
 
 from __future__ import annotations
@@ -32,6 +37,13 @@ from peers import (  # noqa: F401  (re-exported: the tests import these from her
     wait_until,
 )
 from peers.orthanc import OrthancServer
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--node-db", choices=("sqlite", "postgres"), default=os.environ.get("TEST_NODE_DB") or "sqlite",
+        help="the database the integration tests' nodes run on (default: $TEST_NODE_DB, else sqlite)",
+    )
 
 
 def missing_peer(message: str) -> NoReturn:
@@ -89,17 +101,43 @@ def require_weights() -> None:
         missing_peer(f"model weights are not available: {exc}")
 
 
+class NodeDatabases:
+    """The backend the test nodes run on (``--node-db``). `for_node()` is a node's ``[database] url``: None on
+    SQLite (the node's default file in its data_dir), a fresh database on PostgreSQL; `fresh(sqlite_file)` is a
+    fresh database's URL for a test that builds the node's components itself."""
+
+    def __init__(self, request: pytest.FixtureRequest) -> None:
+        self.backend: str = request.config.getoption("--node-db")
+        self._request = request
+
+    @property
+    def postgres(self) -> bool:
+        return self.backend == "postgres"
+
+    def for_node(self) -> str | None:
+        return str(self._request.getfixturevalue("postgres_server").create_database()) if self.postgres else None
+
+    def fresh(self, sqlite_file: Path) -> str:
+        return self.for_node() or f"sqlite:///{sqlite_file}"
+
+
+@pytest.fixture(scope="session")
+def node_database(request: pytest.FixtureRequest) -> NodeDatabases:
+    """The one place the integration tests' database backend is chosen (`NodeDatabases`)."""
+    return NodeDatabases(request)
+
+
 @pytest.fixture
-def start_node(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
-    """Factory: start `pacsnode serve` on a free port with a temporary config (`launch_node`); each returns its
-    `NodeProcess`, stopped by PID at teardown."""
+def start_node(tmp_path: Path, node_database: NodeDatabases) -> Iterator[Callable[..., NodeProcess]]:
+    """Factory: start `pacsnode serve` on a free port with a temporary config (`launch_node`) on a fresh database
+    of the chosen backend (`node_database`); each returns its `NodeProcess`, stopped by PID at teardown."""
     started: list[NodeProcess] = []
 
     def _start(
         *, allowed: list[str] | None = None, extra_toml: str = "", ae_title: str = "PACSNODE", port: int | None = None
     ) -> NodeProcess:
         node = launch_node(tmp_path / f"node-{len(started)}", port=port, allowed=allowed, extra_toml=extra_toml,
-                           ae_title=ae_title)
+                           ae_title=ae_title, database_url=node_database.for_node())
         started.append(node)
         return node
 

@@ -44,7 +44,7 @@ SLICE = 256  # 256² CT slices: ~129 KiB per file
 
 
 @pytest.fixture
-def tmpfs_node(tmp_path):
+def tmpfs_node(tmp_path, node_database):
     """A node whose data_dir is a fresh tmpfs mount; stopped, then unmounted, at teardown."""
     workdir = tmp_path / "node"
     mount = workdir / "data"  # launch_node's data_dir
@@ -67,7 +67,7 @@ reserve_free_bytes = {RESERVE}
 reserve_free_percent = 0
 retry_after_seconds = {RETRY_AFTER}
 check_interval_seconds = 0.25
-""")
+""", database_url=node_database.for_node())
         assert node.data_dir == mount
         yield node
     finally:

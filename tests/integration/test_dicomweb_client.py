@@ -31,10 +31,11 @@ TOKEN = "integration-token"
 
 
 @pytest.fixture
-def server(tmp_path):
-    """The node's HTTP app on a real uvicorn server (free port, bearer token required)."""
+def server(tmp_path, node_database):
+    """The node's HTTP app on a real uvicorn server (free port, bearer token required), on the chosen database."""
     config = NodeConfig.model_validate(
-        {"node": {"data_dir": str(tmp_path / "data"), "host": "127.0.0.1", "http_port": free_port()}}
+        {"node": {"data_dir": str(tmp_path / "data"), "host": "127.0.0.1", "http_port": free_port()},
+         "database": {"url": node_database.for_node() or ""}}
     )
     engine = create_engine_for(config.database_url)
     init_schema(engine)

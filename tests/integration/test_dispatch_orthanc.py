@@ -78,8 +78,8 @@ def orthanc(pacs: OrthancServer) -> OrthancServer:
 
 
 @pytest.fixture
-def engine(tmp_path: Path) -> Iterator[sa.Engine]:
-    eng = create_engine_for(f"sqlite:///{tmp_path / 'node.db'}")
+def engine(tmp_path: Path, node_database) -> Iterator[sa.Engine]:
+    eng = create_engine_for(node_database.fresh(tmp_path / "node.db"))
     init_schema(eng)
     yield eng
     eng.dispose()

@@ -81,13 +81,13 @@ def _slowloris(sock: socket.socket, stop: threading.Event, closed: list[bool]) -
         sock.close()
 
 
-def test_legitimate_peers_get_through_a_burst_of_hostile_ones_and_memory_stays_flat(tmp_path):
+def test_legitimate_peers_get_through_a_burst_of_hostile_ones_and_memory_stays_flat(tmp_path, node_database):
     echoscu, curl = require_tool("echoscu"), require_tool("curl")
     node = launch_node(tmp_path / "node", extra_toml=(
         f"max_associations = 16\nmax_associations_per_peer = {PER_PEER}\n"
         f"association_timeout_seconds = {ASSOCIATION_TIMEOUT}\nhttp_header_timeout_seconds = {HEADER_TIMEOUT}\n"
         f"http_max_connections_per_peer = {HTTP_PER_PEER}\n[worker]\nenabled = false\n"
-    ))
+    ), database_url=node_database.for_node())
     opened: list[socket.socket] = []
     stop = threading.Event()
     try:

@@ -92,9 +92,9 @@ def process(report: dict, name: str) -> dict:
     return next(p for p in report["processes"]["processes"] if p["name"] == name)
 
 
-def test_two_listener_processes_share_the_port_and_a_killed_one_loses_nothing(tmp_path):
+def test_two_listener_processes_share_the_port_and_a_killed_one_loses_nothing(tmp_path, node_database):
     require_tool("storescu")
-    node = launch_node(tmp_path / "node", extra_toml=NODE_TOML)
+    node = launch_node(tmp_path / "node", extra_toml=NODE_TOML, database_url=node_database.for_node())
     try:
         _scenario(node, tmp_path)
         # The supervisor killed with SIGKILL: its children stop too (PR_SET_PDEATHSIG), nothing keeps the port.

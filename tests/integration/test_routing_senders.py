@@ -99,14 +99,15 @@ class Site:
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+def site(tmp_path_factory: pytest.TempPathFactory, node_database) -> Iterator[Site]:
     """The module's node and Orthanc (a graceful Orthanc stop and a node start cost seconds: share them)."""
     require_tool("storescu")
     require_weights()
     workdir = tmp_path_factory.mktemp("site")
     node_port = free_port()
     with OrthancServer(workdir / "orthanc", modalities={"node": ("PACSNODE", "127.0.0.1", node_port)}) as orthanc:
-        node = launch_node(workdir / "node", port=node_port, extra_toml=node_toml(orthanc))
+        node = launch_node(workdir / "node", port=node_port, extra_toml=node_toml(orthanc),
+                           database_url=node_database.for_node())
         engine = sa.create_engine(node.db_url)
         try:
             yield Site(node, orthanc, engine)

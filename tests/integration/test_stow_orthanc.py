@@ -33,9 +33,9 @@ def config_for(url: str, data_dir) -> NodeConfig:
     })
 
 
-def test_stow_delivers_to_orthanc_dicomweb_and_retries_a_wrong_url(orthanc, tmp_path):
+def test_stow_delivers_to_orthanc_dicomweb_and_retries_a_wrong_url(orthanc, tmp_path, node_database):
     series = write_ct_series(tmp_path / "results", slices=2, size=16, seed=9)
-    engine = create_engine_for(f"sqlite:///{tmp_path / 'd.db'}")
+    engine = create_engine_for(node_database.fresh(tmp_path / "d.db"))
     init_schema(engine)
     good = f"{orthanc.url}/dicom-web"
     wrong = config_for(f"{orthanc.url}/no-such-root", tmp_path)

@@ -71,3 +71,15 @@ def test_a_missing_tool_is_peer_missing(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(PeerMissingError, match="no-such-peer-tool is not installed"):
         find_tool("no-such-peer-tool")
+
+
+def test_free_port_never_repeats_and_keeps_to_its_xdist_workers_share(monkeypatch: pytest.MonkeyPatch):
+    for workers in (2, 3):  # 2: Linux gives bind(0) even ports only, so the odd worker needs its own pick
+        monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", str(workers))
+        for index in range(workers):
+            monkeypatch.setenv("PYTEST_XDIST_WORKER", f"gw{index}")
+            ports = [free_port() for _ in range(30)]
+            assert len(set(ports)) == len(ports)
+            assert {port % workers for port in ports} == {index}
+            with socket.socket() as s:  # and each is really free
+                s.bind(("127.0.0.1", ports[-1]))
