@@ -245,15 +245,17 @@ class GuardedSocket(AssociationSocket):
     @property
     def ready(self) -> bool:
         """The DUL reactor's per-pass check for incoming data. With a doorbell (`node.reactorwait`): waits up to
-        `IDLE_WAIT` for data or for something queued to send, instead of the reactor's 1 ms sleep before a
+        `IDLE_WAIT` for data or for something queued to send (not at all while the DUL has events queued), instead of the reactor's 1 ms sleep before a
         zero-timeout check; after the connection closed it sleeps 1 ms as pynetdicom's loop did (no spinning)."""
         bell, sock = self.doorbell, self.socket
         if bell is None or sock is None or not self._is_connected:
             if bell is not None:
                 time.sleep(0.001)
             return bool(AssociationSocket.ready.fget(self))  # type: ignore[attr-defined]
+        dul = self.assoc.dul
+        busy = not (dul.event_queue.empty() and dul.to_provider_queue.empty())  # handled after this check: no wait
         try:
-            return wait_readable(sock, bell)
+            return wait_readable(sock, bell, busy)
         except (OSError, ValueError):  # closed meanwhile: pynetdicom's own check queues the transport event
             return bool(AssociationSocket.ready.fget(self))  # type: ignore[attr-defined]
 

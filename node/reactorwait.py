@@ -11,7 +11,7 @@ time goes"). pynetdicom has no setting for this (``_run_loop_delay`` 0 would mak
 `install(assoc)` (called by `node.acceptor` for each accepted connection, before the association's thread starts)
 replaces the polling with waits that end as soon as there is work, using pynetdicom's own loops unchanged:
 
-- the DUL's two queues (``to_provider_queue``, ``to_user_queue``) and the DIMSE provider's ``msg_queue`` become
+- the DUL's three queues (``event_queue``, ``to_provider_queue``, ``to_user_queue``) and the DIMSE provider's ``msg_queue`` become
   `BellQueue` s, which ring a `Doorbell` on every put: the DUL's bell is a socket pair, so it can be waited on
   together with the peer's socket; the association's is a `threading.Event`;
 - ``_run_loop_delay`` becomes 0 and `node.guard.GuardedSocket.ready` (the DUL's per-pass socket check) waits in
@@ -84,6 +84,7 @@ def install(assoc: Association) -> None:
     dul_bell = Doorbell()
     assoc_bell = threading.Event()
 
+    dul.event_queue = BellQueue(dul_bell.ring, dul.event_queue)  # state machine events (Evt5 queued already)
     dul.to_provider_queue = BellQueue(dul_bell.ring, dul.to_provider_queue)  # our side's primitives to send
     dul.to_user_queue = BellQueue(assoc_bell.set, dul.to_user_queue)  # ACSE primitives from the peer
     dimse.msg_queue = BellQueue(assoc_bell.set, dimse.msg_queue)  # complete DIMSE messages
@@ -92,13 +93,14 @@ def install(assoc: Association) -> None:
     dimse.bell = assoc_bell
 
 
-def wait_readable(sock: socket.socket, bell: Doorbell) -> bool:
-    """Wait at most `IDLE_WAIT` until ``sock`` is readable or ``bell`` rang; whether ``sock`` is readable. Raises
+def wait_readable(sock: socket.socket, bell: Doorbell, busy: bool = False) -> bool:
+    """Wait at most `IDLE_WAIT` until ``sock`` is readable or ``bell`` rang; whether ``sock`` is readable. ``busy``
+    (the DUL has events or primitives queued, which its loop handles only after this check): do not wait. Raises
     `OSError` / `ValueError` as ``select`` does for a closed socket."""
     pending = getattr(sock, "pending", None)  # TLS: decrypted bytes buffered that select cannot see
     if pending is not None and pending():
         return True
-    ready, _, _ = select.select([sock, bell.reader], [], [], IDLE_WAIT)
+    ready, _, _ = select.select([sock, bell.reader], [], [], 0 if busy else IDLE_WAIT)
     if bell.reader in ready:
         bell.drain()
     return sock in ready
