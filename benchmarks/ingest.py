@@ -2,19 +2,26 @@
 
     make bench                      # or: .venv/bin/python -m benchmarks.ingest [--files 1000] [--size 128]
     .venv/bin/python -m benchmarks.ingest --lean --only pacs-ai-node   # the node without its worker, alone
+    .venv/bin/python -m benchmarks.ingest --nodes threads processes:2  # which node variants to run
 
-Writes N small CT files (default 1,000 × ~34 KB), then for each receiver runs one `storescu` association with all
-files, and four concurrent `storescu` processes with a quarter each; prints images/s, MB/s and the node's ratio to
-each peer. After each node run it checks that every acknowledged instance (storescu exits non-zero on any failure,
-so: every file sent) is in the spool and in the index, and prints the node's peak RSS (VmHWM, the largest of its
-process and any child processes, e.g. listener processes). Every peer runs with TCP_NODELAY=1 (see docs/peers.md). Receivers are started on free loopback ports
-with temporary storage and stopped by PID (the receivers and storescu come from `peers`). storescp does no fsync;
-Orthanc fdatasyncs each file; the node fsyncs the file and its folder and commits an index row before answering.
+Writes N small CT files (default 1,000 × ~34 KB, one series), then for each receiver runs one `storescu` association
+with all files, and four concurrent `storescu` processes with a quarter each; prints images/s, MB/s and each
+receiver's ratio to Orthanc and to DCMTK storescp from the same run. The node runs in each of the ``--nodes``
+variants: ``threads`` (`pacsnode serve`, every stage in one process) and ``processes:N`` (``process_model =
+"processes"``, N listener processes sharing the port, the worker — enabled unless ``--lean`` — and the dispatcher in
+processes of their own: the node as deployed for receiving). After each node run it checks that every acknowledged
+instance (storescu exits non-zero on any failure, so: every file sent) is in the spool and in the index, and prints
+the peak RSS (VmHWM) of the receiving process — the listener children's largest with ``processes``, the node's own
+with ``threads`` — and of the whole process tree. Every peer runs with TCP_NODELAY=1 (see docs/peers.md). Receivers
+are started on free loopback ports with temporary storage and stopped by PID (the receivers and storescu come from
+`peers`). storescp does no fsync; Orthanc fdatasyncs each file; the node fsyncs the file and its folder and
+commits an index row before answering.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sqlite3
 import sys
 import tempfile
@@ -34,6 +41,7 @@ from peers import (
     free_port,
     launch_node,
     storescu,
+    wait_until,
 )
 from peers.ctgen import write_ct_series
 
@@ -55,18 +63,47 @@ def orthanc(work: Path, port: int) -> PeerProcess:
 
 
 LEAN = False  # --lean: the node without its worker (no TensorFlow in the process; the receive path alone)
+NODE = "pacs-ai-node"
 
 
-def node(work: Path, port: int) -> PeerProcess:
-    worker = "[worker]\nenabled = false\n" if LEAN else ""
-    return launch_node(work / "node", port=port, extra_toml=f"[completion]\nstable_seconds = 3600\n{worker}",
-                       args=("--log-level", "WARNING"))
+def node_starter(model: str, listeners: int) -> Callable[[Path, int], PeerProcess]:
+    """A launcher for the node in process model ``model`` ("threads" or "processes" with ``listeners``)."""
+
+    def start(work: Path, port: int) -> PeerProcess:
+        processes = f'process_model = "processes"\nlistener_processes = {listeners}\n' if model == "processes" else ""
+        worker = "[worker]\nenabled = false\n" if LEAN else ""
+        started = launch_node(work / "node", port=port, args=("--log-level", "WARNING"),
+                              extra_toml=f"{processes}[completion]\nstable_seconds = 3600\n{worker}")
+        # the port answers once the first listener is up: wait for all of them, or the first takes every sender
+        wait_until(lambda: listening_sockets(port) >= listeners, 120, f"{listeners} listeners on port {port}",
+                   started.log_tail)
+        return started
+
+    return start
 
 
-RECEIVERS = [
+def node_receiver(variant: str) -> Receiver:
+    """``threads`` or ``processes:N``."""
+    model, _, count = variant.partition(":")
+    if model == "threads":
+        return Receiver(NODE, "PACSNODE", node_starter("threads", 1))
+    listeners = int(count or 1)
+    return Receiver(f"{NODE} (processes, {listeners} listener{'s' if listeners > 1 else ''})", "PACSNODE",
+                    node_starter("processes", listeners))
+
+
+def listening_sockets(port: int) -> int:
+    """How many TCP sockets listen on ``port`` (SO_REUSEPORT listeners each have one), from /proc/net/tcp."""
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        count += state == "0A" and int(local.rsplit(":", 1)[1], 16) == port
+    return count
+
+
+PEERS = [
     Receiver("DCMTK storescp", "STORESCP", storescp),
     Receiver("Orthanc", "ORTHANC", orthanc),
-    Receiver("pacs-ai-node", "PACSNODE", node),
 ]
 
 
@@ -102,16 +139,30 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def vm_hwm_mb(pid: int) -> float:
+    """``pid``'s peak resident set (VmHWM) in MB; 0 when it has exited."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0.0
+    return max([int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmHWM:")] or [0.0])
+
+
 def peak_rss_mb(pid: int) -> float:
     """The largest peak resident set (VmHWM) of ``pid`` and its descendants, in MB."""
-    peaks = [0.0]
-    for p in [pid, *_children(pid)]:
-        try:
-            status = Path(f"/proc/{p}/status").read_text()
-        except OSError:
-            continue
-        peaks += [int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmHWM:")]
-    return max(peaks)
+    return max(vm_hwm_mb(p) for p in [pid, *_children(pid)])
+
+
+def receiving_rss_mb(node: NodeProcess) -> float:
+    """The peak RSS of the process(es) that received: the largest listener child's (process model "processes",
+    from the supervisor's process table), else the node process's own."""
+    table = node.spool.parent / "processes.json"
+    if node.proc is None:
+        return 0.0
+    if not table.exists():
+        return vm_hwm_mb(node.proc.pid)
+    listeners = [p["pid"] for p in json.loads(table.read_text())["processes"] if p["role"] == "listener" and p["pid"]]
+    return max([vm_hwm_mb(pid) for pid in listeners] or [0.0])
 
 
 def check_stored(node: NodeProcess, sent: int) -> str:
@@ -127,12 +178,27 @@ def check_stored(node: NodeProcess, sent: int) -> str:
     return f"{sent} files + {sent} index rows"
 
 
+def print_table(results: dict[tuple[str, int], float], files: int, megabytes: float) -> None:
+    """One row per receiver and sender count: images/s, MB/s and the ratio to Orthanc and storescp."""
+    print("\n| receiver | senders | images/s | MB/s | ÷ Orthanc | ÷ storescp |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for (name, senders), seconds in results.items():
+        ratios = [results[(peer, senders)] / seconds if (peer, senders) in results else float("nan")
+                  for peer in ("Orthanc", "DCMTK storescp")]
+        print(f"| {name} | {senders} | {files / seconds:,.0f} | {megabytes / seconds:,.1f} | "
+              + " | ".join(f"{r:.2f}×" for r in ratios) + " |")
+    print("\n÷ X = receiver images/s ÷ X's images/s, same feed and run (1.00× = as fast; >1 = faster). Targets for "
+          "the node: ≥ 0.75× Orthanc with 1 sender, ≥ 1.0× with 4.")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--files", type=int, default=1000)
     parser.add_argument("--size", type=int, default=128, help="image edge in pixels (128 → ~34 KB files)")
     parser.add_argument("--senders", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--lean", action="store_true", help="node without its worker (no TensorFlow loaded)")
+    parser.add_argument("--nodes", nargs="+", default=["threads", "processes:1", "processes:2"],
+                        help="node variants: threads, processes:N (N listener processes)")
     parser.add_argument("--only", nargs="+", help="receivers to run (e.g. pacs-ai-node Orthanc)")
     args = parser.parse_args()
     global LEAN  # noqa: PLW0603 - one flag for the node launcher; the benchmark is a script
@@ -143,18 +209,19 @@ def main() -> int:
         except PeerMissingError:
             print(f"{tool} is missing: run `make sysdeps` as root", file=sys.stderr)
             return 2
+    receivers = [*PEERS, *(node_receiver(v) for v in args.nodes)]
     with tempfile.TemporaryDirectory(prefix="pacsnode-bench-") as tmp:
         work = Path(tmp)
         series = write_ct_series(work / "feed", slices=args.files, size=args.size, seed=42)
         files = series.paths
         megabytes = sum(p.stat().st_size for p in files) / 1e6
-        print(f"feed: {len(files)} CT files, {megabytes:.1f} MB ({megabytes * 1e3 / len(files):.0f} KB each)")
+        print(f"feed: one series of {len(files)} CT files, {megabytes:.1f} MB "
+              f"({megabytes * 1e3 / len(files):.0f} KB each); node worker {'off' if LEAN else 'on'}")
         results: dict[tuple[str, int], float] = {}
-        rss: dict[int, float] = {}
-        stored: dict[int, str] = {}
-        for receiver in [r for r in RECEIVERS if not args.only or r.name in args.only]:
+        notes: list[str] = []
+        for number, receiver in enumerate(r for r in receivers if not args.only or r.name.startswith(tuple(args.only))):
             for senders in args.senders:
-                run_dir = work / f"{receiver.ae_title}-{senders}"
+                run_dir = work / f"{number}-{receiver.ae_title}-{senders}"
                 run_dir.mkdir()
                 port = free_port()
                 peer = receiver.start(run_dir, port)
@@ -162,22 +229,14 @@ def main() -> int:
                     groups = [files[i::senders] for i in range(senders)]
                     results[(receiver.name, senders)] = feed(port, receiver.ae_title, groups)
                     if isinstance(peer, NodeProcess) and peer.proc is not None:
-                        rss[senders] = peak_rss_mb(peer.proc.pid)
-                        stored[senders] = check_stored(peer, len(files))
+                        notes.append(f"{receiver.name}, {senders} sender(s): acknowledged and checked: "
+                                     f"{check_stored(peer, len(files))}; peak RSS of the receiving process "
+                                     f"{receiving_rss_mb(peer):.0f} MB, of all its processes "
+                                     f"{peak_rss_mb(peer.proc.pid):.0f} MB")
                 finally:
                     peer.stop()
-        ours = "pacs-ai-node"
-        print()
-        print("| receiver | senders | images/s | MB/s | node ratio |")
-        print("|---|---:|---:|---:|---:|")
-        for (name, senders), seconds in results.items():
-            ips = len(files) / seconds
-            ratio = seconds / results[(ours, senders)] if (ours, senders) in results else float("nan")
-            print(f"| {name} | {senders} | {ips:,.0f} | {megabytes / seconds:,.1f} | {ratio:.2f}× |")
-        print("\nnode ratio = node images/s ÷ receiver images/s (1.00× = as fast; >1 = node faster).")
-        for senders in [n for n in args.senders if n in stored]:
-            print(f"node, {senders} sender(s): acknowledged and checked: {stored[senders]}; "
-                  f"peak RSS {rss[senders]:.0f} MB")
+        print_table(results, len(files), megabytes)
+        print(*notes, sep="\n")
     return 0
 
 

@@ -47,7 +47,8 @@ _HANDLER_STAGES: list[tuple[str, str]] = [
 ]
 _HANDLER = re.compile(r"_on_store \(node/dimse\.py")
 _SLEEPING = re.compile(r"(run_reactor \(pynetdicom/dul\.py:40\d\)|_run_reactor \(pynetdicom/association\.py:71\d\)|"
-                       r"ready \(pynetdicom/transport\.py|wait \(threading\.py|get \(queue\.py)")
+                       r"ready \(pynetdicom/transport\.py|wait \(threading\.py|get \(queue\.py|"
+                       r"wait_readable \(node/reactorwait\.py)")
 
 
 def classify(frames: list[str]) -> str:
@@ -63,7 +64,7 @@ def classify(frames: list[str]) -> str:
     if "send_msg" in text or "primitive_to_message" in text:
         return "pynetdicom: build + encode + send C-STORE-RSP"
     if _SLEEPING.search(frames[-1]):
-        return "pynetdicom: reactor poll (next request arriving, 1 ms sleeps)"
+        return "pynetdicom: reactor wait (next request arriving; 1 ms sleeps before node.reactorwait)"
     return "pynetdicom: other (DIMSE decode, events)"
 
 

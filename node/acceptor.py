@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
+from node import reactorwait
 from node.guard import GuardedDimse, GuardedSocket, ReceiveLimits, record_unfinished_negotiation
 from node.refusals import Refusals
 from node.states import PeerRefusal
@@ -97,6 +98,7 @@ class GuardedRequestHandler(RequestHandler):
         # opened at the accept: the TLS handshake counts against the negotiation deadline
         GuardedSocket.adopt(cast(AssociationSocket, assoc.dul.socket), limits, server.refusals, self._accepted_at)
         assoc.dimse = GuardedDimse(assoc, limits, server.refusals)
+        reactorwait.install(assoc)  # the reactors wait for work instead of polling every 1 ms
         run, address = assoc.run, self.client_address[0]
 
         def run_then_release() -> None:  # the slot is held exactly as long as the association's thread runs

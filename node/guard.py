@@ -29,7 +29,11 @@ acceptor thread waits on ``dul.to_user_queue`` for the A-ASSOCIATE primitive and
 ``assoc.dimse`` and the socket's class can be replaced before ``assoc.start()``; `DIMSEMessage.decode_msg` only
 calls ``write`` on ``data_set``; the FSM's state names (Sta1-Sta3 before association); in `node.acceptor`, the
 request handler's ``_create_association`` returns the association before its thread starts, whose ``run`` can be
-wrapped.
+wrapped. For `node.reactorwait` (blocking waits instead of the reactors' 1 ms polling): the DUL reactor calls
+the socket's ``ready`` once per pass after sleeping ``_run_loop_delay`` and checking ``to_provider_queue``; the
+association reactor calls ``dimse.get_msg(block=False)`` once per pass; the DUL's ``to_provider_queue`` /
+``to_user_queue`` and the DIMSE ``msg_queue`` are plain `queue.Queue` attributes, only ever ``put`` into (never
+replaced) after ``assoc.start()``.
 
 Each of these problems, with a reproduction and the fix we offer upstream, is written up in
 docs/upstream-pynetdicom.md (the text of the pynetdicom issue).
@@ -43,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import struct
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from io import BytesIO
@@ -56,6 +61,7 @@ from pynetdicom.transport import AssociationSocket
 
 from node.errors import InstanceTooLargeError, SpoolFullError
 from node.ingest import EncodedDataset, FileSpan
+from node.reactorwait import Doorbell, next_message, wait_readable
 from node.refusals import Refusals
 from node.states import PeerRefusal
 
@@ -216,6 +222,7 @@ class GuardedSocket(AssociationSocket):
     recorded: bool  # a refusal of this connection has been recorded already
     peer_closed: bool  # the peer closed its end (a read ended early)
     _header: bytes | None  # the header of the PDU whose body is read next
+    doorbell: Doorbell | None = None  # set by `node.reactorwait.install`: ``ready`` waits instead of polling
 
     @classmethod
     def adopt(
@@ -234,6 +241,28 @@ class GuardedSocket(AssociationSocket):
         if guarded.socket is not None:
             guarded.socket.settimeout(limits.network_timeout)  # also bounds sends to a peer that stops reading
         return guarded
+
+    @property
+    def ready(self) -> bool:
+        """The DUL reactor's per-pass check for incoming data. With a doorbell (`node.reactorwait`): waits up to
+        `IDLE_WAIT` for data or for something queued to send (not at all while the DUL has events queued), instead of the reactor's 1 ms sleep before a
+        zero-timeout check; after the connection closed it sleeps 1 ms as pynetdicom's loop did (no spinning)."""
+        bell, sock = self.doorbell, self.socket
+        if bell is None or sock is None or not self._is_connected:
+            if bell is not None:
+                time.sleep(0.001)
+            return bool(AssociationSocket.ready.fget(self))  # type: ignore[attr-defined]
+        dul = self.assoc.dul
+        busy = not (dul.event_queue.empty() and dul.to_provider_queue.empty())  # handled after this check: no wait
+        try:
+            return wait_readable(sock, bell, busy)
+        except (OSError, ValueError):  # closed meanwhile: pynetdicom's own check queues the transport event
+            return bool(AssociationSocket.ready.fget(self))  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        super().close()
+        if self.doorbell is not None:
+            self.doorbell.close()
 
     def recv(self, nr_bytes: int) -> bytearray:
         """Read ``nr_bytes`` (fewer only if the peer closed). Raises `TimeoutError` past the deadline and
@@ -341,6 +370,14 @@ class GuardedDimse(DIMSEServiceProvider):
         super().__init__(assoc)
         self.limits = limits
         self.refusals = refusals
+
+    bell: threading.Event | None = None  # set by `node.reactorwait.install`: ``get_msg`` waits instead of polling
+
+    def get_msg(self, block: bool = False) -> Any:
+        """pynetdicom's, except that the association reactor's non-blocking call waits (`next_message`)."""
+        if block or self.bell is None:
+            return super().get_msg(block)
+        return next_message(self)
 
     def receive_primitive(self, primitive: P_DATA) -> None:
         if self.message is None:
