@@ -3,11 +3,12 @@
 `SliceModels(classifier, segmenter)` splits the loaded models without changing a weight:
 
 - per slice (`SliceModels.work`, run while a series is still arriving): decode (`models.preprocess.read_file`),
-  resize to each model's grid, window, the U-Net's softmax, and the classifier's slice encoder — the Keras
+  resize to each model's grid, window, the U-Net's softmax resampled to lung and lesion masks on the source grid,
+  and the classifier's slice encoder — the Keras
   sub-model ``slice_encoder`` of the trained classifier, whose output is (slices, features) before any layer mixes
   slices (``unfold`` → slice head and gated attention pooling);
-- per series (`SliceModels.segment` / `.classify`, at completion): the U-Net's probabilities resampled to masks on
-  the source grid, and the classifier's *head* — a Keras model over the trained model's own layers from the
+- per series (`SliceModels.segment` / `.classify`, at completion): the masks stacked in the volume's order, and
+  the classifier's *head* — a Keras model over the trained model's own layers from the
   ``unfold`` output (slice features) plus the clinical input to the outputs, so pooling and fusion are the same
   layers and weights.
 
@@ -45,19 +46,21 @@ UNFOLD_LAYER = "unfold"  # (B*S, F) → (B, S, F): the first layer after which s
 @dataclass(frozen=True)
 class FileWork:
     """One source file's per-slice results, its slices in `read_file` order: header (pixels dropped), decoded
-    slices (HU), the classifier's slice features (n, F), the U-Net softmax (n, grid, grid, 3), and each model
-    grid's resized HU (n, grid, grid) keyed by grid size."""
+    slices (HU), the classifier's slice features (n, F), the U-Net's lung and lesion masks on the source grid
+    (n, rows, cols; as `Segmenter.predict` makes them), and each model grid's resized HU (n, grid, grid) keyed by
+    grid size."""
 
     header: Any
     slices: list[_Slice]
     features: np.ndarray
-    probabilities: np.ndarray
+    lungs: np.ndarray
+    lesion: np.ndarray
     grids: dict[int, np.ndarray]
 
     @property
     def nbytes(self) -> int:
-        return int(sum(s.pixels.nbytes for s in self.slices) + self.features.nbytes + self.probabilities.nbytes
-                   + sum(g.nbytes for g in self.grids.values()))
+        return int(sum(s.pixels.nbytes for s in self.slices) + self.features.nbytes + self.lungs.nbytes
+                   + self.lesion.nbytes + sum(g.nbytes for g in self.grids.values()))
 
 
 class SliceModels:
@@ -92,10 +95,14 @@ class SliceModels:
             probs = np.asarray(self.segmenter._fn(window(grids[self.seg_grid], self.segmenter.preprocess)))
         except Exception as exc:  # TensorFlow errors must not leak past the model boundary
             raise InferenceError(f"per-slice inference failed on {len(pixels)} slices: {exc}") from exc
+        shape = pixels.shape[1:]  # load_series refuses series whose slices differ in size
+        lungs = masks_to_source(probs[..., 1] + probs[..., 2], shape)
+        lesion = masks_to_source(probs[..., 2], shape) & lungs
         out, a = [], 0
         for header, slices in files:
             b = a + len(slices)
-            out.append(FileWork(header, slices, features[a:b], probs[a:b], {g: v[a:b] for g, v in grids.items()}))
+            out.append(FileWork(header, slices, features[a:b], lungs[a:b], lesion[a:b],
+                                {g: v[a:b] for g, v in grids.items()}))
             a = b
         return out
 
@@ -125,11 +132,10 @@ class SliceModels:
             volume._cache[("grid", g)] = self._in_volume_order(volume, work, "grids", g)
 
     def segment(self, volume: Volume, work: Sequence[FileWork]) -> SegmenterOutput:
-        """Lung and lesion masks on the source grid, as `Segmenter.predict` makes them from the softmax."""
-        p = self._in_volume_order(volume, work, "probabilities")
-        shape = volume.shape[1:]
-        lungs = masks_to_source(p[..., 1] + p[..., 2], shape)
-        lesion = masks_to_source(p[..., 2], shape) & lungs
+        """Lung and lesion masks on the source grid, as `Segmenter.predict` makes them (per slice, already)."""
+        lungs, lesion = (self._in_volume_order(volume, work, k) for k in ("lungs", "lesion"))
+        if lungs.shape != volume.hu.shape:
+            raise InferenceError(f"per-slice masks {lungs.shape} do not match the volume {volume.hu.shape}")
         return SegmenterOutput(lungs=lungs, lesion=lesion)
 
     def classify(self, volume: Volume, work: Sequence[FileWork], *, age: float | None = None,
