@@ -9,7 +9,8 @@ SEG. Prints the split the node records: completion wait, queue, load (decode + r
 prefetched), inference (with streaming on: pooling only, the per-slice work having run while the series arrived),
 SR/SEG building, commit (files + delivery rows) and the rest (dispatch to Orthanc, Orthanc indexing, polling).
 Repeats ``--runs`` times with fresh series (new UIDs) and prints each run and the median of the warm runs (all but
-the first). ``--no-prefetch`` turns streaming inference off (``[worker] prefetch = false``) for comparison.
+the first). ``--no-prefetch`` turns streaming inference off (``[worker] prefetch = false``) for comparison;
+``--processes`` runs the node as listener, worker and dispatcher processes (``[node] process_model``).
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ from peers import OrthancServer, free_port, launch_node, storescu, wait_until
 from training.phantom import generate_case
 
 
-def node_toml(orthanc: OrthancServer, prefetch: bool = True) -> str:
+def node_toml(orthanc: OrthancServer, prefetch: bool = True, processes: bool = False) -> str:
     return (
-        f"[worker]\nprefetch = {str(prefetch).lower()}\n"
+        ('process_model = "processes"\n' if processes else "")  # continues launch_node's [node] table
+        + f"[worker]\nprefetch = {str(prefetch).lower()}\n"
         "[completion]\nstable_seconds = 30\nsweep_seconds = 0.5\n"
         # storescu sends each series in one association: its profile completes on release
         '[[completion.senders]]\ncalling_ae = "BENCH"\nmode = "release"\n'
@@ -44,12 +46,13 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--runs", type=int, default=6)
     parser.add_argument("--no-prefetch", action="store_true", help="streaming inference off, for comparison")
+    parser.add_argument("--processes", action="store_true", help='[node] process_model = "processes"')
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="pacsnode-e2e-") as tmp:
         work = Path(tmp)
         node_port = free_port()
         with OrthancServer(work / "orthanc", modalities={"node": ("PACSNODE", "127.0.0.1", node_port)}) as orthanc:
-            node = launch_node(work, port=node_port, extra_toml=node_toml(orthanc, not args.no_prefetch))
+            node = launch_node(work, port=node_port, extra_toml=node_toml(orthanc, not args.no_prefetch, args.processes))
             try:
                 wait_until(lambda: "models_loaded" in node.log_text(), 300, "models to load", node.log_tail,
                            process=node.proc)
@@ -87,7 +90,8 @@ def main() -> int:
                 node.stop(60)
     print(f"\n{args.slices}-slice {args.size}² phantom series, storescu → node → Orthanc "
           f"(seconds from last C-STORE acknowledged)\n")
-    print(f"streaming inference (prefetch): {'off' if args.no_prefetch else 'on'}\n")
+    print(f"streaming inference (prefetch): {'off' if args.no_prefetch else 'on'}; process model: "
+          f"{'processes' if args.processes else 'threads'}\n")
     print("| run | slices prefetched | completion wait | queue | load | inference | build SR/SEG | commit "
           "| dispatch + rest | total |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
