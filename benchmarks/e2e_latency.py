@@ -7,7 +7,8 @@ destination, waits until the models are loaded, writes a synthetic chest phantom
 `storescu`, and measures from storescu's exit (every C-STORE acknowledged) until Orthanc holds both the SR and the
 SEG. Prints the split the node records: completion wait, queue, load (decode + resample of the slices not
 prefetched), inference (with streaming on: pooling only, the per-slice work having run while the series arrived),
-SR/SEG building, commit (files + delivery rows) and the rest (dispatch to Orthanc, Orthanc indexing, polling).
+SR/SEG building, commit (files + delivery rows) and the rest (dispatch to Orthanc, Orthanc indexing, polling);
+"(send)" is storescu's own time for the series, before the clock starts (the cost prefetching puts on receive).
 Repeats ``--runs`` times with fresh series (new UIDs) and prints each run and the median of the warm runs (all but
 the first). ``--no-prefetch`` turns streaming inference off (``[worker] prefetch = false``) for comparison;
 ``--processes`` runs the node as listener, worker and dispatcher processes (``[node] process_model``).
@@ -62,6 +63,7 @@ def main() -> int:
                     case = generate_case(90210 + run, 0, 1, work / f"case{run}", size=(args.size, args.size),
                                          slices=(args.slices, args.slices))
                     series_dir = work / f"case{run}" / str(case["dicom_dir"])
+                    sent = time.monotonic()
                     storescu(node_port, series_dir, calling_ae="BENCH", check=True)
                     acked = time.monotonic()
                     study = str(case["study_instance_uid"])
@@ -83,7 +85,7 @@ def main() -> int:
                     used = _event(node.log_text(), "prefetch_used", str(case["series_instance_uid"]))
                     stages = [done.get(k, float("nan")) for k in ("load_seconds", "build_seconds", "commit_seconds")]
                     rest = total - completion - job.queue_seconds - job.inference_seconds - sum(stages)
-                    rows.append((run + 1, used.get("slices_cached", 0), completion, job.queue_seconds, stages[0],
+                    rows.append((run + 1, used.get("slices_cached", 0), acked - sent, completion, job.queue_seconds, stages[0],
                                  job.inference_seconds, stages[1], stages[2], rest, total))
                 engine.dispose()
             finally:
@@ -92,13 +94,13 @@ def main() -> int:
           f"(seconds from last C-STORE acknowledged)\n")
     print(f"streaming inference (prefetch): {'off' if args.no_prefetch else 'on'}; process model: "
           f"{'processes' if args.processes else 'threads'}\n")
-    print("| run | slices prefetched | completion wait | queue | load | inference | build SR/SEG | commit "
+    print("| run | slices prefetched | (send) | completion wait | queue | load | inference | build SR/SEG | commit "
           "| dispatch + rest | total |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for run, cached, *times in rows:
         print(f"| {run} | {cached} | " + " | ".join(f"{t:.2f}" for t in times) + " |")
     warm = rows[1:] or rows
-    medians = [statistics.median(r[i] for r in warm) for i in range(2, 10)]
+    medians = [statistics.median(r[i] for r in warm) for i in range(2, 11)]
     print("| median (warm) | | " + " | ".join(f"{t:.2f}" for t in medians) + " |")
     return 0
 
