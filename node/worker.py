@@ -122,6 +122,8 @@ class Worker:
     def apply_config(self, config: NodeConfig) -> None:
         """Hot reload: gate and heartbeat settings apply to the next job (model versions need a restart)."""
         self.config = config
+        if self.prefetch is not None:
+            self.prefetch.apply_config(config)  # its cache bound and poll interval (on/off needs a restart)
 
     def warm_up(self) -> ModelRunner:
         if self.runner is None:
