@@ -8,7 +8,8 @@ the first instance received so far that completion applies later — and for eac
 newly indexed instances and runs their per-slice model work (`models.streaming.SliceModels.work`: resize, window,
 U-Net softmax, the classifier's slice features). Results are held in a `PrefetchCache` keyed by series UID, then
 SOP Instance UID with the file's sha256 from the index (a re-sent, changed instance is computed again), at most
-``prefetch_max_series`` series (least recently used dropped first).
+``prefetch_max_series`` series (least recently used dropped first) and no new work once it holds
+``prefetch_max_mb``.
 
 At job time the worker calls `Prefetcher.load`: it takes the series' cached work, computes only the slices
 missing (or whose sha256 changed), builds the `Volume` from the cached decodes (`models.preprocess.load_series`
@@ -175,8 +176,8 @@ class Prefetcher:
             return False
         known = self.cache.known(row.series_uid)
         todo = [r for r in rows if known.get(r.sop_uid) != r.sha256][:_BATCH]
-        if not todo:
-            return False
+        if not todo or self.cache.nbytes() >= self.config.worker.prefetch_max_mb * 1_000_000:
+            return False  # nothing new, or the memory cap reached: the job computes the rest itself
         self._compute(row.series_uid, todo)
         return True
 

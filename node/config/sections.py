@@ -92,6 +92,7 @@ class WorkerSection(_Frozen):
     mixed_precision: bool = False  # float16 compute on a GPU (within models.device.Tolerance); ignored on a CPU
     prefetch: bool = True  # streaming inference: per-slice work while a series arrives (node.prefetch)
     prefetch_max_series: Annotated[int, Field(ge=1, le=64)] = 2  # series whose per-slice work is kept (LRU)
+    prefetch_max_mb: Annotated[int, Field(ge=1)] = 1024  # no more prefetching while the cache holds this much
     prefetch_poll_seconds: Annotated[float, Field(gt=0, le=60)] = 0.25  # how often it looks for new instances
 
 

@@ -39,11 +39,11 @@ def runner():
     return RegistryRunner(device="cpu")
 
 
-def _node(tmp_path, *, prefetch: bool, routes=None):
+def _node(tmp_path, *, prefetch: bool, routes=None, max_mb: int = 1024):
     config = NodeConfig.model_validate({
         "node": {"data_dir": str(tmp_path / "data")},
         "gate": {"min_slices": 8, "scope_check": False},  # ctgen phantoms are no real chests
-        "worker": {"prefetch": prefetch, "prefetch_poll_seconds": 0.05},
+        "worker": {"prefetch": prefetch, "prefetch_poll_seconds": 0.05, "prefetch_max_mb": max_mb},
         "destinations": [{"name": "pacs", "kind": "dimse", "ae_title": "PACS", "host": "127.0.0.1", "port": 104}],
         **({"routes": routes} if routes is not None else {}),
     })
@@ -152,6 +152,23 @@ def test_partial_work_of_a_series_that_will_not_be_processed_is_thrown_away(tmp_
         conn.execute(sa.update(series).values(state=SeriesState.IGNORED.value))
     assert prefetcher.turn() is False
     assert prefetcher.cache.series() == []
+    engine.dispose()
+
+
+def test_prefetching_stops_at_the_memory_cap_and_the_job_computes_the_rest(tmp_path, runner):
+    s = write_ct_series(tmp_path / "src", slices=SLICES, size=SIZE, seed=11)
+    config, engine, ingestor, _, _, _ = _node(tmp_path, prefetch=True, max_mb=1)  # one batch of 128² slices > 1 MB
+    prefetcher = Prefetcher(config, engine, Heartbeats())
+    from models.streaming import SliceModels
+
+    prefetcher.models = SliceModels(runner.classifier, runner.segmenter)
+    _receive(ingestor, tmp_path, s.paths)
+    assert prefetcher.turn() is True and prefetcher.cache.nbytes() > 1_000_000
+    assert prefetcher.turn() is False and 0 < len(prefetcher.cache.known(s.series_uid)) < SLICES
+    with engine.connect() as conn:
+        rows = list(conn.execute(sa.select(instances).where(instances.c.series_uid == s.series_uid)))
+    volume, _ = prefetcher.load(s.series_uid, rows, runner)
+    assert volume.shape == (SLICES, SIZE, SIZE)
     engine.dispose()
 
 
