@@ -39,13 +39,21 @@ from node.loops import LoopThread
 from node.pipelines.runner import Classification, ModelRunner, Segmentation
 from node.routing import read_header, route
 from node.schema import instances, jobs, series
-from node.states import JobState, SeriesState
+from node.states import JobState, ProcessModel, SeriesState
 from node.supervise import Heartbeats, failure
 
 LOOP = "prefetch"  # the prefetch loop's name in the heartbeat registry
 _BATCH = 8  # files per model call while a series arrives (bounds one turn's latency)
 _RECEIVING = (SeriesState.RECEIVING.value, SeriesState.REOPENED.value)
 _PENDING_JOBS = (JobState.QUEUED.value, JobState.RUNNING.value)
+
+
+def prefetch_enabled(config: NodeConfig) -> bool:
+    """``[worker] prefetch``, or when unset: on when the worker runs in its own process (process model
+    "processes"), off in the threads model, where per-slice work would share the receive's GIL."""
+    if config.worker.prefetch is not None:
+        return config.worker.prefetch
+    return config.node.process_model is ProcessModel.PROCESSES
 
 
 class PrefetchCache:

@@ -43,7 +43,7 @@ from node.logs import get_logger
 from node.loops import LoopThread, backoff_seconds
 from node.metrics import Metrics
 from node.pipelines import PIPELINES, ModelRunner, Pipeline, RegistryRunner  # noqa: F401 - re-exported
-from node.prefetch import Prefetcher
+from node.prefetch import Prefetcher, prefetch_enabled
 from node.queue import Job, JobQueue
 from node.results import (
     AlgorithmIdentity,
@@ -96,7 +96,7 @@ class Worker:
         self._loop_thread = LoopThread(self.heartbeats, LOOP, self.worker_id, self._loop)
         self._reported: set[int] = set()  # dead jobs whose failure report this worker attempted
         self._next_lost_check = 0.0
-        self.prefetch = Prefetcher(config, engine, self.heartbeats) if config.worker.prefetch else None
+        self.prefetch = Prefetcher(config, engine, self.heartbeats) if prefetch_enabled(config) else None
 
     # -- lifecycle -----------------------------------------------------------------------------------------
     def start(self) -> None:

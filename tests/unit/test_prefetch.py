@@ -185,6 +185,17 @@ def test_a_series_no_route_sends_to_a_model_is_not_prefetched(tmp_path, runner):
     engine.dispose()
 
 
+def test_prefetch_defaults_to_on_only_where_the_worker_has_its_own_process():
+    from node.prefetch import prefetch_enabled
+
+    def config(**node):
+        return NodeConfig.model_validate({"node": node})
+
+    assert prefetch_enabled(config(process_model="processes"))
+    assert not prefetch_enabled(config(process_model="threads"))
+    assert prefetch_enabled(NodeConfig.model_validate({"worker": {"prefetch": True}}))
+
+
 def test_the_cache_keeps_the_most_recently_used_series():
     cache = PrefetchCache(max_series=2)
     cache.put("a", "1", "x", None)
