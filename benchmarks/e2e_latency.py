@@ -5,13 +5,19 @@
 Starts Orthanc (temporary storage, free ports) as the PACS and the node (shipped models) with Orthanc as its
 destination, waits until the models are loaded, writes a synthetic chest phantom series, sends it with DCMTK
 `storescu`, and measures from storescu's exit (every C-STORE acknowledged) until Orthanc holds both the SR and the
-SEG. Prints the split the node records: completion wait, queue, inference, build+dispatch. Repeats ``--runs``
-times with fresh series (new UIDs) and prints each run and the median.
+SEG. Prints the split the node records: completion wait, queue, load (decode + resample of the slices not
+prefetched), inference (with streaming on: pooling only, the per-slice work having run while the series arrived),
+SR/SEG building, commit (files + delivery rows) and the rest (dispatch to Orthanc, Orthanc indexing, polling);
+"(send)" is storescu's own time for the series, before the clock starts (the cost prefetching puts on receive).
+Repeats ``--runs`` times with fresh series (new UIDs) and prints each run and the median of the warm runs (all but
+the first). ``--no-prefetch`` turns streaming inference off (``[worker] prefetch = false``) for comparison;
+``--processes`` runs the node as listener, worker and dispatcher processes (``[node] process_model``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -24,8 +30,10 @@ from peers import OrthancServer, free_port, launch_node, storescu, wait_until
 from training.phantom import generate_case
 
 
-def node_toml(orthanc: OrthancServer) -> str:
+def node_toml(orthanc: OrthancServer, prefetch: bool = True, processes: bool = False) -> str:
     return (
+        ('process_model = "processes"\n' if processes else "")  # continues launch_node's [node] table
+        + f"[worker]\nprefetch = {str(prefetch).lower()}\n"
         "[completion]\nstable_seconds = 30\nsweep_seconds = 0.5\n"
         # storescu sends each series in one association: its profile completes on release
         '[[completion.senders]]\ncalling_ae = "BENCH"\nmode = "release"\n'
@@ -37,13 +45,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=120)
     parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=6)
+    parser.add_argument("--no-prefetch", action="store_true", help="streaming inference off, for comparison")
+    parser.add_argument("--processes", action="store_true", help='[node] process_model = "processes"')
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="pacsnode-e2e-") as tmp:
         work = Path(tmp)
         node_port = free_port()
         with OrthancServer(work / "orthanc", modalities={"node": ("PACSNODE", "127.0.0.1", node_port)}) as orthanc:
-            node = launch_node(work, port=node_port, extra_toml=node_toml(orthanc))
+            node = launch_node(work, port=node_port, extra_toml=node_toml(orthanc, not args.no_prefetch, args.processes))
             try:
                 wait_until(lambda: "models_loaded" in node.log_text(), 300, "models to load", node.log_tail,
                            process=node.proc)
@@ -53,6 +63,7 @@ def main() -> int:
                     case = generate_case(90210 + run, 0, 1, work / f"case{run}", size=(args.size, args.size),
                                          slices=(args.slices, args.slices))
                     series_dir = work / f"case{run}" / str(case["dicom_dir"])
+                    sent = time.monotonic()
                     storescu(node_port, series_dir, calling_ae="BENCH", check=True)
                     acked = time.monotonic()
                     study = str(case["study_instance_uid"])
@@ -70,19 +81,40 @@ def main() -> int:
                         job = conn.execute(sa.text("select queue_seconds, inference_seconds from jobs "
                                                    "where series_uid = :s"), {"s": case["series_instance_uid"]}).one()
                     completion = series.state_changed_at - series.last_received_at
-                    rest = total - completion - job.queue_seconds - job.inference_seconds
-                    rows.append((run + 1, completion, job.queue_seconds, job.inference_seconds, rest, total))
+                    done = _event(node.log_text(), "job_done", str(case["series_instance_uid"]))
+                    used = _event(node.log_text(), "prefetch_used", str(case["series_instance_uid"]))
+                    stages = [done.get(k, float("nan")) for k in ("load_seconds", "build_seconds", "commit_seconds")]
+                    rest = total - completion - job.queue_seconds - job.inference_seconds - sum(stages)
+                    rows.append((run + 1, used.get("slices_cached", 0), acked - sent, completion, job.queue_seconds, stages[0],
+                                 job.inference_seconds, stages[1], stages[2], rest, total))
                 engine.dispose()
             finally:
                 node.stop(60)
     print(f"\n{args.slices}-slice {args.size}² phantom series, storescu → node → Orthanc "
           f"(seconds from last C-STORE acknowledged)\n")
-    print("| run | completion wait | queue | inference (both models) | load+build+dispatch | total |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    for run, completion, queue, inference, rest, total in rows:
-        print(f"| {run} | {completion:.2f} | {queue:.2f} | {inference:.2f} | {rest:.2f} | {total:.2f} |")
-    print(f"| median | | | | | {statistics.median(r[-1] for r in rows):.2f} |")
+    print(f"streaming inference (prefetch): {'off' if args.no_prefetch else 'on'}; process model: "
+          f"{'processes' if args.processes else 'threads'}\n")
+    print("| run | slices prefetched | (send) | completion wait | queue | load | inference | build SR/SEG | commit "
+          "| dispatch + rest | total |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for run, cached, *times in rows:
+        print(f"| {run} | {cached} | " + " | ".join(f"{t:.2f}" for t in times) + " |")
+    warm = rows[1:] or rows
+    medians = [statistics.median(r[i] for r in warm) for i in range(2, 11)]
+    print("| median (warm) | | " + " | ".join(f"{t:.2f}" for t in medians) + " |")
     return 0
+
+
+def _event(log: str, event: str, series_uid: str) -> dict[str, float]:
+    """The node's last JSON log event ``event`` for ``series_uid`` (empty when none)."""
+    found: dict[str, float] = {}
+    for line in log.splitlines():
+        if f'"{event}"' in line and series_uid in line:
+            try:
+                found = json.loads(line[line.index("{"):])
+            except ValueError:
+                continue
+    return found
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -205,17 +205,19 @@ def _slices_of(ds: Any, ds_index: int, where: str) -> list[_Slice]:
     return out
 
 
-def load_series(paths: Sequence[str | Path], *, spacing_tolerance: float = 0.1) -> Volume:
+def load_series(paths: Sequence[str | Path], *, spacing_tolerance: float = 0.1,
+                reader: FileReader | None = None) -> Volume:
     """Read a CT series into a :class:`Volume` (HU, sorted along the slice normal, headers kept).
 
     Raises PreprocessError when a file is not DICOM or has no decodable pixel data, when the files belong to
     different series or frames of reference, or when the geometry is inconsistent: different matrix size,
     orientation or pixel spacing, two slices at one position, or slice gaps differing from the median by more
     than ``spacing_tolerance`` (relative). Error messages name files by their index, never by patient data.
+    ``reader`` replaces `read_file` (streaming inference hands in files it decoded while the series arrived).
     """
     if len(paths) == 0:
         raise PreprocessError("no files given")
-    datasets, slices = _read_files(paths)
+    datasets, slices = _read_files(paths, reader)
     series, fors, ori, normal, px = _common_geometry(datasets, slices)
     order, dz = _slice_order(datasets, slices, normal, spacing_tolerance)
 
@@ -243,24 +245,36 @@ def load_series(paths: Sequence[str | Path], *, spacing_tolerance: float = 0.1) 
     )
 
 
-def _read_files(paths: Sequence[str | Path]) -> tuple[list[Any], list[_Slice]]:
-    """Each file's header (pixels dropped) and its slices, in the order given."""
+def read_file(index: int, path: str | Path) -> tuple[Any, list[_Slice]]:
+    """One file's header (pixels dropped) and its decoded HU slices; ``index`` names it in errors and is the
+    slices' ``ds_index``. Raises PreprocessError."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    where = f"file {index} ({Path(path).name})"
+    try:
+        ds = pydicom.dcmread(str(path))
+    except (InvalidDicomError, OSError, EOFError) as exc:
+        raise PreprocessError(f"{where}: not a readable DICOM file: {exc}") from exc
+    except Exception as exc:  # corrupt files make pydicom raise ValueError, KeyError, struct.error, …
+        raise PreprocessError(f"{where}: cannot parse the DICOM file: {type(exc).__name__}: {exc}") from exc
+    slices = _slices_of(ds, index, where)
+    if "PixelData" in ds:
+        del ds.PixelData  # keep headers only; the pixels live on in the volume
+    return ds, slices
+
+
+FileReader = Callable[[int, "str | Path"], tuple[Any, list[_Slice]]]
+
+
+def _read_files(paths: Sequence[str | Path], reader: FileReader | None = None) -> tuple[list[Any], list[_Slice]]:
+    """Each file's header (pixels dropped) and its slices, in the order given (``reader``: e.g. a cache of
+    `read_file` results; its slices must carry ``ds_index`` = the file's index here)."""
     datasets: list[Any] = []
     slices: list[_Slice] = []
     for i, p in enumerate(paths):
-        where = f"file {i} ({Path(p).name})"
-        try:
-            ds = pydicom.dcmread(str(p))
-        except (InvalidDicomError, OSError, EOFError) as exc:
-            raise PreprocessError(f"{where}: not a readable DICOM file: {exc}") from exc
-        except Exception as exc:  # corrupt files make pydicom raise ValueError, KeyError, struct.error, …
-            raise PreprocessError(f"{where}: cannot parse the DICOM file: {type(exc).__name__}: {exc}") from exc
-        slices.extend(_slices_of(ds, i, where))
-        if "PixelData" in ds:
-            del ds.PixelData  # keep headers only; the pixels live on in the volume
+        ds, file_slices = (reader or read_file)(i, p)
+        slices.extend(file_slices)
         datasets.append(ds)
     return datasets, slices
 

@@ -43,6 +43,7 @@ from node.logs import get_logger
 from node.loops import LoopThread, backoff_seconds
 from node.metrics import Metrics
 from node.pipelines import PIPELINES, ModelRunner, Pipeline, RegistryRunner  # noqa: F401 - re-exported
+from node.prefetch import Prefetcher, prefetch_enabled
 from node.queue import Job, JobQueue
 from node.results import (
     AlgorithmIdentity,
@@ -96,6 +97,7 @@ class Worker:
         self._loop_thread = LoopThread(self.heartbeats, LOOP, self.worker_id, self._loop)
         self._reported: set[int] = set()  # dead jobs whose failure report this worker attempted
         self._next_lost_check = 0.0
+        self.prefetch = Prefetcher(config, engine, self.heartbeats) if prefetch_enabled(config) else None
 
     # -- lifecycle -----------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -114,11 +116,15 @@ class Worker:
         self._loop_thread.wake.set()
 
     def stop(self, timeout: float = 60.0) -> None:
+        if self.prefetch is not None:
+            self.prefetch.stop(timeout)
         self._loop_thread.stop(timeout)
 
     def apply_config(self, config: NodeConfig) -> None:
         """Hot reload: gate and heartbeat settings apply to the next job (model versions need a restart)."""
         self.config = config
+        if self.prefetch is not None:
+            self.prefetch.apply_config(config)  # its cache bound and poll interval (on/off needs a restart)
 
     def warm_up(self) -> ModelRunner:
         if self.runner is None:
@@ -127,6 +133,8 @@ class Worker:
             self.log.info("models_loaded", algorithm=self.runner.algorithm.model_key,
                           seconds=round(time.perf_counter() - t0, 2))
             announce_device(self.runner.device, self.log, self.metrics)
+            if self.prefetch is not None:
+                self.prefetch.start(self.runner)  # streaming inference (node.prefetch), once the models are warm
         self.ready.set()
         return self.runner
 
@@ -214,12 +222,13 @@ class Worker:
                 refusal = check_header(_header(_by_position(rows)[0].path))
             if refusal is not None:
                 return self._skip(job, pipeline, rows, refusal, log)
+            runner = self.warm_up()
+            t_load = time.perf_counter()
             try:
-                volume = load_series([r.path for r in rows])
+                volume, runner = self._load(job, rows, runner)
             except PreprocessError as exc:
                 return self._skip(job, pipeline, rows, GateRefusal(SkipReason.UNDECODABLE_PIXELS, str(exc)[:200]),
                                   log)
-            runner = self.warm_up()
             t0 = time.perf_counter()
             with self._heartbeat(job):
                 outcome = pipeline.analyse(volume, runner, self.config.gate)
@@ -233,10 +242,13 @@ class Worker:
                 superseded=self._superseded(job), fallback_datetime=self._fallback_datetime(job.series_uid),
             )
             objects += self._withdrawal(job, algorithm)
+            t_built = time.perf_counter()
             self._commit(job, objects, inference_seconds=inference_seconds, skipped=None)
             self.metrics.job_ended(job.pipeline.value, "result")
             log.info(
-                "job_done", inference_seconds=round(inference_seconds, 3),
+                "job_done", inference_seconds=round(inference_seconds, 3), load_seconds=round(t0 - t_load, 3),
+                build_seconds=round(t_built - t0 - inference_seconds, 3),
+                commit_seconds=round(time.perf_counter() - t_built, 3),
                 probability=None if outcome.probability is None else round(outcome.probability, 4),
                 pneumonia=outcome.pneumonia if outcome.classified else None, slices=volume.shape[0],
                 sr_uid=str(objects[0][1].SOPInstanceUID),
@@ -253,6 +265,12 @@ class Worker:
                 self.metrics.job_ended(job.pipeline.value, "failed")
                 self._report_failure(job, pipeline, error, log)
             return state
+
+    def _load(self, job: Job, rows: Sequence[Any], runner: ModelRunner) -> tuple[Any, ModelRunner]:
+        """The series' volume and the runner for it: through the prefetcher's per-slice work when on."""
+        if self.prefetch is None:
+            return load_series([r.path for r in rows]), runner
+        return self.prefetch.load(job.series_uid, rows, runner)
 
     def _instances(self, series_uid: str) -> list[Any]:
         """The series' index rows, each ``path`` resolved to where this host reads the file (node.spools; a row on

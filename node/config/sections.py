@@ -90,6 +90,12 @@ class WorkerSection(_Frozen):
     device: InferenceDevice = InferenceDevice.AUTO  # where the models run (models.device; restart to change)
     gpu_index: Annotated[int, Field(ge=0, le=64)] | None = None  # which visible GPU; None: the first
     mixed_precision: bool = False  # float16 compute on a GPU (within models.device.Tolerance); ignored on a CPU
+    # streaming inference: per-slice work while a series arrives (node.prefetch); None: on when the worker has its
+    # own process ([node] process_model = "processes"), off in the threads model (it would share the receive's GIL)
+    prefetch: bool | None = None
+    prefetch_max_series: Annotated[int, Field(ge=1, le=64)] = 2  # series whose per-slice work is kept (LRU)
+    prefetch_max_mb: Annotated[int, Field(ge=1)] = 1024  # no more prefetching while the cache holds this much
+    prefetch_poll_seconds: Annotated[float, Field(gt=0, le=60)] = 0.25  # how often it looks for new instances
 
 
 class DispatchSection(_Frozen):

@@ -1,0 +1,160 @@
+"""Streaming inference, model side: the per-slice part of both models, and the series-level remainder.
+
+`SliceModels(classifier, segmenter)` splits the loaded models without changing a weight:
+
+- per slice (`SliceModels.work`, run while a series is still arriving): decode (`models.preprocess.read_file`),
+  resize to each model's grid, window, the U-Net's softmax resampled to lung and lesion masks on the source grid,
+  and the classifier's slice encoder — the Keras
+  sub-model ``slice_encoder`` of the trained classifier, whose output is (slices, features) before any layer mixes
+  slices (``unfold`` → slice head and gated attention pooling);
+- per series (`SliceModels.segment` / `.classify`, at completion): the masks stacked in the volume's order, and
+  the classifier's *head* — a Keras model over the trained model's own layers from the
+  ``unfold`` output (slice features) plus the clinical input to the outputs, so pooling and fusion are the same
+  layers and weights.
+
+Equivalence with `models.registry` (tests/unit/test_prefetch.py): same weights, same layers, but other batch
+compositions and graph boundaries than the one-call path, so oneDNN's kernels round differently — the probability
+and attention agree within 1e-6 (absolute; a few float32 ulps in practice), the U-Net softmax within 1e-3 of the
+batch-of-32 path, so a mask pixel can only differ where the probability lies within that of the 0.5 threshold (on
+the test phantoms the SEG frames are identical).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.preprocess import (
+    PreprocessError,
+    Volume,
+    _Slice,
+    masks_to_source,
+    read_file,
+    resize_slices,
+    window,
+)
+from models.registry import Classifier, ClassifierOutput, InferenceError, Segmenter, SegmenterOutput
+
+ENCODER_LAYER = "slice_encoder"  # the classifier's per-slice CNN (models.classifier.build_slice_encoder)
+UNFOLD_LAYER = "unfold"  # (B*S, F) → (B, S, F): the first layer after which slices are pooled together
+
+
+@dataclass(frozen=True)
+class FileWork:
+    """One source file's per-slice results, its slices in `read_file` order: header (pixels dropped), decoded
+    slices (HU), the classifier's slice features (n, F), the U-Net's lung and lesion masks on the source grid
+    (n, rows, cols; as `Segmenter.predict` makes them), and each model grid's resized HU (n, grid, grid) keyed by
+    grid size."""
+
+    header: Any
+    slices: list[_Slice]
+    features: np.ndarray
+    lungs: np.ndarray
+    lesion: np.ndarray
+    grids: dict[int, np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(s.pixels.nbytes for s in self.slices) + self.features.nbytes + self.lungs.nbytes
+                   + self.lesion.nbytes + sum(g.nbytes for g in self.grids.values()))
+
+
+class SliceModels:
+    """The per-slice and per-series halves of a loaded classifier + U-Net pair (see the module docstring)."""
+
+    def __init__(self, classifier: Classifier, segmenter: Segmenter) -> None:
+        import keras
+        import tensorflow as tf
+
+        self.classifier, self.segmenter = classifier, segmenter
+        model = classifier._m.model
+        encoder = model.get_layer(ENCODER_LAYER)
+        others = [t for t in model.inputs if t.name != "slices"]
+        if [t.name for t in others] != ["clinical"]:
+            raise InferenceError(f"the classifier's inputs {[t.name for t in model.inputs]} have no streaming split")
+        head = keras.Model([model.get_layer(UNFOLD_LAYER).output, *others], model.output)
+        self.cls_grid, self.seg_grid = classifier.preprocess.grid, segmenter.preprocess.grid
+        g, c = self.cls_grid, classifier.preprocess.channels
+        self._encode = tf.function(lambda s: encoder(s, training=False), autograph=False,
+                                   input_signature=[tf.TensorSpec((None, g, g, c), tf.float32)])
+        self._head = head
+
+    def work(self, files: Sequence[tuple[Any, list[_Slice]]]) -> list[FileWork]:
+        """Per-slice results for decoded files (``read_file`` output), computed as one batch."""
+        pixels = np.stack([s.pixels for _, slices in files for s in slices]).astype(np.float32, copy=False)
+        from models.preprocess import HU_MAX, HU_MIN
+
+        pixels = np.clip(pixels, HU_MIN, HU_MAX)  # as load_series does before any model sees the slices
+        grids = {g: resize_slices(pixels, g) for g in {self.cls_grid, self.seg_grid}}
+        try:
+            features = np.asarray(self._encode(window(grids[self.cls_grid], self.classifier.preprocess)))
+            probs = np.asarray(self.segmenter._fn(window(grids[self.seg_grid], self.segmenter.preprocess)))
+        except Exception as exc:  # TensorFlow errors must not leak past the model boundary
+            raise InferenceError(f"per-slice inference failed on {len(pixels)} slices: {exc}") from exc
+        shape = pixels.shape[1:]  # load_series refuses series whose slices differ in size
+        lungs = masks_to_source(probs[..., 1] + probs[..., 2], shape)
+        lesion = masks_to_source(probs[..., 2], shape) & lungs
+        out, a = [], 0
+        for header, slices in files:
+            b = a + len(slices)
+            out.append(FileWork(header, slices, features[a:b], lungs[a:b], lesion[a:b],
+                                {g: v[a:b] for g, v in grids.items()}))
+            a = b
+        return out
+
+    def read(self, paths: Sequence[str | Path]) -> list[FileWork]:
+        """Decode ``paths`` and compute their per-slice results. Raises PreprocessError / InferenceError."""
+        return self.work([read_file(i, p) for i, p in enumerate(paths)])
+
+    # -- per series ------------------------------------------------------------------------------------------
+    @staticmethod
+    def _in_volume_order(volume: Volume, work: Sequence[FileWork], attr: str, grid: int | None = None) -> np.ndarray:
+        """``attr`` of every slice of ``volume`` stacked in the volume's order (matched by SOP UID and frame)."""
+        at: dict[tuple[str, int | None], tuple[FileWork, int]] = {}
+        for fw in work:
+            for j, s in enumerate(fw.slices):
+                at[(s.sop_uid, s.frame)] = (fw, j)
+        rows = []
+        for key in zip(volume.sop_instance_uids, volume.frame_numbers, strict=True):
+            if key not in at:
+                raise PreprocessError("a slice of the volume has no per-slice result")
+            fw, j = at[key]
+            rows.append((fw.grids[grid] if grid is not None else getattr(fw, attr))[j])
+        return np.stack(rows)
+
+    def attach(self, volume: Volume, work: Sequence[FileWork]) -> None:
+        """Put the resized slices on ``volume`` (`models.preprocess.volume_grid`'s cache), so no stage resizes."""
+        for g in {self.cls_grid, self.seg_grid}:
+            volume._cache[("grid", g)] = self._in_volume_order(volume, work, "grids", g)
+
+    def segment(self, volume: Volume, work: Sequence[FileWork]) -> SegmenterOutput:
+        """Lung and lesion masks on the source grid, as `Segmenter.predict` makes them (per slice, already)."""
+        lungs, lesion = (self._in_volume_order(volume, work, k) for k in ("lungs", "lesion"))
+        if lungs.shape != volume.hu.shape:
+            raise InferenceError(f"per-slice masks {lungs.shape} do not match the volume {volume.hu.shape}")
+        return SegmenterOutput(lungs=lungs, lesion=lesion)
+
+    def classify(self, volume: Volume, work: Sequence[FileWork], *, age: float | None = None,
+                 sex: str | None = None) -> ClassifierOutput:
+        """The classifier's head over the slice features: attention pooling, fusion, probability."""
+        from models.classifier import clinical_vector
+
+        features = self._in_volume_order(volume, work, "features")[None]
+        try:
+            out = self._head([features, clinical_vector(age, sex)[None]], training=False)
+            prob = float(np.asarray(out["probability"]).reshape(-1)[0])
+            att = np.asarray(out["attention"], dtype=np.float32).reshape(-1)
+        except Exception as exc:  # TensorFlow errors must not leak past the model boundary
+            raise InferenceError(f"classifier head failed on {features.shape}: {exc}") from exc
+        if att.shape[0] != volume.shape[0] or not np.isfinite(prob):
+            raise InferenceError("the classifier head returned an invalid output")
+        return ClassifierOutput(probability=prob, attention=att, threshold=self.classifier.threshold)
+
+
+def reindexed(fw: FileWork, index: int) -> tuple[Any, list[_Slice]]:
+    """``fw``'s header and slices as `models.preprocess.read_file(index, …)` would return them."""
+    return fw.header, [replace(s, ds_index=index) for s in fw.slices]
