@@ -150,17 +150,26 @@ class Classifier:
         :func:`models.clinical.from_header` for what a header offers). Raises InferenceError."""
         cfg = self._m.preprocess
         x = window(volume_grid(volume, cfg.grid), cfg)[None]
-        given = (clinical or ClinicalInputs(age=age, sex=sex)).only(self.clinical_used)
-        clin = encode(given, self.clinical_schema)[None]
+        given, clin = self.fusion_input(clinical, age=age, sex=sex)
         try:
             out = self._fn(x, clin)
             raw = float(np.asarray(out["probability"]).reshape(-1)[0])
             att = np.asarray(out["attention"], dtype=np.float32).reshape(-1)
         except Exception as exc:  # TensorFlow errors must not leak past the model boundary
             raise InferenceError(f"{self.name} {self.version} failed on a {x.shape} input: {exc}") from exc
-        if att.shape[0] != volume.shape[0] or not np.isfinite(raw):
+        return self.output(raw, att, given, volume.shape[0])
+
+    def fusion_input(self, clinical: ClinicalInputs | None = None, *, age: float | None = None,
+                     sex: str | None = None) -> tuple[ClinicalInputs, np.ndarray]:
+        """(the inputs this version reads, their (1, F) encoding for the model's ``clinical`` input)."""
+        given = (clinical or ClinicalInputs(age=age, sex=sex)).only(self.clinical_used)
+        return given, encode(given, self.clinical_schema)[None]
+
+    def output(self, raw: float, attention: np.ndarray, given: ClinicalInputs, n_slices: int) -> ClassifierOutput:
+        """The checked, calibrated result of one forward pass (raw probability, attention per slice)."""
+        if attention.shape[0] != n_slices or not np.isfinite(raw):
             raise InferenceError(f"{self.name} {self.version} returned an invalid output")
-        return ClassifierOutput(probability=apply_temperature(raw, self.temperature), attention=att,
+        return ClassifierOutput(probability=apply_temperature(raw, self.temperature), attention=attention,
                                 threshold=self.threshold, raw_probability=raw, clinical=given,
                                 clinical_used=self.clinical_used, calibration=self.calibration)
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from models.clinical import ClinicalInputs
 from models.preprocess import (
     PreprocessError,
     Volume,
@@ -138,21 +139,19 @@ class SliceModels:
             raise InferenceError(f"per-slice masks {lungs.shape} do not match the volume {volume.hu.shape}")
         return SegmenterOutput(lungs=lungs, lesion=lesion)
 
-    def classify(self, volume: Volume, work: Sequence[FileWork], *, age: float | None = None,
-                 sex: str | None = None) -> ClassifierOutput:
-        """The classifier's head over the slice features: attention pooling, fusion, probability."""
-        from models.classifier import clinical_vector
-
+    def classify(self, volume: Volume, work: Sequence[FileWork], *,
+                 clinical: ClinicalInputs | None = None) -> ClassifierOutput:
+        """The classifier's head over the slice features: attention pooling, fusion with the same clinical
+        encoding and the same calibration as `Classifier.predict`."""
         features = self._in_volume_order(volume, work, "features")[None]
+        given, clin = self.classifier.fusion_input(clinical)
         try:
-            out = self._head([features, clinical_vector(age, sex)[None]], training=False)
-            prob = float(np.asarray(out["probability"]).reshape(-1)[0])
+            out = self._head([features, clin], training=False)
+            raw = float(np.asarray(out["probability"]).reshape(-1)[0])
             att = np.asarray(out["attention"], dtype=np.float32).reshape(-1)
         except Exception as exc:  # TensorFlow errors must not leak past the model boundary
             raise InferenceError(f"classifier head failed on {features.shape}: {exc}") from exc
-        if att.shape[0] != volume.shape[0] or not np.isfinite(prob):
-            raise InferenceError("the classifier head returned an invalid output")
-        return ClassifierOutput(probability=prob, attention=att, threshold=self.classifier.threshold)
+        return self.classifier.output(raw, att, given, volume.shape[0])
 
 
 def reindexed(fw: FileWork, index: int) -> tuple[Any, list[_Slice]]:

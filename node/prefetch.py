@@ -28,7 +28,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
@@ -36,7 +35,7 @@ from models.preprocess import PreprocessError, Volume, load_series
 from node.config import NodeConfig
 from node.logs import get_logger
 from node.loops import LoopThread
-from node.pipelines.runner import Classification, ModelRunner, Segmentation
+from node.pipelines.runner import Classification, ModelRunner, Segmentation, classification, clinical_of
 from node.routing import read_header, route
 from node.schema import instances, jobs, series
 from node.states import JobState, ProcessModel, SeriesState
@@ -107,8 +106,8 @@ class StreamingRunner(ModelRunner):
         return Segmentation(lungs=seg.lungs, lesion=seg.lesion)
 
     def classify(self, volume: Volume) -> Classification:
-        cls = self.models.classify(volume, self.work, age=volume.patient_age, sex=volume.patient_sex)
-        return Classification(float(cls.probability), float(cls.threshold), np.asarray(cls.attention))
+        cls = self.models.classify(volume, self.work, clinical=clinical_of(volume))
+        return classification(cls, self.models.classifier.card)
 
 
 class Prefetcher:

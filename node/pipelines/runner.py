@@ -85,13 +85,22 @@ class RegistryRunner(ModelRunner):
         return Segmentation(lungs=seg.lungs, lesion=seg.lesion)
 
     def classify(self, volume: Volume) -> Classification:
-        from models.clinical import from_header
+        cls = self.classifier.predict(volume, clinical=clinical_of(volume))
+        return classification(cls, self.classifier.card)
 
-        header = volume.datasets[0] if volume.datasets else None
-        clinical = from_header(header, age=volume.patient_age, sex=volume.patient_sex)
-        cls = self.classifier.predict(volume, clinical=clinical)
-        return Classification(float(cls.probability), float(cls.threshold), np.asarray(cls.attention),
-                              notes=model_notes(cls, self.classifier.card))
+
+def clinical_of(volume: Volume) -> Any:
+    """The clinical inputs the series' header offers (`models.clinical.from_header`)."""
+    from models.clinical import from_header
+
+    header = volume.datasets[0] if volume.datasets else None
+    return from_header(header, age=volume.patient_age, sex=volume.patient_sex)
+
+
+def classification(cls: ClassifierOutput, card: dict[str, Any]) -> Classification:
+    """A classifier output as the pipeline's `Classification`, with the SR's notes on it."""
+    return Classification(float(cls.probability), float(cls.threshold), np.asarray(cls.attention),
+                          notes=model_notes(cls, card))
 
 
 _SOURCES = {"age": "DICOM header", "sex": "DICOM header"}

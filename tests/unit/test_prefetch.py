@@ -17,7 +17,7 @@ from node.db import create_engine_for, init_schema
 from node.dispatch import Dispatcher
 from node.index import Index
 from node.ingest import Ingestor, Origin
-from node.prefetch import PrefetchCache, Prefetcher
+from node.prefetch import PrefetchCache, Prefetcher, StreamingRunner
 from node.queue import JobQueue
 from node.schema import instances, series
 from node.spool import Spool
@@ -203,3 +203,26 @@ def test_the_cache_keeps_the_most_recently_used_series():
     cache.put("a", "2", "x", None)  # a is used again
     cache.put("c", "1", "x", None)  # b goes
     assert cache.series() == ["a", "c"] and cache.known("a") == {"1": "x", "2": "x"}
+
+
+def test_streaming_fuses_the_same_clinical_inputs_and_calibration_as_the_one_call_path(tmp_path):
+    """Classifier 2.0.0 reads symptoms from the request text and is temperature-calibrated: the streamed head must
+    give the same calibrated probability and the same SR notes (inputs fused, calibration) as `Classifier.predict`."""
+    from models.streaming import SliceModels
+    from node.pipelines import RegistryRunner
+
+    runner = RegistryRunner(classifier_version="2.0.0", device="cpu")
+    assert runner.classifier.temperature != 1.0 and "fever" in runner.classifier.clinical_used
+    s = write_ct_series(tmp_path / "src", slices=SLICES, size=SIZE, seed=12)
+    for p in s.paths:
+        ds = pydicom.dcmread(p)
+        ds.ReasonForTheRequestedProcedure = "fever and productive cough, no dyspnoea"
+        ds.save_as(p)
+    models = SliceModels(runner.classifier, runner.segmenter)
+    volume = load_series(s.paths)
+    streamed = StreamingRunner(runner, models, models.read(s.paths)).classify(volume)
+    plain = runner.classify(load_series(s.paths))
+    assert streamed.probability == pytest.approx(plain.probability, abs=1e-6)
+    assert streamed.notes == plain.notes
+    assert dict(plain.notes.fusion_inputs).keys() >= {"fever", "cough", "dyspnoea"}
+    assert "temperature scaling" in plain.notes.calibration
