@@ -45,7 +45,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return _serve_processes(args, config)
     if role is not Role.ALL:
         return _serve_role(args, config, role)
-    from node.service import Service
+    from node.service import Service, leave
 
     service = Service(config)
 
@@ -62,7 +62,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    return service.run_forever(on_started=announce)  # 70 when a supervised loop kept dying
+    return leave(service, service.run_forever(on_started=announce))  # 70 when a supervised loop kept dying
 
 
 def _serve_processes(args: argparse.Namespace, config: NodeConfig) -> int:
@@ -83,7 +83,7 @@ def _serve_role(args: argparse.Namespace, config: NodeConfig, role: Any) -> int:
     """``--role listener|worker|dispatcher``: that role's stages alone (a child of the supervisor, or on its own)."""
     from node.processes import die_with_parent, read_table, write_report
     from node.roles import Identity
-    from node.service import Service
+    from node.service import Service, leave
 
     supervised = args.supervisor_pid is not None
     if supervised:
@@ -98,7 +98,7 @@ def _serve_role(args: argparse.Namespace, config: NodeConfig, role: Any) -> int:
     def announce() -> None:
         print(f"pacsnode {service.identity.node_id} running (pid {os.getpid()})", flush=True)
 
-    return service.run_forever(on_started=announce)
+    return leave(service, service.run_forever(on_started=announce))
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -320,3 +321,17 @@ class Service:
         finally:
             self.stop()
         return self.exit_code
+
+
+def leave(service: Service, exit_code: int) -> int:
+    """The process's exit after `Service.run_forever` returned ``exit_code``. Every stage has stopped, but when
+    TensorFlow is still loading in the worker's thread (no job is claimed before the models are loaded, so nothing
+    is held) the process leaves at once: waiting would add seconds to every stop, and an interpreter finalised
+    under a native import can crash. For the command line only — it ends the process."""
+    if service.worker.loading:
+        service.log.info("exiting_while_models_load")
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        os._exit(exit_code)
+    return exit_code

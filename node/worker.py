@@ -62,6 +62,7 @@ from node.supervise import Heartbeats, failure
 LOOP = "worker"  # the worker loop's name in the heartbeat registry
 _MAX_ERROR_BACKOFF = 30.0  # seconds between turns while every turn fails (e.g. the database is down)
 _LOST_CHECK_SECONDS = 30.0  # how often an idle worker looks for dead jobs nobody reported
+_LOADING_STOP_SECONDS = 0.2  # how long `stop` waits for a loop that is still loading the models
 
 
 class Worker:
@@ -116,9 +117,16 @@ class Worker:
         self._loop_thread.wake.set()
 
     def stop(self, timeout: float = 60.0) -> None:
+        """Stop the loop, waiting up to ``timeout`` s for a job in hand. While the models are still loading there
+        is no job to finish: the wait is short and the process may exit under the load (`loading`)."""
         if self.prefetch is not None:
             self.prefetch.stop(timeout)
-        self._loop_thread.stop(timeout)
+        self._loop_thread.stop(timeout if self.ready.is_set() else min(timeout, _LOADING_STOP_SECONDS))
+
+    @property
+    def loading(self) -> bool:
+        """The loop thread is still loading the models (it holds no job)."""
+        return self._loop_thread.alive() and not self.ready.is_set()
 
     def apply_config(self, config: NodeConfig) -> None:
         """Hot reload: gate and heartbeat settings apply to the next job (model versions need a restart)."""

@@ -121,7 +121,10 @@ port = {closed}
     def _status(_node: object) -> dict:  # what `pacsnode status` reports, read in-process while polling (cheaper)
         return {d["destination"]: d for d in destination_report(config, engine)}
 
-    diagnostics = lambda: "\n" + node.log_text()[-4000:] + "\n" + pacs.log_text()[-2000:]  # noqa: E731
+    def diagnostics() -> str:  # the status rows, and the node's log without the `gone` destination's retries
+        lines = [ln for ln in node.log_text().splitlines() if '"destination": "gone"' not in ln and "NOBODY" not in ln
+                 and "unable to connect" not in ln and "Connection refused" not in ln]
+        return (f"\nstatus: {_status(node)}\n" + "\n".join(lines)[-6000:] + "\n" + forgetful.log_text()[-2000:])
 
     # (c) reachability, before anything is sent: the Orthancs answer C-ECHO / HTTP, the closed port does not.
     status = wait_until(lambda: (s := _status(node)) and all(s[n]["reachable"] is not None for n in s) and s,

@@ -117,3 +117,14 @@ def test_poison_series_get_a_coded_sr_and_the_next_series_still_reaches_orthanc(
     assert {"worker", "completion", "dispatch:orthanc", "dispatch-sweep", "http", "dimse"} <= set(body["loops"])
     assert all(loop["alive"] and not loop["stuck"] and loop["restarts"] == 0 for loop in body["loops"].values())
     assert "worker_loop_error" not in node.log_text() and "loop_died" not in node.log_text()
+
+
+def test_sigterm_while_the_models_load_ends_the_node_cleanly(start_node):
+    """A stop never waits for TensorFlow to finish loading (nothing is held before the models are loaded): the
+    process leaves with status 0 under the load, and its log says so."""
+    node = start_node()  # the shipped models; the node answers before they are loaded
+    assert b"models_loaded" not in node.log_text().encode()  # else this run shows nothing: the load was too quick
+    node.proc.terminate()
+    assert node.proc.wait(30) == 0
+    log = node.log_text()
+    assert "exiting_while_models_load" in log and "node_stopped" in log and "models_loaded" not in log
