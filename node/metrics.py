@@ -5,10 +5,18 @@ Stages report events through small methods — `instance_received`, `rejected`, 
 read at scrape time, so gauges show the database's state, not a copy that can drift. `render()` returns the
 exposition text and its content type for ``GET /metrics``. Label values come from closed sets (SOP class and
 transfer syntax keywords, else "other"), so a sender cannot grow the number of series without bound.
+
+Under the processes model (node.processes) each role is its own process, so one process's counters would miss
+what the others counted. The supervisor gives every child ``PROMETHEUS_MULTIPROC_DIR`` (`MULTIPROC_ENV`, a fresh
+``<data_dir>/metrics`` per supervisor start), where prometheus_client keeps each process's values in memory-mapped
+files; `render()` then merges them (prometheus_client's `MultiProcessCollector`: counters and histograms summed over
+every process that ran since the start, the device gauges the highest among live processes) and adds the
+scrape-time gauges, which read the shared database and so are the same whichever listener answers.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -23,6 +31,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from pydicom.uid import UID
 
 from node.logs import get_logger
@@ -31,6 +40,7 @@ from node.states import AdmissionReason, PeerRefusal
 SOURCES = frozenset({"dimse", "stow"})
 ASSOCIATION_EVENTS = frozenset({"accepted", "rejected", "released", "aborted"})
 GUARD_SOURCES = frozenset({"dimse", "http"})
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # set (by node.processes) before prometheus_client is imported
 
 # Inference on 2 CPU cores takes seconds to minutes per series; end-to-end adds the completion wait and delivery.
 INFERENCE_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, float("inf"))
@@ -233,6 +243,7 @@ class Metrics:
         self._device, self._gpu_fallback = _device_gauges(r)
         self._gauges = _ScrapeTimeCollector(self._source_failed)
         r.register(self._gauges)
+        self._scrape_time: list[Any] = [self._gauges]  # collectors reading shared state at each scrape
         # Registered after the gauges, so a scrape that hits a failing source already reports it.
         self._scrape_errors = Counter(
             "pacsnode_metrics_source_errors", "Scrape-time gauge sources that failed, by source.", ["source"], registry=r
@@ -266,7 +277,9 @@ class Metrics:
         read at scrape time (`Admission.paused_by_reason`)."""
         if not callable(paused):
             raise TypeError(f"paused must be callable, not {type(paused).__name__}")
-        self.registry.register(_AdmissionCollector(paused, self._source_failed))
+        collector = _AdmissionCollector(paused, self._source_failed)
+        self._scrape_time.append(collector)
+        self.registry.register(collector)
 
     # -- events ---------------------------------------------------------------------------------------------
     def instance_received(self, sop_class: str, transfer_syntax: str, size: int, source: str) -> None:
@@ -318,6 +331,8 @@ class Metrics:
 
     def inference_device(self, device: str, requested: str, mixed_precision: bool, fell_back: bool) -> None:
         """The device the models run on (node.device.announce), replacing what was set before."""
+        for labels in list(self._device._metrics):  # kept in the shared files under the processes model: zeroed
+            self._device.labels(*labels).set(0)
         self._device.clear()
         self._device.labels(_check(device, INFERENCE_DEVICES, "device"), _check(requested, DEVICE_REQUESTS, "requested"),
                             str(mixed_precision).lower()).set(1)
@@ -339,8 +354,16 @@ class Metrics:
 
     # -- exposition -----------------------------------------------------------------------------------------
     def render(self) -> tuple[bytes, str]:
-        """The Prometheus text exposition of every metric, and its content type."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        """The Prometheus text exposition of every metric, and its content type; every process's values merged
+        under the processes model (module docstring)."""
+        shared = os.environ.get(MULTIPROC_ENV)
+        if not shared:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        merged = CollectorRegistry()
+        for collector in self._scrape_time:  # first, so a source failing in this scrape is counted in it
+            merged.register(collector)
+        merged.register(MultiProcessCollector(None, path=shared))
+        return generate_latest(merged), CONTENT_TYPE_LATEST
 
     def _source_failed(self, name: str, exc: Exception) -> None:
         self._scrape_errors.labels(name).inc()
@@ -352,12 +375,12 @@ def _device_gauges(r: CollectorRegistry) -> tuple[Gauge, Gauge]:
     device = Gauge(
         "pacsnode_inference_device", "1 for the device the models run on (device: cpu|gpu; requested: "
         "[worker] device; mixed_precision: true|false); set once the worker has loaded them.",
-        ["device", "requested", "mixed_precision"], registry=r,
+        ["device", "requested", "mixed_precision"], registry=r, multiprocess_mode="livemax",
     )
     fallback = Gauge(
         "pacsnode_inference_gpu_fallback",
         "1 when [worker] device = 'gpu' but no GPU could be used, so the models run on the CPU; alert on it.",
-        registry=r,
+        registry=r, multiprocess_mode="livemax",
     )
     return device, fallback
 

@@ -17,6 +17,10 @@ each a fresh interpreter running ``pacsnode serve --role R``, so TensorFlow load
   loops' problems (dead, stuck), models not loaded — to ``<data_dir>/processes/<name>.json`` every 0.5 s
   (`write_report`); `read_table` merges both for ``/readyz`` and ``pacsnode status``.
 
+Metrics: each child gets ``PROMETHEUS_MULTIPROC_DIR`` = ``<data_dir>/metrics`` (emptied at each supervisor start),
+so ``/metrics`` on any listener merges every process's counters (node.metrics); a dead child's live-only gauge
+files are removed (`mark_process_dead`), its counters stay counted.
+
 A child asks the kernel for SIGTERM when the supervisor dies (``PR_SET_PDEATHSIG``, `die_with_parent`) and also
 stops when its parent pid changes, so a supervisor killed with SIGKILL leaves no orphan listening on the ports.
 """
@@ -27,6 +31,7 @@ import contextlib
 import ctypes
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,9 +43,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.multiprocess import mark_process_dead
+
 from node.config import NodeConfig, load_config
 from node.errors import ConfigError
 from node.logs import get_logger
+from node.metrics import MULTIPROC_ENV
 from node.roles import Identity
 from node.signals import StopSignals
 from node.states import Role
@@ -48,6 +56,7 @@ from node.supervise import EXIT_LOOP_FAILED, restart_delay
 
 TABLE_FILE = "processes.json"
 REPORTS_DIR = "processes"  # one health report per child
+METRICS_DIR = "metrics"  # the children's shared prometheus_client files (node.metrics)
 REPORT_STALE_SECONDS = 15.0  # a live child that has not reported for this long is reported as a problem
 _PR_SET_PDEATHSIG = 1
 
@@ -128,6 +137,7 @@ class ProcessSupervisor:
         if closed or retimed:
             self._log.warning("resuming_previous_run", open_associations_closed=closed, series_retimed=retimed)
         self.pid_file.write_text(f"{os.getpid()}\n")
+        self._fresh_metrics_dir()
         for child in self.children:
             self._spawn(child)
         self._write_table()
@@ -140,10 +150,20 @@ class ProcessSupervisor:
             cmd += ["--config", str(self.config_path)]
         return cmd
 
+    @property
+    def metrics_dir(self) -> Path:
+        return self.config.node.data_dir / METRICS_DIR
+
+    def _fresh_metrics_dir(self) -> None:
+        """The children's shared metric files, from zero: counters restart with the node, as in one process."""
+        shutil.rmtree(self.metrics_dir, ignore_errors=True)
+        self.metrics_dir.mkdir(parents=True)
+
     def _spawn(self, child: Child) -> None:
         # Its own process group: a terminal's Ctrl-C reaches the supervisor alone, which forwards one SIGTERM
         # (a second signal straight from the terminal would force the children's exit).
-        child.proc = subprocess.Popen(self._command(child), process_group=0)  # noqa: S603 - our own arguments
+        env = {**os.environ, MULTIPROC_ENV: str(self.metrics_dir)}
+        child.proc = subprocess.Popen(self._command(child), process_group=0, env=env)  # noqa: S603 - our arguments
         child.started_at = time.time()
         child.due_at = None
         self._log.info("process_started", process=child.name, pid=child.proc.pid)
@@ -159,6 +179,7 @@ class ProcessSupervisor:
                 continue
             if child.due_at is None:  # a death not handled yet
                 child.last_exit = child.proc.returncode
+                mark_process_dead(child.proc.pid, str(self.metrics_dir))  # its live gauges go; counters stay
                 while child.deaths and child.deaths[0] < now - settings.restart_window_seconds:
                     child.deaths.popleft()
                 if len(child.deaths) >= settings.max_restarts:

@@ -164,8 +164,22 @@ def _scenario(node: NodeProcess, tmp_path: Path) -> None:
 
     assert wait_until(lambda: len(found := owners()) == 2 and found, 30, "both listeners") == {
         "listener-0", "listener-1"}
+    # /metrics merges every process's counters (node.metrics): whichever listener answers, the associations it
+    # counts are all the listeners' (the killed one's included), the same number the index recorded.
+    accepted = len(query(node, "select id from associations"))
+    scraped = {metric(node, "pacsnode_associations_total", event="accepted") for _ in range(6)}
+    assert scraped == {accepted}, (scraped, accepted)
     print(f"\n{SENDERS} senders x {SLICES} slices, {name} killed mid-transfer: {len(acked)} acknowledged before, "
           f"all indexed; restarted as pid {restarted['pid']}; resend of all {SENDERS * SLICES} indexed once")
+
+
+def metric(node: NodeProcess, name: str, **labels: str) -> float:
+    """One sample of ``GET /metrics`` (a new connection each time, so either listener may answer); 0 if absent."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"http://127.0.0.1:{node.http_port}/metrics", timeout=10).text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
 def maps_tensorflow(pid: int) -> bool:
@@ -194,5 +208,9 @@ def test_a_series_crosses_listener_worker_and_dispatcher_processes_and_only_the_
     pids = {p["name"]: p["pid"] for p in report["processes"]["processes"]}
     assert maps_tensorflow(pids["worker-0"])
     assert not any(maps_tensorflow(pids[name]) for name in ("listener-0", "listener-1", "dispatcher-0"))
+    # What the worker and the dispatcher counted shows on a listener's /metrics.
+    assert metric(node, "pacsnode_inference_seconds_count") == 1
+    assert metric(node, "pacsnode_inference_device", device="cpu") == 1
+    assert metric(node, "pacsnode_end_to_end_seconds_count") >= 1
     job = query(node, "select queue_seconds from jobs")[0]
     print(f"\njob claimed {job.queue_seconds:.3f} s after completion (worker in its own process)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from prometheus_client.multiprocess import mark_process_dead
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, JPEG2000Lossless
 
@@ -146,3 +147,43 @@ def test_uid_label_is_bounded():
     assert uid_label(CTImageStorage) == "CTImageStorage"
     assert uid_label("1.2.3.4.5") == "other"
     assert uid_label("") == "other"
+
+
+_CHILD = """
+import sys
+from node.metrics import Metrics
+m = Metrics()
+for _ in range(int(sys.argv[1])):
+    m.association("accepted")
+m.inference_device("cpu", "auto", False, False)
+if sys.argv[2] == "gpu":
+    m.inference_device("gpu", "gpu", False, False)
+m.bind(queue_depth=lambda: 7)
+sys.stdout.write(m.render()[0].decode())
+"""
+
+
+def test_under_the_processes_model_each_process_renders_every_processes_counters(tmp_path):
+    """PROMETHEUS_MULTIPROC_DIR (set by the supervisor before a child starts): a process's /metrics sums what
+    every process counted, keeps the scrape-time gauges, and a device switched away from reads 0."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+
+    def child(n: int, device: str) -> tuple[int, dict]:
+        proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(n), device], env=env, stdout=subprocess.PIPE,
+                                text=True)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0
+        return proc.pid, {(s.name, tuple(sorted(s.labels.items()))): s.value
+                          for f in text_string_to_metric_families(out) for s in f.samples}
+
+    first, _ = child(3, "cpu")
+    mark_process_dead(first, str(tmp_path))  # as the supervisor does when a child exits
+    _, seen = child(4, "gpu")  # the second process renders the first one's counts too
+    assert seen[("pacsnode_associations_total", (("event", "accepted"),))] == 7
+    assert seen[("pacsnode_queue_depth", ())] == 7
+    device = {dict(k[1])["device"]: v for k, v in seen.items() if k[0] == "pacsnode_inference_device"}
+    assert device == {"gpu": 1, "cpu": 0}  # the live process's device; the old label zeroed, the dead one's gone
