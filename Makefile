@@ -6,6 +6,11 @@ RUNTIME := $(VENV)/.installed-runtime
 TESTDEPS := $(VENV)/.installed-test
 DEMODEPS := $(VENV)/.installed-demo
 PYTEST_ARGS ?=
+# `make test`: two pytest-xdist workers (most integration time is waiting on peers), whole files per worker
+# (test_routing_senders' module node runs its tests in order), every node-starting integration test on SQLite and on
+# PostgreSQL (tests/conftest.py `--node-db=both`). TEST_WORKERS=0 runs serially.
+TEST_WORKERS ?= 2
+TEST_RUN := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) --node-db=both
 DEMO_ARGS ?=
 
 .PHONY: serve test test-pg demo lint typecheck sysdeps bench bench-e2e venv clean
@@ -44,10 +49,10 @@ typecheck: $(TESTDEPS)
 	$(BIN)/mypy node models training demo peers
 
 test: $(TESTDEPS) sysdeps lint typecheck
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest $(TEST_RUN) $(PYTEST_ARGS)
 
-# The integration suite again with every node on a fresh database of one throwaway PostgreSQL cluster
-# (tests/conftest.py `node_database`; the same as TEST_NODE_DB=postgres). Not part of `make test`: see README "Tests".
+# The integration suite on PostgreSQL alone (tests/conftest.py `node_database`; the same as TEST_NODE_DB=postgres),
+# for chasing a PostgreSQL-only failure; `make test` already runs it on both backends.
 test-pg: $(TESTDEPS) sysdeps
 	$(BIN)/pytest --node-db=postgres tests/integration $(PYTEST_ARGS)
 

@@ -8,7 +8,8 @@ objects: `start_node` → `NodeProcess`, `orthanc_factory` → `OrthancServer`, 
 `db_url` gives a fresh database of each backend and `engine` an engine over it with the schema.
 The harness helpers the tests use are importable from here as well as from `peers`.
 
-The database every test node runs on is chosen in one place, `node_database` (``--node-db=sqlite|postgres``, default
+The database every test node runs on is chosen in one place, `node_database` (``--node-db=sqlite|postgres|both``,
+``both`` running each integration test that starts nodes once per backend, as `make test` does; default
 from ``TEST_NODE_DB`` (not ``PACSNODE_*``: the config loader would take that for an override), else SQLite): on PostgreSQL each node gets a fresh database on the session's one cluster
 (`postgres_server`). `start_node` uses it; a test that launches a node itself, or builds the node's components in
 process, asks it for a URL.
@@ -41,9 +42,21 @@ from peers.orthanc import OrthancServer
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
-        "--node-db", choices=("sqlite", "postgres"), default=os.environ.get("TEST_NODE_DB") or "sqlite",
-        help="the database the integration tests' nodes run on (default: $TEST_NODE_DB, else sqlite)",
+        "--node-db", choices=("sqlite", "postgres", "both"), default=os.environ.get("TEST_NODE_DB") or "sqlite",
+        help="the database the integration tests' nodes run on; 'both' runs each integration test that starts "
+             "nodes once per backend (default: $TEST_NODE_DB, else sqlite)",
     )
+
+
+BACKENDS = ("sqlite", "postgres")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """``--node-db=both``: every integration test whose nodes take `node_database` runs on SQLite and on
+    PostgreSQL (ids ``[sqlite]``/``[postgres]``; session-scoped, so each backend's cluster starts once per worker)."""
+    if (metafunc.config.getoption("--node-db") == "both" and "node_database" in metafunc.fixturenames
+            and metafunc.definition.get_closest_marker("integration") is not None):
+        metafunc.parametrize("node_database", BACKENDS, indirect=True, scope="session")
 
 
 def missing_peer(message: str) -> NoReturn:
@@ -107,7 +120,8 @@ class NodeDatabases:
     fresh database's URL for a test that builds the node's components itself."""
 
     def __init__(self, request: pytest.FixtureRequest) -> None:
-        self.backend: str = request.config.getoption("--node-db")
+        chosen = str(getattr(request, "param", None) or request.config.getoption("--node-db"))
+        self.backend: str = "sqlite" if chosen == "both" else chosen  # "both" reaches here only outside integration
         self._request = request
 
     @property
