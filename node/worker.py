@@ -231,25 +231,25 @@ class Worker:
             if refusal is not None:
                 return self._skip(job, pipeline, rows, refusal, log)
             runner = self.warm_up()
-            t_load = time.perf_counter()
-            try:
-                volume, runner = self._load(job, rows, runner)
-            except PreprocessError as exc:
-                return self._skip(job, pipeline, rows, GateRefusal(SkipReason.UNDECODABLE_PIXELS, str(exc)[:200]),
-                                  log)
-            t0 = time.perf_counter()
-            with self._heartbeat(job):
+            with self._heartbeat(job):  # the lease is renewed while loading, inferring and building
+                t_load = time.perf_counter()
+                try:
+                    volume, runner = self._load(job, rows, runner)
+                except PreprocessError as exc:
+                    refusal = GateRefusal(SkipReason.UNDECODABLE_PIXELS, str(exc)[:200])
+                    return self._skip(job, pipeline, rows, refusal, log)
+                t0 = time.perf_counter()
                 outcome = pipeline.analyse(volume, runner, self.config.gate)
-            inference_seconds = time.perf_counter() - t0
-            self.metrics.inference(inference_seconds)
-            if isinstance(outcome, GateRefusal):
-                return self._skip(job, pipeline, rows, outcome, log)
-            algorithm = self._algorithm(runner, pipeline)
-            objects = pipeline.build(
-                volume.datasets, outcome, algorithm, series_version=job.version,
-                superseded=self._superseded(job), fallback_datetime=self._fallback_datetime(job.series_uid),
-            )
-            objects += self._withdrawal(job, algorithm)
+                inference_seconds = time.perf_counter() - t0
+                self.metrics.inference(inference_seconds)
+                if isinstance(outcome, GateRefusal):
+                    return self._skip(job, pipeline, rows, outcome, log)
+                algorithm = self._algorithm(runner, pipeline)
+                objects = pipeline.build(
+                    volume.datasets, outcome, algorithm, series_version=job.version,
+                    superseded=self._superseded(job), fallback_datetime=self._fallback_datetime(job.series_uid),
+                )
+                objects += self._withdrawal(job, algorithm)
             t_built = time.perf_counter()
             self._commit(job, objects, inference_seconds=inference_seconds, skipped=None)
             self.metrics.job_ended(job.pipeline.value, "result")

@@ -4,6 +4,7 @@ PACS sender replaced at their seams (a fixed-output runner; a sender that record
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import highdicom as hd
@@ -379,3 +380,31 @@ def test_a_superseded_version_whose_files_were_purged_is_still_withdrawn(node, t
     }
     assert rejected == {(r.result_series_uid, r.sop_uid, r.sop_class_uid) for r in v1.values()}
     assert kos.StudyInstanceUID == series.study_uid and kos.PatientID == "CTGEN-0001"
+
+
+def test_the_lease_is_renewed_while_results_are_built_not_only_during_inference(node, tmp_path, monkeypatch):
+    """Loading and building can outlast a short lease as much as inference can: the heartbeat covers them too, so
+    no other worker claims the job meanwhile and this attempt's results are committed."""
+    from node.config import QueueSection
+    from node.pipelines.pneumonia import PneumoniaPipeline
+
+    config, engine, ingestor, _, dispatcher, _ = node
+    config = config.model_copy(update={"queue": QueueSection(lease_seconds=0.5, heartbeat_seconds=0.05,
+                                                             max_attempts=2, retry_delay_seconds=0)})
+    queue = JobQueue(engine, config.queue)
+    series = receive(ingestor, tmp_path, "slow", slices=12, seed=5)
+    job_id = queue_job(queue, series.series_uid)
+    worker = Worker(config, engine, queue, dispatcher, lambda: FixedRunner(0.9))
+    seen: dict[str, object] = {}
+    build = PneumoniaPipeline.build
+
+    def slow_build(self, *args, **kwargs):
+        time.sleep(3 * config.queue.lease_seconds)  # a slow build (a big series, a busy disk)
+        seen["other"] = queue.claim("another-worker")  # the lease has outlived three of its own lengths
+        return build(self, *args, **kwargs)
+
+    monkeypatch.setattr(PneumoniaPipeline, "build", slow_build)
+    worker.warm_up()
+    assert worker.process(queue.claim(worker.worker_id)) is JobState.DONE
+    assert seen["other"] is None
+    assert queue.get(job_id).state == JobState.DONE
