@@ -157,12 +157,16 @@ class GuardedServer(ThreadedAssociationServer):
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
 
+    def open_connections(self) -> int:
+        """Connections holding a slot: associations (from TCP accept on) plus TLS handshakes under way."""
+        return len(self.active_associations) + self._handshaking
+
     def verify_request(self, request: Any, client_address: Any) -> bool:
         """socketserver's admission check: close the connection at once when ``max_connections`` are open, so
         a connection flood costs neither threads nor memory (a refused peer sees the connection closed)."""
         limits = self.limits
         address, port = str(client_address[0]), int(client_address[1])
-        open_now = len(self.active_associations) + self._handshaking
+        open_now = self.open_connections()
         if open_now >= limits.max_connections:
             self.refusals.record(
                 PeerRefusal.CONNECTION_REFUSED, address, port, open=open_now, limit=limits.max_connections

@@ -460,20 +460,22 @@ def _stream(peer: RawPeer, header: bytes, total: int) -> int:
 
 # -- 2. no slot held by an idle or stalled peer --------------------------------------------------------------------
 def test_stalled_and_idle_peers_lose_their_slots_within_the_association_timeout(make_node, peers, thread_errors):
-    node = make_node(max_associations=3)
+    timeout = 4 * ASSOCIATION_TIMEOUT  # long enough that a loaded machine sees the slots taken before they free
+    node = make_node(max_associations=3, association_timeout_seconds=timeout)
     t0 = time.monotonic()
     idle = peers(node.address)  # connects and sends nothing
     half_header = peers(node.address)
     half_header.send(b"\x01\x00\x00")  # 3 of the 6 header bytes
     header_only = peers(node.address)
     header_only.send(pdu_header(0x01, 300) + b"\x00\x01")  # promises 300 bytes, sends 2
-    time.sleep(0.2)
+    wait_until(lambda: node.server.servers[0].open_connections() >= 3, timeout / 2,
+               "the three peers to hold their slots", interval=0.02)
     assert node.echo() is None  # every slot is taken: the association is rejected
-    wait_until(lambda: node.echo() == 0x0000, t0 + ASSOCIATION_TIMEOUT + 2.0 - time.monotonic(),
+    wait_until(lambda: node.echo() == 0x0000, t0 + timeout + 2.0 - time.monotonic(),
                "the stalled peers' slots to be freed", interval=0.1)
     freed = time.monotonic() - t0
-    print(f"slots freed after {freed:.2f} s (association timeout {ASSOCIATION_TIMEOUT} s)")
-    assert freed >= ASSOCIATION_TIMEOUT * 0.8
+    print(f"slots freed after {freed:.2f} s (association timeout {timeout} s)")
+    assert freed >= timeout * 0.8
     for peer in (idle, half_header, header_only):
         assert peer.closed_within(1.0) is not None
     assert not thread_errors
