@@ -32,7 +32,7 @@ from training.phantom import generate_case
 
 def node_toml(orthanc: OrthancServer, prefetch: bool = True, processes: bool = False) -> str:
     return (
-        ('process_model = "processes"\n' if processes else "")  # continues launch_node's [node] table
+        ('process_model = "processes"\n' if processes else 'process_model = "threads"\n')  # launch_node's [node]
         + f"[worker]\nprefetch = {str(prefetch).lower()}\n"
         "[completion]\nstable_seconds = 30\nsweep_seconds = 0.5\n"
         # storescu sends each series in one association: its profile completes on release

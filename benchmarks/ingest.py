@@ -70,7 +70,8 @@ def node_starter(model: str, listeners: int) -> Callable[[Path, int], PeerProces
     """A launcher for the node in process model ``model`` ("threads" or "processes" with ``listeners``)."""
 
     def start(work: Path, port: int) -> PeerProcess:
-        processes = f'process_model = "processes"\nlistener_processes = {listeners}\n' if model == "processes" else ""
+        processes = (f'process_model = "processes"\nlistener_processes = {listeners}\n' if model == "processes"
+                     else 'process_model = "threads"\n')
         worker = "[worker]\nenabled = false\n" if LEAN else ""
         started = launch_node(work / "node", port=port, args=("--log-level", "WARNING"),
                               extra_toml=f"{processes}[completion]\nstable_seconds = 3600\n{worker}")

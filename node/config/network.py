@@ -62,7 +62,7 @@ class NodeSection(_Frozen):
     uid_root: Annotated[str, AfterValidator(_check_uid_root)] = ""
     # Process roles (node.roles, node.processes): who this node is on a shared database, how `serve` runs its roles.
     instance_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,39}$")] | None = None  # None: hostname
-    process_model: ProcessModel = ProcessModel.THREADS
+    process_model: ProcessModel = ProcessModel.PROCESSES
     listener_processes: Annotated[int, Field(ge=1, le=64)] = 1  # listener children sharing the ports (processes)
     wake_poll_seconds: Annotated[float, Field(gt=0, le=10)] = 0.1  # a role process polls the database this often
     # Which spool this process writes (node.spools): recorded on each instance row with the path relative to the

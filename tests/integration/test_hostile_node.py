@@ -83,7 +83,8 @@ def _slowloris(sock: socket.socket, stop: threading.Event, closed: list[bool]) -
 
 def test_legitimate_peers_get_through_a_burst_of_hostile_ones_and_memory_stays_flat(tmp_path, node_database):
     echoscu, curl = require_tool("echoscu"), require_tool("curl")
-    node = launch_node(tmp_path / "node", extra_toml=(
+    node = launch_node(tmp_path / "node", extra_toml=(  # threads: the RSS measured is the receiving process's
+        'process_model = "threads"\n'
         f"max_associations = 16\nmax_associations_per_peer = {PER_PEER}\n"
         f"association_timeout_seconds = {ASSOCIATION_TIMEOUT}\nhttp_header_timeout_seconds = {HEADER_TIMEOUT}\n"
         f"http_max_connections_per_peer = {HTTP_PER_PEER}\n[worker]\nenabled = false\n"

@@ -23,7 +23,9 @@ from tests.dicomfiles import dataset_bytes
 
 pytestmark = pytest.mark.integration
 
-LEAN = "[worker]\nenabled = false\n[completion]\nstable_seconds = 3600\n"
+# One process (the threads model): SIGKILL of that pid is the whole node dying at once. The processes model's own
+# crash test kills one listener child mid-transfer (test_processes.py).
+LEAN = 'process_model = "threads"\n[worker]\nenabled = false\n[completion]\nstable_seconds = 3600\n'
 
 
 def indexed(db_url: str) -> dict[str, str]:

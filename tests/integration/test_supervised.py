@@ -114,7 +114,12 @@ def test_poison_series_get_a_coded_sr_and_the_next_series_still_reaches_orthanc(
     assert node.proc.poll() is None, "the node must still run"
     status, body = readyz(node)
     assert status == 200 and body["ready"], body
-    assert {"worker", "completion", "dispatch:orthanc", "dispatch-sweep", "http", "dimse"} <= set(body["loops"])
+    # The processes model (the default): every child alive, never restarted, reporting no dead or stuck loop; the
+    # answering listener's own loops alive with fresh heartbeats.
+    children = {p["name"]: p for p in body["processes"]["processes"]}
+    assert set(children) == {"listener-0", "worker-0", "dispatcher-0"}, children
+    assert all(p["alive"] and p["restarts"] == 0 and p["problems"] == [] for p in children.values()), children
+    assert {"completion", "http", "dimse"} <= set(body["loops"])
     assert all(loop["alive"] and not loop["stuck"] and loop["restarts"] == 0 for loop in body["loops"].values())
     assert "worker_loop_error" not in node.log_text() and "loop_died" not in node.log_text()
 
