@@ -138,6 +138,7 @@ class ProcessSupervisor:
             self._log.warning("resuming_previous_run", open_associations_closed=closed, series_retimed=retimed)
         self.pid_file.write_text(f"{os.getpid()}\n")
         self._fresh_metrics_dir()
+        self._audit(lambda a: a.application(started=True))  # one start/stop per node, not one per child
         for child in self.children:
             self._spawn(child)
         self._write_table()
@@ -223,7 +224,19 @@ class ProcessSupervisor:
             self.pid_file.unlink()
         with contextlib.suppress(FileNotFoundError):
             self.table_file.unlink()
+        self._audit(lambda a: a.application(started=False))
         self._log.info("node_stopped", exit_code=self.exit_code)
+
+    def _audit(self, record: Callable[[Any], None]) -> None:
+        """Write one audit record as the node: the supervisor, not each child, records the node's start, stop
+        and config reloads (node.audit; a supervised child writes the records of what it does itself)."""
+        from node.audit import AuditTrail
+
+        audit = AuditTrail(self.config.audit, self.config.node.data_dir, ae_title=self.config.node.ae_title)
+        try:
+            record(audit)
+        finally:
+            audit.close()
 
     def kill(self) -> None:
         for child in self.children:
@@ -234,11 +247,19 @@ class ProcessSupervisor:
     def reload(self) -> bool:
         """Validate the config file; then SIGHUP each child (each reloads it, `Service.reload`). A file that does
         not load is refused here and no child is signalled."""
+        from node.service import restart_only_changes
+
+        source = str(self.config_path) if self.config_path else None
         try:
-            load_config(self.config_path)
+            new = load_config(self.config_path)
         except ConfigError as exc:
-            self._log.error("config_reload_refused", reason=str(exc))
+            reason = str(exc)
+            self._log.error("config_reload_refused", reason=reason)
+            self._audit(lambda a: a.config_changed(source=source, applied=False, reason=reason))
             return False
+        kept = restart_only_changes(self.config, new)
+        self._audit(lambda a: a.config_changed(source=source, applied=True, reason="config reloaded",
+                                               needs_restart=kept))
         for child in self.children:
             if child.alive:
                 assert child.proc is not None

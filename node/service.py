@@ -180,13 +180,10 @@ class Service:
                 new = role_config(load_config(source), self.role)
             except ConfigError as exc:
                 self.log.error("config_reload_refused", reason=str(exc))
-                self.audit.config_changed(source=str(source) if source else None, applied=False, reason=str(exc))
+                if self.parent_pid is None:  # a supervised child's supervisor audits the reload once for the node
+                    self.audit.config_changed(source=str(source) if source else None, applied=False, reason=str(exc))
                 return False
-            kept = [k for k in self.RESTART_ONLY if getattr(new.node, k) != getattr(self.config.node, k)]
-            if new.database_url != self.config.database_url:
-                kept.append("database.url")
-            if new.tls != self.config.tls:
-                kept.append("tls")  # listeners and their certificates are bound at start
+            kept = restart_only_changes(self.config, new)
             node = new.node.model_copy(update={k: getattr(self.config.node, k) for k in self.RESTART_ONLY})
             new = new.model_copy(update={"node": node, "database": self.config.database, "tls": self.config.tls})
             self.dimse.apply_config(new)
@@ -204,8 +201,9 @@ class Service:
                 "config_reloaded", source=str(source), allowed_calling_aes=list(new.node.allowed_calling_aes),
                 destinations=[d.name for d in new.destinations], needs_restart=kept,
             )
-            self.audit.config_changed(source=str(source) if source else None, applied=True,
-                                      reason="config reloaded", needs_restart=kept)
+            if self.parent_pid is None:
+                self.audit.config_changed(source=str(source) if source else None, applied=True,
+                                          reason="config reloaded", needs_restart=kept)
             return True
 
     def start(self) -> None:
@@ -236,7 +234,8 @@ class Service:
             self._start_dimse()
             self.heartbeats.register(DIMSE_LOOP, 1.0, alive=self._dimse_alive, restart=self._restart_dimse)
         self.pid_file.write_text(f"{os.getpid()}\n")
-        self.audit.application(started=True)
+        if self.parent_pid is None:  # a supervised child is part of its supervisor's application (node.processes)
+            self.audit.application(started=True)
 
     def _start_dimse(self) -> None:
         """Start the DIMSE server and hook its acceptor loop up to the heartbeats: the new ``AcceptorServer@…``
@@ -282,7 +281,8 @@ class Service:
         self.worker.stop(timeout)
         self.dispatcher.stop(max(1.0, timeout - (time.monotonic() - t0)))
         self.commitments.stop()
-        self.audit.application(started=False)
+        if self.parent_pid is None:
+            self.audit.application(started=False)
         self.engine.dispose()
         self.audit.close()
         with contextlib.suppress(FileNotFoundError):
@@ -317,10 +317,21 @@ class Service:
                 self.supervisor.check()
                 if self.on_tick is not None:
                     self.on_tick()
-                self.admission.state()  # re-evaluated without traffic too, so a pause ends (and is logged) on time
+                if runs(self.role, Stage.FRONT_DOORS):  # admission guards the front doors: only they pause
+                    self.admission.state()  # re-evaluated without traffic too, so a pause ends (and is logged) on time
         finally:
             self.stop()
         return self.exit_code
+
+
+def restart_only_changes(old: NodeConfig, new: NodeConfig) -> list[str]:
+    """The settings a reload from ``old`` to ``new`` changes that take effect only after a restart."""
+    kept = [k for k in Service.RESTART_ONLY if getattr(new.node, k) != getattr(old.node, k)]
+    if new.database_url != old.database_url:
+        kept.append("database.url")
+    if new.tls != old.tls:
+        kept.append("tls")  # listeners and their certificates are bound at start
+    return kept
 
 
 def leave(service: Service, exit_code: int) -> int:
