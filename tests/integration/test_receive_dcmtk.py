@@ -59,7 +59,7 @@ def spooled_path(node, ds: pydicom.Dataset) -> Path:
 def test_echo(start_node):
     node = start_node()
     result = dcmtk.echoscu(node.port, called_ae=node.ae_title, calling_ae="MODALITY")
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0, result.stderr + node.log_tail(6000)
 
 
 def test_wrong_called_ae_is_rejected(start_node):
@@ -73,7 +73,7 @@ def test_120_slice_series_is_spooled_byte_for_byte_and_indexed(start_node, tmp_p
     node = start_node()
     series = write_ct_series(tmp_path / "in", slices=120, size=64, seed=7)
     result = storescu(node, [tmp_path / "in"])
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0, result.stderr + node.log_tail(6000)
     rows = indexed(node)
     assert set(rows) == set(series.sop_uids)
     for path, sop_uid in zip(series.paths, series.sop_uids, strict=True):
@@ -129,7 +129,7 @@ def test_series_compressed_by_dcmtk(start_node, tmp_path, label, flag):
         else:
             _dcmtk_compress(tool, path, out / path.name, *args)
     result = storescu(node, [out], flag)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0, result.stderr + node.log_tail(6000)
     for path in series.paths:
         sent = out / path.name
         stored = spooled_path(node, pydicom.dcmread(sent, stop_before_pixels=True))  # lossy gets a new SOP UID
@@ -167,7 +167,7 @@ def test_real_files_from_pydicom_data(start_node, tmp_path, name, flag):
     src = tmp_path / name
     shutil.copy(source, src)
     result = storescu(node, [src], flag)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0, result.stderr + node.log_tail(6000)
     ds = pydicom.dcmread(src, stop_before_pixels=True)
     stored = spooled_path(node, ds)
     # storescu drops group-length elements of real-world files, so compare element by element (the compressed
@@ -262,5 +262,5 @@ def test_garbled_and_truncated_datasets_get_failure_status_and_the_node_keeps_se
     assert garbled in (0xC000, 0xA900)
     assert not indexed(node)
     result = storescu(node, [tmp_path / "in"])
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0, result.stderr + node.log_tail(6000)
     assert set(indexed(node)) == set(series.sop_uids)

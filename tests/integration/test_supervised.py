@@ -127,7 +127,9 @@ def test_poison_series_get_a_coded_sr_and_the_next_series_still_reaches_orthanc(
 def test_sigterm_while_the_models_load_ends_the_node_cleanly(start_node):
     """A stop never waits for TensorFlow to finish loading (nothing is held before the models are loaded): the
     process leaves with status 0 under the load, and its log says so."""
-    node = start_node()  # the shipped models; the node answers before they are loaded
+    # One process (threads): its port opens while the models load. (A supervised worker child stops through the same
+    # Service.stop and node.service.leave.)
+    node = start_node(extra_toml='process_model = "threads"\n')  # shipped models; answers before they are loaded
     assert b"models_loaded" not in node.log_text().encode()  # else this run shows nothing: the load was too quick
     node.proc.terminate()
     assert node.proc.wait(30) == 0
