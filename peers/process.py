@@ -53,29 +53,35 @@ def _ephemeral_range() -> tuple[int, int]:
         return 32768, 60999
 
 
+def _listening_range() -> tuple[int, int]:
+    """Where test peers listen: below the kernel's ephemeral range (never handed to an outgoing connection's
+    local end, which would make a later bind fail with EADDRINUSE for as long as that connection lives — a pooled
+    PostgreSQL connection, say), from 20000; the ephemeral range itself when that leaves too few ports."""
+    low, high = _ephemeral_range()
+    return (20000, low - 1) if low - 20000 >= 4096 else (low, high)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nothing listens on right now that this process has not handed out before.
 
-    Between this call and the peer's bind another process could be given the same port. Alone, the OS picks it
-    (bind to port 0). Under pytest-xdist each worker tries random ports of its own residue (``port % workers ==
-    index``) in the ephemeral range, so two test workers never race for one port (the kernel's own pick is no use
-    there: Linux hands out even ports to bind(0))."""
+    Between this call and the peer's bind another process could be given the same port: the ports tried are
+    random ones below the kernel's ephemeral range (`_listening_range`), so at least no outgoing connection can
+    take it meanwhile, and under pytest-xdist each worker tries only ports of its own residue (``port % workers ==
+    index``), so two test workers never race for one port."""
     share, workers = _port_share()
-    low, high = _ephemeral_range()
+    low, high = _listening_range()
     for _ in range(10_000):
+        candidate = random.randrange(low, high + 1 - workers)
+        port = candidate - candidate % workers + share
+        if port in _handed_out:
+            continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            if workers == 1:
-                s.bind((host, 0))
-            else:
-                candidate = random.randrange(low, high + 1 - workers)
-                try:
-                    s.bind((host, candidate - candidate % workers + share))
-                except OSError:
-                    continue
-            port = int(s.getsockname()[1])
-        if port % workers == share and port not in _handed_out:
-            _handed_out.add(port)
-            return port
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
     raise PeerError("no free TCP port left for this test worker")
 
 

@@ -13,6 +13,7 @@ from peers.process import (
     PeerError,
     PeerMissingError,
     PeerTimeoutError,
+    _ephemeral_range,
     find_tool,
     free_port,
     port_open,
@@ -53,6 +54,8 @@ def test_wait_until_gives_up_at_once_when_the_process_exits():
 def test_free_port_and_wait_for_port_on_a_real_listener():
     port = free_port()
     assert not port_open(port)
+    low, _ = _ephemeral_range()
+    assert port < low  # never a port the kernel may give an outgoing connection meanwhile
     with socket.create_server(("127.0.0.1", port)):
         wait_for_port(port, timeout=5)
         assert port_open(port)
