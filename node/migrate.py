@@ -16,6 +16,8 @@ IMMEDIATE``), so processes starting together on one database create or upgrade i
 from __future__ import annotations
 
 import functools
+import random
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,6 +39,7 @@ from node.states import SchemaState
 SCRIPT_LOCATION = "node:migrations"
 BASELINE = "0001_baseline"
 _LOCK_KEY = 0x7061_6373  # "pacs": the advisory lock migrations take on PostgreSQL
+_SQLITE_LOCKED_RETRY_SECONDS = 30.0  # how long `prepare` retries SQLite's immediate "database is locked"
 UPGRADE_COMMAND = "pacsnode db upgrade"
 
 
@@ -115,6 +118,20 @@ def prepare(engine: Engine, *, upgrade_older: bool | None = None) -> SchemaStatu
     only)."""
     if upgrade_older is None:
         upgrade_older = engine.dialect.name == "sqlite"
+    deadline = time.monotonic() + _SQLITE_LOCKED_RETRY_SECONDS
+    while True:
+        try:
+            return _prepare(engine, upgrade_older)
+        except DatabaseError as exc:
+            # SQLite can answer "database is locked" at once, without its busy timeout, while several processes
+            # open a new database together (a connection's first read racing another's switch to WAL). Nothing was
+            # written (the transaction rolled back): try again.
+            if engine.dialect.name != "sqlite" or "database is locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05 + 0.2 * random.random())
+
+
+def _prepare(engine: Engine, upgrade_older: bool) -> SchemaStatus:
     log = get_logger(component="schema")
     with _locked(engine) as conn:
         status = _status(conn)
