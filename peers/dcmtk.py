@@ -5,6 +5,7 @@ Every call runs with ``TCP_NODELAY=1`` (docs/peers.md) and raises `PeerMissingEr
 
 from __future__ import annotations
 
+import re
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +23,26 @@ def storescu(
     cmd = [find_tool("storescu"), "-aet", calling_ae, "-aec", called_ae, *options, "+sd", "+r", host, str(port),
            *map(str, paths)]
     return _run(cmd, check, timeout)
+
+
+def store_responses(port: int, folder: Path, *, calling_ae: str, called_ae: str, timeout: float = 180.0) -> dict[str, str]:
+    """``storescu -v`` of every file under ``folder`` over one association → {file: store response} for the files it
+    got an answer for (a node killed mid-transfer leaves the rest unanswered; storescu's exit status is not
+    checked)."""
+    done = subprocess.run(
+        [find_tool("storescu"), "-v", "-aet", calling_ae, "-aec", called_ae, "+sd", "+r", "127.0.0.1", str(port),
+         str(folder)],
+        capture_output=True, text=True, env=peer_env(), timeout=timeout, check=False,
+    )
+    answers: dict[str, str] = {}
+    current = None
+    for line in (done.stdout + done.stderr).splitlines():
+        if m := re.search(r"Sending file: (\S+)", line):
+            current = m.group(1)
+        elif (m := re.search(r"Received Store Response \((.*)\)", line)) and current is not None:
+            answers[current] = m.group(1)
+            current = None
+    return answers
 
 
 def echoscu(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -25,7 +24,7 @@ import sqlalchemy as sa
 from peers import dcmtk
 from peers.ctgen import CtSeries, write_ct_series
 from peers.pacsnode import REPO, NodeProcess, launch_node, node_env
-from peers.process import peer_env, wait_until
+from peers.process import wait_until
 from tests.conftest import free_port, require_tool, require_weights
 from tests.dicomfiles import content
 
@@ -47,20 +46,8 @@ scope_check = false
 
 def send(node: NodeProcess, series: CtSeries, aet: str) -> dict[str, str]:
     """storescu -v over one association → {file: store response} for the files it got an answer for."""
-    done = subprocess.run(
-        [require_tool("storescu"), "-v", "-aet", aet, "-aec", node.ae_title, "+sd", "+r", "127.0.0.1",
-         str(node.port), str(series.paths[0].parent)],
-        capture_output=True, text=True, env=peer_env(), timeout=120, check=False,
-    )
-    answers: dict[str, str] = {}
-    current = None
-    for line in (done.stdout + done.stderr).splitlines():
-        if m := re.search(r"Sending file: (\S+)", line):
-            current = m.group(1)
-        elif (m := re.search(r"Received Store Response \((.*)\)", line)) and current is not None:
-            answers[current] = m.group(1)
-            current = None
-    return answers
+    return dcmtk.store_responses(node.port, series.paths[0].parent, calling_ae=aet, called_ae=node.ae_title,
+                                 timeout=120)
 
 
 def query(node: NodeProcess, sql: str) -> list[sa.Row]:

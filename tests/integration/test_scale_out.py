@@ -18,7 +18,6 @@ The default-suite variant: 1 listener, 2 workers, 1 dispatcher, 2 series, one wo
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 import time
@@ -30,9 +29,10 @@ import pydicom
 import pytest
 import sqlalchemy as sa
 
+from peers import dcmtk
 from peers.ctgen import CtSeries, write_ct_series
 from peers.pacsnode import REPO, NodeProcess, node_env
-from peers.process import peer_env, wait_for_port
+from peers.process import wait_for_port
 from tests.conftest import TEST_WEIGHTS_DIR, free_port, require_tool, require_weights, wait_until
 from tests.dicomfiles import content
 from tests.integration.test_end_to_end import results_by_study
@@ -156,20 +156,8 @@ max_backoff_seconds = 2
 
 def send(listener: RoleProcess, series: CtSeries, aet: str) -> dict[str, str]:
     """storescu -v over one association → {file: store response} for the files it got an answer for."""
-    done = subprocess.run(
-        [require_tool("storescu"), "-v", "-aet", aet, "-aec", listener.ae_title, "+sd", "+r", "127.0.0.1",
-         str(listener.port), str(series.paths[0].parent)],
-        capture_output=True, text=True, env=peer_env(), timeout=180, check=False,
-    )
-    answers: dict[str, str] = {}
-    current = None
-    for line in (done.stdout + done.stderr).splitlines():
-        if m := re.search(r"Sending file: (\S+)", line):
-            current = m.group(1)
-        elif (m := re.search(r"Received Store Response \((.*)\)", line)) and current is not None:
-            answers[current] = m.group(1)
-            current = None
-    return answers
+    return dcmtk.store_responses(listener.port, series.paths[0].parent, calling_ae=aet, called_ae=listener.ae_title,
+                                 timeout=180)
 
 
 def acknowledged(answers: dict[str, str]) -> list[Path]:
