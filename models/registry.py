@@ -143,6 +143,11 @@ class Classifier:
     def preprocess(self) -> PreprocessConfig:
         return self._m.preprocess
 
+    def warm(self) -> None:
+        """Trace the compiled forward pass on a blank two-slice input, so the first series does not pay for it."""
+        g, c = self._m.preprocess.grid, self._m.preprocess.channels
+        self._fn(np.zeros((1, 2, g, g, c), np.float32), self.fusion_input()[1].astype(np.float32))
+
     def predict(self, volume: Volume, *, age: float | None = None, sex: str | None = None,
                 clinical: ClinicalInputs | None = None) -> ClassifierOutput:
         """P(pneumonia) for the series and per-slice attention. ``clinical`` (else ``age``/``sex`` alone) feeds
@@ -231,6 +236,11 @@ class Segmenter:
     @property
     def preprocess(self) -> PreprocessConfig:
         return self._m.preprocess
+
+    def warm(self) -> None:
+        """Trace the compiled forward pass on one blank slice, so the first series does not pay for it."""
+        g, c = self._m.preprocess.grid, self._m.preprocess.channels
+        self._fn(np.zeros((1, g, g, c), np.float32))
 
     def probabilities(self, volume: Volume) -> np.ndarray:
         """Softmax (slices, grid, grid, 3) over {background, lung, lesion} on the model grid."""

@@ -115,15 +115,37 @@ class ScopeVerdict:
 
 
 def _block_mean(a: np.ndarray, fy: int, fx: int) -> np.ndarray:
-    """(s, r, c) → (s, r // fy, c // fx) block means in float32 (the remainder rows/columns are dropped)."""
+    """(s, r, c) → (s, r // fy, c // fx) block means in float32 (the remainder rows/columns are dropped).
+
+    Summed as fy·fx strided planes, then divided: ~4× faster than a reshaped ``mean(axis=(1, 3))`` on 512² slices,
+    and the same numbers wherever the sums are exact in float32 (integer HU, masks)."""
     s, r, c = a.shape
     r2, c2 = r // fy * fy, c // fx * fx
     if (fy, fx) == (1, 1):
         return a.astype(np.float32, copy=False)
-    out = np.empty((s, r2 // fy, c2 // fx), dtype=np.float32)
-    for k in range(s):  # slice by slice: bounded memory on large series
-        out[k] = a[k, :r2, :c2].reshape(r2 // fy, fy, c2 // fx, fx).mean(axis=(1, 3), dtype=np.float32)
+    v = a[:, :r2, :c2]
+    out = v[:, 0::fy, 0::fx].astype(np.float32)
+    for i in range(fy):
+        for j in range(fx):
+            if i or j:
+                out += v[:, i::fy, j::fx]
+    out /= np.float32(fy * fx)
     return out
+
+
+_PLANAR_CROSS = np.zeros((3, 3, 3), bool)
+_PLANAR_CROSS[1] = ndimage.generate_binary_structure(2, 1)
+
+
+def _fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
+    """``ndimage.binary_fill_holes`` of every slice of a (s, r, c) mask, in one pass: the background's 4-connected
+    components within each slice that do not touch that slice's border are holes."""
+    labels, n = ndimage.label(~mask, structure=_PLANAR_CROSS)
+    outside = np.zeros(n + 1, bool)
+    for edge in (labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]):
+        outside[edge] = True
+    outside[0] = False
+    return ~outside[labels]
 
 
 def _pixel_correlation(h: np.ndarray, max_slices: int = 32) -> float:
@@ -143,19 +165,21 @@ def _body(h: np.ndarray) -> np.ndarray:
         return tissue
     sizes = np.bincount(labels.ravel())[1:]
     body = np.isin(labels, np.flatnonzero(sizes >= 0.05 * sizes.max()) + 1)
-    return np.stack([ndimage.binary_fill_holes(s) for s in body])
+    return _fill_holes_per_slice(body)
 
 
 def _head_like(h: np.ndarray, body: np.ndarray, px_mm2: float) -> tuple[int, int]:
     """(head-like slices, slices with enough body to judge)."""
     judged = head = 0
+    bones = h > BONE_HU
+    filled = _fill_holes_per_slice(bones)
     for k in range(h.shape[0]):
         area = int(body[k].sum())
         if area * px_mm2 < HEAD_SLICE_MIN_MM2:
             continue
         judged += 1
-        bone = h[k] > BONE_HU
-        enclosed = ndimage.binary_fill_holes(bone) & ~bone
+        bone = bones[k]
+        enclosed = filled[k] & ~bone
         if enclosed.sum() < 0.2 * area:
             continue
         v = h[k][enclosed]

@@ -82,7 +82,19 @@ class SliceModels:
         g, c = self.cls_grid, classifier.preprocess.channels
         self._encode = tf.function(lambda s: encoder(s, training=False), autograph=False,
                                    input_signature=[tf.TensorSpec((None, g, g, c), tf.float32)])
-        self._head = head
+        features, clinical = head.inputs[0].shape[-1], head.inputs[1].shape[-1]
+        self._head = tf.function(lambda f, k: head([f, k], training=False), autograph=False,
+                                 input_signature=[tf.TensorSpec((1, None, features), tf.float32),
+                                                  tf.TensorSpec((1, clinical), tf.float32)])
+        self._features = int(features)
+
+    def warm(self) -> None:
+        """Trace the per-slice graphs and the head on blank inputs, so the first series does not pay for it."""
+        g, c = self.cls_grid, self.classifier.preprocess.channels
+        self._encode(np.zeros((2, g, g, c), np.float32))
+        self.segmenter.warm()
+        self._head(np.zeros((1, 2, self._features), np.float32),
+                   self.classifier.fusion_input()[1].astype(np.float32))
 
     def work(self, files: Sequence[tuple[Any, list[_Slice]]]) -> list[FileWork]:
         """Per-slice results for decoded files (``read_file`` output), computed as one batch."""
@@ -146,7 +158,7 @@ class SliceModels:
         features = self._in_volume_order(volume, work, "features")[None]
         given, clin = self.classifier.fusion_input(clinical)
         try:
-            out = self._head([features, clin], training=False)
+            out = self._head(features.astype(np.float32, copy=False), clin.astype(np.float32, copy=False))
             raw = float(np.asarray(out["probability"]).reshape(-1)[0])
             att = np.asarray(out["attention"], dtype=np.float32).reshape(-1)
         except Exception as exc:  # TensorFlow errors must not leak past the model boundary

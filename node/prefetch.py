@@ -131,6 +131,7 @@ class Prefetcher:
             from models.streaming import SliceModels
 
             self.models = SliceModels(classifier, segmenter)
+            self.models.warm()
         if not self._loop.alive():
             self._loop.start(self.config.worker.prefetch_poll_seconds * 4 + 60, self._loop.respawn)
 

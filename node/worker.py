@@ -138,11 +138,11 @@ class Worker:
         if self.runner is None:
             t0 = time.perf_counter()
             self.runner = self.runner_factory()
+            if self.prefetch is not None:
+                self.prefetch.start(self.runner)  # streaming inference (node.prefetch), once the models are warm
             self.log.info("models_loaded", algorithm=self.runner.algorithm.model_key,
                           seconds=round(time.perf_counter() - t0, 2))
             announce_device(self.runner.device, self.log, self.metrics)
-            if self.prefetch is not None:
-                self.prefetch.start(self.runner)  # streaming inference (node.prefetch), once the models are warm
         self.ready.set()
         return self.runner
 

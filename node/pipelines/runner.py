@@ -75,6 +75,8 @@ class RegistryRunner(ModelRunner):
         self.classifier = registry.classifier(classifier_version)
         self.segmenter = registry.segmenter(segmenter_version)
         self.segmenter_version = self.segmenter.version
+        self.classifier.warm()  # TensorFlow traces each graph on its first call: do it now, not on a series
+        self.segmenter.warm()
         self.algorithm = AlgorithmIdentity(
             name="pacs-ai-node pneumonia CT",
             version=f"cls-{self.classifier.version}+seg-{self.segmenter.version}",

@@ -209,3 +209,32 @@ def test_bad_arguments_fail_fast(chest_truth: tuple[Volume, np.ndarray]) -> None
         ScopeSettings(min_aerated_fraction=1.5)
     with pytest.raises(ValueError, match="max_lung_ml"):
         ScopeSettings(min_lung_ml=5000, max_lung_ml=4000)
+
+
+def test_the_one_pass_hole_filling_is_scipys_per_slice() -> None:
+    from scipy import ndimage
+
+    from models.scope import _fill_holes_per_slice
+
+    rng = np.random.default_rng(0)
+    for t in range(60):
+        shape = (int(rng.integers(1, 5)), int(rng.integers(1, 40)), int(rng.integers(1, 40)))
+        noise = rng.random(shape) > rng.uniform(0.5, 0.97)
+        mask = ndimage.binary_dilation(noise, structure=np.ones((1, 3, 3), bool)) if t % 2 else noise
+        expected = np.stack([ndimage.binary_fill_holes(s) for s in mask])
+        assert np.array_equal(_fill_holes_per_slice(mask), expected), shape
+
+
+@pytest.mark.parametrize("factors", [(1, 1), (2, 2), (3, 2), (4, 3)])
+def test_block_means_are_the_reshaped_means(factors: tuple[int, int]) -> None:
+    from models.scope import _block_mean
+
+    fy, fx = factors
+    hu = np.random.default_rng(1).integers(-1024, 3000, (3, 41, 38)).astype(np.float32)  # integer HU: exact sums
+    r2, c2 = 41 // fy * fy, 38 // fx * fx
+    expected = hu[:, :r2, :c2].reshape(3, r2 // fy, fy, c2 // fx, fx).mean(axis=(2, 4), dtype=np.float32)
+    assert np.array_equal(_block_mean(hu, fy, fx), expected)
+    mask = hu > 0
+    assert np.array_equal(_block_mean(mask.view(np.uint8), fy, fx) >= 0.5, expected_mask := (
+        mask[:, :r2, :c2].reshape(3, r2 // fy, fy, c2 // fx, fx).mean(axis=(2, 4)) >= 0.5))
+    assert expected_mask.shape == expected.shape
