@@ -41,6 +41,7 @@ from models.preprocess import (
 from models.registry import Classifier, ClassifierOutput, InferenceError, Segmenter, SegmenterOutput
 
 ENCODER_LAYER = "slice_encoder"  # the classifier's per-slice CNN (models.classifier.build_slice_encoder)
+CHUNK = 16  # files per model call (SliceModels.work)
 UNFOLD_LAYER = "unfold"  # (B*S, F) → (B, S, F): the first layer after which slices are pooled together
 
 
@@ -91,13 +92,22 @@ class SliceModels:
     def warm(self) -> None:
         """Trace the per-slice graphs and the head on blank inputs, so the first series does not pay for it."""
         g, c = self.cls_grid, self.classifier.preprocess.channels
-        self._encode(np.zeros((2, g, g, c), np.float32))
-        self.segmenter.warm()
+        self._encode(np.zeros((CHUNK, g, g, c), np.float32))
+        g, c = self.seg_grid, self.segmenter.preprocess.channels
+        self.segmenter._fn(np.zeros((CHUNK, g, g, c), np.float32))
         self._head(np.zeros((1, 2, self._features), np.float32),
                    self.classifier.fusion_input()[1].astype(np.float32))
 
     def work(self, files: Sequence[tuple[Any, list[_Slice]]]) -> list[FileWork]:
-        """Per-slice results for decoded files (``read_file`` output), computed as one batch."""
+        """Per-slice results for decoded files (``read_file`` output), in model calls of at most `CHUNK` files:
+        one call over a whole series' missing slices takes ~1.3× as long (oneDNN sets up kernels for every new
+        batch shape, and large batches leave the caches), so calls keep to a few shapes that stay warm."""
+        out: list[FileWork] = []
+        for a in range(0, len(files), CHUNK):
+            out += self._work(files[a : a + CHUNK])
+        return out
+
+    def _work(self, files: Sequence[tuple[Any, list[_Slice]]]) -> list[FileWork]:
         pixels = np.stack([s.pixels for _, slices in files for s in slices]).astype(np.float32, copy=False)
         from models.preprocess import HU_MAX, HU_MIN
 

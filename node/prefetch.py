@@ -42,7 +42,7 @@ from node.states import JobState, ProcessModel, SeriesState
 from node.supervise import Heartbeats, failure
 
 LOOP = "prefetch"  # the prefetch loop's name in the heartbeat registry
-_BATCH = 8  # files per model call while a series arrives (bounds one turn's latency)
+_BATCH = 16  # files per turn while a series arrives (one `models.streaming.CHUNK`; bounds a turn's latency)
 _RECEIVING = (SeriesState.RECEIVING.value, SeriesState.REOPENED.value)
 _PENDING_JOBS = (JobState.QUEUED.value, JobState.RUNNING.value)
 

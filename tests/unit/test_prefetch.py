@@ -156,7 +156,8 @@ def test_partial_work_of_a_series_that_will_not_be_processed_is_thrown_away(tmp_
 
 
 def test_prefetching_stops_at_the_memory_cap_and_the_job_computes_the_rest(tmp_path, runner):
-    s = write_ct_series(tmp_path / "src", slices=SLICES, size=SIZE, seed=11)
+    n = SLICES + 8  # more than one turn takes (node.prefetch._BATCH)
+    s = write_ct_series(tmp_path / "src", slices=n, size=SIZE, seed=11)
     config, engine, ingestor, _, _, _ = _node(tmp_path, prefetch=True, max_mb=1)  # one batch of 128² slices > 1 MB
     prefetcher = Prefetcher(config, engine, Heartbeats())
     from models.streaming import SliceModels
@@ -164,11 +165,11 @@ def test_prefetching_stops_at_the_memory_cap_and_the_job_computes_the_rest(tmp_p
     prefetcher.models = SliceModels(runner.classifier, runner.segmenter)
     _receive(ingestor, tmp_path, s.paths)
     assert prefetcher.turn() is True and prefetcher.cache.nbytes() > 1_000_000
-    assert prefetcher.turn() is False and 0 < len(prefetcher.cache.known(s.series_uid)) < SLICES
+    assert prefetcher.turn() is False and 0 < len(prefetcher.cache.known(s.series_uid)) < n
     with engine.connect() as conn:
         rows = list(conn.execute(sa.select(instances).where(instances.c.series_uid == s.series_uid)))
     volume, _ = prefetcher.load(s.series_uid, rows, runner)
-    assert volume.shape == (SLICES, SIZE, SIZE)
+    assert volume.shape == (n, SIZE, SIZE)
     engine.dispose()
 
 
