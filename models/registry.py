@@ -326,6 +326,9 @@ def _load_cached(folder: Path, kind: str, mixed_precision: bool = False) -> Clas
     with _CACHE_LOCK:
         if key not in _CACHE:
             loaded = _LoadedModel(folder, kind)
+            from models.fastnorm import fast_norm_copy
+
+            loaded.model = fast_norm_copy(loaded.model)  # the same layers and weights, faster GroupNormalization
             if mixed_precision:
                 from models.device import mixed_precision_copy
 

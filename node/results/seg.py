@@ -46,12 +46,12 @@ class _Segmentation(hd.seg.Segmentation):
 
 def overlap_of(stack: np.ndarray) -> hd.seg.SegmentsOverlapValues:
     """YES when any pixel belongs to two or more of the binary (…, segments) planes, else NO."""
-    seen = stack[..., 0].astype(bool)
+    seen = stack[..., 0]
     for k in range(1, stack.shape[-1]):
-        plane = stack[..., k].astype(bool)
+        plane = stack[..., k]
         if np.logical_and(seen, plane).any():
             return hd.seg.SegmentsOverlapValues.YES
-        seen |= plane
+        seen = np.logical_or(seen, plane)
     return hd.seg.SegmentsOverlapValues.NO
 
 
