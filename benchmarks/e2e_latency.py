@@ -11,7 +11,8 @@ SR/SEG building, commit (files + delivery rows) and the rest (dispatch to Orthan
 "(send)" is storescu's own time for the series, before the clock starts (the cost prefetching puts on receive).
 Repeats ``--runs`` times with fresh series (new UIDs) and prints each run and the median of the warm runs (all but
 the first). ``--no-prefetch`` turns streaming inference off (``[worker] prefetch = false``) for comparison;
-``--processes`` runs the node as listener, worker and dispatcher processes (``[node] process_model``).
+The node runs as it is deployed by default (``[node] process_model = "processes"``: listener, worker and
+dispatcher processes); ``--threads`` runs every stage in one process for comparison.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from peers import OrthancServer, free_port, launch_node, storescu, wait_until
 from training.phantom import generate_case
 
 
-def node_toml(orthanc: OrthancServer, prefetch: bool = True, processes: bool = False) -> str:
+def node_toml(orthanc: OrthancServer, prefetch: bool = True, processes: bool = True) -> str:
     return (
         ('process_model = "processes"\n' if processes else 'process_model = "threads"\n')  # launch_node's [node]
         + f"[worker]\nprefetch = {str(prefetch).lower()}\n"
@@ -47,13 +48,13 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--runs", type=int, default=6)
     parser.add_argument("--no-prefetch", action="store_true", help="streaming inference off, for comparison")
-    parser.add_argument("--processes", action="store_true", help='[node] process_model = "processes"')
+    parser.add_argument("--threads", action="store_true", help='[node] process_model = "threads" (one process)')
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="pacsnode-e2e-") as tmp:
         work = Path(tmp)
         node_port = free_port()
         with OrthancServer(work / "orthanc", modalities={"node": ("PACSNODE", "127.0.0.1", node_port)}) as orthanc:
-            node = launch_node(work, port=node_port, extra_toml=node_toml(orthanc, not args.no_prefetch, args.processes))
+            node = launch_node(work, port=node_port, extra_toml=node_toml(orthanc, not args.no_prefetch, not args.threads))
             try:
                 wait_until(lambda: "models_loaded" in node.log_text(), 300, "models to load", node.log_tail,
                            process=node.proc)
@@ -93,7 +94,7 @@ def main() -> int:
     print(f"\n{args.slices}-slice {args.size}² phantom series, storescu → node → Orthanc "
           f"(seconds from last C-STORE acknowledged)\n")
     print(f"streaming inference (prefetch): {'off' if args.no_prefetch else 'on'}; process model: "
-          f"{'processes' if args.processes else 'threads'}\n")
+          f"{'threads' if args.threads else 'processes'}\n")
     print("| run | slices prefetched | (send) | completion wait | queue | load | inference | build SR/SEG | commit "
           "| dispatch + rest | total |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -106,7 +106,9 @@ def main() -> int:
         series = write_ct_series(work / "feed", slices=args.files, size=args.size, seed=7)
         kb = sum(p.stat().st_size for p in series.paths) / 1e3 / args.files
         node = launch_node(work / "node", args=("--log-level", "WARNING"),
-                           extra_toml="[completion]\nstable_seconds = 3600\n[worker]\nenabled = false\n")
+                           # one process, so py-spy's pid is the receiving one (the listener's code path)
+                           extra_toml='process_model = "threads"\n'
+                                      "[completion]\nstable_seconds = 3600\n[worker]\nenabled = false\n")
         raw = work / "profile.txt"
         try:
             assert node.proc is not None

@@ -120,6 +120,7 @@ class Dispatcher:
         self._insert = insert_for(engine)
         self._threads = DispatchThreads(lambda *args: self._drain(*args), lambda: self._sweep(),
                                         heartbeats or Heartbeats(), self._stopping, self._log)
+        self.remote_wake: Callable[[], object] | None = None  # wakes dispatcher processes elsewhere (node.wakeup)
 
     @staticmethod
     def _checked(senders: Mapping[DestinationKind, Sender]) -> dict[DestinationKind, Sender]:
@@ -462,7 +463,14 @@ class Dispatcher:
         self._log.info("dispatch_started", destinations=names)
 
     def wake(self) -> None:
-        """Look for due work now instead of at the next poll (call after committing new deliveries)."""
+        """Look for due work now instead of at the next poll (call after committing new deliveries); also the
+        dispatcher processes on this host when this process runs none (`remote_wake`, node.wakeup)."""
+        self._threads.wake()
+        if self.remote_wake is not None:
+            self.remote_wake()
+
+    def wake_local(self) -> None:
+        """This process's delivery threads only (a wake-up from another process)."""
         self._threads.wake()
 
     def stop(self, timeout: float = 30.0) -> bool:

@@ -57,6 +57,7 @@ from node.signals import StopSignals
 from node.spool import Spool
 from node.states import Role
 from node.supervise import EXIT_LOOP_FAILED, Heartbeats, Supervisor, beat_socketserver
+from node.wakeup import DISPATCHER, WORKER, Wakeups
 from node.worker import Worker
 
 DIMSE_LOOP = "dimse"  # the DIMSE acceptor's name in the heartbeat registry
@@ -111,7 +112,12 @@ class Service:
         )
         self.worker = Worker(config, self.engine, self.queue, self.dispatcher, factory, metrics=self.metrics,
                              heartbeats=self.heartbeats, poll_seconds=worker_poll_seconds(config, role))
-        self.sweeper = CompletionSweeper(config, self.engine, self.queue, on_complete=self.worker.wake,
+        # Across processes on this host, work committed here wakes its consumer at once (node.wakeup; the
+        # consumers poll too). In one process (role all) the events above do it.
+        self.wakeups = Wakeups(config.node.data_dir / "run")
+        if role is not Role.ALL and not runs(role, Stage.DISPATCH):
+            self.dispatcher.remote_wake = lambda: self.wakeups.notify(DISPATCHER)
+        self.sweeper = CompletionSweeper(config, self.engine, self.queue, on_complete=self._work_queued,
                                          metrics=self.metrics, heartbeats=self.heartbeats)
         self.dimse = DimseServer(
             config, self.ingestor, self.index, on_released=self.sweeper.nudge, metrics=self.metrics,
@@ -133,6 +139,12 @@ class Service:
         self.on_tick: Callable[[], None] | None = None  # called every 0.5 s from the main loop (health reports)
         self.pid_file = config.node.data_dir / (
             "pacsnode.pid" if role is Role.ALL else f"pacsnode-{role.value}-{self.identity.index}.pid")
+
+    def _work_queued(self, *_: Any) -> None:
+        """Completion queued a job: wake the worker (this process's, and the worker processes on this host)."""
+        self.worker.wake()
+        if self.role is not Role.ALL:
+            self.wakeups.notify(WORKER)
 
     def _build_http(self, config: NodeConfig, processes: Callable[[], dict[str, Any]] | None) -> HttpServer:
         """The HTTP front door: STOW-RS/QIDO-RS, probes (``/readyz`` with the process table when supervised),
@@ -225,6 +237,11 @@ class Service:
             self.dispatcher.start()
         if self.config.worker.enabled and runs(self.role, Stage.WORKER):
             self.worker.start()
+        if self.role in (Role.WORKER, Role.DISPATCHER):  # consumers of work other processes make (node.wakeup)
+            if self.role is Role.WORKER:
+                self.wakeups.listen(WORKER, self.worker.wake)
+            else:
+                self.wakeups.listen(DISPATCHER, self.dispatcher.wake_local)
         for stage, loop in ((Stage.COMPLETION, self.sweeper), (Stage.RETENTION, self.retention_loop),
                             (Stage.COMMITMENT, self.commitments), (Stage.REACHABILITY, self.reachability)):
             if runs(self.role, stage):
@@ -281,6 +298,7 @@ class Service:
         self.worker.stop(timeout)
         self.dispatcher.stop(max(1.0, timeout - (time.monotonic() - t0)))
         self.commitments.stop()
+        self.wakeups.close()
         if self.parent_pid is None:
             self.audit.application(started=False)
         self.engine.dispose()
