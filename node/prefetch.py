@@ -122,6 +122,7 @@ class Prefetcher:
         self.log = get_logger(component="prefetch")
         self._loop = LoopThread(heartbeats, LOOP, "prefetch", self._run)
         self._routes: dict[str, bool] = {}  # series UID → does the early routing send it to a model pipeline?
+        self._computing = threading.Lock()  # held while one batch is computed: `load` waits for it, not redoes it
 
     def start(self, runner: ModelRunner) -> None:
         if self.models is None:
@@ -211,8 +212,10 @@ class Prefetcher:
             except PreprocessError:
                 self.cache.put(series_uid, r.sop_uid, r.sha256, None)  # the job reads it again and refuses it
         if decoded:
-            for r, fw in zip(kept, self.models.work(decoded), strict=True):
-                self.cache.put(series_uid, r.sop_uid, r.sha256, fw)
+            with self._computing:
+                results = self.models.work(decoded)
+                for r, fw in zip(kept, results, strict=True):
+                    self.cache.put(series_uid, r.sop_uid, r.sha256, fw)
 
     # -- job time --------------------------------------------------------------------------------------------
     def load(self, series_uid: str, rows: Sequence[Any], runner: ModelRunner) -> tuple[Volume, ModelRunner]:
@@ -222,7 +225,8 @@ class Prefetcher:
         if self.models is None:
             return load_series(paths), runner
         t0 = time.perf_counter()
-        cached = self.cache.take(series_uid)
+        with self._computing:  # a batch under way when the series completed: wait for it (≤ one batch), use it
+            cached = self.cache.take(series_uid)
         work: dict[str, Any] = {}
         missing = []
         for i, r in enumerate(rows):
