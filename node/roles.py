@@ -18,9 +18,10 @@ made in another process.
   ===========  =================================================================================================
 
 A listener never imports TensorFlow: the worker's model runner is built by a factory that only the worker role
-calls. In one process the stages wake each other with events; across processes the consumer polls the database:
-the worker's claim loop and the dispatcher's destination threads look every ``[node] wake_poll_seconds``
-(`worker_poll_seconds`, `role_config`), so a job completed by a listener is claimed within about that interval.
+calls. In one process the stages wake each other with events; across processes on one host a datagram wakes the
+consumer (`node.wakeup`), and in any case the consumer polls the database: the worker's claim loop and the
+dispatcher's destination threads look every ``[node] wake_poll_seconds`` (`worker_poll_seconds`, `role_config`),
+so a job completed by a listener on another host is claimed within about that interval.
 
 `Identity` names the process on a shared database — ``<instance_id>:<role>-<index>``; ``instance_id`` defaults to
 the host name — and is recorded on the rows the process owns (``associations.node_id``); crash cleanup at start
