@@ -50,6 +50,14 @@ initial_backoff_seconds = 0.5
         wait_until(lambda: {"SR", "SEG", "KO"} <= {
             s["MainDicomTags"]["Modality"] for s in orthanc.find("Series", {"StudyInstanceUID": series.study_uid})
         }, 180, "SR, SEG and KO at Orthanc from the node on PostgreSQL", lambda: node.log_text()[-3000:])
+
+        def delivered() -> list[str] | None:  # Orthanc holds the objects a moment before the dispatcher records it
+            with engine.connect() as conn:
+                states = conn.execute(sa.text("select state from deliveries where series_uid = :s"),
+                                      {"s": series.series_uid}).scalars().all()
+            return states if states and all(s == "delivered" for s in states) else None
+
+        wait_until(delivered, 30, "the delivery recorded as delivered", lambda: node.log_text()[-3000:])
         with engine.connect() as conn:
             stored = set(conn.execute(sa.text("select sop_uid from instances where series_uid = :s"),
                                       {"s": series.series_uid}).scalars())

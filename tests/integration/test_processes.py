@@ -87,7 +87,8 @@ def test_two_listener_processes_share_the_port_and_a_killed_one_loses_nothing(tm
         # The supervisor killed with SIGKILL: its children stop too (PR_SET_PDEATHSIG), nothing keeps the port.
         children = [p["pid"] for p in readyz(node)["processes"]["processes"]]
         node.kill()
-        wait_until(lambda: not any(_running(pid) for pid in children), 30, "the children to stop")
+        wait_until(lambda: not any(_running(pid) for pid in children), 30, "the children to stop",
+                   lambda: f"still running: {[p for p in children if _running(p)]}\n{node.log_text()[-4000:]}")
     finally:
         node.stop()
 

@@ -122,3 +122,46 @@ def test_a_worker_in_its_own_process_claims_a_new_job_within_the_wake_interval(t
         worker.stop(5)
     # Polled every 0.1 s: a claim waits 0.05 s on average (a 1 s poll would wait 0.5 s).
     assert statistics.median(waits) < 0.2 and max(waits) < 0.4, waits
+
+
+def test_a_listeners_completion_wakes_the_worker_process_long_before_its_poll(tmp_path):
+    """node.wakeup: the worker polls every 10 s here; the listener's completion callback wakes it at once."""
+    config = config_for(tmp_path, wake_poll_seconds=10)
+    worker = Service(config, runner_factory=FixedRunner, role=Role.WORKER)
+    listener = Service(config, runner_factory=FixedRunner, role=Role.LISTENER)  # not started: only its callback
+    worker.start()
+    other = sa.create_engine(config.database_url)
+    try:
+        assert worker.worker.ready.wait(30)
+        wait_until(lambda: list((tmp_path / "data" / "run").glob("worker-*.sock")), 10, "the worker's wake socket")
+        with other.begin() as conn:
+            job_id = worker.queue.enqueue(conn, "1.2.3.9", 1, Priority.ROUTINE)
+        listener._work_queued("1.2.3.9", 1)
+        row = wait_until(lambda: _finished(other, job_id), 8, "the job claimed before the worker's next poll",
+                         interval=0.02)
+        assert row.queue_seconds < 2, row.queue_seconds
+    finally:
+        other.dispose()
+        worker.stop(5)
+        listener.wakeups.close()
+        listener.engine.dispose()
+
+
+def test_a_worker_processes_results_wake_the_dispatcher_process(tmp_path):
+    config = config_for(tmp_path, wake_poll_seconds=10)
+    dispatcher = Service(config, runner_factory=FixedRunner, role=Role.DISPATCHER)
+    worker = Service(config, runner_factory=FixedRunner, role=Role.WORKER)  # not started: only its dispatcher handle
+    woken = []
+    threads = dispatcher.dispatcher._threads
+    original = threads.wake
+    threads.wake = lambda: (woken.append(1), original())  # the dispatcher's own wake, counted
+    dispatcher.start()
+    try:
+        wait_until(lambda: list((tmp_path / "data" / "run").glob("dispatcher-*.sock")), 10, "the dispatcher's socket")
+        assert worker.dispatcher.remote_wake is not None and dispatcher.dispatcher.remote_wake is None
+        worker.dispatcher.wake()  # what the worker calls after committing a job's results and deliveries
+        wait_until(lambda: woken, 5, "the dispatcher process woken")
+    finally:
+        dispatcher.stop(5)
+        worker.wakeups.close()
+        worker.engine.dispose()
