@@ -140,6 +140,11 @@ class Service:
         self.pid_file = config.node.data_dir / (
             "pacsnode.pid" if role is Role.ALL else f"pacsnode-{role.value}-{self.identity.index}.pid")
 
+    @property
+    def supervised(self) -> bool:
+        """A role child of `node.processes`: its supervisor writes the node's audit records (start, stop, reload)."""
+        return self.parent_pid is not None
+
     def _work_queued(self, *_: Any) -> None:
         """Completion queued a job: wake the worker (this process's, and the worker processes on this host)."""
         self.worker.wake()
@@ -192,7 +197,7 @@ class Service:
                 new = role_config(load_config(source), self.role)
             except ConfigError as exc:
                 self.log.error("config_reload_refused", reason=str(exc))
-                if self.parent_pid is None:  # a supervised child's supervisor audits the reload once for the node
+                if not self.supervised:  # a supervised child's supervisor audits the reload once for the node
                     self.audit.config_changed(source=str(source) if source else None, applied=False, reason=str(exc))
                 return False
             kept = restart_only_changes(self.config, new)
@@ -213,7 +218,7 @@ class Service:
                 "config_reloaded", source=str(source), allowed_calling_aes=list(new.node.allowed_calling_aes),
                 destinations=[d.name for d in new.destinations], needs_restart=kept,
             )
-            if self.parent_pid is None:
+            if not self.supervised:
                 self.audit.config_changed(source=str(source) if source else None, applied=True,
                                           reason="config reloaded", needs_restart=kept)
             return True
@@ -251,7 +256,7 @@ class Service:
             self._start_dimse()
             self.heartbeats.register(DIMSE_LOOP, 1.0, alive=self._dimse_alive, restart=self._restart_dimse)
         self.pid_file.write_text(f"{os.getpid()}\n")
-        if self.parent_pid is None:  # a supervised child is part of its supervisor's application (node.processes)
+        if not self.supervised:  # a supervised child is part of its supervisor's application (node.processes)
             self.audit.application(started=True)
 
     def _start_dimse(self) -> None:
@@ -299,7 +304,7 @@ class Service:
         self.dispatcher.stop(max(1.0, timeout - (time.monotonic() - t0)))
         self.commitments.stop()
         self.wakeups.close()
-        if self.parent_pid is None:
+        if not self.supervised:
             self.audit.application(started=False)
         self.engine.dispose()
         self.audit.close()
