@@ -242,11 +242,10 @@ class Service:
             self.dispatcher.start()
         if self.config.worker.enabled and runs(self.role, Stage.WORKER):
             self.worker.start()
-        if self.role in (Role.WORKER, Role.DISPATCHER):  # consumers of work other processes make (node.wakeup)
-            if self.role is Role.WORKER:
-                self.wakeups.listen(WORKER, self.worker.wake)
-            else:
-                self.wakeups.listen(DISPATCHER, self.dispatcher.wake_local)
+        if self.role is Role.WORKER:  # consumers of work other processes make (node.wakeup)
+            self.wakeups.listen(WORKER, self.worker.wake)
+        elif self.role is Role.DISPATCHER:
+            self.wakeups.listen(DISPATCHER, self.dispatcher.wake_local)
         for stage, loop in ((Stage.COMPLETION, self.sweeper), (Stage.RETENTION, self.retention_loop),
                             (Stage.COMMITMENT, self.commitments), (Stage.REACHABILITY, self.reachability)):
             if runs(self.role, stage):
