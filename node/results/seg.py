@@ -28,7 +28,7 @@ class _Segmentation(hd.seg.Segmentation):
     take to build. Here the same answer (and the same error for a non-binary array) comes from pairwise
     ``logical_and`` of the segment planes, ~20× faster; every other array form goes to highdicom's own check.
     highdicom is pinned (pyproject.toml), and tests/unit/test_results_seg_overlap.py compares both checks and the
-    bytes of a SEG built through each.
+    bytes of a SEG built through each; docs/upstream-highdicom.md is the change we offer upstream.
     """
 
     @classmethod
