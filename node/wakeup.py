@@ -4,12 +4,14 @@ In one process the stages wake each other with events (completion → worker, wo
 processes (``process_model = "processes"``, or roles started by hand on the same host and data directory) the
 consumers poll the database every ``[node] wake_poll_seconds``; this module removes that wait where it can:
 
-- a consumer (the worker role, the dispatcher role) binds a Unix datagram socket ``<data_dir>/run/<kind>-<pid>.sock``
-  and calls its wake function (the same one the in-process events use) for every datagram;
+- a consumer (the worker role, the dispatcher role) binds a Unix datagram socket
+  ``<data_dir>/run/<kind>-<host>-<pid>.sock`` and calls its wake function (the same one the in-process events use)
+  for every datagram;
 - a producer (a listener's completion, the worker after committing results, the admin page's resend) sends one
-  byte to every socket of that kind in the folder after its transaction committed. A socket nobody listens on
-  any more (its process died) refuses the datagram and is removed; a full socket buffer means a wake-up is
-  already pending, so the datagram is dropped.
+  byte to every socket of that kind and host in the folder after its transaction committed. A socket nobody
+  listens on any more (its process died) refuses the datagram and is removed; a full socket buffer means a wake-up
+  is already pending, so the datagram is dropped. The host name in the name keeps a data directory that several
+  hosts mount (a Unix socket reaches only its own kernel) from having one host remove another's sockets.
 
 It is only a hint: the database stays the truth and the consumers keep polling, so a lost wake-up costs at most
 one poll interval, and processes on other hosts (their own data directories) are reached by the poll alone. The
@@ -32,6 +34,11 @@ from node.logs import get_logger
 WORKER = "worker"
 DISPATCHER = "dispatcher"
 _SUFFIX = ".sock"
+
+
+def _host() -> str:
+    """This host's name as it goes into socket names (no path separators, bounded length)."""
+    return "".join(c if c.isalnum() or c in ".-_" else "_" for c in socket.gethostname())[:32] or "host"
 
 
 class Wakeups:
@@ -61,7 +68,7 @@ class Wakeups:
     def listen(self, kind: str, on_wake: Callable[[], None]) -> bool:
         """Call ``on_wake`` for every wake-up of ``kind`` sent to this process, from a daemon thread. Returns
         False (and the process keeps polling only) when the socket cannot be made."""
-        name = f"{kind}-{os.getpid()}{_SUFFIX}"
+        name = f"{kind}-{_host()}-{os.getpid()}{_SUFFIX}"
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             with contextlib.suppress(FileNotFoundError):
@@ -93,8 +100,8 @@ class Wakeups:
         """Wake every process listening for ``kind`` in this folder; returns how many were reached. Never raises."""
         reached = 0
         try:
-            names = [e.name for e in os.scandir(self.run_dir)
-                     if e.name.startswith(f"{kind}-") and e.name.endswith(_SUFFIX)]
+            prefix = f"{kind}-{_host()}-"
+            names = [e.name for e in os.scandir(self.run_dir) if e.name.startswith(prefix) and e.name.endswith(_SUFFIX)]
         except OSError:
             return 0
         for name in names:

@@ -9,12 +9,12 @@ import threading
 import time
 from pathlib import Path
 
-from node.wakeup import DISPATCHER, WORKER, Wakeups
+from node.wakeup import DISPATCHER, WORKER, Wakeups, _host
 
 
 def test_a_listener_is_woken_and_another_kind_is_not(tmp_path: Path) -> None:
     run = tmp_path / ("a-long-folder-name-" * 8) / "run"  # beyond the 108-byte socket address limit
-    assert len(str(run / "worker-4194304.sock")) > 108
+    assert len(str(run / "worker-4194304.sock")) > 108 - len(socket.gethostname())
     consumer, producer = Wakeups(run), Wakeups(run)
     woken = threading.Event()
     try:
@@ -32,12 +32,15 @@ def test_a_socket_left_by_a_dead_process_is_removed(tmp_path: Path) -> None:
     run = tmp_path / "run"
     run.mkdir()
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    stale.bind(str(run / "worker-999999.sock"))
+    stale_path = run / f"worker-{_host()}-999999.sock"
+    stale.bind(str(stale_path))
     stale.close()  # the file stays, nobody receives: as after kill -9
+    other_host = run / "worker-another-host-12345.sock"  # a data directory several hosts mount: not ours to judge
+    other_host.touch()
     producer = Wakeups(run)
     try:
         assert producer.notify(WORKER) == 0
-        assert not (run / "worker-999999.sock").exists()
+        assert not stale_path.exists() and other_host.exists()
     finally:
         producer.close()
 
