@@ -71,3 +71,14 @@ def test_another_process_is_woken(tmp_path: Path) -> None:
     finally:
         child.kill()
         producer.close()
+
+
+def test_without_a_usable_folder_nothing_raises_and_the_poll_remains(tmp_path: Path) -> None:
+    blocked = tmp_path / "run"
+    blocked.write_text("a file where the folder should be")
+    wakeups = Wakeups(blocked)
+    try:
+        assert wakeups.listen(WORKER, lambda: None) is False
+        assert wakeups.notify(WORKER) == 0
+    finally:
+        wakeups.close()
