@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -59,7 +61,8 @@ def main() -> int:
                 wait_until(lambda: "models_loaded" in node.log_text(), 300, "models to load", node.log_tail,
                            process=node.proc)
                 engine = sa.create_engine(node.db_url)
-                rows = []
+                rows: list[tuple[Any, ...]] = []
+                loads: list[float] = []  # 1-minute load average after each run: how busy the machine was
                 for run in range(args.runs):
                     case = generate_case(90210 + run, 0, 1, work / f"case{run}", size=(args.size, args.size),
                                          slices=(args.slices, args.slices))
@@ -88,13 +91,15 @@ def main() -> int:
                     rest = total - completion - job.queue_seconds - job.inference_seconds - sum(stages)
                     rows.append((run + 1, used.get("slices_cached", 0), acked - sent, completion, job.queue_seconds, stages[0],
                                  job.inference_seconds, stages[1], stages[2], rest, total))
+                    loads.append(os.getloadavg()[0])
                 engine.dispose()
             finally:
                 node.stop(60)
     print(f"\n{args.slices}-slice {args.size}² phantom series, storescu → node → Orthanc "
           f"(seconds from last C-STORE acknowledged)\n")
     print(f"streaming inference (prefetch): {'off' if args.no_prefetch else 'on'}; process model: "
-          f"{'threads' if args.threads else 'processes'}\n")
+          f"{'threads' if args.threads else 'processes'}; load average during the runs "
+          f"{min(loads, default=0):.1f}–{max(loads, default=0):.1f} on {os.cpu_count()} CPUs\n")
     print("| run | slices prefetched | (send) | completion wait | queue | load | inference | build SR/SEG | commit "
           "| dispatch + rest | total |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
