@@ -237,10 +237,10 @@ class Segmenter:
     def preprocess(self) -> PreprocessConfig:
         return self._m.preprocess
 
-    def warm(self) -> None:
-        """Trace the compiled forward pass on one blank slice, so the first series does not pay for it."""
+    def warm(self, batch: int = 1) -> None:
+        """Trace the compiled forward pass on ``batch`` blank slices, so the first series does not pay for it."""
         g, c = self._m.preprocess.grid, self._m.preprocess.channels
-        self._fn(np.zeros((1, g, g, c), np.float32))
+        self._fn(np.zeros((batch, g, g, c), np.float32))
 
     def probabilities(self, volume: Volume) -> np.ndarray:
         """Softmax (slices, grid, grid, 3) over {background, lung, lesion} on the model grid."""

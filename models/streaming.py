@@ -93,8 +93,7 @@ class SliceModels:
         """Trace the per-slice graphs and the head on blank inputs, so the first series does not pay for it."""
         g, c = self.cls_grid, self.classifier.preprocess.channels
         self._encode(np.zeros((CHUNK, g, g, c), np.float32))
-        g, c = self.seg_grid, self.segmenter.preprocess.channels
-        self.segmenter._fn(np.zeros((CHUNK, g, g, c), np.float32))
+        self.segmenter.warm(CHUNK)
         self._head(np.zeros((1, 2, self._features), np.float32),
                    self.classifier.fusion_input()[1].astype(np.float32))
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import shutil
 import subprocess
 from collections.abc import Iterator
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -65,3 +67,14 @@ def dciodvfy_errors(path: Path) -> tuple[list[str], list[str]]:
     run = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=60, check=False)
     lines = (run.stdout + run.stderr).splitlines()
     return [ln for ln in lines if ln.startswith("Error")], [ln for ln in lines if ln.startswith("Warning")]
+
+
+def encoded_without_timestamps(ds: Dataset) -> bytes:
+    """The encoded object without the creation timestamps highdicom takes from the clock."""
+    ds = copy.deepcopy(ds)
+    del ds.InstanceCreationDate, ds.InstanceCreationTime
+    for item in ds.get("ContributingEquipmentSequence", []):
+        item.ContributionDateTime = ""
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()

@@ -7,7 +7,6 @@ import dataclasses
 import datetime as dt
 import shutil
 import subprocess
-from io import BytesIO
 from pathlib import Path
 
 import highdicom as hd
@@ -38,6 +37,7 @@ from tests.unit.results_support import (
     SPACING_MM,
     ct_sources,
     dciodvfy_errors,
+    encoded_without_timestamps,
     named,
     synthetic_masks,
 )
@@ -88,17 +88,6 @@ def strict_reading(monkeypatch: pytest.MonkeyPatch) -> None:
 def _write(ds: Dataset, path: Path) -> Path:
     ds.save_as(path, enforce_file_format=True)
     return path
-
-
-def _bytes(ds: Dataset) -> bytes:
-    """The encoded object without the creation timestamps highdicom takes from the clock."""
-    ds = copy.deepcopy(ds)
-    del ds.InstanceCreationDate, ds.InstanceCreationTime
-    for item in ds.get("ContributingEquipmentSequence", []):
-        item.ContributionDateTime = ""
-    buffer = BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
 
 
 def _superseded_v1(sources: list[Dataset]) -> list[Superseded]:
@@ -407,10 +396,10 @@ def test_same_inputs_give_identical_objects(
 ) -> None:
     again = build_results(sources, findings, ALGORITHM)
     assert again.seg is not None and results.seg is not None
-    assert _bytes(again.sr) == _bytes(results.sr)
-    assert _bytes(again.seg) == _bytes(results.seg)
+    assert encoded_without_timestamps(again.sr) == encoded_without_timestamps(results.sr)
+    assert encoded_without_timestamps(again.seg) == encoded_without_timestamps(results.seg)
     skipped = _skipped(sources, SkipReason.TOO_FEW_SLICES)
-    assert _bytes(skipped) == _bytes(_skipped(sources, SkipReason.TOO_FEW_SLICES))
+    assert encoded_without_timestamps(skipped) == encoded_without_timestamps(_skipped(sources, SkipReason.TOO_FEW_SLICES))
 
 
 def test_uids_change_with_version_and_model(

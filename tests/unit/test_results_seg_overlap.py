@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import copy
 import datetime as dt
-from io import BytesIO
 from pathlib import Path
 
 import highdicom as hd
@@ -15,7 +13,7 @@ from pydicom import Dataset
 from node.results import AlgorithmIdentity, Findings
 from node.results import seg as seg_module
 from node.results.seg import _Segmentation, build_seg
-from tests.unit.results_support import ATTENTION, ct_sources, synthetic_masks
+from tests.unit.results_support import ATTENTION, ct_sources, encoded_without_timestamps, synthetic_masks
 
 BINARY = hd.seg.SegmentationTypeValues.BINARY
 ALGORITHM = AlgorithmIdentity(name="pneumonia-attn", version="0.3.1")
@@ -63,16 +61,6 @@ def test_a_non_binary_stack_fails_the_same_way() -> None:
     assert messages[0] == messages[1]
 
 
-def _encoded(ds: Dataset) -> bytes:
-    ds = copy.deepcopy(ds)
-    del ds.InstanceCreationDate, ds.InstanceCreationTime
-    for item in ds.get("ContributingEquipmentSequence", []):  # highdicom stamps these from the clock
-        item.ContributionDateTime = ""
-    buffer = BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
-
-
 def test_the_seg_is_byte_identical_to_one_built_by_highdicoms_class(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -90,4 +78,4 @@ def test_the_seg_is_byte_identical_to_one_built_by_highdicoms_class(
     monkeypatch.setattr(seg_module, "_Segmentation", hd.seg.Segmentation)
     theirs = build()
     assert type(theirs) is hd.seg.Segmentation
-    assert _encoded(ours) == _encoded(theirs)
+    assert encoded_without_timestamps(ours) == encoded_without_timestamps(theirs)
