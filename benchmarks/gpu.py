@@ -40,7 +40,7 @@ def _label(device: str, mixed: bool) -> str:
 
 
 # -- the phantom ----------------------------------------------------------------------------------------------------
-def write_phantom(out: Path, kind: str, size: int, slices: int) -> tuple[str, list[Path]]:
+def write_phantom(out: Path, kind: str, size: int, slices: int, seed: int = 4242) -> tuple[str, list[Path]]:
     """One series under ``out``: ("chest", files) from training.phantom (lesions) or ("disc", files) from
     peers.ctgen; ``kind`` "auto" takes the chest phantom when the [training] extra is installed."""
     if kind in ("auto", "chest"):
@@ -50,11 +50,11 @@ def write_phantom(out: Path, kind: str, size: int, slices: int) -> tuple[str, li
             if kind == "chest":
                 raise
         else:
-            generate_dataset(out, cases=1, seed=4242, prevalence=1.0, size=size, slices=slices)
+            generate_dataset(out, cases=1, seed=seed, prevalence=1.0, size=size, slices=slices)
             return "chest", sorted(out.glob("CASE0001/dicom/*.dcm"))
     from peers.ctgen import write_ct_series
 
-    return "disc", write_ct_series(out / "disc", slices=slices, size=size, seed=4242).paths
+    return "disc", write_ct_series(out / "disc", slices=slices, size=size, seed=seed).paths
 
 
 # -- one configuration, in its own process --------------------------------------------------------------------------

@@ -113,9 +113,10 @@ def _gpu_name(tf: Any, gpu: Any) -> str:
     return str(details.get("device_name") or gpu.name)
 
 
-def mixed_precision_copy(model: Any) -> Any:
-    """A copy of a loaded Keras model that computes in float16 (``mixed_float16``: variables stay float32), its
-    output layers kept float32; the weights are the original's. Nested models are copied likewise.
+def mixed_precision_copy(model: Any, policy: str = MIXED_POLICY) -> Any:
+    """A copy of a loaded Keras model that computes in float16 (``mixed_float16``, or another mixed ``policy``:
+    variables stay float32), its output layers kept float32; the weights are the original's. Nested models are
+    copied likewise.
 
     Keras stores each layer's dtype policy in the saved model, so setting the global policy before loading changes
     nothing: the layers are rebuilt from their configs with the policy. The global policy is switched while they
@@ -130,11 +131,11 @@ def mixed_precision_copy(model: Any) -> Any:
             return keras.models.clone_model(layer, clone_function=rebuild)
         config = layer.get_config()
         if not isinstance(layer, keras.layers.InputLayer):
-            config["dtype"] = "float32" if layer.name in outputs else MIXED_POLICY
+            config["dtype"] = "float32" if layer.name in outputs else policy
         return layer.__class__.from_config(config)
 
     previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy(MIXED_POLICY)
+    keras.mixed_precision.set_global_policy(policy)
     try:
         copy = keras.models.clone_model(model, clone_function=rebuild)
     finally:

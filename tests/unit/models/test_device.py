@@ -117,6 +117,22 @@ def test_mixed_precision_copy_computes_in_float16_with_float32_outputs() -> None
     assert original.layers[1].dtype_policy.name == "float32"  # the shared original is left alone
 
 
+def test_mixed_precision_copy_takes_another_mixed_policy() -> None:
+    """``mixed_bfloat16`` (what benchmarks/gpu_jax.py measures beside float16): same weights, bfloat16 compute,
+    the output layer float32, and the global policy restored afterwards."""
+    import keras
+
+    original = Registry().segmenter()._m.model
+    copy = mixed_precision_copy(original, "mixed_bfloat16")
+    policies = {layer.name: layer.dtype_policy.name for layer in copy.layers}
+    assert policies["probabilities"] == "float32"
+    assert sum(p == "mixed_bfloat16" for p in policies.values()) > len(policies) // 2
+    assert not any(p == MIXED_POLICY for p in policies.values())
+    assert keras.mixed_precision.global_policy().name == "float32"
+    x = np.random.default_rng(0).random((2, *original.inputs[0].shape[1:]), dtype=np.float32)
+    np.testing.assert_allclose(np.asarray(copy(x)), np.asarray(original(x)), atol=0.2)
+
+
 def test_the_tolerance_check_catches_outputs_that_do_not_agree(
     float32_and_mixed: tuple[InferenceOutputs, InferenceOutputs],
 ) -> None:
