@@ -301,6 +301,8 @@ def cross_validation_summary(m: dict[str, Any]) -> dict[str, Any]:
                        if k not in ("pr_observed", "pr_target")} or None,
         "pr_auc_at_target_prevalence": (m.get("prevalence") or {}).get("pr_target", {}).get("pr_auc"),
         "ablation": {k: v for k, v in (m.get("ablation") or {}).items() if k != "explanation"} or None,
+        "lesion_evidence": {k: v for k, v in (m.get("lesion_evidence") or {}).items()
+                            if k in ("arms", "subtle_sensitivity", "auc_paired_bootstrap", "mcnemar", "skipped")} or None,
         "mcnemar_p": (comp.get("mcnemar") or {}).get("p_value"),
         "kappa_model_reader": comp.get("kappa_model_reader"),
         "paired_ttest_p": (comp.get("paired_ttest_fold_accuracy") or {}).get("p_value"),

@@ -89,6 +89,41 @@ def ablation_blocks(m: dict[str, Any]) -> list[Block]:
             ("p", ab["explanation"])]
 
 
+def lesion_blocks(m: dict[str, Any]) -> list[Block]:
+    """The lesion-evidence arm (training.crossval.lesion): both arms, subtle sensitivity, paired tests, the fits."""
+    le = m.get("lesion_evidence")
+    if not le:
+        return []
+    title = ("h2", "Lesion evidence: the classifier fused with the segmenter (evaluation arm, not shipped)")
+    if "skipped" in le:
+        return [title, ("p", f"Skipped: {le['skipped']}.")]
+    rows = []
+    for name, key in (("Classifier (this report's model)", "classifier"), ("Classifier + lesion evidence", "lesion_evidence")):
+        a, ms = le["arms"][key], le["arms"][key]["accuracy_over_folds"]
+        rows.append([name, _fmt(a["roc_auc"]), _fmt(a["accuracy"], True),
+                     f"{_fmt(ms['mean'], True)} ± {100 * ms['sd']:.1f}" if isinstance(ms.get("sd"), float) else
+                     _fmt(ms["mean"], True), _fmt(a["sensitivity"], True), _fmt(a["specificity"], True),
+                     _fmt(le["subtle_sensitivity"].get(key), True)])
+    bs, mc, seg = le["auc_paired_bootstrap"], le["mcnemar"], le["segmenter"]
+    ci = bs["ci95"]
+    data = seg.get("training_data") or {}
+    trained_on = (f"{data.get('cases')} phantoms, generator seed {data.get('seed')}" if data else "see its card")
+    coef = [[str(f["fold"]), str(f["validation_cases"]), _fmt(f["threshold"]),
+             ", ".join(f"{k} {v:+.2f}" for k, v in f["coefficients"].items())] for f in le["folds"]]
+    return [title,
+            ("table", ["Arm", "ROC AUC", "Accuracy (pooled)", "Accuracy, mean ± SD over folds", "Sensitivity",
+                       "Specificity", "Subtle-lesion sensitivity"], rows),
+            ("table", ["Paired test", "Result"], [
+                ["AUC difference (lesion evidence − classifier), paired bootstrap",
+                 f"{_fmt(bs['difference'])} (95 % CI {_fmt(ci[0])} to {_fmt(ci[1])}), p = {_p(bs['p_value'])}, "
+                 f"{bs['resamples']} resamples"],
+                ["McNemar on the decisions", f"only the fusion correct {mc['a_only_correct']}, only the classifier "
+                 f"correct {mc['b_only_correct']}; {mc['method']}: p = {_p(mc['p_value'])}"]]),
+            ("p", f"Segmenter: {seg.get('name')} {seg.get('version')}, trained on {trained_on} (none of this "
+                  f"report's cases); its features took {le['feature_seconds']:.0f} s. {le['explanation']}"),
+            ("table", ["Fold", "Validation cases", "Threshold", "Fitted coefficients"], coef)]
+
+
 def extra_blocks(m: dict[str, Any]) -> list[Block]:
     """Every section this module draws, in report order."""
-    return calibration_blocks(m) + prevalence_blocks(m) + ablation_blocks(m)
+    return calibration_blocks(m) + prevalence_blocks(m) + ablation_blocks(m) + lesion_blocks(m)

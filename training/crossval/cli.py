@@ -33,7 +33,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     st = EvaluateSettings(**_run_settings(args), folds=args.folds, out=args.out, bootstrap=args.bootstrap,
                           resume=args.resume, only_folds=args.only_folds, weights_dir=args.weights_dir,
-                          ablation=args.ablation, prevalence=args.prevalence)
+                          ablation=args.ablation, prevalence=args.prevalence, lesion_evidence=args.lesion_evidence)
     try:
         m = run_evaluation(st)
     except (TrainingError, ModelError, ValueError) as exc:
@@ -101,6 +101,8 @@ def register(subparsers: Any) -> None:
                    help="train only these folds (no report); a later run without it assembles the report")
     e.add_argument("--no-ablation", dest="ablation", action="store_false",
                    help="skip the image-only arm (the ablation trains a second model per fold)")
+    e.add_argument("--no-lesion-evidence", dest="lesion_evidence", action="store_false",
+                   help="skip the arm that fuses the classifier with the segmenter's lesion evidence")
     e.add_argument("--prevalence", type=float, default=0.10,
                    help="target prevalence of the imbalance section (default 0.10)")
     e.add_argument("--weights-dir", help="weights folder whose segmenter draws the example overlays (default: shipped)")

@@ -168,6 +168,8 @@ class FoldResults:
     resumed: list[int] = field(default_factory=list)
     p_raw: np.ndarray = field(default_factory=lambda: np.zeros(0))
     calibration: list[dict[str, Any] | None] = field(default_factory=list)
+    # fold → (its validation cases, the fold model's calibrated probabilities on them): the lesion-evidence arm
+    validation: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     @classmethod
     def empty(cls, n: int, order: list[int]) -> FoldResults:
@@ -245,7 +247,11 @@ def record(plan: FoldPlan, fitted: Fitted, ds: Dataset, prep: Prepared, res: Fol
     cfg = PreprocessConfig(grid=plan.settings.grid)
     probs, atts = predict(fitted.model, [prep.cases[i] for i in test_idx], cfg, plan.settings.clinical_inputs)
     res.p_raw[test_idx] = probs
-    probs = np.asarray(apply_temperature(probs, temperature_of(fitted.card)), dtype=np.float64).reshape(-1)
+    temperature = temperature_of(fitted.card)
+    probs = np.asarray(apply_temperature(probs, temperature), dtype=np.float64).reshape(-1)
+    if len(plan.val_idx):
+        pv, _ = predict(fitted.model, [prep.cases[i] for i in plan.val_idx], cfg, plan.settings.clinical_inputs)
+        res.validation[k] = (plan.val_idx, np.asarray(apply_temperature(pv, temperature), dtype=np.float64).reshape(-1))
     res.p[test_idx], res.thr[test_idx], res.fold_of[test_idx] = probs, float(fitted.card["threshold"]), k
     res.calibration.append(fitted.card.get("calibration"))
     for i, a in zip(test_idx, atts, strict=True):

@@ -54,6 +54,25 @@ def _run_record(st: EvaluateSettings, started: str, t_start: float, ds: Dataset,
     }
 
 
+def _lesion_arm(st: EvaluateSettings, ds: Dataset, prep: Prepared, res: FoldResults, out: Path,
+                log: Callable[[str], None]) -> dict[str, Any]:
+    """``metrics.json``'s ``lesion_evidence`` block, or ``{"skipped": why}`` (see training.crossval.lesion)."""
+    import json
+
+    from training.crossval.lesion import fuse_folds, lesion_block, segmenter_features
+    from training.crossval.outputs import json_default
+
+    feats = segmenter_features(prep, st.weights_dir, st.cache(out / "cache"), log)
+    fused = fuse_folds(ds.labels, res.fold_of, res.p, res.validation, feats.values) \
+        if not isinstance(feats, str) else feats
+    if isinstance(fused, str) or isinstance(feats, str):
+        log(f"lesion evidence arm skipped: {fused}")
+        return {"skipped": fused}
+    block = lesion_block(ds, ds.labels, res.fold_of, (res.p, res.thr), fused, feats, bootstrap=st.bootstrap,
+                         seed=st.seed)
+    return dict(json.loads(json.dumps(block, default=json_default)))
+
+
 def run_evaluation(st: EvaluateSettings) -> dict[str, Any]:
     """Cross-validate as ``st`` says and write the report to ``st.out`` (see :func:`training.crossval.evaluate`).
 
@@ -74,6 +93,8 @@ def run_evaluation(st: EvaluateSettings) -> dict[str, Any]:
     if st.only_folds is not None:
         return {"only_folds": res.order, "reused": res.resumed}
     metrics = build_metrics(st, ds, prep, s0, res, image_only)
+    if st.lesion_evidence:
+        metrics["lesion_evidence"] = _lesion_arm(st, ds, prep, res, out, log)
     write_json(out / "metrics.json", metrics)
     write_predictions(out / "predictions.csv", ds, res.p, res.thr, res.fold_of, res.attention)
     figures = plots.make_figures(out / "figures", ds=ds, prep=prep, p=res.p, thr=res.thr, fold_of=res.fold_of,

@@ -105,6 +105,7 @@ class EvaluateSettings(RunSettings):
     command: str | None = None
     ablation: bool = True  # also train the image-only arm on the same folds (--no-ablation: skip)
     prevalence: float = 0.10  # the target prevalence of the imbalance section
+    lesion_evidence: bool = True  # the classifier + segmenter late-fusion arm (--no-lesion-evidence: skip)
 
     def command_line(self) -> str:
         """``command``, else the ``evaluate`` command line that repeats this run."""
@@ -117,6 +118,7 @@ class EvaluateSettings(RunSettings):
                 + (f" --max-slices {self.max_slices}" if self.max_slices is not None else "")
                 + (f" --val-fraction {self.val_fraction}" if self.val_fraction != VAL_FRACTION else "")
                 + ("" if self.class_weighting else " --no-class-weights") + ("" if self.ablation else " --no-ablation")
+                + ("" if self.lesion_evidence else " --no-lesion-evidence")
                 + (f" --prevalence {self.prevalence}" if self.prevalence != 0.10 else ""))
 
 

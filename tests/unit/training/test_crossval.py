@@ -164,7 +164,7 @@ def test_resume_reuses_finished_folds_with_the_same_numbers(runs: tuple[Path, Pa
     (c / "folds" / "fold-02" / "fold.json").unlink()
     data = _metrics(a)["dataset"]["root"]
     crossval.evaluate(data, folds=3, out=c, seed=7, quick=True, bootstrap=200, cache_dir=a.parent / "cache",
-                      progress=False)
+                      weights_dir=a.parent / "weights", progress=False)
     assert json.loads((c / "run.json").read_text())["resumed_folds"] == [1, 3]
     assert (c / "metrics.json").read_bytes() == (a / "metrics.json").read_bytes()
 
@@ -175,7 +175,7 @@ def test_only_folds_split_the_work_and_claims_are_respected(runs: tuple[Path, Pa
     a = runs[0]
     data, d = _metrics(a)["dataset"]["root"], tmp_path / "d"
     common = {"folds": 3, "out": d, "seed": 7, "quick": True, "bootstrap": 200, "cache_dir": a.parent / "cache",
-              "progress": False, "ablation": False}
+              "progress": False, "ablation": False, "weights_dir": a.parent / "weights"}
     (d / "folds" / "fold-02").mkdir(parents=True)
     (d / "folds" / "fold-02" / "claim").write_text(str(os.getppid()))  # a live process holds fold 2
     assert crossval.evaluate(data, only_folds=[3, 2, 1], **common) == {"only_folds": [3, 2, 1], "reused": []}

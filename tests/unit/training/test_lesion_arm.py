@@ -1,0 +1,163 @@
+"""training.crossval.lesion: the per-series lesion features, the per-fold fusion fitted on validation cases only,
+and the features made by a real (tiny) segmenter from prepared cases."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training.crossval.lesion import (
+    FEATURES,
+    MIN_PER_CLASS,
+    Fused,
+    fuse_folds,
+    segmenter_features,
+    series_features,
+)
+
+
+def _softmax(lung: np.ndarray, lesion: np.ndarray) -> np.ndarray:
+    """(S, g, g, 3) probabilities: background / lung / lesion from boolean masks (lesion inside lung)."""
+    p = np.zeros((*lung.shape, 3), np.float32)
+    p[..., 0] = 1.0
+    p[lung] = (0.1, 0.9, 0.0)
+    p[lesion] = (0.05, 0.15, 0.8)
+    return p
+
+
+def test_series_features_count_lesion_pixels_inside_the_lungs() -> None:
+    lung = np.zeros((4, 16, 16), bool)
+    lung[:, 2:14, 2:14] = True
+    lesion = np.zeros_like(lung)
+    lesion[1, 4:7, 4:7] = True   # 9 pixels on slice 1
+    lesion[3, 5:7, 5:7] = True   # 4 pixels on slice 3
+    p = _softmax(lung, lesion)
+    p[0, 0, 0] = (0.0, 0.0, 1.0)  # a lesion-like pixel outside the lungs (lung + lesion ≥ 0.5 there, so it counts)
+    f = dict(zip(FEATURES, series_features(p), strict=True))
+    assert f["log1p_lesion_px"] == pytest.approx(np.log1p(14))
+    assert f["log1p_max_slice_px"] == pytest.approx(np.log1p(9))
+    assert f["log1p_lesion_slices"] == pytest.approx(np.log1p(3))
+    assert f["max_lesion_logit"] > 5  # probability 1.0, clipped
+    empty = dict(zip(FEATURES, series_features(_softmax(lung, np.zeros_like(lung))), strict=True))
+    assert empty["log1p_lesion_px"] == 0 and empty["max_lesion_logit"] < 0
+
+
+def _synthetic(n: int = 400, folds: int = 5, seed: int = 0) -> tuple[np.ndarray, ...]:
+    """Labels, a weak classifier, lesion features that see what it misses, fold numbers and validation splits."""
+    rng = np.random.default_rng(seed)
+    y = (np.arange(n) % 2).astype(np.int64)
+    p = 1 / (1 + np.exp(-(0.8 * (2 * y - 1) + rng.normal(0, 1.5, n))))  # AUC ~0.75
+    feats = rng.normal(0, 1, (n, len(FEATURES)))
+    feats[:, 0] += 3.0 * y  # the segmenter's evidence separates well
+    fold_of = rng.permutation(np.arange(n) % folds) + 1
+    return y, p, feats, fold_of
+
+
+def _validation(fold_of: np.ndarray, p: np.ndarray, seed: int = 1) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    out = {}
+    for k in np.unique(fold_of):
+        idx = rng.choice(np.flatnonzero(fold_of != k), 60, replace=False)
+        out[int(k)] = (idx, p[idx])
+    return out
+
+
+def test_fusion_gains_where_the_features_carry_signal() -> None:
+    y, p, feats, fold_of = _synthetic()
+    fused = fuse_folds(y, fold_of, p, _validation(fold_of, p), feats)
+    assert isinstance(fused, Fused)
+    assert np.isfinite(fused.p).all() and np.isfinite(fused.thr).all()
+    acc_fused = np.mean((fused.p >= fused.thr) == y)
+    assert acc_fused > np.mean((p >= 0.5) == y) + 0.1
+    assert [f["fold"] for f in fused.folds] == [1, 2, 3, 4, 5]
+    assert all(f["coefficients"]["max_lesion_logit"] > 0 for f in fused.folds)
+
+
+def test_fusion_never_reads_test_labels_and_folds_are_independent() -> None:
+    y, p, feats, fold_of = _synthetic()
+    val = _validation(fold_of, p)
+    base = fuse_folds(y, fold_of, p, val, feats)
+    assert isinstance(base, Fused)
+    # Flip the labels of cases in no validation split: the fits do not move.
+    in_val = np.zeros(len(y), bool)
+    for idx, _ in val.values():
+        in_val[idx] = True
+    flipped = y.copy()
+    flipped[~in_val] = 1 - flipped[~in_val]
+    again = fuse_folds(flipped, fold_of, p, val, feats)
+    assert isinstance(again, Fused)
+    np.testing.assert_array_equal(again.p, base.p)
+    # Fold k's scores depend on its validation cases and its test cases only: changing the features of fold-1
+    # cases that no validation split holds moves those scores and nothing else.
+    only_test = (fold_of == 1) & ~in_val
+    changed = feats.copy()
+    changed[only_test] += 5.0
+    moved = fuse_folds(y, fold_of, p, val, changed)
+    assert isinstance(moved, Fused)
+    assert not np.allclose(moved.p[only_test], base.p[only_test])
+    np.testing.assert_array_equal(moved.p[~only_test], base.p[~only_test])
+
+
+def test_a_validation_split_too_small_to_fit_gives_the_reason() -> None:
+    y, p, feats, fold_of = _synthetic(n=60, folds=3)
+    val = {k: (np.flatnonzero(fold_of != k)[: MIN_PER_CLASS], p[np.flatnonzero(fold_of != k)[: MIN_PER_CLASS]])
+           for k in (1, 2, 3)}
+    why = fuse_folds(y, fold_of, p, val, feats)
+    assert isinstance(why, str) and f"at least {MIN_PER_CLASS} of each" in why
+
+
+def test_features_from_a_real_segmenter_are_cached(tmp_path: Path) -> None:
+    """A tiny U-Net trained here on phantoms, run over prepared cases: finite features, one row per case, the
+    second call read from the cache; a segmenter on another grid than the cases is refused with the reason."""
+    from training.dataset import load_dataset, prepare
+    from training.phantom import generate_dataset
+    from training.train import SegmenterSettings, train_segmenter
+
+    data = tmp_path / "data"
+    generate_dataset(data, cases=4, seed=43, size=48, slices=(6, 6))
+    weights = tmp_path / "weights"
+    tiny = SegmenterSettings(epochs=1, steps_per_epoch=2, grid=32, base=4, depth=2, batch_size=4)
+    train_segmenter(data, weights / "segmenter" / "0.0.1", settings=tiny, version="0.0.1", progress=False,
+                    log=lambda _: None)
+    prep = prepare(load_dataset(data), 32, tmp_path / "cache")
+    first = segmenter_features(prep, weights, tmp_path / "cache", log=lambda _: None)
+    assert not isinstance(first, str), first
+    assert first.values.shape == (4, len(FEATURES)) and np.isfinite(first.values).all()
+    assert first.segmenter["version"] == "0.0.1" and not first.from_cache
+    second = segmenter_features(prep, weights, tmp_path / "cache", log=lambda _: None)
+    assert not isinstance(second, str) and second.from_cache
+    np.testing.assert_array_equal(second.values, first.values)
+    other = prepare(load_dataset(data), 16, tmp_path / "cache")
+    why = segmenter_features(other, weights, tmp_path / "cache", log=lambda _: None)
+    assert isinstance(why, str) and "32² grid" in why and "16²" in why
+
+
+def test_the_block_and_its_report_section_state_both_arms() -> None:
+    """metrics.json's block from a fused run (synthetic), and the report section drawn from it: accuracies that
+    match the decisions, the subtle-lesion sensitivity of each arm, the paired tests and every fold's fit."""
+    from types import SimpleNamespace
+
+    from training.crossval.lesion import SegmenterFeatures, lesion_block
+    from training.report import to_markdown
+    from training.report_sections import lesion_blocks
+
+    y, p, feats, fold_of = _synthetic()
+    fused = fuse_folds(y, fold_of, p, _validation(fold_of, p), feats)
+    assert isinstance(fused, Fused)
+    subtle = (y == 1) & (np.arange(len(y)) % 4 == 1)
+    ds = SimpleNamespace(cases=[SimpleNamespace(row={"subtle": "1" if s else "0"}, reader_label=None) for s in subtle])
+    thr = np.full(len(y), 0.5)
+    about = {"name": "unet", "version": "9.9.9", "training_data": {"cases": 40, "seed": 1000}}
+    block = lesion_block(ds, y, fold_of, (p, thr), fused, SegmenterFeatures(feats, about, 1.0, False),
+                         bootstrap=100, seed=0)
+    arms = block["arms"]
+    assert arms["classifier"]["accuracy"] == pytest.approx(np.mean((p >= 0.5) == y))
+    assert arms["lesion_evidence"]["accuracy"] == pytest.approx(np.mean((fused.p >= fused.thr) == y))
+    assert block["subtle_sensitivity"]["lesion_evidence"] == pytest.approx(np.mean(fused.p[subtle] >= fused.thr[subtle]))
+    assert block["auc_paired_bootstrap"]["difference"] > 0
+    text = to_markdown(lesion_blocks({"lesion_evidence": block}))
+    assert "Classifier + lesion evidence" in text and "unet 9.9.9, trained on 40 phantoms, generator seed 1000" in text
+    assert text.count("classifier_logit") == 5  # one fitted row per fold
+    assert "Skipped: too small." in to_markdown(lesion_blocks({"lesion_evidence": {"skipped": "too small"}}))

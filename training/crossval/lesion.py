@@ -1,0 +1,173 @@
+"""The lesion-evidence arm of the evaluation: the fold's classifier probability fused with what the segmenter sees.
+
+The classifier misses small faint lesions (its 128² grid and attention pooling dilute a few pixels); the U-Net,
+trained on pixel masks, still marks many of them. This arm asks how much a late fusion of the two would gain,
+without retraining anything:
+
+* **Features** (:func:`segmenter_features`): the segmenter under ``weights_dir`` (the shipped one by default:
+  trained on its own phantoms, never on the evaluation's cases — the report names its version and training data)
+  runs over every case on the model grid; per series: the logit of the largest lesion probability inside the
+  lungs, and log(1 + n) of the lesion pixels (p ≥ 0.5 inside the lungs), of the most on one slice and of the
+  slices with any. Cached beside the array cache, keyed by both.
+* **Fusion** (:func:`fuse_folds`): per fold, a logistic regression (scikit-learn, C = 1, no other setting tried
+  for the report) on the fold's **validation split** — the fold model's calibrated logit plus those features —
+  and the threshold by Youden's J on the same split, as the classifier's own threshold is chosen. The test fold
+  is touched only to be scored. A fold whose validation split holds fewer than `MIN_PER_CLASS` cases of either
+  class cannot be fitted; then the arm is skipped with that reason (tiny datasets).
+
+The node does not apply this fusion (yet): the arm is evidence for the next classifier version, not a description
+of what ships.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from training.dataset import Prepared
+
+FEATURES = ("max_lesion_logit", "log1p_lesion_px", "log1p_max_slice_px", "log1p_lesion_slices")
+MIN_PER_CLASS = 5  # validation cases of each class a fold needs for the fusion to be fitted
+_EPS = 1e-6
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    q = np.clip(np.asarray(p, dtype=np.float64), _EPS, 1 - _EPS)
+    return np.asarray(np.log(q / (1 - q)))
+
+
+def series_features(probabilities: np.ndarray) -> np.ndarray:
+    """(len(FEATURES),) from one series' U-Net softmax (slices, grid, grid, 3: background, lung, lesion)."""
+    p = np.asarray(probabilities, dtype=np.float32)
+    lungs = (p[..., 1] + p[..., 2]) >= 0.5
+    lesion_p = np.where(lungs, p[..., 2], 0.0)
+    lesion = lesion_p >= 0.5
+    per_slice = lesion.sum(axis=(1, 2))
+    return np.array([_logit(np.array(lesion_p.max(initial=0.0)))[()], np.log1p(per_slice.sum()),
+                     np.log1p(per_slice.max(initial=0)), np.log1p((per_slice > 0).sum())], dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class SegmenterFeatures:
+    """Per-case features (cases, len(FEATURES)) and which segmenter made them (name, version, its training data)."""
+
+    values: np.ndarray
+    segmenter: dict[str, Any]
+    seconds: float
+    from_cache: bool
+
+
+def segmenter_features(prep: Prepared, weights_dir: str | Path | None, cache_dir: Path,
+                       log: Callable[[str], None] = print) -> SegmenterFeatures | str:
+    """Features of every prepared case, or the reason they cannot be made (no segmenter, another grid)."""
+    import hashlib
+    import json
+    import time
+
+    from models.preprocess import window
+    from models.registry import Registry, RegistryError
+
+    try:
+        seg = Registry(Path(weights_dir) if weights_dir else None).segmenter()
+    except RegistryError as exc:
+        return f"no segmenter to run ({exc})"
+    grid = prep.cases[0].hu.shape[-1] if prep.cases else 0
+    if seg.preprocess.grid != grid:
+        return f"the segmenter {seg.version} works on a {seg.preprocess.grid}² grid, the evaluation on {grid}²"
+    card = seg._m.card
+    about = {"name": card.get("name"), "version": seg.version,
+             "training_data": (card.get("training") or {}).get("data")}
+    key = hashlib.sha256(json.dumps([card.get("files"), prep.key, FEATURES], sort_keys=True).encode()).hexdigest()
+    path = Path(cache_dir) / f"lesion-{seg.version}-{key[:20]}.npz"  # the weights' sha256 and the cases
+    t0 = time.perf_counter()
+    if path.is_file():
+        with np.load(path) as cached:
+            if cached["values"].shape == (len(prep.cases), len(FEATURES)):
+                return SegmenterFeatures(cached["values"], about, time.perf_counter() - t0, True)
+    values = np.empty((len(prep.cases), len(FEATURES)))
+    for i, case in enumerate(prep.cases):
+        x = window(case.hu.astype(np.float32), seg.preprocess)
+        probs = np.concatenate([np.asarray(seg._fn(x[a:a + seg.batch_size]))
+                                for a in range(0, len(x), seg.batch_size)])
+        values[i] = series_features(probs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, values=values)
+    tmp.replace(path)
+    seconds = time.perf_counter() - t0
+    log(f"lesion evidence: segmenter {seg.version} over {len(prep.cases)} cases in {seconds:.0f} s")
+    return SegmenterFeatures(values, about, seconds, False)
+
+
+@dataclass(frozen=True)
+class Fused:
+    """The arm's out-of-fold probabilities and thresholds, and each fold's fitted model (for the report)."""
+
+    p: np.ndarray
+    thr: np.ndarray
+    folds: list[dict[str, Any]]
+
+
+def fuse_folds(y: np.ndarray, fold_of: np.ndarray, p: np.ndarray, validation: dict[int, tuple[np.ndarray, np.ndarray]],
+               features: np.ndarray) -> Fused | str:
+    """Fit each fold's fusion on its validation split and score its test cases (see the module docstring).
+
+    ``p``: the main arm's calibrated out-of-fold probabilities; ``validation[k]``: (case indices, the fold-k
+    model's calibrated probabilities on them). Returns the reason instead when a fold cannot be fitted."""
+    from sklearn.linear_model import LogisticRegression
+
+    from training.train import youden_threshold
+
+    out_p, out_thr, folds = np.full(len(y), np.nan), np.full(len(y), np.nan), []
+    for k in sorted(validation):
+        idx, pv = validation[k]
+        yv = y[idx]
+        if min(int((yv == 1).sum()), int((yv == 0).sum())) < MIN_PER_CLASS:
+            return (f"fold {k}'s validation split holds {int((yv == 1).sum())} pneumonia and {int((yv == 0).sum())} "
+                    f"normal cases; the fusion needs at least {MIN_PER_CLASS} of each")
+        xv = np.column_stack([_logit(pv), features[idx]])
+        model = LogisticRegression(C=1.0, max_iter=2000).fit(xv, yv)
+        fitted = model.predict_proba(xv)[:, 1]
+        thr = youden_threshold(yv.tolist(), fitted.tolist())
+        test = np.flatnonzero(fold_of == k)
+        out_p[test] = model.predict_proba(np.column_stack([_logit(p[test]), features[test]]))[:, 1]
+        out_thr[test] = thr
+        folds.append({"fold": k, "validation_cases": int(len(idx)), "threshold": float(thr),
+                      "intercept": float(model.intercept_[0]),
+                      "coefficients": dict(zip(("classifier_logit", *FEATURES), map(float, model.coef_[0]),
+                                               strict=True))})
+    return Fused(out_p, out_thr, folds)
+
+
+def lesion_block(ds: Any, y: np.ndarray, fold_of: np.ndarray, main: tuple[np.ndarray, np.ndarray], fused: Fused,
+                 feats: SegmenterFeatures, *, bootstrap: int, seed: int) -> dict[str, Any]:
+    """``metrics.json``'s ``lesion_evidence``: both arms, the paired tests, subtle-lesion sensitivity of each, the
+    segmenter used and each fold's fitted fusion."""
+    from training import stats
+    from training.crossval.imbalance import _arm, _paired_auc
+    from training.crossval.metrics import reader_labels, subgroups
+
+    (pm, tm), (pf, tf) = main, (fused.p, fused.thr)
+    reader = reader_labels(ds)
+    sub = {name: subgroups(ds, y, (p >= t).astype(np.int64), reader).get("subtle_pneumonia")
+           for name, (p, t) in (("classifier", (pm, tm)), ("lesion_evidence", (pf, tf)))}
+    return {
+        "arms": {"classifier": _arm(y, pm, tm, fold_of), "lesion_evidence": _arm(y, pf, tf, fold_of)},
+        "subtle_sensitivity": {k: (v or {}).get("model_sensitivity") for k, v in sub.items()},
+        "auc_paired_bootstrap": _paired_auc(y, pf, pm, bootstrap, seed),
+        "mcnemar": stats.mcnemar((pf >= tf) == (y == 1), (pm >= tm) == (y == 1)),
+        "segmenter": feats.segmenter,
+        "features": list(FEATURES),
+        "feature_seconds": round(feats.seconds, 1),
+        "folds": fused.folds,
+        "explanation": "Late fusion, fitted per fold on that fold's validation split only: logistic regression "
+        "(C = 1) over the fold classifier's calibrated logit and the segmenter's lesion evidence (largest lesion "
+        "probability in the lungs, lesion pixels, most on one slice, slices with any), threshold by Youden's J on "
+        "the same split. The segmenter was trained on other phantoms (its card's training data, above) and is the "
+        "same for every fold. The node does not apply this fusion; the arm measures what the next classifier "
+        "version could gain. Paired tests: lesion evidence − classifier.",
+    }
