@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +54,10 @@ def _model_files() -> dict[str, Path]:
 
 
 # -- step 1: TensorFlow, where the node is installed ----------------------------------------------------------------
-def prepare(out: Path, cases: int, slices: int, size: int, repeats: int) -> Path:
-    """Write ``out/inputs.npz`` (inputs, reference outputs, model file names, TensorFlow CPU timings)."""
+def prepare(out: Path, cases: int, slices: int, size: int, repeats: int,
+            batches: tuple[tuple[int, ...], tuple[int, ...]] = (CLASSIFIER_BATCHES, UNET_BATCHES)) -> Path:
+    """Write ``out/inputs.npz`` (inputs, reference outputs, model file names, TensorFlow CPU timings); ``batches``:
+    series per classifier call and slices per U-Net call to time (``measure`` times the same)."""
     import keras
     import tensorflow as tf
 
@@ -88,13 +91,14 @@ def prepare(out: Path, cases: int, slices: int, size: int, repeats: int) -> Path
     cls_fn = tf.function(lambda s, k: cls({"slices": s, "clinical": k}, training=False))
     unet_fn = tf.function(lambda s: unet(s, training=False))
     timings = _time_all(lambda s, k: {n: v.numpy() for n, v in cls_fn(s, k).items()},
-                        lambda s: unet_fn(s).numpy(), x, clinical, repeats)
+                        lambda s: unet_fn(s).numpy(), x, clinical, repeats, batches)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "inputs.npz"
     np.savez(path, slices=x, clinical=clinical,
              probability=np.array([float(r["probability"][0, 0]) for r in ref], np.float32),
              attention=np.stack([r["attention"].numpy()[0] for r in ref]), segmentation=np.stack(seg),
              meta=json.dumps({"models": {k: str(v.relative_to(ROOT)) for k, v in files.items()},
+                              "batches": {"classifier": list(batches[0]), "unet": list(batches[1])},
                               "inputs": list(INPUTS), "tf_cpu": {"cpus": os.cpu_count(), "timings": timings,
                                                                 "tensorflow": tf.__version__}}))
     return path
@@ -104,14 +108,15 @@ def _tile(a: np.ndarray, n: int) -> np.ndarray:
     return np.resize(a, (n, *a.shape[1:]))  # repeats the cases (or slices) to ``n`` along the first axis
 
 
-def _time_all(classify: Any, segment: Any, x: np.ndarray, clinical: np.ndarray, repeats: int) -> dict[str, Any]:
-    """{"classifier": {B: (compile s, [s per call])}, "unet": {B: ...}} for the batch sizes above."""
+def _time_all(classify: Any, segment: Any, x: np.ndarray, clinical: np.ndarray, repeats: int,
+              batches: tuple[Sequence[int], Sequence[int]]) -> dict[str, Any]:
+    """{"classifier": {B: (compile s, [s per call])}, "unet": {B: ...}} for the batch sizes given."""
     found: dict[str, Any] = {"classifier": {}, "unet": {}}
-    for b in CLASSIFIER_BATCHES:
+    for b in batches[0]:
         s, k = _tile(x, b), _tile(clinical, b)  # made before the clock starts
         found["classifier"][str(b)] = _time(lambda s=s, k=k: classify(s, k), repeats)
     flat = x.reshape(-1, *x.shape[2:])
-    for b in UNET_BATCHES:
+    for b in batches[1]:
         s = _tile(flat, b)
         found["unet"][str(b)] = _time(lambda s=s: segment(s), repeats)
     return found
@@ -162,7 +167,7 @@ def child(inputs: Path, platform: str, policy: str, out: Path, repeats: int) -> 
         call, w = fns["unet"]
         return np.asarray(call(w, s))
 
-    timings = _time_all(classify, segment, x, clinical, repeats)
+    timings = _time_all(classify, segment, x, clinical, repeats, _batches(meta))
     outputs = [classify(x[i:i + 1], clinical[i:i + 1]) for i in range(len(x))]
     np.savez(out, probability=np.array([float(o["probability"][0, 0]) for o in outputs], np.float32),
              attention=np.stack([o["attention"][0] for o in outputs]),
@@ -222,7 +227,7 @@ def measure(inputs: Path, repeats: int, json_out: Path | None) -> int:
             result["agreement"] = [(i, m, p) for i, m, p in _agreement(data, out)]
             status = status if all(not p for _, _, p in result["agreement"]) or status else 1
             rows.append(result)
-    _print_table(rows, slices)
+    _print_table(rows, slices, _batches(meta))
     for row in rows[1:]:
         worst = {k: max(m[k] for _, m, _ in row["agreement"]) for k in ("probability", "attention", "pixel_probability")}
         same = min(m["label_agreement"] for _, m, _ in row["agreement"])
@@ -235,13 +240,18 @@ def measure(inputs: Path, repeats: int, json_out: Path | None) -> int:
     return status
 
 
-def _print_table(rows: list[dict[str, Any]], slices: int) -> None:
-    heads = [f"classifier ×{b} series" for b in CLASSIFIER_BATCHES] + [f"U-Net ×{b}" for b in UNET_BATCHES]
+def _batches(meta: dict[str, Any]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    b = meta.get("batches") or {"classifier": CLASSIFIER_BATCHES, "unet": UNET_BATCHES}
+    return tuple(b["classifier"]), tuple(b["unet"])
+
+
+def _print_table(rows: list[dict[str, Any]], slices: int, batches: tuple[tuple[int, ...], tuple[int, ...]]) -> None:
+    heads = [f"classifier ×{b} series" for b in batches[0]] + [f"U-Net ×{b}" for b in batches[1]]
     print(f"{'slices/s (first call, s)':<58}" + "".join(f"{h:>24}" for h in heads))
     for row in rows:
         rates = _rates(row["timings"], slices)
         cells = [f"{rates[m][str(b)]:,.0f} ({row['timings'][m][str(b)][0]:.1f})"
-                 for m, bs in (("classifier", CLASSIFIER_BATCHES), ("unet", UNET_BATCHES)) for b in bs]
+                 for m, bs in (("classifier", batches[0]), ("unet", batches[1])) for b in bs]
         print(f"{row['label']:<58}" + "".join(f"{c:>24}" for c in cells))
 
 
