@@ -245,7 +245,10 @@ class Segmenter:
     def probabilities(self, volume: Volume) -> np.ndarray:
         """Softmax (slices, grid, grid, 3) over {background, lung, lesion} on the model grid."""
         cfg = self._m.preprocess
-        x = window(volume_grid(volume, cfg.grid), cfg)
+        return self.grid_probabilities(window(volume_grid(volume, cfg.grid), cfg))
+
+    def grid_probabilities(self, x: np.ndarray) -> np.ndarray:
+        """The softmax of windowed model-grid slices (slices, grid, grid, channels), in `batch_size` calls."""
         try:
             parts = [np.asarray(self._fn(x[a : a + self.batch_size])) for a in range(0, len(x), self.batch_size)]
         except Exception as exc:  # TensorFlow errors must not leak past the model boundary

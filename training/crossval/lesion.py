@@ -78,7 +78,7 @@ def segmenter_features(prep: Prepared, weights_dir: str | Path | None, cache_dir
     grid = prep.cases[0].hu.shape[-1] if prep.cases else 0
     if seg.preprocess.grid != grid:
         return f"the segmenter {seg.version} works on a {seg.preprocess.grid}² grid, the evaluation on {grid}²"
-    card = seg._m.card
+    card = seg.card
     about = {"name": card.get("name"), "version": seg.version,
              "training_data": (card.get("training") or {}).get("data")}
     key = hashlib.sha256(json.dumps([card.get("files"), prep.key, FEATURES], sort_keys=True).encode()).hexdigest()
@@ -90,10 +90,7 @@ def segmenter_features(prep: Prepared, weights_dir: str | Path | None, cache_dir
                 return SegmenterFeatures(cached["values"], about, time.perf_counter() - t0, True)
     values = np.empty((len(prep.cases), len(FEATURES)))
     for i, case in enumerate(prep.cases):
-        x = window(case.hu.astype(np.float32), seg.preprocess)
-        probs = np.concatenate([np.asarray(seg._fn(x[a:a + seg.batch_size]))
-                                for a in range(0, len(x), seg.batch_size)])
-        values[i] = series_features(probs)
+        values[i] = series_features(seg.grid_probabilities(window(case.hu.astype(np.float32), seg.preprocess)))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, values=values)

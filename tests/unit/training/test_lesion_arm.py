@@ -34,7 +34,7 @@ def test_series_features_count_lesion_pixels_inside_the_lungs() -> None:
     lesion[1, 4:7, 4:7] = True   # 9 pixels on slice 1
     lesion[3, 5:7, 5:7] = True   # 4 pixels on slice 3
     p = _softmax(lung, lesion)
-    p[0, 0, 0] = (0.0, 0.0, 1.0)  # a lesion-like pixel outside the lungs (lung + lesion ≥ 0.5 there, so it counts)
+    p[0, 0, 0] = (0.0, 0.0, 1.0)  # lesion outside the lung mask: lesion probability counts as lung, so it counts
     f = dict(zip(FEATURES, series_features(p), strict=True))
     assert f["log1p_lesion_px"] == pytest.approx(np.log1p(14))
     assert f["log1p_max_slice_px"] == pytest.approx(np.log1p(9))
