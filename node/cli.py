@@ -76,7 +76,10 @@ def _serve_processes(args: argparse.Namespace, config: NodeConfig) -> int:
               f"{config.node.ae_title}@{config.node.host}:{config.node.port}, HTTP {config.node.http_host}:"
               f"{config.node.http_port}; data in {config.node.data_dir}; Ctrl-C to stop", flush=True)
 
-    return supervisor.run_forever(on_started=announce)
+    code = supervisor.run_forever(on_started=announce)
+    from node.service import exit_now
+
+    exit_now(code)  # the children have ended and the stop is audited; skip the interpreter's finalisation too
 
 
 def _serve_role(args: argparse.Namespace, config: NodeConfig, role: Any) -> int:
