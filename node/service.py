@@ -359,10 +359,12 @@ def restart_only_changes(old: NodeConfig, new: NodeConfig) -> list[str]:
 
 def leave(service: Service, exit_code: int) -> NoReturn:
     """The process's exit after `Service.run_forever` returned ``exit_code``: at once, without the interpreter's
-    finalisation. Every stage has stopped, its threads joined (only daemon threads remain), and `Service.stop`
-    has disposed the database engine and closed the audit trail, so finalisation protects nothing — yet it took
-    0.5–1 s per process here (tearing down TensorFlow's, SQLAlchemy's and pydicom's object graphs), on every stop
-    and restart. When TensorFlow is still loading in the worker's thread (no job is claimed before the models are
+    finalisation. Every stage has stopped, its threads joined (only daemon threads remain; measured for each
+    role), and `Service.stop` has disposed the database engine and closed the audit trail, so finalisation protects
+    nothing — yet it took 0.5–1 s per process here (tearing down TensorFlow's, SQLAlchemy's and pydicom's object
+    graphs), on every stop and restart. A stage still running past `Service.stop`'s timeout ends here as under
+    kill -9, which the node is built for (leases expire, acknowledged instances are already durable); the
+    interpreter would instead have waited for it without limit. When TensorFlow is still loading in the worker's thread (no job is claimed before the models are
     loaded, so nothing is held) an interpreter finalised under a native import can also crash. For the command
     line only — it ends the process."""
     if service.worker.loading:
