@@ -363,8 +363,7 @@ def leave(service: Service, exit_code: int) -> NoReturn:
     role), and `Service.stop` has disposed the database engine and closed the audit trail, so finalisation protects
     nothing — yet it took 0.5–1 s per process here (tearing down TensorFlow's, SQLAlchemy's and pydicom's object
     graphs), on every stop and restart. A stage still running past `Service.stop`'s timeout ends here as under
-    kill -9, which the node is built for (leases expire, acknowledged instances are already durable); the
-    interpreter would instead have waited for it without limit. When TensorFlow is still loading in the worker's thread (no job is claimed before the models are
+    kill -9, which the node is built for (leases expire, acknowledged instances are already durable). When TensorFlow is still loading in the worker's thread (no job is claimed before the models are
     loaded, so nothing is held) an interpreter finalised under a native import can also crash. For the command
     line only — it ends the process."""
     if service.worker.loading:
