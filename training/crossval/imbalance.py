@@ -136,16 +136,25 @@ def _arm(y: np.ndarray, p: np.ndarray, thr: np.ndarray, fold_of: np.ndarray) -> 
             "accuracy_over_folds": stats.mean_sd(folds), "fold_accuracy": folds}
 
 
+def paired_arms(y: np.ndarray, fold_of: np.ndarray, a: tuple[str, np.ndarray, np.ndarray],
+                b: tuple[str, np.ndarray, np.ndarray], *, bootstrap: int, seed: int) -> dict[str, Any]:
+    """Two arms on the same cases and folds, each (name, probabilities, thresholds): both arms' metrics, the paired
+    bootstrap of AUC(a) − AUC(b) and McNemar on the decisions (a's correct-only count first)."""
+    (na, pa, ta), (nb, pb, tb) = a, b
+    return {
+        "arms": {na: _arm(y, pa, ta, fold_of), nb: _arm(y, pb, tb, fold_of)},
+        "auc_paired_bootstrap": _paired_auc(y, pa, pb, bootstrap, seed),
+        "mcnemar": stats.mcnemar((pa >= ta) == (y == 1), (pb >= tb) == (y == 1)),
+    }
+
+
 def ablation_block(y: np.ndarray, fold_of: np.ndarray, fused: tuple[np.ndarray, np.ndarray],
                    image_only: tuple[np.ndarray, np.ndarray], *, bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
     """Image + clinical (``fused``: probabilities, thresholds) against image only on the same folds, seeds and
     inner splits: both arms' metrics, the paired bootstrap of the AUC difference and McNemar on the decisions."""
-    (pf, tf), (pi, ti) = fused, image_only
-    correct_f, correct_i = (pf >= tf) == (y == 1), (pi >= ti) == (y == 1)
     return {
-        "arms": {"image_clinical": _arm(y, pf, tf, fold_of), "image_only": _arm(y, pi, ti, fold_of)},
-        "auc_paired_bootstrap": _paired_auc(y, pf, pi, bootstrap, seed),
-        "mcnemar": stats.mcnemar(correct_f, correct_i),
+        **paired_arms(y, fold_of, ("image_clinical", *fused), ("image_only", *image_only), bootstrap=bootstrap,
+                      seed=seed),
         "explanation": "Both arms train on the same folds, inner splits and seeds; the image-only arm sees every "
         "clinical input as missing. The paired bootstrap resamples cases and recomputes both AUCs on each "
         "resample (difference image + clinical − image only); McNemar counts the cases one arm gets right "

@@ -144,19 +144,20 @@ def lesion_block(ds: Any, y: np.ndarray, fold_of: np.ndarray, main: tuple[np.nda
                  feats: SegmenterFeatures, *, bootstrap: int, seed: int) -> dict[str, Any]:
     """``metrics.json``'s ``lesion_evidence``: both arms, the paired tests, subtle-lesion sensitivity of each, the
     segmenter used and each fold's fitted fusion."""
-    from training import stats
-    from training.crossval.imbalance import _arm, _paired_auc
+    from training.crossval.imbalance import paired_arms
     from training.crossval.metrics import reader_labels, subgroups
 
-    (pm, tm), (pf, tf) = main, (fused.p, fused.thr)
+    arms = {"lesion_evidence": (fused.p, fused.thr), "classifier": main}
     reader = reader_labels(ds)
     sub = {name: subgroups(ds, y, (p >= t).astype(np.int64), reader).get("subtle_pneumonia")
-           for name, (p, t) in (("classifier", (pm, tm)), ("lesion_evidence", (pf, tf)))}
+           for name, (p, t) in arms.items()}
+    paired = paired_arms(y, fold_of, ("lesion_evidence", fused.p, fused.thr), ("classifier", *main),
+                         bootstrap=bootstrap, seed=seed)
     return {
-        "arms": {"classifier": _arm(y, pm, tm, fold_of), "lesion_evidence": _arm(y, pf, tf, fold_of)},
-        "subtle_sensitivity": {k: (v or {}).get("model_sensitivity") for k, v in sub.items()},
-        "auc_paired_bootstrap": _paired_auc(y, pf, pm, bootstrap, seed),
-        "mcnemar": stats.mcnemar((pf >= tf) == (y == 1), (pm >= tm) == (y == 1)),
+        "arms": {name: paired["arms"][name] for name in ("classifier", "lesion_evidence")},
+        "subtle_sensitivity": {name: (sub[name] or {}).get("model_sensitivity") for name in ("classifier", "lesion_evidence")},
+        "auc_paired_bootstrap": paired["auc_paired_bootstrap"],
+        "mcnemar": paired["mcnemar"],
         "segmenter": feats.segmenter,
         "features": list(FEATURES),
         "feature_seconds": round(feats.seconds, 1),
