@@ -69,14 +69,14 @@ def prepare(out: Path, cases: int, slices: int, size: int, repeats: int,
 
     registry = Registry()
     classifier, segmenter = registry.classifier(), registry.segmenter()
+    ccfg, scfg = classifier.preprocess, segmenter.preprocess
+    if (ccfg.grid, ccfg.windows) != (scfg.grid, scfg.windows):
+        raise SystemExit("the classifier and the U-Net see different model grids: extend prepare()")
     slices_in, clinical_in = [], []
     with tempfile.TemporaryDirectory(prefix="pacsnode-gpu-jax-") as tmp:
         for case in range(cases):  # lesions in every case (the U-Net has something to find)
             _, series = write_phantom(Path(tmp) / f"c{case}", "chest", size, slices, seed=4242 + case)
             volume = load_series(series)
-            ccfg, scfg = classifier.preprocess, segmenter.preprocess
-            if (ccfg.grid, ccfg.windows) != (scfg.grid, scfg.windows):
-                raise SystemExit("the classifier and the U-Net see different model grids: extend prepare()")
             slices_in.append(window(volume_grid(volume, ccfg.grid), ccfg))
             ages = (71.0, 38.0, 55.0, None)
             given = ClinicalInputs(age=ages[case % 4], sex="FM"[case % 2], fever=1.0, cough=float(case % 2), dyspnoea=None)
@@ -224,8 +224,9 @@ def measure(inputs: Path, repeats: int, json_out: Path | None) -> int:
                 continue
             where = f"{os.cpu_count()} CPUs" if platform == "cpu" else result["device"]
             result["label"] = f"JAX {result['jax']} {'GPU' if platform == 'cuda' else 'CPU'} {policy} ({where})"
-            result["agreement"] = [(i, m, p) for i, m, p in _agreement(data, out)]
-            status = status if all(not p for _, _, p in result["agreement"]) or status else 1
+            result["agreement"] = _agreement(data, out)
+            if status == 0 and any(problems for _, _, problems in result["agreement"]):
+                status = 1
             rows.append(result)
     _print_table(rows, slices, _batches(meta))
     for row in rows[1:]:
