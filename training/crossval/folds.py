@@ -241,15 +241,16 @@ def obtain(plan: FoldPlan, ds: Dataset, prep: Prepared, st: EvaluateSettings, re
 
 
 def record(plan: FoldPlan, fitted: Fitted, ds: Dataset, prep: Prepared, res: FoldResults,
-           log: Callable[[str], None]) -> None:
-    """Predict the fold's test cases and store the predictions, its history and its facts in ``res``."""
+           log: Callable[[str], None], *, validation: bool = False) -> None:
+    """Predict the fold's test cases and store the predictions, its history and its facts in ``res``; with
+    ``validation``, its validation cases' predictions too (the lesion-evidence arm fits on them)."""
     k, test_idx, y = plan.k, plan.test_idx, ds.labels
     cfg = PreprocessConfig(grid=plan.settings.grid)
     probs, atts = predict(fitted.model, [prep.cases[i] for i in test_idx], cfg, plan.settings.clinical_inputs)
     res.p_raw[test_idx] = probs
     temperature = temperature_of(fitted.card)
     probs = np.asarray(apply_temperature(probs, temperature), dtype=np.float64).reshape(-1)
-    if len(plan.val_idx):
+    if validation and len(plan.val_idx):
         pv, _ = predict(fitted.model, [prep.cases[i] for i in plan.val_idx], cfg, plan.settings.clinical_inputs)
         res.validation[k] = (plan.val_idx, np.asarray(apply_temperature(pv, temperature), dtype=np.float64).reshape(-1))
     res.p[test_idx], res.thr[test_idx], res.fold_of[test_idx] = probs, float(fitted.card["threshold"]), k
@@ -288,6 +289,6 @@ def run_folds(st: EvaluateSettings, ds: Dataset, prep: Prepared, s0: ClassifierS
         if st.only_folds is not None:
             log(f"fold {k}: finished in {fitted.seconds:.0f} s")
             continue
-        record(plan, fitted, ds, prep, res, log)
+        record(plan, fitted, ds, prep, res, log, validation=st.lesion_evidence and not variant)
         keras.backend.clear_session()  # fold models are independent; keep memory flat
     return res
