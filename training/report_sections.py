@@ -64,26 +64,33 @@ def prevalence_blocks(m: dict[str, Any]) -> list[Block]:
     return out
 
 
+def _arm_row(name: str, a: dict[str, Any]) -> list[str]:
+    """Arm, ROC AUC, accuracy pooled and mean ± SD over folds, sensitivity, specificity."""
+    ms = a["accuracy_over_folds"]
+    mean_sd = (f"{_fmt(ms['mean'], True)} ± {100 * ms['sd']:.1f}" if isinstance(ms.get("sd"), float)
+               else _fmt(ms["mean"], True))
+    return [name, _fmt(a["roc_auc"]), _fmt(a["accuracy"], True), mean_sd, _fmt(a["sensitivity"], True),
+            _fmt(a["specificity"], True)]
+
+
+def _bootstrap_text(bs: dict[str, Any]) -> str:
+    ci = bs["ci95"]
+    return (f"{_fmt(bs['difference'])} (95 % CI {_fmt(ci[0])} to {_fmt(ci[1])}), p = {_p(bs['p_value'])}, "
+            f"{bs['resamples']} resamples")
+
+
 def ablation_blocks(m: dict[str, Any]) -> list[Block]:
     ab = m.get("ablation")
     if not ab:
         return []
-    rows = []
-    for name, key in (("Image + clinical", "image_clinical"), ("Image only", "image_only")):
-        a = ab["arms"][key]
-        ms = a["accuracy_over_folds"]
-        rows.append([name, _fmt(a["roc_auc"]), _fmt(a["accuracy"], True),
-                     f"{_fmt(ms['mean'], True)} ± {100 * ms['sd']:.1f}" if isinstance(ms.get("sd"), float) else
-                     _fmt(ms["mean"], True), _fmt(a["sensitivity"], True), _fmt(a["specificity"], True)])
+    rows = [_arm_row(name, ab["arms"][key]) for name, key in (("Image + clinical", "image_clinical"),
+                                                                 ("Image only", "image_only"))]
     bs, mc = ab["auc_paired_bootstrap"], ab["mcnemar"]
-    ci = bs["ci95"]
     return [("h2", "Ablation: image only against image + clinical (same folds)"),
             ("table", ["Arm", "ROC AUC", "Accuracy (pooled)", "Accuracy, mean ± SD over folds", "Sensitivity",
                        "Specificity"], rows),
             ("table", ["Paired test", "Result"], [
-                ["AUC difference (image + clinical − image only), paired bootstrap",
-                 f"{_fmt(bs['difference'])} (95 % CI {_fmt(ci[0])} to {_fmt(ci[1])}), p = {_p(bs['p_value'])}, "
-                 f"{bs['resamples']} resamples"],
+                ["AUC difference (image + clinical − image only), paired bootstrap", _bootstrap_text(bs)],
                 ["McNemar on the decisions", f"clinical-only correct {mc['a_only_correct']}, image-only correct "
                  f"{mc['b_only_correct']}; {mc['method']}: p = {_p(mc['p_value'])}"]]),
             ("p", ab["explanation"])]
@@ -97,15 +104,10 @@ def lesion_blocks(m: dict[str, Any]) -> list[Block]:
     title = ("h2", "Lesion evidence: the classifier fused with the segmenter (evaluation arm, not shipped)")
     if "skipped" in le:
         return [title, ("p", f"Skipped: {le['skipped']}.")]
-    rows = []
-    for name, key in (("Classifier (this report's model)", "classifier"), ("Classifier + lesion evidence", "lesion_evidence")):
-        a, ms = le["arms"][key], le["arms"][key]["accuracy_over_folds"]
-        rows.append([name, _fmt(a["roc_auc"]), _fmt(a["accuracy"], True),
-                     f"{_fmt(ms['mean'], True)} ± {100 * ms['sd']:.1f}" if isinstance(ms.get("sd"), float) else
-                     _fmt(ms["mean"], True), _fmt(a["sensitivity"], True), _fmt(a["specificity"], True),
-                     _fmt(le["subtle_sensitivity"].get(key), True)])
+    rows = [[*_arm_row(name, le["arms"][key]), _fmt(le["subtle_sensitivity"].get(key), True)]
+            for name, key in (("Classifier (this report's model)", "classifier"),
+                              ("Classifier + lesion evidence", "lesion_evidence"))]
     bs, mc, seg = le["auc_paired_bootstrap"], le["mcnemar"], le["segmenter"]
-    ci = bs["ci95"]
     data = seg.get("training_data") or {}
     trained_on = (f"{data.get('cases')} phantoms, generator seed {data.get('seed')}" if data else "see its card")
     coef = [[str(f["fold"]), str(f["validation_cases"]), _fmt(f["threshold"]),
@@ -114,9 +116,7 @@ def lesion_blocks(m: dict[str, Any]) -> list[Block]:
             ("table", ["Arm", "ROC AUC", "Accuracy (pooled)", "Accuracy, mean ± SD over folds", "Sensitivity",
                        "Specificity", "Subtle-lesion sensitivity"], rows),
             ("table", ["Paired test", "Result"], [
-                ["AUC difference (lesion evidence − classifier), paired bootstrap",
-                 f"{_fmt(bs['difference'])} (95 % CI {_fmt(ci[0])} to {_fmt(ci[1])}), p = {_p(bs['p_value'])}, "
-                 f"{bs['resamples']} resamples"],
+                ["AUC difference (lesion evidence − classifier), paired bootstrap", _bootstrap_text(bs)],
                 ["McNemar on the decisions", f"only the fusion correct {mc['a_only_correct']}, only the classifier "
                  f"correct {mc['b_only_correct']}; {mc['method']}: p = {_p(mc['p_value'])}"]]),
             ("p", f"Segmenter: {seg.get('name')} {seg.get('version')}, trained on {trained_on} (none of this "
