@@ -6,6 +6,9 @@ and shared by every :class:`Registry` over the same folder. ``Registry.classifie
 wrappers whose ``predict`` takes a :class:`models.preprocess.Volume` and answers on the source grid. Raises
 :class:`RegistryError` for a missing or unreadable model and :class:`InferenceError` when a model fails on input.
 ``Registry(mixed_precision=True)`` gives float16-compute copies of the models (for GPUs; see `models.device`).
+A classifier whose card has a ``lesion_fusion`` block (`models.lesion_evidence`) reports the fusion of its own
+probability with the segmenter's lesion evidence, which ``predict`` then requires (``lesion=``, from the
+`SegmenterOutput` of the segmenter the card names).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import numpy as np
 
 from models.clinical import AGE_SEX, ClinicalError, ClinicalInputs, encode, feature_count, schema_inputs
 from models.errors import ModelError
+from models.lesion_evidence import LesionEvidence, LesionFusion, LesionFusionError
 from models.preprocess import PreprocessConfig, PreprocessError, Volume, masks_to_source, volume_grid, window
 
 DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -45,7 +49,8 @@ class ClassifierOutput:
     """P(pneumonia) (calibrated when the card has a calibration, see ``raw_probability``), one attention weight
     per source slice (Volume order, sums to 1), the decision threshold on the same scale as ``probability``, and
     the clinical inputs fed to the fusion (``clinical_used``: the ones this version reads, each present or
-    missing in ``clinical``)."""
+    missing in ``clinical``). With a lesion fusion (``fusion``), ``probability`` is the fused probability,
+    ``classifier_probability`` the classifier's own calibrated one and ``lesion`` the evidence fused."""
 
     probability: float
     attention: np.ndarray
@@ -54,6 +59,9 @@ class ClassifierOutput:
     clinical: ClinicalInputs | None = None
     clinical_used: tuple[str, ...] = ()
     calibration: dict[str, Any] | None = None
+    classifier_probability: float | None = None
+    lesion: LesionEvidence | None = None
+    fusion: LesionFusion | None = None
 
     @property
     def positive(self) -> bool:
@@ -62,10 +70,12 @@ class ClassifierOutput:
 
 @dataclass(frozen=True)
 class SegmenterOutput:
-    """Boolean masks shaped exactly like ``volume.hu`` (the lesion mask lies inside the lung mask)."""
+    """Boolean masks shaped exactly like ``volume.hu`` (the lesion mask lies inside the lung mask), and the
+    per-slice lesion evidence on the model grid (what a lesion-fusing classifier needs)."""
 
     lungs: np.ndarray
     lesion: np.ndarray
+    evidence: LesionEvidence | None = None
 
 
 def version_key(version: str) -> tuple[tuple[int, int | str], ...]:
@@ -130,6 +140,10 @@ class Classifier:
         self.clinical_schema, self.clinical_used = clinical_spec(loaded.card)
         self.calibration: dict[str, Any] | None = loaded.card.get("calibration")
         self.temperature = temperature_of(loaded.card)
+        try:
+            self.fusion = LesionFusion.from_card(loaded.card)
+        except LesionFusionError as exc:
+            raise RegistryError(str(exc)) from exc
         g, c = loaded.preprocess.grid, loaded.preprocess.channels
         model = loaded.model
         n = feature_count(self.clinical_schema)
@@ -149,10 +163,11 @@ class Classifier:
         self._fn(np.zeros((1, 2, g, g, c), np.float32), self.fusion_input()[1].astype(np.float32))
 
     def predict(self, volume: Volume, *, age: float | None = None, sex: str | None = None,
-                clinical: ClinicalInputs | None = None) -> ClassifierOutput:
+                clinical: ClinicalInputs | None = None, lesion: LesionEvidence | None = None) -> ClassifierOutput:
         """P(pneumonia) for the series and per-slice attention. ``clinical`` (else ``age``/``sex`` alone) feeds
         the late fusion; None values are missing, and inputs this version does not read are dropped (use
-        :func:`models.clinical.from_header` for what a header offers). Raises InferenceError."""
+        :func:`models.clinical.from_header` for what a header offers). ``lesion``: the series' segmenter
+        evidence, required by a lesion-fusing version, ignored otherwise. Raises InferenceError."""
         cfg = self._m.preprocess
         x = window(volume_grid(volume, cfg.grid), cfg)[None]
         given, clin = self.fusion_input(clinical, age=age, sex=sex)
@@ -162,7 +177,7 @@ class Classifier:
             att = np.asarray(out["attention"], dtype=np.float32).reshape(-1)
         except Exception as exc:  # TensorFlow errors must not leak past the model boundary
             raise InferenceError(f"{self.name} {self.version} failed on a {x.shape} input: {exc}") from exc
-        return self.output(raw, att, given, volume.shape[0])
+        return self.output(raw, att, given, volume.shape[0], lesion)
 
     def fusion_input(self, clinical: ClinicalInputs | None = None, *, age: float | None = None,
                      sex: str | None = None) -> tuple[ClinicalInputs, np.ndarray]:
@@ -170,13 +185,26 @@ class Classifier:
         given = (clinical or ClinicalInputs(age=age, sex=sex)).only(self.clinical_used)
         return given, encode(given, self.clinical_schema)[None]
 
-    def output(self, raw: float, attention: np.ndarray, given: ClinicalInputs, n_slices: int) -> ClassifierOutput:
-        """The checked, calibrated result of one forward pass (raw probability, attention per slice)."""
+    def output(self, raw: float, attention: np.ndarray, given: ClinicalInputs, n_slices: int,
+               lesion: LesionEvidence | None = None) -> ClassifierOutput:
+        """The checked, calibrated (and, for a lesion-fusing version, fused) result of one forward pass (raw
+        probability, attention per slice)."""
         if attention.shape[0] != n_slices or not np.isfinite(raw):
             raise InferenceError(f"{self.name} {self.version} returned an invalid output")
-        return ClassifierOutput(probability=apply_temperature(raw, self.temperature), attention=attention,
+        calibrated = float(apply_temperature(raw, self.temperature))
+        probability = calibrated
+        if self.fusion is not None:
+            if lesion is not None and len(lesion.pixels) != n_slices:
+                raise InferenceError(f"lesion evidence for {len(lesion.pixels)} slices, the series has {n_slices}")
+            try:
+                probability = self.fusion.probability(calibrated, lesion)
+            except LesionFusionError as exc:
+                raise InferenceError(f"{self.name} {self.version}: {exc}") from exc
+        return ClassifierOutput(probability=probability, attention=attention,
                                 threshold=self.threshold, raw_probability=raw, clinical=given,
-                                clinical_used=self.clinical_used, calibration=self.calibration)
+                                clinical_used=self.clinical_used, calibration=self.calibration,
+                                classifier_probability=calibrated,
+                                lesion=lesion if self.fusion is not None else None, fusion=self.fusion)
 
 
 def clinical_spec(card: dict[str, Any]) -> tuple[str, tuple[str, ...]]:
@@ -256,12 +284,14 @@ class Segmenter:
         return np.concatenate(parts, axis=0)
 
     def predict(self, volume: Volume) -> SegmenterOutput:
-        """Lung and lesion masks on the source grid (same shape as ``volume.hu``). Raises InferenceError."""
+        """Lung and lesion masks on the source grid (same shape as ``volume.hu``) and the lesion evidence.
+        Raises InferenceError."""
         p = self.probabilities(volume)
         shape = volume.shape[1:]
         lungs = masks_to_source(p[..., 1] + p[..., 2], shape)
         lesion = masks_to_source(p[..., 2], shape) & lungs
-        return SegmenterOutput(lungs=lungs, lesion=lesion)
+        return SegmenterOutput(lungs=lungs, lesion=lesion,
+                               evidence=LesionEvidence.from_probabilities(p, (self.name, self.version)))
 
 
 class Registry:

@@ -3,8 +3,9 @@
 `SliceModels(classifier, segmenter)` splits the loaded models without changing a weight:
 
 - per slice (`SliceModels.work`, run while a series is still arriving): decode (`models.preprocess.read_file`),
-  resize to each model's grid, window, the U-Net's softmax resampled to lung and lesion masks on the source grid,
-  and the classifier's slice encoder — the Keras
+  resize to each model's grid, window, the U-Net's softmax resampled to lung and lesion masks on the source grid
+  and reduced to the slice's lesion evidence (`models.lesion_evidence.slice_evidence`), and the classifier's
+  slice encoder — the Keras
   sub-model ``slice_encoder`` of the trained classifier, whose output is (slices, features) before any layer mixes
   slices (``unfold`` → slice head and gated attention pooling);
 - per series (`SliceModels.segment` / `.classify`, at completion): the masks stacked in the volume's order, and
@@ -29,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from models.clinical import ClinicalInputs
+from models.lesion_evidence import LesionEvidence, slice_evidence
 from models.preprocess import (
     PreprocessError,
     Volume,
@@ -49,8 +51,8 @@ UNFOLD_LAYER = "unfold"  # (B*S, F) → (B, S, F): the first layer after which s
 class FileWork:
     """One source file's per-slice results, its slices in `read_file` order: header (pixels dropped), decoded
     slices (HU), the classifier's slice features (n, F), the U-Net's lung and lesion masks on the source grid
-    (n, rows, cols; as `Segmenter.predict` makes them), and each model grid's resized HU (n, grid, grid) keyed by
-    grid size."""
+    (n, rows, cols; as `Segmenter.predict` makes them), each model grid's resized HU (n, grid, grid) keyed by
+    grid size, and the U-Net's lesion evidence per slice (largest lesion probability, lesion pixels; (n,))."""
 
     header: Any
     slices: list[_Slice]
@@ -58,11 +60,14 @@ class FileWork:
     lungs: np.ndarray
     lesion: np.ndarray
     grids: dict[int, np.ndarray]
+    lesion_max: np.ndarray
+    lesion_px: np.ndarray
 
     @property
     def nbytes(self) -> int:
         return int(sum(s.pixels.nbytes for s in self.slices) + self.features.nbytes + self.lungs.nbytes
-                   + self.lesion.nbytes + sum(g.nbytes for g in self.grids.values()))
+                   + self.lesion.nbytes + sum(g.nbytes for g in self.grids.values()) + self.lesion_max.nbytes
+                   + self.lesion_px.nbytes)
 
 
 class SliceModels:
@@ -120,11 +125,12 @@ class SliceModels:
         shape = pixels.shape[1:]  # load_series refuses series whose slices differ in size
         lungs = masks_to_source(probs[..., 1] + probs[..., 2], shape)
         lesion = masks_to_source(probs[..., 2], shape) & lungs
+        top, px = slice_evidence(probs)
         out, a = [], 0
         for header, slices in files:
             b = a + len(slices)
             out.append(FileWork(header, slices, features[a:b], lungs[a:b], lesion[a:b],
-                                {g: v[a:b] for g, v in grids.items()}))
+                                {g: v[a:b] for g, v in grids.items()}, top[a:b], px[a:b]))
             a = b
         return out
 
@@ -154,16 +160,20 @@ class SliceModels:
             volume._cache[("grid", g)] = self._in_volume_order(volume, work, "grids", g)
 
     def segment(self, volume: Volume, work: Sequence[FileWork]) -> SegmenterOutput:
-        """Lung and lesion masks on the source grid, as `Segmenter.predict` makes them (per slice, already)."""
+        """Lung and lesion masks on the source grid and the lesion evidence, as `Segmenter.predict` makes them
+        (per slice, already)."""
         lungs, lesion = (self._in_volume_order(volume, work, k) for k in ("lungs", "lesion"))
         if lungs.shape != volume.hu.shape:
             raise InferenceError(f"per-slice masks {lungs.shape} do not match the volume {volume.hu.shape}")
-        return SegmenterOutput(lungs=lungs, lesion=lesion)
+        evidence = LesionEvidence(self._in_volume_order(volume, work, "lesion_max"),
+                                  self._in_volume_order(volume, work, "lesion_px"),
+                                  (self.segmenter.name, self.segmenter.version), self.seg_grid)
+        return SegmenterOutput(lungs=lungs, lesion=lesion, evidence=evidence)
 
-    def classify(self, volume: Volume, work: Sequence[FileWork], *,
-                 clinical: ClinicalInputs | None = None) -> ClassifierOutput:
+    def classify(self, volume: Volume, work: Sequence[FileWork], *, clinical: ClinicalInputs | None = None,
+                 lesion: LesionEvidence | None = None) -> ClassifierOutput:
         """The classifier's head over the slice features: attention pooling, fusion with the same clinical
-        encoding and the same calibration as `Classifier.predict`."""
+        encoding, the same calibration and the same lesion fusion as `Classifier.predict`."""
         features = self._in_volume_order(volume, work, "features")[None]
         given, clin = self.classifier.fusion_input(clinical)
         try:
@@ -172,7 +182,7 @@ class SliceModels:
             att = np.asarray(out["attention"], dtype=np.float32).reshape(-1)
         except Exception as exc:  # TensorFlow errors must not leak past the model boundary
             raise InferenceError(f"classifier head failed on {features.shape}: {exc}") from exc
-        return self.classifier.output(raw, att, given, volume.shape[0])
+        return self.classifier.output(raw, att, given, volume.shape[0], lesion)
 
 
 def reindexed(fw: FileWork, index: int) -> tuple[Any, list[_Slice]]:

@@ -26,7 +26,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -40,6 +40,9 @@ from node.routing import read_header, route
 from node.schema import instances, jobs, series
 from node.states import JobState, ProcessModel, SeriesState
 from node.supervise import Heartbeats, failure
+
+if TYPE_CHECKING:
+    from models.lesion_evidence import LesionEvidence
 
 LOOP = "prefetch"  # the prefetch loop's name in the heartbeat registry
 _BATCH = 16  # files per turn while a series arrives (one `models.streaming.CHUNK`; bounds a turn's latency)
@@ -103,10 +106,10 @@ class StreamingRunner(ModelRunner):
 
     def segment(self, volume: Volume) -> Segmentation:
         seg = self.models.segment(volume, self.work)
-        return Segmentation(lungs=seg.lungs, lesion=seg.lesion)
+        return Segmentation(lungs=seg.lungs, lesion=seg.lesion, evidence=seg.evidence)
 
-    def classify(self, volume: Volume) -> Classification:
-        cls = self.models.classify(volume, self.work, clinical=clinical_of(volume))
+    def classify(self, volume: Volume, lesion: LesionEvidence | None = None) -> Classification:
+        cls = self.models.classify(volume, self.work, clinical=clinical_of(volume), lesion=lesion)
         return classification(cls, self.models.classifier.card)
 
 

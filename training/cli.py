@@ -5,6 +5,8 @@
   [--warmup-steps N (classifier)] [--steps N (segmenter)]``
 - ``model-eval --data DIR [--weights-dir DIR] [--classifier-version V] [--segmenter-version V] [--json F]
   [--write-card]``
+- ``fuse-lesion --data DIR --base-version V --version NEW [--segmenter-version V] [--weights-dir DIR]``: a new
+  classifier version fusing the segmenter's lesion evidence (`training.fusion`)
 
 Each subcommand sets ``func(args) -> int`` (exit code: 0 ok, 1 failed, 2 bad arguments). Runnable alone as
 ``python -m training.cli ...`` until the node's CLI wires it in.
@@ -95,8 +97,34 @@ def cmd_model_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fuse_lesion(args: argparse.Namespace) -> int:
+    _quiet_tf()
+    from models.registry import Registry
+    from training.fusion import fit_lesion_fusion
+    from training.train import TrainingError
+
+    reg = Registry(Path(args.weights_dir) if args.weights_dir else None)
+    command = "pacsnode fuse-lesion " + " ".join(sys.argv[2:] if len(sys.argv) > 2 else [])
+    try:
+        card = fit_lesion_fusion(Path(args.data), reg, base_version=args.base_version,
+                                 segmenter_version=args.segmenter_version, version=args.version,
+                                 command=command.strip(), progress=not args.quiet)
+    except (TrainingError, ModelError, OSError) as exc:
+        _err(str(exc))
+        return 1
+    v = card["metrics"]["validation"]
+    b = v["before_lesion_fusion"]
+    print(f"wrote classifier {card['version']} (classifier {card['derived_from']['classifier']} + lesion evidence "
+          f"of {card['lesion_fusion']['segmenter']['name']} {card['lesion_fusion']['segmenter']['version']}), "
+          f"threshold {card['threshold']:.3f}")
+    print(f"fit set ({v['dataset']['cases']} cases, in-sample): ROC AUC {v['roc_auc']:.3f} (base {b['roc_auc']:.3f}), "
+          f"sensitivity {v['sensitivity']:.3f} ({b['sensitivity']:.3f}), specificity {v['specificity']:.3f} "
+          f"({b['specificity']:.3f})")
+    return 0
+
+
 def register(subparsers: Any) -> None:
-    """Add ``phantom``, ``train`` and ``model-eval`` to an argparse subparsers object."""
+    """Add ``phantom``, ``train``, ``model-eval`` and ``fuse-lesion`` to an argparse subparsers object."""
     p = subparsers.add_parser("phantom", help="write synthetic chest-CT phantom series (DICOM + masks + clinical.csv)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--cases", type=int, required=True, help="number of series")
@@ -131,6 +159,16 @@ def register(subparsers: Any) -> None:
     e.add_argument("--write-card", action="store_true", help="record the test metrics in both model cards")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_model_eval)
+
+    f = subparsers.add_parser("fuse-lesion", help="a new classifier version fusing the U-Net's lesion evidence, "
+                              "fitted on phantoms new to both models")
+    f.add_argument("--data", required=True, help="fit set (a phantom seed neither model card names)")
+    f.add_argument("--base-version", required=True, help="the classifier version whose weights are fused")
+    f.add_argument("--segmenter-version", help="default: the default segmenter")
+    f.add_argument("--version", required=True, help="the new classifier version (a folder that does not exist)")
+    f.add_argument("--weights-dir", help="weights folder (default: the shipped weights)")
+    f.add_argument("--quiet", action="store_true", help="no progress bar")
+    f.set_defaults(func=cmd_fuse_lesion)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,6 @@ class PneumoniaPipeline(Pipeline):
         refusal = chest_scope_refusal(volume, seg.lungs, settings)
         if refusal is not None:
             return refusal  # no classifier call: a volume outside the scope never gets a probability
-        cls = runner.classify(volume)
+        cls = runner.classify(volume, lesion=seg.evidence)
         return Findings(probability=cls.probability, threshold=cls.threshold, attention=cls.attention,
                         lungs=seg.lungs, lesion=seg.lesion, notes=cls.notes)

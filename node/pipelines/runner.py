@@ -5,7 +5,9 @@ from `models.registry`, after choosing the device they run on (`models.device.se
 the runner's ``device``). Each call takes a `models.preprocess.Volume` and returns plain arrays. The classifier's
 clinical inputs come from the series' header (`models.clinical.from_header`: age, sex, symptoms named in the
 request text); `model_notes` says for the SR which were fused, which were missing, the calibration and the
-operating point.
+operating point. A lesion-fusing classifier version (`models.lesion_evidence`) also fuses the segmenter's lesion
+evidence, which pipelines pass from `segment` to `classify`; `RegistryRunner` refuses to pair it with any other
+segmenter version than the one its coefficients were fitted with.
 """
 
 from __future__ import annotations
@@ -23,15 +25,18 @@ from models.preprocess import Volume
 from node.results import AlgorithmIdentity, ModelNotes
 
 if TYPE_CHECKING:
+    from models.lesion_evidence import LesionEvidence
     from models.registry import ClassifierOutput
 
 
 @dataclass(frozen=True)
 class Segmentation:
-    """Boolean (slices, rows, columns) masks on the volume's grid."""
+    """Boolean (slices, rows, columns) masks on the volume's grid, and the segmenter's lesion evidence (None from
+    a runner without the shipped segmenter, e.g. a test fake)."""
 
     lungs: np.ndarray
     lesion: np.ndarray
+    evidence: LesionEvidence | None = None
 
 
 @dataclass(frozen=True)
@@ -57,7 +62,8 @@ class ModelRunner(ABC):
     def segment(self, volume: Volume) -> Segmentation: ...
 
     @abstractmethod
-    def classify(self, volume: Volume) -> Classification: ...
+    def classify(self, volume: Volume, lesion: LesionEvidence | None = None) -> Classification:
+        """``lesion``: the series' `Segmentation.evidence`, fused by lesion-fusing classifier versions."""
 
 
 class RegistryRunner(ModelRunner):
@@ -75,6 +81,15 @@ class RegistryRunner(ModelRunner):
         self.classifier = registry.classifier(classifier_version)
         self.segmenter = registry.segmenter(segmenter_version)
         self.segmenter_version = self.segmenter.version
+        if self.classifier.fusion is not None:
+            from models.lesion_evidence import LesionFusionError
+            from models.registry import RegistryError
+
+            try:
+                self.classifier.fusion.check_segmenter(self.segmenter.name, self.segmenter.version)
+            except LesionFusionError as exc:
+                raise RegistryError(f"classifier {self.classifier.version}: {exc} "
+                                    "(worker.segmenter_version must name that one)") from exc
         self.classifier.warm()  # TensorFlow traces each graph on its first call: do it now, not on a series
         self.segmenter.warm()
         self.algorithm = AlgorithmIdentity(
@@ -84,10 +99,10 @@ class RegistryRunner(ModelRunner):
 
     def segment(self, volume: Volume) -> Segmentation:
         seg = self.segmenter.predict(volume)
-        return Segmentation(lungs=seg.lungs, lesion=seg.lesion)
+        return Segmentation(lungs=seg.lungs, lesion=seg.lesion, evidence=seg.evidence)
 
-    def classify(self, volume: Volume) -> Classification:
-        cls = self.classifier.predict(volume, clinical=clinical_of(volume))
+    def classify(self, volume: Volume, lesion: LesionEvidence | None = None) -> Classification:
+        cls = self.classifier.predict(volume, clinical=clinical_of(volume), lesion=lesion)
         return classification(cls, self.classifier.card)
 
 
@@ -117,18 +132,33 @@ def model_notes(out: ClassifierOutput, card: dict[str, Any]) -> ModelNotes:
         for name in out.clinical_used if clinical is not None and clinical.value(name) is not None
     )
     missing = tuple(n for n in out.clinical_used if clinical is None or clinical.value(n) is None)
+    if out.fusion is not None and out.lesion is not None and out.classifier_probability is not None:
+        fused += (("image classifier", f"probability {out.classifier_probability:.3f} (calibrated, before the "
+                   "lesion fusion)"),
+                  ("segmenter lesion evidence", out.lesion.describe()))
     version = f"{card.get('name', 'classifier')} {card.get('version', '')}".strip()
     cal = out.calibration or {}
+    subject = "The image classifier's probability" if out.fusion is not None else "The probability"
     if cal.get("method") == "temperature":
-        calibration = (f"The probability is calibrated: temperature scaling (T = {float(cal['temperature']):.3f}) "
+        calibration = (f"{subject} is calibrated: temperature scaling (T = {float(cal['temperature']):.3f}) "
                        f"fitted on {cal.get('fitted_on', 'the validation split')}; uncalibrated output "
                        f"{out.raw_probability:.3f}.")
     else:
-        calibration = f"The probability is the model's uncalibrated output ({version} has no calibration)."
-    val = (card.get("metrics") or {}).get("validation") or {}
+        calibration = f"{subject} is the model's uncalibrated output ({version} has no calibration)."
+    if out.fusion is not None:
+        calibration += (" The reported probability is the lesion fusion's logistic regression, itself fitted as a "
+                        f"probability on {out.fusion.fitted_on or 'a validation set'}.")
+    metrics = card.get("metrics") or {}
+    # A lesion-fusing version's validation metrics are in-sample (its fusion was fitted there): quote its test.
+    which = "test" if out.fusion is not None and metrics.get("test") else "validation"
+    val = metrics.get(which) or {}
     perf = ""
     if isinstance(val.get("sensitivity"), float) and isinstance(val.get("specificity"), float):
-        perf = f"; validation sensitivity {100 * val['sensitivity']:.0f} %, specificity {100 * val['specificity']:.0f} %"
-    operating = (f"Pneumonia reported when the probability is at or above {out.threshold:.3f} "
+        perf = f"; {which} sensitivity {100 * val['sensitivity']:.0f} %, specificity {100 * val['specificity']:.0f} %"
+    fusion = ""
+    if out.fusion is not None:
+        fusion = (f"The probability fuses the image classifier's with the lesion evidence of {out.fusion.segmenter[0]} "
+                  f"{out.fusion.segmenter[1]}. ")
+    operating = (f"{fusion}Pneumonia reported when the probability is at or above {out.threshold:.3f} "
                  f"({card.get('threshold_rule', 'Youden J on the validation set')}){perf}.")
     return ModelNotes(fusion_inputs=fused, missing_inputs=missing, calibration=calibration, operating_point=operating)

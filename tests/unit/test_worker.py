@@ -51,7 +51,7 @@ class FixedRunner(ModelRunner):
         lesion[n // 2 - 1 : n // 2 + 2, rows // 3 : rows // 2, cols // 3 : cols // 2] = True
         return Segmentation(lungs=lungs, lesion=lesion)
 
-    def classify(self, volume):
+    def classify(self, volume, lesion=None):
         n = volume.shape[0]
         attention = np.linspace(0, 1, n)
         return Classification(probability=self.probability, threshold=0.5, attention=attention / attention.sum())
@@ -310,7 +310,7 @@ def test_out_of_scope_volume_gets_a_not_processed_sr_and_never_a_probability(nod
     job_id = queue_job(queue, series.series_uid)
     runner = FixedRunner(0.99)
     classified = []
-    runner.classify = lambda volume: classified.append(volume)  # must never be reached
+    runner.classify = lambda volume, lesion=None: classified.append(volume)  # must never be reached
     Worker(config, engine, queue, dispatcher, lambda: runner).run_pending()
     job = queue.get(job_id)
     assert job.state == JobState.SKIPPED and job.skip_reason == SkipReason.OUT_OF_SCOPE.value
@@ -327,7 +327,7 @@ def test_the_lung_volume_pipeline_measures_without_a_verdict(node, tmp_path):
     with engine.begin() as conn:
         job_id = queue.enqueue(conn, series.series_uid, 1, Priority.ROUTINE, PipelineName.LUNG_VOLUME)
     runner = FixedRunner(0.99)
-    runner.classify = lambda volume: pytest.fail("the lung-volume pipeline must not classify")
+    runner.classify = lambda volume, lesion=None: pytest.fail("the lung-volume pipeline must not classify")
     Worker(config, engine, queue, dispatcher, lambda: runner).run_pending()
     assert queue.get(job_id).state == JobState.DONE
     dispatcher.run_once()

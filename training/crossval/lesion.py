@@ -4,7 +4,8 @@ The classifier misses small faint lesions (its 128² grid and attention pooling 
 trained on pixel masks, still marks many of them. This arm asks how much a late fusion of the two would gain,
 without retraining anything:
 
-* **Features** (:func:`segmenter_features`): the segmenter under ``weights_dir`` (the shipped one by default:
+* **Features** (:func:`segmenter_features`, computed by `models.lesion_evidence` as the node computes them): the
+  segmenter under ``weights_dir`` (the shipped one by default:
   trained on its own phantoms, never on the evaluation's cases — the report names its version and training data)
   runs over every case on the model grid; per series: the logit of the largest lesion probability inside the
   lungs, and log(1 + n) of the lesion pixels (p ≥ 0.5 inside the lungs), of the most on one slice and of the
@@ -15,8 +16,8 @@ without retraining anything:
   is touched only to be scored. A fold whose validation split holds fewer than `MIN_PER_CLASS` cases of either
   class cannot be fitted; then the arm is skipped with that reason (tiny datasets).
 
-The node does not apply this fusion (yet): the arm is evidence for the next classifier version, not a description
-of what ships.
+The fusion a shipped classifier version applies (`models.lesion_evidence.LesionFusion`, fitted by
+`training.fusion`) has this form; the arm measures it under the cross-validation protocol.
 """
 
 from __future__ import annotations
@@ -28,27 +29,11 @@ from typing import Any
 
 import numpy as np
 
+from models.lesion_evidence import CLASSIFIER_TERM, FEATURES, series_features
+from models.lesion_evidence import logit as _logit
 from training.dataset import Prepared
 
-FEATURES = ("max_lesion_logit", "log1p_lesion_px", "log1p_max_slice_px", "log1p_lesion_slices")
 MIN_PER_CLASS = 5  # validation cases of each class a fold needs for the fusion to be fitted
-_EPS = 1e-6
-
-
-def _logit(p: np.ndarray) -> np.ndarray:
-    q = np.clip(np.asarray(p, dtype=np.float64), _EPS, 1 - _EPS)
-    return np.asarray(np.log(q / (1 - q)))
-
-
-def series_features(probabilities: np.ndarray) -> np.ndarray:
-    """(len(FEATURES),) from one series' U-Net softmax (slices, grid, grid, 3: background, lung, lesion)."""
-    p = np.asarray(probabilities, dtype=np.float32)
-    lungs = (p[..., 1] + p[..., 2]) >= 0.5
-    lesion_p = np.where(lungs, p[..., 2], 0.0)
-    lesion = lesion_p >= 0.5
-    per_slice = lesion.sum(axis=(1, 2))
-    return np.array([_logit(np.array(lesion_p.max(initial=0.0)))[()], np.log1p(per_slice.sum()),
-                     np.log1p(per_slice.max(initial=0)), np.log1p((per_slice > 0).sum())], dtype=np.float64)
 
 
 @dataclass(frozen=True)
@@ -135,7 +120,7 @@ def fuse_folds(y: np.ndarray, fold_of: np.ndarray, p: np.ndarray, validation: di
         out_thr[test] = thr
         folds.append({"fold": k, "validation_cases": int(len(idx)), "threshold": float(thr),
                       "intercept": float(model.intercept_[0]),
-                      "coefficients": dict(zip(("classifier_logit", *FEATURES), map(float, model.coef_[0]),
+                      "coefficients": dict(zip((CLASSIFIER_TERM, *FEATURES), map(float, model.coef_[0]),
                                                strict=True))})
     return Fused(out_p, out_thr, folds)
 

@@ -1,0 +1,163 @@
+"""Fit a classifier version's lesion fusion (`models.lesion_evidence`) on a phantom set neither model trained on.
+
+``fit_lesion_fusion(data, registry, base_version=…, segmenter_version=…, version=…, out=…)`` runs the node's own
+path over every case of ``data`` (``load_series`` → ``Segmenter.predict`` → ``Classifier.predict`` with the
+clinical inputs the header offers), fits a logistic regression (scikit-learn, C = 1, as the evaluation's
+lesion-evidence arm) of the label on the base classifier's calibrated logit and the segmenter's four lesion
+features, picks the threshold by Youden's J on the same cases, and writes a new classifier version folder: the base
+version's weights unchanged (same sha256), its card with the ``lesion_fusion`` block, the new threshold, the
+validation metrics of the fused probability (and of the base alone, on the same cases) and where it came from.
+
+The fit set must be new to both models (their training and validation data were used to fit weights, pick epochs,
+the threshold and the temperature; their predictions there are optimistic): `fit_lesion_fusion` refuses a dataset
+whose seed either card names. The new version is a release candidate (``"candidate": true``) until
+``pacsnode model-eval`` on a held-out test set shows it beats the current default (see ``training/README.md``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.lesion_evidence import CLASSIFIER_TERM, FEATURES, LesionFusion, logit
+from models.preprocess import PreprocessError, load_series
+from models.registry import CARD_FILE, MODEL_FILE, Registry, RegistryError
+from training.train import TrainingError, describe_data, read_table, series_files, youden_threshold
+
+MIN_PER_CLASS = 10  # cases of each class the fit set needs
+
+
+def _seeds_of(card: dict[str, Any]) -> set[int]:
+    """Every dataset seed a model card names (training data, validation and test metrics)."""
+    out: set[int] = set()
+
+    def walk(x: Any) -> None:
+        if isinstance(x, dict):
+            if x.get("generator") == "training.phantom" and isinstance(x.get("seed"), int):
+                out.add(int(x["seed"]))
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+
+    walk(card)
+    return out
+
+
+def fusion_inputs(data: Path, registry: Registry, *, base_version: str | None, segmenter_version: str | None,
+                  progress: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(labels, base calibrated probabilities, lesion features (cases, len(FEATURES))) over ``data``."""
+    from tqdm import tqdm
+
+    from models.clinical import from_header
+
+    clf, seg = registry.classifier(base_version), registry.segmenter(segmenter_version)
+    if clf.fusion is not None:
+        raise TrainingError(f"classifier {clf.version} already fuses lesion evidence; name its base version")
+    table = read_table(data)
+    y, p, feats = [], [], []
+    for row in tqdm(table.itertuples(), total=len(table), desc="fusion inputs", disable=not progress):
+        try:
+            vol = load_series(series_files(data, str(row.dicom_dir)))
+        except PreprocessError as exc:
+            raise TrainingError(f"case {row.case_id}: {exc}") from exc
+        s = seg.predict(vol)
+        assert s.evidence is not None
+        c = clf.predict(vol, clinical=from_header(vol.datasets[0] if vol.datasets else None, age=vol.patient_age,
+                                                  sex=vol.patient_sex))
+        y.append(int(row.label))
+        p.append(c.probability)
+        feats.append(s.evidence.features())
+    return np.array(y), np.array(p), np.array(feats)
+
+
+def fit(y: np.ndarray, p: np.ndarray, features: np.ndarray, segmenter: tuple[str, str],
+        fitted_on: str) -> tuple[LesionFusion, float]:
+    """The fusion and its Youden threshold on (y, p, features). Raises TrainingError on too few cases."""
+    from sklearn.linear_model import LogisticRegression
+
+    pos, neg = int((y == 1).sum()), int((y == 0).sum())
+    if min(pos, neg) < MIN_PER_CLASS:
+        raise TrainingError(f"the fit set holds {pos} pneumonia and {neg} normal cases; the fusion needs at least "
+                            f"{MIN_PER_CLASS} of each")
+    x = np.column_stack([logit(p), features])
+    model = LogisticRegression(C=1.0, max_iter=2000).fit(x, y)
+    fusion = LesionFusion(segmenter, dict(zip((CLASSIFIER_TERM, *FEATURES), map(float, model.coef_[0]), strict=True)),
+                          float(model.intercept_[0]), fitted_on)
+    fused = model.predict_proba(x)[:, 1]
+    return fusion, float(youden_threshold(y.tolist(), fused.tolist()))
+
+
+def _metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
+    from sklearn.metrics import roc_auc_score
+
+    pred = p >= threshold
+    return {"roc_auc": float(roc_auc_score(y, p)), "sensitivity": float((pred & (y == 1)).sum() / (y == 1).sum()),
+            "specificity": float((~pred & (y == 0)).sum() / (y == 0).sum())}
+
+
+def fit_lesion_fusion(data: Path, registry: Registry, *, base_version: str | None, segmenter_version: str | None,
+                      version: str, command: str = "", progress: bool = True) -> dict[str, Any]:
+    """Fit and write the new version (see the module docstring) as the registry's ``classifier/<version>``
+    folder, which must not exist yet; returns its card."""
+    base_dir = registry.folder("classifier", base_version)
+    if registry.classifier(base_dir.name).fusion is not None:
+        raise TrainingError(f"classifier {base_dir.name} already fuses lesion evidence; name its base version")
+    seg = registry.segmenter(segmenter_version)
+    base_card = json.loads((base_dir / CARD_FILE).read_text())
+    dataset = describe_data(data)
+    used = _seeds_of(base_card) | _seeds_of(seg.card)
+    if dataset.get("seed") in used:
+        raise TrainingError(f"{data} was made with seed {dataset['seed']}, which the classifier or segmenter card "
+                            f"already names (seeds {sorted(used)}): fit the fusion on phantoms new to both")
+    target = registry.weights_dir / "classifier" / version
+    if target.exists():
+        raise TrainingError(f"{target} already exists")
+    t0 = time.perf_counter()
+    y, p, feats = fusion_inputs(data, registry, base_version=base_dir.name, segmenter_version=seg.version,
+                                progress=progress)
+    seconds = time.perf_counter() - t0
+    fitted_on = f"{dataset['path']} ({len(y)} phantoms, seed {dataset['seed']}, new to both models)"
+    fusion, threshold = fit(y, p, feats, (seg.name, seg.version), fitted_on)
+    fused = np.array([fusion.probability_of(pi, f) for pi, f in zip(p, feats, strict=True)])
+    card = copy.deepcopy(base_card)
+    for key in ("candidate", "candidate_reason"):
+        card.pop(key, None)
+    # The fit set's metrics are in-sample for the fusion (it was fitted there); the base alone is out-of-sample.
+    card["metrics"] = {"validation": {"dataset": dataset, **_metrics(y, fused, threshold),
+                                      "threshold_rule": "Youden J of the fused probability on the fit set",
+                                      "note": "the fusion's fit set: in-sample for the fusion and its threshold",
+                                      "before_lesion_fusion": _metrics(y, p, float(base_card.get("threshold", 0.5)))},
+                       "base_version": base_card.get("metrics", {})}
+    card.update({
+        "version": version,
+        "threshold": threshold,
+        "threshold_rule": "Youden J of the fused probability on the fusion's fit set",
+        "lesion_fusion": fusion.to_card(),
+        "derived_from": {"classifier": base_card["version"], "weights": "unchanged (same file, same sha256)",
+                         "segmenter": {"name": seg.name, "version": seg.version},
+                         "fit_seconds": round(seconds, 1), "command": command},
+        "candidate": True,
+        "candidate_reason": "Not compared with the default on a held-out test set yet (pacsnode model-eval).",
+    })
+    target.mkdir(parents=True)
+    try:
+        for name in (MODEL_FILE, "history.json", "curves.png"):
+            if (base_dir / name).is_file():
+                shutil.copy2(base_dir / name, target / name)
+        (target / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+        Registry(registry.weights_dir).classifier(version)  # loads: sha256, card and fusion block are sound
+    except (OSError, RegistryError):
+        shutil.rmtree(target, ignore_errors=True)
+        raise
+    return card
+
+
+__all__ = ["MIN_PER_CLASS", "fit", "fit_lesion_fusion", "fusion_inputs"]
