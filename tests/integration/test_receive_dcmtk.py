@@ -3,6 +3,10 @@
 Checks C-ECHO, a 120-slice C-STORE series landing byte-for-byte in the spool and in the index, compressed
 transfer syntaxes (real pydicom-data files and series compressed with DCMTK), the calling-AE allow-list, a UID
 path-traversal attempt, a garbled dataset followed by a healthy association, and PHI-free logs.
+
+The compressed-series and real-file cases check only their own instances, so they share one node per module
+(`shared_node`: a node start is ~5 s of this suite's budget); the tests that assert on the whole index, the
+metrics or the spool start their own.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import io
 import shutil
 import subprocess
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +28,22 @@ from pynetdicom import AE, build_context
 from pynetdicom.dimse_primitives import C_STORE
 
 from peers import dcmtk
+from peers.pacsnode import NodeProcess, launch_node
 from tests.conftest import missing_peer, require_tool, wait_for_port
 from tests.ctgen import write_ct_series
 from tests.dicomfiles import content, dataset_bytes, pixels
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def shared_node(tmp_path_factory: pytest.TempPathFactory, node_database) -> Iterator[NodeProcess]:
+    """One node for the tests that look only at their own instances (see the module docstring)."""
+    node = launch_node(tmp_path_factory.mktemp("shared-node"), database_url=node_database.for_node())
+    try:
+        yield node
+    finally:
+        node.stop()
 
 
 def storescu(node, paths: list[Path], *extra: str, aet: str = "MODALITY") -> subprocess.CompletedProcess[str]:
@@ -111,9 +127,10 @@ def _dcmtk_compress(tool: str, src: Path, dst: Path, *args: str) -> None:
         ("deflated", "-xd"),
     ],
 )
-def test_series_compressed_by_dcmtk(start_node, tmp_path, label, flag):
-    node = start_node()
-    series = write_ct_series(tmp_path / "plain", slices=6, size=48, seed=3)
+def test_series_compressed_by_dcmtk(shared_node, tmp_path, label, flag):
+    node = shared_node
+    seed = 3 + ["rle", "jpegls", "jpeg-lossless", "jpeg-extended", "deflated"].index(label)  # own UIDs per case
+    series = write_ct_series(tmp_path / "plain", slices=6, size=48, seed=seed)
     out = tmp_path / label
     out.mkdir()
     tool, args = {
@@ -159,11 +176,11 @@ def test_series_compressed_by_dcmtk(start_node, tmp_path, label, flag):
         ("eCT_Supplemental.dcm", "-x="),  # Enhanced CT, multi-frame (pydicom-data)
     ],
 )
-def test_real_files_from_pydicom_data(start_node, tmp_path, name, flag):
+def test_real_files_from_pydicom_data(shared_node, tmp_path, name, flag):
     source = get_testdata_file(name)
     if source is None:
         missing_peer(f"{name} needs pydicom-data (installed by make test)")
-    node = start_node()
+    node = shared_node
     src = tmp_path / name
     shutil.copy(source, src)
     result = storescu(node, [src], flag)
