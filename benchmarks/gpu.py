@@ -81,13 +81,13 @@ def run_child(device: str, mixed: bool, series: Path, out: Path, repeats: int, u
     for i in range(repeats + 1):  # the first run traces the tf.functions: not counted
         fresh = replace(volume, _cache={})  # each run resizes to the model grid again, as a new series would
         t0 = time.perf_counter()
-        cls = classifier.predict(fresh)
+        evidence = segmenter.predict(fresh).evidence  # first, as the node: a lesion-fusing classifier needs it
         t1 = time.perf_counter()
-        segmenter.predict(fresh)
+        cls = classifier.predict(fresh, lesion=evidence)
         t2 = time.perf_counter()
         if i:
-            times["classifier"].append(t1 - t0)
-            times["unet"].append(t2 - t1)
+            times["unet"].append(t1 - t0)
+            times["classifier"].append(t2 - t1)
     probabilities = segmenter.probabilities(volume)
     np.savez(out, probability=np.float32(cls.probability), attention=cls.attention, segmentation=probabilities)
     result.update(slices=volume.shape[0], matrix=list(volume.shape[1:]), times=times)

@@ -78,11 +78,12 @@ def _run(items: list[dict[str, Any]], weights_dir: Path | None) -> None:
     clf, seg = reg.classifier(), reg.segmenter()
     for n, it in enumerate(items, 1):
         vol = load_series(it["files"])
-        lungs = seg.predict(vol).lungs
+        segmented = seg.predict(vol)
+        lungs = segmented.lungs
         t = time.perf_counter()
         verdict = assess_chest_scope(vol, lungs)
         it["scope_s"] = time.perf_counter() - t
-        out = clf.predict(vol, age=vol.patient_age, sex=vol.patient_sex)
+        out = clf.predict(vol, age=vol.patient_age, sex=vol.patient_sex, lesion=segmented.evidence)
         it.update(in_scope=verdict.in_scope, reason=verdict.reason, measures=verdict.measures,
                   positive=out.positive, probability=out.probability, shape=vol.shape)
         if n % 20 == 0:

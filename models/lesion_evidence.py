@@ -13,7 +13,7 @@ all on the segmenter's model grid (so they do not depend on the source matrix). 
 (`slice_evidence`: the largest probability and the pixel count of each slice) is computed where the U-Net runs —
 `models.registry.Segmenter.predict` and, while a series arrives, `models.streaming.SliceModels` — and
 `LesionEvidence.features` pools it at completion. `training.crossval.lesion` computes the same features for the
-evaluation arm, and `training.fusion` fits a version's ``lesion_fusion`` block.
+evaluation arm, and `training.lesion_fusion` fits a version's ``lesion_fusion`` block.
 
 The coefficients were fitted with one segmenter's outputs: `LesionFusion.check_segmenter` refuses any other
 segmenter name or version, and a fusing classifier refuses to give a verdict without evidence.
@@ -84,12 +84,13 @@ class LesionEvidence:
         return pooled_features(self.max_probability, self.pixels)
 
     def describe(self) -> str:
-        """For the SR: what the segmenter saw (no patient data; counts on the model grid)."""
+        """For the SR: what the segmenter saw (no patient data; counts on the model grid). ASCII only: the SR's
+        text values are in the default character repertoire."""
         px = np.asarray(self.pixels)
         top = float(np.max(self.max_probability, initial=0.0))
         return (f"{self.segmenter[0]} {self.segmenter[1]}: largest lesion probability {top:.3f} in the lungs, "
                 f"{int(px.sum())} lesion pixels on {int((px > 0).sum())} of {len(px)} slices "
-                f"({self.grid}² model grid)")
+                f"(on the {self.grid} x {self.grid} model grid)")
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,9 @@
 - ``train classifier|segmenter --data DIR --out DIR [--val-data DIR] [--epochs N] [--seed S] [--version V]
   [--warmup-steps N (classifier)] [--steps N (segmenter)]``
 - ``model-eval --data DIR [--weights-dir DIR] [--classifier-version V] [--segmenter-version V] [--json F]
-  [--write-card]``
+  [--write-card] [--compare-with OTHER.json]``
 - ``fuse-lesion --data DIR --base-version V --version NEW [--segmenter-version V] [--weights-dir DIR]``: a new
-  classifier version fusing the segmenter's lesion evidence (`training.fusion`)
+  classifier version fusing the segmenter's lesion evidence (`training.lesion_fusion`)
 
 Each subcommand sets ``func(args) -> int`` (exit code: 0 ok, 1 failed, 2 bad arguments). Runnable alone as
 ``python -m training.cli ...`` until the node's CLI wires it in.
@@ -88,6 +88,15 @@ def cmd_model_eval(args: argparse.Namespace) -> int:
         _err(str(exc))
         return 1
     print(format_table(res))
+    if args.compare_with:
+        from training.evaluate import compare, format_comparison
+
+        try:
+            res["comparison"] = compare(res, json.loads(Path(args.compare_with).read_text()))
+        except (OSError, ValueError, KeyError, TrainingError) as exc:
+            _err(f"cannot compare with {args.compare_with}: {exc}")
+            return 1
+        print("\n" + format_comparison(res["comparison"]))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1, default=float) + "\n")
     if args.write_card:
@@ -100,7 +109,7 @@ def cmd_model_eval(args: argparse.Namespace) -> int:
 def cmd_fuse_lesion(args: argparse.Namespace) -> int:
     _quiet_tf()
     from models.registry import Registry
-    from training.fusion import fit_lesion_fusion
+    from training.lesion_fusion import fit_lesion_fusion
     from training.train import TrainingError
 
     reg = Registry(Path(args.weights_dir) if args.weights_dir else None)
@@ -157,6 +166,8 @@ def register(subparsers: Any) -> None:
     e.add_argument("--limit", type=int, help="only the first N cases")
     e.add_argument("--json", help="also write all metrics and per-case rows as JSON")
     e.add_argument("--write-card", action="store_true", help="record the test metrics in both model cards")
+    e.add_argument("--compare-with", help="another model-eval --json on the same cases: a paired comparison "
+                   "(ROC AUC difference with a bootstrap CI, McNemar), printed and kept in --json")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_model_eval)
 

@@ -4,7 +4,9 @@
 specificity at the card's threshold with Wilson CIs, the simulated reader's for comparison, how often the
 top-attention slice holds lesion) and segmenter metrics on the source grid (per-case lung Dice, per-case lesion
 Dice over pneumonia cases, pooled lesion Dice, false-positive lesion volume in normal cases), plus timings.
-``format_table`` renders them; ``record_in_cards`` stores them under ``metrics.test`` of both model cards.
+``format_table`` renders them; ``record_in_cards`` stores them under ``metrics.test`` of both model cards;
+``compare`` pairs two results on the same cases (a candidate against the default) and ``format_comparison``
+renders that.
 """
 
 from __future__ import annotations
@@ -206,6 +208,8 @@ def format_table(res: dict[str, Any]) -> str:
         lines.append(f"{name:<44}{v:>8}  {_ci(ci)}")
 
     add("classifier ROC AUC", c["roc_auc"], c["roc_auc_ci95"])
+    if c.get("roc_auc_before_lesion_fusion") is not None and c["roc_auc_before_lesion_fusion"] != c["roc_auc"]:
+        add("classifier ROC AUC before the lesion fusion", c["roc_auc_before_lesion_fusion"])
     add(f"classifier sensitivity @ {c['threshold']:.3f}", c["sensitivity"], c["sensitivity_ci95"])
     add(f"classifier specificity @ {c['threshold']:.3f}", c["specificity"], c["specificity_ci95"])
     add(f"classifier ROC AUC, subtle only (n={c['subtle_cases']})", c["roc_auc_subtle_vs_normal"])
@@ -222,6 +226,52 @@ def format_table(res: dict[str, Any]) -> str:
     add("load_series s/case", t["load_s_per_case"])
     lines.append(f"{'classifier slices/s':<44}{t['classifier_slices_per_s']:>8.0f}")
     lines.append(f"{'segmenter slices/s (incl. resampling)':<44}{t['segmenter_slices_per_s']:>8.0f}")
+    return "\n".join(lines)
+
+
+def compare(new: dict[str, Any], old: dict[str, Any], *, n: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """Paired comparison of two `evaluate` results on the same cases (classifier ``new`` against ``old``): ROC AUC
+    of each and their difference with a paired bootstrap 95 % CI, accuracy at each card's threshold, McNemar on
+    the cases exactly one gets right, and the subtle-lesion sensitivity of each. Raises TrainingError when the two
+    were not run on the same cases."""
+    from training.stats import mcnemar
+
+    a, b = new["per_case"], old["per_case"]
+    if [r["case_id"] for r in a] != [r["case_id"] for r in b] or new["dataset"] != old["dataset"]:
+        raise TrainingError("the two evaluations were not run on the same cases")
+    y = np.array([r["label"] for r in a])
+    pa, pb = (np.array([r["probability"] for r in rows]) for rows in (a, b))
+    ta, tb = new["classifier"]["threshold"], old["classifier"]["threshold"]
+    ca, cb = (pa >= ta) == (y == 1), (pb >= tb) == (y == 1)
+    subtle = np.array([r["subtle"] for r in a]) == 1
+    return {
+        "new": new["versions"], "old": old["versions"], "cases": len(y),
+        "roc_auc": {"new": _auc(y, pa), "old": _auc(y, pb), "difference": _auc(y, pa) - _auc(y, pb),
+                    "difference_ci95": bootstrap_ci((y, pa, pb), lambda yy, x, z: _auc(yy, x) - _auc(yy, z), n=n,
+                                                    seed=seed)},
+        "accuracy": {"new": float(ca.mean()), "old": float(cb.mean())},
+        "sensitivity": {"new": float(ca[y == 1].mean()), "old": float(cb[y == 1].mean())},
+        "specificity": {"new": float(ca[y == 0].mean()), "old": float(cb[y == 0].mean())},
+        "subtle_sensitivity": {"new": float(ca[subtle].mean()) if subtle.any() else None,
+                               "old": float(cb[subtle].mean()) if subtle.any() else None,
+                               "cases": int(subtle.sum())},
+        "mcnemar": mcnemar(ca.astype(int), cb.astype(int)),
+    }
+
+
+def format_comparison(c: dict[str, Any]) -> str:
+    """`compare`'s result as a few plain-text lines."""
+    new, old = c["new"][CLASSIFIER], c["old"][CLASSIFIER]
+    auc, m = c["roc_auc"], c["mcnemar"]
+    lines = [f"classifier {new} against {old} on the same {c['cases']} cases",
+             f"ROC AUC {auc['new']:.3f} vs {auc['old']:.3f}: difference {auc['difference']:+.3f} "
+             f"{_ci(auc['difference_ci95'])} (paired bootstrap)"]
+    for key in ("accuracy", "sensitivity", "specificity", "subtle_sensitivity"):
+        v = c[key]
+        if v["new"] is not None:
+            lines.append(f"{key.replace('_', ' ')} {v['new']:.3f} vs {v['old']:.3f}")
+    lines.append(f"McNemar ({m['method']}): {m['a_only_correct']} cases only {new} gets right, "
+                 f"{m['b_only_correct']} only {old}; p = {m['p_value']:.3g}")
     return "\n".join(lines)
 
 

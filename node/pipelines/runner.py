@@ -132,10 +132,11 @@ def model_notes(out: ClassifierOutput, card: dict[str, Any]) -> ModelNotes:
         for name in out.clinical_used if clinical is not None and clinical.value(name) is not None
     )
     missing = tuple(n for n in out.clinical_used if clinical is None or clinical.value(n) is None)
+    evidence: tuple[tuple[str, str], ...] = ()
     if out.fusion is not None and out.lesion is not None and out.classifier_probability is not None:
-        fused += (("image classifier", f"probability {out.classifier_probability:.3f} (calibrated, before the "
-                   "lesion fusion)"),
-                  ("segmenter lesion evidence", out.lesion.describe()))
+        evidence = (("image classifier", f"probability {out.classifier_probability:.3f} (calibrated, before the "
+                     "lesion fusion)"),
+                    ("segmenter lesion evidence", out.lesion.describe()))
     version = f"{card.get('name', 'classifier')} {card.get('version', '')}".strip()
     cal = out.calibration or {}
     subject = "The image classifier's probability" if out.fusion is not None else "The probability"
@@ -161,4 +162,5 @@ def model_notes(out: ClassifierOutput, card: dict[str, Any]) -> ModelNotes:
                   f"{out.fusion.segmenter[1]}. ")
     operating = (f"{fusion}Pneumonia reported when the probability is at or above {out.threshold:.3f} "
                  f"({card.get('threshold_rule', 'Youden J on the validation set')}){perf}.")
-    return ModelNotes(fusion_inputs=fused, missing_inputs=missing, calibration=calibration, operating_point=operating)
+    return ModelNotes(fusion_inputs=fused, missing_inputs=missing, calibration=calibration, operating_point=operating,
+                      fused_evidence=evidence)

@@ -69,6 +69,7 @@ SKIP_DETAIL = _private("SKIP-DETAIL", "Detail of reason series was not processed
 SUPERSEDES = _private("SUPERSEDES", "Supersedes earlier AI result")
 FUSION_INPUT = _private("AI-FUSION-IN", "Clinical input fused with the image")
 FUSION_MISSING = _private("AI-FUSION-MISS", "Clinical input missing for fusion")
+FUSION_EVIDENCE = _private("AI-FUSION-EV", "Image evidence fused into the probability")
 CALIBRATION = _private("AI-CALIBRATION", "Probability calibration")
 OPERATING_POINT = _private("AI-OPERATING-PT", "Operating point of the decision")
 

@@ -85,18 +85,22 @@ def _mask(value: object, name: str) -> np.ndarray:
 @dataclass(frozen=True)
 class ModelNotes:
     """How a verdict was reached, for the SR: the clinical inputs the model fused (name, value as text) and those
-    it reads but were missing, how the probability is calibrated, and the operating point (threshold rule).
-    Texts must not carry patient identifiers (age and sex are the inputs themselves, not identifiers)."""
+    it reads but were missing, the image evidence fused (name, value: the image classifier's own probability and
+    the segmenter's lesion evidence, for a lesion-fusing version), how the probability is calibrated, and the
+    operating point (threshold rule). Texts must not carry patient identifiers (age and sex are the inputs
+    themselves, not identifiers)."""
 
     fusion_inputs: tuple[tuple[str, str], ...] = ()
     missing_inputs: tuple[str, ...] = ()
     calibration: str | None = None
     operating_point: str | None = None
+    fused_evidence: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
-        for name, value in self.fusion_inputs:
-            if not (isinstance(name, str) and name.strip() and isinstance(value, str) and value.strip()):
-                raise ResultsError("ModelNotes.fusion_inputs must be (name, value) pairs of non-empty strings")
+        for pairs in ("fusion_inputs", "fused_evidence"):
+            for name, value in getattr(self, pairs):
+                if not (isinstance(name, str) and name.strip() and isinstance(value, str) and value.strip()):
+                    raise ResultsError(f"ModelNotes.{pairs} must be (name, value) pairs of non-empty strings")
         if not all(isinstance(n, str) and n.strip() for n in self.missing_inputs):
             raise ResultsError("ModelNotes.missing_inputs must be non-empty strings")
         for name in ("calibration", "operating_point"):

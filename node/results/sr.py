@@ -125,13 +125,14 @@ def _classification_group(
 
 
 def _model_note_items(findings: Findings) -> list[hd.sr.TextContentItem]:
-    """TEXT items naming the clinical inputs fused (one each, "age: 63 years"), those missing, the calibration of
-    the probability and the operating point, as far as ``findings.notes`` give them."""
+    """TEXT items naming the clinical inputs fused (one each, "age: 63 years"), those missing, the image evidence
+    fused, the calibration of the probability and the operating point, as far as ``findings.notes`` give them."""
     notes = findings.notes
     if notes is None:
         return []
     items = [text_item(codes.FUSION_INPUT, f"{name}: {value}") for name, value in notes.fusion_inputs]
     items += [text_item(codes.FUSION_MISSING, name) for name in notes.missing_inputs]
+    items += [text_item(codes.FUSION_EVIDENCE, f"{name}: {value}") for name, value in notes.fused_evidence]
     if notes.calibration:
         items.append(text_item(codes.CALIBRATION, notes.calibration))
     if notes.operating_point:

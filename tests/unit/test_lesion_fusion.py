@@ -3,7 +3,7 @@
 
 The fused probability is the card's regression over what the real segmenter saw; the pneumonia pipeline hands the
 evidence over; the streamed path agrees with the plain one; the SR notes name the evidence; another segmenter
-version or no evidence is refused. `training.fusion` fits such a version on phantoms new to both models."""
+version or no evidence is refused. `training.lesion_fusion` fits such a version on phantoms new to both models."""
 
 from __future__ import annotations
 
@@ -75,9 +75,10 @@ def test_the_fused_probability_is_the_cards_regression_over_the_real_segmenters_
     findings = PneumoniaPipeline().analyse(volume, runner, GateSection(scope_check=False, min_slices=8))
     direct = runner.classify(volume, seg.evidence)  # with the header's clinical inputs, as the pipeline
     assert findings.probability == pytest.approx(direct.probability, abs=1e-9) and findings.threshold == 0.5
-    inputs = dict(findings.notes.fusion_inputs)
+    inputs = dict(findings.notes.fused_evidence)
     assert inputs["image classifier"].startswith("probability ") and "before the lesion fusion" in inputs["image classifier"]
     assert inputs["segmenter lesion evidence"] == seg.evidence.describe()
+    assert "age" in dict(findings.notes.fusion_inputs) and "segmenter lesion evidence" not in dict(findings.notes.fusion_inputs)
     assert "lesion fusion" in findings.notes.calibration and "fuses the image classifier" in findings.notes.operating_point
 
 
@@ -96,7 +97,8 @@ def test_the_streamed_path_fuses_the_same_evidence(tmp_path, series):
     assert np.abs(s_seg.evidence.pixels - p_seg.evidence.pixels).max() <= 2
     s_cls, p_cls = streamed.classify(volume, s_seg.evidence), runner.classify(volume, p_seg.evidence)
     assert s_cls.probability == pytest.approx(p_cls.probability, abs=2e-3)
-    assert dict(s_cls.notes.fusion_inputs).keys() == dict(p_cls.notes.fusion_inputs).keys()
+    assert dict(s_cls.notes.fused_evidence).keys() == dict(p_cls.notes.fused_evidence).keys() == {
+        "image classifier", "segmenter lesion evidence"}
 
 
 def test_a_fusion_fitted_with_another_segmenter_version_is_refused_at_load(tmp_path):
@@ -114,7 +116,7 @@ def test_a_fusion_fitted_with_another_segmenter_version_is_refused_at_load(tmp_p
 
 
 def test_fuse_lesion_fits_a_candidate_version_on_new_phantoms_and_refuses_known_seeds(tmp_path):
-    from training.fusion import fit_lesion_fusion
+    from training.lesion_fusion import fit_lesion_fusion
     from training.phantom import generate_dataset
     from training.train import TrainingError
 
@@ -123,6 +125,7 @@ def test_fuse_lesion_fits_a_candidate_version_on_new_phantoms_and_refuses_known_
     data = tmp_path / "fit"
     generate_dataset(data, cases=24, seed=77, size=96, slices=(10, 12))
     reg = Registry(root)
+    default = reg.default_version("classifier")
     card = fit_lesion_fusion(data, reg, base_version="2.0.0", segmenter_version="1.0.0", version="2.1.0-test",
                              progress=False)
     assert card["candidate"] is True and card["derived_from"]["classifier"] == "2.0.0"
@@ -133,7 +136,7 @@ def test_fuse_lesion_fits_a_candidate_version_on_new_phantoms_and_refuses_known_
     assert (folder / "model.keras").read_bytes() == (root / "classifier" / "2.0.0" / "model.keras").read_bytes()
     loaded = reg.classifier("2.1.0-test")
     assert loaded.fusion is not None and loaded.threshold == card["threshold"]
-    assert reg.default_version("classifier") == "1.0.0"  # a candidate is never the default by itself
+    assert reg.default_version("classifier") == default  # a candidate is never the default by itself
     with pytest.raises(TrainingError, match="already exists"):
         fit_lesion_fusion(data, reg, base_version="2.0.0", segmenter_version="1.0.0", version="2.1.0-test",
                           progress=False)

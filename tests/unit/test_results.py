@@ -71,6 +71,9 @@ NOTES = ModelNotes(
     missing_inputs=("sex", "cough", "dyspnoea"),
     calibration="The probability is calibrated: temperature scaling (T = 1.300) fitted on the validation split.",
     operating_point="Pneumonia reported when the probability is at or above 0.500 (Youden J on the validation set).",
+    fused_evidence=(("image classifier", "probability 0.412 (calibrated, before the lesion fusion)"),
+                    ("segmenter lesion evidence", "pacsnode-lung-lesion-unet 1.0.0: largest lesion probability 0.973 "
+                     "in the lungs, 412 lesion pixels on 6 of 10 slices (on the 128 x 128 model grid)")),
 )
 
 
@@ -215,10 +218,11 @@ def test_sr_codes_the_finding_and_probability(written: dict[str, Path], findings
 def test_sr_names_the_fusion_inputs_calibration_and_operating_point(written: dict[str, Path]) -> None:
     sr = pydicom.dcmread(written["sr"])
     texts = {code: [str(i.TextValue) for i in named(sr, code, "99PACSAI")]
-             for code in ("AI-FUSION-IN", "AI-FUSION-MISS", "AI-CALIBRATION", "AI-OPERATING-PT")}
+             for code in ("AI-FUSION-IN", "AI-FUSION-MISS", "AI-FUSION-EV", "AI-CALIBRATION", "AI-OPERATING-PT")}
     assert texts["AI-FUSION-IN"] == ["age: 63 years (from DICOM header)",
                                      "fever: present (from request text in the DICOM header)"]
     assert texts["AI-FUSION-MISS"] == ["sex", "cough", "dyspnoea"]
+    assert texts["AI-FUSION-EV"] == [f"{name}: {value}" for name, value in NOTES.fused_evidence]
     assert texts["AI-CALIBRATION"] == [NOTES.calibration] and texts["AI-OPERATING-PT"] == [NOTES.operating_point]
 
 
@@ -227,6 +231,8 @@ def test_model_notes_validate() -> None:
         ModelNotes(fusion_inputs=(("age", ""),))
     with pytest.raises(ResultsError, match="calibration"):
         ModelNotes(calibration="  ")
+    with pytest.raises(ResultsError, match="fused_evidence"):
+        ModelNotes(fused_evidence=(("", "x"),))
 
 
 def test_finding_is_absent_below_threshold(sources: list[Dataset], findings: Findings) -> None:
@@ -534,8 +540,13 @@ def test_a_malformed_source_attribute_never_loses_the_result(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(pydicom.config.settings, "writing_validation_mode", pydicom.config.IGNORE)
+    # A new element, created while reading validation is off (an element keeps the reading mode of its creation:
+    # the shared sources' elements may have been made under any mode another test left set in this process).
+    monkeypatch.setattr(pydicom.config.settings, "reading_validation_mode", pydicom.config.IGNORE)
     broken = copy.deepcopy(sources)
     for ds in broken:
+        if keyword in ds:
+            del ds[keyword]
         setattr(ds, keyword, value)
     built_objects = [build_skipped_sr(broken, SkipReason.NOT_CT, "detail", ALGORITHM),
                      build_results(broken, findings, ALGORITHM).sr, build_results(broken, findings, ALGORITHM).seg]

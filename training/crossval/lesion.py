@@ -17,7 +17,7 @@ without retraining anything:
   class cannot be fitted; then the arm is skipped with that reason (tiny datasets).
 
 The fusion a shipped classifier version applies (`models.lesion_evidence.LesionFusion`, fitted by
-`training.fusion`) has this form; the arm measures it under the cross-validation protocol.
+`training.lesion_fusion`) has this form; the arm measures it under the cross-validation protocol.
 """
 
 from __future__ import annotations
@@ -151,6 +151,6 @@ def lesion_block(ds: Any, y: np.ndarray, fold_of: np.ndarray, main: tuple[np.nda
         "(C = 1) over the fold classifier's calibrated logit and the segmenter's lesion evidence (largest lesion "
         "probability in the lungs, lesion pixels, most on one slice, slices with any), threshold by Youden's J on "
         "the same split. The segmenter was trained on other phantoms (its card's training data, above) and is the "
-        "same for every fold. The node does not apply this fusion; the arm measures what the next classifier "
-        "version could gain. Paired tests: lesion evidence − classifier.",
+        "same for every fold. The shipped classifier 2.1.0 applies a fusion of this form, fitted once on phantoms "
+        "new to both models; this arm measures the form per fold. Paired tests: lesion evidence − classifier.",
     }

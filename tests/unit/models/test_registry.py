@@ -43,12 +43,13 @@ def test_classifier_predicts_on_a_small_phantom(tiny_phantom: Path) -> None:
     clf = reg.classifier()
     assert isinstance(clf, Classifier) and clf.name and clf.version == reg.default_version("classifier")
     vol = load_series(case_files(tiny_phantom, 0))
-    out = clf.predict(vol, age=vol.patient_age, sex=vol.patient_sex)
+    evidence = reg.segmenter().predict(vol).evidence  # the default classifier fuses the U-Net's lesion evidence
+    out = clf.predict(vol, age=vol.patient_age, sex=vol.patient_sex, lesion=evidence)
     assert 0.0 <= out.probability <= 1.0 and 0.0 < out.threshold < 1.0
     assert out.attention.shape == (vol.shape[0],)
     assert out.attention.sum() == pytest.approx(1.0, abs=1e-4) and (out.attention >= 0).all()
     # Without age and sex the model still answers (missing-aware fusion).
-    assert 0.0 <= clf.predict(vol).probability <= 1.0
+    assert 0.0 <= clf.predict(vol, lesion=evidence).probability <= 1.0
 
 
 def test_segmenter_masks_are_on_the_source_grid(small_phantom: Path) -> None:
@@ -106,10 +107,22 @@ def test_a_release_candidate_is_loaded_only_on_request(tmp_path: Path) -> None:
 
 
 def test_the_shipped_default_classifier_is_the_released_one() -> None:
-    """2.0.0 (clinical fusion with symptoms) scored below 1.0.0 on the test phantoms: shipped as a candidate."""
+    """2.0.0 (clinical fusion with symptoms) scored below 1.0.0 on the test phantoms: shipped as a candidate.
+    2.1.0 (2.0.0's weights + the U-Net's lesion evidence) is the default: its card records the paired comparison
+    with 1.0.0 on the held-out test set, and its fusion names the default segmenter."""
     reg = Registry()
-    assert "2.0.0" in reg.versions("classifier")
-    assert reg.default_version("classifier") == "1.0.0"
+    assert {"1.0.0", "2.0.0", "2.1.0"} <= set(reg.versions("classifier"))
+    assert reg.default_version("classifier") == "2.1.0"
+    assert json.loads((reg.folder("classifier", "2.0.0") / CARD_FILE).read_text())["candidate"] is True
+    clf, seg = reg.classifier(), reg.segmenter()
+    assert clf.fusion is not None and clf.fusion.segmenter == (seg.name, seg.version)
+    test = clf.card["metrics"]["test"]
+    assert test["dataset"]["seed"] not in (clf.card["training"]["data"]["seed"],
+                                           clf.card["metrics"]["validation"]["dataset"]["seed"])
+    compared = test["comparison_with_default"]
+    assert compared["old"]["classifier"] == "1.0.0" and compared["cases"] == test["cases"]
+    assert compared["roc_auc"]["new"] == test["roc_auc"] >= compared["roc_auc"]["old"]
+    assert compared["mcnemar"]["b_only_correct"] == 0  # no test case that 1.0.0 got right and 2.1.0 does not
 
 
 def test_corrupt_or_mismatched_weights_are_refused(tmp_path: Path) -> None:
@@ -139,7 +152,7 @@ def test_attention_follows_the_lesion(small_phantom: Path) -> None:
     for i in range(4):
         vol = load_series(case_files(small_phantom, i))
         les = case_masks(small_phantom, i)["lesion"].any(axis=(1, 2))
-        att = clf.predict(vol).attention
+        att = clf.predict(vol, lesion=Registry().segmenter().predict(vol).evidence).attention
         hits += int(att[les].mean() > att[~les].mean()) if les.any() and (~les).any() else 0
     assert hits >= 3
 
@@ -167,12 +180,11 @@ def test_512px_120_slice_series_in_a_few_seconds(tmp_path: Path) -> None:
     vol = load_series(sorted(tmp_path.glob("CASE0001/dicom/*.dcm")))
     reg = Registry()
     clf, seg = reg.classifier(), reg.segmenter()
-    clf.predict(vol)  # warm-up (tracing)
-    seg.predict(vol)
+    clf.predict(vol, lesion=seg.predict(vol).evidence)  # warm-up (tracing)
     vol = load_series(sorted(tmp_path.glob("CASE0001/dicom/*.dcm")))  # fresh volume: no cached grid
     t = time.perf_counter()
-    c = clf.predict(vol)
     s = seg.predict(vol)
+    c = clf.predict(vol, lesion=s.evidence)
     elapsed = time.perf_counter() - t
     assert c.attention.shape == (120,) and s.lesion.shape == (120, 512, 512)
     assert elapsed < 10.0, f"classifier + U-Net took {elapsed:.1f} s"
@@ -183,9 +195,9 @@ def test_predict_on_a_real_single_slice_ct() -> None:
 
     vol = load_series([get_testdata_file("CT_small.dcm")])
     reg = Registry()
-    out = reg.classifier().predict(vol, age=vol.patient_age, sex=vol.patient_sex)
-    assert out.attention.shape == (1,) and out.attention[0] == pytest.approx(1.0)
     seg = reg.segmenter().predict(vol)
+    out = reg.classifier().predict(vol, age=vol.patient_age, sex=vol.patient_sex, lesion=seg.evidence)
+    assert out.attention.shape == (1,) and out.attention[0] == pytest.approx(1.0)
     assert seg.lungs.shape == vol.hu.shape == seg.lesion.shape
 
 

@@ -43,3 +43,37 @@ def test_summarise_and_table(tmp_path: Path) -> None:
     assert s["false_positive_lesion_ml_in_normals_mean"] == 0.5
     text = format_table(res)
     assert "classifier ROC AUC" in text and "1.000" in text
+
+
+def _result(version: str, probabilities: list[float], threshold: float, labels: list[int], subtle: list[int]) -> dict:
+    rows = [{"case_id": f"C{i}", "label": y, "subtle": s, "probability": p}
+            for i, (y, p, s) in enumerate(zip(labels, probabilities, subtle, strict=True))]
+    return {"dataset": {"path": "d", "seed": 1}, "versions": {"classifier": version, "segmenter": "1.0.0"},
+            "classifier": {"threshold": threshold}, "per_case": rows}
+
+
+def test_compare_pairs_two_evaluations_case_by_case() -> None:
+    from training.evaluate import compare, format_comparison
+    from training.train import TrainingError
+
+    rng = np.random.default_rng(3)
+    y = [1] * 30 + [0] * 30
+    subtle = [1] * 10 + [0] * 50
+    good = [float(v) for v in np.clip(np.array(y) * 0.5 + rng.uniform(0, 0.5, 60), 0, 1)]  # separates perfectly
+    weak = [0.4 if s else g for g, s in zip(good, subtle, strict=True)]  # misses the 10 subtle cases at 0.5
+    c = compare(_result("new", good, 0.5, y, subtle), _result("old", weak, 0.5, y, subtle), n=300)
+    assert c["roc_auc"]["new"] == 1.0 and c["roc_auc"]["difference"] > 0
+    lo, hi = c["roc_auc"]["difference_ci95"]
+    assert 0 <= lo <= c["roc_auc"]["difference"] <= hi
+    assert c["subtle_sensitivity"] == {"new": 1.0, "old": 0.0, "cases": 10}
+    assert c["mcnemar"]["a_only_correct"] == 10 and c["mcnemar"]["b_only_correct"] == 0
+    assert c["mcnemar"]["p_value"] < 0.01
+    assert c["accuracy"]["new"] == 1.0 and c["accuracy"]["old"] == pytest.approx(50 / 60)
+    text = format_comparison(c)
+    assert "classifier new against old on the same 60 cases" in text and "10 cases only new gets right" in text
+    same = compare(_result("a", good, 0.5, y, subtle), _result("b", good, 0.5, y, subtle), n=50)
+    assert same["roc_auc"]["difference"] == 0 and same["mcnemar"]["discordant"] == 0
+    other = _result("b", good, 0.5, y, subtle)
+    other["per_case"] = other["per_case"][::-1]
+    with pytest.raises(TrainingError, match="same cases"):
+        compare(_result("a", good, 0.5, y, subtle), other)
