@@ -80,6 +80,13 @@ def cmd_model_eval(args: argparse.Namespace) -> int:
     from training.evaluate import evaluate, format_table, record_in_cards
     from training.train import TrainingError
 
+    other = None
+    if args.compare_with:  # read before minutes of evaluation, not after
+        try:
+            other = json.loads(Path(args.compare_with).read_text())
+        except (OSError, ValueError) as exc:
+            _err(f"cannot read --compare-with {args.compare_with}: {exc}")
+            return 1
     reg = Registry(Path(args.weights_dir) if args.weights_dir else None)
     try:
         res = evaluate(Path(args.data), reg, classifier_version=args.classifier_version,
@@ -88,12 +95,12 @@ def cmd_model_eval(args: argparse.Namespace) -> int:
         _err(str(exc))
         return 1
     print(format_table(res))
-    if args.compare_with:
+    if other is not None:
         from training.evaluate import compare, format_comparison
 
         try:
-            res["comparison"] = compare(res, json.loads(Path(args.compare_with).read_text()))
-        except (OSError, ValueError, KeyError, TrainingError) as exc:
+            res["comparison"] = compare(res, other)
+        except (KeyError, TypeError, TrainingError) as exc:
             _err(f"cannot compare with {args.compare_with}: {exc}")
             return 1
         print("\n" + format_comparison(res["comparison"]))

@@ -164,6 +164,7 @@ port = {pacs.dicom_port}
 
 
 @pytest.mark.browser
+@pytest.mark.one_backend  # dead-lettering and retry run on both backends in tests/unit/test_dispatch.py
 def test_the_admin_page_in_chromium_shows_a_dead_letter_that_its_retry_button_brings_back(start_node, tmp_path):
     require_weights()  # the node's worker loads its models before it takes any job
     chromium = require_tool("chromium")

@@ -6,7 +6,9 @@ path-traversal attempt, a garbled dataset followed by a healthy association, and
 
 The compressed-series and real-file cases check only their own instances, so they share one node per module
 (`shared_node`: a node start is ~5 s of this suite's budget); the tests that assert on the whole index, the
-metrics or the spool start their own.
+metrics or the spool start their own. Every node here runs without its worker (`RECEIVE_ONLY`): the subject is
+the receive path, which never waits on the worker's process, and a worker loading TensorFlow on each start is
+seconds of both cores taken from the test running beside it.
 """
 
 from __future__ import annotations
@@ -34,12 +36,14 @@ from tests.ctgen import write_ct_series
 from tests.dicomfiles import content, dataset_bytes, pixels
 
 pytestmark = pytest.mark.integration
+RECEIVE_ONLY = "\n[worker]\nenabled = false\n"
 
 
 @pytest.fixture(scope="module")
 def shared_node(tmp_path_factory: pytest.TempPathFactory, node_database) -> Iterator[NodeProcess]:
     """One node for the tests that look only at their own instances (see the module docstring)."""
-    node = launch_node(tmp_path_factory.mktemp("shared-node"), database_url=node_database.for_node())
+    node = launch_node(tmp_path_factory.mktemp("shared-node"), database_url=node_database.for_node(),
+                       extra_toml=RECEIVE_ONLY)
     try:
         yield node
     finally:
@@ -73,20 +77,20 @@ def spooled_path(node, ds: pydicom.Dataset) -> Path:
 
 
 def test_echo(start_node):
-    node = start_node()
+    node = start_node(extra_toml=RECEIVE_ONLY)
     result = dcmtk.echoscu(node.port, called_ae=node.ae_title, calling_ae="MODALITY")
     assert result.returncode == 0, result.stderr + node.log_tail(6000)
 
 
 def test_wrong_called_ae_is_rejected(start_node):
-    node = start_node()
+    node = start_node(extra_toml=RECEIVE_ONLY)
     result = dcmtk.echoscu(node.port, called_ae="NOT-THE-NODE", calling_ae="MODALITY")
     assert result.returncode != 0
     assert "Called AE Title Not Recognized" in result.stderr
 
 
 def test_120_slice_series_is_spooled_byte_for_byte_and_indexed(start_node, tmp_path):
-    node = start_node()
+    node = start_node(extra_toml=RECEIVE_ONLY)
     series = write_ct_series(tmp_path / "in", slices=120, size=64, seed=7)
     result = storescu(node, [tmp_path / "in"])
     assert result.returncode == 0, result.stderr + node.log_tail(6000)
@@ -199,7 +203,7 @@ def test_real_file_whose_uids_are_not_uids_is_refused(start_node, tmp_path):
     source = get_testdata_file("bad_sequence.dcm")
     if source is None:
         missing_peer("needs pydicom-data (installed by make test)")
-    node = start_node()
+    node = start_node(extra_toml=RECEIVE_ONLY)
     src = tmp_path / "bad_sequence.dcm"
     shutil.copy(source, src)
     result = storescu(node, [src], "-xs")
@@ -210,7 +214,7 @@ def test_real_file_whose_uids_are_not_uids_is_refused(start_node, tmp_path):
 
 
 def test_unlisted_calling_ae_is_refused(start_node):
-    node = start_node(allowed=["CT-SCANNER-1"])
+    node = start_node(allowed=["CT-SCANNER-1"], extra_toml=RECEIVE_ONLY)
     refused = dcmtk.echoscu(node.port, called_ae=node.ae_title, calling_ae="INTRUDER")
     assert refused.returncode != 0
     assert "Calling AE Title Not Recognized" in refused.stderr
@@ -225,7 +229,7 @@ def _all_files(root: Path) -> set[Path]:
 
 @pytest.mark.parametrize("attribute", ["StudyInstanceUID", "SeriesInstanceUID"])
 def test_uid_path_traversal_is_refused_and_nothing_written_outside_the_spool(start_node, tmp_path, attribute):
-    node = start_node()
+    node = start_node(extra_toml=RECEIVE_ONLY)
     series = write_ct_series(tmp_path / "in", slices=1, size=16, seed=11)
     ds = pydicom.dcmread(series.paths[0])
     setattr(ds, attribute, "1.2.3/../../../../escaped")
@@ -270,7 +274,7 @@ def _raw_store(port: int, ae_title: str, payload: bytes, sop_uid: str) -> int:
 
 
 def test_garbled_and_truncated_datasets_get_failure_status_and_the_node_keeps_serving(start_node, tmp_path):
-    node = start_node()
+    node = start_node(extra_toml=RECEIVE_ONLY)
     series = write_ct_series(tmp_path / "in", slices=2, size=32, seed=5)
     good = dataset_bytes(series.paths[0])
     truncated = _raw_store(node.port, node.ae_title, good[: len(good) // 2], series.sop_uids[0])

@@ -340,6 +340,7 @@ end
 """
 
 
+@pytest.mark.one_backend  # own results sent back run on both backends in test_own_results_sent_back_make_nothing_new
 @pytest.mark.parametrize("window", [
     pytest.param(FIXED_POINT_WINDOW_SECONDS, id="window-20s"),
     pytest.param(FIXED_POINT_WINDOW_SLOW_SECONDS, id="window-2min", marks=pytest.mark.slow),

@@ -82,15 +82,15 @@ def test_model_eval_prints_auc_and_dice(tiny_set: Path, tmp_path: Path, capsys: 
     assert len(res["per_case"]) == 4
     card = json.loads((Registry(weights).folder("classifier") / CARD_FILE).read_text())
     assert card["metrics"]["test"]["cases"] == 4
-    # the same models again, paired with that result: nothing differs; a file of other cases is refused
-    rc = _run(["model-eval", "--data", str(tiny_set), "--weights-dir", str(weights), "--compare-with",
-               str(tmp_path / "r.json"), "--json", str(tmp_path / "again.json"), "--quiet"])
-    assert rc == 0
-    out = capsys.readouterr().out
-    assert "on the same 4 cases" in out and "difference +0.000" in out
-    assert json.loads((tmp_path / "again.json").read_text())["comparison"]["mcnemar"]["discordant"] == 0
+    # the same models again on the first two cases, paired with that result's first two: nothing differs
     res["per_case"] = res["per_case"][:2]
     (tmp_path / "two.json").write_text(json.dumps(res))
-    assert _run(["model-eval", "--data", str(tiny_set), "--weights-dir", str(weights), "--compare-with",
-                 str(tmp_path / "two.json"), "--quiet"]) == 1
-    assert "not run on the same cases" in capsys.readouterr().err
+    rc = _run(["model-eval", "--data", str(tiny_set), "--weights-dir", str(weights), "--limit", "2", "--compare-with",
+               str(tmp_path / "two.json"), "--json", str(tmp_path / "again.json"), "--quiet"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "on the same 2 cases" in out and "difference +0.000" in out
+    assert json.loads((tmp_path / "again.json").read_text())["comparison"]["mcnemar"]["discordant"] == 0
+    # an unreadable comparison file is refused before any evaluation
+    assert _run(["model-eval", "--data", str(tiny_set), "--compare-with", str(tmp_path / "none.json")]) == 1
+    assert "cannot read --compare-with" in capsys.readouterr().err
