@@ -50,33 +50,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 BACKENDS = ("sqlite", "postgres")
 
-# The longest test files (measured: --durations, 2-core machine), run first. `make test` hands whole files to two
-# xdist workers (--dist loadfile) in collection order, so a long file collected last (the cross-validation tests are
-# in tests/unit/training/) kept one worker busy for minutes after the other had finished. Longest first evens them.
-LONGEST_FIRST = (
-    "tests/integration/test_routing_senders.py",
-    "tests/integration/test_end_to_end.py",
-    "tests/unit/training/test_crossval.py",
-    "tests/integration/test_viewer_browser.py",
-    "tests/integration/test_receive_dcmtk.py",
-    "tests/integration/test_supervised.py",
-)
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Move the files in `LONGEST_FIRST` to the front, in that order; every file keeps its own tests' order."""
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    root = Path(str(config.rootpath))
-
-    def key(item: pytest.Item) -> int:
-        try:
-            name = Path(str(item.path)).relative_to(root).as_posix()
-        except ValueError:
-            return len(rank)
-        return rank.get(name, len(rank))
-
-    items.sort(key=key)  # stable: the rest keep their collection order
-
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """``--node-db=both``: every integration test whose nodes take `node_database` runs on SQLite and on
