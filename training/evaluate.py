@@ -107,6 +107,7 @@ def evaluate(
                 "raw_probability": c.raw_probability if c.raw_probability is not None else c.probability,
                 "classifier_probability": (c.classifier_probability if c.classifier_probability is not None
                                            else c.probability),
+                "lesion_features": [float(v) for v in s.evidence.features()] if s.evidence is not None else None,
                 "attention_hit": bool(les_per_slice[int(np.argmax(c.attention))] > 0) if les_per_slice.any() else None,
                 "lung_dice": dice(s.lungs, m["lungs"]),
                 "lesion_dice": dice(s.lesion, m["lesion"]) if m["lesion"].any() else None,

@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 
 from models.lesion_evidence import CLASSIFIER_TERM, FEATURES, LesionFusion, logit
-from models.preprocess import PreprocessError, load_series
 from models.registry import CARD_FILE, MODEL_FILE, Registry, RegistryError
-from training.train import TrainingError, describe_data, read_table, series_files, youden_threshold
+from training.stats import decision_metrics, roc_auc
+from training.train import TrainingError, describe_data, youden_threshold
 
 MIN_PER_CLASS = 10  # cases of each class the fit set needs
 
@@ -53,29 +53,16 @@ def _seeds_of(card: dict[str, Any]) -> set[int]:
 
 def fusion_inputs(data: Path, registry: Registry, *, base_version: str | None, segmenter_version: str | None,
                   progress: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(labels, base calibrated probabilities, lesion features (cases, len(FEATURES))) over ``data``."""
-    from tqdm import tqdm
+    """(labels, base calibrated probabilities, lesion features (cases, len(FEATURES))) over ``data``: the
+    evaluation's own pass (`training.evaluate.evaluate`, the node's path) with the base classifier."""
+    from training.evaluate import evaluate
 
-    from models.clinical import from_header
-
-    clf, seg = registry.classifier(base_version), registry.segmenter(segmenter_version)
-    if clf.fusion is not None:
-        raise TrainingError(f"classifier {clf.version} already fuses lesion evidence; name its base version")
-    table = read_table(data)
-    y, p, feats = [], [], []
-    for row in tqdm(table.itertuples(), total=len(table), desc="fusion inputs", disable=not progress):
-        try:
-            vol = load_series(series_files(data, str(row.dicom_dir)))
-        except PreprocessError as exc:
-            raise TrainingError(f"case {row.case_id}: {exc}") from exc
-        s = seg.predict(vol)
-        assert s.evidence is not None
-        c = clf.predict(vol, clinical=from_header(vol.datasets[0] if vol.datasets else None, age=vol.patient_age,
-                                                  sex=vol.patient_sex))
-        y.append(int(row.label))
-        p.append(c.probability)
-        feats.append(s.evidence.features())
-    return np.array(y), np.array(p), np.array(feats)
+    if registry.classifier(base_version).fusion is not None:
+        raise TrainingError(f"classifier {base_version} already fuses lesion evidence; name its base version")
+    rows = evaluate(data, registry, classifier_version=base_version, segmenter_version=segmenter_version,
+                    progress=progress)["per_case"]
+    return (np.array([r["label"] for r in rows]), np.array([r["probability"] for r in rows]),
+            np.array([r["lesion_features"] for r in rows]))
 
 
 def fit(y: np.ndarray, p: np.ndarray, features: np.ndarray, segmenter: tuple[str, str],
@@ -96,11 +83,8 @@ def fit(y: np.ndarray, p: np.ndarray, features: np.ndarray, segmenter: tuple[str
 
 
 def _metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
-    from sklearn.metrics import roc_auc_score
-
-    pred = p >= threshold
-    return {"roc_auc": float(roc_auc_score(y, p)), "sensitivity": float((pred & (y == 1)).sum() / (y == 1).sum()),
-            "specificity": float((~pred & (y == 0)).sum() / (y == 0).sum())}
+    d = decision_metrics(y, (p >= threshold).astype(int))
+    return {"roc_auc": roc_auc(y, p), "sensitivity": d["sensitivity"], "specificity": d["specificity"]}
 
 
 def fit_lesion_fusion(data: Path, registry: Registry, *, base_version: str | None, segmenter_version: str | None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -62,12 +63,11 @@ def test_the_fused_probability_is_the_cards_regression_over_the_real_segmenters_
     plain = Registry().classifier("2.0.0").predict(volume)
     assert out.classifier_probability == pytest.approx(plain.probability, abs=1e-6)
     # more lesion evidence, higher probability (positive coefficients); no evidence: no verdict
-    more = type(seg.evidence)(seg.evidence.max_probability + 0.05, seg.evidence.pixels + 50, seg.evidence.segmenter,
-                              seg.evidence.grid)
+    more = replace(seg.evidence, max_probability=seg.evidence.max_probability + 0.05, pixels=seg.evidence.pixels + 50)
     assert runner.classifier.predict(volume, lesion=more).probability > out.probability
     with pytest.raises(InferenceError, match="none was given"):
         runner.classify(volume)
-    short = type(seg.evidence)(seg.evidence.max_probability[:3], seg.evidence.pixels[:3], seg.evidence.segmenter, 128)
+    short = replace(seg.evidence, max_probability=seg.evidence.max_probability[:3], pixels=seg.evidence.pixels[:3])
     with pytest.raises(InferenceError, match="3 slices"):
         runner.classify(volume, short)
 
