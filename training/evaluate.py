@@ -235,7 +235,7 @@ def compare(new: dict[str, Any], old: dict[str, Any], *, n: int = 2000, seed: in
     of each and their difference with a paired bootstrap 95 % CI, accuracy at each card's threshold, McNemar on
     the cases exactly one gets right, and the subtle-lesion sensitivity of each. Raises TrainingError when the two
     were not run on the same cases."""
-    from training.stats import mcnemar
+    from training.stats import decision_metrics, mcnemar
 
     a, b = new["per_case"], old["per_case"]
     if [r["case_id"] for r in a] != [r["case_id"] for r in b] or new["dataset"] != old["dataset"]:
@@ -245,14 +245,13 @@ def compare(new: dict[str, Any], old: dict[str, Any], *, n: int = 2000, seed: in
     ta, tb = new["classifier"]["threshold"], old["classifier"]["threshold"]
     ca, cb = (pa >= ta) == (y == 1), (pb >= tb) == (y == 1)
     subtle = np.array([r["subtle"] for r in a]) == 1
+    da, db = (decision_metrics(y, (p >= t).astype(int)) for p, t in ((pa, ta), (pb, tb)))
     return {
         "new": new["versions"], "old": old["versions"], "cases": len(y),
         "roc_auc": {"new": _auc(y, pa), "old": _auc(y, pb), "difference": _auc(y, pa) - _auc(y, pb),
                     "difference_ci95": bootstrap_ci((y, pa, pb), lambda yy, x, z: _auc(yy, x) - _auc(yy, z), n=n,
                                                     seed=seed)},
-        "accuracy": {"new": float(ca.mean()), "old": float(cb.mean())},
-        "sensitivity": {"new": float(ca[y == 1].mean()), "old": float(cb[y == 1].mean())},
-        "specificity": {"new": float(ca[y == 0].mean()), "old": float(cb[y == 0].mean())},
+        **{k: {"new": da[k], "old": db[k]} for k in ("accuracy", "sensitivity", "specificity")},
         "subtle_sensitivity": {"new": float(ca[subtle].mean()) if subtle.any() else None,
                                "old": float(cb[subtle].mean()) if subtle.any() else None,
                                "cases": int(subtle.sum())},

@@ -1,6 +1,6 @@
 """Fit a classifier version's lesion fusion (`models.lesion_evidence`) on a phantom set neither model trained on.
 
-``fit_lesion_fusion(data, registry, base_version=…, segmenter_version=…, version=…, out=…)`` runs the node's own
+``fit_lesion_fusion(data, registry, base_version=…, segmenter_version=…, version=…)`` runs the node's own
 path over every case of ``data`` (``load_series`` → ``Segmenter.predict`` → ``Classifier.predict`` with the
 clinical inputs the header offers), fits a logistic regression (scikit-learn, C = 1, as the evaluation's
 lesion-evidence arm) of the label on the base classifier's calibrated logit and the segmenter's four lesion
@@ -54,11 +54,10 @@ def _seeds_of(card: dict[str, Any]) -> set[int]:
 def fusion_inputs(data: Path, registry: Registry, *, base_version: str | None, segmenter_version: str | None,
                   progress: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(labels, base calibrated probabilities, lesion features (cases, len(FEATURES))) over ``data``: the
-    evaluation's own pass (`training.evaluate.evaluate`, the node's path) with the base classifier."""
+    evaluation's own pass (`training.evaluate.evaluate`, the node's path) with the base classifier (one that does
+    not fuse: `fit_lesion_fusion` checks)."""
     from training.evaluate import evaluate
 
-    if registry.classifier(base_version).fusion is not None:
-        raise TrainingError(f"classifier {base_version} already fuses lesion evidence; name its base version")
     rows = evaluate(data, registry, classifier_version=base_version, segmenter_version=segmenter_version,
                     progress=progress)["per_case"]
     return (np.array([r["label"] for r in rows]), np.array([r["probability"] for r in rows]),
@@ -66,8 +65,9 @@ def fusion_inputs(data: Path, registry: Registry, *, base_version: str | None, s
 
 
 def fit(y: np.ndarray, p: np.ndarray, features: np.ndarray, segmenter: tuple[str, str],
-        fitted_on: str) -> tuple[LesionFusion, float]:
-    """The fusion and its Youden threshold on (y, p, features). Raises TrainingError on too few cases."""
+        fitted_on: str) -> tuple[LesionFusion, float, np.ndarray]:
+    """The fusion, its Youden threshold and its (in-sample) probabilities on (y, p, features). Raises
+    TrainingError on too few cases."""
     from sklearn.linear_model import LogisticRegression
 
     pos, neg = int((y == 1).sum()), int((y == 0).sum())
@@ -79,7 +79,7 @@ def fit(y: np.ndarray, p: np.ndarray, features: np.ndarray, segmenter: tuple[str
     fusion = LesionFusion(segmenter, dict(zip((CLASSIFIER_TERM, *FEATURES), map(float, model.coef_[0]), strict=True)),
                           float(model.intercept_[0]), fitted_on)
     fused = model.predict_proba(x)[:, 1]
-    return fusion, float(youden_threshold(y.tolist(), fused.tolist()))
+    return fusion, float(youden_threshold(y.tolist(), fused.tolist())), fused
 
 
 def _metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
@@ -109,8 +109,7 @@ def fit_lesion_fusion(data: Path, registry: Registry, *, base_version: str | Non
                                 progress=progress)
     seconds = time.perf_counter() - t0
     fitted_on = f"{dataset['path']} ({len(y)} phantoms, seed {dataset['seed']}, new to both models)"
-    fusion, threshold = fit(y, p, feats, (seg.name, seg.version), fitted_on)
-    fused = np.array([fusion.probability_of(pi, f) for pi, f in zip(p, feats, strict=True)])
+    fusion, threshold, fused = fit(y, p, feats, (seg.name, seg.version), fitted_on)
     card = copy.deepcopy(base_card)
     for key in ("candidate", "candidate_reason"):
         card.pop(key, None)
