@@ -21,6 +21,16 @@ Metrics: each child gets ``PROMETHEUS_MULTIPROC_DIR`` = ``<data_dir>/metrics`` (
 so ``/metrics`` on any listener merges every process's counters (node.metrics); a dead child's live-only gauge
 files are removed (`mark_process_dead`), its counters stay counted.
 
+Children start by ``fork`` (``[node] child_start = "fork"``, the default where the platform has it): the supervisor
+has imported the stages' modules (`PRELOAD`, never TensorFlow) before the first child, so a child starts with them
+instead of spending ~1.5 s of CPU importing them again (restarts too), shares their memory pages until it writes
+to them, and runs the same code as its supervisor even after the package was upgraded on disk. Fork safety: the
+supervisor forks from its main thread and holds `_fork_lock` across each fork, which the one other thread it can
+have (the SIGHUP reload) also holds while it logs and signals, so no lock of ours is copied held; the stop signals
+are blocked across the fork and set back to their defaults in the child before it runs ``pacsnode serve --role R``
+as the exec'd child would (`fork_child`), ending with ``os._exit``, never returning into the supervisor's code.
+``child_start = "exec"`` runs each child as a fresh ``python -m node.cli serve --role R`` instead.
+
 A child asks the kernel for SIGTERM when the supervisor dies (``PR_SET_PDEATHSIG``, `die_with_parent`) and also
 stops when its parent pid changes, so a supervisor killed with SIGKILL leaves no orphan listening on the ports.
 """
@@ -29,6 +39,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
+import importlib
 import json
 import os
 import shutil
@@ -37,11 +49,12 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn, Protocol
 
 from prometheus_client.multiprocess import mark_process_dead
 
@@ -51,7 +64,7 @@ from node.logs import get_logger
 from node.metrics import MULTIPROC_ENV
 from node.roles import Identity
 from node.signals import StopSignals
-from node.states import Role
+from node.states import ChildStart, Role
 from node.supervise import EXIT_LOOP_FAILED, restart_delay
 
 TABLE_FILE = "processes.json"
@@ -59,6 +72,109 @@ REPORTS_DIR = "processes"  # one health report per child
 METRICS_DIR = "metrics"  # the children's shared prometheus_client files (node.metrics)
 REPORT_STALE_SECONDS = 15.0  # a live child that has not reported for this long is reported as a problem
 _PR_SET_PDEATHSIG = 1
+_STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+# What the supervisor imports before forking children: every role's stages (node.service pulls in the front doors,
+# the worker's loop without its models, the dispatcher's senders). TensorFlow is never imported here: the worker's
+# model runner imports it in the worker alone.
+PRELOAD = ("node.service", "node.acceptor", "node.http", "node.dicomweb", "node.admin", "node.prefetch")
+
+
+class ChildProcess(Protocol):
+    """What the supervisor needs of a child process: `subprocess.Popen`'s methods of these names."""
+
+    pid: int
+    returncode: int | None
+
+    def poll(self) -> int | None: ...
+    def wait(self, timeout: float | None = None) -> int: ...
+    def send_signal(self, sig: int) -> None: ...
+    def kill(self) -> None: ...
+
+
+class ForkedChild:
+    """A child started by `fork_child`, with the `subprocess.Popen` methods the supervisor uses (``returncode``:
+    the exit status, or minus the signal that ended it, as Popen reports it)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped elsewhere: it has ended, its status is lost
+                self.returncode = -1
+                return self.returncode
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (code := self.poll()) is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout or 0.0)
+            time.sleep(0.01)
+        return code
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def preload(modules: Sequence[str] = PRELOAD) -> None:
+    """Import ``modules`` here, then move every object made so far out of the garbage collector's reach
+    (`gc.freeze`), so children forked after it neither import them again nor copy their pages by collecting."""
+    for name in modules:
+        importlib.import_module(name)
+    gc.collect()
+    gc.freeze()
+
+
+def fork_child(run: Callable[[], int], env: Mapping[str, str]) -> ForkedChild:
+    """Fork a child that runs ``run()`` (its exit status) with ``env`` added to its environment, in its own process
+    group. The stop signals are blocked across the fork, so neither side runs a handler on the other's state."""
+    for stream in (sys.stdout, sys.stderr):  # nothing buffered here is written twice
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            _run_forked(run, env, mask)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    return ForkedChild(pid)
+
+
+def _run_forked(run: Callable[[], int], env: Mapping[str, str], mask: Iterable[int]) -> NoReturn:
+    """The forked child: what a fresh interpreter would start with (default stop signals, its own process group,
+    ``env``, prometheus_client's value class for that environment), then ``run``; ends the process whatever
+    happens, never unwinding into the supervisor's frames."""
+    code = 1
+    try:
+        os.setpgid(0, 0)
+        for signum in _STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        os.environ.update(env)
+        from prometheus_client import values  # its value class was chosen by the environment at its import
+
+        values.ValueClass = values.get_value_class()
+        code = run()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:  # noqa: BLE001 - whatever it is, this process ends here
+        traceback.print_exc()
+    finally:
+        from node.service import exit_now
+
+        exit_now(code)
 
 
 @dataclass
@@ -67,7 +183,7 @@ class Child:
 
     role: Role
     index: int
-    proc: subprocess.Popen[bytes] | None = None
+    proc: ChildProcess | None = None
     restarts: int = 0
     deaths: deque[float] = field(default_factory=deque)  # monotonic times of deaths within the window
     due_at: float | None = None  # when a pending restart may run
@@ -112,6 +228,8 @@ class ProcessSupervisor:
         self.pid_file = config.node.data_dir / "pacsnode.pid"
         self._clock = clock
         self._stop = threading.Event()
+        self._fork_lock = threading.Lock()  # held across each fork and by the reload thread (module docstring)
+        self.fork = config.node.child_start is ChildStart.FORK and hasattr(os, "fork")
         self._log = get_logger(component="processes", instance_id=self.identity.instance_id)
 
     # -- lifecycle -----------------------------------------------------------------------------------------
@@ -139,17 +257,31 @@ class ProcessSupervisor:
         self.pid_file.write_text(f"{os.getpid()}\n")
         self._fresh_metrics_dir()
         self._audit(lambda a: a.application(started=True))  # one start/stop per node, not one per child
+        if self.fork:
+            preload()
         for child in self.children:
             self._spawn(child)
         self._write_table()
         self._log.info("processes_started", processes=[c.name for c in self.children])
 
     def _command(self, child: Child) -> list[str]:
-        cmd = [sys.executable, "-m", "node.cli", "serve", "--role", child.role.value,
-               "--child-index", str(child.index), "--supervisor-pid", str(os.getpid()), "--log-level", self.log_level]
+        """``child_start = "exec"``: the command line of ``child``."""
+        return [sys.executable, "-m", "node.cli", *self._arguments(child)]
+
+    def _child_main(self, child: Child) -> Callable[[], int]:
+        """``child_start = "fork"``: what the forked ``child`` runs (`node.cli.main` on its arguments)."""
+        from node.cli import main
+
+        arguments = self._arguments(child)
+        return lambda: main(arguments)
+
+    def _arguments(self, child: Child) -> list[str]:
+        """The ``pacsnode`` arguments of ``child``: ``serve --role R`` and how to find its supervisor and config."""
+        args = ["serve", "--role", child.role.value, "--child-index", str(child.index),
+                "--supervisor-pid", str(os.getpid()), "--log-level", self.log_level]
         if self.config_path is not None:
-            cmd += ["--config", str(self.config_path)]
-        return cmd
+            args += ["--config", str(self.config_path)]
+        return args
 
     @property
     def metrics_dir(self) -> Path:
@@ -163,8 +295,12 @@ class ProcessSupervisor:
     def _spawn(self, child: Child) -> None:
         # Its own process group: a terminal's Ctrl-C reaches the supervisor alone, which forwards one SIGTERM
         # (a second signal straight from the terminal would force the children's exit).
-        env = {**os.environ, MULTIPROC_ENV: str(self.metrics_dir)}
-        child.proc = subprocess.Popen(self._command(child), process_group=0, env=env)  # noqa: S603 - our arguments
+        if self.fork:
+            with self._fork_lock:
+                child.proc = fork_child(self._child_main(child), {MULTIPROC_ENV: str(self.metrics_dir)})
+        else:
+            env = {**os.environ, MULTIPROC_ENV: str(self.metrics_dir)}
+            child.proc = subprocess.Popen(self._command(child), process_group=0, env=env)  # noqa: S603 - ours
         child.started_at = time.time()
         child.due_at = None
         self._log.info("process_started", process=child.name, pid=child.proc.pid)
@@ -247,6 +383,10 @@ class ProcessSupervisor:
     def reload(self) -> bool:
         """Validate the config file; then SIGHUP each child (each reloads it, `Service.reload`). A file that does
         not load is refused here and no child is signalled."""
+        with self._fork_lock:  # no fork copies a lock this thread holds (module docstring)
+            return self._reload()
+
+    def _reload(self) -> bool:
         from node.service import restart_only_changes
 
         source = str(self.config_path) if self.config_path else None
@@ -355,5 +495,5 @@ def die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
-__all__ = ["TABLE_FILE", "Child", "ProcessSupervisor", "children_for", "die_with_parent", "read_table",
-           "write_report"]
+__all__ = ["PRELOAD", "TABLE_FILE", "Child", "ChildProcess", "ForkedChild", "ProcessSupervisor", "children_for",
+           "die_with_parent", "fork_child", "preload", "read_table", "write_report"]

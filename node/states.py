@@ -118,6 +118,13 @@ class Role(StrEnum):
     DISPATCHER = "dispatcher"  # delivery threads, storage commitment, reachability, retention
 
 
+class ChildStart(StrEnum):
+    """How the supervisor starts a role child: ``[node] child_start`` (node.processes)."""
+
+    FORK = "fork"  # a copy of the supervisor, which has imported the stages' modules (the default on Linux)
+    EXEC = "exec"  # a fresh interpreter running ``python -m node.cli serve --role R``
+
+
 class ProcessModel(StrEnum):
     """How ``pacsnode serve`` (role all) runs the roles: ``[node] process_model``."""
 

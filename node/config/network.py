@@ -15,7 +15,7 @@ from pydantic import (
 )
 
 from node.config.base import AETitle, Port, _check_uid_root, _Frozen
-from node.states import ClientCertificates, ProcessModel
+from node.states import ChildStart, ClientCertificates, ProcessModel
 
 
 class NodeSection(_Frozen):
@@ -64,6 +64,7 @@ class NodeSection(_Frozen):
     instance_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,39}$")] | None = None  # None: hostname
     process_model: ProcessModel = ProcessModel.PROCESSES
     listener_processes: Annotated[int, Field(ge=1, le=64)] = 1  # listener children sharing the ports (processes)
+    child_start: ChildStart = ChildStart.FORK  # how the supervisor starts its children (node.processes)
     wake_poll_seconds: Annotated[float, Field(gt=0, le=10)] = 0.1  # a role process polls the database this often
     # Which spool this process writes (node.spools): recorded on each instance row with the path relative to the
     # spool root, so processes on other hosts find the file through their [spools] mount points. None: one machine,

@@ -1,27 +1,46 @@
-"""The process supervisor (node.processes) with real child processes standing in for the roles: the restart
-back-off and budget, the exit status when a child keeps dying, the process table, SIGTERM forwarding."""
+"""The process supervisor (node.processes) with real child processes standing in for the roles, started both ways
+(``child_start``: fork, exec): the restart back-off and budget, the exit status when a child keeps dying, the
+process table, SIGTERM forwarding; what a forked child starts with."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
+from collections.abc import Callable
+
+import pytest
 
 from node.config import NodeConfig
-from node.processes import ProcessSupervisor, children_for, read_table, write_report
+from node.processes import ForkedChild, ProcessSupervisor, children_for, fork_child, read_table, write_report
 from node.states import Role
 from node.supervise import EXIT_LOOP_FAILED
 from peers.process import free_port, wait_until
 
+# What each stand-in child does, as a command (exec) and as a function (fork).
+STAND_INS: dict[str, tuple[list[str], Callable[[], int]]] = {
+    "exit 3": (["sh", "-c", "exit 3"], lambda: 3),
+    "sleep": (["sleep", "60"], lambda: (time.sleep(60), 0)[1]),
+}
 
-def supervisor(tmp_path, command: list[str], **supervise: float) -> ProcessSupervisor:
+
+def supervisor(tmp_path, start: str, stand_in: str, **supervise: float) -> ProcessSupervisor:
     config = NodeConfig.model_validate({
         "node": {"data_dir": str(tmp_path / "data"), "port": free_port(), "http_port": free_port(),
-                 "listener_processes": 2, "instance_id": "unit"},
+                 "listener_processes": 2, "instance_id": "unit", "child_start": start},
         "worker": {"enabled": False},
         "supervise": {"restart_backoff_seconds": 0.05, **supervise},
     })
     sup = ProcessSupervisor(config, None)
+    command, run = STAND_INS[stand_in]
     sup._command = lambda child: command  # type: ignore[method-assign]
+    sup._child_main = lambda child: run  # type: ignore[method-assign]
     return sup
+
+
+@pytest.fixture(params=["fork", "exec"])
+def start(request: pytest.FixtureRequest) -> str:
+    return request.param
 
 
 def test_children_follow_the_config(tmp_path):
@@ -30,8 +49,8 @@ def test_children_follow_the_config(tmp_path):
         "dispatcher-0", "worker-0", "listener-0", "listener-1", "listener-2"]
 
 
-def test_a_child_that_keeps_dying_is_restarted_then_stops_the_node_with_exit_70(tmp_path):
-    sup = supervisor(tmp_path, ["sh", "-c", "exit 3"], max_restarts=2)
+def test_a_child_that_keeps_dying_is_restarted_then_stops_the_node_with_exit_70(tmp_path, start):
+    sup = supervisor(tmp_path, start, "exit 3", max_restarts=2)
     sup.start()
     try:
         wait_until(lambda: sup._stop.is_set() or (sup.check() and False), 30, "the restart budget to run out")
@@ -42,8 +61,8 @@ def test_a_child_that_keeps_dying_is_restarted_then_stops_the_node_with_exit_70(
     assert died and all(c.last_exit == 3 for c in died)
 
 
-def test_the_table_shows_a_restart_and_sigterm_reaches_every_child(tmp_path):
-    sup = supervisor(tmp_path, ["sleep", "60"], max_restarts=5)
+def test_the_table_shows_a_restart_and_sigterm_reaches_every_child(tmp_path, start):
+    sup = supervisor(tmp_path, start, "sleep", max_restarts=5)
     sup.start()
     try:
         table = read_table(sup.config.node.data_dir)
@@ -72,7 +91,7 @@ def test_the_table_shows_a_restart_and_sigterm_reaches_every_child(tmp_path):
 
 
 def test_a_child_s_own_report_shows_in_the_table_and_goes_stale(tmp_path, monkeypatch):
-    sup = supervisor(tmp_path, ["sleep", "60"])
+    sup = supervisor(tmp_path, "exec", "sleep")
     sup.start()
     data = sup.config.node.data_dir
     try:
@@ -88,3 +107,85 @@ def test_a_child_s_own_report_shows_in_the_table_and_goes_stale(tmp_path, monkey
         assert stale["listener-0"]["problems"][-1].startswith("no health report for")
     finally:
         sup.stop(10)
+
+
+def test_a_forked_child_starts_as_a_fresh_process_would(tmp_path):
+    """Default stop signals (the parent's handler is not inherited), its own process group, the environment given,
+    prometheus_client's multiprocess values for it, and an exit status even from an exception; the parent's own
+    handler and signal mask are as before the fork."""
+    seen = tmp_path / "seen"
+    handled: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: handled.append(signum))
+
+    def child() -> int:
+        from prometheus_client import values
+
+        state = (signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, os.getpgid(0) == os.getpid(),
+                 os.environ.get("PROMETHEUS_MULTIPROC_DIR"), values.ValueClass.__name__,
+                 sorted(signal.pthread_sigmask(signal.SIG_BLOCK, [])))
+        seen.write_text(repr(state), encoding="utf-8")
+        time.sleep(60)
+        return 0
+
+    try:
+        metrics = tmp_path / "metrics"
+        metrics.mkdir()
+        proc = fork_child(child, {"PROMETHEUS_MULTIPROC_DIR": str(metrics)})
+        wait_until(lambda: seen.exists() and seen.read_text(), 30, "the child to start")
+        assert seen.read_text() == repr((True, True, str(metrics), "MmapedValue", []))
+        assert proc.poll() is None
+        with pytest.raises(Exception, match="pid"):
+            proc.wait(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == -signal.SIGTERM  # the default action, as Popen reports it
+        assert not handled and signal.pthread_sigmask(signal.SIG_BLOCK, []) == set()
+
+        def boom() -> int:
+            raise RuntimeError("a bug in a role")
+
+        assert fork_child(boom, {}).wait(10) == 1
+        assert fork_child(lambda: 3, {}).wait(10) == 3
+        proc.kill()  # a child that has ended: nothing to signal, no error
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_forked_children_run_the_node_roles(tmp_path):
+    """The default start: a supervisor forks real role children (`pacsnode serve --role R`) that listen on the
+    DIMSE port and report their health; the supervisor imported the stages first. (That only the worker maps
+    TensorFlow, forked from a supervisor that never imports it: tests/integration/test_processes.py.)"""
+    import sys
+
+    from node.config import load_config
+
+    path = tmp_path / "node.toml"
+    path.write_text(f"""[node]
+host = "127.0.0.1"
+port = {free_port()}
+http_port = {free_port()}
+data_dir = "{tmp_path / 'data'}"
+instance_id = "unit"
+[worker]
+enabled = false
+""")
+    config = load_config(path)
+    sup = ProcessSupervisor(config, path)
+    assert sup.fork
+    sup.start()
+    try:
+        assert all(isinstance(c.proc, ForkedChild) for c in sup.children)
+        assert "node.service" in sys.modules
+
+        def healthy() -> bool:
+            entries = read_table(config.node.data_dir)["processes"]
+            return all(p["alive"] and not p["problems"] for p in entries)
+
+        wait_until(healthy, 60, "both children to report healthy")
+        listener = next(c for c in sup.children if c.role is Role.LISTENER)
+        assert listener.proc is not None and os.getpgid(listener.proc.pid) == listener.proc.pid
+        from peers.process import wait_for_port
+
+        wait_for_port(config.node.port, 10)
+    finally:
+        sup.stop(20)
+    assert all(c.proc is not None and c.proc.returncode == 0 for c in sup.children)  # their own clean stop
