@@ -72,6 +72,7 @@ REPORTS_DIR = "processes"  # one health report per child
 METRICS_DIR = "metrics"  # the children's shared prometheus_client files (node.metrics)
 REPORT_STALE_SECONDS = 15.0  # a live child that has not reported for this long is reported as a problem
 _PR_SET_PDEATHSIG = 1
+_PR_SET_NAME = 15
 _STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 # What the supervisor imports before forking children: every role's stages (node.service pulls in the front doors,
 # the worker's loop without its models, the dispatcher's senders). TensorFlow is never imported here: the worker's
@@ -136,9 +137,11 @@ def preload(modules: Sequence[str] = PRELOAD) -> None:
     gc.freeze()
 
 
-def fork_child(run: Callable[[], int], env: Mapping[str, str]) -> ForkedChild:
+def fork_child(run: Callable[[], int], env: Mapping[str, str], name: str = "") -> ForkedChild:
     """Fork a child that runs ``run()`` (its exit status) with ``env`` added to its environment, in its own process
-    group. The stop signals are blocked across the fork, so neither side runs a handler on the other's state."""
+    group; ``name`` (e.g. ``listener-0``) becomes its thread name in ``ps -o comm``/``top``, where a forked child's
+    command line is its supervisor's. The stop signals are blocked across the fork, so neither side runs a handler
+    on the other's state."""
     for stream in (sys.stdout, sys.stderr):  # nothing buffered here is written twice
         with contextlib.suppress(OSError, ValueError):
             stream.flush()
@@ -146,19 +149,21 @@ def fork_child(run: Callable[[], int], env: Mapping[str, str]) -> ForkedChild:
     try:
         pid = os.fork()
         if pid == 0:
-            _run_forked(run, env, mask)
+            _run_forked(run, env, mask, name)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     return ForkedChild(pid)
 
 
-def _run_forked(run: Callable[[], int], env: Mapping[str, str], mask: Iterable[int]) -> NoReturn:
+def _run_forked(run: Callable[[], int], env: Mapping[str, str], mask: Iterable[int], name: str) -> NoReturn:
     """The forked child: what a fresh interpreter would start with (default stop signals, its own process group,
     ``env``, prometheus_client's value class for that environment), then ``run``; ends the process whatever
     happens, never unwinding into the supervisor's frames."""
     code = 1
     try:
         os.setpgid(0, 0)
+        if name:
+            _set_name(f"pacs-{name}")
         for signum in _STOP_SIGNALS:
             signal.signal(signum, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
@@ -297,7 +302,8 @@ class ProcessSupervisor:
         # (a second signal straight from the terminal would force the children's exit).
         if self.fork:
             with self._fork_lock:
-                child.proc = fork_child(self._child_main(child), {MULTIPROC_ENV: str(self.metrics_dir)})
+                child.proc = fork_child(self._child_main(child), {MULTIPROC_ENV: str(self.metrics_dir)},
+                                        child.name)
         else:
             env = {**os.environ, MULTIPROC_ENV: str(self.metrics_dir)}
             child.proc = subprocess.Popen(self._command(child), process_group=0, env=env)  # noqa: S603 - ours
@@ -484,6 +490,15 @@ def _running(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _set_name(name: str) -> None:
+    """This process's name as ``ps -o comm`` shows it (Linux: its first 15 bytes; a no-op elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
 
 
 def die_with_parent() -> None:

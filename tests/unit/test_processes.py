@@ -8,6 +8,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -183,6 +184,8 @@ enabled = false
         wait_until(healthy, 60, "both children to report healthy")
         listener = next(c for c in sup.children if c.role is Role.LISTENER)
         assert listener.proc is not None and os.getpgid(listener.proc.pid) == listener.proc.pid
+        comm = Path(f"/proc/{listener.proc.pid}/comm").read_text().strip()
+        assert comm == "pacs-listener-0"  # what ps and top show (15 bytes at most), not the supervisor's command
         from peers.process import wait_for_port
 
         wait_for_port(config.node.port, 10)
