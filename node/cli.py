@@ -84,7 +84,8 @@ def _serve_processes(args: argparse.Namespace, config: NodeConfig) -> int:
 
 def _serve_role(args: argparse.Namespace, config: NodeConfig, role: Any) -> int:
     """``--role listener|worker|dispatcher``: that role's stages alone (a child of the supervisor, or on its own)."""
-    from node.processes import die_with_parent, read_table, write_report
+    from node.forking import die_with_parent
+    from node.processes import read_table, write_report
     from node.roles import Identity
     from node.service import Service, leave
 

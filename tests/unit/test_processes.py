@@ -1,4 +1,4 @@
-"""The process supervisor (node.processes) with real child processes standing in for the roles, started both ways
+"""The process supervisor (node.processes, node.forking) with real child processes standing in for the roles, started both ways
 (``child_start``: fork, exec): the restart back-off and budget, the exit status when a child keeps dying, the
 process table, SIGTERM forwarding; what a forked child starts with."""
 
@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from node.config import NodeConfig
-from node.processes import ForkedChild, ProcessSupervisor, children_for, fork_child, read_table, write_report
+from node.forking import ForkedChild, fork_child
+from node.processes import ProcessSupervisor, children_for, read_table, write_report
 from node.states import Role
 from node.supervise import EXIT_LOOP_FAILED
 from peers.process import free_port, wait_until
