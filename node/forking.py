@@ -5,11 +5,12 @@ Children start by ``fork`` (``[node] child_start = "fork"``, the default where t
 has imported the stages' modules (`PRELOAD`, never TensorFlow) before the first child, so a child starts with them
 instead of spending ~1.5 s of CPU importing them again (restarts too), shares their memory pages until it writes
 to them, and runs the same code as its supervisor even after the package was upgraded on disk. Fork safety: the
-supervisor forks from its main thread and holds a lock across each fork (`ProcessSupervisor._fork_lock`), which the one other thread it can
-have (the SIGHUP reload) also holds while it logs and signals, so no lock of ours is copied held; the stop signals
-are blocked across the fork and set back to their defaults in the child before it runs ``pacsnode serve --role R``
-as the exec'd child would (`fork_child`), ending with ``os._exit``, never returning into the supervisor's code.
-``child_start = "exec"`` runs each child as a fresh ``python -m node.cli serve --role R`` instead.
+supervisor forks from its main thread, holding a lock (`ProcessSupervisor._fork_lock`) that its SIGHUP reload
+thread also holds while it works, and the log streams' write locks (another thread, e.g. the audit trail's syslog
+sender, may be inside a log line; a child would inherit that lock held and hang at its first line); the stop
+signals are blocked across the fork and set back to their defaults in the child before it runs ``pacsnode serve
+--role R`` as the exec'd child would (`fork_child`), ending with ``os._exit``, never returning into the
+supervisor's code. ``child_start = "exec"`` runs each child as a fresh ``python -m node.cli serve --role R`` instead.
 
 A child asks the kernel for SIGTERM when the supervisor dies (``PR_SET_PDEATHSIG``, `die_with_parent`) and also
 stops when its parent pid changes, so a supervisor killed with SIGKILL leaves no orphan listening on the ports.
@@ -28,7 +29,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import NoReturn, Protocol
+from typing import Any, NoReturn, Protocol
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NAME = 15
@@ -101,18 +102,43 @@ def fork_child(run: Callable[[], int], env: Mapping[str, str], name: str = "") -
     """Fork a child that runs ``run()`` (its exit status) with ``env`` added to its environment, in its own process
     group; ``name`` (e.g. ``listener-0``) becomes its thread name in ``ps -o comm``/``top``, where a forked child's
     command line is its supervisor's. The stop signals are blocked across the fork, so neither side runs a handler
-    on the other's state."""
+    on the other's state, and the log streams' write locks are held across it (`_fork_holding`)."""
     for stream in (sys.stdout, sys.stderr):  # nothing buffered here is written twice
         with contextlib.suppress(OSError, ValueError):
             stream.flush()
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     try:
-        pid = os.fork()
-        if pid == 0:
-            _run_forked(run, env, mask, name)
-    finally:
+        pid = _fork_holding(_log_write_locks())
+    except BaseException:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        raise
+    if pid == 0:
+        _run_forked(run, env, mask, name)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     return ForkedChild(pid)
+
+
+def _log_write_locks() -> list[Any]:
+    """structlog's write locks, one per stream it writes log lines to: a thread of the supervisor inside a log line
+    at the fork would leave the child a copy of that lock held, and the child would hang at its first log line
+    (structlog keeps them in a module dict; none if a later structlog keeps them elsewhere)."""
+    try:
+        from structlog._output import WRITE_LOCKS
+    except ImportError:
+        return []
+    return list({id(lock): lock for lock in list(WRITE_LOCKS.values())}.values())
+
+
+def _fork_holding(locks: Sequence[Any]) -> int:
+    """`os.fork` with ``locks`` held across it (no other thread is inside them when the memory is copied), released
+    afterwards in both processes."""
+    for lock in locks:
+        lock.acquire()
+    try:
+        return os.fork()
+    finally:
+        for lock in reversed(locks):
+            lock.release()
 
 
 def _run_forked(run: Callable[[], int], env: Mapping[str, str], mask: Iterable[int], name: str) -> NoReturn:

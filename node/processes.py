@@ -62,6 +62,8 @@ TABLE_FILE = "processes.json"
 REPORTS_DIR = "processes"  # one health report per child
 METRICS_DIR = "metrics"  # the children's shared prometheus_client files (node.metrics)
 REPORT_STALE_SECONDS = 15.0  # a live child that has not reported for this long is reported as a problem
+
+
 @dataclass
 class Child:
     """One role process and its restart history."""
@@ -113,7 +115,7 @@ class ProcessSupervisor:
         self.pid_file = config.node.data_dir / "pacsnode.pid"
         self._clock = clock
         self._stop = threading.Event()
-        self._fork_lock = threading.Lock()  # held across each fork and by the reload thread (module docstring)
+        self._fork_lock = threading.Lock()  # held across each fork and by the reload thread (node.forking)
         self.fork = config.node.child_start is ChildStart.FORK and hasattr(os, "fork")
         self._log = get_logger(component="processes", instance_id=self.identity.instance_id)
 
@@ -269,7 +271,7 @@ class ProcessSupervisor:
     def reload(self) -> bool:
         """Validate the config file; then SIGHUP each child (each reloads it, `Service.reload`). A file that does
         not load is refused here and no child is signalled."""
-        with self._fork_lock:  # no fork copies a lock this thread holds (module docstring)
+        with self._fork_lock:  # no fork copies a lock this thread holds (node.forking)
             return self._reload()
 
     def _reload(self) -> bool:

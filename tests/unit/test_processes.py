@@ -193,3 +193,41 @@ enabled = false
     finally:
         sup.stop(20)
     assert all(c.proc is not None and c.proc.returncode == 0 for c in sup.children)  # their own clean stop
+
+
+def test_a_fork_while_another_thread_writes_log_lines_never_leaves_the_child_a_held_lock(tmp_path):
+    """The supervisor's SIGHUP reload or audit thread may be inside a log line when a child is forked: the child
+    must still be able to log (structlog's write lock is held across the fork, so the copy is never held)."""
+    import subprocess
+    import threading
+
+    import structlog
+
+    stream = (tmp_path / "log").open("w")
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            structlog.WriteLogger(stream).msg("x" * 200)
+
+    def child() -> int:
+        structlog.WriteLogger(stream).msg("child")
+        return 7
+
+    thread = threading.Thread(target=spin, daemon=True)
+    thread.start()
+    stuck = []
+    try:
+        for _ in range(40):
+            proc = fork_child(child, {})
+            try:
+                assert proc.wait(10) == 7
+            except subprocess.TimeoutExpired:
+                stuck.append(proc.pid)
+                proc.kill()
+                proc.wait(10)
+    finally:
+        stop.set()
+        thread.join(10)
+        stream.close()
+    assert stuck == []
