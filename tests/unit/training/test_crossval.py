@@ -27,22 +27,20 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def runs(data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """The same quick evaluation twice, through the CLI: the second reads the first one's array cache (and skips
-    the image-only ablation arm, to keep the suite short: its determinism is that of the main arm's code path)."""
+def run(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One quick evaluation through the CLI (with the image-only ablation arm). Its determinism is checked by the
+    tests that train folds again into other folders from its array cache (resume, only-folds)."""
     from training.train import SegmenterSettings, train_segmenter
 
     base = tmp_path_factory.mktemp("cv-out")
-    cache = base / "cache"
     tiny = SegmenterSettings(epochs=1, steps_per_epoch=2, grid=32, base=4, depth=2, batch_size=4)
     train_segmenter(data, base / "weights" / "segmenter" / "0.0.1", settings=tiny, version="0.0.1", progress=False,
                     log=lambda _: None)
-    for name in ("a", "b"):
-        rc = crossval.main(["evaluate", "--data", str(data), "--folds", "3", "--out", str(base / name), "--seed", "7",
-                            "--quick", "--quiet", "--bootstrap", "200", "--cache-dir", str(cache),
-                            "--weights-dir", str(base / "weights"), *(["--no-ablation"] if name == "b" else [])])
-        assert rc == 0
-    return base / "a", base / "b"
+    rc = crossval.main(["evaluate", "--data", str(data), "--folds", "3", "--out", str(base / "a"), "--seed", "7",
+                        "--quick", "--quiet", "--bootstrap", "200", "--cache-dir", str(base / "cache"),
+                        "--weights-dir", str(base / "weights")])
+    assert rc == 0
+    return base / "a"
 
 
 def _metrics(out: Path) -> dict:
@@ -53,8 +51,8 @@ def _without_ablation(out: Path) -> dict:
     return {k: v for k, v in _metrics(out).items() if k != "ablation"}
 
 
-def test_pooled_and_fold_metrics_match_sklearn(runs: tuple[Path, Path]) -> None:
-    out = runs[0]
+def test_pooled_and_fold_metrics_match_sklearn(run: Path) -> None:
+    out = run
     m = _metrics(out)
     pred = pd.read_csv(out / "predictions.csv")
     y, p, d, r = pred.label.to_numpy(), pred.probability.to_numpy(), pred.prediction.to_numpy(), pred.reader_label.to_numpy()
@@ -84,8 +82,8 @@ def test_pooled_and_fold_metrics_match_sklearn(runs: tuple[Path, Path]) -> None:
     assert lo <= pm["accuracy"] <= hi
 
 
-def test_folds_are_stratified_and_keep_patients_whole(runs: tuple[Path, Path]) -> None:
-    pred = pd.read_csv(runs[0] / "predictions.csv")
+def test_folds_are_stratified_and_keep_patients_whole(run: Path) -> None:
+    pred = pd.read_csv(run / "predictions.csv")
     assert sorted(pred.fold.unique()) == [1, 2, 3] and len(pred) == 12
     assert pred.groupby("patient_id").fold.nunique().max() == 1
     assert (pred.groupby("fold").label.sum() >= 1).all() and (pred.groupby("fold").label.count() == 4).all()
@@ -102,10 +100,10 @@ def test_outer_folds_group_patients_and_refuse_too_few() -> None:
         crossval.outer_folds(y, groups, 7, seed=1)
 
 
-def test_every_figure_is_a_readable_png(runs: tuple[Path, Path]) -> None:
+def test_every_figure_is_a_readable_png(run: Path) -> None:
     import matplotlib.image as mpimg
 
-    figs = sorted((runs[0] / "figures").glob("*.png"))
+    figs = sorted((run / "figures").glob("*.png"))
     names = {f.stem for f in figs}
     assert {"hu_histograms", "training_curves", "roc", "confusion", "reliability", "fold_accuracy", "examples",
             "pr"} <= names
@@ -116,8 +114,8 @@ def test_every_figure_is_a_readable_png(runs: tuple[Path, Path]) -> None:
         assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 200 and img.std() > 0
 
 
-def test_report_files_hold_the_numbers(runs: tuple[Path, Path]) -> None:
-    out = runs[0]
+def test_report_files_hold_the_numbers(run: Path) -> None:
+    out = run
     m = _metrics(out)
     md = (out / "report.md").read_text()
     html = (out / "report.html").read_text()
@@ -144,21 +142,12 @@ def test_report_files_hold_the_numbers(runs: tuple[Path, Path]) -> None:
     assert (out / "folds" / "fold-01" / "model.keras").is_file()
 
 
-def test_same_seed_same_metrics(runs: tuple[Path, Path]) -> None:
-    a, b = runs
-    assert json.loads((a / "run.json").read_text())["prepare_from_cache"] is False
-    assert json.loads((b / "run.json").read_text())["prepare_from_cache"] is True
-    assert _metrics(a)["ablation"] is not None and _metrics(b)["ablation"] is None
-    assert _without_ablation(a) == _without_ablation(b)
-    assert (a / "predictions.csv").read_bytes() == (b / "predictions.csv").read_bytes()
-
-
-def test_resume_reuses_finished_folds_with_the_same_numbers(runs: tuple[Path, Path], tmp_path: Path) -> None:
+def test_resume_reuses_finished_folds_with_the_same_numbers(run: Path, tmp_path: Path) -> None:
     """A rerun into a report folder retrains only the fold without a finished manifest; each fold reseeds, so
     a fold trained after loaded ones gives the numbers of a fresh run."""
     import shutil
 
-    a = runs[0]
+    a = run
     c = tmp_path / "c"
     shutil.copytree(a, c, ignore=shutil.ignore_patterns("figures", "report.*", "metrics.json"))
     (c / "folds" / "fold-02" / "fold.json").unlink()
@@ -169,10 +158,10 @@ def test_resume_reuses_finished_folds_with_the_same_numbers(runs: tuple[Path, Pa
     assert (c / "metrics.json").read_bytes() == (a / "metrics.json").read_bytes()
 
 
-def test_only_folds_split_the_work_and_claims_are_respected(runs: tuple[Path, Path], tmp_path: Path) -> None:
+def test_only_folds_split_the_work_and_claims_are_respected(run: Path, tmp_path: Path) -> None:
     import os
 
-    a = runs[0]
+    a = run
     data, d = _metrics(a)["dataset"]["root"], tmp_path / "d"
     common = {"folds": 3, "out": d, "seed": 7, "quick": True, "bootstrap": 200, "cache_dir": a.parent / "cache",
               "progress": False, "ablation": False, "weights_dir": a.parent / "weights"}
@@ -185,12 +174,17 @@ def test_only_folds_split_the_work_and_claims_are_respected(runs: tuple[Path, Pa
     (d / "folds" / "fold-02" / "claim").write_text("999999999")  # its holder died: the claim is taken over
     crossval.evaluate(data, **common)
     assert json.loads((d / "run.json").read_text())["resumed_folds"] == [1, 3]
+    # A whole run trained again from the first one's array cache, without the ablation arm: the same numbers.
+    assert json.loads((a / "run.json").read_text())["prepare_from_cache"] is False
+    assert json.loads((d / "run.json").read_text())["prepare_from_cache"] is True
+    assert _metrics(a)["ablation"] is not None and _metrics(d)["ablation"] is None
     assert _without_ablation(d) == _without_ablation(a)
+    assert (d / "predictions.csv").read_bytes() == (a / "predictions.csv").read_bytes()
     with pytest.raises(ValueError, match="fold numbers 1..3"):
         crossval.evaluate(data, only_folds=[4], **common)
 
 
-def test_train_final_without_masks_loads_in_the_registry(data: Path, runs: tuple[Path, Path], tmp_path: Path) -> None:
+def test_train_final_without_masks_loads_in_the_registry(data: Path, run: Path, tmp_path: Path) -> None:
     """Series labels only (no masks column): the model trains, ships through the registry, records the CV."""
     from models.preprocess import load_series
     from models.registry import CARD_FILE, Registry
@@ -199,22 +193,22 @@ def test_train_final_without_masks_loads_in_the_registry(data: Path, runs: tuple
     table.to_csv(tmp_path / "labels.csv", index=False)
     out = tmp_path / "weights" / "classifier" / "0.0.1"
     card = crossval.train_final(data, out, labels=tmp_path / "labels.csv", seed=3, quick=True, version="0.0.1",
-                                cache_dir=tmp_path / "cache", cv_metrics=runs[0] / "metrics.json", progress=False)
+                                cache_dir=tmp_path / "cache", cv_metrics=run / "metrics.json", progress=False)
     assert card["training"]["settings"]["slice_loss_weight"] == 0.0
     assert card["training"]["settings"]["pretrain_steps"] == 0
     saved = json.loads((out / CARD_FILE).read_text())
     assert saved["metrics"]["cross_validation"]["folds"] == 3
-    assert saved["metrics"]["cross_validation"]["pooled"]["accuracy"] == _metrics(runs[0])["pooled"]["model"]["accuracy"]
+    assert saved["metrics"]["cross_validation"]["pooled"]["accuracy"] == _metrics(run)["pooled"]["model"]["accuracy"]
     clf = Registry(tmp_path / "weights").classifier("0.0.1")
     vol = load_series(sorted((data / "CASE0001" / "dicom").glob("*.dcm")))
     res = clf.predict(vol, age=vol.patient_age, sex=vol.patient_sex)
     assert 0.0 <= res.probability <= 1.0 and res.attention.shape == (12,)
 
 
-def test_imbalance_and_ablation_numbers(runs: tuple[Path, Path]) -> None:
+def test_imbalance_and_ablation_numbers(run: Path) -> None:
     """The 10 % prevalence section against scikit-learn's weighted average precision, and the ablation's arms
     against the image-only models' own predictions (they must ignore the clinical inputs)."""
-    out = runs[0]
+    out = run
     m, pred = _metrics(out), pd.read_csv(out / "predictions.csv")
     y, p = pred.label.to_numpy(), pred.probability.to_numpy()
     w = 0.9 / 0.1 * y.sum() / (len(y) - y.sum())
@@ -251,10 +245,10 @@ def test_fit_refuses_cases_on_another_grid(tmp_path: Path) -> None:
     assert not (tmp_path / "m").exists()
 
 
-def test_metrics_match_the_run_before_the_split(runs: tuple[Path, Path]) -> None:
+def test_metrics_match_the_run_before_the_split(run: Path) -> None:
     """The quick run writes the metrics.json and predictions.csv that crossval.py wrote before it became a package
     (fixtures/README.md); only the dataset folder, a temporary path, is masked."""
-    a = runs[0]
+    a = run
     root = _metrics(a)["dataset"]["root"]
     written = (a / "metrics.json").read_text().replace(json.dumps(root)[1:-1], "<data>")
     assert written == (FIXTURES / "crossval-quick-metrics.json").read_text()
@@ -282,6 +276,8 @@ def test_budget_options_reach_the_settings_and_bad_values_are_refused() -> None:
     sub = parser.add_subparsers(dest="command")
     crossval.register(sub)
     args = parser.parse_args(["evaluate", "--data", "d", "--warmup-steps", "300", "--max-slices", "32", "--epochs", "3"])
+    assert args.ablation is True
+    assert parser.parse_args(["evaluate", "--data", "d", "--no-ablation"]).ablation is False
     s = crossval.classifier_settings(epochs=args.epochs, warmup_steps=args.warmup_steps, max_slices=args.max_slices)
     assert (s.epochs, s.pretrain_steps, s.max_slices) == (3, 300, 32)
     default = crossval.classifier_settings()
