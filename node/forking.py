@@ -40,7 +40,6 @@ _STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 PRELOAD = ("node.service", "node.acceptor", "node.http", "node.dicomweb", "node.admin", "node.prefetch")
 
 
-
 class ChildProcess(Protocol):
     """What the supervisor needs of a child process: `subprocess.Popen`'s methods of these names."""
 
