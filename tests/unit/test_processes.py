@@ -1,6 +1,6 @@
-"""The process supervisor (node.processes, node.forking) with real child processes standing in for the roles, started both ways
-(``child_start``: fork, exec): the restart back-off and budget, the exit status when a child keeps dying, the
-process table, SIGTERM forwarding; what a forked child starts with."""
+"""The process supervisor (node.processes, node.forking) with real child processes standing in for the roles,
+started both ways (``child_start``: fork, exec): the restart back-off and budget, the exit status when a child keeps
+dying, the process table, SIGTERM forwarding; what a forked child starts with."""
 
 from __future__ import annotations
 
