@@ -56,7 +56,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     PostgreSQL (ids ``[sqlite]``/``[postgres]``; session-scoped, so each backend's cluster starts once per worker)
     — except those marked ``one_backend`` (a browser page, a routing loop's long quiet window, the image-only scope
     check: their subject is not the database, and their database paths run on both backends in other tests), which
-    run on PostgreSQL only, the backend a plain run (SQLite by default) does not cover. That keeps `make test` within its time budget."""
+    run on PostgreSQL only, the backend a plain run (SQLite by default) does not cover. That keeps `make test` within
+    its time budget."""
     if (metafunc.config.getoption("--node-db") == "both" and "node_database" in metafunc.fixturenames
             and metafunc.definition.get_closest_marker("integration") is not None):
         one = metafunc.definition.get_closest_marker("one_backend") is not None
