@@ -45,6 +45,7 @@ plus `SPILL_BYTES`; on disk one data set (``max_instance_bytes``).
 from __future__ import annotations
 
 import contextlib
+import ssl
 import struct
 import tempfile
 import threading
@@ -213,6 +214,16 @@ def _record(refusals: Refusals, reason: PeerRefusal, assoc: Association, **conte
     refusals.record(reason, assoc.requestor.address, assoc.requestor.port, **context)
 
 
+def _arrived(sock: Any, most: int) -> bytes | None:
+    """What has already arrived on ``sock`` (at most ``most`` bytes, b"" when the peer closed), without waiting;
+    None when nothing is waiting. Leaves the socket non-blocking (the caller restores its timeout)."""
+    sock.settimeout(0)
+    try:
+        return bytes(sock.recv(min(most, _RECV_CHUNK)))
+    except (BlockingIOError, ssl.SSLWantReadError, TimeoutError):
+        return None
+
+
 class GuardedSocket(AssociationSocket):
     """An `AssociationSocket` whose reads have deadlines and whose PDUs have a maximum declared length."""
 
@@ -298,6 +309,14 @@ class GuardedSocket(AssociationSocket):
         try:
             while len(buf) < nr_bytes:
                 remaining = deadline - time.monotonic()
+                if remaining <= 0 and (chunk := _arrived(sock, nr_bytes - len(buf))) is not None:
+                    # Past the deadline, what the peer has already sent still counts: a node slow to read (its
+                    # thread started late on a loaded machine) is not a stalled peer. Only what is waiting now.
+                    if not chunk:
+                        self.peer_closed = True
+                        break
+                    buf += chunk
+                    continue
                 if remaining <= 0:
                     self.recorded = True
                     _record(
