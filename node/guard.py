@@ -9,7 +9,8 @@ defined here before the association starts:
 
 - `GuardedSocket` (an `AssociationSocket`): every read has a deadline — until the association is established,
   ``association_timeout`` from the moment the connection was accepted (ARTIM-like); afterwards
-  ``network_timeout`` per read — and a PDU whose declared length exceeds ``max_pdu_bytes`` is answered with an
+  ``network_timeout`` per read; past it, only what the peer had already sent is still read (a node late to read
+  does not refuse a punctual peer) — and a PDU whose declared length exceeds ``max_pdu_bytes`` is answered with an
   A-ABORT before a byte of its body is read. An A-ASSOCIATE-RQ is decoded once with pynetdicom's own decoder
   before the state machine sees it; one that does not decode (context ID 0, truncated items) is aborted the same
   way. A failing read raises `OSError`, which pynetdicom's DUL turns into "transport closed" (Evt17).
