@@ -310,15 +310,17 @@ class GuardedSocket(AssociationSocket):
         try:
             while len(buf) < nr_bytes:
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 and (chunk := _arrived(sock, nr_bytes - len(buf))) is not None:
+                if remaining > 0:
+                    sock.settimeout(remaining)
+                    try:
+                        chunk = sock.recv(min(nr_bytes - len(buf), _RECV_CHUNK))
+                    except TimeoutError:
+                        continue  # the deadline check above decides
+                elif (arrived := _arrived(sock, nr_bytes - len(buf))) is not None:
                     # Past the deadline, what the peer has already sent still counts: a node slow to read (its
                     # thread started late on a loaded machine) is not a stalled peer. Only what is waiting now.
-                    if not chunk:
-                        self.peer_closed = True
-                        break
-                    buf += chunk
-                    continue
-                if remaining <= 0:
+                    chunk = arrived
+                else:
                     self.recorded = True
                     _record(
                         self.refusals, PeerRefusal.PEER_STALLED, self.assoc, received=len(buf), expected=nr_bytes,
@@ -326,11 +328,6 @@ class GuardedSocket(AssociationSocket):
                     )
                     self._wake_acceptor()
                     raise TimeoutError(f"peer sent {len(buf)} of {nr_bytes} bytes within {timeout} s")
-                sock.settimeout(remaining)
-                try:
-                    chunk = sock.recv(min(nr_bytes - len(buf), _RECV_CHUNK))
-                except TimeoutError:
-                    continue  # the deadline check above decides
                 if not chunk:
                     self.peer_closed = True
                     break
