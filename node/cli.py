@@ -382,20 +382,19 @@ def _extras_installed(dist_name: str | None, extras: Sequence[str]) -> bool:
     return True
 
 
-BUILTIN_COMMANDS = frozenset({"serve", "config", "audit", "echo", "send", "status", "purge", "retry", "db"})
-
-
-def _is_builtin(argv: Sequence[str]) -> bool:
-    """Whether ``argv`` names one of the node's own subcommands (its first word; the top level takes no options
-    but ``--help``)."""
-    return bool(argv) and argv[0] in BUILTIN_COMMANDS
+def _subcommands(parser: argparse.ArgumentParser) -> set[str]:
+    """The subcommand names ``parser`` knows."""
+    return {name for action in parser._actions if isinstance(action, argparse._SubParsersAction)
+            for name in action.choices}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     # The plugins' modules (training, demo) are imported only for their own subcommands and the top-level help:
     # loading them took ~1.3 s of CPU in every `pacsnode serve` process (the supervisor and each role child).
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(plugins=not _is_builtin(argv))
+    parser = build_parser(plugins=False)
+    if not argv or argv[0] not in _subcommands(parser):  # a plugin's subcommand, --help, or a mistake
+        parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
