@@ -167,22 +167,22 @@ def _run_forked(run: Callable[[], int], env: Mapping[str, str], mask: Iterable[i
         exit_now(code)
 
 
-def _set_name(name: str) -> None:
-    """This process's name as ``ps -o comm`` shows it (Linux: its first 15 bytes; a no-op elsewhere)."""
+def _prctl(option: int, argument: Any) -> None:
+    """Linux ``prctl(option, argument)`` for this process (a no-op elsewhere, or where libc does not have it)."""
     if not sys.platform.startswith("linux"):
         return
     with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
+        ctypes.CDLL(None, use_errno=True).prctl(option, argument, 0, 0, 0)
+
+
+def _set_name(name: str) -> None:
+    """This process's name as ``ps -o comm`` shows it (Linux: its first 15 bytes)."""
+    _prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]))
 
 
 def die_with_parent() -> None:
     """Ask Linux to send this process SIGTERM when its parent ends (a no-op elsewhere)."""
-    if not sys.platform.startswith("linux"):
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 __all__ = ["PRELOAD", "ChildProcess", "ForkedChild", "die_with_parent", "fork_child", "preload"]
