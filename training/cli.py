@@ -2,7 +2,7 @@
 
 - ``phantom --out DIR --cases N --seed S [--prevalence P] [--size PX|MIN-MAX] [--slices N|MIN-MAX]``
 - ``train classifier|segmenter --data DIR --out DIR [--val-data DIR] [--epochs N] [--seed S] [--version V]
-  [--warmup-steps N (classifier)] [--steps N (segmenter)]``
+  [--warmup-steps N (classifier)] [--steps N (segmenter)] [--lesion-sampling slice|case (segmenter)]``
 - ``model-eval --data DIR [--weights-dir DIR] [--classifier-version V] [--segmenter-version V] [--json F]
   [--write-card] [--compare-with OTHER.json]``
 - ``fuse-lesion --data DIR --base-version V --version NEW [--segmenter-version V] [--weights-dir DIR]``: a new
@@ -60,7 +60,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             card = train.train_classifier(Path(args.data), Path(args.out), settings=s, **common)
         else:
             g = train.SegmenterSettings(**{k: v for k, v in (("epochs", args.epochs), ("seed", args.seed),
-                                                              ("steps_per_epoch", args.steps)) if v is not None})
+                                                              ("steps_per_epoch", args.steps),
+                                                              ("lesion_sampling", args.lesion_sampling)) if v is not None})
             card = train.train_segmenter(Path(args.data), Path(args.out), settings=g, **common)
     except (train.TrainingError, ModelError) as exc:
         _err(str(exc))
@@ -160,6 +161,8 @@ def register(subparsers: Any) -> None:
     t.add_argument("--seed", type=int)
     t.add_argument("--steps", type=int, help="segmenter: steps per epoch")
     t.add_argument("--warmup-steps", type=int, help="classifier: slice warm-up steps before the series epochs")
+    t.add_argument("--lesion-sampling", choices=("slice", "case"),
+                   help="segmenter: draw lesion slices uniformly (slice, the default) or a lesion case first (case)")
     t.add_argument("--version", default="0.0.0-dev", help="version recorded in the model card")
     t.add_argument("--limit", type=int, help="use only the first N training cases")
     t.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -658,6 +658,18 @@ class SegmenterSettings:
     lesion_fraction: float = 0.5  # share of sampled slices that contain lesion
     learning_rate: float = 2e-3
     dice_weight: float = 1.0
+    # How the lesion share is drawn: "slice" — every lesion slice equally likely, so a case with large lesions on
+    # 40 slices is drawn 20 times as often as one faint lesion on two; "case" — a lesion case first (each equally
+    # likely), then one of its lesion slices, so small single lesions get the same share of training as extensive
+    # disease (the classifier's and the segmenter's misses are those).
+    lesion_sampling: str = "slice"
+
+    def __post_init__(self) -> None:
+        if self.lesion_sampling not in LESION_SAMPLING:
+            raise TrainingError(f"lesion_sampling must be one of {', '.join(LESION_SAMPLING)}, not {self.lesion_sampling!r}")
+
+
+LESION_SAMPLING = ("slice", "case")
 
 
 def _slice_index(cases: list[GridCase]) -> tuple[np.ndarray, np.ndarray]:
@@ -673,6 +685,16 @@ def _slice_index(cases: list[GridCase]) -> tuple[np.ndarray, np.ndarray]:
             elif lung_px[k] > 0 or k % 4 == 0:  # a few lung-free slices so the net learns "nothing here"
                 without.append((ci, k))
     return np.array(with_les, dtype=np.int64).reshape(-1, 2), np.array(without, dtype=np.int64).reshape(-1, 2)
+
+
+def lesion_picks(with_les: np.ndarray, n: int, how: str, rng: np.random.Generator) -> np.ndarray:
+    """``n`` (case, slice) rows of ``with_les`` drawn with replacement, ``how`` as `SegmenterSettings.lesion_sampling`
+    says: uniformly over the rows ("slice"), or a case uniformly among the cases present, then a row of it ("case")."""
+    if how == "slice":
+        return with_les[rng.integers(0, len(with_les), n)]
+    cases, start, count = np.unique(with_les[:, 0], return_index=True, return_counts=True)  # rows sorted by case
+    which = rng.integers(0, len(cases), n)
+    return with_les[start[which] + (rng.random(n) * count[which]).astype(np.int64)]
 
 
 def _seg_batch(
@@ -804,7 +826,7 @@ def _fit_segmenter(
             for step in range(s.steps_per_epoch):
                 picks = []
                 if n_les:
-                    picks.append(with_les[rng.integers(0, len(with_les), n_les)])
+                    picks.append(lesion_picks(with_les, n_les, s.lesion_sampling, rng))
                 if len(without):
                     picks.append(without[rng.integers(0, len(without), s.batch_size - n_les)])
                 x, y = _seg_batch(train, np.concatenate(picks), cfg, rng)
@@ -860,7 +882,8 @@ def _segmenter_card(
             "settings": s.__dict__,
             "loss": "pixel cross-entropy + soft Dice (lungs, lesion)",
             "augmentation": "left-right flip, rotation ±12°, Gaussian noise ≤25 HU, HU shift ±30; "
-            f"{int(s.lesion_fraction * 100)} % of sampled slices contain lesion",
+            f"{int(s.lesion_fraction * 100)} % of sampled slices contain lesion"
+            + (", drawn case first (each lesion case equally likely)" if s.lesion_sampling == "case" else ""),
             "best_epoch": best_epoch,
             "load_seconds": round(load_seconds, 1),
             "train_seconds": round(train_seconds, 1),

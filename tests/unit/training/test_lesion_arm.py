@@ -118,9 +118,12 @@ def test_features_from_a_real_segmenter_are_cached(tmp_path: Path) -> None:
     data = tmp_path / "data"
     generate_dataset(data, cases=4, seed=43, size=48, slices=(6, 6))
     weights = tmp_path / "weights"
-    tiny = SegmenterSettings(epochs=1, steps_per_epoch=2, grid=32, base=4, depth=2, batch_size=4)
-    train_segmenter(data, weights / "segmenter" / "0.0.1", settings=tiny, version="0.0.1", progress=False,
-                    log=lambda _: None)
+    tiny = SegmenterSettings(epochs=1, steps_per_epoch=2, grid=32, base=4, depth=2, batch_size=4,
+                             lesion_sampling="case")
+    card = train_segmenter(data, weights / "segmenter" / "0.0.1", settings=tiny, version="0.0.1", progress=False,
+                           log=lambda _: None)
+    assert card["training"]["settings"]["lesion_sampling"] == "case"
+    assert "drawn case first" in card["training"]["augmentation"]
     prep = prepare(load_dataset(data), 32, tmp_path / "cache")
     first = segmenter_features(prep, weights, tmp_path / "cache", log=lambda _: None)
     assert not isinstance(first, str), first
