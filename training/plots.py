@@ -312,12 +312,12 @@ def _pick_examples(y: np.ndarray, p: np.ndarray, thr: np.ndarray) -> list[tuple[
     return picks
 
 
-def _segmenter(weights_dir: Path | None) -> tuple[Any, str | None]:
+def _segmenter(weights_dir: Path | None, version: str | None = None) -> tuple[Any, str | None]:
     from models.errors import ModelError
     from models.registry import Registry
 
     try:
-        seg = Registry(weights_dir).segmenter()
+        seg = Registry(weights_dir).segmenter(version)
     except ModelError as exc:
         return None, f"U-Net overlay skipped: no shipped segmenter ({str(exc).splitlines()[0]})"
     return seg, None
@@ -336,11 +336,13 @@ def make_figures(
     histories: list[dict[str, list[float]]],
     metrics: dict[str, Any],
     weights_dir: Path | None = None,
+    segmenter_version: str | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, dict[str, str]]:
     """Draw every figure of the report into ``fig_dir``; returns name → {file (relative to the report), caption}
-    or {skipped: reason}. The example slices use the latest segmenter under ``weights_dir`` (default: the
-    shipped weights) for the U-Net overlay, and show the attention alone, with a note, when there is none."""
+    or {skipped: reason}. The example slices use the segmenter under ``weights_dir`` (default: the
+    shipped weights; ``segmenter_version``, else its default) for the U-Net overlay, and show the attention alone,
+    with a note, when there is none."""
     y = ds.labels
     pred = (p >= thr).astype(np.int64)
     figs: dict[str, dict[str, str]] = {}
@@ -370,7 +372,7 @@ def make_figures(
     figs["fold_accuracy"] = {"file": rel(plot_fold_accuracy(metrics, fig_dir / "fold_accuracy.png")),
                              "caption": "Accuracy per test fold, model and reader on the same cases."}
 
-    seg, note = _segmenter(weights_dir)
+    seg, note = _segmenter(weights_dir, segmenter_version)
     examples = []
     for i, kind in _pick_examples(y, p, thr):
         c, gc, a = ds.cases[i], prep.cases[i], attention[i]

@@ -33,6 +33,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     st = EvaluateSettings(**_run_settings(args), folds=args.folds, out=args.out, bootstrap=args.bootstrap,
                           resume=args.resume, only_folds=args.only_folds, weights_dir=args.weights_dir,
+                          segmenter_version=args.segmenter_version,
                           ablation=args.ablation, prevalence=args.prevalence, lesion_evidence=args.lesion_evidence)
     try:
         m = run_evaluation(st)
@@ -105,7 +106,10 @@ def register(subparsers: Any) -> None:
                    help="skip the arm that fuses the classifier with the segmenter's lesion evidence")
     e.add_argument("--prevalence", type=float, default=0.10,
                    help="target prevalence of the imbalance section (default 0.10)")
-    e.add_argument("--weights-dir", help="weights folder whose segmenter draws the example overlays (default: shipped)")
+    e.add_argument("--weights-dir",
+                   help="weights folder whose segmenter gives the lesion evidence and draws the example overlays "
+                        "(default: shipped)")
+    e.add_argument("--segmenter-version", help="that segmenter's version (default: its newest released)")
     e.set_defaults(func=cmd_evaluate)
 
     t = subparsers.add_parser("train-final", help="train the classifier to ship on all cases (CV settings)")

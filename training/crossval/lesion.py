@@ -47,7 +47,7 @@ class SegmenterFeatures:
 
 
 def segmenter_features(prep: Prepared, weights_dir: str | Path | None, cache_dir: Path,
-                       log: Callable[[str], None] = print) -> SegmenterFeatures | str:
+                       log: Callable[[str], None] = print, version: str | None = None) -> SegmenterFeatures | str:
     """Features of every prepared case, or the reason they cannot be made (no segmenter, another grid)."""
     import hashlib
     import json
@@ -57,7 +57,7 @@ def segmenter_features(prep: Prepared, weights_dir: str | Path | None, cache_dir
     from models.registry import Registry, RegistryError
 
     try:
-        seg = Registry(Path(weights_dir) if weights_dir else None).segmenter()
+        seg = Registry(Path(weights_dir) if weights_dir else None).segmenter(version)
     except RegistryError as exc:
         return f"no segmenter to run ({exc})"
     grid = prep.cases[0].hu.shape[-1] if prep.cases else 0

@@ -62,7 +62,7 @@ def _lesion_arm(st: EvaluateSettings, ds: Dataset, prep: Prepared, res: FoldResu
     from training.crossval.lesion import fuse_folds, lesion_block, segmenter_features
     from training.crossval.outputs import json_default
 
-    feats = segmenter_features(prep, st.weights_dir, st.cache(out / "cache"), log)
+    feats = segmenter_features(prep, st.weights_dir, st.cache(out / "cache"), log, st.segmenter_version)
     fused = fuse_folds(ds.labels, res.fold_of, res.p, res.validation, feats.values) \
         if not isinstance(feats, str) else feats
     if isinstance(fused, str) or isinstance(feats, str):
@@ -100,6 +100,7 @@ def run_evaluation(st: EvaluateSettings) -> dict[str, Any]:
     figures = plots.make_figures(out / "figures", ds=ds, prep=prep, p=res.p, thr=res.thr, fold_of=res.fold_of,
                                  reader=reader_labels(ds), attention=res.attention, histories=res.histories,
                                  metrics=metrics, weights_dir=Path(st.weights_dir) if st.weights_dir else None,
+                                 segmenter_version=st.segmenter_version,
                                  log=log)
     run = _run_record(st, started, t_start, ds, prep, res, image_only)
     write_json(out / "run.json", run)

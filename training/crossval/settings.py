@@ -92,7 +92,8 @@ class EvaluateSettings(RunSettings):
     """A cross-validation run (``evaluate``): the folds, the report folder, the bootstrap and how folds are shared.
 
     ``resume`` reuses finished folds in ``out``; ``only_folds`` trains just those folds and writes no report;
-    ``weights_dir`` holds the segmenter for the example overlays; ``command`` is recorded in ``run.json``
+    ``weights_dir`` holds the segmenter for the lesion-evidence arm and the example overlays, ``segmenter_version``
+    picks one of its versions (default: its default, the newest released); ``command`` is recorded in ``run.json``
     (default: the equivalent command line).
     """
 
@@ -102,6 +103,7 @@ class EvaluateSettings(RunSettings):
     resume: bool = True
     only_folds: Sequence[int] | None = None
     weights_dir: str | Path | None = None
+    segmenter_version: str | None = None
     command: str | None = None
     ablation: bool = True  # also train the image-only arm on the same folds (--no-ablation: skip)
     prevalence: float = 0.10  # the target prevalence of the imbalance section
@@ -119,6 +121,7 @@ class EvaluateSettings(RunSettings):
                 + (f" --val-fraction {self.val_fraction}" if self.val_fraction != VAL_FRACTION else "")
                 + ("" if self.class_weighting else " --no-class-weights") + ("" if self.ablation else " --no-ablation")
                 + ("" if self.lesion_evidence else " --no-lesion-evidence")
+                + (f" --segmenter-version {self.segmenter_version}" if self.segmenter_version else "")
                 + (f" --prevalence {self.prevalence}" if self.prevalence != 0.10 else ""))
 
 

@@ -13,6 +13,7 @@ import pytest
 from sklearn import metrics as skm
 
 from training import crossval, report
+from training.crossval.settings import EvaluateSettings
 from training.phantom import generate_dataset
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -278,6 +279,10 @@ def test_budget_options_reach_the_settings_and_bad_values_are_refused() -> None:
     args = parser.parse_args(["evaluate", "--data", "d", "--warmup-steps", "300", "--max-slices", "32", "--epochs", "3"])
     assert args.ablation is True
     assert parser.parse_args(["evaluate", "--data", "d", "--no-ablation"]).ablation is False
+    assert args.segmenter_version is None
+    pinned = parser.parse_args(["evaluate", "--data", "d", "--segmenter-version", "1.1.0"]).segmenter_version
+    assert pinned == "1.1.0"
+    assert EvaluateSettings(data="d", segmenter_version=pinned).command_line().endswith(" --segmenter-version 1.1.0")
     s = crossval.classifier_settings(epochs=args.epochs, warmup_steps=args.warmup_steps, max_slices=args.max_slices)
     assert (s.epochs, s.pretrain_steps, s.max_slices) == (3, 300, 32)
     default = crossval.classifier_settings()

@@ -3,6 +3,8 @@ and the features made by a real (tiny) segmenter from prepared cases."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +134,14 @@ def test_features_from_a_real_segmenter_are_cached(tmp_path: Path) -> None:
     second = segmenter_features(prep, weights, tmp_path / "cache", log=lambda _: None)
     assert not isinstance(second, str) and second.from_cache
     np.testing.assert_array_equal(second.values, first.values)
+    newer = weights / "segmenter" / "0.0.2"  # the same weights as another version: the default now, not asked for
+    shutil.copytree(weights / "segmenter" / "0.0.1", newer)
+    card_path = newer / "model_card.json"
+    card_path.write_text(json.dumps({**json.loads(card_path.read_text()), "version": "0.0.2"}))
+    latest = segmenter_features(prep, weights, tmp_path / "cache", log=lambda _: None)
+    pinned = segmenter_features(prep, weights, tmp_path / "cache", log=lambda _: None, version="0.0.1")
+    assert not isinstance(latest, str) and not isinstance(pinned, str)
+    assert (latest.segmenter["version"], pinned.segmenter["version"]) == ("0.0.2", "0.0.1")
     other = prepare(load_dataset(data), 16, tmp_path / "cache")
     why = segmenter_features(other, weights, tmp_path / "cache", log=lambda _: None)
     assert isinstance(why, str) and "32² grid" in why and "16²" in why
