@@ -59,10 +59,12 @@ def cmd_train(args: argparse.Namespace) -> int:
                                                               ("pretrain_steps", args.warmup_steps)) if v is not None})
             card = train.train_classifier(Path(args.data), Path(args.out), settings=s, **common)
         else:
-            g = train.SegmenterSettings(**{k: v for k, v in (("epochs", args.epochs), ("seed", args.seed),
-                                                              ("steps_per_epoch", args.steps),
-                                                              ("lesion_sampling", args.lesion_sampling)) if v is not None})
-            card = train.train_segmenter(Path(args.data), Path(args.out), settings=g, **common)
+            from training import segmenter
+
+            given = (("epochs", args.epochs), ("seed", args.seed), ("steps_per_epoch", args.steps),
+                     ("lesion_sampling", args.lesion_sampling))
+            g = segmenter.SegmenterSettings(**{k: v for k, v in given if v is not None})
+            card = segmenter.train_segmenter(Path(args.data), Path(args.out), settings=g, **common)
     except (train.TrainingError, ModelError) as exc:
         _err(str(exc))
         return 1

@@ -59,9 +59,10 @@ def test_train_classifier_writes_a_loadable_model(tiny_set: Path, tmp_path: Path
 def test_train_segmenter_writes_a_loadable_model(tiny_set: Path, tmp_path: Path) -> None:
     out = tmp_path / "weights" / "segmenter" / "0.0.1"
     rc = _run(["train", "segmenter", "--data", str(tiny_set), "--out", str(out), "--epochs", "1", "--steps", "2",
-               "--version", "0.0.1", "--quiet"])
+               "--version", "0.0.1", "--lesion-sampling", "case", "--quiet"])
     assert rc == 0
-    assert Registry(tmp_path / "weights").segmenter().version == "0.0.1"
+    seg = Registry(tmp_path / "weights").segmenter()
+    assert seg.version == "0.0.1" and seg.card["training"]["settings"]["lesion_sampling"] == "case"
 
 
 def test_train_on_missing_data_fails_cleanly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

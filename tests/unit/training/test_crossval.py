@@ -31,7 +31,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def run(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One quick evaluation through the CLI (with the image-only ablation arm). Its determinism is checked by the
     tests that train folds again into other folders from its array cache (resume, only-folds)."""
-    from training.train import SegmenterSettings, train_segmenter
+    from training.segmenter import SegmenterSettings, train_segmenter
 
     base = tmp_path_factory.mktemp("cv-out")
     tiny = SegmenterSettings(epochs=1, steps_per_epoch=2, grid=32, base=4, depth=2, batch_size=4)

@@ -115,7 +115,7 @@ def test_features_from_a_real_segmenter_are_cached(tmp_path: Path) -> None:
     second call read from the cache; a segmenter on another grid than the cases is refused with the reason."""
     from training.dataset import load_dataset, prepare
     from training.phantom import generate_dataset
-    from training.train import SegmenterSettings, train_segmenter
+    from training.segmenter import SegmenterSettings, train_segmenter
 
     data = tmp_path / "data"
     generate_dataset(data, cases=4, seed=43, size=48, slices=(6, 6))

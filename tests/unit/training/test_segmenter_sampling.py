@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from training.train import LESION_SAMPLING, SegmenterSettings, TrainingError, lesion_picks
+from training.segmenter import LESION_SAMPLING, SegmenterSettings, lesion_picks
+from training.train import TrainingError
 
 
 def _rows() -> np.ndarray:
