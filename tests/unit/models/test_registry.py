@@ -125,6 +125,24 @@ def test_the_shipped_default_classifier_is_the_released_one() -> None:
     assert compared["mcnemar"]["b_only_correct"] == 0  # no test case that 1.0.0 got right and 2.1.0 does not
 
 
+def test_segmenter_1_1_0_ships_as_a_candidate_with_its_test_comparison() -> None:
+    """U-Net 1.1.0 (faint lesions drawn as often as extensive disease) is shipped but not the default — the default
+    classifier fuses 1.0.0's evidence — and loads on request; its card records the held-out comparison with 1.0.0."""
+    reg = Registry()
+    assert {"1.0.0", "1.1.0"} <= set(reg.versions("segmenter"))
+    assert reg.default_version("segmenter") == "1.0.0"
+    seg = reg.segmenter("1.1.0")
+    assert seg.version == "1.1.0" and seg.card["candidate"] is True
+    assert seg.card["training"]["settings"]["lesion_sampling"] == "case"
+    test = seg.card["metrics"]["test"]
+    assert test["dataset"]["seed"] not in (seg.card["training"]["data"]["seed"],
+                                           seg.card["metrics"]["validation"]["dataset"]["seed"])
+    compared = test["comparison_with_1.0.0"]
+    old = reg.segmenter("1.0.0").card["metrics"]["test"]
+    assert old["dataset"] == test["dataset"]  # the same held-out phantoms
+    assert test["lesion_dice_mean"] > old["lesion_dice_mean"] and compared["paired_bootstrap_ci95"][0] > 0
+
+
 def test_corrupt_or_mismatched_weights_are_refused(tmp_path: Path) -> None:
     folder = _copy_version("classifier", tmp_path, "3.0.0")
     (folder / MODEL_FILE).write_bytes((folder / MODEL_FILE).read_bytes()[:-10] + b"0123456789")
