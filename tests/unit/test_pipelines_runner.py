@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from models.clinical import ClinicalInputs
+from models.errors import ModelError
 from models.registry import ClassifierOutput
 from node.pipelines.runner import model_notes
 
@@ -53,6 +55,11 @@ def test_the_configured_classifier_version_is_loaded() -> None:
     assert old.classifier.version == "1.0.0" and old.algorithm.version.startswith("cls-1.0.0+")
     assert RegistryRunner(classifier_version="2.0.0").classifier.version == "2.0.0"
     assert RegistryRunner().classifier.version == Registry().default_version("classifier")
+    # the candidates 2.2.0 + U-Net 1.1.0 load together; 2.2.0 beside the U-Net its fusion was not fitted with does not
+    pair = RegistryRunner(classifier_version="2.2.0", segmenter_version="1.1.0")
+    assert (pair.classifier.version, pair.segmenter.version) == ("2.2.0", "1.1.0")
+    with pytest.raises(ModelError, match="from pacsnode-lung-lesion-unet 1.1.0, not from pacsnode-lung-lesion-unet 1.0.0"):
+        RegistryRunner(classifier_version="2.2.0", segmenter_version="1.0.0")
 
 
 def test_the_pipeline_sr_names_what_the_header_offered(tmp_path) -> None:

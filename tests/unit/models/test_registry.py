@@ -127,7 +127,8 @@ def test_the_shipped_default_classifier_is_the_released_one() -> None:
 
 def test_segmenter_1_1_0_ships_as_a_candidate_with_its_test_comparison() -> None:
     """U-Net 1.1.0 (faint lesions drawn as often as extensive disease) is shipped but not the default — the default
-    classifier fuses 1.0.0's evidence — and loads on request; its card records the held-out comparison with 1.0.0."""
+    classifier fuses 1.0.0's evidence — and loads on request; its card records the held-out comparison with 1.0.0.
+    Classifier 2.2.0, fused with 1.1.0's evidence, is its candidate partner, compared with the default."""
     reg = Registry()
     assert {"1.0.0", "1.1.0"} <= set(reg.versions("segmenter"))
     assert reg.default_version("segmenter") == "1.0.0"
@@ -141,6 +142,11 @@ def test_segmenter_1_1_0_ships_as_a_candidate_with_its_test_comparison() -> None
     old = reg.segmenter("1.0.0").card["metrics"]["test"]
     assert old["dataset"] == test["dataset"]  # the same held-out phantoms
     assert test["lesion_dice_mean"] > old["lesion_dice_mean"] and compared["paired_bootstrap_ci95"][0] > 0
+    fused = reg.classifier("2.2.0")  # 2.0.0 + this segmenter's evidence: a candidate with it
+    assert reg.default_version("classifier") != "2.2.0" and fused.card["candidate"] is True
+    assert fused.fusion is not None and fused.fusion.segmenter == (seg.name, "1.1.0")
+    against = fused.card["metrics"]["test"]["comparison_with_default"]
+    assert against["old"]["classifier"] == reg.default_version("classifier") and against["cases"] == test["cases"]
 
 
 def test_corrupt_or_mismatched_weights_are_refused(tmp_path: Path) -> None:
