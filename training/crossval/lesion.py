@@ -151,6 +151,7 @@ def lesion_block(ds: Any, y: np.ndarray, fold_of: np.ndarray, main: tuple[np.nda
         "(C = 1) over the fold classifier's calibrated logit and the segmenter's lesion evidence (largest lesion "
         "probability in the lungs, lesion pixels, most on one slice, slices with any), threshold by Youden's J on "
         "the same split. The segmenter was trained on other phantoms (its card's training data, above) and is the "
-        "same for every fold. The shipped classifier 2.1.0 applies a fusion of this form, fitted once on phantoms "
-        "new to both models; this arm measures the form per fold. Paired tests: lesion evidence − classifier.",
+        "same for every fold. The shipped classifiers 2.1.0 (with U-Net 1.0.0's evidence, the default) and 2.2.0 "
+        "(with U-Net 1.1.0's, a candidate) apply a fusion of this form, fitted once on phantoms new to both models; "
+        "this arm measures the form per fold. Paired tests: lesion evidence − classifier.",
     }
