@@ -72,7 +72,8 @@ def _slice_index(cases: list[GridCase]) -> tuple[np.ndarray, np.ndarray]:
 
 def lesion_picks(with_les: np.ndarray, n: int, how: str, rng: np.random.Generator) -> np.ndarray:
     """``n`` (case, slice) rows of ``with_les`` drawn with replacement, ``how`` as `SegmenterSettings.lesion_sampling`
-    says: uniformly over the rows ("slice"), or a case uniformly among the cases present, then a row of it ("case")."""
+    says: uniformly over the rows ("slice"), or a case uniformly among the cases present, then a row of it ("case").
+    The rows of one case must be adjacent, as `_slice_index` lists them."""
     if how == "slice":
         return with_les[rng.integers(0, len(with_les), n)]
     cases, start, count = np.unique(with_les[:, 0], return_index=True, return_counts=True)  # rows sorted by case
