@@ -194,8 +194,8 @@ class Classifier:
         calibrated = float(apply_temperature(raw, self.temperature))
         probability = calibrated
         if self.fusion is not None:
-            if lesion is not None and len(lesion.pixels) != n_slices:
-                raise InferenceError(f"lesion evidence for {len(lesion.pixels)} slices, the series has {n_slices}")
+            if lesion is not None and len(lesion.slices) != n_slices:
+                raise InferenceError(f"lesion evidence for {len(lesion.slices)} slices, the series has {n_slices}")
             try:
                 probability = self.fusion.probability(calibrated, lesion)
             except LesionFusionError as exc:

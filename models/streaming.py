@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from models.clinical import ClinicalInputs
-from models.lesion_evidence import LesionEvidence, slice_evidence
+from models.lesion_evidence import LesionEvidence, SliceEvidence, slice_evidence
 from models.preprocess import (
     PreprocessError,
     Volume,
@@ -52,7 +52,7 @@ class FileWork:
     """One source file's per-slice results, its slices in `read_file` order: header (pixels dropped), decoded
     slices (HU), the classifier's slice features (n, F), the U-Net's lung and lesion masks on the source grid
     (n, rows, cols; as `Segmenter.predict` makes them), each model grid's resized HU (n, grid, grid) keyed by
-    grid size, and the U-Net's lesion evidence per slice (largest lesion probability, lesion pixels; (n,))."""
+    grid size, and the U-Net's lesion evidence per slice (`models.lesion_evidence.SliceEvidence`)."""
 
     header: Any
     slices: list[_Slice]
@@ -60,14 +60,12 @@ class FileWork:
     lungs: np.ndarray
     lesion: np.ndarray
     grids: dict[int, np.ndarray]
-    lesion_max: np.ndarray
-    lesion_px: np.ndarray
+    evidence: SliceEvidence
 
     @property
     def nbytes(self) -> int:
         return int(sum(s.pixels.nbytes for s in self.slices) + self.features.nbytes + self.lungs.nbytes
-                   + self.lesion.nbytes + sum(g.nbytes for g in self.grids.values()) + self.lesion_max.nbytes
-                   + self.lesion_px.nbytes)
+                   + self.lesion.nbytes + sum(g.nbytes for g in self.grids.values()) + self.evidence.nbytes)
 
 
 class SliceModels:
@@ -125,12 +123,12 @@ class SliceModels:
         shape = pixels.shape[1:]  # load_series refuses series whose slices differ in size
         lungs = masks_to_source(probs[..., 1] + probs[..., 2], shape)
         lesion = masks_to_source(probs[..., 2], shape) & lungs
-        top, px = slice_evidence(probs)
+        evidence = slice_evidence(probs)
         out, a = [], 0
         for header, slices in files:
             b = a + len(slices)
             out.append(FileWork(header, slices, features[a:b], lungs[a:b], lesion[a:b],
-                                {g: v[a:b] for g, v in grids.items()}, top[a:b], px[a:b]))
+                                {g: v[a:b] for g, v in grids.items()}, evidence.take(slice(a, b))))
             a = b
         return out
 
@@ -140,8 +138,9 @@ class SliceModels:
 
     # -- per series ------------------------------------------------------------------------------------------
     @staticmethod
-    def _in_volume_order(volume: Volume, work: Sequence[FileWork], attr: str, grid: int | None = None) -> np.ndarray:
-        """``attr`` of every slice of ``volume`` stacked in the volume's order (matched by SOP UID and frame)."""
+    def _at(volume: Volume, work: Sequence[FileWork]) -> list[tuple[FileWork, int]]:
+        """(file's results, index in it) of every slice of ``volume`` in the volume's order (matched by SOP UID
+        and frame). Raises PreprocessError when a slice has none."""
         at: dict[tuple[str, int | None], tuple[FileWork, int]] = {}
         for fw in work:
             for j, s in enumerate(fw.slices):
@@ -150,9 +149,13 @@ class SliceModels:
         for key in zip(volume.sop_instance_uids, volume.frame_numbers, strict=True):
             if key not in at:
                 raise PreprocessError("a slice of the volume has no per-slice result")
-            fw, j = at[key]
-            rows.append((fw.grids[grid] if grid is not None else getattr(fw, attr))[j])
-        return np.stack(rows)
+            rows.append(at[key])
+        return rows
+
+    @classmethod
+    def _in_volume_order(cls, volume: Volume, work: Sequence[FileWork], attr: str, grid: int | None = None) -> np.ndarray:
+        """``attr`` of every slice of ``volume`` stacked in the volume's order."""
+        return np.stack([(fw.grids[grid] if grid is not None else getattr(fw, attr))[j] for fw, j in cls._at(volume, work)])
 
     def attach(self, volume: Volume, work: Sequence[FileWork]) -> None:
         """Put the resized slices on ``volume`` (`models.preprocess.volume_grid`'s cache), so no stage resizes."""
@@ -165,8 +168,7 @@ class SliceModels:
         lungs, lesion = (self._in_volume_order(volume, work, k) for k in ("lungs", "lesion"))
         if lungs.shape != volume.hu.shape:
             raise InferenceError(f"per-slice masks {lungs.shape} do not match the volume {volume.hu.shape}")
-        evidence = LesionEvidence(self._in_volume_order(volume, work, "lesion_max"),
-                                  self._in_volume_order(volume, work, "lesion_px"),
+        evidence = LesionEvidence(SliceEvidence.stack([(fw.evidence, j) for fw, j in self._at(volume, work)]),
                                   (self.segmenter.name, self.segmenter.version), self.seg_grid)
         return SegmenterOutput(lungs=lungs, lesion=lesion, evidence=evidence)
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from models.lesion_evidence import ALL_FEATURES
 from models.preprocess import PreprocessError, dice, load_series
 from models.registry import CARD_FILE, CLASSIFIER, SEGMENTER, Registry
 from training.phantom import load_masks
@@ -107,7 +108,8 @@ def evaluate(
                 "raw_probability": c.raw_probability if c.raw_probability is not None else c.probability,
                 "classifier_probability": (c.classifier_probability if c.classifier_probability is not None
                                            else c.probability),
-                "lesion_features": [float(v) for v in s.evidence.features()] if s.evidence is not None else None,
+                "lesion_features": (dict(zip(ALL_FEATURES, map(float, s.evidence.features(ALL_FEATURES)), strict=True))
+                                    if s.evidence is not None else None),
                 "attention_hit": bool(les_per_slice[int(np.argmax(c.attention))] > 0) if les_per_slice.any() else None,
                 "lung_dice": dice(s.lungs, m["lungs"]),
                 "lesion_dice": dice(s.lesion, m["lesion"]) if m["lesion"].any() else None,
@@ -233,8 +235,9 @@ def format_table(res: dict[str, Any]) -> str:
 def compare(new: dict[str, Any], old: dict[str, Any], *, n: int = 2000, seed: int = 0) -> dict[str, Any]:
     """Paired comparison of two `evaluate` results on the same cases (classifier ``new`` against ``old``): ROC AUC
     of each and their difference with a paired bootstrap 95 % CI, accuracy at each card's threshold, McNemar on
-    the cases exactly one gets right, and the subtle-lesion sensitivity of each. Raises TrainingError when the two
-    were not run on the same cases."""
+    the cases exactly one gets right, and the subtle-lesion sensitivity of each; where the two ran different
+    segmenter versions, `compare_segmenters` under ``"segmenter"``. Raises TrainingError when the two were not run
+    on the same cases."""
     from training.stats import decision_metrics, mcnemar
 
     a, b = new["per_case"], old["per_case"]
@@ -256,6 +259,40 @@ def compare(new: dict[str, Any], old: dict[str, Any], *, n: int = 2000, seed: in
                                "old": float(cb[subtle].mean()) if subtle.any() else None,
                                "cases": int(subtle.sum())},
         "mcnemar": mcnemar(ca.astype(int), cb.astype(int)),
+        **({"segmenter": compare_segmenters(new, old, n=n, seed=seed)}
+           if new["versions"][SEGMENTER] != old["versions"][SEGMENTER] else {}),
+    }
+
+
+def compare_segmenters(new: dict[str, Any], old: dict[str, Any], *, n: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """The two segmenters of two `evaluate` results on the same cases: per pneumonia case, the lesion Dice of
+    each, the mean paired difference (new − old) with a paired bootstrap 95 % CI and the cases each does better
+    on; on the subtle cases, the mean Dice and how many have any true lesion voxel found; the mean false-positive
+    lesion volume in normals. Raises TrainingError when they were not run on the same cases."""
+    a, b = new["per_case"], old["per_case"]
+    if [r["case_id"] for r in a] != [r["case_id"] for r in b] or new["dataset"] != old["dataset"]:
+        raise TrainingError("the two evaluations were not run on the same cases")
+    pos = [i for i, r in enumerate(a) if r["lesion_dice"] is not None and b[i]["lesion_dice"] is not None]
+    da, db = (np.array([rows[i]["lesion_dice"] for i in pos], dtype=np.float64) for rows in (a, b))
+    subtle = [i for i in pos if a[i]["subtle"] == 1]
+    normals = [i for i, r in enumerate(a) if r["fp_lesion_ml"] is not None and b[i]["fp_lesion_ml"] is not None]
+
+    def per(rows: list[dict[str, Any]], idx: list[int], key: str) -> float | None:
+        return float(np.mean([rows[i][key] for i in idx])) if idx else None
+
+    return {
+        "new": new["versions"][SEGMENTER], "old": old["versions"][SEGMENTER], "paired_cases": len(pos),
+        "lesion_dice_mean": {"new": per(a, pos, "lesion_dice"), "old": per(b, pos, "lesion_dice")},
+        "lesion_dice_mean_difference": float(np.mean(da - db)) if pos else None,
+        "lesion_dice_difference_ci95": (bootstrap_ci((da, db), lambda x, z: float(np.mean(x - z)), n=n, seed=seed)
+                                        if len(pos) > 1 else None),
+        "cases_better": int((da > db).sum()), "cases_worse": int((da < db).sum()),
+        "subtle_cases": len(subtle),
+        "subtle_lesion_dice_mean": {"new": per(a, subtle, "lesion_dice"), "old": per(b, subtle, "lesion_dice")},
+        "subtle_cases_found": {"new": sum(a[i]["lesion_tp"] > 0 for i in subtle),
+                               "old": sum(b[i]["lesion_tp"] > 0 for i in subtle)},
+        "false_positive_lesion_ml_in_normals_mean": {"new": per(a, normals, "fp_lesion_ml"),
+                                                     "old": per(b, normals, "fp_lesion_ml")},
     }
 
 
@@ -272,17 +309,35 @@ def format_comparison(c: dict[str, Any]) -> str:
             lines.append(f"{key.replace('_', ' ')} {v['new']:.3f} vs {v['old']:.3f}")
     lines.append(f"McNemar ({m['method']}): {m['a_only_correct']} cases only {new} gets right, "
                  f"{m['b_only_correct']} only {old}; p = {m['p_value']:.3g}")
+    sg = c.get("segmenter")
+    if sg and sg["paired_cases"]:
+        d, sd, found = sg["lesion_dice_mean"], sg["subtle_lesion_dice_mean"], sg["subtle_cases_found"]
+        lines.append(f"segmenter {sg['new']} against {sg['old']}: lesion Dice {d['new']:.3f} vs {d['old']:.3f} on "
+                     f"{sg['paired_cases']} pneumonia cases, difference {sg['lesion_dice_mean_difference']:+.3f} "
+                     f"{_ci(sg['lesion_dice_difference_ci95'])} (paired bootstrap); better on "
+                     f"{sg['cases_better']}, worse on {sg['cases_worse']}")
+        if sg["subtle_cases"]:
+            lines.append(f"subtle cases: Dice {sd['new']:.3f} vs {sd['old']:.3f}; any lesion voxel found in "
+                         f"{found['new']} vs {found['old']} of {sg['subtle_cases']}")
+        fp = sg["false_positive_lesion_ml_in_normals_mean"]
+        if fp["new"] is not None:
+            lines.append(f"false-positive lesion in normals: {fp['new']:.2f} vs {fp['old']:.2f} ml (mean)")
     return "\n".join(lines)
 
 
 def record_in_cards(res: dict[str, Any], registry: Registry, command: str) -> list[Path]:
-    """Store the test metrics (not the per-case rows) under ``metrics.test`` of the evaluated model cards."""
+    """Store the test metrics (not the per-case rows) under ``metrics.test`` of the evaluated model cards, with
+    ``res``'s comparison (`compare`) where it has one: its classifier part in the classifier's card, its segmenter
+    part in the segmenter's."""
     written = []
     common = {"dataset": res["dataset"], "cases": res["cases"], "command": command, "timing": res["timing"]}
+    comparison = dict(res.get("comparison") or {})
+    parts = {SEGMENTER: comparison.pop("segmenter", None), CLASSIFIER: comparison or None}
     for kind, key in ((CLASSIFIER, "classifier"), (SEGMENTER, SEGMENTER)):
         path = registry.folder(kind, res["versions"][kind]) / CARD_FILE
         card = json.loads(path.read_text())
-        card.setdefault("metrics", {})["test"] = {**common, **res[key]}
+        card.setdefault("metrics", {})["test"] = {**common, **res[key],
+                                                  **({"comparison": parts[kind]} if parts[kind] else {})}
         path.write_text(json.dumps(card, indent=2) + "\n")
         written.append(path)
     return written

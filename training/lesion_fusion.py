@@ -61,7 +61,7 @@ def fusion_inputs(data: Path, registry: Registry, *, base_version: str | None, s
     rows = evaluate(data, registry, classifier_version=base_version, segmenter_version=segmenter_version,
                     progress=progress)["per_case"]
     return (np.array([r["label"] for r in rows]), np.array([r["probability"] for r in rows]),
-            np.array([r["lesion_features"] for r in rows]))
+            np.array([[r["lesion_features"][n] for n in FEATURES] for r in rows]))
 
 
 def fit(y: np.ndarray, p: np.ndarray, features: np.ndarray, segmenter: tuple[str, str],

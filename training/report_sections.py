@@ -101,7 +101,7 @@ def lesion_blocks(m: dict[str, Any]) -> list[Block]:
     le = m.get("lesion_evidence")
     if not le:
         return []
-    title = ("h2", "Lesion evidence: the classifier fused with the segmenter (evaluation arm, not shipped)")
+    title = ("h2", "Lesion evidence: the classifier fused with the segmenter")
     if "skipped" in le:
         return [title, ("p", f"Skipped: {le['skipped']}.")]
     rows = [[*_arm_row(name, le["arms"][key]), _fmt(le["subtle_sensitivity"].get(key), True)]
@@ -110,7 +110,7 @@ def lesion_blocks(m: dict[str, Any]) -> list[Block]:
     bs, mc, seg = le["auc_paired_bootstrap"], le["mcnemar"], le["segmenter"]
     data = seg.get("training_data") or {}
     trained_on = (f"{data.get('cases')} phantoms, generator seed {data.get('seed')}" if data else "see its card")
-    coef = [[str(f["fold"]), str(f["validation_cases"]), _fmt(f["threshold"]),
+    coef = [[str(f["fold"]), str(f.get("fit_cases", "–")), str(f["validation_cases"]), _fmt(f["threshold"]),
              ", ".join(f"{k} {v:+.2f}" for k, v in f["coefficients"].items())] for f in le["folds"]]
     return [title,
             ("table", ["Arm", "ROC AUC", "Accuracy (pooled)", "Accuracy, mean ± SD over folds", "Sensitivity",
@@ -121,7 +121,7 @@ def lesion_blocks(m: dict[str, Any]) -> list[Block]:
                  f"correct {mc['b_only_correct']}; {mc['method']}: p = {_p(mc['p_value'])}"]]),
             ("p", f"Segmenter: {seg.get('name')} {seg.get('version')}, trained on {trained_on} (none of this "
                   f"report's cases); its features took {le['feature_seconds']:.0f} s. {le['explanation']}"),
-            ("table", ["Fold", "Validation cases", "Threshold", "Fitted coefficients"], coef)]
+            ("table", ["Fold", "Fit cases (stage 1)", "Validation cases", "Threshold", "Fitted coefficients"], coef)]
 
 
 def extra_blocks(m: dict[str, Any]) -> list[Block]:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from models.errors import ModelError
-from models.lesion_evidence import CLASSIFIER_TERM, LesionFusion
+from models.lesion_evidence import CLASSIFIER_TERM, FEATURES, FEATURES_V2, LesionFusion
 from models.preprocess import load_series
 from models.registry import DEFAULT_WEIGHTS_DIR, InferenceError, Registry, RegistryError
 from node.config import GateSection
@@ -54,20 +54,22 @@ def test_the_fused_probability_is_the_cards_regression_over_the_real_segmenters_
     assert fusion is not None
     volume = load_series(series.paths)
     seg = runner.segment(volume)
-    assert seg.evidence is not None and len(seg.evidence.pixels) == SLICES
+    assert seg.evidence is not None and len(seg.evidence.slices) == SLICES
     assert seg.evidence.segmenter == (runner.segmenter.name, "1.0.0")
     out = runner.classifier.predict(volume, lesion=seg.evidence)
     assert out.classifier_probability is not None and out.probability != out.classifier_probability
-    assert out.probability == pytest.approx(fusion.probability_of(out.classifier_probability, seg.evidence.features()))
+    assert out.probability == pytest.approx(fusion.probability_of(out.classifier_probability,
+                                                                     seg.evidence.features(fusion.features)))
     # the image alone is the same as classifier 2.0.0 gives on this series
     plain = Registry().classifier("2.0.0").predict(volume)
     assert out.classifier_probability == pytest.approx(plain.probability, abs=1e-6)
     # more lesion evidence, higher probability (positive coefficients); no evidence: no verdict
-    more = replace(seg.evidence, max_probability=seg.evidence.max_probability + 0.05, pixels=seg.evidence.pixels + 50)
+    ev = seg.evidence.slices
+    more = replace(seg.evidence, slices=replace(ev, max_probability=ev.max_probability + 0.05, pixels=ev.pixels + 50))
     assert runner.classifier.predict(volume, lesion=more).probability > out.probability
     with pytest.raises(InferenceError, match="none was given"):
         runner.classify(volume)
-    short = replace(seg.evidence, max_probability=seg.evidence.max_probability[:3], pixels=seg.evidence.pixels[:3])
+    short = replace(seg.evidence, slices=ev.take(slice(0, 3)))
     with pytest.raises(InferenceError, match="3 slices"):
         runner.classify(volume, short)
 
@@ -93,8 +95,11 @@ def test_the_streamed_path_fuses_the_same_evidence(tmp_path, series):
     s_seg, p_seg = streamed.segment(volume), runner.segment(load_series(series.paths))
     assert s_seg.evidence is not None and p_seg.evidence is not None
     # the U-Net's softmax agrees within 1e-3 between the two paths (models.streaming): so do the features
-    assert np.allclose(s_seg.evidence.max_probability, p_seg.evidence.max_probability, atol=1e-3)
-    assert np.abs(s_seg.evidence.pixels - p_seg.evidence.pixels).max() <= 2
+    s_ev, p_ev = s_seg.evidence.slices, p_seg.evidence.slices
+    assert np.allclose(s_ev.max_probability, p_ev.max_probability, atol=1e-3)
+    assert np.allclose(s_ev.top, p_ev.top, atol=1e-3)
+    assert np.abs(s_ev.pixels - p_ev.pixels).max() <= 2 and np.abs(s_ev.pixels_p30 - p_ev.pixels_p30).max() <= 2
+    assert np.allclose(s_seg.evidence.features(FEATURES_V2), p_seg.evidence.features(FEATURES_V2), atol=0.05)
     s_cls, p_cls = streamed.classify(volume, s_seg.evidence), runner.classify(volume, p_seg.evidence)
     assert s_cls.probability == pytest.approx(p_cls.probability, abs=2e-3)
     assert dict(s_cls.notes.fused_evidence).keys() == dict(p_cls.notes.fused_evidence).keys() == {
@@ -131,7 +136,7 @@ def test_fuse_lesion_fits_a_candidate_version_on_new_phantoms_and_refuses_known_
     assert card["candidate"] is True and card["derived_from"]["classifier"] == "2.0.0"
     v = card["metrics"]["validation"]
     assert v["dataset"]["seed"] == 77 and v["dataset"]["cases"] == 24 and 0 <= v["roc_auc"] <= 1
-    assert set(card["lesion_fusion"]["coefficients"]) == set(COEFFICIENTS)
+    assert set(card["lesion_fusion"]["coefficients"]) == {CLASSIFIER_TERM, *FEATURES}  # new fits: the newest set
     folder = root / "classifier" / "2.1.0-test"
     assert (folder / "model.keras").read_bytes() == (root / "classifier" / "2.0.0" / "model.keras").read_bytes()
     loaded = reg.classifier("2.1.0-test")

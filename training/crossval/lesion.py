@@ -5,16 +5,20 @@ trained on pixel masks, still marks many of them. This arm asks how much a late 
 without retraining anything:
 
 * **Features** (:func:`segmenter_features`, computed by `models.lesion_evidence` as the node computes them): the
-  segmenter under ``weights_dir`` (the shipped one by default:
-  trained on its own phantoms, never on the evaluation's cases — the report names its version and training data)
-  runs over every case on the model grid; per series: the logit of the largest lesion probability inside the
-  lungs, and log(1 + n) of the lesion pixels (p ≥ 0.5 inside the lungs), of the most on one slice and of the
-  slices with any. Cached beside the array cache, keyed by both.
-* **Fusion** (:func:`fuse_folds`): per fold, a logistic regression (scikit-learn, C = 1, no other setting tried
-  for the report) on the fold's **validation split** — the fold model's calibrated logit plus those features —
-  and the threshold by Youden's J on the same split, as the classifier's own threshold is chosen. The test fold
-  is touched only to be scored. A fold whose validation split holds fewer than `MIN_PER_CLASS` cases of either
-  class cannot be fitted; then the arm is skipped with that reason (tiny datasets).
+  segmenter under ``weights_dir`` (the shipped one by default: trained on its own phantoms, never on the
+  evaluation's cases — the report names its version and training data) runs over every case on the model grid and
+  every feature of every set is pooled per series (`models.lesion_evidence.ALL_FEATURES`); the arm uses the
+  newest set (``FEATURES``: graded lesion probabilities — top-k means, pixels at p ≥ 0.3 and ≥ 0.1, summed
+  probability, slices at p ≥ 0.3). Cached beside the array cache, keyed by both.
+* **Fusion** (:func:`fuse_folds`), in two stages, because the segmenter's features may use more cases than the
+  classifier's logit may: (1) a logistic regression (scikit-learn, C = 1) of the label on the segmenter's features
+  over the fold's **fit cases** (the segmenter never saw them, so its features there are not optimistic; the
+  fold's classifier trained on them, so its logit there would be); (2) a logistic regression (C = 1) on the fold's
+  **validation split** over the fold model's calibrated logit and stage 1's score, and the threshold by Youden's J
+  on the same split, as the classifier's own threshold is chosen. Both stages are linear, so the fold's fusion is
+  one logistic regression over the logit and the features (its coefficients are recorded) — the form a shipped
+  classifier version applies. The test fold is touched only to be scored. A fold whose validation split holds
+  fewer than `MIN_PER_CLASS` cases of either class cannot be fitted; then the arm is skipped with that reason.
 
 The fusion a shipped classifier version applies (`models.lesion_evidence.LesionFusion`, fitted by
 `training.lesion_fusion`) has this form; the arm measures it under the cross-validation protocol.
@@ -29,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from models.lesion_evidence import CLASSIFIER_TERM, FEATURES, series_features
+from models.lesion_evidence import ALL_FEATURES, CLASSIFIER_TERM, FEATURES, LATEST, series_features
 from models.lesion_evidence import logit as _logit
 from training.dataset import Prepared
 
@@ -38,12 +42,17 @@ MIN_PER_CLASS = 5  # validation cases of each class a fold needs for the fusion 
 
 @dataclass(frozen=True)
 class SegmenterFeatures:
-    """Per-case features (cases, len(FEATURES)) and which segmenter made them (name, version, its training data)."""
+    """Per-case features (cases, len(ALL_FEATURES)) and which segmenter made them (name, version, its training
+    data)."""
 
     values: np.ndarray
     segmenter: dict[str, Any]
     seconds: float
     from_cache: bool
+
+    def of(self, names: tuple[str, ...] = FEATURES) -> np.ndarray:
+        """The columns of ``names`` (cases, len(names))."""
+        return self.values[:, [ALL_FEATURES.index(n) for n in names]]
 
 
 def segmenter_features(prep: Prepared, weights_dir: str | Path | None, cache_dir: Path,
@@ -66,16 +75,17 @@ def segmenter_features(prep: Prepared, weights_dir: str | Path | None, cache_dir
     card = seg.card
     about = {"name": card.get("name"), "version": seg.version,
              "training_data": (card.get("training") or {}).get("data")}
-    key = hashlib.sha256(json.dumps([card.get("files"), prep.key, FEATURES], sort_keys=True).encode()).hexdigest()
+    key = hashlib.sha256(json.dumps([card.get("files"), prep.key, ALL_FEATURES], sort_keys=True).encode()).hexdigest()
     path = Path(cache_dir) / f"lesion-{seg.version}-{key[:20]}.npz"  # the weights' sha256 and the cases
     t0 = time.perf_counter()
     if path.is_file():
         with np.load(path) as cached:
-            if cached["values"].shape == (len(prep.cases), len(FEATURES)):
+            if cached["values"].shape == (len(prep.cases), len(ALL_FEATURES)):
                 return SegmenterFeatures(cached["values"], about, time.perf_counter() - t0, True)
-    values = np.empty((len(prep.cases), len(FEATURES)))
+    values = np.empty((len(prep.cases), len(ALL_FEATURES)))
     for i, case in enumerate(prep.cases):
-        values[i] = series_features(seg.grid_probabilities(window(case.hu.astype(np.float32), seg.preprocess)))
+        values[i] = series_features(seg.grid_probabilities(window(case.hu.astype(np.float32), seg.preprocess)),
+                                    ALL_FEATURES)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, values=values)
@@ -96,10 +106,12 @@ class Fused:
 
 def fuse_folds(y: np.ndarray, fold_of: np.ndarray, p: np.ndarray, validation: dict[int, tuple[np.ndarray, np.ndarray]],
                features: np.ndarray) -> Fused | str:
-    """Fit each fold's fusion on its validation split and score its test cases (see the module docstring).
+    """Fit each fold's fusion (its fit cases, then its validation split) and score its test cases (see the module
+    docstring).
 
     ``p``: the main arm's calibrated out-of-fold probabilities; ``validation[k]``: (case indices, the fold-k
-    model's calibrated probabilities on them). Returns the reason instead when a fold cannot be fitted."""
+    model's calibrated probabilities on them); a fold's fit cases are the cases outside fold k and its validation
+    split. Returns the reason instead when a fold cannot be fitted."""
     from sklearn.linear_model import LogisticRegression
 
     from training.train import youden_threshold
@@ -111,17 +123,28 @@ def fuse_folds(y: np.ndarray, fold_of: np.ndarray, p: np.ndarray, validation: di
         if min(int((yv == 1).sum()), int((yv == 0).sum())) < MIN_PER_CLASS:
             return (f"fold {k}'s validation split holds {int((yv == 1).sum())} pneumonia and {int((yv == 0).sum())} "
                     f"normal cases; the fusion needs at least {MIN_PER_CLASS} of each")
-        xv = np.column_stack([_logit(pv), features[idx]])
-        model = LogisticRegression(C=1.0, max_iter=2000).fit(xv, yv)
-        fitted = model.predict_proba(xv)[:, 1]
-        thr = youden_threshold(yv.tolist(), fitted.tolist())
+        fit_idx = np.setdiff1d(np.flatnonzero(fold_of != k), idx)
+        if len(np.unique(y[fit_idx])) < 2:
+            return f"fold {k}'s fit cases hold one class only"
+        stage1 = LogisticRegression(C=1.0, max_iter=5000).fit(features[fit_idx], y[fit_idx])
+        stage2 = LogisticRegression(C=1.0, max_iter=2000).fit(
+            np.column_stack([_logit(pv), stage1.decision_function(features[idx])]), yv)
+        (a, d), b2 = stage2.coef_[0], float(stage2.intercept_[0])
+        coefficients = {CLASSIFIER_TERM: float(a), **{n: float(d * w) for n, w in zip(FEATURES, stage1.coef_[0],
+                                                                                    strict=True)}}
+        intercept = b2 + float(d * stage1.intercept_[0])
+
+        def fused(pk: np.ndarray, fk: np.ndarray, c: dict[str, float] = coefficients, b: float = intercept) -> np.ndarray:
+            z = b + c[CLASSIFIER_TERM] * _logit(pk) + fk @ np.array([c[n] for n in FEATURES])
+            return np.asarray(1.0 / (1.0 + np.exp(-z)))
+
+        thr = youden_threshold(yv.tolist(), fused(pv, features[idx]).tolist())
         test = np.flatnonzero(fold_of == k)
-        out_p[test] = model.predict_proba(np.column_stack([_logit(p[test]), features[test]]))[:, 1]
+        out_p[test] = fused(p[test], features[test])
         out_thr[test] = thr
-        folds.append({"fold": k, "validation_cases": int(len(idx)), "threshold": float(thr),
-                      "intercept": float(model.intercept_[0]),
-                      "coefficients": dict(zip((CLASSIFIER_TERM, *FEATURES), map(float, model.coef_[0]),
-                                               strict=True))})
+        folds.append({"fold": k, "fit_cases": int(len(fit_idx)), "validation_cases": int(len(idx)),
+                      "threshold": float(thr), "intercept": intercept, "coefficients": coefficients,
+                      "stage2": {"classifier_logit": float(a), "segmenter_score": float(d), "intercept": b2}})
     return Fused(out_p, out_thr, folds)
 
 
@@ -145,13 +168,16 @@ def lesion_block(ds: Any, y: np.ndarray, fold_of: np.ndarray, main: tuple[np.nda
         "mcnemar": paired["mcnemar"],
         "segmenter": feats.segmenter,
         "features": list(FEATURES),
+        "feature_set": LATEST,
         "feature_seconds": round(feats.seconds, 1),
         "folds": fused.folds,
-        "explanation": "Late fusion, fitted per fold on that fold's validation split only: logistic regression "
-        "(C = 1) over the fold classifier's calibrated logit and the segmenter's lesion evidence (largest lesion "
-        "probability in the lungs, lesion pixels, most on one slice, slices with any), threshold by Youden's J on "
-        "the same split. The segmenter was trained on other phantoms (its card's training data, above) and is the "
-        "same for every fold. The shipped classifiers 2.1.0 (with U-Net 1.0.0's evidence, the default) and 2.2.0 "
-        "(with U-Net 1.1.0's, a candidate) apply a fusion of this form, fitted once on phantoms new to both models; "
-        "this arm measures the form per fold. Paired tests: lesion evidence − classifier.",
+        "explanation": "Late fusion in two stages, fitted per fold without its test cases: a logistic regression "
+        "(C = 1) of the label on the segmenter's lesion evidence over the fold's fit cases (the segmenter never saw "
+        "them), then one (C = 1) over the fold classifier's calibrated logit and that score on the fold's validation "
+        "split, threshold by Youden's J on the same split. The evidence is graded: the mean of the 10, 50 and 200 "
+        "largest lesion probabilities in the lungs, pixels at p >= 0.3 and >= 0.1, the summed probability and the "
+        "slices at p >= 0.3 (feature set " + LATEST + "). The segmenter was trained on other phantoms (its card's "
+        "training data, above) and is the same for every fold. Each fold's fusion is one logistic regression over "
+        "the logit and the features, the form a shipped lesion-fusing classifier applies. "
+        "Paired tests: lesion evidence − classifier.",
     }

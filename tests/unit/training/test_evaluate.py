@@ -77,3 +77,49 @@ def test_compare_pairs_two_evaluations_case_by_case() -> None:
     other["per_case"] = other["per_case"][::-1]
     with pytest.raises(TrainingError, match="same cases"):
         compare(_result("a", good, 0.5, y, subtle), other)
+
+
+def test_compare_pairs_the_segmenters_when_their_versions_differ(tmp_path: Path) -> None:
+    """Two evaluations with different U-Net versions: per-case lesion Dice paired, subtle cases found, false
+    positives in normals; the comparison lands in each card (classifier part, segmenter part) with --write-card."""
+    import json
+
+    from models.registry import Registry
+    from training.evaluate import compare, format_comparison, record_in_cards
+
+    y = [1] * 20 + [0] * 10
+    subtle = [1] * 5 + [0] * 25
+    probs = [0.9] * 20 + [0.1] * 10
+    new, old = _result("2", probs, 0.5, y, subtle), _result("1", probs, 0.5, y, subtle)
+    new["versions"]["segmenter"] = "1.1.0"
+    for i, (a, b) in enumerate(zip(new["per_case"], old["per_case"], strict=True)):
+        pos = a["label"] == 1
+        # the new U-Net finds every subtle lesion (old: none) and is 0.1 better elsewhere but on case 19
+        a.update(lesion_dice=(0.6 if a["subtle"] else 0.8 - (0.2 if i == 19 else 0.0)) if pos else None,
+                 lesion_tp=5 if pos else 0, fp_lesion_ml=None if pos else 0.5)
+        b.update(lesion_dice=(0.0 if b["subtle"] else 0.7) if pos else None,
+                 lesion_tp=(0 if b["subtle"] else 5) if pos else 0, fp_lesion_ml=None if pos else 2.0)
+    c = compare(new, old, n=300)
+    sg = c["segmenter"]
+    assert (sg["new"], sg["old"], sg["paired_cases"], sg["subtle_cases"]) == ("1.1.0", "1.0.0", 20, 5)
+    assert sg["cases_better"] == 19 and sg["cases_worse"] == 1
+    assert sg["lesion_dice_mean_difference"] == pytest.approx((5 * 0.6 + 14 * 0.1 - 0.1) / 20)
+    lo, hi = sg["lesion_dice_difference_ci95"]
+    assert 0 < lo <= sg["lesion_dice_mean_difference"] <= hi
+    assert sg["subtle_cases_found"] == {"new": 5, "old": 0}
+    assert sg["subtle_lesion_dice_mean"]["new"] == pytest.approx(0.6)
+    assert sg["false_positive_lesion_ml_in_normals_mean"] == {"new": 0.5, "old": 2.0}
+    text = format_comparison(c)
+    assert "segmenter 1.1.0 against 1.0.0" in text and "found in 5 vs 0 of 5" in text
+    assert "segmenter" not in compare(old, old, n=10)  # the same U-Net: nothing to pair
+
+    # record_in_cards: each card gets its own part
+    weights = tmp_path / "w"
+    for kind, version in (("classifier", "2"), ("segmenter", "1.1.0")):
+        (weights / kind / version).mkdir(parents=True)
+        (weights / kind / version / "model_card.json").write_text(json.dumps({"version": version}))
+    res = {**new, "cases": 30, "timing": {}, "classifier": {"threshold": 0.5}, "segmenter": {}, "comparison": c}
+    paths = record_in_cards(res, Registry(weights), "pacsnode model-eval …")
+    cards = {p.parent.parent.name: json.loads(p.read_text())["metrics"]["test"]["comparison"] for p in paths}
+    assert cards["segmenter"] == json.loads(json.dumps(sg))
+    assert "segmenter" not in cards["classifier"] and cards["classifier"]["mcnemar"] == json.loads(json.dumps(c["mcnemar"]))

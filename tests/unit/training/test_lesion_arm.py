@@ -1,5 +1,6 @@
-"""training.crossval.lesion: the per-series lesion features, the per-fold fusion fitted on validation cases only,
-and the features made by a real (tiny) segmenter from prepared cases."""
+"""training.crossval.lesion: the per-series lesion features, the per-fold two-stage fusion (segmenter features on
+the fold's fit cases, then the classifier's logit on its validation split; never its test labels), and the features
+made by a real (tiny) segmenter from prepared cases."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from models.lesion_evidence import ALL_FEATURES, FEATURES_V1
 from training.crossval.lesion import (
     FEATURES,
     MIN_PER_CLASS,
@@ -37,13 +39,16 @@ def test_series_features_count_lesion_pixels_inside_the_lungs() -> None:
     lesion[3, 5:7, 5:7] = True   # 4 pixels on slice 3
     p = _softmax(lung, lesion)
     p[0, 0, 0] = (0.0, 0.0, 1.0)  # lesion outside the lung mask: lesion probability counts as lung, so it counts
-    f = dict(zip(FEATURES, series_features(p), strict=True))
+    f = dict(zip(FEATURES_V1, series_features(p, FEATURES_V1), strict=True))
     assert f["log1p_lesion_px"] == pytest.approx(np.log1p(14))
     assert f["log1p_max_slice_px"] == pytest.approx(np.log1p(9))
     assert f["log1p_lesion_slices"] == pytest.approx(np.log1p(3))
     assert f["max_lesion_logit"] > 5  # probability 1.0, clipped
-    empty = dict(zip(FEATURES, series_features(_softmax(lung, np.zeros_like(lung))), strict=True))
+    empty = dict(zip(FEATURES_V1, series_features(_softmax(lung, np.zeros_like(lung)), FEATURES_V1), strict=True))
     assert empty["log1p_lesion_px"] == 0 and empty["max_lesion_logit"] < 0
+    g = dict(zip(FEATURES, series_features(p), strict=True))  # the arm's set: 0.8 on 13 lung pixels + 1.0 outside
+    assert g["log1p_px_p30"] == pytest.approx(np.log1p(14)) and g["log1p_slices_p30"] == pytest.approx(np.log1p(3))
+    assert g["log1p_probability_sum"] == pytest.approx(np.log1p(13 * 0.8 + 1.0), rel=1e-5)
 
 
 def _synthetic(n: int = 400, folds: int = 5, seed: int = 0) -> tuple[np.ndarray, ...]:
@@ -74,32 +79,39 @@ def test_fusion_gains_where_the_features_carry_signal() -> None:
     acc_fused = np.mean((fused.p >= fused.thr) == y)
     assert acc_fused > np.mean((p >= 0.5) == y) + 0.1
     assert [f["fold"] for f in fused.folds] == [1, 2, 3, 4, 5]
-    assert all(f["coefficients"]["max_lesion_logit"] > 0 for f in fused.folds)
+    assert all(f["coefficients"][FEATURES[0]] > 0 for f in fused.folds)
+    assert all(f["fit_cases"] > f["validation_cases"] for f in fused.folds)
+    # The recorded coefficients are the fold's fusion: applied to a test case they give its score.
+    f1, case = fused.folds[0], int(np.flatnonzero(fold_of == 1)[0])
+    c = f1["coefficients"]
+    z = f1["intercept"] + c["classifier_logit"] * np.log(p[case] / (1 - p[case])) + sum(
+        c[n] * v for n, v in zip(FEATURES, feats[case], strict=True))
+    assert fused.p[case] == pytest.approx(1 / (1 + np.exp(-z)))
 
 
-def test_fusion_never_reads_test_labels_and_folds_are_independent() -> None:
+def test_fusion_never_reads_test_labels_and_uses_the_fit_cases() -> None:
     y, p, feats, fold_of = _synthetic()
     val = _validation(fold_of, p)
     base = fuse_folds(y, fold_of, p, val, feats)
     assert isinstance(base, Fused)
-    # Flip the labels of cases in no validation split: the fits do not move.
-    in_val = np.zeros(len(y), bool)
-    for idx, _ in val.values():
-        in_val[idx] = True
+    for k in np.unique(fold_of):
+        # Flip the labels of fold k's test cases: fold k's scores and threshold do not move.
+        test = fold_of == k
+        flipped = y.copy()
+        flipped[test] = 1 - flipped[test]
+        again = fuse_folds(flipped, fold_of, p, val, feats)
+        assert isinstance(again, Fused)
+        np.testing.assert_array_equal(again.p[test], base.p[test])
+        np.testing.assert_array_equal(again.thr[test], base.thr[test])
+    # Stage 1 learns from fold 1's fit cases (outside fold 1 and its validation split): flipping half of their
+    # labels (all of them would only flip stage 1's sign, which stage 2 undoes) moves fold 1's scores.
+    fit1 = (fold_of != 1) & (np.arange(len(y)) % 4 < 2)
+    fit1[val[1][0]] = False
     flipped = y.copy()
-    flipped[~in_val] = 1 - flipped[~in_val]
-    again = fuse_folds(flipped, fold_of, p, val, feats)
-    assert isinstance(again, Fused)
-    np.testing.assert_array_equal(again.p, base.p)
-    # Fold k's scores depend on its validation cases and its test cases only: changing the features of fold-1
-    # cases that no validation split holds moves those scores and nothing else.
-    only_test = (fold_of == 1) & ~in_val
-    changed = feats.copy()
-    changed[only_test] += 5.0
-    moved = fuse_folds(y, fold_of, p, val, changed)
+    flipped[fit1] = 1 - flipped[fit1]
+    moved = fuse_folds(flipped, fold_of, p, val, feats)
     assert isinstance(moved, Fused)
-    assert not np.allclose(moved.p[only_test], base.p[only_test])
-    np.testing.assert_array_equal(moved.p[~only_test], base.p[~only_test])
+    assert not np.allclose(moved.p[fold_of == 1], base.p[fold_of == 1])
 
 
 def test_a_validation_split_too_small_to_fit_gives_the_reason() -> None:
@@ -129,7 +141,7 @@ def test_features_from_a_real_segmenter_are_cached(tmp_path: Path) -> None:
     prep = prepare(load_dataset(data), 32, tmp_path / "cache")
     first = segmenter_features(prep, weights, tmp_path / "cache", log=lambda _: None)
     assert not isinstance(first, str), first
-    assert first.values.shape == (4, len(FEATURES)) and np.isfinite(first.values).all()
+    assert first.values.shape == (4, len(ALL_FEATURES)) and first.of().shape == (4, len(FEATURES)) and np.isfinite(first.values).all()
     assert first.segmenter["version"] == "0.0.1" and not first.from_cache
     second = segmenter_features(prep, weights, tmp_path / "cache", log=lambda _: None)
     assert not isinstance(second, str) and second.from_cache
