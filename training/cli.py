@@ -136,7 +136,7 @@ def cmd_fuse_lesion(args: argparse.Namespace) -> int:
     print(f"wrote classifier {card['version']} (classifier {card['derived_from']['classifier']} + lesion evidence "
           f"of {card['lesion_fusion']['segmenter']['name']} {card['lesion_fusion']['segmenter']['version']}), "
           f"threshold {card['threshold']:.3f}")
-    print(f"fit set ({v['dataset']['cases']} cases, in-sample): ROC AUC {v['roc_auc']:.3f} (base {b['roc_auc']:.3f}), "
+    print(f"fit set ({v['dataset']['cases']} cases, out-of-fold): ROC AUC {v['roc_auc']:.3f} (base {b['roc_auc']:.3f}), "
           f"sensitivity {v['sensitivity']:.3f} ({b['sensitivity']:.3f}), specificity {v['specificity']:.3f} "
           f"({b['specificity']:.3f})")
     return 0

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from models.lesion_evidence import FEATURES_V1, FEATURES_V2
 from models.preprocess import dice, load_series
 from models.registry import (
     CARD_FILE,
@@ -128,7 +129,8 @@ def test_the_shipped_default_classifier_is_the_released_one() -> None:
 def test_segmenter_1_1_0_ships_as_a_candidate_with_its_test_comparison() -> None:
     """U-Net 1.1.0 (faint lesions drawn as often as extensive disease) is shipped but not the default — the default
     classifier fuses 1.0.0's evidence — and loads on request; its card records the held-out comparison with 1.0.0.
-    Classifier 2.2.0, fused with 1.1.0's evidence, is its candidate partner, compared with the default."""
+    Classifiers 2.2.0 (v1 lesion features) and 2.3.0 (v2), fused with 1.1.0's evidence, are its candidate
+    partners, each compared with the default."""
     reg = Registry()
     assert {"1.0.0", "1.1.0"} <= set(reg.versions("segmenter"))
     assert reg.default_version("segmenter") == "1.0.0"
@@ -138,15 +140,24 @@ def test_segmenter_1_1_0_ships_as_a_candidate_with_its_test_comparison() -> None
     test = seg.card["metrics"]["test"]
     assert test["dataset"]["seed"] not in (seg.card["training"]["data"]["seed"],
                                            seg.card["metrics"]["validation"]["dataset"]["seed"])
-    compared = test["comparison_with_1.0.0"]
+    compared = test["comparison"]  # recorded by model-eval --compare-with --write-card (training.evaluate.compare)
     old = reg.segmenter("1.0.0").card["metrics"]["test"]
     assert old["dataset"] == test["dataset"]  # the same held-out phantoms
-    assert test["lesion_dice_mean"] > old["lesion_dice_mean"] and compared["paired_bootstrap_ci95"][0] > 0
-    fused = reg.classifier("2.2.0")  # 2.0.0 + this segmenter's evidence: a candidate with it
-    assert reg.default_version("classifier") != "2.2.0" and fused.card["candidate"] is True
-    assert fused.fusion is not None and fused.fusion.segmenter == (seg.name, "1.1.0")
-    against = fused.card["metrics"]["test"]["comparison_with_default"]
+    assert (compared["new"], compared["old"]) == ("1.1.0", "1.0.0") and compared["paired_cases"] == 50
+    assert test["lesion_dice_mean"] > old["lesion_dice_mean"] and compared["lesion_dice_difference_ci95"][0] > 0
+    assert compared["lesion_dice_mean"]["old"] == pytest.approx(old["lesion_dice_mean"])
+    for version in ("2.2.0", "2.3.0"):  # 2.0.0 + this segmenter's evidence (v1, v2 features): candidates with it
+        fused = reg.classifier(version)
+        assert reg.default_version("classifier") != version and fused.card["candidate"] is True
+        assert fused.fusion is not None and fused.fusion.segmenter == (seg.name, "1.1.0")
+    assert reg.classifier("2.2.0").fusion.features == FEATURES_V1  # type: ignore[union-attr]
+    assert reg.classifier("2.3.0").fusion.features == FEATURES_V2  # type: ignore[union-attr]
+    against = reg.classifier("2.2.0").card["metrics"]["test"]["comparison_with_default"]
     assert against["old"]["classifier"] == reg.default_version("classifier") and against["cases"] == test["cases"]
+    v23 = reg.classifier("2.3.0").card
+    against = v23["metrics"]["test"]["comparison"]
+    assert against["old"]["classifier"] == reg.default_version("classifier") and against["cases"] == test["cases"]
+    assert "out-of-fold" in v23["threshold_rule"] and v23["metrics"]["test"]["dataset"] == test["dataset"]
 
 
 def test_corrupt_or_mismatched_weights_are_refused(tmp_path: Path) -> None:
