@@ -153,3 +153,27 @@ def test_fuse_lesion_fits_a_candidate_version_on_new_phantoms_and_refuses_known_
     with pytest.raises(TrainingError, match="already fuses"):
         fit_lesion_fusion(data, reg, base_version="2.1.0-test", segmenter_version="1.0.0", version="2.1.2",
                           progress=False)
+
+
+def test_the_shipped_v2_fusion_runs_on_both_paths(series):
+    """Classifier 2.3.0 (v2 graded features) beside U-Net 1.1.0, the shipped weights: the fused probability is its
+    card's regression over the v2 features on the plain path, and the streamed path agrees."""
+    from models.streaming import SliceModels
+    from node.prefetch import StreamingRunner
+
+    runner = RegistryRunner(classifier_version="2.3.0", segmenter_version="1.1.0", device="cpu")
+    fusion = runner.classifier.fusion
+    assert fusion is not None and fusion.features == FEATURES_V2
+    volume = load_series(series.paths)
+    seg = runner.segment(volume)
+    assert seg.evidence is not None
+    out = runner.classify(volume, seg.evidence)
+    base = runner.classifier.predict(volume, lesion=seg.evidence)
+    assert base.classifier_probability is not None
+    assert base.probability == pytest.approx(fusion.probability_of(base.classifier_probability,
+                                                                   seg.evidence.features(FEATURES_V2)))
+    assert "at p >= 0.3" in dict(out.notes.fused_evidence)["segmenter lesion evidence"]
+    models = SliceModels(runner.classifier, runner.segmenter)
+    streamed = StreamingRunner(runner, models, models.read(series.paths))
+    s_seg = streamed.segment(volume)
+    assert streamed.classify(volume, s_seg.evidence).probability == pytest.approx(out.probability, abs=2e-3)
