@@ -341,6 +341,18 @@ class Registry:
         assert isinstance(model, Segmenter)
         return model
 
+    def segmenter_for(self, classifier: Classifier, version: str | None = None) -> Segmenter:
+        """The segmenter to run beside ``classifier``: ``version`` when given; else, for a lesion-fusing
+        classifier, the version its fusion was fitted with (asking for classifier 2.1.0 alone loads U-Net 1.0.0
+        beside it, whatever the default U-Net is); else the default. Raises RegistryError."""
+        if version is None and classifier.fusion is not None:
+            try:
+                return self.segmenter(classifier.fusion.segmenter[1])
+            except RegistryError as exc:
+                raise RegistryError(f"classifier {classifier.version} fuses the lesion evidence of "
+                                    f"{' '.join(classifier.fusion.segmenter)}, which cannot be loaded: {exc}") from exc
+        return self.segmenter(version)
+
 
 def _is_candidate(card: Path) -> bool:
     try:

@@ -77,7 +77,7 @@ def evaluate(
 
     reg = registry or Registry()
     clf = reg.classifier(classifier_version)
-    seg = reg.segmenter(segmenter_version)
+    seg = reg.segmenter_for(clf, segmenter_version)
     table = read_table(data)
     if limit is not None:
         table = table.iloc[:limit]

@@ -328,8 +328,10 @@ def _training_seconds(run: dict[str, Any]) -> float:
 def _time_statement(run: dict[str, Any]) -> str:
     """How long the protocol took: the run's wall time, or — when it reused folds trained by earlier runs
     (``--only-folds``, a resumed run) — the training time of all fold models and this run's own wall time."""
-    if run.get("resumed_folds"):
+    reused = len(run.get("resumed_folds") or []) + len(run.get("image_only_resumed_folds") or [])
+    if reused:
+        models = len(run["fold_train_seconds"]) + len(run.get("image_only_fold_train_seconds") or [])
         return (f"Training {_training_seconds(run) / 60:.1f} min (every fold model, the per-fold times under "
-                f"\"Run\"; {len(run['resumed_folds'])} folds trained by an earlier run of the same settings and "
+                f"\"Run\"; {reused} of the {models} fold models trained by earlier runs of the same settings and "
                 f"reused here, this run {run['wall_seconds'] / 60:.1f} min)")
     return f"Wall time {run['wall_seconds'] / 60:.1f} min"

@@ -79,7 +79,7 @@ class RegistryRunner(ModelRunner):
         self.device = select_device(device, gpu_index, mixed_precision)  # before TensorFlow starts its runtime
         registry = Registry(weights_dir, mixed_precision=self.device.mixed_precision)
         self.classifier = registry.classifier(classifier_version)
-        self.segmenter = registry.segmenter(segmenter_version)
+        self.segmenter = registry.segmenter_for(self.classifier, segmenter_version)  # a fusing one: its own
         self.segmenter_version = self.segmenter.version
         if self.classifier.fusion is not None:
             from models.lesion_evidence import LesionFusionError

@@ -109,6 +109,10 @@ def test_the_streamed_path_fuses_the_same_evidence(tmp_path, series):
 def test_a_fusion_fitted_with_another_segmenter_version_is_refused_at_load(tmp_path):
     weights = fused_weights(tmp_path, segmenter_version="0.9.0", version="9.0.1")
     with pytest.raises(RegistryError, match="not from pacsnode-lung-lesion-unet 1.0.0"):
+        RegistryRunner(classifier_version="9.0.1", segmenter_version="1.0.0", weights_dir=weights, device="cpu")
+    # without a segmenter version the runner loads the fusion's own, which is not installed here: said so
+    with pytest.raises(RegistryError, match=r"9\.0\.1 fuses the lesion evidence of pacsnode-lung-lesion-unet 0\.9\.0, "
+                                            r"which cannot be loaded: .*no version '0\.9\.0'"):
         RegistryRunner(classifier_version="9.0.1", weights_dir=weights, device="cpu")
     card = weights / "classifier" / "9.0.1" / "model_card.json"
     broken = json.loads(card.read_text())

@@ -55,9 +55,13 @@ def test_the_configured_classifier_version_is_loaded() -> None:
     assert old.classifier.version == "1.0.0" and old.algorithm.version.startswith("cls-1.0.0+")
     assert RegistryRunner(classifier_version="2.0.0").classifier.version == "2.0.0"
     assert RegistryRunner().classifier.version == Registry().default_version("classifier")
-    # the candidates 2.2.0 + U-Net 1.1.0 load together; 2.2.0 beside the U-Net its fusion was not fitted with does not
+    # the candidate 2.2.0 + U-Net 1.1.0 load together; 2.2.0 beside the U-Net its fusion was not fitted with does not
     pair = RegistryRunner(classifier_version="2.2.0", segmenter_version="1.1.0")
     assert (pair.classifier.version, pair.segmenter.version) == ("2.2.0", "1.1.0")
+    # the former default 2.1.0 asked for alone runs beside the U-Net its fusion was fitted with, not the default
+    old_default = RegistryRunner(classifier_version="2.1.0")
+    assert old_default.segmenter.version == "1.0.0" != Registry().default_version("segmenter")
+    assert old_default.algorithm.version == "cls-2.1.0+seg-1.0.0"
     with pytest.raises(ModelError, match="from pacsnode-lung-lesion-unet 1.1.0, not from pacsnode-lung-lesion-unet 1.0.0"):
         RegistryRunner(classifier_version="2.2.0", segmenter_version="1.0.0")
 

@@ -109,33 +109,43 @@ def test_a_release_candidate_is_loaded_only_on_request(tmp_path: Path) -> None:
 
 def test_the_shipped_default_classifier_is_the_released_one() -> None:
     """2.0.0 (clinical fusion with symptoms) scored below 1.0.0 on the test phantoms: shipped as a candidate.
-    2.1.0 (2.0.0's weights + the U-Net's lesion evidence) is the default: its card records the paired comparison
-    with 1.0.0 on the held-out test set, and its fusion names the default segmenter."""
+    2.1.0 (2.0.0's weights + U-Net 1.0.0's lesion evidence) was the default until 2.3.0 (the same weights + U-Net
+    1.1.0's graded v2 evidence): each card records its paired comparison on the held-out test set with the default
+    it replaced, and the default's fusion names the default segmenter."""
     reg = Registry()
-    assert {"1.0.0", "2.0.0", "2.1.0"} <= set(reg.versions("classifier"))
-    assert reg.default_version("classifier") == "2.1.0"
-    assert json.loads((reg.folder("classifier", "2.0.0") / CARD_FILE).read_text())["candidate"] is True
+    assert {"1.0.0", "2.0.0", "2.1.0", "2.2.0", "2.3.0"} <= set(reg.versions("classifier"))
+    assert reg.default_version("classifier") == "2.3.0" and reg.default_version("segmenter") == "1.1.0"
+    for candidate in ("2.0.0", "2.2.0"):
+        assert json.loads((reg.folder("classifier", candidate) / CARD_FILE).read_text())["candidate"] is True
     clf, seg = reg.classifier(), reg.segmenter()
     assert clf.fusion is not None and clf.fusion.segmenter == (seg.name, seg.version)
-    test = clf.card["metrics"]["test"]
-    assert test["dataset"]["seed"] not in (clf.card["training"]["data"]["seed"],
-                                           clf.card["metrics"]["validation"]["dataset"]["seed"])
-    compared = test["comparison_with_default"]
-    assert compared["old"]["classifier"] == "1.0.0" and compared["cases"] == test["cases"]
-    assert compared["roc_auc"]["new"] == test["roc_auc"] >= compared["roc_auc"]["old"]
-    assert compared["mcnemar"]["b_only_correct"] == 0  # no test case that 1.0.0 got right and 2.1.0 does not
+    assert clf.fusion.features == FEATURES_V2 and "out-of-fold" in clf.card["threshold_rule"]
+    for version, old, key in (("2.1.0", "1.0.0", "comparison_with_default"), ("2.3.0", "2.1.0", "comparison")):
+        card = reg.classifier(version).card
+        test = card["metrics"]["test"]
+        assert test["dataset"]["seed"] not in (card["training"]["data"]["seed"],
+                                               card["metrics"]["validation"]["dataset"]["seed"])
+        compared = test[key]
+        assert compared["old"]["classifier"] == old and compared["cases"] == test["cases"]
+        assert compared["roc_auc"]["new"] == test["roc_auc"] >= compared["roc_auc"]["old"]
+        # no more test cases that only the replaced default got right than the other way round
+        assert compared["mcnemar"]["b_only_correct"] <= compared["mcnemar"]["a_only_correct"]
+    assert reg.classifier("2.1.0").card["metrics"]["test"]["comparison_with_default"]["mcnemar"]["b_only_correct"] == 0
+    # asking for an older fusing classifier alone loads the U-Net its fusion was fitted with
+    assert reg.segmenter_for(reg.classifier("2.1.0")).version == "1.0.0"
+    assert reg.segmenter_for(reg.classifier("2.2.0")).version == "1.1.0"
+    assert reg.segmenter_for(reg.classifier("2.0.0")).version == "1.1.0"  # no fusion: the default
+    assert reg.segmenter_for(reg.classifier("2.1.0"), "1.1.0").version == "1.1.0"  # asked for: given (runner refuses)
 
 
-def test_segmenter_1_1_0_ships_as_a_candidate_with_its_test_comparison() -> None:
-    """U-Net 1.1.0 (faint lesions drawn as often as extensive disease) is shipped but not the default — the default
-    classifier fuses 1.0.0's evidence — and loads on request; its card records the held-out comparison with 1.0.0.
-    Classifiers 2.2.0 (v1 lesion features) and 2.3.0 (v2), fused with 1.1.0's evidence, are its candidate
-    partners, each compared with the default."""
+def test_segmenter_1_1_0_is_the_default_with_its_test_comparison() -> None:
+    """U-Net 1.1.0 (faint lesions drawn as often as extensive disease) is the default beside classifier 2.3.0; its
+    card records the held-out comparison with 1.0.0 (model-eval --compare-with --write-card). Classifier 2.2.0
+    (v1 features with 1.1.0's evidence) stays a candidate."""
     reg = Registry()
     assert {"1.0.0", "1.1.0"} <= set(reg.versions("segmenter"))
-    assert reg.default_version("segmenter") == "1.0.0"
-    seg = reg.segmenter("1.1.0")
-    assert seg.version == "1.1.0" and seg.card["candidate"] is True
+    seg = reg.segmenter()
+    assert seg.version == "1.1.0" and "candidate" not in seg.card and "release" in seg.card
     assert seg.card["training"]["settings"]["lesion_sampling"] == "case"
     test = seg.card["metrics"]["test"]
     assert test["dataset"]["seed"] not in (seg.card["training"]["data"]["seed"],
@@ -146,18 +156,12 @@ def test_segmenter_1_1_0_ships_as_a_candidate_with_its_test_comparison() -> None
     assert (compared["new"], compared["old"]) == ("1.1.0", "1.0.0") and compared["paired_cases"] == 50
     assert test["lesion_dice_mean"] > old["lesion_dice_mean"] and compared["lesion_dice_difference_ci95"][0] > 0
     assert compared["lesion_dice_mean"]["old"] == pytest.approx(old["lesion_dice_mean"])
-    for version in ("2.2.0", "2.3.0"):  # 2.0.0 + this segmenter's evidence (v1, v2 features): candidates with it
+    for version, features in (("2.2.0", FEATURES_V1), ("2.3.0", FEATURES_V2)):
         fused = reg.classifier(version)
-        assert reg.default_version("classifier") != version and fused.card["candidate"] is True
         assert fused.fusion is not None and fused.fusion.segmenter == (seg.name, "1.1.0")
-    assert reg.classifier("2.2.0").fusion.features == FEATURES_V1  # type: ignore[union-attr]
-    assert reg.classifier("2.3.0").fusion.features == FEATURES_V2  # type: ignore[union-attr]
-    against = reg.classifier("2.2.0").card["metrics"]["test"]["comparison_with_default"]
-    assert against["old"]["classifier"] == reg.default_version("classifier") and against["cases"] == test["cases"]
-    v23 = reg.classifier("2.3.0").card
-    against = v23["metrics"]["test"]["comparison"]
-    assert against["old"]["classifier"] == reg.default_version("classifier") and against["cases"] == test["cases"]
-    assert "out-of-fold" in v23["threshold_rule"] and v23["metrics"]["test"]["dataset"] == test["dataset"]
+        assert fused.fusion.features == features
+    v22 = reg.classifier("2.2.0").card
+    assert v22["candidate"] is True and v22["metrics"]["test"]["dataset"] == test["dataset"]
 
 
 def test_corrupt_or_mismatched_weights_are_refused(tmp_path: Path) -> None:

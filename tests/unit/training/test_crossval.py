@@ -155,8 +155,12 @@ def test_resume_reuses_finished_folds_with_the_same_numbers(run: Path, tmp_path:
     data = _metrics(a)["dataset"]["root"]
     crossval.evaluate(data, folds=3, out=c, seed=7, quick=True, bootstrap=200, cache_dir=a.parent / "cache",
                       weights_dir=a.parent / "weights", progress=False)
-    assert json.loads((c / "run.json").read_text())["resumed_folds"] == [1, 3]
+    record = json.loads((c / "run.json").read_text())
+    assert record["resumed_folds"] == [1, 3]
     assert (c / "metrics.json").read_bytes() == (a / "metrics.json").read_bytes()
+    # the image-only arm's three folds were all reused too, and the report counts every reused fold model
+    assert record["image_only_resumed_folds"] == [1, 2, 3]
+    assert "5 of the 6 fold models trained by earlier runs" in (c / "report.md").read_text()
 
 
 def test_only_folds_split_the_work_and_claims_are_respected(run: Path, tmp_path: Path) -> None:
