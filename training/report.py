@@ -196,8 +196,8 @@ def _blocks(m: dict[str, Any], run: dict[str, Any], figures: dict[str, dict[str,
             b.append(("img", f["file"], f["caption"], name))
         else:
             b.append(("p", f"{name}: skipped — {f['skipped']}"))
-    timing = [["Wall time", f"{run['wall_seconds']:.0f} s"
-               + (f" (reused {len(run['resumed_folds'])} trained folds)" if run.get("resumed_folds") else "")],
+    reused = _reused(run)
+    timing = [["Wall time", f"{run['wall_seconds']:.0f} s" + (f" (reused {reused} trained fold models)" if reused else "")],
               ["Training, all folds and arms", f"{_training_seconds(run) / 60:.1f} min"],
               ["Preprocessing", f"{run['prepare_seconds']:.0f} s" + (" (from the cache)" if run["prepare_from_cache"] else "")],
               ["Training per fold", ", ".join(f"{s:.0f}" for s in run["fold_train_seconds"]) + " s"
@@ -325,10 +325,15 @@ def _training_seconds(run: dict[str, Any]) -> float:
     return float(sum(run["fold_train_seconds"]) + sum(run.get("image_only_fold_train_seconds") or []))
 
 
+def _reused(run: dict[str, Any]) -> int:
+    """Fold models (both arms) this run loaded instead of training."""
+    return len(run.get("resumed_folds") or []) + len(run.get("image_only_resumed_folds") or [])
+
+
 def _time_statement(run: dict[str, Any]) -> str:
     """How long the protocol took: the run's wall time, or — when it reused folds trained by earlier runs
     (``--only-folds``, a resumed run) — the training time of all fold models and this run's own wall time."""
-    reused = len(run.get("resumed_folds") or []) + len(run.get("image_only_resumed_folds") or [])
+    reused = _reused(run)
     if reused:
         models = len(run["fold_train_seconds"]) + len(run.get("image_only_fold_train_seconds") or [])
         return (f"Training {_training_seconds(run) / 60:.1f} min (every fold model, the per-fold times under "

@@ -120,7 +120,8 @@ def lesion_blocks(m: dict[str, Any]) -> list[Block]:
                 ["McNemar on the decisions", f"only the fusion correct {mc['a_only_correct']}, only the classifier "
                  f"correct {mc['b_only_correct']}; {mc['method']}: p = {_p(mc['p_value'])}"]]),
             ("p", f"Segmenter: {seg.get('name')} {seg.get('version')}, trained on {trained_on} (none of this "
-                  f"report's cases); its features took {le['feature_seconds']:.0f} s. {le['explanation']}"),
+                  f"report's cases); its features took {le['feature_seconds']:.0f} s"
+                  f"{' (read from the cache this run)' if le.get('features_from_cache') else ''}. {le['explanation']}"),
             ("table", ["Fold", "Fit cases (stage 1)", "Validation cases", "Threshold", "Fitted coefficients"], coef)]
 
 

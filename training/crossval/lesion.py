@@ -42,8 +42,8 @@ MIN_PER_CLASS = 5  # validation cases of each class a fold needs for the fusion 
 
 @dataclass(frozen=True)
 class SegmenterFeatures:
-    """Per-case features (cases, len(ALL_FEATURES)) and which segmenter made them (name, version, its training
-    data)."""
+    """Per-case features (cases, len(ALL_FEATURES)), which segmenter made them (name, version, its training
+    data), how long computing them took and whether this run read them from the cache."""
 
     values: np.ndarray
     segmenter: dict[str, Any]
@@ -81,16 +81,17 @@ def segmenter_features(prep: Prepared, weights_dir: str | Path | None, cache_dir
     if path.is_file():
         with np.load(path) as cached:
             if cached["values"].shape == (len(prep.cases), len(ALL_FEATURES)):
-                return SegmenterFeatures(cached["values"], about, time.perf_counter() - t0, True)
+                took = float(cached["seconds"]) if "seconds" in cached.files else time.perf_counter() - t0
+                return SegmenterFeatures(cached["values"], about, took, True)
     values = np.empty((len(prep.cases), len(ALL_FEATURES)))
     for i, case in enumerate(prep.cases):
         values[i] = series_features(seg.grid_probabilities(window(case.hu.astype(np.float32), seg.preprocess)),
                                     ALL_FEATURES)
+    seconds = time.perf_counter() - t0
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, values=values)
+    np.savez(tmp, values=values, seconds=np.float64(seconds))
     tmp.replace(path)
-    seconds = time.perf_counter() - t0
     log(f"lesion evidence: segmenter {seg.version} over {len(prep.cases)} cases in {seconds:.0f} s")
     return SegmenterFeatures(values, about, seconds, False)
 
@@ -170,6 +171,7 @@ def lesion_block(ds: Any, y: np.ndarray, fold_of: np.ndarray, main: tuple[np.nda
         "features": list(FEATURES),
         "feature_set": LATEST,
         "feature_seconds": round(feats.seconds, 1),
+        "features_from_cache": feats.from_cache,
         "folds": fused.folds,
         "explanation": "Late fusion in two stages, fitted per fold without its test cases: a logistic regression "
         "(C = 1) of the label on the segmenter's lesion evidence over the fold's fit cases (the segmenter never saw "

@@ -145,6 +145,7 @@ def test_features_from_a_real_segmenter_are_cached(tmp_path: Path) -> None:
     assert first.segmenter["version"] == "0.0.1" and not first.from_cache
     second = segmenter_features(prep, weights, tmp_path / "cache", log=lambda _: None)
     assert not isinstance(second, str) and second.from_cache
+    assert second.seconds == pytest.approx(first.seconds)  # the computing time, kept with the cache
     np.testing.assert_array_equal(second.values, first.values)
     newer = weights / "segmenter" / "0.0.2"  # the same weights as another version: the default now, not asked for
     shutil.copytree(weights / "segmenter" / "0.0.1", newer)
