@@ -2,7 +2,8 @@
 
 - ``phantom --out DIR --cases N --seed S [--prevalence P] [--size PX|MIN-MAX] [--slices N|MIN-MAX]``
 - ``train classifier|segmenter --data DIR --out DIR [--val-data DIR] [--epochs N] [--seed S] [--version V]
-  [--warmup-steps N (classifier)] [--steps N (segmenter)] [--lesion-sampling slice|case (segmenter)]``
+  [--warmup-steps N (classifier)] [--steps N (segmenter)] [--lesion-sampling slice|case (segmenter)]
+  [--lesion-fraction F (segmenter)]``
 - ``model-eval --data DIR [--weights-dir DIR] [--classifier-version V] [--segmenter-version V] [--json F]
   [--write-card] [--compare-with OTHER.json]``
 - ``fuse-lesion --data DIR --base-version V --version NEW [--segmenter-version V] [--weights-dir DIR]``: a new
@@ -62,7 +63,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             from training import segmenter
 
             given = (("epochs", args.epochs), ("seed", args.seed), ("steps_per_epoch", args.steps),
-                     ("lesion_sampling", args.lesion_sampling))
+                     ("lesion_sampling", args.lesion_sampling), ("lesion_fraction", args.lesion_fraction))
             g = segmenter.SegmenterSettings(**{k: v for k, v in given if v is not None})
             card = segmenter.train_segmenter(Path(args.data), Path(args.out), settings=g, **common)
     except (train.TrainingError, ModelError) as exc:
@@ -165,6 +166,9 @@ def register(subparsers: Any) -> None:
     t.add_argument("--warmup-steps", type=int, help="classifier: slice warm-up steps before the series epochs")
     t.add_argument("--lesion-sampling", choices=("slice", "case"),
                    help="segmenter: draw lesion slices uniformly (slice, the default) or a lesion case first (case)")
+    t.add_argument("--lesion-fraction", type=float,
+                   help="segmenter: share of each batch drawn from lesion slices, the rest from lung slices without "
+                        "lesion (default 0.5; lower shows it more normal lung)")
     t.add_argument("--version", default="0.0.0-dev", help="version recorded in the model card")
     t.add_argument("--limit", type=int, help="use only the first N training cases")
     t.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -50,6 +50,8 @@ class SegmenterSettings:
     def __post_init__(self) -> None:
         if self.lesion_sampling not in LESION_SAMPLING:
             raise TrainingError(f"lesion_sampling must be one of {', '.join(LESION_SAMPLING)}, not {self.lesion_sampling!r}")
+        if not 0.0 < self.lesion_fraction < 1.0:
+            raise TrainingError(f"lesion_fraction must lie strictly between 0 and 1, not {self.lesion_fraction}")
 
 
 LESION_SAMPLING = ("slice", "case")

@@ -59,10 +59,19 @@ def test_train_classifier_writes_a_loadable_model(tiny_set: Path, tmp_path: Path
 def test_train_segmenter_writes_a_loadable_model(tiny_set: Path, tmp_path: Path) -> None:
     out = tmp_path / "weights" / "segmenter" / "0.0.1"
     rc = _run(["train", "segmenter", "--data", str(tiny_set), "--out", str(out), "--epochs", "1", "--steps", "2",
-               "--version", "0.0.1", "--lesion-sampling", "case", "--quiet"])
+               "--version", "0.0.1", "--lesion-sampling", "case", "--lesion-fraction", "0.3", "--quiet"])
     assert rc == 0
     seg = Registry(tmp_path / "weights").segmenter()
     assert seg.version == "0.0.1" and seg.card["training"]["settings"]["lesion_sampling"] == "case"
+    assert seg.card["training"]["settings"]["lesion_fraction"] == 0.3
+
+
+@pytest.mark.parametrize("bad", ["0", "1", "1.5"])
+def test_a_lesion_fraction_outside_0_1_is_refused(tiny_set: Path, tmp_path: Path, bad: str,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    rc = _run(["train", "segmenter", "--data", str(tiny_set), "--out", str(tmp_path / "o"), "--epochs", "1",
+               "--lesion-fraction", bad, "--quiet"])
+    assert rc == 1 and "lesion_fraction must lie strictly between 0 and 1" in capsys.readouterr().err
 
 
 def test_train_on_missing_data_fails_cleanly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
