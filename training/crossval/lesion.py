@@ -111,8 +111,9 @@ def fuse_folds(y: np.ndarray, fold_of: np.ndarray, p: np.ndarray, validation: di
     docstring).
 
     ``p``: the main arm's calibrated out-of-fold probabilities; ``validation[k]``: (case indices, the fold-k
-    model's calibrated probabilities on them); a fold's fit cases are the cases outside fold k and its validation
-    split. Returns the reason instead when a fold cannot be fitted."""
+    model's calibrated probabilities on them); ``features``: every case's `FEATURES` columns
+    (`SegmenterFeatures.of`); a fold's fit cases are the cases outside fold k and its validation split. Returns the
+    reason instead when a fold cannot be fitted."""
     from sklearn.linear_model import LogisticRegression
 
     from training.train import youden_threshold
