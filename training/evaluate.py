@@ -232,6 +232,15 @@ def format_table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _paired_rows(new: dict[str, Any], old: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The per-case rows of two `evaluate` results, in the same case order. Raises TrainingError when the two were
+    not run on the same cases."""
+    a, b = new["per_case"], old["per_case"]
+    if [r["case_id"] for r in a] != [r["case_id"] for r in b] or new["dataset"] != old["dataset"]:
+        raise TrainingError("the two evaluations were not run on the same cases")
+    return a, b
+
+
 def compare(new: dict[str, Any], old: dict[str, Any], *, n: int = 2000, seed: int = 0) -> dict[str, Any]:
     """Paired comparison of two `evaluate` results on the same cases (classifier ``new`` against ``old``): ROC AUC
     of each and their difference with a paired bootstrap 95 % CI, accuracy at each card's threshold, McNemar on
@@ -240,9 +249,7 @@ def compare(new: dict[str, Any], old: dict[str, Any], *, n: int = 2000, seed: in
     on the same cases."""
     from training.stats import decision_metrics, mcnemar
 
-    a, b = new["per_case"], old["per_case"]
-    if [r["case_id"] for r in a] != [r["case_id"] for r in b] or new["dataset"] != old["dataset"]:
-        raise TrainingError("the two evaluations were not run on the same cases")
+    a, b = _paired_rows(new, old)
     y = np.array([r["label"] for r in a])
     pa, pb = (np.array([r["probability"] for r in rows]) for rows in (a, b))
     ta, tb = new["classifier"]["threshold"], old["classifier"]["threshold"]
@@ -269,9 +276,7 @@ def compare_segmenters(new: dict[str, Any], old: dict[str, Any], *, n: int = 200
     each, the mean paired difference (new − old) with a paired bootstrap 95 % CI and the cases each does better
     on; on the subtle cases, the mean Dice and how many have any true lesion voxel found; the mean false-positive
     lesion volume in normals. Raises TrainingError when they were not run on the same cases."""
-    a, b = new["per_case"], old["per_case"]
-    if [r["case_id"] for r in a] != [r["case_id"] for r in b] or new["dataset"] != old["dataset"]:
-        raise TrainingError("the two evaluations were not run on the same cases")
+    a, b = _paired_rows(new, old)
     pos = [i for i, r in enumerate(a) if r["lesion_dice"] is not None and b[i]["lesion_dice"] is not None]
     da, db = (np.array([rows[i]["lesion_dice"] for i in pos], dtype=np.float64) for rows in (a, b))
     subtle = [i for i in pos if a[i]["subtle"] == 1]
