@@ -3,7 +3,8 @@
 - ``phantom --out DIR --cases N --seed S [--prevalence P] [--size PX|MIN-MAX] [--slices N|MIN-MAX]``
 - ``train classifier|segmenter --data DIR --out DIR [--val-data DIR] [--epochs N] [--seed S] [--version V]
   [--warmup-steps N (classifier)] [--steps N (segmenter)] [--lesion-sampling slice|case (segmenter)]
-  [--lesion-fraction F (segmenter)]``
+  [--lesion-fraction F (segmenter)] [--hard-negatives F (segmenter)] [--init DIR (segmenter)]
+  [--learning-rate LR (segmenter)]``
 - ``model-eval --data DIR [--weights-dir DIR] [--classifier-version V] [--segmenter-version V] [--json F]
   [--write-card] [--compare-with OTHER.json]``
 - ``fuse-lesion --data DIR --base-version V --version NEW [--segmenter-version V] [--weights-dir DIR]``: a new
@@ -63,9 +64,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             from training import segmenter
 
             given = (("epochs", args.epochs), ("seed", args.seed), ("steps_per_epoch", args.steps),
-                     ("lesion_sampling", args.lesion_sampling), ("lesion_fraction", args.lesion_fraction))
+                     ("lesion_sampling", args.lesion_sampling), ("lesion_fraction", args.lesion_fraction),
+                     ("hard_negative_fraction", args.hard_negatives), ("learning_rate", args.learning_rate))
             g = segmenter.SegmenterSettings(**{k: v for k, v in given if v is not None})
-            card = segmenter.train_segmenter(Path(args.data), Path(args.out), settings=g, **common)
+            card = segmenter.train_segmenter(Path(args.data), Path(args.out), settings=g,
+                                             init=Path(args.init) if args.init else None, **common)
     except (train.TrainingError, ModelError) as exc:
         _err(str(exc))
         return 1
@@ -169,6 +172,15 @@ def register(subparsers: Any) -> None:
     t.add_argument("--lesion-fraction", type=float,
                    help="segmenter: share of each batch drawn from lesion slices, the rest from lung slices without "
                         "lesion (default 0.5; lower shows it more normal lung)")
+    t.add_argument("--hard-negatives", type=float, metavar="F",
+                   help="segmenter: share of the lesion-free slices of each batch drawn from those where the model, at "
+                        "the start of each epoch, calls lesion (its false positives; default 0)")
+    t.add_argument("--learning-rate", type=float,
+                   help="segmenter: initial learning rate of the cosine schedule (default 2e-3; lower when starting "
+                        "from --init)")
+    t.add_argument("--init", metavar="DIR",
+                   help="segmenter: start from the weights of the U-Net in DIR (model.keras + model_card.json, e.g. "
+                        "models/weights/segmenter/1.1.0) instead of random ones")
     t.add_argument("--version", default="0.0.0-dev", help="version recorded in the model card")
     t.add_argument("--limit", type=int, help="use only the first N training cases")
     t.add_argument("--quiet", action="store_true", help="no progress bars")

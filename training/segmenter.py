@@ -8,6 +8,7 @@ the classifier's trainer (:func:`training.train.save_run`). Raises :class:`train
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,15 +47,22 @@ class SegmenterSettings:
     # likely), then one of its lesion slices, so small single lesions get the same share of training as extensive
     # disease (the classifier's and the segmenter's misses are those).
     lesion_sampling: str = "slice"
+    # Share of the lesion-free part of each batch drawn from *hard negatives*: lesion-free slices on which the model,
+    # as it stands at the start of the epoch, marks lesion somewhere (p >= HARD_NEGATIVE_P) — its own false
+    # positives, re-mined every epoch. 0 draws every lesion-free slice alike.
+    hard_negative_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         if self.lesion_sampling not in LESION_SAMPLING:
             raise TrainingError(f"lesion_sampling must be one of {', '.join(LESION_SAMPLING)}, not {self.lesion_sampling!r}")
         if not 0.0 < self.lesion_fraction < 1.0:
             raise TrainingError(f"lesion_fraction must lie strictly between 0 and 1, not {self.lesion_fraction}")
+        if not 0.0 <= self.hard_negative_fraction < 1.0:
+            raise TrainingError(f"hard_negative_fraction must lie in [0, 1), not {self.hard_negative_fraction}")
 
 
 LESION_SAMPLING = ("slice", "case")
+HARD_NEGATIVE_P = 0.5
 
 
 def _slice_index(cases: list[GridCase]) -> tuple[np.ndarray, np.ndarray]:
@@ -83,6 +91,27 @@ def lesion_picks(with_les: np.ndarray, n: int, how: str, rng: np.random.Generato
     return with_les[start[which] + (rng.random(n) * count[which]).astype(np.int64)]
 
 
+def hard_negatives(model: Any, cases: list[GridCase], without: np.ndarray, cfg: PreprocessConfig,
+                   batch: int = 64) -> np.ndarray:
+    """The rows of ``without`` (lesion-free (case, slice) pairs) on which ``model`` puts a lesion probability of at
+    least `HARD_NEGATIVE_P` somewhere: its false positives, to be shown to it more often."""
+    fn = _predict_fn(model, cfg)
+    keep = np.zeros(len(without), dtype=bool)
+    for ci in np.unique(without[:, 0]):
+        rows = np.flatnonzero(without[:, 0] == ci)
+        x = window(cases[int(ci)].hu[without[rows, 1]].astype(np.float32), cfg)
+        peak = np.concatenate([np.asarray(fn(x[a : a + batch]))[..., 2].max(axis=(1, 2)) for a in range(0, len(x), batch)])
+        keep[rows] = peak >= HARD_NEGATIVE_P
+    return without[keep]
+
+
+def _predict_fn(model: Any, cfg: PreprocessConfig) -> Any:
+    import tensorflow as tf
+
+    return tf.function(lambda x: model(x, training=False), autograph=False,
+                       input_signature=[tf.TensorSpec((None, cfg.grid, cfg.grid, cfg.channels), tf.float32)])
+
+
 def _seg_batch(
     cases: list[GridCase], picks: np.ndarray, cfg: PreprocessConfig, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -98,10 +127,7 @@ def _seg_batch(
 
 def predict_segmenter_grid(model: Any, cases: list[GridCase], cfg: PreprocessConfig, batch: int = 32) -> list[np.ndarray]:
     """Softmax maps on the grid for each case (no augmentation)."""
-    import tensorflow as tf
-
-    fn = tf.function(lambda x: model(x, training=False), autograph=False,
-                     input_signature=[tf.TensorSpec((None, cfg.grid, cfg.grid, cfg.channels), tf.float32)])
+    fn = _predict_fn(model, cfg)
     outs = []
     for c in cases:
         x = window(c.hu.astype(np.float32), cfg)
@@ -110,17 +136,21 @@ def predict_segmenter_grid(model: Any, cases: list[GridCase], cfg: PreprocessCon
 
 
 def grid_dice(cases: list[GridCase], probs: list[np.ndarray]) -> dict[str, float]:
-    """Mean per-case lung Dice, mean lesion Dice over cases with lesion, on the model grid."""
+    """Mean per-case lung Dice, mean lesion Dice over cases with lesion, and the share of lesion-free cases in which
+    some pixel is called lesion (what a SEG of a normal study would wrongly show), on the model grid."""
     from models.preprocess import dice
 
-    lung, les = [], []
+    lung, les, false_lesion = [], [], []
     for c, p in zip(cases, probs, strict=True):
         assert c.target is not None
         cls = p.argmax(-1)
         lung.append(dice(cls > 0, c.target > 0))
         if (c.target == 2).any():
             les.append(dice(cls == 2, c.target == 2))
-    return {"lung_dice": float(np.mean(lung)), "lesion_dice": float(np.mean(les)) if les else float("nan")}
+        else:
+            false_lesion.append(bool((cls == 2).any()))
+    return {"lung_dice": float(np.mean(lung)), "lesion_dice": float(np.mean(les)) if les else float("nan"),
+            "normals_with_lesion": float(np.mean(false_lesion)) if false_lesion else float("nan")}
 
 
 def train_segmenter(
@@ -132,9 +162,12 @@ def train_segmenter(
     version: str = "0.0.0-dev",
     progress: bool = True,
     limit: int | None = None,
+    init: Path | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Train the lung/lesion U-Net; returns the model card (also written to ``out``)."""
+    """Train the lung/lesion U-Net; returns the model card (also written to ``out``). ``init``: a model folder
+    (model.keras + model_card.json, e.g. a shipped version's) whose weights training starts from, instead of
+    random ones; its architecture must be the one ``settings`` describes."""
     import keras
 
     from models.unet import build_unet
@@ -153,6 +186,7 @@ def train_segmenter(
         raise TrainingError(f"dataset {data} has no slices with lung")
 
     model = build_unet(grid=s.grid, channels=cfg.channels, base=s.base, depth=s.depth)
+    started_from = _initialise(model, Path(init), s) if init is not None else None
     train_step = _segmenter_train_step(model, s)
     history, best_epoch = _fit_segmenter(model, train_step, train, val, with_les, without, s, cfg, rng, progress, log)
     t_trained = time.perf_counter()
@@ -166,8 +200,30 @@ def train_segmenter(
     history = {k: v for k, v in history.items() if v}
     card = _segmenter_card(model, s, cfg, version=version, val_metrics=val_metrics, data=data, best_epoch=best_epoch,
                            load_seconds=t_loaded - t0, train_seconds=t_trained - t_loaded)
+    if started_from is not None:
+        card["training"]["initialised_from"] = started_from
     save_run(model, Path(out), card, history, "segmenter")
     return card
+
+
+def _initialise(model: Any, folder: Path, s: SegmenterSettings) -> dict[str, Any]:
+    """Copy the weights of the U-Net in ``folder`` into ``model``; returns what the card records of it."""
+    import keras
+
+    from models.registry import CARD_FILE, MODEL_FILE, sha256_file
+
+    try:
+        card = json.loads((folder / CARD_FILE).read_text())
+        source = keras.models.load_model(folder / MODEL_FILE, compile=False)
+    except (OSError, ValueError) as exc:
+        raise TrainingError(f"cannot load the U-Net to start from in {folder}: {exc}") from exc
+    arch = card.get("architecture", {})
+    if (arch.get("base_filters"), arch.get("depth"), card.get("preprocessing", {}).get("grid")) != (s.base, s.depth, s.grid):
+        raise TrainingError(f"the U-Net in {folder} (base {arch.get('base_filters')}, depth {arch.get('depth')}, grid "
+                            f"{card.get('preprocessing', {}).get('grid')}) is not the one to train (base {s.base}, "
+                            f"depth {s.depth}, grid {s.grid})")
+    model.set_weights(source.get_weights())
+    return {"name": card.get("name"), "version": card.get("version"), "sha256": sha256_file(folder / MODEL_FILE)}
 
 
 def _segmenter_train_step(model: Any, s: SegmenterSettings) -> Any:
@@ -203,18 +259,27 @@ def _fit_segmenter(
     """``s.epochs`` epochs of sampled slices (``s.lesion_fraction`` of them from ``with_les``); leaves the model with
     the best epoch's weights (by validation lung + lesion Dice) and returns the history and that epoch (the last
     one without ``val``)."""
-    history: dict[str, list[float]] = {"loss": [], "pixel_accuracy": [], "val_lung_dice": [], "val_lesion_dice": []}
+    history: dict[str, list[float]] = {"loss": [], "pixel_accuracy": [], "val_lung_dice": [], "val_lesion_dice": [],
+                                       "val_normals_with_lesion": [], "hard_negatives": []}
     best_score, best_weights, best_epoch = -1.0, model.get_weights(), 0
     n_les = int(round(s.batch_size * s.lesion_fraction)) if len(with_les) else 0
     for epoch in range(1, s.epochs + 1):
         tot, acc_sum = 0.0, 0.0
+        hard, n_hard = np.empty((0, 2), dtype=np.int64), 0
+        if s.hard_negative_fraction > 0 and len(without):
+            hard = hard_negatives(model, train, without, cfg)
+            n_hard = int(round((s.batch_size - n_les) * s.hard_negative_fraction)) if len(hard) else 0
+            history["hard_negatives"].append(float(len(hard)))
+            log(f"epoch {epoch}: {len(hard)} of {len(without)} lesion-free slices are hard negatives")
         with epoch_bar(s.steps_per_epoch, epoch, s.epochs, progress) as bar:
             for step in range(s.steps_per_epoch):
                 picks = []
                 if n_les:
                     picks.append(lesion_picks(with_les, n_les, s.lesion_sampling, rng))
+                if n_hard:
+                    picks.append(hard[rng.integers(0, len(hard), n_hard)])
                 if len(without):
-                    picks.append(without[rng.integers(0, len(without), s.batch_size - n_les)])
+                    picks.append(without[rng.integers(0, len(without), s.batch_size - n_les - n_hard)])
                 x, y = _seg_batch(train, np.concatenate(picks), cfg, rng)
                 loss, acc = train_step(x, y)
                 tot += float(loss)
@@ -227,8 +292,9 @@ def _fit_segmenter(
             d = grid_dice(val, predict_segmenter_grid(model, val, cfg))
             history["val_lung_dice"].append(d["lung_dice"])
             history["val_lesion_dice"].append(d["lesion_dice"])
+            history["val_normals_with_lesion"].append(d["normals_with_lesion"])
             log(f"epoch {epoch}: loss {history['loss'][-1]:.3f} val lung Dice {d['lung_dice']:.3f} "
-                f"val lesion Dice {d['lesion_dice']:.3f}")
+                f"val lesion Dice {d['lesion_dice']:.3f} val normals with lesion {d['normals_with_lesion']:.2f}")
             score = d["lung_dice"] + d["lesion_dice"]
             if score > best_score:
                 best_score, best_weights, best_epoch = score, model.get_weights(), epoch
@@ -269,7 +335,9 @@ def _segmenter_card(
             "loss": "pixel cross-entropy + soft Dice (lungs, lesion)",
             "augmentation": "left-right flip, rotation ±12°, Gaussian noise ≤25 HU, HU shift ±30; "
             f"{int(s.lesion_fraction * 100)} % of sampled slices contain lesion"
-            + (", drawn case first (each lesion case equally likely)" if s.lesion_sampling == "case" else ""),
+            + (", drawn case first (each lesion case equally likely)" if s.lesion_sampling == "case" else "")
+            + (f"; {s.hard_negative_fraction:.0%} of the lesion-free ones are hard negatives (slices where the "
+               "model, at each epoch's start, calls lesion)" if s.hard_negative_fraction else ""),
             "best_epoch": best_epoch,
             "load_seconds": round(load_seconds, 1),
             "train_seconds": round(train_seconds, 1),

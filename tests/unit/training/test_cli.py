@@ -104,3 +104,36 @@ def test_model_eval_prints_auc_and_dice(tiny_set: Path, tmp_path: Path, capsys: 
     # an unreadable comparison file is refused before any evaluation
     assert _run(["model-eval", "--data", str(tiny_set), "--compare-with", str(tmp_path / "none.json")]) == 1
     assert "cannot read --compare-with" in capsys.readouterr().err
+
+
+def test_train_segmenter_from_a_shipped_unet_with_hard_negatives(tiny_set: Path, tmp_path: Path) -> None:
+    """--init starts from the shipped U-Net's weights (a near-zero learning rate leaves them as they were, where
+    random ones would differ everywhere) and the card names it; --hard-negatives mines every epoch."""
+    import keras
+    import numpy as np
+
+    shipped = Registry().weights_dir / "segmenter" / "1.1.0"
+    out = tmp_path / "o"
+    rc = _run(["train", "segmenter", "--data", str(tiny_set), "--out", str(out), "--epochs", "2", "--steps", "1",
+               "--init", str(shipped), "--hard-negatives", "0.5", "--learning-rate", "1e-9", "--quiet"])
+    assert rc == 0
+    card = json.loads((out / CARD_FILE).read_text())
+    start = card["training"]["initialised_from"]
+    assert (start["name"], start["version"]) == ("pacsnode-lung-lesion-unet", "1.1.0") and len(start["sha256"]) == 64
+    assert card["training"]["settings"]["hard_negative_fraction"] == 0.5
+    assert len(json.loads((out / "history.json").read_text())["hard_negatives"]) == 2
+    before = keras.models.load_model(shipped / "model.keras", compile=False).get_weights()
+    after = keras.models.load_model(out / "model.keras", compile=False).get_weights()
+    assert max(float(np.abs(a - b).max()) for a, b in zip(before, after, strict=True)) < 1e-6
+
+
+def test_init_from_a_unet_of_another_shape_is_refused(tiny_set: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    other = tmp_path / "other"
+    shutil.copytree(Registry().weights_dir / "segmenter" / "1.1.0", other)
+    card = json.loads((other / CARD_FILE).read_text())
+    card["architecture"]["depth"] = 4
+    (other / CARD_FILE).write_text(json.dumps(card))
+    rc = _run(["train", "segmenter", "--data", str(tiny_set), "--out", str(tmp_path / "o"), "--epochs", "1",
+               "--init", str(other), "--quiet"])
+    assert rc == 1 and "is not the one to train (base 12, depth 3, grid 128)" in capsys.readouterr().err

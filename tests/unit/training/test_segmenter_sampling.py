@@ -39,3 +39,37 @@ def test_case_first_gives_each_lesion_case_the_same_share() -> None:
 def test_an_unknown_sampling_is_refused() -> None:
     with pytest.raises(TrainingError, match="lesion_sampling must be one of slice, case"):
         SegmenterSettings(lesion_sampling="lesion")
+
+
+def test_hard_negatives_are_the_lesion_free_slices_the_model_calls_lesion() -> None:
+    """A real (tiny, hand-set) Keras model that calls lesion wherever the lung window is saturated: the mined rows
+    are exactly the listed lesion-free slices holding such a spot, and only rows that were listed."""
+    import keras
+
+    from models.preprocess import PreprocessConfig
+    from training.segmenter import hard_negatives
+    from training.train import GridCase
+
+    cfg = PreprocessConfig(grid=16)
+    inp = keras.Input((16, 16, cfg.channels))
+
+    def probs(x: object) -> object:
+        les = keras.ops.sigmoid(60.0 * (x[..., :1] - 0.9))  # type: ignore[index]
+        return keras.ops.concatenate([(1.0 - les) / 2, (1.0 - les) / 2, les], axis=-1)
+
+    model = keras.Model(inp, keras.layers.Lambda(probs)(inp))
+    cases = []
+    for ci in range(3):
+        hu = np.full((6, 16, 16), -850.0, dtype=np.float16)
+        for k in {0: (1, 4), 1: (), 2: (0, 5)}[ci]:
+            hu[k, 5:8, 5:8] = -150.0  # a dense spot: above the lung window's top
+        cases.append(GridCase(f"C{ci}", 0, hu, np.zeros(6), np.ones(6), None, None))
+    without = np.array([(c, k) for c in range(3) for k in range(6) if (c, k) != (2, 5)])  # (2, 5) not offered
+    got = {tuple(r) for r in hard_negatives(model, cases, without, cfg, batch=4).tolist()}
+    assert got == {(0, 1), (0, 4), (2, 0)}
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0])
+def test_a_hard_negative_share_outside_0_1_is_refused(bad: float) -> None:
+    with pytest.raises(TrainingError, match="hard_negative_fraction must lie in"):
+        SegmenterSettings(hard_negative_fraction=bad)
