@@ -177,6 +177,8 @@ def train_segmenter(
     keras.utils.set_random_seed(s.seed)
     rng = np.random.default_rng(s.seed)
     cfg = PreprocessConfig(grid=s.grid)
+    model = build_unet(grid=s.grid, channels=cfg.channels, base=s.base, depth=s.depth)
+    started_from = _initialise(model, Path(init), s) if init is not None else None  # refused before the slow load
     train = load_grid_cases(data, s.grid, with_targets=True, limit=limit, progress=progress)
     val = load_grid_cases(val_data, s.grid, with_targets=True, progress=progress) if val_data else []
     t_loaded = time.perf_counter()
@@ -185,8 +187,6 @@ def train_segmenter(
     if len(with_les) + len(without) == 0:
         raise TrainingError(f"dataset {data} has no slices with lung")
 
-    model = build_unet(grid=s.grid, channels=cfg.channels, base=s.base, depth=s.depth)
-    started_from = _initialise(model, Path(init), s) if init is not None else None
     train_step = _segmenter_train_step(model, s)
     history, best_epoch = _fit_segmenter(model, train_step, train, val, with_les, without, s, cfg, rng, progress, log)
     t_trained = time.perf_counter()
