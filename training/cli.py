@@ -52,6 +52,7 @@ def cmd_phantom(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     _quiet_tf()
     from training import train
+    from training.common import TrainingError
 
     common: dict[str, Any] = {"val_data": args.val_data, "version": args.version, "progress": not args.quiet,
                               "limit": args.limit}
@@ -69,7 +70,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             g = segmenter.SegmenterSettings(**{k: v for k, v in given if v is not None})
             card = segmenter.train_segmenter(Path(args.data), Path(args.out), settings=g,
                                              init=Path(args.init) if args.init else None, **common)
-    except (train.TrainingError, ModelError) as exc:
+    except (TrainingError, ModelError) as exc:
         _err(str(exc))
         return 1
     t = card["training"]
@@ -84,8 +85,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_model_eval(args: argparse.Namespace) -> int:
     _quiet_tf()
     from models.registry import Registry
+    from training.common import TrainingError
     from training.evaluate import evaluate, format_table, record_in_cards
-    from training.train import TrainingError
 
     other = None
     if args.compare_with:  # read before minutes of evaluation, not after
@@ -123,8 +124,8 @@ def cmd_model_eval(args: argparse.Namespace) -> int:
 def cmd_fuse_lesion(args: argparse.Namespace) -> int:
     _quiet_tf()
     from models.registry import Registry
+    from training.common import TrainingError
     from training.lesion_fusion import fit_lesion_fusion
-    from training.train import TrainingError
 
     reg = Registry(Path(args.weights_dir) if args.weights_dir else None)
     command = "pacsnode fuse-lesion " + " ".join(sys.argv[2:] if len(sys.argv) > 2 else [])

@@ -23,8 +23,8 @@ import numpy as np
 from models.lesion_evidence import ALL_FEATURES
 from models.preprocess import PreprocessError, dice, load_series
 from models.registry import CARD_FILE, CLASSIFIER, SEGMENTER, Registry
+from training.common import TrainingError, describe_data, read_table, roc_auc, series_files
 from training.phantom import load_masks
-from training.train import TrainingError, describe_data, read_table, series_files
 
 
 def bootstrap_ci(values: Any, stat: Callable[..., float], *, n: int = 1000, seed: int = 0) -> tuple[float, float]:
@@ -53,12 +53,6 @@ def wilson(k: int, n: int) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return centre - half, centre + half
-
-
-def _auc(y: np.ndarray, p: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    return float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan")
 
 
 def evaluate(
@@ -151,14 +145,14 @@ def summarise(rows: list[dict[str, Any]], threshold: float, data: Path, versions
         "versions": versions,
         "cases": len(rows),
         "classifier": {
-            "roc_auc": _auc(y, p),
-            "roc_auc_ci95": bootstrap_ci((y, p), _auc),
+            "roc_auc": roc_auc(y, p),
+            "roc_auc_ci95": bootstrap_ci((y, p), roc_auc),
             "threshold": threshold,
             "sensitivity": tp / max(1, int(pos.sum())),
             "sensitivity_ci95": wilson(tp, int(pos.sum())),
             "specificity": tn / max(1, int(neg.sum())),
             "specificity_ci95": wilson(tn, int(neg.sum())),
-            "roc_auc_subtle_vs_normal": _auc(y[sub_mask], p[sub_mask]) if subtle.any() else None,
+            "roc_auc_subtle_vs_normal": roc_auc(y[sub_mask], p[sub_mask]) if subtle.any() else None,
             "subtle_cases": int(subtle.sum()),
             "reader_sensitivity": r_tp / max(1, int(pos.sum())),
             "reader_specificity": r_tn / max(1, int(neg.sum())),
@@ -166,7 +160,7 @@ def summarise(rows: list[dict[str, Any]], threshold: float, data: Path, versions
             "ece": ece(y, p),
             "ece_uncalibrated": ece(y, np.array([r.get("raw_probability", r["probability"]) for r in rows])),
             # A lesion-fusing version: the image classifier's own (calibrated) probability, before the fusion.
-            "roc_auc_before_lesion_fusion": _auc(y, np.array([r.get("classifier_probability", r["probability"])
+            "roc_auc_before_lesion_fusion": roc_auc(y, np.array([r.get("classifier_probability", r["probability"])
                                                               for r in rows])),
             "clinical_inputs": "from the DICOM header as the node reads it (age, sex; symptoms only from request "
             "text, which phantoms do not carry)",
@@ -258,8 +252,8 @@ def compare(new: dict[str, Any], old: dict[str, Any], *, n: int = 2000, seed: in
     da, db = (decision_metrics(y, (p >= t).astype(int)) for p, t in ((pa, ta), (pb, tb)))
     return {
         "new": new["versions"], "old": old["versions"], "cases": len(y),
-        "roc_auc": {"new": _auc(y, pa), "old": _auc(y, pb), "difference": _auc(y, pa) - _auc(y, pb),
-                    "difference_ci95": bootstrap_ci((y, pa, pb), lambda yy, x, z: _auc(yy, x) - _auc(yy, z), n=n,
+        "roc_auc": {"new": roc_auc(y, pa), "old": roc_auc(y, pb), "difference": roc_auc(y, pa) - roc_auc(y, pb),
+                    "difference_ci95": bootstrap_ci((y, pa, pb), lambda yy, x, z: roc_auc(yy, x) - roc_auc(yy, z), n=n,
                                                     seed=seed)},
         **{k: {"new": da[k], "old": db[k]} for k in ("accuracy", "sensitivity", "specificity")},
         "subtle_sensitivity": {"new": float(ca[subtle].mean()) if subtle.any() else None,

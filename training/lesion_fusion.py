@@ -31,8 +31,8 @@ import numpy as np
 
 from models.lesion_evidence import CLASSIFIER_TERM, FEATURES, LesionFusion, logit
 from models.registry import CARD_FILE, MODEL_FILE, Registry, RegistryError
+from training.common import TrainingError, describe_data, youden_threshold
 from training.stats import decision_metrics, roc_auc
-from training.train import TrainingError, describe_data, youden_threshold
 
 MIN_PER_CLASS = 10  # cases of each class the fit set needs
 OOF_FOLDS = 10  # folds of the out-of-fold probabilities the threshold is picked on

@@ -15,7 +15,8 @@ import numpy as np
 from training import stats
 
 if TYPE_CHECKING:
-    from training.dataset import Dataset, Prepared
+    from training.dataset import Dataset
+    from training.prepared import Prepared
 
 DPI = 90
 COLOURS = {"normal": "#2b7bba", "pneumonia": "#d7301f", "model": "#1b9e77", "reader": "#7570b3"}

@@ -1,9 +1,9 @@
 """Training of the lung/lesion U-Net on a phantom dataset (``pacsnode train segmenter``).
 
-``train_segmenter(data, out, ...)`` reads the dataset through :func:`training.train.load_grid_cases` (the node's own
+``train_segmenter(data, out, ...)`` reads the dataset through :func:`training.common.load_grid_cases` (the node's own
 preprocessing), trains on sampled slices (`SegmenterSettings`: how many carry lesion, drawn per slice or per lesion
 case — `lesion_picks`), keeps the weights of the best validation epoch (lung + lesion Dice) and writes the run like
-the classifier's trainer (:func:`training.train.save_run`). Raises :class:`training.train.TrainingError`.
+the classifier's trainer (:func:`training.common.save_run`). Raises :class:`training.common.TrainingError`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from models.preprocess import PreprocessConfig, augment, window
-from training.train import (
+from training.common import (
     NOT_FOR_CLINICAL_USE,
     GridCase,
     TrainingError,

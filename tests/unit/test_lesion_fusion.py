@@ -125,9 +125,9 @@ def test_a_fusion_fitted_with_another_segmenter_version_is_refused_at_load(tmp_p
 
 
 def test_fuse_lesion_fits_a_candidate_version_on_new_phantoms_and_refuses_known_seeds(tmp_path):
+    from training.common import TrainingError
     from training.lesion_fusion import fit_lesion_fusion
     from training.phantom import generate_dataset
-    from training.train import TrainingError
 
     root = tmp_path / "weights"
     shutil.copytree(DEFAULT_WEIGHTS_DIR, root)

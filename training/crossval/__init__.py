@@ -14,9 +14,10 @@ processes share the folds), :mod:`.metrics` (the numbers of ``metrics.json``), :
 logs), :mod:`.run` (one evaluation from its settings), :mod:`.final` (the model to ship) and :mod:`.cli`.
 
 ``register(subparsers)`` adds the ``evaluate`` and ``train-final`` subcommands; ``python -m training.crossval``
-runs them alone. Raises :class:`training.dataset.DatasetError` / :class:`training.train.TrainingError`.
+runs them alone. Raises :class:`training.dataset.DatasetError` / :class:`training.common.TrainingError`.
 """
 
+from training.common import TrainingError
 from training.crossval.cli import cmd_evaluate, cmd_train_final, main, register
 from training.crossval.final import run_final, train_final
 from training.crossval.folds import Fitted, fit, predict, set_determinism
@@ -32,7 +33,6 @@ from training.crossval.settings import (
 )
 from training.crossval.splits import inner_split, outer_folds
 from training.dataset import DatasetError
-from training.train import TrainingError
 
 __all__ = [
     "BOOTSTRAP", "METRICS", "REPORT_DIR", "VAL_FRACTION", "DatasetError", "EvaluateSettings", "FinalSettings",

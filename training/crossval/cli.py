@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from training.common import TrainingError
 from training.crossval.final import run_final
 from training.crossval.run import run_evaluation
 from training.crossval.settings import BOOTSTRAP, REPORT_DIR, VAL_FRACTION, EvaluateSettings, FinalSettings
-from training.train import TrainingError
 
 
 def _err(msg: str) -> None:

@@ -38,7 +38,7 @@ def run_final(st: FinalSettings) -> dict[str, Any]:
 def train_final(data: str | Path, out: str | Path, **options: Any) -> dict[str, Any]:
     """Train the classifier to ship on every case with the cross-validation's settings (same inner validation
     share for the best epoch and threshold) and write it to ``out`` (model.keras + model_card.json via
-    :func:`training.train.write_model`). ``options`` are the fields of :class:`FinalSettings`; with ``cv_metrics``
+    :func:`training.common.write_model`). ``options`` are the fields of :class:`FinalSettings`; with ``cv_metrics``
     (a metrics.json from :func:`training.crossval.evaluate`) the card's ``metrics.cross_validation`` is filled from
     it. Returns the card."""
     return run_final(FinalSettings(data=data, out=out, **options))

@@ -16,18 +16,14 @@ import numpy as np
 from models.clinical import INPUTS
 from models.preprocess import PreprocessConfig
 from models.registry import apply_temperature, temperature_of
+from training.common import GridCase, TrainingError
 from training.crossval import claims
 from training.crossval.outputs import write_json
 from training.crossval.settings import EvaluateSettings, settings_dict
 from training.crossval.splits import inner_split, outer_folds
-from training.dataset import Dataset, Prepared
-from training.train import (
-    ClassifierSettings,
-    GridCase,
-    TrainingError,
-    clinical_features,
-    train_classifier_cases,
-)
+from training.dataset import Dataset
+from training.prepared import Prepared
+from training.train import ClassifierSettings, clinical_features, train_classifier_cases
 
 FOLD_MANIFEST = "fold.json"
 CLAIM_WAIT_SECONDS = 30  # how often a report run looks again at a fold another process is training

@@ -35,7 +35,7 @@ import numpy as np
 
 from models.lesion_evidence import ALL_FEATURES, CLASSIFIER_TERM, FEATURES, LATEST, series_features
 from models.lesion_evidence import logit as _logit
-from training.dataset import Prepared
+from training.prepared import Prepared
 
 MIN_PER_CLASS = 5  # validation cases of each class a fold needs for the fusion to be fitted
 
@@ -116,7 +116,7 @@ def fuse_folds(y: np.ndarray, fold_of: np.ndarray, p: np.ndarray, validation: di
     reason instead when a fold cannot be fitted."""
     from sklearn.linear_model import LogisticRegression
 
-    from training.train import youden_threshold
+    from training.common import youden_threshold
 
     out_p, out_thr, folds = np.full(len(y), np.nan), np.full(len(y), np.nan), []
     for k in sorted(validation):

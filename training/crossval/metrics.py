@@ -11,12 +11,14 @@ import numpy as np
 
 from models.preprocess import PreprocessConfig
 from training import stats
+from training.common import NOT_FOR_CLINICAL_USE
 from training.crossval.folds import FoldResults
 from training.crossval.imbalance import ablation_block, calibration_comparison, prevalence_block
 from training.crossval.outputs import json_default
 from training.crossval.settings import BOOTSTRAP, EvaluateSettings, settings_dict
-from training.dataset import Dataset, Prepared
-from training.train import NOT_FOR_CLINICAL_USE, ClassifierSettings
+from training.dataset import Dataset
+from training.prepared import Prepared
+from training.train import ClassifierSettings
 
 METRICS = ("accuracy", "sensitivity", "specificity", "precision", "f1")
 

@@ -65,6 +65,6 @@ def logger(path: Path, progress: bool) -> Callable[[str], None]:
 
 def environment() -> dict[str, Any]:
     """The trainer's record of the machine and library versions."""
-    from training.train import training_environment
+    from training.common import training_environment
 
     return training_environment()

@@ -14,7 +14,8 @@ from training.crossval.folds import FoldResults, run_folds, set_determinism
 from training.crossval.metrics import build_metrics, reader_labels
 from training.crossval.outputs import environment, logger, write_json, write_predictions
 from training.crossval.settings import EvaluateSettings, RunSettings
-from training.dataset import Dataset, Prepared, load_dataset, prepare
+from training.dataset import Dataset, load_dataset
+from training.prepared import Prepared, prepare
 from training.train import ClassifierSettings
 
 

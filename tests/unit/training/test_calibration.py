@@ -11,7 +11,8 @@ import pytest
 from models.preprocess import PreprocessConfig
 from models.registry import Registry, apply_temperature
 from training.calibration import calibration_block, ece, fit_temperature
-from training.train import load_grid_cases, predict_classifier
+from training.common import load_grid_cases
+from training.train import predict_classifier
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 

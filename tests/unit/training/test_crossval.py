@@ -240,7 +240,7 @@ def test_imbalance_and_ablation_numbers(run: Path) -> None:
 
 def test_fit_refuses_cases_on_another_grid(tmp_path: Path) -> None:
     """fit hands prepared cases straight to train_classifier_cases; cases on another grid are refused first."""
-    from training.train import GridCase
+    from training.common import GridCase
 
     s = crossval.classifier_settings(quick=True)  # grid 32
     case = GridCase(case_id="c1", label=1, hu=np.zeros((4, 16, 16), np.float16), slice_lesion=np.zeros(4, np.float32),

@@ -10,8 +10,9 @@ import pandas as pd
 import pydicom
 import pytest
 
-from training.dataset import DatasetError, load_dataset, parse_label, prepare
+from training.dataset import DatasetError, load_dataset, parse_label
 from training.phantom import generate_dataset
+from training.prepared import prepare
 
 
 @pytest.fixture(scope="module")

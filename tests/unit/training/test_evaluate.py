@@ -53,8 +53,8 @@ def _result(version: str, probabilities: list[float], threshold: float, labels: 
 
 
 def test_compare_pairs_two_evaluations_case_by_case() -> None:
+    from training.common import TrainingError
     from training.evaluate import compare, format_comparison
-    from training.train import TrainingError
 
     rng = np.random.default_rng(3)
     y = [1] * 30 + [0] * 30

@@ -72,7 +72,7 @@ def test_an_age_sex_card_loads_with_four_features(weights: Path, tiny_set: Path,
     import keras
 
     from models.classifier import build_classifier
-    from training.train import write_model
+    from training.common import write_model
 
     src = json.loads((weights / "classifier" / "2.0.0-test" / "model_card.json").read_text())
     card = {k: v for k, v in src.items() if k not in ("clinical_inputs", "calibration", "files")}

@@ -125,8 +125,9 @@ def test_a_validation_split_too_small_to_fit_gives_the_reason() -> None:
 def test_features_from_a_real_segmenter_are_cached(tmp_path: Path) -> None:
     """A tiny U-Net trained here on phantoms, run over prepared cases: finite features, one row per case, the
     second call read from the cache; a segmenter on another grid than the cases is refused with the reason."""
-    from training.dataset import load_dataset, prepare
+    from training.dataset import load_dataset
     from training.phantom import generate_dataset
+    from training.prepared import prepare
     from training.segmenter import SegmenterSettings, train_segmenter
 
     data = tmp_path / "data"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from training.common import TrainingError
 from training.segmenter import LESION_SAMPLING, SegmenterSettings, lesion_picks
-from training.train import TrainingError
 
 
 def _rows() -> np.ndarray:
@@ -47,8 +47,8 @@ def test_hard_negatives_are_the_lesion_free_slices_the_model_calls_lesion() -> N
     import keras
 
     from models.preprocess import PreprocessConfig
+    from training.common import GridCase
     from training.segmenter import hard_negatives
-    from training.train import GridCase
 
     cfg = PreprocessConfig(grid=16)
     inp = keras.Input((16, 16, cfg.channels))

@@ -1,0 +1,222 @@
+"""What both trainers (:mod:`training.train`'s classifier and :mod:`training.segmenter`'s U-Net) and the evaluation
+share: the dataset's cases on the model grid (through the node's own :func:`models.preprocess.load_series`), the
+card's data summary, Youden's threshold, and a run's files (``model.keras``, ``model_card.json`` with the weights'
+sha256, ``history.json``, ``curves.png``). Raises :class:`TrainingError` for a missing or unusable dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from models.clinical import ClinicalInputs
+from models.preprocess import PreprocessError, load_series, masks_to_grid, resize_slices
+
+NOT_FOR_CLINICAL_USE = "Not for clinical use: trained and evaluated on synthetic phantoms only."
+
+
+class TrainingError(Exception):
+    """The dataset is missing or unusable, or training could not write its outputs."""
+
+
+@dataclass
+class GridCase:
+    """One phantom case on the model grid (float16 HU; segmentation targets when asked for)."""
+
+    case_id: str
+    label: int
+    hu: np.ndarray  # (S, g, g) float16
+    slice_lesion: np.ndarray  # (S,) lesion area on the grid, in grid pixels
+    slice_lung: np.ndarray  # (S,) lung area on the grid, in grid pixels
+    age: float | None
+    sex: str | None
+    target: np.ndarray | None = None  # (S, g, g) uint8 classes {0, 1 lung, 2 lesion}
+    symptoms: dict[str, float | None] = field(default_factory=dict)  # fever, cough, dyspnoea: 1/0, None missing
+
+    def clinical(self) -> ClinicalInputs:
+        """Age, sex and symptoms as the fusion reads them (missing stays missing)."""
+        return ClinicalInputs(age=self.age, sex=self.sex, **{k: self.symptoms.get(k) for k in ("fever", "cough",
+                                                                                                "dyspnoea")})
+
+
+def read_table(data: Path) -> pd.DataFrame:
+    path = Path(data) / "clinical.csv"
+    try:
+        table = pd.read_csv(path)
+    except (OSError, ValueError) as exc:
+        raise TrainingError(f"cannot read {path}: {exc}") from exc
+    missing = {"case_id", "dicom_dir", "masks", "label"} - set(table.columns)
+    if missing:
+        raise TrainingError(f"{path} lacks columns {sorted(missing)}")
+    return table
+
+
+def series_files(data: Path, dicom_dir: str) -> list[Path]:
+    files = sorted((Path(data) / dicom_dir).glob("*.dcm"))
+    if not files:
+        raise TrainingError(f"no .dcm files in {Path(data) / dicom_dir}")
+    return files
+
+
+def load_grid_cases(
+    data: Path, grid: int, *, with_targets: bool, limit: int | None = None, progress: bool = True
+) -> list[GridCase]:
+    """Load every case of a phantom dataset through load_series and resize to the model grid."""
+    from tqdm import tqdm
+
+    from training.phantom import load_masks
+
+    table = read_table(data)
+    if limit is not None:
+        table = table.iloc[:limit]
+    cases: list[GridCase] = []
+    for row in tqdm(table.itertuples(), total=len(table), desc=f"load {Path(data).name}", disable=not progress, leave=False):
+        try:
+            vol = load_series(series_files(data, str(row.dicom_dir)))
+        except PreprocessError as exc:
+            raise TrainingError(f"case {row.case_id}: {exc}") from exc
+        masks = load_masks(Path(data) / str(row.masks))
+        if masks["lesion"].shape != vol.hu.shape:
+            raise TrainingError(f"case {row.case_id}: masks {masks['lesion'].shape} do not match the series {vol.hu.shape}")
+        lesion_frac = masks_to_grid(masks["lesion"], grid)
+        lung_frac = masks_to_grid(masks["lungs"], grid)
+        target = None
+        if with_targets:
+            from models.unet import targets_from_fractions
+
+            target = targets_from_fractions(lung_frac, lesion_frac).astype(np.uint8)
+        cases.append(
+            GridCase(
+                case_id=str(row.case_id),
+                label=int(row.label),
+                hu=resize_slices(vol.hu, grid).astype(np.float16),
+                slice_lesion=lesion_frac.sum(axis=(1, 2)).astype(np.float32),
+                slice_lung=lung_frac.sum(axis=(1, 2)).astype(np.float32),
+                age=vol.patient_age,
+                sex=vol.patient_sex,
+                target=target,
+                symptoms=_symptoms(row._asdict()),
+            )
+        )
+    if not cases:
+        raise TrainingError(f"dataset {data} has no cases")
+    return cases
+
+
+def _symptoms(row: dict[str, Any]) -> dict[str, float | None]:
+    c = ClinicalInputs.from_mapping(row)
+    return {"fever": c.fever, "cough": c.cough, "dyspnoea": c.dyspnoea}
+
+
+def describe_data(data: Path) -> dict[str, Any]:
+    """Summary of a phantom dataset for the model card (seed, size, prevalence, matrix and slice ranges)."""
+    table = read_table(data)
+    first = json.loads((Path(data) / str(table.case_id.iloc[0]) / "case.json").read_text())
+    return {
+        "path": str(data),
+        "generator": "training.phantom",
+        "generator_version": first.get("generator_version"),
+        "seed": first.get("seed"),
+        "cases": int(len(table)),
+        "pneumonia_cases": int(table.label.sum()),
+        "rows_range": [int(table.rows.min()), int(table.rows.max())] if "rows" in table else None,
+        "slices_range": [int(table.slices.min()), int(table.slices.max())] if "slices" in table else None,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shared helpers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def roc_auc(y: Sequence[int] | np.ndarray, p: Sequence[float] | np.ndarray) -> float:
+    """ROC AUC of scores ``p`` for labels ``y``; NaN when ``y`` holds one class only."""
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, p)) if len(np.unique(np.asarray(y))) == 2 else float("nan")
+
+
+def youden_threshold(y: Sequence[int], p: Sequence[float]) -> float:
+    """The threshold maximising sensitivity + specificity on (y, p)."""
+    from sklearn.metrics import roc_curve
+
+    if len(set(y)) < 2:
+        return 0.5
+    fpr, tpr, thr = roc_curve(y, p)
+    best = int(np.argmax(tpr - fpr))
+    return float(np.clip(thr[best], 1e-4, 1.0 - 1e-4))
+
+
+def plot_curves(history: dict[str, list[float]], path: Path, title: str) -> None:
+    """Loss and accuracy/metric curves per epoch as a PNG (matplotlib Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    epochs = range(1, len(history.get("loss", [])) + 1)
+    for key in history:
+        ax = axes[0] if "loss" in key else axes[1]
+        ax.plot(list(epochs)[: len(history[key])], history[key], marker="o", label=key)
+    axes[0].set_title(f"{title}: loss")
+    axes[1].set_title(f"{title}: accuracy / AUC / Dice")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def write_model(model: Any, out: Path, card: dict[str, Any]) -> None:
+    """Save model.keras and model_card.json (with the weights' sha256) into ``out``."""
+    from models.registry import CARD_FILE, MODEL_FILE, sha256_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        model.save(out / MODEL_FILE)
+    except (OSError, ValueError) as exc:
+        raise TrainingError(f"cannot save the model to {out}: {exc}") from exc
+    card["files"] = {MODEL_FILE: {"sha256": sha256_file(out / MODEL_FILE), "bytes": (out / MODEL_FILE).stat().st_size}}
+    (out / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+
+
+def training_environment() -> dict[str, Any]:
+    import keras
+    import tensorflow as tf
+
+    return {
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "device": "CPU",
+    }
+
+
+def epoch_bar(total: int, epoch: int, epochs: int, progress: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=f"epoch {epoch}/{epochs}", unit="step", disable=not progress, leave=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Classifier
+# ---------------------------------------------------------------------------------------------------------
+
+
+def save_run(model: Any, out: Path, card: dict[str, Any], history: dict[str, list[float]], title: str) -> None:
+    """Write a training run into ``out``: the model and its card, ``history.json`` and ``curves.png``."""
+    write_model(model, out, card)
+    (out / "history.json").write_text(json.dumps(history, indent=1) + "\n")
+    plot_curves(history, out / "curves.png", title)
