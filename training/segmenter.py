@@ -100,8 +100,7 @@ def hard_negatives(model: Any, cases: list[GridCase], without: np.ndarray, cfg: 
     for ci in np.unique(without[:, 0]):
         rows = np.flatnonzero(without[:, 0] == ci)
         x = window(cases[int(ci)].hu[without[rows, 1]].astype(np.float32), cfg)
-        peak = np.concatenate([np.asarray(fn(x[a : a + batch]))[..., 2].max(axis=(1, 2)) for a in range(0, len(x), batch)])
-        keep[rows] = peak >= HARD_NEGATIVE_P
+        keep[rows] = _batched(fn, x, batch)[..., 2].max(axis=(1, 2)) >= HARD_NEGATIVE_P
     return without[keep]
 
 
@@ -110,6 +109,11 @@ def _predict_fn(model: Any, cfg: PreprocessConfig) -> Any:
 
     return tf.function(lambda x: model(x, training=False), autograph=False,
                        input_signature=[tf.TensorSpec((None, cfg.grid, cfg.grid, cfg.channels), tf.float32)])
+
+
+def _batched(fn: Any, x: np.ndarray, batch: int) -> np.ndarray:
+    """``fn`` over ``x`` in batches of ``batch``, concatenated."""
+    return np.concatenate([np.asarray(fn(x[a : a + batch])) for a in range(0, len(x), batch)])
 
 
 def _seg_batch(
@@ -131,7 +135,7 @@ def predict_segmenter_grid(model: Any, cases: list[GridCase], cfg: PreprocessCon
     outs = []
     for c in cases:
         x = window(c.hu.astype(np.float32), cfg)
-        outs.append(np.concatenate([np.asarray(fn(x[a : a + batch])) for a in range(0, len(x), batch)]))
+        outs.append(_batched(fn, x, batch))
     return outs
 
 
