@@ -127,3 +127,65 @@ def test_an_association_echoes_releases_and_ends_without_polling(long_waits: Non
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_reactor_time_skips_only_the_reactor_sleep_of_a_marked_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    slept: list[tuple[str, float]] = []
+    monkeypatch.setattr(reactorwait.time, "sleep", lambda s: slept.append((threading.current_thread().name, s)))
+    clock = reactorwait.ReactorTime()
+
+    def in_thread(name: str, mark: bool) -> None:
+        thread = threading.Thread(target=lambda: [clock.sleep(reactorwait.REACTOR_SLEEP), clock.sleep(0.0001)],
+                                  name=name)
+        if mark:
+            setattr(thread, reactorwait._MARK, True)
+        thread.start()
+        thread.join()
+
+    in_thread("plain", False)
+    in_thread("association", True)
+    assert slept == [("plain", reactorwait.REACTOR_SLEEP), ("plain", 0.0001), ("association", 0.0001)]
+    assert clock.monotonic is time.monotonic  # everything else is the time module's own
+
+
+def test_the_reactor_does_not_spin_while_a_primitive_it_does_not_take_waits(long_waits: None) -> None:
+    """With its 1 ms sleep skipped, an accepted association's reactor must still not spin when an ACSE primitive
+    that none of its checks consumes sits in the queue (an A-RELEASE *response*: an acceptor never asks for one):
+    `next_message` paces that pass as pynetdicom's own sleep did, and C-ECHOs are still answered meanwhile."""
+    import pynetdicom.association
+    from pynetdicom.pdu_primitives import A_RELEASE
+
+    scp = AE(ae_title="PACSNODE")
+    scp.add_supported_context(Verification)
+    limits = ReceiveLimits(max_pdu_bytes=1 << 20, max_instance_bytes=1 << 20, association_timeout=5.0,
+                           network_timeout=5.0, max_connections=4)
+    server = start_guarded_server(scp, ("127.0.0.1", free_port()), [], limits)
+    try:
+        scu = AE(ae_title="SCU")
+        scu.add_requested_context(Verification)
+        assoc = scu.associate("127.0.0.1", server.server_address[1], ae_title="PACSNODE")
+        assert assoc.is_established
+        accepted = server.active_associations[0]
+        assert getattr(accepted, reactorwait._MARK) is True
+        assert isinstance(pynetdicom.association.time, reactorwait.ReactorTime)
+        calls = [0]
+        get_msg = accepted.dimse.get_msg
+
+        def counted(block: bool = False) -> Any:
+            calls[0] += 1
+            return get_msg(block)
+
+        accepted.dimse.get_msg = counted  # type: ignore[method-assign]
+        stray = A_RELEASE()
+        stray.result = "affirmative"
+        accepted.dul.to_user_queue.put(stray)
+        time.sleep(0.3)
+        passes = calls[0]
+        assert 0 < passes < 1000, passes  # ≤ ~300 when paced at 1 ms; a spinning loop makes 10⁵ and more
+        assert assoc.send_c_echo().Status == 0
+        assoc.abort()
+        accepted.join(PROMPT)
+        assert not accepted.is_alive()
+    finally:
+        server.shutdown()
+        server.server_close()
