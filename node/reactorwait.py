@@ -18,13 +18,7 @@ replaces the polling with waits that end as soon as there is work, using pynetdi
   ``select`` on the peer's socket and the bell, at most `IDLE_WAIT`, returning at once when the peer sent data or
   something was queued for the DUL to send;
 - `node.guard.GuardedDimse.get_msg` (non-blocking in the association reactor) waits on the association's bell, at
-  most `IDLE_WAIT`, for a DIMSE message or an ACSE primitive (release, abort) to arrive;
-- the association reactor's own 1 ms sleep at the top of every pass is skipped (`ReactorTime`, which
-  pynetdicom.association's ``time`` becomes: every other call goes to `time` unchanged, and it skips only that
-  sleep, only in the thread of an association `install` marked). That sleep began as soon as a C-STORE's response
-  was queued, so the next request, which a fast sender has on the wire well within 1 ms, waited for it to end.
-  Every pass still either serves a message, waits on the bell, or — when an ACSE primitive is waiting that the
-  pass does not consume — sleeps the same 1 ms in `next_message`, so the loop never spins.
+  most `IDLE_WAIT`, for a DIMSE message or an ACSE primitive (release, abort) to arrive.
 
 Nothing about PDUs or states changes: the same loops make the same calls in the same order, they only stop
 sleeping when work is waiting. The timers those loops check (ARTIM, the idle ``network_timeout``) and the kill
@@ -38,37 +32,12 @@ import queue
 import select
 import socket
 import threading
-import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pynetdicom.association import Association
 
 IDLE_WAIT = 0.05  # seconds; the longest a reactor waits before it re-checks its timers and kill flag
-REACTOR_SLEEP = 0.001  # seconds: pynetdicom 3.0.4's `Association._run_reactor` sleeps this at the top of each pass
-_MARK = "_node_reactor_waits"  # set on an Association (a Thread) by `install`
-
-
-class ReactorTime:
-    """Stands in for the `time` module inside pynetdicom.association: the same functions, except that
-    ``sleep(REACTOR_SLEEP)`` returns at once in the thread of an association `install` marked (its ``get_msg``
-    waits for work instead)."""
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(time, name)
-
-    @staticmethod
-    def sleep(seconds: float) -> None:
-        if seconds == REACTOR_SLEEP and getattr(threading.current_thread(), _MARK, False):
-            return
-        time.sleep(seconds)
-
-
-def _patch_association_time() -> None:
-    import pynetdicom.association as association
-
-    if not isinstance(association.time, ReactorTime):
-        association.time = ReactorTime()  # type: ignore[assignment]
 
 
 class Doorbell:
@@ -122,8 +91,6 @@ def install(assoc: Association) -> None:
     dul._run_loop_delay = 0
     dul.socket.doorbell = dul_bell
     dimse.bell = assoc_bell
-    _patch_association_time()
-    setattr(assoc, _MARK, True)  # its reactor's 1 ms sleep is skipped (`ReactorTime`)
 
 
 def wait_readable(sock: socket.socket, bell: Doorbell, busy: bool = False) -> bool:
@@ -148,13 +115,10 @@ def next_message(dimse: Any) -> tuple[Any, Any]:
         return dimse.msg_queue.get_nowait()  # type: ignore[no-any-return]
     if dimse.dul.to_user_queue.empty():
         bell.wait(IDLE_WAIT)
-    else:  # the reactor looks at it next; if it is not one the reactor takes, pace the loop as pynetdicom did
-        time.sleep(REACTOR_SLEEP)
     try:
         return dimse.msg_queue.get_nowait()  # type: ignore[no-any-return]
     except queue.Empty:
         return None, None
 
 
-__all__ = ["IDLE_WAIT", "REACTOR_SLEEP", "BellQueue", "Doorbell", "ReactorTime", "install", "next_message",
-           "wait_readable"]
+__all__ = ["IDLE_WAIT", "BellQueue", "Doorbell", "install", "next_message", "wait_readable"]
