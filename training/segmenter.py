@@ -51,6 +51,11 @@ class SegmenterSettings:
     # as it stands at the start of the epoch, marks lesion somewhere (p >= HARD_NEGATIVE_P) — its own false
     # positives, re-mined every epoch. 0 draws every lesion-free slice alike.
     hard_negative_fraction: float = 0.0
+    # Share of the lesion part of each batch drawn from *hard positives*: lesion slices on which the model, at the
+    # start of the epoch, finds less than HARD_POSITIVE_RECALL of the lesion (p >= 0.5) — e.g. a dense consolidation
+    # against the chest wall or the mediastinum that it takes for soft tissue. 0 draws lesion slices as
+    # ``lesion_sampling`` says.
+    hard_positive_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         if self.lesion_sampling not in LESION_SAMPLING:
@@ -59,10 +64,14 @@ class SegmenterSettings:
             raise TrainingError(f"lesion_fraction must lie strictly between 0 and 1, not {self.lesion_fraction}")
         if not 0.0 <= self.hard_negative_fraction < 1.0:
             raise TrainingError(f"hard_negative_fraction must lie in [0, 1), not {self.hard_negative_fraction}")
+        if not 0.0 <= self.hard_positive_fraction < 1.0:
+            raise TrainingError(f"hard_positive_fraction must lie in [0, 1), not {self.hard_positive_fraction}")
 
 
 LESION_SAMPLING = ("slice", "case")
 HARD_NEGATIVE_P = 0.5
+HARD_POSITIVE_RECALL = 0.5
+HARD_POSITIVE_MIN_PIXELS = 4  # a lesion's edge on 1–3 pixels of a slice (partial volume) is never "hard"
 
 
 def _slice_index(cases: list[GridCase]) -> tuple[np.ndarray, np.ndarray]:
@@ -95,13 +104,38 @@ def hard_negatives(model: Any, cases: list[GridCase], without: np.ndarray, cfg: 
                    batch: int = 64) -> np.ndarray:
     """The rows of ``without`` (lesion-free (case, slice) pairs) on which ``model`` puts a lesion probability of at
     least `HARD_NEGATIVE_P` somewhere: its false positives, to be shown to it more often."""
+    return _mine(model, cases, without, cfg, batch,
+                 lambda p, t: p[..., 2].max(axis=(1, 2)) >= HARD_NEGATIVE_P)
+
+
+def hard_positives(model: Any, cases: list[GridCase], with_les: np.ndarray, cfg: PreprocessConfig,
+                   batch: int = 64) -> np.ndarray:
+    """The rows of ``with_les`` (lesion (case, slice) pairs) whose lesion, at least `HARD_POSITIVE_MIN_PIXELS` pixels,
+    ``model`` finds less than `HARD_POSITIVE_RECALL` of (lesion probability >= 0.5): its misses, to be shown to it
+    more often."""
+
+    def missed(p: np.ndarray, t: np.ndarray) -> np.ndarray:
+        les = t == 2
+        n = les.sum(axis=(1, 2))
+        found = (les & (p[..., 2] >= 0.5)).sum(axis=(1, 2))
+        return (n >= HARD_POSITIVE_MIN_PIXELS) & (found < HARD_POSITIVE_RECALL * n)
+
+    return _mine(model, cases, with_les, cfg, batch, missed)
+
+
+def _mine(model: Any, cases: list[GridCase], rows: np.ndarray, cfg: PreprocessConfig, batch: int,
+          keep_slices: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> np.ndarray:
+    """The rows of ``rows`` ((case, slice) pairs) for which ``keep_slices(softmax, target)`` — both stacked over one
+    case's listed slices — is true."""
     fn = _predict_fn(model, cfg)
-    keep = np.zeros(len(without), dtype=bool)
-    for ci in np.unique(without[:, 0]):
-        rows = np.flatnonzero(without[:, 0] == ci)
-        x = window(cases[int(ci)].hu[without[rows, 1]].astype(np.float32), cfg)
-        keep[rows] = _batched(fn, x, batch)[..., 2].max(axis=(1, 2)) >= HARD_NEGATIVE_P
-    return without[keep]
+    keep = np.zeros(len(rows), dtype=bool)
+    for ci in np.unique(rows[:, 0]):
+        sel = np.flatnonzero(rows[:, 0] == ci)
+        c = cases[int(ci)]
+        x = window(c.hu[rows[sel, 1]].astype(np.float32), cfg)
+        target = c.target[rows[sel, 1]] if c.target is not None else np.zeros(x.shape[:3], dtype=np.uint8)
+        keep[sel] = keep_slices(_batched(fn, x, batch), target)
+    return rows[keep]
 
 
 def _predict_fn(model: Any, cfg: PreprocessConfig) -> Any:
@@ -264,7 +298,7 @@ def _fit_segmenter(
     the best epoch's weights (by validation lung + lesion Dice) and returns the history and that epoch (the last
     one without ``val``)."""
     history: dict[str, list[float]] = {"loss": [], "pixel_accuracy": [], "val_lung_dice": [], "val_lesion_dice": [],
-                                       "val_normals_with_lesion": [], "hard_negatives": []}
+                                       "val_normals_with_lesion": [], "hard_negatives": [], "hard_positives": []}
     best_score, best_weights, best_epoch = -1.0, model.get_weights(), 0
     n_les = int(round(s.batch_size * s.lesion_fraction)) if len(with_les) else 0
     for epoch in range(1, s.epochs + 1):
@@ -275,11 +309,19 @@ def _fit_segmenter(
             n_hard = int(round((s.batch_size - n_les) * s.hard_negative_fraction)) if len(hard) else 0
             history["hard_negatives"].append(float(len(hard)))
             log(f"epoch {epoch}: {len(hard)} of {len(without)} lesion-free slices are hard negatives")
+        missed, n_missed = np.empty((0, 2), dtype=np.int64), 0
+        if s.hard_positive_fraction > 0 and n_les:
+            missed = hard_positives(model, train, with_les, cfg)
+            n_missed = int(round(n_les * s.hard_positive_fraction)) if len(missed) else 0
+            history["hard_positives"].append(float(len(missed)))
+            log(f"epoch {epoch}: {len(missed)} of {len(with_les)} lesion slices are hard positives")
         with epoch_bar(s.steps_per_epoch, epoch, s.epochs, progress) as bar:
             for step in range(s.steps_per_epoch):
                 picks = []
-                if n_les:
-                    picks.append(lesion_picks(with_les, n_les, s.lesion_sampling, rng))
+                if n_missed:
+                    picks.append(missed[rng.integers(0, len(missed), n_missed)])
+                if n_les - n_missed:
+                    picks.append(lesion_picks(with_les, n_les - n_missed, s.lesion_sampling, rng))
                 if n_hard:
                     picks.append(hard[rng.integers(0, len(hard), n_hard)])
                 if len(without):
@@ -341,7 +383,9 @@ def _segmenter_card(
             f"{int(s.lesion_fraction * 100)} % of sampled slices contain lesion"
             + (", drawn case first (each lesion case equally likely)" if s.lesion_sampling == "case" else "")
             + (f"; {s.hard_negative_fraction:.0%} of the lesion-free ones are hard negatives (slices where the "
-               "model, at each epoch's start, calls lesion)" if s.hard_negative_fraction else ""),
+               "model, at each epoch's start, calls lesion)" if s.hard_negative_fraction else "")
+            + (f"; {s.hard_positive_fraction:.0%} of the lesion ones are hard positives (slices where the model, at "
+               "each epoch's start, finds less than half of the lesion)" if s.hard_positive_fraction else ""),
             "best_epoch": best_epoch,
             "load_seconds": round(load_seconds, 1),
             "train_seconds": round(train_seconds, 1),

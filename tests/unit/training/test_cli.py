@@ -106,22 +106,27 @@ def test_model_eval_prints_auc_and_dice(tiny_set: Path, tmp_path: Path, capsys: 
     assert "cannot read --compare-with" in capsys.readouterr().err
 
 
-def test_train_segmenter_from_a_shipped_unet_with_hard_negatives(tiny_set: Path, tmp_path: Path) -> None:
+def test_train_segmenter_from_a_shipped_unet_with_hard_examples(tiny_set: Path, tmp_path: Path) -> None:
     """--init starts from the shipped U-Net's weights (a near-zero learning rate leaves them as they were, where
-    random ones would differ everywhere) and the card names it; --hard-negatives mines every epoch."""
+    random ones would differ everywhere) and the card names it; --hard-negatives and --hard-positives mine every
+    epoch, and the card says so."""
     import keras
     import numpy as np
 
     shipped = Registry().weights_dir / "segmenter" / "1.1.0"
     out = tmp_path / "o"
     rc = _run(["train", "segmenter", "--data", str(tiny_set), "--out", str(out), "--epochs", "2", "--steps", "1",
-               "--init", str(shipped), "--hard-negatives", "0.5", "--learning-rate", "1e-9", "--quiet"])
+               "--init", str(shipped), "--hard-negatives", "0.5", "--hard-positives", "0.25", "--learning-rate", "1e-9",
+               "--quiet"])
     assert rc == 0
     card = json.loads((out / CARD_FILE).read_text())
     start = card["training"]["initialised_from"]
     assert (start["name"], start["version"]) == ("pacsnode-lung-lesion-unet", "1.1.0") and len(start["sha256"]) == 64
     assert card["training"]["settings"]["hard_negative_fraction"] == 0.5
-    assert len(json.loads((out / "history.json").read_text())["hard_negatives"]) == 2
+    assert card["training"]["settings"]["hard_positive_fraction"] == 0.25
+    assert "25% of the lesion ones are hard positives" in card["training"]["augmentation"]
+    history = json.loads((out / "history.json").read_text())
+    assert len(history["hard_negatives"]) == 2 and len(history["hard_positives"]) == 2
     before = keras.models.load_model(shipped / "model.keras", compile=False).get_weights()
     after = keras.models.load_model(out / "model.keras", compile=False).get_weights()
     assert max(float(np.abs(a - b).max()) for a, b in zip(before, after, strict=True)) < 1e-6

@@ -41,23 +41,30 @@ def test_an_unknown_sampling_is_refused() -> None:
         SegmenterSettings(lesion_sampling="lesion")
 
 
-def test_hard_negatives_are_the_lesion_free_slices_the_model_calls_lesion() -> None:
-    """A real (tiny, hand-set) Keras model that calls lesion wherever the lung window is saturated: the mined rows
-    are exactly the listed lesion-free slices holding such a spot, and only rows that were listed."""
+def _dense_spot_model(grid: int) -> object:
+    """A real (tiny, hand-set) Keras model that calls lesion wherever the lung window is saturated (HU above it)."""
     import keras
 
     from models.preprocess import PreprocessConfig
-    from training.common import GridCase
-    from training.segmenter import hard_negatives
 
-    cfg = PreprocessConfig(grid=16)
-    inp = keras.Input((16, 16, cfg.channels))
+    inp = keras.Input((grid, grid, PreprocessConfig(grid=grid).channels))
 
     def probs(x: object) -> object:
         les = keras.ops.sigmoid(60.0 * (x[..., :1] - 0.9))  # type: ignore[index]
         return keras.ops.concatenate([(1.0 - les) / 2, (1.0 - les) / 2, les], axis=-1)
 
-    model = keras.Model(inp, keras.layers.Lambda(probs)(inp))
+    return keras.Model(inp, keras.layers.Lambda(probs)(inp))
+
+
+def test_hard_negatives_are_the_lesion_free_slices_the_model_calls_lesion() -> None:
+    """The mined rows are exactly the listed lesion-free slices holding a spot the model calls lesion, and only
+    rows that were listed."""
+    from models.preprocess import PreprocessConfig
+    from training.common import GridCase
+    from training.segmenter import hard_negatives
+
+    cfg = PreprocessConfig(grid=16)
+    model = _dense_spot_model(16)
     cases = []
     for ci in range(3):
         hu = np.full((6, 16, 16), -850.0, dtype=np.float16)
@@ -73,3 +80,37 @@ def test_hard_negatives_are_the_lesion_free_slices_the_model_calls_lesion() -> N
 def test_a_hard_negative_share_outside_0_1_is_refused(bad: float) -> None:
     with pytest.raises(TrainingError, match="hard_negative_fraction must lie in"):
         SegmenterSettings(hard_negative_fraction=bad)
+
+
+def test_hard_positives_are_the_lesion_slices_whose_lesion_the_model_mostly_misses() -> None:
+    """Lesion slices whose lesion is dense (the model finds it) are not mined; those whose lesion is faint (below
+    the window's top: missed) are, unless the lesion is under `HARD_POSITIVE_MIN_PIXELS` pixels; a lesion half
+    found counts as found, one found on fewer than half its pixels as missed; unlisted rows never come back."""
+    from models.preprocess import PreprocessConfig
+    from training.common import GridCase
+    from training.segmenter import HARD_POSITIVE_MIN_PIXELS, hard_positives
+
+    assert HARD_POSITIVE_MIN_PIXELS == 4
+    cfg = PreprocessConfig(grid=16)
+    model = _dense_spot_model(16)
+    cases = []
+    for ci in range(2):
+        hu = np.full((6, 16, 16), -850.0, dtype=np.float16)
+        target = np.ones((6, 16, 16), dtype=np.uint8)
+        for k, (hu_value, rows) in {1: (-150.0, 4), 2: (-650.0, 4), 3: (-650.0, 1), 4: (None, 4), 5: (None, 4)}.items():
+            target[k, 5 : 5 + rows, 5:9] = 2  # 16 lesion pixels, or 4 in one row
+            if hu_value is not None:
+                hu[k, 5 : 5 + rows, 5:9] = hu_value
+        hu[4, 5:7, 5:9] = -150.0  # half of the lesion dense: found on 8 of 16 pixels
+        hu[5, 5:6, 5:9] = -150.0  # found on 4 of 16
+        cases.append(GridCase(f"C{ci}", 1, hu, np.zeros(6), np.ones(6), None, None, target))
+    cases[1].target[3, 5, 5:8] = 1  # type: ignore[index]  # case 1's faint one-row lesion: 1 pixel only, below the minimum
+    with_les = np.array([(c, k) for c in range(2) for k in range(1, 6) if (c, k) != (1, 2)])  # (1, 2) not offered
+    got = {tuple(r) for r in hard_positives(model, cases, with_les, cfg, batch=4).tolist()}
+    assert got == {(0, 2), (0, 3), (0, 5), (1, 5)}
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0])
+def test_a_hard_positive_share_outside_0_1_is_refused(bad: float) -> None:
+    with pytest.raises(TrainingError, match="hard_positive_fraction must lie in"):
+        SegmenterSettings(hard_positive_fraction=bad)
