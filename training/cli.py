@@ -3,7 +3,7 @@
 - ``phantom --out DIR --cases N --seed S [--prevalence P] [--size PX|MIN-MAX] [--slices N|MIN-MAX]``
 - ``train classifier|segmenter --data DIR --out DIR [--val-data DIR] [--epochs N] [--seed S] [--version V]
   [--warmup-steps N (classifier)] [--steps N (segmenter)] [--lesion-sampling slice|case (segmenter)]
-  [--lesion-fraction F (segmenter)] [--hard-negatives F (segmenter)] [--hard-positives F (segmenter)] [--init DIR (segmenter)]
+  [--lesion-fraction F (segmenter)] [--hard-negatives F (segmenter)] [--hard-positives F [--hard-positive-kind any|background] (segmenter)] [--init DIR (segmenter)]
   [--learning-rate LR (segmenter)]``
 - ``model-eval --data DIR [--weights-dir DIR] [--classifier-version V] [--segmenter-version V] [--json F]
   [--write-card] [--compare-with OTHER.json]``
@@ -67,6 +67,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             given = (("epochs", args.epochs), ("seed", args.seed), ("steps_per_epoch", args.steps),
                      ("lesion_sampling", args.lesion_sampling), ("lesion_fraction", args.lesion_fraction),
                      ("hard_negative_fraction", args.hard_negatives), ("hard_positive_fraction", args.hard_positives),
+                     ("hard_positive_kind", args.hard_positive_kind),
                      ("learning_rate", args.learning_rate))
             g = segmenter.SegmenterSettings(**{k: v for k, v in given if v is not None})
             card = segmenter.train_segmenter(Path(args.data), Path(args.out), settings=g,
@@ -180,6 +181,9 @@ def register(subparsers: Any) -> None:
     t.add_argument("--hard-positives", type=float, metavar="F",
                    help="segmenter: share of the lesion slices of each batch drawn from those where the model, at the "
                         "start of each epoch, finds less than half of the lesion (its misses; default 0)")
+    t.add_argument("--hard-positive-kind", choices=("any", "background"),
+                   help="segmenter: which misses --hard-positives draws: any (the default), or only those the model "
+                        "mostly calls background (a dense lesion taken for the wall), not lung (a faint one)")
     t.add_argument("--learning-rate", type=float,
                    help="segmenter: initial learning rate of the cosine schedule (default 2e-3; lower when starting "
                         "from --init)")

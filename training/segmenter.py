@@ -56,6 +56,10 @@ class SegmenterSettings:
     # against the chest wall or the mediastinum that it takes for soft tissue. 0 draws lesion slices as
     # ``lesion_sampling`` says.
     hard_positive_fraction: float = 0.0
+    # Which misses count as hard positives: "any" (lesion found on less than half its pixels), or "background" (of
+    # those, the ones whose missed pixels the model mostly calls background rather than lung: a dense lesion taken
+    # for the wall or the mediastinum, not a faint one taken for lung).
+    hard_positive_kind: str = "any"
 
     def __post_init__(self) -> None:
         if self.lesion_sampling not in LESION_SAMPLING:
@@ -66,9 +70,13 @@ class SegmenterSettings:
             raise TrainingError(f"hard_negative_fraction must lie in [0, 1), not {self.hard_negative_fraction}")
         if not 0.0 <= self.hard_positive_fraction < 1.0:
             raise TrainingError(f"hard_positive_fraction must lie in [0, 1), not {self.hard_positive_fraction}")
+        if self.hard_positive_kind not in HARD_POSITIVE_KINDS:
+            raise TrainingError(f"hard_positive_kind must be one of {', '.join(HARD_POSITIVE_KINDS)}, "
+                                f"not {self.hard_positive_kind!r}")
 
 
 LESION_SAMPLING = ("slice", "case")
+HARD_POSITIVE_KINDS = ("any", "background")
 HARD_NEGATIVE_P = 0.5
 HARD_POSITIVE_RECALL = 0.5
 HARD_POSITIVE_MIN_PIXELS = 4  # a lesion's edge on 1–3 pixels of a slice (partial volume) is never "hard"
@@ -109,16 +117,21 @@ def hard_negatives(model: Any, cases: list[GridCase], without: np.ndarray, cfg: 
 
 
 def hard_positives(model: Any, cases: list[GridCase], with_les: np.ndarray, cfg: PreprocessConfig,
-                   batch: int = 64) -> np.ndarray:
+                   batch: int = 64, kind: str = "any") -> np.ndarray:
     """The rows of ``with_les`` (lesion (case, slice) pairs) whose lesion, at least `HARD_POSITIVE_MIN_PIXELS` pixels,
     ``model`` finds less than `HARD_POSITIVE_RECALL` of (lesion probability >= 0.5): its misses, to be shown to it
-    more often."""
+    more often. ``kind="background"`` keeps only those whose missed pixels it mostly calls background (the largest
+    of the three probabilities) rather than lung."""
 
     def missed(p: np.ndarray, t: np.ndarray) -> np.ndarray:
         les = t == 2
         n = les.sum(axis=(1, 2))
         found = (les & (p[..., 2] >= 0.5)).sum(axis=(1, 2))
-        return (n >= HARD_POSITIVE_MIN_PIXELS) & (found < HARD_POSITIVE_RECALL * n)
+        hard = (n >= HARD_POSITIVE_MIN_PIXELS) & (found < HARD_POSITIVE_RECALL * n)
+        if kind == "background":
+            cls = p.argmax(-1)
+            hard &= (les & (cls == 0)).sum(axis=(1, 2)) > (les & (cls == 1)).sum(axis=(1, 2))
+        return hard
 
     return _mine(model, cases, with_les, cfg, batch, missed)
 
@@ -311,7 +324,7 @@ def _fit_segmenter(
             log(f"epoch {epoch}: {len(hard)} of {len(without)} lesion-free slices are hard negatives")
         missed, n_missed = np.empty((0, 2), dtype=np.int64), 0
         if s.hard_positive_fraction > 0 and n_les:
-            missed = hard_positives(model, train, with_les, cfg)
+            missed = hard_positives(model, train, with_les, cfg, kind=s.hard_positive_kind)
             n_missed = int(round(n_les * s.hard_positive_fraction)) if len(missed) else 0
             history["hard_positives"].append(float(len(missed)))
             log(f"epoch {epoch}: {len(missed)} of {len(with_les)} lesion slices are hard positives")
@@ -385,7 +398,9 @@ def _segmenter_card(
             + (f"; {s.hard_negative_fraction:.0%} of the lesion-free ones are hard negatives (slices where the "
                "model, at each epoch's start, calls lesion)" if s.hard_negative_fraction else "")
             + (f"; {s.hard_positive_fraction:.0%} of the lesion ones are hard positives (slices where the model, at "
-               "each epoch's start, finds less than half of the lesion)" if s.hard_positive_fraction else ""),
+               "each epoch's start, finds less than half of the lesion"
+               + (", calling most of the rest background" if s.hard_positive_kind == "background" else "") + ")"
+               if s.hard_positive_fraction else ""),
             "best_epoch": best_epoch,
             "load_seconds": round(load_seconds, 1),
             "train_seconds": round(train_seconds, 1),

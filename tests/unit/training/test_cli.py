@@ -116,15 +116,17 @@ def test_train_segmenter_from_a_shipped_unet_with_hard_examples(tiny_set: Path, 
     shipped = Registry().weights_dir / "segmenter" / "1.1.0"
     out = tmp_path / "o"
     rc = _run(["train", "segmenter", "--data", str(tiny_set), "--out", str(out), "--epochs", "2", "--steps", "1",
-               "--init", str(shipped), "--hard-negatives", "0.5", "--hard-positives", "0.25", "--learning-rate", "1e-9",
-               "--quiet"])
+               "--init", str(shipped), "--hard-negatives", "0.5", "--hard-positives", "0.25",
+               "--hard-positive-kind", "background", "--learning-rate", "1e-9", "--quiet"])
     assert rc == 0
     card = json.loads((out / CARD_FILE).read_text())
     start = card["training"]["initialised_from"]
     assert (start["name"], start["version"]) == ("pacsnode-lung-lesion-unet", "1.1.0") and len(start["sha256"]) == 64
     assert card["training"]["settings"]["hard_negative_fraction"] == 0.5
     assert card["training"]["settings"]["hard_positive_fraction"] == 0.25
-    assert "25% of the lesion ones are hard positives" in card["training"]["augmentation"]
+    assert card["training"]["settings"]["hard_positive_kind"] == "background"
+    assert ("25% of the lesion ones are hard positives (slices where the model, at each epoch's start, finds less "
+            "than half of the lesion, calling most of the rest background)") in card["training"]["augmentation"]
     history = json.loads((out / "history.json").read_text())
     assert len(history["hard_negatives"]) == 2 and len(history["hard_positives"]) == 2
     before = keras.models.load_model(shipped / "model.keras", compile=False).get_weights()

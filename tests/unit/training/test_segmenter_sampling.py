@@ -114,3 +114,34 @@ def test_hard_positives_are_the_lesion_slices_whose_lesion_the_model_mostly_miss
 def test_a_hard_positive_share_outside_0_1_is_refused(bad: float) -> None:
     with pytest.raises(TrainingError, match="hard_positive_fraction must lie in"):
         SegmenterSettings(hard_positive_fraction=bad)
+
+
+def test_background_hard_positives_are_the_misses_taken_for_background_not_lung() -> None:
+    """A model that calls a faint lesion lung below about -760 HU and background above it: "any" mines both misses,
+    "background" only the denser one; the lesion it finds is mined by neither."""
+    import keras
+
+    from models.preprocess import PreprocessConfig
+    from training.common import GridCase
+    from training.segmenter import hard_positives
+
+    cfg = PreprocessConfig(grid=16)
+    inp = keras.Input((16, 16, cfg.channels))
+
+    def probs(x: object) -> object:
+        les = keras.ops.sigmoid(60.0 * (x[..., :1] - 0.9))  # type: ignore[index]
+        bg = keras.ops.sigmoid(60.0 * (x[..., :1] - 0.3))  # type: ignore[index]  # lung window 0.3 = -760 HU
+        return keras.ops.concatenate([(1.0 - les) * bg, (1.0 - les) * (1.0 - bg), les], axis=-1)
+
+    model = keras.Model(inp, keras.layers.Lambda(probs)(inp))
+    hu = np.full((4, 16, 16), -850.0, dtype=np.float16)
+    target = np.ones((4, 16, 16), dtype=np.uint8)
+    for k, value in {1: -150.0, 2: -650.0, 3: -800.0}.items():
+        hu[k, 5:9, 5:9] = value
+        target[k, 5:9, 5:9] = 2
+    cases = [GridCase("C0", 1, hu, np.zeros(4), np.ones(4), None, None, target)]
+    with_les = np.array([(0, 1), (0, 2), (0, 3)])
+    assert {tuple(r) for r in hard_positives(model, cases, with_les, cfg).tolist()} == {(0, 2), (0, 3)}
+    assert {tuple(r) for r in hard_positives(model, cases, with_les, cfg, kind="background").tolist()} == {(0, 2)}
+    with pytest.raises(TrainingError, match="hard_positive_kind must be one of any, background"):
+        SegmenterSettings(hard_positive_kind="lung")
