@@ -3,7 +3,8 @@
 - ``phantom --out DIR --cases N --seed S [--prevalence P] [--size PX|MIN-MAX] [--slices N|MIN-MAX]``
 - ``train classifier|segmenter --data DIR --out DIR [--val-data DIR] [--epochs N] [--seed S] [--version V]
   [--warmup-steps N (classifier)] [--steps N (segmenter)] [--lesion-sampling slice|case (segmenter)]
-  [--lesion-fraction F (segmenter)] [--hard-negatives F (segmenter)] [--hard-positives F [--hard-positive-kind any|background] (segmenter)] [--init DIR (segmenter)]
+  [--lesion-fraction F (segmenter)] [--hard-negatives F (segmenter)]
+  [--hard-positives F [--hard-positive-kind any|background] (segmenter)] [--init DIR (segmenter)]
   [--learning-rate LR (segmenter)]``
 - ``model-eval --data DIR [--weights-dir DIR] [--classifier-version V] [--segmenter-version V] [--json F]
   [--write-card] [--compare-with OTHER.json]``
