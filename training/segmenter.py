@@ -2,9 +2,10 @@
 
 ``train_segmenter(data, out, ...)`` reads the dataset through :func:`training.common.load_grid_cases` (the node's own
 preprocessing), trains on sampled slices (`SegmenterSettings`: how many carry lesion, drawn per slice or per lesion
-case — `lesion_picks` — and what share of them are the model's own misses and false positives, re-mined every epoch —
-`hard_positives`, `hard_negatives`), keeps the weights of the best validation epoch (lung + lesion Dice) and writes the run like
-the classifier's trainer (:func:`training.common.save_run`). Raises :class:`training.common.TrainingError`.
+case — `lesion_picks` — and what share of them are the model's own misses and false positives, re-mined every
+epoch — `hard_positives`, `hard_negatives`), keeps the weights of the best validation epoch (lung + lesion Dice) and
+writes the run like the classifier's trainer (:func:`training.common.save_run`). Raises
+:class:`training.common.TrainingError`.
 """
 
 from __future__ import annotations
