@@ -41,8 +41,10 @@ def test_an_unknown_sampling_is_refused() -> None:
         SegmenterSettings(lesion_sampling="lesion")
 
 
-def _dense_spot_model(grid: int) -> object:
-    """A real (tiny, hand-set) Keras model that calls lesion wherever the lung window is saturated (HU above it)."""
+def _dense_spot_model(grid: int, background_above: float | None = None) -> object:
+    """A real (tiny, hand-set) Keras model that calls lesion wherever the lung window is saturated (HU above it); of
+    the rest it calls background and lung alike, or, with ``background_above`` (a lung-window value), background
+    above it and lung below."""
     import keras
 
     from models.preprocess import PreprocessConfig
@@ -51,7 +53,10 @@ def _dense_spot_model(grid: int) -> object:
 
     def probs(x: object) -> object:
         les = keras.ops.sigmoid(60.0 * (x[..., :1] - 0.9))  # type: ignore[index]
-        return keras.ops.concatenate([(1.0 - les) / 2, (1.0 - les) / 2, les], axis=-1)
+        bg = keras.ops.full_like(les, 0.5)
+        if background_above is not None:
+            bg = keras.ops.sigmoid(60.0 * (x[..., :1] - background_above))  # type: ignore[index]
+        return keras.ops.concatenate([(1.0 - les) * bg, (1.0 - les) * (1.0 - bg), les], axis=-1)
 
     return keras.Model(inp, keras.layers.Lambda(probs)(inp))
 
@@ -119,21 +124,12 @@ def test_a_hard_positive_share_outside_0_1_is_refused(bad: float) -> None:
 def test_background_hard_positives_are_the_misses_taken_for_background_not_lung() -> None:
     """A model that calls a faint lesion lung below about -760 HU and background above it: "any" mines both misses,
     "background" only the denser one; the lesion it finds is mined by neither."""
-    import keras
-
     from models.preprocess import PreprocessConfig
     from training.common import GridCase
     from training.segmenter import hard_positives
 
     cfg = PreprocessConfig(grid=16)
-    inp = keras.Input((16, 16, cfg.channels))
-
-    def probs(x: object) -> object:
-        les = keras.ops.sigmoid(60.0 * (x[..., :1] - 0.9))  # type: ignore[index]
-        bg = keras.ops.sigmoid(60.0 * (x[..., :1] - 0.3))  # type: ignore[index]  # lung window 0.3 = -760 HU
-        return keras.ops.concatenate([(1.0 - les) * bg, (1.0 - les) * (1.0 - bg), les], axis=-1)
-
-    model = keras.Model(inp, keras.layers.Lambda(probs)(inp))
+    model = _dense_spot_model(16, background_above=0.3)  # lung window 0.3 = -760 HU
     hu = np.full((4, 16, 16), -850.0, dtype=np.float16)
     target = np.ones((4, 16, 16), dtype=np.uint8)
     for k, value in {1: -150.0, 2: -650.0, 3: -800.0}.items():
