@@ -41,7 +41,7 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     try:
         table = generate_dataset(
             args.out, cases=args.cases, seed=args.seed, prevalence=args.prevalence, size=args.size,
-            slices=args.slices, progress=not args.quiet,
+            slices=args.slices, progress=not args.quiet, pleural_lesions=args.pleural_lesions,
         )
     except PhantomError as exc:
         _err(str(exc))
@@ -159,6 +159,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--prevalence", type=float, default=0.5, help="share of pneumonia cases (default 0.5)")
     p.add_argument("--size", default="256-512", help="matrix size N or MIN-MAX (default 256-512)")
     p.add_argument("--slices", default="40-160", help="slices per series N or MIN-MAX (default 40-160)")
+    p.add_argument("--pleural-lesions", type=float, default=0.0, metavar="P",
+                   help="training sets only: add a small consolidation against the chest wall or mediastinum to "
+                        "this share of the non-subtle pneumonia cases (default 0: the standard mix)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_phantom)
 

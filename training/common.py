@@ -129,6 +129,7 @@ def describe_data(data: Path) -> dict[str, Any]:
         "pneumonia_cases": int(table.label.sum()),
         "rows_range": [int(table.rows.min()), int(table.rows.max())] if "rows" in table else None,
         "slices_range": [int(table.slices.min()), int(table.slices.max())] if "slices" in table else None,
+        "pleural_lesions": float(first.get("pleural_lesions", 0.0)),  # the generator's training-data option
     }
 
 

@@ -85,10 +85,11 @@ def _reader_label(rng: np.random.Generator, spec: CaseSpec) -> int:
     return int(rng.random() < 0.08)
 
 
-def generate_case(seed: int, index: int, label: int, out: Path, size: tuple[int, int], slices: tuple[int, int]) -> dict[str, object]:
+def generate_case(seed: int, index: int, label: int, out: Path, size: tuple[int, int], slices: tuple[int, int],
+                  pleural_lesions: float = 0.0) -> dict[str, object]:
     """Generate, render and write case ``index``; return its clinical.csv row."""
     spec = draw_case(seed, index, label, size, slices)
-    result = render_case(spec, seed)
+    result = render_case(spec, seed, pleural_lesions=pleural_lesions)
     case_dir = out / spec.case_id
     study_uid, series_uid = write_series(result, seed, case_dir / "dicom")
     write_masks(result, case_dir / "masks.npz")
@@ -97,6 +98,8 @@ def generate_case(seed: int, index: int, label: int, out: Path, size: tuple[int,
     info = asdict(spec)
     info["generator_version"] = GENERATOR_VERSION
     info["seed"] = seed
+    if pleural_lesions:
+        info["pleural_lesions"] = pleural_lesions
     (case_dir / "case.json").write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
     return {
         "case_id": spec.case_id,
@@ -130,15 +133,20 @@ def generate_dataset(
     size: str | int | tuple[int, int] = (256, 512),
     slices: str | int | tuple[int, int] = (40, 160),
     progress: bool = False,
+    pleural_lesions: float = 0.0,
 ) -> pd.DataFrame:
     """Write ``cases`` phantom series under ``out`` and return the clinical table (also written as clinical.csv).
 
     Exactly ``round(prevalence * cases)`` cases are pneumonia, in an order drawn from the seed.
+    ``pleural_lesions`` > 0 adds a small consolidation against the chest wall or mediastinum to that share of the
+    non-subtle pneumonia cases (``render_case``), for training sets; evaluation sets keep the default 0.
     """
     if cases < 1:
         raise PhantomError(f"cases must be >= 1, got {cases}")
     if not 0.0 <= prevalence <= 1.0:
         raise PhantomError(f"prevalence must be in [0, 1], got {prevalence}")
+    if not 0.0 <= pleural_lesions <= 1.0:
+        raise PhantomError(f"pleural_lesions must be in [0, 1], got {pleural_lesions}")
     size_r = parse_range(size, "size")
     slices_r = parse_range(slices, "slices")
     if size_r[0] < 32:
@@ -159,7 +167,7 @@ def generate_dataset(
     try:
         out.mkdir(parents=True, exist_ok=True)
         for i in it:
-            rows.append(generate_case(seed, i, int(labels[i]), out, size_r, slices_r))
+            rows.append(generate_case(seed, i, int(labels[i]), out, size_r, slices_r, pleural_lesions))
         table = pd.DataFrame(rows, columns=list(CLINICAL_COLUMNS))
         table.to_csv(out / "clinical.csv", index=False, lineterminator="\n")
     except OSError as exc:

@@ -294,22 +294,43 @@ def _draw_lesions(s: CaseSpec, rng: np.random.Generator, g: _Grid, lungs: np.nda
             hu = rng.uniform(-700.0, -300.0) if kind == "ggo" else rng.uniform(-100.0, 50.0)
             radius = float(np.exp(rng.uniform(math.log(8.0), math.log(45.0))))
             subtle = kind == "ggo" and hu < -600.0 and radius < 15.0
-        blobs = []
-        for b in range(int(rng.integers(1, 5))):
-            off = np.zeros(3) if b == 0 else rng.normal(0.0, 0.55 * radius, 3)
-            rad = radius * (rng.uniform(0.7, 1.2, 3) if b == 0 else rng.uniform(0.35, 0.7, 3))
-            blobs.append((centre[0] + off[0], centre[1] + off[1], centre[2] + off[2], *rad))
-        lesions.append(
-            Lesion(
-                kind=kind,
-                hu=float(hu),
-                centre_mm=centre,
-                radius_mm=float(radius),
-                subtle=bool(subtle),
-                blobs=tuple(tuple(float(v) for v in bl) for bl in blobs),  # type: ignore[misc]
-            )
-        )
+        lesions.append(_lesion(rng, kind, float(hu), centre, float(radius), bool(subtle)))
     return lesions
+
+
+def _lesion(rng: np.random.Generator, kind: str, hu: float, centre: tuple[float, float, float], radius: float,
+            subtle: bool) -> Lesion:
+    """A lesion of 1-4 sub-ellipsoids around ``centre``: the first one on it, the others scattered about it."""
+    blobs = []
+    for b in range(int(rng.integers(1, 5))):
+        off = np.zeros(3) if b == 0 else rng.normal(0.0, 0.55 * radius, 3)
+        rad = radius * (rng.uniform(0.7, 1.2, 3) if b == 0 else rng.uniform(0.35, 0.7, 3))
+        blobs.append((centre[0] + off[0], centre[1] + off[1], centre[2] + off[2], *rad))
+    return Lesion(
+        kind=kind,
+        hu=hu,
+        centre_mm=centre,
+        radius_mm=radius,
+        subtle=subtle,
+        blobs=tuple(tuple(float(v) for v in bl) for bl in blobs),  # type: ignore[misc]
+    )
+
+
+def _pleural_lesion(rng: np.random.Generator, g: _Grid, lungs: np.ndarray, parenchyma: np.ndarray) -> Lesion | None:
+    """A small consolidation centred on the lung's surface, so that it abuts the chest wall or mediastinum.
+
+    The centre is a parenchyma voxel with an in-plane neighbour outside the lung fields (vessels inside the lung
+    count as lung, so a vessel's edge is not a surface); about half of the lesion is then clipped away by the
+    lung boundary, as a pleural-based consolidation is.
+    """
+    surface = parenchyma & ndimage.binary_dilation(~lungs, structure=np.ones((1, 3, 3), dtype=bool))
+    idx = np.flatnonzero(surface)
+    if len(idx) == 0:
+        return None
+    k, i, j = np.unravel_index(int(rng.choice(idx)), lungs.shape)
+    centre = (float(g.X[i, j]), float(g.Y[i, j]), float(g.z[k]))
+    radius = float(np.exp(rng.uniform(math.log(8.0), math.log(20.0))))
+    return _lesion(rng, "consolidation", float(rng.uniform(-100.0, 50.0)), centre, radius, False)
 
 
 def _paint_lesions(
@@ -348,8 +369,14 @@ def _paint_lesions(
         lesion_id[sl][(w >= 0.5) & in_lung] = li
 
 
-def render_case(spec: CaseSpec, seed: int) -> CaseResult:
-    """Render one case: anatomy, vessels, lesions, blur, correlated noise, quantisation."""
+def render_case(spec: CaseSpec, seed: int, *, pleural_lesions: float = 0.0) -> CaseResult:
+    """Render one case: anatomy, vessels, lesions, blur, correlated noise, quantisation.
+
+    ``pleural_lesions``: the probability that a pneumonia case without a subtle lesion gets one more lesion, a
+    small consolidation against the chest wall or mediastinum (``_pleural_lesion``) — a training-data option for
+    a kind the default mix holds few of. It is drawn from a random stream of its own, so every other choice of
+    the case, its noise included, is the same as without it; at 0 the case is byte for byte the default one.
+    """
     rng = np.random.default_rng([seed, spec.index, 0x5EED])
     g = _Grid(spec)
     tissue = np.empty((spec.slices, spec.rows, spec.rows), dtype=np.uint8)
@@ -378,6 +405,11 @@ def render_case(spec: CaseSpec, seed: int) -> CaseResult:
     lesion_id = np.zeros(tissue.shape, dtype=np.uint8)
     if spec.label:
         spec.lesions = _draw_lesions(spec, rng, g, lung_now)
+        extra = np.random.default_rng([seed, spec.index, 0x91E0A1])
+        if pleural_lesions > 0 and not all(les.subtle for les in spec.lesions) and extra.random() < pleural_lesions:
+            les = _pleural_lesion(extra, g, lungs, lung_now)
+            if les is not None:
+                spec.lesions.append(les)
         _paint_lesions(hu, tissue, lungs, lesion_id, g, spec.lesions)
     # Scanner: in-plane blur (point-spread), then spatially correlated Gaussian noise of the case's sigma.
     noise_scale = spec.noise_hu / (0.5 / (math.sqrt(math.pi) * 0.6))  # sigma after a 0.6 px Gaussian filter

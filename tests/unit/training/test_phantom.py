@@ -165,6 +165,38 @@ def test_size_and_slice_ranges_are_respected(tmp_path: Path) -> None:
     assert table.rows.nunique() > 1 or table.slices.nunique() > 1
 
 
+def test_pleural_lesions_add_one_consolidation_against_the_wall_and_change_nothing_else(tmp_path: Path) -> None:
+    plain, extra = tmp_path / "plain", tmp_path / "extra"
+    args = {"cases": 10, "seed": 21, "size": 64, "slices": 12, "prevalence": 0.7}
+    t0 = generate_dataset(plain, **args)
+    t1 = generate_dataset(extra, **args, pleural_lesions=1.0)
+    non_subtle = (t0.label == 1) & (t0.subtle == 0)
+    assert non_subtle.sum() >= 3 and (t0.label == 0).sum() >= 2
+    # Every non-subtle pneumonia case got exactly one more lesion; normals and subtle cases got none.
+    assert (t1.n_lesions == t0.n_lesions + non_subtle.astype(int)).all()
+    for i in range(len(t0)):
+        dicom = sorted((plain / t0.dicom_dir[i]).glob("*.dcm"))
+        same = [(extra / f.relative_to(plain)).read_bytes() == f.read_bytes() for f in dicom]
+        masks0, masks1 = load_masks(plain / t0.masks[i]), load_masks(extra / t1.masks[i])
+        assert (masks0["tissue"] == masks1["tissue"]).all() and (masks0["lungs"] == masks1["lungs"]).all()
+        if not non_subtle[i]:
+            assert all(same), t0.case_id[i]
+            continue
+        assert not all(same)
+        info = json.loads((extra / t1.case_id[i] / "case.json").read_text())
+        before = json.loads((plain / t0.case_id[i] / "case.json").read_text())["lesions"]
+        assert info["lesions"][:-1] == before and info["pleural_lesions"] == 1.0
+        added = info["lesions"][-1]
+        assert added["kind"] == "consolidation" and -100 <= added["hu"] <= 50 and 8 <= added["radius_mm"] <= 20
+        new = masks1["lesion_id"] == len(info["lesions"])
+        assert new.any() and (masks1["lesion"] | ~masks0["lesion"]).all()  # the old lesions stay lesion
+        # It abuts tissue outside the lungs (wall or mediastinum) in-plane.
+        outside = ndimage.binary_dilation(~masks1["lungs"], structure=np.ones((1, 3, 3), dtype=bool))
+        assert (new & outside).any()
+    with pytest.raises(PhantomError, match="pleural_lesions"):
+        generate_dataset(tmp_path / "bad", cases=1, seed=1, size=32, slices=4, pleural_lesions=1.5)
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [{"cases": 0}, {"prevalence": 1.5}, {"size": "abc"}, {"size": "64-32"}, {"size": 8}, {"slices": 1}],
