@@ -405,10 +405,9 @@ def render_case(spec: CaseSpec, seed: int, *, pleural_lesions: float = 0.0) -> C
     lesion_id = np.zeros(tissue.shape, dtype=np.uint8)
     if spec.label:
         spec.lesions = _draw_lesions(spec, rng, g, lung_now)
-        extra = np.random.default_rng([seed, spec.index, 0x91E0A1])
-        if pleural_lesions > 0 and not all(les.subtle for les in spec.lesions) and extra.random() < pleural_lesions:
-            les = _pleural_lesion(extra, g, lungs, lung_now)
-            if les is not None:
+        if pleural_lesions > 0 and not all(les.subtle for les in spec.lesions):
+            extra = np.random.default_rng([seed, spec.index, 0x91E0A1])
+            if extra.random() < pleural_lesions and (les := _pleural_lesion(extra, g, lungs, lung_now)) is not None:
                 spec.lesions.append(les)
         _paint_lesions(hu, tissue, lungs, lesion_id, g, spec.lesions)
     # Scanner: in-plane blur (point-spread), then spatially correlated Gaussian noise of the case's sigma.
