@@ -136,7 +136,12 @@ class GuardedServer(ThreadedAssociationServer):
         self._handshaking = 0  # TLS connections accepted whose handshake is not over (no association yet)
         self._handshaking_lock = threading.Lock()
         self.refusals = refusals or Refusals("dimse")
-        self._per_peer: dict[str, int] = {}  # open connections by peer address (admitted, thread not yet ended)
+        # Connections admitted and not yet ended, in all and by peer address. Counted here at the admission
+        # rather than from pynetdicom's live association threads, which register a moment after the accept: in a
+        # burst, connections admitted in that moment were not yet counted and the cap let more in (seen once in
+        # the suite under load).
+        self._open = 0
+        self._per_peer: dict[str, int] = {}
         self._per_peer_lock = threading.Lock()
         # socketserver listens with a backlog of 5: a burst of connections (several modalities, or an attacker's
         # idle ones) then has the kernel drop SYNs and senders wait a 1 s retransmission each.
@@ -158,29 +163,31 @@ class GuardedServer(ThreadedAssociationServer):
         super().server_bind()
 
     def open_connections(self) -> int:
-        """Connections holding a slot: associations (from TCP accept on) plus TLS handshakes under way."""
-        return len(self.active_associations) + self._handshaking
+        """Connections holding a slot, from their admission until their thread ends (TLS handshakes included)."""
+        with self._per_peer_lock:
+            return self._open
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         """socketserver's admission check: close the connection at once when ``max_connections`` are open, so
         a connection flood costs neither threads nor memory (a refused peer sees the connection closed)."""
         limits = self.limits
         address, port = str(client_address[0]), int(client_address[1])
-        open_now = self.open_connections()
-        if open_now >= limits.max_connections:
-            self.refusals.record(
-                PeerRefusal.CONNECTION_REFUSED, address, port, open=open_now, limit=limits.max_connections
+        with self._per_peer_lock:  # checked and counted at once: no admission can slip in between
+            open_now, from_peer = self._open, self._per_peer.get(address, 0)
+            refusal = (
+                PeerRefusal.CONNECTION_REFUSED if open_now >= limits.max_connections
+                else PeerRefusal.PEER_LIMIT_REACHED if limits.max_per_peer is not None
+                and from_peer >= limits.max_per_peer
+                else None
             )
-            return False
-        with self._per_peer_lock:
-            from_peer = self._per_peer.get(address, 0)
-            admitted = limits.max_per_peer is None or from_peer < limits.max_per_peer
-            if admitted:
+            if refusal is None:
+                self._open = open_now + 1
                 self._per_peer[address] = from_peer + 1
-        if not admitted:
-            self.refusals.record(
-                PeerRefusal.PEER_LIMIT_REACHED, address, port, open=from_peer, limit=limits.max_per_peer
-            )
+        if refusal is PeerRefusal.CONNECTION_REFUSED:
+            self.refusals.record(refusal, address, port, open=open_now, limit=limits.max_connections)
+            return False
+        if refusal is PeerRefusal.PEER_LIMIT_REACHED:
+            self.refusals.record(refusal, address, port, open=from_peer, limit=limits.max_per_peer)
             return False
         if self.ssl_context is not None:
             with self._handshaking_lock:
@@ -190,6 +197,7 @@ class GuardedServer(ThreadedAssociationServer):
     def release_peer(self, address: str) -> None:
         """One connection from ``address`` has ended (its association thread finished, or never started)."""
         with self._per_peer_lock:
+            self._open -= 1
             left = self._per_peer.get(address, 0) - 1
             if left > 0:
                 self._per_peer[address] = left
