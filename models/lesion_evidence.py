@@ -24,6 +24,10 @@ v1 evidence reached 90.6 % accuracy, v2 93.7 % (the evaluation's test folds were
 * ``log1p_probability_sum``: log(1 + the summed lesion probability);
 * ``log1p_slices_p30``: log(1 + the slices with any pixel at p ≥ 0.3).
 
+``v3`` (from classifier 2.4.0): v2 plus the candidate stage's two series features (`models.candidates`: a CNN
+scores each 3-D component the U-Net marks): ``max_candidate_score`` and ``log1p_candidates_p50``. A v3 fusion
+names the candidate model (name, version) besides the segmenter, and refuses evidence without its scores.
+
 All are on the segmenter's model grid (so they do not depend on the source matrix). The per-slice part
 (`slice_evidence` → `SliceEvidence`: each slice's largest probability, pixel counts at 0.5 / 0.3 / 0.1, summed
 probability and its `TOP_K` largest probabilities) is computed where the U-Net runs —
@@ -44,15 +48,18 @@ from typing import Any
 
 import numpy as np
 
+from models.candidates import FEATURES as CANDIDATE_FEATURES
+from models.candidates import CandidateEvidence, lesion_in_lungs
 from models.errors import ModelError
 
 FEATURES_V1 = ("max_lesion_logit", "log1p_lesion_px", "log1p_max_slice_px", "log1p_lesion_slices")
 FEATURES_V2 = ("top10_lesion_logit", "top50_lesion_logit", "top200_lesion_logit", "log1p_px_p30", "log1p_px_p10",
                "log1p_probability_sum", "log1p_slices_p30")
-FEATURE_SETS = {"v1": FEATURES_V1, "v2": FEATURES_V2}
-LATEST = "v2"  # the set new fusions are fitted with
+FEATURES_V3 = FEATURES_V2 + CANDIDATE_FEATURES
+FEATURE_SETS = {"v1": FEATURES_V1, "v2": FEATURES_V2, "v3": FEATURES_V3}
+LATEST = "v3"  # the set new fusions are fitted with
 FEATURES = FEATURE_SETS[LATEST]
-ALL_FEATURES = FEATURES_V1 + FEATURES_V2
+ALL_FEATURES = FEATURES_V1 + FEATURES_V2  # the segmenter's own (no candidate model needed)
 CLASSIFIER_TERM = "classifier_logit"  # the calibrated classifier probability's logit, the regression's first input
 TOP_K = 200  # largest probabilities kept per slice: enough for the series' top 200
 _EPS = 1e-6
@@ -102,11 +109,10 @@ class SliceEvidence:
 
 def slice_evidence(probabilities: np.ndarray) -> SliceEvidence:
     """Per slice of a U-Net softmax (slices, grid, grid, 3: background, lung, lesion): see the module docstring."""
-    p = np.asarray(probabilities, dtype=np.float32)
-    lungs = (p[..., 1] + p[..., 2]) >= 0.5
-    lesion = np.where(lungs, p[..., 2], np.float32(0.0)).reshape(len(p), -1)
+    lesion = lesion_in_lungs(probabilities)
+    lesion = lesion.reshape(len(lesion), -1)
     k = min(TOP_K, lesion.shape[1])
-    top = np.zeros((len(p), TOP_K), np.float32)
+    top = np.zeros((len(lesion), TOP_K), np.float32)
     if k:
         top[:, :k] = -np.sort(-np.partition(lesion, lesion.shape[1] - k, axis=1)[:, -k:], axis=1)
     return SliceEvidence(lesion.max(axis=1, initial=0.0).astype(np.float32),
@@ -137,13 +143,19 @@ _FEATURE: dict[str, Callable[[SliceEvidence], float]] = {
 }
 
 
-def pooled_features(slices: SliceEvidence, names: Sequence[str] = FEATURES) -> np.ndarray:
-    """(len(names),) float64 from per-slice evidence (see the module docstring). Raises KeyError on an unknown
-    name."""
-    return np.array([_FEATURE[n](slices) for n in names], dtype=np.float64)
+def pooled_features(slices: SliceEvidence, names: Sequence[str] = ALL_FEATURES,
+                    candidates: CandidateEvidence | None = None) -> np.ndarray:
+    """(len(names),) float64 from per-slice evidence and, for the candidate features, ``candidates`` (see the
+    module docstring). Raises KeyError on an unknown name, LesionFusionError for a candidate feature without
+    candidates."""
+    wanted = [n for n in names if n in CANDIDATE_FEATURES]
+    if wanted and candidates is None:
+        raise LesionFusionError(f"the features {wanted} need the candidate stage's scores, and none were given")
+    scored = dict(zip(wanted, candidates.features(wanted), strict=True)) if candidates is not None and wanted else {}
+    return np.array([scored[n] if n in scored else _FEATURE[n](slices) for n in names], dtype=np.float64)
 
 
-def series_features(probabilities: np.ndarray, names: Sequence[str] = FEATURES) -> np.ndarray:
+def series_features(probabilities: np.ndarray, names: Sequence[str] = ALL_FEATURES) -> np.ndarray:
     """`pooled_features` of one series' U-Net softmax (slices, grid, grid, 3)."""
     return pooled_features(slice_evidence(probabilities), names)
 
@@ -151,40 +163,44 @@ def series_features(probabilities: np.ndarray, names: Sequence[str] = FEATURES) 
 @dataclass(frozen=True)
 class LesionEvidence:
     """One series' per-slice lesion evidence (volume order) from segmenter ``segmenter`` = (name, version) on its
-    ``grid``² model grid."""
+    ``grid``² model grid, and the candidate stage's scores when it ran (`models.candidates`)."""
 
     slices: SliceEvidence
     segmenter: tuple[str, str]
     grid: int
+    candidates: CandidateEvidence | None = None
 
     @classmethod
-    def from_probabilities(cls, probabilities: np.ndarray, segmenter: tuple[str, str]) -> LesionEvidence:
-        return cls(slice_evidence(probabilities), segmenter, int(np.shape(probabilities)[1]))
+    def from_probabilities(cls, probabilities: np.ndarray, segmenter: tuple[str, str],
+                           candidates: CandidateEvidence | None = None) -> LesionEvidence:
+        return cls(slice_evidence(probabilities), segmenter, int(np.shape(probabilities)[1]), candidates)
 
-    def features(self, names: Sequence[str] = FEATURES) -> np.ndarray:
-        return pooled_features(self.slices, names)
+    def features(self, names: Sequence[str] = ALL_FEATURES) -> np.ndarray:
+        return pooled_features(self.slices, names, self.candidates)
 
     def describe(self) -> str:
         """For the SR: what the segmenter saw (no patient data; counts on the model grid). ASCII only: the SR's
         text values are in the default character repertoire."""
         s = self.slices
         top = float(np.max(s.max_probability, initial=0.0))
-        return (f"{self.segmenter[0]} {self.segmenter[1]}: largest lesion probability {top:.3f} in the lungs "
+        text = (f"{self.segmenter[0]} {self.segmenter[1]}: largest lesion probability {top:.3f} in the lungs "
                 f"(mean of the 50 largest {_top_mean(s, 50):.3f}), {int(s.pixels.sum())} lesion pixels at p >= 0.5 "
                 f"on {int((s.pixels > 0).sum())} of {len(s)} slices, {int(s.pixels_p30.sum())} at p >= 0.3 "
                 f"(on the {self.grid} x {self.grid} model grid)")
+        return text if self.candidates is None else f"{text}; {self.candidates.describe()}"
 
 
 @dataclass(frozen=True)
 class LesionFusion:
     """A classifier card's ``lesion_fusion`` block: P = sigmoid(intercept + c₀·logit(p_classifier) + Σ cᵢ·featureᵢ)
     over one feature set (``features``), with the segmenter (name, version) whose outputs the coefficients were
-    fitted on."""
+    fitted on, and for a set with candidate features (v3) the candidate model (name, version) that scored them."""
 
     segmenter: tuple[str, str]
     coefficients: dict[str, float]
     intercept: float
     fitted_on: str
+    candidates: tuple[str, str] | None = None
 
     @property
     def features(self) -> tuple[str, ...]:
@@ -200,9 +216,11 @@ class LesionFusion:
         where = f"model card {card.get('name')} {card.get('version')}"
         try:
             seg = block["segmenter"]
+            cand = block.get("candidates")
             coefficients = {str(k): float(v) for k, v in block["coefficients"].items()}
             fusion = cls((str(seg["name"]), str(seg["version"])), coefficients, float(block["intercept"]),
-                         str(block.get("fitted_on", "")))
+                         str(block.get("fitted_on", "")),
+                         (str(cand["name"]), str(cand["version"])) if cand is not None else None)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise LesionFusionError(f"{where}: bad lesion_fusion: {exc}") from exc
         allowed = [sorted({CLASSIFIER_TERM, *names}) for names in FEATURE_SETS.values()]
@@ -211,11 +229,16 @@ class LesionFusion:
                                     f"{sorted(coefficients)}")
         if not all(np.isfinite([*coefficients.values(), fusion.intercept])):
             raise LesionFusionError(f"{where}: non-finite lesion_fusion")
+        if (fusion.candidates is not None) != any(n in CANDIDATE_FEATURES for n in coefficients):
+            raise LesionFusionError(f"{where}: lesion_fusion names a candidate model if and only if its features "
+                                    "use the candidate scores")
         return fusion
 
     def to_card(self) -> dict[str, Any]:
-        return {"segmenter": {"name": self.segmenter[0], "version": self.segmenter[1]},
-                "features": [CLASSIFIER_TERM, *self.features], "coefficients": dict(self.coefficients),
+        block: dict[str, Any] = {"segmenter": {"name": self.segmenter[0], "version": self.segmenter[1]}}
+        if self.candidates is not None:
+            block["candidates"] = {"name": self.candidates[0], "version": self.candidates[1]}
+        return {**block, "features": [CLASSIFIER_TERM, *self.features], "coefficients": dict(self.coefficients),
                 "intercept": self.intercept, "fitted_on": self.fitted_on}
 
     def check_segmenter(self, name: str, version: str) -> None:
@@ -230,6 +253,12 @@ class LesionFusion:
             raise LesionFusionError(f"this classifier fuses lesion evidence from {self.segmenter[0]} "
                                     f"{self.segmenter[1]} and none was given")
         self.check_segmenter(*evidence.segmenter)
+        if self.candidates is not None:
+            got = evidence.candidates.model if evidence.candidates is not None else None
+            if got != self.candidates:
+                raise LesionFusionError(f"this classifier fuses the scores of candidate model "
+                                        f"{' '.join(self.candidates)}, "
+                                        f"{'and none were given' if got is None else 'not of ' + ' '.join(got)}")
         return self.probability_of(classifier_probability, evidence.features(self.features))
 
     def probability_of(self, classifier_probability: float, features: np.ndarray) -> float:
@@ -240,6 +269,7 @@ class LesionFusion:
         return float(1.0 / (1.0 + np.exp(-z)))
 
 
-__all__ = ["ALL_FEATURES", "CLASSIFIER_TERM", "FEATURES", "FEATURES_V1", "FEATURES_V2", "FEATURE_SETS", "LATEST",
+__all__ = ["ALL_FEATURES", "CANDIDATE_FEATURES", "CLASSIFIER_TERM", "FEATURES", "FEATURES_V1", "FEATURES_V2",
+           "FEATURES_V3", "FEATURE_SETS", "LATEST",
            "TOP_K", "LesionEvidence", "LesionFusion", "LesionFusionError", "SliceEvidence", "logit",
            "pooled_features", "series_features", "slice_evidence"]

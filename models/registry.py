@@ -8,7 +8,9 @@ wrappers whose ``predict`` takes a :class:`models.preprocess.Volume` and answers
 ``Registry(mixed_precision=True)`` gives float16-compute copies of the models (for GPUs; see `models.device`).
 A classifier whose card has a ``lesion_fusion`` block (`models.lesion_evidence`) reports the fusion of its own
 probability with the segmenter's lesion evidence, which ``predict`` then requires (``lesion=``, from the
-`SegmenterOutput` of the segmenter the card names).
+`SegmenterOutput` of the segmenter the card names). When that fusion uses the candidate stage's scores (feature set
+v3), ``Registry.candidates_for(classifier)`` loads the candidate model it names (`models.candidates`), and
+``Segmenter.predict(volume, candidates=…)`` runs it over the series.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from models.candidates import CandidateError, CandidateEvidence, CandidateModel, lesion_in_lungs
 from models.clinical import AGE_SEX, ClinicalError, ClinicalInputs, encode, feature_count, schema_inputs
 from models.errors import ModelError
 from models.lesion_evidence import LesionEvidence, LesionFusion, LesionFusionError
@@ -31,6 +34,7 @@ from models.preprocess import PreprocessConfig, PreprocessError, Volume, masks_t
 DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 CLASSIFIER = "classifier"
 SEGMENTER = "segmenter"
+CANDIDATES = "candidates"
 MODEL_FILE = "model.keras"
 CARD_FILE = "model_card.json"
 _REQUIRED_CARD_KEYS = ("name", "version", "kind", "intended_use", "preprocessing", "files")
@@ -283,15 +287,31 @@ class Segmenter:
             raise InferenceError(f"{self.name} {self.version} failed on a {x.shape} input: {exc}") from exc
         return np.concatenate(parts, axis=0)
 
-    def predict(self, volume: Volume) -> SegmenterOutput:
-        """Lung and lesion masks on the source grid (same shape as ``volume.hu``) and the lesion evidence.
-        Raises InferenceError."""
-        p = self.probabilities(volume)
+    def predict(self, volume: Volume, candidates: CandidateModel | None = None) -> SegmenterOutput:
+        """Lung and lesion masks on the source grid (same shape as ``volume.hu``) and the lesion evidence, with
+        the ``candidates`` stage's scores when given. Raises InferenceError."""
+        cfg = self._m.preprocess
+        x = window(volume_grid(volume, cfg.grid), cfg)
+        p = self.grid_probabilities(x)
         shape = volume.shape[1:]
         lungs = masks_to_source(p[..., 1] + p[..., 2], shape)
         lesion = masks_to_source(p[..., 2], shape) & lungs
+        scored = self.candidate_evidence(candidates, x, lesion_in_lungs(p))
         return SegmenterOutput(lungs=lungs, lesion=lesion,
-                               evidence=LesionEvidence.from_probabilities(p, (self.name, self.version)))
+                               evidence=LesionEvidence.from_probabilities(p, (self.name, self.version), scored))
+
+    def candidate_evidence(self, candidates: CandidateModel | None, x: np.ndarray,
+                           lp: np.ndarray) -> CandidateEvidence | None:
+        """``candidates``' scores of one series (None without a candidate model): ``x`` this U-Net's windowed
+        input, ``lp`` its lesion-in-lungs probability (`models.candidates.lesion_in_lungs`). Raises
+        InferenceError for a candidate model trained over another segmenter."""
+        if candidates is None:
+            return None
+        try:
+            candidates.check_segmenter(self.name, self.version)
+            return candidates.score(x, lp)
+        except CandidateError as exc:
+            raise InferenceError(str(exc)) from exc
 
 
 class Registry:
@@ -353,6 +373,33 @@ class Registry:
                                     f"{' '.join(classifier.fusion.segmenter)}, which cannot be loaded: {exc}") from exc
         return self.segmenter(version)
 
+    def candidates(self, version: str | None = None) -> CandidateModel:
+        """The candidate model ``version`` (`default_version` when None), loaded once per process. Raises
+        RegistryError."""
+        model = _load_cached(self.folder(CANDIDATES, version), CANDIDATES, self.mixed_precision)
+        assert isinstance(model, CandidateModel)
+        return model
+
+    def candidates_over(self, segmenter: Segmenter) -> CandidateModel | None:
+        """The newest candidate model trained over ``segmenter``'s outputs, else None (for new fits: a fusion
+        then takes the newest feature set the models allow)."""
+        for version in reversed(self.versions(CANDIDATES)):
+            model = self.candidates(version)
+            if model.segmenter == (segmenter.name, segmenter.version):
+                return model
+        return None
+
+    def candidates_for(self, classifier: Classifier) -> CandidateModel | None:
+        """The candidate model whose scores ``classifier``'s lesion fusion takes (feature set v3), else None.
+        Raises RegistryError."""
+        if classifier.fusion is None or classifier.fusion.candidates is None:
+            return None
+        try:
+            return self.candidates(classifier.fusion.candidates[1])
+        except RegistryError as exc:
+            raise RegistryError(f"classifier {classifier.version} fuses the scores of candidate model "
+                                f"{' '.join(classifier.fusion.candidates)}, which cannot be loaded: {exc}") from exc
+
 
 def _is_candidate(card: Path) -> bool:
     try:
@@ -361,11 +408,11 @@ def _is_candidate(card: Path) -> bool:
         return False
 
 
-_CACHE: dict[tuple[Path, str, bool], Classifier | Segmenter] = {}
+_CACHE: dict[tuple[Path, str, bool], Classifier | Segmenter | CandidateModel] = {}
 _CACHE_LOCK = threading.Lock()
 
 
-def _load_cached(folder: Path, kind: str, mixed_precision: bool = False) -> Classifier | Segmenter:
+def _load_cached(folder: Path, kind: str, mixed_precision: bool = False) -> Classifier | Segmenter | CandidateModel:
     """One wrapper (model + compiled tf.function) per version folder, precision and process."""
     key = (folder.resolve(), kind, mixed_precision)
     with _CACHE_LOCK:
@@ -378,5 +425,6 @@ def _load_cached(folder: Path, kind: str, mixed_precision: bool = False) -> Clas
                 from models.device import mixed_precision_copy
 
                 loaded.model = mixed_precision_copy(loaded.model)
-            _CACHE[key] = Classifier(loaded) if kind == CLASSIFIER else Segmenter(loaded)
+            _CACHE[key] = (Classifier(loaded) if kind == CLASSIFIER else Segmenter(loaded) if kind == SEGMENTER
+                           else CandidateModel(loaded))
         return _CACHE[key]

@@ -8,7 +8,9 @@
   slice encoder — the Keras
   sub-model ``slice_encoder`` of the trained classifier, whose output is (slices, features) before any layer mixes
   slices (``unfold`` → slice head and gated attention pooling);
-- per series (`SliceModels.segment` / `.classify`, at completion): the masks stacked in the volume's order, and
+- per series (`SliceModels.segment` / `.classify`, at completion): the masks stacked in the volume's order (and,
+  with a candidate model, the candidate stage over the whole series: `models.candidates` needs 3-D components, so
+  each slice keeps its lesion-in-lungs probability on the model grid until then), and
   the classifier's *head* — a Keras model over the trained model's own layers from the
   ``unfold`` output (slice features) plus the clinical input to the outputs, so pooling and fusion are the same
   layers and weights.
@@ -29,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from models.candidates import CandidateModel, lesion_in_lungs
 from models.clinical import ClinicalInputs
 from models.lesion_evidence import LesionEvidence, SliceEvidence, slice_evidence
 from models.preprocess import (
@@ -52,7 +55,8 @@ class FileWork:
     """One source file's per-slice results, its slices in `read_file` order: header (pixels dropped), decoded
     slices (HU), the classifier's slice features (n, F), the U-Net's lung and lesion masks on the source grid
     (n, rows, cols; as `Segmenter.predict` makes them), each model grid's resized HU (n, grid, grid) keyed by
-    grid size, and the U-Net's lesion evidence per slice (`models.lesion_evidence.SliceEvidence`)."""
+    grid size, the U-Net's lesion evidence per slice (`models.lesion_evidence.SliceEvidence`) and, when a candidate
+    model runs at completion, the lesion-in-lungs probability (n, grid, grid) (`models.candidates.lesion_in_lungs`)."""
 
     header: Any
     slices: list[_Slice]
@@ -61,21 +65,23 @@ class FileWork:
     lesion: np.ndarray
     grids: dict[int, np.ndarray]
     evidence: SliceEvidence
+    lesion_map: np.ndarray | None = None
 
     @property
     def nbytes(self) -> int:
         return int(sum(s.pixels.nbytes for s in self.slices) + self.features.nbytes + self.lungs.nbytes
-                   + self.lesion.nbytes + sum(g.nbytes for g in self.grids.values()) + self.evidence.nbytes)
+                   + self.lesion.nbytes + sum(g.nbytes for g in self.grids.values()) + self.evidence.nbytes
+                   + (self.lesion_map.nbytes if self.lesion_map is not None else 0))
 
 
 class SliceModels:
     """The per-slice and per-series halves of a loaded classifier + U-Net pair (see the module docstring)."""
 
-    def __init__(self, classifier: Classifier, segmenter: Segmenter) -> None:
+    def __init__(self, classifier: Classifier, segmenter: Segmenter, candidates: CandidateModel | None = None) -> None:
         import keras
         import tensorflow as tf
 
-        self.classifier, self.segmenter = classifier, segmenter
+        self.classifier, self.segmenter, self.candidates = classifier, segmenter, candidates
         model = classifier._m.model
         encoder = model.get_layer(ENCODER_LAYER)
         others = [t for t in model.inputs if t.name != "slices"]
@@ -97,6 +103,8 @@ class SliceModels:
         g, c = self.cls_grid, self.classifier.preprocess.channels
         self._encode(np.zeros((CHUNK, g, g, c), np.float32))
         self.segmenter.warm(CHUNK)
+        if self.candidates is not None:
+            self.candidates.warm()
         self._head(np.zeros((1, 2, self._features), np.float32),
                    self.classifier.fusion_input()[1].astype(np.float32))
 
@@ -124,11 +132,13 @@ class SliceModels:
         lungs = masks_to_source(probs[..., 1] + probs[..., 2], shape)
         lesion = masks_to_source(probs[..., 2], shape) & lungs
         evidence = slice_evidence(probs)
+        lp = lesion_in_lungs(probs) if self.candidates is not None else None
         out, a = [], 0
         for header, slices in files:
             b = a + len(slices)
             out.append(FileWork(header, slices, features[a:b], lungs[a:b], lesion[a:b],
-                                {g: v[a:b] for g, v in grids.items()}, evidence.take(slice(a, b))))
+                                {g: v[a:b] for g, v in grids.items()}, evidence.take(slice(a, b)),
+                                lp[a:b] if lp is not None else None))
             a = b
         return out
 
@@ -164,12 +174,19 @@ class SliceModels:
 
     def segment(self, volume: Volume, work: Sequence[FileWork]) -> SegmenterOutput:
         """Lung and lesion masks on the source grid and the lesion evidence, as `Segmenter.predict` makes them
-        (per slice, already)."""
+        (per slice, already; the candidate stage over the series)."""
         lungs, lesion = (self._in_volume_order(volume, work, k) for k in ("lungs", "lesion"))
         if lungs.shape != volume.hu.shape:
             raise InferenceError(f"per-slice masks {lungs.shape} do not match the volume {volume.hu.shape}")
+        scored = None
+        if self.candidates is not None:
+            if any(fw.lesion_map is None for fw in work):
+                raise InferenceError("per-slice work without the lesion map the candidate stage needs")
+            x = window(self._in_volume_order(volume, work, "grids", self.seg_grid), self.segmenter.preprocess)
+            scored = self.segmenter.candidate_evidence(self.candidates, x,
+                                                       self._in_volume_order(volume, work, "lesion_map"))
         evidence = LesionEvidence(SliceEvidence.stack([(fw.evidence, j) for fw, j in self._at(volume, work)]),
-                                  (self.segmenter.name, self.segmenter.version), self.seg_grid)
+                                  (self.segmenter.name, self.segmenter.version), self.seg_grid, scored)
         return SegmenterOutput(lungs=lungs, lesion=lesion, evidence=evidence)
 
     def classify(self, volume: Volume, work: Sequence[FileWork], *, clinical: ClinicalInputs | None = None,

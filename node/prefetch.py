@@ -134,7 +134,7 @@ class Prefetcher:
                 return
             from models.streaming import SliceModels
 
-            self.models = SliceModels(classifier, segmenter)
+            self.models = SliceModels(classifier, segmenter, getattr(runner, "candidates", None))
             self.models.warm()
         if not self._loop.alive():
             self._loop.start(self.config.worker.prefetch_poll_seconds * 4 + 60, self._loop.respawn)

@@ -6,10 +6,13 @@
   [--lesion-fraction F (segmenter)] [--hard-negatives F (segmenter)]
   [--hard-positives F [--hard-positive-kind any|background] (segmenter)] [--init DIR (segmenter)]
   [--learning-rate LR (segmenter)]``
+- ``train candidates --data DIR [--data DIR …] --cache-dir DIR --out DIR [--segmenter-version V] [--epochs N]
+  [--seed S] [--version V]``: the candidate stage over a shipped U-Net's components (`training.candidates`)
 - ``model-eval --data DIR [--weights-dir DIR] [--classifier-version V] [--segmenter-version V] [--json F]
   [--write-card] [--compare-with OTHER.json]``
-- ``fuse-lesion --data DIR --base-version V --version NEW [--segmenter-version V] [--weights-dir DIR]``: a new
-  classifier version fusing the segmenter's lesion evidence (`training.lesion_fusion`)
+- ``fuse-lesion --data DIR --base-version V --version NEW [--segmenter-version V] [--candidates-version V]
+  [--weights-dir DIR]``: a new classifier version fusing the segmenter's lesion evidence and the candidate stage's
+  scores (`training.lesion_fusion`)
 
 Each subcommand sets ``func(args) -> int`` (exit code: 0 ok, 1 failed, 2 bad arguments). Runnable alone as
 ``python -m training.cli ...`` until the node's CLI wires it in.
@@ -55,6 +58,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from training import train
     from training.common import TrainingError
 
+    if args.model == "candidates":
+        return _train_candidates(args)
+    if len(args.data) != 1:
+        _err(f"train {args.model} takes one --data")
+        return 2
+    args.data = args.data[0]
     common: dict[str, Any] = {"val_data": args.val_data, "version": args.version, "progress": not args.quiet,
                               "limit": args.limit}
     try:
@@ -82,6 +91,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     if card["metrics"].get("validation"):
         v = {k: v for k, v in card["metrics"]["validation"].items() if isinstance(v, float)}
         print("validation: " + ", ".join(f"{k} {x:.3f}" for k, x in v.items()))
+    return 0
+
+
+def _train_candidates(args: argparse.Namespace) -> int:
+    from models.registry import Registry
+    from training.candidates import CandidateSettings, train_candidates
+    from training.common import TrainingError
+
+    if not args.cache_dir:
+        _err("train candidates needs --cache-dir (the prepared-array cache)")
+        return 2
+    s = CandidateSettings(**{k: v for k, v in (("epochs", args.epochs), ("seed", args.seed)) if v is not None})
+    command = "pacsnode train " + " ".join(sys.argv[2:] if len(sys.argv) > 2 else [])
+    try:
+        card = train_candidates([Path(d) for d in args.data], Path(args.out), registry=Registry(),
+                                segmenter_version=args.segmenter_version, cache_dir=Path(args.cache_dir),
+                                settings=s, version=args.version, command=command.strip(),
+                                log=(lambda _m: None) if args.quiet else print)
+    except (TrainingError, ModelError, OSError) as exc:
+        _err(str(exc))
+        return 1
+    t = card["training"]
+    print(f"wrote {card['name']} {card['version']} to {args.out}: {t['candidates']} candidates "
+          f"({t['lesion_candidates']} lesion) from {t['cases']} cases, best epoch {t['best_epoch']}, held-out "
+          f"ROC AUC {t['held_out_roc_auc']:.3f} (peak probability alone {t['held_out_roc_auc_peak_probability']:.3f})")
     return 0
 
 
@@ -135,7 +169,8 @@ def cmd_fuse_lesion(args: argparse.Namespace) -> int:
     try:
         card = fit_lesion_fusion(Path(args.data), reg, base_version=args.base_version,
                                  segmenter_version=args.segmenter_version, version=args.version,
-                                 command=command.strip(), progress=not args.quiet)
+                                 candidates_version=args.candidates_version, command=command.strip(),
+                                 progress=not args.quiet)
     except (TrainingError, ModelError, OSError) as exc:
         _err(str(exc))
         return 1
@@ -165,9 +200,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_phantom)
 
-    t = subparsers.add_parser("train", help="train the classifier or the U-Net on a phantom dataset")
-    t.add_argument("model", choices=("classifier", "segmenter"))
-    t.add_argument("--data", required=True, help="training dataset (from the phantom command)")
+    t = subparsers.add_parser("train", help="train the classifier, the U-Net or the candidate stage on phantoms")
+    t.add_argument("model", choices=("classifier", "segmenter", "candidates"))
+    t.add_argument("--data", required=True, action="append",
+                   help="training dataset (from the phantom command); candidates: repeat for several")
+    t.add_argument("--cache-dir", help="candidates: the prepared-array cache (training.prepared)")
+    t.add_argument("--segmenter-version", help="candidates: the U-Net whose candidates are scored (default: the "
+                   "default segmenter)")
     t.add_argument("--val-data", help="validation dataset (best epoch, threshold, validation metrics)")
     t.add_argument("--out", required=True, help="output folder (model.keras, model_card.json, curves.png)")
     t.add_argument("--epochs", type=int)
@@ -217,6 +256,7 @@ def register(subparsers: Any) -> None:
     f.add_argument("--data", required=True, help="fit set (a phantom seed neither model card names)")
     f.add_argument("--base-version", required=True, help="the classifier version whose weights are fused")
     f.add_argument("--segmenter-version", help="default: the default segmenter")
+    f.add_argument("--candidates-version", help="the candidate model whose scores are fused (default: the newest)")
     f.add_argument("--version", required=True, help="the new classifier version (a folder that does not exist)")
     f.add_argument("--weights-dir", help="weights folder (default: the shipped weights)")
     f.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -138,6 +138,24 @@ def describe_data(data: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def seeds_of(card: dict[str, Any]) -> set[int]:
+    """Every dataset seed a model card names (training data, validation and test metrics)."""
+    out: set[int] = set()
+
+    def walk(x: Any) -> None:
+        if isinstance(x, dict):
+            if x.get("generator") == "training.phantom" and isinstance(x.get("seed"), int):
+                out.add(int(x["seed"]))
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+
+    walk(card)
+    return out
+
+
 def roc_auc(y: Sequence[int] | np.ndarray, p: Sequence[float] | np.ndarray) -> float:
     """ROC AUC of scores ``p`` for labels ``y``; NaN when ``y`` holds one class only."""
     from sklearn.metrics import roc_auc_score

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from models.lesion_evidence import ALL_FEATURES
+from models.lesion_evidence import ALL_FEATURES, CANDIDATE_FEATURES, LesionEvidence
 from models.preprocess import PreprocessError, dice, load_series
 from models.registry import CARD_FILE, CLASSIFIER, SEGMENTER, Registry
 from training.common import TrainingError, describe_data, read_table, roc_auc, series_files
@@ -55,16 +55,27 @@ def wilson(k: int, n: int) -> tuple[float, float]:
     return centre - half, centre + half
 
 
+def _lesion_features(evidence: LesionEvidence | None) -> dict[str, float] | None:
+    """Every feature the evidence offers (the candidate stage's only when it ran), by name."""
+    if evidence is None:
+        return None
+    names = ALL_FEATURES + (CANDIDATE_FEATURES if evidence.candidates is not None else ())
+    return dict(zip(names, map(float, evidence.features(names)), strict=True))
+
+
 def evaluate(
     data: Path,
     registry: Registry | None = None,
     *,
     classifier_version: str | None = None,
     segmenter_version: str | None = None,
+    candidates_version: str | None = None,
     limit: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run both models on every case of a phantom dataset and compute the metrics (see module docstring)."""
+    """Run both models on every case of a phantom dataset and compute the metrics (see module docstring). The
+    candidate stage runs when the classifier's fusion takes its scores, or when ``candidates_version`` names one
+    (its features are then in each case's ``lesion_features``: `training.lesion_fusion` fits on them)."""
     from tqdm import tqdm
 
     from models.clinical import from_header
@@ -72,6 +83,7 @@ def evaluate(
     reg = registry or Registry()
     clf = reg.classifier(classifier_version)
     seg = reg.segmenter_for(clf, segmenter_version)
+    cand = reg.candidates(candidates_version) if candidates_version is not None else reg.candidates_for(clf)
     table = read_table(data)
     if limit is not None:
         table = table.iloc[:limit]
@@ -83,7 +95,7 @@ def evaluate(
         except PreprocessError as exc:
             raise TrainingError(f"case {row.case_id}: {exc}") from exc
         t1 = time.perf_counter()
-        s = seg.predict(vol)  # first, as the node's pneumonia pipeline: a lesion-fusing classifier needs its evidence
+        s = seg.predict(vol, cand)  # first, as the node's pneumonia pipeline: a lesion-fusing classifier needs its evidence
         t2 = time.perf_counter()
         # The node's input: age and sex from the header, symptoms from its request text (phantoms have none).
         c = clf.predict(vol, clinical=from_header(vol.datasets[0] if vol.datasets else None, age=vol.patient_age,
@@ -102,8 +114,7 @@ def evaluate(
                 "raw_probability": c.raw_probability if c.raw_probability is not None else c.probability,
                 "classifier_probability": (c.classifier_probability if c.classifier_probability is not None
                                            else c.probability),
-                "lesion_features": (dict(zip(ALL_FEATURES, map(float, s.evidence.features(ALL_FEATURES)), strict=True))
-                                    if s.evidence is not None else None),
+                "lesion_features": _lesion_features(s.evidence),
                 "attention_hit": bool(les_per_slice[int(np.argmax(c.attention))] > 0) if les_per_slice.any() else None,
                 "lung_dice": dice(s.lungs, m["lungs"]),
                 "lesion_dice": dice(s.lesion, m["lesion"]) if m["lesion"].any() else None,

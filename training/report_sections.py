@@ -120,9 +120,20 @@ def lesion_blocks(m: dict[str, Any]) -> list[Block]:
                 ["McNemar on the decisions", f"only the fusion correct {mc['a_only_correct']}, only the classifier "
                  f"correct {mc['b_only_correct']}; {mc['method']}: p = {_p(mc['p_value'])}"]]),
             ("p", f"Segmenter: {seg.get('name')} {seg.get('version')}, trained on {trained_on} (none of this "
-                  f"report's cases); its features took {le['feature_seconds']:.0f} s"
+                  f"report's cases){_candidates_text(le.get('candidates'))}; its features took "
+                  f"{le['feature_seconds']:.0f} s"
                   f"{' (read from the cache this run)' if le.get('features_from_cache') else ''}. {le['explanation']}"),
             ("table", ["Fold", "Fit cases (stage 1)", "Validation cases", "Threshold", "Fitted coefficients"], coef)]
+
+
+def _candidates_text(cand: dict[str, Any] | None) -> str:
+    """The candidate model that scored the candidates (feature set v3), and its training data."""
+    if not cand:
+        return ""
+    data = cand.get("training_data") or []
+    sets = ", ".join(f"{d.get('cases')} (seed {d.get('seed')})" for d in data) if isinstance(data, list) else ""
+    return (f"; candidate model: {cand.get('name')} {cand.get('version')}, trained on the U-Net's candidates in "
+            f"{sets or 'see its card'} phantoms (none of this report's cases either)")
 
 
 def extra_blocks(m: dict[str, Any]) -> list[Block]:

@@ -7,7 +7,8 @@ clinical inputs come from the series' header (`models.clinical.from_header`: age
 request text); `model_notes` says for the SR which were fused, which were missing, the calibration and the
 operating point. A lesion-fusing classifier version (`models.lesion_evidence`) also fuses the segmenter's lesion
 evidence, which pipelines pass from `segment` to `classify`; `RegistryRunner` refuses to pair it with any other
-segmenter version than the one its coefficients were fitted with.
+segmenter version than the one its coefficients were fitted with, and loads the candidate model whose scores a v3
+fusion takes (`models.candidates`: run by `segment`, over the whole series).
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ class RegistryRunner(ModelRunner):
         self.classifier = registry.classifier(classifier_version)
         self.segmenter = registry.segmenter_for(self.classifier, segmenter_version)  # a fusing one: its own
         self.segmenter_version = self.segmenter.version
+        self.candidates = registry.candidates_for(self.classifier)  # None unless the fusion takes their scores
         if self.classifier.fusion is not None:
             from models.lesion_evidence import LesionFusionError
             from models.registry import RegistryError
@@ -92,13 +94,16 @@ class RegistryRunner(ModelRunner):
                                     "(worker.segmenter_version must name that one)") from exc
         self.classifier.warm()  # TensorFlow traces each graph on its first call: do it now, not on a series
         self.segmenter.warm()
+        if self.candidates is not None:
+            self.candidates.warm()
+        stage = f"+cand-{self.candidates.version}" if self.candidates is not None else ""
         self.algorithm = AlgorithmIdentity(
             name="pacs-ai-node pneumonia CT",
-            version=f"cls-{self.classifier.version}+seg-{self.segmenter.version}",
+            version=f"cls-{self.classifier.version}+seg-{self.segmenter.version}{stage}",
         )
 
     def segment(self, volume: Volume) -> Segmentation:
-        seg = self.segmenter.predict(volume)
+        seg = self.segmenter.predict(volume, self.candidates)
         return Segmentation(lungs=seg.lungs, lesion=seg.lesion, evidence=seg.evidence)
 
     def classify(self, volume: Volume, lesion: LesionEvidence | None = None) -> Classification:

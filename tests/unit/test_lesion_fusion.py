@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from models.errors import ModelError
-from models.lesion_evidence import CLASSIFIER_TERM, FEATURES, FEATURES_V2, LesionFusion
+from models.lesion_evidence import CLASSIFIER_TERM, FEATURES_V2, LesionFusion
 from models.preprocess import load_series
 from models.registry import DEFAULT_WEIGHTS_DIR, InferenceError, Registry, RegistryError
 from node.config import GateSection
@@ -140,7 +140,8 @@ def test_fuse_lesion_fits_a_candidate_version_on_new_phantoms_and_refuses_known_
     assert card["candidate"] is True and card["derived_from"]["classifier"] == "2.0.0"
     v = card["metrics"]["validation"]
     assert v["dataset"]["seed"] == 77 and v["dataset"]["cases"] == 24 and 0 <= v["roc_auc"] <= 1
-    assert set(card["lesion_fusion"]["coefficients"]) == {CLASSIFIER_TERM, *FEATURES}  # new fits: the newest set
+    # new fits take the newest set the models allow: no candidate model was trained over U-Net 1.0.0, so v2
+    assert set(card["lesion_fusion"]["coefficients"]) == {CLASSIFIER_TERM, *FEATURES_V2}
     folder = root / "classifier" / "2.1.0-test"
     assert (folder / "model.keras").read_bytes() == (root / "classifier" / "2.0.0" / "model.keras").read_bytes()
     loaded = reg.classifier("2.1.0-test")

@@ -7,9 +7,12 @@ without retraining anything:
 * **Features** (:func:`segmenter_features`, computed by `models.lesion_evidence` as the node computes them): the
   segmenter under ``weights_dir`` (the shipped one by default: trained on its own phantoms, never on the
   evaluation's cases — the report names its version and training data) runs over every case on the model grid and
-  every feature of every set is pooled per series (`models.lesion_evidence.ALL_FEATURES`); the arm uses the
-  newest set (``FEATURES``: graded lesion probabilities — top-k means, pixels at p ≥ 0.3 and ≥ 0.1, summed
-  probability, slices at p ≥ 0.3). Cached beside the array cache, keyed by both.
+  every feature of every set is pooled per series (`models.lesion_evidence.ALL_FEATURES`), and where
+  ``weights_dir`` holds a candidate model trained over that segmenter (`models.candidates`, trained on other
+  phantoms again), it scores each case's candidates. The arm uses the newest set the models allow: v3 (graded lesion
+  probabilities — top-k means, pixels at p ≥ 0.3 and ≥ 0.1, summed probability, slices at p ≥ 0.3 — plus the
+  largest candidate score and the count of candidates scoring ≥ 0.5), else v2 without a candidate model. Cached
+  beside the array cache, keyed by the models' weights and the cases.
 * **Fusion** (:func:`fuse_folds`), in two stages, because the segmenter's features may use more cases than the
   classifier's logit may: (1) a logistic regression (scikit-learn, C = 1) of the label on the segmenter's features
   over the fold's **fit cases** (the segmenter never saw them, so its features there are not optimistic; the
@@ -33,26 +36,47 @@ from typing import Any
 
 import numpy as np
 
-from models.lesion_evidence import ALL_FEATURES, CLASSIFIER_TERM, FEATURES, LATEST, series_features
+from models.lesion_evidence import (
+    ALL_FEATURES,
+    CANDIDATE_FEATURES,
+    CLASSIFIER_TERM,
+    FEATURE_SETS,
+    FEATURES,
+    LATEST,
+    LesionEvidence,
+    series_features,
+)
 from models.lesion_evidence import logit as _logit
 from training.prepared import Prepared
 
 MIN_PER_CLASS = 5  # validation cases of each class a fold needs for the fusion to be fitted
+COLUMNS = ALL_FEATURES + CANDIDATE_FEATURES  # the cached values' columns (candidate ones NaN without a model)
+WITHOUT_CANDIDATES = "v2"  # the set the arm uses when no candidate model fits the segmenter
 
 
 @dataclass(frozen=True)
 class SegmenterFeatures:
-    """Per-case features (cases, len(ALL_FEATURES)), which segmenter made them (name, version, its training
-    data), how long computing them took and whether this run read them from the cache."""
+    """Per-case features (cases, len(COLUMNS)), which segmenter made them (name, version, its training data) and
+    which candidate model scored the candidates (None: none did), how long computing them took and whether this
+    run read them from the cache."""
 
     values: np.ndarray
     segmenter: dict[str, Any]
     seconds: float
     from_cache: bool
+    candidates: dict[str, Any] | None = None
 
-    def of(self, names: tuple[str, ...] = FEATURES) -> np.ndarray:
-        """The columns of ``names`` (cases, len(names))."""
-        return self.values[:, [ALL_FEATURES.index(n) for n in names]]
+    @property
+    def feature_set(self) -> str:
+        return LATEST if self.candidates is not None else WITHOUT_CANDIDATES
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return FEATURE_SETS[self.feature_set]
+
+    def of(self, names: tuple[str, ...] | None = None) -> np.ndarray:
+        """The columns of ``names`` (default: the arm's set, `names`) (cases, len(names))."""
+        return self.values[:, [COLUMNS.index(n) for n in (names or self.names)]]
 
 
 def segmenter_features(prep: Prepared, weights_dir: str | Path | None, cache_dir: Path,
@@ -62,6 +86,7 @@ def segmenter_features(prep: Prepared, weights_dir: str | Path | None, cache_dir
     import json
     import time
 
+    from models.candidates import lesion_in_lungs
     from models.preprocess import window
     from models.registry import Registry, RegistryError
 
@@ -75,25 +100,37 @@ def segmenter_features(prep: Prepared, weights_dir: str | Path | None, cache_dir
     card = seg.card
     about = {"name": card.get("name"), "version": seg.version,
              "training_data": (card.get("training") or {}).get("data")}
-    key = hashlib.sha256(json.dumps([card.get("files"), prep.key, ALL_FEATURES], sort_keys=True).encode()).hexdigest()
+    cand = Registry(Path(weights_dir) if weights_dir else None).candidates_over(seg)
+    cand_about = ({"name": cand.name, "version": cand.version, "training_data": cand.card["training"].get("data")}
+                  if cand is not None else None)
+    key = hashlib.sha256(json.dumps([card.get("files"), prep.key, COLUMNS, cand.card.get("files") if cand else None],
+                                    sort_keys=True).encode()).hexdigest()
     path = Path(cache_dir) / f"lesion-{seg.version}-{key[:20]}.npz"  # the weights' sha256 and the cases
     t0 = time.perf_counter()
     if path.is_file():
         with np.load(path) as cached:
-            if cached["values"].shape == (len(prep.cases), len(ALL_FEATURES)):
+            if cached["values"].shape == (len(prep.cases), len(COLUMNS)):
                 took = float(cached["seconds"]) if "seconds" in cached.files else time.perf_counter() - t0
-                return SegmenterFeatures(cached["values"], about, took, True)
-    values = np.empty((len(prep.cases), len(ALL_FEATURES)))
+                return SegmenterFeatures(cached["values"], about, took, True, cand_about)
+    values = np.full((len(prep.cases), len(COLUMNS)), np.nan)
     for i, case in enumerate(prep.cases):
-        values[i] = series_features(seg.grid_probabilities(window(case.hu.astype(np.float32), seg.preprocess)),
-                                    ALL_FEATURES)
+        x = window(case.hu.astype(np.float32), seg.preprocess)
+        p = seg.grid_probabilities(x)
+        if cand is None:
+            values[i, : len(ALL_FEATURES)] = series_features(p, ALL_FEATURES)
+        else:
+            values[i] = LesionEvidence.from_probabilities(p, (seg.name, seg.version),
+                                                          seg.candidate_evidence(cand, x, lesion_in_lungs(p))
+                                                          ).features(COLUMNS)
     seconds = time.perf_counter() - t0
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, values=values, seconds=np.float64(seconds))
     tmp.replace(path)
-    log(f"lesion evidence: segmenter {seg.version} over {len(prep.cases)} cases in {seconds:.0f} s")
-    return SegmenterFeatures(values, about, seconds, False)
+    log(f"lesion evidence: segmenter {seg.version}"
+        + (f" and candidate model {cand.version}" if cand is not None else "")
+        + f" over {len(prep.cases)} cases in {seconds:.0f} s")
+    return SegmenterFeatures(values, about, seconds, False, cand_about)
 
 
 @dataclass(frozen=True)
@@ -106,13 +143,13 @@ class Fused:
 
 
 def fuse_folds(y: np.ndarray, fold_of: np.ndarray, p: np.ndarray, validation: dict[int, tuple[np.ndarray, np.ndarray]],
-               features: np.ndarray) -> Fused | str:
+               features: np.ndarray, names: tuple[str, ...] = FEATURES) -> Fused | str:
     """Fit each fold's fusion (its fit cases, then its validation split) and score its test cases (see the module
     docstring).
 
     ``p``: the main arm's calibrated out-of-fold probabilities; ``validation[k]``: (case indices, the fold-k
-    model's calibrated probabilities on them); ``features``: every case's `FEATURES` columns
-    (`SegmenterFeatures.of`); a fold's fit cases are the cases outside fold k and its validation split. Returns the
+    model's calibrated probabilities on them); ``features``: every case's columns of the feature set ``names``
+    (`SegmenterFeatures.of`, `SegmenterFeatures.names`); a fold's fit cases are the cases outside fold k and its validation split. Returns the
     reason instead when a fold cannot be fitted."""
     from sklearn.linear_model import LogisticRegression
 
@@ -132,12 +169,12 @@ def fuse_folds(y: np.ndarray, fold_of: np.ndarray, p: np.ndarray, validation: di
         stage2 = LogisticRegression(C=1.0, max_iter=2000).fit(
             np.column_stack([_logit(pv), stage1.decision_function(features[idx])]), yv)
         (a, d), b2 = stage2.coef_[0], float(stage2.intercept_[0])
-        coefficients = {CLASSIFIER_TERM: float(a), **{n: float(d * w) for n, w in zip(FEATURES, stage1.coef_[0],
+        coefficients = {CLASSIFIER_TERM: float(a), **{n: float(d * w) for n, w in zip(names, stage1.coef_[0],
                                                                                     strict=True)}}
         intercept = b2 + float(d * stage1.intercept_[0])
 
         def fused(pk: np.ndarray, fk: np.ndarray, c: dict[str, float] = coefficients, b: float = intercept) -> np.ndarray:
-            z = b + c[CLASSIFIER_TERM] * _logit(pk) + fk @ np.array([c[n] for n in FEATURES])
+            z = b + c[CLASSIFIER_TERM] * _logit(pk) + fk @ np.array([c[n] for n in names])
             return np.asarray(1.0 / (1.0 + np.exp(-z)))
 
         thr = youden_threshold(yv.tolist(), fused(pv, features[idx]).tolist())
@@ -169,8 +206,9 @@ def lesion_block(ds: Any, y: np.ndarray, fold_of: np.ndarray, main: tuple[np.nda
         "auc_paired_bootstrap": paired["auc_paired_bootstrap"],
         "mcnemar": paired["mcnemar"],
         "segmenter": feats.segmenter,
-        "features": list(FEATURES),
-        "feature_set": LATEST,
+        "candidates": feats.candidates,
+        "features": list(feats.names),
+        "feature_set": feats.feature_set,
         "feature_seconds": round(feats.seconds, 1),
         "features_from_cache": feats.from_cache,
         "folds": fused.folds,
@@ -179,7 +217,11 @@ def lesion_block(ds: Any, y: np.ndarray, fold_of: np.ndarray, main: tuple[np.nda
         "them), then one (C = 1) over the fold classifier's calibrated logit and that score on the fold's validation "
         "split, threshold by Youden's J on the same split. The evidence is graded: the mean of the 10, 50 and 200 "
         "largest lesion probabilities in the lungs, pixels at p >= 0.3 and >= 0.1, the summed probability and the "
-        "slices at p >= 0.3 (feature set " + LATEST + "). The segmenter was trained on other phantoms (its card's "
+        "slices at p >= 0.3"
+        + ("; and the candidate stage's largest score and count of candidates scoring >= 0.5 (a small CNN over a "
+           "3-slice patch around each 3-D component of lesion probability >= 0.5, trained on yet other phantoms)"
+           if feats.candidates is not None else "")
+        + " (feature set " + feats.feature_set + "). The segmenter was trained on other phantoms (its card's "
         "training data, above) and is the same for every fold. Each fold's fusion is one logistic regression over "
         "the logit and the features, the form a shipped lesion-fusing classifier applies. "
         "Paired tests: lesion evidence − classifier.",

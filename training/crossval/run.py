@@ -65,7 +65,7 @@ def _lesion_arm(st: EvaluateSettings, ds: Dataset, prep: Prepared, res: FoldResu
     from training.crossval.outputs import json_default
 
     feats = segmenter_features(prep, st.weights_dir, st.cache(out / "cache"), log, st.segmenter_version)
-    fused = fuse_folds(ds.labels, res.fold_of, res.p, res.validation, feats.of()) \
+    fused = fuse_folds(ds.labels, res.fold_of, res.p, res.validation, feats.of(), feats.names) \
         if not isinstance(feats, str) else feats
     if isinstance(fused, str) or isinstance(feats, str):
         log(f"lesion evidence arm skipped: {fused}")

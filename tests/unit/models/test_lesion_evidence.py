@@ -65,7 +65,7 @@ def test_pooled_features_match_the_whole_volume_features_and_name_each_quantity(
     assert f["log1p_lesion_px"] == pytest.approx(np.log1p(26))
     assert f["log1p_max_slice_px"] == pytest.approx(np.log1p(20))
     assert f["log1p_lesion_slices"] == pytest.approx(np.log1p(2))
-    g = dict(zip(FEATURES_V2, series_features(p), strict=True))  # the newest set is the default
+    g = dict(zip(FEATURES_V2, series_features(p, FEATURES_V2), strict=True))
     assert g["top10_lesion_logit"] == pytest.approx(float(logit(0.9)), rel=1e-5)
     assert g["top50_lesion_logit"] == pytest.approx(float(logit((20 * 0.9 + 6 * 0.6 + 4 * 0.3) / 50)), rel=1e-5)
     assert g["top200_lesion_logit"] == pytest.approx(float(logit((20 * 0.9 + 6 * 0.6 + 4 * 0.3) / 200)), rel=1e-5)
@@ -91,7 +91,7 @@ def test_the_top_k_pool_takes_the_series_largest_probabilities_from_every_slice(
     lesion = np.zeros_like(lung)
     lesion[0] = np.linspace(0.0, 0.8, 32 * 32).reshape(32, 32)  # 1024 graded pixels
     lesion[1, :3, :3] = 0.99
-    g = dict(zip(FEATURES_V2, series_features(softmax(lung, lesion)), strict=True))
+    g = dict(zip(FEATURES_V2, series_features(softmax(lung, lesion), FEATURES_V2), strict=True))
     everything = np.sort(np.concatenate([lesion[0].ravel(), lesion[1].ravel()]))[::-1]
     assert g["top200_lesion_logit"] == pytest.approx(float(logit(everything[:200].mean())), rel=1e-5)
     assert g["top10_lesion_logit"] == pytest.approx(float(logit(everything[:10].mean())), rel=1e-5)

@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.lesion_evidence import ALL_FEATURES, FEATURES_V1
+from models.lesion_evidence import ALL_FEATURES, CANDIDATE_FEATURES, FEATURES_V1, FEATURES_V2
 from training.crossval.lesion import (
+    COLUMNS,
     FEATURES,
     MIN_PER_CLASS,
     Fused,
@@ -46,7 +47,7 @@ def test_series_features_count_lesion_pixels_inside_the_lungs() -> None:
     assert f["max_lesion_logit"] > 5  # probability 1.0, clipped
     empty = dict(zip(FEATURES_V1, series_features(_softmax(lung, np.zeros_like(lung)), FEATURES_V1), strict=True))
     assert empty["log1p_lesion_px"] == 0 and empty["max_lesion_logit"] < 0
-    g = dict(zip(FEATURES, series_features(p), strict=True))  # the arm's set: 0.8 on 13 lung pixels + 1.0 outside
+    g = dict(zip(FEATURES_V2, series_features(p, FEATURES_V2), strict=True))  # the arm's set: 0.8 on 13 lung pixels + 1.0 outside
     assert g["log1p_px_p30"] == pytest.approx(np.log1p(14)) and g["log1p_slices_p30"] == pytest.approx(np.log1p(3))
     assert g["log1p_probability_sum"] == pytest.approx(np.log1p(13 * 0.8 + 1.0), rel=1e-5)
 
@@ -142,7 +143,10 @@ def test_features_from_a_real_segmenter_are_cached(tmp_path: Path) -> None:
     prep = prepare(load_dataset(data), 32, tmp_path / "cache")
     first = segmenter_features(prep, weights, tmp_path / "cache", log=lambda _: None)
     assert not isinstance(first, str), first
-    assert first.values.shape == (4, len(ALL_FEATURES)) and first.of().shape == (4, len(FEATURES)) and np.isfinite(first.values).all()
+    # no candidate model in this weights folder: the arm's set is v2, the candidate columns are empty
+    assert first.values.shape == (4, len(COLUMNS)) and first.candidates is None and first.feature_set == "v2"
+    assert first.of().shape == (4, len(FEATURES_V2)) and np.isfinite(first.of(ALL_FEATURES)).all()
+    assert np.isnan(first.of(CANDIDATE_FEATURES)).all()
     assert first.segmenter["version"] == "0.0.1" and not first.from_cache
     second = segmenter_features(prep, weights, tmp_path / "cache", log=lambda _: None)
     assert not isinstance(second, str) and second.from_cache

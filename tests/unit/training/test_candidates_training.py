@@ -1,0 +1,84 @@
+"""training.candidates (`pacsnode train candidates`): the shipped U-Net 1.1.0's candidates on new phantoms, labelled
+from the reference masks, a CNN trained for two epochs, written as a version the registry loads and the segmenter
+runs; a dataset the U-Net trained on is refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from models.candidates import LABEL_OVERLAP
+from models.registry import DEFAULT_WEIGHTS_DIR, Registry
+from training.candidates import CandidateSettings, collect, train_candidates
+from training.common import TrainingError
+from training.phantom import generate_dataset
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cand")
+    generate_dataset(out, cases=8, seed=44, size=96, slices=(12, 12), prevalence=0.75)
+    return out
+
+
+def test_candidates_are_labelled_by_their_overlap_with_the_reference_lesion(tmp_path, data) -> None:
+    from scipy import ndimage
+
+    from models.candidates import extract, lesion_in_lungs
+    from models.preprocess import masks_to_grid, window
+    from training.common import read_table
+    from training.dataset import load_dataset
+    from training.phantom import load_masks
+    from training.prepared import prepare
+
+    seg = Registry().segmenter("1.1.0")
+    got = collect([data], seg, tmp_path / "cache", log=lambda _: None)
+    assert got.n_cases == 8 and len(got.labels) == len(got.cases) == len(got.patches) > 0
+    assert 0 < got.labels.sum() < len(got.labels)  # lesions and look-alikes
+    # one case by hand: the share of each component's voxels inside the reference lesion
+    ds = load_dataset(data)
+    prep = prepare(ds, 128, tmp_path / "cache")
+    case = int(got.cases[np.argmax(got.labels)])  # a case with a lesion candidate
+    x = window(prep.cases[case].hu.astype(np.float32), seg.preprocess)
+    found = extract(x, lesion_in_lungs(seg.grid_probabilities(x)))
+    table = read_table(data)
+    ref = masks_to_grid(load_masks(data / str(table.masks.iloc[case]))["lesion"], 128) >= 0.5
+    share = np.array([ref[found.labels == k + 1].mean() for k in range(len(found))])
+    np.testing.assert_array_equal(got.labels[got.cases == case], share >= LABEL_OVERLAP)
+
+
+def test_train_candidates_writes_a_version_the_node_runs(tmp_path, data) -> None:
+    weights = tmp_path / "weights"
+    shutil.copytree(DEFAULT_WEIGHTS_DIR / "segmenter" / "1.1.0", weights / "segmenter" / "1.1.0")
+    reg = Registry(weights)
+    out = weights / "candidates" / "0.1.0"
+    card = train_candidates([data], out, registry=reg, segmenter_version="1.1.0", cache_dir=tmp_path / "cache",
+                            settings=CandidateSettings(epochs=2, held_out_cases=0.5), version="0.1.0",
+                            log=lambda _: None)
+    t = card["training"]
+    assert card["kind"] == "candidates" and card["segmenter"] == {"name": "pacsnode-lung-lesion-unet",
+                                                                  "version": "1.1.0"}
+    assert t["data"][0]["seed"] == 44 and t["cases"] == 8 and t["held_out_cases"] == 4
+    assert 0 <= t["held_out_roc_auc"] <= 1 and t["best_epoch"] in (1, 2)
+    assert "Not for clinical use" in card["intended_use"]
+    assert json.loads((out / "model_card.json").read_text())["files"]["model.keras"]["sha256"]
+    loaded = Registry(weights).candidates("0.1.0")
+    assert loaded.segmenter == ("pacsnode-lung-lesion-unet", "1.1.0")
+    assert Registry(weights).candidates_over(Registry(weights).segmenter("1.1.0")) is loaded
+    from models.preprocess import load_series
+    from training.common import read_table, series_files
+
+    volume = load_series(series_files(data, str(read_table(data).dicom_dir.iloc[0])))
+    scored = Registry(weights).segmenter("1.1.0").predict(volume, loaded).evidence.candidates
+    assert scored is not None and ((scored.scores >= 0) & (scored.scores <= 1)).all()
+
+
+def test_a_dataset_the_segmenter_trained_on_is_refused(tmp_path) -> None:
+    known = tmp_path / "train"
+    generate_dataset(known, cases=2, seed=1000, size=48, slices=4)  # U-Net 1.1.0's training seed
+    with pytest.raises(TrainingError, match="seed the segmenter's card names"):
+        train_candidates([known], tmp_path / "out", segmenter_version="1.1.0", cache_dir=tmp_path / "cache",
+                         log=lambda _: None)
