@@ -73,6 +73,19 @@ def _arm_row(name: str, a: dict[str, Any]) -> list[str]:
             _fmt(a["specificity"], True)]
 
 
+def fused_headline(m: dict[str, Any]) -> str | None:
+    """The lesion-evidence arm's mean accuracy ± SD, ROC AUC and subtle-lesion sensitivity in one phrase (the form
+    the node's default classifier applies), or None without the arm."""
+    le = m.get("lesion_evidence")
+    if not le or "skipped" in le:
+        return None
+    a, ms = le["arms"]["lesion_evidence"], le["arms"]["lesion_evidence"]["accuracy_over_folds"]
+    subtle = le["subtle_sensitivity"].get("lesion_evidence")
+    return (f"mean accuracy {_fmt(ms['mean'], True)} ± {100 * ms['sd']:.1f}, ROC AUC {_fmt(a['roc_auc'])}, "
+            f"subtle-lesion sensitivity {_fmt(subtle, True)} with the lesion evidence (feature set "
+            f"{le.get('feature_set', 'v1')})")
+
+
 def _bootstrap_text(bs: dict[str, Any]) -> str:
     ci = bs["ci95"]
     return (f"{_fmt(bs['difference'])} (95 % CI {_fmt(ci[0])} to {_fmt(ci[1])}), p = {_p(bs['p_value'])}, "

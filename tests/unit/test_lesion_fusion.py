@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from models.errors import ModelError
-from models.lesion_evidence import CLASSIFIER_TERM, FEATURES_V2, LesionFusion
+from models.lesion_evidence import CLASSIFIER_TERM, FEATURES_V2, FEATURES_V3, LesionFusion
 from models.preprocess import load_series
 from models.registry import DEFAULT_WEIGHTS_DIR, InferenceError, Registry, RegistryError
 from node.config import GateSection
@@ -157,6 +157,18 @@ def test_fuse_lesion_fits_a_candidate_version_on_new_phantoms_and_refuses_known_
                           progress=False)
     with pytest.raises(TrainingError, match="already fuses"):
         fit_lesion_fusion(data, reg, base_version="2.1.0-test", segmenter_version="1.0.0", version="2.1.2",
+                          progress=False)
+    # over U-Net 1.1.0 the shipped candidate model 1.0.0 applies: a v3 fit naming it
+    v3 = fit_lesion_fusion(data, reg, base_version="2.0.0", segmenter_version="1.1.0", version="2.4.0-test",
+                           progress=False)
+    assert set(v3["lesion_fusion"]["coefficients"]) == {CLASSIFIER_TERM, *FEATURES_V3}
+    assert v3["lesion_fusion"]["candidates"] == {"name": "pacsnode-lesion-candidates", "version": "1.0.0"}
+    assert v3["derived_from"]["candidates"]["version"] == "1.0.0"
+    assert reg.candidates_for(reg.classifier("2.4.0-test")) is reg.candidates("1.0.0")
+    trained_on = tmp_path / "cand-train"
+    generate_dataset(trained_on, cases=2, seed=9000, size=48, slices=4)  # a set the candidate model trained on
+    with pytest.raises(TrainingError, match="seed 9000"):
+        fit_lesion_fusion(trained_on, reg, base_version="2.0.0", segmenter_version="1.1.0", version="2.4.1",
                           progress=False)
 
 

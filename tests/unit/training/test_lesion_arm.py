@@ -172,7 +172,7 @@ def test_the_block_and_its_report_section_state_both_arms() -> None:
 
     from training.crossval.lesion import SegmenterFeatures, lesion_block
     from training.report import to_markdown
-    from training.report_sections import lesion_blocks
+    from training.report_sections import fused_headline, lesion_blocks
 
     y, p, feats, fold_of = _synthetic()
     fused = fuse_folds(y, fold_of, p, _validation(fold_of, p), feats)
@@ -181,8 +181,10 @@ def test_the_block_and_its_report_section_state_both_arms() -> None:
     ds = SimpleNamespace(cases=[SimpleNamespace(row={"subtle": "1" if s else "0"}, reader_label=None) for s in subtle])
     thr = np.full(len(y), 0.5)
     about = {"name": "unet", "version": "9.9.9", "training_data": {"cases": 40, "seed": 1000}}
-    block = lesion_block(ds, y, fold_of, (p, thr), fused, SegmenterFeatures(feats, about, 1.0, False),
+    cand = {"name": "cand", "version": "0.0.1", "training_data": [{"cases": 30, "seed": 6000}]}
+    block = lesion_block(ds, y, fold_of, (p, thr), fused, SegmenterFeatures(feats, about, 1.0, False, cand),
                          bootstrap=100, seed=0)
+    assert block["feature_set"] == "v3" and block["features"] == list(FEATURES)
     arms = block["arms"]
     assert arms["classifier"]["accuracy"] == pytest.approx(np.mean((p >= 0.5) == y))
     assert arms["lesion_evidence"]["accuracy"] == pytest.approx(np.mean((fused.p >= fused.thr) == y))
@@ -191,4 +193,8 @@ def test_the_block_and_its_report_section_state_both_arms() -> None:
     text = to_markdown(lesion_blocks({"lesion_evidence": block}))
     assert "Classifier + lesion evidence" in text and "unet 9.9.9, trained on 40 phantoms, generator seed 1000" in text
     assert text.count("classifier_logit") == 5  # one fitted row per fold
+    assert "candidate model: cand 0.0.1, trained on the U-Net's candidates in 30 (seed 6000) phantoms" in text
+    ms = arms["lesion_evidence"]["accuracy_over_folds"]
+    assert fused_headline({"lesion_evidence": block}).startswith(f"mean accuracy {100 * ms['mean']:.1f} % ± ")
+    assert fused_headline({"lesion_evidence": {"skipped": "too small"}}) is None
     assert "Skipped: too small." in to_markdown(lesion_blocks({"lesion_evidence": {"skipped": "too small"}}))
