@@ -147,6 +147,8 @@ def cmd_model_eval(args: argparse.Namespace) -> int:
             res["comparison"] = compare(res, other)
         except (KeyError, TypeError, TrainingError) as exc:
             _err(f"cannot compare with {args.compare_with}: {exc}")
+            if args.json:  # the evaluation itself is not lost (the cards are left alone)
+                Path(args.json).write_text(json.dumps(res, indent=1, default=float) + "\n")
             return 1
         print("\n" + format_comparison(res["comparison"]))
     if args.json:

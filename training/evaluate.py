@@ -241,7 +241,11 @@ def _paired_rows(new: dict[str, Any], old: dict[str, Any]) -> tuple[list[dict[st
     """The per-case rows of two `evaluate` results, in the same case order. Raises TrainingError when the two were
     not run on the same cases."""
     a, b = new["per_case"], old["per_case"]
-    if [r["case_id"] for r in a] != [r["case_id"] for r in b] or new["dataset"] != old["dataset"]:
+    da, db = new["dataset"], old["dataset"]
+    # keys one side lacks were added to the description later (e.g. ``pleural_lesions``): the shared ones decide
+    shared = set(da) & set(db)
+    if [r["case_id"] for r in a] != [r["case_id"] for r in b] or any(da[k] != db[k] for k in shared) \
+            or not {"seed", "path"} <= shared:
         raise TrainingError("the two evaluations were not run on the same cases")
     return a, b
 

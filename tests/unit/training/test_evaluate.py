@@ -77,6 +77,14 @@ def test_compare_pairs_two_evaluations_case_by_case() -> None:
     other["per_case"] = other["per_case"][::-1]
     with pytest.raises(TrainingError, match="same cases"):
         compare(_result("a", good, 0.5, y, subtle), other)
+    # an evaluation written before the dataset description gained a key still pairs; another seed does not
+    newer = _result("a", good, 0.5, y, subtle)
+    newer["dataset"]["pleural_lesions"] = 0.0
+    assert compare(newer, _result("b", weak, 0.5, y, subtle), n=20)["accuracy"]["old"] == pytest.approx(50 / 60)
+    reseeded = _result("b", weak, 0.5, y, subtle)
+    reseeded["dataset"]["seed"] = 2
+    with pytest.raises(TrainingError, match="same cases"):
+        compare(newer, reseeded)
 
 
 def test_compare_pairs_the_segmenters_when_their_versions_differ(tmp_path: Path) -> None:
