@@ -25,7 +25,6 @@ def data(tmp_path_factory):
 
 
 def test_candidates_are_labelled_by_their_overlap_with_the_reference_lesion(tmp_path, data) -> None:
-    from scipy import ndimage
 
     from models.candidates import extract, lesion_in_lungs
     from models.preprocess import masks_to_grid, window
