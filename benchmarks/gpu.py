@@ -75,13 +75,14 @@ def run_child(device: str, mixed: bool, series: Path, out: Path, repeats: int, u
 
     registry = Registry(mixed_precision=choice.mixed_precision or (device == "cpu" and mixed))  # --cpu-mixed
     classifier, segmenter = registry.classifier(), registry.segmenter()
+    candidates = registry.candidates_for(classifier)
     segmenter.batch_size = unet_batch
     volume = load_series(sorted(series.glob("*.dcm")))
     times: dict[str, list[float]] = {"classifier": [], "unet": []}
     for i in range(repeats + 1):  # the first run traces the tf.functions: not counted
         fresh = replace(volume, _cache={})  # each run resizes to the model grid again, as a new series would
         t0 = time.perf_counter()
-        evidence = segmenter.predict(fresh).evidence  # first, as the node: a lesion-fusing classifier needs it
+        evidence = segmenter.predict(fresh, candidates).evidence  # first, as the node: a lesion-fusing classifier needs it
         t1 = time.perf_counter()
         cls = classifier.predict(fresh, lesion=evidence)
         t2 = time.perf_counter()

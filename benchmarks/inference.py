@@ -29,6 +29,7 @@ def _bench(size: int, slices: int, repeats: int, weights_dir: Path | None) -> di
     reg = Registry(weights_dir)
     t = time.perf_counter()
     clf, seg = reg.classifier(), reg.segmenter()
+    cand = reg.candidates_for(clf)  # the candidate stage, when the fusion takes its scores
     load_models = time.perf_counter() - t
     with tempfile.TemporaryDirectory() as tmp:
         generate_dataset(tmp, cases=1, seed=4242, prevalence=1.0, size=size, slices=slices)
@@ -38,7 +39,7 @@ def _bench(size: int, slices: int, repeats: int, weights_dir: Path | None) -> di
             t0 = time.perf_counter()
             vol = load_series(files)
             t1 = time.perf_counter()
-            evidence = seg.predict(vol).evidence  # first, as the node: a lesion-fusing classifier needs it
+            evidence = seg.predict(vol, cand).evidence  # first, as the node: a lesion-fusing classifier needs it
             t2 = time.perf_counter()
             clf.predict(vol, age=vol.patient_age, sex=vol.patient_sex, lesion=evidence)
             t3 = time.perf_counter()

@@ -76,9 +76,10 @@ def _run(items: list[dict[str, Any]], weights_dir: Path | None) -> None:
 
     reg = Registry(weights_dir)
     clf, seg = reg.classifier(), reg.segmenter()
+    cand = reg.candidates_for(clf)
     for n, it in enumerate(items, 1):
         vol = load_series(it["files"])
-        segmented = seg.predict(vol)
+        segmented = seg.predict(vol, cand)
         lungs = segmented.lungs
         t = time.perf_counter()
         verdict = assess_chest_scope(vol, lungs)

@@ -342,12 +342,14 @@ def format_comparison(c: dict[str, Any]) -> str:
 def record_in_cards(res: dict[str, Any], registry: Registry, command: str) -> list[Path]:
     """Store the test metrics (not the per-case rows) under ``metrics.test`` of the evaluated model cards, with
     ``res``'s comparison (`compare`) where it has one: its classifier part in the classifier's card, its segmenter
-    part in the segmenter's."""
+    part in the segmenter's. A comparison of two classifiers beside the same U-Net leaves the U-Net's card as it
+    is (its measures would be the same, and its own comparison with its predecessor would be lost)."""
     written = []
     common = {"dataset": res["dataset"], "cases": res["cases"], "command": command, "timing": res["timing"]}
     comparison = dict(res.get("comparison") or {})
     parts = {SEGMENTER: comparison.pop("segmenter", None), CLASSIFIER: comparison or None}
-    for kind, key in ((CLASSIFIER, "classifier"), (SEGMENTER, SEGMENTER)):
+    same_unet = bool(comparison) and parts[SEGMENTER] is None
+    for kind, key in [(CLASSIFIER, "classifier")] + ([] if same_unet else [(SEGMENTER, SEGMENTER)]):
         path = registry.folder(kind, res["versions"][kind]) / CARD_FILE
         card = json.loads(path.read_text())
         card.setdefault("metrics", {})["test"] = {**common, **res[key],

@@ -82,7 +82,7 @@ def test_bad_requests_are_refused_naming_the_parameter() -> None:
 
 def _outputs(registry: Registry, files: list[Path]) -> InferenceOutputs:
     volume = load_series(files)
-    evidence = registry.segmenter().predict(volume).evidence
+    evidence = registry.segmenter().predict(volume, registry.candidates_for(registry.classifier())).evidence
     cls = registry.classifier().predict(volume, lesion=evidence)
     seg = registry.segmenter().probabilities(volume)
     return InferenceOutputs(cls.probability, cls.attention, seg)

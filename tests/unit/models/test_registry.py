@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from models.lesion_evidence import FEATURES_V1, FEATURES_V2
+from models.lesion_evidence import FEATURES_V1, FEATURES_V2, FEATURES_V3
 from models.preprocess import dice, load_series
 from models.registry import (
     CARD_FILE,
@@ -44,7 +44,8 @@ def test_classifier_predicts_on_a_small_phantom(tiny_phantom: Path) -> None:
     clf = reg.classifier()
     assert isinstance(clf, Classifier) and clf.name and clf.version == reg.default_version("classifier")
     vol = load_series(case_files(tiny_phantom, 0))
-    evidence = reg.segmenter().predict(vol).evidence  # the default classifier fuses the U-Net's lesion evidence
+    # the default classifier fuses the U-Net's lesion evidence, with the candidate stage's scores
+    evidence = reg.segmenter().predict(vol, reg.candidates_for(clf)).evidence
     out = clf.predict(vol, age=vol.patient_age, sex=vol.patient_sex, lesion=evidence)
     assert 0.0 <= out.probability <= 1.0 and 0.0 < out.threshold < 1.0
     assert out.attention.shape == (vol.shape[0],)
@@ -110,17 +111,23 @@ def test_a_release_candidate_is_loaded_only_on_request(tmp_path: Path) -> None:
 def test_the_shipped_default_classifier_is_the_released_one() -> None:
     """2.0.0 (clinical fusion with symptoms) scored below 1.0.0 on the test phantoms: shipped as a candidate.
     2.1.0 (2.0.0's weights + U-Net 1.0.0's lesion evidence) was the default until 2.3.0 (the same weights + U-Net
-    1.1.0's graded v2 evidence): each card records its paired comparison on the held-out test set with the default
-    it replaced, and the default's fusion names the default segmenter."""
+    1.1.0's graded v2 evidence), and 2.3.0 until 2.4.0 (v3: v2 + the candidate stage's scores): each card records
+    its paired comparison on the held-out test set with the default it replaced, and the default's fusion names the
+    default segmenter and the candidate model trained over it."""
     reg = Registry()
-    assert {"1.0.0", "2.0.0", "2.1.0", "2.2.0", "2.3.0"} <= set(reg.versions("classifier"))
-    assert reg.default_version("classifier") == "2.3.0" and reg.default_version("segmenter") == "1.1.0"
+    assert {"1.0.0", "2.0.0", "2.1.0", "2.2.0", "2.3.0", "2.4.0"} <= set(reg.versions("classifier"))
+    assert reg.default_version("classifier") == "2.4.0" and reg.default_version("segmenter") == "1.1.0"
     for candidate in ("2.0.0", "2.2.0"):
         assert json.loads((reg.folder("classifier", candidate) / CARD_FILE).read_text())["candidate"] is True
     clf, seg = reg.classifier(), reg.segmenter()
     assert clf.fusion is not None and clf.fusion.segmenter == (seg.name, seg.version)
-    assert clf.fusion.features == FEATURES_V2 and "out-of-fold" in clf.card["threshold_rule"]
-    for version, old, key in (("2.1.0", "1.0.0", "comparison_with_default"), ("2.3.0", "2.1.0", "comparison")):
+    assert clf.fusion.features == FEATURES_V3 and "out-of-fold" in clf.card["threshold_rule"]
+    cand = reg.candidates_for(clf)
+    assert cand is not None and clf.fusion.candidates == (cand.name, cand.version) == (cand.name, "1.0.0")
+    assert cand.segmenter == (seg.name, seg.version) and reg.candidates_over(seg) is cand
+    assert reg.candidates_for(reg.classifier("2.3.0")) is None  # v2: no candidate stage
+    for version, old, key in (("2.1.0", "1.0.0", "comparison_with_default"), ("2.3.0", "2.1.0", "comparison"),
+                              ("2.4.0", "2.3.0", "comparison")):
         card = reg.classifier(version).card
         test = card["metrics"]["test"]
         assert test["dataset"]["seed"] not in (card["training"]["data"]["seed"],
@@ -139,7 +146,7 @@ def test_the_shipped_default_classifier_is_the_released_one() -> None:
 
 
 def test_segmenter_1_1_0_is_the_default_with_its_test_comparison() -> None:
-    """U-Net 1.1.0 (faint lesions drawn as often as extensive disease) is the default beside classifier 2.3.0; its
+    """U-Net 1.1.0 (faint lesions drawn as often as extensive disease) is the default beside classifier 2.4.0; its
     card records the held-out comparison with 1.0.0 (model-eval --compare-with --write-card). Classifier 2.2.0
     (v1 features with 1.1.0's evidence) stays a candidate."""
     reg = Registry()
@@ -156,7 +163,7 @@ def test_segmenter_1_1_0_is_the_default_with_its_test_comparison() -> None:
     assert (compared["new"], compared["old"]) == ("1.1.0", "1.0.0") and compared["paired_cases"] == 50
     assert test["lesion_dice_mean"] > old["lesion_dice_mean"] and compared["lesion_dice_difference_ci95"][0] > 0
     assert compared["lesion_dice_mean"]["old"] == pytest.approx(old["lesion_dice_mean"])
-    for version, features in (("2.2.0", FEATURES_V1), ("2.3.0", FEATURES_V2)):
+    for version, features in (("2.2.0", FEATURES_V1), ("2.3.0", FEATURES_V2), ("2.4.0", FEATURES_V3)):
         fused = reg.classifier(version)
         assert fused.fusion is not None and fused.fusion.segmenter == (seg.name, "1.1.0")
         assert fused.fusion.features == features
@@ -191,7 +198,7 @@ def test_attention_follows_the_lesion(small_phantom: Path) -> None:
     for i in range(4):
         vol = load_series(case_files(small_phantom, i))
         les = case_masks(small_phantom, i)["lesion"].any(axis=(1, 2))
-        att = clf.predict(vol, lesion=Registry().segmenter().predict(vol).evidence).attention
+        att = clf.predict(vol, lesion=Registry().segmenter().predict(vol, Registry().candidates_for(clf)).evidence).attention
         hits += int(att[les].mean() > att[~les].mean()) if les.any() and (~les).any() else 0
     assert hits >= 3
 
@@ -219,10 +226,11 @@ def test_512px_120_slice_series_in_a_few_seconds(tmp_path: Path) -> None:
     vol = load_series(sorted(tmp_path.glob("CASE0001/dicom/*.dcm")))
     reg = Registry()
     clf, seg = reg.classifier(), reg.segmenter()
-    clf.predict(vol, lesion=seg.predict(vol).evidence)  # warm-up (tracing)
+    cand = reg.candidates_for(clf)
+    clf.predict(vol, lesion=seg.predict(vol, cand).evidence)  # warm-up (tracing)
     vol = load_series(sorted(tmp_path.glob("CASE0001/dicom/*.dcm")))  # fresh volume: no cached grid
     t = time.perf_counter()
-    s = seg.predict(vol)
+    s = seg.predict(vol, cand)
     c = clf.predict(vol, lesion=s.evidence)
     elapsed = time.perf_counter() - t
     assert c.attention.shape == (120,) and s.lesion.shape == (120, 512, 512)
@@ -234,7 +242,7 @@ def test_predict_on_a_real_single_slice_ct() -> None:
 
     vol = load_series([get_testdata_file("CT_small.dcm")])
     reg = Registry()
-    seg = reg.segmenter().predict(vol)
+    seg = reg.segmenter().predict(vol, reg.candidates_for(reg.classifier()))
     out = reg.classifier().predict(vol, age=vol.patient_age, sex=vol.patient_sex, lesion=seg.evidence)
     assert out.attention.shape == (1,) and out.attention[0] == pytest.approx(1.0)
     assert seg.lungs.shape == vol.hu.shape == seg.lesion.shape

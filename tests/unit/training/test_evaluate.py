@@ -131,3 +131,9 @@ def test_compare_pairs_the_segmenters_when_their_versions_differ(tmp_path: Path)
     cards = {p.parent.parent.name: json.loads(p.read_text())["metrics"]["test"]["comparison"] for p in paths}
     assert cards["segmenter"] == json.loads(json.dumps(sg))
     assert "segmenter" not in cards["classifier"] and cards["classifier"]["mcnemar"] == json.loads(json.dumps(c["mcnemar"]))
+    # two classifiers beside the same U-Net: the U-Net's card keeps its own comparison
+    same = compare({**new, "versions": {**new["versions"], "classifier": "3"}}, new, n=10)
+    again = record_in_cards({**res, "comparison": same}, Registry(weights), "pacsnode model-eval …")
+    assert [p.parent.parent.name for p in again] == ["classifier"]
+    unet = json.loads((weights / "segmenter" / "1.1.0" / "model_card.json").read_text())
+    assert unet["metrics"]["test"]["comparison"] == json.loads(json.dumps(sg))
