@@ -92,6 +92,13 @@ class RegistryRunner(ModelRunner):
             except LesionFusionError as exc:
                 raise RegistryError(f"classifier {self.classifier.version}: {exc} "
                                     "(worker.segmenter_version must name that one)") from exc
+            if self.candidates is not None:
+                from models.candidates import CandidateError
+
+                try:
+                    self.candidates.check_segmenter(self.segmenter.name, self.segmenter.version)
+                except CandidateError as exc:
+                    raise RegistryError(f"classifier {self.classifier.version}: {exc}") from exc
         self.classifier.warm()  # TensorFlow traces each graph on its first call: do it now, not on a series
         self.segmenter.warm()
         if self.candidates is not None:

@@ -164,7 +164,12 @@ def test_a_v3_fusion_runs_the_candidate_stage_on_both_paths(tmp_path, series) ->
 
 
 def test_a_candidate_model_over_another_segmenter_is_refused(tmp_path, series) -> None:
+    from node.pipelines import RegistryRunner
+
     weights, _ = _weights(tmp_path, trained_over="0.9.0")
+    with pytest.raises(RegistryError, match="9.3.0: candidate model 0.0.1 was trained on the outputs of "
+                                            "pacsnode-lung-lesion-unet 0.9.0"):
+        RegistryRunner(classifier_version="9.3.0", weights_dir=weights, device="cpu")  # refused at start
     reg = Registry(weights)
     cand = reg.candidates("0.0.1")
     with pytest.raises(InferenceError, match="trained on the outputs of pacsnode-lung-lesion-unet 0.9.0"):
