@@ -57,7 +57,8 @@ FEATURES_V2 = ("top10_lesion_logit", "top50_lesion_logit", "top200_lesion_logit"
                "log1p_probability_sum", "log1p_slices_p30")
 FEATURES_V3 = FEATURES_V2 + CANDIDATE_FEATURES
 FEATURE_SETS = {"v1": FEATURES_V1, "v2": FEATURES_V2, "v3": FEATURES_V3}
-LATEST = "v3"  # the set new fusions are fitted with
+LATEST = "v3"  # the set new fusions are fitted with, where a candidate model is at hand
+WITHOUT_CANDIDATES = "v2"  # the newest set that needs no candidate model
 FEATURES = FEATURE_SETS[LATEST]
 ALL_FEATURES = FEATURES_V1 + FEATURES_V2  # the segmenter's own (no candidate model needed)
 CLASSIFIER_TERM = "classifier_logit"  # the calibrated classifier probability's logit, the regression's first input
@@ -107,10 +108,20 @@ class SliceEvidence:
         return int(sum(getattr(self, f.name).nbytes for f in fields(self)))
 
 
+def newest_set(with_candidates: bool) -> str:
+    """The feature set a new fusion takes: `LATEST` with a candidate model's scores, else `WITHOUT_CANDIDATES`."""
+    return LATEST if with_candidates else WITHOUT_CANDIDATES
+
+
 def slice_evidence(probabilities: np.ndarray) -> SliceEvidence:
     """Per slice of a U-Net softmax (slices, grid, grid, 3: background, lung, lesion): see the module docstring."""
-    lesion = lesion_in_lungs(probabilities)
-    lesion = lesion.reshape(len(lesion), -1)
+    return map_evidence(lesion_in_lungs(probabilities))
+
+
+def map_evidence(lesion_map: np.ndarray) -> SliceEvidence:
+    """`slice_evidence` from the lesion-in-lungs probability (slices, grid, grid) (`models.candidates.lesion_in_lungs`),
+    where the caller has it already."""
+    lesion = np.asarray(lesion_map, dtype=np.float32).reshape(len(lesion_map), -1)
     k = min(TOP_K, lesion.shape[1])
     top = np.zeros((len(lesion), TOP_K), np.float32)
     if k:
@@ -271,5 +282,5 @@ class LesionFusion:
 
 __all__ = ["ALL_FEATURES", "CANDIDATE_FEATURES", "CLASSIFIER_TERM", "FEATURES", "FEATURES_V1", "FEATURES_V2",
            "FEATURES_V3", "FEATURE_SETS", "LATEST",
-           "TOP_K", "LesionEvidence", "LesionFusion", "LesionFusionError", "SliceEvidence", "logit",
-           "pooled_features", "series_features", "slice_evidence"]
+           "TOP_K", "WITHOUT_CANDIDATES", "LesionEvidence", "LesionFusion", "LesionFusionError", "SliceEvidence", "logit",
+           "map_evidence", "newest_set", "pooled_features", "series_features", "slice_evidence"]

@@ -28,7 +28,7 @@ import numpy as np
 from models.candidates import CandidateError, CandidateEvidence, CandidateModel, lesion_in_lungs
 from models.clinical import AGE_SEX, ClinicalError, ClinicalInputs, encode, feature_count, schema_inputs
 from models.errors import ModelError
-from models.lesion_evidence import LesionEvidence, LesionFusion, LesionFusionError
+from models.lesion_evidence import LesionEvidence, LesionFusion, LesionFusionError, map_evidence
 from models.preprocess import PreprocessConfig, PreprocessError, Volume, masks_to_source, volume_grid, window
 
 DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -296,9 +296,10 @@ class Segmenter:
         shape = volume.shape[1:]
         lungs = masks_to_source(p[..., 1] + p[..., 2], shape)
         lesion = masks_to_source(p[..., 2], shape) & lungs
-        scored = self.candidate_evidence(candidates, x, lesion_in_lungs(p))
-        return SegmenterOutput(lungs=lungs, lesion=lesion,
-                               evidence=LesionEvidence.from_probabilities(p, (self.name, self.version), scored))
+        lp = lesion_in_lungs(p)
+        evidence = LesionEvidence(map_evidence(lp), (self.name, self.version), cfg.grid,
+                                  self.candidate_evidence(candidates, x, lp))
+        return SegmenterOutput(lungs=lungs, lesion=lesion, evidence=evidence)
 
     def candidate_evidence(self, candidates: CandidateModel | None, x: np.ndarray,
                            lp: np.ndarray) -> CandidateEvidence | None:
@@ -383,10 +384,13 @@ class Registry:
     def candidates_over(self, segmenter: Segmenter) -> CandidateModel | None:
         """The newest candidate model trained over ``segmenter``'s outputs, else None (for new fits: a fusion
         then takes the newest feature set the models allow)."""
-        for version in reversed(self.versions(CANDIDATES)):
-            model = self.candidates(version)
-            if model.segmenter == (segmenter.name, segmenter.version):
-                return model
+        for version in reversed(self.versions(CANDIDATES)):  # the cards decide; only the match is loaded
+            try:
+                seg = json.loads((self.weights_dir / CANDIDATES / version / CARD_FILE).read_text()).get("segmenter")
+            except (OSError, ValueError):
+                continue  # an unreadable card: `candidates(version)` would say why, if asked for
+            if isinstance(seg, dict) and (seg.get("name"), seg.get("version")) == (segmenter.name, segmenter.version):
+                return self.candidates(version)
         return None
 
     def candidates_for(self, classifier: Classifier) -> CandidateModel | None:

@@ -33,7 +33,7 @@ import numpy as np
 
 from models.candidates import CandidateModel, lesion_in_lungs
 from models.clinical import ClinicalInputs
-from models.lesion_evidence import LesionEvidence, SliceEvidence, slice_evidence
+from models.lesion_evidence import LesionEvidence, SliceEvidence, map_evidence
 from models.preprocess import (
     PreprocessError,
     Volume,
@@ -131,8 +131,9 @@ class SliceModels:
         shape = pixels.shape[1:]  # load_series refuses series whose slices differ in size
         lungs = masks_to_source(probs[..., 1] + probs[..., 2], shape)
         lesion = masks_to_source(probs[..., 2], shape) & lungs
-        evidence = slice_evidence(probs)
-        lp = lesion_in_lungs(probs) if self.candidates is not None else None
+        lesion_map = lesion_in_lungs(probs)
+        evidence = map_evidence(lesion_map)
+        lp = lesion_map if self.candidates is not None else None  # kept for the candidate stage at completion
         out, a = [], 0
         for header, slices in files:
             b = a + len(slices)

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from models.lesion_evidence import CLASSIFIER_TERM, FEATURE_SETS, LATEST, LesionFusion, logit
+from models.lesion_evidence import CLASSIFIER_TERM, FEATURE_SETS, LATEST, LesionFusion, logit, newest_set
 from models.registry import CARD_FILE, MODEL_FILE, Registry, RegistryError
 from training.common import TrainingError, describe_data, seeds_of, youden_threshold
 from training.stats import decision_metrics, roc_auc
@@ -68,7 +68,7 @@ def fit(y: np.ndarray, p: np.ndarray, features: np.ndarray, segmenter: tuple[str
                             f"{MIN_PER_CLASS} of each")
     x = np.column_stack([logit(p), features])
     model = LogisticRegression(C=1.0, max_iter=2000).fit(x, y)
-    names = FEATURE_SETS["v3" if candidates is not None else "v2"]
+    names = FEATURE_SETS[newest_set(candidates is not None)]
     fusion = LesionFusion(segmenter, dict(zip((CLASSIFIER_TERM, *names), map(float, model.coef_[0]), strict=True)),
                           float(model.intercept_[0]), fitted_on, candidates)
     oof = cross_val_predict(LogisticRegression(C=1.0, max_iter=2000), x, y, method="predict_proba",
@@ -106,7 +106,7 @@ def fit_lesion_fusion(data: Path, registry: Registry, *, base_version: str | Non
     t0 = time.perf_counter()
     y, p, feats = fusion_inputs(data, registry, base_version=base_dir.name, segmenter_version=seg.version,
                                 candidates_version=cand.version if cand is not None else None,
-                                names=FEATURE_SETS["v3" if cand is not None else "v2"], progress=progress)
+                                names=FEATURE_SETS[newest_set(cand is not None)], progress=progress)
     seconds = time.perf_counter() - t0
     fitted_on = f"{dataset['path']} ({len(y)} phantoms, seed {dataset['seed']}, new to every model)"
     fusion, threshold, fused = fit(y, p, feats, (seg.name, seg.version), fitted_on,

@@ -42,8 +42,9 @@ from models.lesion_evidence import (
     CLASSIFIER_TERM,
     FEATURE_SETS,
     FEATURES,
-    LATEST,
     LesionEvidence,
+    map_evidence,
+    newest_set,
     series_features,
 )
 from models.lesion_evidence import logit as _logit
@@ -51,7 +52,6 @@ from training.prepared import Prepared
 
 MIN_PER_CLASS = 5  # validation cases of each class a fold needs for the fusion to be fitted
 COLUMNS = ALL_FEATURES + CANDIDATE_FEATURES  # the cached values' columns (candidate ones NaN without a model)
-WITHOUT_CANDIDATES = "v2"  # the set the arm uses when no candidate model fits the segmenter
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ class SegmenterFeatures:
 
     @property
     def feature_set(self) -> str:
-        return LATEST if self.candidates is not None else WITHOUT_CANDIDATES
+        return newest_set(self.candidates is not None)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -119,9 +119,9 @@ def segmenter_features(prep: Prepared, weights_dir: str | Path | None, cache_dir
         if cand is None:
             values[i, : len(ALL_FEATURES)] = series_features(p, ALL_FEATURES)
         else:
-            values[i] = LesionEvidence.from_probabilities(p, (seg.name, seg.version),
-                                                          seg.candidate_evidence(cand, x, lesion_in_lungs(p))
-                                                          ).features(COLUMNS)
+            lp = lesion_in_lungs(p)
+            values[i] = LesionEvidence(map_evidence(lp), (seg.name, seg.version), grid,
+                                       seg.candidate_evidence(cand, x, lp)).features(COLUMNS)
     seconds = time.perf_counter() - t0
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
