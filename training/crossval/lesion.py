@@ -45,7 +45,6 @@ from models.lesion_evidence import (
     LesionEvidence,
     map_evidence,
     newest_set,
-    series_features,
 )
 from models.lesion_evidence import logit as _logit
 from training.prepared import Prepared
@@ -90,8 +89,9 @@ def segmenter_features(prep: Prepared, weights_dir: str | Path | None, cache_dir
     from models.preprocess import window
     from models.registry import Registry, RegistryError
 
+    registry = Registry(Path(weights_dir) if weights_dir else None)
     try:
-        seg = Registry(Path(weights_dir) if weights_dir else None).segmenter(version)
+        seg = registry.segmenter(version)
     except RegistryError as exc:
         return f"no segmenter to run ({exc})"
     grid = prep.cases[0].hu.shape[-1] if prep.cases else 0
@@ -100,7 +100,7 @@ def segmenter_features(prep: Prepared, weights_dir: str | Path | None, cache_dir
     card = seg.card
     about = {"name": card.get("name"), "version": seg.version,
              "training_data": (card.get("training") or {}).get("data")}
-    cand = Registry(Path(weights_dir) if weights_dir else None).candidates_over(seg)
+    cand = registry.candidates_over(seg)
     cand_about = ({"name": cand.name, "version": cand.version, "training_data": cand.card["training"].get("data")}
                   if cand is not None else None)
     key = hashlib.sha256(json.dumps([card.get("files"), prep.key, COLUMNS, cand.card.get("files") if cand else None],
@@ -113,15 +113,12 @@ def segmenter_features(prep: Prepared, weights_dir: str | Path | None, cache_dir
                 took = float(cached["seconds"]) if "seconds" in cached.files else time.perf_counter() - t0
                 return SegmenterFeatures(cached["values"], about, took, True, cand_about)
     values = np.full((len(prep.cases), len(COLUMNS)), np.nan)
+    names = COLUMNS if cand is not None else ALL_FEATURES  # COLUMNS begins with ALL_FEATURES
     for i, case in enumerate(prep.cases):
         x = window(case.hu.astype(np.float32), seg.preprocess)
-        p = seg.grid_probabilities(x)
-        if cand is None:
-            values[i, : len(ALL_FEATURES)] = series_features(p, ALL_FEATURES)
-        else:
-            lp = lesion_in_lungs(p)
-            values[i] = LesionEvidence(map_evidence(lp), (seg.name, seg.version), grid,
-                                       seg.candidate_evidence(cand, x, lp)).features(COLUMNS)
+        lp = lesion_in_lungs(seg.grid_probabilities(x))
+        evidence = LesionEvidence(map_evidence(lp), (seg.name, seg.version), grid, seg.candidate_evidence(cand, x, lp))
+        values[i, : len(names)] = evidence.features(names)
     seconds = time.perf_counter() - t0
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.lesion_evidence import ALL_FEATURES, CANDIDATE_FEATURES, FEATURES_V1, FEATURES_V2
+from models.lesion_evidence import ALL_FEATURES, CANDIDATE_FEATURES, FEATURES_V1, FEATURES_V2, series_features
 from training.crossval.lesion import (
     COLUMNS,
     FEATURES,
@@ -19,7 +19,6 @@ from training.crossval.lesion import (
     Fused,
     fuse_folds,
     segmenter_features,
-    series_features,
 )
 
 
