@@ -15,7 +15,7 @@ it came from.
 
 The fit set must be new to every model (their training and validation data were used to fit weights, pick epochs,
 the threshold and the temperature; their predictions there are optimistic): `fit_lesion_fusion` refuses a dataset
-whose seed either card names. The new version is a release candidate (``"candidate": true``) until
+whose seed any of their cards names. The new version is a release candidate (``"candidate": true``) until
 ``pacsnode model-eval`` on a held-out test set shows it beats the current default (see ``training/README.md``).
 """
 
