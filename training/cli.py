@@ -140,6 +140,7 @@ def cmd_model_eval(args: argparse.Namespace) -> int:
         _err(str(exc))
         return 1
     print(format_table(res))
+    compared = True
     if other is not None:
         from training.evaluate import compare, format_comparison
 
@@ -147,12 +148,13 @@ def cmd_model_eval(args: argparse.Namespace) -> int:
             res["comparison"] = compare(res, other)
         except (KeyError, TypeError, TrainingError) as exc:
             _err(f"cannot compare with {args.compare_with}: {exc}")
-            if args.json:  # the evaluation itself is not lost (the cards are left alone)
-                Path(args.json).write_text(json.dumps(res, indent=1, default=float) + "\n")
-            return 1
-        print("\n" + format_comparison(res["comparison"]))
-    if args.json:
+            compared = False
+        else:
+            print("\n" + format_comparison(res["comparison"]))
+    if args.json:  # written even when the comparison failed: the evaluation itself is not lost
         Path(args.json).write_text(json.dumps(res, indent=1, default=float) + "\n")
+    if not compared:
+        return 1  # the cards are left alone
     if args.write_card:
         command = "pacsnode model-eval " + " ".join(sys.argv[2:] if len(sys.argv) > 2 else [])
         for p in record_in_cards(res, reg, command.strip()):
