@@ -125,10 +125,26 @@ def map_evidence(lesion_map: np.ndarray) -> SliceEvidence:
     k = min(TOP_K, lesion.shape[1])
     top = np.zeros((len(lesion), TOP_K), np.float32)
     if k:
-        top[:, :k] = -np.sort(-np.partition(lesion, lesion.shape[1] - k, axis=1)[:, -k:], axis=1)
+        top[:, :k] = largest(lesion, k)
     return SliceEvidence(lesion.max(axis=1, initial=0.0).astype(np.float32),
                          (lesion >= 0.5).sum(axis=1).astype(np.int64), (lesion >= 0.3).sum(axis=1).astype(np.int64),
                          (lesion >= 0.1).sum(axis=1).astype(np.int64), lesion.sum(axis=1, dtype=np.float64), top)
+
+
+def largest(rows: np.ndarray, k: int) -> np.ndarray:
+    """The ``k`` largest values of each row of ``rows`` (n, m), in descending order: the same array as
+    ``-np.sort(-np.partition(rows, m - k, axis=1)[:, -k:], axis=1)``, ~10× faster on lesion maps. numpy's
+    introselect slows ~10× on many equal values, and every pixel outside the lungs is exactly 0; so a row with at
+    least ``k`` positive values (and no NaN) partitions those alone, and any other row is sorted whole."""
+    out = np.empty((len(rows), k), rows.dtype)
+    for i, row in enumerate(rows):
+        positive = row[row > 0]
+        if len(positive) >= k and not np.isnan(row).any():
+            part = np.partition(positive, len(positive) - k)[-k:]
+        else:
+            part = np.sort(row)[-k:]
+        out[i] = -np.sort(-part)
+    return out
 
 
 def _top_mean(s: SliceEvidence, k: int) -> float:

@@ -393,22 +393,32 @@ def masks_to_source(prob: np.ndarray, shape: tuple[int, int], *, threshold: floa
 
     Bilinear upsampling of the probabilities, then the threshold (so edges are smooth, not blocky); the square
     padding added by :func:`resize_slices` is cropped off. Works in chunks of slices to bound memory.
+
+    A slice whose largest probability lies below ``threshold`` by a margin is all False without resampling: every
+    bilinearly interpolated value is a convex combination of its grid neighbours, so none can reach the threshold
+    (most slices have no lesion, and resampling is ~0.7 ms per 512² slice).
     """
     import tensorflow as tf
 
     s = prob.shape[0]
     rows, cols = shape
     side, top, left = _square_pad(rows, cols)
-    out = np.empty((s, rows, cols), dtype=bool)
-    for a in range(0, s, chunk):
-        p = prob[a : a + chunk, ..., None].astype(np.float32)
+    out = np.zeros((s, rows, cols), dtype=bool)
+    below = np.asarray(prob, dtype=np.float32).reshape(s, -1).max(axis=1, initial=-np.inf) < threshold * _MASK_MARGIN
+    todo = np.flatnonzero(~below)
+    for a in range(0, len(todo), chunk):
+        at = todo[a : a + chunk]
+        p = prob[at, ..., None].astype(np.float32)
         if p.shape[1] != side or p.shape[2] != side:
             try:
                 p = tf.image.resize(p, (side, side), method="bilinear").numpy()
             except (tf.errors.OpError, ValueError) as exc:
                 raise PreprocessError(f"cannot resample masks of shape {prob.shape} to {shape}: {exc}") from exc
-        out[a : a + chunk] = p[:, top : top + rows, left : left + cols, 0] >= threshold
+        out[at] = p[:, top : top + rows, left : left + cols, 0] >= threshold
     return out
+
+
+_MASK_MARGIN = 0.999  # far above float32 rounding in a 4-neighbour interpolation (~1e-7 relative)
 
 
 def masks_to_grid(mask: np.ndarray, grid: int) -> np.ndarray:

@@ -16,6 +16,7 @@ from models.lesion_evidence import (
     LesionFusion,
     LesionFusionError,
     SliceEvidence,
+    largest,
     logit,
     pooled_features,
     series_features,
@@ -153,3 +154,25 @@ def test_the_fusion_refuses_another_segmenters_evidence_and_none():
     with pytest.raises(LesionFusionError, match="none was given"):
         fusion.probability(0.5, None)
     fusion.check_segmenter(*SEG)
+
+
+@pytest.mark.parametrize("fill", ["distinct", "mostly_zero", "all_zero", "negative", "nan", "few_positive"])
+def test_largest_equals_partition_then_sort(fill: str) -> None:
+    """`largest` (the per-slice top-k of the evidence) is the same array as numpy's partition + sort, whatever the
+    ties: lesion maps are exactly 0 outside the lungs, where numpy's partition slows ~10×."""
+    rng = np.random.default_rng(7)
+    rows = rng.random((6, 4096)).astype(np.float32)
+    if fill == "mostly_zero":
+        rows[rng.random(rows.shape) < 0.9] = 0.0
+    elif fill == "all_zero":
+        rows[:] = 0.0
+    elif fill == "negative":
+        rows -= 0.5
+    elif fill == "nan":
+        rows[2, 17] = np.nan
+    elif fill == "few_positive":
+        rows[:] = 0.0
+        rows[:, :50] = rng.random((6, 50))
+    k = 200
+    expected = -np.sort(-np.partition(rows, rows.shape[1] - k, axis=1)[:, -k:], axis=1)
+    assert np.array_equal(largest(rows, k), expected, equal_nan=True)

@@ -150,6 +150,24 @@ def test_resize_pads_non_square_and_masks_round_trip() -> None:
     assert dice(back[0], disk) > 0.95
 
 
+def test_masks_to_source_skips_only_slices_that_cannot_reach_the_threshold() -> None:
+    """Slices whose largest probability lies below the threshold are not resampled; the masks equal resampling
+    every slice, also for slices whose peak lies just below, at or just above 0.5, and on a non-square grid."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(3)
+    prob = rng.random((12, 32, 32)).astype(np.float32) * 0.3
+    peaks = [0.0, 0.2, 0.4994, 0.4996, 0.49999997, 0.5, 0.5000001, 0.9, 0.3, 1.0, 0.45, 0.7]
+    for i, peak in enumerate(peaks):
+        prob[i, 10:13, 8:12] = peak  # a small blob, so the upsampled peak sits inside it
+    rows, cols = 90, 120
+    side = 120  # resize_slices pads to the square (side 120, top 15, left 0)
+    every = tf.image.resize(prob[..., None], (side, side), method="bilinear").numpy()[:, 15 : 15 + rows, :, 0] >= 0.5
+    got = masks_to_source(prob, (rows, cols), chunk=4)
+    assert np.array_equal(got, every)
+    assert not got[:5].any() and got[5:8].any()  # under 0.5 nothing, from 0.5 on the blob
+
+
 def test_augment_keeps_shapes_and_moves_masks_with_image() -> None:
     img = np.full((4, 32, 32), -1000.0, dtype=np.float32)
     img[:, 5:10, 2:6] = 500.0
