@@ -38,6 +38,7 @@ from node.device import announce as announce_device
 from node.device import report as device_entry
 from node.dispatch import Dispatcher
 from node.gate import GateRefusal, check_header, check_series
+from node.heap import retain_freed_memory
 from node.leases import holder_id
 from node.logs import get_logger
 from node.loops import LoopThread, backoff_seconds
@@ -137,6 +138,7 @@ class Worker:
     def warm_up(self) -> ModelRunner:
         if self.runner is None:
             t0 = time.perf_counter()
+            retain_freed_memory(self.config.worker.retain_heap_mb)  # process-wide, before the models allocate
             self.runner = self.runner_factory()
             if self.prefetch is not None:
                 self.prefetch.start(self.runner)  # streaming inference (node.prefetch), once the models are warm

@@ -96,6 +96,8 @@ class WorkerSection(_Frozen):
     prefetch_max_series: Annotated[int, Field(ge=1, le=64)] = 2  # series whose per-slice work is kept (LRU)
     prefetch_max_mb: Annotated[int, Field(ge=1)] = 1024  # no more prefetching while the cache holds this much
     prefetch_poll_seconds: Annotated[float, Field(gt=0, le=60)] = 0.25  # how often it looks for new instances
+    # freed memory the worker's process keeps for the next series instead of returning it (node.heap); 0: glibc's
+    retain_heap_mb: Annotated[int, Field(ge=0, le=2047)] = 1024
 
 
 class DispatchSection(_Frozen):

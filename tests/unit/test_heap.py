@@ -1,0 +1,46 @@
+"""node.heap: with `retain_freed_memory`, memory a process frees stays resident for reuse; without it glibc hands a
+large freed block straight back. Each case runs in a fresh interpreter (the setting is process-wide)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from node.heap import retain_freed_memory
+
+_PROBE = """
+import sys
+from node.heap import retain_freed_memory
+applied = retain_freed_memory(int(sys.argv[1]))
+def rss_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+before = rss_mb()
+block = bytearray(48 << 20)  # 48 MiB, touched (bytearray zero-fills)
+del block
+print(applied, round(rss_mb() - before))
+"""
+
+
+def _probe(mb: int) -> tuple[bool, int]:
+    out = subprocess.run([sys.executable, "-c", _PROBE, str(mb)], capture_output=True, text=True, check=True,
+                         timeout=60).stdout.split()
+    return out[0] == "True", int(out[1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt and /proc are Linux's")
+def test_freed_memory_stays_with_retain_and_goes_back_without() -> None:
+    applied, kept = _probe(1024)
+    assert applied
+    assert kept >= 40  # the 48 MiB block stays resident for the next allocation
+    applied, kept = _probe(0)
+    assert not applied
+    assert kept < 8  # glibc's default: a block that large is unmapped when freed
+
+
+def test_zero_or_less_leaves_the_defaults() -> None:
+    assert retain_freed_memory(0) is False
+    assert retain_freed_memory(-5) is False
