@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sqlite3
 import sys
 import tempfile
@@ -154,16 +155,35 @@ def peak_rss_mb(pid: int) -> float:
     return max(vm_hwm_mb(p) for p in [pid, *_children(pid)])
 
 
+def receiving_pids(peer: PeerProcess) -> list[int]:
+    """The process(es) that receive: the node's listener children (process model "processes", from the
+    supervisor's process table), else the receiver's own process (the node's with "threads")."""
+    if peer.proc is None:
+        return []
+    table = peer.spool.parent / "processes.json" if isinstance(peer, NodeProcess) else None
+    if table is None or not table.exists():
+        return [peer.proc.pid]
+    return [p["pid"] for p in json.loads(table.read_text())["processes"] if p["role"] == "listener" and p["pid"]]
+
+
 def receiving_rss_mb(node: NodeProcess) -> float:
-    """The peak RSS of the process(es) that received: the largest listener child's (process model "processes",
-    from the supervisor's process table), else the node process's own."""
-    table = node.spool.parent / "processes.json"
-    if node.proc is None:
-        return 0.0
-    if not table.exists():
-        return vm_hwm_mb(node.proc.pid)
-    listeners = [p["pid"] for p in json.loads(table.read_text())["processes"] if p["role"] == "listener" and p["pid"]]
-    return max([vm_hwm_mb(pid) for pid in listeners] or [0.0])
+    """The peak RSS of the process(es) that received (`receiving_pids`): the largest."""
+    return max([vm_hwm_mb(pid) for pid in receiving_pids(node)] or [0.0])
+
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds ``pids`` have used so far (/proc; 0 for one that exited)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / _TICK
 
 
 def check_stored(node: NodeProcess, sent: int) -> str:
@@ -179,17 +199,20 @@ def check_stored(node: NodeProcess, sent: int) -> str:
     return f"{sent} files + {sent} index rows"
 
 
-def print_table(results: dict[tuple[str, int], float], files: int, megabytes: float) -> None:
-    """One row per receiver and sender count: images/s, MB/s and the ratio to Orthanc and storescp."""
-    print("\n| receiver | senders | images/s | MB/s | ÷ Orthanc | ÷ storescp |")
-    print("|---|---:|---:|---:|---:|---:|")
+def print_table(results: dict[tuple[str, int], float], cpu_ms: dict[tuple[str, int], float], files: int,
+                megabytes: float) -> None:
+    """One row per receiver and sender count: images/s, MB/s, the ratio to Orthanc and storescp, and the CPU the
+    receiving process(es) spent per instance."""
+    print("\n| receiver | senders | images/s | MB/s | ÷ Orthanc | ÷ storescp | receiver CPU, ms per instance |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for (name, senders), seconds in results.items():
         ratios = [results[(peer, senders)] / seconds if (peer, senders) in results else float("nan")
                   for peer in ("Orthanc", "DCMTK storescp")]
         print(f"| {name} | {senders} | {files / seconds:,.0f} | {megabytes / seconds:,.1f} | "
-              + " | ".join(f"{r:.2f}×" for r in ratios) + " |")
+              + " | ".join(f"{r:.2f}×" for r in ratios) + f" | {cpu_ms.get((name, senders), float('nan')):.2f} |")
     print("\n÷ X = receiver images/s ÷ X's images/s, same feed and run (1.00× = as fast; >1 = faster). Targets for "
-          "the node: ≥ 0.75× Orthanc with 1 sender, ≥ 1.0× with 4.")
+          "the node: ≥ 0.75× Orthanc with 1 sender, ≥ 1.0× with 4. Receiver CPU: user + system time of the "
+          "receiving process(es) (the node's listeners; with `threads` the whole node, worker included) ÷ instances.")
 
 
 def main() -> int:
@@ -219,6 +242,7 @@ def main() -> int:
         print(f"feed: one series of {len(files)} CT files, {megabytes:.1f} MB "
               f"({megabytes * 1e3 / len(files):.0f} KB each); node worker {'off' if LEAN else 'on'}")
         results: dict[tuple[str, int], float] = {}
+        cpu_ms: dict[tuple[str, int], float] = {}  # CPU of the receiving process(es) per instance
         notes: list[str] = []
         for number, receiver in enumerate(r for r in receivers if not args.only or r.name.startswith(tuple(args.only))):
             for senders in args.senders:
@@ -228,7 +252,10 @@ def main() -> int:
                 peer = receiver.start(run_dir, port)
                 try:
                     groups = [files[i::senders] for i in range(senders)]
+                    pids = receiving_pids(peer)
+                    cpu = cpu_seconds(pids)
                     results[(receiver.name, senders)] = feed(port, receiver.ae_title, groups)
+                    cpu_ms[(receiver.name, senders)] = (cpu_seconds(pids) - cpu) * 1e3 / len(files)
                     if isinstance(peer, NodeProcess) and peer.proc is not None:
                         notes.append(f"{receiver.name}, {senders} sender(s): acknowledged and checked: "
                                      f"{check_stored(peer, len(files))}; peak RSS of the receiving process "
@@ -236,7 +263,7 @@ def main() -> int:
                                      f"{peak_rss_mb(peer.proc.pid):.0f} MB")
                 finally:
                     peer.stop()
-        print_table(results, len(files), megabytes)
+        print_table(results, cpu_ms, len(files), megabytes)
         print(*notes, sep="\n")
     return 0
 
