@@ -13,7 +13,8 @@ replaces the polling with waits that end as soon as there is work, using pynetdi
 
 - the DUL's three queues (``event_queue``, ``to_provider_queue``, ``to_user_queue``) and the DIMSE provider's ``msg_queue`` become
   `BellQueue` s, which ring a `Doorbell` on every put: the DUL's bell is a socket pair, so it can be waited on
-  together with the peer's socket; the association's is a `threading.Event`;
+  together with the peer's socket (rung only by other threads: the DUL's own puts are seen by its next pass);
+  the association's is a `threading.Event`;
 - ``_run_loop_delay`` becomes 0 and `node.guard.GuardedSocket.ready` (the DUL's per-pass socket check) waits in
   ``select`` on the peer's socket and the bell, at most `IDLE_WAIT`, returning at once when the peer sent data or
   something was queued for the DUL to send;
@@ -84,13 +85,26 @@ def install(assoc: Association) -> None:
     dul_bell = Doorbell()
     assoc_bell = threading.Event()
 
-    dul.event_queue = BellQueue(dul_bell.ring, dul.event_queue)  # state machine events (Evt5 queued already)
-    dul.to_provider_queue = BellQueue(dul_bell.ring, dul.to_provider_queue)  # our side's primitives to send
+    ring = _from_other_threads(dul, dul_bell.ring)
+    dul.event_queue = BellQueue(ring, dul.event_queue)  # state machine events (Evt5 queued already)
+    dul.to_provider_queue = BellQueue(ring, dul.to_provider_queue)  # our side's primitives to send
     dul.to_user_queue = BellQueue(assoc_bell.set, dul.to_user_queue)  # ACSE primitives from the peer
     dimse.msg_queue = BellQueue(assoc_bell.set, dimse.msg_queue)  # complete DIMSE messages
     dul._run_loop_delay = 0
     dul.socket.doorbell = dul_bell
     dimse.bell = assoc_bell
+
+
+def _from_other_threads(owner: threading.Thread, ring: Any) -> Any:
+    """``ring``, except when ``owner`` (the DUL's own thread) puts: its loop looks at its queues before every wait
+    (`wait_readable`'s ``busy``), so waking it costs a send, a ``select`` pass and a drain for nothing — three of the
+    five passes per C-STORE it made, measured (~1,000 instances: 2,978 wake-ups by its own puts of 4,983)."""
+
+    def ring_unless_owner() -> None:
+        if threading.current_thread() is not owner:
+            ring()
+
+    return ring_unless_owner
 
 
 def wait_readable(sock: socket.socket, bell: Doorbell, busy: bool = False) -> bool:
