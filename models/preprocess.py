@@ -404,7 +404,8 @@ def masks_to_source(prob: np.ndarray, shape: tuple[int, int], *, threshold: floa
     rows, cols = shape
     side, top, left = _square_pad(rows, cols)
     out = np.zeros((s, rows, cols), dtype=bool)
-    below = np.asarray(prob, dtype=np.float32).reshape(s, -1).max(axis=1, initial=-np.inf) < threshold * _MASK_MARGIN
+    limit = threshold * _MASK_MARGIN if threshold > 0 else -np.inf  # (a threshold ≤ 0: every slice resampled)
+    below = np.asarray(prob, dtype=np.float32).reshape(s, -1).max(axis=1, initial=-np.inf) < limit
     todo = np.flatnonzero(~below)
     for a in range(0, len(todo), chunk):
         at = todo[a : a + chunk]
