@@ -38,7 +38,7 @@ from node.device import announce as announce_device
 from node.device import report as device_entry
 from node.dispatch import Dispatcher
 from node.gate import GateRefusal, check_header, check_series
-from node.heap import retain_freed_memory
+from node.heap import release_beyond, retain_freed_memory
 from node.leases import holder_id
 from node.logs import get_logger
 from node.loops import LoopThread, backoff_seconds
@@ -181,6 +181,7 @@ class Worker:
                 else:
                     loop.beat(busy_for=self.config.supervise.item_seconds)
                     self.process(job)
+                    release_beyond(self.config.worker.retain_heap_mb)  # node.heap: at most that much kept free
                 errors = 0
             except Exception as exc:  # noqa: BLE001 - the loop outlives any one failure, see the docstring
                 errors += 1
