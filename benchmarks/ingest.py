@@ -76,9 +76,10 @@ def node_starter(model: str, listeners: int) -> Callable[[Path, int], PeerProces
         worker = "[worker]\nenabled = false\n" if LEAN else ""
         started = launch_node(work / "node", port=port, args=("--log-level", "WARNING"),
                               extra_toml=f"{processes}[completion]\nstable_seconds = 3600\n{worker}")
-        # the port answers once the first listener is up: wait for all of them, or the first takes every sender
-        wait_until(lambda: listening_sockets(port) >= listeners, 120, f"{listeners} listeners on port {port}",
-                   started.log_tail)
+        # wait for every listener (each binds the HTTP port; the DIMSE port is one socket the supervisor binds,
+        # node.listenfds), or the first one up takes every sender
+        wait_until(lambda: listening_sockets(started.http_port) >= listeners, 120,
+                   f"{listeners} listeners on HTTP port {started.http_port}", started.log_tail)
         return started
 
     return start

@@ -130,9 +130,11 @@ class GuardedServer(ThreadedAssociationServer):
         limits: ReceiveLimits,
         refusals: Refusals | None = None,
         reuse_port: bool = False,
+        listening: socket.socket | None = None,
     ) -> None:
         self.limits = limits
         self.reuse_port = reuse_port  # several listener processes share the port (node.roles)
+        self._adopted = listening  # a listening socket shared with other listeners (node.listenfds): no bind
         self._handshaking = 0  # TLS connections accepted whose handshake is not over (no association yet)
         self._handshaking_lock = threading.Lock()
         self.refusals = refusals or Refusals("dimse")
@@ -156,11 +158,22 @@ class GuardedServer(ThreadedAssociationServer):
         self.limits = ReceiveLimits.from_config(config.node)
 
     def server_bind(self) -> None:
-        """pynetdicom's bind, plus SO_REUSEPORT when asked (its own bind ignores socketserver's allow_reuse_port)."""
+        """pynetdicom's bind, plus SO_REUSEPORT when asked (its own bind ignores socketserver's allow_reuse_port);
+        with a shared listening socket (`node.listenfds`), that socket instead of binding one."""
+        if self._adopted is not None:
+            assert self.socket is not None
+            self.socket.close()
+            self.socket = self._adopted
+            self.server_address = self.socket.getsockname()
+            return
         if self.reuse_port:
             assert self.socket is not None
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
+
+    def server_activate(self) -> None:
+        if self._adopted is None:  # a shared socket listens already, with the supervisor's backlog
+            super().server_activate()
 
     def open_connections(self) -> int:
         """Connections holding a slot, from their admission until their thread ends (TLS handshakes included)."""
@@ -236,14 +249,15 @@ class GuardedServer(ThreadedAssociationServer):
 def start_guarded_server(
     ae: AE, address: tuple[str, int], evt_handlers: list[Any], limits: ReceiveLimits,
     ssl_context: ssl.SSLContext | None = None,
-    refusals: Refusals | None = None, reuse_port: bool = False,
+    refusals: Refusals | None = None, reuse_port: bool = False, listening: socket.socket | None = None,
 ) -> GuardedServer:
     """Like ``ae.start_server(address, block=False, evt_handlers=..., ssl_context=...)`` but guarded (DICOM TLS
-    when ``ssl_context`` is given); returns once listening."""
+    when ``ssl_context`` is given); returns once listening. ``listening``: accept on that socket, shared with other
+    listener processes (`node.listenfds`), instead of binding ``address``."""
     server = cast(
         GuardedServer,
         ae.make_server(address, evt_handlers=evt_handlers, ssl_context=ssl_context, server_class=GuardedServer,
-                       limits=limits, refusals=refusals, reuse_port=reuse_port),
+                       limits=limits, refusals=refusals, reuse_port=reuse_port, listening=listening),
     )
     threading.Thread(target=server.serve_forever, name="AcceptorServer@pacsnode", daemon=True).start()
     return server

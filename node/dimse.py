@@ -36,6 +36,7 @@ from node.errors import AdmissionRefusedError, ReceiveError, StoreStatus
 from node.guard import ReceiveLimits, discard_request_dataset, store_request_dataset
 from node.index import Index
 from node.ingest import ACCEPTED_TRANSFER_SYNTAXES, EncodedDataset, Ingestor, Origin
+from node.listenfds import DIMSE, DIMSE_TLS, inherited
 from node.logs import get_logger
 from node.metrics import Metrics
 from node.refusals import Refusals
@@ -86,7 +87,7 @@ class DimseServer:
         reuse_port: bool = False,
     ) -> None:
         self._on_commitment_report = on_commitment_report  # node.commitment: the PACS's N-EVENT-REPORT
-        self._reuse_port = reuse_port  # SO_REUSEPORT: listener processes share the port (node.roles)
+        self._reuse_port = reuse_port  # SO_REUSEPORT, where no supervisor's socket is inherited (node.listenfds)
         self._config = config
         self._audit = audit  # association start/stop and what each stored (node.audit); None: no audit
         self._metrics = metrics or Metrics()
@@ -166,12 +167,14 @@ class DimseServer:
         tls = self._config.tls
         if tls.plaintext_dimse:
             self._server = start_guarded_server(self._ae, (host, self._config.node.port), handlers, limits,
-                                                refusals=self._refusals, reuse_port=self._reuse_port)
+                                                refusals=self._refusals, reuse_port=self._reuse_port,
+                                                listening=inherited(DIMSE, self._config.node.port))
             self._log.info("dimse_listening", ae_title=self._config.node.ae_title, host=host, port=self.address[1])
         if tls.dimse_port is not None:
             self._tls_server = start_guarded_server(self._ae, (host, tls.dimse_port), handlers, limits,
                                                     ssl_context=self._ssl_context, refusals=self._refusals,
-                                                    reuse_port=self._reuse_port)
+                                                    reuse_port=self._reuse_port,
+                                                    listening=inherited(DIMSE_TLS, tls.dimse_port))
             address = self.tls_address
             assert address is not None
             self._log.info("dimse_tls_listening", ae_title=self._config.node.ae_title, host=host, port=address[1],

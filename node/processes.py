@@ -1,7 +1,8 @@
 """The supervisor of role processes: ``pacsnode serve`` with ``[node] process_model = "processes"``.
 
 `ProcessSupervisor(config, config_path)` runs one child process per role (node.roles) — ``listener_processes``
-listeners sharing the DIMSE and HTTP ports (SO_REUSEPORT), a worker (when ``[worker] enabled``) and a dispatcher —
+listeners sharing the DIMSE ports (one accept queue the supervisor binds: node.listenfds) and the HTTP port
+(SO_REUSEPORT), a worker (when ``[worker] enabled``) and a dispatcher —
 each a fresh interpreter running ``pacsnode serve --role R``, so TensorFlow loads in the worker alone. It:
 
 * prepares the database once (tables; closes the associations every earlier process of this instance left open;
@@ -36,6 +37,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -51,6 +53,10 @@ from prometheus_client.multiprocess import mark_process_dead
 from node.config import NodeConfig, load_config
 from node.errors import ConfigError
 from node.forking import ChildProcess, fork_child, preload
+from node.listenfds import DIMSE, DIMSE_TLS
+from node.listenfds import ENV as LISTEN_FDS_ENV
+from node.listenfds import bind as bind_listening
+from node.listenfds import env_value as listen_fds_value
 from node.logs import get_logger
 from node.metrics import MULTIPROC_ENV
 from node.roles import Identity
@@ -118,6 +124,7 @@ class ProcessSupervisor:
         self._fork_lock = threading.Lock()  # held across each fork and by the reload thread (node.forking)
         self.fork = config.node.child_start is ChildStart.FORK and hasattr(os, "fork")
         self._log = get_logger(component="processes", instance_id=self.identity.instance_id)
+        self._listening: dict[str, socket.socket] = {}  # the DIMSE ports, bound here for every listener (listenfds)
 
     # -- lifecycle -----------------------------------------------------------------------------------------
     def prepare(self) -> tuple[int, int]:
@@ -141,6 +148,7 @@ class ProcessSupervisor:
         closed, retimed = self.prepare()
         if closed or retimed:
             self._log.warning("resuming_previous_run", open_associations_closed=closed, series_retimed=retimed)
+        self._listening = self._bind_listeners()
         self.pid_file.write_text(f"{os.getpid()}\n")
         self._fresh_metrics_dir()
         self._audit(lambda a: a.application(started=True))  # one start/stop per node, not one per child
@@ -151,6 +159,27 @@ class ProcessSupervisor:
         self._write_table()
         self._log.info("processes_started", processes=[c.name for c in self.children])
 
+    def _bind_listeners(self) -> dict[str, socket.socket]:
+        """The DIMSE listening sockets the listener children share (`node.listenfds`); none without listeners."""
+        if not any(c.role is Role.LISTENER for c in self.children):
+            return {}
+        from node.guard import ReceiveLimits
+
+        node, tls = self.config.node, self.config.tls
+        backlog = max(ReceiveLimits.from_config(node).max_connections, 5)  # as each GuardedServer would listen
+        ports = {DIMSE: node.port if tls.plaintext_dimse else None, DIMSE_TLS: tls.dimse_port}
+        bound: dict[str, socket.socket] = {}
+        for name, port in ports.items():
+            if port is None:
+                continue
+            try:
+                bound[name] = bind_listening(node.host, port, backlog)
+            except OSError as exc:  # in use, or not ours to bind: nothing starts (cli: exit 2, the reason)
+                for sock in bound.values():
+                    sock.close()
+                raise ConfigError(f"cannot listen on {node.host}:{port}: {exc.strerror or exc}") from exc
+        return bound
+
     def _command(self, child: Child) -> list[str]:
         """``child_start = "exec"``: the command line of ``child``."""
         return [sys.executable, "-m", "node.cli", *self._arguments(child)]
@@ -160,7 +189,21 @@ class ProcessSupervisor:
         from node.cli import main
 
         arguments = self._arguments(child)
-        return lambda: main(arguments)
+        shared = [] if child.role is Role.LISTENER else list(self._listening.values())
+
+        def run() -> int:
+            for sock in shared:  # only listeners keep the shared listening sockets
+                sock.close()
+            return main(arguments)
+
+        return run
+
+    def _child_env(self, child: Child) -> dict[str, str]:
+        """What ``child``'s environment gains: the metrics folder and, for a listener, the shared sockets."""
+        env = {MULTIPROC_ENV: str(self.metrics_dir)}
+        if child.role is Role.LISTENER and self._listening:
+            env[LISTEN_FDS_ENV] = listen_fds_value(self._listening)
+        return env
 
     def _arguments(self, child: Child) -> list[str]:
         """The ``pacsnode`` arguments of ``child``: ``serve --role R`` and how to find its supervisor and config."""
@@ -184,11 +227,11 @@ class ProcessSupervisor:
         # (a second signal straight from the terminal would force the children's exit).
         if self.fork:
             with self._fork_lock:
-                child.proc = fork_child(self._child_main(child), {MULTIPROC_ENV: str(self.metrics_dir)},
-                                        child.name)
+                child.proc = fork_child(self._child_main(child), self._child_env(child), child.name)
         else:
-            env = {**os.environ, MULTIPROC_ENV: str(self.metrics_dir)}
-            child.proc = subprocess.Popen(self._command(child), process_group=0, env=env)  # noqa: S603 - ours
+            fds = [s.fileno() for s in self._listening.values()] if child.role is Role.LISTENER else []
+            child.proc = subprocess.Popen(self._command(child), process_group=0,  # noqa: S603 - ours
+                                          env={**os.environ, **self._child_env(child)}, pass_fds=fds)
         child.started_at = time.time()
         child.due_at = None
         self._log.info("process_started", process=child.name, pid=child.proc.pid)
@@ -244,6 +287,9 @@ class ProcessSupervisor:
                 self._log.error("process_killed", process=child.name, pid=child.proc.pid)
                 child.proc.kill()
                 child.proc.wait()
+        for sock in self._listening.values():  # the ports close with the last listener gone
+            sock.close()
+        self._listening = {}
         with contextlib.suppress(FileNotFoundError):
             self.pid_file.unlink()
         with contextlib.suppress(FileNotFoundError):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,11 +44,19 @@ class NodeProcess(PeerProcess):
     append_log = False
 
     def start(self, timeout: float = 120.0) -> NodeProcess:
-        """Start the node and return once its DIMSE port answers; raises `PeerError` (stopping it) when it exits
-        first or does not listen within ``timeout`` seconds."""
+        """Start the node and return once its DIMSE port and its HTTP port answer; raises `PeerError` (stopping
+        it) when it exits first or does not listen within ``timeout`` seconds. Under the process model the
+        supervisor holds the DIMSE port from the start (node.listenfds) and a listener child serves HTTP, so the
+        HTTP port is what says a listener is up."""
         proc = self._spawn([sys.executable, "-m", "node.cli", "serve", "--config", str(self.config_path), *self.args],
                            cwd=REPO, env=node_env())
-        self._ready_or_stop(lambda: wait_for_port(self.port, timeout, proc, "the node", self.log_tail))
+        deadline = time.monotonic() + timeout
+
+        def listening() -> None:
+            for port in [self.port, *([self.http_port] if self.http_port else [])]:
+                wait_for_port(port, max(1.0, deadline - time.monotonic()), proc, "the node", self.log_tail)
+
+        self._ready_or_stop(listening)
         return self
 
     def stop(self, timeout: float = 30.0) -> None:

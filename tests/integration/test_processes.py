@@ -1,5 +1,5 @@
 """The process model (``[node] process_model = "processes"``) with real peers: two listener processes share the
-DIMSE port (SO_REUSEPORT) while four DCMTK storescu senders send concurrently; one listener child is killed with
+DIMSE port (one accept queue, node.listenfds) while four DCMTK storescu senders send concurrently; one listener child is killed with
 SIGKILL in the middle of a transfer. The supervisor restarts it, `/readyz` and `pacsnode status` show the restart,
 the restarted child closes only its own dead associations, and every instance acknowledged is on disk and indexed
 exactly once (a resend of every series afterwards leaves each series' count at its slice count). A slow test runs
@@ -145,7 +145,7 @@ def _scenario(node: NodeProcess, tmp_path: Path) -> None:
                    cwd=REPO, env=node_env(), capture_output=True, text=True, timeout=60, check=True)
     wait_until(lambda: events(node).count("config_reloaded") == 3, 30, "3 children reloaded", lambda: node.log_tail())
 
-    # Both listeners took associations (the kernel spreads connections by address hash: echo until both did).
+    # Both listeners took associations (whichever is idle accepts from the shared queue: echo until both did).
     def owners() -> set[str]:
         dcmtk.echoscu(node.port, called_ae=node.ae_title, check=True)
         return {r.node_id.split(":", 1)[1] for r in query(node, "select node_id from associations")}
@@ -159,6 +159,27 @@ def _scenario(node: NodeProcess, tmp_path: Path) -> None:
     assert scraped == {accepted}, (scraped, accepted)
     print(f"\n{SENDERS} senders x {SLICES} slices, {name} killed mid-transfer: {len(acked)} acknowledged before, "
           f"all indexed; restarted as pid {restarted['pid']}; resend of all {SENDERS * SLICES} indexed once")
+
+
+def test_a_connection_made_while_the_listener_restarts_is_served_by_its_successor(tmp_path, node_database):
+    """The supervisor holds the DIMSE port (node.listenfds): with the only listener killed and its restart 3 s
+    away, a C-ECHO's connection waits in the accept queue and the restarted listener answers it. With a socket per
+    listener (SO_REUSEPORT) nothing listened in between, and the connection was refused."""
+    require_tool("echoscu")
+    toml = NODE_TOML.replace("listener_processes = 2", "listener_processes = 1").replace(
+        "restart_backoff_seconds = 0.2", "restart_backoff_seconds = 3")
+    node = launch_node(tmp_path / "node", extra_toml=toml, database_url=node_database.for_node())
+    try:
+        wait_until(lambda: readyz(node)["ready"], 60, "the node ready", lambda: node.log_tail())
+        before = process(readyz(node), "listener-0")["pid"]
+        os.kill(before, signal.SIGKILL)
+        wait_until(lambda: not _running(before), 10, "the listener dead")
+        echo = dcmtk.echoscu(node.port, called_ae=node.ae_title, timeout=60)
+        assert echo.returncode == 0, echo.stderr
+        after = process(readyz(node), "listener-0")
+        assert after["pid"] != before and after["restarts"] == 1
+    finally:
+        node.stop()
 
 
 def metric(node: NodeProcess, name: str, **labels: str) -> float:

@@ -189,7 +189,8 @@ enabled = false
         assert comm == "pacs-listener-0"  # what ps and top show (15 bytes at most), not the supervisor's command
         from peers.process import wait_for_port
 
-        wait_for_port(config.node.port, 10)
+        wait_for_port(config.node.port, 10)  # the supervisor's shared socket (node.listenfds)
+        wait_for_port(config.node.http_port, 10)  # the listener child's own
     finally:
         sup.stop(20)
     assert all(c.proc is not None and c.proc.returncode == 0 for c in sup.children)  # their own clean stop
