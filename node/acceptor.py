@@ -145,9 +145,7 @@ class GuardedServer(ThreadedAssociationServer):
         self._open = 0
         self._per_peer: dict[str, int] = {}
         self._per_peer_lock = threading.Lock()
-        # socketserver listens with a backlog of 5: a burst of connections (several modalities, or an attacker's
-        # idle ones) then has the kernel drop SYNs and senders wait a 1 s retransmission each.
-        self.request_queue_size = max(limits.max_connections, 5)
+        self.request_queue_size = limits.listen_backlog
         super().__init__(
             ae, address, ae_title, contexts, ssl_context, evt_handlers=evt_handlers,
             request_handler=GuardedRequestHandler,

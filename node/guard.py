@@ -118,6 +118,12 @@ class ReceiveLimits:
                 f"{self.network_timeout}"
             )
 
+    @property
+    def listen_backlog(self) -> int:
+        """The listen queue a DIMSE port gets: socketserver's 5 would have the kernel drop SYNs in a burst
+        (several modalities, or an attacker's idle connections) and senders wait a 1 s retransmission each."""
+        return max(self.max_connections, 5)
+
     @classmethod
     def from_config(cls, node: NodeSection) -> ReceiveLimits:
         return cls(

@@ -166,7 +166,7 @@ class ProcessSupervisor:
         from node.guard import ReceiveLimits
 
         node, tls = self.config.node, self.config.tls
-        backlog = max(ReceiveLimits.from_config(node).max_connections, 5)  # as each GuardedServer would listen
+        backlog = ReceiveLimits.from_config(node).listen_backlog  # as a GuardedServer of its own would listen
         ports = {DIMSE: node.port if tls.plaintext_dimse else None, DIMSE_TLS: tls.dimse_port}
         bound: dict[str, socket.socket] = {}
         for name, port in ports.items():
