@@ -1,7 +1,7 @@
 """One accept queue for the listener processes: the supervisor binds the DIMSE ports, its listener children accept.
 
 With ``[node] process_model = "processes"``, `node.processes.ProcessSupervisor` binds the DICOM port (and the DICOM
-TLS port) itself before it starts any child (`bind_shared`) and hands the listening sockets to its listener
+TLS port) itself before it starts any child (`bind`) and hands the listening sockets to its listener
 children (inherited through fork, or ``pass_fds`` through exec; their numbers in `ENV`). Every listener waits on
 the same socket, and the one that gets to ``accept`` first — an idle one, since a busy one's acceptor thread first
 needs its GIL — takes the connection. With a socket each (``SO_REUSEPORT``) the kernel hashed every connection to a

@@ -189,20 +189,25 @@ class ProcessSupervisor:
         from node.cli import main
 
         arguments = self._arguments(child)
-        shared = [] if child.role is Role.LISTENER else list(self._listening.values())
+        kept = self._shared_with(child)
+        others = [sock for name, sock in self._listening.items() if name not in kept]
 
         def run() -> int:
-            for sock in shared:  # only listeners keep the shared listening sockets
+            for sock in others:  # a forked child holds every descriptor: only listeners keep the shared sockets
                 sock.close()
             return main(arguments)
 
         return run
 
+    def _shared_with(self, child: Child) -> dict[str, socket.socket]:
+        """The shared listening sockets ``child`` gets: all of them for a listener, none for the other roles."""
+        return self._listening if child.role is Role.LISTENER else {}
+
     def _child_env(self, child: Child) -> dict[str, str]:
-        """What ``child``'s environment gains: the metrics folder and, for a listener, the shared sockets."""
+        """What ``child``'s environment gains: the metrics folder and the shared sockets it gets, if any."""
         env = {MULTIPROC_ENV: str(self.metrics_dir)}
-        if child.role is Role.LISTENER and self._listening:
-            env[LISTEN_FDS_ENV] = listen_fds_value(self._listening)
+        if shared := self._shared_with(child):
+            env[LISTEN_FDS_ENV] = listen_fds_value(shared)
         return env
 
     def _arguments(self, child: Child) -> list[str]:
@@ -229,7 +234,7 @@ class ProcessSupervisor:
             with self._fork_lock:
                 child.proc = fork_child(self._child_main(child), self._child_env(child), child.name)
         else:
-            fds = [s.fileno() for s in self._listening.values()] if child.role is Role.LISTENER else []
+            fds = [s.fileno() for s in self._shared_with(child).values()]
             child.proc = subprocess.Popen(self._command(child), process_group=0,  # noqa: S603 - ours
                                           env={**os.environ, **self._child_env(child)}, pass_fds=fds)
         child.started_at = time.time()
