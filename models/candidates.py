@@ -129,13 +129,19 @@ class CandidateEvidence:
                 f"{int((self.scores >= SCORE_COUNT).sum())} scoring >= {SCORE_COUNT}, best score {best:.3f}")
 
 
-def build_model(channels: int) -> Any:
+def _inputs(channels: int) -> tuple[Any, Any]:
+    import keras
+
+    return (keras.Input((2 * HALF, 2 * HALF, channels), name="patch"),
+            keras.Input((len(SCALARS),), name="scalars"))
+
+
+def build_model(channels: int, name: str = "candidates") -> Any:
     """The candidate CNN (untrained): inputs ``patch`` (2·HALF, 2·HALF, channels) and ``scalars`` (2,), output
     the probability that the candidate is a lesion."""
     import keras
 
-    patch = keras.Input((2 * HALF, 2 * HALF, channels), name="patch")
-    scalars = keras.Input((len(SCALARS),), name="scalars")
+    patch, scalars = _inputs(channels)
     h = patch
     for filters in (16, 32, 64):
         h = keras.layers.Conv2D(filters, 3, padding="same", activation="relu")(h)
@@ -145,7 +151,20 @@ def build_model(channels: int) -> Any:
     h = keras.layers.Concatenate()([h, scalars])
     h = keras.layers.Dense(32, activation="relu")(h)
     out = keras.layers.Dense(1, activation="sigmoid", name="score")(h)
-    return keras.Model({"patch": patch, "scalars": scalars}, out, name="candidates")
+    return keras.Model({"patch": patch, "scalars": scalars}, out, name=name)
+
+
+def average(members: Sequence[Any], channels: int) -> Any:
+    """One model with `build_model`'s inputs whose score is the mean of ``members``' scores (an ensemble saved
+    and loaded as one file; the node runs it like a single CNN). One member is returned as it is."""
+    import keras
+
+    if len(members) == 1:
+        return members[0]
+    patch, scalars = _inputs(channels)
+    scores = [m({"patch": patch, "scalars": scalars}) for m in members]
+    return keras.Model({"patch": patch, "scalars": scalars}, keras.layers.Average(name="score")(scores),
+                       name="candidates")
 
 
 class CandidateModel:
@@ -206,5 +225,5 @@ class CandidateModel:
 
 
 __all__ = ["CONTEXT", "FEATURES", "HALF", "LABEL_OVERLAP", "SCALARS", "SCORE_COUNT", "THRESHOLD", "CandidateError",
-           "CandidateEvidence", "CandidateModel", "Candidates", "build_model", "extract", "lesion_in_lungs",
+           "CandidateEvidence", "CandidateModel", "Candidates", "average", "build_model", "extract", "lesion_in_lungs",
            "patch_channels"]

@@ -54,6 +54,7 @@ class CandidateSettings:
     learning_rate: float = 1e-3
     held_out_cases: float = 0.1
     seed: int = 0
+    members: int = 1  # CNNs averaged into the one model (seeds seed, seed + 1, …)
 
 
 @dataclass(frozen=True)
@@ -114,13 +115,50 @@ def _augment(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(x, int(rng.integers(4)), axes=(1, 2)))
 
 
-def fit(c: Collected, s: CandidateSettings, log: Callable[[str], None] = print) -> tuple[Any, dict[str, Any]]:
-    """The trained CNN (best held-out epoch) and its training record."""
+def _fit_member(c: Collected, tr: np.ndarray, va: np.ndarray, s: CandidateSettings, seed: int,
+                rng: np.random.Generator, name: str,
+                log: Callable[[str], None]) -> tuple[Any, dict[str, Any], dict[str, list[float]]]:
+    """One CNN trained on the candidates ``tr`` (initialised from ``seed``, batches drawn with ``rng``), kept at
+    its best epoch by the ROC AUC on ``va``."""
     import keras
 
     from training.common import roc_auc
 
-    keras.utils.set_random_seed(s.seed)
+    keras.utils.set_random_seed(seed)
+    positives = float(c.labels[tr].sum())
+    weights = {0: 1.0, 1: (len(tr) - positives) / positives}
+    model = build_model(c.patches.shape[-1], name=name)
+    model.compile(keras.optimizers.Adam(s.learning_rate), "binary_crossentropy")
+    history: dict[str, list[float]] = {"loss": [], "val_auc": []}
+    best, best_weights, best_epoch = -1.0, None, 0
+    for epoch in range(1, s.epochs + 1):
+        order = rng.permutation(tr)
+        losses = []
+        for a in range(0, len(order), s.batch_size):
+            b = np.sort(order[a : a + s.batch_size])
+            losses.append(float(model.train_on_batch({"patch": _augment(c.patches[b], rng), "scalars": c.scalars[b]},
+                                                     c.labels[b], class_weight=weights)))
+        auc = roc_auc(c.labels[va], _scores(model, c, va))
+        history["loss"].append(float(np.mean(losses)))
+        history["val_auc"].append(auc)
+        log(f"{name} epoch {epoch}/{s.epochs}: loss {np.mean(losses):.4f}, held-out AUC {auc:.4f}")
+        if auc > best:
+            best, best_weights, best_epoch = auc, model.get_weights(), epoch
+    model.set_weights(best_weights)
+    return model, {"seed": seed, "best_epoch": best_epoch, "held_out_roc_auc": best}, history
+
+
+def _scores(model: Any, c: Collected, idx: np.ndarray) -> np.ndarray:
+    return np.asarray(model.predict({"patch": c.patches[idx], "scalars": c.scalars[idx]}, verbose=0,
+                                    batch_size=512)).reshape(-1)
+
+
+def fit(c: Collected, s: CandidateSettings, log: Callable[[str], None] = print) -> tuple[Any, dict[str, Any]]:
+    """The trained CNN — or, with ``s.members`` > 1, the mean of that many CNNs (seeds ``s.seed`` + 0, 1, …, the
+    same training and held-out cases) as one model — and its training record."""
+    from models.candidates import average
+    from training.common import roc_auc
+
     rng = np.random.default_rng(s.seed)
     held = rng.choice(c.n_cases, int(c.n_cases * s.held_out_cases), replace=False)
     va = np.isin(c.cases, held)
@@ -129,31 +167,25 @@ def fit(c: Collected, s: CandidateSettings, log: Callable[[str], None] = print) 
     if positives == 0 or positives == len(tr) or len(np.unique(c.labels[va])) < 2:
         raise TrainingError("training needs lesion and non-lesion candidates in both the training and the "
                             "held-out cases")
-    weights = {0: 1.0, 1: (len(tr) - positives) / positives}
-    model = build_model(c.patches.shape[-1])
-    model.compile(keras.optimizers.Adam(s.learning_rate), "binary_crossentropy")
-    history: dict[str, list[float]] = {"loss": [], "val_auc": []}
-    best, best_weights, best_epoch = -1.0, None, 0
+    if s.members < 1:
+        raise TrainingError(f"an ensemble needs at least one member, got {s.members}")
     t0 = time.perf_counter()
-    for epoch in range(1, s.epochs + 1):
-        order = rng.permutation(tr)
-        losses = []
-        for a in range(0, len(order), s.batch_size):
-            b = np.sort(order[a : a + s.batch_size])
-            losses.append(float(model.train_on_batch({"patch": _augment(c.patches[b], rng), "scalars": c.scalars[b]},
-                                                     c.labels[b], class_weight=weights)))
-        scores = model.predict({"patch": c.patches[va], "scalars": c.scalars[va]}, verbose=0, batch_size=512)[:, 0]
-        auc = roc_auc(c.labels[va], scores)
-        history["loss"].append(float(np.mean(losses)))
-        history["val_auc"].append(auc)
-        log(f"epoch {epoch}/{s.epochs}: loss {np.mean(losses):.4f}, held-out AUC {auc:.4f}")
-        if auc > best:
-            best, best_weights, best_epoch = auc, model.get_weights(), epoch
-    model.set_weights(best_weights)
+    members, runs, history = [], [], {}
+    for i in range(s.members):
+        name = "candidates" if s.members == 1 else f"candidates_{i + 1}"
+        # the first member draws its batches on from the held-out draw's generator (one CNN: as before ensembles)
+        member_rng = rng if i == 0 else np.random.default_rng(s.seed + i)
+        model, run, h = _fit_member(c, tr, np.flatnonzero(va), s, s.seed + i, member_rng, name, log)
+        members.append(model)
+        runs.append(run)
+        history.update(h if s.members == 1 else {f"{k}_{i + 1}": v for k, v in h.items()})
+    model = average(members, c.patches.shape[-1])
     record = {
         "candidates": int(len(c.labels)), "lesion_candidates": int(c.labels.sum()), "cases": c.n_cases,
-        "held_out_cases": int(len(held)), "held_out_candidates": int(va.sum()), "best_epoch": best_epoch,
-        "held_out_roc_auc": best,
+        "held_out_cases": int(len(held)), "held_out_candidates": int(va.sum()),
+        **({"best_epoch": runs[0]["best_epoch"]} if s.members == 1 else {"members": runs}),
+        "held_out_roc_auc": runs[0]["held_out_roc_auc"] if s.members == 1
+        else roc_auc(c.labels[va], _scores(model, c, np.flatnonzero(va))),
         "held_out_roc_auc_peak_probability": roc_auc(c.labels[va], c.scalars[va, SCALARS.index("peak_probability")]),
         "collect_seconds": round(c.seconds, 1), "train_seconds": round(time.perf_counter() - t0, 1),
         "history": history,
@@ -196,7 +228,9 @@ def train_candidates(datasets: Sequence[Path], out: Path, *, registry: Any = Non
         ],
         "segmenter": {"name": seg.name, "version": seg.version},
         "architecture": {
-            "type": "2-D CNN over 3-slice patches + candidate size and peak",
+            "type": "2-D CNN over 3-slice patches + candidate size and peak"
+                    + (f"; the mean of {s.members} such CNNs (seeds {s.seed}-{s.seed + s.members - 1})"
+                       if s.members > 1 else ""),
             "patch": [2 * HALF, 2 * HALF, patch_channels(seg.preprocess.channels)],
             "scalars": list(SCALARS),
             "parameters": int(model.count_params()),

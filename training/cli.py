@@ -7,7 +7,7 @@
   [--hard-positives F [--hard-positive-kind any|background] (segmenter)] [--init DIR (segmenter)]
   [--learning-rate LR (segmenter)]``
 - ``train candidates --data DIR [--data DIR …] --cache-dir DIR --out DIR [--segmenter-version V] [--epochs N]
-  [--seed S] [--version V]``: the candidate stage over a shipped U-Net's components (`training.candidates`)
+  [--seed S] [--members N] [--version V]``: the candidate stage over a shipped U-Net's components (`training.candidates`)
 - ``model-eval --data DIR [--weights-dir DIR] [--classifier-version V] [--segmenter-version V] [--json F]
   [--write-card] [--compare-with OTHER.json]``
 - ``fuse-lesion --data DIR --base-version V --version NEW [--segmenter-version V] [--candidates-version V]
@@ -102,7 +102,8 @@ def _train_candidates(args: argparse.Namespace) -> int:
     if not args.cache_dir:
         _err("train candidates needs --cache-dir (the prepared-array cache)")
         return 2
-    s = CandidateSettings(**{k: v for k, v in (("epochs", args.epochs), ("seed", args.seed)) if v is not None})
+    s = CandidateSettings(**{k: v for k, v in (("epochs", args.epochs), ("seed", args.seed),
+                                               ("members", args.members)) if v is not None})
     command = "pacsnode train " + " ".join(sys.argv[2:] if len(sys.argv) > 2 else [])
     try:
         card = train_candidates([Path(d) for d in args.data], Path(args.out), registry=Registry(),
@@ -114,7 +115,8 @@ def _train_candidates(args: argparse.Namespace) -> int:
         return 1
     t = card["training"]
     print(f"wrote {card['name']} {card['version']} to {args.out}: {t['candidates']} candidates "
-          f"({t['lesion_candidates']} lesion) from {t['cases']} cases, best epoch {t['best_epoch']}, held-out "
+          f"({t['lesion_candidates']} lesion) from {t['cases']} cases, best epoch "
+          f"{t['best_epoch'] if 'best_epoch' in t else [m['best_epoch'] for m in t['members']]}, held-out "
           f"ROC AUC {t['held_out_roc_auc']:.3f} (peak probability alone {t['held_out_roc_auc_peak_probability']:.3f})")
     return 0
 
@@ -231,6 +233,8 @@ def register(subparsers: Any) -> None:
     t.add_argument("--hard-positive-kind", choices=("any", "background"),
                    help="segmenter: which misses --hard-positives draws: any (the default), or only those the model "
                         "mostly calls background (a dense lesion taken for the wall), not lung (a faint one)")
+    t.add_argument("--members", type=int, metavar="N",
+                   help="candidates: average N CNNs (seeds S, S+1, …) into the one model (default 1)")
     t.add_argument("--learning-rate", type=float,
                    help="segmenter: initial learning rate of the cosine schedule (default 2e-3; lower when starting "
                         "from --init)")

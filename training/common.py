@@ -182,7 +182,7 @@ def plot_curves(history: dict[str, list[float]], path: Path, title: str) -> None
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    epochs = range(1, len(history.get("loss", [])) + 1)
+    epochs = range(1, max(map(len, history.values()), default=0) + 1)  # keys need not be "loss" (ensembles)
     for key in history:
         ax = axes[0] if "loss" in key else axes[1]
         ax.plot(list(epochs)[: len(history[key])], history[key], marker="o", label=key)

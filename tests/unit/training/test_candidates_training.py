@@ -81,3 +81,32 @@ def test_a_dataset_the_segmenter_trained_on_is_refused(tmp_path) -> None:
     with pytest.raises(TrainingError, match="seed the segmenter's card names"):
         train_candidates([known], tmp_path / "out", segmenter_version="1.1.0", cache_dir=tmp_path / "cache",
                          log=lambda _: None)
+
+
+def test_an_ensemble_is_one_model_scoring_the_mean_of_its_members(tmp_path, data) -> None:
+    """``--members 2``: two CNNs (seeds 7 and 8) on the same training and held-out cases, saved as one model whose
+    score is their mean — the registry loads it and the node's segmenter runs it like a single CNN."""
+    from models.registry import CARD_FILE
+
+    weights = tmp_path / "weights"
+    shutil.copytree(DEFAULT_WEIGHTS_DIR / "segmenter" / "1.1.0", weights / "segmenter" / "1.1.0")
+    out = weights / "candidates" / "0.2.0"
+    card = train_candidates([data], out, registry=Registry(weights), segmenter_version="1.1.0",
+                            cache_dir=tmp_path / "cache",
+                            settings=CandidateSettings(epochs=2, held_out_cases=0.5, seed=7, members=2),
+                            version="0.2.0", log=lambda _: None)
+    t = card["training"]
+    assert [m["seed"] for m in t["members"]] == [7, 8] and "best_epoch" not in t
+    assert all(m["best_epoch"] in (1, 2) and 0 <= m["held_out_roc_auc"] <= 1 for m in t["members"])
+    assert "the mean of 2 such CNNs (seeds 7-8)" in card["architecture"]["type"]
+    assert json.loads((out / CARD_FILE).read_text())["training"]["members"] == t["members"]
+    loaded = Registry(weights).candidates("0.2.0")
+    model = loaded._m.model
+    members = [model.get_layer(f"candidates_{i}") for i in (1, 2)]
+    rng = np.random.default_rng(0)
+    x = {"patch": rng.random((5, 32, 32, loaded.channels), dtype=np.float32),
+         "scalars": rng.random((5, 2), dtype=np.float32)}
+    each = [np.asarray(m.predict(x, verbose=0)).reshape(-1) for m in members]
+    assert not np.allclose(each[0], each[1])  # two different CNNs…
+    np.testing.assert_allclose(np.asarray(model.predict(x, verbose=0)).reshape(-1), (each[0] + each[1]) / 2,
+                               rtol=1e-5, atol=1e-6)  # …and the model scores their mean
