@@ -10,6 +10,9 @@
    cross-entropy weighted by the inverse class frequency, random flips and quarter turns of the patches; 10 % of
    the *cases* (not candidates: a case's candidates are alike) are held out, and the epoch with the best ROC AUC
    there is kept. The card records that AUC beside the peak probability's own (what the U-Net alone tells).
+   ``CandidateSettings.members`` > 1 (``--members N``) trains N such CNNs (seeds S … S + N − 1) on the same
+   training and held-out cases and saves their mean as one model (`models.candidates.average`); measured on the
+   development sets it was more specific, not more sensitive (training/README.md).
 
 The datasets must be new to the segmenter (its training and validation data make its candidates unlike the
 node's), and must never be the evaluation's cross-validation set or the test set: the fusing classifier's
@@ -173,7 +176,8 @@ def fit(c: Collected, s: CandidateSettings, log: Callable[[str], None] = print) 
     members, runs, history = [], [], {}
     for i in range(s.members):
         name = "candidates" if s.members == 1 else f"candidates_{i + 1}"
-        # the first member draws its batches on from the held-out draw's generator (one CNN: as before ensembles)
+        # the first member draws its batches from the generator that drew the held-out cases, so a single CNN
+        # trains exactly as it did before ensembles existed
         member_rng = rng if i == 0 else np.random.default_rng(s.seed + i)
         model, run, h = _fit_member(c, tr, np.flatnonzero(va), s, s.seed + i, member_rng, name, log)
         members.append(model)
