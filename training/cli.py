@@ -102,6 +102,9 @@ def _train_candidates(args: argparse.Namespace) -> int:
     if not args.cache_dir:
         _err("train candidates needs --cache-dir (the prepared-array cache)")
         return 2
+    if args.members is not None and args.members < 1:
+        _err(f"--members must be at least 1, got {args.members}")
+        return 2
     s = CandidateSettings(**{k: v for k, v in (("epochs", args.epochs), ("seed", args.seed),
                                                ("members", args.members)) if v is not None})
     command = "pacsnode train " + " ".join(sys.argv[2:] if len(sys.argv) > 2 else [])

@@ -85,7 +85,8 @@ def test_a_dataset_the_segmenter_trained_on_is_refused(tmp_path) -> None:
 
 def test_an_ensemble_is_one_model_scoring_the_mean_of_its_members(tmp_path, data) -> None:
     """``--members 2``: two CNNs (seeds 7 and 8) on the same training and held-out cases, saved as one model whose
-    score is their mean — the registry loads it and the node's segmenter runs it like a single CNN."""
+    score is their mean — the registry loads it and the node's candidate stage runs it like a single CNN."""
+    from models.candidates import Candidates
     from models.registry import CARD_FILE
 
     weights = tmp_path / "weights"
@@ -108,5 +109,16 @@ def test_an_ensemble_is_one_model_scoring_the_mean_of_its_members(tmp_path, data
          "scalars": rng.random((5, 2), dtype=np.float32)}
     each = [np.asarray(m.predict(x, verbose=0)).reshape(-1) for m in members]
     assert not np.allclose(each[0], each[1])  # two different CNNs…
-    np.testing.assert_allclose(np.asarray(model.predict(x, verbose=0)).reshape(-1), (each[0] + each[1]) / 2,
-                               rtol=1e-5, atol=1e-6)  # …and the model scores their mean
+    found = Candidates(x["patch"], x["scalars"], np.ones(5, np.int64), x["scalars"][:, 1],
+                       np.zeros((5, 3), np.int64), np.zeros((1, 1, 1), np.int32))
+    np.testing.assert_allclose(loaded.scores(found), (each[0] + each[1]) / 2,
+                               rtol=1e-5, atol=1e-6)  # …and the node's candidate stage scores their mean
+
+
+def test_members_below_one_is_refused_before_any_work(tmp_path, capsys) -> None:
+    from training.cli import main
+
+    rc = main(["train", "candidates", "--data", str(tmp_path / "none"), "--cache-dir", str(tmp_path / "cache"),
+               "--out", str(tmp_path / "out"), "--members", "0"])
+    assert rc == 2 and "--members must be at least 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
