@@ -164,8 +164,8 @@ def fit(c: Collected, s: CandidateSettings, log: Callable[[str], None] = print) 
 
     rng = np.random.default_rng(s.seed)
     held = rng.choice(c.n_cases, int(c.n_cases * s.held_out_cases), replace=False)
-    va = np.isin(c.cases, held)
-    tr = np.flatnonzero(~va)
+    va = np.flatnonzero(np.isin(c.cases, held))  # the held-out cases' candidates
+    tr = np.setdiff1d(np.arange(len(c.labels)), va)
     positives = float(c.labels[tr].sum())
     if positives == 0 or positives == len(tr) or len(np.unique(c.labels[va])) < 2:
         raise TrainingError("training needs lesion and non-lesion candidates in both the training and the "
@@ -179,17 +179,17 @@ def fit(c: Collected, s: CandidateSettings, log: Callable[[str], None] = print) 
         # the first member draws its batches from the generator that drew the held-out cases, so a single CNN
         # trains exactly as it did before ensembles existed
         member_rng = rng if i == 0 else np.random.default_rng(s.seed + i)
-        model, run, h = _fit_member(c, tr, np.flatnonzero(va), s, s.seed + i, member_rng, name, log)
+        model, run, h = _fit_member(c, tr, va, s, s.seed + i, member_rng, name, log)
         members.append(model)
         runs.append(run)
         history.update(h if s.members == 1 else {f"{k}_{i + 1}": v for k, v in h.items()})
     model = average(members, c.patches.shape[-1])
     record = {
         "candidates": int(len(c.labels)), "lesion_candidates": int(c.labels.sum()), "cases": c.n_cases,
-        "held_out_cases": int(len(held)), "held_out_candidates": int(va.sum()),
+        "held_out_cases": int(len(held)), "held_out_candidates": int(len(va)),
         **({"best_epoch": runs[0]["best_epoch"]} if s.members == 1 else {"members": runs}),
         "held_out_roc_auc": runs[0]["held_out_roc_auc"] if s.members == 1
-        else roc_auc(c.labels[va], _scores(model, c, np.flatnonzero(va))),
+        else roc_auc(c.labels[va], _scores(model, c, va)),
         "held_out_roc_auc_peak_probability": roc_auc(c.labels[va], c.scalars[va, SCALARS.index("peak_probability")]),
         "collect_seconds": round(c.seconds, 1), "train_seconds": round(time.perf_counter() - t0, 1),
         "history": history,
