@@ -6,12 +6,18 @@ into the SR/SEG as it stands. `malformed_copied(ds)` names those that would make
 unreadable under strict validation: a VR other than the dictionary's, bytes that do not decode, several values
 where one is allowed, a value pydicom's own validator refuses for its VR, or a value outside the node's stricter
 rules (`content._valid_copied`: real dates, M/F/O, nnnY ages). The caller empties (Type 2) or drops them.
+
+highdicom also copies the first source's Specific Character Set and refuses values DICOM allows or senders use:
+value 1 empty in a multi-valued set (the usual Japanese ``\\ISO 2022 IR 87``), "ISO_IR 6", Korean "ISO 2022 IR
+149" (highdicom 0.28 lists it as IR 159), misspelt terms. `charset_repair(ds)` says what the result carries
+instead (`CharsetRepair`); without it every result of such a series fails to build.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from pydicom import Dataset
 from pydicom.config import RAISE
@@ -91,8 +97,55 @@ def _valid(ds: Dataset, keyword: str, node_rule: Callable[[str, object], bool]) 
     return node_rule(keyword, value)
 
 
+UTF8 = "ISO_IR 192"
+
+
+@dataclass(frozen=True)
+class CharsetRepair:
+    """The Specific Character Set a result carries instead of its source's: ``values`` () for the default
+    repertoire (no attribute); ``transcode`` when the source's text must first be decoded with its own set (the
+    result is then written in UTF-8), False when ``values`` is only a spelling of the same set."""
+
+    values: tuple[str, ...]
+    transcode: bool
+
+
+def charset_repair(ds: Dataset) -> CharsetRepair | None:
+    """None when highdicom takes ``ds``'s Specific Character Set as it stands (or it is absent); else the repair.
+    Value 1 empty in a multi-valued set is ISO 2022 IR 6 (PS3.3 C.12.1.1.2), and "ISO_IR 6" or an empty value
+    alone is the default repertoire: those are respelt. Anything else highdicom refuses becomes UTF-8, which
+    holds every character the source's set can."""
+    if "SpecificCharacterSet" not in ds:
+        return None
+    try:
+        value = ds["SpecificCharacterSet"].value
+    except Exception:  # noqa: BLE001 - a malformed element: pydicom decodes its text as the default repertoire
+        return CharsetRepair((UTF8,), True)
+    given = [str(v).strip() for v in value] if _multi(value) else [str(value or "").strip()]
+    values = list(given)
+    if len(values) > 1 and values[0] == "":
+        values[0] = "ISO 2022 IR 6"
+    if values in ([], [""], ["ISO_IR 6"]):
+        return CharsetRepair((), False)
+    if _highdicom_takes(values):
+        return None if values == given else CharsetRepair(tuple(values), False)
+    return CharsetRepair((UTF8,), True)
+
+
+def _highdicom_takes(values: list[str]) -> bool:
+    try:  # highdicom's own rule, the one its SR/SEG/KOS constructors apply (private module, pinned version)
+        from highdicom.valuerep import _check_specific_character_set
+    except ImportError:
+        return values == [UTF8]
+    try:
+        _check_specific_character_set(values[0] if len(values) == 1 else values)
+    except ValueError:
+        return False
+    return True
+
+
 def _multi(value: object) -> bool:
     return isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue"
 
 
-__all__ = ["ALWAYS_CHECKED", "copied_keywords", "malformed_copied"]
+__all__ = ["ALWAYS_CHECKED", "UTF8", "CharsetRepair", "charset_repair", "copied_keywords", "malformed_copied"]

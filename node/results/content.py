@@ -20,7 +20,7 @@ from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
 from node.results import codes
-from node.results.attributes import malformed_copied
+from node.results.attributes import charset_repair, malformed_copied
 from node.results.errors import ResultsError
 from node.results.uids import UID_PREFIX, check_root, is_valid_uid
 from node.states import NODE_MANUFACTURER
@@ -302,11 +302,14 @@ def _valid_copied(keyword: str, value: object) -> bool:
 def with_type2_attributes(sources: Sequence[Dataset]) -> list[Dataset]:
     """``sources`` with the first instance replaced, if needed, by a header-only copy in which the patient/study
     attributes highdicom copies are present (Type 2: empty when absent) and valid for their VR (a malformed value
-    — a date like ``19950000``, a two-valued sex — becomes empty); the inputs are not modified."""
+    — a date like ``19950000``, a two-valued sex — becomes empty), and whose Specific Character Set highdicom
+    takes (`attributes.charset_repair`: respelt, or the text decoded and the set made UTF-8); the inputs are not
+    modified."""
     first = sources[0]
     missing = [keyword for keyword in _TYPE2_COPIED if keyword not in first]
     invalid = malformed_copied(first, _valid_copied)  # every attribute highdicom copies (node.results.attributes)
-    if not missing and not invalid:
+    charset = charset_repair(first)
+    if not missing and not invalid and charset is None:
         return list(sources)
     header = Dataset()
     for tag in first.keys():  # noqa: SIM118 - raw elements as read: converting a malformed one would raise
@@ -321,7 +324,27 @@ def with_type2_attributes(sources: Sequence[Dataset]) -> list[Dataset]:
             setattr(header, keyword, "")
         elif keyword in header:
             del header[keyword]
+    if charset is not None:
+        if charset.transcode:
+            _decode_text(header)  # with the source's own set, before the set changes
+        if charset.values:
+            header.SpecificCharacterSet = list(charset.values) if len(charset.values) > 1 else charset.values[0]
+        else:
+            del header.SpecificCharacterSet
     return [header, *sources[1:]]
+
+
+def _decode_text(header: Dataset) -> None:
+    """Every element of ``header`` converted from its raw bytes with the character set it was sent in (sequence
+    items too); an element whose bytes do not convert is dropped, not carried into a result in another set."""
+    for tag in list(header.keys()):
+        try:
+            element = header[tag]
+            if element.VR == "SQ":
+                for item in element.value:
+                    item.decode()
+        except Exception:  # noqa: BLE001 - pydicom raises many types on bytes that do not convert
+            del header[tag]
 
 
 def _raw_value(ds: Dataset, keyword: str) -> object:
