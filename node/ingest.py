@@ -15,7 +15,6 @@ and refused with 0xA700 past ``max_inflated_bytes``: a deflate bomb costs CPU up
 
 from __future__ import annotations
 
-import itertools
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -453,7 +452,7 @@ class Ingestor:
         header.write(b"\x00" * 128 + b"DICM")
         write_file_meta_info(header, meta, enforce_standard=True)
         body = [dataset] if isinstance(dataset, bytes) else dataset.chunks()
-        spooled = self.spool.write(study_uid, series_uid, sop_uid, itertools.chain([header.getvalue()], body),
+        spooled = self.spool.write(study_uid, series_uid, sop_uid, body, header=header.getvalue(),
                                    sync_dir=False)  # the group commit syncs the folder (_commit_batch)
         if self.admission is not None:
             self.admission.written(spooled.size)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import itertools
 import os
 import secrets
 from collections.abc import Iterable
@@ -26,8 +27,8 @@ from node.uids import check_uid
 @dataclass(frozen=True)
 class SpooledFile:
     path: Path
-    size: int
-    sha256: str
+    size: int  # of the whole file
+    sha256: str  # of the dataset bytes only (`Spool.write`)
 
 
 class Spool:
@@ -47,8 +48,10 @@ class Spool:
         return self.root / study / series / f"{sop}.dcm"
 
     def write(self, study_uid: str, series_uid: str, sop_uid: str, chunks: Iterable[bytes], *,
-              sync_dir: bool = True) -> SpooledFile:
-        """Write ``chunks`` durably as the instance's file, replacing an older copy atomically. With
+              header: bytes = b"", sync_dir: bool = True) -> SpooledFile:
+        """Write ``header`` and then ``chunks`` durably as the instance's file, replacing an older copy atomically;
+        the sha256 returned covers ``chunks`` only (the dataset as sent, without the preamble and file meta the
+        node writes, which name the sending AE: the same instance from another sender hashes the same). With
         ``sync_dir=False`` the rename is durable only once the caller has passed the file's folder to
         `sync_dirs` (folders this call created are synced here either way)."""
         final = self.path_for(study_uid, series_uid, sop_uid)
@@ -65,12 +68,13 @@ class Spool:
                 new_dirs = self._make_dirs(folder)
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             try:
-                for chunk in chunks:
+                for i, chunk in enumerate(itertools.chain([header], chunks)):
                     view = memoryview(chunk)
                     while view:
                         written = os.write(fd, view)
                         view = view[written:]
-                    digest.update(chunk)
+                    if i:  # not the header
+                        digest.update(chunk)
                     size += len(chunk)
                 # fdatasync: the data and what is needed to read it back (size, blocks), without the times.
                 os.fdatasync(fd)

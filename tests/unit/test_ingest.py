@@ -6,6 +6,7 @@ import zlib
 
 import pydicom
 import pytest
+import sqlalchemy as sa
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
 from node.db import create_engine_for, init_schema
@@ -13,6 +14,7 @@ from node.errors import InvalidDatasetError, InvalidUIDError, SOPClassMismatchEr
 from node.index import Index, RecordOutcome
 from node.ingest import Ingestor, Origin
 from node.spool import Spool
+from node.states import SeriesState
 from tests.ctgen import write_ct_series
 from tests.dicomfiles import dataset_bytes
 
@@ -98,3 +100,23 @@ def test_missing_uid_is_refused(ingestor, series, tmp_path):
     ds.save_as(path, enforce_file_format=True)
     with pytest.raises(InvalidUIDError, match="SeriesInstanceUID is missing"):
         ingestor.accept(dataset_bytes(path), ExplicitVRLittleEndian, ORIGIN)
+
+
+def test_the_same_instance_from_another_sender_is_a_duplicate(ingestor, series, tmp_path):
+    """A PACS forwarding back what the modality sent it (or the same instance by STOW-RS) carries the same
+    dataset bytes; the file meta the node writes names the sender, so the hash must leave it out. Changed
+    content still counts as changed."""
+    body = dataset_bytes(series.paths[0])
+    first = ingestor.accept(body, ExplicitVRLittleEndian, Origin(calling_ae="CT1", association_id="a1"))
+    with ingestor.index.engine.begin() as conn:
+        conn.execute(sa.text("update series set state = 'complete'"))
+    again = ingestor.accept(body, ExplicitVRLittleEndian, Origin(calling_ae="ORTHANC", association_id="a2"))
+    assert again.outcome is RecordOutcome.DUPLICATE and again.record.sha256 == first.record.sha256
+    stow = ingestor.accept(body, ExplicitVRLittleEndian, Origin(calling_ae="STOW-RS", association_id="h1"))
+    assert stow.outcome is RecordOutcome.DUPLICATE
+    assert ingestor.index.get_series(series.series_uid).state == SeriesState.COMPLETE
+    changed = pydicom.dcmread(series.paths[0])
+    changed.WindowCenter = 41  # any change of the dataset
+    changed.save_as(tmp_path / "changed.dcm", enforce_file_format=True)
+    assert ingestor.accept(dataset_bytes(tmp_path / "changed.dcm"), ExplicitVRLittleEndian, ORIGIN).outcome is RecordOutcome.REPLACED
+    assert ingestor.index.get_series(series.series_uid).state == SeriesState.REOPENED

@@ -53,3 +53,12 @@ def test_disk_errors_map_to_out_of_resources_and_clean_up(tmp_path, monkeypatch,
     assert err.value.status == status
     monkeypatch.undo()
     assert [p for p in (tmp_path / "spool").rglob("*") if p.is_file()] == []
+
+
+def test_the_hash_covers_the_dataset_not_the_header(tmp_path):
+    spool = Spool(tmp_path / "spool")
+    one = spool.write("1.2", "1.2.3", "1.2.3.4", [b"data", b"set"], header=b"meta naming CT1")
+    assert one.path.read_bytes() == b"meta naming CT1dataset" and one.size == 22
+    two = spool.write("1.2", "1.2.3", "1.2.3.4", [b"dataset"], header=b"meta naming ORTHANC")
+    assert two.sha256 == one.sha256  # the same instance from another sender
+    assert spool.write("1.2", "1.2.3", "1.2.3.4", [b"dataset!"], header=b"meta naming CT1").sha256 != one.sha256
