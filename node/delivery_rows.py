@@ -1,6 +1,7 @@
 """The deliveries table's rows seen from outside the state machine: the payload codec (result files and their SOP
 Instance UIDs as two JSON lists) and the read-only queries `node.dispatch.Dispatcher` answers for status, /admin
-and tests. Nothing here writes delivery state (`node.dispatch` does, through `node.leases`)."""
+and tests, and which rows a newer version of the same series supersedes. Nothing here writes delivery state
+(`node.dispatch` does, through `node.leases`)."""
 
 from __future__ import annotations
 
@@ -82,3 +83,20 @@ def for_series(engine: Engine, series_uid: str) -> list[sa.Row[Any]]:
     d = deliveries.c
     with reading(engine, "deliveries") as conn:
         return list(conn.execute(sa.select(deliveries).where(d.series_uid == series_uid).order_by(d.id)))
+
+
+def newer_version(conn: sa.Connection, series_uid: str, destination: str, version: int) -> int | None:
+    """The newest version of ``series_uid`` with a delivery to ``destination`` after ``version``, else None. Such a
+    row's objects were withdrawn, or are about to be, by that version's rejection note (node.versions): sent
+    after it, they would be live again at the PACS."""
+    d = deliveries.c
+    newest = conn.execute(sa.select(sa.func.max(d.version)).where(
+        d.series_uid == series_uid, d.destination == destination, d.version > version)).scalar()
+    return None if newest is None else int(newest)
+
+
+def not_superseded() -> sa.ColumnElement[bool]:
+    """Rows with no delivery of a newer version of their series to the same destination."""
+    d, newer = deliveries.c, deliveries.alias("newer").c
+    return ~sa.exists().where(newer.series_uid == d.series_uid, newer.destination == d.destination,
+                              newer.version > d.version)

@@ -246,7 +246,8 @@ class Dispatcher:
         """Lease the destination's next due row to this dispatcher (`node.leases`): pending with ``due_at``
         reached, or sending with an expired lease (its dispatcher died). While the destination backs off after a
         failure, only rows queued after that failure are due. A row whose files list cannot be read is
-        dead-lettered at once (never re-claimed on every poll)."""
+        dead-lettered at once (never re-claimed on every poll), and so is a row whose series has a delivery of a
+        newer version to the same destination (`delivery_rows.newer_version`); the next row is claimed then."""
         now = self._clock()
         d = deliveries.c
         where: sa.ColumnElement[bool] = d.destination == name
@@ -268,7 +269,15 @@ class Dispatcher:
                                 destination=name)
                 return None
             files, sop_uids = payload
-            self._leases.extend(lease, self._lease_seconds(len(files)), conn)
+            newer = store.newer_version(conn, row.series_uid, name, int(row.version))
+            if newer is None:
+                self._leases.extend(lease, self._lease_seconds(len(files)), conn)
+            else:  # a later version was queued while this one waited: never send it after that one
+                self._leases.dead_letter(lease, f"superseded by version {newer} of the series", conn)
+        if newer is not None:
+            self._log.info("delivery_superseded", delivery_id=int(row.id), series_uid=row.series_uid,
+                           version=int(row.version), newer_version=newer, destination=name)
+            return self._claim(name)
         return _Claimed(
             id=int(row.id),
             series_uid=row.series_uid,
@@ -397,7 +406,8 @@ class Dispatcher:
 
     def retry(self, ids: Sequence[int] | None = None, destination: str | None = None) -> int:
         """Put dead (and pending) deliveries back to pending, due now, attempts and error cleared, give-up clock
-        restarted; ``ids`` and ``destination`` narrow the set. Returns how many."""
+        restarted; ``ids`` and ``destination`` narrow the set, and a row whose series has a delivery of a newer
+        version to the same destination is never replayed. Returns how many."""
         d = deliveries.c
         cond: sa.ColumnElement[bool] = sa.true()
         if ids is not None:
@@ -407,6 +417,7 @@ class Dispatcher:
             cond = sa.and_(cond, d.id.in_(wanted))
         if destination is not None:
             cond = sa.and_(cond, d.destination == destination)
+        cond = sa.and_(cond, store.not_superseded())  # a replayed old version would outlive the newer one
         n = self._leases.replay(cond, [DeliveryState.DEAD.value, DeliveryState.PENDING.value],
                                 queued_at=self._clock(), last_error=None)
         with self._pause_lock:

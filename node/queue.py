@@ -149,11 +149,14 @@ class JobQueue:
 
     def unreported(self, limit: int = 10) -> list[sa.Row[Any]]:
         """Dead jobs for which no result object at all was recorded (not even a "processing failed" report):
-        the PACS was told nothing, so an admin must look (shown as alerts by `pacsnode status`)."""
+        the PACS was told nothing, so an admin must look (shown as alerts by `pacsnode status`). A job whose series
+        has a newer version is not among them: that version reports for the series (node.versions)."""
+        newer = jobs.alias("newer")
         stmt = (
             sa.select(jobs.c.id, jobs.c.series_uid, jobs.c.version, jobs.c.pipeline, jobs.c.last_error)
             .where(jobs.c.state == JobState.DEAD)
             .where(~sa.exists().where(results.c.series_uid == jobs.c.series_uid, results.c.version == jobs.c.version))
+            .where(~sa.exists().where(newer.c.series_uid == jobs.c.series_uid, newer.c.version > jobs.c.version))
             .order_by(jobs.c.id.desc())
             .limit(limit)
         )

@@ -7,7 +7,8 @@ atomically under ``data_dir/results`` → one transaction that records the resul
 one delivery per destination. A refused series gets a coded "not processed" SR instead; a job that dies after
 its last attempt gets one saying processing failed (and if even that cannot be built, the job is counted as
 unreported in `/metrics` and listed under alerts in `pacsnode status`). When a newer version replaces results
-already made for the series, an IOCM rejection note (KOS) withdrawing them goes out with the new objects. Queue
+already made for the series, an IOCM rejection note (KOS) withdrawing them goes out with the new objects; a job
+whose series already has a newer version publishes nothing (`node.versions`: ended as skipped, "superseded"). Queue
 time and inference time are recorded separately on the job. The loop runs in its own thread, apart from the
 receive threads; `wake()` lets completion start it without waiting for the poll. No exception ends the loop: it
 beats the heartbeat registry (`node.supervise`) as loop ``worker``, and when idle it sends the "processing failed"
@@ -46,19 +47,14 @@ from node.metrics import Metrics
 from node.pipelines import PIPELINES, ModelRunner, Pipeline, RegistryRunner  # noqa: F401 - re-exported
 from node.prefetch import Prefetcher, prefetch_enabled
 from node.queue import Job, JobQueue
-from node.results import (
-    AlgorithmIdentity,
-    ResultsError,
-    SkipReason,
-    Superseded,
-    build_rejection_kos,
-    build_skipped_sr,
-)
+from node.results import AlgorithmIdentity, ResultsError, SkipReason, Superseded, build_skipped_sr
 from node.schema import instances, results, series
 from node.spool import Spool
 from node.spools import Spools
 from node.states import JobState
 from node.supervise import Heartbeats, failure
+from node.versions import SKIP_REASON, JobSuperseded, newer_version, previous_results, superseded_entries
+from node.versions import withdrawal as withdrawal_note
 
 LOOP = "worker"  # the worker loop's name in the heartbeat registry
 _MAX_ERROR_BACKOFF = 30.0  # seconds between turns while every turn fails (e.g. the database is down)
@@ -227,6 +223,11 @@ class Worker:
         log.info("job_started", queue_seconds=round(job.started_at - job.created_at, 3))
         pipeline = PIPELINES[job.pipeline]
         try:
+            with self.engine.begin() as conn:  # e.g. a dead job replayed after the series moved on
+                if (newer := newer_version(conn, job.series_uid, job.version)) is not None:
+                    self._end_superseded(conn, job, newer)
+            if newer is not None:
+                raise JobSuperseded(newer)
             rows = self._instances(job.series_uid)
             refusal = check_series(rows, self.config.gate, expected_count=self._expected_count(job.series_uid))
             if refusal is None:
@@ -268,6 +269,10 @@ class Worker:
         except LeaseLost:
             log.warning("job_lease_lost")
             return JobState.RUNNING
+        except JobSuperseded as exc:
+            self.metrics.job_ended(job.pipeline.value, SKIP_REASON)
+            log.info("job_superseded", newer_version=exc.newer)
+            return JobState.SKIPPED
         except Exception as exc:  # noqa: BLE001 - one bad series must fail its job, never the worker thread
             error = f"{type(exc).__name__}: {_safe_message(exc)}"[:1000]
             state = self.queue.fail(job, self.worker_id, error)
@@ -306,37 +311,18 @@ class Worker:
         return dt.datetime.fromtimestamp(when, dt.UTC).replace(tzinfo=None)
 
     def _previous(self, job: Job) -> list[Any]:
-        """The result rows of the newest earlier version of this series (empty for a first version)."""
+        """The result rows of the newest earlier version of this series (node.versions)."""
         with self.engine.connect() as conn:
-            prev = conn.execute(
-                sa.select(sa.func.max(results.c.version)).where(
-                    results.c.series_uid == job.series_uid, results.c.version < job.version
-                )
-            ).scalar()
-            if prev is None:
-                return []
-            return list(conn.execute(
-                sa.select(results).where(results.c.series_uid == job.series_uid, results.c.version == prev,
-                                         results.c.kind != "kos")
-            ))
+            return previous_results(conn, job.series_uid, job.version)
 
     def _superseded(self, job: Job) -> list[Superseded]:
         """The SR/SEG of the newest earlier version of this series, which the new SR names as superseded."""
-        return [Superseded(r.study_uid, r.result_series_uid, r.sop_uid, r.sop_class_uid) for r in self._previous(job)]
+        return superseded_entries(self._previous(job))
 
     def _withdrawal(self, job: Job, algorithm: AlgorithmIdentity) -> list[tuple[str, Dataset]]:
-        """An IOCM rejection note (KOS) withdrawing the previous version's objects, sent with the new ones. Objects
-        whose files retention already deleted are referenced by the UIDs their result rows keep."""
-        rows = self._previous(job)
-        if not rows:
-            return []
-        kept = [r for r in rows if Path(r.path).exists()]
-        previous: list[Dataset] = [dcmread(r.path) for r in kept]
-        if len(kept) < len(rows):
-            header = _header(_by_position(self._instances(job.series_uid))[0].path)
-            previous += [_stub(r, header) for r in rows if r not in kept]
-        kos = build_rejection_kos(previous, algorithm, source_series_uid=job.series_uid, series_version=job.version)
-        return [("kos", kos)]
+        """The IOCM rejection note withdrawing the previous version's objects (node.versions.withdrawal)."""
+        return withdrawal_note(self._previous(job), algorithm, job.series_uid, job.version,
+                          lambda: _header(_by_position(self._instances(job.series_uid))[0].path))
 
     def _skip(self, job: Job, pipeline: Pipeline, rows: Sequence[Any], refusal: GateRefusal, log: Any) -> JobState:
         sources = [_header(r.path) for r in _by_position(rows)]
@@ -361,7 +347,9 @@ class Worker:
                                   series_version=job.version,
                                   fallback_datetime=self._fallback_datetime(job.series_uid))
             objects: list[tuple[str, Dataset]] = [("skipped-sr", sr), *self._withdrawal(job, algorithm)]
-            self._store_and_enqueue(job, objects, lambda conn: True)
+            self._store_and_enqueue(job, objects, lambda conn: True, leased=False)
+        except JobSuperseded as exc:  # a newer version exists: its own result or report stands
+            log.info("failure_report_superseded", newer_version=exc.newer)
         except Exception as exc:  # noqa: BLE001 - the job is already dead-lettered with its error
             self.metrics.job_ended(job.pipeline.value, "unreported")
             log.error("failure_report_failed", error=f"{type(exc).__name__}: {_safe_message(exc)}"[:500])
@@ -377,8 +365,10 @@ class Worker:
         self._store_and_enqueue(job, objects, end_job)
 
     def _store_and_enqueue(self, job: Job, objects: Sequence[tuple[str, Dataset]],
-                           end_job: Callable[[sa.Connection], bool]) -> None:
-        """Write the objects durably, then in one transaction: record them, end the job, queue deliveries."""
+                           end_job: Callable[[sa.Connection], bool], *, leased: bool = True) -> None:
+        """Write the objects durably, then in one transaction: record them, end the job, queue deliveries. When
+        a newer version of the series has a job by then, nothing is recorded or sent: the job is ended as
+        skipped ("superseded"; a dead job stays dead), the files are removed, and `JobSuperseded` raised."""
         written: list[dict[str, Any]] = []
         for kind, ds in objects:
             buffer = io.BytesIO()
@@ -393,21 +383,34 @@ class Worker:
                      created_at=self.clock())
             )
         with self.engine.begin() as conn:
-            conn.execute(
-                results.delete().where(
-                    results.c.series_uid == job.series_uid,
-                    results.c.version == job.version,
-                    results.c.kind.in_([w["kind"] for w in written]),
+            if (newer := newer_version(conn, job.series_uid, job.version)) is not None:
+                self._end_superseded(conn, job, newer, leased=leased)
+            else:
+                conn.execute(
+                    results.delete().where(
+                        results.c.series_uid == job.series_uid,
+                        results.c.version == job.version,
+                        results.c.kind.in_([w["kind"] for w in written]),
+                    )
                 )
-            )
-            conn.execute(results.insert(), written)
-            if not end_job(conn):
-                raise LeaseLost()
-            self.dispatcher.enqueue(
-                job.series_uid, job.version, [Path(w["path"]) for w in written], [w["sop_uid"] for w in written],
-                conn=conn,
-            )
+                conn.execute(results.insert(), written)
+                if not end_job(conn):
+                    raise LeaseLost()
+                self.dispatcher.enqueue(
+                    job.series_uid, job.version, [Path(w["path"]) for w in written], [w["sop_uid"] for w in written],
+                    conn=conn,
+                )
+        if newer is not None:
+            for w in written:
+                Path(w["path"]).unlink(missing_ok=True)
+            raise JobSuperseded(newer)
         self.dispatcher.wake()
+
+    def _end_superseded(self, conn: sa.Connection, job: Job, newer: int, *, leased: bool = True) -> None:
+        """End ``job`` in ``conn`` as skipped because version ``newer`` of its series exists (a dead job stays
+        dead); the caller raises `JobSuperseded` once the transaction is committed."""
+        if leased and not self.queue.skip(conn, job, self.worker_id, SKIP_REASON, f"version {newer} came in"):
+            raise LeaseLost()
 
     @contextmanager
     def _heartbeat(self, job: Job) -> Iterator[None]:
@@ -438,26 +441,6 @@ class Worker:
 
 class LeaseLost(Exception):  # noqa: N818 - a control-flow signal (drop this attempt), not an error
     """The job's lease expired and another worker may hold it: drop this attempt's outcome."""
-
-
-_STUDY_KEYWORDS = (
-    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate", "StudyTime",
-    "AccessionNumber", "ReferringPhysicianName", "StudyID",
-)
-
-
-def _stub(row: Any, header: Dataset) -> Dataset:
-    """A stand-in for a result object whose file is gone: its UIDs from the results row, the patient and study
-    from the source series (the same study), enough for a rejection note to reference it."""
-    ds = Dataset()
-    for keyword in _STUDY_KEYWORDS:
-        if keyword in header:
-            ds[keyword] = header[keyword]
-    ds.StudyInstanceUID = row.study_uid
-    ds.SeriesInstanceUID = row.result_series_uid
-    ds.SOPInstanceUID = row.sop_uid
-    ds.SOPClassUID = row.sop_class_uid
-    return ds
 
 
 def _header(path: str) -> Dataset:

@@ -661,3 +661,25 @@ def test_dimse_sender(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         DimseSender("x" * 17, 3)
     with pytest.raises(ValueError, match="timeout"):
         DimseSender("PACSNODE", 0)
+
+
+def test_an_older_version_is_never_sent_after_a_newer_one(make: Callable[..., Dispatcher], sender: FakeSender,
+                                                          clock: FakeClock) -> None:
+    """Version 1 failed and waits for its retry; meanwhile version 2 (whose rejection note withdraws version 1's
+    objects) is queued and delivered. Sending version 1 afterwards would make its verdict live again."""
+    d = make(rng=lambda: 0.5)
+    sender.errors["pacs"] = [TransientSendError("association rejected")]
+    [old] = d.enqueue("1.2.3", 1, files(tag="v1"), uids(tag="1"))
+    assert d.run_once() == 1 and row(d, old).state == DeliveryState.PENDING
+    [new] = d.enqueue("1.2.3", 2, files(tag="v2"), uids(tag="2"))
+    [other] = d.enqueue("1.2.4", 1, files(tag="o"), uids(tag="3"))
+    clock.advance(10)
+    with capture_logs() as logs:
+        d.run_once()
+    assert row(d, new).state == row(d, other).state == DeliveryState.DELIVERED
+    r = row(d, old)
+    assert r.state == DeliveryState.DEAD and "superseded by version 2" in r.last_error
+    assert ("pacs", tuple(files(tag="v1"))) not in sender.calls[1:]  # only the first, failed attempt
+    assert [e["event"] for e in logs].count("delivery_superseded") == 1
+    assert d.retry() == 0 and d.retry([old]) == 0  # an admin's replay never brings it back
+    assert row(d, old).state == DeliveryState.DEAD

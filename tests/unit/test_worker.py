@@ -408,3 +408,73 @@ def test_the_lease_is_renewed_while_results_are_built_not_only_during_inference(
     assert worker.process(queue.claim(worker.worker_id)) is JobState.DONE
     assert seen["other"] is None
     assert queue.get(job_id).state == JobState.DONE
+
+
+def _live_results(engine, series_uid):
+    """(version, kind) of every result row of the series."""
+    with engine.connect() as conn:
+        return {(r.version, r.kind) for r in conn.execute(results.select().where(results.c.series_uid == series_uid))}
+
+
+def test_a_dead_job_replayed_after_a_newer_version_publishes_nothing(node, tmp_path):
+    """Version 2 died (its "processing failed" SR went out); version 3 then made the series' result and withdrew
+    version 2's. An admin's `pacsnode retry --jobs` replays every dead job: version 2 must not publish a verdict
+    that nothing would ever withdraw."""
+    config, engine, ingestor, queue, dispatcher, sender = node
+    series = receive(ingestor, tmp_path, "s8", slices=10, seed=8)
+    failing = FixedRunner(fail=True)
+    old = queue_job(queue, series.series_uid, 2)
+    Worker(config, engine, queue, dispatcher, lambda: failing).run_pending()
+    assert queue.get(old).state == JobState.DEAD
+    runner = FixedRunner(0.9)
+    worker = Worker(config, engine, queue, dispatcher, lambda: runner)
+    queue_job(queue, series.series_uid, 3)
+    worker.run_pending()
+    before = _live_results(engine, series.series_uid)
+    assert (2, "skipped-sr") in before and (3, "sr") in before and (3, "kos") in before
+    assert queue.retry() == 1
+    calls = runner.calls
+    worker.run_pending()
+    job = queue.get(old)
+    assert (job.state, job.skip_reason) == (JobState.SKIPPED, "superseded")
+    assert runner.calls == calls  # not even run
+    assert _live_results(engine, series.series_uid) == before
+    assert [d.version for d in dispatcher.for_series(series.series_uid)].count(2) == 1  # only the failure SR
+    assert queue.unreported() == []
+
+
+class EnqueuesNewerVersion(FixedRunner):
+    """While version 2 is being analysed, more instances arrive and version 3 is queued (a second worker would
+    take it): the check before the job started passed, the one where results are recorded must not."""
+
+    def __init__(self, queue, series_uid) -> None:
+        super().__init__(0.9)
+        self.queue, self.series_uid = queue, series_uid
+
+    def classify(self, volume, lesion=None):
+        queue_job(self.queue, self.series_uid, 3)
+        return super().classify(volume, lesion)
+
+
+def test_a_version_superseded_while_it_runs_records_and_sends_nothing(node, tmp_path):
+    config, engine, ingestor, queue, dispatcher, sender = node
+    series = receive(ingestor, tmp_path, "s9", slices=10, seed=9)
+    job_id = queue_job(queue, series.series_uid, 2)
+    worker = Worker(config, engine, queue, dispatcher, lambda: EnqueuesNewerVersion(queue, series.series_uid))
+    job = queue.claim(worker.worker_id)
+    assert job is not None and job.id == job_id
+    assert worker.process(job) == JobState.SKIPPED
+    assert (queue.get(job_id).state, queue.get(job_id).skip_reason) == (JobState.SKIPPED, "superseded")
+    assert _live_results(engine, series.series_uid) == set()
+    assert dispatcher.for_series(series.series_uid) == []
+    assert not [p for p in config.node.data_dir.rglob("*.dcm") if "results" in p.parts]  # the files removed
+
+
+def test_unreported_leaves_out_a_dead_job_whose_series_moved_on(node, tmp_path):
+    config, engine, ingestor, queue, dispatcher, sender = node
+    dead = queue_job(queue, "1.2.3.4", 1)
+    with engine.begin() as conn:
+        conn.execute(jobs.update().where(jobs.c.id == dead).values(state=JobState.DEAD, last_error="x"))
+    assert [r.id for r in queue.unreported()] == [dead]
+    queue_job(queue, "1.2.3.4", 2)
+    assert queue.unreported() == []

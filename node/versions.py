@@ -1,0 +1,94 @@
+"""Versions of one series' results: what a new version supersedes, and whether a job is itself superseded.
+
+A series that changes after its results were made (late or re-sent instances) is processed again as version
+N + 1. The new SR names the newest earlier version's SR/SEG as superseded (`superseded_entries`), and an IOCM
+rejection note withdraws them (`withdrawal`). The other way round, a job for version N must publish nothing once
+a job for a newer version of the series exists (`newer_version`): its objects would stay live beside the newer
+version's, since only older versions are ever withdrawn. That happens when an admin replays dead jobs
+(`pacsnode retry --jobs`) after the series moved on, or when two workers run versions N and N + 1 at once. The
+worker checks before it starts and again in the transaction that records the results (`JobSuperseded`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from pydicom import Dataset, dcmread
+
+from node.results import AlgorithmIdentity, Superseded, build_rejection_kos
+from node.schema import jobs, results
+
+SKIP_REASON = "superseded"  # jobs.skip_reason of a job ended because a newer version exists
+
+_STUDY_KEYWORDS = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate", "StudyTime",
+    "AccessionNumber", "ReferringPhysicianName", "StudyID",
+)
+
+
+class JobSuperseded(Exception):  # noqa: N818 - a control-flow signal like LeaseLost, not an error
+    """A newer version of the job's series exists: the job was ended as skipped ("superseded"), nothing sent."""
+
+    def __init__(self, newer: int) -> None:
+        super().__init__(f"version {newer} of the series superseded this job")
+        self.newer = newer
+
+
+def newer_version(conn: sa.Connection, series_uid: str, version: int) -> int | None:
+    """The newest version of the series with a job after ``version``, else None."""
+    newest = conn.execute(
+        sa.select(sa.func.max(jobs.c.version)).where(jobs.c.series_uid == series_uid, jobs.c.version > version)
+    ).scalar()
+    return None if newest is None else int(newest)
+
+
+def previous_results(conn: sa.Connection, series_uid: str, version: int) -> list[Any]:
+    """The result rows (KOS excluded) of the newest earlier version of the series; empty for a first version."""
+    prev = conn.execute(
+        sa.select(sa.func.max(results.c.version)).where(results.c.series_uid == series_uid, results.c.version < version)
+    ).scalar()
+    if prev is None:
+        return []
+    return list(conn.execute(
+        sa.select(results).where(results.c.series_uid == series_uid, results.c.version == prev, results.c.kind != "kos")
+    ))
+
+
+def superseded_entries(rows: Sequence[Any]) -> list[Superseded]:
+    """The earlier version's SR/SEG as the new SR names them."""
+    return [Superseded(r.study_uid, r.result_series_uid, r.sop_uid, r.sop_class_uid) for r in rows]
+
+
+def withdrawal(rows: Sequence[Any], algorithm: AlgorithmIdentity, series_uid: str, version: int,
+               source_header: Callable[[], Dataset]) -> list[tuple[str, Dataset]]:
+    """An IOCM rejection note (KOS) withdrawing ``rows``' objects, sent with the new ones. Objects whose files
+    retention already deleted are referenced by the UIDs their result rows keep, with the patient and study
+    from ``source_header()`` (a header of the source series)."""
+    if not rows:
+        return []
+    kept = [r for r in rows if Path(r.path).exists()]
+    previous: list[Dataset] = [dcmread(r.path) for r in kept]
+    if len(kept) < len(rows):
+        header = source_header()
+        previous += [_stub(r, header) for r in rows if r not in kept]
+    return [("kos", build_rejection_kos(previous, algorithm, source_series_uid=series_uid, series_version=version))]
+
+
+def _stub(row: Any, header: Dataset) -> Dataset:
+    """A stand-in for a result object whose file is gone: its UIDs from the results row, the patient and study
+    from the source series (the same study), enough for a rejection note to reference it."""
+    ds = Dataset()
+    for keyword in _STUDY_KEYWORDS:
+        if keyword in header:
+            ds[keyword] = header[keyword]
+    ds.StudyInstanceUID = row.study_uid
+    ds.SeriesInstanceUID = row.result_series_uid
+    ds.SOPInstanceUID = row.sop_uid
+    ds.SOPClassUID = row.sop_class_uid
+    return ds
+
+
+__all__ = ["SKIP_REASON", "JobSuperseded", "newer_version", "previous_results", "superseded_entries", "withdrawal"]
