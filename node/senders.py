@@ -224,6 +224,10 @@ class StowSender(Sender):
             message = f"{where} answered HTTP {code}"
             if code >= 500 or code in (401, 403, 404, 408, 429):
                 raise TransientSendError(message) from exc
+            body = _store_response(exc.response) if code == 409 and exc.response is not None else None
+            refused = _failed_sops(body) if body is not None else []
+            if refused:  # every instance failed: their reasons say whether a later attempt can succeed
+                check_store_results(refused, len(refused), f"{message}:")
             raise PermanentSendError(message) from exc
         except requests.exceptions.SSLError as exc:
             raise TransientSendError(f"{where} TLS handshake failed: {_ssl_reason(exc)}") from exc
@@ -231,11 +235,25 @@ class StowSender(Sender):
             raise TransientSendError(f"{where} unreachable: {type(exc).__name__}") from exc
         finally:
             session.close()  # a pooled keep-alive connection would otherwise linger until collected
-        failed = response.get("FailedSOPSequence") or []
+        failed = _failed_sops(response)
         if failed:
-            results = [StoreResult(str(item.ReferencedSOPInstanceUID), int(item.get("FailureReason", 0x0110)))
-                       for item in failed]
-            check_store_results(results, len(results), where)
+            check_store_results(failed, len(failed), where)
+
+
+def _failed_sops(response: Dataset) -> list[StoreResult]:
+    """The instances a Store Instances Response's FailedSOPSequence names, each with its Failure Reason (0x0110
+    processing failure when absent)."""
+    return [StoreResult(str(item.ReferencedSOPInstanceUID), int(item.get("FailureReason", 0x0110)))
+            for item in response.get("FailedSOPSequence") or []]
+
+
+def _store_response(http: requests.Response) -> Dataset | None:
+    """An error response's body as a Store Instances Response (DICOM JSON), else None."""
+    try:
+        found = http.json()
+        return Dataset.from_json(found[0] if isinstance(found, list) else found)
+    except Exception:  # noqa: BLE001 - no body, HTML, XML, malformed JSON: the HTTP status alone decides
+        return None
 
 
 def _ssl_reason(exc: BaseException) -> str:

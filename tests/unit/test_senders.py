@@ -88,3 +88,19 @@ def test_partial_failure_in_a_202_is_classified_by_failure_reason(server, files)
 def test_unreachable_is_transient(files):
     with pytest.raises(TransientSendError, match="unreachable"):
         StowSender(2).send(dest("http://127.0.0.1:9/dicom-web"), files)
+
+
+def test_a_409_is_classified_by_the_failure_reasons_it_names(server, files):
+    """PS3.18: 409 when no instance was stored, the reasons in the body. A PACS with a full disk answers 0xA700
+    (this node's own STOW-RS does): worth retrying, not dead-lettering every result at once."""
+    Answer.status = 409
+    Answer.body = {"00081198": {"vr": "SQ", "Value": [
+        {"00081155": {"vr": "UI", "Value": ["1.2.3"]}, "00081197": {"vr": "US", "Value": [0xA700]}}]}}
+    with pytest.raises(TransientSendError, match="HTTP 409.*1.2.3: status 0xA700"):
+        StowSender(5).send(dest(server), files)
+    Answer.body["00081198"]["Value"][0]["00081197"]["Value"] = [0xC000]
+    with pytest.raises(PermanentSendError, match="0xC000"):
+        StowSender(5).send(dest(server), files)
+    Answer.body = {"error": "not a Store Instances Response"}
+    with pytest.raises(PermanentSendError, match="HTTP 409$"):
+        StowSender(5).send(dest(server), files)
