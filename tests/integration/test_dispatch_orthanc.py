@@ -135,18 +135,20 @@ def test_delivers_survives_pacs_down_and_never_duplicates(
         orthanc.start()
         wait_until(lambda: state_of(dispatcher, second).state == DeliveryState.DELIVERED, 30, "delivery after restart")
 
-        # A node that died after the PACS stored v1 but before recording it sends v1 again on restart: the
-        # deterministic UIDs make that an overwrite at the PACS, never a second copy.
+        # A node that died after the PACS stored v2 but before recording it sends v2 again on restart: the
+        # deterministic UIDs make that an overwrite at the PACS, never a second copy. (v1 is never sent again
+        # once v2 exists: it would outlive v2's withdrawal of it — tests/unit/test_dispatch.py.)
+        attempts = state_of(dispatcher, second).attempts
         with engine.begin() as conn:
             conn.execute(
                 deliveries.update()
-                .where(deliveries.c.id == first)
+                .where(deliveries.c.id == second)
                 .values(state="sending", holder="crashed:1:x", lease_until=0.0, delivered_at=None)
             )
         assert dispatcher.recover() == 1
         dispatcher.wake()
-        wait_until(lambda: state_of(dispatcher, first).state == DeliveryState.DELIVERED, 30, "the resend")
-        assert state_of(dispatcher, first).attempts == 2
+        wait_until(lambda: state_of(dispatcher, second).state == DeliveryState.DELIVERED, 30, "the resend")
+        assert state_of(dispatcher, second).attempts == attempts + 1
     finally:
         assert dispatcher.stop(10)
 
