@@ -5,7 +5,10 @@ DIMSE dispatch, destination checks and proof of delivery.
 one `StoreResult` per instance (`read_files(paths)` reads files and folders for it); `request_storage_commitment`
 sends the N-ACTION (`CommitmentUnsupportedError` when the peer has no Storage Commitment). Presentation contexts
 are proposed per SOP class with the instance's own transfer syntax (plus the uncompressed ones), so nothing is
-transcoded. Raises `SendError` when the association cannot be established. TCP_NODELAY is set on the outgoing socket. With ``Peer.tls_args`` (from
+transcoded. Raises `SendError` when the association cannot be established. TCP_NODELAY is set on the outgoing socket,
+and so is a send/receive timeout of ``Peer.timeout``: pynetdicom clears the connect timeout once connected, and a
+peer that stops reading (a hung PACS with the connection open) would otherwise block its connection thread in
+``send`` for ever, and the association's abort with it. With ``Peer.tls_args`` (from
 `node.tls.destination_tls_args`) the association runs over DICOM TLS; a failed handshake's reason is in the
 `SendError`.
 """
@@ -72,11 +75,22 @@ def _ae(peer: Peer) -> AE:
     return ae
 
 
+def _on_open(peer: Peer) -> list[evt.EventHandlerType]:
+    """The EVT_CONN_OPEN handler: TCP_NODELAY, and ``peer.timeout`` on every later send and receive."""
+    def opened(event: evt.Event) -> None:
+        nodelay_handler(event)
+        sock = getattr(event.assoc.dul.socket, "socket", None)
+        if sock is not None:
+            sock.settimeout(peer.timeout)
+
+    return [(evt.EVT_CONN_OPEN, opened)]
+
+
 def echo(peer: Peer) -> int:
     """C-ECHO ``peer``; return its status (0 = success). Raises `SendError` if no association."""
     ae = _ae(peer)
     ae.add_requested_context(Verification)
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.called_ae, evt_handlers=[(evt.EVT_CONN_OPEN, nodelay_handler)],
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.called_ae, evt_handlers=_on_open(peer),
                          tls_args=peer.tls_args)
     if not assoc.is_established:
         raise SendError(f"association with {peer.called_ae}@{peer.host}:{peer.port} failed ({_why(assoc, peer)})")
@@ -123,7 +137,7 @@ def send_datasets(peer: Peer, datasets: Sequence[Dataset]) -> list[StoreResult]:
         return []
     ae = _ae(peer)
     ae.requested_contexts = _contexts(datasets)
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.called_ae, evt_handlers=[(evt.EVT_CONN_OPEN, nodelay_handler)],
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.called_ae, evt_handlers=_on_open(peer),
                          tls_args=peer.tls_args)
     if not assoc.is_established:
         raise SendError(f"association with {peer.called_ae}@{peer.host}:{peer.port} failed ({_why(assoc, peer)})")
@@ -160,7 +174,7 @@ def request_storage_commitment(peer: Peer, transaction_uid: str, refs: Sequence[
     ae.add_requested_context(StorageCommitmentPushModel, _UNCOMPRESSED)
     where = f"{peer.called_ae}@{peer.host}:{peer.port}"
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.called_ae,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, nodelay_handler), (evt.EVT_N_EVENT_REPORT, on_report)],
+                         evt_handlers=[*_on_open(peer), (evt.EVT_N_EVENT_REPORT, on_report)],
                          tls_args=peer.tls_args)
     unsupported = CommitmentUnsupportedError(f"{where} does not accept Storage Commitment Push Model")
     if not assoc.is_established:
