@@ -311,7 +311,7 @@ def build_parser(*, plugins: bool = True) -> argparse.ArgumentParser:
     retry = with_config(sub.add_parser("retry", help="replay dead-lettered deliveries (and jobs with --jobs)"))
     retry.add_argument("--delivery", type=int, nargs="*", help="delivery ids (default: all dead)")
     retry.add_argument("--destination", help="only deliveries to this destination")
-    retry.add_argument("--jobs", action="store_true", help="also re-queue dead jobs")
+    retry.add_argument("--jobs", action="store_true", help="also re-queue dead jobs (one that sent a \"processing failed\" SR runs as the series' next version)")
     retry.set_defaults(func=cmd_retry)
 
     db = sub.add_parser("db", help="the database schema: migrate it to this release, show its revision")

@@ -19,11 +19,14 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from node.config import NodeConfig, PipelineName, Priority, QueueSection
+from node.db import transaction
 from node.leases import Lease, Leases
 from node.schema import jobs, results
 from node.states import JobState
+from node.versions import SKIP_REASON, newer_version, reissue
 
 PRIORITY_RANK = {Priority.STAT: 0, Priority.ROUTINE: 1}
+_BY_RANK = {rank: priority for priority, rank in PRIORITY_RANK.items()}
 __all__ = ["PRIORITY_RANK", "Job", "JobQueue", "jobs"]
 
 
@@ -116,9 +119,28 @@ class JobQueue:
         return JobState.QUEUED
 
     def retry(self, ids: Sequence[int] | None = None) -> int:
-        """Put dead jobs (all, or the given ids) back in the queue with a fresh attempt budget."""
-        cond = jobs.c.id.in_(list(ids)) if ids else sa.true()
-        return self.leases.replay(cond)
+        """Put dead jobs (all, or the given ids) back in the queue with a fresh attempt budget; returns how many.
+        One whose "processing failed" report was recorded runs as a new version of its series, and one whose series
+        has a newer version is not replayed but ended as skipped, "superseded" (`node.versions`)."""
+        cond = sa.and_(jobs.c.id.in_(list(ids)) if ids else sa.true(), jobs.c.state == JobState.DEAD)
+        in_place: list[int] = []
+        reissued = 0
+        with transaction(self.engine, "jobs: retry") as conn:
+            for row in conn.execute(sa.select(jobs).where(cond).order_by(jobs.c.id)).all():
+                if (newer := newer_version(conn, row.series_uid, int(row.version))) is not None:
+                    conn.execute(jobs.update().where(jobs.c.id == row.id).values(
+                        state=JobState.SKIPPED, skip_reason=SKIP_REASON, last_error=f"version {newer} came in"))
+                    continue
+
+                def enqueue(c: sa.Connection, version: int, row: Any = row) -> int:
+                    return self.enqueue(c, row.series_uid, version, _BY_RANK.get(int(row.priority), Priority.ROUTINE),
+                                        PipelineName(row.pipeline))
+
+                if reissue(conn, row, enqueue):
+                    reissued += 1
+                else:
+                    in_place.append(int(row.id))
+        return reissued + (self.leases.replay(jobs.c.id.in_(in_place)) if in_place else 0)
 
     def get(self, job_id: int) -> sa.Row[Any] | None:
         with self.engine.connect() as conn:

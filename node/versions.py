@@ -7,6 +7,12 @@ a job for a newer version of the series exists (`newer_version`): its objects wo
 version's, since only older versions are ever withdrawn. That happens when an admin replays dead jobs
 (`pacsnode retry --jobs`) after the series moved on, or when two workers run versions N and N + 1 at once. The
 worker checks before it starts and again in the transaction that records the results (`JobSuperseded`).
+
+Replaying a dead job (`reissue`, through `JobQueue.retry`): when its "processing failed" report was recorded (and so
+sent, or about to be), running it again under the same version would leave that report live beside the new
+verdict. The series gets a new version instead, whose result names the report as superseded and withdraws it like
+any earlier version's objects; the dead job ends as skipped ("superseded"). A dead job that reported nothing is
+replayed under its own version, and one whose series has moved on is not replayed at all.
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ import sqlalchemy as sa
 from pydicom import Dataset, dcmread
 
 from node.results import AlgorithmIdentity, Superseded, build_rejection_kos
-from node.schema import jobs, results
+from node.schema import jobs, results, series
+from node.states import JobState
 
 SKIP_REASON = "superseded"  # jobs.skip_reason of a job ended because a newer version exists
 
@@ -43,6 +50,22 @@ def newer_version(conn: sa.Connection, series_uid: str, version: int) -> int | N
         sa.select(sa.func.max(jobs.c.version)).where(jobs.c.series_uid == series_uid, jobs.c.version > version)
     ).scalar()
     return None if newest is None else int(newest)
+
+
+def reissue(conn: sa.Connection, job: Any, enqueue: Callable[[sa.Connection, int], int]) -> bool:
+    """Replay the dead job row ``job`` under a new version of its series when it has recorded results; False when it
+    must be replayed in place (nothing recorded). ``enqueue(conn, version)`` queues the new version's job."""
+    recorded = conn.execute(sa.select(sa.func.count()).select_from(results).where(
+        results.c.series_uid == job.series_uid, results.c.version == job.version)).scalar()
+    if not recorded:
+        return False
+    current = conn.execute(sa.select(series.c.version).where(series.c.series_uid == job.series_uid)).scalar()
+    version = max(int(current or 0), int(job.version)) + 1
+    conn.execute(series.update().where(series.c.series_uid == job.series_uid).values(version=version))
+    enqueue(conn, version)
+    conn.execute(jobs.update().where(jobs.c.id == job.id).values(
+        state=JobState.SKIPPED, skip_reason=SKIP_REASON, last_error=f"replayed as version {version}"))
+    return True
 
 
 def previous_results(conn: sa.Connection, series_uid: str, version: int) -> list[Any]:
@@ -91,4 +114,6 @@ def _stub(row: Any, header: Dataset) -> Dataset:
     return ds
 
 
-__all__ = ["SKIP_REASON", "JobSuperseded", "newer_version", "previous_results", "superseded_entries", "withdrawal"]
+__all__ = [
+    "SKIP_REASON", "JobSuperseded", "newer_version", "previous_results", "reissue", "superseded_entries", "withdrawal",
+]

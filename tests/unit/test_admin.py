@@ -22,7 +22,7 @@ from node.dispatch import Dispatcher
 from node.errors import SendError
 from node.index import Index
 from node.ingest import Ingestor, Origin
-from node.queue import JobQueue
+from node.queue import JobQueue, jobs
 from node.reachability import Reachability
 from node.senders import PermanentSendError, Sender
 from node.spool import Spool
@@ -106,6 +106,10 @@ class Site:
         with self.engine.connect() as conn:
             return {t.name: sorted(map(tuple, conn.execute(sa.select(t))), key=repr) for t in metadata.sorted_tables
                     if sa.inspect(self.engine).has_table(t.name)}
+
+    def jobs_of(self, series_uid: str) -> list[sa.Row]:
+        with self.engine.connect() as conn:
+            return list(conn.execute(sa.select(jobs).where(jobs.c.series_uid == series_uid).order_by(jobs.c.version)))
 
     def delivery(self, series_uid: str, destination: str) -> sa.Row:
         (row,) = [d for d in self.dispatcher.for_series(series_uid) if d.destination == destination]
@@ -234,7 +238,10 @@ def test_bearer_token_answers_json_and_retries_jobs_and_all_dead_deliveries(site
     with site.client() as client:
         answer = client.post("/admin/retry", data={"job": str(job.id)}, headers=bearer)
         assert answer.status_code == 200 and answer.json() == {"deliveries": 0, "jobs": 1}
-        assert site.queue.get(job.id).state == JobState.QUEUED
+        # its "processing failed" SR was recorded: replayed as the series' next version (node.versions.reissue)
+        assert (site.queue.get(job.id).state, site.queue.get(job.id).skip_reason) == (JobState.SKIPPED, "superseded")
+        assert [(j.state, j.version) for j in site.jobs_of(job.series_uid)] == [
+            (JobState.SKIPPED, job.version), (JobState.QUEUED, job.version + 1)]
         answer = client.post("/admin/retry", data={"all": "deliveries"}, headers=bearer)
         assert answer.json() == {"deliveries": 2, "jobs": 0}
     assert {site.delivery(u, "archive").state for u in (first, second)} == {DeliveryState.PENDING}

@@ -221,7 +221,7 @@ def test_results_are_deterministic_across_a_rerun(node, tmp_path):
 
 def test_replayed_dead_job_delivers_its_real_results(node, tmp_path):
     """A dead job sends a "processing failed" SR; replayed with `pacsnode retry --jobs` and then succeeding, its
-    SR and SEG must still go out (same series version, different files)."""
+    SR and SEG must still go out (as the series' next version, with the note withdrawing that SR)."""
     config, engine, ingestor, queue, dispatcher, sender = node
     series = receive(ingestor, tmp_path, "s6", slices=10, seed=6)
     job_id = queue_job(queue, series.series_uid)
@@ -233,10 +233,10 @@ def test_replayed_dead_job_delivers_its_real_results(node, tmp_path):
     runner.fail = False
     assert queue.retry([job_id]) == 1
     worker.run_pending()
-    assert queue.get(job_id).state == JobState.DONE
+    assert queue.get(job_id).state == JobState.SKIPPED
     assert dispatcher.run_once() == 1
     modalities = sorted(pydicom.dcmread(f).Modality for f in sender.sent[-1])
-    assert modalities == ["KO", "SEG", "SR"]
+    assert modalities == ["KO", "KO", "SEG", "SR"]  # the key images and the rejection of the failure SR
 
 
 def test_configured_uid_root_heads_the_result_uids(node, tmp_path):
@@ -432,7 +432,7 @@ def test_a_dead_job_replayed_after_a_newer_version_publishes_nothing(node, tmp_p
     worker.run_pending()
     before = _live_results(engine, series.series_uid)
     assert (2, "skipped-sr") in before and (3, "sr") in before and (3, "kos") in before
-    assert queue.retry() == 1
+    assert queue.retry() == 0  # not replayed: ended as superseded
     calls = runner.calls
     worker.run_pending()
     job = queue.get(old)
@@ -477,4 +477,33 @@ def test_unreported_leaves_out_a_dead_job_whose_series_moved_on(node, tmp_path):
         conn.execute(jobs.update().where(jobs.c.id == dead).values(state=JobState.DEAD, last_error="x"))
     assert [r.id for r in queue.unreported()] == [dead]
     queue_job(queue, "1.2.3.4", 2)
+    assert queue.unreported() == []
+
+
+def test_a_replayed_dead_job_runs_as_a_new_version_that_withdraws_its_failure_report(node, tmp_path):
+    """The "processing failed" SR of a dead job went to the PACS. Run again under the same version, the real
+    verdict would sit beside it; as a new version, its SR supersedes that report and its rejection note withdraws
+    it."""
+    config, engine, ingestor, queue, dispatcher, sender = node
+    series = receive(ingestor, tmp_path, "s10", slices=10, seed=10)
+    failing = FixedRunner(fail=True)
+    dead = queue_job(queue, series.series_uid, 1)
+    Worker(config, engine, queue, dispatcher, lambda: failing).run_pending()
+    with engine.connect() as conn:
+        (report,) = [r for r in conn.execute(results.select()) if r.kind == "skipped-sr"]
+    assert queue.retry() == 1
+    assert (queue.get(dead).state, queue.get(dead).skip_reason) == (JobState.SKIPPED, "superseded")
+    assert queue.retry() == 0  # nothing dead is left to replay again
+    Worker(config, engine, queue, dispatcher, lambda: FixedRunner(0.9)).run_pending()
+    assert _live_results(engine, series.series_uid) >= {(1, "skipped-sr"), (2, "sr"), (2, "seg"), (2, "kos")}
+    with engine.connect() as conn:
+        rows = {r.kind: r for r in conn.execute(results.select().where(results.c.version == 2))}
+    kos = pydicom.dcmread(rows["kos"].path)
+    rejected = {sop.ReferencedSOPInstanceUID for study in kos.CurrentRequestedProcedureEvidenceSequence
+                for ser in study.ReferencedSeriesSequence for sop in ser.ReferencedSOPSequence}
+    assert rejected == {report.sop_uid}
+    predecessors = [sop.ReferencedSOPInstanceUID for study in pydicom.dcmread(rows["sr"].path)
+                    .PredecessorDocumentsSequence for ser in study.ReferencedSeriesSequence
+                    for sop in ser.ReferencedSOPSequence]
+    assert predecessors == [report.sop_uid]
     assert queue.unreported() == []
