@@ -21,7 +21,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,7 @@ class _Candidate:
     series_uid: str
     settled_at: float  # when it stopped needing its files (last delivery, ignore, or dead letter)
     dead: bool
+    state_changed_at: float  # the series' as judged settled: it must still be so when its instances go
 
 
 def disk_usage(path: Path) -> tuple[int, int]:
@@ -103,7 +104,7 @@ class Retention:
         for c in candidates:
             keep = settings.dead_letter_days if c.dead else settings.instances_days
             if keep and now - c.settled_at >= keep * _DAY:
-                self._purge_instances(c.series_uid, report, dry_run)
+                self._purge_instances(c, report, dry_run)
             keep = settings.dead_letter_days if c.dead else settings.results_days
             if keep and now - c.settled_at >= keep * _DAY:
                 self._purge_results(c.series_uid, report, dry_run)
@@ -117,7 +118,7 @@ class Retention:
                 used_now, total_now = self.disk_usage(data_dir)
             if _percent(used_now, total_now) <= ceiling:
                 break
-            self._purge_instances(c.series_uid, report, dry_run)
+            self._purge_instances(c, report, dry_run)
             self._purge_results(c.series_uid, report, dry_run)
         used_after, total_after = self.disk_usage(data_dir)
         if dry_run:
@@ -152,38 +153,60 @@ class Retention:
                     continue
                 dead = JobState.DEAD in job_states or any(d.state == DeliveryState.DEAD for d in sends)
                 times = [row.state_changed_at] + [d.delivered_at or d.last_attempt_at or 0.0 for d in sends]
-                yield _Candidate(row.series_uid, max(t for t in times if t is not None), dead)
+                yield _Candidate(row.series_uid, max(t for t in times if t is not None), dead, row.state_changed_at)
 
     # -- deleting ----------------------------------------------------------------------------------------------
-    def _purge_instances(self, series_uid: str, report: PurgeReport, dry_run: bool) -> None:
+    def _purge_instances(self, c: _Candidate, report: PurgeReport, dry_run: bool) -> None:
+        series_uid = c.series_uid
         with self.engine.connect() as conn:
+            seen = conn.execute(sa.select(series.c.instance_count).where(series.c.series_uid == series_uid)).first()
             rows = conn.execute(
                 sa.select(instances.c.sop_uid, instances.c.path, instances.c.spool_id)
                 .where(instances.c.series_uid == series_uid)
             ).all()
         rows = Spools(self.config).rows(rows)  # paths on this host; an unmapped spool fails this purge, rows kept
-        if not rows or series_uid in report.series:
+        if not rows or seen is None or series_uid in report.series:
             return
-        report.series.append(series_uid)
-        report.instance_files += len(rows)
-        report.bytes_freed += sum(_size(r.path) for r in rows)
         if dry_run:
+            self._count(series_uid, rows, report)
             return
         # Rows first: a crash between the two leaves orphan files (harmless, swept by the next purge of the
-        # folder), never rows pointing at deleted files.
+        # folder), never rows pointing at deleted files. Only if the series is still as it was judged settled: an
+        # instance acknowledged since (new or changed: the series re-opened, its count or state time moved)
+        # keeps it all.
+        # A file is unlinked only if it is still the one read here (same inode): an instance re-sent after the
+        # rows went is written under a new inode, and stays.
+        inodes = {r.path: _inode(r.path) for r in rows}
         with self.engine.begin() as conn:
-            conn.execute(instances.delete().where(instances.c.series_uid == series_uid))
-            conn.execute(
-                series.update().where(series.c.series_uid == series_uid)
+            settled = conn.execute(
+                series.update().where(series.c.series_uid == series_uid,
+                                      series.c.state.in_([SeriesState.COMPLETE, SeriesState.IGNORED]),
+                                      series.c.state_changed_at == c.state_changed_at,
+                                      series.c.instance_count == seen.instance_count)
                 .values(instance_count=0, purged_at=self.clock())
-            )
+            ).rowcount == 1
+            if settled:
+                conn.execute(instances.delete().where(instances.c.series_uid == series_uid,
+                                                      instances.c.sop_uid.in_([r.sop_uid for r in rows])))
+        if not settled:
+            self.log.info("retention_series_changed", series_uid=series_uid)
+            return
+        self._count(series_uid, rows, report)
         folders = set()
         for r in rows:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(r.path)
+            seen_inode = inodes[r.path]
+            if seen_inode is not None and _inode(r.path) == seen_inode:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(r.path)
             folders.add(Path(r.path).parent)
         for root in Spools(self.config).roots.values():
             _remove_empty([f for f in folders if root in f.parents], root)
+
+    @staticmethod
+    def _count(series_uid: str, rows: Sequence[Any], report: PurgeReport) -> None:
+        report.series.append(series_uid)
+        report.instance_files += len(rows)
+        report.bytes_freed += sum(_size(r.path) for r in rows)
 
     def _purge_results(self, series_uid: str, report: PurgeReport, dry_run: bool) -> None:
         with self.engine.connect() as conn:
@@ -201,6 +224,13 @@ class Retention:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         _remove_empty({p.parent for p in present}, self.config.node.data_dir / "results")
+
+
+def _inode(path: str) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
 
 
 def _size(path: str | Path) -> int:

@@ -230,3 +230,26 @@ def test_the_retention_loop_purges_survives_a_failed_purge_and_is_supervised(sit
     finally:
         loop.stop()
     assert "retention" not in heartbeats.snapshot()
+
+
+def test_an_instance_acknowledged_during_a_purge_is_kept(site, monkeypatch):
+    """Retention reads its candidates, then deletes. An instance of such a series acknowledged in between (a late
+    slice: the series re-opens) must stay indexed and on disk, and so must the series it joined."""
+    uid = site.series("late", seed=31)
+    site.clock.advance(8 * DAY)
+    extra = write_ct_series(site.tmp_path / "late-extra", size=32, slices=11, seed=31)
+    candidates = site.retention._candidates
+
+    def candidates_then_a_late_slice():
+        found = list(candidates())
+        site.ingestor.accept(dataset_bytes(extra.paths[10]), "1.2.840.10008.1.2.1", Origin("CT1", "a2"))
+        return found
+
+    monkeypatch.setattr(site.retention, "_candidates", candidates_then_a_late_slice)
+    report = site.retention.purge()
+    assert uid not in report.series and report.instance_files == 0
+    with site.engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(instances)
+                            .where(instances.c.series_uid == uid)).scalar() == 11
+        assert conn.execute(sa.select(series.c.state).where(series.c.series_uid == uid)).scalar() == "reopened"
+    assert len(site.spool_files(uid)) == 11
