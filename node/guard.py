@@ -387,7 +387,10 @@ class GuardedSocket(AssociationSocket):
 
 class GuardedDimse(DIMSEServiceProvider):
     """pynetdicom's DIMSE provider with each data set collected in a `BoundedDataset` and decoding failures
-    turned into an A-ABORT instead of an exception in the reactor thread."""
+    turned into an A-ABORT instead of an exception in the reactor thread. A peer that starts a request while a
+    complete one still waits in the queue is aborted too: the node negotiates no asynchronous operations window
+    (one request at a time), and pynetdicom's reader would otherwise queue every pipelined message, each up to
+    `SPILL_BYTES` in memory, while the association thread works on the first."""
 
     def __init__(self, assoc: Association, limits: ReceiveLimits, refusals: Refusals) -> None:
         super().__init__(assoc)
@@ -402,8 +405,15 @@ class GuardedDimse(DIMSEServiceProvider):
             return super().get_msg(block)
         return next_message(self)
 
+    aborted = False  # an A-ABORT is on its way: what the peer sent after it is dropped
+
     def receive_primitive(self, primitive: P_DATA) -> None:
+        if self.aborted:
+            return
         if self.message is None:
+            if self.msg_queue.qsize():  # a new request while a complete one waits for the association thread
+                self._abort(PeerRefusal.REQUESTS_PIPELINED, waiting=self.msg_queue.qsize())
+                return
             self.message = DIMSEMessage()
             self.message.data_set = BoundedDataset(self.limits.max_instance_bytes, self.limits.spill_dir)
         command = self.message.encoded_command_set
@@ -418,6 +428,7 @@ class GuardedDimse(DIMSEServiceProvider):
 
     def _abort(self, event: PeerRefusal, **context: Any) -> None:
         _record(self.refusals, event, self.assoc, **context)
+        self.aborted = True
         self.message = None
         self.dul.event_queue.put("Evt19")  # invalid PDU: A-ABORT to the peer, A-P-ABORT to us (AA-8)
 

@@ -685,3 +685,37 @@ def test_dcmtk_echoscu_and_storescu_work_after_the_attacks(make_node, peers, tmp
     assert store.returncode == 0, store.stderr.decode()
     assert sorted(p.stem for p in node.spooled()) == sorted(series.sop_uids)
 
+
+
+def test_pipelined_requests_are_aborted_not_queued(make_node, peers, tmp_path, monkeypatch, thread_errors):
+    """The node answers one request at a time (no asynchronous operations window). A peer that sends C-STOREs
+    without waiting for the responses is aborted at the first one begun while another waits in the queue, instead
+    of pynetdicom's reader queueing every message (each up to 16 MiB in memory) behind a slow handler."""
+    gate, entered = threading.Event(), threading.Event()
+    accept = Ingestor.accept
+
+    def slow_accept(self, *args, **kwargs):
+        entered.set()
+        assert gate.wait(10)
+        return accept(self, *args, **kwargs)
+
+    monkeypatch.setattr(Ingestor, "accept", slow_accept)
+    node = make_node()
+    peer = peers(node.address)
+    associate(peer)
+    with capture_logs() as logs:
+        for n in range(8):
+            sop_uid, data = ct_dataset(tmp_path, size=16 + n)
+            req = C_STORE()
+            req.MessageID, req.AffectedSOPClassUID, req.Priority = n + 1, CTImageStorage, 0
+            req.AffectedSOPInstanceUID, req.DataSet = sop_uid, BytesIO(data)
+            msg = C_STORE_RQ()
+            msg.primitive_to_message(req)
+            peer.send_message(msg, CX_CT)
+        assert entered.wait(5)
+        assert_aborted(peer)
+    gate.set()
+    assert [e for e in logs if e["event"] == "requests_pipelined"]
+    assert wait_until(lambda: node.echo() == 0x0000, 10, "the node still answers")
+    assert len(node.spooled()) <= 2  # the one in the handler, at most one queued; never all eight
+    assert not thread_errors
