@@ -244,23 +244,34 @@ class Commitments:
                 c.state == CommitState.PENDING.value, c.next_attempt_at <= now).order_by(c.next_attempt_at)))
         if not due:
             return 0
-        with ThreadPoolExecutor(max_workers=min(4, len(due)), thread_name_prefix="pacsnode-commit") as pool:
-            list(pool.map(self._work, due))
-        return len(due)
+        by_destination: dict[str, list[Any]] = {}
+        for r in due:
+            by_destination.setdefault(r.destination, []).append(r)
+        with ThreadPoolExecutor(max_workers=min(4, len(by_destination)), thread_name_prefix="pacsnode-commit") as pool:
+            return sum(pool.map(self._work_destination, by_destination.values()))
 
-    def _work(self, row: Any) -> None:
+    def _work_destination(self, rows: Sequence[Any]) -> int:
+        """One destination's due rows, oldest first, in its own thread: a destination that cannot be reached costs
+        one timeout per turn, not one per row, and never holds up another's. Returns how many were worked on."""
+        for n, row in enumerate(rows, 1):
+            if not self._work(row):
+                return n  # the rest stay due: tried again next turn
+        return len(rows)
+
+    def _work(self, row: Any) -> bool:
+        """Request or check one row; False when the destination could not be reached."""
         dest = self._destination(row.destination)
         if dest is None or not dest.commitment:
-            return  # left pending: times out unless the destination comes back
+            return True  # left pending: times out unless the destination comes back
         try:
             if dest.kind is DestinationKind.DIMSE:
-                self._request(row, dest)
-            else:
-                self._verify(row, dest)
+                return self._request(row, dest)
+            return self._verify(row, dest)
         except Exception as exc:  # noqa: BLE001 - one row's failure never ends the loop
             self.log.error("commitment_error", delivery_id=row.delivery_id, error=failure(exc))
+            return True
 
-    def _request(self, row: Any, dest: Destination) -> None:
+    def _request(self, row: Any, dest: Destination) -> bool:
         uid = generate_uid()
         c = commitments.c
         with transaction(self.engine, "commitments") as conn:  # written first: the report may come back at once
@@ -269,7 +280,7 @@ class Commitments:
                 state=CommitState.REQUESTED.value, transaction_uid=uid, requested_at=self.clock(),
                 attempts=c.attempts + 1)).rowcount
         if not claimed:
-            return
+            return True
         log = self.log.bind(delivery_id=row.delivery_id, destination=row.destination, transaction_uid=uid)
         refs = [tuple(r) for r in json.loads(row.refs)]
         try:
@@ -279,16 +290,17 @@ class Commitments:
             self._set(row.delivery_id, CommitState.REQUESTED, state=CommitState.FAILED.value,
                       last_error=str(exc)[:_MAX_ERROR_CHARS])
             log.error("commitment_unsupported", error=str(exc))
-            return
+            return True
         except SendError as exc:
             delay = min(_MAX_RETRY_SECONDS, 2.0 ** (int(row.attempts) + 1))
             self._set(row.delivery_id, CommitState.REQUESTED, state=CommitState.PENDING.value, transaction_uid=None,
                       next_attempt_at=self.clock() + delay, last_error=str(exc)[:_MAX_ERROR_CHARS])
             log.warning("commitment_request_failed", error=str(exc), retry_in=delay)
-            return
+            return False
         log.info("commitment_requested", instances=len(refs))
+        return True
 
-    def _verify(self, row: Any, dest: Destination) -> None:
+    def _verify(self, row: Any, dest: Destination) -> bool:
         refs = [tuple(r) for r in json.loads(row.refs)]
         wanted = {uid for _, uid in refs}
         log = self.log.bind(delivery_id=row.delivery_id, destination=row.destination)
@@ -308,12 +320,13 @@ class Commitments:
             self._set(row.delivery_id, CommitState.PENDING, state=CommitState.COMMITTED.value, reported_at=now,
                       failed=None, last_error=None, attempts=c.attempts + 1)
             log.info("commitment_committed", instances=len(wanted), via="qido-rs")
-            return
+            return True
         delay = min(_MAX_RETRY_SECONDS, 2.0 ** (int(row.attempts) + 1))
         self._set(row.delivery_id, CommitState.PENDING, next_attempt_at=now + delay, attempts=c.attempts + 1,
                   last_error=error[:_MAX_ERROR_CHARS],
                   failed=None if missing is None else json.dumps([[u, "not found by QIDO-RS"] for u in missing]))
         log.warning("commitment_check_failed", error=error, retry_in=delay)
+        return missing is not None  # it answered (objects missing), or it could not be asked
 
     def _expire(self) -> int:
         """Open rows past their deadline → `timed_out` (`failed` for a DICOMweb check that kept missing objects)."""

@@ -239,3 +239,37 @@ def test_deliveries_stored_just_before_a_crash_are_adopted_older_ones_are_not(tm
         (adopted,) = conn.execute(sa.select(commitments.c.delivery_id, deliveries.c.version).select_from(
             commitments.join(deliveries, deliveries.c.id == commitments.c.delivery_id))).all()
     assert adopted.version == 2
+
+
+def test_an_unreachable_destination_costs_one_attempt_per_turn_and_never_holds_up_another(tmp_path, files):
+    """Five deliveries to each of two PACS; "down" cannot be reached. One turn asks "down" once (its other rows wait
+    for the next turn: each would wait out the same timeout), and asks "up" for every row, in a thread of its own."""
+    config = NodeConfig(destinations=(dimse("down"), dimse("up")))
+    engine = create_engine_for(f"sqlite:///{tmp_path / 'node.db'}")
+    init_schema(engine)
+    clock = FakeClock(1000.0)
+
+    class Down(Requester):
+        def __call__(self, dest: Destination, *args: Any) -> None:
+            super().__call__(dest, *args)
+            if dest.name == "down":
+                raise SendError("association with PACS@127.0.0.1:104 failed (no answer)")
+
+    requester = Down()
+    tracker = Commitments(config, engine, clock=clock, requester=requester, verifier=lambda d, s, t: set())
+    dispatcher = Dispatcher(config, engine, {}, clock=clock)
+    _, _, paths, uids = files
+    for n in range(5):
+        dispatcher.enqueue(f"1.2.3.{n}", 1, paths, uids)
+    with engine.begin() as conn:
+        conn.execute(deliveries.update().values(state=DeliveryState.DELIVERED.value, delivered_at=clock()))
+    for n in range(5):
+        for name in ("down", "up"):
+            tracker.delivered(f"1.2.3.{n}", 1, name)
+    assert tracker.run_once() == 6
+    asked = [name for name, _, _ in requester.calls]
+    assert asked.count("down") == 1 and asked.count("up") == 5
+    with engine.connect() as conn:
+        states = [(r.destination, r.state) for r in conn.execute(sa.select(commitments))]
+    assert sorted(s for d, s in states if d == "up") == ["requested"] * 5
+    assert sorted(s for d, s in states if d == "down") == ["pending"] * 5
