@@ -42,9 +42,10 @@ from node.db import insert_for, reading, transaction
 from node.errors import ConfigError, SendError
 from node.logs import get_logger
 from node.loops import LoopThread, backoff_seconds
+from node.refusals import Refusals
 from node.schema import commitments, deliveries
 from node.scu import CommitmentUnsupportedError, Peer, request_storage_commitment
-from node.states import CommitState, DeliveryState
+from node.states import CommitState, DeliveryState, PeerRefusal
 from node.supervise import Heartbeats, failure
 from node.tls import destination_tls_args, requests_tls
 
@@ -165,6 +166,7 @@ class Commitments:
         self.requester = requester
         self.verifier = verifier
         self.log = get_logger(component="commitment")
+        self._refusals = Refusals("commitment")  # reports refused: logged at most a few per peer and minute
         self._insert = insert_for(engine)
         self._loop_thread = LoopThread(self.heartbeats, LOOP, "pacsnode-commitment", self._run)
 
@@ -359,22 +361,23 @@ class Commitments:
         Storage Commitment result. Returns 0x0000 when recorded, 0x0113 for an event type other than 1 or 2,
         0x0110 for a report that is malformed, unknown, or could not be stored."""
         calling = str(event.assoc.requestor.ae_title)
+        peer = str(event.assoc.requestor.address)
         try:
             report = parse_report(event)
         except (ValueError, AttributeError, TypeError) as exc:
-            self.log.warning("commitment_report_refused", calling_ae=calling, reason=str(exc))
+            self._refusals.record(PeerRefusal.COMMITMENT_REPORT_REFUSED, peer, calling_ae=calling, error=str(exc))
             return _STATUS_PROCESSING_FAILURE, None
         if report.event_type not in (1, 2):
-            self.log.warning("commitment_report_refused", calling_ae=calling, event_type=report.event_type,
-                             transaction_uid=report.transaction_uid)
+            self._refusals.record(PeerRefusal.COMMITMENT_REPORT_REFUSED, peer, calling_ae=calling,
+                                  event_type=report.event_type, transaction_uid=report.transaction_uid)
             return _STATUS_NO_SUCH_EVENT_TYPE, None
         try:
-            return self.record(report, calling), None
+            return self.record(report, calling, peer), None
         except Exception as exc:  # noqa: BLE001 - the boundary: a failure status, never an aborted association
             self.log.error("commitment_report_failed", transaction_uid=report.transaction_uid, error=failure(exc))
             return _STATUS_PROCESSING_FAILURE, None
 
-    def record(self, report: Report, calling_ae: str = "") -> int:
+    def record(self, report: Report, calling_ae: str = "", peer: str = "") -> int:
         """Apply one report to the row with its Transaction UID; returns the N-EVENT-REPORT response status.
 
         Committed only when every requested instance is among the committed ones and none failed (a late report
@@ -384,9 +387,9 @@ class Commitments:
         with transaction(self.engine, "commitments") as conn:
             row = conn.execute(sa.select(c.delivery_id, c.destination, c.refs, c.state)
                                .where(c.transaction_uid == report.transaction_uid)).first()
-            if row is None:
-                self.log.warning("commitment_report_unknown", calling_ae=calling_ae,
-                                 transaction_uid=report.transaction_uid)
+            if row is None:  # anyone who can associate may send these: logged rate-limited per peer
+                self._refusals.record(PeerRefusal.COMMITMENT_REPORT_UNKNOWN, peer or calling_ae, calling_ae=calling_ae,
+                                      transaction_uid=report.transaction_uid)
                 return _STATUS_PROCESSING_FAILURE
             wanted = {uid for _, uid in json.loads(row.refs)}
             failed = [[uid, f"0x{reason:04X}"] for uid, reason in report.failed]

@@ -13,6 +13,7 @@ import pytest
 import sqlalchemy as sa
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
+from structlog.testing import capture_logs
 
 from node.commitment import (
     Commitments,
@@ -273,3 +274,14 @@ def test_an_unreachable_destination_costs_one_attempt_per_turn_and_never_holds_u
         states = [(r.destination, r.state) for r in conn.execute(sa.select(commitments))]
     assert sorted(s for d, s in states if d == "up") == ["requested"] * 5
     assert sorted(s for d, s in states if d == "down") == ["pending"] * 5
+
+
+def test_reports_for_unknown_transactions_are_refused_and_logged_rate_limited(tmp_path, files):
+    """Anyone who can associate may send N-EVENT-REPORTs (pynetdicom starts a thread for each): a flood of
+    reports for transactions the node never started is refused, and logged a few times, not once each."""
+    tracker, _, _, _ = setup(tmp_path, files, dimse("a"))
+    with capture_logs() as logs:
+        statuses = {tracker.record(Report(generate_uid(), 1, (), ()), "FLOODER", "192.0.2.7") for _ in range(200)}
+    assert statuses == {0x0110}
+    logged = [e for e in logs if e["event"] == "commitment_report_unknown"]
+    assert 1 <= len(logged) <= 5 and logged[0]["calling_ae"] == "FLOODER"
