@@ -13,6 +13,12 @@ index transaction commits (SQLite WAL with synchronous=FULL: the WAL is fsync'd 
 flush) only after those folder fsyncs returned; and `GroupCommitter` answers a caller only from the batch its own
 item was committed in. So a committed row never names a file that could vanish, and nothing is acknowledged that
 is not committed. A crash before the commit leaves at most a file without a row, which a re-send replaces.
+
+A re-send of an instance already stored is written beside it (`Spool.write(stage_replacement=True)`) and moved
+over it only once its row is committed (`Spool.place`: rename + folder fsync, before the acknowledgement); if the
+commit fails, the staged file is dropped and the acknowledged instance keeps its file. A crash between the commit
+and the move leaves the old file under a row describing the new one, unacknowledged: the sender's re-send is then
+a duplicate of the row, and its `place` makes the file match.
 """
 
 from __future__ import annotations

@@ -452,8 +452,8 @@ class Ingestor:
         header.write(b"\x00" * 128 + b"DICM")
         write_file_meta_info(header, meta, enforce_standard=True)
         body = [dataset] if isinstance(dataset, bytes) else dataset.chunks()
-        spooled = self.spool.write(study_uid, series_uid, sop_uid, body, header=header.getvalue(),
-                                   sync_dir=False)  # the group commit syncs the folder (_commit_batch)
+        spooled = self.spool.write(study_uid, series_uid, sop_uid, body, header=header.getvalue(), sync_dir=False,
+                                   stage_replacement=True)  # the group commit syncs the folder (_commit_batch)
         if self.admission is not None:
             self.admission.written(spooled.size)
         record = InstanceRecord(
@@ -476,7 +476,12 @@ class Ingestor:
             calling_ae=origin.calling_ae,
             association_id=origin.association_id,
         )
-        outcome = self.committer.commit(record, spooled.path.parent)
+        try:
+            outcome = self.committer.commit(record, spooled.path.parent)
+        except BaseException:
+            self.spool.discard(spooled)  # a re-send refused: the instance acknowledged before keeps its file
+            raise
+        self.spool.place(spooled)  # a re-send committed (changed, or the same bytes): its file takes the path
         return Accepted(record=record, outcome=outcome)
 
 

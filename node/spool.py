@@ -29,6 +29,7 @@ class SpooledFile:
     path: Path
     size: int  # of the whole file
     sha256: str  # of the dataset bytes only (`Spool.write`)
+    staged: Path | None = None  # written here, not yet at ``path`` (which held a file): `Spool.place` / `discard`
 
 
 class Spool:
@@ -48,12 +49,15 @@ class Spool:
         return self.root / study / series / f"{sop}.dcm"
 
     def write(self, study_uid: str, series_uid: str, sop_uid: str, chunks: Iterable[bytes], *,
-              header: bytes = b"", sync_dir: bool = True) -> SpooledFile:
+              header: bytes = b"", sync_dir: bool = True, stage_replacement: bool = False) -> SpooledFile:
         """Write ``header`` and then ``chunks`` durably as the instance's file, replacing an older copy atomically;
         the sha256 returned covers ``chunks`` only (the dataset as sent, without the preamble and file meta the
         node writes, which name the sending AE: the same instance from another sender hashes the same). With
         ``sync_dir=False`` the rename is durable only once the caller has passed the file's folder to
-        `sync_dirs` (folders this call created are synced here either way)."""
+        `sync_dirs` (folders this call created are synced here either way). With ``stage_replacement`` a file
+        already at the path is not replaced yet: the new one stays under its temporary name (``staged``) until
+        the caller, its index row committed, calls `place` (or `discard` when the commit failed) — so an
+        acknowledged instance is never overwritten by a re-send that is then refused."""
         final = self.path_for(study_uid, series_uid, sop_uid)
         folder = final.parent
         digest = hashlib.sha256()
@@ -80,6 +84,8 @@ class Spool:
                 os.fdatasync(fd)
             finally:
                 os.close(fd)
+            if stage_replacement and os.path.lexists(final):
+                return SpooledFile(path=final, size=size, sha256=digest.hexdigest(), staged=tmp)
             os.replace(tmp, final)
             for d in [folder, *new_dirs] if sync_dir else new_dirs:
                 _fsync_dir(d)
@@ -93,6 +99,23 @@ class Spool:
                 raise SpoolFullError(f"spool is full writing {sop_uid}: {exc.strerror}") from exc
             raise StoreFailedError(f"spool write failed for {sop_uid}: {exc.strerror or exc}") from exc
         return SpooledFile(path=final, size=size, sha256=digest.hexdigest())
+
+    @staticmethod
+    def place(spooled: SpooledFile) -> None:
+        """Move a staged file to its path, durably (the folder fsync'd). Raises like `write`."""
+        if spooled.staged is None:
+            return
+        try:
+            os.replace(spooled.staged, spooled.path)
+            _fsync_dir(spooled.path.parent)
+        except OSError as exc:
+            raise StoreFailedError(f"spool replace failed for {spooled.path.stem}: {exc.strerror or exc}") from exc
+
+    @staticmethod
+    def discard(spooled: SpooledFile) -> None:
+        """Drop a staged file (its row was not committed); the file at its path stays as it was."""
+        if spooled.staged is not None:
+            _unlink_quietly(spooled.staged)
 
     def key(self, path: Path) -> str:
         """What the index records as the file's path: relative to the root when this spool has an id (a reader

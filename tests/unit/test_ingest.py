@@ -10,7 +10,13 @@ import sqlalchemy as sa
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
 from node.db import create_engine_for, init_schema
-from node.errors import InvalidDatasetError, InvalidUIDError, SOPClassMismatchError, StoreStatus
+from node.errors import (
+    InvalidDatasetError,
+    InvalidUIDError,
+    SOPClassMismatchError,
+    StoreFailedError,
+    StoreStatus,
+)
 from node.index import Index, RecordOutcome
 from node.ingest import Ingestor, Origin
 from node.spool import Spool
@@ -120,3 +126,30 @@ def test_the_same_instance_from_another_sender_is_a_duplicate(ingestor, series, 
     changed.save_as(tmp_path / "changed.dcm", enforce_file_format=True)
     assert ingestor.accept(dataset_bytes(tmp_path / "changed.dcm"), ExplicitVRLittleEndian, ORIGIN).outcome is RecordOutcome.REPLACED
     assert ingestor.index.get_series(series.series_uid).state == SeriesState.REOPENED
+
+
+def test_a_refused_re_send_never_overwrites_the_acknowledged_instance(ingestor, series, tmp_path, monkeypatch):
+    """Instance A is acknowledged; a re-send B with the same UIDs but other content is written, and then its index
+    commit fails (the sender gets 0xA701). A's file must still be the one its row describes. B committed later
+    takes the path; no staged file is left behind either way."""
+    body = dataset_bytes(series.paths[0])
+    first = ingestor.accept(body, ExplicitVRLittleEndian, ORIGIN).record
+    changed = pydicom.dcmread(series.paths[0])
+    changed.WindowCenter = 41
+    changed.save_as(tmp_path / "changed.dcm", enforce_file_format=True)
+    changed_body = dataset_bytes(tmp_path / "changed.dcm")
+
+    def broken(recs):
+        raise StoreFailedError("index write failed: OperationalError")
+
+    with monkeypatch.context() as m:
+        m.setattr(ingestor.index, "record_instances", broken)
+        m.setattr(ingestor.index, "record_instance", broken)
+        with pytest.raises(StoreFailedError):
+            ingestor.accept(changed_body, ExplicitVRLittleEndian, ORIGIN)
+    row = ingestor.index.get_instance(first.sop_uid)
+    assert row.sha256 == first.sha256 and dataset_bytes(row.path) == body
+    assert ingestor.accept(changed_body, ExplicitVRLittleEndian, ORIGIN).outcome is RecordOutcome.REPLACED
+    assert dataset_bytes(ingestor.index.get_instance(first.sop_uid).path) == changed_body
+    assert ingestor.accept(changed_body, ExplicitVRLittleEndian, ORIGIN).outcome is RecordOutcome.DUPLICATE
+    assert sorted(p.name for p in ingestor.spool.root.rglob("*") if p.is_file()) == [f"{first.sop_uid}.dcm"]
