@@ -255,29 +255,30 @@ class Dispatcher:
             pause = self._paused.get(name)
         if pause is not None and now < pause[1]:
             where = sa.and_(where, d.queued_at > pause[0])
-        with self._transaction(None) as conn:
-            row = self._leases.claim(self._token, self._lease_seconds(0), where=where, order_by=(d.due_at, d.id),
-                                     values={"last_attempt_at": now}, conn=conn)
-            if row is None:
-                return None
-            lease = Lease(int(row.id), self._token, int(row.attempts))
-            payload = store.decode_payload(row.files, row.sop_uids)
-            if payload is None:
-                reason = "delivery row unreadable: files/sop_uids are not matching JSON lists of strings"
-                self._leases.dead_letter(lease, reason, conn)
-                self._log.error("delivery_unreadable", delivery_id=int(row.id), series_uid=row.series_uid,
-                                destination=name)
-                return None
-            files, sop_uids = payload
-            newer = store.newer_version(conn, row.series_uid, name, int(row.version))
-            if newer is None:
-                self._leases.extend(lease, self._lease_seconds(len(files)), conn)
-            else:  # a later version was queued while this one waited: never send it after that one
-                self._leases.dead_letter(lease, f"superseded by version {newer} of the series", conn)
-        if newer is not None:
-            self._log.info("delivery_superseded", delivery_id=int(row.id), series_uid=row.series_uid,
-                           version=int(row.version), newer_version=newer, destination=name)
-            return self._claim(name)
+        newer: int | None = 0
+        while newer is not None:  # until a row that is not superseded (or none is due)
+            with self._transaction(None) as conn:
+                row = self._leases.claim(self._token, self._lease_seconds(0), where=where, order_by=(d.due_at, d.id),
+                                         values={"last_attempt_at": now}, conn=conn)
+                if row is None:
+                    return None
+                lease = Lease(int(row.id), self._token, int(row.attempts))
+                payload = store.decode_payload(row.files, row.sop_uids)
+                if payload is None:
+                    reason = "delivery row unreadable: files/sop_uids are not matching JSON lists of strings"
+                    self._leases.dead_letter(lease, reason, conn)
+                    self._log.error("delivery_unreadable", delivery_id=int(row.id), series_uid=row.series_uid,
+                                    destination=name)
+                    return None
+                files, sop_uids = payload
+                newer = store.newer_version(conn, row.series_uid, name, int(row.version))
+                if newer is None:
+                    self._leases.extend(lease, self._lease_seconds(len(files)), conn)
+                else:  # a later version was queued while this one waited: never send it after that one
+                    self._leases.dead_letter(lease, f"superseded by version {newer} of the series", conn)
+                    self._log.info("delivery_superseded", delivery_id=int(row.id), series_uid=row.series_uid,
+                                   version=int(row.version), newer_version=newer, destination=name)
+        assert row is not None  # the loop ends on a row that is not superseded
         return _Claimed(
             id=int(row.id),
             series_uid=row.series_uid,

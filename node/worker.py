@@ -322,7 +322,7 @@ class Worker:
     def _withdrawal(self, job: Job, algorithm: AlgorithmIdentity) -> list[tuple[str, Dataset]]:
         """The IOCM rejection note withdrawing the previous version's objects (node.versions.withdrawal)."""
         return withdrawal_note(self._previous(job), algorithm, job.series_uid, job.version,
-                          lambda: _header(_by_position(self._instances(job.series_uid))[0].path))
+                               lambda: _header(_by_position(self._instances(job.series_uid))[0].path))
 
     def _skip(self, job: Job, pipeline: Pipeline, rows: Sequence[Any], refusal: GateRefusal, log: Any) -> JobState:
         sources = [_header(r.path) for r in _by_position(rows)]
