@@ -153,7 +153,7 @@ class GuardedServer(ThreadedAssociationServer):
 
     def apply_config(self, config: NodeConfig) -> None:
         """Hot reload: new associations run under the limits and deadlines of ``config.node``."""
-        self.limits = ReceiveLimits.from_config(config.node)
+        self.limits = ReceiveLimits.from_config(config.node, config.admission)
 
     def server_bind(self) -> None:
         """pynetdicom's bind, plus SO_REUSEPORT when asked (its own bind ignores socketserver's allow_reuse_port);

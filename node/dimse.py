@@ -162,7 +162,7 @@ class DimseServer:
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_N_EVENT_REPORT, self._on_event_report),
         ]
-        limits = ReceiveLimits.from_config(self._config.node)
+        limits = ReceiveLimits.from_config(self._config.node, self._config.admission)
         host = self._config.node.host
         tls = self._config.tls
         if tls.plaintext_dimse:

@@ -46,6 +46,8 @@ plus `SPILL_BYTES`; on disk one data set (``max_instance_bytes``).
 from __future__ import annotations
 
 import contextlib
+import errno
+import shutil
 import ssl
 import struct
 import tempfile
@@ -73,7 +75,7 @@ if TYPE_CHECKING:
     from pynetdicom.dimse_primitives import C_STORE
     from pynetdicom.pdu_primitives import P_DATA
 
-    from node.config import NodeSection
+    from node.config import AdmissionSection, NodeSection
 
 # PS3.8 9.3.1: every PDU starts with type (1 byte), reserved (1 byte), length (4 bytes, big endian).
 _PDU_HEADER = struct.Struct(">BBL")
@@ -84,6 +86,7 @@ _ABORT_SOURCE_PROVIDER = 0x02
 _ABORT_INVALID_PARAMETER = 0x06
 _RECV_CHUNK = 1 << 16  # pynetdicom reads 4 KiB at a time; 64 KiB costs fewer calls for the same memory bound
 SPILL_BYTES = 16 << 20  # a C-STORE data set larger than this goes to a temporary file (CT slices stay in memory)
+SPILL_CHECK_BYTES = 64 << 20  # a spilling data set re-checks the disk's free space each time this much more arrived
 CONNECTIONS_PER_ASSOCIATION = 2  # open TCP connections allowed per association slot (see ReceiveLimits)
 # A command set is a handful of elements (~100-300 bytes); anything near this is not a DIMSE command.
 MAX_COMMAND_SET_BYTES = 1 << 16
@@ -101,6 +104,7 @@ class ReceiveLimits:
     max_connections: int  # open connections (negotiating or associated); more are closed at accept
     max_per_peer: int | None = None  # open connections from one address; more are closed at accept
     spill_dir: Path | None = None  # where data sets over SPILL_BYTES go (None: they stay in memory)
+    spill_reserve: tuple[int, float] = (0, 0.0)  # free bytes / percent a spill never eats into ([admission] reserve)
 
     def __post_init__(self) -> None:
         if self.max_connections < 1:
@@ -125,8 +129,10 @@ class ReceiveLimits:
         return max(self.max_connections, 5)
 
     @classmethod
-    def from_config(cls, node: NodeSection) -> ReceiveLimits:
+    def from_config(cls, node: NodeSection, admission: AdmissionSection | None = None) -> ReceiveLimits:
+        reserve = (admission.reserve_free_bytes, admission.reserve_free_percent) if admission else (0, 0.0)
         return cls(
+            spill_reserve=reserve,
             max_pdu_bytes=node.max_pdu_bytes,
             max_instance_bytes=node.max_instance_bytes,
             association_timeout=node.association_timeout_seconds,
@@ -144,10 +150,12 @@ class BoundedDataset(BytesIO):
     ``spill_dir`` (freed by the system when closed, even after a crash); past ``limit`` it drops what it holds and
     only counts what arrives (``received``), so neither memory nor disk grow while the peer finishes sending."""
 
-    def __init__(self, limit: int, spill_dir: Path | None) -> None:
+    def __init__(self, limit: int, spill_dir: Path | None, reserve: tuple[int, float] = (0, 0.0)) -> None:
         super().__init__()
         self.limit = limit
         self.spill_dir = spill_dir
+        self.reserve = reserve
+        self._checked_at = 0  # received bytes at the last free-space check
         self.received = 0
         self.spilled: IO[bytes] | None = None
         self.failure: OSError | None = None  # the temporary file could not be written (disk full)
@@ -169,6 +177,9 @@ class BoundedDataset(BytesIO):
                 self.seek(0)
                 self.truncate()
             if self.spilled is not None:
+                if self.received - self._checked_at >= SPILL_CHECK_BYTES:
+                    self._checked_at = self.received
+                    self._check_room()
                 self.spilled.write(data)
                 return n
         except OSError as exc:  # the DUL thread must not raise: the handler answers 0xA700 instead
@@ -176,6 +187,14 @@ class BoundedDataset(BytesIO):
             self.discard()
             return n
         return super().write(data)
+
+    def _check_room(self) -> None:
+        """Raise ENOSPC once the spill disk's free space is below the reserve: 32 associations each spilling up
+        to ``max_instance_bytes`` could otherwise fill the disk the spool and the index live on."""
+        assert self.spill_dir is not None
+        usage = shutil.disk_usage(self.spill_dir)
+        if usage.free < max(self.reserve[0], usage.total * self.reserve[1] / 100):
+            raise OSError(errno.ENOSPC, "the data disk is down to its reserve")
 
     def encoded(self) -> EncodedDataset:
         """What was received, for `Ingestor.accept`; `InstanceTooLargeError` / `SpoolFullError` (0xA700) when it
@@ -415,7 +434,8 @@ class GuardedDimse(DIMSEServiceProvider):
                 self._abort(PeerRefusal.REQUESTS_PIPELINED, waiting=self.msg_queue.qsize())
                 return
             self.message = DIMSEMessage()
-            self.message.data_set = BoundedDataset(self.limits.max_instance_bytes, self.limits.spill_dir)
+            self.message.data_set = BoundedDataset(self.limits.max_instance_bytes, self.limits.spill_dir,
+                                                   self.limits.spill_reserve)
         command = self.message.encoded_command_set
         incoming = sum(len(pdv) - 1 for _, pdv in primitive.presentation_data_value_list if pdv and pdv[0] & 1)
         if command.tell() + incoming > MAX_COMMAND_SET_BYTES:

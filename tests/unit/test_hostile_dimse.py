@@ -719,3 +719,25 @@ def test_pipelined_requests_are_aborted_not_queued(make_node, peers, tmp_path, m
     assert wait_until(lambda: node.echo() == 0x0000, 10, "the node still answers")
     assert len(node.spooled()) <= 2  # the one in the handler, at most one queued; never all eight
     assert not thread_errors
+
+
+def test_a_spill_stops_at_the_disk_reserve_with_a700(make_node, peers, tmp_path, monkeypatch):
+    """A data set spilled to a temporary file re-checks the data disk's free space as it grows: below the
+    [admission] hard reserve it is dropped and answered 0xA700, so large C-STOREs on many associations cannot fill
+    the disk the spool and the index live on. With room again, the same instance is taken."""
+    monkeypatch.setattr(guard, "SPILL_BYTES", 64 << 10)
+    monkeypatch.setattr(guard, "SPILL_CHECK_BYTES", 64 << 10)
+    free = {"bytes": 100 << 20}  # 100 MiB free of 100 GiB: below the default reserve (512 MiB, 1 %)
+    monkeypatch.setattr(guard.shutil, "disk_usage", lambda path: guard.shutil._ntuple_diskusage(
+        100 << 30, (100 << 30) - free["bytes"], free["bytes"]))
+    node = make_node(max_instance_bytes=1 << 20)
+    peer = peers(node.address)
+    associate(peer)
+    sop_uid, data = ct_dataset(tmp_path, size=400)  # 320 KB: spilled past 64 KiB, checked every 64 KiB
+    assert peer.store(CX_CT, sop_uid, data) == StoreStatus.OUT_OF_RESOURCES
+    assert node.spooled() == []
+    small_uid, small = ct_dataset(tmp_path, size=16)  # never spilled: in memory, no disk check
+    assert peer.store(CX_CT, small_uid, small) == StoreStatus.SUCCESS
+    free["bytes"] = 50 << 30
+    assert peer.store(CX_CT, sop_uid, data) == StoreStatus.SUCCESS
+    assert sorted(p.stem for p in node.spooled()) == sorted([sop_uid, small_uid])
