@@ -103,16 +103,16 @@ def qido_instances(destination: Destination, study_uid: str, timeout: float) -> 
         response = requests.get(url, headers=headers, params={"includefield": "00080018"}, timeout=timeout,
                                 verify=verify, cert=cert)
     except requests.RequestException as exc:
-        raise SendError(f"QIDO-RS {destination.url} unreachable: {type(exc).__name__}") from exc
+        raise SendError(f"QIDO-RS {destination.shown_url} unreachable: {type(exc).__name__}") from exc
     if response.status_code == 204 or (response.status_code == 200 and not response.content.strip()):
         return set()
     if response.status_code != 200:
-        raise SendError(f"QIDO-RS {destination.url} answered HTTP {response.status_code}")
+        raise SendError(f"QIDO-RS {destination.shown_url} answered HTTP {response.status_code}")
     try:
         items = response.json()
         return {str(v) for item in items for v in item.get("00080018", {}).get("Value", [])}
     except (ValueError, AttributeError, TypeError) as exc:
-        raise SendError(f"QIDO-RS {destination.url} answered something that is not DICOM JSON") from exc
+        raise SendError(f"QIDO-RS {destination.shown_url} answered something that is not DICOM JSON") from exc
 
 
 def parse_report(event: evt.Event) -> Report:

@@ -216,7 +216,7 @@ class StowSender(Sender):
             session.verify, session.cert = requests_tls(destination)
         client = DICOMwebClient(url=destination.url.rstrip("/"), headers=headers, session=session)
         client.set_http_retry_params(retry=False)  # the dispatcher owns retries (backoff, give-up, dead-letter)
-        where = destination.url
+        where = destination.shown_url or ""
         try:
             response = client.store_instances(datasets)
         except requests.HTTPError as exc:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,7 +24,7 @@ from node.config.base import (
     _Frozen,
     is_loopback,
 )
-from node.config.network import Destination, DestinationKind, NodeSection, TlsSection
+from node.config.network import Destination, DestinationKind, NodeSection, TlsSection, without_credentials
 from node.config.routes import (
     CT_IMAGE_STORAGE,
     DEFAULT_ROUTES,
@@ -134,22 +133,21 @@ class NodeConfig(_Frozen):
         for dest in data["destinations"]:
             if dest.get("token") is not None:
                 dest["token"] = "********"
-        data["database"]["url"] = _mask_url_password(self.database.url)
-        data["database"]["effective_url"] = _mask_url_password(self.database_url)
+            if dest.get("url") is not None:
+                dest["url"] = without_credentials(dest["url"])
+        data["database"]["url"] = without_credentials(self.database.url) if self.database.url else self.database.url
+        data["database"]["effective_url"] = without_credentials(self.database_url)
         return data
 
 
-def _mask_url_password(url: str) -> str:
-    return re.sub(r"(://[^:/@]+:)[^@]+@", r"\1********@", url)
-
-
-def _coerce_env_value(raw: str) -> Any:
+def _coerce_env_value(raw: str, name: str = "an environment value") -> Any:
     text = raw.strip()
     if text.startswith(("[", "{")):
         try:
             return json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ConfigError(f"environment value {raw!r} looks like JSON but does not parse: {exc}") from exc
+            # not the value: it may hold a token (exc.pos says where it broke)
+            raise ConfigError(f"{name} looks like JSON but does not parse: {exc.msg} at character {exc.pos}") from exc
     return raw
 
 
@@ -166,7 +164,7 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
             target = target.setdefault(part, {})
             if not isinstance(target, dict):
                 raise ConfigError(f"environment override {name}: {part!r} is not a section")
-        target[parts[-1]] = _coerce_env_value(raw)
+        target[parts[-1]] = _coerce_env_value(raw, name)
 
 
 def _describe(exc: ValidationError) -> str:

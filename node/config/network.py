@@ -88,6 +88,13 @@ class NodeSection(_Frozen):
         return self
 
 
+def without_credentials(url: str) -> str:
+    """``url`` with the password of a ``user:password@`` part and of a ``password=`` query parameter masked (a
+    DICOMweb URL may carry Basic credentials, a database URL its password)."""
+    url = re.sub(r"(://[^:/@]+:)[^@/]*@", r"\1********@", url)
+    return re.sub(r"(?i)([?&](?:password|passwd|pwd)=)[^&#]*", r"\1********", url)
+
+
 class DestinationKind(StrEnum):
     DIMSE = "dimse"
     DICOMWEB = "dicomweb"
@@ -121,6 +128,11 @@ class Destination(_Frozen):
         elif self.url is None or not re.match(r"^https?://", self.url):
             raise ValueError("a 'dicomweb' destination needs url = 'http(s)://...'")
         return self
+
+    @property
+    def shown_url(self) -> str | None:
+        """``url`` as logs, errors, /admin and `config check` show it: without a user or password in it."""
+        return None if self.url is None else without_credentials(self.url)
 
     @property
     def uses_tls(self) -> bool:

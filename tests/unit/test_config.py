@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pydicom
 import pytest
+from pydicom.data import get_testdata_file
 
-from node.config import DEFAULT_CONFIG_PATH, UID_ROOT_MAX_LENGTH, DestinationKind, load_config
-from node.errors import ConfigError
+from node.config import DEFAULT_CONFIG_PATH, UID_ROOT_MAX_LENGTH, DestinationKind, NodeConfig, load_config
+from node.errors import ConfigError, SendError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -193,3 +196,33 @@ def test_invalid_routes_and_profiles_name_the_key(tmp_path, toml, named):
     with pytest.raises(ConfigError) as err:
         load_config(write(tmp_path, toml), environ={})
     assert named in str(err.value)
+
+
+def test_credentials_in_urls_and_bad_env_json_never_reach_output(tmp_path):
+    """A DICOMweb URL may carry Basic credentials and a database URL its password: `config check`, /admin (the
+    redacted config) and every send error show them masked; a JSON environment value that does not parse is
+    named, not echoed (it may hold a token)."""
+    cfg = NodeConfig.model_validate({
+        "database": {"url": "postgresql://node@db/pacs?password=hunter2"},
+        "destinations": [{"name": "web", "kind": "dicomweb", "url": "https://orthanc:s3cret@pacs.example/dicom-web",
+                          "token": "t0ken"}],
+    })
+    shown = json.dumps(cfg.redacted())
+    assert "s3cret" not in shown and "hunter2" not in shown and "t0ken" not in shown
+    assert "https://orthanc:********@pacs.example/dicom-web" in shown
+    assert cfg.destinations[0].shown_url == "https://orthanc:********@pacs.example/dicom-web"
+    with pytest.raises(ConfigError) as err:
+        load_config(None, environ={"PACSNODE_DESTINATIONS": '[{"name": "w", "token": "TOPSECRET"},]'})
+    assert "TOPSECRET" not in str(err.value) and "PACSNODE_DESTINATIONS" in str(err.value)
+
+
+def test_send_errors_name_the_destination_without_its_password(tmp_path):
+    from node.senders import StowSender
+
+    dest = NodeConfig.model_validate({"destinations": [
+        {"name": "web", "kind": "dicomweb", "url": "http://orthanc:s3cret@127.0.0.1:9/dicom-web"}]}).destinations[0]
+    ct = tmp_path / "ct.dcm"
+    pydicom.dcmread(get_testdata_file("CT_small.dcm")).save_as(ct, enforce_file_format=True)
+    with pytest.raises(SendError) as err:
+        StowSender(2).send(dest, [ct])
+    assert "s3cret" not in str(err.value) and "127.0.0.1:9" in str(err.value)
