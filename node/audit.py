@@ -240,9 +240,12 @@ class AuditTrail:
             try:
                 self._rotate_if_due(now, len(line) + 1)
                 if self._file is None:
-                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                    self.path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
                     existing = _file_day(self.path)  # a file left by an earlier run keeps its day; a new one: now's
-                    self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open between records
+                    # Owner and group only, whatever the umask: the trail holds patient IDs (rotation keeps the mode).
+                    fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+                    os.fchmod(fd, 0o640)
+                    self._file = os.fdopen(fd, "a", encoding="utf-8")
                     self._day = existing or now.date()
                 self._file.write(line + "\n")
                 self._file.flush()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import re
 import socket
 import threading
@@ -317,3 +318,21 @@ def _meta_length(raw: bytes) -> int:
     start = raw.index(b"DICM") + 4
     assert raw[start:start + 4] == b"\x02\x00\x00\x00"
     return 12 + int.from_bytes(raw[start + 8:start + 12], "little")
+
+
+def test_the_trail_is_readable_by_owner_and_group_only_whatever_the_umask(tmp_path):
+    """The trail holds patient IDs: under the usual umask 022 it was world-readable (0644), rotated files too."""
+    old = os.umask(0o022)
+    try:
+        audit = trail(tmp_path / "fresh", rotate_bytes=1500)
+        for _ in range(4):
+            audit.application(started=True)
+        audit.close()
+    finally:
+        os.umask(old)
+    files = list(audit.path.parent.glob("audit*.jsonl"))
+    assert len(files) >= 2  # rotated at least once
+    for path in files:
+        assert path.stat().st_mode & 0o077 == path.stat().st_mode & 0o070 & ~0o020, oct(path.stat().st_mode)
+        assert path.stat().st_mode & 0o007 == 0
+    assert audit.path.parent.stat().st_mode & 0o007 == 0
