@@ -2,7 +2,8 @@
 
 `decide(...)` is the pure rule, with the sender's profile (``[completion]`` mode, or the ``[[completion.senders]]``
 entry for its calling AE). A series is complete when
-  * its expected count is known (ImagesInAcquisition) and reached;
+  * its expected count is known (ImagesInAcquisition) and reached — not exceeded: a series holding more instances
+    than that (several acquisitions in one series) is judged by the rules below, once, not again at every sweep;
   * or it is one multi-frame instance (all frames arrive together);
   * or, for a sender whose mode is ``release``, its slice positions form an evenly spaced stack, every association
     that sent it is closed, the last one was released normally after sending ≥ 2 of its instances, and the
@@ -78,6 +79,8 @@ def decide(
     mode, stable_seconds, grace_seconds = settings.profile(series_row.calling_ae)
     quiet = now - series_row.last_received_at
     expected = series_row.expected_count
+    if expected and series_row.instance_count > expected:
+        expected = None  # more arrived than announced: it counted one acquisition of several, not this series
     if expected and series_row.instance_count < expected:
         # A sender that says how many instances the series has is believed until it has been silent for long.
         return CompletionReason.EXPECTED_COUNT_TIMEOUT if quiet >= settings.expected_count_timeout_seconds else None

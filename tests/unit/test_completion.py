@@ -314,3 +314,23 @@ def test_routing_decisions_are_counted_in_metrics(env, tmp_path):
     text = metrics.render()[0].decode()
     assert 'pacsnode_series_routed_total{pipeline="none",route="everything-else"} 1.0' in text
     assert 'pacsnode_series_routed_total{pipeline="pneumonia",route="chest-ct"} 1.0' in text
+
+
+def test_an_expected_count_exceeded_is_no_longer_believed(env):
+    """ImagesInAcquisition counts one acquisition: a series of several (step-and-shoot, HRCT) announces 16 and
+    brings 40. It may complete once at 16 (nothing says more will come), but then its further instances must not
+    complete it again at every sweep (a new version a second); the release rule ends it, once."""
+    index, sweeper, _ = make(env)
+    engine, clock = env
+    index.association_opened("a1", "CT1", "PACSNODE", "p")
+    send(index, "6.9", [i * 2.5 for i in range(16)], expected=16)
+    assert [r for _, _, r in sweeper.sweep()] == [CompletionReason.EXPECTED_COUNT]
+    for n in range(17, 41):
+        send(index, "6.9", [i * 2.5 for i in range(n)], expected=16)
+        clock.now += 0.5
+        sweeper.sweep()
+    index.association_closed("a1", AssociationState.RELEASED)
+    clock.now += 2
+    assert [r for _, _, r in sweeper.sweep()] == [CompletionReason.CONTIGUOUS_RELEASED]
+    with engine.connect() as conn:
+        assert sorted(r.version for r in conn.execute(jobs.select().where(jobs.c.series_uid == "6.9"))) == [1, 2]
