@@ -44,6 +44,10 @@ Measured (whole chests) vs. (the rest), with the threshold between:
   "no pneumonia" verdict would mislead: lung bases above an abdomen (≤ 865 mL, ≤ 96 mm), a chest's lowest
   quarter (≤ 1.3 L, ≤ 65 mm) and its upper half (105–146 mm) are all refused. Adult lungs span 200–300 mm and
   hold 3–7 L at CT; small children, whom the model never saw, fall outside too.
+- lungs ending inside the series: the first and the last slice each hold at most 35 % of the largest slice's lung
+  (added 2026-12-05, not from the corpus run: whole chest phantoms hold 0–5 %; lungs cut at an end — a scan that
+  stops at mid-lung or above the bases yet spans ≥ 150 mm — hold 35–100 %, and a real chest scan covers apex to
+  base with a margin).
 - smaller side ≥ 5 % of the lung: chest ≥ 43 %. Kept low so one lung mostly consolidated still passes.
 - lung ≥ 5 % of the body on the lung slices: chest ≥ 0.17, lung-base abdomens ≥ 0.10; a backstop for a large
   body holding a few air pockets.
@@ -87,13 +91,15 @@ class ScopeSettings:
     min_aerated_fraction: float = 0.5
     min_lung_extent_mm: float = 150.0
     min_lung_slices: int = 3
+    max_lung_end_share: float = 0.35  # lung on the first or last slice, as a share of the largest lung slice
     min_side_share: float = 0.05
     min_lung_body_ratio: float = 0.05
     min_axial_cosine: float = 0.8
 
     def __post_init__(self) -> None:
         for name in ("min_pixel_correlation", "max_body_border_fraction", "max_head_slice_fraction",
-                     "min_aerated_fraction", "min_side_share", "min_lung_body_ratio", "min_axial_cosine"):
+                     "min_aerated_fraction", "min_side_share", "min_lung_body_ratio", "min_axial_cosine",
+                     "max_lung_end_share"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"ScopeSettings.{name} must be in [0, 1], got {v}")
@@ -225,6 +231,8 @@ def measure(volume: Volume, lungs: np.ndarray) -> dict[str, float]:
     per_slice = inside.sum(axis=(1, 2))
     holds = (per_slice * px_mm2 >= LUNG_SLICE_MIN_MM2) & (per_slice >= LUNG_SLICE_MIN_BODY_SHARE * body.sum(axis=(1, 2)))
     m["lung_slices"] = float(holds.sum())
+    largest = float(per_slice.max()) if per_slice.size else 0.0
+    m["lung_end_share"] = float(max(per_slice[0], per_slice[-1])) / largest if largest else 0.0
     m["lung_extent_mm"] = float(holds.sum()) * dz
     m["lung_body_ratio"] = float(inside[holds].sum() / max(1, body[holds].sum()))
     # Lateral = the in-plane image axis closest to the patient's left-right axis.
@@ -288,6 +296,10 @@ def _lung_problem(m: dict[str, float], s: ScopeSettings) -> str | None:
         return (f"only part of the lungs: {m['lung_ml']:.0f} mL over {m['lung_extent_mm']:.0f} mm on "
                    f"{m['lung_slices']:.0f} slices; at least {s.min_lung_ml:.0f} mL over {s.min_lung_extent_mm:.0f} mm "
                    f"on {s.min_lung_slices} slices expected")
+    if m["lung_end_share"] > s.max_lung_end_share:
+        return (f"only part of the lungs: they are cut at the first or last slice, which holds "
+                   f"{100 * m['lung_end_share']:.0f}% of the largest slice's lung (at most "
+                   f"{100 * s.max_lung_end_share:.0f}%); the series must cover the lungs from apex to base")
     if m["lung_side_share"] < s.min_side_share:
         return (f"lungs on one side only: the other side holds {100 * m['lung_side_share']:.1f}% of them, "
                    f"at least {100 * s.min_side_share:.0f}% expected")

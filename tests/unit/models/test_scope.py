@@ -238,3 +238,18 @@ def test_block_means_are_the_reshaped_means(factors: tuple[int, int]) -> None:
     assert np.array_equal(_block_mean(mask.view(np.uint8), fy, fx) >= 0.5, expected_mask := (
         mask[:, :r2, :c2].reshape(3, r2 // fy, fy, c2 // fx, fx).mean(axis=(2, 4)) >= 0.5))
     assert expected_mask.shape == expected.shape
+
+
+def test_lungs_cut_at_an_end_are_part_of_the_lungs_even_over_150_mm(chest_truth: tuple[Volume, np.ndarray]) -> None:
+    """A series that starts below the apices (or stops above the bases) but still spans ≥ 150 mm of lung passed the
+    extent rule; the lung on its first slice shows the cut."""
+    volume, lungs = chest_truth
+    area = lungs.reshape(lungs.shape[0], -1).sum(axis=1)
+    assert max(area[0], area[-1]) <= 0.05 * area.max()  # the whole phantom: lungs end inside the series
+    top = int(np.argmax(area >= 0.6 * area.max()))  # the first slice with 60 % of the largest lung slice
+    cut = dataclasses.replace(volume, hu=volume.hu[top:], positions=volume.positions[top:], _cache={})
+    whole = assess_chest_scope(volume, lungs)
+    assert whole.in_scope and whole.measures["lung_end_share"] <= 0.05, whole
+    verdict = assess_chest_scope(cut, lungs[top:])
+    assert verdict.measures["lung_extent_mm"] >= ScopeSettings().min_lung_extent_mm  # the old rule let it pass
+    assert not verdict.in_scope and "cut at the first or last slice" in verdict.reason, verdict.reason
