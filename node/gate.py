@@ -83,8 +83,13 @@ def _check_stack(instances: Sequence[Any], settings: GateSection) -> GateRefusal
     return None
 
 
-def check_header(ds: Any) -> GateRefusal | None:
-    """Check one instance's header (``ds``: a pydicom Dataset read without pixels) for what the models need."""
+def check_header(ds: Any, settings: GateSection | None = None) -> GateRefusal | None:
+    """Check one instance's header (``ds``: a pydicom Dataset read without pixels) for what the models need. With
+    ``settings.refuse_contrast`` a series whose Contrast/Bolus Agent is filled in is out of scope: every model card
+    says contrast was absent from training, and enhanced vessels (200–400 HU) look like consolidation to it."""
+    if (settings is None or settings.refuse_contrast) and _named(ds, "ContrastBolusAgent"):
+        return GateRefusal(SkipReason.OUT_OF_SCOPE, "contrast-enhanced series (Contrast/Bolus Agent is set): the "
+                                                    "models were trained on non-contrast CT only")
     image_type = ds.get("ImageType")
     values = {str(v).strip().upper() for v in ([image_type] if isinstance(image_type, str) else image_type or [])}
     if "LOCALIZER" in values:
@@ -101,3 +106,12 @@ def check_header(ds: Any) -> GateRefusal | None:
         if not isinstance(value, int) or value < 16:
             return GateRefusal(SkipReason.NOT_ORIGINAL_AXIAL, f"{keyword} is missing or below 16")
     return None
+
+
+def _named(ds: Any, keyword: str) -> bool:
+    """Whether ``ds`` carries a non-empty text value for ``keyword`` (a malformed one counts as named)."""
+    try:
+        value = ds.get(keyword)
+    except Exception:  # noqa: BLE001 - bytes that do not decode: something is there
+        return True
+    return bool(str(value or "").strip())

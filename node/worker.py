@@ -231,7 +231,7 @@ class Worker:
             rows = self._instances(job.series_uid)
             refusal = check_series(rows, self.config.gate, expected_count=self._expected_count(job.series_uid))
             if refusal is None:
-                refusal = check_header(_header(_by_position(rows)[0].path))
+                refusal = check_header(_header(_by_position(rows)[0].path), self.config.gate)
             if refusal is not None:
                 return self._skip(job, pipeline, rows, refusal, log)
             runner = self.warm_up()

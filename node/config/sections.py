@@ -72,6 +72,7 @@ class GateSection(_Frozen):
     spacing_tolerance_mm: Annotated[float, Field(gt=0)] = 0.05
     max_tilt_degrees: Annotated[float, Field(ge=0, le=45)] = 0.5  # slices sheared more than this are refused
     scope_check: bool = True  # image-based "is this a chest CT the model can judge?" before any verdict
+    refuse_contrast: bool = True  # a series whose header names a contrast agent: the models never saw contrast
 
 
 class QueueSection(_Frozen):

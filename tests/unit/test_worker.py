@@ -507,3 +507,24 @@ def test_a_replayed_dead_job_runs_as_a_new_version_that_withdraws_its_failure_re
                     for sop in ser.ReferencedSOPSequence]
     assert predecessors == [report.sop_uid]
     assert queue.unreported() == []
+
+
+def test_a_contrast_enhanced_series_gets_a_not_processed_sr_and_no_inference(node, tmp_path):
+    """Every model card says contrast was absent from training: a series whose header names a contrast agent (a CT
+    pulmonary angiogram, a staging chest CT) is out of scope, unless the site turns gate.refuse_contrast off."""
+    config, engine, ingestor, queue, dispatcher, sender = node
+
+    def enhanced(ds):
+        ds.ContrastBolusAgent = "IOHEXOL 350"
+
+    series = receive_edited(ingestor, tmp_path, "contrast", enhanced, slices=10, seed=11)
+    job_id = queue_job(queue, series.series_uid)
+    runner = FixedRunner()
+    Worker(config, engine, queue, dispatcher, lambda: runner).run_pending()
+    job = queue.get(job_id)
+    assert (job.state, job.skip_reason) == (JobState.SKIPPED, SkipReason.OUT_OF_SCOPE.value)
+    assert "contrast" in job.last_error and "IOHEXOL" not in job.last_error and runner.calls == 0
+    allowed = config.model_copy(update={"gate": config.gate.model_copy(update={"refuse_contrast": False})})
+    queue_job(queue, series.series_uid, 2)
+    Worker(allowed, engine, queue, dispatcher, lambda: runner).run_pending()
+    assert runner.calls == 1
