@@ -291,11 +291,14 @@ class CompletionSweeper:
         return version
 
     def _route(self, row: Any, rows: Sequence[Any]) -> Decision:
-        """The routing decision from the header of the series' first instance (by instance number)."""
-        first = min(rows, key=lambda r: (r.instance_number is None, r.instance_number or 0, r.sop_uid), default=None)
+        """The routing decision from the header of the series' middle instance (by instance number): a scanner that
+        puts its localizer at instance 1 of the axial series must not have the whole series ignored as a
+        localizer (the gate then judges the stack as a whole)."""
+        ordered = sorted(rows, key=lambda r: (r.instance_number is None, r.instance_number or 0, r.sop_uid))
+        middle = ordered[len(ordered) // 2] if ordered else None
         header = (
-            read_header(first.path, calling_ae=row.calling_ae, slices=row.instance_count)
-            if first is not None else None
+            read_header(middle.path, calling_ae=row.calling_ae, slices=row.instance_count)
+            if middle is not None else None
         )
         return route(header, self.config.routes, NODE_MANUFACTURER)
 

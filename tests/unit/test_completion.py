@@ -334,3 +334,24 @@ def test_an_expected_count_exceeded_is_no_longer_believed(env):
     assert [r for _, _, r in sweeper.sweep()] == [CompletionReason.CONTIGUOUS_RELEASED]
     with engine.connect() as conn:
         assert sorted(r.version for r in conn.execute(jobs.select().where(jobs.c.series_uid == "6.9"))) == [1, 2]
+
+
+def test_a_localizer_at_instance_1_does_not_make_the_series_a_localizer(env, tmp_path):
+    """Routing reads one header; it was the lowest instance number's, so a scanner that puts its scout at instance
+    1 of the axial series had the whole series silently ignored as a localizer (no result, no report)."""
+    index, sweeper, _ = make(env)
+    _, clock = env
+    scout = write_ct_series(tmp_path / "scout", slices=1, size=16, seed=3)
+    ds = pydicom.dcmread(scout.paths[0])
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    ds.save_as(scout.paths[0], enforce_file_format=True)
+    for n in range(1, 21):
+        index.record_instance(InstanceRecord(
+            sop_uid=f"7.3.{n}", series_uid="7.3", study_uid="1.2", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+            transfer_syntax_uid="1.2.840.10008.1.2.1", path=str(scout.paths[0]) if n == 1 else CHEST_CT[0], size=1,
+            sha256=f"{n:064d}", modality="CT", instance_number=n, image_position=f"0\\0\\{n * 2.5}",
+            image_orientation="1\\0\\0\\0\\1\\0", frame_of_reference_uid="1.9", calling_ae="CT1", association_id="a1",
+        ))
+    clock.now += 60
+    assert [r for _, _, r in sweeper.sweep()] == [CompletionReason.QUIET_TIMER]
+    assert index.get_series("7.3").state == SeriesState.COMPLETE
