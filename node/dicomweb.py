@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import tempfile
 import time
 import uuid
@@ -289,8 +290,9 @@ class _DicomWeb:
             return JSONResponse({"error": "the index database is unavailable"}, status_code=503)
         self._audit_query(request, len(found), Outcome.SUCCESS)
         headers = {}
-        if query.ignored:
-            headers["Warning"] = f'299 pacsnode "query keys not supported, ignored: {", ".join(sorted(query.ignored))}"'
+        if query.ignored:  # the names as the client sent them: only printable ASCII, no quotes, may go in a header
+            names = ", ".join(re.sub(r'[^\x20-\x7e]|["\\]', "?", n)[:64] for n in sorted(query.ignored)[:20])
+            headers["Warning"] = f'299 pacsnode "query keys not supported, ignored: {names}"'
         body = json.dumps([ds.to_json_dict() for ds in found])
         return Response(body, media_type=DICOM_JSON, headers=headers)
 

@@ -382,6 +382,10 @@ def test_qido_bad_parameters(node):
     assert node.client.get("/dicomweb/studies/not-a-uid/series").status_code == 400
     r = node.client.get("/dicomweb/studies", params={"PatientName": "X*"})
     assert r.status_code == 200 and r.json() == [] and "PatientName" in r.headers["warning"]
+    # unknown names outside printable ASCII (or with quotes) are echoed masked, never a 500 from the header
+    odd = node.client.get("/dicomweb/studies?%E2%82%AC=1&a%22b=2&c%0D%0Ad=3")
+    assert odd.status_code == 200 and odd.json() == []
+    assert '?' in odd.headers["warning"] and '"' not in odd.headers["warning"].split('"', 2)[1]
 
 
 # -- health, readiness, metrics --------------------------------------------------------------------------------
