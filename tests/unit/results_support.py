@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import copy
+import functools
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
 
 import numpy as np
 import pydicom
+import pytest
 from pydicom import Dataset
 
+from node.results import Findings
 from tests.ctgen import write_ct_series
 
 SLICES = 8
@@ -24,6 +28,15 @@ def ct_sources(out_dir: Path, *, seed: int = 0) -> list[Dataset]:
     """A ctgen CT series (8 slices of 32², 1 mm pixels, 2.5 mm apart) read back, in slice order."""
     series = write_ct_series(out_dir, slices=SLICES, size=SIZE, seed=seed, spacing=SPACING_MM)
     return [pydicom.dcmread(p) for p in series.paths]
+
+
+@functools.cache
+def cached_series() -> tuple[list[Dataset], Findings]:
+    """One `ct_sources` series with findings over `synthetic_masks` (probability 0.83), built once per process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        sources = ct_sources(Path(tmp))
+    lungs, lesion = synthetic_masks()
+    return sources, Findings(probability=0.83, threshold=0.5, attention=ATTENTION, lungs=lungs, lesion=lesion)
 
 
 def synthetic_masks() -> tuple[np.ndarray, np.ndarray]:
@@ -67,6 +80,19 @@ def dciodvfy_errors(path: Path) -> tuple[list[str], list[str]]:
     run = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=60, check=False)
     lines = (run.stdout + run.stderr).splitlines()
     return [ln for ln in lines if ln.startswith("Error")], [ln for ln in lines if ln.startswith("Warning")]
+
+
+def read_back_strictly(ds: Dataset) -> Dataset:
+    """``ds`` written and read back with pydicom's reading validation set to RAISE, every value decoded."""
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    buffer.seek(0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pydicom.config.settings, "reading_validation_mode", pydicom.config.RAISE)
+        back = pydicom.dcmread(buffer)
+        for element in back.iterall():
+            _ = element.value
+    return back
 
 
 def encoded_without_timestamps(ds: Dataset) -> bytes:

@@ -7,12 +7,7 @@ reads back with pydicom's reading validation set to RAISE, every value decoded."
 from __future__ import annotations
 
 import copy
-import functools
-import tempfile
-from io import BytesIO
-from pathlib import Path
 
-import pydicom
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -21,9 +16,9 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
-from node.results import AlgorithmIdentity, Findings, SkipReason, build_results, build_skipped_sr
+from node.results import AlgorithmIdentity, SkipReason, build_results, build_skipped_sr
 from tests.fuzzing import LONG, QUICK
-from tests.unit.results_support import ATTENTION, ct_sources, synthetic_masks
+from tests.unit.results_support import cached_series, read_back_strictly
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 ALGORITHM = AlgorithmIdentity(name="fuzz-model", version="0.0.1")
@@ -33,14 +28,6 @@ KEYWORDS = (
     "InstitutionName", "StudyDescription", "SeriesDescription", "PatientWeight", "OtherPatientIDs",
 )
 VRS = ("DA", "TM", "DT", "PN", "LO", "SH", "CS", "AS", "DS", "IS", "US", "UL", "FD", "UI", "UN", "OB", "ST", "LT")
-
-
-@functools.cache
-def series() -> tuple[list[Dataset], Findings]:
-    with tempfile.TemporaryDirectory() as tmp:
-        sources = ct_sources(Path(tmp))
-    lungs, lesion = synthetic_masks()
-    return sources, Findings(probability=0.83, threshold=0.5, attention=ATTENTION, lungs=lungs, lesion=lesion)
 
 
 def values() -> st.SearchStrategy[bytes]:
@@ -76,19 +63,8 @@ def damaged(sources: list[Dataset], attributes: dict[str, tuple[str, bytes]]) ->
     return broken
 
 
-def read_back_strictly(ds: Dataset) -> None:
-    buffer = BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    buffer.seek(0)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(pydicom.config.settings, "reading_validation_mode", pydicom.config.RAISE)
-        back = pydicom.dcmread(buffer)
-        for element in back.iterall():
-            _ = element.value
-
-
 def _fuzz(attributes: dict[str, tuple[str, bytes]]) -> None:
-    sources, findings = series()
+    sources, findings = cached_series()
     broken = damaged(sources, attributes)
     results = build_results(broken, findings, ALGORITHM)
     assert results.seg is not None

@@ -10,8 +10,6 @@ repair, the usual Japanese ``\\ISO 2022 IR 87`` and Korean ``\\ISO 2022 IR 149``
 from __future__ import annotations
 
 import copy
-import functools
-import tempfile
 from io import BytesIO
 from pathlib import Path
 
@@ -20,9 +18,9 @@ import pytest
 from pydicom import Dataset
 from pydicom.data import get_charset_files
 
-from node.results import AlgorithmIdentity, Findings, SkipReason, build_results, build_skipped_sr
+from node.results import AlgorithmIdentity, SkipReason, build_results, build_skipped_sr
 from node.results.attributes import UTF8, charset_repair
-from tests.unit.results_support import ATTENTION, ct_sources, dciodvfy_errors, synthetic_masks
+from tests.unit.results_support import cached_series, dciodvfy_errors, read_back_strictly
 from tests.unit.test_results import needs_dciodvfy  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -30,14 +28,6 @@ ALGORITHM = AlgorithmIdentity(name="charset-model", version="0.0.1")
 SAMPLES = sorted(
     Path(p).name for p in get_charset_files("chr*.dcm") if "PatientName" in pydicom.dcmread(p, stop_before_pixels=True)
 )
-
-
-@functools.cache
-def _series() -> tuple[list[Dataset], Findings]:
-    with tempfile.TemporaryDirectory() as tmp:
-        sources = ct_sources(Path(tmp))
-    lungs, lesion = synthetic_masks()
-    return sources, Findings(probability=0.83, threshold=0.5, attention=ATTENTION, lungs=lungs, lesion=lesion)
 
 
 def _sample(name: str) -> Dataset:
@@ -50,7 +40,7 @@ def _sent_in(name: str) -> tuple[list[Dataset], str]:
     received; and that name decoded."""
     sample = _sample(name)
     sources = []
-    for ds in copy.deepcopy(_series()[0]):
+    for ds in copy.deepcopy(cached_series()[0]):
         ds.SpecificCharacterSet = sample.SpecificCharacterSet
         ds.PatientName = sample.PatientName  # keeps the sample's own bytes: written in the same set
         buffer = BytesIO()
@@ -58,18 +48,6 @@ def _sent_in(name: str) -> tuple[list[Dataset], str]:
         buffer.seek(0)
         sources.append(pydicom.dcmread(buffer))  # read as the node reads its spool: decoded in the sent set
     return sources, str(sample.PatientName)
-
-
-def _read_back(ds: Dataset) -> Dataset:
-    buffer = BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    buffer.seek(0)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(pydicom.config.settings, "reading_validation_mode", pydicom.config.RAISE)
-        back = pydicom.dcmread(buffer)
-        for element in back.iterall():
-            _ = element.value
-    return back
 
 
 def _charset(ds: Dataset) -> list[str]:
@@ -86,25 +64,25 @@ def test_the_samples_cover_what_highdicom_refuses() -> None:
 @pytest.mark.parametrize("name", SAMPLES)
 def test_every_result_builds_and_keeps_the_name(name: str) -> None:
     sources, patient_name = _sent_in(name)
-    results = build_results(sources, _series()[1], ALGORITHM)
+    results = build_results(sources, cached_series()[1], ALGORITHM)
     assert results.seg is not None and results.key_images is not None
     skipped = build_skipped_sr(sources, SkipReason.NOT_CT, "detail", ALGORITHM)
     for built in (results.sr, results.seg, results.key_images, skipped):
-        back = _read_back(built)
+        back = read_back_strictly(built)
         assert str(back.PatientName) == patient_name
         assert _charset(back) in (_charset(sources[0]), [UTF8], ["ISO 2022 IR 6", *_charset(sources[0])[1:]])
 
 
 def test_japanese_keeps_its_set_respelt_and_korean_becomes_utf8() -> None:
     japanese, _ = _sent_in("chrH31.dcm")  # \ISO 2022 IR 87: value 1 empty means ISO 2022 IR 6
-    assert _charset(_read_back(build_results(japanese, _series()[1], ALGORITHM).sr)) == [
+    assert _charset(read_back_strictly(build_results(japanese, cached_series()[1], ALGORITHM).sr)) == [
         "ISO 2022 IR 6", "ISO 2022 IR 87"]
     korean, _ = _sent_in("chrI2.dcm")  # highdicom 0.28 has no ISO 2022 IR 149: decoded, written as UTF-8
-    assert _charset(_read_back(build_results(korean, _series()[1], ALGORITHM).sr)) == [UTF8]
+    assert _charset(read_back_strictly(build_results(korean, cached_series()[1], ALGORITHM).sr)) == [UTF8]
 
 
 def test_repair_leaves_what_highdicom_takes() -> None:
-    sources = _series()[0]
+    sources = cached_series()[0]
     for name in ("chrX1.dcm", "chrX2.dcm", "chrFren.dcm", "chrH32.dcm", "chrJapMultiExplicitIR6.dcm"):
         assert charset_repair(_sent_in(name)[0][0]) is None, name
     assert charset_repair(sources[0]) is None  # no Specific Character Set at all
@@ -122,7 +100,7 @@ def test_repair_leaves_what_highdicom_takes() -> None:
 @pytest.mark.parametrize("name", ["chrH31.dcm", "chrI2.dcm"])
 def test_dciodvfy_accepts_japanese_and_korean_results(name: str, tmp_path: Path) -> None:
     sources, _ = _sent_in(name)
-    results = build_results(sources, _series()[1], ALGORITHM)
+    results = build_results(sources, cached_series()[1], ALGORITHM)
     assert results.seg is not None and results.key_images is not None
     for kind, ds in (("sr", results.sr), ("seg", results.seg), ("kos", results.key_images)):
         path = tmp_path / f"{kind}.dcm"
