@@ -87,7 +87,7 @@ def check_header(ds: Any, settings: GateSection | None = None) -> GateRefusal | 
     """Check one instance's header (``ds``: a pydicom Dataset read without pixels) for what the models need. With
     ``settings.refuse_contrast`` a series whose Contrast/Bolus Agent is filled in is out of scope: every model card
     says contrast was absent from training, and enhanced vessels (200–400 HU) look like consolidation to it."""
-    if (settings is None or settings.refuse_contrast) and _named(ds, "ContrastBolusAgent"):
+    if (settings is None or settings.refuse_contrast) and _named(ds, "ContrastBolusAgent", _NO_CONTRAST):
         return GateRefusal(SkipReason.OUT_OF_SCOPE, "contrast-enhanced series (Contrast/Bolus Agent is set): the "
                                                     "models were trained on non-contrast CT only")
     image_type = ds.get("ImageType")
@@ -108,10 +108,15 @@ def check_header(ds: Any, settings: GateSection | None = None) -> GateRefusal | 
     return None
 
 
-def _named(ds: Any, keyword: str) -> bool:
-    """Whether ``ds`` carries a non-empty text value for ``keyword`` (a malformed one counts as named)."""
+_NO_CONTRAST = frozenset({"NONE", "NO", "N", "NIL", "0", "NO CONTRAST", "WITHOUT CONTRAST", "NON-CONTRAST"})
+
+
+def _named(ds: Any, keyword: str, meaning_none: frozenset[str] = frozenset()) -> bool:
+    """Whether ``ds`` carries a non-empty text value for ``keyword`` other than one of ``meaning_none`` (what
+    scanners write for "no agent"); a malformed value counts as named."""
     try:
         value = ds.get(keyword)
     except Exception:  # noqa: BLE001 - bytes that do not decode: something is there
         return True
-    return bool(str(value or "").strip())
+    text = str(value or "").strip().upper()
+    return bool(text) and text not in meaning_none

@@ -16,6 +16,7 @@ from models.errors import ModelError
 from node.config import DestinationKind, NodeConfig, PipelineName, Priority
 from node.db import create_engine_for, init_schema
 from node.dispatch import Dispatcher
+from node.gate import check_header
 from node.index import Index
 from node.ingest import Ingestor, Origin
 from node.metrics import Metrics
@@ -524,6 +525,10 @@ def test_a_contrast_enhanced_series_gets_a_not_processed_sr_and_no_inference(nod
     job = queue.get(job_id)
     assert (job.state, job.skip_reason) == (JobState.SKIPPED, SkipReason.OUT_OF_SCOPE.value)
     assert "contrast" in job.last_error and "IOHEXOL" not in job.last_error and runner.calls == 0
+    header = pydicom.dcmread(series.paths[0], stop_before_pixels=True)
+    for none in ("NONE", " no contrast ", ""):  # what scanners write for "no agent"
+        header.ContrastBolusAgent = none
+        assert check_header(header, config.gate) is None
     allowed = config.model_copy(update={"gate": config.gate.model_copy(update={"refuse_contrast": False})})
     queue_job(queue, series.series_uid, 2)
     Worker(allowed, engine, queue, dispatcher, lambda: runner).run_pending()
