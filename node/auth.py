@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import hmac
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from node.config import NodeConfig, is_loopback
+from node.config import DestinationKind, NodeConfig, is_loopback
 from node.logs import get_logger
 from node.states import AuthFailure
 
@@ -115,6 +116,13 @@ def open_setup_warnings(config: NodeConfig) -> list[str]:
         warnings.append(
             f"/metrics is open on {node.http_host!r} (set node.metrics_require_token = true to require the token)"
         )
+    for dest in config.destinations:  # results carry the patient's name, ID and birth date
+        host = dest.host if dest.kind is DestinationKind.DIMSE else urlsplit(dest.url or "").hostname
+        if dest.uses_tls or host is None or is_loopback(host):
+            continue
+        secret = " and its token" if dest.token is not None or "@" in urlsplit(dest.url or "").netloc else ""
+        warnings.append(f"destination {dest.name!r} ({dest.kind.value}) is plaintext: results{secret} cross the "
+                        "network unencrypted (DIMSE: tls = true; DICOMweb: an https:// url)")
     if not config.audit.enabled:
         warnings.append("audit.enabled = false: no audit trail of who sent, queried or exported what")
     return warnings
