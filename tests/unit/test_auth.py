@@ -305,3 +305,17 @@ def test_https_with_required_client_certificates_may_bind_beyond_loopback_withou
     path.write_text(base + 'client_certificates = "optional"\n')  # a certificate is not demanded: open
     with pytest.raises(ConfigError, match="node.http_host"):
         load_config(path, environ={})
+
+
+def test_config_check_warns_about_plaintext_destinations_beyond_loopback():
+    def warnings_for(*destinations):
+        return [w for w in open_setup_warnings(NodeConfig.model_validate({"destinations": list(destinations)}))
+                if w.startswith("destination")]
+
+    plain = {"name": "pacs", "kind": "dimse", "ae_title": "PACS", "host": "10.1.2.3", "port": 104}
+    web = {"name": "web", "kind": "dicomweb", "url": "http://pacs.example/dicom-web", "token": "t0k"}
+    (dimse,) = warnings_for(plain)
+    assert "'pacs'" in dimse and "plaintext" in dimse and "token" not in dimse
+    (token,) = warnings_for(web)
+    assert "and its token" in token and "t0k" not in token
+    assert warnings_for({**plain, "host": "127.0.0.1"}, {**web, "url": "https://pacs.example/dicom-web"}) == []
