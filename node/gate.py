@@ -26,6 +26,9 @@ class GateRefusal:
     detail: str
 
 
+_SUPINE_COSINE = 0.8  # the column direction within ~37° of the patient's posterior (+y): how the models saw it
+
+
 def check_series(
     instances: Sequence[Any], settings: GateSection, *, expected_count: int | None = None
 ) -> GateRefusal | None:
@@ -90,6 +93,8 @@ def check_header(ds: Any, settings: GateSection | None = None) -> GateRefusal | 
     if (settings is None or settings.refuse_contrast) and _named(ds, "ContrastBolusAgent", _NO_CONTRAST):
         return GateRefusal(SkipReason.OUT_OF_SCOPE, "contrast-enhanced series (Contrast/Bolus Agent is set): the "
                                                     "models were trained on non-contrast CT only")
+    if (turned := _turned(ds)) is not None:
+        return GateRefusal(SkipReason.OUT_OF_SCOPE, turned)
     image_type = ds.get("ImageType")
     values = {str(v).strip().upper() for v in ([image_type] if isinstance(image_type, str) else image_type or [])}
     if "LOCALIZER" in values:
@@ -120,3 +125,19 @@ def _named(ds: Any, keyword: str, meaning_none: frozenset[str] = frozenset()) ->
         return True
     text = str(value or "").strip().upper()
     return bool(text) and text not in meaning_none
+
+
+def _turned(ds: Any) -> str | None:
+    """Why the images are turned in-plane in a way the models never saw, or None. They were trained on supine
+    slices (columns running from anterior to posterior) with left-right flips: a feet-first series flipped left to
+    right is fine, a prone one (upside down) or a decubitus one (on its side) is not. A missing or malformed
+    orientation is left to the stack checks."""
+    try:
+        col_y = float(ds.ImageOrientationPatient[4])
+    except (AttributeError, IndexError, TypeError, ValueError):
+        return None
+    if col_y >= _SUPINE_COSINE:
+        return None
+    position = "upside down (prone)" if col_y <= -_SUPINE_COSINE else "on their side (decubitus)"
+    return (f"the images are turned {position}: the models were trained on supine slices only (columns running "
+            f"anterior to posterior)")

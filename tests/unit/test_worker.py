@@ -533,3 +533,26 @@ def test_a_contrast_enhanced_series_gets_a_not_processed_sr_and_no_inference(nod
     queue_job(queue, series.series_uid, 2)
     Worker(allowed, engine, queue, dispatcher, lambda: runner).run_pending()
     assert runner.calls == 1
+
+
+@pytest.mark.parametrize(("orientation", "runs"), [
+    ([-1, 0, 0, 0, -1, 0], False),  # prone: upside down, never seen in training
+    ([0, 1, 0, -1, 0, 0], False),  # decubitus: on its side
+    ([-1, 0, 0, 0, 1, 0], True),  # left-right flipped (feet first): training flipped left and right
+])
+def test_images_turned_in_plane_as_training_never_saw_are_out_of_scope(node, tmp_path, orientation, runs):
+    config, engine, ingestor, queue, dispatcher, sender = node
+
+    def turned(ds):
+        ds.ImageOrientationPatient = orientation
+
+    series = receive_edited(ingestor, tmp_path, "turned", turned, slices=10, seed=12)
+    job_id = queue_job(queue, series.series_uid)
+    runner = FixedRunner()
+    Worker(config, engine, queue, dispatcher, lambda: runner).run_pending()
+    job = queue.get(job_id)
+    if runs:
+        assert job.state == JobState.DONE and runner.calls == 1
+    else:
+        assert (job.state, job.skip_reason) == (JobState.SKIPPED, SkipReason.OUT_OF_SCOPE.value)
+        assert "turned" in job.last_error and runner.calls == 0
