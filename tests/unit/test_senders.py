@@ -74,33 +74,31 @@ def test_http_statuses_are_classified(server, files, status, error):
         StowSender(5).send(dest(server), files)
 
 
-def test_partial_failure_in_a_202_is_classified_by_failure_reason(server, files):
-    Answer.status = 202
-    Answer.body = {"00081198": {"vr": "SQ", "Value": [
-        {"00081155": {"vr": "UI", "Value": ["1.2.3"]}, "00081197": {"vr": "US", "Value": [0xA900]}}]}}
-    with pytest.raises(PermanentSendError, match="1.2.3"):
-        StowSender(5).send(dest(server), files)
-    Answer.body["00081198"]["Value"][0]["00081197"]["Value"] = [0xA700]
-    with pytest.raises(TransientSendError):
-        StowSender(5).send(dest(server), files)
-
-
 def test_unreachable_is_transient(files):
     with pytest.raises(TransientSendError, match="unreachable"):
         StowSender(2).send(dest("http://127.0.0.1:9/dicom-web"), files)
 
 
-def test_a_409_is_classified_by_the_failure_reasons_it_names(server, files):
-    """PS3.18: 409 when no instance was stored, the reasons in the body. A PACS with a full disk answers 0xA700
-    (this node's own STOW-RS does): worth retrying, not dead-lettering every result at once."""
-    Answer.status = 409
-    Answer.body = {"00081198": {"vr": "SQ", "Value": [
-        {"00081155": {"vr": "UI", "Value": ["1.2.3"]}, "00081197": {"vr": "US", "Value": [0xA700]}}]}}
-    with pytest.raises(TransientSendError, match="HTTP 409.*1.2.3: status 0xA700"):
+def failed_sop(reason: int) -> dict:
+    """A Store Instances Response naming SOP 1.2.3 as failed with ``reason``."""
+    return {"00081198": {"vr": "SQ", "Value": [
+        {"00081155": {"vr": "UI", "Value": ["1.2.3"]}, "00081197": {"vr": "US", "Value": [reason]}}]}}
+
+
+@pytest.mark.parametrize(("status", "reason", "error"), [
+    (202, 0xA900, PermanentSendError), (202, 0xA700, TransientSendError),
+    (409, 0xA700, TransientSendError), (409, 0xC000, PermanentSendError),
+])
+def test_failed_instances_are_classified_by_their_failure_reasons(server, files, status, reason, error):
+    """A 202 (some stored) or a 409 (none stored, PS3.18) naming failed instances: their reasons decide. A PACS with
+    a full disk answers 0xA700 (this node's own STOW-RS does): worth retrying, not dead-lettering every result."""
+    Answer.status, Answer.body = status, failed_sop(reason)
+    prefix = "HTTP 409.*" if status == 409 else ""
+    with pytest.raises(error, match=f"{prefix}1.2.3: status 0x{reason:04X}"):
         StowSender(5).send(dest(server), files)
-    Answer.body["00081198"]["Value"][0]["00081197"]["Value"] = [0xC000]
-    with pytest.raises(PermanentSendError, match="0xC000"):
-        StowSender(5).send(dest(server), files)
-    Answer.body = {"error": "not a Store Instances Response"}
+
+
+def test_a_409_without_a_store_instances_response_is_permanent(server, files):
+    Answer.status, Answer.body = 409, {"error": "not a Store Instances Response"}
     with pytest.raises(PermanentSendError, match="HTTP 409$"):
         StowSender(5).send(dest(server), files)
