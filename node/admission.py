@@ -62,6 +62,15 @@ def statvfs_usage(path: Path) -> tuple[int, int]:
     return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
 
 
+def down_to_reserve(path: Path, reserve: tuple[int, float]) -> bool:
+    """Whether the file system holding ``path`` has less free than the hard reserve ``(bytes, percent)``, the
+    larger of the two: where a data set streamed to a temporary file on the data disk (a spilling C-STORE, a
+    STOW-RS body) stops, so large transfers cannot fill the disk under the spool and the index before admission
+    sees them. Raises OSError."""
+    free, total = statvfs_usage(path)
+    return free < max(reserve[0], math.ceil(total * reserve[1] / 100))
+
+
 def index_activity(index: Index) -> SeriesActivity:
     """A `SeriesActivity` over the index: the series' last_received_at while it is receiving or reopened."""
 
@@ -369,4 +378,4 @@ class Admission:
             self._log.info("admission_resumed", reason=reason.value, refused_in_pause=refused, **state.numbers())
 
 
-__all__ = ["Admission", "AdmissionState", "evaluate", "index_activity", "pressure", "statvfs_usage", "thresholds"]
+__all__ = ["Admission", "AdmissionState", "down_to_reserve", "evaluate", "index_activity", "pressure", "statvfs_usage", "thresholds"]

@@ -14,7 +14,8 @@ study other than the URL's, 0xC122 for a transfer syntax the node cannot decode,
 missing/wrong bearer token, 413 body over ``stow_max_request_bytes``, a part over ``max_instance_bytes`` or more
 than `node.stow.MAX_PARTS` parts (refused as soon as the body shows it, before the rest is read), 415 not
 ``multipart/related`` of ``application/dicom``. Admission control (`node.admission`, through the `Ingestor`): 503
-with ``Retry-After`` before the body is read while free space is below the hard reserve; otherwise each part of a
+with ``Retry-After`` before the body is read while free space is below the hard reserve, and as soon as it falls
+below it while the body arrives (re-read every `BODY_CHECK_BYTES`; the body is dropped); otherwise each part of a
 new series is refused with 0xA700 while the node is paused, and a request whose every part was so refused is
 answered 503 with ``Retry-After`` (the header also comes with a 202/409 that contains such refusals).
 
@@ -42,6 +43,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from node.admission import down_to_reserve
 from node.audit import AuditTrail, Outcome
 from node.auditdb import audit_received
 from node.auth import Authenticator, client_host
@@ -53,7 +55,7 @@ from node.ingest import ACCEPTED_TRANSFER_SYNTAXES, EncodedDataset, Ingestor, Or
 from node.logs import get_logger
 from node.metrics import Metrics
 from node.qido import SERIES_KEYS, STUDY_KEYS, Query, find_series, find_studies
-from node.states import AssociationState
+from node.states import AdmissionReason, AssociationState
 from node.stow import (
     BodyReader,
     Part,
@@ -71,6 +73,7 @@ from node.uids import check_uid
 STOW_CALLING_AE = "STOW-RS"  # the "calling AE" of instances that came in over STOW-RS (index, file meta)
 DICOM_JSON = "application/dicom+json"
 IN_MEMORY_BODY_BYTES = 1 << 20  # request bodies beyond this go to a temp file on the data disk
+BODY_CHECK_BYTES = 64 << 20  # a body re-checks the data disk's free space each time this much more arrived
 
 _STORAGE_SOP_CLASSES = frozenset(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
 _ACCEPTED_TS = frozenset(str(ts) for ts in ACCEPTED_TRANSFER_SYNTAXES)
@@ -104,6 +107,8 @@ class _DicomWeb:
         self.on_released = on_released
         self.max_request_bytes = max_request_bytes
         self.tmp_dir = config.node.data_dir / "incoming"
+        self._reserve = (config.admission.reserve_free_bytes, config.admission.reserve_free_percent)
+        self._retry_after = config.admission.retry_after_seconds
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self.log = get_logger(component="dicomweb")
 
@@ -144,20 +149,10 @@ class _DicomWeb:
         t0 = time.monotonic()
         with tempfile.SpooledTemporaryFile(max_size=IN_MEMORY_BODY_BYTES, mode="w+b", dir=str(self.tmp_dir)) as body:
             try:
-                reader = BodyReader(
-                    stow_boundary(request.headers.get("content-type")), body, self.config.node.max_instance_bytes
-                )
-                received = 0
-                async for chunk in request.stream():
-                    received += len(chunk)
-                    if self.max_request_bytes is not None and received > self.max_request_bytes:
-                        raise Refused(413, f"request body exceeds {self.max_request_bytes} bytes")
-                    reader.write(chunk)
-                parts = reader.finish()
+                parts, received = await self._read_body(request, body)
             except Refused as exc:
                 log.warning("stow_refused", http_status=exc.http_status, reason=exc.reason)
-                self.metrics.stow_request(exc.http_status)
-                return JSONResponse({"error": exc.reason}, status_code=exc.http_status)
+                return self._refused_body(exc)
             except ClientDisconnect:
                 log.warning("stow_client_disconnected")
                 self.metrics.stow_request(400)
@@ -180,6 +175,43 @@ class _DicomWeb:
         )
         return Response(json.dumps(store_response(outcomes).to_json_dict()), status_code=status, media_type=DICOM_JSON,
                         headers=headers)
+
+    async def _read_body(self, request: Request, body: IO[bytes]) -> tuple[list[Part], int]:
+        """The request body streamed into ``body``: its parts and its length. Raises `Refused` as soon as the body
+        shows a reason, and `ClientDisconnect`."""
+        reader = BodyReader(stow_boundary(request.headers.get("content-type")), body, self.config.node.max_instance_bytes)
+        received = checked = 0
+        async for chunk in request.stream():
+            received += len(chunk)
+            if self.max_request_bytes is not None and received > self.max_request_bytes:
+                raise Refused(413, f"request body exceeds {self.max_request_bytes} bytes")
+            if received - checked >= BODY_CHECK_BYTES:
+                checked = received
+                self._check_room()
+            reader.write(chunk)
+        return reader.finish(), received
+
+    def _refused_body(self, exc: Refused) -> Response:
+        """The answer to a request refused while its body was read (counted; the caller logs it)."""
+        self.metrics.stow_request(exc.http_status)
+        if exc.http_status != 503:
+            return JSONResponse({"error": exc.reason}, status_code=exc.http_status)
+        # the disk reached its reserve while the body arrived: refused as admission refuses, the rest left unread
+        self.metrics.admission_refused(AdmissionReason.DISK_RESERVE.value, "stow")
+        return _closing(JSONResponse({"error": exc.reason, "reason": AdmissionReason.DISK_RESERVE.value},
+                                     status_code=503, headers={"Retry-After": str(self._retry_after)}))
+
+    def _check_room(self) -> None:
+        """Raise `Refused` (503) once the data disk is down to ``[admission]``'s hard reserve: admission judges a
+        request before its body and each part once the body is in, so bodies of up to ``stow_max_request_bytes``
+        on many connections could otherwise fill the disk under the spool and the index while they arrive (as a
+        spilling C-STORE, `node.guard.BoundedDataset`)."""
+        try:
+            full = down_to_reserve(self.tmp_dir, self._reserve)
+        except OSError as exc:
+            raise Refused(503, f"the data disk's free space cannot be read: {exc.strerror}") from exc
+        if full:
+            raise Refused(503, "the data disk is down to its reserve; the request body was dropped")
 
     def _declared_too_large(self, request: Request) -> str | None:
         """Why the request's Content-Length is over ``max_request_bytes`` (None when it is not, or not given)."""

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import shutil
 import ssl
 import struct
 import tempfile
@@ -63,6 +62,7 @@ from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RQ
 from pynetdicom.transport import AssociationSocket
 
+from node.admission import down_to_reserve
 from node.errors import InstanceTooLargeError, SpoolFullError
 from node.ingest import EncodedDataset, FileSpan
 from node.reactorwait import Doorbell, next_message, wait_readable
@@ -192,8 +192,7 @@ class BoundedDataset(BytesIO):
         """Raise ENOSPC once the spill disk's free space is below the reserve: 32 associations each spilling up
         to ``max_instance_bytes`` could otherwise fill the disk the spool and the index live on."""
         assert self.spill_dir is not None
-        usage = shutil.disk_usage(self.spill_dir)
-        if usage.free < max(self.reserve[0], usage.total * self.reserve[1] / 100):
+        if down_to_reserve(self.spill_dir, self.reserve):
             raise OSError(errno.ENOSPC, "the data disk is down to its reserve")
 
     def encoded(self) -> EncodedDataset:

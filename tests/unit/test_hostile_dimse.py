@@ -49,7 +49,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from structlog.testing import capture_logs
 
 from node import acceptor as guard_acceptor
-from node import guard
+from node import admission, guard
 from node.config import NodeConfig, NodeSection
 from node.db import create_engine_for, init_schema
 from node.dimse import DimseServer
@@ -728,8 +728,7 @@ def test_a_spill_stops_at_the_disk_reserve_with_a700(make_node, peers, tmp_path,
     monkeypatch.setattr(guard, "SPILL_BYTES", 64 << 10)
     monkeypatch.setattr(guard, "SPILL_CHECK_BYTES", 64 << 10)
     free = {"bytes": 100 << 20}  # 100 MiB free of 100 GiB: below the default reserve (512 MiB, 1 %)
-    monkeypatch.setattr(guard.shutil, "disk_usage", lambda path: guard.shutil._ntuple_diskusage(
-        100 << 30, (100 << 30) - free["bytes"], free["bytes"]))
+    monkeypatch.setattr(admission, "statvfs_usage", lambda path: (free["bytes"], 100 << 30))
     node = make_node(max_instance_bytes=1 << 20)
     peer = peers(node.address)
     associate(peer)

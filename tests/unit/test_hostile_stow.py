@@ -22,7 +22,7 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient` is deprecated")
     from starlette.testclient import TestClient
 
-from node import stow
+from node import admission, dicomweb, stow
 from node.config import NodeConfig
 from node.db import create_engine_for, init_schema
 from node.dicomweb import create_app
@@ -224,3 +224,26 @@ def test_absurd_paging_numbers_are_400(node, params):
 def test_plain_paging_numbers_still_work(node):
     for params in ({"offset": "0"}, {"offset": str(10**9)}, {"limit": "5", "offset": "7"}):
         assert node.client.get("/dicomweb/studies", params=params).status_code == 200
+
+
+def test_a_body_arriving_as_the_disk_reaches_its_reserve_is_dropped_with_503(node, tmp_path, monkeypatch):
+    """Admission judges a STOW-RS request before its body and each part after it; a body spilled to the data disk
+    re-checks the free space as it arrives, so bodies on many connections cannot fill the disk under the spool and
+    the index: below [admission]'s hard reserve it is dropped (503, Retry-After, nothing stored or left behind).
+    With room again, the same request is stored."""
+    monkeypatch.setattr(dicomweb, "BODY_CHECK_BYTES", 16 << 10)
+    free = {"bytes": 100 << 20}  # 100 MiB free of 100 GiB: below the default reserve (512 MiB, 1 %)
+    monkeypatch.setattr(admission, "statvfs_usage", lambda path: (free["bytes"], 100 << 30))
+    series = write_ct_series(tmp_path / "s", slices=3, size=64)  # ~8 KB each: the body passes 16 KiB
+    request = body(*(part(p.read_bytes()) for p in series.paths))
+    r = node.stow(request)
+    assert r.status_code == 503, r.text
+    assert r.headers["Retry-After"] == str(node.config.admission.retry_after_seconds)
+    assert r.json()["reason"] == "disk_reserve"
+    assert node.spooled() == []
+    assert list((node.config.node.data_dir / "incoming").iterdir()) == []
+    small = body(part(write_ct_series(tmp_path / "one", slices=1, size=16).paths[0].read_bytes()))
+    assert len(small) < 16 << 10 and node.stow(small).status_code == 200  # never checked: under the interval
+    free["bytes"] = 50 << 30
+    assert node.stow(request).status_code == 200
+    assert len(node.spooled()) == 4
