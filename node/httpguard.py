@@ -14,7 +14,9 @@ What uvicorn 0.55 (h11 0.16, no httptools installed) does by itself, and the gap
 - ``h11_max_incomplete_event_size`` (16 KiB by default) bounds the request line plus headers only while they
   are *incomplete*: a head that arrives whole in one read (asyncio reads up to 256 KiB) is parsed whatever its
   size (measured: a 5 KiB head passes a 4 KiB limit). So the head's size is also counted here as it arrives,
-  and one over ``max_header_bytes`` is answered 431 and closed before h11 parses it. Bodies are not bounded by
+  and one over ``max_header_bytes`` is answered 431 and closed before h11 parses it — also a pipelined head,
+  which arrives while the request before it is in progress and waits in h11's buffer until that one is answered
+  (``on_response_complete``, where uvicorn has h11 parse it). Bodies are not bounded by
   either (h11 hands them out as they arrive; the STOW handler counts them).
 - ``limit_concurrency`` answers *requests* with 503 while that many connections or tasks exist; connections are
   still accepted. So one address is also capped here at ``max_connections_per_peer`` open connections, closed
@@ -23,7 +25,7 @@ What uvicorn 0.55 (h11 0.16, no httptools installed) does by itself, and the gap
 Drops and refusals go through `node.refusals.Refusals` (counted, logged a few times per address and minute).
 
 uvicorn internals this relies on (hence pyproject pins uvicorn 0.55.x and h11 0.16.x; tests/unit/test_hostile_http.py
-fails if one changes): `H11Protocol`'s ``conn`` (the h11 connection), ``flow.read_paused``, ``cycle.response_started``,
+fails if one changes): `H11Protocol`'s ``conn`` (the h11 connection, its public ``trailing_data``), ``on_response_complete``, ``flow.read_paused``, ``cycle.response_started``,
 ``client``, ``loop`` and ``transport``, and ``Config(http=<protocol class>)`` being used as given (so installing
 httptools does not swap the protocol out).
 """
@@ -152,6 +154,21 @@ class GuardedH11Protocol(H11Protocol):
                 return
         super().data_received(data)
         if self.conn.their_state is not h11.IDLE:
+            self._head_started = None
+            self._head_seen, self._head_tail = 0, b""
+
+    def on_response_complete(self) -> None:
+        if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE and not self.transport.is_closing():
+            # A pipelined request read together with the one just answered waits in h11's buffer, uncounted (it
+            # came while a request was in progress), and uvicorn is about to have h11 parse it whole: count it now.
+            self._head_seen, self._head_tail = 0, b""
+            buffered = bytes(self.conn.trailing_data[0])
+            if buffered:
+                self._head_started = self.loop.time()
+                if self._head_too_large(buffered):
+                    return
+        super().on_response_complete()
+        if self.conn.their_state is not h11.IDLE:  # the pipelined request was parsed
             self._head_started = None
             self._head_seen, self._head_tail = 0, b""
 

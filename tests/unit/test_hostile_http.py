@@ -284,3 +284,28 @@ def test_a_stow_body_declared_over_the_limit_is_413_before_any_of_it_is_sent(tmp
     finally:
         server.stop(2.0)
         n.close()
+
+
+def test_a_pipelined_head_over_the_header_limit_gets_431_too(serve):
+    """A second request sent together with the first waits in h11's buffer while the first is answered, and is
+    then parsed whole, past h11's own limit on incomplete heads: its size is counted too. A pipelined request
+    under the limit is still answered."""
+    s = serve(http_max_header_bytes=4096)
+    small = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    big = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 8192 + b"\r\n\r\n"
+    sock = s.connect()
+    sock.sendall(small + big)
+    answers = b""
+    with contextlib.suppress(TimeoutError, ConnectionResetError):
+        sock.settimeout(3)
+        while chunk := sock.recv(65536):
+            answers += chunk
+    assert answers.startswith(b"HTTP/1.1 200") and answers.count(b"HTTP/1.1 ") == 2, answers[:200]
+    assert b"HTTP/1.1 431" in answers
+    assert s.refused("http_header_too_large") == 1
+    ok = s.connect(source="127.0.0.1")
+    ok.sendall(small + small)
+    ok.settimeout(3)
+    both = b""
+    while both.count(b"HTTP/1.1 200") < 2:
+        both += ok.recv(65536)
