@@ -50,6 +50,11 @@ from training.common import (
 NAME = "pacsnode-lesion-candidates"
 
 
+WEIGHTINGS = ("class", "size")
+SIZE_BANDS = (2.0, 3.0, 4.0, 5.0, 6.0, 7.0)  # log(1 + voxels) edges of the "size" weighting's bands
+MAX_BAND_BOOST = 5.0  # a lesion candidate weighs at most this many times its "class" weighting's weight
+
+
 @dataclass(frozen=True)
 class CandidateSettings:
     epochs: int = 20
@@ -58,6 +63,30 @@ class CandidateSettings:
     held_out_cases: float = 0.1
     seed: int = 0
     members: int = 1  # CNNs averaged into the one model (seeds seed, seed + 1, …)
+    weighting: str = "class"  # `WEIGHTINGS`: see `sample_weights`
+
+
+def sample_weights(labels: np.ndarray, scalars: np.ndarray, weighting: str) -> np.ndarray:
+    """Each candidate's weight in the loss. Both weightings give the lesion class the same total weight as the
+    rest (non-lesion candidates weigh 1). ``"class"``: every lesion candidate weighs the same (inverse class
+    frequency). ``"size"``: within the lesion class every size band (log(1 + voxels), `SIZE_BANDS`) has the same
+    total, so the small, faint lesions (a tenth of the lesion candidates, most of them 10-150 voxels) count as
+    much as extensive disease; no candidate weighs more than `MAX_BAND_BOOST` times its ``"class"`` weight (a
+    band so capped leaves the lesion class's total a little lower; on the training sets of training/README.md no
+    band is)."""
+    if weighting not in WEIGHTINGS:
+        raise TrainingError(f"weighting must be one of {', '.join(WEIGHTINGS)}, not {weighting!r}")
+    lesion = labels >= 0.5
+    positives, negatives = int(lesion.sum()), int((~lesion).sum())
+    weights = np.ones(len(labels))
+    if weighting == "class":
+        weights[lesion] = negatives / positives
+        return weights
+    band = np.digitize(scalars[lesion, SCALARS.index("log1p_voxels")], SIZE_BANDS)
+    counts = np.bincount(band, minlength=len(SIZE_BANDS) + 1)
+    per = negatives / (counts[band] * np.count_nonzero(counts))  # each non-empty band: the same share
+    weights[lesion] = np.minimum(per, MAX_BAND_BOOST * negatives / positives)
+    return weights
 
 
 @dataclass(frozen=True)
@@ -128,8 +157,8 @@ def _fit_member(c: Collected, tr: np.ndarray, va: np.ndarray, s: CandidateSettin
     from training.common import roc_auc
 
     keras.utils.set_random_seed(seed)
-    positives = float(c.labels[tr].sum())
-    weights = {0: 1.0, 1: (len(tr) - positives) / positives}
+    weights = np.zeros(len(c.labels))
+    weights[tr] = sample_weights(c.labels[tr], c.scalars[tr], s.weighting)
     model = build_model(c.patches.shape[-1], name=name)
     model.compile(keras.optimizers.Adam(s.learning_rate), "binary_crossentropy")
     history: dict[str, list[float]] = {"loss": [], "val_auc": []}
@@ -140,7 +169,7 @@ def _fit_member(c: Collected, tr: np.ndarray, va: np.ndarray, s: CandidateSettin
         for a in range(0, len(order), s.batch_size):
             b = np.sort(order[a : a + s.batch_size])
             losses.append(float(model.train_on_batch({"patch": _augment(c.patches[b], rng), "scalars": c.scalars[b]},
-                                                     c.labels[b], class_weight=weights)))
+                                                     c.labels[b], sample_weight=weights[b])))
         auc = roc_auc(c.labels[va], _scores(model, c, va))
         history["loss"].append(float(np.mean(losses)))
         history["val_auc"].append(auc)
@@ -245,7 +274,9 @@ def train_candidates(datasets: Sequence[Path], out: Path, *, registry: Any = Non
             "label": f"a candidate is a lesion when >= {LABEL_OVERLAP:.0%} of its voxels lie in the reference "
                      "lesion mask (area fraction >= 0.5 on the model grid)",
             "settings": asdict(s),
-            "loss": "binary cross-entropy, classes weighted by inverse frequency",
+            "loss": "binary cross-entropy, classes weighted by inverse frequency"
+                    + ("; lesion candidates weighted so that each size band (log(1 + voxels) in steps of 1) has the "
+                       "same total" if s.weighting == "size" else ""),
             "augmentation": "left-right and up-down flips, quarter turns",
             **record,
             "environment": training_environment(),
@@ -259,4 +290,4 @@ def train_candidates(datasets: Sequence[Path], out: Path, *, registry: Any = Non
     return card
 
 
-__all__ = ["NAME", "CandidateSettings", "Collected", "collect", "fit", "train_candidates"]
+__all__ = ["NAME", "WEIGHTINGS", "CandidateSettings", "Collected", "collect", "fit", "sample_weights", "train_candidates"]

@@ -7,7 +7,7 @@
   [--hard-positives F [--hard-positive-kind any|background] (segmenter)] [--init DIR (segmenter)]
   [--learning-rate LR (segmenter)]``
 - ``train candidates --data DIR [--data DIR …] --cache-dir DIR --out DIR [--segmenter-version V] [--epochs N]
-  [--seed S] [--members N] [--version V]``: the candidate stage over a shipped U-Net's components (`training.candidates`)
+  [--seed S] [--members N] [--weighting class|size] [--version V]``: the candidate stage over a shipped U-Net's components (`training.candidates`)
 - ``model-eval --data DIR [--weights-dir DIR] [--classifier-version V] [--segmenter-version V] [--json F]
   [--write-card] [--compare-with OTHER.json]``
 - ``fuse-lesion --data DIR --base-version V --version NEW [--segmenter-version V] [--candidates-version V]
@@ -106,7 +106,8 @@ def _train_candidates(args: argparse.Namespace) -> int:
         _err(f"--members must be at least 1, got {args.members}")
         return 2
     s = CandidateSettings(**{k: v for k, v in (("epochs", args.epochs), ("seed", args.seed),
-                                               ("members", args.members)) if v is not None})
+                                               ("members", args.members), ("weighting", args.weighting))
+                                    if v is not None})
     command = "pacsnode train " + " ".join(sys.argv[2:] if len(sys.argv) > 2 else [])
     try:
         card = train_candidates([Path(d) for d in args.data], Path(args.out), registry=Registry(),
@@ -238,6 +239,9 @@ def register(subparsers: Any) -> None:
                         "mostly calls background (a dense lesion taken for the wall), not lung (a faint one)")
     t.add_argument("--members", type=int, metavar="N",
                    help="candidates: average N CNNs (seeds S, S+1, …) into the one model (default 1)")
+    t.add_argument("--weighting", choices=("class", "size"),
+                   help="candidates: the loss weights — class (inverse class frequency, the default) or size (the "
+                        "same class totals, each size band of the lesion class the same total)")
     t.add_argument("--learning-rate", type=float,
                    help="segmenter: initial learning rate of the cosine schedule (default 2e-3; lower when starting "
                         "from --init)")

@@ -122,3 +122,30 @@ def test_members_below_one_is_refused_before_any_work(tmp_path, capsys) -> None:
                "--out", str(tmp_path / "out"), "--members", "0"])
     assert rc == 2 and "--members must be at least 1, got 0" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def test_size_weighting_gives_each_lesion_size_band_the_same_total_and_keeps_the_class_totals() -> None:
+    from training.candidates import MAX_BAND_BOOST, SIZE_BANDS, sample_weights
+
+    rng = np.random.default_rng(0)
+    # 900 lesion candidates, most of them large (as extensive disease makes them), 200 small; 4000 non-lesion
+    sizes = np.concatenate([rng.uniform(5.0, 8.0, 700), rng.uniform(2.0, 4.0, 200), rng.uniform(0.5, 2.5, 4000)])
+    labels = np.concatenate([np.ones(900), np.zeros(4000)]).astype(np.float32)
+    scalars = np.column_stack([sizes, rng.uniform(0.5, 1.0, len(sizes))]).astype(np.float32)
+    by_class = sample_weights(labels, scalars, "class")
+    by_size = sample_weights(labels, scalars, "size")
+    lesion = labels == 1
+    for w in (by_class, by_size):
+        assert np.all(w[~lesion] == 1.0) and w[lesion].sum() == pytest.approx(4000)
+    assert np.unique(by_class[lesion]).size == 1
+    band = np.digitize(sizes[lesion], SIZE_BANDS)
+    totals = [by_size[lesion][band == b].sum() for b in np.unique(band)]
+    assert max(totals) == pytest.approx(min(totals))
+    small = sizes[lesion] < 4.0
+    assert by_size[lesion][small].mean() > 1.5 * by_class[lesion][0] > by_size[lesion][~small].mean()
+    # a band of 20 small lesions would weigh 36 times the class weight each: capped
+    few = np.concatenate([labels[:700], labels[880:]]), np.concatenate([scalars[:700], scalars[880:]])
+    capped = sample_weights(*few, "size")
+    assert capped.max() == pytest.approx(MAX_BAND_BOOST * sample_weights(*few, "class").max())
+    with pytest.raises(TrainingError):
+        sample_weights(labels, scalars, "balanced")
