@@ -27,7 +27,16 @@ HU_MAX = 3071.0
 
 
 class PreprocessError(ModelError):
-    """A series could not be turned into a volume: unreadable file, undecodable pixels, inconsistent geometry."""
+    """A series could not be turned into a volume: unreadable file, undecodable pixels, inconsistent geometry.
+
+    ``kind`` says which, for the refusal a caller codes (node.worker): ``"pixels"`` (unreadable file, pixel data
+    or rescale), ``"geometry"`` (a slice cannot be placed: position, orientation or spacing missing or invalid),
+    ``"mixed_geometry"`` (slices differ in matrix size or pixel spacing), ``"orientation"``, ``"frame_of_reference"``
+    (several series or frames of reference), ``"spacing"`` (gaps or two slices at one position)."""
+
+    def __init__(self, message: str, kind: str = "pixels") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -97,9 +106,9 @@ def _floats(value: Any, n: int, what: str, where: str) -> np.ndarray:
     try:
         arr = np.asarray([float(v) for v in value], dtype=np.float64)
     except (TypeError, ValueError) as exc:
-        raise PreprocessError(f"{where}: {what} is not numeric") from exc
+        raise PreprocessError(f"{where}: {what} is not numeric", kind="geometry") from exc
     if arr.shape != (n,) or not np.all(np.isfinite(arr)):
-        raise PreprocessError(f"{where}: {what} must have {n} finite values, got {value!r}")
+        raise PreprocessError(f"{where}: {what} must have {n} finite values, got {value!r}", kind="geometry")
     return arr
 
 
@@ -174,7 +183,7 @@ def _slices_of(ds: Any, ds_index: int, where: str) -> list[_Slice]:
             slope = _frame_attr(ds, f, "PixelValueTransformationSequence", "RescaleSlope")
             inter = _frame_attr(ds, f, "PixelValueTransformationSequence", "RescaleIntercept")
             if pos is None or ori is None or spc is None:
-                raise PreprocessError(f"{fw}: missing plane position, orientation or pixel spacing")
+                raise PreprocessError(f"{fw}: missing plane position, orientation or pixel spacing", kind="geometry")
             hu = frames[f].astype(np.float32) * np.float32(float(slope if slope is not None else 1.0))
             hu += np.float32(float(inter if inter is not None else 0.0))
             pad = _padding_mask(ds, frames[f])
@@ -187,10 +196,12 @@ def _slices_of(ds: Any, ds_index: int, where: str) -> list[_Slice]:
         return out
     for kw in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
         if kw not in ds:
-            raise PreprocessError(f"{where}: missing {kw}; cannot place the slice in the series")
+            raise PreprocessError(f"{where}: missing {kw}; cannot place the slice in the series", kind="geometry")
+    if getattr(ds, "RescaleIntercept", None) in (None, ""):  # Type 1 in the CT Image Module: the HU offset
+        raise PreprocessError(f"{where}: no RescaleIntercept; the pixel values cannot be read as HU")
     try:
         slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
-        inter = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
+        inter = float(ds.RescaleIntercept)
     except (TypeError, ValueError) as exc:
         raise PreprocessError(f"{where}: invalid RescaleSlope/RescaleIntercept") from exc
     hu = raw.astype(np.float32) * np.float32(slope) + np.float32(inter)
@@ -286,25 +297,25 @@ def _common_geometry(
     raises PreprocessError when the slices disagree or the orientation is not orthonormal."""
     series = {str(getattr(d, "SeriesInstanceUID", "")) for d in datasets}
     if len(series) > 1:
-        raise PreprocessError(f"files belong to {len(series)} different series")
+        raise PreprocessError(f"files belong to {len(series)} different series", kind="frame_of_reference")
     fors = {str(getattr(d, "FrameOfReferenceUID", "")) for d in datasets}
     if len(fors) > 1:
-        raise PreprocessError(f"files have {len(fors)} different frames of reference")
+        raise PreprocessError(f"files have {len(fors)} different frames of reference", kind="frame_of_reference")
     shapes = {s.pixels.shape for s in slices}
     if len(shapes) > 1:
-        raise PreprocessError(f"slices have different matrix sizes: {sorted(shapes)}")
+        raise PreprocessError(f"slices have different matrix sizes: {sorted(shapes)}", kind="mixed_geometry")
     ori = slices[0].orientation
     if any(np.abs(s.orientation - ori).max() > 1e-3 for s in slices):
-        raise PreprocessError("slices have different ImageOrientationPatient")
+        raise PreprocessError("slices have different ImageOrientationPatient", kind="orientation")
     row, col = ori[:3], ori[3:]
     normal = np.cross(row, col)
     if abs(np.linalg.norm(normal) - 1.0) > 1e-2 or abs(float(row @ col)) > 1e-2:
-        raise PreprocessError(f"ImageOrientationPatient is not two orthonormal vectors: {ori.tolist()}")
+        raise PreprocessError(f"ImageOrientationPatient is not two orthonormal vectors: {ori.tolist()}", kind="geometry")
     px = slices[0].pixel_spacing
     if any(np.abs(s.pixel_spacing - px).max() > 1e-3 * max(1.0, float(px.max())) for s in slices):
-        raise PreprocessError("slices have different PixelSpacing")
+        raise PreprocessError("slices have different PixelSpacing", kind="mixed_geometry")
     if np.any(px <= 0):
-        raise PreprocessError(f"PixelSpacing must be positive, got {px.tolist()}")
+        raise PreprocessError(f"PixelSpacing must be positive, got {px.tolist()}", kind="geometry")
     return series, fors, ori, normal, px
 
 
@@ -318,13 +329,13 @@ def _slice_order(
     along = along[order]
     gaps = np.diff(along)
     if len(gaps) and gaps.min() < 1e-3:
-        raise PreprocessError("two slices share one position along the slice normal")
+        raise PreprocessError("two slices share one position along the slice normal", kind="spacing")
     if len(gaps):
         dz = float(np.median(gaps))
         worst = float(np.abs(gaps - dz).max())
         if worst > spacing_tolerance * dz:
             raise PreprocessError(
-                f"slice spacing is not uniform: median {dz:.3f} mm, a gap differs by {worst:.3f} mm"
+                f"slice spacing is not uniform: median {dz:.3f} mm, a gap differs by {worst:.3f} mm", kind="spacing"
             )
     else:
         first = datasets[0]

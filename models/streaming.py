@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -112,10 +112,16 @@ class SliceModels:
         """Per-slice results for decoded files (``read_file`` output), in model calls of at most `CHUNK` files:
         one call over a whole series' missing slices takes ~1.3× as long (oneDNN sets up kernels for every new
         batch shape, and large batches leave the caches), so calls keep to a few shapes that stay warm."""
-        out: list[FileWork] = []
-        for a in range(0, len(files), CHUNK):
-            out += self._work(files[a : a + CHUNK])
-        return out
+        out: list[FileWork | None] = [None] * len(files)
+        by_shape: dict[tuple[int, ...], list[int]] = {}  # a call stacks its slices: one matrix size per call
+        for i, (_, slices) in enumerate(files):
+            by_shape.setdefault(slices[0].pixels.shape, []).append(i)
+        for group in by_shape.values():
+            for a in range(0, len(group), CHUNK):
+                part = group[a : a + CHUNK]
+                for i, fw in zip(part, self._work([files[i] for i in part]), strict=True):
+                    out[i] = fw
+        return cast(list[FileWork], out)
 
     def _work(self, files: Sequence[tuple[Any, list[_Slice]]]) -> list[FileWork]:
         pixels = np.stack([s.pixels for _, slices in files for s in slices]).astype(np.float32, copy=False)
@@ -128,7 +134,7 @@ class SliceModels:
             probs = np.asarray(self.segmenter._fn(window(grids[self.seg_grid], self.segmenter.preprocess)))
         except Exception as exc:  # TensorFlow errors must not leak past the model boundary
             raise InferenceError(f"per-slice inference failed on {len(pixels)} slices: {exc}") from exc
-        shape = pixels.shape[1:]  # load_series refuses series whose slices differ in size
+        shape = pixels.shape[1:]  # one size per call (`work`); load_series refuses a series of several
         lungs = masks_to_source(probs[..., 1] + probs[..., 2], shape)
         lesion = masks_to_source(probs[..., 2], shape) & lungs
         lesion_map = lesion_in_lungs(probs)

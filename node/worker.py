@@ -60,6 +60,15 @@ LOOP = "worker"  # the worker loop's name in the heartbeat registry
 _MAX_ERROR_BACKOFF = 30.0  # seconds between turns while every turn fails (e.g. the database is down)
 _LOST_CHECK_SECONDS = 30.0  # how often an idle worker looks for dead jobs nobody reported
 _LOADING_STOP_SECONDS = 0.2  # how long `stop` waits for a loop that is still loading the models
+# a series the gate passed that still cannot be made a volume (models.preprocess.PreprocessError.kind → its code)
+_PREPROCESS_REFUSALS = {
+    "pixels": SkipReason.UNDECODABLE_PIXELS,
+    "geometry": SkipReason.MISSING_GEOMETRY,
+    "mixed_geometry": SkipReason.MIXED_GEOMETRY,
+    "orientation": SkipReason.MIXED_ORIENTATION,
+    "frame_of_reference": SkipReason.MULTIPLE_FRAMES_OF_REFERENCE,
+    "spacing": SkipReason.UNEVEN_SPACING,
+}
 
 
 class Worker:
@@ -240,7 +249,8 @@ class Worker:
                 try:
                     volume, runner = self._load(job, rows, runner)
                 except PreprocessError as exc:
-                    refusal = GateRefusal(SkipReason.UNDECODABLE_PIXELS, str(exc)[:200])
+                    refusal = GateRefusal(_PREPROCESS_REFUSALS.get(exc.kind, SkipReason.UNDECODABLE_PIXELS),
+                                          str(exc)[:200])
                     return self._skip(job, pipeline, rows, refusal, log)
                 t0 = time.perf_counter()
                 outcome = pipeline.analyse(volume, runner, self.config.gate)

@@ -95,6 +95,7 @@ class SkipReason(enum.Enum):
     GANTRY_TILT = "GANTRY_TILT"  # slices are not stacked along their normal (tilted gantry)
     INCOMPLETE_SERIES = "INCOMPLETE_SERIES"  # fewer instances than the series says it has
     NOT_ORIGINAL_AXIAL = "NOT_ORIGINAL_AXIAL"  # SOP class or image type the pipeline does not read
+    MIXED_GEOMETRY = "MIXED_GEOMETRY"  # slices differ in matrix size or pixel spacing
 
     @property
     def code(self) -> Code:
@@ -118,6 +119,7 @@ _SKIP_REASON_CODES: dict[SkipReason, Code] = {
     SkipReason.GANTRY_TILT: _private("SKIP-TILT", "Gantry tilt: slices not stacked along their normal"),
     SkipReason.INCOMPLETE_SERIES: _private("SKIP-INCOMPLETE", "Series incomplete"),
     SkipReason.NOT_ORIGINAL_AXIAL: _private("SKIP-IMAGE-TYPE", "Image type or SOP class not supported"),
+    SkipReason.MIXED_GEOMETRY: _private("SKIP-MIXED-GEOM", "Slices differ in matrix size or pixel spacing"),
 }
 
 

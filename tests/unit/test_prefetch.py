@@ -231,3 +231,43 @@ def test_streaming_fuses_the_same_clinical_inputs_and_calibration_as_the_one_cal
     assert streamed.notes == plain.notes
     assert dict(plain.notes.fusion_inputs).keys() >= {"fever", "cough", "dyspnoea"}
     assert "temperature scaling" in plain.notes.calibration
+
+
+def test_a_series_with_one_slice_of_another_size_is_refused_with_its_code_not_failed(tmp_path, runner):
+    """Per-slice work stacks a batch's slices; one slice of another matrix size in a batch made that a ValueError
+    every prefetch turn, and at job time a processing failure (three tries, then a failure SR). Now the prefetch
+    works each size apart, and the job is refused with the mixed-geometry code like any geometry the volume
+    cannot be built from."""
+    from models.streaming import SliceModels
+    from node.results import SkipReason
+    from node.states import JobState
+
+    s = write_ct_series(tmp_path / "src", slices=SLICES, size=SIZE, seed=9)
+    ds = pydicom.dcmread(s.paths[10])
+    small = ds.pixel_array[::2, ::2].copy()
+    ds.Rows, ds.Columns = small.shape
+    ds.PixelSpacing = [float(v) * 2 for v in ds.PixelSpacing]
+    ds.PixelData = small.tobytes()
+    ds.save_as(s.paths[10])
+    config, engine, ingestor, queue, dispatcher, sender = _node(tmp_path, prefetch=True)
+    prefetcher = Prefetcher(config, engine, Heartbeats())
+    prefetcher.models = SliceModels(runner.classifier, runner.segmenter)
+    _receive(ingestor, tmp_path, s.paths)
+    while prefetcher.turn():  # the loop's body, in this thread
+        pass
+    assert len(prefetcher.cache.known(s.series_uid)) == SLICES
+    worker = Worker(config, engine, queue, dispatcher, lambda: runner, heartbeats=Heartbeats())
+    worker.warm_up()
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.update(series).values(state=SeriesState.COMPLETE.value))
+            job_id = queue.enqueue(conn, s.series_uid, 1, Priority.ROUTINE)
+        assert worker.run_pending() == 1
+    finally:
+        worker.stop(30)
+    job = queue.get(job_id)
+    assert job.state == JobState.SKIPPED and job.skip_reason == SkipReason.MIXED_GEOMETRY.value
+    assert dispatcher.run_once() == 1
+    ((sr_path,),) = sender.sent
+    assert "SKIP-MIXED-GEOM" in str(pydicom.dcmread(sr_path))
+    engine.dispose()

@@ -91,32 +91,38 @@ def test_truncated_pixel_data_raises(tiny_phantom: Path, tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize(
-    "mutate, message",
+    "mutate, message, kind",
     [
-        (lambda ds: setattr(ds, "ImageOrientationPatient", [0, 1, 0, 0, 0, -1]), "ImageOrientationPatient"),
-        (lambda ds: setattr(ds, "PixelSpacing", [0.5, 0.5]), "PixelSpacing"),
-        (lambda ds: setattr(ds, "SeriesInstanceUID", "1.2.3.4"), "different series"),
-        (lambda ds: setattr(ds, "ImagePositionPatient", [0, 0]), "must have 3"),
-        (lambda ds: delattr(ds, "ImagePositionPatient"), "missing ImagePositionPatient"),
+        (lambda ds: setattr(ds, "ImageOrientationPatient", [0, 1, 0, 0, 0, -1]), "ImageOrientationPatient",
+         "orientation"),
+        (lambda ds: setattr(ds, "PixelSpacing", [0.5, 0.5]), "PixelSpacing", "mixed_geometry"),
+        (lambda ds: setattr(ds, "SeriesInstanceUID", "1.2.3.4"), "different series", "frame_of_reference"),
+        (lambda ds: setattr(ds, "ImagePositionPatient", [0, 0]), "must have 3", "geometry"),
+        (lambda ds: delattr(ds, "ImagePositionPatient"), "missing ImagePositionPatient", "geometry"),
+        # Type 1 in the CT Image Module; read as 0 it made air 0 HU for unsigned slices stored with the usual -1024
+        (lambda ds: delattr(ds, "RescaleIntercept"), "no RescaleIntercept", "pixels"),
     ],
 )
-def test_inconsistent_geometry_raises(tiny_phantom: Path, tmp_path: Path, mutate, message: str) -> None:
+def test_inconsistent_geometry_raises(tiny_phantom: Path, tmp_path: Path, mutate, message: str, kind: str) -> None:
     files = _copies(tiny_phantom, tmp_path)
     ds = pydicom.dcmread(files[4])
     mutate(ds)
     _write(ds, files[4])
-    with pytest.raises(PreprocessError, match=message):
+    with pytest.raises(PreprocessError, match=message) as raised:
         load_series(files)
+    assert raised.value.kind == kind  # node.worker codes the refusal by it
 
 
 def test_duplicate_position_and_gap_raise(tiny_phantom: Path, tmp_path: Path) -> None:
     files = _copies(tiny_phantom, tmp_path)
     dup = pydicom.dcmread(files[2])
     dup.SOPInstanceUID = dup.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.8.498.99"
-    with pytest.raises(PreprocessError, match="share one position"):
+    with pytest.raises(PreprocessError, match="share one position") as raised:
         load_series([*files, _write(dup, tmp_path / "dup.dcm")])
-    with pytest.raises(PreprocessError, match="not uniform"):
+    assert raised.value.kind == "spacing"
+    with pytest.raises(PreprocessError, match="not uniform") as raised:
         load_series(files[:5] + files[6:])
+    assert raised.value.kind == "spacing"
 
 
 def test_to_model_input_shape_and_range(tiny_phantom: Path) -> None:
