@@ -352,9 +352,7 @@ class ProcessSupervisor:
                 "processes": [c.as_dict() for c in self.children]}
 
     def _write_table(self) -> None:
-        tmp = self.table_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.table(), indent=1))
-        os.replace(tmp, self.table_file)
+        _write_json(self.table_file, self.table())
 
     # -- the main loop -------------------------------------------------------------------------------------
     def run_forever(self, on_started: Callable[[], None] | None = None, *, period: float = 0.2) -> int:
@@ -406,11 +404,34 @@ def _reported_problems(data_dir: Path, entry: dict[str, Any], now: float, stale_
 
 def write_report(data_dir: Path, name: str, problems: list[str]) -> None:
     """A child's health for the process table: ``problems`` (empty when fine), its pid, the time."""
-    folder = data_dir / REPORTS_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{name}.tmp"
-    tmp.write_text(json.dumps({"pid": os.getpid(), "at": time.time(), "problems": problems}))
-    os.replace(tmp, folder / f"{name}.json")
+    _write_json(data_dir / REPORTS_DIR / f"{name}.json", {"pid": os.getpid(), "at": time.time(), "problems": problems})
+
+
+_unwritable: set[Path] = set()  # status files whose last write failed (logged once per outage)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    """Replace ``path`` with ``data`` as JSON, atomically. A failure (the data disk full or failing) is logged when
+    it starts and when it ends, never raised: these files only report health, written every tick, and raising
+    ended the child — and then the supervisor, which writes its table the same way — so a full disk stopped every
+    process where admission control should pause receiving and the rest go on (`pacsnode status` then shows the
+    reports growing stale)."""
+    tmp = path.parent / f".{path.name}.tmp"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if path not in _unwritable:
+            _unwritable.add(path)
+            get_logger(component="processes").error("status_file_unwritable", file=path.name,
+                                                    error=exc.strerror or type(exc).__name__)
+        return
+    if path in _unwritable:
+        _unwritable.discard(path)
+        get_logger(component="processes").info("status_file_written_again", file=path.name)
 
 
 def _running(pid: int) -> bool:

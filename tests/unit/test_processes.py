@@ -232,3 +232,29 @@ def test_a_fork_while_another_thread_writes_log_lines_never_leaves_the_child_a_h
         thread.join(10)
         stream.close()
     assert stuck == []
+
+
+def test_status_files_that_cannot_be_written_are_logged_once_and_never_stop_a_process(tmp_path):
+    """A child writes its health report and the supervisor its table every tick; on a full or failing data disk
+    the write raised, which ended the child and then the supervisor (every process stopped, where admission
+    control should pause receiving). Now each outage is logged when it starts and when it ends."""
+    from structlog.testing import capture_logs
+
+    sup = supervisor(tmp_path, "exec", "sleep")
+    data = sup.config.node.data_dir
+    data.mkdir(parents=True)
+    (data / "processes").write_text("a file where the reports' folder belongs")  # mkdir fails: FileExistsError
+    (data / ".processes.json.tmp").mkdir()  # the table's temporary file cannot be written: IsADirectoryError
+    with capture_logs() as logs:
+        for _ in range(3):
+            write_report(data, "listener-0", [])
+            sup._write_table()
+        (data / "processes").unlink()
+        (data / ".processes.json.tmp").rmdir()
+        write_report(data, "listener-0", [])
+        sup._write_table()
+    events = [(e["event"], e.get("file")) for e in logs if e["event"].startswith("status_file")]
+    assert events == [("status_file_unwritable", "listener-0.json"), ("status_file_unwritable", "processes.json"),
+                      ("status_file_written_again", "listener-0.json"), ("status_file_written_again", "processes.json")]
+    assert read_table(data)["processes"]  # both written once the disk takes them again
+    assert (data / "processes" / "listener-0.json").exists()
