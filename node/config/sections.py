@@ -82,6 +82,15 @@ class QueueSection(_Frozen):
     retry_delay_seconds: Annotated[float, Field(ge=0, le=86400)] = 10.0
     priority_rules: tuple[PriorityRule, ...] = ()
 
+    @model_validator(mode="after")
+    def _heartbeat_within_lease(self) -> QueueSection:
+        if self.heartbeat_seconds > self.lease_seconds / 2:
+            raise ValueError(
+                f"heartbeat_seconds ({self.heartbeat_seconds:g}) must be at most half of lease_seconds "
+                f"({self.lease_seconds:g}): a lease that ends before the next heartbeat renews it lets another "
+                "worker claim the running job, which then runs twice and spends an attempt")
+        return self
+
 
 class WorkerSection(_Frozen):
     enabled: bool = True

@@ -68,6 +68,8 @@ def test_config_is_frozen():
          "commit_timeout_seconds = 0\n", "destinations.0.commit_timeout_seconds"),
         ("[reachability]\ninterval_seconds = 0\n", "reachability.interval_seconds"),
         ("[reachability]\ntimeout = 5\n", "reachability.timeout: unknown key"),
+        # a lease ending before its heartbeat: a second worker claims the running job (runs twice)
+        ("[queue]\nlease_seconds = 10\nheartbeat_seconds = 60\n", "at most half of lease_seconds"),
     ],
 )
 def test_invalid_values_name_the_key(tmp_path, toml, named):

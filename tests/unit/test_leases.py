@@ -117,7 +117,7 @@ def test_crash_cleanup_takes_back_only_own_or_expired_rows(engine):
 
 def test_a_job_whose_lease_keeps_running_out_is_reaped_to_dead(engine):
     clock = FakeClock(1000.0)
-    queue = JobQueue(engine, QueueSection(lease_seconds=10, max_attempts=2), clock=clock)
+    queue = JobQueue(engine, QueueSection(lease_seconds=10, heartbeat_seconds=2, max_attempts=2), clock=clock)
     fill(engine, 1, clock)
     for _ in range(2):
         assert queue.claim("w") is not None
