@@ -40,6 +40,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = _load(args)
     configure_logging(args.log_level)
+    if args.supervisor_pid is not None:  # a role child: the settings only a restart changes stay its supervisor's
+        from node.processes import apply_pinned
+
+        config = apply_pinned(config)
     role = Role(args.role)
     if role is Role.ALL and config.node.process_model is ProcessModel.PROCESSES and args.supervisor_pid is None:
         return _serve_processes(args, config)

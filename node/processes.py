@@ -43,7 +43,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +64,7 @@ from node.signals import StopSignals
 from node.states import ChildStart, Role
 from node.supervise import EXIT_LOOP_FAILED, restart_delay
 
+PINNED_ENV = "PACS_AI_NODE_PINNED_CONFIG"  # the supervisor's restart-only settings, for the children it starts
 TABLE_FILE = "processes.json"
 REPORTS_DIR = "processes"  # one health report per child
 METRICS_DIR = "metrics"  # the children's shared prometheus_client files (node.metrics)
@@ -205,7 +206,7 @@ class ProcessSupervisor:
 
     def _child_env(self, child: Child) -> dict[str, str]:
         """What ``child``'s environment gains: the metrics folder and the shared sockets it gets, if any."""
-        env = {MULTIPROC_ENV: str(self.metrics_dir)}
+        env = {MULTIPROC_ENV: str(self.metrics_dir), PINNED_ENV: pinned_settings(self.config)}
         if shared := self._shared_with(child):
             env[LISTEN_FDS_ENV] = listen_fds_value(shared)
         return env
@@ -326,7 +327,7 @@ class ProcessSupervisor:
             return self._reload()
 
     def _reload(self) -> bool:
-        from node.service import restart_only_changes
+        from node.service import restart_only_changes, with_restart_only
 
         source = str(self.config_path) if self.config_path else None
         try:
@@ -337,6 +338,7 @@ class ProcessSupervisor:
             self._audit(lambda a: a.config_changed(source=source, applied=False, reason=reason))
             return False
         kept = restart_only_changes(self.config, new)
+        self.config = with_restart_only(new, self.config)  # its own [supervise] settings; children it restarts
         self._audit(lambda a: a.config_changed(source=source, applied=True, reason="config reloaded",
                                                needs_restart=kept))
         for child in self.children:
@@ -402,6 +404,35 @@ def _reported_problems(data_dir: Path, entry: dict[str, Any], now: float, stale_
     return problems + ([f"no health report for {age:.0f} s"] if age > stale_after else [])
 
 
+def pinned_settings(config: NodeConfig) -> str:
+    """The settings of ``config`` that change only at a restart, as JSON for `PINNED_ENV`: a child the supervisor
+    restarts reads the config file again, and without them took a changed ``data_dir``, database, port, AE title
+    or UID root that the rest of the node (and `pacsnode config reload`) does not use until the node restarts."""
+    from node.service import Service
+
+    node = config.node.model_dump(mode="json", include=set(Service.RESTART_ONLY))
+    if config.node.dicomweb_token is not None:  # dumped masked
+        node["dicomweb_token"] = config.node.dicomweb_token.get_secret_value()
+    return json.dumps({"node": node, "database": config.database.model_dump(mode="json"),
+                       "tls": config.tls.model_dump(mode="json")})
+
+
+def apply_pinned(config: NodeConfig, environ: Mapping[str, str] | None = None) -> NodeConfig:
+    """``config`` (the file as it reads now) with the restart-only settings its supervisor pinned in ``environ``
+    (`PINNED_ENV`; unchanged without it). Raises ConfigError when they do not validate."""
+    from node.service import with_restart_only
+
+    raw = (os.environ if environ is None else environ).get(PINNED_ENV)
+    if not raw:
+        return config
+    try:
+        data = json.loads(raw)
+        pinned = NodeConfig.model_validate({k: data[k] for k in ("node", "database", "tls")})
+    except (ValueError, KeyError, TypeError) as exc:  # pydantic's ValidationError is a ValueError
+        raise ConfigError(f"{PINNED_ENV} does not hold the supervisor's settings: {type(exc).__name__}") from exc
+    return with_restart_only(config, pinned)
+
+
 def write_report(data_dir: Path, name: str, problems: list[str]) -> None:
     """A child's health for the process table: ``problems`` (empty when fine), its pid, the time."""
     _write_json(data_dir / REPORTS_DIR / f"{name}.json", {"pid": os.getpid(), "at": time.time(), "problems": problems})
@@ -446,4 +477,5 @@ def _running(pid: int) -> bool:
     return True
 
 
-__all__ = ["TABLE_FILE", "Child", "ProcessSupervisor", "children_for", "read_table", "write_report"]
+__all__ = ["PINNED_ENV", "TABLE_FILE", "Child", "ProcessSupervisor", "apply_pinned", "children_for", "pinned_settings",
+           "read_table", "write_report"]

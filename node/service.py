@@ -202,8 +202,7 @@ class Service:
                     self.audit.config_changed(source=str(source) if source else None, applied=False, reason=str(exc))
                 return False
             kept = restart_only_changes(self.config, new)
-            node = new.node.model_copy(update={k: getattr(self.config.node, k) for k in self.RESTART_ONLY})
-            new = new.model_copy(update={"node": node, "database": self.config.database, "tls": self.config.tls})
+            new = with_restart_only(new, self.config)
             self.dimse.apply_config(new)
             self.sweeper.apply_config(new)
             self.dispatcher.apply_config(new)
@@ -345,6 +344,14 @@ class Service:
         finally:
             self.stop()
         return self.exit_code
+
+
+def with_restart_only(new: NodeConfig, running: NodeConfig) -> NodeConfig:
+    """``new`` with the settings that take effect only at a restart (`Service.RESTART_ONLY`, the database, TLS)
+    taken from ``running``: what a reload applies, and what a role child restarted by the supervisor starts with
+    (node.processes pins the supervisor's)."""
+    node = new.node.model_copy(update={k: getattr(running.node, k) for k in Service.RESTART_ONLY})
+    return new.model_copy(update={"node": node, "database": running.database, "tls": running.tls})
 
 
 def restart_only_changes(old: NodeConfig, new: NodeConfig) -> list[str]:

@@ -258,3 +258,35 @@ def test_status_files_that_cannot_be_written_are_logged_once_and_never_stop_a_pr
                       ("status_file_written_again", "listener-0.json"), ("status_file_written_again", "processes.json")]
     assert read_table(data)["processes"]  # both written once the disk takes them again
     assert (data / "processes" / "listener-0.json").exists()
+
+
+def test_a_restarted_child_keeps_the_settings_only_a_restart_changes(tmp_path):
+    """A child the supervisor restarts reads the config file again. After an edit of data_dir, the database, a
+    port or the token (reported by reload as needing a restart), a restarted worker opened another, empty
+    database while the listeners queued into the old one. Now the supervisor pins its own restart-only settings
+    for the children it starts; live settings still come from the file, and its own [supervise] settings reload."""
+    from node.config import load_config
+    from node.processes import apply_pinned
+
+    path = tmp_path / "node.toml"
+
+    def write(name: str, port: int, stable: float, backoff: float) -> None:
+        path.write_text(f'[node]\ndata_dir = "{tmp_path / name}"\nport = {port}\ninstance_id = "unit"\n'
+                        f'dicomweb_token = "token-{name}"\n[database]\nurl = "sqlite:///{tmp_path / name}.db"\n'
+                        f'[completion]\nstable_seconds = {stable}\n[supervise]\nrestart_backoff_seconds = {backoff}\n'
+                        '[worker]\nenabled = false\n')
+
+    write("a", 11112, 30, 0.5)
+    sup = ProcessSupervisor(load_config(path, environ={}), path)
+    write("b", 11113, 5, 0.25)  # restart-only: data_dir, port, token, database; live: completion, supervise
+    assert sup.reload()
+    assert sup.config.supervise.restart_backoff_seconds == 0.25 and sup.config.node.data_dir == tmp_path / "a"
+    env = sup._child_env(sup.children[0])
+    restarted = apply_pinned(load_config(path, environ={}), env)
+    assert restarted.node.data_dir == tmp_path / "a" and restarted.node.port == 11112
+    assert restarted.database_url == f"sqlite:///{tmp_path / 'a'}.db"
+    assert restarted.node.dicomweb_token is not None
+    assert restarted.node.dicomweb_token.get_secret_value() == "token-a"
+    assert restarted.completion.stable_seconds == 5  # a live setting: the file's, as the running children have it
+    alone = apply_pinned(load_config(path, environ={}), {})  # not started by a supervisor: the file as it is
+    assert alone.node.data_dir == tmp_path / "b"
