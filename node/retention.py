@@ -107,7 +107,7 @@ class Retention:
                 self._purge_instances(c, report, dry_run)
             keep = settings.dead_letter_days if c.dead else settings.results_days
             if keep and now - c.settled_at >= keep * _DAY:
-                self._purge_results(c.series_uid, report, dry_run)
+                self._purge_results(c, report, dry_run)
         ceiling = settings.max_disk_percent
         for c in candidates:
             if ceiling is None or c.dead:  # dead letters wait for an admin, whatever the disk
@@ -119,7 +119,7 @@ class Retention:
             if _percent(used_now, total_now) <= ceiling:
                 break
             self._purge_instances(c, report, dry_run)
-            self._purge_results(c.series_uid, report, dry_run)
+            self._purge_results(c, report, dry_run)
         used_after, total_after = self.disk_usage(data_dir)
         if dry_run:
             used_after -= report.bytes_freed
@@ -208,12 +208,19 @@ class Retention:
         report.instance_files += len(rows)
         report.bytes_freed += sum(_size(r.path) for r in rows)
 
-    def _purge_results(self, series_uid: str, report: PurgeReport, dry_run: bool) -> None:
+    def _purge_results(self, c: _Candidate, report: PurgeReport, dry_run: bool) -> None:
+        series_uid = c.series_uid
         with self.engine.connect() as conn:
             paths = [Path(r.path) for r in conn.execute(
                 sa.select(results.c.path).where(results.c.series_uid == series_uid))]
             for d in conn.execute(sa.select(deliveries.c.files).where(deliveries.c.series_uid == series_uid)):
                 paths += [Path(p) for p in json.loads(d.files)]
+            # Read after the paths: a version begun since the candidates were listed (the series re-sent) moved the
+            # state time or holds a job or delivery, and its files are then among these paths or not yet written.
+            # Each version writes files of its own, so one begun after this check is never among them.
+            if not _still_settled(conn, c):
+                self.log.info("retention_series_changed", series_uid=series_uid)
+                return
         present = sorted({p for p in paths if p.exists()} - set(report.purged_results))
         report.purged_results.extend(present)
         report.result_files += len(present)
@@ -224,6 +231,22 @@ class Retention:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         _remove_empty({p.parent for p in present}, self.config.node.data_dir / "results")
+
+
+def _still_settled(conn: sa.Connection, c: _Candidate) -> bool:
+    """Whether ``c``'s series is still as it was judged settled: same state and state time, no job queued or
+    running, no delivery pending or being sent."""
+    row = conn.execute(sa.select(series.c.state, series.c.state_changed_at)
+                       .where(series.c.series_uid == c.series_uid)).first()
+    if row is None or row.state not in (SeriesState.COMPLETE, SeriesState.IGNORED) \
+            or row.state_changed_at != c.state_changed_at:
+        return False
+    busy_job = conn.execute(sa.select(jobs.c.id).where(
+        jobs.c.series_uid == c.series_uid, jobs.c.state.in_([JobState.QUEUED, JobState.RUNNING])).limit(1)).first()
+    busy_delivery = conn.execute(sa.select(deliveries.c.id).where(
+        deliveries.c.series_uid == c.series_uid,
+        deliveries.c.state.in_([DeliveryState.PENDING, DeliveryState.SENDING])).limit(1)).first()
+    return busy_job is None and busy_delivery is None
 
 
 def _inode(path: str) -> int | None:

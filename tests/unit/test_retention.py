@@ -253,3 +253,39 @@ def test_an_instance_acknowledged_during_a_purge_is_kept(site, monkeypatch):
                             .where(instances.c.series_uid == uid)).scalar() == 11
         assert conn.execute(sa.select(series.c.state).where(series.c.series_uid == uid)).scalar() == "reopened"
     assert len(site.spool_files(uid)) == 11
+
+
+def test_results_of_a_version_begun_during_a_purge_are_kept(site, monkeypatch):
+    """Retention lists settled series, then deletes. A series re-sent in between (a changed instance: version 2)
+    has its new results written and their delivery pending: the purge used to skip its instances (the series
+    changed) but delete every result file of the series, version 2's too, and the dispatcher then dead-lettered
+    the delivery ("result file missing"). Now the results are deleted only if the series is still settled."""
+    uid = site.series("again", seed=33)
+    site.clock.advance(40 * DAY)  # past instances_days and results_days
+    first = set(site.result_files(uid))
+    assert len(first) == RESULTS
+    changed = write_ct_series(site.tmp_path / "again-2", size=32, slices=10, seed=33)
+    ds = pydicom.dcmread(changed.paths[4])
+    ds.PixelData = ds.pixel_array[::-1].copy().tobytes()  # the same instance with other pixels: a new version
+    ds.save_as(changed.paths[4])
+    candidates = site.retention._candidates
+
+    def candidates_then_version_2():
+        found = list(candidates())
+        site.ingestor.accept(dataset_bytes(changed.paths[4]), "1.2.840.10008.1.2.1", Origin("CT1", "a2"))
+        with site.engine.begin() as conn:
+            conn.execute(series.update().where(series.c.series_uid == uid).values(state="complete", version=2))
+        queue_job(site.queue, uid, version=2)
+        Worker(site.config, site.engine, site.queue, site.dispatcher, lambda: FixedRunner(0.9),
+               clock=site.clock).run_pending()  # version 2's results written, their delivery pending
+        return found
+
+    monkeypatch.setattr(site.retention, "_candidates", candidates_then_version_2)
+    report = site.retention.purge()
+    assert report.result_files == 0 and report.instance_files == 0
+    second = set(site.result_files(uid)) - first
+    assert second and all(p.exists() for p in second | first)
+    assert site.dispatcher.run_once() == 1  # version 2 goes out with its files
+    with site.engine.connect() as conn:
+        states = [r.state for r in conn.execute(sa.select(deliveries.c.state).where(deliveries.c.series_uid == uid))]
+    assert states.count(DeliveryState.DELIVERED) == 2 and DeliveryState.DEAD not in states
