@@ -48,7 +48,7 @@ END_TO_END_BUCKETS = (5.0, 10.0, 20.0, 30.0, 45.0, 60.0, 120.0, 300.0, 600.0, 12
 
 
 AUDIT_SINKS = frozenset({"file", "syslog"})
-JOB_OUTCOMES = frozenset({"result", "not_processed", "failed", "unreported", "superseded"})
+JOB_OUTCOMES = frozenset({"result", "not_processed", "failed", "unreported", "superseded", "deferred"})
 INFERENCE_DEVICES = frozenset({"cpu", "gpu"})
 DEVICE_REQUESTS = frozenset({"auto", "cpu", "gpu"})
 
@@ -222,7 +222,8 @@ class Metrics:
             "pacsnode_jobs_ended",
             "Pipeline jobs ended, by pipeline and outcome (result, not_processed, failed, unreported: a dead job "
             "whose 'processing failed' report could not be built either; alert on it; superseded: a newer version "
-            "of the series exists, nothing sent).",
+            "of the series exists, nothing sent; deferred: the results disk was full, the job waits, its attempt "
+            "not counted).",
             ["pipeline", "outcome"],
             registry=r,
         )

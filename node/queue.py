@@ -26,6 +26,7 @@ from node.states import JobState
 from node.versions import SKIP_REASON, newer_version, reissue
 
 PRIORITY_RANK = {Priority.STAT: 0, Priority.ROUTINE: 1}
+DEFER_SECONDS = 60.0  # a job deferred for the node's own failure (results disk full) waits at least this long
 _BY_RANK = {rank: priority for priority, rank in PRIORITY_RANK.items()}
 __all__ = ["PRIORITY_RANK", "Job", "JobQueue", "jobs"]
 
@@ -117,6 +118,12 @@ class JobQueue:
             return JobState.DEAD
         self.leases.retry_later(lease, self.settings.retry_delay_seconds, error)
         return JobState.QUEUED
+
+    def defer(self, job: Job, worker_id: str, error: str) -> bool:
+        """Back to the queue, its attempt not counted, due in ``retry_delay_seconds`` (at least `DEFER_SECONDS`):
+        for a failure of the node's own (its results disk full), not of the series; False if the lease was lost."""
+        return self.leases.retry_later(_lease(job, worker_id), max(self.settings.retry_delay_seconds, DEFER_SECONDS),
+                                       error, attempts=job.attempts - 1)
 
     def retry(self, ids: Sequence[int] | None = None) -> int:
         """Put dead jobs (all, or the given ids) back in the queue with a fresh attempt budget; returns how many.

@@ -34,10 +34,12 @@ from sqlalchemy.engine import Engine
 
 from models.errors import ModelError
 from models.preprocess import PreprocessError, load_series
+from node.admission import down_to_reserve
 from node.config import NodeConfig, PipelineName
 from node.device import announce as announce_device
 from node.device import report as device_entry
 from node.dispatch import Dispatcher
+from node.errors import SpoolFullError
 from node.gate import GateRefusal, check_header, check_series
 from node.heap import release_beyond, retain_freed_memory
 from node.leases import holder_id
@@ -104,6 +106,7 @@ class Worker:
         self._loop_thread = LoopThread(self.heartbeats, LOOP, self.worker_id, self._loop)
         self._reported: set[int] = set()  # dead jobs whose failure report this worker attempted
         self._next_lost_check = 0.0
+        self._paused_disk_full = False  # no job claimed while the results' disk is down to its reserve
         self.prefetch = Prefetcher(config, engine, self.heartbeats) if prefetch_enabled(config) else None
 
     # -- lifecycle -----------------------------------------------------------------------------------------
@@ -180,7 +183,7 @@ class Worker:
         while not loop.stopping.is_set():
             loop.beat()
             try:
-                job = self.queue.claim(self.worker_id)
+                job = None if self._results_disk_full() else self.queue.claim(self.worker_id)
                 if job is None:
                     self._report_lost()
                 else:
@@ -197,6 +200,23 @@ class Worker:
                 loop.beat(busy_for=wait)
                 loop.wake.wait(wait)
                 loop.wake.clear()
+
+    def _results_disk_full(self) -> bool:
+        """Whether the results' disk is down to ``[admission]``'s hard reserve: then no job is claimed (each would
+        run its models and fail to write; logged when it starts and ends), and what is queued waits."""
+        admission = self.config.admission
+        try:
+            full = down_to_reserve(self.results_store.root, (admission.reserve_free_bytes,
+                                                             admission.reserve_free_percent))
+        except OSError:
+            full = False  # unknown: claim, and a write that fails defers its job
+        if full != self._paused_disk_full:
+            self._paused_disk_full = full
+            if full:
+                self.log.error("worker_paused", reason="disk_reserve", folder=str(self.results_store.root))
+            else:
+                self.log.info("worker_resumed", reason="disk_reserve")
+        return full
 
     def _report_lost(self) -> None:
         """Dead jobs that no object was ever recorded for get their "processing failed" SR here, once per job per
@@ -283,6 +303,12 @@ class Worker:
             self.metrics.job_ended(job.pipeline.value, SKIP_REASON)
             log.info("job_superseded", newer_version=exc.newer)
             return JobState.SKIPPED
+        except SpoolFullError as exc:  # the results disk is full: the node's failure, not the series'
+            error = f"{type(exc).__name__}: {_safe_message(exc)}"[:1000]
+            held = self.queue.defer(job, self.worker_id, error)  # not an attempt: the job would die of it
+            log.error("job_deferred", error=error, lease_held=held)
+            self.metrics.job_ended(job.pipeline.value, "deferred")
+            return JobState.QUEUED
         except Exception as exc:  # noqa: BLE001 - one bad series must fail its job, never the worker thread
             error = f"{type(exc).__name__}: {_safe_message(exc)}"[:1000]
             state = self.queue.fail(job, self.worker_id, error)

@@ -556,3 +556,61 @@ def test_images_turned_in_plane_as_training_never_saw_are_out_of_scope(node, tmp
     else:
         assert (job.state, job.skip_reason) == (JobState.SKIPPED, SkipReason.OUT_OF_SCOPE.value)
         assert "turned" in job.last_error and runner.calls == 0
+
+
+def test_a_full_results_disk_defers_the_job_without_spending_its_attempts(node, tmp_path, monkeypatch):
+    """Writing the results on a full disk failed the job like a bad series: retried after 10 s, re-running its
+    models, dead after max_attempts with a failure SR that could not be written either (unreported), and nothing
+    replayed it once space came back. Now the job waits (at least a minute), its attempt not counted, and runs
+    once the disk takes its results."""
+    from node.errors import SpoolFullError
+    from tests.fakeclock import FakeClock
+
+    config, engine, ingestor, _, dispatcher, sender = node
+    clock = FakeClock()
+    queue = JobQueue(engine, config.queue, clock=clock)
+    series = receive(ingestor, tmp_path, "full", slices=10, seed=41)
+    job_id = queue_job(queue, series.series_uid)
+    worker = Worker(config, engine, queue, dispatcher, lambda: FixedRunner(0.9), clock=clock)
+
+    def disk_full(*args, **kwargs):
+        raise SpoolFullError("spool is full writing a result: No space left on device")
+
+    monkeypatch.setattr(worker.results_store, "write", disk_full)
+    for _ in range(config.queue.max_attempts + 1):
+        assert worker.run_pending() == 1
+        job = queue.get(job_id)
+        assert job.state == JobState.QUEUED and job.attempts == 0 and "SpoolFullError" in job.last_error
+        assert worker.run_pending() == 0  # not due again at once
+        clock.advance(61)
+    monkeypatch.undo()
+    assert worker.run_pending() == 1 and queue.get(job_id).state == JobState.DONE
+    dispatcher.run_once()
+    assert len(sender.sent) == 1
+
+
+def test_no_job_is_claimed_while_the_results_disk_is_down_to_its_reserve(node, tmp_path, monkeypatch):
+    from structlog.testing import capture_logs
+
+    from node import admission
+
+    config, engine, ingestor, queue, dispatcher, _ = node
+    free = {"bytes": 100 << 20}  # 100 MiB of 100 GiB: below the default reserve (512 MiB, 1 %)
+    monkeypatch.setattr(admission, "statvfs_usage", lambda path: (free["bytes"], 100 << 30))
+    series = receive(ingestor, tmp_path, "waits", slices=10, seed=42)
+    job_id = queue_job(queue, series.series_uid)
+    worker = Worker(config, engine, queue, dispatcher, lambda: FixedRunner(0.9), poll_seconds=0.05)
+    with capture_logs() as logs:
+        worker.start()
+        try:
+            time.sleep(1.0)
+            assert queue.get(job_id).state == JobState.QUEUED  # each claim would run the models for nothing
+            free["bytes"] = 50 << 30
+            deadline = time.monotonic() + 20
+            while queue.get(job_id).state != JobState.DONE and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            worker.stop(10)
+    assert queue.get(job_id).state == JobState.DONE
+    events = [e["event"] for e in logs if e["event"].startswith("worker_")]
+    assert events[:2] == ["worker_paused", "worker_resumed"]
