@@ -119,6 +119,18 @@ class JobQueue:
         self.leases.retry_later(lease, self.settings.retry_delay_seconds, error)
         return JobState.QUEUED
 
+    def recover(self, own_prefix: str) -> tuple[int, int]:
+        """Jobs held by an earlier process whose holder starts with ``own_prefix`` (and any whose lease expired):
+        back to the queue, due now — or dead-lettered ("worker lost") once ``max_attempts`` attempts were spent,
+        as `claim` would after their lease; returns (requeued, dead-lettered)."""
+        mine = sa.and_(jobs.c.state == JobState.RUNNING, jobs.c.holder.startswith(own_prefix, autoescape=True))
+        max_attempts = self.settings.max_attempts
+        dead = self.leases.expire(
+            sa.and_(mine, jobs.c.attempts >= max_attempts),
+            lambda row: f"worker lost {row.attempts} times (its process ended mid-job); last error: "
+                        f"{row.last_error or 'none'}", finished_at=self.clock())
+        return self.leases.release(own_prefix=own_prefix), len(dead)
+
     def defer(self, job: Job, worker_id: str, error: str) -> bool:
         """Back to the queue, its attempt not counted, due in ``retry_delay_seconds`` (at least `DEFER_SECONDS`):
         for a failure of the node's own (its results disk full), not of the series; False if the lease was lost."""

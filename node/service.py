@@ -112,7 +112,8 @@ class Service:
             )
         )
         self.worker = Worker(config, self.engine, self.queue, self.dispatcher, factory, metrics=self.metrics,
-                             heartbeats=self.heartbeats, poll_seconds=worker_poll_seconds(config, role))
+                             heartbeats=self.heartbeats, poll_seconds=worker_poll_seconds(config, role),
+                             identity=self.identity.instance_id)  # one worker per instance: recover() scope
         # Across processes on this host, work committed here wakes its consumer at once (node.wakeup; the
         # consumers poll too). In one process (role all) the events above do it.
         self.wakeups = Wakeups(config.node.data_dir / "run")
@@ -241,6 +242,7 @@ class Service:
             self.dispatcher.recover(own=True)
             self.dispatcher.start()
         if self.config.worker.enabled and runs(self.role, Stage.WORKER):
+            self.worker.recover()  # jobs its earlier process left running: now, not after their lease
             self.worker.start()
         if self.role is Role.WORKER:  # consumers of work other processes make (node.wakeup)
             self.wakeups.listen(WORKER, self.worker.wake)

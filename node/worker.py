@@ -42,7 +42,7 @@ from node.dispatch import Dispatcher
 from node.errors import SpoolFullError
 from node.gate import GateRefusal, check_header, check_series
 from node.heap import release_beyond, retain_freed_memory
-from node.leases import holder_id
+from node.leases import holder_id, own_prefix
 from node.logs import get_logger
 from node.loops import LoopThread, backoff_seconds
 from node.metrics import Metrics
@@ -88,6 +88,7 @@ class Worker:
         poll_seconds: float = 1.0,
         metrics: Metrics | None = None,
         heartbeats: Heartbeats | None = None,
+        identity: str | None = None,  # the node instance in lease holders (default: the host name)
     ) -> None:
         self.config = config
         self.engine = engine
@@ -98,7 +99,8 @@ class Worker:
         self.clock = clock
         self.poll_seconds = poll_seconds
         self.metrics = metrics or Metrics()
-        self.worker_id = holder_id("worker")  # <host>:worker:<pid>:<random>, the lease holder (node.leases)
+        self.identity = identity
+        self.worker_id = holder_id("worker", identity)  # <instance>:worker:<pid>:<random>, the lease holder
         self.results_store = Spool(config.node.data_dir / "results")
         self.log = get_logger(component="worker", worker_id=self.worker_id)
         self.ready = threading.Event()  # set once the models are loaded
@@ -110,6 +112,15 @@ class Worker:
         self.prefetch = Prefetcher(config, engine, self.heartbeats) if prefetch_enabled(config) else None
 
     # -- lifecycle -----------------------------------------------------------------------------------------
+    def recover(self) -> tuple[int, int]:
+        """At start: the jobs an earlier worker process of this node left running go back to the queue now, not
+        when their lease runs out (up to ``lease_seconds`` later); returns (requeued, dead-lettered). Their attempt
+        stays counted, so a job that kills its worker (out of memory) is dead-lettered after ``max_attempts``."""
+        requeued, dead = self.queue.recover(own_prefix("worker", self.identity))
+        if requeued or dead:
+            self.log.warning("jobs_recovered", requeued=requeued, dead_lettered=dead)
+        return requeued, dead
+
     def start(self) -> None:
         """Run the loop in its own thread, supervised as loop ``worker`` (a dead thread is started again)."""
         thread = self._loop_thread

@@ -614,3 +614,28 @@ def test_no_job_is_claimed_while_the_results_disk_is_down_to_its_reserve(node, t
     assert queue.get(job_id).state == JobState.DONE
     events = [e["event"] for e in logs if e["event"].startswith("worker_")]
     assert events[:2] == ["worker_paused", "worker_resumed"]
+
+
+def test_jobs_an_earlier_worker_process_left_running_are_recovered_at_start(node, tmp_path):
+    """A worker process that ended mid-job (killed, out of memory, a stop past its timeout) left the job running
+    until its lease ran out (300 s by default). A worker of the same node instance now takes it back at start;
+    the attempt stays counted, so a job that kills its worker each time is dead-lettered after max_attempts
+    (here 2), and another instance's running job is left alone."""
+    config, engine, ingestor, queue, dispatcher, _ = node
+    mine = receive(ingestor, tmp_path, "mine", slices=10, seed=43)
+    theirs = receive(ingestor, tmp_path, "theirs", slices=10, seed=44)
+    job_id = queue_job(queue, mine.series_uid)
+
+    def worker(identity: str) -> Worker:
+        return Worker(config, engine, queue, dispatcher, lambda: FixedRunner(0.9), identity=identity)
+
+    assert queue.claim(worker("unit").worker_id).id == job_id  # that process then dies
+    other_id = queue_job(queue, theirs.series_uid)
+    assert queue.claim(worker("other-node").worker_id).id == other_id  # alive, on another instance
+    assert worker("unit").recover() == (1, 0)
+    assert queue.get(job_id).state == JobState.QUEUED and queue.get(other_id).state == JobState.RUNNING
+    assert queue.claim(worker("unit").worker_id).id == job_id  # attempt 2 of 2: that process dies too
+    assert worker("unit").recover() == (0, 1)
+    job = queue.get(job_id)
+    assert job.state == JobState.DEAD and "worker lost 2 times" in job.last_error
+    assert queue.get(other_id).state == JobState.RUNNING
