@@ -413,8 +413,12 @@ def pinned_settings(config: NodeConfig) -> str:
     node = config.node.model_dump(mode="json", include=set(Service.RESTART_ONLY))
     if config.node.dicomweb_token is not None:  # dumped masked
         node["dicomweb_token"] = config.node.dicomweb_token.get_secret_value()
-    return json.dumps({"node": node, "database": config.database.model_dump(mode="json"),
-                       "tls": config.tls.model_dump(mode="json")})
+    pinned: dict[str, Any] = {"node": node}
+    for section, key in Service.RESTART_ONLY_SETTINGS:
+        pinned.setdefault(section, {})[key] = getattr(config, section).model_dump(mode="json", include={key})[key]
+    for name in Service.RESTART_ONLY_SECTIONS:
+        pinned[name] = getattr(config, name).model_dump(mode="json")
+    return json.dumps(pinned)
 
 
 def apply_pinned(config: NodeConfig, environ: Mapping[str, str] | None = None) -> NodeConfig:
@@ -427,7 +431,7 @@ def apply_pinned(config: NodeConfig, environ: Mapping[str, str] | None = None) -
         return config
     try:
         data = json.loads(raw)
-        pinned = NodeConfig.model_validate({k: data[k] for k in ("node", "database", "tls")})
+        pinned = NodeConfig.model_validate(data)
     except (ValueError, KeyError, TypeError) as exc:  # pydantic's ValidationError is a ValueError
         raise ConfigError(f"{PINNED_ENV} does not hold the supervisor's settings: {type(exc).__name__}") from exc
     return with_restart_only(config, pinned)

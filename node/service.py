@@ -53,7 +53,7 @@ from node.queue import JobQueue
 from node.reachability import Reachability, ReachabilityLoop
 from node.retention import Retention, RetentionLoop, disk_usage
 from node.roles import Identity, Stage, role_config, runs, worker_poll_seconds
-from node.senders import DimseSender, StowSender
+from node.senders import DimseSender, Sender, StowSender
 from node.signals import StopSignals
 from node.spool import Spool
 from node.states import Role
@@ -96,10 +96,7 @@ class Service:
         self.dispatcher = Dispatcher(
             config,
             self.engine,
-            {
-                DestinationKind.DIMSE: DimseSender(config.node.ae_title, config.dispatch.timeout_seconds),
-                DestinationKind.DICOMWEB: StowSender(config.dispatch.timeout_seconds),
-            },
+            _senders_for(config),
             on_delivered=self._on_delivered,
             heartbeats=self.heartbeats,
             identity=self.identity.instance_id,  # lease holders <instance>:dispatch:...: recover(own=True) scope
@@ -187,7 +184,16 @@ class Service:
         "association_timeout_seconds",  # receive limits: both front doors take them at start, so one value holds
         "http_host", "metrics_require_token",
         "instance_id", "process_model", "listener_processes", "wake_poll_seconds",  # who this process is, how it runs
+        "spool_id", "child_start",
     )
+    # Settings outside [node] read once at start (the models, the worker's process, the sweep's schedule); [audit],
+    # [database] and [tls] likewise, whole. A reload reports a change of any as needing a restart and keeps them.
+    RESTART_ONLY_SETTINGS = (
+        ("worker", "enabled"), ("worker", "classifier_version"), ("worker", "segmenter_version"),
+        ("worker", "weights_dir"), ("worker", "device"), ("worker", "gpu_index"), ("worker", "mixed_precision"),
+        ("worker", "prefetch"), ("worker", "retain_heap_mb"), ("completion", "sweep_seconds"),
+    )
+    RESTART_ONLY_SECTIONS = ("database", "tls", "audit")
 
     def reload(self, path: Path | None = None) -> bool:
         """Re-read the config file (SIGHUP, `pacsnode config reload`) and swap it in atomically: allow-list,
@@ -206,7 +212,7 @@ class Service:
             new = with_restart_only(new, self.config)
             self.dimse.apply_config(new)
             self.sweeper.apply_config(new)
-            self.dispatcher.apply_config(new)
+            self.dispatcher.apply_config(new, _senders_for(new) if new.dispatch != self.config.dispatch else None)
             self.worker.apply_config(new)
             self.retention.apply_config(new)
             self.commitments.apply_config(new)
@@ -348,21 +354,36 @@ class Service:
         return self.exit_code
 
 
+def _senders_for(config: NodeConfig) -> dict[DestinationKind, Sender]:
+    """The dispatcher's senders, with ``[dispatch] timeout_seconds`` (rebuilt when a reload changes it: the
+    delivery lease follows the setting at once, so the senders must wait as long)."""
+    return {DestinationKind.DIMSE: DimseSender(config.node.ae_title, config.dispatch.timeout_seconds),
+            DestinationKind.DICOMWEB: StowSender(config.dispatch.timeout_seconds)}
+
+
 def with_restart_only(new: NodeConfig, running: NodeConfig) -> NodeConfig:
     """``new`` with the settings that take effect only at a restart (`Service.RESTART_ONLY`, the database, TLS)
     taken from ``running``: what a reload applies, and what a role child restarted by the supervisor starts with
     (node.processes pins the supervisor's)."""
-    node = new.node.model_copy(update={k: getattr(running.node, k) for k in Service.RESTART_ONLY})
-    return new.model_copy(update={"node": node, "database": running.database, "tls": running.tls})
+    kept: dict[str, dict[str, Any]] = {"node": {k: getattr(running.node, k) for k in Service.RESTART_ONLY}}
+    for section, key in Service.RESTART_ONLY_SETTINGS:
+        kept.setdefault(section, {})[key] = getattr(getattr(running, section), key)
+    updates: dict[str, Any] = {name: getattr(new, name).model_copy(update=values) for name, values in kept.items()}
+    updates.update({name: getattr(running, name) for name in Service.RESTART_ONLY_SECTIONS})
+    return new.model_copy(update=updates)
 
 
 def restart_only_changes(old: NodeConfig, new: NodeConfig) -> list[str]:
     """The settings a reload from ``old`` to ``new`` changes that take effect only after a restart."""
     kept = [k for k in Service.RESTART_ONLY if getattr(new.node, k) != getattr(old.node, k)]
+    kept += [f"{section}.{key}" for section, key in Service.RESTART_ONLY_SETTINGS
+             if getattr(getattr(new, section), key) != getattr(getattr(old, section), key)]
     if new.database_url != old.database_url:
         kept.append("database.url")
     if new.tls != old.tls:
         kept.append("tls")  # listeners and their certificates are bound at start
+    if new.audit != old.audit:
+        kept.append("audit")  # the trail's file and syslog sender are opened at start
     return kept
 
 

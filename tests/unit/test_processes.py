@@ -290,3 +290,36 @@ def test_a_restarted_child_keeps_the_settings_only_a_restart_changes(tmp_path):
     assert restarted.completion.stable_seconds == 5  # a live setting: the file's, as the running children have it
     alone = apply_pinned(load_config(path, environ={}), {})  # not started by a supervisor: the file as it is
     assert alone.node.data_dir == tmp_path / "b"
+
+
+def test_a_reload_reports_and_keeps_what_only_a_restart_changes_and_applies_the_send_timeout(tmp_path):
+    """A reload said "applied" for settings read once at start (model versions, the inference device, the worker's
+    on/off, the completion sweep's schedule, the audit trail): nothing changed, and nothing said so. And a lower
+    [dispatch] timeout_seconds shortened the delivery lease at once while the senders kept the old timeout, so a
+    slow send outlived its lease. Now the first are reported as needing a restart and kept, the second rebuilds
+    the senders."""
+    from structlog.testing import capture_logs
+
+    from node.config import DestinationKind, load_config
+    from node.service import Service
+
+    path = tmp_path / "node.toml"
+    base = f'[node]\ndata_dir = "{tmp_path / "data"}"\nhost = "127.0.0.1"\n'
+    path.write_text(base + "[worker]\nenabled = false\n")
+    service = Service(load_config(path, environ={}))
+    try:
+        path.write_text(base + '[worker]\nenabled = true\nclassifier_version = "2.0.0"\ndevice = "cpu"\n'
+                               '[completion]\nsweep_seconds = 5\nstable_seconds = 12\n'
+                               '[audit]\nsite_id = "elsewhere"\n[dispatch]\ntimeout_seconds = 7\n')
+        with capture_logs() as logs:
+            assert service.reload(path)
+        (reloaded,) = [e for e in logs if e["event"] == "config_reloaded"]
+        assert set(reloaded["needs_restart"]) == {
+            "worker.enabled", "worker.classifier_version", "worker.device", "completion.sweep_seconds", "audit"}
+        assert not service.config.worker.enabled and service.config.worker.classifier_version is None
+        assert service.config.completion.sweep_seconds != 5 and service.config.audit.site_id == ""
+        assert service.config.completion.stable_seconds == 12  # a live setting: applied
+        senders = service.dispatcher._senders
+        assert senders[DestinationKind.DIMSE].timeout == 7 and senders[DestinationKind.DICOMWEB].timeout == 7
+    finally:
+        service.engine.dispose()
