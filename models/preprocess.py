@@ -256,15 +256,18 @@ def load_series(paths: Sequence[str | Path], *, spacing_tolerance: float = 0.1,
     )
 
 
-def read_file(index: int, path: str | Path) -> tuple[Any, list[_Slice]]:
+def read_file(index: int, path: str | Path, data: bytes | None = None) -> tuple[Any, list[_Slice]]:
     """One file's header (pixels dropped) and its decoded HU slices; ``index`` names it in errors and is the
-    slices' ``ds_index``. Raises PreprocessError."""
+    slices' ``ds_index``; ``data``, when given, is the file's content already read (decoded instead of reading
+    ``path``). Raises PreprocessError."""
+    import io
+
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     where = f"file {index} ({Path(path).name})"
     try:
-        ds = pydicom.dcmread(str(path))
+        ds = pydicom.dcmread(io.BytesIO(data) if data is not None else str(path))
     except (InvalidDicomError, OSError, EOFError) as exc:
         raise PreprocessError(f"{where}: not a readable DICOM file: {exc}") from exc
     except Exception as exc:  # corrupt files make pydicom raise ValueError, KeyError, struct.error, …

@@ -26,6 +26,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
@@ -38,6 +39,7 @@ from node.loops import LoopThread
 from node.pipelines.runner import Classification, ModelRunner, Segmentation, classification, clinical_of
 from node.routing import read_header, route
 from node.schema import instances, jobs, series
+from node.spool import dataset_digest
 from node.states import JobState, ProcessModel, SeriesState
 from node.supervise import Heartbeats, failure
 
@@ -210,7 +212,17 @@ class Prefetcher:
         decoded, kept = [], []
         for r in rows:
             try:
-                decoded.append(read_file(0, r.path))
+                data = Path(r.path).read_bytes()
+            except OSError:
+                data = b""
+            if dataset_digest(data) != r.sha256:
+                # Not (yet) the file the row describes — a re-send's row commits before its file is moved over
+                # the old one (node.ingest), so the old pixels would be cached under the new hash — or a file
+                # gone: left to the job, which reads the file as it is then (not tried again every turn).
+                self.cache.put(series_uid, r.sop_uid, r.sha256, None)
+                continue
+            try:
+                decoded.append(read_file(0, r.path, data))
                 kept.append(r)
             except PreprocessError:
                 self.cache.put(series_uid, r.sop_uid, r.sha256, None)  # the job reads it again and refuses it

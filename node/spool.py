@@ -32,6 +32,14 @@ class SpooledFile:
     staged: Path | None = None  # written here, not yet at ``path`` (which held a file): `Spool.place` / `discard`
 
 
+def dataset_digest(data: bytes) -> str | None:
+    """The sha256 `Spool.write` records for a spooled file's bytes: of its data set, after the preamble and the
+    file meta (whose group length says where it ends); None for bytes that are not such a Part 10 file."""
+    if len(data) < 144 or data[128:132] != b"DICM" or data[132:140] != b"\x02\x00\x00\x00UL\x04\x00":
+        return None
+    return hashlib.sha256(memoryview(data)[144 + int.from_bytes(data[140:144], "little"):]).hexdigest()
+
+
 class Spool:
     """Files under ``root/<study>/<series>/<sop>.dcm``; the root must already be writable."""
 

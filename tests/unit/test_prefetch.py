@@ -271,3 +271,35 @@ def test_a_series_with_one_slice_of_another_size_is_refused_with_its_code_not_fa
     ((sr_path,),) = sender.sent
     assert "SKIP-MIXED-GEOM" in str(pydicom.dcmread(sr_path))
     engine.dispose()
+
+
+def test_a_resend_caught_between_its_commit_and_its_rename_is_not_cached_with_the_old_pixels(tmp_path, runner,
+                                                                                            monkeypatch):
+    """A re-send's index row (its new sha256) commits before its file is moved over the old one (node.ingest). A
+    prefetch turn in between read the old file and cached its pixels under the new hash, and the job then built
+    its volume, SR and SEG from the old pixels. Now the file's own digest must match the row's."""
+    from models.streaming import SliceModels
+
+    s = write_ct_series(tmp_path / "src", slices=SLICES, size=SIZE, seed=10)
+    config, engine, ingestor, _, _, _ = _node(tmp_path, prefetch=True)
+    prefetcher = Prefetcher(config, engine, Heartbeats())
+    prefetcher.models = SliceModels(runner.classifier, runner.segmenter)
+    _receive(ingestor, tmp_path, s.paths)
+    while prefetcher.turn():
+        pass
+    ds = pydicom.dcmread(s.paths[3])
+    ds.PixelData = ds.pixel_array[::-1].copy().tobytes()
+    ds.save_as(s.paths[3])
+    held = []
+    place = Spool.place
+    monkeypatch.setattr(Spool, "place", staticmethod(lambda spooled: held.append(spooled)))  # not yet renamed
+    _receive(ingestor, tmp_path, [s.paths[3]])
+    assert len(held) == 1
+    while prefetcher.turn():  # the row is new, the file still the old one
+        pass
+    place(held[0])  # the rename lands
+    with engine.connect() as conn:
+        rows = list(conn.execute(sa.select(instances).where(instances.c.series_uid == s.series_uid)))
+    volume, _ = prefetcher.load(s.series_uid, rows, runner)
+    assert np.array_equal(volume.hu, load_series([r.path for r in rows]).hu)
+    engine.dispose()
