@@ -1,8 +1,8 @@
 """The validity gate: refuse, with a coded reason, series a pipeline cannot judge — before any pixel is read.
 
 `check_series(instances, settings, expected_count=...)` looks at index rows (modality, SOP class, frames, frame of
-reference, geometry, spacing, tilt, count) and `check_header(ds)` at one instance's header (image type, pixel
-spacing); each returns None when the series may go on, else a `GateRefusal` naming the `SkipReason` and a
+reference, geometry, spacing, tilt, count), `check_header(ds)` at one instance's header (image type, pixel
+spacing) and `check_size(ds, slices)` at the series' size against the worker's memory budget; each returns None when the series may go on, else a `GateRefusal` naming the `SkipReason` and a
 one-line detail that never quotes a header value. Pixel decodability is the last check and happens when the
 worker loads the series (a `PreprocessError` there is also a refusal); the image-based scope check follows it.
 """
@@ -110,6 +110,20 @@ def check_header(ds: Any, settings: GateSection | None = None) -> GateRefusal | 
         value = ds.get(keyword)
         if not isinstance(value, int) or value < 16:
             return GateRefusal(SkipReason.NOT_ORIGINAL_AXIAL, f"{keyword} is missing or below 16")
+    return None
+
+
+def check_size(ds: Any, slices: int, settings: GateSection) -> GateRefusal | None:
+    """Refuse a series whose ``slices`` × Rows × Columns (from the header ``ds``) is over
+    ``settings.max_series_megavoxels``: the worker holds it whole (~13 bytes per voxel at its peak), so a 2,000
+    slice series of 512² would take ~7 GB and end the worker, again at every attempt."""
+    try:
+        voxels = slices * int(ds.Rows) * int(ds.Columns)
+    except (AttributeError, TypeError, ValueError):
+        return None  # check_header refuses a header without them
+    if voxels > settings.max_series_megavoxels * 1e6:
+        return GateRefusal(SkipReason.TOO_LARGE, f"{voxels / 1e6:.0f} million voxels ({slices} slices); the node "
+                                                 f"analyses at most {settings.max_series_megavoxels:g} million")
     return None
 
 

@@ -40,7 +40,7 @@ from node.device import announce as announce_device
 from node.device import report as device_entry
 from node.dispatch import Dispatcher
 from node.errors import SpoolFullError
-from node.gate import GateRefusal, check_header, check_series
+from node.gate import GateRefusal, check_header, check_series, check_size
 from node.heap import release_beyond, retain_freed_memory
 from node.leases import holder_id, own_prefix
 from node.logs import get_logger
@@ -271,7 +271,8 @@ class Worker:
             rows = self._instances(job.series_uid)
             refusal = check_series(rows, self.config.gate, expected_count=self._expected_count(job.series_uid))
             if refusal is None:
-                refusal = check_header(_header(_by_position(rows)[0].path), self.config.gate)
+                header = _header(_by_position(rows)[0].path)
+                refusal = check_header(header, self.config.gate) or check_size(header, len(rows), self.config.gate)
             if refusal is not None:
                 return self._skip(job, pipeline, rows, refusal, log)
             runner = self.warm_up()

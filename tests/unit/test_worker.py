@@ -639,3 +639,24 @@ def test_jobs_an_earlier_worker_process_left_running_are_recovered_at_start(node
     job = queue.get(job_id)
     assert job.state == JobState.DEAD and "worker lost 2 times" in job.last_error
     assert queue.get(other_id).state == JobState.RUNNING
+
+
+def test_a_series_over_the_memory_budget_is_refused_before_it_is_loaded(node, tmp_path):
+    """The worker holds a series whole (~13 bytes per voxel at its peak): a 2,000-slice series of 512² took ~7 GB
+    and ended the worker at every attempt. Over [gate] max_series_megavoxels it gets a coded SR, no inference."""
+    config, engine, ingestor, queue, dispatcher, sender = node
+    config = config.model_copy(update={"gate": config.gate.model_copy(update={"max_series_megavoxels": 0.01})})
+    big = receive(ingestor, tmp_path, "big", slices=10, seed=45)  # 10 x 32 x 32 = 10,240 voxels > 10,000
+    job_id = queue_job(queue, big.series_uid)
+    runner = FixedRunner()
+    Worker(config, engine, queue, dispatcher, lambda: runner).run_pending()
+    job = queue.get(job_id)
+    assert job.state == JobState.SKIPPED and job.skip_reason == SkipReason.TOO_LARGE.value
+    assert "10 slices" in job.last_error and runner.calls == 0
+    dispatcher.run_once()
+    ((sr_path,),) = sender.sent
+    assert "SKIP-TOO-LARGE" in str(pydicom.dcmread(sr_path))
+    small = receive(ingestor, tmp_path, "small", slices=9, seed=46)  # 9,216 voxels: within the budget
+    job_id = queue_job(queue, small.series_uid)
+    Worker(config, engine, queue, dispatcher, lambda: runner).run_pending()
+    assert queue.get(job_id).state == JobState.DONE
