@@ -231,13 +231,19 @@ class ProcessSupervisor:
     def _spawn(self, child: Child) -> None:
         # Its own process group: a terminal's Ctrl-C reaches the supervisor alone, which forwards one SIGTERM
         # (a second signal straight from the terminal would force the children's exit).
-        if self.fork:
-            with self._fork_lock:
-                child.proc = fork_child(self._child_main(child), self._child_env(child), child.name)
-        else:
-            fds = [s.fileno() for s in self._shared_with(child).values()]
-            child.proc = subprocess.Popen(self._command(child), process_group=0,  # noqa: S603 - ours
-                                          env={**os.environ, **self._child_env(child)}, pass_fds=fds)
+        # SIGHUP blocked across the fork or exec: the child inherits the mask and unblocks it once its handler is
+        # installed (node.signals), so a reload forwarded while it starts is handled then instead of ending it.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            if self.fork:
+                with self._fork_lock:
+                    child.proc = fork_child(self._child_main(child), self._child_env(child), child.name)
+            else:
+                fds = [s.fileno() for s in self._shared_with(child).values()]
+                child.proc = subprocess.Popen(self._command(child), process_group=0,  # noqa: S603 - ours
+                                              env={**os.environ, **self._child_env(child)}, pass_fds=fds)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         child.started_at = time.time()
         child.due_at = None
         self._log.info("process_started", process=child.name, pid=child.proc.pid)

@@ -35,6 +35,9 @@ class StopSignals:
         signal.signal(signal.SIGINT, self._on_signal)
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGHUP, self._on_hup)
+        # A role child starts with SIGHUP blocked (node.processes: its default action would end a child that is
+        # still starting when a reload is forwarded); one that arrived meanwhile is delivered now, to this handler.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         self._signals += 1

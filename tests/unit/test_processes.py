@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -323,3 +324,38 @@ def test_a_reload_reports_and_keeps_what_only_a_restart_changes_and_applies_the_
         assert senders[DestinationKind.DIMSE].timeout == 7 and senders[DestinationKind.DICOMWEB].timeout == 7
     finally:
         service.engine.dispose()
+
+
+def _starts_slowly_then_handles_sighup(marker: Path) -> int:
+    """A stand-in role child: busy starting for a while, then installs its handlers as the node does."""
+    from node.signals import StopSignals
+
+    time.sleep(1.0)  # loading, as a worker loads its models
+    import threading as _threading
+
+    stop = _threading.Event()
+    StopSignals(None, stop, marker.with_suffix(".pid"), lambda: marker.write_text("reloaded")).install()
+    deadline = time.monotonic() + 5
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return 0 if marker.exists() else 4
+
+
+def test_a_reload_forwarded_while_a_child_starts_is_handled_once_it_is_up_not_fatal(tmp_path, start):
+    """A child starts with SIGHUP at its default action (terminate) until its handlers are installed; a reload
+    forwarded meanwhile ended it (a restart, counted against the restart budget). Now SIGHUP stays blocked until
+    then, and the child reloads once it is up."""
+    marker = tmp_path / "reloaded"
+    sup = supervisor(tmp_path, start, "sleep")
+    root = str(Path(__file__).parents[2])
+    code = (f"import sys; sys.path.insert(0, {root!r}); from tests.unit.test_processes import "
+            f"_starts_slowly_then_handles_sighup as f; from pathlib import Path; sys.exit(f(Path({str(marker)!r})))")
+    sup._command = lambda child: [sys.executable, "-c", code]  # type: ignore[method-assign]
+    sup._child_main = lambda child: lambda: _starts_slowly_then_handles_sighup(marker)  # type: ignore[method-assign]
+    child = sup.children[0]
+    sup._spawn(child)
+    time.sleep(0.2)
+    assert child.proc is not None
+    child.proc.send_signal(signal.SIGHUP)  # as the supervisor forwards a reload
+    wait_until(lambda: child.proc.poll() is not None, 15, "the child to end")
+    assert child.proc.poll() == 0 and marker.read_text() == "reloaded"
