@@ -47,6 +47,7 @@ from node.states import NODE_MANUFACTURER, AssociationState, SeriesState
 from node.supervise import Heartbeats, failure
 
 LOOP = "completion"  # the sweep's name in the heartbeat registry
+FAILURE_LOG_SECONDS = 60.0  # while sweeps keep failing, one completion_sweep_failed line this often
 
 
 class CompletionReason(StrEnum):
@@ -125,6 +126,8 @@ class CompletionSweeper:
         self.on_complete = on_complete
         self.metrics = metrics or Metrics()
         self.log = get_logger(component="completion")
+        self._failed_sweeps = 0  # in a row
+        self._failure_logged_at = 0.0
         self._scheduler: BackgroundScheduler | None = None
         self.heartbeats = heartbeats or Heartbeats()
         self._failures: dict[str, int] = {}  # series_uid -> sweeps in a row that failed on it
@@ -175,7 +178,16 @@ class CompletionSweeper:
         try:
             self.sweep()
         except Exception as exc:  # noqa: BLE001 - a failed sweep is logged; the schedule goes on
-            self.log.error("completion_sweep_failed", error=failure(exc))
+            self._failed_sweeps += 1
+            now = time.monotonic()
+            if self._failed_sweeps == 1 or now - self._failure_logged_at >= FAILURE_LOG_SECONDS:
+                # every sweep_seconds (1 s) through a database outage: the first, then one line a minute
+                self._failure_logged_at = now
+                self.log.error("completion_sweep_failed", error=failure(exc), failed_in_a_row=self._failed_sweeps)
+        else:
+            if self._failed_sweeps:
+                self.log.info("completion_sweep_recovered", failed_in_a_row=self._failed_sweeps)
+            self._failed_sweeps = 0
         self.heartbeats.beat(LOOP)
 
     # -- the sweep -----------------------------------------------------------------------------------------

@@ -355,3 +355,25 @@ def test_a_localizer_at_instance_1_does_not_make_the_series_a_localizer(env, tmp
     clock.now += 60
     assert [r for _, _, r in sweeper.sweep()] == [CompletionReason.QUIET_TIMER]
     assert index.get_series("7.3").state == SeriesState.COMPLETE
+
+
+def test_a_failing_sweep_is_logged_once_then_a_line_a_minute_and_its_recovery(env):
+    """The sweep runs every second; through a database outage it logged one error line a second. Now the first
+    failure, then one line a minute with the count, and the recovery."""
+    from structlog.testing import capture_logs
+
+    from node.schema import series
+
+    engine, _ = env
+    _, sweeper, _ = make(env)
+    with engine.begin() as conn:
+        series.drop(conn)  # every sweep now fails in the database
+    with capture_logs() as logs:
+        for _ in range(5):
+            sweeper._sweep_logged()
+        with engine.begin() as conn:
+            series.create(conn)
+        sweeper._sweep_logged()
+    failed = [e for e in logs if e["event"] == "completion_sweep_failed"]
+    assert len(failed) == 1 and failed[0]["failed_in_a_row"] == 1
+    assert [e["failed_in_a_row"] for e in logs if e["event"] == "completion_sweep_recovered"] == [5]
