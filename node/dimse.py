@@ -15,8 +15,10 @@ With ``[tls] dimse_port`` a second listener there speaks DICOM TLS (same AE, han
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
+import time
 import uuid
 import weakref
 from collections.abc import Callable
@@ -180,13 +182,28 @@ class DimseServer:
             self._log.info("dimse_tls_listening", ae_title=self._config.node.ae_title, host=host, port=address[1],
                            client_certificates=str(tls.client_certificates))
 
-    def stop(self) -> None:
-        """Stop accepting; running associations are ended by the server's shutdown."""
+    def stop(self, drain_seconds: float | None = None) -> None:
+        """Stop accepting. With ``drain_seconds`` (the node stopping), running associations get that long to end,
+        then an A-ABORT each — a sender then knows its unacknowledged instances were not taken and sends them
+        again, where the process's exit used to cut the connection mid-PDU. Without it (the acceptor restarted)
+        they go on."""
         if self.servers:
             for server in self.servers:
                 server.shutdown()
             self._server = self._tls_server = None
-            self._log.info("dimse_stopped")
+            aborted = self._drain(drain_seconds) if drain_seconds is not None else 0
+            self._log.info("dimse_stopped", associations_aborted=aborted)
+
+    def _drain(self, seconds: float) -> int:
+        """Wait up to ``seconds`` for the running associations to end, abort the rest; returns how many."""
+        deadline = time.monotonic() + seconds
+        while (running := [a for a in self._ae.active_associations if a.is_established]) \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for assoc in running:
+            with contextlib.suppress(Exception):  # it may end by itself meanwhile
+                assoc.abort()
+        return len(running)
 
     def apply_config(self, config: NodeConfig) -> None:
         """Swap in a new config: allow-list, limits and timeouts apply to the next association (hot reload)."""

@@ -62,6 +62,7 @@ from node.wakeup import DISPATCHER, WORKER, Wakeups
 from node.worker import Worker
 
 DIMSE_LOOP = "dimse"  # the DIMSE acceptor's name in the heartbeat registry
+DIMSE_DRAIN_SECONDS = 10.0  # at a stop, running associations get this long to end before their A-ABORT
 
 
 class Service:
@@ -302,7 +303,7 @@ class Service:
     def stop(self, timeout: float = 60.0) -> None:
         t0 = time.monotonic()
         self.heartbeats.unregister(DIMSE_LOOP)
-        self.dimse.stop()
+        self.dimse.stop(drain_seconds=min(DIMSE_DRAIN_SECONDS, timeout / 4))
         self.http.stop()
         self.sweeper.stop()
         self.retention_loop.stop()

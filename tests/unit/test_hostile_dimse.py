@@ -740,3 +740,21 @@ def test_a_spill_stops_at_the_disk_reserve_with_a700(make_node, peers, tmp_path,
     free["bytes"] = 50 << 30
     assert peer.store(CX_CT, sop_uid, data) == StoreStatus.SUCCESS
     assert sorted(p.stem for p in node.spooled()) == sorted([sop_uid, small_uid])
+
+
+def test_a_stopping_node_lets_running_associations_end_then_aborts_them(make_node, peers, tmp_path):
+    """At a stop the listener's process exited about a second after SIGTERM and cut every transfer mid-PDU with
+    no A-ABORT. Now running associations get a drain period, then an A-ABORT: the sender knows its
+    unacknowledged instances were not taken. Instances acknowledged before stay."""
+    node = make_node()
+    peer = peers(node.address)
+    associate(peer)
+    sop_uid, data = ct_dataset(tmp_path)
+    assert peer.store(CX_CT, sop_uid, data) == StoreStatus.SUCCESS
+    t0 = time.monotonic()
+    node.server.stop(drain_seconds=0.5)
+    assert 0.5 <= time.monotonic() - t0 < 5
+    pdu_type, _ = peer.read_pdu()
+    assert pdu_type == A_ABORT  # from the node as service user (source 0): it ended the association
+    assert peer.closed_within(2.0) is not None
+    assert [p.stem for p in node.spooled()] == [sop_uid]
