@@ -313,7 +313,8 @@ def _common_geometry(
     row, col = ori[:3], ori[3:]
     normal = np.cross(row, col)
     if abs(np.linalg.norm(normal) - 1.0) > 1e-2 or abs(float(row @ col)) > 1e-2:
-        raise PreprocessError(f"ImageOrientationPatient is not two orthonormal vectors: {ori.tolist()}", kind="geometry")
+        raise PreprocessError(f"ImageOrientationPatient is not two orthonormal vectors: {ori.tolist()}",
+                              kind="geometry")
     px = slices[0].pixel_spacing
     if any(np.abs(s.pixel_spacing - px).max() > 1e-3 * max(1.0, float(px.max())) for s in slices):
         raise PreprocessError("slices have different PixelSpacing", kind="mixed_geometry")

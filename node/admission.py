@@ -378,4 +378,5 @@ class Admission:
             self._log.info("admission_resumed", reason=reason.value, refused_in_pause=refused, **state.numbers())
 
 
-__all__ = ["Admission", "AdmissionState", "down_to_reserve", "evaluate", "index_activity", "pressure", "statvfs_usage", "thresholds"]
+__all__ = ["Admission", "AdmissionState", "down_to_reserve", "evaluate", "index_activity", "pressure", "statvfs_usage",
+           "thresholds"]

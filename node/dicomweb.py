@@ -179,7 +179,8 @@ class _DicomWeb:
     async def _read_body(self, request: Request, body: IO[bytes]) -> tuple[list[Part], int]:
         """The request body streamed into ``body``: its parts and its length. Raises `Refused` as soon as the body
         shows a reason, and `ClientDisconnect`."""
-        reader = BodyReader(stow_boundary(request.headers.get("content-type")), body, self.config.node.max_instance_bytes)
+        reader = BodyReader(stow_boundary(request.headers.get("content-type")), body,
+                            self.config.node.max_instance_bytes)
         received = checked = 0
         async for chunk in request.stream():
             received += len(chunk)

@@ -2,8 +2,9 @@
 
 `check_series(instances, settings, expected_count=...)` looks at index rows (modality, SOP class, frames, frame of
 reference, geometry, spacing, tilt, count), `check_header(ds)` at one instance's header (image type, pixel
-spacing) and `check_size(ds, slices)` at the series' size against the worker's memory budget; each returns None when the series may go on, else a `GateRefusal` naming the `SkipReason` and a
-one-line detail that never quotes a header value. Pixel decodability is the last check and happens when the
+spacing) and `check_size(ds, slices)` at the series' size against the worker's memory budget; each returns None
+when the series may go on, else a `GateRefusal` naming the `SkipReason` and a one-line detail that never quotes a
+header value. Pixel decodability is the last check and happens when the
 worker loads the series (a `PreprocessError` there is also a refusal); the image-based scope check follows it.
 """
 

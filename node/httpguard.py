@@ -25,9 +25,10 @@ What uvicorn 0.55 (h11 0.16, no httptools installed) does by itself, and the gap
 Drops and refusals go through `node.refusals.Refusals` (counted, logged a few times per address and minute).
 
 uvicorn internals this relies on (hence pyproject pins uvicorn 0.55.x and h11 0.16.x; tests/unit/test_hostile_http.py
-fails if one changes): `H11Protocol`'s ``conn`` (the h11 connection, its public ``trailing_data``), ``on_response_complete``, ``flow.read_paused``, ``cycle.response_started``,
-``client``, ``loop`` and ``transport``, and ``Config(http=<protocol class>)`` being used as given (so installing
-httptools does not swap the protocol out).
+fails if one changes): `H11Protocol`'s ``conn`` (the h11 connection, its public ``trailing_data``),
+``on_response_complete``, ``flow.read_paused``, ``cycle.response_started``, ``client``, ``loop`` and
+``transport``, and ``Config(http=<protocol class>)`` being used as given (so installing httptools does not swap the
+protocol out).
 """
 
 from __future__ import annotations

@@ -290,4 +290,5 @@ def train_candidates(datasets: Sequence[Path], out: Path, *, registry: Any = Non
     return card
 
 
-__all__ = ["NAME", "WEIGHTINGS", "CandidateSettings", "Collected", "collect", "fit", "sample_weights", "train_candidates"]
+__all__ = ["NAME", "WEIGHTINGS", "CandidateSettings", "Collected", "collect", "fit", "sample_weights",
+           "train_candidates"]
