@@ -71,6 +71,28 @@ def down_to_reserve(path: Path, reserve: tuple[int, float]) -> bool:
     return free < max(reserve[0], math.ceil(total * reserve[1] / 100))
 
 
+class ReserveWatch:
+    """`down_to_reserve` for one folder, read on each call, with the transitions logged once each (``paused`` /
+    ``resumed`` events on ``log``); a free space that cannot be read counts as not down to the reserve."""
+
+    def __init__(self, path: Path, log: Any, paused: str, resumed: str) -> None:
+        self.path, self.log, self.events = path, log, (paused, resumed)
+        self.down = False
+
+    def full(self, settings: AdmissionSection) -> bool:
+        try:
+            down = down_to_reserve(self.path, (settings.reserve_free_bytes, settings.reserve_free_percent))
+        except OSError:
+            down = False
+        if down != self.down:
+            self.down = down
+            if down:
+                self.log.error(self.events[0], reason=AdmissionReason.DISK_RESERVE.value, folder=str(self.path))
+            else:
+                self.log.info(self.events[1], reason=AdmissionReason.DISK_RESERVE.value)
+        return down
+
+
 def index_activity(index: Index) -> SeriesActivity:
     """A `SeriesActivity` over the index: the series' last_received_at while it is receiving or reopened."""
 
@@ -378,5 +400,5 @@ class Admission:
             self._log.info("admission_resumed", reason=reason.value, refused_in_pause=refused, **state.numbers())
 
 
-__all__ = ["Admission", "AdmissionState", "down_to_reserve", "evaluate", "index_activity", "pressure", "statvfs_usage",
+__all__ = ["Admission", "AdmissionState", "ReserveWatch", "down_to_reserve", "evaluate", "index_activity", "pressure", "statvfs_usage",
            "thresholds"]

@@ -128,6 +128,23 @@ def check_size(ds: Any, slices: int, settings: GateSection) -> GateRefusal | Non
     return None
 
 
+# a series the gate passed that still cannot be made a volume: models.preprocess.PreprocessError.kind → its code
+_UNLOADABLE = {
+    "pixels": SkipReason.UNDECODABLE_PIXELS,
+    "geometry": SkipReason.MISSING_GEOMETRY,
+    "mixed_geometry": SkipReason.MIXED_GEOMETRY,
+    "orientation": SkipReason.MIXED_ORIENTATION,
+    "frame_of_reference": SkipReason.MULTIPLE_FRAMES_OF_REFERENCE,
+    "spacing": SkipReason.UNEVEN_SPACING,
+}
+
+
+def unloadable(exc: Any) -> GateRefusal:
+    """The refusal for a series whose volume could not be built (``exc``: a `models.preprocess.PreprocessError`,
+    whose message names files by index, never a header value): coded by what failed."""
+    return GateRefusal(_UNLOADABLE.get(getattr(exc, "kind", ""), SkipReason.UNDECODABLE_PIXELS), str(exc)[:200])
+
+
 _NO_CONTRAST = frozenset({"NONE", "NO", "N", "NIL", "0", "NO CONTRAST", "WITHOUT CONTRAST", "NON-CONTRAST"})
 
 

@@ -34,13 +34,13 @@ from sqlalchemy.engine import Engine
 
 from models.errors import ModelError
 from models.preprocess import PreprocessError, load_series
-from node.admission import down_to_reserve
+from node.admission import ReserveWatch
 from node.config import NodeConfig, PipelineName
 from node.device import announce as announce_device
 from node.device import report as device_entry
 from node.dispatch import Dispatcher
 from node.errors import SpoolFullError
-from node.gate import GateRefusal, check_header, check_series, check_size
+from node.gate import GateRefusal, check_header, check_series, check_size, unloadable
 from node.heap import release_beyond, retain_freed_memory
 from node.leases import holder_id, own_prefix
 from node.logs import get_logger
@@ -62,15 +62,6 @@ LOOP = "worker"  # the worker loop's name in the heartbeat registry
 _MAX_ERROR_BACKOFF = 30.0  # seconds between turns while every turn fails (e.g. the database is down)
 _LOST_CHECK_SECONDS = 30.0  # how often an idle worker looks for dead jobs nobody reported
 _LOADING_STOP_SECONDS = 0.2  # how long `stop` waits for a loop that is still loading the models
-# a series the gate passed that still cannot be made a volume (models.preprocess.PreprocessError.kind → its code)
-_PREPROCESS_REFUSALS = {
-    "pixels": SkipReason.UNDECODABLE_PIXELS,
-    "geometry": SkipReason.MISSING_GEOMETRY,
-    "mixed_geometry": SkipReason.MIXED_GEOMETRY,
-    "orientation": SkipReason.MIXED_ORIENTATION,
-    "frame_of_reference": SkipReason.MULTIPLE_FRAMES_OF_REFERENCE,
-    "spacing": SkipReason.UNEVEN_SPACING,
-}
 
 
 class Worker:
@@ -108,7 +99,7 @@ class Worker:
         self._loop_thread = LoopThread(self.heartbeats, LOOP, self.worker_id, self._loop)
         self._reported: set[int] = set()  # dead jobs whose failure report this worker attempted
         self._next_lost_check = 0.0
-        self._paused_disk_full = False  # no job claimed while the results' disk is down to its reserve
+        self._disk_watch = ReserveWatch(self.results_store.root, self.log, "worker_paused", "worker_resumed")
         self.prefetch = Prefetcher(config, engine, self.heartbeats) if prefetch_enabled(config) else None
 
     # -- lifecycle -----------------------------------------------------------------------------------------
@@ -214,20 +205,8 @@ class Worker:
 
     def _results_disk_full(self) -> bool:
         """Whether the results' disk is down to ``[admission]``'s hard reserve: then no job is claimed (each would
-        run its models and fail to write; logged when it starts and ends), and what is queued waits."""
-        admission = self.config.admission
-        try:
-            full = down_to_reserve(self.results_store.root, (admission.reserve_free_bytes,
-                                                             admission.reserve_free_percent))
-        except OSError:
-            full = False  # unknown: claim, and a write that fails defers its job
-        if full != self._paused_disk_full:
-            self._paused_disk_full = full
-            if full:
-                self.log.error("worker_paused", reason="disk_reserve", folder=str(self.results_store.root))
-            else:
-                self.log.info("worker_resumed", reason="disk_reserve")
-        return full
+        run its models and fail to write), and what is queued waits."""
+        return self._disk_watch.full(self.config.admission)
 
     def _report_lost(self) -> None:
         """Dead jobs that no object was ever recorded for get their "processing failed" SR here, once per job per
@@ -281,8 +260,7 @@ class Worker:
                 try:
                     volume, runner = self._load(job, rows, runner)
                 except PreprocessError as exc:
-                    refusal = GateRefusal(_PREPROCESS_REFUSALS.get(exc.kind, SkipReason.UNDECODABLE_PIXELS),
-                                          str(exc)[:200])
+                    refusal = unloadable(exc)
                     return self._skip(job, pipeline, rows, refusal, log)
                 t0 = time.perf_counter()
                 outcome = pipeline.analyse(volume, runner, self.config.gate)
