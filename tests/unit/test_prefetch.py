@@ -94,6 +94,21 @@ def _run(tmp_path, runner, paths, uid, *, prefetch: bool, before_completion=None
     return _numbers(sr), seg.pixel_array, worker
 
 
+def _prefetched(tmp_path, runner, s):
+    """A node with a prefetcher (the shipped models) that has received series ``s`` and worked on it until idle
+    (the loop's body, in this thread); returns the node's parts and the prefetcher."""
+    from models.streaming import SliceModels
+
+    node = _node(tmp_path, prefetch=True)
+    config, engine, ingestor = node[:3]
+    prefetcher = Prefetcher(config, engine, Heartbeats())
+    prefetcher.models = SliceModels(runner.classifier, runner.segmenter)
+    _receive(ingestor, tmp_path, s.paths)
+    while prefetcher.turn():
+        pass
+    return (*node, prefetcher)
+
+
 def test_prefetched_series_gives_the_same_sr_and_seg_as_the_plain_path(tmp_path, runner):
     s = write_ct_series(tmp_path / "src", slices=SLICES, size=SIZE, seed=7)
     seen: dict[str, int] = {}
@@ -114,14 +129,7 @@ def test_prefetched_series_gives_the_same_sr_and_seg_as_the_plain_path(tmp_path,
 
 def test_a_changed_resend_is_computed_again_and_matches_a_fresh_load(tmp_path, runner):
     s = write_ct_series(tmp_path / "src", slices=SLICES, size=SIZE, seed=8)
-    config, engine, ingestor, queue, _, _ = _node(tmp_path, prefetch=True)
-    prefetcher = Prefetcher(config, engine, Heartbeats())
-    from models.streaming import SliceModels
-
-    prefetcher.models = SliceModels(runner.classifier, runner.segmenter)
-    _receive(ingestor, tmp_path, s.paths)
-    while prefetcher.turn():  # the loop's body, in this thread
-        pass
+    config, engine, ingestor, queue, _, _, prefetcher = _prefetched(tmp_path, runner, s)
     assert len(prefetcher.cache.known(s.series_uid)) == SLICES
     # one instance re-sent with other pixels: the index holds its new sha256, the cache the old one
     ds = pydicom.dcmread(s.paths[3])
@@ -238,7 +246,6 @@ def test_a_series_with_one_slice_of_another_size_is_refused_with_its_code_not_fa
     every prefetch turn, and at job time a processing failure (three tries, then a failure SR). Now the prefetch
     works each size apart, and the job is refused with the mixed-geometry code like any geometry the volume
     cannot be built from."""
-    from models.streaming import SliceModels
     from node.results import SkipReason
     from node.states import JobState
 
@@ -249,12 +256,7 @@ def test_a_series_with_one_slice_of_another_size_is_refused_with_its_code_not_fa
     ds.PixelSpacing = [float(v) * 2 for v in ds.PixelSpacing]
     ds.PixelData = small.tobytes()
     ds.save_as(s.paths[10])
-    config, engine, ingestor, queue, dispatcher, sender = _node(tmp_path, prefetch=True)
-    prefetcher = Prefetcher(config, engine, Heartbeats())
-    prefetcher.models = SliceModels(runner.classifier, runner.segmenter)
-    _receive(ingestor, tmp_path, s.paths)
-    while prefetcher.turn():  # the loop's body, in this thread
-        pass
+    config, engine, ingestor, queue, dispatcher, sender, prefetcher = _prefetched(tmp_path, runner, s)
     assert len(prefetcher.cache.known(s.series_uid)) == SLICES
     worker = Worker(config, engine, queue, dispatcher, lambda: runner, heartbeats=Heartbeats())
     worker.warm_up()
@@ -278,15 +280,9 @@ def test_a_resend_caught_between_its_commit_and_its_rename_is_not_cached_with_th
     """A re-send's index row (its new sha256) commits before its file is moved over the old one (node.ingest). A
     prefetch turn in between read the old file and cached its pixels under the new hash, and the job then built
     its volume, SR and SEG from the old pixels. Now the file's own digest must match the row's."""
-    from models.streaming import SliceModels
 
     s = write_ct_series(tmp_path / "src", slices=SLICES, size=SIZE, seed=10)
-    config, engine, ingestor, _, _, _ = _node(tmp_path, prefetch=True)
-    prefetcher = Prefetcher(config, engine, Heartbeats())
-    prefetcher.models = SliceModels(runner.classifier, runner.segmenter)
-    _receive(ingestor, tmp_path, s.paths)
-    while prefetcher.turn():
-        pass
+    config, engine, ingestor, _, _, _, prefetcher = _prefetched(tmp_path, runner, s)
     ds = pydicom.dcmread(s.paths[3])
     ds.PixelData = ds.pixel_array[::-1].copy().tobytes()
     ds.save_as(s.paths[3])
