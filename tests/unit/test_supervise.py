@@ -345,10 +345,15 @@ def test_a_database_error_inside_enqueue_during_the_commit_fails_only_that_attem
         worker.stop(10)
 
 
-def test_a_full_disk_dead_letters_the_job_and_a_restarted_worker_reports_it_once_space_is_back(node, tmp_path):
+def test_a_dead_job_whose_report_hits_a_full_disk_is_reported_by_a_restarted_worker_once_space_is_back(node,
+                                                                                                    tmp_path):
+    """A job that fails for its own reason while the disk is full: its "processing failed" SR cannot be written
+    either (unreported). The worker does not hammer the full disk with it, and a restarted worker reports it once
+    there is room. (A full disk alone no longer kills a job: it waits, test_worker.)"""
     config, engine, ingestor, queue, dispatcher, sender = node
     metrics = Metrics()
-    worker = Worker(config, engine, queue, dispatcher, lambda: FixedRunner(0.9), poll_seconds=0.05, metrics=metrics)
+    worker = Worker(config, engine, queue, dispatcher, lambda: FixedRunner(0.9, fail=True), poll_seconds=0.05,
+                    metrics=metrics)
     real_write = worker.results_store.write
 
     def full_disk_write(study, series, sop, chunks):
@@ -363,13 +368,10 @@ def test_a_full_disk_dead_letters_the_job_and_a_restarted_worker_reports_it_once
     try:
         job_id = queue_job(queue, series.series_uid)
         row = wait_for(lambda: ended(queue, job_id), what="the job to end")
-        assert row.state == JobState.DEAD and row.last_error.startswith("SpoolFullError: spool is full")
+        assert row.state == JobState.DEAD and "model exploded" in row.last_error
         wait_for(lambda: 'outcome="unreported"' in metrics.render()[0].decode(), what="the failed report")
         assert [r.id for r in queue.unreported()] == [job_id]  # not even the failure report could be written
-        worker.results_store.write = real_write  # type: ignore[method-assign]
-        later = receive(ingestor, tmp_path / "later", 6)
-        later_job = queue_job(queue, later.series_uid)
-        assert wait_for(lambda: ended(queue, later_job), what="the later job").state == JobState.DONE
+        time.sleep(0.5)
         assert queue.unreported() != []  # this process tried its report once; it does not hammer a full disk
     finally:
         worker.stop(10)
