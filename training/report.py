@@ -73,6 +73,12 @@ def _p(x: Any) -> str:
     return "< 0.001" if x < 0.001 else f"{x:.3f}"
 
 
+def _p_is(x: Any) -> str:
+    """``_p`` with its relation, for "p {…}": "= 0.023", "< 0.001"."""
+    text = _p(x)
+    return text if text.startswith("<") else f"= {text}"
+
+
 def _points(x: Any) -> str:
     return f"{100 * x:+.1f}" if _finite(x) else "n/a"
 
@@ -166,14 +172,14 @@ def _blocks(m: dict[str, Any], run: dict[str, Any], figures: dict[str, dict[str,
         b += [("h2", f"Model against the reader ({comp['cases']} cases with a reader diagnosis)"),
               ("table", ["Test", "Result", "What it does and does not show"], [
                   ["McNemar", f"model-only correct {mc['a_only_correct']}, reader-only correct {mc['b_only_correct']} "
-                   f"(both {mc['both_correct']}, neither {mc['both_wrong']}); {mc['method']}: p = {_p(mc['p_value'])}"
+                   f"(both {mc['both_correct']}, neither {mc['both_wrong']}); {mc['method']}: p {_p_is(mc['p_value'])}"
                    f" (exact {_p(mc['p_exact'])}, χ² cc {mc['chi2_cc']:.2f}, p {_p(mc['p_chi2_cc'])})", ex["mcnemar"]],
                   ["Cohen's kappa", f"model–reader {fmt(comp['kappa_model_reader'])}; model–truth "
                    f"{fmt(comp['kappa_model_truth'])}; reader–truth {fmt(comp['kappa_reader_truth'])}", ex["kappa"]],
                   ["Paired t-test (study)", f"mean accuracy difference {_points(t['mean_difference'])} points "
-                   f"{_points_ci(t['ci95'])}, t = {fmt(t['t'])}, df = {_int(t['df'])}, p = {_p(t['p_value'])}",
+                   f"{_points_ci(t['ci95'])}, t = {fmt(t['t'])}, df = {_int(t['df'])}, p {_p_is(t['p_value'])}",
                    ex["paired_ttest"]],
-                  ["Corrected t-test", f"t = {fmt(ct['t'])}, p = {_p(ct['p_value'])}", ex["corrected_ttest"]],
+                  ["Corrected t-test", f"t = {fmt(ct['t'])}, p {_p_is(ct['p_value'])}", ex["corrected_ttest"]],
               ])]
     cal = m["calibration"]
     rel = cal["reliability"]

@@ -14,8 +14,8 @@ def _fmt(x: Any, pct: bool = False) -> str:
     return fmt(x, "accuracy" if pct else "")
 
 
-def _p(x: Any) -> str:
-    from training.report import _p as p_value
+def _p_is(x: Any) -> str:
+    from training.report import _p_is as p_value
 
     return p_value(x)
 
@@ -34,7 +34,7 @@ def calibration_blocks(m: dict[str, Any]) -> list[Block]:
             ("table", ["Out-of-fold", "Before", "After"], rows)]
 
 
-def prevalence_blocks(m: dict[str, Any]) -> list[Block]:
+def prevalence_blocks(m: dict[str, Any], model: str = "this report's classifier") -> list[Block]:
     pv, cw = m.get("prevalence"), m.get("class_weighting")
     if not pv:
         return []
@@ -51,7 +51,7 @@ def prevalence_blocks(m: dict[str, Any]) -> list[Block]:
         rows.append([f"Sensitivity at {float(spec):.0%} specificity", _fmt(v["sensitivity"], True),
                      "same (prevalence-free)"])
     out: list[Block] = [
-        ("h2", f"Class imbalance: evaluated at {tgt:.0%} prevalence"),
+        ("h2", f"Class imbalance: evaluated at {tgt:.0%} prevalence ({model})"),
         ("p", f"Method: {pv['method']}. Sensitivity at fixed specificity reads the pooled out-of-fold ROC curve "
               "(its threshold is chosen on the test predictions, so it describes the curve, not a deployable "
               "operating point)."),
@@ -88,7 +88,7 @@ def fused_headline(m: dict[str, Any]) -> str | None:
 
 def _bootstrap_text(bs: dict[str, Any]) -> str:
     ci = bs["ci95"]
-    return (f"{_fmt(bs['difference'])} (95 % CI {_fmt(ci[0])} to {_fmt(ci[1])}), p = {_p(bs['p_value'])}, "
+    return (f"{_fmt(bs['difference'])} (95 % CI {_fmt(ci[0])} to {_fmt(ci[1])}), p {_p_is(bs['p_value'])}, "
             f"{bs['resamples']} resamples")
 
 
@@ -105,7 +105,7 @@ def ablation_blocks(m: dict[str, Any]) -> list[Block]:
             ("table", ["Paired test", "Result"], [
                 ["AUC difference (image + clinical − image only), paired bootstrap", _bootstrap_text(bs)],
                 ["McNemar on the decisions", f"clinical-only correct {mc['a_only_correct']}, image-only correct "
-                 f"{mc['b_only_correct']}; {mc['method']}: p = {_p(mc['p_value'])}"]]),
+                 f"{mc['b_only_correct']}; {mc['method']}: p {_p_is(mc['p_value'])}"]]),
             ("p", ab["explanation"])]
 
 
@@ -120,7 +120,21 @@ def lesion_blocks(m: dict[str, Any]) -> list[Block]:
     rows = [[*_arm_row(name, le["arms"][key]), _fmt(le["subtle_sensitivity"].get(key), True)]
             for name, key in (("Classifier (this report's model)", "classifier"),
                               ("Classifier + lesion evidence", "lesion_evidence"))]
+    wc = le.get("without_candidates")
+    if wc:
+        rows.insert(1, [*_arm_row(f"Classifier + lesion evidence without the candidate stage ({wc['feature_set']})",
+                                  wc["arm"]), _fmt(wc["subtle_sensitivity"], True)])
     bs, mc, seg = le["auc_paired_bootstrap"], le["mcnemar"], le["segmenter"]
+    tests = [["AUC difference (lesion evidence − classifier), paired bootstrap", _bootstrap_text(bs)],
+             ["McNemar on the decisions", f"only the fusion correct {mc['a_only_correct']}, only the classifier "
+              f"correct {mc['b_only_correct']}; {mc['method']}: p {_p_is(mc['p_value'])}"]]
+    if wc:
+        w_mc = wc["mcnemar"]
+        tests += [["AUC difference (with − without the candidate stage), paired bootstrap",
+                   _bootstrap_text(wc["auc_paired_bootstrap"])],
+                  ["McNemar, with against without the candidate stage", f"only with it correct "
+                   f"{w_mc['a_only_correct']}, only without it correct {w_mc['b_only_correct']}; {w_mc['method']}: "
+                   f"p {_p_is(w_mc['p_value'])}"]]
     data = seg.get("training_data") or {}
     trained_on = (f"{data.get('cases')} phantoms, generator seed {data.get('seed')}" if data else "see its card")
     coef = [[str(f["fold"]), str(f.get("fit_cases", "–")), str(f["validation_cases"]), _fmt(f["threshold"]),
@@ -128,15 +142,24 @@ def lesion_blocks(m: dict[str, Any]) -> list[Block]:
     return [title,
             ("table", ["Arm", "ROC AUC", "Accuracy (pooled)", "Accuracy, mean ± SD over folds", "Sensitivity",
                        "Specificity", "Subtle-lesion sensitivity"], rows),
-            ("table", ["Paired test", "Result"], [
-                ["AUC difference (lesion evidence − classifier), paired bootstrap", _bootstrap_text(bs)],
-                ["McNemar on the decisions", f"only the fusion correct {mc['a_only_correct']}, only the classifier "
-                 f"correct {mc['b_only_correct']}; {mc['method']}: p = {_p(mc['p_value'])}"]]),
+            ("table", ["Paired test", "Result"], tests),
             ("p", f"Segmenter: {seg.get('name')} {seg.get('version')}, trained on {trained_on} (none of this "
                   f"report's cases){_candidates_text(le.get('candidates'))}; its features took "
                   f"{le['feature_seconds']:.0f} s"
                   f"{' (read from the cache this run)' if le.get('features_from_cache') else ''}. {le['explanation']}"),
-            ("table", ["Fold", "Fit cases (stage 1)", "Validation cases", "Threshold", "Fitted coefficients"], coef)]
+            ("table", ["Fold", "Fit cases (stage 1)", "Validation cases", "Threshold", "Fitted coefficients"], coef),
+            *_fused_prevalence_and_calibration(le)]
+
+
+def _fused_prevalence_and_calibration(le: dict[str, Any]) -> list[Block]:
+    """The fused arm's (the headline model's) own 10 % prevalence table and calibration."""
+    out = prevalence_blocks({"prevalence": le["prevalence"]}, "classifier + lesion evidence") \
+        if le.get("prevalence") else []
+    cal = le.get("calibration")
+    if cal:
+        out.append(("p", f"Calibration of the fused arm's out-of-fold probabilities: expected calibration error "
+                         f"{_fmt(cal['ece'])}, Brier score {_fmt(cal['brier'])} ({cal['method']})."))
+    return out
 
 
 def _candidates_text(cand: dict[str, Any] | None) -> str:

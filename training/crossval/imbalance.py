@@ -33,8 +33,8 @@ def negative_weight(y: np.ndarray, prevalence: float) -> float:
 
 
 def pr_curve(y: np.ndarray, p: np.ndarray, w_neg: float = 1.0) -> dict[str, Any]:
-    """Weighted PR curve (precision interpolated on a recall grid, the step curve's upper envelope) and PR AUC as
-    average precision (the step-wise integral, no interpolation)."""
+    """Weighted PR curve (on a recall grid, the interpolated precision: the best precision at recall ≥ r) and PR
+    AUC as average precision (the step-wise integral, no interpolation)."""
     from sklearn.metrics import average_precision_score, precision_recall_curve
 
     if len(np.unique(y)) < 2:
@@ -42,9 +42,7 @@ def pr_curve(y: np.ndarray, p: np.ndarray, w_neg: float = 1.0) -> dict[str, Any]
     w = np.where(y == 1, 1.0, w_neg)
     prec, rec, _ = precision_recall_curve(y, p, sample_weight=w)
     grid = np.linspace(0, 1, PR_POINTS)
-    env = np.maximum.accumulate(prec[::-1])[::-1]  # best precision at recall ≥ r
-    order = np.argsort(rec)
-    interp = np.interp(grid, rec[order], env[order])
+    interp = np.array([prec[rec >= r - 1e-12].max() for r in grid])  # the best precision at recall ≥ r
     return {"pr_auc": float(average_precision_score(y, p, sample_weight=w)), "recall": grid.round(4).tolist(),
             "precision": interp.round(4).tolist()}
 
@@ -123,7 +121,8 @@ def _paired_auc(y: np.ndarray, a: np.ndarray, b: np.ndarray, n: int, seed: int) 
     d = np.array(diffs)
     if not len(d):
         return {"difference": float("nan"), "ci95": [float("nan")] * 2, "p_value": float("nan"), "resamples": 0}
-    p = min(1.0, 2 * min(float((d <= 0).mean()), float((d >= 0).mean())))
+    # (k + 1) / (B + 1): with B resamples no p below 1 / (B + 1) is resolved (all on one side is not p = 0)
+    p = min(1.0, 2 * min(int((d <= 0).sum()) + 1, int((d >= 0).sum()) + 1) / (len(d) + 1))
     return {"difference": stats.roc_auc(y, a) - stats.roc_auc(y, b),
             "ci95": [float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))], "p_value": p,
             "resamples": int(len(d))}

@@ -42,6 +42,7 @@ from models.lesion_evidence import (
     CLASSIFIER_TERM,
     FEATURE_SETS,
     FEATURES,
+    WITHOUT_CANDIDATES,
     LesionEvidence,
     map_evidence,
     newest_set,
@@ -50,6 +51,7 @@ from models.lesion_evidence import logit as _logit
 from training.prepared import Prepared
 
 MIN_PER_CLASS = 5  # validation cases of each class a fold needs for the fusion to be fitted
+WITHOUT_CANDIDATES_ARM = "lesion_evidence_without_candidates"  # the same fusion over feature set v2
 COLUMNS = ALL_FEATURES + CANDIDATE_FEATURES  # the cached values' columns (candidate ones NaN without a model)
 
 
@@ -185,23 +187,44 @@ def fuse_folds(y: np.ndarray, fold_of: np.ndarray, p: np.ndarray, validation: di
 
 
 def lesion_block(ds: Any, y: np.ndarray, fold_of: np.ndarray, main: tuple[np.ndarray, np.ndarray], fused: Fused,
-                 feats: SegmenterFeatures, *, bootstrap: int, seed: int) -> dict[str, Any]:
+                 feats: SegmenterFeatures, *, bootstrap: int, seed: int,
+                 without_candidates: Fused | None = None) -> dict[str, Any]:
     """``metrics.json``'s ``lesion_evidence``: both arms, the paired tests, subtle-lesion sensitivity of each, the
-    segmenter used and each fold's fitted fusion."""
-    from training.crossval.imbalance import paired_arms
+    segmenter used and each fold's fitted fusion; the fused arm's own 10 % prevalence table and calibration (the
+    report's headline model); and, with ``without_candidates`` (the same fusion over feature set v2), that arm
+    and the paired tests of the candidate stage's gain."""
+    from training import stats
+    from training.calibration import ece
+    from training.crossval.imbalance import paired_arms, prevalence_block
     from training.crossval.metrics import reader_labels, subgroups
 
     arms = {"lesion_evidence": (fused.p, fused.thr), "classifier": main}
+    if without_candidates is not None:
+        arms[WITHOUT_CANDIDATES_ARM] = (without_candidates.p, without_candidates.thr)
     reader = reader_labels(ds)
-    sub = {name: subgroups(ds, y, (p >= t).astype(np.int64), reader).get("subtle_pneumonia")
-           for name, (p, t) in arms.items()}
+    sub = {name: (subgroups(ds, y, (p >= t).astype(np.int64), reader).get("subtle_pneumonia") or {})
+           .get("model_sensitivity") for name, (p, t) in arms.items()}
     paired = paired_arms(y, fold_of, ("lesion_evidence", fused.p, fused.thr), ("classifier", *main),
                          bootstrap=bootstrap, seed=seed)
+    extra: dict[str, Any] = {}
+    if without_candidates is not None:
+        gain = paired_arms(y, fold_of, ("lesion_evidence", fused.p, fused.thr),
+                           (WITHOUT_CANDIDATES_ARM, without_candidates.p, without_candidates.thr),
+                           bootstrap=bootstrap, seed=seed)
+        extra["without_candidates"] = {
+            "feature_set": WITHOUT_CANDIDATES, "arm": gain["arms"][WITHOUT_CANDIDATES_ARM],
+            "subtle_sensitivity": sub[WITHOUT_CANDIDATES_ARM], "auc_paired_bootstrap": gain["auc_paired_bootstrap"],
+            "mcnemar": gain["mcnemar"], "folds": without_candidates.folds}
     return {
         "arms": {name: paired["arms"][name] for name in ("classifier", "lesion_evidence")},
-        "subtle_sensitivity": {name: (sub[name] or {}).get("model_sensitivity") for name in ("classifier", "lesion_evidence")},
+        "subtle_sensitivity": {name: sub[name] for name in ("classifier", "lesion_evidence")},
         "auc_paired_bootstrap": paired["auc_paired_bootstrap"],
         "mcnemar": paired["mcnemar"],
+        **extra,
+        "prevalence": prevalence_block(y, fused.p, fused.thr, bootstrap=bootstrap, seed=seed),
+        "calibration": {"ece": ece(y, fused.p), "brier": stats.brier(y, fused.p),
+                        "method": "none after the fusion: its logistic regression's probabilities, fitted on each "
+                                  "fold's validation split"},
         "segmenter": feats.segmenter,
         "candidates": feats.candidates,
         "features": list(feats.names),

@@ -61,7 +61,8 @@ def _lesion_arm(st: EvaluateSettings, ds: Dataset, prep: Prepared, res: FoldResu
     """``metrics.json``'s ``lesion_evidence`` block, or ``{"skipped": why}`` (see training.crossval.lesion)."""
     import json
 
-    from training.crossval.lesion import fuse_folds, lesion_block, segmenter_features
+    from models.lesion_evidence import FEATURE_SETS, WITHOUT_CANDIDATES
+    from training.crossval.lesion import Fused, fuse_folds, lesion_block, segmenter_features
     from training.crossval.outputs import json_default
 
     feats = segmenter_features(prep, st.weights_dir, st.cache(out / "cache"), log, st.segmenter_version)
@@ -70,8 +71,13 @@ def _lesion_arm(st: EvaluateSettings, ds: Dataset, prep: Prepared, res: FoldResu
     if isinstance(fused, str) or isinstance(feats, str):
         log(f"lesion evidence arm skipped: {fused}")
         return {"skipped": fused}
+    without = None
+    if feats.feature_set != WITHOUT_CANDIDATES:  # the candidate stage's own gain, on the same folds
+        names = FEATURE_SETS[WITHOUT_CANDIDATES]
+        plain = fuse_folds(ds.labels, res.fold_of, res.p, res.validation, feats.of(names), names)
+        without = plain if isinstance(plain, Fused) else None
     block = lesion_block(ds, ds.labels, res.fold_of, (res.p, res.thr), fused, feats, bootstrap=st.bootstrap,
-                         seed=st.seed)
+                         seed=st.seed, without_candidates=without)
     return dict(json.loads(json.dumps(block, default=json_default)))
 
 

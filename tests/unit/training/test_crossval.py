@@ -328,3 +328,30 @@ def test_budget_options_reach_the_settings_and_bad_values_are_refused() -> None:
         crossval.classifier_settings(warmup_steps=-1)
     with pytest.raises(ValueError, match="max slices"):
         crossval.classifier_settings(max_slices=0)
+
+
+def test_the_pr_curve_is_the_upper_envelope_at_each_recall() -> None:
+    """Precision on the recall grid is the best precision at recall ≥ r (it was the best at recall ≤ r, which made
+    every stored precision 1.0 and pr.png two flat lines)."""
+    from training.crossval.imbalance import pr_curve
+
+    y = np.array([1, 0, 1, 0, 0, 1, 0, 0])
+    p = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2])
+    curve = pr_curve(y, p)
+    at = dict(zip(curve["recall"], curve["precision"], strict=True))
+    assert at[0.0] == 1.0 and at[0.33] == 1.0  # the top case alone
+    assert at[0.66] == pytest.approx(2 / 3, abs=1e-4) and at[1.0] == pytest.approx(0.5)  # 3 of the top 6
+    assert np.all(np.diff(curve["precision"]) <= 0)  # never rises with recall
+    weighted = pr_curve(y, p, 9 * 3 / 5)  # negatives reweighted to 10 % prevalence
+    assert weighted["precision"][-1] == pytest.approx(3 / (3 + 3 * 27 / 5), abs=1e-4)
+
+
+def test_a_paired_bootstrap_with_every_difference_on_one_side_has_p_above_zero() -> None:
+    """With B resamples the smallest p resolved is about 2/(B + 1), not 0 (the report printed "p = < 0.001")."""
+    from training.crossval.imbalance import _paired_auc
+
+    y = np.array([0, 1] * 50)
+    good, poor = y + np.linspace(0, 0.5, 100), np.random.default_rng(0).random(100)
+    result = _paired_auc(y, good, poor, 200, 0)
+    assert result["p_value"] == pytest.approx(2 / (result["resamples"] + 1))
+    assert report._p_is(result["p_value"]) == "= 0.010" and report._p_is(0.0004) == "< 0.001"

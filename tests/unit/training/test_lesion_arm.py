@@ -197,3 +197,40 @@ def test_the_block_and_its_report_section_state_both_arms() -> None:
     assert fused_headline({"lesion_evidence": block}).startswith(f"mean accuracy {100 * ms['mean']:.1f} % ± ")
     assert fused_headline({"lesion_evidence": {"skipped": "too small"}}) is None
     assert "Skipped: too small." in to_markdown(lesion_blocks({"lesion_evidence": {"skipped": "too small"}}))
+
+
+def test_the_block_carries_the_fused_arms_prevalence_calibration_and_the_candidate_stages_gain() -> None:
+    """The headline model is the fused arm: its own 10 % prevalence table and calibration (the report gave the
+    classifier alone's there), and with the same fusion over feature set v2 its arm and the paired tests of the
+    candidate stage's gain (README quoted them; no code made them)."""
+    from types import SimpleNamespace
+
+    from training.calibration import ece
+    from training.crossval.imbalance import predictive_values
+    from training.crossval.lesion import SegmenterFeatures, lesion_block
+    from training.report import to_markdown
+    from training.report_sections import lesion_blocks
+
+    y, p, feats, fold_of = _synthetic()
+    validation = _validation(fold_of, p)
+    fused = fuse_folds(y, fold_of, p, validation, feats)
+    weaker = fuse_folds(y, fold_of, p, validation, feats[:, 1:], FEATURES[1:])  # without the separating column
+    assert isinstance(fused, Fused) and isinstance(weaker, Fused)
+    ds = SimpleNamespace(cases=[SimpleNamespace(row={"subtle": "0"}, reader_label=None) for _ in y])
+    about = {"name": "unet", "version": "9.9.9", "training_data": {"cases": 40, "seed": 1000}}
+    block = lesion_block(ds, y, fold_of, (p, np.full(len(y), 0.5)), fused,
+                         SegmenterFeatures(feats, about, 1.0, False, None), bootstrap=100, seed=0,
+                         without_candidates=weaker)
+    d = (fused.p >= fused.thr).astype(int)
+    sens, spec = d[y == 1].mean(), 1 - d[y == 0].mean()
+    op = block["prevalence"]["operating_point"]
+    assert (op["sensitivity"], op["specificity"]) == (pytest.approx(sens), pytest.approx(spec))
+    assert op["target"]["ppv"] == pytest.approx(predictive_values(sens, spec, 0.10)["ppv"])
+    assert block["calibration"]["ece"] == pytest.approx(ece(y, fused.p))
+    wc = block["without_candidates"]
+    assert wc["arm"]["accuracy"] == pytest.approx(np.mean((weaker.p >= weaker.thr) == y))
+    assert wc["auc_paired_bootstrap"]["difference"] > 0 and wc["mcnemar"]["a_only_correct"] > wc["mcnemar"]["b_only_correct"]
+    text = to_markdown(lesion_blocks({"lesion_evidence": block}))
+    assert "without the candidate stage (v2)" in text and "with − without the candidate stage" in text
+    assert "evaluated at 10% prevalence (classifier + lesion evidence)" in text
+    assert "Calibration of the fused arm's out-of-fold probabilities" in text
