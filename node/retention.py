@@ -67,6 +67,7 @@ class _Candidate:
     settled_at: float  # when it stopped needing its files (last delivery, ignore, or dead letter)
     dead: bool
     state_changed_at: float  # the series' as judged settled: it must still be so when its instances go
+    instances_left: bool = True  # False once purged (instance_count 0): nothing to look up for its instances
 
 
 def disk_usage(path: Path) -> tuple[int, int]:
@@ -89,6 +90,7 @@ class Retention:
         self.clock = clock
         self.disk_usage = disk_usage
         self.log = get_logger(component="retention")
+        self._known_results: dict[str, list[Path]] = {}  # read at the start of each purge
 
     def apply_config(self, config: NodeConfig) -> None:
         self.config = config
@@ -101,6 +103,7 @@ class Retention:
         report = PurgeReport(dry_run=dry_run, disk_percent_before=_percent(used, total))
         now = self.clock()
         candidates = sorted(self._candidates(), key=lambda c: c.settled_at)  # oldest settled first
+        self._known_results = self._result_paths()
         for c in candidates:
             keep = settings.dead_letter_days if c.dead else settings.instances_days
             if keep and now - c.settled_at >= keep * _DAY:
@@ -133,31 +136,36 @@ class Retention:
     # -- what may go -------------------------------------------------------------------------------------------
     def _candidates(self) -> Iterable[_Candidate]:
         """Settled series with files left: ignored ones, complete ones whose jobs ended and deliveries are all
-        delivered, and dead letters (a dead job or delivery, nothing still pending)."""
+        delivered, and dead letters (a dead job or delivery, nothing still pending). Three queries whatever the
+        history (one per table; it was two per series ever received, each purge and each /admin dry run)."""
         with self.engine.connect() as conn:
             rows = conn.execute(
-                sa.select(series.c.series_uid, series.c.state, series.c.state_changed_at).where(
-                    series.c.state.in_([SeriesState.COMPLETE, SeriesState.IGNORED])
-                )
+                sa.select(series.c.series_uid, series.c.state, series.c.state_changed_at, series.c.instance_count)
+                .where(series.c.state.in_([SeriesState.COMPLETE, SeriesState.IGNORED]))
             ).all()
-            for row in rows:
-                job_states = [r.state for r in conn.execute(
-                    sa.select(jobs.c.state, jobs.c.finished_at).where(jobs.c.series_uid == row.series_uid))]
-                sends = conn.execute(
-                    sa.select(deliveries.c.state, deliveries.c.delivered_at, deliveries.c.last_attempt_at)
-                    .where(deliveries.c.series_uid == row.series_uid)
-                ).all()
-                if any(s in (JobState.QUEUED, JobState.RUNNING) for s in job_states):
-                    continue
-                if any(d.state in (DeliveryState.PENDING, DeliveryState.SENDING) for d in sends):
-                    continue
-                dead = JobState.DEAD in job_states or any(d.state == DeliveryState.DEAD for d in sends)
-                times = [row.state_changed_at] + [d.delivered_at or d.last_attempt_at or 0.0 for d in sends]
-                yield _Candidate(row.series_uid, max(t for t in times if t is not None), dead, row.state_changed_at)
+            job_states: dict[str, set[str]] = {}
+            for uid, state in conn.execute(sa.select(jobs.c.series_uid, jobs.c.state).distinct()):
+                job_states.setdefault(uid, set()).add(str(state))
+            sends: dict[str, list[Any]] = {}
+            for d in conn.execute(sa.select(deliveries.c.series_uid, deliveries.c.state, deliveries.c.delivered_at,
+                                            deliveries.c.last_attempt_at)):
+                sends.setdefault(d.series_uid, []).append(d)
+        for row in rows:
+            states, its_sends = job_states.get(row.series_uid, set()), sends.get(row.series_uid, [])
+            if states & {JobState.QUEUED.value, JobState.RUNNING.value}:
+                continue
+            if any(d.state in (DeliveryState.PENDING, DeliveryState.SENDING) for d in its_sends):
+                continue
+            dead = JobState.DEAD.value in states or any(d.state == DeliveryState.DEAD for d in its_sends)
+            times = [row.state_changed_at] + [d.delivered_at or d.last_attempt_at or 0.0 for d in its_sends]
+            yield _Candidate(row.series_uid, max(t for t in times if t is not None), dead, row.state_changed_at,
+                             instances_left=bool(row.instance_count))
 
     # -- deleting ----------------------------------------------------------------------------------------------
     def _purge_instances(self, c: _Candidate, report: PurgeReport, dry_run: bool) -> None:
         series_uid = c.series_uid
+        if not c.instances_left:
+            return
         with self.engine.connect() as conn:
             seen = conn.execute(sa.select(series.c.instance_count).where(series.c.series_uid == series_uid)).first()
             rows = conn.execute(
@@ -208,8 +216,21 @@ class Retention:
         report.instance_files += len(rows)
         report.bytes_freed += sum(_size(r.path) for r in rows)
 
+    def _result_paths(self) -> dict[str, list[Path]]:
+        """Every series' result files as the tables name them (two queries), so a series whose files are all gone
+        already costs no query at all (`_purge_results` reads its own again before deleting)."""
+        out: dict[str, list[Path]] = {}
+        with self.engine.connect() as conn:
+            for uid, path in conn.execute(sa.select(results.c.series_uid, results.c.path)):
+                out.setdefault(uid, []).append(Path(path))
+            for uid, files in conn.execute(sa.select(deliveries.c.series_uid, deliveries.c.files)):
+                out.setdefault(uid, []).extend(Path(p) for p in json.loads(files))
+        return out
+
     def _purge_results(self, c: _Candidate, report: PurgeReport, dry_run: bool) -> None:
         series_uid = c.series_uid
+        if not any(p.exists() for p in self._known_results.get(series_uid, ())):
+            return  # purged before (or never any): a file written since belongs to a version that is not settled
         with self.engine.connect() as conn:
             paths = [Path(r.path) for r in conn.execute(
                 sa.select(results.c.path).where(results.c.series_uid == series_uid))]

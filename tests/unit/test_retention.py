@@ -289,3 +289,26 @@ def test_results_of_a_version_begun_during_a_purge_are_kept(site, monkeypatch):
     with site.engine.connect() as conn:
         states = [r.state for r in conn.execute(sa.select(deliveries.c.state).where(deliveries.c.series_uid == uid))]
     assert states.count(DeliveryState.DELIVERED) == 2 and DeliveryState.DEAD not in states
+
+
+def test_series_purged_before_cost_no_query_per_series(site):
+    """A purge (and every /admin dry run) walked every settled series ever received with two queries each, and
+    two more for the result files of each one past results_days: its cost grew with the node's whole history.
+    Now a purge reads each table once, and a series whose files are gone costs nothing more."""
+    for n in range(4):
+        site.series(f"h{n}", seed=50 + n)
+    site.clock.now += 40 * DAY
+    first = site.retention.purge()
+    assert (first.instance_files, first.result_files) == (40, 4 * RESULTS)
+    statements: list[str] = []
+
+    def count(conn, cursor, statement, *rest):
+        statements.append(statement)
+
+    sa.event.listen(site.engine, "before_cursor_execute", count)
+    try:
+        again = site.retention.purge()
+    finally:
+        sa.event.remove(site.engine, "before_cursor_execute", count)
+    assert (again.instance_files, again.result_files) == (0, 0)
+    assert len(statements) <= 5, statements  # series, jobs, deliveries; results and deliveries' files
