@@ -90,7 +90,7 @@ class Retention:
         self.clock = clock
         self.disk_usage = disk_usage
         self.log = get_logger(component="retention")
-        self._known_results: dict[str, list[Path]] = {}  # read at the start of each purge
+        self._with_results: set[str] = set()  # read at the start of each purge
 
     def apply_config(self, config: NodeConfig) -> None:
         self.config = config
@@ -103,7 +103,7 @@ class Retention:
         report = PurgeReport(dry_run=dry_run, disk_percent_before=_percent(used, total))
         now = self.clock()
         candidates = sorted(self._candidates(), key=lambda c: c.settled_at)  # oldest settled first
-        self._known_results = self._result_paths()
+        self._with_results = self._series_with_results()
         for c in candidates:
             keep = settings.dead_letter_days if c.dead else settings.instances_days
             if keep and now - c.settled_at >= keep * _DAY:
@@ -216,20 +216,21 @@ class Retention:
         report.instance_files += len(rows)
         report.bytes_freed += sum(_size(r.path) for r in rows)
 
-    def _result_paths(self) -> dict[str, list[Path]]:
-        """Every series' result files as the tables name them (two queries), so a series whose files are all gone
-        already costs no query at all (`_purge_results` reads its own again before deleting)."""
-        out: dict[str, list[Path]] = {}
+    def _series_with_results(self) -> set[str]:
+        """The series that still have a result file on disk (one query, streamed: memory for those series only,
+        not for the whole history), so a series whose files are gone costs no query at all. Every object the worker
+        writes has its results row (a delivery's files are among them); `_purge_results` reads a series' own again
+        before deleting."""
+        alive: set[str] = set()
         with self.engine.connect() as conn:
             for uid, path in conn.execute(sa.select(results.c.series_uid, results.c.path)):
-                out.setdefault(uid, []).append(Path(path))
-            for uid, files in conn.execute(sa.select(deliveries.c.series_uid, deliveries.c.files)):
-                out.setdefault(uid, []).extend(Path(p) for p in json.loads(files))
-        return out
+                if uid not in alive and os.path.exists(path):
+                    alive.add(uid)
+        return alive
 
     def _purge_results(self, c: _Candidate, report: PurgeReport, dry_run: bool) -> None:
         series_uid = c.series_uid
-        if not any(p.exists() for p in self._known_results.get(series_uid, ())):
+        if series_uid not in self._with_results:
             return  # purged before (or never any): a file written since belongs to a version that is not settled
         with self.engine.connect() as conn:
             paths = [Path(r.path) for r in conn.execute(
