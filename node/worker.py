@@ -185,9 +185,11 @@ class Worker:
         while not loop.stopping.is_set():
             loop.beat()
             try:
-                job = None if self._results_disk_full() else self.queue.claim(self.worker_id)
+                paused = self._results_disk_full()
+                job = None if paused else self.queue.claim(self.worker_id)
                 if job is None:
-                    self._report_lost()
+                    if not paused:  # a report tried on a full disk would not be tried again by this process
+                        self._report_lost()
                 else:
                     loop.beat(busy_for=self.config.supervise.item_seconds)
                     self.process(job)

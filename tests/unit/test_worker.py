@@ -599,19 +599,25 @@ def test_no_job_is_claimed_while_the_results_disk_is_down_to_its_reserve(node, t
     monkeypatch.setattr(admission, "statvfs_usage", lambda path: (free["bytes"], 100 << 30))
     series = receive(ingestor, tmp_path, "waits", slices=10, seed=42)
     job_id = queue_job(queue, series.series_uid)
+    dead = receive(ingestor, tmp_path, "dead", slices=10, seed=47)
+    dead_id = queue_job(queue, dead.series_uid)
+    with engine.begin() as conn:  # a job dead earlier whose "processing failed" SR was never written
+        conn.execute(jobs.update().where(jobs.c.id == dead_id).values(state=JobState.DEAD, last_error="boom"))
     worker = Worker(config, engine, queue, dispatcher, lambda: FixedRunner(0.9), poll_seconds=0.05)
     with capture_logs() as logs:
         worker.start()
         try:
             time.sleep(1.0)
             assert queue.get(job_id).state == JobState.QUEUED  # each claim would run the models for nothing
+            # nor is the dead job's report tried now: one tried on a full disk is not tried again by this process
+            assert [r.id for r in queue.unreported()] == [dead_id]
             free["bytes"] = 50 << 30
             deadline = time.monotonic() + 20
-            while queue.get(job_id).state != JobState.DONE and time.monotonic() < deadline:
+            while (queue.get(job_id).state != JobState.DONE or queue.unreported()) and time.monotonic() < deadline:
                 time.sleep(0.05)
         finally:
             worker.stop(10)
-    assert queue.get(job_id).state == JobState.DONE
+    assert queue.get(job_id).state == JobState.DONE and queue.unreported() == []
     events = [e["event"] for e in logs if e["event"].startswith("worker_")]
     assert events[:2] == ["worker_paused", "worker_resumed"]
 
