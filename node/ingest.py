@@ -83,6 +83,9 @@ DEFAULT_MAX_INFLATED_BYTES = 256 << 20  # [node] max_inflated_bytes
 IMPLEMENTATION_VERSION = "PACSAINODE_010"
 
 _MAX_DEPTH = 32  # nesting of sequences checked by _check_vrs (real objects: SR content trees, a dozen levels)
+# _check_vrs reads values up to this size (a defined-length sequence must be read to be checked); larger ones, the
+# pixel data above all, are seeked past
+_SEQUENCE_READ_BYTES = 1 << 20
 
 # The only attributes the receive path reads (patient attributes are never read here).
 _INDEX_TAGS: list[BaseTag | int] = [
@@ -303,12 +306,18 @@ _KNOWN_VRS = frozenset(str(vr) for vr in VR)
 def _check_vrs(data: EncodedDataset, ts: UID, max_inflated_bytes: int) -> None:
     """Refuse an Explicit VR data set with an element whose VR is not a DICOM VR (a bit flipped in transit, a
     garbled writer): stored, it reads back but the element cannot be decoded. A second pass over the encoded
-    data with every value skipped (pydicom's element generator, nothing kept), descending into the sequences
-    pydicom parses on the way (undefined length, and defined-length ones in their items). Found by fuzzing."""
+    data (pydicom's element generator; values over `_SEQUENCE_READ_BYTES` skipped, nothing kept), descending into
+    every sequence: undefined-length ones, defined-length ones in their items, and top-level defined-length ones,
+    which arrive as bytes and are parsed here (a bit flipped in such a sequence's element used to be stored
+    unchecked; a sequence over 1 MiB still is). Found by fuzzing."""
     buffer = _InflatingBuffer(data, max_inflated_bytes) if ts == DeflatedExplicitVRLittleEndian else _StrictReader(data)
     fp = DicomIO(buffer)
     fp.is_little_endian, fp.is_implicit_VR = ts.is_little_endian, False
-    for element in data_element_generator(cast(BinaryIO, fp), False, ts.is_little_endian, defer_size=0):
+    for element in data_element_generator(cast(BinaryIO, fp), False, ts.is_little_endian,
+                                          defer_size=_SEQUENCE_READ_BYTES):
+        if element.VR == VR.SQ and isinstance(element, RawDataElement) and isinstance(element.value, bytes):
+            # a defined-length sequence comes as its bytes: parse it (it used to be seeked past unchecked)
+            element = Dataset({element.tag: element})[element.tag]
         _check_vr(element)
 
 
