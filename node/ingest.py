@@ -83,9 +83,7 @@ DEFAULT_MAX_INFLATED_BYTES = 256 << 20  # [node] max_inflated_bytes
 IMPLEMENTATION_VERSION = "PACSAINODE_010"
 
 _MAX_DEPTH = 32  # nesting of sequences checked by _check_vrs (real objects: SR content trees, a dozen levels)
-# _check_vrs reads values up to this size (a defined-length sequence must be read to be checked); larger ones, the
-# pixel data above all, are seeked past
-_SEQUENCE_READ_BYTES = 1 << 20
+_SEQUENCE_READ_BYTES = 1 << 20  # _check_vrs reads values up to this size (a sequence must be read to be checked)
 
 # The only attributes the receive path reads (patient attributes are never read here).
 _INDEX_TAGS: list[BaseTag | int] = [
