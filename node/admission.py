@@ -68,7 +68,12 @@ def down_to_reserve(path: Path, reserve: tuple[int, float]) -> bool:
     STOW-RS body) stops, so large transfers cannot fill the disk under the spool and the index before admission
     sees them. Raises OSError."""
     free, total = statvfs_usage(path)
-    return free < max(reserve[0], math.ceil(total * reserve[1] / 100))
+    return free < _larger(reserve[0], reserve[1], total)
+
+
+def _larger(nbytes: int, percent: float, total: int) -> int:
+    """The larger of ``nbytes`` and ``percent`` of ``total`` bytes: how the floor and the reserve are set."""
+    return max(nbytes, math.ceil(total * percent / 100))
 
 
 class ReserveWatch:
@@ -107,8 +112,8 @@ def index_activity(index: Index) -> SeriesActivity:
 
 def thresholds(settings: AdmissionSection, total: int) -> tuple[int, int]:
     """(floor, reserve) in free bytes for a file system of ``total`` bytes: the larger of bytes and percent."""
-    floor = max(settings.min_free_bytes, math.ceil(total * settings.min_free_percent / 100))
-    reserve = max(settings.reserve_free_bytes, math.ceil(total * settings.reserve_free_percent / 100))
+    floor = _larger(settings.min_free_bytes, settings.min_free_percent, total)
+    reserve = _larger(settings.reserve_free_bytes, settings.reserve_free_percent, total)
     return floor, reserve
 
 
