@@ -9,14 +9,17 @@ records one ``commitments`` row per delivered result set (state `pending`, deadl
   N-EVENT-REPORT (Event Type 1: all held; 2: failures exist) on that association or on a new one it opens to the
   node's DIMSE port (Orthanc does the latter, calling the AE title it has for the node in ``DicomModalities``);
   `Commitments.handle_report` (bound to ``EVT_N_EVENT_REPORT`` on both) marks the row `committed` when every
-  requested instance is referenced and none failed, else `failed` with the failed UIDs and reasons. A failed
+  requested instance is referenced and none failed, else `failed` with the failed UIDs and reasons — provided the
+  report comes from that destination (its AE title at its address, `node.commitment_peer.foreign_reporter`); a
+  report from anyone else is refused as one for an unknown transaction is. A failed
   N-ACTION (association refused, failure status) is retried with back-off until the deadline; a destination that
   does not accept the Storage Commitment SOP class is `failed` at once.
 * **DICOMweb** — QIDO-RS ``GET {url}/studies/{study}/instances``: `committed` when every stored SOP Instance UID
   is listed, else checked again until the deadline, then `failed` naming what is missing.
 
 Rows still `pending`/`requested` at their deadline become `timed_out` (a late report still commits them). This
-module is the only writer of ``commitments``; delivery states (node.dispatch) are never touched.
+module is the only writer of ``commitments``; delivery states (node.dispatch) are never touched. The network
+side (N-ACTION, QIDO-RS, reading a report) is `node.commitment_peer`.
 """
 
 from __future__ import annotations
@@ -25,29 +28,35 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import requests
 import sqlalchemy as sa
-from pydicom import Dataset, dcmread
-from pydicom.errors import InvalidDicomError
+from pydicom import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import evt
 from sqlalchemy.engine import Engine
 
+from node.commitment_peer import (
+    STATUS_PROCESSING_FAILURE,
+    Ref,
+    Report,
+    foreign_reporter,
+    parse_report,
+    qido_instances,
+    read_refs,
+    request_commitment,
+)
 from node.config import Destination, DestinationKind, NodeConfig
 from node.db import insert_for, reading, transaction
-from node.errors import ConfigError, SendError
+from node.errors import SendError
 from node.logs import get_logger
 from node.loops import LoopThread, backoff_seconds
 from node.refusals import Refusals
 from node.schema import commitments, deliveries
-from node.scu import CommitmentUnsupportedError, Peer, request_storage_commitment
+from node.scu import CommitmentUnsupportedError
 from node.states import CommitState, DeliveryState, PeerRefusal
 from node.supervise import Heartbeats, failure
-from node.tls import destination_tls_args, requests_tls
 
 LOOP = "commitment"
 OPEN_STATES = (CommitState.PENDING.value, CommitState.REQUESTED.value)
@@ -55,92 +64,7 @@ UNCOMMITTED_STATES = (*OPEN_STATES, CommitState.FAILED.value, CommitState.TIMED_
 _MAX_ERROR_CHARS = 2000
 _MAX_RETRY_SECONDS = 60.0
 _STATUS_SUCCESS = 0x0000
-_STATUS_PROCESSING_FAILURE = 0x0110
 _STATUS_NO_SUCH_EVENT_TYPE = 0x0113
-
-Ref = tuple[str, str]  # (SOP Class UID, SOP Instance UID)
-
-
-@dataclass(frozen=True)
-class Report:
-    """One N-EVENT-REPORT's content."""
-
-    transaction_uid: str
-    event_type: int  # 1: all committed, 2: failures exist
-    committed: tuple[str, ...]  # SOP Instance UIDs in ReferencedSOPSequence
-    failed: tuple[tuple[str, int], ...]  # (SOP Instance UID, FailureReason) in FailedSOPSequence
-
-
-# -- the network side (seams: injected in unit tests) ---------------------------------------------------------------
-
-
-def request_commitment(destination: Destination, calling_ae: str, transaction_uid: str, refs: Sequence[Ref],
-                       timeout: float, on_report: Callable[[evt.Event], Any]) -> None:
-    """`node.scu.request_storage_commitment` to a DIMSE ``destination`` as ``calling_ae``."""
-    assert destination.host and destination.port and destination.ae_title  # config validates dimse ones
-    peer = Peer(destination.host, destination.port, called_ae=destination.ae_title, calling_ae=calling_ae,
-                timeout=timeout, tls_args=_tls_args(destination))
-    request_storage_commitment(peer, transaction_uid, refs, on_report)
-
-
-def _tls_args(destination: Destination) -> Any:
-    """The destination's DIMSE TLS arguments; a CA or key file that no longer loads is a `SendError` (retried)."""
-    try:
-        return destination_tls_args(destination)
-    except ConfigError as exc:
-        raise SendError(str(exc)) from exc
-
-
-def qido_instances(destination: Destination, study_uid: str, timeout: float) -> set[str]:
-    """The SOP Instance UIDs a DICOMweb ``destination`` lists for ``study_uid`` (QIDO-RS). Raises `SendError`."""
-    assert destination.url is not None
-    headers = {"Accept": "application/dicom+json"}
-    if destination.token is not None:
-        headers["Authorization"] = f"Bearer {destination.token.get_secret_value()}"
-    url = f"{destination.url.rstrip('/')}/studies/{study_uid}/instances"
-    try:
-        verify, cert = requests_tls(destination)
-        response = requests.get(url, headers=headers, params={"includefield": "00080018"}, timeout=timeout,
-                                verify=verify, cert=cert)
-    except requests.RequestException as exc:
-        raise SendError(f"QIDO-RS {destination.shown_url} unreachable: {type(exc).__name__}") from exc
-    if response.status_code == 204 or (response.status_code == 200 and not response.content.strip()):
-        return set()
-    if response.status_code != 200:
-        raise SendError(f"QIDO-RS {destination.shown_url} answered HTTP {response.status_code}")
-    try:
-        items = response.json()
-        return {str(v) for item in items for v in item.get("00080018", {}).get("Value", [])}
-    except (ValueError, AttributeError, TypeError) as exc:
-        raise SendError(f"QIDO-RS {destination.shown_url} answered something that is not DICOM JSON") from exc
-
-
-def parse_report(event: evt.Event) -> Report:
-    """The Storage Commitment content of an ``EVT_N_EVENT_REPORT`` event; `ValueError` if it has none."""
-    info = event.event_information
-    uid = str(info.get("TransactionUID", "") or "")
-    if not uid:
-        raise ValueError("N-EVENT-REPORT without TransactionUID")
-    committed = tuple(str(i.ReferencedSOPInstanceUID) for i in info.get("ReferencedSOPSequence", []) or []
-                      if "ReferencedSOPInstanceUID" in i)
-    failed = tuple((str(i.ReferencedSOPInstanceUID), int(i.get("FailureReason", _STATUS_PROCESSING_FAILURE)))
-                   for i in info.get("FailedSOPSequence", []) or [] if "ReferencedSOPInstanceUID" in i)
-    return Report(uid, int(event.event_type or 0), committed, failed)
-
-
-def read_refs(files: Sequence[Path]) -> tuple[str | None, list[Ref]]:
-    """(Study Instance UID, [(SOP Class UID, SOP Instance UID)]) from the result files' headers."""
-    study: str | None = None
-    refs: list[Ref] = []
-    for path in files:
-        try:
-            ds = dcmread(path, stop_before_pixels=True,
-                         specific_tags=["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID"])
-        except (OSError, InvalidDicomError) as exc:
-            raise SendError(f"result file {Path(path).name} unreadable: {type(exc).__name__}") from exc
-        study = study or str(ds.get("StudyInstanceUID", "") or "") or None
-        refs.append((str(ds.SOPClassUID), str(ds.SOPInstanceUID)))
-    return study, refs
 
 
 # -- bookkeeping ----------------------------------------------------------------------------------------------------
@@ -360,13 +284,14 @@ class Commitments:
         """``EVT_N_EVENT_REPORT`` handler (on the node's DIMSE server and on the N-ACTION association): record a
         Storage Commitment result. Returns 0x0000 when recorded, 0x0113 for an event type other than 1 or 2,
         0x0110 for a report that is malformed, unknown, or could not be stored."""
-        calling = str(event.assoc.requestor.ae_title)
-        peer = str(event.assoc.requestor.address)
+        assoc = event.assoc  # the PACS: the acceptor when the report comes on the node's own N-ACTION association
+        remote = assoc.acceptor if assoc.is_requestor else assoc.requestor
+        calling, peer = str(remote.ae_title), str(remote.address)
         try:
             report = parse_report(event)
         except (ValueError, AttributeError, TypeError) as exc:
             self._refusals.record(PeerRefusal.COMMITMENT_REPORT_REFUSED, peer, calling_ae=calling, error=str(exc))
-            return _STATUS_PROCESSING_FAILURE, None
+            return STATUS_PROCESSING_FAILURE, None
         if report.event_type not in (1, 2):
             self._refusals.record(PeerRefusal.COMMITMENT_REPORT_REFUSED, peer, calling_ae=calling,
                                   event_type=report.event_type, transaction_uid=report.transaction_uid)
@@ -375,10 +300,12 @@ class Commitments:
             return self.record(report, calling, peer), None
         except Exception as exc:  # noqa: BLE001 - the boundary: a failure status, never an aborted association
             self.log.error("commitment_report_failed", transaction_uid=report.transaction_uid, error=failure(exc))
-            return _STATUS_PROCESSING_FAILURE, None
+            return STATUS_PROCESSING_FAILURE, None
 
-    def record(self, report: Report, calling_ae: str = "", peer: str = "") -> int:
+    def record(self, report: Report, calling_ae: str, peer: str) -> int:
         """Apply one report to the row with its Transaction UID; returns the N-EVENT-REPORT response status.
+        Refused (0x0110, as an unknown transaction) unless ``calling_ae`` at ``peer`` is the row's destination
+        (`foreign_reporter`).
 
         Committed only when every requested instance is among the committed ones and none failed (a late report
         still commits a `timed_out` row); otherwise `failed` with the reasons."""
@@ -390,7 +317,15 @@ class Commitments:
             if row is None:  # anyone who can associate may send these: logged rate-limited per peer
                 self._refusals.record(PeerRefusal.COMMITMENT_REPORT_UNKNOWN, peer or calling_ae, calling_ae=calling_ae,
                                       transaction_uid=report.transaction_uid)
-                return _STATUS_PROCESSING_FAILURE
+                return STATUS_PROCESSING_FAILURE
+            dest = self._destination(row.destination)
+            why = "the destination is no longer configured" if dest is None else foreign_reporter(dest, calling_ae,
+                                                                                                   peer)
+            if why:  # answered as an unknown transaction is: no hint that the UID is one of ours
+                self._refusals.record(PeerRefusal.COMMITMENT_REPORT_FOREIGN, peer or calling_ae,
+                                      calling_ae=calling_ae, destination=row.destination,
+                                      transaction_uid=report.transaction_uid, error=why)
+                return STATUS_PROCESSING_FAILURE
             wanted = {uid for _, uid in json.loads(row.refs)}
             failed = [[uid, f"0x{reason:04X}"] for uid, reason in report.failed]
             failed += [[uid, "not in the report"] for uid in sorted(wanted - set(report.committed))

@@ -88,6 +88,7 @@ class PeerRefusal(StrEnum):
     REQUESTS_PIPELINED = "requests_pipelined"          # DIMSE: a request begun with another one still unanswered
     COMMITMENT_REPORT_REFUSED = "commitment_report_refused"  # DIMSE: an N-EVENT-REPORT malformed or of a wrong type
     COMMITMENT_REPORT_UNKNOWN = "commitment_report_unknown"  # DIMSE: an N-EVENT-REPORT for no transaction of ours
+    COMMITMENT_REPORT_FOREIGN = "commitment_report_foreign"  # DIMSE: ... for one of ours, not from its destination
     HTTP_HEADER_TIMEOUT = "http_header_timeout"        # HTTP: request head not complete within its deadline
     HTTP_BODY_TIMEOUT = "http_body_timeout"            # HTTP: no body bytes within the read timeout
     HTTP_HEADER_TOO_LARGE = "http_header_too_large"    # HTTP: request head over http_max_header_bytes (431)

@@ -112,6 +112,11 @@ class Destination(_Frozen):
     # DICOMweb → QIDO-RS finds every stored instance. No proof within commit_timeout_seconds: reported uncommitted.
     commitment: bool = False
     commit_timeout_seconds: Annotated[float, Field(gt=0, le=7 * 86400)] = 300.0
+    # Who may send this destination's N-EVENT-REPORT (node.commitment.foreign_reporter): its calling AE title and
+    # its address. Empty: the destination's own ae_title / host (what Orthanc and most PACS report from); a PACS that
+    # reports from another AE title or node lists them here (host names are resolved when a report arrives).
+    commitment_report_ae_titles: tuple[AETitle, ...] = ()
+    commitment_report_hosts: tuple[Annotated[str, Field(min_length=1, max_length=253)], ...] = ()
     # TLS to this destination (node.tls): DIMSE with `tls = true`, DICOMweb with an https:// url. The peer's
     # certificate must chain to `ca_file` (None: the system's CAs) and name `host` (or the url's host).
     tls: bool = False
@@ -127,6 +132,8 @@ class Destination(_Frozen):
                 raise ValueError(f"a 'dimse' destination needs {', '.join(missing)}")
         elif self.url is None or not re.match(r"^https?://", self.url):
             raise ValueError("a 'dicomweb' destination needs url = 'http(s)://...'")
+        elif self.commitment_report_ae_titles or self.commitment_report_hosts:
+            raise ValueError("commitment_report_ae_titles / _hosts apply only to a 'dimse' destination")
         return self
 
     @property

@@ -11,8 +11,11 @@ from typing import Any, NamedTuple
 import pydicom
 import pytest
 import sqlalchemy as sa
+from pydicom import Dataset
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import StorageCommitmentPushModel, StorageCommitmentPushModelInstance
 from structlog.testing import capture_logs
 
 from node.commitment import (
@@ -22,19 +25,22 @@ from node.commitment import (
     commit_problems,
     commitments,
 )
+from node.commitment_peer import request_commitment
 from node.config import Destination, DestinationKind, NodeConfig
 from node.db import create_engine_for, init_schema
 from node.dispatch import Dispatcher, deliveries
 from node.errors import SendError
 from node.states import CommitState, DeliveryState
+from tests.conftest import free_port
 from tests.fakeclock import FakeClock
 
 TIMEOUT = 60.0
+PACS = ("PACS", "127.0.0.1")  # the calling AE title and address of `dimse` destinations' reports
 
 
-def dimse(name: str, commitment: bool = True) -> Destination:
+def dimse(name: str, commitment: bool = True, **more: Any) -> Destination:
     return Destination(name=name, kind=DestinationKind.DIMSE, ae_title="PACS", host="127.0.0.1", port=104,
-                       commitment=commitment, commit_timeout_seconds=TIMEOUT)
+                       commitment=commitment, commit_timeout_seconds=TIMEOUT, **more)
 
 
 def web(name: str) -> Destination:
@@ -120,8 +126,8 @@ def test_a_full_report_commits_and_a_partial_one_fails(tmp_path, files):
     assert tracker.run_once() == 2
     calls = {name: uid for name, uid, _ in requester.calls}
     assert row(tracker, "a").state == CommitState.REQUESTED and row(tracker, "a").transaction_uid == calls["a"]
-    assert tracker.record(Report(calls["a"], 1, tuple(uids), ())) == 0x0000
-    assert tracker.record(Report(calls["b"], 2, (uids[0],), ((uids[1], 0x0112),))) == 0x0000
+    assert tracker.record(Report(calls["a"], 1, tuple(uids), ()), *PACS) == 0x0000
+    assert tracker.record(Report(calls["b"], 2, (uids[0],), ((uids[1], 0x0112),)), *PACS) == 0x0000
     assert row(tracker, "a").state == CommitState.COMMITTED
     b = row(tracker, "b")
     assert b.state == CommitState.FAILED and uids[1] in b.failed and "0x0112" in b.failed
@@ -133,14 +139,14 @@ def test_event_type_1_missing_an_instance_is_not_committed(tmp_path, files):
     _, _, _, uids = files
     tracker, requester, _, _ = setup(tmp_path, files, dimse("a"))
     tracker.run_once()
-    tracker.record(Report(requester.calls[0][1], 1, (uids[0],), ()))
+    tracker.record(Report(requester.calls[0][1], 1, (uids[0],), ()), *PACS)
     r = row(tracker, "a")
     assert r.state == CommitState.FAILED and "not in the report" in r.failed
 
 
 def test_an_unknown_transaction_is_refused(tmp_path, files):
     tracker, _, _, _ = setup(tmp_path, files, dimse("a"))
-    assert tracker.record(Report(generate_uid(), 1, (), ())) == 0x0110
+    assert tracker.record(Report(generate_uid(), 1, (), ()), *PACS) == 0x0110
 
 
 def test_failed_requests_retry_then_time_out_and_a_late_report_still_commits(tmp_path, files):
@@ -159,7 +165,7 @@ def test_failed_requests_retry_then_time_out_and_a_late_report_still_commits(tmp
     r = row(tracker, "a")
     assert r.state == CommitState.TIMED_OUT and f"no N-EVENT-REPORT within {TIMEOUT:g} s" in r.last_error
     assert tracker.uncommitted() == {"a": 1}
-    tracker.record(Report(requester.calls[-1][1], 1, tuple(uids), ()))
+    tracker.record(Report(requester.calls[-1][1], 1, tuple(uids), ()), *PACS)
     assert row(tracker, "a").state == CommitState.COMMITTED
 
 
@@ -285,3 +291,68 @@ def test_reports_for_unknown_transactions_are_refused_and_logged_rate_limited(tm
     assert statuses == {0x0110}
     logged = [e for e in logs if e["event"] == "commitment_report_unknown"]
     assert 1 <= len(logged) <= 5 and logged[0]["calling_ae"] == "FLOODER"
+
+
+def test_only_the_destination_may_settle_its_commitment(tmp_path, files):
+    """A peer that learns a Transaction UID (it crosses the network in the clear without TLS) must not be able to
+    mark results committed that the PACS never stored: the report must come from the destination's AE title at
+    its host; others are answered as an unknown transaction is, and logged."""
+    _, _, _, uids = files
+    tracker, requester, _, _ = setup(tmp_path, files, dimse("a"))
+    tracker.run_once()
+    uid = requester.calls[0][1]
+    with capture_logs() as logs:
+        assert tracker.record(Report(uid, 1, tuple(uids), ()), "FORGER", "127.0.0.1") == 0x0110
+        assert tracker.record(Report(uid, 1, tuple(uids), ()), "PACS", "192.0.2.7") == 0x0110
+    assert row(tracker, "a").state == CommitState.REQUESTED
+    foreign = [e for e in logs if e["event"] == "commitment_report_foreign"]
+    assert [e["calling_ae"] for e in foreign] == ["FORGER", "PACS"] and foreign[0]["destination"] == "a"
+    assert "FORGER" in foreign[0]["error"] and "192.0.2.7" in foreign[1]["error"]
+    assert tracker.record(Report(uid, 1, tuple(uids), ()), "PACS", "::ffff:127.0.0.1") == 0x0000
+    assert row(tracker, "a").state == CommitState.COMMITTED
+
+
+def test_a_pacs_that_reports_from_elsewhere_is_listed(tmp_path, files):
+    _, _, _, uids = files
+    dest = dimse("a", commitment_report_ae_titles=("PACS_SCP", "PACS"), commitment_report_hosts=("localhost",))
+    tracker, requester, _, _ = setup(tmp_path, files, dest)
+    tracker.run_once()
+    uid = requester.calls[0][1]
+    assert tracker.record(Report(uid, 1, tuple(uids), ()), "OTHER", "127.0.0.1") == 0x0110
+    assert tracker.record(Report(uid, 1, tuple(uids), ()), "PACS_SCP", "127.0.0.1") == 0x0000  # localhost resolved
+    assert row(tracker, "a").state == CommitState.COMMITTED
+
+
+def test_a_report_for_a_destination_no_longer_configured_is_refused(tmp_path, files):
+    _, _, _, uids = files
+    tracker, requester, _, _ = setup(tmp_path, files, dimse("a"))
+    tracker.run_once()
+    tracker.apply_config(NodeConfig(destinations=(dimse("b"),)))
+    assert tracker.record(Report(requester.calls[0][1], 1, tuple(uids), ()), *PACS) == 0x0110
+
+
+def test_a_report_on_the_node_s_own_n_action_association_commits(tmp_path, files):
+    """PS3.4 J.3.3 lets the PACS answer on the N-ACTION's association: a pynetdicom Storage Commitment SCP does
+    (the report is sent from its N-ACTION handler) and the real requester hands it to `handle_report`, where the
+    reporter is the association's acceptor (on one the PACS opens, as Orthanc does, the requestor:
+    tests/integration/test_commitment_orthanc.py)."""
+    def on_action(event: Any) -> tuple[int, None]:
+        report = Dataset()
+        report.TransactionUID = event.action_information.TransactionUID
+        report.ReferencedSOPSequence = event.action_information.ReferencedSOPSequence
+        event.assoc.send_n_event_report(report, 1, StorageCommitmentPushModel, StorageCommitmentPushModelInstance)
+        return 0x0000, None
+
+    ae = AE("SCPAE")
+    ae.add_supported_context(StorageCommitmentPushModel)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_N_ACTION, on_action)])
+    try:
+        dest = Destination(name="a", kind=DestinationKind.DIMSE, ae_title="SCPAE", host="127.0.0.1", port=port,
+                           commitment=True)
+        tracker, _, _, _ = setup(tmp_path, files, dest)
+        tracker.requester = request_commitment  # the real N-ACTION, not the recorder
+        assert tracker.run_once() == 1
+        assert row(tracker, "a").state == CommitState.COMMITTED, row(tracker, "a")
+    finally:
+        server.shutdown()

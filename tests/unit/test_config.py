@@ -117,6 +117,18 @@ def test_duplicate_destination_names_refused(tmp_path):
         load_config(write(tmp_path, toml), environ={})
 
 
+def test_commitment_reporters_apply_to_dimse_destinations_only(tmp_path):
+    web = "[[destinations]]\nname = 'web'\nkind = 'dicomweb'\nurl = 'http://h/'\n"
+    with pytest.raises(ConfigError, match="commitment_report_ae_titles"):
+        load_config(write(tmp_path, web + "commitment_report_hosts = ['pacs2']\n"), environ={})
+    dimse = ("[[destinations]]\nname = 'p'\nkind = 'dimse'\nae_title = 'PACS'\nhost = 'pacs1'\nport = 104\n"
+             "commitment_report_ae_titles = ['PACS_SCP']\ncommitment_report_hosts = ['pacs2']\n")
+    dest = load_config(write(tmp_path, dimse), environ={}).destinations[0]
+    assert dest.commitment_report_ae_titles == ("PACS_SCP",) and dest.commitment_report_hosts == ("pacs2",)
+    with pytest.raises(ConfigError, match="AE title"):
+        load_config(write(tmp_path, dimse.replace("PACS_SCP", "X" * 17)), environ={})
+
+
 def test_config_check_prints_effective_config_without_secrets(tmp_path):
     path = write(
         tmp_path,
