@@ -86,7 +86,7 @@ class ReserveWatch:
 
     def full(self, settings: AdmissionSection) -> bool:
         try:
-            down = down_to_reserve(self.path, (settings.reserve_free_bytes, settings.reserve_free_percent))
+            down = down_to_reserve(self.path, settings.reserve)
         except OSError:
             down = False
         if down != self.down:

@@ -107,7 +107,7 @@ class _DicomWeb:
         self.on_released = on_released
         self.max_request_bytes = max_request_bytes
         self.tmp_dir = config.node.data_dir / "incoming"
-        self._reserve = (config.admission.reserve_free_bytes, config.admission.reserve_free_percent)
+        self._reserve = config.admission.reserve
         self._retry_after = config.admission.retry_after_seconds
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self.log = get_logger(component="dicomweb")

@@ -130,7 +130,7 @@ class ReceiveLimits:
 
     @classmethod
     def from_config(cls, node: NodeSection, admission: AdmissionSection | None = None) -> ReceiveLimits:
-        reserve = (admission.reserve_free_bytes, admission.reserve_free_percent) if admission else (0, 0.0)
+        reserve = admission.reserve if admission else (0, 0.0)
         return cls(
             spill_reserve=reserve,
             max_pdu_bytes=node.max_pdu_bytes,
