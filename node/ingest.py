@@ -9,7 +9,8 @@ maps the same errors to its failure reasons). Nothing is acknowledged before bot
 
 The parse walks the whole data set in the negotiated transfer syntax and refuses (0xC000) what would be stored as
 an unreadable file: a value or element header cut short, trailing bytes, Implicit VR bytes sent on an Explicit VR
-context (pydicom would silently switch). A Deflated data set is inflated as it is parsed, keeping a 64 KiB window,
+context (pydicom would silently switch), an element without a DICOM VR or malformed sequence structure at any depth
+(`node.ingestscan`, which steps through sequences without reading them: memory stays flat whatever they hold). A Deflated data set is inflated as it is parsed, keeping a 64 KiB window,
 and refused with 0xA700 past ``max_inflated_bytes``: a deflate bomb costs CPU up to that limit, not memory.
 """
 
@@ -19,14 +20,12 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from io import BytesIO
-from typing import IO, TYPE_CHECKING, Any, BinaryIO, cast
+from typing import IO, TYPE_CHECKING, Any
 
-from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO, DicomIO
-from pydicom.filereader import data_element_generator, read_dataset
 from pydicom.filewriter import write_file_meta_info
-from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import (
     JPEG2000,
@@ -43,7 +42,6 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pydicom.valuerep import VR
 
 from node.durability import InstanceCommitter
 from node.errors import (
@@ -56,6 +54,7 @@ from node.errors import (
 )
 from node.groupcommit import DEFAULT_MAX_BATCH
 from node.index import Index, InstanceRecord, RecordOutcome
+from node.ingestscan import check_first_group, read_top_level
 from node.spool import Spool
 from node.uids import check_uid
 
@@ -81,9 +80,6 @@ ACCEPTED_TRANSFER_SYNTAXES = [
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1411.1.1"
 DEFAULT_MAX_INFLATED_BYTES = 256 << 20  # [node] max_inflated_bytes
 IMPLEMENTATION_VERSION = "PACSAINODE_010"
-
-_MAX_DEPTH = 32  # nesting of sequences checked by _check_vrs (real objects: SR content trees, a dozen levels)
-_SEQUENCE_READ_BYTES = 1 << 20  # _check_vrs reads values up to this size (a sequence must be read to be checked)
 
 # The only attributes the receive path reads (patient attributes are never read here).
 _INDEX_TAGS: list[BaseTag | int] = [
@@ -285,53 +281,6 @@ class _InflatingBuffer:
         return self._end
 
 
-def _check_first_group(fp: DicomIO, ts: UID) -> None:
-    """Refuse a data set that starts with command (0000) or file meta (0002) elements: they belong to no data set,
-    and a reader takes them for its own (pydicom reads a leading group 0000 as an Implicit VR command set, and
-    leading group 0002 elements as more file meta, transfer syntax included), so the file would not read back in
-    the transfer syntax it was stored under. Found by fuzzing (tests/unit/test_fuzz_ingest.py)."""
-    head = fp.read(2)
-    fp.seek(0)
-    if len(head) == 2:
-        group = int.from_bytes(head, "little" if ts.is_little_endian else "big")
-        if group in (0x0000, 0x0002):
-            raise InvalidDatasetError(f"dataset starts with group {group:04X} elements, which belong to no data set")
-
-
-_KNOWN_VRS = frozenset(str(vr) for vr in VR)
-
-
-def _check_vrs(data: EncodedDataset, ts: UID, max_inflated_bytes: int) -> None:
-    """Refuse an Explicit VR data set with an element whose VR is not a DICOM VR (a bit flipped in transit, a
-    garbled writer): stored, it reads back but the element cannot be decoded. A second pass over the encoded
-    data (pydicom's element generator; values over `_SEQUENCE_READ_BYTES` skipped, nothing kept), descending into
-    every sequence: undefined-length ones, defined-length ones in their items, and top-level defined-length ones,
-    which arrive as bytes and are parsed here (a bit flipped in such a sequence's element used to be stored
-    unchecked; a sequence over 1 MiB still is). Found by fuzzing."""
-    buffer = _InflatingBuffer(data, max_inflated_bytes) if ts == DeflatedExplicitVRLittleEndian else _StrictReader(data)
-    fp = DicomIO(buffer)
-    fp.is_little_endian, fp.is_implicit_VR = ts.is_little_endian, False
-    for element in data_element_generator(cast(BinaryIO, fp), False, ts.is_little_endian,
-                                          defer_size=_SEQUENCE_READ_BYTES):
-        if element.VR == VR.SQ and isinstance(element, RawDataElement) and isinstance(element.value, bytes):
-            # a defined-length sequence comes as its bytes: parse it (it used to be seeked past unchecked)
-            element = Dataset({element.tag: element})[element.tag]
-        _check_vr(element)
-
-
-def _check_vr(element: RawDataElement | DataElement, depth: int = 0) -> None:
-    if element.VR is not None and str(element.VR) not in _KNOWN_VRS:
-        raise InvalidDatasetError(f"element {Tag(element.tag)} has no valid VR")
-    if element.VR == VR.SQ and isinstance(element.value, Sequence) and depth < _MAX_DEPTH:
-        for item in element.value:
-            for tag in list(item.keys()):
-                raw = item.get_item(tag)
-                if raw is not None:
-                    _check_vr(raw, depth + 1)
-                    if raw.VR == VR.SQ and isinstance(raw, RawDataElement):
-                        _check_vr(item[tag], depth + 1)  # a defined-length sequence inside an item: parse it
-
-
 def _parse_header(data: EncodedDataset, ts: UID, max_inflated_bytes: int) -> Dataset:
     """Read the index attributes from an encoded dataset (no file meta); walks the whole dataset so a truncated
     or garbled one is refused rather than stored."""
@@ -344,14 +293,9 @@ def _parse_header(data: EncodedDataset, ts: UID, max_inflated_bytes: int) -> Dat
         fp = DicomIO(buffer)
         fp.is_little_endian = ts.is_little_endian
         fp.is_implicit_VR = ts.is_implicit_VR
-        _check_first_group(fp, ts)
-        ds = read_dataset(
-            cast(BinaryIO, fp),
-            ts.is_implicit_VR,
-            ts.is_little_endian,
-            specific_tags=[*_INDEX_TAGS, *_PIXEL_TAGS],
-            defer_size=256,
-        )
+        check_first_group(fp, ts)
+        ds = read_top_level(fp, ts, specific_tags=[*_INDEX_TAGS, *_PIXEL_TAGS], defer_size=256,
+                            check_vrs=not ts.is_implicit_VR)
         if ds.original_encoding[0] != ts.is_implicit_VR:
             found, expected = ("Implicit", "Explicit") if ds.original_encoding[0] else ("Explicit", "Implicit")
             raise InvalidDatasetError(f"dataset is encoded in {found} VR, but its transfer syntax {ts} is {expected} VR")
@@ -361,8 +305,6 @@ def _parse_header(data: EncodedDataset, ts: UID, max_inflated_bytes: int) -> Dat
             raise InvalidDatasetError(f"dataset is truncated: an element runs {fp.tell() - end} bytes past the end")
         if fp.tell() < end:
             raise InvalidDatasetError(f"dataset has {end - fp.tell()} trailing bytes that do not parse")
-        if not ts.is_implicit_VR:
-            _check_vrs(data, ts, max_inflated_bytes)
         for tag in _INDEX_TAGS:  # force conversion now, inside the error boundary
             raw = ds.get_item(tag)
             if (
