@@ -48,6 +48,7 @@ from node.supervise import Heartbeats, failure
 
 LOOP = "completion"  # the sweep's name in the heartbeat registry
 FAILURE_LOG_SECONDS = 60.0  # while sweeps keep failing, one completion_sweep_failed line this often
+_ROUTE_TRIES = 3  # instances nearest the middle tried for the routing header when files cannot be read
 
 
 class CompletionReason(StrEnum):
@@ -305,13 +306,22 @@ class CompletionSweeper:
     def _route(self, row: Any, rows: Sequence[Any]) -> Decision:
         """The routing decision from the header of the series' middle instance (by instance number): a scanner that
         puts its localizer at instance 1 of the axial series must not have the whole series ignored as a
-        localizer (the gate then judges the stack as a whole)."""
+        localizer (the gate then judges the stack as a whole). A file that cannot be read (`OSError`) is no verdict
+        on the series: the next ones nearest the middle are tried, and if `_ROUTE_TRIES` fail the error is raised
+        (the series is judged again next sweep; `_series_failed` logs it), never taken for "unreadable"."""
         ordered = sorted(rows, key=lambda r: (r.instance_number is None, r.instance_number or 0, r.sop_uid))
-        middle = ordered[len(ordered) // 2] if ordered else None
-        header = (
-            read_header(middle.path, calling_ae=row.calling_ae, slices=row.instance_count)
-            if middle is not None else None
-        )
+        middle = len(ordered) // 2
+        nearest = sorted(range(len(ordered)), key=lambda i: (abs(i - middle), i))[:_ROUTE_TRIES]
+        header, error = None, None
+        for i in nearest:
+            try:
+                header = read_header(ordered[i].path, calling_ae=row.calling_ae, slices=row.instance_count)
+                break
+            except OSError as exc:
+                error = exc
+        else:
+            if error is not None:
+                raise error
         return route(header, self.config.routes, NODE_MANUFACTURER)
 
     def _priority(self, row: Any, rows: Sequence[Any]) -> Priority:
@@ -329,8 +339,8 @@ def _matches(rule: PriorityRule, row: Any, rows: Sequence[Any]) -> bool:
             return False
         try:
             ds = dcmread(rows[0].path, stop_before_pixels=True, specific_tags=[rule.keyword])
-        except (InvalidDicomError, OSError, ValueError):
-            return False
+        except (InvalidDicomError, ValueError):
+            return False  # (an OSError is raised: the series is judged again, not queued at the wrong priority)
         value = ds.get(rule.keyword)
         return value is not None and str(value).strip().upper() == str(rule.equals).strip().upper()
     return True

@@ -84,10 +84,14 @@ def _text(value: object) -> str:
 
 
 def read_header(path: str | Path, *, calling_ae: str | None, slices: int) -> SeriesHeader | None:
-    """The routing header of the instance at ``path``; None when the file cannot be read as DICOM."""
+    """The routing header of the instance at ``path``; None when the file is not DICOM. A file that cannot be
+    opened or read (`OSError`: a spool on NFS that blipped, too many open files, a missing file) raises: that says
+    nothing about the series, which must not be ignored for it."""
     try:
         ds = dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_KEYWORDS)
-    except (InvalidDicomError, OSError, ValueError, TypeError, AttributeError):
+    except OSError:
+        raise
+    except (InvalidDicomError, EOFError, ValueError, TypeError, AttributeError):
         return None
     image_type = ds.get("ImageType")
     values = [image_type] if isinstance(image_type, str) else list(image_type or [])

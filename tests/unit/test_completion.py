@@ -3,6 +3,8 @@ that marks series complete, bumps the version and queues prioritised jobs — on
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pydicom
 import pytest
 
@@ -377,3 +379,35 @@ def test_a_failing_sweep_is_logged_once_then_a_line_a_minute_and_its_recovery(en
     failed = [e for e in logs if e["event"] == "completion_sweep_failed"]
     assert len(failed) == 1 and failed[0]["failed_in_a_row"] == 1
     assert [e["failed_in_a_row"] for e in logs if e["event"] == "completion_sweep_recovered"] == [5]
+
+
+@pytest.mark.parametrize("unreadable", ["middle", "all"])
+def test_a_spool_file_that_cannot_be_read_is_no_verdict_on_the_series(env, tmp_path, unreadable):
+    """A routing read that failed (an NFS blip, too many open files) ignored the series for good as "[unreadable]":
+    no job, no report, only an info line. Now a neighbour of the middle instance is read instead, and when none
+    can be, the series is judged again next sweep."""
+    index, sweeper, completed = make(env)
+    _, clock = env
+    paths = []
+    for n in range(1, 21):
+        paths.append(tmp_path / f"{n}.dcm")
+        paths[-1].write_bytes(Path(CHEST_CT[0]).read_bytes())
+        index.record_instance(InstanceRecord(
+            sop_uid=f"7.4.{n}", series_uid="7.4", study_uid="1.2", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+            transfer_syntax_uid="1.2.840.10008.1.2.1", path=str(paths[-1]), size=1, sha256=f"{n:064d}",
+            modality="CT", instance_number=n, image_position=f"0\\0\\{n * 2.5}", image_orientation="1\\0\\0\\0\\1\\0",
+            frame_of_reference_uid="1.9", calling_ae="CT1", association_id="a1",
+        ))
+    gone = paths if unreadable == "all" else [paths[10]]  # instance 11: the middle of 20
+    for p in gone:
+        p.rename(p.with_suffix(".away"))
+    clock.now += 60
+    if unreadable == "middle":
+        assert [r for _, _, r in sweeper.sweep()] == [CompletionReason.QUIET_TIMER]
+    else:
+        assert sweeper.sweep() == [] and sweeper.sweep() == []
+        assert index.get_series("7.4").state == SeriesState.RECEIVING
+        for p in gone:
+            p.with_suffix(".away").rename(p)
+        assert [r for _, _, r in sweeper.sweep()] == [CompletionReason.QUIET_TIMER]
+    assert index.get_series("7.4").state == SeriesState.COMPLETE and completed == [("7.4", 1)]
