@@ -334,7 +334,9 @@ def _starts_slowly_then_handles_sighup(marker: Path) -> int:
     import threading as _threading
 
     stop = _threading.Event()
-    StopSignals(None, stop, marker.with_suffix(".pid"), lambda: marker.write_text("reloaded")).install()
+    written = marker.with_suffix(".tmp")  # renamed into place: the loop below must not see a half-written marker
+    StopSignals(None, stop, marker.with_suffix(".pid"),
+                lambda: (written.write_text("reloaded"), written.rename(marker))).install()
     deadline = time.monotonic() + 5
     while not marker.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
