@@ -111,19 +111,23 @@ class JobQueue:
                                   skip_reason=reason, last_error=detail)
 
     def fail(self, job: Job, worker_id: str, error: str) -> JobState:
-        """Record a failure: back to the queue after ``retry_delay_seconds``, or dead after ``max_attempts``."""
+        """Record a failure: back to the queue after ``retry_delay_seconds``, or dead after ``max_attempts``.
+        `JobState.RUNNING` when the lease was lost meanwhile: the job is another worker's now (or was reaped), and
+        this one must not report it dead (its "processing failed" report would stand beside the other's result)."""
         lease = _lease(job, worker_id)
         if job.attempts >= self.settings.max_attempts:
-            self.leases.dead_letter(lease, error, finished_at=self.clock())
-            return JobState.DEAD
-        self.leases.retry_later(lease, self.settings.retry_delay_seconds, error)
-        return JobState.QUEUED
+            held = self.leases.dead_letter(lease, error, finished_at=self.clock())
+            return JobState.DEAD if held else JobState.RUNNING
+        held = self.leases.retry_later(lease, self.settings.retry_delay_seconds, error)
+        return JobState.QUEUED if held else JobState.RUNNING
 
     def recover(self, own_prefix: str) -> tuple[int, int]:
         """Jobs held by an earlier process whose holder starts with ``own_prefix`` (and any whose lease expired):
         back to the queue, due now — or dead-lettered ("worker lost") once ``max_attempts`` attempts were spent,
-        as `claim` would after their lease; returns (requeued, dead-lettered)."""
-        mine = sa.and_(jobs.c.state == JobState.RUNNING, jobs.c.holder.startswith(own_prefix, autoescape=True))
+        as `claim` would after their lease (an expired one of another worker's too: it used to go back with its
+        budget spent, and run once more); returns (requeued, dead-lettered)."""
+        mine = sa.and_(jobs.c.state == JobState.RUNNING,
+                       sa.or_(jobs.c.holder.startswith(own_prefix, autoescape=True), jobs.c.lease_until <= self.clock()))
         max_attempts = self.settings.max_attempts
         dead = self.leases.expire(
             sa.and_(mine, jobs.c.attempts >= max_attempts),

@@ -68,13 +68,8 @@ class Worker:
     """Runs jobs from ``queue`` until stopped; ``runner_factory`` is called once, in the worker thread."""
 
     def __init__(
-        self,
-        config: NodeConfig,
-        engine: Engine,
-        queue: JobQueue,
-        dispatcher: Dispatcher,
-        runner_factory: Callable[[], ModelRunner],
-        *,
+        self, config: NodeConfig, engine: Engine, queue: JobQueue, dispatcher: Dispatcher,
+        runner_factory: Callable[[], ModelRunner], *,
         clock: Callable[[], float] = time.time,
         poll_seconds: float = 1.0,
         metrics: Metrics | None = None,
@@ -303,8 +298,8 @@ class Worker:
             return JobState.QUEUED
         except Exception as exc:  # noqa: BLE001 - one bad series must fail its job, never the worker thread
             error = f"{type(exc).__name__}: {_safe_message(exc)}"[:1000]
-            state = self.queue.fail(job, self.worker_id, error)
-            log.error("job_failed", error=error, next_state=str(state))
+            state = self.queue.fail(job, self.worker_id, error)  # RUNNING: the lease was lost, the job is not ours
+            log.error("job_failed", error=error, next_state=str(state) if state is not JobState.RUNNING else "lost")
             if state is JobState.DEAD:
                 self.metrics.job_ended(job.pipeline.value, "failed")
                 self._report_failure(job, pipeline, error, log)
@@ -445,8 +440,12 @@ class Worker:
         stop = threading.Event()
         lost = threading.Event()
 
-        def beat() -> None:
+        def beat() -> None:  # not past [supervise] item_seconds: a hung attempt must not keep its job for ever
+            overrun = time.monotonic() + self.config.supervise.item_seconds
             while not stop.wait(self.config.queue.heartbeat_seconds):
+                if time.monotonic() > overrun:  # the lease runs out; another worker takes the job, a new attempt
+                    self.log.error("job_overran", job_id=job.id, item_seconds=self.config.supervise.item_seconds)
+                    return
                 try:
                     held = self.queue.heartbeat(job, self.worker_id)
                 except Exception as exc:  # noqa: BLE001 - a database hiccup must not end the lease's heartbeat

@@ -118,3 +118,31 @@ def test_concurrent_claims_never_share_a_job(queue):
     for t in threads:
         t.join()
     assert sorted(claimed) == sorted(set(claimed)) and len(claimed) == 30
+
+
+def test_a_worker_that_lost_its_lease_never_reports_the_job_dead(queue):
+    """Worker A's last attempt outlives its lease (a database blip stopped its heartbeats) and the job is another
+    worker's now: A's failure is not recorded, and A is told so (not DEAD: it would publish a "processing
+    failed" report for a version another worker may still finish)."""
+    job_id = add(queue, "1.1")
+    for _ in range(2):
+        queue.fail(queue.claim("w0"), "w0", "boom")
+        queue.clock.now += 10
+    last = queue.claim("a")
+    assert last.attempts == 3
+    queue.clock.now += 61  # A's lease ran out
+    assert queue.recover("b:worker:") == (0, 1)  # B starts: the expired job with its budget spent is dead ...
+    assert queue.get(job_id).state == JobState.DEAD and "worker lost" in queue.get(job_id).last_error
+    assert queue.claim("b") is None  # ... not requeued for a 4th attempt
+    assert queue.fail(last, "a", "boom 3") is JobState.RUNNING  # A no longer holds it: nothing written
+    assert "worker lost" in queue.get(job_id).last_error
+
+
+def test_a_lost_lease_is_not_failed_over_the_new_holder(queue):
+    job_id = add(queue, "1.1")
+    first = queue.claim("a")
+    queue.clock.now += 61
+    second = queue.claim("b")
+    assert queue.fail(first, "a", "late failure") is JobState.RUNNING
+    row = queue.get(job_id)
+    assert row.state == JobState.RUNNING and row.holder == "b" and second.attempts == 2

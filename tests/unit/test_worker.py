@@ -11,6 +11,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from structlog.testing import capture_logs
 
 from models.errors import ModelError
 from node.config import DestinationKind, NodeConfig, PipelineName, Priority
@@ -409,6 +410,40 @@ def test_the_lease_is_renewed_while_results_are_built_not_only_during_inference(
     assert worker.process(queue.claim(worker.worker_id)) is JobState.DONE
     assert seen["other"] is None
     assert queue.get(job_id).state == JobState.DONE
+
+
+def test_a_hung_attempt_stops_renewing_its_lease_after_item_seconds(node, tmp_path, monkeypatch):
+    """A job stuck in a call that never returns (a hard-mounted NFS spool, a GPU hang) kept its lease for ever:
+    no other worker could take it, it never died, no report went out. Past [supervise] item_seconds the heartbeat
+    stops, the lease runs out, another worker claims the job; the hung attempt's outcome is dropped."""
+    from node.config import QueueSection, SuperviseSection
+    from node.pipelines.pneumonia import PneumoniaPipeline
+
+    config, engine, ingestor, _, dispatcher, _ = node
+    config = config.model_copy(update={"queue": QueueSection(lease_seconds=0.5, heartbeat_seconds=0.05,
+                                                             max_attempts=2, retry_delay_seconds=0),
+                                       "supervise": SuperviseSection(item_seconds=1.0)})
+    queue = JobQueue(engine, config.queue)
+    series = receive(ingestor, tmp_path, "hung", slices=12, seed=6)
+    job_id = queue_job(queue, series.series_uid)
+    worker = Worker(config, engine, queue, dispatcher, lambda: FixedRunner(0.9))
+    seen: dict[str, object] = {}
+    build = PneumoniaPipeline.build
+
+    def hung_build(self, *args, **kwargs):
+        time.sleep(1.0 + 3 * config.queue.lease_seconds)  # past item_seconds, and the lease after it
+        seen["other"] = queue.claim("another-worker")
+        return build(self, *args, **kwargs)
+
+    monkeypatch.setattr(PneumoniaPipeline, "build", hung_build)
+    worker.warm_up()
+    with capture_logs() as logs:
+        assert worker.process(queue.claim(worker.worker_id)) is JobState.RUNNING  # lease lost: nothing recorded
+    other = seen["other"]
+    assert other is not None and other.id == job_id and other.attempts == 2
+    assert queue.get(job_id).holder == "another-worker"
+    assert [e["event"] for e in logs if e["event"] in ("job_overran", "job_lease_lost")] == ["job_overran",
+                                                                                             "job_lease_lost"]
 
 
 def _live_results(engine, series_uid):
