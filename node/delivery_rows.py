@@ -100,3 +100,14 @@ def not_superseded() -> sa.ColumnElement[bool]:
     d, newer = deliveries.c, deliveries.alias("newer").c
     return ~sa.exists().where(newer.series_uid == d.series_uid, newer.destination == d.destination,
                               newer.version > d.version)
+
+
+def no_older_in_flight(now: float) -> sa.ColumnElement[bool]:
+    """Rows with no delivery of an older version of their series to the same destination being sent at ``now``
+    (held under a live lease, by another dispatcher on a shared database): sent meanwhile, this version's rejection
+    note would reach the PACS before the objects it withdraws. Waits until that send ends (the older row is then
+    delivered, or superseded when next claimed)."""
+    d, older = deliveries.c, deliveries.alias("older").c
+    return ~sa.exists().where(older.series_uid == d.series_uid, older.destination == d.destination,
+                              older.version < d.version, older.state == DeliveryState.SENDING.value,
+                              older.lease_until > now)

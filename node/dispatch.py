@@ -247,7 +247,8 @@ class Dispatcher:
         reached, or sending with an expired lease (its dispatcher died). While the destination backs off after a
         failure, only rows queued after that failure are due. A row whose files list cannot be read is
         dead-lettered at once (never re-claimed on every poll), and so is a row whose series has a delivery of a
-        newer version to the same destination (`delivery_rows.newer_version`); the next row is claimed then."""
+        newer version to the same destination (`delivery_rows.newer_version`); the next row is claimed then. A row
+        whose series has an older version being sent to the destination (another dispatcher's) waits for it."""
         now = self._clock()
         d = deliveries.c
         where: sa.ColumnElement[bool] = d.destination == name
@@ -255,6 +256,7 @@ class Dispatcher:
             pause = self._paused.get(name)
         if pause is not None and now < pause[1]:
             where = sa.and_(where, d.queued_at > pause[0])
+        where = sa.and_(where, store.no_older_in_flight(now))
         newer: int | None = 0
         while newer is not None:  # until a row that is not superseded (or none is due)
             with self._transaction(None) as conn:

@@ -683,3 +683,35 @@ def test_an_older_version_is_never_sent_after_a_newer_one(make: Callable[..., Di
     assert [e["event"] for e in logs].count("delivery_superseded") == 1
     assert d.retry() == 0 and d.retry([old]) == 0  # an admin's replay never brings it back
     assert row(d, old).state == DeliveryState.DEAD
+
+
+def test_a_second_dispatcher_never_sends_a_version_while_an_older_one_is_being_sent(db_url: str,
+                                                                                     clock: FakeClock) -> None:
+    """Two dispatchers on one database: A is sending version 1 when version 2 (whose rejection note withdraws
+    version 1) is queued. B used to claim and send version 2 at once, so version 1 landed after its withdrawal
+    and was live again beside version 2. B now waits for A's send to end."""
+    engines = [create_engine_for(db_url), create_engine_for(db_url)]
+    init_schema(engines[0])
+    config = make_config(dimse("pacs"))
+    slow, quick = FakeSender(), FakeSender()
+    slow.gates["pacs"] = threading.Event()
+    a = Dispatcher(config, engines[0], {DestinationKind.DIMSE: slow}, clock=clock)
+    b = Dispatcher(config, engines[1], {DestinationKind.DIMSE: quick}, clock=clock)
+    [v1] = a.enqueue("1.2.3", 1, files(tag="v1"), uids(tag="1"))
+    sending = threading.Thread(target=a.run_once)
+    sending.start()
+    assert slow.entered.wait(10)
+    [v2] = b.enqueue("1.2.3", 2, files(tag="v2"), uids(tag="2"))
+    [other] = b.enqueue("1.2.4", 1, files(tag="o"), uids(tag="3"))
+    b.run_once()
+    assert quick.calls == [("pacs", tuple(files(tag="o")))]  # another series is not held up
+    assert row(b, v2).state == DeliveryState.PENDING
+    slow.gates["pacs"].set()
+    sending.join(10)
+    assert row(a, v1).state == DeliveryState.DELIVERED
+    b.run_once()
+    assert row(b, v2).state == row(b, other).state == DeliveryState.DELIVERED
+    v2_sends = [c for c in slow.calls + quick.calls if c == ("pacs", tuple(files(tag="v2")))]
+    assert len(v2_sends) == 1  # once, after version 1 (A's drain goes on to it, or B's next turn takes it)
+    for e in engines:
+        e.dispose()
