@@ -36,14 +36,15 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from node.config import CompletionMode, CompletionSection, NodeConfig, Priority, PriorityRule
+from node.index import instance_set_digest
 from node.logs import get_logger
 from node.metrics import Metrics
-from node.queue import JobQueue
+from node.queue import JobQueue, jobs
 from node.routing import Decision, read_header, route
 from node.schema import associations, instances, series
 from node.spools import Spools
 from node.stack import analyse_stack
-from node.states import NODE_MANUFACTURER, AssociationState, SeriesState
+from node.states import NODE_MANUFACTURER, AssociationState, JobState, SeriesState
 from node.supervise import Heartbeats, failure
 
 LOOP = "completion"  # the sweep's name in the heartbeat registry
@@ -262,14 +263,12 @@ class CompletionSweeper:
 
     def _complete(self, row: Any, rows: Sequence[Any], reason: CompletionReason) -> int | None:
         """Route, then mark complete + queue the job (or mark ignored) in one transaction, guarded against an
-        instance arriving meanwhile. Returns the new result version, or None (ignored, or judged again later)."""
+        instance arriving meanwhile. Returns the new result version, or None (ignored, unchanged since it was
+        purged, or judged again later)."""
+        if row.purged_digest is not None and row.version >= 1 and self._resent_unchanged(row, rows, reason):
+            return None
         decision = self._route(row, rows)
-        guard = (
-            series.c.series_uid == row.series_uid,
-            series.c.state == row.state,
-            series.c.last_received_at == row.last_received_at,
-            series.c.instance_count == row.instance_count,
-        )
+        guard = self._guard(row)
         if decision.pipeline is None:
             with self.engine.begin() as conn:
                 updated = conn.execute(
@@ -303,6 +302,25 @@ class CompletionSweeper:
             self.on_complete(row.series_uid, version)
         return version
 
+    def _resent_unchanged(self, row: Any, rows: Sequence[Any], reason: CompletionReason) -> bool:
+        """A purged series sent again exactly as it was purged (a PACS re-sending a prior) whose last job ended with
+        a verdict or a refusal: complete again as it was — no new version, whose rejection note would withdraw the
+        results the hospital has had since, re-made by today's model. A dead last job is run again (a new version,
+        as a re-send always did); so is a series re-sent with any instance added, missing or changed."""
+        if instance_set_digest(rows) != row.purged_digest:
+            return False
+        with self.engine.begin() as conn:
+            last = conn.execute(sa.select(jobs.c.state).where(jobs.c.series_uid == row.series_uid)
+                                .order_by(jobs.c.version.desc()).limit(1)).scalar()
+            if last not in (JobState.DONE, JobState.SKIPPED):
+                return False
+            updated = conn.execute(series.update().where(*self._guard(row)).values(
+                state=SeriesState.COMPLETE, state_changed_at=self.clock(), purged_at=None, purged_digest=None))
+        if updated.rowcount == 1:
+            self.log.info("series_resent_unchanged", series_uid=row.series_uid, version=int(row.version),
+                          reason=str(reason), instances=row.instance_count)
+        return True
+
     def _route(self, row: Any, rows: Sequence[Any]) -> Decision:
         """The routing decision from the header of the series' middle instance (by instance number): a scanner that
         puts its localizer at instance 1 of the axial series must not have the whole series ignored as a
@@ -323,6 +341,12 @@ class CompletionSweeper:
             if error is not None:
                 raise error
         return route(header, self.config.routes, NODE_MANUFACTURER)
+
+    @staticmethod
+    def _guard(row: Any) -> tuple[sa.ColumnElement[bool], ...]:
+        """The series row is still as judged: no instance arrived meanwhile."""
+        return (series.c.series_uid == row.series_uid, series.c.state == row.state,
+                series.c.last_received_at == row.last_received_at, series.c.instance_count == row.instance_count)
 
     def _priority(self, row: Any, rows: Sequence[Any]) -> Priority:
         for rule in self.config.queue.priority_rules:

@@ -9,8 +9,9 @@ completion stage moves them on. Database errors become `StoreFailedError` (C-STO
 
 from __future__ import annotations
 
+import hashlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, fields
 from enum import StrEnum
@@ -26,6 +27,15 @@ from node.schema import associations, instances, series  # noqa: F401 - re-expor
 from node.states import AssociationState, SeriesState
 
 _CLOSED = (SeriesState.COMPLETE, SeriesState.IGNORED)
+
+
+def instance_set_digest(rows: Iterable[Any]) -> str:
+    """SHA-256 over a series' instances as the duplicate check sees them, (SOP Instance UID, sha256) pairs in UID
+    order: equal for the same series sent again unchanged, whatever the order or associations it came in."""
+    h = hashlib.sha256()
+    for sop_uid, sha256 in sorted((str(r.sop_uid), str(r.sha256)) for r in rows):
+        h.update(f"{sop_uid}:{sha256}\n".encode())
+    return h.hexdigest()
 
 
 class RecordOutcome(StrEnum):

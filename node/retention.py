@@ -9,9 +9,10 @@
     `pacsnode retry` them), then their instances and result files go the same way;
   * and, while the data directory's file system is fuller than ``max_disk_percent``, the instances and results of
     settled series regardless of age, the oldest settled first (dead letters are never deleted early).
-A purged series keeps its row (route, version, ``purged_at``), and result rows keep their UIDs, so a re-sent series
-becomes a new version and its new results withdraw the old ones by UID. Empty spool folders are removed. ``0`` days
-keeps a kind forever.
+A purged series keeps its row (route, version, ``purged_at``, the digest of what was purged), and result rows keep
+their UIDs: the same series sent again unchanged (a PACS re-sending a prior) completes as it was, with no new job
+(node.completion), while a changed one becomes a new version whose results withdraw the old ones by UID. Empty
+spool folders are removed. ``0`` days keeps a kind forever.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from node.config import NodeConfig
+from node.index import instance_set_digest
 from node.logs import get_logger
 from node.loops import LoopThread
 from node.schema import deliveries, instances, jobs, results, series
@@ -169,7 +171,7 @@ class Retention:
         with self.engine.connect() as conn:
             seen = conn.execute(sa.select(series.c.instance_count).where(series.c.series_uid == series_uid)).first()
             rows = conn.execute(
-                sa.select(instances.c.sop_uid, instances.c.path, instances.c.spool_id)
+                sa.select(instances.c.sop_uid, instances.c.path, instances.c.spool_id, instances.c.sha256)
                 .where(instances.c.series_uid == series_uid)
             ).all()
         rows = Spools(self.config).rows(rows)  # paths on this host; an unmapped spool fails this purge, rows kept
@@ -191,7 +193,7 @@ class Retention:
                                       series.c.state.in_([SeriesState.COMPLETE, SeriesState.IGNORED]),
                                       series.c.state_changed_at == c.state_changed_at,
                                       series.c.instance_count == seen.instance_count)
-                .values(instance_count=0, purged_at=self.clock())
+                .values(instance_count=0, purged_at=self.clock(), purged_digest=instance_set_digest(rows))
             ).rowcount == 1
             if settled:
                 conn.execute(instances.delete().where(instances.c.series_uid == series_uid,

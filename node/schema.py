@@ -46,6 +46,9 @@ series = sa.Table(
     sa.Column("state_changed_at", sa.Float, nullable=False),
     sa.Column("route", sa.String(64)),  # the route (or built-in rule) that decided at the last completion
     sa.Column("purged_at", sa.Float),  # when retention deleted its instances (the row stays: version, route)
+    # node.index.instance_set_digest of the instances retention deleted: the same series sent again unchanged
+    # (a PACS re-sending a prior) completes as it was, no new version that would withdraw its results
+    sa.Column("purged_digest", sa.String(64)),
 )
 
 instances = sa.Table(

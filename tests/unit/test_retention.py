@@ -312,3 +312,37 @@ def test_series_purged_before_cost_no_query_per_series(site):
         sa.event.remove(site.engine, "before_cursor_execute", count)
     assert (again.instance_files, again.result_files) == (0, 0)
     assert len(statements) <= 5, statements  # series, jobs, deliveries; results and deliveries' files
+
+
+@pytest.mark.parametrize("resent", ["unchanged", "changed", "after-a-dead-job"])
+def test_a_purged_series_sent_again_unchanged_completes_as_it_was(site, resent):
+    """A PACS re-sending a prior months later: the same instances, byte for byte. It became a new version whose
+    rejection note withdrew the result the hospital had had since (re-made by today's model), where the same
+    re-send a day earlier was a no-op. Now it completes as it was, no job; a changed one is a new version, and so
+    is one whose last job died (a re-send is how a site retries it)."""
+    from node.completion import CompletionSweeper
+    from node.queue import jobs
+
+    uid = site.series("a", seed=9, runner=FixedRunner(fail=True) if resent == "after-a-dead-job" else None)
+    site.clock.now += 40 * DAY
+    site.retention.purge()
+    assert site.index.get_series(uid).instance_count == 0
+    made = write_ct_series(site.tmp_path / "a2", size=32, slices=10, seed=9)  # the same series, sent again
+    for i, path in enumerate(made.paths):
+        data = dataset_bytes(path)
+        if resent == "changed" and i == 3:
+            ds = pydicom.dcmread(path)
+            ds.PixelData = ds.pixel_array[::-1].copy().tobytes()
+            ds.save_as(path, enforce_file_format=True)
+            data = dataset_bytes(path)
+        site.ingestor.accept(data, "1.2.840.10008.1.2.1", Origin("CT1", "a3"))
+    site.clock.now += 120
+    done = CompletionSweeper(site.config, site.engine, site.queue, clock=site.clock).sweep()
+    row = site.index.get_series(uid)
+    with site.engine.connect() as conn:
+        versions = [r.version for r in conn.execute(sa.select(jobs.c.version).where(jobs.c.series_uid == uid))]
+    if resent == "unchanged":
+        assert done == [] and (row.state, row.version, row.instance_count) == ("complete", 1, 10)
+        assert versions == [1] and row.purged_at is None
+    else:
+        assert [(u, v) for u, v, _ in done] == [(uid, 2)] and sorted(versions) == [1, 2]
