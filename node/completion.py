@@ -35,7 +35,7 @@ from pydicom.errors import InvalidDicomError
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from node.config import CompletionMode, CompletionSection, NodeConfig, Priority, PriorityRule
+from node.config import CompletionMode, CompletionSection, NodeConfig, PipelineName, Priority, PriorityRule
 from node.index import instance_set_digest
 from node.logs import get_logger
 from node.metrics import Metrics
@@ -268,6 +268,8 @@ class CompletionSweeper:
         if row.purged_digest is not None and row.version >= 1 and self._resent_unchanged(row, rows, reason):
             return None
         decision = self._route(row, rows)
+        if decision.pipeline is None and row.version >= 1 and rows:
+            decision = self._kept(row, decision)
         guard = self._guard(row)
         if decision.pipeline is None:
             with self.engine.begin() as conn:
@@ -341,6 +343,19 @@ class CompletionSweeper:
             if error is not None:
                 raise error
         return route(header, self.config.routes, NODE_MANUFACTURER)
+
+    def _kept(self, row: Any, decision: Decision) -> Decision:
+        """A series that changed after its results went out (a late or re-sent instance) and now routes nowhere
+        (more slices than a route allows, another middle instance): ignoring it left those results live and an
+        earlier job queued. It stays with its pipeline instead, as a new version: a result, or the gate's "not
+        processed" report, that supersedes and withdraws the old ones."""
+        with self.engine.connect() as conn:
+            last = conn.execute(sa.select(jobs.c.pipeline).where(jobs.c.series_uid == row.series_uid)
+                                .order_by(jobs.c.version.desc()).limit(1)).scalar()
+        if last is None:
+            return decision
+        self.log.info("series_route_kept", series_uid=row.series_uid, route=decision.label, pipeline=str(last))
+        return Decision(str(row.route or decision.label), PipelineName(last))
 
     @staticmethod
     def _guard(row: Any) -> tuple[sa.ColumnElement[bool], ...]:

@@ -411,3 +411,37 @@ def test_a_spool_file_that_cannot_be_read_is_no_verdict_on_the_series(env, tmp_p
             p.with_suffix(".away").rename(p)
         assert [r for _, _, r in sweeper.sweep()] == [CompletionReason.QUIET_TIMER]
     assert index.get_series("7.4").state == SeriesState.COMPLETE and completed == [("7.4", 1)]
+
+
+def test_a_series_that_changes_after_its_results_and_now_routes_nowhere_stays_with_its_pipeline(env):
+    """Completed as version 1 (job queued, results sent); a late slice makes it match no route (here: more slices
+    than the route allows). It was ignored, keeping version 1: the old results stayed live and a queued version-1
+    job ran on the changed series. Now it is version 2 of its pipeline: the gate's report or a result that
+    supersedes version 1."""
+    engine, clock = env
+    config = NodeConfig.model_validate({
+        "completion": {"stable_seconds": 30, "mode": "quiet"},
+        "routes": [{"name": "small-chest", "pipeline": "pneumonia", "modality": ["CT"], "max_slices": 20}]})
+    index = Index(engine, clock=clock)
+    queue = JobQueue(engine, config.queue, clock=clock)
+    sweeper = CompletionSweeper(config, engine, queue, clock=clock)
+
+    def slice_(n: int) -> None:
+        index.record_instance(InstanceRecord(
+            sop_uid=f"7.5.{n}", series_uid="7.5", study_uid="1.2", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+            transfer_syntax_uid="1.2.840.10008.1.2.1", path=CHEST_CT[0], size=1, sha256=f"{n:064d}", modality="CT",
+            instance_number=n, image_position=f"0\\0\\{n * 2.5}", image_orientation="1\\0\\0\\0\\1\\0",
+            frame_of_reference_uid="1.9", calling_ae="CT1", association_id="a1"))
+
+    for n in range(1, 21):
+        slice_(n)
+    clock.now += 60
+    assert [(u, v) for u, v, _ in sweeper.sweep()] == [("7.5", 1)]
+    slice_(21)
+    clock.now += 60
+    assert [(u, v) for u, v, _ in sweeper.sweep()] == [("7.5", 2)]
+    row = index.get_series("7.5")
+    assert (row.state, row.version, row.route) == (SeriesState.COMPLETE, 2, "small-chest")
+    with engine.connect() as conn:
+        queued = [(r.version, r.pipeline) for r in conn.execute(jobs.select().where(jobs.c.series_uid == "7.5"))]
+    assert sorted(queued) == [(1, "pneumonia"), (2, "pneumonia")]  # version 2's job supersedes version 1's
