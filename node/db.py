@@ -10,6 +10,7 @@ ON CONFLICT support; `reading`/`transaction` wrap a connection so SQLAlchemy err
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -93,3 +94,17 @@ def transaction(engine: Engine, what: str, conn: sa.Connection | None = None) ->
                 yield own
     except SQLAlchemyError as exc:
         raise DatabaseError(f"{what}: {type(exc).__name__}: {exc}") from exc
+
+
+def clock_skew_seconds(engine: Engine, clock: Callable[[], float] = time.time) -> float | None:
+    """This host's clock minus the database server's (PostgreSQL; None for SQLite, which has no clock of its own),
+    read around one query. Processes on several hosts compare each other's timestamps (a series' last instance,
+    a lease's end), so their clocks must agree: each one's skew to the database bounds theirs. Raises
+    `DatabaseError`."""
+    if engine.dialect.name != "postgresql":
+        return None
+    with reading(engine, "clock") as conn:
+        before = clock()
+        server = float(conn.execute(sa.text("SELECT EXTRACT(EPOCH FROM clock_timestamp())")).scalar_one())
+        after = clock()
+    return (before + after) / 2 - server

@@ -32,6 +32,8 @@ from starlette.types import Receive, Scope, Send
 
 from node.auth import Authenticator
 from node.config import NodeConfig
+from node.db import clock_skew_seconds
+from node.errors import DatabaseError
 from node.httpguard import HttpLimits, guarded_protocol
 from node.logs import get_logger
 from node.metrics import Metrics
@@ -76,8 +78,9 @@ class HealthProbe:
     def report(self) -> dict[str, Any]:
         """``{"ready": bool, "checks": check(), "loops": {name: heartbeat age, limit, alive, stuck, restarts}}``,
         plus ``"admission"`` (what admission control accepts now) when given: a paused node is still alive and
-        ready — it refuses new data with 0xA700 / 503 and resumes by itself; and ``"device"`` (node.device) when
-        given."""
+        ready — it refuses new data with 0xA700 / 503 and resumes by itself; ``"device"`` (node.device) when
+        given; and on PostgreSQL ``"clock_skew_seconds"``, this host's clock minus the database's (informational:
+        `node.db.clock_skew_seconds`; alerted on from the metric)."""
         checks = self.check()
         loops = self.heartbeats.snapshot() if self.heartbeats is not None else {}
         report: dict[str, Any] = {
@@ -94,6 +97,12 @@ class HealthProbe:
                 report["admission"] = {"error": type(exc).__name__}
         if self.device is not None:
             report["device"] = self.device()
+        try:
+            skew = clock_skew_seconds(self.engine)
+        except (DatabaseError, SQLAlchemyError):
+            skew = None  # the database check above says why
+        if skew is not None:
+            report["clock_skew_seconds"] = round(skew, 3)
         return report
 
     def _database(self) -> str:

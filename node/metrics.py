@@ -80,6 +80,7 @@ class _ScrapeTimeCollector:
         self.disk: Callable[[], tuple[int, int]] | None = None
         self.destination_up: Callable[[], Mapping[str, bool]] | None = None
         self.uncommitted: Callable[[], Mapping[str, int]] | None = None
+        self.clock_skew: Callable[[], float | None] | None = None
 
     def describe(self) -> Iterable[Metric]:
         return []  # names are not reserved up front: the callables may not be bound yet
@@ -88,7 +89,7 @@ class _ScrapeTimeCollector:
         with self._lock:
             queue_depth, jobs, series, deliveries = self.queue_depth, self.jobs, self.series, self.deliveries
             disk = self.disk
-            destination_up, uncommitted = self.destination_up, self.uncommitted
+            destination_up, uncommitted, clock_skew = self.destination_up, self.uncommitted, self.clock_skew
         if queue_depth is not None:
             value = self._read("queue_depth", queue_depth)
             if value is not None:
@@ -117,6 +118,10 @@ class _ScrapeTimeCollector:
                                          "1 when the destination answered its last check (C-ECHO / HTTP), else 0.")
         yield from self._per_destination("uncommitted", uncommitted, "pacsnode_deliveries_uncommitted",
                                          "Delivered result sets the destination has not (yet) committed to holding.")
+        skew = self._read("clock_skew", clock_skew) if clock_skew is not None else None
+        if skew is not None:
+            yield GaugeMetricFamily("pacsnode_clock_skew_seconds", "This host's clock minus the database server's "
+                                    "(PostgreSQL): hosts sharing a database must agree on the time.", value=skew)
 
     def _by_state(self, name: str, fn: Callable[[], Mapping[Any, int]] | None, metric: str,
                   doc: str) -> Iterable[Metric]:
@@ -262,13 +267,15 @@ class Metrics:
         disk: Callable[[], tuple[int, int]] | None = None,
         destination_up: Callable[[], Mapping[str, bool]] | None = None,
         uncommitted: Callable[[], Mapping[str, int]] | None = None,
+        clock_skew: Callable[[], float | None] | None = None,
     ) -> None:
         """Set the callables read at scrape time (e.g. ``JobQueue.depth``, ``JobQueue.counts``,
         ``Index.series_counts``, ``Dispatcher.counts``, ``(used, total)`` bytes of the data disk); arguments left out
         keep their current binding."""
         with self._gauges._lock:
             for name, fn in (("queue_depth", queue_depth), ("jobs", jobs), ("series", series), ("deliveries", deliveries),
-                             ("disk", disk), ("destination_up", destination_up), ("uncommitted", uncommitted)):
+                             ("disk", disk), ("destination_up", destination_up), ("uncommitted", uncommitted),
+                             ("clock_skew", clock_skew)):
                 if fn is not None:
                     if not callable(fn):
                         raise TypeError(f"{name} must be callable, not {type(fn).__name__}")

@@ -38,7 +38,7 @@ from node.auth import Authenticator
 from node.commitment import Commitments
 from node.completion import CompletionSweeper
 from node.config import DestinationKind, NodeConfig, load_config
-from node.db import create_engine_for, init_schema
+from node.db import clock_skew_seconds, create_engine_for, init_schema
 from node.dicomweb import create_app
 from node.dimse import DimseServer
 from node.dispatch import Dispatcher
@@ -130,6 +130,7 @@ class Service:
             queue_depth=self.queue.depth, jobs=self.queue.counts, series=self.index.series_counts,
             deliveries=self.dispatcher.counts, disk=lambda: disk_usage(config.node.data_dir),
             destination_up=self.reachability.reachability.up, uncommitted=self.commitments.uncommitted,
+            clock_skew=lambda: clock_skew_seconds(self.engine),
         )
         self.http = self._build_http(config, processes)
         self._dimse_threads: list[threading.Thread] = []
