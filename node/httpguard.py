@@ -21,14 +21,21 @@ What uvicorn 0.55 (h11 0.16, no httptools installed) does by itself, and the gap
 - ``limit_concurrency`` answers *requests* with 503 while that many connections or tasks exist; connections are
   still accepted. So one address is also capped here at ``max_connections_per_peer`` open connections, closed
   at once beyond it, which keeps one slowloris client from holding every slot of ``limit_concurrency``.
+- A request answered before its body was read (a 4xx refusal, ``/healthz`` with a declared body) leaves h11
+  waiting for the rest of the body with the response sent: neither deadline above applies any more, and uvicorn's
+  keep-alive timer, armed after the response, is cancelled by the next byte and never armed again, so one byte at
+  a time held the connection for good. Such a connection is not kept alive: its write side is shut (FIN after the
+  response) and what the client still sends is read and dropped (closing with it unread would reset the
+  connection, and the client could lose the answer) until the client closes, or ``body_timeout`` after the
+  response at the latest, when it is closed (nginx's lingering close).
 
 Drops and refusals go through `node.refusals.Refusals` (counted, logged a few times per address and minute).
 
 uvicorn internals this relies on (hence pyproject pins uvicorn 0.55.x and h11 0.16.x; tests/unit/test_hostile_http.py
 fails if one changes): `H11Protocol`'s ``conn`` (the h11 connection, its public ``trailing_data``),
-``on_response_complete``, ``flow.read_paused``, ``cycle.response_started``, ``client``, ``loop`` and
-``transport``, and ``Config(http=<protocol class>)`` being used as given (so installing httptools does not swap the
-protocol out).
+``on_response_complete``, ``_unset_keepalive_if_required``, ``flow.read_paused``, ``cycle.response_started``,
+``client``, ``loop`` and ``transport``, and ``Config(http=<protocol class>)`` being used as given (so installing
+httptools does not swap the protocol out).
 """
 
 from __future__ import annotations
@@ -111,6 +118,7 @@ class GuardedH11Protocol(H11Protocol):
     _counted: str | None = None  # the address this connection is counted under
     _head_seen = 0  # bytes of the current request head received so far
     _head_tail = b""  # its last 3 bytes (a CRLFCRLF may straddle two reads)
+    _lingering_since: float | None = None  # when a response went out before its request's body was read
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -148,6 +156,8 @@ class GuardedH11Protocol(H11Protocol):
     def data_received(self, data: bytes) -> None:
         now = self.loop.time()
         self._last_read = now
+        if self._lingering_since is not None:
+            return  # the rest of a body already answered, or more after it: dropped unparsed
         if self.conn.their_state is h11.IDLE:
             if self._head_started is None:
                 self._head_started = now  # the first byte of a further request on a kept-alive connection
@@ -159,6 +169,7 @@ class GuardedH11Protocol(H11Protocol):
             self._head_seen, self._head_tail = 0, b""
 
     def on_response_complete(self) -> None:
+        body_unread = self.conn.their_state is h11.SEND_BODY
         if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE and not self.transport.is_closing():
             # A pipelined request read together with the one just answered waits in h11's buffer, uncounted (it
             # came while a request was in progress), and uvicorn is about to have h11 parse it whole: count it now.
@@ -169,9 +180,19 @@ class GuardedH11Protocol(H11Protocol):
                 if self._head_too_large(buffered):
                     return
         super().on_response_complete()
-        if self.conn.their_state is not h11.IDLE:  # the pipelined request was parsed
+        if body_unread and not self.transport.is_closing():
+            self._linger()
+        elif self.conn.their_state is not h11.IDLE:  # the pipelined request was parsed
             self._head_started = None
             self._head_seen, self._head_tail = 0, b""
+
+    def _linger(self) -> None:
+        """Close a connection answered before its request body was read (see the module docstring): no keep-alive,
+        FIN after the response, the rest read and dropped until the client closes or ``body_timeout`` passes."""
+        self._unset_keepalive_if_required()
+        self._lingering_since = self.loop.time()
+        if self.transport.can_write_eof():  # not over TLS: there the client just sees the close
+            self.transport.write_eof()
 
     def _head_too_large(self, data: bytes) -> bool:
         """Count ``data`` into the request head; answer 431 and close when the head passes ``max_header_bytes``."""
@@ -200,7 +221,11 @@ class GuardedH11Protocol(H11Protocol):
             return
         now = self.loop.time()
         state = self.conn.their_state
-        if state is h11.IDLE and self._head_started is not None:
+        if self._lingering_since is not None:
+            if now - self._lingering_since > self.limits.body_timeout:
+                self.transport.close()
+                return
+        elif state is h11.IDLE and self._head_started is not None:
             if now - self._head_started > self.limits.header_timeout:
                 self._drop(PeerRefusal.HTTP_HEADER_TIMEOUT, self.limits.header_timeout)
                 return

@@ -20,6 +20,7 @@ from structlog.testing import capture_logs
 from node.config import NodeSection
 from node.dicomweb import create_app
 from node.http import HealthProbe, HttpServer
+from node.httpguard import HttpLimits
 from node.index import Index
 from node.ingest import Ingestor
 from node.metrics import Metrics
@@ -309,3 +310,115 @@ def test_a_pipelined_head_over_the_header_limit_gets_431_too(serve):
     both = b""
     while both.count(b"HTTP/1.1 200") < 2:
         both += ok.recv(65536)
+
+
+def served_from(s: Served, source: str) -> bool:
+    """Whether a new connection from ``source`` gets ``GET /healthz`` answered 200."""
+    with contextlib.suppress(OSError), socket.create_connection(
+        ("127.0.0.1", s.server.port), timeout=2, source_address=(source, 0)
+    ) as probe:
+        probe.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        return probe.recv(65536).startswith(b"HTTP/1.1 200")
+    return False
+
+
+def read_response(sock: socket.socket) -> bytes:
+    """One whole response (head and a Content-Length body) from ``sock``."""
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        answer += sock.recv(65536) or pytest.fail(f"closed after {answer[:100]!r}")
+    head = answer.split(b"\r\n\r\n", 1)[0].lower()
+    length = int(head.split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
+    while len(answer) < len(head) + 4 + length:
+        answer += sock.recv(65536) or pytest.fail(f"closed after {answer[:100]!r}")
+    return answer
+
+
+def mount_admin(s: Served) -> None:
+    from starlette.routing import Mount
+
+    from node.admin import admin_routes
+    from node.dispatch import Dispatcher
+    from node.queue import JobQueue
+
+    n = s.node
+    s.node.app.router.routes.append(Mount("/admin", routes=admin_routes(
+        lambda: n.config, n.engine, token="s3cret-token", dispatcher=Dispatcher(n.config, n.engine, {}),
+        queue=JobQueue(n.engine, n.config.queue), index=Index(n.engine))))
+
+
+ANSWERED_EARLY = {  # requests answered before their (declared, never sent) body is read
+    "healthz": (b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n", b"HTTP/1.1 200"),
+    "stow-part-type": (
+        f"POST /dicomweb/studies HTTP/1.1\r\nHost: x\r\nContent-Type: {STOW_TYPE}\r\n"
+        f"Content-Length: 100000000\r\n\r\n".encode() + part(b"hello", "Content-Type: text/plain\r\n"),
+        b"HTTP/1.1 415",
+    ),
+    "admin-form-size": (
+        b"POST /admin/retry HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+        b"Content-Length: 10000000\r\n\r\n",
+        b"HTTP/1.1 413",
+    ),
+    "admin-form-type": (
+        b"POST /admin/retry HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nContent-Length: 10000000\r\n\r\n",
+        b"HTTP/1.1 415",
+    ),
+}
+
+
+@pytest.mark.parametrize("request_name", list(ANSWERED_EARLY))
+def test_a_connection_answered_before_its_body_was_read_is_closed_within_the_body_timeout(serve, request_name):
+    """The response went out with h11 still waiting for the body: neither deadline applied any more, and the next
+    byte cancelled uvicorn's keep-alive timer for good, so a client held the connection (its per-address and
+    limit_concurrency slot) forever with one byte. Now it is closed by ``body_timeout`` after the answer: with one
+    connection allowed per address, a second one from the attacker's address is served again by then."""
+    s = serve(http_max_connections_per_peer=1)
+    mount_admin(s)
+    request, status = ANSWERED_EARLY[request_name]
+    sock = s.connect()
+    sock.sendall(request)
+    sock.settimeout(3)
+    assert sock.recv(65536).startswith(status)
+    sock.sendall(b"x")  # one byte after the answer, then silence
+    t0 = time.monotonic()
+    while not served_from(s, ATTACKER):
+        assert time.monotonic() - t0 < BODY_TIMEOUT + 2.0, "a connection answered early was held open"
+        time.sleep(0.05)
+    assert time.monotonic() - t0 <= BODY_TIMEOUT + HttpLimits.from_config(s.node.config.node).tick + 0.5
+
+
+def test_an_early_answer_reaches_a_client_still_sending_its_body(serve):
+    """No reset under a client that keeps sending after a refusal: the answer is followed by a FIN, what it sends
+    is read and dropped (closing with it unread would reset the connection and could lose the answer)."""
+    s = serve()
+    request, status = ANSWERED_EARLY["stow-part-type"]
+    sock = s.connect()
+    sock.sendall(request)
+    sock.settimeout(3)
+    time.sleep(0.3)  # the answer is in; the client has not read it yet and goes on sending
+    for _ in range(8):
+        sock.sendall(b"y" * 32768)
+    answer = read_response(sock)
+    assert answer.startswith(status)
+    assert sock.recv(65536) == b""  # EOF after the answer, no ConnectionResetError
+    assert b"application/dicom" in answer
+
+
+def test_keep_alive_still_holds_for_requests_whose_body_was_read(serve):
+    """Only a connection answered before its body arrived is closed: a request whose (small) body came with its
+    head, and a STOW-RS request read to its end, leave the connection open for the next request."""
+    s = serve()
+    sock = s.connect(source="127.0.0.1")
+    sock.settimeout(3)
+    refused = body(part(b"hello", "Content-Type: text/plain\r\n"))
+    for request in (
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello",
+        f"POST /dicomweb/studies HTTP/1.1\r\nHost: x\r\nContent-Type: {STOW_TYPE}\r\n"
+        f"Content-Length: {len(refused)}\r\n\r\n".encode() + refused,
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+    ):
+        sock.sendall(request)
+        answer = read_response(sock)
+        assert answer.startswith((b"HTTP/1.1 200", b"HTTP/1.1 415")), answer[:100]
+        assert b"connection: close" not in answer.lower()
+    assert closed_within(sock, BODY_TIMEOUT + 0.5) is None  # kept alive (uvicorn's keep-alive is 5 s)
