@@ -6,6 +6,7 @@ import re
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import quote_plus, unquote_plus, urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -13,6 +14,8 @@ from pydantic import (
     SecretStr,
     model_validator,
 )
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from node.config.base import AETitle, Port, _check_uid_root, _Frozen
 from node.states import ChildStart, ClientCertificates, ProcessModel
@@ -88,11 +91,62 @@ class NodeSection(_Frozen):
         return self
 
 
+MASK = "********"
+# Query parameter names whose values are masked: anything containing one of these (sslpassword, access_token, code,
+# apikey, X-Amz-Signature, X-Amz-Credential, ...); sslmode, sslrootcert, connect_timeout stay visible.
+_SECRET_NAME = re.compile(r"pass|pwd|secret|token|key|code|sig|auth|credential", re.IGNORECASE)
+
+
 def without_credentials(url: str) -> str:
-    """``url`` with the password of a ``user:password@`` part and of a ``password=`` query parameter masked (a
-    DICOMweb URL may carry Basic credentials, a database URL its password)."""
-    url = re.sub(r"(://[^:/@]+:)[^@/]*@", r"\1********@", url)
-    return re.sub(r"(?i)([?&](?:password|passwd|pwd)=)[^&#]*", r"\1********", url)
+    """``url`` as logs, send errors, /admin and `config check` show it: the password of its ``user:password@`` part
+    masked whatever characters it holds, and the values of query (and fragment) parameters whose names look secret.
+
+    An http(s) URL is read as httpx reads it (`urllib.parse.urlsplit`), except that its user part runs to the last
+    '@' before the query, so an unescaped '/' in a password is masked too; any other URL is a database URL and is
+    read as SQLAlchemy reads it (`make_url`: the password runs to the next '@', '/' and '?' included). A URL that
+    neither reads is shown as its scheme only."""
+    scheme, sep, _ = url.partition("://")
+    if not sep:
+        return MASK
+    if scheme.lower() in ("http", "https"):
+        try:
+            return _web_url_shown(url)
+        except ValueError:
+            return f"{scheme}://{MASK}"
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return f"{scheme}://{MASK}"
+    if parsed.host is not None and "@" in parsed.host:  # an unescaped '@' in the password: its rest reads as host
+        return f"{scheme}://{MASK}"
+    query = [(k, v) for k, values in parsed.query.items() for v in ((values,) if isinstance(values, str) else values)]
+    shown = parsed.set(query={}).render_as_string(hide_password=True)
+    if query:
+        shown += "?" + "&".join(f"{quote_plus(k)}={MASK if _SECRET_NAME.search(k) else quote_plus(v)}"
+                                for k, v in query)
+    return shown
+
+
+def _web_url_shown(url: str) -> str:
+    parts = urlsplit(url)
+    userinfo, at, rest = (parts.netloc + parts.path).rpartition("@")
+    if at and ":" in userinfo:
+        userinfo = f"{userinfo.partition(':')[0]}:{MASK}"
+    shown = f"{parts.scheme}://{userinfo}{at}{rest}"
+    if parts.query:
+        shown += "?" + _masked_parameters(parts.query)
+    if parts.fragment:
+        shown += "#" + _masked_parameters(parts.fragment)
+    return shown
+
+
+def _masked_parameters(text: str) -> str:
+    """``name=value&...`` with the values of secret-looking names masked, the rest as it was."""
+    pieces = []
+    for piece in text.split("&"):
+        name, eq, _ = piece.partition("=")
+        pieces.append(f"{name}={MASK}" if eq and _SECRET_NAME.search(unquote_plus(name)) else piece)
+    return "&".join(pieces)
 
 
 class DestinationKind(StrEnum):

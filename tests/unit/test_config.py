@@ -11,7 +11,14 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from node.config import DEFAULT_CONFIG_PATH, UID_ROOT_MAX_LENGTH, DestinationKind, NodeConfig, load_config
+from node.config import (
+    DEFAULT_CONFIG_PATH,
+    UID_ROOT_MAX_LENGTH,
+    DestinationKind,
+    NodeConfig,
+    load_config,
+    without_credentials,
+)
 from node.errors import ConfigError, SendError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -240,3 +247,65 @@ def test_send_errors_name_the_destination_without_its_password(tmp_path):
     with pytest.raises(SendError) as err:
         StowSender(2).send(dest, [ct])
     assert "s3cret" not in str(err.value) and "127.0.0.1:9" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "secrets", "shown"),
+    [
+        # a base64 password (openssl rand -base64 9) holds '/', '+' and '='
+        ("postgresql+psycopg://pacs:Ab3/x+Yz9Q==@db.hospital.local:5432/pacs", ["Ab3", "x+Yz9Q"],
+         ["pacs:", "@db.hospital.local:5432/pacs"]),
+        ("postgresql://pacs:Ab3/x?y@db/pacs?sslmode=require&sslpassword=K3yPass", ["Ab3", "x?y", "K3yPass"],
+         ["@db/pacs", "sslmode=require"]),
+        ("https://archive.hospital.local/dicomweb?code=AzureFuncKey123&access_token=SECRET&limit=5",
+         ["AzureFuncKey123", "SECRET"], ["https://archive.hospital.local/dicomweb?", "limit=5"]),
+        ("https://orthanc:ab/cd+e=@pacs.example/dicom-web?X-Amz-Signature=f00d&X-Amz-Credential=AKIA&sig=abc",
+         ["ab/cd", "f00d", "AKIA", "abc"], ["https://orthanc:", "@pacs.example/dicom-web"]),
+        ("https://pacs.example/wado?apiKey=k1&Secret=k2&TOKEN=k3&pwd=k4&pass=k5&my_auth=k6#access_token=k7",
+         ["k1", "k2", "k3", "k4", "k5", "k6", "k7"], ["https://pacs.example/wado?apiKey="]),
+    ],
+)
+def test_credentials_in_urls_are_masked_whatever_they_hold(url, secrets, shown):
+    """The user part's password whatever characters it holds ('/' too), and every query parameter whose name looks
+    secret (password, token, key, code, sig, auth, credential... in any case, anywhere in the name); the rest of the
+    URL stays readable."""
+    masked = without_credentials(url)
+    assert not [s for s in secrets if s in masked], masked
+    assert all(part in masked for part in shown), masked
+
+
+def test_the_admin_page_shows_no_database_password_or_url_token(tmp_path):
+    """/admin is readable without a token: its config section shows the database and destination URLs masked."""
+    import warnings
+
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from node.admin import admin_routes
+    from node.db import create_engine_for, init_schema
+    from node.dispatch import Dispatcher
+    from node.index import Index
+    from node.queue import JobQueue
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient` is deprecated")
+        from starlette.testclient import TestClient
+
+    config = NodeConfig.model_validate({
+        "node": {"data_dir": str(tmp_path / "data"), "dicomweb_token": "tok-123"},
+        "database": {"url": "postgresql+psycopg://pacs:Ab3/x+Yz9Q==@db.hospital.local:5432/pacs"},
+        "destinations": [{"name": "archive", "kind": "dicomweb",
+                          "url": "https://archive.hospital.local/dicomweb?code=AzureFuncKey123&access_token=SECRET"}],
+    })
+    config.node.data_dir.mkdir()
+    engine = create_engine_for(f"sqlite:///{tmp_path / 'node.db'}")
+    init_schema(engine)
+    routes = admin_routes(lambda: config, engine, token="tok-123", dispatcher=Dispatcher(config, engine, {}),
+                          queue=JobQueue(engine, config.queue), index=Index(engine))
+    with TestClient(Starlette(routes=[Mount("/admin", routes=routes)])) as client:
+        page = client.get("/admin/")  # no token
+    engine.dispose()
+    assert page.status_code == 200
+    assert "db.hospital.local" in page.text and "archive.hospital.local" in page.text
+    assert "Ab3" not in page.text and "x+Yz9Q" not in page.text
+    assert "AzureFuncKey123" not in page.text and "SECRET" not in page.text
