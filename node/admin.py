@@ -371,9 +371,14 @@ class _Admin:
         return HTMLResponse(html, status_code=refused.status, headers=headers)
 
 
+def _digits(value: str) -> bool:
+    """ASCII digits only: str.isdigit() also takes '²' and other digits int() refuses (a 500)."""
+    return value.isascii() and value.isdigit()
+
+
 def _refresh(value: str | None) -> int | None:
     """``?refresh=N`` as seconds within bounds; anything else: no auto-refresh."""
-    if value is None or not value.isdigit():
+    if value is None or not _digits(value) or len(value) > 6:
         return None
     return min(max(int(value), MIN_REFRESH_SECONDS), MAX_REFRESH_SECONDS)
 
@@ -383,7 +388,7 @@ def _notice(params: Any) -> dict[str, int] | None:
     out = {}
     for key in ("deliveries_retried", "jobs_retried"):
         value = params.get(key)
-        if value is not None and value.isdigit() and len(value) < 10:
+        if value is not None and _digits(value) and len(value) < 10:
             out[key] = int(value)
     return out or None
 
@@ -394,7 +399,7 @@ async def _read_form(request: Request) -> dict[str, list[str]]:
     if media_type != "application/x-www-form-urlencoded":
         raise _Refused(415, "send the form as application/x-www-form-urlencoded")
     declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > MAX_FORM_BYTES):
+    if declared is not None and (not _digits(declared) or int(declared) > MAX_FORM_BYTES):
         raise _Refused(413, f"the form is larger than {MAX_FORM_BYTES} bytes")
     body = bytearray()
     async for chunk in request.stream():
@@ -411,7 +416,7 @@ def _ids(values: Sequence[str], what: str) -> list[int]:
     out = []
     for value in values:
         value = value.strip()
-        if not value.isdigit() or len(value) > 18:
+        if not _digits(value) or len(value) > 18:
             raise _Refused(400, f"{what} ids must be positive integers")
         out.append(int(value))
     return out

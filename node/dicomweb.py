@@ -34,7 +34,6 @@ import uuid
 from collections.abc import Callable
 from typing import IO
 
-from pydicom.dataset import Dataset
 from pynetdicom import AllStoragePresentationContexts
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
@@ -54,7 +53,7 @@ from node.index import Index
 from node.ingest import ACCEPTED_TRANSFER_SYNTAXES, EncodedDataset, Ingestor, Origin
 from node.logs import get_logger
 from node.metrics import Metrics
-from node.qido import SERIES_KEYS, STUDY_KEYS, Query, find_series, find_studies
+from node.qido import SERIES_KEYS, STUDY_KEYS, Found, Query, find_series, find_studies
 from node.states import AdmissionReason, AssociationState
 from node.stow import (
     BodyReader,
@@ -72,6 +71,8 @@ from node.uids import check_uid
 
 STOW_CALLING_AE = "STOW-RS"  # the "calling AE" of instances that came in over STOW-RS (index, file meta)
 DICOM_JSON = "application/dicom+json"
+# PS3.18 8.3.4.4: said (Warning 299) when a QIDO-RS answer leaves matches out
+MORE_RESULTS = "There are additional results that can be requested"
 IN_MEMORY_BODY_BYTES = 1 << 20  # request bodies beyond this go to a temp file on the data disk
 BODY_CHECK_BYTES = 64 << 20  # a body re-checks the data disk's free space each time this much more arrived
 
@@ -217,7 +218,8 @@ class _DicomWeb:
     def _declared_too_large(self, request: Request) -> str | None:
         """Why the request's Content-Length is over ``max_request_bytes`` (None when it is not, or not given)."""
         declared = request.headers.get("content-length", "")
-        if self.max_request_bytes is None or not declared.isdigit() or int(declared) <= self.max_request_bytes:
+        digits = declared.isascii() and declared.isdigit()  # not '²', which int() refuses
+        if self.max_request_bytes is None or not digits or int(declared) <= self.max_request_bytes:
             return None
         return f"request body of {declared[:20]} bytes exceeds {self.max_request_bytes} bytes"
 
@@ -314,20 +316,27 @@ class _DicomWeb:
             return JSONResponse({"error": str(exc)}, status_code=400)
         return await self._answer(request, query, lambda q: find_series(self.index.engine, study, q))
 
-    async def _answer(self, request: Request, query: Query, find: Callable[[Query], list[Dataset]]) -> Response:
+    async def _answer(self, request: Request, query: Query, find: Callable[[Query], Found]) -> Response:
+        """The QIDO-RS answer; a Warning names ignored keys, and says when more matches follow than were returned
+        (the ``limit``, the client's or `node.qido.QIDO_MAX_RESULTS`, cut them off: PS3.18 8.3.4.4)."""
         try:
-            found = await run_in_threadpool(find, query)
+            found, more = await run_in_threadpool(find, query)
         except SQLAlchemyError as exc:
             self.log.error("qido_index_unavailable", error=type(exc).__name__)
             self._audit_query(request, None, Outcome.SERIOUS_FAILURE)
             return JSONResponse({"error": "the index database is unavailable"}, status_code=503)
         self._audit_query(request, len(found), Outcome.SUCCESS)
-        headers = {}
+        warnings = []
         if query.ignored:  # the names as the client sent them: only printable ASCII, no quotes, may go in a header
             names = ", ".join(re.sub(r'[^\x20-\x7e]|["\\]', "?", n)[:64] for n in sorted(query.ignored)[:20])
-            headers["Warning"] = f'299 pacsnode "query keys not supported, ignored: {names}"'
+            warnings.append(f'299 pacsnode "query keys not supported, ignored: {names}"')
+        if more:
+            warnings.append(f'299 pacsnode "{MORE_RESULTS}"')
         body = json.dumps([ds.to_json_dict() for ds in found])
-        return Response(body, media_type=DICOM_JSON, headers=headers)
+        response = Response(body, media_type=DICOM_JSON)
+        for warning in warnings:
+            response.headers.append("Warning", warning)
+        return response
 
     def _audit_query(self, request: Request, matches: int | None, outcome: int) -> None:
         if self.audit is not None:

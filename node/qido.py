@@ -1,9 +1,11 @@
 """Minimal QIDO-RS over the index: `Query` parses the request's parameters, `find_studies` and `find_series`
-answer from the ``series`` table (only series holding at least one instance), as DICOM JSON-ready datasets."""
+answer from the ``series`` table (only series holding at least one instance), as DICOM JSON-ready datasets and
+whether more matches lie past the ``limit`` (PS3.18 8.3.4.4: the answer then carries a Warning)."""
 
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 import sqlalchemy as sa
 from pydicom.dataset import Dataset
@@ -19,6 +21,13 @@ QIDO_MAX_OFFSET = 1_000_000_000  # far beyond any index this node holds; keeps S
 _DIGITS = re.compile(r"[0-9]{1,12}")
 STUDY_KEYS = {"StudyInstanceUID": "0020000D", "ModalitiesInStudy": "00080061"}
 SERIES_KEYS = {"SeriesInstanceUID": "0020000E", "Modality": "00080060"}
+
+
+class Found(NamedTuple):
+    """A QIDO-RS answer: the matches from ``offset`` on, at most ``limit`` of them, and whether more follow."""
+
+    datasets: list[Dataset]
+    more: bool
 
 
 class Query:
@@ -70,7 +79,7 @@ def _non_negative(name: str, raw: str) -> int:
     return value
 
 
-def find_studies(engine: Engine, q: Query) -> list[Dataset]:
+def find_studies(engine: Engine, q: Query) -> Found:
     """Studies the node holds (series with at least one instance), as QIDO-RS study results."""
     s = series.c
     stmt = (
@@ -78,7 +87,7 @@ def find_studies(engine: Engine, q: Query) -> list[Dataset]:
         .where(s.instance_count > 0)
         .group_by(s.study_uid)
         .order_by(s.study_uid)
-        .limit(q.limit)
+        .limit(q.limit + 1)  # one more than asked for tells whether more follow
         .offset(q.offset)
     )
     if uids := q.values("StudyInstanceUID"):
@@ -88,6 +97,7 @@ def find_studies(engine: Engine, q: Query) -> list[Dataset]:
         stmt = stmt.where(s.study_uid.in_(having))
     with engine.connect() as conn:
         rows = list(conn.execute(stmt))
+        more, rows = len(rows) > q.limit, rows[: q.limit]
         mods: dict[str, set[str]] = {}
         if rows:
             pairs = conn.execute(
@@ -105,17 +115,17 @@ def find_studies(engine: Engine, q: Query) -> list[Dataset]:
         ds.NumberOfStudyRelatedSeries = int(n_series)
         ds.NumberOfStudyRelatedInstances = int(n_instances or 0)
         out.append(ds)
-    return out
+    return Found(out, more)
 
 
-def find_series(engine: Engine, study: str, q: Query) -> list[Dataset]:
+def find_series(engine: Engine, study: str, q: Query) -> Found:
     """The series of ``study`` the node holds, as QIDO-RS series results."""
     s = series.c
     stmt = (
         sa.select(s.series_uid, s.modality, s.instance_count)
         .where(s.study_uid == study, s.instance_count > 0)
         .order_by(s.series_uid)
-        .limit(q.limit)
+        .limit(q.limit + 1)
         .offset(q.offset)
     )
     if uids := q.values("SeriesInstanceUID"):
@@ -124,6 +134,7 @@ def find_series(engine: Engine, study: str, q: Query) -> list[Dataset]:
         stmt = stmt.where(s.modality.in_(modalities))
     with engine.connect() as conn:
         rows = list(conn.execute(stmt))
+    more, rows = len(rows) > q.limit, rows[: q.limit]
     out = []
     for series_uid, modality, count in rows:
         ds = Dataset()
@@ -132,7 +143,9 @@ def find_series(engine: Engine, study: str, q: Query) -> list[Dataset]:
         ds.Modality = modality or ""
         ds.NumberOfSeriesRelatedInstances = int(count)
         out.append(ds)
-    return out
+    return Found(out, more)
 
 
-__all__ = ["QIDO_MAX_OFFSET", "QIDO_MAX_RESULTS", "SERIES_KEYS", "STUDY_KEYS", "Query", "find_series", "find_studies"]
+__all__ = [
+    "QIDO_MAX_OFFSET", "QIDO_MAX_RESULTS", "SERIES_KEYS", "STUDY_KEYS", "Found", "Query", "find_series", "find_studies",
+]

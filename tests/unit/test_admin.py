@@ -271,6 +271,23 @@ def test_bad_retry_requests_are_refused_and_change_nothing(site):
     assert site.dump() == before
 
 
+def test_digits_outside_ascii_are_bad_values_not_500s(site):
+    """str.isdigit() takes '²' (int() then raises: a 500), '٣' and '１' (int() reads 3 and 1): the page ignores
+    them as it ignores other bad values (no refresh, no notice), a retry naming them is 400 and retries nothing."""
+    site.series("s", seed=9, runner=FixedRunner(fail=True))  # a dead job and a dead delivery
+    before = site.dump()
+    odd = ("\u00b2", "\u0663", "\uff11")
+    with site.client() as client:
+        for value in (*odd, "9" * 5000):
+            page = client.get("/admin/", params={"refresh": value, "deliveries_retried": value, "jobs_retried": value})
+            assert page.status_code == 200, ascii(value)
+            assert 'http-equiv="refresh"' not in page.text and "Queued again" not in page.text
+            for field in ("job", "delivery"):
+                refused = client.post("/admin/retry", data={"token": TOKEN, field: value})
+                assert refused.status_code == 400, (field, ascii(value))
+    assert site.dump() == before
+
+
 def test_without_a_configured_token_the_page_is_read_only_and_actions_are_off(tmp_path):
     site = Site(tmp_path, token=None)
     uid = site.series("s", seed=8)

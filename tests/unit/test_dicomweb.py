@@ -30,6 +30,7 @@ from node.http import HealthProbe, HttpServer
 from node.index import Index, associations
 from node.ingest import Ingestor
 from node.metrics import Metrics
+from node.qido import QIDO_MAX_RESULTS
 from node.spool import Spool
 from tests.conftest import free_port
 from tests.ctgen import write_ct_series
@@ -386,6 +387,41 @@ def test_qido_bad_parameters(node):
     odd = node.client.get("/dicomweb/studies?%E2%82%AC=1&a%22b=2&c%0D%0Ad=3")
     assert odd.status_code == 200 and odd.json() == []
     assert '?' in odd.headers["warning"] and '"' not in odd.headers["warning"].split('"', 2)[1]
+
+
+def held_series(node: Node, studies: int, series_per_study: int = 1, first: int = 0) -> None:
+    """Index rows of ``studies`` studies the node holds (QIDO-RS reads only the series table)."""
+    from node.schema import series
+
+    rows = [dict(series_uid=f"1.2.3.{i}.{j}", study_uid=f"1.2.3.{i}", modality="CT", state="complete",
+                 instance_count=5, first_received_at=0, last_received_at=0, state_changed_at=0)
+            for i in range(first, first + studies) for j in range(series_per_study)]
+    with node.engine.begin() as conn:
+        conn.execute(sa.insert(series), rows)
+
+
+def more_warning(r: httpx.Response) -> bool:
+    return any("There are additional results that can be requested" in w for w in r.headers.get_list("warning"))
+
+
+def test_qido_says_when_matches_are_left_out(node):
+    """PS3.18 8.3.4.4: an answer cut off by the limit — the client's, or the node's 1000 — carries Warning 299; the
+    last page, or one that holds every match, does not. Studies and series alike."""
+    held_series(node, 1005)
+    capped = node.client.get("/dicomweb/studies")
+    assert len(capped.json()) == QIDO_MAX_RESULTS == 1000 and more_warning(capped)
+    asked_more = node.client.get("/dicomweb/studies", params={"limit": 5000})
+    assert len(asked_more.json()) == 1000 and more_warning(asked_more)
+    page = node.client.get("/dicomweb/studies", params={"limit": 10, "offset": 990})
+    assert len(page.json()) == 10 and more_warning(page)
+    for limit in (10, 5):  # the last page, short or exactly full
+        last = node.client.get("/dicomweb/studies", params={"limit": limit, "offset": 1000})
+        assert len(last.json()) == 5 and "warning" not in last.headers
+    both = node.client.get("/dicomweb/studies", params={"limit": 2, "PatientName": "X*"})
+    assert more_warning(both) and any("PatientName" in w for w in both.headers.get_list("warning"))
+    held_series(node, 1, series_per_study=3, first=2000)  # series: the same
+    cut, whole = (node.client.get("/dicomweb/studies/1.2.3.2000/series", params={"limit": n}) for n in (2, 3))
+    assert (len(cut.json()), more_warning(cut), len(whole.json()), more_warning(whole)) == (2, True, 3, False)
 
 
 # -- health, readiness, metrics --------------------------------------------------------------------------------
