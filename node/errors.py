@@ -16,7 +16,8 @@
     ├── SendError                       an SCU operation (echo, send, dispatch, commitment, checks) failed
     │   ├── TransientSendError          (node.senders) retry later: peer down, busy, refused association
     │   ├── PermanentSendError          (node.senders) dead-letter now: the PACS refuses these objects
-    │   └── CommitmentUnsupportedError  (node.scu) the destination has no Storage Commitment: no proof will come
+    │   ├── CommitmentUnsupportedError  (node.scu) the destination has no Storage Commitment: no proof will come
+    │   └── NoContextAcceptedError      (node.scu) the peer takes none of the SOP classes sent
     └── ResultsError                    (node.results.errors) an SR/SEG could not be built from the inputs
 
 Every class without a module named lives here. Outside the tree: `models.errors.ModelError` and its subclasses

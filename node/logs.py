@@ -1,10 +1,11 @@
 """structlog JSON logging, PHI-free by construction.
 
 `configure_logging(level)` sets structlog to emit one JSON object per line on stderr, each line in one write (so
-processes sharing stderr never interleave within a line), and routes the stdlib
-loggers (pynetdicom, apscheduler, SQLAlchemy) through the same renderer. `get_logger(**context)` returns a bound
-logger. A processor drops any key that names a patient-identifying attribute, so a careless call site cannot leak
-one: events carry UIDs, AE titles and sizes, never patient name, ID or birth date.
+processes sharing stderr never interleave within a line), and routes the stdlib loggers (pynetdicom, apscheduler,
+SQLAlchemy, dicomweb-client) through the same renderer, those libraries' only from WARNING.
+`get_logger(**context)` returns a bound logger. A processor drops any key that names a patient-identifying
+attribute, so a careless call site cannot leak one: events carry UIDs, AE titles and sizes, never patient name, ID
+or birth date.
 """
 
 from __future__ import annotations
@@ -61,8 +62,10 @@ def configure_logging(level: str = "INFO", stream: Any = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # pynetdicom logs every PDU at DEBUG/INFO; only its warnings matter to an operator.
-    for noisy in ("pynetdicom", "apscheduler", "sqlalchemy", "alembic", "h5py", "tensorflow", "absl"):
+    # pynetdicom logs every PDU at DEBUG/INFO; only its warnings matter to an operator. dicomweb-client logs each
+    # request's URL (with a user:password in it) and headers at DEBUG: never credentials in the logs.
+    for noisy in ("pynetdicom", "apscheduler", "sqlalchemy", "alembic", "h5py", "tensorflow", "absl",
+                  "dicomweb_client"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

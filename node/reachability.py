@@ -28,6 +28,7 @@ from node.logs import get_logger
 from node.loops import LoopThread
 from node.schema import deliveries, destination_checks
 from node.scu import Peer, echo
+from node.senders import redirect_target
 from node.states import DeliveryState
 from node.supervise import Heartbeats, failure
 from node.tls import destination_tls_args, requests_tls
@@ -40,7 +41,9 @@ Check = Callable[[Destination, str, float], None]  # (destination, calling AE, t
 
 def check_destination(destination: Destination, calling_ae: str, timeout: float) -> None:
     """Return when ``destination`` answers: C-ECHO status 0x0000 (DIMSE), HTTP 2xx to QIDO-RS ``/studies?limit=1``
-    (DICOMweb). Raises `SendError` naming why not."""
+    (DICOMweb) that is not an HTML page. A redirect is not followed: it is an answer from something other than the
+    DICOMweb service (a login page, a moved URL), so not reachable, its target in the reason. Raises `SendError`
+    naming why not."""
     if destination.kind is DestinationKind.DIMSE:
         assert destination.host and destination.port and destination.ae_title
         try:
@@ -59,11 +62,19 @@ def check_destination(destination: Destination, calling_ae: str, timeout: float)
     try:
         verify, cert = requests_tls(destination)
         response = requests.get(f"{destination.url.rstrip('/')}/studies", params={"limit": "1"}, headers=headers,
-                                timeout=timeout, verify=verify, cert=cert)
+                                timeout=timeout, verify=verify, cert=cert, allow_redirects=False)
     except requests.RequestException as exc:
         raise SendError(f"unreachable: {type(exc).__name__}") from exc
-    if not 200 <= response.status_code < 300:
-        raise SendError(f"HTTP {response.status_code}")
+    code = response.status_code
+    if 300 <= code < 400:
+        location = response.headers.get("Location")
+        to = f" to {redirect_target(response.url, location)}" if location else ""
+        raise SendError(f"HTTP {code}, a redirect{to} (not followed): not the DICOMweb service")
+    if not 200 <= code < 300:
+        raise SendError(f"HTTP {code}")
+    media_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+    if media_type == "text/html":
+        raise SendError(f"HTTP {code} with an HTML page, not a QIDO-RS answer")
 
 
 class Reachability:

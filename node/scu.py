@@ -2,7 +2,8 @@
 DIMSE dispatch, destination checks and proof of delivery.
 
 `echo(peer)` returns the C-ECHO status; `send_datasets(peer, datasets)` stores over one association and returns
-one `StoreResult` per instance (`read_files(paths)` reads files and folders for it); `request_storage_commitment`
+one `StoreResult` per instance (`read_files(paths)` reads files and folders for it), or raises
+`NoContextAcceptedError` when the peer takes none of their SOP classes; `request_storage_commitment`
 sends the N-ACTION (`CommitmentUnsupportedError` when the peer has no Storage Commitment). Presentation contexts
 are proposed per SOP class with the instance's own transfer syntax (plus the uncompressed ones), so nothing is
 transcoded. Raises `SendError` when the association cannot be established. TCP_NODELAY is set on the outgoing socket,
@@ -41,6 +42,16 @@ from node.errors import SendError
 class CommitmentUnsupportedError(SendError):
     """The peer does not accept the Storage Commitment Push Model SOP class: no proof of storage will ever come."""
 
+
+class NoContextAcceptedError(SendError):
+    """The peer accepted the association but none of the presentation contexts proposed for the datasets (pynetdicom
+    then aborts it): it stores none of ``sop_classes`` (or in none of the transfer syntaxes offered)."""
+
+    def __init__(self, message: str, sop_classes: Sequence[str]) -> None:
+        super().__init__(message)
+        self.sop_classes = tuple(sop_classes)
+
+
 _UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
 
 
@@ -62,7 +73,9 @@ class StoreResult:
 
     @property
     def ok(self) -> bool:
-        return self.status is not None and (self.status == 0 or 0xB000 <= self.status <= 0xBFFF)
+        """Success or a warning (PS3.7 C: 0x0001, 0x0107, 0x0116, 0xBxxx): the instance is stored."""
+        return self.status is not None and (self.status in (0x0000, 0x0001, 0x0107, 0x0116)
+                                            or 0xB000 <= self.status <= 0xBFFF)
 
 
 def _ae(peer: Peer) -> AE:
@@ -132,7 +145,9 @@ def _contexts(datasets: Sequence[Dataset]) -> list[PresentationContext]:
 
 
 def send_datasets(peer: Peer, datasets: Sequence[Dataset]) -> list[StoreResult]:
-    """C-STORE each dataset over one association; returns a result per dataset in order."""
+    """C-STORE each dataset over one association; returns a result per dataset in order (fewer when the association
+    ends early). Raises `NoContextAcceptedError` when the peer accepts none of the SOP classes (pynetdicom aborts the
+    association), `SendError` when the association fails otherwise or is lost mid-send."""
     if not datasets:
         return []
     ae = _ae(peer)
@@ -140,7 +155,12 @@ def send_datasets(peer: Peer, datasets: Sequence[Dataset]) -> list[StoreResult]:
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.called_ae, evt_handlers=_on_open(peer),
                          tls_args=peer.tls_args)
     if not assoc.is_established:
-        raise SendError(f"association with {peer.called_ae}@{peer.host}:{peer.port} failed ({_why(assoc, peer)})")
+        where = f"{peer.called_ae}@{peer.host}:{peer.port}"
+        if assoc.rejected_contexts and not assoc.accepted_contexts:
+            classes = sorted({str(cx.abstract_syntax) for cx in assoc.rejected_contexts})
+            named = ", ".join(f"{UID(c).name} ({c})" if UID(c).name != c else c for c in classes)
+            raise NoContextAcceptedError(f"{where} accepts none of the SOP classes sent: {named}", classes)
+        raise SendError(f"association with {where} failed ({_why(assoc, peer)})")
     results = []
     try:
         for ds in datasets:

@@ -3,9 +3,10 @@
 `Sender.send(destination, files)` returns once every file is stored, or raises `TransientSendError` (retry later:
 peer down or busy, association refused or lost, HTTP 5xx/429, network errors) or `PermanentSendError` (the peer
 refuses these objects: retrying the same bytes cannot help). `DimseSender` is a C-STORE SCU over `node.scu`;
-`StowSender` stores with STOW-RS through dicomweb-client. TLS (DICOM TLS with ``tls = true``, an https:// url) is
-verified against the destination's ``ca_file`` with `node.tls`; a failed handshake is transient and its reason is
-in the error. Errors added to the tree in node/errors.py::
+`StowSender` stores with STOW-RS through dicomweb-client. A rejection note (`is_withdrawal`) is sent only once
+every other object of the delivery is stored. TLS (DICOM TLS with ``tls = true``, an https:// url) is verified
+against the destination's ``ca_file`` with `node.tls`; a failed handshake is transient and its reason is in the
+error. Errors added to the tree in node/errors.py::
 
     SendError
     ├── TransientSendError   the destination cannot take the objects now: retry later
@@ -22,15 +23,20 @@ from enum import StrEnum
 from pathlib import Path
 from ssl import SSLContext
 from typing import Any
+from urllib.parse import urljoin, urlsplit, urlunsplit
+from xml.etree import ElementTree
 
 import requests
 from dicomweb_client.api import DICOMwebClient
 from pydantic import TypeAdapter, ValidationError
 from pydicom import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import KeyObjectSelectionDocumentStorage
 
-from node.config import AETitle, Destination, DestinationKind
+from node.config import AETitle, Destination, DestinationKind, without_credentials
 from node.errors import ConfigError, SendError
-from node.scu import Peer, StoreResult, read_files, send_datasets
+from node.logs import get_logger
+from node.scu import NoContextAcceptedError, Peer, StoreResult, read_files, send_datasets
 from node.tls import destination_tls_args, requests_tls
 
 
@@ -40,6 +46,9 @@ class TransientSendError(SendError):
 
 class PermanentSendError(SendError):
     """The destination refuses the objects themselves, or they cannot be read: retrying the same bytes won't help."""
+
+
+_log = get_logger(component="senders")
 
 
 # -- C-STORE status classes (PS3.4 B.2.3, PS3.7 C) ---------------------------------------------------------------
@@ -52,8 +61,12 @@ class StoreOutcome(StrEnum):
 
 
 _SUCCESS = 0x0000
-_WARNING = 0x0001  # general warning (PS3.7 C.4)
+# Warnings (PS3.7 C.4): general warning, attribute list error, attribute value out of range: stored.
+_WARNING_CODES = (0x0001, 0x0107, 0x0116)
 _WARNINGS = range(0xB000, 0xC000)  # coercion of data elements, elements discarded, dataset mismatch: stored
+# The PACS already holds an instance with this UID. Result UIDs are deterministic per (series, version, model,
+# kind), so it holds this object (typically from an attempt whose response was lost): stored, logged as a warning.
+_DUPLICATE_SOP_INSTANCE = 0x0111
 _REFUSED_DATASET_MISMATCH = range(0xA900, 0xAA00)  # dataset does not match SOP class
 _CANNOT_UNDERSTAND = range(0xC000, 0xD000)
 _SOP_CLASS_NOT_SUPPORTED = 0x0122
@@ -61,13 +74,14 @@ _INVALID_OBJECT_INSTANCE = 0x0117
 
 
 def classify_store_status(status: int) -> StoreOutcome:
-    """What a C-STORE response status means for a delivery.
+    """What a C-STORE response status (or a STOW-RS Failure Reason) means for a delivery.
 
-    Stored: 0x0000, 0x0001 and warnings 0xB000-0xBFFF. Permanent (the objects are refused; resending the same bytes
-    cannot help): 0xA9xx, 0xCxxx, 0x0122 SOP class not supported, 0x0117 invalid object instance. Everything else is
-    transient: 0xA7xx out of resources, 0x0213 resource limitation, 0x0110 processing failure, unknown codes.
+    Stored: 0x0000, the warnings 0x0001, 0x0107, 0x0116 and 0xB000-0xBFFF, and 0x0111 duplicate SOP instance.
+    Permanent (the objects are refused; resending the same bytes cannot help): 0xA9xx, 0xCxxx, 0x0122 SOP class not
+    supported, 0x0117 invalid object instance. Everything else is transient: 0xA7xx out of resources, 0x0213
+    resource limitation, 0x0110 processing failure, unknown codes.
     """
-    if status in (_SUCCESS, _WARNING) or status in _WARNINGS:
+    if status in (_SUCCESS, _DUPLICATE_SOP_INSTANCE, *_WARNING_CODES) or status in _WARNINGS:
         return StoreOutcome.STORED
     if (
         status in _REFUSED_DATASET_MISMATCH
@@ -78,9 +92,12 @@ def classify_store_status(status: int) -> StoreOutcome:
     return StoreOutcome.TRANSIENT
 
 
-def check_store_results(results: Sequence[StoreResult], expected: int, peer: str) -> None:
+def check_store_results(results: Sequence[StoreResult], expected: int, peer: str, *,
+                        unanswered: str = "no C-STORE response", destination: str | None = None) -> None:
     """Raise unless all ``expected`` instances were stored; `PermanentSendError` if any was refused for good (a failure
-    status of the permanent class, or no presentation context accepted for its SOP class/transfer syntax)."""
+    status of the permanent class, or no presentation context accepted for its SOP class/transfer syntax). Errors
+    begin with ``peer``; a result without a status reads ``unanswered``. A duplicate SOP instance counts as stored
+    and is logged as a warning naming ``destination`` (``peer`` when not given)."""
     permanent: list[str] = []
     transient: list[str] = []
     for result in results:
@@ -88,19 +105,45 @@ def check_store_results(results: Sequence[StoreResult], expected: int, peer: str
             permanent.append(f"{result.sop_uid}: not accepted (no presentation context for its class)")
             continue
         if result.status is None:
-            transient.append(f"{result.sop_uid}: no C-STORE response")
+            transient.append(f"{result.sop_uid}: {unanswered}")
             continue
         outcome = classify_store_status(result.status)
         if outcome is StoreOutcome.PERMANENT:
             permanent.append(f"{result.sop_uid}: status 0x{result.status:04X}")
         elif outcome is StoreOutcome.TRANSIENT:
             transient.append(f"{result.sop_uid}: status 0x{result.status:04X}")
+        elif result.status == _DUPLICATE_SOP_INSTANCE:
+            _log.warning("instance_already_stored", sop_uid=result.sop_uid, destination=destination or peer)
     if len(results) < expected:
         transient.append(f"association ended after {len(results)} of {expected} instances")
     if permanent:
         raise PermanentSendError(f"{peer} refused " + "; ".join(permanent + transient))
     if transient:
         raise TransientSendError(f"{peer} did not store " + "; ".join(transient))
+
+
+# -- withdrawals --------------------------------------------------------------------------------------------------
+
+# Document titles (CID 7010) of an IHE IOCM rejection note: storing one withdraws the instances it references.
+# The key-images note ("For Referring Provider", 113002) is a KOS too, but withdraws nothing.
+_REJECTION_TITLES = frozenset((code.scheme_designator, code.value) for code in (
+    codes.DCM.RejectedForQualityReasons, codes.DCM.RejectedForPatientSafetyReasons,
+    codes.DCM.IncorrectModalityWorklistEntry, codes.DCM.DataRetentionPolicyExpired))
+
+
+def is_withdrawal(ds: Dataset) -> bool:
+    """Whether ``ds`` is a rejection note: a Key Object Selection Document whose concept name is a rejection title
+    (113001, 113037, 113038, 113039 DCM), as `node.results.kos.build_rejection_kos` builds."""
+    if str(ds.get("SOPClassUID", "")) != KeyObjectSelectionDocumentStorage:
+        return False
+    return any((str(item.get("CodingSchemeDesignator", "")), str(item.get("CodeValue", ""))) in _REJECTION_TITLES
+               for item in ds.get("ConceptNameCodeSequence") or [])
+
+
+def _withdrawals_last(datasets: Sequence[Dataset]) -> tuple[list[Dataset], list[Dataset]]:
+    """(the objects to store first, the rejection notes): a note may only follow once everything else is stored, or
+    an IOCM-aware PACS withdraws the previous complete result while the new one is incomplete."""
+    return [ds for ds in datasets if not is_withdrawal(ds)], [ds for ds in datasets if is_withdrawal(ds)]
 
 
 # -- senders ------------------------------------------------------------------------------------------------------
@@ -135,8 +178,9 @@ _AE_TITLE = TypeAdapter(AETitle)
 
 class DimseSender(Sender):
     """C-STORE SCU over `node.scu`: one association per delivery, each file with its own SOP class and transfer
-    syntax. Association refused, rejected, aborted or timed out → transient; status classes as in
-    `classify_store_status`; a missing or unreadable result file → permanent."""
+    syntax; a rejection note goes on a second association, only once every other object was stored. Association
+    refused, rejected, aborted or timed out → transient; none of a batch's SOP classes accepted → permanent; status
+    classes as in `classify_store_status`; a missing or unreadable result file → permanent."""
 
     def __init__(self, calling_ae: str, timeout: float) -> None:
         try:
@@ -151,7 +195,8 @@ class DimseSender(Sender):
         if destination.kind is not DestinationKind.DIMSE:
             raise PermanentSendError(f"DimseSender cannot send to a {destination.kind.value!r} destination")
         assert destination.ae_title and destination.host and destination.port  # config validates dimse ones
-        datasets = _read_results(files)
+        batches = _withdrawals_last(_read_results(files))
+        where = f"{destination.ae_title}@{destination.host}:{destination.port}"
         peer = Peer(
             destination.host,
             destination.port,
@@ -160,12 +205,16 @@ class DimseSender(Sender):
             timeout=self.timeout,
             tls_args=self._tls_args(destination),
         )
-        try:
-            results = send_datasets(peer, datasets)
-        except SendError as exc:
-            raise TransientSendError(str(exc)) from exc
-        where = f"{destination.ae_title}@{destination.host}:{destination.port}"
-        check_store_results(results, len(datasets), where)
+        for datasets in batches:  # the rejection notes only once the rest is stored: each batch raises if not
+            if not datasets:
+                continue
+            try:
+                results = send_datasets(peer, datasets)
+            except NoContextAcceptedError as exc:  # the PACS takes none of these SOP classes: a configuration matter
+                raise PermanentSendError(str(exc)) from exc
+            except SendError as exc:
+                raise TransientSendError(str(exc)) from exc
+            check_store_results(results, len(datasets), where)
 
     @staticmethod
     def _tls_args(destination: Destination) -> tuple[SSLContext, str] | None:
@@ -177,27 +226,36 @@ class DimseSender(Sender):
             raise TransientSendError(str(exc)) from exc
 
 
-class _TimeoutSession(requests.Session):
-    """A requests session that applies one timeout to every request (dicomweb-client sets none)."""
+class _StowSession(requests.Session):
+    """A requests session for one STOW-RS request: it never follows a redirect (requests would turn the POST into a
+    GET and a login page's 200 would pass for a store) and keeps the last response, whose body the sender reads
+    itself (dicomweb-client decodes it only when the media type has no parameters)."""
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self._timeout = timeout
+        self.response: requests.Response | None = None
 
     def request(self, *args: Any, **kwargs: Any) -> requests.Response:  # type: ignore[override]
-        kwargs.setdefault("timeout", self._timeout)
+        kwargs["allow_redirects"] = False
         # Per request, not only on the session: requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE in the
         # environment replace a session's `verify` (psf/requests#3829), and the destination's CA must win.
         kwargs.setdefault("verify", self.verify)
         kwargs.setdefault("cert", self.cert)
-        return super().request(*args, **kwargs)
+        self.response = super().request(*args, **kwargs)
+        return self.response
 
 
 class StowSender(Sender):
-    """STOW-RS through dicomweb-client: one POST per delivery to ``destination.url`` + ``/studies``, with the
-    destination's bearer token when set. Network errors, timeouts, HTTP 5xx, 408, 429, and 401/403/404 (a credential
-    or URL someone fixes) → transient; other 4xx (400 bad request, 409 conflict, 413, 415) → permanent. A 202 whose
-    FailedSOPSequence names instances is classified by their failure reasons like C-STORE statuses."""
+    """STOW-RS through dicomweb-client to ``destination.url`` + ``/studies``, with the destination's bearer token when
+    set, each request bounded by ``timeout``: one POST per delivery, or two when it carries a rejection note (the
+    note goes alone, only once the first POST stored everything else).
+
+    Stored only when the answer is 200 or 202 with a Store Instances Response (DICOM JSON or XML) whose
+    ReferencedSOPSequence names every instance sent, or whose FailedSOPSequence names them with reasons that count
+    as stored (`classify_store_status`: a duplicate SOP instance); failure reasons decide otherwise, like C-STORE
+    statuses. Network errors, timeouts, redirects (never followed), another 2xx or one without a Store Instances
+    Response, HTTP 5xx, 408, 429, and 401/403/404 (a credential or URL someone fixes) → transient; other 4xx (400,
+    409 conflict, 413, 415) → permanent."""
 
     def __init__(self, timeout: float) -> None:
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < math.inf:
@@ -207,53 +265,156 @@ class StowSender(Sender):
     def send(self, destination: Destination, files: Sequence[Path]) -> None:
         if destination.kind is not DestinationKind.DICOMWEB or destination.url is None:
             raise PermanentSendError(f"StowSender cannot send to a {destination.kind.value!r} destination")
-        datasets = _read_results(files)
+        for batch in _withdrawals_last(_read_results(files)):
+            if batch:
+                self._store(destination, batch)
+
+    def _store(self, destination: Destination, datasets: Sequence[Dataset]) -> None:
+        """One STOW-RS POST of ``datasets``; returns when the answer says every one is stored, else raises."""
+        assert destination.url is not None
         headers = {}
         if destination.token is not None:
             headers["Authorization"] = f"Bearer {destination.token.get_secret_value()}"
-        session = _TimeoutSession(self.timeout)
+        session = _StowSession()
         if destination.uses_tls:
             session.verify, session.cert = requests_tls(destination)
-        client = DICOMwebClient(url=destination.url.rstrip("/"), headers=headers, session=session)
+        client = DICOMwebClient(url=destination.url.rstrip("/"), headers=headers, session=session,
+                                timeout=self.timeout)
         client.set_http_retry_params(retry=False)  # the dispatcher owns retries (backoff, give-up, dead-letter)
         where = destination.shown_url or ""
         try:
-            response = client.store_instances(datasets)
+            client.store_instances(datasets)
         except requests.HTTPError as exc:
-            code = exc.response.status_code if exc.response is not None else 0
-            message = f"{where} answered HTTP {code}"
-            if code >= 500 or code in (401, 403, 404, 408, 429):
-                raise TransientSendError(message) from exc
-            body = _store_response(exc.response) if code == 409 and exc.response is not None else None
-            refused = _failed_sops(body) if body is not None else []
-            if refused:  # every instance failed: their reasons say whether a later attempt can succeed
-                check_store_results(refused, len(refused), f"{message}:")
-            raise PermanentSendError(message) from exc
+            _refused(exc, datasets, where)
+            return  # a 409 naming every instance as one the PACS holds already
         except requests.exceptions.SSLError as exc:
             raise TransientSendError(f"{where} TLS handshake failed: {_ssl_reason(exc)}") from exc
-        except requests.RequestException as exc:
-            raise TransientSendError(f"{where} unreachable: {type(exc).__name__}") from exc
+        except requests.Timeout as exc:
+            raise TransientSendError(f"{where} gave no answer within {self.timeout:g} s") from exc
+        except Exception as exc:  # noqa: BLE001 - dicomweb-client failed to decode an answer: judged below
+            if session.response is None:
+                if isinstance(exc, requests.RequestException):
+                    raise TransientSendError(f"{where} unreachable: {type(exc).__name__}") from exc
+                raise
         finally:
             session.close()  # a pooled keep-alive connection would otherwise linger until collected
-        failed = _failed_sops(response)
+        assert session.response is not None
+        _check_answer(session.response, datasets, where)
+
+
+def _refused(exc: requests.HTTPError, datasets: Sequence[Dataset], where: str) -> None:
+    """Raise the error for an HTTP 4xx/5xx answer to a STOW-RS POST. A 409 (none stored, PS3.18) whose Store
+    Instances Response names the failed instances is classified by their reasons; all of them duplicates of
+    instances the PACS holds → stored (returns)."""
+    code = exc.response.status_code if exc.response is not None else 0
+    message = f"{where} answered HTTP {code}"
+    if code >= 500 or code in (401, 403, 404, 408, 429):
+        raise TransientSendError(message) from exc
+    if code == 409 and exc.response is not None:
+        try:
+            referenced, failed = _store_response(exc.response)
+        except ValueError:  # no body, HTML, malformed: the HTTP status alone decides
+            failed = []
         if failed:
-            check_store_results(failed, len(failed), where)
+            _check_accounted(referenced, failed, datasets, where, f"{message}:")
+            return
+    raise PermanentSendError(message) from exc
 
 
-def _failed_sops(response: Dataset) -> list[StoreResult]:
-    """The instances a Store Instances Response's FailedSOPSequence names, each with its Failure Reason (0x0110
-    processing failure when absent)."""
-    return [StoreResult(str(item.ReferencedSOPInstanceUID), int(item.get("FailureReason", 0x0110)))
-            for item in response.get("FailedSOPSequence") or []]
-
-
-def _store_response(http: requests.Response) -> Dataset | None:
-    """An error response's body as a Store Instances Response (DICOM JSON), else None."""
+def _check_answer(http: requests.Response, datasets: Sequence[Dataset], where: str) -> None:
+    """Return when a non-error answer to a STOW-RS POST stored every one of ``datasets``, else raise."""
+    code = http.status_code
+    if 300 <= code < 400:
+        location = http.headers.get("Location")
+        to = f" to {redirect_target(http.url, location)}" if location else ""
+        raise TransientSendError(f"{where} answered HTTP {code}, a redirect{to} (not followed): not stored")
+    if code not in (200, 202):
+        raise TransientSendError(f"{where} answered HTTP {code} without a Store Instances Response: not stored")
     try:
-        found = http.json()
-        return Dataset.from_json(found[0] if isinstance(found, list) else found)
-    except Exception:  # noqa: BLE001 - no body, HTML, XML, malformed JSON: the HTTP status alone decides
-        return None
+        referenced, failed = _store_response(http)
+    except ValueError as exc:
+        raise TransientSendError(
+            f"{where} answered HTTP {code} without a Store Instances Response ({exc}): not stored") from exc
+    _check_accounted(referenced, failed, datasets, where, where)
+
+
+def _check_accounted(referenced: set[str], failed: list[StoreResult], datasets: Sequence[Dataset], where: str,
+                     message: str) -> None:
+    """Raise (an error beginning with ``message``) unless every instance of ``datasets`` is referenced as stored or
+    failed with a reason that counts as stored; an instance the response names in neither sequence is transient."""
+    named = referenced | {result.sop_uid for result in failed}
+    missing = [StoreResult(str(ds.SOPInstanceUID), None) for ds in datasets if str(ds.SOPInstanceUID) not in named]
+    results = failed + missing
+    check_store_results(results, len(results), message, unanswered="not in the Store Instances Response",
+                        destination=where)
+
+
+# -- Store Instances Response (PS3.18 10.5.3) ---------------------------------------------------------------------
+
+_REFERENCED_SOP_SEQUENCE = "00081199"
+_FAILED_SOP_SEQUENCE = "00081198"
+_REFERENCED_SOP_INSTANCE_UID = "00081155"
+_FAILURE_REASON = "00081197"
+_PROCESSING_FAILURE = 0x0110  # the Failure Reason of a failed item without one
+
+
+def _store_response(http: requests.Response) -> tuple[set[str], list[StoreResult]]:
+    """(the SOP Instance UIDs stored, the failed ones with their Failure Reasons) from the body of a STOW-RS answer,
+    DICOM JSON or XML whatever the media type's parameters (``charset=utf-8``). Raises `ValueError` naming why the
+    body is no Store Instances Response."""
+    media_type = http.headers.get("Content-Type", "").split(";")[0].strip().lower()
+    if not http.content:
+        raise ValueError("empty body")
+    try:
+        if media_type in ("application/dicom+json", "application/json"):
+            return _from_json(http.json())
+        if media_type in ("application/dicom+xml", "application/xml"):
+            return _from_xml(ElementTree.fromstring(http.content))
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError, ElementTree.ParseError) as exc:
+        raise ValueError(f"malformed {media_type} body") from exc
+    raise ValueError(f"{media_type or 'no media type'} body")
+
+
+def _from_json(body: Any) -> tuple[set[str], list[StoreResult]]:
+    if isinstance(body, list) and len(body) == 1:
+        body = body[0]
+    if not isinstance(body, dict):
+        raise ValueError("not a DICOM JSON object")
+    ds = Dataset.from_json(body)
+    referenced = {str(item.ReferencedSOPInstanceUID) for item in ds.get("ReferencedSOPSequence") or []}
+    failed = [StoreResult(str(item.ReferencedSOPInstanceUID), int(item.get("FailureReason", _PROCESSING_FAILURE)))
+              for item in ds.get("FailedSOPSequence") or []]
+    return referenced, failed
+
+
+def _from_xml(root: ElementTree.Element) -> tuple[set[str], list[StoreResult]]:
+    """The PS3.19 Native DICOM Model (with or without its namespace)."""
+    def attribute(parent: ElementTree.Element, tag: str) -> ElementTree.Element | None:
+        return next((a for a in parent.findall("{*}DicomAttribute") if a.get("tag", "").upper() == tag), None)
+
+    def items(tag: str) -> list[ElementTree.Element]:
+        found = attribute(root, tag)
+        return [] if found is None else found.findall("{*}Item")
+
+    def value(item: ElementTree.Element, tag: str) -> str:
+        found = attribute(item, tag)
+        text = None if found is None else found.findtext("{*}Value")
+        if text is None:
+            raise ValueError(f"an item without ({tag[:4]},{tag[4:]})")
+        return text.strip()
+
+    referenced = {value(item, _REFERENCED_SOP_INSTANCE_UID) for item in items(_REFERENCED_SOP_SEQUENCE)}
+    failed = [StoreResult(value(item, _REFERENCED_SOP_INSTANCE_UID),
+                          int(value(item, _FAILURE_REASON)) if attribute(item, _FAILURE_REASON) is not None
+                          else _PROCESSING_FAILURE)
+              for item in items(_FAILED_SOP_SEQUENCE)]
+    return referenced, failed
+
+
+def redirect_target(url: str | None, location: str) -> str:
+    """A redirect's target as an error shows it: absolute, without credentials, query or fragment."""
+    parts = urlsplit(urljoin(url or "", location))
+    return without_credentials(urlunsplit((parts.scheme, parts.netloc, parts.path, "", "")))
 
 
 def _ssl_reason(exc: BaseException) -> str:

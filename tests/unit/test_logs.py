@@ -1,12 +1,21 @@
 """node.logs: each event is one JSON line written in one call, so role processes sharing stderr (unbuffered, as
-under PYTHONUNBUFFERED in the Docker image) never glue their lines together."""
+under PYTHONUNBUFFERED in the Docker image) never glue their lines together; at DEBUG a STOW-RS delivery logs no
+credential of its destination."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
+from node.config import Destination
+from node.errors import SendError
 from node.logs import configure_logging, get_logger
+from node.senders import StowSender
+from tests.ctgen import write_ct_series
 
 
 class Writes:
@@ -36,3 +45,39 @@ def test_an_event_is_one_line_in_one_write():
     event = json.loads(line)
     assert event["event"] == "instance_stored" and event["sop_uid"] == "1.2.3"
     assert event.get("PatientName") in (None, "[removed]")  # the PHI filter still runs
+
+
+class _Stored(BaseHTTPRequestHandler):
+    """A PACS that stores whatever is posted (the answer's content does not matter here)."""
+
+    def do_POST(self):  # noqa: N802 - http.server's naming
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        body = b"{}"
+        self.send_response(200)
+        self.send_header("Content-Type", "application/dicom+json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_debug_level_stow_delivery_logs_no_credentials(tmp_path: Path):
+    """dicomweb-client logs each request's URL and headers at DEBUG: neither the bearer token nor the password of
+    a ``user:password@`` URL may reach the node's logs."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Stored)
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    url = f"http://node:pw-s3cret@127.0.0.1:{httpd.server_address[1]}/dicom-web"
+    stream = Writes()
+    configure_logging("DEBUG", stream)
+    try:
+        files = write_ct_series(tmp_path / "r", slices=1, size=8).paths
+        with contextlib.suppress(SendError):  # stored or not ("{}" names no instance): only the logs matter here
+            StowSender(5).send(Destination(name="w", kind="dicomweb", url=url, token="tok-s3cret"), files)
+    finally:
+        configure_logging("INFO", sys.stderr)
+        httpd.shutdown()
+    logged = "".join(stream.calls)
+    assert '"level": "debug"' in logged  # DEBUG was on (urllib3's connection lines at least)
+    assert "s3cret" not in logged

@@ -1,10 +1,11 @@
 """Unit tests for node/reachability.py: what a check round records (real SQLite, a recorder standing in for the
-network check, an injected clock), the real checks against a closed port and a real pynetdicom SCP, the loop's
-re-check on reload, and the per-destination report."""
+network check, an injected clock), the real checks against a closed port, a real pynetdicom SCP and an HTTP server
+redirecting to a login page, the loop's re-check on reload, and the per-destination report."""
 
 from __future__ import annotations
 
 import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -113,3 +114,48 @@ def test_the_report_counts_backlog_dead_and_delivered_per_destination(engine, tm
     assert (rows["a"]["backlog"], rows["a"]["dead"], rows["a"]["delivered"]) == (1, 1, 1)
     assert (rows["b"]["backlog"], rows["b"]["dead"], rows["b"]["delivered"]) == (2, 1, 0)
     assert rows["a"]["reachable"] is None and rows["a"]["commitment"] is False
+
+
+class _WebAnswer(BaseHTTPRequestHandler):
+    """QIDO-RS as a misconfigured front end answers it: ``/studies`` redirects to a login page (200 HTML)."""
+
+    def do_GET(self):  # noqa: N802 - http.server's naming
+        mode = self.server.mode  # type: ignore[attr-defined]
+        if self.path.startswith("/login"):
+            self._send(200, "text/html; charset=utf-8", b"<html><form>Sign in</form></html>")
+        elif mode == "redirect":
+            self._send(302, "text/html", b"", "Location", "/login?next=%2Fdicom-web")
+        elif mode == "html":
+            self._send(200, "text/html", b"<html>proxy says hi</html>")
+        else:
+            self._send(200, "application/dicom+json; charset=utf-8", b"[]")
+
+    def _send(self, status: int, ctype: str, body: bytes, *header: str) -> None:
+        self.send_response(status)
+        if header:
+            self.send_header(*header)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_dicomweb_check_follows_no_redirect_and_takes_no_html_page_for_a_pacs():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _WebAnswer)
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    web = Destination(name="w", kind=DestinationKind.DICOMWEB, url=f"{base}/dicom-web")
+    try:
+        httpd.mode = "redirect"  # type: ignore[attr-defined]
+        with pytest.raises(SendError, match=f"HTTP 302, a redirect to {base}/login \\(not followed\\)"):
+            check_destination(web, "PACSNODE", 5.0)
+        httpd.mode = "html"  # type: ignore[attr-defined]
+        with pytest.raises(SendError, match="HTML page"):
+            check_destination(web, "PACSNODE", 5.0)
+        httpd.mode = "qido"  # type: ignore[attr-defined]
+        check_destination(web, "PACSNODE", 5.0)
+    finally:
+        httpd.shutdown()
