@@ -88,15 +88,26 @@ class Walker:
             raise InvalidDatasetError("dataset is truncated inside a sequence")
         return self._tag(header), int(self._header.unpack(header)[2])
 
+    def _implicit_item(self, implicit: bool) -> bool:
+        """Whether the item starting at ``fp`` is in Implicit VR: always inside an Implicit VR parent; else as
+        pydicom decides from its first element's VR bytes (a UN sequence of undefined length holds Implicit VR
+        items, PS3.5 6.2.2; some writers switch inside sequences too)."""
+        if implicit:
+            return True
+        here = self.fp.tell()
+        head = self.fp.read(6)
+        self.fp.seek(here)
+        return len(head) == 6 and not (0x40 < head[4] < 0x5B and 0x40 < head[5] < 0x5B)
+
     def resume(self) -> None:
         """Step through the sequence `stop_when` stopped at; ``fp`` is left right after it."""
         assert self.stopped_at is not None
         offset, length = self.stopped_at
         self.stopped_at = None
         self.fp.seek(offset)
-        self.walk(length, depth=1)
+        self.walk(length, 1, self.implicit)
 
-    def walk(self, length: int, depth: int) -> None:
+    def walk(self, length: int, depth: int, implicit: bool) -> None:
         """Step through a sequence's items, from ``fp``'s position (its value's first byte)."""
         if depth > MAX_DEPTH:
             raise InvalidDatasetError(f"sequences nested deeper than {MAX_DEPTH} levels")
@@ -107,11 +118,12 @@ class Walker:
                 return
             if tag != ItemTag:
                 raise InvalidDatasetError(f"a sequence holds {Tag(tag)} where an item belongs")
-            self._item(None if item_length == UNDEFINED_LENGTH else self.fp.tell() + item_length, depth)
+            self._item(None if item_length == UNDEFINED_LENGTH else self.fp.tell() + item_length, depth,
+                       self._implicit_item(implicit))
         if self.fp.tell() != end:
             raise InvalidDatasetError("an item runs past the end of its sequence")
 
-    def _item(self, end: int | None, depth: int) -> None:
+    def _item(self, end: int | None, depth: int, implicit: bool) -> None:
         """Step through one item's elements: to ``end``, or (undefined length) through its Item Delimitation Item."""
         fp = self.fp
 
@@ -119,17 +131,20 @@ class Walker:
             return (end is not None and fp.tell() > end) or self.stop_when(tag, vr, length)
 
         while True:
-            for _ in data_element_generator(cast(BinaryIO, fp), self.implicit, self.little, stop_when=stop,
-                                            defer_size=0):
+            for _ in data_element_generator(cast(BinaryIO, fp), implicit, self.little, stop_when=stop, defer_size=0):
                 pass  # every value seeked past (Specific Character Set, a few bytes, excepted)
             if self.stopped_at is not None:  # a sequence inside the item: step through it, then go on
                 offset, length = self.stopped_at
                 self.stopped_at = None
                 fp.seek(offset)
-                self.walk(length, depth + 1)
+                self.walk(length, depth + 1, implicit)
                 continue
             if end is not None:
-                if fp.tell() != end:
+                if fp.tell() == end + 8 and self._delimits_at(end):
+                    # the item ended a sequence that ended an undefined-length item: pydicom's generator read that
+                    # item's delimiter and returned without a stop (PS3.5 7.5 lets the two length forms mix)
+                    fp.seek(end)
+                elif fp.tell() != end:
                     raise InvalidDatasetError("an element runs past the end of its sequence item"
                                               if fp.tell() > end else "dataset is truncated inside a sequence item")
                 return
@@ -139,21 +154,26 @@ class Walker:
                 raise InvalidDatasetError("dataset is truncated inside a sequence item")
             return
 
+    def _delimits_at(self, offset: int) -> bool:
+        """Whether an Item Delimitation Item starts at ``offset`` (``fp`` is left there)."""
+        self.fp.seek(offset)
+        return self._read_header()[0] == _ITEM_DELIMITER
+
 
 def read_top_level(fp: DicomIO, ts: UID, *, specific_tags: list[BaseTag | int], defer_size: int,
                    check_vrs: bool) -> Dataset:
     """pydicom's ``read_dataset`` of ``specific_tags`` from ``fp`` (top-level elements only), with every sequence
-    stepped through by a `Walker` instead of read, and with ``check_vrs`` every VR at any depth checked."""
+    stepped through by a `Walker` instead of read, and with ``check_vrs`` every VR at any depth checked. Only the
+    first part (up to the first sequence) goes through ``read_dataset``, whose guess at the VR mode the caller checks;
+    the rest is read in the transfer syntax's mode (a guess made again after each sequence could take an Implicit VR
+    element whose length bytes read as letters for Explicit VR, and misread all that follows)."""
     walker = Walker(fp, ts, check_vrs=check_vrs)
-    ds: Dataset | None = None
-    while True:
-        part = read_dataset(cast(BinaryIO, fp), bool(ts.is_implicit_VR), bool(ts.is_little_endian),
-                            stop_when=walker.stop_when, defer_size=defer_size, specific_tags=specific_tags)
-        if ds is None:
-            ds = part
-        else:
-            for tag in part.keys():  # noqa: SIM118 - iterating a Dataset would convert (read) each element
-                ds[tag] = part.get_item(tag, keep_deferred=True)
-        if walker.stopped_at is None:
-            return ds
+    implicit, little = bool(ts.is_implicit_VR), bool(ts.is_little_endian)
+    ds = read_dataset(cast(BinaryIO, fp), implicit, little, stop_when=walker.stop_when, defer_size=defer_size,
+                      specific_tags=specific_tags)
+    while walker.stopped_at is not None:
         walker.resume()
+        for element in data_element_generator(cast(BinaryIO, fp), implicit, little, stop_when=walker.stop_when,
+                                              defer_size=defer_size, specific_tags=specific_tags):
+            ds[element.tag] = element
+    return ds

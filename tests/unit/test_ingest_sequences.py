@@ -4,12 +4,14 @@ the path both front doors take."""
 
 from __future__ import annotations
 
+import struct
 import tracemalloc
 from pathlib import Path
 
 import pydicom
 import pytest
 from pydicom import Dataset
+from pydicom.dataelem import DataElement
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence
@@ -167,3 +169,39 @@ def test_encapsulated_pixel_data_inside_an_item_is_not_taken_for_a_sequence(inge
     write_dataset(fp, source)
     rec = ingestor.accept(fp.getvalue(), str(source.file_meta.TransferSyntaxUID), ORIGIN).record
     assert Path(rec.path).exists() and pydicom.dcmread(rec.path).IconImageSequence[0].Rows == source.Rows
+
+
+def _implicit_item(length: int) -> bytes:
+    """One undefined-length item holding a private element of ``length`` bytes, in Implicit VR Little Endian."""
+    return (struct.pack("<HHL", 0xFFFE, 0xE000, 0xFFFFFFFF) + struct.pack("<HHL", 0x0029, 0x1008, length)
+            + b"A" * length + struct.pack("<HHL", 0xFFFE, 0xE00D, 0))
+
+
+@pytest.mark.parametrize("length", [20, 70, 330])
+def test_a_un_sequence_of_undefined_length_holds_implicit_vr_items(ingestor, ct, length):
+    """PS3.5 6.2.2: a private sequence relayed from Implicit to Explicit VR becomes UN of undefined length whose items
+    stay Implicit VR — routine from PACS and routers. Read as Explicit VR, an element whose length bytes look like
+    letters (70 = 'F\\0', 330 = 'J\\1') was refused as having no VR (review of this walker)."""
+    ct.add_new(0x00290010, "LO", "SIEMENS CSA HEADER")
+    ct[0x00291020] = DataElement(0x00291020, "UN", _implicit_item(length), is_undefined_length=True)
+    ingestor.accept(encoded(ct), ExplicitVRLittleEndian, ORIGIN)
+
+
+def test_a_defined_length_sequence_may_end_an_undefined_length_item(ingestor, ct):
+    """PS3.5 7.5 lets the length forms mix: the walker read the outer item's delimiter as running past the inner
+    item's end and refused the data set."""
+    code = item((0x00080100, "SH", "T-D1100"), (0x00080102, "SH", "SRT"))
+    outer = item((0x00080100, "SH", "T-D1100"), undefined=True)
+    outer.add_new(0x00082228, "SQ", Sequence([code]))  # defined length, its item too: the last element of ``outer``
+    ingestor.accept(encoded(with_sequence(ct, [outer], undefined=True, tag=0x00082218)), ExplicitVRLittleEndian,
+                    ORIGIN)
+
+
+@pytest.mark.parametrize("length", [0x4F42, 0x4E55])
+def test_an_implicit_vr_element_after_a_sequence_is_not_taken_for_explicit_vr(ingestor, ct, length):
+    """pydicom guesses the VR mode from the first element it reads; asked again after each sequence, it took an
+    Implicit VR element whose length bytes read as letters ('BO', 'UN') for Explicit VR and misread the rest."""
+    with_sequence(ct, [item(marker(), undefined=True)], undefined=True, tag=0x00081140)
+    ct.add_new(0x00082111, "ST", "x" * length)  # Derivation Description, right after the sequence
+    rec = ingestor.accept(encoded(ct, implicit=True), ImplicitVRLittleEndian, ORIGIN).record
+    assert rec.series_uid == ct.SeriesInstanceUID
