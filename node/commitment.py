@@ -286,7 +286,7 @@ class Commitments:
         0x0110 for a report that is malformed, unknown, or could not be stored."""
         assoc = event.assoc  # the PACS: the acceptor when the report comes on the node's own N-ACTION association
         remote = assoc.acceptor if assoc.is_requestor else assoc.requestor
-        calling, peer = str(remote.ae_title), str(remote.address)
+        calling, peer, dialled = str(remote.ae_title), str(remote.address), bool(assoc.is_requestor)
         try:
             report = parse_report(event)
         except (ValueError, AttributeError, TypeError) as exc:
@@ -297,35 +297,36 @@ class Commitments:
                                   event_type=report.event_type, transaction_uid=report.transaction_uid)
             return _STATUS_NO_SUCH_EVENT_TYPE, None
         try:
-            return self.record(report, calling, peer), None
+            return self.record(report, calling, peer, dialled=dialled), None
         except Exception as exc:  # noqa: BLE001 - the boundary: a failure status, never an aborted association
             self.log.error("commitment_report_failed", transaction_uid=report.transaction_uid, error=failure(exc))
             return STATUS_PROCESSING_FAILURE, None
 
-    def record(self, report: Report, calling_ae: str, peer: str) -> int:
+    def record(self, report: Report, calling_ae: str, peer: str, *, dialled: bool = False) -> int:
         """Apply one report to the row with its Transaction UID; returns the N-EVENT-REPORT response status.
         Refused (0x0110, as an unknown transaction) unless ``calling_ae`` at ``peer`` is the row's destination
-        (`foreign_reporter`).
+        (`foreign_reporter`; ``dialled``: on the node's own N-ACTION association).
 
         Committed only when every requested instance is among the committed ones and none failed (a late report
         still commits a `timed_out` row); otherwise `failed` with the reasons."""
         c = commitments.c
         now = self.clock()
-        with transaction(self.engine, "commitments") as conn:
+        with reading(self.engine, "commitments") as conn:
             row = conn.execute(sa.select(c.delivery_id, c.destination, c.refs, c.state)
                                .where(c.transaction_uid == report.transaction_uid)).first()
-            if row is None:  # anyone who can associate may send these: logged rate-limited per peer
-                self._refusals.record(PeerRefusal.COMMITMENT_REPORT_UNKNOWN, peer or calling_ae, calling_ae=calling_ae,
-                                      transaction_uid=report.transaction_uid)
-                return STATUS_PROCESSING_FAILURE
-            dest = self._destination(row.destination)
-            why = "the destination is no longer configured" if dest is None else foreign_reporter(dest, calling_ae,
-                                                                                                   peer)
-            if why:  # answered as an unknown transaction is: no hint that the UID is one of ours
-                self._refusals.record(PeerRefusal.COMMITMENT_REPORT_FOREIGN, peer or calling_ae,
-                                      calling_ae=calling_ae, destination=row.destination,
-                                      transaction_uid=report.transaction_uid, error=why)
-                return STATUS_PROCESSING_FAILURE
+        if row is None:  # anyone who can associate may send these: logged rate-limited per peer
+            self._refusals.record(PeerRefusal.COMMITMENT_REPORT_UNKNOWN, peer or calling_ae, calling_ae=calling_ae,
+                                  transaction_uid=report.transaction_uid)
+            return STATUS_PROCESSING_FAILURE
+        dest = self._destination(row.destination)  # (outside a transaction: the check may resolve host names)
+        why = ("the destination is no longer configured" if dest is None
+               else foreign_reporter(dest, calling_ae, peer, dialled=dialled))
+        if why:  # answered as an unknown transaction is: no hint that the UID is one of ours
+            self._refusals.record(PeerRefusal.COMMITMENT_REPORT_FOREIGN, peer or calling_ae,
+                                  calling_ae=calling_ae, destination=row.destination,
+                                  transaction_uid=report.transaction_uid, error=why)
+            return STATUS_PROCESSING_FAILURE
+        with transaction(self.engine, "commitments") as conn:
             wanted = {uid for _, uid in json.loads(row.refs)}
             failed = [[uid, f"0x{reason:04X}"] for uid, reason in report.failed]
             failed += [[uid, "not in the report"] for uid in sorted(wanted - set(report.committed))
@@ -333,7 +334,8 @@ class Commitments:
             ok = report.event_type == 1 and not failed
             state = CommitState.COMMITTED if ok else CommitState.FAILED
             error = None if ok else f"the PACS reports {len(failed)} of {len(wanted)} instances not committed"
-            conn.execute(commitments.update().where(c.delivery_id == row.delivery_id).values(
+            conn.execute(commitments.update().where(c.delivery_id == row.delivery_id,
+                                                    c.transaction_uid == report.transaction_uid).values(
                 state=state.value, reported_at=now, failed=json.dumps(failed) if failed else None, last_error=error))
         log = self.log.bind(delivery_id=row.delivery_id, destination=row.destination, calling_ae=calling_ae,
                             transaction_uid=report.transaction_uid, event_type=report.event_type)

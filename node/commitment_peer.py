@@ -88,20 +88,27 @@ def _address(text: str) -> str:
     return str(mapped or ip)
 
 
-def foreign_reporter(destination: Destination, calling_ae: str, address: str) -> str | None:
+def foreign_reporter(destination: Destination, calling_ae: str, address: str, *, dialled: bool = False) -> str | None:
     """Why an N-EVENT-REPORT from ``calling_ae`` at ``address`` may not settle ``destination``'s commitment, or None.
 
-    Allowed: an AE title of ``commitment_report_ae_titles`` (empty: the destination's ``ae_title``) at an address
-    of ``commitment_report_hosts`` (empty: its ``host``), host names resolved now. Without this check any peer that
-    may associate (every one, with no ``allowed_calling_aes``) and learns a Transaction UID could mark results held
-    by a PACS that never stored them."""
-    titles = destination.commitment_report_ae_titles or (destination.ae_title or "",)
-    if calling_ae.strip() not in titles:
-        return f"calling AE title {calling_ae.strip()!r} is not one the destination reports from"
+    ``dialled``: the report came on the node's own N-ACTION association, whose peer is the destination the node
+    called (by construction: only the called AE title is compared). Otherwise the calling AE title must be the
+    destination's ``ae_title`` or one of ``commitment_report_ae_titles``, and, only when ``commitment_report_hosts``
+    is set, the address one of those (host names resolved now; one that does not resolve matches only itself). The
+    address is not checked by default: a PACS often reports from another address than the one the node dials (NAT,
+    a Kubernetes service, an HA pair). Without this check any peer that may associate (every one, with no
+    ``allowed_calling_aes``) and learns a Transaction UID could mark results held by a PACS that never stored them."""
+    title = calling_ae.strip()
+    if dialled:
+        return None if title == destination.ae_title else f"the association is with {title!r}, not the destination"
+    if title not in (destination.ae_title, *destination.commitment_report_ae_titles):
+        return f"calling AE title {title!r} is not one the destination reports from"
+    if not destination.commitment_report_hosts:
+        return None
     allowed: set[str] = set()
-    for host in destination.commitment_report_hosts or (destination.host or "",):
+    for host in destination.commitment_report_hosts:
         allowed.add(_address(host))
-        with contextlib.suppress(OSError, UnicodeError):  # an unresolvable name matches only itself
+        with contextlib.suppress(OSError, UnicodeError):
             allowed.update(_address(str(info[4][0])) for info in socket.getaddrinfo(host, None))
     if _address(address) not in allowed:
         return f"address {address} is not one the destination reports from"

@@ -166,9 +166,9 @@ class Destination(_Frozen):
     # DICOMweb → QIDO-RS finds every stored instance. No proof within commit_timeout_seconds: reported uncommitted.
     commitment: bool = False
     commit_timeout_seconds: Annotated[float, Field(gt=0, le=7 * 86400)] = 300.0
-    # Who may send this destination's N-EVENT-REPORT (node.commitment.foreign_reporter): its calling AE title and
-    # its address. Empty: the destination's own ae_title / host (what Orthanc and most PACS report from); a PACS that
-    # reports from another AE title or node lists them here (host names are resolved when a report arrives).
+    # Who may send this destination's N-EVENT-REPORT on an association of its own (node.commitment_peer.
+    # foreign_reporter): the destination's ae_title or one listed here; and, only when hosts are listed, from one of
+    # them (names resolved when a report comes). A report on the node's own N-ACTION association is the dialled peer's.
     commitment_report_ae_titles: tuple[AETitle, ...] = ()
     commitment_report_hosts: tuple[Annotated[str, Field(min_length=1, max_length=253)], ...] = ()
     # TLS to this destination (node.tls): DIMSE with `tls = true`, DICOMweb with an https:// url. The peer's

@@ -295,31 +295,32 @@ def test_reports_for_unknown_transactions_are_refused_and_logged_rate_limited(tm
 
 def test_only_the_destination_may_settle_its_commitment(tmp_path, files):
     """A peer that learns a Transaction UID (it crosses the network in the clear without TLS) must not be able to
-    mark results committed that the PACS never stored: the report must come from the destination's AE title at
-    its host; others are answered as an unknown transaction is, and logged."""
+    mark results committed that the PACS never stored: the report must come from the destination's AE title;
+    others are answered as an unknown transaction is, and logged. By default any address: a PACS often reports
+    from another address than the one the node dials (NAT, a Kubernetes service, an HA pair)."""
     _, _, _, uids = files
     tracker, requester, _, _ = setup(tmp_path, files, dimse("a"))
     tracker.run_once()
     uid = requester.calls[0][1]
     with capture_logs() as logs:
         assert tracker.record(Report(uid, 1, tuple(uids), ()), "FORGER", "127.0.0.1") == 0x0110
-        assert tracker.record(Report(uid, 1, tuple(uids), ()), "PACS", "192.0.2.7") == 0x0110
     assert row(tracker, "a").state == CommitState.REQUESTED
     foreign = [e for e in logs if e["event"] == "commitment_report_foreign"]
-    assert [e["calling_ae"] for e in foreign] == ["FORGER", "PACS"] and foreign[0]["destination"] == "a"
-    assert "FORGER" in foreign[0]["error"] and "192.0.2.7" in foreign[1]["error"]
-    assert tracker.record(Report(uid, 1, tuple(uids), ()), "PACS", "::ffff:127.0.0.1") == 0x0000
+    assert [e["calling_ae"] for e in foreign] == ["FORGER"] and foreign[0]["destination"] == "a"
+    assert "FORGER" in foreign[0]["error"]
+    assert tracker.record(Report(uid, 1, tuple(uids), ()), "PACS", "10.1.2.3") == 0x0000
     assert row(tracker, "a").state == CommitState.COMMITTED
 
 
-def test_a_pacs_that_reports_from_elsewhere_is_listed(tmp_path, files):
+def test_listed_reporters_add_to_the_destination_and_listed_hosts_bind_the_address(tmp_path, files):
     _, _, _, uids = files
-    dest = dimse("a", commitment_report_ae_titles=("PACS_SCP", "PACS"), commitment_report_hosts=("localhost",))
+    dest = dimse("a", commitment_report_ae_titles=("PACS_SCP",), commitment_report_hosts=("localhost",))
     tracker, requester, _, _ = setup(tmp_path, files, dest)
     tracker.run_once()
     uid = requester.calls[0][1]
     assert tracker.record(Report(uid, 1, tuple(uids), ()), "OTHER", "127.0.0.1") == 0x0110
-    assert tracker.record(Report(uid, 1, tuple(uids), ()), "PACS_SCP", "127.0.0.1") == 0x0000  # localhost resolved
+    assert tracker.record(Report(uid, 1, tuple(uids), ()), "PACS_SCP", "192.0.2.7") == 0x0110  # not a listed host
+    assert tracker.record(Report(uid, 1, tuple(uids), ()), "PACS", "::ffff:127.0.0.1") == 0x0000  # localhost resolved
     assert row(tracker, "a").state == CommitState.COMMITTED
 
 
@@ -347,9 +348,10 @@ def test_a_report_on_the_node_s_own_n_action_association_commits(tmp_path, files
     ae.add_supported_context(StorageCommitmentPushModel)
     port = free_port()
     server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_N_ACTION, on_action)])
-    try:
+    try:  # listed reporters elsewhere do not stop a report from the very peer the node dialled
         dest = Destination(name="a", kind=DestinationKind.DIMSE, ae_title="SCPAE", host="127.0.0.1", port=port,
-                           commitment=True)
+                           commitment=True, commitment_report_ae_titles=("PACS_SCU",),
+                           commitment_report_hosts=("192.0.2.9",))
         tracker, _, _, _ = setup(tmp_path, files, dest)
         tracker.requester = request_commitment  # the real N-ACTION, not the recorder
         assert tracker.run_once() == 1
