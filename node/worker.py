@@ -440,11 +440,12 @@ class Worker:
         stop = threading.Event()
         lost = threading.Event()
 
-        def beat() -> None:  # not past [supervise] item_seconds: a hung attempt must not keep its job for ever
-            overrun = time.monotonic() + self.config.supervise.item_seconds
+        def beat() -> None:  # not past [queue] attempt_limit_seconds: a hung attempt must not keep its job for ever
+            limit = self.config.queue.attempt_limit_seconds
+            overrun = time.monotonic() + limit
             while not stop.wait(self.config.queue.heartbeat_seconds):
                 if time.monotonic() > overrun:  # the lease runs out; another worker takes the job, a new attempt
-                    self.log.error("job_overran", job_id=job.id, item_seconds=self.config.supervise.item_seconds)
+                    self.log.error("job_overran", job_id=job.id, attempt_limit_seconds=limit)
                     return
                 try:
                     held = self.queue.heartbeat(job, self.worker_id)

@@ -83,6 +83,10 @@ class QueueSection(_Frozen):
     heartbeat_seconds: Annotated[float, Field(gt=0, le=3600)] = 30.0
     max_attempts: Annotated[int, Field(ge=1, le=100)] = 3
     retry_delay_seconds: Annotated[float, Field(ge=0, le=86400)] = 10.0
+    # An attempt still running this long is taken for hung (a hard-mounted NFS spool that stopped answering, a GPU
+    # hang): its lease is no longer renewed, so another worker takes the job (node.worker, job_overran). Generous:
+    # the largest series the gate admits (max_series_megavoxels) takes minutes on a CPU.
+    attempt_limit_seconds: Annotated[float, Field(gt=0, le=7 * 86400)] = 3600.0
     priority_rules: tuple[PriorityRule, ...] = ()
 
     @model_validator(mode="after")
@@ -92,6 +96,9 @@ class QueueSection(_Frozen):
                 f"heartbeat_seconds ({self.heartbeat_seconds:g}) must be at most half of lease_seconds "
                 f"({self.lease_seconds:g}): a lease that ends before the next heartbeat renews it lets another "
                 "worker claim the running job, which then runs twice and spends an attempt")
+        if self.attempt_limit_seconds < self.lease_seconds:
+            raise ValueError(f"attempt_limit_seconds ({self.attempt_limit_seconds:g}) must be at least lease_seconds "
+                             f"({self.lease_seconds:g})")
         return self
 
 

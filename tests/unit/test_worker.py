@@ -386,13 +386,15 @@ def test_a_superseded_version_whose_files_were_purged_is_still_withdrawn(node, t
 
 def test_the_lease_is_renewed_while_results_are_built_not_only_during_inference(node, tmp_path, monkeypatch):
     """Loading and building can outlast a short lease as much as inference can: the heartbeat covers them too, so
-    no other worker claims the job meanwhile and this attempt's results are committed."""
-    from node.config import QueueSection
+    no other worker claims the job meanwhile and this attempt's results are committed — also past [supervise]
+    item_seconds, which only marks the loop stuck (a version of the hang limit used it, and a long job ran twice)."""
+    from node.config import QueueSection, SuperviseSection
     from node.pipelines.pneumonia import PneumoniaPipeline
 
     config, engine, ingestor, _, dispatcher, _ = node
     config = config.model_copy(update={"queue": QueueSection(lease_seconds=0.5, heartbeat_seconds=0.05,
-                                                             max_attempts=2, retry_delay_seconds=0)})
+                                                             max_attempts=2, retry_delay_seconds=0),
+                                       "supervise": SuperviseSection(item_seconds=1.0)})
     queue = JobQueue(engine, config.queue)
     series = receive(ingestor, tmp_path, "slow", slices=12, seed=5)
     job_id = queue_job(queue, series.series_uid)
@@ -412,17 +414,17 @@ def test_the_lease_is_renewed_while_results_are_built_not_only_during_inference(
     assert queue.get(job_id).state == JobState.DONE
 
 
-def test_a_hung_attempt_stops_renewing_its_lease_after_item_seconds(node, tmp_path, monkeypatch):
+def test_a_hung_attempt_stops_renewing_its_lease_after_its_limit(node, tmp_path, monkeypatch):
     """A job stuck in a call that never returns (a hard-mounted NFS spool, a GPU hang) kept its lease for ever:
-    no other worker could take it, it never died, no report went out. Past [supervise] item_seconds the heartbeat
-    stops, the lease runs out, another worker claims the job; the hung attempt's outcome is dropped."""
-    from node.config import QueueSection, SuperviseSection
+    no other worker could take it, it never died, no report went out. Past [queue] attempt_limit_seconds the
+    heartbeat stops, the lease runs out, another worker claims the job; the hung attempt's outcome is dropped."""
+    from node.config import QueueSection
     from node.pipelines.pneumonia import PneumoniaPipeline
 
     config, engine, ingestor, _, dispatcher, _ = node
     config = config.model_copy(update={"queue": QueueSection(lease_seconds=0.5, heartbeat_seconds=0.05,
-                                                             max_attempts=2, retry_delay_seconds=0),
-                                       "supervise": SuperviseSection(item_seconds=1.0)})
+                                                             max_attempts=2, retry_delay_seconds=0,
+                                                             attempt_limit_seconds=1.0)})
     queue = JobQueue(engine, config.queue)
     series = receive(ingestor, tmp_path, "hung", slices=12, seed=6)
     job_id = queue_job(queue, series.series_uid)
@@ -431,7 +433,7 @@ def test_a_hung_attempt_stops_renewing_its_lease_after_item_seconds(node, tmp_pa
     build = PneumoniaPipeline.build
 
     def hung_build(self, *args, **kwargs):
-        time.sleep(1.0 + 3 * config.queue.lease_seconds)  # past item_seconds, and the lease after it
+        time.sleep(1.0 + 3 * config.queue.lease_seconds)  # past the attempt limit, and the lease after it
         seen["other"] = queue.claim("another-worker")
         return build(self, *args, **kwargs)
 
