@@ -50,6 +50,7 @@ from node.supervise import Heartbeats, failure
 LOOP = "completion"  # the sweep's name in the heartbeat registry
 FAILURE_LOG_SECONDS = 60.0  # while sweeps keep failing, one completion_sweep_failed line this often
 _ROUTE_TRIES = 3  # instances nearest the middle tried for the routing header when files cannot be read
+_ROUTE_GIVE_UP_SECONDS = 3600.0  # ... and for this long after the series' last instance, before it is unreadable
 
 
 class CompletionReason(StrEnum):
@@ -328,7 +329,8 @@ class CompletionSweeper:
         puts its localizer at instance 1 of the axial series must not have the whole series ignored as a
         localizer (the gate then judges the stack as a whole). A file that cannot be read (`OSError`) is no verdict
         on the series: the next ones nearest the middle are tried, and if `_ROUTE_TRIES` fail the error is raised
-        (the series is judged again next sweep; `_series_failed` logs it), never taken for "unreadable"."""
+        (the series is judged again next sweep; `_series_failed` logs it) — for `_ROUTE_GIVE_UP_SECONDS` after its
+        last instance; then it is "unreadable" (ignored, `series_unreadable` logged), not judged for ever."""
         ordered = sorted(rows, key=lambda r: (r.instance_number is None, r.instance_number or 0, r.sop_uid))
         middle = len(ordered) // 2
         nearest = sorted(range(len(ordered)), key=lambda i: (abs(i - middle), i))[:_ROUTE_TRIES]
@@ -341,19 +343,21 @@ class CompletionSweeper:
                 error = exc
         else:
             if error is not None:
-                raise error
+                if self.clock() - row.last_received_at < _ROUTE_GIVE_UP_SECONDS:
+                    raise error
+                self.log.error("series_unreadable", series_uid=row.series_uid, error=failure(error))
         return route(header, self.config.routes, NODE_MANUFACTURER)
 
     def _kept(self, row: Any, decision: Decision) -> Decision:
         """A series that changed after its results went out (a late or re-sent instance) and now routes nowhere
         (more slices than a route allows, another middle instance): ignoring it left those results live and an
         earlier job queued. It stays with its pipeline instead, as a new version: a result, or the gate's "not
-        processed" report, that supersedes and withdraws the old ones."""
+        processed" report, that supersedes and withdraws the old ones — while some route still leads to it."""
         with self.engine.connect() as conn:
             last = conn.execute(sa.select(jobs.c.pipeline).where(jobs.c.series_uid == row.series_uid)
                                 .order_by(jobs.c.version.desc()).limit(1)).scalar()
-        if last is None:
-            return decision
+        if last is None or str(last) not in {str(r.pipeline) for r in self.config.routes}:
+            return decision  # no route leads to that pipeline any more: the operator turned it off
         self.log.info("series_route_kept", series_uid=row.series_uid, route=decision.label, pipeline=str(last))
         return Decision(str(row.route or decision.label), PipelineName(last))
 
@@ -374,14 +378,16 @@ def _matches(rule: PriorityRule, row: Any, rows: Sequence[Any]) -> bool:
     if rule.calling_ae is not None and rule.calling_ae != row.calling_ae:
         return False
     if rule.keyword is not None:
-        if not rows:
-            return False
-        try:
-            ds = dcmread(rows[0].path, stop_before_pixels=True, specific_tags=[rule.keyword])
-        except (InvalidDicomError, ValueError):
-            return False  # (an OSError is raised: the series is judged again, not queued at the wrong priority)
-        value = ds.get(rule.keyword)
-        return value is not None and str(value).strip().upper() == str(rule.equals).strip().upper()
+        for r in rows[:_ROUTE_TRIES]:  # the first instance that can be read (a file that cannot is skipped)
+            try:
+                ds = dcmread(r.path, stop_before_pixels=True, specific_tags=[rule.keyword])
+            except OSError:
+                continue
+            except (InvalidDicomError, ValueError):
+                return False
+            value = ds.get(rule.keyword)
+            return value is not None and str(value).strip().upper() == str(rule.equals).strip().upper()
+        return False  # none could be read: routine priority (routing, which read one, decides the rest)
     return True
 
 

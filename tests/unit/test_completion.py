@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from structlog.testing import capture_logs
 
 from node.completion import CompletionReason, CompletionSweeper
 from node.config import NodeConfig, PipelineName, PriorityRule, Route
@@ -381,13 +382,17 @@ def test_a_failing_sweep_is_logged_once_then_a_line_a_minute_and_its_recovery(en
     assert [e["failed_in_a_row"] for e in logs if e["event"] == "completion_sweep_recovered"] == [5]
 
 
-@pytest.mark.parametrize("unreadable", ["middle", "all"])
+@pytest.mark.parametrize("unreadable", ["middle", "all", "first-with-a-priority-rule", "all-for-an-hour"])
 def test_a_spool_file_that_cannot_be_read_is_no_verdict_on_the_series(env, tmp_path, unreadable):
     """A routing read that failed (an NFS blip, too many open files) ignored the series for good as "[unreadable]":
     no job, no report, only an info line. Now a neighbour of the middle instance is read instead, and when none
-    can be, the series is judged again next sweep."""
+    can be, the series is judged again next sweep — for an hour after its last instance, then it is unreadable.
+    A priority rule reads the first instance that can be read (one lost file used to stall the series)."""
     index, sweeper, completed = make(env)
     _, clock = env
+    if unreadable == "first-with-a-priority-rule":
+        sweeper.config = sweeper.config.model_copy(update={"queue": sweeper.config.queue.model_copy(update={
+            "priority_rules": (PriorityRule(keyword="Modality", equals="CT"),)})})
     paths = []
     for n in range(1, 21):
         paths.append(tmp_path / f"{n}.dcm")
@@ -398,12 +403,20 @@ def test_a_spool_file_that_cannot_be_read_is_no_verdict_on_the_series(env, tmp_p
             modality="CT", instance_number=n, image_position=f"0\\0\\{n * 2.5}", image_orientation="1\\0\\0\\0\\1\\0",
             frame_of_reference_uid="1.9", calling_ae="CT1", association_id="a1",
         ))
-    gone = paths if unreadable == "all" else [paths[10]]  # instance 11: the middle of 20
+    gone = {"middle": [paths[10]], "first-with-a-priority-rule": [paths[0]]}.get(unreadable, paths)  # 11: middle
     for p in gone:
         p.rename(p.with_suffix(".away"))
     clock.now += 60
-    if unreadable == "middle":
+    if unreadable in ("middle", "first-with-a-priority-rule"):
         assert [r for _, _, r in sweeper.sweep()] == [CompletionReason.QUIET_TIMER]
+    elif unreadable == "all-for-an-hour":
+        assert sweeper.sweep() == []
+        clock.now += 3600
+        with capture_logs() as logs:
+            assert sweeper.sweep() == []
+        assert index.get_series("7.4").state == SeriesState.IGNORED and index.get_series("7.4").route == "[unreadable]"
+        assert [e["event"] for e in logs if e["log_level"] == "error"] == ["series_unreadable"]
+        return
     else:
         assert sweeper.sweep() == [] and sweeper.sweep() == []
         assert index.get_series("7.4").state == SeriesState.RECEIVING
@@ -445,3 +458,8 @@ def test_a_series_that_changes_after_its_results_and_now_routes_nowhere_stays_wi
     with engine.connect() as conn:
         queued = [(r.version, r.pipeline) for r in conn.execute(jobs.select().where(jobs.c.series_uid == "7.5"))]
     assert sorted(queued) == [(1, "pneumonia"), (2, "pneumonia")]  # version 2's job supersedes version 1's
+    # with no route to the pipeline any more (the operator turned it off), a later change is ignored
+    sweeper.config = config.model_copy(update={"routes": ()})
+    slice_(22)
+    clock.now += 60
+    assert sweeper.sweep() == [] and index.get_series("7.5").state == SeriesState.IGNORED
