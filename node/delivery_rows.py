@@ -103,11 +103,29 @@ def not_superseded() -> sa.ColumnElement[bool]:
 
 
 def no_older_in_flight(now: float) -> sa.ColumnElement[bool]:
-    """Rows with no delivery of an older version of their series to the same destination being sent at ``now``
-    (held under a live lease, by another dispatcher on a shared database): sent meanwhile, this version's rejection
-    note would reach the PACS before the objects it withdraws. Waits until that send ends (the older row is then
-    delivered, or superseded when next claimed)."""
+    """Rows with no delivery of an older version of their series to the same destination still waiting or being
+    sent at ``now`` (held under a live lease, by another dispatcher on a shared database): sent meanwhile, this
+    version's rejection note would reach the PACS before the objects it withdraws. A waiting older row blocks too:
+    under PostgreSQL's READ COMMITTED another dispatcher's claim of it, not yet committed, still reads as waiting.
+    `supersede_waiting` dead-letters waiting older rows first, so only a claim in flight holds a newer row up."""
     d, older = deliveries.c, deliveries.alias("older").c
+    in_flight = sa.or_(older.state == DeliveryState.PENDING.value,
+                       sa.and_(older.state == DeliveryState.SENDING.value, older.lease_until > now))
     return ~sa.exists().where(older.series_uid == d.series_uid, older.destination == d.destination,
-                              older.version < d.version, older.state == DeliveryState.SENDING.value,
-                              older.lease_until > now)
+                              older.version < d.version, in_flight)
+
+
+def supersede_waiting(conn: sa.Connection, destination: str, now: float) -> list[Any]:
+    """Dead-letter the waiting deliveries to ``destination`` whose series has a delivery of a newer version to it
+    ("superseded": never to be sent after that one); returns them (id, series_uid, version, newest). A row another
+    dispatcher is claiming at this moment is locked by it and, once claimed, no longer waiting: left alone."""
+    d, newer = deliveries.c, deliveries.alias("newer").c
+    newest = (sa.select(sa.func.max(newer.version)).where(newer.series_uid == d.series_uid,
+                                                          newer.destination == d.destination).scalar_subquery())
+    stale = sa.and_(d.destination == destination, d.state == DeliveryState.PENDING.value, newest > d.version)
+    rows = conn.execute(sa.select(d.id, d.series_uid, d.version, newest.label("newest")).where(stale)).all()
+    for r in rows:
+        conn.execute(deliveries.update().where(d.id == r.id, stale).values(
+            state=DeliveryState.DEAD.value, holder=None, lease_until=None, last_attempt_at=now,
+            last_error=f"superseded by version {r.newest} of the series"))
+    return list(rows)

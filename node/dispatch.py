@@ -40,10 +40,7 @@ from node.errors import SendError
 from node.leases import MAX_ERROR_CHARS, Lease, Leases, backoff, holder_id, own_prefix
 from node.logs import get_logger
 from node.schema import deliveries
-from node.senders import (
-    PermanentSendError,
-    Sender,
-)
+from node.senders import PermanentSendError, Sender
 from node.states import DeliveryState
 from node.supervise import Heartbeats
 
@@ -257,6 +254,10 @@ class Dispatcher:
         if pause is not None and now < pause[1]:
             where = sa.and_(where, d.queued_at > pause[0])
         where = sa.and_(where, store.no_older_in_flight(now))
+        with self._transaction(None) as conn:  # waiting older versions first: superseded, never sent
+            for r in store.supersede_waiting(conn, name, now):
+                self._log.info("delivery_superseded", delivery_id=int(r.id), series_uid=r.series_uid,
+                               version=int(r.version), newer_version=int(r.newest), destination=name)
         newer: int | None = 0
         while newer is not None:  # until a row that is not superseded (or none is due)
             with self._transaction(None) as conn:

@@ -715,3 +715,36 @@ def test_a_second_dispatcher_never_sends_a_version_while_an_older_one_is_being_s
     assert len(v2_sends) == 1  # once, after version 1 (A's drain goes on to it, or B's next turn takes it)
     for e in engines:
         e.dispose()
+
+
+def test_a_claim_in_flight_on_another_dispatcher_holds_the_newer_version_up(db_url: str, clock: FakeClock) -> None:
+    """The window the first guard left (PostgreSQL READ COMMITTED): A has claimed version 1, not yet committed,
+    when version 2 is queued; B still reads version 1 as waiting, so a guard on 'sending' rows alone let B send
+    version 2 first. A waiting older version now holds the newer one up too (and is superseded when it is not
+    being claimed)."""
+    if db_url.startswith("sqlite"):
+        pytest.skip("SQLite has one writer at a time: version 2's enqueue waits for A's claim to commit")
+    engines = [create_engine_for(db_url), create_engine_for(db_url)]
+    init_schema(engines[0])
+    config = make_config(dimse("pacs"))
+    quick = FakeSender()
+    b = Dispatcher(config, engines[1], {DestinationKind.DIMSE: quick}, clock=clock)
+    [v1] = b.enqueue("1.2.3", 1, files(tag="v1"), uids(tag="1"))
+    a_claim = engines[0].connect()
+    a_tx = a_claim.begin()  # A's claim of version 1, in flight
+    a_claim.execute(deliveries.update().where(deliveries.c.id == v1).values(
+        state=DeliveryState.SENDING.value, holder="a", lease_until=clock() + 60))
+    [v2] = Dispatcher(config, engines[1], {}, clock=clock).enqueue("1.2.3", 2, files(tag="v2"), uids(tag="2"))
+    turn = threading.Thread(target=b.run_once)
+    turn.start()
+    time.sleep(0.5)
+    a_tx.commit()  # A goes on to send version 1
+    a_claim.close()
+    turn.join(30)
+    assert quick.calls == [] and row(b, v2).state == DeliveryState.PENDING
+    with engines[0].begin() as conn:  # version 1 delivered by A
+        conn.execute(deliveries.update().where(deliveries.c.id == v1).values(state=DeliveryState.DELIVERED.value))
+    b.run_once()
+    assert quick.calls == [("pacs", tuple(files(tag="v2")))]
+    for e in engines:
+        e.dispose()
