@@ -48,9 +48,6 @@ class PermanentSendError(SendError):
     """The destination refuses the objects themselves, or they cannot be read: retrying the same bytes won't help."""
 
 
-_log = get_logger(component="senders")
-
-
 # -- C-STORE status classes (PS3.4 B.2.3, PS3.7 C) ---------------------------------------------------------------
 
 
@@ -113,7 +110,8 @@ def check_store_results(results: Sequence[StoreResult], expected: int, peer: str
         elif outcome is StoreOutcome.TRANSIENT:
             transient.append(f"{result.sop_uid}: status 0x{result.status:04X}")
         elif result.status == _DUPLICATE_SOP_INSTANCE:
-            _log.warning("instance_already_stored", sop_uid=result.sop_uid, destination=destination or peer)
+            get_logger(component="senders").warning("instance_already_stored", sop_uid=result.sop_uid,
+                                                    destination=destination or peer)
     if len(results) < expected:
         transient.append(f"association ended after {len(results)} of {expected} instances")
     if permanent:
