@@ -212,7 +212,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
 
 def cmd_retry(args: argparse.Namespace) -> int:
     _, (_, queue, dispatcher) = _open_db(args)
-    n = dispatcher.retry(args.delivery or None, destination=args.destination)
+    n = dispatcher.retry(args.delivery, destination=args.destination)
     print(f"{n} deliveries queued again")
     if args.jobs:
         print(f"{queue.retry()} dead jobs queued again")
@@ -313,7 +313,8 @@ def build_parser(*, plugins: bool = True) -> argparse.ArgumentParser:
     purge.set_defaults(func=cmd_purge)
 
     retry = with_config(sub.add_parser("retry", help="replay dead-lettered deliveries (and jobs with --jobs)"))
-    retry.add_argument("--delivery", type=int, nargs="*", help="delivery ids (default: all dead)")
+    # nargs "+": `--delivery $IDS` with $IDS empty is an error, never "every dead delivery" (that is no --delivery)
+    retry.add_argument("--delivery", type=int, nargs="+", help="delivery ids (default: all dead)")
     retry.add_argument("--destination", help="only deliveries to this destination")
     retry.add_argument("--jobs", action="store_true", help="also re-queue dead jobs (one that sent a \"processing failed\" SR runs as the series' next version)")
     retry.set_defaults(func=cmd_retry)

@@ -73,6 +73,9 @@ def test_status_and_retry(tmp_path):
         ))
     assert json.loads(run("status", "--config", str(config_path), "--json").stdout)["alerts"] == []
 
+    empty = run("retry", "--config", str(config_path), "--delivery")  # `--delivery $IDS` with $IDS empty
+    assert empty.returncode == 2 and "--delivery" in empty.stderr  # an error, not "every dead delivery"
+    assert dispatcher.get(delivery_id).state == DeliveryState.DEAD
     retried = run("retry", "--config", str(config_path), "--jobs")
     assert retried.returncode == 0, retried.stderr
     assert "1 deliveries queued again" in retried.stdout and "1 dead jobs queued again" in retried.stdout
