@@ -69,6 +69,31 @@ def voxel_size(sources: Sequence[Dataset]) -> VoxelSize:
     return size
 
 
+def with_slice_thickness(sources: Sequence[Dataset], slice_mm: float) -> list[Dataset]:
+    """``sources`` with an empty, absent or unreadable SliceThickness (Type 2: empty is valid) given ``slice_mm``,
+    the measured slice distance, in header copies (the inputs are not modified; pixel data is shared). highdicom reads
+    it as a number for the SEG's pixel measures and the SR's image library: without it the build failed, and the
+    job died after three model runs with a "processing failed" report."""
+    out = []
+    for ds in sources:
+        try:
+            thickness = ds.get("SliceThickness")
+        except Exception:  # noqa: BLE001 - a value that does not decode: replaced like an empty one
+            thickness = None
+        if thickness not in (None, ""):
+            out.append(ds)
+            continue
+        copy = Dataset()
+        for tag in ds.keys():  # noqa: SIM118 - raw elements as read: converting a malformed one would raise
+            if tag != 0x00180050:
+                copy[tag] = ds.get_item(tag)
+        if hasattr(ds, "file_meta"):
+            copy.file_meta = ds.file_meta
+        copy.SliceThickness = round(float(slice_mm), 6)
+        out.append(copy)
+    return out
+
+
 def largest_region(mask: np.ndarray) -> np.ndarray:
     """The largest 4-connected region of a 2-D mask with its holes filled (empty if the mask is empty)."""
     labels, count = ndimage.label(mask)

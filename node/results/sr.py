@@ -31,7 +31,14 @@ from node.results.content import (
     with_type2_attributes,
 )
 from node.results.errors import ResultsError
-from node.results.geometry import VoxelSize, largest_region, outline, polygon_area, voxel_size
+from node.results.geometry import (
+    VoxelSize,
+    largest_region,
+    outline,
+    polygon_area,
+    voxel_size,
+    with_slice_thickness,
+)
 from node.results.kos import build_key_images_kos
 from node.results.seg import build_seg
 from node.results.uids import is_valid_uid, result_uid
@@ -266,6 +273,7 @@ def build_results(
     predecessors = _superseded(superseded)
     when = content_datetime_of(sources, content_datetime, fallback_datetime)
     voxel = voxel_size(sources)
+    sources = with_slice_thickness(sources, voxel.slice_mm)
 
     def uid(kind: ResultKind) -> str:
         return result_uid(series_uid, series_version, algorithm.model_key, kind, algorithm.uid_root)
