@@ -254,11 +254,10 @@ class Worker:
             runner = self.warm_up()
             with self._heartbeat(job):  # the lease is renewed while loading, inferring and building
                 t_load = time.perf_counter()
-                try:
-                    volume, runner = self._load(job, rows, runner)
-                except PreprocessError as exc:
-                    refusal = unloadable(exc)
-                    return self._skip(job, pipeline, rows, refusal, log)
+                loaded = self._load(job, rows, runner)
+                if isinstance(loaded, GateRefusal):
+                    return self._skip(job, pipeline, rows, loaded, log)
+                volume, runner = loaded
                 t0 = time.perf_counter()
                 outcome = pipeline.analyse(volume, runner, self.config.gate)
                 inference_seconds = time.perf_counter() - t0
@@ -274,14 +273,12 @@ class Worker:
             t_built = time.perf_counter()
             self._commit(job, objects, inference_seconds=inference_seconds, skipped=None)
             self.metrics.job_ended(job.pipeline.value, "result")
-            log.info(
-                "job_done", inference_seconds=round(inference_seconds, 3), load_seconds=round(t0 - t_load, 3),
-                build_seconds=round(t_built - t0 - inference_seconds, 3),
-                commit_seconds=round(time.perf_counter() - t_built, 3),
-                probability=None if outcome.probability is None else round(outcome.probability, 4),
-                pneumonia=outcome.pneumonia if outcome.classified else None, slices=volume.shape[0],
-                sr_uid=str(objects[0][1].SOPInstanceUID),
-            )
+            log.info("job_done", inference_seconds=round(inference_seconds, 3), load_seconds=round(t0 - t_load, 3),
+                     build_seconds=round(t_built - t0 - inference_seconds, 3),
+                     commit_seconds=round(time.perf_counter() - t_built, 3),
+                     probability=None if outcome.probability is None else round(outcome.probability, 4),
+                     pneumonia=outcome.pneumonia if outcome.classified else None, slices=volume.shape[0],
+                     sr_uid=str(objects[0][1].SOPInstanceUID))
             return JobState.DONE
         except LeaseLost:
             log.warning("job_lease_lost")
@@ -305,11 +302,15 @@ class Worker:
                 self._report_failure(job, pipeline, error, log)
             return state
 
-    def _load(self, job: Job, rows: Sequence[Any], runner: ModelRunner) -> tuple[Any, ModelRunner]:
-        """The series' volume and the runner for it: through the prefetcher's per-slice work when on."""
-        if self.prefetch is None:
-            return load_series([r.path for r in rows]), runner
-        return self.prefetch.load(job.series_uid, rows, runner)
+    def _load(self, job: Job, rows: Sequence[Any], runner: ModelRunner) -> tuple[Any, ModelRunner] | GateRefusal:
+        """The volume and its runner (through the prefetcher when on), or the gate's refusal: pixels that do not load,
+        or any slice's header out of scope, not only the first one's (a series mixing acquisitions, half contrast)."""
+        try:
+            loaded = ((load_series([r.path for r in rows]), runner) if self.prefetch is None
+                      else self.prefetch.load(job.series_uid, rows, runner))
+        except PreprocessError as exc:
+            return unloadable(exc)
+        return next(filter(None, (check_header(ds, self.config.gate) for ds in loaded[0].datasets)), None) or loaded
 
     def _instances(self, series_uid: str) -> list[Any]:
         """The series' index rows, each ``path`` resolved to where this host reads the file (node.spools; a row on

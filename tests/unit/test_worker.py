@@ -572,6 +572,25 @@ def test_a_contrast_enhanced_series_gets_a_not_processed_sr_and_no_inference(nod
     assert runner.calls == 1
 
 
+def test_a_series_mixing_acquisitions_is_judged_on_every_slice_not_the_first(node, tmp_path):
+    """The header checks read only the lowest slice: a series whose later acquisition (12 of 16 slices) carried a
+    contrast agent got a verdict (found by review). Every slice's header is checked once the series is loaded."""
+    config, engine, ingestor, queue, dispatcher, _ = node
+
+    def later_enhanced(ds):
+        if float(ds.ImagePositionPatient[2]) > sorted_z[3]:
+            ds.ContrastBolusAgent = "IOHEXOL 350"
+
+    sorted_z = sorted(float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2])
+                      for p in write_ct_series(tmp_path / "probe", size=32, slices=16, seed=12).paths)
+    series = receive_edited(ingestor, tmp_path, "mixed", later_enhanced, slices=16, seed=12)
+    job_id = queue_job(queue, series.series_uid)
+    Worker(config, engine, queue, dispatcher, FixedRunner).run_pending()
+    job = queue.get(job_id)
+    assert (job.state, job.skip_reason) == (JobState.SKIPPED, SkipReason.OUT_OF_SCOPE.value)
+    assert "contrast" in job.last_error
+
+
 @pytest.mark.parametrize(("orientation", "runs"), [
     ([-1, 0, 0, 0, -1, 0], False),  # prone: upside down, never seen in training
     ([0, 1, 0, -1, 0, 0], False),  # decubitus: on its side
