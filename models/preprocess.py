@@ -159,11 +159,25 @@ def _decode(ds: Any, where: str) -> np.ndarray:
     return np.asarray(arr)
 
 
-def _padding_mask(ds: Any, raw: np.ndarray) -> np.ndarray | None:
+def _padding_mask(ds: Any, raw: np.ndarray, frame: int = 0) -> np.ndarray | None:
+    """Where ``raw`` (frame ``frame`` of ``ds``) holds PixelPaddingValue, compared as stored: pydicom clears bits
+    above BitsStored or sign-extends from HighBit, so padding outside that range (63536, -3024 in 12 bits) was read
+    as bone. The value (US or SS) is its BitsAllocated-bit pattern: native words compared as such, decoded ones as
+    pydicom reads the pattern."""
     pad = getattr(ds, "PixelPaddingValue", None)
     if pad is None:
         return None
-    return raw == int(pad)
+    pattern = int(pad) & ((1 << (bits := int(getattr(ds, "BitsAllocated", 16) or 16))) - 1)
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if bits in (8, 16, 32) and ts is not None and not ts.is_compressed:
+        order = "<" if ts.is_little_endian else ">"
+        words = np.frombuffer(ds.PixelData, dtype=f"{order}u{bits // 8}")
+        if words.size >= (frame + 1) * raw.size:
+            return (words[frame * raw.size:(frame + 1) * raw.size] == pattern).reshape(raw.shape)
+    value = pattern & ((1 << (stored := int(getattr(ds, "BitsStored", bits) or bits))) - 1)
+    if int(getattr(ds, "PixelRepresentation", 0) or 0) == 1 and value >= 1 << (stored - 1):
+        value -= 1 << stored
+    return np.asarray(raw == value)
 
 
 def _slices_of(ds: Any, ds_index: int, where: str) -> list[_Slice]:
@@ -186,7 +200,7 @@ def _slices_of(ds: Any, ds_index: int, where: str) -> list[_Slice]:
                 raise PreprocessError(f"{fw}: missing plane position, orientation or pixel spacing", kind="geometry")
             hu = frames[f].astype(np.float32) * np.float32(float(slope if slope is not None else 1.0))
             hu += np.float32(float(inter if inter is not None else 0.0))
-            pad = _padding_mask(ds, frames[f])
+            pad = _padding_mask(ds, frames[f], f)
             if pad is not None:
                 hu[pad] = HU_MIN
             out.append(

@@ -10,6 +10,7 @@ import pydicom
 import pytest
 
 from models.preprocess import (
+    HU_MIN,
     PreprocessConfig,
     PreprocessError,
     augment,
@@ -260,3 +261,41 @@ def test_real_ct_file_from_pydicom_test_data() -> None:
     expected = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
     np.testing.assert_array_equal(vol.hu[0], np.clip(expected, -1024, 3071).astype(np.float32))
     assert vol.spacing[0] == pytest.approx(float(ds.SliceThickness))
+
+
+@pytest.mark.parametrize(("representation", "bits_stored", "pad", "pad_vr"), [
+    (0, 12, 63536, "US"),  # 0xF830: outside 12 bits, as scanners write it (pydicom reads the pixel as 2096)
+    (1, 12, -3024, "SS"),  # outside 12-bit signed (pydicom reads 1072)
+    (0, 16, -2000, "SS"),  # the same 16 bits as 63536, written with the other sign's VR
+])
+def test_padding_outside_bits_stored_is_air_not_bone(tmp_path: Path, representation: int, bits_stored: int,
+                                                      pad: int, pad_vr: str) -> None:
+    """pydicom masks the stored words to BitsStored (or sign-extends from HighBit), so padding written outside that
+    range no longer equaled PixelPaddingValue and was read as 1072 or 3071 HU: a ring of bone in the corners, and a
+    valid chest CT refused as out of scope (found by review). A tissue pixel whose masked value equals the masked
+    padding stays tissue."""
+    pattern = pad & 0xFFFF
+    masked = pattern & ((1 << bits_stored) - 1)
+    if representation and masked >= 1 << (bits_stored - 1):
+        masked -= 1 << bits_stored
+    paths = []
+    for k in range(3):
+        ds = pydicom.dcmread(pydicom.data.get_testdata_file("CT_small.dcm"))
+        ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits_stored, bits_stored - 1, representation
+        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+        words = np.full((ds.Rows, ds.Columns), 1024, dtype=np.uint16)  # 0 HU
+        words[:4, :4] = pattern  # padding in a corner
+        if bits_stored < 16:
+            words[10, 10] = masked & 0xFFFF  # tissue whose value pydicom reads like the padding's
+        ds.PixelData = words.tobytes()
+        ds.add_new(0x00280120, pad_vr, pad)
+        ds.ImagePositionPatient = [0, 0, 5.0 * k]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.SOPInstanceUID = f"{ds.SOPInstanceUID}.{k}"
+        paths.append(tmp_path / f"{k}.dcm")
+        ds.save_as(paths[-1])
+    hu = load_series(paths).hu
+    assert (hu[:, :4, :4] == HU_MIN).all()
+    assert hu[0, 20, 20] == pytest.approx(0.0)
+    if bits_stored < 16:
+        assert hu[0, 10, 10] == pytest.approx(float(masked) - 1024.0)
