@@ -7,6 +7,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -717,13 +718,13 @@ def test_a_second_dispatcher_never_sends_a_version_while_an_older_one_is_being_s
         e.dispose()
 
 
-def test_a_claim_in_flight_on_another_dispatcher_holds_the_newer_version_up(db_url: str, clock: FakeClock) -> None:
+def test_a_claim_in_flight_on_another_dispatcher_holds_the_newer_version_up(postgres_server: Any,
+                                                                            clock: FakeClock) -> None:
     """The window the first guard left (PostgreSQL READ COMMITTED): A has claimed version 1, not yet committed,
     when version 2 is queued; B still reads version 1 as waiting, so a guard on 'sending' rows alone let B send
     version 2 first. A waiting older version now holds the newer one up too (and is superseded when it is not
-    being claimed)."""
-    if db_url.startswith("sqlite"):
-        pytest.skip("SQLite has one writer at a time: version 2's enqueue waits for A's claim to commit")
+    being claimed). PostgreSQL only: SQLite has one writer at a time, so version 2's enqueue would wait for A."""
+    db_url = str(postgres_server.create_database())
     engines = [create_engine_for(db_url), create_engine_for(db_url)]
     init_schema(engines[0])
     config = make_config(dimse("pacs"))
