@@ -81,6 +81,7 @@ class _ScrapeTimeCollector:
         self.destination_up: Callable[[], Mapping[str, bool]] | None = None
         self.uncommitted: Callable[[], Mapping[str, int]] | None = None
         self.clock_skew: Callable[[], float | None] | None = None
+        self.certificate_expiry: Callable[[], Mapping[str, float]] | None = None
 
     def describe(self) -> Iterable[Metric]:
         return []  # names are not reserved up front: the callables may not be bound yet
@@ -90,6 +91,7 @@ class _ScrapeTimeCollector:
             queue_depth, jobs, series, deliveries = self.queue_depth, self.jobs, self.series, self.deliveries
             disk = self.disk
             destination_up, uncommitted, clock_skew = self.destination_up, self.uncommitted, self.clock_skew
+            certificate_expiry = self.certificate_expiry
         if queue_depth is not None:
             value = self._read("queue_depth", queue_depth)
             if value is not None:
@@ -118,6 +120,13 @@ class _ScrapeTimeCollector:
                                          "1 when the destination answered its last check (C-ECHO / HTTP), else 0.")
         yield from self._per_destination("uncommitted", uncommitted, "pacsnode_deliveries_uncommitted",
                                          "Delivered result sets the destination has not (yet) committed to holding.")
+        expiry = self._read("certificate_expiry", certificate_expiry) if certificate_expiry is not None else None
+        if expiry:
+            family = GaugeMetricFamily("pacsnode_tls_certificate_expiry_seconds", "Seconds until a certificate the "
+                                       "node presents expires (negative: expired).", labels=["certificate"])
+            for name, left in sorted(expiry.items()):
+                family.add_metric([name], max(left, -1e12))  # not yet valid (-inf): as expired
+            yield family
         skew = self._read("clock_skew", clock_skew) if clock_skew is not None else None
         if skew is not None:
             yield GaugeMetricFamily("pacsnode_clock_skew_seconds", "This host's clock minus the database server's "
@@ -268,6 +277,7 @@ class Metrics:
         destination_up: Callable[[], Mapping[str, bool]] | None = None,
         uncommitted: Callable[[], Mapping[str, int]] | None = None,
         clock_skew: Callable[[], float | None] | None = None,
+        certificate_expiry: Callable[[], Mapping[str, float]] | None = None,
     ) -> None:
         """Set the callables read at scrape time (e.g. ``JobQueue.depth``, ``JobQueue.counts``,
         ``Index.series_counts``, ``Dispatcher.counts``, ``(used, total)`` bytes of the data disk); arguments left out
@@ -275,7 +285,7 @@ class Metrics:
         with self._gauges._lock:
             for name, fn in (("queue_depth", queue_depth), ("jobs", jobs), ("series", series), ("deliveries", deliveries),
                              ("disk", disk), ("destination_up", destination_up), ("uncommitted", uncommitted),
-                             ("clock_skew", clock_skew)):
+                             ("clock_skew", clock_skew), ("certificate_expiry", certificate_expiry)):
                 if fn is not None:
                     if not callable(fn):
                         raise TypeError(f"{name} must be callable, not {type(fn).__name__}")

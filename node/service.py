@@ -33,7 +33,7 @@ from starlette.routing import Mount
 from node.admin import admin_routes
 from node.admission import Admission, index_activity
 from node.audit import AuditTrail
-from node.auditdb import audit_export
+from node.auditdb import audit_dangling_closed, audit_export
 from node.auth import Authenticator
 from node.commitment import Commitments
 from node.completion import CompletionSweeper
@@ -58,6 +58,7 @@ from node.signals import StopSignals
 from node.spool import Spool
 from node.states import Role
 from node.supervise import EXIT_LOOP_FAILED, Heartbeats, Supervisor, beat_socketserver
+from node.tls import expiry as tls_expiry
 from node.wakeup import DISPATCHER, WORKER, Wakeups
 from node.worker import Worker
 
@@ -124,13 +125,13 @@ class Service:
             on_commitment_report=self.commitments.handle_report,
             audit=self.audit, reuse_port=role is Role.LISTENER,
         )
-        self.retention = Retention(config, self.engine)
+        self.retention = Retention(config, self.engine, audit=self.audit)
         self.retention_loop = RetentionLoop(self.retention, self.heartbeats)
         self.metrics.bind(
             queue_depth=self.queue.depth, jobs=self.queue.counts, series=self.index.series_counts,
             deliveries=self.dispatcher.counts, disk=lambda: disk_usage(config.node.data_dir),
             destination_up=self.reachability.reachability.up, uncommitted=self.commitments.uncommitted,
-            clock_skew=lambda: clock_skew_seconds(self.engine),
+            clock_skew=lambda: clock_skew_seconds(self.engine), certificate_expiry=lambda: tls_expiry(config),
         )
         self.http = self._build_http(config, processes)
         self._dimse_threads: list[threading.Thread] = []
@@ -239,7 +240,9 @@ class Service:
         if runs(self.role, Stage.FRONT_DOORS):
             # Only this process's own rows (role all in one process: every row of its instance).
             prefix = self.identity.instance_prefix if self.role is Role.ALL else None
-            dangling = self.index.close_dangling_associations(prefix=prefix)
+            closed = self.index.abort_dangling_associations(prefix=prefix)
+            audit_dangling_closed(self.audit, self.engine, closed)  # what they stored, and their end
+            dangling = len(closed)
             # The whole node was down: nothing judged completion meanwhile. A lone listener's restart is no such
             # gap (other listeners sweep on); under a supervisor, it re-timed them once before the children.
             retimed = self.index.retime_open_series() if self.role is Role.ALL else 0

@@ -13,9 +13,12 @@ only reports that the association failed, which would leave a wrong CA indisting
 
 from __future__ import annotations
 
+import datetime as dt
 import ssl
 from pathlib import Path
 from typing import Any
+
+from cryptography import x509
 
 from node.config import Destination, DestinationKind, NodeConfig, TlsSection
 from node.errors import ConfigError
@@ -150,8 +153,40 @@ def requests_tls(destination: Destination) -> tuple[str | bool, tuple[str, str] 
     return verify, cert
 
 
+def certificates(config: NodeConfig) -> dict[str, Path]:
+    """The certificates the node presents, by name: ``node`` (``[tls] certificate``, with a TLS listener) and
+    ``destination <name>`` (a destination's client certificate)."""
+    out = {}
+    if config.tls.certificate is not None and (config.tls.dimse_port is not None or config.tls.https):
+        out["node"] = config.tls.certificate
+    for destination in config.destinations:
+        if destination.uses_tls and destination.client_certificate is not None:
+            out[f"destination {destination.name}"] = destination.client_certificate
+    return out
+
+
+def seconds_left(certificate: Path, now: dt.datetime | None = None) -> float:
+    """Seconds until the first certificate in a PEM file expires (negative once it has; minus infinity while it is
+    not yet valid). Raises `ConfigError` for a file that holds no certificate."""
+    try:
+        cert = x509.load_pem_x509_certificate(certificate.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{certificate.name}: no PEM certificate ({type(exc).__name__})") from exc
+    now = now or dt.datetime.now(dt.UTC)
+    if now < cert.not_valid_before_utc:
+        return float("-inf")
+    return (cert.not_valid_after_utc - now).total_seconds()
+
+
+def expiry(config: NodeConfig) -> dict[str, float]:
+    """`seconds_left` of each of `certificates` (for ``pacsnode_tls_certificate_expiry_seconds``)."""
+    return {name: seconds_left(path) for name, path in certificates(config).items()}
+
+
 def check_config(config: NodeConfig) -> None:
-    """Build every context the config asks for; `ConfigError` naming the key of the first that fails."""
+    """Build every context the config asks for, and refuse a certificate the node presents that has expired or is
+    not yet valid (every TLS peer would be refused, with only a handshake warning to say why); `ConfigError`
+    naming the key of the first that fails."""
     tls = config.tls
     if tls.dimse_port is not None or tls.https:
         server_context(tls)
@@ -159,16 +194,25 @@ def check_config(config: NodeConfig) -> None:
         if destination.uses_tls:
             client_context(destination.ca_file, destination.client_certificate, destination.client_private_key,
                            key=_destination_key(destination))
+    for name, path in certificates(config).items():
+        left = seconds_left(path)
+        if left <= 0:
+            state = "is not valid yet" if left == float("-inf") else "has expired"
+            key = "tls.certificate" if name == "node" else f"destinations ({name.split(' ', 1)[1]}).client_certificate"
+            raise ConfigError(f"{key}: the certificate {state} ({path.name})")
 
 
 __all__ = [
     "CIPHERS",
     "ClientContext",
     "MINIMUM_VERSION",
+    "certificates",
     "check_config",
     "client_context",
     "describe_tls_error",
+    "expiry",
     "destination_tls_args",
     "requests_tls",
+    "seconds_left",
     "server_context",
 ]
