@@ -20,6 +20,8 @@ rather than socketserver's 5. Closing at accept rather than answering A-ASSOCIAT
 local-limit-exceeded) is deliberate: an RJ answers an RQ, so the node would first have to read and decode up to
 ``max_pdu_bytes`` from the peer on a thread of its own — the very cost a flood is after. Every refusal goes
 through `node.refusals.Refusals`: counted in the metrics, logged at most a few times per peer address and minute.
+A failed TLS handshake is also written to the audit trail, every one (`node.audit.AuditTrail.tls_handshake_failed`,
+110114 login failure, as an AE title refused at A-ASSOCIATE time is): the security officer's record is not thinned.
 
 The pynetdicom 3.0.4 internals this relies on are listed, with `node.guard`'s, in `node.guard`'s docstring.
 """
@@ -47,6 +49,7 @@ if TYPE_CHECKING:
     from pynetdicom.association import Association
     from pynetdicom.presentation import PresentationContext
 
+    from node.audit import AuditTrail
     from node.config import NodeConfig
 
 
@@ -84,8 +87,10 @@ class GuardedRequestHandler(RequestHandler):
             sock.do_handshake()
         except (OSError, ValueError) as exc:  # ssl.SSLError, TimeoutError, ConnectionResetError ...
             reason = "timed out" if isinstance(exc, TimeoutError) else describe_tls_error(exc)
-            self.server.refusals.record(PeerRefusal.TLS_HANDSHAKE_FAILED, str(self.client_address[0]),
-                                        int(self.client_address[1]), why=reason, timeout=timeout)
+            address, port = str(self.client_address[0]), int(self.client_address[1])
+            self.server.refusals.record(PeerRefusal.TLS_HANDSHAKE_FAILED, address, port, why=reason, timeout=timeout)
+            if self.server.audit is not None:  # each one: the log above is rate-limited, the audit trail is not
+                self.server.audit.tls_handshake_failed(peer=f"{address}:{port}", reason=reason)
             with contextlib.suppress(OSError):
                 sock.close()
             return False
@@ -131,8 +136,10 @@ class GuardedServer(ThreadedAssociationServer):
         refusals: Refusals | None = None,
         reuse_port: bool = False,
         listening: socket.socket | None = None,
+        audit: AuditTrail | None = None,
     ) -> None:
         self.limits = limits
+        self.audit = audit  # where each failed TLS handshake is recorded (node.audit); None: not audited
         self.reuse_port = reuse_port  # several listener processes share the port (node.roles)
         self._adopted = listening  # a listening socket shared with other listeners (node.listenfds): no bind
         self._handshaking = 0  # TLS connections accepted whose handshake is not over (no association yet)
@@ -248,14 +255,16 @@ def start_guarded_server(
     ae: AE, address: tuple[str, int], evt_handlers: list[Any], limits: ReceiveLimits,
     ssl_context: ssl.SSLContext | None = None,
     refusals: Refusals | None = None, reuse_port: bool = False, listening: socket.socket | None = None,
+    audit: AuditTrail | None = None,
 ) -> GuardedServer:
     """Like ``ae.start_server(address, block=False, evt_handlers=..., ssl_context=...)`` but guarded (DICOM TLS
     when ``ssl_context`` is given); returns once listening. ``listening``: accept on that socket, shared with other
-    listener processes (`node.listenfds`), instead of binding ``address``."""
+    listener processes (`node.listenfds`), instead of binding ``address``. ``audit``: records each failed TLS
+    handshake (110114 login failure)."""
     server = cast(
         GuardedServer,
         ae.make_server(address, evt_handlers=evt_handlers, ssl_context=ssl_context, server_class=GuardedServer,
-                       limits=limits, refusals=refusals, reuse_port=reuse_port, listening=listening),
+                       limits=limits, refusals=refusals, reuse_port=reuse_port, listening=listening, audit=audit),
     )
     threading.Thread(target=server.serve_forever, name="AcceptorServer@pacsnode", daemon=True).start()
     return server

@@ -325,6 +325,12 @@ class _Admin:
         self.log.info("admin_retry", client=client, delivery_ids=selection.deliveries, job_ids=selection.jobs,
                       all_deliveries=selection.all_deliveries, all_jobs=selection.all_jobs,
                       deliveries=n_deliveries, jobs=n_jobs)
+        if self.auth.audit is not None:
+            self.auth.audit.dead_letters_replayed(via="POST /admin/retry", deliveries=n_deliveries, jobs=n_jobs,
+                                                  user=self.auth.user, peer=client, context={
+                                                      "delivery_ids": selection.deliveries, "job_ids": selection.jobs,
+                                                      "all_deliveries": selection.all_deliveries,
+                                                      "all_jobs": selection.all_jobs})
         if api:
             return JSONResponse({"deliveries": n_deliveries, "jobs": n_jobs}, headers=SECURITY_HEADERS)
         base = request.scope.get("root_path", "")

@@ -3,7 +3,10 @@ PS3.15 A.5 audit message, written as JSON), appended to their own file and optio
 
 `AuditTrail(settings, data_dir, ae_title=...)` appends one JSON object per line to ``[audit] path`` (default
 ``<data_dir>/audit/audit.jsonl``), flushed per record under a lock (safe from any thread), rotated by size and by
-UTC day to ``audit-<UTC time>.jsonl`` beside it. Its event methods build the records:
+UTC day to ``audit-<UTC time>.jsonl`` beside it. Several processes may write one trail (each child under
+``process_model = "processes"``): before each write a writer whose open file is no longer the one at ``path``
+(another rotated it) opens ``path`` afresh. Its event methods build the records (codes and participant builders
+in `node.auditevents`):
 
   ==========================  =========================================  ===========================================
   method                      EventID (EventTypeCode)                    when
@@ -11,11 +14,16 @@ UTC day to ``audit-<UTC time>.jsonl`` beside it. Its event methods build the rec
   `application`               110100 Application Activity (start/stop)   node start and stop
   `association_started` ...   110114 User Authentication (login/logout)  DIMSE association accepted, rejected, closed
   `instances_received`        110104 DICOM Instances Transferred         per study, at association close / per STOW
+                                                                         (or at restart, for one left open)
   `query`                     110112 Query                               each QIDO-RS request
   `exported`                  110106 Export                              results delivered to a destination
   `config_changed`            110113 Security Alert (110131 Software     config reload, applied or refused
                               Configuration)
   `auth_failed`               110114 User Authentication (login, 4)      HTTP request refused 401
+  `tls_handshake_failed`      110114 User Authentication (login, 4)      DICOM TLS handshake failed (each one)
+  `study_deleted`             110105 DICOM Study Deleted (D; 110103      retention purged a study's instances
+                              Instances Accessed, D, when some remain)
+  `dead_letters_replayed`     110100 Application Activity                ``pacsnode retry``, ``POST /admin/retry``
   ==========================  =========================================  ===========================================
 
 `emit` never raises: a failing write logs ``audit_write_failed`` and counts ``pacsnode_audit_failures``, and the
@@ -29,7 +37,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime as dt
-import getpass
 import hashlib
 import json
 import os
@@ -37,134 +44,26 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from node.auditevents import (  # noqa: F401 - Outcome, StudySummary, patient_id_of: their old import path
+    Ev,
+    Outcome,
+    Role,
+    StudySummary,
+    code,
+    local_user,
+    participant,
+    patient_id_of,
+    study_objects,
+    uri_object,
+)
 from node.config import AuditSection
 from node.logs import get_logger
 from node.syslog import Severity, SyslogSender, format_message
 
 DEFAULT_FILE = Path("audit") / "audit.jsonl"  # under data_dir
-PATIENT_ID_MAX = 64
-
-
-def code(value: str, system: str, text: str) -> dict[str, str]:
-    """A coded value as the DICOM audit schema spells it (csd-code, codeSystemName, originalText)."""
-    return {"csd-code": value, "codeSystemName": system, "originalText": text}
-
-
-class Ev:
-    """Event IDs and type codes (PS3.16 CID 400-403)."""
-
-    APPLICATION_ACTIVITY = code("110100", "DCM", "Application Activity")
-    INSTANCES_TRANSFERRED = code("110104", "DCM", "DICOM Instances Transferred")
-    EXPORT = code("110106", "DCM", "Export")
-    QUERY = code("110112", "DCM", "Query")
-    SECURITY_ALERT = code("110113", "DCM", "Security Alert")
-    USER_AUTHENTICATION = code("110114", "DCM", "User Authentication")
-    APPLICATION_START = code("110120", "DCM", "Application Start")
-    APPLICATION_STOP = code("110121", "DCM", "Application Stop")
-    LOGIN = code("110122", "DCM", "Login")
-    LOGOUT = code("110123", "DCM", "Logout")
-    SOFTWARE_CONFIGURATION = code("110131", "DCM", "Software Configuration")
-
-
-class Role:
-    APPLICATION = code("110150", "DCM", "Application")
-    LAUNCHER = code("110151", "DCM", "Application Launcher")
-    DESTINATION = code("110152", "DCM", "Destination Role ID")
-    SOURCE = code("110153", "DCM", "Source Role ID")
-
-
-STUDY_UID = code("110180", "DCM", "Study Instance UID")
-PATIENT_NUMBER = code("2", "RFC-3881", "Patient Number")
-URI = code("12", "RFC-3881", "URI")
-
-
-class Outcome:
-    SUCCESS = 0
-    MINOR_FAILURE = 4
-    SERIOUS_FAILURE = 8
-
-
-@dataclass
-class StudySummary:
-    """What one sender sent of one study: instance counts by SOP class, and the patient it belongs to."""
-
-    study_uid: str
-    counts: dict[str, int] = field(default_factory=dict)  # SOP class UID -> instances
-    patient_ids: set[str] = field(default_factory=set)
-
-    @property
-    def instances(self) -> int:
-        return sum(self.counts.values())
-
-
-def patient_id_of(path: str | Path) -> str | None:
-    """The PatientID of a stored Part 10 file (header only); None when absent or unreadable."""
-    from pydicom import dcmread
-
-    try:
-        ds = dcmread(str(path), stop_before_pixels=True, specific_tags=["PatientID"])
-        value = str(ds.get("PatientID", "") or "").strip()
-    except Exception:  # noqa: BLE001 - an unreadable file costs the audit record its patient object, nothing else
-        return None
-    return value[:PATIENT_ID_MAX] or None
-
-
-def _participant(user: str, *, role: dict[str, str], requestor: bool, address: str | None = None,
-                 alternative: str | None = None) -> dict[str, Any]:
-    out: dict[str, Any] = {"UserID": user, "UserIsRequestor": requestor, "RoleIDCode": [role]}
-    if alternative:
-        out["AlternativeUserID"] = alternative
-    if address:
-        host = address.rsplit(":", 1)[0] if address.count(":") == 1 else address
-        out["NetworkAccessPointTypeCode"] = "2" if _is_ip(host) else "1"
-        out["NetworkAccessPointID"] = host
-    return out
-
-
-def _uri_object(role: str, uri: str, **more: Any) -> dict[str, Any]:
-    """A participant object that is a URI (an HTTP path, a config file) in ``role`` (RFC 3881 object role code);
-    ``more``: further fields, after the four."""
-    return {"ParticipantObjectTypeCode": "2", "ParticipantObjectTypeCodeRole": role,
-            "ParticipantObjectIDTypeCode": URI, "ParticipantObjectID": uri, **more}
-
-
-def _local_user() -> str:
-    """The OS user this process runs as: its name, or its uid where it has none (containers)."""
-    try:
-        return getpass.getuser()
-    except Exception:  # noqa: BLE001 - no name for this uid (containers)
-        return str(os.getuid())
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
-    except OSError:
-        return False
-    return True
-
-
-def _study_objects(studies: Sequence[StudySummary]) -> list[dict[str, Any]]:
-    objects: list[dict[str, Any]] = []
-    patients: list[str] = []
-    for study in studies:
-        objects.append({
-            "ParticipantObjectTypeCode": "2", "ParticipantObjectTypeCodeRole": "3",
-            "ParticipantObjectIDTypeCode": STUDY_UID, "ParticipantObjectID": study.study_uid,
-            "ParticipantObjectDescription": {"SOPClass": [
-                {"UID": uid, "NumberOfInstances": n} for uid, n in sorted(study.counts.items())]},
-        })
-        patients += [p for p in sorted(study.patient_ids) if p not in patients]
-    for patient in patients:
-        objects.append({
-            "ParticipantObjectTypeCode": "1", "ParticipantObjectTypeCodeRole": "1",
-            "ParticipantObjectIDTypeCode": PATIENT_NUMBER, "ParticipantObjectID": patient,
-        })
-    return objects
 
 
 class AuditTrail:
@@ -186,8 +85,7 @@ class AuditTrail:
         self._log = get_logger(component="audit")
         self._syslog: SyslogSender | None = None
         if settings.enabled and settings.syslog_host:
-            self._syslog = SyslogSender(settings.syslog_host, settings.syslog_port, settings.syslog_protocol,
-                                        on_error=lambda reason: self._failed("syslog", reason))
+            self._syslog = SyslogSender.from_settings(settings, on_error=lambda reason: self._failed("syslog", reason))
 
     @staticmethod
     def file_for(settings: AuditSection, data_dir: Path) -> Path:
@@ -238,6 +136,7 @@ class AuditTrail:
     def _write(self, line: str, now: dt.datetime) -> None:
         with self._lock:
             try:
+                self._drop_if_replaced()
                 self._rotate_if_due(now, len(line) + 1)
                 if self._file is None:
                     self.path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
@@ -252,6 +151,21 @@ class AuditTrail:
             except OSError as exc:
                 self._close_file()
                 self._failed("file", exc.strerror or type(exc).__name__)
+
+    def _drop_if_replaced(self) -> None:
+        """Close the open file when ``path`` no longer names it: another process writing the same trail (each
+        child under ``process_model = "processes"``) rotated it, or it was removed. Writing on through the old
+        handle would grow the rotated file without bound; the next write opens ``path`` afresh."""
+        if self._file is None:
+            return
+        try:
+            current = os.stat(self.path)
+        except FileNotFoundError:
+            self._close_file()
+            return
+        mine = os.fstat(self._file.fileno())
+        if (mine.st_ino, mine.st_dev) != (current.st_ino, current.st_dev):
+            self._close_file()
 
     def _rotate_if_due(self, now: dt.datetime, adding: int) -> None:
         if not self.path.exists():
@@ -272,7 +186,8 @@ class AuditTrail:
         while target.exists():
             n += 1
             target = self.path.with_name(f"{self.path.stem}-{stamp}-{n}{self.path.suffix}")
-        os.replace(self.path, target)
+        with contextlib.suppress(FileNotFoundError):  # another writer of this trail rotated it a moment ago
+            os.replace(self.path, target)
 
     def _close_file(self) -> None:
         if self._file is not None:
@@ -301,17 +216,17 @@ class AuditTrail:
 
     # -- the events -----------------------------------------------------------------------------------------------
     def _node(self, role: dict[str, str], requestor: bool = False) -> dict[str, Any]:
-        return _participant(self.ae_title, role=role, requestor=requestor, alternative=str(os.getpid()))
+        return participant(self.ae_title, role=role, requestor=requestor, alternative=str(os.getpid()))
 
     def _from_peer(self, user: str, peer: str) -> list[dict[str, Any]]:
         """The active participants of a request a peer made of the node: ``user`` at ``peer`` (the requesting
         source), then the node (the destination)."""
-        return [_participant(user, role=Role.SOURCE, requestor=True, address=peer), self._node(Role.DESTINATION)]
+        return [participant(user, role=Role.SOURCE, requestor=True, address=peer), self._node(Role.DESTINATION)]
 
     def _launched_locally(self) -> list[dict[str, Any]]:
         """The active participants of something done to the node itself: the node (the application), then the
         local user this process runs as (the launcher, the requestor)."""
-        return [self._node(Role.APPLICATION), _participant(_local_user(), role=Role.LAUNCHER, requestor=True)]
+        return [self._node(Role.APPLICATION), participant(local_user(), role=Role.LAUNCHER, requestor=True)]
 
     def application(self, started: bool) -> None:
         """110100 Application Activity: the node started or stopped."""
@@ -333,6 +248,17 @@ class AuditTrail:
                           "association rejected (calling or called AE title not accepted)", None, calling_ae,
                           called_ae, peer)
 
+    def tls_handshake_failed(self, *, peer: str, reason: str) -> None:
+        """110114 User Authentication / Login, minor failure: a DICOM TLS peer's handshake failed (no client
+        certificate, one that does not verify, an outdated protocol, a timeout) — before any AE title is known.
+        Every failure is recorded; only the node's log lines about them are rate-limited (`node.refusals`)."""
+        self.emit(
+            "tls_handshake_failed",
+            {"EventID": Ev.USER_AUTHENTICATION, "EventActionCode": "E", "EventOutcomeIndicator": Outcome.MINOR_FAILURE,
+             "EventOutcomeDescription": f"DICOM TLS handshake failed: {reason}"[:500], "EventTypeCode": [Ev.LOGIN]},
+            self._from_peer("unknown", peer),
+        )
+
     def association_ended(self, *, assoc_id: str, calling_ae: str, called_ae: str, peer: str, state: str) -> None:
         """110114 User Authentication / Logout: an association was released or aborted."""
         self._association("association_ended", Ev.LOGOUT, Outcome.SUCCESS, f"association {state}",
@@ -344,8 +270,8 @@ class AuditTrail:
             event,
             {"EventID": Ev.USER_AUTHENTICATION, "EventActionCode": "E", "EventOutcomeIndicator": outcome,
              "EventOutcomeDescription": text, "EventTypeCode": [kind]},
-            [_participant(calling_ae, role=Role.SOURCE, requestor=True, address=peer),
-             _participant(called_ae, role=Role.DESTINATION, requestor=False)],
+            [participant(calling_ae, role=Role.SOURCE, requestor=True, address=peer),
+             participant(called_ae, role=Role.DESTINATION, requestor=False)],
             context={"association_id": assoc_id} if assoc_id else None,
         )
 
@@ -357,9 +283,37 @@ class AuditTrail:
                 "instances_received",
                 {"EventID": Ev.INSTANCES_TRANSFERRED, "EventActionCode": "C", "EventOutcomeIndicator": outcome},
                 self._from_peer(source_user, peer),
-                _study_objects([study]),
+                study_objects([study]),
                 context={**context, "instances": study.instances},
             )
+
+    def study_deleted(self, *, study: StudySummary, whole: bool, scheduled: bool, context: dict[str, Any]) -> None:
+        """110105 DICOM Study Deleted (action D): the node deleted ``study``'s received instances (retention), one
+        record per study with its study and patient objects (PS3.15 A.5.3.8). ``whole`` false: instances of it
+        remain, so 110103 DICOM Instances Accessed (action D), as A.5.3.6 asks for a partial deletion.
+        ``scheduled``: the node's own retention loop did it (the node is the requestor); otherwise someone ran it,
+        and the OS user this process runs as is recorded as the requestor."""
+        self.emit(
+            "study_deleted" if whole else "instances_deleted",
+            {"EventID": Ev.STUDY_DELETED if whole else Ev.INSTANCES_ACCESSED, "EventActionCode": "D",
+             "EventOutcomeIndicator": Outcome.SUCCESS},
+            [self._node(Role.APPLICATION, requestor=True)] if scheduled else self._launched_locally(),
+            study_objects([study]),
+            context={**context, "instances": study.instances},
+        )
+
+    def dead_letters_replayed(self, *, via: str, deliveries: int, jobs: int, context: dict[str, Any],
+                              user: str | None = None, peer: str | None = None) -> None:
+        """110100 Application Activity (action E): dead deliveries and jobs queued again (a data replay) — by
+        ``user`` at ``peer`` (``POST /admin/retry``: the token's holder), or by the OS user (``pacsnode retry``)."""
+        who = ([self._node(Role.APPLICATION), participant(user, role=Role.LAUNCHER, requestor=True, address=peer)]
+               if user is not None else self._launched_locally())
+        self.emit(
+            "dead_letters_replayed",
+            {"EventID": Ev.APPLICATION_ACTIVITY, "EventActionCode": "E", "EventOutcomeIndicator": Outcome.SUCCESS,
+             "EventOutcomeDescription": f"{via}: {deliveries} deliveries and {jobs} jobs queued again"},
+            who, context=context,
+        )
 
     def query(self, *, user: str, peer: str, path: str, query_string: str, matches: int | None,
               outcome: int) -> None:
@@ -371,7 +325,7 @@ class AuditTrail:
             "query",
             {"EventID": Ev.QUERY, "EventActionCode": "E", "EventOutcomeIndicator": outcome},
             self._from_peer(user, peer),
-            [_uri_object("24", path[:256],
+            [uri_object("24", path[:256],
                          ParticipantObjectQuery=base64.b64encode(query_string.encode("utf-8")).decode("ascii"),
                          ParticipantObjectDetail=detail)],
         )
@@ -383,9 +337,9 @@ class AuditTrail:
             "exported",
             {"EventID": Ev.EXPORT, "EventActionCode": "R", "EventOutcomeIndicator": Outcome.SUCCESS},
             [self._node(Role.SOURCE, requestor=True),
-             _participant(destination_user, role=Role.DESTINATION, requestor=False, address=destination_address,
+             participant(destination_user, role=Role.DESTINATION, requestor=False, address=destination_address,
                           alternative=destination)],
-            _study_objects(studies),
+            study_objects(studies),
             context=context,
         )
 
@@ -401,7 +355,7 @@ class AuditTrail:
              "EventOutcomeIndicator": Outcome.SUCCESS if applied else Outcome.MINOR_FAILURE,
              "EventOutcomeDescription": reason[:500], "EventTypeCode": [Ev.SOFTWARE_CONFIGURATION]},
             self._launched_locally(),
-            [_uri_object("13", source or "(unknown)", ParticipantObjectDetail=detail)],
+            [uri_object("13", source or "(unknown)", ParticipantObjectDetail=detail)],
         )
 
     def auth_failed(self, *, surface: str, reason: str, peer: str, path: str) -> None:
@@ -411,7 +365,7 @@ class AuditTrail:
             {"EventID": Ev.USER_AUTHENTICATION, "EventActionCode": "E", "EventOutcomeIndicator": Outcome.MINOR_FAILURE,
              "EventOutcomeDescription": f"{surface}: bearer token {reason}", "EventTypeCode": [Ev.LOGIN]},
             self._from_peer("unknown", peer),
-            [_uri_object("13", path[:256])],
+            [uri_object("13", path[:256])],
         )
 
 

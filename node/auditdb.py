@@ -1,11 +1,13 @@
-"""What the audit trail reads from the node's tables: the studies an association or STOW request stored, and the
-objects a delivery sent — as `StudySummary` (instance counts by SOP class, the patient ID read from one stored
+"""What the audit trail reads from the node's tables: the studies an association or STOW request stored (also for
+associations found open at restart, whose process died), the studies a retention purge deletes, and the objects a
+delivery sent — as `StudySummary` (instance counts by SOP class, the patient ID read from one stored
 file per study). Read after the fact, off the acknowledgement path; a failure yields no summary, never an error.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -17,8 +19,10 @@ from sqlalchemy.engine import Engine
 from node.audit import AuditTrail, StudySummary, patient_id_of
 from node.config import DestinationKind, NodeConfig
 from node.db import reading
+from node.index import DanglingAssociation
 from node.logs import get_logger
 from node.schema import instances
+from node.states import AssociationState
 
 log = get_logger(component="audit")
 
@@ -106,6 +110,37 @@ def audit_association_closed(audit: AuditTrail | None, engine: Engine, associati
                             state=state)
 
 
+def audit_dangling_closed(audit: AuditTrail | None, engine: Engine, closed: Sequence[DanglingAssociation]) -> None:
+    """At start-up, for each association a process left open when it died (`Index.abort_dangling_associations`):
+    the records its close would have written — what it stored (110104 per study, so instances acknowledged before
+    the crash have their receipt) and its logout (110114, "aborted (found open at restart)"); never raises."""
+    for assoc in closed:
+        audit_association_closed(audit, engine, assoc.id, calling_ae=assoc.calling_ae, called_ae=assoc.called_ae,
+                                 peer=assoc.peer, state=f"{AssociationState.ABORTED} (found open at restart)")
+
+
+def audit_purged(audit: AuditTrail | None, engine: Engine, studies: Sequence[StudySummary],
+                 series_of: dict[str, list[str]], *, scheduled: bool) -> None:
+    """After a retention purge: one record per study whose received instances it deleted — 110105 DICOM Study
+    Deleted, or 110103 (action D) where instances of the study remain in the index; ``series_of``: the series
+    purged of each study (joins the record to the ``retention_purged`` log). Never raises."""
+    if audit is None or not audit.settings.enabled or not studies:
+        return
+    i = instances.c
+    uids = [s.study_uid for s in studies]
+    remaining: set[str] = set()
+    try:
+        with reading(engine, "audit summary") as conn:
+            for start in range(0, len(uids), 500):
+                remaining.update(str(uid) for (uid,) in conn.execute(
+                    sa.select(i.study_uid).where(i.study_uid.in_(uids[start:start + 500])).distinct()))
+    except Exception:  # noqa: BLE001 - the deletion happened: record it as a study deleted rather than not at all
+        log.exception("audit_summary_failed", studies=len(uids))
+    for study in studies:
+        audit.study_deleted(study=study, whole=study.study_uid not in remaining, scheduled=scheduled,
+                            context={"series": series_of.get(study.study_uid, [])})
+
+
 def audit_export(audit: AuditTrail | None, engine: Engine, config: NodeConfig, series_uid: str, version: int,
                  destination: str) -> None:
     """The 110106 record of one delivered result set (`Dispatcher`'s ``on_delivered``); never raises."""
@@ -137,4 +172,4 @@ def _strip_credentials(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
-__all__ = ["audit_association_closed", "audit_export", "audit_received", "delivered_studies", "received_studies"]
+__all__ = ["audit_association_closed", "audit_dangling_closed", "audit_export", "audit_purged", "audit_received", "delivered_studies", "received_studies"]

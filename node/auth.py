@@ -6,19 +6,22 @@ proceed, else the 401 answer (``WWW-Authenticate: Bearer``); `failed(...)` recor
 admin form's token). Each failure is counted (``pacsnode_auth_failures``), logged as ``auth_failed`` without the
 presented value, and audited (DCM 110114 User Authentication). `token_matches` is the one constant-time comparison.
 `open_setup_warnings(config)` lists what a peer on the network could use: an HTTP bind beyond loopback without
-authentication, no calling-AE allow-list, no TLS, an open ``/metrics``.
+authentication, no calling-AE allow-list, no TLS (listeners, destinations, the audit trail's syslog copy), an open
+``/metrics``, a private key that other users may read.
 """
 
 from __future__ import annotations
 
 import hmac
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from node.config import DestinationKind, NodeConfig, is_loopback
+from node.config import DestinationKind, NodeConfig, SyslogProtocol, is_loopback
 from node.logs import get_logger
 from node.states import AuthFailure
 
@@ -123,8 +126,35 @@ def open_setup_warnings(config: NodeConfig) -> list[str]:
         secret = " and its token" if dest.token is not None or "@" in urlsplit(dest.url or "").netloc else ""
         warnings.append(f"destination {dest.name!r} ({dest.kind.value}) is plaintext: results{secret} cross the "
                         "network unencrypted (DIMSE: tls = true; DICOMweb: an https:// url)")
-    if not config.audit.enabled:
+    audit = config.audit
+    if not audit.enabled:
         warnings.append("audit.enabled = false: no audit trail of who sent, queried or exported what")
+    elif audit.syslog_host and not is_loopback(audit.syslog_host) and audit.syslog_protocol is not SyslogProtocol.TLS:
+        warnings.append(
+            f"audit.syslog_host = {audit.syslog_host!r} with syslog_protocol = {audit.syslog_protocol.value!r}: "
+            "patient identifiers in audit records cross the network in cleartext (set syslog_protocol = 'tls', "
+            "RFC 5425, as IHE ATNA requires)"
+        )
+    warnings.extend(_exposed_key_warnings(config))
+    return warnings
+
+
+def _exposed_key_warnings(config: NodeConfig) -> list[str]:
+    """A private key the node uses that its group or other users may read (``chmod 600`` it)."""
+    keys: list[tuple[str, Path | None]] = [("tls.private_key", config.tls.private_key)]
+    keys += [(f"destination {d.name!r} client_private_key", d.client_private_key) for d in config.destinations]
+    keys.append(("audit.syslog_client_private_key", config.audit.syslog_client_private_key))
+    warnings = []
+    for key, path in keys:
+        if path is None:
+            continue
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            continue  # a key that cannot be read is refused by load_config / node.tls, not warned about
+        if mode & 0o077:
+            warnings.append(f"{key} {str(path)!r} may be read by its group or other users (mode "
+                            f"{mode & 0o777:04o}): chmod 600 it")
     return warnings
 
 

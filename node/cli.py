@@ -211,11 +211,20 @@ def cmd_purge(args: argparse.Namespace) -> int:
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    _, (_, queue, dispatcher) = _open_db(args)
+    from node.audit import AuditTrail
+
+    config, (_, queue, dispatcher) = _open_db(args)
     n = dispatcher.retry(args.delivery, destination=args.destination)
     print(f"{n} deliveries queued again")
+    jobs = queue.retry() if args.jobs else 0
     if args.jobs:
-        print(f"{queue.retry()} dead jobs queued again")
+        print(f"{jobs} dead jobs queued again")
+    audit = AuditTrail(config.audit, config.node.data_dir, ae_title=config.node.ae_title)
+    try:  # who replayed what: the OS user running this command
+        audit.dead_letters_replayed(via="pacsnode retry", deliveries=n, jobs=jobs, context={
+            "delivery_ids": args.delivery, "destination": args.destination, "all_jobs": bool(args.jobs)})
+    finally:
+        audit.close()
     return 0
 
 

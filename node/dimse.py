@@ -176,7 +176,8 @@ class DimseServer:
             self._tls_server = start_guarded_server(self._ae, (host, tls.dimse_port), handlers, limits,
                                                     ssl_context=self._ssl_context, refusals=self._refusals,
                                                     reuse_port=self._reuse_port,
-                                                    listening=inherited(DIMSE_TLS, tls.dimse_port))
+                                                    listening=inherited(DIMSE_TLS, tls.dimse_port),
+                                                    audit=self._audit)
             address = self.tls_address
             assert address is not None
             self._log.info("dimse_tls_listening", ae_title=self._config.node.ae_title, host=host, port=address[1],

@@ -68,6 +68,16 @@ class InstanceRecord:
     spool_id: str | None = None  # the spool holding ``path`` (then relative to its root; node.spools)
 
 
+@dataclass(frozen=True)
+class DanglingAssociation:
+    """An association a process left open when it ended (crash, kill -9, OOM), closed at the next start."""
+
+    id: str
+    calling_ae: str
+    called_ae: str
+    peer: str
+
+
 class Index:
     """Index operations over one engine; ``clock`` returns epoch seconds (injected for tests)."""
 
@@ -100,19 +110,25 @@ class Index:
         )
 
     def close_dangling_associations(self, *, prefix: str | None = None) -> int:
+        """`abort_dangling_associations`, counted: how many it closed."""
+        return len(self.abort_dangling_associations(prefix=prefix))
+
+    def abort_dangling_associations(self, *, prefix: str | None = None) -> list[DanglingAssociation]:
         """Mark associations left open by a previous run of this process as aborted (run at start-up): those
         whose ``node_id`` is this index's (or starts with ``prefix``: every process of one node instance), and
         those without an owner (written before owners were recorded). Other nodes' rows on a shared database are
-        left alone. Returns how many."""
-        owner = associations.c.node_id
-        mine = owner.startswith(prefix, autoescape=True) if prefix is not None else owner == self.node_id
+        left alone. Returns the rows it closed (in one statement: two processes starting at once never both
+        claim one), for the audit trail's record of what each stored (`node.auditdb.audit_dangling_closed`)."""
+        a = associations.c
+        mine = a.node_id.startswith(prefix, autoescape=True) if prefix is not None else a.node_id == self.node_id
         with self._begin() as conn:
-            result = conn.execute(
+            rows = conn.execute(
                 associations.update()
-                .where(associations.c.state == AssociationState.OPEN, sa.or_(mine, owner.is_(None)))
+                .where(a.state == AssociationState.OPEN, sa.or_(mine, a.node_id.is_(None)))
                 .values(state=AssociationState.ABORTED, closed_at=self.clock())
-            )
-            return int(result.rowcount or 0)
+                .returning(a.id, a.calling_ae, a.called_ae, a.peer)
+            ).all()
+        return [DanglingAssociation(str(r.id), str(r.calling_ae), str(r.called_ae), str(r.peer)) for r in rows]
 
     def retime_open_series(self) -> int:
         """At start-up, restart the quiet timer of series still receiving: a sender may resume where it was cut

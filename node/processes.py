@@ -132,6 +132,7 @@ class ProcessSupervisor:
         """Create the tables, close the associations earlier processes of this instance left open and re-time the
         series still receiving (the node was down); returns how many of each. Run once, before any child, so
         children never race to create tables."""
+        from node.auditdb import audit_dangling_closed
         from node.db import create_engine_for, init_schema
         from node.index import Index
         from node.service import Service  # noqa: F401 - registers every stage's tables on the metadata
@@ -141,7 +142,10 @@ class ProcessSupervisor:
         try:
             init_schema(engine)
             index = Index(engine)
-            return index.close_dangling_associations(prefix=self.identity.instance_prefix), index.retime_open_series()
+            closed = index.abort_dangling_associations(prefix=self.identity.instance_prefix)
+            if closed:  # what they stored, and their end: the records their close would have written
+                self._audit(lambda audit: audit_dangling_closed(audit, engine, closed))
+            return len(closed), index.retime_open_series()
         finally:
             engine.dispose()
 

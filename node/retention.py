@@ -12,7 +12,9 @@
 A purged series keeps its row (route, version, ``purged_at``, the digest of what was purged), and result rows keep
 their UIDs: the same series sent again unchanged (a PACS re-sending a prior) completes as it was, with no new job
 (node.completion), while a changed one becomes a new version whose results withdraw the old ones by UID. Empty
-spool folders are removed. ``0`` days keeps a kind forever.
+spool folders are removed. ``0`` days keeps a kind forever. A real purge (the scheduled loop, ``pacsnode purge``)
+writes one audit record per study whose received instances it deleted (110105 DICOM Study Deleted, with the study's
+SOP class counts and its patient; 110103 action D where instances of the study remain); a dry run writes none.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from node.audit import AuditTrail
+from node.auditdb import audit_purged
+from node.auditevents import StudySummary, patient_id_of
 from node.config import NodeConfig
 from node.index import instance_set_digest
 from node.logs import get_logger
@@ -47,6 +52,8 @@ class PurgeReport:
 
     dry_run: bool
     series: list[str] = field(default_factory=list)  # series whose instances were purged
+    studies: dict[str, StudySummary] = field(default_factory=dict, repr=False)  # what went, per study (the audit)
+    study_series: dict[str, list[str]] = field(default_factory=dict, repr=False)  # study UID -> its purged series
     purged_results: list[Path] = field(default_factory=list, repr=False)
     instance_files: int = 0
     result_files: int = 0
@@ -86,9 +93,10 @@ class Retention:
     """Purges over one engine and the data directory; ``clock`` returns epoch seconds (injected in tests)."""
 
     def __init__(self, config: NodeConfig, engine: Engine, *, clock: Callable[[], float] = time.time,
-                 disk_usage: Callable[[Path], tuple[int, int]] = disk_usage) -> None:
+                 disk_usage: Callable[[Path], tuple[int, int]] = disk_usage, audit: AuditTrail | None = None) -> None:
         self.config = config
         self.engine = engine
+        self.audit = audit  # the node's trail; None: one opened for each purge that deletes (`pacsnode purge`)
         self.clock = clock
         self.disk_usage = disk_usage
         self.log = get_logger(component="retention")
@@ -97,12 +105,31 @@ class Retention:
     def apply_config(self, config: NodeConfig) -> None:
         self.config = config
 
-    def purge(self, *, dry_run: bool = False) -> PurgeReport:
-        """Delete what the retention settings allow (nothing with ``dry_run``: report what would go)."""
+    def purge(self, *, dry_run: bool = False, scheduled: bool = False) -> PurgeReport:
+        """Delete what the retention settings allow (nothing with ``dry_run``: report what would go). Each study
+        whose received instances went is audited (110105 DICOM Study Deleted, `node.auditdb.audit_purged`), even
+        when the purge fails part way; ``scheduled``: `RetentionLoop` runs it (the node, not a user, requested it)."""
+        report = PurgeReport(dry_run=dry_run)
+        try:
+            return self._purge(report, dry_run)
+        finally:
+            if not dry_run and report.studies:
+                self._audit_purged(report, scheduled)
+
+    def _audit_purged(self, report: PurgeReport, scheduled: bool) -> None:
+        audit = self.audit or AuditTrail(self.config.audit, self.config.node.data_dir,
+                                         ae_title=self.config.node.ae_title)
+        try:
+            audit_purged(audit, self.engine, list(report.studies.values()), report.study_series, scheduled=scheduled)
+        finally:
+            if audit is not self.audit:
+                audit.close()
+
+    def _purge(self, report: PurgeReport, dry_run: bool) -> PurgeReport:
         settings = self.config.retention
         data_dir = self.config.node.data_dir
         used, total = self.disk_usage(data_dir)
-        report = PurgeReport(dry_run=dry_run, disk_percent_before=_percent(used, total))
+        report.disk_percent_before = _percent(used, total)
         now = self.clock()
         candidates = sorted(self._candidates(), key=lambda c: c.settled_at)  # oldest settled first
         self._with_results = self._series_with_results()
@@ -171,7 +198,8 @@ class Retention:
         with self.engine.connect() as conn:
             seen = conn.execute(sa.select(series.c.instance_count).where(series.c.series_uid == series_uid)).first()
             rows = conn.execute(
-                sa.select(instances.c.sop_uid, instances.c.path, instances.c.spool_id, instances.c.sha256)
+                sa.select(instances.c.sop_uid, instances.c.path, instances.c.spool_id, instances.c.sha256,
+                          instances.c.study_uid, instances.c.sop_class_uid)
                 .where(instances.c.series_uid == series_uid)
             ).all()
         rows = Spools(self.config).rows(rows)  # paths on this host; an unmapped spool fails this purge, rows kept
@@ -202,6 +230,7 @@ class Retention:
             self.log.info("retention_series_changed", series_uid=series_uid)
             return
         self._count(series_uid, rows, report)
+        _summarize(series_uid, rows, report)  # before the files go: it reads a patient ID from one of them
         folders = set()
         for r in rows:
             seen_inode = inodes[r.path]
@@ -255,6 +284,22 @@ class Retention:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         _remove_empty({p.parent for p in present}, self.config.node.data_dir / "results")
+
+
+def _summarize(series_uid: str, rows: Sequence[Any], report: PurgeReport) -> None:
+    """Add the instances of ``series_uid`` being purged to ``report.studies`` (counts by SOP class, the patient ID
+    of one file per study) for the audit record."""
+    read: set[str] = set()  # one file's header per study and series, even where it has no PatientID
+    for r in rows:
+        study = report.studies.setdefault(r.study_uid, StudySummary(r.study_uid))
+        study.counts[r.sop_class_uid] = study.counts.get(r.sop_class_uid, 0) + 1
+        if not study.patient_ids and r.study_uid not in read:
+            read.add(r.study_uid)
+            if patient := patient_id_of(r.path):
+                study.patient_ids.add(patient)
+        purged = report.study_series.setdefault(r.study_uid, [])
+        if series_uid not in purged:
+            purged.append(series_uid)
 
 
 def _still_settled(conn: sa.Connection, c: _Candidate) -> bool:
@@ -326,7 +371,7 @@ class RetentionLoop:
             if time.monotonic() >= next_at:
                 loop.beat(busy_for=3600.0)  # a purge of a large backlog may take long
                 try:
-                    self.retention.purge()
+                    self.retention.purge(scheduled=True)
                 except Exception as exc:  # noqa: BLE001 - one failed purge must not end the loop
                     self.retention.log.error("retention_failed", error=type(exc).__name__)
                 next_at = time.monotonic() + self.retention.config.retention.interval_minutes * 60.0

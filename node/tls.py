@@ -20,7 +20,7 @@ from typing import Any
 
 from cryptography import x509
 
-from node.config import Destination, DestinationKind, NodeConfig, TlsSection
+from node.config import Destination, DestinationKind, NodeConfig, SyslogProtocol, TlsSection
 from node.errors import ConfigError
 from node.states import ClientCertificates
 
@@ -155,13 +155,16 @@ def requests_tls(destination: Destination) -> tuple[str | bool, tuple[str, str] 
 
 def certificates(config: NodeConfig) -> dict[str, Path]:
     """The certificates the node presents, by name: ``node`` (``[tls] certificate``, with a TLS listener) and
-    ``destination <name>`` (a destination's client certificate)."""
+    ``destination <name>`` (a destination's client certificate), ``audit syslog`` (the syslog client's)."""
     out = {}
     if config.tls.certificate is not None and (config.tls.dimse_port is not None or config.tls.https):
         out["node"] = config.tls.certificate
     for destination in config.destinations:
         if destination.uses_tls and destination.client_certificate is not None:
             out[f"destination {destination.name}"] = destination.client_certificate
+    audit = config.audit
+    if audit.syslog_host and audit.syslog_protocol is SyslogProtocol.TLS and audit.syslog_client_certificate:
+        out["audit syslog"] = audit.syslog_client_certificate
     return out
 
 
@@ -194,11 +197,16 @@ def check_config(config: NodeConfig) -> None:
         if destination.uses_tls:
             client_context(destination.ca_file, destination.client_certificate, destination.client_private_key,
                            key=_destination_key(destination))
+    audit = config.audit
+    if audit.syslog_host and audit.syslog_protocol is SyslogProtocol.TLS:
+        client_context(audit.syslog_ca_file, audit.syslog_client_certificate, audit.syslog_client_private_key,
+                       key="audit.syslog")
     for name, path in certificates(config).items():
         left = seconds_left(path)
         if left <= 0:
             state = "is not valid yet" if left == float("-inf") else "has expired"
-            key = "tls.certificate" if name == "node" else f"destinations ({name.split(' ', 1)[1]}).client_certificate"
+            key = {"node": "tls.certificate", "audit syslog": "audit.syslog_client_certificate"}.get(name) or \
+                f"destinations ({name.removeprefix('destination ')}).client_certificate"
             raise ConfigError(f"{key}: the certificate {state} ({path.name})")
 
 

@@ -216,6 +216,7 @@ def _config_base(path: Path) -> Path:
 
 _TLS_FILE_KEYS = ("certificate", "private_key", "ca_file")
 _DESTINATION_FILE_KEYS = ("ca_file", "client_certificate", "client_private_key")
+_SYSLOG_FILE_KEYS = ("syslog_ca_file", "syslog_client_certificate", "syslog_client_private_key")
 
 
 def _readable(key: str, path: Path, base: Path) -> Path:
@@ -239,7 +240,10 @@ def _check_tls_files(config: NodeConfig, base: Path) -> NodeConfig:
         files = {k: _readable(f"destinations[{i}] ({dest.name}).{k}", getattr(dest, k), base)
                  for k in _DESTINATION_FILE_KEYS if getattr(dest, k)}
         destinations.append(dest.model_copy(update=files) if files else dest)
-    return config.model_copy(update={"tls": tls.model_copy(update=update), "destinations": tuple(destinations)})
+    audit = {k: _readable(f"audit.{k}", getattr(config.audit, k), base) for k in _SYSLOG_FILE_KEYS
+             if getattr(config.audit, k)}
+    return config.model_copy(update={"tls": tls.model_copy(update=update), "destinations": tuple(destinations),
+                                     "audit": config.audit.model_copy(update=audit)})
 
 
 __all__ = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import (
     Field,
@@ -158,6 +158,10 @@ class ReachabilitySection(_Frozen):
 class SyslogProtocol(StrEnum):
     UDP = "udp"  # RFC 5426: one message per datagram
     TCP = "tcp"  # RFC 6587 octet counting
+    TLS = "tls"  # RFC 5425: TLS over TCP, octet counting (section 4.3)
+
+
+SYSLOG_TLS_PORT = 6514  # RFC 5425 section 4.1
 
 
 class AuditSection(_Frozen):
@@ -168,10 +172,32 @@ class AuditSection(_Frozen):
     rotate_bytes: Annotated[int, Field(ge=0)] = 64 << 20  # 0: never by size
     rotate_daily: bool = True  # start a new file on the first record of each UTC day
     syslog_host: str | None = None  # RFC 5424 copy of each record
-    syslog_port: Port = 514
+    syslog_port: Port = 514  # 6514 (SYSLOG_TLS_PORT) when syslog_protocol = "tls" and no port is given
     syslog_protocol: SyslogProtocol = SyslogProtocol.UDP
+    # "tls": the collector's certificate must chain to syslog_ca_file (None: the system's CAs) and name syslog_host
+    syslog_ca_file: Path | None = None
+    syslog_client_certificate: Path | None = None  # PEM, for collectors that require a client certificate
+    syslog_client_private_key: Path | None = None  # PEM, unencrypted
     syslog_facility: Annotated[int, Field(ge=0, le=23)] = 10  # 10 = authpriv (security/authorization)
     site_id: Annotated[str, Field(max_length=64)] = ""  # AuditEnterpriseSiteID (e.g. the hospital's name)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tls_default_port(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("syslog_protocol") == SyslogProtocol.TLS and "syslog_port" not in data:
+            return {**data, "syslog_port": SYSLOG_TLS_PORT}
+        return data
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> AuditSection:
+        if self.syslog_protocol is not SyslogProtocol.TLS:
+            given = [f"syslog_{k}" for k in ("ca_file", "client_certificate", "client_private_key")
+                     if getattr(self, f"syslog_{k}") is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)} apply only with syslog_protocol = 'tls'")
+        if (self.syslog_client_certificate is None) != (self.syslog_client_private_key is None):
+            raise ValueError("syslog_client_certificate and syslog_client_private_key go together")
+        return self
 
 
 class AdmissionSection(_Frozen):

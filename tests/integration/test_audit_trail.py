@@ -119,3 +119,62 @@ def test_a_full_run_is_in_the_audit_trail(start_node, orthanc_factory, tmp_path)
     times = [r["EventIdentification"]["EventDateTime"] for r in records]
     assert times == sorted(times)
     assert PATIENT not in node.log_text() and TOKEN not in node.log_text()
+
+
+LEAN_PROCESSES = ("listener_processes = 1\n[worker]\nenabled = false\n[completion]\nstable_seconds = 3600\n"
+                  "[supervise]\nrestart_backoff_seconds = 0.2\n")
+
+
+def test_a_listener_killed_mid_association_still_leaves_the_receipt(start_node, tmp_path):
+    """The listener process dies (kill -9, the OOM killer) while a modality's association is open: what it had
+    acknowledged is indexed, but the 110104 record is written at the association's close, which never comes. The
+    restarted listener closes the association as aborted — and audits it as a close does: the study, its counts
+    and patient, then the logout."""
+    import os
+    import signal
+
+    import httpx
+    from pydicom import dcmread
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+    node = start_node(extra_toml=LEAN_PROCESSES)
+    trail = node.data_dir / "audit" / "audit.jsonl"
+
+    def listener() -> dict[str, Any]:
+        try:  # the only listener serves HTTP too: while it restarts, nothing answers
+            report = httpx.get(f"http://127.0.0.1:{node.http_port}/readyz", timeout=10).json()
+        except httpx.HTTPError:
+            return {"restarts": 0, "alive": False}
+        return dict(next(p for p in report["processes"]["processes"] if p["name"] == "listener-0"))
+
+    series = write_ct_series(tmp_path / "s", slices=3, size=32, seed=7, patient_id=PATIENT)
+    ae = AE("CT-SCANNER")
+    ae.add_requested_context(CTImageStorage, ["1.2.840.10008.1.2.1"])
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+    assert assoc.is_established
+    try:  # a modality streaming a study keeps its association open between images
+        assert [int(assoc.send_c_store(dcmread(p)).Status) for p in series.paths] == [0, 0, 0]
+        before = listener()
+        os.kill(before["pid"], signal.SIGKILL)
+    finally:
+        assoc.abort()
+    wait_until(lambda: (p := listener())["restarts"] == 1 and p["alive"], 60, "the listener restarted",
+               diagnostics=lambda: node.log_text()[-3000:])
+
+    def by_event(event: str) -> list[dict[str, Any]]:
+        lines = trail.read_text().splitlines() if trail.exists() else []
+        return [r for r in map(json.loads, lines) if r["event"] == event]
+
+    (received,) = wait_until(lambda: by_event("instances_received"), 30, "the receipt in the audit trail",
+                             diagnostics=lambda: node.log_text()[-3000:])
+    assert received["ActiveParticipant"][0]["UserID"] == "CT-SCANNER"
+    assert received["pacsnode"]["instances"] == 3
+    study, patient = received["ParticipantObjectIdentification"]
+    assert study["ParticipantObjectID"] == series.study_uid
+    assert study["ParticipantObjectDescription"]["SOPClass"] == [{"UID": CT, "NumberOfInstances": 3}]
+    assert patient["ParticipantObjectID"] == PATIENT
+    (started,) = by_event("association_started")
+    (ended,) = by_event("association_ended")
+    assert started["pacsnode"] == ended["pacsnode"] == {"association_id": received["pacsnode"]["association_id"]}
+    assert ended["EventIdentification"]["EventOutcomeDescription"] == "association aborted (found open at restart)"

@@ -319,3 +319,46 @@ def test_config_check_warns_about_plaintext_destinations_beyond_loopback():
     (token,) = warnings_for(web)
     assert "and its token" in token and "t0k" not in token
     assert warnings_for({**plain, "host": "127.0.0.1"}, {**web, "url": "https://pacs.example/dicom-web"}) == []
+
+
+def test_config_check_warns_about_plaintext_syslog_beyond_loopback():
+    def syslog_warnings(**audit):
+        return [w for w in open_setup_warnings(NodeConfig.model_validate({"audit": audit})) if "syslog" in w]
+
+    (tcp,) = syslog_warnings(syslog_host="siem.hospital.example", syslog_protocol="tcp")
+    assert "patient identifiers in audit records cross the network in cleartext" in tcp and "'tcp'" in tcp
+    (udp,) = syslog_warnings(syslog_host="10.1.2.3")  # udp, the default
+    assert "cleartext" in udp and "'udp'" in udp
+    assert syslog_warnings(syslog_host="127.0.0.1", syslog_protocol="tcp") == []  # a local relay
+    assert syslog_warnings(syslog_host="siem.hospital.example", syslog_protocol="tls") == []
+    assert syslog_warnings(syslog_host="10.1.2.3", enabled=False) == []  # nothing is sent
+
+
+def test_config_check_warns_about_private_keys_others_may_read(tmp_path):
+    keys = {name: tmp_path / f"{name}.key" for name in ("node", "dest", "syslog")}
+    cert = tmp_path / "cert.pem"
+    for path in (*keys.values(), cert):
+        path.write_text("-----BEGIN PRIVATE KEY-----\n")
+    config = NodeConfig.model_validate({
+        "tls": {"certificate": cert, "private_key": keys["node"]},
+        "destinations": [{"name": "pacs", "kind": "dimse", "ae_title": "PACS", "host": "127.0.0.1", "port": 104,
+                          "tls": True, "client_certificate": cert, "client_private_key": keys["dest"]}],
+        "audit": {"syslog_host": "127.0.0.1", "syslog_protocol": "tls", "syslog_client_certificate": cert,
+                  "syslog_client_private_key": keys["syslog"]},
+    })
+
+    def key_warnings():
+        return [w for w in open_setup_warnings(config) if "chmod 600" in w]
+
+    for path in keys.values():
+        path.chmod(0o600)
+    assert key_warnings() == []
+    keys["syslog"].chmod(0o644)
+    keys["dest"].chmod(0o640)
+    keys["node"].chmod(0o604)
+    got = key_warnings()
+    assert len(got) == 3, got
+    assert any(w.startswith("tls.private_key") and "0604" in w for w in got)
+    assert any("'pacs' client_private_key" in w and "0640" in w for w in got)
+    assert any(w.startswith("audit.syslog_client_private_key") and str(keys["syslog"]) in w and "0644" in w
+               for w in got)

@@ -1,0 +1,144 @@
+"""The vocabulary of the audit records (DICOM PS3.15 A.5, codes from PS3.16 CID 400-403): coded values, event and
+role codes, outcomes, and the builders of active participants and participant objects that `node.audit`'s event
+methods put together. No I/O here beyond reading one stored file's PatientID (`patient_id_of`).
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PATIENT_ID_MAX = 64
+
+
+def code(value: str, system: str, text: str) -> dict[str, str]:
+    """A coded value as the DICOM audit schema spells it (csd-code, codeSystemName, originalText)."""
+    return {"csd-code": value, "codeSystemName": system, "originalText": text}
+
+
+class Ev:
+    """Event IDs and type codes (PS3.16 CID 400-403)."""
+
+    APPLICATION_ACTIVITY = code("110100", "DCM", "Application Activity")
+    INSTANCES_ACCESSED = code("110103", "DCM", "DICOM Instances Accessed")
+    INSTANCES_TRANSFERRED = code("110104", "DCM", "DICOM Instances Transferred")
+    STUDY_DELETED = code("110105", "DCM", "DICOM Study Deleted")
+    EXPORT = code("110106", "DCM", "Export")
+    QUERY = code("110112", "DCM", "Query")
+    SECURITY_ALERT = code("110113", "DCM", "Security Alert")
+    USER_AUTHENTICATION = code("110114", "DCM", "User Authentication")
+    APPLICATION_START = code("110120", "DCM", "Application Start")
+    APPLICATION_STOP = code("110121", "DCM", "Application Stop")
+    LOGIN = code("110122", "DCM", "Login")
+    LOGOUT = code("110123", "DCM", "Logout")
+    SOFTWARE_CONFIGURATION = code("110131", "DCM", "Software Configuration")
+
+
+class Role:
+    APPLICATION = code("110150", "DCM", "Application")
+    LAUNCHER = code("110151", "DCM", "Application Launcher")
+    DESTINATION = code("110152", "DCM", "Destination Role ID")
+    SOURCE = code("110153", "DCM", "Source Role ID")
+
+
+STUDY_UID = code("110180", "DCM", "Study Instance UID")
+PATIENT_NUMBER = code("2", "RFC-3881", "Patient Number")
+URI = code("12", "RFC-3881", "URI")
+
+
+class Outcome:
+    SUCCESS = 0
+    MINOR_FAILURE = 4
+    SERIOUS_FAILURE = 8
+
+
+@dataclass
+class StudySummary:
+    """What one sender sent of one study (or what one purge deleted of it): instance counts by SOP class, and the
+    patient it belongs to."""
+
+    study_uid: str
+    counts: dict[str, int] = field(default_factory=dict)  # SOP class UID -> instances
+    patient_ids: set[str] = field(default_factory=set)
+
+    @property
+    def instances(self) -> int:
+        return sum(self.counts.values())
+
+
+def patient_id_of(path: str | Path) -> str | None:
+    """The PatientID of a stored Part 10 file (header only); None when absent or unreadable."""
+    from pydicom import dcmread
+
+    try:
+        ds = dcmread(str(path), stop_before_pixels=True, specific_tags=["PatientID"])
+        value = str(ds.get("PatientID", "") or "").strip()
+    except Exception:  # noqa: BLE001 - an unreadable file costs the audit record its patient object, nothing else
+        return None
+    return value[:PATIENT_ID_MAX] or None
+
+
+def participant(user: str, *, role: dict[str, str], requestor: bool, address: str | None = None,
+                alternative: str | None = None) -> dict[str, Any]:
+    """An ActiveParticipant; ``address`` ("host" or "host:port") becomes its network access point (host only)."""
+    out: dict[str, Any] = {"UserID": user, "UserIsRequestor": requestor, "RoleIDCode": [role]}
+    if alternative:
+        out["AlternativeUserID"] = alternative
+    if address:
+        host = address.rsplit(":", 1)[0] if address.count(":") == 1 else address
+        out["NetworkAccessPointTypeCode"] = "2" if _is_ip(host) else "1"
+        out["NetworkAccessPointID"] = host
+    return out
+
+
+def uri_object(role: str, uri: str, **more: Any) -> dict[str, Any]:
+    """A participant object that is a URI (an HTTP path, a config file) in ``role`` (RFC 3881 object role code);
+    ``more``: further fields, after the four."""
+    return {"ParticipantObjectTypeCode": "2", "ParticipantObjectTypeCodeRole": role,
+            "ParticipantObjectIDTypeCode": URI, "ParticipantObjectID": uri, **more}
+
+
+def local_user() -> str:
+    """The OS user this process runs as: its name, or its uid where it has none (containers)."""
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - no name for this uid (containers)
+        return str(os.getuid())
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+    except OSError:
+        return False
+    return True
+
+
+def study_objects(studies: Sequence[StudySummary]) -> list[dict[str, Any]]:
+    """The participant objects of ``studies``: one per study (Study Instance UID, SOP classes with their counts),
+    then one per distinct patient."""
+    objects: list[dict[str, Any]] = []
+    patients: list[str] = []
+    for study in studies:
+        objects.append({
+            "ParticipantObjectTypeCode": "2", "ParticipantObjectTypeCodeRole": "3",
+            "ParticipantObjectIDTypeCode": STUDY_UID, "ParticipantObjectID": study.study_uid,
+            "ParticipantObjectDescription": {"SOPClass": [
+                {"UID": uid, "NumberOfInstances": n} for uid, n in sorted(study.counts.items())]},
+        })
+        patients += [p for p in sorted(study.patient_ids) if p not in patients]
+    for patient in patients:
+        objects.append({
+            "ParticipantObjectTypeCode": "1", "ParticipantObjectTypeCodeRole": "1",
+            "ParticipantObjectIDTypeCode": PATIENT_NUMBER, "ParticipantObjectID": patient,
+        })
+    return objects
+
+
+__all__ = ["Ev", "Outcome", "Role", "StudySummary", "code", "local_user", "participant", "patient_id_of",
+           "study_objects", "uri_object"]
