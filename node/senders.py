@@ -339,10 +339,13 @@ def _check_answer(http: requests.Response, datasets: Sequence[Dataset], where: s
 def _check_accounted(referenced: set[str], failed: list[StoreResult], datasets: Sequence[Dataset], where: str,
                      message: str) -> None:
     """Raise (an error beginning with ``message``) unless every instance of ``datasets`` is referenced as stored or
-    failed with a reason that counts as stored; an instance the response names in neither sequence is transient."""
+    failed as a duplicate of one the PACS holds (0x0111); an instance the response names in neither sequence is
+    transient. Every other FailedSOPSequence item was not stored (PS3.18: warnings go in ReferencedSOPSequence), so a
+    reason C-STORE would count as stored (0x0000, 0x0001, 0xBxxx: vendor codes) is a processing failure here."""
     named = referenced | {result.sop_uid for result in failed}
     missing = [StoreResult(str(ds.SOPInstanceUID), None) for ds in datasets if str(ds.SOPInstanceUID) not in named]
-    results = failed + missing
+    results = [r if r.status == _DUPLICATE_SOP_INSTANCE or classify_store_status(int(r.status or 0)) is not
+               StoreOutcome.STORED else StoreResult(r.sop_uid, _PROCESSING_FAILURE) for r in failed] + missing
     check_store_results(results, len(results), message, unanswered="not in the Store Instances Response",
                         destination=where)
 

@@ -155,6 +155,20 @@ def test_failed_instances_are_classified_by_their_failure_reasons(pacs, files, s
         StowSender(5).send(dest(pacs.url), files)
 
 
+@pytest.mark.parametrize("reason", [0x0000, 0x0001, 0x0107, 0xB000, 0xB00F])
+def test_an_instance_in_failed_sop_sequence_is_never_stored_whatever_its_reason(pacs, files, reason):
+    """PS3.18: FailedSOPSequence names instances not stored (warnings go in ReferencedSOPSequence). A reason C-STORE
+    would count as stored — 0x0000, a warning, a vendor's 0xBxxx code (Azure uses that range) — counted the
+    instance as delivered (found by review); only 0x0111, a duplicate of one the PACS holds, does."""
+    def reply(posted):
+        uids = [str(ds.SOPInstanceUID) for ds in posted]
+        return 202, "application/dicom+json", json.dumps(referencing(uids[1:], {uids[0]: reason})).encode()
+
+    pacs.reply = reply
+    with pytest.raises(TransientSendError, match="status 0x0110"):
+        StowSender(5).send(dest(pacs.url), files)
+
+
 def test_a_409_without_a_store_instances_response_is_permanent(pacs, files):
     pacs.reply = lambda posted: (409, "application/dicom+json", b'{"error": "not a Store Instances Response"}')
     with pytest.raises(PermanentSendError, match="HTTP 409$"):
