@@ -59,6 +59,7 @@ from node.spool import Spool
 from node.states import Role
 from node.supervise import EXIT_LOOP_FAILED, Heartbeats, Supervisor, beat_socketserver
 from node.tls import expiry as tls_expiry
+from node.tls import loaded_at_start as tls_loaded_at_start
 from node.wakeup import DISPATCHER, WORKER, Wakeups
 from node.worker import Worker
 
@@ -127,11 +128,12 @@ class Service:
         )
         self.retention = Retention(config, self.engine, audit=self.audit)
         self.retention_loop = RetentionLoop(self.retention, self.heartbeats)
+        presented = tls_loaded_at_start(config)  # what the listeners present until a restart, however renewed
         self.metrics.bind(
             queue_depth=self.queue.depth, jobs=self.queue.counts, series=self.index.series_counts,
             deliveries=self.dispatcher.counts, disk=lambda: disk_usage(config.node.data_dir),
             destination_up=self.reachability.reachability.up, uncommitted=self.commitments.uncommitted,
-            clock_skew=lambda: clock_skew_seconds(self.engine), certificate_expiry=lambda: tls_expiry(config),
+            clock_skew=lambda: clock_skew_seconds(self.engine), certificate_expiry=lambda: tls_expiry(config, presented),
         )
         self.http = self._build_http(config, processes)
         self._dimse_threads: list[threading.Thread] = []

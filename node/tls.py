@@ -168,22 +168,38 @@ def certificates(config: NodeConfig) -> dict[str, Path]:
     return out
 
 
-def seconds_left(certificate: Path, now: dt.datetime | None = None) -> float:
-    """Seconds until the first certificate in a PEM file expires (negative once it has; minus infinity while it is
-    not yet valid). Raises `ConfigError` for a file that holds no certificate."""
+Validity = tuple[dt.datetime, dt.datetime]  # (not before, not after), UTC
+
+
+def validity(certificate: Path) -> Validity:
+    """The validity period of the first certificate in a PEM file; `ConfigError` for a file without one."""
     try:
         cert = x509.load_pem_x509_certificate(certificate.read_bytes())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{certificate.name}: no PEM certificate ({type(exc).__name__})") from exc
+    return cert.not_valid_before_utc, cert.not_valid_after_utc
+
+
+def seconds_left(certificate: Path | Validity, now: dt.datetime | None = None) -> float:
+    """Seconds until a certificate (a PEM file, or its `validity`) expires: negative once it has, minus infinity
+    while it is not yet valid."""
+    not_before, not_after = validity(certificate) if isinstance(certificate, Path) else certificate
     now = now or dt.datetime.now(dt.UTC)
-    if now < cert.not_valid_before_utc:
-        return float("-inf")
-    return (cert.not_valid_after_utc - now).total_seconds()
+    return float("-inf") if now < not_before else (not_after - now).total_seconds()
 
 
-def expiry(config: NodeConfig) -> dict[str, float]:
-    """`seconds_left` of each of `certificates` (for ``pacsnode_tls_certificate_expiry_seconds``)."""
-    return {name: seconds_left(path) for name, path in certificates(config).items()}
+def loaded_at_start(config: NodeConfig) -> dict[str, Validity]:
+    """The validity of the certificates read once, when the contexts are built at start (the listener's, the syslog
+    client's): renewing the file in place changes nothing the node presents until it restarts."""
+    return {name: validity(path) for name, path in certificates(config).items() if not name.startswith("destination ")}
+
+
+def expiry(config: NodeConfig, loaded: dict[str, Validity] | None = None) -> dict[str, float]:
+    """`seconds_left` of each of `certificates` (``pacsnode_tls_certificate_expiry_seconds``): those in ``loaded``
+    (`loaded_at_start`) as loaded — the file may have been renewed since, which needs a restart to take effect —,
+    destinations' client certificates as their files are now (read at each delivery)."""
+    loaded = loaded or {}
+    return {name: seconds_left(loaded.get(name) or path) for name, path in certificates(config).items()}
 
 
 def check_config(config: NodeConfig) -> None:
@@ -219,8 +235,10 @@ __all__ = [
     "client_context",
     "describe_tls_error",
     "expiry",
+    "loaded_at_start",
     "destination_tls_args",
     "requests_tls",
     "seconds_left",
+    "validity",
     "server_context",
 ]

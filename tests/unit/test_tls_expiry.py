@@ -16,7 +16,7 @@ from cryptography.x509.oid import NameOID
 from node.config import NodeConfig
 from node.errors import ConfigError
 from node.metrics import Metrics
-from node.tls import check_config, expiry, seconds_left
+from node.tls import check_config, expiry, loaded_at_start, seconds_left
 from tests.tlscerts import make_pki
 
 
@@ -57,3 +57,17 @@ def test_the_expiry_metric_counts_down_to_the_node_certificate_s_end(tmp_path: P
                 if ln.startswith('pacsnode_tls_certificate_expiry_seconds{certificate="node"}'))
     assert 1.9 * 86400 < float(line.split()[-1]) <= 2 * 86400
     assert expiry(NodeConfig()) == {}  # no TLS listener: nothing presented, nothing exported
+
+
+def test_the_metric_shows_the_certificate_loaded_not_one_renewed_on_disk(tmp_path: Path) -> None:
+    """Renewing the file in place (certbot, a mounted secret) changes nothing the listener presents until a
+    restart: the countdown must stay on the loaded certificate, or the alert never fires before it expires (found
+    by review)."""
+    now = dt.datetime.now(dt.UTC)
+    cert, key = _self_signed(tmp_path / "a", now - dt.timedelta(days=1), now + dt.timedelta(days=3))
+    config = _config(cert, key)
+    loaded = loaded_at_start(config)
+    renewed, _ = _self_signed(tmp_path / "b", now - dt.timedelta(days=1), now + dt.timedelta(days=90))
+    cert.write_bytes(renewed.read_bytes())
+    assert expiry(config, loaded)["node"] < 3 * 86400  # still the one presented
+    assert expiry(config)["node"] > 80 * 86400  # the file's
