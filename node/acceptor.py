@@ -22,6 +22,7 @@ local-limit-exceeded) is deliberate: an RJ answers an RQ, so the node would firs
 through `node.refusals.Refusals`: counted in the metrics, logged at most a few times per peer address and minute.
 A failed TLS handshake is also written to the audit trail, every one (`node.audit.AuditTrail.tls_handshake_failed`,
 110114 login failure, as an AE title refused at A-ASSOCIATE time is): the security officer's record is not thinned.
+A connection that ends or stays silent before TLS begins (a TCP probe, a scan) is not a login attempt: not audited.
 
 The pynetdicom 3.0.4 internals this relies on are listed, with `node.guard`'s, in `node.guard`'s docstring.
 """
@@ -89,7 +90,7 @@ class GuardedRequestHandler(RequestHandler):
             reason = "timed out" if isinstance(exc, TimeoutError) else describe_tls_error(exc)
             address, port = str(self.client_address[0]), int(self.client_address[1])
             self.server.refusals.record(PeerRefusal.TLS_HANDSHAKE_FAILED, address, port, why=reason, timeout=timeout)
-            if self.server.audit is not None:  # each one: the log above is rate-limited, the audit trail is not
+            if self.server.audit is not None and _presented_itself(exc, reason):  # each one, not rate-limited
                 self.server.audit.tls_handshake_failed(peer=f"{address}:{port}", reason=reason)
             with contextlib.suppress(OSError):
                 sock.close()
@@ -117,6 +118,14 @@ class GuardedRequestHandler(RequestHandler):
         self._slot_handed_over = True
         return assoc
 
+
+
+def _presented_itself(exc: BaseException, reason: str) -> bool:
+    """Whether a failed handshake was a peer's attempt to authenticate (a certificate refused, no certificate, a
+    protocol it offered), as opposed to a connection that closed, reset or stayed silent before TLS began — a load
+    balancer's TCP probe, a port scan: counted and logged, but not written as a login failure (a probe every few
+    seconds added thousands of records a day and grew the trail without bound)."""
+    return isinstance(exc, ssl.SSLError) and "eof" not in reason.lower()
 
 
 class GuardedServer(ThreadedAssociationServer):

@@ -137,13 +137,16 @@ def _python_client(pki: Pki, port: int, certificate: tuple[Path, Path] | None) -
 
 def test_every_failed_dicom_tls_handshake_is_audited(tls_node: TlsNode, pki: Pki) -> None:
     """As an AE title refused at A-ASSOCIATE time is (110114 login, minor failure): with no client certificate, one
-    from a foreign CA, and each of a burst — the refusal log is rate-limited per peer, the audit trail is not."""
+    from a foreign CA, and each of a burst — the refusal log is rate-limited per peer, the audit trail is not. A bare
+    TCP connect is no login attempt: 20 of them add nothing (each used to add a record)."""
     assert tls_node.echo("+tla", "+cf", str(pki.ca)) != 0  # DCMTK, no client certificate
     assert tls_node.echo("+tls", str(pki.other_server_key), str(pki.other_server_cert), "-pw",
                          "+cf", str(pki.ca)) != 0  # DCMTK, a certificate of another CA
     burst = LOG_BURST + 3
     for _ in range(burst):
         _python_client(pki, tls_node.port, (pki.other_server_cert, pki.other_server_key))
+    for _ in range(20):  # bare TCP connects (a load balancer's probe, a port scan): no login attempt, not audited
+        socket.create_connection(("127.0.0.1", tls_node.port), timeout=10).close()
     assert tls_node.echo("+tls", str(pki.client_key), str(pki.client_cert), "-pw", "+cf", str(pki.ca),
                          aet="INTRUDER") != 0  # a good certificate, an AE title not allowed
     assert tls_node.echo("+tls", str(pki.client_key), str(pki.client_cert), "-pw", "+cf", str(pki.ca)) == 0
