@@ -162,8 +162,8 @@ def _decode(ds: Any, where: str) -> np.ndarray:
 def _padding_mask(ds: Any, raw: np.ndarray, frame: int = 0) -> np.ndarray | None:
     """Where ``raw`` (frame ``frame`` of ``ds``) holds PixelPaddingValue, compared as stored: pydicom clears bits
     above BitsStored or sign-extends from HighBit, so padding outside that range (63536, -3024 in 12 bits) was read
-    as bone. The value (US or SS) is its BitsAllocated-bit pattern: native words compared as such, decoded ones as
-    pydicom reads the pattern."""
+    as bone. The value (US or SS) is its BitsAllocated-bit pattern: native words compared as such (or read as the
+    value: 12-bit -2000 stored 0x0830), decoded ones as pydicom reads the pattern."""
     pad = getattr(ds, "PixelPaddingValue", None)
     if pad is None:
         return None
@@ -173,7 +173,7 @@ def _padding_mask(ds: Any, raw: np.ndarray, frame: int = 0) -> np.ndarray | None
         order = "<" if ts.is_little_endian else ">"
         words = np.frombuffer(ds.PixelData, dtype=f"{order}u{bits // 8}")
         if words.size >= (frame + 1) * raw.size:
-            return (words[frame * raw.size:(frame + 1) * raw.size] == pattern).reshape(raw.shape)
+            return (words[frame * raw.size:(frame + 1) * raw.size] == pattern).reshape(raw.shape) | (raw == int(pad))
     value = pattern & ((1 << (stored := int(getattr(ds, "BitsStored", bits) or bits))) - 1)
     if int(getattr(ds, "PixelRepresentation", 0) or 0) == 1 and value >= 1 << (stored - 1):
         value -= 1 << stored

@@ -263,19 +263,19 @@ def test_real_ct_file_from_pydicom_test_data() -> None:
     assert vol.spacing[0] == pytest.approx(float(ds.SliceThickness))
 
 
-@pytest.mark.parametrize(("representation", "bits_stored", "pad", "pad_vr"), [
-    (0, 12, 63536, "US"),  # 0xF830: outside 12 bits, as scanners write it (pydicom reads the pixel as 2096)
-    (1, 12, -3024, "SS"),  # outside 12-bit signed (pydicom reads 1072)
-    (0, 16, -2000, "SS"),  # the same 16 bits as 63536, written with the other sign's VR
+@pytest.mark.parametrize(("representation", "bits_stored", "pattern", "pad", "pad_vr"), [
+    (0, 12, 0xF830, 63536, "US"),  # outside 12 bits, as scanners write it (pydicom reads the pixel as 2096)
+    (1, 12, 0xF430, -3024, "SS"),  # outside 12-bit signed (pydicom reads 1072)
+    (0, 16, 0xF830, -2000, "SS"),  # the same 16 bits as 63536, written with the other sign's VR
+    (1, 12, 0x0830, -2000, "SS"),  # 12-bit two's complement, upper bits clear: pydicom reads -2000 (2nd review)
 ])
 def test_padding_outside_bits_stored_is_air_not_bone(tmp_path: Path, representation: int, bits_stored: int,
-                                                      pad: int, pad_vr: str) -> None:
+                                                      pattern: int, pad: int, pad_vr: str) -> None:
     """pydicom masks the stored words to BitsStored (or sign-extends from HighBit), so padding written outside that
     range no longer equaled PixelPaddingValue and was read as 1072 or 3071 HU: a ring of bone in the corners, and a
     valid chest CT refused as out of scope (found by review). A tissue pixel whose masked value equals the masked
     padding stays tissue."""
-    pattern = pad & 0xFFFF
-    masked = pattern & ((1 << bits_stored) - 1)
+    masked = pattern & ((1 << bits_stored) - 1)  # what pydicom reads for the padding's word
     if representation and masked >= 1 << (bits_stored - 1):
         masked -= 1 << bits_stored
     paths = []
@@ -285,7 +285,7 @@ def test_padding_outside_bits_stored_is_air_not_bone(tmp_path: Path, representat
         ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
         words = np.full((ds.Rows, ds.Columns), 1024, dtype=np.uint16)  # 0 HU
         words[:4, :4] = pattern  # padding in a corner
-        if bits_stored < 16:
+        if bits_stored < 16 and masked != pad:
             words[10, 10] = masked & 0xFFFF  # tissue whose value pydicom reads like the padding's
         ds.PixelData = words.tobytes()
         ds.add_new(0x00280120, pad_vr, pad)
@@ -297,5 +297,5 @@ def test_padding_outside_bits_stored_is_air_not_bone(tmp_path: Path, representat
     hu = load_series(paths).hu
     assert (hu[:, :4, :4] == HU_MIN).all()
     assert hu[0, 20, 20] == pytest.approx(0.0)
-    if bits_stored < 16:
+    if bits_stored < 16 and masked != pad:
         assert hu[0, 10, 10] == pytest.approx(float(masked) - 1024.0)
