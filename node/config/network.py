@@ -115,7 +115,7 @@ def without_credentials(url: str) -> str:
             return f"{scheme}://{MASK}"
     try:
         parsed = make_url(url)
-    except ArgumentError:
+    except (ArgumentError, ValueError):  # ValueError: a port that is no number, libpq's multi-host lists
         return f"{scheme}://{MASK}"
     if parsed.host is not None and "@" in parsed.host:  # an unescaped '@' in the password: its rest reads as host
         return f"{scheme}://{MASK}"
@@ -129,10 +129,18 @@ def without_credentials(url: str) -> str:
 
 def _web_url_shown(url: str) -> str:
     parts = urlsplit(url)
-    userinfo, at, rest = (parts.netloc + parts.path).rpartition("@")
+    netloc, path = parts.netloc, parts.path
+    if "@" not in netloc and "@" in path and ":" in netloc and (
+            not netloc.rpartition(":")[2].isdigit() or "@" in path[1:].split("/", 1)[0]):
+        # an unescaped '/' in a password ends the netloc early ('user:pa' + '/ss@host/...'); a port (digits) with
+        # an '@' deeper in the path ('host:8443/studies/x@1') is no password
+        cut = path.index("@")
+        netloc, path = netloc + path[:cut + 1] + path[cut + 1:].split("/", 1)[0], path[cut + 1:]
+        path = path[path.find("/"):] if "/" in path else ""
+    userinfo, at, host = netloc.rpartition("@")
     if at and ":" in userinfo:
         userinfo = f"{userinfo.partition(':')[0]}:{MASK}"
-    shown = f"{parts.scheme}://{userinfo}{at}{rest}"
+    shown = f"{parts.scheme}://{userinfo}{at}{host}{path}"
     if parts.query:
         shown += "?" + _masked_parameters(parts.query)
     if parts.fragment:

@@ -274,6 +274,18 @@ def test_credentials_in_urls_are_masked_whatever_they_hold(url, secrets, shown):
     assert all(part in masked for part in shown), masked
 
 
+@pytest.mark.parametrize(("url", "shown"), [
+    ("postgresql://pacs:s3cret@dbhost:54x2/pacs", "postgresql://********"),  # make_url's ValueError: no traceback
+    ("postgresql://pacs:s3cret@h1:5432,h2:5432/pacs", "postgresql://********"),  # libpq's multi-host list
+    ("https://host:8443/dicomweb/studies@1", "https://host:8443/dicomweb/studies@1"),  # a port, no password
+    ("https://user:p/a/s@host/x", "https://user:********@host/x"),  # several unescaped '/' in the password
+])
+def test_urls_that_masking_misread(url, shown):
+    """Found by the second review: a port that is no number raised out of `config check`; an '@' in a path after a
+    port was taken for the end of a password and the port and path masked."""
+    assert without_credentials(url) == shown
+
+
 def test_the_admin_page_shows_no_database_password_or_url_token(tmp_path):
     """/admin is readable without a token: its config section shows the database and destination URLs masked."""
     import warnings
