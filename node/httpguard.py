@@ -26,8 +26,9 @@ What uvicorn 0.55 (h11 0.16, no httptools installed) does by itself, and the gap
   keep-alive timer, armed after the response, is cancelled by the next byte and never armed again, so one byte at
   a time held the connection for good. Such a connection is not kept alive: its write side is shut (FIN after the
   response) and what the client still sends is read and dropped (closing with it unread would reset the
-  connection, and the client could lose the answer) until the client closes, or ``body_timeout`` after the
-  response at the latest, when it is closed (nginx's lingering close).
+  connection, and the client could lose the answer) until the client closes, has sent nothing for
+  `LINGER_QUIET_SECONDS`, or ``body_timeout`` after the response at the latest, when it is closed (nginx's lingering
+  close; over TLS, where there is no FIN, the quiet close is what tells a pooled client the connection is done).
 
 Drops and refusals go through `node.refusals.Refusals` (counted, logged a few times per address and minute).
 
@@ -55,6 +56,10 @@ if TYPE_CHECKING:
     from node.config import NodeSection
 
 _MIN_TICK, _MAX_TICK = 0.05, 1.0
+# A connection answered before its body was read is closed once the client has sent nothing for this long: over TLS
+# there is no half-close (FIN) to tell a pooled client the connection is done, so until then its next request on
+# it went unanswered (for up to body_timeout, 60 s)
+LINGER_QUIET_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -222,7 +227,8 @@ class GuardedH11Protocol(H11Protocol):
         now = self.loop.time()
         state = self.conn.their_state
         if self._lingering_since is not None:
-            if now - self._lingering_since > self.limits.body_timeout:
+            quiet = now - max(self._last_read, self._lingering_since)
+            if now - self._lingering_since > self.limits.body_timeout or quiet > LINGER_QUIET_SECONDS:
                 self.transport.close()
                 return
         elif state is h11.IDLE and self._head_started is not None:

@@ -20,7 +20,7 @@ from structlog.testing import capture_logs
 from node.config import NodeSection
 from node.dicomweb import create_app
 from node.http import HealthProbe, HttpServer
-from node.httpguard import HttpLimits
+from node.httpguard import LINGER_QUIET_SECONDS, HttpLimits
 from node.index import Index
 from node.ingest import Ingestor
 from node.metrics import Metrics
@@ -422,3 +422,21 @@ def test_keep_alive_still_holds_for_requests_whose_body_was_read(serve):
         assert answer.startswith((b"HTTP/1.1 200", b"HTTP/1.1 415")), answer[:100]
         assert b"connection: close" not in answer.lower()
     assert closed_within(sock, BODY_TIMEOUT + 0.5) is None  # kept alive (uvicorn's keep-alive is 5 s)
+
+
+def test_an_early_answered_connection_closes_once_the_client_goes_quiet(serve):
+    """Over HTTPS there is no FIN after an early answer, so a pooled client that had sent its whole body reused the
+    connection and its next request went unanswered until body_timeout (60 s; found by review). The connection is
+    closed once the client has sent nothing for LINGER_QUIET_SECONDS — here with a 30 s body timeout."""
+    s = serve(http_body_timeout_seconds=30)
+    request, status = ANSWERED_EARLY["stow-part-type"]
+    sock = s.connect()
+    sock.sendall(request)
+    sock.settimeout(10)
+    assert read_response(sock).startswith(status)
+    assert sock.recv(65536) == b""  # (plain TCP: the FIN after the answer; the server may still be reading)
+    time.sleep(LINGER_QUIET_SECONDS + 2 * HttpLimits.from_config(s.node.config.node).tick + 0.5)
+    with pytest.raises(OSError):  # closed by now: what the client sends is reset, not read and dropped
+        for _ in range(3):
+            sock.sendall(b"z" * 1024)
+            time.sleep(0.1)
