@@ -166,10 +166,25 @@ def cmd_config_reload(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tls_args(args: argparse.Namespace, host: str) -> Any:
+    """pynetdicom's (context, server hostname) for ``--tls`` (the peer's certificate checked against ``--ca-file``,
+    the system's CAs without one, and ``host``), None without it."""
+    if not args.tls:
+        if args.ca_file or args.certificate or args.private_key:
+            raise ConfigError("--ca-file, --certificate and --private-key apply only with --tls")
+        return None
+    from node.tls import client_context
+
+    if (args.certificate is None) != (args.private_key is None):
+        raise ConfigError("--certificate and --private-key go together")
+    return client_context(args.ca_file, args.certificate, args.private_key, key="--tls"), host
+
+
 def cmd_echo(args: argparse.Namespace) -> int:
     from node.scu import Peer, echo
 
-    status = echo(Peer(args.host, args.port, called_ae=args.aec, calling_ae=args.aet))
+    status = echo(Peer(args.host, args.port, called_ae=args.aec, calling_ae=args.aet,
+                       tls_args=_tls_args(args, args.host)))
     print(f"C-ECHO {args.aec}@{args.host}:{args.port}: status 0x{status:04X}")
     return 0 if status == 0 else 1
 
@@ -240,7 +255,8 @@ def cmd_send(args: argparse.Namespace) -> int:
 
     host, port = args.to
     datasets = read_files([Path(p) for p in args.paths])
-    results = send_datasets(Peer(host, port, called_ae=args.aec, calling_ae=args.aet), datasets)
+    results = send_datasets(Peer(host, port, called_ae=args.aec, calling_ae=args.aet,
+                                 tls_args=_tls_args(args, host)), datasets)
     failed = [r for r in results if not r.ok]
     for r in failed:
         status = "no response" if r.status is None else f"0x{r.status:04X}"
@@ -275,6 +291,13 @@ def build_parser(*, plugins: bool = True) -> argparse.ArgumentParser:
         p.add_argument("--config", help=f"config file (default: $PACSNODE_CONFIG or {DEFAULT_CONFIG_PATH})")
         return p
 
+    def with_tls(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--tls", action="store_true", help="DICOM TLS (the peer's certificate must name the host)")
+        p.add_argument("--ca-file", type=Path, help="PEM CAs the peer's certificate must chain to (default: the system's)")
+        p.add_argument("--certificate", type=Path, help="PEM client certificate, for peers that require one")
+        p.add_argument("--private-key", type=Path, help="its unencrypted PEM key")
+        return p
+
     serve = with_config(sub.add_parser("serve", help="run the node"))
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     serve.add_argument("--role", default="all", choices=["all", "listener", "worker", "dispatcher"],
@@ -302,14 +325,14 @@ def build_parser(*, plugins: bool = True) -> argparse.ArgumentParser:
     echo.add_argument("port", type=int)
     echo.add_argument("--aec", default="ANY-SCP", help="called AE title")
     echo.add_argument("--aet", default="PACSNODE-SCU", help="calling AE title")
-    echo.set_defaults(func=cmd_echo)
+    with_tls(echo).set_defaults(func=cmd_echo)
 
     send = sub.add_parser("send", help="C-STORE files or folders to a DICOM peer")
     send.add_argument("paths", nargs="+")
     send.add_argument("--to", required=True, type=_host_port, metavar="HOST:PORT")
     send.add_argument("--aec", default="PACSNODE", help="called AE title")
     send.add_argument("--aet", default="PACSNODE-SCU", help="calling AE title")
-    send.set_defaults(func=cmd_send)
+    with_tls(send).set_defaults(func=cmd_send)
 
     status = with_config(sub.add_parser("status", help="series, jobs and deliveries by state; last errors"))
     status.add_argument("--json", action="store_true")
