@@ -64,7 +64,7 @@ def qido_instances(destination: Destination, study_uid: str, timeout: float) -> 
     try:
         verify, cert = requests_tls(destination)
         response = requests.get(url, headers=headers, params={"includefield": "00080018"}, timeout=timeout,
-                                verify=verify, cert=cert)
+                                verify=verify, cert=cert, allow_redirects=False)  # as the sender: never followed
     except requests.RequestException as exc:
         raise SendError(f"QIDO-RS {destination.shown_url} unreachable: {type(exc).__name__}") from exc
     if response.status_code == 204 or (response.status_code == 200 and not response.content.strip()):

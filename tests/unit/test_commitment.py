@@ -358,3 +358,39 @@ def test_a_report_on_the_node_s_own_n_action_association_commits(tmp_path, files
         assert row(tracker, "a").state == CommitState.COMMITTED, row(tracker, "a")
     finally:
         server.shutdown()
+
+
+def test_the_qido_proof_follows_no_redirect():
+    """A redirect is an answer from something other than the destination's DICOMweb service (a login page, another
+    server without the token): no proof of storage, as the sender and the reachability check treat it."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from node.commitment_peer import qido_instances
+
+    class Moved(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            body = b'[{"00080018": {"vr": "UI", "Value": ["1.2.3"]}}]'
+            if self.path.startswith("/elsewhere"):
+                self.send_response(200)
+                self.send_header("Content-Type", "application/dicom+json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
+            self.send_response(302)
+            self.send_header("Location", "/elsewhere" + self.path)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Moved)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        dest = Destination(name="w", kind=DestinationKind.DICOMWEB, url=f"http://127.0.0.1:{server.server_port}/dw")
+        with pytest.raises(SendError, match="HTTP 302"):
+            qido_instances(dest, "1.2", 5)
+    finally:
+        server.shutdown()
