@@ -75,6 +75,7 @@ DICOM_JSON = "application/dicom+json"
 MORE_RESULTS = "There are additional results that can be requested"
 IN_MEMORY_BODY_BYTES = 1 << 20  # request bodies beyond this go to a temp file on the data disk
 BODY_CHECK_BYTES = 64 << 20  # a body re-checks the data disk's free space each time this much more arrived
+LOGGED_PART_REFUSALS = 20  # parts of one request whose refusal gets a log line of its own
 
 _STORAGE_SOP_CLASSES = frozenset(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
 _ACCEPTED_TS = frozenset(str(ts) for ts in ACCEPTED_TRANSFER_SYNTAXES)
@@ -174,8 +175,8 @@ class _DicomWeb:
             "stow_answered", http_status=status, stored=stored, failed=len(outcomes) - stored, bytes=received,
             seconds=round(time.monotonic() - t0, 3),
         )
-        return Response(json.dumps(store_response(outcomes).to_json_dict()), status_code=status, media_type=DICOM_JSON,
-                        headers=headers)
+        answer = await run_in_threadpool(lambda: json.dumps(store_response(outcomes).to_json_dict()))  # off the loop
+        return Response(answer, status_code=status, media_type=DICOM_JSON, headers=headers)
 
     async def _read_body(self, request: Request, body: IO[bytes]) -> tuple[list[Part], int]:
         """The request body streamed into ``body``: its parts and its length. Raises `Refused` as soon as the body
@@ -273,7 +274,9 @@ class _DicomWeb:
         except (ReceiveError, PartFailed) as exc:
             out.failure, out.reason = int(exc.status), str(exc)
             self.metrics.rejected(type(exc).__name__ if isinstance(exc, ReceiveError) else exc.status.name, "stow")
-            log.warning("instance_refused", sop_uid=out.sop_uid or None, status=f"0x{out.failure:04X}", reason=out.reason)
+            if n < LOGGED_PART_REFUSALS:  # not one line per part of 100,000 (the answer and stow_answered count all)
+                log.warning("instance_refused", sop_uid=out.sop_uid or None, status=f"0x{out.failure:04X}",
+                            reason=out.reason)
             return out
         except DatabaseError:
             raise  # the index is down: the whole request fails (503), as later parts would

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 IN_MEMORY_PART_BYTES = 16 << 20  # a larger part is parsed and spooled from the body's temp file, not memory
 MAX_PARTS = 100_000  # parts per request; each costs a small record in memory while the body is read
 MAX_PART_HEADER_BYTES = 16 << 10  # a part's header block (names and values); real ones are ~100 bytes
+MAX_PART_HEADERS = 32  # header fields per part (python-multipart's default, 8, refused MIME-Version, Content-ID ...)
+MAX_FILE_META_BYTES = 64 << 10  # a part's Part 10 file meta (group 0002); real ones are a few hundred bytes
 
 
 class StowFailure(IntEnum):
@@ -126,7 +128,7 @@ class BodyReader:
             "on_end": self._on_end,
         }
         try:
-            self._parser = MultipartParser(boundary.encode("latin-1"), callbacks)
+            self._parser = MultipartParser(boundary.encode("latin-1"), callbacks, max_header_count=MAX_PART_HEADERS)
         except (FormParserError, UnicodeEncodeError) as exc:
             raise Refused(400, f"unusable multipart boundary: {exc}") from exc
 
@@ -192,8 +194,11 @@ class BodyReader:
 # -- one part → its data set ------------------------------------------------------------------------------
 def split_part10(data: EncodedDataset) -> tuple[Dataset, int]:
     """The file meta of a Part 10 file and the offset where its dataset starts; `InvalidDatasetError` if the
-    bytes are not a Part 10 file."""
-    fp = io.BytesIO(data) if isinstance(data, bytes) else data.sub(0)
+    bytes are not a Part 10 file. Only the first `MAX_FILE_META_BYTES` (after the preamble) are read for it: pydicom
+    reads every group 0002 value whole, so a part declaring a 1 GiB meta element cost 1 GiB of memory."""
+    limit = 132 + MAX_FILE_META_BYTES
+    head = data[:limit] if isinstance(data, bytes) else data.sub(0).read(limit)
+    fp = io.BytesIO(head)
     try:
         read_preamble(cast(BinaryIO, fp), False)
         # pydicom's file meta reader (private but unchanged since pydicom 1.x; pinned <4 in pyproject.toml)
@@ -203,6 +208,8 @@ def split_part10(data: EncodedDataset) -> tuple[Dataset, int]:
             meta.get(keyword)  # convert inside the boundary
     except Exception as exc:  # pydicom raises many types on bad input; all mean "cannot understand"
         raise InvalidDatasetError(f"part is not a DICOM Part 10 file: {type(exc).__name__}: {exc}") from exc
+    if fp.tell() >= len(head) and len(data) > len(head):
+        raise InvalidDatasetError(f"part's file meta runs past {MAX_FILE_META_BYTES} bytes")
     missing = [k for k in ("TransferSyntaxUID", "MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID") if not meta.get(k)]
     if missing:
         raise InvalidDatasetError(f"part's file meta lacks {', '.join(missing)}")

@@ -17,6 +17,7 @@ import pytest
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian
+from structlog.testing import capture_logs
 
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient` is deprecated")
@@ -26,7 +27,7 @@ from node import admission, dicomweb, stow
 from node.config import NodeConfig
 from node.db import create_engine_for, init_schema
 from node.dicomweb import create_app
-from node.errors import StoreStatus
+from node.errors import InvalidDatasetError, StoreStatus
 from node.http import HealthProbe, HttpServer
 from node.index import Index
 from node.ingest import Ingestor
@@ -247,3 +248,42 @@ def test_a_body_arriving_as_the_disk_reaches_its_reserve_is_dropped_with_503(nod
     free["bytes"] = 50 << 30
     assert node.stow(request).status_code == 200
     assert len(node.spooled()) == 4
+
+
+def test_a_file_meta_element_is_never_read_whole(tmp_path):
+    """pydicom reads every group 0002 value whole: a part declaring a 512 MiB (0002,0102) cost 512 MiB of memory,
+    ~1 GiB per part in flight at the default max_instance_bytes (found by review). Only the first 64 KiB after the
+    preamble are read for the file meta; more is 0xC000."""
+    import struct
+    import tracemalloc
+
+    from node.ingest import FileSpan
+
+    size = 8 << 20
+    source = pydicom.dcmread(write_ct_series(tmp_path / "m", slices=1, size=8).paths[0])
+    meta = part10(source, b"", "1.2.840.10008.1.2.1")
+    bomb = meta + struct.pack("<HH2sHL", 0x0002, 0x0102, b"OB", 0, size) + bytes(size)
+    (tmp_path / "part").write_bytes(bomb)
+    with open(tmp_path / "part", "rb") as f:
+        tracemalloc.start()
+        try:
+            with pytest.raises(InvalidDatasetError, match="file meta runs past"):
+                stow.split_part10(FileSpan(f, 0, len(bomb)))
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert peak < 1 << 20, f"{peak >> 20} MiB"
+
+
+def test_parts_with_many_headers_and_many_refusals(node, tmp_path):
+    """A part may carry MIME-Version, Content-ID, Content-Location, Content-Description and X- headers: the
+    parser's default of 8 header fields refused the whole request (400). And 100 unparseable parts log 20 lines,
+    not one each (100,000 parts wrote 36 MB of log; found by review)."""
+    good = write_ct_series(tmp_path / "g", slices=1, size=16).paths[0].read_bytes()
+    headers = "Content-Type: application/dicom\r\n" + "".join(f"X-Note-{i}: {i}\r\n" for i in range(11))
+    r = node.stow(body(part(good, headers)))
+    assert r.status_code == 200, r.text
+    with capture_logs() as logs:
+        r = node.stow(body(*[part(b"not dicom") for _ in range(100)]))
+    assert r.status_code == 409 and len(r.json()[FAILED_SEQ]["Value"]) == 100
+    assert len([e for e in logs if e["event"] == "instance_refused"]) == dicomweb.LOGGED_PART_REFUSALS
