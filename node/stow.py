@@ -114,6 +114,8 @@ class BodyReader:
         self.max_part_bytes = max_part_bytes
         self.parts: list[Part] = []
         self.ended = False
+        self._dash_boundary = b"--" + boundary.encode("latin-1", "replace")
+        self._tail = b""  # the end of the body so far, for a delimiter that straddles two chunks
         self._field = bytearray()
         self._value = bytearray()
         self._headers: dict[str, str] = {}
@@ -133,10 +135,25 @@ class BodyReader:
             raise Refused(400, f"unusable multipart boundary: {exc}") from exc
 
     def write(self, chunk: bytes) -> None:
+        ended_before = self.ended
         try:
             self._parser.write(chunk)
         except MultipartParseError as exc:
             raise Refused(400, f"multipart body does not parse: {exc}") from exc
+        if self.ended:
+            self._check_epilogue(chunk, ended_before)
+        self._tail = (self._tail + chunk)[-len(self._dash_boundary) - 2:]
+
+    def _check_epilogue(self, chunk: bytes, ended_before: bool) -> None:
+        """Refuse (400) a body that goes on with parts after its closing boundary (two bodies concatenated): the
+        parser drops an epilogue unread, so those instances were neither stored nor named in the answer, which
+        said 200, "stored all"."""
+        seen = self._tail + chunk
+        if not ended_before:  # the close-delimiter is in this chunk (or straddles the previous one)
+            close = seen.find(self._dash_boundary + b"--")
+            seen = seen[close + len(self._dash_boundary) + 2:] if close >= 0 else b""
+        if self._dash_boundary in seen:
+            raise Refused(400, "multipart body goes on after its closing boundary")
 
     def finish(self) -> list[Part]:
         try:

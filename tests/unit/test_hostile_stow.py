@@ -287,3 +287,24 @@ def test_parts_with_many_headers_and_many_refusals(node, tmp_path):
         r = node.stow(body(*[part(b"not dicom") for _ in range(100)]))
     assert r.status_code == 409 and len(r.json()[FAILED_SEQ]["Value"]) == 100
     assert len([e for e in logs if e["event"] == "instance_refused"]) == dicomweb.LOGGED_PART_REFUSALS
+
+
+@pytest.mark.parametrize("chunk", [7, 1 << 20])
+def test_a_body_going_on_after_its_closing_boundary_is_400(tmp_path, chunk):
+    """Two bodies concatenated: the parser dropped everything after the first closing boundary unread, so the second
+    instance was neither stored nor named in the answer, which said 200, "stored all" (found by review). A closing
+    boundary followed by a plain epilogue stays fine. Fed in small chunks too: a delimiter may straddle two."""
+    files = write_ct_series(tmp_path / "s", slices=2, size=16).paths
+    one, two = (p.read_bytes() for p in files)
+    sink = __import__("io").BytesIO()
+
+    def parse(data: bytes) -> list[stow.Part]:
+        reader = stow.BodyReader(BOUNDARY, sink, MAX_INSTANCE)
+        for i in range(0, len(data), chunk):
+            reader.write(data[i:i + chunk])
+        return reader.finish()
+
+    assert len(parse(body(part(one)) + b"an epilogue, as RFC 2046 allows\r\n")) == 1
+    with pytest.raises(stow.Refused) as err:
+        parse(body(part(one)) + body(part(two)))
+    assert err.value.http_status == 400 and "after its closing boundary" in err.value.reason
