@@ -140,20 +140,22 @@ class BodyReader:
             self._parser.write(chunk)
         except MultipartParseError as exc:
             raise Refused(400, f"multipart body does not parse: {exc}") from exc
+        seen = self._tail + chunk
         if self.ended:
-            self._check_epilogue(chunk, ended_before)
-        self._tail = (self._tail + chunk)[-len(self._dash_boundary) - 2:]
+            seen = self._check_epilogue(seen, ended_before)
+        self._tail = seen[-len(self._dash_boundary) - 2:]
 
-    def _check_epilogue(self, chunk: bytes, ended_before: bool) -> None:
+    def _check_epilogue(self, seen: bytes, ended_before: bool) -> bytes:
         """Refuse (400) a body that goes on with parts after its closing boundary (two bodies concatenated): the
         parser drops an epilogue unread, so those instances were neither stored nor named in the answer, which
-        said 200, "stored all"."""
-        seen = self._tail + chunk
+        said 200, "stored all". ``seen``: the last bytes before this chunk and the chunk; returns the epilogue in it
+        (all that is kept from now on)."""
         if not ended_before:  # the close-delimiter is in this chunk (or straddles the previous one)
             close = seen.find(self._dash_boundary + b"--")
             seen = seen[close + len(self._dash_boundary) + 2:] if close >= 0 else b""
         if self._dash_boundary in seen:
             raise Refused(400, "multipart body goes on after its closing boundary")
+        return seen
 
     def finish(self) -> list[Part]:
         try:
