@@ -87,7 +87,10 @@ def test_poison_series_get_a_coded_sr_and_the_next_series_still_reaches_orthanc(
 
     def all_results():
         found = results_by_study(orthanc)
-        return found if wanted <= set(found) and found[good.study_uid]["SEG"] else None
+        # SR and SEG both: results_by_study lists SRs first, then SEGs, so a SEG stored between the two queries
+        # showed without the SR stored just before it (failed one clean-clone run under load)
+        good_results = found.get(good.study_uid, {})
+        return found if wanted <= set(found) and good_results.get("SR") and good_results.get("SEG") else None
 
     by_study = wait_until(all_results, 120, "results of all three series at Orthanc")
 
