@@ -313,9 +313,8 @@ class CompletionSweeper:
         if instance_set_digest(rows) != row.purged_digest:
             return False
         with self.engine.begin() as conn:
-            last = conn.execute(sa.select(jobs.c.state).where(jobs.c.series_uid == row.series_uid)
-                                .order_by(jobs.c.version.desc()).limit(1)).scalar()
-            if last not in (JobState.DONE, JobState.SKIPPED):
+            last = _last_job(conn, row.series_uid)
+            if last is None or last.state not in (JobState.DONE, JobState.SKIPPED):
                 return False
             updated = conn.execute(series.update().where(*self._guard(row)).values(
                 state=SeriesState.COMPLETE, state_changed_at=self.clock(), purged_at=None, purged_digest=None))
@@ -354,12 +353,11 @@ class CompletionSweeper:
         earlier job queued. It stays with its pipeline instead, as a new version: a result, or the gate's "not
         processed" report, that supersedes and withdraws the old ones — while some route still leads to it."""
         with self.engine.connect() as conn:
-            last = conn.execute(sa.select(jobs.c.pipeline).where(jobs.c.series_uid == row.series_uid)
-                                .order_by(jobs.c.version.desc()).limit(1)).scalar()
-        if last is None or str(last) not in {str(r.pipeline) for r in self.config.routes}:
+            last = _last_job(conn, row.series_uid)
+        if last is None or last.pipeline is None or str(last.pipeline) not in {str(r.pipeline) for r in self.config.routes}:
             return decision  # no route leads to that pipeline any more: the operator turned it off
-        self.log.info("series_route_kept", series_uid=row.series_uid, route=decision.label, pipeline=str(last))
-        return Decision(str(row.route or decision.label), PipelineName(last))
+        self.log.info("series_route_kept", series_uid=row.series_uid, route=decision.label, pipeline=str(last.pipeline))
+        return Decision(str(row.route or decision.label), PipelineName(last.pipeline))
 
     @staticmethod
     def _guard(row: Any) -> tuple[sa.ColumnElement[bool], ...]:
@@ -372,6 +370,12 @@ class CompletionSweeper:
             if _matches(rule, row, rows):
                 return rule.priority
         return Priority.ROUTINE
+
+
+def _last_job(conn: sa.Connection, series_uid: str) -> Any:
+    """The state and pipeline of the series' newest job (None without one)."""
+    return conn.execute(sa.select(jobs.c.state, jobs.c.pipeline).where(jobs.c.series_uid == series_uid)
+                        .order_by(jobs.c.version.desc()).limit(1)).first()
 
 
 def _matches(rule: PriorityRule, row: Any, rows: Sequence[Any]) -> bool:
