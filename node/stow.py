@@ -31,6 +31,7 @@ MAX_PARTS = 100_000  # parts per request; each costs a small record in memory wh
 MAX_PART_HEADER_BYTES = 16 << 10  # a part's header block (names and values); real ones are ~100 bytes
 MAX_PART_HEADERS = 32  # header fields per part (python-multipart's default, 8, refused MIME-Version, Content-ID ...)
 MAX_FILE_META_BYTES = 64 << 10  # a part's Part 10 file meta (group 0002); real ones are a few hundred bytes
+MAX_PREAMBLE_BYTES = 64 << 10  # text before the first boundary (RFC 2046 5.1.1 preamble), skipped unread
 
 
 class StowFailure(IntEnum):
@@ -116,6 +117,7 @@ class BodyReader:
         self.ended = False
         self._dash_boundary = b"--" + boundary.encode("latin-1", "replace")
         self._tail = b""  # the end of the body so far, for a delimiter that straddles two chunks
+        self._preamble: bytearray | None = bytearray()  # the body until its first boundary; None once found
         self._field = bytearray()
         self._value = bytearray()
         self._headers: dict[str, str] = {}
@@ -135,6 +137,10 @@ class BodyReader:
             raise Refused(400, f"unusable multipart boundary: {exc}") from exc
 
     def write(self, chunk: bytes) -> None:
+        if self._preamble is not None:
+            chunk = self._skip_preamble(chunk)
+            if not chunk:
+                return
         ended_before = self.ended
         try:
             self._parser.write(chunk)
@@ -144,6 +150,25 @@ class BodyReader:
         if self.ended:
             seen = self._check_epilogue(seen, ended_before)
         self._tail = seen[-len(self._dash_boundary) - 2:]
+
+    def _skip_preamble(self, chunk: bytes) -> bytes:
+        """The body from its first boundary on, or b"" while that has not arrived. RFC 2046 lets a body open with a
+        preamble that readers ignore; python-multipart refuses one, so it is dropped here (at most
+        `MAX_PREAMBLE_BYTES`, or 400)."""
+        assert self._preamble is not None
+        self._preamble += chunk
+        buffered = bytes(self._preamble)
+        if buffered.startswith(self._dash_boundary):
+            start = 0
+        else:
+            line = buffered.find(b"\r\n" + self._dash_boundary, 0, MAX_PREAMBLE_BYTES + len(self._dash_boundary))
+            if line < 0 and len(buffered) > MAX_PREAMBLE_BYTES:
+                raise Refused(400, f"multipart body has no boundary in its first {MAX_PREAMBLE_BYTES} bytes")
+            if line < 0:
+                return b""
+            start = line + 2
+        self._preamble = None
+        return buffered[start:]
 
     def _check_epilogue(self, seen: bytes, ended_before: bool) -> bytes:
         """Refuse (400) a body that goes on with parts after its closing boundary (two bodies concatenated): the
@@ -158,6 +183,8 @@ class BodyReader:
         return seen
 
     def finish(self) -> list[Part]:
+        if self._preamble is not None:
+            raise Refused(400, "multipart body has no boundary line")
         try:
             self._parser.finalize()
         except MultipartParseError as exc:

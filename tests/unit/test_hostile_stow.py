@@ -309,3 +309,31 @@ def test_a_body_going_on_after_its_closing_boundary_is_400(tmp_path, chunk):
     with pytest.raises(stow.Refused) as err:
         parse(body(part(one)) + body(part(two)))
     assert err.value.http_status == 400 and "after its closing boundary" in err.value.reason
+
+
+@pytest.mark.parametrize("chunk", [5, 1 << 20])
+def test_a_preamble_before_the_first_boundary_is_skipped(node, tmp_path, chunk):
+    """RFC 2046 5.1.1: a multipart body may open with a preamble that readers ignore. python-multipart refused one
+    (400, 'Expected boundary character'), so a client that writes one could not store anything. A boundary string
+    inside the preamble but not at the start of a line is text; a preamble that never reaches a boundary is 400."""
+    files = write_ct_series(tmp_path / "s", slices=2, size=16).paths
+    one, two = (p.read_bytes() for p in files)
+    preamble = f"This is a multi-part message in MIME format; not --{BOUNDARY} yet.\r\n\r\n".encode()
+
+    def parse(data: bytes) -> list[stow.Part]:
+        reader = stow.BodyReader(BOUNDARY, __import__("io").BytesIO(), MAX_INSTANCE)
+        for i in range(0, len(data), chunk):
+            reader.write(data[i:i + chunk])
+        reader.write(b"")
+        return reader.finish()
+
+    assert len(parse(preamble + body(part(one), part(two)))) == 2
+    with pytest.raises(stow.Refused) as err:
+        parse(b"x" * (stow.MAX_PREAMBLE_BYTES + 10) + body(part(one)))
+    assert err.value.http_status == 400 and "no boundary" in err.value.reason
+    with pytest.raises(stow.Refused) as err:
+        parse(b"")
+    assert err.value.http_status == 400
+    r = node.stow(preamble + body(part(one), part(two)))
+    assert r.status_code == 200, r.text
+    assert len(node.spooled()) == 2
