@@ -18,7 +18,7 @@ from __future__ import annotations
 import abc
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from enum import StrEnum
 from pathlib import Path
 from ssl import SSLContext
@@ -138,10 +138,27 @@ def is_withdrawal(ds: Dataset) -> bool:
                for item in ds.get("ConceptNameCodeSequence") or [])
 
 
-def _withdrawals_last(datasets: Sequence[Dataset]) -> tuple[list[Dataset], list[Dataset]]:
-    """(the objects to store first, the rejection notes): a note may only follow once everything else is stored, or
-    an IOCM-aware PACS withdraws the previous complete result while the new one is incomplete."""
-    return [ds for ds in datasets if not is_withdrawal(ds)], [ds for ds in datasets if is_withdrawal(ds)]
+NOTE_HELD = ("the rejection note withdrawing the previous version was not sent, so that version's result stays at "
+             "the destination beside what it stored of this one")
+
+
+def _store_withdrawals_last(datasets: Sequence[Dataset], store: Callable[[Sequence[Dataset]], None]) -> None:
+    """Store ``datasets`` with ``store``, the rejection notes in a second call once everything else is stored, or an
+    IOCM-aware PACS withdraws the previous complete result while the new one is incomplete. When the first call
+    fails with notes held back, its error says so (`NOTE_HELD`): a delivery that dies there leaves two versions'
+    results at the PACS, which the operator must know."""
+    notes = [ds for ds in datasets if is_withdrawal(ds)]
+    rest = [ds for ds in datasets if not is_withdrawal(ds)]
+    if rest:
+        try:
+            store(rest)
+        except SendError as exc:
+            if not notes:
+                raise
+            kind = PermanentSendError if isinstance(exc, PermanentSendError) else TransientSendError
+            raise kind(f"{exc}; {NOTE_HELD}") from exc
+    if notes:
+        store(notes)
 
 
 # -- senders ------------------------------------------------------------------------------------------------------
@@ -193,7 +210,7 @@ class DimseSender(Sender):
         if destination.kind is not DestinationKind.DIMSE:
             raise PermanentSendError(f"DimseSender cannot send to a {destination.kind.value!r} destination")
         assert destination.ae_title and destination.host and destination.port  # config validates dimse ones
-        batches = _withdrawals_last(_read_results(files))
+        datasets = _read_results(files)
         where = f"{destination.ae_title}@{destination.host}:{destination.port}"
         peer = Peer(
             destination.host,
@@ -203,9 +220,8 @@ class DimseSender(Sender):
             timeout=self.timeout,
             tls_args=self._tls_args(destination),
         )
-        for datasets in batches:  # the rejection notes only once the rest is stored: each batch raises if not
-            if not datasets:
-                continue
+
+        def store(datasets: Sequence[Dataset]) -> None:
             try:
                 results = send_datasets(peer, datasets)
             except NoContextAcceptedError as exc:  # the PACS takes none of these SOP classes: a configuration matter
@@ -213,6 +229,8 @@ class DimseSender(Sender):
             except SendError as exc:
                 raise TransientSendError(str(exc)) from exc
             check_store_results(results, len(datasets), where)
+
+        _store_withdrawals_last(datasets, store)
 
     @staticmethod
     def _tls_args(destination: Destination) -> tuple[SSLContext, str] | None:
@@ -263,9 +281,7 @@ class StowSender(Sender):
     def send(self, destination: Destination, files: Sequence[Path]) -> None:
         if destination.kind is not DestinationKind.DICOMWEB or destination.url is None:
             raise PermanentSendError(f"StowSender cannot send to a {destination.kind.value!r} destination")
-        for batch in _withdrawals_last(_read_results(files)):
-            if batch:
-                self._store(destination, batch)
+        _store_withdrawals_last(_read_results(files), lambda batch: self._store(destination, batch))
 
     def _store(self, destination: Destination, datasets: Sequence[Dataset]) -> None:
         """One STOW-RS POST of ``datasets``; returns when the answer says every one is stored, else raises."""

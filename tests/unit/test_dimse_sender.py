@@ -14,7 +14,7 @@ from pynetdicom.sop_class import MRImageStorage  # type: ignore[attr-defined]
 from structlog.testing import capture_logs
 
 from node.config import Destination
-from node.senders import DimseSender, PermanentSendError
+from node.senders import NOTE_HELD, DimseSender, PermanentSendError
 from tests.ctgen import write_ct_series
 from tests.unit.test_senders import delivery
 
@@ -53,9 +53,13 @@ def test_a_rejection_note_is_stored_only_after_every_other_object(scp, tmp_path)
     paths = delivery(tmp_path / "v2")  # SR, SEG, key-images KOS, rejection note
     sr, seg, key, note = uids(paths)
     pacs.status = lambda ds: 0xA900 if ds.Modality == "SEG" else 0x0000
-    with pytest.raises(PermanentSendError, match=f"refused {seg}: status 0xA900$"):
+    with pytest.raises(PermanentSendError, match=f"refused {seg}: status 0xA900; ") as err:
         DimseSender("NODE", 5).send(dest, [paths[3], paths[0], paths[1], paths[2]])  # the note first in the list
     assert pacs.received == [sr, seg, key]  # never the note
+    assert str(err.value).endswith(NOTE_HELD)  # the dead letter says the previous version's result stays
+    pacs.received = []
+    with pytest.raises(PermanentSendError, match=f"refused {seg}: status 0xA900$"):  # nothing held back: no remark
+        DimseSender("NODE", 5).send(dest, paths[:3])
     pacs.status, pacs.received = (lambda ds: 0x0000), []
     DimseSender("NODE", 5).send(dest, [paths[3], *paths[:3]])
     assert pacs.received == [sr, seg, key, note]  # the key-images KOS is no withdrawal: it keeps its place

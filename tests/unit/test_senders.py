@@ -19,7 +19,7 @@ from pydicom import Dataset
 
 from node.config import Destination
 from node.results import AlgorithmIdentity, build_rejection_kos, build_results
-from node.senders import PermanentSendError, StowSender, TransientSendError
+from node.senders import NOTE_HELD, PermanentSendError, StowSender, TransientSendError
 from tests.ctgen import write_ct_series
 from tests.unit.results_support import cached_series
 
@@ -290,8 +290,9 @@ def test_a_rejection_note_is_posted_alone_once_the_rest_is_stored(pacs, tmp_path
         return 202, "application/dicom+json", json.dumps(referencing(stored, failed)).encode()
 
     pacs.reply = refuse_seg  # the new SEG is not stored: version 1 must not be withdrawn
-    with pytest.raises(TransientSendError, match="status 0xA700"):
+    with pytest.raises(TransientSendError, match="status 0xA700") as err:
         StowSender(5).send(dest(pacs.url), paths[::-1])  # whatever the order of the files
+    assert str(err.value).endswith(NOTE_HELD)
     assert [[str(ds.SOPInstanceUID) for ds in post] for post in pacs.posts] == [first[::-1]]
     pacs.reply, pacs.posts = stored_all, []
     StowSender(5).send(dest(pacs.url), paths)
