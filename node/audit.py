@@ -37,6 +37,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime as dt
+import errno
 import hashlib
 import json
 import os
@@ -80,7 +81,7 @@ class AuditTrail:
         self._on_failure = on_failure
         self._clock = clock
         self._lock = threading.Lock()
-        self._file: IO[str] | None = None
+        self._file: IO[bytes] | None = None
         self._day: dt.date | None = None
         self._log = get_logger(component="audit")
         self._syslog: SyslogSender | None = None
@@ -142,12 +143,15 @@ class AuditTrail:
                     self.path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
                     existing = _file_day(self.path)  # a file left by an earlier run keeps its day; a new one: now's
                     # Owner and group only, whatever the umask: the trail holds patient IDs (rotation keeps the mode).
-                    fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+                    fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)
                     os.fchmod(fd, 0o640)
-                    self._file = os.fdopen(fd, "a", encoding="utf-8")
+                    self._file = os.fdopen(fd, "ab", buffering=0)  # one write(2) per record, shared with others
                     self._day = existing or now.date()
-                self._file.write(line + "\n")
-                self._file.flush()
+                data = (line + "\n").encode("utf-8")
+                if _torn(self._file.fileno()):  # a write cut short (ENOSPC) left a partial line: end it first
+                    data = b"\n" + data
+                if self._file.write(data) != len(data):
+                    raise OSError(errno.ENOSPC, "short write")
             except OSError as exc:
                 self._close_file()
                 self._failed("file", exc.strerror or type(exc).__name__)
@@ -377,6 +381,13 @@ def _sha256(path: str | None) -> str | None:
     except OSError:
         return None
 
+
+
+def _torn(fd: int) -> bool:
+    """Whether the file open on ``fd`` ends inside a line: a record whose write was cut short (disk full). The next
+    record then starts on a new line, or it would be glued to the fragment and unreadable too."""
+    size = os.fstat(fd).st_size
+    return size > 0 and os.pread(fd, 1, size - 1) != b"\n"
 
 def _file_day(path: Path) -> dt.date | None:
     try:

@@ -174,6 +174,38 @@ def test_a_failing_write_is_logged_and_counted_never_raised(tmp_path):
     audit.close()
 
 
+def test_a_record_cut_short_by_a_full_disk_does_not_take_the_next_one_with_it(tmp_path):
+    """A write cut short (ENOSPC: found by review on a full tmpfs; or a writer killed mid-line) left a partial line,
+    and the next record, reported written once space came back, was appended to it: unreadable by `pacsnode audit`.
+    Each record now starts on a line of its own; a short write is counted as a failure."""
+    failures: list[str] = []
+    audit = trail(tmp_path)
+    audit._on_failure = failures.append
+    audit.application(started=True)
+
+    class Full:  # what write(2) does on a file system with a few bytes left: writes them, reports the count
+        def __init__(self, real: Any) -> None:
+            self.real = real
+
+        def write(self, data: bytes) -> int:
+            return self.real.write(data[:20])
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.real, name)
+
+    audit._file = Full(audit._file)  # type: ignore[assignment]
+    audit.auth_failed(surface="admin", reason="missing", peer="10.0.0.1", path="/admin/retry")
+    assert failures == ["file"]  # the cut-short record is lost and counted
+    audit.application(started=False)  # space is back (the file was reopened after the failure)
+    assert [r["event"] for r in read_records(audit.path)] == ["application_started", "application_stopped"]
+    with audit.path.open("ab") as other:  # another process's record cut short
+        other.write(b'{"event": "assoc')
+    audit.auth_failed(surface="admin", reason="missing", peer="10.0.0.1", path="/admin/retry")
+    assert [r["event"] for r in read_records(audit.path)][-1] == "auth_failed"
+    assert failures == ["file"]
+    audit.close()
+
+
 def test_disabled_trail_writes_nothing(tmp_path):
     audit = trail(tmp_path, enabled=False)
     audit.application(started=True)
