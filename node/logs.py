@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import MutableMapping
-from typing import Any
+import threading
+from collections.abc import Callable, MutableMapping
+from typing import Any, TextIO
 
 import structlog
 
@@ -32,6 +33,49 @@ def _drop_phi(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableM
     return event_dict
 
 
+_dropped_lock = threading.Lock()
+_dropped = 0
+_on_dropped: Callable[[], None] | None = None
+
+
+def on_dropped_line(callback: Callable[[], None] | None) -> None:
+    """Call ``callback`` (a metric's increment) for each log line a failing stream dropped."""
+    global _on_dropped
+    _on_dropped = callback
+
+
+def dropped_lines() -> int:
+    """Log lines dropped by this process because their stream failed (full disk, closed pipe)."""
+    return _dropped
+
+
+class _SafeWriteLogger(structlog.WriteLogger):
+    """structlog's WriteLogger, except that a failing stream drops the line instead of raising into the caller: a
+    full log disk made a listener answer a C-STORE it had stored and indexed with a failure status (found by
+    review), so the sender stopped the series. Dropped lines are counted (`on_dropped_line`)."""
+
+    def msg(self, message: str) -> None:
+        global _dropped
+        try:
+            super().msg(message)
+        except (OSError, ValueError):  # ValueError: the stream was closed
+            with _dropped_lock:
+                _dropped += 1
+            if (callback := _on_dropped) is not None:
+                callback()
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
+
+
+class _SafeWriteLoggerFactory:
+    def __init__(self, file: TextIO) -> None:
+        self._file = file
+
+    def __call__(self, *args: Any) -> _SafeWriteLogger:
+        return _SafeWriteLogger(self._file)
+
+
 def configure_logging(level: str = "INFO", stream: Any = None) -> None:
     """Configure structlog and stdlib logging for JSON lines on ``stream`` (stderr by default)."""
     shared: list[Any] = [
@@ -45,7 +89,7 @@ def configure_logging(level: str = "INFO", stream: Any = None) -> None:
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         # one write per line (print() writes the newline apart): with PYTHONUNBUFFERED (the Docker image) the
         # role processes sharing stderr would otherwise glue each other's lines together
-        logger_factory=structlog.WriteLoggerFactory(stream or sys.stderr),
+        logger_factory=_SafeWriteLoggerFactory(stream or sys.stderr),
         cache_logger_on_first_use=False,
     )
     handler = logging.StreamHandler(stream or sys.stderr)

@@ -34,7 +34,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from pydicom.uid import UID
 
-from node.logs import get_logger
+from node.logs import get_logger, on_dropped_line
 from node.states import AdmissionReason, PeerRefusal
 
 SOURCES = frozenset({"dimse", "stow"})
@@ -249,6 +249,11 @@ class Metrics:
             "pacsnode_audit_failures", "Audit records that could not be written, by sink (file, syslog).",
             ["sink"], registry=r,
         )
+        log_dropped = Counter(
+            "pacsnode_log_lines_dropped", "Log lines dropped because the log stream failed (full disk, closed pipe).",
+            registry=r,
+        )
+        on_dropped_line(log_dropped.inc)
         self._admission_refused = Counter(
             "pacsnode_admission_refused",
             "Refused by admission control, by reason (disk_floor, queue_ceiling, disk_reserve) and front door: "

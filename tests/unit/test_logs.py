@@ -81,3 +81,53 @@ def test_a_debug_level_stow_delivery_logs_no_credentials(tmp_path: Path):
     logged = "".join(stream.calls)
     assert '"level": "debug"' in logged  # DEBUG was on (urllib3's connection lines at least)
     assert "s3cret" not in logged
+
+
+class FullDisk:
+    """A log stream on a disk that fills: once ``full``, every write fails with ENOSPC."""
+
+    full = False
+
+    def write(self, text: str) -> int:
+        if self.full:
+            raise OSError(28, "No space left on device")
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_a_failing_log_stream_drops_lines_and_never_fails_a_stored_instance(tmp_path: Path):
+    """A full log disk made the listener answer a C-STORE it had stored and indexed with a failure status (found by
+    review: the log call after the commit raised into pynetdicom's handler), so the modality stopped the series.
+    Lines are dropped and counted instead."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+    from node.logs import dropped_lines
+    from node.metrics import Metrics
+    from tests.unit.test_hostile_dimse import AE_TITLE, Node
+
+    files = write_ct_series(tmp_path / "s", slices=3, size=16).paths
+    metrics = Metrics()
+    before = dropped_lines()
+    stream = FullDisk()
+    configure_logging("INFO", stream)  # type: ignore[arg-type]
+    node = Node(tmp_path / "n")  # its loggers bind the stream configured now
+    try:
+        stream.full = True
+        get_logger(component="test").info("anything")
+        ae = AE(ae_title="STORESCU")
+        ae.add_requested_context(CTImageStorage)
+        assoc = ae.associate(*node.address, ae_title=AE_TITLE)
+        assert assoc.is_established
+        statuses = [int(assoc.send_c_store(p).Status) for p in files]
+        assoc.release()
+    finally:
+        stream.full = False  # space is back
+        node.stop()
+        configure_logging("INFO", sys.stderr)
+    assert statuses == [0, 0, 0]
+    assert len(node.spooled()) == 3
+    assert dropped_lines() > before + 3  # the node logs each stored instance
+    assert "pacsnode_log_lines_dropped_total" in metrics.render()[0].decode()
