@@ -36,7 +36,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from node.config import CompletionMode, CompletionSection, NodeConfig, PipelineName, Priority, PriorityRule
-from node.index import instance_set_digest
+from node.index import all_members, instance_set_digest
 from node.logs import get_logger
 from node.metrics import Metrics
 from node.queue import JobQueue, jobs
@@ -266,7 +266,8 @@ class CompletionSweeper:
         """Route, then mark complete + queue the job (or mark ignored) in one transaction, guarded against an
         instance arriving meanwhile. Returns the new result version, or None (ignored, unchanged since it was
         purged, or judged again later)."""
-        if row.purged_digest is not None and row.version >= 1 and self._resent_unchanged(row, rows, reason):
+        purged = row.purged_digest is not None or row.purged_members is not None
+        if purged and row.version >= 1 and self._resent_unchanged(row, rows, reason):
             return None
         decision = self._route(row, rows)
         if decision.pipeline is None and row.version >= 1 and rows:
@@ -289,7 +290,7 @@ class CompletionSweeper:
             updated = conn.execute(
                 series.update().where(*guard)
                 .values(state=SeriesState.COMPLETE, version=version, route=decision.label,
-                        state_changed_at=self.clock())
+                        state_changed_at=self.clock(), purged_digest=None, purged_members=None)
             )
             if updated.rowcount != 1:
                 return None  # something arrived: judge it again next sweep
@@ -306,11 +307,14 @@ class CompletionSweeper:
         return version
 
     def _resent_unchanged(self, row: Any, rows: Sequence[Any], reason: CompletionReason) -> bool:
-        """A purged series sent again exactly as it was purged (a PACS re-sending a prior) whose last job ended with
-        a verdict or a refusal: complete again as it was — no new version, whose rejection note would withdraw the
-        results the hospital has had since, re-made by today's model. A dead last job is run again (a new version,
-        as a re-send always did); so is a series re-sent with any instance added, missing or changed."""
-        if instance_set_digest(rows) != row.purged_digest:
+        """A purged series sent again as it was purged, whole or in part (a PACS re-sending a prior, a workstation
+        forwarding a few slices of it), whose last job ended with a verdict or a refusal: complete again as it was —
+        no new version, whose rejection note would withdraw the results the hospital has had since, re-made by
+        today's model from what came back (a part of the series: "too few slices"). A dead last job is run again (a
+        new version, as a re-send always did); so is a series re-sent with any instance added or changed. The
+        purged instances stay known (`purged_members`) for the next re-send."""
+        unchanged = instance_set_digest(rows) == row.purged_digest or all_members(rows, row.purged_members)
+        if not unchanged:
             return False
         with self.engine.begin() as conn:
             last = _last_job(conn, row.series_uid)

@@ -38,6 +38,30 @@ def instance_set_digest(rows: Iterable[Any]) -> str:
     return h.hexdigest()
 
 
+MEMBER_BYTES = 8  # of SHA-256 per instance: a false match needs a 2^-64 collision
+
+
+def _member(sop_uid: object, sha256: object) -> bytes:
+    return hashlib.sha256(f"{sop_uid}:{sha256}".encode()).digest()[:MEMBER_BYTES]
+
+
+def instance_members(rows: Iterable[Any], known: bytes | None = None) -> bytes:
+    """The instances ``rows`` as (SOP Instance UID, sha256) keys of `MEMBER_BYTES`, sorted, joined with the keys
+    already in ``known``: what retention keeps of the instances it deletes (`series.purged_members`)."""
+    keys = {_member(r.sop_uid, r.sha256) for r in rows}
+    if known:
+        keys.update(known[i:i + MEMBER_BYTES] for i in range(0, len(known), MEMBER_BYTES))
+    return b"".join(sorted(keys))
+
+
+def all_members(rows: Sequence[Any], members: bytes | None) -> bool:
+    """Whether every one of ``rows`` (a series' instances now) is an instance retention deleted, unchanged."""
+    if not members or not rows:
+        return False
+    known = {members[i:i + MEMBER_BYTES] for i in range(0, len(members), MEMBER_BYTES)}
+    return all(_member(r.sop_uid, r.sha256) in known for r in rows)
+
+
 class RecordOutcome(StrEnum):
     NEW = "new"
     DUPLICATE = "duplicate"  # same SOP Instance UID, same bytes: idempotent

@@ -49,6 +49,9 @@ series = sa.Table(
     # node.index.instance_set_digest of the instances retention deleted: the same series sent again unchanged
     # (a PACS re-sending a prior) completes as it was, no new version that would withdraw its results
     sa.Column("purged_digest", sa.String(64)),
+    # node.index.instance_members of every instance retention ever deleted from it (8 bytes each): a re-send of
+    # part of the series, each instance unchanged, completes as it was too
+    sa.Column("purged_members", sa.LargeBinary),
 )
 
 instances = sa.Table(

@@ -314,12 +314,14 @@ def test_series_purged_before_cost_no_query_per_series(site):
     assert len(statements) <= 5, statements  # series, jobs, deliveries; results and deliveries' files
 
 
-@pytest.mark.parametrize("resent", ["unchanged", "changed", "after-a-dead-job"])
+@pytest.mark.parametrize("resent", ["unchanged", "in-part", "changed", "after-a-dead-job"])
 def test_a_purged_series_sent_again_unchanged_completes_as_it_was(site, resent):
     """A PACS re-sending a prior months later: the same instances, byte for byte. It became a new version whose
     rejection note withdrew the result the hospital had had since (re-made by today's model), where the same
-    re-send a day earlier was a no-op. Now it completes as it was, no job; a changed one is a new version, and so
-    is one whose last job died (a re-send is how a site retries it)."""
+    re-send a day earlier was a no-op. Now it completes as it was, no job; so does a re-send of part of it (3 of 10
+    slices: found by review, it became a version the gate refused as too few slices, whose rejection note
+    withdrew the valid result), also after a second purge; a changed one is a new version, and so is one whose
+    last job died (a re-send is how a site retries it)."""
     from node.completion import CompletionSweeper
     from node.queue import jobs
 
@@ -328,7 +330,7 @@ def test_a_purged_series_sent_again_unchanged_completes_as_it_was(site, resent):
     site.retention.purge()
     assert site.index.get_series(uid).instance_count == 0
     made = write_ct_series(site.tmp_path / "a2", size=32, slices=10, seed=9)  # the same series, sent again
-    for i, path in enumerate(made.paths):
+    for i, path in enumerate(made.paths[:3] if resent == "in-part" else made.paths):
         data = dataset_bytes(path)
         if resent == "changed" and i == 3:
             ds = pydicom.dcmread(path)
@@ -344,5 +346,15 @@ def test_a_purged_series_sent_again_unchanged_completes_as_it_was(site, resent):
     if resent == "unchanged":
         assert done == [] and (row.state, row.version, row.instance_count) == ("complete", 1, 10)
         assert versions == [1] and row.purged_at is None
+    elif resent == "in-part":
+        assert done == [] and (row.state, row.version, row.instance_count) == ("complete", 1, 3)
+        assert versions == [1]
+        site.clock.now += 40 * DAY
+        site.retention.purge()  # the three go again; the node still knows all ten
+        for path in made.paths[3:]:
+            site.ingestor.accept(dataset_bytes(path), "1.2.840.10008.1.2.1", Origin("CT1", "a4"))
+        site.clock.now += 120
+        assert CompletionSweeper(site.config, site.engine, site.queue, clock=site.clock).sweep() == []
+        assert site.index.get_series(uid).version == 1
     else:
         assert [(u, v) for u, v, _ in done] == [(uid, 2)] and sorted(versions) == [1, 2]
