@@ -46,6 +46,8 @@ def qido(port: int, study: str, token: str | None) -> tuple[int, Any]:
         return exc.code, exc.headers.get("WWW-Authenticate")
 
 
+@pytest.mark.one_backend  # the records written; the receipts read back from the index run on both backends in the
+# killed-listener test below
 def test_a_full_run_is_in_the_audit_trail(start_node, orthanc_factory, tmp_path):
     require_weights()
     since = dt.datetime.now(dt.UTC).replace(microsecond=0, tzinfo=None).isoformat()  # what an admin would type

@@ -402,6 +402,7 @@ def odd_series(site: Site, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     return made
 
 
+@pytest.mark.one_backend  # routing reads a header; its ignored-series path runs on both in test_own_results_sent_back
 def test_head_ct_gets_no_object(site: Site, odd_series: dict[str, CtSeries]) -> None:
     head = odd_series["head"]
     wait_until(lambda: settled(site.engine, head.series_uid), STABLE_SECONDS + 30, "the head CT to be judged",

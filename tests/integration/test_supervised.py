@@ -68,6 +68,8 @@ def readyz(node) -> tuple[int, dict]:
         return err.code, json.loads(err.read())
 
 
+@pytest.mark.one_backend  # the worker's isolation of a poison series; a dead job's report runs on both backends in
+# test_end_to_end and test_routing_senders
 def test_poison_series_get_a_coded_sr_and_the_next_series_still_reaches_orthanc(start_node, orthanc_factory,
                                                                                  tmp_path):
     require_weights()

@@ -40,6 +40,7 @@ def stalled_scp():
             release.wait(60)
 
     ae = AE(ae_title="HUNG")
+    ae.network_timeout = ae.dimse_timeout = ae.acse_timeout = 1  # once released, its side ends at once
     ae.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
     server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[
         (evt.EVT_DATA_RECV, stall), (evt.EVT_C_STORE, lambda event: 0x0000)])
