@@ -38,12 +38,13 @@ def _load(args: argparse.Namespace) -> NodeConfig:
 def cmd_serve(args: argparse.Namespace) -> int:
     from node.states import ProcessModel, Role
 
-    config = _load(args)
-    configure_logging(args.log_level)
-    if args.supervisor_pid is not None:  # a role child: the settings only a restart changes stay its supervisor's
-        from node.processes import apply_pinned
+    if args.supervisor_pid is not None:  # a role child: its supervisor's running config, not the file as it reads now
+        from node.config.snapshot import child_config
 
-        config = apply_pinned(config)
+        config = child_config(_config_path(args))
+    else:
+        config = _load(args)
+    configure_logging(args.log_level)
     role = Role(args.role)
     if role is Role.ALL and config.node.process_model is ProcessModel.PROCESSES and args.supervisor_pid is None:
         return _serve_processes(args, config)

@@ -13,6 +13,9 @@ each a fresh interpreter running ``pacsnode serve --role R``, so TensorFlow load
   does in the threads model;
 * forwards SIGTERM/SIGINT (stop: children get SIGTERM and their two-stage shutdown; a second signal kills them) and
   SIGHUP (the file is validated here first, then each child reloads it);
+* starts each child on its own running config (node.config.snapshot, in the child's environment), never on the
+  file as it reads now: one restarted after a refused reload runs on what the rest of the node runs (logged:
+  ``process_started_on_kept_config``); a child's exit 2 (config error) is logged loudly, ``process_config_error``;
 * writes the process table — each child's name, role, pid, alive, restarts, last exit status — to
   ``<data_dir>/processes.json`` (temp file + rename) whenever it changes; each child writes its own health — its
   loops' problems (dead, stuck), models not loaded — to ``<data_dir>/processes/<name>.json`` every 0.5 s
@@ -43,7 +46,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +54,8 @@ from typing import Any
 from prometheus_client.multiprocess import mark_process_dead
 
 from node.config import NodeConfig, load_config
+from node.config.snapshot import ENV as CONFIG_ENV
+from node.config.snapshot import for_child
 from node.errors import ConfigError
 from node.forking import ChildProcess, fork_child, preload
 from node.listenfds import DIMSE, DIMSE_TLS
@@ -64,7 +69,7 @@ from node.signals import StopSignals
 from node.states import ChildStart, Role
 from node.supervise import EXIT_LOOP_FAILED, restart_delay
 
-PINNED_ENV = "PACS_AI_NODE_PINNED_CONFIG"  # the supervisor's restart-only settings, for the children it starts
+EXIT_CONFIG_ERROR = 2  # node.cli: bad usage or config
 TABLE_FILE = "processes.json"
 REPORTS_DIR = "processes"  # one health report per child
 METRICS_DIR = "metrics"  # the children's shared prometheus_client files (node.metrics)
@@ -124,6 +129,8 @@ class ProcessSupervisor:
         self._stop = threading.Event()
         self._fork_lock = threading.Lock()  # held across each fork and by the reload thread (node.forking)
         self.fork = config.node.child_start is ChildStart.FORK and hasattr(os, "fork")
+        self._snapshot = for_child(config, exec_child=not self.fork)  # what each child starts on (`CONFIG_ENV`)
+        self._refused: str | None = None  # why the file was refused at the last reload; None after one applied
         self._log = get_logger(component="processes", instance_id=self.identity.instance_id)
         self._listening: dict[str, socket.socket] = {}  # the DIMSE ports, bound here for every listener (listenfds)
 
@@ -210,7 +217,7 @@ class ProcessSupervisor:
 
     def _child_env(self, child: Child) -> dict[str, str]:
         """What ``child``'s environment gains: the metrics folder and the shared sockets it gets, if any."""
-        env = {MULTIPROC_ENV: str(self.metrics_dir), PINNED_ENV: pinned_settings(self.config)}
+        env = {MULTIPROC_ENV: str(self.metrics_dir), CONFIG_ENV: self._snapshot}
         if shared := self._shared_with(child):
             env[LISTEN_FDS_ENV] = listen_fds_value(shared)
         return env
@@ -251,32 +258,21 @@ class ProcessSupervisor:
         child.started_at = time.time()
         child.due_at = None
         self._log.info("process_started", process=child.name, pid=child.proc.pid)
+        if self._refused is not None:  # the file on disk is not what it runs: say so where the operator looks
+            self._log.warning("process_started_on_kept_config", process=child.name, file_refused=self._refused)
 
     def check(self) -> None:
         """One round: note children that exited, restart those whose back-off is over; a child over its restart
         budget stops the node (exit status `EXIT_LOOP_FAILED`)."""
         changed = False
         now = self._clock()
-        settings = self.config.supervise
         for child in self.children:
             if child.proc is None or child.alive:
                 continue
             if child.due_at is None:  # a death not handled yet
-                child.last_exit = child.proc.returncode
-                mark_process_dead(child.proc.pid, str(self.metrics_dir))  # its live gauges go; counters stay
-                while child.deaths and child.deaths[0] < now - settings.restart_window_seconds:
-                    child.deaths.popleft()
-                if len(child.deaths) >= settings.max_restarts:
-                    self._log.critical("process_failed", process=child.name, exit_status=child.last_exit,
-                                       deaths_in_window=len(child.deaths) + 1)
-                    self.exit_code = EXIT_LOOP_FAILED
-                    self._stop.set()
+                child.due_at = self._note_death(child, child.proc, now)
+                if child.due_at is None:
                     return
-                delay = restart_delay(settings, len(child.deaths))
-                child.deaths.append(now)
-                child.due_at = now + delay
-                self._log.error("process_died", process=child.name, exit_status=child.last_exit,
-                                restart_in_seconds=round(delay, 3))
                 changed = True
             if now >= child.due_at:
                 self._spawn(child)
@@ -285,6 +281,30 @@ class ProcessSupervisor:
                 changed = True
         if changed:
             self._write_table()
+
+    def _note_death(self, child: Child, proc: ChildProcess, now: float) -> float | None:
+        """Record the death of ``child`` (its process ``proc``); returns when it restarts, None (and the node stops)
+        when that is over its budget."""
+        settings = self.config.supervise
+        child.last_exit = proc.returncode
+        mark_process_dead(proc.pid, str(self.metrics_dir))  # its live gauges go; counters stay
+        if child.last_exit == EXIT_CONFIG_ERROR:  # the same config fails the same way at each restart
+            self._log.critical("process_config_error", process=child.name, exit_status=child.last_exit,
+                               hint="the child refused its config or arguments (its stderr says why); restarts "
+                                    "count against [supervise] max_restarts")
+        while child.deaths and child.deaths[0] < now - settings.restart_window_seconds:
+            child.deaths.popleft()
+        if len(child.deaths) >= settings.max_restarts:
+            self._log.critical("process_failed", process=child.name, exit_status=child.last_exit,
+                               deaths_in_window=len(child.deaths) + 1)
+            self.exit_code = EXIT_LOOP_FAILED
+            self._stop.set()
+            return None
+        delay = restart_delay(settings, len(child.deaths))
+        child.deaths.append(now)
+        self._log.error("process_died", process=child.name, exit_status=child.last_exit,
+                        restart_in_seconds=round(delay, 3))
+        return now + delay
 
     def stop(self, timeout: float = 60.0) -> None:
         """SIGTERM every child (their own graceful stop), SIGKILL what still runs after ``timeout``."""
@@ -331,8 +351,9 @@ class ProcessSupervisor:
                 child.proc.kill()
 
     def reload(self) -> bool:
-        """Validate the config file; then SIGHUP each child (each reloads it, `Service.reload`). A file that does
-        not load is refused here and no child is signalled."""
+        """Validate the config file; then SIGHUP each child (each reloads it, `Service.reload`) and start the
+        children it restarts on it. A file that does not load is refused here: no child is signalled, and those it
+        starts later keep the running config."""
         with self._fork_lock:  # no fork copies a lock this thread holds (node.forking)
             return self._reload()
 
@@ -342,13 +363,15 @@ class ProcessSupervisor:
         source = str(self.config_path) if self.config_path else None
         try:
             new = load_config(self.config_path)
+            running = with_restart_only(new, self.config)  # its own [supervise] settings; children it starts
+            snapshot = for_child(running, exec_child=not self.fork)
         except ConfigError as exc:
-            reason = str(exc)
+            reason = self._refused = str(exc)
             self._log.error("config_reload_refused", reason=reason)
             self._audit(lambda a: a.config_changed(source=source, applied=False, reason=reason))
             return False
         kept = restart_only_changes(self.config, new)
-        self.config = with_restart_only(new, self.config)  # its own [supervise] settings; children it restarts
+        self.config, self._snapshot, self._refused = running, snapshot, None
         self._audit(lambda a: a.config_changed(source=source, applied=True, reason="config reloaded",
                                                needs_restart=kept))
         for child in self.children:
@@ -414,39 +437,6 @@ def _reported_problems(data_dir: Path, entry: dict[str, Any], now: float, stale_
     return problems + ([f"no health report for {age:.0f} s"] if age > stale_after else [])
 
 
-def pinned_settings(config: NodeConfig) -> str:
-    """The settings of ``config`` that change only at a restart, as JSON for `PINNED_ENV`: a child the supervisor
-    restarts reads the config file again, and without them took a changed ``data_dir``, database, port, AE title
-    or UID root that the rest of the node (and `pacsnode config reload`) does not use until the node restarts."""
-    from node.service import Service
-
-    node = config.node.model_dump(mode="json", include=set(Service.RESTART_ONLY))
-    if config.node.dicomweb_token is not None:  # dumped masked
-        node["dicomweb_token"] = config.node.dicomweb_token.get_secret_value()
-    pinned: dict[str, Any] = {"node": node}
-    for section, key in Service.RESTART_ONLY_SETTINGS:
-        pinned.setdefault(section, {})[key] = getattr(config, section).model_dump(mode="json", include={key})[key]
-    for name in Service.RESTART_ONLY_SECTIONS:
-        pinned[name] = getattr(config, name).model_dump(mode="json")
-    return json.dumps(pinned)
-
-
-def apply_pinned(config: NodeConfig, environ: Mapping[str, str] | None = None) -> NodeConfig:
-    """``config`` (the file as it reads now) with the restart-only settings its supervisor pinned in ``environ``
-    (`PINNED_ENV`; unchanged without it). Raises ConfigError when they do not validate."""
-    from node.service import with_restart_only
-
-    raw = (os.environ if environ is None else environ).get(PINNED_ENV)
-    if not raw:
-        return config
-    try:
-        data = json.loads(raw)
-        pinned = NodeConfig.model_validate(data)
-    except (ValueError, KeyError, TypeError) as exc:  # pydantic's ValidationError is a ValueError
-        raise ConfigError(f"{PINNED_ENV} does not hold the supervisor's settings: {type(exc).__name__}") from exc
-    return with_restart_only(config, pinned)
-
-
 def write_report(data_dir: Path, name: str, problems: list[str]) -> None:
     """A child's health for the process table: ``problems`` (empty when fine), its pid, the time."""
     _write_json(data_dir / REPORTS_DIR / f"{name}.json", {"pid": os.getpid(), "at": time.time(), "problems": problems})
@@ -491,5 +481,4 @@ def _running(pid: int) -> bool:
     return True
 
 
-__all__ = ["PINNED_ENV", "TABLE_FILE", "Child", "ProcessSupervisor", "apply_pinned", "children_for", "pinned_settings",
-           "read_table", "write_report"]
+__all__ = ["TABLE_FILE", "Child", "ProcessSupervisor", "children_for", "read_table", "write_report"]

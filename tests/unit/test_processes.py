@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from node.config import NodeConfig
+from node.errors import ConfigError
 from node.forking import ForkedChild, fork_child
 from node.processes import ProcessSupervisor, children_for, read_table, write_report
 from node.states import Role
@@ -261,36 +262,46 @@ def test_status_files_that_cannot_be_written_are_logged_once_and_never_stop_a_pr
     assert (data / "processes" / "listener-0.json").exists()
 
 
-def test_a_restarted_child_keeps_the_settings_only_a_restart_changes(tmp_path):
-    """A child the supervisor restarts reads the config file again. After an edit of data_dir, the database, a
-    port or the token (reported by reload as needing a restart), a restarted worker opened another, empty
-    database while the listeners queued into the old one. Now the supervisor pins its own restart-only settings
-    for the children it starts; live settings still come from the file, and its own [supervise] settings reload."""
+def test_a_restarted_child_starts_on_the_supervisor_s_running_config(tmp_path, monkeypatch):
+    """A child the supervisor restarts read the config file again: after an edit of data_dir, the database, a port
+    or the token (reported by reload as needing a restart) a restarted worker opened another, empty database while
+    the listeners queued into the old one; and after a refused reload it died of the file's error. Now it starts on
+    the supervisor's running config: after an accepted reload the file's live settings with the supervisor's
+    restart-only ones, after a refused one the config as it was; PACSNODE_* overrides and secrets carried over."""
     from node.config import load_config
-    from node.processes import apply_pinned
+    from node.config.snapshot import child_config
 
     path = tmp_path / "node.toml"
 
-    def write(name: str, port: int, stable: float, backoff: float) -> None:
+    def write(name: str, port: int | str, stable: float, backoff: float) -> None:
         path.write_text(f'[node]\ndata_dir = "{tmp_path / name}"\nport = {port}\ninstance_id = "unit"\n'
                         f'dicomweb_token = "token-{name}"\n[database]\nurl = "sqlite:///{tmp_path / name}.db"\n'
                         f'[completion]\nstable_seconds = {stable}\n[supervise]\nrestart_backoff_seconds = {backoff}\n'
                         '[worker]\nenabled = false\n')
 
+    monkeypatch.setenv("PACSNODE_NODE__AE_TITLE", "FROM-ENV")
     write("a", 11112, 30, 0.5)
-    sup = ProcessSupervisor(load_config(path, environ={}), path)
+    sup = ProcessSupervisor(load_config(path), path)
     write("b", 11113, 5, 0.25)  # restart-only: data_dir, port, token, database; live: completion, supervise
     assert sup.reload()
     assert sup.config.supervise.restart_backoff_seconds == 0.25 and sup.config.node.data_dir == tmp_path / "a"
     env = sup._child_env(sup.children[0])
-    restarted = apply_pinned(load_config(path, environ={}), env)
+    assert "token-a" not in " ".join(sup._arguments(sup.children[0]))  # secrets never in argv
+    restarted = child_config(path, env)
+    assert restarted == sup.config and restarted.source == str(path)  # its own reload reads the file
     assert restarted.node.data_dir == tmp_path / "a" and restarted.node.port == 11112
-    assert restarted.database_url == f"sqlite:///{tmp_path / 'a'}.db"
+    assert restarted.database_url == f"sqlite:///{tmp_path / 'a'}.db" and restarted.node.ae_title == "FROM-ENV"
     assert restarted.node.dicomweb_token is not None
     assert restarted.node.dicomweb_token.get_secret_value() == "token-a"
     assert restarted.completion.stable_seconds == 5  # a live setting: the file's, as the running children have it
-    alone = apply_pinned(load_config(path, environ={}), {})  # not started by a supervisor: the file as it is
-    assert alone.node.data_dir == tmp_path / "b"
+    write("c", '"eleven"', 9, 0.25)  # a typo: refused
+    assert not sup.reload()
+    assert child_config(path, sup._child_env(sup.children[0])) == restarted  # not the file's error, nor its 9 s
+    write("d", 11114, 9, 0.25)
+    alone = child_config(path, {})  # not started by a supervisor: the file as it is
+    assert alone.node.data_dir == tmp_path / "d" and alone.node.ae_title != "FROM-ENV"
+    with pytest.raises(ConfigError, match="RUNNING_CONFIG does not hold"):
+        child_config(path, {**env, "PACS_AI_NODE_RUNNING_CONFIG": '{"node": {"port": "x"}}'})
 
 
 def test_a_reload_reports_and_keeps_what_only_a_restart_changes_and_applies_the_send_timeout(tmp_path):
@@ -361,3 +372,94 @@ def test_a_reload_forwarded_while_a_child_starts_is_handled_once_it_is_up_not_fa
     child.proc.send_signal(signal.SIGHUP)  # as the supervisor forwards a reload
     wait_until(lambda: child.proc.poll() is not None, 15, "the child to end")
     assert child.proc.poll() == 0 and marker.read_text() == "reloaded"
+
+
+def test_a_child_restarted_after_a_refused_reload_runs_on_the_supervisor_s_config(tmp_path, start):
+    """A child the supervisor starts read the config file afresh. With a typo saved there (the reload refused, the
+    running config kept) a child that died — OOM, a crash — failed its every restart with "config error", and the
+    supervisor gave up and took the healthy listener down with it (exit 70): one typo and one crash, the node gone.
+    Now a child starts on the supervisor's running config, never on a file the supervisor refused, and says so."""
+    from structlog.testing import capture_logs
+
+    from node.config import load_config
+    from node.scu import Peer, echo
+
+    path = tmp_path / "node.toml"
+    port = free_port()
+    good = (f'[node]\nhost = "127.0.0.1"\nport = {port}\nhttp_port = {free_port()}\ndata_dir = "data"\n'
+            f'instance_id = "unit"\nchild_start = "{start}"\n[worker]\nenabled = false\n'
+            '[supervise]\nrestart_backoff_seconds = 0.05\nmax_restarts = 2\n')
+    path.write_text(good)  # data_dir relative: to the config file's folder
+    config = load_config(path)
+    sup = ProcessSupervisor(config, path)
+    sup.start()
+    try:
+        def healthy(child_name: str, min_restarts: int = 0) -> bool:
+            sup.check()
+            assert not sup._stop.is_set(), f"the supervisor gave up (exit {sup.exit_code})"
+            entry = next(p for p in read_table(config.node.data_dir)["processes"] if p["name"] == child_name)
+            return entry["alive"] and not entry["problems"] and entry["restarts"] >= min_restarts
+
+        wait_until(lambda: healthy("dispatcher-0") and healthy("listener-0"), 60, "the children healthy")
+        path.write_text(good.replace(f"port = {port}", 'port = "eleven"'))
+        with capture_logs() as logs:
+            assert not sup.reload()  # refused: the running config kept
+            dispatcher = sup.children[0]
+            assert dispatcher.name == "dispatcher-0" and dispatcher.proc is not None
+            os.kill(dispatcher.proc.pid, signal.SIGKILL)
+            wait_until(lambda: healthy("dispatcher-0", 1), 60, "the dispatcher restarted and healthy")
+            deadline = time.monotonic() + 2  # and it stays up: no "config error" exit a moment later
+            while time.monotonic() < deadline:
+                assert healthy("dispatcher-0", 1)
+                time.sleep(0.1)
+        assert dispatcher.restarts == 1 and dispatcher.last_exit == -signal.SIGKILL
+        kept = [e for e in logs if e["event"] == "process_started_on_kept_config"]
+        assert [e["process"] for e in kept] == ["dispatcher-0"] and "port" in kept[0]["file_refused"]
+        assert echo(Peer("127.0.0.1", port, called_ae=config.node.ae_title, calling_ae="TEST")) == 0
+    finally:
+        sup.stop(20)
+    assert sup.exit_code == 0
+
+
+def test_the_config_snapshot_round_trips_secrets_and_refuses_what_an_exec_d_child_cannot_take(tmp_path):
+    """The running config a child gets is the supervisor's, equal field for field: secrets in clear (a JSON dump
+    masks them, and a child would have checked tokens against ``**********``), destinations, routes, TLS files.
+    One too big for an exec'd child's environment is refused up front, never an E2BIG at a restart."""
+    from node.config.snapshot import MAX_EXEC_BYTES, dump_snapshot, for_child, load_snapshot
+
+    config = NodeConfig.model_validate({
+        "node": {"data_dir": str(tmp_path), "dicomweb_token": "s3cret-token", "http_host": "0.0.0.0"},
+        "destinations": [{"name": "pacs", "kind": "dicomweb", "url": "https://user:pw@pacs.example/dicomweb",
+                          "token": "dest-s3cret", "ca_file": str(tmp_path / "ca.pem")}],
+        "tls": {"certificate": str(tmp_path / "cert.pem"), "private_key": str(tmp_path / "key.pem")},
+        "spools": {"other": "/mnt/other"},
+        "source": str(tmp_path / "node.toml"),
+    })
+    text = dump_snapshot(config)
+    assert "s3cret-token" in text and "dest-s3cret" in text and "**" not in text
+    assert load_snapshot(text) == config and load_snapshot(text).source == config.source
+    with pytest.raises(ConfigError, match="not a config snapshot"):
+        load_snapshot("{not json")
+    many = config.model_copy(update={"destinations": tuple(
+        config.destinations[0].model_copy(update={"name": f"pacs-{i}"}) for i in range(MAX_EXEC_BYTES // 200))})
+    assert for_child(many, exec_child=False) == dump_snapshot(many)  # a forked child takes any size
+    with pytest.raises(ConfigError, match='child_start = "fork"'):
+        for_child(many, exec_child=True)
+
+
+def test_a_child_exiting_with_a_config_error_is_logged_loudly(tmp_path):
+    """Exit status 2 is the CLI's config error: each restart fails the same way. It counted as a plain death; now
+    the supervisor says what it is (the budget still applies)."""
+    from structlog.testing import capture_logs
+
+    sup = supervisor(tmp_path, "fork", "exit 3", max_restarts=1)
+    sup._child_main = lambda child: lambda: 2  # type: ignore[method-assign]
+    with capture_logs() as logs:
+        sup.start()
+        try:
+            wait_until(lambda: sup._stop.is_set() or (sup.check() and False), 30, "the restart budget to run out")
+        finally:
+            sup.stop(5)
+    assert sup.exit_code == EXIT_LOOP_FAILED
+    loud = [e for e in logs if e["event"] == "process_config_error"]
+    assert loud and all(e["log_level"] == "critical" and e["exit_status"] == 2 for e in loud)
