@@ -249,11 +249,9 @@ class Metrics:
             "pacsnode_audit_failures", "Audit records that could not be written, by sink (file, syslog).",
             ["sink"], registry=r,
         )
-        log_dropped = Counter(
+        on_dropped_line(Counter(
             "pacsnode_log_lines_dropped", "Log lines dropped because the log stream failed (full disk, closed pipe).",
-            registry=r,
-        )
-        on_dropped_line(log_dropped.inc)
+            registry=r).inc)
         self._admission_refused = Counter(
             "pacsnode_admission_refused",
             "Refused by admission control, by reason (disk_floor, queue_ceiling, disk_reserve) and front door: "
