@@ -5,10 +5,10 @@ and index), not on fakes.
 
 Prints: the per-instance cost of `Admission.check` + `written` while the node accepts (the decision in force is
 reused; the disk and the queue are re-read at most every ``check_interval_seconds``), the cost of one such re-read
-(statvfs; the queue-depth count over ``--jobs`` job rows), the amortized per-instance total at ``--rate``
-images/s (for a node that reads both once per interval), and the cost of a check while paused (an index lookup
-for "is this series still being received?", its answer kept per interval),
-each against the node's ~5 ms per image budget (~200 images/s).
+(a stat per folder the node writes to and a statvfs per file system, node.disks; the queue-depth count over
+``--jobs`` job rows), the amortized per-instance total at ``--rate`` images/s (for a node that reads both once per
+interval), and the cost of a check while paused (an index lookup for "is this series still being received?", its
+answer kept per interval), each against the node's ~5 ms per image budget (~200 images/s).
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def main() -> None:
     print("|---|---|---|")
     for label, us in (
         ("check + written, accepting (decision reused)", steady),
-        ("one disk re-read (statvfs, every interval)", disk),
+        ("one disk re-read (stat per folder, statvfs per file system; every interval)", disk),
         ("one queue depth count (every interval)", depth),
         (f"amortized at {args.rate:.0f} img/s", amortized),
         ("one index lookup: series still receiving? (paused only)", lookup),

@@ -54,7 +54,7 @@ from node.index import Index
 from node.logs import get_logger
 from node.queue import JobQueue
 from node.reachability import destination_report
-from node.retention import Retention, disk_usage
+from node.retention import Retention, fullest_disk
 from node.schema import deliveries, jobs, series
 from node.states import AuthFailure, DeliveryState, JobState
 
@@ -267,11 +267,11 @@ class _Admin:
     def _disk(config: NodeConfig) -> dict[str, Any]:
         ceiling = config.retention.max_disk_percent
         try:
-            used, total = disk_usage(config.node.data_dir)
+            used, total, path = fullest_disk(config)  # the file system retention judges (node.disks)
         except OSError as exc:
             return {"error": exc.strerror or type(exc).__name__, "ceiling": ceiling}
         percent = 100.0 * used / total if total else 0.0
-        return {"used": used, "total": total, "percent": percent, "ceiling": ceiling, "error": None,
+        return {"used": used, "total": total, "percent": percent, "ceiling": ceiling, "error": None, "path": str(path),
                 "over": ceiling is not None and percent > ceiling}
 
     def _admission(self) -> dict[str, Any] | None:

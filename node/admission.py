@@ -1,5 +1,6 @@
-"""Admission control: decide whether the node may accept new data now, from the free space of the data directory's
-file system (a floor and a hard reserve) and the depth of the job queue (a ceiling).
+"""Admission control: decide whether the node may accept new data now, from the free space of every file system the
+node writes to (node.disks: the spool root, results, incoming, ``data_dir``, the SQLite database's folder — each file
+system once; a floor and a hard reserve, judged on the fullest) and the depth of the job queue (a ceiling).
 
 `Admission.check(series_uid)` is called by `Ingestor.accept` — the one boundary both front doors share — once an
 instance's series is known and before anything is written. It returns, or raises `AdmissionRefusedError`
@@ -14,12 +15,14 @@ instance's series is known and before anything is written. It returns, or raises
 
 STOW-RS asks `refuses_all()` before it reads a request body (503 with Retry-After).
 
-Cost per instance: free space (``os.statvfs``) and queue depth (one SQL count) are read at most every
-``check_interval_seconds``; in between, every stored instance's size is subtracted from the free space read last,
-and when that estimate crosses a threshold the disk is read again at once, so a burst cannot run past the floor
-unnoticed. Only while the node is paused does a check look its series up in the index (the answer kept for the
-same interval). Measured (``benchmarks/admission.py``, 2 shared cores): ~2–6 µs per instance while accepting,
-~12 µs amortized with the re-reads at 200 images/s — well under 1 % of the ~5 ms an image costs.
+Cost per instance: free space (one ``os.stat`` per folder, one ``os.statvfs`` per file system) and queue depth
+(one SQL count) are read at most every ``check_interval_seconds``; in between, every stored instance's size is
+subtracted from the free space the spool's file system had at the last read, and when that estimate crosses a
+threshold the disks are read again at once, so a burst cannot run past the floor unnoticed. Only while the node
+is paused does a check look its series up in the index (the answer kept for the same interval). Measured
+(``benchmarks/admission.py``, 2 shared cores): ~1–6 µs per instance while accepting, one re-read of the disks
+~50–150 µs (five folders, one or two file systems), ~5–14 µs amortized with the re-reads at 200 images/s — well
+under 1 % of the ~5 ms an image costs.
 
 Pausing and resuming need no restart or admin action: every check, every metrics scrape and the service's 0.5 s
 tick re-evaluate. A band of `RESUME_BAND` above each disk threshold keeps a node at the edge from flapping
@@ -32,15 +35,16 @@ instance (the front doors count each one in Prometheus).
 from __future__ import annotations
 
 import math
-import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from node import disks
 from node.config import AdmissionSection
+from node.disks import SPOOL, Volume, statvfs_usage
 from node.errors import AdmissionRefusedError
 from node.index import Index
 from node.logs import get_logger
@@ -53,13 +57,6 @@ _RECEIVING = frozenset({SeriesState.RECEIVING.value, SeriesState.REOPENED.value}
 
 DiskUsage = Callable[[Path], tuple[int, int]]  # (free bytes an unprivileged writer may use, total bytes)
 SeriesActivity = Callable[[str], float | None]  # last instance's epoch time of a series still receiving, else None
-
-
-def statvfs_usage(path: Path) -> tuple[int, int]:
-    """(free, total) bytes of the file system holding ``path``; free as an unprivileged writer sees it (root's
-    reserved blocks do not count). Raises OSError."""
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
 
 
 def down_to_reserve(path: Path, reserve: tuple[int, float]) -> bool:
@@ -138,6 +135,42 @@ def pressure(
     return frozenset(out)
 
 
+def disk_pressure(settings: AdmissionSection, volumes: tuple[Volume, ...],
+                  previous: frozenset[AdmissionReason] = frozenset()) -> tuple[frozenset[AdmissionReason], Volume | None]:
+    """The disk reasons to refuse now — each file system judged against thresholds of its own size, their union —
+    and the file system that decides: the one down to the hard reserve, else below the floor, else the nearest
+    its floor (None: none could be read). ``previous`` as for `pressure`. Pure."""
+    reasons: set[AdmissionReason] = set()
+    worst: Volume | None = None
+    worst_key = (0, 0.0)
+    for v in volumes:
+        if v.free is None or v.total is None:
+            continue
+        mine = pressure(settings, v.free, v.total, None, previous)
+        reasons |= mine
+        key = (2 if AdmissionReason.DISK_RESERVE in mine else 1 if mine else 0,
+               -v.free / max(thresholds(settings, v.total)[0], 1))
+        if worst is None or key > worst_key:
+            worst, worst_key = v, key
+    return frozenset(reasons), worst
+
+
+def headroom(settings: AdmissionSection, volumes: tuple[Volume, ...], paused: frozenset[AdmissionReason]) -> float:
+    """Bytes the spool may take before its file system crosses a disk threshold not in ``paused``: once the
+    bytes stored since the last read (`Admission.written`) exceed it, the disks are read again at once."""
+    room = math.inf
+    if not settings.enabled:
+        return room
+    for v in [v for v in volumes if v.holds(SPOOL)] or volumes:
+        if v.free is None or v.total is None:
+            continue
+        floor, reserve = thresholds(settings, v.total)
+        for reason, limit in ((AdmissionReason.DISK_RESERVE, reserve), (AdmissionReason.DISK_FLOOR, floor)):
+            if reason not in paused:
+                room = min(room, v.free - limit)
+    return room
+
+
 @dataclass(frozen=True)
 class AdmissionState:
     """One evaluation: what is refused now and the numbers it was decided on (None: could not be read)."""
@@ -148,6 +181,9 @@ class AdmissionState:
     queue_depth: int | None
     settings: AdmissionSection
     read_at: float  # epoch seconds
+    path: Path | None = None  # the file system the disk figures are of (`disk_pressure`'s deciding one)
+    volumes: tuple[Volume, ...] = ()  # every file system the node writes to, as read
+    headroom: float = math.inf  # `headroom` of the spool's file system at this read
 
     @property
     def floor_bytes(self) -> int | None:
@@ -164,6 +200,7 @@ class AdmissionState:
     def numbers(self) -> dict[str, Any]:
         """The figures a log line or a report carries."""
         return {
+            "path": None if self.path is None else str(self.path),
             "free_bytes": self.free_bytes, "total_bytes": self.total_bytes, "floor_bytes": self.floor_bytes,
             "reserve_bytes": self.reserve_bytes, "queue_depth": self.queue_depth,
             "max_queue_depth": self.settings.max_queue_depth or None,
@@ -176,23 +213,39 @@ class AdmissionState:
         return {
             "enabled": self.settings.enabled, "accepting": accepting, "paused": sorted(r.value for r in self.paused),
             **self.numbers(), "retry_after_seconds": self.settings.retry_after_seconds, "read_at": self.read_at,
+            "file_systems": [v.as_dict() for v in self.volumes],
         }
 
 
+def decide(settings: AdmissionSection, volumes: tuple[Volume, ...], depth: int | None,
+           previous: frozenset[AdmissionReason], read_at: float) -> AdmissionState:
+    """The state for what was read: the disk figures of the deciding file system, the pressure over all. Pure."""
+    disk, worst = disk_pressure(settings, volumes, previous)
+    paused = disk | pressure(settings, None, None, depth, previous)
+    return AdmissionState(
+        paused=paused, free_bytes=None if worst is None else worst.free,
+        total_bytes=None if worst is None else worst.total, queue_depth=depth, settings=settings, read_at=read_at,
+        path=None if worst is None else worst.path, volumes=volumes, headroom=headroom(settings, volumes, paused),
+    )
+
+
 def evaluate(settings: AdmissionSection, data_dir: Path, queue_depth: Callable[[], int],
-             disk_usage: DiskUsage = statvfs_usage) -> AdmissionState:
+             disk_usage: DiskUsage = statvfs_usage, *, paths: Mapping[str, Path] | None = None) -> AdmissionState:
     """A one-off evaluation, logging nothing (``pacsnode status``: the figures the node reads, decided afresh —
-    within the resume band above a threshold the running node may still be paused). Raises what the reads raise."""
-    free, total = disk_usage(Path(data_dir))
+    within the resume band above a threshold the running node may still be paused) over ``paths``
+    (`node.disks.node_folders`; default: `node.disks.folders` of ``data_dir``). Raises what the reads raise."""
+    volumes = tuple(disks.measure(paths or disks.folders(data_dir), disk_usage, strict=True))
     depth = queue_depth() if settings.enabled and settings.max_queue_depth else None
-    return AdmissionState(pressure(settings, free, total, depth), free, total, depth, settings, time.time())
+    return decide(settings, volumes, depth, frozenset(), time.time())
 
 
 class Admission:
-    """Admission decisions over one data directory and one job queue; thread-safe (every receiving thread calls
-    `check`). ``queue_depth`` is e.g. `JobQueue.depth`; ``series_activity`` tells whether a series is still being
-    received (`index_activity`; None: no series counts as in progress); ``disk_usage``, ``clock`` (monotonic)
-    and ``wall_clock`` (epoch, as the index's times) are seams for tests."""
+    """Admission decisions over the file systems a node writes to and one job queue; thread-safe (every receiving
+    thread calls `check`). ``paths`` are those folders by role (`node.disks.node_folders`; default:
+    `node.disks.folders` of ``data_dir``); ``queue_depth`` is e.g. `JobQueue.depth`; ``series_activity`` tells
+    whether a series is still being received (`index_activity`; None: no series counts as in progress);
+    ``disk_usage``, ``locate`` (`node.disks.locate`), ``clock`` (monotonic) and ``wall_clock`` (epoch, as the
+    index's times) are seams for tests."""
 
     def __init__(
         self,
@@ -201,7 +254,9 @@ class Admission:
         *,
         queue_depth: Callable[[], int],
         series_activity: SeriesActivity | None = None,
+        paths: Mapping[str, Path] | None = None,
         disk_usage: DiskUsage = statvfs_usage,
+        locate: disks.Locate = disks.locate,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
@@ -209,9 +264,11 @@ class Admission:
             raise TypeError(f"queue_depth must be callable, not {type(queue_depth).__name__}")
         self._settings = settings
         self.data_dir = Path(data_dir)
+        self.paths = dict(paths or disks.folders(self.data_dir))
         self._queue_depth = queue_depth
         self._activity = series_activity
         self._disk_usage = disk_usage
+        self._locate = locate
         self._clock = clock
         self._wall = wall_clock
         self._log = get_logger(component="admission")
@@ -270,7 +327,8 @@ class Admission:
             return self.refresh()
         interval = self._settings.check_interval_seconds
         now = self._clock()
-        due = now - self._disk_read_at >= interval or now - self._depth_read_at >= interval or self._crossing(state)
+        due = now - self._disk_read_at >= interval or now - self._depth_read_at >= interval or (
+            self._written > state.headroom)  # the estimate crossed a threshold on the spool's file system
         # While another thread refreshes, decide on the state in force rather than wait.
         if due and self._refreshing.acquire(blocking=False):
             try:
@@ -294,19 +352,13 @@ class Admission:
         paused = self.state().paused
         return {r.value: r in paused for r in AdmissionReason}
 
-    def _crossing(self, state: AdmissionState) -> bool:
-        if state.free_bytes is None or not self._written:
-            return False
-        estimate = state.free_bytes - self._written
-        return pressure(state.settings, estimate, state.total_bytes, state.queue_depth, state.paused) != state.paused
-
     def _refresh_locked(self) -> AdmissionState:
         settings = self._settings
         now = self._clock()
         previous = self._state
         with self._lock:
             written_before = self._written
-        free, total = self._read_disk()
+        volumes = self._read_disk()
         with self._lock:
             self._written -= written_before  # what was written during the read may or may not be in it: kept
             self._disk_read_at = now
@@ -315,23 +367,27 @@ class Admission:
             depth = self._read_depth() if settings.enabled and settings.max_queue_depth else None
             self._depth_read_at = now
         before = previous.paused if previous is not None else frozenset()
-        state = AdmissionState(
-            paused=pressure(settings, free, total, depth, before), free_bytes=free, total_bytes=total,
-            queue_depth=depth, settings=settings, read_at=self._wall(),
-        )
+        state = decide(settings, volumes, depth, before, self._wall())
         with self._lock:
             self._state = state
         self._log_transitions(before, state)
         return state
 
-    def _read_disk(self) -> tuple[int | None, int | None]:
+    def _read_disk(self) -> tuple[Volume, ...]:
         try:
-            free, total = self._disk_usage(self.data_dir)
-        except Exception as exc:  # noqa: BLE001 - OSError from statvfs; whatever a substitute raises
+            volumes = tuple(disks.measure(self.paths, self._disk_usage, self._locate))
+        except Exception as exc:  # noqa: BLE001 - whatever a substitute raises (an OSError is the volume's error)
             self._read_failed("disk", exc)
-            return None, None
+            return ()
         self._read_errors.discard("disk")
-        return free, total
+        for v in volumes:  # one unreadable file system leaves the others judged
+            key = f"disk {v.path}"
+            if v.error is None:
+                self._read_errors.discard(key)
+            elif key not in self._read_errors:
+                self._read_errors.add(key)
+                self._log.warning("admission_unknown", figure="disk", path=str(v.path), detail=v.error[:200])
+        return volumes
 
     def _read_depth(self) -> int | None:
         try:
@@ -405,5 +461,5 @@ class Admission:
             self._log.info("admission_resumed", reason=reason.value, refused_in_pause=refused, **state.numbers())
 
 
-__all__ = ["Admission", "AdmissionState", "ReserveWatch", "down_to_reserve", "evaluate", "index_activity", "pressure", "statvfs_usage",
-           "thresholds"]
+__all__ = ["Admission", "AdmissionState", "ReserveWatch", "decide", "disk_pressure", "down_to_reserve", "evaluate",
+           "headroom", "index_activity", "pressure", "statvfs_usage", "thresholds"]

@@ -77,7 +77,7 @@ class _ScrapeTimeCollector:
         self.jobs: Callable[[], Mapping[str, int]] | None = None
         self.series: Callable[[], Mapping[str, int]] | None = None
         self.deliveries: Callable[[], Mapping[tuple[str, str], int]] | None = None
-        self.disk: Callable[[], tuple[int, int]] | None = None
+        self.disk: Callable[[], Mapping[str, tuple[int, int]]] | None = None
         self.destination_up: Callable[[], Mapping[str, bool]] | None = None
         self.uncommitted: Callable[[], Mapping[str, int]] | None = None
         self.clock_skew: Callable[[], float | None] | None = None
@@ -110,12 +110,16 @@ class _ScrapeTimeCollector:
 
         if disk is not None:
             usage = self._read("disk", disk)
-            if usage is not None:
-                used, total = usage
-                yield GaugeMetricFamily("pacsnode_disk_used_bytes", "Bytes used on the data directory's file system.",
-                                        value=used)
-                yield GaugeMetricFamily("pacsnode_disk_total_bytes", "Size of the data directory's file system.",
-                                        value=total)
+            if usage:
+                used = GaugeMetricFamily("pacsnode_disk_used_bytes", "Bytes used on each file system the node writes "
+                                         "to, by the first of its folders there (node.disks).", labels=["path"])
+                total = GaugeMetricFamily("pacsnode_disk_total_bytes", "Size of each file system the node writes to.",
+                                          labels=["path"])
+                for path, (n_used, n_total) in sorted(usage.items()):
+                    used.add_metric([path], n_used)
+                    total.add_metric([path], n_total)
+                yield used
+                yield total
         yield from self._per_destination("destination_up", destination_up, "pacsnode_destination_up",
                                          "1 when the destination answered its last check (C-ECHO / HTTP), else 0.")
         yield from self._per_destination("uncommitted", uncommitted, "pacsnode_deliveries_uncommitted",
@@ -276,14 +280,15 @@ class Metrics:
         jobs: Callable[[], Mapping[str, int]] | None = None,
         series: Callable[[], Mapping[str, int]] | None = None,
         deliveries: Callable[[], Mapping[tuple[str, str], int]] | None = None,
-        disk: Callable[[], tuple[int, int]] | None = None,
+        disk: Callable[[], Mapping[str, tuple[int, int]]] | None = None,
         destination_up: Callable[[], Mapping[str, bool]] | None = None,
         uncommitted: Callable[[], Mapping[str, int]] | None = None,
         clock_skew: Callable[[], float | None] | None = None,
         certificate_expiry: Callable[[], Mapping[str, float]] | None = None,
     ) -> None:
         """Set the callables read at scrape time (e.g. ``JobQueue.depth``, ``JobQueue.counts``,
-        ``Index.series_counts``, ``Dispatcher.counts``, ``(used, total)`` bytes of the data disk); arguments left out
+        ``Index.series_counts``, ``Dispatcher.counts``, ``{path: (used, total)}`` bytes of each file system the node
+        writes to, `node.disks.used_by_path`); arguments left out
         keep their current binding."""
         with self._gauges._lock:
             for name, fn in (("queue_depth", queue_depth), ("jobs", jobs), ("series", series), ("deliveries", deliveries),

@@ -7,8 +7,10 @@
   * **result files** (SR, SEG, KOS under ``data_dir/results``) of a settled series ``results_days`` after it;
   * **dead letters** — a series whose job or a delivery is dead — are kept ``dead_letter_days`` (so an admin can
     `pacsnode retry` them), then their instances and result files go the same way;
-  * and, while the data directory's file system is fuller than ``max_disk_percent``, the instances and results of
-    settled series regardless of age, the oldest settled first (dead letters are never deleted early).
+  * and, while a file system it frees is fuller than ``max_disk_percent`` — the spool's (a volume of its own in
+    docker-compose.scale.yml, NFS, CephFS), a ``[spools]`` mount point's, or that of ``data_dir`` and its results
+    (`fullest_disk`) —, the instances and results of settled series regardless of age, the oldest settled first
+    (dead letters are never deleted early).
 A purged series keeps its row (route, version, ``purged_at``, the digest of what was purged), and result rows keep
 their UIDs: the same series sent again unchanged (a PACS re-sending a prior) completes as it was, with no new job
 (node.completion), while a changed one becomes a new version whose results withdraw the old ones by UID. Empty
@@ -36,6 +38,7 @@ from node.audit import AuditTrail
 from node.auditdb import audit_purged
 from node.auditevents import StudySummary, patient_id_of
 from node.config import NodeConfig
+from node.disks import group, purge_folders
 from node.index import instance_set_digest
 from node.logs import get_logger
 from node.loops import LoopThread
@@ -60,13 +63,14 @@ class PurgeReport:
     bytes_freed: int = 0
     disk_percent_before: float = 0.0
     disk_percent_after: float = 0.0
+    disk_path: str = ""  # the file system the percentages are of: the fullest at the start (`fullest_disk`)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "dry_run": self.dry_run, "series": len(self.series), "instance_files": self.instance_files,
             "result_files": self.result_files, "bytes_freed": self.bytes_freed,
             "disk_percent_before": round(self.disk_percent_before, 1),
-            "disk_percent_after": round(self.disk_percent_after, 1),
+            "disk_percent_after": round(self.disk_percent_after, 1), "disk_path": self.disk_path,
         }
 
 
@@ -87,6 +91,20 @@ def disk_usage(path: Path) -> tuple[int, int]:
 
 def _percent(used: int, total: int) -> float:
     return 100.0 * max(used, 0) / total if total else 0.0
+
+
+def fullest_disk(config: NodeConfig, usage: Callable[[Path], tuple[int, int]] = disk_usage) -> tuple[int, int, Path]:
+    """(used, total, path) of the fullest file system retention frees (`node.disks.purge_folders`: the spool
+    roots, ``data_dir/results``, ``data_dir``; each once), the one ``max_disk_percent`` is judged on. Raises OSError."""
+    fullest: tuple[int, int, Path] | None = None
+    for g in group(purge_folders(config)):
+        if g.error is not None:
+            raise g.error
+        used, total = usage(g.at)
+        if fullest is None or _percent(used, total) > _percent(fullest[0], fullest[1]):
+            fullest = (used, total, g.path)
+    assert fullest is not None  # purge_folders is never empty
+    return fullest
 
 
 class Retention:
@@ -127,9 +145,8 @@ class Retention:
 
     def _purge(self, report: PurgeReport, dry_run: bool) -> PurgeReport:
         settings = self.config.retention
-        data_dir = self.config.node.data_dir
-        used, total = self.disk_usage(data_dir)
-        report.disk_percent_before = _percent(used, total)
+        used, total, path = fullest_disk(self.config, self.disk_usage)
+        report.disk_percent_before, report.disk_path = _percent(used, total), str(path)
         now = self.clock()
         candidates = sorted(self._candidates(), key=lambda c: c.settled_at)  # oldest settled first
         self._with_results = self._series_with_results()
@@ -147,12 +164,12 @@ class Retention:
             if dry_run:
                 used_now, total_now = used - report.bytes_freed, total  # what the deletions so far would free
             else:
-                used_now, total_now = self.disk_usage(data_dir)
+                used_now, total_now, _ = fullest_disk(self.config, self.disk_usage)
             if _percent(used_now, total_now) <= ceiling:
                 break
             self._purge_instances(c, report, dry_run)
             self._purge_results(c, report, dry_run)
-        used_after, total_after = self.disk_usage(data_dir)
+        used_after, total_after, _ = fullest_disk(self.config, self.disk_usage)
         if dry_run:
             used_after -= report.bytes_freed
         report.disk_percent_after = _percent(used_after, total_after)

@@ -41,6 +41,7 @@ from node.config import DestinationKind, NodeConfig, load_config
 from node.db import clock_skew_seconds, create_engine_for, init_schema
 from node.dicomweb import create_app
 from node.dimse import DimseServer
+from node.disks import node_folders, used_by_path
 from node.dispatch import Dispatcher
 from node.errors import ConfigError
 from node.http import HealthProbe, HttpServer
@@ -51,7 +52,7 @@ from node.metrics import Metrics
 from node.pipelines import ModelRunner, RegistryRunner
 from node.queue import JobQueue
 from node.reachability import Reachability, ReachabilityLoop
-from node.retention import Retention, RetentionLoop, disk_usage
+from node.retention import Retention, RetentionLoop
 from node.roles import Identity, Stage, role_config, runs, worker_poll_seconds
 from node.senders import DimseSender, Sender, StowSender
 from node.signals import StopSignals
@@ -86,9 +87,10 @@ class Service:
         self.metrics = Metrics()
         self.audit = AuditTrail(config.audit, config.node.data_dir, ae_title=config.node.ae_title,
                                 on_failure=self.metrics.audit_failure)
-        # Admission control sits in the ingestor, the one boundary both front doors pass (node.admission).
+        # Admission control sits in the ingestor, the one boundary both front doors pass (node.admission); it reads
+        # every file system the node writes to (node.disks), so a full spool volume pauses it too.
         self.admission = Admission(config.admission, config.node.data_dir, queue_depth=self.queue.depth,
-                                   series_activity=index_activity(self.index))
+                                   series_activity=index_activity(self.index), paths=node_folders(config))
         self.ingestor.admission = self.admission
         self.metrics.bind_admission(self.admission.paused_by_reason)
         self.heartbeats = Heartbeats(stuck_after_periods=config.supervise.stuck_after_periods)
@@ -131,7 +133,7 @@ class Service:
         presented = tls_loaded_at_start(config)  # what the listeners present until a restart, however renewed
         self.metrics.bind(
             queue_depth=self.queue.depth, jobs=self.queue.counts, series=self.index.series_counts,
-            deliveries=self.dispatcher.counts, disk=lambda: disk_usage(config.node.data_dir),
+            deliveries=self.dispatcher.counts, disk=lambda: used_by_path(node_folders(config)),
             destination_up=self.reachability.reachability.up, uncommitted=self.commitments.uncommitted,
             clock_skew=lambda: clock_skew_seconds(self.engine), certificate_expiry=lambda: tls_expiry(config, presented),
         )

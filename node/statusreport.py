@@ -113,9 +113,10 @@ def _destination_lines(rows: list[dict[str, Any]]) -> list[str]:
 def _admission_report(config: NodeConfig, queue: Any) -> dict[str, Any]:
     """What admission control decides now, from the free space and queue depth the node reads."""
     from node.admission import evaluate
+    from node.disks import node_folders
 
     try:
-        return evaluate(config.admission, config.node.data_dir, queue.depth).as_dict()
+        return evaluate(config.admission, config.node.data_dir, queue.depth, paths=node_folders(config)).as_dict()
     except OSError as exc:
         return {"enabled": config.admission.enabled, "error": f"data directory unreadable: {exc.strerror or exc}"}
 
@@ -133,5 +134,6 @@ def _admission_line(a: dict[str, Any]) -> str:
     else:
         head = "accepting all"
     ceiling = a["max_queue_depth"] or "no ceiling"
-    return (f"{head}; free {gb(a['free_bytes'])} of {gb(a['total_bytes'])} (floor {gb(a['floor_bytes'])}, "
+    on = f" on {a['path']}" if a.get("path") else ""
+    return (f"{head}; free {gb(a['free_bytes'])} of {gb(a['total_bytes'])}{on} (floor {gb(a['floor_bytes'])}, "
             f"reserve {gb(a['reserve_bytes'])}); queue {a['queue_depth']} (ceiling {ceiling})")

@@ -165,7 +165,7 @@ def test_the_page_lists_series_queue_deliveries_dead_letters_alerts_disk_retenti
     # the alert: a dead job with no report at all
     assert "ALERT" in html and "worker lost the series" in html
     # disk and retention dry run, the config with its secrets masked
-    assert "Data directory&#39;s file system" in html or "Data directory's file system" in html
+    assert f"Fullest file system retention frees (<code>{site.config.node.spool_dir}</code>)" in html
     assert "A purge now would delete" in html
     assert '&#34;ae_title&#34;: &#34;NODE-AE&#34;' in html and "********" in html
     assert TOKEN not in html and ARCHIVE_TOKEN not in html

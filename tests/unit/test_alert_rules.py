@@ -22,7 +22,7 @@ def test_promtool_checks_and_tests_the_rules():
 def test_the_rules_use_only_metrics_the_node_exports():
     m = Metrics()
     m.bind(queue_depth=lambda: 0, jobs=lambda: {"dead": 1}, series=lambda: {"complete": 1},
-           deliveries=lambda: {("pacs", "dead"): 1}, disk=lambda: (1, 2),
+           deliveries=lambda: {("pacs", "dead"): 1}, disk=lambda: {"/data/spool": (1, 2)},
            destination_up=lambda: {"pacs": False}, uncommitted=lambda: {"pacs": 1}, clock_skew=lambda: 0.5,
            certificate_expiry=lambda: {"node": 86400.0})
     m.job_ended("pneumonia", "unreported")

@@ -89,8 +89,10 @@ def test_gauges_are_read_at_scrape_time():
     m.bind(series=lambda: {"receiving": 4})  # later bindings add, earlier ones stay
     assert value(m, "pacsnode_series", state="receiving") == 4
     assert value(m, "pacsnode_queue_depth") == 7
-    m.bind(disk=lambda: (900, 1000))
-    assert (value(m, "pacsnode_disk_used_bytes"), value(m, "pacsnode_disk_total_bytes")) == (900, 1000)
+    m.bind(disk=lambda: {"/data/spool": (900, 1000), "/data": (10, 2000)})  # one per file system (node.disks)
+    assert (value(m, "pacsnode_disk_used_bytes", path="/data/spool"),
+            value(m, "pacsnode_disk_total_bytes", path="/data/spool")) == (900, 1000)
+    assert value(m, "pacsnode_disk_used_bytes", path="/data") == 10
     up = {"pacs": True, "archive": False}
     m.bind(destination_up=lambda: up, uncommitted=lambda: {"pacs": 2})
     assert value(m, "pacsnode_destination_up", destination="pacs") == 1
