@@ -45,8 +45,9 @@ LOOP = "http"  # the server's name in the heartbeat registry
 
 
 class HealthProbe:
-    """Readiness checks for ``GET /readyz``: the database answers, the spool is writable, the models are loaded,
-    and (given ``heartbeats``) no supervised loop is dead or stuck.
+    """Readiness checks for ``GET /readyz``: the database answers, the spool is writable — and, given
+    ``spool_root`` (`node.spool.Spool.root_problem`), still the file system it started on, not the bare mount point
+    of a volume gone —, the models are loaded, and (given ``heartbeats``) no supervised loop is dead or stuck.
 
     ``models_ready`` is called at each check (e.g. ``worker.ready.is_set``; ``lambda: True`` when the worker is
     disabled). `check()` returns ``{name: "ok" | reason}`` for every check; `report()` adds each loop's heartbeat.
@@ -56,7 +57,8 @@ class HealthProbe:
     def __init__(self, engine: Engine, spool_dir: Path, models_ready: Callable[[], bool],
                  heartbeats: Heartbeats | None = None, admission: Callable[[], dict[str, Any]] | None = None,
                  device: Callable[[], dict[str, Any]] | None = None,
-                 processes: Callable[[], dict[str, Any]] | None = None) -> None:
+                 processes: Callable[[], dict[str, Any]] | None = None,
+                 spool_root: Callable[[], str | None] | None = None) -> None:
         if not callable(models_ready):
             raise TypeError(f"models_ready must be callable, not {type(models_ready).__name__}")
         self.engine = engine
@@ -66,6 +68,7 @@ class HealthProbe:
         self.admission = admission  # e.g. `Admission.report`: shown in the report, never makes the node not ready
         self.device = device  # e.g. `Worker.device_report`: what the models run on (a CPU fallback is still ready)
         self.processes = processes  # the supervisor's role processes (node.processes.read_table), when one runs
+        self.spool_root = spool_root  # None while the spool root is the file system it started on, else why not
 
     def check(self) -> dict[str, str]:
         checks = {"database": self._database(), "spool": self._spool(), "models": self._models()}
@@ -114,6 +117,8 @@ class HealthProbe:
         return "ok"
 
     def _spool(self) -> str:
+        if self.spool_root is not None and (problem := self.spool_root()) is not None:
+            return problem
         try:
             fd, name = tempfile.mkstemp(prefix=".readyz-", dir=self.spool_dir)
             os.close(fd)

@@ -165,7 +165,7 @@ class Service:
         token = config.node.dicomweb_token.get_secret_value() if config.node.dicomweb_token else None
         auth = Authenticator(token, metrics=self.metrics, audit=self.audit)  # one check for every HTTP surface
         health = HealthProbe(self.engine, config.node.spool_dir, models_ready, self.heartbeats,
-                             admission=self.admission.report,
+                             admission=self.admission.report, spool_root=self.spool.root_problem,
                              device=self.worker.device_report if config.worker.enabled else None,
                              processes=processes)
         app = create_app(
