@@ -39,7 +39,7 @@ from node.auditdb import audit_purged
 from node.auditevents import StudySummary, patient_id_of
 from node.config import NodeConfig
 from node.disks import group, purge_folders
-from node.index import instance_set_digest
+from node.index import instance_members, instance_set_digest
 from node.logs import get_logger
 from node.loops import LoopThread
 from node.schema import deliveries, instances, jobs, results, series
@@ -213,7 +213,8 @@ class Retention:
         if not c.instances_left:
             return
         with self.engine.connect() as conn:
-            seen = conn.execute(sa.select(series.c.instance_count).where(series.c.series_uid == series_uid)).first()
+            seen = conn.execute(sa.select(series.c.instance_count, series.c.purged_members)
+                                .where(series.c.series_uid == series_uid)).first()
             rows = conn.execute(
                 sa.select(instances.c.sop_uid, instances.c.path, instances.c.spool_id, instances.c.sha256,
                           instances.c.study_uid, instances.c.sop_class_uid)
@@ -238,7 +239,8 @@ class Retention:
                                       series.c.state.in_([SeriesState.COMPLETE, SeriesState.IGNORED]),
                                       series.c.state_changed_at == c.state_changed_at,
                                       series.c.instance_count == seen.instance_count)
-                .values(instance_count=0, purged_at=self.clock(), purged_digest=instance_set_digest(rows))
+                .values(instance_count=0, purged_at=self.clock(), purged_digest=instance_set_digest(rows),
+                        purged_members=instance_members(rows, seen.purged_members))
             ).rowcount == 1
             if settled:
                 conn.execute(instances.delete().where(instances.c.series_uid == series_uid,
