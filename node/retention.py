@@ -5,8 +5,9 @@
     with no job waiting or running and every delivery of it delivered — ``[retention] instances_days`` after it
     settled (its last delivery, or the time it was ignored);
   * **result files** (SR, SEG, KOS under ``data_dir/results``) of a settled series ``results_days`` after it;
-  * **dead letters** — a series whose job or a delivery is dead — are kept ``dead_letter_days`` (so an admin can
-    `pacsnode retry` them), then their instances and result files go the same way;
+  * **dead letters** — a series whose job or a delivery is dead, or whose delivery the PACS did not confirm by
+    storage commitment (failed, timed out) — are kept ``dead_letter_days`` (so an admin can `pacsnode retry` them),
+    then their instances and result files go the same way; a commitment still awaited keeps the series unsettled;
   * and, while a file system it frees is fuller than ``max_disk_percent`` — the spool's (a volume of its own in
     docker-compose.scale.yml, NFS, CephFS), a ``[spools]`` mount point's, or that of ``data_dir`` and its results
     (`fullest_disk`) —, the instances and results of settled series regardless of age, the oldest settled first
@@ -42,9 +43,9 @@ from node.disks import group, purge_folders
 from node.index import instance_members, instance_set_digest
 from node.logs import get_logger
 from node.loops import LoopThread
-from node.schema import deliveries, instances, jobs, results, series
+from node.schema import commitments, deliveries, instances, jobs, results, series
 from node.spools import Spools
-from node.states import DeliveryState, JobState, SeriesState
+from node.states import CommitState, DeliveryState, JobState, SeriesState
 
 _DAY = 86400.0
 
@@ -72,6 +73,13 @@ class PurgeReport:
             "disk_percent_before": round(self.disk_percent_before, 1),
             "disk_percent_after": round(self.disk_percent_after, 1), "disk_path": self.disk_path,
         }
+
+
+# A delivery whose storage commitment is still awaited is not settled; one the PACS did not confirm (it reported
+# failures, or never answered) is kept like a dead letter — dead_letter_days, never purged for disk pressure: its
+# files are all there is to send again, or to rebuild from.
+_UNSETTLED = frozenset({CommitState.PENDING.value, CommitState.REQUESTED.value})
+_UNPROVEN = frozenset({CommitState.FAILED.value, CommitState.TIMED_OUT.value})
 
 
 @dataclass(frozen=True)
@@ -193,16 +201,21 @@ class Retention:
             for uid, state in conn.execute(sa.select(jobs.c.series_uid, jobs.c.state).distinct()):
                 job_states.setdefault(uid, set()).add(str(state))
             sends: dict[str, list[Any]] = {}
-            for d in conn.execute(sa.select(deliveries.c.series_uid, deliveries.c.state, deliveries.c.delivered_at,
-                                            deliveries.c.last_attempt_at)):
+            for d in conn.execute(
+                sa.select(deliveries.c.series_uid, deliveries.c.state, deliveries.c.delivered_at,
+                          deliveries.c.last_attempt_at, commitments.c.state.label("commit_state"))
+                .outerjoin(commitments, commitments.c.delivery_id == deliveries.c.id)
+            ):
                 sends.setdefault(d.series_uid, []).append(d)
         for row in rows:
             states, its_sends = job_states.get(row.series_uid, set()), sends.get(row.series_uid, [])
             if states & {JobState.QUEUED.value, JobState.RUNNING.value}:
                 continue
-            if any(d.state in (DeliveryState.PENDING, DeliveryState.SENDING) for d in its_sends):
+            if any(d.state in (DeliveryState.PENDING, DeliveryState.SENDING) or d.commit_state in _UNSETTLED
+                   for d in its_sends):
                 continue
-            dead = JobState.DEAD.value in states or any(d.state == DeliveryState.DEAD for d in its_sends)
+            dead = (JobState.DEAD.value in states
+                    or any(d.state == DeliveryState.DEAD or d.commit_state in _UNPROVEN for d in its_sends))
             times = [row.state_changed_at] + [d.delivered_at or d.last_attempt_at or 0.0 for d in its_sends]
             yield _Candidate(row.series_uid, max(t for t in times if t is not None), dead, row.state_changed_at,
                              instances_left=bool(row.instance_count))

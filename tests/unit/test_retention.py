@@ -291,6 +291,36 @@ def test_results_of_a_version_begun_during_a_purge_are_kept(site, monkeypatch):
     assert states.count(DeliveryState.DELIVERED) == 2 and DeliveryState.DEAD not in states
 
 
+@pytest.mark.parametrize("commit_state", ["failed", "timed_out", "requested", "committed"])
+def test_a_delivery_the_pacs_did_not_commit_keeps_its_files_like_a_dead_letter(tmp_path, commit_state):
+    """Found by review: a delivery the PACS reported it does not hold (storage commitment failed) or never
+    confirmed counted as settled, so its results and instances went after their days — under disk pressure at once
+    — and nothing was left to send again or rebuild from. Now failed/timed-out commitments are kept like dead
+    letters (dead_letter_days, never for disk pressure) and an awaited one keeps the series unsettled."""
+    import json
+
+    from node.schema import commitments
+
+    site = Site(tmp_path, {"max_disk_percent": 50})
+    uid = site.series("a", seed=9)
+    with site.engine.begin() as conn:
+        d = conn.execute(sa.select(deliveries).where(deliveries.c.series_uid == uid)).one()
+        conn.execute(commitments.insert().values(
+            delivery_id=d.id, destination=d.destination, kind="dimse", study_uid="1.2", refs="[]",
+            state=commit_state, attempts=1, stored_at=site.clock.now, deadline=site.clock.now + 300,
+            next_attempt_at=site.clock.now, failed=json.dumps([["1.2.3", "storage failure"]])))
+    site.used = 10_000_000  # far over the ceiling
+    site.clock.now += 8 * DAY  # past instances_days (7), before dead_letter_days (30)
+    site.retention.purge()
+    kept = commit_state != "committed"
+    assert (len(site.spool_files(uid)), len(site.result_files(uid))) == ((10, RESULTS) if kept else (0, 0))
+    site.clock.now += 30 * DAY
+    site.retention.purge()
+    gone = commit_state in ("failed", "timed_out", "committed")  # an awaited commitment keeps them for ever
+    assert (len(site.spool_files(uid)) == 0) == gone and site.consistent()
+    site.engine.dispose()
+
+
 def test_series_purged_before_cost_no_query_per_series(site):
     """A purge (and every /admin dry run) walked every settled series ever received with two queries each, and
     two more for the result files of each one past results_days: its cost grew with the node's whole history.
