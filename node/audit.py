@@ -440,8 +440,20 @@ def parse_since(text: str, now: dt.datetime | None = None) -> dt.datetime:
     return when if when.tzinfo is not None else when.replace(tzinfo=dt.UTC)
 
 
+def _printable(text: str) -> str:
+    """``text`` for a terminal: control characters (C0, DEL, C1), and the bidirectional and other format controls
+    that reorder or hide text, as ``\\xNN``/``\\uNNNN``. A record's values come from peers (a request path, an AE
+    title): an escape sequence in one rewrote what ``pacsnode audit`` showed (found by review)."""
+    return "".join(c if c.isprintable() or c == " " else (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+                   for c in text)
+
+
 def summary_line(record: dict[str, Any]) -> str:
-    """One human line per record for ``pacsnode audit``."""
+    """One human line per record for ``pacsnode audit``, every control character in it escaped (`_printable`)."""
+    return _printable(_summary(record))
+
+
+def _summary(record: dict[str, Any]) -> str:
     ident = record.get("EventIdentification", {})
     who = [f"{p.get('UserID')}@{p.get('NetworkAccessPointID')}" if p.get("NetworkAccessPointID") else p.get("UserID")
            for p in record.get("ActiveParticipant", [])]

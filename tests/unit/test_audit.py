@@ -321,6 +321,29 @@ def test_pacsnode_audit_prints_records_since(tmp_path, capsys, monkeypatch):
     assert main(["audit", "--config", str(config), "--since", "someday"]) == 2
 
 
+def test_pacsnode_audit_escapes_control_characters_peers_put_in_records(tmp_path, capsys, monkeypatch):
+    """Found by review: an unauthenticated request to /dicomweb/studies/%1B%5B1G%1B%5B2K<forged line>... left its
+    decoded path in a 401's record, and `pacsnode audit` wrote the escape sequences to the admin's terminal, which
+    erased the line and showed a forged one (and set the window title). Every control and format character
+    (C0, DEL, C1, bidi overrides) is shown escaped; JSON output is JSON."""
+    for name in [k for k in __import__("os").environ if k.startswith("PACSNODE_")]:
+        monkeypatch.delenv(name)
+    data = tmp_path / "data"
+    config = tmp_path / "node.toml"
+    config.write_text(f'[node]\ndata_dir = "{data}"\n')
+    audit = trail(data)
+    hostile = "/dicomweb/studies/\x1b[1G\x1b[2Kquery outcome=0\x1b]0;pwned\x07\x9b8m\u202eevil/series"
+    audit.auth_failed(surface="dicomweb", reason="missing", peer="10.0.0.9", path=hostile)
+    audit.close()
+    assert main(["audit", "--config", str(config), "--since", "1h"]) == 0
+    out = capsys.readouterr().out
+    assert "auth_failed" in out and "pwned" in out  # shown, harmlessly
+    assert not any(not c.isprintable() and c not in " \n" for c in out), repr(out)
+    assert "\\x1b[1G" in out and "\\u202e" in out
+    assert main(["audit", "--config", str(config), "--since", "1h", "--json"]) == 0
+    assert "\x1b" not in capsys.readouterr().out
+
+
 def test_received_studies_from_a_real_index(tmp_path):
     engine = create_engine_for(f"sqlite:///{tmp_path / 'node.db'}")
     init_schema(engine)
