@@ -25,13 +25,15 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
+from starlette.middleware.trustedhost import parse_host_header
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from node.auth import Authenticator
-from node.config import NodeConfig
+from node.config import NodeConfig, is_loopback
 from node.db import clock_skew_seconds
 from node.errors import DatabaseError
 from node.httpguard import HttpLimits, guarded_protocol
@@ -228,6 +230,28 @@ class _UvicornServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
+class _LoopbackHostOnly:
+    """For a server bound to loopback: answer only requests addressed to a loopback name or address (Host header).
+    A web page whose name an attacker re-points at 127.0.0.1 (DNS rebinding) counts as same-origin to the browser
+    of someone on the node's machine or with a tunnel to it, and could otherwise store instances and read QIDO
+    and /admin on a node that trusts loopback (no token). Refused with 400, as starlette's TrustedHostMiddleware
+    does (which cannot express "any 127.0.0.0/8 address")."""
+
+    def __init__(self, app: Any, bound: str) -> None:
+        self._app = app
+        self._bound = bound.strip().lower()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            parsed = parse_host_header(Headers(scope=scope).get("host"))
+            host = parsed.host.lower() if parsed is not None else ""
+            if not (is_loopback(host) or host.endswith(".localhost") or host == self._bound):
+                await PlainTextResponse("Invalid host header: this node answers loopback names only",
+                                        status_code=400)(scope, receive, send)
+                return
+        await self._app(scope, receive, send)
+
+
 class HttpServer:
     """Runs ``app`` with uvicorn in a background thread on ``[node] http_host:http_port``.
 
@@ -245,6 +269,8 @@ class HttpServer:
         self._port = config.node.http_port
         self._reuse_port = reuse_port  # listener processes share the port (SO_REUSEPORT, node.roles)
         self._app: Any = app if health is None else _Readiness(app, health)
+        if is_loopback(self._host):
+            self._app = _LoopbackHostOnly(self._app, self._host)
         self._graceful = graceful_seconds
         self._limits = HttpLimits.from_config(config.node)
         self._refusals = Refusals("http", metrics)
@@ -293,6 +319,7 @@ class HttpServer:
             lifespan="off",
             log_config=None,  # keep the node's structlog setup
             access_log=False,  # the app logs its own events, with UIDs and sizes only
+            proxy_headers=False,  # no proxy in front: X-Forwarded-For from a loopback client chose the audited peer
             timeout_graceful_shutdown=int(self._graceful) or 1,
             http=guarded_protocol(self._limits, self._refusals),
             **self._limits.uvicorn_settings(),

@@ -66,7 +66,7 @@ def _count_closed(socks: list[socket.socket], expected: int, within: float) -> i
 
 def _slowloris(sock: socket.socket, stop: threading.Event, closed: list[bool]) -> None:
     """Dribble a request head a byte every 0.1 s until the node closes the connection."""
-    head = b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"X-a: b\r\n" * 200
+    head = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"X-a: b\r\n" * 200
     try:
         for byte in head:
             if stop.is_set():

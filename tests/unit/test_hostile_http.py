@@ -26,6 +26,7 @@ from node.ingest import Ingestor
 from node.metrics import Metrics
 from node.refusals import LOG_BURST
 from peers.process import wait_until
+from tests.conftest import free_port
 from tests.ctgen import write_ct_series
 from tests.unit.test_hostile_stow import STOW_TYPE, Node, body, part
 
@@ -143,7 +144,7 @@ def test_a_slowloris_head_is_dropped_at_the_header_deadline_although_bytes_keep_
     s = serve()
     sock = s.connect()
     t0 = time.monotonic()
-    head = b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"X-Padding: a\r\n" * 100
+    head = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"X-Padding: a\r\n" * 100
     with contextlib.suppress(BrokenPipeError, ConnectionResetError):
         for byte in head:
             sock.send(bytes([byte]))
@@ -159,12 +160,12 @@ def test_a_slowloris_head_after_a_kept_alive_response_is_dropped_too(serve):
     """uvicorn's keep-alive timer is cancelled by the first byte of the next request; the head deadline is not."""
     s = serve()
     sock = s.connect()
-    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     sock.settimeout(3)
     assert sock.recv(65536).startswith(b"HTTP/1.1 200")
     t0 = time.monotonic()
     with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-        for byte in b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"X-a: b\r\n" * 100:
+        for byte in b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"X-a: b\r\n" * 100:
             sock.send(bytes([byte]))
             if closed_within(sock, 0.05) is not None:
                 break
@@ -178,7 +179,7 @@ def test_a_body_that_stalls_is_dropped_after_the_body_timeout_and_nothing_is_sto
     payload = body(part(data))
     sock = s.connect()
     sock.sendall(
-        f"POST /dicomweb/studies HTTP/1.1\r\nHost: x\r\nContent-Type: {STOW_TYPE}\r\n"
+        f"POST /dicomweb/studies HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {STOW_TYPE}\r\n"
         f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload[: len(payload) // 2]
     )
     t0 = time.monotonic()
@@ -196,7 +197,7 @@ def test_a_slow_body_that_keeps_coming_is_not_cut_off(serve, tmp_path):
     payload = body(part(data))
     sock = s.connect(source="127.0.0.1")
     sock.sendall(
-        f"POST /dicomweb/studies HTTP/1.1\r\nHost: x\r\nContent-Type: {STOW_TYPE}\r\n"
+        f"POST /dicomweb/studies HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {STOW_TYPE}\r\n"
         f"Content-Length: {len(payload)}\r\n\r\n".encode()
     )
     pieces = 4
@@ -240,7 +241,7 @@ def test_requests_over_the_connection_limit_get_503(serve):
 def test_headers_over_the_header_limit_get_431_whether_they_come_at_once_or_in_pieces(serve, limit):
     s = serve(**({"http_max_header_bytes": limit} if limit else {}))
     size = (limit or NodeSection().http_max_header_bytes) + 1024
-    head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * size + b"\r\n\r\n"
+    head = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * size + b"\r\n\r\n"
     for pieces in (1, 7):  # one read (h11's own limit misses it) or several
         sock = s.connect()
         step = -(-len(head) // pieces)
@@ -251,7 +252,7 @@ def test_headers_over_the_header_limit_get_431_whether_they_come_at_once_or_in_p
         assert sock.recv(65536).startswith(b"HTTP/1.1 431")
     assert s.refused("http_header_too_large") == 2
     ok = s.connect(source="127.0.0.1")
-    ok.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Fine: " + b"a" * (size // 2 - 1024) + b"\r\n\r\n")
+    ok.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Fine: " + b"a" * (size // 2 - 1024) + b"\r\n\r\n")
     ok.settimeout(3)
     assert ok.recv(65536).startswith(b"HTTP/1.1 200")
 
@@ -272,7 +273,7 @@ def test_a_stow_body_declared_over_the_limit_is_413_before_any_of_it_is_sent(tmp
     try:
         sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
         sock.sendall(
-            f"POST /dicomweb/studies HTTP/1.1\r\nHost: x\r\nContent-Type: {STOW_TYPE}\r\n"
+            f"POST /dicomweb/studies HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {STOW_TYPE}\r\n"
             f"Content-Length: {2 << 20}\r\n\r\n".encode()
         )  # the head only: the answer must not wait for the body
         answer = b""
@@ -292,8 +293,8 @@ def test_a_pipelined_head_over_the_header_limit_gets_431_too(serve):
     then parsed whole, past h11's own limit on incomplete heads: its size is counted too. A pipelined request
     under the limit is still answered."""
     s = serve(http_max_header_bytes=4096)
-    small = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
-    big = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 8192 + b"\r\n\r\n"
+    small = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    big = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 8192 + b"\r\n\r\n"
     sock = s.connect()
     sock.sendall(small + big)
     answers = b""
@@ -317,7 +318,7 @@ def served_from(s: Served, source: str) -> bool:
     with contextlib.suppress(OSError), socket.create_connection(
         ("127.0.0.1", s.server.port), timeout=2, source_address=(source, 0)
     ) as probe:
-        probe.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        probe.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         return probe.recv(65536).startswith(b"HTTP/1.1 200")
     return False
 
@@ -348,19 +349,19 @@ def mount_admin(s: Served) -> None:
 
 
 ANSWERED_EARLY = {  # requests answered before their (declared, never sent) body is read
-    "healthz": (b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n", b"HTTP/1.1 200"),
+    "healthz": (b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000000\r\n\r\n", b"HTTP/1.1 200"),
     "stow-part-type": (
-        f"POST /dicomweb/studies HTTP/1.1\r\nHost: x\r\nContent-Type: {STOW_TYPE}\r\n"
+        f"POST /dicomweb/studies HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {STOW_TYPE}\r\n"
         f"Content-Length: 100000000\r\n\r\n".encode() + part(b"hello", "Content-Type: text/plain\r\n"),
         b"HTTP/1.1 415",
     ),
     "admin-form-size": (
-        b"POST /admin/retry HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+        b"POST /admin/retry HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-www-form-urlencoded\r\n"
         b"Content-Length: 10000000\r\n\r\n",
         b"HTTP/1.1 413",
     ),
     "admin-form-type": (
-        b"POST /admin/retry HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nContent-Length: 10000000\r\n\r\n",
+        b"POST /admin/retry HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/plain\r\nContent-Length: 10000000\r\n\r\n",
         b"HTTP/1.1 415",
     ),
 }
@@ -412,10 +413,10 @@ def test_keep_alive_still_holds_for_requests_whose_body_was_read(serve):
     sock.settimeout(3)
     refused = body(part(b"hello", "Content-Type: text/plain\r\n"))
     for request in (
-        b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello",
-        f"POST /dicomweb/studies HTTP/1.1\r\nHost: x\r\nContent-Type: {STOW_TYPE}\r\n"
+        b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\n\r\nhello",
+        f"POST /dicomweb/studies HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {STOW_TYPE}\r\n"
         f"Content-Length: {len(refused)}\r\n\r\n".encode() + refused,
-        b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
     ):
         sock.sendall(request)
         answer = read_response(sock)
@@ -440,3 +441,38 @@ def test_an_early_answered_connection_closes_once_the_client_goes_quiet(serve):
         for _ in range(3):
             sock.sendall(b"z" * 1024)
             time.sleep(0.1)
+
+
+def test_a_loopback_node_answers_loopback_host_names_only_and_ignores_forwarded_for(tmp_path: Path) -> None:
+    """Found by review: a web page whose name an attacker re-points at 127.0.0.1 (DNS rebinding) is same-origin to
+    the browser of someone on the node's machine or with a tunnel to it, and could store instances and read QIDO and
+    /admin on a loopback node without a token (the default). Such a node now answers loopback names only (400
+    otherwise). And X-Forwarded-For from a loopback client chose the peer the node logged and audited (uvicorn's
+    proxy_headers trusted 127.0.0.1); no proxy stands in front, so it is ignored."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from node.config import NodeConfig
+
+    def whoami(request: Request) -> PlainTextResponse:
+        return PlainTextResponse(request.client.host if request.client else "?")
+
+    config = NodeConfig.model_validate({"node": {"data_dir": str(tmp_path), "http_port": free_port()}})
+    server = HttpServer(config, Starlette(routes=[Route("/who", whoami)]))
+    server.start()
+    port = server.port
+    url = f"http://127.0.0.1:{port}/who"
+    try:
+        with httpx.Client(timeout=5) as client:
+            answers = {host: client.get(url, headers={"Host": host}).status_code for host in (
+                f"127.0.0.1:{port}", "localhost", f"[::1]:{port}", "127.0.0.2", "node.localhost",
+                f"rebind.attacker.example:{port}", "10.0.0.5", "")}
+            spoofed = client.get(url, headers={"X-Forwarded-For": "10.66.6.6, 10.1.2.3"}).text
+    finally:
+        server.stop()
+    assert answers == {f"127.0.0.1:{port}": 200, "localhost": 200, f"[::1]:{port}": 200,
+                       "127.0.0.2": 200, "node.localhost": 200, f"rebind.attacker.example:{port}": 400,
+                       "10.0.0.5": 400, "": 400}
+    assert spoofed == "127.0.0.1"
