@@ -106,6 +106,10 @@ def create_viewer_app(dist: Path, orthanc_url: str, config_js: str, *,
 
     async def proxy(request: Request) -> Response:
         client = state["client"]
+        raw = bytes(request.scope.get("raw_path") or b"").lower()
+        if b"%2f" in raw or b"%5c" in raw or any(seg in (".", "..") for seg in request.url.path.split("/")):
+            # /dicom-web/..%2ftools/shutdown reached Orthanc's whole REST API as /tools/shutdown (found by review)
+            return PlainTextResponse("not a DICOMweb path", status_code=404)
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         headers = [(k, v) for k, v in request.headers.raw if k.decode("latin-1").lower() not in HOP_BY_HOP]
         body = await request.body() if request.method not in ("GET", "HEAD", "OPTIONS") else None

@@ -198,3 +198,8 @@ def test_viewer_server_isolation_headers_proxy_host_and_page_routes(tmp_path):
         assert seen[-1].headers["host"] == "viewer.local:3000"  # Orthanc builds bulk-data URLs from it
         assert (seen[-1].url.path, seen[-1].url.query) == ("/dicom-web/studies", b"x=1")
         assert client.get("/wado?requestType=WADO").status_code == 502
+        sent = len(seen)
+        for escape in ("/dicom-web/..%2ftools/shutdown", "/dicom-web/..%2Fsystem", "/dicom-web/%2e%2e/instances",
+                       "/dicom-web/..%5Cinstances"):
+            assert client.post(escape, content=b"").status_code == 404, escape
+        assert len(seen) == sent  # none of them reached Orthanc's REST API (found by review)
