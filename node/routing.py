@@ -79,8 +79,13 @@ class Decision:
         return self.pipeline.value if self.pipeline is not None else "none"
 
 
+_MAX_TEXT = 256  # characters of a text the route patterns search: LO/SH values hold 64 at most
+
+
 def _text(value: object) -> str:
-    return str(value).strip() if value is not None else ""
+    """A header value as route patterns see it, cut to `_MAX_TEXT`: a peer's megabyte-long SeriesDescription would
+    otherwise make a pattern like ``.*x.*`` quadratic on the completion sweeper's thread."""
+    return str(value).strip()[:_MAX_TEXT] if value is not None else ""
 
 
 def read_header(path: str | Path, *, calling_ae: str | None, slices: int) -> SeriesHeader | None:

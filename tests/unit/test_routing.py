@@ -134,3 +134,15 @@ def test_ignore_route_and_node_made_objects(chest, tmp_path):
     take_all = (Route(name="all", pipeline=PipelineName.PNEUMONIA),)
     own = variant(chest, tmp_path, Manufacturer=NODE_MANUFACTURER, SeriesInstanceUID=generate_uid())
     assert decide(own, take_all).label == Builtin.OWN_RESULT.value
+
+
+def test_route_patterns_search_at_most_256_characters_of_a_header_value(chest, tmp_path):
+    """Found by review: SeriesDescription and ProtocolName were searched whole, so a peer's megabyte-long value
+    made an admin's pattern like '.*x.*' quadratic on the completion sweeper. LO values hold 64 characters; 256 are
+    searched, and a chest word past them does not route."""
+    header = read_header(variant(chest, tmp_path, BodyPartExamined=None, SeriesDescription="A" * 1_000_000,
+                                 ProtocolName="B" * 1_000_000), calling_ae="CT1", slices=40)
+    assert header is not None
+    assert len(header.series_description) == len(header.protocol_name) == 256
+    late = variant(chest, tmp_path, BodyPartExamined=None, SeriesDescription="x" * 300 + " CHEST")
+    assert decide(late).pipeline is None
