@@ -192,6 +192,19 @@ class AuditTrail:
             target = self.path.with_name(f"{self.path.stem}-{stamp}-{n}{self.path.suffix}")
         with contextlib.suppress(FileNotFoundError):  # another writer of this trail rotated it a moment ago
             os.replace(self.path, target)
+        if self.settings.keep_days:
+            self._expire(now)
+
+    def _expire(self, now: dt.datetime) -> None:
+        """Delete rotated files whose newest record is older than ``keep_days`` (their modification time)."""
+        cutoff = now.timestamp() - self.settings.keep_days * 86400
+        for old in audit_files(self.path):
+            if old == self.path:
+                continue
+            with contextlib.suppress(FileNotFoundError):  # another writer of this trail expired it a moment ago
+                if old.stat().st_mtime < cutoff:
+                    old.unlink()
+                    self._log.info("audit_file_expired", file=old.name, keep_days=self.settings.keep_days)
 
     def _close_file(self) -> None:
         if self._file is not None:

@@ -171,6 +171,9 @@ class AuditSection(_Frozen):
     path: Path | None = None  # None: <data_dir>/audit/audit.jsonl
     rotate_bytes: Annotated[int, Field(ge=0)] = 64 << 20  # 0: never by size
     rotate_daily: bool = True  # start a new file on the first record of each UTC day
+    # Rotated files whose newest record is older than this are deleted at the next rotation; 0 keeps them for ever
+    # (the default: a site's ATNA retention period is its own policy; a syslog collector may hold the trail instead)
+    keep_days: Annotated[int, Field(ge=0)] = 0
     syslog_host: str | None = None  # RFC 5424 copy of each record
     syslog_port: Port = 514  # 6514 (SYSLOG_TLS_PORT) when syslog_protocol = "tls" and no port is given
     syslog_protocol: SyslogProtocol = SyslogProtocol.UDP

@@ -162,6 +162,31 @@ def test_rotation_by_size_and_by_day_and_reading_back(tmp_path):
     assert [r["event"] for r in read_records(audit.path, since)] == ["application_stopped"]
 
 
+@pytest.mark.parametrize("keep_days", [0, 30])
+def test_rotated_files_older_than_keep_days_are_deleted_at_a_rotation(tmp_path, keep_days):
+    """Rotated files were never deleted, so the trail grew until the disk filled; `[audit] keep_days` (0, the
+    default: keep for ever) lets a site cap it. A file goes once its newest record is older than keep_days."""
+    import os
+
+    day = 86400.0
+    now = [dt.datetime(2026, 12, 1, 12, tzinfo=dt.UTC).timestamp()]
+    audit = trail(tmp_path, clock=lambda: now[0])
+    for _ in range(60):  # a record a day: 59 daily rotations, 60 days of records
+        audit.application(started=True)
+        now[0] += day
+    audit.close()
+    for f in audit.path.parent.glob("audit-*.jsonl"):  # a file's time is its newest record's, as in real time
+        stamp = dt.datetime.strptime(f.stem.split("-")[1][:8], "%Y%m%d").replace(tzinfo=dt.UTC).timestamp()
+        os.utime(f, (stamp - 1, stamp - 1))  # rotated at the first record of the next day: written the day before
+    os.utime(audit.path, (now[0] - day, now[0] - day))  # the current file: yesterday's record
+    audit = trail(tmp_path, clock=lambda: now[0], keep_days=keep_days)
+    audit.application(started=False)  # a new day: one more rotation, and the expiry
+    audit.close()
+    left = sorted(audit.path.parent.glob("audit-*.jsonl"))
+    assert len(left) == (60 if keep_days == 0 else 30), [f.name for f in left]  # records of the last 30 days
+    assert len(list(read_records(audit.path))) == (61 if keep_days == 0 else 31)
+
+
 def test_a_failing_write_is_logged_and_counted_never_raised(tmp_path):
     metrics = Metrics()
     (tmp_path / "audit").mkdir()
