@@ -4,12 +4,15 @@
 
   ``GET  /admin/``       the page (server-rendered, jinja2 with autoescaping; no scripts, no external assets):
                          recent series (the last 50 received: UIDs, route, state, version, counts, times, job and
-                         delivery states), the job queue, deliveries per destination by state, dead letters (jobs
-                         and deliveries with their error), alerts (dead jobs the PACS heard nothing about), disk use
-                         and what retention would purge now (a dry run, recomputed at most once a minute), and the
-                         running config with its secrets masked (`NodeConfig.redacted`). ``?refresh=N`` (5-3600)
-                         reloads it every N seconds. No patient attribute is ever read: UIDs, AE titles, states,
-                         counts and times only. 503 when the database does not answer.
+                         delivery states), the job queue, deliveries per destination by state, dead letters (the
+                         newest 100 jobs and deliveries with their error), alerts (dead jobs the PACS heard nothing
+                         about), disk use and what retention would purge (the last dry run and its age: computed in the
+                         background, `node.adminsummary`, never while a request waits), and the running config with
+                         its secrets masked (`NodeConfig.redacted`). ``?refresh=N`` (5-3600) reloads it every N
+                         seconds. No patient attribute is ever read: UIDs, AE titles, states, counts and times only.
+                         At most ``MAX_RENDERS`` pages are rendered at a time (each in a thread of Starlette's pool,
+                         which STOW-RS, QIDO-RS and the probes share); a request beyond that is answered 503 with
+                         ``Retry-After`` at once. 503 too when the database does not answer.
   ``POST /admin/retry``  replay dead letters: form fields ``delivery`` and ``job`` (ids, repeatable) and/or ``all``
                          (``deliveries`` | ``jobs``: every dead one) → `Dispatcher.retry` / `JobQueue.retry`.
 
@@ -45,6 +48,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from node.adminsummary import RetentionPreview
 from node.auth import Authenticator, bearer, token_matches
 from node.config import NodeConfig
 from node.db import reading
@@ -61,7 +65,8 @@ from node.states import AuthFailure, DeliveryState, JobState
 RECENT_SERIES = 50  # rows in "recent series"
 DEAD_LETTERS_SHOWN = 100  # rows per dead-letter table (the total is shown too)
 ALERTS_SHOWN = 50
-RETENTION_CACHE_SECONDS = 60.0  # a dry run walks every settled series: not on every refresh
+MAX_RENDERS = 2  # pages rendered at once: the rest of the shared thread pool stays free for the data path
+BUSY_RETRY_AFTER_SECONDS = 5
 MAX_FORM_BYTES = 64 * 1024
 MIN_REFRESH_SECONDS, MAX_REFRESH_SECONDS = 5, 3600
 _ALL_CHOICES = frozenset({"deliveries", "jobs"})
@@ -130,15 +135,6 @@ class _Refused(Exception):  # noqa: N818 - a control-flow signal answered in thi
 
 
 @dataclass
-class _RetentionView:
-    """The last dry run (or why there is none) and when it was computed."""
-
-    at: float
-    report: dict[str, Any] | None = None
-    error: str | None = None
-
-
-@dataclass
 class _Selection:
     """What one retry request asks for."""
 
@@ -163,25 +159,31 @@ class _Admin:
         self.index = index
         self.clock = clock
         self.log = get_logger(component="admin")
-        self._retention_lock = threading.Lock()
-        self._retention: _RetentionView | None = None
+        self._renders = threading.BoundedSemaphore(MAX_RENDERS)  # only ever tried without blocking
+        self.retention = RetentionPreview(lambda config: Retention(config, engine).purge(dry_run=True).as_dict(),
+                                          clock)
 
     # -- the page ---------------------------------------------------------------------------------------------------
     async def page(self, request: Request) -> Response:
-        """200 the page; 503 when the database does not answer."""
-        refresh = _refresh(request.query_params.get("refresh"))
-        notice = _notice(request.query_params)
+        """200 the page; 503 with Retry-After when MAX_RENDERS pages are being rendered already (decided before any
+        thread is taken) or when the database does not answer."""
+        if not self._renders.acquire(blocking=False):
+            return _busy("the status page is busy; try again shortly")
         try:
-            data = await run_in_threadpool(self.collect)
+            # The thread renders too; anyio waits for it even when the request is cancelled, so the slot is freed
+            # only once the thread is.
+            html = await run_in_threadpool(self._render, request.scope.get("root_path", ""),
+                                           _refresh(request.query_params.get("refresh")), _notice(request.query_params))
         except (NodeError, SQLAlchemyError) as exc:
             self.log.error("admin_page_failed", error=type(exc).__name__)
-            return Response(f"the node's database does not answer ({type(exc).__name__}); try again shortly\n",
-                            status_code=503, media_type="text/plain", headers=SECURITY_HEADERS)
-        html = _templates.get_template("admin.html").render(
-            base=request.scope.get("root_path", ""), refresh=refresh, notice=notice,
-            actions=self.token is not None, **data,
-        )
+            return _busy(f"the node's database does not answer ({type(exc).__name__}); try again shortly")
+        finally:
+            self._renders.release()
         return HTMLResponse(html, headers=SECURITY_HEADERS)
+
+    def _render(self, base: str, refresh: int | None, notice: dict[str, int] | None) -> str:
+        return _templates.get_template("admin.html").render(base=base, refresh=refresh, notice=notice,
+                                                            actions=self.token is not None, **self.collect())
 
     def collect(self) -> dict[str, Any]:
         """Everything the page shows, read in the caller's thread (blocking)."""
@@ -194,8 +196,7 @@ class _Admin:
                           deliveries.c.kind, deliveries.c.attempts, deliveries.c.created_at,
                           deliveries.c.last_attempt_at, deliveries.c.last_error)
                 .where(deliveries.c.state == DeliveryState.DEAD.value)
-                .order_by(sa.func.coalesce(deliveries.c.last_attempt_at, deliveries.c.created_at).desc(),
-                          deliveries.c.id.desc())
+                .order_by(deliveries.c.id.desc())  # newest first, read off ix_deliveries_state
                 .limit(DEAD_LETTERS_SHOWN)
             ))
             dead_jobs = list(conn.execute(
@@ -229,7 +230,7 @@ class _Admin:
             "dead_job_total": job_counts.get(JobState.DEAD, 0),
             "alerts": self.queue.unreported(ALERTS_SHOWN),
             "disk": self._disk(config),
-            "retention": self._retention_view(config),
+            "retention": self.retention.view(config),
             "admission": self._admission(),
             "config_json": json.dumps(config.redacted(), indent=2),
         }
@@ -240,7 +241,7 @@ class _Admin:
         rows = list(conn.execute(
             sa.select(s.series_uid, s.modality, s.state, s.instance_count, s.expected_count, s.first_received_at,
                       s.last_received_at, s.calling_ae, s.version, s.state_changed_at, s.route, s.purged_at)
-            .order_by(s.last_received_at.desc(), s.series_uid)
+            .order_by(s.last_received_at.desc(), s.series_uid.desc())  # ix_series_recent, read backwards
             .limit(RECENT_SERIES)
         ))
         uids = [r.series_uid for r in rows]
@@ -281,23 +282,6 @@ class _Admin:
             return self.admission()
         except Exception as exc:  # noqa: BLE001 - the page still renders
             return {"error": type(exc).__name__}
-
-    def _retention_view(self, config: NodeConfig) -> _RetentionView:
-        """What a purge would delete now: a dry run, reused for RETENTION_CACHE_SECONDS (it walks every settled
-        series). A failing dry run is shown as such; the page still renders."""
-        with self._retention_lock:
-            now = self.clock()
-            cached = self._retention
-            if cached is not None and 0 <= now - cached.at < RETENTION_CACHE_SECONDS:
-                return cached
-            try:
-                report = Retention(config, self.engine).purge(dry_run=True).as_dict()
-                view = _RetentionView(at=now, report=report)
-            except (NodeError, SQLAlchemyError, OSError) as exc:
-                self.log.warning("admin_retention_dry_run_failed", error=type(exc).__name__)
-                view = _RetentionView(at=now, error=type(exc).__name__)
-            self._retention = view
-            return view
 
     # -- the action -------------------------------------------------------------------------------------------------
     async def retry(self, request: Request) -> Response:
@@ -375,6 +359,12 @@ class _Admin:
         html = _templates.get_template("admin_refused.html").render(
             status=refused.status, reason=refused.reason, base=request.scope.get("root_path", ""))
         return HTMLResponse(html, status_code=refused.status, headers=headers)
+
+
+def _busy(reason: str) -> Response:
+    """503 with Retry-After, plain text."""
+    return Response(f"{reason}\n", status_code=503, media_type="text/plain",
+                    headers={**SECURITY_HEADERS, "Retry-After": str(BUSY_RETRY_AFTER_SECONDS)})
 
 
 def _digits(value: str) -> bool:

@@ -52,6 +52,10 @@ series = sa.Table(
     # node.index.instance_members of every instance retention ever deleted from it (8 bytes each): a re-send of
     # part of the series, each instance unchanged, completes as it was too
     sa.Column("purged_members", sa.LargeBinary),
+    # The status page's "recent series" (newest first, LIMIT) and its series-per-route counts read these, not the
+    # table: series rows are never deleted, so the table only grows (migration 0007)
+    sa.Index("ix_series_recent", "last_received_at", "series_uid"),
+    sa.Index("ix_series_route", "route"),
 )
 
 instances = sa.Table(
@@ -125,6 +129,7 @@ deliveries = sa.Table(
     sa.Column("lease_until", sa.Float),  # past this, a sending row is presumed orphaned and may be reclaimed
     sa.UniqueConstraint("series_uid", "version", "destination", name="uq_deliveries_result_destination"),
     sa.Index("ix_deliveries_due", "destination", "state", "due_at"),
+    sa.Index("ix_deliveries_state", "state", "id"),  # dead letters, newest first (status page, retry all; 0007)
 )
 
 results = sa.Table(
