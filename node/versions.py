@@ -23,6 +23,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from pydicom import Dataset, dcmread
+from pydicom.tag import Tag
 
 from node.results import AlgorithmIdentity, Superseded, build_rejection_kos
 from node.schema import jobs, results, series
@@ -31,8 +32,8 @@ from node.states import JobState
 SKIP_REASON = "superseded"  # jobs.skip_reason of a job ended because a newer version exists
 
 _STUDY_KEYWORDS = (
-    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate", "StudyTime",
-    "AccessionNumber", "ReferringPhysicianName", "StudyID",
+    "SpecificCharacterSet", "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID",
+    "StudyDate", "StudyTime", "AccessionNumber", "ReferringPhysicianName", "StudyID",
 )
 
 
@@ -102,11 +103,14 @@ def withdrawal(rows: Sequence[Any], algorithm: AlgorithmIdentity, series_uid: st
 
 def _stub(row: Any, header: Dataset) -> Dataset:
     """A stand-in for a result object whose file is gone: its UIDs from the results row, the patient and study
-    from the source series (the same study), enough for a rejection note to reference it."""
+    from the source series (the same study), enough for a rejection note to reference it. The elements are copied
+    as read, with the source's Specific Character Set, so the note's builder decodes and repairs them as it does
+    any source's (without the set, highdicom wrote every non-ASCII name as '?')."""
     ds = Dataset()
     for keyword in _STUDY_KEYWORDS:
         if keyword in header:
-            ds[keyword] = header[keyword]
+            tag = Tag(keyword)
+            ds[tag] = header.get_item(tag)
     ds.StudyInstanceUID = row.study_uid
     ds.SeriesInstanceUID = row.result_series_uid
     ds.SOPInstanceUID = row.sop_uid

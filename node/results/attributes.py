@@ -2,10 +2,12 @@
 
 highdicom copies every root attribute of the Patient and Study modules of the first source (Patient, General
 Study, Patient Study, Clinical Trial Subject/Study: PatientWeight, PatientAge, AdmittingDiagnosesDescription ...)
-into the SR/SEG as it stands. `malformed_copied(ds)` names those that would make the result unwritable or
-unreadable under strict validation: a VR other than the dictionary's, bytes that do not decode, several values
-where one is allowed, a value pydicom's own validator refuses for its VR, or a value outside the node's stricter
-rules (`content._valid_copied`: real dates, M/F/O, nnnY ages). The caller empties (Type 2) or drops them.
+into the SR/SEG as it stands, and its equipment (Manufacturer, InstitutionName ...) into a Contributing Equipment
+item. `malformed_copied(ds)` names those that would make the result unwritable or unreadable under strict
+validation: a VR other than the dictionary's, bytes that do not decode (or text that still holds an escape
+sequence once decoded, `decoded`), more values than the dictionary's VM allows, a value pydicom's own validator
+refuses for its VR, or a value outside the node's stricter rules (`content._valid_copied`: real dates, M/F/O, nnnY
+ages). The caller empties (Type 2) or drops them.
 
 highdicom also copies the first source's Specific Character Set and refuses values DICOM allows or senders use:
 value 1 empty in a multi-valued set (the usual Japanese ``\\ISO 2022 IR 87``), "ISO_IR 6", Korean "ISO 2022 IR
@@ -16,19 +18,27 @@ instead (`CharsetRepair`); without it every result of such a series fails to bui
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from pydicom import Dataset
 from pydicom.config import RAISE
 from pydicom.datadict import dictionary_VM, dictionary_VR, tag_for_keyword
-from pydicom.dataelem import RawDataElement
-from pydicom.valuerep import validate_value
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.multival import MultiValue
+from pydicom.valuerep import IS, DSdecimal, DSfloat, PersonName, validate_value
 
 # Beyond what highdicom's module tables name: what the node itself checks by keyword (see content._TYPE2_COPIED).
 ALWAYS_CHECKED = (
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge", "AccessionNumber", "StudyID",
     "StudyDate", "StudyTime", "ReferringPhysicianName",
+)
+
+# What highdicom copies from the first source into each result's Contributing Equipment Sequence
+# (`ContributingEquipment.for_image_acquisition`); with a wrong VR (PN, US ...) the result was unwritable.
+EQUIPMENT_COPIED = (
+    "Manufacturer", "ManufacturerModelName", "SoftwareVersions", "DeviceSerialNumber", "InstitutionName",
+    "InstitutionalDepartmentName", "InstitutionAddress", "StationName",
 )
 
 
@@ -59,7 +69,7 @@ def _modules_copied(sop_class_uid: str) -> tuple[str, ...]:
 
 def copied_keywords(ds: Dataset) -> tuple[str, ...]:
     """The attributes of ``ds`` that reach a result built from it."""
-    return tuple(dict.fromkeys((*ALWAYS_CHECKED, *_modules_copied(str(ds.get("SOPClassUID", ""))))))
+    return tuple(dict.fromkeys((*ALWAYS_CHECKED, *EQUIPMENT_COPIED, *_modules_copied(str(ds.get("SOPClassUID", ""))))))
 
 
 def malformed_copied(ds: Dataset, node_rule: Callable[[str, object], bool]) -> list[str]:
@@ -81,23 +91,74 @@ def _valid(ds: Dataset, keyword: str, node_rule: Callable[[str, object], bool]) 
     if expected == "SQ":
         return True  # sequences (e.g. OtherPatientIDsSequence) are left to highdicom
     try:
-        value = ds[tag].value
+        value = decoded(ds, tag).value
     except Exception:  # noqa: BLE001 - pydicom raises many types on bytes that do not decode for the VR
         return False
-    values: Iterable[object] = value if _multi(value) else [value]
-    if _multi(value) and dictionary_VM(tag) == "1":
-        return False
-    try:
-        for item in values:
-            validate_value(expected, item, RAISE)
-    except Exception:  # noqa: BLE001 - the validator raises ValueError; conversions inside it others
+    values = _values(value)
+    if not _vm_allows(dictionary_VM(tag), len(values)) or not all(_valid_value(expected, v) for v in values):
         return False
     if isinstance(raw, RawDataElement) and raw.value is not None and b"\x00" in raw.value.rstrip(b"\x00"):
         return False  # an embedded NUL: not a character of any text VR's repertoire
     return node_rule(keyword, value)
 
 
+def _valid_value(vr: str, value: object) -> bool:
+    """Whether pydicom's validator takes one value for ``vr``. DS and IS are checked in their text form (the
+    string as received), the only type its validator takes for them."""
+    text = str(value) if isinstance(value, (DSfloat, DSdecimal, IS)) else value
+    try:
+        validate_value(vr, text, RAISE)
+    except Exception:  # noqa: BLE001 - the validator raises ValueError; conversions inside it others
+        return False
+    return True
+
+
+def _vm_allows(vm: str, count: int) -> bool:
+    """Whether ``count`` values meet a data dictionary VM ("1", "1-3", "1-n", "2-2n" ...); no value always does."""
+    if count == 0:
+        return True
+    first, _, last = vm.partition("-")
+    if not last:
+        return count == int(first)
+    if last.endswith("n"):
+        return count >= int(first) and count % int(last[:-1] or 1) == 0
+    return int(first) <= count <= int(last)
+
+
+# ESC $ ) A: GB 2312 designated to G1, the escape sequence of ISO 2022 IR 58 (PS3.3 Table C.12-4; PS3.5 Annex K)
+_GB2312 = "\x1b$)A"
+
+
+def decoded(ds: Dataset, tag: int) -> DataElement:
+    """``ds[tag]`` converted from its raw bytes as pydicom converts it (sequence items too), except text sent in
+    ISO 2022 IR 58, whose escape sequences are removed: pydicom decodes such a run with Python's gb2312 codec
+    (up to the next escape), which passes the designation through as the four ASCII characters it is made of, so
+    removing them from the text is removing them from the bytes before gb2312. Raises what pydicom raises on bytes
+    that do not convert, and ValueError for text that still holds an escape (ESC, 1BH) then: no character of any
+    repertoire once decoded, and never in a UTF-8 value (PS3.5 6.1.2.5.3)."""
+    element = ds[tag]
+    if element.VR == "SQ":
+        for item in element.value:
+            for item_tag in list(item.keys()):
+                item[item_tag] = decoded(item, item_tag)
+        return element
+    texts = [v for v in _values(element.value) if isinstance(v, (str, PersonName))]
+    if any(_GB2312 in str(v) for v in texts) and "iso_ir_58" in _encodings(ds):
+        repaired = [str(v).replace(_GB2312, "") for v in texts]
+        element = DataElement(element.tag, element.VR, repaired if len(repaired) > 1 else repaired[0])
+        texts = [str(v) for v in _values(element.value)]
+    if any("\x1b" in str(v) for v in texts):
+        raise ValueError(f"{element.keyword or element.tag} still holds an escape sequence once decoded")
+    return element
+
+
+def _encodings(ds: Dataset) -> list[str]:
+    charset = ds._character_set  # pydicom's own reading of the set, inherited by sequence items
+    return [charset] if isinstance(charset, str) else list(charset)
+
+
 UTF8 = "ISO_IR 192"
+IR58 = "ISO 2022 IR 58"
 
 
 @dataclass(frozen=True)
@@ -114,7 +175,8 @@ def charset_repair(ds: Dataset) -> CharsetRepair | None:
     """None when highdicom takes ``ds``'s Specific Character Set as it stands (or it is absent); else the repair.
     Value 1 empty in a multi-valued set is ISO 2022 IR 6 (PS3.3 C.12.1.1.2), and "ISO_IR 6" or an empty value
     alone is the default repertoire: those are respelt. Anything else highdicom refuses becomes UTF-8, which
-    holds every character the source's set can."""
+    holds every character the source's set can; so does ISO 2022 IR 58 (GB 2312), which pydicom writes without
+    its escape sequences (its text is decoded by `decoded`)."""
     if "SpecificCharacterSet" not in ds:
         return None
     try:
@@ -127,7 +189,7 @@ def charset_repair(ds: Dataset) -> CharsetRepair | None:
         values[0] = "ISO 2022 IR 6"
     if values in ([], [""], ["ISO_IR 6"]):
         return CharsetRepair((), False)
-    if _highdicom_takes(values):
+    if _highdicom_takes(values) and IR58 not in values:  # pydicom writes IR 58 without its escape sequences
         return None if values == given else CharsetRepair(tuple(values), False)
     return CharsetRepair((UTF8,), True)
 
@@ -145,7 +207,14 @@ def _highdicom_takes(values: list[str]) -> bool:
 
 
 def _multi(value: object) -> bool:
-    return isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue"
+    return isinstance(value, (list, tuple, MultiValue))
 
 
-__all__ = ["ALWAYS_CHECKED", "UTF8", "CharsetRepair", "charset_repair", "copied_keywords", "malformed_copied"]
+def _values(value: object) -> Sequence[object]:
+    return list(value) if isinstance(value, (list, tuple, MultiValue)) else [value]
+
+
+__all__ = [
+    "ALWAYS_CHECKED", "EQUIPMENT_COPIED", "IR58", "UTF8", "CharsetRepair", "charset_repair", "copied_keywords",
+    "decoded", "malformed_copied",
+]

@@ -16,11 +16,13 @@ from typing import TypeVar
 import highdicom as hd
 import numpy as np
 from pydicom import Dataset
+from pydicom.datadict import dictionary_VR
+from pydicom.multival import MultiValue
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
 from node.results import codes
-from node.results.attributes import charset_repair, malformed_copied
+from node.results.attributes import CharsetRepair, charset_repair, decoded, malformed_copied
 from node.results.errors import ResultsError
 from node.results.uids import UID_PREFIX, check_root, is_valid_uid
 from node.states import NODE_MANUFACTURER
@@ -277,11 +279,12 @@ def _valid_time(value: object) -> bool:
 
 def _valid_copied(keyword: str, value: object) -> bool:
     """Whether a value highdicom copies from the sources into the result is valid for its VR (else it is
-    replaced by an empty value: a result is never lost because a source attribute is malformed)."""
+    replaced by an empty value: a result is never lost because a source attribute is malformed). Each value of a
+    multi-valued attribute is checked; how many values it may have is `attributes.malformed_copied`'s check."""
+    if isinstance(value, (list, tuple, MultiValue)):
+        return all(_valid_copied(keyword, item) for item in value)  # as many as the VM allows (attributes)
     if value is None or value == "":
         return True
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        return False  # these attributes are single-valued
     text = str(value)
     if keyword.endswith("Date"):
         return _valid_date(text)
@@ -294,7 +297,7 @@ def _valid_copied(keyword: str, value: object) -> bool:
     limits = {"PatientID": 64, "AccessionNumber": 16, "StudyID": 16}
     if keyword in limits:
         return len(text) <= limits[keyword] and "\\" not in text
-    if keyword.endswith("Name"):
+    if dictionary_VR(keyword) == "PN":
         return len(text) <= 64 * 5 and text.count("=") <= 2 and all(len(p) <= 64 for p in text.split("="))
     return True
 
@@ -325,24 +328,29 @@ def with_type2_attributes(sources: Sequence[Dataset]) -> list[Dataset]:
         elif keyword in header:
             del header[keyword]
     if charset is not None:
-        if charset.transcode:
-            _decode_text(header)  # with the source's own set, before the set changes
-        if charset.values:
-            header.SpecificCharacterSet = list(charset.values) if len(charset.values) > 1 else charset.values[0]
-        else:
-            del header.SpecificCharacterSet
+        _repair_charset(header, charset)
     return [header, *sources[1:]]
+
+
+def _repair_charset(header: Dataset, charset: CharsetRepair) -> None:
+    """``header`` in the Specific Character Set ``charset`` names, its text decoded first when it is transcoded."""
+    if charset.transcode:
+        _decode_text(header)  # with the source's own set, before the set changes
+        for keyword in _TYPE2_COPIED:
+            if keyword not in header:
+                setattr(header, keyword, "")  # dropped as unconvertible: Type 2 stays, empty
+    del header.SpecificCharacterSet  # the source's element, shared: setting its value would change the source's set
+    if charset.values:
+        header.SpecificCharacterSet = list(charset.values) if len(charset.values) > 1 else charset.values[0]
 
 
 def _decode_text(header: Dataset) -> None:
     """Every element of ``header`` converted from its raw bytes with the character set it was sent in (sequence
-    items too); an element whose bytes do not convert is dropped, not carried into a result in another set."""
+    items too; `attributes.decoded`); an element whose bytes do not convert, or whose text still holds an escape
+    sequence, is dropped, not carried into a result in another set."""
     for tag in list(header.keys()):
         try:
-            element = header[tag]
-            if element.VR == "SQ":
-                for item in element.value:
-                    item.decode()
+            header[tag] = decoded(header, tag)
         except Exception:  # noqa: BLE001 - pydicom raises many types on bytes that do not convert
             del header[tag]
 

@@ -26,6 +26,7 @@ KEYWORDS = (
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge", "PatientBirthTime",
     "StudyDate", "StudyTime", "SeriesDate", "SeriesTime", "AccessionNumber", "StudyID", "ReferringPhysicianName",
     "InstitutionName", "StudyDescription", "SeriesDescription", "PatientWeight", "OtherPatientIDs",
+    "Manufacturer", "StationName",  # highdicom copies the equipment into a Contributing Equipment item
 )
 VRS = ("DA", "TM", "DT", "PN", "LO", "SH", "CS", "AS", "DS", "IS", "US", "UL", "FD", "UI", "UN", "OB", "ST", "LT")
 
@@ -78,6 +79,8 @@ _examples += [
     {"PatientWeight": ("DS", b"1995-01-01")},  # found by fuzzing: highdicom copies every Patient Study attribute
     {"PatientName": ("US", b"abc ")},  # a wrong VR whose bytes do not decode
     {"StudyID": ("SH", b"A\\B ")},  # two values where one is allowed
+    {"InstitutionName": ("PN", b"19950000")},  # a wrong VR in the equipment highdicom copies: unwritable
+    {"StationName": ("US", b"ab")},
 ]
 _test = given(attributes=damage())(_fuzz)
 for _e in _examples:

@@ -17,6 +17,7 @@ import pydicom
 import pytest
 from pydicom import Dataset
 from pydicom.data import get_charset_files
+from pydicom.valuerep import PersonName
 
 from node.results import AlgorithmIdentity, SkipReason, build_results, build_skipped_sr
 from node.results.attributes import UTF8, charset_repair
@@ -108,3 +109,65 @@ def test_dciodvfy_accepts_japanese_and_korean_results(name: str, tmp_path: Path)
         errors, warnings = dciodvfy_errors(path)
         assert errors == [], (kind, errors)
         assert all("99PACSAI" in w for w in warnings), (kind, warnings)
+
+
+# PS3.5 Annex K's example: Wang^XiaoDong=王^小东=, each GB 2312 run after ESC $ ) A (ISO 2022 IR 58 in G1)
+IR58_NAME = b"Wang^XiaoDong=\x1b$)A\xcd\xf5^\x1b$)A\xd0\xa1\xb6\xab="
+
+
+def _raw_sent(charset: str | list[str], name: bytes, *, touched: bool) -> list[Dataset]:
+    """The CT series with ``name``'s exact bytes as Patient's and Referring Physician's Name in ``charset``, read
+    back from files; ``touched``: the names already decoded (by pydicom) before the builders see them."""
+    sources = []
+    for ds in copy.deepcopy(cached_series()[0]):
+        ds.SpecificCharacterSet = charset
+        ds.add_new(0x00100010, "PN", name)  # bytes: written as they are
+        ds.add_new(0x00080090, "PN", name)
+        buffer = BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        buffer.seek(0)
+        sources.append(pydicom.dcmread(buffer))
+        if touched:
+            _ = sources[-1].PatientName, sources[-1].ReferringPhysicianName
+    return sources
+
+
+def _built(sources: list[Dataset]) -> dict[str, Dataset]:
+    results = build_results(sources, cached_series()[1], ALGORITHM)
+    assert results.seg is not None and results.key_images is not None
+    return {"sr": results.sr, "seg": results.seg, "kos": results.key_images,
+            "skipped": build_skipped_sr(sources, SkipReason.NOT_CT, "detail", ALGORITHM)}
+
+
+def _written(ds: Dataset, tag: int) -> bytes:
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    buffer.seek(0)
+    element = pydicom.dcmread(buffer).get_item(tag)
+    assert element is not None
+    return bytes(element.value)
+
+
+@pytest.mark.parametrize("touched", [False, True])
+def test_iso_2022_ir_58_loses_its_escape_sequences_in_utf8(touched: bool) -> None:
+    expected = PersonName("Wang^XiaoDong=王^小东=")  # the trailing empty component group is dropped (PS3.5 6.2.1.1)
+    sources = _raw_sent(["", "ISO 2022 IR 58"], IR58_NAME, touched=touched)
+    for kind, built in _built(sources).items():
+        back = read_back_strictly(built)
+        assert _charset(back) == [UTF8], kind
+        assert str(back.PatientName) == str(expected) == "Wang^XiaoDong=王^小东", kind
+        assert back.PatientName.components == ("Wang^XiaoDong", "王^小东"), kind
+        assert str(back.ReferringPhysicianName) == str(expected), kind
+        for tag in (0x00100010, 0x00080090):
+            assert b"\x1b" not in _written(built, tag), (kind, tag)
+    assert _charset(sources[0]) == ["", "ISO 2022 IR 58"]  # the sources keep their own set
+
+
+def test_utf8_text_never_holds_an_escape() -> None:
+    """A value that still holds ESC once decoded is malformed: emptied (Type 2), never written as UTF-8."""
+    escaped = b"Wang^XiaoDong=\x1b$)A\xe7\x8e\x8b "  # UTF-8 with a GB 2312 designation left in: no set has it
+    for kind, built in _built(_raw_sent("ISO_IR 192", escaped, touched=False)).items():
+        back = read_back_strictly(built)
+        assert _charset(back) == [UTF8], kind
+        assert str(back.PatientName) == "" and str(back.ReferringPhysicianName) == "", kind
+        assert b"\x1b" not in _written(built, 0x00100010), kind
