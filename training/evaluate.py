@@ -2,8 +2,9 @@
 
 ``evaluate(data, registry)`` returns classifier metrics (ROC AUC with a bootstrap 95 % CI, sensitivity and
 specificity at the card's threshold with Wilson CIs, the simulated reader's for comparison, how often the
-top-attention slice holds lesion) and segmenter metrics on the source grid (per-case lung Dice, per-case lesion
-Dice over pneumonia cases, pooled lesion Dice, false-positive lesion volume in normal cases), plus timings.
+top-attention slice holds lesion, the calibration error of each stage of the probability — raw, temperature-scaled,
+fused: `ece_fields`) and segmenter metrics on the source grid (per-case lung Dice, per-case lesion Dice over
+pneumonia cases, pooled lesion Dice, false-positive lesion volume in normal cases), plus timings.
 ``format_table`` renders them; ``record_in_cards`` stores them under ``metrics.test`` of both model cards;
 ``compare`` pairs two results on the same cases (a candidate against the default) and ``format_comparison``
 renders that.
@@ -132,9 +133,24 @@ def evaluate(
     return summarise(rows, clf.threshold, data, {CLASSIFIER: clf.version, SEGMENTER: seg.version})
 
 
-def summarise(rows: list[dict[str, Any]], threshold: float, data: Path, versions: dict[str, str]) -> dict[str, Any]:
+def ece_fields(y: np.ndarray, rows: list[dict[str, Any]]) -> dict[str, float | None]:
+    """The ECE (10 bins) of each stage of the classifier's probability on ``rows``: ``ece_raw`` the network's raw
+    output, ``ece_temperature_scaled`` that output through the card's temperature (before any fusion),
+    ``ece_fused`` the lesion fusion's output (None for a version without one: its rows' ``probability`` is the
+    temperature-scaled one), and ``ece`` the probability the node reports (the last stage). Temperature scaling
+    and fusion are scored apart, so neither is credited with the other's change."""
     from training.calibration import ece
 
+    p = np.array([r["probability"] for r in rows], dtype=np.float64)
+    raw = np.array([r.get("raw_probability", r["probability"]) for r in rows], dtype=np.float64)
+    scaled = np.array([r.get("classifier_probability", r["probability"]) for r in rows], dtype=np.float64)
+    fused = bool(len(p)) and not np.array_equal(p, scaled)  # without a fusion the two are one value
+    return {"ece_raw": ece(y, raw), "ece_temperature_scaled": ece(y, scaled),
+            "ece_fused": ece(y, p) if fused else None, "ece": ece(y, p)}
+
+
+def summarise(rows: list[dict[str, Any]], threshold: float, data: Path, versions: dict[str, str]) -> dict[str, Any]:
+    """`evaluate`'s result from its per-case rows (see the module docstring; the ECE fields: `ece_fields`)."""
     y = np.array([r["label"] for r in rows])
     p = np.array([r["probability"] for r in rows])
     reader = np.array([r["reader"] for r in rows])
@@ -168,8 +184,7 @@ def summarise(rows: list[dict[str, Any]], threshold: float, data: Path, versions
             "reader_sensitivity": r_tp / max(1, int(pos.sum())),
             "reader_specificity": r_tn / max(1, int(neg.sum())),
             "attention_top_slice_has_lesion": float(np.mean(hits)) if hits else None,
-            "ece": ece(y, p),
-            "ece_uncalibrated": ece(y, np.array([r.get("raw_probability", r["probability"]) for r in rows])),
+            **ece_fields(y, rows),
             # A lesion-fusing version: the image classifier's own (calibrated) probability, before the fusion.
             "roc_auc_before_lesion_fusion": roc_auc(y, np.array([r.get("classifier_probability", r["probability"])
                                                               for r in rows])),
@@ -224,8 +239,11 @@ def format_table(res: dict[str, Any]) -> str:
     add("simulated reader sensitivity", c["reader_sensitivity"])
     add("simulated reader specificity", c["reader_specificity"])
     add("top-attention slice holds lesion", c["attention_top_slice_has_lesion"])
-    add("classifier ECE (10 bins), uncalibrated", c.get("ece_uncalibrated"))
-    add("classifier ECE (10 bins), calibrated", c.get("ece"))
+    # an evaluation written before the three ECE fields has "ece_uncalibrated" (raw) and "ece" (the output)
+    add("ECE (10 bins), raw classifier output", c.get("ece_raw", c.get("ece_uncalibrated")))
+    add("ECE, temperature-scaled (before fusion)", c.get("ece_temperature_scaled"))
+    if c.get("ece_fused") is not None:
+        add("ECE, fused with the lesion evidence", c["ece_fused"])
     add("U-Net lung Dice (mean per case)", s["lung_dice_mean"], s["lung_dice_ci95"])
     add("U-Net lesion Dice (mean per pneumonia case)", s["lesion_dice_mean"], s["lesion_dice_ci95"])
     add("U-Net lesion Dice (median per case)", s["lesion_dice_median"])

@@ -3,9 +3,12 @@ the image-only ablation, as blocks for :mod:`training.report` (absent from metri
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 Block = tuple[Any, ...]
+ARM_HEAD = ("Arm", "ROC AUC [95 % CI]", "Accuracy, pooled [95 % CI]", "Accuracy, mean ± SD over folds",
+            "Sensitivity [95 % CI]", "Specificity [95 % CI]")
 
 
 def _fmt(x: Any, pct: bool = False) -> str:
@@ -18,6 +21,34 @@ def _p_is(x: Any) -> str:
     from training.report import _p_is as p_value
 
     return p_value(x)
+
+
+def _with_ci(x: Any, ci: Any, pct: bool = False) -> str:
+    """A value and its 95 % CI, "92.6 % [90.8, 94.4]" (the CI left out when there is none)."""
+    from training.report import _ci
+
+    return f"{_fmt(x, pct)} {_ci(ci, 'accuracy' if pct else '')}".strip()
+
+
+def proportion_text(s: dict[str, Any] | None) -> str:
+    """A subgroup's `training.crossval.metrics.proportion`: "58.4 % [48.0, 68.1] (52/89)"."""
+    if not s:
+        return "n/a"
+    return f"{_with_ci(s['value'], s.get('ci95'), True)} ({s['k']}/{s['n']})"
+
+
+def target_statement(value: Any, ci: Any, target: float) -> str:
+    """Where a point estimate and its 95 % CI lie against a target, in words that claim no more than they show."""
+    from training.report import _finite
+
+    if not _finite(value):
+        return "n/a"
+    side = "above" if value > target else "below" if value < target else "at"
+    text = f"point estimate {_fmt(value, True)}, {side} the target"
+    if ci and all(_finite(v) for v in ci):
+        inside = ci[0] <= target <= ci[1]
+        text += f"; the 95 % CI [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}] {'includes' if inside else 'excludes'} it"
+    return text
 
 
 def calibration_blocks(m: dict[str, Any]) -> list[Block]:
@@ -65,12 +96,14 @@ def prevalence_blocks(m: dict[str, Any], model: str = "this report's classifier"
 
 
 def _arm_row(name: str, a: dict[str, Any]) -> list[str]:
-    """Arm, ROC AUC, accuracy pooled and mean ± SD over folds, sensitivity, specificity."""
-    ms = a["accuracy_over_folds"]
+    """Arm, ROC AUC, accuracy pooled and mean ± SD over folds, sensitivity, specificity; the pooled values with
+    their bootstrap 95 % CIs where the metrics have them."""
+    ms, ci = a["accuracy_over_folds"], a.get("ci95") or {}
     mean_sd = (f"{_fmt(ms['mean'], True)} ± {100 * ms['sd']:.1f}" if isinstance(ms.get("sd"), float)
                else _fmt(ms["mean"], True))
-    return [name, _fmt(a["roc_auc"]), _fmt(a["accuracy"], True), mean_sd, _fmt(a["sensitivity"], True),
-            _fmt(a["specificity"], True)]
+    return [name, _with_ci(a["roc_auc"], ci.get("roc_auc")), _with_ci(a["accuracy"], ci.get("accuracy"), True),
+            mean_sd, _with_ci(a["sensitivity"], ci.get("sensitivity"), True),
+            _with_ci(a["specificity"], ci.get("specificity"), True)]
 
 
 def fused_headline(m: dict[str, Any]) -> str | None:
@@ -80,16 +113,29 @@ def fused_headline(m: dict[str, Any]) -> str | None:
     if not le or "skipped" in le:
         return None
     a, ms = le["arms"]["lesion_evidence"], le["arms"]["lesion_evidence"]["accuracy_over_folds"]
-    subtle = le["subtle_sensitivity"].get("lesion_evidence")
-    return (f"mean accuracy {_fmt(ms['mean'], True)} ± {100 * ms['sd']:.1f}, ROC AUC {_fmt(a['roc_auc'])}, "
-            f"subtle-lesion sensitivity {_fmt(subtle, True)} with the lesion evidence (feature set "
+    ci = a.get("ci95") or {}
+    subtle = (le.get("subtle") or {}).get("lesion_evidence")
+    subtle_text = proportion_text(subtle) if subtle else _fmt(le["subtle_sensitivity"].get("lesion_evidence"), True)
+    return (f"mean accuracy {_fmt(ms['mean'], True)} ± {100 * ms['sd']:.1f} (pooled "
+            f"{_with_ci(a['accuracy'], ci.get('accuracy'), True)}), ROC AUC {_with_ci(a['roc_auc'], ci.get('roc_auc'))}, "
+            f"subtle-lesion sensitivity {subtle_text} with the lesion evidence (feature set "
             f"{le.get('feature_set', 'v1')})")
 
 
 def _bootstrap_text(bs: dict[str, Any]) -> str:
-    ci = bs["ci95"]
-    return (f"{_fmt(bs['difference'])} (95 % CI {_fmt(ci[0])} to {_fmt(ci[1])}), p {_p_is(bs['p_value'])}, "
-            f"{bs['resamples']} resamples")
+    """A paired bootstrap's difference, CI and p; a p at its floor 2/(B + 1) (no resample on the far side of 0) is
+    an upper bound, "p < 0.002", not a measured p (metrics written before ``p_at_floor`` are recognised by p)."""
+    ci, n = bs["ci95"], bs["resamples"]
+    floor = bs.get("p_floor", 2 / (n + 1) if n else float("nan"))
+    at_floor = bs.get("p_at_floor", bool(n) and abs(bs["p_value"] - floor) < 1e-12)
+    p = f"< {_upper(floor)} (no resample crossed 0)" if at_floor else _p_is(bs["p_value"])
+    return f"{_fmt(bs['difference'])} (95 % CI {_fmt(ci[0])} to {_fmt(ci[1])}), p {p}, {n} resamples"
+
+
+def _upper(x: float) -> str:
+    """``x`` rounded up to two significant digits, so "p < …" never claims less than it knows (2/1001 → 0.002)."""
+    step = 10.0 ** (math.floor(math.log10(x)) - 1)
+    return f"{math.ceil(round(x / step, 9)) * step:.3g}"
 
 
 def ablation_blocks(m: dict[str, Any]) -> list[Block]:
@@ -100,8 +146,7 @@ def ablation_blocks(m: dict[str, Any]) -> list[Block]:
                                                                  ("Image only", "image_only"))]
     bs, mc = ab["auc_paired_bootstrap"], ab["mcnemar"]
     return [("h2", "Ablation: image only against image + clinical (same folds)"),
-            ("table", ["Arm", "ROC AUC", "Accuracy (pooled)", "Accuracy, mean ± SD over folds", "Sensitivity",
-                       "Specificity"], rows),
+            ("table", list(ARM_HEAD), rows),
             ("table", ["Paired test", "Result"], [
                 ["AUC difference (image + clinical − image only), paired bootstrap", _bootstrap_text(bs)],
                 ["McNemar on the decisions", f"clinical-only correct {mc['a_only_correct']}, image-only correct "
@@ -117,13 +162,18 @@ def lesion_blocks(m: dict[str, Any]) -> list[Block]:
     title = ("h2", "Lesion evidence: the classifier fused with the segmenter")
     if "skipped" in le:
         return [title, ("p", f"Skipped: {le['skipped']}.")]
-    rows = [[*_arm_row(name, le["arms"][key]), _fmt(le["subtle_sensitivity"].get(key), True)]
+    subtle = le.get("subtle") or {}
+
+    def sub(key: str, value: Any, counts: dict[str, Any] | None) -> str:
+        return proportion_text(counts) if counts else _fmt(value, True)
+
+    rows = [[*_arm_row(name, le["arms"][key]), sub(key, le["subtle_sensitivity"].get(key), subtle.get(key))]
             for name, key in (("Classifier (this report's model)", "classifier"),
                               ("Classifier + lesion evidence", "lesion_evidence"))]
     wc = le.get("without_candidates")
     if wc:
         rows.insert(1, [*_arm_row(f"Classifier + lesion evidence without the candidate stage ({wc['feature_set']})",
-                                  wc["arm"]), _fmt(wc["subtle_sensitivity"], True)])
+                                  wc["arm"]), sub("", wc["subtle_sensitivity"], wc.get("subtle"))])
     bs, mc, seg = le["auc_paired_bootstrap"], le["mcnemar"], le["segmenter"]
     tests = [["AUC difference (lesion evidence − classifier), paired bootstrap", _bootstrap_text(bs)],
              ["McNemar on the decisions", f"only the fusion correct {mc['a_only_correct']}, only the classifier "
@@ -140,8 +190,9 @@ def lesion_blocks(m: dict[str, Any]) -> list[Block]:
     coef = [[str(f["fold"]), str(f.get("fit_cases", "–")), str(f["validation_cases"]), _fmt(f["threshold"]),
              ", ".join(f"{k} {v:+.2f}" for k, v in f["coefficients"].items())] for f in le["folds"]]
     return [title,
-            ("table", ["Arm", "ROC AUC", "Accuracy (pooled)", "Accuracy, mean ± SD over folds", "Sensitivity",
-                       "Specificity", "Subtle-lesion sensitivity"], rows),
+            ("table", [*ARM_HEAD, "Subtle-lesion sensitivity [95 % CI]"], rows),
+            ("p", "CIs: percentile bootstrap over cases of the pooled out-of-fold predictions (as in the headline); "
+                  "subtle-lesion sensitivity: Wilson interval of k/n."),
             ("table", ["Paired test", "Result"], tests),
             ("p", f"Segmenter: {seg.get('name')} {seg.get('version')}, trained on {trained_on} (none of this "
                   f"report's cases){_candidates_text(le.get('candidates'))}; its features took "
@@ -170,6 +221,46 @@ def _candidates_text(cand: dict[str, Any] | None) -> str:
     sets = ", ".join(f"{d.get('cases')} (seed {d.get('seed')})" for d in data) if isinstance(data, list) else ""
     return (f"; candidate model: {cand.get('name')} {cand.get('version')}, trained on the U-Net's candidates in "
             f"{sets or 'see its card'} phantoms (none of this report's cases either)")
+
+
+def fused_arm(m: dict[str, Any]) -> dict[str, Any] | None:
+    """The lesion-evidence arm's pooled metrics (the form the node's default classifier applies), or None."""
+    le = m.get("lesion_evidence")
+    return None if not le or "skipped" in le else le["arms"]["lesion_evidence"]
+
+
+def subtle_counts(m: dict[str, Any]) -> dict[str, dict[str, Any] | None]:
+    """Subtle-lesion sensitivity with counts and Wilson CI: the classifier, the reader and the fused arm (absent
+    in metrics written before the counts were)."""
+    sub = (m.get("subgroups") or {}).get("subtle_pneumonia") or {}
+    le = m.get("lesion_evidence") or {}
+    return {"model": sub.get("model"), "reader": sub.get("reader"),
+            "fused": (le.get("subtle") or {}).get("lesion_evidence") if fused_arm(m) else None}
+
+
+TARGETS = ((0.92, "mean accuracy 92 % (the study)"), (0.60, "subtle-lesion sensitivity 60 % (the project)"))
+
+
+def target_blocks(m: dict[str, Any]) -> list[Block]:
+    """Each arm's point estimate and 95 % CI against the study's 92 % accuracy and the project's 60 % subtle-lesion
+    sensitivity, worded by `target_statement`."""
+    arms = [("Classifier", m["pooled"]["model"]["accuracy"], (m["pooled"]["model"].get("ci95") or {}).get("accuracy"),
+             subtle_counts(m)["model"])]
+    fused = fused_arm(m)
+    if fused:
+        arms.append(("Classifier + lesion evidence", fused["accuracy"], (fused.get("ci95") or {}).get("accuracy"),
+                     subtle_counts(m)["fused"]))
+    rows = []
+    for name, acc, ci, sub in arms:
+        rows.append([TARGETS[0][1], name, _with_ci(acc, ci, True), target_statement(acc, ci, TARGETS[0][0])])
+        if sub:
+            rows.append([TARGETS[1][1], name, proportion_text(sub),
+                         target_statement(sub["value"], sub.get("ci95"), TARGETS[1][0])])
+    return [("h2", "Against the targets"),
+            ("table", ["Target", "Arm", "Estimate [95 % CI]", "Where it lies"], rows),
+            ("p", "Accuracy: pooled out-of-fold (with equal folds the same as the mean over folds), percentile "
+                  "bootstrap CI; subtle-lesion sensitivity: Wilson CI. A target inside the CI is consistent with "
+                  "the data on either side: these cases do not show it reached or missed.")]
 
 
 def extra_blocks(m: dict[str, Any]) -> list[Block]:

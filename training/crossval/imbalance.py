@@ -110,7 +110,8 @@ def calibration_comparison(y: np.ndarray, p_raw: np.ndarray, p: np.ndarray,
 
 def _paired_auc(y: np.ndarray, a: np.ndarray, b: np.ndarray, n: int, seed: int) -> dict[str, Any]:
     """Paired bootstrap of AUC(a) − AUC(b): the same case resamples for both arms; two-sided p from the share of
-    resampled differences on the far side of 0."""
+    resampled differences on the far side of 0, with ``p_at_floor`` when none is (p is then only known to lie
+    below ``p_floor`` = 2/(B + 1))."""
     rng = np.random.default_rng(seed)
     diffs = []
     for _ in range(n):
@@ -120,28 +121,40 @@ def _paired_auc(y: np.ndarray, a: np.ndarray, b: np.ndarray, n: int, seed: int) 
         diffs.append(stats.roc_auc(y[i], a[i]) - stats.roc_auc(y[i], b[i]))
     d = np.array(diffs)
     if not len(d):
-        return {"difference": float("nan"), "ci95": [float("nan")] * 2, "p_value": float("nan"), "resamples": 0}
-    # (k + 1) / (B + 1): with B resamples no p below 1 / (B + 1) is resolved (all on one side is not p = 0)
-    p = min(1.0, 2 * min(int((d <= 0).sum()) + 1, int((d >= 0).sum()) + 1) / (len(d) + 1))
+        return {"difference": float("nan"), "ci95": [float("nan")] * 2, "p_value": float("nan"),
+                "p_floor": float("nan"), "p_at_floor": False, "resamples": 0}
+    # (k + 1) / (B + 1): with B resamples no p below 2 / (B + 1) is resolved (all on one side is not p = 0), so a
+    # p at that floor is an upper bound ("p < 2/(B + 1)"), not a measured value
+    far = min(int((d <= 0).sum()), int((d >= 0).sum()))
+    floor = 2 / (len(d) + 1)
     return {"difference": stats.roc_auc(y, a) - stats.roc_auc(y, b),
-            "ci95": [float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))], "p_value": p,
+            "ci95": [float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))],
+            "p_value": min(1.0, 2 * (far + 1) / (len(d) + 1)), "p_floor": floor, "p_at_floor": far == 0,
             "resamples": int(len(d))}
 
 
-def _arm(y: np.ndarray, p: np.ndarray, thr: np.ndarray, fold_of: np.ndarray) -> dict[str, Any]:
+def _arm(y: np.ndarray, p: np.ndarray, thr: np.ndarray, fold_of: np.ndarray, *, bootstrap: int,
+         seed: int) -> dict[str, Any]:
+    """One arm's pooled metrics with their bootstrap 95 % CIs (``ci95``, the headline's method), ROC AUC and the
+    accuracy of each fold."""
+    from training.crossval.metrics import ci_block
+
     pred = (p >= thr).astype(np.int64)
     folds = [stats.decision_metrics(y[fold_of == k], pred[fold_of == k])["accuracy"] for k in np.unique(fold_of)]
-    return {**stats.decision_metrics(y, pred), "roc_auc": stats.roc_auc(y, p),
-            "accuracy_over_folds": stats.mean_sd(folds), "fold_accuracy": folds}
+    return {**stats.decision_metrics(y, pred), "roc_auc": stats.roc_auc(y, p), "brier": stats.brier(y, p),
+            "accuracy_over_folds": stats.mean_sd(folds), "fold_accuracy": folds,
+            "ci95": ci_block(y, pred, p, bootstrap, seed)}
 
 
 def paired_arms(y: np.ndarray, fold_of: np.ndarray, a: tuple[str, np.ndarray, np.ndarray],
                 b: tuple[str, np.ndarray, np.ndarray], *, bootstrap: int, seed: int) -> dict[str, Any]:
-    """Two arms on the same cases and folds, each (name, probabilities, thresholds): both arms' metrics, the paired
-    bootstrap of AUC(a) − AUC(b) and McNemar on the decisions (a's correct-only count first)."""
+    """Two arms on the same cases and folds, each (name, probabilities, thresholds): both arms' metrics with
+    bootstrap CIs, the paired bootstrap of AUC(a) − AUC(b) and McNemar on the decisions (a's correct-only count
+    first)."""
     (na, pa, ta), (nb, pb, tb) = a, b
     return {
-        "arms": {na: _arm(y, pa, ta, fold_of), nb: _arm(y, pb, tb, fold_of)},
+        "arms": {na: _arm(y, pa, ta, fold_of, bootstrap=bootstrap, seed=seed),
+                 nb: _arm(y, pb, tb, fold_of, bootstrap=bootstrap, seed=seed)},
         "auc_paired_bootstrap": _paired_auc(y, pa, pb, bootstrap, seed),
         "mcnemar": stats.mcnemar((pa >= ta) == (y == 1), (pb >= tb) == (y == 1)),
     }

@@ -189,10 +189,11 @@ def fuse_folds(y: np.ndarray, fold_of: np.ndarray, p: np.ndarray, validation: di
 def lesion_block(ds: Any, y: np.ndarray, fold_of: np.ndarray, main: tuple[np.ndarray, np.ndarray], fused: Fused,
                  feats: SegmenterFeatures, *, bootstrap: int, seed: int,
                  without_candidates: Fused | None = None) -> dict[str, Any]:
-    """``metrics.json``'s ``lesion_evidence``: both arms, the paired tests, subtle-lesion sensitivity of each, the
-    segmenter used and each fold's fitted fusion; the fused arm's own 10 % prevalence table and calibration (the
-    report's headline model); and, with ``without_candidates`` (the same fusion over feature set v2), that arm
-    and the paired tests of the candidate stage's gain."""
+    """``metrics.json``'s ``lesion_evidence``: both arms (bootstrap CIs), the paired tests, subtle-lesion
+    sensitivity of each (``subtle``: counts and Wilson CI), the segmenter used and each fold's fitted fusion; the
+    fused arm's own 10 % prevalence table and calibration (the report's headline model); and, with
+    ``without_candidates`` (the same fusion over feature set v2), that arm and the paired tests of the candidate
+    stage's gain."""
     from training import stats
     from training.calibration import ece
     from training.crossval.imbalance import paired_arms, prevalence_block
@@ -202,8 +203,9 @@ def lesion_block(ds: Any, y: np.ndarray, fold_of: np.ndarray, main: tuple[np.nda
     if without_candidates is not None:
         arms[WITHOUT_CANDIDATES_ARM] = (without_candidates.p, without_candidates.thr)
     reader = reader_labels(ds)
-    sub = {name: (subgroups(ds, y, (p >= t).astype(np.int64), reader).get("subtle_pneumonia") or {})
-           .get("model_sensitivity") for name, (p, t) in arms.items()}
+    sub_of = {name: (subgroups(ds, y, (p >= t).astype(np.int64), reader).get("subtle_pneumonia") or {})
+              .get("model") for name, (p, t) in arms.items()}
+    sub = {name: s["value"] if s else None for name, s in sub_of.items()}
     paired = paired_arms(y, fold_of, ("lesion_evidence", fused.p, fused.thr), ("classifier", *main),
                          bootstrap=bootstrap, seed=seed)
     extra: dict[str, Any] = {}
@@ -213,11 +215,13 @@ def lesion_block(ds: Any, y: np.ndarray, fold_of: np.ndarray, main: tuple[np.nda
                            bootstrap=bootstrap, seed=seed)
         extra["without_candidates"] = {
             "feature_set": WITHOUT_CANDIDATES, "arm": gain["arms"][WITHOUT_CANDIDATES_ARM],
-            "subtle_sensitivity": sub[WITHOUT_CANDIDATES_ARM], "auc_paired_bootstrap": gain["auc_paired_bootstrap"],
+            "subtle_sensitivity": sub[WITHOUT_CANDIDATES_ARM], "subtle": sub_of[WITHOUT_CANDIDATES_ARM],
+            "auc_paired_bootstrap": gain["auc_paired_bootstrap"],
             "mcnemar": gain["mcnemar"], "folds": without_candidates.folds}
     return {
         "arms": {name: paired["arms"][name] for name in ("classifier", "lesion_evidence")},
         "subtle_sensitivity": {name: sub[name] for name in ("classifier", "lesion_evidence")},
+        "subtle": {name: sub_of[name] for name in ("classifier", "lesion_evidence")},  # counts, Wilson 95 % CI
         "auc_paired_bootstrap": paired["auc_paired_bootstrap"],
         "mcnemar": paired["mcnemar"],
         **extra,

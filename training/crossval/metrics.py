@@ -32,7 +32,9 @@ def _decision_block(y: np.ndarray, pred: np.ndarray) -> dict[str, Any]:
     return {**stats.decision_metrics(y, pred), "confusion": stats.confusion(y, pred), "n": int(len(y))}
 
 
-def _ci_block(y: np.ndarray, pred: np.ndarray, p: np.ndarray | None, n: int, seed: int) -> dict[str, list[float]]:
+def ci_block(y: np.ndarray, pred: np.ndarray, p: np.ndarray | None, n: int, seed: int) -> dict[str, list[float]]:
+    """Percentile bootstrap 95 % CIs (``n`` case resamples) of the decision metrics, and of ROC AUC and Brier
+    with probabilities ``p``: the report's interval for every pooled arm."""
     from training.evaluate import bootstrap_ci
 
     def dm(k: str) -> Callable[..., float]:
@@ -125,7 +127,7 @@ def summarise(
         {k: stats.mean_sd([f["reader"][k] for f in folds if f["reader"]]) for k in METRICS} if has_r.any() else None
     )
     pooled_model = {**_decision_block(y, pred), "roc_auc": stats.roc_auc(y, p), "brier": stats.brier(y, p),
-                    "ci95": _ci_block(y, pred, p, bootstrap, seed)}
+                    "ci95": ci_block(y, pred, p, bootstrap, seed)}
     out: dict[str, Any] = {
         "folds": folds,
         "summary": {"model": summary, "reader": reader_summary},
@@ -135,13 +137,22 @@ def summarise(
     }
     if has_r.any():
         yr, rr = y[has_r], reader[has_r]
-        out["pooled"]["reader"] = {**_decision_block(yr, rr), "ci95": _ci_block(yr, rr, None, bootstrap, seed)}
+        out["pooled"]["reader"] = {**_decision_block(yr, rr), "ci95": ci_block(yr, rr, None, bootstrap, seed)}
         out["comparison"] = _comparison(y, pred, reader, folds, n_train)
     return out
 
 
+def proportion(k: int, n: int) -> dict[str, Any]:
+    """``k`` of ``n`` as the share, the counts and its Wilson 95 % interval (a subgroup's sensitivity)."""
+    from training.evaluate import wilson
+
+    return {"value": k / n if n else float("nan"), "k": int(k), "n": int(n), "ci95": list(wilson(k, n)),
+            "ci_method": "Wilson"}
+
+
 def subgroups(ds: Dataset, y: np.ndarray, pred: np.ndarray, reader: np.ndarray) -> dict[str, Any]:
-    """Sensitivity on the table's ``subtle`` pneumonia cases (phantoms mark them), model and reader."""
+    """Sensitivity on the table's ``subtle`` pneumonia cases (phantoms mark them), model and reader, each with
+    its counts and Wilson 95 % interval (``model``, ``reader``: `proportion`)."""
     flags = [str(c.row.get("subtle", "")).strip() for c in ds.cases]
     if not any(flags):
         return {}
@@ -149,10 +160,14 @@ def subgroups(ds: Dataset, y: np.ndarray, pred: np.ndarray, reader: np.ndarray) 
     if not subtle.any():
         return {}
     has_r = subtle & (reader >= 0)
+    model = proportion(int(pred[subtle].sum()), int(subtle.sum()))
+    read = proportion(int((reader[has_r] == 1).sum()), int(has_r.sum())) if has_r.any() else None
     return {"subtle_pneumonia": {
         "cases": int(subtle.sum()),
-        "model_sensitivity": float(pred[subtle].mean()),
-        "reader_sensitivity": float((reader[has_r] == 1).mean()) if has_r.any() else None,
+        "model_sensitivity": model["value"],
+        "reader_sensitivity": read["value"] if read else None,
+        "model": model,
+        "reader": read,
     }}
 
 

@@ -266,3 +266,21 @@ def test_older_classifier_versions_load_on_request(tiny_phantom: Path) -> None:
     assert out_old.raw_probability == out_old.probability
     assert out_new.clinical is not None and out_new.clinical.fever == 1.0
     assert out_new.raw_probability is not None and 0.0 < out_new.probability < 1.0
+
+
+def test_classifier_cards_score_each_stage_of_the_probability_apart() -> None:
+    """Every 2.x card's test ECE in three stages: raw, temperature-scaled, fused. The fusing versions (2.1.0-2.4.0)
+    share 2.0.0's weights and temperature, so their temperature-scaled ECE is 2.0.0's; on these test phantoms the
+    temperature raised it and the fusion lowered it (the cards once read raw -> fused as "uncalibrated ->
+    calibrated"). Every version still loads."""
+    reg = Registry()
+    base = reg.classifier("2.0.0").card["metrics"]["test"]
+    assert base["ece_fused"] is None and base["ece"] == base["ece_temperature_scaled"] > base["ece_raw"]
+    for version in ("2.1.0", "2.2.0", "2.3.0", "2.4.0"):
+        clf = reg.classifier(version)
+        assert clf.version == version and clf.fusion is not None
+        test = clf.card["metrics"]["test"]
+        assert "ece_uncalibrated" not in test
+        assert test["ece_raw"] == pytest.approx(base["ece_raw"], abs=1e-6)
+        assert test["ece_temperature_scaled"] == pytest.approx(base["ece_temperature_scaled"], abs=1e-6)
+        assert test["ece_fused"] == test["ece"] < test["ece_raw"] < test["ece_temperature_scaled"]

@@ -137,3 +137,44 @@ def test_compare_pairs_the_segmenters_when_their_versions_differ(tmp_path: Path)
     assert [p.parent.parent.name for p in again] == ["classifier"]
     unet = json.loads((weights / "segmenter" / "1.1.0" / "model_card.json").read_text())
     assert unet["metrics"]["test"]["comparison"] == json.loads(json.dumps(sg))
+
+
+def _dataset(tmp_path: Path) -> Path:
+    (tmp_path / "C").mkdir()
+    (tmp_path / "C" / "case.json").write_text('{"seed": 5, "generator_version": "1"}')
+    (tmp_path / "clinical.csv").write_text("case_id,dicom_dir,masks,label,rows,slices\nC,C,C,1,64,10\n")
+    return tmp_path
+
+
+def test_each_stage_of_the_probability_has_its_own_ece(tmp_path: Path) -> None:
+    """Raw output, temperature-scaled output and fused output are scored apart, and the table names each: a
+    temperature that sharpens a calibrated output raises its ECE, and a fusion that lowers it again is not
+    credited to the temperature (the 2.x cards showed raw 0.072 -> "calibrated" 0.027, which was the fusion; the
+    temperature alone had taken 0.072 to 0.092)."""
+    from models.registry import apply_temperature
+    from training.calibration import ece
+
+    rng = np.random.default_rng(0)
+    q = 1 / (1 + np.exp(-rng.normal(0, 2, 600)))  # the true probability: the raw output is calibrated
+    y = (rng.random(600) < q).astype(int)
+    sharp = apply_temperature(q, 0.5)  # T < 1 sharpens: over-confident
+    fused = np.clip(q + rng.normal(0, 0.01, 600), 0.001, 0.999)  # a fusion that puts calibration back
+    rows = [{**_row(int(y[i]), float(fused[i]), 0.9, 0.7 if y[i] else None), "raw_probability": float(q[i]),
+             "classifier_probability": float(sharp[i])} for i in range(600)]
+    c = summarise(rows, 0.5, _dataset(tmp_path), {"classifier": "2", "segmenter": "1"})["classifier"]
+    assert c["ece_raw"] == pytest.approx(ece(y, q)) and c["ece_temperature_scaled"] == pytest.approx(ece(y, sharp))
+    assert c["ece_fused"] == pytest.approx(ece(y, fused)) and c["ece"] == c["ece_fused"]
+    assert c["ece_temperature_scaled"] > c["ece_raw"] + 0.03 > c["ece_fused"] + 0.03  # scaling made it worse
+    assert "ece_uncalibrated" not in c
+    table = format_table(summarise(rows, 0.5, tmp_path, {"classifier": "2", "segmenter": "1"}))
+    lines = {line[:44].strip(): line[44:52].strip() for line in table.splitlines()}
+    assert lines["ECE (10 bins), raw classifier output"] == f"{c['ece_raw']:.3f}"
+    assert lines["ECE, temperature-scaled (before fusion)"] == f"{c['ece_temperature_scaled']:.3f}"
+    assert lines["ECE, fused with the lesion evidence"] == f"{c['ece_fused']:.3f}"
+    assert "calibrated" not in table.replace("temperature-scaled", "")
+
+    # without a fusion the reported probability is the temperature-scaled one: no fused ECE, no fused row
+    plain = [{**r, "probability": r["classifier_probability"]} for r in rows]
+    c = summarise(plain, 0.5, tmp_path, {"classifier": "2.0.0", "segmenter": "1"})["classifier"]
+    assert c["ece_fused"] is None and c["ece"] == c["ece_temperature_scaled"] == pytest.approx(ece(y, sharp))
+    assert "fused" not in format_table(summarise(plain, 0.5, tmp_path, {"classifier": "2", "segmenter": "1"}))
