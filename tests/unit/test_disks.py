@@ -228,7 +228,7 @@ def test_the_service_reports_each_file_system_and_the_short_one(tmp_path, monkey
         assert samples["pacsnode_disk_total_bytes", str(spool)] == 4096 * 4096
         assert samples["pacsnode_disk_used_bytes", str(spool)] == 4096 * 4086
         assert ("pacsnode_disk_used_bytes", str(data)) in samples
-        with TestClient(service.http._app) as client:
+        with TestClient(service.http._app, base_url="http://127.0.0.1") as client:
             ready = client.get("/readyz").json()
         assert ready["admission"]["path"] == str(spool) and ready["checks"]["spool"] == "ok"
         dry = service.retention.purge(dry_run=True)

@@ -166,7 +166,7 @@ def test_readyz_is_not_ready_while_the_spool_root_is_lost(tmp_path):
     service = Service(load_config(path, environ={}))
     root = service.config.node.spool_dir
     try:
-        with TestClient(service.http._app) as client:
+        with TestClient(service.http._app, base_url="http://127.0.0.1") as client:
             assert client.get("/readyz").json()["checks"]["spool"] == "ok"
             os.rename(root, tmp_path / "volume")
             root.mkdir()
