@@ -107,8 +107,11 @@ def create_viewer_app(dist: Path, orthanc_url: str, config_js: str, *,
     async def proxy(request: Request) -> Response:
         client = state["client"]
         raw = bytes(request.scope.get("raw_path") or b"").lower()
-        if b"%2f" in raw or b"%5c" in raw or any(seg in (".", "..") for seg in request.url.path.split("/")):
-            # /dicom-web/..%2ftools/shutdown reached Orthanc's whole REST API as /tools/shutdown (found by review)
+        path = request.url.path  # decoded once; Orthanc decodes what it is sent again
+        if (b"%2f" in raw or b"%5c" in raw or "%" in path or "\\" in path
+                or any(seg in (".", "..") for seg in path.split("/"))):
+            # /dicom-web/..%2ftools/shutdown (and ..%252f, decoded once here, again by Orthanc) reached Orthanc's whole
+            # REST API as /tools/shutdown (found by review). DICOMweb paths hold UIDs and keywords: no '%' or '\\'.
             return PlainTextResponse("not a DICOMweb path", status_code=404)
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         headers = [(k, v) for k, v in request.headers.raw if k.decode("latin-1").lower() not in HOP_BY_HOP]
