@@ -41,6 +41,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -419,8 +420,12 @@ def record_time(record: dict[str, Any]) -> dt.datetime | None:
 
 def audit_files(path: Path) -> list[Path]:
     """The current audit file and its rotated predecessors, oldest first."""
-    rotated = sorted(path.parent.glob(f"{path.stem}-*{path.suffix}")) if path.parent.is_dir() else []
-    return [*rotated, *([path] if path.exists() else [])]
+    # Only names `_rotate_if_due` gives (stem-YYYYMMDDTHHMMSSffffffZ[-n]): an export an admin left beside the trail
+    # (audit-export.jsonl) is neither read as part of it nor expired by keep_days.
+    rotated = re.compile(re.escape(path.stem) + r"-\d{8}T\d{12}Z(-\d+)?" + re.escape(path.suffix))
+    found = path.parent.glob(f"{path.stem}-*{path.suffix}") if path.parent.is_dir() else []
+    rotated_files = sorted(p for p in found if rotated.fullmatch(p.name))
+    return [*rotated_files, *([path] if path.exists() else [])]
 
 
 def read_records(path: Path, since: dt.datetime | None = None) -> Iterator[dict[str, Any]]:

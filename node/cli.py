@@ -140,7 +140,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
     for record in read_records(path, since):
         if args.event and record.get("event") not in args.event:
             continue
-        print(json.dumps(record, ensure_ascii=False) if args.json else summary_line(record))
+        # ASCII JSON: JSON escapes C0 controls only; C1 controls and bidi overrides a peer put in a record would
+        # reach the terminal raw (found by review)
+        print(json.dumps(record, ensure_ascii=True) if args.json else summary_line(record))
         n += 1
     if not args.json:
         print(f"{n} records from {path}", file=sys.stderr)

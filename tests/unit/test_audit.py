@@ -179,10 +179,14 @@ def test_rotated_files_older_than_keep_days_are_deleted_at_a_rotation(tmp_path, 
         stamp = dt.datetime.strptime(f.stem.split("-")[1][:8], "%Y%m%d").replace(tzinfo=dt.UTC).timestamp()
         os.utime(f, (stamp - 1, stamp - 1))  # rotated at the first record of the next day: written the day before
     os.utime(audit.path, (now[0] - day, now[0] - day))  # the current file: yesterday's record
+    export = audit.path.parent / "audit-export.jsonl"  # an admin's `pacsnode audit --json >` beside the trail
+    export.write_text('{"event": "not part of the trail"}\n')
+    os.utime(export, (0, 0))
     audit = trail(tmp_path, clock=lambda: now[0], keep_days=keep_days)
     audit.application(started=False)  # a new day: one more rotation, and the expiry
     audit.close()
-    left = sorted(audit.path.parent.glob("audit-*.jsonl"))
+    assert export.exists()  # neither expired nor read as part of the trail
+    left = sorted(audit.path.parent.glob("audit-2*.jsonl"))
     assert len(left) == (60 if keep_days == 0 else 30), [f.name for f in left]  # records of the last 30 days
     assert len(list(read_records(audit.path))) == (61 if keep_days == 0 else 31)
 
@@ -366,7 +370,9 @@ def test_pacsnode_audit_escapes_control_characters_peers_put_in_records(tmp_path
     assert not any(not c.isprintable() and c not in " \n" for c in out), repr(out)
     assert "\\x1b[1G" in out and "\\u202e" in out
     assert main(["audit", "--config", str(config), "--since", "1h", "--json"]) == 0
-    assert "\x1b" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert not any(not c.isprintable() and c != "\n" for c in out), repr(out)  # C1 and bidi too (ASCII JSON)
+    assert json.loads(out.splitlines()[-1])["event"] == "auth_failed"
 
 
 def test_received_studies_from_a_real_index(tmp_path):
