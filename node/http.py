@@ -10,6 +10,8 @@ Connections run under `node.httpguard` (header deadline, body read timeout, per-
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import os
 import socket
 import tempfile
@@ -242,14 +244,28 @@ class _LoopbackHostOnly:
         self._bound = bound.strip().lower()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            parsed = parse_host_header(Headers(scope=scope).get("host"))
-            host = parsed.host.lower() if parsed is not None else ""
-            if not (is_loopback(host) or host.endswith(".localhost") or host == self._bound):
-                await PlainTextResponse("Invalid host header: this node answers loopback names only",
-                                        status_code=400)(scope, receive, send)
-                return
+        if scope["type"] == "http" and not self._allowed(Headers(scope=scope).get("host")):
+            await PlainTextResponse("Invalid host header: this node answers loopback names only",
+                                    status_code=400)(scope, receive, send)
+            return
         await self._app(scope, receive, send)
+
+    def _allowed(self, header: str | None) -> bool:
+        if header is None:  # HTTP/1.0 health checkers send none; a browser always does
+            return True
+        parsed = parse_host_header(header)
+        host = parsed.host.lower().rstrip(".") if parsed is not None else ""  # "localhost." is localhost
+        if is_loopback(host) or host.endswith(".localhost") or host == self._bound:
+            return True
+        try:  # "127.1", "[::ffff:127.0.0.1]": loopback in other spellings
+            address = ipaddress.ip_address(socket.inet_aton(host)) if "." in host and ":" not in host else None
+        except OSError:
+            address = None
+        mapped = host.strip("[]")
+        if address is None and ":" in mapped:
+            with contextlib.suppress(ValueError):
+                address = ipaddress.IPv6Address(mapped).ipv4_mapped
+        return address is not None and address.is_loopback
 
 
 class HttpServer:

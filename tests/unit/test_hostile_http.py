@@ -467,12 +467,18 @@ def test_a_loopback_node_answers_loopback_host_names_only_and_ignores_forwarded_
     try:
         with httpx.Client(timeout=5) as client:
             answers = {host: client.get(url, headers={"Host": host}).status_code for host in (
-                f"127.0.0.1:{port}", "localhost", f"[::1]:{port}", "127.0.0.2", "node.localhost",
-                f"rebind.attacker.example:{port}", "10.0.0.5", "")}
+                f"127.0.0.1:{port}", "localhost", f"[::1]:{port}", "127.0.0.2", "node.localhost", "LocalHost.",
+                "127.1", f"[::ffff:127.0.0.1]:{port}", f"rebind.attacker.example:{port}", "10.0.0.5",
+                "127.0.0.1.attacker.example", "[::ffff:10.0.0.5]", "")}
             spoofed = client.get(url, headers={"X-Forwarded-For": "10.66.6.6, 10.1.2.3"}).text
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:  # HTTP/1.0, no Host: a health checker
+            sock.sendall(b"GET /who HTTP/1.0\r\n\r\n")
+            no_host = sock.recv(100)
     finally:
         server.stop()
-    assert answers == {f"127.0.0.1:{port}": 200, "localhost": 200, f"[::1]:{port}": 200,
-                       "127.0.0.2": 200, "node.localhost": 200, f"rebind.attacker.example:{port}": 400,
-                       "10.0.0.5": 400, "": 400}
+    assert answers == {f"127.0.0.1:{port}": 200, "localhost": 200, f"[::1]:{port}": 200, "127.0.0.2": 200,
+                       "node.localhost": 200, "LocalHost.": 200, "127.1": 200, f"[::ffff:127.0.0.1]:{port}": 200,
+                       f"rebind.attacker.example:{port}": 400, "10.0.0.5": 400, "127.0.0.1.attacker.example": 400,
+                       "[::ffff:10.0.0.5]": 400, "": 400}
+    assert no_host.startswith(b"HTTP/1.1 200")
     assert spoofed == "127.0.0.1"
