@@ -155,20 +155,22 @@ class BodyReader:
         """The body from its first boundary on, or b"" while that has not arrived. RFC 2046 lets a body open with a
         preamble that readers ignore; python-multipart refuses one, so it is dropped here (at most
         `MAX_PREAMBLE_BYTES`, or 400)."""
-        assert self._preamble is not None
-        self._preamble += chunk
-        buffered = bytes(self._preamble)
+        buffered = self._preamble
+        assert buffered is not None
+        delimiter = b"\r\n" + self._dash_boundary
+        searched = max(0, len(buffered) - len(delimiter) + 1)  # only where the new bytes may complete a delimiter
+        buffered += chunk
         if buffered.startswith(self._dash_boundary):
             start = 0
         else:
-            line = buffered.find(b"\r\n" + self._dash_boundary, 0, MAX_PREAMBLE_BYTES + len(self._dash_boundary))
+            line = buffered.find(delimiter, searched, MAX_PREAMBLE_BYTES + len(delimiter))
             if line < 0 and len(buffered) > MAX_PREAMBLE_BYTES:
                 raise Refused(400, f"multipart body has no boundary in its first {MAX_PREAMBLE_BYTES} bytes")
             if line < 0:
                 return b""
             start = line + 2
         self._preamble = None
-        return buffered[start:]
+        return bytes(buffered[start:])
 
     def _check_epilogue(self, seen: bytes, ended_before: bool) -> bytes:
         """Refuse (400) a body that goes on with parts after its closing boundary (two bodies concatenated): the
