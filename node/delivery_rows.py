@@ -14,8 +14,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from node.db import reading
-from node.schema import deliveries
-from node.states import DeliveryState
+from node.schema import commitments, deliveries
+from node.states import CommitState, DeliveryState
 
 
 def checked_payload(
@@ -93,6 +93,13 @@ def newer_version(conn: sa.Connection, series_uid: str, destination: str, versio
     newest = conn.execute(sa.select(sa.func.max(d.version)).where(
         d.series_uid == series_uid, d.destination == destination, d.version > version)).scalar()
     return None if newest is None else int(newest)
+
+
+def unconfirmed() -> sa.ColumnElement[bool]:
+    """Delivered rows whose storage commitment failed or timed out: the PACS did not confirm it holds them, so a
+    retry sends them again (and a new commitment is asked for once they are stored)."""
+    bad = (CommitState.FAILED.value, CommitState.TIMED_OUT.value)
+    return deliveries.c.id.in_(sa.select(commitments.c.delivery_id).where(commitments.c.state.in_(bad)))
 
 
 def not_superseded() -> sa.ColumnElement[bool]:

@@ -409,9 +409,9 @@ class Dispatcher:
         return n
 
     def retry(self, ids: Sequence[int] | None = None, destination: str | None = None) -> int:
-        """Put dead (and pending) deliveries back to pending, due now, attempts and error cleared, give-up clock
-        restarted; ``ids`` and ``destination`` narrow the set, and a row whose series has a delivery of a newer
-        version to the same destination is never replayed. Returns how many."""
+        """Put dead (and pending) deliveries, and delivered ones whose commitment failed or timed out, back to
+        pending, due now, attempts and error cleared, give-up clock restarted; ``ids`` and ``destination`` narrow the
+        set; a row whose series has a newer version's delivery to the same destination is never replayed."""
         d = deliveries.c
         cond: sa.ColumnElement[bool] = sa.true()
         if ids is not None:
@@ -424,6 +424,8 @@ class Dispatcher:
         cond = sa.and_(cond, store.not_superseded())  # a replayed old version would outlive the newer one
         n = self._leases.replay(cond, [DeliveryState.DEAD.value, DeliveryState.PENDING.value],
                                 queued_at=self._clock(), last_error=None)
+        n += self._leases.replay(sa.and_(cond, store.unconfirmed()), [DeliveryState.DELIVERED.value],
+                                 queued_at=self._clock(), last_error=None)
         with self._pause_lock:
             if destination is None:
                 self._paused.clear()

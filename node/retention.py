@@ -5,13 +5,14 @@
     with no job waiting or running and every delivery of it delivered — ``[retention] instances_days`` after it
     settled (its last delivery, or the time it was ignored);
   * **result files** (SR, SEG, KOS under ``data_dir/results``) of a settled series ``results_days`` after it;
-  * **dead letters** — a series whose job or a delivery is dead, or whose delivery the PACS did not confirm by
-    storage commitment (failed, timed out) — are kept ``dead_letter_days`` (so an admin can `pacsnode retry` them),
-    then their instances and result files go the same way; a commitment still awaited keeps the series unsettled;
+  * **dead letters** — a series whose job or a delivery is dead, or whose latest delivery the PACS did not confirm
+    by storage commitment (failed, timed out) — are kept ``dead_letter_days`` (so an admin can `pacsnode retry`
+    them), then their instances and result files go the same way; a commitment still awaited keeps the series
+    unsettled;
   * and, while a file system it frees is fuller than ``max_disk_percent`` — the spool's (a volume of its own in
     docker-compose.scale.yml, NFS, CephFS), a ``[spools]`` mount point's, or that of ``data_dir`` and its results
-    (`fullest_disk`) —, the instances and results of settled series regardless of age, the oldest settled first
-    (dead letters are never deleted early).
+    (`fullest_disk`) —, the instances and results of settled series regardless of age, the oldest settled first,
+    then those of unconfirmed ones (dead letters are never deleted early).
 A purged series keeps its row (route, version, ``purged_at``, the digest of what was purged), and result rows keep
 their UIDs: the same series sent again unchanged (a PACS re-sending a prior) completes as it was, with no new job
 (node.completion), while a changed one becomes a new version whose results withdraw the old ones by UID. Empty
@@ -76,8 +77,9 @@ class PurgeReport:
 
 
 # A delivery whose storage commitment is still awaited is not settled; one the PACS did not confirm (it reported
-# failures, or never answered) is kept like a dead letter — dead_letter_days, never purged for disk pressure: its
-# files are all there is to send again, or to rebuild from.
+# failures, or never answered) is kept like a dead letter — dead_letter_days — and under disk pressure goes only
+# after every other settled series: its files are all there is to send again (`pacsnode retry`), or to rebuild
+# from. Only the latest version's commitments count.
 _UNSETTLED = frozenset({CommitState.PENDING.value, CommitState.REQUESTED.value})
 _UNPROVEN = frozenset({CommitState.FAILED.value, CommitState.TIMED_OUT.value})
 
@@ -89,6 +91,7 @@ class _Candidate:
     dead: bool
     state_changed_at: float  # the series' as judged settled: it must still be so when its instances go
     instances_left: bool = True  # False once purged (instance_count 0): nothing to look up for its instances
+    unconfirmed: bool = False  # its latest version's storage commitment failed or timed out
 
 
 def disk_usage(path: Path) -> tuple[int, int]:
@@ -159,24 +162,21 @@ class Retention:
         candidates = sorted(self._candidates(), key=lambda c: c.settled_at)  # oldest settled first
         self._with_results = self._series_with_results()
         for c in candidates:
-            keep = settings.dead_letter_days if c.dead else settings.instances_days
+            held = c.dead or c.unconfirmed
+            keep = settings.dead_letter_days if held else settings.instances_days
             if keep and now - c.settled_at >= keep * _DAY:
                 self._purge_instances(c, report, dry_run)
-            keep = settings.dead_letter_days if c.dead else settings.results_days
+            keep = settings.dead_letter_days if held else settings.results_days
             if keep and now - c.settled_at >= keep * _DAY:
                 self._purge_results(c, report, dry_run)
-        ceiling = settings.max_disk_percent
-        for c in candidates:
-            if ceiling is None or c.dead:  # dead letters wait for an admin, whatever the disk
-                continue
-            if dry_run:
-                used_now, total_now = used - report.bytes_freed, total  # what the deletions so far would free
-            else:
-                used_now, total_now, _ = fullest_disk(self.config, self.disk_usage)
-            if _percent(used_now, total_now) <= ceiling:
-                break
-            self._purge_instances(c, report, dry_run)
-            self._purge_results(c, report, dry_run)
+        if settings.max_disk_percent is not None:  # dead letters wait for an admin, whatever the disk; series the
+            # PACS did not confirm go only once every other settled one has (a PACS that never confirms must not
+            # stop purging, and so intake, for good)
+            over = self._free_up(settings.max_disk_percent, [c for c in candidates if not (c.dead or c.unconfirmed)],
+                                 report, dry_run, (used, total))
+            if over:
+                self._free_up(settings.max_disk_percent, [c for c in candidates if c.unconfirmed and not c.dead],
+                              report, dry_run, (used, total))
         used_after, total_after, _ = fullest_disk(self.config, self.disk_usage)
         if dry_run:
             used_after -= report.bytes_freed
@@ -186,6 +186,23 @@ class Retention:
         else:
             self.log.info("retention_purged", **report.as_dict())
         return report
+
+    def _free_up(self, ceiling: float, candidates: Sequence[_Candidate], report: PurgeReport, dry_run: bool,
+                 start: tuple[int, int]) -> bool:
+        """Purge ``candidates`` in order while the fullest file system is over ``ceiling`` percent; returns whether
+        it still is. ``start``: (used, total) measured before this purge (a dry run deletes nothing)."""
+        for c in candidates:
+            if dry_run:
+                used_now, total_now = start[0] - report.bytes_freed, start[1]  # what the deletions so far would free
+            else:
+                used_now, total_now, _ = fullest_disk(self.config, self.disk_usage)
+            if _percent(used_now, total_now) <= ceiling:
+                return False
+            if c.unconfirmed:
+                self.log.warning("retention_purging_unconfirmed", series_uid=c.series_uid)
+            self._purge_instances(c, report, dry_run)
+            self._purge_results(c, report, dry_run)
+        return True
 
     # -- what may go -------------------------------------------------------------------------------------------
     def _candidates(self) -> Iterable[_Candidate]:
@@ -202,7 +219,7 @@ class Retention:
                 job_states.setdefault(uid, set()).add(str(state))
             sends: dict[str, list[Any]] = {}
             for d in conn.execute(
-                sa.select(deliveries.c.series_uid, deliveries.c.state, deliveries.c.delivered_at,
+                sa.select(deliveries.c.series_uid, deliveries.c.version, deliveries.c.state, deliveries.c.delivered_at,
                           deliveries.c.last_attempt_at, commitments.c.state.label("commit_state"))
                 .outerjoin(commitments, commitments.c.delivery_id == deliveries.c.id)
             ):
@@ -211,14 +228,15 @@ class Retention:
             states, its_sends = job_states.get(row.series_uid, set()), sends.get(row.series_uid, [])
             if states & {JobState.QUEUED.value, JobState.RUNNING.value}:
                 continue
-            if any(d.state in (DeliveryState.PENDING, DeliveryState.SENDING) or d.commit_state in _UNSETTLED
-                   for d in its_sends):
+            latest = max((d.version for d in its_sends), default=0)  # a superseded version's commitment is moot
+            commits = {d.commit_state for d in its_sends if d.version == latest}
+            if commits & _UNSETTLED or any(d.state in (DeliveryState.PENDING, DeliveryState.SENDING)
+                                           for d in its_sends):
                 continue
-            dead = (JobState.DEAD.value in states
-                    or any(d.state == DeliveryState.DEAD or d.commit_state in _UNPROVEN for d in its_sends))
+            dead = JobState.DEAD.value in states or any(d.state == DeliveryState.DEAD for d in its_sends)
             times = [row.state_changed_at] + [d.delivered_at or d.last_attempt_at or 0.0 for d in its_sends]
             yield _Candidate(row.series_uid, max(t for t in times if t is not None), dead, row.state_changed_at,
-                             instances_left=bool(row.instance_count))
+                             instances_left=bool(row.instance_count), unconfirmed=bool(commits & _UNPROVEN))
 
     # -- deleting ----------------------------------------------------------------------------------------------
     def _purge_instances(self, c: _Candidate, report: PurgeReport, dry_run: bool) -> None:

@@ -291,34 +291,60 @@ def test_results_of_a_version_begun_during_a_purge_are_kept(site, monkeypatch):
     assert states.count(DeliveryState.DELIVERED) == 2 and DeliveryState.DEAD not in states
 
 
-@pytest.mark.parametrize("commit_state", ["failed", "timed_out", "requested", "committed"])
-def test_a_delivery_the_pacs_did_not_commit_keeps_its_files_like_a_dead_letter(tmp_path, commit_state):
-    """Found by review: a delivery the PACS reported it does not hold (storage commitment failed) or never
-    confirmed counted as settled, so its results and instances went after their days — under disk pressure at once
-    — and nothing was left to send again or rebuild from. Now failed/timed-out commitments are kept like dead
-    letters (dead_letter_days, never for disk pressure) and an awaited one keeps the series unsettled."""
+def _commitment(site: Site, series_uid: str, state: str, version: int | None = None) -> int:
+    """A commitments row in ``state`` for the series' delivery (of ``version``, else its only one); its id."""
     import json
 
     from node.schema import commitments
 
-    site = Site(tmp_path, {"max_disk_percent": 50})
-    uid = site.series("a", seed=9)
     with site.engine.begin() as conn:
-        d = conn.execute(sa.select(deliveries).where(deliveries.c.series_uid == uid)).one()
+        q = sa.select(deliveries).where(deliveries.c.series_uid == series_uid)
+        d = conn.execute(q if version is None else q.where(deliveries.c.version == version)).one()
         conn.execute(commitments.insert().values(
             delivery_id=d.id, destination=d.destination, kind="dimse", study_uid="1.2", refs="[]",
-            state=commit_state, attempts=1, stored_at=site.clock.now, deadline=site.clock.now + 300,
+            state=state, attempts=1, stored_at=site.clock.now, deadline=site.clock.now + 300,
             next_attempt_at=site.clock.now, failed=json.dumps([["1.2.3", "storage failure"]])))
-    site.used = 10_000_000  # far over the ceiling
+    return int(d.id)
+
+
+@pytest.mark.parametrize("commit_state", ["failed", "timed_out", "requested", "committed"])
+def test_a_delivery_the_pacs_did_not_confirm_keeps_its_files_like_a_dead_letter(tmp_path, commit_state):
+    """Found by review: a delivery the PACS reported it does not hold (storage commitment failed) or never
+    confirmed counted as settled, so its results and instances went after their days — under disk pressure first
+    of all, being the oldest — and nothing was left to send again or rebuild from. Now failed/timed-out commitments
+    keep a series dead_letter_days, it goes for disk pressure only after every other settled series (a PACS that
+    never confirms must not stop purging, and so intake, for good: found reviewing the first version), `retry`
+    sends it again, and an awaited commitment keeps the series unsettled."""
+    site = Site(tmp_path, {"max_disk_percent": 50})
+    uid = site.series("a", seed=9)
+    delivery = _commitment(site, uid, commit_state)
+    site.clock.now += DAY
+    other = site.series("b", seed=10)  # settled a day later: by age, the second to go
     site.clock.now += 8 * DAY  # past instances_days (7), before dead_letter_days (30)
+    site.used = 500_000 - site._disk(tmp_path)[0] + 1000  # just over the ceiling: one series is enough
     site.retention.purge()
     kept = commit_state != "committed"
-    assert (len(site.spool_files(uid)), len(site.result_files(uid))) == ((10, RESULTS) if kept else (0, 0))
-    site.clock.now += 30 * DAY
+    assert (len(site.spool_files(uid)), len(site.result_files(uid))) == ((10, RESULTS) if kept else (0, RESULTS))
+    assert site.spool_files(other) == []  # instances_days passed for both; results_days for neither
+    site.used = 10_000_000  # far over: the unconfirmed series goes too, last
     site.retention.purge()
-    gone = commit_state in ("failed", "timed_out", "committed")  # an awaited commitment keeps them for ever
-    assert (len(site.spool_files(uid)) == 0) == gone and site.consistent()
+    assert (len(site.spool_files(uid)) == 10) == (commit_state == "requested") and site.consistent()
+    replayed = site.dispatcher.retry([delivery])
+    assert replayed == (1 if commit_state in ("failed", "timed_out") else 0)
     site.engine.dispose()
+
+
+def test_only_the_latest_versions_commitment_holds_a_series(site):
+    """A superseded version's failed commitment does not keep the series once the newer one is confirmed."""
+    uid = site.series("a", seed=9)
+    _commitment(site, uid, "failed")
+    with site.engine.begin() as conn:  # version 2, delivered and confirmed
+        d = conn.execute(sa.select(deliveries).where(deliveries.c.series_uid == uid)).one()
+        conn.execute(deliveries.insert().values(
+            {**{k: v for k, v in d._mapping.items() if k != "id"}, "version": 2}))
+    _commitment(site, uid, "committed", version=2)
+    site.clock.now += 8 * DAY
+    assert site.retention.purge().instance_files == 10
 
 
 def test_series_purged_before_cost_no_query_per_series(site):
