@@ -7,15 +7,20 @@ commit (`node.ingest`) syncs each folder once for all the files a batch renamed 
 batch is indexed or acknowledged. Errors: `InvalidUIDError` (`node.uids.check_uid`: a UID that is not digits and dots, ≤ 64 chars — never
 used as a path), `SpoolFullError` (ENOSPC/EDQUOT → C-STORE 0xA700), `StoreFailedError` (any other OS error → 0xA701).
 
-The root is the file system object it was when the spool was made (its device and inode, after the node created it
-if it had to), or writes are refused with `StoreFailedError` (0xA701; ``spool_root_lost`` logged once, `/readyz`
-not ready): a spool volume unmounted under the running node (NFS/CephFS mount lost, autofs expiry, ``umount -l``)
-leaves its bare mount point on the disk below, where files written would be hidden once the volume is back and
-their index rows would name files no one can read. A root that was a mount point may come back under a new device
-number (a remount): the same root inode on a mount point again counts as the same volume. Checked when a write
-makes its series' folder and otherwise at most every `ROOT_CHECK_SECONDS` (two ``stat`` calls, ~18 µs on a 2-core
-VM; a write in between pays one clock read, ~0.25 µs); it recovers by itself when the volume returns
-(``spool_root_back``).
+The root is the spool it was when the node started, or writes are refused with `StoreFailedError` (0xA701;
+``spool_root_lost`` logged once, `/readyz` not ready): a spool volume unmounted under the running node (NFS/CephFS
+mount lost, autofs expiry, ``umount -l``) leaves its bare mount point on the disk below, where files written would
+be hidden once the volume is back and their index rows would name files no one can read; another volume mounted in
+its place (a fresh one, another node's) is not this spool either. What names the spool is its marker, `MARKER` in
+the root: a symbolic link whose target is a random id (a file holding it where the file system has no symbolic
+links), made atomically at the spool's first start — a spool from before markers gets one at its first start with
+them, its files being the node's — and only if no other process made it first (several listeners sharing one root
+all read the same id). Device and inode numbers are not used: a volume that comes back under a new device number
+(re-attached block device, NFS/CephFS remount) is the same spool, and every ext4/XFS/tmpfs root has the same inode.
+Checked when a write makes its series' folder and otherwise at most every `ROOT_CHECK_SECONDS`: one ``readlink``,
+~4 µs on a 2-core VM (the two ``stat`` calls it replaces: ~6 µs there); a write in between pays one clock read,
+~0.25 µs. It recovers by itself as soon as the marker reads right again (``spool_root_back``). A marker removed by hand makes the node refuse writes until it is put back or the
+node restarts (and marks the root anew).
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ from node.logs import get_logger
 from node.uids import check_uid
 
 ROOT_CHECK_SECONDS = 1.0  # a write into a folder already made re-checks the root's identity at most this often
+MARKER = ".pacsnode-spool-id"  # in the root: the spool's id (module docstring)
+_NO_SYMLINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS})  # then a file holds the id
 
 
 @dataclass(frozen=True)
@@ -56,19 +63,20 @@ def dataset_digest(data: bytes) -> str | None:
 
 
 class Spool:
-    """Files under ``root/<study>/<series>/<sop>.dcm``; the root is made if missing, and must be writable.
-    ``stat`` and ``clock`` (monotonic) are seams for tests."""
+    """Files under ``root/<study>/<series>/<sop>.dcm``; the root is made if missing, and must be writable. Its
+    marker is read (made if missing) here; a root that cannot be read or marked now is refused (logged) until it
+    can. ``clock`` (monotonic) is a seam for tests."""
 
     def __init__(self, root: Path, spool_id: str | None = None, *,
-                 stat: Callable[[Path], os.stat_result] = os.stat, clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.root = Path(root)
         self.spool_id = spool_id  # set: the index records paths relative to root under this id (node.spools)
         self.root.mkdir(parents=True, exist_ok=True)
         self._synced: set[Path] = set()  # folders whose own entry (and their parent's) is known durable
-        self._stat, self._clock = stat, clock
-        self._identity = self._read_identity()  # (st_dev, st_ino, a mount point) of the root at start
-        self._root_ok_until = clock() + ROOT_CHECK_SECONDS
+        self._clock = clock
+        self._marker: str | None = None  # the id in the root's marker, once read or made (normally here)
         self._lost: str | None = None  # why the root is not the one started on, while it is not
+        self._root_ok_until = clock() + ROOT_CHECK_SECONDS if self.root_problem() is None else -math.inf
 
     def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         """The final path for an instance; raises `InvalidUIDError` for anything that is not a UID."""
@@ -166,12 +174,9 @@ class Spool:
                 raise StoreFailedError(f"spool folder sync failed: {exc.strerror or exc}") from exc
 
     def root_problem(self) -> str | None:
-        """Check the root now: None while it is the file system object it was at start (or the volume mounted on
-        it came back), else why not; logs each change (``spool_root_lost`` / ``spool_root_back``)."""
-        try:
-            problem = self._judge(self._read_identity())
-        except OSError as exc:
-            problem = f"spool root {self.root} cannot be read: {exc.strerror or exc}"
+        """Check the root now: None while its marker holds the id read (or made) at start, else why not; logs
+        each change (``spool_root_lost`` / ``spool_root_back``)."""
+        problem = self._judge()
         if problem != self._lost:
             log = get_logger(component="spool", root=str(self.root))
             if problem is not None:
@@ -193,20 +198,19 @@ class Spool:
             raise StoreFailedError(f"{problem}; nothing written")
         self._root_ok_until = now + ROOT_CHECK_SECONDS
 
-    def _read_identity(self) -> tuple[int, int, bool]:
-        st, up = self._stat(self.root), self._stat(self.root.parent)
-        return st.st_dev, st.st_ino, st.st_dev != up.st_dev
-
-    def _judge(self, now: tuple[int, int, bool]) -> str | None:
-        dev, ino, mounted = self._identity
-        if now[:2] == (dev, ino):
+    def _judge(self) -> str | None:
+        try:
+            if self._marker is None:  # at start, or the root could not be read then
+                self._marker = claim_marker(self.root)
+                return None
+            found = read_marker(self.root)
+        except OSError as exc:
+            return f"spool root {self.root} cannot be read or marked ({MARKER}): {exc.strerror or exc}"
+        if found == self._marker:
             return None
-        if mounted and now[2] and now[1] == ino:  # the volume was mounted again: a new superblock, a new st_dev
-            self._identity = now
-            return None
-        was = f"device {dev}, inode {ino}" + (", a mount point" if mounted else "")
-        return (f"spool root {self.root} is no longer the file system it started on ({was}; now device {now[0]}, "
-                f"inode {now[1]}{', a mount point' if now[2] else ''}): is its volume unmounted?")
+        what = f"no {MARKER}" if found is None else f"{MARKER} {found[:40]!r}, not {self._marker!r}"
+        return (f"spool root {self.root} is no longer the spool it started on (it has {what}): is its volume "
+                f"unmounted, or another volume mounted there?")
 
     def _make_dirs(self, folder: Path) -> list[Path]:
         """Create missing folders below the root; return the parents to fsync before a file in ``folder`` may be
@@ -221,6 +225,55 @@ class Spool:
         return [folder.parent.parent, folder.parent]
 
     _SYNCED_MAX = 4096  # folders remembered as durable (one per series); forgetting one costs two fsyncs
+
+
+def read_marker(root: Path) -> str | None:
+    """The id in ``root``'s `MARKER`, None where there is none. Raises OSError (the root unreadable)."""
+    path = root / MARKER
+    try:
+        try:
+            return os.readlink(path)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:  # EINVAL: not a link but the file `claim_marker` writes without links
+                raise
+        with open(path, "rb") as f:
+            return f.read(256).decode("ascii", "replace").strip()
+    except FileNotFoundError:
+        return None
+
+
+def claim_marker(root: Path) -> str:
+    """The id in ``root``'s `MARKER`, made first if there is none: a symbolic link to a new random id, created
+    only if no other process (another node on a shared root, another of this node's processes) made one first —
+    then its id is the spool's — and durable (the folder fsync'd). Where the file system has no symbolic links,
+    a file created with O_EXCL holds the id; one found empty is waited on up to a second (its creator writes the
+    id at once). Raises OSError."""
+    found = read_marker(root)
+    if found is None:
+        with contextlib.suppress(FileExistsError):  # another process was first: its id is the one read below
+            _make_marker(root / MARKER, secrets.token_hex(16))
+        _fsync_dir(root)
+        found = read_marker(root)
+    for _ in range(20):
+        if found:
+            return found
+        time.sleep(0.05)
+        found = read_marker(root)
+    raise OSError(errno.EINVAL, f"{root / MARKER} is empty or gone; remove it if no node is starting on this spool")
+
+
+def _make_marker(path: Path, marker: str) -> None:
+    try:
+        os.symlink(marker, path)  # atomic, and refused (EEXIST) when there is one: no one reads half an id
+    except OSError as exc:
+        if exc.errno not in _NO_SYMLINKS:
+            raise
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, f"{marker}\n".encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -1,10 +1,13 @@
 """Spool: atomic durable writes at UID-only paths; bad UIDs and disk errors map to DIMSE statuses; writes are refused
-(0xA701) while the root is not the file system object it started on (its volume unmounted), and resume when it is."""
+(0xA701) while the root is not the spool it started on (its volume unmounted, another volume mounted there), and
+resume when it is — told by the root's marker, not device or inode numbers. Volumes are played with real folders
+(moved away, copied back, emptied), so nothing needs root or a mount."""
 
 from __future__ import annotations
 
 import errno
 import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -16,7 +19,7 @@ with warnings.catch_warnings():
     from starlette.testclient import TestClient
 
 from node.errors import InvalidUIDError, ReceiveError, SpoolFullError, StoreFailedError, StoreStatus
-from node.spool import ROOT_CHECK_SECONDS, Spool
+from node.spool import MARKER, ROOT_CHECK_SECONDS, Spool, read_marker
 from tests.fakeclock import FakeClock
 
 
@@ -73,7 +76,7 @@ def test_the_hash_covers_the_dataset_not_the_header(tmp_path):
     assert spool.write("1.2", "1.2.3", "1.2.3.4", [b"dataset!"], header=b"meta naming CT1").sha256 != one.sha256
 
 
-# -- the spool root is the file system it started on (a volume unmounted under the node) -----------------------------
+# -- the spool root is the spool it started on (a volume unmounted under the node, or another one mounted) -----------
 def test_writes_are_refused_while_the_root_is_not_the_one_started_on_and_resume_when_it_is_back(tmp_path):
     """Defect: with the spool volume gone (umount -l, a lost NFS mount) writes re-created the folders in the bare
     mount point on the disk below and were acknowledged; once the volume was back those files were hidden. Played
@@ -88,7 +91,7 @@ def test_writes_are_refused_while_the_root_is_not_the_one_started_on_and_resume_
             with pytest.raises(StoreFailedError) as err:
                 spool.write("1.2", "1.2.3", sop, [b"lost"])
             assert err.value.status == StoreStatus.OUT_OF_RESOURCES_STORE  # 0xA701, the sender may retry
-            assert "is no longer the file system it started on" in str(err.value)
+            assert "is no longer the spool it started on" in str(err.value)
         assert spool.root_problem() is not None
     assert list(root.iterdir()) == []  # nothing written where it would be hidden
     assert [e["event"] for e in logs] == ["spool_root_lost"]  # once, not per write
@@ -122,39 +125,133 @@ def test_a_c_store_into_a_lost_spool_root_fails_with_a701_and_indexes_nothing(tm
     engine.dispose()
 
 
-class FakeStat:
-    """``os.stat`` of the spool root and its parent as set by the test: (st_dev, st_ino) per path; counts calls."""
-
-    def __init__(self, ids: dict[Path, tuple[int, int]]) -> None:
-        self.ids, self.calls = ids, 0
-
-    def __call__(self, path: Path) -> os.stat_result:
-        self.calls += 1
-        dev, ino = self.ids[Path(path)]
-        return os.stat_result((0o40755, ino, dev, 2, 0, 0, 0, 0, 0, 0))
+def dcm_names(root: Path) -> list[str]:
+    return sorted(p.name for p in root.rglob("*.dcm"))
 
 
-def test_a_mount_point_root_may_come_back_under_a_new_device_and_checks_are_cached(tmp_path):
-    root = tmp_path / "spool"
-    stat = FakeStat({root: (50, 1), root.parent: (10, 7)})  # a volume mounted on the root
-    clock = FakeClock(100.0)
-    spool = Spool(root, stat=stat, clock=clock)
-    spool.write("1.2", "1.2.3", "1.2.3.1", [b"a"])  # a new series folder: checked
-    checked = stat.calls
-    for n in range(2, 50):  # into a folder already made: at most once per ROOT_CHECK_SECONDS
-        spool.write("1.2", "1.2.3", f"1.2.3.{n}", [b"a"])
-    assert stat.calls == checked
-    stat.ids[root] = (10, 4242)  # unmounted: the bare mount point on the parent's file system
-    clock.advance(ROOT_CHECK_SECONDS)
+def test_a_volume_back_under_new_device_and_inode_numbers_is_the_same_spool(tmp_path):
+    """Defect: with the volume mounted at data_dir and the spool a folder on it (a Kubernetes PVC), a volume that came
+    back under a new device number (re-attached block device, NFS remount) stayed refused until restart. Played with
+    a copy: the same files, the same marker, every folder a new inode."""
+    data = tmp_path / "data"
+    root = data / "spool"
+    spool = Spool(root)
+    spool.write("1.2", "1.2.3", "1.2.3.1", [b"first"])
+    os.rename(data, tmp_path / "volume")  # the volume goes away...
+    data.mkdir()  # ...leaving its bare mount point
     with pytest.raises(StoreFailedError):
-        spool.write("1.2", "1.2.3", "1.2.3.99", [b"a"])
+        spool.write("1.2", "1.2.3", "1.2.3.2", [b"lost"])
+    data.rmdir()
+    shutil.copytree(tmp_path / "volume", data, symlinks=True)  # back: new device, new inodes, the same content
+    assert os.stat(root).st_ino != os.stat(tmp_path / "volume" / "spool").st_ino
+    with capture_logs() as logs:
+        spool.write("1.2", "1.2.3", "1.2.3.2", [b"back"])
+    assert [e["event"] for e in logs] == ["spool_root_back"]
+    assert dcm_names(root) == ["1.2.3.1.dcm", "1.2.3.2.dcm"]
+
+
+def test_another_volume_in_the_spools_place_is_refused_though_its_root_looks_the_same(tmp_path):
+    """Defect: with the root a mount point, any volume mounted there passed (every ext4 root is inode 2, and a
+    freed device number is handed out again), and writes went on onto it. Played with the very same folder emptied:
+    the same device and inode, none of the spool's content."""
+    root, volume = tmp_path / "spool", tmp_path / "volume"
+    spool = Spool(root)
+    spool.write("1.2", "1.2.3", "1.2.3.1", [b"first"])
+    volume.mkdir()
+    for child in root.iterdir():  # volume A away, an empty volume B in its place: the root itself stays
+        os.rename(child, volume / child.name)
+    with capture_logs() as logs, pytest.raises(StoreFailedError) as err:
+        spool.write("1.2", "1.2.3", "1.2.3.2", [b"on B"])
+    assert err.value.status == StoreStatus.OUT_OF_RESOURCES_STORE and f"has no {MARKER}" in str(err.value)
+    assert [e["event"] for e in logs] == ["spool_root_lost"] and list(root.iterdir()) == []
+    os.symlink("f" * 32, root / MARKER)  # another node's spool volume mounted there by mistake
+    with pytest.raises(StoreFailedError) as err:
+        spool.write("1.2", "1.2.4", "1.2.4.1", [b"on B"])
+    assert "'ffffffffffffffffffffffffffffffff', not" in str(err.value) and dcm_names(root) == []
+    os.unlink(root / MARKER)
+    for child in volume.iterdir():  # volume A back
+        os.rename(child, root / child.name)
+    spool.write("1.2", "1.2.3", "1.2.3.2", [b"back"])
+    assert dcm_names(root) == ["1.2.3.1.dcm", "1.2.3.2.dcm"]
+
+
+def test_a_spool_from_before_markers_is_marked_at_start_and_every_node_on_it_reads_the_same_id(tmp_path, monkeypatch):
+    root = tmp_path / "spool"
+    (root / "1.2" / "1.2.3").mkdir(parents=True)
+    (root / "1.2" / "1.2.3" / "1.2.3.1.dcm").write_bytes(b"old")  # received before this version: no marker
+    first = Spool(root)
+    marker = read_marker(root)
+    assert marker and len(marker) == 32 and (root / MARKER).is_symlink()
+    assert not (root / MARKER).is_file()  # a dangling link: folder walks that keep files (DICOM readers) skip it
+    assert (root / "1.2" / "1.2.3" / "1.2.3.1.dcm").read_bytes() == b"old"
+    assert read_marker(Spool(root).root) == marker  # another process, another listener on the shared root
+    # Two listeners starting together: the other one links its id between our look and our link; its id wins.
+    other = tmp_path / "other"
+    real_symlink = os.symlink
+
+    def late(src, dst, *args, **kwargs):  # type: ignore[no-untyped-def]
+        real_symlink("e" * 32, dst)
+        return real_symlink(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "symlink", late)
+    racer = Spool(other)
+    monkeypatch.undo()
+    assert read_marker(other) == "e" * 32 and racer.root_problem() is None
+    racer.write("1.2", "1.2.3", "1.2.3.1", [b"a"])
+    first.write("1.2", "1.2.3", "1.2.3.2", [b"a"])
+
+
+def test_without_symbolic_links_a_file_holds_the_id(tmp_path, monkeypatch):
+    root = tmp_path / "spool"
+
+    def unsupported(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise OSError(errno.EPERM, "Operation not permitted")  # e.g. an SMB share without mfsymlinks
+
+    monkeypatch.setattr(os, "symlink", unsupported)
+    spool = Spool(root)
+    assert (root / MARKER).is_file() and (root / MARKER).read_text().strip() == read_marker(root)
+    assert read_marker(Spool(root).root) == read_marker(root)
+    spool.write("1.2", "1.2.3", "1.2.3.1", [b"a"])
+    os.rename(root / MARKER, tmp_path / "kept")
+    assert "has no" in (spool.root_problem() or "")
+    os.rename(tmp_path / "kept", root / MARKER)
+    assert spool.root_problem() is None
+
+
+def test_a_root_that_cannot_be_marked_at_start_is_refused_until_it_can(tmp_path, monkeypatch):
+    root = tmp_path / "spool"
+
+    def refused(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(os, "symlink", refused)
+    with capture_logs() as logs:
+        spool = Spool(root)
+    assert [e["event"] for e in logs] == ["spool_root_lost"] and "cannot be read or marked" in logs[0]["problem"]
+    with pytest.raises(StoreFailedError):
+        spool.write("1.2", "1.2.3", "1.2.3.1", [b"a"])
+    monkeypatch.undo()
+    spool.write("1.2", "1.2.3", "1.2.3.1", [b"a"])  # marked now: from here on this is the spool
+    assert read_marker(root) and dcm_names(root) == ["1.2.3.1.dcm"]
+
+
+def test_checks_are_cached_but_a_new_series_folder_is_checked_at_once(tmp_path):
+    root = tmp_path / "spool"
+    clock = FakeClock(100.0)
+    spool = Spool(root, clock=clock)
+    spool.write("1.2", "1.2.3", "1.2.3.1", [b"a"])
+    os.rename(root / MARKER, tmp_path / "kept")  # the marker gone (as on a bare mount point)
+    for n in range(2, 20):  # into a folder already made: checked at most once per ROOT_CHECK_SECONDS
+        spool.write("1.2", "1.2.3", f"1.2.3.{n}", [b"a"])
     with pytest.raises(StoreFailedError):  # a new series folder is checked at once, whatever the clock
         spool.write("1.2", "1.2.4", "1.2.4.1", [b"a"])
-    stat.ids[root] = (51, 1)  # mounted again: a new device number, the same root inode on a mount point
-    assert spool.root_problem() is None
-    spool.write("1.2", "1.2.4", "1.2.4.1", [b"a"])
-    stat.ids[root] = (52, 2)  # another file system mounted there
-    assert "no longer the file system" in (spool.root_problem() or "")
+    os.rename(tmp_path / "kept", root / MARKER)
+    spool.write("1.2", "1.2.4", "1.2.4.1", [b"a"])  # checked again (the last check failed): fine
+    os.rename(root / MARKER, tmp_path / "kept")
+    spool.write("1.2", "1.2.4", "1.2.4.2", [b"a"])  # within the second
+    clock.advance(ROOT_CHECK_SECONDS)
+    with pytest.raises(StoreFailedError):
+        spool.write("1.2", "1.2.4", "1.2.4.3", [b"a"])
 
 
 def test_readyz_is_not_ready_while_the_spool_root_is_lost(tmp_path):
@@ -172,7 +269,7 @@ def test_readyz_is_not_ready_while_the_spool_root_is_lost(tmp_path):
             root.mkdir()
             answer = client.get("/readyz")
             assert answer.status_code == 503
-            assert "is no longer the file system it started on" in answer.json()["checks"]["spool"]
+            assert "is no longer the spool it started on" in answer.json()["checks"]["spool"]
             root.rmdir()
             os.rename(tmp_path / "volume", root)
             assert client.get("/readyz").status_code == 200
