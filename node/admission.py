@@ -2,6 +2,13 @@
 node writes to (node.disks: the spool root, results, incoming, ``data_dir``, the SQLite database's folder — each file
 system once; a floor and a hard reserve, judged on the fullest) and the depth of the job queue (a ceiling).
 
+Each file system's floor and reserve are the larger of the configured bytes and percent of its size (`thresholds`).
+The bytes apply in full to the spool's file system, where instances accumulate (room for series in progress to
+finish). On one that holds no spool — ``results``, ``incoming`` (a transfer's temporary file, gone once it is
+spooled) or the database's folder on a small volume of their own — the bytes are capped at `OTHER_FLOOR_SHARE` /
+`OTHER_RESERVE_SHARE` of its size, so a 1 GiB volume is judged on 205 / 51 MiB rather than on a 2 GiB floor it
+can never meet (which paused intake for good); from 10 GiB up the bytes apply in full there too.
+
 `Admission.check(series_uid)` is called by `Ingestor.accept` — the one boundary both front doors share — once an
 instance's series is known and before anything is written. It returns, or raises `AdmissionRefusedError`
 (C-STORE 0xA700 Out of Resources; a STOW-RS part's FailureReason 0xA700):
@@ -52,6 +59,8 @@ from node.states import AdmissionReason, SeriesState
 
 RESUME_BAND = 0.05  # resume only once free space is 5 % above the threshold that paused
 REFUSAL_LOG_SECONDS = 10.0  # at most one admission_refused line per reason this often
+OTHER_FLOOR_SHARE = 0.20  # on a file system without the spool the floor's bytes are at most this share of its size
+OTHER_RESERVE_SHARE = 0.05  # ... and the reserve's this share (below the floor's: the reserve stays the lower)
 _SEEN_MAX = 4096  # series answers kept while paused (then forgotten all at once)
 _RECEIVING = frozenset({SeriesState.RECEIVING.value, SeriesState.REOPENED.value})
 
@@ -107,24 +116,29 @@ def index_activity(index: Index) -> SeriesActivity:
     return activity
 
 
-def thresholds(settings: AdmissionSection, total: int) -> tuple[int, int]:
-    """(floor, reserve) in free bytes for a file system of ``total`` bytes: the larger of bytes and percent."""
-    floor = _larger(settings.min_free_bytes, settings.min_free_percent, total)
-    reserve = _larger(settings.reserve_free_bytes, settings.reserve_free_percent, total)
-    return floor, reserve
+def thresholds(settings: AdmissionSection, total: int, *, spool: bool = True) -> tuple[int, int]:
+    """(floor, reserve) in free bytes for a file system of ``total`` bytes: the larger of bytes and percent, the
+    bytes capped at `OTHER_FLOOR_SHARE` / `OTHER_RESERVE_SHARE` of ``total`` unless it holds the ``spool``."""
+    floor_bytes, reserve_bytes = settings.min_free_bytes, settings.reserve_free_bytes
+    if not spool:
+        floor_bytes = min(floor_bytes, math.floor(total * OTHER_FLOOR_SHARE))
+        reserve_bytes = min(reserve_bytes, math.floor(total * OTHER_RESERVE_SHARE))
+    return (_larger(floor_bytes, settings.min_free_percent, total),
+            _larger(reserve_bytes, settings.reserve_free_percent, total))
 
 
 def pressure(
     settings: AdmissionSection, free: int | None, total: int | None, depth: int | None,
-    previous: frozenset[AdmissionReason] = frozenset(),
+    previous: frozenset[AdmissionReason] = frozenset(), *, spool: bool = True,
 ) -> frozenset[AdmissionReason]:
     """The reasons to refuse now (empty: accept everything). ``free``/``total``/``depth`` None: unknown, no
-    pressure from it. ``previous`` is the set in force, for the resume band. Pure."""
+    pressure from it. ``previous`` is the set in force, for the resume band; ``spool``: whether the file system
+    holds the spool (`thresholds`). Pure."""
     if not settings.enabled:
         return frozenset()
     out: set[AdmissionReason] = set()
     if free is not None and total is not None:
-        floor, reserve = thresholds(settings, total)
+        floor, reserve = thresholds(settings, total, spool=spool)
         for reason, limit in ((AdmissionReason.DISK_RESERVE, reserve), (AdmissionReason.DISK_FLOOR, floor)):
             if reason in previous:
                 limit = math.ceil(limit * (1 + RESUME_BAND))
@@ -137,8 +151,8 @@ def pressure(
 
 def disk_pressure(settings: AdmissionSection, volumes: tuple[Volume, ...],
                   previous: frozenset[AdmissionReason] = frozenset()) -> tuple[frozenset[AdmissionReason], Volume | None]:
-    """The disk reasons to refuse now — each file system judged against thresholds of its own size, their union —
-    and the file system that decides: the one down to the hard reserve, else below the floor, else the nearest
+    """The disk reasons to refuse now — each file system judged against thresholds of its own size (the spool's
+    with the bytes in full, `thresholds`), their union — and the file system that decides: the one down to the hard reserve, else below the floor, else the nearest
     its floor (None: none could be read). ``previous`` as for `pressure`. Pure."""
     reasons: set[AdmissionReason] = set()
     worst: Volume | None = None
@@ -146,10 +160,11 @@ def disk_pressure(settings: AdmissionSection, volumes: tuple[Volume, ...],
     for v in volumes:
         if v.free is None or v.total is None:
             continue
-        mine = pressure(settings, v.free, v.total, None, previous)
+        spool = v.holds(SPOOL)
+        mine = pressure(settings, v.free, v.total, None, previous, spool=spool)
         reasons |= mine
         key = (2 if AdmissionReason.DISK_RESERVE in mine else 1 if mine else 0,
-               -v.free / max(thresholds(settings, v.total)[0], 1))
+               -v.free / max(thresholds(settings, v.total, spool=spool)[0], 1))
         if worst is None or key > worst_key:
             worst, worst_key = v, key
     return frozenset(reasons), worst
@@ -164,7 +179,7 @@ def headroom(settings: AdmissionSection, volumes: tuple[Volume, ...], paused: fr
     for v in [v for v in volumes if v.holds(SPOOL)] or volumes:
         if v.free is None or v.total is None:
             continue
-        floor, reserve = thresholds(settings, v.total)
+        floor, reserve = thresholds(settings, v.total, spool=v.holds(SPOOL))
         for reason, limit in ((AdmissionReason.DISK_RESERVE, reserve), (AdmissionReason.DISK_FLOOR, floor)):
             if reason not in paused:
                 room = min(room, v.free - limit)
@@ -184,14 +199,15 @@ class AdmissionState:
     path: Path | None = None  # the file system the disk figures are of (`disk_pressure`'s deciding one)
     volumes: tuple[Volume, ...] = ()  # every file system the node writes to, as read
     headroom: float = math.inf  # `headroom` of the spool's file system at this read
+    spool: bool = True  # whether the file system at ``path`` holds the spool (`thresholds`)
 
     @property
     def floor_bytes(self) -> int | None:
-        return None if self.total_bytes is None else thresholds(self.settings, self.total_bytes)[0]
+        return None if self.total_bytes is None else thresholds(self.settings, self.total_bytes, spool=self.spool)[0]
 
     @property
     def reserve_bytes(self) -> int | None:
-        return None if self.total_bytes is None else thresholds(self.settings, self.total_bytes)[1]
+        return None if self.total_bytes is None else thresholds(self.settings, self.total_bytes, spool=self.spool)[1]
 
     @property
     def refuses_all(self) -> bool:
@@ -226,6 +242,7 @@ def decide(settings: AdmissionSection, volumes: tuple[Volume, ...], depth: int |
         paused=paused, free_bytes=None if worst is None else worst.free,
         total_bytes=None if worst is None else worst.total, queue_depth=depth, settings=settings, read_at=read_at,
         path=None if worst is None else worst.path, volumes=volumes, headroom=headroom(settings, volumes, paused),
+        spool=worst is None or worst.holds(SPOOL),
     )
 
 

@@ -99,6 +99,11 @@ def test_thresholds_take_the_larger_of_bytes_and_percent():
     s = AdmissionSection()  # defaults: max(2 GiB, 5 %) and max(512 MiB, 1 %)
     assert thresholds(s, 10 << 30) == (2 << 30, 512 << 20)  # small disk: the byte figures
     assert thresholds(s, 1 << 40) == (round((1 << 40) * 0.05), round((1 << 40) * 0.01))  # 1 TiB: the percentages
+    # A file system without the spool (results, incoming, the database on a volume of their own): the bytes are
+    # capped at 20 % / 5 % of its size, so a 1 GiB volume can meet them; from 10 GiB up they apply in full.
+    assert thresholds(s, 1 << 30, spool=False) == ((1 << 30) // 5, (1 << 30) // 20)
+    assert thresholds(s, 10 << 30, spool=False) == thresholds(s, 10 << 30) == (2 << 30, 512 << 20)
+    assert thresholds(s, 1 << 40, spool=False) == thresholds(s, 1 << 40)
 
 
 def test_pressure_floor_reserve_ceiling_and_resume_band():

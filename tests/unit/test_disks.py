@@ -168,6 +168,36 @@ def test_status_evaluates_every_file_system(data, monkeypatch):
     assert state.paused and state.path == spool and state.free_bytes == FLOOR - 1
 
 
+def test_a_small_volume_without_the_spool_is_judged_on_its_own_size(data):
+    """Defect: the 2 GiB floor and 512 MiB reserve applied to every file system, so an empty 1 GiB volume at
+    data_dir/results or the database's folder paused intake for good while the spool had 900 GiB free. There the
+    bytes are now capped at a share of the volume (20 % / 5 %); the spool's volume keeps them in full."""
+    gib, mib = 1 << 30, 1 << 20
+    spool, results, db = data / "spool", data / "results", data / "db"
+    paths = {"spool": spool, "data": data, "results": results, "incoming": data / "incoming", "database": db}
+    devices = {results: 2, db: 3}  # data_dir and incoming on the spool's volume
+
+    def locate(path: Path) -> tuple[int, Path]:
+        return devices.get(path, 1), path
+
+    disks = Disks({spool: (900 * gib, 1000 * gib), results: (1000 * mib, gib), db: (900 * mib, gib)}, (0, 0))
+    admission = Admission(AdmissionSection(), data, queue_depth=lambda: 0, paths=paths, disk_usage=disks,
+                          locate=locate, clock=FakeClock(1000.0))
+    report = admission.refresh().as_dict()
+    assert report["accepting"] == "all" and len(report["file_systems"]) == 3
+    disks.volumes[results] = (150 * mib, gib)  # results volume below its floor: 20 % of 1 GiB
+    report = admission.refresh().as_dict()
+    assert report["paused"] == ["disk_floor"] and report["path"] == str(results)
+    assert (report["floor_bytes"], report["reserve_bytes"]) == (gib // 5, gib // 20)
+    disks.volumes[results] = (40 * mib, gib)  # ... and below its reserve: 5 %
+    assert admission.refresh().as_dict()["accepting"] == "nothing"
+    disks.volumes[results] = (1000 * mib, gib)
+    disks.volumes[spool] = (1000 * mib, gib)  # the spool's own volume keeps the bytes in full: 2 GiB
+    report = admission.refresh().as_dict()
+    assert report["paused"] == ["disk_floor"] and report["path"] == str(spool)
+    assert (report["floor_bytes"], report["reserve_bytes"]) == (2 * gib, 512 * mib)
+
+
 # -- retention ----------------------------------------------------------------------------------------------------
 def test_retention_frees_the_spool_volume_when_it_is_the_full_one(tmp_path, monkeypatch):
     """Defect: retention measured data_dir's file system (10 % used here) and purged nothing while the spool volume
