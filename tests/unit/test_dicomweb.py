@@ -31,7 +31,7 @@ from node.index import Index, associations
 from node.ingest import Ingestor
 from node.metrics import Metrics
 from node.qido import QIDO_MAX_RESULTS
-from node.spool import Spool
+from node.spool import MARKER, Spool
 from tests.conftest import free_port
 from tests.ctgen import write_ct_series
 from tests.dicomfiles import dataset_bytes
@@ -437,7 +437,7 @@ def test_readyz_follows_the_models(node):
     node.models.set()
     r = node.client.get("/readyz")
     assert r.status_code == 200 and r.json()["ready"] is True
-    assert list(node.spool.root.iterdir()) == []  # the probe leaves nothing behind
+    assert [p.name for p in node.spool.root.iterdir()] == [MARKER]  # the probe leaves nothing behind
 
 
 def test_readiness_names_a_missing_spool_and_a_dead_database(tmp_path):

@@ -17,7 +17,7 @@ from node.index import Index, instances, series
 from node.ingest import Ingestor, Origin
 from node.queue import JobQueue
 from node.retention import Retention
-from node.spool import Spool
+from node.spool import MARKER, Spool
 from node.states import DeliveryState
 from node.worker import Worker, results
 from tests.ctgen import write_ct_series
@@ -110,7 +110,7 @@ def test_delivered_series_lose_instances_then_results_each_after_their_days(site
     site.clock.now += 23 * DAY
     assert site.retention.purge().result_files == RESULTS
     assert site.result_files(uid) == []
-    assert not any((site.config.node.data_dir / "results").iterdir())  # empty folders removed too
+    assert [p.name for p in (site.config.node.data_dir / "results").iterdir()] == [MARKER]  # empty folders removed
 
 
 def test_a_dry_run_deletes_nothing(site):
