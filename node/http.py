@@ -50,8 +50,8 @@ LOOP = "http"  # the server's name in the heartbeat registry
 
 class HealthProbe:
     """Readiness checks for ``GET /readyz``: the database answers, the spool is writable — and, given
-    ``spool_root`` (`node.spool.Spool.root_problem`), still the file system it started on, not the bare mount point
-    of a volume gone —, the models are loaded, and (given ``heartbeats``) no supervised loop is dead or stuck.
+    ``spool_root`` (`node.spool.Spool.root_problem`), still the spool it started on (its identity marker reads
+    the same), not the bare mount point of a volume gone —, the models are loaded, and (given ``heartbeats``) no supervised loop is dead or stuck.
 
     ``models_ready`` is called at each check (e.g. ``worker.ready.is_set``; ``lambda: True`` when the worker is
     disabled). `check()` returns ``{name: "ok" | reason}`` for every check; `report()` adds each loop's heartbeat.
@@ -72,7 +72,7 @@ class HealthProbe:
         self.admission = admission  # e.g. `Admission.report`: shown in the report, never makes the node not ready
         self.device = device  # e.g. `Worker.device_report`: what the models run on (a CPU fallback is still ready)
         self.processes = processes  # the supervisor's role processes (node.processes.read_table), when one runs
-        self.spool_root = spool_root  # None while the spool root is the file system it started on, else why not
+        self.spool_root = spool_root  # None while the spool root is the spool it started on, else why not
 
     def check(self) -> dict[str, str]:
         checks = {"database": self._database(), "spool": self._spool(), "models": self._models()}

@@ -206,8 +206,9 @@ class AuditSection(_Frozen):
 class AdmissionSection(_Frozen):
     """Admission control (`node.admission`): refuse new data before the disk is full or the queue runs away.
 
-    The floor is the larger of ``min_free_bytes`` and ``min_free_percent`` of the data directory's file system,
-    the hard reserve likewise; below the floor (or with ``max_queue_depth`` jobs waiting) new series are refused
+    The floor is the larger of ``min_free_bytes`` and ``min_free_percent`` of each file system the node writes to
+    (`node.disks`; the byte figures in full on the spool's, capped to a share of a smaller dedicated volume's size
+    elsewhere), the hard reserve likewise, the fullest deciding; below the floor (or with ``max_queue_depth`` jobs waiting) new series are refused
     and series already being received may finish; below the reserve everything is refused."""
 
     enabled: bool = True
