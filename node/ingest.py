@@ -62,20 +62,21 @@ if TYPE_CHECKING:
     from node.admission import Admission
 
 # Transfer syntaxes both front doors accept: those whose pixel data the node can decode later (pydicom +
-# pylibjpeg plugins); uncompressed first.
+# pylibjpeg plugins). In order of preference (pynetdicom accepts the first of ours a context offers): uncompressed,
+# then lossless, then lossy last — a sender offering both in one context must not be asked to compress lossily.
 ACCEPTED_TRANSFER_SYNTAXES = [
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     DeflatedExplicitVRLittleEndian,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLossless,
     JPEGLosslessSV1,
+    JPEGLossless,
     JPEGLSLossless,
-    JPEGLSNearLossless,
     JPEG2000Lossless,
-    JPEG2000,
     RLELossless,
+    JPEGLSNearLossless,
+    JPEG2000,
+    JPEGExtended12Bit,
+    JPEGBaseline8Bit,
 ]
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1411.1.1"
 DEFAULT_MAX_INFLATED_BYTES = 256 << 20  # [node] max_inflated_bytes
@@ -97,6 +98,11 @@ _INDEX_TAGS: list[BaseTag | int] = [
         "NumberOfFrames",
         "ImagesInAcquisition",
         "SpecificCharacterSet",
+        "Rows",
+        "Columns",
+        "BitsAllocated",
+        "SamplesPerPixel",
+        "PhotometricInterpretation",
     )
 ]
 # Present-or-not is all the receive path needs of these; large values are seeked past, never read (defer_size).
@@ -315,11 +321,44 @@ def _parse_header(data: EncodedDataset, ts: UID, max_inflated_bytes: int) -> Dat
             ):
                 raise InvalidDatasetError(f"dataset is truncated inside {Tag(tag)}")
             ds.get(tag)
+        _check_pixel_data(ds, ts)
         return ds
     except ReceiveError:
         raise
     except Exception as exc:  # pydicom raises many types on bad input; all mean "cannot understand"
         raise InvalidDatasetError(f"dataset does not parse: {type(exc).__name__}: {exc}") from exc
+
+
+def _check_pixel_data(ds: Dataset, ts: UID) -> None:
+    """Refuse Pixel Data its transfer syntax cannot describe (found by review): encapsulated fragments under a
+    native syntax or native bytes under a compressed one, and native data shorter than Rows × Columns × Samples ×
+    Frames × BitsAllocated call for. pydicom reads either encoding whatever the syntax says, so such an instance
+    was acknowledged and the worker then refused its whole series as undecodable — a sender has no reason to send
+    again. Only the element's length is looked at (the value is seeked past)."""
+    raw = ds.get_item(_PIXEL_TAGS[0], keep_deferred=True)
+    if raw is None:
+        return
+    if isinstance(raw, RawDataElement):
+        length = raw.length
+    else:  # already converted (a small value): its bytes, or undefined length
+        length = _UNDEFINED_LENGTH if raw.is_undefined_length else len(raw.value or b"")
+    encapsulated = length == _UNDEFINED_LENGTH
+    if encapsulated != ts.is_encapsulated:
+        found = "encapsulated (compressed)" if encapsulated else "native (uncompressed)"
+        raise InvalidDatasetError(f"Pixel Data is {found}, but transfer syntax {ts} says otherwise")
+    if encapsulated:
+        return
+    try:
+        pixels = int(ds.Rows) * int(ds.Columns) * int(ds.get("NumberOfFrames") or 1)
+        samples, bits = int(ds.get("SamplesPerPixel") or 1), int(ds.BitsAllocated)
+    except (AttributeError, TypeError, ValueError):  # not an image the node decodes; judged elsewhere
+        return
+    if str(ds.get("PhotometricInterpretation", "")).strip() == "YBR_FULL_422":
+        samples = 2  # two chroma samples shared by each pair of pixels (PS3.3 C.7.6.3.1.2)
+    need = (pixels * samples * bits + 7) // 8
+    if length < need:
+        raise InvalidDatasetError(f"Pixel Data holds {length} bytes; Rows, Columns, Samples per Pixel, Number "
+                                  f"of Frames and Bits Allocated call for {need}")
 
 
 def _text(ds: Dataset, keyword: str) -> str | None:

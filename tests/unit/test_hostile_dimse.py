@@ -764,3 +764,32 @@ def test_a_stopping_node_lets_running_associations_end_then_aborts_them(make_nod
     assert pdu_type == A_ABORT  # from the node as service user (source 0): it ended the association
     assert peer.closed_within(2.0) is not None
     assert [p.stem for p in node.spooled()] == [sop_uid]
+
+
+def test_a_context_offering_lossless_and_lossy_gets_lossless(make_node: Callable[..., Node]) -> None:
+    """Found by review: the node's list put JPEG Baseline and Extended (lossy) before every lossless compressed
+    syntax, and pynetdicom accepts the first of the acceptor's list a context offers, so a router offering
+    [JPEG Lossless SV1, JPEG Baseline] in one context was asked to compress lossily for the AI."""
+    from pydicom.uid import (
+        JPEG2000,
+        JPEG2000Lossless,
+        JPEGBaseline8Bit,
+        JPEGExtended12Bit,
+        JPEGLosslessSV1,
+        RLELossless,
+    )
+
+    node = make_node()
+    ae = AE(ae_title="ROUTER")
+    ae.acse_timeout = ae.network_timeout = 5
+    offers = [[JPEGBaseline8Bit, JPEGLosslessSV1], [JPEGExtended12Bit, RLELossless], [JPEG2000, JPEG2000Lossless],
+              [JPEGBaseline8Bit, ExplicitVRLittleEndian]]
+    for syntaxes in offers:
+        ae.add_requested_context(CTImageStorage, syntaxes)
+    assoc = ae.associate(*node.address, ae_title=AE_TITLE)
+    assert assoc.is_established
+    try:
+        accepted = [cx.transfer_syntax[0] for cx in sorted(assoc.accepted_contexts, key=lambda cx: cx.context_id)]
+    finally:
+        assoc.release()
+    assert accepted == [JPEGLosslessSV1, RLELossless, JPEG2000Lossless, ExplicitVRLittleEndian]

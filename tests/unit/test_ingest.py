@@ -153,3 +153,34 @@ def test_a_refused_re_send_never_overwrites_the_acknowledged_instance(ingestor, 
     assert dataset_bytes(ingestor.index.get_instance(first.sop_uid).path) == changed_body
     assert ingestor.accept(changed_body, ExplicitVRLittleEndian, ORIGIN).outcome is RecordOutcome.DUPLICATE
     assert sorted(p.name for p in ingestor.spool.root.rglob("*") if p.is_file()) == [f"{first.sop_uid}.dcm"]
+
+
+def test_pixel_data_its_transfer_syntax_cannot_describe_is_refused(ingestor, series, tmp_path):
+    """Found by review: compressed fragments on an uncompressed context, native bytes on a compressed one, and native
+    Pixel Data shorter than Rows × Columns × Bits Allocated call for were all acknowledged 0x0000, and the worker then
+    refused the whole series as undecodable ("not processed"), with no reason for the sender to send again. They are
+    refused 0xC000 now, nothing stored; the well-formed forms still pass."""
+    from pydicom.uid import RLELossless
+
+    from node.errors import InvalidDatasetError
+
+    native = pydicom.dcmread(series.paths[0])
+    rle = pydicom.dcmread(series.paths[1])
+    rle.compress(RLELossless)
+    rle.save_as(tmp_path / "rle.dcm", enforce_file_format=True)
+    short = pydicom.dcmread(series.paths[2])
+    short.PixelData = short.PixelData[: len(short.PixelData) // 2]
+    short.save_as(tmp_path / "short.dcm", enforce_file_format=True)
+    refused = [
+        (dataset_bytes(tmp_path / "rle.dcm"), ExplicitVRLittleEndian, "encapsulated"),
+        (dataset_bytes(series.paths[0]), RLELossless, "native"),
+        (dataset_bytes(tmp_path / "short.dcm"), ExplicitVRLittleEndian, "call for"),
+    ]
+    for data, ts, words in refused:
+        with pytest.raises(InvalidDatasetError, match=words) as err:
+            ingestor.accept(data, ts, ORIGIN)
+        assert int(err.value.status) == 0xC000
+    assert not list((tmp_path / "spool").rglob("*.dcm"))
+    assert ingestor.accept(dataset_bytes(tmp_path / "rle.dcm"), RLELossless, ORIGIN).record.sop_uid == rle.SOPInstanceUID
+    assert ingestor.accept(dataset_bytes(series.paths[0]), ExplicitVRLittleEndian, ORIGIN).record.sop_uid == \
+        native.SOPInstanceUID
