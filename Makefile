@@ -6,11 +6,12 @@ RUNTIME := $(VENV)/.installed-runtime
 TESTDEPS := $(VENV)/.installed-test
 DEMODEPS := $(VENV)/.installed-demo
 PYTEST_ARGS ?=
-# `make test`: two pytest-xdist workers (most integration time is waiting on peers), whole files per worker
+# `make test`: three pytest-xdist workers on the two cores (most integration time is waiting on peers; with two, a
+# third of the CPU sat idle: README "Tests"), whole files per worker
 # (test_routing_senders' module node runs its tests in order), every node-starting integration test on SQLite and on
 # PostgreSQL (tests/conftest.py `--node-db=both`; tests marked one_backend on PostgreSQL only). TEST_WORKERS=0 runs
 # serially.
-TEST_WORKERS ?= 2
+TEST_WORKERS ?= 3
 TEST_RUN := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) --node-db=both
 DEMO_ARGS ?=
 
