@@ -98,13 +98,11 @@ _INDEX_TAGS: list[BaseTag | int] = [
         "NumberOfFrames",
         "ImagesInAcquisition",
         "SpecificCharacterSet",
-        "Rows",
-        "Columns",
-        "BitsAllocated",
-        "SamplesPerPixel",
-        "PhotometricInterpretation",
     )
 ]
+# What the Pixel Data length check reads (`_check_pixel_data`), from the raw bytes: no pydicom conversion per instance.
+_SHAPE_TAGS: list[BaseTag | int] = [Tag(t) for t in ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel",
+                                                       "PhotometricInterpretation")]
 # Present-or-not is all the receive path needs of these; large values are seeked past, never read (defer_size).
 _PIXEL_TAGS: list[BaseTag | int] = [Tag("PixelData"), Tag("FloatPixelData"), Tag("DoubleFloatPixelData")]
 _UNDEFINED_LENGTH = 0xFFFFFFFF
@@ -300,7 +298,7 @@ def _parse_header(data: EncodedDataset, ts: UID, max_inflated_bytes: int) -> Dat
         fp.is_little_endian = ts.is_little_endian
         fp.is_implicit_VR = ts.is_implicit_VR
         check_first_group(fp, ts)
-        ds = read_top_level(fp, ts, specific_tags=[*_INDEX_TAGS, *_PIXEL_TAGS], defer_size=256,
+        ds = read_top_level(fp, ts, specific_tags=[*_INDEX_TAGS, *_SHAPE_TAGS, *_PIXEL_TAGS], defer_size=256,
                             check_vrs=not ts.is_implicit_VR)
         if ds.original_encoding[0] != ts.is_implicit_VR:
             found, expected = ("Implicit", "Explicit") if ds.original_encoding[0] else ("Explicit", "Implicit")
@@ -311,7 +309,7 @@ def _parse_header(data: EncodedDataset, ts: UID, max_inflated_bytes: int) -> Dat
             raise InvalidDatasetError(f"dataset is truncated: an element runs {fp.tell() - end} bytes past the end")
         if fp.tell() < end:
             raise InvalidDatasetError(f"dataset has {end - fp.tell()} trailing bytes that do not parse")
-        for tag in _INDEX_TAGS:  # force conversion now, inside the error boundary
+        for tag in (*_INDEX_TAGS, *_SHAPE_TAGS):
             raw = ds.get_item(tag)
             if (
                 isinstance(raw, RawDataElement)
@@ -320,6 +318,7 @@ def _parse_header(data: EncodedDataset, ts: UID, max_inflated_bytes: int) -> Dat
                 and len(raw.value) != raw.length
             ):
                 raise InvalidDatasetError(f"dataset is truncated inside {Tag(tag)}")
+        for tag in _INDEX_TAGS:  # force conversion now, inside the error boundary
             ds.get(tag)
         _check_pixel_data(ds, ts)
         return ds
@@ -348,17 +347,32 @@ def _check_pixel_data(ds: Dataset, ts: UID) -> None:
         raise InvalidDatasetError(f"Pixel Data is {found}, but transfer syntax {ts} says otherwise")
     if encapsulated:
         return
-    try:
-        pixels = int(ds.Rows) * int(ds.Columns) * int(ds.get("NumberOfFrames") or 1)
-        samples, bits = int(ds.get("SamplesPerPixel") or 1), int(ds.BitsAllocated)
-    except (AttributeError, TypeError, ValueError):  # not an image the node decodes; judged elsewhere
+    rows, columns, bits, samples = (_raw_us(ds, tag) for tag in _SHAPE_TAGS[:4])
+    if rows is None or columns is None or bits is None:  # not an image the node decodes; judged elsewhere
         return
-    if str(ds.get("PhotometricInterpretation", "")).strip() == "YBR_FULL_422":
+    try:
+        frames = int(ds.get("NumberOfFrames") or 1)
+    except (TypeError, ValueError):
+        return
+    photometric = ds.get_item(_SHAPE_TAGS[4], keep_deferred=True)
+    value = photometric.value if photometric is not None else None
+    text = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value or "")
+    if text.strip(" \0") == "YBR_FULL_422":
         samples = 2  # two chroma samples shared by each pair of pixels (PS3.3 C.7.6.3.1.2)
-    need = (pixels * samples * bits + 7) // 8
+    need = (rows * columns * frames * (samples or 1) * bits + 7) // 8
     if length < need:
         raise InvalidDatasetError(f"Pixel Data holds {length} bytes; Rows, Columns, Samples per Pixel, Number "
                                   f"of Frames and Bits Allocated call for {need}")
+
+
+def _raw_us(ds: Dataset, tag: BaseTag | int) -> int | None:
+    """A US value read from its two raw little-endian bytes (the node refuses big endian), None when absent or not
+    two bytes."""
+    raw = ds.get_item(tag, keep_deferred=True)
+    value = raw.value if raw is not None else None
+    if isinstance(value, int):  # converted already
+        return value
+    return int.from_bytes(value, "little") if isinstance(value, bytes) and len(value) == 2 else None
 
 
 def _text(ds: Dataset, keyword: str) -> str | None:
