@@ -53,13 +53,18 @@ def test_children_follow_the_config(tmp_path):
         "dispatcher-0", "worker-0", "listener-0", "listener-1", "listener-2"]
 
 
-def test_a_child_that_keeps_dying_is_restarted_then_stops_the_node_with_exit_70(tmp_path, start):
-    sup = supervisor(tmp_path, start, "exit 3", max_restarts=2)
+def run_out_the_restart_budget(sup) -> None:
+    """Start ``sup`` and let its children die until it gives up (or 30 s pass), then stop it."""
     sup.start()
     try:
         wait_until(lambda: sup._stop.is_set() or (sup.check() and False), 30, "the restart budget to run out")
     finally:
         sup.stop(5)
+
+
+def test_a_child_that_keeps_dying_is_restarted_then_stops_the_node_with_exit_70(tmp_path, start):
+    sup = supervisor(tmp_path, start, "exit 3", max_restarts=2)
+    run_out_the_restart_budget(sup)
     assert sup.exit_code == EXIT_LOOP_FAILED
     died = [c for c in sup.children if c.restarts == 2]
     assert died and all(c.last_exit == 3 for c in died)
@@ -455,11 +460,7 @@ def test_a_child_exiting_with_a_config_error_is_logged_loudly(tmp_path):
     sup = supervisor(tmp_path, "fork", "exit 3", max_restarts=1)
     sup._child_main = lambda child: lambda: 2  # type: ignore[method-assign]
     with capture_logs() as logs:
-        sup.start()
-        try:
-            wait_until(lambda: sup._stop.is_set() or (sup.check() and False), 30, "the restart budget to run out")
-        finally:
-            sup.stop(5)
+        run_out_the_restart_budget(sup)
     assert sup.exit_code == EXIT_LOOP_FAILED
     loud = [e for e in logs if e["event"] == "process_config_error"]
     assert loud and all(e["log_level"] == "critical" and e["exit_status"] == 2 for e in loud)
