@@ -6,6 +6,7 @@
 - `peers.orthanc`: `OrthancServer` (TLS, DICOMweb plugin, REST helpers), `OrthancTls`, `DICOMWEB_PLUGIN`.
 - `peers.pacsnode`: `NodeProcess` (`pacsnode serve` as a child process) and `launch_node`.
 - `peers.dcmtk`: `storescu`, `echoscu`, `StoreScp`.
+- `peers.gdcm`: `gdcmscu` (GDCM's sender; its exit status says nothing, see there).
 - `peers.postgres`: `PostgresServer`, a throwaway PostgreSQL cluster.
 - `peers.ctgen`: `write_ct_series`, a small valid CT series (pydicom).
 

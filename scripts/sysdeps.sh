@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Install the Debian packages the tests talk to (DCMTK, Orthanc + DICOMweb plugin, dicom3tools; chromium, node and
-# npm for the OHIF viewer test; prometheus for promtool; postgresql for the database tests) when missing.
+# Install the Debian packages the tests talk to (DCMTK, GDCM's gdcmscu, Orthanc + DICOMweb plugin, dicom3tools;
+# chromium, node and npm for the OHIF viewer test; prometheus for promtool; postgresql for the database tests) when missing.
 # Needs root for apt-get; otherwise says what is missing and leaves it to the tests to skip those peers.
 set -euo pipefail
 need=()
@@ -8,6 +8,7 @@ command -v storescu >/dev/null 2>&1 || need+=(dcmtk)
 command -v Orthanc >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ] || need+=(orthanc)
 [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=(orthanc-dicomweb)
 command -v dciodvfy >/dev/null 2>&1 || need+=(dicom3tools)
+command -v gdcmscu >/dev/null 2>&1 || need+=(libgdcm-tools)  # GDCM's gdcmscu, a second sender next to DCMTK
 command -v node >/dev/null 2>&1 || need+=(nodejs)
 command -v npm >/dev/null 2>&1 || need+=(npm)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
