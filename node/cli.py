@@ -150,23 +150,56 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_config_reload(args: argparse.Namespace) -> int:
-    """Validate the file first (refuse with the reason), then SIGHUP the running node named by its pid file."""
+    """Validate the file the running node will re-read, with the node's own environment overrides (refuse with the
+    reason), then SIGHUP the node named by its pid file. Refuses a ``--config`` other than the node's own file (the
+    node would reload its file, not that one) and a pid that is not a ``pacsnode serve`` (a stale pid file)."""
     import signal
 
+    from node.config.running import NotANodeError, running_node
+
+    path = _config_path(args)
     config = _load(args)
     pid_file = config.node.data_dir / "pacsnode.pid"
     try:
         pid = int(pid_file.read_text().strip())
+        os.kill(pid, 0)
     except (OSError, ValueError):
-        print(f"pacsnode: no running node found ({pid_file} missing or unreadable)", file=sys.stderr)
+        print(f"pacsnode: no running node found ({pid_file} missing, unreadable or naming no process)", file=sys.stderr)
         return 1
     try:
-        os.kill(pid, signal.SIGHUP)
-    except ProcessLookupError:
-        print(f"pacsnode: node pid {pid} from {pid_file} is not running", file=sys.stderr)
+        node = running_node(pid, DEFAULT_CONFIG_PATH, _serve_config_arg)
+    except NotANodeError as exc:
+        print(f"pacsnode: pid {pid} from {pid_file} is not a pacsnode serve (it runs {exc}); the pid file is stale, "
+              "nothing signalled", file=sys.stderr)
         return 1
+    if node is None:
+        print(f"pacsnode: warning: cannot read /proc/{pid}: checked {path} with this shell's environment; the node "
+              "reloads the file it was started with", file=sys.stderr)
+    else:
+        if not _same_file(path, node.config_path):
+            print(f"pacsnode: the node (pid {pid}) runs on {node.config_path} and a reload re-reads that file, not "
+                  f"{path}: edit {node.config_path}, or restart the node with --config {path}", file=sys.stderr)
+            return 2
+        load_config(node.config_path, environ=node.environ)  # its own PACSNODE_ overrides; ConfigError → exit 2
+    os.kill(pid, signal.SIGHUP)
     print(f"config OK; reload signalled to pid {pid} (see its log for config_reloaded)")
     return 0
+
+
+def _serve_config_arg(argv: Sequence[str]) -> str | None:
+    """The ``--config`` a ``pacsnode`` command line (after the program) names, read by this CLI's own parser."""
+    try:
+        known, _ = build_parser(plugins=False).parse_known_args(list(argv))
+    except SystemExit:  # argparse's way of refusing; a node that runs parsed its arguments, so it is not one
+        return None
+    return getattr(known, "config", None)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return a.resolve() == b.resolve()
 
 
 def _tls_args(args: argparse.Namespace, host: str) -> Any:
