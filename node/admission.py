@@ -70,11 +70,23 @@ SeriesActivity = Callable[[str], float | None]  # last instance's epoch time of 
 
 def down_to_reserve(path: Path, reserve: tuple[int, float]) -> bool:
     """Whether the file system holding ``path`` has less free than the hard reserve ``(bytes, percent)``, the
-    larger of the two: where a data set streamed to a temporary file on the data disk (a spilling C-STORE, a
-    STOW-RS body) stops, so large transfers cannot fill the disk under the spool and the index before admission
-    sees them. Raises OSError."""
+    larger of the two, in full whatever the file system. Raises OSError. `below_reserve` judges a file system as
+    admission does; this form remains for `node.guard`'s spill check until it moves to that one."""
     free, total = statvfs_usage(path)
     return free < _larger(reserve[0], reserve[1], total)
+
+
+def below_reserve(path: Path, settings: AdmissionSection, spool_dir: Path) -> bool:
+    """Whether the file system holding ``path`` has less free than its hard reserve as admission judges that file
+    system (`thresholds`: the reserve's bytes in full where ``spool_dir`` is, capped at `OTHER_RESERVE_SHARE` of a
+    file system without it): where a data set streamed to a temporary file (a spilling C-STORE, a STOW-RS body)
+    stops and the worker stops writing results, so large transfers cannot fill the disk under the spool and the
+    index before admission sees them — and a small ``data_dir`` volume beside a spool volume is not held to a
+    reserve admission does not apply to it (which refused every STOW-RS request and paused the worker while
+    admission accepted). Raises OSError."""
+    free, total = statvfs_usage(path)
+    spool = disks.locate(path)[0] == disks.locate(spool_dir)[0]
+    return free < thresholds(settings, total, spool=spool)[1]
 
 
 def _larger(nbytes: int, percent: float, total: int) -> int:
@@ -83,16 +95,16 @@ def _larger(nbytes: int, percent: float, total: int) -> int:
 
 
 class ReserveWatch:
-    """`down_to_reserve` for one folder, read on each call, with the transitions logged once each (``paused`` /
+    """`below_reserve` for one folder, read on each call, with the transitions logged once each (``paused`` /
     ``resumed`` events on ``log``); a free space that cannot be read counts as not down to the reserve."""
 
-    def __init__(self, path: Path, log: Any, paused: str, resumed: str) -> None:
-        self.path, self.log, self.events = path, log, (paused, resumed)
+    def __init__(self, path: Path, spool_dir: Path, log: Any, paused: str, resumed: str) -> None:
+        self.path, self.spool_dir, self.log, self.events = path, spool_dir, log, (paused, resumed)
         self.down = False
 
     def full(self, settings: AdmissionSection) -> bool:
         try:
-            down = down_to_reserve(self.path, settings.reserve)
+            down = below_reserve(self.path, settings, self.spool_dir)
         except OSError:
             down = False
         if down != self.down:
@@ -478,5 +490,5 @@ class Admission:
             self._log.info("admission_resumed", reason=reason.value, refused_in_pause=refused, **state.numbers())
 
 
-__all__ = ["Admission", "AdmissionState", "ReserveWatch", "decide", "disk_pressure", "down_to_reserve", "evaluate",
-           "headroom", "index_activity", "pressure", "statvfs_usage", "thresholds"]
+__all__ = ["Admission", "AdmissionState", "ReserveWatch", "below_reserve", "decide", "disk_pressure", "down_to_reserve",
+           "evaluate", "headroom", "index_activity", "pressure", "statvfs_usage", "thresholds"]

@@ -42,7 +42,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from node.admission import down_to_reserve
+from node.admission import below_reserve
 from node.audit import AuditTrail, Outcome
 from node.auditdb import audit_received
 from node.auth import Authenticator, client_host
@@ -109,7 +109,6 @@ class _DicomWeb:
         self.on_released = on_released
         self.max_request_bytes = max_request_bytes
         self.tmp_dir = config.node.data_dir / "incoming"
-        self._reserve = config.admission.reserve
         self._retry_after = config.admission.retry_after_seconds
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self.log = get_logger(component="dicomweb")
@@ -210,7 +209,7 @@ class _DicomWeb:
         on many connections could otherwise fill the disk under the spool and the index while they arrive (as a
         spilling C-STORE, `node.guard.BoundedDataset`)."""
         try:
-            full = down_to_reserve(self.tmp_dir, self._reserve)
+            full = below_reserve(self.tmp_dir, self.config.admission, self.config.node.spool_dir)
         except OSError as exc:
             raise Refused(503, f"the data disk's free space cannot be read: {exc.strerror}") from exc
         if full:

@@ -94,7 +94,8 @@ class Worker:
         self._loop_thread = LoopThread(self.heartbeats, LOOP, self.worker_id, self._loop)
         self._reported: set[int] = set()  # dead jobs whose failure report this worker attempted
         self._next_lost_check = 0.0
-        self._disk_watch = ReserveWatch(self.results_store.root, self.log, "worker_paused", "worker_resumed")
+        self._disk_watch = ReserveWatch(self.results_store.root, config.node.spool_dir, self.log, "worker_paused",
+                                        "worker_resumed")
         self.prefetch = Prefetcher(config, engine, self.heartbeats) if prefetch_enabled(config) else None
 
     # -- lifecycle -----------------------------------------------------------------------------------------
