@@ -55,6 +55,7 @@ from node.errors import (
 from node.groupcommit import DEFAULT_MAX_BATCH
 from node.index import Index, InstanceRecord, RecordOutcome
 from node.ingestscan import check_first_group, read_top_level
+from node.pixelcheck import SHAPE_TAGS, check_pixel_data
 from node.spool import Spool
 from node.uids import check_uid
 
@@ -100,9 +101,8 @@ _INDEX_TAGS: list[BaseTag | int] = [
         "SpecificCharacterSet",
     )
 ]
-# What the Pixel Data length check reads (`_check_pixel_data`), from the raw bytes: no pydicom conversion per instance.
-_SHAPE_TAGS: list[BaseTag | int] = [Tag(t) for t in ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel",
-                                                       "PhotometricInterpretation")]
+# What the Pixel Data check reads (node.pixelcheck), from the raw bytes: no pydicom conversion per instance.
+_SHAPE_TAGS = SHAPE_TAGS
 # Present-or-not is all the receive path needs of these; large values are seeked past, never read (defer_size).
 _PIXEL_TAGS: list[BaseTag | int] = [Tag("PixelData"), Tag("FloatPixelData"), Tag("DoubleFloatPixelData")]
 _UNDEFINED_LENGTH = 0xFFFFFFFF
@@ -320,59 +320,12 @@ def _parse_header(data: EncodedDataset, ts: UID, max_inflated_bytes: int) -> Dat
                 raise InvalidDatasetError(f"dataset is truncated inside {Tag(tag)}")
         for tag in _INDEX_TAGS:  # force conversion now, inside the error boundary
             ds.get(tag)
-        _check_pixel_data(ds, ts)
+        check_pixel_data(ds, ts, fp)
         return ds
     except ReceiveError:
         raise
     except Exception as exc:  # pydicom raises many types on bad input; all mean "cannot understand"
         raise InvalidDatasetError(f"dataset does not parse: {type(exc).__name__}: {exc}") from exc
-
-
-def _check_pixel_data(ds: Dataset, ts: UID) -> None:
-    """Refuse Pixel Data its transfer syntax cannot describe (found by review): encapsulated fragments under a
-    native syntax or native bytes under a compressed one, and native data shorter than Rows × Columns × Samples ×
-    Frames × BitsAllocated call for. pydicom reads either encoding whatever the syntax says, so such an instance
-    was acknowledged and the worker then refused its whole series as undecodable — a sender has no reason to send
-    again. Only the element's length is looked at (the value is seeked past)."""
-    raw = ds.get_item(_PIXEL_TAGS[0], keep_deferred=True)
-    if raw is None:
-        return
-    if isinstance(raw, RawDataElement):
-        length = raw.length
-    else:  # already converted (a small value): its bytes, or undefined length
-        length = _UNDEFINED_LENGTH if raw.is_undefined_length else len(raw.value or b"")
-    encapsulated = length == _UNDEFINED_LENGTH
-    if encapsulated != ts.is_encapsulated:
-        found = "encapsulated (compressed)" if encapsulated else "native (uncompressed)"
-        raise InvalidDatasetError(f"Pixel Data is {found}, but transfer syntax {ts} says otherwise")
-    if encapsulated:
-        return
-    rows, columns, bits, samples = (_raw_us(ds, tag) for tag in _SHAPE_TAGS[:4])
-    if rows is None or columns is None or bits is None:  # not an image the node decodes; judged elsewhere
-        return
-    try:
-        frames = int(ds.get("NumberOfFrames") or 1)
-    except (TypeError, ValueError):
-        return
-    photometric = ds.get_item(_SHAPE_TAGS[4], keep_deferred=True)
-    value = photometric.value if photometric is not None else None
-    text = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value or "")
-    if text.strip(" \0") == "YBR_FULL_422":
-        samples = 2  # two chroma samples shared by each pair of pixels (PS3.3 C.7.6.3.1.2)
-    need = (rows * columns * frames * (samples or 1) * bits + 7) // 8
-    if length < need:
-        raise InvalidDatasetError(f"Pixel Data holds {length} bytes; Rows, Columns, Samples per Pixel, Number "
-                                  f"of Frames and Bits Allocated call for {need}")
-
-
-def _raw_us(ds: Dataset, tag: BaseTag | int) -> int | None:
-    """A US value read from its two raw little-endian bytes (the node refuses big endian), None when absent or not
-    two bytes."""
-    raw = ds.get_item(tag, keep_deferred=True)
-    value = raw.value if raw is not None else None
-    if isinstance(value, int):  # converted already
-        return value
-    return int.from_bytes(value, "little") if isinstance(value, bytes) and len(value) == 2 else None
 
 
 def _text(ds: Dataset, keyword: str) -> str | None:

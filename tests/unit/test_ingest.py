@@ -21,6 +21,7 @@ from node.index import Index, RecordOutcome
 from node.ingest import Ingestor, Origin
 from node.spool import Spool
 from node.states import SeriesState
+from tests.conftest import missing_peer
 from tests.ctgen import write_ct_series
 from tests.dicomfiles import dataset_bytes
 
@@ -184,3 +185,41 @@ def test_pixel_data_its_transfer_syntax_cannot_describe_is_refused(ingestor, ser
     assert ingestor.accept(dataset_bytes(tmp_path / "rle.dcm"), RLELossless, ORIGIN).record.sop_uid == rle.SOPInstanceUID
     assert ingestor.accept(dataset_bytes(series.paths[0]), ExplicitVRLittleEndian, ORIGIN).record.sop_uid == \
         native.SOPInstanceUID
+
+
+CODEC_FILES = {  # real files (pydicom's own and pydicom-data) in each codec family the node decodes
+    "JPEG": ("SC_rgb_jpeg_lossy_gdcm.dcm", "JPEG-LL.dcm"),
+    "JPEG-LS": ("MR_small_jpeg_ls_lossless.dcm",),
+    "JPEG 2000": ("693_J2KR.dcm", "MR_small_jp2klossless.dcm"),
+    "RLE": ("MR_small_RLE.dcm", "SC_rgb_rle.dcm"),
+}
+CODEC_SYNTAX = {  # a transfer syntax of each family
+    "JPEG": "1.2.840.10008.1.2.4.70", "JPEG-LS": "1.2.840.10008.1.2.4.80", "JPEG 2000": "1.2.840.10008.1.2.4.90",
+    "RLE": "1.2.840.10008.1.2.5",
+}
+
+
+@pytest.mark.parametrize("declared", sorted(CODEC_SYNTAX))
+def test_pixel_data_of_another_codec_than_its_transfer_syntax_is_refused(ingestor, declared):
+    """Found by review: a sender (or a PACS re-labelling on forward) that puts one codec's stream under another
+    compressed syntax — JPEG-LS under RLE, JPEG under JPEG 2000 — was acknowledged, and the worker could not decode the
+    series. Every real file of another family under ``declared`` is refused 0xC000 naming both; each file under its
+    own syntax family is accepted."""
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import UID
+
+    from node.errors import InvalidDatasetError
+
+    for family, names in CODEC_FILES.items():
+        for name in names:
+            path = get_testdata_file(name)
+            if path is None:
+                missing_peer(f"{name} needs pydicom-data (installed by make test)")
+            data = dataset_bytes(path)
+            own = pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
+            if family == declared:
+                assert ingestor.accept(data, UID(own), ORIGIN).outcome is not None
+                continue
+            with pytest.raises(InvalidDatasetError, match=f"{family} stream.*says {declared}") as err:
+                ingestor.accept(data, UID(CODEC_SYNTAX[declared]), ORIGIN)
+            assert int(err.value.status) == 0xC000
