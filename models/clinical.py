@@ -203,6 +203,21 @@ def header_text(ds: Any) -> str:
     return " ; ".join(parts)
 
 
+def patient_age_years(ds: Any) -> float | None:
+    """Age in years from PatientAge (nnnD/W/M/Y), else PatientBirthDate against StudyDate; else None. An age of
+    zero ("000Y": what some systems write for "unknown") falls back to the dates too."""
+    age = str(getattr(ds, "PatientAge", "") or "")
+    m = re.fullmatch(r"(\d{3})([DWMY])", age)
+    if m and int(m.group(1)):
+        n = float(m.group(1))
+        return n / {"D": 365.25, "W": 52.18, "M": 12.0, "Y": 1.0}[m.group(2)]
+    birth, study = str(getattr(ds, "PatientBirthDate", "") or ""), str(getattr(ds, "StudyDate", "") or "")
+    if len(birth) == 8 and len(study) == 8 and birth.isdigit() and study.isdigit():
+        years = int(study[:4]) - int(birth[:4]) - ((int(study[4:8]) < int(birth[4:8])) * 1)
+        return float(years) if 0 <= years < 130 else None
+    return None
+
+
 def from_header(ds: Any, *, age: float | None = None, sex: str | None = None) -> ClinicalInputs:
     """The clinical inputs one DICOM header offers: ``age``/``sex`` as parsed by the caller (e.g. the
     :class:`models.preprocess.Volume`'s), symptoms from the request text (see the module docstring)."""

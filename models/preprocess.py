@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-import re
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from models.clinical import patient_age_years
 from models.errors import ModelError
 
 HU_MIN = -1024.0
@@ -112,19 +113,6 @@ def _floats(value: Any, n: int, what: str, where: str) -> np.ndarray:
     return arr
 
 
-def _parse_age(ds: Any) -> float | None:
-    age = str(getattr(ds, "PatientAge", "") or "")
-    m = re.fullmatch(r"(\d{3})([DWMY])", age)
-    if m:
-        n = float(m.group(1))
-        return n / {"D": 365.25, "W": 52.18, "M": 12.0, "Y": 1.0}[m.group(2)]
-    birth, study = str(getattr(ds, "PatientBirthDate", "") or ""), str(getattr(ds, "StudyDate", "") or "")
-    if len(birth) == 8 and len(study) == 8 and birth.isdigit() and study.isdigit():
-        years = int(study[:4]) - int(birth[:4]) - ((int(study[4:8]) < int(birth[4:8])) * 1)
-        return float(years) if 0 <= years < 130 else None
-    return None
-
-
 def _frame_attr(ds: Any, index: int, seq: str, attr: str) -> Any:
     """An attribute from the per-frame, else the shared, functional groups of a multi-frame image (or None)."""
     per_frame = getattr(ds, "PerFrameFunctionalGroupsSequence", None)
@@ -180,6 +168,19 @@ def _padding_mask(ds: Any, raw: np.ndarray, frame: int = 0) -> np.ndarray | None
     return np.asarray(raw == value)
 
 
+def _rescale(slope: Any, intercept: Any, where: str) -> tuple[float, float]:
+    """(slope, intercept) as numbers, an absent slope read as 1. Raises PreprocessError for a slope that is not a
+    positive number or an intercept that is not finite: slope 0 was once read as 1, and the series got a verdict."""
+    try:
+        s, i = 1.0 if slope is None or str(slope).strip() == "" else float(slope), float(intercept)
+    except (TypeError, ValueError):
+        s = i = math.nan
+    if not (math.isfinite(s) and s > 0.0 and math.isfinite(i)):
+        raise PreprocessError(f"{where}: RescaleSlope is not a positive number or RescaleIntercept not a finite one; "
+                              f"the pixel values cannot be read as HU")
+    return s, i
+
+
 def _slices_of(ds: Any, ds_index: int, where: str) -> list[_Slice]:
     if "PixelData" not in ds:
         raise PreprocessError(f"{where}: no pixel data")
@@ -198,8 +199,8 @@ def _slices_of(ds: Any, ds_index: int, where: str) -> list[_Slice]:
             inter = _frame_attr(ds, f, "PixelValueTransformationSequence", "RescaleIntercept")
             if pos is None or ori is None or spc is None:
                 raise PreprocessError(f"{fw}: missing plane position, orientation or pixel spacing", kind="geometry")
-            hu = frames[f].astype(np.float32) * np.float32(float(slope if slope is not None else 1.0))
-            hu += np.float32(float(inter if inter is not None else 0.0))
+            slope, inter = _rescale(slope, 0.0 if inter is None else inter, fw)
+            hu = frames[f].astype(np.float32) * np.float32(slope) + np.float32(inter)
             pad = _padding_mask(ds, frames[f], f)
             if pad is not None:
                 hu[pad] = HU_MIN
@@ -213,11 +214,7 @@ def _slices_of(ds: Any, ds_index: int, where: str) -> list[_Slice]:
             raise PreprocessError(f"{where}: missing {kw}; cannot place the slice in the series", kind="geometry")
     if getattr(ds, "RescaleIntercept", None) in (None, ""):  # Type 1 in the CT Image Module: the HU offset
         raise PreprocessError(f"{where}: no RescaleIntercept; the pixel values cannot be read as HU")
-    try:
-        slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
-        inter = float(ds.RescaleIntercept)
-    except (TypeError, ValueError) as exc:
-        raise PreprocessError(f"{where}: invalid RescaleSlope/RescaleIntercept") from exc
+    slope, inter = _rescale(getattr(ds, "RescaleSlope", None), ds.RescaleIntercept, where)
     hu = raw.astype(np.float32) * np.float32(slope) + np.float32(inter)
     pad = _padding_mask(ds, raw)
     if pad is not None:
@@ -265,7 +262,7 @@ def load_series(paths: Sequence[str | Path], *, spacing_tolerance: float = 0.1,
         series_instance_uid=next(iter(series)) or None,
         study_instance_uid=str(getattr(first, "StudyInstanceUID", "")) or None,
         frame_of_reference_uid=next(iter(fors)) or None,
-        patient_age=_parse_age(first),
+        patient_age=patient_age_years(first),
         patient_sex=sex if sex in ("M", "F", "O") else None,
     )
 
