@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, fields
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -215,6 +216,19 @@ class Index:
 
     def get_instance(self, sop_uid: str) -> sa.Row[Any] | None:
         return self._read_one(sa.select(instances).where(instances.c.sop_uid == sop_uid))
+
+    def sample_files(self, root: Path, spool_id: str | None, limit: int = 8) -> list[Path]:
+        """Up to ``limit`` files the index holds in the spool at ``root`` (rows of ``spool_id``, or without one under
+        ``root``), any ones: `node.spool` asks before it marks a root that has no marker. Raises `DatabaseError`."""
+        prefix = f"{root}/"
+        if spool_id is not None:
+            where = instances.c.spool_id == spool_id
+        else:
+            where = sa.and_(instances.c.spool_id.is_(None),
+                            sa.func.substr(instances.c.path, 1, len(prefix)) == prefix)
+        with self._connect() as conn:
+            paths = conn.execute(sa.select(instances.c.path).where(where).limit(limit)).scalars()
+            return [root / p if spool_id is not None else Path(p) for p in paths]
 
     def get_association(self, assoc_id: str) -> sa.Row[Any] | None:
         return self._read_one(sa.select(associations).where(associations.c.id == assoc_id))

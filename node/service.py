@@ -80,8 +80,9 @@ class Service:
         config.node.data_dir.mkdir(parents=True, exist_ok=True)
         self.engine = create_engine_for(config.database_url)
         init_schema(self.engine)
-        self.spool = Spool(config.node.spool_dir, spool_id=config.node.spool_id)
         self.index = Index(self.engine, node_id=self.identity.node_id)
+        self.spool = Spool(config.node.spool_dir, spool_id=config.node.spool_id,
+                           indexed_files=lambda: self.index.sample_files(config.node.spool_dir, config.node.spool_id))
         self.ingestor = Ingestor(self.spool, self.index)
         self.queue = JobQueue(self.engine, config.queue)
         self.metrics = Metrics()

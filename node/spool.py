@@ -20,7 +20,9 @@ all read the same id). Device and inode numbers are not used: a volume that come
 Checked when a write makes its series' folder and otherwise at most every `ROOT_CHECK_SECONDS`: one ``readlink``,
 ~4 µs on a 2-core VM (the two ``stat`` calls it replaces: ~6 µs there); a write in between pays one clock read,
 ~0.25 µs. It recovers by itself as soon as the marker reads right again (``spool_root_back``). A marker removed by hand makes the node refuse writes until it is put back or the
-node restarts (and marks the root anew).
+node restarts (and marks the root anew). A root without a marker is marked only when the index holds no files in
+it or some of them are there (``indexed_files``, looked at once): a node started before its spool volume is mounted
+refuses writes until it is, rather than marking the bare mount point.
 """
 
 from __future__ import annotations
@@ -33,11 +35,11 @@ import math
 import os
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from node.errors import SpoolFullError, StoreFailedError
+from node.errors import DatabaseError, SpoolFullError, StoreFailedError
 from node.logs import get_logger
 from node.uids import check_uid
 
@@ -68,8 +70,13 @@ class Spool:
     can. ``clock`` (monotonic) is a seam for tests."""
 
     def __init__(self, root: Path, spool_id: str | None = None, *,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 indexed_files: Callable[[], Sequence[Path]] | None = None) -> None:
         self.root = Path(root)
+        # Some files the index holds in this root (node.index.Index.sample_files), asked once before a root without
+        # a marker is marked: when there are some and none of them is there, it is not the spool (module docstring).
+        self._indexed_files = indexed_files
+        self._expected: Sequence[Path] | None = None
         self.spool_id = spool_id  # set: the index records paths relative to root under this id (node.spools)
         self.root.mkdir(parents=True, exist_ok=True)
         self._synced: set[Path] = set()  # folders whose own entry (and their parent's) is known durable
@@ -201,6 +208,8 @@ class Spool:
     def _judge(self) -> str | None:
         try:
             if self._marker is None:  # at start, or the root could not be read then
+                if (unmarked := self._unmarked_problem()) is not None:
+                    return unmarked
                 self._marker = claim_marker(self.root)
                 return None
             found = read_marker(self.root)
@@ -211,6 +220,23 @@ class Spool:
         what = f"no {MARKER}" if found is None else f"{MARKER} {found[:40]!r}, not {self._marker!r}"
         return (f"spool root {self.root} is no longer the spool it started on (it has {what}): is its volume "
                 f"unmounted, or another volume mounted there?")
+
+    def _unmarked_problem(self) -> str | None:
+        """Why a root without a marker must not be marked now: the index holds files in it and none of them is
+        there — the spool's volume not mounted yet, its bare mount point in its place. None otherwise (a new spool,
+        one from before markers, a root that has its marker). Raises OSError."""
+        if self._indexed_files is None or read_marker(self.root) is not None:
+            return None
+        if self._expected is None:
+            try:
+                self._expected = self._indexed_files()
+            except DatabaseError as exc:
+                return f"spool root {self.root} has no {MARKER} and the index cannot be read to judge it: {exc}"
+        if not self._expected or any(p.exists() for p in self._expected):
+            return None
+        return (f"spool root {self.root} has no {MARKER} and none of {len(self._expected)} files the index holds in "
+                f"it: is its volume not mounted? Writes resume once it is. If its files are gone for good, mark the "
+                f"root by hand: ln -s $(openssl rand -hex 16) {self.root / MARKER}")
 
     def _make_dirs(self, folder: Path) -> list[Path]:
         """Create missing folders below the root; return the parents to fsync before a file in ``folder`` may be

@@ -275,3 +275,93 @@ def test_readyz_is_not_ready_while_the_spool_root_is_lost(tmp_path):
             assert client.get("/readyz").status_code == 200
     finally:
         service.engine.dispose()
+
+
+def test_a_restart_before_the_spool_volume_is_mounted_refuses_writes_until_it_is(tmp_path):
+    """Defect: a node (re)started while its spool volume was not mounted yet (a reboot, a mount unit ordered after
+    the node) found no marker on the bare mount point, marked it as a new spool and acknowledged C-STOREs into it;
+    once the volume was mounted those files were hidden under it, and the index rows of the files on the volume
+    named nothing readable meanwhile. Now a root without a marker is not marked while the index holds files in it
+    and none of them is there: writes get 0xA701, /readyz says why, and both recover once the volume is back."""
+    from node.config import load_config
+    from node.ingest import Origin
+    from node.service import Service
+    from tests.ctgen import write_ct_series
+    from tests.dicomfiles import dataset_bytes
+
+    path = tmp_path / "node.toml"
+    path.write_text(f'[node]\ndata_dir = "{tmp_path / "data"}"\nhost = "127.0.0.1"\n[worker]\nenabled = false\n')
+    made = write_ct_series(tmp_path / "ct", size=16, slices=3, seed=6)
+    first = Service(load_config(path, environ={}))
+    root = first.config.node.spool_dir
+    first.ingestor.accept(dataset_bytes(made.paths[0]), "1.2.840.10008.1.2.1", Origin("CT1", "a1"))
+    first.engine.dispose()
+    os.rename(root, tmp_path / "volume")  # the node stopped, the volume not mounted at the next start...
+    root.mkdir()  # ...its bare mount point in its place
+
+    service = Service(load_config(path, environ={}))
+    try:
+        with TestClient(service.http._app, base_url="http://127.0.0.1") as client:
+            answer = client.get("/readyz")
+            assert answer.status_code == 503
+            assert f"has no {MARKER} and none of 1 files the index holds" in answer.json()["checks"]["spool"]
+            with pytest.raises(StoreFailedError) as err:
+                service.ingestor.accept(dataset_bytes(made.paths[1]), "1.2.840.10008.1.2.1", Origin("CT1", "a2"))
+            assert err.value.status == StoreStatus.OUT_OF_RESOURCES_STORE
+            assert list(root.iterdir()) == []  # nothing written, no marker made on the bare mount point
+            root.rmdir()
+            os.rename(tmp_path / "volume", root)  # the volume mounted: no restart needed
+            assert client.get("/readyz").status_code == 200
+            service.ingestor.accept(dataset_bytes(made.paths[1]), "1.2.840.10008.1.2.1", Origin("CT1", "a2"))
+            assert dcm_names(root) == sorted(f"{uid}.dcm" for uid in made.sop_uids[:2])
+    finally:
+        service.engine.dispose()
+
+
+def test_a_new_spool_and_one_whose_indexed_files_are_there_are_marked_at_start(tmp_path):
+    from node.config import load_config
+    from node.ingest import Origin
+    from node.service import Service
+    from tests.ctgen import write_ct_series
+    from tests.dicomfiles import dataset_bytes
+
+    path = tmp_path / "node.toml"
+    path.write_text(f'[node]\ndata_dir = "{tmp_path / "data"}"\nhost = "127.0.0.1"\n[worker]\nenabled = false\n')
+    made = write_ct_series(tmp_path / "ct", size=16, slices=2, seed=7)
+    first = Service(load_config(path, environ={}))  # no rows: marked
+    root = first.config.node.spool_dir
+    assert read_marker(root) is not None
+    first.ingestor.accept(dataset_bytes(made.paths[0]), "1.2.840.10008.1.2.1", Origin("CT1", "a1"))
+    first.engine.dispose()
+    (root / MARKER).unlink()  # a spool from before markers: rows, and their files there
+    again = Service(load_config(path, environ={}))
+    try:
+        assert again.spool.root_problem() is None and read_marker(root) is not None
+        again.ingestor.accept(dataset_bytes(made.paths[1]), "1.2.840.10008.1.2.1", Origin("CT1", "a2"))
+    finally:
+        again.engine.dispose()
+
+
+def test_the_index_names_files_of_this_spool_only(tmp_path):
+    """`Index.sample_files`: rows of this spool id (paths relative to the root), or without a spool id the rows whose
+    absolute path lies under the root — not another host's spool, not a folder whose name merely starts the same."""
+    from node.db import create_engine_for, init_schema
+    from node.index import Index, InstanceRecord
+
+    engine = create_engine_for(f"sqlite:///{tmp_path / 'node.db'}")
+    init_schema(engine)
+    index = Index(engine)
+
+    def row(n: int, path: str, spool_id: str | None) -> InstanceRecord:
+        return InstanceRecord(sop_uid=f"1.2.3.{n}", series_uid=f"1.2.{n}", study_uid="1.2", sop_class_uid="1.2.840",
+                              transfer_syntax_uid="1.2.840.10008.1.2.1", path=path, size=1, sha256="0" * 64,
+                              spool_id=spool_id)
+
+    root = tmp_path / "spool"
+    index.record_instances([row(1, "1.2/1.2.1/1.2.3.1.dcm", "a"), row(2, "1.2/1.2.2/1.2.3.2.dcm", "b"),
+                            row(3, f"{root}/1.2/1.2.3/1.2.3.3.dcm", None),
+                            row(4, f"{root}-old/1.2/1.2.4/1.2.3.4.dcm", None)])
+    assert index.sample_files(root, "a") == [root / "1.2/1.2.1/1.2.3.1.dcm"]
+    assert index.sample_files(root, None) == [root / "1.2/1.2.3/1.2.3.3.dcm"]
+    assert index.sample_files(tmp_path / "elsewhere", None) == []
+    engine.dispose()
