@@ -1,15 +1,16 @@
 """The validity gate: refuse, with a coded reason, series a pipeline cannot judge — before any pixel is read.
 
 `check_series(instances, settings, expected_count=...)` looks at index rows (modality, SOP class, frames, frame of
-reference, geometry, spacing, tilt, count), `check_header(ds)` at one instance's header (image type, pixel
-spacing) and `check_size(ds, slices)` at the series' size against the worker's memory budget; each returns None
-when the series may go on, else a `GateRefusal` naming the `SkipReason` and a one-line detail that never quotes a
-header value. Pixel decodability is the last check and happens when the
+reference, geometry, spacing, tilt, count), `check_header(ds)` at one instance's header (contrast, orientation,
+image type, pixel spacing) and `check_size(ds, slices)` at the series' size against the worker's
+memory budget; each returns None when the series may go on, else a `GateRefusal` naming the `SkipReason` and a
+one-line detail that never quotes a header value. Pixel decodability is the last check and happens when the
 worker loads the series (a `PreprocessError` there is also a refusal); the image-based scope check follows it.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,7 @@ class GateRefusal:
 
 
 _SUPINE_COSINE = 0.8  # the column direction within ~37° of the patient's posterior (+y): how the models saw it
+_PLANE_COSINE = 0.95  # a slice normal within ~18° of the left-right (front-back) axis is called sagittal (coronal)
 
 
 def check_series(
@@ -94,12 +96,10 @@ def check_header(ds: Any, settings: GateSection | None = None) -> GateRefusal | 
     if (settings is None or settings.refuse_contrast) and _named(ds, "ContrastBolusAgent", _NO_CONTRAST):
         return GateRefusal(SkipReason.OUT_OF_SCOPE, "contrast-enhanced series (Contrast/Bolus Agent is set): the "
                                                     "models were trained on non-contrast CT only")
-    if (turned := _turned(ds)) is not None:
+    if (turned := _not_axial(ds) or _turned(ds)) is not None:
         return GateRefusal(SkipReason.OUT_OF_SCOPE, turned)
-    image_type = ds.get("ImageType")
-    values = {str(v).strip().upper() for v in ([image_type] if isinstance(image_type, str) else image_type or [])}
-    if "LOCALIZER" in values:
-        return GateRefusal(SkipReason.NOT_ORIGINAL_AXIAL, "the series is a localizer (scout)")
+    if (kind := _image_kind(ds)) is not None:
+        return GateRefusal(SkipReason.NOT_ORIGINAL_AXIAL, kind)
     spacing = ds.get("PixelSpacing")
     try:
         ok = spacing is not None and len(spacing) == 2 and all(float(v) > 0 for v in spacing)
@@ -157,6 +157,46 @@ def _named(ds: Any, keyword: str, meaning_none: frozenset[str] = frozenset()) ->
         return True
     text = str(value or "").strip().upper()
     return bool(text) and text not in meaning_none
+
+
+# ImageType values (any position) that mark a projection or rendering, not a slice of anatomy: a maximum-intensity
+# slab turns vessels into bright tubes (a normal chest phantom's probability went 0.03 → 0.995), a minimum one
+# darkens the lungs. AVERAGE/MEAN slabs are thick slices and pass.
+_PROJECTIONS = frozenset({"MIP", "MINIP", "MIN IP", "MINIMUM IP", "MAXIP", "MAX IP", "MNIP", "MAXIMUM", "MINIMUM",
+                          "PROJECTION IMAGE", "VOLUME_RENDER", "VOLUME RENDER", "VRT", "SSD", "SURFACE", "CPR",
+                          "CURVED"})
+
+
+def _image_kind(ds: Any) -> str | None:
+    """Why ImageType says these are not slices of anatomy the models can read (a scout, a projection), or None."""
+    image_type = ds.get("ImageType")
+    values = {str(v).strip().upper() for v in ([image_type] if isinstance(image_type, str) else image_type or [])}
+    if "LOCALIZER" in values:
+        return "the series is a localizer (scout)"
+    if values & _PROJECTIONS:
+        return ("the images are a projection (MIP/MinIP slab or rendering), not slices: the models read original "
+                "axial slices only")
+    return None
+
+
+def _not_axial(ds: Any) -> str | None:
+    """Why the slices are not axial (sagittal, coronal, oblique beyond ~37°: what `models.scope` calls axial), or
+    None. Checked before `_turned`, which only tells apart the ways an axial slice can be turned in-plane."""
+    try:
+        ori = [float(v) for v in ds.ImageOrientationPatient]
+        row, col = ori[:3], ori[3:6]
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if len(row) != 3 or len(col) != 3:
+        return None
+    normal = (row[1] * col[2] - row[2] * col[1], row[2] * col[0] - row[0] * col[2], row[0] * col[1] - row[1] * col[0])
+    length = math.sqrt(sum(v * v for v in normal))
+    if not math.isfinite(length) or length < 0.5 or abs(normal[2]) / length >= _SUPINE_COSINE:
+        return None  # a malformed orientation is left to the stack checks
+    off = math.degrees(math.acos(min(1.0, abs(normal[2]) / length)))
+    plane = ("sagittal" if abs(normal[0]) / length >= _PLANE_COSINE else "coronal"
+             if abs(normal[1]) / length >= _PLANE_COSINE else f"oblique, {off:.0f} degrees off axial")
+    return f"not an axial series: the slices are {plane}; the models read axial slices only"
 
 
 def _turned(ds: Any) -> str | None:

@@ -4,14 +4,21 @@ verdict or a misleading reason before (found by review); now each is refused wit
 
 from __future__ import annotations
 
+import copy
+from pathlib import Path
+
+import numpy as np
 import pydicom
 import pytest
 
 from models.preprocess import PreprocessError, load_series
+from node.gate import check_header
+from node.ingest import Origin
 from node.results import SkipReason
 from node.states import JobState
 from node.worker import Worker
 from tests.ctgen import write_ct_series
+from tests.dicomfiles import dataset_bytes
 from tests.unit.test_worker import FixedRunner, node, queue_job, receive_edited  # noqa: F401 - node: fixture
 
 
@@ -32,6 +39,109 @@ def _run(node, series_uid, runner=None):  # noqa: F811 - the fixture's value
     runner = runner or FixedRunner()
     Worker(config, engine, queue, dispatcher, lambda: runner).run_pending()
     return queue.get(job_id), runner
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sagittal and coronal reformats: refused as not axial, not as "turned on their side (decubitus)"
+# ---------------------------------------------------------------------------------------------------------
+
+def _reformat(axial: list[Path], out: Path, plane: str) -> list[Path]:
+    """A sagittal or coronal reformat of an axial ctgen series, as a console (or a scanner's direct MPR) writes
+    it: one image per column (sagittal) or row (coronal), rows running head to feet."""
+    dss = sorted((pydicom.dcmread(p) for p in axial), key=lambda d: float(d.ImagePositionPatient[2]))
+    hu = np.stack([d.pixel_array.astype(np.int16) for d in dss])[::-1]  # head (highest z) first
+    x0, y0, _ = (float(v) for v in dss[0].ImagePositionPatient)
+    top = float(dss[-1].ImagePositionPatient[2])
+    dz = abs(float(dss[1].ImagePositionPatient[2]) - float(dss[0].ImagePositionPatient[2]))
+    series_uid = pydicom.uid.generate_uid()
+    out.mkdir()
+    paths = []
+    for k in range(hu.shape[2] if plane == "sagittal" else hu.shape[1]):
+        d = copy.deepcopy(dss[0])
+        d.SeriesInstanceUID = series_uid
+        d.SOPInstanceUID = d.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        if plane == "sagittal":
+            image, d.ImageOrientationPatient, d.ImagePositionPatient = hu[:, :, k], [0, 1, 0, 0, 0, -1], [x0 + k, y0, top]
+        else:
+            image, d.ImageOrientationPatient, d.ImagePositionPatient = hu[:, k, :], [1, 0, 0, 0, 0, -1], [x0, y0 + k, top]
+        d.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]  # what a scanner's direct coronal/sagittal recon may write
+        d.PixelSpacing = [dz, 1.0]
+        d.Rows, d.Columns = image.shape
+        d.PixelData = np.ascontiguousarray(image).astype("<u2").tobytes()
+        paths.append(out / f"{plane}{k:03d}.dcm")
+        d.save_as(paths[-1], enforce_file_format=True)
+    return paths
+
+
+@pytest.mark.parametrize("plane", ["sagittal", "coronal"])
+def test_a_sagittal_or_coronal_reformat_is_refused_as_not_axial(node, tmp_path, plane):  # noqa: F811
+    """A chest reformat (16 slices of 32 px) got "the images are turned on their side (decubitus)": the gate read
+    the column direction alone, so every non-axial plane looked like a patient lying on their side."""
+    _, _, ingestor, *_ = node
+    axial = write_ct_series(tmp_path / "axial", size=32, slices=16, seed=5)
+    paths = _reformat(axial.paths, tmp_path / plane, plane)
+    for path in paths:
+        ingestor.accept(dataset_bytes(path), "1.2.840.10008.1.2.1", Origin("CT1", "a1"))
+    job, runner = _run(node, str(pydicom.dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID))
+    assert (job.state, job.skip_reason) == (JobState.SKIPPED, SkipReason.OUT_OF_SCOPE.value)
+    assert f"not an axial series: the slices are {plane}" in job.last_error
+    assert "decubitus" not in job.last_error and runner.calls == 0
+
+
+@pytest.mark.parametrize(("orientation", "says"), [
+    ([0, 1, 0, 0, 0, -1], "sagittal"),
+    ([1, 0, 0, 0, 0, -1], "coronal"),
+    ([1, 0, 0, 0, 0.5, -0.8660254], "oblique, 60 degrees off axial"),
+])
+def test_non_axial_headers_name_their_plane(orientation, says):
+    refusal = check_header(_header(ImageOrientationPatient=orientation))
+    assert refusal is not None and refusal.reason is SkipReason.OUT_OF_SCOPE
+    assert says in refusal.detail and "decubitus" not in refusal.detail
+
+
+def test_decubitus_and_prone_axial_slices_are_still_told_apart():
+    assert "decubitus" in check_header(_header(ImageOrientationPatient=[0, 1, 0, -1, 0, 0])).detail
+    assert "prone" in check_header(_header(ImageOrientationPatient=[-1, 0, 0, 0, -1, 0])).detail
+    assert check_header(_header(ImageOrientationPatient=[-1, 0, 0, 0, 1, 0])) is None  # feet first, supine
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Projections: a MIP or MinIP slab is not a slice of anatomy
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("image_type", [
+    ["DERIVED", "SECONDARY", "AXIAL", "MIP"],
+    ["DERIVED", "SECONDARY", "MINIP"],
+    ["ORIGINAL", "PRIMARY", "AXIAL", "MIN IP"],
+    ["DERIVED", "PRIMARY", "AXIAL", "MAXIMUM"],
+    ["DERIVED", "SECONDARY", "VOLUME_RENDER"],
+])
+def test_projection_images_are_refused(image_type):
+    """A 5-slice MIP of a normal chest phantom took the shipped classifier from 0.03 to 0.995 (pneumonia) and
+    MinIPs pull it the other way; the gate passed every ImageType but LOCALIZER."""
+    refusal = check_header(_header(ImageType=image_type))
+    assert refusal is not None and refusal.reason is SkipReason.NOT_ORIGINAL_AXIAL
+    assert "projection" in refusal.detail
+
+
+@pytest.mark.parametrize("image_type", [
+    ["ORIGINAL", "PRIMARY", "AXIAL"], ["DERIVED", "SECONDARY", "AXIAL"], ["ORIGINAL", "PRIMARY", "AXIAL", "CT_SOM5 SPI"],
+    ["DERIVED", "SECONDARY", "AXIAL", "AVERAGE"], ["ORIGINAL", "PRIMARY", "AXIAL", "HELIX"],
+])
+def test_ordinary_axial_image_types_pass(image_type):
+    assert check_header(_header(ImageType=image_type)) is None
+
+
+def test_a_mip_series_gets_no_verdict(node, tmp_path):  # noqa: F811
+    _, _, ingestor, *_ = node
+
+    def mip(ds):
+        ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL", "MIP"]
+
+    series = receive_edited(ingestor, tmp_path, "mip", mip, slices=10, seed=13)
+    job, runner = _run(node, series.series_uid)
+    assert (job.state, job.skip_reason) == (JobState.SKIPPED, SkipReason.NOT_ORIGINAL_AXIAL.value)
+    assert "projection" in job.last_error and runner.calls == 0
 
 
 # ---------------------------------------------------------------------------------------------------------
