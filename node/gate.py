@@ -2,7 +2,7 @@
 
 `check_series(instances, settings, expected_count=...)` looks at index rows (modality, SOP class, frames, frame of
 reference, geometry, spacing, tilt, count), `check_header(ds)` at one instance's header (contrast, orientation,
-image type, pixel spacing) and `check_size(ds, slices)` at the series' size against the worker's
+image type, patient age, pixel spacing) and `check_size(ds, slices)` at the series' size against the worker's
 memory budget; each returns None when the series may go on, else a `GateRefusal` naming the `SkipReason` and a
 one-line detail that never quotes a header value. Pixel decodability is the last check and happens when the
 worker loads the series (a `PreprocessError` there is also a refusal); the image-based scope check follows it.
@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from models.clinical import patient_age_years
 from node.config import CT_IMAGE_STORAGE, GateSection
 from node.results import SkipReason
 from node.stack import analyse_stack
@@ -100,6 +101,10 @@ def check_header(ds: Any, settings: GateSection | None = None) -> GateRefusal | 
         return GateRefusal(SkipReason.OUT_OF_SCOPE, turned)
     if (kind := _image_kind(ds)) is not None:
         return GateRefusal(SkipReason.NOT_ORIGINAL_AXIAL, kind)
+    age = patient_age_years(ds)
+    if age is not None and age < MIN_AGE_YEARS:
+        return GateRefusal(SkipReason.OUT_OF_SCOPE, f"the patient is a child (under {MIN_AGE_YEARS:g} years by the "
+                                                    f"header): the models were trained on adults only")
     spacing = ds.get("PixelSpacing")
     try:
         ok = spacing is not None and len(spacing) == 2 and all(float(v) > 0 for v in spacing)
@@ -158,6 +163,8 @@ def _named(ds: Any, keyword: str, meaning_none: frozenset[str] = frozenset()) ->
     text = str(value or "").strip().upper()
     return bool(text) and text not in meaning_none
 
+
+MIN_AGE_YEARS = 18.0  # every model card's training data: adults of 18–95 years; no child was ever seen
 
 # ImageType values (any position) that mark a projection or rendering, not a slice of anatomy: a maximum-intensity
 # slab turns vessels into bright tubes (a normal chest phantom's probability went 0.03 → 0.995), a minimum one

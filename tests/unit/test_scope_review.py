@@ -174,3 +174,43 @@ def test_a_missing_rescale_slope_still_means_one(tmp_path):
         ds.save_as(p, enforce_file_format=True)
     assert float(load_series(series.paths).hu.min()) < -900  # air outside the body
 
+
+# ---------------------------------------------------------------------------------------------------------
+# Children: the models were trained on adults (18–95 years)
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("age", "birth", "study", "refused"), [
+    ("010Y", "", "", True),
+    ("006M", "", "", True),
+    ("017Y", "", "", True),
+    ("018Y", "", "", False),
+    ("045Y", "", "", False),
+    ("", "20150301", "20260102", True),  # 10 from the birth date
+    ("", "19700101", "20260102", False),
+    ("", "", "", False),  # unknown: judged (the SR says age was missing)
+    ("45", "", "", False),  # malformed and no birth date: unknown
+    ("000Y", "", "", False),  # a placeholder for "unknown", not a newborn
+    ("000D", "20260102", "20260102", True),  # a newborn: the dates say so
+])
+def test_children_are_outside_the_models_scope(age, birth, study, refused):
+    ds = _header(PatientBirthDate=birth, StudyDate=study)
+    ds["PatientAge"] = pydicom.DataElement(0x00101010, "AS", age, validation_mode=0)  # as sent, even malformed
+    refusal = check_header(ds)
+    assert (refusal is not None) is refused
+    if refused:
+        assert refusal.reason is SkipReason.OUT_OF_SCOPE and "under 18 years" in refusal.detail
+        assert age not in refusal.detail if age else birth not in refusal.detail  # no header value quoted
+
+
+def test_a_childs_chest_ct_gets_no_verdict(node, tmp_path):  # noqa: F811
+    """A 10-year-old's chest the size of the phantom's passed the image-based scope check (lungs 1–12 L over
+    ≥ 150 mm) and got a verdict; the header's age was never looked at."""
+    _, _, ingestor, *_ = node
+
+    def child(ds):
+        ds.PatientAge = "010Y"
+
+    series = receive_edited(ingestor, tmp_path, "child", child, slices=10, seed=16)
+    job, runner = _run(node, series.series_uid)
+    assert (job.state, job.skip_reason) == (JobState.SKIPPED, SkipReason.OUT_OF_SCOPE.value)
+    assert "under 18 years" in job.last_error and runner.calls == 0
