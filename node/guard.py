@@ -12,8 +12,9 @@ defined here before the association starts:
   ``network_timeout`` per read; past it, only what the peer had already sent is still read (a node late to read
   does not refuse a punctual peer) — and a PDU whose declared length exceeds ``max_pdu_bytes`` is answered with an
   A-ABORT before a byte of its body is read. An A-ASSOCIATE-RQ is decoded once with pynetdicom's own decoder
-  before the state machine sees it; one that does not decode (context ID 0, truncated items) is aborted the same
-  way. A failing read raises `OSError`, which pynetdicom's DUL turns into "transport closed" (Evt17).
+  before the state machine sees it; one that does not decode (context ID 0, truncated items) or holds more items
+  than a real peer proposes (`associate_rq_excess`: their decoding cost seconds of CPU) is aborted the same way.
+  A failing read raises `OSError`, which pynetdicom's DUL turns into "transport closed" (Evt17).
 - `GuardedDimse` (a `DIMSEServiceProvider`): each incoming data set is collected in a `BoundedDataset` — in
   memory up to `SPILL_BYTES`, then in an anonymous temporary file beside the spool — which keeps at most
   ``max_instance_bytes`` and past that drops what it holds and only counts, so the C-STORE handler can answer
@@ -28,13 +29,14 @@ pynetdicom internals this module and `node.acceptor` rely on (tests/unit/test_ho
 changes): the DUL reads a PDU as ``socket.recv(6)`` then ``socket.recv(length)`` and maps `OSError` to Evt17; the
 acceptor thread waits on ``dul.to_user_queue`` for the A-ASSOCIATE primitive and treats None as its timeout;
 ``assoc.dimse`` and the socket's class can be replaced before ``assoc.start()``; `DIMSEMessage.decode_msg` only
-calls ``write`` on ``data_set``; the FSM's state names (Sta1-Sta3 before association); in `node.acceptor`, the
-request handler's ``_create_association`` returns the association before its thread starts, whose ``run`` can be
-wrapped. For `node.reactorwait` (blocking waits instead of the reactors' 1 ms polling): the DUL reactor calls
-the socket's ``ready`` once per pass after sleeping ``_run_loop_delay`` and checking ``to_provider_queue``; the
-association reactor calls ``dimse.get_msg(block=False)`` once per pass; the DUL's ``to_provider_queue`` /
-``to_user_queue`` and the DIMSE ``msg_queue`` are plain `queue.Queue` attributes, only ever ``put`` into (never
-replaced) after ``assoc.start()``.
+calls ``write`` on ``data_set``; the FSM's state names (Sta1-Sta3 before association);
+``A_ASSOCIATE_RQ._generate_items`` yields (type, bytes) per item; in `node.acceptor`, the request handler's
+``_create_association`` returns the association before its thread starts, whose ``run`` can be wrapped. For
+`node.reactorwait` (blocking waits instead of the reactors' 1 ms polling): the DUL reactor calls the socket's
+``ready`` once per pass after sleeping ``_run_loop_delay`` and checking ``to_provider_queue``; the association
+reactor calls ``dimse.get_msg(block=False)`` once per pass; the DUL's ``to_provider_queue`` / ``to_user_queue`` and
+the DIMSE ``msg_queue`` are plain `queue.Queue` attributes, only ever ``put`` into (never replaced) after
+``assoc.start()``.
 
 Each of these problems, with a reproduction and the fix we offer upstream, is written up in
 docs/upstream-pynetdicom.md (the text of the pynetdicom issue).
@@ -54,6 +56,7 @@ import threading
 import time
 from dataclasses import dataclass
 from io import BytesIO
+from itertools import islice
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, cast
 
@@ -90,7 +93,11 @@ SPILL_CHECK_BYTES = 64 << 20  # a spilling data set re-checks the disk's free sp
 CONNECTIONS_PER_ASSOCIATION = 2  # open TCP connections allowed per association slot (see ReceiveLimits)
 # A command set is a handful of elements (~100-300 bytes); anything near this is not a DIMSE command.
 MAX_COMMAND_SET_BYTES = 1 << 16
-
+# A-ASSOCIATE-RQ items (PS3.8 9.3.2): context IDs are odd, 1-255; DICOM defines ~63 transfer syntaxes; a role
+# selection and two extended negotiations at most per abstract syntax, plus a few other user information sub-items.
+_VARIABLE_ITEMS, _PRESENTATION_CONTEXT_RQ, _TRANSFER_SYNTAX, _USER_INFORMATION = 74, 0x20, 0x40, 0x50
+MAX_PRESENTATION_CONTEXTS, MAX_TRANSFER_SYNTAXES_PER_CONTEXT = 128, 128
+MAX_TRANSFER_SYNTAXES, MAX_USER_SUB_ITEMS = 128 * 64, 3 * 128 + 16  # in all the contexts; in user information
 
 
 @dataclass(frozen=True)
@@ -249,6 +256,25 @@ def _arrived(sock: Any, most: int) -> bytes | None:
         return None
 
 
+def associate_rq_excess(pdu_bytes: bytes) -> str | None:
+    """What an A-ASSOCIATE-RQ holds beyond any real peer's need (None: nothing), counted by pynetdicom's item walker
+    before it is decoded: pynetdicom adds each transfer syntax after a linear search of its context's, so 1 MiB of
+    15 contexts x 6,500 syntaxes held the GIL ~10 s. A truncated item raises (the caller's malformed case)."""
+    transfer_syntaxes = user_items = 0  # each walk stops past its bound: a flood costs no more than that
+    for items, (item_type, item) in enumerate(A_ASSOCIATE_RQ._generate_items(pdu_bytes[_VARIABLE_ITEMS:]), 1):
+        if item_type == _PRESENTATION_CONTEXT_RQ:
+            sub_items = islice(A_ASSOCIATE_RQ._generate_items(item[8:]), MAX_TRANSFER_SYNTAXES_PER_CONTEXT + 2)
+            if (in_context := sum(t == _TRANSFER_SYNTAX for t, _ in sub_items)) > MAX_TRANSFER_SYNTAXES_PER_CONTEXT:
+                return f"over {MAX_TRANSFER_SYNTAXES_PER_CONTEXT} transfer syntaxes in a presentation context"
+            transfer_syntaxes += in_context
+        elif item_type == _USER_INFORMATION:
+            user_items += sum(1 for _ in islice(A_ASSOCIATE_RQ._generate_items(item[4:]), MAX_USER_SUB_ITEMS + 1))
+        if items > MAX_PRESENTATION_CONTEXTS + 2 or transfer_syntaxes > MAX_TRANSFER_SYNTAXES \
+                or user_items > MAX_USER_SUB_ITEMS:  # items: the contexts, application context, user information
+            return f"{items} items, {transfer_syntaxes} transfer syntaxes, {user_items} user sub-items so far"
+    return None
+
+
 class GuardedSocket(AssociationSocket):
     """An `AssociationSocket` whose reads have deadlines and whose PDUs have a maximum declared length."""
 
@@ -370,13 +396,15 @@ class GuardedSocket(AssociationSocket):
         return self.assoc.dul.state_machine.current_state in ("Sta1", "Sta2", "Sta3")
 
     def _check_associate_rq(self, pdu_bytes: bytes) -> None:
-        """Decode the request the way pynetdicom's state machine will (AE-6), where an exception would kill the
-        reactor thread and leave the peer unanswered."""
+        """Count the items (`associate_rq_excess`), then decode the request as pynetdicom's state machine will (AE-6),
+        where an exception would kill the reactor thread and leave the peer unanswered."""
         try:
-            pdu = A_ASSOCIATE_RQ()
-            pdu.decode(pdu_bytes)
-            pdu.to_primitive()
-            return
+            error = associate_rq_excess(pdu_bytes)
+            if error is None:
+                pdu = A_ASSOCIATE_RQ()
+                pdu.decode(pdu_bytes)
+                pdu.to_primitive()
+                return
         except Exception as exc:  # noqa: BLE001 - pynetdicom raises ValueError, struct.error, KeyError ... on malformed items
             error = f"{type(exc).__name__}: {exc}"[:200]
         self._refuse(PeerRefusal.ASSOCIATE_RQ_MALFORMED, error=error)
@@ -466,14 +494,7 @@ def record_unfinished_negotiation(assoc: Association, refusals: Refusals, limits
 
 
 __all__ = [
-    "CONNECTIONS_PER_ASSOCIATION",
-    "MAX_COMMAND_SET_BYTES",
-    "BoundedDataset",
-    "GuardedDimse",
-    "GuardedSocket",
-    "ReceiveLimits",
-    "SPILL_BYTES",
-    "discard_request_dataset",
-    "record_unfinished_negotiation",
-    "store_request_dataset",
-]
+    "CONNECTIONS_PER_ASSOCIATION", "MAX_COMMAND_SET_BYTES", "MAX_PRESENTATION_CONTEXTS", "MAX_TRANSFER_SYNTAXES",
+    "MAX_TRANSFER_SYNTAXES_PER_CONTEXT", "MAX_USER_SUB_ITEMS", "BoundedDataset", "GuardedDimse", "GuardedSocket",
+    "ReceiveLimits", "SPILL_BYTES", "associate_rq_excess", "discard_request_dataset", "record_unfinished_negotiation",
+    "store_request_dataset"]
