@@ -22,7 +22,7 @@
 
 Every class without a module named lives here. Outside the tree: `models.errors.ModelError` and its subclasses
 (``models/`` never imports ``node/``; the worker turns them into job failures), and private control-flow signals
-that never leave the stage that raises them (`node.worker.LeaseLost`; `node.stow.Refused` and
+that never leave the stage that raises them (`node.queue.LeaseLost`; `node.stow.Refused` and
 `node.stow.PartFailed`, answered in `node.dicomweb`; ``_Refused`` in `node.admin`;
 `node.config.running.NotANodeError`, answered in `node.cli`).
 

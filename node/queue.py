@@ -10,8 +10,10 @@ lease with `heartbeat`; `finish`/`skip`/`fail` end it only while it is still the
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +30,7 @@ from node.versions import SKIP_REASON, newer_version, reissue
 PRIORITY_RANK = {Priority.STAT: 0, Priority.ROUTINE: 1}
 DEFER_SECONDS = 60.0  # a job deferred for the node's own failure (results disk full) waits at least this long
 _BY_RANK = {rank: priority for priority, rank in PRIORITY_RANK.items()}
-__all__ = ["PRIORITY_RANK", "Job", "JobQueue", "jobs"]
+__all__ = ["PRIORITY_RANK", "Job", "JobQueue", "LeaseLost", "jobs", "lease_renewed"]
 
 
 @dataclass(frozen=True)
@@ -211,3 +213,44 @@ class JobQueue:
 
 def _lease(job: Job, worker_id: str) -> Lease:
     return Lease(job.id, worker_id, job.attempts)
+
+
+class LeaseLost(Exception):  # noqa: N818 - a control-flow signal (drop this attempt), not an error
+    """The job's lease expired and another worker may hold it: drop this attempt's outcome."""
+
+
+@contextmanager
+def lease_renewed(queue: JobQueue, job: Job, worker_id: str, settings: QueueSection, log: Any) -> Iterator[None]:
+    """Renew ``job``'s lease every ``heartbeat_seconds`` while the block runs, for at most ``attempt_limit_seconds``
+    (a hung attempt must not keep its job for ever: the lease then runs out and another worker takes it); raises
+    `LeaseLost` after the block when the lease was found lost meanwhile."""
+    from node.supervise import failure
+
+    stop = threading.Event()
+    lost = threading.Event()
+
+    def beat() -> None:
+        limit = settings.attempt_limit_seconds
+        overrun = time.monotonic() + limit
+        while not stop.wait(settings.heartbeat_seconds):
+            if time.monotonic() > overrun:
+                log.error("job_overran", job_id=job.id, attempt_limit_seconds=limit)
+                return
+            try:
+                held = queue.heartbeat(job, worker_id)
+            except Exception as exc:  # noqa: BLE001 - a database hiccup must not end the lease's heartbeat
+                log.warning("lease_heartbeat_failed", job_id=job.id, error=failure(exc))
+                continue
+            if not held:
+                lost.set()
+                return
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{job.id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+    if lost.is_set():
+        raise LeaseLost()

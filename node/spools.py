@@ -35,6 +35,7 @@ from typing import Any
 
 from node.config import NodeConfig
 from node.errors import NodeError
+from node.spool import read_marker
 
 
 class UnknownSpoolError(NodeError):
@@ -67,6 +68,27 @@ class Spools:
         """Index rows (with ``spool_id`` and ``path``) whose ``path`` reads as the absolute local path; every other
         attribute is the row's. Raises `UnknownSpoolError` for a row on an unmapped spool."""
         return [ResolvedRow(row, str(self.resolve(getattr(row, "spool_id", None), row.path))) for row in rows]
+
+    def unmounted(self, rows: Iterable[Any]) -> list[Path]:
+        """The spool roots holding ``rows``' files (rows as the index or `rows` gives them) that have no readable
+        marker now (node.spool: the volume not mounted, a lost NFS mount): while one has none, a file there that
+        does not read is the node's trouble, not the series' (the worker waits instead of judging the series)."""
+        roots: set[Path] = set()
+        for row in rows:
+            spool_id = getattr(row, "spool_id", None)
+            if spool_id is not None and spool_id in self.roots:
+                roots.add(self.roots[spool_id])
+            elif spool_id is None and Path(row.path).is_relative_to(self.own_root):
+                roots.add(self.own_root)
+        out = []
+        for root in sorted(roots):
+            try:
+                marked = read_marker(root) is not None
+            except OSError:
+                marked = False
+            if not marked:
+                out.append(root)
+        return out
 
 
 class ResolvedRow:

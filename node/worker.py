@@ -21,8 +21,7 @@ import datetime as dt
 import io
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -48,7 +47,7 @@ from node.loops import LoopThread, backoff_seconds
 from node.metrics import Metrics
 from node.pipelines import PIPELINES, ModelRunner, Pipeline, RegistryRunner  # noqa: F401 - re-exported
 from node.prefetch import Prefetcher, prefetch_enabled
-from node.queue import Job, JobQueue
+from node.queue import Job, JobQueue, LeaseLost, lease_renewed
 from node.results import AlgorithmIdentity, ResultsError, SkipReason, Superseded, build_skipped_sr
 from node.schema import instances, results, series
 from node.spool import Spool
@@ -253,7 +252,8 @@ class Worker:
             if refusal is not None:
                 return self._skip(job, pipeline, rows, refusal, log)
             runner = self.warm_up()
-            with self._heartbeat(job):  # the lease is renewed while loading, inferring and building
+            # the lease is renewed while loading, inferring and building
+            with lease_renewed(self.queue, job, self.worker_id, self.config.queue, self.log):
                 t_load = time.perf_counter()
                 loaded = self._load(job, rows, runner)
                 if isinstance(loaded, GateRefusal):
@@ -288,14 +288,16 @@ class Worker:
             self.metrics.job_ended(job.pipeline.value, SKIP_REASON)
             log.info("job_superseded", newer_version=exc.newer)
             return JobState.SKIPPED
-        except SpoolFullError as exc:  # the results disk is full: the node's failure, not the series'
-            error = f"{type(exc).__name__}: {_safe_message(exc)}"[:1000]
-            held = self.queue.defer(job, self.worker_id, error)  # not an attempt: the job would die of it
-            log.error("job_deferred", error=error, lease_held=held)
-            self.metrics.job_ended(job.pipeline.value, "deferred")
-            return JobState.QUEUED
         except Exception as exc:  # noqa: BLE001 - one bad series must fail its job, never the worker thread
             error = f"{type(exc).__name__}: {_safe_message(exc)}"[:1000]
+            if isinstance(exc, SpoolFullError) or (gone := self._unmounted(job, exc)):
+                # the node's failure, not the series': the results disk full, or a spool volume not mounted (its
+                # files unreadable). Not an attempt: the job would die of it, and be judged on missing files
+                error = error if isinstance(exc, SpoolFullError) else f"spool not mounted: {gone}; {error}"[:1000]
+                held = self.queue.defer(job, self.worker_id, error)
+                log.error("job_deferred", error=error, lease_held=held)
+                self.metrics.job_ended(job.pipeline.value, "deferred")
+                return JobState.QUEUED
             state = self.queue.fail(job, self.worker_id, error)  # RUNNING: the lease was lost, the job is not ours
             log.error("job_failed", error=error, next_state=str(state) if state is not JobState.RUNNING else "lost")
             if state is JobState.DEAD:
@@ -310,8 +312,21 @@ class Worker:
             loaded = ((load_series([r.path for r in rows]), runner) if self.prefetch is None
                       else self.prefetch.load(job.series_uid, rows, runner))
         except PreprocessError as exc:
+            if isinstance(exc.__cause__, OSError):  # a file that does not read: not the series' pixels (process)
+                raise
             return unloadable(exc)
         return next(filter(None, (check_header(ds, self.config.gate) for ds in loaded[0].datasets)), None) or loaded
+
+    def _unmounted(self, job: Job, exc: Exception) -> str | None:
+        """For a failure reading files: the spool roots of the job's series that have no marker now, else None."""
+        if not isinstance(exc, OSError) and not isinstance(exc.__cause__, OSError):
+            return None
+        try:
+            with self.engine.connect() as conn:
+                rows = conn.execute(sa.select(instances).where(instances.c.series_uid == job.series_uid)).all()
+            return ", ".join(map(str, Spools(self.config).unmounted(rows))) or None
+        except Exception:  # noqa: BLE001 - cannot tell: the failure counts as the series' own
+            return None
 
     def _instances(self, series_uid: str) -> list[Any]:
         """The series' index rows, each ``path`` resolved to where this host reads the file (node.spools; a row on
@@ -436,41 +451,6 @@ class Worker:
         dead); the caller raises `JobSuperseded` once the transaction is committed."""
         if leased and not self.queue.skip(conn, job, self.worker_id, SKIP_REASON, f"version {newer} came in"):
             raise LeaseLost()
-
-    @contextmanager
-    def _heartbeat(self, job: Job) -> Iterator[None]:
-        stop = threading.Event()
-        lost = threading.Event()
-
-        def beat() -> None:  # not past [queue] attempt_limit_seconds: a hung attempt must not keep its job for ever
-            limit = self.config.queue.attempt_limit_seconds
-            overrun = time.monotonic() + limit
-            while not stop.wait(self.config.queue.heartbeat_seconds):
-                if time.monotonic() > overrun:  # the lease runs out; another worker takes the job, a new attempt
-                    self.log.error("job_overran", job_id=job.id, attempt_limit_seconds=limit)
-                    return
-                try:
-                    held = self.queue.heartbeat(job, self.worker_id)
-                except Exception as exc:  # noqa: BLE001 - a database hiccup must not end the lease's heartbeat
-                    self.log.warning("lease_heartbeat_failed", job_id=job.id, error=failure(exc))
-                    continue
-                if not held:
-                    lost.set()
-                    return
-
-        thread = threading.Thread(target=beat, name=f"heartbeat-{job.id}", daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            thread.join()
-        if lost.is_set():
-            raise LeaseLost()
-
-
-class LeaseLost(Exception):  # noqa: N818 - a control-flow signal (drop this attempt), not an error
-    """The job's lease expired and another worker may hold it: drop this attempt's outcome."""
 
 
 def _header(path: str) -> Dataset:

@@ -722,3 +722,61 @@ def test_a_series_over_the_memory_budget_is_refused_before_it_is_loaded(node, tm
     job_id = queue_job(queue, small.series_uid)
     Worker(config, engine, queue, dispatcher, lambda: runner).run_pending()
     assert queue.get(job_id).state == JobState.DONE
+
+
+def test_a_spool_volume_not_mounted_defers_the_job_instead_of_judging_the_series(node, tmp_path):
+    """Defect: with the spool's volume not mounted (a lost NFS mount, a reboot with the mount late), every file of a
+    queued series failed to read; the job spent its attempts, died and was left for an admin's retry, though nothing
+    was wrong with the series. Now a failure to read files while the series' spool root has no marker defers the job
+    (no attempt spent, nothing sent), and once the volume is back it gets its real results."""
+    import os
+
+    config, engine, ingestor, queue, dispatcher, sender = node
+    series = receive(ingestor, tmp_path, "s-nfs", slices=12, seed=41)
+    job_id = queue_job(queue, series.series_uid)
+    root = config.node.spool_dir
+    os.rename(root, tmp_path / "volume")  # the volume gone, its bare mount point left
+    root.mkdir()
+    runner = FixedRunner(0.9)
+    worker = Worker(config, engine, queue, dispatcher, lambda: runner)
+    with capture_logs() as logs:
+        worker.process(queue.claim(worker.worker_id))
+    job = queue.get(job_id)
+    assert job.state == JobState.QUEUED and job.attempts == 0, (job.state, job.attempts, job.last_error)
+    assert "spool not mounted" in job.last_error and str(root) in job.last_error
+    assert [e["event"] for e in logs if e["log_level"] == "error"] == ["job_deferred"]
+    assert dispatcher.run_once() == 0 and sender.sent == [] and runner.calls == 0
+    root.rmdir()
+    os.rename(tmp_path / "volume", root)
+    with engine.begin() as conn:  # due now rather than after the deferral
+        conn.execute(jobs.update().where(jobs.c.id == job_id).values(due_at=0))
+    assert worker.run_pending() == 1 and queue.get(job_id).state == JobState.DONE
+    dispatcher.run_once()
+    assert [pydicom.dcmread(f).Modality for f in sender.sent[0]] == ["SR", "SEG", "KO"]
+
+
+def test_a_file_missing_from_a_mounted_spool_fails_the_job_rather_than_calling_it_undecodable(node, tmp_path,
+                                                                                              monkeypatch):
+    """The spool is there (its marker reads) but a file read for the volume is gone: that is a failure of the node's
+    own (data lost), retried and then dead-lettered as failed, its reason kept — not a refusal for undecodable pixels
+    (which a read error on the pixels alone, headers readable, would otherwise have been answered with)."""
+    import models.preprocess
+
+    config, engine, ingestor, queue, dispatcher, sender = node
+    series = receive(ingestor, tmp_path, "s-lost", slices=12, seed=42)
+    job_id = queue_job(queue, series.series_uid)
+    real = models.preprocess.read_file
+
+    def read_file(index, path, data=None):  # the file vanishes after the header checks, before the load reads it
+        if index == 3:
+            Path(path).unlink(missing_ok=True)
+        return real(index, path, data)
+
+    monkeypatch.setattr(models.preprocess, "read_file", read_file)
+    worker = Worker(config, engine, queue, dispatcher, lambda: FixedRunner(0.9))
+    worker.run_pending()
+    job = queue.get(job_id)
+    assert job.state == JobState.DEAD and job.skip_reason is None and job.attempts == 2
+    assert "not a readable DICOM file" in job.last_error
+    dispatcher.run_once()  # nothing coded "undecodable" goes out (the failure report needs every file's header)
+    assert all("SKIP-UNDECODABLE" not in str(pydicom.dcmread(f).ContentSequence) for fs in sender.sent for f in fs)
