@@ -30,6 +30,7 @@ The pynetdicom 3.0.4 internals this relies on are listed, with `node.guard`'s, i
 from __future__ import annotations
 
 import contextlib
+import queue
 import socket
 import socketserver
 import ssl
@@ -40,7 +41,13 @@ from typing import TYPE_CHECKING, Any, cast
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from node import reactorwait
-from node.guard import GuardedDimse, GuardedSocket, ReceiveLimits, record_unfinished_negotiation
+from node.guard import (
+    BoundedDataset,
+    GuardedDimse,
+    GuardedSocket,
+    ReceiveLimits,
+    record_unfinished_negotiation,
+)
 from node.refusals import Refusals
 from node.states import PeerRefusal
 from node.tls import describe_tls_error
@@ -113,11 +120,26 @@ class GuardedRequestHandler(RequestHandler):
             finally:
                 server.release_peer(address)
                 record_unfinished_negotiation(assoc, server.refusals, limits)
+                _discard_unanswered(assoc)
 
         assoc.run = run_then_release  # type: ignore[method-assign]
         self._slot_handed_over = True
         return assoc
 
+
+
+def _discard_unanswered(assoc: Association) -> None:
+    """Free the data sets an ended association leaves unanswered (the one it was receiving, any still queued) now:
+    the association's objects form reference cycles, and a spilled one's temporary file (up to max_instance_bytes)
+    stayed open, deleted, until the next garbage collection — 15-30 s in a listener, longer when it is idle."""
+    dimse = assoc.dimse
+    pending = [getattr(dimse.message, "data_set", None)]
+    with contextlib.suppress(queue.Empty):
+        while True:
+            pending.append(getattr(dimse.msg_queue.get_nowait()[1], "DataSet", None))
+    for data_set in pending:
+        if isinstance(data_set, BoundedDataset):
+            data_set.discard()
 
 
 def _presented_itself(exc: BaseException, reason: str) -> bool:

@@ -7,15 +7,24 @@ here item by item, PS3.8 9.3.2. The node runs in-process (`test_hostile_dimse.No
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import os
 import struct
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from io import BytesIO
 
 import pytest
 from pydicom.uid import CTImageStorage
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu import P_DATA_TF
 
+from node import guard
 from node.metrics import Metrics
 from tests.conftest import peer_env, require_tool
 from tests.ctgen import write_ct_series
@@ -157,3 +166,72 @@ def _refused(metrics: Metrics, reason: str) -> float:
         if line.startswith("pacsnode_peers_refused_total{") and f'reason="{reason}"' in line:
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+# -- an association that ends in the middle of a data set ---------------------------------------------------------
+def _spill_files() -> list[str]:
+    """This process's open descriptors on temporary spill files (``<data_dir>/incoming``, deleted at creation)."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if "/incoming/" in (target := os.readlink(f"/proc/self/fd/{fd}")):
+                found.append(target)
+    return found
+
+
+@pytest.fixture
+def no_cyclic_gc() -> Iterator[None]:
+    """Python's cyclic collector off, as in a process whose long-lived objects are frozen and that allocates
+    little: what still holds memory or a file then holds it until some later collection."""
+    gc.collect()
+    gc.disable()
+    yield
+    gc.enable()
+
+
+@pytest.mark.parametrize("ending", ["A-ABORT", "A-RELEASE-RQ", "closed"])
+def test_a_data_set_cut_off_by_the_association_s_end_frees_its_spill_file_at_once(
+    make_node, peers, tmp_path, monkeypatch, no_cyclic_gc, ending
+):
+    """Found by review: a C-STORE data set spilled to a temporary file (over SPILL_BYTES; up to max_instance_bytes,
+    1 GiB by default) and cut off by an A-ABORT, an A-RELEASE-RQ or a closed connection kept its file, deleted but
+    open, until the garbage collector broke the association's reference cycles (15-30 s in a `pacsnode serve`
+    listener after 4 such transfers of 30 MB; never in this test's process). A peer sending large data sets and
+    aborting them could hold disk space past its association, down to the [admission] reserve. Now the data set is
+    freed when the association's thread ends."""
+    monkeypatch.setattr(guard, "SPILL_BYTES", 64 << 10)
+    node = make_node(max_instance_bytes=1 << 20)
+    sop_uid, data = hostile.ct_dataset(tmp_path, size=400)  # 320 KB: spilled past 64 KiB
+    peer = peers(node.address)
+    hostile.associate(peer)
+    pdus = _store_pdus(sop_uid, data, peer.max_pdu)
+    for pdu in pdus[: len(pdus) // 2]:
+        peer.send(pdu)
+    hostile.wait_until(lambda: len(_spill_files()) == 1, 5, "the data set to spill")
+    peer.send({"A-ABORT": _A_ABORT_RQ, "A-RELEASE-RQ": _A_RELEASE_RQ, "closed": b""}[ending])
+    if ending == "A-RELEASE-RQ":
+        assert peer.read_pdu()[0] == 0x06  # A-RELEASE-RP: the node ends the association
+    peer.close()
+    hostile.wait_until(lambda: node.server.servers[0].open_connections() == 0, 5, "the association to end")
+    assert _spill_files() == []
+    assert node.spooled() == []
+    assert node.echo() == 0x0000
+
+
+_A_ABORT_RQ = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0, 0])  # PS3.8 9.3.8: source 0 (service user), reason 0
+_A_RELEASE_RQ = bytes([0x05, 0, 0, 0, 0, 4, 0, 0, 0, 0])  # PS3.8 9.3.6
+
+
+def _store_pdus(sop_uid: str, data: bytes, max_pdu: int) -> list[bytes]:
+    """The P-DATA-TF PDUs of a C-STORE-RQ of ``data``, encoded by pynetdicom."""
+    req = C_STORE()
+    req.MessageID, req.AffectedSOPClassUID, req.AffectedSOPInstanceUID, req.Priority = 1, CTImageStorage, sop_uid, 0
+    req.DataSet = BytesIO(data)
+    msg = C_STORE_RQ()
+    msg.primitive_to_message(req)
+    out = []
+    for primitive in msg.encode_msg(hostile.CX_CT, max_pdu):
+        pdu = P_DATA_TF()
+        pdu.from_primitive(primitive)
+        out.append(bytes(pdu.encode()))
+    return out
