@@ -12,7 +12,8 @@ tried, and the first success makes its backed-off rows due at once. Result files
 `node.leases`) is the only writer of delivery state.
 
 The senders (the destination seam, keyed by the config's ``kind``) and their errors (`TransientSendError`,
-`PermanentSendError`) live in `node.senders`; import them from there.
+`PermanentSendError`) live in `node.senders`. A result file missing while ``data_dir/results`` has lost its marker
+(node.spool: its volume not mounted) is retried like a transient failure, not dead-lettered.
 """
 
 from __future__ import annotations
@@ -41,11 +42,11 @@ from node.leases import MAX_ERROR_CHARS, Lease, Leases, backoff, holder_id, own_
 from node.logs import get_logger
 from node.schema import deliveries
 from node.senders import PermanentSendError, Sender
+from node.spools import results_unmounted
 from node.states import DeliveryState
 from node.supervise import Heartbeats
 
 __all__ = ["SWEEP_LOOP", "Dispatcher", "backoff_delay", "deliveries"]
-_MAX_ERROR_CHARS = MAX_ERROR_CHARS
 
 
 def backoff_delay(attempts: int, settings: DispatchSection, rng: Callable[[], float]) -> float:
@@ -73,8 +74,7 @@ class _Next(Enum):
 
 
 def _message(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return text[:_MAX_ERROR_CHARS]
+    return (str(exc) or type(exc).__name__)[:MAX_ERROR_CHARS]
 
 
 class Dispatcher:
@@ -300,14 +300,8 @@ class Dispatcher:
 
     def _attempt(self, claimed: _Claimed) -> _Next:
         config = self._config
-        log = self._log.bind(
-            delivery_id=claimed.id,
-            series_uid=claimed.series_uid,
-            version=claimed.version,
-            destination=claimed.destination,
-            sop_uids=list(claimed.sop_uids),
-            attempt=claimed.attempts,
-        )
+        log = self._log.bind(delivery_id=claimed.id, series_uid=claimed.series_uid, version=claimed.version,
+                             destination=claimed.destination, sop_uids=list(claimed.sop_uids), attempt=claimed.attempts)
         destination = next((x for x in config.destinations if x.name == claimed.destination), None)
         if destination is None:  # removed by a config reload after the claim
             error = f"destination {claimed.destination!r} is not configured"
@@ -319,6 +313,8 @@ class Dispatcher:
         try:
             sender.send(destination, claimed.files)
         except PermanentSendError as exc:
+            if (root := results_unmounted(config, claimed.files)) is not None:  # e.g. "result file missing"
+                return self._failed(claimed, f"{root} has no marker (volume not mounted?); {_message(exc)}", config, log)
             return self._dead(claimed, _message(exc), log)
         except SendError as exc:
             return self._failed(claimed, _message(exc), config, log)
@@ -343,7 +339,7 @@ class Dispatcher:
         settings = config.dispatch
         if now - claimed.queued_at >= settings.give_up_after_seconds:
             reason = f"gave up after {settings.give_up_after_seconds:g} s; last error: {error}"
-            self._dead(claimed, reason[:_MAX_ERROR_CHARS], log)
+            self._dead(claimed, reason[:MAX_ERROR_CHARS], log)
             return _Next.BACK_OFF
         delay = backoff_delay(claimed.attempts, settings, self._rng)
         if not self._leases.retry_later(claimed.lease, delay, error):
@@ -390,7 +386,7 @@ class Dispatcher:
         for row in dead:
             self._log.error("delivery_dead", delivery_id=row.id, series_uid=row.series_uid, version=row.version,
                             destination=row.destination, sop_uids=json.loads(row.sop_uids),
-                            error=reason(row)[:_MAX_ERROR_CHARS])
+                            error=reason(row)[:MAX_ERROR_CHARS])
         return len(dead)
 
     # -- operations -----------------------------------------------------------------------------------------------

@@ -91,6 +91,19 @@ class Spools:
         return out
 
 
+def results_unmounted(config: NodeConfig, files: Iterable[str | Path]) -> Path | None:
+    """The results folder (``data_dir/results``) when ``files`` lie in it and it has no readable marker now (its
+    volume not mounted here: the compose file's ``results`` volume), else None: a result file missing there is
+    then the node's trouble, retried, not a reason to give the delivery up."""
+    root = config.node.data_dir / "results"
+    if not any(Path(f).is_relative_to(root) for f in files):
+        return None
+    try:
+        return None if read_marker(root) is not None else root
+    except OSError:
+        return root
+
+
 class ResolvedRow:
     """A row seen through `Spools.rows`: ``path`` resolved, every other attribute the row's own."""
 
@@ -117,4 +130,4 @@ def resolve_all(config: NodeConfig, rows: Sequence[Any]) -> list[Any]:
     return Spools(config).rows(rows)
 
 
-__all__ = ["ResolvedRow", "Spools", "UnknownSpoolError", "resolve_all"]
+__all__ = ["ResolvedRow", "Spools", "UnknownSpoolError", "resolve_all", "results_unmounted"]

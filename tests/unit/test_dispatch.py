@@ -749,3 +749,45 @@ def test_a_claim_in_flight_on_another_dispatcher_holds_the_newer_version_up(post
     assert quick.calls == [("pacs", tuple(files(tag="v2")))]
     for e in engines:
         e.dispose()
+
+
+def test_a_results_volume_not_mounted_is_retried_not_dead_lettered(engine: sa.Engine, clock: FakeClock,
+                                                                     tmp_path: Path) -> None:
+    """Defect: with the results on a volume of their own (docker-compose.scale.yml's ``results``, shared by workers
+    and the dispatcher) and that volume not mounted for a moment, every delivery failed on "result file missing", a
+    permanent error, and was dead-lettered at once — results lost to the PACS until an admin's retry. Now a missing
+    file while ``data_dir/results`` has lost its marker (node.spool) is retried; once the volume is back the delivery
+    reaches the PACS (DCMTK storescp here, through the real DIMSE sender)."""
+    import os
+
+    from node.spool import Spool
+    from peers.dcmtk import StoreScp
+    from tests.ctgen import write_ct_series
+
+    data_dir = tmp_path / "data"
+    results = Spool(data_dir / "results")  # marks the root, as the worker's results store does
+    made = write_ct_series(tmp_path / "ct", slices=2, size=8, seed=77)
+    written = [results.write(made.study_uid, made.series_uid, sop, [p.read_bytes()]).path
+               for sop, p in zip(made.sop_uids, made.paths, strict=True)]
+    pacs = StoreScp(tmp_path / "pacs").start()
+    try:
+        config = make_config(dimse("pacs", port=pacs.port)).model_copy(
+            update={"node": NodeConfig(node={"data_dir": str(data_dir)}).node})
+        d = Dispatcher(config, engine, {DestinationKind.DIMSE: DimseSender("PACSNODE", 5)}, clock=clock,
+                       rng=lambda: 0.5)
+        (delivery_id,) = d.enqueue(made.series_uid, 1, written, list(made.sop_uids))
+        os.rename(data_dir / "results", tmp_path / "volume")  # the volume gone, its bare mount point left
+        (data_dir / "results").mkdir()
+        d.run_once()
+        got = row(d, delivery_id)
+        assert got.state == DeliveryState.PENDING.value, (got.state, got.last_error)
+        assert "has no marker" in got.last_error and "missing" in got.last_error
+        (data_dir / "results").rmdir()
+        os.rename(tmp_path / "volume", data_dir / "results")
+        clock.advance(60)
+        d.run_once()
+        assert row(d, delivery_id).state == DeliveryState.DELIVERED.value
+        assert len(list((tmp_path / "pacs").rglob("*"))) >= 2
+        d.stop(5)
+    finally:
+        pacs.stop()
