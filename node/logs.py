@@ -5,14 +5,18 @@ processes sharing stderr never interleave within a line), and routes the stdlib 
 SQLAlchemy, dicomweb-client) through the same renderer, those libraries' only from WARNING.
 `get_logger(**context)` returns a bound logger. A processor drops any key that names a patient-identifying
 attribute, so a careless call site cannot leak one: events carry UIDs, AE titles and sizes, never patient name, ID
-or birth date.
+or birth date. pydicom and highdicom quote the values they complain about ("Invalid value for VR IS: 'DOE'",
+highdicom's single-component person name warning): their lines, and Python warnings (captured into the log as JSON,
+never raw lines on stderr), keep the complaint with every quoted part removed (`unquoted`).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import threading
+import warnings
 from collections.abc import Callable, MutableMapping
 from typing import Any, TextIO
 
@@ -25,6 +29,35 @@ PHI_KEYS = frozenset(
         "referring_physician_name", "institution_name",
     }
 )
+
+
+# Loggers whose messages quote header values: pydicom's warn_and_log (which also `warnings.warn`s the same text),
+# highdicom, and Python warnings (py.warnings: highdicom warns with a person name in it).
+_VALUE_QUOTING_LOGGERS = frozenset({"pydicom", "highdicom", "py.warnings"})
+_QUOTES = re.compile(r"""['"]""")
+
+
+def unquoted(text: str) -> str:
+    """``text`` with everything from its first quote character to its last (or to the end, for a lone one)
+    replaced by ``[removed]``: whatever a library quoted, and any quote inside the value, goes with it."""
+    marks = [m.start() for m in _QUOTES.finditer(text)]
+    if not marks:
+        return text
+    end = marks[-1] + 1 if len(marks) > 1 else len(text)
+    return f"{text[: marks[0]]}[removed]{text[end:]}"
+
+
+class _LibraryValues(logging.Filter):
+    """Rewrites the records of `_VALUE_QUOTING_LOGGERS` before they are rendered: their message `unquoted`, and an
+    attached exception reduced to its type (its message may quote a value too)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name in _VALUE_QUOTING_LOGGERS or record.name.split(".")[0] in _VALUE_QUOTING_LOGGERS:
+            text = unquoted(record.getMessage().strip())
+            if record.exc_info and record.exc_info[0] is not None:
+                text += f" ({record.exc_info[0].__name__})"
+            record.msg, record.args, record.exc_info, record.exc_text = text, None, None, None
+        return True
 
 
 def _drop_phi(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
@@ -103,8 +136,16 @@ def configure_logging(level: str = "INFO", stream: Any = None) -> None:
             foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
         )
     )
+    handler.addFilter(_LibraryValues())
     root = logging.getLogger()
     root.handlers[:] = [handler]
+    # Python warnings go through the handler (JSON, values removed), not to stderr as raw text; pydicom's are
+    # dropped there, as its warn_and_log logs each one already (logger "pydicom").
+    logging.captureWarnings(True)
+    warnings.filterwarnings("ignore", category=UserWarning, module="pydicom")
+    # highdicom's note on a source's single-component PatientName: one line per patient, nothing to act on
+    warnings.filterwarnings("ignore", message="The string .* is unlikely to represent the intended person name",
+                            category=UserWarning)
     root.setLevel(level.upper())
     # pynetdicom logs every PDU at DEBUG/INFO; only its warnings matter to an operator. dicomweb-client logs each
     # request's URL (with a user:password in it) and headers at DEBUG: never credentials in the logs.
