@@ -66,6 +66,7 @@ class PurgeReport:
     disk_percent_before: float = 0.0
     disk_percent_after: float = 0.0
     disk_path: str = ""  # the file system the percentages are of: the fullest at the start (`fullest_disk`)
+    spools_unmounted: set[str] = field(default_factory=set)  # roots without their marker: their series kept
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -73,7 +74,7 @@ class PurgeReport:
             "result_files": self.result_files, "bytes_freed": self.bytes_freed,
             "disk_percent_before": round(self.disk_percent_before, 1),
             "disk_percent_after": round(self.disk_percent_after, 1), "disk_path": self.disk_path,
-        }
+        } | ({"spools_unmounted": sorted(self.spools_unmounted)} if self.spools_unmounted else {})
 
 
 # A delivery whose storage commitment is still awaited is not settled; one the PACS did not confirm (it reported
@@ -253,6 +254,9 @@ class Retention:
             ).all()
         rows = Spools(self.config).rows(rows)  # paths on this host; an unmapped spool fails this purge, rows kept
         if not rows or seen is None or series_uid in report.series:
+            return
+        if gone := Spools(self.config).unmounted(rows):  # its files unseen: deleting the rows would orphan them
+            report.spools_unmounted.update(map(str, gone))
             return
         if dry_run:
             self._count(series_uid, rows, report)

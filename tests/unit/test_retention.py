@@ -414,3 +414,24 @@ def test_a_purged_series_sent_again_unchanged_completes_as_it_was(site, resent):
         assert site.index.get_series(uid).version == 1
     else:
         assert [(u, v) for u, v, _ in done] == [(uid, 2)] and sorted(versions) == [1, 2]
+
+
+def test_a_spool_volume_not_mounted_keeps_its_series_rows_for_a_later_purge(site):
+    """Defect: with the spool's volume not mounted when retention ran, its settled series had their rows deleted
+    while their files, unseen, stayed: once the volume was back nothing named them and no purge ever freed them (a
+    leak of the whole unmounted window's data). Now a series whose spool root has no marker is kept, the report
+    names the root, and the next purge with the volume back deletes rows and files together."""
+    import os
+
+    uid = site.series("a", seed=31)
+    root = site.config.node.spool_dir
+    site.clock.now += 8 * DAY
+    os.rename(root, site.tmp_path / "volume")
+    root.mkdir()
+    report = site.retention.purge()
+    assert report.instance_files == 0 and report.as_dict()["spools_unmounted"] == [str(root)]
+    assert site.index.get_series(uid).instance_count == 10
+    root.rmdir()
+    os.rename(site.tmp_path / "volume", root)
+    assert site.retention.purge().instance_files == 10
+    assert site.spool_files(uid) == [] and site.consistent()
