@@ -220,13 +220,17 @@ _TYPE2_COPIED = (
 
 
 def scrub(message: str, sources: Sequence[Dataset]) -> str:
-    """``message`` with every patient/study identifying value found in ``sources`` replaced by ``[removed]``."""
+    """``message`` with every patient/study identifying value found in ``sources`` replaced by ``[removed]``: the
+    whole value and each value of a multi-valued one, as ``str`` gives it and as ``repr`` escapes it (libraries
+    quote ``{value!r}``), quoted or not."""
     values: set[str] = set()
     for ds in sources:
         for keyword in _IDENTIFYING:
             value = ds.get(keyword)
-            if value is not None and str(value).strip():
-                values.add(str(value).strip())
+            items = [value, *value] if isinstance(value, (list, tuple, MultiValue)) else [value]
+            for item in items:
+                text = str(item).strip() if item is not None else ""
+                values.update({text, repr(text)[1:-1]} if text else ())
     for value in sorted(values, key=len, reverse=True):
         quoted = [f"'{value}'", f'"{value}"'] + ([value] if len(value) >= 3 else [])
         for form in quoted:
