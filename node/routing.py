@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
@@ -88,6 +89,16 @@ def _text(value: object) -> str:
     return str(value).strip()[:_MAX_TEXT] if value is not None else ""
 
 
+def header_value(ds: Any, keyword: str) -> Any:
+    """``ds``'s value for ``keyword``, None when absent or when it does not convert: a value in a VR its bytes do not
+    fit (pydicom's BytesLengthException, a ValueError…) is a header the routes cannot read, not a reason for the
+    series to fail every sweep and never complete (found by review)."""
+    try:
+        return ds.get(keyword)
+    except Exception:  # noqa: BLE001 - pydicom raises many types for one malformed value
+        return None
+
+
 def read_header(path: str | Path, *, calling_ae: str | None, slices: int) -> SeriesHeader | None:
     """The routing header of the instance at ``path``; None when the file is not DICOM. A file that cannot be
     opened or read (`OSError`: a spool on NFS that blipped, too many open files, a missing file) raises: that says
@@ -98,21 +109,21 @@ def read_header(path: str | Path, *, calling_ae: str | None, slices: int) -> Ser
         raise
     except (InvalidDicomError, EOFError, ValueError, TypeError, AttributeError):
         return None
-    image_type = ds.get("ImageType")
+    image_type = header_value(ds, "ImageType")
     values = [image_type] if isinstance(image_type, str) else list(image_type or [])
     try:
-        thickness: float | None = float(ds.get("SliceThickness"))
+        thickness: float | None = float(header_value(ds, "SliceThickness"))  # type: ignore[arg-type]
     except (TypeError, ValueError):
         thickness = None
     return SeriesHeader(
-        modality=_text(ds.get("Modality")).upper(),
-        sop_class_uid=_text(ds.get("SOPClassUID")),
+        modality=_text(header_value(ds, "Modality")).upper(),
+        sop_class_uid=_text(header_value(ds, "SOPClassUID")),
         image_type=tuple(_text(v).upper() for v in values),
-        body_part=_text(ds.get("BodyPartExamined")).upper(),
-        series_description=_text(ds.get("SeriesDescription")),
-        protocol_name=_text(ds.get("ProtocolName")),
+        body_part=_text(header_value(ds, "BodyPartExamined")).upper(),
+        series_description=_text(header_value(ds, "SeriesDescription")),
+        protocol_name=_text(header_value(ds, "ProtocolName")),
         slice_thickness_mm=thickness,
-        manufacturer=_text(ds.get("Manufacturer")),
+        manufacturer=_text(header_value(ds, "Manufacturer")),
         has_pixels="Rows" in ds and "Columns" in ds,
         calling_ae=calling_ae or "",
         slices=slices,

@@ -463,3 +463,29 @@ def test_a_series_that_changes_after_its_results_and_now_routes_nowhere_stays_wi
     slice_(22)
     clock.now += 60
     assert sweeper.sweep() == [] and index.get_series("7.5").state == SeriesState.IGNORED
+
+
+def test_a_malformed_header_value_neither_stalls_routing_nor_a_priority_rule(env, tmp_path):
+    """Found by review: a value whose bytes do not fit its VR (SeriesDescription written as US with 3 bytes, as a
+    faulty converter does) raised pydicom's BytesLengthException when routing or a priority rule read it; the sweep
+    logged the series as failed and judged it again, every sweep, for ever: the series never completed, no job, no
+    report. The instance itself is acknowledged (the ingest parse never converts such a value). Now a malformed value
+    reads as absent: the series completes, routed on what can be read, and the rule on that keyword does not
+    match."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    index, sweeper, completed = make(env)
+    _, clock = env
+    sweeper.config = sweeper.config.model_copy(update={"queue": sweeper.config.queue.model_copy(update={
+        "priority_rules": (PriorityRule(keyword="SeriesDescription", equals="STAT"),)})})
+    ds = pydicom.dcmread(CHEST_CT[0])
+    tag = Tag("SeriesDescription")
+    ds._dict[tag] = RawDataElement(tag, "US", 3, b"abc", 0, False, True)
+    ds.save_as(tmp_path / "malformed.dcm", enforce_file_format=True)
+    send(index, "7.5", [0, 2.5, 5.0], path=str(tmp_path / "malformed.dcm"))
+    clock.now += 60
+    with capture_logs() as logs:
+        assert [r for _, _, r in sweeper.sweep()] == [CompletionReason.QUIET_TIMER]
+    assert not [e for e in logs if e["event"] == "series_sweep_failed"]
+    assert index.get_series("7.5").state == SeriesState.COMPLETE and completed == [("7.5", 1)]
