@@ -7,9 +7,10 @@ one `StoreResult` per instance (`read_files(paths)` reads files and folders for 
 sends the N-ACTION (`CommitmentUnsupportedError` when the peer has no Storage Commitment). Presentation contexts
 are proposed per SOP class with the instance's own transfer syntax (plus the uncompressed ones), so nothing is
 transcoded. Raises `SendError` when the association cannot be established. TCP_NODELAY is set on the outgoing socket,
-and so is a send/receive timeout of ``Peer.timeout``: pynetdicom clears the connect timeout once connected, and a
-peer that stops reading (a hung PACS with the connection open) would otherwise block its connection thread in
-``send`` for ever, and the association's abort with it. With ``Peer.tls_args`` (from
+and it becomes a `node.guard.GuardedSocket`: sends and each PDU read have ``Peer.timeout`` (pynetdicom clears the
+connect timeout once connected, and a peer that stops reading, or sends a PDU a byte at a time, would otherwise
+hold its connection thread for ever, and the association's abort with it), a PDU over `MAX_PDU_FROM_PEER` is
+aborted unread. With ``Peer.tls_args`` (from
 `node.tls.destination_tls_args`) the association runs over DICOM TLS; a failed handshake's reason is in the
 `SendError`.
 """
@@ -37,6 +38,9 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from node.dimse import nodelay_handler
 from node.errors import SendError
+from node.guard import GuardedSocket, ReceiveLimits
+from node.refusals import Refusals
+from node.states import PeerRefusal
 
 
 class CommitmentUnsupportedError(SendError):
@@ -53,6 +57,9 @@ class NoContextAcceptedError(SendError):
 
 
 _UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+# The largest PDU read from a peer the node called (pynetdicom announces 16,382 in the A-ASSOCIATE-RQ): it read any
+# declared length, so a destination answering "4 GiB" and streaming had it all read into memory.
+MAX_PDU_FROM_PEER = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -88,13 +95,28 @@ def _ae(peer: Peer) -> AE:
     return ae
 
 
+class _DestinationRefusals(Refusals):
+    """`node.guard`'s refusal log for an association the node opened: under the destination's address (the
+    association's requestor is the node itself)."""
+
+    def __init__(self, peer: Peer) -> None:
+        super().__init__("dimse_scu")
+        self.peer = peer
+
+    def record(self, reason: PeerRefusal, peer: str, port: int | None = None, **context: Any) -> bool:
+        return super().record(reason, self.peer.host, self.peer.port, called_ae=self.peer.called_ae, **context)
+
+
 def _on_open(peer: Peer) -> list[evt.EventHandlerType]:
-    """The EVT_CONN_OPEN handler: TCP_NODELAY, and ``peer.timeout`` on every later send and receive."""
+    """The EVT_CONN_OPEN handler: TCP_NODELAY, and `node.guard.GuardedSocket`'s bounds on what the peer sends: a PDU
+    declared over `MAX_PDU_FROM_PEER` is aborted unread, and each PDU must arrive within ``peer.timeout`` (which
+    also bounds every send)."""
     def opened(event: evt.Event) -> None:
         nodelay_handler(event)
-        sock = getattr(event.assoc.dul.socket, "socket", None)
-        if sock is not None:
-            sock.settimeout(peer.timeout)
+        limits = ReceiveLimits(max_pdu_bytes=MAX_PDU_FROM_PEER, max_instance_bytes=MAX_PDU_FROM_PEER,
+                               association_timeout=peer.timeout, network_timeout=peer.timeout, max_connections=1)
+        if (sock := event.assoc.dul.socket) is not None:
+            GuardedSocket.adopt(sock, limits, _DestinationRefusals(peer))
 
     return [(evt.EVT_CONN_OPEN, opened)]
 
