@@ -41,7 +41,11 @@ def check_series(
 
 
 def _check_instances(instances: Sequence[Any], settings: GateSection, expected_count: int | None) -> GateRefusal | None:
-    """What each row says on its own: modality, frames, SOP class; and whether the announced count arrived."""
+    """What each row says on its own: study, modality, frames, SOP class; and whether the announced count arrived."""
+    if len(studies := {getattr(r, "study_uid", None) for r in instances}) > 1:  # one study per series (PS3.3 C.7.3)
+        return GateRefusal(SkipReason.MULTIPLE_STUDIES, f"the series' instances name {len(studies)} different "
+                                                        "studies (a SeriesInstanceUID reused by a sender): images "
+                                                        "of two studies are never judged together")
     modalities = sorted({str(r.modality or "?") for r in instances})
     if not instances or any(m not in settings.modalities for m in modalities):
         return GateRefusal(SkipReason.NOT_CT, f"modality {'/'.join(modalities) or 'none'}; the models judge "

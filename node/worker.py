@@ -335,6 +335,12 @@ class Worker:
             rows = list(conn.execute(sa.select(instances).where(instances.c.series_uid == series_uid)))
         return Spools(self.config).rows(rows)
 
+    def _own_study(self, job: Job, rows: Sequence[Any]) -> list[Any]:
+        """The rows of the study the series was first received under: a report names no other study's instances
+        (a SeriesInstanceUID reused across studies, refused by the gate, would otherwise mix two patients)."""
+        row = self._series_row(job.series_uid)
+        return [r for r in rows if row is None or r.study_uid == row.study_uid] or list(rows)
+
     def _series_row(self, series_uid: str) -> Any:
         with self.engine.connect() as conn:
             return conn.execute(sa.select(series).where(series.c.series_uid == series_uid)).first()
@@ -365,7 +371,7 @@ class Worker:
                                lambda: _header(_by_position(self._instances(job.series_uid))[0].path))
 
     def _skip(self, job: Job, pipeline: Pipeline, rows: Sequence[Any], refusal: GateRefusal, log: Any) -> JobState:
-        sources = [_header(r.path) for r in _by_position(rows)]
+        sources = [_header(r.path) for r in _by_position(self._own_study(job, rows))]
         algorithm = self._algorithm(self.warm_up(), pipeline)
         sr = build_skipped_sr(sources, refusal.reason, refusal.detail, algorithm, series_version=job.version,
                               fallback_datetime=self._fallback_datetime(job.series_uid))
@@ -380,7 +386,7 @@ class Worker:
         counted as unreported (metrics) and stays listed as an alert in `pacsnode status`."""
         self._reported.add(job.id)
         try:
-            rows = self._instances(job.series_uid)
+            rows = self._own_study(job, self._instances(job.series_uid))
             sources = [_header(r.path) for r in _by_position(rows)]
             algorithm = self._algorithm(self.warm_up(), pipeline)
             sr = build_skipped_sr(sources, SkipReason.PROCESSING_FAILED, error[:200], algorithm,

@@ -97,6 +97,7 @@ class SkipReason(enum.Enum):
     NOT_ORIGINAL_AXIAL = "NOT_ORIGINAL_AXIAL"  # SOP class or image type the pipeline does not read
     MIXED_GEOMETRY = "MIXED_GEOMETRY"  # slices differ in matrix size or pixel spacing
     TOO_LARGE = "TOO_LARGE"  # more voxels than the worker's memory budget ([gate] max_series_megavoxels)
+    MULTIPLE_STUDIES = "MULTIPLE_STUDIES"  # one SeriesInstanceUID under several studies (a sender reusing UIDs)
 
     @property
     def code(self) -> Code:
@@ -122,6 +123,7 @@ _SKIP_REASON_CODES: dict[SkipReason, Code] = {
     SkipReason.NOT_ORIGINAL_AXIAL: _private("SKIP-IMAGE-TYPE", "Image type or SOP class not supported"),
     SkipReason.MIXED_GEOMETRY: _private("SKIP-MIXED-GEOM", "Slices differ in matrix size or pixel spacing"),
     SkipReason.TOO_LARGE: _private("SKIP-TOO-LARGE", "Series larger than the node's memory budget"),
+    SkipReason.MULTIPLE_STUDIES: _private("SKIP-MULTI-STUDY", "Series instances belong to several studies"),
 }
 
 

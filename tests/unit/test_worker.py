@@ -780,3 +780,37 @@ def test_a_file_missing_from_a_mounted_spool_fails_the_job_rather_than_calling_i
     assert "not a readable DICOM file" in job.last_error
     dispatcher.run_once()  # nothing coded "undecodable" goes out (the failure report needs every file's header)
     assert all("SKIP-UNDECODABLE" not in str(pydicom.dcmread(f).ContentSequence) for fs in sender.sent for f in fs)
+
+
+def test_a_series_uid_reused_across_two_studies_is_never_judged_as_one(node, tmp_path):
+    """Found by review: a sender that reuses a SeriesInstanceUID for another patient's study (a console generating
+    UIDs from the time, a de-identification tool hashing) had both studies' slices indexed as one series; the
+    models ran on a volume of two patients and only highdicom's SEG check ended the job (processing failed after
+    every attempt). Now the gate refuses such a series before any model runs (SKIP-MULTI-STUDY), and the coded
+    report goes to the study the series was first received under, naming only that study's instances."""
+    config, engine, ingestor, queue, dispatcher, sender = node
+    a = write_ct_series(tmp_path / "a", size=32, slices=8, seed=51, patient_id="PAT-A")
+    b = write_ct_series(tmp_path / "b", size=32, slices=8, seed=52, patient_id="PAT-B")
+    for path in a.paths:
+        ingestor.accept(dataset_bytes(path), "1.2.840.10008.1.2.1", Origin("CT1", "a1"))
+    for i, path in enumerate(b.paths):  # the other study, under the same series UID, continuing the stack
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID, ds.FrameOfReferenceUID = a.series_uid, a.frame_of_reference_uid
+        ds.ImagePositionPatient = [*ds.ImagePositionPatient[:2], float(ds.ImagePositionPatient[2]) + 8 * 2.5]
+        ds.save_as(tmp_path / f"b{i}.dcm", enforce_file_format=True)
+        ingestor.accept(dataset_bytes(tmp_path / f"b{i}.dcm"), "1.2.840.10008.1.2.1", Origin("CT2", "a2"))
+    job_id = queue_job(queue, a.series_uid)
+    runner = FixedRunner(0.9)
+    Worker(config, engine, queue, dispatcher, lambda: runner).run_pending()
+    job = queue.get(job_id)
+    assert job.state == JobState.SKIPPED and job.skip_reason == SkipReason.MULTIPLE_STUDIES.value
+    assert runner.calls == 0
+    dispatcher.run_once()
+    ((sr_path,),) = sender.sent
+    sr = pydicom.dcmread(sr_path)
+    assert "SKIP-MULTI-STUDY" in str(sr.ContentSequence)
+    assert (sr.PatientID, sr.StudyInstanceUID) == ("PAT-A", a.study_uid)
+    named = {sop.ReferencedSOPInstanceUID for study in sr.CurrentRequestedProcedureEvidenceSequence
+             for ser in study.ReferencedSeriesSequence for sop in ser.ReferencedSOPSequence}
+    assert named == set(a.sop_uids)
+    assert {s.StudyInstanceUID for s in sr.CurrentRequestedProcedureEvidenceSequence} == {a.study_uid}
