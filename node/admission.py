@@ -68,14 +68,6 @@ DiskUsage = Callable[[Path], tuple[int, int]]  # (free bytes an unprivileged wri
 SeriesActivity = Callable[[str], float | None]  # last instance's epoch time of a series still receiving, else None
 
 
-def down_to_reserve(path: Path, reserve: tuple[int, float]) -> bool:
-    """Whether the file system holding ``path`` has less free than the hard reserve ``(bytes, percent)``, the
-    larger of the two, in full whatever the file system. Raises OSError. `below_reserve` judges a file system as
-    admission does; this form remains for `node.guard`'s spill check until it moves to that one."""
-    free, total = statvfs_usage(path)
-    return free < _larger(reserve[0], reserve[1], total)
-
-
 def below_reserve(path: Path, settings: AdmissionSection, spool_dir: Path) -> bool:
     """Whether the file system holding ``path`` has less free than its hard reserve as admission judges that file
     system (`thresholds`: the reserve's bytes in full where ``spool_dir`` is, capped at `OTHER_RESERVE_SHARE` of a
@@ -490,5 +482,5 @@ class Admission:
             self._log.info("admission_resumed", reason=reason.value, refused_in_pause=refused, **state.numbers())
 
 
-__all__ = ["Admission", "AdmissionState", "ReserveWatch", "below_reserve", "decide", "disk_pressure", "down_to_reserve",
-           "evaluate", "headroom", "index_activity", "pressure", "statvfs_usage", "thresholds"]
+__all__ = ["Admission", "AdmissionState", "ReserveWatch", "below_reserve", "decide", "disk_pressure", "evaluate",
+           "headroom", "index_activity", "pressure", "statvfs_usage", "thresholds"]

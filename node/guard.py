@@ -65,7 +65,7 @@ from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RQ
 from pynetdicom.transport import AssociationSocket
 
-from node.admission import down_to_reserve
+from node.admission import below_reserve
 from node.errors import InstanceTooLargeError, SpoolFullError
 from node.ingest import EncodedDataset, FileSpan
 from node.reactorwait import Doorbell, next_message, wait_readable
@@ -111,7 +111,8 @@ class ReceiveLimits:
     max_connections: int  # open connections (negotiating or associated); more are closed at accept
     max_per_peer: int | None = None  # open connections from one address; more are closed at accept
     spill_dir: Path | None = None  # where data sets over SPILL_BYTES go (None: they stay in memory)
-    spill_reserve: tuple[int, float] = (0, 0.0)  # free bytes / percent a spill never eats into ([admission] reserve)
+    spill_admission: AdmissionSection | None = None  # its hard reserve is what a spill never eats into (None: none)
+    spool_dir: Path | None = None  # which file system holds the spool ([admission] judges the others' reserve capped)
 
     def __post_init__(self) -> None:
         if self.max_connections < 1:
@@ -137,9 +138,9 @@ class ReceiveLimits:
 
     @classmethod
     def from_config(cls, node: NodeSection, admission: AdmissionSection | None = None) -> ReceiveLimits:
-        reserve = admission.reserve if admission else (0, 0.0)
         return cls(
-            spill_reserve=reserve,
+            spill_admission=admission,
+            spool_dir=node.spool_dir,
             max_pdu_bytes=node.max_pdu_bytes,
             max_instance_bytes=node.max_instance_bytes,
             association_timeout=node.association_timeout_seconds,
@@ -157,11 +158,12 @@ class BoundedDataset(BytesIO):
     ``spill_dir`` (freed by the system when closed, even after a crash); past ``limit`` it drops what it holds and
     only counts what arrives (``received``), so neither memory nor disk grow while the peer finishes sending."""
 
-    def __init__(self, limit: int, spill_dir: Path | None, reserve: tuple[int, float] = (0, 0.0)) -> None:
+    def __init__(self, limit: int, spill_dir: Path | None, admission: AdmissionSection | None = None,
+                 spool_dir: Path | None = None) -> None:
         super().__init__()
         self.limit = limit
         self.spill_dir = spill_dir
-        self.reserve = reserve
+        self.admission, self.spool_dir = admission, spool_dir
         self._checked_at = 0  # received bytes at the last free-space check
         self.received = 0
         self.spilled: IO[bytes] | None = None
@@ -196,10 +198,12 @@ class BoundedDataset(BytesIO):
         return super().write(data)
 
     def _check_room(self) -> None:
-        """Raise ENOSPC once the spill disk's free space is below the reserve: 32 associations each spilling up
-        to ``max_instance_bytes`` could otherwise fill the disk the spool and the index live on."""
+        """Raise ENOSPC once the spill disk's free space is below the reserve admission applies to it
+        (`node.admission.below_reserve`): 32 associations each spilling up to ``max_instance_bytes`` could otherwise
+        fill the disk the spool and the index live on."""
         assert self.spill_dir is not None
-        if down_to_reserve(self.spill_dir, self.reserve):
+        spool = self.spool_dir or self.spill_dir
+        if self.admission is not None and below_reserve(self.spill_dir, self.admission, spool):
             raise OSError(errno.ENOSPC, "the data disk is down to its reserve")
 
     def encoded(self) -> EncodedDataset:
@@ -462,7 +466,7 @@ class GuardedDimse(DIMSEServiceProvider):
                 return
             self.message = DIMSEMessage()
             self.message.data_set = BoundedDataset(self.limits.max_instance_bytes, self.limits.spill_dir,
-                                                   self.limits.spill_reserve)
+                                                   self.limits.spill_admission, self.limits.spool_dir)
         command = self.message.encoded_command_set
         incoming = sum(len(pdv) - 1 for _, pdv in primitive.presentation_data_value_list if pdv and pdv[0] & 1)
         if command.tell() + incoming > MAX_COMMAND_SET_BYTES:

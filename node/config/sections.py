@@ -229,11 +229,6 @@ class AdmissionSection(_Frozen):
             raise ValueError("reserve_free_percent must not exceed min_free_percent (the reserve lies below the floor)")
         return self
 
-    @property
-    def reserve(self) -> tuple[int, float]:
-        """The hard reserve as (free bytes, free percent), as `node.admission.down_to_reserve` takes it."""
-        return self.reserve_free_bytes, self.reserve_free_percent
-
 
 class DatabaseSection(_Frozen):
     url: str = ""  # empty: SQLite under data_dir

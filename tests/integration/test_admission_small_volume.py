@@ -104,3 +104,32 @@ def test_the_workers_results_pause_on_a_small_volume_follows_the_capped_reserve(
     assert not spool_watch.full(settings)
 
 
+
+
+def test_a_spilling_c_store_on_a_small_data_dir_volume_follows_the_capped_reserve(small_data_dir, monkeypatch):
+    """The DIMSE side of the same: a C-STORE data set spilled to ``data_dir/incoming`` re-checks free space as it
+    grows (node.guard.BoundedDataset; its sizes shrunk here, in process) against the reserve admission applies to
+    that volume, not 512 MiB: with 24 MiB free of 192 it is kept; at 2 MiB free it is dropped (0xA700 to the
+    peer)."""
+    from node import guard
+
+    monkeypatch.setattr(guard, "SPILL_BYTES", 64 << 10)
+    monkeypatch.setattr(guard, "SPILL_CHECK_BYTES", 64 << 10)
+    incoming = small_data_dir / "incoming"
+    incoming.mkdir()
+    chunk = b"\0" * (256 << 10)
+
+    def receive() -> guard.BoundedDataset:
+        data = guard.BoundedDataset(1 << 30, incoming, AdmissionSection(), small_data_dir / "spool")
+        for _ in range(8):  # 2 MiB, checked every 64 KiB once spilled
+            data.write(chunk)
+        return data
+
+    fill(small_data_dir / "filler", free_bytes(small_data_dir) - 24 * MiB)
+    kept = receive()
+    assert kept.failure is None and kept.spilled is not None and kept.received == 2 * MiB
+    kept.discard()
+    (small_data_dir / "filler").unlink()
+    fill(small_data_dir / "filler", free_bytes(small_data_dir) - 2 * MiB)
+    dropped = receive()
+    assert dropped.failure is not None and "reserve" in str(dropped.failure)
