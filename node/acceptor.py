@@ -38,6 +38,8 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, cast
 
+from pynetdicom.fsm import TRANSITION_TABLE
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from node import reactorwait
@@ -112,6 +114,7 @@ class GuardedRequestHandler(RequestHandler):
         GuardedSocket.adopt(cast(AssociationSocket, assoc.dul.socket), limits, server.refusals, self._accepted_at)
         assoc.dimse = GuardedDimse(assoc, limits, server.refusals)
         reactorwait.install(assoc)  # the reactors wait for work instead of polling every 1 ms
+        _drop_late_data(assoc)
         run, address = assoc.run, self.client_address[0]
 
         def run_then_release() -> None:  # the slot is held exactly as long as the association's thread runs
@@ -126,6 +129,25 @@ class GuardedRequestHandler(RequestHandler):
         self._slot_handed_over = True
         return assoc
 
+
+
+def _drop_late_data(assoc: Association) -> None:
+    """A response queued after the association began to end (the node aborted it between the handler's return,
+    where pynetdicom checks ``is_established``, and the queueing) reached pynetdicom's state machine in a state
+    without P-DATA (Sta13: A-ABORT sent, waiting for the peer to close), which raised InvalidEventError and killed
+    the DUL thread. Such a P-DATA is taken off the queue and dropped: the peer was told by the A-ABORT."""
+    dul: Any = assoc.dul
+    machine = dul.state_machine
+    do_action = machine.do_action
+
+    def do_action_or_drop(event: str) -> None:
+        if event == "Evt9" and (event, machine.current_state) not in TRANSITION_TABLE:
+            if isinstance(next(iter(dul.to_provider_queue.queue), None), P_DATA):
+                dul.to_provider_queue.get(False)
+            return
+        do_action(event)
+
+    machine.do_action = do_action_or_drop
 
 
 def _discard_unanswered(assoc: Association) -> None:

@@ -25,13 +25,14 @@ With DICOM TLS the reads above go through the TLS socket unchanged; `node.accept
 within the same ``association_timeout`` from the accept. Every refusal and abort goes through
 `node.refusals.Refusals`: counted in the metrics, logged at most a few times per peer address and minute.
 
-pynetdicom internals this module and `node.acceptor` rely on (tests/unit/test_hostile_dimse.py fails if one
-changes): the DUL reads a PDU as ``socket.recv(6)`` then ``socket.recv(length)`` and maps `OSError` to Evt17; the
-acceptor thread waits on ``dul.to_user_queue`` for the A-ASSOCIATE primitive and treats None as its timeout;
-``assoc.dimse`` and the socket's class can be replaced before ``assoc.start()``; `DIMSEMessage.decode_msg` only
-calls ``write`` on ``data_set``; the FSM's state names (Sta1-Sta3 before association);
-``A_ASSOCIATE_RQ._generate_items`` yields (type, bytes) per item; in `node.acceptor`, the request handler's
-``_create_association`` returns the association before its thread starts, whose ``run`` can be wrapped. For
+pynetdicom internals this module and `node.acceptor` rely on (tests/unit/test_hostile_dimse.py,
+test_hostile_review_dimse.py fail if one changes): the DUL reads a PDU as ``socket.recv(6)`` then
+``socket.recv(length)`` and maps `OSError` to Evt17; the acceptor thread waits on ``dul.to_user_queue`` for the
+A-ASSOCIATE primitive and treats None as its timeout; ``assoc.dimse`` and the socket's class can be replaced before
+``assoc.start()``; `DIMSEMessage.decode_msg` only calls ``write`` on ``data_set``; the FSM's state names (Sta1-Sta3
+before association); ``A_ASSOCIATE_RQ._generate_items`` yields (type, bytes) per item; in `node.acceptor`, the
+request handler's ``_create_association`` returns the association before its thread starts, whose ``run`` and
+``dul.state_machine.do_action`` can be wrapped (P-DATA only in Sta6/Sta8: ``fsm.TRANSITION_TABLE``). For
 `node.reactorwait` (blocking waits instead of the reactors' 1 ms polling): the DUL reactor calls the socket's
 ``ready`` once per pass after sleeping ``_run_loop_delay`` and checking ``to_provider_queue``; the association
 reactor calls ``dimse.get_msg(block=False)`` once per pass; the DUL's ``to_provider_queue`` / ``to_user_queue`` and
@@ -91,8 +92,7 @@ _RECV_CHUNK = 1 << 16  # pynetdicom reads 4 KiB at a time; 64 KiB costs fewer ca
 SPILL_BYTES = 16 << 20  # a C-STORE data set larger than this goes to a temporary file (CT slices stay in memory)
 SPILL_CHECK_BYTES = 64 << 20  # a spilling data set re-checks the disk's free space each time this much more arrived
 CONNECTIONS_PER_ASSOCIATION = 2  # open TCP connections allowed per association slot (see ReceiveLimits)
-# A command set is a handful of elements (~100-300 bytes); anything near this is not a DIMSE command.
-MAX_COMMAND_SET_BYTES = 1 << 16
+MAX_COMMAND_SET_BYTES = 1 << 16  # a command set is a handful of elements (~100-300 bytes): this is none
 # A-ASSOCIATE-RQ items (PS3.8 9.3.2): context IDs are odd, 1-255; DICOM defines ~63 transfer syntaxes; a role
 # selection and two extended negotiations at most per abstract syntax, plus a few other user information sub-items.
 _VARIABLE_ITEMS, _PRESENTATION_CONTEXT_RQ, _TRANSFER_SYNTAX, _USER_INFORMATION = 74, 0x20, 0x40, 0x50
@@ -120,15 +120,11 @@ class ReceiveLimits:
         if self.max_per_peer is not None and self.max_per_peer < 1:
             raise ValueError(f"max_per_peer must be >= 1 or None, not {self.max_per_peer}")
         if self.max_pdu_bytes < 1 or self.max_instance_bytes < 1:
-            raise ValueError(
-                f"max_pdu_bytes and max_instance_bytes must be >= 1, not {self.max_pdu_bytes}, "
-                f"{self.max_instance_bytes}"
-            )
+            raise ValueError(f"max_pdu_bytes and max_instance_bytes must be >= 1, not {self.max_pdu_bytes}, "
+                             f"{self.max_instance_bytes}")
         if self.association_timeout <= 0 or self.network_timeout <= 0:
-            raise ValueError(
-                f"association_timeout and network_timeout must be > 0, not {self.association_timeout}, "
-                f"{self.network_timeout}"
-            )
+            raise ValueError(f"association_timeout and network_timeout must be > 0, not {self.association_timeout}, "
+                             f"{self.network_timeout}")
 
     @property
     def listen_backlog(self) -> int:

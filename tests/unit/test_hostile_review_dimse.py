@@ -13,6 +13,7 @@ import os
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from io import BytesIO
@@ -20,9 +21,10 @@ from io import BytesIO
 import pytest
 from pydicom.uid import CTImageStorage
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
-from pynetdicom.dimse_messages import C_STORE_RQ
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ
+from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from node import guard
 from node.metrics import Metrics
@@ -234,4 +236,63 @@ def _store_pdus(sop_uid: str, data: bytes, max_pdu: int) -> list[bytes]:
         pdu = P_DATA_TF()
         pdu.from_primitive(primitive)
         out.append(bytes(pdu.encode()))
+    return out
+
+
+def test_a_response_ready_after_the_node_aborted_is_dropped_without_an_exception(
+    make_node, peers, monkeypatch, thread_errors
+):
+    """Found by review: when the node aborted an association (here: a peer pipelining C-ECHOs; also the stop's
+    drain, or an idle or stalled peer cut off) between a handler's return and its response reaching the DUL,
+    pynetdicom's state machine got the response's P-DATA in Sta13 (A-ABORT sent, waiting for the peer to close)
+    and raised InvalidEventError ('Evt9' for 'Sta13'), killing the DUL reactor thread with a traceback on stderr:
+    a peer sending C-ECHOs without reading the responses hit it at once (the node reads and ignores what the
+    peer still sends in Sta13, and each pass looks at the queued response first). Now it is dropped."""
+    gate, entered = threading.Event(), threading.Event()
+    send_msg = guard.GuardedDimse.send_msg
+
+    def late_send(self, primitive, context_id):  # noqa: ANN001, ANN202 - pynetdicom's own signature
+        first = not entered.is_set()
+        if first:  # the first response: the handler has returned and checked that the association is established
+            entered.set()
+            assert gate.wait(10)
+        send_msg(self, primitive, context_id)
+        if first:  # the DUL thread gets the response before this thread sees the abort (as a loaded machine may)
+            time.sleep(0.5)
+
+    monkeypatch.setattr(guard.GuardedDimse, "send_msg", late_send)
+    node = make_node(association_timeout_seconds=5.0)  # the ARTIM timer that ends Sta13
+    peer = peers(node.address)
+    hostile.associate(peer)
+    echo = _echo_pdus()
+    peer.send(echo)
+    assert entered.wait(5)
+    peer.send(echo + echo)  # a complete request waits while another begins: aborted (requests_pipelined)
+    assert peer.read_pdu()[0] == A_ABORT
+    # As the flooding peer did: the node still reads (and ignores) what was sent before its A-ABORT, a PDU per
+    # pass of its reactor, and each pass looks at what is queued to send first.
+    def flood() -> None:
+        with contextlib.suppress(OSError):  # the node closes once it has read what was waiting
+            peer.send(echo * 20000)
+
+    sender = threading.Thread(target=flood, daemon=True)
+    sender.start()
+    time.sleep(0.05)
+    gate.set()
+    hostile.wait_until(lambda: node.server.servers[0].open_connections() == 0, 10, "the association to end")
+    sender.join(5)
+    assert not thread_errors
+    assert node.echo() == 0x0000
+
+
+def _echo_pdus() -> bytes:
+    req = C_ECHO()
+    req.MessageID, req.AffectedSOPClassUID = 1, Verification
+    msg = C_ECHO_RQ()
+    msg.primitive_to_message(req)
+    out = b""
+    for primitive in msg.encode_msg(hostile.CX_ECHO, 16384):
+        pdu = P_DATA_TF()
+        pdu.from_primitive(primitive)
+        out += bytes(pdu.encode())
     return out
