@@ -188,14 +188,27 @@ def symptoms_from_text(text: str) -> dict[str, float | None]:
     return out
 
 
+def header_value(ds: Any, keyword: str) -> Any:
+    """``ds``'s value for ``keyword``; None when absent or malformed (bytes that do not fit the VR: pydicom raises
+    BytesLengthException, ValueError, … on reading it) — a header value the models cannot read is a missing input,
+    never a failed series."""
+    try:
+        return ds.get(keyword)
+    except Exception:  # noqa: BLE001 - pydicom raises many types for one malformed value
+        return None
+
+
+def header_str(ds: Any, keyword: str) -> str:
+    """`header_value` as text ("" when absent or malformed)."""
+    value = header_value(ds, keyword)
+    return str(value) if value is not None else ""
+
+
 def header_text(ds: Any) -> str:
     """The header's free-text request fields (:data:`TEXT_ATTRIBUTES`), joined; empty when there are none."""
     parts = []
     for keyword in TEXT_ATTRIBUTES:
-        try:
-            value = ds.get(keyword)
-        except (ValueError, TypeError, OverflowError):  # a malformed element: treated as absent
-            continue
+        value = header_value(ds, keyword)
         if value is None:
             continue
         values = value if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else [value]
@@ -206,12 +219,12 @@ def header_text(ds: Any) -> str:
 def patient_age_years(ds: Any) -> float | None:
     """Age in years from PatientAge (nnnD/W/M/Y), else PatientBirthDate against StudyDate; else None. An age of
     zero ("000Y": what some systems write for "unknown") falls back to the dates too."""
-    age = str(getattr(ds, "PatientAge", "") or "")
+    age = header_str(ds, "PatientAge")
     m = re.fullmatch(r"(\d{3})([DWMY])", age)
     if m and int(m.group(1)):
         n = float(m.group(1))
         return n / {"D": 365.25, "W": 52.18, "M": 12.0, "Y": 1.0}[m.group(2)]
-    birth, study = str(getattr(ds, "PatientBirthDate", "") or ""), str(getattr(ds, "StudyDate", "") or "")
+    birth, study = header_str(ds, "PatientBirthDate"), header_str(ds, "StudyDate")
     if len(birth) == 8 and len(study) == 8 and birth.isdigit() and study.isdigit():
         years = int(study[:4]) - int(birth[:4]) - ((int(study[4:8]) < int(birth[4:8])) * 1)
         return float(years) if 0 <= years < 130 else None

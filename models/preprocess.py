@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from models.clinical import patient_age_years
+from models.clinical import header_str, patient_age_years
 from models.errors import ModelError
 
 HU_MIN = -1024.0
@@ -250,7 +250,7 @@ def load_series(paths: Sequence[str | Path], *, spacing_tolerance: float = 0.1,
     for k, s in enumerate(sorted_slices):
         rank.setdefault(s.ds_index, k)
     first = datasets[sorted_slices[0].ds_index]
-    sex = str(getattr(first, "PatientSex", "") or "").upper() or None
+    sex = header_str(first, "PatientSex").upper() or None
     return Volume(
         hu=hu,
         datasets=[datasets[j] for j in sorted(rank, key=lambda j: rank[j])],

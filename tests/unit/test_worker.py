@@ -814,3 +814,29 @@ def test_a_series_uid_reused_across_two_studies_is_never_judged_as_one(node, tmp
              for ser in study.ReferencedSeriesSequence for sop in ser.ReferencedSOPSequence}
     assert named == set(a.sop_uids)
     assert {s.StudyInstanceUID for s in sr.CurrentRequestedProcedureEvidenceSequence} == {a.study_uid}
+
+
+def test_malformed_age_sex_and_request_text_are_missing_inputs_not_a_failed_series(node, tmp_path):
+    """Found by review: PatientAge, PatientBirthDate, PatientSex or ReasonForStudy written in a VR their bytes do not
+    fit (US with 3 bytes, as a faulty converter writes; the ingest parse rightly acknowledges them, it never
+    converts such values) raised pydicom's BytesLengthException where the gate and the models read them: the job
+    failed every attempt and the PACS got "processing failed" instead of a result. Now such a value reads as
+    missing: the series gets its SR and SEG."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    config, engine, ingestor, queue, dispatcher, sender = node
+    series = write_ct_series(tmp_path / "in", size=32, slices=12, seed=61)
+    for i, path in enumerate(series.paths):
+        ds = pydicom.dcmread(path)
+        for keyword in ("PatientAge", "PatientBirthDate", "PatientSex", "ReasonForStudy"):
+            tag = Tag(keyword)
+            ds._dict[tag] = RawDataElement(tag, "US", 3, b"abc", 0, False, True)
+        ds.save_as(tmp_path / f"m{i}.dcm", enforce_file_format=True)
+        ingestor.accept(dataset_bytes(tmp_path / f"m{i}.dcm"), "1.2.840.10008.1.2.1", Origin("CT1", "a1"))
+    job_id = queue_job(queue, series.series_uid)
+    Worker(config, engine, queue, dispatcher, lambda: FixedRunner(0.9)).run_pending()
+    job = queue.get(job_id)
+    assert job.state == JobState.DONE, (job.state, job.last_error)
+    dispatcher.run_once()
+    assert [pydicom.dcmread(f).Modality for f in sender.sent[0]] == ["SR", "SEG", "KO"]
