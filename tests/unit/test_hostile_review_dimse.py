@@ -17,14 +17,21 @@ import threading
 import time
 from collections.abc import Iterator
 from io import BytesIO
+from typing import Any
 
 import pytest
-from pydicom.uid import CTImageStorage
+from pydicom.dataset import Dataset
+from pydicom.uid import CTImageStorage, ImplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
-from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ
-from pynetdicom.dimse_primitives import C_ECHO, C_STORE
+from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ, N_EVENT_REPORT_RQ
+from pynetdicom.dimse_primitives import C_ECHO, C_STORE, N_EVENT_REPORT
+from pynetdicom.dsutils import encode
 from pynetdicom.pdu import P_DATA_TF
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StorageCommitmentPushModel,
+    StorageCommitmentPushModelInstance,
+    Verification,
+)
 
 from node import guard
 from node.metrics import Metrics
@@ -296,3 +303,94 @@ def _echo_pdus() -> bytes:
         pdu.from_primitive(primitive)
         out += bytes(pdu.encode())
     return out
+
+
+# -- Storage Commitment reports (N-EVENT-REPORT) from anyone who can associate --------------------------------------
+def _report_pdus(n_refs: int, message_id: int = 1) -> bytes:
+    """An N-EVENT-REPORT-RQ (Storage Commitment, event type 1) naming ``n_refs`` instances, for a transaction the
+    node never started, on context 1, encoded by pynetdicom."""
+    info = Dataset()
+    info.TransactionUID = "1.2.826.0.1.3680043.10.1411.7"
+    items = []
+    for n in range(n_refs):
+        item = Dataset()
+        item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = CTImageStorage, f"1.2.826.0.1.3680043.10.{n}"
+        items.append(item)
+    info.ReferencedSOPSequence = items
+    req = N_EVENT_REPORT()
+    req.MessageID, req.AffectedSOPClassUID, req.EventTypeID = message_id, StorageCommitmentPushModel, 1
+    req.AffectedSOPInstanceUID = StorageCommitmentPushModelInstance
+    req.EventInformation = BytesIO(encode(info, True, True))
+    msg = N_EVENT_REPORT_RQ()
+    msg.primitive_to_message(req)
+    out = b""
+    for primitive in msg.encode_msg(1, 65536):
+        pdu = P_DATA_TF()
+        pdu.from_primitive(primitive)
+        out += bytes(pdu.encode())
+    return out
+
+
+def _reporter(node: hostile.Node, peers: Any) -> hostile.RawPeer:
+    peer = peers(node.address)
+    assert peer.associate([(StorageCommitmentPushModel, [ImplicitVRLittleEndian])]) == {1}
+    return peer
+
+
+def test_reports_sent_without_waiting_for_the_answers_are_handled_one_at_a_time(make_node, peers):
+    """Found by review: pynetdicom serves each N-EVENT-REPORT in a thread of its own as soon as it has arrived
+    (GuardedDimse's pipelining check never sees them), so a peer sending reports without waiting for the answers
+    had as many decoded at once as it sent - each a thread, its data set and its decoding. Now a report that
+    arrives while another from the same association is still being handled is answered 0x0110 undecoded."""
+    node = make_node(max_pdu_bytes=1 << 20)
+    lock, running, most, calls = threading.Lock(), [0], [0], []
+
+    def slow_report(event):  # noqa: ANN001, ANN202 - node.commitment's handler, slowed down
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        calls.append(event.event_information.TransactionUID)
+        time.sleep(0.3)
+        with lock:
+            running[0] -= 1
+        return 0x0110, None
+
+    node.server._on_commitment_report = slow_report
+    peer = _reporter(node, peers)
+    peer.send(b"".join(_report_pdus(2, message_id=n + 1) for n in range(8)))
+    statuses = [int(peer.receive_response().Status) for _ in range(8)]
+    print(f"{len(calls)} of 8 reports handled, at most {most[0]} at once")
+    assert statuses == [0x0110] * 8
+    assert most[0] == 1
+    assert len(calls) < 8
+
+
+def test_a_report_too_large_to_be_a_real_one_is_refused_before_it_is_decoded(make_node, peers):
+    """Found by review: node.commitment decoded a report's whole data set before looking its Transaction UID up,
+    for any peer that can associate (no allow-list by default): pydicom takes ~50 us per referenced instance, so
+    a 14 MiB report naming 200,000 held the GIL 10 s and grew the heap 155 MiB - and pynetdicom starts a thread
+    for each. A real report names the node's few result objects; one over MAX_REPORT_BYTES is answered 0x0110
+    without being decoded."""
+    node = make_node(max_pdu_bytes=1 << 20, max_instance_bytes=64 << 20)
+    calls: list[float] = []
+
+    def report(event):  # noqa: ANN001, ANN202 - node.commitment's handler: decodes, as parse_report does
+        t0 = time.monotonic()
+        len(event.event_information.ReferencedSOPSequence)
+        calls.append(time.monotonic() - t0)
+        return 0x0110, None
+
+    node.server._on_commitment_report = report
+    pdus = _report_pdus(40000)  # ~3 MB (made before the association: it idles out after 1.5 s)
+    peer = _reporter(node, peers)
+    t0 = time.monotonic()
+    peer.send(pdus)
+    status = int(peer.receive_response().Status)
+    took = time.monotonic() - t0
+    print(f"{len(pdus) >> 10} KiB report answered 0x{status:04X} in {took:.2f} s (decoding: {calls})")
+    assert status == 0x0110
+    assert calls == []
+    assert took < 1.0
+    small = _report_pdus(3, message_id=2)
+    peer.send(small)
+    assert int(peer.receive_response().Status) == 0x0110 and len(calls) == 1  # a real one is still handed over
