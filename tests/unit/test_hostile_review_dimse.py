@@ -150,7 +150,7 @@ def test_a_flood_of_oversized_requests_does_not_starve_a_modality(make_node, tmp
         flood.wait(10)
     print(f"storescu: 20 instances in {took:.2f} s under the flood")
     assert done.returncode == 0, done.stderr.decode()
-    assert took < 12.0  # a flood of small requests costs ~2 s here too: connections, threads (issue: no rate limit)
+    assert took < 20.0  # 3-7 s here: a flood of small requests costs ~2 s too (connections, threads; no rate limit)
     assert sorted(p.stem for p in node.spooled()) == sorted(series.sop_uids)
 
 
