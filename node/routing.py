@@ -99,6 +99,14 @@ def header_value(ds: Any, keyword: str) -> Any:
         return None
 
 
+def _values(value: Any) -> list[Any]:
+    """A header value as a list of its values: a multi-valued one's values, a single value (a string, or a number
+    where a faulty writer's VR made one: ImageType as US) as one, none for None."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, Sequence) and not isinstance(value, str | bytes) else [value]
+
+
 def read_header(path: str | Path, *, calling_ae: str | None, slices: int) -> SeriesHeader | None:
     """The routing header of the instance at ``path``; None when the file is not DICOM. A file that cannot be
     opened or read (`OSError`: a spool on NFS that blipped, too many open files, a missing file) raises: that says
@@ -109,8 +117,7 @@ def read_header(path: str | Path, *, calling_ae: str | None, slices: int) -> Ser
         raise
     except (InvalidDicomError, EOFError, ValueError, TypeError, AttributeError):
         return None
-    image_type = header_value(ds, "ImageType")
-    values = [image_type] if isinstance(image_type, str) else list(image_type or [])
+    values = _values(header_value(ds, "ImageType"))
     try:
         thickness: float | None = float(header_value(ds, "SliceThickness"))  # type: ignore[arg-type]
     except (TypeError, ValueError):
