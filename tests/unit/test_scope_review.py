@@ -126,7 +126,7 @@ def test_projection_images_are_refused(image_type):
 
 @pytest.mark.parametrize("image_type", [
     ["ORIGINAL", "PRIMARY", "AXIAL"], ["DERIVED", "SECONDARY", "AXIAL"], ["ORIGINAL", "PRIMARY", "AXIAL", "CT_SOM5 SPI"],
-    ["DERIVED", "SECONDARY", "AXIAL", "AVERAGE"], ["ORIGINAL", "PRIMARY", "AXIAL", "HELIX"],
+    ["ORIGINAL", "PRIMARY", "AXIAL", "HELIX"],
 ])
 def test_ordinary_axial_image_types_pass(image_type):
     assert check_header(_header(ImageType=image_type)) is None
