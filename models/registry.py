@@ -144,6 +144,7 @@ class Classifier:
         self.clinical_schema, self.clinical_used = clinical_spec(loaded.card)
         self.calibration: dict[str, Any] | None = loaded.card.get("calibration")
         self.temperature = temperature_of(loaded.card)
+        self.min_matrix = min_matrix_of(loaded.card)
         try:
             self.fusion = LesionFusion.from_card(loaded.card)
         except LesionFusionError as exc:
@@ -238,6 +239,18 @@ def temperature_of(card: dict[str, Any]) -> float:
     if not (np.isfinite(t) and t > 0):
         raise RegistryError(f"model card {card.get('name')}: calibration temperature must be > 0, got {t}")
     return t
+
+
+def min_matrix_of(card: dict[str, Any]) -> int:
+    """The smallest in-plane matrix (rows or columns, whichever is larger) the card says the model was validated
+    on (``validated_acquisition.min_matrix``), else 0 (no limit stated). Raises RegistryError for a value that is
+    not a non-negative integer."""
+    block = card.get("validated_acquisition") or {}
+    value = block.get("min_matrix", 0) if isinstance(block, dict) else None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise RegistryError(f"model card {card.get('name')} {card.get('version')}: validated_acquisition.min_matrix "
+                            f"must be a non-negative integer")
+    return value
 
 
 def apply_temperature(p: Any, temperature: float) -> Any:

@@ -104,6 +104,7 @@ class StreamingRunner(ModelRunner):
 
     def __init__(self, base: ModelRunner, models: Any, work: Sequence[Any]) -> None:
         self.algorithm, self.segmenter_version, self.device = base.algorithm, base.segmenter_version, base.device
+        self.min_matrix = base.min_matrix  # the validated matrix of the models it pools for (the pipeline checks it)
         self.models, self.work = models, work
 
     def segment(self, volume: Volume) -> Segmentation:

@@ -1,11 +1,12 @@
-"""The pneumonia pipeline: U-Net → chest-scope check → classifier; a TID 1500 SR with the verdict and a SEG."""
+"""The pneumonia pipeline: validated-matrix check → U-Net → chest-scope check → classifier; a TID 1500 SR with the
+verdict and a SEG."""
 
 from __future__ import annotations
 
 from models.preprocess import Volume
 from node.config import GateSection, PipelineName
 from node.gate import GateRefusal
-from node.pipelines.base import Pipeline, chest_scope_refusal
+from node.pipelines.base import Pipeline, chest_scope_refusal, matrix_refusal
 from node.pipelines.runner import ModelRunner
 from node.results import AlgorithmIdentity, Findings
 
@@ -17,6 +18,9 @@ class PneumoniaPipeline(Pipeline):
         return runner.algorithm
 
     def analyse(self, volume: Volume, runner: ModelRunner, settings: GateSection) -> Findings | GateRefusal:
+        small = matrix_refusal(volume, runner.min_matrix, settings)
+        if small is not None:
+            return small  # below the validated matrix: no model runs
         seg = runner.segment(volume)
         refusal = chest_scope_refusal(volume, seg.lungs, settings)
         if refusal is not None:

@@ -53,11 +53,13 @@ class Classification:
 
 class ModelRunner(ABC):
     """Warm models. ``algorithm`` names the classifier + U-Net pair, ``segmenter_version`` the U-Net alone,
-    ``device`` what they run on (None: not known, e.g. a fake)."""
+    ``device`` what they run on (None: not known, e.g. a fake), ``min_matrix`` the smallest in-plane matrix the
+    classifier's card says it was validated on (0: no limit stated, e.g. a fake)."""
 
     algorithm: AlgorithmIdentity
     segmenter_version: str = "unknown"
     device: DeviceChoice | None = None
+    min_matrix: int = 0
 
     @abstractmethod
     def segment(self, volume: Volume) -> Segmentation: ...
@@ -82,6 +84,7 @@ class RegistryRunner(ModelRunner):
         self.classifier = registry.classifier(classifier_version)
         self.segmenter = registry.segmenter_for(self.classifier, segmenter_version)  # a fusing one: its own
         self.segmenter_version = self.segmenter.version
+        self.min_matrix = self.classifier.min_matrix
         self.candidates = registry.candidates_for(self.classifier)  # None unless the fusion takes their scores
         if self.classifier.fusion is not None:
             from models.lesion_evidence import LesionFusionError

@@ -29,7 +29,8 @@ STABLE_SECONDS = 15
 
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory) -> dict[str, Path]:
-    """One clear pneumonia and one normal phantom (a seed never used in training), 128 px, 40 slices."""
+    """One clear pneumonia and one normal phantom (a seed never used in training), 256 px (the smallest matrix the
+    default classifier's card says it was validated on; below it the pipeline refuses), 40 slices."""
     from training.phantom import generate_case
 
     out = tmp_path_factory.mktemp("phantoms")
@@ -37,7 +38,7 @@ def phantoms(tmp_path_factory) -> dict[str, Path]:
     index = 0
     while len(found) < 2 and index < 40:
         label = 1 if "pneumonia" not in found else 0
-        row = generate_case(424242, index, label, out, size=(128, 128), slices=(40, 40))
+        row = generate_case(424242, index, label, out, size=(256, 256), slices=(40, 40))
         index += 1
         if label == 1 and (row["subtle"] or float(row["lesion_volume_ml"]) < 15):
             continue
@@ -207,7 +208,7 @@ def test_non_chest_ct_with_a_lying_header_never_gets_a_verdict(start_node, ortha
     node = start_node(port=node_port, extra_toml=node_toml(orthanc))
     dirs = [tmp_path / region for region in ("head", "abdomen", "knee")]
     for n, folder in enumerate(dirs):
-        generate_region(folder, folder.name, seed=9100 + n, size=128, slices=32, body_part="CHEST")
+        generate_region(folder, folder.name, seed=9100 + n, size=256, slices=32, body_part="CHEST")
     real = tmp_path / "ct-small"
     for path in restack_slice(get_testdata_file("CT_small.dcm"), real, slices=20, seed=9200):
         ds = pydicom.dcmread(path)
