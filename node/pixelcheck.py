@@ -7,10 +7,13 @@ series later refused as undecodable — a sender has no reason to send again. `c
 
 - encapsulated fragments under a native syntax, or native bytes under a compressed one;
 - native data shorter than Rows × Columns × Samples × Frames × Bits Allocated call for;
-- a first fragment that is positively another codec's stream than the syntax names (`codec_of`): JPEG-LS data
-  labelled RLE or JPEG baseline, JPEG labelled JPEG 2000, an RLE header labelled JPEG … Only what is recognised
-  for certain counts: a fragment that starts like none of them, or whose JPEG markers end before a frame header,
-  passes (the decoder judges it later), so nothing a decoder would read is refused here.
+- a first fragment that is positively another codec's stream than the syntax names (`codec_of`) and that none of
+  the decoders pydicom runs for that syntax reads (`readable_under`): JPEG-LS data labelled RLE, JPEG-LS labelled
+  JPEG 2000, an RLE header labelled JPEG … Only what is recognised for certain counts: a fragment that starts like
+  none of them, or whose JPEG markers end before a frame header, passes (the decoder judges it later). Decoders
+  that read more than their syntax's codec keep it: libjpeg (pylibjpeg for a JPEG or JPEG-LS syntax) reads JPEG
+  and JPEG-LS alike, Pillow a JPEG or a JPEG 2000 codestream under either syntax it serves — the worker
+  decodes those (``pixel_array``), so refusing them lost instances the node could read (found by review).
 
 Only raw bytes are read: the element's length, the shape attributes' two-byte values, and at most `SNIFF_BYTES` of
 the first fragment; Pixel Data itself is never converted.
@@ -19,6 +22,7 @@ the first fragment; Pixel Data itself is never converted.
 from __future__ import annotations
 
 import struct
+from functools import lru_cache
 from typing import Protocol
 
 from pydicom.dataelem import RawDataElement
@@ -77,7 +81,7 @@ def check_pixel_data(ds: Dataset, ts: UID, fp: Seekable) -> None:
         expected = _FAMILY.get(str(ts))
         if expected is not None and isinstance(raw, RawDataElement):
             found_codec = codec_of(first_fragment(fp, raw.value_tell))
-            if found_codec is not None and found_codec != expected:
+            if found_codec is not None and found_codec != expected and not _readable(found_codec, ts):
                 raise InvalidDatasetError(f"Pixel Data is a {found_codec} stream, but transfer syntax {ts} says "
                                           f"{expected}")
         return
@@ -164,3 +168,32 @@ def _jpeg_frame(head: bytes) -> str | None:
             continue
         pos += 2 + int.from_bytes(head[pos + 2 : pos + 4], "big")
     return None
+
+
+# What each of pydicom's decoder plugins reads, by the family of the syntax it runs for; None: anything (a plugin
+# not known here, e.g. GDCM, is never second-guessed). libjpeg reads JPEG and JPEG-LS whichever the syntax says;
+# Pillow opens whatever image its bytes are (JPEG — lossless and 12-bit too with libjpeg-turbo 3 — or JPEG 2000).
+_PLUGIN_READS: dict[tuple[str, str], frozenset[str]] = {
+    ("pylibjpeg", JPEG): frozenset({JPEG, JPEG_LS}), ("pylibjpeg", JPEG_LS): frozenset({JPEG, JPEG_LS}),
+    ("pylibjpeg", JPEG_2000): frozenset({JPEG_2000}), ("pylibjpeg", RLE): frozenset({RLE}),
+    ("pyjpegls", JPEG_LS): frozenset({JPEG_LS}), ("pydicom", RLE): frozenset({RLE}),
+    **{("pillow", family): frozenset({JPEG, JPEG_2000}) for family in (JPEG, JPEG_2000)},
+}
+
+
+@lru_cache(maxsize=32)
+def readable_under(ts: str) -> tuple[frozenset[str] | None, ...]:
+    """What each decoder plugin pydicom has for ``ts`` here reads (None: anything); empty when it has none
+    (nothing decodes that syntax, so the family check stands alone)."""
+    from pydicom.pixels import get_decoder
+
+    try:
+        plugins = get_decoder(ts).available_plugins
+    except (NotImplementedError, ValueError):
+        return ()
+    return tuple(_PLUGIN_READS.get((name, _FAMILY[ts])) for name in plugins)
+
+
+def _readable(found: str, ts: UID) -> bool:
+    """Whether one of the decoders pydicom runs for ``ts`` reads a stream of the ``found`` codec."""
+    return any(reads is None or found in reads for reads in readable_under(str(ts)))
