@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from models.clinical import patient_age_years
+from models.clinical import header_value, patient_age_years
 from node.config import CT_IMAGE_STORAGE, GateSection
 from node.results import SkipReason
 from node.stack import analyse_stack
@@ -109,7 +109,7 @@ def check_header(ds: Any, settings: GateSection | None = None) -> GateRefusal | 
     if age is not None and age < MIN_AGE_YEARS:
         return GateRefusal(SkipReason.OUT_OF_SCOPE, f"the patient is a child (under {MIN_AGE_YEARS:g} years by the "
                                                     f"header): the models were trained on adults only")
-    spacing = ds.get("PixelSpacing")
+    spacing = header_value(ds, "PixelSpacing")  # a malformed value (bytes that do not fit its VR) reads as None
     try:
         ok = spacing is not None and len(spacing) == 2 and all(float(v) > 0 for v in spacing)
     except (TypeError, ValueError):
@@ -117,7 +117,7 @@ def check_header(ds: Any, settings: GateSection | None = None) -> GateRefusal | 
     if not ok:
         return GateRefusal(SkipReason.MISSING_GEOMETRY, "PixelSpacing is missing or not two positive numbers")
     for keyword in ("Rows", "Columns"):
-        value = ds.get(keyword)
+        value = header_value(ds, keyword)
         if not isinstance(value, int) or value < 16:
             return GateRefusal(SkipReason.NOT_ORIGINAL_AXIAL, f"{keyword} is missing or below 16")
     return None
@@ -129,7 +129,7 @@ def check_size(ds: Any, slices: int, settings: GateSection) -> GateRefusal | Non
     slice series of 512² would take ~7 GB and end the worker, again at every attempt."""
     try:
         voxels = slices * int(ds.Rows) * int(ds.Columns)
-    except (AttributeError, TypeError, ValueError):
+    except Exception:  # noqa: BLE001 - absent or malformed: check_header refuses such a header
         return None  # check_header refuses a header without them
     if voxels > settings.max_series_megavoxels * 1e6:
         return GateRefusal(SkipReason.TOO_LARGE, f"{voxels / 1e6:.0f} million voxels ({slices} slices); the node "
@@ -185,8 +185,11 @@ _AVERAGED = frozenset({"AVERAGE", "AVERAGE IP", "AVG", "AVG IP", "AVGIP", "MEAN"
 
 def _image_kind(ds: Any) -> str | None:
     """Why ImageType says these are not slices of anatomy the models can read (a scout, a projection), or None."""
-    image_type = ds.get("ImageType")
-    values = {str(v).strip().upper() for v in ([image_type] if isinstance(image_type, str) else image_type or [])}
+    try:
+        image_type = ds.get("ImageType")
+        values = {str(v).strip().upper() for v in ([image_type] if isinstance(image_type, str) else image_type or [])}
+    except Exception:  # noqa: BLE001 - bytes that do not fit the VR, or a number: nothing says what the images are
+        return "ImageType cannot be read (malformed): whether these are original slices cannot be told"
     if "LOCALIZER" in values:
         return "the series is a localizer (scout)"
     if values & _PROJECTIONS:
@@ -204,7 +207,7 @@ def _not_axial(ds: Any) -> str | None:
     try:
         ori = [float(v) for v in ds.ImageOrientationPatient]
         row, col = ori[:3], ori[3:6]
-    except (AttributeError, TypeError, ValueError):
+    except Exception:  # noqa: BLE001 - absent or malformed: left to the stack checks
         return None
     if len(row) != 3 or len(col) != 3:
         return None
@@ -225,7 +228,7 @@ def _turned(ds: Any) -> str | None:
     orientation is left to the stack checks."""
     try:
         col_y = float(ds.ImageOrientationPatient[4])
-    except (AttributeError, IndexError, TypeError, ValueError):
+    except Exception:  # noqa: BLE001 - absent or malformed: left to the stack checks
         return None
     if col_y >= _SUPINE_COSINE:
         return None

@@ -8,7 +8,7 @@ import pytest
 from pydicom import Dataset
 
 from node.config import GateSection
-from node.gate import check_header, check_series
+from node.gate import check_header, check_series, check_size
 from node.results import SkipReason
 
 SETTINGS = GateSection(min_slices=16, spacing_tolerance_mm=0.05)
@@ -120,3 +120,25 @@ def test_header_checks(over, reason):
     assert check_header(_header()) is None
     refusal = check_header(_header(**over))
     assert refusal is not None and refusal.reason is reason
+
+
+@pytest.mark.parametrize(("keyword", "raw"), [("ImageType", b"ab"), ("ImageType", b"abc"), ("Rows", b"abc"),
+                                              ("Columns", b"abc"), ("PixelSpacing", b"abc")])
+def test_a_malformed_header_value_is_a_coded_refusal_not_a_crash(tmp_path, keyword, raw):
+    """Found by this session's second review: ImageType, Rows, Columns or PixelSpacing written as US whose bytes do
+    not fit (3 bytes: pydicom's BytesLengthException) or fit as a number (ImageType as one US) made check_header
+    raise; through the worker every attempt failed and the PACS got "processing failed" instead of a coded reason.
+    Such a value now refuses the series with a reason naming the attribute, before any model runs."""
+    import pydicom
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    from tests.ctgen import write_ct_series
+
+    path = write_ct_series(tmp_path / "s", slices=1, size=32, seed=91).paths[0]
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    tag = Tag(keyword)
+    ds._dict[tag] = RawDataElement(tag, "US", len(raw), raw, 0, False, True)
+    refusal = check_header(ds, GateSection())
+    assert refusal is not None and keyword in refusal.detail
+    check_size(ds, 10, GateSection())  # answers (None: check_header refuses such a header), never raises
