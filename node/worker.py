@@ -35,10 +35,11 @@ from models.errors import ModelError
 from models.preprocess import PreprocessError, load_series
 from node.admission import ReserveWatch
 from node.config import NodeConfig, PipelineName
+from node.db import reading
 from node.device import announce as announce_device
 from node.device import report as device_entry
 from node.dispatch import Dispatcher
-from node.errors import SpoolFullError
+from node.errors import SpoolFullError, StoreFailedError
 from node.gate import GateRefusal, check_header, check_series, check_size, unloadable
 from node.heap import release_beyond, retain_freed_memory
 from node.leases import holder_id, own_prefix
@@ -86,7 +87,8 @@ class Worker:
         self.metrics = metrics or Metrics()
         self.identity = identity
         self.worker_id = holder_id("worker", identity)  # <instance>:worker:<pid>:<random>, the lease holder
-        self.results_store = Spool(config.node.data_dir / "results")
+        root = config.node.data_dir / "results"  # a late-mounted results volume is not marked (node.spool)
+        self.results_store = Spool(root, indexed_files=lambda: _newest_results(engine, root))
         self.log = get_logger(component="worker", worker_id=self.worker_id)
         self.ready = threading.Event()  # set once the models are loaded
         self.heartbeats = heartbeats or Heartbeats()
@@ -252,8 +254,7 @@ class Worker:
             if refusal is not None:
                 return self._skip(job, pipeline, rows, refusal, log)
             runner = self.warm_up()
-            # the lease is renewed while loading, inferring and building
-            with lease_renewed(self.queue, job, self.worker_id, self.config.queue, self.log):
+            with lease_renewed(self.queue, job, self.worker_id, self.config.queue, self.log):  # load, infer, build
                 t_load = time.perf_counter()
                 loaded = self._load(job, rows, runner)
                 if isinstance(loaded, GateRefusal):
@@ -290,12 +291,9 @@ class Worker:
             return JobState.SKIPPED
         except Exception as exc:  # noqa: BLE001 - one bad series must fail its job, never the worker thread
             error = f"{type(exc).__name__}: {_safe_message(exc)}"[:1000]
-            if isinstance(exc, SpoolFullError) or (gone := self._unmounted(job, exc)):
-                # the node's failure, not the series': the results disk full, or a spool volume not mounted (its
-                # files unreadable). Not an attempt: the job would die of it, and be judged on missing files
-                error = error if isinstance(exc, SpoolFullError) else f"spool not mounted: {gone}; {error}"[:1000]
-                held = self.queue.defer(job, self.worker_id, error)
-                log.error("job_deferred", error=error, lease_held=held)
+            if (deferred := self._node_failure(job, exc, error)) is not None:
+                held = self.queue.defer(job, self.worker_id, deferred)
+                log.error("job_deferred", error=deferred, lease_held=held)
                 self.metrics.job_ended(job.pipeline.value, "deferred")
                 return JobState.QUEUED
             state = self.queue.fail(job, self.worker_id, error)  # RUNNING: the lease was lost, the job is not ours
@@ -317,16 +315,22 @@ class Worker:
             return unloadable(exc)
         return next(filter(None, (check_header(ds, self.config.gate) for ds in loaded[0].datasets)), None) or loaded
 
-    def _unmounted(self, job: Job, exc: Exception) -> str | None:
-        """For a failure reading files: the spool roots of the job's series that have no marker now, else None."""
+    def _node_failure(self, job: Job, exc: Exception, error: str) -> str | None:
+        """The job's error when the failure is the node's own, not the series' — its results disk full or not the
+        one started on (a volume not mounted), or a read error while a spool root of the series has no marker (its
+        volume not mounted) — so the job is deferred without spending an attempt (it would die of it, and be judged
+        on missing files); None otherwise."""
+        if isinstance(exc, SpoolFullError | StoreFailedError):
+            return error
         if not isinstance(exc, OSError) and not isinstance(exc.__cause__, OSError):
             return None
         try:
             with self.engine.connect() as conn:
                 rows = conn.execute(sa.select(instances).where(instances.c.series_uid == job.series_uid)).all()
-            return ", ".join(map(str, Spools(self.config).unmounted(rows))) or None
+            gone = ", ".join(map(str, Spools(self.config).unmounted(rows)))
         except Exception:  # noqa: BLE001 - cannot tell: the failure counts as the series' own
             return None
+        return f"spool not mounted: {gone}; {error}"[:1000] if gone else None
 
     def _instances(self, series_uid: str) -> list[Any]:
         """The series' index rows, each ``path`` resolved to where this host reads the file (node.spools; a row on
@@ -457,6 +461,16 @@ class Worker:
         dead); the caller raises `JobSuperseded` once the transaction is committed."""
         if leased and not self.queue.skip(conn, job, self.worker_id, SKIP_REASON, f"version {newer} came in"):
             raise LeaseLost()
+
+
+def _newest_results(engine: Engine, root: Path, limit: int = 8) -> list[Path]:
+    """The newest result files recorded under ``root`` (the oldest may be purged, their rows kept). Raises
+    `DatabaseError`."""
+    prefix = f"{root}/"
+    with reading(engine, "results read failed") as conn:
+        return [Path(p) for p in conn.execute(
+            sa.select(results.c.path).where(sa.func.substr(results.c.path, 1, len(prefix)) == prefix)
+            .order_by(results.c.id.desc()).limit(limit)).scalars()]
 
 
 def _header(path: str) -> Dataset:

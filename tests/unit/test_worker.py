@@ -840,3 +840,36 @@ def test_malformed_age_sex_and_request_text_are_missing_inputs_not_a_failed_seri
     assert job.state == JobState.DONE, (job.state, job.last_error)
     dispatcher.run_once()
     assert [pydicom.dcmread(f).Modality for f in sender.sent[0]] == ["SR", "SEG", "KO"]
+
+
+def test_a_worker_started_before_its_results_volume_is_mounted_writes_nothing_under_it(node, tmp_path):
+    """Found by this session's second review: the worker's results folder was marked at start whatever it held, so a
+    worker (re)started before its results volume was mounted (docker-compose.scale.yml's ``results`` volume) marked
+    the bare mount point and wrote results there, which the volume then hid: their deliveries died as "result file
+    missing". Now the folder is marked only if the newest recorded results are in it; until the volume is there the
+    results store refuses writes and jobs wait without spending attempts, then get their results in the volume."""
+    import os
+
+    from node.spool import read_marker
+
+    config, engine, ingestor, queue, dispatcher, sender = node
+    first = receive(ingestor, tmp_path, "s-first", slices=12, seed=71)
+    queue_job(queue, first.series_uid)
+    Worker(config, engine, queue, dispatcher, lambda: FixedRunner(0.9)).run_pending()
+    root = config.node.data_dir / "results"
+    os.rename(root, tmp_path / "results-volume")  # the worker restarts with the volume not mounted yet
+    root.mkdir()
+    worker = Worker(config, engine, queue, dispatcher, lambda: FixedRunner(0.9))
+    later = receive(ingestor, tmp_path, "s-later", slices=12, seed=72)
+    job_id = queue_job(queue, later.series_uid)
+    worker.run_pending()
+    job = queue.get(job_id)
+    assert job.state == JobState.QUEUED and job.attempts == 0, (job.state, job.last_error)
+    assert list(root.iterdir()) == []  # no marker, no result on the bare mount point
+    root.rmdir()
+    os.rename(tmp_path / "results-volume", root)
+    with engine.begin() as conn:
+        conn.execute(jobs.update().where(jobs.c.id == job_id).values(due_at=0))
+    worker.run_pending()
+    assert queue.get(job_id).state == JobState.DONE
+    assert read_marker(root) is not None and (root / later.study_uid).is_dir()
