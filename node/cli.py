@@ -176,7 +176,8 @@ def cmd_config_reload(args: argparse.Namespace) -> int:
         print(f"pacsnode: warning: cannot read /proc/{pid}: checked {path} with this shell's environment; the node "
               "reloads the file it was started with", file=sys.stderr)
     else:
-        if not _same_file(path, node.config_path):
+        named = args.config is not None or bool(os.environ.get("PACSNODE_CONFIG"))  # else: "the node's own file"
+        if named and not _same_file(path, node.config_path):
             print(f"pacsnode: the node (pid {pid}) runs on {node.config_path} and a reload re-reads that file, not "
                   f"{path}: edit {node.config_path}, or restart the node with --config {path}", file=sys.stderr)
             return 2

@@ -114,3 +114,18 @@ def test_the_nodes_file_from_its_environment_and_its_overrides_are_what_is_check
     ok = cli("config", "reload", "--config", str(running))
     assert ok.returncode == 0, ok.stderr
     wait_until(lambda: hup_count(good_hups) == 1, 10, "one SIGHUP")
+
+
+def test_without_a_named_file_the_nodes_own_file_is_checked(tmp_path, spawn):
+    """Found by this session's second review: with neither --config nor $PACSNODE_CONFIG the command compared the
+    default file with the node's and refused (exit 2) a node started on another file — though no other file was
+    named. Now it checks and reloads the node's own file. (The command finds the pid file through its default
+    config; its data_dir is pointed at this test's folder by an override.)"""
+    data = tmp_path / "data"
+    data.mkdir()
+    write_config(tmp_path / "site.toml", data)
+    node, hups = spawn("node.cli", "serve", "--config", "site.toml")
+    (data / "pacsnode.pid").write_text(f"{node.pid}\n")
+    done = cli("config", "reload", env={"PACSNODE_NODE__DATA_DIR": str(data)})
+    assert done.returncode == 0, done.stderr
+    wait_until(lambda: hup_count(hups) == 1, 10, "one SIGHUP")
