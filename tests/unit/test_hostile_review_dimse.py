@@ -102,7 +102,7 @@ def test_an_associate_rq_with_more_items_than_any_peer_needs_is_aborted_before_i
     took = time.monotonic() - t0
     print(f"{flood}: {len(rq)} bytes answered with PDU type {pdu_type} after {took:.2f} s")
     assert pdu_type == A_ABORT, f"expected an A-ABORT, got PDU type {pdu_type} after {took:.2f} s"
-    assert took < 1.0
+    assert took < 5.0  # ~0.03 s on an idle machine; the bound only catches a decode (2-10 s) on a loaded one
     assert _refused(node.server._metrics, "associate_rq_malformed") == 1
     assert node.echo() == 0x0000
     assert not thread_errors
@@ -125,7 +125,7 @@ def test_a_legitimate_peer_proposing_128_contexts_of_every_transfer_syntax_is_ac
     finally:
         assoc.release()
     print(f"128 contexts x {len(ALL_TRANSFER_SYNTAXES)} transfer syntaxes negotiated in {took:.2f} s")
-    assert took < 2.0
+    assert took < 10.0  # well under a second on an idle machine; generous for the parallel suite
 
 
 def test_a_flood_of_oversized_requests_does_not_starve_a_modality(make_node, tmp_path):
@@ -371,7 +371,10 @@ def test_a_report_too_large_to_be_a_real_one_is_refused_before_it_is_decoded(mak
     a 14 MiB report naming 200,000 held the GIL 10 s and grew the heap 155 MiB - and pynetdicom starts a thread
     for each. A real report names the node's few result objects; one over MAX_REPORT_BYTES is answered 0x0110
     without being decoded."""
-    node = make_node(max_pdu_bytes=1 << 20, max_instance_bytes=64 << 20)
+    # long timeouts: on a machine loaded by the parallel suite the 3 MB took longer than the default 1.5 s idle
+    # limit to arrive, and the node rightly aborted the association (seen in a clean-clone CI run)
+    node = make_node(max_pdu_bytes=1 << 20, max_instance_bytes=64 << 20, network_timeout_seconds=15.0,
+                     association_timeout_seconds=15.0)
     calls: list[float] = []
 
     def report(event):  # noqa: ANN001, ANN202 - node.commitment's handler: decodes, as parse_report does
@@ -381,7 +384,7 @@ def test_a_report_too_large_to_be_a_real_one_is_refused_before_it_is_decoded(mak
         return 0x0110, None
 
     node.server._on_commitment_report = report
-    pdus = _report_pdus(40000)  # ~3 MB (made before the association: it idles out after 1.5 s)
+    pdus = _report_pdus(40000)  # ~3 MB (made before the association)
     peer = _reporter(node, peers)
     t0 = time.monotonic()
     peer.send(pdus)
@@ -389,8 +392,7 @@ def test_a_report_too_large_to_be_a_real_one_is_refused_before_it_is_decoded(mak
     took = time.monotonic() - t0
     print(f"{len(pdus) >> 10} KiB report answered 0x{status:04X} in {took:.2f} s (decoding: {calls})")
     assert status == 0x0110
-    assert calls == []
-    assert took < 1.0
+    assert calls == []  # answered without decoding (the previous code decoded it: 1.2 s on an idle machine)
     small = _report_pdus(3, message_id=2)
     peer.send(small)
     assert int(peer.receive_response().Status) == 0x0110 and len(calls) == 1  # a real one is still handed over
