@@ -32,6 +32,10 @@ copies of one head slice, 693_*; a skull base, J2K_pixelrep_mismatch; a 147 mm n
 Measured (whole chests) vs. (the rest), with the threshold between:
 
 - pixel correlation ≥ 0.5: chest ≥ 0.96; uniform and Gaussian noise ≤ 0.003.
+- the 1st percentile of the image below -500 HU (air; added 2026-12-06, not from the corpus run): every chest holds
+  air outside the body and in the lungs (≈ -1000 HU); pixel values that never read as air are not HU — an
+  intercept of 0 on data stored as HU + 1024, signed data read as unsigned, an MR series labelled CT — which the
+  next rule used to refuse as "no whole body cross-section", a misleading reason.
 - ≤ 50 % of the image border covered by body: chest 0 %; smoothed-blob noise 53–99 %, the two real crops 63–66 %.
   Then body ≥ 1000 mL (chest ≥ 9.9 L): an empty or near-empty image.
 - head-like slices ≤ 30 %: chest 0 %; head phantoms 70–83 %, the real head slice 100 %.
@@ -197,7 +201,7 @@ def _head_like(h: np.ndarray, body: np.ndarray, px_mm2: float) -> tuple[int, int
 
 def measure(volume: Volume, lungs: np.ndarray) -> dict[str, float]:
     """The measures :func:`assess_chest_scope` decides on (see the module docstring): ``axial_cosine``,
-    ``pixel_correlation``, ``body_ml``, ``body_border_fraction``, ``head_slice_fraction``, ``lung_segmented_ml``
+    ``pixel_correlation``, ``low_hu``, ``body_ml``, ``body_border_fraction``, ``head_slice_fraction``, ``lung_segmented_ml``
     (all of the mask), ``lung_ml`` (inside the body), ``lung_median_hu``, ``lung_aerated_fraction``,
     ``lung_slices``, ``lung_extent_mm``, ``lung_body_ratio``, ``lung_side_share``. Raises ValueError when
     ``lungs`` is not a mask shaped like ``volume.hu``."""
@@ -215,6 +219,7 @@ def measure(volume: Volume, lungs: np.ndarray) -> dict[str, float]:
 
     m: dict[str, float] = {"axial_cosine": float(abs(normal[2]))}
     m["pixel_correlation"] = _pixel_correlation(h)
+    m["low_hu"] = float(np.percentile(h, 1.0)) if h.size else 0.0  # air (outside the body, in the lungs): ~ -1000
     body = _body(h)
     m["body_ml"] = float(body.sum()) * vox_ml
     edges = np.concatenate([body[:, 0, :], body[:, -1, :], body[:, :, 0], body[:, :, -1]], axis=1)
@@ -270,6 +275,10 @@ def _image_problem(m: dict[str, float], s: ScopeSettings) -> str | None:
     if m["pixel_correlation"] < s.min_pixel_correlation:
         return (f"no coherent image, like random noise: neighbouring pixels correlate {m['pixel_correlation']:.2f}, "
                    f"at least {s.min_pixel_correlation:.2f} expected")
+    if m["low_hu"] > AIR_HU:  # every chest CT holds air: values that never read as air are not HU at all
+        return (f"no air anywhere in the images: the lowest values read {m['low_hu']:.0f} HU where air reads about "
+                f"-1000 HU, so the pixel values are not Hounsfield units (Rescale Intercept/Slope or Pixel "
+                f"Representation wrong for the data) or the images hold no air at all")
     if m["body_border_fraction"] > s.max_body_border_fraction:
         return (f"no whole body cross-section: tissue covers {100 * m['body_border_fraction']:.0f}% of the image "
                    f"border, at most {100 * s.max_body_border_fraction:.0f}% expected, as in a cropped field of view or noise")

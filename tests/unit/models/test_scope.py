@@ -253,3 +253,15 @@ def test_lungs_cut_at_an_end_are_part_of_the_lungs_even_over_150_mm(chest_truth:
     verdict = assess_chest_scope(cut, lungs[top:])
     assert verdict.measures["lung_extent_mm"] >= ScopeSettings().min_lung_extent_mm  # the old rule let it pass
     assert not verdict.in_scope and "cut at the first or last slice" in verdict.reason, verdict.reason
+
+
+@pytest.mark.parametrize("shift", [1024.0, 2048.0])
+def test_values_that_never_read_as_air_are_named_as_not_hounsfield_units(chest_truth: tuple[Volume, np.ndarray],
+                                                                        shift: float) -> None:
+    """Found by review: a chest stored as HU + 1024 with a Rescale Intercept of 0 (or signed data read as unsigned)
+    was refused as "no whole body cross-section ... cropped field of view or noise", which sends radiology IT
+    looking at the wrong thing. Values that never read as air are now named for what they are."""
+    volume, lungs = chest_truth
+    verdict = assess_chest_scope(_with_hu(volume, volume.hu + shift), lungs)
+    assert not verdict.in_scope and "not Hounsfield units" in verdict.reason, verdict.reason
+    assert assess_chest_scope(volume, lungs).in_scope  # the same chest in HU
