@@ -35,12 +35,13 @@ from pydicom.errors import InvalidDicomError
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from models.clinical import header_value
 from node.config import CompletionMode, CompletionSection, NodeConfig, PipelineName, Priority, PriorityRule
 from node.index import all_members, instance_set_digest
 from node.logs import get_logger
 from node.metrics import Metrics
 from node.queue import JobQueue, jobs
-from node.routing import Decision, header_value, read_header, route
+from node.routing import Decision, read_header, route
 from node.schema import associations, instances, series
 from node.spools import Spools
 from node.stack import analyse_stack
@@ -393,7 +394,7 @@ def _matches(rule: PriorityRule, row: Any, rows: Sequence[Any]) -> bool:
                 continue
             except (InvalidDicomError, ValueError):
                 return False
-            value = header_value(ds, rule.keyword)  # a malformed value matches nothing (routing.header_value)
+            value = header_value(ds, rule.keyword)  # a malformed value matches nothing (models.clinical.header_value)
             return value is not None and str(value).strip().upper() == str(rule.equals).strip().upper()
         return False  # none could be read: routine priority (routing, which read one, decides the rest)
     return True

@@ -101,8 +101,6 @@ _INDEX_TAGS: list[BaseTag | int] = [
         "SpecificCharacterSet",
     )
 ]
-# What the Pixel Data check reads (node.pixelcheck), from the raw bytes: no pydicom conversion per instance.
-_SHAPE_TAGS = SHAPE_TAGS
 # Present-or-not is all the receive path needs of these; large values are seeked past, never read (defer_size).
 _PIXEL_TAGS: list[BaseTag | int] = [Tag("PixelData"), Tag("FloatPixelData"), Tag("DoubleFloatPixelData")]
 _UNDEFINED_LENGTH = 0xFFFFFFFF
@@ -298,7 +296,7 @@ def _parse_header(data: EncodedDataset, ts: UID, max_inflated_bytes: int) -> Dat
         fp.is_little_endian = ts.is_little_endian
         fp.is_implicit_VR = ts.is_implicit_VR
         check_first_group(fp, ts)
-        ds = read_top_level(fp, ts, specific_tags=[*_INDEX_TAGS, *_SHAPE_TAGS, *_PIXEL_TAGS], defer_size=256,
+        ds = read_top_level(fp, ts, specific_tags=[*_INDEX_TAGS, *SHAPE_TAGS, *_PIXEL_TAGS], defer_size=256,
                             check_vrs=not ts.is_implicit_VR)
         if ds.original_encoding[0] != ts.is_implicit_VR:
             found, expected = ("Implicit", "Explicit") if ds.original_encoding[0] else ("Explicit", "Implicit")
@@ -309,7 +307,7 @@ def _parse_header(data: EncodedDataset, ts: UID, max_inflated_bytes: int) -> Dat
             raise InvalidDatasetError(f"dataset is truncated: an element runs {fp.tell() - end} bytes past the end")
         if fp.tell() < end:
             raise InvalidDatasetError(f"dataset has {end - fp.tell()} trailing bytes that do not parse")
-        for tag in (*_INDEX_TAGS, *_SHAPE_TAGS):
+        for tag in (*_INDEX_TAGS, *SHAPE_TAGS):
             raw = ds.get_item(tag)
             if (
                 isinstance(raw, RawDataElement)

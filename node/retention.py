@@ -252,10 +252,11 @@ class Retention:
                           instances.c.study_uid, instances.c.sop_class_uid)
                 .where(instances.c.series_uid == series_uid)
             ).all()
-        rows = Spools(self.config).rows(rows)  # paths on this host; an unmapped spool fails this purge, rows kept
+        spools = Spools(self.config)
+        rows = spools.rows(rows)  # paths on this host; an unmapped spool fails this purge, rows kept
         if not rows or seen is None or series_uid in report.series:
             return
-        if gone := Spools(self.config).unmounted(rows):  # its files unseen: deleting the rows would orphan them
+        if gone := spools.unmounted(rows):  # its files unseen: deleting the rows would orphan them
             report.spools_unmounted.update(map(str, gone))
             return
         if dry_run:

@@ -21,6 +21,7 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
+from models.clinical import header_value
 from node.config import IGNORE, PipelineName, Route
 
 # SOP classes that carry no image the models could read (prefixes of the Storage SOP class UIDs).
@@ -89,16 +90,6 @@ def _text(value: object) -> str:
     return str(value).strip()[:_MAX_TEXT] if value is not None else ""
 
 
-def header_value(ds: Any, keyword: str) -> Any:
-    """``ds``'s value for ``keyword``, None when absent or when it does not convert: a value in a VR its bytes do not
-    fit (pydicom's BytesLengthException, a ValueError…) is a header the routes cannot read, not a reason for the
-    series to fail every sweep and never complete (found by review)."""
-    try:
-        return ds.get(keyword)
-    except Exception:  # noqa: BLE001 - pydicom raises many types for one malformed value
-        return None
-
-
 def _values(value: Any) -> list[Any]:
     """A header value as a list of its values: a multi-valued one's values, a single value (a string, or a number
     where a faulty writer's VR made one: ImageType as US) as one, none for None."""
@@ -110,7 +101,8 @@ def _values(value: Any) -> list[Any]:
 def read_header(path: str | Path, *, calling_ae: str | None, slices: int) -> SeriesHeader | None:
     """The routing header of the instance at ``path``; None when the file is not DICOM. A file that cannot be
     opened or read (`OSError`: a spool on NFS that blipped, too many open files, a missing file) raises: that says
-    nothing about the series, which must not be ignored for it."""
+    nothing about the series, which must not be ignored for it. A value whose bytes do not fit its VR reads as
+    absent (`models.clinical.header_value`): not a reason for the series to fail every sweep and never complete."""
     try:
         ds = dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_KEYWORDS)
     except OSError:

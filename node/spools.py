@@ -80,15 +80,7 @@ class Spools:
                 roots.add(self.roots[spool_id])
             elif spool_id is None and Path(row.path).is_relative_to(self.own_root):
                 roots.add(self.own_root)
-        out = []
-        for root in sorted(roots):
-            try:
-                marked = read_marker(root) is not None
-            except OSError:
-                marked = False
-            if not marked:
-                out.append(root)
-        return out
+        return [root for root in sorted(roots) if not _marked(root)]
 
 
 def results_unmounted(config: NodeConfig, files: Iterable[str | Path]) -> Path | None:
@@ -98,10 +90,15 @@ def results_unmounted(config: NodeConfig, files: Iterable[str | Path]) -> Path |
     root = config.node.data_dir / "results"
     if not any(Path(f).is_relative_to(root) for f in files):
         return None
+    return None if _marked(root) else root
+
+
+def _marked(root: Path) -> bool:
+    """Whether ``root`` has a readable marker (node.spool); one that cannot be read counts as none."""
     try:
-        return None if read_marker(root) is not None else root
+        return read_marker(root) is not None
     except OSError:
-        return root
+        return False
 
 
 class ResolvedRow:

@@ -325,9 +325,7 @@ class Worker:
         if not isinstance(exc, OSError) and not isinstance(exc.__cause__, OSError):
             return None
         try:
-            with self.engine.connect() as conn:
-                rows = conn.execute(sa.select(instances).where(instances.c.series_uid == job.series_uid)).all()
-            gone = ", ".join(map(str, Spools(self.config).unmounted(rows)))
+            gone = ", ".join(map(str, Spools(self.config).unmounted(self._instances(job.series_uid))))
         except Exception:  # noqa: BLE001 - cannot tell: the failure counts as the series' own
             return None
         return f"spool not mounted: {gone}; {error}"[:1000] if gone else None

@@ -11,25 +11,14 @@ normals at 256 px and 120 slices, a 3-slice AVERAGE slab 20 of 20 (the same seri
 
 from __future__ import annotations
 
-import pydicom
 import pytest
 
 from node.gate import check_header
 from node.results import SkipReason
 from node.states import JobState
 from node.worker import Worker
+from tests.unit.test_scope_review import _header
 from tests.unit.test_worker import FixedRunner, node, queue_job, receive_edited  # noqa: F401 - node: fixture
-
-
-def _header(**over):
-    ds = pydicom.Dataset()
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-    ds.PixelSpacing = [0.7, 0.7]
-    ds.Rows = ds.Columns = 512
-    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    for keyword, value in over.items():
-        setattr(ds, keyword, value)
-    return ds
 
 
 @pytest.mark.parametrize("image_type", [
