@@ -773,7 +773,7 @@ def test_a_results_volume_not_mounted_is_retried_not_dead_lettered(engine: sa.En
     try:
         config = make_config(dimse("pacs", port=pacs.port)).model_copy(
             update={"node": NodeConfig(node={"data_dir": str(data_dir)}).node})
-        d = Dispatcher(config, engine, {DestinationKind.DIMSE: DimseSender("PACSNODE", 5)}, clock=clock,
+        d = Dispatcher(config, engine, {DestinationKind.DIMSE: DimseSender("PACSNODE", 30)}, clock=clock,
                        rng=lambda: 0.5)
         (delivery_id,) = d.enqueue(made.series_uid, 1, written, list(made.sop_uids))
         os.rename(data_dir / "results", tmp_path / "volume")  # the volume gone, its bare mount point left
@@ -784,9 +784,12 @@ def test_a_results_volume_not_mounted_is_retried_not_dead_lettered(engine: sa.En
         assert "has no marker" in got.last_error and "missing" in got.last_error
         (data_dir / "results").rmdir()
         os.rename(tmp_path / "volume", data_dir / "results")
-        clock.advance(60)
-        d.run_once()
-        assert row(d, delivery_id).state == DeliveryState.DELIVERED.value
+        for _ in range(5):  # storescp on a loaded machine may miss a response: the delivery is retried
+            clock.advance(60)
+            d.run_once()
+            if row(d, delivery_id).state != DeliveryState.PENDING.value:
+                break
+        assert row(d, delivery_id).state == DeliveryState.DELIVERED.value, row(d, delivery_id).last_error
         assert len(list((tmp_path / "pacs").rglob("*"))) >= 2
         d.stop(5)
     finally:
