@@ -29,6 +29,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_context, evt
+from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StorageCommitmentPushModel,
@@ -107,12 +108,33 @@ class _DestinationRefusals(Refusals):
         return super().record(reason, self.peer.host, self.peer.port, called_ae=self.peer.called_ae, **context)
 
 
+class _RequestorDimse(DIMSEServiceProvider):
+    """pynetdicom's DIMSE provider for an association the node requested, whose association reactor (the
+    non-blocking ``get_msg``) only ever takes the peer's *requests* (an N-EVENT-REPORT) and leaves responses to the
+    sender's blocking ``get_msg``. pynetdicom pauses the reactor before sending by waiting until it reports itself
+    paused, which it does just before waiting on its checkpoint: a reactor thread descheduled right after that wait
+    (a loaded machine) took the response and dropped it ("Received unexpected C-STORE service message"), and the
+    sender waited its whole DIMSE timeout — a delivery failed and was retried, a commitment request lost."""
+
+    def get_msg(self, block: bool = False) -> Any:
+        if block:
+            return super().get_msg(block)
+        queue = self.msg_queue
+        with queue.mutex:  # what queue.Queue.get does, for the head only when it is a request
+            if queue.queue and getattr(queue.queue[0][1], "is_valid_request", False):
+                item = queue.queue.popleft()
+                queue.not_full.notify()
+                return item
+        return None, None
+
+
 def _on_open(peer: Peer) -> list[evt.EventHandlerType]:
     """The EVT_CONN_OPEN handler: TCP_NODELAY, and `node.guard.GuardedSocket`'s bounds on what the peer sends: a PDU
     declared over `MAX_PDU_FROM_PEER` is aborted unread, and each PDU must arrive within ``peer.timeout`` (which
-    also bounds every send)."""
+    also bounds every send); the peer's responses go to the sender only (`_RequestorDimse`)."""
     def opened(event: evt.Event) -> None:
         nodelay_handler(event)
+        event.assoc.dimse.__class__ = _RequestorDimse  # before any P-DATA: the reactor starts once established
         limits = ReceiveLimits(max_pdu_bytes=MAX_PDU_FROM_PEER, max_instance_bytes=MAX_PDU_FROM_PEER,
                                association_timeout=peer.timeout, network_timeout=peer.timeout, max_connections=1)
         if (sock := event.assoc.dul.socket) is not None:

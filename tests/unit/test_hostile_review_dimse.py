@@ -342,7 +342,7 @@ def test_reports_sent_without_waiting_for_the_answers_are_handled_one_at_a_time(
     (GuardedDimse's pipelining check never sees them), so a peer sending reports without waiting for the answers
     had as many decoded at once as it sent - each a thread, its data set and its decoding. Now a report that
     arrives while another from the same association is still being handled is answered 0x0110 undecoded."""
-    node = make_node(max_pdu_bytes=1 << 20)
+    node = make_node(max_pdu_bytes=1 << 20, network_timeout_seconds=15.0)  # the idle limit is not what is tested
     lock, running, most, calls = threading.Lock(), [0], [0], []
 
     def slow_report(event):  # noqa: ANN001, ANN202 - node.commitment's handler, slowed down
