@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 from pydicom import Dataset
 
+from models.clinical import patient_age_years
 from models.preprocess import Volume
 from node.config import GateSection, PipelineName
 from node.gate import GateRefusal
@@ -57,6 +58,36 @@ def matrix_refusal(volume: Volume, min_matrix: int, settings: GateSection) -> Ga
         return None
     return GateRefusal(SkipReason.OUT_OF_SCOPE, f"outside the model's scope: a {volume.shape[1]} x {volume.shape[2]} "
                                                 f"matrix, below the {min_matrix} the models were validated on")
+
+
+def scope_notes(volume: Volume, min_matrix: int, settings: GateSection) -> tuple[str, ...]:
+    """The SR's account of a verdict's scope (its AI-SCOPE items): what the models were validated on, what the node
+    checked on this series before giving the verdict, and — so that a reader sees the gap — what it did not or could
+    not check: contrast is read from the header only, a check switched off in ``[gate]``, an age the header lacks."""
+    matrix = f"an in-plane matrix of at least {min_matrix} px" if min_matrix else "no smallest matrix stated"
+    lines = [f"Validated scope: adults (18 years or older), non-contrast axial chest CT, single-frame ORIGINAL slices, "
+             f"{matrix}; the models were trained and tested on synthetic phantoms only."]
+    checked = (f"Checked on this series before the verdict: modality, image type (no MIP, MinIP, average or "
+               f"localizer), axial supine slices of one study and frame of reference, evenly spaced and untilted (at "
+               f"least {settings.min_slices}), patient age where the header gives it")
+    if settings.scope_check:
+        matrix_check = f", the {min_matrix} px matrix" if min_matrix else ""
+        lines.append(f"{checked}{matrix_check}, and from the image a whole chest cross-section with both lungs, in "
+                     "Hounsfield units.")
+    else:
+        lines.append(f"{checked}. Not checked ([gate] scope_check = false in this node's configuration): whether "
+                     "the image is a chest CT in Hounsfield units the models can judge, and the validated matrix.")
+    if settings.refuse_contrast:
+        lines.append("Contrast: checked in the header only (Contrast/Bolus Agent empty or none); contrast that was "
+                     "given but not recorded there cannot be recognised.")
+    else:
+        lines.append("Contrast: not checked ([gate] refuse_contrast = false in this node's configuration); the "
+                     "models were trained on non-contrast CT only.")
+    header = volume.datasets[0] if volume.datasets else None
+    if header is None or patient_age_years(header) is None:
+        lines.append("Patient age: not in the header (PatientAge, or PatientBirthDate with StudyDate), so whether "
+                     "the patient is an adult was not checked.")
+    return tuple(lines)
 
 
 def chest_scope_refusal(volume: Volume, lungs: np.ndarray, settings: GateSection) -> GateRefusal | None:

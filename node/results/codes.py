@@ -72,6 +72,7 @@ FUSION_MISSING = _private("AI-FUSION-MISS", "Clinical input missing for fusion")
 FUSION_EVIDENCE = _private("AI-FUSION-EV", "Image evidence fused into the probability")
 CALIBRATION = _private("AI-CALIBRATION", "Probability calibration")
 OPERATING_POINT = _private("AI-OPERATING-PT", "Operating point of the decision")
+SCOPE = _private("AI-SCOPE", "Scope of the verdict")
 
 NOT_FOR_CLINICAL_USE = (
     "NOT FOR CLINICAL USE. Research software: the models were trained on synthetic phantoms only and have not "

@@ -97,14 +97,16 @@ class ModelNotes:
     calibration: str | None = None
     operating_point: str | None = None
     fused_evidence: tuple[tuple[str, str], ...] = ()
+    scope: tuple[str, ...] = ()  # what the verdict's scope is and what was checked on this series (and what not)
 
     def __post_init__(self) -> None:
         for pairs in ("fusion_inputs", "fused_evidence"):
             for name, value in getattr(self, pairs):
                 if not (isinstance(name, str) and name.strip() and isinstance(value, str) and value.strip()):
                     raise ResultsError(f"ModelNotes.{pairs} must be (name, value) pairs of non-empty strings")
-        if not all(isinstance(n, str) and n.strip() for n in self.missing_inputs):
-            raise ResultsError("ModelNotes.missing_inputs must be non-empty strings")
+        for name in ("missing_inputs", "scope"):
+            if not all(isinstance(n, str) and n.strip() for n in getattr(self, name)):
+                raise ResultsError(f"ModelNotes.{name} must be non-empty strings")
         for name in ("calibration", "operating_point"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.strip()):

@@ -133,7 +133,8 @@ def _classification_group(
 
 def _model_note_items(findings: Findings) -> list[hd.sr.TextContentItem]:
     """TEXT items naming the clinical inputs fused (one each, "age: 63 years"), those missing, the image evidence
-    fused, the calibration of the probability and the operating point, as far as ``findings.notes`` give them."""
+    fused, the calibration of the probability, the operating point and the verdict's scope (what was checked on this
+    series, and what was not), as far as ``findings.notes`` give them."""
     notes = findings.notes
     if notes is None:
         return []
@@ -144,6 +145,7 @@ def _model_note_items(findings: Findings) -> list[hd.sr.TextContentItem]:
         items.append(text_item(codes.CALIBRATION, notes.calibration))
     if notes.operating_point:
         items.append(text_item(codes.OPERATING_POINT, notes.operating_point))
+    items += [text_item(codes.SCOPE, line) for line in notes.scope]
     return items
 
 

@@ -74,6 +74,7 @@ NOTES = ModelNotes(
     fused_evidence=(("image classifier", "probability 0.412 (calibrated, before the lesion fusion)"),
                     ("segmenter lesion evidence", "pacsnode-lung-lesion-unet 1.0.0: largest lesion probability 0.973 "
                      "in the lungs, 412 lesion pixels on 6 of 10 slices (on the 128 x 128 model grid)")),
+    scope=("Validated scope: adults, non-contrast axial chest CT.", "Contrast: checked in the header only."),
 )
 
 
@@ -218,12 +219,14 @@ def test_sr_codes_the_finding_and_probability(written: dict[str, Path], findings
 def test_sr_names_the_fusion_inputs_calibration_and_operating_point(written: dict[str, Path]) -> None:
     sr = pydicom.dcmread(written["sr"])
     texts = {code: [str(i.TextValue) for i in named(sr, code, "99PACSAI")]
-             for code in ("AI-FUSION-IN", "AI-FUSION-MISS", "AI-FUSION-EV", "AI-CALIBRATION", "AI-OPERATING-PT")}
+             for code in ("AI-FUSION-IN", "AI-FUSION-MISS", "AI-FUSION-EV", "AI-CALIBRATION", "AI-OPERATING-PT",
+                          "AI-SCOPE")}
     assert texts["AI-FUSION-IN"] == ["age: 63 years (from DICOM header)",
                                      "fever: present (from request text in the DICOM header)"]
     assert texts["AI-FUSION-MISS"] == ["sex", "cough", "dyspnoea"]
     assert texts["AI-FUSION-EV"] == [f"{name}: {value}" for name, value in NOTES.fused_evidence]
     assert texts["AI-CALIBRATION"] == [NOTES.calibration] and texts["AI-OPERATING-PT"] == [NOTES.operating_point]
+    assert texts["AI-SCOPE"] == list(NOTES.scope)
 
 
 def test_model_notes_validate() -> None:
@@ -233,6 +236,8 @@ def test_model_notes_validate() -> None:
         ModelNotes(calibration="  ")
     with pytest.raises(ResultsError, match="fused_evidence"):
         ModelNotes(fused_evidence=(("", "x"),))
+    with pytest.raises(ResultsError, match="scope"):
+        ModelNotes(scope=("",))
 
 
 def test_finding_is_absent_below_threshold(sources: list[Dataset], findings: Findings) -> None:

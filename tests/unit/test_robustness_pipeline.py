@@ -63,6 +63,11 @@ def test_the_same_anatomy_at_256_px_still_gets_its_verdict(runner, tmp_path):
     out = PneumoniaPipeline().analyse(_normal(tmp_path, 256), runner, GateSection())
     assert not isinstance(out, GateRefusal)
     assert out.probability < out.threshold
+    # the verdict states its scope (the SR's AI-SCOPE items): the card's matrix, the checks made, contrast from the
+    # header only; the phantom's header gives the age, so no line says the age went unchecked
+    scope = out.notes.scope
+    assert "at least 256 px" in scope[0] and "the 256 px matrix" in scope[1] and "in Hounsfield units" in scope[1]
+    assert scope[2].startswith("Contrast: checked in the header only") and len(scope) == 3
 
 
 def test_the_limit_comes_from_the_card_and_the_scope_check_switch(runner, tmp_path):
@@ -70,6 +75,7 @@ def test_the_limit_comes_from_the_card_and_the_scope_check_switch(runner, tmp_pa
     # with the scope check off (test fakes, ctgen series) nothing is refused for its matrix
     out = PneumoniaPipeline().analyse(_normal(tmp_path, 128), runner, GateSection(scope_check=False))
     assert not isinstance(out, GateRefusal)
+    assert "Not checked ([gate] scope_check = false" in out.notes.scope[1]  # and the verdict says so
 
 
 @pytest.mark.parametrize("block, expected", [(None, 0), ({}, 0), ({"min_matrix": 256}, 256)])
