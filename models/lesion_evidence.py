@@ -36,6 +36,17 @@ probability and its `TOP_K` largest probabilities) is computed where the U-Net r
 `training.crossval.lesion` computes the same features for the evaluation arm, and `training.lesion_fusion` fits a
 version's ``lesion_fusion`` block.
 
+**Pooling at a slice spacing** (from classifier 2.5.0: the card's ``lesion_fusion.pool_spacing_mm``). The series
+features above grow with the number of slices the U-Net looks at — its largest probabilities are maxima over more
+samples — so the same normal anatomy at 240 thin slices read far more "lesion" than at 48 (a 2.4.0 normal phantom:
+0.46 → 0.996 fused, every series' own classifier probability unchanged). The phantoms the models were trained and
+fitted on are point-sampled slices a few mm apart; a thin-slice series (0.6–1.25 mm, the usual chest CT) is
+therefore read as ``step`` interleaved series of every ``step``-th slice (``step`` = the slice spacing closest to
+``pool_spacing_mm``), each pooled as above, and the features averaged over them (the fusion is linear in its
+features, so this is the mean of the ``step`` fused logits). A series already that far apart is pooled as before
+(``step`` 1); the candidate features (3-D components) are the series' own. A version without the field pools every
+slice, as it was fitted.
+
 The coefficients were fitted with one segmenter's outputs: `LesionFusion.check_segmenter` refuses any other
 segmenter name or version, and a fusing classifier refuses to give a verdict without evidence.
 """
@@ -63,6 +74,8 @@ FEATURES = FEATURE_SETS[LATEST]
 ALL_FEATURES = FEATURES_V1 + FEATURES_V2  # the segmenter's own (no candidate model needed)
 CLASSIFIER_TERM = "classifier_logit"  # the calibrated classifier probability's logit, the regression's first input
 TOP_K = 200  # largest probabilities kept per slice: enough for the series' top 200
+POOL_SPACING_MM = 5.0  # what new fusions pool at (`training.lesion_fusion`): the phantoms' typical slice spacing
+MAX_POOL_STEP = 32  # 0.16 mm slices at 5 mm: no CT is thinner; a spacing that says otherwise is not trusted further
 _EPS = 1e-6
 
 
@@ -187,6 +200,16 @@ def series_features(probabilities: np.ndarray, names: Sequence[str] = ALL_FEATUR
     return pooled_features(slice_evidence(probabilities), names)
 
 
+def pool_step(slice_spacing_mm: float | None, pool_spacing_mm: float | None) -> int:
+    """Every how many slices a series with ``slice_spacing_mm`` is read to come closest to ``pool_spacing_mm``
+    (1: every slice; also when either is unknown or not a positive number), at most `MAX_POOL_STEP`."""
+    if not slice_spacing_mm or not pool_spacing_mm or not (slice_spacing_mm > 0 and pool_spacing_mm > 0):
+        return 1
+    if not np.isfinite(ratio := pool_spacing_mm / slice_spacing_mm):
+        return 1
+    return int(min(max(1, round(ratio)), MAX_POOL_STEP))
+
+
 @dataclass(frozen=True)
 class LesionEvidence:
     """One series' per-slice lesion evidence (volume order) from segmenter ``segmenter`` = (name, version) on its
@@ -196,14 +219,21 @@ class LesionEvidence:
     segmenter: tuple[str, str]
     grid: int
     candidates: CandidateEvidence | None = None
+    slice_spacing_mm: float | None = None  # between the slices' centres (None: not known, never pooled)
 
     @classmethod
     def from_probabilities(cls, probabilities: np.ndarray, segmenter: tuple[str, str],
                            candidates: CandidateEvidence | None = None) -> LesionEvidence:
         return cls(slice_evidence(probabilities), segmenter, int(np.shape(probabilities)[1]), candidates)
 
-    def features(self, names: Sequence[str] = ALL_FEATURES) -> np.ndarray:
-        return pooled_features(self.slices, names, self.candidates)
+    def features(self, names: Sequence[str] = ALL_FEATURES, pool_spacing_mm: float | None = None) -> np.ndarray:
+        """The series features ``names``; with ``pool_spacing_mm``, pooled at that slice spacing (module
+        docstring: the mean over `pool_step` interleaved series)."""
+        step = min(pool_step(self.slice_spacing_mm, pool_spacing_mm), max(1, len(self.slices)))
+        if step == 1:
+            return pooled_features(self.slices, names, self.candidates)
+        return np.mean([pooled_features(self.slices.take(slice(j, None, step)), names, self.candidates)
+                        for j in range(step)], axis=0)
 
     def describe(self) -> str:
         """For the SR: what the segmenter saw (no patient data; counts on the model grid). ASCII only: the SR's
@@ -228,6 +258,7 @@ class LesionFusion:
     intercept: float
     fitted_on: str
     candidates: tuple[str, str] | None = None
+    pool_spacing_mm: float | None = None  # the slice spacing the evidence is pooled at (None: every slice)
 
     @property
     def features(self) -> tuple[str, ...]:
@@ -245,9 +276,11 @@ class LesionFusion:
             seg = block["segmenter"]
             cand = block.get("candidates")
             coefficients = {str(k): float(v) for k, v in block["coefficients"].items()}
+            pool = block.get("pool_spacing_mm")
             fusion = cls((str(seg["name"]), str(seg["version"])), coefficients, float(block["intercept"]),
                          str(block.get("fitted_on", "")),
-                         (str(cand["name"]), str(cand["version"])) if cand is not None else None)
+                         (str(cand["name"]), str(cand["version"])) if cand is not None else None,
+                         None if pool is None else float(pool))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise LesionFusionError(f"{where}: bad lesion_fusion: {exc}") from exc
         allowed = [sorted({CLASSIFIER_TERM, *names}) for names in FEATURE_SETS.values()]
@@ -256,6 +289,8 @@ class LesionFusion:
                                     f"{sorted(coefficients)}")
         if not all(np.isfinite([*coefficients.values(), fusion.intercept])):
             raise LesionFusionError(f"{where}: non-finite lesion_fusion")
+        if fusion.pool_spacing_mm is not None and not (0 < fusion.pool_spacing_mm < 100):
+            raise LesionFusionError(f"{where}: lesion_fusion.pool_spacing_mm must lie in (0, 100) mm")
         if (fusion.candidates is not None) != any(n in CANDIDATE_FEATURES for n in coefficients):
             raise LesionFusionError(f"{where}: lesion_fusion names a candidate model if and only if its features "
                                     "use the candidate scores")
@@ -265,8 +300,9 @@ class LesionFusion:
         block: dict[str, Any] = {"segmenter": {"name": self.segmenter[0], "version": self.segmenter[1]}}
         if self.candidates is not None:
             block["candidates"] = {"name": self.candidates[0], "version": self.candidates[1]}
+        pool = {} if self.pool_spacing_mm is None else {"pool_spacing_mm": self.pool_spacing_mm}
         return {**block, "features": [CLASSIFIER_TERM, *self.features], "coefficients": dict(self.coefficients),
-                "intercept": self.intercept, "fitted_on": self.fitted_on}
+                "intercept": self.intercept, "fitted_on": self.fitted_on, **pool}
 
     def check_segmenter(self, name: str, version: str) -> None:
         """Raises LesionFusionError unless (name, version) is the segmenter the coefficients were fitted with."""
@@ -286,7 +322,7 @@ class LesionFusion:
                 raise LesionFusionError(f"this classifier fuses the scores of candidate model "
                                         f"{' '.join(self.candidates)}, "
                                         f"{'and none were given' if got is None else 'not of ' + ' '.join(got)}")
-        return self.probability_of(classifier_probability, evidence.features(self.features))
+        return self.probability_of(classifier_probability, evidence.features(self.features, self.pool_spacing_mm))
 
     def probability_of(self, classifier_probability: float, features: np.ndarray) -> float:
         """The fused probability from the classifier's probability and pooled ``self.features`` (no checks)."""
@@ -297,6 +333,6 @@ class LesionFusion:
 
 
 __all__ = ["ALL_FEATURES", "CANDIDATE_FEATURES", "CLASSIFIER_TERM", "FEATURES", "FEATURES_V1", "FEATURES_V2",
-           "FEATURES_V3", "FEATURE_SETS", "LATEST",
+           "FEATURES_V3", "FEATURE_SETS", "LATEST", "POOL_SPACING_MM", "pool_step",
            "TOP_K", "WITHOUT_CANDIDATES", "LesionEvidence", "LesionFusion", "LesionFusionError", "SliceEvidence", "logit",
            "map_evidence", "newest_set", "pooled_features", "series_features", "slice_evidence"]

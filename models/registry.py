@@ -311,7 +311,7 @@ class Segmenter:
         lesion = masks_to_source(p[..., 2], shape) & lungs
         lp = lesion_in_lungs(p)
         evidence = LesionEvidence(map_evidence(lp), (self.name, self.version), cfg.grid,
-                                  self.candidate_evidence(candidates, x, lp))
+                                  self.candidate_evidence(candidates, x, lp), slice_spacing_mm=volume.spacing[0])
         return SegmenterOutput(lungs=lungs, lesion=lesion, evidence=evidence)
 
     def candidate_evidence(self, candidates: CandidateModel | None, x: np.ndarray,

@@ -193,7 +193,8 @@ class SliceModels:
             scored = self.segmenter.candidate_evidence(self.candidates, x,
                                                        self._in_volume_order(volume, work, "lesion_map"))
         evidence = LesionEvidence(SliceEvidence.stack([(fw.evidence, j) for fw, j in self._at(volume, work)]),
-                                  (self.segmenter.name, self.segmenter.version), self.seg_grid, scored)
+                                  (self.segmenter.name, self.segmenter.version), self.seg_grid, scored,
+                                  slice_spacing_mm=volume.spacing[0])
         return SegmenterOutput(lungs=lungs, lesion=lesion, evidence=evidence)
 
     def classify(self, volume: Volume, work: Sequence[FileWork], *, clinical: ClinicalInputs | None = None,

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from models.errors import ModelError
+from models.lesion_evidence import POOL_SPACING_MM
 
 
 def _err(msg: str) -> None:
@@ -180,7 +181,7 @@ def cmd_fuse_lesion(args: argparse.Namespace) -> int:
         card = fit_lesion_fusion(Path(args.data), reg, base_version=args.base_version,
                                  segmenter_version=args.segmenter_version, version=args.version,
                                  candidates_version=args.candidates_version, command=command.strip(),
-                                 progress=not args.quiet)
+                                 progress=not args.quiet, pool_spacing_mm=args.pool_spacing_mm or None)
     except (TrainingError, ModelError, OSError) as exc:
         _err(str(exc))
         return 1
@@ -273,6 +274,8 @@ def register(subparsers: Any) -> None:
     f.add_argument("--segmenter-version", help="default: the default segmenter")
     f.add_argument("--candidates-version", help="the candidate model whose scores are fused (default: the newest)")
     f.add_argument("--version", required=True, help="the new classifier version (a folder that does not exist)")
+    f.add_argument("--pool-spacing-mm", type=float, default=POOL_SPACING_MM,
+                   help=f"pool the lesion evidence at this slice spacing (default {POOL_SPACING_MM:g}; 0: every slice)")
     f.add_argument("--weights-dir", help="weights folder (default: the shipped weights)")
     f.add_argument("--quiet", action="store_true", help="no progress bar")
     f.set_defaults(func=cmd_fuse_lesion)

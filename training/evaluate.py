@@ -56,12 +56,13 @@ def wilson(k: int, n: int) -> tuple[float, float]:
     return centre - half, centre + half
 
 
-def _lesion_features(evidence: LesionEvidence | None) -> dict[str, float] | None:
-    """Every feature the evidence offers (the candidate stage's only when it ran), by name."""
+def _lesion_features(evidence: LesionEvidence | None, pool_spacing_mm: float | None = None) -> dict[str, float] | None:
+    """Every feature the evidence offers (the candidate stage's only when it ran), by name, pooled at
+    ``pool_spacing_mm`` (`models.lesion_evidence`; None: every slice)."""
     if evidence is None:
         return None
     names = ALL_FEATURES + (CANDIDATE_FEATURES if evidence.candidates is not None else ())
-    return dict(zip(names, map(float, evidence.features(names)), strict=True))
+    return dict(zip(names, map(float, evidence.features(names, pool_spacing_mm)), strict=True))
 
 
 def evaluate(
@@ -73,10 +74,12 @@ def evaluate(
     candidates_version: str | None = None,
     limit: int | None = None,
     progress: bool = True,
+    pool_spacing_mm: float | None = None,
 ) -> dict[str, Any]:
     """Run both models on every case of a phantom dataset and compute the metrics (see module docstring). The
     candidate stage runs when the classifier's fusion takes its scores, or when ``candidates_version`` names one
-    (its features are then in each case's ``lesion_features``: `training.lesion_fusion` fits on them)."""
+    (its features are then in each case's ``lesion_features``, pooled at ``pool_spacing_mm``:
+    `training.lesion_fusion` fits on them)."""
     from tqdm import tqdm
 
     from models.clinical import from_header
@@ -115,7 +118,7 @@ def evaluate(
                 "raw_probability": c.raw_probability if c.raw_probability is not None else c.probability,
                 "classifier_probability": (c.classifier_probability if c.classifier_probability is not None
                                            else c.probability),
-                "lesion_features": _lesion_features(s.evidence),
+                "lesion_features": _lesion_features(s.evidence, pool_spacing_mm),
                 "attention_hit": bool(les_per_slice[int(np.argmax(c.attention))] > 0) if les_per_slice.any() else None,
                 "lung_dice": dice(s.lungs, m["lungs"]),
                 "lesion_dice": dice(s.lesion, m["lesion"]) if m["lesion"].any() else None,

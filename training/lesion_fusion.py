@@ -30,7 +30,15 @@ from typing import Any
 
 import numpy as np
 
-from models.lesion_evidence import CLASSIFIER_TERM, FEATURE_SETS, LATEST, LesionFusion, logit, newest_set
+from models.lesion_evidence import (
+    CLASSIFIER_TERM,
+    FEATURE_SETS,
+    LATEST,
+    POOL_SPACING_MM,
+    LesionFusion,
+    logit,
+    newest_set,
+)
 from models.registry import CARD_FILE, MODEL_FILE, Registry, RegistryError
 from training.common import TrainingError, describe_data, seeds_of, youden_threshold
 from training.stats import decision_metrics, roc_auc
@@ -42,20 +50,23 @@ THRESHOLD_RULE = f"Youden J of the fused probability, out-of-fold ({OOF_FOLDS}-f
 
 def fusion_inputs(data: Path, registry: Registry, *, base_version: str | None, segmenter_version: str | None,
                   candidates_version: str | None = None, names: tuple[str, ...] = FEATURE_SETS[LATEST],
-                  progress: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  progress: bool = True, pool_spacing_mm: float | None = None,
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(labels, base calibrated probabilities, lesion features (cases, len(names))) over ``data``: the
     evaluation's own pass (`training.evaluate.evaluate`, the node's path) with the base classifier (one that does
     not fuse: `fit_lesion_fusion` checks)."""
     from training.evaluate import evaluate
 
     rows = evaluate(data, registry, classifier_version=base_version, segmenter_version=segmenter_version,
-                    candidates_version=candidates_version, progress=progress)["per_case"]
+                    candidates_version=candidates_version, progress=progress,
+                    pool_spacing_mm=pool_spacing_mm)["per_case"]
     return (np.array([r["label"] for r in rows]), np.array([r["probability"] for r in rows]),
             np.array([[r["lesion_features"][n] for n in names] for r in rows]))
 
 
 def fit(y: np.ndarray, p: np.ndarray, features: np.ndarray, segmenter: tuple[str, str],
-        fitted_on: str, candidates: tuple[str, str] | None = None) -> tuple[LesionFusion, float, np.ndarray]:
+        fitted_on: str, candidates: tuple[str, str] | None = None,
+        pool_spacing_mm: float | None = None) -> tuple[LesionFusion, float, np.ndarray]:
     """The fusion (fitted on every case), its threshold and the out-of-fold fused probabilities the threshold was
     picked on (see the module docstring); ``features``: the columns of v3 with ``candidates``, else of v2. Raises
     TrainingError on too few cases."""
@@ -70,7 +81,7 @@ def fit(y: np.ndarray, p: np.ndarray, features: np.ndarray, segmenter: tuple[str
     model = LogisticRegression(C=1.0, max_iter=2000).fit(x, y)
     names = FEATURE_SETS[newest_set(candidates is not None)]
     fusion = LesionFusion(segmenter, dict(zip((CLASSIFIER_TERM, *names), map(float, model.coef_[0]), strict=True)),
-                          float(model.intercept_[0]), fitted_on, candidates)
+                          float(model.intercept_[0]), fitted_on, candidates, pool_spacing_mm)
     oof = cross_val_predict(LogisticRegression(C=1.0, max_iter=2000), x, y, method="predict_proba",
                             cv=StratifiedKFold(OOF_FOLDS, shuffle=True, random_state=0))[:, 1]
     return fusion, float(youden_threshold(y.tolist(), oof.tolist())), oof
@@ -83,9 +94,10 @@ def _metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]
 
 def fit_lesion_fusion(data: Path, registry: Registry, *, base_version: str | None, segmenter_version: str | None,
                       version: str, candidates_version: str | None = None, command: str = "",
-                      progress: bool = True) -> dict[str, Any]:
+                      progress: bool = True, pool_spacing_mm: float | None = POOL_SPACING_MM) -> dict[str, Any]:
     """Fit and write the new version (see the module docstring) as the registry's ``classifier/<version>``
-    folder, which must not exist yet; returns its card."""
+    folder, which must not exist yet; returns its card. The evidence is pooled at ``pool_spacing_mm``
+    (`models.lesion_evidence`; None: every slice, as before classifier 2.5.0)."""
     base_dir = registry.folder("classifier", base_version)
     if registry.classifier(base_dir.name).fusion is not None:
         raise TrainingError(f"classifier {base_dir.name} already fuses lesion evidence; name its base version")
@@ -106,11 +118,12 @@ def fit_lesion_fusion(data: Path, registry: Registry, *, base_version: str | Non
     t0 = time.perf_counter()
     y, p, feats = fusion_inputs(data, registry, base_version=base_dir.name, segmenter_version=seg.version,
                                 candidates_version=cand.version if cand is not None else None,
-                                names=FEATURE_SETS[newest_set(cand is not None)], progress=progress)
+                                names=FEATURE_SETS[newest_set(cand is not None)], progress=progress,
+                                pool_spacing_mm=pool_spacing_mm)
     seconds = time.perf_counter() - t0
     fitted_on = f"{dataset['path']} ({len(y)} phantoms, seed {dataset['seed']}, new to every model)"
     fusion, threshold, fused = fit(y, p, feats, (seg.name, seg.version), fitted_on,
-                                   (cand.name, cand.version) if cand is not None else None)
+                                   (cand.name, cand.version) if cand is not None else None, pool_spacing_mm)
     card = copy.deepcopy(base_card)
     for key in ("candidate", "candidate_reason"):
         card.pop(key, None)
