@@ -92,6 +92,16 @@ def _metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]
     return {"roc_auc": roc_auc(y, p), "sensitivity": d["sensitivity"], "specificity": d["specificity"]}
 
 
+def _validated_acquisition(dataset: dict[str, Any], pool_spacing_mm: float | None) -> dict[str, Any]:
+    """The card's ``validated_acquisition``: the smallest matrix of the fit set (`models.registry.min_matrix_of`: the
+    node refuses smaller ones; the fused verdict was never fitted there) and the slices it held."""
+    rows, slices = dataset.get("rows_range") or [0, 0], dataset.get("slices_range")
+    pooled = f"; lesion evidence pooled at {pool_spacing_mm:g} mm" if pool_spacing_mm else ""
+    return {"min_matrix": int(rows[0]),
+            "basis": f"the smallest matrix the lesion fusion was fitted on ({dataset['path']}: {rows[0]}-{rows[1]} px)",
+            "slices": f"fitted on {slices[0]}-{slices[1]} point-sampled slices{pooled}" if slices else "not recorded"}
+
+
 def fit_lesion_fusion(data: Path, registry: Registry, *, base_version: str | None, segmenter_version: str | None,
                       version: str, candidates_version: str | None = None, command: str = "",
                       progress: bool = True, pool_spacing_mm: float | None = POOL_SPACING_MM) -> dict[str, Any]:
@@ -139,6 +149,7 @@ def fit_lesion_fusion(data: Path, registry: Registry, *, base_version: str | Non
         "threshold": threshold,
         "threshold_rule": THRESHOLD_RULE,
         "lesion_fusion": fusion.to_card(),
+        "validated_acquisition": _validated_acquisition(dataset, pool_spacing_mm),
         "derived_from": {"classifier": base_card["version"], "weights": "unchanged (same file, same sha256)",
                          "segmenter": {"name": seg.name, "version": seg.version},
                          **({"candidates": {"name": cand.name, "version": cand.version}} if cand is not None else {}),

@@ -164,6 +164,10 @@ def test_fuse_lesion_fits_a_candidate_version_on_new_phantoms_and_refuses_known_
     assert set(v3["lesion_fusion"]["coefficients"]) == {CLASSIFIER_TERM, *FEATURES_V3}
     assert v3["lesion_fusion"]["candidates"] == {"name": "pacsnode-lesion-candidates", "version": "1.0.0"}
     assert v3["derived_from"]["candidates"]["version"] == "1.0.0"
+    # new fits pool the evidence at 5 mm, and the card states the smallest matrix fitted on (the node refuses below)
+    assert v3["lesion_fusion"]["pool_spacing_mm"] == 5.0 and reg.classifier("2.4.0-test").fusion.pool_spacing_mm == 5.0
+    assert v3["validated_acquisition"]["min_matrix"] == 96 == reg.classifier("2.4.0-test").min_matrix
+    assert "10-12 point-sampled slices; lesion evidence pooled at 5 mm" in v3["validated_acquisition"]["slices"]
     assert reg.candidates_for(reg.classifier("2.4.0-test")) is reg.candidates("1.0.0")
     trained_on = tmp_path / "cand-train"
     generate_dataset(trained_on, cases=2, seed=9000, size=48, slices=4)  # a set the candidate model trained on
