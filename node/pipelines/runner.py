@@ -138,6 +138,17 @@ def classification(cls: ClassifierOutput, card: dict[str, Any]) -> Classificatio
 _SOURCES = {"age": "DICOM header", "sex": "DICOM header"}
 
 
+def _pooling(out: ClassifierOutput) -> str:
+    """How the fusion read a thin-slice series' evidence (`models.lesion_evidence` pooling), or "" (every slice)."""
+    from models.lesion_evidence import pool_step
+
+    spacing, pool = out.lesion.slice_spacing_mm if out.lesion else None, out.fusion.pool_spacing_mm if out.fusion else None
+    if spacing is None or (step := pool_step(spacing, pool)) == 1:
+        return ""
+    return (f"; fused as the mean of {step} interleaved series of one slice in {step} ({step * spacing:.1f} mm "
+            f"apart, the spacing the fusion was fitted at)")
+
+
 def model_notes(out: ClassifierOutput, card: dict[str, Any]) -> ModelNotes:
     """The SR's account of one classification: each clinical input the version reads, present (with its value and
     source) or missing; the calibration; the operating point (threshold and the rule that chose it)."""
@@ -151,7 +162,7 @@ def model_notes(out: ClassifierOutput, card: dict[str, Any]) -> ModelNotes:
     if out.fusion is not None and out.lesion is not None and out.classifier_probability is not None:
         evidence = (("image classifier", f"probability {out.classifier_probability:.3f} (calibrated, before the "
                      "lesion fusion)"),
-                    ("segmenter lesion evidence", out.lesion.describe()))
+                    ("segmenter lesion evidence", out.lesion.describe() + _pooling(out)))
     version = f"{card.get('name', 'classifier')} {card.get('version', '')}".strip()
     cal = out.calibration or {}
     subject = "The image classifier's probability" if out.fusion is not None else "The probability"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -101,3 +103,28 @@ def test_the_pipeline_sr_names_what_the_header_offered(tmp_path) -> None:
     (cal,) = named(sr, "AI-CALIBRATION", "99PACSAI")
     (op,) = named(sr, "AI-OPERATING-PT", "99PACSAI")
     assert "temperature scaling" in str(cal.TextValue) and f"{runner.classifier.threshold:.3f}" in str(op.TextValue)
+
+
+def test_the_sr_says_how_a_thin_series_evidence_was_pooled() -> None:
+    from models.lesion_evidence import (
+        CLASSIFIER_TERM,
+        FEATURES_V2,
+        LesionEvidence,
+        LesionFusion,
+        map_evidence,
+    )
+
+    seg = ("pacsnode-lung-lesion-unet", "1.1.0")
+    fusion = LesionFusion(seg, {CLASSIFIER_TERM: 1.0, **dict.fromkeys(FEATURES_V2, 0.1)}, 0.0, "a test",
+                          pool_spacing_mm=5.0)
+
+    def evidence_text(spacing: float, pool: LesionFusion) -> str:
+        ev = LesionEvidence(map_evidence(np.zeros((40, 8, 8), np.float32)), seg, 8, slice_spacing_mm=spacing)
+        out = ClassifierOutput(probability=0.2, attention=np.ones(40) / 40, threshold=0.5, classifier_probability=0.1,
+                               lesion=ev, fusion=pool)
+        return dict(model_notes(out, CARD).fused_evidence)["segmenter lesion evidence"]
+
+    assert evidence_text(1.25, fusion).endswith("fused as the mean of 4 interleaved series of one slice in 4 (5.0 mm "
+                                                "apart, the spacing the fusion was fitted at)")
+    assert "interleaved" not in evidence_text(5.0, fusion)  # pooled as it is
+    assert "interleaved" not in evidence_text(1.25, replace(fusion, pool_spacing_mm=None))  # a version fitted unpooled
