@@ -39,7 +39,7 @@ version's ``lesion_fusion`` block.
 **Pooling at a slice spacing** (from classifier 2.5.0: the card's ``lesion_fusion.pool_spacing_mm``). The series
 features above grow with the number of slices the U-Net looks at — its largest probabilities are maxima over more
 samples — so the same normal anatomy at 240 thin slices read far more "lesion" than at 48 (a 2.4.0 normal phantom:
-0.46 → 0.996 fused, every series' own classifier probability unchanged). The phantoms the models were trained and
+0.40 → 0.995 fused, every series' own classifier probability unchanged). The phantoms the models were trained and
 fitted on are point-sampled slices a few mm apart; a thin-slice series (0.6–1.25 mm, the usual chest CT) is
 therefore read as ``step`` interleaved series of every ``step``-th slice (``step`` = the slice spacing closest to
 ``pool_spacing_mm``), each pooled as above, and the features averaged over them (the fusion is linear in its

@@ -1,7 +1,7 @@
 """models.lesion_evidence: lesion evidence pooled at a slice spacing (``lesion_fusion.pool_spacing_mm``).
 
 Found by measuring thin slices: the same normal phantom anatomy at 48 slices (5.4 mm) and at 240 (1.1 mm) moved the
-shipped classifier 2.4.0's fused probability from 0.46 to 0.996 and from 0.18 to 0.29 (threshold 0.123) while the
+shipped classifier 2.4.0's fused probability from 0.40 to 0.995 and from 0.18 to 0.30 (threshold 0.123) while the
 image classifier's own probability stayed put: the series' largest lesion probabilities are maxima over five times
 as many slices. A fusion with ``pool_spacing_mm`` reads a thin series as interleaved series at about that spacing
 and averages their features; one without it pools every slice, as it was fitted."""
