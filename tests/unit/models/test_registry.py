@@ -111,13 +111,14 @@ def test_a_release_candidate_is_loaded_only_on_request(tmp_path: Path) -> None:
 def test_the_shipped_default_classifier_is_the_released_one() -> None:
     """2.0.0 (clinical fusion with symptoms) scored below 1.0.0 on the test phantoms: shipped as a candidate.
     2.1.0 (2.0.0's weights + U-Net 1.0.0's lesion evidence) was the default until 2.3.0 (the same weights + U-Net
-    1.1.0's graded v2 evidence), and 2.3.0 until 2.4.0 (v3: v2 + the candidate stage's scores): each card records
-    its paired comparison on the held-out test set with the default it replaced, and the default's fusion names the
-    default segmenter and the candidate model trained over it."""
+    1.1.0's graded v2 evidence), 2.3.0 until 2.4.0 (v3: v2 + the candidate stage's scores), and 2.4.0 until 2.6.0
+    (v3 pooled at 5 mm, fitted on thin slices too; 2.5.0, the same on fewer fit cases, failed its rule): each card
+    records its paired comparison on a held-out test set with the default it replaced, and the default's fusion
+    names the default segmenter and the candidate model trained over it."""
     reg = Registry()
-    assert {"1.0.0", "2.0.0", "2.1.0", "2.2.0", "2.3.0", "2.4.0"} <= set(reg.versions("classifier"))
-    assert reg.default_version("classifier") == "2.4.0" and reg.default_version("segmenter") == "1.1.0"
-    for candidate in ("2.0.0", "2.2.0"):
+    assert {"1.0.0", "2.0.0", "2.1.0", "2.2.0", "2.3.0", "2.4.0", "2.5.0", "2.6.0"} <= set(reg.versions("classifier"))
+    assert reg.default_version("classifier") == "2.6.0" and reg.default_version("segmenter") == "1.1.0"
+    for candidate in ("2.0.0", "2.2.0", "2.5.0"):
         assert json.loads((reg.folder("classifier", candidate) / CARD_FILE).read_text())["candidate"] is True
     clf, seg = reg.classifier(), reg.segmenter()
     assert clf.fusion is not None and clf.fusion.segmenter == (seg.name, seg.version)
@@ -126,8 +127,12 @@ def test_the_shipped_default_classifier_is_the_released_one() -> None:
     assert cand is not None and clf.fusion.candidates == (cand.name, cand.version) == (cand.name, "1.0.0")
     assert cand.segmenter == (seg.name, seg.version) and reg.candidates_over(seg) is cand
     assert reg.candidates_for(reg.classifier("2.3.0")) is None  # v2: no candidate stage
+    assert clf.fusion.pool_spacing_mm == 5.0 and clf.min_matrix == 256  # pooled; the matrix its fusion was fitted on
+    thin = clf.card["metrics"]["thin_slices"]  # judged on thin slices too, against the default it replaced
+    assert thin["dataset"]["slices_range"][0] >= 200 and thin["comparison"]["old"]["classifier"] == "2.4.0"
+    assert thin["comparison"]["mcnemar"]["b_only_correct"] <= thin["comparison"]["mcnemar"]["a_only_correct"]
     for version, old, key in (("2.1.0", "1.0.0", "comparison_with_default"), ("2.3.0", "2.1.0", "comparison"),
-                              ("2.4.0", "2.3.0", "comparison")):
+                              ("2.4.0", "2.3.0", "comparison"), ("2.6.0", "2.4.0", "comparison")):
         card = reg.classifier(version).card
         test = card["metrics"]["test"]
         assert test["dataset"]["seed"] not in (card["training"]["data"]["seed"],
