@@ -226,10 +226,15 @@ class LesionEvidence:
                            candidates: CandidateEvidence | None = None) -> LesionEvidence:
         return cls(slice_evidence(probabilities), segmenter, int(np.shape(probabilities)[1]), candidates)
 
+    def step(self, pool_spacing_mm: float | None) -> int:
+        """How many interleaved series `features` pools this series as at ``pool_spacing_mm`` (`pool_step`, at
+        most one per slice; 1: every slice as one series)."""
+        return min(pool_step(self.slice_spacing_mm, pool_spacing_mm), max(1, len(self.slices)))
+
     def features(self, names: Sequence[str] = ALL_FEATURES, pool_spacing_mm: float | None = None) -> np.ndarray:
         """The series features ``names``; with ``pool_spacing_mm``, pooled at that slice spacing (module
-        docstring: the mean over `pool_step` interleaved series)."""
-        step = min(pool_step(self.slice_spacing_mm, pool_spacing_mm), max(1, len(self.slices)))
+        docstring: the mean over `step` interleaved series)."""
+        step = self.step(pool_spacing_mm)
         if step == 1:
             return pooled_features(self.slices, names, self.candidates)
         return np.mean([pooled_features(self.slices.take(slice(j, None, step)), names, self.candidates)

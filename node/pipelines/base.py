@@ -12,7 +12,7 @@ from pydicom import Dataset
 from models.clinical import patient_age_years
 from models.preprocess import Volume
 from node.config import GateSection, PipelineName
-from node.gate import GateRefusal
+from node.gate import MIN_AGE_YEARS, GateRefusal
 from node.pipelines.runner import ModelRunner
 from node.results import AlgorithmIdentity, Findings, SkipReason, build_results
 
@@ -65,7 +65,7 @@ def scope_notes(volume: Volume, min_matrix: int, settings: GateSection) -> tuple
     checked on this series before giving the verdict, and — so that a reader sees the gap — what it did not or could
     not check: contrast is read from the header only, a check switched off in ``[gate]``, an age the header lacks."""
     matrix = f"an in-plane matrix of at least {min_matrix} px" if min_matrix else "no smallest matrix stated"
-    lines = [f"Validated scope: adults (18 years or older), non-contrast axial chest CT, single-frame ORIGINAL slices, "
+    lines = [f"Validated scope: adults ({MIN_AGE_YEARS:g} years or older), non-contrast axial chest CT, single-frame ORIGINAL slices, "
              f"{matrix}; the models were trained and tested on synthetic phantoms only."]
     checked = (f"Checked on this series before the verdict: modality, image type (no MIP, MinIP, average or "
                f"localizer), axial supine slices of one study and frame of reference, evenly spaced and untilted (at "

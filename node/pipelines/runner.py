@@ -140,11 +140,10 @@ _SOURCES = {"age": "DICOM header", "sex": "DICOM header"}
 
 def _pooling(out: ClassifierOutput) -> str:
     """How the fusion read a thin-slice series' evidence (`models.lesion_evidence` pooling), or "" (every slice)."""
-    from models.lesion_evidence import pool_step
-
-    spacing, pool = out.lesion.slice_spacing_mm if out.lesion else None, out.fusion.pool_spacing_mm if out.fusion else None
-    if spacing is None or (step := pool_step(spacing, pool)) == 1:
+    if out.lesion is None or out.fusion is None or (step := out.lesion.step(out.fusion.pool_spacing_mm)) == 1:
         return ""
+    spacing = out.lesion.slice_spacing_mm
+    assert spacing is not None  # a step above 1 needs a known spacing
     return (f"; fused as the mean of {step} interleaved series of one slice in {step} ({step * spacing:.1f} mm "
             f"apart, the spacing the fusion was fitted at)")
 
