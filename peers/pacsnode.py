@@ -2,7 +2,10 @@
 
 `NodeProcess(config_path, port=...)` runs a node on a complete config file; `launch_node(workdir, ...)` writes a
 small config (loopback, free ports, data under ``workdir``, plus ``extra_toml``; ``database_url`` adds a
-``[database]`` table, e.g. a PostgreSQL database, instead of the default SQLite file) and starts it. Both return once
+``[database]`` table, e.g. a PostgreSQL database, instead of the default SQLite file) and starts it. Unless
+``extra_toml`` has an ``[admission]`` table of its own, that config judges free disk space by the default bytes only
+(`HOST_DISK_ADMISSION`): the default 5 % of a shared build host's disk (13.5 GB of 270 GB) once left a CI run's
+nodes refusing every new series while 13 GB were free. Both return once
 the node's DIMSE port answers. The child runs ``python -m node.cli`` with this checkout as its working folder, so
 it runs the checkout's code whatever is installed, and without ``PACSNODE_*`` variables (its config is complete;
 overrides meant for another node, or a test's own settings, must not reach it).
@@ -13,12 +16,16 @@ from __future__ import annotations
 import json
 import sys
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 from peers.process import PeerProcess, free_port, peer_env, wait_for_port
 
 REPO = Path(__file__).resolve().parent.parent  # the checkout whose node/ the child runs
+# what a launched node's [admission] says unless its test sets its own: the floor and reserve in bytes (2 GiB /
+# 512 MiB, the defaults), not in percent of whatever disk the tests happen to run on
+HOST_DISK_ADMISSION = "\n[admission]\nmin_free_percent = 0\nreserve_free_percent = 0\n"
 
 
 def node_env() -> dict[str, str]:
@@ -92,7 +99,18 @@ def launch_node(
     http_port = http_port or free_port()
     data_dir = workdir / "data"
     config_path = workdir / "node.toml"
-    config_path.write_text(
+    config_path.write_text(node_toml(ae_title, port, http_port, data_dir, allowed, extra_toml, database_url))
+    node = NodeProcess(config_path, port, workdir / "node.log", ae_title, data_dir, http_port, args, database_url)
+    return node.start(timeout)
+
+
+
+
+def node_toml(ae_title: str, port: int, http_port: int, data_dir: Path, allowed: list[str] | None, extra_toml: str,
+              database_url: str | None) -> str:
+    """The config `launch_node` writes: its ``[node]`` table continued by ``extra_toml``, ``[database]`` when a URL
+    is given, and `HOST_DISK_ADMISSION` unless ``extra_toml`` has an ``[admission]`` table."""
+    text = (
         f"""
 [node]
 ae_title = "{ae_title}"
@@ -105,7 +123,4 @@ http_port = {http_port}
 """
         + (f"\n[database]\nurl = {json.dumps(database_url)}\n" if database_url else "")
     )
-    node = NodeProcess(config_path, port, workdir / "node.log", ae_title, data_dir, http_port, args, database_url)
-    return node.start(timeout)
-
-
+    return text if "admission" in tomllib.loads(text) else text + HOST_DISK_ADMISSION

@@ -31,7 +31,7 @@ import sqlalchemy as sa
 
 from peers import dcmtk
 from peers.ctgen import CtSeries, write_ct_series
-from peers.pacsnode import REPO, NodeProcess, node_env
+from peers.pacsnode import HOST_DISK_ADMISSION, REPO, NodeProcess, node_env
 from peers.process import wait_for_port
 from tests.conftest import TEST_WEIGHTS_DIR, free_port, require_tool, require_weights, wait_until
 from tests.dicomfiles import content
@@ -138,6 +138,7 @@ scope_check = false
 [dispatch]
 initial_backoff_seconds = 0.5
 max_backoff_seconds = 2
+{HOST_DISK_ADMISSION}
 {self.orthanc_toml}""")
 
     def upgrade(self) -> None:
