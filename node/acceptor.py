@@ -15,7 +15,9 @@ socket unchanged.
 
 The server itself closes a new connection at once while `node.guard.CONNECTIONS_PER_ASSOCIATION` ×
 ``max_associations`` are open, or while ``max_associations_per_peer`` are open from the same address (pynetdicom
-would give each two threads and only count it at A-ASSOCIATE-RQ time), and listens with a backlog of that size
+would give each two threads and only count it at A-ASSOCIATE-RQ time), unless a slot behind that cap has been idle
+for ``reclaim_idle_seconds`` and is taken back instead (`node.slots`, which also takes one back at
+``max_associations``, where pynetdicom would reject the association), and listens with a backlog of that size
 rather than socketserver's 5. Closing at accept rather than answering A-ASSOCIATE-RJ (transient,
 local-limit-exceeded) is deliberate: an RJ answers an RQ, so the node would first have to read and decode up to
 ``max_pdu_bytes`` from the peer on a thread of its own — the very cost a flood is after. Every refusal goes
@@ -43,14 +45,9 @@ from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from node import reactorwait
-from node.guard import (
-    BoundedDataset,
-    GuardedDimse,
-    GuardedSocket,
-    ReceiveLimits,
-    record_unfinished_negotiation,
-)
+from node.guard import BoundedDataset, GuardedDimse, GuardedSocket, ReceiveLimits
 from node.refusals import Refusals
+from node.slots import RECLAIM_WAIT, Slot, Slots, attach, reclaim
 from node.states import PeerRefusal
 from node.tls import describe_tls_error
 
@@ -69,13 +66,16 @@ class GuardedRequestHandler(RequestHandler):
 
     server: GuardedServer
     _accepted_at: float
-    _slot_handed_over = False  # the association thread owns (and releases) this connection's per-peer slot
+    _slot_handed_over = False  # the association thread owns (and releases) this connection's slot
 
     def setup(self) -> None:
         self._accepted_at = time.monotonic()
+        self.slot, self.displaced = self.server.take_slot(self.request)
 
     def handle(self) -> None:
         try:
+            if self.displaced is not None:  # pynetdicom counts associations by thread: let the reclaimed one end
+                self.displaced.wait_ended(RECLAIM_WAIT)
             if isinstance(self.request, ssl.SSLSocket):
                 try:
                     shaken = self._handshake(self.request)
@@ -86,7 +86,7 @@ class GuardedRequestHandler(RequestHandler):
             super().handle()
         finally:
             if not self._slot_handed_over:  # the association never started: nobody else will release the slot
-                self.server.release_peer(self.client_address[0])
+                self.server.slots.release(self.slot)
 
     def _handshake(self, sock: ssl.SSLSocket) -> bool:
         """Complete the TLS handshake within ``association_timeout``; on failure record why, close, return False."""
@@ -111,18 +111,21 @@ class GuardedRequestHandler(RequestHandler):
         server = self.server
         limits = server.limits
         # opened at the accept: the TLS handshake counts against the negotiation deadline
-        GuardedSocket.adopt(cast(AssociationSocket, assoc.dul.socket), limits, server.refusals, self._accepted_at)
+        sock = GuardedSocket.adopt(cast(AssociationSocket, assoc.dul.socket), limits, server.refusals,
+                                   self._accepted_at)
+        sock.slot = slot = self.slot
+        attach(assoc, slot)
         assoc.dimse = GuardedDimse(assoc, limits, server.refusals)
         reactorwait.install(assoc)  # the reactors wait for work instead of polling every 1 ms
         _drop_late_data(assoc)
-        run, address = assoc.run, self.client_address[0]
+        run = assoc.run
 
         def run_then_release() -> None:  # the slot is held exactly as long as the association's thread runs
             try:
                 run()
             finally:
-                server.release_peer(address)
-                record_unfinished_negotiation(assoc, server.refusals, limits)
+                server.slots.release(slot)
+                _record_unfinished_negotiation(assoc, server.refusals, limits)
                 _discard_unanswered(assoc)
 
         assoc.run = run_then_release  # type: ignore[method-assign]
@@ -148,6 +151,19 @@ def _drop_late_data(assoc: Association) -> None:
         do_action(event)
 
     machine.do_action = do_action_or_drop
+
+
+def _record_unfinished_negotiation(assoc: Association, refusals: Refusals, limits: ReceiveLimits) -> None:
+    """A connection that sent no A-ASSOCIATE-RQ within the association timeout is usually closed by pynetdicom's
+    own ACSE timer (silently) before `node.guard`'s read deadline fires: record it here, once."""
+    sock = assoc.dul.socket
+    if not isinstance(sock, GuardedSocket) or sock.recorded or sock.peer_closed or assoc.requestor.primitive is not None:
+        return
+    waited = time.monotonic() - sock.opened_at
+    if waited >= limits.association_timeout * 0.9:  # not a peer that connected and went away (a port check)
+        sock.recorded = True
+        refusals.record(PeerRefusal.PEER_STALLED, assoc.requestor.address, assoc.requestor.port, negotiating=True,
+                        timeout=limits.association_timeout, waited=round(waited, 2))
 
 
 def _discard_unanswered(assoc: Association) -> None:
@@ -190,6 +206,7 @@ class GuardedServer(ThreadedAssociationServer):
         reuse_port: bool = False,
         listening: socket.socket | None = None,
         audit: AuditTrail | None = None,
+        slots: Slots | None = None,
     ) -> None:
         self.limits = limits
         self.audit = audit  # where each failed TLS handshake is recorded (node.audit); None: not audited
@@ -198,13 +215,13 @@ class GuardedServer(ThreadedAssociationServer):
         self._handshaking = 0  # TLS connections accepted whose handshake is not over (no association yet)
         self._handshaking_lock = threading.Lock()
         self.refusals = refusals or Refusals("dimse")
-        # Connections admitted and not yet ended, in all and by peer address. Counted here at the admission
-        # rather than from pynetdicom's live association threads, which register a moment after the accept: in a
-        # burst, connections admitted in that moment were not yet counted and the cap let more in (seen once in
-        # the suite under load).
-        self._open = 0
-        self._per_peer: dict[str, int] = {}
-        self._per_peer_lock = threading.Lock()
+        # Connections admitted and not yet ended (node.slots), shared with the AE's other server. Counted here at
+        # the admission rather than from pynetdicom's live association threads, which register a moment after the
+        # accept: in a burst, connections admitted in that moment were not yet counted and the cap let more in
+        # (seen once in the suite under load).
+        self.slots = slots or Slots()
+        self._admitted: dict[Any, tuple[Slot, Slot | None]] = {}  # accepted socket -> its slot, the one it displaced
+        self._admitted_lock = threading.Lock()
         self.request_queue_size = limits.listen_backlog
         super().__init__(
             ae, address, ae_title, contexts, ssl_context, evt_handlers=evt_handlers,
@@ -235,50 +252,40 @@ class GuardedServer(ThreadedAssociationServer):
 
     def open_connections(self) -> int:
         """Connections holding a slot, from their admission until their thread ends (TLS handshakes included)."""
-        with self._per_peer_lock:
-            return self._open
+        return self.slots.open_count()
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
-        """socketserver's admission check: close the connection at once when ``max_connections`` are open, so
-        a connection flood costs neither threads nor memory (a refused peer sees the connection closed)."""
+        """socketserver's admission check (`node.slots.Slots.admit`): at a cap, take back a slot idle long enough
+        or close the new connection at once, so a connection flood costs neither threads nor memory."""
         limits = self.limits
         address, port = str(client_address[0]), int(client_address[1])
-        with self._per_peer_lock:  # checked and counted at once: no admission can slip in between
-            open_now, from_peer = self._open, self._per_peer.get(address, 0)
-            refusal = (
-                PeerRefusal.CONNECTION_REFUSED if open_now >= limits.max_connections
-                else PeerRefusal.PEER_LIMIT_REACHED if limits.max_per_peer is not None
-                and from_peer >= limits.max_per_peer
-                else None
-            )
-            if refusal is None:
-                self._open = open_now + 1
-                self._per_peer[address] = from_peer + 1
-        if refusal is PeerRefusal.CONNECTION_REFUSED:
-            self.refusals.record(refusal, address, port, open=open_now, limit=limits.max_connections)
+        decided = self.slots.admit(
+            address, port, request, max_associations=limits.max_associations or limits.max_connections,
+            max_connections=limits.max_connections, max_per_peer=limits.max_per_peer, reclaim_idle=limits.reclaim_idle,
+        )
+        if decided.slot is None:
+            limit, open_now = ((limits.max_connections, decided.open) if decided.refusal is PeerRefusal.CONNECTION_REFUSED
+                               else (limits.max_per_peer, decided.from_peer))
+            assert decided.refusal is not None
+            self.refusals.record(decided.refusal, address, port, open=open_now, limit=limit)
             return False
-        if refusal is PeerRefusal.PEER_LIMIT_REACHED:
-            self.refusals.record(refusal, address, port, open=from_peer, limit=limits.max_per_peer)
-            return False
+        if decided.victim is not None:
+            reclaim(decided.victim, self.refusals, time.monotonic() - decided.victim.progress)
+        with self._admitted_lock:
+            self._admitted[request] = (decided.slot, decided.victim)
         if self.ssl_context is not None:
             with self._handshaking_lock:
                 self._handshaking += 1  # until its handler's handshake_finished()
         return True
 
-    def release_peer(self, address: str) -> None:
-        """One connection from ``address`` has ended (its association thread finished, or never started)."""
-        with self._per_peer_lock:
-            self._open -= 1
-            left = self._per_peer.get(address, 0) - 1
-            if left > 0:
-                self._per_peer[address] = left
-            else:
-                self._per_peer.pop(address, None)
+    def take_slot(self, request: Any) -> tuple[Slot, Slot | None]:
+        """The slot `verify_request` gave ``request``'s connection, and the one it displaced (None: none)."""
+        with self._admitted_lock:
+            return self._admitted.pop(request)
 
     def open_from(self, address: str) -> int:
-        """Connections from ``address`` admitted and not yet ended."""
-        with self._per_peer_lock:
-            return self._per_peer.get(address, 0)
+        """Connections from ``address`` admitted and not yet ended (reclaimed ones on their way out excepted)."""
+        return self.slots.open_from(address)
 
     def get_request(self) -> tuple[socket.socket, Any]:
         """Accept; on a TLS server wrap the socket but leave the handshake to the connection's own thread
@@ -308,16 +315,17 @@ def start_guarded_server(
     ae: AE, address: tuple[str, int], evt_handlers: list[Any], limits: ReceiveLimits,
     ssl_context: ssl.SSLContext | None = None,
     refusals: Refusals | None = None, reuse_port: bool = False, listening: socket.socket | None = None,
-    audit: AuditTrail | None = None,
+    audit: AuditTrail | None = None, slots: Slots | None = None,
 ) -> GuardedServer:
     """Like ``ae.start_server(address, block=False, evt_handlers=..., ssl_context=...)`` but guarded (DICOM TLS
     when ``ssl_context`` is given); returns once listening. ``listening``: accept on that socket, shared with other
     listener processes (`node.listenfds`), instead of binding ``address``. ``audit``: records each failed TLS
-    handshake (110114 login failure)."""
+    handshake (110114 login failure). ``slots``: shared with the AE's other server (`node.slots`)."""
     server = cast(
         GuardedServer,
         ae.make_server(address, evt_handlers=evt_handlers, ssl_context=ssl_context, server_class=GuardedServer,
-                       limits=limits, refusals=refusals, reuse_port=reuse_port, listening=listening, audit=audit),
+                       limits=limits, refusals=refusals, reuse_port=reuse_port, listening=listening, audit=audit,
+                       slots=slots),
     )
     threading.Thread(target=server.serve_forever, name="AcceptorServer@pacsnode", daemon=True).start()
     return server

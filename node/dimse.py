@@ -43,6 +43,7 @@ from node.listenfds import DIMSE, DIMSE_TLS, inherited
 from node.logs import get_logger
 from node.metrics import Metrics
 from node.refusals import Refusals
+from node.slots import Slots, progressed
 from node.states import AssociationState, PeerRefusal
 from node.tls import server_context
 
@@ -117,6 +118,7 @@ class DimseServer:
         self._lock = threading.Lock()
         self._server: GuardedServer | None = None
         self._tls_server: GuardedServer | None = None
+        self._slots = Slots()  # one AE, one association count: both servers' connections (node.slots)
         # Built now, so a certificate that does not load stops the node before anything listens (ConfigError).
         self._ssl_context = server_context(config.tls) if config.tls.dimse_port is not None else None
         self._ae = self._make_ae(config)
@@ -185,14 +187,15 @@ class DimseServer:
         if tls.plaintext_dimse:
             self._server = start_guarded_server(self._ae, (host, self._config.node.port), handlers, limits,
                                                 refusals=self._refusals, reuse_port=self._reuse_port,
-                                                listening=inherited(DIMSE, self._config.node.port))
+                                                listening=inherited(DIMSE, self._config.node.port),
+                                                slots=self._slots)
             self._log.info("dimse_listening", ae_title=self._config.node.ae_title, host=host, port=self.address[1])
         if tls.dimse_port is not None:
             self._tls_server = start_guarded_server(self._ae, (host, tls.dimse_port), handlers, limits,
                                                     ssl_context=self._ssl_context, refusals=self._refusals,
                                                     reuse_port=self._reuse_port,
                                                     listening=inherited(DIMSE_TLS, tls.dimse_port),
-                                                    audit=self._audit)
+                                                    audit=self._audit, slots=self._slots)
             address = self.tls_address
             assert address is not None
             self._log.info("dimse_tls_listening", ae_title=self._config.node.ae_title, host=host, port=address[1],
@@ -295,7 +298,10 @@ class DimseServer:
                                   calling_ae=assoc.requestor.ae_title, size=size, limit=MAX_REPORT_BYTES)
             return 0x0110, None
         try:
-            return self._on_commitment_report(event)
+            status, reply = self._on_commitment_report(event)
+            if status == 0x0000:
+                progressed(assoc)  # a report taken is what this association is for (node.slots)
+            return status, reply
         finally:
             with self._lock:
                 self._reporting.discard(assoc)
@@ -341,6 +347,7 @@ class DimseServer:
         finally:
             discard_request_dataset(request)  # a large one's temporary file goes now, not when collected
         rec = accepted.record
+        progressed(assoc)  # this association's slot is not idle (node.slots)
         self._metrics.instance_received(rec.sop_class_uid, rec.transfer_syntax_uid, len(data), "dimse")
         self._log.info(
             "instance_stored",

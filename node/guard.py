@@ -80,6 +80,7 @@ if TYPE_CHECKING:
     from pynetdicom.pdu_primitives import P_DATA
 
     from node.config import AdmissionSection, NodeSection
+    from node.slots import Slot
 
 # PS3.8 9.3.1: every PDU starts with type (1 byte), reserved (1 byte), length (4 bytes, big endian).
 _PDU_HEADER = struct.Struct(">BBL")
@@ -110,6 +111,8 @@ class ReceiveLimits:
     network_timeout: float
     max_connections: int  # open connections (negotiating or associated); more are closed at accept
     max_per_peer: int | None = None  # open connections from one address; more are closed at accept
+    max_associations: int | None = None  # associations pynetdicom takes (None: max_connections); see node.slots
+    reclaim_idle: float | None = None  # a slot this long without progress may be reclaimed at a cap (node.slots)
     spill_dir: Path | None = None  # where data sets over SPILL_BYTES go (None: they stay in memory)
     spill_admission: AdmissionSection | None = None  # its hard reserve is what a spill never eats into (None: none)
     spool_dir: Path | None = None  # which file system holds the spool ([admission] judges the others' reserve capped)
@@ -145,6 +148,7 @@ class ReceiveLimits:
             # A-ASSOCIATE-RJ; this bounds the connections (two threads each) that get that far.
             max_connections=CONNECTIONS_PER_ASSOCIATION * node.max_associations,
             max_per_peer=node.max_associations_per_peer,
+            max_associations=node.max_associations, reclaim_idle=node.reclaim_idle_seconds,
             spill_dir=node.data_dir / "incoming",  # beside the spool: same disk, cleaned by the system
         )
 
@@ -280,11 +284,12 @@ class GuardedSocket(AssociationSocket):
 
     limits: ReceiveLimits
     refusals: Refusals
-    _opened: float
+    opened_at: float  # when the connection was accepted (time.monotonic)
     recorded: bool  # a refusal of this connection has been recorded already
     peer_closed: bool  # the peer closed its end (a read ended early)
     _header: bytes | None  # the header of the PDU whose body is read next
     doorbell: Doorbell | None = None  # set by `node.reactorwait.install`: ``ready`` waits instead of polling
+    slot: Slot | None = None  # the connection's `node.slots.Slot`: counts what arrives as progress
 
     @classmethod
     def adopt(
@@ -297,7 +302,7 @@ class GuardedSocket(AssociationSocket):
         guarded = cast(GuardedSocket, sock)
         guarded.limits = limits
         guarded.refusals = refusals
-        guarded._opened = time.monotonic() if opened is None else opened
+        guarded.opened_at = time.monotonic() if opened is None else opened
         guarded.recorded = guarded.peer_closed = False
         guarded._header = None
         if guarded.socket is not None:
@@ -353,7 +358,7 @@ class GuardedSocket(AssociationSocket):
         negotiating = self._negotiating()
         if negotiating:  # ARTIM-like: the whole negotiation, counted from the accept
             timeout = self.limits.association_timeout
-            deadline = self._opened + timeout
+            deadline = self.opened_at + timeout
         else:
             timeout = self.limits.network_timeout
             deadline = time.monotonic() + timeout
@@ -382,6 +387,8 @@ class GuardedSocket(AssociationSocket):
                     self.peer_closed = True
                     break
                 buf += chunk
+                if self.slot is not None:
+                    self.slot.count(len(chunk))
         finally:
             if self.socket is not None:
                 with contextlib.suppress(OSError):  # closed meanwhile: the read's own error is what matters
@@ -480,21 +487,7 @@ class GuardedDimse(DIMSEServiceProvider):
         self.dul.event_queue.put("Evt19")  # invalid PDU: A-ABORT to the peer, A-P-ABORT to us (AA-8)
 
 
-def record_unfinished_negotiation(assoc: Association, refusals: Refusals, limits: ReceiveLimits) -> None:
-    """A connection that sent no A-ASSOCIATE-RQ within the association timeout is usually closed by pynetdicom's
-    own ACSE timer (silently) before this module's read deadline fires: record it here, once."""
-    sock = assoc.dul.socket
-    if not isinstance(sock, GuardedSocket) or sock.recorded or sock.peer_closed or assoc.requestor.primitive is not None:
-        return
-    waited = time.monotonic() - sock._opened
-    if waited >= limits.association_timeout * 0.9:  # not a peer that connected and went away (a port check)
-        sock.recorded = True
-        _record(refusals, PeerRefusal.PEER_STALLED, assoc, negotiating=True, timeout=limits.association_timeout,
-                waited=round(waited, 2))
-
-
 __all__ = [
     "CONNECTIONS_PER_ASSOCIATION", "MAX_COMMAND_SET_BYTES", "MAX_PRESENTATION_CONTEXTS", "MAX_TRANSFER_SYNTAXES",
     "MAX_TRANSFER_SYNTAXES_PER_CONTEXT", "MAX_USER_SUB_ITEMS", "BoundedDataset", "GuardedDimse", "GuardedSocket",
-    "ReceiveLimits", "SPILL_BYTES", "associate_rq_excess", "discard_request_dataset", "record_unfinished_negotiation",
-    "store_request_dataset"]
+    "ReceiveLimits", "SPILL_BYTES", "associate_rq_excess", "discard_request_dataset", "store_request_dataset"]

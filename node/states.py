@@ -93,6 +93,7 @@ class PeerRefusal(StrEnum):
     HTTP_BODY_TIMEOUT = "http_body_timeout"            # HTTP: no body bytes within the read timeout
     HTTP_HEADER_TOO_LARGE = "http_header_too_large"    # HTTP: request head over http_max_header_bytes (431)
     TLS_HANDSHAKE_FAILED = "tls_handshake_failed"      # DICOM TLS: no, a wrong or a timed-out handshake
+    ASSOCIATION_RECLAIMED = "association_reclaimed"    # DIMSE: an idle peer's slot taken back at a cap (node.slots)
 
 
 class InferenceDevice(StrEnum):

@@ -35,6 +35,10 @@ class NodeSection(_Frozen):
     # Open DIMSE connections from one peer address; more are closed at accept (node.guard), so one host cannot hold
     # every association slot. Counts connections still negotiating too.
     max_associations_per_peer: Annotated[int, Field(ge=1, le=1000)] = 16
+    # At one of those caps, the slot longest without progress (a C-STORE stored, or 1 MiB received) is taken back
+    # (A-ABORT) if that is at least this long, so C-ECHO keep-alives or a trickle cannot hold slots (node.slots).
+    # None: never; the caps alone.
+    reclaim_idle_seconds: Annotated[float, Field(gt=0, le=86400)] | None = 30.0
     network_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
     # Hostile-peer bounds (node.guard). A connection must complete association negotiation within this (ARTIM).
     association_timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 10.0
