@@ -72,7 +72,7 @@ class GateSection(_Frozen):
     spacing_tolerance_mm: Annotated[float, Field(gt=0)] = 0.05
     max_tilt_degrees: Annotated[float, Field(ge=0, le=45)] = 0.5  # slices sheared more than this are refused
     scope_check: bool = True  # image-based "is this a chest CT the model can judge?" before any verdict
-    refuse_contrast: bool = True  # a series whose header names a contrast agent: the models never saw contrast
+    refuse_contrast: bool = True  # contrast named in the header, or (scope_check) seen in the image: never trained on
     # slices x rows x columns, in millions, above which a series is refused before it is loaded: the worker peaks at
     # ~13.4 bytes per voxel over the loaded models (measured: 600 x 512^2 slices +2.0 GB), so 400 is ~5.4 GB
     max_series_megavoxels: Annotated[float, Field(gt=0)] = 400.0

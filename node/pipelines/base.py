@@ -77,9 +77,15 @@ def scope_notes(volume: Volume, min_matrix: int, settings: GateSection) -> tuple
     else:
         lines.append(f"{checked}. Not checked ([gate] scope_check = false in this node's configuration): whether "
                      "the image is a chest CT in Hounsfield units the models can judge, and the validated matrix.")
-    if settings.refuse_contrast:
-        lines.append("Contrast: checked in the header only (Contrast/Bolus Agent empty or none); contrast that was "
-                     "given but not recorded there cannot be recognised.")
+    if settings.refuse_contrast and settings.scope_check:
+        from models.scope import ENHANCED_HU, ScopeSettings  # scipy: not on a listener's import path
+
+        lines.append("Contrast: checked in the header (Contrast/Bolus Agent empty or none) and in the image (at "
+                     f"most {ScopeSettings().max_enhanced_ml:.0f} mL between the lungs at {ENHANCED_HU[0]:.0f} HU or "
+                     "more, away from bone); a late or faint enhancement, blood under that, cannot be recognised.")
+    elif settings.refuse_contrast:
+        lines.append("Contrast: checked in the header only (Contrast/Bolus Agent empty or none; the image check "
+                     "needs [gate] scope_check); contrast that was given but not recorded there cannot be recognised.")
     else:
         lines.append("Contrast: not checked ([gate] refuse_contrast = false in this node's configuration); the "
                      "models were trained on non-contrast CT only.")
@@ -94,9 +100,11 @@ def chest_scope_refusal(volume: Volume, lungs: np.ndarray, settings: GateSection
     """A refusal when the image is not a chest CT the models can judge (`models.scope`), else None."""
     if not settings.scope_check:
         return None
-    from models.scope import assess_chest_scope
+    from models.scope import assess_chest_scope, contrast_problem
 
     verdict = assess_chest_scope(volume, lungs)
-    if verdict.in_scope:
+    reason = verdict.reason if not verdict.in_scope else (
+        contrast_problem(verdict.measures) if settings.refuse_contrast else None)
+    if reason is None:
         return None
-    return GateRefusal(SkipReason.OUT_OF_SCOPE, f"outside the model's scope: {verdict.reason}"[:200])
+    return GateRefusal(SkipReason.OUT_OF_SCOPE, f"outside the model's scope: {reason}"[:200])

@@ -64,10 +64,11 @@ def test_the_same_anatomy_at_256_px_still_gets_its_verdict(runner, tmp_path):
     assert not isinstance(out, GateRefusal)
     assert out.probability < out.threshold
     # the verdict states its scope (the SR's AI-SCOPE items): the card's matrix, the checks made, contrast from the
-    # header only; the phantom's header gives the age, so no line says the age went unchecked
+    # header and the image; the phantom's header gives the age, so no line says the age went unchecked
     scope = out.notes.scope
     assert "at least 256 px" in scope[0] and "the 256 px matrix" in scope[1] and "in Hounsfield units" in scope[1]
-    assert scope[2].startswith("Contrast: checked in the header only") and len(scope) == 3
+    assert scope[2].startswith("Contrast: checked in the header (Contrast/Bolus Agent empty or none) and in the image")
+    assert len(scope) == 3
 
 
 def test_the_limit_comes_from_the_card_and_the_scope_check_switch(runner, tmp_path):

@@ -19,13 +19,19 @@ def _volume(**header: str) -> SimpleNamespace:
     return SimpleNamespace(datasets=[ds])
 
 
-def test_the_default_checks_are_named_and_contrast_is_said_to_come_from_the_header() -> None:
+def test_the_default_checks_are_named_and_contrast_is_said_to_come_from_the_header_and_the_image() -> None:
     lines = scope_notes(_volume(PatientAge="063Y"), 256, GateSection())  # type: ignore[arg-type]
     assert len(lines) == 3
     assert "adults (18 years or older)" in lines[0] and "at least 256 px" in lines[0] and "phantoms" in lines[0]
     assert "at least 16" in lines[1] and "the 256 px matrix" in lines[1] and "Hounsfield units" in lines[1]
     assert "Not checked" not in lines[1]
-    assert lines[2].startswith("Contrast: checked in the header only") and "cannot be recognised" in lines[2]
+    assert lines[2].startswith("Contrast: checked in the header (Contrast/Bolus Agent empty or none) and in the image")
+    assert "at most 30 mL between the lungs at 130 HU or more" in lines[2] and "cannot be recognised" in lines[2]
+
+
+def test_without_the_image_check_contrast_comes_from_the_header_only() -> None:
+    lines = scope_notes(_volume(PatientAge="063Y"), 256, GateSection(scope_check=False))  # type: ignore[arg-type]
+    assert lines[2].startswith("Contrast: checked in the header only") and "needs [gate] scope_check" in lines[2]
 
 
 def test_switched_off_checks_are_stated_as_not_made() -> None:
