@@ -7,10 +7,10 @@ thread ends. The caps are ``max_associations_per_peer`` connections from one add
 `node.guard.CONNECTIONS_PER_ASSOCIATION` × that many connections (closed at accept).
 
 Without more, a peer could hold slots for as long as it liked at no cost: an association kept open with a C-ECHO
-before each ``network_timeout``, or a PDU trickled one byte before each read's deadline, holds its slot for hours,
-and 16 of them from each of two addresses lock every modality out of a node with the default caps. So each slot
-notes when its association last did something useful (`Slot.progress`): a C-STORE stored (or a Storage Commitment
-report taken), or another `PROGRESS_BYTES` received. A C-ECHO, a byte now and then, or nothing, is not progress.
+before each ``network_timeout``, or a C-STORE data set sent one tiny PDU before each read's deadline (the deadline
+bounds one PDU, not a message), holds its slot for hours, and 16 of them from each of two addresses lock every
+modality out of a node with the default caps. So each slot notes when its association last did something useful
+(`Slot.progress`): a C-STORE stored (or a Storage Commitment report taken), or another `PROGRESS_BYTES` received. A C-ECHO, a byte now and then, or nothing, is not progress.
 When a connection arrives at a cap, the slot behind the cap that has gone longest without progress, if that is at
 least ``reclaim_idle_seconds``, is taken back: the peer gets an A-ABORT (when its DUL can send one within
 `ABORT_GRACE`, else just the closed connection), and the newcomer waits for that association's thread to end before
@@ -176,10 +176,6 @@ def progressed(assoc: Association) -> None:
         slot.progressed()
 
 
-def slot_of(assoc: Association) -> Slot | None:
-    return getattr(assoc, _SLOT_ATTRIBUTE, None)
-
-
 def reclaim(victim: Slot, refusals: Refusals, idle: float) -> None:
     """End ``victim``'s connection, in a thread of its own (the acceptor must not wait): record it, A-ABORT the
     association when there is one, close the connection at the latest `ABORT_GRACE` later."""
@@ -201,4 +197,4 @@ def _end(victim: Slot) -> None:
             victim.sock.shutdown(socket.SHUT_RDWR)
 
 
-__all__ = ["Admission", "Slot", "Slots", "attach", "progressed", "reclaim", "slot_of"]
+__all__ = ["Admission", "Slot", "Slots", "attach", "progressed", "reclaim"]
