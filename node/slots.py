@@ -10,14 +10,14 @@ Without more, a peer could hold slots for as long as it liked at no cost: an ass
 before each ``network_timeout``, or a C-STORE data set sent one tiny PDU before each read's deadline (the deadline
 bounds one PDU, not a message), holds its slot for hours, and 16 of them from each of two addresses lock every
 modality out of a node with the default caps. So each slot notes when its association last did something useful
-(`Slot.progress`): a C-STORE stored (or a Storage Commitment report taken), or another `PROGRESS_BYTES` received. A C-ECHO, a byte now and then, or nothing, is not progress.
-When a connection arrives at a cap, the slot behind the cap that has gone longest without progress, if that is at
-least ``reclaim_idle_seconds``, is taken back: the peer gets an A-ABORT (when its DUL can send one within
-`ABORT_GRACE`, else just the closed connection), and the newcomer waits for that association's thread to end before
-its own starts (at most `RECLAIM_WAIT`), so pynetdicom's count has room for it. At the per-peer cap only that
-address's own slots are candidates; at the total caps any address's. Nothing is reclaimed while no cap is reached,
-and an association that moves data is never the one taken. ``reclaim_idle_seconds`` unset: the caps alone, as
-before.
+(`Slot.progress`): a C-STORE stored (or a Storage Commitment report taken), or another `PROGRESS_BYTES` received. A
+C-ECHO, a byte now and then, or nothing, is not progress. When a connection arrives at a cap, the slot behind the
+cap that has gone longest without progress, if that is at least ``reclaim_idle_seconds``, is taken back: the peer
+gets an A-ABORT (when its DUL can send one within `ABORT_GRACE`, else just the closed connection), and the newcomer
+waits for that association's thread to end before its own starts (at most `RECLAIM_WAIT`), so pynetdicom's count has
+room for it. At the per-peer cap only that address's own slots are candidates; at the total caps any address's.
+Nothing is reclaimed while no cap is reached, and an association that moves data is never the one taken.
+``reclaim_idle_seconds`` unset: the caps alone, as before.
 
 A new connection starts no fresher than the stalest open connection from its address, so a peer cannot renew its
 idle slots by opening more connections (each taking back one of its own, at the per-peer cap): it has to move data.
