@@ -28,7 +28,7 @@ from tests.unit.test_hostile_dimse import A_ABORT, AE_TITLE, CX_CT, CX_ECHO, Raw
 
 make_node, peers, thread_errors = hostile.make_node, hostile.peers, hostile.thread_errors  # shared fixtures
 
-RECLAIM_IDLE = 1.0  # the node's reclaim_idle_seconds here; its network timeout is 1.5 s
+RECLAIM_IDLE = 2.0  # the node's reclaim_idle_seconds here (its network timeout is 1.5 s): holders start fresh under load too
 KEEPALIVE = 0.4  # a holder's C-ECHO interval: well within the network timeout
 
 
@@ -120,7 +120,7 @@ def test_a_trickled_data_set_gives_its_association_to_dcmtk_storescu(make_node, 
 
 def test_an_association_that_stores_keeps_its_slot_the_idle_one_goes(make_node, peers, tmp_path):
     node = make_node(max_associations=8, max_associations_per_peer=2, reclaim_idle_seconds=RECLAIM_IDLE)
-    series = write_ct_series(tmp_path / "busy", slices=40, size=16)
+    series = write_ct_series(tmp_path / "busy", slices=60, size=16)  # stores for longer than RECLAIM_IDLE
     busy = peers(node.address)
     associate(busy)
     idle = Holder(peers(node.address))
