@@ -150,3 +150,14 @@ def test_with_reclaim_off_holders_keep_their_slots(make_node, peers, reclaim):
     time.sleep(RECLAIM_IDLE + 0.3)
     assert node.echo() is None
     assert not any(h.ended.is_set() for h in holders)
+
+
+def test_a_hot_reload_switches_reclaiming_on_for_the_next_connection(make_node, peers):
+    node = make_node(max_associations=8, max_associations_per_peer=2, reclaim_idle_seconds=None)
+    holders = [Holder(peers(node.address)) for _ in range(2)]
+    time.sleep(RECLAIM_IDLE + 0.3)
+    assert node.echo() is None
+    section = node.config.node.model_copy(update={"reclaim_idle_seconds": RECLAIM_IDLE})
+    node.server.apply_config(node.config.model_copy(update={"node": section}))  # what SIGHUP does
+    assert node.echo() == 0x0000
+    assert sum(h.ended.wait(2.0) for h in holders) == 1
