@@ -104,8 +104,6 @@ def launch_node(
     return node.start(timeout)
 
 
-
-
 def node_toml(ae_title: str, port: int, http_port: int, data_dir: Path, allowed: list[str] | None, extra_toml: str,
               database_url: str | None) -> str:
     """The config `launch_node` writes: its ``[node]`` table continued by ``extra_toml``, ``[database]`` when a URL
