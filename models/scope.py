@@ -62,11 +62,13 @@ the lungs on the lung slices — body voxels that are not lung and have lung on 
 farther than 15 mm from bone (any voxel over 600 HU: a vertebral body's or the sternum's marrow reads 150-300 HU
 inside its cortex); regions of it at 130-600 HU at least 6 mm across (an in-plane 3 x 3 opening on the working
 grid: noise's lone bright voxels go) of more than 30 mL mean iodine in the blood pool, where unenhanced blood reads
-30-60 HU. Measured on 28 chest phantoms (seeds 2024 and 77, 192-384 px, 24-200 slices, the U-Net's lungs):
-unenhanced 0 mL; their blood raised to venous values (~140-200 HU) 102-729 mL, to arterial (200-400 HU) 120-766 mL;
-late-phase blood (100-140 HU) 0-320 mL, which can pass. The margin (seed 2024): at 12 / 15 / 18 / 25 mm the
-least enhanced arterial case kept 163 / 119 / 86 / 24 mL, and every unenhanced one 0 mL, also with 60 % of the
-cortex at marrow values; 15 mm is about a thoracic vertebral body's radius.
+30-60 HU. Measured with ``benchmarks/contrast_corpus.py`` on 28 chest phantoms (seed 2024: 16 x 192 px, 24-96
+slices; seed 77: 12 x 384 px, 100-200 slices; the U-Net's lungs): unenhanced 0 mL, none refused; with 60 % of the
+cortex at marrow values 0-1 mL; their blood raised to venous values (140-200 HU) 113-729 mL and to arterial
+(200-400 HU) 119-770 mL, all refused; late-phase blood (100-140 HU) 0-373 mL, 7 of 28 refused, the rest pass. The
+margin (seed 2024): at 12 / 15 / 18 / 25 mm the least enhanced arterial case kept 161 / 119 / 85 / 23 mL (at 25 mm
+one venous and one arterial case passed), unenhanced and open-cortex ones 0 mL at every margin; 15 mm is about a
+thoracic vertebral body's radius.
 
 Limits: no real chest CT was available offline, so the chest side of every threshold is measured on phantoms
 only; on real chests the U-Net's lung mask decides most of it. The check takes ~0.1–0.2 s per small series
