@@ -187,8 +187,15 @@ def _pixel_correlation(h: np.ndarray, max_slices: int = 32) -> float:
     return 1.0 if denom == 0.0 else float((a * b).sum() / denom)  # a constant image is perfectly coherent
 
 
+def _open_planar(mask: np.ndarray) -> np.ndarray:
+    """``ndimage.binary_opening`` of a (s, r, c) mask with a 3 x 3 square in each slice (outside the array: False),
+    as a minimum then a maximum filter on bytes: the same mask in ~60 % of the time."""
+    eroded = ndimage.minimum_filter(mask.view(np.uint8), size=(1, 3, 3), mode="constant")
+    return ndimage.maximum_filter(eroded, size=(1, 3, 3), mode="constant").view(bool)
+
+
 def _body(h: np.ndarray) -> np.ndarray:
-    tissue = ndimage.binary_opening(h > BODY_HU, structure=np.ones((1, 3, 3), bool))
+    tissue = _open_planar(h > BODY_HU)
     labels, n = ndimage.label(tissue)
     if n == 0:
         return tissue
@@ -235,7 +242,7 @@ def _mediastinum(h: np.ndarray, body: np.ndarray, lung: np.ndarray, holds: np.nd
     body's or the sternum's marrow reads 150-300 HU inside its cortex, whether or not the cortex reads as a closed
     ring) — as ``mediastinum_ml`` (within `SOFT_TISSUE_HU`), ``mediastinum_enhanced_ml`` and
     ``mediastinum_enhanced_hu`` (their median) for the regions within `ENHANCED_HU` at least 3 x 3 working-grid
-    pixels (6 mm) across. ~35 ms for 120 slices of 512 x 512 (the whole check ~0.6 s)."""
+    pixels (6 mm) across. ~35 ms for 120 slices of 512 x 512 (the whole check ~0.5 s)."""
     ks = np.flatnonzero(holds)
     out = {"mediastinum_ml": 0.0, "mediastinum_enhanced_ml": 0.0, "mediastinum_enhanced_hu": 0.0}
     if not ks.size:
@@ -260,9 +267,7 @@ def _mediastinum(h: np.ndarray, body: np.ndarray, lung: np.ndarray, holds: np.nd
     # bright voxels go
     rows, cols = np.flatnonzero(dense.any(axis=(0, 2))), np.flatnonzero(dense.any(axis=(0, 1)))
     near = (slice(None), slice(max(0, rows[0] - 1), rows[-1] + 2), slice(max(0, cols[0] - 1), cols[-1] + 2))
-    opened = ndimage.minimum_filter(dense[near].view(np.uint8), size=(1, 3, 3), mode="constant")
-    opened = ndimage.maximum_filter(opened, size=(1, 3, 3), mode="constant").view(bool)
-    enhanced = h_k[near][opened]
+    enhanced = h_k[near][_open_planar(dense[near])]
     out["mediastinum_enhanced_ml"] = float(enhanced.size) * vox_ml
     out["mediastinum_enhanced_hu"] = float(np.median(enhanced)) if enhanced.size else 0.0
     return out

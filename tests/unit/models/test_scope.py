@@ -225,6 +225,19 @@ def test_the_one_pass_hole_filling_is_scipys_per_slice() -> None:
         assert np.array_equal(_fill_holes_per_slice(mask), expected), shape
 
 
+def test_the_planar_opening_is_scipys_binary_opening() -> None:
+    from scipy import ndimage
+
+    from models.scope import _open_planar
+
+    rng = np.random.default_rng(1)
+    for _ in range(60):
+        shape = (int(rng.integers(1, 5)), int(rng.integers(1, 40)), int(rng.integers(1, 40)))
+        mask = rng.random(shape) < rng.uniform(0.1, 0.95)
+        expected = ndimage.binary_opening(mask, structure=np.ones((1, 3, 3), bool))
+        assert np.array_equal(_open_planar(mask), expected), shape
+
+
 @pytest.mark.parametrize("factors", [(1, 1), (2, 2), (3, 2), (4, 3)])
 def test_block_means_are_the_reshaped_means(factors: tuple[int, int]) -> None:
     from models.scope import _block_mean
