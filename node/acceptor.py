@@ -270,7 +270,7 @@ class GuardedServer(ThreadedAssociationServer):
             self.refusals.record(decided.refusal, address, port, open=open_now, limit=limit)
             return False
         if decided.victim is not None:
-            reclaim(decided.victim, self.refusals, time.monotonic() - decided.victim.progress)
+            reclaim(decided.victim, self.refusals)
         with self._admitted_lock:
             self._admitted[request] = (decided.slot, decided.victim)
         if self.ssl_context is not None:

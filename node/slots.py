@@ -176,9 +176,10 @@ def progressed(assoc: Association) -> None:
         slot.progressed()
 
 
-def reclaim(victim: Slot, refusals: Refusals, idle: float) -> None:
-    """End ``victim``'s connection, in a thread of its own (the acceptor must not wait): record it, A-ABORT the
-    association when there is one, close the connection at the latest `ABORT_GRACE` later."""
+def reclaim(victim: Slot, refusals: Refusals) -> None:
+    """End ``victim``'s connection, in a thread of its own (the acceptor must not wait): record it with its idle
+    seconds, A-ABORT the association when there is one, close the connection at the latest `ABORT_GRACE` later."""
+    idle = victim.clock() - victim.progress
     refusals.record(PeerRefusal.ASSOCIATION_RECLAIMED, victim.address, victim.port, idle_seconds=round(idle, 1))
     threading.Thread(target=_end, args=(victim,), name="ReclaimSlot@pacsnode", daemon=True).start()
 
