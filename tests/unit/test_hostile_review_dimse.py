@@ -33,7 +33,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
-from node import guard
+from node import acceptor, guard
 from node.metrics import Metrics
 from tests.conftest import peer_env, require_tool
 from tests.ctgen import write_ct_series
@@ -126,6 +126,36 @@ def test_a_legitimate_peer_proposing_128_contexts_of_every_transfer_syntax_is_ac
         assoc.release()
     print(f"128 contexts x {len(ALL_TRANSFER_SYNTAXES)} transfer syntaxes negotiated in {took:.2f} s")
     assert took < 10.0  # well under a second on an idle machine; generous for the parallel suite
+
+
+def test_a_request_received_just_after_the_acceptor_gave_up_closes_the_connection(make_node, peers, monkeypatch):
+    """CI, loaded machine: a 130 KB A-ASSOCIATE-RQ decoded just past the 1 s association timeout reached the DUL
+    after pynetdicom's acceptor thread had stopped waiting for it; the DUL sat in Sta3 (no timer runs there), the
+    acceptor's kill() waited for Sta1, and the peer got neither an answer nor a close until it gave up 10 s later.
+    Made certain here: the acceptor's wait gives up 50 ms in, whatever arrives."""
+    create = acceptor.GuardedRequestHandler._create_association
+
+    def giving_up_early(self):  # noqa: ANN001, ANN202 - pynetdicom's own signature
+        assoc = create(self)
+        receive = assoc.dul.receive_pdu
+
+        def late(wait: bool = False, timeout: float | None = None) -> Any:
+            if wait and assoc.requestor.primitive is None:  # the acceptor waiting for the A-ASSOCIATE-RQ
+                time.sleep(0.05)
+                return None
+            return receive(wait=wait, timeout=timeout)
+
+        assoc.dul.receive_pdu = late
+        return assoc
+
+    monkeypatch.setattr(acceptor.GuardedRequestHandler, "_create_association", giving_up_early)
+    node = make_node(association_timeout_seconds=5.0)
+    peer = peers(node.address)
+    peer.send(hostile.associate_rq(hostile.STORE_CONTEXTS))
+    closed = peer.closed_within(6.0)
+    assert closed is not None and closed < 2.0, closed  # was: still open when the peer gave up
+    monkeypatch.undo()
+    hostile.wait_until(lambda: node.echo() == 0x0000, 5.0, "the slot to be free for the next peer")
 
 
 def test_a_flood_of_oversized_requests_does_not_starve_a_modality(make_node, tmp_path):
