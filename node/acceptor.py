@@ -118,7 +118,7 @@ class GuardedRequestHandler(RequestHandler):
         assoc.dimse = GuardedDimse(assoc, limits, server.refusals)
         reactorwait.install(assoc)  # the reactors wait for work instead of polling every 1 ms
         _drop_late_data(assoc)
-        _close_when_given_up(assoc)
+        _close_when_given_up(assoc, server.refusals, limits)
         run = assoc.run
 
         def run_then_release() -> None:  # the slot is held exactly as long as the association's thread runs
@@ -154,18 +154,21 @@ def _drop_late_data(assoc: Association) -> None:
     machine.do_action = do_action_or_drop
 
 
-def _close_when_given_up(assoc: Association) -> None:
+def _close_when_given_up(assoc: Association, refusals: Refusals, limits: ReceiveLimits) -> None:
     """When the acceptor thread stops waiting for the A-ASSOCIATE-RQ (its ``acse_timeout``), pynetdicom's ``kill``
     waits for the DUL to reach Sta1. A DUL that received the request just after that wait ended is in Sta3 —
     awaiting a response nobody will give, with no timer running — so the thread, its slot and the silent peer
     waited until the peer gave up (10 s in a CI run on a loaded machine: a 130 KB request decoded just past the 1 s
     deadline). The connection is closed first, so the DUL reaches Sta1 at once (Evt17). Only then: a rejection or
-    an abort, which also call ``kill``, come after the request was taken and must be sent before the close."""
+    an abort, which also call ``kill``, come after the request was taken and must be sent before the close. A
+    connection that sent nothing is recorded as stalled first: after the close it would read as one the peer
+    closed, which is not counted."""
     kill = assoc.kill
 
     def close_then_kill() -> None:
         sock = assoc.dul.socket
         if assoc.requestor.primitive is None and sock is not None and sock.socket is not None:
+            _record_unfinished_negotiation(assoc, refusals, limits)
             with contextlib.suppress(OSError):
                 sock.socket.shutdown(socket.SHUT_RDWR)
         kill()
