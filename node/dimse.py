@@ -51,6 +51,7 @@ assert set(ACCEPTED_TRANSFER_SYNTAXES) <= set(ALL_TRANSFER_SYNTAXES)
 
 # A Storage Commitment report names the node's few result objects (~100 bytes each); a larger one is refused.
 MAX_REPORT_BYTES = 256 << 10
+ESTABLISHED_POLL = 0.005  # seconds; how often a report that arrived during acceptance looks again (`_established`)
 
 # pynetdicom logs every PDU unless told not to; that costs more per image than the fsync (docs/peers.md).
 _config.LOG_HANDLER_LEVEL = "none"
@@ -67,6 +68,16 @@ def nodelay_handler(event: evt.Event) -> None:
     """EVT_CONN_OPEN handler (both roles): set TCP_NODELAY on the association's socket."""
     dul_socket = event.assoc.dul.socket
     set_nodelay(getattr(dul_socket, "socket", None))
+
+
+def _established(assoc: Association, timeout: float) -> bool:
+    """Wait (at most ``timeout`` seconds) until ``assoc`` is established; False when it ended or the wait ran out."""
+    deadline = time.monotonic() + timeout
+    while not assoc.is_established:
+        if assoc.is_aborted or assoc.is_rejected or assoc.is_released or time.monotonic() > deadline:
+            return False
+        time.sleep(ESTABLISHED_POLL)
+    return True
 
 
 def _encoded_size(data: Any) -> int:
@@ -282,10 +293,17 @@ class DimseServer:
         Anyone who can associate may send these, and pynetdicom serves each in a thread of its own as it arrives
         (`node.guard`'s pipelining check never sees them): a report that arrives while another from the same
         association is still being handled, or whose event information is over `MAX_REPORT_BYTES` (decoding costs
-        ~50 us per referenced instance: 14 MiB held the GIL 10 s), is answered 0x0110 before it is decoded."""
+        ~50 us per referenced instance: 14 MiB held the GIL 10 s), is answered 0x0110 before it is decoded.
+
+        That thread starts as soon as the report is decoded, and pynetdicom sends no answer unless the association
+        `is_established` when the handler returns - set only after the EVT_ACCEPTED handlers (ours writes the index)
+        have returned. A PACS that reports right after the A-ASSOCIATE-AC (Orthanc does) would have its report taken
+        and never answered; the report waits here for the association to be established first."""
+        assoc = event.assoc
+        if not _established(assoc, self._config.node.network_timeout_seconds):
+            return 0x0110, None  # aborted while being accepted: pynetdicom sends no answer, nothing is handed over
         if self._on_commitment_report is None:
             return 0x0110, None
-        assoc = event.assoc
         size = _encoded_size(getattr(event.request, "EventInformation", None))
         with self._lock:
             busy = assoc in self._reporting

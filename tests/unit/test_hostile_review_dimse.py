@@ -426,3 +426,33 @@ def test_a_report_too_large_to_be_a_real_one_is_refused_before_it_is_decoded(mak
     small = _report_pdus(3, message_id=2)
     peer.send(small)
     assert int(peer.receive_response().Status) == 0x0110 and len(calls) == 1  # a real one is still handed over
+
+
+def test_a_report_sent_as_soon_as_the_association_is_accepted_is_answered(make_node, peers):
+    """Found chasing a CI failure (the 3 MB report above, refused but never answered): pynetdicom serves an
+    N-EVENT-REPORT in a thread of its own the moment it is decoded, and drops the response when the association is
+    not yet `is_established` - which it becomes only after the EVT_ACCEPTED handlers return. A PACS sending its
+    Storage Commitment report right after the A-ASSOCIATE-AC (Orthanc does) while the node's accepted handler was
+    still writing the association to the index (slow on a loaded machine) had its report handled and no answer:
+    it waits for its own timeout and counts the report as failed. Here the index write is slowed to 0.5 s."""
+    node = make_node(network_timeout_seconds=15.0, association_timeout_seconds=15.0)
+    calls: list[str] = []
+
+    def report(event):  # noqa: ANN001, ANN202 - node.commitment's handler
+        calls.append(event.event_information.TransactionUID)
+        return 0x0000, None
+
+    node.server._on_commitment_report = report
+    opened = node.server._index.association_opened
+
+    def slow_opened(*args: Any, **kwargs: Any) -> None:
+        time.sleep(0.5)
+        opened(*args, **kwargs)
+
+    node.server._index.association_opened = slow_opened
+    peer = _reporter(node, peers)
+    t0 = time.monotonic()
+    peer.send(_report_pdus(3))
+    status = int(peer.receive_response().Status)
+    print(f"report answered 0x{status:04X} in {time.monotonic() - t0:.2f} s")
+    assert status == 0x0000 and len(calls) == 1
