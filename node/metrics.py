@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -360,7 +361,9 @@ class Metrics:
         """The device the models run on (node.device.announce), replacing what was set before."""
         for labels in list(self._device._metrics):  # kept in the shared files under the processes model: zeroed
             self._device.labels(*labels).set(0)
-        self._device.clear()
+        with warnings.catch_warnings():  # under the processes model prometheus_client warns that clear() leaves the
+            warnings.filterwarnings("ignore", "Clearing labels", UserWarning)  # shared files: zeroed just above
+            self._device.clear()
         self._device.labels(_check(device, INFERENCE_DEVICES, "device"), _check(requested, DEVICE_REQUESTS, "requested"),
                             str(mixed_precision).lower()).set(1)
         self._gpu_fallback.set(1 if fell_back else 0)
