@@ -2,7 +2,8 @@
 the size caps, each part's Part 10 file meta split from its data set, and the PS3.18 Store Instances Response.
 
 `stow_boundary` checks the request's Content-Type (415, 400); `BodyReader` feeds the streamed body to
-python-multipart's parser, appending part payloads to one file and remembering where each part lies, and raises
+python-multipart's parser (RFC 2046's preamble and transport padding, which it refuses, taken off first),
+appending part payloads to one file and remembering where each part lies, and raises
 `Refused` (400 malformed framing, 413 a part over ``max_instance_bytes`` or more than `MAX_PARTS` parts, 415 a part
 that is not ``application/dicom``) as soon as the body shows it; `part_data` gives one part's bytes back (a large
 one as a `FileSpan` over the body's file); `split_part10` finds its file meta; `store_response` builds the answer.
@@ -31,6 +32,7 @@ MAX_PARTS = 100_000  # parts per request; each costs a small record in memory wh
 MAX_PART_HEADER_BYTES = 16 << 10  # a part's header block (names and values); real ones are ~100 bytes
 MAX_PART_HEADERS = 32  # header fields per part (python-multipart's default, 8, refused MIME-Version, Content-ID ...)
 MAX_FILE_META_BYTES = 64 << 10  # a part's Part 10 file meta (group 0002); real ones are a few hundred bytes
+MAX_PADDING_BYTES = 1024  # RFC 2046 transport padding (spaces, tabs) after a boundary, dropped before the parser
 MAX_PREAMBLE_BYTES = 64 << 10  # text before the first boundary (RFC 2046 5.1.1 preamble), skipped unread
 
 
@@ -106,6 +108,65 @@ def stow_boundary(content_type: str | None) -> str:
     return boundary
 
 
+class _TransportPadding:
+    """Drops RFC 2046 transport padding - spaces and tabs between a boundary and the CRLF that ends its line, which
+    "receivers MUST be able to handle" and python-multipart refuses - from a body that starts at its first boundary
+    (`BodyReader._skip_preamble`). Only after a delimiter that begins a line (the body's start, or CRLF), so part
+    payloads pass untouched; a delimiter whose line is not complete yet is held back until the next chunk (or
+    ``final``). More than `MAX_PADDING_BYTES` of it, or anything else after a boundary, is left for the parser."""
+
+    def __init__(self, dash_boundary: bytes) -> None:
+        self._dash = dash_boundary
+        self._delimiter = b"\r\n" + dash_boundary
+        self._held = b""
+        self._first = True  # the next bytes are the body's start, where its first boundary needs no CRLF
+
+    def feed(self, chunk: bytes, final: bool = False) -> bytes:
+        data = self._held + chunk if self._held else chunk
+        out, pos, search = bytearray(), 0, 0
+        while True:
+            first, self._first = self._first, False
+            if first:  # the body's first boundary: at its very start
+                if len(data) < len(self._dash) and not final:
+                    self._held, self._first = data, True
+                    return b""
+                at, end = (0, len(self._dash)) if data.startswith(self._dash) else (-1, 0)
+            else:
+                at = data.find(self._delimiter, search)
+                end = at + len(self._delimiter)
+            if at < 0:
+                break
+            if data[end:end + 2] == b"--":  # the close-delimiter: what follows is epilogue (BodyReader checks it)
+                search = end + 2
+                continue
+            ws = end
+            while ws < len(data) and data[ws] in b" \t" and ws - end <= MAX_PADDING_BYTES:
+                ws += 1
+            if not final and ws - end <= MAX_PADDING_BYTES and len(data) - ws < 2 and data[ws:] in (b"", b"\r"):
+                out += data[pos:at]  # the line is not complete yet: decided with the next chunk
+                self._held, self._first = data[at:], first
+                return bytes(out)
+            if end < ws and ws - end <= MAX_PADDING_BYTES and data[ws:ws + 2] == b"\r\n":
+                out += data[pos:end]
+                pos = ws
+            search = ws
+        cut = len(data) if final else max(pos, search, len(data) - self._partial(data))
+        if pos == 0:  # nothing dropped: no copy of a chunk that needs none
+            self._held = data[cut:]
+            return data if cut == len(data) else data[:cut]
+        out += data[pos:cut]
+        self._held = data[cut:]  # begins a delimiter that the next chunk may complete
+        return bytes(out)
+
+    def _partial(self, data: bytes) -> int:
+        """The length of the longest end of ``data`` that begins a delimiter (0: none); only that much is held
+        back, so the parser sees everything else of a chunk at once (a part's headers answered early, say)."""
+        for n in range(min(len(self._delimiter) - 1, len(data)), 0, -1):
+            if data.endswith(self._delimiter[:n]):
+                return n
+        return 0
+
+
 class BodyReader:
     """Feeds a streamed body to python-multipart's `MultipartParser`, appending part payloads to ``sink`` and
     remembering where each part lies; refuses non-DICOM parts (415) and malformed framing (400)."""
@@ -117,6 +178,7 @@ class BodyReader:
         self.ended = False
         self._dash_boundary = b"--" + boundary.encode("latin-1", "replace")
         self._tail = b""  # the end of the body so far, for a delimiter that straddles two chunks
+        self._padding = _TransportPadding(self._dash_boundary)
         self._preamble: bytearray | None = bytearray()  # the body until its first boundary; None once found
         self._field = bytearray()
         self._value = bytearray()
@@ -141,6 +203,11 @@ class BodyReader:
             chunk = self._skip_preamble(chunk)
             if not chunk:
                 return
+        self._parse(self._padding.feed(chunk))
+
+    def _parse(self, chunk: bytes) -> None:
+        if not chunk:
+            return
         ended_before = self.ended
         try:
             self._parser.write(chunk)
@@ -187,6 +254,7 @@ class BodyReader:
     def finish(self) -> list[Part]:
         if self._preamble is not None:
             raise Refused(400, "multipart body has no boundary line")
+        self._parse(self._padding.feed(b"", final=True))
         try:
             self._parser.finalize()
         except MultipartParseError as exc:

@@ -80,3 +80,36 @@ test_garbled_stow_requests_get_a_documented_status = example(
     content_type=f'multipart/related; type="application/dicom"; boundary={BOUNDARY}', body=b""
 )(settings(QUICK, max_examples=600)(_given(_fuzz)))
 test_garbled_stow_requests_long = pytest.mark.slow(settings(LONG, max_examples=5000)(_given(_fuzz)))
+
+
+@settings(QUICK)
+@given(payloads=st.lists(st.binary(max_size=40).map(lambda b: b.replace(b"\r\n--" + BOUNDARY.encode(), b"")),
+                         min_size=1, max_size=4),
+       paddings=st.lists(st.sampled_from([b"", b" ", b"\t", b" \t ", b"  "]), min_size=5, max_size=5),
+       cuts=st.lists(st.integers(min_value=1, max_value=9), min_size=1, max_size=40))
+@example(payloads=[b" --" + BOUNDARY.encode() + b" \r\n", b"\r\n\r\n--"], paddings=[b" "] * 5, cuts=[1])
+def test_transport_padding_is_dropped_and_nothing_else_at_any_split(payloads, paddings, cuts):
+    """node.stow._TransportPadding: a body whose boundary lines carry padding reads back exactly as the same body
+    without it, whatever its payloads (spaces, CRs, dashes, boundary text not at a line start) and however the
+    body is split into chunks; a body without padding passes through unchanged."""
+    from node.stow import _TransportPadding
+
+    dash = b"--" + BOUNDARY.encode()
+
+    def body(pad: list[bytes]) -> bytes:
+        parts = b"".join(dash + pad[i % 4] + b"\r\nContent-Type: application/dicom\r\n\r\n" + p + b"\r\n"
+                         for i, p in enumerate(payloads))
+        return parts + dash + b"--" + pad[4] + b"\r\n"
+
+    def filtered(data: bytes) -> bytes:
+        f, out, i, k = _TransportPadding(dash), b"", 0, 0
+        while i < len(data):
+            n = cuts[k % len(cuts)]
+            out += f.feed(data[i:i + n])
+            i, k = i + n, k + 1
+        return out + f.feed(b"", final=True)
+
+    plain = body([b""] * 5)
+    assert filtered(plain) == plain
+    # the closing boundary's padding is epilogue to the parser (kept); every other boundary's is dropped
+    assert filtered(body(paddings)) == body([b""] * 4 + [paddings[4]])

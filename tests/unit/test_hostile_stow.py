@@ -337,3 +337,39 @@ def test_a_preamble_before_the_first_boundary_is_skipped(node, tmp_path, chunk):
     r = node.stow(preamble + body(part(one), part(two)))
     assert r.status_code == 200, r.text
     assert len(node.spooled()) == 2
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 1 << 20])
+def test_transport_padding_after_a_boundary_is_ignored(node, tmp_path, chunk):
+    """RFC 2046 5.1.1: a boundary delimiter line may end in transport padding (spaces, tabs) that 'receivers MUST be
+    able to handle'. python-multipart refused it (400, 'Did not find CR at end of boundary'), so a body that passed
+    through a transport adding it stored nothing. Now ignored, after any boundary (the first, between parts, the
+    closing one), at any split of the body into chunks; padding longer than `stow.MAX_PADDING_BYTES`, or text
+    after a boundary on its line, is still malformed (400). Part payloads are untouched, spaces and all."""
+    files = write_ct_series(tmp_path / "s", slices=2, size=16).paths
+    one, two = (p.read_bytes() for p in files)
+
+    def padded(padding: bytes, *parts: bytes) -> bytes:
+        head = b"--" + BOUNDARY.encode()
+        return (b"".join(head + padding + b"\r\nContent-Type: application/dicom\r\n\r\n" + p + b"\r\n" for p in parts)
+                + head + b"--" + padding + b"\r\n")
+
+    def parse(data: bytes) -> list[bytes]:
+        sink = __import__("io").BytesIO()
+        reader = stow.BodyReader(BOUNDARY, sink, MAX_INSTANCE)
+        for i in range(0, len(data), chunk):
+            reader.write(data[i:i + chunk])
+        return [sink.getvalue()[p.offset:p.offset + p.length] for p in reader.finish()]
+
+    assert parse(padded(b" \t  ", one, two)) == [one, two]
+    assert parse(padded(b" ", one)) == [one]
+    tricky = b"payload --" + BOUNDARY.encode() + b"  \r\n mid-line, not a delimiter \t\r\n"  # not at a line start
+    assert parse(padded(b"\t", tricky, one)) == [tricky, one]
+    if chunk == 1 << 20:  # one call each, to keep the slow byte-by-byte runs to the cases above
+        for bad in (b" " * (stow.MAX_PADDING_BYTES + 1), b"  x"):
+            with pytest.raises(stow.Refused) as err:
+                parse(padded(bad, one))
+            assert err.value.http_status == 400
+    r = node.stow(padded(b"  ", one, two))
+    assert r.status_code == 200, r.text
+    assert len(node.spooled()) == 2
