@@ -34,10 +34,12 @@ from training.phantom import generate_case
 
 
 def node_toml(orthanc: OrthancServer, prefetch: bool = True, processes: bool = True,
-              classifier_version: str | None = None, retain_heap_mb: int | None = None) -> str:
+              classifier_version: str | None = None, retain_heap_mb: int | None = None,
+              prefetch_poll: float | None = None) -> str:
     return (
         ('process_model = "processes"\n' if processes else 'process_model = "threads"\n')  # launch_node's [node]
         + f"[worker]\nprefetch = {str(prefetch).lower()}\n"
+        + (f"prefetch_poll_seconds = {prefetch_poll}\n" if prefetch_poll is not None else "")
         + (f'classifier_version = "{classifier_version}"\n' if classifier_version else "")
         + (f"retain_heap_mb = {retain_heap_mb}\n" if retain_heap_mb is not None else "")
         + "[completion]\nstable_seconds = 30\nsweep_seconds = 0.5\n"
@@ -56,13 +58,15 @@ def main() -> int:
     parser.add_argument("--threads", action="store_true", help='[node] process_model = "threads" (one process)')
     parser.add_argument("--classifier-version", help="[worker] classifier_version (default: the shipped default)")
     parser.add_argument("--retain-heap-mb", type=int, help="[worker] retain_heap_mb (0: glibc's defaults; node.heap)")
+    parser.add_argument("--prefetch-poll", type=float, help="[worker] prefetch_poll_seconds (default: the node's)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="pacsnode-e2e-") as tmp:
         work = Path(tmp)
         node_port = free_port()
         with OrthancServer(work / "orthanc", modalities={"node": ("PACSNODE", "127.0.0.1", node_port)}) as orthanc:
             node = launch_node(work, port=node_port, extra_toml=node_toml(orthanc, not args.no_prefetch, not args.threads,
-                                                                         args.classifier_version, args.retain_heap_mb))
+                                                                         args.classifier_version, args.retain_heap_mb,
+                                                                         args.prefetch_poll))
             try:
                 wait_until(lambda: "models_loaded" in node.log_text(), 300, "models to load", node.log_tail,
                            process=node.proc)
