@@ -75,7 +75,28 @@ def copied_keywords(ds: Dataset) -> tuple[str, ...]:
 def malformed_copied(ds: Dataset, node_rule: Callable[[str, object], bool]) -> list[str]:
     """Keywords among `copied_keywords` present in ``ds`` whose value would not survive strict writing and
     reading (module docstring); ``node_rule(keyword, value)`` adds the node's own rules."""
-    return [keyword for keyword in copied_keywords(ds) if keyword in ds and not _valid(ds, keyword, node_rule)]
+    malformed = [keyword for keyword in copied_keywords(ds) if keyword in ds and not _valid(ds, keyword, node_rule)]
+    if _identity_removed_unexplained(ds, malformed):
+        malformed.append("PatientIdentityRemoved")
+    return malformed
+
+
+_DEIDENTIFICATION_METHODS = ("DeidentificationMethod", "DeidentificationMethodCodeSequence")
+
+
+def _identity_removed_unexplained(ds: Dataset, malformed: Sequence[str]) -> bool:
+    """Whether ``ds`` says Patient Identity Removed YES without a De-identification Method or its Code Sequence
+    that reaches the result (one is Type 1C then, PS3.3 C.7.1.1; de-identified public CTs, CQ500's say, lack both):
+    copied, the YES made every result an invalid object. Dropping it (Type 3) says nothing false."""
+    if "PatientIdentityRemoved" not in ds or "PatientIdentityRemoved" in malformed:
+        return False
+    try:
+        if str(ds.PatientIdentityRemoved).strip().upper() != "YES":
+            return False
+        return not any(keyword in ds and keyword not in malformed and ds[keyword].value
+                       for keyword in _DEIDENTIFICATION_METHODS)
+    except Exception:  # noqa: BLE001 - pydicom raises many types on bytes that do not decode
+        return True
 
 
 def _valid(ds: Dataset, keyword: str, node_rule: Callable[[str, object], bool]) -> bool:
@@ -86,20 +107,32 @@ def _valid(ds: Dataset, keyword: str, node_rule: Callable[[str, object], bool]) 
     expected = dictionary_VR(tag)
     if raw is None:
         return True
-    if raw.VR is not None and " or " not in expected and str(raw.VR) != expected:
+    if raw.VR is not None and " or " not in expected and str(raw.VR) not in (expected, "UN"):
         return False  # copied as is, it would carry the wrong VR into the result
     if expected == "SQ":
-        return True  # sequences (e.g. OtherPatientIDsSequence) are left to highdicom
+        return raw.VR != "UN" or _known_once_read(ds, tag)  # sequences (OtherPatientIDsSequence) left to highdicom
     try:
-        value = decoded(ds, tag).value
+        element = decoded(ds, tag)
     except Exception:  # noqa: BLE001 - pydicom raises many types on bytes that do not decode for the VR
         return False
+    if element.VR == "UN" and expected != "UN":
+        return False  # an explicit UN that pydicom leaves UN (config.replace_un_with_known_vr off): unreadable text
+    value = element.value
     values = _values(value)
     if not _vm_allows(dictionary_VM(tag), len(values)) or not all(_valid_value(expected, v) for v in values):
         return False
     if isinstance(raw, RawDataElement) and raw.value is not None and b"\x00" in raw.value.rstrip(b"\x00"):
         return False  # an embedded NUL: not a character of any text VR's repertoire
     return node_rule(keyword, value)
+
+
+def _known_once_read(ds: Dataset, tag: int) -> bool:
+    """Whether an element sent as explicit UN (a sender or converter that did not know the tag: TCIA's CTP writes
+    whole headers so) reads as its dictionary VR: pydicom converts it on access (``replace_un_with_known_vr``)."""
+    try:
+        return str(ds[tag].VR) != "UN"
+    except Exception:  # noqa: BLE001 - pydicom raises many types on bytes that do not parse for the VR
+        return False
 
 
 def _valid_value(vr: str, value: object) -> bool:

@@ -303,8 +303,9 @@ def _valid_copied(keyword: str, value: object) -> bool:
     limits = {"PatientID": 64, "AccessionNumber": 16, "StudyID": 16}
     if keyword in limits:
         return len(text) <= limits[keyword] and "\\" not in text
-    if dictionary_VR(keyword) == "PN":
-        return len(text) <= 64 * 5 and text.count("=") <= 2 and all(len(p) <= 64 for p in text.split("="))
+    if dictionary_VR(keyword) == "PN":  # up to 3 component groups of up to 5 components (PS3.5 6.2.1.1)
+        groups = text.split("=")
+        return len(groups) <= 3 and all(len(group) <= 64 and group.count("^") <= 4 for group in groups)
     return True
 
 
