@@ -81,6 +81,32 @@ def malformed_copied(ds: Dataset, node_rule: Callable[[str, object], bool]) -> l
     return malformed
 
 
+def padded_names(ds: Dataset) -> dict[str, str]:
+    """Keyword → the same name without its trailing empty components, for each single-valued Person Name among
+    `copied_keywords` that holds more than five components per group only because it is padded with delimiters
+    ("DOE^JOHN^^^^^": some systems write names so). PS3.5 6.2.1.1 lets trailing empty components be omitted, so
+    the trimmed name is the same name, valid; blanked as malformed instead, the results would carry an empty
+    Patient's Name beside the source's. A name with text in a sixth component is not here (it stays malformed)."""
+    names: dict[str, str] = {}
+    for keyword in copied_keywords(ds):
+        tag = tag_for_keyword(keyword)
+        if tag is None or keyword not in ds or dictionary_VR(tag) != "PN":
+            continue
+        try:
+            value = decoded(ds, tag).value
+        except Exception:  # noqa: BLE001 - bytes that do not decode are malformed_copied's to judge
+            continue
+        if not isinstance(value, (str, PersonName)):
+            continue
+        groups = str(value).split("=")
+        if all(group.count("^") <= 4 for group in groups):
+            continue
+        trimmed = [group.rstrip("^") if group.count("^") > 4 else group for group in groups]
+        if all(group.count("^") <= 4 for group in trimmed):
+            names[keyword] = "=".join(trimmed)
+    return names
+
+
 _DEIDENTIFICATION_METHODS = ("DeidentificationMethod", "DeidentificationMethodCodeSequence")
 
 
@@ -249,5 +275,5 @@ def _values(value: object) -> Sequence[object]:
 
 __all__ = [
     "ALWAYS_CHECKED", "EQUIPMENT_COPIED", "IR58", "UTF8", "CharsetRepair", "charset_repair", "copied_keywords",
-    "decoded", "malformed_copied",
+    "decoded", "malformed_copied", "padded_names",
 ]

@@ -22,7 +22,7 @@ from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
 from node.results import codes
-from node.results.attributes import CharsetRepair, charset_repair, decoded, malformed_copied
+from node.results.attributes import CharsetRepair, charset_repair, decoded, malformed_copied, padded_names
 from node.results.errors import ResultsError
 from node.results.uids import UID_PREFIX, check_root, is_valid_uid
 from node.states import NODE_MANUFACTURER
@@ -312,14 +312,16 @@ def _valid_copied(keyword: str, value: object) -> bool:
 def with_type2_attributes(sources: Sequence[Dataset]) -> list[Dataset]:
     """``sources`` with the first instance replaced, if needed, by a header-only copy in which the patient/study
     attributes highdicom copies are present (Type 2: empty when absent) and valid for their VR (a malformed value
-    — a date like ``19950000``, a two-valued sex — becomes empty), and whose Specific Character Set highdicom
+    — a date like ``19950000``, a two-valued sex — becomes empty; a name padded with empty components is trimmed,
+    `attributes.padded_names`), and whose Specific Character Set highdicom
     takes (`attributes.charset_repair`: respelt, or the text decoded and the set made UTF-8); the inputs are not
     modified."""
     first = sources[0]
     missing = [keyword for keyword in _TYPE2_COPIED if keyword not in first]
-    invalid = malformed_copied(first, _valid_copied)  # every attribute highdicom copies (node.results.attributes)
+    names = {k: v for k, v in padded_names(first).items() if _valid_copied(k, v)}  # "DOE^JOHN^^^^^" → "DOE^JOHN"
+    invalid = [k for k in malformed_copied(first, _valid_copied) if k not in names]  # every attribute copied
     charset = charset_repair(first)
-    if not missing and not invalid and charset is None:
+    if not missing and not invalid and not names and charset is None:
         return list(sources)
     header = Dataset()
     for tag in first.keys():  # noqa: SIM118 - raw elements as read: converting a malformed one would raise
@@ -334,6 +336,9 @@ def with_type2_attributes(sources: Sequence[Dataset]) -> list[Dataset]:
             setattr(header, keyword, "")
         elif keyword in header:
             del header[keyword]
+    for keyword, name in names.items():
+        del header[keyword]  # the source's element, shared: setting its value would change the source
+        setattr(header, keyword, name)
     if charset is not None:
         _repair_charset(header, charset)
     return [header, *sources[1:]]

@@ -161,3 +161,32 @@ def test_a_person_name_of_six_components_is_blanked_and_five_are_kept(tmp_path: 
         errors, warnings = dciodvfy_errors(path)
         assert errors == [], (kind, errors)
         assert all("99PACSAI" in w for w in warnings), (kind, warnings)
+
+
+def test_a_name_padded_with_empty_components_is_trimmed_not_blanked(tmp_path: Path) -> None:
+    """Some systems pad a Person Name with component delimiters ("DOE^JOHN^^^^^": six components, the last five
+    empty). Blanked as malformed, the results would carry an empty Patient's Name beside the source's, which a PACS
+    that reconciles patients by name and ID may file as a conflict. Trailing empty components may be omitted
+    (PS3.5 6.2.1.1), so the same name without them is copied; one with a sixth component that holds text is still
+    blanked (the test above)."""
+    def mutate(ds: Dataset) -> None:
+        ds.SpecificCharacterSet = "ISO_IR 192"
+        ds.PatientName = "DOE^JOHN^^^^^=ドウ^ジョン^^^^^^"
+        ds.ReferringPhysicianName = "SMITH^ANNE^^^^^"
+
+    sources = _ctgen(mutate)
+    results = build_results(sources, cached_series()[1], ALGORITHM)
+    skipped = build_skipped_sr(sources, SkipReason.NOT_CT, "detail", ALGORITHM)
+    for kind, built in (("sr", results.sr), ("seg", results.seg), ("kos", results.key_images), ("skipped", skipped)):
+        assert built is not None
+        back = read_back_strictly(built)
+        assert str(back.PatientName) == "DOE^JOHN=ドウ^ジョン", kind
+        if "ReferringPhysicianName" in back:
+            assert str(back.ReferringPhysicianName) == "SMITH^ANNE", kind
+        path = tmp_path / f"{kind}.dcm"
+        built.save_as(path, enforce_file_format=True)
+        errors, _ = dciodvfy_errors(path)
+        assert errors == [], (kind, errors)
+    assert str(sources[0].PatientName) == "DOE^JOHN^^^^^=ドウ^ジョン^^^^^^"  # the sources are not modified
+    too_long = _ctgen(lambda ds: setattr(ds, "PatientName", "D" * 65 + "^^^^^"))  # trimmed, still over 64: blanked
+    assert str(read_back_strictly(build_results(too_long, cached_series()[1], ALGORITHM).sr).PatientName) == ""
