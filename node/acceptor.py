@@ -38,6 +38,7 @@ import socketserver
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from pynetdicom.fsm import TRANSITION_TABLE
@@ -117,7 +118,7 @@ class GuardedRequestHandler(RequestHandler):
         attach(assoc, slot)
         assoc.dimse = GuardedDimse(assoc, limits, server.refusals)
         reactorwait.install(assoc)  # the reactors wait for work instead of polling every 1 ms
-        _drop_late_data(assoc)
+        drop_late_data(assoc)
         _close_when_given_up(assoc, server.refusals, limits)
         run = assoc.run
 
@@ -128,6 +129,8 @@ class GuardedRequestHandler(RequestHandler):
                 server.slots.release(slot)
                 _record_unfinished_negotiation(assoc, server.refusals, limits)
                 _discard_unanswered(assoc)
+                if server.on_ended is not None:
+                    server.on_ended(assoc)
 
         assoc.run = run_then_release  # type: ignore[method-assign]
         self._slot_handed_over = True
@@ -135,11 +138,12 @@ class GuardedRequestHandler(RequestHandler):
 
 
 
-def _drop_late_data(assoc: Association) -> None:
+def drop_late_data(assoc: Association) -> None:
     """A response queued after the association began to end (the node aborted it between the handler's return,
     where pynetdicom checks ``is_established``, and the queueing) reached pynetdicom's state machine in a state
     without P-DATA (Sta13: A-ABORT sent, waiting for the peer to close), which raised InvalidEventError and killed
-    the DUL thread. Such a P-DATA is taken off the queue and dropped: the peer was told by the A-ABORT."""
+    the DUL thread. Such a P-DATA is taken off the queue and dropped: the peer was told by the A-ABORT. `node.scu`
+    uses it too, for an answer to a report that crossed its A-RELEASE-RQ (Sta7 allows no P-DATA either)."""
     dul: Any = assoc.dul
     machine = dul.state_machine
     do_action = machine.do_action
@@ -230,8 +234,10 @@ class GuardedServer(ThreadedAssociationServer):
         listening: socket.socket | None = None,
         audit: AuditTrail | None = None,
         slots: Slots | None = None,
+        on_ended: Callable[[Association], None] | None = None,
     ) -> None:
         self.limits = limits
+        self.on_ended = on_ended  # called in each association's thread as it ends, after every event handler
         self.audit = audit  # where each failed TLS handshake is recorded (node.audit); None: not audited
         self.reuse_port = reuse_port  # several listener processes share the port (node.roles)
         self._adopted = listening  # a listening socket shared with other listeners (node.listenfds): no bind
@@ -339,19 +345,21 @@ def start_guarded_server(
     ssl_context: ssl.SSLContext | None = None,
     refusals: Refusals | None = None, reuse_port: bool = False, listening: socket.socket | None = None,
     audit: AuditTrail | None = None, slots: Slots | None = None,
+    on_ended: Callable[[Association], None] | None = None,
 ) -> GuardedServer:
     """Like ``ae.start_server(address, block=False, evt_handlers=..., ssl_context=...)`` but guarded (DICOM TLS
     when ``ssl_context`` is given); returns once listening. ``listening``: accept on that socket, shared with other
     listener processes (`node.listenfds`), instead of binding ``address``. ``audit``: records each failed TLS
-    handshake (110114 login failure). ``slots``: shared with the AE's other server (`node.slots`)."""
+    handshake (110114 login failure). ``slots``: shared with the AE's other server (`node.slots`). ``on_ended``:
+    called with each association in its own thread as that ends."""
     server = cast(
         GuardedServer,
         ae.make_server(address, evt_handlers=evt_handlers, ssl_context=ssl_context, server_class=GuardedServer,
                        limits=limits, refusals=refusals, reuse_port=reuse_port, listening=listening, audit=audit,
-                       slots=slots),
+                       slots=slots, on_ended=on_ended),
     )
     threading.Thread(target=server.serve_forever, name="AcceptorServer@pacsnode", daemon=True).start()
     return server
 
 
-__all__ = ["GuardedRequestHandler", "GuardedServer", "start_guarded_server"]
+__all__ = ["GuardedRequestHandler", "GuardedServer", "drop_late_data", "start_guarded_server"]

@@ -187,7 +187,6 @@ class DimseServer:
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_RELEASED, self._on_closed, [AssociationState.RELEASED]),
             (evt.EVT_ABORTED, self._on_closed, [AssociationState.ABORTED]),
-            (evt.EVT_CONN_CLOSE, self._on_closed, [AssociationState.ABORTED]),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_N_EVENT_REPORT, self._on_event_report),
@@ -199,14 +198,14 @@ class DimseServer:
             self._server = start_guarded_server(self._ae, (host, self._config.node.port), handlers, limits,
                                                 refusals=self._refusals, reuse_port=self._reuse_port,
                                                 listening=inherited(DIMSE, self._config.node.port),
-                                                slots=self._slots)
+                                                slots=self._slots, on_ended=self._on_ended)
             self._log.info("dimse_listening", ae_title=self._config.node.ae_title, host=host, port=self.address[1])
         if tls.dimse_port is not None:
             self._tls_server = start_guarded_server(self._ae, (host, tls.dimse_port), handlers, limits,
                                                     ssl_context=self._ssl_context, refusals=self._refusals,
                                                     reuse_port=self._reuse_port,
                                                     listening=inherited(DIMSE_TLS, tls.dimse_port),
-                                                    audit=self._audit, slots=self._slots)
+                                                    audit=self._audit, slots=self._slots, on_ended=self._on_ended)
             address = self.tls_address
             assert address is not None
             self._log.info("dimse_tls_listening", ae_title=self._config.node.ae_title, host=host, port=address[1],
@@ -269,14 +268,26 @@ class DimseServer:
                                              peer=_peer(assoc))
 
     def _on_closed(self, event: evt.Event, state: AssociationState) -> None:
+        self._close(event.assoc, state)
+
+    def _on_ended(self, assoc: Association) -> None:
+        """``assoc``'s thread is ending (`node.acceptor`): a row still open is closed as aborted — its reactor ended
+        without EVT_RELEASED or EVT_ABORTED (its DUL thread ended first). Not EVT_CONN_CLOSE, which pynetdicom
+        triggers in the DUL's thread: also while EVT_ACCEPTED's handler was still writing the row (which then stayed
+        open), and after the A-RELEASE-RP went out but before EVT_RELEASED (a release then recorded as an abort)."""
+        try:
+            self._close(assoc, AssociationState.ABORTED)
+        except Exception:  # noqa: BLE001 - the association's thread is ending either way
+            self._log.exception("association_close_failed")
+
+    def _close(self, assoc: Association, state: AssociationState) -> None:
         with self._lock:
-            assoc_id = self._assoc_ids.pop(event.assoc, None)
+            assoc_id = self._assoc_ids.pop(assoc, None)
         if assoc_id is None:
-            return  # already closed (EVT_CONN_CLOSE follows a release) or never accepted
+            return  # already closed (the thread's end follows a release or an abort) or never accepted
         self._metrics.association(str(state))
         self._index.association_closed(assoc_id, state)
         self._log.info("association_closed", assoc_id=assoc_id, state=str(state))
-        assoc = event.assoc
         audit_association_closed(self._audit, self._index.engine, assoc_id, calling_ae=assoc.requestor.ae_title,
                                  called_ae=assoc.acceptor.ae_title, peer=_peer(assoc), state=str(state))
         if state is AssociationState.RELEASED and self._on_released is not None:

@@ -17,6 +17,7 @@ aborted unread. With ``Peer.tls_args`` (from
 
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_context, evt
 from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_messages import N_EVENT_REPORT_RQ
+from pynetdicom.dimse_primitives import N_EVENT_REPORT
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StorageCommitmentPushModel,
@@ -37,6 +40,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
+from node.acceptor import drop_late_data
 from node.dimse import nodelay_handler
 from node.errors import SendError
 from node.guard import GuardedSocket, ReceiveLimits
@@ -126,6 +130,55 @@ class _RequestorDimse(DIMSEServiceProvider):
                 queue.not_full.notify()
                 return item
         return None, None
+
+
+class _Reports:
+    """The N-EVENT-REPORTs the peer sent on an association the node requested whose answer is not yet queued.
+
+    pynetdicom serves each in a thread of its own, and answers it after the handler returns. The node releases the
+    N-ACTION's association as soon as it has the N-ACTION response; a report the PACS sent at once on it (PS3.4 J.3.3
+    allows it; a pynetdicom SCP's even goes out ahead of its response) was often still being handled then, and had
+    its answer ready only once the A-RELEASE-RQ had gone:
+    a P-DATA in Sta7, where PS3.8 allows none - pynetdicom's state machine raised InvalidEventError, the DUL thread
+    died, the PACS had no answer and the release waited its whole timeout. The release now waits for them
+    (`wait`); an answer that is still late (the report crossed the A-RELEASE-RQ) is dropped, not sent
+    (`node.acceptor.drop_late_data`)."""
+
+    def __init__(self) -> None:
+        self._pending = 0
+        self._changed = threading.Condition()
+
+    def handlers(self) -> list[evt.EventHandlerType]:
+        return [(evt.EVT_CONN_OPEN, self._attach), (evt.EVT_DIMSE_RECV, self._received)]
+
+    def _attach(self, event: evt.Event) -> None:
+        assoc: Any = event.assoc
+        drop_late_data(assoc)
+        serve = assoc._serve_request  # what each report's thread runs (pynetdicom looks it up on the association)
+
+        def serve_then_count(msg: Any, context_id: int) -> None:
+            try:
+                serve(msg, context_id)
+            finally:
+                if isinstance(msg, N_EVENT_REPORT):
+                    self._add(-1)
+
+        assoc._serve_request = serve_then_count
+
+    def _received(self, event: evt.Event) -> None:
+        """EVT_DIMSE_RECV, in the DUL's thread before it starts the report's thread."""
+        if isinstance(event.message, N_EVENT_REPORT_RQ):
+            self._add(1)
+
+    def _add(self, n: int) -> None:
+        with self._changed:
+            self._pending += n
+            self._changed.notify_all()
+
+    def wait(self, timeout: float) -> None:
+        """Until every report received so far is answered (its answer queued), at most ``timeout`` seconds."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._pending <= 0, timeout)
 
 
 def _on_open(peer: Peer) -> list[evt.EventHandlerType]:
@@ -237,8 +290,9 @@ def request_storage_commitment(peer: Peer, transaction_uid: str, refs: Sequence[
     ae = _ae(peer)
     ae.add_requested_context(StorageCommitmentPushModel, _UNCOMPRESSED)
     where = f"{peer.called_ae}@{peer.host}:{peer.port}"
+    reports = _Reports()
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.called_ae,
-                         evt_handlers=[*_on_open(peer), (evt.EVT_N_EVENT_REPORT, on_report)],
+                         evt_handlers=[*_on_open(peer), *reports.handlers(), (evt.EVT_N_EVENT_REPORT, on_report)],
                          tls_args=peer.tls_args)
     unsupported = CommitmentUnsupportedError(f"{where} does not accept Storage Commitment Push Model")
     if not assoc.is_established:
@@ -254,6 +308,7 @@ def request_storage_commitment(peer: Peer, transaction_uid: str, refs: Sequence[
         request.ReferencedSOPSequence = [_ref_item(cls, uid) for cls, uid in refs]
         status, _ = assoc.send_n_action(request, 1, StorageCommitmentPushModel, StorageCommitmentPushModelInstance)
     finally:
+        reports.wait(peer.timeout)  # a report that came with the response is answered before the A-RELEASE-RQ
         if assoc.is_established:
             assoc.release()
     if "Status" not in status:
