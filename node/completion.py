@@ -3,7 +3,8 @@
 `decide(...)` is the pure rule, with the sender's profile (``[completion]`` mode, or the ``[[completion.senders]]``
 entry for its calling AE). A series is complete when
   * its expected count is known (ImagesInAcquisition) and reached — not exceeded: a series holding more instances
-    than that (several acquisitions in one series) is judged by the rules below, once, not again at every sweep;
+    than that (several acquisitions in one series) is judged by the rules below, once, not again at every sweep; a
+    re-opened series reaches it only with instances received since it re-opened (`_count_reached`);
   * or it is one multi-frame instance (all frames arrive together);
   * or, for a sender whose mode is ``release``, its slice positions form an evenly spaced stack, every association
     that sent it is closed, the last one was released normally after sending ≥ 2 of its instances, and the
@@ -90,7 +91,7 @@ def decide(
         # A sender that says how many instances the series has is believed until it has been silent for long.
         return CompletionReason.EXPECTED_COUNT_TIMEOUT if quiet >= settings.expected_count_timeout_seconds else None
     if settings.early:
-        if expected and series_row.instance_count >= expected:
+        if expected and _count_reached(series_row, instance_rows, expected):
             return CompletionReason.EXPECTED_COUNT
         if len(instance_rows) == 1 and (instance_rows[0].number_of_frames or 1) > 1:
             return CompletionReason.MULTIFRAME
@@ -107,6 +108,20 @@ def decide(
     if quiet >= stable_seconds:
         return CompletionReason.QUIET_TIMER
     return None
+
+
+def _count_reached(series_row: Any, instance_rows: Sequence[Any], expected: int) -> bool:
+    """Whether the expected count says the series is whole. A re-opened series' count stood at it already: an
+    instance sent again with other bytes (a PACS forwarding the series in its own transfer syntax, or re-sending it
+    after a patient reconciliation) replaces the stored one and leaves the count where it was, so each sweep during a
+    re-send made a new version. There only the instances received since it re-opened count: the re-send is whole
+    once they reach it; a change to a few instances is judged by the other rules (release, quiet timer)."""
+    if series_row.instance_count < expected:
+        return False
+    if series_row.state != SeriesState.REOPENED:
+        return True
+    since = series_row.state_changed_at
+    return sum(1 for r in instance_rows if r.received_at >= since) >= expected
 
 
 class CompletionSweeper:
