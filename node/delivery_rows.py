@@ -1,7 +1,7 @@
 """The deliveries table's rows seen from outside the state machine: the payload codec (result files and their SOP
 Instance UIDs as two JSON lists) and the read-only queries `node.dispatch.Dispatcher` answers for status, /admin
-and tests, and which rows a newer version of the same series supersedes. Nothing here writes delivery state
-(`node.dispatch` does, through `node.leases`)."""
+and tests, which rows a newer version of the same series supersedes, and `make_due` (a destination's waiting
+rows due now). Nothing here claims or finishes a delivery (`node.dispatch` does, through `node.leases`)."""
 
 from __future__ import annotations
 
@@ -136,3 +136,11 @@ def supersede_waiting(conn: sa.Connection, destination: str, now: float) -> list
             state=DeliveryState.DEAD.value, holder=None, lease_until=None, last_attempt_at=now,
             last_error=f"superseded by version {r.newest} of the series"))
     return list(rows)
+
+
+def make_due(conn: sa.Connection, destination: str, now: float) -> int:
+    """Make the waiting deliveries to ``destination`` due at ``now`` (it recovered, or a reload re-pointed it);
+    returns how many were waiting out a backoff."""
+    d = deliveries.c
+    return int(conn.execute(deliveries.update().values(due_at=now).where(
+        d.destination == destination, d.state == DeliveryState.PENDING.value, d.due_at > now)).rowcount or 0)

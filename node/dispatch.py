@@ -113,6 +113,7 @@ class Dispatcher:
         self._lock = threading.Lock()  # apply_config
         self._pause_lock = threading.Lock()
         self._paused: dict[str, tuple[float, float]] = {}  # destination -> (failed_at, until)
+        self._repointed: set[str] = set()  # destinations a reload added or changed: their waiting rows go now
         self._stopping = threading.Event()
         self._insert = insert_for(engine)
         self._threads = DispatchThreads(lambda *args: self._drain(*args), lambda: self._sweep(),
@@ -229,6 +230,7 @@ class Dispatcher:
         is called before each send with the longest it may take (its lease)."""
         handled = 0
         while not (stop.is_set() or self._stopping.is_set()):
+            self._repointed_now(name)
             claimed = self._claim(name)
             if claimed is None:
                 break
@@ -282,17 +284,9 @@ class Dispatcher:
                     self._log.info("delivery_superseded", delivery_id=int(row.id), series_uid=row.series_uid,
                                    version=int(row.version), newer_version=newer, destination=name)
         assert row is not None  # the loop ends on a row that is not superseded
-        return _Claimed(
-            id=int(row.id),
-            series_uid=row.series_uid,
-            version=int(row.version),
-            destination=name,
-            files=files,
-            sop_uids=sop_uids,
-            attempts=int(row.attempts),
-            queued_at=float(row.queued_at),
-            lease=lease,
-        )
+        return _Claimed(id=int(row.id), series_uid=row.series_uid, version=int(row.version), destination=name,
+                        files=files, sop_uids=sop_uids, attempts=int(row.attempts), queued_at=float(row.queued_at),
+                        lease=lease)
 
     def _lease_seconds(self, n_files: int) -> float:
         # Generous: association + one DIMSE exchange per file, each bounded by the sender's timeout, twice over.
@@ -359,16 +353,22 @@ class Dispatcher:
         """After a success on a destination that was failing: clear its pause and make its backed-off rows due."""
         with self._pause_lock:
             was_paused = self._paused.pop(name, None) is not None
-        if not was_paused:
-            return
-        d = deliveries.c
-        with self._transaction(None) as conn:
-            n = conn.execute(
-                deliveries.update()
-                .where(d.destination == name, d.state == DeliveryState.PENDING.value, d.due_at > now)
-                .values(due_at=now)
-            ).rowcount
-        log.info("destination_recovered", deliveries_due=int(n or 0))
+        if was_paused:
+            with self._transaction(None) as conn:
+                log.info("destination_recovered", deliveries_due=store.make_due(conn, name, now))
+
+    def _repointed_now(self, name: str) -> None:
+        """A destination a reload added or changed (`apply_config`): the waits it had (its pause, its rows'
+        backoff) were earned at the old address, so its waiting rows are due now. Done in its own thread before a
+        claim, so also after an attempt that was in flight at the old address during the reload has failed."""
+        with self._pause_lock:
+            if name not in self._repointed:
+                return
+            self._repointed.discard(name)
+            self._paused.pop(name, None)
+        with self._transaction(None) as conn:  # should it fail, the rows wait out their backoff
+            self._log.info("destination_repointed", destination=name,
+                           deliveries_due=store.make_due(conn, name, self._clock()))
 
     def _sweep(self) -> int:
         """Dead-letter pending rows whose give-up time has passed; returns how many."""
@@ -449,7 +449,8 @@ class Dispatcher:
     def apply_config(self, config: NodeConfig, senders: Mapping[DestinationKind, Sender] | None = None) -> None:
         """Swap destinations and backoff settings atomically (config hot reload), and the senders when given (a
         sender's own settings, e.g. `DimseSender`'s calling AE and timeout, are fixed at its construction). Rows of
-        a removed destination stay pending (a later reload may bring it back) until their give-up time."""
+        a removed destination stay pending (a later reload may bring it back) until their give-up time; those of a
+        new or changed one are due at once (`_repointed_now`, in its thread)."""
         if not isinstance(config, NodeConfig):
             raise TypeError(f"config must be a NodeConfig, got {type(config).__name__}")
         new_senders = self._senders if senders is None else self._checked(senders)
@@ -461,8 +462,10 @@ class Dispatcher:
                 for dest in config.destinations:
                     if old.get(dest.name) != dest:  # new or changed: don't keep waiting on the old address
                         self._paused.pop(dest.name, None)
+                        self._repointed.add(dest.name)
                 for name in set(self._paused) - {x.name for x in config.destinations}:
                     del self._paused[name]
+                self._repointed &= {x.name for x in config.destinations}
             self._threads.apply_config(config)
         self._log.info("dispatch_config_applied", destinations=[x.name for x in config.destinations])
         self.wake()
