@@ -285,8 +285,13 @@ class DimseServer:
             assoc_id = self._assoc_ids.pop(assoc, None)
         if assoc_id is None:
             return  # already closed (the thread's end follows a release or an abort) or never accepted
+        try:
+            self._index.association_closed(assoc_id, state)  # only an open row: writing it twice changes nothing
+        except Exception:
+            with self._lock:  # a failed write (the database away a moment) is tried again as the thread ends
+                self._assoc_ids.setdefault(assoc, assoc_id)
+            raise
         self._metrics.association(str(state))
-        self._index.association_closed(assoc_id, state)
         self._log.info("association_closed", assoc_id=assoc_id, state=str(state))
         audit_association_closed(self._audit, self._index.engine, assoc_id, calling_ae=assoc.requestor.ae_title,
                                  called_ae=assoc.acceptor.ae_title, peer=_peer(assoc), state=str(state))

@@ -202,3 +202,25 @@ def test_an_answer_to_a_report_that_crossed_the_release_request_does_not_kill_th
     assert handled == ["1.2.3.4"]
     assert not thread_errors
     assert took < 4.0  # the PACS's abort, not the node's own timeout (6 s)
+
+
+def test_a_close_the_database_refused_is_written_when_the_association_ends(make_node):
+    """Found by the completion review: the association's name was taken off before its row was closed, so a close
+    the database refused (a moment's outage; pynetdicom swallows a handler's exception) left the row open until the
+    node restarted - and completion's release rule off for its series. The close is now tried again when the
+    association's thread ends (as aborted: the release was not recorded)."""
+    node = make_node(network_timeout_seconds=15.0, association_timeout_seconds=15.0)
+    closed = node.server._index.association_closed
+    failures = [RuntimeError("database unavailable")]
+
+    def flaky_closed(*args: Any, **kwargs: Any) -> None:
+        if failures:
+            raise failures.pop()
+        closed(*args, **kwargs)
+
+    node.server._index.association_closed = flaky_closed
+    assert node.echo() == 0
+    wait_until(lambda: _no_association_running(node), timeout=10, what="the association to end")
+    wait_until(lambda: [r.state for r in _rows(node)] == [AssociationState.ABORTED], timeout=5,
+               what="the row closed")
+    assert not failures
