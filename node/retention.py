@@ -49,6 +49,10 @@ from node.spools import Spools
 from node.states import CommitState, DeliveryState, JobState, SeriesState
 
 _DAY = 86400.0
+# A file in a purged series' folder that has no row and was last written this long ago is left over (a purge
+# killed between its rows and its files, a write whose commit failed) and is swept; a younger one may be a re-send
+# renamed into place whose row is about to commit (`Retention._sweep`).
+ORPHAN_GRACE_SECONDS = 3600.0
 
 
 @dataclass
@@ -93,6 +97,8 @@ class _Candidate:
     state_changed_at: float  # the series' as judged settled: it must still be so when its instances go
     instances_left: bool = True  # False once purged (instance_count 0): nothing to look up for its instances
     unconfirmed: bool = False  # its latest version's storage commitment failed or timed out
+    study_uid: str = ""
+    purged_at: float | None = None  # when retention last deleted its instances
 
 
 def disk_usage(path: Path) -> tuple[int, int]:
@@ -212,7 +218,8 @@ class Retention:
         history (one per table; it was two per series ever received, each purge and each /admin dry run)."""
         with self.engine.connect() as conn:
             rows = conn.execute(
-                sa.select(series.c.series_uid, series.c.state, series.c.state_changed_at, series.c.instance_count)
+                sa.select(series.c.series_uid, series.c.state, series.c.state_changed_at, series.c.instance_count,
+                          series.c.study_uid, series.c.purged_at)
                 .where(series.c.state.in_([SeriesState.COMPLETE, SeriesState.IGNORED]))
             ).all()
             job_states: dict[str, set[str]] = {}
@@ -237,12 +244,15 @@ class Retention:
             dead = JobState.DEAD.value in states or any(d.state == DeliveryState.DEAD for d in its_sends)
             times = [row.state_changed_at] + [d.delivered_at or d.last_attempt_at or 0.0 for d in its_sends]
             yield _Candidate(row.series_uid, max(t for t in times if t is not None), dead, row.state_changed_at,
-                             instances_left=bool(row.instance_count), unconfirmed=bool(commits & _UNPROVEN))
+                             instances_left=bool(row.instance_count), unconfirmed=bool(commits & _UNPROVEN),
+                             study_uid=row.study_uid, purged_at=row.purged_at)
 
     # -- deleting ----------------------------------------------------------------------------------------------
     def _purge_instances(self, c: _Candidate, report: PurgeReport, dry_run: bool) -> None:
         series_uid = c.series_uid
         if not c.instances_left:
+            if c.purged_at is not None and not dry_run:
+                self._sweep(c, report)
             return
         with self.engine.connect() as conn:
             seen = conn.execute(sa.select(series.c.instance_count, series.c.purged_members)
@@ -262,8 +272,8 @@ class Retention:
         if dry_run:
             self._count(series_uid, rows, report)
             return
-        # Rows first: a crash between the two leaves orphan files (harmless, swept by the next purge of the
-        # folder), never rows pointing at deleted files. Only if the series is still as it was judged settled: an
+        # Rows first: a crash between the two leaves orphan files (swept by the next purge of the folder,
+        # `_sweep`), never rows pointing at deleted files. Only if the series is still as it was judged settled: an
         # instance acknowledged since (new or changed: the series re-opened, its count or state time moved)
         # keeps it all.
         # A file is unlinked only if it is still the one read here (same inode): an instance re-sent after the
@@ -293,7 +303,39 @@ class Retention:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(r.path)
             folders.add(Path(r.path).parent)
-        for root in Spools(self.config).roots.values():
+        for root in self._spool_roots():
+            _remove_empty([f for f in folders if root in f.parents], root)
+
+    def _spool_roots(self) -> set[Path]:
+        """Every spool root this process reaches: its own (also without a spool id) and ``[spools]``'."""
+        return {self.config.node.spool_dir, *Spools(self.config).roots.values()}
+
+    def _sweep(self, c: _Candidate, report: PurgeReport) -> None:
+        """Delete what is left in the folder of a series whose instances were purged: files without a row last
+        written `ORPHAN_GRACE_SECONDS` ago or more (those a purge killed after its rows went left behind, a write
+        whose commit failed, a temporary file of a write killed midway). A file renamed into place since (a
+        re-send) is younger, or has its row; one replaced after it was looked at (another inode) stays."""
+        folders = [f for root in self._spool_roots() if (f := root / c.study_uid / c.series_uid).is_dir()]
+        stale_before = self.clock() - ORPHAN_GRACE_SECONDS
+        found: dict[Path, int] = {}
+        for folder in folders:
+            with os.scandir(folder) as entries:
+                for e in entries:
+                    if e.name.endswith((".dcm", ".tmp")) and e.is_file(follow_symlinks=False) \
+                            and e.stat(follow_symlinks=False).st_mtime < stale_before:
+                        found[Path(e.path)] = e.inode()
+        if found:  # the rows read after the files: a row committed since names its file
+            with self.engine.connect() as conn:
+                rows = conn.execute(sa.select(instances.c.path, instances.c.spool_id)
+                                    .where(instances.c.series_uid == c.series_uid)).all()
+            indexed = {Path(r.path) for r in Spools(self.config).rows(rows)}
+            for path, inode in found.items():
+                if path not in indexed and _inode(str(path)) == inode:
+                    report.bytes_freed += _size(path)
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+                    report.instance_files += 1
+        for root in self._spool_roots():
             _remove_empty([f for f in folders if root in f.parents], root)
 
     @staticmethod
