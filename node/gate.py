@@ -11,11 +11,12 @@ worker loads the series (a `PreprocessError` there is also a refusal); the image
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from models.clinical import header_value, patient_age_years
+from models.clinical import header_str, header_value, patient_age_years
 from node.config import CT_IMAGE_STORAGE, GateSection
 from node.results import SkipReason
 from node.stack import analyse_stack
@@ -98,14 +99,15 @@ def check_header(ds: Any, settings: GateSection | None = None) -> GateRefusal | 
     """Check one instance's header (``ds``: a pydicom Dataset read without pixels) for what the models need. With
     ``settings.refuse_contrast`` a series whose Contrast/Bolus Agent is filled in is out of scope: every model card
     says contrast was absent from training, and enhanced vessels (200–400 HU) look like consolidation to it."""
-    if (settings is None or settings.refuse_contrast) and _named(ds, "ContrastBolusAgent", _NO_CONTRAST):
-        return GateRefusal(SkipReason.OUT_OF_SCOPE, "contrast-enhanced series (Contrast/Bolus Agent is set): the "
-                                                    "models were trained on non-contrast CT only")
+    if (settings is None or settings.refuse_contrast) and _contrast_recorded(ds):
+        return GateRefusal(SkipReason.OUT_OF_SCOPE, "contrast-enhanced series (Contrast/Bolus Agent, route, "
+                                                    "ingredient, volume, dose or flow rate is set): the models were "
+                                                    "trained on non-contrast CT only")
     if (turned := _not_axial(ds) or _turned(ds)) is not None:
         return GateRefusal(SkipReason.OUT_OF_SCOPE, turned)
     if (kind := _image_kind(ds)) is not None:
         return GateRefusal(SkipReason.NOT_ORIGINAL_AXIAL, kind)
-    age = patient_age_years(ds)
+    age = header_age_years(ds)
     if age is not None and age < MIN_AGE_YEARS:
         return GateRefusal(SkipReason.OUT_OF_SCOPE, f"the patient is a child (under {MIN_AGE_YEARS:g} years by the "
                                                     f"header): the models were trained on adults only")
@@ -166,6 +168,47 @@ def _named(ds: Any, keyword: str, meaning_none: frozenset[str] = frozenset()) ->
         return True
     text = str(value or "").strip().upper()
     return bool(text) and text not in meaning_none
+
+
+# The rest of the Contrast/Bolus Module: an injector-linked scanner fills in route, volume, flow rate, ingredient
+# even where the agent's name (Type 2) is left empty or was blanked by an anonymiser.
+_CONTRAST_TEXT = ("ContrastBolusRoute", "ContrastBolusIngredient")
+_CONTRAST_AMOUNTS = ("ContrastBolusVolume", "ContrastBolusTotalDose", "ContrastBolusIngredientConcentration",
+                     "ContrastFlowRate")
+
+
+def _contrast_recorded(ds: Any) -> bool:
+    """Whether the header records a contrast agent: named (ContrastBolusAgent, or a coded agent), a route or
+    ingredient other than "none", or an amount above zero (a malformed one counts as recorded)."""
+    if _named(ds, "ContrastBolusAgent", _NO_CONTRAST) or any(_named(ds, k, _NO_CONTRAST) for k in _CONTRAST_TEXT):
+        return True
+    try:
+        if ds.get("ContrastBolusAgentSequence"):
+            return True
+        amounts = [ds.get(k) for k in _CONTRAST_AMOUNTS]
+        values = [v for a in amounts if a is not None and str(a).strip()
+                  for v in (a if isinstance(a, (list, tuple)) or type(a).__name__ == "MultiValue" else [a])]
+        return any(not float(v) <= 0.0 for v in values)  # NaN: malformed, so recorded
+    except Exception:  # noqa: BLE001 - bytes that do not fit the VR: something is there
+        return True
+
+
+_LOOSE_AGE = re.compile(r"\s*0*(\d{1,3})\s*([DWMY])\s*", re.IGNORECASE)
+
+
+def header_age_years(ds: Any) -> float | None:
+    """The patient's age in years as the gate reads it: `patient_age_years`, else a loosely written PatientAge."""
+    age = patient_age_years(ds)
+    return _loose_age_years(ds) if age is None else age
+
+
+def _loose_age_years(ds: Any) -> float | None:
+    """PatientAge written without its zero padding or in lower case ("11Y", "011y", "6 M"), which the strict
+    nnnD/W/M/Y reading leaves unknown; None when it has no unit (a bare "45" stays unknown) or reads 0."""
+    m = _LOOSE_AGE.fullmatch(header_str(ds, "PatientAge"))
+    if m is None or not int(m.group(1)):
+        return None
+    return int(m.group(1)) / {"D": 365.25, "W": 52.18, "M": 12.0, "Y": 1.0}[m.group(2).upper()]
 
 
 MIN_AGE_YEARS = 18.0  # every model card's training data: adults of 18–95 years; no child was ever seen

@@ -9,10 +9,9 @@ from collections.abc import Sequence
 import numpy as np
 from pydicom import Dataset
 
-from models.clinical import patient_age_years
 from models.preprocess import Volume
 from node.config import GateSection, PipelineName
-from node.gate import MIN_AGE_YEARS, GateRefusal
+from node.gate import MIN_AGE_YEARS, GateRefusal, header_age_years
 from node.pipelines.runner import ModelRunner
 from node.results import AlgorithmIdentity, Findings, SkipReason, build_results
 
@@ -90,7 +89,7 @@ def scope_notes(volume: Volume, min_matrix: int, settings: GateSection) -> tuple
         lines.append("Contrast: not checked ([gate] refuse_contrast = false in this node's configuration); the "
                      "models were trained on non-contrast CT only.")
     header = volume.datasets[0] if volume.datasets else None
-    if header is None or patient_age_years(header) is None:
+    if header is None or header_age_years(header) is None:
         lines.append("Patient age: not in the header (PatientAge, or PatientBirthDate with StudyDate), so whether "
                      "the patient is an adult was not checked.")
     return tuple(lines)
