@@ -31,6 +31,7 @@ from pynetdicom.dimse_primitives import C_STORE
 
 from peers import dcmtk
 from peers.pacsnode import NodeProcess, launch_node
+from peers.process import wait_until
 from tests.conftest import missing_peer, require_tool, wait_for_port
 from tests.ctgen import write_ct_series
 from tests.dicomfiles import content, dataset_bytes, pixels
@@ -107,7 +108,12 @@ def test_120_slice_series_is_spooled_byte_for_byte_and_indexed(start_node, tmp_p
     assert row is not None and row.instance_count == 120 and row.modality == "CT"
     assert not list(node.spool.rglob("*.tmp")), "temp files left behind"
     wait_for_port(node.http_port)
-    metrics = urllib.request.urlopen(f"http://127.0.0.1:{node.http_port}/metrics", timeout=10).read().decode()
+
+    def released() -> str:  # the release is counted after the peer has its A-RELEASE-RP: it may take a moment
+        text = urllib.request.urlopen(f"http://127.0.0.1:{node.http_port}/metrics", timeout=10).read().decode()
+        return text if 'pacsnode_associations_total{event="released"}' in text else ""
+
+    metrics = wait_until(released, 10, "the released association counted", lambda: node.log_tail(4000))
     counted = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
                   if line.startswith("pacsnode_instances_received_total{") and 'source="dimse"' in line)
     assert counted == 120

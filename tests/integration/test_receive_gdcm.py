@@ -22,6 +22,7 @@ from pydicom.data import get_testdata_file
 
 from peers.gdcm import gdcmscu
 from peers.pacsnode import NodeProcess, launch_node
+from peers.process import wait_until
 from tests.conftest import missing_peer, wait_for_port
 from tests.ctgen import write_ct_series
 from tests.dicomfiles import content, pixels
@@ -56,6 +57,14 @@ def associations(node: NodeProcess) -> dict[str, float]:
             for line in text.splitlines() if line.startswith(prefix)}
 
 
+def associations_after(node: NodeProcess, before: dict[str, float]) -> dict[str, float]:
+    """The counts once the node has counted the association that just ended: the peer has its A-RELEASE-RP before
+    the node's EVT_RELEASED handler runs (pynetdicom sends the RP first) and writes the index, so a scrape right
+    after the peer's exit can come before it."""
+    return wait_until(lambda: (now := associations(node)).get("released", 0) > before.get("released", 0) and now,
+                      10, "the released association counted", lambda: node.log_tail(4000))
+
+
 def indexed_paths(node: NodeProcess) -> dict[str, Path]:
     engine = sa.create_engine(node.db_url)
     try:
@@ -69,7 +78,7 @@ def test_echo(node):
     before = associations(node)
     run = gdcmscu(node.port, "echo", called_ae=node.ae_title, calling_ae="GDCM-MOD")
     assert run.connected and not run.crashed_otherwise, run.output[-2000:]
-    after = associations(node)
+    after = associations_after(node, before)
     assert after.get("released", 0) == before.get("released", 0) + 1, node.log_tail(4000)
     assert after.get("aborted", 0) == before.get("aborted", 0)
 
@@ -87,7 +96,7 @@ def test_series_and_real_compressed_files_in_one_association(node, tmp_path):
     run = gdcmscu(node.port, "store", called_ae=node.ae_title, calling_ae="GDCM-MOD", inputs=[folder],
                   recursive=True)
     assert run.connected and not run.crashed_otherwise, run.output[-2000:]
-    after = associations(node)
+    after = associations_after(node, before)
     assert after.get("released", 0) == before.get("released", 0) + 1, node.log_tail(4000)
     assert after.get("aborted", 0) == before.get("aborted", 0)
     stored = indexed_paths(node)
