@@ -190,3 +190,14 @@ def test_a_name_padded_with_empty_components_is_trimmed_not_blanked(tmp_path: Pa
     assert str(sources[0].PatientName) == "DOE^JOHN^^^^^=ドウ^ジョン^^^^^^"  # the sources are not modified
     too_long = _ctgen(lambda ds: setattr(ds, "PatientName", "D" * 65 + "^^^^^"))  # trimmed, still over 64: blanked
     assert str(read_back_strictly(build_results(too_long, cached_series()[1], ALGORITHM).sr).PatientName) == ""
+
+
+def test_an_error_quoting_a_trimmed_name_is_scrubbed_too() -> None:
+    """The results carry a padded name trimmed ("DOE^JOHN^^^^^" → "DOE^JOHN"), and library errors are scrubbed of the
+    sources' identifying values: the trimmed form must be scrubbed as well (found by the PHI review of the trim)."""
+    from node.results.content import scrub
+
+    ds = Dataset()
+    ds.PatientName = "DOE^JOHN^^^^^"
+    assert scrub("bad value 'DOE^JOHN' in PatientName", [ds]) == "bad value [removed] in PatientName"
+    assert scrub("bad value 'DOE^JOHN^^^^^'", [ds]) == "bad value [removed]"
