@@ -240,6 +240,7 @@ class Worker:
                             pipeline=job.pipeline.value)
         log.info("job_started", queue_seconds=round(job.started_at - job.created_at, 3))
         pipeline = PIPELINES[job.pipeline]
+        ended: JobState | None = None  # a refusal committed under the heartbeat's lease (which then finds it ended)
         try:
             with self.engine.begin() as conn:  # e.g. a dead job replayed after the series moved on
                 if (newer := newer_version(conn, job.series_uid, job.version)) is not None:
@@ -258,14 +259,14 @@ class Worker:
                 t_load = time.perf_counter()
                 loaded = self._load(job, rows, runner)
                 if isinstance(loaded, GateRefusal):
-                    return self._skip(job, pipeline, rows, loaded, log)
+                    return (ended := self._skip(job, pipeline, rows, loaded, log))
                 volume, runner = loaded
                 t0 = time.perf_counter()
                 outcome = pipeline.analyse(volume, runner, self.config.gate)
                 inference_seconds = time.perf_counter() - t0
                 self.metrics.inference(inference_seconds)
                 if isinstance(outcome, GateRefusal):
-                    return self._skip(job, pipeline, rows, outcome, log)
+                    return (ended := self._skip(job, pipeline, rows, outcome, log))
                 algorithm = self._algorithm(runner, pipeline)
                 objects = pipeline.build(
                     volume.datasets, outcome, algorithm, series_version=job.version,
@@ -282,9 +283,9 @@ class Worker:
                      pneumonia=outcome.pneumonia if outcome.classified else None, slices=volume.shape[0],
                      sr_uid=str(objects[0][1].SOPInstanceUID))
             return JobState.DONE
-        except LeaseLost:
-            log.warning("job_lease_lost")
-            return JobState.RUNNING
+        except LeaseLost:  # not lost when this attempt's own refusal was committed before a heartbeat saw it ended
+            log.warning("job_lease_lost") if ended is None else log.info("job_lease_ended_after_commit")
+            return JobState.RUNNING if ended is None else ended
         except JobSuperseded as exc:
             self.metrics.job_ended(job.pipeline.value, SKIP_REASON)
             log.info("job_superseded", newer_version=exc.newer)
