@@ -7,7 +7,7 @@ import functools
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from io import BytesIO
 from pathlib import Path
 
@@ -37,6 +37,19 @@ def cached_series() -> tuple[list[Dataset], Findings]:
         sources = ct_sources(Path(tmp))
     lungs, lesion = synthetic_masks()
     return sources, Findings(probability=0.83, threshold=0.5, attention=ATTENTION, lungs=lungs, lesion=lesion)
+
+
+def sent_as_spooled(mutate: Callable[[Dataset], None]) -> list[Dataset]:
+    """`cached_series`'s sources with ``mutate`` applied to each (copies), written and read back as the node reads
+    its spool: values decoded as received, in the character set they were sent in."""
+    sources: list[Dataset] = []
+    for ds in copy.deepcopy(cached_series()[0]):
+        mutate(ds)
+        buffer = BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        buffer.seek(0)
+        sources.append(pydicom.dcmread(buffer))
+    return sources
 
 
 def synthetic_masks() -> tuple[np.ndarray, np.ndarray]:

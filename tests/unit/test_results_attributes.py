@@ -8,17 +8,14 @@ De-identification Method that dciodvfy requires. Malformed values are still drop
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
-from io import BytesIO
 from pathlib import Path
 
-import pydicom
 import pytest
 from pydicom import Dataset
 
 from node.results import AlgorithmIdentity, SkipReason, build_results, build_skipped_sr
-from tests.unit.results_support import cached_series, dciodvfy_errors, read_back_strictly
+from tests.unit.results_support import cached_series, dciodvfy_errors, read_back_strictly, sent_as_spooled
 from tests.unit.test_results import needs_dciodvfy  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -39,18 +36,6 @@ MULTI = {  # VM 1-n
 }
 
 
-def _sent(mutate: Callable[[Dataset], None]) -> list[Dataset]:
-    """The CT series with ``mutate`` applied to each instance, written and read back as the node reads its spool."""
-    sources = []
-    for ds in copy.deepcopy(cached_series()[0]):
-        mutate(ds)
-        buffer = BytesIO()
-        ds.save_as(buffer, enforce_file_format=True)
-        buffer.seek(0)
-        sources.append(pydicom.dcmread(buffer))
-    return sources
-
-
 def _built(sources: list[Dataset]) -> dict[str, Dataset]:
     results = build_results(sources, cached_series()[1], ALGORITHM)
     assert results.seg is not None
@@ -66,7 +51,7 @@ def _with(values: dict[str, object]) -> Callable[[Dataset], None]:
 
 
 def test_valid_decimal_strings_reach_every_result() -> None:
-    for kind, built in _built(_sent(_with(NUMBERS))).items():
+    for kind, built in _built(sent_as_spooled(_with(NUMBERS))).items():
         back = read_back_strictly(built)
         assert {k: str(back[k].value) if k in back else None for k in NUMBERS} == NUMBERS, kind
 
@@ -75,14 +60,14 @@ def test_malformed_decimal_strings_are_still_dropped() -> None:
     def mutate(ds: Dataset) -> None:
         _with(NUMBERS)(ds)
         ds.PatientWeight = "72.500000000000001"  # a number, but more than a DS's 16 characters
-    for kind, built in _built(_sent(mutate)).items():
+    for kind, built in _built(sent_as_spooled(mutate)).items():
         back = read_back_strictly(built)
         assert "PatientWeight" not in back, kind
         assert str(back.PatientSize.original_string) == "1.78", kind
 
 
 def test_valid_multiple_values_reach_every_result() -> None:
-    for kind, built in _built(_sent(_with({"PatientIdentityRemoved": "YES", **MULTI}))).items():
+    for kind, built in _built(sent_as_spooled(_with({"PatientIdentityRemoved": "YES", **MULTI}))).items():
         back = read_back_strictly(built)
         assert {k: [str(v) for v in back[k].value] if k in back else None for k in MULTI} == MULTI, kind
         assert back.PatientIdentityRemoved == "YES"
@@ -93,7 +78,7 @@ def test_each_of_several_values_is_checked_and_one_value_attributes_keep_one() -
         _with(MULTI)(ds)
         ds.AdmittingDiagnosesDescription = ["Fever", "X" * 65]  # LO holds 64 characters
         ds.PatientSex = ["M", "F"]  # VM 1
-    for kind, built in _built(_sent(mutate)).items():
+    for kind, built in _built(sent_as_spooled(mutate)).items():
         back = read_back_strictly(built)
         assert "AdmittingDiagnosesDescription" not in back, kind
         assert back.PatientSex == "", kind  # Type 2: emptied
@@ -102,7 +87,7 @@ def test_each_of_several_values_is_checked_and_one_value_attributes_keep_one() -
 
 @pytest.mark.usefixtures("needs_dciodvfy")
 def test_dciodvfy_accepts_results_of_a_deidentified_source(tmp_path: Path) -> None:
-    sources = _sent(_with({"PatientIdentityRemoved": "YES", **MULTI}))
+    sources = sent_as_spooled(_with({"PatientIdentityRemoved": "YES", **MULTI}))
     for kind, built in _built(sources).items():
         path = tmp_path / f"{kind}.dcm"
         built.save_as(path, enforce_file_format=True)

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
-from collections.abc import Callable
-from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +30,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from models.preprocess import load_series
 from node.results import AlgorithmIdentity, Findings, SkipReason, build_results, build_skipped_sr
-from tests.unit.results_support import cached_series, dciodvfy_errors, read_back_strictly
+from tests.unit.results_support import cached_series, dciodvfy_errors, read_back_strictly, sent_as_spooled
 from tests.unit.test_results import needs_dciodvfy  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -118,28 +116,25 @@ def test_identity_removed_without_a_method_is_not_copied(tmp_path: Path) -> None
         assert str(back.PatientName) == str(source.PatientName), kind
 
 
-def _ctgen(mutate: Callable[[Dataset], None]) -> list[Dataset]:
-    """The ctgen series with ``mutate`` applied, written and read back as the node reads its spool."""
-    sources = []
-    for ds in copy.deepcopy(cached_series()[0]):
-        mutate(ds)
-        buffer = BytesIO()
-        ds.save_as(buffer, enforce_file_format=True)
-        buffer.seek(0)
-        sources.append(pydicom.dcmread(buffer))
-    return sources
-
-
 def test_identity_removed_with_a_method_is_still_copied() -> None:
     def mutate(ds: Dataset) -> None:
         ds.PatientIdentityRemoved = "YES"
         ds.DeidentificationMethod = "DICOM PS3.15 Basic Profile"
-    results = build_results(_ctgen(mutate), cached_series()[1], ALGORITHM)
+    results = build_results(sent_as_spooled(mutate), cached_series()[1], ALGORITHM)
     back = read_back_strictly(results.sr)
     assert back.PatientIdentityRemoved == "YES" and back.DeidentificationMethod == "DICOM PS3.15 Basic Profile"
 
 
 @pytest.mark.usefixtures("needs_dciodvfy")
+def _every_result(sources: list[Dataset]) -> list[tuple[str, Dataset]]:
+    """(kind, object) for each result built from ``sources``: the SR, SEG and key images, and a "not processed" SR."""
+    results = build_results(sources, cached_series()[1], ALGORITHM)
+    skipped = build_skipped_sr(sources, SkipReason.NOT_CT, "detail", ALGORITHM)
+    built = [("sr", results.sr), ("seg", results.seg), ("kos", results.key_images), ("skipped", skipped)]
+    assert all(ds is not None for _, ds in built)
+    return [(kind, ds) for kind, ds in built if ds is not None]
+
+
 def test_a_person_name_of_six_components_is_blanked_and_five_are_kept(tmp_path: Path) -> None:
     five = "Doe^John^Q^Dr.^Jr.=ドウ^ジョン=どう^じょん"  # three groups of at most five components: valid
 
@@ -148,11 +143,8 @@ def test_a_person_name_of_six_components_is_blanked_and_five_are_kept(tmp_path: 
         ds.PatientName = five
         ds.ReferringPhysicianName = "Smith^Anne^B^C^D^E"  # six components
 
-    sources = _ctgen(mutate)
-    results = build_results(sources, cached_series()[1], ALGORITHM)
-    skipped = build_skipped_sr(sources, SkipReason.NOT_CT, "detail", ALGORITHM)
-    for kind, built in (("sr", results.sr), ("seg", results.seg), ("kos", results.key_images), ("skipped", skipped)):
-        assert built is not None
+    sources = sent_as_spooled(mutate)
+    for kind, built in _every_result(sources):
         back = read_back_strictly(built)
         assert str(back.PatientName) == five, kind
         assert str(back.ReferringPhysicianName) == "", kind
@@ -174,11 +166,8 @@ def test_a_name_padded_with_empty_components_is_trimmed_not_blanked(tmp_path: Pa
         ds.PatientName = "DOE^JOHN^^^^^=ドウ^ジョン^^^^^^"
         ds.ReferringPhysicianName = "SMITH^ANNE^^^^^"
 
-    sources = _ctgen(mutate)
-    results = build_results(sources, cached_series()[1], ALGORITHM)
-    skipped = build_skipped_sr(sources, SkipReason.NOT_CT, "detail", ALGORITHM)
-    for kind, built in (("sr", results.sr), ("seg", results.seg), ("kos", results.key_images), ("skipped", skipped)):
-        assert built is not None
+    sources = sent_as_spooled(mutate)
+    for kind, built in _every_result(sources):
         back = read_back_strictly(built)
         assert str(back.PatientName) == "DOE^JOHN=ドウ^ジョン", kind
         if "ReferringPhysicianName" in back:
@@ -188,7 +177,8 @@ def test_a_name_padded_with_empty_components_is_trimmed_not_blanked(tmp_path: Pa
         errors, _ = dciodvfy_errors(path)
         assert errors == [], (kind, errors)
     assert str(sources[0].PatientName) == "DOE^JOHN^^^^^=ドウ^ジョン^^^^^^"  # the sources are not modified
-    too_long = _ctgen(lambda ds: setattr(ds, "PatientName", "D" * 65 + "^^^^^"))  # trimmed, still over 64: blanked
+    # trimmed, still over 64 characters: blanked
+    too_long = sent_as_spooled(lambda ds: setattr(ds, "PatientName", "D" * 65 + "^^^^^"))
     assert str(read_back_strictly(build_results(too_long, cached_series()[1], ALGORITHM).sr).PatientName) == ""
 
 
