@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pydicom.multival import MultiValue
+
 from models.clinical import header_str, header_value, patient_age_years
 from node.config import CT_IMAGE_STORAGE, GateSection
 from node.results import SkipReason
@@ -187,7 +189,7 @@ def _contrast_recorded(ds: Any) -> bool:
             return True
         amounts = [ds.get(k) for k in _CONTRAST_AMOUNTS]
         values = [v for a in amounts if a is not None and str(a).strip()
-                  for v in (a if isinstance(a, (list, tuple)) or type(a).__name__ == "MultiValue" else [a])]
+                  for v in (a if isinstance(a, (list, tuple, MultiValue)) else [a])]
         return any(not float(v) <= 0.0 for v in values)  # NaN: malformed, so recorded
     except Exception:  # noqa: BLE001 - bytes that do not fit the VR: something is there
         return True

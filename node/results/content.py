@@ -232,7 +232,8 @@ def scrub(message: str, sources: Sequence[Dataset]) -> str:
             items = [value, *value] if isinstance(value, (list, tuple, MultiValue)) else [value]
             for item in items:
                 text = str(item).strip() if item is not None else ""
-                trimmed = "=".join(group.rstrip("^") for group in text.split("="))  # as a name is copied (padded_names)
+                # every group's trailing delimiters dropped: a superset of the names padded_names copies trimmed
+                trimmed = "=".join(group.rstrip("^") for group in text.split("="))
                 values.update(form for t in (text, trimmed) if t for form in (t, repr(t)[1:-1]))
     for value in sorted(values, key=len, reverse=True):
         quoted = [f"'{value}'", f'"{value}"'] + ([value] if len(value) >= 3 else [])
