@@ -17,7 +17,9 @@ aborted unread. With ``Peer.tls_args`` (from
 
 from __future__ import annotations
 
+import queue
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -46,6 +48,8 @@ from node.errors import SendError
 from node.guard import GuardedSocket, ReceiveLimits
 from node.refusals import Refusals
 from node.states import PeerRefusal
+
+ABORT_POLL = 0.05  # seconds: how soon a send waiting for a response notices that the peer aborted
 
 
 class CommitmentUnsupportedError(SendError):
@@ -118,18 +122,39 @@ class _RequestorDimse(DIMSEServiceProvider):
     sender's blocking ``get_msg``. pynetdicom pauses the reactor before sending by waiting until it reports itself
     paused, which it does just before waiting on its checkpoint: a reactor thread descheduled right after that wait
     (a loaded machine) took the response and dropped it ("Received unexpected C-STORE service message"), and the
-    sender waited its whole DIMSE timeout — a delivery failed and was retried, a commitment request lost."""
+    sender waited its whole DIMSE timeout — a delivery failed and was retried, a commitment request lost.
+
+    The sender's blocking wait also ends as soon as the peer has aborted or the connection is gone (pynetdicom
+    documents that, but waits out the DIMSE timeout: the association's reactor, which would notice the abort, is
+    paused while a send waits for its response). A PACS that answers a C-STORE-RQ with an A-ABORT held the
+    dispatch thread the whole timeout at every attempt."""
 
     def get_msg(self, block: bool = False) -> Any:
         if block:
-            return super().get_msg(block)
-        queue = self.msg_queue
-        with queue.mutex:  # what queue.Queue.get does, for the head only when it is a request
-            if queue.queue and getattr(queue.queue[0][1], "is_valid_request", False):
-                item = queue.queue.popleft()
-                queue.not_full.notify()
+            return self._response()
+        pending = self.msg_queue
+        with pending.mutex:  # what queue.Queue.get does, for the head only when it is a request
+            if pending.queue and getattr(pending.queue[0][1], "is_valid_request", False):
+                item = pending.queue.popleft()
+                pending.not_full.notify()
                 return item
         return None, None
+
+    def _response(self) -> Any:
+        """The next message, or (None, None) at the DIMSE timeout or once the association is aborted or its DUL
+        has ended (checked every `ABORT_POLL` seconds while no message comes)."""
+        timeout = self.dimse_timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait = ABORT_POLL if deadline is None else min(ABORT_POLL, deadline - time.monotonic())
+            if wait <= 0:
+                return None, None
+            try:
+                return self.msg_queue.get(timeout=wait)
+            except queue.Empty:
+                assoc = self.assoc
+                if assoc.acse.is_aborted() or not assoc.dul.is_alive():
+                    return None, None
 
 
 class _Reports:
@@ -270,10 +295,10 @@ def send_datasets(peer: Peer, datasets: Sequence[Dataset]) -> list[StoreResult]:
             except RuntimeError as exc:
                 raise SendError(f"association lost while sending {ds.SOPInstanceUID}") from exc
             results.append(StoreResult(sop_uid=str(ds.SOPInstanceUID), status=code, not_accepted=not_accepted))
-            if not assoc.is_established:
-                break
+            if not assoc.is_established or (code is None and not not_accepted):
+                break  # no response: timed out (pynetdicom aborted) or the peer aborted, maybe not yet seen as such
     finally:
-        if assoc.is_established:
+        if assoc.is_established and not assoc.acse.is_aborted():  # an aborted one is ended by its own reactor
             assoc.release()
     return results
 
