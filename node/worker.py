@@ -4,9 +4,9 @@
 from the spool through `models.preprocess` (undecodable pixels are a refusal too) → the routed pipeline's
 `analyse` (models + scope check) with the lease kept alive by heartbeats → its `build` → files written
 atomically under ``data_dir/results`` → one transaction that records the results, finishes the job and queues
-one delivery per destination. A refused series gets a coded "not processed" SR instead; a job that dies after
-its last attempt gets one saying processing failed (and if even that cannot be built, the job is counted as
-unreported in `/metrics` and listed under alerts in `pacsnode status`). When a newer version replaces results
+one delivery per destination (`node.worker_results`). A refused series gets a coded "not processed" SR instead; a
+job that dies after its last attempt gets one saying processing failed (and if even that cannot be built, the
+job is counted as unreported in `/metrics` and listed under alerts in `pacsnode status`). When a newer version replaces results
 already made for the series, an IOCM rejection note (KOS) withdrawing them goes out with the new objects; a job
 whose series already has a newer version publishes nothing (`node.versions`: ended as skipped, "superseded"). Queue
 time and inference time are recorded separately on the job. The loop runs in its own thread, apart from the
@@ -18,7 +18,6 @@ SR of dead jobs nobody reported (a worker killed mid-job, a report that failed o
 from __future__ import annotations
 
 import datetime as dt
-import io
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -28,7 +27,6 @@ from typing import Any
 
 import sqlalchemy as sa
 from pydicom import Dataset, dcmread
-from pydicom.filewriter import dcmwrite
 from sqlalchemy.engine import Engine
 
 from models.errors import ModelError
@@ -57,6 +55,7 @@ from node.states import JobState
 from node.supervise import Heartbeats, failure
 from node.versions import SKIP_REASON, JobSuperseded, newer_version, previous_results, superseded_entries
 from node.versions import withdrawal as withdrawal_note
+from node.worker_results import ResultsRecorder
 
 LOOP = "worker"  # the worker loop's name in the heartbeat registry
 _MAX_ERROR_BACKOFF = 30.0  # seconds between turns while every turn fails (e.g. the database is down)
@@ -89,6 +88,8 @@ class Worker:
         self.worker_id = holder_id("worker", identity)  # <instance>:worker:<pid>:<random>, the lease holder
         root = config.node.data_dir / "results"  # a late-mounted results volume is not marked (node.spool)
         self.results_store = Spool(root, indexed_files=lambda: _newest_results(engine, root))
+        self.recorder = ResultsRecorder(engine, queue, dispatcher, self.results_store, lambda: self.clock(),
+                                        self.worker_id)
         self.log = get_logger(component="worker", worker_id=self.worker_id)
         self.ready = threading.Event()  # set once the models are loaded
         self.heartbeats = heartbeats or Heartbeats()
@@ -244,7 +245,7 @@ class Worker:
         try:
             with self.engine.begin() as conn:  # e.g. a dead job replayed after the series moved on
                 if (newer := newer_version(conn, job.series_uid, job.version)) is not None:
-                    self._end_superseded(conn, job, newer)
+                    self.recorder.end_superseded(conn, job, newer)
             if newer is not None:
                 raise JobSuperseded(newer)
             rows = self._instances(job.series_uid)
@@ -396,14 +397,14 @@ class Worker:
                                   series_version=job.version,
                                   fallback_datetime=self._fallback_datetime(job.series_uid))
             objects: list[tuple[str, Dataset]] = [("skipped-sr", sr), *self._withdrawal(job, algorithm)]
-            self._store_and_enqueue(job, objects, lambda conn: True, leased=False)
+            self.recorder.record(job, objects, lambda conn: True, leased=False)
         except JobSuperseded as exc:  # a newer version exists: its own result or report stands
             log.info("failure_report_superseded", newer_version=exc.newer)
         except Exception as exc:  # noqa: BLE001 - the job is already dead-lettered with its error
             self.metrics.job_ended(job.pipeline.value, "unreported")
             log.error("failure_report_failed", error=f"{type(exc).__name__}: {_safe_message(exc)}"[:500])
 
-    # -- writing and committing ----------------------------------------------------------------------------
+    # -- committing (node.worker_results) ------------------------------------------------------------------
     def _commit(self, job: Job, objects: Sequence[tuple[str, Dataset]], *, inference_seconds: float,
                 skipped: GateRefusal | None) -> None:
         def end_job(conn: sa.Connection) -> bool:
@@ -411,55 +412,7 @@ class Worker:
                 return self.queue.finish(conn, job, self.worker_id, inference_seconds=inference_seconds)
             return self.queue.skip(conn, job, self.worker_id, skipped.reason.value, skipped.detail)
 
-        self._store_and_enqueue(job, objects, end_job)
-
-    def _store_and_enqueue(self, job: Job, objects: Sequence[tuple[str, Dataset]],
-                           end_job: Callable[[sa.Connection], bool], *, leased: bool = True) -> None:
-        """Write the objects durably, then in one transaction: record them, end the job, queue deliveries. When
-        a newer version of the series has a job by then, nothing is recorded or sent: the job is ended as
-        skipped ("superseded"; a dead job stays dead), the files are removed, and `JobSuperseded` raised."""
-        written: list[dict[str, Any]] = []
-        for kind, ds in objects:
-            buffer = io.BytesIO()
-            dcmwrite(buffer, ds, enforce_file_format=True)
-            spooled = self.results_store.write(
-                str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID), [buffer.getvalue()]
-            )
-            written.append(
-                dict(series_uid=job.series_uid, version=job.version, job_id=job.id, kind=kind,
-                     study_uid=str(ds.StudyInstanceUID), result_series_uid=str(ds.SeriesInstanceUID),
-                     sop_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID), path=str(spooled.path),
-                     created_at=self.clock())
-            )
-        with self.engine.begin() as conn:
-            if (newer := newer_version(conn, job.series_uid, job.version)) is not None:
-                self._end_superseded(conn, job, newer, leased=leased)
-            else:
-                conn.execute(
-                    results.delete().where(
-                        results.c.series_uid == job.series_uid,
-                        results.c.version == job.version,
-                        results.c.kind.in_([w["kind"] for w in written]),
-                    )
-                )
-                conn.execute(results.insert(), written)
-                if not end_job(conn):
-                    raise LeaseLost()
-                self.dispatcher.enqueue(
-                    job.series_uid, job.version, [Path(w["path"]) for w in written], [w["sop_uid"] for w in written],
-                    conn=conn,
-                )
-        if newer is not None:
-            for w in written:
-                Path(w["path"]).unlink(missing_ok=True)
-            raise JobSuperseded(newer)
-        self.dispatcher.wake()
-
-    def _end_superseded(self, conn: sa.Connection, job: Job, newer: int, *, leased: bool = True) -> None:
-        """End ``job`` in ``conn`` as skipped because version ``newer`` of its series exists (a dead job stays
-        dead); the caller raises `JobSuperseded` once the transaction is committed."""
-        if leased and not self.queue.skip(conn, job, self.worker_id, SKIP_REASON, f"version {newer} came in"):
-            raise LeaseLost()
+        self.recorder.record(job, objects, end_job)
 
 
 def _newest_results(engine: Engine, root: Path, limit: int = 8) -> list[Path]:
