@@ -19,6 +19,7 @@ from node.uids import check_uid
 QIDO_MAX_RESULTS = 1000
 QIDO_MAX_OFFSET = 1_000_000_000  # far beyond any index this node holds; keeps SQL integers in range
 _DIGITS = re.compile(r"[0-9]{1,12}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # no DICOM string VR allows these in a matching value (PS3.5 6.1.3)
 STUDY_KEYS = {"StudyInstanceUID": "0020000D", "ModalitiesInStudy": "00080061"}
 SERIES_KEYS = {"SeriesInstanceUID": "0020000E", "Modality": "00080060"}
 
@@ -33,8 +34,8 @@ class Found(NamedTuple):
 class Query:
     """QIDO-RS query parameters: the given attribute keys (keyword or tag), ``limit``/``offset``; ``includefield``
     and ``fuzzymatching`` are accepted and ignored; other keys are ignored and named in a Warning header.
-    Raises ValueError (→ 400) for a limit/offset that is not plain digits or is over `QIDO_MAX_OFFSET`, or a
-    malformed UID."""
+    Raises ValueError (→ 400) for a limit/offset that is not plain digits or is over `QIDO_MAX_OFFSET`, a
+    malformed UID, or a matching value holding a control character (the value is not echoed)."""
 
     def __init__(self, params: QueryParams, keys: dict[str, str]) -> None:
         by_tag = {tag: kw for kw, tag in keys.items()}
@@ -53,6 +54,8 @@ class Query:
                 values = [v.strip() for v in raw.replace("\\", ",").split(",") if v.strip()]
                 if kw.endswith("UID"):
                     values = [_check_uid_value(v, kw) for v in values]
+                elif any(_CONTROL.search(v) for v in values):  # PostgreSQL refuses a NUL: a 503 "database down"
+                    raise ValueError(f"{kw} must not contain control characters")
                 self._values.setdefault(kw, []).extend(values)
             else:
                 self.ignored.add(name[:64])
@@ -79,6 +82,24 @@ def _non_negative(name: str, raw: str) -> int:
     return value
 
 
+def _modalities(conn: sa.Connection, values: list[str], study: str | None) -> list[str] | None:
+    """The modalities that match ``values`` (None: no condition). PS3.4 C.2.2.2.4: in a CS value "*" matches any
+    run of characters and "?" any one, case-sensitively ("*" alone: universal matching); SQL's LIKE differs (its
+    "%" and "_", case-insensitive on SQLite), so a pattern is matched here against the modalities held (a few)."""
+    patterns = [v for v in values if "*" in v or "?" in v]
+    if not values or any(set(p) == {"*"} for p in patterns):
+        return None
+    if not patterns:
+        return values
+    s = series.c
+    held = sa.select(s.modality).where(s.modality.is_not(None), s.instance_count > 0).distinct()
+    if study is not None:
+        held = held.where(s.study_uid == study)
+    wild = [re.compile("".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in p), re.DOTALL)
+            for p in patterns]
+    return [*values, *(m for m in conn.execute(held).scalars() if any(w.fullmatch(m) for w in wild))]
+
+
 def find_studies(engine: Engine, q: Query) -> Found:
     """Studies the node holds (series with at least one instance), as QIDO-RS study results."""
     s = series.c
@@ -92,10 +113,10 @@ def find_studies(engine: Engine, q: Query) -> Found:
     )
     if uids := q.values("StudyInstanceUID"):
         stmt = stmt.where(s.study_uid.in_(uids))
-    if modalities := q.values("ModalitiesInStudy"):
-        having = sa.select(s.study_uid).where(s.modality.in_(modalities), s.instance_count > 0)
-        stmt = stmt.where(s.study_uid.in_(having))
     with engine.connect() as conn:
+        if (modalities := _modalities(conn, q.values("ModalitiesInStudy"), None)) is not None:
+            having = sa.select(s.study_uid).where(s.modality.in_(modalities), s.instance_count > 0)
+            stmt = stmt.where(s.study_uid.in_(having))
         rows = list(conn.execute(stmt))
         more, rows = len(rows) > q.limit, rows[: q.limit]
         mods: dict[str, set[str]] = {}
@@ -130,9 +151,9 @@ def find_series(engine: Engine, study: str, q: Query) -> Found:
     )
     if uids := q.values("SeriesInstanceUID"):
         stmt = stmt.where(s.series_uid.in_(uids))
-    if modalities := q.values("Modality"):
-        stmt = stmt.where(s.modality.in_(modalities))
     with engine.connect() as conn:
+        if (modalities := _modalities(conn, q.values("Modality"), study)) is not None:
+            stmt = stmt.where(s.modality.in_(modalities))
         rows = list(conn.execute(stmt))
     more, rows = len(rows) > q.limit, rows[: q.limit]
     out = []
