@@ -29,9 +29,15 @@ def store_responses(port: int, folder: Path, *, calling_ae: str, called_ae: str,
     """``storescu -v`` of every file under ``folder`` over one association → {file: store response} for the files it
     got an answer for (a node killed mid-transfer leaves the rest unanswered; storescu's exit status is not
     checked)."""
+    return store_responses_of(port, [folder], calling_ae=calling_ae, called_ae=called_ae, timeout=timeout)
+
+
+def store_responses_of(port: int, paths: Sequence[Path | str], *, calling_ae: str, called_ae: str,
+                       timeout: float = 180.0) -> dict[str, str]:
+    """`store_responses` for files and folders: ``storescu -v`` of ``paths`` over one association."""
     done = subprocess.run(
         [find_tool("storescu"), "-v", "-aet", calling_ae, "-aec", called_ae, "+sd", "+r", "127.0.0.1", str(port),
-         str(folder)],
+         *map(str, paths)],
         capture_output=True, text=True, env=peer_env(), timeout=timeout, check=False,
     )
     answers: dict[str, str] = {}

@@ -57,6 +57,17 @@ class PostgresServer:
                          "--no-sync", "-E", "UTF8")
         if done.returncode != 0:
             raise PeerError(f"initdb failed: {done.stderr[-2000:]}")
+        return self.resume()
+
+    def pause(self) -> None:
+        """Shut the server down (``pg_ctl stop -m fast``: connections are cut, as in a maintenance restart or a
+        failover), keeping its data and port for `resume`."""
+        done = self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "stop", "-m", "fast", "-w", "-t", "60")
+        if done.returncode != 0:
+            raise PeerError(f"pg_ctl stop failed: {done.stderr[-1000:]}")
+
+    def resume(self) -> PostgresServer:
+        """Start the initialised cluster (again) on its port; returns once it accepts connections."""
         options = (f"-p {self.port} -k {self.workdir} -c listen_addresses=127.0.0.1 -c fsync=off "
                    "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
         done = self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-o", options, "-l", str(self.log),

@@ -1,0 +1,90 @@
+"""The shared database goes away while a scanner sends: PostgreSQL restarted for maintenance (or failed over) with
+`pg_ctl stop -m fast`, which cuts every connection the node holds. DCMTK storescu is the modality, Orthanc the PACS.
+
+What a hospital needs: while the database is down no instance is acknowledged that the node could not index (a
+failure status, so the scanner keeps it and sends again), the node keeps running, and once the database is back it
+takes the re-send, completes the series and delivers its results without anyone restarting it."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from peers import dcmtk
+from peers.postgres import PostgresServer
+from tests.conftest import free_port, launch_node, require_weights, wait_until
+from tests.ctgen import write_ct_series
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def restartable_postgres():
+    """A PostgreSQL cluster of this test's own, since the test stops it (the session's is shared)."""
+    workdir = Path(tempfile.mkdtemp(prefix="pacsnode-pg-outage-"))
+    server = PostgresServer(workdir).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _indexed(url: str, series_uid: str) -> set[str]:
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return set(conn.execute(sa.text("select sop_uid from instances where series_uid = :s"),
+                                    {"s": series_uid}).scalars())
+    finally:
+        engine.dispose()
+
+
+def test_a_database_restart_mid_series_loses_nothing_and_needs_no_node_restart(
+        restartable_postgres, orthanc_factory, tmp_path) -> None:
+    require_weights()
+    pg = restartable_postgres
+    url = pg.create_database()
+    node_port = free_port()
+    orthanc = orthanc_factory(modalities={"node": ("PACSNODE", "127.0.0.1", node_port)})
+    toml = f"""
+[completion]
+stable_seconds = 4
+sweep_seconds = 0.5
+[gate]
+scope_check = false
+[dispatch]
+initial_backoff_seconds = 0.5
+max_backoff_seconds = 2
+{orthanc.destination_toml()}"""
+    node = launch_node(tmp_path / "node", port=node_port, extra_toml=toml, database_url=url)
+    try:
+        series = write_ct_series(tmp_path / "ct", slices=16, size=64, seed=11)
+        first, rest = series.paths[:6], series.paths[6:]
+        dcmtk.storescu(node.port, *first, calling_ae="CT-OUTAGE", check=True, timeout=120)
+
+        pg.pause()
+        during = dcmtk.store_responses_of(node.port, rest[:4], calling_ae="CT-OUTAGE", called_ae="PACSNODE",
+                                          timeout=120)
+        assert node.running, node.log_text()[-3000:]
+        acknowledged = [p for p, answer in during.items() if answer.startswith("Success")]
+        pg.resume()
+        indexed = _indexed(url, series.series_uid)
+        # whatever the node said Success to while the database was down must be indexed now
+        by_path = dict(zip(map(str, series.paths), series.sop_uids, strict=True))
+        assert {by_path[p] for p in acknowledged} <= indexed, (during, node.log_text()[-3000:])
+
+        # the scanner sends what was not acknowledged, then the rest; the node takes it without a restart
+        dcmtk.storescu(node.port, *series.paths, calling_ae="CT-OUTAGE", check=True, timeout=120)
+        wait_until(lambda: _indexed(url, series.series_uid) == set(series.sop_uids), 60,
+                   "every instance indexed after the database came back", lambda: node.log_text()[-3000:])
+        wait_until(lambda: {"SR", "SEG", "KO"} <= {
+            s["MainDicomTags"]["Modality"] for s in orthanc.find("Series", {"StudyInstanceUID": series.study_uid})
+        }, 180, "SR, SEG and KO at Orthanc after the outage", lambda: node.log_text()[-4000:])
+        assert node.running
+    finally:
+        node.stop()
