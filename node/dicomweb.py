@@ -295,8 +295,16 @@ class _DicomWeb:
         return out
 
     # -- QIDO-RS ----------------------------------------------------------------------------------------------
+    def _not_acceptable(self, request: Request) -> Response | None:
+        """The 406 answer (audited) when the request's Accept admits no DICOM JSON, the only form answered here."""
+        if _accepts_json(request.headers.get("accept", "")):
+            return None
+        self._audit_query(request, None, Outcome.MINOR_FAILURE)
+        return JSONResponse({"error": f"the Accept header admits no {DICOM_JSON}, the only media type answered"},
+                            status_code=406)
+
     async def search_studies(self, request: Request) -> Response:
-        denied = self._unauthorized(request)
+        denied = self._unauthorized(request) or self._not_acceptable(request)
         if denied is not None:
             return denied
         try:
@@ -307,7 +315,7 @@ class _DicomWeb:
         return await self._answer(request, query, lambda q: find_studies(self.index.engine, q))
 
     async def search_series(self, request: Request) -> Response:
-        denied = self._unauthorized(request)
+        denied = self._unauthorized(request) or self._not_acceptable(request)
         if denied is not None:
             return denied
         try:
@@ -352,6 +360,30 @@ def _closing(response: Response) -> Response:
     server closes the connection at once instead of holding it (with the unread body) until keep-alive ends."""
     response.headers["Connection"] = "close"
     return response
+
+
+def _accepts_json(accept: str) -> bool:
+    """Whether an Accept header admits ``application/dicom+json`` or ``application/json`` (RFC 9110 12.5.1: the most
+    specific media range that matches decides, ``q=0`` refuses); none, or an empty one, admits anything."""
+    if not accept.strip():
+        return True
+    ranges: dict[str, float] = {}
+    for item in accept.split(","):
+        media, *params = (part.strip().lower() for part in item.split(";"))
+        q = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        ranges[media] = max(q, ranges.get(media, 0.0))
+    for media in (DICOM_JSON, "application/json"):
+        q = next((ranges[r] for r in (media, "application/*", "*/*") if r in ranges), 0.0)
+        if q > 0:
+            return True
+    return False
 
 
 def _client(request: Request) -> str:

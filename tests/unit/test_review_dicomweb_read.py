@@ -133,3 +133,24 @@ def test_wildcards_in_a_modality_match_as_ps3_4_says(served: Served) -> None:
     series = client.search_for_series("1.2.3.1", search_filters={"Modality": "?T"})
     assert [d["0020000E"]["Value"][0] for d in series] == ["1.2.3.1.1"]
     assert client.search_for_series("1.2.3.1", search_filters={"Modality": "M*"}) == []
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_media_type_the_node_cannot_give_is_406(served: Served) -> None:
+    """PS3.18 8.2.1 / RFC 9110 12.5.1: QIDO-RS answers DICOM JSON only; a client that accepts only XML
+    (``application/dicom+xml`` or its multipart form) or ``text/html`` was sent JSON with 200 and then failed to parse
+    it. Now 406, the header not echoed and the refusal audited; any Accept that admits JSON (wildcards, ``q``) or none
+    at all is answered as before."""
+    for accept in ("application/dicom+xml", 'multipart/related; type="application/dicom+xml"', "text/html",
+                   "application/dicom+json;q=0, application/dicom+xml"):
+        r = httpx.get(served.base + "/studies", headers={"Accept": accept}, timeout=10)
+        assert r.status_code == 406 and "Accept" in r.json()["error"] and "xml" not in r.text, (accept, r.text)
+        r = httpx.get(served.base + "/studies/1.2.3.1/series", headers={"Accept": accept}, timeout=10)
+        assert r.status_code == 406, accept
+    for accept in ("application/dicom+json", "application/json", "*/*", "application/*", "",
+                   "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8",
+                   "application/dicom+xml, application/dicom+json;q=0.5", "APPLICATION/DICOM+JSON; charset=utf-8"):
+        r = httpx.get(served.base + "/studies", headers={"Accept": accept}, timeout=10)
+        assert (r.status_code, r.headers["content-type"]) == (200, "application/dicom+json"), accept
+    outcomes = [int(q["EventIdentification"]["EventOutcomeIndicator"]) for q in served.queries()]
+    assert outcomes == [Outcome.MINOR_FAILURE] * 8 + [Outcome.SUCCESS] * 8
