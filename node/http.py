@@ -337,12 +337,9 @@ class HttpServer:
             access_log=False,  # the app logs its own events, with UIDs and sizes only
             proxy_headers=False,  # no proxy in front: X-Forwarded-For from a loopback client chose the audited peer
             timeout_graceful_shutdown=int(self._graceful) or 1,
-            http=guarded_protocol(self._limits, self._refusals),
+            http=guarded_protocol(self._limits, self._refusals, self._ssl),  # HTTPS: the guard does the handshake
             **self._limits.uvicorn_settings(),
         )
-        if self._ssl is not None:
-            config.load()  # then serve() keeps this context rather than building uvicorn's own
-            config.ssl = self._ssl
         started = threading.Event()
         self._server = _UvicornServer(config, started, lambda: self._heartbeats.beat(LOOP))
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]}, name="http", daemon=True)

@@ -30,6 +30,13 @@ What uvicorn 0.55 (h11 0.16, no httptools installed) does by itself, and the gap
   `LINGER_QUIET_SECONDS`, or ``body_timeout`` after the response at the latest, when it is closed (nginx's lingering
   close; over TLS, where there is no FIN, the quiet close is what tells a pooled client the connection is done).
 
+- Over HTTPS, asyncio (given ``ssl=``) completes the TLS handshake before uvicorn's protocol sees the connection,
+  with a 60 s timeout of its own and no cap: a client that opened TCP and sent no ClientHello, or dribbled one,
+  held a socket that long, as many as it opened. So the server gets no ``ssl`` and `TlsHandshake` does it: the
+  connection is counted against ``max_connections_per_peer`` at the accept, the handshake must end within
+  ``header_timeout`` (a failed one is refused as ``tls_handshake_failed``), and the head's deadline runs from the
+  accept.
+
 Drops and refusals go through `node.refusals.Refusals` (counted, logged a few times per address and minute).
 
 uvicorn internals this relies on (hence pyproject pins uvicorn 0.55.x and h11 0.16.x; tests/unit/test_hostile_http.py
@@ -42,6 +49,7 @@ httptools does not swap the protocol out).
 from __future__ import annotations
 
 import asyncio
+import ssl
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -51,6 +59,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from node.refusals import Refusals
 from node.states import PeerRefusal
+from node.tls import describe_tls_error
 
 if TYPE_CHECKING:
     from node.config import NodeSection
@@ -124,10 +133,19 @@ class GuardedH11Protocol(H11Protocol):
     _head_seen = 0  # bytes of the current request head received so far
     _head_tail = b""  # its last 3 bytes (a CRLFCRLF may straddle two reads)
     _lingering_since: float | None = None  # when a response went out before its request's body was read
+    _opened_at: float | None = None  # over TLS: when the TCP connection was accepted (the head's deadline runs from it)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        address = self.client[0] if self.client else "unknown"
+        if self._counted is None and not self.admit(transport):  # over TLS, `TlsHandshake` admitted it already
+            return
+        self._head_started = self._last_read = self._opened_at or self.loop.time()
+        self._timer = self.loop.call_later(self.limits.tick, self._check_deadlines)
+
+    def admit(self, transport: asyncio.Transport) -> bool:
+        """Count the connection under its address, or refuse and abort it when that address is at its cap."""
+        peer = transport.get_extra_info("peername")
+        address, port = (str(peer[0]), peer[1]) if isinstance(peer, tuple) and len(peer) >= 2 else ("unknown", None)
         with self.peers.lock:
             open_now = self.peers.open.get(address, 0)
             admitted = open_now < self.limits.max_connections_per_peer
@@ -135,19 +153,13 @@ class GuardedH11Protocol(H11Protocol):
                 self.peers.open[address] = open_now + 1
                 self._counted = address
         if not admitted:
-            self.refusals.record(
-                PeerRefusal.PEER_LIMIT_REACHED, address, self.client[1] if self.client else None,
-                open=open_now, limit=self.limits.max_connections_per_peer,
-            )
+            self.refusals.record(PeerRefusal.PEER_LIMIT_REACHED, address, port, open=open_now,
+                                 limit=self.limits.max_connections_per_peer)
             transport.abort()
-            return
-        self._head_started = self._last_read = self.loop.time()
-        self._timer = self.loop.call_later(self.limits.tick, self._check_deadlines)
+        return admitted
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+    def release(self) -> None:
+        """Uncount the connection (once)."""
         if self._counted is not None:
             with self.peers.lock:
                 left = self.peers.open.get(self._counted, 0) - 1
@@ -156,6 +168,12 @@ class GuardedH11Protocol(H11Protocol):
                 else:
                     self.peers.open.pop(self._counted, None)
             self._counted = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.release()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -249,11 +267,76 @@ class GuardedH11Protocol(H11Protocol):
         self.transport.close()
 
 
-def guarded_protocol(limits: HttpLimits, refusals: Refusals) -> type[GuardedH11Protocol]:
-    """A `GuardedH11Protocol` class for one server (its own per-address counts), for ``uvicorn.Config(http=...)``."""
-    return type(
+class TlsHandshake(asyncio.Protocol):
+    """HTTPS under the guard: the protocol of the accepted TCP connection, which counts it against the per-address
+    cap at once and completes the TLS handshake (``loop.start_tls``) within ``header_timeout``, then hands the TLS
+    transport to its `GuardedH11Protocol`, whose head deadline still runs from the accept. Given ``ssl=`` instead,
+    asyncio does the handshake before any protocol of uvicorn's sees the connection, with a 60 s timeout of its own
+    and no cap, so silent or dribbling clients each held a socket that long, as many as they opened. Made per server
+    by `guarded_protocol` with the context (uvicorn then gets none: the scope still says ``https``)."""
+
+    context: ClassVar[ssl.SSLContext]
+    protocol: ClassVar[type[GuardedH11Protocol]]
+
+    def __init__(self, **uvicorn_args: Any) -> None:
+        self.http = self.protocol(**uvicorn_args)
+        self._task: asyncio.Task[None] | None = None
+        self._handed_over = False
+        self._early = bytearray()  # application data decrypted before the handover
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        if self.http.admit(transport):
+            self.http._opened_at = self.http.loop.time()
+            self._task = self.http.loop.create_task(self._handshake(transport))
+
+    async def _handshake(self, raw: asyncio.Transport) -> None:
+        limits = self.http.limits
+        if raw.is_closing():  # gone before its handshake began (connection_lost has uncounted it)
+            return
+        try:
+            tls = await self.http.loop.start_tls(raw, self, self.context, server_side=True,
+                                                 ssl_handshake_timeout=limits.header_timeout)
+        except (OSError, ValueError) as exc:  # ssl.SSLError; ConnectionAbortedError: the timeout; a reset ...
+            peer = raw.get_extra_info("peername") or ("unknown", None)
+            why = "timed out" if isinstance(exc, ConnectionAbortedError | TimeoutError) else describe_tls_error(exc)
+            self.http.refusals.record(PeerRefusal.TLS_HANDSHAKE_FAILED, str(peer[0]), peer[1], why=why,
+                                      timeout=limits.header_timeout)
+            raw.abort()
+            self.http.release()
+            return
+        if tls is None or tls.is_closing():
+            self.http.release()
+            return
+        tls.set_protocol(self.http)
+        self._handed_over = True
+        self.http.connection_made(tls)
+        if self._early:
+            self.http.data_received(bytes(self._early))
+
+    def data_received(self, data: bytes) -> None:
+        self._early += data  # only between the handshake's end and the handover (start_tls returning)
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._handed_over:
+            self.http.connection_lost(exc)
+        else:
+            self.http.release()
+
+
+def guarded_protocol(limits: HttpLimits, refusals: Refusals,
+                     context: ssl.SSLContext | None = None) -> type[GuardedH11Protocol] | type[TlsHandshake]:
+    """A `GuardedH11Protocol` class for one server (its own per-address counts), for ``uvicorn.Config(http=...)``;
+    with a TLS ``context``, a `TlsHandshake` class around it (HTTPS: give uvicorn no ``ssl`` of its own)."""
+    protocol = type(
         "GuardedH11Protocol", (GuardedH11Protocol,), {"limits": limits, "refusals": refusals, "peers": _PeerCount()}
     )
+    if context is None:
+        return protocol
+    return type("TlsHandshake", (TlsHandshake,), {"context": context, "protocol": protocol})
 
 
-__all__ = ["GuardedH11Protocol", "HttpLimits", "guarded_protocol"]
+__all__ = ["GuardedH11Protocol", "HttpLimits", "TlsHandshake", "guarded_protocol"]
