@@ -46,6 +46,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = _load(args)
     configure_logging(args.log_level)
     role = Role(args.role)
+    from node.service import check_can_start
+
+    # a port is checked by the process that owns the listeners; a role child shares its supervisor's sockets
+    check_can_start(config, ports=role is Role.ALL and args.supervisor_pid is None)
     if role is Role.ALL and config.node.process_model is ProcessModel.PROCESSES and args.supervisor_pid is None:
         return _serve_processes(args, config)
     if role is not Role.ALL:

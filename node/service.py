@@ -21,10 +21,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -395,6 +397,39 @@ def restart_only_changes(old: NodeConfig, new: NodeConfig) -> list[str]:
     if new.audit != old.audit:
         kept.append("audit")  # the trail's file and syslog sender are opened at start
     return kept
+
+
+def check_can_start(config: NodeConfig, *, ports: bool) -> None:
+    """Fail fast, before any stage or child starts, on what would stop the node a moment later: ``data_dir`` or its
+    spool not a folder the node can write, and (``ports``: the process that owns the listeners, `pacsnode serve`
+    of role all) a DIMSE or HTTP port another program holds. Raises `ConfigError` naming the folder or address: the
+    CLI prints one line and exits 2, where a listener child failing on its HTTP port was restarted until the
+    supervisor gave up (exit 70, which ``Restart=on-failure`` restarts for ever)."""
+    for folder in (config.node.data_dir, config.node.spool_dir):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-check-")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise ConfigError(f"[node] data_dir: {folder} is not a folder the node can write "
+                              f"({exc.strerror or type(exc).__name__})") from exc
+    if ports:
+        for host, port in _listen_addresses(config):
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as node.http and node.listenfds bind
+            try:
+                socket.create_server((host, port), family=family).close()
+            except OSError as exc:
+                raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+
+
+def _listen_addresses(config: NodeConfig) -> Iterable[tuple[str, int]]:
+    node, tls = config.node, config.tls
+    if tls.plaintext_dimse:
+        yield node.host, node.port
+    if tls.dimse_port is not None:
+        yield node.host, tls.dimse_port
+    yield node.http_host, node.http_port
 
 
 def leave(service: Service, exit_code: int) -> NoReturn:

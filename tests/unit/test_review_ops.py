@@ -1,0 +1,127 @@
+"""Operations review: `pacsnode serve` refusing to start as radiology IT meets it — a port another program holds, a
+data folder it cannot write, a database that is not there, no config file. Each run is the real command line (the
+supervisor of role processes and the one-process model) against a real socket or path; what must hold: one line on
+stderr naming the cause, a non-zero exit within seconds (not a restart loop ending in 70, which systemd's
+``Restart=on-failure`` takes for "start me again"), no traceback, no secret, and no process of it left behind."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, free_port
+
+MODELS = ("processes", "threads")
+
+
+def serve(config: Path, timeout: float = 90) -> tuple[subprocess.CompletedProcess[str], float]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("PACSNODE_")}
+    t0 = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "node.cli", "serve", "--config", str(config)], capture_output=True,
+                          text=True, cwd=REPO, timeout=timeout, env=environ)
+    return done, time.monotonic() - t0
+
+
+def write_config(tmp_path: Path, model: str, *, data_dir: Path | None = None, port: int | None = None,
+                 http_port: int | None = None, extra: str = "") -> Path:
+    path = tmp_path / "node.toml"
+    path.write_text(f"""
+[node]
+host = "127.0.0.1"
+port = {port or free_port()}
+http_port = {http_port or free_port()}
+data_dir = "{data_dir or tmp_path / 'data'}"
+process_model = "{model}"
+[worker]
+enabled = false
+[admission]
+min_free_percent = 0
+reserve_free_percent = 0
+{extra}""")
+    return path
+
+
+def left_running(config: Path) -> list[int]:
+    """Processes still running with ``config`` on their command line (a forked child keeps its supervisor's)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if str(config).encode() in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def assert_refused_at_once(done: subprocess.CompletedProcess[str], seconds: float, config: Path, *,
+                           code: int, names: str) -> None:
+    assert done.returncode == code, (done.returncode, done.stderr[-3000:])
+    assert "Traceback" not in done.stderr + done.stdout, done.stderr[-3000:]
+    problem = [line for line in done.stderr.splitlines() if line.startswith("pacsnode:")]
+    assert len(problem) == 1 and names in problem[0], done.stderr[-3000:]
+    assert seconds < 20, f"took {seconds:.1f} s"  # not the supervisor's restart budget (~30 s) first
+    assert left_running(config) == []
+
+
+@pytest.fixture
+def held_port() -> Iterator[int]:
+    """A port another program listens on (as a PACS or a second node would)."""
+    port = free_port()
+    sock = socket.create_server(("127.0.0.1", port))
+    yield port
+    sock.close()
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_http_port_in_use_is_one_line_and_exit_2(tmp_path, held_port, model):
+    config = write_config(tmp_path, model, http_port=held_port)
+    done, seconds = serve(config)
+    assert_refused_at_once(done, seconds, config, code=2, names=f"127.0.0.1:{held_port}")
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_dimse_port_in_use_is_one_line_and_exit_2(tmp_path, held_port, model):
+    config = write_config(tmp_path, model, port=held_port)
+    done, seconds = serve(config)
+    assert_refused_at_once(done, seconds, config, code=2, names=f"127.0.0.1:{held_port}")
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("blocked", ["spool", "data_dir"])
+def test_a_data_folder_the_node_cannot_write_is_one_line_and_exit_2(tmp_path, model, blocked):
+    # Root ignores permission bits, so a file where the folder must be stands for a folder the node cannot write
+    # (a read-only mount, a wrong owner): both fail in mkdir/open with an OSError.
+    data = tmp_path / "data"
+    if blocked == "spool":
+        data.mkdir()
+        (data / "spool").write_text("not a folder")
+    else:
+        (tmp_path / "file").write_text("not a folder")
+        data = tmp_path / "file" / "data"
+    config = write_config(tmp_path, model, data_dir=data)
+    done, seconds = serve(config)
+    assert_refused_at_once(done, seconds, config, code=2, names=str(data))
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_an_unreachable_database_is_one_line_without_its_password(tmp_path, model):
+    pytest.importorskip("psycopg")
+    url = f"postgresql+psycopg://pacs:s3cretPW@127.0.0.1:{free_port()}/pacs"  # nothing listens there
+    config = write_config(tmp_path, model, extra=f'[database]\nurl = "{url}"\n')
+    done, seconds = serve(config)
+    assert done.returncode != 0 and "s3cretPW" not in done.stderr + done.stdout
+    assert_refused_at_once(done, seconds, config, code=1, names="Connection refused")
+
+
+def test_a_missing_config_file_is_one_line_and_exit_2(tmp_path):
+    config = tmp_path / "absent.toml"
+    done, seconds = serve(config)
+    assert_refused_at_once(done, seconds, config, code=2, names="does not exist")
