@@ -30,20 +30,23 @@ log = get_logger(component="audit")
 def received_studies(engine: Engine, association_id: str, spool_root: Path | None = None) -> list[StudySummary]:
     """The studies whose instances were last stored by ``association_id`` (an association or STOW request id);
     ``spool_root``: the spool of the process that stored them, which relative index paths are under (node.spools;
-    an absolute path from before spool ids stays as it is)."""
+    an absolute path from before spool ids stays as it is). The patient is read from one file of each series: a
+    study whose series belong to different patients (mis-merged) names each of them."""
     i = instances.c
     with reading(engine, "audit summary") as conn:
         rows = list(conn.execute(
-            sa.select(i.study_uid, i.sop_class_uid, sa.func.count(), sa.func.min(i.path))
+            sa.select(i.study_uid, i.series_uid, i.sop_class_uid, sa.func.count(), sa.func.min(i.path))
             .where(i.association_id == association_id)
-            .group_by(i.study_uid, i.sop_class_uid)
-            .order_by(i.study_uid, i.sop_class_uid)
+            .group_by(i.study_uid, i.series_uid, i.sop_class_uid)
+            .order_by(i.study_uid, i.series_uid, i.sop_class_uid)
         ))
     studies: dict[str, StudySummary] = {}
-    for study_uid, sop_class_uid, n, path in rows:
+    read: set[str] = set()  # series whose patient was read
+    for study_uid, series_uid, sop_class_uid, n, path in rows:
         study = studies.setdefault(study_uid, StudySummary(study_uid))
-        study.counts[sop_class_uid] = int(n)
-        if not study.patient_ids and path:
+        study.counts[sop_class_uid] = study.counts.get(sop_class_uid, 0) + int(n)
+        if series_uid not in read and path:
+            read.add(series_uid)
             patient = patient_id_of(spool_root / path if spool_root is not None else path)
             if patient:
                 study.patient_ids.add(patient)

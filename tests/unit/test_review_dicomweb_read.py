@@ -57,9 +57,11 @@ class Served:
     def get(self, path: str) -> httpx.Response:
         return httpx.get(self.base + path, timeout=10)
 
+    def records(self) -> list[dict[str, Any]]:
+        return list(read_records(AuditTrail.file_for(self.config.audit, self.config.node.data_dir)))
+
     def queries(self) -> list[dict[str, Any]]:
-        return [r for r in read_records(AuditTrail.file_for(self.config.audit, self.config.node.data_dir))
-                if r["event"] == "query"]
+        return [r for r in self.records() if r["event"] == "query"]
 
     def close(self) -> None:
         self.http.stop()
