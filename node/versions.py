@@ -6,7 +6,8 @@ rejection note withdraws them (`withdrawal`). The other way round, a job for ver
 a job for a newer version of the series exists (`newer_version`): its objects would stay live beside the newer
 version's, since only older versions are ever withdrawn. That happens when an admin replays dead jobs
 (`pacsnode retry --jobs`) after the series moved on, or when two workers run versions N and N + 1 at once. The
-worker checks before it starts and again in the transaction that records the results (`JobSuperseded`).
+worker checks before it starts and again in the transaction that records the results (`JobSuperseded`), under the
+series row's lock (`lock_series`), which the transaction queueing a newer version's job takes too.
 
 Replaying a dead job (`reissue`, through `JobQueue.retry`): when its "processing failed" report was recorded (and so
 sent, or about to be), running it again under the same version would leave that report live beside the new
@@ -43,6 +44,18 @@ class JobSuperseded(Exception):  # noqa: N818 - a control-flow signal like Lease
     def __init__(self, newer: int) -> None:
         super().__init__(f"version {newer} of the series superseded this job")
         self.newer = newer
+
+
+def lock_series(conn: sa.Connection, series_uid: str) -> None:
+    """Hold the series row's write lock until ``conn``'s transaction ends; take it before `newer_version` in the
+    transaction that records a version's results. A new version's job is queued by a transaction that first
+    updates the same row (node.completion, `reissue`), so the two are serialised: either the recording sees the
+    newer job (and publishes nothing), or the newer job is queued only once the recorded results are committed
+    (and its worker, which reads them after claiming it, supersedes and withdraws them). Without it, on
+    PostgreSQL's READ COMMITTED (and SQLite, whose transaction begins at its first write), the newer job could be
+    queued and run between the check and the COMMIT: two live verdicts for one series. A no-op UPDATE locks the
+    row on both backends (SQLite: the database's write lock)."""
+    conn.execute(series.update().where(series.c.series_uid == series_uid).values(version=series.c.version))
 
 
 def newer_version(conn: sa.Connection, series_uid: str, version: int) -> int | None:
@@ -119,5 +132,6 @@ def _stub(row: Any, header: Dataset) -> Dataset:
 
 
 __all__ = [
-    "SKIP_REASON", "JobSuperseded", "newer_version", "previous_results", "reissue", "superseded_entries", "withdrawal",
+    "SKIP_REASON", "JobSuperseded", "lock_series", "newer_version", "previous_results", "reissue", "superseded_entries",
+    "withdrawal",
 ]

@@ -22,7 +22,7 @@ from node.dispatch import Dispatcher
 from node.queue import Job, JobQueue, LeaseLost
 from node.schema import results
 from node.spool import Spool
-from node.versions import SKIP_REASON, JobSuperseded, newer_version
+from node.versions import SKIP_REASON, JobSuperseded, lock_series, newer_version
 
 __all__ = ["ResultsRecorder"]
 
@@ -47,6 +47,7 @@ class ResultsRecorder:
         dead), the files are removed, and `JobSuperseded` raised."""
         written = [self._write(job, kind, ds) for kind, ds in objects]
         with self.engine.begin() as conn:
+            lock_series(conn, job.series_uid)  # a newer version's job is queued before this check or after COMMIT
             if (newer := newer_version(conn, job.series_uid, job.version)) is not None:
                 self.end_superseded(conn, job, newer, leased=leased)
             else:
