@@ -295,34 +295,34 @@ class _DicomWeb:
         return out
 
     # -- QIDO-RS ----------------------------------------------------------------------------------------------
-    def _not_acceptable(self, request: Request) -> Response | None:
+    async def _not_acceptable(self, request: Request) -> Response | None:
         """The 406 answer (audited) when the request's Accept admits no DICOM JSON, the only form answered here."""
         if _accepts_json(request.headers.get("accept", "")):
             return None
-        self._audit_query(request, None, Outcome.MINOR_FAILURE)
+        await self._audit_query(request, None, Outcome.MINOR_FAILURE)
         return JSONResponse({"error": f"the Accept header admits no {DICOM_JSON}, the only media type answered"},
                             status_code=406)
 
     async def search_studies(self, request: Request) -> Response:
-        denied = self._unauthorized(request) or self._not_acceptable(request)
+        denied = self._unauthorized(request) or await self._not_acceptable(request)
         if denied is not None:
             return denied
         try:
             query = Query(request.query_params, STUDY_KEYS)
         except ValueError as exc:
-            self._audit_query(request, None, Outcome.MINOR_FAILURE)
+            await self._audit_query(request, None, Outcome.MINOR_FAILURE)
             return JSONResponse({"error": str(exc)}, status_code=400)
         return await self._answer(request, query, lambda q: find_studies(self.index.engine, q))
 
     async def search_series(self, request: Request) -> Response:
-        denied = self._unauthorized(request) or self._not_acceptable(request)
+        denied = self._unauthorized(request) or await self._not_acceptable(request)
         if denied is not None:
             return denied
         try:
             study = check_uid(request.path_params["study"], "StudyInstanceUID")
             query = Query(request.query_params, SERIES_KEYS)
         except (ReceiveError, ValueError) as exc:
-            self._audit_query(request, None, Outcome.MINOR_FAILURE)
+            await self._audit_query(request, None, Outcome.MINOR_FAILURE)
             return JSONResponse({"error": str(exc)}, status_code=400)
         return await self._answer(request, query, lambda q: find_series(self.index.engine, study, q))
 
@@ -333,9 +333,9 @@ class _DicomWeb:
             found, more = await run_in_threadpool(find, query)
         except SQLAlchemyError as exc:
             self.log.error("qido_index_unavailable", error=type(exc).__name__)
-            self._audit_query(request, None, Outcome.SERIOUS_FAILURE)
+            await self._audit_query(request, None, Outcome.SERIOUS_FAILURE)
             return JSONResponse({"error": "the index database is unavailable"}, status_code=503)
-        self._audit_query(request, len(found), Outcome.SUCCESS)
+        await self._audit_query(request, len(found), Outcome.SUCCESS)
         warnings = []
         if query.ignored:  # the names as the client sent them: only printable ASCII, no quotes, may go in a header
             names = ", ".join(re.sub(r'[^\x20-\x7e]|["\\]', "?", n)[:64] for n in sorted(query.ignored)[:20])
@@ -348,10 +348,14 @@ class _DicomWeb:
             response.headers.append("Warning", warning)
         return response
 
-    def _audit_query(self, request: Request, matches: int | None, outcome: int) -> None:
+    async def _audit_query(self, request: Request, matches: int | None, outcome: int) -> None:
+        """The query's 110112 record, written off the event loop: an audit file that stalls (a hung network
+        volume) holds up this request, never the server's other requests and probes."""
         if self.audit is not None:
-            self.audit.query(user=self.auth.user, peer=client_host(request), path=request.url.path,
-                             query_string=request.url.query, matches=matches, outcome=outcome)
+            await run_in_threadpool(
+                self.audit.query, user=self.auth.user, peer=client_host(request), path=request.url.path,
+                query_string=request.url.query, matches=matches, outcome=outcome,
+            )
 
 
 

@@ -3,11 +3,15 @@ the real uvicorn server (`tests.unit.test_review_dicomweb_read.Served`), on SQLi
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+import threading
 from pathlib import Path
 
 import httpx
 
+from tests.conftest import wait_until
 from tests.ctgen import write_ct_series
 from tests.unit.test_review_dicomweb_read import Served, served  # noqa: F401 - the fixture
 
@@ -37,3 +41,40 @@ def test_every_patient_of_a_study_received_is_in_its_record(served: Served, tmp_
     patients = sorted(o["ParticipantObjectID"] for o in objects if o["ParticipantObjectTypeCode"] == "1")
     assert patients == ["REVIEW-PID-A", "REVIEW-PID-B"]
     assert record["pacsnode"]["instances"] == 5 and objects[0]["ParticipantObjectID"] == a.study_uid
+
+
+def _blocked_in_a_pipe_write() -> bool:
+    """Whether a thread of this process waits in write(2) on a full pipe (the stalled audit file)."""
+    for wchan in Path("/proc/self/task").glob("*/wchan"):
+        with contextlib.suppress(OSError):
+            if wchan.read_text().endswith("pipe_write"):
+                return True
+    return False
+
+
+def test_a_stalled_audit_write_does_not_stop_the_http_server(tmp_path: Path) -> None:
+    """The audit file on a volume that stalls (an NFS server gone, here a FIFO nobody reads): a QIDO-RS query's
+    record was written on uvicorn's one event loop, so the whole HTTP side — /healthz, /readyz, STOW-RS — hung
+    until the write returned, and an orchestrator restarted the node. The query's own request may wait for its
+    record; the server must keep answering others ("a failing audit write never blocks the data path")."""
+    fifo = tmp_path / "audit.fifo"
+    os.mkfifo(fifo)
+    drain = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)  # our end: fill the pipe now, empty it at the end
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            os.write(drain, b"\n" * 65536)
+    s = Served(tmp_path, f"sqlite:///{tmp_path / 'node.db'}", audit={"path": str(fifo), "rotate_daily": False})
+    query = threading.Thread(target=lambda: httpx.get(f"{s.base}/studies", timeout=60), daemon=True)
+    try:
+        query.start()
+        wait_until(_blocked_in_a_pipe_write, 10, "the query blocked on the audit pipe")
+        assert httpx.get(f"http://127.0.0.1:{s.http.port}/healthz", timeout=5).text == "ok"
+    finally:
+        wait_until(lambda: (_drained(drain), not query.is_alive())[1], 30, "the query answered")
+        s.close()
+        os.close(drain)
+
+
+def _drained(fd: int) -> None:
+    with contextlib.suppress(BlockingIOError):
+        os.read(fd, 1 << 20)

@@ -32,10 +32,10 @@ STUDIES = {"1.2.3.1": "CT", "1.2.3.2": "MR", "1.2.3.3": "CT"}  # study UID -> th
 class Served:
     """The node's HTTP app on a real uvicorn server over ``db_url``, with its audit trail, holding `STUDIES`."""
 
-    def __init__(self, tmp_path: Path, db_url: str) -> None:
+    def __init__(self, tmp_path: Path, db_url: str, audit: dict[str, Any] | None = None) -> None:
         self.config = NodeConfig.model_validate({
             "node": {"data_dir": str(tmp_path / "data"), "host": "127.0.0.1", "http_port": free_port()},
-            "database": {"url": db_url},
+            "database": {"url": db_url}, "audit": audit or {},
         })
         self.engine = create_engine_for(self.config.database_url)
         init_schema(self.engine)
