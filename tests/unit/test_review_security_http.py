@@ -151,7 +151,7 @@ def test_https_connection_that_never_says_hello_is_dropped_at_the_header_deadlin
     took = closed_within(silent, HEADER_TIMEOUT + 3)
     assert took is not None, "a TCP connection without a ClientHello outlived the header deadline"
     wait_until(lambda: node.refused("tls_handshake_failed") >= 1, 5, "the dropped handshake to be counted")
-    assert status(node.request(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")) == 200
+    assert status(node.request(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")) == 200
 
 
 def test_https_dribbled_client_hello_is_dropped_at_the_header_deadline(web) -> None:
@@ -182,13 +182,13 @@ def test_https_handshakes_count_against_the_per_address_cap(web) -> None:
     assert all(closed_within(sock, 0.2) is None for sock in silent)  # those within the cap wait for their hello
     assert node.refused("peer_connection_refused") >= len(extra)
     # another address is served meanwhile, over TLS, with its request answered and the token checked
-    answer = node.request(b"GET /dicomweb/studies HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    answer = node.request(b"GET /dicomweb/studies HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
     assert status(answer) == 401
     for sock in silent:
         sock.close()
     # the slots come back when the silent ones go: the attacker's address may connect again
-    wait_until(lambda: status(node.request(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n", ATTACKER)) == 200,
-               10, "the attacker's slots to be released")
+    healthz = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    wait_until(lambda: status(node.request(healthz, ATTACKER)) == 200, 10, "the attacker's slots to be released")
 
 
 def test_https_client_without_a_certificate_when_required_gets_no_answer(web, pki: Pki) -> None:
@@ -207,3 +207,81 @@ def test_https_client_without_a_certificate_when_required_gets_no_answer(web, pk
     with capture_logs() as logs:
         subprocess.run([*base, url], capture_output=True, text=True, timeout=30)
         wait_until(lambda: [e for e in logs if e["event"] == "tls_handshake_failed"], 5, "the refusal's log line")
+
+
+# -- authentication: no way round the token, no token in the log, big headers refused cleanly -----------------------
+PROTECTED = [  # (method, path): each must answer without data when no valid token is shown
+    *[("GET", p) for p in (
+        "/dicomweb/studies", "/dicomweb/studies/", "//dicomweb/studies", "/dicomweb//studies", "/dicomweb/%73tudies",
+        "/%64icomweb/studies", "/DICOMWEB/studies", "/dicomweb/Studies", "/dicomweb/studies/1.2.3/series",
+        "/dicomweb/studies/1.2.3//series", "/./dicomweb/studies", "/x/../dicomweb/studies", "/dicomweb/studies%2f",
+        "/dicomweb/studies;x", "/dicomweb/studies?PatientID=*", "/metrics", "/metrics/", "//metrics", "/%6detrics",
+        "/METRICS", "/metrics?x=1", "/admin/retry", "/admin//retry")],
+    *[(m, p) for m in ("HEAD", "OPTIONS", "PUT", "DELETE", "PATCH", "TRACE", "get")
+      for p in ("/dicomweb/studies", "/metrics", "/admin/retry")],
+    *[("POST", p) for p in ("/dicomweb/studies", "/dicomweb/studies/1.2.3", "/dicomweb/studies/", "//dicomweb/studies",
+                            "/admin/retry", "/admin//retry", "/admin/retry/", "/ADMIN/retry", "/admin/%72etry")],
+]
+SECRET_SEEN = "Wrong-secret-4f1c9e"
+
+
+def _ask(node: Web, method: str, path: str, *headers: str) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: localhost", "Connection: close", *headers]
+    if method.upper() in ("POST", "PUT", "PATCH"):
+        lines += ["Content-Type: application/x-www-form-urlencoded", "Content-Length: 8"]
+        return node.request(("\r\n".join(lines) + "\r\n\r\nall=jobs").encode())
+    return node.request(("\r\n".join(lines) + "\r\n\r\n").encode())
+
+
+def test_no_route_answers_with_data_without_the_token(web) -> None:
+    node = web(https=False)  # routing is the same over HTTPS (test_oversized_... goes through the handshake)
+    for method, path in PROTECTED:
+        for credentials in ((), (f"Authorization: Basic {TOKEN}",), (f"X-Token: {TOKEN}",),
+                            (f"Authorization: Bearer {SECRET_SEEN}", f"Authorization: Bearer {TOKEN}")):
+            answer = _ask(node, method, path, *credentials)
+            code = status(answer)
+            assert code in (307, 400, 401, 403, 404, 405, 413, 415, 431), (method, path, credentials, answer[:300])
+            assert b"pacsnode_" not in answer, (method, path, credentials)  # no metrics
+    for value in (SECRET_SEEN, TOKEN[:-1], f"{TOKEN}x", "", f"{TOKEN}\x00"):
+        assert status(_ask(node, "GET", "/dicomweb/studies", f"Authorization: Bearer {value}")) in (400, 401)
+    assert status(_ask(node, "GET", "/dicomweb/studies", f"Authorization: {TOKEN}")) == 401
+    with_token = _ask(node, "GET", "/metrics", f"Authorization: Bearer {TOKEN}")
+    assert status(with_token) == 200 and b"pacsnode_" in with_token  # the token itself does work
+    assert status(_ask(node, "GET", "/dicomweb/studies", f"Authorization: bearer   {TOKEN}  ")) == 200
+
+
+def test_presented_tokens_never_reach_the_log(web) -> None:
+    node = web(https=False)
+    with capture_logs() as logs:
+        for value in (SECRET_SEEN, TOKEN):
+            _ask(node, "GET", "/dicomweb/studies", f"Authorization: Bearer {value}")
+            _ask(node, "GET", f"/dicomweb/studies?access_token={value}")
+            _ask(node, "GET", "/metrics", f"Authorization: Basic {value}")
+            _ask(node, "POST", "/admin/retry", f"Authorization: Bearer {value}")
+            node.request(f"POST /admin/retry HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: "
+                         f"application/x-www-form-urlencoded\r\nContent-Length: {len(value) + 15}\r\n\r\n"
+                         f"all=jobs&token={value}".encode())
+        wait_until(lambda: len([e for e in logs if e["event"] == "auth_failed"]) >= 7, 5, "the failures' log lines")
+    assert logs
+    for event in logs:
+        text = repr(event)
+        assert SECRET_SEEN not in text and TOKEN not in text, event
+
+
+@pytest.mark.parametrize("https", [False, True], ids=["http", "https"])
+def test_oversized_or_odd_authorization_headers_get_a_4xx_never_a_500(web, https: bool) -> None:
+    node = web(https=https)
+    limit = node.config.node.http_max_header_bytes
+    huge = _ask(node, "GET", "/dicomweb/studies", "Authorization: Bearer " + "A" * (limit * 4))
+    assert status(huge) == 431, huge[:200]
+    many = _ask(node, "GET", "/dicomweb/studies", *[f"X-H{i}: {'v' * 20}" for i in range(limit // 16)])
+    assert status(many) == 431, many[:200]
+    below = _ask(node, "GET", "/dicomweb/studies", *[f"X-H{i}: v" for i in range(300)])
+    assert status(below) == 401, below[:200]
+    odd = [b"Authorization: Bearer \xff\xfe\x80token", b"Authorization: Bearer " + "é".encode() + b"x",
+           b"Authorization: \x00Bearer x", b"Authorization:Bearer", b"Authorization: Bearer " + b"\t" * 10]
+    for header in odd:
+        answer = node.request(b"GET /dicomweb/studies HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n" + header
+                              + b"\r\n\r\n")
+        assert status(answer) in (400, 401), (header, answer[:200])
+    assert status(node.request(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")) == 200
