@@ -378,10 +378,8 @@ def _accepts_json(accept: str) -> bool:
         for param in params:
             key, _, value = param.partition("=")
             if key.strip() == "q":
-                try:
+                with contextlib.suppress(ValueError):  # a malformed weight is ignored (the range admitted)
                     q = float(value)
-                except ValueError:
-                    q = 0.0
         ranges[media] = max(q, ranges.get(media, 0.0))
     for media in (DICOM_JSON, "application/json"):
         q = next((ranges[r] for r in (media, "application/*", "*/*") if r in ranges), 0.0)
