@@ -159,7 +159,7 @@ def cmd_config_reload(args: argparse.Namespace) -> int:
     node would reload its file, not that one) and a pid that is not a ``pacsnode serve`` (a stale pid file)."""
     import signal
 
-    from node.config.running import NotANodeError, running_node
+    from node.config.running import NotANodeError, nodes_serving, running_node, same_file
 
     path = _config_path(args)
     config = _load(args)
@@ -167,9 +167,13 @@ def cmd_config_reload(args: argparse.Namespace) -> int:
     try:
         pid = int(pid_file.read_text().strip())
         os.kill(pid, 0)
-    except (OSError, ValueError):
-        print(f"pacsnode: no running node found ({pid_file} missing, unreadable or naming no process)", file=sys.stderr)
-        return 1
+    except (OSError, ValueError):  # the node may run with another data_dir: found by its config file then
+        serving = nodes_serving(path, DEFAULT_CONFIG_PATH, _serve_config_arg)
+        if len(serving) != 1:
+            print(f"pacsnode: no running node found ({pid_file} missing, unreadable or naming no process; "
+                  f"{len(serving)} pacsnode serve processes run on {path})", file=sys.stderr)
+            return 1
+        pid = serving[0].pid
     try:
         node = running_node(pid, DEFAULT_CONFIG_PATH, _serve_config_arg)
     except NotANodeError as exc:
@@ -181,7 +185,7 @@ def cmd_config_reload(args: argparse.Namespace) -> int:
               "reloads the file it was started with", file=sys.stderr)
     else:
         named = args.config is not None or bool(os.environ.get("PACSNODE_CONFIG"))  # else: "the node's own file"
-        if named and not _same_file(path, node.config_path):
+        if named and not same_file(path, node.config_path):
             print(f"pacsnode: the node (pid {pid}) runs on {node.config_path} and a reload re-reads that file, not "
                   f"{path}: edit {node.config_path}, or restart the node with --config {path}", file=sys.stderr)
             return 2
@@ -198,13 +202,6 @@ def _serve_config_arg(argv: Sequence[str]) -> str | None:
     except SystemExit:  # argparse's way of refusing; a node that runs parsed its arguments, so it is not one
         return None
     return getattr(known, "config", None)
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return a.resolve() == b.resolve()
 
 
 def _tls_args(args: argparse.Namespace, host: str) -> Any:

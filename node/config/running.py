@@ -54,6 +54,40 @@ def running_node(pid: int, default_config: Path,
                        {k: v for k, v in environ.items() if k.startswith(ENV_PREFIX)})
 
 
+def nodes_serving(path: Path, default_config: Path,
+                  parse_args: Callable[[Sequence[str]], str | None]) -> list[RunningNode]:
+    """Every ``pacsnode serve`` whose config file is ``path`` (as `running_node` reads it), less the role children of
+    another (a forked child keeps its supervisor's command line): how `pacsnode config reload` finds a node where
+    the pid file is not where the file says — the file's ``data_dir`` changed since the node started (restart-only,
+    still reloadable), or the node's environment overrides it."""
+    found: dict[int, RunningNode] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            node = running_node(int(entry.name), default_config, parse_args)
+        except NotANodeError:
+            continue
+        if node is not None and same_file(node.config_path, path):
+            found[node.pid] = node
+    return [node for pid, node in found.items() if _parent(pid) not in found]
+
+
+def _parent(pid: int) -> int | None:
+    try:  # /proc/PID/stat: "pid (comm) state ppid ...", comm may hold spaces and parentheses
+        return int((Path("/proc") / str(pid) / "stat").read_text().rpartition(")")[2].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` name one file (by path where either cannot be read)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return a.resolve() == b.resolve()
+
+
 def _environ(raw: bytes) -> dict[str, str]:
     pairs = (os.fsdecode(entry).partition("=") for entry in raw.split(b"\0") if b"=" in entry)
     return {name: value for name, _, value in pairs}

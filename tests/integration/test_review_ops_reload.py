@@ -1,0 +1,247 @@
+"""Operations review of config reload against a running node (the supervisor of role processes, as `pacsnode serve`
+runs by default) with DCMTK as the modality: every kind of invalid file an admin saves is refused — by `pacsnode
+config reload` (exit 2, the reason) and by a raw SIGHUP (``config_reload_refused``) — without a secret in any
+message, the node serving on the old config meanwhile and the next good file applied; a changed port or AE title is
+named as needing a restart while the old ones keep serving; a storm of SIGHUPs during transfers, and SIGTERM in the
+middle of one, lose nothing acknowledged."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+import sqlalchemy as sa
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+from peers import dcmtk
+from peers.process import peer_env
+from tests.conftest import REPO, free_port, require_tool, wait_until
+from tests.ctgen import write_ct_series
+
+pytestmark = pytest.mark.integration
+
+SECRET = "tok-S3CRET-4711"
+LEAN = f'dicomweb_token = "{SECRET}"\n[worker]\nenabled = false\n[completion]\nstable_seconds = 3600\n'
+
+
+def events(node, name: str) -> list[dict]:
+    out = []
+    for line in node.log_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("event") == name:
+            out.append(record)
+    return out
+
+
+def reload_cli(node) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("PACSNODE_")}
+    return subprocess.run([sys.executable, "-m", "node.cli", "config", "reload", "--config", str(node.config_path)],
+                          capture_output=True, text=True, cwd=REPO, timeout=60, env=environ)
+
+
+def echo_ok(node, calling: str = "ECHOSCU") -> bool:
+    return dcmtk.echoscu(node.port, called_ae=node.ae_title, calling_ae=calling).returncode == 0
+
+
+def bad_files(good: str, port: int) -> dict[str, tuple[str, str]]:
+    """name → (file text, what `config reload`'s message must name)."""
+    dest = '\n[[destinations]]\nname = "pacs"\nkind = "dimse"\nae_title = "PACS"\nhost = "127.0.0.1"\nport = 104\n'
+    return {
+        "toml syntax": (good + "\n[gate\n", "not valid TOML"),
+        "unknown key": (good.replace("[worker]", "[worker]\nenabeld = true", 1), "unknown key"),
+        "bad port": (good.replace(f"port = {port}\n", "port = 70000\n", 1), "node.port"),
+        "duplicate ae_title key": (good.replace("[node]\n", '[node]\nae_title = "OTHER"\n', 1), "not valid TOML"),
+        "duplicate destination": (good + dest + dest, "destination names must be unique"),
+        "route to an unknown pipeline": (good + '\n[[routes]]\nname = "r"\npipeline = "no-such"\n', "routes"),
+        "unreadable TLS key": (good + '\n[tls]\ncertificate = "/nonexistent/node.pem"\n'
+                                      'private_key = "/nonexistent/node.key"\n', "tls.certificate"),
+        "destination url with password, bad key": (
+            good + f'\n[[destinations]]\nname = "web"\nkind = "dicomweb"\nurl = "https://u:{SECRET}@pacs/dw"\n'
+                   f'token = "{SECRET}"\nbogus = 1\n', "unknown key"),
+    }
+
+
+def test_every_invalid_file_is_refused_the_old_config_serves_and_the_next_good_one_applies(start_node):
+    require_tool("echoscu")
+    node = start_node(allowed=["ECHOSCU"], extra_toml=LEAN)
+    good = node.config_path.read_text()
+    for name, (text, named) in bad_files(good, node.port).items():
+        node.config_path.write_text(text)
+        cli = reload_cli(node)
+        assert cli.returncode == 2 and named in cli.stderr, (name, cli.returncode, cli.stderr)
+        assert SECRET not in cli.stdout + cli.stderr, name
+        before = len(events(node, "config_reload_refused"))
+        assert node.proc is not None
+        node.proc.send_signal(signal.SIGHUP)  # the node itself refuses it too
+        wait_until(lambda b=before: len(events(node, "config_reload_refused")) > b, 30, f"{name} refused",
+                   node.log_tail)
+        assert echo_ok(node) and not echo_ok(node, "INTRUDER"), name  # the old allow-list, still served
+    assert SECRET not in node.log_text()
+    assert node.proc.poll() is None
+
+    node.config_path.write_text(good.replace('["ECHOSCU"]', '["ECHOSCU", "SCANNER-B"]'))
+    cli = reload_cli(node)
+    assert cli.returncode == 0, cli.stderr
+    wait_until(lambda: echo_ok(node, "SCANNER-B"), 30, "the good file applied", node.log_tail)
+
+
+def test_a_changed_port_or_ae_title_is_named_as_needing_a_restart_and_the_old_ones_serve(start_node):
+    require_tool("echoscu")
+    node = start_node(extra_toml=LEAN)
+    new_port = free_port()
+    text = node.config_path.read_text()
+    node.config_path.write_text(text.replace(f"port = {node.port}\n", f"port = {new_port}\n", 1)
+                                .replace('ae_title = "PACSNODE"', 'ae_title = "NEWNAME"', 1))
+    cli = reload_cli(node)
+    assert cli.returncode == 0, cli.stderr
+    applied = wait_until(lambda: [r for r in events(node, "config_reloaded") if r.get("needs_restart")], 30,
+                         "config_reloaded with needs_restart", node.log_tail)
+    assert {"port", "ae_title"} <= set(applied[0]["needs_restart"])
+    assert echo_ok(node)  # old port, old AE title
+    assert dcmtk.echoscu(node.port, called_ae="NEWNAME").returncode != 0
+    assert dcmtk.echoscu(new_port, called_ae="NEWNAME").returncode != 0
+
+
+def indexed(db_url: str) -> set[str]:
+    engine = sa.create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            return {r.sop_uid for r in conn.execute(sa.text("select sop_uid from instances"))}
+    finally:
+        engine.dispose()
+
+
+def acknowledged(log: str) -> list[str]:
+    done, current = [], None
+    for line in log.splitlines():
+        if m := re.match(r"I: Sending file: (.+)$", line):
+            current = m.group(1).strip()
+        elif "Received Store Response (Success)" in line and current is not None:
+            done.append(current)
+            current = None
+    return done
+
+
+def senders(node, tmp_path, n: int, slices: int):
+    storescu = require_tool("storescu")
+    series = [write_ct_series(tmp_path / f"feed{i}", slices=slices, size=32, seed=40 + i) for i in range(n)]
+    sop_of = {str(p): sop for s in series for p, sop in zip(s.paths, s.sop_uids, strict=True)}
+    logs = [tmp_path / f"storescu{i}.log" for i in range(n)]
+    procs = []
+    for i, (s, log) in enumerate(zip(series, logs, strict=True)):
+        with log.open("w") as out:
+            procs.append(subprocess.Popen(
+                [storescu, "-v", "-aet", f"CT{i}", "-aec", node.ae_title, "127.0.0.1", str(node.port),
+                 *map(str, s.paths)], stdout=out, stderr=subprocess.STDOUT, env=peer_env()))
+    return procs, logs, sop_of
+
+
+def test_a_sighup_storm_during_transfers_loses_nothing_and_restarts_nothing(start_node, tmp_path):
+    node = start_node(allowed=["CT0", "CT1", "ECHOSCU"], extra_toml=LEAN)
+    good = node.config_path.read_text()
+    wider = good.replace('["CT0", "CT1", "ECHOSCU"]', '["CT0", "CT1", "ECHOSCU", "OTHER"]')
+    table = node.data_dir / "run"
+    pids_before = sorted(p for p in _child_pids(node))
+    procs, logs, sop_of = senders(node, tmp_path, 2, 300)
+    assert node.proc is not None
+    try:
+        for i in range(60):  # an admin's script, logrotate and a config tool all at once
+            node.config_path.write_text(wider if i % 2 else good)
+            node.proc.send_signal(signal.SIGHUP)
+            time.sleep(0.01)
+        assert any(p.poll() is None for p in procs), "the transfers ended before the storm: nothing was tested"
+    finally:
+        codes = [p.wait(120) for p in procs]
+    assert codes == [0, 0], [log.read_text()[-1500:] for log in logs]
+    acked = [f for log in logs for f in acknowledged(log.read_text())]
+    assert len(acked) == 600
+    wait_until(lambda: {sop_of[f] for f in acked} <= indexed(node.db_url), 30, "every acknowledged instance indexed")
+    assert node.proc.poll() is None and echo_ok(node)
+    assert sorted(_child_pids(node)) == pids_before, table
+    assert not events(node, "process_died")
+    assert len(events(node, "config_reloaded")) >= 2  # the children did reload during it
+
+
+def _child_pids(node) -> list[int]:
+    assert node.proc is not None
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(node.proc.pid)], capture_output=True, text=True)
+    return [int(x) for x in out.stdout.split()]
+
+
+def slow_sender(node, paths, acked: list[str], pause: float) -> None:
+    """A modality that sends one instance every ``pause`` seconds on one association, noting each one answered
+    Success, until the association ends (the node's stop) or every file is sent."""
+    ae = AE(ae_title="SLOWCT")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+    assert assoc.is_established
+    for path in paths:
+        if not assoc.is_established:
+            return
+        status = assoc.send_c_store(pydicom.dcmread(path))
+        if status and status.Status == 0:
+            acked.append(str(path))
+        time.sleep(pause)  # the modality's pace, not a wait for the node
+    if assoc.is_established:
+        assoc.release()
+
+
+def running(pid: int) -> bool:
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+    except OSError:
+        return False
+
+
+def test_sigterm_in_the_middle_of_a_transfer_loses_nothing_acknowledged_and_leaves_no_process(start_node, tmp_path):
+    node = start_node(extra_toml=LEAN)
+    children = _child_pids(node)
+    assert children
+    series = write_ct_series(tmp_path / "feed", slices=400, size=16, seed=77)
+    sop_of = dict(zip(map(str, series.paths), series.sop_uids, strict=True))
+    acked: list[str] = []
+    sender = threading.Thread(target=slow_sender, args=(node, series.paths, acked, 0.05))
+    sender.start()
+    try:
+        wait_until(lambda: len(indexed(node.db_url)) >= 20, 60, "20 instances committed")
+        assert node.proc is not None
+        t0 = time.monotonic()
+        node.proc.send_signal(signal.SIGTERM)
+        code = node.proc.wait(60)
+        stopped_in = time.monotonic() - t0
+    finally:
+        sender.join(60)
+    assert code == 0 and stopped_in < 30, (code, stopped_in, node.log_tail())
+    assert 0 < len(acked) < 400, "the transfer finished before the stop: nothing was tested"
+    assert {sop_of[f] for f in acked} <= indexed(node.db_url)
+    assert [pid for pid in children if running(pid)] == []
+    assert "Traceback" not in node.log_text()
+
+
+def test_a_reload_of_a_file_whose_data_dir_changed_finds_the_running_node(start_node, tmp_path):
+    # An admin preparing a move to a new disk sets data_dir (restart-only) and, in the same edit, lets a new scanner
+    # in. The command found its node by the pid file under the *file's* data_dir, so it said "no running node found"
+    # (exit 1) while the node ran, and nothing was applied; it must find the node by its config file instead.
+    require_tool("echoscu")
+    node = start_node(allowed=["ECHOSCU"], extra_toml=LEAN)
+    text = node.config_path.read_text().replace('["ECHOSCU"]', '["ECHOSCU", "SCANNER-B"]')
+    node.config_path.write_text(text.replace(str(node.data_dir), str(tmp_path / "new-disk"), 1))
+    cli = reload_cli(node)
+    assert cli.returncode == 0, cli.stderr
+    assert node.proc is not None and f"pid {node.proc.pid}" in cli.stdout
+    wait_until(lambda: echo_ok(node, "SCANNER-B"), 30, "the new scanner let in", node.log_tail)
+    applied = [r for r in events(node, "config_reloaded") if r.get("needs_restart")]
+    assert applied and "data_dir" in applied[0]["needs_restart"]
