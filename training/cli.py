@@ -35,6 +35,22 @@ def _err(msg: str) -> None:
     print(f"error: {msg}", file=sys.stderr)
 
 
+def _unwritable(path: str | Path, what: str, *, folder: bool = True) -> str:
+    """Why ``path`` cannot be written (a file where a folder is wanted or the reverse, or a nearest existing folder
+    this user cannot write), checked before minutes of work; "" when it can."""
+    p = Path(path).absolute()
+    if p.exists() and p.is_dir() != folder:
+        return f"{what} {path} is {'a file' if folder else 'a folder'}"
+    if p.exists():
+        return "" if os.access(p, os.W_OK) else f"{what} {path} is not writable"
+    parent = p.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{what} {path} cannot be created: {parent} is a file"
+    return "" if os.access(parent, os.W_OK | os.X_OK) else f"{what} {path} cannot be created in {parent} (not writable)"
+
+
 def _quiet_tf() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -65,6 +81,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         _err(f"train {args.model} takes one --data")
         return 2
     args.data = args.data[0]
+    if why := _unwritable(args.out, "--out"):
+        _err(why)
+        return 2
     common: dict[str, Any] = {"val_data": args.val_data, "version": args.version, "progress": not args.quiet,
                               "limit": args.limit}
     try:
@@ -139,6 +158,9 @@ def cmd_model_eval(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as exc:
             _err(f"cannot read --compare-with {args.compare_with}: {exc}")
             return 1
+    if args.json and (why := _unwritable(args.json, "--json", folder=False)):
+        _err(why)
+        return 2
     reg = Registry(Path(args.weights_dir) if args.weights_dir else None)
     try:
         res = evaluate(Path(args.data), reg, classifier_version=args.classifier_version,

@@ -56,7 +56,33 @@ def read_table(data: Path) -> pd.DataFrame:
     missing = {"case_id", "dicom_dir", "masks", "label"} - set(table.columns)
     if missing:
         raise TrainingError(f"{path} lacks columns {sorted(missing)}")
+    table["label"] = _checked_rows(table, path)
     return table
+
+
+def _checked_rows(table: pd.DataFrame, path: Path) -> list[int]:
+    """Every row's label as 0/1. Raises DatasetError naming each row with a missing or unreadable label or clinical
+    value, and each case id on several rows."""
+    from training.dataset import DatasetError, clinical_values, parse_label
+
+    labels, problems = [], []
+    for i, row in enumerate(table.to_dict("records")):
+        where = f"row {i + 2} of {path.name}"
+        try:
+            label = parse_label(row["label"])
+        except ValueError as exc:
+            label, why = None, str(exc)
+        else:
+            why = "no label"
+        if label is None:
+            problems.append(f"{where}: {why}")
+        labels.append(label if label is not None else 0)
+        problems += [f"{where}: {p}" for p in clinical_values(row)[1]]
+    ids = table.case_id.astype(str).str.strip()
+    problems += [f"case_id {c} is on {n} rows" for c, n in ids.value_counts().items() if n > 1]
+    if problems:
+        raise DatasetError(f"{path}: {len(problems)} problems", problems)
+    return labels
 
 
 def series_files(data: Path, dicom_dir: str) -> list[Path]:

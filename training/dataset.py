@@ -10,8 +10,11 @@ clinical columns (age, sex, fever, cough, dyspnoea, ...). A ``masks`` column (th
 
 It raises :class:`DatasetError` listing every problem at once: CSV rows whose series are missing, series without a
 label row (unless ``allow_unlabelled``), duplicate UIDs (in the CSV or two files with one SOPInstanceUID),
-conflicting labels, unparseable labels, or no readable DICOM file at all. Unreadable files are listed in
-``Dataset.unreadable`` and are not fatal on their own.
+conflicting labels, unparseable labels, clinical values that cannot be read (age not a number of years, sex not
+M/F/O/U, a symptom not 0/1, yes/no, true/false or present/absent; blank is missing; values are not echoed for age),
+a row naming a series the node's gate would refuse (not CT, not a CT image SOP class, a single slice), or no
+readable DICOM file at all. Unreadable files are listed in ``Dataset.unreadable`` and are not fatal on their own;
+their count, and with ``allow_unlabelled`` the count of series left out, lead ``Dataset.notes``.
 
 :func:`training.prepared.prepare` turns the cases into arrays on the model grid, once, and caches them.
 """
@@ -32,6 +35,13 @@ from training.common import TrainingError
 
 HEADER_TAGS = ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "PatientID", "Modality", "SOPClassUID")
 IMAGE_MODALITIES = frozenset({"CT"})
+# CT Image Storage (single-frame: a series needs at least two), Enhanced and Legacy Converted Enhanced CT.
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+IMAGE_SOP_CLASSES = frozenset({CT_IMAGE, "1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2"})
+MAX_AGE = 125.0
+_SEXES = {"m": "M", "male": "M", "f": "F", "female": "F", "o": "O", "other": "O", "u": "U", "unknown": "U"}
+_FLAGS = {"1": 1.0, "0": 0.0, "1.0": 1.0, "0.0": 0.0, "yes": 1.0, "no": 0.0, "true": 1.0, "false": 0.0,
+          "present": 1.0, "absent": 0.0}
 # Files that are never DICOM in a dataset folder: skipped without being listed as unreadable.
 NON_DICOM_SUFFIXES = frozenset({
     ".csv", ".tsv", ".json", ".npz", ".npy", ".txt", ".md", ".png", ".jpg", ".jpeg", ".html", ".xml", ".zip",
@@ -78,6 +88,7 @@ class SeriesFiles:
     patient_id: str
     modality: str
     files: tuple[Path, ...]
+    sop_class: str = CT_IMAGE
 
 
 @dataclass(frozen=True)
@@ -166,7 +177,7 @@ def scan_series(root: Path, *, progress: bool = False) -> tuple[dict[str, Series
             paths.append(p)
     unreadable: list[tuple[str, str]] = []
     groups: dict[str, list[tuple[str, Path]]] = defaultdict(list)
-    meta: dict[str, tuple[str, str, str]] = {}
+    meta: dict[str, tuple[str, str, str, str]] = {}
     seen_sop: dict[str, Path] = {}
     duplicates: list[str] = []
     for p in tqdm(paths, desc="read headers", unit="file", disable=not progress, leave=False):
@@ -190,12 +201,13 @@ def scan_series(root: Path, *, progress: bool = False) -> tuple[dict[str, Series
         meta.setdefault(
             series,
             (str(getattr(ds, "StudyInstanceUID", "") or ""), str(getattr(ds, "PatientID", "") or ""),
-             str(getattr(ds, "Modality", "") or "").upper()),
+             str(getattr(ds, "Modality", "") or "").upper(), str(getattr(ds, "SOPClassUID", "") or "")),
         )
     if duplicates:
         raise DatasetError(f"{root}: {len(duplicates)} duplicate instance UIDs", duplicates)
     found = {
-        uid: SeriesFiles(uid, meta[uid][0], meta[uid][1], meta[uid][2], tuple(p for _, p in sorted(files)))
+        uid: SeriesFiles(uid, meta[uid][0], meta[uid][1], meta[uid][2], tuple(p for _, p in sorted(files)),
+                         meta[uid][3])
         for uid, files in groups.items()
     }
     return found, unreadable
@@ -256,20 +268,35 @@ def _pick_series(candidates: list[SeriesFiles]) -> SeriesFiles:
     return sorted(ct, key=lambda s: (-len(s.files), s.series_uid))[0]
 
 
-def _clinical(row: dict[str, str]) -> dict[str, Any]:
+def clinical_values(row: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The row's clinical values (age in years, sex M/F/O/U, symptoms 1.0/0.0; blank or NaN left out) and a
+    problem per value that cannot be read, naming the column (an age is not echoed)."""
     out: dict[str, Any] = {}
+    problems = []
     for col in CLINICAL_COLUMNS:
-        v = row.get(col, "")
-        if v == "":
+        text = str(row.get(col, "")).strip()
+        if text.lower() in ("", "nan"):
             continue
-        if col == "sex":
-            out[col] = v.strip().upper()[:1] or None
-        else:
+        if col == "age":
             try:
-                out[col] = float(v)
+                age = float(text)
             except ValueError:
-                out[col] = v
-    return out
+                age = float("nan")
+            if not 0.0 <= age <= MAX_AGE:  # NaN fails too
+                problems.append(f"column 'age': not a number of years from 0 to {MAX_AGE:g}")
+                continue
+            out[col] = age
+        elif col == "sex":
+            if text.lower() not in _SEXES:
+                problems.append(f"column 'sex': cannot read {text!r} (M/F/O/U, male/female/other/unknown)")
+                continue
+            out[col] = _SEXES[text.lower()]
+        elif text.lower() not in _FLAGS:
+            problems.append(f"column {col!r}: cannot read {text!r} (1/0, yes/no, true/false, present/absent; "
+                            "blank when unknown)")
+        else:
+            out[col] = _FLAGS[text.lower()]
+    return out, problems
 
 
 def _duplicate_keys(df: pd.DataFrame, rows: list[dict[str, Any]]) -> list[str]:
@@ -321,13 +348,18 @@ class _Join:
             return None
 
     def _case(self, i: int, r: dict[str, Any], where: str) -> Case:
-        label, reader = _row_labels(r)
         sid, stid, cid = (str(r.get(k, "")).strip() for k in ("series_instance_uid", "study_instance_uid", "case_id"))
         found = self._find(r, where, sid, stid, cid)
         if found.series_uid in self.used:
             raise _RowError(f"series {found.series_uid} is already labelled by row {self.used[found.series_uid] + 2}")
-        self.used[found.series_uid] = i
+        self.used[found.series_uid] = i  # a row refused below still claims its series (not "unlabelled" too)
         self.used_studies.add(found.study_uid)
+        if refused := _not_ct(found):
+            raise _RowError(f"series {found.series_uid} {refused}; only CT series can be used")
+        label, reader = _row_labels(r)
+        clinical, unreadable = clinical_values(r)
+        if unreadable:
+            raise _RowError("; ".join(unreadable))
         masks = self._masks(r)
         patient = str(r.get("patient_id", "")).strip() or found.patient_id
         case_id = cid or sid or found.series_uid
@@ -335,7 +367,7 @@ class _Join:
             patient = case_id
             self.notes.append(f"{where}: no patient id in the table or headers; the case is its own group")
         return Case(case_id=case_id, series_uid=found.series_uid, study_uid=found.study_uid, patient_id=patient,
-                    label=label, reader_label=reader, files=found.files, masks=masks, clinical=_clinical(r),
+                    label=label, reader_label=reader, files=found.files, masks=masks, clinical=clinical,
                     row=dict(r))
 
     def _find(self, r: dict[str, Any], where: str, sid: str, stid: str, cid: str) -> SeriesFiles:
@@ -393,6 +425,17 @@ class _Join:
         return out
 
 
+def _not_ct(s: SeriesFiles) -> str:
+    """Why the node's gate would refuse series ``s`` (another modality or SOP class, one slice); "" if it would not."""
+    if s.modality not in IMAGE_MODALITIES:
+        return f"is {s.modality or 'without a modality'}"
+    if s.sop_class not in IMAGE_SOP_CLASSES:
+        return f"has SOP class {s.sop_class or 'none'}, not a CT image"
+    if s.sop_class == CT_IMAGE and len(s.files) < 2:
+        return f"has one slice ({s.files[0].name})"
+    return ""
+
+
 def _row_labels(r: dict[str, Any]) -> tuple[int, int | None]:
     """The row's label and reader label. Raises _RowError (unreadable or missing label)."""
     try:
@@ -428,6 +471,9 @@ def load_dataset(
     join = _Join(root, table_path.name, series, problems=_duplicate_keys(df, rows))
     cases = [c for c in (join.row(i, r) for i, r in enumerate(rows)) if c is not None]
     unlabelled = join.unlabelled()
+    skipped = [f"{len(unreadable)} files under {root} are not readable DICOM and were skipped"] if unreadable else []
+    if unlabelled and allow_unlabelled:
+        skipped.append(f"{len(unlabelled)} CT series the table does not label were left out (--allow-unlabelled)")
     if unlabelled and not allow_unlabelled:
         join.problems.extend(
             f"unlabelled series {u} ({len(series[u].files)} files, e.g. {series[u].files[0].relative_to(root)})"
@@ -439,4 +485,4 @@ def load_dataset(
     if len(set(c.label for c in cases)) < 2:
         join.notes.append("only one class is labelled")
     return Dataset(root=root, table_path=table_path, cases=cases, unreadable=unreadable, unlabelled=unlabelled,
-                   notes=join.notes)
+                   notes=[*skipped, *join.notes])
