@@ -231,9 +231,16 @@ def find_table(root: Path) -> Path:
 
 
 def read_labels(path: Path) -> pd.DataFrame:
-    """The label table with canonical column names (see the module docstring). Raises DatasetError."""
+    """The label table with canonical column names (see the module docstring); comma-, semicolon- (a European
+    spreadsheet's CSV) or tab-separated, as its header line shows. Raises DatasetError."""
     try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+        with open(path, encoding="utf-8-sig", errors="replace") as f:
+            header = f.readline()
+        sep = max((",", ";", "\t"), key=header.count)  # ties (none of them): a one-column table, read as CSV
+        table = pd.read_csv(path, dtype=str, keep_default_na=False, sep=sep)
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"cannot read label table {path}: not UTF-8 (byte {exc.object[exc.start]:#04x} at "
+                           f"offset {exc.start}); save it as UTF-8 CSV") from exc
     except (OSError, ValueError) as exc:
         raise DatasetError(f"cannot read label table {path}: {exc}") from exc
     rename = {}

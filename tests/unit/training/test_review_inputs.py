@@ -156,3 +156,15 @@ def test_skipped_files_and_unlabelled_series_are_counted_in_the_cli_output(
     assert f"1 files under {root} are not readable DICOM and were skipped" in out.out, out.out
     assert "1 CT series the table does not label were left out (--allow-unlabelled)" in out.out, out.out
     _no_phi(out.out + out.err)
+
+
+def test_a_semicolon_separated_table_is_read_and_a_latin1_one_named(base: Path, tmp_path: Path) -> None:
+    """A spreadsheet's semicolon CSV was refused as having "no 'label' column" (the whole header one column)."""
+    root = _copy(base, tmp_path)
+    t = _table(root)
+    t.to_csv(root / "clinical.csv", index=False, sep=";")
+    ds = load_dataset(root)
+    assert [c.case_id for c in ds.cases] == t.case_id.tolist() and ds.labels.tolist() == t.label.astype(int).tolist()
+    (root / "clinical.csv").write_bytes(t.assign(comment="fièvre").to_csv(index=False).encode("latin-1"))
+    with pytest.raises(DatasetError, match="not UTF-8 .*save it as UTF-8 CSV"):
+        load_dataset(root)
