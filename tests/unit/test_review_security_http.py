@@ -43,6 +43,7 @@ from tests.conftest import free_port, require_tool
 from tests.tlscerts import Pki, make_pki
 
 TOKEN = "pentest-token-0123456789"
+DEST_SECRET = "destination-secret-9a8b7c"
 HEADER_TIMEOUT = 0.8
 PER_PEER = 3
 ATTACKER = "127.0.0.2"
@@ -62,7 +63,9 @@ class Web:
                     "http_header_timeout_seconds": HEADER_TIMEOUT, "http_max_connections_per_peer": PER_PEER, **node}
         if https:
             tls = {"certificate": str(pki.server_cert), "private_key": str(pki.server_key), "https": True, **tls}
-        self.config = NodeConfig.model_validate({"node": settings, "tls": tls})
+        destination = {"name": "pacs", "kind": "dicomweb", "url": f"https://user:{DEST_SECRET}@pacs.example/dicomweb",
+                       "token": DEST_SECRET}
+        self.config = NodeConfig.model_validate({"node": settings, "tls": tls, "destinations": [destination]})
         self.engine = create_engine_for(f"sqlite:///{tmp_path / 'node.db'}")
         init_schema(self.engine)
         spool, index, self.metrics = Spool(self.config.node.spool_dir), Index(self.engine), Metrics()
@@ -265,7 +268,13 @@ def test_presented_tokens_never_reach_the_log(web) -> None:
     assert logs
     for event in logs:
         text = repr(event)
-        assert SECRET_SEEN not in text and TOKEN not in text, event
+        assert SECRET_SEEN not in text and TOKEN not in text and DEST_SECRET not in text, event
+    for path in ("/admin/", "/readyz", "/healthz"):  # what anyone may read shows no credential either
+        answer = _ask(node, "GET", path)
+        assert status(answer) == 200 and TOKEN.encode() not in answer and DEST_SECRET.encode() not in answer, path
+        assert path != "/admin/" or b"pacs.example" in answer  # the page does show the destination, masked
+    metrics = _ask(node, "GET", "/metrics", f"Authorization: Bearer {TOKEN}")
+    assert status(metrics) == 200 and TOKEN.encode() not in metrics and DEST_SECRET.encode() not in metrics
 
 
 @pytest.mark.parametrize("https", [False, True], ids=["http", "https"])
