@@ -347,7 +347,7 @@ class Service:
     def run_forever(self, on_started: Callable[[], None] | None = None) -> int:
         """Start, supervise the loops until a signal (or a loop that keeps dying), stop; returns the exit status:
         0, or `EXIT_LOOP_FAILED`."""
-        StopSignals(self.log, self._stop, self.pid_file, self.reload).install()
+        StopSignals(self.log, self._stop, self.pid_file, self.reload, force_exit=exit_now).install()
         self.start()
         if on_started is not None:
             on_started()

@@ -3,8 +3,10 @@ one-process node (`node.service.Service`) and the supervisor of role processes (
 
 `StopSignals(...).install()` (from the main thread): the first SIGINT/SIGTERM logs ``shutting_down`` and sets the
 owner's ``stop`` event, so its main loop stops the stages in order; a second logs ``forced_exit``, runs
-``on_force`` (the supervisor kills its children), removes the pid file and raises ``SystemExit(130)``. SIGHUP runs
-``reload`` in a ``config-reload`` thread — not in the handler itself: reload takes locks that the interrupted
+``on_force`` (the supervisor kills its children), removes the pid file and ends the process with status 130:
+through ``force_exit`` when given (`node.service.exit_now`, at once: a raised ``SystemExit`` made the interpreter
+wait for pynetdicom's non-daemon DUL threads, so an idle association held the one-process node up to its network
+timeout), else by raising ``SystemExit(130)``. SIGHUP runs ``reload`` in a ``config-reload`` thread — not in the handler itself: reload takes locks that the interrupted
 thread may hold.
 """
 
@@ -23,12 +25,14 @@ class StopSignals:
     """The handlers of one process; ``log`` is its structlog logger."""
 
     def __init__(self, log: Any, stop: threading.Event, pid_file: Path, reload: Callable[[], object], *,
-                 on_force: Callable[[], None] | None = None) -> None:
+                 on_force: Callable[[], None] | None = None,
+                 force_exit: Callable[[int], object] | None = None) -> None:
         self._log = log
         self._stop = stop
         self._pid_file = pid_file
         self._reload = reload
         self._on_force = on_force
+        self._force_exit = force_exit
         self._signals = 0
 
     def install(self) -> None:
@@ -47,6 +51,8 @@ class StopSignals:
                 self._on_force()
             with contextlib.suppress(FileNotFoundError):
                 self._pid_file.unlink()
+            if self._force_exit is not None:
+                self._force_exit(130)
             raise SystemExit(130)
         self._log.info("shutting_down", signal=signal.Signals(signum).name)
         self._stop.set()

@@ -31,6 +31,7 @@ from tests.ctgen import write_ct_series
 pytestmark = pytest.mark.integration
 
 SECRET = "tok-S3CRET-4711"
+MODELS = ("processes", "threads")
 LEAN = f'dicomweb_token = "{SECRET}"\n[worker]\nenabled = false\n[completion]\nstable_seconds = 3600\n'
 
 
@@ -149,8 +150,9 @@ def senders(node, tmp_path, n: int, slices: int):
     return procs, logs, sop_of
 
 
-def test_a_sighup_storm_during_transfers_loses_nothing_and_restarts_nothing(start_node, tmp_path):
-    node = start_node(allowed=["CT0", "CT1", "ECHOSCU"], extra_toml=LEAN)
+@pytest.mark.parametrize("model", MODELS)
+def test_a_sighup_storm_during_transfers_loses_nothing_and_restarts_nothing(start_node, tmp_path, model):
+    node = start_node(allowed=["CT0", "CT1", "ECHOSCU"], extra_toml=f'process_model = "{model}"\n' + LEAN)
     good = node.config_path.read_text()
     wider = good.replace('["CT0", "CT1", "ECHOSCU"]', '["CT0", "CT1", "ECHOSCU", "OTHER"]')
     table = node.data_dir / "run"
@@ -206,10 +208,12 @@ def running(pid: int) -> bool:
         return False
 
 
-def test_sigterm_in_the_middle_of_a_transfer_loses_nothing_acknowledged_and_leaves_no_process(start_node, tmp_path):
-    node = start_node(extra_toml=LEAN)
+@pytest.mark.parametrize("model", MODELS)
+def test_sigterm_in_the_middle_of_a_transfer_loses_nothing_acknowledged_and_leaves_no_process(start_node, tmp_path,
+                                                                                               model):
+    node = start_node(extra_toml=f'process_model = "{model}"\n' + LEAN)
     children = _child_pids(node)
-    assert children
+    assert len(children) == (2 if model == "processes" else 0)
     series = write_ct_series(tmp_path / "feed", slices=400, size=16, seed=77)
     sop_of = dict(zip(map(str, series.paths), series.sop_uids, strict=True))
     acked: list[str] = []
@@ -245,3 +249,22 @@ def test_a_reload_of_a_file_whose_data_dir_changed_finds_the_running_node(start_
     wait_until(lambda: echo_ok(node, "SCANNER-B"), 30, "the new scanner let in", node.log_tail)
     applied = [r for r in events(node, "config_reloaded") if r.get("needs_restart")]
     assert applied and "data_dir" in applied[0]["needs_restart"]
+
+
+def test_a_second_sigterm_ends_the_one_process_node_at_once_with_an_association_open(start_node):
+    # "a second signal forces exit": the forced exit raised SystemExit, and the interpreter then waited for
+    # pynetdicom's (non-daemon) DUL threads, so a modality holding an idle association kept the node alive until
+    # the network timeout (60 s), logging apscheduler tracebacks every second meanwhile.
+    node = start_node(extra_toml='process_model = "threads"\n' + LEAN)
+    ae = AE(ae_title="HOLDER")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+    assert assoc.is_established and node.proc is not None
+    node.proc.send_signal(signal.SIGTERM)
+    wait_until(lambda: events(node, "shutting_down"), 30, "the first stop", node.log_tail)
+    t0 = time.monotonic()
+    node.proc.send_signal(signal.SIGTERM)
+    code = node.proc.wait(90)
+    assert (code, time.monotonic() - t0 < 5) == (130, True), node.log_tail()
+    assert events(node, "forced_exit") and "Traceback" not in node.log_text()
+    assoc.abort()
