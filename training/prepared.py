@@ -101,7 +101,7 @@ def case_symptoms(case: Case) -> dict[str, float | None]:
 def prepare(dataset: Dataset, grid: int, cache_dir: str | Path, *, progress: bool = False) -> Prepared:
     """The cases on a ``grid``² model grid, read from the cache or computed once and cached (atomically).
 
-    Raises DatasetError when a series cannot be read (load_series' reason, named by case id).
+    Raises DatasetError naming every series that cannot be read (load_series' reason, by case id).
     """
     from tqdm import tqdm
 
@@ -116,11 +116,17 @@ def prepare(dataset: Dataset, grid: int, cache_dir: str | Path, *, progress: boo
         except (OSError, ValueError, KeyError) as exc:
             if progress:
                 tqdm.write(f"cache {path.name} unusable ({exc}); rebuilding")
-    cases, hists = [], []
+    cases, hists, broken = [], [], []
     for c in tqdm(dataset.cases, desc="preprocess", unit="series", disable=not progress):
-        gc, counts = _grid_case(c, grid)
+        try:
+            gc, counts = _grid_case(c, grid)
+        except DatasetError as exc:  # every broken series named at once, not one per run
+            broken.append(str(exc))
+            continue
         cases.append(gc)
         hists.append(counts)
+    if broken:
+        raise DatasetError(f"{len(broken)} of {len(dataset.cases)} series cannot be used", broken)
     counts_arr = np.stack(hists).astype(np.int64)
     _write_cache(path, cases, counts_arr)
     return Prepared(cases, HIST_EDGES.copy(), counts_arr, key, path, False, time.perf_counter() - t0)

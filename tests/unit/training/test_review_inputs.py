@@ -168,3 +168,20 @@ def test_a_semicolon_separated_table_is_read_and_a_latin1_one_named(base: Path, 
     (root / "clinical.csv").write_bytes(t.assign(comment="fièvre").to_csv(index=False).encode("latin-1"))
     with pytest.raises(DatasetError, match="not UTF-8 .*save it as UTF-8 CSV"):
         load_dataset(root)
+
+
+def test_preprocessing_names_every_broken_series_at_once(base: Path, tmp_path: Path) -> None:
+    """Preprocessing stopped at the first series it could not read: a hospital set with several needed a run (all
+    the preprocessing before it) per broken series."""
+    from training.prepared import prepare
+
+    root = _copy(base, tmp_path)
+    for case in ("CASE0002", "CASE0005"):
+        for f in (root / case / "dicom").iterdir():
+            ds = pydicom.dcmread(f)
+            del ds.RescaleIntercept
+            ds.save_as(f)
+    with pytest.raises(DatasetError, match="2 of 6 series cannot be used") as err:
+        prepare(load_dataset(root), 32, tmp_path / "cache")
+    assert [p.split(":")[0] for p in err.value.problems] == ["case CASE0002", "case CASE0005"]
+    assert all("no RescaleIntercept" in p for p in err.value.problems)
