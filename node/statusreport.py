@@ -62,7 +62,7 @@ def print_report(config: NodeConfig, report: dict[str, Any]) -> None:
     print("admission:  " + _admission_line(report["admission"]))
     for line in _process_lines(report["processes"]):
         print(line)
-    for line in _destination_lines(report["destinations"]):
+    for line in _destination_lines(report["destinations"], config.dispatch.give_up_after_seconds):
         print(line)
     for row in report["alerts"]:
         print(f"ALERT job {row['id']} dead, series {row['series_uid']} v{row['version']}: no result and no "
@@ -87,8 +87,10 @@ def _process_lines(table: dict[str, Any]) -> list[str]:
             for p in table.get("processes", [])]
 
 
-def _destination_lines(rows: list[dict[str, Any]]) -> list[str]:
-    """One line per destination: reachability (last check, last success, why not), backlog, dead, commitment."""
+def _destination_lines(rows: list[dict[str, Any]], give_up_seconds: float) -> list[str]:
+    """One line per destination: reachability (last check, last success, why not), backlog, dead, commitment; one
+    with rows left but no longer in the config (a reload removed or renamed it) says so, and what becomes of them,
+    instead of "not checked yet" or its last check from before."""
     import time
 
     def ago(ts: float | None) -> str:
@@ -96,6 +98,11 @@ def _destination_lines(rows: list[dict[str, Any]]) -> list[str]:
 
     lines = []
     for d in rows:
+        if not d.get("configured", True):
+            lines.append(f"destination {d['destination']}: NOT IN THE CONFIG (removed or renamed); backlog "
+                         f"{d['backlog']} kept, not sent, dead-lettered {give_up_seconds:g} s after queueing unless "
+                         f"the destination comes back; dead {d['dead']}, delivered {d['delivered']}")
+            continue
         if d["reachable"] is None:
             reach = "not checked yet"
         elif d["reachable"]:

@@ -268,3 +268,45 @@ def test_a_second_sigterm_ends_the_one_process_node_at_once_with_an_association_
     assert (code, time.monotonic() - t0 < 5) == (130, True), node.log_tail()
     assert events(node, "forced_exit") and "Traceback" not in node.log_text()
     assoc.abort()
+
+
+def deliveries(db_url: str) -> list[dict]:
+    engine = sa.create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(sa.text(
+                "select id, destination, state, last_error from deliveries order by id"))]
+    finally:
+        engine.dispose()
+
+
+def test_deliveries_of_a_destination_a_reload_removes_are_kept_then_dead_lettered_with_a_reason(start_node, tmp_path):
+    from node.config import load_config
+    from node.dispatch import Dispatcher
+
+    dest = ('\n[[destinations]]\nname = "old-pacs"\nkind = "dimse"\nae_title = "OLD"\nhost = "127.0.0.1"\n'
+            f'port = {free_port()}\n')  # nothing listens: each attempt fails, the rows wait
+    dispatch = "\n[dispatch]\ninitial_backoff_seconds = 0.5\nmax_backoff_seconds = 1\ngive_up_after_seconds = 12\n"
+    node = start_node(extra_toml=LEAN + dispatch + dest)
+    series = write_ct_series(tmp_path / "res", slices=2, size=16, seed=5)
+    engine = sa.create_engine(node.db_url)
+    try:  # what the worker queues when a series' results are built
+        Dispatcher(load_config(node.config_path), engine, {}).enqueue(series.series_uid, 1, series.paths,
+                                                                         series.sop_uids)
+    finally:
+        engine.dispose()
+    wait_until(lambda: all(d["last_error"] for d in deliveries(node.db_url)), 30, "an attempt failed", node.log_tail)
+    node.config_path.write_text(node.config_path.read_text().replace(dest, ""))
+    assert reload_cli(node).returncode == 0
+    wait_until(lambda: events(node, "dispatch_config_applied"), 30, "the dispatcher reloaded", node.log_tail)
+    wait_until(lambda: [d["state"] for d in deliveries(node.db_url)] == ["pending"], 10,  # an attempt may be ending
+               "kept pending: a later reload may bring the destination back", node.log_tail)
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("PACSNODE_")}
+    status = subprocess.run([sys.executable, "-m", "node.cli", "status", "--config", str(node.config_path)],
+                            capture_output=True, text=True, cwd=REPO, timeout=60, env=environ)
+    assert "deliveries to old-pacs: pending 1" in status.stdout, status.stdout
+    # and the destination line says why nothing is sent (it said "old-pacs (None): not checked yet")
+    assert "destination old-pacs: NOT IN THE CONFIG (removed or renamed); backlog 1 kept" in status.stdout
+    dead = wait_until(lambda: [d for d in deliveries(node.db_url) if d["state"] == "dead"], 40, "dead-lettered",
+                      node.log_tail)
+    assert "gave up after 12 s" in dead[0]["last_error"], dead
