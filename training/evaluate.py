@@ -112,7 +112,7 @@ def evaluate(
             {
                 "case_id": row.case_id,
                 "label": int(row.label),
-                "reader": int(getattr(row, "reader_label", -1)),
+                "reader": _reader_label(getattr(row, "reader_label", None), row.Index),
                 "subtle": int(getattr(row, "subtle", 0)),
                 "probability": c.probability,
                 "raw_probability": c.raw_probability if c.raw_probability is not None else c.probability,
@@ -152,6 +152,20 @@ def ece_fields(y: np.ndarray, rows: list[dict[str, Any]]) -> dict[str, float | N
             "ece_fused": ece(y, p) if fused else None, "ece": ece(y, p)}
 
 
+def _reader_label(value: Any, index: Any) -> int:
+    """The simulated reader's call for a case: 0 or 1, or -1 where the table has none (blank or no column).
+    Raises TrainingError naming the table row for any other value."""
+    if value is None or (isinstance(value, float) and math.isnan(value)) or str(value).strip() == "":
+        return -1
+    try:
+        label = float(value)
+    except ValueError:
+        label = math.nan
+    if label not in (0.0, 1.0):
+        raise TrainingError(f"row {int(index) + 2} of clinical.csv: column 'reader_label': not 0, 1 or blank")
+    return int(label)
+
+
 def summarise(rows: list[dict[str, Any]], threshold: float, data: Path, versions: dict[str, str]) -> dict[str, Any]:
     """`evaluate`'s result from its per-case rows (see the module docstring; the ECE fields: `ece_fields`)."""
     y = np.array([r["label"] for r in rows])
@@ -161,6 +175,7 @@ def summarise(rows: list[dict[str, Any]], threshold: float, data: Path, versions
     pos, neg = y == 1, y == 0
     tp, tn = int((pred & pos).sum()), int((~pred & neg).sum())
     r_tp, r_tn = int(((reader == 1) & pos).sum()), int(((reader == 0) & neg).sum())
+    r_pos, r_neg = int((pos & (reader >= 0)).sum()), int((neg & (reader >= 0)).sum())  # cases the reader read
     subtle = np.array([r["subtle"] for r in rows]) == 1
     lung = np.array([r["lung_dice"] for r in rows])
     les = np.array([r["lesion_dice"] for r in rows if r["lesion_dice"] is not None])
@@ -184,8 +199,8 @@ def summarise(rows: list[dict[str, Any]], threshold: float, data: Path, versions
             "specificity_ci95": wilson(tn, int(neg.sum())),
             "roc_auc_subtle_vs_normal": roc_auc(y[sub_mask], p[sub_mask]) if subtle.any() else None,
             "subtle_cases": int(subtle.sum()),
-            "reader_sensitivity": r_tp / max(1, int(pos.sum())),
-            "reader_specificity": r_tn / max(1, int(neg.sum())),
+            "reader_sensitivity": r_tp / r_pos if r_pos else None,
+            "reader_specificity": r_tn / r_neg if r_neg else None,
             "attention_top_slice_has_lesion": float(np.mean(hits)) if hits else None,
             **ece_fields(y, rows),
             # A lesion-fusing version: the image classifier's own (calibrated) probability, before the fusion.

@@ -10,25 +10,30 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from training.common import TrainingError
 from training.crossval.folds import FoldResults, run_folds, set_determinism
 from training.crossval.metrics import build_metrics, reader_labels
 from training.crossval.outputs import environment, logger, write_json, write_predictions
 from training.crossval.settings import EvaluateSettings, RunSettings
+from training.crossval.splits import outer_folds
 from training.dataset import Dataset, load_dataset
 from training.prepared import Prepared, prepare
 from training.train import ClassifierSettings
 
 
-def load_prepared(st: RunSettings, cache_default: Path,
-                  log: Callable[[str], None] | None = None) -> tuple[Dataset, ClassifierSettings, Prepared]:
+def load_prepared(st: RunSettings, cache_default: Path, log: Callable[[str], None] | None = None,
+                  check: Callable[[Dataset], object] | None = None) -> tuple[Dataset, ClassifierSettings, Prepared]:
     """The dataset, the classifier settings it implies (slice supervision only with masks) and its cases on the
-    model grid (cached). Raises DatasetError / ValueError."""
+    model grid (cached); ``check`` sees the dataset before its cases are preprocessed (it raises to stop there).
+    Raises DatasetError / ValueError."""
     ds = load_dataset(st.data, st.labels, allow_unlabelled=st.allow_unlabelled, progress=st.progress)
     if log is not None:
         for note in ds.notes[:20]:
             log(f"note: {note}")
         for rel, why in ds.unreadable[:20]:
             log(f"unreadable: {rel}: {why}")
+    if check is not None:
+        check(ds)
     s0 = st.classifier(slice_labels=ds.has_masks)
     prep = prepare(ds, s0.grid, st.cache(cache_default), progress=st.progress)
     if log is not None:
@@ -91,10 +96,14 @@ def run_evaluation(st: EvaluateSettings) -> dict[str, Any]:
     t_start = time.perf_counter()
     started = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     out = Path(st.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TrainingError(f"--out {out}: cannot make the report folder there ({exc.strerror})") from exc
     log = logger(out / "run.log", st.progress)
     set_determinism(st.seed)
-    ds, s0, prep = load_prepared(st, out / "cache", log)
+    ds, s0, prep = load_prepared(st, out / "cache", log,  # a fold count the labels cannot fill: before preprocessing
+                                 check=lambda d: outer_folds(d.labels, d.groups, st.folds, st.seed))
     res = run_folds(st, ds, prep, s0, log)
     image_only = run_folds(st, ds, prep, replace(s0, clinical_inputs=()), log, variant="image-only") \
         if st.ablation and s0.clinical_inputs else None
