@@ -310,3 +310,36 @@ def test_deliveries_of_a_destination_a_reload_removes_are_kept_then_dead_lettere
     dead = wait_until(lambda: [d for d in deliveries(node.db_url) if d["state"] == "dead"], 40, "dead-lettered",
                       node.log_tail)
     assert "gave up after 12 s" in dead[0]["last_error"], dead
+
+
+def test_a_sighup_storm_adding_and_removing_a_destination_delivers_each_result_once(start_node, tmp_path):
+    from node.config import load_config
+    from node.dispatch import Dispatcher
+
+    pacs = dcmtk.StoreScp(tmp_path / "pacs", options=("-v",), log_path=tmp_path / "storescp.log").start()
+    try:
+        dest = ('\n[[destinations]]\nname = "pacs"\nkind = "dimse"\nae_title = "STORESCP"\nhost = "127.0.0.1"\n'
+                f'port = {pacs.port}\n')
+        node = start_node(extra_toml=LEAN + dest)
+        good = node.config_path.read_text()
+        engine = sa.create_engine(node.db_url)
+        try:  # 20 result sets queued as the worker queues them
+            dispatcher = Dispatcher(load_config(node.config_path), engine, {})
+            for i in range(20):
+                s = write_ct_series(tmp_path / f"res{i}", slices=2, size=16, seed=100 + i)
+                dispatcher.enqueue(s.series_uid, 1, s.paths, s.sop_uids)
+        finally:
+            engine.dispose()
+        assert node.proc is not None
+        for i in range(60):
+            node.config_path.write_text(good if i % 2 else good.replace(dest, ""))
+            node.proc.send_signal(signal.SIGHUP)
+            time.sleep(0.02)
+        node.config_path.write_text(good)
+        node.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: [d["state"] for d in deliveries(node.db_url)] == ["delivered"] * 20, 90,
+                   "every result set delivered", node.log_tail)
+        assert node.proc.poll() is None and not events(node, "process_died")
+        assert pacs.log_text().count("Received Store Request") == 40  # none sent twice
+    finally:
+        pacs.stop()
