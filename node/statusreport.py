@@ -7,12 +7,16 @@ writes it for a person (the CLI prints the dict as JSON with ``--json``).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+from sqlalchemy.engine import make_url
 
 from node.commitment import commit_problems
 from node.config import NodeConfig
 from node.db import create_engine_for, init_schema
 from node.dispatch import Dispatcher
+from node.errors import ConfigError
 from node.index import Index
 from node.processes import read_table
 from node.queue import JobQueue
@@ -20,7 +24,15 @@ from node.reachability import destination_report
 
 
 def open_stages(config: NodeConfig) -> tuple[Any, Any, Any]:
-    """(Index, JobQueue, Dispatcher without senders) over ``config``'s database, its schema checked/created."""
+    """(Index, JobQueue, Dispatcher without senders) over ``config``'s database, its schema checked. A SQLite file
+    that does not exist is refused (`ConfigError`), not created: the admin's shell read another database than the
+    node's (a data_dir the node's own PACSNODE_ overrides change), and an empty report of a new file looked like a
+    node that had received nothing."""
+    url = make_url(config.database_url)
+    if (url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:")
+            and not Path(str(url.database)).is_file()):
+        raise ConfigError(f"no database at {url.database}: the node has not run with this config, or it runs "
+                              "with another data_dir or [database] url (its own PACSNODE_ overrides?)")
     engine = create_engine_for(config.database_url)
     init_schema(engine)
     return Index(engine), JobQueue(engine, config.queue), Dispatcher(config, engine, {})

@@ -125,3 +125,17 @@ def test_a_missing_config_file_is_one_line_and_exit_2(tmp_path):
     config = tmp_path / "absent.toml"
     done, seconds = serve(config)
     assert_refused_at_once(done, seconds, config, code=2, names="does not exist")
+
+
+@pytest.mark.parametrize("command", [("status",), ("status", "--json"), ("retry",), ("purge", "--dry-run")])
+def test_admin_commands_on_a_config_whose_database_is_not_there_say_so_and_create_nothing(tmp_path, command):
+    # The node runs with data_dir set by its own environment (systemd Environment=PACSNODE_NODE__DATA_DIR=...);
+    # the admin's shell reads the file alone. `pacsnode status` created an empty database there and reported
+    # "series: none, jobs: none, deliveries: none" — a node that had received nothing — with exit 0.
+    config = write_config(tmp_path, "threads")
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("PACSNODE_")}
+    done = subprocess.run([sys.executable, "-m", "node.cli", *command, "--config", str(config)], capture_output=True,
+                          text=True, cwd=REPO, timeout=60, env=environ)
+    assert done.returncode == 2, (done.returncode, done.stdout[-1000:], done.stderr[-1000:])
+    assert f"no database at {tmp_path / 'data' / 'node.db'}" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "data" / "node.db").exists()
