@@ -343,3 +343,21 @@ def test_a_sighup_storm_adding_and_removing_a_destination_delivers_each_result_o
         assert pacs.log_text().count("Received Store Request") == 40  # none sent twice
     finally:
         pacs.stop()
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_a_sender_removed_from_the_allow_list_mid_transfer_finishes_whole_and_is_refused_next(start_node, tmp_path,
+                                                                                              model):
+    node = start_node(allowed=["CT0", "ECHOSCU"], extra_toml=f'process_model = "{model}"\n' + LEAN)
+    procs, logs, sop_of = senders(node, tmp_path, 1, 300)
+    wait_until(lambda: len(indexed(node.db_url)) >= 20, 60, "the transfer under way")
+    node.config_path.write_text(node.config_path.read_text().replace('["CT0", "ECHOSCU"]', '["ECHOSCU"]'))
+    assert reload_cli(node).returncode == 0
+    assert procs[0].wait(120) == 0, logs[0].read_text()[-1500:]
+    acked = acknowledged(logs[0].read_text())
+    assert len(acked) == 300 and {sop_of[f] for f in acked} <= indexed(node.db_url)
+    timeline = sorted((r["timestamp"], r["event"]) for name in ("config_reloaded", "instance_stored")
+                      for r in events(node, name))
+    assert timeline[-1][1] == "instance_stored", "the transfer ended before the reload: nothing was tested"
+    wait_until(lambda: not echo_ok(node, "CT0"), 30, "CT0 refused from now on", node.log_tail)
+    assert echo_ok(node)
