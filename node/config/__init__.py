@@ -87,6 +87,8 @@ class NodeConfig(_Frozen):
         dupes = sorted({n for n in routes if routes.count(n) > 1})
         if dupes:
             raise ValueError(f"route names must be unique: {', '.join(dupes)}")
+        if self.tls.plaintext_dimse and self.node.port == self.node.http_port:  # the listener child's HTTP bind
+            raise ValueError(f"node.port {self.node.port} is also node.http_port: DIMSE and HTTP need a port each")
         if self.tls.dimse_port is not None and self.tls.dimse_port in (
             self.node.http_port, self.node.port if self.tls.plaintext_dimse else None
         ):

@@ -139,3 +139,13 @@ def test_admin_commands_on_a_config_whose_database_is_not_there_say_so_and_creat
     assert done.returncode == 2, (done.returncode, done.stdout[-1000:], done.stderr[-1000:])
     assert f"no database at {tmp_path / 'data' / 'node.db'}" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "data" / "node.db").exists()
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_one_port_for_dimse_and_http_is_refused_in_one_line(tmp_path, model):
+    # Accepted by the config check, then under process_model = processes the supervisor bound DIMSE and the listener
+    # child died on its HTTP bind, restarted until exit 70 (~33 s, 6 tracebacks); threads: a traceback.
+    port = free_port()
+    config = write_config(tmp_path, model, port=port, http_port=port)
+    done, seconds = serve(config)
+    assert_refused_at_once(done, seconds, config, code=2, names=f"node.port {port} is also node.http_port")
