@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import (
+    AfterValidator,
     Field,
     model_validator,
 )
@@ -230,7 +231,31 @@ class AdmissionSection(_Frozen):
         return self
 
 
+def _database_url(value: str) -> str:
+    """A URL SQLAlchemy reads, of a backend the node runs on, whose driver is installed; the messages never quote
+    the URL (it may hold a password)."""
+    if not value:
+        return value
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    expected = "sqlite:///PATH or postgresql+psycopg://USER@HOST:PORT/DB"
+    try:
+        url = make_url(value)
+    except (ArgumentError, ValueError):
+        raise ValueError(f"not a database URL (expected {expected})") from None
+    if url.get_backend_name() not in ("sqlite", "postgresql"):
+        raise ValueError(f"{url.get_backend_name()!r} is not a database this node runs on (expected {expected})")
+    try:
+        url.get_dialect().import_dbapi()
+    except (ImportError, NoSuchModuleError) as exc:
+        name = getattr(exc, "name", None) or url.drivername
+        raise ValueError(f"the driver of {url.drivername!r} is not installed ({name}); expected {expected} "
+                         "(the [postgres] extra installs psycopg)") from None
+    return value
+
+
 class DatabaseSection(_Frozen):
-    url: str = ""  # empty: SQLite under data_dir
+    url: Annotated[str, AfterValidator(_database_url)] = ""  # empty: SQLite under data_dir
 
 

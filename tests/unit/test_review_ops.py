@@ -149,3 +149,16 @@ def test_one_port_for_dimse_and_http_is_refused_in_one_line(tmp_path, model):
     config = write_config(tmp_path, model, port=port, http_port=port)
     done, seconds = serve(config)
     assert_refused_at_once(done, seconds, config, code=2, names=f"node.port {port} is also node.http_port")
+
+
+@pytest.mark.parametrize("url, named", [
+    ("postgres://pacs:s3cretPW@127.0.0.1/pacs", "'postgres' is not a database this node runs on"),  # pre-1.4 alias
+    ("mysql://pacs:s3cretPW@127.0.0.1/pacs", "'mysql' is not a database this node runs on"),
+    ("s3cretPW", "not a database URL"),
+])
+def test_a_database_url_the_node_cannot_use_is_one_line_without_its_password(tmp_path, url, named):
+    # Accepted by the config check, then a traceback at start (NoSuchModuleError, ModuleNotFoundError, ArgumentError).
+    config = write_config(tmp_path, "processes", extra=f'[database]\nurl = "{url}"\n')
+    done, seconds = serve(config)
+    assert "s3cretPW" not in done.stderr + done.stdout
+    assert_refused_at_once(done, seconds, config, code=2, names=named)
