@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, NoReturn
 
+from sqlalchemy.engine import make_url
 from starlette.routing import Mount
 
 from node.admin import admin_routes
@@ -405,14 +406,18 @@ def check_can_start(config: NodeConfig, *, ports: bool) -> None:
     of role all) a DIMSE or HTTP port another program holds. Raises `ConfigError` naming the folder or address: the
     CLI prints one line and exits 2, where a listener child failing on its HTTP port was restarted until the
     supervisor gave up (exit 70, which ``Restart=on-failure`` restarts for ever)."""
-    for folder in (config.node.data_dir, config.node.spool_dir):
+    folders = [("[node] data_dir", config.node.data_dir), ("[node] data_dir", config.node.spool_dir)]
+    url = make_url(config.database_url)
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        folders.append(("[database] url", Path(str(url.database)).parent))  # its journal and WAL files go there
+    for key, folder in folders:
         try:
             folder.mkdir(parents=True, exist_ok=True)
             fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-check-")
             os.close(fd)
             os.unlink(probe)
         except OSError as exc:
-            raise ConfigError(f"[node] data_dir: {folder} is not a folder the node can write "
+            raise ConfigError(f"{key}: {folder} is not a folder the node can write "
                               f"({exc.strerror or type(exc).__name__})") from exc
     if ports:
         for host, port in _listen_addresses(config):

@@ -95,7 +95,7 @@ def test_dimse_port_in_use_is_one_line_and_exit_2(tmp_path, held_port, model):
 
 
 @pytest.mark.parametrize("model", MODELS)
-@pytest.mark.parametrize("blocked", ["spool", "data_dir"])
+@pytest.mark.parametrize("blocked", ["spool", "data_dir", "database"])
 def test_a_data_folder_the_node_cannot_write_is_one_line_and_exit_2(tmp_path, model, blocked):
     # Root ignores permission bits, so a file where the folder must be stands for a folder the node cannot write
     # (a read-only mount, a wrong owner): both fail in mkdir/open with an OSError.
@@ -103,12 +103,16 @@ def test_a_data_folder_the_node_cannot_write_is_one_line_and_exit_2(tmp_path, mo
     if blocked == "spool":
         data.mkdir()
         (data / "spool").write_text("not a folder")
-    else:
+    elif blocked == "data_dir":
         (tmp_path / "file").write_text("not a folder")
         data = tmp_path / "file" / "data"
-    config = write_config(tmp_path, model, data_dir=data)
+    else:  # a SQLite file of its own, in a folder that cannot be made
+        (tmp_path / "file").write_text("not a folder")
+    url = f'[database]\nurl = "sqlite:///{tmp_path / "file" / "node.db"}"\n' if blocked == "database" else ""
+    config = write_config(tmp_path, model, data_dir=data, extra=url)
     done, seconds = serve(config)
-    assert_refused_at_once(done, seconds, config, code=2, names=str(data))
+    named = str(tmp_path / "file") if blocked == "database" else str(data)
+    assert_refused_at_once(done, seconds, config, code=2, names=named)
 
 
 @pytest.mark.parametrize("model", MODELS)
