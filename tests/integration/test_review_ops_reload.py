@@ -75,6 +75,7 @@ def bad_files(good: str, port: int) -> dict[str, tuple[str, str]]:
     }
 
 
+@pytest.mark.one_backend  # the reload's refusal; the database is not its subject
 def test_every_invalid_file_is_refused_the_old_config_serves_and_the_next_good_one_applies(start_node):
     require_tool("echoscu")
     node = start_node(allowed=["ECHOSCU"], extra_toml=LEAN)
@@ -99,6 +100,7 @@ def test_every_invalid_file_is_refused_the_old_config_serves_and_the_next_good_o
     wait_until(lambda: echo_ok(node, "SCANNER-B"), 30, "the good file applied", node.log_tail)
 
 
+@pytest.mark.one_backend  # restart-only settings; no database path
 def test_a_changed_port_or_ae_title_is_named_as_needing_a_restart_and_the_old_ones_serve(start_node):
     require_tool("echoscu")
     node = start_node(extra_toml=LEAN)
@@ -150,6 +152,7 @@ def senders(node, tmp_path, n: int, slices: int):
     return procs, logs, sop_of
 
 
+@pytest.mark.one_backend  # the reload threads; the receive path runs on both backends elsewhere
 @pytest.mark.parametrize("model", MODELS)
 def test_a_sighup_storm_during_transfers_loses_nothing_and_restarts_nothing(start_node, tmp_path, model):
     node = start_node(allowed=["CT0", "CT1", "ECHOSCU"], extra_toml=f'process_model = "{model}"\n' + LEAN)
@@ -235,6 +238,7 @@ def test_sigterm_in_the_middle_of_a_transfer_loses_nothing_acknowledged_and_leav
     assert "Traceback" not in node.log_text()
 
 
+@pytest.mark.one_backend  # how the command finds the node
 def test_a_reload_of_a_file_whose_data_dir_changed_finds_the_running_node(start_node, tmp_path):
     # An admin preparing a move to a new disk sets data_dir (restart-only) and, in the same edit, lets a new scanner
     # in. The command found its node by the pid file under the *file's* data_dir, so it said "no running node found"
@@ -251,6 +255,7 @@ def test_a_reload_of_a_file_whose_data_dir_changed_finds_the_running_node(start_
     assert applied and "data_dir" in applied[0]["needs_restart"]
 
 
+@pytest.mark.one_backend  # the process's exit
 def test_a_second_sigterm_ends_the_one_process_node_at_once_with_an_association_open(start_node):
     # "a second signal forces exit": the forced exit raised SystemExit, and the interpreter then waited for
     # pynetdicom's (non-daemon) DUL threads, so a modality holding an idle association kept the node alive until
@@ -345,6 +350,7 @@ def test_a_sighup_storm_adding_and_removing_a_destination_delivers_each_result_o
         pacs.stop()
 
 
+@pytest.mark.one_backend  # the allow-list; the receive path runs on both backends elsewhere
 @pytest.mark.parametrize("model", MODELS)
 def test_a_sender_removed_from_the_allow_list_mid_transfer_finishes_whole_and_is_refused_next(start_node, tmp_path,
                                                                                               model):
