@@ -383,8 +383,9 @@ class GuardedSocket(AssociationSocket):
                     )
                     self._wake_acceptor()
                     raise TimeoutError(f"peer sent {len(buf)} of {nr_bytes} bytes within {timeout} s")
-                if not chunk:
+                if not chunk:  # closed (by the peer, or by `node.slots` taking the slot back: a local shutdown)
                     self.peer_closed = True
+                    self._wake_acceptor()  # before any request pynetdicom's DUL tells its acceptor nothing
                     break
                 buf += chunk
                 if self.slot is not None:

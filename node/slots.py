@@ -19,6 +19,15 @@ room for it. At the per-peer cap only that address's own slots are candidates; a
 Nothing is reclaimed while no cap is reached, and an association that moves data is never the one taken.
 ``reclaim_idle_seconds`` unset: the caps alone, as before.
 
+A connection that has not negotiated an association yet (a DICOM TLS handshake, or a wait for the A-ASSOCIATE-RQ)
+holds its slot for up to ``association_timeout_seconds`` without being idle long enough to be reclaimed: a few
+hosts opening connections and sending nothing filled every slot, and each modality was refused until those timed
+out (an attacker reopening them kept it so: 64 connections every 10 s with the defaults). So at the total caps, when
+no slot is idle long enough, the connection that has waited longest without negotiating is taken back instead
+(oldest first: to displace a modality's own handshake, which takes milliseconds, a flood would have to open a
+cap's worth of connections within that time). Negotiated associations are never displaced this way; at the
+per-peer cap an address only ever meets its own connections, so this does not apply there.
+
 A new connection starts no fresher than the stalest open connection from its address, so a peer cannot renew its
 idle slots by opening more connections (each taking back one of its own, at the per-peer cap): it has to move data.
 What this does not stop is a peer that keeps each slot moving data (`PROGRESS_BYTES` every
@@ -63,6 +72,7 @@ class Slot:
     progress: float
     clock: Callable[[], float] = time.monotonic
     received: int = 0  # bytes received since the last progress
+    admitted: float = 0.0  # when the connection was admitted (``clock`` time)
     assoc: Association | None = None
     reclaimed: bool = False
     ended: threading.Event = field(default_factory=threading.Event)
@@ -124,6 +134,8 @@ class Slots:
                 refusal = None if victim else PeerRefusal.PEER_LIMIT_REACHED
             elif open_now >= max_associations:
                 victim = _stalest(self._live, now, reclaim_idle)
+                if victim is None and reclaim_idle is not None:
+                    victim = _oldest_negotiating(self._live)
                 refusal = None if victim or open_now < max_connections else PeerRefusal.CONNECTION_REFUSED
             if refusal is not None:
                 return Admission(None, refusal, None, open_now, from_peer)
@@ -132,7 +144,7 @@ class Slots:
                 self._live.remove(victim)
                 self._reclaiming.append(victim)
             rest = [s.progress for s in mine if s is not victim]
-            slot = Slot(address, port, sock, min([now, *rest]), self._clock)
+            slot = Slot(address, port, sock, min([now, *rest]), self._clock, admitted=now)
             self._live.append(slot)
             return Admission(slot, None, victim, open_now, from_peer)
 
@@ -163,6 +175,17 @@ def _stalest(candidates: list[Slot], now: float, reclaim_idle: float | None) -> 
     return stalest if now - stalest.progress >= reclaim_idle else None
 
 
+def _negotiating(slot: Slot) -> bool:
+    """No association negotiated on the connection yet: a TLS handshake, or a wait for the A-ASSOCIATE-RQ."""
+    return slot.assoc is None or not slot.assoc.is_established
+
+
+def _oldest_negotiating(candidates: list[Slot]) -> Slot | None:
+    """The connection that has waited longest without negotiating an association, if any (module docstring)."""
+    waiting = [s for s in candidates if _negotiating(s)]
+    return min(waiting, key=lambda s: s.admitted) if waiting else None
+
+
 def attach(assoc: Association, slot: Slot) -> None:
     """Let ``assoc`` (made for ``slot``'s connection) report its progress to the slot."""
     slot.assoc = assoc
@@ -180,7 +203,8 @@ def reclaim(victim: Slot, refusals: Refusals) -> None:
     """End ``victim``'s connection, in a thread of its own (the acceptor must not wait): record it with its idle
     seconds, A-ABORT the association when there is one, close the connection at the latest `ABORT_GRACE` later."""
     idle = victim.clock() - victim.progress
-    refusals.record(PeerRefusal.ASSOCIATION_RECLAIMED, victim.address, victim.port, idle_seconds=round(idle, 1))
+    refusals.record(PeerRefusal.ASSOCIATION_RECLAIMED, victim.address, victim.port, idle_seconds=round(idle, 1),
+                    negotiating=_negotiating(victim))
     threading.Thread(target=_end, args=(victim,), name="ReclaimSlot@pacsnode", daemon=True).start()
 
 

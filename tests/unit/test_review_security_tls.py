@@ -262,17 +262,18 @@ def test_silent_handshakes_count_against_the_per_address_cap(make_node: Callable
             sock.close()
 
 
-@pytest.mark.xfail(strict=True, reason="reported, not fixed here (node/acceptor.py, node/slots.py): handshakes not yet "
-                   "authenticated take the same slots as associations, so 4 hosts x max_associations_per_peer silent "
-                   "connections fill 2 x max_associations and every modality, TLS or plaintext, is refused")
 def test_unauthenticated_handshakes_from_a_few_hosts_do_not_lock_out_every_modality(
     make_node: Callable[..., TlsNode], pki: Pki,
 ) -> None:
+    """4 hosts x 16 silent TLS connections filled 2 x max_associations, and every modality was refused until they
+    timed out. Now, at the cap, the connection that has waited longest without negotiating gives its slot to the
+    newcomer (node.slots): the attackers' own connections displace each other past the cap, and the modality
+    displaces one of theirs."""
     node = make_node({"association_timeout_seconds": 10.0})  # defaults: 32 associations, 16 per address
     silent = [socket.create_connection(("127.0.0.1", node.tls_port), source_address=(f"127.0.0.{host}", 0))
               for host in range(2, 6) for _ in range(16)]
     try:
-        wait_until(lambda: node.tls_server.handshaking == 64, 5, "the attackers' handshakes to be accepted")
+        wait_until(lambda: node.tls_server.handshaking >= 32, 5, "the attackers' handshakes to fill the slots")
         assert dcmtk("echoscu", pki, node.tls_port, timeout=20).returncode == 0  # a modality with its certificate
     finally:
         for sock in silent:

@@ -25,8 +25,18 @@ def clock() -> Clock:
 CAPS = dict(max_associations=4, max_connections=8, max_per_peer=2, reclaim_idle=30.0)
 
 
-def admit(slots: Slots, address: str, **caps):  # noqa: ANN201
-    return slots.admit(address, 104, object(), **{**CAPS, **caps})
+class Negotiated:
+    """Stands for a connection's pynetdicom association once negotiated (``node.slots`` reads only this)."""
+
+    is_established = True
+
+
+def admit(slots: Slots, address: str, negotiating: bool = False, **caps):  # noqa: ANN201
+    """Admit a connection; unless ``negotiating``, its association is negotiated at once."""
+    decided = slots.admit(address, 104, object(), **{**CAPS, **caps})
+    if decided.slot is not None and not negotiating:
+        decided.slot.assoc = Negotiated()  # type: ignore[assignment]
+    return decided
 
 
 def test_below_the_caps_everyone_is_admitted_and_nothing_is_taken(clock):
@@ -135,3 +145,39 @@ def test_without_reclaim_idle_the_caps_alone_decide(clock):
     clock.now += 86400
     decided = admit(slots, "10.0.0.1", reclaim_idle=None)
     assert decided.slot is None and decided.refusal is PeerRefusal.PEER_LIMIT_REACHED
+
+
+def test_at_the_association_cap_the_longest_waiting_unnegotiated_connection_makes_room(clock):
+    """Connections that have not negotiated (a TLS handshake, no A-ASSOCIATE-RQ yet) from a few addresses filled
+    the caps until their association timeout; the oldest of them now gives way to a newcomer, never a negotiated
+    association, however recent."""
+    slots = Slots(clock)
+    negotiated = admit(slots, "10.0.0.1").slot
+    silent = []
+    for n in range(3):
+        clock.now += 1
+        silent.append(admit(slots, f"10.0.1.{n}", negotiating=True).slot)
+    clock.now += 1
+    decided = admit(slots, "10.0.2.1")  # 4 open: the association cap; nobody idle 30 s
+    assert decided.slot is not None and decided.victim is silent[0] and silent[0].reclaimed
+    assert negotiated is not None and not negotiated.reclaimed
+    clock.now += 1
+    for expected in silent[1:]:  # the oldest first, each time
+        assert admit(slots, "10.0.3.1", negotiating=True).victim is expected
+        clock.now += 1
+
+
+def test_at_the_per_peer_cap_an_address_does_not_displace_its_own_negotiation(clock):
+    slots = Slots(clock)
+    for _ in range(2):
+        admit(slots, "10.0.0.1", negotiating=True)
+    decided = admit(slots, "10.0.0.1")
+    assert decided.slot is None and decided.refusal is PeerRefusal.PEER_LIMIT_REACHED
+
+
+def test_with_reclaim_off_unnegotiated_connections_keep_their_slots(clock):
+    slots = Slots(clock)
+    for n in range(8):
+        admit(slots, f"10.0.0.{n}", negotiating=True, reclaim_idle=None)
+    decided = admit(slots, "10.0.1.1", reclaim_idle=None)
+    assert decided.slot is None and decided.refusal is PeerRefusal.CONNECTION_REFUSED
