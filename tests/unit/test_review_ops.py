@@ -7,6 +7,7 @@ stderr naming the cause, a non-zero exit within seconds (not a restart loop endi
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -166,3 +167,43 @@ def test_a_database_url_the_node_cannot_use_is_one_line_without_its_password(tmp
     done, seconds = serve(config)
     assert "s3cretPW" not in done.stderr + done.stdout
     assert_refused_at_once(done, seconds, config, code=2, names=named)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_a_sighup_while_the_node_starts_is_a_reload_not_its_end(tmp_path, model):
+    # A deploy that restarts and then reloads the node (systemctl restart; systemctl reload: kill -HUP $MAINPID)
+    # sent SIGHUP in the ~1.2-1.5 s before its handler was installed: SIGHUP's default action ended the node, and
+    # systemd counts SIGHUP as a clean exit, so Restart=on-failure left it down.
+    from tests.conftest import wait_for_port
+
+    port, http_port = free_port(), free_port()
+    config = write_config(tmp_path, model, port=port, http_port=http_port)
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("PACSNODE_")}
+    log = (tmp_path / "node.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "node.cli", "serve", "--config", str(config)], cwd=REPO,
+                            env=environ, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        maps = Path(f"/proc/{proc.pid}/maps")
+        deadline = time.monotonic() + 60
+        while "pydantic_core" not in maps.read_text():  # the command has begun importing its config code
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.005)
+        while not all(_listening(p) for p in (port, http_port)):
+            assert proc.poll() is None, f"ended by SIGHUP while starting: {proc.returncode}"
+            assert time.monotonic() < deadline
+            proc.send_signal(signal.SIGHUP)
+            time.sleep(0.02)  # the storm's pace, not a wait for the node
+        wait_for_port(http_port, 30, proc)
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+    text = (tmp_path / "node.log").read_text()
+    assert "config_reloaded" in text or "config_reload_forwarded" in text  # the SIGHUPs were a reload
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
