@@ -295,7 +295,7 @@ class _Admin:
             form = await _read_form(request)
             failure = self._authorized(request, form)
             if failure is not None:
-                self.auth.failed(request, "admin", failure)
+                await self.auth.failed(request, "admin", failure)
                 raise _Refused(401, "a valid token is required")
             selection = _selection(form)
         except _Refused as refused:

@@ -12,8 +12,10 @@ authentication, no calling-AE allow-list, no TLS (listeners, destinations, the a
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -60,6 +62,11 @@ class Authenticator:
         self.token = token.strip() if token is not None else None
         self.metrics = metrics
         self.audit = audit
+        # The 401's audit record is written here, not on uvicorn's one event loop: an audit file that stalls (a hung
+        # network volume) held the loop in write(2), and one unauthenticated request then hung /healthz, /readyz and
+        # every other request. Not in the shared thread pool either, which the data path and probes need.
+        self._audit_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="AuthAudit@pacsnode") \
+            if audit is not None else None
         self._log = get_logger(component="auth")
 
     @property
@@ -67,7 +74,7 @@ class Authenticator:
         """Who an admitted request is, for the audit trail (one shared token: its holder)."""
         return TOKEN_USER if self.token is not None else ANONYMOUS_USER
 
-    def check(self, request: Request, surface: str) -> Response | None:
+    async def check(self, request: Request, surface: str) -> Response | None:
         """None when ``request`` may proceed; else the 401 answer, after counting, logging and auditing."""
         if self.token is None:
             return None
@@ -78,11 +85,12 @@ class Authenticator:
             reason = AuthFailure.WRONG_SCHEME if request.headers.get("authorization") else AuthFailure.MISSING
         else:
             reason = AuthFailure.MISMATCH
-        self.failed(request, surface, reason)
+        await self.failed(request, surface, reason)
         return JSONResponse({"error": "a valid bearer token is required"}, status_code=401, headers=CHALLENGE)
 
-    def failed(self, request: Request, surface: str, reason: AuthFailure) -> None:
-        """Record one authentication failure on ``surface``; never raises, never sees the presented value."""
+    async def failed(self, request: Request, surface: str, reason: AuthFailure) -> None:
+        """Record one authentication failure on ``surface``; never raises, never sees the presented value. Returns
+        once its audit record is written (in the authenticator's own thread: only this request waits for it)."""
         if surface not in SURFACES:
             raise ValueError(f"surface must be one of {sorted(SURFACES)}, not {surface!r}")
         host = client_host(request)
@@ -90,8 +98,9 @@ class Authenticator:
                           client=host)
         if self.metrics is not None:
             self.metrics.auth_failure(surface, str(reason))
-        if self.audit is not None:
-            self.audit.auth_failed(surface=surface, reason=str(reason), peer=host, path=request.url.path)
+        if self.audit is not None and self._audit_thread is not None:
+            await asyncio.wrap_future(self._audit_thread.submit(
+                self.audit.auth_failed, surface=surface, reason=str(reason), peer=host, path=request.url.path))
 
 
 def open_setup_warnings(config: NodeConfig) -> list[str]:

@@ -114,13 +114,13 @@ class _DicomWeb:
         self.log = get_logger(component="dicomweb")
 
     # -- auth (node.auth) -----------------------------------------------------------------------------------
-    def _unauthorized(self, request: Request) -> Response | None:
+    async def _unauthorized(self, request: Request) -> Response | None:
         """None when the request may proceed, else the 401 answer (counted, logged, audited)."""
-        return self.auth.check(request, "dicomweb")
+        return await self.auth.check(request, "dicomweb")
 
     # -- STOW-RS ----------------------------------------------------------------------------------------------
     async def stow(self, request: Request) -> Response:
-        denied = self._unauthorized(request)
+        denied = await self._unauthorized(request)
         if denied is not None:
             self.metrics.stow_request(denied.status_code)
             return _closing(denied)
@@ -304,7 +304,7 @@ class _DicomWeb:
                             status_code=406)
 
     async def search_studies(self, request: Request) -> Response:
-        denied = self._unauthorized(request) or await self._not_acceptable(request)
+        denied = await self._unauthorized(request) or await self._not_acceptable(request)
         if denied is not None:
             return denied
         try:
@@ -315,7 +315,7 @@ class _DicomWeb:
         return await self._answer(request, query, lambda q: find_studies(self.index.engine, q))
 
     async def search_series(self, request: Request) -> Response:
-        denied = self._unauthorized(request) or await self._not_acceptable(request)
+        denied = await self._unauthorized(request) or await self._not_acceptable(request)
         if denied is not None:
             return denied
         try:

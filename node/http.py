@@ -178,7 +178,7 @@ class _Probes:
 
     async def metrics_endpoint(self, request: Request) -> Response:
         if self.metrics_require_token:
-            denied = self.auth.check(request, "metrics")
+            denied = await self.auth.check(request, "metrics")
             if denied is not None:
                 return denied
         body, content_type = await run_in_threadpool(self.metrics.render)
