@@ -338,6 +338,7 @@ class HttpServer:
             proxy_headers=False,  # no proxy in front: X-Forwarded-For from a loopback client chose the audited peer
             timeout_graceful_shutdown=int(self._graceful) or 1,
             http=guarded_protocol(self._limits, self._refusals, self._ssl),  # HTTPS: the guard does the handshake
+            ws="none",  # no WebSocket routes; an installed websockets package would take upgrades past the guard
             **self._limits.uvicorn_settings(),
         )
         started = threading.Event()
