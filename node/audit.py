@@ -376,12 +376,14 @@ class AuditTrail:
             [uri_object("13", source or "(unknown)", ParticipantObjectDetail=detail)],
         )
 
-    def auth_failed(self, *, surface: str, reason: str, peer: str, path: str) -> None:
-        """110114 User Authentication / Login, minor failure: an HTTP request without the right token."""
+    def auth_failed(self, *, surface: str, reason: str, peer: str, path: str, unrecorded: int = 0) -> None:
+        """110114 User Authentication / Login, minor failure: an HTTP request without the right token (or, with
+        ``unrecorded``, that many from ``peer`` counted and not recorded one by one, `node.auth`)."""
+        what = f"{unrecorded} more requests refused, not recorded one by one" if unrecorded else f"bearer token {reason}"
         self.emit(
             "auth_failed",
             {"EventID": Ev.USER_AUTHENTICATION, "EventActionCode": "E", "EventOutcomeIndicator": Outcome.MINOR_FAILURE,
-             "EventOutcomeDescription": f"{surface}: bearer token {reason}", "EventTypeCode": [Ev.LOGIN]},
+             "EventOutcomeDescription": f"{surface}: {what}", "EventTypeCode": [Ev.LOGIN]},
             self._from_peer("unknown", peer),
             [uri_object("13", path[:256])],
         )

@@ -15,6 +15,10 @@ from __future__ import annotations
 import asyncio
 import hmac
 import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -52,6 +56,41 @@ def client_host(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
 
+RECORD_BURST = 10  # failures from one address on one surface recorded one by one per window (log and audit)
+RECORD_WINDOW_SECONDS = 60.0
+MAX_TRACKED = 4096  # (address, surface) windows remembered; the least recently seen forgotten first
+
+
+class _Bursts:
+    """Which authentication failures are recorded one by one. Each 401 was logged and audited (~1.2 KB a record):
+    an unauthenticated client refused a thousand times a second grew the trail ~100 GB a day on the data disk,
+    kept for good by default (``[audit] keep_days = 0``), until the disk admission paused every modality's
+    intake. Now the first `RECORD_BURST` of an address's failures on a surface in `RECORD_WINDOW_SECONDS` are
+    recorded; the rest are counted (the metric counts every one), and the address's next failure after the
+    window first records how many were not (`take` returns that count)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._windows: OrderedDict[tuple[str, str], list[float]] = OrderedDict()  # [started, recorded, unrecorded]
+
+    def take(self, host: str, surface: str) -> tuple[bool, int]:
+        """Whether to record this failure one by one, and how many earlier ones went unrecorded (to say first)."""
+        now, key = self._clock(), (host, surface)
+        with self._lock:
+            window = self._windows.pop(key, None)
+            unrecorded = 0
+            if window is None or now - window[0] >= RECORD_WINDOW_SECONDS:
+                unrecorded = int(window[2]) if window is not None else 0
+                window = [now, 0, 0]
+            self._windows[key] = window
+            while len(self._windows) > MAX_TRACKED:
+                self._windows.popitem(last=False)
+            record = window[1] < RECORD_BURST
+            window[1 if record else 2] += 1
+        return record, unrecorded
+
+
 class Authenticator:
     """The node's HTTP authentication. ``token`` None means open: every request passes (HTTP is then bound to
     loopback, `NodeConfig.http_authenticates`). Raises ValueError for an empty token."""
@@ -67,6 +106,7 @@ class Authenticator:
         # every other request. Not in the shared thread pool either, which the data path and probes need.
         self._audit_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="AuthAudit@pacsnode") \
             if audit is not None else None
+        self._bursts = _Bursts()
         self._log = get_logger(component="auth")
 
     @property
@@ -94,13 +134,26 @@ class Authenticator:
         if surface not in SURFACES:
             raise ValueError(f"surface must be one of {sorted(SURFACES)}, not {surface!r}")
         host = client_host(request)
-        self._log.warning("auth_failed", surface=surface, reason=str(reason), path=request.url.path[:200],
-                          client=host)
         if self.metrics is not None:
             self.metrics.auth_failure(surface, str(reason))
-        if self.audit is not None and self._audit_thread is not None:
-            await asyncio.wrap_future(self._audit_thread.submit(
-                self.audit.auth_failed, surface=surface, reason=str(reason), peer=host, path=request.url.path))
+        record, unrecorded = self._bursts.take(host, surface)
+        if unrecorded:
+            self._log.warning("auth_failures_unrecorded", surface=surface, client=host, count=unrecorded,
+                              window_seconds=RECORD_WINDOW_SECONDS)
+        if record:
+            self._log.warning("auth_failed", surface=surface, reason=str(reason), path=request.url.path[:200],
+                              client=host)
+        if self.audit is None or self._audit_thread is None or not (record or unrecorded):
+            return
+        audit, path = self.audit, request.url.path
+
+        def write() -> None:
+            if unrecorded:
+                audit.auth_failed(surface=surface, reason="refused", peer=host, path=path, unrecorded=unrecorded)
+            if record:
+                audit.auth_failed(surface=surface, reason=str(reason), peer=host, path=path)
+
+        await asyncio.wrap_future(self._audit_thread.submit(write))
 
 
 def open_setup_warnings(config: NodeConfig) -> list[str]:

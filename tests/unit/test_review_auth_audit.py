@@ -68,3 +68,44 @@ def test_an_unauthenticated_request_against_a_stalled_audit_file_does_not_stop_t
         engine.dispose()
         os.close(drain)
     assert answers == [401]  # answered once its record was written
+
+
+def test_an_unauthenticated_flood_does_not_grow_the_audit_trail_without_bound(tmp_path: Path, monkeypatch) -> None:
+    """Each 401 was logged and audited (~1.2 KB a record, kept for good by default): a client refused a thousand
+    times a second grew the trail ~100 GB a day on the data disk until the disk admission paused intake. Now an
+    address's first RECORD_BURST failures on a surface per window are recorded, the rest counted, and their
+    number recorded with the address's next failure after the window."""
+    from node import auth as auth_module
+    from node.audit import read_records
+
+    monkeypatch.setattr(auth_module, "RECORD_WINDOW_SECONDS", 600.0)  # the whole flood in one window
+    config = NodeConfig.model_validate({"node": {"data_dir": str(tmp_path / "data"), "host": "127.0.0.1",
+                                                 "http_port": free_port(), "dicomweb_token": TOKEN}})
+    engine = create_engine_for(f"sqlite:///{tmp_path / 'node.db'}")
+    init_schema(engine)
+    spool, index, metrics = Spool(config.node.spool_dir), Index(engine), Metrics()
+    audit = AuditTrail(config.audit, config.node.data_dir, ae_title="PACSNODE")
+    auth = Authenticator(TOKEN, metrics=metrics, audit=audit)
+    health = HealthProbe(engine, spool.root, lambda: True)
+    server = HttpServer(config, create_app(config, Ingestor(spool, index), index, health=health, metrics=metrics,
+                                           token=TOKEN, authenticator=auth, audit=audit), health=health, metrics=metrics)
+    server.start()
+    url = f"http://127.0.0.1:{server.port}/dicomweb/studies"
+    try:
+        with httpx.Client(timeout=10) as client:
+            answers = [client.get(url).status_code for _ in range(300)]
+            monkeypatch.setattr(auth_module, "RECORD_WINDOW_SECONDS", 0.0)  # the window has passed
+            answers.append(client.get(url).status_code)
+            assert client.get(url, headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+    finally:
+        server.stop()
+        audit.close()
+        engine.dispose()
+    assert answers == [401] * 301
+    failed = [r["EventIdentification"]["EventOutcomeDescription"] for r in read_records(audit.path)
+              if r["event"] == "auth_failed"]
+    burst = ["dicomweb: bearer token missing"] * auth_module.RECORD_BURST
+    assert failed == [*burst, "dicomweb: 290 more requests refused, not recorded one by one",
+                      "dicomweb: bearer token missing"], failed  # 12 records for 301 failures, every one accounted
+    rendered = metrics.render()[0].decode()
+    assert 'pacsnode_auth_failures_total{reason="missing",surface="dicomweb"} 301.0' in rendered
