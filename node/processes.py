@@ -12,7 +12,7 @@ each a fresh interpreter running ``pacsnode serve --role R``, so TensorFlow load
   ``restart_window_seconds`` stops everything and `run_forever` returns `EXIT_LOOP_FAILED` (70), as a dying loop
   does in the threads model;
 * forwards SIGTERM/SIGINT (stop: children get SIGTERM and their two-stage shutdown; a second signal kills them) and
-  SIGHUP (the file is validated here first, then each child reloads it);
+  SIGHUP (the file is validated here first, then each child reloads what was accepted: node.config.snapshot);
 * starts each child on its own running config (node.config.snapshot, in the child's environment), never on the
   file as it reads now: one restarted after a refused reload runs on what the rest of the node runs (logged:
   ``process_started_on_kept_config``); a child's exit 2 (config error) is logged loudly, ``process_config_error``;
@@ -55,7 +55,7 @@ from prometheus_client.multiprocess import mark_process_dead
 
 from node.config import NodeConfig, load_config
 from node.config.snapshot import ENV as CONFIG_ENV
-from node.config.snapshot import for_child
+from node.config.snapshot import dump_snapshot, for_child, write_reload_snapshot
 from node.errors import ConfigError
 from node.forking import ChildProcess, fork_child, preload
 from node.listenfds import DIMSE, DIMSE_TLS
@@ -367,6 +367,14 @@ class ProcessSupervisor:
             snapshot = for_child(running, exec_child=not self.fork)
         except ConfigError as exc:
             reason = self._refused = str(exc)
+            self._log.error("config_reload_refused", reason=reason)
+            self._audit(lambda a: a.config_changed(source=source, applied=False, reason=reason))
+            return False
+        try:  # the children reload to this, not to the file as it reads when their SIGHUP comes (node.config.snapshot);
+            # the file as accepted, restart-only settings included: each child names those needing a restart itself
+            write_reload_snapshot(running.node.data_dir, dump_snapshot(new))
+        except OSError as exc:
+            reason = self._refused = f"the accepted config could not be handed to the processes ({exc.strerror})"
             self._log.error("config_reload_refused", reason=reason)
             self._audit(lambda a: a.config_changed(source=source, applied=False, reason=reason))
             return False

@@ -41,6 +41,7 @@ from node.auth import Authenticator
 from node.commitment import Commitments
 from node.completion import CompletionSweeper
 from node.config import DestinationKind, NodeConfig, load_config
+from node.config.snapshot import reload_snapshot
 from node.db import clock_skew_seconds, create_engine_for, init_schema
 from node.dicomweb import create_app
 from node.dimse import DimseServer
@@ -212,8 +213,10 @@ class Service:
         An invalid file is refused with the reason and the running config kept. Returns whether it applied."""
         source = path or (Path(self.config.source) if self.config.source else None)
         with self._reload_lock:
-            try:
-                new = role_config(load_config(source), self.role)
+            try:  # a supervised child: what its supervisor accepted (node.config.snapshot), not the file as it reads now
+                loaded = reload_snapshot(self.config.node.data_dir) if self.supervised and path is None \
+                    else load_config(source)
+                new = role_config(loaded, self.role)
             except ConfigError as exc:
                 self.log.error("config_reload_refused", reason=str(exc))
                 if not self.supervised:  # a supervised child's supervisor audits the reload once for the node

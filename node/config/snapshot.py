@@ -9,8 +9,11 @@ The supervisor of role processes (node.processes) puts its running config — th
 restart-only settings — in each child's environment (`ENV`, `for_child`; /proc/PID/environ is its owner's alone),
 and the child starts on it (`child_config`), never on the file as it reads now: a file the supervisor refused at a
 reload (a typo saved, then SIGHUP) took down every child restarted after it, and a changed database or data_dir
-split a restarted child off from the rest of the node. A later SIGHUP makes each child read the file itself
-(`Service.reload`): the supervisor forwards one only after it accepted the file, and starts children on it after.
+split a restarted child off from the rest of the node. At a reload the supervisor validates the file, writes what
+it accepted to `RELOAD_FILE` under the data folder (`write_reload_snapshot`: owner-only, atomic) and only then
+forwards SIGHUP; each child reloads from there (`reload_snapshot`), not from the file: a file saved again between
+the supervisor's reading and a child's (a second edit, a typo) had that child stay on the old config — refusing a
+scanner the reload had just allowed — while the supervisor and the audit trail said the new one was applied.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from node.config import NodeConfig, load_config
 from node.errors import ConfigError
 
 ENV = "PACS_AI_NODE_RUNNING_CONFIG"  # a supervisor's running config, for the role children it starts
+RELOAD_FILE = Path("processes") / "running-config.json"  # under data_dir: what the supervisor's last reload accepted
 # An exec'd child's environment takes one variable of at most 128 KiB (Linux MAX_ARG_STRLEN); a forked one any size.
 MAX_EXEC_BYTES = 120 << 10
 
@@ -80,3 +84,29 @@ def child_config(path: Path, environ: Mapping[str, str] | None = None) -> NodeCo
 
 
 __all__ = ["ENV", "MAX_EXEC_BYTES", "child_config", "dump_snapshot", "for_child", "load_snapshot"]
+
+
+def write_reload_snapshot(data_dir: Path, snapshot: str) -> None:
+    """Put ``snapshot`` (`for_child`) at ``data_dir / RELOAD_FILE``, readable by its owner alone, atomically.
+    Raises OSError."""
+    path = data_dir / RELOAD_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(snapshot)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def reload_snapshot(data_dir: Path) -> NodeConfig:
+    """The config a supervised child reloads to: what its supervisor's last reload accepted. Raises `ConfigError`."""
+    path = data_dir / RELOAD_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"the supervisor's accepted config {path} cannot be read: {exc.strerror}") from exc
+    return load_snapshot(text)
