@@ -418,6 +418,9 @@ def test_status_shows_admission(tmp_path):
     # A floor no disk can meet: status must say new series are refused (computed, not read from a running node).
     config_path.write_text(f'[node]\ndata_dir = "{tmp_path / "data"}"\n'
                            "[admission]\nmin_free_percent = 99.99\nreserve_free_percent = 0\nreserve_free_bytes = 0\n")
+    (tmp_path / "data").mkdir()  # the node's database, as a node that has run leaves it (status never makes one)
+    init_schema(engine := create_engine_for(f"sqlite:///{tmp_path / 'data' / 'node.db'}"))
+    engine.dispose()
     run = subprocess.run([sys.executable, "-m", "node.cli", "status", "--config", str(config_path)],
                          capture_output=True, text=True, cwd=REPO, timeout=60)
     assert run.returncode == 0, run.stderr

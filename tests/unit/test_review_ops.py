@@ -118,7 +118,6 @@ def test_a_data_folder_the_node_cannot_write_is_one_line_and_exit_2(tmp_path, mo
 
 @pytest.mark.parametrize("model", MODELS)
 def test_an_unreachable_database_is_one_line_without_its_password(tmp_path, model):
-    pytest.importorskip("psycopg")
     url = f"postgresql+psycopg://pacs:s3cretPW@127.0.0.1:{free_port()}/pacs"  # nothing listens there
     config = write_config(tmp_path, model, extra=f'[database]\nurl = "{url}"\n')
     done, seconds = serve(config)
