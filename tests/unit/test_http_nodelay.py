@@ -19,12 +19,16 @@ from starlette.routing import Route
 from node.config import NodeConfig
 from node.http import HttpServer
 from tests.conftest import free_port
-from tests.tlscerts import make_pki
+from tests.tlscerts import Pki, make_pki
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.mark.parametrize("https", [False, True], ids=["http", "https"])
-def test_accepted_http_connections_have_tcp_nodelay(tmp_path: Path, https: bool) -> None:
-    pki = make_pki(tmp_path / "pki")
+def test_accepted_http_connections_have_tcp_nodelay(tmp_path: Path, pki: Pki, https: bool) -> None:
     node: dict[str, object] = {"data_dir": str(tmp_path / "data"), "host": "127.0.0.1", "http_port": free_port()}
     tls = {"certificate": str(pki.server_cert), "private_key": str(pki.server_key), "https": True} if https else {}
     config = NodeConfig.model_validate({"node": node, "tls": tls})
