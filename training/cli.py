@@ -73,15 +73,18 @@ def cmd_phantom(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     _quiet_tf()
     from training import train
-    from training.common import TrainingError
+    from training.common import TrainingError, existing_model
 
     if args.model == "candidates":
+        if not args.overwrite and (why := existing_model(args.out)):
+            _err(why)
+            return 2
         return _train_candidates(args)
     if len(args.data) != 1:
         _err(f"train {args.model} takes one --data")
         return 2
     args.data = args.data[0]
-    if why := _unwritable(args.out, "--out"):
+    if why := _unwritable(args.out, "--out") or ("" if args.overwrite else existing_model(args.out)):
         _err(why)
         return 2
     common: dict[str, Any] = {"val_data": args.val_data, "version": args.version, "progress": not args.quiet,
@@ -242,6 +245,7 @@ def register(subparsers: Any) -> None:
                    "default segmenter)")
     t.add_argument("--val-data", help="validation dataset (best epoch, threshold, validation metrics)")
     t.add_argument("--out", required=True, help="output folder (model.keras, model_card.json, curves.png)")
+    t.add_argument("--overwrite", action="store_true", help="replace a model already in --out (refused otherwise)")
     t.add_argument("--epochs", type=int)
     t.add_argument("--seed", type=int)
     t.add_argument("--steps", type=int, help="segmenter: steps per epoch")

@@ -223,6 +223,23 @@ def plot_curves(history: dict[str, list[float]], path: Path, title: str) -> None
     plt.close(fig)
 
 
+def existing_model(out: str | Path) -> str:
+    """Why ``out`` must not be trained into without ``--overwrite``: it already holds a model (a card or weights,
+    such as a shipped version under models/weights, which nodes load and whose card the evaluation report cites);
+    "" when it holds none."""
+    from models.registry import CARD_FILE, MODEL_FILE
+
+    out = Path(out)
+    if not ((out / CARD_FILE).is_file() or (out / MODEL_FILE).is_file()):
+        return ""
+    try:
+        card = json.loads((out / CARD_FILE).read_text())
+        which = f" ({card['name']} {card['version']}, by its card)"
+    except (OSError, ValueError, KeyError, TypeError):
+        which = ""
+    return f"--out {out} already holds a model{which}: choose a new folder, or pass --overwrite to replace it"
+
+
 def write_model(model: Any, out: Path, card: dict[str, Any]) -> None:
     """Save model.keras and model_card.json (with the weights' sha256) into ``out``."""
     from models.registry import CARD_FILE, MODEL_FILE, sha256_file

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from training.common import TrainingError
+from training.common import TrainingError, existing_model
 from training.crossval.final import run_final
 from training.crossval.run import run_evaluation
 from training.crossval.settings import BOOTSTRAP, REPORT_DIR, VAL_FRACTION, EvaluateSettings, FinalSettings
@@ -52,6 +52,9 @@ def cmd_train_final(args: argparse.Namespace) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from models.errors import ModelError
 
+    if not args.overwrite and (why := existing_model(args.out)):
+        _err(why)
+        return 2
     st = FinalSettings(**_run_settings(args), out=args.out, version=args.version, cv_metrics=args.cv_metrics)
     try:
         card = run_final(st)
@@ -115,6 +118,7 @@ def register(subparsers: Any) -> None:
     t = subparsers.add_parser("train-final", help="train the classifier to ship on all cases (CV settings)")
     _common(t)
     t.add_argument("--out", required=True, help="model folder (model.keras, model_card.json)")
+    t.add_argument("--overwrite", action="store_true", help="replace a model already in --out (refused otherwise)")
     t.add_argument("--version", default="0.0.0-dev", help="version recorded in the model card")
     t.add_argument("--cv-metrics", help="metrics.json of the cross-validation, recorded in the card")
     t.set_defaults(func=cmd_train_final)

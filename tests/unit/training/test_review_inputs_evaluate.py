@@ -72,3 +72,23 @@ def test_evaluate_refuses_more_folds_than_a_class_has_before_preprocessing(base:
     assert not (tmp_path / "r" / "cache").exists() or not any((tmp_path / "r" / "cache").iterdir()), \
         "the cases were preprocessed before the fold count was checked"
     assert time.monotonic() - started < 60
+
+
+@pytest.mark.parametrize("command", ["classifier", "segmenter", "candidates", "train-final"])
+def test_training_into_a_folder_that_holds_a_model_is_refused_without_overwrite(
+        base: Path, tmp_path: Path, command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`train --out` (and `train-final --out`) replaced whatever model was there without a word — a shipped version
+    under models/weights included, which nodes load and whose card the evaluation report cites."""
+    from models.registry import Registry
+
+    shipped = Registry().folder("classifier")
+    out = Path(shutil.copytree(shipped, tmp_path / "model"))
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    if command == "train-final":
+        rc = crossval.main(["train-final", "--data", str(base), "--out", str(out), "--quick", "--quiet"])
+    else:
+        rc = cli.main(["train", command, "--data", str(base), "--out", str(out), "--cache-dir", str(tmp_path / "c"),
+                       "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "already holds a model" in err and "--overwrite" in err, err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
