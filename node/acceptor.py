@@ -22,9 +22,11 @@ rather than socketserver's 5. Closing at accept rather than answering A-ASSOCIAT
 local-limit-exceeded) is deliberate: an RJ answers an RQ, so the node would first have to read and decode up to
 ``max_pdu_bytes`` from the peer on a thread of its own — the very cost a flood is after. Every refusal goes
 through `node.refusals.Refusals`: counted in the metrics, logged at most a few times per peer address and minute.
-A failed TLS handshake is also written to the audit trail, every one (`node.audit.AuditTrail.tls_handshake_failed`,
-110114 login failure, as an AE title refused at A-ASSOCIATE time is): the security officer's record is not thinned.
-A connection that ends or stays silent before TLS begins (a TCP probe, a scan) is not a login attempt: not audited.
+A failed TLS handshake is also written to the audit trail (`node.audit.AuditTrail.tls_handshake_failed`, 110114
+login failure, as an AE title refused at A-ASSOCIATE time is), one by one as far as the log records it; past that
+burst the count goes in one `failures_unrecorded` record (~1.2 KB a record: a flood of bad handshakes grew the trail
+on the data disk without bound). A connection that ends or stays silent before TLS begins (a TCP probe, a scan) is
+not a login attempt: not audited one by one.
 
 The pynetdicom 3.0.4 internals this relies on are listed, with `node.guard`'s, in `node.guard`'s docstring.
 """
@@ -99,9 +101,13 @@ class GuardedRequestHandler(RequestHandler):
         except (OSError, ValueError) as exc:  # ssl.SSLError, TimeoutError, ConnectionResetError ...
             reason = "timed out" if isinstance(exc, TimeoutError) else describe_tls_error(exc)
             address, port = str(self.client_address[0]), int(self.client_address[1])
-            self.server.refusals.record(PeerRefusal.TLS_HANDSHAKE_FAILED, address, port, why=reason, timeout=timeout)
-            if self.server.audit is not None and _presented_itself(exc, reason):  # each one, not rate-limited
-                self.server.audit.tls_handshake_failed(peer=f"{address}:{port}", reason=reason)
+            logged, unrecorded = self.server.refusals.record_counted(PeerRefusal.TLS_HANDSHAKE_FAILED, address, port,
+                                                                     why=reason, timeout=timeout)
+            audit = self.server.audit
+            if audit is not None and unrecorded:  # past the burst the log allows, counted (node.refusals)
+                audit.failures_unrecorded(what="DICOM TLS handshakes failed", peer=address, count=unrecorded)
+            if audit is not None and logged and _presented_itself(exc, reason):
+                audit.tls_handshake_failed(peer=f"{address}:{port}", reason=reason)
             with contextlib.suppress(OSError):
                 sock.close()
             return False

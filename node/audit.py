@@ -20,6 +20,7 @@ in `node.auditevents`):
   `config_changed`            110113 Security Alert (110131 Software     config reload, applied or refused
                               Configuration)
   `auth_failed`               110114 User Authentication (login, 4)      HTTP request refused 401
+  `failures_unrecorded`       110114 User Authentication (login, 4)      how many such failures past a burst
   `tls_handshake_failed`      110114 User Authentication (login, 4)      DICOM TLS handshake failed (each one)
   `study_deleted`             110105 DICOM Study Deleted (D; 110103      retention purged a study's instances
                               Instances Accessed, D, when some remain)
@@ -268,8 +269,7 @@ class AuditTrail:
 
     def tls_handshake_failed(self, *, peer: str, reason: str) -> None:
         """110114 User Authentication / Login, minor failure: a DICOM TLS peer's handshake failed (no client
-        certificate, one that does not verify, an outdated protocol, a timeout) — before any AE title is known.
-        Every failure is recorded; only the node's log lines about them are rate-limited (`node.refusals`)."""
+        certificate, one that does not verify, an outdated protocol) before any AE title is known (node.acceptor)."""
         self.emit(
             "tls_handshake_failed",
             {"EventID": Ev.USER_AUTHENTICATION, "EventActionCode": "E", "EventOutcomeIndicator": Outcome.MINOR_FAILURE,
@@ -376,14 +376,20 @@ class AuditTrail:
             [uri_object("13", source or "(unknown)", ParticipantObjectDetail=detail)],
         )
 
-    def auth_failed(self, *, surface: str, reason: str, peer: str, path: str, unrecorded: int = 0) -> None:
-        """110114 User Authentication / Login, minor failure: an HTTP request without the right token (or, with
-        ``unrecorded``, that many from ``peer`` counted and not recorded one by one, `node.auth`)."""
-        what = f"{unrecorded} more requests refused, not recorded one by one" if unrecorded else f"bearer token {reason}"
+    def failures_unrecorded(self, *, what: str, peer: str, count: int) -> None:
+        """110114 Login, minor failure: ``count`` more ``what`` from ``peer``, past a burst (node.refusals, node.auth)."""
+        self.emit(
+            "failures_unrecorded",
+            {"EventID": Ev.USER_AUTHENTICATION, "EventActionCode": "E", "EventOutcomeIndicator": Outcome.MINOR_FAILURE,
+             "EventOutcomeDescription": f"{count} more {what}, not recorded one by one", "EventTypeCode": [Ev.LOGIN]},
+            self._from_peer("unknown", peer))
+
+    def auth_failed(self, *, surface: str, reason: str, peer: str, path: str) -> None:
+        """110114 User Authentication / Login, minor failure: an HTTP request without the right token."""
         self.emit(
             "auth_failed",
             {"EventID": Ev.USER_AUTHENTICATION, "EventActionCode": "E", "EventOutcomeIndicator": Outcome.MINOR_FAILURE,
-             "EventOutcomeDescription": f"{surface}: {what}", "EventTypeCode": [Ev.LOGIN]},
+             "EventOutcomeDescription": f"{surface}: bearer token {reason}", "EventTypeCode": [Ev.LOGIN]},
             self._from_peer("unknown", peer),
             [uri_object("13", path[:256])],
         )

@@ -149,7 +149,7 @@ class Authenticator:
 
         def write() -> None:
             if unrecorded:
-                audit.auth_failed(surface=surface, reason="refused", peer=host, path=path, unrecorded=unrecorded)
+                audit.failures_unrecorded(what=f"{surface} requests refused 401", peer=host, count=unrecorded)
             if record:
                 audit.auth_failed(surface=surface, reason=str(reason), peer=host, path=path)
 

@@ -259,13 +259,17 @@ class DimseServer:
     def _on_rejected(self, event: evt.Event) -> None:
         assoc = event.assoc
         self._metrics.association("rejected")
-        self._refusals.record(
+        logged, unrecorded = self._refusals.record_counted(
             PeerRefusal.ASSOCIATION_REJECTED, assoc.requestor.address, assoc.requestor.port,
             calling_ae=assoc.requestor.ae_title, called_ae=assoc.acceptor.ae_title,
         )
-        if self._audit is not None:
-            self._audit.association_rejected(calling_ae=assoc.requestor.ae_title, called_ae=_called(assoc),
-                                             peer=_peer(assoc))
+        if self._audit is not None:  # one by one as far as the log goes: a rejection flood cannot fill the disk
+            if unrecorded:
+                self._audit.failures_unrecorded(what="associations rejected", peer=assoc.requestor.address,
+                                                count=unrecorded)
+            if logged:
+                self._audit.association_rejected(calling_ae=assoc.requestor.ae_title, called_ae=_called(assoc),
+                                                 peer=_peer(assoc))
 
     def _on_closed(self, event: evt.Event, state: AssociationState) -> None:
         self._close(event.assoc, state)

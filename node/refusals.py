@@ -63,6 +63,13 @@ class Refusals:
     def record(self, reason: PeerRefusal, peer: str, port: int | None = None, **context: Any) -> bool:
         """Count one refusal of ``peer`` (an address, without the port) and log it as event ``reason`` unless that
         peer's burst for this reason is used up. Returns whether it was logged."""
+        return self.record_counted(reason, peer, port, **context)[0]
+
+    def record_counted(self, reason: PeerRefusal, peer: str, port: int | None = None,
+                       **context: Any) -> tuple[bool, int]:
+        """`record`, also returning how many of the peer's refusals for this reason the window before left out
+        (logged now as ``peer_refusals_suppressed``): what the audit trail records one by one follows the log
+        (node.dimse, node.acceptor), so a flood of refusals cannot grow the trail without bound either."""
         if self.metrics is not None:
             self.metrics.peer_refused(str(reason), self.source)
         now = self._clock()
@@ -89,7 +96,7 @@ class Refusals:
         if log_it:
             where = f"{peer}:{port}" if port is not None else peer
             self._log.warning(str(reason), peer=where, **context)
-        return log_it
+        return log_it, summary
 
 
 __all__ = ["LOG_BURST", "LOG_WINDOW_SECONDS", "MAX_TRACKED_PEERS", "Refusals"]

@@ -135,10 +135,12 @@ def _python_client(pki: Pki, port: int, certificate: tuple[Path, Path] | None) -
         tls.recv(1)  # TLS 1.3: the server's verdict on our certificate arrives after our side is done
 
 
-def test_every_failed_dicom_tls_handshake_is_audited(tls_node: TlsNode, pki: Pki) -> None:
+def test_failed_dicom_tls_handshakes_are_audited_and_a_flood_is_counted(tls_node: TlsNode, pki: Pki) -> None:
     """As an AE title refused at A-ASSOCIATE time is (110114 login, minor failure): with no client certificate, one
-    from a foreign CA, and each of a burst — the refusal log is rate-limited per peer, the audit trail is not. A bare
-    TCP connect is no login attempt: 20 of them add nothing (each used to add a record)."""
+    from a foreign CA — one by one as far as the refusal log goes (LOG_BURST per peer and minute), then counted: each
+    record is ~1.2 KB on the data disk, and "every one" let a flood of bad handshakes grow the trail without bound.
+    The count goes in one `failures_unrecorded` record with the peer's next failure after the window, so every
+    failure is accounted for. A bare TCP connect is no login attempt: not recorded one by one."""
     assert tls_node.echo("+tla", "+cf", str(pki.ca)) != 0  # DCMTK, no client certificate
     assert tls_node.echo("+tls", str(pki.other_server_key), str(pki.other_server_cert), "-pw",
                          "+cf", str(pki.ca)) != 0  # DCMTK, a certificate of another CA
@@ -150,27 +152,54 @@ def test_every_failed_dicom_tls_handshake_is_audited(tls_node: TlsNode, pki: Pki
     assert tls_node.echo("+tls", str(pki.client_key), str(pki.client_cert), "-pw", "+cf", str(pki.ca),
                          aet="INTRUDER") != 0  # a good certificate, an AE title not allowed
     assert tls_node.echo("+tls", str(pki.client_key), str(pki.client_cert), "-pw", "+cf", str(pki.ca)) == 0
-
     failed = wait_until(lambda: (r := records(tls_node.audit.path, "tls_handshake_failed")) and
-                        len(r) >= 2 + burst and r, 20, "a record per failed handshake")
-    assert len(failed) == 2 + burst
-    for record in failed:
+                        len(r) >= LOG_BURST and r, 20, "a record per failed handshake of the burst")
+    tls_node.server._refusals.window_seconds = 1e-9  # noqa: SLF001 - the minute has passed
+    _python_client(pki, tls_node.port, (pki.other_server_cert, pki.other_server_key))
+    (summary,) = wait_until(lambda: records(tls_node.audit.path, "failures_unrecorded"), 20, "the count recorded")
+    failed = wait_until(lambda: (r := records(tls_node.audit.path, "tls_handshake_failed")) and
+                        len(r) == LOG_BURST + 1 and r, 20, "the next failure recorded")
+    for record in [*failed, summary]:
         ident = record["EventIdentification"]
         assert ident["EventID"]["csd-code"] == "110114" and ident["EventTypeCode"][0]["csd-code"] == "110122"
         assert ident["EventOutcomeIndicator"] == 4
-        assert ident["EventOutcomeDescription"].startswith("DICOM TLS handshake failed: ")
         peer, node = record["ActiveParticipant"]
         assert peer["NetworkAccessPointID"] == "127.0.0.1" and peer["UserIsRequestor"] is True
         assert node["UserID"] == "PACSNODE"
     reasons = [r["EventIdentification"]["EventOutcomeDescription"] for r in failed]
+    assert all(reason.startswith("DICOM TLS handshake failed: ") for reason in reasons)
     assert "certificate" in reasons[0]  # "peer did not return a certificate"
     assert all("certificate verify failed" in reason for reason in reasons[1:]), reasons
+    # 2 + burst + 20 failed before the window passed, LOG_BURST of them recorded one by one
+    assert summary["EventIdentification"]["EventOutcomeDescription"] == \
+        f"{2 + burst + 20 - LOG_BURST} more DICOM TLS handshakes failed, not recorded one by one"
     (rejected,) = records(tls_node.audit.path, "association_rejected")
     assert rejected["ActiveParticipant"][0]["UserID"] == "INTRUDER"
     assert len(records(tls_node.audit.path, "association_started")) == 1
 
 
-# -- F4: associations a dead process left open ------------------------------------------------------------------------
+def test_a_flood_of_rejected_associations_is_counted_not_recorded_one_by_one(tls_node: TlsNode) -> None:
+    """Each A-ASSOCIATE-RJ (an AE title not allowed) was audited, ~1.2 KB a record: a plaintext peer cycling
+    associations with a wrong calling AE, hundreds a second, grew the trail on the data disk without bound. Now one
+    by one as far as the refusal log goes, then counted into one `failures_unrecorded` record."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    def echo_as_intruder() -> None:
+        ae = AE(ae_title="INTRUDER")
+        ae.add_requested_context(Verification)
+        assert not ae.associate("127.0.0.1", tls_node.config.node.port, ae_title="PACSNODE").is_established
+
+    for _ in range(LOG_BURST + 7):
+        echo_as_intruder()
+    tls_node.server._refusals.window_seconds = 1e-9  # noqa: SLF001 - the minute has passed
+    echo_as_intruder()
+    (summary,) = wait_until(lambda: records(tls_node.audit.path, "failures_unrecorded"), 20, "the count recorded")
+    assert summary["EventIdentification"]["EventOutcomeDescription"] == \
+        "7 more associations rejected, not recorded one by one"
+    assert len(records(tls_node.audit.path, "association_rejected")) == LOG_BURST + 1
+
+
 def _store(ingestor: Ingestor, folder: Path, association_id: str, patient_id: str) -> str:
     series = write_ct_series(folder, slices=3, size=16, seed=5, patient_id=patient_id)
     for path in series.paths:
