@@ -52,7 +52,7 @@ from node.guard import BoundedDataset, GuardedDimse, GuardedSocket, ReceiveLimit
 from node.refusals import Refusals
 from node.slots import RECLAIM_WAIT, Slot, Slots, attach, reclaim
 from node.states import PeerRefusal
-from node.tls import describe_tls_error
+from node.tls import describe_tls_error, presented_itself
 
 if TYPE_CHECKING:
     from pynetdicom import AE
@@ -106,7 +106,7 @@ class GuardedRequestHandler(RequestHandler):
             audit = self.server.audit
             if audit is not None and unrecorded:  # past the burst the log allows, counted (node.refusals)
                 audit.failures_unrecorded(what="DICOM TLS handshakes failed", peer=address, count=unrecorded)
-            if audit is not None and logged and _presented_itself(exc, reason):
+            if audit is not None and logged and presented_itself(exc, reason):
                 audit.tls_handshake_failed(peer=f"{address}:{port}", reason=reason)
             with contextlib.suppress(OSError):
                 sock.close()
@@ -211,14 +211,6 @@ def _discard_unanswered(assoc: Association) -> None:
     for data_set in pending:
         if isinstance(data_set, BoundedDataset):
             data_set.discard()
-
-
-def _presented_itself(exc: BaseException, reason: str) -> bool:
-    """Whether a failed handshake was a peer's attempt to authenticate (a certificate refused, no certificate, a
-    protocol it offered), as opposed to a connection that closed, reset or stayed silent before TLS began — a load
-    balancer's TCP probe, a port scan: counted and logged, but not written as a login failure (a probe every few
-    seconds added thousands of records a day and grew the trail without bound)."""
-    return isinstance(exc, ssl.SSLError) and "eof" not in reason.lower()
 
 
 class GuardedServer(ThreadedAssociationServer):

@@ -267,13 +267,13 @@ class AuditTrail:
                           "association rejected (calling or called AE title not accepted)", None, calling_ae,
                           called_ae, peer)
 
-    def tls_handshake_failed(self, *, peer: str, reason: str) -> None:
+    def tls_handshake_failed(self, *, peer: str, reason: str, over: str = "DICOM TLS") -> None:
         """110114 User Authentication / Login, minor failure: a DICOM TLS peer's handshake failed (no client
-        certificate, one that does not verify, an outdated protocol) before any AE title is known (node.acceptor)."""
+        certificate, one that does not verify, an outdated protocol; ``over`` "HTTPS": node.httpguard's)."""
         self.emit(
             "tls_handshake_failed",
             {"EventID": Ev.USER_AUTHENTICATION, "EventActionCode": "E", "EventOutcomeIndicator": Outcome.MINOR_FAILURE,
-             "EventOutcomeDescription": f"DICOM TLS handshake failed: {reason}"[:500], "EventTypeCode": [Ev.LOGIN]},
+             "EventOutcomeDescription": f"{over} handshake failed: {reason}"[:500], "EventTypeCode": [Ev.LOGIN]},
             self._from_peer("unknown", peer),
         )
 

@@ -34,6 +34,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from node.audit import AuditTrail
 from node.auth import Authenticator
 from node.config import NodeConfig, is_loopback
 from node.db import clock_skew_seconds
@@ -278,7 +279,7 @@ class HttpServer:
 
     def __init__(self, config: NodeConfig, app: Starlette, *, graceful_seconds: float = 10.0,
                  health: HealthProbe | None = None, heartbeats: Heartbeats | None = None,
-                 metrics: Metrics | None = None, reuse_port: bool = False) -> None:
+                 metrics: Metrics | None = None, reuse_port: bool = False, audit: AuditTrail | None = None) -> None:
         if graceful_seconds <= 0:
             raise ValueError(f"graceful_seconds must be > 0, not {graceful_seconds}")
         self._host = config.node.http_host
@@ -290,6 +291,7 @@ class HttpServer:
         self._graceful = graceful_seconds
         self._limits = HttpLimits.from_config(config.node)
         self._refusals = Refusals("http", metrics)
+        self._audit = audit  # failed HTTPS client-certificate handshakes (node.httpguard.TlsHandshake)
         self._heartbeats = heartbeats or Heartbeats()
         self._server: _UvicornServer | None = None
         self._thread: threading.Thread | None = None
@@ -337,7 +339,7 @@ class HttpServer:
             access_log=False,  # the app logs its own events, with UIDs and sizes only
             proxy_headers=False,  # no proxy in front: X-Forwarded-For from a loopback client chose the audited peer
             timeout_graceful_shutdown=int(self._graceful) or 1,
-            http=guarded_protocol(self._limits, self._refusals, self._ssl),  # HTTPS: the guard does the handshake
+            http=guarded_protocol(self._limits, self._refusals, self._ssl, self._audit),  # HTTPS: the guard's handshake
             ws="none",  # no WebSocket routes; an installed websockets package would take upgrades past the guard
             **self._limits.uvicorn_settings(),
         )

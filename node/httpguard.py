@@ -61,9 +61,10 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from node.refusals import Refusals
 from node.states import PeerRefusal
-from node.tls import describe_tls_error
+from node.tls import describe_tls_error, presented_itself
 
 if TYPE_CHECKING:
+    from node.audit import AuditTrail
     from node.config import NodeSection
 
 _MIN_TICK, _MAX_TICK = 0.05, 1.0
@@ -292,6 +293,7 @@ class TlsHandshake(asyncio.Protocol):
 
     context: ClassVar[ssl.SSLContext]
     protocol: ClassVar[type[GuardedH11Protocol]]
+    audit: ClassVar[AuditTrail | None] = None  # where a failed login handshake is recorded, as DIMSE's are
 
     def __init__(self, **uvicorn_args: Any) -> None:
         self.http = self.protocol(**uvicorn_args)
@@ -316,8 +318,9 @@ class TlsHandshake(asyncio.Protocol):
         except (OSError, ValueError) as exc:  # ssl.SSLError; ConnectionAbortedError: the timeout; a reset ...
             peer = raw.get_extra_info("peername") or ("unknown", None)
             why = "timed out" if isinstance(exc, ConnectionAbortedError | TimeoutError) else describe_tls_error(exc)
-            self.http.refusals.record(PeerRefusal.TLS_HANDSHAKE_FAILED, str(peer[0]), peer[1], why=why,
-                                      timeout=limits.header_timeout)
+            logged, unrecorded = self.http.refusals.record_counted(PeerRefusal.TLS_HANDSHAKE_FAILED, str(peer[0]),
+                                                                   peer[1], why=why, timeout=limits.header_timeout)
+            self._audit(str(peer[0]), f"{peer[0]}:{peer[1]}", logged and presented_itself(exc, why), why, unrecorded)
             raw.abort()
             self.http.release()
             return
@@ -329,6 +332,21 @@ class TlsHandshake(asyncio.Protocol):
         self.http.connection_made(tls)
         if self._early:
             self.http.data_received(bytes(self._early))
+
+    def _audit(self, address: str, peer: str, login: bool, why: str, unrecorded: int) -> None:
+        """A failed client-certificate handshake as a 110114 login failure, one by one as far as the refusal log
+        goes, then counted (node.acceptor's rule for DICOM TLS); written off the event loop (a stalled audit file)."""
+        audit = self.audit
+        if audit is None or not (login or unrecorded):
+            return
+
+        def write() -> None:
+            if unrecorded:
+                audit.failures_unrecorded(what="HTTPS handshakes failed", peer=address, count=unrecorded)
+            if login:
+                audit.tls_handshake_failed(peer=peer, reason=why, over="HTTPS")
+
+        self.http.loop.run_in_executor(None, write)
 
     def data_received(self, data: bytes) -> None:
         self._early += data  # only between the handshake's end and the handover (start_tls returning)
@@ -343,16 +361,17 @@ class TlsHandshake(asyncio.Protocol):
             self.http.release()
 
 
-def guarded_protocol(limits: HttpLimits, refusals: Refusals,
-                     context: ssl.SSLContext | None = None) -> type[GuardedH11Protocol] | type[TlsHandshake]:
+def guarded_protocol(limits: HttpLimits, refusals: Refusals, context: ssl.SSLContext | None = None,
+                     audit: AuditTrail | None = None) -> type[GuardedH11Protocol] | type[TlsHandshake]:
     """A `GuardedH11Protocol` class for one server (its own per-address counts), for ``uvicorn.Config(http=...)``;
-    with a TLS ``context``, a `TlsHandshake` class around it (HTTPS: give uvicorn no ``ssl`` of its own)."""
+    with a TLS ``context``, a `TlsHandshake` class around it (HTTPS: give uvicorn no ``ssl`` of its own), which
+    records failed client-certificate handshakes in ``audit``."""
     protocol = type(
         "GuardedH11Protocol", (GuardedH11Protocol,), {"limits": limits, "refusals": refusals, "peers": _PeerCount()}
     )
     if context is None:
         return protocol
-    return type("TlsHandshake", (TlsHandshake,), {"context": context, "protocol": protocol})
+    return type("TlsHandshake", (TlsHandshake,), {"context": context, "protocol": protocol, "audit": audit})
 
 
 __all__ = ["GuardedH11Protocol", "HttpLimits", "TlsHandshake", "guarded_protocol"]

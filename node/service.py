@@ -185,7 +185,7 @@ class Service:
             index=self.index, authenticator=auth, admission=self.admission.report,
         )))
         return HttpServer(config, app, health=health, heartbeats=self.heartbeats, metrics=self.metrics,
-                          reuse_port=self.role is Role.LISTENER)
+                          reuse_port=self.role is Role.LISTENER, audit=self.audit)
 
     # Settings bound at start-up (sockets, files, database); a reload that changes them is applied only after a restart.
     RESTART_ONLY = (

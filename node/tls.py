@@ -104,6 +104,14 @@ class ClientContext(ssl.SSLContext):
     sslsocket_class = _RecordingSocket
 
 
+def presented_itself(exc: BaseException, reason: str) -> bool:
+    """Whether a failed server-side handshake was a peer's attempt to authenticate (a certificate refused, no
+    certificate, a protocol it offered), as opposed to a connection that closed, reset or stayed silent before TLS
+    began — a load balancer's TCP probe, a port scan: counted and logged, but not audited as a login failure (a
+    probe every few seconds added thousands of records a day). ``reason``: `describe_tls_error`'s."""
+    return isinstance(exc, ssl.SSLError) and "eof" not in reason.lower()
+
+
 def describe_tls_error(exc: BaseException) -> str:
     """A short reason for a TLS failure, e.g. ``certificate verify failed: unable to get local issuer
     certificate`` (no peer data in it)."""

@@ -27,6 +27,7 @@ from starlette.routing import Mount
 from structlog.testing import capture_logs
 
 from node.admin import admin_routes
+from node.audit import AuditTrail, read_records
 from node.auth import Authenticator
 from node.config import NodeConfig
 from node.db import create_engine_for, init_schema
@@ -76,7 +77,8 @@ class Web:
         app.router.routes.append(Mount("/admin", routes=admin_routes(
             lambda: self.config, self.engine, token=TOKEN, dispatcher=Dispatcher(self.config, self.engine, {}),
             queue=JobQueue(self.engine, self.config.queue), index=index, authenticator=auth)))
-        self.server = HttpServer(self.config, app, health=health, metrics=self.metrics)
+        self.audit = AuditTrail(self.config.audit, self.config.node.data_dir, ae_title="PACSNODE")
+        self.server = HttpServer(self.config, app, health=health, metrics=self.metrics, audit=self.audit)
         self.server.start()
         self.opened: list[socket.socket] = []
         self.ca = pki.ca
@@ -112,6 +114,7 @@ class Web:
             with contextlib.suppress(OSError):
                 sock.close()
         self.server.stop(2.0)
+        self.audit.close()
         self.engine.dispose()
 
 
@@ -210,6 +213,16 @@ def test_https_client_without_a_certificate_when_required_gets_no_answer(web, pk
     with capture_logs() as logs:
         subprocess.run([*base, url], capture_output=True, text=True, timeout=30)
         wait_until(lambda: [e for e in logs if e["event"] == "tls_handshake_failed"], 5, "the refusal's log line")
+    # each refused certificate is audited as a login failure, as DICOM TLS's are (it was not at all)
+
+    def failed() -> list[str]:
+        path = node.audit.path
+        return [r["EventIdentification"]["EventOutcomeDescription"] for r in read_records(path)
+                if r["event"] == "tls_handshake_failed"] if path.exists() else []
+
+    reasons = wait_until(lambda: len(failed()) >= 3 and failed(), 10, "three handshake failures audited")
+    assert len(reasons) == 3 and all(r.startswith("HTTPS handshake failed: ") for r in reasons), reasons
+    assert "certificate verify failed" in reasons[1], reasons
 
 
 # -- authentication: no way round the token, no token in the log, big headers refused cleanly -----------------------
