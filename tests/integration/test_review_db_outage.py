@@ -44,44 +44,75 @@ def _indexed(url: str, series_uid: str) -> set[str]:
         engine.dispose()
 
 
-def test_a_database_restart_mid_series_loses_nothing_and_needs_no_node_restart(
-        restartable_postgres, orthanc_factory, tmp_path) -> None:
-    require_weights()
-    pg = restartable_postgres
-    url = pg.create_database()
-    node_port = free_port()
-    orthanc = orthanc_factory(modalities={"node": ("PACSNODE", "127.0.0.1", node_port)})
-    toml = f"""
+COMPLETION = """
 [completion]
 stable_seconds = 4
 sweep_seconds = 0.5
 [gate]
 scope_check = false
-[dispatch]
+"""
+
+
+def _outage_mid_series(node, pg: PostgresServer, url: str, series) -> None:  # noqa: ANN001 - peers' own types
+    """Six slices, then the database goes away while four more are sent, then comes back and the scanner sends the
+    whole series again: nothing the node said Success to may be missing, and every instance ends up indexed."""
+    dcmtk.storescu(node.port, *series.paths[:6], calling_ae="CT-OUTAGE", check=True, timeout=120)
+    pg.pause()
+    during = dcmtk.store_responses_of(node.port, series.paths[6:10], calling_ae="CT-OUTAGE", called_ae="PACSNODE",
+                                      timeout=120)
+    assert node.running, node.log_text()[-3000:]
+    acknowledged = [p for p, answer in during.items() if answer.startswith("Success")]
+    pg.resume()
+    by_path = dict(zip(map(str, series.paths), series.sop_uids, strict=True))
+    assert {by_path[p] for p in acknowledged} <= _indexed(url, series.series_uid), (during, node.log_text()[-3000:])
+    dcmtk.storescu(node.port, *series.paths, calling_ae="CT-OUTAGE", check=True, timeout=120)
+    wait_until(lambda: _indexed(url, series.series_uid) == set(series.sop_uids), 60,
+               "every instance indexed after the database came back", lambda: node.log_text()[-3000:])
+
+
+def _jobs(url: str, series_uid: str) -> int:
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return int(conn.execute(sa.text("select count(*) from jobs where series_uid = :s"),
+                                    {"s": series_uid}).scalar_one())
+    finally:
+        engine.dispose()
+
+
+def test_a_database_restart_mid_series_loses_nothing_and_needs_no_node_restart(restartable_postgres, tmp_path) -> None:
+    """The receive side and completion (no worker, no PACS: the default suite's share; the whole pipeline to Orthanc
+    is the slow test below)."""
+    pg = restartable_postgres
+    url = pg.create_database()
+    node = launch_node(tmp_path / "node", extra_toml=COMPLETION + "[worker]\nenabled = false\n", database_url=url)
+    try:
+        series = write_ct_series(tmp_path / "ct", slices=16, size=64, seed=11)
+        _outage_mid_series(node, pg, url, series)
+        # completion works again (once, or twice if a slow restart let the first six complete before the re-send)
+        wait_until(lambda: _jobs(url, series.series_uid) >= 1, 60, "the series completed and queued",
+                   lambda: node.log_text()[-3000:])
+        assert node.running
+    finally:
+        node.stop()
+
+
+@pytest.mark.slow  # ~45 s with the worker's models and Orthanc
+def test_after_a_database_restart_the_results_still_reach_the_pacs(restartable_postgres, orthanc_factory,
+                                                                    tmp_path) -> None:
+    require_weights()
+    pg = restartable_postgres
+    url = pg.create_database()
+    node_port = free_port()
+    orthanc = orthanc_factory(modalities={"node": ("PACSNODE", "127.0.0.1", node_port)})
+    toml = COMPLETION + f"""[dispatch]
 initial_backoff_seconds = 0.5
 max_backoff_seconds = 2
 {orthanc.destination_toml()}"""
     node = launch_node(tmp_path / "node", port=node_port, extra_toml=toml, database_url=url)
     try:
         series = write_ct_series(tmp_path / "ct", slices=16, size=64, seed=11)
-        first, rest = series.paths[:6], series.paths[6:]
-        dcmtk.storescu(node.port, *first, calling_ae="CT-OUTAGE", check=True, timeout=120)
-
-        pg.pause()
-        during = dcmtk.store_responses_of(node.port, rest[:4], calling_ae="CT-OUTAGE", called_ae="PACSNODE",
-                                          timeout=120)
-        assert node.running, node.log_text()[-3000:]
-        acknowledged = [p for p, answer in during.items() if answer.startswith("Success")]
-        pg.resume()
-        indexed = _indexed(url, series.series_uid)
-        # whatever the node said Success to while the database was down must be indexed now
-        by_path = dict(zip(map(str, series.paths), series.sop_uids, strict=True))
-        assert {by_path[p] for p in acknowledged} <= indexed, (during, node.log_text()[-3000:])
-
-        # the scanner sends what was not acknowledged, then the rest; the node takes it without a restart
-        dcmtk.storescu(node.port, *series.paths, calling_ae="CT-OUTAGE", check=True, timeout=120)
-        wait_until(lambda: _indexed(url, series.series_uid) == set(series.sop_uids), 60,
-                   "every instance indexed after the database came back", lambda: node.log_text()[-3000:])
+        _outage_mid_series(node, pg, url, series)
         wait_until(lambda: {"SR", "SEG", "KO"} <= {
             s["MainDicomTags"]["Modality"] for s in orthanc.find("Series", {"StudyInstanceUID": series.study_uid})
         }, 180, "SR, SEG and KO at Orthanc after the outage", lambda: node.log_text()[-4000:])
