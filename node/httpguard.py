@@ -251,7 +251,10 @@ class GuardedH11Protocol(H11Protocol):
             b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain; charset=utf-8\r\n"
             b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(message), message)
         )
-        self.transport.close()
+        # Not closed at once: the client is usually still sending the head, and a close with its bytes unread makes
+        # the kernel reset the connection, which can discard the 431 before the client reads it (seen over HTTPS:
+        # the client's send failed with EOF). The rest is read and dropped as after an early answer (`_linger`).
+        self._linger()
         return True
 
     def _check_deadlines(self) -> None:
