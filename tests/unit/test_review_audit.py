@@ -57,12 +57,7 @@ def test_a_stalled_audit_write_does_not_stop_the_http_server(tmp_path: Path) -> 
     record was written on uvicorn's one event loop, so the whole HTTP side — /healthz, /readyz, STOW-RS — hung
     until the write returned, and an orchestrator restarted the node. The query's own request may wait for its
     record; the server must keep answering others ("a failing audit write never blocks the data path")."""
-    fifo = tmp_path / "audit.fifo"
-    os.mkfifo(fifo)
-    drain = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)  # our end: fill the pipe now, empty it at the end
-    with contextlib.suppress(BlockingIOError):
-        while True:
-            os.write(drain, b"\n" * 65536)
+    fifo, drain = stalled_fifo(tmp_path)
     s = Served(tmp_path, f"sqlite:///{tmp_path / 'node.db'}", audit={"path": str(fifo), "rotate_daily": False})
     query = threading.Thread(target=lambda: httpx.get(f"{s.base}/studies", timeout=60), daemon=True)
     try:
@@ -73,6 +68,18 @@ def test_a_stalled_audit_write_does_not_stop_the_http_server(tmp_path: Path) -> 
         wait_until(lambda: (_drained(drain), not query.is_alive())[1], 30, "the query answered")
         s.close()
         os.close(drain)
+
+
+def stalled_fifo(tmp_path: Path) -> tuple[Path, int]:
+    """An audit "file" that stalls: a FIFO whose pipe is already full. Returns it and our end (read it empty with
+    `_drained` to let the writer go on; close it at the end)."""
+    fifo = tmp_path / "audit.fifo"
+    os.mkfifo(fifo)
+    drain = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            os.write(drain, b"\n" * 65536)
+    return fifo, drain
 
 
 def _drained(fd: int) -> None:

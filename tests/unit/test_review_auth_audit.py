@@ -6,10 +6,10 @@ record: tests/unit/test_review_audit.py."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -24,33 +24,34 @@ from node.ingest import Ingestor
 from node.metrics import Metrics
 from node.spool import Spool
 from tests.conftest import free_port, wait_until
-from tests.unit.test_review_audit import _blocked_in_a_pipe_write, _drained
+from tests.unit.test_review_audit import _blocked_in_a_pipe_write, _drained, stalled_fifo
 
 TOKEN = "review-auth-audit-token"
 
 
-def test_an_unauthenticated_request_against_a_stalled_audit_file_does_not_stop_the_server(tmp_path: Path) -> None:
-    fifo = tmp_path / "audit.fifo"
-    os.mkfifo(fifo)
-    drain = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)  # our end: fill the pipe now, empty it at the end
-    with contextlib.suppress(BlockingIOError):
-        while True:
-            os.write(drain, b"\n" * 65536)
+def _served(tmp_path: Path, **audit: object) -> tuple[HttpServer, AuditTrail, Metrics, Any]:
+    """The HTTP app with a token on a real uvicorn server, its audit trail configured by ``audit``; started."""
     config = NodeConfig.model_validate({
         "node": {"data_dir": str(tmp_path / "data"), "host": "127.0.0.1", "http_port": free_port(),
                  "dicomweb_token": TOKEN, "metrics_require_token": True},
-        "audit": {"path": str(fifo), "rotate_daily": False},
+        "audit": audit,
     })
     engine = create_engine_for(f"sqlite:///{tmp_path / 'node.db'}")
     init_schema(engine)
     spool, index, metrics = Spool(config.node.spool_dir), Index(engine), Metrics()
-    audit = AuditTrail(config.audit, config.node.data_dir, ae_title="PACSNODE")
-    auth = Authenticator(TOKEN, metrics=metrics, audit=audit)
+    trail = AuditTrail(config.audit, config.node.data_dir, ae_title="PACSNODE")
+    auth = Authenticator(TOKEN, metrics=metrics, audit=trail)
     health = HealthProbe(engine, spool.root, lambda: True)
     app = create_app(config, Ingestor(spool, index), index, health=health, metrics=metrics, token=TOKEN,
-                     authenticator=auth, audit=audit)
+                     authenticator=auth, audit=trail)
     server = HttpServer(config, app, health=health, metrics=metrics)
     server.start()
+    return server, trail, metrics, engine
+
+
+def test_an_unauthenticated_request_against_a_stalled_audit_file_does_not_stop_the_server(tmp_path: Path) -> None:
+    fifo, drain = stalled_fifo(tmp_path)
+    server, audit, _, engine = _served(tmp_path, path=str(fifo), rotate_daily=False)
     base = f"http://127.0.0.1:{server.port}"
     answers: list[int] = []
     refused = threading.Thread(target=lambda: answers.append(httpx.get(f"{base}/dicomweb/studies", timeout=60)
@@ -79,17 +80,7 @@ def test_an_unauthenticated_flood_does_not_grow_the_audit_trail_without_bound(tm
     from node.audit import read_records
 
     monkeypatch.setattr(auth_module, "RECORD_WINDOW_SECONDS", 600.0)  # the whole flood in one window
-    config = NodeConfig.model_validate({"node": {"data_dir": str(tmp_path / "data"), "host": "127.0.0.1",
-                                                 "http_port": free_port(), "dicomweb_token": TOKEN}})
-    engine = create_engine_for(f"sqlite:///{tmp_path / 'node.db'}")
-    init_schema(engine)
-    spool, index, metrics = Spool(config.node.spool_dir), Index(engine), Metrics()
-    audit = AuditTrail(config.audit, config.node.data_dir, ae_title="PACSNODE")
-    auth = Authenticator(TOKEN, metrics=metrics, audit=audit)
-    health = HealthProbe(engine, spool.root, lambda: True)
-    server = HttpServer(config, create_app(config, Ingestor(spool, index), index, health=health, metrics=metrics,
-                                           token=TOKEN, authenticator=auth, audit=audit), health=health, metrics=metrics)
-    server.start()
+    server, audit, metrics, engine = _served(tmp_path)
     url = f"http://127.0.0.1:{server.port}/dicomweb/studies"
     try:
         with httpx.Client(timeout=10) as client:
