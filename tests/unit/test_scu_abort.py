@@ -9,27 +9,18 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE, evt
 
 from node.scu import Peer, send_datasets
+from tests.unit.test_scu_stall import ct
 
 TIMEOUT = 8.0  # the peer timeout the node waits for a response; the abort must end the send long before
 
 
 def _ct() -> Dataset:
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.Rows = ds.Columns = 8
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
-    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PixelRepresentation = 1, "MONOCHROME2", 0
-    ds.PixelData = bytes(128)
-    return ds
+    return ct(rows=8, columns=8)
 
 
 def _abort(event: evt.Event) -> int:

@@ -17,16 +17,17 @@ from node.scu import Peer, send_datasets
 PIXELS = 48 * 1024 * 1024  # well past what the kernel buffers on loopback: the sender must block
 
 
-def _big_ct() -> Dataset:
+def ct(rows: int = 4096, columns: int = 6144) -> Dataset:
+    """A minimal CT image of ``rows`` x ``columns`` 16-bit zeros (by default `PIXELS` bytes), fresh UIDs."""
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.SOPClassUID = CTImageStorage
     ds.SOPInstanceUID = generate_uid()
     ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 4096, 6144, 16, 16, 15
+    ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit = rows, columns, 16, 16, 15
     ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PixelRepresentation = 1, "MONOCHROME2", 0
-    ds.PixelData = bytes(PIXELS)
+    ds.PixelData = bytes(2 * rows * columns)
     return ds
 
 
@@ -55,7 +56,7 @@ def test_a_peer_that_stops_reading_ends_the_send_with_the_timeout(stalled_scp: i
 
     def send() -> None:
         try:
-            outcome.append(send_datasets(peer, [_big_ct()]))
+            outcome.append(send_datasets(peer, [ct()]))
         except SendError as exc:
             outcome.append(exc)
 
