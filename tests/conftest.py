@@ -181,21 +181,26 @@ def orthanc_factory(tmp_path: Path) -> Iterator[Callable[..., OrthancServer]]:
 
 
 # -- the database backends: the same tests on SQLite (embedded default) and a real PostgreSQL server ---------------
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[Any]:
-    """One PostgreSQL cluster for the whole run (`peers.postgres.PostgresServer`), started on first use, stopped
-    by PID at the end. Its folder is outside pytest's tmp tree, which only root may enter (it runs as ``postgres``)."""
+def throwaway_postgres(prefix: str = "pacsnode-pg-") -> Iterator[Any]:
+    """A started `peers.postgres.PostgresServer`, stopped by PID and removed at the end. Its folder is outside
+    pytest's tmp tree, which only root may enter (it runs as ``postgres``)."""
     import tempfile
 
     from peers.postgres import PostgresServer
 
-    workdir = Path(tempfile.mkdtemp(prefix="pacsnode-pg-"))
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
     server = PostgresServer(workdir).start()
     try:
         yield server
     finally:
         server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Any]:
+    """One PostgreSQL cluster for the whole run, started on first use (`throwaway_postgres`)."""
+    yield from throwaway_postgres()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -7,16 +7,12 @@ takes the re-send, completes the series and delivers its results without anyone 
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from pathlib import Path
-
 import pytest
 import sqlalchemy as sa
 
 from peers import dcmtk
 from peers.postgres import PostgresServer
-from tests.conftest import free_port, launch_node, require_weights, wait_until
+from tests.conftest import free_port, launch_node, require_weights, throwaway_postgres, wait_until
 from tests.ctgen import write_ct_series
 
 pytestmark = pytest.mark.integration
@@ -25,13 +21,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def restartable_postgres():
     """A PostgreSQL cluster of this test's own, since the test stops it (the session's is shared)."""
-    workdir = Path(tempfile.mkdtemp(prefix="pacsnode-pg-outage-"))
-    server = PostgresServer(workdir).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+    yield from throwaway_postgres("pacsnode-pg-outage-")
 
 
 def _indexed(url: str, series_uid: str) -> set[str]:
