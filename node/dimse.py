@@ -249,8 +249,10 @@ class DimseServer:
         with self._lock:
             self._assoc_ids[assoc] = assoc_id
         calling = assoc.requestor.ae_title
-        self._metrics.association("accepted")
-        self._index.association_opened(assoc_id, calling, assoc.acceptor.ae_title, _peer(assoc))
+        try:
+            self._index.association_opened(assoc_id, calling, assoc.acceptor.ae_title, _peer(assoc))
+        finally:  # counted once the row is written: a listener killed in between leaves both counts equal
+            self._metrics.association("accepted")
         self._log.info("association_accepted", assoc_id=assoc_id, calling_ae=calling, peer=_peer(assoc))
         if self._audit is not None:
             self._audit.association_started(assoc_id=assoc_id, calling_ae=calling, called_ae=assoc.acceptor.ae_title,

@@ -163,7 +163,9 @@ def test_a_flood_of_oversized_requests_does_not_starve_a_modality(make_node, tmp
     own, so that only the node holds this interpreter's GIL) while storescu sends 20 instances: they took 39 s
     instead of 0.3 s before the fix, 3-4 s after."""
     storescu = require_tool("storescu")
-    node = make_node(max_pdu_bytes=1 << 20)
+    # A network timeout of 1.5 s (the module's) aborted storescu's association once under CI load: the flood's
+    # process and the node share two cores, and storescu, starved, sent its next PDU too late.
+    node = make_node(max_pdu_bytes=1 << 20, network_timeout_seconds=15.0)
     series = write_ct_series(tmp_path / "ct", slices=20, size=64)
     rq = tmp_path / "rq.bin"
     rq.write_bytes(FLOODS["15 contexts of 6,500 transfer syntaxes"]())
