@@ -10,9 +10,9 @@ PYTEST_ARGS ?=
 # third of the CPU sat idle: README "Tests"), whole files per worker
 # (test_routing_senders' module node runs its tests in order), every node-starting integration test on SQLite and on
 # PostgreSQL (tests/conftest.py `--node-db=both`; tests marked one_backend on PostgreSQL only). TEST_WORKERS=0 runs
-# serially.
+# serially. The 30 slowest tests are printed at the end: the suite must stay under 15 minutes on 2 cores.
 TEST_WORKERS ?= 3
-TEST_RUN := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) --node-db=both
+TEST_RUN := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) --node-db=both --durations=30
 DEMO_ARGS ?=
 
 .PHONY: serve test test-pg demo lint typecheck sysdeps bench bench-e2e venv clean
