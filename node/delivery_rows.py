@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from node.db import reading
+from node.leases import cut
 from node.schema import commitments, deliveries
 from node.states import CommitState, DeliveryState
 
@@ -34,6 +35,18 @@ def checked_payload(
     if len(uids) != len(paths) or not all(uids):
         raise ValueError(f"sop_uids must name one SOP Instance UID per file ({len(paths)}), got {uids!r}")
     return paths, uids
+
+
+NOT_CONFIGURED = "destination not configured"  # a reload removed (or renamed) the row's destination
+
+
+def give_up_reason(seconds: float, last_error: str | None, configured: bool) -> str:
+    """The dead letter of a row given up after ``seconds``: its last error, or when its destination is no longer
+    ``configured`` that first (what the operator must act on), with the send error from before the reload after."""
+    last = last_error or ("none (not attempted)" if configured else NOT_CONFIGURED)
+    if not configured and not last.startswith(NOT_CONFIGURED):
+        last = f"{NOT_CONFIGURED} (removed by a reload; before it: {last})"
+    return cut(f"gave up after {seconds:g} s; last error: {last}")
 
 
 def decode_payload(files: str, sop_uids: str) -> tuple[tuple[Path, ...], tuple[str, ...]] | None:

@@ -298,8 +298,7 @@ class Dispatcher:
                              destination=claimed.destination, sop_uids=list(claimed.sop_uids), attempt=claimed.attempts)
         destination = next((x for x in config.destinations if x.name == claimed.destination), None)
         if destination is None:  # removed by a config reload after the claim
-            error = f"destination {claimed.destination!r} is not configured"
-            return self._failed(claimed, error, config, log)
+            return self._failed(claimed, f"{store.NOT_CONFIGURED} (removed by a reload)", config, log)
         sender = self._senders.get(destination.kind)
         if sender is None:
             return self._dead(claimed, f"no sender for kind '{destination.kind.value}'", log)
@@ -331,9 +330,9 @@ class Dispatcher:
     def _failed(self, claimed: _Claimed, error: str, config: NodeConfig, log: Any) -> _Next:
         now = self._clock()
         settings = config.dispatch
-        if now - claimed.queued_at >= settings.give_up_after_seconds:
-            reason = f"gave up after {settings.give_up_after_seconds:g} s; last error: {error}"
-            self._dead(claimed, reason[:MAX_ERROR_CHARS], log)
+        if now - claimed.queued_at >= settings.give_up_after_seconds:  # a reload may have removed it meanwhile
+            configured = any(x.name == claimed.destination for x in self._config.destinations)
+            self._dead(claimed, store.give_up_reason(settings.give_up_after_seconds, error, configured), log)
             return _Next.BACK_OFF
         delay = backoff_delay(claimed.attempts, settings, self._rng)
         if not self._leases.retry_later(claimed.lease, delay, error):
@@ -377,9 +376,7 @@ class Dispatcher:
         d = deliveries.c
 
         def reason(row: sa.Row[Any]) -> str:
-            last = row.last_error or (
-                "none (not attempted)" if row.destination in configured else "destination not configured")
-            return f"gave up after {give_up:g} s; last error: {last}"
+            return store.give_up_reason(give_up, row.last_error, row.destination in configured)
 
         expired = sa.and_(d.state == DeliveryState.PENDING.value, d.queued_at <= self._clock() - give_up)
         dead = self._leases.expire(expired, reason)

@@ -1,0 +1,115 @@
+"""Review of result dispatch against a real Orthanc: what the dead letter of a destination a reload removed says.
+Orthanc rejects the node's association when the called AE title is wrong (DicomCheckCalledAet); the dispatcher's
+clock is a `FakeClock`, so give-up times pass without waiting."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from node.config import Destination, DestinationKind, DispatchSection, NodeConfig
+from node.db import create_engine_for, init_schema
+from node.dispatch import Dispatcher
+from node.senders import DimseSender
+from node.states import DeliveryState
+from peers.orthanc import OrthancServer
+from tests.fakeclock import FakeClock
+from tests.integration.test_dispatch_orthanc import ResultFiles, _write_results
+from tests.unit.results_support import ct_sources
+
+pytestmark = pytest.mark.integration
+
+GIVE_UP = 100.0
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory: pytest.TempPathFactory) -> ResultFiles:
+    base = tmp_path_factory.mktemp("results")
+    return _write_results(ct_sources(base / "ct"), base / "out", 1)
+
+
+@pytest.fixture
+def engine(tmp_path: Path, node_database: Any) -> Any:
+    eng = create_engine_for(node_database.fresh(tmp_path / "node.db"))
+    init_schema(eng)
+    yield eng
+    eng.dispose()
+
+
+def _config(*destinations: Destination) -> NodeConfig:
+    fast = DispatchSection(initial_backoff_seconds=1, max_backoff_seconds=2, give_up_after_seconds=GIVE_UP,
+                           poll_seconds=0.05, timeout_seconds=5)
+    return NodeConfig(destinations=destinations, dispatch=fast)
+
+
+def _pacs(orthanc: OrthancServer, ae_title: str, name: str = "pacs") -> Destination:
+    return Destination(name=name, kind=DestinationKind.DIMSE, ae_title=ae_title, host="127.0.0.1",
+                       port=orthanc.dicom_port)
+
+
+class _ReloadDuringSend(DimseSender):
+    """The node's own C-STORE sender; ``during(destination)`` runs once, while the first send is on its way (the
+    hot reload an operator makes at that moment)."""
+
+    def __init__(self) -> None:
+        super().__init__("PACSNODE", 5)
+        self.during: Callable[[], None] | None = None
+
+    def send(self, destination: Destination, files: Sequence[Path]) -> None:
+        if (during := self.during) is not None:
+            self.during = None
+            during()
+        super().send(destination, files)
+
+
+def test_a_removed_destinations_dead_letter_says_it_is_not_configured(
+        orthanc_factory: Callable[..., OrthancServer], engine: Any, result: ResultFiles) -> None:
+    """The PACS rejects the association (wrong called AE title); the operator removes the destination by a reload
+    rather than fix it. Once the give-up time passes, the dead letter `pacsnode status` and /admin show must say the
+    destination is not configured: on the old code it quoted the last send error ("... rejected ..."), sending the
+    operator to fix an AE title on a destination that no longer exists."""
+    orthanc = orthanc_factory()
+    clock = FakeClock(1_000_000.0)
+    dispatcher = Dispatcher(_config(_pacs(orthanc, "NOT-ORTHANC")), engine,
+                            {DestinationKind.DIMSE: DimseSender("PACSNODE", 5)}, clock=clock, rng=lambda: 0.5)
+    [waiting] = dispatcher.enqueue(result.series_uid, 1, result.paths, result.sop_uids)
+    assert dispatcher.run_once() == 1
+    row = dispatcher.get(waiting)
+    assert row is not None and row.state == DeliveryState.PENDING and "rejected" in row.last_error
+    dispatcher.apply_config(_config())  # removed by a hot reload
+    clock.advance(GIVE_UP + 1)
+    dispatcher.run_once()  # the sweep: past its give-up time
+    row = dispatcher.get(waiting)
+    assert row is not None and row.state == DeliveryState.DEAD
+    assert "destination not configured" in row.last_error
+    assert orthanc.sop_instance_uids() == []
+
+
+def test_a_destination_removed_while_its_send_fails_past_give_up_says_so(
+        orthanc_factory: Callable[..., OrthancServer], engine: Any, result: ResultFiles) -> None:
+    """The claimed row's path: a retry past the give-up time is on its way to the PACS (which rejects it) when a
+    reload removes the destination. Its dead letter must say the destination is not configured, not only quote the
+    rejection."""
+    orthanc = orthanc_factory()
+    clock = FakeClock(1_000_000.0)
+    sender = _ReloadDuringSend()
+    dispatcher = Dispatcher(_config(_pacs(orthanc, "NOT-ORTHANC")), engine, {DestinationKind.DIMSE: sender},
+                            clock=clock, rng=lambda: 0.5)
+    [delivery] = dispatcher.enqueue(result.series_uid, 1, result.paths, result.sop_uids)
+    clock.advance(GIVE_UP - 1)  # not yet given up when claimed; given up when the send has failed
+
+    def reload_mid_send() -> None:
+        dispatcher.apply_config(_config())
+        clock.advance(2)
+
+    sender.during = reload_mid_send
+    assert dispatcher.run_once() == 1
+    assert sender.during is None
+    row = dispatcher.get(delivery)
+    assert row is not None and row.state == DeliveryState.DEAD
+    assert "destination not configured" in row.last_error
+    assert "rejected" in row.last_error  # what the last attempt met is still told
+
