@@ -217,6 +217,7 @@ def _encodings(ds: Dataset) -> list[str]:
 
 
 UTF8 = "ISO_IR 192"
+LATIN1 = "ISO_IR 100"
 IR58 = "ISO 2022 IR 58"
 
 
@@ -235,9 +236,10 @@ def charset_repair(ds: Dataset) -> CharsetRepair | None:
     Value 1 empty in a multi-valued set is ISO 2022 IR 6 (PS3.3 C.12.1.1.2), and "ISO_IR 6" or an empty value
     alone is the default repertoire: those are respelt. Anything else highdicom refuses becomes UTF-8, which
     holds every character the source's set can; so does ISO 2022 IR 58 (GB 2312), which pydicom writes without
-    its escape sequences (its text is decoded by `decoded`)."""
+    its escape sequences (its text is decoded by `decoded`). Text beyond ASCII under the default repertoire (no
+    set declared, or "ISO_IR 6") gets ISO_IR 100, the set pydicom read it in (`_undeclared_8bit`)."""
     if "SpecificCharacterSet" not in ds:
-        return None
+        return CharsetRepair((LATIN1,), False) if _undeclared_8bit(ds) else None
     try:
         value = ds["SpecificCharacterSet"].value
     except Exception:  # noqa: BLE001 - a malformed element: pydicom decodes its text as the default repertoire
@@ -247,10 +249,35 @@ def charset_repair(ds: Dataset) -> CharsetRepair | None:
     if len(values) > 1 and values[0] == "":
         values[0] = "ISO 2022 IR 6"
     if values in ([], [""], ["ISO_IR 6"]):
-        return CharsetRepair((), False)
+        return CharsetRepair((LATIN1,), False) if _undeclared_8bit(ds) else CharsetRepair((), False)
     if _highdicom_takes(values) and IR58 not in values:  # pydicom writes IR 58 without its escape sequences
         return None if values == given else CharsetRepair(tuple(values), False)
     return CharsetRepair((UTF8,), True)
+
+
+def _undeclared_8bit(ds: Dataset) -> bool:
+    """Whether a text value among `copied_keywords` (sequence items too) holds a character beyond ASCII although
+    ``ds`` declares only the default repertoire. Senders do write Latin-1 so (older modalities, RIS-filled names):
+    pydicom reads such bytes as ISO 8859-1, its default encoding, and writes them back the same, so a result
+    that only copied them said the default repertoire over 8-bit bytes (dciodvfy: "Character invalid for
+    character repertoire"). Declaring ISO_IR 100 keeps the bytes as sent and says how the node read them."""
+    for keyword in copied_keywords(ds):
+        tag = tag_for_keyword(keyword)
+        if tag is None or keyword not in ds:
+            continue
+        try:
+            element = decoded(ds, tag)
+        except Exception:  # noqa: BLE001 - bytes that do not decode are malformed_copied's to judge
+            continue
+        if _beyond_ascii(element):
+            return True
+    return False
+
+
+def _beyond_ascii(element: DataElement) -> bool:
+    if element.VR == "SQ":
+        return any(_beyond_ascii(item[tag]) for item in element.value for tag in item.keys())  # noqa: SIM118
+    return any(isinstance(v, (str, PersonName)) and not str(v).isascii() for v in _values(element.value))
 
 
 def _highdicom_takes(values: list[str]) -> bool:
@@ -274,6 +301,6 @@ def _values(value: object) -> Sequence[object]:
 
 
 __all__ = [
-    "ALWAYS_CHECKED", "EQUIPMENT_COPIED", "IR58", "UTF8", "CharsetRepair", "charset_repair", "copied_keywords",
+    "ALWAYS_CHECKED", "EQUIPMENT_COPIED", "IR58", "LATIN1", "UTF8", "CharsetRepair", "charset_repair", "copied_keywords",
     "decoded", "malformed_copied", "padded_names",
 ]

@@ -353,7 +353,8 @@ def _repair_charset(header: Dataset, charset: CharsetRepair) -> None:
         for keyword in _TYPE2_COPIED:
             if keyword not in header:
                 setattr(header, keyword, "")  # dropped as unconvertible: Type 2 stays, empty
-    del header.SpecificCharacterSet  # the source's element, shared: setting its value would change the source's set
+    if "SpecificCharacterSet" in header:  # absent when the source declared none (`attributes._undeclared_8bit`)
+        del header.SpecificCharacterSet  # shared with the source: setting its value would change the source's set
     if charset.values:
         header.SpecificCharacterSet = list(charset.values) if len(charset.values) > 1 else charset.values[0]
 

@@ -1,0 +1,76 @@
+"""Review of the results (SR, SEG, key-images KOS, "not processed" SR) and the classifier's clinical inputs for
+headers as real senders write them.
+
+What failed before the fixes:
+- a sender that writes Latin-1 text without declaring a Specific Character Set (older modalities, names filled in
+  by a RIS): the results copied the 8-bit bytes under the default repertoire, and dciodvfy refused every one
+  ("Character invalid for character repertoire"); they now say ISO_IR 100, the set the node read the text in;
+- PatientAge written without its zero padding or in lower case ("45Y", "045y"): the gate read the age, the
+  classifier did not, so an adult was judged with "age: missing" fused into the verdict.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom import Dataset
+from pydicom.data import get_charset_files
+
+from node.results import AlgorithmIdentity, SkipReason, build_results, build_skipped_sr
+from tests.unit.results_support import cached_series, read_back_strictly, sent_as_spooled
+from tests.unit.test_results import needs_dciodvfy  # noqa: F401 - the fixture
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+ALGORITHM = AlgorithmIdentity(name="review-model", version="0.0.1")
+
+
+def _every_result(sources: list[Dataset]) -> list[tuple[str, Dataset]]:
+    results = build_results(sources, cached_series()[1], ALGORITHM)
+    skipped = build_skipped_sr(sources, SkipReason.NOT_CT, "detail", ALGORITHM)
+    assert results.seg is not None and results.key_images is not None
+    return [("sr", results.sr), ("seg", results.seg), ("kos", results.key_images), ("skipped", skipped)]
+
+
+def _dciodvfy_errors(path: Path) -> list[str]:
+    """dciodvfy's error lines for ``path``; it echoes values as their bytes, which need not be UTF-8."""
+    exe = shutil.which("dciodvfy")
+    assert exe is not None
+    run = subprocess.run([exe, str(path)], capture_output=True, timeout=60, check=False)
+    return [ln for ln in (run.stdout + run.stderr).decode("utf-8", "replace").splitlines() if ln.startswith("Error")]
+
+
+def _undeclared_latin1(ds: Dataset) -> None:
+    """The German sample's name (pydicom's chrGerm.dcm, PS3.5 Annex examples) as its bytes, sent without the
+    Specific Character Set that declared them; an institution name in Latin-1 too (copied as equipment)."""
+    (path,) = get_charset_files("chrGerm.dcm")
+    name = pydicom.dcmread(path, stop_before_pixels=True).get_item(0x00100010).value
+    if "SpecificCharacterSet" in ds:
+        del ds.SpecificCharacterSet
+    ds.add_new(0x00100010, "PN", name)
+    ds.add_new(0x00080080, "LO", "Klinikum S\xfcd".encode("latin-1"))
+
+
+@pytest.mark.usefixtures("needs_dciodvfy")
+def test_undeclared_latin1_text_gives_valid_results_that_keep_it(tmp_path: Path) -> None:
+    sources = sent_as_spooled(_undeclared_latin1)
+    assert "SpecificCharacterSet" not in sources[0]
+    for kind, built in _every_result(sources):
+        path = tmp_path / f"{kind}.dcm"
+        built.save_as(path, enforce_file_format=True)
+        assert _dciodvfy_errors(path) == [], kind
+        back = read_back_strictly(built)
+        assert back.SpecificCharacterSet == "ISO_IR 100", kind
+        assert str(back.PatientName) == "Äneas^Rüdiger", kind
+    assert "SpecificCharacterSet" not in sources[0]  # the sources are not modified
+
+
+def test_ascii_text_under_the_default_repertoire_declares_nothing() -> None:
+    sources = sent_as_spooled(lambda ds: setattr(ds, "SpecificCharacterSet", "ISO_IR 6"))
+    for kind, built in _every_result(sources):
+        assert "SpecificCharacterSet" not in read_back_strictly(built), kind
+    for kind, built in _every_result(list(cached_series()[0])):
+        assert "SpecificCharacterSet" not in read_back_strictly(built), kind
