@@ -11,14 +11,13 @@ worker loads the series (a `PreprocessError` there is also a refusal); the image
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from pydicom.multival import MultiValue
 
-from models.clinical import header_str, header_value, patient_age_years
+from models.clinical import header_value, patient_age_years
 from node.config import CT_IMAGE_STORAGE, GateSection
 from node.results import SkipReason
 from node.stack import analyse_stack
@@ -195,22 +194,10 @@ def _contrast_recorded(ds: Any) -> bool:
         return True
 
 
-_LOOSE_AGE = re.compile(r"\s*0*(\d{1,3})\s*([DWMY])\s*", re.IGNORECASE)
-
-
 def header_age_years(ds: Any) -> float | None:
-    """The patient's age in years as the gate reads it: `patient_age_years`, else a loosely written PatientAge."""
-    age = patient_age_years(ds)
-    return _loose_age_years(ds) if age is None else age
-
-
-def _loose_age_years(ds: Any) -> float | None:
-    """PatientAge written without its zero padding or in lower case ("11Y", "011y", "6 M"), which the strict
-    nnnD/W/M/Y reading leaves unknown; None when it has no unit (a bare "45" stays unknown) or reads 0."""
-    m = _LOOSE_AGE.fullmatch(header_str(ds, "PatientAge"))
-    if m is None or not int(m.group(1)):
-        return None
-    return int(m.group(1)) / {"D": 365.25, "W": 52.18, "M": 12.0, "Y": 1.0}[m.group(2).upper()]
+    """The patient's age in years as the gate reads it: `models.clinical.patient_age_years`, the reader the
+    classifier's clinical input uses too (PatientAge, loosely written forms included; else the dates)."""
+    return patient_age_years(ds)
 
 
 MIN_AGE_YEARS = 18.0  # every model card's training data: adults of 18–95 years; no child was ever seen

@@ -74,3 +74,30 @@ def test_ascii_text_under_the_default_repertoire_declares_nothing() -> None:
         assert "SpecificCharacterSet" not in read_back_strictly(built), kind
     for kind, built in _every_result(list(cached_series()[0])):
         assert "SpecificCharacterSet" not in read_back_strictly(built), kind
+
+
+@pytest.mark.parametrize(("sent", "years"), [
+    ("045Y", 45.0), ("45Y", 45.0), ("045y", 45.0), ("45 Y", 45.0), ("540M", 45.0),
+    ("45", None),  # no unit: no age (the SR says it was missing)
+])
+def test_the_classifier_reads_the_age_the_gate_reads(sent: str, years: float | None, tmp_path: Path) -> None:
+    """The series loaded as the worker loads it (`models.preprocess.load_series`), its clinical inputs taken as the
+    classifier takes them (`node.pipelines.runner.clinical_of`)."""
+    from models.preprocess import load_series
+    from node.gate import header_age_years
+    from node.pipelines.runner import clinical_of
+
+    def mutate(ds: Dataset) -> None:
+        ds["PatientAge"] = pydicom.DataElement(0x00101010, "AS", sent, validation_mode=0)  # as sent
+        ds.PatientBirthDate = ""
+
+    paths = []
+    for i, ds in enumerate(sent_as_spooled(mutate)):
+        paths.append(tmp_path / f"{i}.dcm")
+        ds.save_as(paths[-1], enforce_file_format=True)
+    volume = load_series([str(p) for p in paths])
+    assert header_age_years(volume.datasets[0]) == years
+    assert volume.patient_age == years
+    clinical = clinical_of(volume)
+    assert clinical.value("age") == years
+    assert clinical.describe("age") == ("missing" if years is None else "45 years")
