@@ -381,9 +381,11 @@ class CompletionSweeper:
 
     @staticmethod
     def _guard(row: Any) -> tuple[sa.ColumnElement[bool], ...]:
-        """The series row is still as judged: no instance arrived meanwhile."""
+        """The series row is still as judged: no instance arrived meanwhile, and no replayed dead job took the next
+        version (node.versions.reissue, ``pacsnode retry --jobs``): the version it computed would be a second job's."""
         return (series.c.series_uid == row.series_uid, series.c.state == row.state,
-                series.c.last_received_at == row.last_received_at, series.c.instance_count == row.instance_count)
+                series.c.last_received_at == row.last_received_at, series.c.instance_count == row.instance_count,
+                series.c.version == row.version)
 
     def _priority(self, row: Any, rows: Sequence[Any]) -> Priority:
         for rule in self.config.queue.priority_rules:

@@ -25,7 +25,7 @@ from node.db import transaction
 from node.leases import Lease, Leases
 from node.schema import jobs, results
 from node.states import JobState
-from node.versions import SKIP_REASON, newer_version, reissue
+from node.versions import SKIP_REASON, lock_series, newer_version, reissue
 
 PRIORITY_RANK = {Priority.STAT: 0, Priority.ROUTINE: 1}
 DEFER_SECONDS = 60.0  # a job deferred for the node's own failure (results disk full) waits at least this long
@@ -152,6 +152,7 @@ class JobQueue:
         reissued = 0
         with transaction(self.engine, "jobs: retry") as conn:
             for row in conn.execute(sa.select(jobs).where(cond).order_by(jobs.c.id)).all():
+                lock_series(conn, row.series_uid)  # a sweep completing it now commits before the check, or waits
                 if (newer := newer_version(conn, row.series_uid, int(row.version))) is not None:
                     conn.execute(jobs.update().where(jobs.c.id == row.id).values(
                         state=JobState.SKIPPED, skip_reason=SKIP_REASON, last_error=f"version {newer} came in"))

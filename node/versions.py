@@ -48,7 +48,8 @@ class JobSuperseded(Exception):  # noqa: N818 - a control-flow signal like Lease
 
 def lock_series(conn: sa.Connection, series_uid: str) -> None:
     """Hold the series row's write lock until ``conn``'s transaction ends; take it before `newer_version` in the
-    transaction that records a version's results. A new version's job is queued by a transaction that first
+    transaction that records a version's results, or that replays a dead job (`JobQueue.retry`: a sweep
+    completing the series meanwhile would take the version `reissue` computes). A new version's job is queued by a transaction that first
     updates the same row (node.completion, `reissue`), so the two are serialised: either the recording sees the
     newer job (and publishes nothing), or the newer job is queued only once the recorded results are committed
     (and its worker, which reads them after claiming it, supersedes and withdraws them). Without it, on
