@@ -26,6 +26,7 @@ in `node.auditevents`):
                               Instances Accessed, D, when some remain)
   `dead_letters_replayed`     110100 Application Activity                ``pacsnode retry``, ``POST /admin/retry``
   ==========================  =========================================  ===========================================
+More, built on `emit`: `node.auditrecords` (STOW-RS requests that stored nothing; 110101 Audit Log Used).
 
 `emit` never raises: a failing write logs ``audit_write_failed`` and counts ``pacsnode_audit_failures``, and the
 data path goes on. This file and its syslog copy are the only places patient identifiers appear (the patient
@@ -402,7 +403,6 @@ def _sha256(path: str | None) -> str | None:
         return hashlib.sha256(Path(path).read_bytes()).hexdigest()
     except OSError:
         return None
-
 
 
 def _torn(fd: int) -> bool:

@@ -5,8 +5,8 @@ methods put together. No I/O here beyond reading one stored file's PatientID (`p
 
 from __future__ import annotations
 
-import getpass
 import os
+import pwd
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -104,10 +104,11 @@ def uri_object(role: str, uri: str, **more: Any) -> dict[str, Any]:
 
 
 def local_user() -> str:
-    """The OS user this process runs as: its name, or its uid where it has none (containers)."""
+    """The OS user this process runs as: its uid's name, or the uid where it has none (containers). Not
+    `getpass.getuser`, which believes ``LOGNAME``/``USER``: anyone could be recorded as anyone else."""
     try:
-        return getpass.getuser()
-    except Exception:  # noqa: BLE001 - no name for this uid (containers)
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:  # no name for this uid (containers)
         return str(os.getuid())
 
 

@@ -61,13 +61,14 @@ RECORD_WINDOW_SECONDS = 60.0
 MAX_TRACKED = 4096  # (address, surface) windows remembered; the least recently seen forgotten first
 
 
-class _Bursts:
-    """Which authentication failures are recorded one by one. Each 401 was logged and audited (~1.2 KB a record):
-    an unauthenticated client refused a thousand times a second grew the trail ~100 GB a day on the data disk,
-    kept for good by default (``[audit] keep_days = 0``), until the disk admission paused every modality's
-    intake. Now the first `RECORD_BURST` of an address's failures on a surface in `RECORD_WINDOW_SECONDS` are
-    recorded; the rest are counted (the metric counts every one), and the address's next failure after the
-    window first records how many were not (`take` returns that count)."""
+class Bursts:
+    """Which failures are recorded one by one: 401s here, STOW-RS requests that stored nothing
+    (`node.auditrecords`). Each 401 was logged and audited (~1.2 KB a record): an unauthenticated client refused a
+    thousand times a second grew the trail ~100 GB a day on the data disk, kept for good by default (``[audit]
+    keep_days = 0``), until the disk admission paused every modality's intake. Now the first `RECORD_BURST` of an
+    address's failures of one kind (a surface) in `RECORD_WINDOW_SECONDS` are recorded; the rest are counted (the
+    metric counts every one), and the address's next failure after the window first records how many were not
+    (`take` returns that count)."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
@@ -106,7 +107,7 @@ class Authenticator:
         # every other request. Not in the shared thread pool either, which the data path and probes need.
         self._audit_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="AuthAudit@pacsnode") \
             if audit is not None else None
-        self._bursts = _Bursts()
+        self._bursts = Bursts()
         self._log = get_logger(component="auth")
 
     @property
@@ -220,4 +221,4 @@ def _exposed_key_warnings(config: NodeConfig) -> list[str]:
     return warnings
 
 
-__all__ = ["Authenticator", "bearer", "open_setup_warnings", "token_matches"]
+__all__ = ["Authenticator", "Bursts", "bearer", "open_setup_warnings", "token_matches"]

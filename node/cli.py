@@ -136,8 +136,10 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    """Print the audit records since ``--since`` (one line each, or the records as JSON lines)."""
+    """Print the audit records since ``--since`` (one line each, or the records as JSON lines), after recording
+    the reading itself (110101 Audit Log Used, `node.auditrecords`)."""
     from node.audit import AuditTrail, parse_since, read_records, summary_line
+    from node.auditrecords import audit_log_used
 
     config = _load(args)
     try:
@@ -146,6 +148,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
         print(f"pacsnode: --since {args.since!r}: expected 90s, 15m, 1h, 2d or an ISO date/time", file=sys.stderr)
         return 2
     path = AuditTrail.file_for(config.audit, config.node.data_dir)
+    trail = AuditTrail(config.audit, config.node.data_dir, ae_title=config.node.ae_title)
+    try:  # who read the trail (the OS user), before it is read: a reader stopped half-way is recorded too
+        audit_log_used(trail, query={"since": args.since, "events": args.event})
+    finally:
+        trail.close()
     n = 0
     for record in read_records(path, since):
         if args.event and record.get("event") not in args.event:

@@ -20,7 +20,8 @@ new series is refused with 0xA700 while the node is paused, and a request whose 
 answered 503 with ``Retry-After`` (the header also comes with a 202/409 that contains such refusals).
 
 A STOW request is recorded in the index like an association (calling AE "STOW-RS", released when the request is
-answered) so completion can judge a series sent in one request as it does one sent in one association.
+answered) so completion can judge a series sent in one request as it does one sent in one association. A request
+that stores nothing (answered 4xx or 5xx past the token check) is audited too (`node.auditrecords.StowRefusals`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from typing import IO
+from typing import IO, Any
 
 from pynetdicom import AllStoragePresentationContexts
 from sqlalchemy.exc import SQLAlchemyError
@@ -45,6 +46,7 @@ from starlette.routing import Route
 from node.admission import below_reserve
 from node.audit import AuditTrail, Outcome
 from node.auditdb import audit_received
+from node.auditrecords import StowRefusals
 from node.auth import Authenticator, client_host
 from node.config import NodeConfig
 from node.errors import AdmissionRefusedError, DatabaseError, ReceiveError
@@ -99,6 +101,7 @@ class _DicomWeb:
     ) -> None:
         self.auth = authenticator or Authenticator(token, metrics=metrics, audit=audit)  # ValueError: empty token
         self.audit = audit
+        self._refusals = StowRefusals(audit)  # requests that stored nothing, recorded up to a burst per address
         if max_request_bytes is not None and max_request_bytes < 1:
             raise ValueError(f"max_request_bytes must be >= 1 or None, not {max_request_bytes}")
         self.config = config
@@ -133,8 +136,23 @@ class _DicomWeb:
             except ReceiveError as exc:  # the message shows at most 80 escaped characters of the value
                 log.warning("stow_refused", http_status=400, reason=str(exc))
                 self.metrics.stow_request(400)
-                return _closing(JSONResponse({"error": f"the URL's study is not a UID: {exc}"}, status_code=400))
+                response = _closing(JSONResponse({"error": f"the URL's study is not a UID: {exc}"}, status_code=400))
+                await self._audit_refused(request, response, None)
+                return response
             log = log.bind(url_study_uid=study)
+        response = await self._stow(request, request_id, study, log)
+        if response.status_code >= 300:  # nothing stored (a 202 stored some: their receipt is the record)
+            await self._audit_refused(request, response, study)
+        return response
+
+    async def _audit_refused(self, request: Request, response: Response, study: str | None) -> None:
+        """The record of a request that stored nothing (`node.auditrecords`), written off the event loop."""
+        write = self._refusals.record(status=response.status_code, answer=bytes(response.body), user=self.auth.user,
+                                      peer=client_host(request), path=request.url.path, study=study)
+        if write is not None:
+            await run_in_threadpool(write)
+
+    async def _stow(self, request: Request, request_id: str, study: str | None, log: Any) -> Response:
         too_large = self._declared_too_large(request)
         if too_large is not None:  # refused before a byte of the body is read
             log.warning("stow_refused", http_status=413, reason=too_large)

@@ -340,10 +340,12 @@ def test_pacsnode_audit_prints_records_since(tmp_path, capsys, monkeypatch):
     audit.close()
     assert main(["audit", "--config", str(config), "--since", "1h", "--json"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert len(out) == 11 and json.loads(out[0])["event"] == "application_started"
+    # each reading is itself recorded first (110101 Audit Log Used), so each shows one more record
+    assert len(out) == 12 and json.loads(out[0])["event"] == "application_started"
+    assert json.loads(out[-1])["event"] == "audit_log_used"
     assert main(["audit", "--config", str(config), "--since", "2025-12-31T00:00"]) == 0
     text = capsys.readouterr()
-    assert len(text.out.splitlines()) == 12 and "12 records" in text.err
+    assert len(text.out.splitlines()) == 14 and "14 records" in text.err
     assert "instances_received" in text.out and "PID-0001" in text.out and "40 instances" in text.out
     assert main(["audit", "--config", str(config), "--event", "query"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 1
@@ -372,7 +374,7 @@ def test_pacsnode_audit_escapes_control_characters_peers_put_in_records(tmp_path
     assert main(["audit", "--config", str(config), "--since", "1h", "--json"]) == 0
     out = capsys.readouterr().out
     assert not any(not c.isprintable() and c != "\n" for c in out), repr(out)  # C1 and bidi too (ASCII JSON)
-    assert json.loads(out.splitlines()[-1])["event"] == "auth_failed"
+    assert [json.loads(line)["event"] for line in out.splitlines()] == ["auth_failed", *["audit_log_used"] * 2]
 
 
 def test_received_studies_from_a_real_index(tmp_path):

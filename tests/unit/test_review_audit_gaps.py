@@ -1,0 +1,166 @@
+"""Review of gaps in the audit trail (PS3.15 A.5): STOW-RS requests that stored nothing, through the real uvicorn
+server; what ``pacsnode audit`` leaves in the trail it reads (110101 Audit Log Used)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from node.audit import AuditTrail, read_records
+from node.auth import Authenticator
+from node.config import NodeConfig
+from node.db import create_engine_for, init_schema
+from node.dicomweb import create_app
+from node.http import HealthProbe, HttpServer
+from node.index import Index
+from node.ingest import Ingestor
+from node.metrics import Metrics
+from node.spool import Spool
+from tests.conftest import REPO, free_port
+from tests.ctgen import write_ct_series
+
+TOKEN = "review-audit-gaps-token"
+BOUNDARY = "review-audit-gaps"
+MULTIPART = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
+PATIENT = "GAPS-PID-0815"
+
+
+class _Node:
+    """The HTTP app with a token on a real uvicorn server, its audit trail in ``tmp_path/data``; started."""
+
+    def __init__(self, tmp_path: Path, *, max_request_bytes: int | None = None) -> None:
+        self.config = NodeConfig.model_validate({"node": {
+            "data_dir": str(tmp_path / "data"), "host": "127.0.0.1", "http_port": free_port(),
+            "dicomweb_token": TOKEN}})
+        self.engine = create_engine_for(f"sqlite:///{tmp_path / 'node.db'}")
+        init_schema(self.engine)
+        spool, index = Spool(self.config.node.spool_dir), Index(self.engine)
+        self.audit = AuditTrail(self.config.audit, self.config.node.data_dir, ae_title="PACSNODE")
+        auth = Authenticator(TOKEN, metrics=Metrics(), audit=self.audit)
+        health = HealthProbe(self.engine, spool.root, lambda: True)
+        app = create_app(self.config, Ingestor(spool, index), index, health=health, metrics=Metrics(), token=TOKEN,
+                         authenticator=auth, audit=self.audit, max_request_bytes=max_request_bytes)
+        self.http = HttpServer(self.config, app, health=health)
+        self.http.start()
+        self.base = f"http://127.0.0.1:{self.http.port}/dicomweb/studies"
+
+    def post(self, url: str, body: bytes, content_type: str = MULTIPART, token: str | None = TOKEN) -> int:
+        headers = {"Content-Type": content_type, **({"Authorization": f"Bearer {token}"} if token else {})}
+        return httpx.post(url, content=body, headers=headers, timeout=30).status_code
+
+    def records(self, *events: str) -> list[dict[str, Any]]:
+        return [r for r in read_records(self.audit.path) if r["event"] in events]
+
+    def close(self) -> None:
+        self.http.stop()
+        self.audit.close()
+        self.engine.dispose()
+
+
+def _body(paths: list[Path]) -> bytes:
+    out = io.BytesIO()
+    for path in paths:
+        out.write(f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode() + path.read_bytes() + b"\r\n")
+    out.write(f"--{BOUNDARY}--\r\n".encode())
+    return out.getvalue()
+
+
+def test_a_stow_request_that_stores_nothing_is_in_the_audit_trail(tmp_path: Path) -> None:
+    """A refused C-STORE leaves its association's login and logout (who, from where) in the trail; a STOW-RS
+    request refused as a whole — 409 every part refused, 400, 413, 415 — left nothing at all, so a sender pushing
+    a study at the wrong URL, or a client probing the node, was invisible in the ATNA record. Each is recorded
+    now: 110104, action C, outcome 4, who (the token's holder) at which address, the status and reason."""
+    series = write_ct_series(tmp_path / "s", slices=2, size=16, seed=5, patient_id=PATIENT)
+    node = _Node(tmp_path, max_request_bytes=1 << 20)
+    other_study = "1.2.826.0.1.3680043.8.498.1"
+    try:
+        answers = [
+            node.post(f"{node.base}/{other_study}", _body(series.paths)),  # 409: both parts of another study
+            node.post(node.base, b"{}", content_type="application/json"),  # 415
+            node.post(node.base, b"x" * ((1 << 20) + 1)),  # 413: declared over max_request_bytes
+            node.post(f"{node.base}/not-a-uid", _body(series.paths)),  # 400: the URL's study
+            node.post(node.base, _body(series.paths), token=None),  # 401: audited as an authentication failure
+        ]
+    finally:
+        node.close()
+    assert answers == [409, 415, 413, 400, 401]
+    refused = node.records("stow_refused")
+    assert [r["EventIdentification"]["EventOutcomeDescription"].split(":")[0] for r in refused] == [
+        "STOW-RS answered 409", "STOW-RS answered 415", "STOW-RS answered 413", "STOW-RS answered 400"]
+    for record in refused:
+        ident = record["EventIdentification"]
+        assert ident["EventID"]["csd-code"] == "110104" and ident["EventActionCode"] == "C"
+        assert ident["EventOutcomeIndicator"] == 4
+        sender, node_participant = record["ActiveParticipant"]
+        assert (sender["UserID"], sender["NetworkAccessPointID"], sender["UserIsRequestor"]) == \
+            ("dicomweb-token", "127.0.0.1", True)
+        assert node_participant["UserID"] == "PACSNODE"
+    conflict = refused[0]
+    assert "2 instances refused (0xA900)" in conflict["EventIdentification"]["EventOutcomeDescription"]
+    study, request = conflict["ParticipantObjectIdentification"]
+    assert study["ParticipantObjectID"] == other_study  # the study the sender named
+    assert request["ParticipantObjectID"] == f"/dicomweb/studies/{other_study}"
+    assert request["ParticipantObjectDescription"]["SOPClass"] == [
+        {"UID": "1.2.840.10008.5.1.4.1.1.2", "NumberOfInstances": 2}]
+    assert "not multipart/related" in refused[1]["EventIdentification"]["EventOutcomeDescription"]
+    assert len(node.records("auth_failed")) == 1  # the 401: its own record, not a second one
+    assert node.records("instances_received") == []
+
+
+def test_a_flood_of_refused_stow_requests_does_not_grow_the_audit_trail_without_bound(tmp_path: Path,
+                                                                                      monkeypatch) -> None:
+    """Each refused request is recorded (~1 KB, kept for good by default): a client looping on a 415 a thousand
+    times a second would grow the trail tens of GB a day on the data disk. As for 401s (node.auth.Bursts): an
+    address's first RECORD_BURST per window one by one, the rest counted and their number recorded with the
+    address's next refusal after the window."""
+    from node import auth as auth_module
+
+    monkeypatch.setattr(auth_module, "RECORD_WINDOW_SECONDS", 600.0)  # the whole flood in one window
+    node = _Node(tmp_path)
+    try:  # a connection each: one answered before its body was read is closed by the server (node.httpguard)
+        answers = [node.post(node.base, b"{}", content_type="text/plain") for _ in range(300)]
+        monkeypatch.setattr(auth_module, "RECORD_WINDOW_SECONDS", 0.0)  # the window has passed
+        answers.append(node.post(node.base, b"{}", content_type="text/plain"))
+    finally:
+        node.close()
+    assert answers == [415] * 301
+    records = node.records("stow_refused", "stow_refusals_unrecorded")
+    described = [r["EventIdentification"]["EventOutcomeDescription"] for r in records]
+    one = "STOW-RS answered 415: Content-Type 'text/plain' is not multipart/related"
+    assert described == [*[one] * auth_module.RECORD_BURST,
+                         "290 more STOW-RS requests that stored nothing, not recorded one by one", one], described
+
+
+def test_reading_the_audit_trail_is_itself_audited(tmp_path: Path) -> None:
+    """``pacsnode audit`` shows every patient ID the node received, yet reading it left no trace: DICOM's Audit
+    Log Used (PS3.15 A.5.3.2, 110101) is recorded now, naming the OS user who read it — by the process's uid, not
+    the USER variable anyone can set."""
+    import pwd
+
+    data_dir = tmp_path / "data"
+    config = tmp_path / "node.toml"
+    config.write_text(f'[node]\ndata_dir = {json.dumps(str(data_dir))}\nae_title = "GAPSNODE"\n')
+    env = {**os.environ, "USER": "someone-else", "LOGNAME": "someone-else"}
+    out = subprocess.run([sys.executable, "-m", "node.cli", "audit", "--config", str(config), "--since", "1h",
+                          "--event", "query"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    trail = AuditTrail.file_for(NodeConfig.model_validate({"node": {"data_dir": str(data_dir)}}).audit, data_dir)
+    (used,) = [r for r in read_records(trail) if r["event"] == "audit_log_used"]
+    ident = used["EventIdentification"]
+    assert (ident["EventID"]["csd-code"], ident["EventActionCode"], ident["EventOutcomeIndicator"]) == \
+        ("110101", "R", 0)
+    application, reader = used["ActiveParticipant"]
+    assert application["UserID"] == "GAPSNODE"
+    assert reader["UserIsRequestor"] is True
+    assert reader["UserID"] == pwd.getpwuid(os.getuid()).pw_name and reader["AlternativeUserID"] == str(os.getuid())
+    (log,) = used["ParticipantObjectIdentification"]
+    assert log["ParticipantObjectID"] == trail.resolve().as_uri()
+    assert log["ParticipantObjectName"] == "Security Audit Log" and log["ParticipantObjectTypeCodeRole"] == "13"
+    assert used["pacsnode"] == {"since": "1h", "events": ["query"]}
