@@ -70,28 +70,41 @@ def voxel_size(sources: Sequence[Dataset]) -> VoxelSize:
 
 
 def with_slice_thickness(sources: Sequence[Dataset], slice_mm: float) -> list[Dataset]:
-    """``sources`` with an empty, absent or unreadable SliceThickness (Type 2: empty is valid) given ``slice_mm``,
-    the measured slice distance, in header copies (the inputs are not modified; pixel data is shared). highdicom reads
-    it as a number for the SEG's pixel measures and the SR's image library: without it the build failed, and the
-    job died after three model runs with a "processing failed" report."""
+    """``sources`` with an empty, absent, unreadable or non-positive SliceThickness (Type 2: empty is valid) given
+    ``slice_mm``, the measured slice distance, and an unreadable or non-positive SpacingBetweenSlices dropped, in
+    header copies (the inputs are not modified; pixel data is shared). highdicom reads SliceThickness as a number
+    for the SEG's pixel measures and the SR's image library: without it the build failed, and the job died after
+    three model runs with a "processing failed" report. It copies both into the SEG's Pixel Measures, where zero
+    and negative values are invalid (dciodvfy: "Value is zero", "Not permitted to be negative"; some senders write
+    a negative SpacingBetweenSlices for a stack in descending order); without SpacingBetweenSlices highdicom
+    computes it from the positions."""
     out = []
     for ds in sources:
-        try:
-            thickness = ds.get("SliceThickness")
-        except Exception:  # noqa: BLE001 - a value that does not decode: replaced like an empty one
-            thickness = None
-        if thickness not in (None, ""):
+        thickness_ok = _positive(ds, "SliceThickness")
+        spacing_ok = "SpacingBetweenSlices" not in ds or _positive(ds, "SpacingBetweenSlices")
+        if thickness_ok and spacing_ok:
             out.append(ds)
             continue
+        dropped = {0x00180050, 0x00180088} if not spacing_ok else {0x00180050}
         copy = Dataset()
         for tag in ds.keys():  # noqa: SIM118 - raw elements as read: converting a malformed one would raise
-            if tag != 0x00180050:
+            if tag not in dropped or (tag == 0x00180050 and thickness_ok):
                 copy[tag] = ds.get_item(tag)
         if hasattr(ds, "file_meta"):
             copy.file_meta = ds.file_meta
-        copy.SliceThickness = round(float(slice_mm), 6)
+        if not thickness_ok:
+            copy.SliceThickness = round(float(slice_mm), 6)
         out.append(copy)
     return out
+
+
+def _positive(ds: Dataset, keyword: str) -> bool:
+    """Whether ``ds``'s ``keyword`` reads as one finite number above zero."""
+    try:
+        value = float(ds.get(keyword))
+    except Exception:  # noqa: BLE001 - absent, empty, several values, or bytes that do not decode for the VR
+        return False
+    return bool(np.isfinite(value) and value > 0)
 
 
 def largest_region(mask: np.ndarray) -> np.ndarray:

@@ -101,3 +101,27 @@ def test_the_classifier_reads_the_age_the_gate_reads(sent: str, years: float | N
     clinical = clinical_of(volume)
     assert clinical.value("age") == years
     assert clinical.describe("age") == ("missing" if years is None else "45 years")
+
+
+@pytest.mark.usefixtures("needs_dciodvfy")
+@pytest.mark.parametrize(("thickness", "spacing"), [("0", None), ("-2.5", None), ("2.5", "-2.5"), ("0", "0")])
+def test_a_zero_or_negative_slice_thickness_or_spacing_gives_a_valid_seg(
+    thickness: str, spacing: str | None, tmp_path: Path
+) -> None:
+    """SliceThickness 0 or a negative SpacingBetweenSlices (a stack sent in descending order) in the source: the
+    SEG's Pixel Measures carry the measured slice distance instead (ctgen's 2.5 mm), never the invalid value."""
+    def mutate(ds: Dataset) -> None:
+        ds.SliceThickness = thickness
+        if spacing is not None:
+            ds.SpacingBetweenSlices = spacing
+
+    sources = sent_as_spooled(mutate)
+    for kind, built in _every_result(sources):
+        path = tmp_path / f"{kind}.dcm"
+        built.save_as(path, enforce_file_format=True)
+        assert _dciodvfy_errors(path) == [], kind
+    seg = read_back_strictly(build_results(sources, cached_series()[1], ALGORITHM).seg)
+    measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    assert float(measures.SpacingBetweenSlices) == pytest.approx(2.5)
+    assert float(measures.SliceThickness) == (float(thickness) if float(thickness) > 0 else pytest.approx(2.5))
+    assert str(sources[0].SliceThickness) == thickness  # the sources are not modified
