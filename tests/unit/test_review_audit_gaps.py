@@ -164,3 +164,22 @@ def test_reading_the_audit_trail_is_itself_audited(tmp_path: Path) -> None:
     assert log["ParticipantObjectID"] == trail.resolve().as_uri()
     assert log["ParticipantObjectName"] == "Security Audit Log" and log["ParticipantObjectTypeCodeRole"] == "13"
     assert used["pacsnode"] == {"since": "1h", "events": ["query"]}
+
+
+def test_who_replayed_dead_letters_is_the_uid_not_the_user_variable(tmp_path: Path) -> None:
+    """``pacsnode retry`` (and ``purge``, a config reload) records the OS user as the requestor: it was taken from
+    ``$LOGNAME``/``$USER`` (getpass.getuser), so ``USER=someone-else pacsnode retry`` put someone else's name in
+    the trail. The name is the process's uid's now."""
+    import pwd
+
+    config = tmp_path / "node.toml"
+    config.write_text(f'[node]\ndata_dir = {json.dumps(str(tmp_path / "data"))}\n')
+    env = {**os.environ, "USER": "someone-else", "LOGNAME": "someone-else"}
+    for command in (["db", "upgrade"], ["retry"]):
+        out = subprocess.run([sys.executable, "-m", "node.cli", *command, "--config", str(config)], cwd=REPO,
+                             env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+    trail = tmp_path / "data" / "audit" / "audit.jsonl"
+    (replayed,) = [r for r in read_records(trail) if r["event"] == "dead_letters_replayed"]
+    launcher = replayed["ActiveParticipant"][1]
+    assert launcher["UserIsRequestor"] is True and launcher["UserID"] == pwd.getpwuid(os.getuid()).pw_name
