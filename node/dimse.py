@@ -10,13 +10,15 @@ Associations run under `node.guard`: PDUs over ``[node] max_pdu_bytes`` and malf
 every read has a deadline (``association_timeout_seconds`` until negotiated, ``network_timeout_seconds`` after),
 and a data set over ``max_instance_bytes`` is dropped as it arrives and answered 0xA700.
 With ``[tls] dimse_port`` a second listener there speaks DICOM TLS (same AE, handlers and guards; context from
-`node.tls`); ``[tls] plaintext_dimse = false`` leaves only that one.
+`node.tls`); ``[tls] plaintext_dimse = false`` leaves only that one. With ``[tls] calling_ae_certificates`` a
+calling AE title must be named by the client certificate presented (rejected otherwise, see `_on_requested`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -45,12 +47,14 @@ from node.metrics import Metrics
 from node.refusals import Refusals
 from node.slots import Slots, progressed
 from node.states import AssociationState, PeerRefusal
-from node.tls import server_context
+from node.tls import calling_ae_refusal, server_context
 
 assert set(ACCEPTED_TRANSFER_SYNTAXES) <= set(ALL_TRANSFER_SYNTAXES)
 
 # A Storage Commitment report names the node's few result objects (~100 bytes each); a larger one is refused.
 MAX_REPORT_BYTES = 256 << 10
+# A-ASSOCIATE-RJ (result, source, reason): rejected-permanent, by the service user, calling AE title not recognised.
+CALLING_AE_NOT_RECOGNISED = (0x01, 0x01, 0x03)
 ESTABLISHED_POLL = 0.005  # seconds; how often a report that arrived during acceptance looks again (`_established`)
 
 # pynetdicom logs every PDU unless told not to; that costs more per image than the fsync (docs/peers.md).
@@ -126,6 +130,7 @@ class DimseServer:
         self._log = get_logger(component="dimse")
         self._assoc_ids: weakref.WeakKeyDictionary[Association, str] = weakref.WeakKeyDictionary()
         self._reporting: weakref.WeakSet[Association] = weakref.WeakSet()  # handling an N-EVENT-REPORT now
+        self._rejecting: weakref.WeakKeyDictionary[Association, str] = weakref.WeakKeyDictionary()  # why, if ours
         self._lock = threading.Lock()
         self._server: GuardedServer | None = None
         self._tls_server: GuardedServer | None = None
@@ -183,6 +188,7 @@ class DimseServer:
         (self._config.node.data_dir / "incoming").mkdir(parents=True, exist_ok=True)  # node.guard's spill dir
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, nodelay_handler),
+            (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_RELEASED, self._on_closed, [AssociationState.RELEASED]),
@@ -258,12 +264,33 @@ class DimseServer:
             self._audit.association_started(assoc_id=assoc_id, calling_ae=calling, called_ae=assoc.acceptor.ae_title,
                                             peer=_peer(assoc))
 
+    def _on_requested(self, event: evt.Event) -> None:
+        """An A-ASSOCIATE-RQ: a calling AE title that ``[tls] calling_ae_certificates`` does not let this connection
+        claim (`node.tls.calling_ae_refusal`) is rejected as pynetdicom rejects one off the allow-list, and recorded
+        like every rejection (EVT_REJECTED). A failing check rejects too: pynetdicom would log this notification
+        handler's exception and accept."""
+        assoc = event.assoc
+        calling = str(getattr(assoc.requestor.primitive, "calling_ae_title", "")).strip()
+        sock = getattr(assoc.dul.socket, "socket", None)
+        try:
+            why = calling_ae_refusal(self._config.tls, calling, sock if isinstance(sock, ssl.SSLSocket) else None)
+        except Exception as exc:  # noqa: BLE001 - refuse rather than let pynetdicom accept
+            why = f"certificate check failed ({type(exc).__name__})"
+        if why is None:
+            return
+        self._rejecting[assoc] = why
+        assoc.requestor.ae_title = calling  # what the rejection is recorded with (pynetdicom sets it on negotiating)
+        assoc.acse.send_reject(*CALLING_AE_NOT_RECOGNISED)
+        evt.trigger(assoc, evt.EVT_REJECTED, {})
+        assoc.kill()
+
     def _on_rejected(self, event: evt.Event) -> None:
         assoc = event.assoc
         self._metrics.association("rejected")
+        why = self._rejecting.pop(assoc, None)
         logged, unrecorded = self._refusals.record_counted(
             PeerRefusal.ASSOCIATION_REJECTED, assoc.requestor.address, assoc.requestor.port,
-            calling_ae=assoc.requestor.ae_title, called_ae=assoc.acceptor.ae_title,
+            calling_ae=assoc.requestor.ae_title, called_ae=assoc.acceptor.ae_title, **({"why": why} if why else {}),
         )
         if self._audit is not None:  # one by one as far as the log goes: a rejection flood cannot fill the disk
             if unrecorded:

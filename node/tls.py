@@ -7,6 +7,10 @@ destination with ``tls = true`` (hostname checked against ``host``); `requests_t
 that does not load, or a key that does not match its certificate, is a `ConfigError` naming the key at start-up
 (files that are missing or unreadable are refused earlier, by `node.config.load_config`).
 
+With ``[tls] crl_file`` the server context checks each client certificate against its CA's CRL and follows the
+file (`ServerContext`); `calling_ae_refusal` says when a calling AE title may not associate with the certificate
+presented (``[tls] calling_ae_certificates``, applied by `node.dimse` at A-ASSOCIATE-RQ time).
+
 A failed client handshake is remembered on its `ClientContext` (`handshake_error`): pynetdicom swallows it and
 only reports that the association failed, which would leave a wrong CA indistinguishable from a peer that is down.
 """
@@ -14,7 +18,11 @@ only reports that the association failed, which would leave a wrong CA indisting
 from __future__ import annotations
 
 import datetime as dt
+import os
+import re
 import ssl
+import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +30,7 @@ from cryptography import x509
 
 from node.config import Destination, DestinationKind, NodeConfig, SyslogProtocol, TlsSection
 from node.errors import ConfigError
+from node.logs import get_logger
 from node.states import ClientCertificates
 
 # BCP 195 (RFC 9325 4.2): TLS 1.2 with forward secrecy and AEAD only; TLS 1.3's suites are all acceptable and are
@@ -71,18 +80,179 @@ def _reason(exc: BaseException) -> str:
     return getattr(exc, "strerror", None) or type(exc).__name__
 
 
-def server_context(tls: TlsSection) -> ssl.SSLContext:
-    """The node's server-side context from ``[tls]``; raises `ConfigError` naming the key that does not load."""
+def server_context(tls: TlsSection) -> ServerContext:
+    """The node's server-side context from ``[tls]`` (with ``crl_file``, revocation checked and the file followed,
+    see `ServerContext`); raises `ConfigError` naming the key that does not load."""
     if tls.certificate is None or tls.private_key is None:
         raise ConfigError("tls.certificate and tls.private_key are needed for a TLS listener")
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx = ServerContext(ssl.PROTOCOL_TLS_SERVER)
     _harden(ctx)
     ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
     _load_chain(ctx, tls.certificate, tls.private_key, "tls.certificate", "tls.private_key")
     if tls.ca_file is not None:
         _load_cas(ctx, tls.ca_file, "tls.ca_file")
     ctx.verify_mode = _VERIFY_MODE[tls.client_certificates]
+    if tls.crl_file is not None and tls.ca_file is not None:
+        ctx.follow_crl(tls.crl_file, tls.ca_file)
     return ctx
+
+
+_CRL_PEM = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.DOTALL)
+CRL_KEY = "tls.crl_file"
+
+
+def read_crls(crl_file: Path, ca_file: Path) -> tuple[bytes, list[x509.CertificateRevocationList]]:
+    """The PEM CRLs in ``crl_file`` (its bytes as read, and each parsed), each checked to be signed by a CA in
+    ``ca_file``; `ConfigError` naming ``tls.crl_file`` for a file that cannot be read, holds no PEM CRL, holds
+    one that does not parse or one no CA in ``ca_file`` signed (OpenSSL would then refuse every certificate of
+    the CA it names: "CRL signature failure")."""
+    try:
+        data = crl_file.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{CRL_KEY}: {crl_file} cannot be read ({exc.strerror or type(exc).__name__})") from exc
+    blocks = _CRL_PEM.findall(data)
+    if not blocks:
+        raise ConfigError(f"{CRL_KEY}: {crl_file} holds no PEM CRL ('-----BEGIN X509 CRL-----')")
+    try:
+        crls = [x509.load_pem_x509_crl(block) for block in blocks]
+        cas = x509.load_pem_x509_certificates(ca_file.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{CRL_KEY}: {crl_file} does not load as PEM CRLs ({type(exc).__name__})") from exc
+    for crl in crls:
+        if not any(ca.subject == crl.issuer and _signed_by(crl, ca) for ca in cas):
+            raise ConfigError(f"{CRL_KEY}: the CRL of {crl.issuer.rfc4514_string()} in {crl_file} is not signed by "
+                              f"a CA in tls.ca_file")
+    return b"\n".join(blocks) + b"\n", crls
+
+
+def _signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
+    try:
+        return crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
+    except (TypeError, ValueError):  # a key type CRLs cannot be signed with
+        return False
+
+
+def crl_state(crl: x509.CertificateRevocationList, now: dt.datetime | None = None) -> str | None:
+    """"has expired" (past its next update), "is not valid yet" (its last update ahead), None while current."""
+    now = now or dt.datetime.now(dt.UTC)
+    if crl.last_update_utc > now:
+        return "is not valid yet"
+    next_update = crl.next_update_utc
+    return "has expired" if next_update is not None and next_update < now else None
+
+
+class ServerContext(ssl.SSLContext):
+    """The node's server context. With a CRL file (`follow_crl`) it checks each client certificate against its
+    CA's CRL (``VERIFY_CRL_CHECK_LEAF``) and, before each new connection (DICOM TLS: `wrap_socket`; HTTPS,
+    asyncio's handshake: `wrap_bio`), looks whether the file changed (one ``stat``) and loads the new CRLs: a
+    revocation takes effect at the next connection in every listener process, without a restart or SIGHUP.
+
+    OpenSSL keeps the CRLs loaded before and, of several from one CA, uses the newest (its last update), so a
+    replaced CRL supersedes the old one and an unrevoked certificate is accepted again. A new file that does not
+    read, parse or verify (`read_crls`; also one caught half written) is logged (``tls_crl_reload_failed``) and
+    the CRLs loaded before stay in force; a CRL past its next update is logged (``tls_crl_expired``) and, as
+    OpenSSL does, refuses every certificate of its CA ("CRL has expired") until a current one is installed: an
+    expired CRL can no longer say whether a certificate was revoked since, and failing open would let a stolen
+    certificate in exactly when publishing fails. Why the leaf only: README, "TLS"."""
+
+    crl_file: Path | None = None
+    _ca_file: Path | None = None
+    _crl_seen: tuple[int, int, int] | None = None
+
+    def follow_crl(self, crl_file: Path, ca_file: Path) -> None:
+        """Check client certificates against the CRLs in ``crl_file`` from now on; `ConfigError` (`read_crls`)
+        for a file that does not load, so a bad CRL stops the node before anything listens."""
+        self.crl_file, self._ca_file = crl_file, ca_file
+        self._crl_lock = threading.Lock()
+        self._crl_seen = _file_signature(crl_file)
+        self._load_crls()
+        self.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+
+    def _load_crls(self) -> list[x509.CertificateRevocationList]:
+        assert self.crl_file is not None and self._ca_file is not None
+        data, crls = read_crls(self.crl_file, self._ca_file)
+        # OpenSSL loads CRLs from a file only (cadata takes certificates): exactly the bytes checked, not the
+        # file again, which may have changed meanwhile.
+        with tempfile.NamedTemporaryFile(prefix="pacsnode-crl-", suffix=".pem") as copy:
+            copy.write(data)
+            copy.flush()
+            try:
+                self.load_verify_locations(cafile=copy.name)
+            except ssl.SSLError as exc:
+                raise ConfigError(f"{CRL_KEY}: {self.crl_file} does not load ({_reason(exc)})") from exc
+        log = get_logger(component="tls")
+        for crl in crls:
+            if (state := crl_state(crl)) is not None:
+                log.warning("tls_crl_expired", issuer=crl.issuer.rfc4514_string(), state=state,
+                            next_update=str(crl.next_update_utc), file=str(self.crl_file))
+        return crls
+
+    def refresh_crl(self) -> None:
+        """Load ``crl_file`` again if it changed since it was last read (logged); a failure keeps the CRLs loaded."""
+        if self.crl_file is None or (seen := _file_signature(self.crl_file)) == self._crl_seen:
+            return
+        with self._crl_lock:
+            if seen == self._crl_seen:
+                return  # another connection's thread loaded it meanwhile
+            self._crl_seen = seen
+            log = get_logger(component="tls")
+            try:
+                crls = self._load_crls()
+            except ConfigError as exc:
+                log.error("tls_crl_reload_failed", reason=str(exc), kept="the CRLs loaded before")
+                return
+            log.info("tls_crl_loaded", file=str(self.crl_file), crls=len(crls),
+                     revoked=sum(len(crl) for crl in crls))
+
+    def wrap_socket(self, sock: Any, server_side: bool = False, do_handshake_on_connect: bool = True,
+                    suppress_ragged_eofs: bool = True, server_hostname: str | bytes | None = None,
+                    session: ssl.SSLSession | None = None) -> ssl.SSLSocket:
+        self.refresh_crl()
+        return super().wrap_socket(sock, server_side, do_handshake_on_connect, suppress_ragged_eofs,
+                                   server_hostname, session)
+
+    def wrap_bio(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO, server_side: bool = False,
+                 server_hostname: str | bytes | None = None, session: ssl.SSLSession | None = None) -> ssl.SSLObject:
+        self.refresh_crl()
+        return super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
+
+
+def _file_signature(path: Path) -> tuple[int, int, int] | None:
+    """What changes when a file is replaced or rewritten (inode, size, modification time); None: unreadable."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def certificate_names(peer_certificate: dict[str, Any]) -> frozenset[str]:
+    """The names a verified peer certificate (``SSLSocket.getpeercert()``) carries, lower-cased: its
+    subjectAltName DNS names and its subject's common names."""
+    names = {value for kind, value in peer_certificate.get("subjectAltName", ()) if kind == "DNS"}
+    names |= {value for rdn in peer_certificate.get("subject", ()) for key, value in rdn if key == "commonName"}
+    return frozenset(name.lower() for name in names)
+
+
+def calling_ae_refusal(tls: TlsSection, calling_ae: str, peer: ssl.SSLSocket | None) -> str | None:
+    """Why ``calling_ae`` may not associate on this connection (``peer``: its TLS socket, None on the plaintext
+    port) under ``[tls] calling_ae_certificates``; None when it may (always, with no table). Over TLS the AE title
+    must be in the table and the verified client certificate must carry one of its names (SAN DNS or subject CN);
+    over plaintext an AE title in the table is refused. The reason names no peer data."""
+    bound = tls.calling_ae_certificates
+    if not bound:
+        return None
+    names = bound.get(calling_ae.strip())
+    if peer is None:
+        return None if names is None else "calling AE title is bound to a certificate: DICOM TLS only"
+    if names is None:
+        return "calling AE title is bound to no certificate"
+    certificate = peer.getpeercert()
+    if not certificate:
+        return "no verified client certificate"
+    if not {name.lower() for name in names} & certificate_names(certificate):
+        return "client certificate does not name the calling AE title's peer"
+    return None
 
 
 class _RecordingSocket(ssl.SSLSocket):
@@ -217,6 +387,12 @@ def check_config(config: NodeConfig) -> None:
     tls = config.tls
     if tls.dimse_port is not None or tls.https:
         server_context(tls)
+        if tls.crl_file is not None and tls.ca_file is not None:
+            for crl in read_crls(tls.crl_file, tls.ca_file)[1]:
+                if (state := crl_state(crl)) is not None:  # every certificate of that CA would be refused
+                    raise ConfigError(f"{CRL_KEY}: the CRL of {crl.issuer.rfc4514_string()} {state} (next update "
+                                      f"{crl.next_update_utc}, last update {crl.last_update_utc}); install a current "
+                                      f"one")
     for destination in config.destinations:
         if destination.uses_tls:
             client_context(destination.ca_file, destination.client_certificate, destination.client_private_key,
@@ -236,15 +412,21 @@ def check_config(config: NodeConfig) -> None:
 
 __all__ = [
     "CIPHERS",
+    "CRL_KEY",
     "ClientContext",
     "MINIMUM_VERSION",
+    "ServerContext",
+    "calling_ae_refusal",
+    "certificate_names",
     "certificates",
     "check_config",
+    "crl_state",
     "client_context",
     "describe_tls_error",
     "expiry",
     "loaded_at_start",
     "destination_tls_args",
+    "read_crls",
     "requests_tls",
     "seconds_left",
     "validity",

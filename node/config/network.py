@@ -10,6 +10,7 @@ from urllib.parse import quote_plus, unquote_plus, urlsplit
 
 from pydantic import (
     AfterValidator,
+    BeforeValidator,
     Field,
     SecretStr,
     model_validator,
@@ -228,6 +229,14 @@ class Destination(_Frozen):
         return self
 
 
+# A DNS name or subject CN as a certificate carries it, compared without regard to case; no wildcards.
+CertificateName = Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[^*\s](?:[^*]*[^*\s])?$")]
+
+
+def _one_or_more(value: object) -> object:
+    return (value,) if isinstance(value, str) else value
+
+
 class TlsSection(_Frozen):
     """The node's own TLS (node.tls): DICOM TLS on a DIMSE port of its own, HTTPS on ``http_port``."""
 
@@ -238,6 +247,14 @@ class TlsSection(_Frozen):
     dimse_port: Port | None = None  # DICOM TLS listener (conventionally 2762); None: none
     plaintext_dimse: bool = True  # false: TLS only, nothing listens on [node] port
     https: bool = False  # serve [node] http_port over HTTPS
+    # PEM, one or more CRLs of the CAs in ca_file: a revoked client certificate is refused (DICOM TLS and HTTPS).
+    # Re-read when the file changes (node.tls.ServerContext), so revoking needs neither a restart nor a reload.
+    crl_file: Path | None = None
+    # Calling AE title -> the names (subjectAltName DNS name or subject CN) its client certificate must carry.
+    # Non-empty: on the DICOM TLS port only these AE titles may associate, each with a certificate naming it; on the
+    # plaintext port these AE titles are refused (they have to prove who they are). node.tls.calling_ae_refusal.
+    calling_ae_certificates: dict[AETitle, Annotated[tuple[CertificateName, ...], BeforeValidator(_one_or_more),
+                                                     Field(min_length=1)]] = {}
 
     @model_validator(mode="after")
     def _needs(self) -> TlsSection:
@@ -249,6 +266,11 @@ class TlsSection(_Frozen):
             raise ValueError(f"client_certificates = {self.client_certificates.value!r} needs ca_file")
         if not self.plaintext_dimse and self.dimse_port is None:
             raise ValueError("plaintext_dimse = false (TLS only) needs dimse_port")
+        if self.crl_file is not None and (self.ca_file is None or self.client_certificates is ClientCertificates.NONE):
+            raise ValueError("crl_file needs ca_file and client_certificates = 'required' or 'optional'")
+        if self.calling_ae_certificates and (
+                self.dimse_port is None or self.client_certificates is not ClientCertificates.REQUIRED):
+            raise ValueError("calling_ae_certificates needs dimse_port and client_certificates = 'required'")
         return self
 
 
