@@ -99,12 +99,13 @@ def for_series(engine: Engine, series_uid: str) -> list[sa.Row[Any]]:
 
 
 def newer_version(conn: sa.Connection, series_uid: str, destination: str, version: int) -> int | None:
-    """The newest version of ``series_uid`` with a delivery to ``destination`` after ``version``, else None. Such a
-    row's objects were withdrawn, or are about to be, by that version's rejection note (node.versions): sent
-    after it, they would be live again at the PACS."""
+    """The newest version of ``series_uid`` with a delivery after ``version``, else None. Such a row's objects were
+    withdrawn, or are about to be, by that version's rejection note (node.versions): sent after it, they would be
+    live again at the PACS. A newer version queued to other destinations only (``destination`` was out of the
+    config when it was made) supersedes it too: sent, its verdict would be live there and never withdrawn."""
     d = deliveries.c
     newest = conn.execute(sa.select(sa.func.max(d.version)).where(
-        d.series_uid == series_uid, d.destination == destination, d.version > version)).scalar()
+        d.series_uid == series_uid, d.version > version)).scalar()
     return None if newest is None else int(newest)
 
 
@@ -116,10 +117,9 @@ def unconfirmed() -> sa.ColumnElement[bool]:
 
 
 def not_superseded() -> sa.ColumnElement[bool]:
-    """Rows with no delivery of a newer version of their series to the same destination."""
+    """Rows with no delivery of a newer version of their series (to any destination: `newer_version`)."""
     d, newer = deliveries.c, deliveries.alias("newer").c
-    return ~sa.exists().where(newer.series_uid == d.series_uid, newer.destination == d.destination,
-                              newer.version > d.version)
+    return ~sa.exists().where(newer.series_uid == d.series_uid, newer.version > d.version)
 
 
 def no_older_in_flight(now: float) -> sa.ColumnElement[bool]:
@@ -136,12 +136,12 @@ def no_older_in_flight(now: float) -> sa.ColumnElement[bool]:
 
 
 def supersede_waiting(conn: sa.Connection, destination: str, now: float) -> list[Any]:
-    """Dead-letter the waiting deliveries to ``destination`` whose series has a delivery of a newer version to it
-    ("superseded": never to be sent after that one); returns them (id, series_uid, version, newest). A row another
-    dispatcher is claiming at this moment is locked by it and, once claimed, no longer waiting: left alone."""
+    """Dead-letter the waiting deliveries to ``destination`` whose series has a delivery of a newer version (to any
+    destination: `newer_version`) ("superseded": never to be sent after that one); returns them (id, series_uid,
+    version, newest). A row another dispatcher is claiming at this moment is locked by it and, once claimed, no
+    longer waiting: left alone."""
     d, newer = deliveries.c, deliveries.alias("newer").c
-    newest = (sa.select(sa.func.max(newer.version)).where(newer.series_uid == d.series_uid,
-                                                          newer.destination == d.destination).scalar_subquery())
+    newest = sa.select(sa.func.max(newer.version)).where(newer.series_uid == d.series_uid).scalar_subquery()
     stale = sa.and_(d.destination == destination, d.state == DeliveryState.PENDING.value, newest > d.version)
     rows = conn.execute(sa.select(d.id, d.series_uid, d.version, newest.label("newest")).where(stale)).all()
     for r in rows:

@@ -246,7 +246,7 @@ class Dispatcher:
         reached, or sending with an expired lease (its dispatcher died). While the destination backs off after a
         failure, only rows queued after that failure are due. A row whose files list cannot be read is
         dead-lettered at once (never re-claimed on every poll), and so is a row whose series has a delivery of a
-        newer version to the same destination (`delivery_rows.newer_version`); the next row is claimed then. A row
+        newer version (to any destination: `delivery_rows.newer_version`); the next row is claimed then. A row
         whose series has an older version being sent to the destination (another dispatcher's) waits for it."""
         now = self._clock()
         d = deliveries.c
@@ -404,7 +404,7 @@ class Dispatcher:
     def retry(self, ids: Sequence[int] | None = None, destination: str | None = None) -> int:
         """Put dead (and pending) deliveries, and delivered ones whose commitment failed or timed out, back to
         pending, due now, attempts and error cleared, give-up clock restarted; ``ids`` and ``destination`` narrow the
-        set; a row whose series has a newer version's delivery to the same destination is never replayed."""
+        set; a row whose series has a newer version's delivery (to any destination) is never replayed."""
         d = deliveries.c
         cond: sa.ColumnElement[bool] = sa.true()
         if ids is not None:

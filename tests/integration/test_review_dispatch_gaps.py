@@ -113,3 +113,35 @@ def test_a_destination_removed_while_its_send_fails_past_give_up_says_so(
     assert "destination not configured" in row.last_error
     assert "rejected" in row.last_error  # what the last attempt met is still told
 
+
+
+@pytest.fixture(scope="module")
+def versions(tmp_path_factory: pytest.TempPathFactory) -> dict[int, ResultFiles]:
+    """Versions 1 and 2 of one series' results (SR + SEG), as the worker would have written them."""
+    base = tmp_path_factory.mktemp("versions")
+    sources = ct_sources(base / "ct")
+    return {v: _write_results(sources, base / "out", v) for v in (1, 2)}
+
+
+def test_a_version_waiting_for_a_destination_removed_and_restored_is_not_sent_after_a_newer_one(
+        orthanc_factory: Callable[..., OrthancServer], engine: Any, versions: dict[int, ResultFiles]) -> None:
+    """Version 1 waits for the PACS ``ward`` when a reload removes it (an edit undone later the same day); version 2
+    of the series (a late slice) is made meanwhile and goes to the other destination only. When ``ward`` is back,
+    version 1 must not go to it: its verdict is superseded, and no rejection note will ever withdraw it there
+    (version 2 was never queued to ``ward``). On the old code it was sent - a superseded verdict live at the PACS,
+    because only a newer version queued to the same destination counted."""
+    ward, archive = orthanc_factory(), orthanc_factory()
+    both = _config(_pacs(ward, ward.aet, "ward"), _pacs(archive, archive.aet, "archive"))
+    dispatcher = Dispatcher(both, engine, {DestinationKind.DIMSE: DimseSender("PACSNODE", 5)})
+    v1, v2 = versions[1], versions[2]
+    [old_ward, _] = dispatcher.enqueue(v1.series_uid, 1, v1.paths, v1.sop_uids)
+    dispatcher.apply_config(_config(_pacs(archive, archive.aet, "archive")))
+    dispatcher.enqueue(v2.series_uid, 2, v2.paths, v2.sop_uids)
+    dispatcher.run_once()
+    assert sorted(archive.sop_instance_uids()) == sorted(v2.sop_uids)  # version 1 was superseded there
+    dispatcher.apply_config(both)  # the reload undone
+    dispatcher.run_once()
+    row = dispatcher.get(old_ward)
+    assert row is not None and row.state == DeliveryState.DEAD and "superseded by version 2" in row.last_error
+    assert ward.sop_instance_uids() == []
+    assert dispatcher.retry([old_ward]) == 0  # nor does a replay send it
