@@ -16,6 +16,7 @@ from node.dispatch import Dispatcher
 from node.senders import DimseSender
 from node.states import DeliveryState
 from peers.orthanc import OrthancServer
+from tests.conftest import wait_until
 from tests.fakeclock import FakeClock
 from tests.integration.test_dispatch_orthanc import ResultFiles, _write_results
 from tests.unit.results_support import ct_sources
@@ -145,3 +146,28 @@ def test_a_version_waiting_for_a_destination_removed_and_restored_is_not_sent_af
     assert row is not None and row.state == DeliveryState.DEAD and "superseded by version 2" in row.last_error
     assert ward.sop_instance_uids() == []
     assert dispatcher.retry([old_ward]) == 0  # nor does a replay send it
+
+
+def test_an_ae_title_corrected_by_a_reload_during_a_failing_send_is_used_at_once(
+        orthanc_factory: Callable[..., OrthancServer], engine: Any, result: ResultFiles) -> None:
+    """The operator corrects the PACS's AE title while an attempt to the wrong one is on its way (and then rejected).
+    The rejection was earned at the old address: the delivery goes to the corrected one at once, not after the
+    backoff that attempt earned (300 s here)."""
+    orthanc = orthanc_factory()
+    slow = DispatchSection(initial_backoff_seconds=300, max_backoff_seconds=300, give_up_after_seconds=3600,
+                           poll_seconds=0.05, timeout_seconds=5)
+    sender = _ReloadDuringSend()
+    dispatcher = Dispatcher(NodeConfig(destinations=(_pacs(orthanc, "NOT-ORTHANC"),), dispatch=slow), engine,
+                            {DestinationKind.DIMSE: sender}, rng=lambda: 1.0)
+    fixed = NodeConfig(destinations=(_pacs(orthanc, orthanc.aet),), dispatch=slow)
+    sender.during = lambda: dispatcher.apply_config(fixed)
+    dispatcher.start()
+    try:
+        [delivery] = dispatcher.enqueue(result.series_uid, 1, result.paths, result.sop_uids)
+        wait_until(lambda: (row := dispatcher.get(delivery)) is not None and row.state == DeliveryState.DELIVERED,
+                   30, "delivery to the corrected AE title")
+    finally:
+        assert dispatcher.stop(10)
+    row = dispatcher.get(delivery)
+    assert row is not None and row.attempts == 2
+    assert sorted(orthanc.sop_instance_uids()) == sorted(result.sop_uids)
