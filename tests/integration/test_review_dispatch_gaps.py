@@ -171,3 +171,32 @@ def test_an_ae_title_corrected_by_a_reload_during_a_failing_send_is_used_at_once
     row = dispatcher.get(delivery)
     assert row is not None and row.attempts == 2
     assert sorted(orthanc.sop_instance_uids()) == sorted(result.sop_uids)
+
+
+def test_a_pacs_that_stores_the_sr_and_refuses_the_seg_is_retried_and_ends_with_each_object_once(
+        orthanc_factory: Callable[..., OrthancServer], engine: Any, result: ResultFiles, tmp_path: Path) -> None:
+    """Orthanc stores the SR and answers the SEG 0xA700 (its Lua filter fails on SEGs): the node must not count the
+    delivery as done (the SR alone is at the PACS), must say which object was refused, and once the PACS takes
+    SEGs again the retry stores the SEG and leaves one copy of each object there."""
+    script = tmp_path / "refuse-seg.lua"
+    script.write_text("function ReceivedInstanceFilter(dicom, origin, info)\n"
+                      "  if dicom.Modality == 'SEG' then error('no SEG here') end\n  return true\nend\n")
+    orthanc = orthanc_factory(config={"LuaScripts": [str(script)]})
+    clock = FakeClock(1_000_000.0)
+    dispatcher = Dispatcher(_config(_pacs(orthanc, orthanc.aet)), engine,
+                            {DestinationKind.DIMSE: DimseSender("PACSNODE", 5)}, clock=clock, rng=lambda: 1.0)
+    [delivery] = dispatcher.enqueue(result.series_uid, 1, result.paths, result.sop_uids)
+    dispatcher.run_once()
+    row = dispatcher.get(delivery)
+    assert row is not None and row.state == DeliveryState.PENDING
+    assert f"{result.sop_uids[1]}: status 0xA700" in row.last_error and result.sop_uids[0] not in row.last_error
+    assert orthanc.sop_instance_uids() == [result.sop_uids[0]]  # partial at the PACS, and the node knows it
+    orthanc.stop()
+    script.write_text("function ReceivedInstanceFilter(dicom, origin, info)\n  return true\nend\n")
+    orthanc.start()
+    clock.advance(2)  # the backoff of a first failure (initial_backoff_seconds 1, jitter 1.0)
+    dispatcher.run_once()
+    row = dispatcher.get(delivery)
+    assert row is not None and row.state == DeliveryState.DELIVERED and row.attempts == 2
+    assert sorted(orthanc.sop_instance_uids()) == sorted(result.sop_uids)
+    assert orthanc.statistics()["CountInstances"] == 2
