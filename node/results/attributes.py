@@ -161,9 +161,18 @@ def _known_once_read(ds: Dataset, tag: int) -> bool:
         return False
 
 
+# One-line text VRs whose repertoire has no control character but ESC (PS3.5 Table 6.2-1), which pydicom's validator
+# does not check: a TAB, CR/LF or FF sent there (RIS-filled descriptions, institution names) made every result
+# invalid (dciodvfy: "Character invalid for this VR"). ESC never reaches here: `decoded` refuses text holding one.
+_NO_CONTROL = ("SH", "LO", "UC")
+
+
 def _valid_value(vr: str, value: object) -> bool:
-    """Whether pydicom's validator takes one value for ``vr``. DS and IS are checked in their text form (the
-    string as received), the only type its validator takes for them."""
+    """Whether pydicom's validator takes one value for ``vr``, and it holds no control character where ``vr``
+    allows none. DS and IS are checked in their text form (the string as received), the only type its validator
+    takes for them."""
+    if vr in _NO_CONTROL and any(ord(c) < 0x20 for c in str(value)):
+        return False
     text = str(value) if isinstance(value, (DSfloat, DSdecimal, IS)) else value
     try:
         validate_value(vr, text, RAISE)

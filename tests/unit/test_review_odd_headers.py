@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
 import pytest
 from pydicom import Dataset
 from pydicom.data import get_charset_files
+from pydicom.dataelem import RawDataElement
+from pydicom.tag import Tag
 
 from node.results import AlgorithmIdentity, SkipReason, build_results, build_skipped_sr
 from tests.unit.results_support import cached_series, read_back_strictly, sent_as_spooled
@@ -125,3 +128,28 @@ def test_a_zero_or_negative_slice_thickness_or_spacing_gives_a_valid_seg(
     assert float(measures.SpacingBetweenSlices) == pytest.approx(2.5)
     assert float(measures.SliceThickness) == (float(thickness) if float(thickness) > 0 else pytest.approx(2.5))
     assert str(sources[0].SliceThickness) == thickness  # the sources are not modified
+
+
+def _raw(keyword: str, vr: str, value: bytes) -> Callable[[Dataset], None]:
+    tag = Tag(keyword)
+    return lambda ds: ds.__setitem__(tag, RawDataElement(tag, vr, len(value), value, 0, False, True))
+
+
+@pytest.mark.usefixtures("needs_dciodvfy")
+@pytest.mark.parametrize(("keyword", "vr", "value"), [
+    ("PatientID", "LO", b"123\t45"), ("StudyDescription", "LO", b"CT THORAX\tLUNGE"),
+    ("InstitutionName", "LO", b"KLINIK\r\nNORD"), ("StationName", "SH", b"CT\x0c1"),
+])
+def test_a_control_character_in_a_one_line_text_is_not_copied(
+    keyword: str, vr: str, value: bytes, tmp_path: Path
+) -> None:
+    """SH and LO allow no control character but ESC (PS3.5 Table 6.2-1): copied as sent, the value made every
+    result invalid. It is blanked (Type 2) or left out, as other malformed values are."""
+    sources = sent_as_spooled(_raw(keyword, vr, value))
+    assert sources[0][keyword].value == value.decode()
+    for kind, built in _every_result(sources):
+        path = tmp_path / f"{kind}.dcm"
+        built.save_as(path, enforce_file_format=True)
+        assert _dciodvfy_errors(path) == [], kind
+        back = read_back_strictly(built)
+        assert value.decode() not in [str(e.value) for e in back.iterall() if e.VR in ("SH", "LO")], kind
