@@ -216,7 +216,7 @@ def _config_base(path: Path) -> Path:
     return base.parent if base.name == "config" else base
 
 
-_TLS_FILE_KEYS = ("certificate", "private_key", "ca_file")
+_TLS_FILE_KEYS = ("certificate", "private_key", "ca_file", "crl_file")
 _DESTINATION_FILE_KEYS = ("ca_file", "client_certificate", "client_private_key")
 _SYSLOG_FILE_KEYS = ("syslog_ca_file", "syslog_client_certificate", "syslog_client_private_key")
 

@@ -22,7 +22,7 @@ from structlog.testing import capture_logs
 
 from node.audit import AuditTrail, read_records
 from node.cli import main as cli_main
-from node.config import NodeConfig, TlsSection
+from node.config import NodeConfig, TlsSection, load_config
 from node.errors import ConfigError
 from node.http import HttpServer
 from node.tls import check_config, server_context
@@ -108,6 +108,19 @@ def test_config_check_refuses_a_crl_file_in_one_line(
     write_crl(crl, good)
     assert cli_main(["config", "check", "--config", str(config)]) == 0
     check_config(NodeConfig(tls=_tls(pki, crl)))
+
+
+def test_a_relative_crl_file_is_read_beside_the_config_file(pki: Pki, tmp_path: Path) -> None:
+    """Like the other TLS files: relative to the config file's folder, not to wherever the node was started."""
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    write_crl(folder / "ca-crl.pem", crl_pem(pki))
+    config = folder / "node.toml"
+    config.write_text(f'[node]\ndata_dir = "{tmp_path / "data"}"\n[tls]\ncertificate = "{pki.server_cert}"\n'
+                      f'private_key = "{pki.server_key}"\nca_file = "{pki.ca}"\nclient_certificates = "required"\n'
+                      'https = true\ncrl_file = "ca-crl.pem"\n')
+    assert load_config(config, environ={}).tls.crl_file == folder / "ca-crl.pem"
+    assert cli_main(["config", "check", "--config", str(config)]) == 0
 
 
 # -- DICOM TLS -------------------------------------------------------------------------------------------------------
