@@ -43,9 +43,10 @@ EQUIPMENT_COPIED = (
 
 
 @functools.cache
-def _modules_copied(sop_class_uid: str) -> tuple[str, ...]:
+def _modules_copied(sop_class_uid: str) -> dict[str, str]:
     """Root-level keywords of the Patient and Study IE modules of ``sop_class_uid``'s IOD (highdicom's tables,
-    the ones its ``copy_patient_and_study_information`` walks); () when the IOD is unknown to highdicom."""
+    the ones its ``copy_patient_and_study_information`` walks), each with its type ("1", "2C", "3" ...); empty
+    when the IOD is unknown to highdicom."""
     try:  # highdicom's own tables (private module, pinned version); fall back to the fixed list
         from highdicom._standard_utils import (
             get_iod_module_map,
@@ -55,21 +56,28 @@ def _modules_copied(sop_class_uid: str) -> tuple[str, ...]:
 
         iod = get_sop_class_iod_map()[sop_class_uid]
         attributes = get_module_attribute_map()
-        keywords = [
-            str(item["keyword"])
+        items = [
+            (str(item["keyword"]), str(item["type"]))
             for module in get_iod_module_map()[iod]
             if module["ie"] in ("Patient", "Study")
             for item in attributes[module["key"]]
             if len(item["path"]) == 0
         ]
     except (ImportError, KeyError):
-        return ()
-    return tuple(dict.fromkeys(keywords))
+        return {}
+    types: dict[str, str] = {}
+    for keyword, kind in items:
+        types.setdefault(keyword, kind)  # the first module naming a keyword decides its type
+    return types
 
 
 def copied_keywords(ds: Dataset) -> tuple[str, ...]:
     """The attributes of ``ds`` that reach a result built from it."""
-    return tuple(dict.fromkeys((*ALWAYS_CHECKED, *EQUIPMENT_COPIED, *_modules_copied(str(ds.get("SOPClassUID", ""))))))
+    return tuple(dict.fromkeys((*ALWAYS_CHECKED, *EQUIPMENT_COPIED, *_modules_copied(_sop_class(ds)))))
+
+
+def _sop_class(ds: Dataset) -> str:
+    return str(ds.get("SOPClassUID", ""))
 
 
 def malformed_copied(ds: Dataset, node_rule: Callable[[str, object], bool]) -> list[str]:
@@ -135,8 +143,10 @@ def _valid(ds: Dataset, keyword: str, node_rule: Callable[[str, object], bool]) 
         return True
     if raw.VR is not None and " or " not in expected and str(raw.VR) not in (expected, "UN"):
         return False  # copied as is, it would carry the wrong VR into the result
-    if expected == "SQ":
-        return raw.VR != "UN" or _known_once_read(ds, tag)  # sequences (OtherPatientIDsSequence) left to highdicom
+    if expected == "SQ":  # the items (OtherPatientIDsSequence's) are left to highdicom
+        if raw.VR == "UN" and not _known_once_read(ds, tag):
+            return False
+        return _has_items(ds, tag) or _modules_copied(_sop_class(ds)).get(keyword, "").startswith("2")
     try:
         element = decoded(ds, tag)
     except Exception:  # noqa: BLE001 - pydicom raises many types on bytes that do not decode for the VR
@@ -150,6 +160,16 @@ def _valid(ds: Dataset, keyword: str, node_rule: Callable[[str, object], bool]) 
     if isinstance(raw, RawDataElement) and raw.value is not None and b"\x00" in raw.value.rstrip(b"\x00"):
         return False  # an embedded NUL: not a character of any text VR's repertoire
     return node_rule(keyword, value)
+
+
+def _has_items(ds: Dataset, tag: int) -> bool:
+    """Whether the sequence holds an item. Senders write empty Type 3 sequences (Referenced Study, Procedure Code
+    ...), which may be absent but not empty ("one or more Items shall be included", PS3.3): copied, each made
+    every result invalid (dciodvfy: "Bad Sequence number of Items 0"). Only a Type 2 (2C) one may stay empty."""
+    try:
+        return len(ds[tag].value) > 0
+    except Exception:  # noqa: BLE001 - pydicom raises many types on bytes that do not parse as a sequence
+        return False
 
 
 def _known_once_read(ds: Dataset, tag: int) -> bool:

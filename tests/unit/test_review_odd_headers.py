@@ -21,6 +21,7 @@ import pytest
 from pydicom import Dataset
 from pydicom.data import get_charset_files
 from pydicom.dataelem import RawDataElement
+from pydicom.sequence import Sequence as PydicomSequence
 from pydicom.tag import Tag
 
 from node.results import AlgorithmIdentity, SkipReason, build_results, build_skipped_sr
@@ -153,3 +154,32 @@ def test_a_control_character_in_a_one_line_text_is_not_copied(
         assert _dciodvfy_errors(path) == [], kind
         back = read_back_strictly(built)
         assert value.decode() not in [str(e.value) for e in back.iterall() if e.VR in ("SH", "LO")], kind
+
+
+@pytest.mark.usefixtures("needs_dciodvfy")
+@pytest.mark.parametrize("keyword", [
+    "ReferencedStudySequence", "ProcedureCodeSequence", "ReferencedPatientSequence", "OtherPatientIDsSequence",
+    "IssuerOfPatientIDQualifiersSequence", "AdmittingDiagnosesCodeSequence",
+])
+def test_an_empty_optional_sequence_is_not_copied(keyword: str, tmp_path: Path) -> None:
+    """Type 3 sequences of the Patient and Study modules sent empty: if present they need an item (PS3.3), so
+    copied as sent each made the results invalid. Left out; one with an item is still copied."""
+    sources = sent_as_spooled(lambda ds: setattr(ds, keyword, PydicomSequence([])))
+    assert keyword in sources[0] and len(sources[0][keyword].value) == 0
+    for kind, built in _every_result(sources):
+        path = tmp_path / f"{kind}.dcm"
+        built.save_as(path, enforce_file_format=True)
+        assert _dciodvfy_errors(path) == [], kind
+        assert keyword not in read_back_strictly(built), kind
+
+
+def test_a_sequence_with_an_item_is_still_copied() -> None:
+    def mutate(ds: Dataset) -> None:
+        item = Dataset()
+        item.PatientID = "OTHER-1"
+        item.IssuerOfPatientID = "HOSPITAL-B"
+        item.TypeOfPatientID = "TEXT"
+        ds.OtherPatientIDsSequence = PydicomSequence([item])
+
+    back = read_back_strictly(build_results(sent_as_spooled(mutate), cached_series()[1], ALGORITHM).sr)
+    assert back.OtherPatientIDsSequence[0].IssuerOfPatientID == "HOSPITAL-B"
