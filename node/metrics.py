@@ -83,6 +83,7 @@ class _ScrapeTimeCollector:
         self.uncommitted: Callable[[], Mapping[str, int]] | None = None
         self.clock_skew: Callable[[], float | None] | None = None
         self.certificate_expiry: Callable[[], Mapping[str, float]] | None = None
+        self.crl_next_update: Callable[[], Mapping[str, float]] | None = None
 
     def describe(self) -> Iterable[Metric]:
         return []  # names are not reserved up front: the callables may not be bound yet
@@ -92,7 +93,7 @@ class _ScrapeTimeCollector:
             queue_depth, jobs, series, deliveries = self.queue_depth, self.jobs, self.series, self.deliveries
             disk = self.disk
             destination_up, uncommitted, clock_skew = self.destination_up, self.uncommitted, self.clock_skew
-            certificate_expiry = self.certificate_expiry
+            certificate_expiry, crl_next_update = self.certificate_expiry, self.crl_next_update
         if queue_depth is not None:
             value = self._read("queue_depth", queue_depth)
             if value is not None:
@@ -125,6 +126,14 @@ class _ScrapeTimeCollector:
                                          "1 when the destination answered its last check (C-ECHO / HTTP), else 0.")
         yield from self._per_destination("uncommitted", uncommitted, "pacsnode_deliveries_uncommitted",
                                          "Delivered result sets the destination has not (yet) committed to holding.")
+        yield from self._tls(certificate_expiry, crl_next_update)
+        skew = self._read("clock_skew", clock_skew) if clock_skew is not None else None
+        if skew is not None:
+            yield GaugeMetricFamily("pacsnode_clock_skew_seconds", "This host's clock minus the database server's "
+                                    "(PostgreSQL): hosts sharing a database must agree on the time.", value=skew)
+
+    def _tls(self, certificate_expiry: Callable[[], Mapping[str, float]] | None,
+             crl_next_update: Callable[[], Mapping[str, float]] | None) -> Iterable[Metric]:
         expiry = self._read("certificate_expiry", certificate_expiry) if certificate_expiry is not None else None
         if expiry:
             family = GaugeMetricFamily("pacsnode_tls_certificate_expiry_seconds", "Seconds until a certificate the "
@@ -132,10 +141,14 @@ class _ScrapeTimeCollector:
             for name, left in sorted(expiry.items()):
                 family.add_metric([name], max(left, -1e12))  # not yet valid (-inf): as expired
             yield family
-        skew = self._read("clock_skew", clock_skew) if clock_skew is not None else None
-        if skew is not None:
-            yield GaugeMetricFamily("pacsnode_clock_skew_seconds", "This host's clock minus the database server's "
-                                    "(PostgreSQL): hosts sharing a database must agree on the time.", value=skew)
+        crls = self._read("crl_next_update", crl_next_update) if crl_next_update is not None else None
+        if crls:
+            family = GaugeMetricFamily("pacsnode_tls_crl_next_update_seconds", "Seconds until a CRL in [tls] crl_file "
+                                       "passes its next update (negative: past it, and every client certificate of "
+                                       "its CA is refused).", labels=["issuer"])
+            for issuer, left in sorted(crls.items()):
+                family.add_metric([issuer], left)
+            yield family
 
     def _by_state(self, name: str, fn: Callable[[], Mapping[Any, int]] | None, metric: str,
                   doc: str) -> Iterable[Metric]:
@@ -286,6 +299,7 @@ class Metrics:
         uncommitted: Callable[[], Mapping[str, int]] | None = None,
         clock_skew: Callable[[], float | None] | None = None,
         certificate_expiry: Callable[[], Mapping[str, float]] | None = None,
+        crl_next_update: Callable[[], Mapping[str, float]] | None = None,
     ) -> None:
         """Set the callables read at scrape time (e.g. ``JobQueue.depth``, ``JobQueue.counts``,
         ``Index.series_counts``, ``Dispatcher.counts``, ``{path: (used, total)}`` bytes of each file system the node
@@ -294,7 +308,8 @@ class Metrics:
         with self._gauges._lock:
             for name, fn in (("queue_depth", queue_depth), ("jobs", jobs), ("series", series), ("deliveries", deliveries),
                              ("disk", disk), ("destination_up", destination_up), ("uncommitted", uncommitted),
-                             ("clock_skew", clock_skew), ("certificate_expiry", certificate_expiry)):
+                             ("clock_skew", clock_skew), ("certificate_expiry", certificate_expiry),
+                             ("crl_next_update", crl_next_update)):
                 if fn is not None:
                     if not callable(fn):
                         raise TypeError(f"{name} must be callable, not {type(fn).__name__}")

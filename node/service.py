@@ -63,6 +63,7 @@ from node.signals import StopSignals
 from node.spool import Spool
 from node.states import Role
 from node.supervise import EXIT_LOOP_FAILED, Heartbeats, Supervisor, beat_socketserver
+from node.tls import crl_next_updates
 from node.tls import expiry as tls_expiry
 from node.tls import loaded_at_start as tls_loaded_at_start
 from node.wakeup import DISPATCHER, WORKER, Wakeups
@@ -141,6 +142,7 @@ class Service:
             deliveries=self.dispatcher.counts, disk=lambda: used_by_path(node_folders(config)),
             destination_up=self.reachability.reachability.up, uncommitted=self.commitments.uncommitted,
             clock_skew=lambda: clock_skew_seconds(self.engine), certificate_expiry=lambda: tls_expiry(config, presented),
+            crl_next_update=lambda: crl_next_updates(config),
         )
         self.http = self._build_http(config, processes)
         self._dimse_threads: list[threading.Thread] = []

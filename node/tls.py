@@ -217,6 +217,32 @@ class ServerContext(ssl.SSLContext):
         return super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
 
 
+_next_updates: dict[Path, tuple[tuple[int, int, int] | None, dict[str, dt.datetime]]] = {}
+
+
+def crl_next_updates(config: NodeConfig, now: dt.datetime | None = None) -> dict[str, float]:
+    """Seconds until each CRL in ``[tls] crl_file`` passes its next update, by issuer
+    (``pacsnode_tls_crl_next_update_seconds``; negative once past: every client certificate of that CA is then
+    refused, `ServerContext`). Read from the file as it is now, which the listeners follow; parsed again only when
+    the file changed. A file that does not load keeps the last values read (the listeners keep those CRLs too)."""
+    tls = config.tls
+    if tls.crl_file is None or tls.ca_file is None:
+        return {}
+    seen = _file_signature(tls.crl_file)
+    cached = _next_updates.get(tls.crl_file)
+    if cached is None or cached[0] != seen:
+        try:
+            crls = read_crls(tls.crl_file, tls.ca_file)[1]
+        except ConfigError:
+            crls = None
+        if crls is not None:
+            cached = (seen, {crl.issuer.rfc4514_string(): crl.next_update_utc for crl in crls
+                             if crl.next_update_utc is not None})
+            _next_updates[tls.crl_file] = cached
+    now = now or dt.datetime.now(dt.UTC)
+    return {issuer: (when - now).total_seconds() for issuer, when in (cached[1] if cached else {}).items()}
+
+
 def _file_signature(path: Path) -> tuple[int, int, int] | None:
     """What changes when a file is replaced or rewritten (inode, size, modification time); None: unreadable."""
     try:

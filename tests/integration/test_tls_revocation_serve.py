@@ -41,6 +41,17 @@ def _https(pki: Pki, node: NodeProcess) -> str:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=60).stdout.strip()
 
 
+def _crl_next_update(pki: Pki, node: NodeProcess) -> float:
+    """``pacsnode_tls_crl_next_update_seconds`` of the test CA's CRL, from the node's /metrics (with a certificate
+    the CRL in force does not revoke)."""
+    cmd = [require_tool("curl"), "-sS", "--max-time", "20", "--cacert", str(pki.ca), "--cert", str(pki.client_cert),
+           "--key", str(pki.client_key), "-H", "Authorization: Bearer revocation-test-token",
+           f"https://localhost:{node.http_port}/metrics"]
+    text = subprocess.run(cmd, capture_output=True, text=True, timeout=60).stdout
+    return float(next(line for line in text.splitlines()
+                      if line.startswith("pacsnode_tls_crl_next_update_seconds{")).rsplit(" ", 1)[1])
+
+
 def test_serve_follows_the_crl_and_binds_the_calling_ae(start_node, pki: Pki, tmp_path: Path) -> None:
     crl = write_crl(tmp_path / "crl.pem", crl_pem(pki, last_update=NOW - dt.timedelta(hours=2)))
     tls_port = free_port()
@@ -54,6 +65,8 @@ def test_serve_follows_the_crl_and_binds_the_calling_ae(start_node, pki: Pki, tm
     other = _echo(pki, node, tls_port, "OTHER")  # the same certificate, another AE title
     assert other.returncode != 0 and "Calling AE Title Not Recognized" in other.stderr, other.stderr
     assert _https(pki, node) == "200"
+    # the countdown an alert watches: this CRL's next update is 22 h away (issued 2 h ago, valid a day)
+    assert 21.9 * 3600 < _crl_next_update(pki, node) <= 22 * 3600
 
     write_crl(crl, crl_pem(pki, (pki.client_cert,), last_update=NOW - dt.timedelta(hours=1)))
     assert _echo(pki, node, tls_port, "MODALITY").returncode != 0

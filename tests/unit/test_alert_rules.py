@@ -24,7 +24,7 @@ def test_the_rules_use_only_metrics_the_node_exports():
     m.bind(queue_depth=lambda: 0, jobs=lambda: {"dead": 1}, series=lambda: {"complete": 1},
            deliveries=lambda: {("pacs", "dead"): 1}, disk=lambda: {"/data/spool": (1, 2)},
            destination_up=lambda: {"pacs": False}, uncommitted=lambda: {"pacs": 1}, clock_skew=lambda: 0.5,
-           certificate_expiry=lambda: {"node": 86400.0})
+           certificate_expiry=lambda: {"node": 86400.0}, crl_next_update=lambda: {"CN=CA": 86400.0})
     m.job_ended("pneumonia", "unreported")
     m.bind_admission(lambda: {"disk_floor": True})
     exported = set(re.findall(r"^# TYPE (\w+)", m.render()[0].decode(), re.MULTILINE))
