@@ -219,17 +219,22 @@ def header_text(ds: Any) -> str:
 # PatientAge as DICOM writes it (nnnD/W/M/Y) and as some senders do: without the zero padding, in lower case, with
 # spaces ("45Y", "011y", "6 M"). A bare number has no unit and reads as no age.
 _AGE = re.compile(r"\s*0*(\d{1,3})\s*([DWMY])\s*", re.IGNORECASE)
+_SCAN_DATES = ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate")
 
 
 def patient_age_years(ds: Any) -> float | None:
     """Age in years from PatientAge (nnnD/W/M/Y, or written loosely: `_AGE`), else PatientBirthDate against
-    StudyDate; else None. An age of zero ("000Y": what some systems write for "unknown") falls back to the dates
-    too. The one age reader: the gate's age check and the classifier's clinical input read the same age."""
+    StudyDate (else the Series, Acquisition or Content Date); else None. An age of zero ("000Y": what some systems
+    write for "unknown") falls back to the dates too. The one age reader: the gate's age check and the
+    classifier's clinical input read the same age."""
     m = _AGE.fullmatch(header_str(ds, "PatientAge"))
     if m and int(m.group(1)):
         n = float(m.group(1))
         return n / {"D": 365.25, "W": 52.18, "M": 12.0, "Y": 1.0}[m.group(2).upper()]
-    birth, study = header_str(ds, "PatientBirthDate"), header_str(ds, "StudyDate")
+    birth = header_str(ds, "PatientBirthDate")
+    # StudyDate is Type 2 (empty for a scan without a worklist entry): the series, acquisition or image date the
+    # scan as well.
+    study = next((d for k in _SCAN_DATES if len(d := header_str(ds, k)) == 8 and d.isdigit()), "")
     if len(birth) == 8 and len(study) == 8 and birth.isdigit() and study.isdigit():
         years = int(study[:4]) - int(birth[:4]) - ((int(study[4:8]) < int(birth[4:8])) * 1)
         return float(years) if 0 <= years < 130 else None

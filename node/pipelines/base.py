@@ -90,8 +90,8 @@ def scope_notes(volume: Volume, min_matrix: int, settings: GateSection) -> tuple
                      "models were trained on non-contrast CT only.")
     header = volume.datasets[0] if volume.datasets else None
     if header is None or header_age_years(header) is None:
-        lines.append("Patient age: not in the header (PatientAge, or PatientBirthDate with StudyDate), so whether "
-                     "the patient is an adult was not checked.")
+        lines.append("Patient age: not in the header (PatientAge, or PatientBirthDate with a study, series or image "
+                     "date), so whether the patient is an adult was not checked.")
     return tuple(lines)
 
 

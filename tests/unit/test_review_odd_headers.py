@@ -183,3 +183,31 @@ def test_a_sequence_with_an_item_is_still_copied() -> None:
 
     back = read_back_strictly(build_results(sent_as_spooled(mutate), cached_series()[1], ALGORITHM).sr)
     assert back.OtherPatientIDsSequence[0].IssuerOfPatientID == "HOSPITAL-B"
+
+
+@pytest.mark.parametrize("dates", [("SeriesDate", "ContentDate"), ("ContentDate",)])
+def test_a_childs_age_is_read_from_the_birth_date_when_the_study_date_is_empty(
+    dates: tuple[str, ...], tmp_path: Path
+) -> None:
+    """No PatientAge, a birth date, and StudyDate empty (Type 2; a scan without a worklist entry) while the series
+    or image says when it was made: the age was unknown, so a 10-year-old passed the gate's adult check and was
+    judged. The dates of the series, acquisition or image date the scan as well."""
+    from models.preprocess import load_series
+    from node.gate import check_header
+
+    def mutate(ds: Dataset) -> None:
+        for keyword in ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate"):
+            setattr(ds, keyword, "20260102" if keyword in dates else "")
+        ds.PatientBirthDate = "20151230"
+        if "PatientAge" in ds:
+            del ds.PatientAge
+
+    sources = sent_as_spooled(mutate)
+    refusal = check_header(sources[0])
+    assert refusal is not None and refusal.reason is SkipReason.OUT_OF_SCOPE and "under 18" in refusal.detail
+    assert "2015" not in refusal.detail
+    paths = []
+    for i, ds in enumerate(sources):
+        paths.append(tmp_path / f"{i}.dcm")
+        ds.save_as(paths[-1], enforce_file_format=True)
+    assert load_series([str(p) for p in paths]).patient_age == 10.0
