@@ -15,7 +15,7 @@ from sqlalchemy.engine import Engine
 
 from node.db import reading
 from node.leases import cut
-from node.schema import commitments, deliveries
+from node.schema import commitments, deliveries, results
 from node.states import CommitState, DeliveryState
 
 
@@ -98,15 +98,25 @@ def for_series(engine: Engine, series_uid: str) -> list[sa.Row[Any]]:
         return list(conn.execute(sa.select(deliveries).where(d.series_uid == series_uid).order_by(d.id)))
 
 
-def newer_version(conn: sa.Connection, series_uid: str, destination: str, version: int) -> int | None:
-    """The newest version of ``series_uid`` with a delivery after ``version``, else None. Such a row's objects were
-    withdrawn, or are about to be, by that version's rejection note (node.versions): sent after it, they would be
-    live again at the PACS. A newer version queued to other destinations only (``destination`` was out of the
-    config when it was made) supersedes it too: sent, its verdict would be live there and never withdrawn."""
-    d = deliveries.c
-    newest = conn.execute(sa.select(sa.func.max(d.version)).where(
-        d.series_uid == series_uid, d.version > version)).scalar()
-    return None if newest is None else int(newest)
+def newer_version(conn: sa.Connection, series_uid: str, version: int) -> int | None:
+    """The newest version of ``series_uid`` after ``version`` with a delivery or recorded results, else None. Such a
+    row's objects were withdrawn, or are about to be, by that version's rejection note (node.versions): sent after
+    it, they would be live again at the PACS. A newer version queued to other destinations only, or to none
+    (the row's destination was out of the config when it was made), supersedes it too: sent, its verdict would be live
+    there and never withdrawn."""
+    newest = int(conn.execute(sa.select(_newest(series_uid))).scalar_one())
+    return None if newest <= version else newest
+
+
+def _newest(series_uid: Any) -> sa.ColumnElement[Any]:
+    """The series' newest version with a delivery or recorded results (a version made while no destination was
+    configured has no delivery: its results supersede the versions before it all the same); -1 without either."""
+    d, r = deliveries.alias("newest_delivery").c, results.c
+    by_delivery = sa.func.coalesce(sa.select(sa.func.max(d.version)).where(d.series_uid == series_uid)
+                                   .scalar_subquery(), -1)
+    by_result = sa.func.coalesce(sa.select(sa.func.max(r.version)).where(r.series_uid == series_uid)
+                                 .scalar_subquery(), -1)
+    return sa.case((by_delivery >= by_result, by_delivery), else_=by_result)
 
 
 def unconfirmed() -> sa.ColumnElement[bool]:
@@ -117,9 +127,9 @@ def unconfirmed() -> sa.ColumnElement[bool]:
 
 
 def not_superseded() -> sa.ColumnElement[bool]:
-    """Rows with no delivery of a newer version of their series (to any destination: `newer_version`)."""
-    d, newer = deliveries.c, deliveries.alias("newer").c
-    return ~sa.exists().where(newer.series_uid == d.series_uid, newer.version > d.version)
+    """Rows with no newer version of their series (a delivery to any destination, or results: `newer_version`)."""
+    d = deliveries.c
+    return _newest(d.series_uid) <= d.version
 
 
 def no_older_in_flight(now: float) -> sa.ColumnElement[bool]:
@@ -140,8 +150,8 @@ def supersede_waiting(conn: sa.Connection, destination: str, now: float) -> list
     destination: `newer_version`) ("superseded": never to be sent after that one); returns them (id, series_uid,
     version, newest). A row another dispatcher is claiming at this moment is locked by it and, once claimed, no
     longer waiting: left alone."""
-    d, newer = deliveries.c, deliveries.alias("newer").c
-    newest = sa.select(sa.func.max(newer.version)).where(newer.series_uid == d.series_uid).scalar_subquery()
+    d = deliveries.c
+    newest = _newest(d.series_uid)
     stale = sa.and_(d.destination == destination, d.state == DeliveryState.PENDING.value, newest > d.version)
     rows = conn.execute(sa.select(d.id, d.series_uid, d.version, newest.label("newest")).where(stale)).all()
     for r in rows:

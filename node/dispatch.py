@@ -276,7 +276,7 @@ class Dispatcher:
                                     destination=name)
                     return None
                 files, sop_uids = payload
-                newer = store.newer_version(conn, row.series_uid, name, int(row.version))
+                newer = store.newer_version(conn, row.series_uid, int(row.version))
                 if newer is None:
                     self._leases.extend(lease, self._lease_seconds(len(files)), conn)
                 else:  # a later version was queued while this one waited: never send it after that one

@@ -4,22 +4,32 @@ clock is a `FakeClock`, so give-up times pass without waiting."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from node.completion import CompletionSweeper
 from node.config import Destination, DestinationKind, DispatchSection, NodeConfig
 from node.db import create_engine_for, init_schema
 from node.dispatch import Dispatcher
+from node.index import Index
+from node.ingest import Ingestor
+from node.queue import JobQueue
 from node.senders import DimseSender
+from node.spool import Spool
 from node.states import DeliveryState
+from node.worker import Worker
 from peers.orthanc import OrthancServer
 from tests.conftest import wait_until
+from tests.ctgen import write_ct_series
 from tests.fakeclock import FakeClock
 from tests.integration.test_dispatch_orthanc import ResultFiles, _write_results
 from tests.unit.results_support import ct_sources
+from tests.unit.test_review_versions_race import _accept
+from tests.unit.test_worker import FixedRunner
 
 pytestmark = pytest.mark.integration
 
@@ -200,3 +210,38 @@ def test_a_pacs_that_stores_the_sr_and_refuses_the_seg_is_retried_and_ends_with_
     assert row is not None and row.state == DeliveryState.DELIVERED and row.attempts == 2
     assert sorted(orthanc.sop_instance_uids()) == sorted(result.sop_uids)
     assert orthanc.statistics()["CountInstances"] == 2
+
+
+def test_a_version_made_while_no_destination_was_configured_supersedes_the_one_waiting(
+        orthanc_factory: Callable[..., OrthancServer], engine: Any, tmp_path: Path) -> None:
+    """The one PACS is taken out of the config (maintenance) while version 1's delivery waits for it; a late slice
+    makes version 2, which the worker records and which goes nowhere (no destination). When the PACS is back in
+    the config, version 1 must not go to it: version 2 superseded its verdict. On the old code it was sent (only a
+    newer version's delivery row counted, and version 2 had none)."""
+    orthanc = orthanc_factory()
+    config = NodeConfig.model_validate({
+        "node": {"data_dir": str(tmp_path / "data")},
+        "gate": {"min_slices": 8, "scope_check": False},  # the fixed runner's masks are no real lungs
+        "destinations": [{"name": "pacs", "kind": "dimse", "ae_title": orthanc.aet, "host": "127.0.0.1",
+                          "port": orthanc.dicom_port}],
+    })
+    queue = JobQueue(engine, config.queue)
+    dispatcher = Dispatcher(config, engine, {DestinationKind.DIMSE: DimseSender("PACSNODE", 5)})
+    sweeper = CompletionSweeper(config, engine, queue, clock=lambda: time.time() + 3600)
+    ingestor = Ingestor(Spool(config.node.spool_dir), Index(engine))
+    worker = Worker(config, engine, queue, dispatcher, lambda: FixedRunner(0.9))
+    series = write_ct_series(tmp_path / "s", size=32, slices=11, seed=31)
+    _accept(ingestor, series.paths[:10])
+    assert [v for _, v, _ in sweeper.sweep()] == [1]
+    worker.run_pending()
+    [waiting] = [r for r in dispatcher.for_series(series.series_uid) if r.version == 1]
+    dispatcher.apply_config(config.model_copy(update={"destinations": ()}))
+    _accept(ingestor, series.paths[10:])
+    assert [v for _, v, _ in sweeper.sweep()] == [2]
+    worker.run_pending()
+    dispatcher.apply_config(config)
+    dispatcher.run_once()
+    row = dispatcher.get(waiting.id)
+    assert row is not None and row.state == DeliveryState.DEAD and "superseded by version 2" in row.last_error
+    assert orthanc.sop_instance_uids() == []
+    assert dispatcher.retry([waiting.id]) == 0
