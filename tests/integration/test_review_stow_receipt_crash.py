@@ -1,8 +1,9 @@
 """Review: a STOW-RS receipt (110104) must survive the listener dying while it is written. The request is recorded
 in the index like an association; a DIMSE association left open by a dead listener is closed at the restart and
 audited then (tests/integration/test_audit_trail.py). The STOW handler closed its request's row *before* writing
-the receipt, so a listener killed (kill -9, the OOM killer) in between left instances acknowledged 200, a closed
-row, and no record of who sent them: the restart found nothing open to audit.
+the receipt, so a listener killed (kill -9, the OOM killer) in between left the instances stored and indexed (they
+go on to be processed; the sender saw no answer), a closed row, and no record of who sent them: the restart found
+nothing open to audit.
 
 The window is held open honestly: the audit "file" is a FIFO whose pipe the test fills, so the listener's write of
 the receipt blocks in write(2) (as on a hung network volume); the test then SIGKILLs that listener, drains the pipe
