@@ -146,9 +146,9 @@ def no_older_in_flight(now: float) -> sa.ColumnElement[bool]:
 
 
 def supersede_waiting(conn: sa.Connection, destination: str, now: float) -> list[Any]:
-    """Dead-letter the waiting deliveries to ``destination`` whose series has a delivery of a newer version (to any
-    destination: `newer_version`) ("superseded": never to be sent after that one); returns them (id, series_uid,
-    version, newest). A row another dispatcher is claiming at this moment is locked by it and, once claimed, no
+    """Dead-letter the waiting deliveries to ``destination`` whose series has a newer version (a delivery to any
+    destination, or results: `newer_version`) ("superseded": never to be sent after that one); returns them (id,
+    series_uid, version, newest). A row another dispatcher is claiming at this moment is locked by it and, once claimed, no
     longer waiting: left alone."""
     d = deliveries.c
     newest = _newest(d.series_uid)
