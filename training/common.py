@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,8 @@ import pandas as pd
 
 from models.clinical import ClinicalInputs
 from models.preprocess import PreprocessError, load_series, masks_to_grid, resize_slices
+from training.clinical_table import age_sex, clinical_values, disagreement_note, parse_label
+from training.phi import folder_tag
 
 NOT_FOR_CLINICAL_USE = "Not for clinical use: trained and evaluated on synthetic phantoms only."
 
@@ -63,7 +65,7 @@ def read_table(data: Path) -> pd.DataFrame:
 def _checked_rows(table: pd.DataFrame, path: Path) -> list[int]:
     """Every row's label as 0/1. Raises DatasetError naming each row with a missing or unreadable label or clinical
     value, and each case id on several rows."""
-    from training.dataset import DatasetError, clinical_values, parse_label
+    from training.dataset import DatasetError
 
     labels, problems = [], []
     for i, row in enumerate(table.to_dict("records")):
@@ -78,38 +80,48 @@ def _checked_rows(table: pd.DataFrame, path: Path) -> list[int]:
             problems.append(f"{where}: {why}")
         labels.append(label if label is not None else 0)
         problems += [f"{where}: {p}" for p in clinical_values(row)[1]]
-    ids = table.case_id.astype(str).str.strip()
-    problems += [f"case_id {c} is on {n} rows" for c, n in ids.value_counts().items() if n > 1]
+    at: dict[str, list[int]] = {}
+    for i, case in enumerate(table.case_id.astype(str)):  # ids differing only in case or spaces: one folder on
+        at.setdefault(" ".join(case.split()).casefold(), []).append(i)  # a case-insensitive share, one lookup
+    problems += [f"case_id {table.case_id.iloc[rows[0]]} is on {len(rows)} rows ({', '.join(str(i + 2) for i in rows)})"
+                 for rows in at.values() if len(rows) > 1]
     if problems:
         raise DatasetError(f"{path}: {len(problems)} problems", problems)
     return labels
 
 
-def series_files(data: Path, dicom_dir: str) -> list[Path]:
+def series_files(data: Path, dicom_dir: str, case_id: str = "") -> list[Path]:
+    """The ``.dcm`` files of a case's ``dicom_dir``. Raises TrainingError naming the case, not the folder (export
+    folders are often named after the patient: training.phi)."""
     files = sorted((Path(data) / dicom_dir).glob("*.dcm"))
     if not files:
-        raise TrainingError(f"no .dcm files in {Path(data) / dicom_dir}")
+        raise TrainingError(f"case {case_id}: no .dcm files in the folder its dicom_dir names" if case_id else
+                            f"no .dcm files in {folder_tag(Path(data), Path(data) / dicom_dir)}")
     return files
 
 
 def load_grid_cases(
-    data: Path, grid: int, *, with_targets: bool, limit: int | None = None, progress: bool = True
+    data: Path, grid: int, *, with_targets: bool, limit: int | None = None, progress: bool = True,
+    log: Callable[[str], None] | None = None,
 ) -> list[GridCase]:
-    """Load every case of a phantom dataset through load_series and resize to the model grid."""
+    """Load every case of a phantom dataset through load_series and resize to the model grid; age and sex are the
+    table's where it gives them, else the header's (:func:`training.clinical_table.age_sex`), and ``log`` is told
+    once how many series the two disagreed on."""
     from tqdm import tqdm
-
-    from training.phantom import load_masks
 
     table = read_table(data)
     if limit is not None:
         table = table.iloc[:limit]
     cases: list[GridCase] = []
+    disagreements = 0
     for row in tqdm(table.itertuples(), total=len(table), desc=f"load {Path(data).name}", disable=not progress, leave=False):
         try:
-            vol = load_series(series_files(data, str(row.dicom_dir)))
+            vol = load_series(series_files(data, str(row.dicom_dir), str(row.case_id)))
         except PreprocessError as exc:
             raise TrainingError(f"case {row.case_id}: {exc}") from exc
-        masks = load_masks(Path(data) / str(row.masks))
+        age, sex, differs = age_sex(clinical_values(row._asdict())[0], vol.patient_age, vol.patient_sex)
+        disagreements += differs
+        masks = case_masks(data, row)
         if masks["lesion"].shape != vol.hu.shape:
             raise TrainingError(f"case {row.case_id}: masks {masks['lesion'].shape} do not match the series {vol.hu.shape}")
         lesion_frac = masks_to_grid(masks["lesion"], grid)
@@ -126,15 +138,28 @@ def load_grid_cases(
                 hu=resize_slices(vol.hu, grid).astype(np.float16),
                 slice_lesion=lesion_frac.sum(axis=(1, 2)).astype(np.float32),
                 slice_lung=lung_frac.sum(axis=(1, 2)).astype(np.float32),
-                age=vol.patient_age,
-                sex=vol.patient_sex,
+                age=age,
+                sex=sex,
                 target=target,
                 symptoms=_symptoms(row._asdict()),
             )
         )
     if not cases:
         raise TrainingError(f"dataset {data} has no cases")
+    if log is not None and (note := disagreement_note(disagreements, len(cases), f"{Path(data).name}: ")):
+        log(note)
     return cases
+
+
+def case_masks(data: Path, row: Any) -> dict[str, np.ndarray]:
+    """The masks file a table row names. Raises TrainingError naming the case (not the path: training.phi)."""
+    from training.phantom import load_masks
+
+    try:
+        return load_masks(Path(data) / str(row.masks))
+    except (OSError, ValueError, EOFError) as exc:
+        raise TrainingError(f"case {row.case_id}: the masks file its masks column names cannot be read "
+                            f"({type(exc).__name__})") from exc
 
 
 def _symptoms(row: dict[str, Any]) -> dict[str, float | None]:

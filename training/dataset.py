@@ -14,7 +14,9 @@ conflicting labels, unparseable labels, clinical values that cannot be read (age
 M/F/O/U, a symptom not 0/1, yes/no, true/false or present/absent; blank is missing; values are not echoed for age),
 a row naming a series the node's gate would refuse (not CT, not a CT image SOP class, a single slice), or no
 readable DICOM file at all. Unreadable files are listed in ``Dataset.unreadable`` and are not fatal on their own;
-their count, and with ``allow_unlabelled`` the count of series left out, lead ``Dataset.notes``.
+their count, and with ``allow_unlabelled`` the count of series left out, lead ``Dataset.notes``. Messages name
+rows by number and case id, files and folders only by base name and folder tag, never by a path below the root
+(:mod:`training.phi`); blank rows are skipped; keys and case ids differing only in case or spaces are duplicates.
 
 :func:`training.prepared.prepare` turns the cases into arrays on the model grid, once, and caches them.
 """
@@ -22,7 +24,7 @@ their count, and with ``allow_unlabelled`` the count of series left out, lead ``
 from __future__ import annotations
 
 import os
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,24 +33,21 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from training.clinical_table import CLINICAL_COLUMNS, MAX_AGE, clinical_values, parse_label  # noqa: F401 - read from here too
 from training.common import TrainingError
+from training.phi import file_ref, folder_tag, scrub
 
 HEADER_TAGS = ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "PatientID", "Modality", "SOPClassUID")
 IMAGE_MODALITIES = frozenset({"CT"})
 # CT Image Storage (single-frame: a series needs at least two), Enhanced and Legacy Converted Enhanced CT.
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 IMAGE_SOP_CLASSES = frozenset({CT_IMAGE, "1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2"})
-MAX_AGE = 125.0
-_SEXES = {"m": "M", "male": "M", "f": "F", "female": "F", "o": "O", "other": "O", "u": "U", "unknown": "U"}
-_FLAGS = {"1": 1.0, "0": 0.0, "1.0": 1.0, "0.0": 0.0, "yes": 1.0, "no": 0.0, "true": 1.0, "false": 0.0,
-          "present": 1.0, "absent": 0.0}
 # Files that are never DICOM in a dataset folder: skipped without being listed as unreadable.
 NON_DICOM_SUFFIXES = frozenset({
     ".csv", ".tsv", ".json", ".npz", ".npy", ".txt", ".md", ".png", ".jpg", ".jpeg", ".html", ".xml", ".zip",
     ".gz", ".py", ".log", ".xlsx", ".pdf", ".nii", ".mha", ".nrrd",
 })
 TABLE_NAMES = ("clinical.csv", "labels.csv")
-CLINICAL_COLUMNS = ("age", "sex", "fever", "cough", "dyspnoea")
 MAX_LISTED = 20  # problems named one by one in an error message before "... and N more"
 
 _ALIASES = {
@@ -62,10 +61,7 @@ _ALIASES = {
     "masks": ("masks", "mask", "masks_path"),
     "dyspnoea": ("dyspnoea", "dyspnea"),
 }
-_LABEL_WORDS = {
-    "1": 1, "0": 0, "1.0": 1, "0.0": 0, "pneumonia": 1, "normal": 0, "positive": 1, "negative": 0,
-    "yes": 1, "no": 0, "true": 1, "false": 0, "abnormal": 1,
-}
+
 
 
 class DatasetError(TrainingError):
@@ -124,7 +120,11 @@ class Dataset:
 
     @property
     def groups(self) -> np.ndarray:
-        return np.array([c.patient_id for c in self.cases])
+        """Each case's patient, for grouped splits: ids that differ only in upper/lower case or spaces are one
+        patient (a wrong merge costs a little balance, a wrong split leaks a patient across folds)."""
+        first: dict[str, str] = {}
+        return np.array([first.setdefault(" ".join(c.patient_id.split()).casefold(), c.patient_id)
+                         for c in self.cases])
 
     @property
     def has_reader(self) -> bool:
@@ -185,7 +185,8 @@ def scan_series(root: Path, *, progress: bool = False) -> tuple[dict[str, Series
         try:
             ds = pydicom.dcmread(p, stop_before_pixels=True, specific_tags=list(HEADER_TAGS))
         except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            unreadable.append((rel, f"not a readable DICOM file ({type(exc).__name__}: {exc})"[:200]))
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)  # OSError names the path
+            unreadable.append((rel, scrub(f"not a readable DICOM file ({type(exc).__name__}: {why})", root, p)[:200]))
             continue
         series = str(getattr(ds, "SeriesInstanceUID", "") or "")
         sop = str(getattr(ds, "SOPInstanceUID", "") or "")
@@ -193,7 +194,7 @@ def scan_series(root: Path, *, progress: bool = False) -> tuple[dict[str, Series
             unreadable.append((rel, "no SeriesInstanceUID"))
             continue
         if sop and sop in seen_sop:
-            duplicates.append(f"SOPInstanceUID {sop} is in both {seen_sop[sop].relative_to(root)} and {rel}")
+            duplicates.append(f"one SOPInstanceUID is in both {file_ref(root, seen_sop[sop])} and {file_ref(root, p)}")
             continue
         if sop:
             seen_sop[sop] = p
@@ -259,71 +260,53 @@ def read_labels(path: Path) -> pd.DataFrame:
     return table
 
 
-def parse_label(value: Any) -> int | None:
-    """0/1 from 0, 1, normal/pneumonia, negative/positive, no/yes, false/true; None when empty; else ValueError."""
-    text = str(value).strip().lower()
-    if text in ("", "nan", "na", "none"):
-        return None
-    if text not in _LABEL_WORDS:
-        raise ValueError(f"cannot read {value!r} as a label (0/1, normal/pneumonia, negative/positive)")
-    return _LABEL_WORDS[text]
-
-
 def _pick_series(candidates: list[SeriesFiles]) -> SeriesFiles:
     """The CT series with the most instances (then the smallest UID), else any with the most instances."""
     ct = [s for s in candidates if s.modality in IMAGE_MODALITIES] or candidates
     return sorted(ct, key=lambda s: (-len(s.files), s.series_uid))[0]
 
 
-def clinical_values(row: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """The row's clinical values (age in years, sex M/F/O/U, symptoms 1.0/0.0; blank or NaN left out) and a
-    problem per value that cannot be read, naming the column (an age is not echoed)."""
-    out: dict[str, Any] = {}
-    problems = []
-    for col in CLINICAL_COLUMNS:
-        text = str(row.get(col, "")).strip()
-        if text.lower() in ("", "nan"):
-            continue
-        if col == "age":
-            try:
-                age = float(text)
-            except ValueError:
-                age = float("nan")
-            if not 0.0 <= age <= MAX_AGE:  # NaN fails too
-                problems.append(f"column 'age': not a number of years from 0 to {MAX_AGE:g}")
-                continue
-            out[col] = age
-        elif col == "sex":
-            if text.lower() not in _SEXES:
-                problems.append(f"column 'sex': cannot read {text!r} (M/F/O/U, male/female/other/unknown)")
-                continue
-            out[col] = _SEXES[text.lower()]
-        elif text.lower() not in _FLAGS:
-            problems.append(f"column {col!r}: cannot read {text!r} (1/0, yes/no, true/false, present/absent; "
-                            "blank when unknown)")
-        else:
-            out[col] = _FLAGS[text.lower()]
-    return out, problems
+def _label_text(value: Any) -> str:
+    """A label as duplicate rows are compared: 0/1 where it can be read ("Pneumonia" and 1.0 agree), else its text."""
+    try:
+        label = parse_label(value)
+    except ValueError:
+        return str(value).strip().lower()
+    return "" if label is None else str(label)
 
 
-def _duplicate_keys(df: pd.DataFrame, rows: list[dict[str, Any]]) -> list[str]:
-    """Keys on several table rows: a conflict when their labels differ, a duplicate otherwise."""
-    problems = []
+def _duplicate_keys(df: pd.DataFrame, rows: list[dict[str, Any]]) -> tuple[list[str], set[int]]:
+    """Keys on several table rows, one problem each naming the rows: a conflict when their labels differ, a
+    duplicate otherwise; case ids that differ only in upper/lower case or spaces count as one (a spreadsheet's
+    lookups do not tell them apart). Also the indices of the repeated rows (their join errors would say it again)."""
+    problems, repeated = [], set()
     for key in ("series_instance_uid", "study_instance_uid", "case_id"):
         if key not in df.columns:
             continue
-        values = [str(r[key]).strip() for r in rows]
-        for value, n in Counter(v for v in values if v).items():
-            if n < 2:
-                continue
-            labels = {str(r["label"]).strip().lower() for r in rows if str(r[key]).strip() == value}
+        at: dict[str, list[int]] = defaultdict(list)
+        for i, r in enumerate(rows):
+            value = str(r[key]).strip()
+            if key == "study_instance_uid" and str(r.get("series_instance_uid", "")).strip():
+                continue  # rows naming two series of one study are two cases
+            if value:
+                at[value.casefold() if key == "case_id" else value].append(i)
+        for where in (w for w in at.values() if len(w) > 1):
+            spelt = sorted({str(rows[i][key]).strip() for i in where})
+            labels = sorted({_label_text(rows[i]["label"]) for i in where})
             kind = "conflicting labels" if len(labels) > 1 else "duplicate"
-            problems.append(f"{kind}: {key} {value} is on {n} rows (labels {sorted(labels)})")
-    return problems
+            value = spelt[0] if len(spelt) == 1 else " / ".join(spelt) + " (differing only in case or spaces)"
+            problems.append(f"{kind}: {key} {value} is on rows {', '.join(str(i + 2) for i in where)} "
+                            f"(labels {labels})")
+            repeated.update(where[1:])
+    return problems, repeated
 
 
 class _RowError(Exception):
     """Why one table row gives no case (the message follows the row's position in the problem list)."""
+
+
+class _RepeatedRowError(Exception):
+    """A row repeating an earlier row's key: already reported with the duplicate key."""
 
 
 @dataclass
@@ -336,6 +319,7 @@ class _Join:
     problems: list[str]
     notes: list[str] = field(default_factory=list)
     used: dict[str, int] = field(default_factory=dict)  # series UID -> the row index that labels it
+    repeated: set[int] = field(default_factory=set)  # rows whose key an earlier row has (reported once, as such)
     used_studies: set[str] = field(default_factory=set)
     by_study: dict[str, list[SeriesFiles]] = field(default_factory=dict)
 
@@ -353,11 +337,15 @@ class _Join:
         except _RowError as exc:
             self.problems.append(f"{where}: {exc}")
             return None
+        except _RepeatedRowError:
+            return None
 
     def _case(self, i: int, r: dict[str, Any], where: str) -> Case:
         sid, stid, cid = (str(r.get(k, "")).strip() for k in ("series_instance_uid", "study_instance_uid", "case_id"))
         found = self._find(r, where, sid, stid, cid)
         if found.series_uid in self.used:
+            if i in self.repeated:  # the duplicate key's problem names this row already
+                raise _RepeatedRowError
             raise _RowError(f"series {found.series_uid} is already labelled by row {self.used[found.series_uid] + 2}")
         self.used[found.series_uid] = i  # a row refused below still claims its series (not "unlabelled" too)
         self.used_studies.add(found.study_uid)
@@ -390,25 +378,26 @@ class _Join:
     def _by_series(self, sid: str, stid: str) -> SeriesFiles:
         found = self.series.get(sid)
         if found is None:
-            raise _RowError(f"missing series {sid} (no DICOM file under {self.root} has it)")
+            raise _RowError(f"missing series {sid} (no DICOM file under the dataset folder has it)")
         if stid and found.study_uid != stid:
             raise _RowError(f"series {sid} belongs to study {found.study_uid}, not {stid}")
         return found
 
     def _by_study(self, where: str, stid: str) -> SeriesFiles:
         if stid not in self.by_study:
-            raise _RowError(f"missing study {stid} (no DICOM file under {self.root} has it)")
+            raise _RowError(f"missing study {stid} (no DICOM file under the dataset folder has it)")
         found = _pick_series(self.by_study[stid])
         if len(self.by_study[stid]) > 1:
-            self.notes.append(f"{where}: study {stid} has {len(self.by_study[stid])} series; used {found.series_uid} "
-                              f"({len(found.files)} instances)")
+            self.notes.append(f"{where}: its study has {len(self.by_study[stid])} series; used the CT series with "
+                              f"the most instances ({len(found.files)})")
         return found
 
     def _by_case(self, r: dict[str, Any], cid: str) -> SeriesFiles:
         folder = (self.root / str(r.get("dicom_dir", "") or cid)).resolve()
         inside = [s for s in self.series.values() if s.files[0].resolve().is_relative_to(folder)]
         if not inside:
-            raise _RowError(f"missing series for case {cid} (no DICOM series under {folder})")
+            what = "its dicom_dir" if str(r.get("dicom_dir", "") or "").strip() else "its case_id"
+            raise _RowError(f"missing series for case {cid} (no DICOM series in the folder {what} names)")
         return _pick_series(inside)
 
     def _masks(self, r: dict[str, Any]) -> Path | None:
@@ -416,7 +405,7 @@ class _Join:
             return None
         masks = self.root / str(r["masks"]).strip()
         if not masks.is_file():
-            raise _RowError(f"masks file {r['masks']} does not exist")
+            raise _RowError("the masks file its masks column names does not exist")
         return masks
 
     def unlabelled(self) -> list[str]:
@@ -426,7 +415,8 @@ class _Join:
             if s.series_uid in self.used:
                 continue
             if s.study_uid in self.used_studies or s.modality not in IMAGE_MODALITIES:
-                self.notes.append(f"series {s.series_uid} ({s.modality or 'no modality'}, {len(s.files)} files) not used")
+                self.notes.append(f"a series ({s.modality or 'no modality'}, {len(s.files)} files in "
+                                  f"{folder_tag(self.root, s.files[0].parent)}) not used")
                 continue
             out.append(s.series_uid)
         return out
@@ -471,19 +461,23 @@ def load_dataset(
         raise DatasetError(f"dataset folder {root} does not exist")
     table_path = Path(table) if table is not None else find_table(root)
     df = read_labels(table_path)
+    rows = df.to_dict("records")
+    blank = {i for i, r in enumerate(rows) if not any(str(v).strip() for v in r.values())}  # a spreadsheet's ",,,"
+    if len(blank) == len(rows):
+        raise DatasetError(f"{table_path.name} has no rows below its header line: nothing is labelled")
     series, unreadable = scan_series(root, progress=progress)
     if not series:
-        raise DatasetError(f"{root}: no readable DICOM series", [f"{p}: {why}" for p, why in unreadable])
-    rows = df.to_dict("records")
-    join = _Join(root, table_path.name, series, problems=_duplicate_keys(df, rows))
-    cases = [c for c in (join.row(i, r) for i, r in enumerate(rows)) if c is not None]
+        raise DatasetError(f"{root}: no readable DICOM series", [f"{file_ref(root, p)}: {why}" for p, why in unreadable])
+    problems, repeated = _duplicate_keys(df, rows)
+    join = _Join(root, table_path.name, series, problems=problems, repeated=repeated)
+    cases = [c for c in (join.row(i, r) for i, r in enumerate(rows) if i not in blank) if c is not None]
     unlabelled = join.unlabelled()
     skipped = [f"{len(unreadable)} files under {root} are not readable DICOM and were skipped"] if unreadable else []
     if unlabelled and allow_unlabelled:
         skipped.append(f"{len(unlabelled)} CT series the table does not label were left out (--allow-unlabelled)")
     if unlabelled and not allow_unlabelled:
         join.problems.extend(
-            f"unlabelled series {u} ({len(series[u].files)} files, e.g. {series[u].files[0].relative_to(root)})"
+            f"unlabelled series {u} ({len(series[u].files)} files in {folder_tag(root, series[u].files[0].parent)})"
             for u in unlabelled)
     if join.problems:
         raise DatasetError(f"dataset {root} with {table_path.name}: {len(join.problems)} problems", join.problems)
@@ -491,5 +485,7 @@ def load_dataset(
         raise DatasetError(f"dataset {root}: the table labels no series")
     if len(set(c.label for c in cases)) < 2:
         join.notes.append("only one class is labelled")
+    if blank:
+        join.notes.append(f"{len(blank)} blank rows of {table_path.name} skipped")
     return Dataset(root=root, table_path=table_path, cases=cases, unreadable=unreadable, unlabelled=unlabelled,
                    notes=[*skipped, *join.notes])

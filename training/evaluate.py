@@ -24,8 +24,7 @@ import numpy as np
 from models.lesion_evidence import ALL_FEATURES, CANDIDATE_FEATURES, LesionEvidence
 from models.preprocess import PreprocessError, dice, load_series
 from models.registry import CARD_FILE, CLASSIFIER, SEGMENTER, Registry
-from training.common import TrainingError, describe_data, read_table, roc_auc, series_files
-from training.phantom import load_masks
+from training.common import TrainingError, case_masks, describe_data, read_table, roc_auc, series_files
 
 
 def bootstrap_ci(values: Any, stat: Callable[..., float], *, n: int = 1000, seed: int = 0) -> tuple[float, float]:
@@ -95,7 +94,7 @@ def evaluate(
     for row in tqdm(table.itertuples(), total=len(table), desc="evaluate", disable=not progress):
         t0 = time.perf_counter()
         try:
-            vol = load_series(series_files(data, str(row.dicom_dir)))
+            vol = load_series(series_files(data, str(row.dicom_dir), str(row.case_id)))
         except PreprocessError as exc:
             raise TrainingError(f"case {row.case_id}: {exc}") from exc
         t1 = time.perf_counter()
@@ -105,7 +104,7 @@ def evaluate(
         c = clf.predict(vol, clinical=from_header(vol.datasets[0] if vol.datasets else None, age=vol.patient_age,
                                                   sex=vol.patient_sex), lesion=s.evidence)
         t3 = time.perf_counter()
-        m = load_masks(Path(data) / str(row.masks))
+        m = case_masks(data, row)
         les_per_slice = m["lesion"].sum(axis=(1, 2))
         voxel_ml = float(np.prod(vol.spacing)) / 1000.0
         rows.append(

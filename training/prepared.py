@@ -18,10 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
+from training.clinical_table import age_sex
 from training.common import GridCase
 from training.dataset import Case, Dataset, DatasetError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the cache holds the header's age and sex; the table's are applied on reading
 HIST_EDGES = np.arange(-1024.0, 504.0, 8.0)  # HU histogram bins (within the body) for the report
 
 # Slice "lesion area" for cases without masks: every slice of a pneumonia series counts as lesion (series
@@ -40,6 +41,7 @@ class Prepared:
     path: Path
     from_cache: bool
     seconds: float
+    age_sex_disagreements: int = 0  # series whose header age or sex disagrees with the table's (the table's used)
 
 
 def cache_key(dataset: Dataset, grid: int) -> str:
@@ -72,7 +74,10 @@ def _grid_case(case: Case, grid: int) -> tuple[GridCase, np.ndarray]:
         raise DatasetError(f"case {case.case_id}: {exc}") from exc
     hu_grid = resize_slices(vol.hu, grid)
     if case.masks is not None:
-        m = load_masks(case.masks)
+        try:
+            m = load_masks(case.masks)
+        except (OSError, ValueError, EOFError) as exc:
+            raise DatasetError(f"case {case.case_id}: its masks file cannot be read ({type(exc).__name__})") from exc
         if m["lesion"].shape != vol.hu.shape:
             raise DatasetError(f"case {case.case_id}: masks {m['lesion'].shape} do not match the series {vol.hu.shape}")
         lesion = masks_to_grid(m["lesion"], grid).sum(axis=(1, 2)).astype(np.float32)
@@ -80,13 +85,23 @@ def _grid_case(case: Case, grid: int) -> tuple[GridCase, np.ndarray]:
     else:
         lesion = np.full(len(hu_grid), NO_MASK_LESION if case.label else 0.0, np.float32)
         lung = np.ones(len(hu_grid), np.float32)
-    age = vol.patient_age if vol.patient_age is not None else case.clinical.get("age")
-    sex = vol.patient_sex or case.clinical.get("sex")
+    age, sex = vol.patient_age, vol.patient_sex  # the header's: the table's are applied by _with_table
     counts = np.histogram(vol.hu[body_mask(vol.hu)], bins=HIST_EDGES)[0]
     gc = GridCase(case_id=case.case_id, label=case.label, hu=hu_grid.astype(np.float16), slice_lesion=lesion,
                   slice_lung=lung, age=None if age is None or not math.isfinite(float(age)) else float(age),
                   sex=sex if sex in ("M", "F", "O") else None, symptoms=case_symptoms(case))
     return gc, counts
+
+
+def _with_table(cases: list[GridCase], dataset: Dataset) -> tuple[list[GridCase], int]:
+    """The cases (header age and sex) with the table's age and sex where it gives them
+    (:func:`training.clinical_table.age_sex`), and how many disagreed with the header."""
+    out, disagreements = [], 0
+    for gc, case in zip(cases, dataset.cases, strict=True):
+        gc.age, gc.sex, differs = age_sex(case.clinical, gc.age, gc.sex)
+        out.append(gc)
+        disagreements += differs
+    return out, disagreements
 
 
 def case_symptoms(case: Case) -> dict[str, float | None]:
@@ -112,7 +127,8 @@ def prepare(dataset: Dataset, grid: int, cache_dir: str | Path, *, progress: boo
     if path.is_file():
         try:
             cases, counts = _read_cache(path, dataset)
-            return Prepared(cases, HIST_EDGES.copy(), counts, key, path, True, time.perf_counter() - t0)
+            cases, differ = _with_table(cases, dataset)
+            return Prepared(cases, HIST_EDGES.copy(), counts, key, path, True, time.perf_counter() - t0, differ)
         except (OSError, ValueError, KeyError) as exc:
             if progress:
                 tqdm.write(f"cache {path.name} unusable ({exc}); rebuilding")
@@ -129,7 +145,8 @@ def prepare(dataset: Dataset, grid: int, cache_dir: str | Path, *, progress: boo
         raise DatasetError(f"{len(broken)} of {len(dataset.cases)} series cannot be used", broken)
     counts_arr = np.stack(hists).astype(np.int64)
     _write_cache(path, cases, counts_arr)
-    return Prepared(cases, HIST_EDGES.copy(), counts_arr, key, path, False, time.perf_counter() - t0)
+    cases, differ = _with_table(cases, dataset)
+    return Prepared(cases, HIST_EDGES.copy(), counts_arr, key, path, False, time.perf_counter() - t0, differ)
 
 
 def _write_cache(path: Path, cases: list[GridCase], counts: np.ndarray) -> None:

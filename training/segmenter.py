@@ -232,8 +232,8 @@ def train_segmenter(
     cfg = PreprocessConfig(grid=s.grid)
     model = build_unet(grid=s.grid, channels=cfg.channels, base=s.base, depth=s.depth)
     started_from = _initialise(model, Path(init), s) if init is not None else None  # refused before the slow load
-    train = load_grid_cases(data, s.grid, with_targets=True, limit=limit, progress=progress)
-    val = load_grid_cases(val_data, s.grid, with_targets=True, progress=progress) if val_data else []
+    train = load_grid_cases(data, s.grid, with_targets=True, limit=limit, progress=progress, log=log)
+    val = load_grid_cases(val_data, s.grid, with_targets=True, progress=progress, log=log) if val_data else []
     t_loaded = time.perf_counter()
     log(f"loaded {len(train)} training and {len(val)} validation cases in {t_loaded - t0:.0f} s")
     with_les, without = _slice_index(train)

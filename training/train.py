@@ -166,8 +166,8 @@ def train_classifier(
     """Train the series classifier on phantom folders; returns the model card (also written to ``out``)."""
     s = settings or ClassifierSettings()
     t0 = time.perf_counter()
-    train = load_grid_cases(data, s.grid, with_targets=False, limit=limit, progress=progress)
-    val = load_grid_cases(val_data, s.grid, with_targets=False, progress=progress) if val_data else []
+    train = load_grid_cases(data, s.grid, with_targets=False, limit=limit, progress=progress, log=log)
+    val = load_grid_cases(val_data, s.grid, with_targets=False, progress=progress, log=log) if val_data else []
     load_seconds = time.perf_counter() - t0
     log(f"loaded {len(train)} training and {len(val)} validation cases in {load_seconds:.0f} s")
     return train_classifier_cases(

@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from training.clinical_table import disagreement_note
 from training.common import TrainingError
 from training.crossval.folds import FoldResults, run_folds, set_determinism
 from training.crossval.metrics import build_metrics, reader_labels
@@ -17,6 +18,7 @@ from training.crossval.outputs import environment, logger, write_json, write_pre
 from training.crossval.settings import EvaluateSettings, RunSettings
 from training.crossval.splits import outer_folds
 from training.dataset import Dataset, load_dataset
+from training.phi import file_ref
 from training.prepared import Prepared, prepare
 from training.train import ClassifierSettings
 
@@ -31,7 +33,7 @@ def load_prepared(st: RunSettings, cache_default: Path, log: Callable[[str], Non
         for note in ds.notes[:20]:
             log(f"note: {note}")
         for rel, why in ds.unreadable[:20]:
-            log(f"unreadable: {rel}: {why}")
+            log(f"unreadable: {file_ref(ds.root, rel)}: {why}")
     if check is not None:
         check(ds)
     s0 = st.classifier(slice_labels=ds.has_masks)
@@ -39,6 +41,8 @@ def load_prepared(st: RunSettings, cache_default: Path, log: Callable[[str], Non
     if log is not None:
         log(f"{len(prep.cases)} cases on a {s0.grid}² grid {'from the cache' if prep.from_cache else 'preprocessed'} "
             f"in {prep.seconds:.0f} s ({prep.path.name})")
+        if note := disagreement_note(prep.age_sex_disagreements, len(prep.cases), "note: "):
+            log(note)
     return ds, s0, prep
 
 
@@ -57,7 +61,8 @@ def _run_record(st: EvaluateSettings, started: str, t_start: float, ds: Dataset,
         "command": st.command_line(),
         "environment": environment(),
         "dataset_notes": ds.notes,
-        "unreadable_files": ds.unreadable,
+        "unreadable_files": [[file_ref(ds.root, rel), why] for rel, why in ds.unreadable],
+        "age_sex_disagreements": prep.age_sex_disagreements,
     }
 
 
