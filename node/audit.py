@@ -26,8 +26,7 @@ in `node.auditevents`):
                               Instances Accessed, D, when some remain)
   `dead_letters_replayed`     110100 Application Activity                ``pacsnode retry``, ``POST /admin/retry``
   ==========================  =========================================  ===========================================
-More, built on `emit`: `node.auditrecords` (STOW-RS requests that stored nothing; 110101 Audit Log Used).
-
+More, built on `emit`, in `node.auditrecords` (STOW-RS requests that stored nothing; 110101 Audit Log Used).
 `emit` never raises: a failing write logs ``audit_write_failed`` and counts ``pacsnode_audit_failures``, and the
 data path goes on. This file and its syslog copy are the only places patient identifiers appear (the patient
 participant object, as ATNA requires); counts and UIDs are recorded, never pixel data. `read_records(path,
@@ -57,6 +56,7 @@ from node.auditevents import (  # noqa: F401 - Outcome, StudySummary, patient_id
     Role,
     StudySummary,
     code,
+    give_to_trail_owner,
     local_user,
     participant,
     patient_id_of,
@@ -145,9 +145,9 @@ class AuditTrail:
                 if self._file is None:
                     self.path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
                     existing = _file_day(self.path)  # a file left by an earlier run keeps its day; a new one: now's
-                    # Owner and group only, whatever the umask: the trail holds patient IDs (rotation keeps the mode).
                     fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)
-                    os.fchmod(fd, 0o640)
+                    os.fchmod(fd, 0o640)  # owner and group only, whatever the umask: it holds patient IDs
+                    give_to_trail_owner(fd, self.path.parent)  # root's (sudo pacsnode audit) would lock the node out
                     self._file = os.fdopen(fd, "ab", buffering=0)  # one write(2) per record, shared with others
                     self._day = existing or now.date()
                 data = (line + "\n").encode("utf-8")

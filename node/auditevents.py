@@ -1,10 +1,12 @@
 """The vocabulary of the audit records (DICOM PS3.15 A.5, codes from PS3.16 CID 400-403): coded values, event and
 role codes, outcomes, and the builders of active participants and participant objects that `node.audit`'s event
-methods put together. No I/O here beyond reading one stored file's PatientID (`patient_id_of`).
+methods put together. No I/O here beyond reading one stored file's PatientID (`patient_id_of`) and giving a trail
+file root made to the trail's owner (`give_to_trail_owner`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import socket
@@ -112,6 +114,25 @@ def local_user() -> str:
         return str(os.getuid())
 
 
+def give_to_trail_owner(fd: int, directory: Path) -> None:
+    """Give the trail file open on ``fd`` in ``directory`` (and ``directory``) to the owner of the folder above,
+    when this process is root and made them: ``sudo pacsnode audit`` (or ``retry``, ``purge``) rotating the trail
+    created a root-owned ``audit.jsonl``, mode 0640, and every record the node, running as its own user, wrote
+    after that failed (EACCES). By descriptor, and without following links: never another file. Best effort."""
+    if os.geteuid() != 0:
+        return
+    with contextlib.suppress(OSError):
+        owner = os.stat(directory.parent)
+        if owner.st_uid == 0:
+            return  # a trail under a root-owned folder is root's to keep
+        if os.stat(directory, follow_symlinks=False).st_uid == 0:
+            os.chown(directory, owner.st_uid, owner.st_gid, follow_symlinks=False)
+        mine = os.fstat(fd)
+        if mine.st_uid == 0:
+            folder = os.stat(directory)
+            os.fchown(fd, folder.st_uid, folder.st_gid)
+
+
 def _is_ip(host: str) -> bool:
     try:
         socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
@@ -141,5 +162,5 @@ def study_objects(studies: Sequence[StudySummary]) -> list[dict[str, Any]]:
     return objects
 
 
-__all__ = ["Ev", "Outcome", "Role", "StudySummary", "code", "local_user", "participant", "patient_id_of",
+__all__ = ["Ev", "Outcome", "Role", "StudySummary", "code", "give_to_trail_owner", "local_user", "participant", "patient_id_of",
            "study_objects", "uri_object"]

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import httpx
 
 from node.audit import AuditTrail, read_records
 from node.auth import Authenticator
-from node.config import NodeConfig
+from node.config import NodeConfig, load_config
 from node.db import create_engine_for, init_schema
 from node.dicomweb import create_app
 from node.http import HealthProbe, HttpServer
@@ -23,7 +24,7 @@ from node.index import Index
 from node.ingest import Ingestor
 from node.metrics import Metrics
 from node.spool import Spool
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, free_port, missing_peer
 from tests.ctgen import write_ct_series
 
 TOKEN = "review-audit-gaps-token"
@@ -183,3 +184,64 @@ def test_who_replayed_dead_letters_is_the_uid_not_the_user_variable(tmp_path: Pa
     (replayed,) = [r for r in read_records(trail) if r["event"] == "dead_letters_replayed"]
     launcher = replayed["ActiveParticipant"][1]
     assert launcher["UserIsRequestor"] is True and launcher["UserID"] == pwd.getpwuid(os.getuid()).pw_name
+
+
+def _as_nobody(config: Path, started: bool) -> None:
+    """The node's record (110100 start or stop), written as the unprivileged user the node runs as: in a forked
+    child (the repository and its interpreter are root's only here), which exits 0 once it is written."""
+    trail_config = load_config(config)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        status = 1
+        try:
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            failures: list[str] = []
+            trail = AuditTrail(trail_config.audit, trail_config.node.data_dir, ae_title="PACSNODE",
+                               on_failure=failures.append)
+            trail.application(started=started)
+            trail.close()
+            status = 0 if not failures else 3
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the node's own record was not written"
+
+
+NOBODY = 65534
+
+
+def test_an_admin_reading_the_trail_as_root_does_not_lock_the_node_out_of_it(tmp_path: Path) -> None:
+    """The node runs as its own user; an admin runs ``sudo pacsnode audit``, which now records its reading. When
+    that record fell due for rotation (the day's first record, or ``rotate_bytes`` reached), root renamed the file
+    and created the new ``audit.jsonl`` — root's, mode 0640 — and every record the node wrote after that failed
+    (EACCES: ``audit_write_failed``), silently to anyone not watching the metric. ``pacsnode retry`` and ``purge``
+    under sudo did the same. A file or directory root creates in the trail now belongs to the trail directory's
+    owner."""
+    import shutil
+    import tempfile
+
+    if os.geteuid() != 0:  # only root makes a file another user cannot write, and switches to that user here
+        missing_peer("root, to run `pacsnode audit` as root against a trail another user writes")
+    base = Path(tempfile.mkdtemp(prefix="pacsnode-audit-owner-"))  # tmp_path's parents are root's only (0700)
+    try:
+        base.chmod(0o755)
+        data = base / "data"
+        data.mkdir()
+        os.chown(data, NOBODY, NOBODY)
+        config = base / "node.toml"
+        config.write_text(f'[node]\ndata_dir = {json.dumps(str(data))}\n')
+        _as_nobody(config, True)  # the node's record yesterday (makes audit/, nobody's) ...
+        yesterday = time.time() - 86400
+        os.utime(data / "audit" / "audit.jsonl", (yesterday, yesterday))  # ... so today's first record rotates it
+        out = subprocess.run([sys.executable, "-m", "node.cli", "audit", "--config", str(config)], cwd=REPO,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        _as_nobody(config, False)  # the node's next record, after root's
+        files = sorted((data / "audit").iterdir())
+        assert all(f.stat().st_uid == NOBODY for f in files), [(f.name, f.stat().st_uid) for f in files]
+        events = [r["event"] for r in read_records(data / "audit" / "audit.jsonl")]
+        assert events == ["application_started", "audit_log_used", "application_stopped"], events
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
