@@ -221,3 +221,18 @@ def test_patient_ids_differing_only_in_case_or_spaces_are_one_patient(base: Path
     t.to_csv(root / "clinical.csv", index=False)
     groups = load_dataset(root).groups.tolist()
     assert groups[0] == groups[1] and len(set(groups)) == 5
+
+
+@pytest.mark.parametrize("command", ["train", "model-eval"])
+def test_a_masks_file_that_cannot_be_read_is_named_by_its_case(base: Path, tmp_path: Path, command: str,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """The phantom-table commands ended in a FileNotFoundError traceback naming the masks file's full path."""
+    root = Path(shutil.copytree(base, tmp_path / "d"))
+    t = _table(root)
+    t.loc[1, "masks"] = f"{MARKER}_JOHN_1951/masks.npz"
+    t.to_csv(root / "clinical.csv", index=False)
+    args = ["train", "classifier", "--out", str(tmp_path / "m")] if command == "train" else ["model-eval"]
+    assert cli.main([*args, "--data", str(root), "--quiet"]) == 1
+    out = capsys.readouterr()
+    assert "case CASE0002: the masks file its masks column names cannot be read" in out.err, out.err
+    assert MARKER not in out.out + out.err
