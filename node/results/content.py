@@ -285,6 +285,17 @@ def _valid_time(value: object) -> bool:
     return hh < 24 and mm < 60 and ss < 61
 
 
+# Copied attributes with enumerated values (PS3.3 C.7.1.1, C.7.2.2), whose other values senders do write
+# (PregnancyStatus 0, SmokingStatus "N"): copied, each made every result invalid (dciodvfy: "Unrecognized
+# enumerated value"). All Type 3: left out.
+_ENUMERATED = {
+    "PregnancyStatus": ("1", "2", "3", "4"),
+    "SmokingStatus": ("YES", "NO", "UNKNOWN"),
+    "QualityControlSubject": ("YES", "NO"),
+    "PatientSexNeutered": ("ALTERED", "UNALTERED"),
+}
+
+
 def _valid_copied(keyword: str, value: object) -> bool:
     """Whether a value highdicom copies from the sources into the result is valid for its VR (else it is
     replaced by an empty value: a result is never lost because a source attribute is malformed). Each value of a
@@ -300,6 +311,8 @@ def _valid_copied(keyword: str, value: object) -> bool:
         return _valid_time(text)
     if keyword == "PatientSex":
         return text.strip() in ("M", "F", "O")
+    if keyword in _ENUMERATED:
+        return text.strip() in _ENUMERATED[keyword]
     if keyword == "PatientAge":
         return bool(_AGE_RE.match(text.strip()))
     limits = {"PatientID": 64, "AccessionNumber": 16, "StudyID": 16}

@@ -211,3 +211,20 @@ def test_a_childs_age_is_read_from_the_birth_date_when_the_study_date_is_empty(
         paths.append(tmp_path / f"{i}.dcm")
         ds.save_as(paths[-1], enforce_file_format=True)
     assert load_series([str(p) for p in paths]).patient_age == 10.0
+
+
+@pytest.mark.usefixtures("needs_dciodvfy")
+@pytest.mark.parametrize(("keyword", "vr", "value"), [
+    ("PregnancyStatus", "US", b"\x00\x00"), ("SmokingStatus", "CS", b"N "), ("QualityControlSubject", "CS", b"Y "),
+])
+def test_a_value_outside_an_enumeration_is_not_copied(keyword: str, vr: str, value: bytes, tmp_path: Path) -> None:
+    """Pregnancy Status 0 (the enumeration is 1-4), Smoking Status "N" (YES, NO, UNKNOWN): copied as sent, every
+    result was invalid. Left out (Type 3); a value of the enumeration is still copied."""
+    sources = sent_as_spooled(_raw(keyword, vr, value))
+    for kind, built in _every_result(sources):
+        path = tmp_path / f"{kind}.dcm"
+        built.save_as(path, enforce_file_format=True)
+        assert _dciodvfy_errors(path) == [], kind
+        assert keyword not in read_back_strictly(built), kind
+    kept = sent_as_spooled(lambda ds: setattr(ds, "PregnancyStatus", 4))
+    assert read_back_strictly(build_results(kept, cached_series()[1], ALGORITHM).sr).PregnancyStatus == 4
