@@ -129,6 +129,7 @@ class DimseServer:
         self._index = index
         self._log = get_logger(component="dimse")
         self._assoc_ids: weakref.WeakKeyDictionary[Association, str] = weakref.WeakKeyDictionary()
+        self._audited: set[str] = set()  # associations whose closing records are written, their row not yet closed
         self._reporting: weakref.WeakSet[Association] = weakref.WeakSet()  # handling an N-EVENT-REPORT now
         self._rejecting: weakref.WeakKeyDictionary[Association, str] = weakref.WeakKeyDictionary()  # why, if ours
         self._lock = threading.Lock()
@@ -318,16 +319,24 @@ class DimseServer:
             assoc_id = self._assoc_ids.pop(assoc, None)
         if assoc_id is None:
             return  # already closed (the thread's end follows a release or an abort) or never accepted
+        # The records first, then the row: a process killed in between leaves the row open, and the restart writes
+        # them (`audit_dangling_closed`) - at least once. The other way round a kill lost the receipt for good.
+        with self._lock:
+            first = assoc_id not in self._audited
+            self._audited.add(assoc_id)
+        if first:  # not again when the row's close below failed and is tried again
+            audit_association_closed(self._audit, self._index.engine, assoc_id, calling_ae=assoc.requestor.ae_title,
+                                     called_ae=assoc.acceptor.ae_title, peer=_peer(assoc), state=str(state))
         try:
             self._index.association_closed(assoc_id, state)  # only an open row: writing it twice changes nothing
         except Exception:
             with self._lock:  # a failed write (the database away a moment) is tried again as the thread ends
                 self._assoc_ids.setdefault(assoc, assoc_id)
             raise
+        with self._lock:
+            self._audited.discard(assoc_id)
         self._metrics.association(str(state))
         self._log.info("association_closed", assoc_id=assoc_id, state=str(state))
-        audit_association_closed(self._audit, self._index.engine, assoc_id, calling_ae=assoc.requestor.ae_title,
-                                 called_ae=assoc.acceptor.ae_title, peer=_peer(assoc), state=str(state))
         if state is AssociationState.RELEASED and self._on_released is not None:
             self._on_released()  # lets completion judge the series now instead of at the next sweep
 
