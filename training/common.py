@@ -58,6 +58,11 @@ def read_table(data: Path) -> pd.DataFrame:
     missing = {"case_id", "dicom_dir", "masks", "label"} - set(table.columns)
     if missing:
         raise TrainingError(f"{path} lacks columns {sorted(missing)}")
+    if table.empty:
+        raise TrainingError(f"{path.name} has no rows below its header line: nothing is labelled")
+    for col in ("case_id", "dicom_dir", "masks"):  # a spreadsheet's stray spaces name no other folder or case
+        if not pd.api.types.is_numeric_dtype(table[col]):
+            table[col] = table[col].str.strip()
     table["label"] = _checked_rows(table, path)
     return table
 

@@ -393,7 +393,7 @@ class _Join:
         return found
 
     def _by_case(self, r: dict[str, Any], cid: str) -> SeriesFiles:
-        folder = (self.root / str(r.get("dicom_dir", "") or cid)).resolve()
+        folder = (self.root / (str(r.get("dicom_dir", "") or "").strip() or cid)).resolve()
         inside = [s for s in self.series.values() if s.files[0].resolve().is_relative_to(folder)]
         if not inside:
             what = "its dicom_dir" if str(r.get("dicom_dir", "") or "").strip() else "its case_id"

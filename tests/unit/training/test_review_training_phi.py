@@ -236,3 +236,19 @@ def test_a_masks_file_that_cannot_be_read_is_named_by_its_case(base: Path, tmp_p
     out = capsys.readouterr()
     assert "case CASE0002: the masks file its masks column names cannot be read" in out.err, out.err
     assert MARKER not in out.out + out.err
+
+
+def test_a_table_with_no_rows_or_stray_spaces_on_the_phantom_commands(base: Path, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """model-eval on a header-only table ended in an IndexError traceback; a dicom_dir with a trailing space (as
+    spreadsheets leave them) named no folder, in both loaders."""
+    root = Path(shutil.copytree(base, tmp_path / "d"))
+    t = _table(root)
+    t.iloc[:0].to_csv(root / "clinical.csv", index=False)
+    assert cli.main(["model-eval", "--data", str(root), "--quiet"]) == 1
+    assert "clinical.csv has no rows below its header line" in capsys.readouterr().err
+    t["dicom_dir"] = t["dicom_dir"] + " "
+    t[["case_id", "dicom_dir", "label", "age", "sex"]].to_csv(root / "clinical.csv", index=False)  # keyed by folder
+    assert len(load_dataset(root).cases) == 6
+    t.to_csv(root / "clinical.csv", index=False)
+    assert len(load_grid_cases(root, 32, with_targets=False, progress=False)) == 6
