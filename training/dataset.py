@@ -356,6 +356,8 @@ class _Join:
         if unreadable:
             raise _RowError("; ".join(unreadable))
         masks = self._masks(r)
+        if "patient_id" in r and not str(r["patient_id"]).strip():  # the header's PatientID is another namespace
+            raise _RowError("blank patient_id (fill it, or drop the column to group by the headers' PatientID)")
         patient = str(r.get("patient_id", "")).strip() or found.patient_id
         case_id = cid or sid or found.series_uid
         if not patient:

@@ -252,3 +252,16 @@ def test_a_table_with_no_rows_or_stray_spaces_on_the_phantom_commands(base: Path
     assert len(load_dataset(root).cases) == 6
     t.to_csv(root / "clinical.csv", index=False)
     assert len(load_grid_cases(root, 32, with_targets=False, progress=False)) == 6
+
+
+def test_a_blank_patient_id_in_a_table_that_has_them_is_named(base: Path, tmp_path: Path) -> None:
+    """A blank cell took the header's PatientID: another namespace than the table's pseudonyms, so one patient's
+    series could be two groups (and sit on both sides of a fold), and the PatientID went into predictions.csv."""
+    root = Path(shutil.copytree(base, tmp_path / "d"))
+    t = _table(root)
+    t["patient_id"] = ["P1", "P2", "", "P3", "P4", "P5"]
+    t.to_csv(root / "clinical.csv", index=False)
+    with pytest.raises(DatasetError) as err:
+        load_dataset(root)
+    assert [p.split(":")[0] for p in err.value.problems] == ["row 4 of clinical.csv"]
+    assert "blank patient_id" in err.value.problems[0]
