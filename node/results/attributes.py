@@ -43,10 +43,10 @@ EQUIPMENT_COPIED = (
 
 
 @functools.cache
-def _modules_copied(sop_class_uid: str) -> dict[str, str]:
-    """Root-level keywords of the Patient and Study IE modules of ``sop_class_uid``'s IOD (highdicom's tables,
-    the ones its ``copy_patient_and_study_information`` walks), each with its type ("1", "2C", "3" ...); empty
-    when the IOD is unknown to highdicom."""
+def _module_items(sop_class_uid: str) -> tuple[tuple[tuple[str, ...], str, str], ...]:
+    """(path, keyword, type) of each attribute of the Patient and Study IE modules of ``sop_class_uid``'s IOD
+    (highdicom's tables, the ones its ``copy_patient_and_study_information`` walks; path () at the root); () when
+    the IOD is unknown to highdicom."""
     try:  # highdicom's own tables (private module, pinned version); fall back to the fixed list
         from highdicom._standard_utils import (
             get_iod_module_map,
@@ -56,19 +56,31 @@ def _modules_copied(sop_class_uid: str) -> dict[str, str]:
 
         iod = get_sop_class_iod_map()[sop_class_uid]
         attributes = get_module_attribute_map()
-        items = [
-            (str(item["keyword"]), str(item["type"]))
+        return tuple(
+            (tuple(str(p) for p in item["path"]), str(item["keyword"]), str(item["type"]))
             for module in get_iod_module_map()[iod]
             if module["ie"] in ("Patient", "Study")
             for item in attributes[module["key"]]
-            if len(item["path"]) == 0
-        ]
+        )
     except (ImportError, KeyError):
-        return {}
+        return ()
+
+
+@functools.cache
+def _modules_copied(sop_class_uid: str) -> dict[str, str]:
+    """Root-level keywords of `_module_items`, each with its type ("1", "2C", "3" ...; the first module naming a
+    keyword decides)."""
     types: dict[str, str] = {}
-    for keyword, kind in items:
-        types.setdefault(keyword, kind)  # the first module naming a keyword decides its type
+    for path, keyword, kind in _module_items(sop_class_uid):
+        if not path:
+            types.setdefault(keyword, kind)
     return types
+
+
+@functools.cache
+def _required_in_items(sop_class_uid: str, sequence: str) -> tuple[str, ...]:
+    """The Type 1 attributes of each item of the root-level ``sequence`` (`_module_items`)."""
+    return tuple(dict.fromkeys(k for path, k, kind in _module_items(sop_class_uid) if path == (sequence,) and kind == "1"))
 
 
 def copied_keywords(ds: Dataset) -> tuple[str, ...]:
@@ -146,7 +158,10 @@ def _valid(ds: Dataset, keyword: str, node_rule: Callable[[str, object], bool]) 
     if expected == "SQ":  # the items (OtherPatientIDsSequence's) are left to highdicom
         if raw.VR == "UN" and not _known_once_read(ds, tag):
             return False
-        return _has_items(ds, tag) or _modules_copied(_sop_class(ds)).get(keyword, "").startswith("2")
+        kind = _modules_copied(_sop_class(ds)).get(keyword, "")
+        if not _has_items(ds, tag):
+            return kind.startswith("2")
+        return kind != "3" or _items_complete(ds[tag].value, _required_in_items(_sop_class(ds), keyword))
     try:
         element = decoded(ds, tag)
     except Exception:  # noqa: BLE001 - pydicom raises many types on bytes that do not decode for the VR
@@ -170,6 +185,22 @@ def _has_items(ds: Dataset, tag: int) -> bool:
         return len(ds[tag].value) > 0
     except Exception:  # noqa: BLE001 - pydicom raises many types on bytes that do not parse as a sequence
         return False
+
+
+def _items_complete(items: Sequence[Dataset], required: Sequence[str]) -> bool:
+    """Whether every item holds a value for each of ``required`` and, as a code item, a Coding Scheme Designator
+    with a Code Value or Long Code Value (1C, PS3.3 Table 8.8-1). Senders write items without them (a RIS's
+    procedure code without its scheme): copied, such a Type 3 sequence made every result invalid (dciodvfy:
+    "Missing attribute Type 1C Conditional Element=<CodingSchemeDesignator>"); it is left out instead."""
+    try:
+        for item in items:
+            if any(keyword not in item or item[keyword].value in (None, "") for keyword in required):
+                return False
+            if (item.get("CodeValue") or item.get("LongCodeValue")) and not item.get("CodingSchemeDesignator"):
+                return False
+    except Exception:  # noqa: BLE001 - pydicom raises many types on bytes that do not decode for the VR
+        return False
+    return True
 
 
 def _known_once_read(ds: Dataset, tag: int) -> bool:

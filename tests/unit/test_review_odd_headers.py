@@ -228,3 +228,31 @@ def test_a_value_outside_an_enumeration_is_not_copied(keyword: str, vr: str, val
         assert keyword not in read_back_strictly(built), kind
     kept = sent_as_spooled(lambda ds: setattr(ds, "PregnancyStatus", 4))
     assert read_back_strictly(build_results(kept, cached_series()[1], ALGORITHM).sr).PregnancyStatus == 4
+
+
+def _one_item(keyword: str, **attributes: str) -> Callable[[Dataset], None]:
+    item = Dataset()
+    for name, value in attributes.items():
+        setattr(item, name, value)
+    return lambda ds: setattr(ds, keyword, PydicomSequence([item]))
+
+
+@pytest.mark.usefixtures("needs_dciodvfy")
+@pytest.mark.parametrize(("keyword", "attributes"), [
+    ("ProcedureCodeSequence", {"CodeValue": "CTCHEST", "CodeMeaning": "CT CHEST"}),  # no scheme, from a RIS
+    ("ProcedureCodeSequence", {}),
+    ("ReferencedStudySequence", {}),
+    ("OtherPatientIDsSequence", {"IssuerOfPatientID": "HOSPITAL-B"}),  # no Patient ID, no type
+])
+def test_an_optional_sequence_with_an_incomplete_item_is_not_copied(
+    keyword: str, attributes: dict[str, str], tmp_path: Path
+) -> None:
+    sources = sent_as_spooled(_one_item(keyword, **attributes))
+    for kind, built in _every_result(sources):
+        path = tmp_path / f"{kind}.dcm"
+        built.save_as(path, enforce_file_format=True)
+        assert _dciodvfy_errors(path) == [], kind
+        assert keyword not in read_back_strictly(built), kind
+    complete = _one_item("ProcedureCodeSequence", CodeValue="CTCHEST", CodingSchemeDesignator="L", CodeMeaning="CT")
+    back = read_back_strictly(build_results(sent_as_spooled(complete), cached_series()[1], ALGORITHM).sr)
+    assert back.ProcedureCodeSequence[0].CodingSchemeDesignator == "L"
