@@ -6,13 +6,15 @@ into the SR/SEG as it stands, and its equipment (Manufacturer, InstitutionName .
 item. `malformed_copied(ds)` names those that would make the result unwritable or unreadable under strict
 validation: a VR other than the dictionary's, bytes that do not decode (or text that still holds an escape
 sequence once decoded, `decoded`), more values than the dictionary's VM allows, a value pydicom's own validator
-refuses for its VR, or a value outside the node's stricter rules (`content._valid_copied`: real dates, M/F/O, nnnY
-ages). The caller empties (Type 2) or drops them.
+refuses for its VR, a control character in a one-line text (`_valid_value`), a Type 3 sequence that is empty or
+whose items lack what they need (`_items_complete`), or a value outside the node's stricter rules
+(`content._valid_copied`: real dates, M/F/O, nnnY ages, enumerations). The caller empties (Type 2) or drops them.
 
 highdicom also copies the first source's Specific Character Set and refuses values DICOM allows or senders use:
 value 1 empty in a multi-valued set (the usual Japanese ``\\ISO 2022 IR 87``), "ISO_IR 6", Korean "ISO 2022 IR
 149" (highdicom 0.28 lists it as IR 159), misspelt terms. `charset_repair(ds)` says what the result carries
-instead (`CharsetRepair`); without it every result of such a series fails to build.
+instead (`CharsetRepair`); without it every result of such a series fails to build. Text beyond ASCII sent
+without a declared set is declared ISO_IR 100, the set pydicom reads it in.
 """
 
 from __future__ import annotations
