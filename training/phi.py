@@ -27,9 +27,21 @@ import sys
 from pathlib import Path
 
 
-def folder_tag(root: Path, folder: Path) -> str:
+def _below(root: Path, path: Path | str) -> Path:
+    """``path`` relative to ``root``, whichever of the two is given absolute or relative (the CLI's ``--data`` and
+    ``python -m training.phi``'s may differ); ``path`` itself where it is not under ``root`` (already relative)."""
+    p = Path(path)
+    for a, b in ((p, Path(root)), (p.absolute(), Path(root).absolute()), (p.resolve(), Path(root).resolve())):
+        try:
+            return a.relative_to(b)
+        except ValueError:
+            continue
+    return p
+
+
+def folder_tag(root: Path, folder: Path | str) -> str:
     """``folder #xxxxxxxx`` for a folder under ``root`` (the dataset folder itself: ``the dataset folder``)."""
-    rel = Path(folder).relative_to(root).as_posix() if Path(folder).is_absolute() else Path(folder).as_posix()
+    rel = _below(root, folder).as_posix()
     if rel in ("", "."):
         return "the dataset folder"
     return f"folder #{hashlib.sha256(rel.encode()).hexdigest()[:8]}"
@@ -38,8 +50,7 @@ def folder_tag(root: Path, folder: Path) -> str:
 def file_ref(root: Path, path: Path | str) -> str:
     """A file under ``root`` as messages name it: its base name and its folder's tag (``IM0001.dcm in folder #…``);
     ``path`` may be absolute or relative to ``root``."""
-    p = Path(path)
-    rel = p.relative_to(root) if p.is_absolute() else p
+    rel = _below(root, path)
     if rel.parent == Path("."):
         return rel.name
     return f"{rel.name} in {folder_tag(root, rel.parent)}"
@@ -48,9 +59,9 @@ def file_ref(root: Path, path: Path | str) -> str:
 def scrub(text: str, root: Path, path: Path | str) -> str:
     """``text`` (an exception's message, say) with ``path`` — absolute or relative to ``root`` — replaced by its
     :func:`file_ref`: OSError and some pydicom errors name the file they failed on."""
-    p = Path(path)
-    absolute, rel = (p, p.relative_to(root)) if p.is_absolute() else (Path(root) / p, p)
-    for form in (str(absolute), str(rel)):
+    rel = _below(root, path)
+    forms = {str((Path(root) / rel).absolute()), str((Path(root) / rel).resolve()), str(Path(root) / rel), str(rel)}
+    for form in sorted(forms, key=len, reverse=True):  # the longest first: a relative form is inside the others
         text = text.replace(form, file_ref(root, rel))
     return text
 

@@ -265,3 +265,18 @@ def test_a_blank_patient_id_in_a_table_that_has_them_is_named(base: Path, tmp_pa
         load_dataset(root)
     assert [p.split(":")[0] for p in err.value.problems] == ["row 4 of clinical.csv"]
     assert "blank patient_id" in err.value.problems[0]
+
+
+def test_a_folder_tag_is_the_same_whether_the_data_folder_was_given_relative_or_absolute(
+        base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tag hashed whatever path the files were found by: --data given relative gave another tag than
+    `python -m training.phi` with the absolute folder finds (and the reverse)."""
+    root = _export(base, tmp_path)
+    _table(root).drop(index=[3]).to_csv(root / "clinical.csv", index=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DatasetError) as err:
+        load_dataset(Path("export"))
+    tag = re.findall(r"folder #([0-9a-f]{8})", str(err.value))
+    assert len(tag) == 1 and MARKER not in str(err.value)
+    want = root / f"{MARKER}_JOHN_1953" / "CT_CHEST"
+    assert locate(root, tag[0]) == [want] and locate(Path("export"), tag[0]) == [Path("export") / want.relative_to(root)]
