@@ -56,8 +56,8 @@ from node.auditevents import (  # noqa: F401 - Outcome, StudySummary, patient_id
     Role,
     StudySummary,
     code,
-    give_to_trail_owner,
     local_user,
+    open_trail,
     participant,
     patient_id_of,
     study_objects,
@@ -145,9 +145,7 @@ class AuditTrail:
                 if self._file is None:
                     self.path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
                     existing = _file_day(self.path)  # a file left by an earlier run keeps its day; a new one: now's
-                    fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)
-                    os.fchmod(fd, 0o640)  # owner and group only, whatever the umask: it holds patient IDs
-                    give_to_trail_owner(fd, self.path.parent)  # root's (sudo pacsnode audit) would lock the node out
+                    fd = open_trail(self.path)  # 0640, the trail owner's, never through a symbolic link
                     self._file = os.fdopen(fd, "ab", buffering=0)  # one write(2) per record, shared with others
                     self._day = existing or now.date()
                 data = (line + "\n").encode("utf-8")
@@ -432,8 +430,8 @@ def audit_files(path: Path) -> list[Path]:
     # (audit-export.jsonl) is neither read as part of it nor expired by keep_days.
     rotated = re.compile(re.escape(path.stem) + r"-\d{8}T\d{12}Z(-\d+)?" + re.escape(path.suffix))
     found = path.parent.glob(f"{path.stem}-*{path.suffix}") if path.parent.is_dir() else []
-    rotated_files = sorted(p for p in found if rotated.fullmatch(p.name))
-    return [*rotated_files, *([path] if path.exists() else [])]
+    rotated_files = sorted(p for p in found if rotated.fullmatch(p.name) and not p.is_symlink())  # never followed
+    return [*rotated_files, *([path] if path.exists() and not path.is_symlink() else [])]
 
 
 def read_records(path: Path, since: dt.datetime | None = None) -> Iterator[dict[str, Any]]:

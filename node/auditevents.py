@@ -1,12 +1,13 @@
 """The vocabulary of the audit records (DICOM PS3.15 A.5, codes from PS3.16 CID 400-403): coded values, event and
 role codes, outcomes, and the builders of active participants and participant objects that `node.audit`'s event
 methods put together. No I/O here beyond reading one stored file's PatientID (`patient_id_of`) and giving a trail
-file root made to the trail's owner (`give_to_trail_owner`).
+file root made to the trail's owner (`open_trail`, `give_to_trail_owner`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import pwd
 import socket
@@ -114,6 +115,27 @@ def local_user() -> str:
         return str(os.getuid())
 
 
+def open_trail(path: Path) -> int:
+    """Open (or create) the trail file ``path`` for appending, mode 0640 whatever the umask (it holds patient IDs),
+    given to the trail's owner when root made it (`give_to_trail_owner`); returns the descriptor. Never through a
+    symbolic link: the node's own user owns the audit folder, and root (``sudo pacsnode audit``, ``retry``,
+    ``purge``) would append to, or create, whatever file a link planted there names. Raises OSError (ELOOP: the
+    message names ``path``)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o640)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OSError(errno.ELOOP, f"the audit file {path} is a symbolic link: not followed") from exc
+        raise
+    try:
+        os.fchmod(fd, 0o640)
+        give_to_trail_owner(fd, path.parent)  # root's (sudo pacsnode audit) would lock the node out
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
 def give_to_trail_owner(fd: int, directory: Path) -> None:
     """Give the trail file open on ``fd`` in ``directory`` (and ``directory``) to the owner of the folder above,
     when this process is root and made them: ``sudo pacsnode audit`` (or ``retry``, ``purge``) rotating the trail
@@ -162,5 +184,5 @@ def study_objects(studies: Sequence[StudySummary]) -> list[dict[str, Any]]:
     return objects
 
 
-__all__ = ["Ev", "Outcome", "Role", "StudySummary", "code", "give_to_trail_owner", "local_user", "participant", "patient_id_of",
+__all__ = ["Ev", "Outcome", "Role", "StudySummary", "code", "give_to_trail_owner", "local_user", "open_trail", "participant", "patient_id_of",
            "study_objects", "uri_object"]

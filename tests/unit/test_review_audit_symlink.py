@@ -1,0 +1,61 @@
+"""Review: root (``sudo pacsnode audit``, ``retry``, ``purge``, or a service misconfigured to run as root) opened the
+audit file without O_NOFOLLOW. The node's own user owns the audit folder, so whoever holds that user (a less
+privileged account) could replace ``audit.jsonl`` with a symbolic link, and root then appended its record to - or
+created - any file the link named. The trail file is now opened without following a link; the write is refused
+with an error naming the path (``audit_write_failed``), nothing is written through the link, and ``pacsnode
+audit`` does not read (and print) the records of whatever file a link names."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, missing_peer
+from tests.unit.test_review_audit_gaps import NOBODY, _as_nobody
+
+VICTIM = b'{"event": "root-only-secret", "note": "root\'s file: never read or written through the trail"}\n'
+
+
+@pytest.mark.parametrize("existing", [True, False], ids=["appends-to-a-root-file", "creates-a-root-file"])
+def test_root_never_follows_a_link_planted_as_the_audit_file(tmp_path: Path, existing: bool) -> None:
+    if os.geteuid() != 0:  # the harm is root's: only root writes where the node's user cannot
+        missing_peer("root, to run `pacsnode audit` as root against a trail another user writes")
+    base = Path(tempfile.mkdtemp(prefix="pacsnode-audit-link-"))  # tmp_path's parents are root's only (0700)
+    try:
+        base.chmod(0o755)
+        data = base / "data"
+        data.mkdir()
+        os.chown(data, NOBODY, NOBODY)
+        config = base / "node.toml"
+        config.write_text(f'[node]\ndata_dir = {json.dumps(str(data))}\n')
+        _as_nobody(config, True)  # the node, as its own user, made audit/ and audit.jsonl
+        secret = base / "root-only"
+        secret.mkdir(mode=0o700)
+        target = secret / "victim.conf"
+        if existing:
+            target.write_bytes(VICTIM)
+            target.chmod(0o600)
+        trail = data / "audit" / "audit.jsonl"
+        trail.unlink()  # the node's user may: audit/ is its folder
+        trail.symlink_to(target)
+        os.lchown(trail, NOBODY, NOBODY)
+        out = subprocess.run([sys.executable, "-m", "node.cli", "audit", "--config", str(config)], cwd=REPO,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        if existing:
+            assert target.read_bytes() == VICTIM
+        else:
+            assert not target.exists()
+        assert trail.is_symlink()
+        assert "root-only-secret" not in out.stdout  # nor read through it, and printed
+        (failed,) = [line for line in out.stdout.splitlines() if "audit_write_failed" in line]
+        assert f"the audit file {trail} is a symbolic link: not followed" in failed, out.stdout
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
