@@ -260,11 +260,12 @@ class AuditTrail:
         self._association("association_started", Ev.LOGIN, Outcome.SUCCESS, "association accepted",
                           assoc_id, calling_ae, called_ae, peer)
 
-    def association_rejected(self, *, calling_ae: str, called_ae: str, peer: str) -> None:
-        """110114 User Authentication / Login, minor failure: an association was refused (AE not allowed)."""
-        self._association("association_rejected", Ev.LOGIN, Outcome.MINOR_FAILURE,
-                          "association rejected (calling or called AE title not accepted)", None, calling_ae,
-                          called_ae, peer)
+    def association_rejected(self, *, calling_ae: str, called_ae: str, peer: str, why: str | None = None) -> None:
+        """110114 User Authentication / Login, minor failure: an association was refused (AE not allowed; ``why``:
+        another reason, a certificate that does not match the calling AE title, node.tls.calling_ae_refusal)."""
+        why = (why or "calling or called AE title not accepted")[:200]
+        self._association("association_rejected", Ev.LOGIN, Outcome.MINOR_FAILURE, f"association rejected ({why})",
+                          None, calling_ae, called_ae, peer)
 
     def tls_handshake_failed(self, *, peer: str, reason: str, over: str = "DICOM TLS") -> None:
         """110114 User Authentication / Login, minor failure: a DICOM TLS peer's handshake failed (no client

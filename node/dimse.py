@@ -299,7 +299,7 @@ class DimseServer:
                                                 count=unrecorded)
             if logged:
                 self._audit.association_rejected(calling_ae=assoc.requestor.ae_title, called_ae=_called(assoc),
-                                                 peer=_peer(assoc))
+                                                 peer=_peer(assoc), why=why)  # the binding's reason, if any
 
     def _on_closed(self, event: evt.Event, state: AssociationState) -> None:
         self._close(event.assoc, state)
