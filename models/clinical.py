@@ -15,8 +15,8 @@ free text of ReasonForStudy, AdmittingDiagnosesDescription, RequestedProcedureDe
 ReasonForTheRequestedProcedure to symptoms with a conservative keyword list (:data:`SYMPTOM_TERMS`):
 
 - a term found, not negated → present (1);
-- a term found only negated (``no``/``denies``/``without``/``negative for`` up to three words before it, or a
-  negated form such as ``afebrile``) → absent (0);
+- a term found only negated (``no``/``denies``/``without``/``negative for`` up to three words before it, ``non``
+  just before it, answered no as in ``Fever: No``, or a negated form such as ``afebrile``) → absent (0);
 - both, or no term at all → missing: a request that does not mention fever says nothing about fever.
 
 Raises :class:`ClinicalError` for an unknown schema or input name.
@@ -172,13 +172,22 @@ def _find(words: list[str], term: str) -> list[int]:
 
 def _negated(words: list[str], at: int) -> bool:
     before = " ".join(words[max(0, at - _NEGATION_WINDOW - 1) : at])
-    return any(re.search(rf"\b{n}\b", before) for n in NEGATIONS)
+    # "non-febrile" negates; "non-productive cough" (two words before) is a cough
+    return (at > 0 and words[at - 1] == "non") or any(re.search(rf"\b{n}\b", before) for n in NEGATIONS)
+
+
+# A finding answered no, as a request form's checklist writes it ("Fever: No", "cough - negative"): the answer ends
+# its clause. Rewritten "no <finding>;" before the text is cut into clauses.
+_ANSWERED_NO = re.compile(r"([a-z][a-z ]*?)\s*(?::|=|\s-)\s*(?:no|none|negative|neg|absent|nil|denied|denies)"
+                          r"(?=\s*(?:[,;.:/()\n]|\band\b|$))")
 
 
 def symptoms_from_text(text: str) -> dict[str, float | None]:
     """Each symptom present (1.0), absent (0.0) or missing (None) per the rules in the module docstring. A
-    negation reaches only within its clause (up to a comma, semicolon, full stop, colon, slash or "but")."""
-    clauses = [_words(c) for c in re.split(r"[,;.:/()\n]|\bbut\b", (text or "").lower())]
+    negation reaches only within its clause (up to a comma, semicolon, full stop, colon, slash or "but"); a
+    finding answered no ("Fever: No", `_ANSWERED_NO`) is negated."""
+    text = _ANSWERED_NO.sub(r"no \1;", (text or "").lower())  # the answer ended its clause: so does the rewrite
+    clauses = [_words(c) for c in re.split(r"[,;.:/()\n]|\bbut\b", text)]
     out: dict[str, float | None] = {}
     for name in SYMPTOMS:
         hits = [_negated(w, i) for w in clauses for term in SYMPTOM_TERMS[name] for i in _find(w, term)]

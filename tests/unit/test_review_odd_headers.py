@@ -256,3 +256,25 @@ def test_an_optional_sequence_with_an_incomplete_item_is_not_copied(
     complete = _one_item("ProcedureCodeSequence", CodeValue="CTCHEST", CodingSchemeDesignator="L", CodeMeaning="CT")
     back = read_back_strictly(build_results(sent_as_spooled(complete), cached_series()[1], ALGORITHM).sr)
     assert back.ProcedureCodeSequence[0].CodingSchemeDesignator == "L"
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("Fever: No, Cough: Yes, Dyspnea: No", (0.0, 1.0, 0.0)),  # a request form's checklist, as a RIS fills it in
+    ("FEVER: NEGATIVE; COUGH: POSITIVE", (0.0, 1.0, None)),
+    ("fever - none. dyspnoea: no", (0.0, None, 0.0)),
+    ("non-febrile, productive cough", (0.0, 1.0, None)),
+    ("non-productive cough", (None, 1.0, None)),  # a dry cough is a cough
+    ("dyspnoea: no change", (None, None, 1.0)),  # unchanged breathlessness is still there
+    ("cough: none and fever", (1.0, 0.0, None)),  # the answer ends the negation
+])
+def test_request_text_answered_no_is_not_read_as_the_symptom(text: str, expected: tuple) -> None:
+    """The classifier's symptom inputs from a header's request text (ReasonForStudy), read as the classifier reads
+    them (`node.pipelines.runner.clinical_of` → `models.clinical.from_header`). "Fever: No" was read as fever present
+    (the term was found and no negation came before it), so a checklist answered no read as every symptom present
+    and the SR said so."""
+    from models.clinical import from_header
+
+    ds = Dataset()
+    ds.ReasonForStudy = text
+    got = from_header(ds)
+    assert (got.fever, got.cough, got.dyspnoea) == expected
