@@ -370,7 +370,8 @@ class Dispatcher:
                            deliveries_due=store.make_due(conn, name, self._clock()))
 
     def _sweep(self) -> int:
-        """Dead-letter pending rows whose give-up time has passed; returns how many."""
+        """Rows of destinations no longer configured `sending` under an expired lease back to pending (no thread
+        reclaims them), then dead-letter pending rows whose give-up time has passed; returns how many died."""
         give_up = self._config.dispatch.give_up_after_seconds
         configured = {x.name for x in self._config.destinations}
         d = deliveries.c
@@ -378,6 +379,8 @@ class Dispatcher:
         def reason(row: sa.Row[Any]) -> str:
             return store.give_up_reason(give_up, row.last_error, row.destination in configured)
 
+        if released := self._leases.release(where=d.destination.not_in(configured)):
+            self._log.warning("deliveries_recovered", count=released, reason="destination not configured")
         expired = sa.and_(d.state == DeliveryState.PENDING.value, d.queued_at <= self._clock() - give_up)
         dead = self._leases.expire(expired, reason)
         for row in dead:

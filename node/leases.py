@@ -181,18 +181,22 @@ class Leases:
         return self.finish(lease, self.dead, conn, last_error=cut(error), **values)
 
     # -- operations -------------------------------------------------------------------------------------------
-    def release(self, *, own_prefix: str | None = None, everything: bool = False) -> int:
+    def release(self, *, own_prefix: str | None = None, everything: bool = False,
+                where: sa.ColumnElement[bool] | None = None) -> int:
         """Crash cleanup: held rows whose lease expired — and, with ``own_prefix``, those held by an earlier
         process of this node (`holder_id`) — go back to waiting, due now. ``everything`` takes every held row
-        (only for a node that knows it is the database's one user). Returns how many."""
+        (only for a node that knows it is the database's one user); ``where`` narrows it. Returns how many."""
         now = self.clock()
         c = self.table.c
-        cond: sa.ColumnElement[bool] = c.state == self.held
+        cond: sa.ColumnElement[bool] = c.state == self.held if where is None else sa.and_(c.state == self.held, where)
         if not everything:
             mine = [c.lease_until.is_(None), c.lease_until <= now]
             if own_prefix:
                 mine.append(c.holder.startswith(own_prefix, autoescape=True))
             cond = sa.and_(cond, sa.or_(*mine))
+        with reading(self.engine, f"{self.table.name}: release") as probe:  # a sweep's idle poll: no write lock
+            if probe.execute(sa.select(c.id).where(cond).limit(1)).first() is None:
+                return 0
         with transaction(self.engine, f"{self.table.name}: release") as conn:
             stmt = self.table.update().where(cond).values(state=self.waiting, due_at=now, holder=None,
                                                           lease_until=None)
