@@ -36,14 +36,18 @@ def write_json(path: Path, obj: Any) -> None:
 
 def write_predictions(path: Path, ds: Dataset, p: np.ndarray, thr: np.ndarray, fold_of: np.ndarray,
                       attention: list[np.ndarray | None]) -> None:
-    """``predictions.csv``: one out-of-fold row per case, in table order."""
+    """``predictions.csv``: one out-of-fold row per case, in table order. Which cases share a patient is the
+    ``patient_group`` number (1, 2, ... in table order), not the patient id, which is the header's PatientID where
+    the table has no ``patient_id`` column (training/phi.py)."""
+    groups = ds.groups
+    number = {g: n for n, g in enumerate(dict.fromkeys(groups.tolist()), start=1)}
     with path.open("w", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
-        w.writerow(["case_id", "patient_id", "fold", "label", "probability", "threshold", "prediction",
+        w.writerow(["case_id", "patient_group", "fold", "label", "probability", "threshold", "prediction",
                     "reader_label", "top_attention_slice"])
         for i, c in enumerate(ds.cases):
             a = attention[i]
-            w.writerow([c.case_id, c.patient_id, int(fold_of[i]), c.label, f"{p[i]:.6f}", f"{thr[i]:.6f}",
+            w.writerow([c.case_id, number[groups[i]], int(fold_of[i]), c.label, f"{p[i]:.6f}", f"{thr[i]:.6f}",
                         int(p[i] >= thr[i]), "" if c.reader_label is None else c.reader_label,
                         "" if a is None else int(np.argmax(a))])
 

@@ -86,7 +86,7 @@ def test_pooled_and_fold_metrics_match_sklearn(run: Path) -> None:
 def test_folds_are_stratified_and_keep_patients_whole(run: Path) -> None:
     pred = pd.read_csv(run / "predictions.csv")
     assert sorted(pred.fold.unique()) == [1, 2, 3] and len(pred) == 12
-    assert pred.groupby("patient_id").fold.nunique().max() == 1
+    assert pred.groupby("patient_group").fold.nunique().max() == 1
     assert (pred.groupby("fold").label.sum() >= 1).all() and (pred.groupby("fold").label.count() == 4).all()
 
 

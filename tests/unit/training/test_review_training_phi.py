@@ -35,7 +35,8 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _export(base: Path, tmp_path: Path) -> Path:
     """The phantom laid out as a hospital export: ``MARKERDOE_JOHN_195N/CT_CHEST/IM….dcm`` and the masks beside
-    the series, PatientName ``MARKERDOE^JOHN``; the table keeps the pseudonymous case ids."""
+    the series, PatientName ``MARKERDOE^JOHN``, PatientID ``MARKERDOE-MRN-N``; the table keeps the pseudonymous
+    case ids."""
     root = tmp_path / "export"
     root.mkdir()
     t = pd.read_csv(base / "clinical.csv", dtype=str, keep_default_na=False)
@@ -46,6 +47,7 @@ def _export(base: Path, tmp_path: Path) -> Path:
         for f in folder.iterdir():
             ds = pydicom.dcmread(f)
             ds.PatientName = f"{MARKER}^JOHN{i}"
+            ds.PatientID = f"{MARKER}-MRN-{i}"  # the table has no patient_id column: the header's groups the cases
             ds.save_as(f)
         t.loc[i, "dicom_dir"] = f"{MARKER}_JOHN_195{i}/CT_CHEST"
         t.loc[i, "masks"] = f"{MARKER}_JOHN_195{i}/masks.npz"
