@@ -254,5 +254,5 @@ def from_header(ds: Any, *, age: float | None = None, sex: str | None = None) ->
     """The clinical inputs one DICOM header offers: ``age``/``sex`` as parsed by the caller (e.g. the
     :class:`models.preprocess.Volume`'s), symptoms from the request text (see the module docstring)."""
     symptoms = symptoms_from_text(header_text(ds)) if ds is not None else dict.fromkeys(SYMPTOMS)
-    s = (sex or "").upper()
+    s = (sex or "").strip().upper()
     return ClinicalInputs(age=age, sex=s if s in ("M", "F") else None, **symptoms)

@@ -250,7 +250,7 @@ def load_series(paths: Sequence[str | Path], *, spacing_tolerance: float = 0.1,
     for k, s in enumerate(sorted_slices):
         rank.setdefault(s.ds_index, k)
     first = datasets[sorted_slices[0].ds_index]
-    sex = header_str(first, "PatientSex").upper() or None
+    sex = header_str(first, "PatientSex").strip().upper() or None  # CS: leading spaces are not significant
     return Volume(
         hu=hu,
         datasets=[datasets[j] for j in sorted(rank, key=lambda j: rank[j])],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pydicom
 import pytest
 from pydicom import Dataset
 
@@ -75,3 +76,19 @@ def test_from_header_reads_request_text_and_leaves_absent_fields_missing() -> No
 def test_describe_for_the_report() -> None:
     c = ClinicalInputs(age=62.6, sex="F", fever=0.0)
     assert [c.describe(n) for n in ("age", "sex", "fever", "cough")] == ["63 years", "F", "absent", "missing"]
+
+
+def test_a_sex_with_a_leading_space_is_read(tmp_path) -> None:
+    """PS3.5: a CS value's leading and trailing spaces are not significant, and pydicom strips only the trailing ones:
+    a modality writing " F" had the classifier fuse sex as missing (found by the odd-headers review)."""
+    from models.preprocess import load_series
+    from tests.ctgen import write_ct_series
+
+    series = write_ct_series(tmp_path / "ct", slices=4, size=16, seed=3)
+    for path in series.paths:
+        ds = pydicom.dcmread(path)
+        ds.PatientSex = " F"
+        ds.save_as(path)
+    volume = load_series(series.paths)
+    assert volume.patient_sex == "F"
+    assert from_header(None, age=None, sex=" m").sex == "M"
