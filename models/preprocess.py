@@ -279,7 +279,9 @@ def read_file(index: int, path: str | Path, data: bytes | None = None) -> tuple[
     where = f"file {index} ({Path(path).name})"
     try:
         ds = pydicom.dcmread(io.BytesIO(data) if data is not None else str(path))
-    except (InvalidDicomError, OSError, EOFError) as exc:
+    except OSError as exc:  # its text repeats the full path, and folders are often named after the patient
+        raise PreprocessError(f"{where}: cannot be read ({exc.strerror or type(exc).__name__})") from exc
+    except (InvalidDicomError, EOFError) as exc:
         raise PreprocessError(f"{where}: not a readable DICOM file: {exc}") from exc
     except Exception as exc:  # corrupt files make pydicom raise ValueError, KeyError, struct.error, …
         raise PreprocessError(f"{where}: cannot parse the DICOM file: {type(exc).__name__}: {exc}") from exc

@@ -299,3 +299,17 @@ def test_padding_outside_bits_stored_is_air_not_bone(tmp_path: Path, representat
     assert hu[0, 20, 20] == pytest.approx(0.0)
     if bits_stored < 16 and masked != pad:
         assert hu[0, 10, 10] == pytest.approx(float(masked) - 1024.0)
+
+
+def test_a_file_that_cannot_be_read_is_named_by_its_base_name_only(tmp_path) -> None:
+    """An OSError's text repeats the whole path, and hospital exports name folders after the patient: the error
+    names the file's base name and why, not the path (reported by the training review)."""
+    from models.preprocess import PreprocessError, read_file
+
+    folder = tmp_path / "DOE_JOHN_1957" / "CT_CHEST"
+    (folder / "IM0001.dcm").mkdir(parents=True)  # a folder where a file should be: IsADirectoryError
+    with pytest.raises(PreprocessError) as caught:
+        read_file(0, folder / "IM0001.dcm")
+    assert str(caught.value) == "file 0 (IM0001.dcm): cannot be read (Is a directory)"
+    with pytest.raises(PreprocessError, match=r"\(IM0002.dcm\): cannot be read \(No such file or directory\)$"):
+        read_file(1, folder / "IM0002.dcm")
