@@ -113,11 +113,18 @@ def audit_association_closed(audit: AuditTrail | None, engine: Engine, associati
                             state=state)
 
 
-def audit_dangling_closed(audit: AuditTrail | None, engine: Engine, closed: Sequence[DanglingAssociation]) -> None:
+def audit_dangling_closed(audit: AuditTrail | None, engine: Engine, closed: Sequence[DanglingAssociation], *,
+                          stow_user: str | None = None) -> None:
     """At start-up, for each association a process left open when it died (`Index.abort_dangling_associations`):
     the records its close would have written — what it stored (110104 per study, so instances acknowledged before
-    the crash have their receipt) and its logout (110114, "aborted (found open at restart)"); never raises."""
+    the crash have their receipt) and its logout (110114, "aborted (found open at restart)"). A STOW-RS request's
+    row gets the receipt its request would have written, naming ``stow_user`` (the token's holder,
+    `node.auth.Authenticator.user`), and no logout: an HTTP request has none. Never raises."""
     for assoc in closed:
+        if assoc.stow:
+            audit_received(audit, engine, assoc.id, source_user=stow_user or assoc.calling_ae, peer=assoc.peer,
+                           context={"request_id": assoc.id, "front_door": "STOW-RS", "found_open_at_restart": True})
+            continue
         audit_association_closed(audit, engine, assoc.id, calling_ae=assoc.calling_ae, called_ae=assoc.called_ae,
                                  peer=assoc.peer, state=f"{AssociationState.ABORTED} (found open at restart)")
 

@@ -93,14 +93,23 @@ class InstanceRecord:
     spool_id: str | None = None  # the spool holding ``path`` (then relative to its root; node.spools)
 
 
+STOW_REQUEST_AE = "STOW-RS"  # the calling AE of a STOW-RS request's row (node.dicomweb.STOW_CALLING_AE)
+
+
 @dataclass(frozen=True)
 class DanglingAssociation:
-    """An association a process left open when it ended (crash, kill -9, OOM), closed at the next start."""
+    """An association a process left open when it ended (crash, kill -9, OOM), closed at the next start; or a
+    STOW-RS request (`stow`), whose row node.dicomweb opens like an association's."""
 
     id: str
     calling_ae: str
     called_ae: str
     peer: str
+
+    @property
+    def stow(self) -> bool:
+        """A STOW-RS request's row: an HTTP request, which has no login or logout of its own."""
+        return self.calling_ae == STOW_REQUEST_AE
 
 
 class Index:
