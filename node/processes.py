@@ -65,6 +65,7 @@ from node.listenfds import env_value as listen_fds_value
 from node.logs import get_logger
 from node.metrics import MULTIPROC_ENV
 from node.roles import Identity
+from node.sdnotify import Notifier, processes_health
 from node.signals import StopSignals
 from node.states import ChildStart, Role
 from node.supervise import EXIT_LOOP_FAILED, restart_delay
@@ -133,6 +134,7 @@ class ProcessSupervisor:
         self._refused: str | None = None  # why the file was refused at the last reload; None after one applied
         self._log = get_logger(component="processes", instance_id=self.identity.instance_id)
         self._listening: dict[str, socket.socket] = {}  # the DIMSE ports, bound here for every listener (listenfds)
+        self._sd = Notifier.from_environ(lambda settled: processes_health(self.config.node.data_dir, settled))
 
     # -- lifecycle -----------------------------------------------------------------------------------------
     def prepare(self) -> tuple[int, int]:
@@ -309,6 +311,7 @@ class ProcessSupervisor:
     def stop(self, timeout: float = 60.0) -> None:
         """SIGTERM every child (their own graceful stop), SIGKILL what still runs after ``timeout``."""
         self._stop.set()
+        self._sd.stopping()
         for child in self.children:
             if child.alive:
                 assert child.proc is not None
@@ -401,13 +404,14 @@ class ProcessSupervisor:
     def run_forever(self, on_started: Callable[[], None] | None = None, *, period: float = 0.2) -> int:
         """Start the children, supervise them until a signal (or a child that keeps dying), stop them; returns
         0 or `EXIT_LOOP_FAILED`."""
-        StopSignals(self._log, self._stop, self.pid_file, self.reload, on_force=self.kill).install()
+        StopSignals(self._log, self._stop, self.pid_file, self._sd.around_reload(self.reload), on_force=self.kill).install()
         self.start()
         if on_started is not None:
             on_started()
         try:
             while not self._stop.wait(period):
                 self.check()
+                self._sd.tick()
         finally:
             self.stop()
         return self.exit_code

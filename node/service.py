@@ -58,6 +58,7 @@ from node.queue import JobQueue
 from node.reachability import Reachability, ReachabilityLoop
 from node.retention import Retention, RetentionLoop
 from node.roles import Identity, Stage, role_config, runs, worker_poll_seconds
+from node.sdnotify import Notifier, service_health
 from node.senders import DimseSender, Sender, StowSender
 from node.signals import StopSignals
 from node.spool import Spool
@@ -145,6 +146,7 @@ class Service:
             crl_next_update=lambda: crl_next_updates(config),
         )
         self.http = self._build_http(config, processes)
+        self.sd = Notifier.from_environ(lambda settled: service_health(self, settled))  # systemd (node.sdnotify)
         self._dimse_threads: list[threading.Thread] = []
         self._stop = threading.Event()
         self._reload_lock = threading.Lock()
@@ -171,7 +173,7 @@ class Service:
             lambda: True)  # a listener's models live in the worker process: `processes` reports it
         token = config.node.dicomweb_token.get_secret_value() if config.node.dicomweb_token else None
         auth = Authenticator(token, metrics=self.metrics, audit=self.audit)  # one check for every HTTP surface
-        health = HealthProbe(self.engine, config.node.spool_dir, models_ready, self.heartbeats,
+        health = self.health = HealthProbe(self.engine, config.node.spool_dir, models_ready, self.heartbeats,
                              admission=self.admission.report, spool_root=self.spool.root_problem,
                              device=self.worker.device_report if config.worker.enabled else None,
                              processes=processes)
@@ -319,6 +321,7 @@ class Service:
 
     def stop(self, timeout: float = 60.0) -> None:
         t0 = time.monotonic()
+        self.sd.stopping()
         self.heartbeats.unregister(DIMSE_LOOP)
         self.dimse.stop(drain_seconds=min(DIMSE_DRAIN_SECONDS, timeout / 4))
         self.http.stop()
@@ -353,7 +356,7 @@ class Service:
     def run_forever(self, on_started: Callable[[], None] | None = None) -> int:
         """Start, supervise the loops until a signal (or a loop that keeps dying), stop; returns the exit status:
         0, or `EXIT_LOOP_FAILED`."""
-        StopSignals(self.log, self._stop, self.pid_file, self.reload, force_exit=exit_now).install()
+        StopSignals(self.log, self._stop, self.pid_file, self.sd.around_reload(self.reload), force_exit=exit_now).install()
         self.start()
         if on_started is not None:
             on_started()
@@ -363,6 +366,7 @@ class Service:
                     self.log.error("supervisor_gone", parent_pid=self.parent_pid)  # a role child outlives no one
                     break
                 self.supervisor.check()
+                self.sd.tick()
                 if self.on_tick is not None:
                     self.on_tick()
                 if runs(self.role, Stage.FRONT_DOORS):  # admission guards the front doors: only they pause
