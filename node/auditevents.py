@@ -118,15 +118,26 @@ def local_user() -> str:
 def open_trail(path: Path) -> int:
     """Open (or create) the trail file ``path`` for appending, mode 0640 whatever the umask (it holds patient IDs),
     given to the trail's owner when root made it (`give_to_trail_owner`); returns the descriptor. Never through a
-    symbolic link: the node's own user owns the audit folder, and root (``sudo pacsnode audit``, ``retry``,
-    ``purge``) would append to, or create, whatever file a link planted there names. Raises OSError (ELOOP: the
-    message names ``path``)."""
+    symbolic link: the node's own user owns the audit folder (and the data folder above it), and root (``sudo
+    pacsnode audit``, ``retry``, ``purge``) would append to, or create, whatever file a link planted there names.
+    The folder itself is a link only root does not follow (the node's user may have moved its trail). Raises
+    OSError (ELOOP: the message names the link)."""
+    root = os.geteuid() == 0
     try:
-        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o640)
+        folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | (os.O_NOFOLLOW if root else 0))
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR) and path.parent.is_symlink():
+            raise OSError(errno.ELOOP, f"the audit folder {path.parent} is a symbolic link: root does not follow "
+                                       "it") from exc
+        raise
+    try:
+        fd = os.open(path.name, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o640, dir_fd=folder)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise OSError(errno.ELOOP, f"the audit file {path} is a symbolic link: not followed") from exc
         raise
+    finally:
+        os.close(folder)
     try:
         os.fchmod(fd, 0o640)
         give_to_trail_owner(fd, path.parent)  # root's (sudo pacsnode audit) would lock the node out

@@ -59,3 +59,39 @@ def test_root_never_follows_a_link_planted_as_the_audit_file(tmp_path: Path, exi
         assert f"the audit file {trail} is a symbolic link: not followed" in failed, out.stdout
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_root_never_follows_a_link_planted_as_the_audit_folder(tmp_path: Path) -> None:
+    """The same one level up: the node's user owns the data folder, so it could replace ``audit/`` with a link, and
+    root created ``audit.jsonl`` (root's, 0640) in whatever folder the link named - or appended to one there. As
+    root the folder is opened without following a link; the node's own user still follows one (a trail folder an
+    admin moved to another volume)."""
+    if os.geteuid() != 0:
+        missing_peer("root, to run `pacsnode audit` as root against a trail another user writes")
+    base = Path(tempfile.mkdtemp(prefix="pacsnode-audit-link-"))
+    try:
+        base.chmod(0o755)
+        data = base / "data"
+        data.mkdir()
+        os.chown(data, NOBODY, NOBODY)
+        config = base / "node.toml"
+        config.write_text(f'[node]\ndata_dir = {json.dumps(str(data))}\n')
+        _as_nobody(config, True)
+        secret = base / "root-only"
+        secret.mkdir(mode=0o700)
+        folder = data / "audit"
+        folder.rename(data / "audit-moved")  # the node's user may: data/ is its folder
+        folder.symlink_to(secret)
+        os.lchown(folder, NOBODY, NOBODY)
+        out = subprocess.run([sys.executable, "-m", "node.cli", "audit", "--config", str(config)], cwd=REPO,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert list(secret.iterdir()) == []
+        (failed,) = [line for line in out.stdout.splitlines() if "audit_write_failed" in line]
+        assert f"the audit folder {folder} is a symbolic link: root does not follow it" in failed, out.stdout
+        folder.unlink()
+        folder.symlink_to(data / "audit-moved")  # the node's user, following its own link, still writes its trail
+        _as_nobody(config, False)
+        assert (data / "audit-moved" / "audit.jsonl").read_text().count("application_stopped") == 1
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
