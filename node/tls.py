@@ -254,17 +254,20 @@ def _file_signature(path: Path) -> tuple[int, int, int] | None:
 
 def certificate_names(peer_certificate: dict[str, Any]) -> frozenset[str]:
     """The names a verified peer certificate (``SSLSocket.getpeercert()``) carries, lower-cased: its
-    subjectAltName DNS names and its subject's common names."""
+    subjectAltName DNS names or, when it has none, its subject's common names. RFC 6125 6.4.4: a CA that checks
+    the SAN names may copy the CN from the request unchecked, so beside SAN DNS names a CN proves nothing."""
     names = {value for kind, value in peer_certificate.get("subjectAltName", ()) if kind == "DNS"}
-    names |= {value for rdn in peer_certificate.get("subject", ()) for key, value in rdn if key == "commonName"}
+    if not names:
+        names = {value for rdn in peer_certificate.get("subject", ()) for key, value in rdn if key == "commonName"}
     return frozenset(name.lower() for name in names)
 
 
 def calling_ae_refusal(tls: TlsSection, calling_ae: str, peer: ssl.SSLSocket | None) -> str | None:
     """Why ``calling_ae`` may not associate on this connection (``peer``: its TLS socket, None on the plaintext
     port) under ``[tls] calling_ae_certificates``; None when it may (always, with no table). Over TLS the AE title
-    must be in the table and the verified client certificate must carry one of its names (SAN DNS or subject CN);
-    over plaintext an AE title in the table is refused. The reason names no peer data."""
+    must be in the table and the verified client certificate must carry one of its names (`certificate_names`: SAN
+    DNS, or the subject CN of one without); over plaintext an AE title in the table is refused. The reason names no
+    peer data."""
     bound = tls.calling_ae_certificates
     if not bound:
         return None
