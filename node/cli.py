@@ -3,7 +3,7 @@
 ``serve`` runs a `node.service.Service` (the stages are wired there): every role in one process, one role's stages
 with ``--role listener|worker|dispatcher``, or, with ``[node] process_model = "processes"``, the
 `node.processes.ProcessSupervisor` of role children. Other subcommands: ``config check|reload``, ``audit``,
-``echo``, ``send``, ``status`` (its report in `node.statusreport`), ``purge``, ``retry``, ``db upgrade|current``;
+``echo``, ``send``, ``status`` (its report in `node.statusreport`), ``purge``, ``retry``, ``db upgrade|downgrade|current``;
 ``demo`` and the training side's (``phantom``, ``train``, ``evaluate`` ...) come from the ``pacsnode.commands`` entry points when their
 packages and extras are installed. Exit codes: 0 success, 1 operation failed, 2 bad usage/config,
 70 ``serve`` stopped because a supervised loop kept dying (let the process supervisor restart it).
@@ -315,8 +315,8 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 def cmd_db(args: argparse.Namespace) -> int:
-    """``db upgrade``: migrate the database to this release's schema (`node.migrate.upgrade`); ``db current``:
-    print its revision and where it stands."""
+    """``db upgrade``: migrate the database to this release's schema (`node.migrate.upgrade`); ``db downgrade REV``:
+    take it back to an older release's revision (`node.migrate.downgrade`); ``db current``: print its revision."""
     from node import migrate
     from node.db import create_engine_for
 
@@ -324,7 +324,7 @@ def cmd_db(args: argparse.Namespace) -> int:
     if args.db_command == "current":
         print(migrate.inspect(engine).describe())
         return 0
-    before = migrate.upgrade(engine)
+    before = migrate.downgrade(engine, args.revision) if args.db_command == "downgrade" else migrate.upgrade(engine)
     after = migrate.inspect(engine)
     print(f"schema {before.revision or before.state.value} -> {after.revision}" if before.revision != after.revision
           else f"schema already at {after.revision} (head)")
@@ -400,11 +400,11 @@ def build_parser(*, plugins: bool = True) -> argparse.ArgumentParser:
     retry.add_argument("--jobs", action="store_true", help="also re-queue dead jobs (one that sent a \"processing failed\" SR runs as the series' next version)")
     retry.set_defaults(func=cmd_retry)
 
-    db = sub.add_parser("db", help="the database schema: migrate it to this release, show its revision")
+    (db := sub.add_parser("db", help="the database schema: migrate it, show its revision")).set_defaults(func=cmd_db)
     db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
-    with_config(db_sub.add_parser("upgrade", help="run the migrations up to this release's schema")).set_defaults(
-        func=cmd_db)
-    with_config(db_sub.add_parser("current", help="print the schema revision and its state")).set_defaults(func=cmd_db)
+    with_config(db_sub.add_parser("upgrade", help="migrate up to this release's schema"))
+    with_config(db_sub.add_parser("current", help="print the schema revision and its state"))
+    with_config(db_sub.add_parser("downgrade", help="back to REVISION, an older release's newest")).add_argument("revision")
 
     left_out = _register_plugins(sub) if plugins else []
     if left_out:

@@ -41,6 +41,7 @@ BASELINE = "0001_baseline"
 _LOCK_KEY = 0x7061_6373  # "pacs": the advisory lock migrations take on PostgreSQL
 _SQLITE_LOCKED_RETRY_SECONDS = 30.0  # how long `prepare` retries SQLite's immediate "database is locked"
 UPGRADE_COMMAND = "pacsnode db upgrade"
+DOWNGRADE_COMMAND = "pacsnode db downgrade"
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,8 @@ def _status(conn: sa.Connection) -> SchemaStatus:
 def _unknown(status: SchemaStatus) -> SchemaError:
     return SchemaError(
         f"the database schema is at revision {status.revision}, which this release of pacsnode does not know (its "
-        f"newest is {status.head}): a newer release has upgraded it; run that release (`pacsnode db current` shows "
+        f"newest is {status.head}): a newer release has upgraded it; run that release, or, to go back to this one, "
+        f"stop every node and run that release's `{DOWNGRADE_COMMAND} {status.head}` (`pacsnode db current` shows "
         "the revision)"
     )
 
@@ -166,6 +168,32 @@ def upgrade(engine: Engine) -> SchemaStatus:
             _upgrade(conn, status)
     get_logger(component="schema").info("schema_upgraded", from_revision=status.revision, to_revision=status.head,
                                         adopted=status.state is SchemaState.UNVERSIONED)
+    return status
+
+
+def downgrade(engine: Engine, revision: str) -> SchemaStatus:
+    """``pacsnode db downgrade REVISION``: take the database back to ``revision``, an older revision this release
+    knows (an older release's newest: the one it names when it refuses this database), running each later revision's
+    ``downgrade`` under the migration lock; returns its status before. Raises `SchemaError` when the database is at a
+    revision this release does not know, when ``revision`` is not one of this release's or not older than the
+    database's, and `DatabaseError` when the database fails."""
+    try:
+        found = script().get_revision(revision)
+    except CommandError:
+        found = None
+    if found is None or found.revision != revision:  # no prefixes or symbolic names ("base" would drop every table)
+        raise SchemaError(f"{revision!r} is not a schema revision of this release (its revisions: "
+                          f"{', '.join(r.revision for r in reversed(list(script().walk_revisions())))})")
+    with _locked(engine) as conn:
+        status = _status(conn)
+        if status.state is SchemaState.UNKNOWN:
+            raise _unknown(status)
+        older = {r.revision for r in script().iterate_revisions(status.revision, "base")} if status.revision else set()
+        if revision not in older - {status.revision}:
+            raise SchemaError(f"cannot downgrade the database to {revision}: it is at "
+                              f"{status.revision or 'no revision'}, which is not newer")
+        command.downgrade(_config(conn), revision)
+    get_logger(component="schema").warning("schema_downgraded", from_revision=status.revision, to_revision=revision)
     return status
 
 
