@@ -43,11 +43,9 @@ scope_check = false
 
 
 @pytest.fixture
-def listener(monkeypatch: pytest.MonkeyPatch) -> Iterator[NotifyListener]:
-    """systemd's notify socket, in the abstract namespace; the node started next inherits its variables."""
+def listener() -> Iterator[NotifyListener]:
+    """systemd's notify socket, in the abstract namespace."""
     notify = NotifyListener(f"@pacsnode-test-{os.getpid()}-{time.monotonic_ns()}", watchdog_seconds=WATCHDOG_SECONDS)
-    for key, value in notify.env.items():
-        monkeypatch.setenv(key, value)
     yield notify
     notify.close()
 
@@ -72,10 +70,15 @@ def ready_probe(listener: NotifyListener, http_port: int) -> dict[str, object]:
     return seen
 
 
-def start(tmp_path: Path, extra_toml: str, node_database: NodeDatabases, listener: NotifyListener) -> tuple[NodeProcess, dict]:
+def start(tmp_path: Path, extra_toml: str, node_database: NodeDatabases, listener: NotifyListener,
+          monkeypatch: pytest.MonkeyPatch) -> tuple[NodeProcess, dict]:
+    """The node on the listener's variables (only the node: the PostgreSQL server `for_node` may start first
+    notifies systemd too)."""
     port, http_port = free_port(), free_port()
     config = tmp_path / "node.toml"
     db_url = node_database.for_node()
+    for key, value in listener.env.items():
+        monkeypatch.setenv(key, value)
     config.write_text(node_toml("PACSNODE", port, http_port, tmp_path / "data", None, extra_toml, db_url))
     node = NodeProcess(config, port, tmp_path / "node.log", "PACSNODE", tmp_path / "data", http_port, (), db_url)
     seen = ready_probe(listener, http_port)
@@ -88,11 +91,13 @@ def only_from(node: NodeProcess, notes: list[Notification]) -> None:
 
 
 @pytest.mark.parametrize("model", ["threads", "processes"])
-def test_ready_reload_stop(tmp_path: Path, node_database: NodeDatabases, listener: NotifyListener, model: str) -> None:
-    node, seen = start(tmp_path, THREADS if model == "threads" else PROCESSES, node_database, listener)
+def test_ready_reload_stop(tmp_path: Path, node_database: NodeDatabases, listener: NotifyListener, model: str,
+                           monkeypatch: pytest.MonkeyPatch) -> None:
+    node, seen = start(tmp_path, THREADS if model == "threads" else PROCESSES, node_database, listener, monkeypatch)
     try:
         wait_until(lambda: "status" in seen, 120, "READY=1 and /readyz asked", node.log_tail)
-        assert seen["status"] == 200, seen  # ready as /readyz says, at the moment systemd hears it
+        # ready as /readyz says, at the moment systemd hears it
+        assert seen["status"] == 200, (seen, [n.lines for n in listener.received], node.log_tail())
         assert len(listener.with_line("READY=1")) == 1
         listener.wait_for("WATCHDOG=1", 30, count=2)  # pinged while healthy
 
@@ -118,8 +123,8 @@ def test_ready_reload_stop(tmp_path: Path, node_database: NodeDatabases, listene
 
 
 def test_watchdog_held_while_a_role_process_is_wedged(tmp_path: Path, node_database: NodeDatabases,
-                                                      listener: NotifyListener) -> None:
-    node, seen = start(tmp_path, PROCESSES, node_database, listener)
+                                                      listener: NotifyListener, monkeypatch: pytest.MonkeyPatch) -> None:
+    node, seen = start(tmp_path, PROCESSES, node_database, listener, monkeypatch)
     try:
         wait_until(lambda: "status" in seen, 120, "READY=1", node.log_tail)
         listener.wait_for("WATCHDOG=1", 30, count=2)
