@@ -23,7 +23,7 @@ from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 from tests.conftest import wait_until
 from tests.ctgen import write_ct_series
 from tests.integration.test_audit_trail import LEAN_PROCESSES
-from tests.integration.test_review_stow_receipt_crash import _blocked_writing, _Pipe
+from tests.integration.test_review_stow_receipt_crash import _blocked_writing, _gone, _Pipe
 
 pytestmark = pytest.mark.integration
 
@@ -60,6 +60,7 @@ def test_a_listener_killed_while_writing_an_association_s_receipt_still_leaves_t
         wait_until(lambda: _blocked_writing(pid, Path(fifo)), 30, "the listener blocked writing the receipt",
                    diagnostics=lambda: node.log_text()[-3000:])
         os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: _gone(pid), 30, "the listener dead")  # else its blocked write may still land
         pipe.draining.set()
         wait_until(lambda: (p := listener())["restarts"] == 1 and p["alive"], 60, "the listener restarted",
                    diagnostics=lambda: node.log_text()[-3000:])

@@ -19,7 +19,6 @@ import json
 import os
 import signal
 import threading
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -28,19 +27,12 @@ import pytest
 from tests.conftest import wait_until
 from tests.ctgen import write_ct_series
 from tests.integration.test_audit_trail import LEAN_PROCESSES
-from tests.integration.test_review_stow_receipt_crash import BOUNDARY, _blocked_writing, _Pipe
+from tests.integration.test_review_stow_receipt_crash import BOUNDARY, _blocked_writing, _gone, _Pipe
 
 pytestmark = pytest.mark.integration
 
 TOKEN = "stow-dangling-token"
 PATIENT = "STOW-DANGLING-PID-7"
-
-
-def _gone(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except FileNotFoundError:
-        return True
 
 
 def test_a_stow_request_found_open_at_restart_names_its_sender_and_logs_no_one_out(start_node, tmp_path):

@@ -87,6 +87,14 @@ def _blocked_writing(pid: int, fifo: Path) -> bool:
     return False
 
 
+def _gone(pid: int) -> bool:
+    """Whether ``pid`` has ended (a zombie or reaped): after SIGKILL its blocked write can still land until then."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
 def test_a_listener_killed_while_writing_a_stow_receipt_still_leaves_the_receipt(start_node, tmp_path):
     pipe = _Pipe(tmp_path / "audit.fifo")
     node = start_node(extra_toml=LEAN_PROCESSES + f'[audit]\npath = {json.dumps(str(tmp_path / "audit.fifo"))}\n'
@@ -124,6 +132,7 @@ def test_a_listener_killed_while_writing_a_stow_receipt_still_leaves_the_receipt
         wait_until(lambda: _blocked_writing(pid, tmp_path / "audit.fifo"), 30, "the listener blocked writing the STOW receipt",
                    diagnostics=lambda: node.log_text()[-3000:])
         os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: _gone(pid), 30, "the listener dead")  # else its blocked write may still land
         pipe.draining.set()
         wait_until(lambda: (p := listener())["restarts"] == 1 and p["alive"], 60, "the listener restarted",
                    diagnostics=lambda: node.log_text()[-3000:])
