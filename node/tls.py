@@ -8,8 +8,9 @@ that does not load, or a key that does not match its certificate, is a `ConfigEr
 (files that are missing or unreadable are refused earlier, by `node.config.load_config`).
 
 With ``[tls] crl_file`` the server context checks each client certificate against its CA's CRL and follows the
-file (`ServerContext`); `calling_ae_refusal` says when a calling AE title may not associate with the certificate
-presented (``[tls] calling_ae_certificates``, applied by `node.dimse` at A-ASSOCIATE-RQ time).
+file (`node.crl.ServerContext`, re-exported here); `calling_ae_refusal` says when a calling AE title may not
+associate with the certificate presented (``[tls] calling_ae_certificates``, applied by `node.dimse` at
+A-ASSOCIATE-RQ time).
 
 A failed client handshake is remembered on its `ClientContext` (`handshake_error`): pynetdicom swallows it and
 only reports that the association failed, which would leave a wrong CA indistinguishable from a peer that is down.
@@ -17,20 +18,19 @@ only reports that the association failed, which would leave a wrong CA indisting
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
-import re
 import ssl
-import tempfile
-import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
 
 from node.config import Destination, DestinationKind, NodeConfig, SyslogProtocol, TlsSection
+from node.crl import CRL_KEY, MAX_CRL_BYTES, ServerContext, crl_next_updates, crl_state, read_crls
 from node.errors import ConfigError
-from node.logs import get_logger
 from node.states import ClientCertificates
 
 # BCP 195 (RFC 9325 4.2): TLS 1.2 with forward secrecy and AEAD only; TLS 1.3's suites are all acceptable and are
@@ -93,163 +93,43 @@ def server_context(tls: TlsSection) -> ServerContext:
         _load_cas(ctx, tls.ca_file, "tls.ca_file")
     ctx.verify_mode = _VERIFY_MODE[tls.client_certificates]
     if tls.crl_file is not None and tls.ca_file is not None:
-        ctx.follow_crl(tls.crl_file, tls.ca_file)
+        ctx.follow_crl(tls.crl_file, tls.ca_file, _copies(tls))
     return ctx
 
 
-_CRL_PEM = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.DOTALL)
-CRL_KEY = "tls.crl_file"
-
-
-def read_crls(crl_file: Path, ca_file: Path) -> tuple[bytes, list[x509.CertificateRevocationList]]:
-    """The PEM CRLs in ``crl_file`` (its bytes as read, and each parsed), each checked to be signed by a CA in
-    ``ca_file``; `ConfigError` naming ``tls.crl_file`` for a file that cannot be read, holds no PEM CRL, holds
-    one that does not parse or one no CA in ``ca_file`` signed (OpenSSL would then refuse every certificate of
-    the CA it names: "CRL signature failure")."""
+def _copies(tls: TlsSection) -> Callable[[], ssl.SSLContext]:
+    """What makes a fresh context like `server_context`'s, without CRLs, from the files as read now: `[tls]` is
+    restart-only, so a certificate renewed on disk since does not slip in with the next CRL."""
+    assert tls.certificate is not None and tls.private_key is not None and tls.ca_file is not None
     try:
-        data = crl_file.read_bytes()
+        chain, key, cas = (path.read_bytes() for path in (tls.certificate, tls.private_key, tls.ca_file))
     except OSError as exc:
-        raise ConfigError(f"{CRL_KEY}: {crl_file} cannot be read ({exc.strerror or type(exc).__name__})") from exc
-    blocks = _CRL_PEM.findall(data)
-    if not blocks:
-        raise ConfigError(f"{CRL_KEY}: {crl_file} holds no PEM CRL ('-----BEGIN X509 CRL-----')")
+        raise ConfigError(f"tls: {exc.filename} cannot be read ({exc.strerror or type(exc).__name__})") from exc
+    verify_mode = _VERIFY_MODE[tls.client_certificates]
+
+    def copy() -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        _harden(ctx)
+        ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+        with _in_memory(chain) as chain_path, _in_memory(key) as key_path:  # the key never touches a disk
+            ctx.load_cert_chain(chain_path, key_path, password=_no_password)
+        ctx.load_verify_locations(cadata=cas.decode("ascii", "replace"))
+        ctx.verify_mode = verify_mode
+        return ctx
+
+    return copy
+
+
+@contextlib.contextmanager
+def _in_memory(data: bytes) -> Iterator[str]:
+    """A path OpenSSL can open that reads ``data``, kept in memory only (a memfd), for as long as the block runs."""
+    fd = os.memfd_create("pacsnode-tls", os.MFD_CLOEXEC)
     try:
-        crls = [x509.load_pem_x509_crl(block) for block in blocks]
-        cas = x509.load_pem_x509_certificates(ca_file.read_bytes())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{CRL_KEY}: {crl_file} does not load as PEM CRLs ({type(exc).__name__})") from exc
-    for crl in crls:
-        if not any(ca.subject == crl.issuer and _signed_by(crl, ca) for ca in cas):
-            raise ConfigError(f"{CRL_KEY}: the CRL of {crl.issuer.rfc4514_string()} in {crl_file} is not signed by "
-                              f"a CA in tls.ca_file")
-    return b"\n".join(blocks) + b"\n", crls
-
-
-def _signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
-    try:
-        return crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
-    except (TypeError, ValueError):  # a key type CRLs cannot be signed with
-        return False
-
-
-def crl_state(crl: x509.CertificateRevocationList, now: dt.datetime | None = None) -> str | None:
-    """"has expired" (past its next update), "is not valid yet" (its last update ahead), None while current."""
-    now = now or dt.datetime.now(dt.UTC)
-    if crl.last_update_utc > now:
-        return "is not valid yet"
-    next_update = crl.next_update_utc
-    return "has expired" if next_update is not None and next_update < now else None
-
-
-class ServerContext(ssl.SSLContext):
-    """The node's server context. With a CRL file (`follow_crl`) it checks each client certificate against its
-    CA's CRL (``VERIFY_CRL_CHECK_LEAF``) and, before each new connection (DICOM TLS: `wrap_socket`; HTTPS,
-    asyncio's handshake: `wrap_bio`), looks whether the file changed (one ``stat``) and loads the new CRLs: a
-    revocation takes effect at the next connection in every listener process, without a restart or SIGHUP.
-
-    OpenSSL keeps the CRLs loaded before and, of several from one CA, uses the newest (its last update), so a
-    replaced CRL supersedes the old one and an unrevoked certificate is accepted again. A new file that does not
-    read, parse or verify (`read_crls`; also one caught half written) is logged (``tls_crl_reload_failed``) and
-    the CRLs loaded before stay in force; a CRL past its next update is logged (``tls_crl_expired``) and, as
-    OpenSSL does, refuses every certificate of its CA ("CRL has expired") until a current one is installed: an
-    expired CRL can no longer say whether a certificate was revoked since, and failing open would let a stolen
-    certificate in exactly when publishing fails. Why the leaf only: README, "TLS"."""
-
-    crl_file: Path | None = None
-    _ca_file: Path | None = None
-    _crl_seen: tuple[int, int, int] | None = None
-
-    def follow_crl(self, crl_file: Path, ca_file: Path) -> None:
-        """Check client certificates against the CRLs in ``crl_file`` from now on; `ConfigError` (`read_crls`)
-        for a file that does not load, so a bad CRL stops the node before anything listens."""
-        self.crl_file, self._ca_file = crl_file, ca_file
-        self._crl_lock = threading.Lock()
-        self._crl_seen = _file_signature(crl_file)
-        self._load_crls()
-        self.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
-
-    def _load_crls(self) -> list[x509.CertificateRevocationList]:
-        assert self.crl_file is not None and self._ca_file is not None
-        data, crls = read_crls(self.crl_file, self._ca_file)
-        # OpenSSL loads CRLs from a file only (cadata takes certificates): exactly the bytes checked, not the
-        # file again, which may have changed meanwhile.
-        with tempfile.NamedTemporaryFile(prefix="pacsnode-crl-", suffix=".pem") as copy:
-            copy.write(data)
-            copy.flush()
-            try:
-                self.load_verify_locations(cafile=copy.name)
-            except ssl.SSLError as exc:
-                raise ConfigError(f"{CRL_KEY}: {self.crl_file} does not load ({_reason(exc)})") from exc
-        log = get_logger(component="tls")
-        for crl in crls:
-            if (state := crl_state(crl)) is not None:
-                log.warning("tls_crl_expired", issuer=crl.issuer.rfc4514_string(), state=state,
-                            next_update=str(crl.next_update_utc), file=str(self.crl_file))
-        return crls
-
-    def refresh_crl(self) -> None:
-        """Load ``crl_file`` again if it changed since it was last read (logged); a failure keeps the CRLs loaded."""
-        if self.crl_file is None or (seen := _file_signature(self.crl_file)) == self._crl_seen:
-            return
-        with self._crl_lock:
-            if seen == self._crl_seen:
-                return  # another connection's thread loaded it meanwhile
-            self._crl_seen = seen
-            log = get_logger(component="tls")
-            try:
-                crls = self._load_crls()
-            except ConfigError as exc:
-                log.error("tls_crl_reload_failed", reason=str(exc), kept="the CRLs loaded before")
-                return
-            log.info("tls_crl_loaded", file=str(self.crl_file), crls=len(crls),
-                     revoked=sum(len(crl) for crl in crls))
-
-    def wrap_socket(self, sock: Any, server_side: bool = False, do_handshake_on_connect: bool = True,
-                    suppress_ragged_eofs: bool = True, server_hostname: str | bytes | None = None,
-                    session: ssl.SSLSession | None = None) -> ssl.SSLSocket:
-        self.refresh_crl()
-        return super().wrap_socket(sock, server_side, do_handshake_on_connect, suppress_ragged_eofs,
-                                   server_hostname, session)
-
-    def wrap_bio(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO, server_side: bool = False,
-                 server_hostname: str | bytes | None = None, session: ssl.SSLSession | None = None) -> ssl.SSLObject:
-        self.refresh_crl()
-        return super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
-
-
-_next_updates: dict[Path, tuple[tuple[int, int, int] | None, dict[str, dt.datetime]]] = {}
-
-
-def crl_next_updates(config: NodeConfig, now: dt.datetime | None = None) -> dict[str, float]:
-    """Seconds until each CRL in ``[tls] crl_file`` passes its next update, by issuer
-    (``pacsnode_tls_crl_next_update_seconds``; negative once past: every client certificate of that CA is then
-    refused, `ServerContext`). Read from the file as it is now, which the listeners follow; parsed again only when
-    the file changed. A file that does not load keeps the last values read (the listeners keep those CRLs too)."""
-    tls = config.tls
-    if tls.crl_file is None or tls.ca_file is None:
-        return {}
-    seen = _file_signature(tls.crl_file)
-    cached = _next_updates.get(tls.crl_file)
-    if cached is None or cached[0] != seen:
-        try:
-            crls = read_crls(tls.crl_file, tls.ca_file)[1]
-        except ConfigError:
-            crls = None
-        if crls is not None:
-            cached = (seen, {crl.issuer.rfc4514_string(): crl.next_update_utc for crl in crls
-                             if crl.next_update_utc is not None})
-            _next_updates[tls.crl_file] = cached
-    now = now or dt.datetime.now(dt.UTC)
-    return {issuer: (when - now).total_seconds() for issuer, when in (cached[1] if cached else {}).items()}
-
-
-def _file_signature(path: Path) -> tuple[int, int, int] | None:
-    """What changes when a file is replaced or rewritten (inode, size, modification time); None: unreadable."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_ino, st.st_size, st.st_mtime_ns
+        with open(fd, "wb", closefd=False) as out:
+            out.write(data)
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
 
 
 def certificate_names(peer_certificate: dict[str, Any]) -> frozenset[str]:
@@ -443,12 +323,14 @@ __all__ = [
     "CIPHERS",
     "CRL_KEY",
     "ClientContext",
+    "MAX_CRL_BYTES",
     "MINIMUM_VERSION",
     "ServerContext",
     "calling_ae_refusal",
     "certificate_names",
     "certificates",
     "check_config",
+    "crl_next_updates",
     "crl_state",
     "client_context",
     "describe_tls_error",

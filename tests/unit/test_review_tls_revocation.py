@@ -1,0 +1,164 @@
+"""Review of certificate revocation ([tls] crl_file, node/tls.py ServerContext) against what a thief holding a
+revoked certificate, or a CRL publisher gone wrong, could do: real peers (a pynetdicom AE over DICOM TLS whose
+client resumes its TLS session, DCMTK echoscu), certificates and CRLs from tests/tlsrevocation.py.
+
+- A TLS session resumed after its certificate was revoked (TLS 1.2 session ID, TLS 1.3 ticket) is a full handshake
+  again: resumption skips certificate verification, so a ticket taken before the revocation would outlive it.
+- A new CRL whose last update is the same second as the one in force (a CA that reissues its CRL at each
+  revocation) supersedes it; an older one (a replayed CRL) does not, nor does leaving a CA's CRL out.
+- However often the file is replaced, the listener holds one CRL per CA (OpenSSL's store only ever grew).
+- A CRL path that is not a regular file (a FIFO) or is huge is refused without reading it: reading stalled every
+  new connection on the listener (the DICOM TLS acceptor thread, the HTTPS event loop).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import ssl
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from structlog.testing import capture_logs
+
+from node.config import TlsSection
+from node.errors import ConfigError
+from node.tls import MAX_CRL_BYTES, read_crls, server_context
+from tests.conftest import free_port, require_tool
+from tests.tlscerts import Pki, make_pki
+from tests.tlsrevocation import AuditedTlsNode, crl_pem, echo, issue, write_crl
+
+HOUR = dt.timedelta(hours=1)
+THEN = dt.datetime.now(dt.UTC).replace(microsecond=0) - 2 * HOUR
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def stolen(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return issue(pki, tmp_path_factory.mktemp("scanners"), "stolen")
+
+
+@pytest.fixture
+def node(tmp_path: Path, pki: Pki) -> Iterator[Callable[..., AuditedTlsNode]]:
+    made: list[AuditedTlsNode] = []
+
+    def _make(crl: Path, **tls: Any) -> AuditedTlsNode:
+        made.append(AuditedTlsNode(tmp_path / "node", pki, crl_file=str(crl), **tls))
+        return made[-1]
+
+    yield _make
+    for each in made:
+        each.stop()
+
+
+class _ResumingContext(ssl.SSLContext):
+    """A client context that offers ``session`` (a session of an earlier connection) and keeps its last socket."""
+
+    session: ssl.SSLSession | None = None
+    last: ssl.SSLSocket | None = None
+
+    def wrap_socket(self, sock: Any, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
+        kwargs["session"] = self.session
+        self.last = super().wrap_socket(sock, *args, **kwargs)
+        return self.last
+
+
+def _echo_resuming(ctx: _ResumingContext, port: int) -> tuple[bool, bool]:
+    """A C-ECHO association from a pynetdicom AE over ``ctx``: (established, TLS session resumed)."""
+    ae = AE(ae_title="STOLEN")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title="PACSNODE", tls_args=(ctx, "localhost"))
+    established, resumed = assoc.is_established, False
+    if established:
+        assert assoc.send_c_echo().Status == 0x0000
+        assert ctx.last is not None
+        resumed, ctx.session = bool(ctx.last.session_reused), ctx.last.session  # the newest, for the next connection
+        assoc.release()
+    return established, resumed
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3], ids=["tls1.2", "tls1.3"])
+def test_a_session_resumed_after_the_revocation_is_refused(
+    node: Callable[..., AuditedTlsNode], pki: Pki, stolen: tuple[Path, Path], tmp_path: Path,
+    version: ssl.TLSVersion
+) -> None:
+    """Before the fix the resumed association was accepted, revoked certificate and all (checked)."""
+    crl = write_crl(tmp_path / "crl.pem", crl_pem(pki, last_update=THEN))
+    listener = node(crl)
+    ctx = _ResumingContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.maximum_version = version
+    ctx.load_verify_locations(pki.ca)
+    ctx.load_cert_chain(*stolen)
+    assert _echo_resuming(ctx, listener.tls_port) == (True, False)
+    assert _echo_resuming(ctx, listener.tls_port) == (True, True)  # the listener resumes sessions
+    write_crl(crl, crl_pem(pki, (stolen[0],), last_update=THEN + HOUR))
+    assert _echo_resuming(ctx, listener.tls_port) == (False, False)
+
+
+def test_a_crl_of_the_same_second_supersedes_the_one_in_force_an_older_one_does_not(
+    node: Callable[..., AuditedTlsNode], pki: Pki, stolen: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Before the fix OpenSSL kept the first CRL of equal last update: the revocation was ignored (checked)."""
+    crl = write_crl(tmp_path / "crl.pem", crl_pem(pki, last_update=THEN))
+    listener = node(crl)
+    assert echo(pki, listener.tls_port, "STOLEN", stolen).returncode == 0
+    write_crl(crl, crl_pem(pki, (stolen[0],), last_update=THEN))
+    assert echo(pki, listener.tls_port, "STOLEN", stolen).returncode != 0
+    with capture_logs() as logs:  # a replayed older CRL, or one without the CA, un-revokes nothing
+        for replayed in (crl_pem(pki, last_update=THEN - HOUR), crl_pem(pki, ca=pki.other_ca)):
+            write_crl(crl, replayed)
+            assert echo(pki, listener.tls_port, "STOLEN", stolen).returncode != 0
+    assert [e["issuer"] for e in logs if e["event"] == "tls_crl_not_newer"] == ["CN=pacsnode test ca"]
+
+
+def test_the_listener_holds_one_crl_per_ca_however_often_the_file_is_replaced(pki: Pki, tmp_path: Path) -> None:
+    """Before the fix each replacement added its CRLs to OpenSSL's store for good (3 here; checked): a CA that
+    reissues a large CRL hourly grew every listener process by its size each time."""
+    crl = write_crl(tmp_path / "crl.pem", crl_pem(pki, last_update=THEN))
+    ctx = server_context(TlsSection.model_validate({
+        "certificate": pki.server_cert, "private_key": pki.server_key, "ca_file": pki.ca,
+        "client_certificates": "required", "dimse_port": free_port(), "crl_file": crl}))
+    for minutes in (1, 2):
+        write_crl(crl, crl_pem(pki, last_update=THEN + dt.timedelta(minutes=minutes)))
+        ctx.refresh_crl()
+    assert ctx.cert_store_stats()["crl"] == 1
+
+
+def test_a_crl_path_that_is_a_fifo_is_refused_without_stalling_the_listener(
+    node: Callable[..., AuditedTlsNode], pki: Pki, stolen: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Before the fix the acceptor thread blocked reading the FIFO: the echo hung (checked)."""
+    crl = write_crl(tmp_path / "crl.pem", crl_pem(pki, (stolen[0],), last_update=THEN))
+    kept = issue(pki, tmp_path, "kept")
+    listener = node(crl)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    fifo.replace(crl)
+    try:
+        with capture_logs() as logs:
+            cmd = [require_tool("echoscu"), "-aet", "KEPT", "-aec", "PACSNODE", "+tls", str(kept[1]), str(kept[0]),
+                   "-pw", "+cf", str(pki.ca), "127.0.0.1", str(listener.tls_port)]
+            assert subprocess.run(cmd, capture_output=True, timeout=20).returncode == 0
+        assert "not a regular file" in next(e["reason"] for e in logs if e["event"] == "tls_crl_reload_failed")
+        assert echo(pki, listener.tls_port, "STOLEN", stolen).returncode != 0  # the CRLs in force stay
+    finally:  # a reader blocked on the FIFO (the code before) gets its end of file and lets the node stop
+        with contextlib.suppress(OSError):
+            os.close(os.open(crl, os.O_WRONLY | os.O_NONBLOCK))
+
+
+def test_a_crl_file_larger_than_the_cap_is_refused_unread(pki: Pki, tmp_path: Path) -> None:
+    big = tmp_path / "crl.pem"
+    with big.open("wb") as sparse:  # no disk used: a hole
+        sparse.truncate(MAX_CRL_BYTES + 1)
+    with pytest.raises(ConfigError, match=r"tls.crl_file: .* is larger than 64 MiB"):
+        read_crls(big, pki.ca)
