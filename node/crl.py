@@ -58,7 +58,9 @@ def read_crls(crl_file: Path, ca_file: Path) -> tuple[bytes, list[x509.Certifica
     """The PEM CRLs in ``crl_file`` (its bytes as read, and each parsed), each checked to be signed by a CA in
     ``ca_file``; `ConfigError` naming ``tls.crl_file`` for a file that cannot be read (`_read_crl_file`: a regular
     file of at most `MAX_CRL_BYTES`), holds no PEM CRL, holds one that does not parse or one no CA in ``ca_file``
-    signed (OpenSSL would then refuse every certificate of the CA it names: "CRL signature failure")."""
+    signed (OpenSSL would then refuse every certificate of the CA it names: "CRL signature failure") or a delta
+    CRL (RFC 5280 5.2.4; without extended CRL support OpenSSL 3.0 scores it like a full CRL and, being newer than
+    its base, uses it: every revocation in the base was ignored)."""
     data = _read_crl_file(crl_file)
     blocks = _CRL_PEM.findall(data)
     if not blocks:
@@ -72,6 +74,9 @@ def read_crls(crl_file: Path, ca_file: Path) -> tuple[bytes, list[x509.Certifica
         if not any(ca.subject == crl.issuer and _signed_by(crl, ca) for ca in cas):
             raise ConfigError(f"{CRL_KEY}: the CRL of {crl.issuer.rfc4514_string()} in {crl_file} is not signed by "
                               f"a CA in tls.ca_file")
+        if _is_delta(crl):  # OpenSSL would take it, the newest, for the whole CRL: the base's revocations void
+            raise ConfigError(f"{CRL_KEY}: {crl_file} holds a delta CRL of {crl.issuer.rfc4514_string()}, which "
+                              f"is not supported: the full CRL only")
     return b"\n".join(blocks) + b"\n", crls
 
 
@@ -100,8 +105,9 @@ class ServerContext(ssl.SSLContext):
     The connections are then made by a fresh copy of this context holding the CRLs in force (`_copies`), one per
     change: OpenSSL's store can only grow, and the copy's empty session cache and new ticket key make a client
     that resumes a TLS session from before the change (resumption skips certificate verification) go through a
-    full handshake — a revoked certificate cannot ride on its old session. The CRLs in force: per CA, the newest
-    (last update, then CRL number) of the new file's and the one in force before, a tie going to the new file; so
+    full handshake — a revoked certificate cannot ride on its old session. The CRLs in force: per CA and scope
+    (`_Scope`: one of a distribution point stands beside the full CRL), the newest (last update,
+    then CRL number) of the new file's and the one in force before, a tie going to the new file; so
     a CRL reissued within the same second supersedes the old one, while a replayed older CRL, or a file without
     that CA's CRL, un-revokes nothing (``tls_crl_not_newer``). A new file that does not read, parse or verify
     (`read_crls`; also one caught half written) is logged (``tls_crl_reload_failed``) and the CRLs loaded before
@@ -121,7 +127,7 @@ class ServerContext(ssl.SSLContext):
         CRL stops the node before anything listens."""
         self.crl_file, self._ca_file, self._copy = crl_file, ca_file, copy
         self._crl_lock = threading.Lock()
-        self._in_force: dict[x509.Name, x509.CertificateRevocationList] = {}
+        self._in_force: dict[_Scope, x509.CertificateRevocationList] = {}
         self._crl_seen = _file_signature(crl_file)
         self.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF  # this context itself holds no CRL: it refuses all
         self._load_crls()
@@ -131,12 +137,12 @@ class ServerContext(ssl.SSLContext):
         crls = read_crls(self.crl_file, self._ca_file)[1]
         log = get_logger(component="tls")
         in_force = dict(self._in_force)
-        for issuer, crl in _newest_by_issuer(crls).items():
-            if issuer in in_force and not _supersedes(crl, in_force[issuer]):
-                log.warning("tls_crl_not_newer", issuer=issuer.rfc4514_string(), file=str(self.crl_file),
+        for scope, crl in _newest_by_scope(crls).items():
+            if scope in in_force and not _supersedes(crl, in_force[scope]):
+                log.warning("tls_crl_not_newer", issuer=crl.issuer.rfc4514_string(), file=str(self.crl_file),
                             kept="the CRL in force")
                 continue
-            in_force[issuer] = crl
+            in_force[scope] = crl
         try:
             ctx = self._copy()
             ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
@@ -193,16 +199,37 @@ class ServerContext(ssl.SSLContext):
         return super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
 
 
-def _newest_by_issuer(crls: list[x509.CertificateRevocationList]) -> dict[x509.Name, x509.CertificateRevocationList]:
-    newest: dict[x509.Name, x509.CertificateRevocationList] = {}
+# Which CRLs replace one another: one CA's, of one scope (RFC 5280 5.2.5 issuing distribution point: a CA may
+# partition its CRLs, e.g. its CA certificates' apart).
+_Scope = tuple[x509.Name, bytes | None]
+
+
+def _scope(crl: x509.CertificateRevocationList) -> _Scope:
+    try:
+        return crl.issuer, crl.extensions.get_extension_for_class(x509.IssuingDistributionPoint).value.public_bytes()
+    except x509.ExtensionNotFound:
+        return crl.issuer, None
+
+
+def _is_delta(crl: x509.CertificateRevocationList) -> bool:
+    try:
+        crl.extensions.get_extension_for_class(x509.DeltaCRLIndicator)
+    except x509.ExtensionNotFound:
+        return False
+    return True
+
+
+def _newest_by_scope(crls: list[x509.CertificateRevocationList]) -> dict[_Scope, x509.CertificateRevocationList]:
+    newest: dict[_Scope, x509.CertificateRevocationList] = {}
     for crl in crls:
-        if crl.issuer not in newest or _supersedes(crl, newest[crl.issuer]):
-            newest[crl.issuer] = crl
+        scope = _scope(crl)
+        if scope not in newest or _supersedes(crl, newest[scope]):
+            newest[scope] = crl
     return newest
 
 
 def _supersedes(new: x509.CertificateRevocationList, old: x509.CertificateRevocationList) -> bool:
-    """Whether ``new`` replaces ``old`` (one CA's): a later last update, or the same with a CRL number not lower
+    """Whether ``new`` replaces ``old`` (of one `_Scope`): a later last update, or the same with a CRL number not lower
     (RFC 5280 5.2.3: it only grows) — a CA may reissue its CRL within one second, which X.509 times cannot tell."""
     if new.last_update_utc != old.last_update_utc:
         return new.last_update_utc > old.last_update_utc

@@ -65,14 +65,17 @@ def issue(pki: Pki, folder: Path, name: str, *, cn: str | None = None, dns: tupl
 
 
 def crl_pem(pki: Pki, revoked: tuple[Path, ...] = (), *, last_update: dt.datetime | None = None,
-            next_update: dt.datetime | None = None, ca: Path | None = None) -> bytes:
+            next_update: dt.datetime | None = None, ca: Path | None = None,
+            extensions: tuple[tuple[x509.ExtensionType, bool], ...] = ()) -> bytes:
     """A PEM CRL of ``ca`` (default: the Pki's CA) revoking the certificates in the files ``revoked``; by default
-    issued an hour ago, next update in a day."""
+    issued an hour ago, next update in a day; with ``extensions`` (each with whether it is critical)."""
     ca_cert, ca_key = _ca(ca or pki.ca)
     now = dt.datetime.now(dt.UTC)
     last = last_update or now - dt.timedelta(hours=1)
     builder = (x509.CertificateRevocationListBuilder().issuer_name(ca_cert.subject)
                .last_update(last).next_update(next_update or last + DAY))
+    for extension, critical in extensions:
+        builder = builder.add_extension(extension, critical=critical)
     for path in revoked:
         serial = x509.load_pem_x509_certificate(path.read_bytes()).serial_number
         builder = builder.add_revoked_certificate(

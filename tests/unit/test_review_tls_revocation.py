@@ -4,9 +4,11 @@ client resumes its TLS session, DCMTK echoscu), certificates and CRLs from tests
 
 - A TLS session resumed after its certificate was revoked (TLS 1.2 session ID, TLS 1.3 ticket) is a full handshake
   again: resumption skips certificate verification, so a ticket taken before the revocation would outlive it.
+- A delta CRL is refused: OpenSSL took it for the whole CRL, voiding the base's revocations.
 - A new CRL whose last update is the same second as the one in force (a CA that reissues its CRL at each
   revocation) supersedes it; an older one (a replayed CRL) does not, nor does leaving a CA's CRL out.
-- However often the file is replaced, the listener holds one CRL per CA (OpenSSL's store only ever grew).
+- However often the file is replaced, the listener holds one CRL per CA and scope (OpenSSL's store only ever
+  grew); a CRL of another scope (issuing distribution point) stands beside the CA's other one.
 - A CRL path that is not a regular file (a FIFO) or is huge is refused without reading it: reading stalled every
   new connection on the listener (the DICOM TLS acceptor thread, the HTTPS event loop).
 """
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from structlog.testing import capture_logs
@@ -119,6 +122,50 @@ def test_a_crl_of_the_same_second_supersedes_the_one_in_force_an_older_one_does_
             write_crl(crl, replayed)
             assert echo(pki, listener.tls_port, "STOLEN", stolen).returncode != 0
     assert [e["issuer"] for e in logs if e["event"] == "tls_crl_not_newer"] == ["CN=pacsnode test ca"]
+
+
+def _number(n: int) -> tuple[x509.ExtensionType, bool]:
+    return x509.CRLNumber(n), False
+
+
+USERS_ONLY = x509.IssuingDistributionPoint(None, None, True, False, None, False, False)
+CAS_ONLY = x509.IssuingDistributionPoint(None, None, False, True, None, False, False)
+
+
+def test_a_delta_crl_is_refused(
+    node: Callable[..., AuditedTlsNode], pki: Pki, stolen: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A CA publishing delta CRLs (AD CS does by default) beside its base CRL: OpenSSL 3.0 without extended CRL
+    support takes the newer delta for the whole CRL. Before the fix the stolen certificate the base CRL revokes
+    was admitted once the delta was in the file (checked)."""
+    base = crl_pem(pki, (stolen[0],), last_update=THEN, extensions=(_number(1),))
+    delta = crl_pem(pki, last_update=THEN + HOUR, extensions=(_number(2), (x509.DeltaCRLIndicator(1), True)))
+    crl = write_crl(tmp_path / "crl.pem", base)
+    listener = node(crl)
+    assert echo(pki, listener.tls_port, "STOLEN", stolen).returncode != 0
+    with capture_logs() as logs:
+        write_crl(crl, base + delta)
+        assert echo(pki, listener.tls_port, "STOLEN", stolen).returncode != 0
+    assert "holds a delta CRL" in next(e["reason"] for e in logs if e["event"] == "tls_crl_reload_failed")
+    with pytest.raises(ConfigError, match="tls.crl_file: .* holds a delta CRL of CN=pacsnode test ca"):
+        read_crls(crl, pki.ca)
+
+
+def test_a_newer_crl_of_another_scope_leaves_the_base_crl_in_force(
+    node: Callable[..., AuditedTlsNode], pki: Pki, stolen: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A CA may partition its CRLs (issuing distribution point): here its CA certificates' apart from the users'.
+    A newer CRL of another scope must not displace the users' one (keeping one CRL per CA, every client certificate
+    was refused: 'different CRL scope'), also when the next file leaves it out."""
+    users = crl_pem(pki, (stolen[0],), last_update=THEN, extensions=(_number(1), (USERS_ONLY, True)))
+    cas = crl_pem(pki, last_update=THEN + HOUR, extensions=(_number(2), (CAS_ONLY, True)))
+    crl = write_crl(tmp_path / "crl.pem", users + cas)
+    listener = node(crl)
+    kept = issue(pki, tmp_path, "kept")
+    for _ in range(2):
+        assert echo(pki, listener.tls_port, "KEPT", kept).returncode == 0
+        assert echo(pki, listener.tls_port, "STOLEN", stolen).returncode != 0
+        write_crl(crl, cas)  # the users' CRL in force stays
 
 
 def test_the_listener_holds_one_crl_per_ca_however_often_the_file_is_replaced(pki: Pki, tmp_path: Path) -> None:
