@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install the Debian packages the tests talk to (DCMTK, GDCM's gdcmscu, Orthanc + DICOMweb plugin, dicom3tools;
-# chromium, node and npm for the OHIF viewer test; prometheus for promtool; postgresql for the database tests) when missing.
+# chromium, node and npm for the OHIF viewer test; prometheus for promtool; systemd for systemd-analyze; postgresql for
+# the database tests) when missing.
 # Needs root for apt-get; otherwise says what is missing and leaves it to the tests to skip those peers.
 set -euo pipefail
 need=()
@@ -13,6 +14,7 @@ command -v node >/dev/null 2>&1 || need+=(nodejs)
 command -v npm >/dev/null 2>&1 || need+=(npm)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)  # promtool checks deploy/prometheus-alerts.yml
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)  # systemd-analyze verifies deploy/pacsnode.service
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need+=(postgresql)  # the shared-database tests
 if [ ${#need[@]} -eq 0 ]; then exit 0; fi
 if [ "$(id -u)" != 0 ]; then
