@@ -2,12 +2,14 @@
 beside it, ``ca.key``): `issue` signs a client certificate with given subject CN and DNS names, `write_crl` a CRL of
 that CA revoking given certificates, with its times chosen (an expired one, or two in a known order).
 Made with the ``cryptography`` package, which `node.tls` itself reads certificates with. `AuditedTlsNode`: the
-node's DIMSE server in-process with a DICOM TLS listener and its audit trail, `echo` DCMTK's echoscu against it.
+node's DIMSE server in-process with a DICOM TLS listener and its audit trail, `echo` DCMTK's echoscu against it;
+`resuming_context` a client context that resumes its TLS sessions.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import ssl
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -132,3 +134,26 @@ def echo(pki: Pki, port: int, calling_ae: str, cert: tuple[Path, Path] | None) -
     tls = () if cert is None else ("+tls", str(cert[1]), str(cert[0]), "-pw", "+cf", str(pki.ca))
     cmd = [require_tool("echoscu"), "-aet", calling_ae, "-aec", "PACSNODE", *tls, "127.0.0.1", str(port)]
     return subprocess.run(cmd, capture_output=True, text=True, env=peer_env(), timeout=30)
+
+
+class ResumingContext(ssl.SSLContext):
+    """A client context that offers ``session`` (one of an earlier connection on this context: Python's ssl resumes
+    only those) and keeps its last socket, to read that connection's session and whether it was resumed."""
+
+    session: ssl.SSLSession | None = None
+    last: ssl.SSLSocket | None = None
+
+    def wrap_socket(self, sock: Any, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
+        kwargs["session"] = self.session
+        self.last = super().wrap_socket(sock, *args, **kwargs)
+        return self.last
+
+
+def resuming_context(pki: Pki, cert: tuple[Path, Path], version: ssl.TLSVersion | None = None) -> ResumingContext:
+    """A `ResumingContext` trusting the Pki's CA, offering ``cert`` (certificate, key), up to TLS ``version``."""
+    ctx = ResumingContext(ssl.PROTOCOL_TLS_CLIENT)
+    if version is not None:
+        ctx.maximum_version = version
+    ctx.load_verify_locations(pki.ca)
+    ctx.load_cert_chain(*cert)
+    return ctx

@@ -4,7 +4,8 @@ attacker could get issued: a real pynetdicom AE over DICOM TLS as the peer, cert
 RFC 6125 6.4.4: once a certificate carries subjectAltName DNS names its subject CN is not an identity — a CA that
 validates the SAN names often copies the CN from the request unchecked, so a certificate issued for
 ``kiosk.example.org`` with CN ``ct-a.hospital.org`` must not pass as scanner A's. Look-alikes (a trailing dot, an
-embedded NUL, a wildcard, an IDN) never match a bound name; case does not matter.
+embedded NUL, a wildcard, an IDN) never match a bound name; case does not matter. A resumed TLS session is
+checked with the certificate it was made with.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from tests.tlscerts import Pki, make_pki
-from tests.tlsrevocation import AuditedTlsNode, echo, issue
+from tests.tlsrevocation import AuditedTlsNode, ResumingContext, echo, issue, resuming_context
 
-BOUND = {"CT_A": ["ct-a.hospital.org"]}
+BOUND = {"CT_A": ["ct-a.hospital.org"], "CT_B": "ct-b.hospital.org"}
 
 
 @pytest.fixture(scope="module")
@@ -35,15 +36,24 @@ def node(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[Audited
     made.stop()
 
 
-def _associates(pki: Pki, node: AuditedTlsNode, cert: tuple[Path, Path]) -> bool:
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki.ca))
-    ctx.load_cert_chain(*cert)
-    ae = AE(ae_title="CT_A")
+def _associates(pki: Pki, node: AuditedTlsNode, cert: tuple[Path, Path] | ResumingContext, calling: str = "CT_A",
+                resumed: bool = False) -> bool:
+    """Whether ``calling`` associates over TLS with ``cert`` (or a `ResumingContext`, which then resumes its session
+    next time, and has resumed this one if ``resumed``)."""
+    if isinstance(cert, ResumingContext):
+        ctx: ssl.SSLContext = cert
+    else:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki.ca))
+        ctx.load_cert_chain(*cert)
+    ae = AE(ae_title=calling)
     ae.add_requested_context(Verification)
     assoc = ae.associate("127.0.0.1", node.tls_port, ae_title="PACSNODE", tls_args=(ctx, "localhost"))
     if not assoc.is_established:
         assert assoc.is_rejected  # refused by the binding, not by TLS
         return False
+    if isinstance(ctx, ResumingContext):
+        assert ctx.last is not None and ctx.last.session_reused is resumed
+        ctx.session = ctx.last.session
     assoc.release()
     return True
 
@@ -73,3 +83,15 @@ def test_look_alike_names_do_not_match(
     node: AuditedTlsNode, pki: Pki, tmp_path: Path, cn: str, dns: tuple[str, ...], admitted: bool
 ) -> None:
     assert _associates(pki, node, issue(pki, tmp_path, "peer", cn=cn, dns=dns)) is admitted
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3], ids=["tls1.2", "tls1.3"])
+def test_a_resumed_tls_session_is_checked_with_the_certificate_it_was_made_with(
+    node: AuditedTlsNode, pki: Pki, tmp_path: Path, version: ssl.TLSVersion
+) -> None:
+    """Resumption skips the certificate exchange; the session still holds the peer's certificate, so the binding
+    holds: scanner A's session, resumed, associates as CT_A and not as CT_B."""
+    ctx = resuming_context(pki, issue(pki, tmp_path, "a", dns=("ct-a.hospital.org",)), version)
+    assert _associates(pki, node, ctx)
+    assert not _associates(pki, node, ctx, "CT_B")
+    assert _associates(pki, node, ctx, resumed=True)

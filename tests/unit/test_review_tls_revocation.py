@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import http.client
 import os
 import ssl
 import subprocess
@@ -28,14 +29,26 @@ import pytest
 from cryptography import x509
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
 from structlog.testing import capture_logs
 
-from node.config import TlsSection
+from node.config import NodeConfig, TlsSection
 from node.errors import ConfigError
+from node.http import HttpServer
 from node.tls import MAX_CRL_BYTES, read_crls, server_context
 from tests.conftest import free_port, require_tool
 from tests.tlscerts import Pki, make_pki
-from tests.tlsrevocation import AuditedTlsNode, crl_pem, echo, issue, write_crl
+from tests.tlsrevocation import (
+    AuditedTlsNode,
+    ResumingContext,
+    crl_pem,
+    echo,
+    issue,
+    resuming_context,
+    write_crl,
+)
 
 HOUR = dt.timedelta(hours=1)
 THEN = dt.datetime.now(dt.UTC).replace(microsecond=0) - 2 * HOUR
@@ -64,19 +77,7 @@ def node(tmp_path: Path, pki: Pki) -> Iterator[Callable[..., AuditedTlsNode]]:
         each.stop()
 
 
-class _ResumingContext(ssl.SSLContext):
-    """A client context that offers ``session`` (a session of an earlier connection) and keeps its last socket."""
-
-    session: ssl.SSLSession | None = None
-    last: ssl.SSLSocket | None = None
-
-    def wrap_socket(self, sock: Any, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
-        kwargs["session"] = self.session
-        self.last = super().wrap_socket(sock, *args, **kwargs)
-        return self.last
-
-
-def _echo_resuming(ctx: _ResumingContext, port: int) -> tuple[bool, bool]:
+def _echo_resuming(ctx: ResumingContext, port: int) -> tuple[bool, bool]:
     """A C-ECHO association from a pynetdicom AE over ``ctx``: (established, TLS session resumed)."""
     ae = AE(ae_title="STOLEN")
     ae.add_requested_context(Verification)
@@ -98,14 +99,48 @@ def test_a_session_resumed_after_the_revocation_is_refused(
     """Before the fix the resumed association was accepted, revoked certificate and all (checked)."""
     crl = write_crl(tmp_path / "crl.pem", crl_pem(pki, last_update=THEN))
     listener = node(crl)
-    ctx = _ResumingContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.maximum_version = version
-    ctx.load_verify_locations(pki.ca)
-    ctx.load_cert_chain(*stolen)
+    ctx = resuming_context(pki, stolen, version)
     assert _echo_resuming(ctx, listener.tls_port) == (True, False)
     assert _echo_resuming(ctx, listener.tls_port) == (True, True)  # the listener resumes sessions
     write_crl(crl, crl_pem(pki, (stolen[0],), last_update=THEN + HOUR))
     assert _echo_resuming(ctx, listener.tls_port) == (False, False)
+
+
+def test_an_https_session_resumed_after_the_revocation_is_refused(
+    pki: Pki, stolen: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The same over HTTPS (asyncio's handshake, `wrap_bio`), with Python's http.client resuming its TLS 1.3
+    session. Before the fix the resumed request was answered 200 (checked)."""
+    crl = write_crl(tmp_path / "crl.pem", crl_pem(pki, last_update=THEN))
+    config = NodeConfig.model_validate({
+        "node": {"data_dir": str(tmp_path / "data"), "http_port": free_port(), "dicomweb_token": "t" * 24},
+        "tls": {"certificate": str(pki.server_cert), "private_key": str(pki.server_key), "ca_file": str(pki.ca),
+                "client_certificates": "required", "https": True, "crl_file": str(crl)}})
+    server = HttpServer(config, Starlette(routes=[Route("/healthz", lambda _: PlainTextResponse("ok"))]))
+    server.start()
+    ctx = resuming_context(pki, stolen)
+
+    def get() -> tuple[int | str, bool]:
+        connection = http.client.HTTPSConnection("localhost", server.port, context=ctx, timeout=10)
+        try:
+            connection.request("GET", "/healthz")
+            response = connection.getresponse()
+            response.read()
+            assert ctx.last is not None
+            resumed, ctx.session = bool(ctx.last.session_reused), ctx.last.session
+            return response.status, resumed
+        except (ssl.SSLError, OSError) as exc:  # the handshake refused
+            return type(exc).__name__, False
+        finally:
+            connection.close()
+
+    try:
+        assert get() == (200, False)
+        assert get() == (200, True)
+        write_crl(crl, crl_pem(pki, (stolen[0],), last_update=THEN + HOUR))
+        assert get()[0] != 200
+    finally:
+        server.stop(2.0)
 
 
 def test_a_crl_of_the_same_second_supersedes_the_one_in_force_an_older_one_does_not(
