@@ -92,6 +92,12 @@ class Bursts:
         return record, unrecorded
 
 
+def user_for(token_required: bool) -> str:
+    """The audit trail's user for an HTTP request the node admitted: the token's holder, or anonymous on a node
+    without a token (also for a STOW-RS request found open at restart, whose row does not name it)."""
+    return TOKEN_USER if token_required else ANONYMOUS_USER
+
+
 class Authenticator:
     """The node's HTTP authentication. ``token`` None means open: every request passes (HTTP is then bound to
     loopback, `NodeConfig.http_authenticates`). Raises ValueError for an empty token."""
@@ -113,7 +119,7 @@ class Authenticator:
     @property
     def user(self) -> str:
         """Who an admitted request is, for the audit trail (one shared token: its holder)."""
-        return TOKEN_USER if self.token is not None else ANONYMOUS_USER
+        return user_for(self.token is not None)
 
     async def check(self, request: Request, surface: str) -> Response | None:
         """None when ``request`` may proceed; else the 401 answer, after counting, logging and auditing."""

@@ -142,6 +142,7 @@ class ProcessSupervisor:
         series still receiving (the node was down); returns how many of each. Run once, before any child, so
         children never race to create tables."""
         from node.auditdb import audit_dangling_closed
+        from node.auth import user_for
         from node.db import create_engine_for, init_schema
         from node.index import Index
         from node.service import Service  # noqa: F401 - registers every stage's tables on the metadata
@@ -153,7 +154,8 @@ class ProcessSupervisor:
             index = Index(engine)
             closed = index.abort_dangling_associations(prefix=self.identity.instance_prefix)
             if closed:  # what they stored, and their end: the records their close would have written
-                self._audit(lambda audit: audit_dangling_closed(audit, engine, closed))
+                self._audit(lambda audit: audit_dangling_closed(audit, engine, closed, stow_user=user_for(
+                    self.config.node.http_authenticates())))
             return len(closed), index.retime_open_series()
         finally:
             engine.dispose()

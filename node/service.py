@@ -37,7 +37,7 @@ from node.admin import admin_routes
 from node.admission import Admission, index_activity
 from node.audit import AuditTrail
 from node.auditdb import audit_dangling_closed, audit_export
-from node.auth import Authenticator
+from node.auth import Authenticator, user_for
 from node.commitment import Commitments
 from node.completion import CompletionSweeper
 from node.config import DestinationKind, NodeConfig, load_config
@@ -256,7 +256,8 @@ class Service:
             # Only this process's own rows (role all in one process: every row of its instance).
             prefix = self.identity.instance_prefix if self.role is Role.ALL else None
             closed = self.index.abort_dangling_associations(prefix=prefix)
-            audit_dangling_closed(self.audit, self.engine, closed)  # what they stored, and their end
+            audit_dangling_closed(self.audit, self.engine, closed,  # what they stored, and their end
+                                  stow_user=user_for(self.config.node.http_authenticates()))
             dangling = len(closed)
             # The whole node was down: nothing judged completion meanwhile. A lone listener's restart is no such
             # gap (other listeners sweep on); under a supervisor, it re-timed them once before the children.

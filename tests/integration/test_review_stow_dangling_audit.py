@@ -5,8 +5,8 @@ request's row is opened with - instead of the token's holder that the request's 
 followed by a 110114 Logout "association aborted (found open at restart)" for an HTTP request that never logged
 in. What an auditor needs: the receipt naming who sent it, and no fake logout. The row is told by its calling AE
 (`node.index.DanglingAssociation.stow`); the logout is gone. Who sent it is not in the row: `audit_dangling_closed`
-names ``stow_user`` when its callers (node/service.py, node/processes.py) pass it - not yet done, so the receipt
-still names "STOW-RS" (reported; checked by hand that passing it makes the receipt name "dicomweb-token").
+names ``stow_user``, which its callers (node/service.py, node/processes.py) give from the config: the token's holder
+(the node has one token), or anonymous.
 
 The window is held open as in test_review_stow_receipt_crash (a FIFO audit file the test fills, the listener
 SIGKILLed while its write of the receipt blocks)."""
@@ -92,6 +92,8 @@ def test_a_stow_request_found_open_at_restart_names_its_sender_and_logs_no_one_o
                and r.get("pacsnode", {}).get("association_id") == request_id]
     assert logouts == []  # an HTTP request has no login, so no logout
     assert context["front_door"] == "STOW-RS" and context["found_open_at_restart"] is True
+    users = {p["UserID"] for p in record["ActiveParticipant"]}
+    assert "dicomweb-token" in users and "STOW-RS" not in users, record["ActiveParticipant"]
     assert PATIENT not in node.log_text()
 
 
