@@ -12,6 +12,7 @@ packages and extras are installed. Exit codes: 0 success, 1 operation failed, 2 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import signal
@@ -44,6 +45,7 @@ def _load(args: argparse.Namespace) -> NodeConfig:
 def cmd_serve(args: argparse.Namespace) -> int:
     from node.states import ProcessModel, Role
 
+    faulthandler.enable()  # a fatal signal (systemd's watchdog abort: SIGABRT) dumps every thread's stack to stderr
     if args.supervisor_pid is not None:  # a role child: its supervisor's running config, not the file as it reads now
         from node.config.snapshot import child_config
 
