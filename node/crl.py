@@ -109,9 +109,10 @@ class ServerContext(ssl.SSLContext):
     (`_Scope`: one of a distribution point stands beside the full CRL), the newest (last update,
     then CRL number) of the new file's and the one in force before, a tie going to the new file; so
     a CRL reissued within the same second supersedes the old one, while a replayed older CRL, or a file without
-    that CA's CRL, un-revokes nothing (``tls_crl_not_newer``). A new file that does not read, parse or verify
-    (`read_crls`; also one caught half written) is logged (``tls_crl_reload_failed``) and the CRLs loaded before
-    stay in force; a CRL past its next update is logged (``tls_crl_expired``) and, as OpenSSL does, refuses every
+    that CA's CRL, un-revokes nothing (``tls_crl_not_newer``). A CRL in force passing its next update also
+    brings a fresh copy: a session made before cannot be resumed past it. A new file that does not read, parse or
+    verify (`read_crls`; also one caught half written) is logged (``tls_crl_reload_failed``) and the CRLs loaded
+    before stay in force; a CRL past its next update is logged (``tls_crl_expired``) and, as OpenSSL does, refuses every
     certificate of its CA ("CRL has expired") until a current one is installed: an expired CRL can no longer say
     whether a certificate was revoked since, and failing open would let a stolen certificate in exactly when
     publishing fails. Why the leaf only: README, "TLS"."""
@@ -120,6 +121,7 @@ class ServerContext(ssl.SSLContext):
     _ca_file: Path | None = None
     _crl_seen: tuple[int, int, int] | None = None
     _current: ssl.SSLContext | None = None  # makes the connections while a CRL file is followed
+    _lapses_at: dt.datetime | None = None  # when the next CRL in force passes its next update
 
     def follow_crl(self, crl_file: Path, ca_file: Path, copy: Callable[[], ssl.SSLContext]) -> None:
         """Check client certificates against the CRLs in ``crl_file`` from now on, on connections made by
@@ -143,6 +145,11 @@ class ServerContext(ssl.SSLContext):
                             kept="the CRL in force")
                 continue
             in_force[scope] = crl
+        self._install(in_force)
+        return list(in_force.values())
+
+    def _install(self, in_force: dict[_Scope, x509.CertificateRevocationList]) -> None:
+        """Make the connections from now on with a fresh copy holding ``in_force`` (no session of the one before)."""
         try:
             ctx = self._copy()
             ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
@@ -153,20 +160,35 @@ class ServerContext(ssl.SSLContext):
                 ctx.load_verify_locations(cafile=pem.name)
         except (ssl.SSLError, OSError) as exc:
             raise ConfigError(f"{CRL_KEY}: {self.crl_file} does not load ({_reason(exc)})") from exc
+        now = dt.datetime.now(dt.UTC)
         self._current, self._in_force = ctx, in_force
+        self._lapses_at = min((crl.next_update_utc for crl in in_force.values()
+                               if crl.next_update_utc is not None and crl.next_update_utc > now), default=None)
         for crl in in_force.values():
-            if (state := crl_state(crl)) is not None:
-                log.warning("tls_crl_expired", issuer=crl.issuer.rfc4514_string(), state=state,
-                            next_update=str(crl.next_update_utc), file=str(self.crl_file))
-        return list(in_force.values())
+            if (state := crl_state(crl, now)) is not None:
+                get_logger(component="tls").warning(
+                    "tls_crl_expired", issuer=crl.issuer.rfc4514_string(), state=state,
+                    next_update=str(crl.next_update_utc), file=str(self.crl_file))
 
     def refresh_crl(self) -> None:
-        """Load ``crl_file`` again if it changed since it was last read (logged); a failure keeps the CRLs loaded."""
-        if self.crl_file is None or (seen := _file_signature(self.crl_file)) == self._crl_seen:
+        """Load ``crl_file`` again if it changed since it was last read (logged; a failure keeps the CRLs loaded);
+        once a CRL in force passes its next update, a fresh copy all the same: a session made before cannot be
+        resumed past it."""
+        if self.crl_file is None:
+            return
+        seen = _file_signature(self.crl_file)
+        if seen == self._crl_seen and not self._lapsed():
             return
         with self._crl_lock:
             if seen == self._crl_seen:
-                return  # another connection's thread loaded it meanwhile
+                if self._lapsed():  # no other connection's thread saw it meanwhile
+                    try:
+                        self._install(self._in_force)
+                    except ConfigError as exc:  # not tried again until the file changes
+                        self._lapses_at = None
+                        get_logger(component="tls").error("tls_crl_reload_failed", reason=str(exc),
+                                                          kept="the context before")
+                return
             self._crl_seen = seen
             log = get_logger(component="tls")
             try:
@@ -176,6 +198,9 @@ class ServerContext(ssl.SSLContext):
                 return
             log.info("tls_crl_loaded", file=str(self.crl_file), crls=len(crls),
                      revoked=sum(len(crl) for crl in crls))
+
+    def _lapsed(self) -> bool:
+        return self._lapses_at is not None and dt.datetime.now(dt.UTC) >= self._lapses_at
 
     def cert_store_stats(self) -> dict[str, int]:
         """Those of the context making the connections (with a CRL file: the CRLs in force)."""

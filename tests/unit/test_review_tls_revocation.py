@@ -38,7 +38,7 @@ from node.config import NodeConfig, TlsSection
 from node.errors import ConfigError
 from node.http import HttpServer
 from node.tls import MAX_CRL_BYTES, read_crls, server_context
-from tests.conftest import free_port, require_tool
+from tests.conftest import free_port, require_tool, wait_until
 from tests.tlscerts import Pki, make_pki
 from tests.tlsrevocation import (
     AuditedTlsNode,
@@ -103,6 +103,20 @@ def test_a_session_resumed_after_the_revocation_is_refused(
     assert _echo_resuming(ctx, listener.tls_port) == (True, False)
     assert _echo_resuming(ctx, listener.tls_port) == (True, True)  # the listener resumes sessions
     write_crl(crl, crl_pem(pki, (stolen[0],), last_update=THEN + HOUR))
+    assert _echo_resuming(ctx, listener.tls_port) == (False, False)
+
+
+def test_a_session_is_not_resumed_past_the_crl_next_update(
+    node: Callable[..., AuditedTlsNode], pki: Pki, stolen: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """An expired CRL refuses every certificate of its CA (README); a session made while it was current, resumed
+    once it has lapsed, was accepted before the fix (checked). The CRL's next update is the one clock here."""
+    lapses = dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(seconds=6)
+    crl = write_crl(tmp_path / "crl.pem", crl_pem(pki, last_update=THEN, next_update=lapses))
+    listener = node(crl)
+    ctx = resuming_context(pki, stolen)
+    assert _echo_resuming(ctx, listener.tls_port)[0]
+    wait_until(lambda: dt.datetime.now(dt.UTC) > lapses, 30, "the CRL's next update passed")
     assert _echo_resuming(ctx, listener.tls_port) == (False, False)
 
 
