@@ -113,7 +113,8 @@ def _copies(tls: TlsSection) -> Callable[[], ssl.SSLContext]:
         ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
         with _in_memory(chain) as chain_path, _in_memory(key) as key_path:  # the key never touches a disk
             ctx.load_cert_chain(chain_path, key_path, password=_no_password)
-        ctx.load_verify_locations(cadata=cas.decode("ascii", "replace"))
+        with _in_memory(cas) as ca_path:  # as a file, as at start: cadata would skip CRLs a CA bundle holds
+            ctx.load_verify_locations(cafile=ca_path)
         ctx.verify_mode = verify_mode
         return ctx
 
