@@ -19,6 +19,7 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtensionOID
 
 from node.config import NodeConfig
 from node.errors import ConfigError
@@ -54,6 +55,12 @@ def _read_crl_file(crl_file: Path) -> bytes:
     return data
 
 
+# The critical CRL extensions OpenSSL handles (crypto/x509/x_crl.c): with any other it refuses every certificate of
+# the CA ("unhandled critical CRL extension").
+_HANDLED = frozenset({ExtensionOID.ISSUING_DISTRIBUTION_POINT, ExtensionOID.AUTHORITY_KEY_IDENTIFIER,
+                      ExtensionOID.DELTA_CRL_INDICATOR})
+
+
 def read_crls(crl_file: Path, ca_file: Path) -> tuple[bytes, list[x509.CertificateRevocationList]]:
     """The PEM CRLs in ``crl_file`` (its bytes as read, and each parsed), each checked to be signed by a CA in
     ``ca_file``; `ConfigError` naming ``tls.crl_file`` for a file that cannot be read (`_read_crl_file`: a regular
@@ -77,6 +84,10 @@ def read_crls(crl_file: Path, ca_file: Path) -> tuple[bytes, list[x509.Certifica
         if _is_delta(crl):  # OpenSSL would take it, the newest, for the whole CRL: the base's revocations void
             raise ConfigError(f"{CRL_KEY}: {crl_file} holds a delta CRL of {crl.issuer.rfc4514_string()}, which "
                               f"is not supported: the full CRL only")
+        if unhandled := [e.oid.dotted_string for e in crl.extensions if e.critical and e.oid not in _HANDLED]:
+            raise ConfigError(f"{CRL_KEY}: the CRL of {crl.issuer.rfc4514_string()} in {crl_file} has a critical "
+                              f"extension {', '.join(unhandled)} that OpenSSL does not handle: it would refuse every "
+                              f"certificate of that CA")
     return b"\n".join(blocks) + b"\n", crls
 
 

@@ -258,3 +258,24 @@ def test_a_crl_file_larger_than_the_cap_is_refused_unread(pki: Pki, tmp_path: Pa
         sparse.truncate(MAX_CRL_BYTES + 1)
     with pytest.raises(ConfigError, match=r"tls.crl_file: .* is larger than 64 MiB"):
         read_crls(big, pki.ca)
+
+
+def test_a_crl_with_a_critical_extension_openssl_does_not_handle_is_refused_and_the_one_in_force_stays(
+    node: Callable[..., AuditedTlsNode], pki: Pki, stolen: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """OpenSSL refuses every certificate of a CA whose CRL carries a critical extension it does not handle
+    ("unhandled critical CRL extension"): such a file passed config check and a reload, then locked out every
+    scanner of that CA. It is refused like a delta CRL now, and the CRLs in force stay."""
+    odd = (x509.UnrecognizedExtension(x509.ObjectIdentifier("1.3.6.1.4.1.99999.1"), b"\x05\x00"), True)
+    good = crl_pem(pki, (stolen[0],), last_update=THEN, extensions=(_number(1),))
+    crl = write_crl(tmp_path / "crl.pem", good)
+    listener = node(crl)
+    assert echo(pki, listener.tls_port, "STORESCU", (pki.client_cert, pki.client_key)).returncode == 0
+    with capture_logs() as logs:
+        write_crl(crl, crl_pem(pki, (stolen[0],), last_update=THEN + HOUR, extensions=(_number(2), odd)))
+        assert echo(pki, listener.tls_port, "STORESCU", (pki.client_cert, pki.client_key)).returncode == 0
+        assert echo(pki, listener.tls_port, "STOLEN", stolen).returncode != 0
+    assert "critical extension 1.3.6.1.4.1.99999.1" in next(
+        e["reason"] for e in logs if e["event"] == "tls_crl_reload_failed")
+    with pytest.raises(ConfigError, match=r"tls.crl_file: the CRL of CN=pacsnode test ca .* critical extension"):
+        read_crls(crl, pki.ca)
