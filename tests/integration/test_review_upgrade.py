@@ -179,6 +179,10 @@ def test_an_upgrade_with_work_in_flight_loses_nothing_and_repeats_nothing(node_d
         assert db.one("select attempts from jobs where series_uid = :s", s=a.series_uid) == 1
         assert db.one("select attempts from jobs where series_uid = :s", s=b.series_uid) == 1
         assert db.one("select count(*) from associations where closed_at is null") == 0
+        audit = _pacsnode(node, "audit", "--json", "--event", "association_ended")
+        ended = [json.loads(line) for line in audit.stdout.splitlines() if line.startswith("{")]
+        assert any("aborted" in r["EventIdentification"]["EventOutcomeDescription"] and r["ActiveParticipant"][0][
+            "UserID"] == "CT-B" for r in ended), audit.stdout[-3000:]  # the cut association is in the audit trail
         dead = db.rows("select id, state, last_error from deliveries where destination = 'archive' and "
                        "series_uid = :s", s=a.series_uid)
         assert [(r.state, r.last_error) for r in dead] == [("dead", "gave up after 1 s; last error: refused")]
