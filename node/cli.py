@@ -45,7 +45,7 @@ def _load(args: argparse.Namespace) -> NodeConfig:
 def cmd_serve(args: argparse.Namespace) -> int:
     from node.states import ProcessModel, Role
 
-    faulthandler.enable(sys.__stderr__)  # a fatal signal (systemd's watchdog abort: SIGABRT): every thread's stack
+    faulthandler.enable(2)  # on descriptor 2, stderr; a fatal signal (systemd's watchdog abort: SIGABRT): every thread's stack
     if args.supervisor_pid is not None:  # a role child: its supervisor's running config, not the file as it reads now
         from node.config.snapshot import child_config
 
