@@ -14,10 +14,11 @@ from sqlalchemy.engine import make_url
 
 from node.commitment import commit_problems
 from node.config import NodeConfig
-from node.db import create_engine_for, init_schema
+from node.db import create_engine_for
 from node.dispatch import Dispatcher
 from node.errors import ConfigError
 from node.index import Index
+from node.migrate import prepare
 from node.processes import read_table
 from node.queue import JobQueue
 from node.reachability import destination_report
@@ -34,7 +35,9 @@ def open_stages(config: NodeConfig) -> tuple[Any, Any, Any]:
         raise ConfigError(f"no database at {url.database}: the node has not run with this config, or it runs "
                               "with another data_dir or [database] url (its own PACSNODE_ overrides?)")
     engine = create_engine_for(config.database_url)
-    init_schema(engine)
+    # Never upgraded here, SQLite included: an older release's node may still serve on it (the new package installed,
+    # the service not yet restarted), and its next process restart would refuse the schema - taken down by a query.
+    prepare(engine, upgrade_older=False)
     return Index(engine), JobQueue(engine, config.queue), Dispatcher(config, engine, {})
 
 
