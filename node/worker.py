@@ -87,7 +87,9 @@ class Worker:
         self.identity = identity
         self.worker_id = holder_id("worker", identity)  # <instance>:worker:<pid>:<random>, the lease holder
         root = config.node.data_dir / "results"  # a late-mounted results volume is not marked (node.spool)
-        self.results_store = Spool(root, indexed_files=lambda: _newest_results(engine, root))
+        keep = config.retention.results_days * 86400.0  # results younger than that are not purged for their age
+        self.results_store = Spool(root, indexed_files=lambda: _newest_results(engine, root, self.clock() - keep
+                                                                               if keep else None))
         self.recorder = ResultsRecorder(engine, queue, dispatcher, self.results_store, lambda: self.clock(),
                                         self.worker_id)
         self.log = get_logger(component="worker", worker_id=self.worker_id)
@@ -415,14 +417,18 @@ class Worker:
         self.recorder.record(job, objects, end_job)
 
 
-def _newest_results(engine: Engine, root: Path, limit: int = 8) -> list[Path]:
-    """The newest result files recorded under ``root`` (the oldest may be purged, their rows kept). Raises
-    `DatabaseError`."""
+def _newest_results(engine: Engine, root: Path, since: float | None, limit: int = 8) -> list[Path]:
+    """The newest result files recorded under ``root`` since ``since`` (None: any): retention deletes result files
+    ``results_days`` after their series settled and keeps the rows, so only files younger than that must be there.
+    With all of them (a node quiet for longer, upgraded from a release before spool markers) the folder was taken
+    for an unmounted volume and every result waited for ever. Raises `DatabaseError`."""
     prefix = f"{root}/"
+    where = sa.func.substr(results.c.path, 1, len(prefix)) == prefix
+    if since is not None:
+        where = sa.and_(where, results.c.created_at >= since)
     with reading(engine, "results read failed") as conn:
         return [Path(p) for p in conn.execute(
-            sa.select(results.c.path).where(sa.func.substr(results.c.path, 1, len(prefix)) == prefix)
-            .order_by(results.c.id.desc()).limit(limit)).scalars()]
+            sa.select(results.c.path).where(where).order_by(results.c.id.desc()).limit(limit)).scalars()]
 
 
 def _header(path: str) -> Dataset:
