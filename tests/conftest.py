@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import pytest
+import structlog
 
 from peers import (  # noqa: F401  (re-exported: the tests import these from here)
     REPO,
@@ -46,6 +47,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="the database the integration tests' nodes run on; 'both' runs each integration test that starts "
              "nodes once per backend (default: $TEST_NODE_DB, else sqlite)",
     )
+
+
+@pytest.fixture(autouse=True)
+def _logging_config_restored() -> Iterator[None]:
+    """structlog's configuration as it was before each test, after it: a test running a CLI command in-process
+    (``purge`` and ``status`` configure logging at WARNING) left the level there, and the next test in that worker
+    captured no info event (``shutting_down``, ``inference_device_selected``: CI run 35)."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
 
 
 BACKENDS = ("sqlite", "postgres")

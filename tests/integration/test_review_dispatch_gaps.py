@@ -89,7 +89,8 @@ def test_a_removed_destinations_dead_letter_says_it_is_not_configured(
     [waiting] = dispatcher.enqueue(result.series_uid, 1, result.paths, result.sop_uids)
     assert dispatcher.run_once() == 1
     row = dispatcher.get(waiting)
-    assert row is not None and row.state == DeliveryState.PENDING and "rejected" in row.last_error
+    # rejected (or, with Orthanc slow under load, aborted): either way an error naming the wrong AE title
+    assert row is not None and row.state == DeliveryState.PENDING and "association with NOT-ORTHANC@" in row.last_error
     dispatcher.apply_config(_config())  # removed by a hot reload
     clock.advance(GIVE_UP + 1)
     dispatcher.run_once()  # the sweep: past its give-up time
@@ -122,7 +123,7 @@ def test_a_destination_removed_while_its_send_fails_past_give_up_says_so(
     row = dispatcher.get(delivery)
     assert row is not None and row.state == DeliveryState.DEAD
     assert "destination not configured" in row.last_error
-    assert "rejected" in row.last_error  # what the last attempt met is still told
+    assert "association with NOT-ORTHANC@" in row.last_error  # what the last attempt met is still told
 
 
 
