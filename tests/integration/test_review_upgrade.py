@@ -198,6 +198,7 @@ def test_an_upgrade_with_work_in_flight_loses_nothing_and_repeats_nothing(node_d
         db.engine.dispose()
 
 
+@pytest.mark.one_backend  # the worker's check of the results folder, the same on both backends
 def test_after_an_upgrade_results_are_still_written_where_retention_purged_the_newest(node_database, orthanc_factory,
                                                                                         tmp_path):
     """Retention deletes result files but keeps their rows (node.retention). The first start with markers marks a

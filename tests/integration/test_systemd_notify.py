@@ -24,7 +24,9 @@ from peers.systemd import Notification, NotifyListener
 from tests.conftest import NodeDatabases
 from tests.integration.test_processes import process, readyz
 
-pytestmark = pytest.mark.integration
+# The notify protocol is not the database's business (its paths run on both backends elsewhere): PostgreSQL only
+# under --node-db=both, for the suite's time budget.
+pytestmark = [pytest.mark.integration, pytest.mark.one_backend]
 
 WATCHDOG_SECONDS = 1.0  # pings every 0.5 s
 PROCESSES = """process_model = "processes"
