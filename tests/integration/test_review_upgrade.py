@@ -124,6 +124,9 @@ def _modalities(orthanc: OrthancServer, study_uid: str) -> list[tuple[str, int]]
                   for s in orthanc.find("Series", {"StudyInstanceUID": study_uid}))
 
 
+# PostgreSQL only under --node-db=both (50-60 s each): its upgrade is the explicit `pacsnode db upgrade` of a shared
+# database; SQLite's upgrade at start is tests/unit/test_migrate.py's, and a plain `pytest` (--node-db=sqlite) runs this there.
+@pytest.mark.one_backend
 def test_an_upgrade_with_work_in_flight_loses_nothing_and_repeats_nothing(node_database, tmp_path):
     require_weights()
     postgres = node_database.postgres
@@ -198,6 +201,7 @@ def test_an_upgrade_with_work_in_flight_loses_nothing_and_repeats_nothing(node_d
         db.engine.dispose()
 
 
+@pytest.mark.slow  # 40 s; tests/unit/test_worker_results_root.py checks the same rule in 1 s on every run
 @pytest.mark.one_backend  # the worker's check of the results folder, the same on both backends
 def test_after_an_upgrade_results_are_still_written_where_retention_purged_the_newest(node_database, orthanc_factory,
                                                                                         tmp_path):
