@@ -116,6 +116,7 @@ def _jobs_and_deliveries_ended(url: str, series: int) -> bool:
             and len(deliveries) == series and all(s == "dead" for s in deliveries))
 
 
+@pytest.mark.one_backend  # what reaches the logs and pages, not the database (~30 s a backend)
 def test_malformed_patient_values_reach_no_log_error_or_page(start_node, tmp_path):
     require_weights()
     require_tool("storescu")

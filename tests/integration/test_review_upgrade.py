@@ -124,8 +124,10 @@ def _modalities(orthanc: OrthancServer, study_uid: str) -> list[tuple[str, int]]
                   for s in orthanc.find("Series", {"StudyInstanceUID": study_uid}))
 
 
-# PostgreSQL only under --node-db=both (50-60 s each): its upgrade is the explicit `pacsnode db upgrade` of a shared
-# database; SQLite's upgrade at start is tests/unit/test_migrate.py's, and a plain `pytest` (--node-db=sqlite) runs this there.
+# Behind -m slow (50-65 s each, the suite's time budget): the schema's way up and back with work in flight is
+# tests/unit/test_migrate.py's and test_migrate_downgrade.py's on every run. PostgreSQL only under --node-db=both: its
+# upgrade is the explicit `pacsnode db upgrade` of a shared database; `pytest -m slow` (SQLite) runs the other.
+@pytest.mark.slow
 @pytest.mark.one_backend
 def test_an_upgrade_with_work_in_flight_loses_nothing_and_repeats_nothing(node_database, tmp_path):
     require_weights()
