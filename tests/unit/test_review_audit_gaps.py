@@ -3,12 +3,16 @@ server; what ``pacsnode audit`` leaves in the trail it reads (110101 Audit Log U
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -212,19 +216,14 @@ def _as_nobody(config: Path, started: bool) -> None:
 NOBODY = 65534
 
 
-def test_an_admin_reading_the_trail_as_root_does_not_lock_the_node_out_of_it(tmp_path: Path) -> None:
-    """The node runs as its own user; an admin runs ``sudo pacsnode audit``, which now records its reading. When
-    that record fell due for rotation (the day's first record, or ``rotate_bytes`` reached), root renamed the file
-    and created the new ``audit.jsonl`` — root's, mode 0640 — and every record the node wrote after that failed
-    (EACCES: ``audit_write_failed``), silently to anyone not watching the metric. ``pacsnode retry`` and ``purge``
-    under sudo did the same. A file or directory root creates in the trail now belongs to the trail directory's
-    owner."""
-    import shutil
-    import tempfile
-
-    if os.geteuid() != 0:  # only root makes a file another user cannot write, and switches to that user here
+@contextlib.contextmanager
+def nobody_trail(prefix: str) -> Iterator[tuple[Path, Path, Path]]:
+    """(base, data_dir, config) of a node run as ``nobody`` whose trail (``audit/``, ``audit.jsonl``) its first
+    record made, in a temporary folder others may enter (tmp_path's parents are root's only, 0700); removed after.
+    Needs root (`missing_peer` otherwise): only root writes where the node's user cannot."""
+    if os.geteuid() != 0:
         missing_peer("root, to run `pacsnode audit` as root against a trail another user writes")
-    base = Path(tempfile.mkdtemp(prefix="pacsnode-audit-owner-"))  # tmp_path's parents are root's only (0700)
+    base = Path(tempfile.mkdtemp(prefix=prefix))
     try:
         base.chmod(0o755)
         data = base / "data"
@@ -232,16 +231,33 @@ def test_an_admin_reading_the_trail_as_root_does_not_lock_the_node_out_of_it(tmp
         os.chown(data, NOBODY, NOBODY)
         config = base / "node.toml"
         config.write_text(f'[node]\ndata_dir = {json.dumps(str(data))}\n')
-        _as_nobody(config, True)  # the node's record yesterday (makes audit/, nobody's) ...
+        _as_nobody(config, True)
+        yield base, data, config
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def audit_as_root(config: Path) -> subprocess.CompletedProcess[str]:
+    """``pacsnode audit`` run by this (root) process, as an admin's ``sudo pacsnode audit``; asserted to exit 0."""
+    out = subprocess.run([sys.executable, "-m", "node.cli", "audit", "--config", str(config)], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out
+
+
+def test_an_admin_reading_the_trail_as_root_does_not_lock_the_node_out_of_it(tmp_path: Path) -> None:
+    """The node runs as its own user; an admin runs ``sudo pacsnode audit``, which now records its reading. When
+    that record fell due for rotation (the day's first record, or ``rotate_bytes`` reached), root renamed the file
+    and created the new ``audit.jsonl`` — root's, mode 0640 — and every record the node wrote after that failed
+    (EACCES: ``audit_write_failed``), silently to anyone not watching the metric. ``pacsnode retry`` and ``purge``
+    under sudo did the same. A file or directory root creates in the trail now belongs to the trail directory's
+    owner."""
+    with nobody_trail("pacsnode-audit-owner-") as (_, data, config):  # the node's record yesterday ...
         yesterday = time.time() - 86400
         os.utime(data / "audit" / "audit.jsonl", (yesterday, yesterday))  # ... so today's first record rotates it
-        out = subprocess.run([sys.executable, "-m", "node.cli", "audit", "--config", str(config)], cwd=REPO,
-                             capture_output=True, text=True, timeout=60)
-        assert out.returncode == 0, out.stderr
+        audit_as_root(config)
         _as_nobody(config, False)  # the node's next record, after root's
         files = sorted((data / "audit").iterdir())
         assert all(f.stat().st_uid == NOBODY for f in files), [(f.name, f.stat().st_uid) for f in files]
         events = [r["event"] for r in read_records(data / "audit" / "audit.jsonl")]
         assert events == ["application_started", "audit_log_used", "application_stopped"], events
-    finally:
-        shutil.rmtree(base, ignore_errors=True)

@@ -7,35 +7,19 @@ audit`` does not read (and print) the records of whatever file a link names."""
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, missing_peer
-from tests.unit.test_review_audit_gaps import NOBODY, _as_nobody
+from tests.unit.test_review_audit_gaps import NOBODY, _as_nobody, audit_as_root, nobody_trail
 
 VICTIM = b'{"event": "root-only-secret", "note": "root\'s file: never read or written through the trail"}\n'
 
 
 @pytest.mark.parametrize("existing", [True, False], ids=["appends-to-a-root-file", "creates-a-root-file"])
 def test_root_never_follows_a_link_planted_as_the_audit_file(tmp_path: Path, existing: bool) -> None:
-    if os.geteuid() != 0:  # the harm is root's: only root writes where the node's user cannot
-        missing_peer("root, to run `pacsnode audit` as root against a trail another user writes")
-    base = Path(tempfile.mkdtemp(prefix="pacsnode-audit-link-"))  # tmp_path's parents are root's only (0700)
-    try:
-        base.chmod(0o755)
-        data = base / "data"
-        data.mkdir()
-        os.chown(data, NOBODY, NOBODY)
-        config = base / "node.toml"
-        config.write_text(f'[node]\ndata_dir = {json.dumps(str(data))}\n')
-        _as_nobody(config, True)  # the node, as its own user, made audit/ and audit.jsonl
+    with nobody_trail("pacsnode-audit-link-") as (base, data, config):  # the node made audit/ and audit.jsonl
         secret = base / "root-only"
         secret.mkdir(mode=0o700)
         target = secret / "victim.conf"
@@ -46,9 +30,7 @@ def test_root_never_follows_a_link_planted_as_the_audit_file(tmp_path: Path, exi
         trail.unlink()  # the node's user may: audit/ is its folder
         trail.symlink_to(target)
         os.lchown(trail, NOBODY, NOBODY)
-        out = subprocess.run([sys.executable, "-m", "node.cli", "audit", "--config", str(config)], cwd=REPO,
-                             capture_output=True, text=True, timeout=60)
-        assert out.returncode == 0, out.stderr
+        out = audit_as_root(config)
         if existing:
             assert target.read_bytes() == VICTIM
         else:
@@ -57,8 +39,6 @@ def test_root_never_follows_a_link_planted_as_the_audit_file(tmp_path: Path, exi
         assert "root-only-secret" not in out.stdout  # nor read through it, and printed
         (failed,) = [line for line in out.stdout.splitlines() if "audit_write_failed" in line]
         assert f"the audit file {trail} is a symbolic link: not followed" in failed, out.stdout
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_root_never_follows_a_link_planted_as_the_audit_folder(tmp_path: Path) -> None:
@@ -66,26 +46,14 @@ def test_root_never_follows_a_link_planted_as_the_audit_folder(tmp_path: Path) -
     root created ``audit.jsonl`` (root's, 0640) in whatever folder the link named - or appended to one there. As
     root the folder is opened without following a link; the node's own user still follows one (a trail folder an
     admin moved to another volume)."""
-    if os.geteuid() != 0:
-        missing_peer("root, to run `pacsnode audit` as root against a trail another user writes")
-    base = Path(tempfile.mkdtemp(prefix="pacsnode-audit-link-"))
-    try:
-        base.chmod(0o755)
-        data = base / "data"
-        data.mkdir()
-        os.chown(data, NOBODY, NOBODY)
-        config = base / "node.toml"
-        config.write_text(f'[node]\ndata_dir = {json.dumps(str(data))}\n')
-        _as_nobody(config, True)
+    with nobody_trail("pacsnode-audit-link-") as (base, data, config):
         secret = base / "root-only"
         secret.mkdir(mode=0o700)
         folder = data / "audit"
         folder.rename(data / "audit-moved")  # the node's user may: data/ is its folder
         folder.symlink_to(secret)
         os.lchown(folder, NOBODY, NOBODY)
-        out = subprocess.run([sys.executable, "-m", "node.cli", "audit", "--config", str(config)], cwd=REPO,
-                             capture_output=True, text=True, timeout=60)
-        assert out.returncode == 0, out.stderr
+        out = audit_as_root(config)
         assert list(secret.iterdir()) == []
         (failed,) = [line for line in out.stdout.splitlines() if "audit_write_failed" in line]
         assert f"the audit folder {folder} is a symbolic link: root does not follow it" in failed, out.stdout
@@ -93,5 +61,3 @@ def test_root_never_follows_a_link_planted_as_the_audit_folder(tmp_path: Path) -
         folder.symlink_to(data / "audit-moved")  # the node's user, following its own link, still writes its trail
         _as_nobody(config, False)
         assert (data / "audit-moved" / "audit.jsonl").read_text().count("application_stopped") == 1
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
