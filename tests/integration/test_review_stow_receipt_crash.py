@@ -88,11 +88,18 @@ def _blocked_writing(pid: int, fifo: Path) -> bool:
 
 
 def _gone(pid: int) -> bool:
-    """Whether ``pid`` has ended (a zombie or reaped): after SIGKILL its blocked write can still land until then."""
+    """Whether every thread of ``pid`` has ended (each a zombie, or the process reaped): after SIGKILL a thread
+    blocked writing to the pipe still writes its record if the pipe has room before it runs again (pipe_write looks
+    for room before it looks for a signal), and the group leader shows "Z" while such a thread has not run yet."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
     except FileNotFoundError:
         return True
+    for task in tasks:
+        with contextlib.suppress(FileNotFoundError):
+            if (task / "stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
+                return False
+    return True
 
 
 def test_a_listener_killed_while_writing_a_stow_receipt_still_leaves_the_receipt(start_node, tmp_path):
