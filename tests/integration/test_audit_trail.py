@@ -123,6 +123,18 @@ def test_a_full_run_is_in_the_audit_trail(start_node, orthanc_factory, tmp_path)
     assert PATIENT not in node.log_text() and TOKEN not in node.log_text()
 
 
+def listener_process(node: Any) -> dict[str, Any]:
+    """``listener-0``'s entry in the node's /readyz process table; while it restarts (the only listener serves HTTP
+    too) nothing answers: then not alive, no restarts."""
+    import httpx
+
+    try:
+        report = httpx.get(f"http://127.0.0.1:{node.http_port}/readyz", timeout=10).json()
+    except httpx.HTTPError:
+        return {"restarts": 0, "alive": False}
+    return dict(next(p for p in report["processes"]["processes"] if p["name"] == "listener-0"))
+
+
 LEAN_PROCESSES = ("listener_processes = 1\n[worker]\nenabled = false\n[completion]\nstable_seconds = 3600\n"
                   "[supervise]\nrestart_backoff_seconds = 0.2\n")
 
@@ -135,20 +147,12 @@ def test_a_listener_killed_mid_association_still_leaves_the_receipt(start_node, 
     import os
     import signal
 
-    import httpx
     from pydicom import dcmread
     from pynetdicom import AE
     from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
     node = start_node(extra_toml=LEAN_PROCESSES)
     trail = node.data_dir / "audit" / "audit.jsonl"
-
-    def listener() -> dict[str, Any]:
-        try:  # the only listener serves HTTP too: while it restarts, nothing answers
-            report = httpx.get(f"http://127.0.0.1:{node.http_port}/readyz", timeout=10).json()
-        except httpx.HTTPError:
-            return {"restarts": 0, "alive": False}
-        return dict(next(p for p in report["processes"]["processes"] if p["name"] == "listener-0"))
 
     series = write_ct_series(tmp_path / "s", slices=3, size=32, seed=7, patient_id=PATIENT)
     ae = AE("CT-SCANNER")
@@ -157,11 +161,11 @@ def test_a_listener_killed_mid_association_still_leaves_the_receipt(start_node, 
     assert assoc.is_established
     try:  # a modality streaming a study keeps its association open between images
         assert [int(assoc.send_c_store(dcmread(p)).Status) for p in series.paths] == [0, 0, 0]
-        before = listener()
+        before = listener_process(node)
         os.kill(before["pid"], signal.SIGKILL)
     finally:
         assoc.abort()
-    wait_until(lambda: (p := listener())["restarts"] == 1 and p["alive"], 60, "the listener restarted",
+    wait_until(lambda: (p := listener_process(node))["restarts"] == 1 and p["alive"], 60, "the listener restarted",
                diagnostics=lambda: node.log_text()[-3000:])
 
     def by_event(event: str) -> list[dict[str, Any]]:

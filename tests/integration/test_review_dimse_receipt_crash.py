@@ -7,12 +7,7 @@ between them and the row's close)."""
 
 from __future__ import annotations
 
-import json
-import os
-import signal
 import threading
-from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -22,8 +17,8 @@ from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from tests.conftest import wait_until
 from tests.ctgen import write_ct_series
-from tests.integration.test_audit_trail import LEAN_PROCESSES
-from tests.integration.test_review_stow_receipt_crash import _blocked_writing, _gone, _Pipe
+from tests.integration.test_audit_trail import LEAN_PROCESSES, listener_process
+from tests.integration.test_review_stow_receipt_crash import _Pipe, fifo_audit, receipts_after_killing
 
 pytestmark = pytest.mark.integration
 
@@ -33,20 +28,11 @@ PATIENT = "DIMSE-CRASH-PID-42"
 def test_a_listener_killed_while_writing_an_association_s_receipt_still_leaves_the_receipt(start_node, tmp_path):
     fifo = tmp_path / "audit.fifo"
     pipe = _Pipe(fifo)
-    node = start_node(extra_toml=LEAN_PROCESSES + f'[audit]\npath = {json.dumps(str(fifo))}\n'
-                      'rotate_daily = false\nrotate_bytes = 0\n')
+    node = start_node(extra_toml=LEAN_PROCESSES + fifo_audit(fifo))
     ready = f"http://127.0.0.1:{node.http_port}/readyz"
-
-    def listener() -> dict[str, Any]:
-        try:  # the only listener serves HTTP too: while it restarts, nothing answers
-            report = httpx.get(ready, timeout=10).json()
-        except httpx.HTTPError:
-            return {"restarts": 0, "alive": False}
-        return dict(next(p for p in report["processes"]["processes"] if p["name"] == "listener-0"))
-
     series = write_ct_series(tmp_path / "s", slices=2, size=16, seed=12, patient_id=PATIENT)
     wait_until(lambda: httpx.get(ready, timeout=10).status_code == 200, 60, "the node ready")
-    pid = listener()["pid"]
+    pid = listener_process(node)["pid"]
     ae = AE(ae_title="CRASHCT")
     ae.acse_timeout = ae.network_timeout = 30
     ae.add_requested_context(CTImageStorage)
@@ -57,15 +43,7 @@ def test_a_listener_killed_while_writing_an_association_s_receipt_still_leaves_t
         assert statuses == [0, 0]
         pipe.fill()  # the association's end writes its records now: the first one blocks
         threading.Thread(target=assoc.release, daemon=True).start()
-        wait_until(lambda: _blocked_writing(pid, Path(fifo)), 30, "the listener blocked writing the receipt",
-                   diagnostics=lambda: node.log_text()[-3000:])
-        os.kill(pid, signal.SIGKILL)
-        wait_until(lambda: _gone(pid), 30, "the listener dead")  # else its blocked write may still land
-        pipe.draining.set()
-        wait_until(lambda: (p := listener())["restarts"] == 1 and p["alive"], 60, "the listener restarted",
-                   diagnostics=lambda: node.log_text()[-3000:])
-        received = wait_until(lambda: [r for r in pipe.records() if r["event"] == "instances_received"], 30,
-                              "the receipt in the audit trail", diagnostics=lambda: node.log_text()[-3000:])
+        received = receipts_after_killing(node, pipe, fifo, pid, "the receipt")
     finally:
         pipe.draining.set()
         assoc.abort()

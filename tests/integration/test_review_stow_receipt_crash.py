@@ -26,7 +26,7 @@ import pytest
 
 from tests.conftest import wait_until
 from tests.ctgen import write_ct_series
-from tests.integration.test_audit_trail import LEAN_PROCESSES
+from tests.integration.test_audit_trail import LEAN_PROCESSES, listener_process
 
 pytestmark = pytest.mark.integration
 
@@ -102,28 +102,46 @@ def _gone(pid: int) -> bool:
     return True
 
 
-def test_a_listener_killed_while_writing_a_stow_receipt_still_leaves_the_receipt(start_node, tmp_path):
-    pipe = _Pipe(tmp_path / "audit.fifo")
-    node = start_node(extra_toml=LEAN_PROCESSES + f'[audit]\npath = {json.dumps(str(tmp_path / "audit.fifo"))}\n'
-                      'rotate_daily = false\nrotate_bytes = 0\n')
+def fifo_audit(fifo: Path) -> str:
+    """The [audit] section that sends the trail to ``fifo`` (a `_Pipe`), never rotated."""
+    return f'[audit]\npath = {json.dumps(str(fifo))}\nrotate_daily = false\nrotate_bytes = 0\n'
 
-    def listener() -> dict[str, Any]:
-        try:  # the only listener serves HTTP too: while it restarts, nothing answers
-            report = httpx.get(f"http://127.0.0.1:{node.http_port}/readyz", timeout=10).json()
-        except httpx.HTTPError:
-            return {"restarts": 0, "alive": False}
-        return dict(next(p for p in report["processes"]["processes"] if p["name"] == "listener-0"))
 
-    series = write_ct_series(tmp_path / "s", slices=2, size=16, seed=11, patient_id=PATIENT)
+def stow_body(paths: Any) -> bytes:
+    """A multipart/related STOW-RS body (boundary `BOUNDARY`) of the files ``paths``."""
     body = io.BytesIO()
-    for path in series.paths:
+    for path in paths:
         body.write(f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode() + path.read_bytes() + b"\r\n")
     body.write(f"--{BOUNDARY}--\r\n".encode())
+    return body.getvalue()
+
+
+def receipts_after_killing(node: Any, pipe: _Pipe, fifo: Path, pid: int, what: str) -> list[dict[str, Any]]:
+    """Wait for listener ``pid`` to block writing ``what`` to the full ``fifo``, SIGKILL it, drain the pipe once it
+    is dead (before, its blocked write may still land), wait for its restart, and return the 110104 receipts
+    (``instances_received``) the trail then holds."""
+    wait_until(lambda: _blocked_writing(pid, fifo), 30, f"the listener blocked writing {what}",
+               diagnostics=lambda: node.log_text()[-3000:])
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: _gone(pid), 30, "the listener dead")
+    pipe.draining.set()
+    wait_until(lambda: (p := listener_process(node))["restarts"] == 1 and p["alive"], 60, "the listener restarted",
+               diagnostics=lambda: node.log_text()[-3000:])
+    return wait_until(lambda: [r for r in pipe.records() if r["event"] == "instances_received"], 30,
+                      f"{what} in the audit trail", diagnostics=lambda: node.log_text()[-3000:])
+
+
+def test_a_listener_killed_while_writing_a_stow_receipt_still_leaves_the_receipt(start_node, tmp_path):
+    fifo = tmp_path / "audit.fifo"
+    pipe = _Pipe(fifo)
+    node = start_node(extra_toml=LEAN_PROCESSES + fifo_audit(fifo))
+    series = write_ct_series(tmp_path / "s", slices=2, size=16, seed=11, patient_id=PATIENT)
+    body = stow_body(series.paths)
     answers: list[Any] = []
 
     def post() -> None:
         try:
-            answers.append(httpx.post(f"http://127.0.0.1:{node.http_port}/dicomweb/studies", content=body.getvalue(),
+            answers.append(httpx.post(f"http://127.0.0.1:{node.http_port}/dicomweb/studies", content=body,
                                       timeout=120, headers={"Content-Type": f'multipart/related; type="application/'
                                                             f'dicom"; boundary={BOUNDARY}'}).status_code)
         except httpx.HTTPError as exc:
@@ -131,20 +149,12 @@ def test_a_listener_killed_while_writing_a_stow_receipt_still_leaves_the_receipt
 
     ready = f"http://127.0.0.1:{node.http_port}/readyz"  # every process up: none still writing its start-up rows
     wait_until(lambda: httpx.get(ready, timeout=10).status_code == 200, 60, "the node ready")
-    pid = listener()["pid"]
+    pid = listener_process(node)["pid"]
     sender = threading.Thread(target=post, daemon=True)
     try:
         pipe.fill()
         sender.start()
-        wait_until(lambda: _blocked_writing(pid, tmp_path / "audit.fifo"), 30, "the listener blocked writing the STOW receipt",
-                   diagnostics=lambda: node.log_text()[-3000:])
-        os.kill(pid, signal.SIGKILL)
-        wait_until(lambda: _gone(pid), 30, "the listener dead")  # else its blocked write may still land
-        pipe.draining.set()
-        wait_until(lambda: (p := listener())["restarts"] == 1 and p["alive"], 60, "the listener restarted",
-                   diagnostics=lambda: node.log_text()[-3000:])
-        received = wait_until(lambda: [r for r in pipe.records() if r["event"] == "instances_received"], 30,
-                              "the STOW receipt in the audit trail", diagnostics=lambda: node.log_text()[-3000:])
+        received = receipts_after_killing(node, pipe, fifo, pid, "the STOW receipt")
     finally:
         pipe.draining.set()
         sender.join(30)
